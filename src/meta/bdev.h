@@ -1,0 +1,114 @@
+/* SPDX-License-Identifier: GPL-2.0-or-later */
+/*
+ * bdev.h - backing devices: the seam between thinfs and storage.
+ *
+ * Owns: byte-addressed I/O on a plain file, a block device or a memory
+ * buffer (unit tests, fuzzing), and a fault-injecting wrapper that can fail
+ * the Nth read/write/flush, fail everything after a trigger, report ENOSPC,
+ * and simulate power loss by dropping or tearing writes not yet flushed.
+ * Every implementation is safe to call from several threads at once.
+ *
+ * Never: caches, interprets or reorders data.  Callers own alignment
+ * (metadata I/O is 4 KiB, data I/O is block-size aligned or not; both work).
+ *
+ * All calls return 0 or -errno.  A short read past the end of a device
+ * fills the rest with zeros (sparse files grow on write).
+ */
+#ifndef TFS_META_BDEV_H
+#define TFS_META_BDEV_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+struct tfs_bdev;
+
+struct tfs_bdev_ops {
+	int (*read)(struct tfs_bdev *dev, void *buf, size_t len, uint64_t off);
+	int (*write)(struct tfs_bdev *dev, const void *buf, size_t len, uint64_t off);
+	int (*flush)(struct tfs_bdev *dev);
+	/* Give the range back to the host (punch a file, BLKDISCARD a device). */
+	int (*discard)(struct tfs_bdev *dev, uint64_t off, uint64_t len);
+	int (*get_size)(struct tfs_bdev *dev, uint64_t *bytes);
+	/* Grow a file-backed device; block devices return -ENOTSUP. */
+	int (*grow)(struct tfs_bdev *dev, uint64_t new_bytes);
+	void (*destroy)(struct tfs_bdev *dev);
+};
+
+struct tfs_bdev {
+	const struct tfs_bdev_ops *ops;
+	char name[256]; /* for messages: the path or "memory" */
+};
+
+struct tfs_bdev_io_counts {
+	uint64_t reads, writes, flushes, discards;
+};
+
+/* Open a plain file or block device read-write (or read-only). */
+int tfs_bdev_open(const char *path, bool read_only, struct tfs_bdev **out);
+/* A zero-filled in-memory device of size bytes (grows on grow()). */
+int tfs_bdev_open_mem(uint64_t size, struct tfs_bdev **out);
+/* Whether the device is a block device (discard = BLKDISCARD). */
+bool tfs_bdev_is_blockdev(const struct tfs_bdev *dev);
+
+static inline int tfs_bdev_read(struct tfs_bdev *d, void *b, size_t l, uint64_t o)
+{
+	return d->ops->read(d, b, l, o);
+}
+static inline int tfs_bdev_write(struct tfs_bdev *d, const void *b, size_t l, uint64_t o)
+{
+	return d->ops->write(d, b, l, o);
+}
+static inline int tfs_bdev_flush(struct tfs_bdev *d)
+{
+	return d->ops->flush(d);
+}
+static inline int tfs_bdev_discard(struct tfs_bdev *d, uint64_t o, uint64_t l)
+{
+	return d->ops->discard(d, o, l);
+}
+static inline int tfs_bdev_size(struct tfs_bdev *d, uint64_t *bytes)
+{
+	return d->ops->get_size(d, bytes);
+}
+static inline int tfs_bdev_grow(struct tfs_bdev *d, uint64_t bytes)
+{
+	return d->ops->grow(d, bytes);
+}
+void tfs_bdev_close(struct tfs_bdev *dev);
+
+/* ---- fault injection ---------------------------------------------------- */
+
+enum tfs_fault_op { TFS_FAULT_READ, TFS_FAULT_WRITE, TFS_FAULT_FLUSH, TFS_FAULT_NR_OPS };
+enum tfs_fault_mode {
+	TFS_FAULT_OK,     /* pass through */
+	TFS_FAULT_EIO,    /* fail with -EIO */
+	TFS_FAULT_ENOSPC, /* fail with -ENOSPC */
+};
+
+/*
+ * Wrap lower (ownership passes to the wrapper).  With volatile_cache, writes
+ * are held in memory until a flush writes them through, so a power cut can
+ * drop them; without it, writes go straight down.
+ */
+int tfs_bdev_fault_wrap(struct tfs_bdev *lower, bool volatile_cache, struct tfs_bdev **out);
+
+/*
+ * From the (after+1)-th op of this kind on, fail with mode, until set back
+ * to TFS_FAULT_OK.  once: fail only that single op, then pass again.
+ */
+void tfs_bdev_fault_set(struct tfs_bdev *dev, enum tfs_fault_op op, enum tfs_fault_mode mode,
+			uint64_t after, bool once);
+
+/*
+ * Power loss: writes not yet flushed are dropped; with tear, a prefix of
+ * each unflushed write (whole 512-byte sectors, chosen from seed) reaches
+ * the lower device instead.  Afterwards every op fails with -EIO until the
+ * wrapper is closed.  Only meaningful with volatile_cache.
+ */
+int tfs_bdev_fault_power_cut(struct tfs_bdev *dev, bool tear, uint32_t seed);
+
+/* Counts of ops that reached the wrapper (failed ones included). */
+void tfs_bdev_fault_counts(struct tfs_bdev *dev, struct tfs_bdev_io_counts *out);
+
+#endif

@@ -1,0 +1,91 @@
+/* SPDX-License-Identifier: GPL-2.0-or-later */
+/*
+ * block-manager.h - 4 KiB metadata blocks: cache, validation, write-back.
+ *
+ * Owns: a bounded cache of metadata blocks over one backing device, block
+ * validation on every read from disk (checksum with the type's salt, the
+ * block's own location, type-specific limits) and sealing (checksum) before
+ * every write.  Dirty blocks are written when evicted or at flush time.
+ *
+ * Never: decides which blocks may be written.  That is the transaction
+ * manager's job; the block manager writes whatever it is told to.
+ *
+ * Not thread-safe: the owner serialises calls (the pool's metadata lock).
+ * Memory: at most cache_blocks blocks, plus those locked at once (a btree
+ * operation locks a handful).
+ */
+#ifndef TFS_META_BLOCK_MANAGER_H
+#define TFS_META_BLOCK_MANAGER_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+struct tfs_bdev;
+struct tfs_bm;
+struct tfs_block;
+
+/*
+ * Per-type validation.  check() returns 0 or -EUCLEAN after writing a reason
+ * ("bad checksum", "nr_entries 300 > max_entries 252") into why.
+ * prepare() seals the block (location, checksum) just before it is written.
+ */
+struct tfs_block_validator {
+	const char *name; /* "btree node", "superblock", ... */
+	int (*check)(const struct tfs_block_validator *v, const void *data, uint64_t blocknr,
+		     char *why, size_t why_len);
+	void (*prepare)(const struct tfs_block_validator *v, void *data, uint64_t blocknr);
+};
+
+#define TFS_BM_DEFAULT_CACHE_BLOCKS 16384u /* 64 MiB */
+
+/* Cache at most cache_blocks unlocked blocks (minimum 16). */
+int tfs_bm_create(struct tfs_bdev *dev, size_t cache_blocks, struct tfs_bm **out);
+/* Drops everything, dirty blocks included (call tfs_bm_flush first). */
+void tfs_bm_destroy(struct tfs_bm *bm);
+
+/* Device size in 4 KiB blocks (re-read from the device on each call). */
+uint64_t tfs_bm_nr_blocks(struct tfs_bm *bm);
+struct tfs_bdev *tfs_bm_bdev(struct tfs_bm *bm);
+
+/*
+ * Lock a block for reading: from cache, or read and validated with v.
+ * A block already cached under another validator is re-checked with v.
+ * Errors: -EUCLEAN (corrupt: logged with block number and reason), -EIO,
+ * -EINVAL (blocknr past the end of the device).
+ */
+int tfs_bm_read_lock(struct tfs_bm *bm, uint64_t blocknr, const struct tfs_block_validator *v,
+		     struct tfs_block **out);
+/* Like read_lock, and the block becomes dirty (sealed with v when written). */
+int tfs_bm_write_lock(struct tfs_bm *bm, uint64_t blocknr, const struct tfs_block_validator *v,
+		      struct tfs_block **out);
+/* A block whose old contents do not matter: zero-filled, dirty, no read. */
+int tfs_bm_write_lock_zero(struct tfs_bm *bm, uint64_t blocknr,
+			   const struct tfs_block_validator *v, struct tfs_block **out);
+void tfs_bm_unlock(struct tfs_block *b);
+
+void *tfs_block_data(struct tfs_block *b);
+uint64_t tfs_block_location(const struct tfs_block *b);
+
+/* Write every dirty block (sealed), then flush the device. */
+int tfs_bm_flush(struct tfs_bm *bm);
+/* Write one locked dirty block now (sealed) without flushing; for the superblock. */
+int tfs_bm_write_now(struct tfs_bm *bm, struct tfs_block *b);
+/* Forget every cached block, dirty ones unwritten (transaction abort). No block may be locked. */
+void tfs_bm_invalidate(struct tfs_bm *bm);
+/* Forget one cached block, dirty or not (it was freed). It must not be locked. */
+void tfs_bm_forget(struct tfs_bm *bm, uint64_t blocknr);
+
+struct tfs_bm_stats {
+	uint64_t hits, misses, reads, writes, evictions;
+	size_t cached, dirty, locked;
+};
+void tfs_bm_stats(struct tfs_bm *bm, struct tfs_bm_stats *out);
+
+/* Validators shared by every user of the persistent-data layer. */
+extern const struct tfs_block_validator tfs_btree_validator;
+extern const struct tfs_block_validator tfs_bitmap_validator;
+extern const struct tfs_block_validator tfs_index_validator;
+extern const struct tfs_block_validator tfs_thin_sb_validator;
+
+#endif

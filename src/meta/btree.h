@@ -1,0 +1,103 @@
+/* SPDX-License-Identifier: GPL-2.0-or-later */
+/*
+ * btree.h - persistent copy-on-write B+trees of u64 keys.
+ *
+ * Owns: node layout (format.h), lookup, insert, remove, range remove,
+ * ordered iteration and multi-level keys (a level's values are the roots of
+ * the next level's trees).  Every change shadows the path from the root
+ * through the transaction manager, so the caller gets a new root and must
+ * store it.  Nodes may be shared between trees (snapshots): shadowing a
+ * shared node increments its children's counts (tfs_tm_inc for child nodes,
+ * the value type's inc for leaf values), and releasing a node whose count
+ * drops to 0 decrements them (value type's dec for leaf values).
+ *
+ * Layout invariants kept (thin_check enforces them): keys strictly
+ * increasing; an internal key is the first key of its child; every non-root
+ * node holds at least max_entries / 3 entries; all leaves at one depth; an
+ * empty tree is one empty leaf.
+ *
+ * Never: holds state between calls (no cursors outliving a call), or
+ * touches a block except through the transaction manager.
+ *
+ * Costs: lookup O(depth) block reads; insert/remove O(depth) shadows.
+ * Errors: -ENODATA key not found; -ENOSPC metadata full; -EUCLEAN corrupt
+ * node (logged by the block manager); -EIO.
+ */
+#ifndef TFS_META_BTREE_H
+#define TFS_META_BTREE_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+struct tfs_tm;
+
+#define TFS_BTREE_MAX_LEVELS 4
+
+/*
+ * Leaf value type of the last level.  inc/dec may be NULL (plain data).
+ * inc: a value gained one more referencing leaf (a shared leaf was copied).
+ * dec: a referencing leaf lost the value (removed, overwritten with a
+ *      different value, or its leaf was freed).
+ */
+struct tfs_btree_value_type {
+	void *context;
+	uint32_t size;
+	int (*inc)(void *context, const void *value);
+	int (*dec)(void *context, const void *value);
+	bool (*equal)(void *context, const void *a, const void *b);
+};
+
+struct tfs_btree_info {
+	struct tfs_tm *tm;
+	unsigned levels; /* 1 .. TFS_BTREE_MAX_LEVELS */
+	struct tfs_btree_value_type value_type;
+};
+
+/* A new empty tree (one empty leaf for the first level). */
+int tfs_btree_empty(const struct tfs_btree_info *info, uint64_t *root);
+
+/* Release a whole tree (dec its root; a count reaching 0 releases children and values). */
+int tfs_btree_del(const struct tfs_btree_info *info, uint64_t root);
+
+/* keys has info->levels entries. -ENODATA when absent. */
+int tfs_btree_lookup(const struct tfs_btree_info *info, uint64_t root, const uint64_t *keys,
+		     void *value);
+
+/*
+ * Insert or overwrite.  *inserted (may be NULL) is true when the key was new.
+ * Missing lower-level trees are created empty on the way down.
+ */
+int tfs_btree_insert(const struct tfs_btree_info *info, uint64_t root, const uint64_t *keys,
+		     const void *value, uint64_t *new_root, bool *inserted);
+
+/* Remove one key; -ENODATA (and *new_root = root) when absent. */
+int tfs_btree_remove(const struct tfs_btree_info *info, uint64_t root, const uint64_t *keys,
+		     uint64_t *new_root);
+
+/*
+ * Remove every last-level key in [begin, end) of the tree selected by the
+ * first levels-1 keys of keys (keys[levels-1] is ignored).  *nr_removed may
+ * be NULL.  A missing subtree removes nothing.
+ */
+int tfs_btree_remove_range(const struct tfs_btree_info *info, uint64_t root, const uint64_t *keys,
+			   uint64_t begin, uint64_t end, uint64_t *new_root, uint64_t *nr_removed);
+
+/*
+ * Up to max entries with last-level key in [begin, end), in key order, from
+ * the tree selected by the first levels-1 keys.  Returns how many were
+ * stored in keys_out/values_out (values packed at value_type.size), 0 when
+ * none, or -errno.  Reads leaves in sequence, so a run costs one descent.
+ */
+int tfs_btree_lookup_range(const struct tfs_btree_info *info, uint64_t root, const uint64_t *keys,
+			   uint64_t begin, uint64_t end, unsigned max, uint64_t *keys_out,
+			   void *values_out);
+
+/* Visit every (keys, value) in key order; fn returning non-zero stops the walk with that value. */
+typedef int (*tfs_btree_walk_fn)(void *ctx, const uint64_t *keys, const void *value);
+int tfs_btree_walk(const struct tfs_btree_info *info, uint64_t root, tfs_btree_walk_fn fn,
+		   void *ctx);
+
+/* Number of entries in the last level (walks every leaf of a one-level tree). */
+int tfs_btree_count(const struct tfs_btree_info *info, uint64_t root, uint64_t *count);
+
+#endif

@@ -1,0 +1,137 @@
+/* SPDX-License-Identifier: GPL-2.0-or-later */
+/*
+ * thin-metadata.h - the dm-thin-pool metadata schema.
+ *
+ * Owns: the superblock, the device-details tree, the two-level mapping tree
+ * (device id -> virtual block -> data block + time) and both space maps of a
+ * pool, and the rules tying them together: data block reference counts
+ * follow the leaves that map them, snapshots share subtrees in O(1), a
+ * mapping is shared with a snapshot iff its time is older than the device's
+ * snapshotted time, commit writes the superblock last.
+ *
+ * Never: touches data blocks' contents, FUSE or policy (modes, queueing).
+ * Not thread-safe: the caller serialises every call with one lock.
+ *
+ * Errors: -ENODATA no such mapping/device; -EEXIST device id in use;
+ * -ENOSPC out of data (tfs_thin_alloc_data_block) or metadata space;
+ * -EINVAL bad argument (logged with what was wrong); -EUCLEAN corrupt
+ * metadata; -EIO device error; -EROFS opened read-only.  After any error
+ * from a call that modifies metadata, the transaction must be aborted.
+ */
+#ifndef TFS_META_THIN_METADATA_H
+#define TFS_META_THIN_METADATA_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+struct tfs_bdev;
+struct tfs_pmd;
+struct tfs_td;
+
+typedef uint32_t tfs_dev_id;
+
+struct tfs_pmd_options {
+	uint32_t data_block_sectors; /* required: 128 .. 2097152, multiple of 128 */
+	uint64_t nr_data_blocks;     /* format: data device size in blocks; open: grow to this if larger (0 = keep) */
+	size_t cache_blocks;         /* block manager cache; 0 = default */
+	bool read_only;
+};
+
+/* Format: write an empty pool (all previous contents of the superblock lost). */
+int tfs_pmd_format(struct tfs_bdev *meta, const struct tfs_pmd_options *opt, struct tfs_pmd **out);
+/*
+ * Open existing metadata.  Refuses (-EINVAL, logged) a zero/unformatted
+ * superblock, a bad magic, unknown incompat flags, compat_ro flags when not
+ * read-only, or a data block size different from opt->data_block_sectors
+ * (0 there = accept the stored one).
+ */
+int tfs_pmd_open(struct tfs_bdev *meta, const struct tfs_pmd_options *opt, struct tfs_pmd **out);
+/* Closes without committing (commit first to keep changes). */
+void tfs_pmd_close(struct tfs_pmd *pmd);
+
+int tfs_pmd_commit(struct tfs_pmd *pmd);
+/* Back to the last committed state; open device handles stay valid. */
+int tfs_pmd_abort(struct tfs_pmd *pmd);
+
+/* ---- pool-wide ---- */
+uint64_t tfs_pmd_transaction_id(struct tfs_pmd *pmd);
+/* Compare-and-swap: -EINVAL (logged) unless the current id is old_id. Takes effect at commit. */
+int tfs_pmd_set_transaction_id(struct tfs_pmd *pmd, uint64_t old_id, uint64_t new_id);
+uint32_t tfs_pmd_data_block_sectors(struct tfs_pmd *pmd);
+uint32_t tfs_pmd_time(struct tfs_pmd *pmd);
+bool tfs_pmd_needs_check(struct tfs_pmd *pmd);
+/* Set or clear NEEDS_CHECK and write the superblock now, outside any transaction (as the kernel). */
+int tfs_pmd_set_needs_check(struct tfs_pmd *pmd, bool on);
+
+struct tfs_pmd_space {
+	uint64_t data_total, data_free;
+	uint64_t meta_total, meta_free;
+};
+void tfs_pmd_space(struct tfs_pmd *pmd, struct tfs_pmd_space *out);
+/* Grow the data space map to nr_blocks (-EINVAL when smaller than now). */
+int tfs_pmd_resize_data(struct tfs_pmd *pmd, uint64_t nr_blocks);
+/* Grow the metadata space map to nr_blocks (capped at the format's maximum, with a warning). */
+int tfs_pmd_resize_metadata(struct tfs_pmd *pmd, uint64_t nr_blocks);
+
+/* Metadata snapshot (held root) for consistent reads of a live pool. -EBUSY if one is held. */
+int tfs_pmd_reserve_metadata_snap(struct tfs_pmd *pmd);
+int tfs_pmd_release_metadata_snap(struct tfs_pmd *pmd);
+/* 0 when none. */
+uint64_t tfs_pmd_held_root(struct tfs_pmd *pmd);
+
+/* ---- devices ---- */
+int tfs_pmd_create_thin(struct tfs_pmd *pmd, tfs_dev_id id);
+/* New device id sharing everything origin maps; bumps the pool time. */
+int tfs_pmd_create_snap(struct tfs_pmd *pmd, tfs_dev_id id, tfs_dev_id origin);
+/* Releases the device's tree; data blocks whose count reaches 0 become free. -EBUSY if open. */
+int tfs_pmd_delete_thin(struct tfs_pmd *pmd, tfs_dev_id id);
+/* Ids in ascending order into ids (up to max); returns the total number of devices. */
+int tfs_pmd_list_devices(struct tfs_pmd *pmd, tfs_dev_id *ids, unsigned max);
+
+struct tfs_thin_details {
+	uint64_t mapped_blocks;
+	uint64_t transaction_id;
+	uint32_t creation_time;
+	uint32_t snapshotted_time;
+};
+int tfs_pmd_device_details(struct tfs_pmd *pmd, tfs_dev_id id, struct tfs_thin_details *out);
+
+/* Open a device handle for mapping calls; -ENODATA when no such device. */
+int tfs_pmd_open_thin(struct tfs_pmd *pmd, tfs_dev_id id, struct tfs_td **out);
+void tfs_pmd_close_thin(struct tfs_td *td);
+tfs_dev_id tfs_td_id(const struct tfs_td *td);
+
+struct tfs_thin_mapping {
+	uint64_t vblock;
+	uint64_t data_block;
+	uint32_t time;
+	bool shared; /* time < device's snapshotted_time: may be shared with a snapshot */
+};
+
+/* -ENODATA when vblock is unmapped. */
+int tfs_thin_lookup(struct tfs_td *td, uint64_t vblock, struct tfs_thin_mapping *out);
+/* Mappings with vblock in [begin, end), up to max, ascending.  Returns how many, or -errno. */
+int tfs_thin_lookup_range(struct tfs_td *td, uint64_t begin, uint64_t end, unsigned max,
+			  struct tfs_thin_mapping *out);
+/*
+ * Map vblock -> data_block at the current time.  The new data block's count
+ * must already be held by the caller (tfs_thin_alloc_data_block gives it);
+ * a previous mapping's data block is released.
+ */
+int tfs_thin_insert(struct tfs_td *td, uint64_t vblock, uint64_t data_block);
+/* Unmap one block (-ENODATA if unmapped) / every block in [begin, end). */
+int tfs_thin_remove(struct tfs_td *td, uint64_t vblock);
+int tfs_thin_remove_range(struct tfs_td *td, uint64_t begin, uint64_t end, uint64_t *nr_removed);
+/* mapped_blocks of this device (kept in memory, written at commit). */
+uint64_t tfs_td_mapped_blocks(struct tfs_td *td);
+/* Highest mapped vblock + 1, 0 if none. */
+int tfs_td_mapped_end(struct tfs_td *td, uint64_t *end);
+
+/* ---- data space ---- */
+/* A data block free now and at the last commit; count 1.  -ENOSPC when full. */
+int tfs_pmd_alloc_data_block(struct tfs_pmd *pmd, uint64_t *block);
+/* Release a block the caller allocated but did not insert. */
+int tfs_pmd_free_data_block(struct tfs_pmd *pmd, uint64_t block);
+int tfs_pmd_data_block_count(struct tfs_pmd *pmd, uint64_t block, uint32_t *count);
+
+#endif

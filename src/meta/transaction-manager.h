@@ -1,0 +1,68 @@
+/* SPDX-License-Identifier: GPL-2.0-or-later */
+/*
+ * transaction-manager.h - copy-on-write transactions over metadata blocks.
+ *
+ * Owns: the only way to get a writable metadata block.  A block that the
+ * last committed state references is never written in place: it is
+ * shadowed (copied to a newly allocated block, old count decremented).  A
+ * block allocated in this transaction with count 1 is written in place.
+ * Commit order (one function, tfs_tm_commit):
+ *     space maps write their own blocks -> every dirty block written ->
+ *     flush -> superblock written -> flush.
+ * Abort drops all in-memory changes; the caller re-reads the superblock.
+ *
+ * Never: interprets block contents beyond what shadowing needs.
+ */
+#ifndef TFS_META_TRANSACTION_MANAGER_H
+#define TFS_META_TRANSACTION_MANAGER_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+struct tfs_bm;
+struct tfs_sm;
+struct tfs_tm;
+struct tfs_block;
+struct tfs_block_validator;
+
+/* sm must be a metadata space map (space-map-metadata.h); the tm does not own bm or sm. */
+int tfs_tm_create(struct tfs_bm *bm, struct tfs_sm *sm, struct tfs_tm **out);
+void tfs_tm_destroy(struct tfs_tm *tm);
+struct tfs_bm *tfs_tm_bm(struct tfs_tm *tm);
+struct tfs_sm *tfs_tm_sm(struct tfs_tm *tm);
+
+/* Allocate a block (count 1) and lock it zero-filled for writing. -ENOSPC when metadata is full. */
+int tfs_tm_new_block(struct tfs_tm *tm, const struct tfs_block_validator *v, struct tfs_block **out);
+
+/*
+ * Get a writable version of block orig.  *inc_children is set when orig was
+ * shared (count > 1): the copy's children now have one more parent and the
+ * caller must increment their counts.  The result may live at a new block
+ * number (tfs_block_location); the caller updates its parent.
+ */
+int tfs_tm_shadow(struct tfs_tm *tm, uint64_t orig, const struct tfs_block_validator *v,
+		  struct tfs_block **out, bool *inc_children);
+
+int tfs_tm_read_lock(struct tfs_tm *tm, uint64_t b, const struct tfs_block_validator *v,
+		     struct tfs_block **out);
+void tfs_tm_unlock(struct tfs_tm *tm, struct tfs_block *b);
+
+/* Reference counts in the metadata space map.  dec to 0 frees the block. */
+int tfs_tm_inc(struct tfs_tm *tm, uint64_t b);
+int tfs_tm_dec(struct tfs_tm *tm, uint64_t b);
+int tfs_tm_ref(struct tfs_tm *tm, uint64_t b, uint32_t *count);
+
+/*
+ * Commit.  Before calling, the caller has committed the data space map and
+ * filled sb (write-locked block 0) except for the metadata space map root,
+ * which fill_sm_root is asked to place once the metadata space map has
+ * written itself.  Order: metadata SM commit -> fill_sm_root(sb) -> write
+ * dirty blocks -> flush -> write sb -> flush.  sb is unlocked on return.
+ */
+int tfs_tm_commit(struct tfs_tm *tm, struct tfs_block *sb,
+		  void (*fill_sm_root)(void *ctx, void *sb_data), void *ctx);
+
+/* Drop all uncommitted changes (metadata space map rolled back, cache invalidated). */
+void tfs_tm_abort(struct tfs_tm *tm);
+
+#endif
