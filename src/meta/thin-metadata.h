@@ -134,4 +134,15 @@ int tfs_pmd_alloc_data_block(struct tfs_pmd *pmd, uint64_t *block);
 int tfs_pmd_free_data_block(struct tfs_pmd *pmd, uint64_t block);
 int tfs_pmd_data_block_count(struct tfs_pmd *pmd, uint64_t block, uint32_t *count);
 
+/* ---- restore (thinfs restore): set fields an XML dump carries ---- */
+/* Pool time, transaction id and superblock flags, taken at the next commit. */
+int tfs_pmd_restore_superblock(struct tfs_pmd *pmd, uint32_t time, uint64_t trans_id,
+			       uint32_t flags);
+/* Overwrite a device's details as dumped (mapped_blocks included). */
+int tfs_pmd_restore_details(struct tfs_pmd *pmd, tfs_dev_id id, const struct tfs_thin_details *d);
+/* Map vblock -> data_block with an explicit time; the caller holds data_block's count. */
+int tfs_thin_insert_timed(struct tfs_td *td, uint64_t vblock, uint64_t data_block, uint32_t time);
+/* One more reference to a data block (restore of blocks mapped by several devices). */
+int tfs_pmd_data_block_inc(struct tfs_pmd *pmd, uint64_t block);
+
 #endif
