@@ -1,3 +1,282 @@
 /* SPDX-License-Identifier: GPL-2.0-or-later */
-/* placeholder while the module is written */
-#include "format.h"
+/*
+ * Fault-injecting wrapper: fail the Nth op, fail everything after a
+ * trigger, ENOSPC, and a volatile write cache whose unflushed contents a
+ * simulated power cut drops or tears (as SQLite's test6.c does for files).
+ */
+#include "bdev.h"
+
+#include <errno.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+struct pending_write {
+	uint64_t off;
+	size_t len;
+	uint8_t *data;
+};
+
+struct fault_rule {
+	enum tfs_fault_mode mode;
+	uint64_t after; /* ops of this kind still to pass before failing */
+	bool once;
+};
+
+struct fault_dev {
+	struct tfs_bdev base;
+	struct tfs_bdev *lower;
+	pthread_mutex_t lock;
+	bool volatile_cache;
+	bool dead; /* after a power cut */
+	struct fault_rule rules[TFS_FAULT_NR_OPS];
+	struct tfs_bdev_io_counts counts;
+	struct pending_write *pending;
+	size_t nr_pending, cap_pending;
+};
+
+static struct fault_dev *to_fault(struct tfs_bdev *d)
+{
+	return (struct fault_dev *)d;
+}
+
+/* Called with the lock held: decides whether this op fails, and how. */
+static int consult(struct fault_dev *f, enum tfs_fault_op op)
+{
+	struct fault_rule *r = &f->rules[op];
+
+	if (f->dead)
+		return -EIO;
+	if (r->mode == TFS_FAULT_OK)
+		return 0;
+	if (r->after) {
+		r->after--;
+		return 0;
+	}
+	int err = r->mode == TFS_FAULT_ENOSPC ? -ENOSPC : -EIO;
+	if (r->once)
+		r->mode = TFS_FAULT_OK;
+	return err;
+}
+
+static void overlay_pending(struct fault_dev *f, uint8_t *buf, size_t len, uint64_t off)
+{
+	for (size_t i = 0; i < f->nr_pending; i++) {
+		struct pending_write *w = &f->pending[i];
+		uint64_t s = w->off > off ? w->off : off;
+		uint64_t e = w->off + w->len < off + len ? w->off + w->len : off + len;
+		if (s < e)
+			memcpy(buf + (s - off), w->data + (s - w->off), e - s);
+	}
+}
+
+static int fault_read(struct tfs_bdev *d, void *buf, size_t len, uint64_t off)
+{
+	struct fault_dev *f = to_fault(d);
+	int r;
+
+	pthread_mutex_lock(&f->lock);
+	f->counts.reads++;
+	r = consult(f, TFS_FAULT_READ);
+	if (!r)
+		r = tfs_bdev_read(f->lower, buf, len, off);
+	if (!r)
+		overlay_pending(f, buf, len, off);
+	pthread_mutex_unlock(&f->lock);
+	return r;
+}
+
+static int hold_write(struct fault_dev *f, const void *buf, size_t len, uint64_t off)
+{
+	struct pending_write *w;
+
+	if (f->nr_pending == f->cap_pending) {
+		size_t cap = f->cap_pending ? f->cap_pending * 2 : 64;
+		w = realloc(f->pending, cap * sizeof(*w));
+		if (!w)
+			return -ENOMEM;
+		f->pending = w;
+		f->cap_pending = cap;
+	}
+	w = &f->pending[f->nr_pending];
+	w->data = malloc(len ? len : 1);
+	if (!w->data)
+		return -ENOMEM;
+	memcpy(w->data, buf, len);
+	w->off = off;
+	w->len = len;
+	f->nr_pending++;
+	return 0;
+}
+
+static int fault_write(struct tfs_bdev *d, const void *buf, size_t len, uint64_t off)
+{
+	struct fault_dev *f = to_fault(d);
+	int r;
+
+	pthread_mutex_lock(&f->lock);
+	f->counts.writes++;
+	r = consult(f, TFS_FAULT_WRITE);
+	if (!r)
+		r = f->volatile_cache ? hold_write(f, buf, len, off)
+				      : tfs_bdev_write(f->lower, buf, len, off);
+	pthread_mutex_unlock(&f->lock);
+	return r;
+}
+
+static void drop_pending(struct fault_dev *f)
+{
+	for (size_t i = 0; i < f->nr_pending; i++)
+		free(f->pending[i].data);
+	f->nr_pending = 0;
+}
+
+static int write_back(struct fault_dev *f)
+{
+	for (size_t i = 0; i < f->nr_pending; i++) {
+		struct pending_write *w = &f->pending[i];
+		int r = tfs_bdev_write(f->lower, w->data, w->len, w->off);
+		if (r)
+			return r;
+	}
+	drop_pending(f);
+	return 0;
+}
+
+static int fault_flush(struct tfs_bdev *d)
+{
+	struct fault_dev *f = to_fault(d);
+	int r;
+
+	pthread_mutex_lock(&f->lock);
+	f->counts.flushes++;
+	r = consult(f, TFS_FAULT_FLUSH);
+	if (!r)
+		r = write_back(f);
+	if (!r)
+		r = tfs_bdev_flush(f->lower);
+	pthread_mutex_unlock(&f->lock);
+	return r;
+}
+
+static int fault_discard(struct tfs_bdev *d, uint64_t off, uint64_t len)
+{
+	struct fault_dev *f = to_fault(d);
+	int r;
+
+	pthread_mutex_lock(&f->lock);
+	f->counts.discards++;
+	/* A discard is a write as far as failure goes. */
+	r = consult(f, TFS_FAULT_WRITE);
+	if (!r)
+		r = write_back(f); /* keep ordering simple: earlier writes land first */
+	if (!r)
+		r = tfs_bdev_discard(f->lower, off, len);
+	pthread_mutex_unlock(&f->lock);
+	return r;
+}
+
+static int fault_size(struct tfs_bdev *d, uint64_t *bytes)
+{
+	return tfs_bdev_size(to_fault(d)->lower, bytes);
+}
+
+static int fault_grow(struct tfs_bdev *d, uint64_t bytes)
+{
+	return tfs_bdev_grow(to_fault(d)->lower, bytes);
+}
+
+static void fault_destroy(struct tfs_bdev *d)
+{
+	struct fault_dev *f = to_fault(d);
+
+	drop_pending(f);
+	free(f->pending);
+	tfs_bdev_close(f->lower);
+	pthread_mutex_destroy(&f->lock);
+	free(f);
+}
+
+static const struct tfs_bdev_ops fault_ops = {
+	.read = fault_read,
+	.write = fault_write,
+	.flush = fault_flush,
+	.discard = fault_discard,
+	.get_size = fault_size,
+	.grow = fault_grow,
+	.destroy = fault_destroy,
+};
+
+int tfs_bdev_fault_wrap(struct tfs_bdev *lower, bool volatile_cache, struct tfs_bdev **out)
+{
+	struct fault_dev *f = calloc(1, sizeof(*f));
+
+	if (!f)
+		return -ENOMEM;
+	f->base.ops = &fault_ops;
+	snprintf(f->base.name, sizeof(f->base.name), "%s", lower->name);
+	f->lower = lower;
+	f->volatile_cache = volatile_cache;
+	pthread_mutex_init(&f->lock, NULL);
+	*out = &f->base;
+	return 0;
+}
+
+void tfs_bdev_fault_set(struct tfs_bdev *dev, enum tfs_fault_op op, enum tfs_fault_mode mode,
+			uint64_t after, bool once)
+{
+	struct fault_dev *f = to_fault(dev);
+
+	if (dev->ops != &fault_ops || op >= TFS_FAULT_NR_OPS)
+		return;
+	pthread_mutex_lock(&f->lock);
+	f->rules[op] = (struct fault_rule){ .mode = mode, .after = after, .once = once };
+	pthread_mutex_unlock(&f->lock);
+}
+
+/* xorshift32: deterministic tears for a given seed, so failures replay. */
+static uint32_t next_rand(uint32_t *s)
+{
+	uint32_t x = *s ? *s : 0x9E3779B9u;
+	x ^= x << 13;
+	x ^= x >> 17;
+	x ^= x << 5;
+	*s = x;
+	return x;
+}
+
+int tfs_bdev_fault_power_cut(struct tfs_bdev *dev, bool tear, uint32_t seed)
+{
+	struct fault_dev *f = to_fault(dev);
+	int r = 0;
+
+	if (dev->ops != &fault_ops)
+		return -EINVAL;
+	pthread_mutex_lock(&f->lock);
+	for (size_t i = 0; tear && i < f->nr_pending; i++) {
+		struct pending_write *w = &f->pending[i];
+		size_t sectors = (w->len + 511) / 512;
+		size_t keep = next_rand(&seed) % (sectors + 1);
+		size_t bytes = keep * 512 < w->len ? keep * 512 : w->len;
+		if (bytes && !r)
+			r = tfs_bdev_write(f->lower, w->data, bytes, w->off);
+	}
+	drop_pending(f);
+	f->dead = true;
+	pthread_mutex_unlock(&f->lock);
+	return r;
+}
+
+void tfs_bdev_fault_counts(struct tfs_bdev *dev, struct tfs_bdev_io_counts *out)
+{
+	struct fault_dev *f = to_fault(dev);
+
+	if (dev->ops != &fault_ops) {
+		memset(out, 0, sizeof(*out));
+		return;
+	}
+	pthread_mutex_lock(&f->lock);
+	*out = f->counts;
+	pthread_mutex_unlock(&f->lock);
+}

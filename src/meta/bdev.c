@@ -1,3 +1,315 @@
 /* SPDX-License-Identifier: GPL-2.0-or-later */
-/* placeholder while the module is written */
-#include "format.h"
+/*
+ * Plain files, block devices and memory devices.  pread/pwrite are
+ * thread-safe on one descriptor, so the file device needs no lock; the
+ * memory device takes a lock only to grow.
+ */
+#include "bdev.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/falloc.h>
+#include <linux/fs.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "log.h"
+
+struct file_dev {
+	struct tfs_bdev base;
+	int fd;
+	bool blockdev;
+};
+
+static struct file_dev *to_file(struct tfs_bdev *d)
+{
+	return (struct file_dev *)d;
+}
+
+static int file_read(struct tfs_bdev *d, void *buf, size_t len, uint64_t off)
+{
+	struct file_dev *f = to_file(d);
+	uint8_t *p = buf;
+
+	while (len) {
+		ssize_t n = pread(f->fd, p, len, (off_t)off);
+		if (n < 0) {
+			if (errno == EINTR)
+				continue;
+			return -errno;
+		}
+		if (n == 0) { /* past the end of a sparse file: zeros */
+			memset(p, 0, len);
+			return 0;
+		}
+		p += n;
+		len -= (size_t)n;
+		off += (uint64_t)n;
+	}
+	return 0;
+}
+
+static int file_write(struct tfs_bdev *d, const void *buf, size_t len, uint64_t off)
+{
+	struct file_dev *f = to_file(d);
+	const uint8_t *p = buf;
+
+	while (len) {
+		ssize_t n = pwrite(f->fd, p, len, (off_t)off);
+		if (n < 0) {
+			if (errno == EINTR)
+				continue;
+			return -errno;
+		}
+		p += n;
+		len -= (size_t)n;
+		off += (uint64_t)n;
+	}
+	return 0;
+}
+
+static int file_flush(struct tfs_bdev *d)
+{
+	return fdatasync(to_file(d)->fd) ? -errno : 0;
+}
+
+static int file_discard(struct tfs_bdev *d, uint64_t off, uint64_t len)
+{
+	struct file_dev *f = to_file(d);
+
+	if (f->blockdev) {
+		uint64_t range[2] = { off, len };
+		return ioctl(f->fd, BLKDISCARD, range) ? -errno : 0;
+	}
+	if (fallocate(f->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)off, (off_t)len))
+		return -errno;
+	return 0;
+}
+
+static int file_size(struct tfs_bdev *d, uint64_t *bytes)
+{
+	struct file_dev *f = to_file(d);
+	struct stat st;
+
+	if (f->blockdev)
+		return ioctl(f->fd, BLKGETSIZE64, bytes) ? -errno : 0;
+	if (fstat(f->fd, &st))
+		return -errno;
+	*bytes = (uint64_t)st.st_size;
+	return 0;
+}
+
+static int file_grow(struct tfs_bdev *d, uint64_t new_bytes)
+{
+	struct file_dev *f = to_file(d);
+	uint64_t cur;
+	int r;
+
+	if (f->blockdev)
+		return -ENOTSUP;
+	r = file_size(d, &cur);
+	if (r)
+		return r;
+	if (new_bytes < cur)
+		return -EINVAL;
+	return ftruncate(f->fd, (off_t)new_bytes) ? -errno : 0;
+}
+
+static void file_destroy(struct tfs_bdev *d)
+{
+	struct file_dev *f = to_file(d);
+	close(f->fd);
+	free(f);
+}
+
+static const struct tfs_bdev_ops file_ops = {
+	.read = file_read,
+	.write = file_write,
+	.flush = file_flush,
+	.discard = file_discard,
+	.get_size = file_size,
+	.grow = file_grow,
+	.destroy = file_destroy,
+};
+
+int tfs_bdev_open(const char *path, bool read_only, struct tfs_bdev **out)
+{
+	struct file_dev *f;
+	struct stat st;
+	int fd, r;
+
+	fd = open(path, (read_only ? O_RDONLY : O_RDWR) | O_CLOEXEC);
+	if (fd < 0) {
+		r = -errno;
+		tfs_err("cannot open %s: %s", path, strerror(errno));
+		return r;
+	}
+	if (fstat(fd, &st)) {
+		r = -errno;
+		goto err_close;
+	}
+	if (!S_ISREG(st.st_mode) && !S_ISBLK(st.st_mode)) {
+		tfs_err("%s is neither a regular file nor a block device", path);
+		r = -EINVAL;
+		goto err_close;
+	}
+	f = calloc(1, sizeof(*f));
+	if (!f) {
+		r = -ENOMEM;
+		goto err_close;
+	}
+	f->base.ops = &file_ops;
+	snprintf(f->base.name, sizeof(f->base.name), "%s", path);
+	f->fd = fd;
+	f->blockdev = S_ISBLK(st.st_mode);
+	*out = &f->base;
+	return 0;
+
+err_close:
+	close(fd);
+	return r;
+}
+
+bool tfs_bdev_is_blockdev(const struct tfs_bdev *dev)
+{
+	return dev->ops == &file_ops && ((const struct file_dev *)dev)->blockdev;
+}
+
+/* ---- memory device --------------------------------------------------- */
+
+struct mem_dev {
+	struct tfs_bdev base;
+	pthread_rwlock_t lock; /* protects buf/size against grow */
+	uint8_t *buf;
+	uint64_t size;
+};
+
+static struct mem_dev *to_mem(struct tfs_bdev *d)
+{
+	return (struct mem_dev *)d;
+}
+
+static int mem_read(struct tfs_bdev *d, void *buf, size_t len, uint64_t off)
+{
+	struct mem_dev *m = to_mem(d);
+
+	pthread_rwlock_rdlock(&m->lock);
+	memset(buf, 0, len); /* past the end reads zeros, as on a sparse file */
+	if (off < m->size)
+		memcpy(buf, m->buf + off, len < m->size - off ? len : m->size - off);
+	pthread_rwlock_unlock(&m->lock);
+	return 0;
+}
+
+static int mem_write(struct tfs_bdev *d, const void *buf, size_t len, uint64_t off)
+{
+	struct mem_dev *m = to_mem(d);
+	int r = 0;
+
+	pthread_rwlock_rdlock(&m->lock);
+	if (off > m->size || len > m->size - off)
+		r = -ENOSPC;
+	else
+		memcpy(m->buf + off, buf, len);
+	pthread_rwlock_unlock(&m->lock);
+	return r;
+}
+
+static int mem_flush(struct tfs_bdev *d)
+{
+	(void)d;
+	return 0;
+}
+
+static int mem_discard(struct tfs_bdev *d, uint64_t off, uint64_t len)
+{
+	struct mem_dev *m = to_mem(d);
+
+	pthread_rwlock_rdlock(&m->lock);
+	if (off < m->size)
+		memset(m->buf + off, 0, len > m->size - off ? m->size - off : len);
+	pthread_rwlock_unlock(&m->lock);
+	return 0;
+}
+
+static int mem_size(struct tfs_bdev *d, uint64_t *bytes)
+{
+	struct mem_dev *m = to_mem(d);
+
+	pthread_rwlock_rdlock(&m->lock);
+	*bytes = m->size;
+	pthread_rwlock_unlock(&m->lock);
+	return 0;
+}
+
+static int mem_grow(struct tfs_bdev *d, uint64_t new_bytes)
+{
+	struct mem_dev *m = to_mem(d);
+	uint8_t *nb;
+	int r = 0;
+
+	pthread_rwlock_wrlock(&m->lock);
+	if (new_bytes < m->size) {
+		r = -EINVAL;
+		goto out;
+	}
+	nb = realloc(m->buf, new_bytes ? new_bytes : 1);
+	if (!nb) {
+		r = -ENOMEM;
+		goto out;
+	}
+	memset(nb + m->size, 0, new_bytes - m->size);
+	m->buf = nb;
+	m->size = new_bytes;
+out:
+	pthread_rwlock_unlock(&m->lock);
+	return r;
+}
+
+static void mem_destroy(struct tfs_bdev *d)
+{
+	struct mem_dev *m = to_mem(d);
+	pthread_rwlock_destroy(&m->lock);
+	free(m->buf);
+	free(m);
+}
+
+static const struct tfs_bdev_ops mem_ops = {
+	.read = mem_read,
+	.write = mem_write,
+	.flush = mem_flush,
+	.discard = mem_discard,
+	.get_size = mem_size,
+	.grow = mem_grow,
+	.destroy = mem_destroy,
+};
+
+int tfs_bdev_open_mem(uint64_t size, struct tfs_bdev **out)
+{
+	struct mem_dev *m = calloc(1, sizeof(*m));
+
+	if (!m)
+		return -ENOMEM;
+	m->buf = calloc(1, size ? size : 1);
+	if (!m->buf) {
+		free(m);
+		return -ENOMEM;
+	}
+	m->size = size;
+	pthread_rwlock_init(&m->lock, NULL);
+	m->base.ops = &mem_ops;
+	snprintf(m->base.name, sizeof(m->base.name), "memory");
+	*out = &m->base;
+	return 0;
+}
+
+void tfs_bdev_close(struct tfs_bdev *dev)
+{
+	if (dev)
+		dev->ops->destroy(dev);
+}

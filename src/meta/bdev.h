@@ -76,6 +76,10 @@ static inline int tfs_bdev_grow(struct tfs_bdev *d, uint64_t bytes)
 	return d->ops->grow(d, bytes);
 }
 void tfs_bdev_close(struct tfs_bdev *dev);
+static inline const char *tfs_bdev_name(const struct tfs_bdev *d)
+{
+	return d->name;
+}
 
 /* ---- fault injection ---------------------------------------------------- */
 

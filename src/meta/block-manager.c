@@ -1,3 +1,441 @@
 /* SPDX-License-Identifier: GPL-2.0-or-later */
-/* placeholder while the module is written */
+/*
+ * Block cache: a hash table of 4 KiB blocks with an LRU list of the
+ * unlocked ones.  Locked blocks are pinned; unlocked dirty blocks may be
+ * written early when evicted (they are always shadows the committed state
+ * does not reference, so writing them early is safe).
+ */
+#include "block-manager.h"
+
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "bdev.h"
 #include "format.h"
+#include "log.h"
+
+struct tfs_block {
+	uint64_t blocknr;
+	struct tfs_bm *bm;
+	const struct tfs_block_validator *v; /* the type it was last checked or written as */
+	unsigned lock_count;
+	bool dirty;
+	struct tfs_block *hash_next;
+	struct tfs_block *lru_prev, *lru_next;     /* unlocked blocks only */
+	struct tfs_block *dirty_prev, *dirty_next; /* dirty blocks only */
+	uint8_t *data;
+};
+
+struct list {
+	struct tfs_block *head, *tail;
+};
+
+struct tfs_bm {
+	struct tfs_bdev *dev;
+	uint64_t nr_blocks; /* device size as last seen; re-read only when exceeded */
+	size_t cache_blocks;
+	struct tfs_block **hash;
+	size_t hash_mask;
+	size_t nr_cached, nr_dirty, nr_locked;
+	struct tfs_block *lru_head, *lru_tail; /* head = most recently used */
+	struct tfs_block *dirty_head;
+	struct tfs_bm_stats stats;
+};
+
+static size_t hash_of(const struct tfs_bm *bm, uint64_t b)
+{
+	return (size_t)((b * 0x9E3779B97F4A7C15ull) >> 20) & bm->hash_mask;
+}
+
+static struct tfs_block *find(struct tfs_bm *bm, uint64_t blocknr)
+{
+	for (struct tfs_block *b = bm->hash[hash_of(bm, blocknr)]; b; b = b->hash_next)
+		if (b->blocknr == blocknr)
+			return b;
+	return NULL;
+}
+
+static void hash_remove(struct tfs_bm *bm, struct tfs_block *b)
+{
+	struct tfs_block **pp = &bm->hash[hash_of(bm, b->blocknr)];
+
+	while (*pp != b)
+		pp = &(*pp)->hash_next;
+	*pp = b->hash_next;
+}
+
+static void lru_unlink(struct tfs_bm *bm, struct tfs_block *b)
+{
+	if (b->lru_prev)
+		b->lru_prev->lru_next = b->lru_next;
+	else
+		bm->lru_head = b->lru_next;
+	if (b->lru_next)
+		b->lru_next->lru_prev = b->lru_prev;
+	else
+		bm->lru_tail = b->lru_prev;
+	b->lru_prev = b->lru_next = NULL;
+}
+
+static void lru_push(struct tfs_bm *bm, struct tfs_block *b)
+{
+	b->lru_prev = NULL;
+	b->lru_next = bm->lru_head;
+	if (bm->lru_head)
+		bm->lru_head->lru_prev = b;
+	bm->lru_head = b;
+	if (!bm->lru_tail)
+		bm->lru_tail = b;
+}
+
+static void mark_dirty(struct tfs_bm *bm, struct tfs_block *b)
+{
+	if (b->dirty)
+		return;
+	b->dirty = true;
+	b->dirty_prev = NULL;
+	b->dirty_next = bm->dirty_head;
+	if (bm->dirty_head)
+		bm->dirty_head->dirty_prev = b;
+	bm->dirty_head = b;
+	bm->nr_dirty++;
+}
+
+static void clear_dirty(struct tfs_bm *bm, struct tfs_block *b)
+{
+	if (!b->dirty)
+		return;
+	if (b->dirty_prev)
+		b->dirty_prev->dirty_next = b->dirty_next;
+	else
+		bm->dirty_head = b->dirty_next;
+	if (b->dirty_next)
+		b->dirty_next->dirty_prev = b->dirty_prev;
+	b->dirty_prev = b->dirty_next = NULL;
+	b->dirty = false;
+	bm->nr_dirty--;
+}
+
+static int write_block(struct tfs_bm *bm, struct tfs_block *b)
+{
+	int r;
+
+	if (b->v && b->v->prepare)
+		b->v->prepare(b->v, b->data, b->blocknr);
+	r = tfs_bdev_write(bm->dev, b->data, TFS_BLOCK_SIZE, b->blocknr * TFS_BLOCK_SIZE);
+	if (r) {
+		tfs_err("%s: writing metadata block %llu (%s) failed: %s", bm->dev->name,
+			(unsigned long long)b->blocknr, b->v ? b->v->name : "untyped", strerror(-r));
+		return r;
+	}
+	bm->stats.writes++;
+	clear_dirty(bm, b);
+	return 0;
+}
+
+static void free_block(struct tfs_bm *bm, struct tfs_block *b)
+{
+	hash_remove(bm, b);
+	clear_dirty(bm, b);
+	bm->nr_cached--;
+	free(b->data);
+	free(b);
+}
+
+/* Make room for one more block by evicting unlocked blocks beyond the budget. */
+static int evict(struct tfs_bm *bm)
+{
+	while (bm->nr_cached - bm->nr_locked >= bm->cache_blocks && bm->lru_tail) {
+		struct tfs_block *b = bm->lru_tail;
+		if (b->dirty) {
+			int r = write_block(bm, b);
+			if (r)
+				return r;
+		}
+		lru_unlink(bm, b);
+		free_block(bm, b);
+		bm->stats.evictions++;
+	}
+	return 0;
+}
+
+static int alloc_block(struct tfs_bm *bm, uint64_t blocknr, struct tfs_block **out)
+{
+	struct tfs_block *b;
+	size_t h;
+	int r;
+
+	r = evict(bm);
+	if (r)
+		return r;
+	b = calloc(1, sizeof(*b));
+	if (!b)
+		return -ENOMEM;
+	if (posix_memalign((void **)&b->data, TFS_BLOCK_SIZE, TFS_BLOCK_SIZE)) {
+		free(b);
+		return -ENOMEM;
+	}
+	b->blocknr = blocknr;
+	b->bm = bm;
+	h = hash_of(bm, blocknr);
+	b->hash_next = bm->hash[h];
+	bm->hash[h] = b;
+	bm->nr_cached++;
+	*out = b;
+	return 0;
+}
+
+static int validate(struct tfs_bm *bm, struct tfs_block *b, const struct tfs_block_validator *v)
+{
+	char why[160] = "";
+	int r;
+
+	if (!v || !v->check)
+		return 0;
+	r = v->check(v, b->data, b->blocknr, why, sizeof(why));
+	if (r) {
+		tfs_err("%s: metadata block %llu is not a valid %s: %s", bm->dev->name,
+			(unsigned long long)b->blocknr, v->name, why);
+		return r;
+	}
+	b->v = v;
+	return 0;
+}
+
+static void pin(struct tfs_bm *bm, struct tfs_block *b)
+{
+	if (b->lock_count++ == 0) {
+		lru_unlink(bm, b);
+		bm->nr_locked++;
+	}
+}
+
+static int get_block(struct tfs_bm *bm, uint64_t blocknr, const struct tfs_block_validator *v,
+		     bool zero, struct tfs_block **out)
+{
+	struct tfs_block *b;
+	int r;
+
+	if (blocknr >= bm->nr_blocks && blocknr >= tfs_bm_nr_blocks(bm)) {
+		tfs_err("%s: metadata block %llu is past the end of the device (%llu blocks)",
+			bm->dev->name, (unsigned long long)blocknr,
+			(unsigned long long)tfs_bm_nr_blocks(bm));
+		return -EINVAL;
+	}
+	b = find(bm, blocknr);
+	if (b) {
+		bm->stats.hits++;
+		if (zero) {
+			memset(b->data, 0, TFS_BLOCK_SIZE);
+			b->v = v;
+		} else if (b->v != v) {
+			r = validate(bm, b, v);
+			if (r)
+				return r;
+		}
+		pin(bm, b);
+		*out = b;
+		return 0;
+	}
+
+	bm->stats.misses++;
+	r = alloc_block(bm, blocknr, &b);
+	if (r)
+		return r;
+	if (zero) {
+		memset(b->data, 0, TFS_BLOCK_SIZE);
+		b->v = v;
+	} else {
+		r = tfs_bdev_read(bm->dev, b->data, TFS_BLOCK_SIZE, blocknr * TFS_BLOCK_SIZE);
+		bm->stats.reads++;
+		if (r) {
+			tfs_err("%s: reading metadata block %llu failed: %s", bm->dev->name,
+				(unsigned long long)blocknr, strerror(-r));
+			goto err_free;
+		}
+		r = validate(bm, b, v);
+		if (r)
+			goto err_free;
+	}
+	pin(bm, b);
+	*out = b;
+	return 0;
+
+err_free:
+	free_block(bm, b);
+	return r;
+}
+
+int tfs_bm_create(struct tfs_bdev *dev, size_t cache_blocks, struct tfs_bm **out)
+{
+	struct tfs_bm *bm = calloc(1, sizeof(*bm));
+	size_t buckets = 1024;
+
+	if (!bm)
+		return -ENOMEM;
+	if (cache_blocks < 16)
+		cache_blocks = 16;
+	while (buckets < cache_blocks)
+		buckets <<= 1;
+	bm->hash = calloc(buckets, sizeof(*bm->hash));
+	if (!bm->hash) {
+		free(bm);
+		return -ENOMEM;
+	}
+	bm->hash_mask = buckets - 1;
+	bm->dev = dev;
+	bm->cache_blocks = cache_blocks;
+	tfs_bm_nr_blocks(bm);
+	*out = bm;
+	return 0;
+}
+
+static void drop_all(struct tfs_bm *bm)
+{
+	for (size_t i = 0; i <= bm->hash_mask; i++) {
+		while (bm->hash[i]) {
+			struct tfs_block *b = bm->hash[i];
+			if (b->lock_count)
+				bm->nr_locked--;
+			else
+				lru_unlink(bm, b);
+			free_block(bm, b);
+		}
+	}
+}
+
+void tfs_bm_destroy(struct tfs_bm *bm)
+{
+	if (!bm)
+		return;
+	if (bm->nr_locked)
+		tfs_warn("%s: block manager destroyed with %zu blocks locked", bm->dev->name,
+			 bm->nr_locked);
+	drop_all(bm);
+	free(bm->hash);
+	free(bm);
+}
+
+uint64_t tfs_bm_nr_blocks(struct tfs_bm *bm)
+{
+	uint64_t bytes = 0;
+
+	if (tfs_bdev_size(bm->dev, &bytes))
+		return 0;
+	bm->nr_blocks = bytes / TFS_BLOCK_SIZE;
+	return bm->nr_blocks;
+}
+
+struct tfs_bdev *tfs_bm_bdev(struct tfs_bm *bm)
+{
+	return bm->dev;
+}
+
+int tfs_bm_read_lock(struct tfs_bm *bm, uint64_t blocknr, const struct tfs_block_validator *v,
+		     struct tfs_block **out)
+{
+	return get_block(bm, blocknr, v, false, out);
+}
+
+int tfs_bm_write_lock(struct tfs_bm *bm, uint64_t blocknr, const struct tfs_block_validator *v,
+		      struct tfs_block **out)
+{
+	int r = get_block(bm, blocknr, v, false, out);
+
+	if (!r)
+		mark_dirty(bm, *out);
+	return r;
+}
+
+int tfs_bm_write_lock_zero(struct tfs_bm *bm, uint64_t blocknr,
+			   const struct tfs_block_validator *v, struct tfs_block **out)
+{
+	int r = get_block(bm, blocknr, v, true, out);
+
+	if (!r)
+		mark_dirty(bm, *out);
+	return r;
+}
+
+void tfs_bm_unlock(struct tfs_block *b)
+{
+	struct tfs_bm *bm = b->bm;
+
+	if (--b->lock_count == 0) {
+		bm->nr_locked--;
+		lru_push(bm, b);
+	}
+}
+
+void *tfs_block_data(struct tfs_block *b)
+{
+	return b->data;
+}
+
+uint64_t tfs_block_location(const struct tfs_block *b)
+{
+	return b->blocknr;
+}
+
+static int cmp_blocknr(const void *a, const void *b)
+{
+	uint64_t x = (*(struct tfs_block *const *)a)->blocknr;
+	uint64_t y = (*(struct tfs_block *const *)b)->blocknr;
+	return x < y ? -1 : x > y;
+}
+
+int tfs_bm_flush(struct tfs_bm *bm)
+{
+	struct tfs_block **v;
+	size_t n = 0;
+	int r = 0;
+
+	if (bm->nr_dirty) {
+		/* Written in block order: metadata devices are mostly sequential that way. */
+		v = malloc(bm->nr_dirty * sizeof(*v));
+		if (!v)
+			return -ENOMEM;
+		for (struct tfs_block *b = bm->dirty_head; b; b = b->dirty_next)
+			if (!b->lock_count)
+				v[n++] = b;
+		qsort(v, n, sizeof(*v), cmp_blocknr);
+		for (size_t i = 0; i < n && !r; i++)
+			r = write_block(bm, v[i]);
+		free(v);
+		if (r)
+			return r;
+	}
+	r = tfs_bdev_flush(bm->dev);
+	if (r)
+		tfs_err("%s: flushing metadata device failed: %s", bm->dev->name, strerror(-r));
+	return r;
+}
+
+int tfs_bm_write_now(struct tfs_bm *bm, struct tfs_block *b)
+{
+	return write_block(bm, b);
+}
+
+void tfs_bm_invalidate(struct tfs_bm *bm)
+{
+	drop_all(bm);
+}
+
+void tfs_bm_forget(struct tfs_bm *bm, uint64_t blocknr)
+{
+	struct tfs_block *b = find(bm, blocknr);
+
+	if (!b || b->lock_count)
+		return;
+	lru_unlink(bm, b);
+	free_block(bm, b);
+}
+
+void tfs_bm_stats(struct tfs_bm *bm, struct tfs_bm_stats *out)
+{
+	*out = bm->stats;
+	out->cached = bm->nr_cached;
+	out->dirty = bm->nr_dirty;
+	out->locked = bm->nr_locked;
+}

@@ -67,7 +67,11 @@ void tfs_bm_unlock(struct tfs_block *b);
 void *tfs_block_data(struct tfs_block *b);
 uint64_t tfs_block_location(const struct tfs_block *b);
 
-/* Write every dirty block (sealed), then flush the device. */
+/*
+ * Write every dirty block that is not locked (sealed), then flush the device.
+ * Locked dirty blocks are left to their holder: during a commit that is the
+ * superblock, which must reach the disk only after this flush.
+ */
 int tfs_bm_flush(struct tfs_bm *bm);
 /* Write one locked dirty block now (sealed) without flushing; for the superblock. */
 int tfs_bm_write_now(struct tfs_bm *bm, struct tfs_block *b);
