@@ -22,6 +22,7 @@
 #define TFS_META_THIN_METADATA_H
 
 #include <stdbool.h>
+#include <stddef.h>
 #include <stdint.h>
 
 struct tfs_bdev;
@@ -124,8 +125,6 @@ int tfs_thin_remove(struct tfs_td *td, uint64_t vblock);
 int tfs_thin_remove_range(struct tfs_td *td, uint64_t begin, uint64_t end, uint64_t *nr_removed);
 /* mapped_blocks of this device (kept in memory, written at commit). */
 uint64_t tfs_td_mapped_blocks(struct tfs_td *td);
-/* Highest mapped vblock + 1, 0 if none. */
-int tfs_td_mapped_end(struct tfs_td *td, uint64_t *end);
 
 /* ---- data space ---- */
 /* A data block free now and at the last commit; count 1.  -ENOSPC when full. */
