@@ -1,0 +1,311 @@
+/* SPDX-License-Identifier: GPL-2.0-or-later */
+/* Backing devices, the fault wrapper and the block manager, each alone. */
+#include <errno.h>
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include <cmocka.h>
+
+#include "bdev.h"
+#include "block-manager.h"
+#include "crc32c.h"
+#include "format.h"
+#include "log.h"
+
+static void quiet_sink(void *ctx, enum tfs_log_level level, const char *msg)
+{
+	(void)ctx;
+	(void)level;
+	(void)msg;
+}
+
+static void test_crc32c_matches_known_values(void **state)
+{
+	(void)state;
+	/* Standard CRC-32C check value: init ~0, final xor ~0. */
+	assert_int_equal(tfs_crc32c(0xFFFFFFFFu, "123456789", 9) ^ 0xFFFFFFFFu, 0xE3069283u);
+	uint8_t blk[TFS_BLOCK_SIZE] = { 0 };
+	/* Software and hardware paths must agree: checksum of an all-zero block is fixed. */
+	uint32_t a = tfs_block_csum(blk, 0);
+	blk[100] = 1;
+	assert_int_not_equal(a, tfs_block_csum(blk, 0));
+	assert_int_equal(tfs_block_csum(blk, TFS_SALT_BTREE) ^ tfs_block_csum(blk, 0), TFS_SALT_BTREE);
+}
+
+static void test_file_bdev_reads_zeros_past_end_and_grows(void **state)
+{
+	(void)state;
+	char path[] = "/tmp/tfs-bdev-XXXXXX";
+	int fd = mkstemp(path);
+	assert_true(fd >= 0);
+	close(fd);
+	struct tfs_bdev *d;
+	assert_int_equal(tfs_bdev_open(path, false, &d), 0);
+	uint8_t buf[8192];
+	memset(buf, 0xAB, sizeof(buf));
+	assert_int_equal(tfs_bdev_read(d, buf, sizeof(buf), 4096), 0);
+	for (size_t i = 0; i < sizeof(buf); i++)
+		assert_int_equal(buf[i], 0);
+	memset(buf, 0x5A, 4096);
+	assert_int_equal(tfs_bdev_write(d, buf, 4096, 8192), 0);
+	uint64_t size;
+	assert_int_equal(tfs_bdev_size(d, &size), 0);
+	assert_int_equal(size, 12288);
+	assert_int_equal(tfs_bdev_grow(d, 1 << 20), 0);
+	assert_int_equal(tfs_bdev_size(d, &size), 0);
+	assert_int_equal(size, 1 << 20);
+	assert_int_equal(tfs_bdev_discard(d, 8192, 4096), 0);
+	assert_int_equal(tfs_bdev_read(d, buf, 4096, 8192), 0);
+	assert_int_equal(buf[17], 0);
+	assert_int_equal(tfs_bdev_flush(d), 0);
+	tfs_bdev_close(d);
+	unlink(path);
+}
+
+static void test_open_refuses_a_directory(void **state)
+{
+	(void)state;
+	struct tfs_bdev *d;
+	assert_true(tfs_bdev_open("/tmp", false, &d) < 0);
+	assert_int_equal(tfs_bdev_open("/dev/null", true, &d), -EINVAL);
+	assert_true(tfs_bdev_open("/nonexistent/x", false, &d) < 0);
+}
+
+static void test_fault_fails_nth_write_then_recovers(void **state)
+{
+	(void)state;
+	struct tfs_bdev *mem, *f;
+	uint8_t buf[512] = { 1 };
+	assert_int_equal(tfs_bdev_open_mem(1 << 16, &mem), 0);
+	assert_int_equal(tfs_bdev_fault_wrap(mem, false, &f), 0);
+	tfs_bdev_fault_set(f, TFS_FAULT_WRITE, TFS_FAULT_EIO, 2, false);
+	assert_int_equal(tfs_bdev_write(f, buf, 512, 0), 0);
+	assert_int_equal(tfs_bdev_write(f, buf, 512, 512), 0);
+	assert_int_equal(tfs_bdev_write(f, buf, 512, 1024), -EIO);
+	assert_int_equal(tfs_bdev_write(f, buf, 512, 1024), -EIO);
+	assert_int_equal(tfs_bdev_read(f, buf, 512, 0), 0);
+	tfs_bdev_fault_set(f, TFS_FAULT_WRITE, TFS_FAULT_ENOSPC, 0, true);
+	assert_int_equal(tfs_bdev_write(f, buf, 512, 0), -ENOSPC);
+	assert_int_equal(tfs_bdev_write(f, buf, 512, 0), 0); /* once */
+	tfs_bdev_fault_set(f, TFS_FAULT_FLUSH, TFS_FAULT_EIO, 0, false);
+	assert_int_equal(tfs_bdev_flush(f), -EIO);
+	tfs_bdev_fault_set(f, TFS_FAULT_FLUSH, TFS_FAULT_OK, 0, false);
+	assert_int_equal(tfs_bdev_flush(f), 0);
+	struct tfs_bdev_io_counts c;
+	tfs_bdev_fault_counts(f, &c);
+	assert_int_equal(c.writes, 6);
+	assert_int_equal(c.reads, 1);
+	assert_int_equal(c.flushes, 2);
+	tfs_bdev_close(f);
+}
+
+static void test_power_cut_drops_unflushed_writes(void **state)
+{
+	(void)state;
+	struct tfs_bdev *mem, *f;
+	uint8_t a[4096], b[4096], got[4096];
+	memset(a, 0xAA, sizeof(a));
+	memset(b, 0xBB, sizeof(b));
+	assert_int_equal(tfs_bdev_open_mem(1 << 16, &mem), 0);
+	assert_int_equal(tfs_bdev_fault_wrap(mem, true, &f), 0);
+	assert_int_equal(tfs_bdev_write(f, a, 4096, 0), 0);
+	assert_int_equal(tfs_bdev_flush(f), 0);
+	assert_int_equal(tfs_bdev_write(f, b, 4096, 0), 0);
+	/* Reads see the volatile cache... */
+	assert_int_equal(tfs_bdev_read(f, got, 4096, 0), 0);
+	assert_memory_equal(got, b, 4096);
+	assert_int_equal(tfs_bdev_fault_power_cut(f, false, 1), 0);
+	/* ...and everything fails afterwards. */
+	assert_int_equal(tfs_bdev_read(f, got, 4096, 0), -EIO);
+	/* The lower device has only what was flushed. */
+	assert_int_equal(tfs_bdev_read(mem, got, 4096, 0), 0);
+	assert_memory_equal(got, a, 4096);
+	tfs_bdev_close(f);
+}
+
+static void test_power_cut_tear_keeps_whole_sectors(void **state)
+{
+	(void)state;
+	struct tfs_bdev *mem, *f;
+	uint8_t b[4096], got[4096];
+	memset(b, 0xBB, sizeof(b));
+	for (uint32_t seed = 1; seed < 20; seed++) {
+		assert_int_equal(tfs_bdev_open_mem(1 << 16, &mem), 0);
+		assert_int_equal(tfs_bdev_fault_wrap(mem, true, &f), 0);
+		assert_int_equal(tfs_bdev_write(f, b, 4096, 0), 0);
+		assert_int_equal(tfs_bdev_fault_power_cut(f, true, seed), 0);
+		assert_int_equal(tfs_bdev_read(mem, got, 4096, 0), 0);
+		size_t i = 0;
+		while (i < 4096 && got[i] == 0xBB)
+			i++;
+		assert_int_equal(i % 512, 0);
+		for (; i < 4096; i++)
+			assert_int_equal(got[i], 0);
+		tfs_bdev_close(f);
+	}
+}
+
+static struct tfs_bm *new_bm(struct tfs_bdev **dev, size_t blocks, size_t cache)
+{
+	struct tfs_bm *bm;
+	assert_int_equal(tfs_bdev_open_mem(blocks * TFS_BLOCK_SIZE, dev), 0);
+	assert_int_equal(tfs_bm_create(*dev, cache, &bm), 0);
+	return bm;
+}
+
+static void write_leaf(struct tfs_bm *bm, uint64_t b, uint32_t nr)
+{
+	struct tfs_block *blk;
+	assert_int_equal(tfs_bm_write_lock_zero(bm, b, &tfs_btree_validator, &blk), 0);
+	uint8_t *d = tfs_block_data(blk);
+	tfs_put_le32(d + 4, TFS_BTREE_LEAF);
+	tfs_put_le32(d + 16, nr);
+	tfs_put_le32(d + 20, 252);
+	tfs_put_le32(d + 24, 8);
+	tfs_bm_unlock(blk);
+}
+
+static void test_bm_seals_and_validates_blocks(void **state)
+{
+	(void)state;
+	struct tfs_bdev *dev;
+	struct tfs_bm *bm = new_bm(&dev, 64, 16);
+	struct tfs_block *blk;
+	write_leaf(bm, 5, 3);
+	assert_int_equal(tfs_bm_flush(bm), 0);
+	tfs_bm_invalidate(bm);
+	assert_int_equal(tfs_bm_read_lock(bm, 5, &tfs_btree_validator, &blk), 0);
+	assert_int_equal(tfs_le32((uint8_t *)tfs_block_data(blk) + 16), 3);
+	assert_int_equal(tfs_le64((uint8_t *)tfs_block_data(blk) + 8), 5);
+	tfs_bm_unlock(blk);
+	/* The same block read as another type fails cleanly. */
+	assert_int_equal(tfs_bm_read_lock(bm, 5, &tfs_bitmap_validator, &blk), -EUCLEAN);
+	tfs_bm_destroy(bm);
+	tfs_bdev_close(dev);
+}
+
+static void test_bm_reports_corruption_naming_the_problem(void **state)
+{
+	(void)state;
+	struct tfs_bdev *dev;
+	struct tfs_bm *bm = new_bm(&dev, 64, 16);
+	struct tfs_block *blk;
+	uint8_t raw[TFS_BLOCK_SIZE];
+
+	write_leaf(bm, 7, 1);
+	assert_int_equal(tfs_bm_flush(bm), 0);
+	tfs_bm_invalidate(bm);
+	/* Flip one byte: bad checksum. */
+	assert_int_equal(tfs_bdev_read(dev, raw, sizeof(raw), 7 * 4096), 0);
+	raw[100] ^= 1;
+	assert_int_equal(tfs_bdev_write(dev, raw, sizeof(raw), 7 * 4096), 0);
+	assert_int_equal(tfs_bm_read_lock(bm, 7, &tfs_btree_validator, &blk), -EUCLEAN);
+	/* Valid checksum but nr_entries > max_entries. */
+	raw[100] ^= 1;
+	tfs_put_le32(raw + 16, 300);
+	tfs_put_le32(raw, tfs_block_csum(raw, TFS_SALT_BTREE));
+	assert_int_equal(tfs_bdev_write(dev, raw, sizeof(raw), 7 * 4096), 0);
+	assert_int_equal(tfs_bm_read_lock(bm, 7, &tfs_btree_validator, &blk), -EUCLEAN);
+	/* Copied to another location: wrong self block number. */
+	tfs_put_le32(raw + 16, 1);
+	tfs_put_le32(raw, tfs_block_csum(raw, TFS_SALT_BTREE));
+	assert_int_equal(tfs_bdev_write(dev, raw, sizeof(raw), 9 * 4096), 0);
+	assert_int_equal(tfs_bm_read_lock(bm, 9, &tfs_btree_validator, &blk), -EUCLEAN);
+	/* Past the end of the device. */
+	assert_int_equal(tfs_bm_read_lock(bm, 64, &tfs_btree_validator, &blk), -EINVAL);
+	tfs_bm_destroy(bm);
+	tfs_bdev_close(dev);
+}
+
+static void test_bm_cache_stays_bounded_and_writes_back_dirty_evictions(void **state)
+{
+	(void)state;
+	struct tfs_bdev *dev;
+	struct tfs_bm *bm = new_bm(&dev, 1024, 16);
+	struct tfs_bm_stats st;
+	struct tfs_block *blk;
+
+	for (uint64_t b = 1; b < 1000; b++)
+		write_leaf(bm, b, (uint32_t)(b % 252));
+	tfs_bm_stats(bm, &st);
+	assert_true(st.cached <= 17);
+	assert_true(st.evictions > 900);
+	assert_int_equal(tfs_bm_flush(bm), 0);
+	tfs_bm_invalidate(bm);
+	for (uint64_t b = 1; b < 1000; b++) {
+		assert_int_equal(tfs_bm_read_lock(bm, b, &tfs_btree_validator, &blk), 0);
+		assert_int_equal(tfs_le32((uint8_t *)tfs_block_data(blk) + 16), b % 252);
+		tfs_bm_unlock(blk);
+	}
+	tfs_bm_stats(bm, &st);
+	assert_true(st.cached <= 17);
+	tfs_bm_destroy(bm);
+	tfs_bdev_close(dev);
+}
+
+static void test_bm_invalidate_drops_unwritten_changes(void **state)
+{
+	(void)state;
+	struct tfs_bdev *dev;
+	struct tfs_bm *bm = new_bm(&dev, 64, 64);
+	struct tfs_block *blk;
+	write_leaf(bm, 3, 2);
+	assert_int_equal(tfs_bm_flush(bm), 0);
+	assert_int_equal(tfs_bm_write_lock(bm, 3, &tfs_btree_validator, &blk), 0);
+	tfs_put_le32((uint8_t *)tfs_block_data(blk) + 16, 9);
+	tfs_bm_unlock(blk);
+	tfs_bm_invalidate(bm);
+	assert_int_equal(tfs_bm_read_lock(bm, 3, &tfs_btree_validator, &blk), 0);
+	assert_int_equal(tfs_le32((uint8_t *)tfs_block_data(blk) + 16), 2);
+	tfs_bm_unlock(blk);
+	tfs_bm_destroy(bm);
+	tfs_bdev_close(dev);
+}
+
+static void test_bm_flush_leaves_locked_blocks_to_their_holder(void **state)
+{
+	(void)state;
+	struct tfs_bdev *dev;
+	struct tfs_bm *bm = new_bm(&dev, 64, 64);
+	struct tfs_block *blk;
+	uint8_t raw[TFS_BLOCK_SIZE];
+	assert_int_equal(tfs_bm_write_lock_zero(bm, 0, &tfs_btree_validator, &blk), 0);
+	uint8_t *d = tfs_block_data(blk);
+	tfs_put_le32(d + 4, TFS_BTREE_LEAF);
+	tfs_put_le32(d + 20, 252);
+	tfs_put_le32(d + 24, 8);
+	assert_int_equal(tfs_bm_flush(bm), 0);
+	assert_int_equal(tfs_bdev_read(dev, raw, sizeof(raw), 0), 0);
+	assert_int_equal(tfs_le32(raw + 4), 0); /* not written yet */
+	assert_int_equal(tfs_bm_write_now(bm, blk), 0);
+	assert_int_equal(tfs_bdev_read(dev, raw, sizeof(raw), 0), 0);
+	assert_int_equal(tfs_le32(raw + 4), TFS_BTREE_LEAF);
+	tfs_bm_unlock(blk);
+	tfs_bm_destroy(bm);
+	tfs_bdev_close(dev);
+}
+
+int main(void)
+{
+	const struct CMUnitTest tests[] = {
+		cmocka_unit_test(test_crc32c_matches_known_values),
+		cmocka_unit_test(test_file_bdev_reads_zeros_past_end_and_grows),
+		cmocka_unit_test(test_open_refuses_a_directory),
+		cmocka_unit_test(test_fault_fails_nth_write_then_recovers),
+		cmocka_unit_test(test_power_cut_drops_unflushed_writes),
+		cmocka_unit_test(test_power_cut_tear_keeps_whole_sectors),
+		cmocka_unit_test(test_bm_seals_and_validates_blocks),
+		cmocka_unit_test(test_bm_reports_corruption_naming_the_problem),
+		cmocka_unit_test(test_bm_cache_stays_bounded_and_writes_back_dirty_evictions),
+		cmocka_unit_test(test_bm_invalidate_drops_unwritten_changes),
+		cmocka_unit_test(test_bm_flush_leaves_locked_blocks_to_their_holder),
+	};
+	tfs_log_set_sink(quiet_sink, NULL);
+	return cmocka_run_group_tests(tests, NULL, NULL);
+}
