@@ -1,0 +1,696 @@
+/* SPDX-License-Identifier: GPL-2.0-or-later */
+/*
+ * The thin-pool metadata API against an in-memory model: devices,
+ * snapshots, deletes, mappings, commits, aborts and reopens, then a fault
+ * sweep that fails the Nth metadata write of a commit (and cuts power) and
+ * requires the reopened pool to be exactly the old or the new transaction.
+ */
+#include <errno.h>
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include <cmocka.h>
+
+#include "bdev.h"
+#include "format.h"
+#include "log.h"
+#include "thin-metadata.h"
+
+#define NR_DEVS 6
+#define NR_VBLOCKS 3000
+#define NR_DATA 40000
+
+static void quiet_sink(void *ctx, enum tfs_log_level level, const char *msg)
+{
+	(void)ctx;
+	(void)level;
+	(void)msg;
+}
+
+static const struct tfs_pmd_options default_opt = { .data_block_sectors = 128,
+						    .nr_data_blocks = NR_DATA,
+						    .cache_blocks = 64 };
+
+/* ---- the model --------------------------------------------------------- */
+
+struct model {
+	bool exists[NR_DEVS];
+	uint64_t map[NR_DEVS][NR_VBLOCKS]; /* data block + 1; 0 = unmapped */
+	uint64_t trans_id;
+};
+
+static uint32_t rng_state = 12345;
+static uint32_t rnd(uint32_t n)
+{
+	rng_state ^= rng_state << 13;
+	rng_state ^= rng_state >> 17;
+	rng_state ^= rng_state << 5;
+	return rng_state % n;
+}
+
+static char tmp_path[64];
+
+static struct tfs_bdev *new_file_dev(uint64_t bytes)
+{
+	struct tfs_bdev *d;
+	strcpy(tmp_path, "/tmp/tfs-meta-XXXXXX");
+	int fd = mkstemp(tmp_path);
+	assert_true(fd >= 0);
+	assert_int_equal(ftruncate(fd, (off_t)bytes), 0);
+	close(fd);
+	assert_int_equal(tfs_bdev_open(tmp_path, false, &d), 0);
+	return d;
+}
+
+static struct tfs_pmd *format_mem(struct tfs_bdev **dev, uint64_t meta_blocks)
+{
+	struct tfs_pmd *pmd;
+	assert_int_equal(tfs_bdev_open_mem(meta_blocks * TFS_BLOCK_SIZE, dev), 0);
+	assert_int_equal(tfs_pmd_format(*dev, &default_opt, &pmd), 0);
+	return pmd;
+}
+
+/* Compare every device and mapping of the pool with the model; check data usage. */
+static void verify(struct tfs_pmd *pmd, const struct model *m)
+{
+	static uint8_t used[NR_DATA];
+	tfs_dev_id ids[NR_DEVS + 1];
+	int n = tfs_pmd_list_devices(pmd, ids, NR_DEVS + 1);
+	int want = 0;
+	uint64_t distinct = 0;
+
+	memset(used, 0, sizeof(used));
+	for (int d = 0; d < NR_DEVS; d++)
+		want += m->exists[d];
+	assert_int_equal(n, want);
+	for (int i = 0; i < n; i++)
+		assert_true(ids[i] < NR_DEVS && m->exists[ids[i]]);
+	assert_int_equal(tfs_pmd_transaction_id(pmd), m->trans_id);
+
+	for (tfs_dev_id d = 0; d < NR_DEVS; d++) {
+		struct tfs_td *td;
+		if (!m->exists[d]) {
+			assert_int_equal(tfs_pmd_open_thin(pmd, d, &td), -ENODATA);
+			continue;
+		}
+		assert_int_equal(tfs_pmd_open_thin(pmd, d, &td), 0);
+		uint64_t mapped = 0;
+		static struct tfs_thin_mapping runs[NR_VBLOCKS];
+		int got = tfs_thin_lookup_range(td, 0, NR_VBLOCKS, NR_VBLOCKS, runs);
+		assert_true(got >= 0);
+		int j = 0;
+		for (uint64_t v = 0; v < NR_VBLOCKS; v++) {
+			if (!m->map[d][v])
+				continue;
+			mapped++;
+			assert_true(j < got);
+			assert_int_equal(runs[j].vblock, v);
+			assert_int_equal(runs[j].data_block, m->map[d][v] - 1);
+			j++;
+			if (!used[m->map[d][v] - 1]++)
+				distinct++;
+		}
+		assert_int_equal(j, got);
+		assert_int_equal(tfs_td_mapped_blocks(td), mapped);
+		/* Single lookups agree with the range lookup. */
+		for (int k = 0; k < 20; k++) {
+			uint64_t v = rnd(NR_VBLOCKS);
+			struct tfs_thin_mapping mp;
+			int r = tfs_thin_lookup(td, v, &mp);
+			if (m->map[d][v]) {
+				assert_int_equal(r, 0);
+				assert_int_equal(mp.data_block, m->map[d][v] - 1);
+			} else {
+				assert_int_equal(r, -ENODATA);
+			}
+		}
+		tfs_pmd_close_thin(td);
+	}
+	/* A data block is in use exactly when some device maps it. */
+	for (uint64_t b = 0; b < NR_DATA; b++) {
+		uint32_t c;
+		assert_int_equal(tfs_pmd_data_block_count(pmd, b, &c), 0);
+		if (used[b])
+			assert_true(c >= 1 && c <= used[b]);
+		else
+			assert_int_equal(c, 0);
+	}
+	struct tfs_pmd_space sp;
+	tfs_pmd_space(pmd, &sp);
+	assert_int_equal(sp.data_total, NR_DATA);
+	assert_int_equal(sp.data_free, NR_DATA - distinct);
+}
+
+/* ---- random operations --------------------------------------------------- */
+
+static int pick_dev(const struct model *m, bool exists)
+{
+	for (int tries = 0; tries < 20; tries++) {
+		int d = (int)rnd(NR_DEVS);
+		if (m->exists[d] == exists)
+			return d;
+	}
+	return -1;
+}
+
+static void op_write(struct tfs_pmd *pmd, struct model *m)
+{
+	int d = pick_dev(m, true);
+	if (d < 0)
+		return;
+	struct tfs_td *td;
+	assert_int_equal(tfs_pmd_open_thin(pmd, (tfs_dev_id)d, &td), 0);
+	uint64_t start = rnd(NR_VBLOCKS), len = 1 + rnd(64);
+	for (uint64_t v = start; v < start + len && v < NR_VBLOCKS; v++) {
+		uint64_t b;
+		assert_int_equal(tfs_pmd_alloc_data_block(pmd, &b), 0);
+		assert_int_equal(tfs_thin_insert(td, v, b), 0);
+		m->map[d][v] = b + 1;
+	}
+	tfs_pmd_close_thin(td);
+}
+
+static void op_unmap(struct tfs_pmd *pmd, struct model *m)
+{
+	int d = pick_dev(m, true);
+	if (d < 0)
+		return;
+	struct tfs_td *td;
+	assert_int_equal(tfs_pmd_open_thin(pmd, (tfs_dev_id)d, &td), 0);
+	uint64_t start = rnd(NR_VBLOCKS), len = rnd(4) ? 1 + rnd(8) : 1 + rnd(1500);
+	uint64_t end = start + len > NR_VBLOCKS ? NR_VBLOCKS : start + len, want = 0, got = 0;
+	if (len == 1) {
+		int r = tfs_thin_remove(td, start);
+		assert_int_equal(r, m->map[d][start] ? 0 : -ENODATA);
+		m->map[d][start] = 0;
+	} else {
+		for (uint64_t v = start; v < end; v++) {
+			want += !!m->map[d][v];
+			m->map[d][v] = 0;
+		}
+		assert_int_equal(tfs_thin_remove_range(td, start, end, &got), 0);
+		assert_int_equal(got, want);
+	}
+	tfs_pmd_close_thin(td);
+}
+
+static void op_create(struct tfs_pmd *pmd, struct model *m)
+{
+	int d = pick_dev(m, false);
+	if (d < 0)
+		return;
+	int origin = rnd(2) ? pick_dev(m, true) : -1;
+	if (origin >= 0) {
+		assert_int_equal(tfs_pmd_create_snap(pmd, (tfs_dev_id)d, (tfs_dev_id)origin), 0);
+		memcpy(m->map[d], m->map[origin], sizeof(m->map[d]));
+	} else {
+		assert_int_equal(tfs_pmd_create_thin(pmd, (tfs_dev_id)d), 0);
+		memset(m->map[d], 0, sizeof(m->map[d]));
+	}
+	m->exists[d] = true;
+}
+
+static void op_delete(struct tfs_pmd *pmd, struct model *m)
+{
+	int d = pick_dev(m, true);
+	if (d < 0)
+		return;
+	assert_int_equal(tfs_pmd_delete_thin(pmd, (tfs_dev_id)d), 0);
+	m->exists[d] = false;
+	memset(m->map[d], 0, sizeof(m->map[d]));
+}
+
+static void test_random_operations_match_the_model(void **state)
+{
+	(void)state;
+	struct tfs_bdev *dev = new_file_dev(4096ull * 4096);
+	struct tfs_pmd *pmd;
+	static struct model m, committed;
+
+	memset(&m, 0, sizeof(m));
+	assert_int_equal(tfs_pmd_format(dev, &default_opt, &pmd), 0);
+	committed = m;
+	for (int i = 0; i < 3000; i++) {
+		uint32_t op = rnd(100);
+		if (op < 45)
+			op_write(pmd, &m);
+		else if (op < 60)
+			op_unmap(pmd, &m);
+		else if (op < 72)
+			op_create(pmd, &m);
+		else if (op < 78)
+			op_delete(pmd, &m);
+		else if (op < 90) {
+			m.trans_id++;
+			assert_int_equal(tfs_pmd_set_transaction_id(pmd, m.trans_id - 1, m.trans_id), 0);
+			assert_int_equal(tfs_pmd_commit(pmd), 0);
+			committed = m;
+		} else if (op < 95) {
+			assert_int_equal(tfs_pmd_abort(pmd), 0);
+			m = committed;
+		} else {
+			assert_int_equal(tfs_pmd_commit(pmd), 0);
+			committed = m;
+			tfs_pmd_close(pmd);
+			assert_int_equal(tfs_pmd_open(dev, &default_opt, &pmd), 0);
+		}
+		if (i % 250 == 0)
+			verify(pmd, &m);
+	}
+	verify(pmd, &m);
+	assert_int_equal(tfs_pmd_commit(pmd), 0);
+	tfs_pmd_close(pmd);
+	assert_int_equal(tfs_pmd_open(dev, &default_opt, &pmd), 0);
+	verify(pmd, &m);
+	tfs_pmd_close(pmd);
+	tfs_bdev_close(dev);
+	unlink(tmp_path);
+}
+
+/* ---- specific behaviour ------------------------------------------------ */
+
+static void test_format_refuses_bad_data_block_sizes(void **state)
+{
+	(void)state;
+	struct tfs_bdev *dev;
+	struct tfs_pmd *pmd;
+	uint32_t bad[] = { 0, 64, 127, 129, 200, 4194304 };
+	assert_int_equal(tfs_bdev_open_mem(1 << 20, &dev), 0);
+	for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+		struct tfs_pmd_options o = default_opt;
+		o.data_block_sectors = bad[i];
+		assert_int_equal(tfs_pmd_format(dev, &o, &pmd), -EINVAL);
+	}
+	struct tfs_pmd_options o = default_opt;
+	o.data_block_sectors = 2097152;
+	assert_int_equal(tfs_pmd_format(dev, &o, &pmd), 0);
+	tfs_pmd_close(pmd);
+	tfs_bdev_close(dev);
+}
+
+static void test_open_refuses_foreign_or_mismatched_metadata(void **state)
+{
+	(void)state;
+	struct tfs_bdev *dev;
+	struct tfs_pmd *pmd;
+	uint8_t sb[TFS_BLOCK_SIZE];
+
+	assert_int_equal(tfs_bdev_open_mem(1 << 20, &dev), 0);
+	assert_int_equal(tfs_pmd_open(dev, &default_opt, &pmd), -EINVAL); /* all zero */
+	assert_int_equal(tfs_pmd_format(dev, &default_opt, &pmd), 0);
+	tfs_pmd_close(pmd);
+
+	struct tfs_pmd_options o = default_opt;
+	o.data_block_sectors = 256;
+	assert_int_equal(tfs_pmd_open(dev, &o, &pmd), -EINVAL);
+	o.data_block_sectors = 0; /* accept what is stored */
+	assert_int_equal(tfs_pmd_open(dev, &o, &pmd), 0);
+	assert_int_equal(tfs_pmd_data_block_sectors(pmd), 128);
+	tfs_pmd_close(pmd);
+
+	assert_int_equal(tfs_bdev_read(dev, sb, sizeof(sb), 0), 0);
+	sb[offsetof(struct tfs_disk_thin_sb, incompat_flags)] = 4;
+	assert_int_equal(tfs_bdev_write(dev, sb, sizeof(sb), 0), 0);
+	/* Unsealed: checksum error; the refusal names the problem either way. */
+	assert_true(tfs_pmd_open(dev, &default_opt, &pmd) < 0);
+	tfs_bdev_close(dev);
+}
+
+static void test_device_ids_are_24_bit_and_unique(void **state)
+{
+	(void)state;
+	struct tfs_bdev *dev;
+	struct tfs_pmd *pmd = format_mem(&dev, 256);
+	assert_int_equal(tfs_pmd_create_thin(pmd, 1), 0);
+	assert_int_equal(tfs_pmd_create_thin(pmd, 1), -EEXIST);
+	assert_int_equal(tfs_pmd_create_snap(pmd, 1, 1), -EEXIST);
+	assert_int_equal(tfs_pmd_create_thin(pmd, TFS_MAX_DEV_ID), 0);
+	assert_int_equal(tfs_pmd_create_thin(pmd, TFS_MAX_DEV_ID + 1), -EINVAL);
+	assert_int_equal(tfs_pmd_create_snap(pmd, 5, 4), -ENODATA);
+	assert_int_equal(tfs_pmd_delete_thin(pmd, 4), -ENODATA);
+	tfs_pmd_close(pmd);
+	tfs_bdev_close(dev);
+}
+
+static void test_snapshot_shares_blocks_and_writes_break_sharing(void **state)
+{
+	(void)state;
+	struct tfs_bdev *dev;
+	struct tfs_pmd *pmd = format_mem(&dev, 1024);
+	struct tfs_td *origin, *snap;
+	struct tfs_thin_mapping mp;
+	struct tfs_thin_details d;
+	uint32_t c;
+	uint64_t b;
+
+	assert_int_equal(tfs_pmd_create_thin(pmd, 1), 0);
+	assert_int_equal(tfs_pmd_open_thin(pmd, 1, &origin), 0);
+	for (uint64_t v = 0; v < 1000; v++) {
+		assert_int_equal(tfs_pmd_alloc_data_block(pmd, &b), 0);
+		assert_int_equal(tfs_thin_insert(origin, v, b), 0);
+	}
+	assert_int_equal(tfs_thin_lookup(origin, 10, &mp), 0);
+	assert_false(mp.shared);
+	uint32_t t0 = tfs_pmd_time(pmd);
+	assert_int_equal(tfs_pmd_create_snap(pmd, 2, 1), 0);
+	assert_int_equal(tfs_pmd_time(pmd), t0 + 1);
+	assert_int_equal(tfs_pmd_device_details(pmd, 2, &d), 0);
+	assert_int_equal(d.mapped_blocks, 1000);
+	assert_int_equal(d.creation_time, t0 + 1);
+	assert_int_equal(tfs_pmd_device_details(pmd, 1, &d), 0);
+	assert_int_equal(d.snapshotted_time, t0 + 1);
+
+	/* Same data, now marked shared; the data counts are per leaf, so still 1. */
+	assert_int_equal(tfs_pmd_open_thin(pmd, 2, &snap), 0);
+	assert_int_equal(tfs_thin_lookup(origin, 10, &mp), 0);
+	assert_true(mp.shared);
+	uint64_t old10 = mp.data_block;
+	assert_int_equal(tfs_thin_lookup(snap, 10, &mp), 0);
+	assert_int_equal(mp.data_block, old10);
+	assert_true(mp.shared);
+	assert_int_equal(tfs_pmd_data_block_count(pmd, old10, &c), 0);
+	assert_int_equal(c, 1);
+
+	/* A write to the origin remaps it; the snapshot still sees the old block. */
+	assert_int_equal(tfs_pmd_alloc_data_block(pmd, &b), 0);
+	assert_int_equal(tfs_thin_insert(origin, 10, b), 0);
+	assert_int_equal(tfs_thin_lookup(origin, 10, &mp), 0);
+	assert_int_equal(mp.data_block, b);
+	assert_false(mp.shared);
+	assert_int_equal(tfs_thin_lookup(snap, 10, &mp), 0);
+	assert_int_equal(mp.data_block, old10);
+	assert_int_equal(tfs_pmd_data_block_count(pmd, old10, &c), 0);
+	assert_int_equal(c, 1);
+	assert_int_equal(tfs_pmd_data_block_count(pmd, b, &c), 0);
+	assert_int_equal(c, 1);
+	/* A neighbour in the copied leaf is now referenced by two leaves. */
+	assert_int_equal(tfs_thin_lookup(origin, 11, &mp), 0);
+	assert_int_equal(tfs_pmd_data_block_count(pmd, mp.data_block, &c), 0);
+	assert_int_equal(c, 2);
+
+	/* Deleting the snapshot hands its exclusive blocks back. */
+	tfs_pmd_close_thin(snap);
+	struct tfs_pmd_space before, after;
+	tfs_pmd_space(pmd, &before);
+	assert_int_equal(tfs_pmd_delete_thin(pmd, 2), 0);
+	tfs_pmd_space(pmd, &after);
+	assert_int_equal(after.data_free, before.data_free + 1); /* old10 */
+	assert_int_equal(tfs_pmd_data_block_count(pmd, mp.data_block, &c), 0);
+	assert_int_equal(c, 1);
+	tfs_pmd_close_thin(origin);
+	assert_int_equal(tfs_pmd_commit(pmd), 0);
+	tfs_pmd_close(pmd);
+	tfs_bdev_close(dev);
+}
+
+static void test_freed_data_blocks_are_not_reused_before_commit(void **state)
+{
+	(void)state;
+	struct tfs_bdev *dev;
+	struct tfs_pmd *pmd = format_mem(&dev, 2048);
+	struct tfs_pmd_options o = default_opt;
+	struct tfs_td *td;
+	uint64_t b, first;
+
+	tfs_pmd_close(pmd);
+	o.nr_data_blocks = 0;
+	assert_int_equal(tfs_pmd_open(dev, &o, &pmd), 0);
+	assert_int_equal(tfs_pmd_create_thin(pmd, 0), 0);
+	assert_int_equal(tfs_pmd_open_thin(pmd, 0, &td), 0);
+	for (uint64_t v = 0; v < NR_DATA; v++) {
+		assert_int_equal(tfs_pmd_alloc_data_block(pmd, &b), 0);
+		assert_int_equal(tfs_thin_insert(td, v, b), 0);
+	}
+	assert_int_equal(tfs_pmd_alloc_data_block(pmd, &b), -ENOSPC);
+	assert_int_equal(tfs_pmd_commit(pmd), 0);
+	assert_int_equal(tfs_thin_lookup(td, 7, &(struct tfs_thin_mapping){ 0 }), 0);
+	struct tfs_thin_mapping mp;
+	assert_int_equal(tfs_thin_lookup(td, 7, &mp), 0);
+	first = mp.data_block;
+	assert_int_equal(tfs_thin_remove(td, 7), 0);
+	/* Free now, but the committed mapping still points at it. */
+	assert_int_equal(tfs_pmd_alloc_data_block(pmd, &b), -ENOSPC);
+	assert_int_equal(tfs_pmd_commit(pmd), 0);
+	assert_int_equal(tfs_pmd_alloc_data_block(pmd, &b), 0);
+	assert_int_equal(b, first);
+	tfs_pmd_close_thin(td);
+	tfs_pmd_close(pmd);
+	tfs_bdev_close(dev);
+}
+
+static void test_abort_returns_to_the_last_commit(void **state)
+{
+	(void)state;
+	struct tfs_bdev *dev;
+	struct tfs_pmd *pmd = format_mem(&dev, 256);
+	struct tfs_td *td;
+	struct tfs_thin_mapping mp;
+	uint64_t b;
+
+	assert_int_equal(tfs_pmd_create_thin(pmd, 3), 0);
+	assert_int_equal(tfs_pmd_commit(pmd), 0);
+	assert_int_equal(tfs_pmd_open_thin(pmd, 3, &td), 0);
+	assert_int_equal(tfs_pmd_alloc_data_block(pmd, &b), 0);
+	assert_int_equal(tfs_thin_insert(td, 5, b), 0);
+	assert_int_equal(tfs_pmd_create_thin(pmd, 4), 0);
+	assert_int_equal(tfs_pmd_abort(pmd), 0);
+	assert_int_equal(tfs_thin_lookup(td, 5, &mp), -ENODATA);
+	assert_int_equal(tfs_td_mapped_blocks(td), 0);
+	struct tfs_thin_details d;
+	assert_int_equal(tfs_pmd_device_details(pmd, 4, &d), -ENODATA);
+	struct tfs_pmd_space sp;
+	tfs_pmd_space(pmd, &sp);
+	assert_int_equal(sp.data_free, sp.data_total);
+	tfs_pmd_close_thin(td);
+	tfs_pmd_close(pmd);
+	tfs_bdev_close(dev);
+}
+
+static void test_transaction_id_is_compare_and_swap(void **state)
+{
+	(void)state;
+	struct tfs_bdev *dev;
+	struct tfs_pmd *pmd = format_mem(&dev, 256);
+	assert_int_equal(tfs_pmd_set_transaction_id(pmd, 1, 2), -EINVAL);
+	assert_int_equal(tfs_pmd_set_transaction_id(pmd, 0, 7), 0);
+	assert_int_equal(tfs_pmd_commit(pmd), 0);
+	tfs_pmd_close(pmd);
+	assert_int_equal(tfs_pmd_open(dev, &default_opt, &pmd), 0);
+	assert_int_equal(tfs_pmd_transaction_id(pmd), 7);
+	tfs_pmd_close(pmd);
+	tfs_bdev_close(dev);
+}
+
+static void test_needs_check_persists_outside_transactions(void **state)
+{
+	(void)state;
+	struct tfs_bdev *dev;
+	struct tfs_pmd *pmd = format_mem(&dev, 256);
+	assert_false(tfs_pmd_needs_check(pmd));
+	assert_int_equal(tfs_pmd_create_thin(pmd, 1), 0); /* uncommitted */
+	assert_int_equal(tfs_pmd_set_needs_check(pmd, true), 0);
+	tfs_pmd_close(pmd);
+	assert_int_equal(tfs_pmd_open(dev, &default_opt, &pmd), 0);
+	assert_true(tfs_pmd_needs_check(pmd));
+	struct tfs_thin_details d;
+	assert_int_equal(tfs_pmd_device_details(pmd, 1, &d), -ENODATA);
+	assert_int_equal(tfs_pmd_set_needs_check(pmd, false), 0);
+	tfs_pmd_close(pmd);
+	assert_int_equal(tfs_pmd_open(dev, &default_opt, &pmd), 0);
+	assert_false(tfs_pmd_needs_check(pmd));
+	tfs_pmd_close(pmd);
+	tfs_bdev_close(dev);
+}
+
+static void test_metadata_snapshot_holds_the_old_roots(void **state)
+{
+	(void)state;
+	struct tfs_bdev *dev;
+	struct tfs_pmd *pmd = format_mem(&dev, 1024);
+	struct tfs_td *td;
+	struct tfs_pmd_space s0, s1;
+	uint64_t b;
+
+	assert_int_equal(tfs_pmd_create_thin(pmd, 1), 0);
+	assert_int_equal(tfs_pmd_open_thin(pmd, 1, &td), 0);
+	for (uint64_t v = 0; v < 600; v++) {
+		assert_int_equal(tfs_pmd_alloc_data_block(pmd, &b), 0);
+		assert_int_equal(tfs_thin_insert(td, v, b), 0);
+	}
+	assert_int_equal(tfs_pmd_commit(pmd), 0);
+	tfs_pmd_space(pmd, &s0);
+	assert_int_equal(tfs_pmd_reserve_metadata_snap(pmd), 0);
+	assert_true(tfs_pmd_held_root(pmd) != 0);
+	assert_int_equal(tfs_pmd_reserve_metadata_snap(pmd), -EBUSY);
+	assert_int_equal(tfs_thin_remove_range(td, 0, 600, NULL), 0);
+	assert_int_equal(tfs_pmd_commit(pmd), 0);
+	assert_int_equal(tfs_pmd_release_metadata_snap(pmd), 0);
+	assert_int_equal(tfs_pmd_held_root(pmd), 0);
+	assert_int_equal(tfs_pmd_release_metadata_snap(pmd), -EINVAL);
+	tfs_pmd_space(pmd, &s1);
+	assert_int_equal(s1.data_free, s1.data_total);
+	assert_true(s1.meta_free + 4 >= s0.meta_free);
+	tfs_pmd_close_thin(td);
+	tfs_pmd_close(pmd);
+	tfs_bdev_close(dev);
+}
+
+static void test_resize_grows_and_refuses_to_shrink(void **state)
+{
+	(void)state;
+	struct tfs_bdev *dev;
+	struct tfs_pmd *pmd;
+	struct tfs_pmd_options o = default_opt;
+	struct tfs_pmd_space sp;
+
+	assert_int_equal(tfs_bdev_open_mem(128 * TFS_BLOCK_SIZE, &dev), 0);
+	o.nr_data_blocks = 100;
+	assert_int_equal(tfs_pmd_format(dev, &o, &pmd), 0);
+	assert_int_equal(tfs_pmd_resize_data(pmd, 50), -EINVAL);
+	assert_int_equal(tfs_pmd_resize_data(pmd, 100000), 0);
+	assert_int_equal(tfs_pmd_resize_metadata(pmd, 64), -EINVAL);
+	assert_int_equal(tfs_pmd_resize_metadata(pmd, 256), -EINVAL); /* device too small */
+	assert_int_equal(tfs_bdev_grow(dev, 40000ull * TFS_BLOCK_SIZE), 0);
+	assert_int_equal(tfs_pmd_resize_metadata(pmd, 40000), 0);
+	assert_int_equal(tfs_pmd_commit(pmd), 0);
+	tfs_pmd_close(pmd);
+	o.nr_data_blocks = 0;
+	assert_int_equal(tfs_pmd_open(dev, &o, &pmd), 0);
+	tfs_pmd_space(pmd, &sp);
+	assert_int_equal(sp.data_total, 100000);
+	assert_int_equal(sp.meta_total, 40000);
+	tfs_pmd_close(pmd);
+	tfs_bdev_close(dev);
+}
+
+static void test_metadata_exhaustion_is_enospc(void **state)
+{
+	(void)state;
+	struct tfs_bdev *dev;
+	struct tfs_pmd *pmd = format_mem(&dev, 48);
+	struct tfs_td *td;
+	uint64_t b;
+	int r = 0;
+
+	assert_int_equal(tfs_pmd_create_thin(pmd, 1), 0);
+	assert_int_equal(tfs_pmd_open_thin(pmd, 1, &td), 0);
+	/* Sparse vblocks: one leaf entry each, so metadata runs out long before data. */
+	for (uint64_t v = 0; v < NR_DATA && !r; v++) {
+		r = tfs_pmd_alloc_data_block(pmd, &b);
+		if (!r)
+			r = tfs_thin_insert(td, v * 1000, b);
+	}
+	assert_int_equal(r, -ENOSPC);
+	assert_int_equal(tfs_pmd_abort(pmd), 0);
+	tfs_pmd_close_thin(td);
+	tfs_pmd_close(pmd);
+	tfs_bdev_close(dev);
+}
+
+/* ---- fault sweep -------------------------------------------------------- */
+
+static void fill_base(struct tfs_pmd *pmd, struct model *m)
+{
+	for (int i = 0; i < 40; i++)
+		op_create(pmd, m), op_write(pmd, m), op_write(pmd, m);
+}
+
+/*
+ * For N = 0, 1, 2, ...: prepare a transaction on top of a committed one,
+ * fail the (N+1)th metadata write of its commit (write error, or a power
+ * cut that drops or tears what was not flushed), reopen: the pool must be
+ * exactly the old or the new transaction.  Ends when a commit completes.
+ */
+static void sweep(bool power_cut)
+{
+	static struct model old_m, new_m;
+	bool done = false;
+
+	for (uint64_t n = 0; !done; n++) {
+		struct tfs_bdev *file = new_file_dev(512ull * 4096), *f;
+		struct tfs_pmd *pmd;
+		memset(&old_m, 0, sizeof(old_m));
+		rng_state = 777;
+		assert_int_equal(tfs_bdev_fault_wrap(file, power_cut, &f), 0);
+		assert_int_equal(tfs_pmd_format(f, &default_opt, &pmd), 0);
+		fill_base(pmd, &old_m);
+		old_m.trans_id = 1;
+		assert_int_equal(tfs_pmd_set_transaction_id(pmd, 0, 1), 0);
+		assert_int_equal(tfs_pmd_commit(pmd), 0);
+
+		new_m = old_m;
+		for (int i = 0; i < 30; i++) {
+			uint32_t op = rnd(10);
+			if (op < 5)
+				op_write(pmd, &new_m);
+			else if (op < 7)
+				op_unmap(pmd, &new_m);
+			else if (op < 9)
+				op_create(pmd, &new_m);
+			else
+				op_delete(pmd, &new_m);
+		}
+		new_m.trans_id = 2;
+		assert_int_equal(tfs_pmd_set_transaction_id(pmd, 1, 2), 0);
+		tfs_bdev_fault_set(f, TFS_FAULT_WRITE, TFS_FAULT_EIO, n, false);
+		int r = tfs_pmd_commit(pmd);
+		if (power_cut)
+			assert_int_equal(tfs_bdev_fault_power_cut(f, n % 2, (uint32_t)n + 1), 0);
+		tfs_pmd_close(pmd);
+		tfs_bdev_close(f);
+		done = r == 0;
+
+		struct tfs_bdev *again;
+		assert_int_equal(tfs_bdev_open(tmp_path, false, &again), 0);
+		assert_int_equal(tfs_pmd_open(again, &default_opt, &pmd), 0);
+		uint64_t tid = tfs_pmd_transaction_id(pmd);
+		if (done && !power_cut)
+			assert_int_equal(tid, 2);
+		assert_true(tid == 1 || tid == 2);
+		verify(pmd, tid == 1 ? &old_m : &new_m);
+		tfs_pmd_close(pmd);
+		tfs_bdev_close(again);
+		unlink(tmp_path);
+		assert_true(n < 100000);
+	}
+}
+
+static void test_failed_commit_leaves_old_or_new_transaction(void **state)
+{
+	(void)state;
+	sweep(false);
+}
+
+static void test_power_cut_during_commit_leaves_old_or_new_transaction(void **state)
+{
+	(void)state;
+	sweep(true);
+}
+
+int main(void)
+{
+	const struct CMUnitTest tests[] = {
+		cmocka_unit_test(test_format_refuses_bad_data_block_sizes),
+		cmocka_unit_test(test_open_refuses_foreign_or_mismatched_metadata),
+		cmocka_unit_test(test_device_ids_are_24_bit_and_unique),
+		cmocka_unit_test(test_snapshot_shares_blocks_and_writes_break_sharing),
+		cmocka_unit_test(test_freed_data_blocks_are_not_reused_before_commit),
+		cmocka_unit_test(test_abort_returns_to_the_last_commit),
+		cmocka_unit_test(test_transaction_id_is_compare_and_swap),
+		cmocka_unit_test(test_needs_check_persists_outside_transactions),
+		cmocka_unit_test(test_metadata_snapshot_holds_the_old_roots),
+		cmocka_unit_test(test_resize_grows_and_refuses_to_shrink),
+		cmocka_unit_test(test_metadata_exhaustion_is_enospc),
+		cmocka_unit_test(test_random_operations_match_the_model),
+		cmocka_unit_test(test_failed_commit_leaves_old_or_new_transaction),
+		cmocka_unit_test(test_power_cut_during_commit_leaves_old_or_new_transaction),
+	};
+	tfs_log_set_sink(quiet_sink, NULL);
+	return cmocka_run_group_tests(tests, NULL, NULL);
+}
