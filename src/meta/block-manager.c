@@ -7,6 +7,7 @@
  */
 #include "block-manager.h"
 
+#include <assert.h>
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
@@ -21,6 +22,7 @@ struct tfs_block {
 	const struct tfs_block_validator *v; /* the type it was last checked or written as */
 	unsigned lock_count;
 	bool dirty;
+	bool in_lru;
 	struct tfs_block *hash_next;
 	struct tfs_block *lru_prev, *lru_next;     /* unlocked blocks only */
 	struct tfs_block *dirty_prev, *dirty_next; /* dirty blocks only */
@@ -67,6 +69,9 @@ static void hash_remove(struct tfs_bm *bm, struct tfs_block *b)
 
 static void lru_unlink(struct tfs_bm *bm, struct tfs_block *b)
 {
+	if (!b->in_lru)
+		return;
+	b->in_lru = false;
 	if (b->lru_prev)
 		b->lru_prev->lru_next = b->lru_next;
 	else
@@ -80,6 +85,7 @@ static void lru_unlink(struct tfs_bm *bm, struct tfs_block *b)
 
 static void lru_push(struct tfs_bm *bm, struct tfs_block *b)
 {
+	b->in_lru = true;
 	b->lru_prev = NULL;
 	b->lru_next = bm->lru_head;
 	if (bm->lru_head)
@@ -362,6 +368,8 @@ void tfs_bm_unlock(struct tfs_block *b)
 {
 	struct tfs_bm *bm = b->bm;
 
+	/* A double unlock would put the block on the LRU list twice. */
+	assert(b->lock_count > 0);
 	if (--b->lock_count == 0) {
 		bm->nr_locked--;
 		lru_push(bm, b);
@@ -419,6 +427,7 @@ int tfs_bm_write_now(struct tfs_bm *bm, struct tfs_block *b)
 
 void tfs_bm_invalidate(struct tfs_bm *bm)
 {
+	assert(bm->nr_locked == 0);
 	drop_all(bm);
 }
 
