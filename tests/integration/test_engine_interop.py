@@ -214,3 +214,18 @@ def test_thinfs_restore_refuses_bad_xml_and_writes_nothing(tmp_path):
     assert p.returncode != 0
     assert "line 3" in p.stderr and "nr_data_blocks" in p.stderr
     assert img.read_bytes() == b"\0" * (8 << 20)
+
+
+def test_oversized_metadata_device_is_capped_with_one_warning(tmp_path):
+    img = sparse(tmp_path / "meta.bin", 17 << 30)
+    p = run(WORKLOAD, img, "--format", 10000, "--ops", 50)
+    warnings = [l for l in p.stderr.splitlines() if "warning" in l]
+    assert len(warnings) == 1 and "4161600" in warnings[0], p.stderr
+    thin_check_clean(img)
+    with open(img, "rb") as f:  # metadata_nr_blocks in the superblock
+        f.seek(344)
+        assert int.from_bytes(f.read(8), "little") == 4161600
+    # Reopening does not warn again: the cap is recorded in the superblock.
+    p = run(WORKLOAD, img, "--ops", 10)
+    assert "warning" not in p.stderr
+    thin_check_clean(img)
