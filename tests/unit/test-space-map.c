@@ -672,6 +672,150 @@ static void test_metadata_map_reports_bad_dec_and_out_of_range(void **state)
 	tfs_log_set_level(TFS_LOG_INFO);
 }
 
+/* A commit that runs out of blocks for the map's own relocation rolls back exactly. */
+static void test_metadata_commit_out_of_space_rolls_back(void **state)
+{
+	const uint64_t nr = 40000;
+	struct tfs_bdev *dev;
+	struct meta_layout l;
+	struct model m;
+	struct rig r;
+	uint64_t b;
+
+	(void)state;
+	tfs_log_set_level((enum tfs_log_level)0);
+	assert_int_equal(tfs_bdev_open_mem(nr * TFS_BLOCK_SIZE, &dev), 0);
+	rig_format(&r, dev, nr, -1);
+	model_init(&m, nr);
+	m.nr = nr;
+	l.nr = nr;
+	l.own = calloc(nr, 1);
+	meta_commit(&r, &m, &l);
+	/* Some committed blocks with counts >= 3, so the ref-count tree has work to do. */
+	for (b = 0; b < 20; b++) {
+		assert_int_equal(tfs_sm_new_block(r.smm, &m.list[m.nr_list]), 0);
+		m.held[m.list[m.nr_list]] = 1;
+		m.nr_list++;
+	}
+	meta_commit(&r, &m, &l);
+	/* Fill every allocatable block, in all three bitmaps, and change the overflow set. */
+	while (tfs_sm_new_block(r.smm, &b) == 0)
+		m.held[b] = 1;
+	for (b = 0; b < 20; b++)
+		assert_int_equal(r.smm->ops->inc(r.smm, m.list[b], 3), 0);
+	assert_int_equal(rig_commit(&r), -ENOSPC);
+	tfs_tm_abort(r.tm);
+	model_abort(&m);
+	check_meta_counts(&r, &m, &l);
+	/* The map is usable again: free a few committed blocks, commit twice. */
+	for (b = 0; b < 10; b++)
+		assert_int_equal(tfs_sm_dec(r.smm, m.list[b]), 0), m.held[m.list[b]]--;
+	meta_commit(&r, &m, &l);
+	meta_commit(&r, &m, &l);
+	rig_close(&r);
+	assert_int_equal(rig_open(&r, false), 0);
+	check_meta_counts(&r, &m, &l);
+	rig_close(&r);
+	tfs_bdev_close(dev);
+	model_free(&m);
+	free(l.own);
+	tfs_log_set_level(TFS_LOG_INFO);
+}
+
+/* Corrupt or inconsistent committed maps are refused with -EUCLEAN, never trusted. */
+static void test_open_refuses_corrupt_maps(void **state)
+{
+	struct tfs_bdev *dev;
+	struct tfs_block *blk;
+	struct tfs_sm_root root;
+	uint8_t root32[32], data32[32];
+	struct rig r;
+	uint64_t b;
+
+	(void)state;
+	tfs_log_set_level((enum tfs_log_level)0);
+	assert_int_equal(tfs_bdev_open_mem(3000 * TFS_BLOCK_SIZE, &dev), 0);
+	rig_format(&r, dev, 3000, 20000);
+	assert_int_equal(tfs_sm_new_block(r.smm, &b), 0);
+	assert_int_equal(r.smm->ops->inc(r.smm, b, 4), 0); /* count 5: in the ref-count tree */
+	assert_int_equal(rig_commit(&r), 0);
+	tfs_sm_copy_root(r.smm, root32);
+	memcpy(data32, r.data_root, 32);
+	rig_close(&r);
+	tfs_sm_root_unpack(root32, &root);
+
+	/* A root past the end of the map, and an index block location that is not one. */
+	struct tfs_sm_root bad = root;
+	uint8_t bad32[32];
+	struct tfs_sm *sm;
+	struct tfs_bm *bm;
+
+	assert_int_equal(tfs_bm_create(dev, 64, &bm), 0);
+	bad.bitmap_root = root.nr_blocks;
+	tfs_sm_root_pack(&bad, bad32);
+	assert_int_equal(tfs_smm_open(bm, bad32, &sm), -EUCLEAN);
+	bad = root;
+	bad.bitmap_root = root.ref_count_root; /* a btree node, not an index block */
+	tfs_sm_root_pack(&bad, bad32);
+	assert_int_equal(tfs_smm_open(bm, bad32, &sm), -EUCLEAN);
+	/* A ref-count tree that lacks the block counted >= 3: an empty tree instead. */
+	assert_int_equal(tfs_smm_open(bm, root32, &sm), 0);
+	{
+		struct tfs_tm *tm;
+		struct tfs_btree_info info = { .levels = 1, .value_type = { .size = 4 } };
+		uint64_t empty;
+
+		assert_int_equal(tfs_tm_create(bm, sm, &tm), 0);
+		tfs_smm_bind(sm, tm);
+		info.tm = tm;
+		assert_int_equal(tfs_btree_empty(&info, &empty), 0);
+		assert_int_equal(tfs_bm_flush(bm), 0);
+		bad = root;
+		bad.ref_count_root = empty;
+		tfs_sm_root_pack(&bad, bad32);
+		tfs_tm_destroy(tm);
+		tfs_sm_destroy(sm);
+	}
+	tfs_bm_destroy(bm);
+	assert_int_equal(tfs_bm_create(dev, 64, &bm), 0);
+	assert_int_equal(tfs_smm_open(bm, bad32, &sm), -EUCLEAN);
+
+	/* A data map whose index tree lacks a bitmap it needs. */
+	tfs_sm_root_unpack(data32, &bad);
+	bad.nr_blocks += TFS_ENTRIES_PER_BITMAP;
+	tfs_sm_root_pack(&bad, bad32);
+	assert_int_equal(tfs_smm_open(bm, root32, &sm), 0);
+	{
+		struct tfs_tm *tm;
+		struct tfs_sm *dsm;
+
+		assert_int_equal(tfs_tm_create(bm, sm, &tm), 0);
+		tfs_smm_bind(sm, tm);
+		assert_int_equal(tfs_smd_open(tm, bad32, &dsm), -EUCLEAN);
+		assert_int_equal(tfs_smd_open(tm, data32, &dsm), 0);
+		tfs_sm_destroy(dsm);
+		/* A bitmap with a bad checksum. */
+		assert_int_equal(tfs_bm_read_lock(bm, root.bitmap_root, &tfs_index_validator, &blk), 0);
+		b = tfs_le64((uint8_t *)tfs_block_data(blk) + 16);
+		tfs_bm_unlock(blk);
+		tfs_tm_destroy(tm);
+		tfs_sm_destroy(sm);
+	}
+	tfs_bm_destroy(bm);
+	{
+		uint8_t junk[TFS_BLOCK_SIZE];
+
+		assert_int_equal(tfs_bdev_read(dev, junk, TFS_BLOCK_SIZE, b * TFS_BLOCK_SIZE), 0);
+		junk[100] ^= 1;
+		assert_int_equal(tfs_bdev_write(dev, junk, TFS_BLOCK_SIZE, b * TFS_BLOCK_SIZE), 0);
+	}
+	assert_int_equal(tfs_bm_create(dev, 64, &bm), 0);
+	assert_int_equal(tfs_smm_open(bm, root32, &sm), -EUCLEAN);
+	tfs_bm_destroy(bm);
+	tfs_bdev_close(dev);
+	tfs_log_set_level(TFS_LOG_INFO);
+}
+
 /* ---- disk space map ---------------------------------------------------- */
 
 static void check_data_counts(struct rig *r, struct model *m)
@@ -951,6 +1095,8 @@ int main(void)
 		cmocka_unit_test(test_metadata_map_never_reuses_a_block_freed_in_the_transaction),
 		cmocka_unit_test(test_metadata_map_extends_and_refuses_past_the_format_limit),
 		cmocka_unit_test(test_metadata_map_reports_bad_dec_and_out_of_range),
+		cmocka_unit_test(test_metadata_commit_out_of_space_rolls_back),
+		cmocka_unit_test(test_open_refuses_corrupt_maps),
 		cmocka_unit_test(test_data_map_follows_model_and_passes_thin_check),
 		cmocka_unit_test(test_data_map_never_reuses_a_block_freed_in_the_transaction),
 		cmocka_unit_test(test_data_map_overflow_counts_survive_reopen),
