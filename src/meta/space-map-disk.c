@@ -63,6 +63,13 @@ struct smd {
 	uint64_t rc_root;
 	struct tfs_sm_root root; /* as of the last commit */
 	uint64_t alloc_hint;
+	/*
+	 * A full scan found nothing.  Until the next commit or extend nothing
+	 * can become allocatable (a dec sets the barrier bit), so -ENOSPC is
+	 * answered without rescanning: a pool out of data space is asked
+	 * again and again.
+	 */
+	bool full;
 };
 
 static struct smd *to_smd(struct tfs_sm *sm)
@@ -315,7 +322,7 @@ static int smd_new_block(struct tfs_sm *sm, uint64_t *b)
 	bool found;
 	int r;
 
-	if (d->nr_allocated >= d->nr_blocks)
+	if (d->nr_allocated >= d->nr_blocks || d->full)
 		return -ENOSPC;
 	hint = d->alloc_hint < d->nr_blocks ? d->alloc_hint : 0;
 	k0 = hint / ENTRIES;
@@ -340,6 +347,7 @@ static int smd_new_block(struct tfs_sm *sm, uint64_t *b)
 			return 0;
 		}
 	}
+	d->full = true;
 	return -ENOSPC;
 }
 
@@ -411,6 +419,7 @@ static int smd_extend(struct tfs_sm *sm, uint64_t extra)
 	}
 	d->nr_bitmaps = nr_bitmaps;
 	d->nr_blocks = nr;
+	d->full = false;
 	return 0;
 
 err_undo:
@@ -464,6 +473,7 @@ static int smd_commit(struct tfs_sm *sm)
 	d->root.nr_allocated = d->nr_allocated;
 	d->root.bitmap_root = d->index_root;
 	d->root.ref_count_root = d->rc_root;
+	d->full = false;
 	return 0;
 
 err:

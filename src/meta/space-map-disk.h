@@ -8,8 +8,30 @@
  * transaction manager.  The index entries are cached in memory (16 bytes
  * per 16320 data blocks) and written back into the index btree at commit.
  *
- * Never: hands out a data block that was freed since the last commit, so
- * data the committed mappings point at is never overwritten.
+ * Never: hands out a data block that was in use at any moment since the
+ * last commit, so data the committed mappings point at is never
+ * overwritten (nor a block born and freed in this transaction).
+ *
+ * Costs (ops table, space-map.h): get_count one bitmap lookup (plus one
+ * btree lookup for counts >= 3); inc/dec one bitmap lookup and, on the
+ * first change to a bitmap in a transaction, one shadow (plus one btree
+ * update when the count is or was >= 3); new_block scans from a rolling
+ * hint, skipping full bitmaps and the prefix below none_free_before, O(1)
+ * block locks amortised; once a scan finds nothing, -ENOSPC is immediate
+ * until the next commit or extend.  commit: one index btree insert per
+ * bitmap changed in the transaction.  Memory: 24 bytes per bitmap, plus
+ * 4 KiB per bitmap changed in the running transaction (the allocation
+ * barrier).
+ * Errors: -EINVAL block past nr_blocks, dec below zero (logged), extend past
+ * 2^40 blocks; -EOVERFLOW inc past 2^32 - 1; -ENOSPC no data block (or no
+ * metadata block for a shadow); -EUCLEAN corrupt bitmap or ref-count tree;
+ * -EIO; -ENOMEM.  After any error from inc, dec, new_block, extend or
+ * commit the transaction must be aborted.
+ *
+ * No rollback: to abort, destroy the map after tfs_tm_abort and
+ * tfs_smd_open it again from the committed superblock's root.  commit()
+ * must be followed by the metadata commit (tfs_tm_commit) before any other
+ * call; if that fails, reopen likewise.
  */
 #ifndef TFS_META_SPACE_MAP_DISK_H
 #define TFS_META_SPACE_MAP_DISK_H
@@ -19,7 +41,18 @@
 struct tfs_sm;
 struct tfs_tm;
 
+/*
+ * A new map of nr_blocks (0 is fine: extend later) with empty index and
+ * ref-count trees and zeroed bitmaps, all allocated through tm.  Until the
+ * first commit, copy_root gives the root of an empty map.
+ */
 int tfs_smd_create(struct tfs_tm *tm, uint64_t nr_blocks, struct tfs_sm **out);
+/*
+ * Load from a committed root: walks the index btree and reads every bitmap
+ * once (one 4 KiB read per 16320 data blocks), so that nr_allocated and the
+ * hints are exact whatever the writer stored.  -EUCLEAN (logged) when the
+ * index tree does not hold exactly bitmaps 0 .. n-1 or a bitmap is corrupt.
+ */
 int tfs_smd_open(struct tfs_tm *tm, const void *root32, struct tfs_sm **out);
 
 #endif

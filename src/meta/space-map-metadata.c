@@ -106,6 +106,12 @@ struct smm {
 
 	struct tfs_sm_root root;   /* as of the last commit */
 	uint64_t alloc_hint;       /* next block the allocator looks at */
+	/*
+	 * A full scan found nothing.  Nothing becomes allocatable again before
+	 * the next commit, rollback or extend (a dec sets the barrier bit), so
+	 * -ENOSPC is answered at once until then.
+	 */
+	bool full;
 };
 
 static const struct tfs_sm_ops smm_ops;
@@ -409,11 +415,13 @@ static int smm_new_block(struct tfs_sm *sm, uint64_t *b)
 	struct smm *m = to_smm(sm);
 	int r;
 
-	if (m->nr_blocks == 0)
+	if (m->nr_blocks == 0 || m->full)
 		return -ENOSPC;
 	r = find_free_block(m, b);
-	if (r)
+	if (r) {
+		m->full = true;
 		return r;
+	}
 	r = set_count(m, *b, 0, 1);
 	if (r)
 		return r;
@@ -492,6 +500,7 @@ static int smm_extend(struct tfs_sm *sm, uint64_t extra)
 	m->nr_bitmaps = nr_bitmaps;
 	m->nr_blocks = nr;
 	m->changed = true;
+	m->full = false;
 	return 0;
 }
 
@@ -691,6 +700,7 @@ static int smm_commit(struct tfs_sm *sm)
 	ovf_settle(m);
 	m->index_moved = false;
 	m->changed = false;
+	m->full = false;
 	return 0;
 
 err:
@@ -747,6 +757,7 @@ static void smm_rollback(struct tfs_sm *sm)
 	m->rc_root = m->root.ref_count_root;
 	m->index_moved = false;
 	m->changed = !m->root.bitmap_root;
+	m->full = false;
 }
 
 static void smm_copy_root(struct tfs_sm *sm, void *root32)
