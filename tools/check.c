@@ -1034,15 +1034,17 @@ static bool disk_count(struct checker *c, struct rc_cursor *rc, const char *map,
 	while (rc->live && rc->key < b)
 		rc_advance(rc);
 	if (rc->live && rc->key == b) {
+		uint32_t tree_count = rc->count;
+
 		rc_advance(rc);
 		if (e != 3) {
 			problem(c, "%s: block %" PRIu64 " is in the ref-count tree (count %" PRIu32
 				   "), but its bitmap entry says %u",
-				map, b, rc->count, e);
+				map, b, tree_count, e);
 			*count = e;
 			return true;
 		}
-		*count = rc->count;
+		*count = tree_count;
 		return true;
 	}
 	*count = e;
