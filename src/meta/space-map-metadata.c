@@ -335,7 +335,14 @@ static int set_count(struct smm *m, uint64_t b, uint32_t old, uint32_t count)
 
 static int smm_get_count(struct tfs_sm *sm, uint64_t b, uint32_t *count)
 {
-	return get_count(to_smm(sm), b, count);
+	struct smm *m = to_smm(sm);
+	int r = get_count(m, b, count);
+
+	/* Metadata block numbers come from metadata: one past the end is corruption. */
+	if (r == -EINVAL)
+		tfs_err("%s: metadata block %llu is past the end of the metadata space map (%llu blocks)",
+			dev_name(m), (unsigned long long)b, (unsigned long long)m->nr_blocks);
+	return r;
 }
 
 static int smm_inc(struct tfs_sm *sm, uint64_t b, uint32_t n)
