@@ -490,6 +490,7 @@ void tfs_pmd_close(struct tfs_pmd *pmd)
 		free_pmd(pmd);
 }
 
+/* After a failed abort only tfs_pmd_close is safe: the maps could not be reloaded. */
 int tfs_pmd_abort(struct tfs_pmd *pmd)
 {
 	uint8_t *sb = malloc(TFS_BLOCK_SIZE);
@@ -499,6 +500,17 @@ int tfs_pmd_abort(struct tfs_pmd *pmd)
 	if (!sb)
 		return -ENOMEM;
 	tfs_tm_abort(pmd->tm);
+	/*
+	 * Reload the metadata space map from disk rather than trusting its
+	 * rollback: a commit that failed after the map wrote itself has moved
+	 * its idea of "committed" past what the superblock on disk says.
+	 */
+	tfs_sm_destroy(pmd->dsm);
+	tfs_tm_destroy(pmd->tm);
+	tfs_sm_destroy(pmd->msm);
+	pmd->dsm = NULL;
+	pmd->tm = NULL;
+	pmd->msm = NULL;
 	r = check_superblock(pmd, &opt, sb);
 	if (!r)
 		r = load(pmd, sb);
@@ -715,13 +727,32 @@ uint64_t tfs_pmd_held_root(struct tfs_pmd *pmd)
 
 /* ---- devices ----------------------------------------------------------- */
 
+/*
+ * A commit needs free metadata blocks of its own (a new index block, the
+ * shadows of changed bitmaps, the ref-count tree path), so changes stop
+ * while that much is still free: running out mid-commit would lose the
+ * whole transaction instead of one request.
+ */
+static int need_metadata_space(struct tfs_pmd *pmd)
+{
+	uint64_t total = tfs_sm_nr_blocks(pmd->msm);
+	uint64_t reserve = (total + TFS_ENTRIES_PER_BITMAP - 1) / TFS_ENTRIES_PER_BITMAP + 64;
+
+	if (reserve > total / 4)
+		reserve = total / 4;
+	if (pmd->read_only)
+		return -EROFS;
+	return tfs_sm_nr_free(pmd->msm) <= reserve ? -ENOSPC : 0;
+}
+
 static int check_new_id(struct tfs_pmd *pmd, tfs_dev_id id)
 {
 	struct tfs_thin_details d;
 	int r;
 
-	if (pmd->read_only)
-		return -EROFS;
+	r = need_metadata_space(pmd);
+	if (r)
+		return r;
 	if (id > TFS_MAX_DEV_ID) {
 		tfs_err("thin device id %u is larger than the 24-bit maximum %u", id, TFS_MAX_DEV_ID);
 		return -EINVAL;
@@ -800,6 +831,7 @@ int tfs_pmd_delete_thin(struct tfs_pmd *pmd, tfs_dev_id id)
 	uint64_t key = id;
 	int r;
 
+	/* No reserve check: deleting is how space comes back, and it shadows only a few blocks. */
 	if (pmd->read_only)
 		return -EROFS;
 	if (find_td(pmd, id)) {
@@ -955,8 +987,9 @@ static int insert(struct tfs_td *td, uint64_t vblock, uint64_t data_block, uint3
 
 	if (td->deleted)
 		return -ENODEV;
-	if (pmd->read_only)
-		return -EROFS;
+	r = need_metadata_space(pmd);
+	if (r)
+		return r;
 	if (data_block > TFS_MAX_DATA_BLOCK) {
 		tfs_err("data block %llu is beyond the format's 40-bit limit",
 			(unsigned long long)data_block);

@@ -640,6 +640,16 @@ static void sweep(bool power_cut)
 		assert_int_equal(tfs_pmd_set_transaction_id(pmd, 1, 2), 0);
 		tfs_bdev_fault_set(f, TFS_FAULT_WRITE, TFS_FAULT_EIO, n, false);
 		int r = tfs_pmd_commit(pmd);
+		if (r && !power_cut) {
+			/* Abort in place must land exactly on the old transaction and go on working. */
+			tfs_bdev_fault_set(f, TFS_FAULT_WRITE, TFS_FAULT_OK, 0, false);
+			assert_int_equal(tfs_pmd_abort(pmd), 0);
+			verify(pmd, &old_m);
+			op_write(pmd, &old_m);
+			op_create(pmd, &old_m);
+			assert_int_equal(tfs_pmd_commit(pmd), 0);
+			verify(pmd, &old_m);
+		}
 		if (power_cut)
 			assert_int_equal(tfs_bdev_fault_power_cut(f, n % 2, (uint32_t)n + 1), 0);
 		tfs_pmd_close(pmd);
