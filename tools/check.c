@@ -117,6 +117,8 @@ struct checker {
 /* ---- reporting ----------------------------------------------------------- */
 
 static void emit(struct checker *c, const char *tag, const char *fmt, va_list ap)
+	__attribute__((format(printf, 3, 0)));
+static void emit(struct checker *c, const char *tag, const char *fmt, va_list ap)
 {
 	if (c->o->quiet)
 		return;
