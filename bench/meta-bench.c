@@ -153,6 +153,14 @@ static void rate_row(const char *what, uint64_t ops, double secs, const char *un
 	row(what, "%s %s/s (%.2f s)", grouped((uint64_t)(ops / secs), b), unit, secs);
 }
 
+static void commits_row(uint64_t n, double total, double commits)
+{
+	char b[32];
+
+	row("  of which commits", "%.2f s (%" PRIu64 " commits); without them %s inserts/s", commits,
+	    n / cfg.commit_every, grouped((uint64_t)(n / (total - commits)), b));
+}
+
 static const char *fmt_time(double secs, char *buf)
 {
 	if (secs < 1e-3)
@@ -493,12 +501,12 @@ int main(int argc, char **argv)
 	t = fill(DEV_SEQ, cfg.n, &sum_seq, &tc);
 	snprintf(what, sizeof(what), "insert %s sequential mappings", lbl);
 	rate_row(what, cfg.n, t, "inserts");
-	row("  of which commits", "%.2f s (%" PRIu64 " commits)", tc, cfg.n / cfg.commit_every);
+	commits_row(cfg.n, t, tc);
 
 	t = fill(DEV_RAND, cfg.n, &sum_rand, &tc);
 	snprintf(what, sizeof(what), "insert %s random mappings", lbl);
 	rate_row(what, cfg.n, t, "inserts");
-	row("  of which commits", "%.2f s (%" PRIu64 " commits)", tc, cfg.n / cfg.commit_every);
+	commits_row(cfg.n, t, tc);
 
 	fill(DEV_10K, 10000, &sum_10k, NULL);
 	fill(DEV_100K, 100000, &sum_100k, NULL);
