@@ -828,7 +828,8 @@ static int dev_push(struct dev_vec *dv, const struct dev_entry *e)
 }
 
 /* Entries of a tree already walked without errors; -ENOMEM or -EUCLEAN. */
-static int collect(struct checker *c, uint64_t root, uint32_t vsize, struct dev_vec *dv)
+static int collect(struct checker *c, uint64_t root, uint32_t vsize, const char *tree,
+		   struct dev_vec *dv)
 {
 	struct tfs_raw_iter *it;
 	const uint8_t *v;
@@ -849,7 +850,7 @@ static int collect(struct checker *c, uint64_t root, uint32_t vsize, struct dev_
 	}
 	/* The walk passed, so the iterator can only fail on a shared node's new context. */
 	if (r < 0 && r != -ENOMEM)
-		problem(c, "%s", tfs_raw_iter_why(it));
+		problem(c, "%s%s: %s", c->prefix, tree, tfs_raw_iter_why(it));
 	tfs_raw_iter_close(it);
 	return r;
 }
@@ -880,9 +881,9 @@ static int check_devices(struct checker *c, uint64_t details_root, uint64_t mapp
 	size_t i = 0, j = 0;
 	int r;
 
-	r = collect(c, details_root, TFS_RAW_VSIZE_DETAILS, &det);
+	r = collect(c, details_root, TFS_RAW_VSIZE_DETAILS, "device details tree", &det);
 	if (r >= 0)
-		r = collect(c, mapping_root, TFS_RAW_VSIZE_U64, &top);
+		r = collect(c, mapping_root, TFS_RAW_VSIZE_U64, "mapping tree", &top);
 	if (r < 0)
 		goto out;
 	while (i < det.n || j < top.n) {

@@ -272,6 +272,7 @@ def test_details_and_top_level_must_name_the_same_devices(restored_image, run_th
     image.save()
     assert thin_check_ok(img)
     assert_problem(run_thinfs, img, "device 77", "no mapping tree")
+    assert_dump_matches(run_thinfs, img)  # thin_dump lists mapping-tree devices only
 
 
 # ---- needs_check -------------------------------------------------------------
@@ -487,3 +488,41 @@ def test_quiet_prints_nothing(restored_image, run_thinfs):
     image.set_sm_entry("data", 500, 1)
     image.save()
     assert run_thinfs("check", "-q", img, ok=(1,)).stdout == ""
+
+
+def test_subtree_grafted_at_the_wrong_height_is_caught(restored_image, run_thinfs):
+    devs = [Device(1), Device(2)]
+    for v in range(1000):
+        devs[0].mappings[v] = (v, 0)
+        devs[1].mappings[v] = (v + 1000, 0)
+    img = restored_image(pool_xml(devs, time=1, nr_data_blocks=4096))
+    image = Image(img)
+    top = dict(image.tree_entries(image.mapping_root))
+    root1, root2 = (struct.unpack("<Q", top[d])[0] for d in (1, 2))
+    n = ti.Node(image, root1)
+    assert not n.leaf and not ti.Node(image, root2).leaf
+    image.put_u64(root1, n.value_off(n.nr - 1), root2)  # an internal node where a leaf was
+    image.seal(root1, ti.SALT_BTREE)
+    image.save()
+    assert not thin_check_ok(img)
+    assert_problem(run_thinfs, img, f"block {root1} ", "different heights")
+    run_thinfs("dump", img, ok=(1,))
+
+
+def test_strict_makes_thin_restore_summary_fields_errors(restored_image, run_thinfs):
+    # thin_restore leaves an orphan block in this shape: nr_allocated one too
+    # high, none_free_before above a free block (ondisk-formats.md 5.1).
+    d1, d2, d7 = Device(1, snap_time=1), Device(2, creation_time=1, snap_time=1), Device(7, 2, 2)
+    for v in range(100):
+        d1.mappings[v] = (v, 0)
+    d1.mappings[1000] = (200, 1)
+    for v in range(99):
+        d2.mappings[v] = (v, 0)
+    d2.mappings[99] = (300, 2)
+    for v in range(10):
+        d7.mappings[v] = (v, 0)
+    img = restored_image(pool_xml([d1, d2, d7], time=2, transaction=7, nr_data_blocks=1024))
+    p = run_thinfs("check", img)
+    assert "warning: metadata space map: nr_allocated is 13" in p.stdout
+    p = run_thinfs("check", "--strict", img, ok=(1,))
+    assert "error: metadata space map: nr_allocated is 13" in p.stdout
