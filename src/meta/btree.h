@@ -22,6 +22,26 @@
  * Costs: lookup O(depth) block reads; insert/remove O(depth) shadows.
  * Errors: -ENODATA key not found; -ENOSPC metadata full; -EUCLEAN corrupt
  * node (logged by the block manager); -EIO.
+ *
+ * When insert, remove, remove_range or del fail with anything but -ENODATA
+ * or -EINVAL, the tree may be half changed and *new_root means nothing: the
+ * caller aborts the transaction (tfs_tm_abort) instead of using the tree
+ * again.  Read-only calls change nothing.  -EINVAL means a bad info
+ * (levels outside 1..TFS_BTREE_MAX_LEVELS, value size 0 or too big for
+ * three values per node) and nothing was touched.
+ *
+ * Not thread-safe: the caller serialises every call on one transaction
+ * manager (the pool's metadata lock), as for the block manager.
+ *
+ * Callbacks (value type hooks, walk functions) run while the btree holds
+ * read or write locks on the nodes of the current path.  They may use the
+ * transaction manager and other trees (the thin top level's dec deletes a
+ * device tree with tfs_btree_del) but must not change the tree being
+ * operated on.
+ *
+ * Nodes written by other tools with a max_entries smaller than the formula
+ * (legal in the format, never produced by the kernel or thin_restore) are
+ * read as they are and re-laid out at the formula's capacity when written.
  */
 #ifndef TFS_META_BTREE_H
 #define TFS_META_BTREE_H
@@ -70,14 +90,24 @@ int tfs_btree_lookup(const struct tfs_btree_info *info, uint64_t root, const uin
 int tfs_btree_insert(const struct tfs_btree_info *info, uint64_t root, const uint64_t *keys,
 		     const void *value, uint64_t *new_root, bool *inserted);
 
-/* Remove one key; -ENODATA (and *new_root = root) when absent. */
+/*
+ * Remove one key; -ENODATA (and *new_root = root, nothing shadowed) when
+ * absent.  The value type's dec is called on the removed value.  An emptied
+ * lower-level tree stays (an empty leaf): only last-level keys are removed.
+ * Cost: a lookup, then O(depth) shadows plus rebalancing next to the key.
+ */
 int tfs_btree_remove(const struct tfs_btree_info *info, uint64_t root, const uint64_t *keys,
 		     uint64_t *new_root);
 
 /*
  * Remove every last-level key in [begin, end) of the tree selected by the
  * first levels-1 keys of keys (keys[levels-1] is ignored).  *nr_removed may
- * be NULL.  A missing subtree removes nothing.
+ * be NULL.  A missing subtree removes nothing.  When nothing is in the range
+ * the tree is not touched and *new_root = root.  Subtrees wholly inside the
+ * range are released without being copied (dec on each value of a node
+ * whose count drops to 0; a still-shared node is only read, to count its
+ * entries), so the cost is O(leaves in the range) reads plus O(depth^2)
+ * shadows at the two edges.
  */
 int tfs_btree_remove_range(const struct tfs_btree_info *info, uint64_t root, const uint64_t *keys,
 			   uint64_t begin, uint64_t end, uint64_t *new_root, uint64_t *nr_removed);
@@ -86,13 +116,19 @@ int tfs_btree_remove_range(const struct tfs_btree_info *info, uint64_t root, con
  * Up to max entries with last-level key in [begin, end), in key order, from
  * the tree selected by the first levels-1 keys.  Returns how many were
  * stored in keys_out/values_out (values packed at value_type.size), 0 when
- * none, or -errno.  Reads leaves in sequence, so a run costs one descent.
+ * none (or the subtree is missing), or -errno.  Reads leaves in sequence, so
+ * a run costs one descent.  keys_out or values_out may be NULL when only
+ * the other (or only the count) is wanted.  max above INT_MAX is clamped.
  */
 int tfs_btree_lookup_range(const struct tfs_btree_info *info, uint64_t root, const uint64_t *keys,
 			   uint64_t begin, uint64_t end, unsigned max, uint64_t *keys_out,
 			   void *values_out);
 
-/* Visit every (keys, value) in key order; fn returning non-zero stops the walk with that value. */
+/*
+ * Visit every (keys, value) in key order; fn returning non-zero stops the
+ * walk with that value.  keys has info->levels entries; keys and value are
+ * valid only during the call.
+ */
 typedef int (*tfs_btree_walk_fn)(void *ctx, const uint64_t *keys, const void *value);
 int tfs_btree_walk(const struct tfs_btree_info *info, uint64_t root, tfs_btree_walk_fn fn,
 		   void *ctx);
