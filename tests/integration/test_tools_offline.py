@@ -136,7 +136,7 @@ def test_metadata_snapshot_without_its_reference_counts_is_caught(restored_image
     assert_problem(run_thinfs, img, f"block {root} ", "count 1, expected 2")
 
 
-def share_subtree(image, from_dev, new_dev):
+def share_subtree(image, from_dev, new_dev, count=True):
     """Add new_dev sharing from_dev's level-1 root (a snapshot as the kernel
     makes it): top-level and details entries, and the root's count 2.
     Data counts stay: the shared leaves are still one leaf each."""
@@ -147,7 +147,8 @@ def share_subtree(image, from_dev, new_dev):
     det_leaf = [b for b, n, _ in image.tree_nodes(image.details_root) if n.leaf][-1]
     image.leaf_insert(top_leaf, new_dev, struct.pack("<Q", root))
     image.leaf_insert(det_leaf, new_dev, det[from_dev])
-    image.set_sm_entry("meta", root, image.sm_entry("meta", root) + 1)
+    if count:
+        image.set_sm_entry("meta", root, image.sm_entry("meta", root) + 1)
     return root
 
 
@@ -526,3 +527,28 @@ def test_strict_makes_thin_restore_summary_fields_errors(restored_image, run_thi
     assert "warning: metadata space map: nr_allocated is 13" in p.stdout
     p = run_thinfs("check", "--strict", img, ok=(1,))
     assert "error: metadata space map: nr_allocated is 13" in p.stdout
+
+
+def test_metadata_counts_above_two_live_in_the_ref_count_tree(restored_image, run_thinfs):
+    devs = [Device(1)]
+    for v in range(50):
+        devs[0].mappings[v] = (v, 0)
+    img = restored_image(pool_xml(devs, time=1, nr_data_blocks=1024))
+    image = Image(img)
+    for new in (2, 3, 4):
+        root = share_subtree(image, 1, new, count=False)
+    # Four references: the bitmap says 3 (look it up), the overflow tree says 4.
+    image.set_sm_entry("meta", root, 3)
+    rc_root = image.sm_root("meta")[3]
+    image.leaf_insert(rc_root, root, struct.pack("<I", 4))
+    image.save()
+    assert thin_check_ok(img)
+    assert_clean(run_thinfs, img)
+    assert_dump_matches(run_thinfs, img)
+    # The same with a wrong overflow count.
+    n = ti.Node(image, rc_root)
+    struct.pack_into("<I", image.block(rc_root), n.value_off(0), 5)
+    image.seal(rc_root, ti.SALT_BTREE)
+    image.save()
+    assert not thin_check_ok(img)
+    assert_problem(run_thinfs, img, f"block {root} ", "count 5, expected 4")

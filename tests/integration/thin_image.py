@@ -242,8 +242,8 @@ class Image:
         return ((w >> s) & 1) << 1 | ((w >> (s + 1)) & 1)
 
     def set_sm_entry(self, which, blk, v):
-        """Set a 2-bit entry (0..2) and reseal the bitmap."""
-        assert 0 <= v <= 2
+        """Set a 2-bit entry (0..3; 3 = see the ref-count tree) and reseal the bitmap."""
+        assert 0 <= v <= 3
         bm, i = self._bitmap_for(which, blk)
         off = 16 + 8 * (i // 32)
         s = 2 * (i % 32)
