@@ -14,6 +14,7 @@
  * node reached while still in progress is its own ancestor.
  */
 #include "check.h"
+#include "repair.h"
 
 #include <errno.h>
 #include <getopt.h>
@@ -1373,7 +1374,8 @@ static void check_usage(FILE *f)
 	      "\n"
 	      "      --clear-needs-check  clear the needs_check flag if the metadata is clean\n"
 	      "                           (--clear-needs-check-flag is accepted too)\n"
-	      "      --repair             repair the metadata (not implemented yet)\n"
+	      "      --repair             rebuild the metadata in place from what can be read,\n"
+	      "                           report what was lost, clear needs_check\n"
 	      "      --strict             nr_allocated, nr_free and none_free_before must be\n"
 	      "                           exact (thin_restore 0.9.0 writes them inexactly)\n"
 	      "  -q, --quiet              print nothing; the exit status tells\n"
@@ -1453,16 +1455,20 @@ int tfs_cmd_check(int argc, char **argv)
 		check_usage(stderr);
 		return 2;
 	}
-	if (repair) {
-		fprintf(stderr, "thinfs check: --repair is not implemented yet\n");
-		return 2;
-	}
 	if (tfs_pool_cfg_metadata_path(argv[optind], path, sizeof(path)) < 0)
 		return 2;
-	r = tfs_bdev_open(path, !o.clear_needs_check, &bdev);
+	r = tfs_bdev_open(path, !o.clear_needs_check && !repair, &bdev);
 	if (r < 0) {
 		fprintf(stderr, "thinfs check: cannot open %s: %s\n", path, strerror(-r));
 		return 2;
+	}
+	if (repair) {
+		/* Then check the result like any other metadata, so the report ends with its verdict. */
+		r = tfs_repair_metadata(bdev, 0, o.quiet ? stderr : stdout);
+		if (r < 0) {
+			tfs_bdev_close(bdev);
+			return 2;
+		}
 	}
 	r = tfs_check_metadata(bdev, &o, &res);
 	tfs_bdev_close(bdev);
