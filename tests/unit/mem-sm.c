@@ -14,6 +14,7 @@ struct mem_sm {
 	uint32_t *committed;
 	uint64_t cursor; /* where the next allocation search starts */
 	uint64_t errors;
+	uint64_t allocs_left; /* fault injection: successes before -ENOSPC */
 };
 
 static struct mem_sm *to_mem(struct tfs_sm *sm)
@@ -85,6 +86,8 @@ static int mem_new_block(struct tfs_sm *sm, uint64_t *out)
 {
 	struct mem_sm *m = to_mem(sm);
 
+	if (m->allocs_left == 0)
+		return -ENOSPC;
 	for (uint64_t i = 0; i < m->nr_blocks; i++) {
 		uint64_t b = (m->cursor + i) % m->nr_blocks;
 
@@ -92,6 +95,8 @@ static int mem_new_block(struct tfs_sm *sm, uint64_t *out)
 		if (!m->count[b] && !m->committed[b]) {
 			m->count[b] = 1;
 			m->cursor = b + 1;
+			if (m->allocs_left != UINT64_MAX)
+				m->allocs_left--;
 			*out = b;
 			return 0;
 		}
@@ -168,6 +173,7 @@ int mem_sm_create(uint64_t nr_blocks, uint64_t reserved, struct tfs_sm **out)
 		return -ENOMEM;
 	m->base.ops = &mem_sm_ops;
 	m->nr_blocks = nr_blocks;
+	m->allocs_left = UINT64_MAX;
 	m->count = calloc(nr_blocks, sizeof(*m->count));
 	m->committed = calloc(nr_blocks, sizeof(*m->committed));
 	if (!m->count || !m->committed) {
@@ -197,6 +203,11 @@ uint32_t mem_sm_count(struct tfs_sm *sm, uint64_t b)
 uint64_t mem_sm_nr_allocated(struct tfs_sm *sm)
 {
 	return to_mem(sm)->nr_blocks - mem_nr_free(sm);
+}
+
+void mem_sm_fail_after(struct tfs_sm *sm, uint64_t n)
+{
+	to_mem(sm)->allocs_left = n;
 }
 
 uint64_t mem_sm_errors(struct tfs_sm *sm)

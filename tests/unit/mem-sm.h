@@ -25,6 +25,8 @@ void mem_sm_checkpoint(struct tfs_sm *sm);
 uint32_t mem_sm_count(struct tfs_sm *sm, uint64_t b);
 /* Blocks with a non-zero count. */
 uint64_t mem_sm_nr_allocated(struct tfs_sm *sm);
+/* Fault injection: new_block fails with -ENOSPC after n more successes (UINT64_MAX: never). */
+void mem_sm_fail_after(struct tfs_sm *sm, uint64_t n);
 /* Count of a dec below zero or an inc of a block past the end (test failures). */
 uint64_t mem_sm_errors(struct tfs_sm *sm);
 

@@ -76,13 +76,15 @@ static bool vt_equal(void *ctx, const void *a, const void *b)
 	return tfs_le64(a) == tfs_le64(b);
 }
 
-static struct env *env_open(uint64_t nr_blocks, size_t cache_blocks, uint64_t nr_values)
+/* An env over dev (owned from now on), which holds nr_blocks metadata blocks. */
+static struct env *env_open_on(struct tfs_bdev *dev, uint64_t nr_blocks, size_t cache_blocks,
+			       uint64_t nr_values)
 {
 	struct env *e = calloc(1, sizeof(*e));
 
 	assert_non_null(e);
 	e->nr_blocks = nr_blocks;
-	assert_int_equal(tfs_bdev_open_mem(nr_blocks * TFS_BLOCK_SIZE, &e->dev), 0);
+	e->dev = dev;
 	assert_int_equal(tfs_bm_create(e->dev, cache_blocks, &e->bm), 0);
 	assert_int_equal(mem_sm_create(nr_blocks, 1, &e->sm), 0);
 	assert_int_equal(tfs_tm_create(e->bm, e->sm, &e->tm), 0);
@@ -90,6 +92,14 @@ static struct env *env_open(uint64_t nr_blocks, size_t cache_blocks, uint64_t nr
 	e->vrefs = calloc(nr_values, sizeof(*e->vrefs));
 	assert_non_null(e->vrefs);
 	return e;
+}
+
+static struct env *env_open(uint64_t nr_blocks, size_t cache_blocks, uint64_t nr_values)
+{
+	struct tfs_bdev *dev;
+
+	assert_int_equal(tfs_bdev_open_mem(nr_blocks * TFS_BLOCK_SIZE, &dev), 0);
+	return env_open_on(dev, nr_blocks, cache_blocks, nr_values);
 }
 
 static void env_close(struct env *e)
@@ -1501,6 +1511,220 @@ static void test_nodes_with_smaller_max_entries_are_read_and_relaid_out(void **s
 	env_close(e);
 }
 
+/* ---- failure sweep ---------------------------------------------------------------- */
+
+/*
+ * One transaction's worth of changes to the 2-level tree at *root (which
+ * shares everything with *snap at the start): inserts that split, a range
+ * removal, single removals that merge, overwrites, and deleting the snapshot.
+ * The model follows each step that succeeds.  Returns the first error.
+ */
+static int txn_ops(struct env *e, const struct tfs_btree_info *info, uint64_t *root,
+		   uint64_t *snap, struct model *m)
+{
+	uint64_t k[2], removed;
+	uint8_t v[8];
+	int r;
+
+	rng_state = 99;
+	for (int i = 0; i < 400; i++) {
+		uint64_t id = new_value(e);
+		k[0] = 1;
+		k[1] = 3000 + rnd(3000);
+		tfs_put_le64(v, id);
+		r = tfs_btree_insert(info, *root, k, v, root, NULL);
+		if (r)
+			return r;
+		model_set(m, k, id);
+	}
+	k[0] = 2;
+	r = tfs_btree_remove_range(info, *root, k, 500, 2500, root, &removed);
+	if (r)
+		return r;
+	for (uint64_t i = 500; i < 2500; i++)
+		model_del(m, (uint64_t[]){ 2, i });
+	for (int i = 0; i < 300; i++) {
+		k[0] = 0;
+		k[1] = rnd(3000);
+		if (m->val[model_index(m, k)] == NO_VALUE)
+			continue;
+		r = tfs_btree_remove(info, *root, k, root);
+		if (r)
+			return r;
+		model_del(m, k);
+	}
+	for (int i = 0; i < 100; i++) {
+		uint64_t id = new_value(e);
+		k[0] = 3;
+		k[1] = rnd(3000);
+		tfs_put_le64(v, id);
+		r = tfs_btree_insert(info, *root, k, v, root, NULL);
+		if (r)
+			return r;
+		model_set(m, k, id);
+	}
+	r = tfs_btree_del(info, *snap);
+	if (r)
+		return r;
+	*snap = 0;
+	return 0;
+}
+
+/*
+ * Fail the Nth metadata allocation of a transaction for N = 0, 1, 2, ...
+ * until the transaction fits: every failure must come back as -ENOSPC with
+ * no block left locked, and aborting must give back exactly the committed
+ * trees and reference counts.
+ */
+static void test_failed_allocation_anywhere_aborts_to_the_committed_trees(void **state)
+{
+	struct env *e = env_open(4096, 256, 400000);
+	struct tfs_btree_info info = make_info(e, 2, 8);
+	struct model *committed = model_new(2, 4 * 6000, 6000);
+	uint32_t *vrefs = malloc(e->nr_values * sizeof(*vrefs));
+	uint64_t root, snap, k[2];
+	unsigned failures = 0;
+
+	(void)state;
+	assert_non_null(vrefs);
+	assert_int_equal(tfs_btree_empty(&info, &root), 0);
+	for (uint64_t d = 0; d < 4; d++)
+		for (uint64_t i = 0; i < 3000; i++) {
+			uint64_t id = new_value(e);
+			k[0] = d;
+			k[1] = i;
+			insert_id(e, &info, &root, k, id);
+			model_set(committed, k, id);
+		}
+	snap = root;
+	assert_int_equal(tfs_tm_inc(e->tm, root), 0);
+	commit(e);
+	memcpy(vrefs, e->vrefs, e->nr_values * sizeof(*vrefs));
+
+	for (uint64_t n = 0;; n++) {
+		struct model *m = model_copy(committed);
+		uint64_t r_root = root, r_snap = snap;
+		struct tfs_bm_stats st;
+		int r;
+
+		mem_sm_fail_after(e->sm, n);
+		r = txn_ops(e, &info, &r_root, &r_snap, m);
+		mem_sm_fail_after(e->sm, UINT64_MAX);
+		tfs_bm_stats(e->bm, &st);
+		assert_int_equal(st.locked, 0);
+		if (!r) {
+			verify_all(e, &info, &r_root, 1);
+			compare_with_model(&info, r_root, m);
+			root = r_root;
+			model_free(m);
+			break;
+		}
+		assert_int_equal(r, -ENOSPC);
+		failures++;
+		tfs_tm_abort(e->tm);
+		memcpy(e->vrefs, vrefs, e->nr_values * sizeof(*vrefs));
+		if (n % 16 == 0) {
+			uint64_t roots[2] = { root, snap };
+
+			verify_all(e, &info, roots, 2);
+			compare_with_model(&info, root, committed);
+			compare_with_model(&info, snap, committed);
+		}
+		model_free(m);
+	}
+	printf("# transaction failed cleanly at each of its %u allocations\n", failures);
+	assert_true(failures > 20);
+	assert_int_equal(tfs_btree_del(&info, root), 0);
+	assert_all_released(e);
+	model_free(committed);
+	free(vrefs);
+	env_close(e);
+}
+
+/*
+ * The same transaction against a device that fails every read (then every
+ * write) from the Nth on, with a 32-block cache so that nodes are read and
+ * dirty ones written back all the time: each failure is an error return
+ * with nothing left locked, and abort gives back the committed trees.
+ */
+static void test_failed_io_anywhere_aborts_to_the_committed_trees(void **state)
+{
+	struct tfs_bdev *mem, *dev;
+	struct env *e;
+	struct tfs_btree_info info;
+	struct model *committed = model_new(2, 4 * 6000, 6000);
+	uint32_t *vrefs;
+	uint64_t root, snap, k[2];
+	unsigned failures[2] = { 0, 0 };
+
+	(void)state;
+	assert_int_equal(tfs_bdev_open_mem(4096 * TFS_BLOCK_SIZE, &mem), 0);
+	assert_int_equal(tfs_bdev_fault_wrap(mem, false, &dev), 0);
+	e = env_open_on(dev, 4096, 32, 400000);
+	info = make_info(e, 2, 8);
+	vrefs = malloc(e->nr_values * sizeof(*vrefs));
+	assert_non_null(vrefs);
+	assert_int_equal(tfs_btree_empty(&info, &root), 0);
+	for (uint64_t d = 0; d < 4; d++)
+		for (uint64_t i = 0; i < 3000; i++) {
+			uint64_t id = new_value(e);
+			k[0] = d;
+			k[1] = i;
+			insert_id(e, &info, &root, k, id);
+			model_set(committed, k, id);
+		}
+	snap = root;
+	assert_int_equal(tfs_tm_inc(e->tm, root), 0);
+	commit(e);
+	memcpy(vrefs, e->vrefs, e->nr_values * sizeof(*vrefs));
+
+	tfs_log_set_sink(counting_sink, NULL); /* every failed I/O is logged, by design */
+	for (int op = TFS_FAULT_READ; op <= TFS_FAULT_WRITE; op++) {
+		for (uint64_t n = 0;; n++) {
+			struct model *m = model_copy(committed);
+			uint64_t r_root = root, r_snap = snap;
+			struct tfs_bm_stats st;
+			int r;
+
+			tfs_bm_invalidate(e->bm); /* start cold: every node is read */
+			tfs_bdev_fault_set(dev, (enum tfs_fault_op)op, TFS_FAULT_EIO, n, false);
+			r = txn_ops(e, &info, &r_root, &r_snap, m);
+			tfs_bdev_fault_set(dev, (enum tfs_fault_op)op, TFS_FAULT_OK, 0, false);
+			tfs_bm_stats(e->bm, &st);
+			assert_int_equal(st.locked, 0);
+			if (r)
+				assert_int_equal(r, -EIO);
+			if (r)
+				failures[op - TFS_FAULT_READ]++;
+			if (!r) {
+				verify_all(e, &info, &r_root, 1);
+				compare_with_model(&info, r_root, m);
+			}
+			tfs_tm_abort(e->tm);
+			memcpy(e->vrefs, vrefs, e->nr_values * sizeof(*vrefs));
+			if (!r || n % 32 == 0) {
+				uint64_t roots[2] = { root, snap };
+
+				verify_all(e, &info, roots, 2);
+				compare_with_model(&info, root, committed);
+			}
+			model_free(m);
+			if (!r)
+				break;
+		}
+	}
+	tfs_log_set_sink(NULL, NULL);
+	printf("# transaction failed cleanly at each of its %u reads and %u writes\n",
+	       failures[0], failures[1]);
+	assert_true(failures[0] > 20 && failures[1] > 20);
+	assert_int_equal(tfs_btree_del(&info, root), 0);
+	assert_int_equal(tfs_btree_del(&info, snap), 0);
+	assert_all_released(e);
+	model_free(committed);
+	free(vrefs);
+	env_close(e);
+}
+
 /* ---- randomized ------------------------------------------------------------------ */
 
 #define MAX_TREES 6
@@ -1703,6 +1927,8 @@ int main(void)
 		cmocka_unit_test(test_committed_nodes_are_sealed_on_disk),
 		cmocka_unit_test(test_corrupt_nodes_are_refused_not_followed),
 		cmocka_unit_test(test_nodes_with_smaller_max_entries_are_read_and_relaid_out),
+		cmocka_unit_test(test_failed_allocation_anywhere_aborts_to_the_committed_trees),
+		cmocka_unit_test(test_failed_io_anywhere_aborts_to_the_committed_trees),
 		cmocka_unit_test(test_random_ops_one_level_match_the_model),
 		cmocka_unit_test(test_random_ops_two_levels_match_the_model),
 		cmocka_unit_test(test_random_ops_wide_values_match_the_model),
