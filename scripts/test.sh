@@ -202,10 +202,12 @@ run_fuzz() {
 			-print_final_stats=1 -artifact_prefix="$dir/fuzz-artifacts/$name-" \
 			"$corpus" "${seeds[@]}" </dev/null 2>"$dir/fuzz-$name.log"
 		rc=$?
-		tail -n 15 "$dir/fuzz-$name.log"
 		if ((rc == 0)); then
+			grep -E '^(Done|stat::(number_of_executed_units|new_units_added|peak_rss_mb))' \
+				"$dir/fuzz-$name.log"
 			passed=$((passed + 1))
 		else
+			tail -n 60 "$dir/fuzz-$name.log"
 			fail "fuzz target $name exited $rc (log $dir/fuzz-$name.log, reproducer in $dir/fuzz-artifacts/)"
 		fi
 	done < <(find "$dir/fuzz" -maxdepth 1 -type f -perm -u+x | sort)
