@@ -1,0 +1,71 @@
+/* SPDX-License-Identifier: GPL-2.0-or-later */
+/*
+ * config.h - pool.cfg: what a pool is made of and how it behaves.
+ *
+ * Owns: parsing pool.cfg (INI, via libinih) into a validated struct, and
+ * resolving device names (a path, UUID=... or LABEL=..., via libblkid).
+ * Every problem is reported once with the file name and line number
+ * ("pool.cfg:7: block_size: 100k is not a multiple of 64k") and the parse
+ * fails as a whole: nothing half-parsed is ever used.
+ *
+ * Never: opens the devices for I/O or touches metadata.
+ *
+ * [pool] keys (see README "pool.cfg reference"):
+ *   metadata, data            device path | UUID=... | LABEL=...  (required)
+ *   block_size                64k .. 1g, multiple of 64k (default 64k)
+ *   catalog                   sqlite file (default: <metadata path>.catalog.db)
+ *   low_water_mark            blocks ("4096") or percent ("10%") of data (default 10%)
+ *   error_if_no_space         bool (default false)
+ *   no_space_timeout          seconds, "60s", "2m"; 0 = hold forever (default 60s)
+ *   discard_passdown          bool (default true)
+ *   skip_block_zeroing        bool (default false)
+ *   commit_interval           seconds or "500ms" (default 1s)
+ *   on_event                  program to run on events (default none)
+ *   metadata_cache            metadata cache size, e.g. "64m" (default 64m)
+ * [fault] allow = yes|no      fault injection (needs --allow-faults too)
+ * Sections [origin "..."], [snapshot "..."], [cache "..."] are recognised
+ * and kept for later targets; their keys are validated only by name.
+ */
+#ifndef TFS_ENGINE_CONFIG_H
+#define TFS_ENGINE_CONFIG_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#define TFS_PATH_MAX 4096
+
+struct tfs_pool_config {
+	char path[TFS_PATH_MAX];          /* the pool.cfg itself, absolute */
+	char metadata[TFS_PATH_MAX];      /* resolved device or file path */
+	char data[TFS_PATH_MAX];
+	char catalog[TFS_PATH_MAX];
+	char on_event[TFS_PATH_MAX];      /* "" = none */
+	uint64_t block_size;              /* bytes */
+	uint64_t low_water_blocks;        /* when low_water_is_percent is false */
+	unsigned low_water_percent;       /* when low_water_is_percent is true */
+	bool low_water_is_percent;
+	bool error_if_no_space;
+	uint64_t no_space_timeout_ms;     /* 0 = forever */
+	bool discard_passdown;
+	bool skip_block_zeroing;
+	uint64_t commit_interval_ms;
+	uint64_t metadata_cache_bytes;
+	bool allow_faults;
+};
+
+/*
+ * Parse and validate path.  Relative device paths are relative to the
+ * directory of the .cfg.  Returns 0, or -EINVAL (bad content, reported on
+ * stderr through tfs_err with file:line), -ENOENT (no such file or device
+ * name that cannot be resolved), -errno.
+ */
+int tfs_config_load(const char *path, struct tfs_pool_config *out);
+
+/* Resolve "UUID=...", "LABEL=..." or a path (relative to base_dir) to a path. */
+int tfs_config_resolve_device(const char *name, const char *base_dir, char *out, size_t out_len);
+
+/* Size parsing shared with thinfs-ctl: "64k", "20G", "+50G" (sets *relative). */
+int tfs_parse_size(const char *s, uint64_t *bytes, bool *relative);
+
+#endif

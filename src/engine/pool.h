@@ -1,0 +1,109 @@
+/* SPDX-License-Identifier: GPL-2.0-or-later */
+/*
+ * pool.h - the thin-pool target: thin volumes' I/O on top of the metadata.
+ *
+ * Owns: the open pool (metadata, data device, catalog handle is NOT here),
+ * the metadata lock, block-granular range locks (prison.h) so requests to
+ * one block are serialised and different blocks run in parallel, the write
+ * path (write in place / allocate + zero the rest of a new block / copy a
+ * block shared with a snapshot, then map it), discard with passdown,
+ * provisioning, SEEK_DATA/SEEK_HOLE, truncation, the periodic commit
+ * (commit_interval; an idle pool writes nothing) and FLUSH (data device
+ * flush, then metadata commit).
+ *
+ * Rules kept: a write is acknowledged only after its data is written to
+ * the data device (page cache or further); a mapping is committed only
+ * after the data it points at was flushed; blocks freed since the last
+ * commit are never reused before it (the space map guarantees it).
+ *
+ * Never: knows FUSE, names, sizes of volumes (the catalog and src/fs own
+ * those) or sqlite.  Calls are thread-safe.
+ *
+ * Errors: -ENOSPC data or metadata space exhausted; -EROFS pool read-only;
+ * -EIO device error; -ENODEV volume deleted; -EEXIST; -ENODATA no such
+ * device; -EINVAL bad argument (logged).
+ */
+#ifndef TFS_ENGINE_POOL_H
+#define TFS_ENGINE_POOL_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/types.h>
+
+struct tfs_pool_config;
+struct tfs_pool;
+struct tfs_vol;
+
+/* Format the metadata for cfg (data size from the data device). Destroys what was there. */
+int tfs_pool_format(const struct tfs_pool_config *cfg);
+
+int tfs_pool_open(const struct tfs_pool_config *cfg, bool read_only, struct tfs_pool **out);
+/* Stops the commit thread, commits (unless read-only), closes. Volumes must be closed. */
+int tfs_pool_close(struct tfs_pool *pool);
+
+uint64_t tfs_pool_block_size(struct tfs_pool *pool); /* bytes */
+
+/* ---- devices ---- */
+/* Lowest free device id; the device exists once this returns (committed). */
+int tfs_pool_create_thin(struct tfs_pool *pool, uint32_t *id_out);
+/* Snapshots of nr origins in ONE metadata transaction (atomic across volumes), committed. */
+int tfs_pool_create_snaps(struct tfs_pool *pool, const uint32_t *origins, unsigned nr,
+			  uint32_t *ids_out);
+/* Deletes and commits; -EBUSY while a tfs_vol is open on it. */
+int tfs_pool_delete(struct tfs_pool *pool, uint32_t id);
+/* Device ids in ascending order; returns the total (may exceed max). */
+int tfs_pool_list(struct tfs_pool *pool, uint32_t *ids, unsigned max);
+
+int tfs_pool_commit(struct tfs_pool *pool);
+int tfs_pool_set_transaction_id(struct tfs_pool *pool, uint64_t old_id, uint64_t new_id);
+int tfs_pool_reserve_metadata_snap(struct tfs_pool *pool);
+int tfs_pool_release_metadata_snap(struct tfs_pool *pool);
+
+struct tfs_io_counts {
+	uint64_t reads, writes, flushes, discards;
+};
+
+struct tfs_pool_status {
+	const char *mode;         /* "write", "read_only", ... */
+	bool needs_check;
+	uint64_t transaction_id;
+	uint64_t held_root;       /* 0 = none */
+	uint64_t data_block_size, data_used, data_total; /* blocks */
+	uint64_t meta_used, meta_total;                  /* 4 KiB blocks */
+	uint64_t low_water_blocks;
+	struct tfs_io_counts io_meta, io_data;
+};
+void tfs_pool_status(struct tfs_pool *pool, struct tfs_pool_status *out);
+
+struct tfs_dev_usage {
+	uint64_t mapped_blocks;
+	uint64_t exclusive_blocks; /* mapped blocks no other device shares */
+};
+/* O(mappings of the device): walks its tree. */
+int tfs_pool_dev_usage(struct tfs_pool *pool, uint32_t id, struct tfs_dev_usage *out);
+
+/* ---- volume I/O (offsets and lengths in bytes, any alignment) ---- */
+int tfs_vol_open(struct tfs_pool *pool, uint32_t id, bool read_only, struct tfs_vol **out);
+void tfs_vol_close(struct tfs_vol *vol);
+uint32_t tfs_vol_id(const struct tfs_vol *vol);
+
+/* Unmapped ranges read as zeros. Returns 0 or -errno (whole length or nothing). */
+int tfs_vol_read(struct tfs_vol *vol, void *buf, size_t len, uint64_t off);
+int tfs_vol_write(struct tfs_vol *vol, const void *buf, size_t len, uint64_t off);
+/* Punch: whole blocks unmapped (freed ones discarded with passdown), partial ranges zeroed. */
+int tfs_vol_discard(struct tfs_vol *vol, uint64_t off, uint64_t len);
+/* fallocate mode 0: map zeroed blocks where none are mapped. */
+int tfs_vol_provision(struct tfs_vol *vol, uint64_t off, uint64_t len);
+/* FALLOC_FL_ZERO_RANGE: reads as zeros afterwards; whole blocks may be unmapped. */
+int tfs_vol_zero_range(struct tfs_vol *vol, uint64_t off, uint64_t len);
+/* FLUSH: data device flush, then metadata commit. */
+int tfs_vol_flush(struct tfs_vol *vol);
+/* SEEK_DATA / SEEK_HOLE within [off, size); -ENXIO as lseek(2). */
+int tfs_vol_seek(struct tfs_vol *vol, uint64_t off, int whence, uint64_t size, uint64_t *out);
+/* Shrink: unmap every block wholly past new_size and zero the tail of the last one. */
+int tfs_vol_truncate(struct tfs_vol *vol, uint64_t new_size);
+/* Blocks mapped (for st_blocks). */
+uint64_t tfs_vol_mapped_blocks(struct tfs_vol *vol);
+
+#endif

@@ -1,0 +1,3 @@
+/* SPDX-License-Identifier: GPL-2.0-or-later */
+/* placeholder while the module is written */
+typedef int tfs_placeholder_prison;

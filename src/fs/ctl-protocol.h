@@ -1,0 +1,33 @@
+/* SPDX-License-Identifier: GPL-2.0-or-later */
+/*
+ * ctl-protocol.h - how thinfs-ctl finds and talks to a mounted pool.
+ *
+ * Owns: the control socket's location and framing, shared by the daemon
+ * (src/fs) and the thinfs-ctl client (tools/).
+ *
+ * Location: /run/thinfs/<16 hex digits>.sock, the digits being the FNV-1a
+ * 64-bit hash of the mountpoint's canonical path (realpath), so any path
+ * naming the mountpoint finds it and sun_path never overflows.  The socket
+ * is mode 0600, owned by the mount's owner; the daemon also checks
+ * SO_PEERCRED (root or the owner).
+ *
+ * Framing: one JSON object per line each way.  Request:
+ *   {"cmd": "status", "args": ["--json"]}           (argv after MOUNTPOINT)
+ * Response, possibly several lines for streaming commands (events --follow),
+ * the last one carrying "done": true:
+ *   {"ok": true, "output": "text for the terminal", "json": {...}, "done": true}
+ *   {"ok": false, "error": "one clear line", "done": true}
+ * thinfs-ctl prints "output" (or "json" with --json) and exits 0, or prints
+ * "thinfs-ctl: <error>" to stderr and exits 1.
+ */
+#ifndef TFS_FS_CTL_PROTOCOL_H
+#define TFS_FS_CTL_PROTOCOL_H
+
+#include <stddef.h>
+
+#define TFS_CTL_DIR "/run/thinfs"
+
+/* Socket path for a mountpoint (must exist); -errno from realpath, -ENAMETOOLONG. */
+int tfs_ctl_socket_path(const char *mountpoint, char *out, size_t out_len);
+
+#endif

@@ -1,0 +1,113 @@
+/* SPDX-License-Identifier: GPL-2.0-or-later */
+/*
+ * catalog.h - the pool's admin catalog (sqlite): names and attributes.
+ *
+ * Owns: volume names <-> thin device ids, virtual sizes, modes, owners and
+ * times, snapshot groups (mkdir .snapshots/NAME) and their members, the
+ * event log, and volumes unlinked but still open (deleted at last close,
+ * or at the next mount after a crash).  SQL only with bound parameters.
+ *
+ * Never: holds block mappings or anything else the thin metadata owns.
+ * The metadata is the truth about which devices exist: the caller
+ * reconciles at mount (tfs_catalog_reconcile) and changes the catalog only
+ * after the metadata commit that made the change durable.
+ *
+ * Thread safety: one connection, serialised by an internal mutex; every
+ * call is one sqlite transaction (or part of one opened with begin/commit).
+ * Errors: -ENOENT no such name/id; -EEXIST name taken; -EINVAL bad name
+ * (logged with the reason); -EIO sqlite failure (logged with its message).
+ */
+#ifndef TFS_META_CATALOG_H
+#define TFS_META_CATALOG_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+struct tfs_catalog;
+
+#define TFS_NAME_MAX 255
+
+enum tfs_vol_kind { TFS_VOL_THIN, TFS_VOL_SNAPSHOT /* writable thin snapshot */, TFS_VOL_GROUP_MEMBER /* read-only, in a group */ };
+
+struct tfs_vol_row {
+	char name[TFS_NAME_MAX + 1];
+	uint32_t dev_id;
+	enum tfs_vol_kind kind;
+	uint64_t size;            /* virtual size in bytes */
+	uint32_t mode;            /* permission bits only */
+	uint32_t uid, gid;
+	int64_t atime_ns, mtime_ns, ctime_ns;
+	int64_t group_id;         /* snapshot group, or 0 */
+	bool unlinked;            /* name gone, device still open */
+};
+
+struct tfs_group_row {
+	int64_t id;
+	char name[TFS_NAME_MAX + 1];
+	int64_t created_ns;
+};
+
+struct tfs_event_row {
+	int64_t id;
+	int64_t time_ns;
+	char kind[64];
+	char detail[512];
+};
+
+/* Create (mkpool) or open.  create refuses an existing non-empty catalog unless force. */
+int tfs_catalog_create(const char *path, bool force, struct tfs_catalog **out);
+int tfs_catalog_open(const char *path, bool read_only, struct tfs_catalog **out);
+void tfs_catalog_close(struct tfs_catalog *cat);
+
+/* Name rules: 1..255 bytes, no '/', not "." or "..", no NUL or control characters. */
+int tfs_catalog_check_name(const char *name);
+
+/* Several changes as one sqlite transaction (e.g. a snapshot group). */
+int tfs_catalog_begin(struct tfs_catalog *cat);
+int tfs_catalog_commit(struct tfs_catalog *cat);
+void tfs_catalog_rollback(struct tfs_catalog *cat);
+
+/* ---- volumes (unlinked rows are invisible to get/find/list unless asked) ---- */
+int tfs_catalog_add_volume(struct tfs_catalog *cat, const struct tfs_vol_row *row);
+int tfs_catalog_get_by_name(struct tfs_catalog *cat, const char *name, struct tfs_vol_row *out);
+int tfs_catalog_get_by_id(struct tfs_catalog *cat, uint32_t dev_id, struct tfs_vol_row *out);
+/* Update size, mode, uid, gid and times of the row with row->dev_id. */
+int tfs_catalog_update_volume(struct tfs_catalog *cat, const struct tfs_vol_row *row);
+/* Atomic rename; replaces nothing: -EEXIST when new_name is taken. */
+int tfs_catalog_rename(struct tfs_catalog *cat, const char *old_name, const char *new_name);
+/* Hide the name now; the row stays (unlinked) until tfs_catalog_remove_volume. */
+int tfs_catalog_unlink(struct tfs_catalog *cat, uint32_t dev_id);
+int tfs_catalog_remove_volume(struct tfs_catalog *cat, uint32_t dev_id);
+
+/* Visit rows in name order (group members included, unlinked only if with_unlinked). */
+typedef int (*tfs_catalog_vol_fn)(void *ctx, const struct tfs_vol_row *row);
+int tfs_catalog_list_volumes(struct tfs_catalog *cat, bool with_unlinked, tfs_catalog_vol_fn fn,
+			     void *ctx);
+
+/* ---- snapshot groups ---- */
+int tfs_catalog_add_group(struct tfs_catalog *cat, const char *name, int64_t created_ns,
+			  int64_t *id_out);
+int tfs_catalog_get_group(struct tfs_catalog *cat, const char *name, struct tfs_group_row *out);
+int tfs_catalog_remove_group(struct tfs_catalog *cat, int64_t id);
+typedef int (*tfs_catalog_group_fn)(void *ctx, const struct tfs_group_row *row);
+int tfs_catalog_list_groups(struct tfs_catalog *cat, tfs_catalog_group_fn fn, void *ctx);
+
+/* ---- events ---- */
+int tfs_catalog_add_event(struct tfs_catalog *cat, const char *kind, const char *detail,
+			  int64_t *id_out);
+/* Events with id > after_id in id order. */
+typedef int (*tfs_catalog_event_fn)(void *ctx, const struct tfs_event_row *row);
+int tfs_catalog_list_events(struct tfs_catalog *cat, int64_t after_id, tfs_catalog_event_fn fn,
+			    void *ctx);
+
+/*
+ * Mount-time reconciliation with the metadata's device list (ascending):
+ * rows whose device is missing are dropped (each logged as a warning);
+ * devices without a row get "thin-<id>" rows (size 0, mode 0600);
+ * unlinked rows are reported through orphan_fn so the caller deletes
+ * their devices and then the rows.
+ */
+int tfs_catalog_reconcile(struct tfs_catalog *cat, const uint32_t *dev_ids, unsigned nr,
+			  int (*orphan_fn)(void *ctx, uint32_t dev_id), void *ctx);
+
+#endif
