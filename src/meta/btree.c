@@ -899,7 +899,8 @@ int tfs_btree_del(const struct tfs_btree_info *info, uint64_t root)
  * the range are released unshadowed; straddling ones are trimmed
  * recursively and freed if that empties them.  Keys of survivors are
  * refreshed from their (possibly new) first entries.  *underfull is set
- * when any node touched ends below the minimum fill.
+ * when any node touched ends below the minimum fill.  removed may be NULL,
+ * which spares reading shared subtrees that are only being let go of.
  */
 static int remove_node_range(const struct tfs_btree_info *info, unsigned level,
 			     struct tfs_block *blk, uint64_t lo, uint64_t hi, unsigned depth,
@@ -922,7 +923,8 @@ static int remove_node_range(const struct tfs_btree_info *info, unsigned level,
 		if (r)
 			return r;
 		delete_entries(n, a, b - a);
-		*removed += b - a;
+		if (removed)
+			*removed += b - a;
 		if (node_nr(n) < node_min(n))
 			*underfull = true;
 		return 0;
@@ -1324,7 +1326,7 @@ static int remove_common(const struct tfs_btree_info *info, uint64_t root, const
 int tfs_btree_remove(const struct tfs_btree_info *info, uint64_t root, const uint64_t *keys,
 		     uint64_t *new_root)
 {
-	uint64_t removed = 0, key;
+	uint64_t key;
 	int r;
 
 	r = check_info(info);
@@ -1337,7 +1339,7 @@ int tfs_btree_remove(const struct tfs_btree_info *info, uint64_t root, const uin
 	if (r)
 		return r;
 	key = keys[last_level(info)];
-	return remove_common(info, root, keys, key, key, new_root, &removed);
+	return remove_common(info, root, keys, key, key, new_root, NULL);
 }
 
 int tfs_btree_remove_range(const struct tfs_btree_info *info, uint64_t root, const uint64_t *keys,
@@ -1356,7 +1358,7 @@ int tfs_btree_remove_range(const struct tfs_btree_info *info, uint64_t root, con
 	r = tfs_btree_lookup_range(info, root, keys, begin, end, 1, NULL, NULL);
 	if (r <= 0)
 		return r;
-	r = remove_common(info, root, keys, begin, end - 1, new_root, &removed);
+	r = remove_common(info, root, keys, begin, end - 1, new_root, nr_removed ? &removed : NULL);
 	if (nr_removed)
 		*nr_removed = removed;
 	return r;
