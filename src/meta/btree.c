@@ -1059,7 +1059,6 @@ static int rebalance(const struct tfs_btree_info *info, unsigned level, uint8_t 
 	if (ln + rn <= max) {
 		copy_entries(l, ln, rt, 0, rn);
 		set_nr(l, ln + rn);
-		truncate_node(rt, 0);
 		delete_entries(x, li + 1, 1);
 		set_key(x, li, key_at(l, 0));
 		tfs_tm_unlock(info->tm, lb);
