@@ -989,11 +989,12 @@ struct rc_cursor {
 static void rc_advance(struct rc_cursor *rc)
 {
 	const uint8_t *v;
+	int r;
 
 	rc->live = false;
 	if (rc->dead)
 		return;
-	int r = tfs_raw_iter_next(rc->it, &rc->key, &v);
+	r = tfs_raw_iter_next(rc->it, &rc->key, &v);
 	if (r > 0) {
 		rc->count = tfs_le32(v);
 		rc->live = true;
