@@ -467,7 +467,8 @@ def test_help_and_usage(run_thinfs):
         run_thinfs(cmd, ok=(2,))
     assert "check" in run_thinfs("--help").stdout
     run_thinfs("frobnicate", ok=(2,))
-    run_thinfs("check", "--repair", "x", ok=(2,))
+    run_thinfs("check", "no-such-file", ok=(2,))
+    run_thinfs("dump", "no-such-file", ok=(1,))
 
 
 def test_pool_cfg_names_the_metadata(restored_image, run_thinfs, tmp_path):
