@@ -576,14 +576,18 @@ static void leaf_data_index(struct checker *c, const struct tree *t, const struc
 				n->blocknr, t->name, k, c->data_nr, c->nr_dbitmaps);
 			continue;
 		}
+		snprintf(from, sizeof(from), "block %" PRIu64 " (%s), bitmap %" PRIu64, n->blocknr,
+			 t->name, k);
+		if (!c->dbm) { /* map too big to compare: only count the bitmap's block */
+			check_bitmap_block(c, tfs_le64(v), K_DSM_BITMAP, buf, from);
+			continue;
+		}
 		dbm = &c->dbm[k];
 		dbm->present = true;
 		dbm->blocknr = tfs_le64(v + offsetof(struct tfs_disk_index_entry, blocknr));
 		dbm->nr_free = tfs_le32(v + offsetof(struct tfs_disk_index_entry, nr_free));
 		dbm->none_free_before =
 			tfs_le32(v + offsetof(struct tfs_disk_index_entry, none_free_before));
-		snprintf(from, sizeof(from), "block %" PRIu64 " (%s), bitmap %" PRIu64, n->blocknr,
-			 t->name, k);
 		dbm->ok = check_bitmap_block(c, dbm->blocknr, K_DSM_BITMAP, buf, from);
 	}
 }
@@ -769,18 +773,21 @@ static int walk_data_sm(struct checker *c)
 	c->data_nr = c->sb.data_sm.nr_blocks;
 	c->nr_dbitmaps = c->data_nr / TFS_ENTRIES_PER_BITMAP +
 			 (c->data_nr % TFS_ENTRIES_PER_BITMAP != 0);
-	/* Every bitmap is a metadata block of its own: more cannot be real. */
+	/*
+	 * Every bitmap is a metadata block of its own: more cannot be real.
+	 * The trees are still walked, for their blocks' metadata counts.
+	 */
 	if (c->nr_dbitmaps > c->meta_domain) {
 		problem(c, "data space map: %" PRIu64 " blocks would need %" PRIu64
 			   " bitmaps, more than there are metadata blocks; data counts not checked",
 			c->data_nr, c->nr_dbitmaps);
-		return 0;
+	} else {
+		c->dbm = calloc(c->nr_dbitmaps ? c->nr_dbitmaps : 1, sizeof(*c->dbm));
+		if (!c->dbm)
+			return -ENOMEM;
 	}
-	c->dbm = calloc(c->nr_dbitmaps ? c->nr_dbitmaps : 1, sizeof(*c->dbm));
-	if (!c->dbm)
-		return -ENOMEM;
 	walk_tree(c, &index, c->sb.data_sm.bitmap_root, "the superblock's data space map root");
-	for (uint64_t k = 0; k < c->nr_dbitmaps; k++)
+	for (uint64_t k = 0; c->dbm && k < c->nr_dbitmaps; k++)
 		if (!c->dbm[k].present)
 			problem(c, "data space map index tree: no entry for bitmap %" PRIu64
 				   " (data blocks %" PRIu64 "..%" PRIu64 ")",
@@ -788,6 +795,8 @@ static int walk_data_sm(struct checker *c)
 				(k + 1) * TFS_ENTRIES_PER_BITMAP - 1);
 	c->dsm_rc_state = walk_tree(c, &rc, c->sb.data_sm.ref_count_root,
 				    "the superblock's data space map root");
+	if (!c->dbm)
+		return 0;
 
 	win = c->o->data_window ? c->o->data_window : DEFAULT_DATA_WINDOW;
 	win = (win + TFS_ENTRIES_PER_BITMAP - 1) / TFS_ENTRIES_PER_BITMAP * TFS_ENTRIES_PER_BITMAP;
