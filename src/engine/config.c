@@ -1,3 +1,1011 @@
 /* SPDX-License-Identifier: GPL-2.0-or-later */
-/* placeholder while the module is written */
-typedef int tfs_placeholder_config;
+/*
+ * config.c - pool.cfg parsing and validation (see config.h).
+ *
+ * libinih splits the file into sections and key = value pairs, but its
+ * handler gets no line number (Debian builds it without
+ * INI_HANDLER_LINENO), calls nothing for a section header, and reports only
+ * the first syntax error.  So we feed it through our own line reader
+ * (ini_parse_stream), which counts lines, classifies each one before inih
+ * sees it (section header, key line, comment, continuation) and reports
+ * syntax problems itself.  The handler then checks keys and values against
+ * the section the reader last saw.  Every problem is logged with
+ * file:line, parsing goes on so the user sees all of them at once, and the
+ * result is copied out only when there were none.
+ */
+#include "config.h"
+
+#include <blkid.h>
+#include <ctype.h>
+#include <errno.h>
+#include <ini.h>
+#include <limits.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "log.h"
+
+#define KIB 1024ull
+#define MIB (1024ull * KIB)
+#define GIB (1024ull * MIB)
+
+#define BLOCK_SIZE_UNIT (64 * KIB)
+#define BLOCK_SIZE_MAX GIB
+/* The block manager keeps at least 16 blocks of 4 KiB. */
+#define METADATA_CACHE_MIN (64 * KIB)
+/* A commit interval longer than this is a typo (ms meant as seconds). */
+#define COMMIT_INTERVAL_MAX_MS (3600ull * 1000)
+
+/* Where the catalog of a pool on block devices goes by default. */
+#define CATALOG_DIR "/var/lib/thinfs"
+
+enum section_kind { SEC_NONE, SEC_POOL, SEC_FAULT, SEC_ORIGIN, SEC_SNAPSHOT, SEC_CACHE, SEC_BAD };
+
+static const char *const section_word[] = {
+	[SEC_ORIGIN] = "origin",
+	[SEC_SNAPSHOT] = "snapshot",
+	[SEC_CACHE] = "cache",
+};
+
+/* Keys of the sections kept for later targets: names are checked, values are not. */
+static const char *const origin_keys[] = { "device", NULL };
+static const char *const snapshot_keys[] = { "origin", "cow", "persistent", "chunk_size", NULL };
+static const char *const cache_keys[] = { "origin", "cache", "metadata", "mode", "policy", NULL };
+
+enum pool_key {
+	K_METADATA,
+	K_DATA,
+	K_BLOCK_SIZE,
+	K_CATALOG,
+	K_LOW_WATER_MARK,
+	K_ERROR_IF_NO_SPACE,
+	K_NO_SPACE_TIMEOUT,
+	K_DISCARD_PASSDOWN,
+	K_SKIP_BLOCK_ZEROING,
+	K_COMMIT_INTERVAL,
+	K_ON_EVENT,
+	K_METADATA_CACHE,
+	K_NR
+};
+
+static const char *const pool_key_name[K_NR] = {
+	[K_METADATA] = "metadata",
+	[K_DATA] = "data",
+	[K_BLOCK_SIZE] = "block_size",
+	[K_CATALOG] = "catalog",
+	[K_LOW_WATER_MARK] = "low_water_mark",
+	[K_ERROR_IF_NO_SPACE] = "error_if_no_space",
+	[K_NO_SPACE_TIMEOUT] = "no_space_timeout",
+	[K_DISCARD_PASSDOWN] = "discard_passdown",
+	[K_SKIP_BLOCK_ZEROING] = "skip_block_zeroing",
+	[K_COMMIT_INTERVAL] = "commit_interval",
+	[K_ON_EVENT] = "on_event",
+	[K_METADATA_CACHE] = "metadata_cache",
+};
+
+/* What the reader decided about the line inih is about to parse. */
+enum line_kind { LINE_BLANK, LINE_SECTION, LINE_KEY, LINE_REPORTED };
+
+struct named_section {
+	enum section_kind kind;
+	char name[TFS_PATH_MAX];
+	unsigned line;
+};
+
+struct parser {
+	const char *file;              /* as the caller named it: messages use it */
+	char base_dir[TFS_PATH_MAX];   /* relative paths start here */
+	FILE *f;
+	char *buf;                     /* getline() buffer: whole lines, any length */
+	size_t buf_cap;
+	int read_errno;
+
+	unsigned lineno;
+	enum line_kind line_kind;
+	bool line_indented;
+	bool handler_called;
+	bool key_in_section;          /* inih's "prev_name": indented lines continue it */
+
+	enum section_kind section;
+	unsigned section_line;
+	unsigned pool_line, fault_line;
+	unsigned key_line[K_NR];      /* 0 = not given */
+	unsigned fault_allow_line;
+	struct named_section *named;
+	size_t nr_named;
+
+	unsigned nr_errors;
+	int err;                      /* errno of the first problem */
+	struct tfs_pool_config cfg;
+};
+
+static void problem(struct parser *p, unsigned line, int err, const char *fmt, ...)
+	__attribute__((format(printf, 4, 5)));
+
+/* Log one problem with file:line; the load fails with the first one's errno. */
+static void problem(struct parser *p, unsigned line, int err, const char *fmt, ...)
+{
+	char msg[768];
+	va_list ap;
+
+	va_start(ap, fmt);
+	vsnprintf(msg, sizeof(msg), fmt, ap);
+	va_end(ap);
+	if (line)
+		tfs_err("%s:%u: %s", p->file, line, msg);
+	else
+		tfs_err("%s: %s", p->file, msg);
+	p->nr_errors++;
+	if (!p->err)
+		p->err = err;
+}
+
+/* ---- value syntax ---- */
+
+static int unit_shift(char c)
+{
+	switch (tolower((unsigned char)c)) {
+	case 'k': return 10;
+	case 'm': return 20;
+	case 'g': return 30;
+	case 't': return 40;
+	case 'p': return 50;
+	case 'e': return 60;
+	default: return -1;
+	}
+}
+
+int tfs_parse_size(const char *s, uint64_t *bytes, bool *relative)
+{
+	uint64_t n = 0;
+	const char *q = s;
+	int shift = 0;
+
+	if (relative)
+		*relative = false;
+	if (*q == '+') {
+		if (!relative)
+			return -EINVAL;
+		*relative = true;
+		q++;
+	}
+	if (!isdigit((unsigned char)*q))
+		return -EINVAL;
+	for (; isdigit((unsigned char)*q); q++) {
+		unsigned d = (unsigned)(*q - '0');
+
+		if (n > (UINT64_MAX - d) / 10)
+			return -ERANGE;
+		n = n * 10 + d;
+	}
+	/* "", "b", "k", "kb", "kib" (any case): binary units throughout. */
+	if (*q && unit_shift(*q) >= 0) {
+		shift = unit_shift(*q++);
+		if (tolower((unsigned char)*q) == 'i' && tolower((unsigned char)q[1]) == 'b')
+			q += 2;
+		else if (tolower((unsigned char)*q) == 'b')
+			q++;
+	} else if (tolower((unsigned char)*q) == 'b') {
+		q++;
+	}
+	if (*q)
+		return -EINVAL;
+	if (shift && n > (UINT64_MAX >> shift))
+		return -ERANGE;
+	*bytes = n << shift;
+	return 0;
+}
+
+/* "60s", "2m", "1h", "500ms", or a plain number of seconds. */
+static int parse_time_ms(const char *s, uint64_t *ms)
+{
+	uint64_t n = 0, mult;
+	const char *q = s;
+
+	if (!isdigit((unsigned char)*q))
+		return -EINVAL;
+	for (; isdigit((unsigned char)*q); q++) {
+		unsigned d = (unsigned)(*q - '0');
+
+		if (n > (UINT64_MAX - d) / 10)
+			return -ERANGE;
+		n = n * 10 + d;
+	}
+	if (!*q || !strcasecmp(q, "s"))
+		mult = 1000;
+	else if (!strcasecmp(q, "ms"))
+		mult = 1;
+	else if (!strcasecmp(q, "m"))
+		mult = 60 * 1000;
+	else if (!strcasecmp(q, "h"))
+		mult = 3600 * 1000;
+	else
+		return -EINVAL;
+	if (n > UINT64_MAX / mult)
+		return -ERANGE;
+	*ms = n * mult;
+	return 0;
+}
+
+static int parse_bool(const char *s, bool *b)
+{
+	static const char *const yes[] = { "yes", "true", "on", "1" };
+	static const char *const no[] = { "no", "false", "off", "0" };
+
+	for (size_t i = 0; i < sizeof(yes) / sizeof(yes[0]); i++) {
+		if (!strcasecmp(s, yes[i])) {
+			*b = true;
+			return 0;
+		}
+		if (!strcasecmp(s, no[i])) {
+			*b = false;
+			return 0;
+		}
+	}
+	return -EINVAL;
+}
+
+/* Size in the form people write them back: "64k" rather than "65536". */
+static void format_size(uint64_t n, char *out, size_t len)
+{
+	static const char units[] = "kmgtpe";
+	int i = -1;
+
+	while (n && !(n & 1023) && i < 5) {
+		n >>= 10;
+		i++;
+	}
+	if (i < 0)
+		snprintf(out, len, "%llu", (unsigned long long)n);
+	else
+		snprintf(out, len, "%llu%c", (unsigned long long)n, units[i]);
+}
+
+/* ---- device names ---- */
+
+static int join_path(const char *base_dir, const char *name, char *out, size_t out_len)
+{
+	int n;
+
+	if (name[0] == '/' || !base_dir || !base_dir[0])
+		n = snprintf(out, out_len, "%s", name);
+	else
+		n = snprintf(out, out_len, "%s/%s", base_dir, name);
+	return n < 0 || (size_t)n >= out_len ? -ENAMETOOLONG : 0;
+}
+
+static bool is_tag(const char *name)
+{
+	static const char *const tags[] = { "UUID=", "LABEL=", "PARTUUID=", "PARTLABEL=" };
+
+	for (size_t i = 0; i < sizeof(tags) / sizeof(tags[0]); i++)
+		if (!strncmp(name, tags[i], strlen(tags[i])))
+			return true;
+	return false;
+}
+
+int tfs_config_resolve_device(const char *name, const char *base_dir, char *out, size_t out_len)
+{
+	char joined[TFS_PATH_MAX];
+	char *real = NULL;
+	struct stat st;
+	int r;
+
+	if (!name[0])
+		return -EINVAL;
+	if (is_tag(name)) {
+		if (!strchr(name, '=')[1])
+			return -EINVAL;
+		/* A private cache, freed by blkid: nothing outlives the call. */
+		real = blkid_evaluate_tag(name, NULL, NULL);
+		if (!real)
+			return -ENOENT;
+	} else {
+		r = join_path(base_dir, name, joined, sizeof(joined));
+		if (r)
+			return r;
+		real = realpath(joined, NULL);
+		if (!real)
+			return -errno;
+	}
+	if (stat(real, &st)) {
+		r = -errno;
+		goto out_free;
+	}
+	if (S_ISDIR(st.st_mode)) {
+		r = -EISDIR;
+		goto out_free;
+	}
+	if (!S_ISREG(st.st_mode) && !S_ISBLK(st.st_mode)) {
+		r = -ENOTBLK;
+		goto out_free;
+	}
+	if (strlen(real) >= out_len) {
+		r = -ENAMETOOLONG;
+		goto out_free;
+	}
+	strcpy(out, real);
+	r = 0;
+out_free:
+	free(real);
+	return r;
+}
+
+/* ---- [pool] values ---- */
+
+/* inih keeps quotes; a value wrapped in one pair of double quotes loses them. */
+static const char *unquote(const char *value, char *buf, size_t len)
+{
+	size_t n = strlen(value);
+
+	if (n >= 2 && value[0] == '"' && value[n - 1] == '"' && n - 2 < len) {
+		memcpy(buf, value + 1, n - 2);
+		buf[n - 2] = '\0';
+		return buf;
+	}
+	return value;
+}
+
+static void set_device(struct parser *p, const char *key, const char *value, char *out)
+{
+	int r = tfs_config_resolve_device(value, p->base_dir, out, TFS_PATH_MAX);
+
+	if (!r)
+		return;
+	if (is_tag(value)) {
+		if (r == -EINVAL)
+			problem(p, p->lineno, -EINVAL, "%s: '%s' has an empty value", key, value);
+		else
+			problem(p, p->lineno, -ENOENT,
+				"%s: %s: no such device (libblkid found none with this %.*s)", key,
+				value, (int)(strchr(value, '=') - value), value);
+		return;
+	}
+	switch (r) {
+	case -EISDIR:
+		problem(p, p->lineno, -EINVAL, "%s: %s is a directory", key, value);
+		break;
+	case -ENOTBLK:
+		problem(p, p->lineno, -EINVAL, "%s: %s is neither a regular file nor a block device",
+			key, value);
+		break;
+	case -ENOENT:
+		problem(p, p->lineno, -ENOENT, "%s: %s: no such file or device%s%s%s", key, value,
+			value[0] == '/' ? "" : " (relative to ", value[0] == '/' ? "" : p->base_dir,
+			value[0] == '/' ? "" : ")");
+		break;
+	default:
+		problem(p, p->lineno, r == -ENAMETOOLONG ? -EINVAL : r, "%s: %s: %s", key, value,
+			strerror(-r));
+		break;
+	}
+}
+
+static void set_size(struct parser *p, const char *key, const char *value, uint64_t *out)
+{
+	int r = tfs_parse_size(value, out, NULL);
+
+	if (r == -ERANGE)
+		problem(p, p->lineno, -EINVAL, "%s: %s is too large", key, value);
+	else if (r)
+		problem(p, p->lineno, -EINVAL,
+			"%s: '%s' is not a size (bytes, or a number with k, m, g, t: 64k, 1m, 20G)",
+			key, value);
+}
+
+static void set_time(struct parser *p, const char *key, const char *value, uint64_t *ms)
+{
+	int r = parse_time_ms(value, ms);
+
+	if (r == -ERANGE)
+		problem(p, p->lineno, -EINVAL, "%s: %s is too large", key, value);
+	else if (r)
+		problem(p, p->lineno, -EINVAL,
+			"%s: '%s' is not a time (seconds, or a number with ms, s, m, h: 500ms, 60s, 2m)",
+			key, value);
+}
+
+static void set_bool(struct parser *p, const char *key, const char *value, bool *out)
+{
+	if (parse_bool(value, out))
+		problem(p, p->lineno, -EINVAL,
+			"%s: '%s' is not a boolean (yes/no, true/false, on/off, 1/0)", key, value);
+}
+
+static void set_block_size(struct parser *p, const char *value)
+{
+	char unit[32], max[32];
+	uint64_t n;
+
+	if (tfs_parse_size(value, &n, NULL)) {
+		set_size(p, "block_size", value, &n);
+		return;
+	}
+	format_size(BLOCK_SIZE_UNIT, unit, sizeof(unit));
+	format_size(BLOCK_SIZE_MAX, max, sizeof(max));
+	if (n < BLOCK_SIZE_UNIT)
+		problem(p, p->lineno, -EINVAL, "block_size: %s is smaller than %s", value, unit);
+	else if (n > BLOCK_SIZE_MAX)
+		problem(p, p->lineno, -EINVAL, "block_size: %s is larger than %s", value, max);
+	else if (n % BLOCK_SIZE_UNIT)
+		problem(p, p->lineno, -EINVAL, "block_size: %s is not a multiple of %s", value, unit);
+	else
+		p->cfg.block_size = n;
+}
+
+static void set_low_water(struct parser *p, const char *value)
+{
+	size_t n = strlen(value);
+	unsigned long long v;
+	char *end;
+
+	/* Digits only: strtoull alone would take "-1", " 5" or "0x10". */
+	if (!n || !isdigit((unsigned char)value[0]))
+		goto bad;
+	errno = 0;
+	v = strtoull(value, &end, 10);
+	if (errno)
+		goto bad;
+	if (!strcmp(end, "%")) {
+		if (v > 100) {
+			problem(p, p->lineno, -EINVAL, "low_water_mark: %s is more than 100%%",
+				value);
+			return;
+		}
+		p->cfg.low_water_is_percent = true;
+		p->cfg.low_water_percent = (unsigned)v;
+		return;
+	}
+	if (*end)
+		goto bad;
+	p->cfg.low_water_is_percent = false;
+	p->cfg.low_water_blocks = v;
+	return;
+bad:
+	problem(p, p->lineno, -EINVAL,
+		"low_water_mark: '%s' is neither a number of data blocks (4096) nor a percentage (10%%)",
+		value);
+}
+
+static void set_on_event(struct parser *p, const char *value)
+{
+	char path[TFS_PATH_MAX];
+	struct stat st;
+
+	if (join_path(p->base_dir, value, path, sizeof(path))) {
+		problem(p, p->lineno, -EINVAL, "on_event: path too long");
+		return;
+	}
+	if (stat(path, &st)) {
+		int e = errno;
+
+		problem(p, p->lineno, e == ENOENT ? -ENOENT : -EINVAL, "on_event: %s: %s", path,
+			strerror(e));
+		return;
+	}
+	if (!S_ISREG(st.st_mode) || access(path, X_OK)) {
+		problem(p, p->lineno, -EINVAL, "on_event: %s is not an executable file", path);
+		return;
+	}
+	strcpy(p->cfg.on_event, path);
+}
+
+static void set_metadata_cache(struct parser *p, const char *value)
+{
+	char min[32];
+	uint64_t n;
+
+	if (tfs_parse_size(value, &n, NULL)) {
+		set_size(p, "metadata_cache", value, &n);
+		return;
+	}
+	if (n < METADATA_CACHE_MIN) {
+		format_size(METADATA_CACHE_MIN, min, sizeof(min));
+		problem(p, p->lineno, -EINVAL, "metadata_cache: %s is smaller than the minimum %s",
+			value, min);
+		return;
+	}
+	p->cfg.metadata_cache_bytes = n;
+}
+
+static void pool_key(struct parser *p, const char *name, const char *raw)
+{
+	char unq[TFS_PATH_MAX];
+	const char *value = unquote(raw, unq, sizeof(unq));
+	struct tfs_pool_config *c = &p->cfg;
+	enum pool_key k;
+	uint64_t ms;
+
+	for (k = 0; k < K_NR; k++)
+		if (!strcmp(name, pool_key_name[k]))
+			break;
+	if (k == K_NR) {
+		problem(p, p->lineno, -EINVAL,
+			"unknown key '%s' in [pool] (known: metadata, data, block_size, catalog, "
+			"low_water_mark, error_if_no_space, no_space_timeout, discard_passdown, "
+			"skip_block_zeroing, commit_interval, on_event, metadata_cache)",
+			name);
+		return;
+	}
+	if (p->key_line[k]) {
+		problem(p, p->lineno, -EINVAL, "%s: given twice (first on line %u)", name,
+			p->key_line[k]);
+		return;
+	}
+	p->key_line[k] = p->lineno;
+	if (!value[0]) {
+		problem(p, p->lineno, -EINVAL, "%s: empty value", name);
+		return;
+	}
+
+	switch (k) {
+	case K_METADATA:
+		set_device(p, name, value, c->metadata);
+		break;
+	case K_DATA:
+		set_device(p, name, value, c->data);
+		break;
+	case K_BLOCK_SIZE:
+		set_block_size(p, value);
+		break;
+	case K_CATALOG:
+		if (join_path(p->base_dir, value, c->catalog, sizeof(c->catalog)))
+			problem(p, p->lineno, -EINVAL, "catalog: path too long");
+		break;
+	case K_LOW_WATER_MARK:
+		set_low_water(p, value);
+		break;
+	case K_ERROR_IF_NO_SPACE:
+		set_bool(p, name, value, &c->error_if_no_space);
+		break;
+	case K_NO_SPACE_TIMEOUT:
+		set_time(p, name, value, &c->no_space_timeout_ms);
+		break;
+	case K_DISCARD_PASSDOWN:
+		set_bool(p, name, value, &c->discard_passdown);
+		break;
+	case K_SKIP_BLOCK_ZEROING:
+		set_bool(p, name, value, &c->skip_block_zeroing);
+		break;
+	case K_COMMIT_INTERVAL:
+		if (parse_time_ms(value, &ms))
+			set_time(p, name, value, &ms); /* reports why */
+		else if (!ms)
+			problem(p, p->lineno, -EINVAL, "commit_interval: must be more than 0");
+		else if (ms > COMMIT_INTERVAL_MAX_MS)
+			problem(p, p->lineno, -EINVAL, "commit_interval: %s is more than an hour",
+				value);
+		else
+			c->commit_interval_ms = ms;
+		break;
+	case K_ON_EVENT:
+		set_on_event(p, value);
+		break;
+	case K_METADATA_CACHE:
+		set_metadata_cache(p, value);
+		break;
+	case K_NR:
+		break;
+	}
+}
+
+static void named_key(struct parser *p, const char *name)
+{
+	const char *const *keys = p->section == SEC_ORIGIN ? origin_keys
+				: p->section == SEC_SNAPSHOT ? snapshot_keys
+							     : cache_keys;
+	struct named_section *ns = &p->named[p->nr_named - 1];
+	char known[128] = "";
+
+	for (const char *const *k = keys; *k; k++)
+		if (!strcmp(name, *k))
+			return;
+	for (const char *const *k = keys; *k; k++) {
+		strncat(known, *k, sizeof(known) - strlen(known) - 1);
+		if (k[1])
+			strncat(known, ", ", sizeof(known) - strlen(known) - 1);
+	}
+	problem(p, p->lineno, -EINVAL, "unknown key '%s' in [%s \"%s\"] (known: %s)", name,
+		section_word[p->section], ns->name, known);
+}
+
+static int on_pair(void *user, const char *section, const char *name, const char *value)
+{
+	struct parser *p = user;
+	bool b;
+
+	(void)section; /* the reader parsed the header itself; see classify() */
+	p->handler_called = true;
+	if (p->line_kind != LINE_KEY)
+		return 1; /* reported by the reader already */
+
+	switch (p->section) {
+	case SEC_NONE:
+		problem(p, p->lineno, -EINVAL, "key '%s' outside any section (put it under [pool])",
+			name);
+		break;
+	case SEC_BAD:
+		break; /* the header was reported; one error per mistake */
+	case SEC_POOL:
+		pool_key(p, name, value);
+		break;
+	case SEC_FAULT:
+		if (strcmp(name, "allow")) {
+			problem(p, p->lineno, -EINVAL, "unknown key '%s' in [fault] (known: allow)",
+				name);
+		} else if (p->fault_allow_line) {
+			problem(p, p->lineno, -EINVAL, "allow: given twice (first on line %u)",
+				p->fault_allow_line);
+		} else {
+			p->fault_allow_line = p->lineno;
+			set_bool(p, "allow", value, &b);
+			p->cfg.allow_faults = b;
+		}
+		break;
+	case SEC_ORIGIN:
+	case SEC_SNAPSHOT:
+	case SEC_CACHE:
+		named_key(p, name);
+		break;
+	}
+	return 1;
+}
+
+/* ---- lines ---- */
+
+/* inih's inline comment rule: ';' at the start or after whitespace. */
+static const char *find_chars_or_comment(const char *s, const char *chars)
+{
+	bool was_space = false;
+
+	for (; *s && !strchr(chars, *s) && !(was_space && *s == ';'); s++)
+		was_space = isspace((unsigned char)*s);
+	return s;
+}
+
+static bool rest_is_blank(const char *s)
+{
+	while (isspace((unsigned char)*s))
+		s++;
+	return !*s || *s == ';' || *s == '#';
+}
+
+static bool check_section_name(struct parser *p, const char *word, const char *name)
+{
+	for (const unsigned char *c = (const unsigned char *)name; *c; c++) {
+		if (*c < 0x20 || *c == 0x7f) {
+			problem(p, p->lineno, -EINVAL, "[%s]: the name contains a control character",
+				word);
+			return false;
+		}
+		if (*c == '/' || *c == '"') {
+			problem(p, p->lineno, -EINVAL, "[%s \"%s\"]: a name may not contain '%c'",
+				word, name, *c);
+			return false;
+		}
+	}
+	if (!name[0] || !strcmp(name, ".") || !strcmp(name, "..") || strlen(name) > 255) {
+		problem(p, p->lineno, -EINVAL,
+			"[%s]: the name must be 1 to 255 bytes and not '.' or '..'", word);
+		return false;
+	}
+	return true;
+}
+
+static void section_header(struct parser *p, const char *start)
+{
+	const char *end = find_chars_or_comment(start + 1, "]");
+	char body[TFS_PATH_MAX], word[16], *q, *name;
+	struct named_section *grown;
+	size_t len;
+	enum section_kind kind;
+
+	p->section = SEC_BAD;
+	p->section_line = p->lineno;
+	p->key_in_section = false;
+	if (*end != ']') {
+		problem(p, p->lineno, -EINVAL, "section header without a closing ']'");
+		return;
+	}
+	if (!rest_is_blank(end + 1)) {
+		problem(p, p->lineno, -EINVAL, "unexpected text after ']'");
+		return;
+	}
+	start++;
+	while (isspace((unsigned char)*start))
+		start++;
+	len = (size_t)(end - start);
+	while (len && isspace((unsigned char)start[len - 1]))
+		len--;
+	if (len >= sizeof(body)) {
+		problem(p, p->lineno, -EINVAL, "section header too long");
+		return;
+	}
+	memcpy(body, start, len);
+	body[len] = '\0';
+
+	if (!strcmp(body, "pool") || !strcmp(body, "fault")) {
+		unsigned *seen = body[0] == 'p' ? &p->pool_line : &p->fault_line;
+
+		if (*seen) {
+			problem(p, p->lineno, -EINVAL, "[%s] given twice (first on line %u)", body,
+				*seen);
+			return;
+		}
+		*seen = p->lineno;
+		p->section = body[0] == 'p' ? SEC_POOL : SEC_FAULT;
+		return;
+	}
+
+	q = body + strcspn(body, " \t\"");
+	len = (size_t)(q - body);
+	for (kind = SEC_ORIGIN; kind <= SEC_CACHE; kind++)
+		if (len == strlen(section_word[kind]) && !strncmp(body, section_word[kind], len))
+			break;
+	if (kind > SEC_CACHE) {
+		problem(p, p->lineno, -EINVAL,
+			"unknown section [%s] (expected [pool], [fault], [origin \"NAME\"], "
+			"[snapshot \"NAME\"] or [cache \"NAME\"])",
+			body);
+		return;
+	}
+	snprintf(word, sizeof(word), "%s", section_word[kind]);
+	while (isspace((unsigned char)*q))
+		q++;
+	len = strlen(q);
+	if (len < 2 || q[0] != '"' || q[len - 1] != '"') {
+		problem(p, p->lineno, -EINVAL, "[%s] needs a quoted name: [%s \"NAME\"]", word, word);
+		return;
+	}
+	q[len - 1] = '\0';
+	name = q + 1;
+	if (!check_section_name(p, word, name))
+		return;
+	/* origin, snapshot and cache names all become files in the mount root. */
+	for (size_t i = 0; i < p->nr_named; i++) {
+		if (!strcmp(p->named[i].name, name)) {
+			problem(p, p->lineno, -EINVAL,
+				"[%s \"%s\"]: the name is taken by [%s \"%s\"] on line %u", word, name,
+				section_word[p->named[i].kind], name, p->named[i].line);
+			return;
+		}
+	}
+	grown = realloc(p->named, (p->nr_named + 1) * sizeof(*grown));
+	if (!grown) {
+		problem(p, p->lineno, -ENOMEM, "out of memory");
+		return;
+	}
+	p->named = grown;
+	grown[p->nr_named].kind = kind;
+	strcpy(grown[p->nr_named].name, name);
+	grown[p->nr_named].line = p->lineno;
+	p->nr_named++;
+	p->section = kind;
+}
+
+/*
+ * Decide what inih will make of this line, mirroring its rules (comment
+ * prefixes ';' '#', inline ';' after whitespace, '[' headers, '=' or ':'
+ * separators, an indented line after a key continues that key's value).
+ */
+static void classify(struct parser *p, const char *line)
+{
+	const char *s = line;
+	const char *sep;
+
+	if (p->lineno == 1 && !strncmp(s, "\xEF\xBB\xBF", 3))
+		s += 3;
+	p->line_indented = isspace((unsigned char)*s) && *s != '\n' && *s != '\r';
+	while (isspace((unsigned char)*s))
+		s++;
+	if (!*s || *s == ';' || *s == '#') {
+		p->line_kind = LINE_BLANK;
+		return;
+	}
+	if (p->line_indented && p->key_in_section) {
+		/* inih would append this line to the previous value: never what was meant. */
+		problem(p, p->lineno, -EINVAL,
+			"indented line: continuation lines are not supported "
+			"(remove the indentation, one key = value per line)");
+		p->line_kind = LINE_REPORTED;
+		return;
+	}
+	if (*s == '[') {
+		p->line_kind = LINE_SECTION;
+		section_header(p, s);
+		return;
+	}
+	sep = find_chars_or_comment(s, "=:");
+	if (*sep != '=' && *sep != ':') {
+		problem(p, p->lineno, -EINVAL, "expected 'key = value', a [section] or a comment");
+		p->line_kind = LINE_REPORTED;
+		return;
+	}
+	p->key_in_section = true;
+	p->line_kind = LINE_KEY;
+}
+
+/* inih's reader: one whole line per call, so its line count stays ours. */
+static char *read_line(char *str, int num, void *stream)
+{
+	struct parser *p = stream;
+	ssize_t n;
+
+	if (p->line_kind == LINE_KEY && !p->handler_called)
+		problem(p, p->lineno, -EINVAL, "could not parse this line");
+	p->handler_called = false;
+
+	errno = 0;
+	n = getline(&p->buf, &p->buf_cap, p->f);
+	if (n < 0) {
+		p->read_errno = errno;
+		p->line_kind = LINE_BLANK;
+		return NULL;
+	}
+	p->lineno++;
+	if (memchr(p->buf, '\0', (size_t)n)) {
+		problem(p, p->lineno, -EINVAL, "line contains a NUL byte");
+		goto blank;
+	}
+	/* inih's buffer is fixed (INI_MAX_LINE); a longer line would be split. */
+	if (n > num - 1) {
+		problem(p, p->lineno, -EINVAL, "line longer than %d bytes (use a shorter or relative path)",
+			num - 2);
+		goto blank;
+	}
+	memcpy(str, p->buf, (size_t)n + 1);
+	classify(p, str);
+	return str;
+blank:
+	p->line_kind = LINE_REPORTED;
+	snprintf(str, (size_t)num, "\n");
+	return str;
+}
+
+/* ---- the whole file ---- */
+
+static bool same_file(const char *a, const char *b)
+{
+	struct stat sa, sb;
+
+	if (stat(a, &sa) || stat(b, &sb))
+		return !strcmp(a, b);
+	if (S_ISBLK(sa.st_mode) && S_ISBLK(sb.st_mode))
+		return sa.st_rdev == sb.st_rdev;
+	return sa.st_dev == sb.st_dev && sa.st_ino == sb.st_ino;
+}
+
+static void finish(struct parser *p)
+{
+	struct tfs_pool_config *c = &p->cfg;
+	struct stat st;
+	const char *base;
+	int n;
+
+	if (!p->pool_line) {
+		problem(p, 0, -EINVAL, "no [pool] section (it needs at least metadata = and data =)");
+		return;
+	}
+	if (!p->key_line[K_METADATA])
+		problem(p, p->pool_line, -EINVAL, "[pool]: required key 'metadata' is missing");
+	if (!p->key_line[K_DATA])
+		problem(p, p->pool_line, -EINVAL, "[pool]: required key 'data' is missing");
+	if (p->nr_errors)
+		return;
+
+	if (same_file(c->metadata, c->data)) {
+		problem(p, p->key_line[K_DATA], -EINVAL,
+			"data: %s is the metadata device too (line %u)", c->data,
+			p->key_line[K_METADATA]);
+		return;
+	}
+
+	if (!p->key_line[K_CATALOG]) {
+		if (!stat(c->metadata, &st) && S_ISBLK(st.st_mode)) {
+			base = strrchr(c->metadata, '/');
+			base = base ? base + 1 : c->metadata;
+			n = snprintf(c->catalog, sizeof(c->catalog), CATALOG_DIR "/%s.db", base);
+		} else {
+			n = snprintf(c->catalog, sizeof(c->catalog), "%s.catalog.db", c->metadata);
+		}
+		if (n < 0 || (size_t)n >= sizeof(c->catalog))
+			problem(p, p->key_line[K_METADATA], -EINVAL,
+				"metadata: path too long to name the catalog after it");
+		return;
+	}
+	if (!stat(c->catalog, &st) && !S_ISREG(st.st_mode)) {
+		problem(p, p->key_line[K_CATALOG], -EINVAL, "catalog: %s is not a regular file",
+			c->catalog);
+		return;
+	}
+	if (same_file(c->catalog, c->metadata) || same_file(c->catalog, c->data))
+		problem(p, p->key_line[K_CATALOG], -EINVAL,
+			"catalog: %s is the metadata or data device", c->catalog);
+}
+
+static void set_defaults(struct tfs_pool_config *c)
+{
+	memset(c, 0, sizeof(*c));
+	c->block_size = 64 * KIB;
+	c->low_water_is_percent = true;
+	c->low_water_percent = 10;
+	c->error_if_no_space = false;
+	c->no_space_timeout_ms = 60 * 1000;
+	c->discard_passdown = true;
+	c->skip_block_zeroing = false;
+	c->commit_interval_ms = 1000;
+	c->metadata_cache_bytes = 64 * MIB;
+	c->allow_faults = false;
+}
+
+int tfs_config_load(const char *path, struct tfs_pool_config *out)
+{
+	struct parser *p;
+	char *real, *slash;
+	int r, ini;
+
+	p = calloc(1, sizeof(*p));
+	if (!p)
+		return -ENOMEM;
+	p->file = path;
+	set_defaults(&p->cfg);
+
+	real = realpath(path, NULL);
+	if (!real) {
+		r = -errno;
+		tfs_err("%s: %s", path, strerror(errno));
+		goto out_free;
+	}
+	if (strlen(real) >= sizeof(p->cfg.path)) {
+		r = -ENAMETOOLONG;
+		tfs_err("%s: path too long", path);
+		goto out_free_real;
+	}
+	strcpy(p->cfg.path, real);
+	strcpy(p->base_dir, real);
+	slash = strrchr(p->base_dir, '/');
+	if (slash == p->base_dir)
+		slash[1] = '\0'; /* the .cfg is in / */
+	else if (slash)
+		*slash = '\0';
+
+	p->f = fopen(real, "re");
+	if (!p->f) {
+		r = -errno;
+		tfs_err("%s: %s", path, strerror(errno));
+		goto out_free_real;
+	}
+	ini = ini_parse_stream(read_line, p, on_pair, p);
+	if (p->read_errno) {
+		problem(p, p->lineno + 1, -p->read_errno, "read error: %s",
+			strerror(p->read_errno));
+	} else if (ini == -2) {
+		problem(p, p->lineno, -ENOMEM, "out of memory");
+	} else if (ini && !p->nr_errors) {
+		/* Our reader mirrors inih; this only catches a rule it missed. */
+		problem(p, (unsigned)ini, -EINVAL, "syntax error");
+	}
+	if (!p->read_errno)
+		finish(p);
+
+	if (p->nr_errors) {
+		r = p->err ? p->err : -EINVAL;
+		goto out_close;
+	}
+	*out = p->cfg;
+	r = 0;
+out_close:
+	fclose(p->f);
+out_free_real:
+	free(real);
+out_free:
+	free(p->buf);
+	free(p->named);
+	free(p);
+	return r;
+}
