@@ -16,6 +16,16 @@
  * call is one sqlite transaction (or part of one opened with begin/commit).
  * Errors: -ENOENT no such name/id; -EEXIST name taken; -EINVAL bad name
  * (logged with the reason); -EIO sqlite failure (logged with its message).
+ * Also: -EROFS a change to a catalog opened read-only; -ENOSPC the disk
+ * holding it is full (both logged).
+ *
+ * Storage (schema version 1): WAL, synchronous=FULL (a call that returned
+ * 0 survives a crash), foreign keys on.  Names are unique per directory:
+ * among top-level volumes, and among the members of one group; an
+ * unlinked row has given its name up.  Names are stored byte for byte.
+ * Listing functions copy the rows and call back without the catalog's
+ * lock held, so a callback may call the catalog again; a non-zero return
+ * from a callback stops the listing and is returned.
  */
 #ifndef TFS_META_CATALOG_H
 #define TFS_META_CATALOG_H
@@ -54,32 +64,64 @@ struct tfs_event_row {
 	char detail[512];
 };
 
-/* Create (mkpool) or open.  create refuses an existing non-empty catalog unless force. */
+/*
+ * Create (mkpool) or open.  create refuses an existing non-empty catalog unless force.
+ * create: -EEXIST (logged) when path holds volumes, groups or events, or is
+ * not a thinfs catalog; force removes the file (and its -wal/-shm) first.
+ * It makes the parent directory if missing (one level: /var/lib/thinfs).
+ * open: -ENOENT no such file; -EINVAL not a thinfs catalog; -EPROTO a
+ * newer schema version.  A read-only open never writes.
+ */
 int tfs_catalog_create(const char *path, bool force, struct tfs_catalog **out);
 int tfs_catalog_open(const char *path, bool read_only, struct tfs_catalog **out);
 void tfs_catalog_close(struct tfs_catalog *cat);
 
-/* Name rules: 1..255 bytes, no '/', not "." or "..", no NUL or control characters. */
+/*
+ * Name rules: 1..255 bytes, no '/', not "." or "..", no NUL or control characters.
+ * check_name logs the reason at info level (a refused name is the
+ * client's mistake, not the daemon's).  name_error returns the reason
+ * ("name contains '/'") or NULL, logging nothing: for replies to
+ * thinfs-ctl.
+ */
 int tfs_catalog_check_name(const char *name);
+const char *tfs_catalog_name_error(const char *name);
 
-/* Several changes as one sqlite transaction (e.g. a snapshot group). */
+/*
+ * Several changes as one sqlite transaction (e.g. a snapshot group).
+ * begin holds the catalog's lock until commit or rollback: other threads'
+ * calls wait, the calling thread's go into the transaction.  No nesting
+ * (-EINVAL).  A failed commit rolls back and ends the transaction, so a
+ * rollback after it is a harmless no-op, as is rollback without begin.
+ */
 int tfs_catalog_begin(struct tfs_catalog *cat);
 int tfs_catalog_commit(struct tfs_catalog *cat);
 void tfs_catalog_rollback(struct tfs_catalog *cat);
 
-/* ---- volumes (unlinked rows are invisible to get/find/list unless asked) ---- */
+/*
+ * ---- volumes (unlinked rows are invisible to get/find/list unless asked) ----
+ * add_volume: group_id 0 and kind THIN or SNAPSHOT, or a group_id and kind
+ * GROUP_MEMBER (else -EINVAL); -EEXIST dev_id or name taken; -ENOENT no
+ * such group; -EFBIG size above INT64_MAX.  mode is stored & 07777.
+ * get_by_name: top-level volumes only.  get_member: a member of a group
+ * by name.  get_by_id is "asked": it finds unlinked rows too (out->unlinked
+ * says so), since an open handle on an unlinked volume still has attributes.
+ */
 int tfs_catalog_add_volume(struct tfs_catalog *cat, const struct tfs_vol_row *row);
 int tfs_catalog_get_by_name(struct tfs_catalog *cat, const char *name, struct tfs_vol_row *out);
+int tfs_catalog_get_member(struct tfs_catalog *cat, int64_t group_id, const char *name,
+			   struct tfs_vol_row *out);
 int tfs_catalog_get_by_id(struct tfs_catalog *cat, uint32_t dev_id, struct tfs_vol_row *out);
 /* Update size, mode, uid, gid and times of the row with row->dev_id. */
 int tfs_catalog_update_volume(struct tfs_catalog *cat, const struct tfs_vol_row *row);
-/* Atomic rename; replaces nothing: -EEXIST when new_name is taken. */
+/* Atomic rename of a top-level volume; replaces nothing: -EEXIST when new_name is taken. */
 int tfs_catalog_rename(struct tfs_catalog *cat, const char *old_name, const char *new_name);
-/* Hide the name now; the row stays (unlinked) until tfs_catalog_remove_volume. */
+/* Hide the name now; the row stays (unlinked) until tfs_catalog_remove_volume.
+ * Unlinking an unlinked row again is a no-op (0). */
 int tfs_catalog_unlink(struct tfs_catalog *cat, uint32_t dev_id);
 int tfs_catalog_remove_volume(struct tfs_catalog *cat, uint32_t dev_id);
 
-/* Visit rows in name order (group members included, unlinked only if with_unlinked). */
+/* Visit rows in name order (group members included, unlinked only if with_unlinked).
+ * Equal names: top level first, then by group id. */
 typedef int (*tfs_catalog_vol_fn)(void *ctx, const struct tfs_vol_row *row);
 int tfs_catalog_list_volumes(struct tfs_catalog *cat, bool with_unlinked, tfs_catalog_vol_fn fn,
 			     void *ctx);
@@ -88,11 +130,19 @@ int tfs_catalog_list_volumes(struct tfs_catalog *cat, bool with_unlinked, tfs_ca
 int tfs_catalog_add_group(struct tfs_catalog *cat, const char *name, int64_t created_ns,
 			  int64_t *id_out);
 int tfs_catalog_get_group(struct tfs_catalog *cat, const char *name, struct tfs_group_row *out);
+/* Removes the group's member rows too (the caller deleted their devices first). */
 int tfs_catalog_remove_group(struct tfs_catalog *cat, int64_t id);
+/* Groups in name order. */
 typedef int (*tfs_catalog_group_fn)(void *ctx, const struct tfs_group_row *row);
 int tfs_catalog_list_groups(struct tfs_catalog *cat, tfs_catalog_group_fn fn, void *ctx);
 
-/* ---- events ---- */
+/*
+ * ---- events ----
+ * time_ns is the time of the add (CLOCK_REALTIME).  kind: 1..63 bytes
+ * (-EINVAL); detail is cut to 511 bytes (at a UTF-8 character boundary).
+ * Ids only grow, never reused; the oldest events beyond the newest 10000
+ * are dropped.
+ */
 int tfs_catalog_add_event(struct tfs_catalog *cat, const char *kind, const char *detail,
 			  int64_t *id_out);
 /* Events with id > after_id in id order. */
@@ -106,6 +156,12 @@ int tfs_catalog_list_events(struct tfs_catalog *cat, int64_t after_id, tfs_catal
  * devices without a row get "thin-<id>" rows (size 0, mode 0600);
  * unlinked rows are reported through orphan_fn so the caller deletes
  * their devices and then the rows.
+ * Details: the row changes are one sqlite transaction, done before any
+ * orphan_fn call; orphan_fn runs without the catalog's lock, and its first
+ * non-zero return stops the walk and is returned.  A placeholder row is
+ * top-level, kind THIN, size 0, mode 0600, uid/gid 0, times now, named
+ * "thin-<id>" or, if that is taken, "thin-<id>-1", "-2", ...  Unlinked
+ * rows without a device (crash after the delete) go quietly (info).
  */
 int tfs_catalog_reconcile(struct tfs_catalog *cat, const uint32_t *dev_ids, unsigned nr,
 			  int (*orphan_fn)(void *ctx, uint32_t dev_id), void *ctx);
