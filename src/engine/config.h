@@ -25,6 +25,19 @@
  * [fault] allow = yes|no      fault injection (needs --allow-faults too)
  * Sections [origin "..."], [snapshot "..."], [cache "..."] are recognised
  * and kept for later targets; their keys are validated only by name.
+ *
+ * Syntax details: comments start with ';' or '#' (inline: " ;"); a value
+ * may be wrapped in one pair of double quotes; continuation lines
+ * (indented lines after a key) and lines longer than inih's 198 bytes are
+ * errors; each key and section at most once.  Sizes: bytes or k/m/g/t/p/e
+ * (also "kb", "kib"; binary, any case).  Times: seconds, or ms/s/m/h.
+ * Bools: yes/no, true/false, on/off, 1/0.  Devices: a path (relative to
+ * the .cfg's directory) to an existing regular file or block device, or
+ * UUID=, LABEL=, PARTUUID=, PARTLABEL= (libblkid); stored canonical and
+ * absolute.  metadata and data must differ.  catalog default:
+ * "<metadata>.catalog.db", or /var/lib/thinfs/<basename>.db when the
+ * metadata is a block device.  on_event: path of an executable file, no
+ * arguments.  commit_interval: 1ms .. 1h.  metadata_cache: at least 64k.
  */
 #ifndef TFS_ENGINE_CONFIG_H
 #define TFS_ENGINE_CONFIG_H
@@ -62,10 +75,20 @@ struct tfs_pool_config {
  */
 int tfs_config_load(const char *path, struct tfs_pool_config *out);
 
-/* Resolve "UUID=...", "LABEL=..." or a path (relative to base_dir) to a path. */
+/*
+ * Resolve "UUID=...", "LABEL=..." or a path (relative to base_dir) to a path.
+ * Logs nothing (the caller knows the context).  -ENOENT no such file or no
+ * device with that tag; -EISDIR a directory; -ENOTBLK neither a regular
+ * file nor a block device; -EINVAL empty name or tag value; -ENAMETOOLONG;
+ * -errno of realpath(3)/stat(2).  Blocks: a tag may make libblkid probe devices.
+ */
 int tfs_config_resolve_device(const char *name, const char *base_dir, char *out, size_t out_len);
 
-/* Size parsing shared with thinfs-ctl: "64k", "20G", "+50G" (sets *relative). */
+/*
+ * Size parsing shared with thinfs-ctl: "64k", "20G", "+50G" (sets *relative).
+ * Logs nothing.  -EINVAL not a size (or '+' with relative NULL); -ERANGE
+ * more than 2^64-1 bytes.  *relative is set false when there is no '+'.
+ */
 int tfs_parse_size(const char *s, uint64_t *bytes, bool *relative);
 
 #endif
