@@ -143,10 +143,19 @@ def _mounts():
     return out
 
 
-def is_mounted(path):
-    path = Path(path)
+def _canon(path):
     # realpath of the parent only: the mountpoint itself may be a dead mount.
-    return str(Path(os.path.realpath(path.parent)) / path.name) in _mounts()
+    path = Path(path)
+    return str(Path(os.path.realpath(path.parent)) / path.name)
+
+
+def is_mounted(path):
+    return _canon(path) in _mounts()
+
+
+def mount_count(path):
+    """How many mounts are stacked on path."""
+    return _mounts().count(_canon(path))
 
 
 def ctl_socket_path(mnt):
@@ -257,7 +266,7 @@ class Pool:
         log = self.dir / f"daemon-{self.nmounts}.log"
         self.logs.append(log)
         if not ok:
-            return self._failing_mount(mnt, log, opts)
+            return self._failing_mount(mnt, log, opts, foreground)
         if foreground:
             with open(log, "w") as lf:
                 self.proc = subprocess.Popen(
@@ -278,26 +287,40 @@ class Pool:
         self.cur_mnt = mnt
         return self
 
-    def _failing_mount(self, mnt, log, opts):
-        """A mount that must be refused: run it in the foreground; if it mounts
-        after all, unmount it, kill it (by pid) and fail."""
-        args = [str(a) for a in (self.thinfs, "mount", "-f", self.cfg, mnt, *opts)]
+    def _failing_mount(self, mnt, log, opts, foreground):
+        """A mount that must be refused.  If it mounts after all: unmount it,
+        end its daemon (by pid) and fail the test."""
+        before = mount_count(mnt)
+        fg = ["-f"] if foreground else []
+        args = [str(a) for a in (self.thinfs, "mount", *fg, self.cfg, mnt, *opts)]
         with open(log, "w") as lf:
             proc = subprocess.Popen(args, stdout=lf, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + MOUNT_TIMEOUT
         while proc.poll() is None and time.monotonic() < deadline:
-            if is_mounted(mnt) and mnt != getattr(self, "cur_mnt", None):
-                run_cmd("fusermount3", "-u", mnt, check=False)
-                try:
-                    proc.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
-                self.problems.append(f"a mount that should be refused mounted {mnt}")
-                pytest.fail(f"thinfs mount {opts} at {mnt} should have been refused but mounted:\n"
-                            f"{log.read_text(errors='replace')}")
+            if mount_count(mnt) > before:
+                break
             time.sleep(0.05)
+        if mount_count(mnt) > before:
+            pid = proc.pid if proc.poll() is None else None
+            if pid is None:
+                try:
+                    pid = socket_peer_pid(ctl_socket_path(mnt))
+                except OSError:
+                    pass
+            run_cmd("fusermount3", "-u", mnt, check=False)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            if pid is not None and pid != self.pid and pid_alive(pid):
+                time.sleep(1)
+                if pid_alive(pid):
+                    os.kill(pid, signal.SIGKILL)
+            self.problems.append(f"a mount that should be refused mounted {mnt}")
+            pytest.fail(f"thinfs mount {opts} at {mnt} should have been refused but mounted:\n"
+                        f"{log.read_text(errors='replace')}")
         if proc.poll() is None:
             proc.kill()
             proc.wait()

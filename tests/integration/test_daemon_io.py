@@ -1,0 +1,293 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+"""I/O through volumes (issue 3): fio with crc32c verification and two jobs,
+concurrent writes to the same blocks (range locks), copy-on-write races
+between an origin and its snapshot, discard passdown reaching the data
+file, losetup --direct-io=on, running out of data space."""
+import errno
+import os
+import shutil
+import subprocess
+import threading
+
+import pytest
+
+from conftest import run_cmd
+from daemon_util import (BS, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, MiB, aligned, create,
+                         du, fallocate, fsync_path, pattern, read_at, wait_for, write_at)
+
+
+def fio(*args, timeout=300):
+    if not shutil.which("fio"):
+        pytest.fail("fio not installed (scripts/install-deps.sh)")
+    r = run_cmd("fio", "--output-format=terse", *args, check=False,
+                timeout=timeout)
+    assert r.returncode == 0, f"fio {args} exited {r.returncode}:\n{r.stdout}\n{r.stderr}"
+    return r
+
+
+# ---- fio -------------------------------------------------------------------------------
+
+def test_fio_verify_crc32c_two_jobs_buffered(pool):
+    p = pool()
+    vol = p.mnt / "vm1"
+    create(vol, 64 * MiB)
+    fio("--name=verify", f"--filename={vol}", "--rw=randwrite", "--bsrange=4k-192k",
+        "--size=24M", "--numjobs=2", "--offset_increment=32M", "--ioengine=psync",
+        "--verify=crc32c", "--verify_fatal=1", "--do_verify=1", "--fsync_on_close=1")
+    # A second pass over what is now mapped: overwrite in place, verify again.
+    fio("--name=overwrite", f"--filename={vol}", "--rw=randwrite", "--bs=4k",
+        "--size=24M", "--numjobs=2", "--offset_increment=32M", "--ioengine=psync",
+        "--verify=crc32c", "--verify_fatal=1", "--do_verify=1")
+    p.remount()
+    # Verify only, after the remount: what was written last is still there.
+    fio("--name=overwrite", f"--filename={vol}", "--rw=randwrite", "--bs=4k",
+        "--size=24M", "--numjobs=2", "--offset_increment=32M", "--ioengine=psync",
+        "--verify=crc32c", "--verify_fatal=1", "--verify_only=1")
+
+
+def test_fio_verify_crc32c_two_jobs_direct_libaio(pool):
+    p = pool()
+    vol = p.mnt / "vm1"
+    create(vol, 64 * MiB)
+    fio("--name=direct", f"--filename={vol}", "--rw=randwrite", "--bs=64k",
+        "--size=24M", "--numjobs=2", "--offset_increment=32M", "--ioengine=libaio",
+        "--iodepth=8", "--direct=1", "--verify=crc32c", "--verify_fatal=1", "--do_verify=1")
+    fio("--name=direct-1m", f"--filename={vol}", "--rw=write", "--bs=1M",
+        "--size=24M", "--numjobs=2", "--offset_increment=32M", "--ioengine=libaio",
+        "--iodepth=4", "--direct=1", "--verify=crc32c", "--verify_fatal=1", "--do_verify=1")
+
+
+def test_fio_verify_on_a_snapshot_leaves_the_origin(pool):
+    p = pool()
+    vol = p.mnt / "vm1"
+    create(vol, 64 * MiB)
+    base = pattern(1, 8 * MiB)
+    write_at(vol, 0, base)
+    p.ctl("snapshot", "vm1", "clone")
+    fio("--name=clone", f"--filename={p.mnt / 'clone'}", "--rw=randwrite", "--bsrange=4k-128k",
+        "--size=8M", "--numjobs=2", "--offset_increment=4M", "--ioengine=psync",
+        "--verify=crc32c", "--verify_fatal=1", "--do_verify=1")
+    assert read_at(vol, 0, 8 * MiB) == base
+
+
+# ---- concurrency on the same blocks ----------------------------------------------------
+
+def run_threads(fns):
+    errors = []
+
+    def wrap(fn):
+        try:
+            fn()
+        except BaseException as e:      # noqa: B902 - reported below
+            errors.append(e)
+    ts = [threading.Thread(target=wrap, args=(fn,)) for fn in fns]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert not errors, errors
+
+
+def test_concurrent_partial_writes_into_fresh_blocks_lose_nothing(pool):
+    """Two writers fill the two halves of the same unmapped blocks at once
+    (O_DIRECT, so each write reaches the daemon as it is): allocation and
+    zeroing of the rest of the block must not race with the other half."""
+    p = pool()
+    vol = p.mnt / "vm1"
+    nblk = 64
+    create(vol, nblk * BS)
+    half = BS // 2
+
+    def writer(which):
+        def run():
+            buf = aligned(half)
+            buf[:] = bytes([0x11 + which]) * half
+            fd = os.open(vol, os.O_RDWR | os.O_DIRECT)
+            try:
+                for b in range(nblk):
+                    os.pwritev(fd, [buf], b * BS + which * half)
+            finally:
+                os.close(fd)
+        return run
+    run_threads([writer(0), writer(1)])
+    got = read_at(vol, 0, nblk * BS)
+    assert got == (b"\x11" * half + b"\x12" * half) * nblk
+    assert p.volume("vm1")["mapped_blocks"] == nblk
+    fsync_path(vol)
+    assert p.used() == nblk
+
+
+def test_concurrent_writes_to_origin_and_snapshot_break_sharing_once_each(pool):
+    p = pool()
+    nblk = 32
+    create(p.mnt / "vm1", nblk * BS)
+    base = pattern(1, nblk * BS)
+    write_at(p.mnt / "vm1", 0, base)
+    p.ctl("snapshot", "vm1", "clone")
+
+    def writer(name, byte):
+        def run():
+            buf = aligned(4096)
+            buf[:] = bytes([byte]) * 4096
+            fd = os.open(p.mnt / name, os.O_RDWR | os.O_DIRECT)
+            try:
+                for b in range(nblk):
+                    os.pwritev(fd, [buf], b * BS + 8192)
+            finally:
+                os.close(fd)
+        return run
+    run_threads([writer("vm1", 0xA1), writer("clone", 0xC1)])
+    for name, byte in (("vm1", 0xA1), ("clone", 0xC1)):
+        want = bytearray(base)
+        for b in range(nblk):
+            want[b * BS + 8192:b * BS + 8192 + 4096] = bytes([byte]) * 4096
+        assert read_at(p.mnt / name, 0, nblk * BS) == bytes(want), name
+    fsync_path(p.mnt / "vm1")
+    assert p.used() == 2 * nblk
+    for name in ("vm1", "clone"):
+        v = p.volume(name)
+        assert (v["mapped_blocks"], v["exclusive_blocks"]) == (nblk, nblk), v
+
+
+# ---- discard passdown ---------------------------------------------------------------------
+
+def punch(path, off, length):
+    fd = os.open(path, os.O_RDWR)
+    try:
+        fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, off, length)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def test_discard_reaches_the_data_file(pool):
+    n = 32
+    p = pool()
+    create(p.mnt / "vm1", 8 * MiB)
+    write_at(p.mnt / "vm1", 0, pattern(1, n * BS))
+    before = du(p.data)
+    assert before >= n * BS
+    discards0 = p.status()["pool"]["io"]["data"]["discards"]
+    punch(p.mnt / "vm1", 0, n * BS)
+    assert p.used() == 0
+    # Passdown may follow the commit that freed the blocks: bounded wait.
+    assert wait_for(lambda: du(p.data) <= before - n * BS, timeout=5), \
+        f"data file du {before} -> {du(p.data)}, expected to drop by {n * BS}"
+    assert p.status()["pool"]["io"]["data"]["discards"] > discards0
+    assert read_at(p.mnt / "vm1", 0, n * BS) == bytes(n * BS)
+
+
+def test_discard_of_a_shared_block_frees_nothing(pool):
+    n = 8
+    p = pool()
+    create(p.mnt / "vm1", 8 * MiB)
+    write_at(p.mnt / "vm1", 0, pattern(1, n * BS))
+    os.mkdir(p.mnt / ".snapshots" / "g")
+    before = du(p.data)
+    punch(p.mnt / "vm1", 0, n * BS)
+    assert p.used() == n
+    assert p.volume("vm1")["mapped_blocks"] == 0
+    fsync_path(p.mnt / "vm1")
+    assert du(p.data) == before
+    assert read_at(p.mnt / ".snapshots" / "g" / "vm1", 0, n * BS) == pattern(1, n * BS)
+    os.rmdir(p.mnt / ".snapshots" / "g")
+    assert p.used() == 0
+    assert wait_for(lambda: du(p.data) <= before - n * BS, timeout=5), \
+        "deleting the last sharer did not pass the discard down"
+
+
+def test_no_discard_passdown_keeps_the_data_file(pool):
+    n = 16
+    p = pool(options={"discard_passdown": "false"})
+    create(p.mnt / "vm1", 8 * MiB)
+    write_at(p.mnt / "vm1", 0, pattern(1, n * BS))
+    before = du(p.data)
+    punch(p.mnt / "vm1", 0, n * BS)
+    assert p.used() == 0
+    assert p.status()["pool"]["discard_passdown"] is False
+    p.unmount()
+    assert du(p.data) == before
+    p.mount()
+
+
+def test_freed_blocks_are_reused(pool):
+    p = pool(data_size=8 * MiB)         # 128 blocks
+    create(p.mnt / "vm1", 8 * MiB)
+    for seed in range(4):                # 4 x 100 blocks through a 128-block pool
+        write_at(p.mnt / "vm1", 0, pattern(seed, 100 * BS))
+        assert p.used() == 100
+        punch(p.mnt / "vm1", 0, 100 * BS)
+        assert p.used() == 0
+
+
+# ---- loop devices ---------------------------------------------------------------------------
+
+def test_losetup_direct_io_on_a_volume(pool):
+    p = pool()
+    vol = p.mnt / "vm1"
+    create(vol, 32 * MiB)
+    dev = p.losetup(vol, "--direct-io=on")
+    name = os.path.basename(dev)
+    with open(f"/sys/block/{name}/loop/dio") as f:
+        assert f.read().strip() == "1", "the loop device fell back to buffered I/O"
+    data = pattern(1, 4 * MiB)
+    fd = os.open(dev, os.O_RDWR | os.O_DIRECT)
+    try:
+        buf = aligned(len(data))
+        buf[:] = data
+        assert os.pwritev(fd, [buf], 3 * MiB) == len(data)
+        os.fsync(fd)
+        rbuf = aligned(len(data))
+        assert os.preadv(fd, [rbuf], 3 * MiB) == len(data)
+        assert rbuf[:] == data
+    finally:
+        os.close(fd)
+    assert read_at(vol, 3 * MiB, len(data)) == data
+    run_cmd("mkfs.ext4", "-q", "-F", dev, timeout=300)
+    r = run_cmd("fsck.ext4", "-fn", dev, check=False, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    p.detach(dev)
+
+
+def test_loop_device_discard_unmaps_volume_blocks(pool):
+    """blkdiscard on a loop device over a volume punches the volume's file:
+    the pool frees the blocks."""
+    p = pool()
+    vol = p.mnt / "vm1"
+    create(vol, 32 * MiB)
+    write_at(vol, 0, pattern(1, 4 * MiB))
+    assert p.used() == 4 * MiB // BS
+    dev = p.losetup(vol)
+    run_cmd("blkdiscard", dev)
+    p.detach(dev)
+    fsync_path(vol)
+    assert p.used() == 0
+    assert read_at(vol, 0, 4 * MiB) == bytes(4 * MiB)
+
+
+# ---- out of data space ----------------------------------------------------------------------
+
+def test_error_if_no_space_fails_writes_with_enospc_and_keeps_data(pool):
+    p = pool(data_size=4 * MiB, options={"error_if_no_space": "true"})   # 64 blocks
+    p.expect_log(r"(?i)space|ENOSPC")
+    create(p.mnt / "vm1", 8 * MiB)
+    keep = pattern(1, 32 * BS)
+    write_at(p.mnt / "vm1", 0, keep)
+    fd = os.open(p.mnt / "vm1", os.O_WRONLY)
+    try:
+        with pytest.raises(OSError) as ei:
+            for b in range(32, 128):
+                os.pwrite(fd, pattern(b, BS), b * BS)
+            os.fsync(fd)
+        assert ei.value.errno == errno.ENOSPC, ei.value
+    finally:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    st = p.status()["pool"]
+    assert st["mode"] == "out_of_data_space", st
+    assert st["data"]["used_blocks"] == st["data"]["total_blocks"] == 64
+    assert read_at(p.mnt / "vm1", 0, 32 * BS) == keep
+    p.remount()
+    assert read_at(p.mnt / "vm1", 0, 32 * BS) == keep
