@@ -457,6 +457,15 @@ class Pool:
     def used(self):
         return self.status()["pool"]["data"]["used_blocks"]
 
+    def wait_used(self, n, timeout=5):
+        """used_blocks must become n.  Blocks of an unlinked or deleted
+        volume are freed at its last close, and FUSE sends RELEASE after
+        close(2) has returned: allow a bounded wait."""
+        deadline = time.monotonic() + timeout
+        while self.used() != n and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert self.used() == n, f"used_blocks {self.used()}, expected {n}"
+
     # ---- block devices and filesystems over volumes (root only) ----
     def losetup(self, path, *opts):
         if os.geteuid() != 0:

@@ -354,7 +354,7 @@ def test_rename_onto_an_existing_volume_replaces_it_or_refuses_cleanly(pool):
         assert read_at(p.mnt / "b", 0, 2 * BS) == a
         assert p.volume("b")["id"] == ida
         fsync_path(p.mnt / "b")
-        assert p.used() == 2
+        p.wait_used(2)
         assert [v["name"] for v in p.status()["volumes"]] == ["b"]
 
 
@@ -377,7 +377,7 @@ def test_unlink_frees_the_device(pool):
     os.unlink(p.mnt / "vm1")
     assert "vm1" not in os.listdir(p.mnt)
     assert p.status()["volumes"] == []
-    assert p.used() == 0
+    p.wait_used(0)
     p.unmount()
     assert f'dev_id="{vid}"' not in p.dump()
     p.mount()
@@ -407,8 +407,7 @@ def test_unlink_while_open_keeps_data_until_close(pool):
     finally:
         os.close(fd)
     # Last close: the device is deleted.  FUSE sends RELEASE asynchronously.
-    from daemon_util import wait_for
-    assert wait_for(lambda: p.used() == 0), p.status()
+    p.wait_used(0)
     assert [v["name"] for v in p.status()["volumes"]] == ["vm1"]
     p.unmount()
     assert f'dev_id="{vid}"' not in p.dump()
@@ -483,7 +482,7 @@ def test_bad_names_are_refused(pool):
     p = pool()
     for name in ("a\nb", "tab\there", "del\x7f", "esc\x1b"):
         expect_errno((errno.EINVAL, errno.EPERM), create, p.mnt / name)
-    expect_errno(errno.ENAMETOOLONG, create, p.mnt / ("x" * 256))
+    expect_errno((errno.ENAMETOOLONG, errno.EINVAL), create, p.mnt / ("x" * 256))
     create(p.mnt / ("y" * 255))
     assert p.status()["volumes"][0]["name"] == "y" * 255
     assert sorted(n for n in os.listdir(p.mnt) if n != ".snapshots") == ["y" * 255]

@@ -299,7 +299,7 @@ def test_used_blocks_exact_with_a_writable_snapshot(pool):
     assert read_at(p.mnt / "vm1", 0, N * BS) == pattern(1, N * BS)
 
     p.ctl("delete", "snap")
-    assert p.used() == N
+    p.wait_used(N)
     assert [v["name"] for v in p.status()["volumes"]] == ["vm1"]
     assert "snap" not in os.listdir(p.mnt)
     p.remount()
@@ -344,7 +344,7 @@ def test_delete_volume_frees_only_unshared_blocks(pool):
     write_at(p.mnt / "vm1", 0, pattern(2, 2 * BS))
     assert p.used() == N + 2
     os.unlink(p.mnt / "vm1")
-    assert p.used() == N
+    p.wait_used(N)
     assert read_at(p.mnt / "snap", 0, N * BS) == pattern(1, N * BS)
 
 
