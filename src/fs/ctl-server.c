@@ -1,3 +1,1041 @@
 /* SPDX-License-Identifier: GPL-2.0-or-later */
-/* placeholder while the module is written */
-typedef int tfs_placeholder_ctl_server;
+/*
+ * ctl-server.c - control socket server: one JSON request line in, one or
+ * more JSON response lines out (ctl-protocol.h).  See ctl-server.h.
+ */
+#include "ctl-server.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <json-c/json.h>
+#include <poll.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "ctl-protocol.h"
+#include "fs.h"
+#include "fuse-ops.h"
+#include "log.h"
+
+#define MAX_REQUEST 65536
+#define MAX_CLIENTS 64
+#define CLIENT_TIMEOUT_S 10
+
+struct tfs_ctl_server {
+	struct tfs_fs *fs;
+	char path[108];
+	int listen_fd;
+	int stop_pipe[2];
+	pthread_t thread;
+
+	pthread_mutex_t lock;
+	pthread_cond_t idle;
+	int clients[MAX_CLIENTS]; /* lock: fds being served, -1 = free slot */
+	unsigned nclients;        /* lock */
+};
+
+struct client {
+	struct tfs_ctl_server *srv;
+	int fd;
+	int slot;
+};
+
+/* ---- responses ---- */
+
+/* Text being built for "output". */
+struct text {
+	char *buf;
+	size_t len;
+	FILE *f;
+};
+
+static int text_open(struct text *t)
+{
+	t->buf = NULL;
+	t->len = 0;
+	t->f = open_memstream(&t->buf, &t->len);
+	return t->f ? 0 : -ENOMEM;
+}
+
+static const char *text_close(struct text *t)
+{
+	fclose(t->f);
+	return t->buf;
+}
+
+static int send_line(int fd, struct json_object *o)
+{
+	const char *s = json_object_to_json_string_ext(o, JSON_C_TO_STRING_PLAIN |
+						       JSON_C_TO_STRING_NOSLASHESCAPE);
+	size_t len = strlen(s), off = 0;
+
+	while (off <= len) {
+		/* The newline is sent with the object: one write per line usually. */
+		char nl = '\n';
+		const void *p = off < len ? (const void *)(s + off) : (const void *)&nl;
+		size_t n = off < len ? len - off : 1;
+		ssize_t w = send(fd, p, n, MSG_NOSIGNAL);
+
+		if (w < 0) {
+			if (errno == EINTR)
+				continue;
+			return -errno;
+		}
+		off += (size_t)w;
+	}
+	return 0;
+}
+
+static int send_error(int fd, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+
+static int send_error(int fd, const char *fmt, ...)
+{
+	struct json_object *o = json_object_new_object();
+	char msg[1024];
+	va_list ap;
+	int r;
+
+	va_start(ap, fmt);
+	vsnprintf(msg, sizeof(msg), fmt, ap);
+	va_end(ap);
+	json_object_object_add(o, "ok", json_object_new_boolean(0));
+	json_object_object_add(o, "error", json_object_new_string(msg));
+	json_object_object_add(o, "done", json_object_new_boolean(1));
+	r = send_line(fd, o);
+	json_object_put(o);
+	return r;
+}
+
+/* Send {"ok":true,"output":text,"json":json,"done":done}; takes json's reference. */
+static int send_ok(int fd, const char *text, struct json_object *json, bool done)
+{
+	struct json_object *o = json_object_new_object();
+	int r;
+
+	json_object_object_add(o, "ok", json_object_new_boolean(1));
+	json_object_object_add(o, "output", json_object_new_string(text ? text : ""));
+	if (json)
+		json_object_object_add(o, "json", json);
+	json_object_object_add(o, "done", json_object_new_boolean(done));
+	r = send_line(fd, o);
+	json_object_put(o);
+	return r;
+}
+
+static const char *pretty(struct json_object *o)
+{
+	return json_object_to_json_string_ext(o, JSON_C_TO_STRING_PLAIN |
+					      JSON_C_TO_STRING_NOSLASHESCAPE);
+}
+
+/* ---- commands ---- */
+
+struct cmd_ctx {
+	struct tfs_fs *fs;
+	int fd;
+	int argc;
+	const char **argv; /* argv[0] is the command */
+};
+
+static bool has_flag(const struct cmd_ctx *c, const char *flag)
+{
+	for (int i = 1; i < c->argc; i++)
+		if (!strcmp(c->argv[i], flag))
+			return true;
+	return false;
+}
+
+/* Every argument is one of the known flags: else an error was sent. */
+static bool only_flags(const struct cmd_ctx *c, const char *const *flags)
+{
+	for (int i = 1; i < c->argc; i++) {
+		bool known = false;
+
+		for (const char *const *f = flags; *f; f++)
+			known |= !strcmp(c->argv[i], *f);
+		if (!known) {
+			send_error(c->fd, "%s: unexpected argument '%s'", c->argv[0], c->argv[i]);
+			return false;
+		}
+	}
+	return true;
+}
+
+static int parse_u64(const char *s, uint64_t *out)
+{
+	char *end;
+
+	if (!*s || *s == '-')
+		return -EINVAL;
+	errno = 0;
+	*out = strtoull(s, &end, 0);
+	return errno || *end ? -EINVAL : 0;
+}
+
+static const char *kind_name(enum tfs_vol_kind k)
+{
+	return k == TFS_VOL_SNAPSHOT ? "snapshot" : k == TFS_VOL_GROUP_MEMBER ? "member" : "thin";
+}
+
+static const char *dm_mode(const char *mode)
+{
+	if (!strcmp(mode, "write"))
+		return "rw";
+	if (!strcmp(mode, "read_only"))
+		return "ro";
+	if (!strcmp(mode, "fail"))
+		return "Fail";
+	return mode;
+}
+
+static struct json_object *io_json(const struct tfs_io_counts *io)
+{
+	struct json_object *o = json_object_new_object();
+
+	json_object_object_add(o, "reads", json_object_new_uint64(io->reads));
+	json_object_object_add(o, "writes", json_object_new_uint64(io->writes));
+	json_object_object_add(o, "flushes", json_object_new_uint64(io->flushes));
+	json_object_object_add(o, "discards", json_object_new_uint64(io->discards));
+	return o;
+}
+
+static uint64_t meta_low_water(uint64_t total)
+{
+	/* Built in: 4 MiB of metadata, or a quarter of a smaller device. */
+	return total / 4 < 1024 ? total / 4 : 1024;
+}
+
+static void cmd_status(struct cmd_ctx *c)
+{
+	static const char *const flags[] = { "--json", NULL };
+	struct tfs_fs *fs = c->fs;
+	struct tfs_pool_status st;
+	struct tfs_vol_row *rows = NULL;
+	struct tfs_group_row *groups = NULL;
+	unsigned nr = 0, ngroups = 0;
+	struct json_object *root, *pool, *data, *meta, *io, *vols, *jgroups;
+	struct text t;
+	char reason[256];
+	int r;
+
+	if (!only_flags(c, flags))
+		return;
+	r = tfs_fs_list(fs, 0, &rows, &nr);
+	if (r == 0)
+		r = tfs_fs_list_groups(fs, &groups, &ngroups);
+	if (r < 0 || text_open(&t) < 0) {
+		send_error(c->fd, "status: cannot read the catalog: %s", strerror(-r));
+		free(rows);
+		free(groups);
+		return;
+	}
+	tfs_pool_status(fs->pool, &st);
+	pthread_mutex_lock(&fs->event_lock);
+	snprintf(reason, sizeof(reason), "%s", fs->mode_reason);
+	pthread_mutex_unlock(&fs->event_lock);
+
+	root = json_object_new_object();
+	pool = json_object_new_object();
+	json_object_object_add(pool, "mode", json_object_new_string(st.mode ? st.mode : "fail"));
+	json_object_object_add(pool, "needs_check", json_object_new_boolean(st.needs_check));
+	json_object_object_add(pool, "reason", json_object_new_string(reason));
+	json_object_object_add(pool, "transaction_id", json_object_new_uint64(st.transaction_id));
+	json_object_object_add(pool, "held_root",
+			       st.held_root ? json_object_new_uint64(st.held_root) : NULL);
+	json_object_object_add(pool, "suspended", json_object_new_boolean(0));
+	json_object_object_add(pool, "error_if_no_space",
+			       json_object_new_boolean(fs->cfg.error_if_no_space));
+	json_object_object_add(pool, "discard_passdown",
+			       json_object_new_boolean(fs->cfg.discard_passdown));
+	data = json_object_new_object();
+	json_object_object_add(data, "block_size", json_object_new_uint64(st.data_block_size));
+	json_object_object_add(data, "used_blocks", json_object_new_uint64(st.data_used));
+	json_object_object_add(data, "total_blocks", json_object_new_uint64(st.data_total));
+	json_object_object_add(data, "low_water_blocks", json_object_new_uint64(st.low_water_blocks));
+	json_object_object_add(pool, "data", data);
+	meta = json_object_new_object();
+	json_object_object_add(meta, "block_size", json_object_new_uint64(4096));
+	json_object_object_add(meta, "used_blocks", json_object_new_uint64(st.meta_used));
+	json_object_object_add(meta, "total_blocks", json_object_new_uint64(st.meta_total));
+	json_object_object_add(meta, "low_water_blocks",
+			       json_object_new_uint64(meta_low_water(st.meta_total)));
+	json_object_object_add(pool, "metadata", meta);
+	io = json_object_new_object();
+	json_object_object_add(io, "metadata", io_json(&st.io_meta));
+	json_object_object_add(io, "data", io_json(&st.io_data));
+	json_object_object_add(pool, "io", io);
+	json_object_object_add(root, "pool", pool);
+
+	/* dmsetup status's thin-pool line, then a table for people. */
+	fprintf(t.f, "thin-pool %" PRIu64 " %" PRIu64 "/%" PRIu64 " %" PRIu64 "/%" PRIu64 " ",
+		st.transaction_id, st.meta_used, st.meta_total, st.data_used, st.data_total);
+	if (st.held_root)
+		fprintf(t.f, "%" PRIu64, st.held_root);
+	else
+		fputc('-', t.f);
+	fprintf(t.f, " %s %s %s %s %" PRIu64 "\n", dm_mode(st.mode ? st.mode : "fail"),
+		fs->cfg.discard_passdown ? "discard_passdown" : "no_discard_passdown",
+		fs->cfg.error_if_no_space ? "error_if_no_space" : "queue_if_no_space",
+		st.needs_check ? "needs_check" : "-", meta_low_water(st.meta_total));
+	fprintf(t.f, "\n%-24s %8s %-8s %20s %12s %12s\n", "VOLUME", "ID", "KIND", "SIZE",
+		"MAPPED", "EXCLUSIVE");
+
+	vols = json_object_new_array();
+	for (unsigned i = 0; i < nr; i++) {
+		struct tfs_dev_usage u = { 0, 0 };
+		struct json_object *v = json_object_new_object();
+
+		/* O(mappings) per volume: status is for people and scripts, not hot paths. */
+		if (tfs_pool_dev_usage(fs->pool, rows[i].dev_id, &u) < 0)
+			tfs_warn("status: no usage for device %" PRIu32, rows[i].dev_id);
+		json_object_object_add(v, "name", json_object_new_string(rows[i].name));
+		json_object_object_add(v, "id", json_object_new_int64(rows[i].dev_id));
+		json_object_object_add(v, "kind", json_object_new_string(kind_name(rows[i].kind)));
+		json_object_object_add(v, "size", json_object_new_uint64(rows[i].size));
+		json_object_object_add(v, "mapped_blocks", json_object_new_uint64(u.mapped_blocks));
+		json_object_object_add(v, "exclusive_blocks",
+				       json_object_new_uint64(u.exclusive_blocks));
+		json_object_object_add(v, "suspended", json_object_new_boolean(0));
+		json_object_array_add(vols, v);
+		fprintf(t.f, "%-24s %8" PRIu32 " %-8s %20" PRIu64 " %12" PRIu64 " %12" PRIu64 "\n",
+			rows[i].name, rows[i].dev_id, kind_name(rows[i].kind), rows[i].size,
+			u.mapped_blocks, u.exclusive_blocks);
+	}
+	json_object_object_add(root, "volumes", vols);
+
+	jgroups = json_object_new_array();
+	if (ngroups)
+		fprintf(t.f, "\n%-24s %-20s %s\n", "SNAPSHOT GROUP", "CREATED", "VOLUMES");
+	for (unsigned i = 0; i < ngroups; i++) {
+		struct json_object *g = json_object_new_object(), *members;
+		struct tfs_vol_row *m = NULL;
+		unsigned nm = 0;
+		char created[32];
+
+		tfs_format_time(groups[i].created_ns, created, sizeof(created));
+		json_object_object_add(g, "name", json_object_new_string(groups[i].name));
+		json_object_object_add(g, "created", json_object_new_string(created));
+		members = json_object_new_array();
+		fprintf(t.f, "%-24s %-20s", groups[i].name, created);
+		if (tfs_fs_list(fs, groups[i].id, &m, &nm) == 0) {
+			for (unsigned j = 0; j < nm; j++) {
+				json_object_array_add(members, json_object_new_string(m[j].name));
+				fprintf(t.f, " %s", m[j].name);
+			}
+			free(m);
+		}
+		fputc('\n', t.f);
+		json_object_object_add(g, "volumes", members);
+		json_object_array_add(jgroups, g);
+	}
+	json_object_object_add(root, "snapshot_groups", jgroups);
+
+	if (has_flag(c, "--json")) {
+		const char *s = text_close(&t);
+
+		free((void *)s);
+		send_ok(c->fd, pretty(root), root, true);
+	} else {
+		send_ok(c->fd, text_close(&t), root, true);
+		free(t.buf);
+	}
+	free(rows);
+	free(groups);
+}
+
+static void cmd_list(struct cmd_ctx *c)
+{
+	static const char *const flags[] = { "--json", NULL };
+	struct tfs_vol_row *rows;
+	struct json_object *arr;
+	struct text t;
+	unsigned nr;
+	int r;
+
+	if (!only_flags(c, flags))
+		return;
+	r = tfs_fs_list(c->fs, 0, &rows, &nr);
+	if (r < 0 || text_open(&t) < 0) {
+		send_error(c->fd, "list: cannot read the catalog: %s", strerror(-r));
+		return;
+	}
+	arr = json_object_new_array();
+	for (unsigned i = 0; i < nr; i++) {
+		struct json_object *v = json_object_new_object();
+
+		json_object_object_add(v, "name", json_object_new_string(rows[i].name));
+		json_object_object_add(v, "id", json_object_new_int64(rows[i].dev_id));
+		json_object_object_add(v, "kind", json_object_new_string(kind_name(rows[i].kind)));
+		json_object_object_add(v, "size", json_object_new_uint64(rows[i].size));
+		json_object_array_add(arr, v);
+		fprintf(t.f, "%s\n", rows[i].name);
+	}
+	free(rows);
+	if (has_flag(c, "--json")) {
+		free((void *)text_close(&t));
+		send_ok(c->fd, pretty(arr), arr, true);
+	} else {
+		send_ok(c->fd, text_close(&t), arr, true);
+		free(t.buf);
+	}
+}
+
+static const char *errmsg(int r)
+{
+	switch (r) {
+	case -ENOENT:
+		return "no such volume";
+	case -EEXIST:
+		return "name already taken";
+	case -EINVAL:
+		return "invalid name";
+	case -EBUSY:
+		return "in use";
+	case -EROFS:
+		return "pool is read-only";
+	default:
+		return strerror(-r);
+	}
+}
+
+static void cmd_snapshot(struct cmd_ctx *c)
+{
+	int r;
+
+	if (c->argc != 3) {
+		send_error(c->fd, "usage: snapshot SRC NEW");
+		return;
+	}
+	r = tfs_fs_snapshot_volume(c->fs, c->argv[1], c->argv[2]);
+	if (r == -ENOENT)
+		send_error(c->fd, "snapshot: no volume named '%s'", c->argv[1]);
+	else if (r == -EEXIST)
+		send_error(c->fd, "snapshot: '%s' already exists", c->argv[2]);
+	else if (r < 0)
+		send_error(c->fd, "snapshot %s %s: %s", c->argv[1], c->argv[2], errmsg(r));
+	else
+		send_ok(c->fd, "", NULL, true);
+}
+
+static void cmd_delete(struct cmd_ctx *c)
+{
+	const char *name;
+	fuse_ino_t parent = TFS_INO_ROOT;
+	int r;
+
+	if (c->argc != 2) {
+		send_error(c->fd, "usage: delete NAME");
+		return;
+	}
+	name = c->argv[1];
+	if (!strncmp(name, TFS_SNAPSHOTS_NAME "/", sizeof(TFS_SNAPSHOTS_NAME))) {
+		/* delete .snapshots/GROUP = rmdir */
+		name += sizeof(TFS_SNAPSHOTS_NAME);
+		parent = TFS_INO_SNAPSHOTS;
+		r = tfs_fs_remove_group(c->fs, name);
+	} else {
+		r = tfs_fs_unlink_volume(c->fs, name);
+	}
+	if (r == -ENOENT) {
+		send_error(c->fd, "delete: no %s named '%s'",
+			   parent == TFS_INO_ROOT ? "volume" : "snapshot group", name);
+		return;
+	}
+	if (r < 0) {
+		send_error(c->fd, "delete %s: %s", c->argv[1], errmsg(r));
+		return;
+	}
+	/* The kernel may hold the name in its dentry cache: drop it. */
+	if (c->fs->se)
+		fuse_lowlevel_notify_inval_entry(c->fs->se, parent, name, strlen(name));
+	send_ok(c->fd, "", NULL, true);
+}
+
+static void cmd_set_transaction_id(struct cmd_ctx *c)
+{
+	uint64_t old_id, new_id;
+	int r;
+
+	if (c->argc != 3 || parse_u64(c->argv[1], &old_id) || parse_u64(c->argv[2], &new_id)) {
+		send_error(c->fd, "usage: set-transaction-id OLD NEW (unsigned integers)");
+		return;
+	}
+	r = tfs_pool_set_transaction_id(c->fs->pool, old_id, new_id);
+	if (r == -EINVAL) {
+		struct tfs_pool_status st;
+
+		tfs_pool_status(c->fs->pool, &st);
+		send_error(c->fd, "set-transaction-id: current transaction id is %" PRIu64 ", not %"
+			   PRIu64, st.transaction_id, old_id);
+		return;
+	}
+	if (r < 0) {
+		send_error(c->fd, "set-transaction-id: %s", strerror(-r));
+		return;
+	}
+	tfs_fs_event(c->fs, "set_transaction_id", "%" PRIu64 " -> %" PRIu64, old_id, new_id);
+	send_ok(c->fd, "", NULL, true);
+}
+
+static void cmd_metadata_snap(struct cmd_ctx *c, bool reserve)
+{
+	int r;
+
+	if (c->argc != 1) {
+		send_error(c->fd, "%s takes no arguments", c->argv[0]);
+		return;
+	}
+	r = reserve ? tfs_pool_reserve_metadata_snap(c->fs->pool)
+		    : tfs_pool_release_metadata_snap(c->fs->pool);
+	if (r < 0) {
+		send_error(c->fd, "%s: %s", c->argv[0],
+			   r == -EEXIST ? "a metadata snapshot is already held" :
+			   r == -ENODATA || r == -ENOENT ? "no metadata snapshot is held" :
+			   strerror(-r));
+		return;
+	}
+	tfs_fs_event(c->fs, reserve ? "reserve_metadata_snap" : "release_metadata_snap", "%s",
+		     reserve ? "metadata snapshot held" : "metadata snapshot released");
+	send_ok(c->fd, "", NULL, true);
+}
+
+/* One event as text and as an object. */
+static struct json_object *event_json(const struct tfs_event_row *ev)
+{
+	struct json_object *o = json_object_new_object();
+	char when[32];
+
+	tfs_format_time(ev->time_ns, when, sizeof(when));
+	json_object_object_add(o, "id", json_object_new_int64(ev->id));
+	json_object_object_add(o, "time", json_object_new_string(when));
+	json_object_object_add(o, "kind", json_object_new_string(ev->kind));
+	json_object_object_add(o, "detail", json_object_new_string(ev->detail));
+	return o;
+}
+
+struct event_out {
+	struct text *t;
+	struct json_object *arr;
+	bool json;
+	int64_t last_id;
+	int64_t only_id; /* > 0: just this one */
+};
+
+static int collect_event(void *ctx, const struct tfs_event_row *ev)
+{
+	struct event_out *e = ctx;
+	struct json_object *o;
+
+	if (e->only_id > 0 && ev->id != e->only_id)
+		return 0;
+	o = event_json(ev);
+	if (e->json) {
+		fprintf(e->t->f, "%s\n", pretty(o));
+	} else {
+		char when[32];
+
+		tfs_format_time(ev->time_ns, when, sizeof(when));
+		fprintf(e->t->f, "%" PRId64 " %s %s %s\n", ev->id, when, ev->kind, ev->detail);
+	}
+	json_object_array_add(e->arr, o);
+	e->last_id = ev->id;
+	return e->only_id > 0 ? 1 : 0;
+}
+
+/* Events after after_id as one response line; done says whether it is the last. */
+static int send_events(struct cmd_ctx *c, int64_t after_id, int64_t only_id, bool done,
+		       int64_t *last_id)
+{
+	struct event_out e = { .json = has_flag(c, "--json"), .last_id = after_id,
+			       .only_id = only_id };
+	struct text t;
+	int r;
+
+	if (text_open(&t) < 0)
+		return send_error(c->fd, "out of memory");
+	e.t = &t;
+	e.arr = json_object_new_array();
+	r = tfs_catalog_list_events(c->fs->cat, after_id, collect_event, &e);
+	if (r < 0) {
+		free((void *)text_close(&t));
+		json_object_put(e.arr);
+		send_error(c->fd, "cannot read the event log: %s", strerror(-r));
+		return r;
+	}
+	if (last_id)
+		*last_id = e.last_id;
+	r = send_ok(c->fd, text_close(&t), e.arr, done);
+	free(t.buf);
+	return r;
+}
+
+/* False when the client hung up (checked while waiting, so waits end). */
+static bool client_alive(int fd)
+{
+	struct pollfd p = { .fd = fd, .events = POLLIN };
+	char b;
+
+	if (poll(&p, 1, 0) <= 0)
+		return true;
+	return recv(fd, &b, 1, MSG_PEEK | MSG_DONTWAIT) > 0;
+}
+
+/* Wait until event id > seen exists, the deadline passes (0: none) or we stop. */
+static bool wait_for_event(struct tfs_fs *fs, int fd, int64_t id, const struct timespec *deadline)
+{
+	bool ok;
+
+	pthread_mutex_lock(&fs->event_lock);
+	while (fs->last_event_id < id && !fs->stopping) {
+		struct timespec now, next;
+
+		clock_gettime(CLOCK_REALTIME, &now);
+		if (deadline && (now.tv_sec > deadline->tv_sec ||
+				 (now.tv_sec == deadline->tv_sec && now.tv_nsec >= deadline->tv_nsec)))
+			break;
+		/* Wake at least once a second to notice a client that left. */
+		next = now;
+		next.tv_sec += 1;
+		if (deadline && (deadline->tv_sec < next.tv_sec ||
+				 (deadline->tv_sec == next.tv_sec && deadline->tv_nsec < next.tv_nsec)))
+			next = *deadline;
+		pthread_cond_timedwait(&fs->event_cond, &fs->event_lock, &next);
+		if (!client_alive(fd))
+			break;
+	}
+	ok = fs->last_event_id >= id;
+	pthread_mutex_unlock(&fs->event_lock);
+	return ok;
+}
+
+static void cmd_events(struct cmd_ctx *c)
+{
+	static const char *const flags[] = { "--json", "--follow", NULL };
+	int64_t last = 0;
+
+	if (!only_flags(c, flags))
+		return;
+	if (!has_flag(c, "--follow")) {
+		send_events(c, 0, 0, true, NULL);
+		return;
+	}
+	if (send_events(c, 0, 0, false, &last) < 0)
+		return;
+	for (;;) {
+		if (!wait_for_event(c->fs, c->fd, last + 1, NULL))
+			break;
+		if (send_events(c, last, 0, false, &last) < 0)
+			return;
+	}
+	send_ok(c->fd, "", NULL, true);
+}
+
+static void cmd_wait_event(struct cmd_ctx *c)
+{
+	struct timespec deadline;
+	bool has_deadline = false;
+	uint64_t id = 0, secs;
+	bool have_id = false;
+
+	for (int i = 1; i < c->argc; i++) {
+		if (!strcmp(c->argv[i], "--timeout") && i + 1 < c->argc) {
+			char *end;
+			double t = strtod(c->argv[++i], &end);
+
+			if (*end || t < 0) {
+				send_error(c->fd, "wait-event: bad timeout '%s'", c->argv[i]);
+				return;
+			}
+			clock_gettime(CLOCK_REALTIME, &deadline);
+			secs = (uint64_t)t;
+			deadline.tv_sec += (time_t)secs;
+			deadline.tv_nsec += (long)((t - (double)secs) * 1e9);
+			if (deadline.tv_nsec >= 1000000000) {
+				deadline.tv_sec++;
+				deadline.tv_nsec -= 1000000000;
+			}
+			has_deadline = true;
+		} else if (!have_id && !strcmp(c->argv[i], "--json")) {
+			continue;
+		} else if (!have_id && parse_u64(c->argv[i], &id) == 0 && id <= INT64_MAX) {
+			have_id = true;
+		} else {
+			send_error(c->fd, "usage: wait-event N [--timeout SECONDS]");
+			return;
+		}
+	}
+	if (!have_id) {
+		send_error(c->fd, "usage: wait-event N [--timeout SECONDS]");
+		return;
+	}
+	if (!wait_for_event(c->fs, c->fd, (int64_t)id, has_deadline ? &deadline : NULL)) {
+		send_error(c->fd, "wait-event: no event %" PRIu64 " yet (timed out)", id);
+		return;
+	}
+	send_events(c, (int64_t)id - 1, (int64_t)id, true, NULL);
+}
+
+static void dispatch(struct cmd_ctx *c)
+{
+	const char *cmd = c->argv[0];
+
+	if (!strcmp(cmd, "status"))
+		cmd_status(c);
+	else if (!strcmp(cmd, "list"))
+		cmd_list(c);
+	else if (!strcmp(cmd, "snapshot"))
+		cmd_snapshot(c);
+	else if (!strcmp(cmd, "delete"))
+		cmd_delete(c);
+	else if (!strcmp(cmd, "set-transaction-id"))
+		cmd_set_transaction_id(c);
+	else if (!strcmp(cmd, "reserve-metadata-snap"))
+		cmd_metadata_snap(c, true);
+	else if (!strcmp(cmd, "release-metadata-snap"))
+		cmd_metadata_snap(c, false);
+	else if (!strcmp(cmd, "events"))
+		cmd_events(c);
+	else if (!strcmp(cmd, "wait-event"))
+		cmd_wait_event(c);
+	else
+		send_error(c->fd, "unknown command '%s' (status, list, snapshot, delete, "
+			   "set-transaction-id, reserve-metadata-snap, release-metadata-snap, "
+			   "events, wait-event)", cmd);
+}
+
+/* ---- connections ---- */
+
+/* Read one request line; -errno or the length. */
+static ssize_t read_line(int fd, char *buf, size_t max)
+{
+	size_t len = 0;
+
+	while (len < max - 1) {
+		ssize_t n = recv(fd, buf + len, max - 1 - len, 0);
+
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n < 0)
+			return -errno;
+		if (n == 0)
+			break;
+		len += (size_t)n;
+		if (memchr(buf + len - (size_t)n, '\n', (size_t)n))
+			break;
+	}
+	buf[len] = '\0';
+	return (ssize_t)len;
+}
+
+static void serve(struct tfs_fs *fs, int fd)
+{
+	struct json_object *req = NULL, *jcmd, *jargs;
+	const char **argv = NULL;
+	struct cmd_ctx c = { .fs = fs, .fd = fd };
+	char *buf;
+	ssize_t n;
+	size_t nargs = 0;
+
+	buf = malloc(MAX_REQUEST);
+	if (!buf)
+		return;
+	n = read_line(fd, buf, MAX_REQUEST);
+	if (n <= 0) {
+		free(buf);
+		return;
+	}
+	req = json_tokener_parse(buf);
+	if (!req || !json_object_is_type(req, json_type_object) ||
+	    !json_object_object_get_ex(req, "cmd", &jcmd) ||
+	    !json_object_is_type(jcmd, json_type_string)) {
+		send_error(fd, "bad request: expected {\"cmd\": \"...\", \"args\": [...]}");
+		goto out;
+	}
+	if (json_object_object_get_ex(req, "args", &jargs)) {
+		if (!json_object_is_type(jargs, json_type_array)) {
+			send_error(fd, "bad request: args must be an array of strings");
+			goto out;
+		}
+		nargs = json_object_array_length(jargs);
+	}
+	argv = calloc(nargs + 2, sizeof(*argv));
+	if (!argv)
+		goto out;
+	argv[0] = json_object_get_string(jcmd);
+	for (size_t i = 0; i < nargs; i++) {
+		struct json_object *a = json_object_array_get_idx(jargs, i);
+
+		if (!json_object_is_type(a, json_type_string)) {
+			send_error(fd, "bad request: args must be an array of strings");
+			goto out;
+		}
+		argv[i + 1] = json_object_get_string(a);
+	}
+	c.argc = (int)nargs + 1;
+	c.argv = argv;
+	dispatch(&c);
+out:
+	free(argv);
+	json_object_put(req);
+	free(buf);
+}
+
+static void *client_thread(void *arg)
+{
+	struct client *cl = arg;
+	struct tfs_ctl_server *srv = cl->srv;
+
+	serve(srv->fs, cl->fd);
+	pthread_mutex_lock(&srv->lock);
+	srv->clients[cl->slot] = -1;
+	close(cl->fd);
+	srv->nclients--;
+	pthread_cond_broadcast(&srv->idle);
+	pthread_mutex_unlock(&srv->lock);
+	free(cl);
+	return NULL;
+}
+
+static bool peer_allowed(struct tfs_fs *fs, int fd, uid_t *uid)
+{
+	struct ucred cred;
+	socklen_t len = sizeof(cred);
+
+	if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) < 0)
+		return false;
+	*uid = cred.uid;
+	return cred.uid == 0 || cred.uid == fs->owner_uid;
+}
+
+static void accept_one(struct tfs_ctl_server *srv)
+{
+	struct timeval tv = { .tv_sec = CLIENT_TIMEOUT_S };
+	struct client *cl;
+	pthread_attr_t attr;
+	pthread_t t;
+	uid_t uid = (uid_t)-1;
+	int fd, slot = -1;
+
+	fd = accept4(srv->listen_fd, NULL, NULL, SOCK_CLOEXEC);
+	if (fd < 0)
+		return;
+	if (!peer_allowed(srv->fs, fd, &uid)) {
+		send_error(fd, "permission denied: only root or the mount's owner (uid %u) may "
+			   "control this pool (you are uid %d)", (unsigned)srv->fs->owner_uid,
+			   (int)uid);
+		close(fd);
+		return;
+	}
+	/* A client that never sends its request does not hold a thread forever. */
+	setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+
+	pthread_mutex_lock(&srv->lock);
+	for (int i = 0; i < MAX_CLIENTS; i++) {
+		if (srv->clients[i] < 0) {
+			slot = i;
+			break;
+		}
+	}
+	if (slot >= 0) {
+		srv->clients[slot] = fd;
+		srv->nclients++;
+	}
+	pthread_mutex_unlock(&srv->lock);
+	if (slot < 0) {
+		send_error(fd, "too many control clients: try again");
+		close(fd);
+		return;
+	}
+
+	cl = malloc(sizeof(*cl));
+	if (cl) {
+		cl->srv = srv;
+		cl->fd = fd;
+		cl->slot = slot;
+		pthread_attr_init(&attr);
+		pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+		if (pthread_create(&t, &attr, client_thread, cl) == 0) {
+			pthread_attr_destroy(&attr);
+			return;
+		}
+		pthread_attr_destroy(&attr);
+		free(cl);
+	}
+	send_error(fd, "daemon out of resources");
+	pthread_mutex_lock(&srv->lock);
+	srv->clients[slot] = -1;
+	srv->nclients--;
+	close(fd);
+	pthread_mutex_unlock(&srv->lock);
+}
+
+static int64_t mono_ms(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static void *accept_thread(void *arg)
+{
+	struct tfs_ctl_server *srv = arg;
+	int64_t next_tick = mono_ms() + 1000;
+
+	for (;;) {
+		struct pollfd p[2] = {
+			{ .fd = srv->listen_fd, .events = POLLIN },
+			{ .fd = srv->stop_pipe[0], .events = POLLIN },
+		};
+		int64_t now = mono_ms();
+		int n;
+
+		if (now >= next_tick) {
+			tfs_fs_tick(srv->fs);
+			next_tick = now + 1000;
+		}
+		n = poll(p, 2, (int)(next_tick - now > 0 ? next_tick - now : 0));
+		if (n < 0 && errno != EINTR)
+			break;
+		if (n <= 0)
+			continue;
+		if (p[1].revents)
+			break;
+		if (p[0].revents & POLLIN)
+			accept_one(srv);
+	}
+	return NULL;
+}
+
+/* Replace a stale socket; refuse one a live daemon answers on. */
+static int claim_path(const char *path)
+{
+	struct sockaddr_un sa = { .sun_family = AF_UNIX };
+	int fd, r;
+
+	fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	if (fd < 0)
+		return -errno;
+	snprintf(sa.sun_path, sizeof(sa.sun_path), "%s", path);
+	r = connect(fd, (struct sockaddr *)&sa, sizeof(sa));
+	close(fd);
+	if (r == 0)
+		return -EADDRINUSE;
+	if (unlink(path) < 0 && errno != ENOENT)
+		return -errno;
+	return 0;
+}
+
+int tfs_ctl_server_start(struct tfs_fs *fs, struct tfs_ctl_server **out)
+{
+	struct sockaddr_un sa = { .sun_family = AF_UNIX };
+	struct tfs_ctl_server *srv;
+	int r;
+
+	srv = calloc(1, sizeof(*srv));
+	if (!srv)
+		return -ENOMEM;
+	srv->fs = fs;
+	srv->listen_fd = -1;
+	srv->stop_pipe[0] = srv->stop_pipe[1] = -1;
+	for (int i = 0; i < MAX_CLIENTS; i++)
+		srv->clients[i] = -1;
+	pthread_mutex_init(&srv->lock, NULL);
+	pthread_cond_init(&srv->idle, NULL);
+
+	r = tfs_ctl_socket_path(fs->mountpoint, srv->path, sizeof(srv->path));
+	if (r < 0) {
+		tfs_err("control socket: %s: %s", fs->mountpoint, strerror(-r));
+		goto err_free;
+	}
+	if (mkdir(TFS_CTL_DIR, 0755) < 0 && errno != EEXIST) {
+		r = -errno;
+		tfs_err("control socket: cannot create %s: %s", TFS_CTL_DIR, strerror(errno));
+		goto err_free;
+	}
+	r = claim_path(srv->path);
+	if (r < 0) {
+		if (r == -EADDRINUSE)
+			tfs_err("control socket %s is served by another daemon: is %s mounted "
+				"already?", srv->path, fs->mountpoint);
+		else
+			tfs_err("control socket %s: %s", srv->path, strerror(-r));
+		goto err_free;
+	}
+	srv->listen_fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	if (srv->listen_fd < 0) {
+		r = -errno;
+		goto err_free;
+	}
+	snprintf(sa.sun_path, sizeof(sa.sun_path), "%s", srv->path);
+	if (bind(srv->listen_fd, (struct sockaddr *)&sa, sizeof(sa)) < 0 ||
+	    chmod(srv->path, 0600) < 0 || listen(srv->listen_fd, 16) < 0) {
+		r = -errno;
+		tfs_err("control socket %s: %s", srv->path, strerror(errno));
+		goto err_unlink;
+	}
+	if (pipe2(srv->stop_pipe, O_CLOEXEC) < 0) {
+		r = -errno;
+		goto err_unlink;
+	}
+	r = -pthread_create(&srv->thread, NULL, accept_thread, srv);
+	if (r < 0)
+		goto err_pipe;
+	*out = srv;
+	return 0;
+
+err_pipe:
+	close(srv->stop_pipe[0]);
+	close(srv->stop_pipe[1]);
+err_unlink:
+	unlink(srv->path);
+	close(srv->listen_fd);
+err_free:
+	pthread_cond_destroy(&srv->idle);
+	pthread_mutex_destroy(&srv->lock);
+	free(srv);
+	return r;
+}
+
+void tfs_ctl_server_stop(struct tfs_ctl_server *srv)
+{
+	struct tfs_fs *fs;
+	ssize_t w;
+
+	if (!srv)
+		return;
+	fs = srv->fs;
+	do
+		w = write(srv->stop_pipe[1], "x", 1);
+	while (w < 0 && errno == EINTR);
+	pthread_join(srv->thread, NULL);
+
+	/* Wake waiters (wait-event, events --follow) and cut slow clients short. */
+	pthread_mutex_lock(&fs->event_lock);
+	fs->stopping = true;
+	pthread_cond_broadcast(&fs->event_cond);
+	pthread_mutex_unlock(&fs->event_lock);
+	pthread_mutex_lock(&srv->lock);
+	for (int i = 0; i < MAX_CLIENTS; i++)
+		if (srv->clients[i] >= 0)
+			shutdown(srv->clients[i], SHUT_RD);
+	while (srv->nclients > 0)
+		pthread_cond_wait(&srv->idle, &srv->lock);
+	pthread_mutex_unlock(&srv->lock);
+
+	unlink(srv->path);
+	close(srv->listen_fd);
+	close(srv->stop_pipe[0]);
+	close(srv->stop_pipe[1]);
+	pthread_cond_destroy(&srv->idle);
+	pthread_mutex_destroy(&srv->lock);
+	free(srv);
+}

@@ -1,3 +1,602 @@
 /* SPDX-License-Identifier: GPL-2.0-or-later */
-/* placeholder while the module is written */
-typedef int tfs_placeholder_daemon;
+/*
+ * daemon.c - `thinfs mkpool` and `thinfs mount`.  See daemon.h.
+ */
+#include "daemon.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <getopt.h>
+#include <inttypes.h>
+#include <limits.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/file.h>
+#include <sys/prctl.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <syslog.h>
+#include <systemd/sd-daemon.h>
+#include <unistd.h>
+
+#include "ctl-server.h"
+#include "fs.h"
+#include "fuse-ops.h"
+#include "log.h"
+#include "probe.h"
+
+#ifndef PR_SET_IO_FLUSHER
+#define PR_SET_IO_FLUSHER 57
+#endif
+
+/*
+ * One daemon per pool: an exclusive flock on the metadata device or file.
+ * The lock belongs to the open file description, so it survives the fork
+ * into the background and dies with the daemon, even on kill -9.
+ */
+static int lock_metadata(const char *path)
+{
+	int fd = open(path, O_RDONLY | O_CLOEXEC);
+
+	if (fd < 0) {
+		fprintf(stderr, "thinfs: %s: %s\n", path, strerror(errno));
+		return -1;
+	}
+	if (flock(fd, LOCK_EX | LOCK_NB) < 0) {
+		if (errno == EWOULDBLOCK)
+			fprintf(stderr, "thinfs: %s is in use by another thinfs daemon "
+				"(one daemon per pool; unmount it first)\n", path);
+		else
+			fprintf(stderr, "thinfs: cannot lock %s: %s\n", path, strerror(errno));
+		close(fd);
+		return -1;
+	}
+	return fd;
+}
+
+/* ---- mkpool ---- */
+
+static void mkpool_usage(FILE *f)
+{
+	fputs("Usage: thinfs mkpool POOL.cfg [--force]\n"
+	      "Formats the pool's metadata device and creates its catalog.  Refuses a device\n"
+	      "holding a filesystem, partition table, other signature or a thin pool unless\n"
+	      "--force.  Everything on the metadata device is lost.\n", f);
+}
+
+/* 0 if nothing is on path, 1 if something is (reported), -1 on error (reported). */
+static int refuse_signature(const char *key, const char *path)
+{
+	char what[256];
+	int r;
+
+	r = tfs_probe_signature(path, what, sizeof(what));
+	if (r < 0) {
+		fprintf(stderr, "thinfs: mkpool: cannot probe %s (%s): %s\n", path, key,
+			strerror(-r));
+		return -1;
+	}
+	if (r > 0) {
+		fprintf(stderr, "thinfs: mkpool: %s device %s holds %s; refusing to overwrite it "
+			"(use --force to format anyway)\n", key, path, what);
+		return 1;
+	}
+	return 0;
+}
+
+int tfs_cmd_mkpool(int argc, char **argv)
+{
+	static const struct option longopts[] = {
+		{ "force", no_argument, NULL, 'f' },
+		{ "help", no_argument, NULL, 'h' },
+		{ NULL, 0, NULL, 0 },
+	};
+	struct tfs_pool_config cfg;
+	struct tfs_catalog *cat;
+	bool force = false;
+	int c, r, lock_fd, status = 1;
+
+	optind = 1;
+	while ((c = getopt_long(argc, argv, "fh", longopts, NULL)) != -1) {
+		switch (c) {
+		case 'f':
+			force = true;
+			break;
+		case 'h':
+			mkpool_usage(stdout);
+			return 0;
+		default:
+			mkpool_usage(stderr);
+			return 2;
+		}
+	}
+	if (optind != argc - 1) {
+		mkpool_usage(stderr);
+		return 2;
+	}
+	r = tfs_config_load(argv[optind], &cfg);
+	if (r < 0) {
+		if (r != -EINVAL)
+			fprintf(stderr, "thinfs: mkpool: %s: %s\n", argv[optind], strerror(-r));
+		return 1;
+	}
+	lock_fd = lock_metadata(cfg.metadata);
+	if (lock_fd < 0)
+		return 1;
+
+	if (!force) {
+		r = tfs_probe_thin_metadata(cfg.metadata);
+		if (r > 0) {
+			fprintf(stderr, "thinfs: mkpool: metadata device %s already holds a thin pool; "
+				"refusing to overwrite it (use --force to format anyway)\n",
+				cfg.metadata);
+			goto out_unlock;
+		}
+		if (r < 0) {
+			fprintf(stderr, "thinfs: mkpool: cannot read %s: %s\n", cfg.metadata,
+				strerror(-r));
+			goto out_unlock;
+		}
+		if (refuse_signature("metadata", cfg.metadata) ||
+		    refuse_signature("data", cfg.data))
+			goto out_unlock;
+	}
+
+	r = tfs_pool_format(&cfg);
+	if (r < 0) {
+		fprintf(stderr, "thinfs: mkpool: formatting %s failed: %s\n", cfg.metadata,
+			strerror(-r));
+		goto out_unlock;
+	}
+	r = tfs_catalog_create(cfg.catalog, force, &cat);
+	if (r < 0) {
+		fprintf(stderr, "thinfs: mkpool: cannot create the catalog %s: %s%s\n", cfg.catalog,
+			strerror(-r), r == -EEXIST ? " (use --force to replace it)" : "");
+		goto out_unlock;
+	}
+	tfs_catalog_add_event(cat, "mkpool", "pool formatted", NULL);
+	tfs_catalog_close(cat);
+	printf("formatted %s (metadata) and %s (data, %" PRIu64 " KiB blocks); catalog %s\n",
+	       cfg.metadata, cfg.data, cfg.block_size >> 10, cfg.catalog);
+	status = 0;
+out_unlock:
+	close(lock_fd);
+	return status;
+}
+
+/* ---- mount ---- */
+
+struct mount_args {
+	const char *cfg_path;
+	const char *mountpoint;
+	bool foreground;
+	bool allow_faults;
+	bool read_only;
+	char fuse_opts[1024];
+};
+
+static void mount_usage(FILE *f)
+{
+	fputs("Usage: thinfs mount POOL.cfg MOUNTPOINT [-f] [-o OPTIONS] [--allow-faults]\n"
+	      "  -f, --foreground   stay in the foreground (systemd: Type=notify)\n"
+	      "  -o OPTIONS         mount options: ro, allow_other, ... (comma separated)\n"
+	      "  --allow-faults     permit a pool.cfg [fault] section (tests only)\n", f);
+}
+
+static int parse_mount_args(int argc, char **argv, struct mount_args *a)
+{
+	static const struct option longopts[] = {
+		{ "foreground", no_argument, NULL, 'f' },
+		{ "allow-faults", no_argument, NULL, 'F' },
+		{ "help", no_argument, NULL, 'h' },
+		{ NULL, 0, NULL, 0 },
+	};
+	size_t used = 0;
+	int c;
+
+	memset(a, 0, sizeof(*a));
+	optind = 1;
+	while ((c = getopt_long(argc, argv, "fo:h", longopts, NULL)) != -1) {
+		switch (c) {
+		case 'f':
+			a->foreground = true;
+			break;
+		case 'F':
+			a->allow_faults = true;
+			break;
+		case 'o': {
+			char *copy = strdup(optarg), *save = NULL;
+
+			if (!copy)
+				return 1;
+			for (char *o = strtok_r(copy, ",", &save); o; o = strtok_r(NULL, ",", &save)) {
+				int n;
+
+				if (!strcmp(o, "ro"))
+					a->read_only = true;
+				else if (!strcmp(o, "rw"))
+					a->read_only = false;
+				n = snprintf(a->fuse_opts + used, sizeof(a->fuse_opts) - used, ",%s", o);
+				if (n < 0 || (size_t)n >= sizeof(a->fuse_opts) - used) {
+					free(copy);
+					fprintf(stderr, "thinfs: mount: options too long\n");
+					return 2;
+				}
+				used += (size_t)n;
+			}
+			free(copy);
+			break;
+		}
+		case 'h':
+			mount_usage(stdout);
+			exit(0);
+		default:
+			mount_usage(stderr);
+			return 2;
+		}
+	}
+	if (optind != argc - 2) {
+		mount_usage(stderr);
+		return 2;
+	}
+	a->cfg_path = argv[optind];
+	a->mountpoint = argv[optind + 1];
+	return 0;
+}
+
+static void syslog_sink(void *ctx, enum tfs_log_level level, const char *msg)
+{
+	syslog(level == TFS_LOG_ERR ? LOG_ERR : level == TFS_LOG_WARN ? LOG_WARNING :
+	       level == TFS_LOG_INFO ? LOG_INFO : LOG_DEBUG, "%s", msg);
+}
+
+/* Unlinked rows left by a crash: collected here, deleted after reconcile. */
+struct orphans {
+	uint32_t *ids;
+	unsigned nr, cap;
+};
+
+static int collect_orphan(void *ctx, uint32_t dev_id)
+{
+	struct orphans *o = ctx;
+
+	if (o->nr == o->cap) {
+		unsigned cap = o->cap ? o->cap * 2 : 16;
+		uint32_t *n = realloc(o->ids, cap * sizeof(*n));
+
+		if (!n)
+			return -ENOMEM;
+		o->ids = n;
+		o->cap = cap;
+	}
+	o->ids[o->nr++] = dev_id;
+	return 0;
+}
+
+/*
+ * The metadata is the truth: rows without devices go, devices without
+ * rows get thin-<id> rows, and volumes unlinked while open when the last
+ * daemon died are deleted now.
+ */
+static int reconcile(struct tfs_fs *fs)
+{
+	struct orphans o = { 0 };
+	uint32_t *ids = NULL;
+	int total, r;
+
+	total = tfs_pool_list(fs->pool, NULL, 0);
+	if (total < 0)
+		return total;
+	ids = calloc((size_t)total + 1, sizeof(*ids));
+	if (!ids)
+		return -ENOMEM;
+	r = tfs_pool_list(fs->pool, ids, (unsigned)total);
+	if (r >= 0)
+		r = tfs_catalog_reconcile(fs->cat, ids, (unsigned)(r < total ? r : total),
+					  collect_orphan, &o);
+	for (unsigned i = 0; r >= 0 && i < o.nr; i++) {
+		int d = tfs_pool_delete(fs->pool, o.ids[i]);
+
+		if (d < 0 && d != -ENODATA) {
+			tfs_warn("cannot delete unlinked device %" PRIu32 ": %s", o.ids[i],
+				 strerror(-d));
+			continue;
+		}
+		tfs_catalog_remove_volume(fs->cat, o.ids[i]);
+		tfs_fs_event(fs, "delete", "device %" PRIu32 " unlinked before a crash: deleted",
+			     o.ids[i]);
+	}
+	free(o.ids);
+	free(ids);
+	return r < 0 ? r : 0;
+}
+
+static int last_event_cb(void *ctx, const struct tfs_event_row *row)
+{
+	*(int64_t *)ctx = row->id;
+	return 0;
+}
+
+/* Tell whoever waits that the mount is usable (or that it failed). */
+static void report_ready(int ready_fd, bool ok)
+{
+	char b = ok ? 'y' : 'n';
+	ssize_t w;
+
+	if (ready_fd >= 0) {
+		do
+			w = write(ready_fd, &b, 1);
+		while (w < 0 && errno == EINTR);
+		close(ready_fd);
+	}
+}
+
+/* In the parent: wait for the daemon's readiness byte. */
+static int wait_ready(pid_t child, int fd)
+{
+	char b = 0;
+	ssize_t n;
+	int status;
+
+	do
+		n = read(fd, &b, 1);
+	while (n < 0 && errno == EINTR);
+	close(fd);
+	if (n == 1 && b == 'y')
+		return 0;
+	/* The child said why on the stderr we share; its status is ours. */
+	if (waitpid(child, &status, 0) == child && WIFEXITED(status) && WEXITSTATUS(status))
+		return WEXITSTATUS(status);
+	return 1;
+}
+
+static void detach_stdio(void)
+{
+	int fd = open("/dev/null", O_RDWR | O_CLOEXEC);
+
+	if (fd < 0)
+		return;
+	dup2(fd, STDIN_FILENO);
+	dup2(fd, STDOUT_FILENO);
+	dup2(fd, STDERR_FILENO);
+	if (fd > STDERR_FILENO)
+		close(fd);
+}
+
+static uint64_t max_size_for(uint64_t block_size)
+{
+	/* 2^40 virtual blocks, and never past what off_t can say. */
+	if (block_size > ((uint64_t)INT64_MAX >> 40))
+		return (uint64_t)INT64_MAX;
+	return block_size << 40;
+}
+
+/* Everything after the metadata lock; runs in the daemon process. */
+static int run_daemon(struct tfs_fs *fs, const struct mount_args *a, int ready_fd)
+{
+	struct fuse_args fargs = FUSE_ARGS_INIT(0, NULL);
+	struct fuse_loop_config *loop_cfg = NULL;
+	char opts[1200];
+	int64_t last_event = 0;
+	int r, status = 1;
+
+	/*
+	 * Before any thread exists: the flag is per task and inherited, and a
+	 * loop device over one of our files must not make us wait on
+	 * ourselves for memory.
+	 */
+	if (prctl(PR_SET_IO_FLUSHER, 1, 0, 0, 0) < 0)
+		tfs_warn("PR_SET_IO_FLUSHER: %s (a loop device over a volume may deadlock under "
+			 "memory pressure)", strerror(errno));
+
+	r = tfs_pool_open(&fs->cfg, fs->read_only, &fs->pool);
+	if (r < 0) {
+		tfs_err("cannot open the pool %s: %s", fs->cfg.path, strerror(-r));
+		goto err;
+	}
+	fs->block_size = tfs_pool_block_size(fs->pool);
+	fs->max_size = max_size_for(fs->block_size);
+	r = tfs_catalog_open(fs->cfg.catalog, fs->read_only, &fs->cat);
+	if (r < 0) {
+		tfs_err("cannot open the catalog %s: %s%s", fs->cfg.catalog, strerror(-r),
+			r == -ENOENT ? " (run thinfs mkpool first)" : "");
+		goto err_close_pool;
+	}
+	if (!fs->read_only) {
+		r = reconcile(fs);
+		if (r < 0) {
+			tfs_err("cannot reconcile the catalog with the metadata: %s", strerror(-r));
+			goto err_close_catalog;
+		}
+	}
+	tfs_catalog_list_events(fs->cat, 0, last_event_cb, &last_event);
+	fs->last_event_id = last_event;
+
+	/*
+	 * default_permissions: the kernel checks modes and owners, as on any
+	 * filesystem.  subtype names us in /proc/mounts.
+	 */
+	snprintf(opts, sizeof(opts), "default_permissions,fsname=thinfs,subtype=thinfs%s",
+		 a->fuse_opts);
+	if (fuse_opt_add_arg(&fargs, "thinfs") || fuse_opt_add_arg(&fargs, "-o") ||
+	    fuse_opt_add_arg(&fargs, opts)) {
+		tfs_err("out of memory");
+		goto err_free_args;
+	}
+	fs->se = fuse_session_new(&fargs, &tfs_fuse_ops, sizeof(tfs_fuse_ops), fs);
+	if (!fs->se) {
+		tfs_err("cannot start a FUSE session (bad -o option?)");
+		goto err_free_args;
+	}
+	if (fuse_set_signal_handlers(fs->se) != 0) {
+		tfs_err("cannot install signal handlers");
+		goto err_destroy_session;
+	}
+	if (fuse_session_mount(fs->se, fs->mountpoint) != 0) {
+		tfs_err("cannot mount on %s", fs->mountpoint);
+		goto err_remove_handlers;
+	}
+	r = tfs_ctl_server_start(fs, &fs->ctl);
+	if (r < 0)
+		goto err_unmount;
+
+	{
+		struct tfs_pool_status st;
+
+		tfs_pool_status(fs->pool, &st);
+		snprintf(fs->last_mode, sizeof(fs->last_mode), "%s", st.mode ? st.mode : "");
+	}
+	tfs_fs_event(fs, "mount", "mounted on %s%s", fs->mountpoint,
+		     fs->read_only ? " read-only" : "");
+
+	/* Ready: the mount answers and so does the control socket. */
+	sd_notify(0, "READY=1");
+	if (ready_fd >= 0) {
+		tfs_log_set_sink(syslog_sink, NULL);
+		report_ready(ready_fd, true);
+		ready_fd = -1;
+		detach_stdio();
+	}
+
+	loop_cfg = fuse_loop_cfg_create();
+	if (!loop_cfg) {
+		tfs_err("out of memory");
+		goto err_stop_ctl;
+	}
+	fuse_loop_cfg_set_clone_fd(loop_cfg, 0);
+	fuse_loop_cfg_set_idle_threads(loop_cfg, 16);
+	fuse_loop_cfg_set_max_threads(loop_cfg, 64);
+	r = fuse_session_loop_mt(fs->se, loop_cfg);
+	fuse_loop_cfg_destroy(loop_cfg);
+	sd_notify(0, "STOPPING=1");
+	if (r < 0)
+		tfs_warn("FUSE session ended with %s", strerror(-r));
+	status = 0;
+
+err_stop_ctl:
+	tfs_ctl_server_stop(fs->ctl);
+	fs->ctl = NULL;
+err_unmount:
+	fuse_session_unmount(fs->se);
+err_remove_handlers:
+	fuse_remove_signal_handlers(fs->se);
+err_destroy_session:
+	/* After the unmount no request can arrive: close what is still open. */
+	tfs_fs_close_all(fs);
+	if (status == 0)
+		tfs_fs_event(fs, "unmount", "unmounted from %s", fs->mountpoint);
+	fuse_session_destroy(fs->se);
+	fs->se = NULL;
+err_free_args:
+	fuse_opt_free_args(&fargs);
+err_close_catalog:
+	tfs_fs_close_all(fs);
+	tfs_catalog_close(fs->cat);
+	fs->cat = NULL;
+err_close_pool:
+	/* Closing commits: everything acknowledged so far becomes durable. */
+	r = tfs_pool_close(fs->pool);
+	fs->pool = NULL;
+	if (r < 0) {
+		tfs_err("final commit failed: %s", strerror(-r));
+		status = 1;
+	}
+err:
+	report_ready(ready_fd, false);
+	return status;
+}
+
+int tfs_cmd_mount(int argc, char **argv)
+{
+	struct mount_args a;
+	struct tfs_fs *fs;
+	struct stat st;
+	int r, lock_fd, pipefd[2], status = 1;
+	pid_t pid;
+
+	r = parse_mount_args(argc, argv, &a);
+	if (r)
+		return r;
+
+	fs = malloc(sizeof(*fs));
+	if (!fs) {
+		fprintf(stderr, "thinfs: out of memory\n");
+		return 1;
+	}
+	tfs_fs_init(fs);
+	fs->read_only = a.read_only;
+	fs->foreground = a.foreground;
+	fs->owner_uid = getuid();
+	fs->owner_gid = getgid();
+	fs->mount_time_ns = tfs_now_ns();
+
+	r = tfs_config_load(a.cfg_path, &fs->cfg);
+	if (r < 0) {
+		if (r != -EINVAL)
+			fprintf(stderr, "thinfs: mount: %s: %s\n", a.cfg_path, strerror(-r));
+		goto out_free;
+	}
+	if (fs->cfg.allow_faults && !a.allow_faults) {
+		fprintf(stderr, "thinfs: mount: %s enables fault injection ([fault] allow = yes): "
+			"start the daemon with --allow-faults to accept it\n", a.cfg_path);
+		goto out_free;
+	}
+	if (!realpath(a.mountpoint, fs->mountpoint) || stat(fs->mountpoint, &st) < 0) {
+		fprintf(stderr, "thinfs: mount: %s: %s\n", a.mountpoint, strerror(errno));
+		goto out_free;
+	}
+	if (!S_ISDIR(st.st_mode)) {
+		fprintf(stderr, "thinfs: mount: %s is not a directory\n", a.mountpoint);
+		goto out_free;
+	}
+	lock_fd = lock_metadata(fs->cfg.metadata);
+	if (lock_fd < 0)
+		goto out_free;
+
+	if (a.foreground) {
+		status = run_daemon(fs, &a, -1);
+		goto out_unlock;
+	}
+
+	/*
+	 * Daemonize before anything starts a thread (the engine's commit
+	 * thread, sqlite, FUSE workers): fork() copies only the calling
+	 * thread.  The parent returns once the child reports the mount usable,
+	 * so `thinfs mount` still returns only when the mount is ready, and
+	 * fails with the child's message (on our shared stderr) otherwise.
+	 */
+	if (pipe2(pipefd, O_CLOEXEC) < 0) {
+		fprintf(stderr, "thinfs: mount: pipe: %s\n", strerror(errno));
+		goto out_unlock;
+	}
+	fflush(NULL);
+	pid = fork();
+	if (pid < 0) {
+		fprintf(stderr, "thinfs: mount: fork: %s\n", strerror(errno));
+		close(pipefd[0]);
+		close(pipefd[1]);
+		goto out_unlock;
+	}
+	if (pid > 0) {
+		close(pipefd[1]);
+		close(lock_fd); /* the child holds the lock through its copy */
+		status = wait_ready(pid, pipefd[0]);
+		tfs_fs_destroy(fs);
+		free(fs);
+		return status;
+	}
+	close(pipefd[0]);
+	setsid();
+	if (chdir("/") < 0)
+		tfs_warn("chdir /: %s", strerror(errno));
+	status = run_daemon(fs, &a, pipefd[1]);
+
+out_unlock:
+	close(lock_fd);
+out_free:
+	tfs_fs_destroy(fs);
+	free(fs);
+	return status;
+}

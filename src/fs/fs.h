@@ -1,0 +1,205 @@
+/* SPDX-License-Identifier: GPL-2.0-or-later */
+/*
+ * fs.h - the daemon's state and the namespace operations shared by the
+ * FUSE layer (fuse-ops.c) and the control socket (ctl-server.c).
+ *
+ * Owns: the one daemon state struct (struct tfs_fs), the table of volume
+ * inodes the kernel knows about or has open, the open-volume counts that
+ * decide when an unlinked volume's device is deleted, the in-memory copy
+ * of each known volume's attributes (size, mode, owner, times) and when
+ * it reaches the catalog, and every change to the namespace: create,
+ * unlink, rename, snapshot groups, single snapshots, deletes.  Each such
+ * change commits the metadata first and the catalog after it, so a crash
+ * in between leaves something the next mount's reconcile repairs.
+ *
+ * Never: replies to FUSE requests or to control clients (the callers do,
+ * once per request); holds fs->lock while doing volume I/O.
+ *
+ * Locks, outermost first: fs->lock (table, counts, namespace changes) ->
+ * inode->io_lock (read: I/O; write: a size change that shrinks) ->
+ * inode->attr_lock (the row, dirty flag, mapped-blocks cache).  fs->lock
+ * may be taken with no inode lock held only; attr_lock is a leaf.
+ *
+ * Errors: 0 or -errno as below FUSE everywhere: -ENOENT, -EEXIST, -EINVAL
+ * / -ENAMETOOLONG (names), -EROFS (read-only mount or snapshot member),
+ * -EBUSY, -EFBIG, and what the pool and catalog return.
+ */
+#ifndef TFS_FS_FS_H
+#define TFS_FS_FS_H
+
+#include <pthread.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <sys/types.h>
+
+#include "catalog.h"
+#include "config.h"
+#include "pool.h"
+
+struct fuse_session;
+struct tfs_ctl_server;
+
+/* Inode numbers (stable across mounts: derived from ids on disk). */
+#define TFS_INO_ROOT 1u
+#define TFS_INO_SNAPSHOTS 2u
+#define TFS_INO_VOL_BASE 0x1000ull
+#define TFS_INO_GROUP_BASE 0x100000000ull
+#define TFS_SNAPSHOTS_NAME ".snapshots"
+
+static inline uint64_t tfs_ino_of_dev(uint32_t dev_id)
+{
+	return TFS_INO_VOL_BASE + dev_id;
+}
+
+static inline uint64_t tfs_ino_of_group(int64_t group_id)
+{
+	return TFS_INO_GROUP_BASE + (uint64_t)group_id;
+}
+
+/* A volume (top-level or group member) the kernel has looked up or opened. */
+struct tfs_inode {
+	uint32_t dev_id;
+	uint64_t generation;       /* new each time the entry is (re)born */
+	struct tfs_inode *next;    /* hash chain; fs->lock */
+	uint64_t nlookup;          /* kernel references; fs->lock */
+	unsigned nopen;            /* open handles and temporary pins; fs->lock */
+	struct tfs_vol *vol;       /* non-NULL iff nopen > 0; changed under fs->lock and
+				      attr_lock, read under either */
+	bool unlinked;             /* name removed, device kept until nopen == 0; fs->lock */
+	bool gone;                 /* device deleted, waiting for the kernel's forget; fs->lock */
+
+	pthread_rwlock_t io_lock;  /* read: read/write/fallocate/seek; write: shrink */
+	pthread_mutex_t attr_lock; /* protects the fields below */
+	struct tfs_vol_row row;    /* the attributes (the catalog's copy may lag: dirty) */
+	bool dirty;                /* row has changes the catalog has not seen */
+	bool mapped_valid;         /* mapped_blocks below may be used (closed volumes) */
+	uint64_t mapped_blocks;
+	uint64_t close_seq;        /* bumped when the volume closes: a walk older than that is stale */
+};
+
+#define TFS_INODE_BUCKETS 1024u
+
+/* The daemon: everything mutable lives here. */
+struct tfs_fs {
+	struct tfs_pool_config cfg;
+	char mountpoint[4096];     /* canonical path */
+	bool read_only;
+	bool foreground;
+	uid_t owner_uid;           /* who mounted: may use the control socket */
+	gid_t owner_gid;
+	int64_t mount_time_ns;
+	uint64_t block_size;
+	uint64_t max_size;         /* largest virtual size: EFBIG beyond */
+
+	struct tfs_pool *pool;
+	struct tfs_catalog *cat;
+	struct fuse_session *se;
+	struct tfs_ctl_server *ctl;
+
+	pthread_mutex_t lock;
+	pthread_mutex_t persist_lock; /* orders catalog writes of rows: after lock, before attr_lock */
+	struct tfs_inode *buckets[TFS_INODE_BUCKETS]; /* lock */
+	uint64_t next_generation;                     /* lock */
+
+	/* Event log mirror for wait-event and events --follow. */
+	pthread_mutex_t event_lock;
+	pthread_cond_t event_cond;
+	int64_t last_event_id;     /* event_lock */
+	bool stopping;             /* event_lock: wakes waiters at shutdown */
+
+	/* Pool mode as last seen by the periodic tick, for mode_change events. */
+	char last_mode[32];
+	char mode_reason[256];
+	bool low_water_data_signalled, low_water_meta_signalled;
+};
+
+void tfs_fs_init(struct tfs_fs *fs);
+/* Frees the inode table (volumes must be closed: see tfs_fs_close_all). */
+void tfs_fs_destroy(struct tfs_fs *fs);
+
+/* ---- inode table (the caller holds fs->lock unless said otherwise) ---- */
+struct tfs_inode *tfs_fs_inode_find(struct tfs_fs *fs, uint32_t dev_id);
+/*
+ * Find or create the entry for row->dev_id (created from row), count one
+ * kernel lookup, and return it.  -ENOMEM.
+ */
+int tfs_fs_inode_lookup(struct tfs_fs *fs, const struct tfs_vol_row *row,
+			struct tfs_inode **out);
+/* The kernel dropped n references (takes fs->lock). */
+void tfs_fs_forget(struct tfs_fs *fs, uint32_t dev_id, uint64_t n);
+
+/*
+ * Open the engine volume (once, shared by every handle) and count a pin.
+ * for_write: refuse with -EROFS on a read-only mount or a group member.
+ * Takes fs->lock.  Returns the inode of a looked-up volume or -ENOENT.
+ */
+int tfs_fs_pin(struct tfs_fs *fs, uint32_t dev_id, bool for_write, struct tfs_inode **out);
+/*
+ * Drop a pin.  The last one persists the attributes, closes the engine
+ * volume and, if the name was unlinked meanwhile, deletes the device and
+ * then the catalog row.  Takes fs->lock.
+ */
+void tfs_fs_unpin(struct tfs_fs *fs, struct tfs_inode *ino);
+
+/* Copy of the attributes and st_blocks-worth of mapped blocks (no locks held). */
+int tfs_fs_inode_attr(struct tfs_fs *fs, struct tfs_inode *ino, struct tfs_vol_row *row,
+		      uint64_t *mapped_blocks);
+/* Write the row to the catalog if dirty (no locks held on entry). */
+int tfs_fs_persist(struct tfs_fs *fs, struct tfs_inode *ino);
+/* Persist every dirty row (takes fs->lock). */
+void tfs_fs_persist_all(struct tfs_fs *fs);
+/* Shutdown: persist, close every open volume, delete unlinked ones. */
+void tfs_fs_close_all(struct tfs_fs *fs);
+
+/* Attributes of a volume by name at the root, in-memory copy preferred. */
+int tfs_fs_get_volume(struct tfs_fs *fs, const char *name, struct tfs_vol_row *out);
+/* Attributes by device id, in-memory copy preferred. */
+int tfs_fs_get_volume_by_id(struct tfs_fs *fs, uint32_t dev_id, struct tfs_vol_row *out);
+
+/* ---- namespace changes (take fs->lock themselves) ---- */
+/* A thin volume of size 0 at the root; counts one lookup on *out. */
+int tfs_fs_create_volume(struct tfs_fs *fs, const char *name, uint32_t mode, uid_t uid,
+			 gid_t gid, struct tfs_inode **out);
+/* unlink(2) at the root: the name goes now, the device at last close. */
+int tfs_fs_unlink_volume(struct tfs_fs *fs, const char *name);
+/* rename(2) within the root; flags: RENAME_NOREPLACE honoured, RENAME_EXCHANGE -EINVAL. */
+int tfs_fs_rename_volume(struct tfs_fs *fs, const char *old_name, const char *new_name,
+			 unsigned flags);
+/* mkdir .snapshots/NAME: snapshot every top-level volume in one transaction. */
+int tfs_fs_create_group(struct tfs_fs *fs, const char *name, struct tfs_group_row *out);
+/* rmdir .snapshots/NAME: -EBUSY while a member is open. */
+int tfs_fs_remove_group(struct tfs_fs *fs, const char *name);
+/* thinfs-ctl snapshot SRC NEW: a writable thin snapshot, a top-level volume. */
+int tfs_fs_snapshot_volume(struct tfs_fs *fs, const char *src, const char *new_name);
+
+/* ---- listings (catalog reads; sizes from memory where newer) ---- */
+/* Group lookups. */
+int tfs_fs_group_by_id(struct tfs_fs *fs, int64_t id, struct tfs_group_row *out);
+/*
+ * Rows of the top level (group_id 0: thin volumes and writable snapshots)
+ * or of one snapshot group, in name order; *rows is malloc'ed (free it).
+ */
+int tfs_fs_list(struct tfs_fs *fs, int64_t group_id, struct tfs_vol_row **rows, unsigned *nr);
+/* Every snapshot group in name order; *rows is malloc'ed. */
+int tfs_fs_list_groups(struct tfs_fs *fs, struct tfs_group_row **rows, unsigned *nr);
+/* The entry of a volume the kernel holds a reference to, or NULL (takes fs->lock). */
+struct tfs_inode *tfs_fs_inode_get(struct tfs_fs *fs, uint32_t dev_id);
+
+/* ---- size changes and limits ---- */
+/* Set the virtual size (truncate): shrinking unmaps; takes io_lock for writing. */
+int tfs_fs_set_size(struct tfs_fs *fs, struct tfs_inode *ino, uint64_t size);
+/* Grow the size to at least end (write/fallocate past EOF), mark mtime. */
+void tfs_fs_extend(struct tfs_fs *fs, struct tfs_inode *ino, uint64_t end, bool touch_mtime);
+
+/* ---- events ---- */
+/* Log an event in the catalog and wake waiters (-errno from the catalog). */
+int tfs_fs_event(struct tfs_fs *fs, const char *kind, const char *fmt, ...)
+	__attribute__((format(printf, 3, 4)));
+/* The 1-second housekeeping: persist sizes, notice mode and low-water changes. */
+void tfs_fs_tick(struct tfs_fs *fs);
+
+int64_t tfs_now_ns(void);
+/* "2026-11-21T03:00:00Z" */
+void tfs_format_time(int64_t ns, char *buf, size_t len);
+
+#endif

@@ -1,0 +1,207 @@
+/* SPDX-License-Identifier: GPL-2.0-or-later */
+/*
+ * thinfs-ctl - talk to the daemon of a mounted pool over its control
+ * socket (src/fs/ctl-protocol.h): send the command line as one JSON
+ * request, print the "output" of each response line, and exit 0; or print
+ * "thinfs-ctl: <error>" on one stderr line and exit 1.  Usage errors exit 2.
+ */
+#include <errno.h>
+#include <json-c/json.h>
+#include <stdarg.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include "ctl-protocol.h"
+
+static void usage(FILE *f)
+{
+	fputs("Usage: thinfs-ctl MOUNTPOINT COMMAND [ARGS]\n\n"
+	      "Commands:\n"
+	      "  status [--json]              pool and volume usage, modes, snapshot groups\n"
+	      "  list [--json]                the volumes\n"
+	      "  snapshot SRC NEW             a writable thin snapshot of SRC named NEW\n"
+	      "  delete NAME                  delete volume NAME (as rm MOUNTPOINT/NAME)\n"
+	      "  set-transaction-id OLD NEW   set the metadata transaction id\n"
+	      "  reserve-metadata-snap        hold a metadata snapshot (thinfs dump -m)\n"
+	      "  release-metadata-snap        drop it\n"
+	      "  events [--json] [--follow]   the event log\n"
+	      "  wait-event N [--timeout S]   wait until event N exists\n", f);
+}
+
+/* One line on stderr, as every failure is reported. */
+static int fail(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+
+static int fail(const char *fmt, ...)
+{
+	va_list ap;
+
+	fputs("thinfs-ctl: ", stderr);
+	va_start(ap, fmt);
+	vfprintf(stderr, fmt, ap);
+	va_end(ap);
+	fputc('\n', stderr);
+	return 1;
+}
+
+static int send_all(int fd, const char *s, size_t len)
+{
+	while (len > 0) {
+		ssize_t n = send(fd, s, len, MSG_NOSIGNAL);
+
+		if (n < 0) {
+			if (errno == EINTR)
+				continue;
+			return -errno;
+		}
+		s += n;
+		len -= (size_t)n;
+	}
+	return 0;
+}
+
+/* Print one response; returns 1 when it was the last, 0 to read on, -1 failed. */
+static int handle_response(const char *line, bool json_wanted)
+{
+	struct json_object *resp, *ok, *v, *done;
+	int last;
+
+	resp = json_tokener_parse(line);
+	if (!resp || !json_object_is_type(resp, json_type_object) ||
+	    !json_object_object_get_ex(resp, "ok", &ok)) {
+		json_object_put(resp);
+		fail("bad response from the daemon");
+		return -1;
+	}
+	if (!json_object_get_boolean(ok)) {
+		const char *err = "the daemon refused the command";
+
+		char clean[1024];
+		size_t i;
+
+		if (json_object_object_get_ex(resp, "error", &v))
+			err = json_object_get_string(v);
+		/* One line whatever the daemon echoed back (a name may hold a newline). */
+		for (i = 0; err[i] && i < sizeof(clean) - 1; i++)
+			clean[i] = (unsigned char)err[i] < 0x20 || err[i] == 0x7f ? '?' : err[i];
+		clean[i] = '\0';
+		fail("%s", clean);
+		json_object_put(resp);
+		return -1;
+	}
+	if (json_object_object_get_ex(resp, "output", &v)) {
+		const char *out = json_object_get_string(v);
+		size_t n = strlen(out);
+
+		fputs(out, stdout);
+		if (n && out[n - 1] != '\n')
+			fputc('\n', stdout);
+	} else if (json_wanted && json_object_object_get_ex(resp, "json", &v)) {
+		puts(json_object_to_json_string_ext(v, JSON_C_TO_STRING_PLAIN));
+	}
+	fflush(stdout);
+	last = !json_object_object_get_ex(resp, "done", &done) || json_object_get_boolean(done);
+	json_object_put(resp);
+	return last;
+}
+
+int main(int argc, char **argv)
+{
+	struct sockaddr_un sa = { .sun_family = AF_UNIX };
+	struct json_object *req, *args;
+	char path[sizeof(sa.sun_path)];
+	const char *s;
+	bool json_wanted = false;
+	char *buf = NULL;
+	size_t len = 0, cap = 0;
+	int fd, r, status = 1;
+
+	if (argc >= 2 && (!strcmp(argv[1], "--help") || !strcmp(argv[1], "-h"))) {
+		usage(stdout);
+		return 0;
+	}
+	if (argc < 3) {
+		usage(stderr);
+		return 2;
+	}
+	r = tfs_ctl_socket_path(argv[1], path, sizeof(path));
+	if (r < 0)
+		return fail("%s: %s", argv[1], strerror(-r));
+
+	fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	if (fd < 0)
+		return fail("socket: %s", strerror(errno));
+	snprintf(sa.sun_path, sizeof(sa.sun_path), "%s", path);
+	if (connect(fd, (struct sockaddr *)&sa, sizeof(sa)) < 0) {
+		int e = errno;
+
+		close(fd);
+		if (e == ENOENT || e == ECONNREFUSED)
+			return fail("%s: no thinfs daemon serves this mountpoint (%s)", argv[1],
+				    e == ENOENT ? "no control socket" : "stale control socket");
+		return fail("%s: cannot reach the daemon: %s", argv[1], strerror(e));
+	}
+
+	req = json_object_new_object();
+	args = json_object_new_array();
+	json_object_object_add(req, "cmd", json_object_new_string(argv[2]));
+	for (int i = 3; i < argc; i++) {
+		json_object_array_add(args, json_object_new_string(argv[i]));
+		json_wanted |= !strcmp(argv[i], "--json");
+	}
+	json_object_object_add(req, "args", args);
+	s = json_object_to_json_string_ext(req, JSON_C_TO_STRING_PLAIN);
+	r = send_all(fd, s, strlen(s));
+	if (r == 0)
+		r = send_all(fd, "\n", 1);
+	json_object_put(req);
+	if (r < 0) {
+		close(fd);
+		return fail("sending the command: %s", strerror(-r));
+	}
+
+	/* Response lines until one says done (streaming commands send several). */
+	for (;;) {
+		char *nl;
+		ssize_t n;
+
+		while (!(nl = buf ? memchr(buf, '\n', len) : NULL)) {
+			if (len + 4096 > cap) {
+				char *nb = realloc(buf, cap ? cap * 2 : 65536);
+
+				if (!nb) {
+					fail("out of memory");
+					goto out;
+				}
+				buf = nb;
+				cap = cap ? cap * 2 : 65536;
+			}
+			n = recv(fd, buf + len, cap - len, 0);
+			if (n < 0 && errno == EINTR)
+				continue;
+			if (n <= 0) {
+				fail("%s", n == 0 ? "the daemon closed the connection without an answer"
+						  : strerror(errno));
+				goto out;
+			}
+			len += (size_t)n;
+		}
+		*nl = '\0';
+		r = handle_response(buf, json_wanted);
+		if (r < 0)
+			goto out;
+		len -= (size_t)(nl + 1 - buf);
+		memmove(buf, nl + 1, len);
+		if (r == 1)
+			break;
+	}
+	status = 0;
+out:
+	free(buf);
+	close(fd);
+	return status;
+}
