@@ -250,16 +250,16 @@ int tfs_catalog_check_name(const char *name)
 
 static int setup_connection(struct tfs_catalog *cat)
 {
-	int r;
-
 	sqlite3_extended_result_codes(cat->db, 1);
 	sqlite3_busy_timeout(cat->db, BUSY_TIMEOUT_MS);
-	r = exec(cat, "PRAGMA foreign_keys = ON", "enable foreign keys");
-	if (r)
-		return r;
-	if (cat->read_only)
-		return 0;
-	r = exec(cat, "PRAGMA journal_mode = WAL", "enable WAL");
+	return exec(cat, "PRAGMA foreign_keys = ON", "enable foreign keys");
+}
+
+/* Only once the file is known to be ours: these pragmas write to it. */
+static int make_durable(struct tfs_catalog *cat)
+{
+	int r = exec(cat, "PRAGMA journal_mode = WAL", "enable WAL");
+
 	if (r)
 		return r;
 	return exec(cat, "PRAGMA synchronous = FULL", "set synchronous");
@@ -273,8 +273,8 @@ static int read_version(struct tfs_catalog *cat, int *version)
 	*version = 0;
 	rc = sqlite3_prepare_v2(cat->db, "SELECT max(version) FROM schema_version", -1, &st, NULL);
 	if (rc != SQLITE_OK) {
-		/* No such table: a sqlite file, but not ours. */
-		if ((rc & 0xff) == SQLITE_ERROR)
+		/* No such table (a sqlite file, but not ours), or not sqlite at all. */
+		if ((rc & 0xff) == SQLITE_ERROR || (rc & 0xff) == SQLITE_NOTADB)
 			return -ENODATA;
 		return sql_error(cat, rc, "read the schema version");
 	}
@@ -499,7 +499,9 @@ int tfs_catalog_create(const char *path, bool force, struct tfs_catalog **out)
 	r = cat_connect(path, false, true, &cat);
 	if (r)
 		return r;
-	r = setup_schema(cat);
+	r = make_durable(cat);
+	if (!r)
+		r = setup_schema(cat);
 	if (r) {
 		disconnect(cat);
 		return r;
@@ -537,7 +539,9 @@ int tfs_catalog_open(const char *path, bool read_only, struct tfs_catalog **out)
 	}
 	/* Idempotent; it is also where a later version would migrate. */
 	if (!read_only) {
-		r = setup_schema(cat);
+		r = make_durable(cat);
+		if (!r)
+			r = setup_schema(cat);
 		if (r)
 			goto err_disconnect;
 	}

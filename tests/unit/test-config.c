@@ -1,0 +1,690 @@
+/* SPDX-License-Identifier: GPL-2.0-or-later */
+/* pool.cfg: every key, defaults, and every kind of mistake named by file:line. */
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cmocka.h>
+
+#include "config.h"
+#include "log.h"
+
+/* ---- fixture: a temporary directory with meta.img, data.img and pool.cfg ---- */
+
+struct env {
+	char dir[64];        
+	char cfg[PATH_MAX];   /* dir/pool.cfg */
+	char meta[PATH_MAX];  /* dir/meta.img */
+	char data[PATH_MAX];  /* dir/data.img */
+	char log[16384];      /* every message logged during the test */
+	unsigned nr_msgs;
+};
+
+static void capture(void *ctx, enum tfs_log_level level, const char *msg)
+{
+	struct env *e = ctx;
+	size_t used = strlen(e->log);
+
+	(void)level;
+	snprintf(e->log + used, sizeof(e->log) - used, "%s\n", msg);
+	e->nr_msgs++;
+}
+
+static void make_file(const char *path, off_t size, mode_t mode)
+{
+	int fd = open(path, O_CREAT | O_TRUNC | O_WRONLY, mode);
+
+	assert_true(fd >= 0);
+	assert_int_equal(ftruncate(fd, size), 0);
+	close(fd);
+}
+
+static int setup(void **state)
+{
+	struct env *e = calloc(1, sizeof(*e));
+
+	assert_non_null(e);
+	snprintf(e->dir, sizeof(e->dir), "/tmp/tfs-config-XXXXXX");
+	assert_non_null(mkdtemp(e->dir));
+	snprintf(e->cfg, sizeof(e->cfg), "%s/pool.cfg", e->dir);
+	snprintf(e->meta, sizeof(e->meta), "%s/meta.img", e->dir);
+	snprintf(e->data, sizeof(e->data), "%s/data.img", e->dir);
+	make_file(e->meta, 8 << 20, 0644);
+	make_file(e->data, 64 << 20, 0644);
+	tfs_log_set_sink(capture, e);
+	*state = e;
+	return 0;
+}
+
+static int teardown(void **state)
+{
+	struct env *e = *state;
+	char cmd[PATH_MAX + 16];
+
+	tfs_log_set_sink(NULL, NULL);
+	snprintf(cmd, sizeof(cmd), "rm -rf '%s'", e->dir);
+	assert_int_equal(system(cmd), 0);
+	free(e);
+	return 0;
+}
+
+static void write_cfg(struct env *e, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+
+static void write_cfg(struct env *e, const char *fmt, ...)
+{
+	FILE *f = fopen(e->cfg, "w");
+	va_list ap;
+
+	assert_non_null(f);
+	va_start(ap, fmt);
+	vfprintf(f, fmt, ap);
+	va_end(ap);
+	fclose(f);
+	e->log[0] = '\0';
+	e->nr_msgs = 0;
+}
+
+/* The log must contain "<cfg>:<line>:" and every given fragment on one message line. */
+static void assert_logged(struct env *e, unsigned line, const char *frag1, const char *frag2)
+{
+	char prefix[PATH_MAX + 32];
+	const char *p = e->log;
+
+	if (line)
+		snprintf(prefix, sizeof(prefix), "%s:%u: ", e->cfg, line);
+	else
+		snprintf(prefix, sizeof(prefix), "%s: ", e->cfg);
+	while ((p = strstr(p, prefix))) {
+		const char *end = strchr(p, '\n');
+		size_t len = end ? (size_t)(end - p) : strlen(p);
+		char msg[2048];
+
+		snprintf(msg, sizeof(msg), "%.*s", (int)len, p);
+		if ((!frag1 || strstr(msg, frag1)) && (!frag2 || strstr(msg, frag2)))
+			return;
+		p += len;
+	}
+	fail_msg("no message \"%s...\" with '%s' and '%s' in:\n%s", prefix, frag1 ? frag1 : "",
+		 frag2 ? frag2 : "", e->log);
+}
+
+/* Load a [pool] with the two devices and one more line (line 4); expect failure. */
+static void expect_bad_line(struct env *e, const char *line, const char *key, const char *why,
+			    int err)
+{
+	struct tfs_pool_config c;
+
+	write_cfg(e, "[pool]\nmetadata = %s\ndata = %s\n%s\n", e->meta, e->data, line);
+	assert_int_equal(tfs_config_load(e->cfg, &c), err);
+	assert_logged(e, 4, key, why);
+}
+
+/* ---- a good file ---- */
+
+static void test_minimal_cfg_gets_the_documented_defaults(void **state)
+{
+	struct env *e = *state;
+	struct tfs_pool_config c;
+	char want[PATH_MAX + 16];
+
+	write_cfg(e, "[pool]\nmetadata = %s\ndata = %s\n", e->meta, e->data);
+	assert_int_equal(tfs_config_load(e->cfg, &c), 0);
+	assert_int_equal(e->nr_msgs, 0);
+	assert_string_equal(c.path, e->cfg);
+	assert_string_equal(c.metadata, e->meta);
+	assert_string_equal(c.data, e->data);
+	snprintf(want, sizeof(want), "%s.catalog.db", e->meta);
+	assert_string_equal(c.catalog, want);
+	assert_string_equal(c.on_event, "");
+	assert_int_equal(c.block_size, 65536);
+	assert_true(c.low_water_is_percent);
+	assert_int_equal(c.low_water_percent, 10);
+	assert_false(c.error_if_no_space);
+	assert_int_equal(c.no_space_timeout_ms, 60000);
+	assert_true(c.discard_passdown);
+	assert_false(c.skip_block_zeroing);
+	assert_int_equal(c.commit_interval_ms, 1000);
+	assert_int_equal(c.metadata_cache_bytes, 64 << 20);
+	assert_false(c.allow_faults);
+}
+
+static void test_every_pool_key_is_parsed(void **state)
+{
+	struct env *e = *state;
+	struct tfs_pool_config c;
+	char hook[PATH_MAX + 16], cat[PATH_MAX + 16];
+
+	snprintf(hook, sizeof(hook), "%s/hook.sh", e->dir);
+	make_file(hook, 0, 0755);
+	snprintf(cat, sizeof(cat), "%s/my.db", e->dir);
+	write_cfg(e,
+		  "; the pool\n"
+		  "# another comment style\n"
+		  "[pool]\n"
+		  "metadata = %s   ; inline comment\n"
+		  "data     = \"%s\"\n"
+		  "block_size = 1M\n"
+		  "catalog  = %s\n"
+		  "low_water_mark = 4096\n"
+		  "error_if_no_space = YES\n"
+		  "no_space_timeout = 2m\n"
+		  "discard_passdown = off\n"
+		  "skip_block_zeroing = true\n"
+		  "commit_interval = 500ms\n"
+		  "on_event = %s\n"
+		  "metadata_cache = 128MiB\n"
+		  "\n"
+		  "[fault]\n"
+		  "allow = on\n",
+		  e->meta, e->data, cat, hook);
+	assert_int_equal(tfs_config_load(e->cfg, &c), 0);
+	assert_int_equal(e->nr_msgs, 0);
+	assert_string_equal(c.metadata, e->meta);
+	assert_string_equal(c.data, e->data);
+	assert_string_equal(c.catalog, cat);
+	assert_string_equal(c.on_event, hook);
+	assert_int_equal(c.block_size, 1 << 20);
+	assert_false(c.low_water_is_percent);
+	assert_int_equal(c.low_water_blocks, 4096);
+	assert_true(c.error_if_no_space);
+	assert_int_equal(c.no_space_timeout_ms, 120000);
+	assert_false(c.discard_passdown);
+	assert_true(c.skip_block_zeroing);
+	assert_int_equal(c.commit_interval_ms, 500);
+	assert_int_equal(c.metadata_cache_bytes, 128 << 20);
+	assert_true(c.allow_faults);
+}
+
+static void test_times_bools_and_percentages_in_every_spelling(void **state)
+{
+	static const struct {
+		const char *v;
+		uint64_t ms;
+	} times[] = { { "0", 0 }, { "1", 1000 }, { "60s", 60000 }, { "60S", 60000 },
+		      { "2m", 120000 }, { "500ms", 500 }, { "1h", 3600000 } };
+	static const struct {
+		const char *v;
+		bool b;
+	} bools[] = { { "yes", true }, { "no", false }, { "true", true }, { "false", false },
+		      { "on", true }, { "off", false }, { "1", true }, { "0", false },
+		      { "True", true }, { "OFF", false } };
+	struct env *e = *state;
+	struct tfs_pool_config c;
+
+	for (size_t i = 0; i < sizeof(times) / sizeof(times[0]); i++) {
+		write_cfg(e, "[pool]\nmetadata = %s\ndata = %s\nno_space_timeout = %s\n", e->meta,
+			  e->data, times[i].v);
+		assert_int_equal(tfs_config_load(e->cfg, &c), 0);
+		assert_int_equal(c.no_space_timeout_ms, times[i].ms);
+	}
+	for (size_t i = 0; i < sizeof(bools) / sizeof(bools[0]); i++) {
+		write_cfg(e, "[pool]\nmetadata = %s\ndata = %s\nerror_if_no_space = %s\n", e->meta,
+			  e->data, bools[i].v);
+		assert_int_equal(tfs_config_load(e->cfg, &c), 0);
+		assert_int_equal(c.error_if_no_space, bools[i].b);
+	}
+	write_cfg(e, "[pool]\nmetadata = %s\ndata = %s\nlow_water_mark = 0%%\nblock_size = 1g\n",
+		  e->meta, e->data);
+	assert_int_equal(tfs_config_load(e->cfg, &c), 0);
+	assert_true(c.low_water_is_percent);
+	assert_int_equal(c.low_water_percent, 0);
+	assert_int_equal(c.block_size, 1ull << 30);
+}
+
+static void test_crlf_line_endings_and_a_bom_are_accepted(void **state)
+{
+	struct env *e = *state;
+	struct tfs_pool_config c;
+
+	write_cfg(e, "\xEF\xBB\xBF[pool]\r\nmetadata = %s\r\ndata = %s\r\nblock_size = 128k\r\n",
+		  e->meta, e->data);
+	assert_int_equal(tfs_config_load(e->cfg, &c), 0);
+	assert_string_equal(c.data, e->data);
+	assert_int_equal(c.block_size, 128 << 10);
+}
+
+static void test_relative_paths_are_relative_to_the_cfg_directory(void **state)
+{
+	struct env *e = *state;
+	struct tfs_pool_config c;
+	char cwd[PATH_MAX], want[PATH_MAX + 16], sub[PATH_MAX + 16], hook[PATH_MAX + 32];
+
+	snprintf(sub, sizeof(sub), "%s/sub", e->dir);
+	assert_int_equal(mkdir(sub, 0755), 0);
+	snprintf(hook, sizeof(hook), "%s/sub/hook", e->dir);
+	make_file(hook, 0, 0755);
+	write_cfg(e, "[pool]\nmetadata = meta.img\ndata = ./sub/../data.img\n"
+		     "catalog = sub/cat.db\non_event = sub/hook\n");
+	assert_non_null(getcwd(cwd, sizeof(cwd)));
+	assert_int_equal(chdir("/"), 0);
+	assert_int_equal(tfs_config_load(e->cfg, &c), 0);
+	assert_int_equal(chdir(cwd), 0);
+	assert_string_equal(c.metadata, e->meta);
+	assert_string_equal(c.data, e->data); /* canonical: no "sub/.." */
+	snprintf(want, sizeof(want), "%s/sub/cat.db", e->dir);
+	assert_string_equal(c.catalog, want);
+	assert_string_equal(c.on_event, hook);
+}
+
+static void test_named_sections_accept_their_keys(void **state)
+{
+	struct env *e = *state;
+	struct tfs_pool_config c;
+
+	write_cfg(e,
+		  "[pool]\nmetadata = %s\ndata = %s\n"
+		  "[origin \"db\"]\ndevice = /dev/sdc\n"
+		  "[snapshot \"db-before-upgrade\"]\norigin = db\ncow = /dev/sdd\n"
+		  "persistent = yes\nchunk_size = 8k\n"
+		  "[cache \"fast1\"]\norigin = /dev/sde\ncache = /dev/nvme0n1p2\n"
+		  "metadata = /dev/nvme0n1p1\nmode = writeback\npolicy = smq\n",
+		  e->meta, e->data);
+	assert_int_equal(tfs_config_load(e->cfg, &c), 0);
+	assert_int_equal(e->nr_msgs, 0);
+}
+
+/* ---- values that are wrong ---- */
+
+static void test_bad_values_name_file_line_and_key(void **state)
+{
+	static const struct {
+		const char *line, *key, *why;
+	} bad[] = {
+		{ "block_size = 100k", "block_size", "not a multiple of 64k" },
+		{ "block_size = 32k", "block_size", "smaller than 64k" },
+		{ "block_size = 2g", "block_size", "larger than 1g" },
+		{ "block_size = 0", "block_size", "smaller" },
+		{ "block_size = 64q", "block_size", "not a size" },
+		{ "block_size = 99999999999999999999999", "block_size", "too large" },
+		{ "low_water_mark = 150%", "low_water_mark", "100%" },
+		{ "low_water_mark = -1", "low_water_mark", "percentage" },
+		{ "low_water_mark = 10.5%", "low_water_mark", "percentage" },
+		{ "low_water_mark = 1g", "low_water_mark", "blocks" },
+		{ "error_if_no_space = 2", "error_if_no_space", "not a boolean" },
+		{ "discard_passdown = perhaps", "discard_passdown", "not a boolean" },
+		{ "skip_block_zeroing = y", "skip_block_zeroing", "not a boolean" },
+		{ "no_space_timeout = -1", "no_space_timeout", "not a time" },
+		{ "no_space_timeout = 5 days", "no_space_timeout", "not a time" },
+		{ "commit_interval = soon", "commit_interval", "not a time" },
+		{ "commit_interval = 0", "commit_interval", "more than 0" },
+		{ "commit_interval = 2h", "commit_interval", "more than an hour" },
+		{ "metadata_cache = lots", "metadata_cache", "not a size" },
+		{ "metadata_cache = 4k", "metadata_cache", "minimum 64k" },
+		{ "on_event = meta.img", "on_event", "not an executable" },
+		{ "catalog = /", "catalog", "not a regular file" },
+		{ "catalog =", "catalog", "empty value" },
+		{ "metadata = /x", "metadata", "given twice (first on line 2)" },
+		{ "colour = blue", "colour", "unknown key" },
+		{ "Metadata = x", "Metadata", "unknown key" },
+	};
+	struct env *e = *state;
+
+	for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++)
+		expect_bad_line(e, bad[i].line, bad[i].key, bad[i].why, -EINVAL);
+	expect_bad_line(e, "on_event = /nonexistent/hook", "on_event", "No such file", -ENOENT);
+}
+
+static void test_a_failed_load_leaves_the_output_untouched(void **state)
+{
+	struct env *e = *state;
+	struct tfs_pool_config c;
+
+	memset(&c, 0xA5, sizeof(c));
+	write_cfg(e, "[pool]\nmetadata = %s\ndata = %s\nblock_size = 100k\n", e->meta, e->data);
+	assert_int_equal(tfs_config_load(e->cfg, &c), -EINVAL);
+	for (size_t i = 0; i < sizeof(c); i++)
+		assert_int_equal(((unsigned char *)&c)[i], 0xA5);
+}
+
+static void test_every_problem_is_reported_not_just_the_first(void **state)
+{
+	struct env *e = *state;
+	struct tfs_pool_config c;
+
+	write_cfg(e, "[pool]\nmetadata = %s\ndata = %s\nblock_size = 100k\n"
+		     "colour = blue\ncommit_interval = soon\n",
+		  e->meta, e->data);
+	assert_int_equal(tfs_config_load(e->cfg, &c), -EINVAL);
+	assert_int_equal(e->nr_msgs, 3);
+	assert_logged(e, 4, "block_size", NULL);
+	assert_logged(e, 5, "colour", NULL);
+	assert_logged(e, 6, "commit_interval", NULL);
+}
+
+/* ---- structure ---- */
+
+static void test_unknown_sections_are_errors_even_when_empty(void **state)
+{
+	struct env *e = *state;
+	struct tfs_pool_config c;
+
+	write_cfg(e, "[pool]\nmetadata = %s\ndata = %s\n[bogus]\n", e->meta, e->data);
+	assert_int_equal(tfs_config_load(e->cfg, &c), -EINVAL);
+	assert_logged(e, 4, "unknown section [bogus]", NULL);
+
+	write_cfg(e, "[pool]\nmetadata = %s\ndata = %s\n[volume \"x\"]\nsize = 1\n", e->meta,
+		  e->data);
+	assert_int_equal(tfs_config_load(e->cfg, &c), -EINVAL);
+	assert_logged(e, 4, "unknown section", "volume");
+	assert_int_equal(e->nr_msgs, 1); /* nothing more about the keys of a bad section */
+}
+
+static void test_named_sections_need_a_quoted_valid_unique_name(void **state)
+{
+	static const struct {
+		const char *header, *why;
+	} bad[] = {
+		{ "[origin]", "needs a quoted name" },
+		{ "[origin db]", "needs a quoted name" },
+		{ "[cache \"\"]", "1 to 255 bytes" },
+		{ "[snapshot \"a/b\"]", "may not contain '/'" },
+		{ "[origin \"..\"]", "not '.' or '..'" },
+		{ "[pool \"x\"]", "unknown section" },
+		{ "[pool]", "[pool] given twice (first on line 1)" },
+	};
+	struct env *e = *state;
+	struct tfs_pool_config c;
+
+	for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+		write_cfg(e, "[pool]\nmetadata = %s\ndata = %s\n%s\n", e->meta, e->data,
+			  bad[i].header);
+		assert_int_equal(tfs_config_load(e->cfg, &c), -EINVAL);
+		assert_logged(e, 4, bad[i].why, NULL);
+	}
+	write_cfg(e, "[pool]\nmetadata = %s\ndata = %s\n[origin \"db\"]\n[cache \"db\"]\n",
+		  e->meta, e->data);
+	assert_int_equal(tfs_config_load(e->cfg, &c), -EINVAL);
+	assert_logged(e, 5, "taken by [origin \"db\"] on line 4", NULL);
+}
+
+static void test_unknown_keys_in_every_section_are_errors(void **state)
+{
+	static const struct {
+		const char *section, *key;
+	} bad[] = {
+		{ "[origin \"db\"]", "cow" },
+		{ "[snapshot \"s\"]", "device" },
+		{ "[cache \"c\"]", "chunk_size" },
+		{ "[fault]", "enable" },
+	};
+	struct env *e = *state;
+	struct tfs_pool_config c;
+
+	for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+		write_cfg(e, "[pool]\nmetadata = %s\ndata = %s\n%s\n%s = 1\n", e->meta, e->data,
+			  bad[i].section, bad[i].key);
+		assert_int_equal(tfs_config_load(e->cfg, &c), -EINVAL);
+		assert_logged(e, 5, "unknown key", bad[i].key);
+	}
+	write_cfg(e, "block_size = 64k\n[pool]\nmetadata = %s\ndata = %s\n", e->meta, e->data);
+	assert_int_equal(tfs_config_load(e->cfg, &c), -EINVAL);
+	assert_logged(e, 1, "block_size", "outside any section");
+	write_cfg(e, "[pool]\nmetadata = %s\ndata = %s\n[fault]\nallow = maybe\n", e->meta,
+		  e->data);
+	assert_int_equal(tfs_config_load(e->cfg, &c), -EINVAL);
+	assert_logged(e, 5, "allow", "not a boolean");
+}
+
+static void test_syntax_errors_name_their_lines(void **state)
+{
+	struct env *e = *state;
+	struct tfs_pool_config c;
+	char longline[400];
+
+	memset(longline, 'x', sizeof(longline) - 1);
+	longline[sizeof(longline) - 1] = '\0';
+	memcpy(longline, "on_event = /", 12);
+	write_cfg(e,
+		  "[pool]\n"                       /* 1 */
+		  "metadata = %s\n"                /* 2 */
+		  "  data = %s\n"                  /* 3: continuation in inih */
+		  "this line has no equals sign\n" /* 4 */
+		  "[fault\n"                       /* 5 */
+		  "[pool] trailing\n"              /* 6 */
+		  "%s\n",                          /* 7 */
+		  e->meta, e->data, longline);
+	assert_int_equal(tfs_config_load(e->cfg, &c), -EINVAL);
+	assert_logged(e, 3, "continuation", NULL);
+	assert_logged(e, 4, "expected 'key = value'", NULL);
+	assert_logged(e, 5, "closing ']'", NULL);
+	assert_logged(e, 6, "after ']'", NULL);
+	assert_logged(e, 7, "longer than", NULL);
+	/* The data line was never taken as a key: data is missing too. */
+	assert_logged(e, 1, "'data' is missing", NULL);
+}
+
+static void test_missing_required_keys_are_named(void **state)
+{
+	struct env *e = *state;
+	struct tfs_pool_config c;
+
+	write_cfg(e, "; only metadata\n[pool]\nmetadata = %s\n", e->meta);
+	assert_int_equal(tfs_config_load(e->cfg, &c), -EINVAL);
+	assert_logged(e, 2, "required key 'data' is missing", NULL);
+
+	write_cfg(e, "[pool]\ndata = %s\n", e->data);
+	assert_int_equal(tfs_config_load(e->cfg, &c), -EINVAL);
+	assert_logged(e, 1, "required key 'metadata' is missing", NULL);
+
+	write_cfg(e, "[fault]\nallow = no\n");
+	assert_int_equal(tfs_config_load(e->cfg, &c), -EINVAL);
+	assert_logged(e, 0, "no [pool] section", NULL);
+
+	write_cfg(e, "%s", "");
+	assert_int_equal(tfs_config_load(e->cfg, &c), -EINVAL);
+	assert_logged(e, 0, "no [pool] section", NULL);
+}
+
+/* ---- devices ---- */
+
+static void test_missing_device_file_is_named_with_its_line(void **state)
+{
+	struct env *e = *state;
+	struct tfs_pool_config c;
+
+	write_cfg(e, "[pool]\nmetadata = %s\ndata = %s/nope.img\n", e->meta, e->dir);
+	assert_int_equal(tfs_config_load(e->cfg, &c), -ENOENT);
+	assert_logged(e, 3, "data", "nope.img: no such file");
+
+	write_cfg(e, "[pool]\nmetadata = nope.img\ndata = %s\n", e->data);
+	assert_int_equal(tfs_config_load(e->cfg, &c), -ENOENT);
+	assert_logged(e, 2, "nope.img", e->dir); /* says where a relative path was looked for */
+}
+
+static void test_unknown_label_or_uuid_fails_naming_it(void **state)
+{
+	struct env *e = *state;
+	struct tfs_pool_config c;
+
+	/* blkid_evaluate_tag finds block devices only; nothing carries these. */
+	write_cfg(e, "[pool]\nmetadata = %s\ndata = LABEL=tfs-unit-no-such-label\n", e->meta);
+	assert_int_equal(tfs_config_load(e->cfg, &c), -ENOENT);
+	assert_logged(e, 3, "LABEL=tfs-unit-no-such-label", "no such device");
+
+	write_cfg(e, "[pool]\nmetadata = UUID=00000000-dead-beef-0000-000000000000\ndata = %s\n",
+		  e->data);
+	assert_int_equal(tfs_config_load(e->cfg, &c), -ENOENT);
+	assert_logged(e, 2, "UUID=00000000-dead-beef-0000-000000000000", "UUID");
+
+	write_cfg(e, "[pool]\nmetadata = %s\ndata = LABEL=\n", e->meta);
+	assert_int_equal(tfs_config_load(e->cfg, &c), -EINVAL);
+	assert_logged(e, 3, "LABEL=", "empty");
+}
+
+static void test_devices_must_be_files_or_block_devices_and_differ(void **state)
+{
+	struct env *e = *state;
+	struct tfs_pool_config c;
+
+	write_cfg(e, "[pool]\nmetadata = %s\ndata = %s\n", e->meta, e->dir);
+	assert_int_equal(tfs_config_load(e->cfg, &c), -EINVAL);
+	assert_logged(e, 3, "data", "is a directory");
+
+	write_cfg(e, "[pool]\nmetadata = /dev/null\ndata = %s\n", e->data);
+	assert_int_equal(tfs_config_load(e->cfg, &c), -EINVAL);
+	assert_logged(e, 2, "metadata", "neither a regular file nor a block device");
+
+	write_cfg(e, "[pool]\nmetadata = %s\ndata = ./meta.img\n", e->meta);
+	assert_int_equal(tfs_config_load(e->cfg, &c), -EINVAL);
+	assert_logged(e, 3, "data", "the metadata device too (line 2)");
+
+	write_cfg(e, "[pool]\nmetadata = %s\ndata = %s\ncatalog = data.img\n", e->meta, e->data);
+	assert_int_equal(tfs_config_load(e->cfg, &c), -EINVAL);
+	assert_logged(e, 4, "catalog", "metadata or data device");
+}
+
+/* The default catalog of a pool on a block device is under /var/lib/thinfs. */
+static void test_block_device_metadata_puts_the_catalog_in_var_lib(void **state)
+{
+	static const char *const candidates[] = { "/dev/loop0", "/dev/loop1", "/dev/sda",
+						  "/dev/vda", "/dev/nvme0n1", "/dev/xvda" };
+	struct env *e = *state;
+	struct tfs_pool_config c;
+	const char *dev = NULL, *base;
+	char want[PATH_MAX];
+	struct stat st;
+
+	for (size_t i = 0; i < sizeof(candidates) / sizeof(candidates[0]) && !dev; i++)
+		if (!stat(candidates[i], &st) && S_ISBLK(st.st_mode))
+			dev = candidates[i];
+	if (!dev)
+		skip();
+	write_cfg(e, "[pool]\nmetadata = %s\ndata = %s\n", dev, e->data);
+	assert_int_equal(tfs_config_load(e->cfg, &c), 0);
+	base = strrchr(c.metadata, '/') + 1;
+	snprintf(want, sizeof(want), "/var/lib/thinfs/%s.db", base);
+	assert_string_equal(c.catalog, want);
+}
+
+static void test_a_missing_cfg_is_named(void **state)
+{
+	struct env *e = *state;
+	struct tfs_pool_config c;
+	char path[PATH_MAX + 16];
+
+	snprintf(path, sizeof(path), "%s/absent.cfg", e->dir);
+	e->log[0] = '\0';
+	assert_int_equal(tfs_config_load(path, &c), -ENOENT);
+	assert_non_null(strstr(e->log, "absent.cfg"));
+}
+
+static void test_resolve_device_reports_without_logging(void **state)
+{
+	struct env *e = *state;
+	char out[PATH_MAX];
+
+	e->log[0] = '\0';
+	assert_int_equal(tfs_config_resolve_device("data.img", e->dir, out, sizeof(out)), 0);
+	assert_string_equal(out, e->data);
+	assert_int_equal(tfs_config_resolve_device(e->meta, NULL, out, sizeof(out)), 0);
+	assert_string_equal(out, e->meta);
+	assert_int_equal(tfs_config_resolve_device("nope", e->dir, out, sizeof(out)), -ENOENT);
+	assert_int_equal(tfs_config_resolve_device(".", e->dir, out, sizeof(out)), -EISDIR);
+	assert_int_equal(tfs_config_resolve_device("/dev/null", NULL, out, sizeof(out)), -ENOTBLK);
+	assert_int_equal(tfs_config_resolve_device("LABEL=tfs-unit-none", NULL, out, sizeof(out)),
+			 -ENOENT);
+	assert_int_equal(tfs_config_resolve_device("UUID=", NULL, out, sizeof(out)), -EINVAL);
+	assert_int_equal(tfs_config_resolve_device("", NULL, out, sizeof(out)), -EINVAL);
+	assert_int_equal(tfs_config_resolve_device("data.img", e->dir, out, 4), -ENAMETOOLONG);
+	assert_string_equal(e->log, "");
+}
+
+/* ---- tfs_parse_size ---- */
+
+static void test_parse_size_accepts_binary_units_and_relative_sizes(void **state)
+{
+	static const struct {
+		const char *s;
+		int r;
+		uint64_t bytes;
+		bool relative;
+	} cases[] = {
+		{ "0", 0, 0, false },
+		{ "512", 0, 512, false },
+		{ "512b", 0, 512, false },
+		{ "64k", 0, 64 << 10, false },
+		{ "64K", 0, 64 << 10, false },
+		{ "64KiB", 0, 64 << 10, false },
+		{ "64kb", 0, 64 << 10, false },
+		{ "1m", 0, 1 << 20, false },
+		{ "20G", 0, 20ull << 30, false },
+		{ "3t", 0, 3ull << 40, false },
+		{ "2p", 0, 2ull << 50, false },
+		{ "15e", 0, 15ull << 60, false },
+		{ "+50G", 0, 50ull << 30, true },
+		{ "+0", 0, 0, true },
+		{ "18446744073709551615", 0, UINT64_MAX, false },
+		{ "18446744073709551616", -ERANGE, 0, false },
+		{ "16e", -ERANGE, 0, false },
+		{ "", -EINVAL, 0, false },
+		{ "k", -EINVAL, 0, false },
+		{ "+", -EINVAL, 0, false },
+		{ "-1", -EINVAL, 0, false },
+		{ "1.5g", -EINVAL, 0, false },
+		{ "1x", -EINVAL, 0, false },
+		{ "1 g", -EINVAL, 0, false },
+		{ " 1g", -EINVAL, 0, false },
+		{ "1gib2", -EINVAL, 0, false },
+		{ "0x10", -EINVAL, 0, false },
+	};
+	uint64_t bytes;
+	bool rel;
+
+	(void)state;
+	for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+		bytes = 12345;
+		rel = !cases[i].relative;
+		int r = tfs_parse_size(cases[i].s, &bytes, &rel);
+
+		if (r != cases[i].r)
+			fail_msg("'%s': got %d, want %d", cases[i].s, r, cases[i].r);
+		if (!r) {
+			assert_int_equal(bytes, cases[i].bytes);
+			assert_int_equal(rel, cases[i].relative);
+		}
+	}
+	/* Without a place to say "relative", '+' is refused. */
+	assert_int_equal(tfs_parse_size("+1g", &bytes, NULL), -EINVAL);
+	assert_int_equal(tfs_parse_size("1g", &bytes, NULL), 0);
+	assert_int_equal(bytes, 1 << 30);
+}
+
+int main(void)
+{
+	const struct CMUnitTest tests[] = {
+#define T(fn) cmocka_unit_test_setup_teardown(fn, setup, teardown)
+		T(test_minimal_cfg_gets_the_documented_defaults),
+		T(test_every_pool_key_is_parsed),
+		T(test_times_bools_and_percentages_in_every_spelling),
+		T(test_crlf_line_endings_and_a_bom_are_accepted),
+		T(test_relative_paths_are_relative_to_the_cfg_directory),
+		T(test_named_sections_accept_their_keys),
+		T(test_bad_values_name_file_line_and_key),
+		T(test_a_failed_load_leaves_the_output_untouched),
+		T(test_every_problem_is_reported_not_just_the_first),
+		T(test_unknown_sections_are_errors_even_when_empty),
+		T(test_named_sections_need_a_quoted_valid_unique_name),
+		T(test_unknown_keys_in_every_section_are_errors),
+		T(test_syntax_errors_name_their_lines),
+		T(test_missing_required_keys_are_named),
+		T(test_missing_device_file_is_named_with_its_line),
+		T(test_unknown_label_or_uuid_fails_naming_it),
+		T(test_devices_must_be_files_or_block_devices_and_differ),
+		T(test_block_device_metadata_puts_the_catalog_in_var_lib),
+		T(test_a_missing_cfg_is_named),
+		T(test_resolve_device_reports_without_logging),
+		T(test_parse_size_accepts_binary_units_and_relative_sizes),
+#undef T
+	};
+
+	return cmocka_run_group_tests(tests, NULL, NULL);
+}
