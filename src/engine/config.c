@@ -617,7 +617,6 @@ static void named_key(struct parser *p, const char *name)
 static int on_pair(void *user, const char *section, const char *name, const char *value)
 {
 	struct parser *p = user;
-	bool b;
 
 	(void)section; /* the reader parsed the header itself; see classify() */
 	p->handler_called = true;
@@ -643,8 +642,7 @@ static int on_pair(void *user, const char *section, const char *name, const char
 				p->fault_allow_line);
 		} else {
 			p->fault_allow_line = p->lineno;
-			set_bool(p, "allow", value, &b);
-			p->cfg.allow_faults = b;
+			set_bool(p, "allow", value, &p->cfg.allow_faults);
 		}
 		break;
 	case SEC_ORIGIN:

@@ -265,7 +265,7 @@ static int reenter_and_stop(void *ctx, const struct tfs_vol_row *row)
 	struct tfs_vol_row got, extra;
 	char name[32];
 
-	snprintf(name, sizeof(name), "added-by-%s", row->name);
+	snprintf(name, sizeof(name), "added-by-%u", (unsigned)row->dev_id);
 	extra = vol(name, 100 + row->dev_id);
 
 	/* Without the lock held, a callback may read and even write. */
