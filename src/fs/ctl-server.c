@@ -414,6 +414,10 @@ static void cmd_snapshot(struct cmd_ctx *c)
 		send_error(c->fd, "usage: snapshot SRC NEW");
 		return;
 	}
+	if (tfs_catalog_name_error(c->argv[2])) {
+		send_error(c->fd, "snapshot: bad name: %s", tfs_catalog_name_error(c->argv[2]));
+		return;
+	}
 	r = tfs_fs_snapshot_volume(c->fs, c->argv[1], c->argv[2]);
 	if (r == -ENOENT)
 		send_error(c->fd, "snapshot: no volume named '%s'", c->argv[1]);
@@ -461,6 +465,7 @@ static void cmd_delete(struct cmd_ctx *c)
 
 static void cmd_set_transaction_id(struct cmd_ctx *c)
 {
+	struct tfs_pool_status st;
 	uint64_t old_id, new_id;
 	int r;
 
@@ -468,10 +473,19 @@ static void cmd_set_transaction_id(struct cmd_ctx *c)
 		send_error(c->fd, "usage: set-transaction-id OLD NEW (unsigned integers)");
 		return;
 	}
+	/*
+	 * A wrong OLD is the caller's mistake, not the pool's: answer it here
+	 * rather than have the engine log an error.  The engine still checks
+	 * (a concurrent change can slip in between).
+	 */
+	tfs_pool_status(c->fs->pool, &st);
+	if (st.transaction_id != old_id) {
+		send_error(c->fd, "set-transaction-id: current transaction id is %" PRIu64 ", not %"
+			   PRIu64, st.transaction_id, old_id);
+		return;
+	}
 	r = tfs_pool_set_transaction_id(c->fs->pool, old_id, new_id);
 	if (r == -EINVAL) {
-		struct tfs_pool_status st;
-
 		tfs_pool_status(c->fs->pool, &st);
 		send_error(c->fd, "set-transaction-id: current transaction id is %" PRIu64 ", not %"
 			   PRIu64, st.transaction_id, old_id);
@@ -487,10 +501,22 @@ static void cmd_set_transaction_id(struct cmd_ctx *c)
 
 static void cmd_metadata_snap(struct cmd_ctx *c, bool reserve)
 {
+	struct tfs_pool_status st;
 	int r;
 
 	if (c->argc != 1) {
 		send_error(c->fd, "%s takes no arguments", c->argv[0]);
+		return;
+	}
+	/* Answered here so that a caller's mistake is not logged as a pool error. */
+	tfs_pool_status(c->fs->pool, &st);
+	if (reserve && st.held_root) {
+		send_error(c->fd, "%s: a metadata snapshot is already held (block %" PRIu64 ")",
+			   c->argv[0], st.held_root);
+		return;
+	}
+	if (!reserve && !st.held_root) {
+		send_error(c->fd, "%s: no metadata snapshot is held", c->argv[0]);
 		return;
 	}
 	r = reserve ? tfs_pool_reserve_metadata_snap(c->fs->pool)
