@@ -1,3 +1,1017 @@
 /* SPDX-License-Identifier: GPL-2.0-or-later */
-/* placeholder while the module is written */
-typedef int tfs_placeholder_pool;
+/*
+ * The thin pool: opening and closing, the commit (timer and FLUSH), modes
+ * after failures, creating, snapshotting and deleting thin devices, and
+ * status.  The volume I/O paths are in thin-io.c.
+ *
+ * A commit must never record an allocated data block that no mapping
+ * references yet (the checker rightly calls that a leak), so it first
+ * stops new allocations and waits for those in flight to be inserted
+ * (pending_allocs).  Requests insert or free their blocks before they
+ * allocate again, so that wait always ends.
+ */
+#include "pool-internal.h"
+
+#include <errno.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "format.h"
+#include "log.h"
+
+static const char *const mode_names[] = {
+	[TFS_POOL_WRITE] = "write",
+	[TFS_POOL_OUT_OF_DATA_SPACE] = "out_of_data_space",
+	[TFS_POOL_READ_ONLY] = "read_only",
+	[TFS_POOL_FAIL] = "fail",
+};
+
+/* ---- extents ------------------------------------------------------------ */
+
+int tfs_extents_add(struct tfs_extents *x, uint64_t begin, uint64_t len)
+{
+	struct tfs_extent *v;
+
+	if (x->nr && x->v[x->nr - 1].begin + x->v[x->nr - 1].len == begin) {
+		x->v[x->nr - 1].len += len;
+		return 0;
+	}
+	if (x->nr == x->cap) {
+		size_t cap = x->cap ? x->cap * 2 : 16;
+
+		v = realloc(x->v, cap * sizeof(*v));
+		if (!v)
+			return -ENOMEM;
+		x->v = v;
+		x->cap = cap;
+	}
+	x->v[x->nr++] = (struct tfs_extent){ begin, len };
+	return 0;
+}
+
+void tfs_extents_free(struct tfs_extents *x)
+{
+	free(x->v);
+	*x = (struct tfs_extents){ 0 };
+}
+
+static int cmp_extent(const void *a, const void *b)
+{
+	const struct tfs_extent *x = a, *y = b;
+
+	return x->begin < y->begin ? -1 : x->begin > y->begin;
+}
+
+/* Sort and merge touching extents in place. */
+static void extents_normalise(struct tfs_extents *x)
+{
+	size_t out = 0;
+
+	if (!x->nr)
+		return;
+	qsort(x->v, x->nr, sizeof(*x->v), cmp_extent);
+	for (size_t i = 1; i < x->nr; i++) {
+		struct tfs_extent *last = &x->v[out];
+
+		if (x->v[i].begin <= last->begin + last->len) {
+			uint64_t end = x->v[i].begin + x->v[i].len;
+
+			if (end > last->begin + last->len)
+				last->len = end - last->begin;
+		} else {
+			x->v[++out] = x->v[i];
+		}
+	}
+	x->nr = out + 1;
+}
+
+/* ---- modes ---------------------------------------------------------------- */
+
+static void set_mode(struct tfs_pool *pool, enum tfs_pool_mode mode, const char *fmt, ...)
+	__attribute__((format(printf, 3, 4)));
+static void set_mode(struct tfs_pool *pool, enum tfs_pool_mode mode, const char *fmt, ...)
+{
+	enum tfs_pool_mode old = pool->mode;
+	va_list ap;
+
+	va_start(ap, fmt);
+	vsnprintf(pool->reason, sizeof(pool->reason), fmt, ap);
+	va_end(ap);
+	pool->mode = mode;
+	/* Issue 4 hangs events (catalog log, on_event hook) here. */
+	if (old != mode)
+		tfs_err("%s: pool mode %s -> %s: %s", pool->cfg.metadata, mode_names[old],
+			mode_names[mode], pool->reason);
+}
+
+int tfs_pool_may_io(struct tfs_pool *pool)
+{
+	return pool->mode == TFS_POOL_FAIL ? -EIO : 0;
+}
+
+int tfs_pool_may_change(struct tfs_pool *pool)
+{
+	if (pool->opened_read_only)
+		return -EROFS;
+	if (pool->mode == TFS_POOL_READ_ONLY || pool->mode == TFS_POOL_FAIL)
+		return -EIO;
+	return 0;
+}
+
+int tfs_pool_meta_failed(struct tfs_pool *pool, int err, const char *what)
+{
+	int r;
+
+	if (pool->mode == TFS_POOL_FAIL)
+		return -EIO;
+	r = tfs_pmd_abort(pool->pmd);
+	if (r) {
+		/* Only tfs_pmd_close is safe now: the maps could not be reloaded. */
+		set_mode(pool, TFS_POOL_FAIL, "%s failed (%s), then aborting the transaction failed (%s)",
+			 what, strerror(-err), strerror(-r));
+		return -EIO;
+	}
+	/* Whatever was allocated, freed or queued since the last commit is gone. */
+	pool->abort_gen++;
+	pool->dirty = false;
+	pool->passdown.nr = 0;
+	r = tfs_pmd_set_needs_check(pool->pmd, true);
+	if (r) {
+		set_mode(pool, TFS_POOL_FAIL, "%s failed (%s), then setting needs_check failed (%s)",
+			 what, strerror(-err), strerror(-r));
+		return -EIO;
+	}
+	set_mode(pool, TFS_POOL_READ_ONLY, "%s failed: %s", what, strerror(-err));
+	return err == -ENOSPC ? -ENOSPC : -EIO;
+}
+
+/* ---- allocation and passdown ------------------------------------------------ */
+
+int tfs_pool_alloc(struct tfs_pool *pool, uint64_t *blocks, unsigned n)
+{
+	unsigned i;
+	int r = 0;
+
+	while (pool->commit_waiting)
+		pthread_cond_wait(&pool->alloc_cv, &pool->lock);
+	r = tfs_pool_may_change(pool);
+	if (r)
+		return r;
+	for (i = 0; i < n; i++) {
+		r = tfs_pmd_alloc_data_block(pool->pmd, &blocks[i]);
+		if (r)
+			break;
+	}
+	if (i)
+		pool->dirty = true;
+	if (!r) {
+		pool->pending_allocs += n;
+		return 0;
+	}
+	/* All or nothing: a request never writes part of a chunk for want of space. */
+	while (i--) {
+		int r2 = tfs_pmd_free_data_block(pool->pmd, blocks[i]);
+
+		if (r2)
+			return tfs_pool_meta_failed(pool, r2, "releasing an unused data block");
+	}
+	if (r != -ENOSPC)
+		return tfs_pool_meta_failed(pool, r, "allocating a data block");
+	return -ENOSPC;
+}
+
+void tfs_pool_alloc_done(struct tfs_pool *pool, unsigned n)
+{
+	pool->pending_allocs -= n;
+	if (!pool->pending_allocs && pool->commit_waiting)
+		pthread_cond_signal(&pool->drain_cv);
+}
+
+void tfs_pool_passdown_if_free(struct tfs_pool *pool, uint64_t block)
+{
+	uint32_t count;
+
+	if (!pool->cfg.discard_passdown)
+		return;
+	/* A failed lookup or a full queue costs host space only, never data. */
+	if (tfs_pmd_data_block_count(pool->pmd, block, &count) || count)
+		return;
+	if (tfs_extents_add(&pool->passdown, block, 1))
+		tfs_warn("%s: out of memory queueing a discard of data block %llu", pool->cfg.data,
+			 (unsigned long long)block);
+}
+
+/* Give freed blocks back to the host; a device that cannot discard is told once. */
+static void discard_extents(struct tfs_pool *pool, struct tfs_extents *x)
+{
+	extents_normalise(x);
+	for (size_t i = 0; i < x->nr; i++) {
+		int r = tfs_bdev_discard(pool->data, x->v[i].begin * pool->block_size,
+					 x->v[i].len * pool->block_size);
+
+		if (r && !pool->discard_warned) {
+			pool->discard_warned = true;
+			tfs_warn("%s: discarding freed blocks failed: %s (space is not returned "
+				 "to the host)", pool->cfg.data, strerror(-r));
+		}
+	}
+}
+
+/* ---- commit --------------------------------------------------------------------- */
+
+typedef int (*commit_fn)(struct tfs_pmd *pmd);
+
+static int flush_data(struct tfs_pool *pool)
+{
+	int r = tfs_bdev_flush(pool->data);
+
+	if (r)
+		tfs_err("%s: flushing the data device failed: %s", pool->cfg.data, strerror(-r));
+	return r;
+}
+
+/*
+ * With the lock held and allocations drained: the metadata commit (or fn,
+ * which commits itself).  On success the passdown queue moves to *punch.
+ */
+static int commit_metadata(struct tfs_pool *pool, commit_fn fn, struct tfs_extents *punch)
+{
+	int r = tfs_pool_may_change(pool);
+
+	if (r)
+		return r;
+	r = fn ? fn(pool->pmd) : tfs_pmd_commit(pool->pmd);
+	if (r && fn && (r == -EBUSY || r == -EINVAL))
+		return r; /* refused before changing anything (logged by the metadata layer) */
+	if (r)
+		return tfs_pool_meta_failed(pool, r, "committing the metadata");
+	pool->dirty = false;
+	*punch = pool->passdown;
+	pool->passdown = (struct tfs_extents){ 0 };
+	return 0;
+}
+
+/*
+ * The commit order: (1) flush the data device, so every mapping about to
+ * be committed points at data that is on stable storage; done with no
+ * lock held, while I/O goes on.  (2) Stop allocations and wait for those
+ * in flight to be inserted (no leaked blocks in the commit).  (3) If a
+ * mapping was inserted since (1) began, flush again: only what was written
+ * meanwhile, and only allocating writers wait for it.  (4) Commit the
+ * metadata: blocks, flush, superblock, flush (thin-metadata.c).  (5)
+ * Discard the blocks freed in the committed transaction, before any
+ * allocation can hand them out again (and not earlier: until (4) the last
+ * committed mappings still point at them).  (6) Let allocations resume.
+ */
+static int run_commit(struct tfs_pool *pool, bool flush_always, commit_fn fn)
+{
+	struct tfs_extents punch = { 0 };
+	uint64_t gen;
+	bool want;
+	int r;
+
+	pthread_mutex_lock(&pool->commit_mutex);
+	pthread_mutex_lock(&pool->lock);
+	r = fn ? tfs_pool_may_change(pool) : tfs_pool_may_io(pool);
+	want = fn || (pool->dirty && !tfs_pool_may_change(pool));
+	gen = pool->insert_gen;
+	pthread_mutex_unlock(&pool->lock);
+	if (r || (!want && !flush_always) || pool->opened_read_only)
+		goto out;
+
+	r = flush_data(pool);
+	if (r || !want)
+		goto out;
+
+	pthread_mutex_lock(&pool->lock);
+	pool->commit_waiting = true;
+	while (pool->pending_allocs)
+		pthread_cond_wait(&pool->drain_cv, &pool->lock);
+	if (pool->insert_gen != gen) {
+		pthread_mutex_unlock(&pool->lock);
+		r = flush_data(pool);
+		pthread_mutex_lock(&pool->lock);
+	}
+	if (!r)
+		r = commit_metadata(pool, fn, &punch);
+	pthread_mutex_unlock(&pool->lock);
+
+	discard_extents(pool, &punch);
+	tfs_extents_free(&punch);
+
+	pthread_mutex_lock(&pool->lock);
+	pool->commit_waiting = false;
+	pthread_cond_broadcast(&pool->alloc_cv);
+	pthread_mutex_unlock(&pool->lock);
+out:
+	pthread_mutex_unlock(&pool->commit_mutex);
+	return r;
+}
+
+int tfs_pool_commit_now(struct tfs_pool *pool, bool flush_data_always)
+{
+	return run_commit(pool, flush_data_always, NULL);
+}
+
+int tfs_pool_commit(struct tfs_pool *pool)
+{
+	return run_commit(pool, false, NULL);
+}
+
+/*
+ * Commit a change made while abort_gen was gen; -EIO when an abort has
+ * rolled it back meanwhile (another request's metadata failure).
+ */
+static int commit_change(struct tfs_pool *pool, uint64_t gen)
+{
+	int r = run_commit(pool, false, NULL);
+
+	pthread_mutex_lock(&pool->lock);
+	if (!r && pool->abort_gen != gen)
+		r = -EIO;
+	pthread_mutex_unlock(&pool->lock);
+	return r;
+}
+
+int tfs_pool_space_exhausted(struct tfs_pool *pool, unsigned attempt)
+{
+	struct tfs_pmd_space sp;
+	int r;
+
+	pthread_mutex_lock(&pool->lock);
+	r = tfs_pool_may_io(pool);
+	if (!r)
+		tfs_pmd_space(pool->pmd, &sp);
+	pthread_mutex_unlock(&pool->lock);
+	if (r)
+		return r;
+	/* Blocks freed in this transaction become allocatable only once it is committed. */
+	if (attempt == 0 && sp.data_free > 0)
+		return tfs_pool_commit_now(pool, false);
+	/* Issue 4: error_if_no_space=false holds the request here instead. */
+	return -ENOSPC;
+}
+
+/* The timer measures intervals, so it must not jump with the wall clock. */
+static void init_timer_cv(struct tfs_pool *pool)
+{
+	pthread_condattr_t attr;
+
+	pthread_condattr_init(&attr);
+	pthread_condattr_setclock(&attr, CLOCK_MONOTONIC);
+	pthread_cond_init(&pool->timer_cv, &attr);
+	pthread_condattr_destroy(&attr);
+}
+
+static void *commit_thread(void *arg)
+{
+	struct tfs_pool *pool = arg;
+	uint64_t ms = pool->cfg.commit_interval_ms ? pool->cfg.commit_interval_ms : 1000;
+	struct timespec deadline;
+
+	pthread_mutex_lock(&pool->timer_lock);
+	while (!pool->stopping) {
+		clock_gettime(CLOCK_MONOTONIC, &deadline);
+		deadline.tv_sec += (time_t)(ms / 1000);
+		deadline.tv_nsec += (long)(ms % 1000) * 1000000L;
+		if (deadline.tv_nsec >= 1000000000L) {
+			deadline.tv_sec++;
+			deadline.tv_nsec -= 1000000000L;
+		}
+		while (!pool->stopping &&
+		       pthread_cond_timedwait(&pool->timer_cv, &pool->timer_lock, &deadline) != ETIMEDOUT)
+			;
+		if (pool->stopping)
+			break;
+		pthread_mutex_unlock(&pool->timer_lock);
+		/* Failures change the mode and are logged there. */
+		run_commit(pool, false, NULL);
+		pthread_mutex_lock(&pool->timer_lock);
+	}
+	pthread_mutex_unlock(&pool->timer_lock);
+	return NULL;
+}
+
+static int start_commit_thread(struct tfs_pool *pool)
+{
+	int r = pthread_create(&pool->commit_thread, NULL, commit_thread, pool);
+	if (r) {
+		tfs_err("cannot start the commit thread: %s", strerror(r));
+		return -r;
+	}
+	pool->thread_started = true;
+	return 0;
+}
+
+static void stop_commit_thread(struct tfs_pool *pool)
+{
+	if (!pool->thread_started)
+		return;
+	pthread_mutex_lock(&pool->timer_lock);
+	pool->stopping = true;
+	pthread_cond_signal(&pool->timer_cv);
+	pthread_mutex_unlock(&pool->timer_lock);
+	pthread_join(pool->commit_thread, NULL);
+	pool->thread_started = false;
+}
+
+/* ---- format, open, close ------------------------------------------------------ */
+
+static size_t cache_blocks(const struct tfs_pool_config *cfg)
+{
+	return (size_t)(cfg->metadata_cache_bytes / TFS_BLOCK_SIZE); /* 0 = the default */
+}
+
+static int data_blocks_of(struct tfs_bdev *data, uint64_t block_size, uint64_t *nr)
+{
+	uint64_t bytes;
+	int r = tfs_bdev_size(data, &bytes);
+
+	if (r) {
+		tfs_err("%s: cannot get its size: %s", tfs_bdev_name(data), strerror(-r));
+		return r;
+	}
+	*nr = bytes / block_size;
+	return 0;
+}
+
+int tfs_pool_format(const struct tfs_pool_config *cfg)
+{
+	struct tfs_pmd_options opt = { .data_block_sectors = (uint32_t)(cfg->block_size >> 9),
+				       .cache_blocks = cache_blocks(cfg) };
+	struct tfs_bdev *meta, *data;
+	struct tfs_pmd *pmd;
+	int r;
+
+	r = tfs_bdev_open(cfg->metadata, false, &meta);
+	if (r)
+		return r;
+	r = tfs_bdev_open(cfg->data, false, &data);
+	if (r)
+		goto out_close_meta;
+	r = data_blocks_of(data, cfg->block_size, &opt.nr_data_blocks);
+	if (r)
+		goto out_close_data;
+	if (!opt.nr_data_blocks) {
+		tfs_err("%s: the data device is smaller than one data block (%llu bytes)", cfg->data,
+			(unsigned long long)cfg->block_size);
+		r = -EINVAL;
+		goto out_close_data;
+	}
+	r = tfs_pmd_format(meta, &opt, &pmd);
+	if (!r)
+		tfs_pmd_close(pmd);
+out_close_data:
+	tfs_bdev_close(data);
+out_close_meta:
+	tfs_bdev_close(meta);
+	return r;
+}
+
+/* Open path read-write or read-only, inside a fault wrapper (I/O counters, faults). */
+static int open_wrapped(const char *path, bool read_only, struct tfs_bdev **out)
+{
+	struct tfs_bdev *raw;
+	int r = tfs_bdev_open(path, read_only, &raw);
+
+	if (r)
+		return r;
+	r = tfs_bdev_fault_wrap(raw, false, out);
+	if (r)
+		tfs_bdev_close(raw);
+	return r;
+}
+
+static int open_metadata(struct tfs_pool *pool)
+{
+	struct tfs_pmd_options opt = { .data_block_sectors = (uint32_t)(pool->block_size >> 9),
+				       .nr_data_blocks = 0, /* a grown data device waits for resize */
+				       .cache_blocks = cache_blocks(&pool->cfg),
+				       .read_only = pool->opened_read_only };
+	uint64_t have;
+	int r;
+
+	r = tfs_pmd_open(pool->meta, &opt, &pool->pmd);
+	if (r)
+		return r;
+	if (tfs_pmd_needs_check(pool->pmd)) {
+		if (!pool->opened_read_only) {
+			tfs_err("%s: metadata needs checking: run thinfs check --repair",
+				pool->cfg.metadata);
+			return -EROFS;
+		}
+		set_mode(pool, TFS_POOL_READ_ONLY, "metadata needs checking");
+	} else if (pool->opened_read_only) {
+		set_mode(pool, TFS_POOL_READ_ONLY, "opened read-only");
+	}
+	tfs_pmd_space(pool->pmd, &pool->space);
+	if (!data_blocks_of(pool->data, pool->block_size, &have) && have < pool->space.data_total)
+		tfs_warn("%s: the data device holds %llu blocks but the metadata says %llu",
+			 pool->cfg.data, (unsigned long long)have,
+			 (unsigned long long)pool->space.data_total);
+	return 0;
+}
+
+static void free_pool(struct tfs_pool *pool)
+{
+	tfs_pmd_close(pool->pmd);
+	tfs_bdev_close(pool->data);
+	tfs_bdev_close(pool->meta);
+	tfs_prison_destroy(pool->prison);
+	tfs_extents_free(&pool->passdown);
+	pthread_mutex_destroy(&pool->lock);
+	pthread_mutex_destroy(&pool->commit_mutex);
+	pthread_mutex_destroy(&pool->timer_lock);
+	pthread_cond_destroy(&pool->alloc_cv);
+	pthread_cond_destroy(&pool->drain_cv);
+	pthread_cond_destroy(&pool->timer_cv);
+	free(pool);
+}
+
+int tfs_pool_open(const struct tfs_pool_config *cfg, bool read_only, struct tfs_pool **out)
+{
+	struct tfs_pool *pool = calloc(1, sizeof(*pool));
+	int r;
+
+	if (!pool)
+		return -ENOMEM;
+	pool->cfg = *cfg;
+	pool->block_size = cfg->block_size;
+	pool->opened_read_only = read_only;
+	pthread_mutex_init(&pool->lock, NULL);
+	pthread_mutex_init(&pool->commit_mutex, NULL);
+	pthread_mutex_init(&pool->timer_lock, NULL);
+	pthread_cond_init(&pool->alloc_cv, NULL);
+	pthread_cond_init(&pool->drain_cv, NULL);
+	init_timer_cv(pool);
+
+	r = tfs_prison_create(&pool->prison);
+	if (r)
+		goto err_free;
+	r = open_wrapped(cfg->metadata, read_only, &pool->meta);
+	if (r)
+		goto err_free;
+	r = open_wrapped(cfg->data, read_only, &pool->data);
+	if (r)
+		goto err_free;
+	r = open_metadata(pool);
+	if (r)
+		goto err_free;
+	if (!read_only) {
+		r = start_commit_thread(pool);
+		if (r)
+			goto err_free;
+	}
+	*out = pool;
+	return 0;
+
+err_free:
+	free_pool(pool);
+	return r;
+}
+
+int tfs_pool_close(struct tfs_pool *pool)
+{
+	int r;
+
+	if (!pool)
+		return 0;
+	stop_commit_thread(pool);
+	/* FLUSH semantics: overwrites in place reach stable storage too. */
+	r = run_commit(pool, true, NULL);
+	if (r == -EIO && pool->mode != TFS_POOL_WRITE)
+		r = 0; /* read_only or fail: nothing to commit, already reported */
+	while (pool->thins) {
+		struct tfs_thin_ref *ref = pool->thins;
+
+		tfs_err("thin device %u still open at pool close", ref->id);
+		pool->thins = ref->next;
+		tfs_pmd_close_thin(ref->td);
+		free(ref);
+	}
+	free_pool(pool);
+	return r;
+}
+
+uint64_t tfs_pool_block_size(struct tfs_pool *pool)
+{
+	return pool->block_size;
+}
+
+struct tfs_bdev *tfs_pool_bdev(struct tfs_pool *pool, bool data)
+{
+	return data ? pool->data : pool->meta;
+}
+
+/* ---- open device handles ---------------------------------------------------------- */
+
+int tfs_pool_get_thin(struct tfs_pool *pool, uint32_t id, struct tfs_thin_ref **out)
+{
+	struct tfs_thin_ref *ref;
+	int r;
+
+	for (ref = pool->thins; ref; ref = ref->next) {
+		if (ref->id == id) {
+			ref->refs++;
+			*out = ref;
+			return 0;
+		}
+	}
+	ref = calloc(1, sizeof(*ref));
+	if (!ref)
+		return -ENOMEM;
+	r = tfs_pmd_open_thin(pool->pmd, id, &ref->td);
+	if (r) {
+		free(ref);
+		return r;
+	}
+	ref->id = id;
+	ref->refs = 1;
+	ref->next = pool->thins;
+	pool->thins = ref;
+	*out = ref;
+	return 0;
+}
+
+void tfs_pool_put_thin(struct tfs_pool *pool, struct tfs_thin_ref *ref)
+{
+	struct tfs_thin_ref **pp = &pool->thins;
+
+	if (--ref->refs)
+		return;
+	while (*pp != ref)
+		pp = &(*pp)->next;
+	*pp = ref->next;
+	tfs_pmd_close_thin(ref->td);
+	free(ref);
+}
+
+static bool is_open(struct tfs_pool *pool, uint32_t id)
+{
+	for (struct tfs_thin_ref *ref = pool->thins; ref; ref = ref->next)
+		if (ref->id == id)
+			return true;
+	return false;
+}
+
+/* ---- devices ------------------------------------------------------------------------ */
+
+/* The n lowest ids no device uses, ascending. */
+static int free_ids(struct tfs_pool *pool, unsigned n, uint32_t *out)
+{
+	uint32_t *ids = NULL;
+	unsigned found = 0, i = 0;
+	uint64_t c = 0;
+	int total;
+
+	total = tfs_pmd_list_devices(pool->pmd, NULL, 0);
+	if (total < 0)
+		return total;
+	if (total) {
+		ids = malloc((size_t)total * sizeof(*ids));
+		if (!ids)
+			return -ENOMEM;
+		total = tfs_pmd_list_devices(pool->pmd, ids, (unsigned)total);
+		if (total < 0)
+			goto out;
+	}
+	for (; found < n && c <= TFS_MAX_DEV_ID; c++) {
+		if (i < (unsigned)total && ids[i] == c)
+			i++;
+		else
+			out[found++] = (uint32_t)c;
+	}
+	if (found < n) {
+		tfs_err("%s: no free thin device id left (the limit is %u)", pool->cfg.metadata,
+			TFS_MAX_DEV_ID);
+		total = -ENOSPC;
+	}
+out:
+	free(ids);
+	return total < 0 ? total : 0;
+}
+
+int tfs_pool_create_thin(struct tfs_pool *pool, uint32_t *id_out)
+{
+	uint64_t gen;
+	uint32_t id;
+	int r;
+
+	pthread_mutex_lock(&pool->lock);
+	r = tfs_pool_may_change(pool);
+	if (!r)
+		r = free_ids(pool, 1, &id);
+	if (!r) {
+		r = tfs_pmd_create_thin(pool->pmd, id);
+		if (r)
+			r = tfs_pool_meta_failed(pool, r, "creating a thin device");
+		else
+			pool->dirty = true;
+	}
+	gen = pool->abort_gen;
+	pthread_mutex_unlock(&pool->lock);
+	if (!r)
+		r = commit_change(pool, gen);
+	if (!r)
+		*id_out = id;
+	return r;
+}
+
+static int cmp_u32(const void *a, const void *b)
+{
+	uint32_t x = *(const uint32_t *)a, y = *(const uint32_t *)b;
+
+	return x < y ? -1 : x > y;
+}
+
+/* Origins sorted and deduplicated: the order whole-device cells are taken in. */
+static int unique_sorted(const uint32_t *ids, unsigned nr, uint32_t **out, unsigned *nr_out)
+{
+	uint32_t *v = malloc(nr * sizeof(*v));
+	unsigned n = 0;
+
+	if (!v)
+		return -ENOMEM;
+	memcpy(v, ids, nr * sizeof(*v));
+	qsort(v, nr, sizeof(*v), cmp_u32);
+	for (unsigned i = 0; i < nr; i++)
+		if (!n || v[n - 1] != v[i])
+			v[n++] = v[i];
+	*out = v;
+	*nr_out = n;
+	return 0;
+}
+
+/* With the origins quiesced and the lock held: all snapshots in the running transaction. */
+static int make_snaps(struct tfs_pool *pool, const uint32_t *origins, unsigned nr, uint32_t *ids)
+{
+	struct tfs_thin_details d;
+	int r;
+
+	r = tfs_pool_may_change(pool);
+	if (r)
+		return r;
+	for (unsigned i = 0; i < nr; i++) {
+		r = tfs_pmd_device_details(pool->pmd, origins[i], &d);
+		if (r == -ENODATA)
+			tfs_err("snapshot: no thin device %u", origins[i]);
+		if (r)
+			return r;
+	}
+	r = free_ids(pool, nr, ids);
+	if (r)
+		return r;
+	for (unsigned i = 0; i < nr; i++) {
+		r = tfs_pmd_create_snap(pool->pmd, ids[i], origins[i]);
+		if (r)
+			return tfs_pool_meta_failed(pool, r, "creating a snapshot");
+		pool->dirty = true;
+	}
+	return 0;
+}
+
+/*
+ * Each origin is quiesced with a cell over its whole range: requests in
+ * flight on it finish first (their lookups predate the snapshot, so an
+ * overwrite in place must not land after it) and new ones wait.
+ */
+int tfs_pool_create_snaps(struct tfs_pool *pool, const uint32_t *origins, unsigned nr,
+			  uint32_t *ids_out)
+{
+	uint32_t *locked, *ids;
+	unsigned nr_locked, held = 0;
+	uint64_t gen = 0;
+	int r;
+
+	if (!nr)
+		return -EINVAL;
+	ids = malloc(nr * sizeof(*ids));
+	if (!ids)
+		return -ENOMEM;
+	r = unique_sorted(origins, nr, &locked, &nr_locked);
+	if (r)
+		goto out_free_ids;
+	for (; held < nr_locked && !r; held++)
+		r = tfs_prison_lock(pool->prison, locked[held], 0, UINT64_MAX);
+	if (r) {
+		held--;
+		goto out_unlock;
+	}
+	pthread_mutex_lock(&pool->lock);
+	r = make_snaps(pool, origins, nr, ids);
+	gen = pool->abort_gen;
+	pthread_mutex_unlock(&pool->lock);
+out_unlock:
+	while (held--)
+		tfs_prison_unlock(pool->prison, locked[held], 0, UINT64_MAX);
+	free(locked);
+	if (!r)
+		r = commit_change(pool, gen);
+	if (!r)
+		memcpy(ids_out, ids, nr * sizeof(*ids));
+out_free_ids:
+	free(ids);
+	return r;
+}
+
+/* The data blocks id maps, as extents (they are mostly contiguous). */
+static int collect_blocks(struct tfs_pool *pool, uint32_t id, struct tfs_extents *x)
+{
+	struct tfs_thin_mapping maps[TFS_POOL_CHUNK];
+	struct tfs_td *td;
+	uint64_t next = 0;
+	int n, r;
+
+	r = tfs_pmd_open_thin(pool->pmd, id, &td);
+	if (r)
+		return r;
+	do {
+		n = tfs_thin_lookup_range(td, next, UINT64_MAX, TFS_POOL_CHUNK, maps);
+		for (int i = 0; i < n && !r; i++)
+			r = tfs_extents_add(x, maps[i].data_block, 1);
+		if (n > 0)
+			next = maps[n - 1].vblock + 1;
+	} while (n == TFS_POOL_CHUNK && !r);
+	tfs_pmd_close_thin(td);
+	return n < 0 ? n : r;
+}
+
+static int delete_locked(struct tfs_pool *pool, uint32_t id)
+{
+	struct tfs_extents blocks = { 0 };
+	int r;
+
+	r = tfs_pool_may_change(pool);
+	if (r)
+		return r;
+	if (is_open(pool, id)) {
+		tfs_err("thin device %u is open and cannot be deleted", id);
+		return -EBUSY;
+	}
+	/* Which blocks to pass down is known only before the tree goes. */
+	if (pool->cfg.discard_passdown) {
+		r = collect_blocks(pool, id, &blocks);
+		if (r == -ENODATA)
+			tfs_err("no thin device %u to delete", id);
+		if (r)
+			goto out;
+	}
+	r = tfs_pmd_delete_thin(pool->pmd, id);
+	if (r == -ENODATA)
+		goto out; /* logged by the metadata layer; nothing changed */
+	if (r) {
+		r = tfs_pool_meta_failed(pool, r, "deleting a thin device");
+		goto out;
+	}
+	pool->dirty = true;
+	for (size_t i = 0; i < blocks.nr; i++)
+		for (uint64_t b = blocks.v[i].begin; b < blocks.v[i].begin + blocks.v[i].len; b++)
+			tfs_pool_passdown_if_free(pool, b);
+out:
+	tfs_extents_free(&blocks);
+	return r;
+}
+
+int tfs_pool_delete(struct tfs_pool *pool, uint32_t id)
+{
+	uint64_t gen;
+	int r;
+
+	pthread_mutex_lock(&pool->lock);
+	r = delete_locked(pool, id);
+	gen = pool->abort_gen;
+	pthread_mutex_unlock(&pool->lock);
+	return r ? r : commit_change(pool, gen);
+}
+
+int tfs_pool_list(struct tfs_pool *pool, uint32_t *ids, unsigned max)
+{
+	int r;
+
+	pthread_mutex_lock(&pool->lock);
+	r = tfs_pool_may_io(pool);
+	if (!r)
+		r = tfs_pmd_list_devices(pool->pmd, ids, max);
+	pthread_mutex_unlock(&pool->lock);
+	return r;
+}
+
+int tfs_pool_set_transaction_id(struct tfs_pool *pool, uint64_t old_id, uint64_t new_id)
+{
+	uint64_t gen;
+	int r;
+
+	pthread_mutex_lock(&pool->lock);
+	r = tfs_pool_may_change(pool);
+	if (!r)
+		r = tfs_pmd_set_transaction_id(pool->pmd, old_id, new_id); /* -EINVAL changes nothing */
+	if (!r)
+		pool->dirty = true;
+	gen = pool->abort_gen;
+	pthread_mutex_unlock(&pool->lock);
+	return r ? r : commit_change(pool, gen);
+}
+
+/* Both commit inside the metadata layer, so they run as the commit step itself. */
+int tfs_pool_reserve_metadata_snap(struct tfs_pool *pool)
+{
+	return run_commit(pool, false, tfs_pmd_reserve_metadata_snap);
+}
+
+int tfs_pool_release_metadata_snap(struct tfs_pool *pool)
+{
+	return run_commit(pool, false, tfs_pmd_release_metadata_snap);
+}
+
+/* ---- status ------------------------------------------------------------------------- */
+
+static uint64_t low_water(const struct tfs_pool_config *cfg, uint64_t total)
+{
+	if (cfg->low_water_is_percent)
+		return total * cfg->low_water_percent / 100;
+	return cfg->low_water_blocks < total ? cfg->low_water_blocks : total;
+}
+
+static void copy_counts(struct tfs_bdev *dev, struct tfs_io_counts *out)
+{
+	struct tfs_bdev_io_counts c;
+
+	tfs_bdev_fault_counts(dev, &c);
+	*out = (struct tfs_io_counts){ c.reads, c.writes, c.flushes, c.discards };
+}
+
+void tfs_pool_status(struct tfs_pool *pool, struct tfs_pool_status *out)
+{
+	memset(out, 0, sizeof(*out));
+	pthread_mutex_lock(&pool->lock);
+	out->mode = mode_names[pool->mode];
+	snprintf(out->reason, sizeof(out->reason), "%s", pool->reason);
+	out->needs_check = tfs_pmd_needs_check(pool->pmd);
+	/* In fail mode the metadata layer may hold no maps: report the last known figures. */
+	if (pool->mode != TFS_POOL_FAIL) {
+		tfs_pmd_space(pool->pmd, &pool->space);
+		out->transaction_id = tfs_pmd_transaction_id(pool->pmd);
+		out->held_root = tfs_pmd_held_root(pool->pmd);
+	}
+	out->data_block_size = pool->block_size;
+	out->data_total = pool->space.data_total;
+	out->data_used = pool->space.data_total - pool->space.data_free;
+	out->meta_total = pool->space.meta_total;
+	out->meta_used = pool->space.meta_total - pool->space.meta_free;
+	out->low_water_blocks = low_water(&pool->cfg, out->data_total);
+	pthread_mutex_unlock(&pool->lock);
+	copy_counts(pool->meta, &out->io_meta);
+	copy_counts(pool->data, &out->io_data);
+}
+
+/* One chunk of the walk; *next is where the following one starts. */
+static int usage_chunk(struct tfs_pool *pool, struct tfs_td *td, uint64_t *next,
+		       struct tfs_dev_usage *u)
+{
+	struct tfs_thin_mapping maps[TFS_POOL_CHUNK];
+	uint32_t count;
+	int n, r = 0;
+
+	n = tfs_thin_lookup_range(td, *next, UINT64_MAX, TFS_POOL_CHUNK, maps);
+	if (n < 0)
+		return n;
+	for (int i = 0; i < n && !r; i++) {
+		r = tfs_pmd_data_block_count(pool->pmd, maps[i].data_block, &count);
+		u->mapped_blocks++;
+		if (!r && count == 1 && !maps[i].shared)
+			u->exclusive_blocks++;
+	}
+	if (n)
+		*next = maps[n - 1].vblock + 1;
+	return r ? r : n;
+}
+
+int tfs_pool_dev_usage(struct tfs_pool *pool, uint32_t id, struct tfs_dev_usage *out)
+{
+	struct tfs_thin_ref *ref;
+	uint64_t next = 0;
+	int n, r;
+
+	*out = (struct tfs_dev_usage){ 0 };
+	pthread_mutex_lock(&pool->lock);
+	r = tfs_pool_may_io(pool);
+	if (!r)
+		r = tfs_pool_get_thin(pool, id, &ref); /* also keeps it from being deleted */
+	pthread_mutex_unlock(&pool->lock);
+	if (r)
+		return r;
+	do {
+		pthread_mutex_lock(&pool->lock);
+		n = tfs_pool_may_io(pool);
+		if (!n)
+			n = usage_chunk(pool, ref->td, &next, out);
+		pthread_mutex_unlock(&pool->lock);
+	} while (n == TFS_POOL_CHUNK);
+	pthread_mutex_lock(&pool->lock);
+	tfs_pool_put_thin(pool, ref);
+	pthread_mutex_unlock(&pool->lock);
+	return n < 0 ? n : 0;
+}

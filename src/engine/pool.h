@@ -22,6 +22,17 @@
  * Errors: -ENOSPC data or metadata space exhausted; -EROFS pool read-only;
  * -EIO device error; -ENODEV volume deleted; -EEXIST; -ENODATA no such
  * device; -EINVAL bad argument (logged).
+ *
+ * Modes (status "mode"): write; read_only after a metadata failure (the
+ * transaction is aborted and needs_check set): reads and overwrites of
+ * blocks mapped exclusively still work, anything needing a metadata change
+ * (allocation, discard, create, snapshot, delete) fails with -EIO; fail
+ * when even that could not be done: every call -EIO.  A pool opened
+ * read-only also shows read_only; changes there fail with -EROFS.  A pool
+ * whose metadata has needs_check opens only read-only (-EROFS otherwise).
+ *
+ * Several tfs_vol handles may be open on one device at once (one per
+ * open file, say); they share its state and its range locks.
  */
 #ifndef TFS_ENGINE_POOL_H
 #define TFS_ENGINE_POOL_H
@@ -43,6 +54,13 @@ int tfs_pool_open(const struct tfs_pool_config *cfg, bool read_only, struct tfs_
 int tfs_pool_close(struct tfs_pool *pool);
 
 uint64_t tfs_pool_block_size(struct tfs_pool *pool); /* bytes */
+
+/*
+ * Added: the pool's metadata (data = false) or data device, which is the
+ * fault-injecting wrapper (bdev.h: tfs_bdev_fault_set, _power_cut,
+ * _counts).  Owned by the pool; valid until tfs_pool_close.
+ */
+struct tfs_bdev *tfs_pool_bdev(struct tfs_pool *pool, bool data);
 
 /* ---- devices ---- */
 /* Lowest free device id; the device exists once this returns (committed). */
@@ -73,6 +91,8 @@ struct tfs_pool_status {
 	uint64_t meta_used, meta_total;                  /* 4 KiB blocks */
 	uint64_t low_water_blocks;
 	struct tfs_io_counts io_meta, io_data;
+	/* Added: why the last mode change happened ("" in write mode since open). */
+	char reason[256];
 };
 void tfs_pool_status(struct tfs_pool *pool, struct tfs_pool_status *out);
 
@@ -80,10 +100,23 @@ struct tfs_dev_usage {
 	uint64_t mapped_blocks;
 	uint64_t exclusive_blocks; /* mapped blocks no other device shares */
 };
-/* O(mappings of the device): walks its tree. */
+/*
+ * O(mappings of the device): walks its tree, one data space map lookup per
+ * mapping, dropping the metadata lock every TFS_POOL_CHUNK mappings.
+ * exclusive_blocks is an approximation, since leaf sharing is not visible
+ * through thin-metadata.h: a mapping counts when its data block's count
+ * is 1 and it is not marked shared (mapped since the device's last
+ * snapshot).  After a snapshot is deleted its origin's old blocks stay
+ * "shared" until rewritten, so the figure errs low, never high.
+ */
 int tfs_pool_dev_usage(struct tfs_pool *pool, uint32_t id, struct tfs_dev_usage *out);
 
 /* ---- volume I/O (offsets and lengths in bytes, any alignment) ---- */
+/*
+ * -ENODATA no such device; -EIO opening for writing in fail mode.  On a
+ * pool opened read-only a writable handle opens, and its writes fail
+ * with -EROFS (as those of a read_only handle do).
+ */
 int tfs_vol_open(struct tfs_pool *pool, uint32_t id, bool read_only, struct tfs_vol **out);
 void tfs_vol_close(struct tfs_vol *vol);
 uint32_t tfs_vol_id(const struct tfs_vol *vol);

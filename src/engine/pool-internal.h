@@ -1,0 +1,139 @@
+/* SPDX-License-Identifier: GPL-2.0-or-later */
+/*
+ * pool-internal.h - what pool.c (lifecycle, commit, modes, devices) and
+ * thin-io.c (volume I/O) share.  Not for use outside src/engine.
+ *
+ * Locks, in the order they are taken (never the other way round):
+ *   1. prison cells (one per request; snapshot creation takes one per
+ *      origin, in ascending device id order)
+ *   2. pool->commit_mutex (one commit at a time)
+ *   3. pool->lock, the metadata lock: every tfs_pmd_* / tfs_thin_* / tfs_td_*
+ *      call and every field marked [lock] below.  Never held across data
+ *      I/O, except the passdown discards of a commit (see pool.c).
+ */
+#ifndef TFS_ENGINE_POOL_INTERNAL_H
+#define TFS_ENGINE_POOL_INTERNAL_H
+
+#include <pthread.h>
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "bdev.h"
+#include "config.h"
+#include "pool.h"
+#include "prison.h"
+#include "thin-metadata.h"
+
+/* Blocks looked up and planned per step of a request: bounds stack use and lock hold times. */
+#define TFS_POOL_CHUNK 128
+
+enum tfs_pool_mode {
+	TFS_POOL_WRITE,
+	TFS_POOL_OUT_OF_DATA_SPACE, /* issue 4; not entered yet */
+	TFS_POOL_READ_ONLY,
+	TFS_POOL_FAIL,
+};
+
+/* A run of data blocks [begin, begin + len). */
+struct tfs_extent {
+	uint64_t begin, len;
+};
+
+struct tfs_extents {
+	struct tfs_extent *v;
+	size_t nr, cap;
+};
+
+/* One metadata handle per open device, shared by every tfs_vol on it. */
+struct tfs_thin_ref {
+	struct tfs_thin_ref *next;
+	uint32_t id;
+	unsigned refs;
+	struct tfs_td *td;
+};
+
+struct tfs_pool {
+	struct tfs_pool_config cfg;   /* immutable after open */
+	uint64_t block_size;          /* bytes */
+	bool opened_read_only;
+	struct tfs_bdev *meta, *data; /* fault wrappers over the devices */
+	struct tfs_prison *prison;
+
+	pthread_mutex_t lock;
+	struct tfs_pmd *pmd;          /* [lock] */
+	enum tfs_pool_mode mode;      /* [lock] */
+	char reason[256];             /* [lock] why the last mode change happened */
+	bool dirty;                   /* [lock] metadata changed since the last commit */
+	uint64_t insert_gen;          /* [lock] mappings to new data inserted, ever */
+	uint64_t abort_gen;           /* [lock] transactions aborted, ever */
+	uint64_t pending_allocs;      /* [lock] data blocks allocated, not yet inserted or freed */
+	bool commit_waiting;          /* [lock] a commit drains pending_allocs: no new allocations */
+	pthread_cond_t alloc_cv;      /* commit_waiting went false */
+	pthread_cond_t drain_cv;      /* pending_allocs reached 0 */
+	struct tfs_extents passdown;  /* [lock] freed in this transaction: discard after commit */
+	struct tfs_thin_ref *thins;   /* [lock] open devices */
+	struct tfs_pmd_space space;   /* [lock] last known, for status in fail mode */
+
+	pthread_mutex_t commit_mutex;
+	bool discard_warned;          /* [commit_mutex] told once that passdown fails */
+
+	pthread_t commit_thread;
+	bool thread_started;
+	pthread_mutex_t timer_lock;
+	pthread_cond_t timer_cv;      /* CLOCK_MONOTONIC */
+	bool stopping;                /* [timer_lock] */
+};
+
+struct tfs_vol {
+	struct tfs_pool *pool;
+	struct tfs_thin_ref *ref;
+	uint32_t id;
+	bool read_only;
+};
+
+/* ---- called with pool->lock held ---- */
+
+/* 0 when I/O may run at all; -EIO in fail mode. */
+int tfs_pool_may_io(struct tfs_pool *pool);
+/* 0 when metadata may change; -EROFS opened read-only; -EIO read_only or fail mode. */
+int tfs_pool_may_change(struct tfs_pool *pool);
+/*
+ * A call that changes metadata failed with err: abort the transaction, set
+ * needs_check, go read_only (fail if either of those fails).  Logs the
+ * transition with what (e.g. "inserting a mapping").  Returns the errno
+ * for the request: -ENOSPC when metadata space ran out, else -EIO.
+ */
+int tfs_pool_meta_failed(struct tfs_pool *pool, int err, const char *what);
+/*
+ * n new data blocks into blocks[] (waits while a commit drains).  On
+ * success the caller owes tfs_pool_alloc_done(n) after inserting or
+ * freeing them.  -ENOSPC: no data block (nothing allocated, no mode
+ * change); other errors come from tfs_pool_may_change/meta_failed.
+ */
+int tfs_pool_alloc(struct tfs_pool *pool, uint64_t *blocks, unsigned n);
+void tfs_pool_alloc_done(struct tfs_pool *pool, unsigned n);
+/* Queue block for discard after the next commit if nothing maps it now. */
+void tfs_pool_passdown_if_free(struct tfs_pool *pool, uint64_t block);
+/* A handle on device id (opened or shared); -ENODATA no such device. */
+int tfs_pool_get_thin(struct tfs_pool *pool, uint32_t id, struct tfs_thin_ref **out);
+void tfs_pool_put_thin(struct tfs_pool *pool, struct tfs_thin_ref *ref);
+
+/* ---- called with no pool lock held ---- */
+
+/*
+ * Commit what changed (nothing when nothing did): data flush, metadata
+ * commit, then passdown of freed blocks.  flush_data: flush the data
+ * device even when no metadata changed (FLUSH requests).
+ */
+int tfs_pool_commit_now(struct tfs_pool *pool, bool flush_data);
+/*
+ * An allocation answered -ENOSPC on attempt (0, 1, ...).  Returns 0 to
+ * retry (a commit made blocks freed in this transaction usable), or the
+ * error for the request.  This is the seam for issue 4's no-space policy.
+ */
+int tfs_pool_space_exhausted(struct tfs_pool *pool, unsigned attempt);
+
+int tfs_extents_add(struct tfs_extents *x, uint64_t begin, uint64_t len);
+void tfs_extents_free(struct tfs_extents *x);
+
+#endif

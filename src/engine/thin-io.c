@@ -1,0 +1,721 @@
+/* SPDX-License-Identifier: GPL-2.0-or-later */
+/*
+ * Thin volumes' I/O: read, write, discard, provision, zero range,
+ * truncate, seek and flush.
+ *
+ * Every request takes one prison cell over its whole block range (shared
+ * for reads), then works in chunks of up to TFS_POOL_CHUNK blocks: one
+ * lookup_range and any allocations under the metadata lock; the data I/O
+ * with no lock held; then the new mappings inserted under the lock again.
+ * Neighbouring blocks whose data blocks are neighbours too go to the data
+ * device as one read or write.
+ *
+ * Per block, a write goes in place (mapped, not shared), to a new block
+ * (unmapped: the rest of the block zeroed unless skip_block_zeroing), or
+ * to a new block holding a copy of the old one (mapped but shared with a
+ * snapshot).  "Shared" is the metadata's time test alone: a data block
+ * count of 1 does not prove a mapping exclusive, because a snapshot shares
+ * whole leaves, and the blocks of a leaf nobody has written since the
+ * snapshot keep count 1 while two devices map them.
+ */
+#include "pool-internal.h"
+
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "log.h"
+
+/* Largest piece of a block staged in memory; bigger blocks are copied piecewise. */
+#define BOUNCE_MAX (1u << 20)
+
+/* The source of every zero written to the data device; never written itself. */
+static uint8_t zero_buf[BOUNCE_MAX];
+
+enum act {
+	ACT_SKIP,    /* leave the block alone */
+	ACT_INPLACE, /* write into the block already mapped */
+	ACT_NEW,     /* allocate, fill around the data with zeros, map */
+	ACT_COPY,    /* allocate, fill around the data from the shared block, map */
+};
+
+enum how {
+	HOW_DATA,        /* a write */
+	HOW_PROVISION,   /* map zeroed blocks where none are mapped */
+	HOW_ZERO_MAPPED, /* zero part of blocks, only where mapped (edges of a punch) */
+};
+
+struct plan {
+	enum act act;
+	uint64_t target; /* data block written */
+	uint64_t old;    /* ACT_COPY: the shared block copied */
+};
+
+/* One chunk of a write-like request: blocks [b0, b0 + nr), bytes [off, end). */
+struct chunk {
+	struct tfs_vol *vol;
+	struct tfs_pool *pool;
+	const uint8_t *buf; /* the data for [off, end); NULL = zeros */
+	uint64_t off, end;
+	uint64_t b0;
+	unsigned nr;
+	enum how how;
+	unsigned nr_alloc;  /* blocks allocated for ACT_NEW / ACT_COPY */
+	uint64_t abort_gen; /* when they were allocated */
+	uint8_t *bounce;    /* lazily allocated, min(block size, BOUNCE_MAX) */
+	struct plan plan[TFS_POOL_CHUNK];
+};
+
+/* A run of neighbouring bytes on the data device and in memory. */
+struct run {
+	uint64_t dev_off;
+	const uint8_t *src; /* writes: NULL = zeros */
+	uint8_t *dst;       /* reads */
+	size_t len;
+};
+
+static int check_write(const struct tfs_vol *vol)
+{
+	return vol->read_only || vol->pool->opened_read_only ? -EROFS : 0;
+}
+
+/* Blocks [*b0, *b1) that bytes [off, off + len) touch; len > 0. */
+static int block_range(const struct tfs_vol *vol, uint64_t off, uint64_t len, uint64_t *b0,
+		       uint64_t *b1)
+{
+	uint64_t bs = vol->pool->block_size;
+
+	if (off + len < off) {
+		tfs_err("thin device %u: range of %llu bytes at %llu wraps around", vol->id,
+			(unsigned long long)len, (unsigned long long)off);
+		return -EINVAL;
+	}
+	*b0 = off / bs;
+	*b1 = (off + len - 1) / bs + 1;
+	return 0;
+}
+
+/* Where the chunk that starts at cur ends: at most TFS_POOL_CHUNK blocks, and never past end. */
+static uint64_t chunk_end(uint64_t bs, uint64_t cur, uint64_t end)
+{
+	uint64_t next = cur / bs + TFS_POOL_CHUNK;
+
+	return next > (end - 1) / bs ? end : next * bs;
+}
+
+static int lookup_failed(const struct tfs_vol *vol, uint64_t b0, uint64_t b1, int err)
+{
+	tfs_err("thin device %u: looking up blocks %llu-%llu failed: %s", vol->id,
+		(unsigned long long)b0, (unsigned long long)(b1 - 1), strerror(-err));
+	return err == -ENODEV ? err : -EIO;
+}
+
+/* ---- data device I/O ------------------------------------------------------------ */
+
+static int write_src(struct tfs_pool *pool, const uint8_t *src, size_t len, uint64_t dev_off)
+{
+	int r = 0;
+
+	if (src)
+		return tfs_bdev_write(pool->data, src, len, dev_off);
+	while (len && !r) {
+		size_t n = len < BOUNCE_MAX ? len : BOUNCE_MAX;
+
+		r = tfs_bdev_write(pool->data, zero_buf, n, dev_off);
+		len -= n;
+		dev_off += n;
+	}
+	return r;
+}
+
+static int run_write(struct tfs_pool *pool, struct run *run)
+{
+	int r = run->len ? write_src(pool, run->src, run->len, run->dev_off) : 0;
+
+	run->len = 0;
+	return r;
+}
+
+/* Extend the pending write with the next piece, or write it out and start anew. */
+static int run_add_write(struct tfs_pool *pool, struct run *run, uint64_t dev_off,
+			 const uint8_t *src, size_t len)
+{
+	bool joins = run->len && run->dev_off + run->len == dev_off &&
+		     (src ? run->src && run->src + run->len == src : !run->src);
+	int r = 0;
+
+	if (joins) {
+		run->len += len;
+		return 0;
+	}
+	r = run_write(pool, run);
+	*run = (struct run){ .dev_off = dev_off, .src = src, .len = len };
+	return r;
+}
+
+static int run_read(struct tfs_pool *pool, struct run *run)
+{
+	int r = run->len ? tfs_bdev_read(pool->data, run->dst, run->len, run->dev_off) : 0;
+
+	run->len = 0;
+	return r;
+}
+
+/* ---- writes ------------------------------------------------------------------------ */
+
+/* The bytes of block i the chunk writes, as offsets [*s, *e) within the block. */
+static void block_span(const struct chunk *c, unsigned i, uint64_t *s, uint64_t *e)
+{
+	uint64_t bs = c->pool->block_size, start = (c->b0 + i) * bs;
+
+	if (c->how == HOW_PROVISION) { /* a provisioned block is zeroed whole */
+		*s = 0;
+		*e = bs;
+		return;
+	}
+	*s = c->off > start ? c->off - start : 0;
+	*e = c->end - start < bs ? c->end - start : bs;
+}
+
+static enum act classify(enum how how, const struct tfs_thin_mapping *m)
+{
+	if (!m)
+		return how == HOW_ZERO_MAPPED ? ACT_SKIP : ACT_NEW;
+	if (how == HOW_PROVISION)
+		return ACT_SKIP;
+	return m->shared ? ACT_COPY : ACT_INPLACE;
+}
+
+/* With the lock held: look the chunk up in one call, plan each block, allocate what is new. */
+static int plan_chunk(struct chunk *c)
+{
+	struct tfs_thin_mapping maps[TFS_POOL_CHUNK];
+	uint64_t blocks[TFS_POOL_CHUNK];
+	struct tfs_pool *pool = c->pool;
+	unsigned j = 0, k = 0;
+	int n, r;
+
+	r = tfs_pool_may_io(pool);
+	if (r)
+		return r;
+	n = tfs_thin_lookup_range(c->vol->ref->td, c->b0, c->b0 + c->nr, c->nr, maps);
+	if (n < 0)
+		return lookup_failed(c->vol, c->b0, c->b0 + c->nr, n);
+	c->nr_alloc = 0;
+	for (unsigned i = 0; i < c->nr; i++) {
+		const struct tfs_thin_mapping *m =
+			j < (unsigned)n && maps[j].vblock == c->b0 + i ? &maps[j++] : NULL;
+		struct plan *p = &c->plan[i];
+
+		p->act = classify(c->how, m);
+		p->old = m ? m->data_block : 0;
+		p->target = p->old;
+		if (p->act == ACT_NEW || p->act == ACT_COPY)
+			c->nr_alloc++;
+	}
+	if (!c->nr_alloc)
+		return 0;
+	r = tfs_pool_alloc(pool, blocks, c->nr_alloc);
+	if (r) {
+		c->nr_alloc = 0;
+		return r;
+	}
+	c->abort_gen = pool->abort_gen;
+	for (unsigned i = 0; i < c->nr; i++)
+		if (c->plan[i].act == ACT_NEW || c->plan[i].act == ACT_COPY)
+			c->plan[i].target = blocks[k++];
+	return 0;
+}
+
+/*
+ * A new block only part of which the request writes: stage it piece by
+ * piece (one piece for blocks up to BOUNCE_MAX), each filled from the old
+ * block (copy) or with zeros, the new data laid over it, then written.
+ * Pieces the data covers whole are written straight from it.
+ */
+static int build_block(struct chunk *c, const struct plan *p, uint64_t s, uint64_t e,
+		       const uint8_t *src)
+{
+	uint64_t bs = c->pool->block_size;
+	uint64_t piece = bs < BOUNCE_MAX ? bs : BOUNCE_MAX;
+	int r = 0;
+
+	for (uint64_t ps = 0; ps < bs && !r; ps += piece) {
+		uint64_t pe = ps + piece < bs ? ps + piece : bs;
+		uint64_t os = s > ps ? s : ps, oe = e < pe ? e : pe;
+		uint64_t dev_off = p->target * bs + ps;
+
+		if (s <= ps && pe <= e) {
+			r = write_src(c->pool, src ? src + (ps - s) : NULL, pe - ps, dev_off);
+			continue;
+		}
+		if (!c->bounce && !(c->bounce = malloc(piece)))
+			return -ENOMEM;
+		if (p->act == ACT_COPY)
+			r = tfs_bdev_read(c->pool->data, c->bounce, pe - ps, p->old * bs + ps);
+		else
+			memset(c->bounce, 0, pe - ps);
+		if (r)
+			break;
+		if (os < oe && src)
+			memcpy(c->bounce + (os - ps), src + (os - s), oe - os);
+		else if (os < oe)
+			memset(c->bounce + (os - ps), 0, oe - os);
+		r = tfs_bdev_write(c->pool->data, c->bounce, pe - ps, dev_off);
+	}
+	return r;
+}
+
+/* No lock held: the chunk's data I/O. */
+static int write_chunk_data(struct chunk *c)
+{
+	struct tfs_pool *pool = c->pool;
+	uint64_t bs = pool->block_size;
+	struct run run = { 0 };
+	int r = 0;
+
+	for (unsigned i = 0; i < c->nr && !r; i++) {
+		const struct plan *p = &c->plan[i];
+		uint64_t s, e;
+		const uint8_t *src;
+		bool plain;
+
+		if (p->act == ACT_SKIP)
+			continue;
+		block_span(c, i, &s, &e);
+		src = c->buf ? c->buf + ((c->b0 + i) * bs + s - c->off) : NULL;
+		plain = p->act == ACT_INPLACE || (s == 0 && e == bs) ||
+			(p->act == ACT_NEW && c->how == HOW_DATA && pool->cfg.skip_block_zeroing);
+		if (plain)
+			r = run_add_write(pool, &run, p->target * bs + s, src, e - s);
+		else
+			r = build_block(c, p, s, e, src);
+	}
+	if (!r)
+		r = run_write(pool, &run);
+	if (r)
+		tfs_err("thin device %u: writing data blocks failed: %s", c->vol->id, strerror(-r));
+	return r;
+}
+
+/* With the lock held: map the new blocks; a copied block nobody maps any more is freed. */
+static int insert_blocks(struct chunk *c)
+{
+	struct tfs_pool *pool = c->pool;
+	int r;
+
+	for (unsigned i = 0; i < c->nr; i++) {
+		const struct plan *p = &c->plan[i];
+
+		if (p->act != ACT_NEW && p->act != ACT_COPY)
+			continue;
+		r = tfs_thin_insert(c->vol->ref->td, c->b0 + i, p->target);
+		if (r)
+			return tfs_pool_meta_failed(pool, r, "inserting a mapping");
+		/* A snapshot deleted since the mapping was made leaves the old block to us alone. */
+		if (p->act == ACT_COPY)
+			tfs_pool_passdown_if_free(pool, p->old);
+	}
+	pool->insert_gen++;
+	pool->dirty = true;
+	return 0;
+}
+
+static int release_blocks(struct chunk *c)
+{
+	for (unsigned i = 0; i < c->nr; i++) {
+		const struct plan *p = &c->plan[i];
+		int r;
+
+		if (p->act != ACT_NEW && p->act != ACT_COPY)
+			continue;
+		r = tfs_pmd_free_data_block(c->pool->pmd, p->target);
+		if (r)
+			return tfs_pool_meta_failed(c->pool, r, "releasing an unused data block");
+	}
+	return 0;
+}
+
+static int finish_chunk(struct chunk *c, int io_err)
+{
+	struct tfs_pool *pool = c->pool;
+	int r;
+
+	pthread_mutex_lock(&pool->lock);
+	if (pool->abort_gen != c->abort_gen)
+		r = -EIO; /* an abort rolled the allocations back: nothing to map or free */
+	else if (io_err)
+		r = release_blocks(c) ? -EIO : io_err;
+	else
+		r = insert_blocks(c);
+	tfs_pool_alloc_done(pool, c->nr_alloc);
+	pthread_mutex_unlock(&pool->lock);
+	return r;
+}
+
+/* Bytes [off, end) of one chunk (chunk_end), under the request's cell. */
+static int write_chunk(struct tfs_vol *vol, const uint8_t *buf, uint64_t off, uint64_t end,
+		       enum how how)
+{
+	struct tfs_pool *pool = vol->pool;
+	struct chunk c = { .vol = vol, .pool = pool, .buf = buf, .off = off, .end = end,
+			   .how = how, .b0 = off / pool->block_size };
+	int r;
+
+	c.nr = (unsigned)((end - 1) / pool->block_size + 1 - c.b0);
+	for (unsigned attempt = 0;; attempt++) {
+		pthread_mutex_lock(&pool->lock);
+		r = plan_chunk(&c);
+		pthread_mutex_unlock(&pool->lock);
+		if (r != -ENOSPC)
+			break;
+		r = tfs_pool_space_exhausted(pool, attempt);
+		if (r)
+			break;
+	}
+	if (r)
+		return r;
+	r = write_chunk_data(&c);
+	if (c.nr_alloc)
+		r = finish_chunk(&c, r);
+	free(c.bounce);
+	return r;
+}
+
+/* Bytes [off, end), end > off, under a cell covering them. */
+static int write_range(struct tfs_vol *vol, const uint8_t *buf, uint64_t off, uint64_t end,
+		       enum how how)
+{
+	uint64_t bs = vol->pool->block_size;
+	int r = 0;
+
+	for (uint64_t cur = off, cend; cur < end && !r; cur = cend) {
+		cend = chunk_end(bs, cur, end);
+		r = write_chunk(vol, buf ? buf + (cur - off) : NULL, cur, cend, how);
+	}
+	return r;
+}
+
+int tfs_vol_write(struct tfs_vol *vol, const void *buf, size_t len, uint64_t off)
+{
+	uint64_t b0, b1;
+	int r;
+
+	if (!len)
+		return 0;
+	r = check_write(vol);
+	if (!r)
+		r = block_range(vol, off, len, &b0, &b1);
+	if (!r)
+		r = tfs_prison_lock(vol->pool->prison, vol->id, b0, b1);
+	if (r)
+		return r;
+	r = write_range(vol, buf, off, off + len, HOW_DATA);
+	tfs_prison_unlock(vol->pool->prison, vol->id, b0, b1);
+	return r;
+}
+
+int tfs_vol_provision(struct tfs_vol *vol, uint64_t off, uint64_t len)
+{
+	uint64_t b0, b1;
+	int r;
+
+	if (!len)
+		return 0;
+	r = check_write(vol);
+	if (!r)
+		r = block_range(vol, off, len, &b0, &b1);
+	if (!r)
+		r = tfs_prison_lock(vol->pool->prison, vol->id, b0, b1);
+	if (r)
+		return r;
+	r = write_range(vol, NULL, off, off + len, HOW_PROVISION);
+	tfs_prison_unlock(vol->pool->prison, vol->id, b0, b1);
+	return r;
+}
+
+/* ---- reads ---------------------------------------------------------------------------- */
+
+static int read_chunk(struct tfs_vol *vol, uint8_t *buf, uint64_t off, uint64_t end)
+{
+	struct tfs_thin_mapping maps[TFS_POOL_CHUNK];
+	struct tfs_pool *pool = vol->pool;
+	uint64_t bs = pool->block_size, b0 = off / bs;
+	unsigned nr = (unsigned)((end - 1) / bs + 1 - b0), j = 0;
+	struct run run = { 0 };
+	int n, r;
+
+	pthread_mutex_lock(&pool->lock);
+	r = tfs_pool_may_io(pool);
+	n = r ? r : tfs_thin_lookup_range(vol->ref->td, b0, b0 + nr, nr, maps);
+	pthread_mutex_unlock(&pool->lock);
+	if (r)
+		return r;
+	if (n < 0)
+		return lookup_failed(vol, b0, b0 + nr, n);
+
+	for (unsigned i = 0; i < nr && !r; i++) {
+		uint64_t start = (b0 + i) * bs;
+		uint64_t s = off > start ? off - start : 0;
+		uint64_t e = end - start < bs ? end - start : bs;
+		uint8_t *dst = buf + (start + s - off);
+
+		if (j < (unsigned)n && maps[j].vblock == b0 + i) {
+			uint64_t dev_off = maps[j++].data_block * bs + s;
+
+			if (run.len && run.dev_off + run.len == dev_off && run.dst + run.len == dst) {
+				run.len += e - s;
+				continue;
+			}
+			r = run_read(pool, &run);
+			run = (struct run){ .dev_off = dev_off, .dst = dst, .len = e - s };
+		} else {
+			memset(dst, 0, e - s);
+		}
+	}
+	r = run_read(pool, &run);
+	if (r)
+		tfs_err("thin device %u: reading data blocks failed: %s", vol->id, strerror(-r));
+	return r;
+}
+
+int tfs_vol_read(struct tfs_vol *vol, void *buf, size_t len, uint64_t off)
+{
+	uint64_t bs = vol->pool->block_size, end = off + len, b0, b1;
+	int r;
+
+	if (!len)
+		return 0;
+	r = block_range(vol, off, len, &b0, &b1);
+	if (!r)
+		r = tfs_prison_lock_shared(vol->pool->prison, vol->id, b0, b1);
+	if (r)
+		return r;
+	for (uint64_t cur = off, cend; cur < end && !r; cur = cend) {
+		cend = chunk_end(bs, cur, end);
+		r = read_chunk(vol, (uint8_t *)buf + (cur - off), cur, cend);
+	}
+	tfs_prison_unlock_shared(vol->pool->prison, vol->id, b0, b1);
+	return r;
+}
+
+/* ---- unmapping -------------------------------------------------------------------------- */
+
+/*
+ * With the lock held: unmap the next chunk of mappings in [*next, end) in
+ * one remove_range; their data blocks that nobody maps any more are
+ * queued for passdown.  Returns how many were unmapped, or -errno.
+ */
+static int unmap_chunk(struct tfs_vol *vol, uint64_t *next, uint64_t end)
+{
+	struct tfs_thin_mapping maps[TFS_POOL_CHUNK];
+	struct tfs_pool *pool = vol->pool;
+	int n, r;
+
+	r = tfs_pool_may_change(pool);
+	if (r)
+		return r;
+	n = tfs_thin_lookup_range(vol->ref->td, *next, end, TFS_POOL_CHUNK, maps);
+	if (n <= 0)
+		return n < 0 ? lookup_failed(vol, *next, end, n) : 0;
+	r = tfs_thin_remove_range(vol->ref->td, maps[0].vblock, maps[n - 1].vblock + 1, NULL);
+	if (r)
+		return tfs_pool_meta_failed(pool, r, "unmapping blocks");
+	pool->dirty = true;
+	for (int i = 0; i < n; i++)
+		tfs_pool_passdown_if_free(pool, maps[i].data_block);
+	*next = maps[n - 1].vblock + 1;
+	return n;
+}
+
+/* Unmap whole blocks [b, end) under the request's cell, a chunk per lock hold. */
+static int unmap_blocks(struct tfs_vol *vol, uint64_t b, uint64_t end)
+{
+	struct tfs_pool *pool = vol->pool;
+	int n;
+
+	do {
+		pthread_mutex_lock(&pool->lock);
+		n = unmap_chunk(vol, &b, end);
+		pthread_mutex_unlock(&pool->lock);
+	} while (n == TFS_POOL_CHUNK);
+	return n < 0 ? n : 0;
+}
+
+/*
+ * Bytes [off, off + len) (to the end of the device when to_end) read as
+ * zeros afterwards: whole blocks unmapped, partial ones zeroed where they
+ * are mapped (copying a block shared with a snapshot first).
+ */
+static int punch(struct tfs_vol *vol, uint64_t off, uint64_t len, bool to_end)
+{
+	uint64_t bs = vol->pool->block_size;
+	uint64_t end, b0, b1, whole0, whole1, head = off % bs;
+	int r;
+
+	if (!len && !to_end)
+		return 0;
+	r = check_write(vol);
+	if (!r && !to_end)
+		r = block_range(vol, off, len, &b0, &b1);
+	if (r)
+		return r;
+	end = to_end ? UINT64_MAX : off + len;
+	b0 = off / bs;
+	b1 = to_end ? UINT64_MAX : b1;
+	whole0 = head ? b0 + 1 : b0;
+	whole1 = to_end ? UINT64_MAX : end / bs;
+
+	r = tfs_prison_lock(vol->pool->prison, vol->id, b0, b1);
+	if (r)
+		return r;
+	if (whole0 < whole1)
+		r = unmap_blocks(vol, whole0, whole1);
+	if (!r && head)
+		r = write_range(vol, NULL, off, off + (end - off < bs - head ? end - off : bs - head),
+				HOW_ZERO_MAPPED);
+	/* The tail block, unless it is the head block just done. */
+	if (!r && !to_end && end % bs && !(head && end - end % bs <= off))
+		r = write_range(vol, NULL, end - end % bs > off ? end - end % bs : off, end,
+				HOW_ZERO_MAPPED);
+	tfs_prison_unlock(vol->pool->prison, vol->id, b0, b1);
+	return r;
+}
+
+int tfs_vol_discard(struct tfs_vol *vol, uint64_t off, uint64_t len)
+{
+	return punch(vol, off, len, false);
+}
+
+int tfs_vol_zero_range(struct tfs_vol *vol, uint64_t off, uint64_t len)
+{
+	return punch(vol, off, len, false);
+}
+
+int tfs_vol_truncate(struct tfs_vol *vol, uint64_t new_size)
+{
+	return punch(vol, new_size, 0, true);
+}
+
+/* ---- the rest ---------------------------------------------------------------------------- */
+
+int tfs_vol_flush(struct tfs_vol *vol)
+{
+	return tfs_pool_commit_now(vol->pool, true);
+}
+
+/* With the lock held: the first unmapped block in [b, end), or end. */
+static int find_hole(struct tfs_vol *vol, uint64_t b, uint64_t end, uint64_t *hole)
+{
+	struct tfs_thin_mapping maps[TFS_POOL_CHUNK];
+	int n;
+
+	do {
+		n = tfs_thin_lookup_range(vol->ref->td, b, end, TFS_POOL_CHUNK, maps);
+		if (n < 0)
+			return lookup_failed(vol, b, end, n);
+		for (int i = 0; i < n; i++, b++)
+			if (maps[i].vblock != b)
+				goto out;
+	} while (n == TFS_POOL_CHUNK);
+out:
+	*hole = b < end ? b : end;
+	return 0;
+}
+
+static int seek_locked(struct tfs_vol *vol, uint64_t off, int whence, uint64_t size,
+		       uint64_t *out)
+{
+	uint64_t bs = vol->pool->block_size, b = off / bs, end = (size - 1) / bs + 1, pos;
+	struct tfs_thin_mapping m;
+	int n;
+
+	if (whence == SEEK_DATA) {
+		n = tfs_thin_lookup_range(vol->ref->td, b, end, 1, &m);
+		if (n < 0)
+			return lookup_failed(vol, b, end, n);
+		if (n == 0)
+			return -ENXIO;
+		pos = m.vblock * bs > off ? m.vblock * bs : off;
+		if (pos >= size)
+			return -ENXIO;
+	} else {
+		n = find_hole(vol, b, end, &pos);
+		if (n)
+			return n;
+		pos = pos * bs > off ? pos * bs : off;
+		if (pos > size)
+			pos = size; /* the end of the volume is a hole */
+	}
+	*out = pos;
+	return 0;
+}
+
+int tfs_vol_seek(struct tfs_vol *vol, uint64_t off, int whence, uint64_t size, uint64_t *out)
+{
+	int r;
+
+	if (whence != SEEK_DATA && whence != SEEK_HOLE)
+		return -EINVAL;
+	if (off >= size)
+		return -ENXIO;
+	pthread_mutex_lock(&vol->pool->lock);
+	r = tfs_pool_may_io(vol->pool);
+	if (!r)
+		r = seek_locked(vol, off, whence, size, out);
+	pthread_mutex_unlock(&vol->pool->lock);
+	return r;
+}
+
+uint64_t tfs_vol_mapped_blocks(struct tfs_vol *vol)
+{
+	uint64_t n;
+
+	pthread_mutex_lock(&vol->pool->lock);
+	n = tfs_td_mapped_blocks(vol->ref->td);
+	pthread_mutex_unlock(&vol->pool->lock);
+	return n;
+}
+
+int tfs_vol_open(struct tfs_pool *pool, uint32_t id, bool read_only, struct tfs_vol **out)
+{
+	struct tfs_vol *vol = calloc(1, sizeof(*vol));
+	int r;
+
+	if (!vol)
+		return -ENOMEM;
+	vol->pool = pool;
+	vol->id = id;
+	vol->read_only = read_only;
+	pthread_mutex_lock(&pool->lock);
+	if (pool->mode == TFS_POOL_FAIL && !read_only) {
+		tfs_err("thin device %u cannot be opened for writing: the pool is in fail mode (%s)",
+			id, pool->reason);
+		r = -EIO;
+	} else {
+		r = tfs_pool_get_thin(pool, id, &vol->ref);
+	}
+	pthread_mutex_unlock(&pool->lock);
+	if (r) {
+		free(vol);
+		return r;
+	}
+	*out = vol;
+	return 0;
+}
+
+void tfs_vol_close(struct tfs_vol *vol)
+{
+	if (!vol)
+		return;
+	pthread_mutex_lock(&vol->pool->lock);
+	tfs_pool_put_thin(vol->pool, vol->ref);
+	pthread_mutex_unlock(&vol->pool->lock);
+	free(vol);
+}
+
+uint32_t tfs_vol_id(const struct tfs_vol *vol)
+{
+	return vol->id;
+}

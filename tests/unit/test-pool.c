@@ -1,0 +1,1011 @@
+/* SPDX-License-Identifier: GPL-2.0-or-later */
+/*
+ * The thin pool on sparse temporary files: reads and writes against an
+ * in-memory model at odd offsets, zeroing of new blocks, snapshots and
+ * their accounting, discard with passdown, provisioning, zero range,
+ * seek, truncate, running out of data space, a metadata failure, many
+ * threads at once, reopening, and an idle pool that writes nothing.
+ *
+ * Every test ends with the pool closed and its metadata checked by the
+ * offline checker (tools/check.h), and by thin_check when it is installed.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stdatomic.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <cmocka.h>
+
+#include "bdev.h"
+#include "check.h"
+#include "config.h"
+#include "log.h"
+#include "pool.h"
+
+#define BS (64u * 1024)
+#define KiB 1024u
+#define MiB (1024u * 1024)
+
+struct fixture {
+	char dir[64];
+	struct tfs_pool_config cfg;
+	struct tfs_pool *pool;
+	uint64_t data_blocks;
+};
+
+static void quiet_sink(void *ctx, enum tfs_log_level level, const char *msg)
+{
+	(void)ctx;
+	(void)level;
+	(void)msg;
+}
+
+static void sleep_ms(unsigned ms)
+{
+	struct timespec ts = { ms / 1000, (long)(ms % 1000) * 1000000L };
+
+	nanosleep(&ts, NULL);
+}
+
+static void make_file(const char *path, uint64_t bytes)
+{
+	int fd = open(path, O_CREAT | O_TRUNC | O_RDWR, 0600);
+
+	assert_true(fd >= 0);
+	assert_int_equal(ftruncate(fd, (off_t)bytes), 0);
+	close(fd);
+}
+
+/* Fresh metadata (8 MiB) and data (data_blocks of 64 KiB) files, formatted. */
+static struct fixture *new_fixture(uint64_t data_blocks, bool skip_zeroing)
+{
+	struct fixture *f = calloc(1, sizeof(*f));
+
+	assert_non_null(f);
+	strcpy(f->dir, "/tmp/tfs-pool-XXXXXX");
+	assert_non_null(mkdtemp(f->dir));
+	snprintf(f->cfg.metadata, sizeof(f->cfg.metadata), "%s/meta", f->dir);
+	snprintf(f->cfg.data, sizeof(f->cfg.data), "%s/data", f->dir);
+	f->cfg.block_size = BS;
+	f->cfg.low_water_is_percent = true;
+	f->cfg.low_water_percent = 10;
+	f->cfg.discard_passdown = true;
+	f->cfg.skip_block_zeroing = skip_zeroing;
+	f->cfg.commit_interval_ms = 100;
+	f->cfg.metadata_cache_bytes = 4 * MiB;
+	f->data_blocks = data_blocks;
+	make_file(f->cfg.metadata, 8 * MiB);
+	make_file(f->cfg.data, data_blocks * BS);
+	assert_int_equal(tfs_pool_format(&f->cfg), 0);
+	return f;
+}
+
+static void open_pool(struct fixture *f)
+{
+	assert_int_equal(tfs_pool_open(&f->cfg, false, &f->pool), 0);
+}
+
+static void close_pool(struct fixture *f)
+{
+	assert_int_equal(tfs_pool_close(f->pool), 0);
+	f->pool = NULL;
+}
+
+/* 0 = clean, 1 = problems, -1 = thin_check is not installed. */
+static int run_thin_check(const char *path)
+{
+	char cmd[512];
+	int st;
+
+	if (access("/usr/sbin/thin_check", X_OK))
+		return -1;
+	snprintf(cmd, sizeof(cmd), "/usr/sbin/thin_check -q %s", path);
+	st = system(cmd);
+	return WIFEXITED(st) && WEXITSTATUS(st) == 0 ? 0 : 1;
+}
+
+static void check_metadata(const char *path, bool expect_needs_check)
+{
+	struct tfs_check_opts opts = { .out = stderr };
+	struct tfs_check_result res;
+	struct tfs_bdev *dev;
+
+	assert_int_equal(tfs_bdev_open(path, true, &dev), 0);
+	assert_int_equal(tfs_check_metadata(dev, &opts, &res), 0);
+	tfs_bdev_close(dev);
+	assert_int_equal(res.errors, 0);
+	assert_int_equal(res.needs_check, expect_needs_check);
+	if (!expect_needs_check)
+		assert_int_not_equal(run_thin_check(path), 1);
+}
+
+/* Close (if open), check the metadata, remove the files. */
+static void done(struct fixture *f, bool expect_needs_check)
+{
+	char path[128];
+
+	if (f->pool)
+		close_pool(f);
+	check_metadata(f->cfg.metadata, expect_needs_check);
+	unlink(f->cfg.metadata);
+	unlink(f->cfg.data);
+	snprintf(path, sizeof(path), "%s", f->dir);
+	rmdir(path);
+	free(f);
+}
+
+static struct tfs_vol *new_volume(struct fixture *f, uint32_t *id)
+{
+	struct tfs_vol *vol;
+	uint32_t i;
+
+	assert_int_equal(tfs_pool_create_thin(f->pool, &i), 0);
+	assert_int_equal(tfs_vol_open(f->pool, i, false, &vol), 0);
+	if (id)
+		*id = i;
+	return vol;
+}
+
+static uint64_t data_used(struct fixture *f)
+{
+	struct tfs_pool_status st;
+
+	tfs_pool_status(f->pool, &st);
+	return st.data_used;
+}
+
+static uint32_t rng = 2463534242u;
+static uint32_t rnd(void)
+{
+	rng ^= rng << 13;
+	rng ^= rng >> 17;
+	rng ^= rng << 5;
+	return rng;
+}
+
+static void fill_random(uint8_t *p, size_t len)
+{
+	for (size_t i = 0; i < len; i++)
+		p[i] = (uint8_t)(rnd() >> 11);
+}
+
+static bool all_bytes(const uint8_t *p, size_t len, uint8_t v)
+{
+	for (size_t i = 0; i < len; i++)
+		if (p[i] != v)
+			return false;
+	return true;
+}
+
+static void expect_contents(struct tfs_vol *vol, const uint8_t *model, size_t len)
+{
+	uint8_t *got = malloc(len);
+
+	assert_non_null(got);
+	assert_int_equal(tfs_vol_read(vol, got, len, 0), 0);
+	assert_memory_equal(got, model, len);
+	free(got);
+}
+
+static uint64_t allocated_bytes(const char *path)
+{
+	struct stat st;
+
+	assert_int_equal(stat(path, &st), 0);
+	return (uint64_t)st.st_blocks * 512;
+}
+
+/* ---- reads and writes ---------------------------------------------------------- */
+
+static void test_unmapped_ranges_read_as_zeros(void **state)
+{
+	struct fixture *f = new_fixture(64, false);
+	struct tfs_vol *vol;
+	uint8_t buf[3 * BS + 100];
+
+	(void)state;
+	open_pool(f);
+	vol = new_volume(f, NULL);
+	memset(buf, 0x5a, sizeof(buf));
+	assert_int_equal(tfs_vol_read(vol, buf, sizeof(buf), 12345), 0);
+	assert_true(all_bytes(buf, sizeof(buf), 0));
+	assert_int_equal(tfs_vol_mapped_blocks(vol), 0);
+	assert_int_equal(data_used(f), 0);
+	tfs_vol_close(vol);
+	done(f, false);
+}
+
+static void test_writes_at_odd_offsets_read_back_as_the_model(void **state)
+{
+	enum { VOL = 48 * BS };
+	struct fixture *f = new_fixture(64, false);
+	uint8_t *model = calloc(1, VOL), *buf = malloc(VOL);
+	struct tfs_vol *vol;
+	uint32_t id;
+
+	(void)state;
+	open_pool(f);
+	vol = new_volume(f, &id);
+	for (int i = 0; i < 200; i++) {
+		uint64_t off = rnd() % VOL;
+		size_t len = 1 + rnd() % (i % 4 == 0 ? 5 * BS : 9000);
+
+		if (off + len > VOL)
+			len = VOL - off;
+		fill_random(buf, len);
+		assert_int_equal(tfs_vol_write(vol, buf, len, off), 0);
+		memcpy(model + off, buf, len);
+		if (i % 7 == 0) {
+			uint64_t roff = rnd() % VOL;
+			size_t rlen = 1 + rnd() % (VOL - roff);
+
+			assert_int_equal(tfs_vol_read(vol, buf, rlen, roff), 0);
+			assert_memory_equal(buf, model + roff, rlen);
+		}
+	}
+	expect_contents(vol, model, VOL);
+	assert_int_equal(tfs_vol_flush(vol), 0);
+	tfs_vol_close(vol);
+	close_pool(f);
+
+	open_pool(f);
+	assert_int_equal(tfs_vol_open(f->pool, id, true, &vol), 0);
+	expect_contents(vol, model, VOL);
+	tfs_vol_close(vol);
+	free(model);
+	free(buf);
+	done(f, false);
+}
+
+/* Old bytes in the data file must not show through a new block's unwritten part. */
+static void test_partial_write_zeroes_the_rest_of_a_new_block(void **state)
+{
+	struct fixture *f = new_fixture(16, false);
+	uint8_t junk[BS], buf[2 * BS];
+	struct tfs_vol *vol;
+	int fd;
+
+	(void)state;
+	memset(junk, 0xaa, sizeof(junk));
+	fd = open(f->cfg.data, O_WRONLY);
+	for (int b = 0; b < 16; b++)
+		assert_int_equal(pwrite(fd, junk, BS, (off_t)b * BS), BS);
+	close(fd);
+	open_pool(f);
+	vol = new_volume(f, NULL);
+	memset(buf, 0x11, 100);
+	assert_int_equal(tfs_vol_write(vol, buf, 100, BS + 1000), 0);
+	assert_int_equal(tfs_vol_read(vol, buf, 2 * BS, 0), 0);
+	assert_true(all_bytes(buf, BS + 1000, 0));
+	assert_true(all_bytes(buf + BS + 1000, 100, 0x11));
+	assert_true(all_bytes(buf + BS + 1100, BS - 1100, 0));
+	assert_int_equal(tfs_vol_mapped_blocks(vol), 1);
+	tfs_vol_close(vol);
+	done(f, false);
+}
+
+static void test_skip_block_zeroing_leaves_the_rest_unwritten(void **state)
+{
+	struct fixture *f = new_fixture(16, true);
+	uint8_t junk[BS], buf[BS];
+	struct tfs_vol *vol;
+	int fd;
+
+	(void)state;
+	memset(junk, 0xaa, sizeof(junk));
+	fd = open(f->cfg.data, O_WRONLY);
+	assert_int_equal(pwrite(fd, junk, BS, 0), BS);
+	close(fd);
+	open_pool(f);
+	vol = new_volume(f, NULL);
+	memset(buf, 0x11, 100);
+	assert_int_equal(tfs_vol_write(vol, buf, 100, 500), 0);
+	assert_int_equal(tfs_vol_read(vol, buf, BS, 0), 0);
+	assert_true(all_bytes(buf, 500, 0xaa));
+	assert_true(all_bytes(buf + 500, 100, 0x11));
+	assert_true(all_bytes(buf + 600, BS - 600, 0xaa));
+	tfs_vol_close(vol);
+	done(f, false);
+}
+
+/* ---- snapshots ------------------------------------------------------------------- */
+
+static void test_snapshot_keeps_content_and_accounting_is_exact(void **state)
+{
+	enum { N = 20 };
+	struct fixture *f = new_fixture(64, false);
+	uint8_t *orig = malloc(N * BS), *other = malloc(N * BS);
+	struct tfs_vol *vol, *snap;
+	uint32_t id, sid;
+
+	(void)state;
+	open_pool(f);
+	vol = new_volume(f, &id);
+	fill_random(orig, N * BS);
+	fill_random(other, N * BS);
+	assert_int_equal(tfs_vol_write(vol, orig, N * BS, 0), 0);
+	assert_int_equal(data_used(f), N);
+
+	assert_int_equal(tfs_pool_create_snaps(f->pool, &id, 1, &sid), 0);
+	assert_int_not_equal(sid, id);
+	assert_int_equal(data_used(f), N);
+
+	assert_int_equal(tfs_vol_open(f->pool, sid, false, &snap), 0);
+	assert_int_equal(tfs_vol_write(snap, other, N * BS, 0), 0);
+	assert_int_equal(data_used(f), 2 * N);
+	expect_contents(vol, orig, N * BS);
+	expect_contents(snap, other, N * BS);
+
+	/* The origin's blocks still pass the time test as shared, so this copies, but the
+	 * old block is the origin's alone by now and is freed: usage stays 2N. */
+	assert_int_equal(tfs_vol_write(vol, other, BS, 0), 0);
+	assert_int_equal(data_used(f), 2 * N);
+	memcpy(orig, other, BS);
+
+	tfs_log_set_sink(quiet_sink, NULL);
+	assert_int_equal(tfs_pool_delete(f->pool, sid), -EBUSY);
+	tfs_log_set_sink(NULL, NULL);
+	tfs_vol_close(snap);
+	assert_int_equal(tfs_pool_delete(f->pool, sid), 0);
+	assert_int_equal(data_used(f), N);
+	expect_contents(vol, orig, N * BS);
+	tfs_vol_close(vol);
+	free(orig);
+	free(other);
+	done(f, false);
+}
+
+/*
+ * A snapshot shares leaves, not just blocks: after the origin writes one
+ * leaf, the blocks of leaves it never touched still have count 1 but are
+ * shared, and writing them must copy.
+ */
+static void test_write_to_untouched_leaf_after_snapshot_copies(void **state)
+{
+	enum { N = 700 }; /* several mapping leaves */
+	struct fixture *f = new_fixture(N + 16, false);
+	uint8_t a[BS], b[BS], got[BS];
+	struct tfs_vol *vol, *snap;
+	uint32_t id, sid;
+
+	(void)state;
+	open_pool(f);
+	vol = new_volume(f, &id);
+	memset(a, 0x41, BS);
+	for (uint64_t i = 0; i < N; i++)
+		assert_int_equal(tfs_vol_write(vol, a, BS, i * BS), 0);
+	assert_int_equal(tfs_pool_create_snaps(f->pool, &id, 1, &sid), 0);
+	memset(b, 0x42, BS);
+	assert_int_equal(tfs_vol_write(vol, b, BS, 0), 0);
+	assert_int_equal(tfs_vol_write(vol, b, 100, (N - 1) * BS + 7), 0);
+	assert_int_equal(tfs_vol_open(f->pool, sid, true, &snap), 0);
+	assert_int_equal(tfs_vol_read(snap, got, BS, (N - 1) * BS), 0);
+	assert_true(all_bytes(got, BS, 0x41));
+	assert_int_equal(tfs_vol_read(snap, got, BS, 0), 0);
+	assert_true(all_bytes(got, BS, 0x41));
+	assert_int_equal(tfs_vol_read(vol, got, BS, (N - 1) * BS), 0);
+	assert_true(all_bytes(got, 7, 0x41));
+	assert_true(all_bytes(got + 7, 100, 0x42));
+	assert_true(all_bytes(got + 107, BS - 107, 0x41));
+	assert_int_equal(data_used(f), N + 2);
+	tfs_vol_close(snap);
+	tfs_vol_close(vol);
+	done(f, false);
+}
+
+static void test_group_snapshot_is_atomic_and_usage_counts_exclusive_blocks(void **state)
+{
+	struct fixture *f = new_fixture(64, false);
+	uint8_t buf[4 * BS];
+	struct tfs_vol *v1, *v2;
+	struct tfs_dev_usage u;
+	uint32_t ids[2], snaps[2], list[8];
+
+	(void)state;
+	open_pool(f);
+	v1 = new_volume(f, &ids[0]);
+	v2 = new_volume(f, &ids[1]);
+	assert_int_equal(ids[0], 0);
+	assert_int_equal(ids[1], 1);
+	fill_random(buf, sizeof(buf));
+	assert_int_equal(tfs_vol_write(v1, buf, 4 * BS, 0), 0);
+	assert_int_equal(tfs_vol_write(v2, buf, 2 * BS, 0), 0);
+	assert_int_equal(tfs_pool_create_snaps(f->pool, ids, 2, snaps), 0);
+	assert_int_equal(snaps[0], 2);
+	assert_int_equal(snaps[1], 3);
+	assert_int_equal(tfs_pool_list(f->pool, list, 8), 4);
+
+	assert_int_equal(tfs_pool_dev_usage(f->pool, ids[0], &u), 0);
+	assert_int_equal(u.mapped_blocks, 4);
+	assert_int_equal(u.exclusive_blocks, 0);
+	assert_int_equal(tfs_vol_write(v1, buf, BS, BS), 0); /* breaks sharing of one block */
+	assert_int_equal(tfs_pool_dev_usage(f->pool, ids[0], &u), 0);
+	assert_int_equal(u.mapped_blocks, 4);
+	assert_int_equal(u.exclusive_blocks, 1);
+	assert_int_equal(tfs_pool_dev_usage(f->pool, snaps[1], &u), 0);
+	assert_int_equal(u.mapped_blocks, 2);
+
+	/* A freed id is reused: the lowest free one. */
+	assert_int_equal(tfs_pool_delete(f->pool, snaps[0]), 0);
+	tfs_vol_close(v2);
+	assert_int_equal(tfs_pool_create_thin(f->pool, &ids[1]), 0);
+	assert_int_equal(ids[1], 2);
+	tfs_log_set_sink(quiet_sink, NULL);
+	assert_int_equal(tfs_pool_create_snaps(f->pool, (uint32_t[]){ 99 }, 1, snaps), -ENODATA);
+	tfs_log_set_sink(NULL, NULL);
+	tfs_vol_close(v1);
+	done(f, false);
+}
+
+/* A snapshot taken while writers run sees each block as before or after a write, whole. */
+struct snap_writer {
+	struct tfs_vol *vol;
+	atomic_int stop;
+	int rounds;
+};
+
+static void *rewrite_blocks(void *arg)
+{
+	struct snap_writer *w = arg;
+	uint8_t *buf = malloc(8 * BS);
+
+	for (int round = 1; !atomic_load(&w->stop); round++) {
+		memset(buf, round & 0xff, 8 * BS);
+		assert_int_equal(tfs_vol_write(w->vol, buf, 8 * BS, 0), 0);
+		w->rounds = round;
+	}
+	free(buf);
+	return NULL;
+}
+
+static void test_snapshot_during_writes_sees_whole_requests(void **state)
+{
+	struct fixture *f = new_fixture(512, false);
+	struct snap_writer w = { 0 };
+	struct tfs_vol *snap;
+	uint8_t *buf = malloc(8 * BS);
+	uint32_t id, sid;
+	pthread_t th;
+
+	(void)state;
+	open_pool(f);
+	w.vol = new_volume(f, &id);
+	assert_int_equal(pthread_create(&th, NULL, rewrite_blocks, &w), 0);
+	for (int i = 0; i < 10; i++) {
+		sleep_ms(10);
+		assert_int_equal(tfs_pool_create_snaps(f->pool, &id, 1, &sid), 0);
+		assert_int_equal(tfs_vol_open(f->pool, sid, true, &snap), 0);
+		assert_int_equal(tfs_vol_read(snap, buf, 8 * BS, 0), 0);
+		/* One request covers all 8 blocks: the snapshot has all of it or none. */
+		assert_true(all_bytes(buf, 8 * BS, buf[0]));
+		tfs_vol_close(snap);
+		assert_int_equal(tfs_pool_delete(f->pool, sid), 0);
+	}
+	atomic_store(&w.stop, 1);
+	pthread_join(th, NULL);
+	assert_true(w.rounds > 0);
+	tfs_vol_close(w.vol);
+	free(buf);
+	done(f, false);
+}
+
+/* ---- discard, provision, zero range, truncate, seek ----------------------------------- */
+
+static void test_discard_frees_whole_blocks_and_zeroes_partial_ones(void **state)
+{
+	struct fixture *f = new_fixture(64, false);
+	uint8_t *model = malloc(8 * BS);
+	uint64_t before;
+	struct tfs_vol *vol;
+
+	(void)state;
+	open_pool(f);
+	vol = new_volume(f, NULL);
+	fill_random(model, 8 * BS);
+	assert_int_equal(tfs_vol_write(vol, model, 8 * BS, 0), 0);
+	assert_int_equal(tfs_vol_flush(vol), 0);
+	before = allocated_bytes(f->cfg.data);
+	assert_true(before >= 8 * BS);
+
+	/* From the middle of block 1 to the middle of block 6: blocks 2-5 go. */
+	assert_int_equal(tfs_vol_discard(vol, BS + 300, 5 * BS), 0);
+	memset(model + BS + 300, 0, 5 * BS);
+	expect_contents(vol, model, 8 * BS);
+	assert_int_equal(tfs_vol_mapped_blocks(vol), 4);
+	assert_int_equal(data_used(f), 4);
+	/* Passdown waits for the commit: until then the committed mappings still need the data. */
+	assert_int_equal(allocated_bytes(f->cfg.data), before);
+	assert_int_equal(tfs_vol_flush(vol), 0);
+	assert_int_equal(allocated_bytes(f->cfg.data), before - 4 * BS);
+
+	/* A discard within one block only zeroes. */
+	assert_int_equal(tfs_vol_discard(vol, 10, 20), 0);
+	memset(model + 10, 0, 20);
+	expect_contents(vol, model, 8 * BS);
+	assert_int_equal(tfs_vol_mapped_blocks(vol), 4);
+	tfs_vol_close(vol);
+	free(model);
+	done(f, false);
+}
+
+/* A discarded block a snapshot still maps stays with the snapshot; its edges are copied. */
+static void test_discard_of_shared_blocks_keeps_the_snapshot(void **state)
+{
+	struct fixture *f = new_fixture(64, false);
+	uint8_t *model = malloc(4 * BS), *got = malloc(4 * BS);
+	struct tfs_vol *vol, *snap;
+	uint32_t id, sid;
+
+	(void)state;
+	open_pool(f);
+	vol = new_volume(f, &id);
+	fill_random(model, 4 * BS);
+	assert_int_equal(tfs_vol_write(vol, model, 4 * BS, 0), 0);
+	assert_int_equal(tfs_pool_create_snaps(f->pool, &id, 1, &sid), 0);
+	assert_int_equal(tfs_vol_discard(vol, 100, 3 * BS), 0);
+	assert_int_equal(tfs_vol_open(f->pool, sid, true, &snap), 0);
+	expect_contents(snap, model, 4 * BS);
+	assert_int_equal(tfs_vol_read(vol, got, 4 * BS, 0), 0);
+	assert_memory_equal(got, model, 100);
+	assert_true(all_bytes(got + 100, 3 * BS, 0));
+	assert_memory_equal(got + 100 + 3 * BS, model + 100 + 3 * BS, BS - 100);
+	/* Blocks 0 and 3 copied, 1 and 2 unmapped: 4 shared + 2 copies. */
+	assert_int_equal(data_used(f), 6);
+	tfs_vol_close(snap);
+	tfs_vol_close(vol);
+	free(model);
+	free(got);
+	done(f, false);
+}
+
+static void test_provision_maps_zeroed_blocks_and_zero_range_unmaps(void **state)
+{
+	struct fixture *f = new_fixture(64, false);
+	uint8_t junk[BS], buf[6 * BS], model[6 * BS];
+	struct tfs_vol *vol;
+	int fd;
+
+	(void)state;
+	memset(junk, 0xaa, sizeof(junk));
+	fd = open(f->cfg.data, O_WRONLY);
+	for (int b = 0; b < 8; b++)
+		assert_int_equal(pwrite(fd, junk, BS, (off_t)b * BS), BS);
+	close(fd);
+	open_pool(f);
+	vol = new_volume(f, NULL);
+	memset(buf, 0x33, BS);
+	assert_int_equal(tfs_vol_write(vol, buf, BS, 2 * BS), 0);
+	/* Partial blocks at both ends are provisioned whole; the mapped block is left alone. */
+	assert_int_equal(tfs_vol_provision(vol, 100, 4 * BS), 0);
+	assert_int_equal(tfs_vol_mapped_blocks(vol), 5);
+	memset(model, 0, sizeof(model));
+	memset(model + 2 * BS, 0x33, BS);
+	expect_contents(vol, model, sizeof(model));
+
+	assert_int_equal(tfs_vol_zero_range(vol, BS / 2, 3 * BS), 0);
+	memset(model + BS / 2, 0, 3 * BS);
+	expect_contents(vol, model, sizeof(model));
+	assert_int_equal(tfs_vol_mapped_blocks(vol), 3); /* blocks 1 and 2 unmapped */
+	tfs_vol_close(vol);
+	done(f, false);
+}
+
+static void test_truncate_unmaps_past_the_end_and_zeroes_the_tail(void **state)
+{
+	struct fixture *f = new_fixture(64, false);
+	uint8_t buf[10 * BS];
+	struct tfs_vol *vol;
+
+	(void)state;
+	open_pool(f);
+	vol = new_volume(f, NULL);
+	memset(buf, 0x77, sizeof(buf));
+	assert_int_equal(tfs_vol_write(vol, buf, sizeof(buf), 0), 0);
+	assert_int_equal(tfs_vol_write(vol, buf, 100, 40 * BS), 0);
+	assert_int_equal(tfs_vol_truncate(vol, 3 * BS + 10), 0);
+	assert_int_equal(tfs_vol_mapped_blocks(vol), 4);
+	assert_int_equal(data_used(f), 4);
+	assert_int_equal(tfs_vol_read(vol, buf, 5 * BS, 0), 0);
+	assert_true(all_bytes(buf, 3 * BS + 10, 0x77));
+	assert_true(all_bytes(buf + 3 * BS + 10, 2 * BS - 10, 0));
+	assert_int_equal(tfs_vol_truncate(vol, 0), 0);
+	assert_int_equal(tfs_vol_mapped_blocks(vol), 0);
+	tfs_vol_close(vol);
+	done(f, false);
+}
+
+static void test_seek_data_and_hole_follow_the_mapping(void **state)
+{
+	struct fixture *f = new_fixture(64, false);
+	uint64_t size = 20 * BS + 500, pos;
+	uint8_t buf[BS] = { 1 };
+	struct tfs_vol *vol;
+
+	(void)state;
+	open_pool(f);
+	vol = new_volume(f, NULL);
+	assert_int_equal(tfs_vol_write(vol, buf, 10, 3 * BS + 5), 0);  /* block 3 */
+	assert_int_equal(tfs_vol_write(vol, buf, BS, 4 * BS), 0);      /* block 4 */
+	assert_int_equal(tfs_vol_write(vol, buf, 10, 10 * BS), 0);     /* block 10 */
+
+	assert_int_equal(tfs_vol_seek(vol, 0, SEEK_DATA, size, &pos), 0);
+	assert_int_equal(pos, 3 * BS);
+	assert_int_equal(tfs_vol_seek(vol, 3 * BS + 7, SEEK_DATA, size, &pos), 0);
+	assert_int_equal(pos, 3 * BS + 7);
+	assert_int_equal(tfs_vol_seek(vol, 3 * BS, SEEK_HOLE, size, &pos), 0);
+	assert_int_equal(pos, 5 * BS);
+	assert_int_equal(tfs_vol_seek(vol, 5 * BS, SEEK_DATA, size, &pos), 0);
+	assert_int_equal(pos, 10 * BS);
+	assert_int_equal(tfs_vol_seek(vol, 0, SEEK_HOLE, size, &pos), 0);
+	assert_int_equal(pos, 0);
+	assert_int_equal(tfs_vol_seek(vol, 11 * BS, SEEK_DATA, size, &pos), -ENXIO);
+	assert_int_equal(tfs_vol_seek(vol, 10 * BS + 1, SEEK_HOLE, size, &pos), 0);
+	assert_int_equal(pos, 11 * BS);
+	assert_int_equal(tfs_vol_seek(vol, size, SEEK_HOLE, size, &pos), -ENXIO);
+	/* Data past the size does not count, and the end of the volume is a hole. */
+	assert_int_equal(tfs_vol_seek(vol, 0, SEEK_DATA, 2 * BS, &pos), -ENXIO);
+	assert_int_equal(tfs_vol_seek(vol, 4 * BS, SEEK_HOLE, 4 * BS + 100, &pos), 0);
+	assert_int_equal(pos, 4 * BS + 100);
+	tfs_vol_close(vol);
+	done(f, false);
+}
+
+/* ---- space and failures ------------------------------------------------------------------- */
+
+static void test_full_data_device_gives_enospc_and_freed_blocks_come_back(void **state)
+{
+	struct fixture *f = new_fixture(8, false);
+	uint8_t buf[8 * BS];
+	struct tfs_vol *vol;
+
+	(void)state;
+	tfs_log_set_sink(quiet_sink, NULL);
+	open_pool(f);
+	vol = new_volume(f, NULL);
+	memset(buf, 0x66, sizeof(buf));
+	assert_int_equal(tfs_vol_write(vol, buf, 8 * BS, 0), 0);
+	assert_int_equal(tfs_vol_write(vol, buf, 10, 8 * BS), -ENOSPC);
+	/* All or nothing per request: nothing of a write that did not fit is mapped. */
+	assert_int_equal(tfs_vol_write(vol, buf, 2 * BS, 7 * BS), -ENOSPC);
+	assert_int_equal(tfs_vol_mapped_blocks(vol), 8);
+	/* Reads and overwrites in place still work. */
+	assert_int_equal(tfs_vol_write(vol, buf, 100, 3 * BS + 1), 0);
+	assert_int_equal(tfs_vol_read(vol, buf, 8 * BS, 0), 0);
+	assert_true(all_bytes(buf, 8 * BS, 0x66));
+	/* A block discarded in this transaction is usable once a commit made it free. */
+	assert_int_equal(tfs_vol_discard(vol, 0, BS), 0);
+	assert_int_equal(tfs_vol_write(vol, buf, 10, 9 * BS), 0);
+	assert_int_equal(data_used(f), 8);
+	tfs_vol_close(vol);
+	tfs_log_set_sink(NULL, NULL);
+	done(f, false);
+}
+
+static void test_metadata_write_error_makes_the_pool_read_only(void **state)
+{
+	struct fixture *f = new_fixture(64, false);
+	struct tfs_pool_status st;
+	uint8_t buf[2 * BS];
+	struct tfs_vol *vol;
+	uint32_t id;
+
+	(void)state;
+	open_pool(f);
+	vol = new_volume(f, &id);
+	memset(buf, 0x21, sizeof(buf));
+	assert_int_equal(tfs_vol_write(vol, buf, BS, 0), 0);
+	assert_int_equal(tfs_vol_flush(vol), 0);
+	assert_int_equal(tfs_vol_write(vol, buf, BS, BS), 0); /* not committed */
+
+	tfs_log_set_sink(quiet_sink, NULL);
+	/* One failed metadata write inside the commit; setting needs_check afterwards works. */
+	tfs_bdev_fault_set(tfs_pool_bdev(f->pool, false), TFS_FAULT_WRITE, TFS_FAULT_EIO, 0, true);
+	assert_int_equal(tfs_vol_flush(vol), -EIO);
+	tfs_pool_status(f->pool, &st);
+	assert_string_equal(st.mode, "read_only");
+	assert_true(st.needs_check);
+	assert_true(strstr(st.reason, "commit") != NULL);
+
+	/* The uncommitted block is gone; the committed one reads and can be overwritten. */
+	assert_int_equal(tfs_vol_read(vol, buf, 2 * BS, 0), 0);
+	assert_true(all_bytes(buf, BS, 0x21));
+	assert_true(all_bytes(buf + BS, BS, 0));
+	memset(buf, 0x22, BS);
+	assert_int_equal(tfs_vol_write(vol, buf, BS, 0), 0);
+	assert_int_equal(tfs_vol_write(vol, buf, BS, 5 * BS), -EIO);
+	assert_int_equal(tfs_vol_discard(vol, 0, BS), -EIO);
+	assert_int_equal(tfs_pool_create_thin(f->pool, &id), -EIO);
+	tfs_vol_close(vol);
+	close_pool(f);
+
+	assert_int_equal(tfs_pool_open(&f->cfg, false, &f->pool), -EROFS);
+	assert_int_equal(tfs_pool_open(&f->cfg, true, &f->pool), 0);
+	tfs_log_set_sink(NULL, NULL);
+	tfs_pool_status(f->pool, &st);
+	assert_string_equal(st.mode, "read_only");
+	assert_int_equal(tfs_vol_open(f->pool, 0, true, &vol), 0);
+	assert_int_equal(tfs_vol_read(vol, buf, BS, 0), 0);
+	assert_true(all_bytes(buf, BS, 0x22));
+	assert_int_equal(tfs_vol_write(vol, buf, BS, 0), -EROFS);
+	tfs_vol_close(vol);
+	done(f, true);
+}
+
+/* ---- durability and idleness ---------------------------------------------------------------- */
+
+static void test_flush_then_reopen_keeps_data(void **state)
+{
+	struct fixture *f = new_fixture(64, false);
+	uint8_t *model = malloc(6 * BS);
+	struct tfs_vol *vol;
+	uint32_t id;
+
+	(void)state;
+	open_pool(f);
+	vol = new_volume(f, &id);
+	fill_random(model, 6 * BS);
+	assert_int_equal(tfs_vol_write(vol, model, 6 * BS - 77, 33), 0);
+	memmove(model + 33, model, 6 * BS - 77);
+	memset(model, 0, 33);
+	memset(model + 6 * BS - 44, 0, 44);
+	assert_int_equal(tfs_vol_flush(vol), 0);
+	tfs_vol_close(vol);
+	close_pool(f);
+	check_metadata(f->cfg.metadata, false);
+	open_pool(f);
+	assert_int_equal(tfs_vol_open(f->pool, id, false, &vol), 0);
+	expect_contents(vol, model, 6 * BS);
+	assert_int_equal(tfs_vol_mapped_blocks(vol), 6);
+	tfs_vol_close(vol);
+	free(model);
+	done(f, false);
+}
+
+static bool same_counts(const struct tfs_pool_status *a, const struct tfs_pool_status *b)
+{
+	return !memcmp(&a->io_meta, &b->io_meta, sizeof(a->io_meta)) &&
+	       !memcmp(&a->io_data, &b->io_data, sizeof(a->io_data));
+}
+
+static void test_idle_pool_does_no_io(void **state)
+{
+	struct fixture *f = new_fixture(64, false);
+	struct tfs_pool_status before, after;
+	uint8_t buf[BS] = { 9 };
+	struct tfs_vol *vol;
+
+	(void)state;
+	open_pool(f);
+	vol = new_volume(f, NULL);
+	assert_int_equal(tfs_vol_write(vol, buf, BS, 0), 0);
+	sleep_ms(300); /* the timer commits the write */
+	tfs_pool_status(f->pool, &before);
+	assert_true(before.io_meta.writes > 0);
+	sleep_ms(2000); /* 20 commit intervals */
+	tfs_pool_status(f->pool, &after);
+	assert_true(same_counts(&before, &after));
+	/* Status and a flush of an unchanged pool write no metadata either. */
+	assert_int_equal(tfs_vol_flush(vol), 0);
+	tfs_pool_status(f->pool, &after);
+	assert_int_equal(after.io_meta.writes, before.io_meta.writes);
+	tfs_vol_close(vol);
+	done(f, false);
+}
+
+static void test_status_reports_space_and_counters(void **state)
+{
+	struct fixture *f = new_fixture(100, false);
+	struct tfs_pool_status st;
+	uint8_t buf[3 * BS] = { 0 };
+	struct tfs_vol *vol;
+
+	(void)state;
+	open_pool(f);
+	vol = new_volume(f, NULL);
+	assert_int_equal(tfs_vol_write(vol, buf, sizeof(buf), 0), 0);
+	assert_int_equal(tfs_vol_flush(vol), 0);
+	tfs_pool_status(f->pool, &st);
+	assert_string_equal(st.mode, "write");
+	assert_false(st.needs_check);
+	assert_int_equal(st.data_block_size, BS);
+	assert_int_equal(st.data_total, 100);
+	assert_int_equal(st.data_used, 3);
+	assert_int_equal(st.low_water_blocks, 10);
+	assert_int_equal(st.meta_total, 8 * MiB / 4096);
+	assert_true(st.meta_used > 0);
+	assert_int_equal(st.held_root, 0);
+	assert_true(st.io_data.writes >= 1);
+	assert_true(st.io_data.flushes >= 1);
+	assert_int_equal(tfs_pool_reserve_metadata_snap(f->pool), 0);
+	tfs_pool_status(f->pool, &st);
+	assert_int_not_equal(st.held_root, 0);
+	assert_int_equal(tfs_pool_release_metadata_snap(f->pool), 0);
+	assert_int_equal(tfs_pool_set_transaction_id(f->pool, 0, 5), 0);
+	tfs_pool_status(f->pool, &st);
+	assert_int_equal(st.transaction_id, 5);
+	tfs_log_set_sink(quiet_sink, NULL);
+	assert_int_equal(tfs_pool_set_transaction_id(f->pool, 0, 6), -EINVAL);
+	tfs_log_set_sink(NULL, NULL);
+	tfs_vol_close(vol);
+	done(f, false);
+}
+
+/* ---- many threads ---------------------------------------------------------------------------- */
+
+#define T_THREADS 4
+#define T_REGION (16 * BS) /* each thread's own range */
+#define T_SHARED_BLOCKS 16 /* then a range all threads write whole blocks into */
+
+struct worker {
+	struct tfs_vol *vol;
+	int idx;
+	uint32_t seed;
+	uint8_t *model; /* of its own region */
+};
+
+static uint32_t wrnd(struct worker *w)
+{
+	w->seed ^= w->seed << 13;
+	w->seed ^= w->seed >> 17;
+	w->seed ^= w->seed << 5;
+	return w->seed;
+}
+
+/* A shared block is always written whole, stamped with its writer and a sequence number. */
+static void stamp(uint8_t *blk, int idx, uint32_t seq)
+{
+	for (size_t i = 0; i < BS; i += 8) {
+		memcpy(blk + i, &idx, 4);
+		memcpy(blk + i + 4, &seq, 4);
+	}
+}
+
+static bool stamped_whole(const uint8_t *blk)
+{
+	for (size_t i = 8; i < BS; i += 8)
+		if (memcmp(blk + i, blk, 8))
+			return false;
+	return true;
+}
+
+static void *work(void *arg)
+{
+	struct worker *w = arg;
+	uint64_t base = (uint64_t)w->idx * T_REGION;
+	uint64_t shared = (uint64_t)T_THREADS * T_REGION;
+	uint8_t *buf = malloc(4 * BS);
+
+	for (uint32_t it = 1; it <= 400; it++) {
+		uint32_t r = wrnd(w);
+		uint64_t off = r % T_REGION;
+		size_t len = 1 + wrnd(w) % (2 * BS);
+
+		if (off + len > T_REGION)
+			len = T_REGION - off;
+		switch (r % 5) {
+		case 0: case 1:
+			for (size_t i = 0; i < len; i++)
+				buf[i] = (uint8_t)(it + i);
+			assert_int_equal(tfs_vol_write(w->vol, buf, len, base + off), 0);
+			memcpy(w->model + off, buf, len);
+			break;
+		case 2:
+			assert_int_equal(tfs_vol_read(w->vol, buf, len, base + off), 0);
+			assert_memory_equal(buf, w->model + off, len);
+			break;
+		case 3: {
+			uint64_t b = wrnd(w) % (T_SHARED_BLOCKS - 1);
+			unsigned n = 1 + wrnd(w) % 2;
+
+			for (unsigned i = 0; i < n; i++)
+				stamp(buf + i * BS, w->idx, it);
+			assert_int_equal(tfs_vol_write(w->vol, buf, n * BS, shared + b * BS), 0);
+			break;
+		}
+		default: {
+			uint64_t b = wrnd(w) % (T_SHARED_BLOCKS - 3);
+
+			assert_int_equal(tfs_vol_read(w->vol, buf, 3 * BS, shared + b * BS), 0);
+			for (int i = 0; i < 3; i++)
+				assert_true(stamped_whole(buf + i * BS));
+			break;
+		}
+		}
+	}
+	free(buf);
+	return NULL;
+}
+
+static void test_threads_on_disjoint_and_overlapping_ranges_match_the_model(void **state)
+{
+	struct fixture *f = new_fixture(T_THREADS * 16 + T_SHARED_BLOCKS + 8, false);
+	struct worker w[T_THREADS];
+	pthread_t th[T_THREADS];
+	struct tfs_vol *vol;
+	uint8_t *buf = malloc(T_REGION);
+
+	(void)state;
+	open_pool(f);
+	vol = new_volume(f, NULL);
+	for (int i = 0; i < T_THREADS; i++) {
+		w[i] = (struct worker){ .vol = vol, .idx = i, .seed = 77u + (uint32_t)i * 1000,
+					.model = calloc(1, T_REGION) };
+		assert_int_equal(pthread_create(&th[i], NULL, work, &w[i]), 0);
+	}
+	for (int i = 0; i < T_THREADS; i++)
+		pthread_join(th[i], NULL);
+	for (int i = 0; i < T_THREADS; i++) {
+		assert_int_equal(tfs_vol_read(vol, buf, T_REGION, (uint64_t)i * T_REGION), 0);
+		assert_memory_equal(buf, w[i].model, T_REGION);
+		free(w[i].model);
+	}
+	tfs_vol_close(vol);
+	free(buf);
+	done(f, false);
+}
+
+static void test_handles_on_one_device_share_it(void **state)
+{
+	struct fixture *f = new_fixture(16, false);
+	struct tfs_vol *a, *b;
+	uint8_t buf[100];
+	uint32_t id;
+
+	(void)state;
+	open_pool(f);
+	a = new_volume(f, &id);
+	assert_int_equal(tfs_vol_open(f->pool, id, false, &b), 0);
+	memset(buf, 0x3c, sizeof(buf));
+	assert_int_equal(tfs_vol_write(a, buf, sizeof(buf), 5), 0);
+	memset(buf, 0, sizeof(buf));
+	assert_int_equal(tfs_vol_read(b, buf, sizeof(buf), 5), 0);
+	assert_true(all_bytes(buf, sizeof(buf), 0x3c));
+	tfs_vol_close(a);
+	tfs_log_set_sink(quiet_sink, NULL);
+	assert_int_equal(tfs_pool_delete(f->pool, id), -EBUSY);
+	tfs_log_set_sink(NULL, NULL);
+	assert_int_equal(tfs_vol_mapped_blocks(b), 1);
+	tfs_vol_close(b);
+	assert_int_equal(tfs_pool_delete(f->pool, id), 0);
+	assert_int_equal(tfs_vol_open(f->pool, id, false, &a), -ENODATA);
+	done(f, false);
+}
+
+int main(void)
+{
+	const struct CMUnitTest tests[] = {
+		cmocka_unit_test(test_unmapped_ranges_read_as_zeros),
+		cmocka_unit_test(test_writes_at_odd_offsets_read_back_as_the_model),
+		cmocka_unit_test(test_partial_write_zeroes_the_rest_of_a_new_block),
+		cmocka_unit_test(test_skip_block_zeroing_leaves_the_rest_unwritten),
+		cmocka_unit_test(test_snapshot_keeps_content_and_accounting_is_exact),
+		cmocka_unit_test(test_write_to_untouched_leaf_after_snapshot_copies),
+		cmocka_unit_test(test_group_snapshot_is_atomic_and_usage_counts_exclusive_blocks),
+		cmocka_unit_test(test_snapshot_during_writes_sees_whole_requests),
+		cmocka_unit_test(test_discard_frees_whole_blocks_and_zeroes_partial_ones),
+		cmocka_unit_test(test_discard_of_shared_blocks_keeps_the_snapshot),
+		cmocka_unit_test(test_provision_maps_zeroed_blocks_and_zero_range_unmaps),
+		cmocka_unit_test(test_truncate_unmaps_past_the_end_and_zeroes_the_tail),
+		cmocka_unit_test(test_seek_data_and_hole_follow_the_mapping),
+		cmocka_unit_test(test_full_data_device_gives_enospc_and_freed_blocks_come_back),
+		cmocka_unit_test(test_metadata_write_error_makes_the_pool_read_only),
+		cmocka_unit_test(test_flush_then_reopen_keeps_data),
+		cmocka_unit_test(test_idle_pool_does_no_io),
+		cmocka_unit_test(test_status_reports_space_and_counters),
+		cmocka_unit_test(test_threads_on_disjoint_and_overlapping_ranges_match_the_model),
+		cmocka_unit_test(test_handles_on_one_device_share_it),
+	};
+
+	return cmocka_run_group_tests(tests, NULL, NULL);
+}
