@@ -21,7 +21,7 @@
 #include "log.h"
 
 struct env {
-	char dir[64];        
+	char dir[64];
 	char path[PATH_MAX];   /* dir/pool.catalog.db */
 	struct tfs_catalog *cat;
 	pthread_mutex_t log_lock;

@@ -21,10 +21,10 @@
 /* ---- fixture: a temporary directory with meta.img, data.img and pool.cfg ---- */
 
 struct env {
-	char dir[64];        
-	char cfg[PATH_MAX];   /* dir/pool.cfg */
-	char meta[PATH_MAX];  /* dir/meta.img */
-	char data[PATH_MAX];  /* dir/data.img */
+	char dir[64];
+	char cfg[128];        /* dir/pool.cfg */
+	char meta[128];       /* dir/meta.img */
+	char data[128];       /* dir/data.img */
 	char log[16384];      /* every message logged during the test */
 	unsigned nr_msgs;
 };
@@ -520,6 +520,49 @@ static void test_unknown_label_or_uuid_fails_naming_it(void **state)
 	assert_logged(e, 3, "LABEL=", "empty");
 }
 
+/*
+ * The real thing, where the machine allows it (root, loop devices): an
+ * ext4 image on a loop device is found by its label and by its UUID.
+ */
+static void test_label_and_uuid_resolve_to_a_loop_device(void **state)
+{
+	struct env *e = *state;
+	struct tfs_pool_config c;
+	char cmd[PATH_MAX * 2], dev[64] = "", got1[TFS_PATH_MAX];
+	FILE *f;
+	int r1, r2;
+
+	if (geteuid() != 0)
+		skip();
+	snprintf(cmd, sizeof(cmd),
+		 "PATH=$PATH:/sbin:/usr/sbin mkfs.ext4 -q -F -L tfs-unit-label "
+		 "-U 5ca1ab1e-0000-4000-8000-0123456789ab '%s' >/dev/null 2>&1 && "
+		 "losetup -f --show '%s' 2>/dev/null",
+		 e->data, e->data);
+	f = popen(cmd, "r");
+	assert_non_null(f);
+	if (!fgets(dev, sizeof(dev), f))
+		dev[0] = '\0';
+	pclose(f);
+	dev[strcspn(dev, "\n")] = '\0';
+	if (strncmp(dev, "/dev/", 5))
+		skip(); /* no loop devices here */
+
+	write_cfg(e, "[pool]\nmetadata = %s\ndata = LABEL=tfs-unit-label\n", e->meta);
+	r1 = tfs_config_load(e->cfg, &c);
+	snprintf(got1, sizeof(got1), "%s", c.data);
+	write_cfg(e, "[pool]\nmetadata = %s\ndata = UUID=5ca1ab1e-0000-4000-8000-0123456789ab\n",
+		  e->meta);
+	r2 = tfs_config_load(e->cfg, &c);
+
+	snprintf(cmd, sizeof(cmd), "losetup -d '%s'", dev);
+	assert_int_equal(system(cmd), 0);
+	assert_int_equal(r1, 0);
+	assert_string_equal(got1, dev);
+	assert_int_equal(r2, 0);
+	assert_string_equal(c.data, dev);
+}
+
 static void test_devices_must_be_files_or_block_devices_and_differ(void **state)
 {
 	struct env *e = *state;
@@ -678,6 +721,7 @@ int main(void)
 		T(test_missing_required_keys_are_named),
 		T(test_missing_device_file_is_named_with_its_line),
 		T(test_unknown_label_or_uuid_fails_naming_it),
+		T(test_label_and_uuid_resolve_to_a_loop_device),
 		T(test_devices_must_be_files_or_block_devices_and_differ),
 		T(test_block_device_metadata_puts_the_catalog_in_var_lib),
 		T(test_a_missing_cfg_is_named),

@@ -21,7 +21,7 @@
 #include "thin-metadata.h"
 
 struct env {
-	char dir[64];        
+	char dir[64];
 	char img[PATH_MAX];
 };
 
