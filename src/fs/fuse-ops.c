@@ -940,7 +940,14 @@ static void op_setxattr(fuse_req_t req, fuse_ino_t ino, const char *name, const 
 
 static void op_getxattr(fuse_req_t req, fuse_ino_t ino, const char *name, size_t size)
 {
-	fuse_reply_err(req, ENODATA);
+	/*
+	 * ENOSYS, not ENODATA: the kernel then answers every later getxattr
+	 * itself (ENOTSUP to callers).  Otherwise each write(2) costs a
+	 * round trip here, the kernel asking for security.capability before
+	 * it may skip clearing privileges: measured, 4 KiB random overwrites
+	 * ran at half the rate.
+	 */
+	fuse_reply_err(req, ENOSYS);
 }
 
 static void op_listxattr(fuse_req_t req, fuse_ino_t ino, size_t size)
