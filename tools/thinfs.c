@@ -7,6 +7,7 @@
 #include <string.h>
 
 #include "check.h"
+#include "daemon.h"
 #include "dump.h"
 #include "restore.h"
 
@@ -20,6 +21,8 @@ static const struct command commands[] = {
 	{ "check", tfs_cmd_check, "check metadata offline (METADATA or POOL.cfg)" },
 	{ "dump", tfs_cmd_dump, "print metadata as thin_dump XML" },
 	{ "restore", tfs_cmd_restore, "write metadata from thin_dump XML" },
+	{ "mkpool", tfs_cmd_mkpool, "format a pool's metadata and create its catalog" },
+	{ "mount", tfs_cmd_mount, "start the daemon: mount a pool's volumes as files" },
 };
 
 static void usage(FILE *f)
