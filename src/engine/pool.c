@@ -127,6 +127,8 @@ int tfs_pool_meta_failed(struct tfs_pool *pool, int err, const char *what)
 
 	if (pool->mode == TFS_POOL_FAIL)
 		return -EIO;
+	/* In-flight requests must neither map nor free what they allocated before this. */
+	pool->abort_gen++;
 	r = tfs_pmd_abort(pool->pmd);
 	if (r) {
 		/* Only tfs_pmd_close is safe now: the maps could not be reloaded. */
@@ -135,7 +137,6 @@ int tfs_pool_meta_failed(struct tfs_pool *pool, int err, const char *what)
 		return -EIO;
 	}
 	/* Whatever was allocated, freed or queued since the last commit is gone. */
-	pool->abort_gen++;
 	pool->dirty = false;
 	pool->passdown.nr = 0;
 	r = tfs_pmd_set_needs_check(pool->pmd, true);
@@ -585,12 +586,9 @@ int tfs_pool_close(struct tfs_pool *pool)
 	if (r == -EIO && pool->mode != TFS_POOL_WRITE)
 		r = 0; /* read_only or fail: nothing to commit, already reported */
 	while (pool->thins) {
-		struct tfs_thin_ref *ref = pool->thins;
-
-		tfs_err("thin device %u still open at pool close", ref->id);
-		pool->thins = ref->next;
-		tfs_pmd_close_thin(ref->td);
-		free(ref);
+		tfs_err("thin device %u still open at pool close", pool->thins->id);
+		pool->thins->refs = 1;
+		tfs_pool_put_thin(pool, pool->thins);
 	}
 	free_pool(pool);
 	return r;
@@ -613,6 +611,9 @@ int tfs_pool_get_thin(struct tfs_pool *pool, uint32_t id, struct tfs_thin_ref **
 	struct tfs_thin_ref *ref;
 	int r;
 
+	r = tfs_pool_may_io(pool);
+	if (r)
+		return r;
 	for (ref = pool->thins; ref; ref = ref->next) {
 		if (ref->id == id) {
 			ref->refs++;
@@ -645,7 +646,12 @@ void tfs_pool_put_thin(struct tfs_pool *pool, struct tfs_thin_ref *ref)
 	while (*pp != ref)
 		pp = &(*pp)->next;
 	*pp = ref->next;
-	tfs_pmd_close_thin(ref->td);
+	/*
+	 * Closing may write the handle's details; in fail mode the metadata
+	 * layer must not be called at all, and tfs_pmd_close frees the handle.
+	 */
+	if (pool->mode != TFS_POOL_FAIL)
+		tfs_pmd_close_thin(ref->td);
 	free(ref);
 }
 

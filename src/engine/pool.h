@@ -113,7 +113,7 @@ int tfs_pool_dev_usage(struct tfs_pool *pool, uint32_t id, struct tfs_dev_usage 
 
 /* ---- volume I/O (offsets and lengths in bytes, any alignment) ---- */
 /*
- * -ENODATA no such device; -EIO opening for writing in fail mode.  On a
+ * -ENODATA no such device; -EIO in fail mode (nothing can be read then).  On a
  * pool opened read-only a writable handle opens, and its writes fail
  * with -EROFS (as those of a read_only handle do).
  */

@@ -689,9 +689,9 @@ int tfs_vol_open(struct tfs_pool *pool, uint32_t id, bool read_only, struct tfs_
 	vol->id = id;
 	vol->read_only = read_only;
 	pthread_mutex_lock(&pool->lock);
-	if (pool->mode == TFS_POOL_FAIL && !read_only) {
-		tfs_err("thin device %u cannot be opened for writing: the pool is in fail mode (%s)",
-			id, pool->reason);
+	if (pool->mode == TFS_POOL_FAIL) {
+		tfs_err("thin device %u cannot be opened: the pool is in fail mode (%s)", id,
+			pool->reason);
 		r = -EIO;
 	} else {
 		r = tfs_pool_get_thin(pool, id, &vol->ref);

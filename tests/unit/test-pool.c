@@ -51,6 +51,15 @@ static void quiet_sink(void *ctx, enum tfs_log_level level, const char *msg)
 	(void)msg;
 }
 
+/* Zeroed memory, or the test fails here. */
+static void *zalloc(size_t n)
+{
+	void *p = calloc(1, n);
+
+	assert_non_null(p);
+	return p;
+}
+
 static void sleep_ms(unsigned ms)
 {
 	struct timespec ts = { ms / 1000, (long)(ms % 1000) * 1000000L };
@@ -70,9 +79,8 @@ static void make_file(const char *path, uint64_t bytes)
 /* Fresh metadata (8 MiB) and data (data_blocks of 64 KiB) files, formatted. */
 static struct fixture *new_fixture(uint64_t data_blocks, bool skip_zeroing)
 {
-	struct fixture *f = calloc(1, sizeof(*f));
+	struct fixture *f = zalloc(sizeof(*f));
 
-	assert_non_null(f);
 	strcpy(f->dir, "/tmp/tfs-pool-XXXXXX");
 	assert_non_null(mkdtemp(f->dir));
 	snprintf(f->cfg.metadata, sizeof(f->cfg.metadata), "%s/meta", f->dir);
@@ -190,9 +198,8 @@ static bool all_bytes(const uint8_t *p, size_t len, uint8_t v)
 
 static void expect_contents(struct tfs_vol *vol, const uint8_t *model, size_t len)
 {
-	uint8_t *got = malloc(len);
+	uint8_t *got = zalloc(len);
 
-	assert_non_null(got);
 	assert_int_equal(tfs_vol_read(vol, got, len, 0), 0);
 	assert_memory_equal(got, model, len);
 	free(got);
@@ -230,7 +237,7 @@ static void test_writes_at_odd_offsets_read_back_as_the_model(void **state)
 {
 	enum { VOL = 48 * BS };
 	struct fixture *f = new_fixture(64, false);
-	uint8_t *model = calloc(1, VOL), *buf = malloc(VOL);
+	uint8_t *model = zalloc(VOL), *buf = zalloc(VOL);
 	struct tfs_vol *vol;
 	uint32_t id;
 
@@ -325,7 +332,7 @@ static void test_snapshot_keeps_content_and_accounting_is_exact(void **state)
 {
 	enum { N = 20 };
 	struct fixture *f = new_fixture(64, false);
-	uint8_t *orig = malloc(N * BS), *other = malloc(N * BS);
+	uint8_t *orig = zalloc(N * BS), *other = zalloc(N * BS);
 	struct tfs_vol *vol, *snap;
 	uint32_t id, sid;
 
@@ -458,7 +465,7 @@ struct snap_writer {
 static void *rewrite_blocks(void *arg)
 {
 	struct snap_writer *w = arg;
-	uint8_t *buf = malloc(8 * BS);
+	uint8_t *buf = zalloc(8 * BS);
 
 	for (int round = 1; !atomic_load(&w->stop); round++) {
 		memset(buf, round & 0xff, 8 * BS);
@@ -474,7 +481,7 @@ static void test_snapshot_during_writes_sees_whole_requests(void **state)
 	struct fixture *f = new_fixture(512, false);
 	struct snap_writer w = { 0 };
 	struct tfs_vol *snap;
-	uint8_t *buf = malloc(8 * BS);
+	uint8_t *buf = zalloc(8 * BS);
 	uint32_t id, sid;
 	pthread_t th;
 
@@ -505,7 +512,7 @@ static void test_snapshot_during_writes_sees_whole_requests(void **state)
 static void test_discard_frees_whole_blocks_and_zeroes_partial_ones(void **state)
 {
 	struct fixture *f = new_fixture(64, false);
-	uint8_t *model = malloc(8 * BS);
+	uint8_t *model = zalloc(8 * BS);
 	uint64_t before;
 	struct tfs_vol *vol;
 
@@ -543,7 +550,7 @@ static void test_discard_frees_whole_blocks_and_zeroes_partial_ones(void **state
 static void test_discard_of_shared_blocks_keeps_the_snapshot(void **state)
 {
 	struct fixture *f = new_fixture(64, false);
-	uint8_t *model = malloc(4 * BS), *got = malloc(4 * BS);
+	uint8_t *model = zalloc(4 * BS), *got = zalloc(4 * BS);
 	struct tfs_vol *vol, *snap;
 	uint32_t id, sid;
 
@@ -742,12 +749,75 @@ static void test_metadata_write_error_makes_the_pool_read_only(void **state)
 	done(f, true);
 }
 
+/*
+ * When even the abort or the needs_check write fails, the pool is in fail
+ * mode: every call fails with -EIO, nothing touches the metadata any more,
+ * and closing is still clean (the last commit is intact on disk).
+ */
+static void fail_mode_case(bool abort_fails)
+{
+	struct fixture *f = new_fixture(64, false);
+	struct tfs_pool_status st;
+	struct tfs_vol *vol, *other;
+	struct tfs_bdev *meta;
+	uint8_t buf[BS];
+	uint32_t id;
+
+	open_pool(f);
+	vol = new_volume(f, &id);
+	memset(buf, 0x5e, sizeof(buf));
+	assert_int_equal(tfs_vol_write(vol, buf, BS, 0), 0);
+	assert_int_equal(tfs_vol_flush(vol), 0);
+	assert_int_equal(tfs_vol_write(vol, buf, BS, BS), 0);
+
+	tfs_log_set_sink(quiet_sink, NULL);
+	meta = tfs_pool_bdev(f->pool, false);
+	tfs_bdev_fault_set(meta, TFS_FAULT_WRITE, TFS_FAULT_EIO, 0, false);
+	if (abort_fails)
+		tfs_bdev_fault_set(meta, TFS_FAULT_READ, TFS_FAULT_EIO, 0, false);
+	assert_int_equal(tfs_vol_flush(vol), -EIO);
+	tfs_pool_status(f->pool, &st);
+	assert_string_equal(st.mode, "fail");
+	assert_true(strlen(st.reason) > 0);
+	assert_int_equal(st.data_total, 64);
+	assert_int_equal(tfs_vol_read(vol, buf, BS, 0), -EIO);
+	assert_int_equal(tfs_vol_write(vol, buf, BS, 0), -EIO);
+	assert_int_equal(tfs_vol_discard(vol, 0, BS), -EIO);
+	assert_int_equal(tfs_vol_open(f->pool, id, true, &other), -EIO);
+	assert_int_equal(tfs_pool_create_thin(f->pool, &id), -EIO);
+	assert_int_equal(tfs_pool_list(f->pool, &id, 1), -EIO);
+	tfs_vol_close(vol);
+	close_pool(f);
+	tfs_log_set_sink(NULL, NULL);
+
+	/* The committed block survived; the uncommitted one never existed. */
+	open_pool(f);
+	assert_int_equal(tfs_vol_open(f->pool, 0, true, &vol), 0);
+	assert_int_equal(tfs_vol_mapped_blocks(vol), 1);
+	assert_int_equal(tfs_vol_read(vol, buf, BS, 0), 0);
+	assert_true(all_bytes(buf, BS, 0x5e));
+	tfs_vol_close(vol);
+	done(f, false);
+}
+
+static void test_needs_check_write_failure_means_fail_mode(void **state)
+{
+	(void)state;
+	fail_mode_case(false);
+}
+
+static void test_abort_failure_means_fail_mode(void **state)
+{
+	(void)state;
+	fail_mode_case(true);
+}
+
 /* ---- durability and idleness ---------------------------------------------------------------- */
 
 static void test_flush_then_reopen_keeps_data(void **state)
 {
 	struct fixture *f = new_fixture(64, false);
-	uint8_t *model = malloc(6 * BS);
+	uint8_t *model = zalloc(6 * BS);
 	struct tfs_vol *vol;
 	uint32_t id;
 
@@ -884,7 +954,7 @@ static void *work(void *arg)
 	struct worker *w = arg;
 	uint64_t base = (uint64_t)w->idx * T_REGION;
 	uint64_t shared = (uint64_t)T_THREADS * T_REGION;
-	uint8_t *buf = malloc(4 * BS);
+	uint8_t *buf = zalloc(4 * BS);
 
 	for (uint32_t it = 1; it <= 400; it++) {
 		uint32_t r = wrnd(w);
@@ -933,14 +1003,14 @@ static void test_threads_on_disjoint_and_overlapping_ranges_match_the_model(void
 	struct worker w[T_THREADS];
 	pthread_t th[T_THREADS];
 	struct tfs_vol *vol;
-	uint8_t *buf = malloc(T_REGION);
+	uint8_t *buf = zalloc(T_REGION);
 
 	(void)state;
 	open_pool(f);
 	vol = new_volume(f, NULL);
 	for (int i = 0; i < T_THREADS; i++) {
 		w[i] = (struct worker){ .vol = vol, .idx = i, .seed = 77u + (uint32_t)i * 1000,
-					.model = calloc(1, T_REGION) };
+					.model = zalloc(T_REGION) };
 		assert_int_equal(pthread_create(&th[i], NULL, work, &w[i]), 0);
 	}
 	for (int i = 0; i < T_THREADS; i++)
@@ -1000,6 +1070,8 @@ int main(void)
 		cmocka_unit_test(test_seek_data_and_hole_follow_the_mapping),
 		cmocka_unit_test(test_full_data_device_gives_enospc_and_freed_blocks_come_back),
 		cmocka_unit_test(test_metadata_write_error_makes_the_pool_read_only),
+		cmocka_unit_test(test_needs_check_write_failure_means_fail_mode),
+		cmocka_unit_test(test_abort_failure_means_fail_mode),
 		cmocka_unit_test(test_flush_then_reopen_keeps_data),
 		cmocka_unit_test(test_idle_pool_does_no_io),
 		cmocka_unit_test(test_status_reports_space_and_counters),
