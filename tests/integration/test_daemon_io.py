@@ -17,10 +17,13 @@ from daemon_util import (BS, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, MiB, ali
 
 
 def fio(*args, timeout=300):
+    """fio, run in the pool's directory so that nothing lands in the cwd
+    (fio saves verify state files there unless told not to)."""
     if not shutil.which("fio"):
         pytest.fail("fio not installed (scripts/install-deps.sh)")
-    r = run_cmd("fio", "--output-format=terse", *args, check=False,
-                timeout=timeout)
+    filename = next(a for a in args if a.startswith("--filename="))
+    r = run_cmd("fio", "--output-format=terse", "--verify_state_save=0", *args, check=False,
+                timeout=timeout, cwd=os.path.dirname(os.path.dirname(filename[11:])))
     assert r.returncode == 0, f"fio {args} exited {r.returncode}:\n{r.stdout}\n{r.stderr}"
     return r
 
