@@ -30,7 +30,10 @@ static void usage(FILE *f)
 	      "  reserve-metadata-snap        hold a metadata snapshot (thinfs dump -m)\n"
 	      "  release-metadata-snap        drop it\n"
 	      "  events [--json] [--follow]   the event log\n"
-	      "  wait-event N [--timeout S]   wait until event N exists\n", f);
+	      "  wait-event N [--timeout S]   wait until event N exists\n"
+	      "  fault metadata|data read|write|flush error|enospc|ok [after N] [once]\n"
+	      "  fault power-cut [tear]       fault injection (pool.cfg [fault] allow = yes\n"
+	      "                               and thinfs mount --allow-faults only)\n", f);
 }
 
 /* One line on stderr, as every failure is reported. */

@@ -20,6 +20,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "bdev.h"
 #include "ctl-protocol.h"
 #include "fs.h"
 #include "fuse-ops.h"
@@ -223,7 +224,6 @@ static void cmd_status(struct cmd_ctx *c)
 	unsigned nr = 0, ngroups = 0;
 	struct json_object *root, *pool, *data, *meta, *io, *vols, *jgroups;
 	struct text t;
-	char reason[256];
 	int r;
 
 	if (!only_flags(c, flags))
@@ -238,15 +238,12 @@ static void cmd_status(struct cmd_ctx *c)
 		return;
 	}
 	tfs_pool_status(fs->pool, &st);
-	pthread_mutex_lock(&fs->event_lock);
-	snprintf(reason, sizeof(reason), "%s", fs->mode_reason);
-	pthread_mutex_unlock(&fs->event_lock);
 
 	root = json_object_new_object();
 	pool = json_object_new_object();
 	json_object_object_add(pool, "mode", json_object_new_string(st.mode ? st.mode : "fail"));
 	json_object_object_add(pool, "needs_check", json_object_new_boolean(st.needs_check));
-	json_object_object_add(pool, "reason", json_object_new_string(reason));
+	json_object_object_add(pool, "reason", json_object_new_string(st.reason));
 	json_object_object_add(pool, "transaction_id", json_object_new_uint64(st.transaction_id));
 	json_object_object_add(pool, "held_root",
 			       st.held_root ? json_object_new_uint64(st.held_root) : NULL);
@@ -709,6 +706,89 @@ static void cmd_wait_event(struct cmd_ctx *c)
 	send_events(c, (int64_t)id - 1, (int64_t)id, true, NULL);
 }
 
+/*
+ * fault metadata|data read|write|flush error|enospc|ok [after N] [once]
+ * fault power-cut [tear]
+ * Only for pools whose pool.cfg allows it and whose daemon was started
+ * with --allow-faults (the mount refuses the first without the second).
+ */
+static void cmd_fault(struct cmd_ctx *c)
+{
+	static const char *const ops[] = { "read", "write", "flush" };
+	const char *usage = "usage: fault metadata|data read|write|flush error|enospc|ok "
+			    "[after N] [once] | fault power-cut [tear]";
+	enum tfs_fault_mode mode;
+	enum tfs_fault_op op = TFS_FAULT_NR_OPS;
+	struct tfs_bdev *dev;
+	uint64_t after = 0;
+	bool once = false;
+	int i;
+
+	if (!c->fs->cfg.allow_faults) {
+		send_error(c->fd, "fault injection is off (pool.cfg [fault] allow = yes and "
+			   "thinfs mount --allow-faults turn it on)");
+		return;
+	}
+	if (c->argc >= 2 && !strcmp(c->argv[1], "power-cut")) {
+		bool tear = c->argc == 3 && !strcmp(c->argv[2], "tear");
+
+		if (c->argc > 3 || (c->argc == 3 && !tear)) {
+			send_error(c->fd, "%s", usage);
+			return;
+		}
+		tfs_bdev_fault_power_cut(tfs_pool_bdev(c->fs->pool, false), tear, (uint32_t)time(NULL));
+		tfs_bdev_fault_power_cut(tfs_pool_bdev(c->fs->pool, true), tear, (uint32_t)time(NULL));
+		send_ok(c->fd, "", NULL, true);
+		/*
+		 * As if the machine lost power: no commit, no unmount, no
+		 * cleanup.  What was not flushed is gone (or torn).
+		 */
+		tfs_warn("fault power-cut: exiting at once");
+		_exit(0);
+	}
+	if (c->argc < 4) {
+		send_error(c->fd, "%s", usage);
+		return;
+	}
+	if (strcmp(c->argv[1], "metadata") && strcmp(c->argv[1], "data")) {
+		send_error(c->fd, "fault: no device '%s' (metadata or data)", c->argv[1]);
+		return;
+	}
+	for (i = 0; i < 3; i++)
+		if (!strcmp(c->argv[2], ops[i]))
+			op = (enum tfs_fault_op)i;
+	if (op == TFS_FAULT_NR_OPS) {
+		send_error(c->fd, "fault: no operation '%s' (read, write or flush)", c->argv[2]);
+		return;
+	}
+	if (!strcmp(c->argv[3], "error"))
+		mode = TFS_FAULT_EIO;
+	else if (!strcmp(c->argv[3], "enospc"))
+		mode = TFS_FAULT_ENOSPC;
+	else if (!strcmp(c->argv[3], "ok"))
+		mode = TFS_FAULT_OK;
+	else {
+		send_error(c->fd, "fault: no mode '%s' (error, enospc or ok)", c->argv[3]);
+		return;
+	}
+	for (i = 4; i < c->argc; i++) {
+		if (!strcmp(c->argv[i], "after") && i + 1 < c->argc &&
+		    parse_u64(c->argv[i + 1], &after) == 0) {
+			i++;
+		} else if (!strcmp(c->argv[i], "once")) {
+			once = true;
+		} else {
+			send_error(c->fd, "%s", usage);
+			return;
+		}
+	}
+	dev = tfs_pool_bdev(c->fs->pool, !strcmp(c->argv[1], "data"));
+	tfs_bdev_fault_set(dev, op, mode, after, once);
+	tfs_fs_event(c->fs, "fault", "%s %s %s after %" PRIu64 "%s", c->argv[1], c->argv[2],
+		     c->argv[3], after, once ? " once" : "");
+	send_ok(c->fd, "", NULL, true);
+}
+
 static void dispatch(struct cmd_ctx *c)
 {
 	const char *cmd = c->argv[0];
@@ -731,10 +811,12 @@ static void dispatch(struct cmd_ctx *c)
 		cmd_events(c);
 	else if (!strcmp(cmd, "wait-event"))
 		cmd_wait_event(c);
+	else if (!strcmp(cmd, "fault"))
+		cmd_fault(c);
 	else
 		send_error(c->fd, "unknown command '%s' (status, list, snapshot, delete, "
 			   "set-transaction-id, reserve-metadata-snap, release-metadata-snap, "
-			   "events, wait-event)", cmd);
+			   "events, wait-event, fault)", cmd);
 }
 
 /* ---- connections ---- */

@@ -107,9 +107,8 @@ struct tfs_fs {
 	int64_t last_event_id;     /* event_lock */
 	bool stopping;             /* event_lock: wakes waiters at shutdown */
 
-	/* Pool mode as last seen by the periodic tick, for mode_change events. */
+	/* Pool state as last seen by the periodic tick (its thread only). */
 	char last_mode[32];
-	char mode_reason[256];
 	bool low_water_data_signalled, low_water_meta_signalled;
 };
 

@@ -19,6 +19,8 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <spawn.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include "log.h"
@@ -1080,6 +1082,75 @@ int tfs_fs_event(struct tfs_fs *fs, const char *kind, const char *fmt, ...)
 	return 0;
 }
 
+static unsigned percent(uint64_t used, uint64_t total)
+{
+	return total ? (unsigned)(used * 100 / total) : 0;
+}
+
+struct hook {
+	pid_t pid;
+};
+
+static void *reap_hook(void *arg)
+{
+	struct hook *h = arg;
+	int status;
+
+	while (waitpid(h->pid, &status, 0) < 0 && errno == EINTR)
+		;
+	if (WIFEXITED(status) && WEXITSTATUS(status))
+		tfs_warn("on_event program exited %d", WEXITSTATUS(status));
+	free(h);
+	return NULL;
+}
+
+/*
+ * Run pool.cfg's on_event program for a pool event, without waiting for
+ * it: a detached thread reaps it.  The environment tells it what happened.
+ */
+static void run_hook(struct tfs_fs *fs, const char *event, const struct tfs_pool_status *st,
+		     const char *old_mode)
+{
+	char vars[7][TFS_PATH_MAX + 32];
+	char *envp[8], *argv[2];
+	pthread_attr_t attr;
+	pthread_t t;
+	struct hook *h;
+	pid_t pid;
+	int r;
+
+	if (!fs->cfg.on_event[0])
+		return;
+	snprintf(vars[0], sizeof(vars[0]), "THINFS_EVENT=%s", event);
+	snprintf(vars[1], sizeof(vars[1]), "THINFS_POOL=%s", fs->cfg.path);
+	snprintf(vars[2], sizeof(vars[2]), "THINFS_MOUNT=%s", fs->mountpoint);
+	snprintf(vars[3], sizeof(vars[3]), "THINFS_DATA_PERCENT=%u",
+		 percent(st->data_used, st->data_total));
+	snprintf(vars[4], sizeof(vars[4]), "THINFS_METADATA_PERCENT=%u",
+		 percent(st->meta_used, st->meta_total));
+	snprintf(vars[5], sizeof(vars[5]), "THINFS_OLD_MODE=%s", old_mode);
+	snprintf(vars[6], sizeof(vars[6]), "THINFS_NEW_MODE=%s", st->mode ? st->mode : "");
+	for (int i = 0; i < 7; i++)
+		envp[i] = vars[i];
+	envp[7] = NULL;
+	argv[0] = fs->cfg.on_event;
+	argv[1] = NULL;
+	r = posix_spawn(&pid, fs->cfg.on_event, NULL, NULL, argv, envp);
+	if (r != 0) {
+		tfs_warn("on_event %s: %s", fs->cfg.on_event, strerror(r));
+		return;
+	}
+	h = malloc(sizeof(*h));
+	if (!h)
+		return; /* a zombie until we exit: better than blocking here */
+	h->pid = pid;
+	pthread_attr_init(&attr);
+	pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+	if (pthread_create(&t, &attr, reap_hook, h) != 0)
+		free(h);
+	pthread_attr_destroy(&attr);
+}
+
 void tfs_fs_tick(struct tfs_fs *fs)
 {
 	struct tfs_pool_status st;
@@ -1090,32 +1161,30 @@ void tfs_fs_tick(struct tfs_fs *fs)
 	tfs_pool_status(fs->pool, &st);
 	if (st.mode && strcmp(st.mode, fs->last_mode) != 0) {
 		if (fs->last_mode[0]) {
-			/* event_lock: status reads the reason from client threads. */
-			pthread_mutex_lock(&fs->event_lock);
-			snprintf(fs->mode_reason, sizeof(fs->mode_reason), "%s%s",
-				 st.needs_check ? "metadata needs check; " : "",
-				 !strcmp(st.mode, "out_of_data_space") ? "data space exhausted" :
-				 !strcmp(st.mode, "write") ? "space available again" :
-				 "a metadata operation failed");
-			pthread_mutex_unlock(&fs->event_lock);
-			tfs_fs_event(fs, "mode_change", "%s -> %s", fs->last_mode, st.mode);
+			tfs_fs_event(fs, "mode_change", "%s -> %s%s%s", fs->last_mode, st.mode,
+				     st.reason[0] ? ": " : "", st.reason);
+			run_hook(fs, "mode_change", &st, fs->last_mode);
 		}
 		snprintf(fs->last_mode, sizeof(fs->last_mode), "%s", st.mode);
 	}
 	if (st.data_total && st.data_total - st.data_used <= st.low_water_blocks) {
-		if (!fs->low_water_data_signalled)
+		if (!fs->low_water_data_signalled) {
 			tfs_fs_event(fs, "low_water_data", "%" PRIu64 " of %" PRIu64
 				     " data blocks free", st.data_total - st.data_used, st.data_total);
+			run_hook(fs, "low_water_data", &st, fs->last_mode);
+		}
 		fs->low_water_data_signalled = true;
 	} else {
 		fs->low_water_data_signalled = false;
 	}
 	meta_low = st.meta_total / 4 < 1024 ? st.meta_total / 4 : 1024;
 	if (st.meta_total && st.meta_total - st.meta_used <= meta_low) {
-		if (!fs->low_water_meta_signalled)
+		if (!fs->low_water_meta_signalled) {
 			tfs_fs_event(fs, "low_water_metadata", "%" PRIu64 " of %" PRIu64
 				     " metadata blocks free", st.meta_total - st.meta_used,
 				     st.meta_total);
+			run_hook(fs, "low_water_metadata", &st, fs->last_mode);
+		}
 		fs->low_water_meta_signalled = true;
 	} else {
 		fs->low_water_meta_signalled = false;
