@@ -221,6 +221,7 @@ class Pool:
         self.logs = []            # every daemon log of this pool
         self.expected_log = []    # regexes of "error:" lines the test expects
         self.problems = []        # what teardown must fail the test for
+        self.reported = set()     # log problems a test already failed for
         self.loops = []           # loop devices we attached
         self.fs_mounts = []       # filesystems we mounted over volumes
         self.nmounts = 0
@@ -263,10 +264,12 @@ class Pool:
         assert self.pid is None or not ok, "already mounted"
         mnt = Path(mnt) if mnt else self.mnt
         self.nmounts += 1
+        if not ok:
+            # Its errors are the point: not checked for "error:" lines.
+            log = self.dir / f"refused-mount-{self.nmounts}.log"
+            return self._failing_mount(mnt, log, opts, foreground)
         log = self.dir / f"daemon-{self.nmounts}.log"
         self.logs.append(log)
-        if not ok:
-            return self._failing_mount(mnt, log, opts, foreground)
         if foreground:
             with open(log, "w") as lf:
                 self.proc = subprocess.Popen(
@@ -523,6 +526,7 @@ class Pool:
 
     def check_logs(self):
         probs = self.log_problems()
+        self.reported.update(probs)     # teardown does not report them twice
         assert not probs, "\n".join(probs)
 
     # ---- metadata checks (unmounted) ----
@@ -569,7 +573,7 @@ class Pool:
                 elif rc != 0:
                     problems.append(f"the daemon exited {rc} after unmount")
             self._forget()
-        problems += self.log_problems()
+        problems += [x for x in self.log_problems() if x not in self.reported]
         if self.formatted:
             try:
                 self.check_metadata()

@@ -9,6 +9,7 @@ import errno
 import hashlib
 import os
 import re
+import shutil
 import signal
 import subprocess
 import time
@@ -153,7 +154,8 @@ def test_data_device_by_uuid_or_label(pool, how):
     run_cmd("mkfs.ext4", "-q", "-F", "-L", "tfs-test-data",
             "-U", "c0ffee00-1234-4321-8765-0123456789ab", p.data, timeout=300)
     dev = p.losetup(p.data)
-    run_cmd("udevadm", "settle", check=False)
+    if shutil.which("udevadm"):
+        run_cmd("udevadm", "settle", check=False)
     p.write_cfg(text=f"[pool]\nmetadata = {p.meta}\ndata = {how}\ncatalog = {p.catalog}\n")
     r = p.mkpool(ok=None)
     assert r.returncode != 0 and "ext4" in r.stdout + r.stderr and \
@@ -236,8 +238,10 @@ def test_read_only_mount_writes_nothing(pool):
     expect_errno(errno.EROFS, os.unlink, p.mnt / "vm1")
     r = p.ctl("snapshot", "vm1", "clone", ok=None)
     assert r.returncode != 0
-    p.unmount()
+    p.unmount(check_log=False)
     assert hashlib.sha256(p.meta.read_bytes()).hexdigest() == meta_sum
+    # A read-only mount the user asked for is not an error.
+    p.check_logs()
 
 
 def test_allow_other(pool):
@@ -273,21 +277,42 @@ def daemon_threads(pid):
     return os.listdir(f"/proc/{pid}/task")
 
 
-def test_daemon_is_an_io_flusher_and_multithreaded(pool):
-    """PR_SET_IO_FLUSHER sets PF_MEMALLOC_NOIO (0x00080000) and
-    PF_LOCAL_THROTTLE (0x00100000) in the task flags (field 9 of
-    /proc/PID/task/TID/stat); every thread serving FUSE requests needs them."""
-    p = pool()
-    create(p.mnt / "vm1", 4 * MiB)
-    # Some parallel I/O so the FUSE loop has started its workers.
-    procs = [subprocess.Popen(["dd", f"if=/dev/zero", f"of={p.mnt / 'vm1'}", "bs=64k",
-                               f"seek={i * 16}", "count=16", "conv=notrunc"],
-                              stderr=subprocess.DEVNULL) for i in range(4)]
+def parallel_dd(p, vol, n=4):
+    procs = [subprocess.Popen(["dd", "if=/dev/zero", f"of={vol}", "bs=64k", f"seek={i * 16}",
+                               "count=16", "conv=notrunc"], stderr=subprocess.DEVNULL)
+             for i in range(n)]
     for pr in procs:
         assert pr.wait(timeout=60) == 0
-    tids = daemon_threads(p.pid)
-    assert len(tids) > 1, "the daemon is single-threaded"
-    for tid in tids:
+
+
+def test_daemon_is_multithreaded(pool):
+    p = pool()
+    create(p.mnt / "vm1", 4 * MiB)
+    parallel_dd(p, p.mnt / "vm1")
+    assert len(daemon_threads(p.pid)) > 1, "the daemon is single-threaded"
+
+
+def has_cap(bit):
+    with open("/proc/self/status") as f:
+        eff = next(int(l.split()[1], 16) for l in f if l.startswith("CapEff:"))
+    return bool(eff >> bit & 1)
+
+
+CAP_SYS_RESOURCE = 24
+
+
+def test_daemon_is_an_io_flusher(pool):
+    """PR_SET_IO_FLUSHER sets PF_MEMALLOC_NOIO (0x00080000) in the task
+    flags (field 9 of /proc/PID/task/TID/stat) of every thread.  It needs
+    CAP_SYS_RESOURCE; without it the daemon must say so in its log."""
+    p = pool()
+    create(p.mnt / "vm1", 4 * MiB)
+    parallel_dd(p, p.mnt / "vm1")
+    if not has_cap(CAP_SYS_RESOURCE):
+        assert "PR_SET_IO_FLUSHER" in p.log_text(), p.log_text()
+        pytest.skip("no CAP_SYS_RESOURCE here: PR_SET_IO_FLUSHER is refused (the daemon "
+                    "warned, which is all that can be checked)")
+    for tid in daemon_threads(p.pid):
         with open(f"/proc/{p.pid}/task/{tid}/stat") as f:
             flags = int(f.read().rsplit(")", 1)[1].split()[6])
         assert flags & 0x00080000, f"thread {tid}: no PF_MEMALLOC_NOIO (flags {flags:#x})"
