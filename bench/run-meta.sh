@@ -16,6 +16,7 @@ meson compile -C "$dir" meta-bench >/dev/null
 
 cpu=$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -n1)
 echo "machine: ${cpu:-unknown CPU}, $(nproc) cores, $(free -g | awk '/^Mem:/ {print $2}') GiB, $(uname -sr)"
+echo "load:    $(cut -d" " -f1-3 /proc/loadavg) (1, 5, 15 min; figures are only comparable on an idle machine)"
 echo "commit:  $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet HEAD 2>/dev/null || echo ' (modified)')"
 echo "build:   $(meson introspect --buildoptions "$dir" | /usr/bin/python3 -c 'import json,sys; o={x["name"]: x["value"] for x in json.load(sys.stdin)}; print(o["buildtype"], "b_sanitize=" + o["b_sanitize"])')"
 echo
