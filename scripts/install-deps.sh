@@ -21,8 +21,8 @@ packages=(
 	# libraries (the -dev packages pull in their runtime libraries)
 	libfuse3-dev libcmocka-dev libsqlite3-dev libblkid-dev libinih-dev
 	libjson-c-dev libsystemd-dev libexpat1-dev
-	# runtime tools the tests drive
-	fuse3 thin-provisioning-tools fio e2fsprogs util-linux
+	# runtime tools the tests drive (mount has losetup)
+	fuse3 thin-provisioning-tools fio e2fsprogs util-linux mount
 	# the pytest integration suite (run with /usr/bin/python3)
 	python3 python3-pytest python3-hypothesis
 )
