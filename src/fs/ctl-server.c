@@ -1042,9 +1042,54 @@ static int claim_path(const char *path)
 	return 0;
 }
 
-int tfs_ctl_server_start(struct tfs_fs *fs, struct tfs_ctl_server **out)
+/* Create, bind and listen on srv->path; -errno (logged). */
+static int open_socket(struct tfs_ctl_server *srv)
 {
 	struct sockaddr_un sa = { .sun_family = AF_UNIX };
+	int r;
+
+	if (mkdir(TFS_CTL_DIR, 0755) < 0 && errno != EEXIST) {
+		r = -errno;
+		tfs_log(r == -EACCES && getuid() ? TFS_LOG_WARN : TFS_LOG_ERR,
+			"control socket: cannot create %s: %s", TFS_CTL_DIR, strerror(-r));
+		return r;
+	}
+	r = claim_path(srv->path);
+	if (r < 0) {
+		if (r == -EADDRINUSE)
+			tfs_err("control socket %s is served by another daemon: is %s mounted "
+				"already?", srv->path, srv->fs->mountpoint);
+		else
+			tfs_log(r == -EACCES && getuid() ? TFS_LOG_WARN : TFS_LOG_ERR,
+				"control socket %s: %s", srv->path, strerror(-r));
+		return r;
+	}
+	srv->listen_fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	if (srv->listen_fd < 0)
+		return -errno;
+	snprintf(sa.sun_path, sizeof(sa.sun_path), "%s", srv->path);
+	if (bind(srv->listen_fd, (struct sockaddr *)&sa, sizeof(sa)) < 0) {
+		r = -errno;
+		tfs_log(r == -EACCES && getuid() ? TFS_LOG_WARN : TFS_LOG_ERR,
+			"control socket %s: %s", srv->path, strerror(-r));
+		goto err_close;
+	}
+	if (chmod(srv->path, 0600) < 0 || listen(srv->listen_fd, 16) < 0) {
+		r = -errno;
+		tfs_err("control socket %s: %s", srv->path, strerror(-r));
+		unlink(srv->path);
+		goto err_close;
+	}
+	return 0;
+
+err_close:
+	close(srv->listen_fd);
+	srv->listen_fd = -1;
+	return r;
+}
+
+int tfs_ctl_server_start(struct tfs_fs *fs, struct tfs_ctl_server **out)
+{
 	struct tfs_ctl_server *srv;
 	int r;
 
@@ -1064,35 +1109,22 @@ int tfs_ctl_server_start(struct tfs_fs *fs, struct tfs_ctl_server **out)
 		tfs_err("control socket: %s: %s", fs->mountpoint, strerror(-r));
 		goto err_free;
 	}
-	if (mkdir(TFS_CTL_DIR, 0755) < 0 && errno != EEXIST) {
-		r = -errno;
-		tfs_err("control socket: cannot create %s: %s", TFS_CTL_DIR, strerror(errno));
+	r = open_socket(srv);
+	if (r == -EACCES && getuid() != 0) {
+		/*
+		 * An unprivileged mount cannot write /run/thinfs: the pool still
+		 * works (and the housekeeping thread still runs), only
+		 * thinfs-ctl cannot reach it.
+		 */
+		tfs_warn("no control socket for %s: thinfs-ctl will not reach this mount",
+			 fs->mountpoint);
+		srv->path[0] = '\0';
+	} else if (r < 0) {
 		goto err_free;
-	}
-	r = claim_path(srv->path);
-	if (r < 0) {
-		if (r == -EADDRINUSE)
-			tfs_err("control socket %s is served by another daemon: is %s mounted "
-				"already?", srv->path, fs->mountpoint);
-		else
-			tfs_err("control socket %s: %s", srv->path, strerror(-r));
-		goto err_free;
-	}
-	srv->listen_fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-	if (srv->listen_fd < 0) {
-		r = -errno;
-		goto err_free;
-	}
-	snprintf(sa.sun_path, sizeof(sa.sun_path), "%s", srv->path);
-	if (bind(srv->listen_fd, (struct sockaddr *)&sa, sizeof(sa)) < 0 ||
-	    chmod(srv->path, 0600) < 0 || listen(srv->listen_fd, 16) < 0) {
-		r = -errno;
-		tfs_err("control socket %s: %s", srv->path, strerror(errno));
-		goto err_unlink;
 	}
 	if (pipe2(srv->stop_pipe, O_CLOEXEC) < 0) {
 		r = -errno;
-		goto err_unlink;
+		goto err_close;
 	}
 	r = -pthread_create(&srv->thread, NULL, accept_thread, srv);
 	if (r < 0)
@@ -1103,9 +1135,11 @@ int tfs_ctl_server_start(struct tfs_fs *fs, struct tfs_ctl_server **out)
 err_pipe:
 	close(srv->stop_pipe[0]);
 	close(srv->stop_pipe[1]);
-err_unlink:
-	unlink(srv->path);
-	close(srv->listen_fd);
+err_close:
+	if (srv->listen_fd >= 0) {
+		unlink(srv->path);
+		close(srv->listen_fd);
+	}
 err_free:
 	pthread_cond_destroy(&srv->idle);
 	pthread_mutex_destroy(&srv->lock);
@@ -1139,8 +1173,10 @@ void tfs_ctl_server_stop(struct tfs_ctl_server *srv)
 		pthread_cond_wait(&srv->idle, &srv->lock);
 	pthread_mutex_unlock(&srv->lock);
 
-	unlink(srv->path);
-	close(srv->listen_fd);
+	if (srv->listen_fd >= 0) {
+		unlink(srv->path);
+		close(srv->listen_fd);
+	}
 	close(srv->stop_pipe[0]);
 	close(srv->stop_pipe[1]);
 	pthread_cond_destroy(&srv->idle);
