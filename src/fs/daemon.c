@@ -393,7 +393,10 @@ static int run_daemon(struct tfs_fs *fs, const struct mount_args *a, int ready_f
 
 	r = tfs_pool_open(&fs->cfg, fs->read_only, &fs->pool);
 	if (r < 0) {
-		tfs_err("cannot open the pool %s: %s", fs->cfg.path, strerror(-r));
+		tfs_err("cannot open the pool %s: %s%s", fs->cfg.path, strerror(-r),
+			r == -EROFS && !fs->read_only ?
+			" (the metadata needs checking: run thinfs check --repair, or mount -o ro)" :
+			"");
 		goto err;
 	}
 	fs->block_size = tfs_pool_block_size(fs->pool);
