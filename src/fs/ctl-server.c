@@ -231,7 +231,9 @@ static void cmd_status(struct cmd_ctx *c)
 	r = tfs_fs_list(fs, 0, &rows, &nr);
 	if (r == 0)
 		r = tfs_fs_list_groups(fs, &groups, &ngroups);
-	if (r < 0 || text_open(&t) < 0) {
+	if (r == 0 && text_open(&t) < 0)
+		r = -ENOMEM;
+	if (r < 0) {
 		send_error(c->fd, "status: cannot read the catalog: %s", strerror(-r));
 		free(rows);
 		free(groups);
@@ -360,7 +362,11 @@ static void cmd_list(struct cmd_ctx *c)
 	if (!only_flags(c, flags))
 		return;
 	r = tfs_fs_list(c->fs, 0, &rows, &nr);
-	if (r < 0 || text_open(&t) < 0) {
+	if (r == 0 && text_open(&t) < 0) {
+		free(rows);
+		r = -ENOMEM;
+	}
+	if (r < 0) {
 		send_error(c->fd, "list: cannot read the catalog: %s", strerror(-r));
 		return;
 	}
