@@ -74,7 +74,9 @@ struct tfs_pool {
 	struct tfs_thin_ref *thins;   /* [lock] open devices */
 	struct tfs_pmd_space space;   /* [lock] last known, for status in fail mode */
 
+	uint64_t flush_ticket;        /* [lock] FLUSH requests, ever */
 	pthread_mutex_t commit_mutex;
+	uint64_t flush_done;          /* [commit_mutex] FLUSH tickets a finished flush covers */
 	bool discard_warned;          /* [commit_mutex] told once that passdown fails */
 
 	pthread_t commit_thread;

@@ -256,6 +256,12 @@ static int commit_metadata(struct tfs_pool *pool, commit_fn fn, struct tfs_exten
 }
 
 /*
+ * One commit (or FLUSH) at a time, under commit_mutex.  FLUSH requests
+ * take a ticket first; a flush whose snapshot of the tickets (covers) was
+ * taken after a request's ticket began after that request arrived, so
+ * when it succeeds every request up to covers is done, and those waiting
+ * behind it return at once instead of flushing again.
+ *
  * The commit order: (1) flush the data device, so every mapping about to
  * be committed points at data that is on stable storage; done with no
  * lock held, while I/O goes on.  (2) Stop allocations and wait for those
@@ -270,20 +276,33 @@ static int commit_metadata(struct tfs_pool *pool, commit_fn fn, struct tfs_exten
 static int run_commit(struct tfs_pool *pool, bool flush_always, commit_fn fn)
 {
 	struct tfs_extents punch = { 0 };
-	uint64_t gen;
+	uint64_t gen, ticket = 0, covers;
 	bool want;
 	int r;
 
+	if (flush_always) {
+		pthread_mutex_lock(&pool->lock);
+		ticket = ++pool->flush_ticket;
+		pthread_mutex_unlock(&pool->lock);
+	}
 	pthread_mutex_lock(&pool->commit_mutex);
+	/* FLUSH batching: a flush that began after this request arrived has done its work. */
+	if (flush_always && !fn && pool->flush_done >= ticket) {
+		pthread_mutex_unlock(&pool->commit_mutex);
+		return 0;
+	}
 	pthread_mutex_lock(&pool->lock);
 	r = fn ? tfs_pool_may_change(pool) : tfs_pool_may_io(pool);
 	want = fn || (pool->dirty && !tfs_pool_may_change(pool));
 	gen = pool->insert_gen;
+	covers = pool->flush_ticket;
 	pthread_mutex_unlock(&pool->lock);
 	if (r || (!want && !flush_always) || pool->opened_read_only)
 		goto out;
 
 	r = flush_data(pool);
+	if (!r && !want)
+		pool->flush_done = covers;
 	if (r || !want)
 		goto out;
 
@@ -298,6 +317,8 @@ static int run_commit(struct tfs_pool *pool, bool flush_always, commit_fn fn)
 	}
 	if (!r)
 		r = commit_metadata(pool, fn, &punch);
+	if (!r)
+		pool->flush_done = covers;
 	pthread_mutex_unlock(&pool->lock);
 
 	discard_extents(pool, &punch);
