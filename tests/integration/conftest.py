@@ -271,14 +271,14 @@ class Pool:
         log = self.dir / f"daemon-{self.nmounts}.log"
         self.logs.append(log)
         if foreground:
-            with open(log, "w") as lf:
+            with open(log, "a") as lf:   # O_APPEND: nothing overwrites a report
                 self.proc = subprocess.Popen(
                     [str(a) for a in (self.thinfs, "mount", "-f", self.cfg, mnt, *opts)],
                     stdout=lf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
             self.pid = self.proc.pid
             self._wait_ready(mnt, log)
         else:
-            with open(log, "w") as lf:
+            with open(log, "a") as lf:   # O_APPEND: nothing overwrites a report
                 p = subprocess.run([str(a) for a in (self.thinfs, "mount", self.cfg, mnt, *opts)],
                                    stdout=lf, stderr=subprocess.STDOUT, timeout=MOUNT_TIMEOUT,
                                    stdin=subprocess.DEVNULL)
@@ -296,7 +296,7 @@ class Pool:
         before = mount_count(mnt)
         fg = ["-f"] if foreground else []
         args = [str(a) for a in (self.thinfs, "mount", *fg, self.cfg, mnt, *opts)]
-        with open(log, "w") as lf:
+        with open(log, "a") as lf:   # O_APPEND: nothing overwrites a report
             proc = subprocess.Popen(args, stdout=lf, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + MOUNT_TIMEOUT
@@ -561,9 +561,14 @@ class Pool:
                 run_cmd("fusermount3", "-uz", mnt, check=False)
             else:
                 p = run_cmd("fusermount3", "-u", mnt, check=False, timeout=60)
-                if p.returncode != 0:   # busy (an fd left open): lazy
+                lazy = p.returncode != 0
+                if lazy:
+                    # Busy: something (a failed test's open fd, a lazily
+                    # unmounted filesystem over a loop device) still holds a
+                    # volume.  Detach; the daemon exits when that goes away,
+                    # or is killed below.
                     run_cmd("fusermount3", "-uz", mnt, check=False, timeout=60)
-                rc = self._wait_exit()
+                rc = self._wait_exit(10 if lazy else EXIT_TIMEOUT)
                 if rc is None:
                     problems.append(f"the daemon (pid {self.pid}) did not exit after unmount: "
                                     "killed")
