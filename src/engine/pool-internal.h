@@ -15,6 +15,7 @@
 #define TFS_ENGINE_POOL_INTERNAL_H
 
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdbool.h>
 #include <stdint.h>
 
@@ -75,6 +76,7 @@ struct tfs_pool {
 	struct tfs_pmd_space space;   /* [lock] last known, for status in fail mode */
 
 	uint64_t flush_ticket;        /* [lock] FLUSH requests, ever */
+	atomic_bool data_unflushed;   /* written in place since the last data flush */
 	pthread_mutex_t commit_mutex;
 	uint64_t flush_done;          /* [commit_mutex] FLUSH tickets a finished flush covers */
 	bool discard_warned;          /* [commit_mutex] told once that passdown fails */

@@ -297,6 +297,9 @@ static int run_commit(struct tfs_pool *pool, bool flush_always, commit_fn fn)
 	gen = pool->insert_gen;
 	covers = pool->flush_ticket;
 	pthread_mutex_unlock(&pool->lock);
+	/* Overwrites in place change no metadata but are flushed on the same timer. */
+	if (atomic_exchange(&pool->data_unflushed, false))
+		flush_always = true;
 	if (r || (!want && !flush_always) || pool->opened_read_only)
 		goto out;
 
@@ -493,15 +496,21 @@ out_close_meta:
 	return r;
 }
 
-/* Open path read-write or read-only, inside a fault wrapper (I/O counters, faults). */
-static int open_wrapped(const char *path, bool read_only, struct tfs_bdev **out)
+/*
+ * Open path read-write or read-only, inside a fault wrapper (I/O counters,
+ * faults).  With fault injection allowed the wrapper also holds writes
+ * until a flush, so that a simulated power cut really drops unflushed
+ * writes; otherwise writes go straight down (no copy, no memory held).
+ */
+static int open_wrapped(const char *path, bool read_only, bool volatile_cache,
+			struct tfs_bdev **out)
 {
 	struct tfs_bdev *raw;
 	int r = tfs_bdev_open(path, read_only, &raw);
 
 	if (r)
 		return r;
-	r = tfs_bdev_fault_wrap(raw, false, out);
+	r = tfs_bdev_fault_wrap(raw, volatile_cache, out);
 	if (r)
 		tfs_bdev_close(raw);
 	return r;
@@ -573,10 +582,10 @@ int tfs_pool_open(const struct tfs_pool_config *cfg, bool read_only, struct tfs_
 	r = tfs_prison_create(&pool->prison);
 	if (r)
 		goto err_free;
-	r = open_wrapped(cfg->metadata, read_only, &pool->meta);
+	r = open_wrapped(cfg->metadata, read_only, cfg->allow_faults, &pool->meta);
 	if (r)
 		goto err_free;
-	r = open_wrapped(cfg->data, read_only, &pool->data);
+	r = open_wrapped(cfg->data, read_only, cfg->allow_faults, &pool->data);
 	if (r)
 		goto err_free;
 	r = open_metadata(pool);

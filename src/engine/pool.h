@@ -58,7 +58,11 @@ uint64_t tfs_pool_block_size(struct tfs_pool *pool); /* bytes */
 /*
  * Added: the pool's metadata (data = false) or data device, which is the
  * fault-injecting wrapper (bdev.h: tfs_bdev_fault_set, _power_cut,
- * _counts).  Owned by the pool; valid until tfs_pool_close.
+ * _counts).  Owned by the pool; valid until tfs_pool_close.  With
+ * cfg->allow_faults the wrappers hold writes in memory until a flush
+ * (volatile_cache), so tfs_bdev_fault_power_cut drops what was not
+ * flushed; the commit timer flushes at least every commit_interval while
+ * anything is written, which bounds that memory.
  */
 struct tfs_bdev *tfs_pool_bdev(struct tfs_pool *pool, bool data);
 

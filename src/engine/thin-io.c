@@ -273,6 +273,7 @@ static int write_chunk_data(struct chunk *c)
 	struct tfs_pool *pool = c->pool;
 	uint64_t bs = pool->block_size;
 	struct run run = { 0 };
+	bool in_place = false;
 	int r = 0;
 
 	for (unsigned i = 0; i < c->nr && !r; i++) {
@@ -283,6 +284,7 @@ static int write_chunk_data(struct chunk *c)
 
 		if (p->act == ACT_SKIP)
 			continue;
+		in_place |= p->act == ACT_INPLACE;
 		block_span(c, i, &s, &e);
 		src = c->buf ? c->buf + ((c->b0 + i) * bs + s - c->off) : NULL;
 		plain = p->act == ACT_INPLACE || (s == 0 && e == bs) ||
@@ -296,6 +298,9 @@ static int write_chunk_data(struct chunk *c)
 		r = run_write(pool, &run);
 	if (r)
 		tfs_err("thin device %u: writing data blocks failed: %s", c->vol->id, strerror(-r));
+	/* No metadata changes for these, so no commit would flush them. */
+	if (in_place)
+		atomic_store(&pool->data_unflushed, true);
 	return r;
 }
 

@@ -955,6 +955,87 @@ static void test_crash_keeps_flushed_data_and_a_consistent_commit(void **state)
 	done(f, false);
 }
 
+/* With fault injection allowed, a power cut drops what was not flushed, data and metadata. */
+static void test_power_cut_drops_only_unflushed_writes(void **state)
+{
+	struct fixture *f = new_fixture(64, false);
+	uint8_t a[BS], b[BS], got[2 * BS];
+	struct tfs_vol *vol;
+
+	(void)state;
+	f->cfg.allow_faults = true;
+	f->cfg.commit_interval_ms = 60000; /* no timer commit during the test */
+	open_pool(f);
+	vol = new_volume(f, NULL);
+	memset(a, 0xa1, BS);
+	memset(b, 0xb2, BS);
+	assert_int_equal(tfs_vol_write(vol, a, BS, 0), 0);
+	assert_int_equal(tfs_vol_flush(vol), 0);
+	assert_int_equal(tfs_vol_write(vol, b, 100, 0), 0); /* in place, unflushed */
+	assert_int_equal(tfs_vol_write(vol, b, BS, BS), 0); /* allocated, unflushed */
+	assert_int_equal(tfs_vol_read(vol, got, 2 * BS, 0), 0);
+	assert_true(all_bytes(got, 100, 0xb2));
+	assert_true(all_bytes(got + BS, BS, 0xb2));
+
+	tfs_log_set_sink(quiet_sink, NULL);
+	assert_int_equal(tfs_bdev_fault_power_cut(tfs_pool_bdev(f->pool, true), false, 1), 0);
+	assert_int_equal(tfs_bdev_fault_power_cut(tfs_pool_bdev(f->pool, false), false, 1), 0);
+	assert_int_equal(tfs_vol_read(vol, got, BS, 0), -EIO);
+	tfs_vol_close(vol);
+	assert_int_equal(tfs_pool_close(f->pool), -EIO);
+	f->pool = NULL;
+	tfs_log_set_sink(NULL, NULL);
+
+	f->cfg.allow_faults = false;
+	open_pool(f);
+	assert_int_equal(tfs_vol_open(f->pool, 0, true, &vol), 0);
+	assert_int_equal(tfs_vol_mapped_blocks(vol), 1);
+	assert_int_equal(tfs_vol_read(vol, got, 2 * BS, 0), 0);
+	assert_true(all_bytes(got, BS, 0xa1));
+	assert_true(all_bytes(got + BS, BS, 0));
+	tfs_vol_close(vol);
+	done(f, false);
+}
+
+/* Overwrites in place change no metadata, yet the timer flushes them too. */
+static void test_timer_flushes_overwrites_in_place(void **state)
+{
+	struct fixture *f = new_fixture(16, false);
+	struct tfs_pool_status before, after;
+	uint8_t buf[BS];
+	struct tfs_vol *vol;
+
+	(void)state;
+	f->cfg.allow_faults = true;
+	open_pool(f);
+	vol = new_volume(f, NULL);
+	memset(buf, 0x10, BS);
+	assert_int_equal(tfs_vol_write(vol, buf, BS, 0), 0);
+	assert_int_equal(tfs_vol_flush(vol), 0);
+	tfs_pool_status(f->pool, &before);
+	memset(buf, 0x20, BS);
+	assert_int_equal(tfs_vol_write(vol, buf, BS, 0), 0);
+	sleep_ms(400);
+	tfs_pool_status(f->pool, &after);
+	assert_int_equal(after.io_meta.writes, before.io_meta.writes); /* no commit needed */
+	assert_true(after.io_data.flushes > before.io_data.flushes);
+
+	tfs_log_set_sink(quiet_sink, NULL);
+	assert_int_equal(tfs_bdev_fault_power_cut(tfs_pool_bdev(f->pool, true), false, 1), 0);
+	assert_int_equal(tfs_bdev_fault_power_cut(tfs_pool_bdev(f->pool, false), false, 1), 0);
+	tfs_vol_close(vol);
+	tfs_pool_close(f->pool);
+	f->pool = NULL;
+	tfs_log_set_sink(NULL, NULL);
+	f->cfg.allow_faults = false;
+	open_pool(f);
+	assert_int_equal(tfs_vol_open(f->pool, 0, true, &vol), 0);
+	assert_int_equal(tfs_vol_read(vol, buf, BS, 0), 0);
+	assert_true(all_bytes(buf, BS, 0x20));
+	tfs_vol_close(vol);
+	done(f, false);
+}
+
 static bool same_counts(const struct tfs_pool_status *a, const struct tfs_pool_status *b)
 {
 	return !memcmp(&a->io_meta, &b->io_meta, sizeof(a->io_meta)) &&
@@ -1187,6 +1268,8 @@ int main(void)
 		cmocka_unit_test(test_abort_failure_means_fail_mode),
 		cmocka_unit_test(test_flush_then_reopen_keeps_data),
 		cmocka_unit_test(test_crash_keeps_flushed_data_and_a_consistent_commit),
+		cmocka_unit_test(test_power_cut_drops_only_unflushed_writes),
+		cmocka_unit_test(test_timer_flushes_overwrites_in_place),
 		cmocka_unit_test(test_idle_pool_does_no_io),
 		cmocka_unit_test(test_status_reports_space_and_counters),
 		cmocka_unit_test(test_threads_on_disjoint_and_overlapping_ranges_match_the_model),
