@@ -46,25 +46,8 @@ is_mounted() {
 		/proc/self/mountinfo
 }
 
-# ---- dependencies and build -------------------------------------------------
-if [[ ${THINFS_SKIP_DEPS:-0} != 1 ]]; then
-	scripts/install-deps.sh
-fi
-if [[ ! -f build/meson-private/coredata.dat ]]; then
-	say "configuring build/"
-	meson setup build >/dev/null
-fi
-say "building build/"
-meson compile -C build >/dev/null
 thinfs=$root/build/tools/thinfs
 ctl=$root/build/tools/thinfs-ctl
-for b in "$thinfs" "$ctl"; do
-	if [[ ! -x $b ]]; then
-		echo "demo: $b was not built" >&2
-		exit 1
-	fi
-done
-
 backing=$(realpath -m "$backing")
 mnt=$(realpath -m "$mnt")
 cfg=$backing/pool.cfg
@@ -77,14 +60,17 @@ thinfs demo pool mounted at: $mnt
   volume:         $mnt/vm1 (1 GiB virtual, thin)
 
 Try:
-  ls -ls $mnt                                  # sizes and real usage
+  ls -ls $mnt
   $ctl $mnt status
-  losetup -f --show $mnt/vm1                   # a block device over vm1
-  mkdir $mnt/.snapshots/first                  # snapshot every volume at once
-  $ctl $mnt snapshot vm1 vm1-clone             # a writable snapshot
-  truncate -s 20G $mnt/vm2                     # another volume
+  losetup -f --show $mnt/vm1
+  mkdir $mnt/.snapshots/first
+  $ctl $mnt snapshot vm1 vm1-clone
+  truncate -s 20G $mnt/vm2
 
-Stop:      fusermount3 -u $mnt       (or: umount $mnt; detach loop devices first)
+The daemon logs to syslog (journalctl -t thinfs); \`thinfs mount -f\` stays in the
+foreground and logs to stderr instead.
+
+Stop:      fusermount3 -u $mnt       (detach loop devices over its volumes first)
 Clean up:  fusermount3 -u $mnt; rm -rf $backing; rmdir $mnt
 EOF
 }
@@ -94,6 +80,23 @@ if is_mounted "$mnt"; then
 	print_usage
 	exit 0
 fi
+
+# ---- dependencies and build -------------------------------------------------
+if [[ ${THINFS_SKIP_DEPS:-0} != 1 ]]; then
+	scripts/install-deps.sh
+fi
+if [[ ! -f build/meson-private/coredata.dat ]]; then
+	say "configuring build/"
+	meson setup build >/dev/null
+fi
+say "building build/"
+meson compile -C build >/dev/null
+for b in "$thinfs" "$ctl"; do
+	if [[ ! -x $b ]]; then
+		echo "demo: $b was not built" >&2
+		exit 1
+	fi
+done
 
 # ---- backing files, pool.cfg, mkpool ------------------------------------------
 mkdir -p "$backing" "$mnt"
