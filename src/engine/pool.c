@@ -367,12 +367,13 @@ int tfs_pool_space_exhausted(struct tfs_pool *pool, unsigned attempt)
 	int r;
 
 	pthread_mutex_lock(&pool->lock);
-	r = tfs_pool_may_io(pool);
+	r = tfs_pool_may_change(pool);
 	if (!r)
 		tfs_pmd_space(pool->pmd, &sp);
 	pthread_mutex_unlock(&pool->lock);
+	/* No longer writable: the allocation itself ran out of metadata space and failed the pool. */
 	if (r)
-		return r;
+		return -ENOSPC;
 	/* Blocks freed in this transaction become allocatable only once it is committed. */
 	if (attempt == 0 && sp.data_free > 0)
 		return tfs_pool_commit_now(pool, false);

@@ -751,6 +751,43 @@ static void test_metadata_write_error_makes_the_pool_read_only(void **state)
 	done(f, true);
 }
 
+static void test_metadata_space_exhaustion_gives_enospc_then_read_only(void **state)
+{
+	struct fixture *f = new_fixture(30000, false);
+	struct tfs_pool_status st;
+	uint8_t *buf = zalloc(MiB);
+	struct tfs_vol *vol;
+	uint64_t off = 0;
+	int r;
+
+	(void)state;
+	make_file(f->cfg.metadata, 64 * 4096); /* about ten thousand mappings at most */
+	assert_int_equal(tfs_pool_format(&f->cfg), 0);
+	open_pool(f);
+	vol = new_volume(f, NULL);
+	memset(buf, 0x4d, MiB);
+	assert_int_equal(tfs_vol_write(vol, buf, MiB, 0), 0);
+	assert_int_equal(tfs_vol_flush(vol), 0);
+	tfs_log_set_sink(quiet_sink, NULL);
+	do {
+		off += MiB;
+		r = tfs_vol_write(vol, buf, MiB, off);
+	} while (!r && off < 30000ull * BS - MiB);
+	tfs_log_set_sink(NULL, NULL);
+	assert_int_equal(r, -ENOSPC);
+	tfs_pool_status(f->pool, &st);
+	assert_string_equal(st.mode, "read_only");
+	assert_true(st.needs_check);
+	assert_true(strstr(st.reason, "No space") != NULL);
+	assert_int_equal(tfs_vol_write(vol, buf, MiB, off), -EIO);
+	memset(buf, 0, MiB);
+	assert_int_equal(tfs_vol_read(vol, buf, MiB, 0), 0);
+	assert_true(all_bytes(buf, MiB, 0x4d));
+	tfs_vol_close(vol);
+	free(buf);
+	done(f, true);
+}
+
 /*
  * When even the abort or the needs_check write fails, the pool is in fail
  * mode: every call fails with -EIO, nothing touches the metadata any more,
@@ -1264,6 +1301,7 @@ int main(void)
 		cmocka_unit_test(test_seek_data_and_hole_follow_the_mapping),
 		cmocka_unit_test(test_full_data_device_gives_enospc_and_freed_blocks_come_back),
 		cmocka_unit_test(test_metadata_write_error_makes_the_pool_read_only),
+		cmocka_unit_test(test_metadata_space_exhaustion_gives_enospc_then_read_only),
 		cmocka_unit_test(test_needs_check_write_failure_means_fail_mode),
 		cmocka_unit_test(test_abort_failure_means_fail_mode),
 		cmocka_unit_test(test_flush_then_reopen_keeps_data),
