@@ -257,7 +257,7 @@ class Pool:
         return p
 
     # ---- mounting ----
-    def mount(self, *opts, foreground=True, ok=True, mnt=None):
+    def mount(self, *opts, foreground=True, ok=True, mnt=None, env=None):
         """Mount and wait until the mount and its control socket are ready.
         opts go after the mountpoint (e.g. "-o", "ro").  With ok=False the
         mount is expected to fail: returns the CompletedProcess."""
@@ -274,14 +274,16 @@ class Pool:
             with open(log, "a") as lf:   # O_APPEND: nothing overwrites a report
                 self.proc = subprocess.Popen(
                     [str(a) for a in (self.thinfs, "mount", "-f", self.cfg, mnt, *opts)],
-                    stdout=lf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                    stdout=lf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                    env=None if env is None else {**os.environ, **env})
             self.pid = self.proc.pid
             self._wait_ready(mnt, log)
         else:
             with open(log, "a") as lf:   # O_APPEND: nothing overwrites a report
                 p = subprocess.run([str(a) for a in (self.thinfs, "mount", self.cfg, mnt, *opts)],
                                    stdout=lf, stderr=subprocess.STDOUT, timeout=MOUNT_TIMEOUT,
-                                   stdin=subprocess.DEVNULL)
+                                   stdin=subprocess.DEVNULL,
+                                   env=None if env is None else {**os.environ, **env})
             text = log.read_text(errors="replace")
             assert p.returncode == 0, f"thinfs mount exited {p.returncode}:\n{text}"
             # The command returns only once the mount is ready: no polling.
@@ -398,11 +400,14 @@ class Pool:
         return self.mount(*opts, **kw)
 
     def kill9(self):
-        """SIGKILL the daemon (a crash), then lazily unmount the dead mount."""
+        """SIGKILL the daemon (a crash), then lazily unmount the dead mount.
+        Its control socket stays behind, as after a real crash: the next
+        mount must replace it."""
         os.kill(self.pid, signal.SIGKILL)
         self._wait_exit()
         run_cmd("fusermount3", "-uz", self.cur_mnt, check=False)
         self._forget()
+        self.killed_at = self.cur_mnt
 
     def terminate(self):
         """SIGTERM: the daemon must commit, unmount and exit 0."""
@@ -423,6 +428,17 @@ class Pool:
         if self.pid is not None and self.alive():
             os.kill(self.pid, signal.SIGKILL)
             self._wait_exit(10)
+
+    def _remove_dead_socket(self, mnt):
+        """A daemon killed by a signal cannot remove its control socket;
+        remove ours (the one for mnt) once no daemon answers on it."""
+        path = ctl_socket_path(mnt)
+        try:
+            socket_peer_pid(path)
+        except ConnectionRefusedError:
+            os.unlink(path)
+        except OSError:
+            pass
 
     def _forget(self):
         self.pid = None
@@ -555,7 +571,9 @@ class Pool:
         self.loops = []
         if self.pid is not None:
             mnt = self.cur_mnt
+            rc, killed = None, False
             if not self.alive():
+                killed = True
                 problems.append(f"the daemon (pid {self.pid}) died during the test:\n"
                                 f"{self.log_text()[-4000:]}")
                 run_cmd("fusermount3", "-uz", mnt, check=False)
@@ -572,12 +590,21 @@ class Pool:
                 if rc is None:
                     problems.append(f"the daemon (pid {self.pid}) did not exit after unmount: "
                                     "killed")
+                    killed = True
                     self._kill()
                     if is_mounted(mnt):
                         run_cmd("fusermount3", "-uz", mnt, check=False)
                 elif rc != 0:
                     problems.append(f"the daemon exited {rc} after unmount")
             self._forget()
+            if os.path.exists(ctl_socket_path(mnt)):
+                if rc is None or rc < 0 or killed:
+                    self._remove_dead_socket(mnt)
+                else:
+                    problems.append(f"the daemon exited but left {ctl_socket_path(mnt)}")
+                    self._remove_dead_socket(mnt)
+        elif getattr(self, "killed_at", None) is not None:
+            self._remove_dead_socket(self.killed_at)   # kill9() and no remount
         problems += [x for x in self.log_problems() if x not in self.reported]
         if self.formatted:
             try:

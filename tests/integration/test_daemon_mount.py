@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from conftest import is_mounted, pid_alive, run_cmd
+from conftest import ctl_socket_path, is_mounted, pid_alive, run_cmd
 from daemon_util import BS, MiB, create, expect_errno, fsync_path, pattern, read_at, write_at
 
 
@@ -184,6 +184,27 @@ def test_mount_daemonizes_and_is_ready_when_the_command_returns(pool):
     assert read_at(p.mnt / "vm1", 0, 6) == b"daemon"
 
 
+@pytest.mark.parametrize("foreground", [True, False], ids=["-f", "daemonized"])
+def test_sd_notify_ready_once_mounted(pool, tmp_path, foreground):
+    """Under systemd (NOTIFY_SOCKET set) the daemon sends READY=1, and only
+    once the mount works."""
+    import socket
+    path = str(tmp_path / "notify")
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    srv.bind(path)
+    srv.settimeout(60)
+    try:
+        p = pool(mount=False)
+        p.mount(foreground=foreground, env={"NOTIFY_SOCKET": path})
+        msgs = []
+        while not any(b"READY=1" in m for m in msgs):
+            msgs.append(srv.recv(4096))
+        assert is_mounted(p.mnt)
+        create(p.mnt / "vm1", MiB)
+    finally:
+        srv.close()
+
+
 def test_second_mount_of_the_same_pool_is_refused(pool, tmp_path):
     p = pool()
     create(p.mnt / "vm1", MiB)
@@ -207,7 +228,10 @@ def test_unmount_commits_and_exits_0(pool):
     create(p.mnt / "vm1", MiB)
     with open(p.mnt / "vm1", "r+b") as f:
         f.write(pattern(1, 3 * BS))               # no fsync
+    sock = ctl_socket_path(p.mnt)
+    assert os.path.exists(sock)
     assert p.unmount() == 0
+    assert not os.path.exists(sock), "the daemon left its control socket behind"
     p.mount()
     assert read_at(p.mnt / "vm1", 0, 3 * BS) == pattern(1, 3 * BS)
 

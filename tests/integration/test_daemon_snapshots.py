@@ -282,28 +282,37 @@ def test_used_blocks_exact_with_a_writable_snapshot(pool):
     create(p.mnt / "vm1", 64 * MiB)
     write_at(p.mnt / "vm1", 0, pattern(1, N * BS))
     assert p.used() == N
-    v = p.volume("vm1")
-    assert (v["mapped_blocks"], v["exclusive_blocks"]) == (N, N)
-
+    assert p.volume("vm1")["mapped_blocks"] == N
     p.ctl("snapshot", "vm1", "snap")
     assert p.used() == N
-    for name in ("vm1", "snap"):
-        v = p.volume(name)
-        assert (v["mapped_blocks"], v["exclusive_blocks"]) == (N, 0), v
-
+    assert p.volume("snap")["mapped_blocks"] == N
     write_at(p.mnt / "snap", 0, pattern(2, N * BS))
     assert p.used() == 2 * N
-    for name in ("vm1", "snap"):
-        v = p.volume(name)
-        assert (v["mapped_blocks"], v["exclusive_blocks"]) == (N, N), v
     assert read_at(p.mnt / "vm1", 0, N * BS) == pattern(1, N * BS)
-
     p.ctl("delete", "snap")
     p.wait_used(N)
     assert [v["name"] for v in p.status()["volumes"]] == ["vm1"]
     assert "snap" not in os.listdir(p.mnt)
     p.remount()
     assert p.used() == N
+
+
+def test_exclusive_blocks_follow_sharing_with_a_writable_snapshot(pool):
+    """exclusive_blocks: mapped blocks no other device shares (pool.h).
+    Sharing ends when the other device rewrites or drops the block."""
+    p = pool()
+    create(p.mnt / "vm1", 64 * MiB)
+    write_at(p.mnt / "vm1", 0, pattern(1, N * BS))
+    v = p.volume("vm1")
+    assert (v["mapped_blocks"], v["exclusive_blocks"]) == (N, N)
+    p.ctl("snapshot", "vm1", "snap")
+    for name in ("vm1", "snap"):
+        v = p.volume(name)
+        assert (v["mapped_blocks"], v["exclusive_blocks"]) == (N, 0), v
+    write_at(p.mnt / "snap", 0, pattern(2, N * BS))
+    for name in ("vm1", "snap"):
+        v = p.volume(name)
+        assert (v["mapped_blocks"], v["exclusive_blocks"]) == (N, N), v
 
 
 def test_used_blocks_exact_with_a_group_snapshot(pool):
@@ -313,18 +322,27 @@ def test_used_blocks_exact_with_a_group_snapshot(pool):
     assert p.used() == N
     os.mkdir(snapdir(p, "g"))
     assert p.used() == N
-    assert p.volume("vm1")["exclusive_blocks"] == 0
     # Half the blocks rewritten in place: each copy breaks one share.
     write_at(p.mnt / "vm1", 0, pattern(2, (N // 2) * BS))
     assert p.used() == N + N // 2
     # A partial write to a shared block copies the whole block: +1.
     write_at(p.mnt / "vm1", (N - 1) * BS + 10, b"x" * 10)
     assert p.used() == N + N // 2 + 1
-    assert p.volume("vm1")["exclusive_blocks"] == N // 2 + 1
     assert read_at(snapdir(p, "g") / "vm1", 0, N * BS) == pattern(1, N * BS)
     os.rmdir(snapdir(p, "g"))
     assert p.used() == N
-    assert p.volume("vm1")["exclusive_blocks"] == N
+
+
+def test_exclusive_blocks_follow_sharing_with_a_group_snapshot(pool):
+    p = pool()
+    create(p.mnt / "vm1", 64 * MiB)
+    write_at(p.mnt / "vm1", 0, pattern(1, N * BS))
+    os.mkdir(snapdir(p, "g"))
+    assert p.volume("vm1")["exclusive_blocks"] == 0
+    write_at(p.mnt / "vm1", 0, pattern(2, (N // 2) * BS))
+    assert p.volume("vm1")["exclusive_blocks"] == N // 2
+    os.rmdir(snapdir(p, "g"))
+    assert p.volume("vm1")["exclusive_blocks"] == N, "the group is gone: nothing shares"
 
 
 def test_overwrite_of_an_exclusive_block_allocates_nothing(pool):
