@@ -409,6 +409,18 @@ class Pool:
         self._forget()
         self.killed_at = self.cur_mnt
 
+    def crashed(self, timeout=30):
+        """The daemon is expected to exit on its own (fault power-cut): wait
+        for it, then lazily unmount the dead mount."""
+        rc = self._wait_exit(timeout)
+        if rc is None:
+            self._kill()
+            pytest.fail(f"the daemon did not exit within {timeout}s")
+        run_cmd("fusermount3", "-uz", self.cur_mnt, check=False)
+        self._forget()
+        self.killed_at = self.cur_mnt
+        return rc
+
     def terminate(self):
         """SIGTERM: the daemon must commit, unmount and exit 0."""
         os.kill(self.pid, signal.SIGTERM)

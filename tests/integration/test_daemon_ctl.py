@@ -5,6 +5,7 @@ delete, set-transaction-id, reserve/release-metadata-snap (and thinfs dump
 of a live pool through the held root), one-line errors with a non-zero
 exit, who may use the control socket, an idle pool doing no I/O, and the
 catalog's reconciliation with the metadata at mount."""
+import json
 import os
 import re
 import shutil
@@ -340,3 +341,96 @@ def test_catalog_row_without_a_device_is_dropped_with_a_warning(pool):
     assert read_at(p.mnt / "vm1", 0, 4) == b"keep"
     log = p.log_text()
     assert re.search(r"warn.*vm2|vm2.*warn", log, re.I), f"no warning naming vm2:\n{log}"
+
+
+# ---- events (design.md) ------------------------------------------------------------------
+
+def events(p):
+    out = p.ctl("events", "--json").stdout
+    return [json.loads(l) for l in out.splitlines() if l.strip()]
+
+
+def test_events_json_one_object_per_line(pool):
+    p = pool()
+    create(p.mnt / "vm1", MiB)
+    os.mkdir(p.mnt / ".snapshots" / "nightly")
+    evs = events(p)
+    assert evs, "no events after a snapshot"
+    for e in evs:
+        assert set(e) >= {"id", "time", "kind", "detail"}, e
+        assert is_int(e["id"]) and isinstance(e["kind"], str) and isinstance(e["detail"], str)
+    ids = [e["id"] for e in evs]
+    assert ids == sorted(ids) and len(set(ids)) == len(ids)
+    assert any(e["kind"] == "snapshot" for e in evs), [e["kind"] for e in evs]
+    last = ids[-1]
+    p.ctl("wait-event", str(last))
+    t = time.monotonic()
+    one_line_error(p.ctl("wait-event", str(last + 1000), "--timeout", "1", ok=None))
+    assert time.monotonic() - t < 10
+
+
+# ---- fault injection (design.md, for tests) ----------------------------------------------
+
+def fault_pool(pool):
+    p = pool(mount=False)
+    p.cfg.write_text(p.cfg.read_text() + "[fault]\nallow = yes\n")
+    return p
+
+
+def test_fault_section_needs_allow_faults(pool):
+    p = fault_pool(pool)
+    r = p.mount(ok=False)
+    assert r.returncode != 0 and "--allow-faults" in r.stdout, r.stdout
+    p.mount("--allow-faults")
+    create(p.mnt / "vm1", MiB)
+    p2 = pool("nofault")
+    one_line_error(p2.ctl("fault", "data", "write", "error", ok=None))
+
+
+def test_power_cut_keeps_flushed_data(pool):
+    p = fault_pool(pool)
+    p.mount("--allow-faults")
+    create(p.mnt / "vm1", 4 * MiB)
+    synced = pattern(1, 6 * BS)
+    write_at(p.mnt / "vm1", 0, synced)                       # fsync
+    os.mkdir(p.mnt / ".snapshots" / "g")
+    write_at(p.mnt / "vm1", 0, pattern(2, 6 * BS), fsync=False)
+    p.ctl("fault", "power-cut", ok=None)
+    p.crashed()
+    p.check_metadata()
+    p.mount("--allow-faults")
+    assert read_at(p.mnt / ".snapshots" / "g" / "vm1", 0, 6 * BS) == synced
+    got = read_at(p.mnt / "vm1", 0, 6 * BS)
+    for i in range(6):
+        blk = got[i * BS:(i + 1) * BS]
+        assert blk in (synced[i * BS:(i + 1) * BS], pattern(2, 6 * BS)[i * BS:(i + 1) * BS]), \
+            f"block {i} is neither the old nor the new data"
+
+
+def test_data_write_error_is_eio_and_the_pool_goes_on(pool):
+    import errno as _errno
+    p = fault_pool(pool)
+    p.mount("--allow-faults")
+    p.expect_log(r".")          # error lines about the injected failures are expected
+    create(p.mnt / "vm1", 4 * MiB)
+    write_at(p.mnt / "vm1", 0, pattern(1, 2 * BS))
+    p.ctl("fault", "data", "write", "error")
+    fd = os.open(p.mnt / "vm1", os.O_WRONLY)
+    try:
+        with pytest.raises(OSError) as ei:
+            os.pwrite(fd, pattern(2, BS), 10 * BS)
+            os.fsync(fd)
+        assert ei.value.errno == _errno.EIO, ei.value
+    finally:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    p.ctl("fault", "data", "write", "ok")
+    assert read_at(p.mnt / "vm1", 0, 2 * BS) == pattern(1, 2 * BS)
+    mode = p.status()["pool"]["mode"]
+    if mode == "write":
+        write_at(p.mnt / "vm1", 20 * BS, pattern(3, BS))
+        assert read_at(p.mnt / "vm1", 20 * BS, BS) == pattern(3, BS)
+    p.remount("--allow-faults")
+    assert read_at(p.mnt / "vm1", 0, 2 * BS) == pattern(1, 2 * BS)
