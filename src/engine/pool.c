@@ -101,10 +101,13 @@ static void set_mode(struct tfs_pool *pool, enum tfs_pool_mode mode, const char 
 	vsnprintf(pool->reason, sizeof(pool->reason), fmt, ap);
 	va_end(ap);
 	pool->mode = mode;
+	if (old == mode)
+		return;
 	/* Issue 4 hangs events (catalog log, on_event hook) here. */
-	if (old != mode)
-		tfs_err("%s: pool mode %s -> %s: %s", pool->cfg.metadata, mode_names[old],
-			mode_names[mode], pool->reason);
+	tfs_log(mode == TFS_POOL_WRITE ? TFS_LOG_INFO
+		: mode == TFS_POOL_OUT_OF_DATA_SPACE ? TFS_LOG_WARN : TFS_LOG_ERR,
+		"%s: pool mode %s -> %s: %s", pool->cfg.metadata, mode_names[old], mode_names[mode],
+		pool->reason);
 }
 
 int tfs_pool_may_io(struct tfs_pool *pool)
@@ -225,6 +228,19 @@ static void discard_extents(struct tfs_pool *pool, struct tfs_extents *x)
 
 typedef int (*commit_fn)(struct tfs_pmd *pmd);
 
+/* After a commit: blocks freed in it are allocatable now. */
+static void leave_out_of_space(struct tfs_pool *pool)
+{
+	struct tfs_pmd_space sp;
+
+	if (pool->mode != TFS_POOL_OUT_OF_DATA_SPACE)
+		return;
+	tfs_pmd_space(pool->pmd, &sp);
+	if (sp.data_free)
+		set_mode(pool, TFS_POOL_WRITE, "%llu data blocks free again",
+			 (unsigned long long)sp.data_free);
+}
+
 static int flush_data(struct tfs_pool *pool)
 {
 	int r = tfs_bdev_flush(pool->data);
@@ -252,6 +268,7 @@ static int commit_metadata(struct tfs_pool *pool, commit_fn fn, struct tfs_exten
 	pool->dirty = false;
 	*punch = pool->passdown;
 	pool->passdown = (struct tfs_extents){ 0 };
+	leave_out_of_space(pool);
 	return 0;
 }
 
@@ -377,7 +394,16 @@ int tfs_pool_space_exhausted(struct tfs_pool *pool, unsigned attempt)
 	/* Blocks freed in this transaction become allocatable only once it is committed. */
 	if (attempt == 0 && sp.data_free > 0)
 		return tfs_pool_commit_now(pool, false);
-	/* Issue 4: error_if_no_space=false holds the request here instead. */
+	pthread_mutex_lock(&pool->lock);
+	if (pool->mode == TFS_POOL_WRITE)
+		set_mode(pool, TFS_POOL_OUT_OF_DATA_SPACE, "no free data block (%llu in use)",
+			 (unsigned long long)sp.data_total);
+	pthread_mutex_unlock(&pool->lock);
+	/*
+	 * Issue 4: with error_if_no_space=false the request is held here
+	 * (after releasing nothing it needs: it holds no allocation) until a
+	 * resize, freed space or no_space_timeout.  For now it fails at once.
+	 */
 	return -ENOSPC;
 }
 
@@ -529,15 +555,19 @@ static int open_metadata(struct tfs_pool *pool)
 	r = tfs_pmd_open(pool->meta, &opt, &pool->pmd);
 	if (r)
 		return r;
+	/* The mode a pool starts in is no transition: only needs_check is worth a warning. */
 	if (tfs_pmd_needs_check(pool->pmd)) {
 		if (!pool->opened_read_only) {
 			tfs_err("%s: metadata needs checking: run thinfs check --repair",
 				pool->cfg.metadata);
 			return -EROFS;
 		}
-		set_mode(pool, TFS_POOL_READ_ONLY, "metadata needs checking");
+		tfs_warn("%s: metadata needs checking: opened read-only", pool->cfg.metadata);
+		pool->mode = TFS_POOL_READ_ONLY;
+		snprintf(pool->reason, sizeof(pool->reason), "metadata needs checking");
 	} else if (pool->opened_read_only) {
-		set_mode(pool, TFS_POOL_READ_ONLY, "opened read-only");
+		pool->mode = TFS_POOL_READ_ONLY;
+		snprintf(pool->reason, sizeof(pool->reason), "opened read-only");
 	}
 	tfs_pmd_space(pool->pmd, &pool->space);
 	if (!data_blocks_of(pool->data, pool->block_size, &have) && have < pool->space.data_total)
@@ -1004,26 +1034,109 @@ void tfs_pool_status(struct tfs_pool *pool, struct tfs_pool_status *out)
 	copy_counts(pool->data, &out->io_data);
 }
 
+/* Clear excl[i] where other maps maps[i]'s vblock to the same data block; both sorted. */
+static void clear_matches(const struct tfs_thin_mapping *maps, int n, bool *excl,
+			  const struct tfs_thin_mapping *other, int m)
+{
+	for (int i = 0, j = 0; i < n && j < m;) {
+		if (maps[i].vblock < other[j].vblock) {
+			i++;
+		} else if (maps[i].vblock > other[j].vblock) {
+			j++;
+		} else {
+			if (maps[i].data_block == other[j].data_block)
+				excl[i] = false;
+			i++;
+			j++;
+		}
+	}
+}
+
+/* With the lock held: clear excl[i] for mappings device other_id shares. */
+static int match_device(struct tfs_pool *pool, uint32_t other_id,
+			const struct tfs_thin_mapping *maps, int n, bool *excl)
+{
+	struct tfs_thin_mapping other[TFS_POOL_CHUNK];
+	struct tfs_thin_ref *ref;
+	struct tfs_td *td = NULL, *temp = NULL;
+	uint64_t next = maps[0].vblock, end = maps[n - 1].vblock + 1;
+	int m, r;
+
+	for (ref = pool->thins; ref && !td; ref = ref->next)
+		if (ref->id == other_id)
+			td = ref->td;
+	if (!td) {
+		r = tfs_pmd_open_thin(pool->pmd, other_id, &temp);
+		if (r)
+			return r == -ENODATA ? 0 : r;
+		td = temp;
+	}
+	do {
+		m = tfs_thin_lookup_range(td, next, end, TFS_POOL_CHUNK, other);
+		if (m > 0) {
+			clear_matches(maps, n, excl, other, m);
+			next = other[m - 1].vblock + 1;
+		}
+	} while (m == TFS_POOL_CHUNK);
+	if (temp)
+		tfs_pmd_close_thin(temp);
+	return m < 0 ? m : 0;
+}
+
+/*
+ * With the lock held: which of the chunk's mappings no other device maps.
+ * Count 1 and not shared (mapped since the last snapshot) settles it at
+ * once; count 1 but "shared" may mean a leaf still shared with a snapshot
+ * or one whose snapshot is gone.  Count 1 means one leaf holds the block,
+ * so another device can map it only through that leaf, at the same
+ * vblock: those are looked up in every other device.
+ */
+static int exclusive_in_chunk(struct tfs_pool *pool, uint32_t id,
+			      const struct tfs_thin_mapping *maps, int n, bool *excl)
+{
+	uint32_t *ids = NULL;
+	bool ambiguous = false;
+	uint32_t count;
+	int nr_ids, r = 0;
+
+	for (int i = 0; i < n && !r; i++) {
+		r = tfs_pmd_data_block_count(pool->pmd, maps[i].data_block, &count);
+		excl[i] = !r && count == 1;
+		ambiguous |= excl[i] && maps[i].shared;
+	}
+	if (r || !ambiguous)
+		return r;
+	nr_ids = tfs_pmd_list_devices(pool->pmd, NULL, 0);
+	if (nr_ids > 0 && !(ids = malloc((size_t)nr_ids * sizeof(*ids))))
+		return -ENOMEM;
+	if (nr_ids > 0)
+		nr_ids = tfs_pmd_list_devices(pool->pmd, ids, (unsigned)nr_ids);
+	for (int d = 0; d < nr_ids && !r; d++)
+		if (ids[d] != id)
+			r = match_device(pool, ids[d], maps, n, excl);
+	free(ids);
+	return nr_ids < 0 ? nr_ids : r;
+}
+
 /* One chunk of the walk; *next is where the following one starts. */
-static int usage_chunk(struct tfs_pool *pool, struct tfs_td *td, uint64_t *next,
+static int usage_chunk(struct tfs_pool *pool, struct tfs_thin_ref *ref, uint64_t *next,
 		       struct tfs_dev_usage *u)
 {
 	struct tfs_thin_mapping maps[TFS_POOL_CHUNK];
-	uint32_t count;
-	int n, r = 0;
+	bool excl[TFS_POOL_CHUNK];
+	int n, r;
 
-	n = tfs_thin_lookup_range(td, *next, UINT64_MAX, TFS_POOL_CHUNK, maps);
-	if (n < 0)
+	n = tfs_thin_lookup_range(ref->td, *next, UINT64_MAX, TFS_POOL_CHUNK, maps);
+	if (n <= 0)
 		return n;
-	for (int i = 0; i < n && !r; i++) {
-		r = tfs_pmd_data_block_count(pool->pmd, maps[i].data_block, &count);
-		u->mapped_blocks++;
-		if (!r && count == 1 && !maps[i].shared)
-			u->exclusive_blocks++;
-	}
-	if (n)
-		*next = maps[n - 1].vblock + 1;
-	return r ? r : n;
+	r = exclusive_in_chunk(pool, ref->id, maps, n, excl);
+	if (r)
+		return r;
+	u->mapped_blocks += (uint64_t)n;
+	for (int i = 0; i < n; i++)
+		u->exclusive_blocks += excl[i];
+	*next = maps[n - 1].vblock + 1;
+	return n;
 }
 
 int tfs_pool_dev_usage(struct tfs_pool *pool, uint32_t id, struct tfs_dev_usage *out)
@@ -1044,7 +1157,7 @@ int tfs_pool_dev_usage(struct tfs_pool *pool, uint32_t id, struct tfs_dev_usage 
 		pthread_mutex_lock(&pool->lock);
 		n = tfs_pool_may_io(pool);
 		if (!n)
-			n = usage_chunk(pool, ref->td, &next, out);
+			n = usage_chunk(pool, ref, &next, out);
 		pthread_mutex_unlock(&pool->lock);
 	} while (n == TFS_POOL_CHUNK);
 	pthread_mutex_lock(&pool->lock);

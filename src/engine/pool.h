@@ -105,13 +105,15 @@ struct tfs_dev_usage {
 	uint64_t exclusive_blocks; /* mapped blocks no other device shares */
 };
 /*
- * O(mappings of the device): walks its tree, one data space map lookup per
- * mapping, dropping the metadata lock every TFS_POOL_CHUNK mappings.
- * exclusive_blocks is an approximation, since leaf sharing is not visible
- * through thin-metadata.h: a mapping counts when its data block's count
- * is 1 and it is not marked shared (mapped since the device's last
- * snapshot).  After a snapshot is deleted its origin's old blocks stay
- * "shared" until rewritten, so the figure errs low, never high.
+ * Walks the device's tree, one data space map lookup per mapping,
+ * dropping the metadata lock every TFS_POOL_CHUNK mappings.  A mapping is
+ * exclusive when its data block's count is 1 and no other device maps the
+ * block; mappings made since the device's last snapshot are settled by the
+ * count alone, older ones ("shared" by the time test, whose snapshot may
+ * be gone) are looked up in the other devices too.  Cost: O(mappings) when
+ * the device was never snapshotted or has rewritten its blocks since, up
+ * to O(mappings x devices) range lookups otherwise.  A block shared only
+ * with the held metadata snapshot counts as not exclusive.
  */
 int tfs_pool_dev_usage(struct tfs_pool *pool, uint32_t id, struct tfs_dev_usage *out);
 
