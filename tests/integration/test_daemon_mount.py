@@ -143,16 +143,19 @@ def test_pool_cfg_that_does_not_exist(pool, tmp_path):
     assert r.returncode != 0 and "absent.cfg" in r.stdout + r.stderr
 
 
-@pytest.mark.parametrize("how", ["UUID=c0ffee00-1234-4321-8765-0123456789ab",
-                                 "LABEL=tfs-test-data"])
+@pytest.mark.parametrize("how", ["UUID", "LABEL"])
 def test_data_device_by_uuid_or_label(pool, how):
     """UUID= and LABEL= resolve with libblkid: the data device is a loop
-    device over a file that carries that ext4 UUID and label (hence --force)."""
+    device over a file that carries that ext4 UUID and label (hence --force).
+    Both are random, so that concurrent runs never see each other's."""
     if os.geteuid() != 0:
         pytest.skip("loop devices need root")
+    import uuid
+    u = uuid.uuid4()
+    label = "tfs-" + u.hex[:8]
+    how = f"UUID={u}" if how == "UUID" else f"LABEL={label}"
     p = pool(mount=False, mkpool=False)
-    run_cmd("mkfs.ext4", "-q", "-F", "-L", "tfs-test-data",
-            "-U", "c0ffee00-1234-4321-8765-0123456789ab", p.data, timeout=300)
+    run_cmd("mkfs.ext4", "-q", "-F", "-L", label, "-U", str(u), p.data, timeout=300)
     dev = p.losetup(p.data)
     if shutil.which("udevadm"):
         run_cmd("udevadm", "settle", check=False)
