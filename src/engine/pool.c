@@ -321,7 +321,9 @@ static int run_commit(struct tfs_pool *pool, bool flush_always, commit_fn fn)
 		goto out;
 
 	r = flush_data(pool);
-	if (!r && !want)
+	if (r)
+		atomic_store(&pool->data_unflushed, true); /* try again next time */
+	else if (!want)
 		pool->flush_done = covers;
 	if (r || !want)
 		goto out;
