@@ -31,6 +31,7 @@ static void usage(FILE *f)
 	      "  release-metadata-snap        drop it\n"
 	      "  events [--json] [--follow]   the event log\n"
 	      "  wait-event N [--timeout S]   wait until event N exists\n"
+	      "  resize data|metadata SIZE|+DELTA  grow the pool's data or metadata device\n"
 	      "  fault metadata|data read|write|flush error|enospc|ok [after N] [once]\n"
 	      "  fault power-cut [tear]       fault injection (pool.cfg [fault] allow = yes\n"
 	      "                               and thinfs mount --allow-faults only)\n", f);

@@ -30,7 +30,7 @@
 
 enum tfs_pool_mode {
 	TFS_POOL_WRITE,
-	TFS_POOL_OUT_OF_DATA_SPACE, /* issue 4; not entered yet */
+	TFS_POOL_OUT_OF_DATA_SPACE, /* writes needing a block are held or fail (error_if_no_space) */
 	TFS_POOL_READ_ONLY,
 	TFS_POOL_FAIL,
 };
@@ -74,12 +74,22 @@ struct tfs_pool {
 	struct tfs_extents passdown;  /* [lock] freed in this transaction: discard after commit */
 	struct tfs_thin_ref *thins;   /* [lock] open devices */
 	struct tfs_pmd_space space;   /* [lock] last known, for status in fail mode */
+	pthread_cond_t space_cv;      /* the mode changed, or the pool is closing: held writes look */
+	struct timespec oods_since;   /* [lock] CLOCK_MONOTONIC: when out_of_data_space began */
+	bool no_space_error;          /* [lock] no_space_timeout passed: fail, don't hold, until resize */
+	bool closing;                 /* [lock] tfs_pool_close began: nothing is held any more */
+	unsigned held;                /* [lock] writes waiting for data space now */
+	/* [lock] the last TFS_POOL_TRANSITIONS mode changes; number seq is at seq % size */
+	struct tfs_pool_transition transitions[TFS_POOL_TRANSITIONS];
+	uint64_t nr_transitions;      /* [lock] mode changes since open */
 
 	uint64_t flush_ticket;        /* [lock] FLUSH requests, ever */
 	atomic_bool data_unflushed;   /* written in place since the last data flush */
 	pthread_mutex_t commit_mutex;
 	uint64_t flush_done;          /* [commit_mutex] FLUSH tickets a finished flush covers */
 	bool discard_warned;          /* [commit_mutex] told once that passdown fails */
+
+	pthread_mutex_t resize_mutex; /* one resize at a time; taken before everything else */
 
 	pthread_t commit_thread;
 	bool thread_started;
@@ -132,10 +142,20 @@ void tfs_pool_put_thin(struct tfs_pool *pool, struct tfs_thin_ref *ref);
 int tfs_pool_commit_now(struct tfs_pool *pool, bool flush_data);
 /*
  * An allocation answered -ENOSPC on attempt (0, 1, ...).  Returns 0 to
- * retry (a commit made blocks freed in this transaction usable), or the
- * error for the request.  This is the seam for issue 4's no-space policy.
+ * retry (a commit made blocks freed in this transaction usable),
+ * TFS_POOL_HOLD when the request must wait for space (error_if_no_space
+ * false, no_space_timeout not passed yet): the caller drops its prison
+ * cell and calls tfs_pool_hold_for_space; or the error for the request.
  */
+#define TFS_POOL_HOLD 1
 int tfs_pool_space_exhausted(struct tfs_pool *pool, unsigned attempt);
+/*
+ * Wait, holding no lock and no cell, until the pool leaves
+ * out_of_data_space (0: retry), no_space_timeout passes (-ENOSPC, and
+ * later writes fail at once until a resize), or the pool goes read_only,
+ * fail or closes (-EIO).
+ */
+int tfs_pool_hold_for_space(struct tfs_pool *pool);
 
 int tfs_extents_add(struct tfs_extents *x, uint64_t begin, uint64_t len);
 void tfs_extents_free(struct tfs_extents *x);

@@ -103,7 +103,18 @@ static void set_mode(struct tfs_pool *pool, enum tfs_pool_mode mode, const char 
 	pool->mode = mode;
 	if (old == mode)
 		return;
-	/* Issue 4 hangs events (catalog log, on_event hook) here. */
+	if (mode == TFS_POOL_OUT_OF_DATA_SPACE)
+		clock_gettime(CLOCK_MONOTONIC, &pool->oods_since);
+	/* Held writes retry in write mode and fail in read_only or fail mode. */
+	pthread_cond_broadcast(&pool->space_cv);
+	/* The daemon's housekeeping turns mode changes into events (src/fs). */
+	pool->nr_transitions++;
+	pool->transitions[pool->nr_transitions % TFS_POOL_TRANSITIONS] =
+		(struct tfs_pool_transition){ .seq = pool->nr_transitions,
+					      .old_mode = mode_names[old],
+					      .new_mode = mode_names[mode] };
+	snprintf(pool->transitions[pool->nr_transitions % TFS_POOL_TRANSITIONS].reason,
+		 sizeof(pool->reason), "%s", pool->reason);
 	tfs_log(mode == TFS_POOL_WRITE ? TFS_LOG_INFO
 		: mode == TFS_POOL_OUT_OF_DATA_SPACE ? TFS_LOG_WARN : TFS_LOG_ERR,
 		"%s: pool mode %s -> %s: %s", pool->cfg.metadata, mode_names[old], mode_names[mode],
@@ -383,6 +394,7 @@ static int commit_change(struct tfs_pool *pool, uint64_t gen)
 int tfs_pool_space_exhausted(struct tfs_pool *pool, unsigned attempt)
 {
 	struct tfs_pmd_space sp;
+	bool hold;
 	int r;
 
 	pthread_mutex_lock(&pool->lock);
@@ -400,13 +412,68 @@ int tfs_pool_space_exhausted(struct tfs_pool *pool, unsigned attempt)
 	if (pool->mode == TFS_POOL_WRITE)
 		set_mode(pool, TFS_POOL_OUT_OF_DATA_SPACE, "no free data block (%llu in use)",
 			 (unsigned long long)sp.data_total);
+	hold = pool->mode == TFS_POOL_OUT_OF_DATA_SPACE && !pool->cfg.error_if_no_space &&
+	       !pool->no_space_error && !pool->closing;
 	pthread_mutex_unlock(&pool->lock);
-	/*
-	 * Issue 4: with error_if_no_space=false the request is held here
-	 * (after releasing nothing it needs: it holds no allocation) until a
-	 * resize, freed space or no_space_timeout.  For now it fails at once.
-	 */
-	return -ENOSPC;
+	return hold ? TFS_POOL_HOLD : -ENOSPC;
+}
+
+/* oods_since + no_space_timeout, for pthread_cond_timedwait on space_cv. */
+static struct timespec no_space_deadline(const struct tfs_pool *pool)
+{
+	struct timespec t = pool->oods_since;
+	uint64_t ms = pool->cfg.no_space_timeout_ms;
+
+	t.tv_sec += (time_t)(ms / 1000);
+	t.tv_nsec += (long)(ms % 1000) * 1000000L;
+	if (t.tv_nsec >= 1000000000L) {
+		t.tv_sec++;
+		t.tv_nsec -= 1000000000L;
+	}
+	return t;
+}
+
+/*
+ * The timeout counts from when the pool ran out, not from when each write
+ * arrived (as dm-thin): once it passes, every held write fails and so do
+ * later ones, until a resize gives the pool space it can count on again.
+ */
+int tfs_pool_hold_for_space(struct tfs_pool *pool)
+{
+	struct timespec deadline;
+	int r = 0;
+
+	pthread_mutex_lock(&pool->lock);
+	deadline = no_space_deadline(pool);
+	pool->held++;
+	for (;;) {
+		if (pool->closing || pool->mode == TFS_POOL_READ_ONLY || pool->mode == TFS_POOL_FAIL) {
+			r = -EIO;
+			break;
+		}
+		if (pool->mode != TFS_POOL_OUT_OF_DATA_SPACE)
+			break; /* space again: retry */
+		if (pool->no_space_error) {
+			r = -ENOSPC;
+			break;
+		}
+		if (!pool->cfg.no_space_timeout_ms) {
+			pthread_cond_wait(&pool->space_cv, &pool->lock);
+		} else if (pthread_cond_timedwait(&pool->space_cv, &pool->lock, &deadline) ==
+			   ETIMEDOUT && pool->mode == TFS_POOL_OUT_OF_DATA_SPACE &&
+			   !pool->no_space_error) {
+			pool->no_space_error = true;
+			snprintf(pool->reason, sizeof(pool->reason),
+				 "no free data block for %llu ms (no_space_timeout): writes needing "
+				 "a new block fail with ENOSPC until the data device is resized",
+				 (unsigned long long)pool->cfg.no_space_timeout_ms);
+			tfs_warn("%s: %s", pool->cfg.metadata, pool->reason);
+			pthread_cond_broadcast(&pool->space_cv);
+		}
+	}
+	pool->held--;
+	pthread_mutex_unlock(&pool->lock);
+	return r;
 }
 
 /* The timer measures intervals, so it must not jump with the wall clock. */
@@ -417,6 +484,7 @@ static void init_timer_cv(struct tfs_pool *pool)
 	pthread_condattr_init(&attr);
 	pthread_condattr_setclock(&attr, CLOCK_MONOTONIC);
 	pthread_cond_init(&pool->timer_cv, &attr);
+	pthread_cond_init(&pool->space_cv, &attr);
 	pthread_condattr_destroy(&attr);
 }
 
@@ -589,9 +657,11 @@ static void free_pool(struct tfs_pool *pool)
 	pthread_mutex_destroy(&pool->lock);
 	pthread_mutex_destroy(&pool->commit_mutex);
 	pthread_mutex_destroy(&pool->timer_lock);
+	pthread_mutex_destroy(&pool->resize_mutex);
 	pthread_cond_destroy(&pool->alloc_cv);
 	pthread_cond_destroy(&pool->drain_cv);
 	pthread_cond_destroy(&pool->timer_cv);
+	pthread_cond_destroy(&pool->space_cv);
 	free(pool);
 }
 
@@ -608,6 +678,7 @@ int tfs_pool_open(const struct tfs_pool_config *cfg, bool read_only, struct tfs_
 	pthread_mutex_init(&pool->lock, NULL);
 	pthread_mutex_init(&pool->commit_mutex, NULL);
 	pthread_mutex_init(&pool->timer_lock, NULL);
+	pthread_mutex_init(&pool->resize_mutex, NULL);
 	pthread_cond_init(&pool->alloc_cv, NULL);
 	pthread_cond_init(&pool->drain_cv, NULL);
 	init_timer_cv(pool);
@@ -637,12 +708,37 @@ err_free:
 	return r;
 }
 
+unsigned tfs_pool_transitions(struct tfs_pool *pool, uint64_t after,
+			      struct tfs_pool_transition *out, unsigned max)
+{
+	unsigned n = 0;
+
+	pthread_mutex_lock(&pool->lock);
+	if (pool->nr_transitions > TFS_POOL_TRANSITIONS &&
+	    after < pool->nr_transitions - TFS_POOL_TRANSITIONS)
+		after = pool->nr_transitions - TFS_POOL_TRANSITIONS;
+	for (uint64_t seq = after + 1; seq <= pool->nr_transitions && n < max; seq++)
+		out[n++] = pool->transitions[seq % TFS_POOL_TRANSITIONS];
+	pthread_mutex_unlock(&pool->lock);
+	return n;
+}
+
+/* Nothing will resize a pool that is going away. */
+void tfs_pool_stop_holding(struct tfs_pool *pool)
+{
+	pthread_mutex_lock(&pool->lock);
+	pool->closing = true;
+	pthread_cond_broadcast(&pool->space_cv);
+	pthread_mutex_unlock(&pool->lock);
+}
+
 int tfs_pool_close(struct tfs_pool *pool)
 {
 	int r;
 
 	if (!pool)
 		return 0;
+	tfs_pool_stop_holding(pool);
 	stop_commit_thread(pool);
 	/* FLUSH semantics: overwrites in place reach stable storage too. */
 	r = run_commit(pool, true, NULL);
@@ -995,6 +1091,107 @@ int tfs_pool_release_metadata_snap(struct tfs_pool *pool)
 	return run_commit(pool, false, tfs_pmd_release_metadata_snap);
 }
 
+/* ---- resize ------------------------------------------------------------------------- */
+
+static int refuse(char *why, size_t why_len, int err, const char *fmt, ...)
+	__attribute__((format(printf, 4, 5)));
+static int refuse(char *why, size_t why_len, int err, const char *fmt, ...)
+{
+	va_list ap;
+
+	va_start(ap, fmt);
+	vsnprintf(why, why_len, fmt, ap);
+	va_end(ap);
+	/* Mostly the caller's mistake, answered to the caller: not an error of the pool. */
+	tfs_info("resize refused: %s", why);
+	return err;
+}
+
+/* With the lock held: why the pool cannot be resized now, or 0. */
+static int may_resize(struct tfs_pool *pool, char *why, size_t why_len)
+{
+	if (pool->opened_read_only && tfs_pmd_needs_check(pool->pmd))
+		return refuse(why, why_len, -EROFS,
+			      "metadata needs checking: run thinfs check --repair");
+	if (pool->opened_read_only)
+		return refuse(why, why_len, -EROFS, "the pool is open read-only");
+	if (pool->mode == TFS_POOL_READ_ONLY || pool->mode == TFS_POOL_FAIL)
+		return refuse(why, why_len, -EIO, "the pool is in %s mode (%s)%s",
+			      mode_names[pool->mode], pool->reason,
+			      tfs_pmd_needs_check(pool->pmd) ?
+			      ": metadata needs checking: run thinfs check --repair" : "");
+	return 0;
+}
+
+int tfs_pool_resize(struct tfs_pool *pool, bool data, uint64_t bytes, char *why, size_t why_len)
+{
+	struct tfs_bdev *dev = data ? pool->data : pool->meta;
+	const char *what = data ? "data" : "metadata";
+	uint64_t unit = data ? pool->block_size : TFS_BLOCK_SIZE;
+	uint64_t want = bytes / unit, now, have;
+	struct tfs_pmd_space sp;
+	uint64_t gen;
+	int r;
+
+	why[0] = '\0';
+	pthread_mutex_lock(&pool->resize_mutex);
+	pthread_mutex_lock(&pool->lock);
+	r = may_resize(pool, why, why_len);
+	if (!r)
+		tfs_pmd_space(pool->pmd, &sp);
+	pthread_mutex_unlock(&pool->lock);
+	if (r)
+		goto out;
+	now = data ? sp.data_total : sp.meta_total;
+	if (want < now) {
+		/* The space maps only grow; a pool's blocks may be anywhere below its end. */
+		r = refuse(why, why_len, -EINVAL,
+			   "cannot shrink the %s device from %llu to %llu blocks: shrinking is not "
+			   "supported", what, (unsigned long long)now, (unsigned long long)want);
+		goto out;
+	}
+	if (want == now)
+		goto out;
+	r = tfs_bdev_size(dev, &have);
+	if (!r && have < want * unit)
+		r = tfs_bdev_grow(dev, want * unit);
+	if (r) {
+		r = refuse(why, why_len, r, "cannot grow %s to %llu bytes: %s", tfs_bdev_name(dev),
+			   (unsigned long long)(want * unit), strerror(-r));
+		goto out;
+	}
+	pthread_mutex_lock(&pool->lock);
+	r = may_resize(pool, why, why_len);
+	if (!r) {
+		r = data ? tfs_pmd_resize_data(pool->pmd, want)
+			 : tfs_pmd_resize_metadata(pool->pmd, want);
+		if (r) {
+			r = tfs_pool_meta_failed(pool, r, data ? "growing the data space map"
+							       : "growing the metadata space map");
+			snprintf(why, why_len, "%s", pool->reason);
+		} else {
+			pool->dirty = true;
+			/* New space the pool can count on: hold writes again when it runs out. */
+			if (data)
+				pool->no_space_error = false;
+		}
+	}
+	gen = pool->abort_gen;
+	pthread_mutex_unlock(&pool->lock);
+	if (!r) {
+		/* The commit returns an out_of_data_space pool to write mode and wakes held writes. */
+		r = commit_change(pool, gen);
+		if (r)
+			snprintf(why, why_len, "committing the new size failed: %s", strerror(-r));
+	}
+	if (!r)
+		tfs_info("%s: %s device grown from %llu to %llu blocks", pool->cfg.metadata, what,
+			 (unsigned long long)now, (unsigned long long)want);
+out:
+	pthread_mutex_unlock(&pool->resize_mutex);
+	return r;
+}
+
 /* ---- status ------------------------------------------------------------------------- */
 
 static uint64_t low_water(const struct tfs_pool_config *cfg, uint64_t total)
@@ -1031,6 +1228,8 @@ void tfs_pool_status(struct tfs_pool *pool, struct tfs_pool_status *out)
 	out->meta_total = pool->space.meta_total;
 	out->meta_used = pool->space.meta_total - pool->space.meta_free;
 	out->low_water_blocks = low_water(&pool->cfg, out->data_total);
+	out->held_writes = pool->held;
+	out->no_space_error = pool->no_space_error;
 	pthread_mutex_unlock(&pool->lock);
 	copy_counts(pool->meta, &out->io_meta);
 	copy_counts(pool->data, &out->io_data);

@@ -97,8 +97,43 @@ struct tfs_pool_status {
 	struct tfs_io_counts io_meta, io_data;
 	/* Added: why the last mode change happened ("" in write mode since open). */
 	char reason[256];
+	unsigned held_writes;     /* writes waiting for data space now */
+	bool no_space_error;      /* no_space_timeout passed: behaving as error_if_no_space */
 };
 void tfs_pool_status(struct tfs_pool *pool, struct tfs_pool_status *out);
+
+/*
+ * Grow the data (data = true) or metadata device to bytes (rounded down to
+ * whole blocks), online: a file-backed device is extended first
+ * (tfs_bdev_grow), then the space map, then the transaction is committed;
+ * writes held for space then run.  A device already that large (grown
+ * from outside) is only taken into use.  The same size is a no-op.
+ * Refused, with the reason in why and logged: -EINVAL shrinking (not
+ * supported for either device); -EROFS opened read-only or needs_check;
+ * -EIO read_only or fail mode; device errors from growing it.
+ */
+int tfs_pool_resize(struct tfs_pool *pool, bool data, uint64_t bytes, char *why, size_t why_len);
+
+/*
+ * Mode changes are kept in a small ring so that the daemon's 1-second
+ * housekeeping reports each one, even a pool that ran out of space and
+ * was resized within the second.
+ */
+#define TFS_POOL_TRANSITIONS 16
+struct tfs_pool_transition {
+	uint64_t seq;             /* 1, 2, ... since open */
+	const char *old_mode, *new_mode;
+	char reason[256];
+};
+/*
+ * Copies the transitions numbered after `after` (oldest first, at most
+ * max; older ones than the ring holds are lost) into out; returns how many.
+ */
+unsigned tfs_pool_transitions(struct tfs_pool *pool, uint64_t after,
+			      struct tfs_pool_transition *out, unsigned max);
+
+/* Writes held for data space fail (-EIO) now and later ones are not held: shutting down. */
+void tfs_pool_stop_holding(struct tfs_pool *pool);
 
 struct tfs_dev_usage {
 	uint64_t mapped_blocks;

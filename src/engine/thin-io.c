@@ -21,6 +21,7 @@
 #include "pool-internal.h"
 
 #include <errno.h>
+#include <limits.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -359,9 +360,42 @@ static int finish_chunk(struct chunk *c, int io_err)
 	return r;
 }
 
+/* The prison cell a write-like request holds: blocks [b0, b1) of its device. */
+struct cell {
+	uint64_t b0, b1;
+};
+
+/*
+ * Out of data space with error_if_no_space=false: wait for space with the
+ * request's cell released, so snapshots, discards and other writes to
+ * these blocks are not blocked behind a write that may wait for minutes.
+ * The cell is retaken before returning, whatever the outcome, because the
+ * caller releases it.  The plan is rebuilt afterwards: the mappings may
+ * have changed meanwhile.
+ */
+static int hold_for_space(struct tfs_vol *vol, const struct cell *cell)
+{
+	int r;
+
+	tfs_prison_unlock(vol->pool->prison, vol->id, cell->b0, cell->b1);
+	r = tfs_pool_hold_for_space(vol->pool);
+	/*
+	 * The caller unlocks the cell, so it must be held again; the only
+	 * failure is -ENOMEM, which passes (a range was valid a moment ago).
+	 */
+	for (bool told = false;
+	     tfs_prison_lock(vol->pool->prison, vol->id, cell->b0, cell->b1); told = true) {
+		if (!told)
+			tfs_err("thin device %u: out of memory retaking a range lock; retrying",
+				vol->id);
+		usleep(10000);
+	}
+	return r;
+}
+
 /* Bytes [off, end) of one chunk (chunk_end), under the request's cell. */
-static int write_chunk(struct tfs_vol *vol, const uint8_t *buf, uint64_t off, uint64_t end,
-		       enum how how)
+static int write_chunk(struct tfs_vol *vol, const struct cell *cell, const uint8_t *buf,
+		       uint64_t off, uint64_t end, enum how how)
 {
 	struct tfs_pool *pool = vol->pool;
 	struct chunk c = { .vol = vol, .pool = pool, .buf = buf, .off = off, .end = end,
@@ -376,6 +410,10 @@ static int write_chunk(struct tfs_vol *vol, const uint8_t *buf, uint64_t off, ui
 		if (r != -ENOSPC)
 			break;
 		r = tfs_pool_space_exhausted(pool, attempt);
+		if (r == TFS_POOL_HOLD) {
+			r = hold_for_space(vol, cell);
+			attempt = UINT_MAX; /* wraps to 0: a fresh start after the wait */
+		}
 		if (r)
 			break;
 	}
@@ -389,15 +427,15 @@ static int write_chunk(struct tfs_vol *vol, const uint8_t *buf, uint64_t off, ui
 }
 
 /* Bytes [off, end), end > off, under a cell covering them. */
-static int write_range(struct tfs_vol *vol, const uint8_t *buf, uint64_t off, uint64_t end,
-		       enum how how)
+static int write_range(struct tfs_vol *vol, const struct cell *cell, const uint8_t *buf,
+		       uint64_t off, uint64_t end, enum how how)
 {
 	uint64_t bs = vol->pool->block_size;
 	int r = 0;
 
 	for (uint64_t cur = off, cend; cur < end && !r; cur = cend) {
 		cend = chunk_end(bs, cur, end);
-		r = write_chunk(vol, buf ? buf + (cur - off) : NULL, cur, cend, how);
+		r = write_chunk(vol, cell, buf ? buf + (cur - off) : NULL, cur, cend, how);
 	}
 	return r;
 }
@@ -416,7 +454,7 @@ int tfs_vol_write(struct tfs_vol *vol, const void *buf, size_t len, uint64_t off
 		r = tfs_prison_lock(vol->pool->prison, vol->id, b0, b1);
 	if (r)
 		return r;
-	r = write_range(vol, buf, off, off + len, HOW_DATA);
+	r = write_range(vol, &(struct cell){ b0, b1 }, buf, off, off + len, HOW_DATA);
 	tfs_prison_unlock(vol->pool->prison, vol->id, b0, b1);
 	return r;
 }
@@ -435,7 +473,7 @@ int tfs_vol_provision(struct tfs_vol *vol, uint64_t off, uint64_t len)
 		r = tfs_prison_lock(vol->pool->prison, vol->id, b0, b1);
 	if (r)
 		return r;
-	r = write_range(vol, NULL, off, off + len, HOW_PROVISION);
+	r = write_range(vol, &(struct cell){ b0, b1 }, NULL, off, off + len, HOW_PROVISION);
 	tfs_prison_unlock(vol->pool->prison, vol->id, b0, b1);
 	return r;
 }
@@ -578,12 +616,12 @@ static int punch(struct tfs_vol *vol, uint64_t off, uint64_t len, bool to_end)
 	if (whole0 < whole1)
 		r = unmap_blocks(vol, whole0, whole1);
 	if (!r && head)
-		r = write_range(vol, NULL, off, off + (end - off < bs - head ? end - off : bs - head),
-				HOW_ZERO_MAPPED);
+		r = write_range(vol, &(struct cell){ b0, b1 }, NULL, off,
+				off + (end - off < bs - head ? end - off : bs - head), HOW_ZERO_MAPPED);
 	/* The tail block, unless it is the head block just done. */
 	if (!r && !to_end && end % bs && !(head && end - end % bs <= off))
-		r = write_range(vol, NULL, end - end % bs > off ? end - end % bs : off, end,
-				HOW_ZERO_MAPPED);
+		r = write_range(vol, &(struct cell){ b0, b1 }, NULL,
+				end - end % bs > off ? end - end % bs : off, end, HOW_ZERO_MAPPED);
 	tfs_prison_unlock(vol->pool->prison, vol->id, b0, b1);
 	return r;
 }

@@ -250,8 +250,11 @@ static void cmd_status(struct cmd_ctx *c)
 	json_object_object_add(pool, "held_root",
 			       st.held_root ? json_object_new_uint64(st.held_root) : NULL);
 	json_object_object_add(pool, "suspended", json_object_new_boolean(0));
+	/* After no_space_timeout the pool behaves as error_if_no_space until a resize. */
 	json_object_object_add(pool, "error_if_no_space",
-			       json_object_new_boolean(fs->cfg.error_if_no_space));
+			       json_object_new_boolean(fs->cfg.error_if_no_space ||
+						       st.no_space_error));
+	json_object_object_add(pool, "held_writes", json_object_new_uint64(st.held_writes));
 	json_object_object_add(pool, "discard_passdown",
 			       json_object_new_boolean(fs->cfg.discard_passdown));
 	data = json_object_new_object();
@@ -282,7 +285,8 @@ static void cmd_status(struct cmd_ctx *c)
 		fputc('-', t.f);
 	fprintf(t.f, " %s %s %s %s %" PRIu64 "\n", dm_mode(st.mode ? st.mode : "fail"),
 		fs->cfg.discard_passdown ? "discard_passdown" : "no_discard_passdown",
-		fs->cfg.error_if_no_space ? "error_if_no_space" : "queue_if_no_space",
+		fs->cfg.error_if_no_space || st.no_space_error ? "error_if_no_space"
+							       : "queue_if_no_space",
 		st.needs_check ? "needs_check" : "-", meta_low_water(st.meta_total));
 	fprintf(t.f, "\n%-24s %8s %-8s %20s %12s %12s\n", "VOLUME", "ID", "KIND", "SIZE",
 		"MAPPED", "EXCLUSIVE");
@@ -499,6 +503,49 @@ static void cmd_set_transaction_id(struct cmd_ctx *c)
 		return;
 	}
 	tfs_fs_event(c->fs, "set_transaction_id", "%" PRIu64 " -> %" PRIu64, old_id, new_id);
+	send_ok(c->fd, "", NULL, true);
+}
+
+/* resize data|metadata SIZE|+DELTA: sizes in bytes with the config's suffixes. */
+static void cmd_resize(struct cmd_ctx *c)
+{
+	static const char usage[] = "usage: resize data|metadata SIZE|+DELTA";
+	struct tfs_pool_status st;
+	uint64_t bytes, unit, before, after;
+	bool data, relative;
+	char why[512];
+	int r;
+
+	if (c->argc != 3 || (strcmp(c->argv[1], "data") && strcmp(c->argv[1], "metadata"))) {
+		send_error(c->fd, "%s", usage);
+		return;
+	}
+	data = !strcmp(c->argv[1], "data");
+	if (tfs_parse_size(c->argv[2], &bytes, &relative) < 0) {
+		send_error(c->fd, "resize: bad size '%s' (bytes with k/M/G/T, or +DELTA)",
+			   c->argv[2]);
+		return;
+	}
+	tfs_pool_status(c->fs->pool, &st);
+	unit = data ? st.data_block_size : 4096;
+	before = data ? st.data_total : st.meta_total;
+	if (relative) {
+		if (bytes > UINT64_MAX - before * unit) {
+			send_error(c->fd, "resize: %s is too large", c->argv[2]);
+			return;
+		}
+		bytes += before * unit;
+	}
+	r = tfs_pool_resize(c->fs->pool, data, bytes, why, sizeof(why));
+	if (r < 0) {
+		send_error(c->fd, "resize %s: %s", c->argv[1], why[0] ? why : strerror(-r));
+		return;
+	}
+	tfs_pool_status(c->fs->pool, &st);
+	after = data ? st.data_total : st.meta_total;
+	if (after != before)
+		tfs_fs_event(c->fs, "resize", "%s %" PRIu64 " -> %" PRIu64 " blocks of %" PRIu64
+			     " bytes", c->argv[1], before, after, unit);
 	send_ok(c->fd, "", NULL, true);
 }
 
@@ -819,8 +866,10 @@ static void dispatch(struct cmd_ctx *c)
 		cmd_wait_event(c);
 	else if (!strcmp(cmd, "fault"))
 		cmd_fault(c);
+	else if (!strcmp(cmd, "resize"))
+		cmd_resize(c);
 	else
-		send_error(c->fd, "unknown command '%s' (status, list, snapshot, delete, "
+		send_error(c->fd, "unknown command '%s' (status, list, snapshot, delete, resize, "
 			   "set-transaction-id, reserve-metadata-snap, release-metadata-snap, "
 			   "events, wait-event, fault)", cmd);
 }
@@ -1013,6 +1062,13 @@ static void *accept_thread(void *arg)
 		int n;
 
 		if (now >= next_tick) {
+			/*
+			 * A signal ends the FUSE loop, which then joins its
+			 * workers: writes held for data space must give up or
+			 * the daemon never exits.
+			 */
+			if (srv->fs->se && fuse_session_exited(srv->fs->se))
+				tfs_pool_stop_holding(srv->fs->pool);
 			tfs_fs_tick(srv->fs);
 			next_tick = now + 1000;
 		}

@@ -470,7 +470,12 @@ static int run_daemon(struct tfs_fs *fs, const struct mount_args *a, int ready_f
 	}
 	fuse_loop_cfg_set_clone_fd(loop_cfg, 0);
 	fuse_loop_cfg_set_idle_threads(loop_cfg, 16);
-	fuse_loop_cfg_set_max_threads(loop_cfg, 64);
+	/*
+	 * Writes held while the pool is out of data space each keep a worker
+	 * thread; enough workers remain for reads, discards and deletes (which
+	 * free the space) while hundreds of writes wait.
+	 */
+	fuse_loop_cfg_set_max_threads(loop_cfg, 512);
 	r = fuse_session_loop_mt(fs->se, loop_cfg);
 	fuse_loop_cfg_destroy(loop_cfg);
 	sd_notify(0, "STOPPING=1");

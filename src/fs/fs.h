@@ -109,6 +109,7 @@ struct tfs_fs {
 
 	/* Pool state as last seen by the periodic tick (its thread only). */
 	char last_mode[32];
+	uint64_t last_transition;  /* the pool's mode changes reported as events */
 	bool low_water_data_signalled, low_water_meta_signalled;
 };
 

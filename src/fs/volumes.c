@@ -1058,6 +1058,8 @@ out_unlock:
 
 /* ---- events and housekeeping ---- */
 
+extern char **environ;
+
 int tfs_fs_event(struct tfs_fs *fs, const char *kind, const char *fmt, ...)
 {
 	char detail[512];
@@ -1111,8 +1113,10 @@ static void *reap_hook(void *arg)
 static void run_hook(struct tfs_fs *fs, const char *event, const struct tfs_pool_status *st,
 		     const char *old_mode)
 {
-	char vars[7][TFS_PATH_MAX + 32];
-	char *envp[8], *argv[2];
+	enum { NR_VARS = 7 };
+	char vars[NR_VARS][TFS_PATH_MAX + 32];
+	char **envp, *argv[2];
+	size_t n = 0, nr_env = 0;
 	pthread_attr_t attr;
 	pthread_t t;
 	struct hook *h;
@@ -1130,12 +1134,31 @@ static void run_hook(struct tfs_fs *fs, const char *event, const struct tfs_pool
 		 percent(st->meta_used, st->meta_total));
 	snprintf(vars[5], sizeof(vars[5]), "THINFS_OLD_MODE=%s", old_mode);
 	snprintf(vars[6], sizeof(vars[6]), "THINFS_NEW_MODE=%s", st->mode ? st->mode : "");
-	for (int i = 0; i < 7; i++)
-		envp[i] = vars[i];
-	envp[7] = NULL;
+	/*
+	 * The daemon's own environment goes along (PATH, and settings such as
+	 * contrib/thinfs-autoextend's), minus any stale copies of ours.
+	 */
+	while (environ[nr_env])
+		nr_env++;
+	envp = calloc(nr_env + NR_VARS + 1, sizeof(*envp));
+	if (!envp) {
+		tfs_warn("on_event %s: out of memory", fs->cfg.on_event);
+		return;
+	}
+	for (size_t i = 0; i < nr_env; i++) {
+		bool ours = false;
+
+		for (int v = 0; v < NR_VARS && !ours; v++)
+			ours = !strncmp(environ[i], vars[v], (size_t)(strchr(vars[v], '=') - vars[v] + 1));
+		if (!ours)
+			envp[n++] = environ[i];
+	}
+	for (int v = 0; v < NR_VARS; v++)
+		envp[n++] = vars[v];
 	argv[0] = fs->cfg.on_event;
 	argv[1] = NULL;
 	r = posix_spawn(&pid, fs->cfg.on_event, NULL, NULL, argv, envp);
+	free(envp);
 	if (r != 0) {
 		tfs_warn("on_event %s: %s", fs->cfg.on_event, strerror(r));
 		return;
@@ -1151,42 +1174,56 @@ static void run_hook(struct tfs_fs *fs, const char *event, const struct tfs_pool
 	pthread_attr_destroy(&attr);
 }
 
+/*
+ * One low-water mark: the event fires once when free space falls below
+ * the mark, and is re-armed only when free space rises above the mark
+ * plus a margin (1% of the device, at least one block), so usage hovering
+ * at the mark cannot flood the log and the hook.
+ */
+static void low_water_check(struct tfs_fs *fs, const struct tfs_pool_status *st,
+			    const char *kind, const char *what, uint64_t free, uint64_t total,
+			    uint64_t mark, bool *signalled)
+{
+	uint64_t margin = total / 100 ? total / 100 : 1;
+
+	if (!total)
+		return;
+	if (free < mark && !*signalled) {
+		tfs_fs_event(fs, kind, "%" PRIu64 " of %" PRIu64 " %s blocks free (low water mark %"
+			     PRIu64 ")", free, total, what, mark);
+		run_hook(fs, kind, st, fs->last_mode);
+		*signalled = true;
+	} else if (*signalled && free > mark + margin) {
+		*signalled = false;
+	}
+}
+
 void tfs_fs_tick(struct tfs_fs *fs)
 {
+	struct tfs_pool_transition tr[TFS_POOL_TRANSITIONS];
 	struct tfs_pool_status st;
 	uint64_t meta_low;
+	unsigned n;
 
 	tfs_fs_persist_all(fs);
 
 	tfs_pool_status(fs->pool, &st);
-	if (st.mode && strcmp(st.mode, fs->last_mode) != 0) {
-		if (fs->last_mode[0]) {
-			tfs_fs_event(fs, "mode_change", "%s -> %s%s%s", fs->last_mode, st.mode,
-				     st.reason[0] ? ": " : "", st.reason);
-			run_hook(fs, "mode_change", &st, fs->last_mode);
-		}
+	n = tfs_pool_transitions(fs->pool, fs->last_transition, tr, TFS_POOL_TRANSITIONS);
+	for (unsigned i = 0; i < n; i++) {
+		struct tfs_pool_status at = st;
+
+		/* The hook sees each transition's own old and new mode. */
+		at.mode = tr[i].new_mode;
+		tfs_fs_event(fs, "mode_change", "%s -> %s%s%s", tr[i].old_mode, tr[i].new_mode,
+			     tr[i].reason[0] ? ": " : "", tr[i].reason);
+		run_hook(fs, "mode_change", &at, tr[i].old_mode);
+		fs->last_transition = tr[i].seq;
+	}
+	if (st.mode)
 		snprintf(fs->last_mode, sizeof(fs->last_mode), "%s", st.mode);
-	}
-	if (st.data_total && st.data_total - st.data_used <= st.low_water_blocks) {
-		if (!fs->low_water_data_signalled) {
-			tfs_fs_event(fs, "low_water_data", "%" PRIu64 " of %" PRIu64
-				     " data blocks free", st.data_total - st.data_used, st.data_total);
-			run_hook(fs, "low_water_data", &st, fs->last_mode);
-		}
-		fs->low_water_data_signalled = true;
-	} else {
-		fs->low_water_data_signalled = false;
-	}
+	low_water_check(fs, &st, "low_water_data", "data", st.data_total - st.data_used,
+			st.data_total, st.low_water_blocks, &fs->low_water_data_signalled);
 	meta_low = st.meta_total / 4 < 1024 ? st.meta_total / 4 : 1024;
-	if (st.meta_total && st.meta_total - st.meta_used <= meta_low) {
-		if (!fs->low_water_meta_signalled) {
-			tfs_fs_event(fs, "low_water_metadata", "%" PRIu64 " of %" PRIu64
-				     " metadata blocks free", st.meta_total - st.meta_used,
-				     st.meta_total);
-			run_hook(fs, "low_water_metadata", &st, fs->last_mode);
-		}
-		fs->low_water_meta_signalled = true;
-	} else {
-		fs->low_water_meta_signalled = false;
-	}
+	low_water_check(fs, &st, "low_water_metadata", "metadata", st.meta_total - st.meta_used,
+			st.meta_total, meta_low, &fs->low_water_meta_signalled);
 }

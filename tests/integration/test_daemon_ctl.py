@@ -22,8 +22,10 @@ from conftest import ctl_socket_path, run_cmd
 from daemon_util import BS, GiB, MiB, create, pattern, read_at, wait_for, write_at
 
 # The contract: design.md, "Interfaces that scripts rely on".
+# design.md's keys, plus those added since (the contract allows additions, no renames):
+# held_writes (issue 4).
 POOL_KEYS = {"mode", "needs_check", "reason", "transaction_id", "held_root", "suspended",
-             "error_if_no_space", "discard_passdown", "data", "metadata", "io"}
+             "error_if_no_space", "discard_passdown", "data", "metadata", "io", "held_writes"}
 SPACE_KEYS = {"block_size", "used_blocks", "total_blocks", "low_water_blocks"}
 IO_KEYS = {"reads", "writes", "flushes", "discards"}
 VOLUME_KEYS = {"name", "id", "kind", "size", "mapped_blocks", "exclusive_blocks", "suspended"}

@@ -692,6 +692,7 @@ static void test_full_data_device_gives_enospc_and_freed_blocks_come_back(void *
 
 	(void)state;
 	tfs_log_set_sink(quiet_sink, NULL);
+	f->cfg.error_if_no_space = true; /* fail at once rather than hold */
 	open_pool(f);
 	vol = new_volume(f, NULL);
 	memset(buf, 0x66, sizeof(buf));
@@ -710,6 +711,49 @@ static void test_full_data_device_gives_enospc_and_freed_blocks_come_back(void *
 	assert_int_equal(tfs_vol_write(vol, buf, 10, 9 * BS), 0);
 	assert_int_equal(data_used(f), 8);
 	assert_string_equal(mode_of(f), "write");
+	tfs_vol_close(vol);
+	tfs_log_set_sink(NULL, NULL);
+	done(f, false);
+}
+
+static void test_held_write_times_out_then_resize_brings_space_back(void **state)
+{
+	struct fixture *f = new_fixture(8, false);
+	struct tfs_pool_status st;
+	uint8_t buf[8 * BS];
+	struct timespec t0, t1;
+	struct tfs_vol *vol;
+	char why[256];
+	long ms;
+
+	(void)state;
+	tfs_log_set_sink(quiet_sink, NULL);
+	f->cfg.no_space_timeout_ms = 300;
+	open_pool(f);
+	vol = new_volume(f, NULL);
+	memset(buf, 0x77, sizeof(buf));
+	assert_int_equal(tfs_vol_write(vol, buf, 8 * BS, 0), 0);
+	clock_gettime(CLOCK_MONOTONIC, &t0);
+	/* Held until no_space_timeout, then ENOSPC; later writes fail at once. */
+	assert_int_equal(tfs_vol_write(vol, buf, 10, 8 * BS), -ENOSPC);
+	clock_gettime(CLOCK_MONOTONIC, &t1);
+	ms = (t1.tv_sec - t0.tv_sec) * 1000 + (t1.tv_nsec - t0.tv_nsec) / 1000000;
+	assert_true(ms >= 250);
+	tfs_pool_status(f->pool, &st);
+	assert_true(st.no_space_error);
+	assert_string_equal(st.mode, "out_of_data_space");
+	assert_int_equal(tfs_vol_write(vol, buf, 10, 9 * BS), -ENOSPC);
+	/* Shrinking is refused; growing gives space back and holds again afterwards. */
+	assert_int_equal(tfs_pool_resize(f->pool, true, 4 * BS, why, sizeof(why)), -EINVAL);
+	assert_true(strstr(why, "shrink") != NULL);
+	assert_int_equal(tfs_pool_resize(f->pool, true, 10 * BS, why, sizeof(why)), 0);
+	tfs_pool_status(f->pool, &st);
+	assert_false(st.no_space_error);
+	assert_string_equal(st.mode, "write");
+	assert_int_equal(st.data_total, 10);
+	assert_int_equal(tfs_vol_write(vol, buf, 2 * BS, 8 * BS), 0);
+	assert_int_equal(tfs_vol_read(vol, buf, 2 * BS, 8 * BS), 0);
+	assert_true(all_bytes(buf, 2 * BS, 0x77));
 	tfs_vol_close(vol);
 	tfs_log_set_sink(NULL, NULL);
 	done(f, false);
@@ -1314,6 +1358,7 @@ int main(void)
 		cmocka_unit_test(test_truncate_unmaps_past_the_end_and_zeroes_the_tail),
 		cmocka_unit_test(test_seek_data_and_hole_follow_the_mapping),
 		cmocka_unit_test(test_full_data_device_gives_enospc_and_freed_blocks_come_back),
+		cmocka_unit_test(test_held_write_times_out_then_resize_brings_space_back),
 		cmocka_unit_test(test_metadata_write_error_makes_the_pool_read_only),
 		cmocka_unit_test(test_metadata_space_exhaustion_gives_enospc_then_read_only),
 		cmocka_unit_test(test_needs_check_write_failure_means_fail_mode),

@@ -1,0 +1,302 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+"""Pool modes and failure handling (issue 4): out of data space (held or
+failing writes), no_space_timeout, resize, metadata failures, low-water
+events.  Small pools keep them fast; the fixture checks thin_check and
+`thinfs check` at the end of each."""
+import errno
+import json
+import os
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from daemon_util import BS, MiB, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, create, \
+    fallocate, pattern, read_at, write_at
+
+DATA = 8 * MiB               # 128 blocks of 64 KiB
+
+
+def full_pool(pool, **options):
+    """A mounted pool whose volumes vm1 and vm2 (8 blocks) map every data block."""
+    opts = {"low_water_mark": "0"}
+    opts.update({k: str(v) for k, v in options.items()})
+    fault = opts.pop("fault", None)
+    p = pool(data_size=DATA, meta_size=16 * MiB, options=opts, mount=False)
+    if fault:
+        p.cfg.write_text(p.cfg.read_text() + "[fault]\nallow = yes\n")
+        p.mount("--allow-faults")
+    else:
+        p.mount()
+    create(p.mnt / "vm1", 4 * DATA)
+    create(p.mnt / "vm2", DATA)
+    create(p.mnt / "vm3", DATA)
+    write_at(p.mnt / "vm1", 0, pattern(1, DATA - 8 * BS))
+    write_at(p.mnt / "vm2", 0, pattern(9, 8 * BS))
+    assert p.status()["pool"]["data"]["used_blocks"] == DATA // BS
+    return p
+
+
+def wait_for(pred, timeout=10, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+class Writer(threading.Thread):
+    """pwrite + fsync in a thread; .err is the errno it failed with, or None."""
+
+    def __init__(self, path, off, data):
+        super().__init__(daemon=True)
+        self.path, self.off, self.data, self.err = path, off, data, None
+
+    def run(self):
+        try:
+            write_at(self.path, self.off, self.data)
+        except OSError as e:
+            self.err = e.errno
+
+
+def assert_space_mode_io_works(p):
+    """Reads and overwrites of exclusive blocks keep working.  Overwrites go
+    to vm2: the kernel's FUSE write path holds the file's inode lock, so a
+    write held on vm1 queues later writes to vm1 in the kernel."""
+    assert read_at(p.mnt / "vm1", 0, 4 * BS) == pattern(1, DATA)[:4 * BS]
+    write_at(p.mnt / "vm2", BS, pattern(2, BS))
+    assert read_at(p.mnt / "vm2", BS, BS) == pattern(2, BS)
+
+
+def test_queue_mode_holds_writes_until_resize(pool):
+    p = full_pool(pool, no_space_timeout="0")
+    writers = [Writer(p.mnt / ("vm1" if i % 2 else "vm3"), DATA + i * 3 * BS,
+                      pattern(10 + i, 2 * BS)) for i in range(4)]
+    for w in writers:
+        w.start()
+    wait_for(lambda: p.status()["pool"]["held_writes"] >= 2, what="held writes")
+    st = p.status()["pool"]
+    assert st["mode"] == "out_of_data_space", st
+    time.sleep(0.5)
+    assert all(w.is_alive() for w in writers), "writes must be held, not failed"
+    # Reads and overwrites go on while writes wait (other FUSE threads serve them).
+    assert_space_mode_io_works(p)
+    # A snapshot is not blocked by the held writes' range locks.
+    p.ctl("snapshot", "vm1", "snap1", timeout=10)
+    p.ctl("delete", "snap1", timeout=10)
+    p.ctl("resize", "data", "+4M")
+    for w in writers:
+        w.join(timeout=20)
+        assert not w.is_alive() and w.err is None, w.err
+    st = p.status()["pool"]
+    assert st["mode"] == "write" and st["data"]["total_blocks"] == (DATA + 4 * MiB) // BS, st
+    assert os.path.getsize(p.data) == DATA + 4 * MiB
+    for i in range(4):
+        assert read_at(p.mnt / ("vm1" if i % 2 else "vm3"), DATA + i * 3 * BS, 2 * BS) == \
+            pattern(10 + i, 2 * BS)
+    assert read_at(p.mnt / "vm1", 0, BS) == pattern(1, DATA)[:BS]
+    def kinds():
+        return [e["kind"] for e in map(json.loads, p.ctl("events", "--json").stdout.splitlines())]
+    # Both transitions are reported, however quickly the pool went back (1 s housekeeping).
+    wait_for(lambda: kinds().count("mode_change") == 2, what="two mode_change events")
+    assert "resize" in kinds()
+    p.unmount()
+
+
+def test_error_if_no_space_fails_at_once_and_freeing_returns_to_write(pool):
+    p = full_pool(pool, error_if_no_space="true")
+    t0 = time.monotonic()
+    with pytest.raises(OSError) as ei:
+        write_at(p.mnt / "vm1", DATA, pattern(3, BS))
+    assert ei.value.errno == errno.ENOSPC and time.monotonic() - t0 < 5
+    st = p.status()["pool"]
+    assert st["mode"] == "out_of_data_space" and st["held_writes"] == 0, st
+    assert_space_mode_io_works(p)
+    # Punching blocks frees them: the next commit returns the pool to write.
+    fd = os.open(p.mnt / "vm1", os.O_WRONLY)
+    try:
+        fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 8 * BS, 8 * BS)
+    finally:
+        os.close(fd)
+    wait_for(lambda: p.status()["pool"]["mode"] == "write", what="write mode")
+    write_at(p.mnt / "vm1", DATA, pattern(3, BS))
+    assert read_at(p.mnt / "vm1", DATA, BS) == pattern(3, BS)
+    p.unmount()
+
+
+def test_no_space_timeout_fails_held_writes_with_enospc(pool):
+    p = full_pool(pool, no_space_timeout="3s")
+    w = Writer(p.mnt / "vm1", DATA, pattern(4, BS))
+    t0 = time.monotonic()
+    w.start()
+    w.join(timeout=30)
+    took = time.monotonic() - t0
+    assert not w.is_alive() and w.err == errno.ENOSPC, w.err
+    assert 2 <= took < 15, took
+    st = p.status()["pool"]
+    assert st["error_if_no_space"] is True and st["mode"] == "out_of_data_space", st
+    # Behaves as error_if_no_space now: the next one fails at once.
+    t0 = time.monotonic()
+    with pytest.raises(OSError) as ei:
+        write_at(p.mnt / "vm1", DATA + 2 * BS, pattern(5, BS))
+    assert ei.value.errno == errno.ENOSPC and time.monotonic() - t0 < 2
+    assert_space_mode_io_works(p)
+    p.ctl("resize", "data", str(DATA + 2 * MiB))
+    st = p.status()["pool"]
+    assert st["mode"] == "write" and st["error_if_no_space"] is False, st
+    write_at(p.mnt / "vm1", DATA, pattern(4, BS))
+    assert read_at(p.mnt / "vm1", DATA, BS) == pattern(4, BS)
+    p.unmount()
+
+
+def test_resize_refusals_and_external_growth(pool):
+    p = pool(data_size=DATA, meta_size=8 * MiB, options={"low_water_mark": "0"})
+    r = p.ctl("resize", "data", str(DATA // 2), ok=None)
+    assert r.returncode != 0 and "shrink" in r.stderr, r.stderr
+    r = p.ctl("resize", "metadata", str(4 * MiB), ok=None)
+    assert r.returncode != 0 and "shrink" in r.stderr, r.stderr
+    r = p.ctl("resize", "data", "lots", ok=None)
+    assert r.returncode != 0 and "bad size" in r.stderr, r.stderr
+    # Growing the file from outside changes nothing until resize.
+    os.truncate(p.data, 2 * DATA)
+    time.sleep(1.2)
+    assert p.status()["pool"]["data"]["total_blocks"] == DATA // BS
+    p.ctl("resize", "data", str(2 * DATA))
+    assert p.status()["pool"]["data"]["total_blocks"] == 2 * DATA // BS
+    p.ctl("resize", "metadata", "+4M")
+    assert p.status()["pool"]["metadata"]["total_blocks"] == 12 * MiB // 4096
+    assert os.path.getsize(p.meta) == 12 * MiB
+    # Online, while a writer runs.
+    create(p.mnt / "vm1", 4 * DATA)
+    data = pattern(7, 2 * DATA)
+    w = Writer(p.mnt / "vm1", 0, data)
+    w.start()
+    p.ctl("resize", "data", "+1M")
+    w.join(timeout=30)
+    assert w.err is None
+    assert read_at(p.mnt / "vm1", 0, len(data)) == data
+    p.remount()
+    st = p.status()["pool"]
+    assert st["data"]["total_blocks"] == (2 * DATA + MiB) // BS, st
+    assert st["metadata"]["total_blocks"] == 12 * MiB // 4096, st
+    p.unmount()
+
+
+def test_metadata_write_error_goes_read_only_then_repair(pool):
+    p = pool(data_size=DATA, meta_size=8 * MiB, options={"low_water_mark": "0"}, mount=False)
+    p.cfg.write_text(p.cfg.read_text() + "[fault]\nallow = yes\n")
+    p.mount("--allow-faults")
+    p.expect_log(r".")          # the injected failure is logged as an error
+    create(p.mnt / "vm1", DATA)
+    write_at(p.mnt / "vm1", 0, pattern(1, 4 * BS))
+    p.ctl("fault", "metadata", "write", "error", "once")   # the commit fails, needs_check not
+    with pytest.raises(OSError):
+        write_at(p.mnt / "vm1", 10 * BS, pattern(2, BS))
+    st = p.status()["pool"]
+    assert st["mode"] == "read_only" and st["needs_check"] is True, st
+    assert "metadata" in st["reason"] and "Input/output error" in st["reason"], st
+    # Reads from the last commit work; allocation fails with EIO, never hangs.
+    assert read_at(p.mnt / "vm1", 0, 4 * BS) == pattern(1, 4 * BS)
+    t0 = time.monotonic()
+    with pytest.raises(OSError) as ei:
+        write_at(p.mnt / "vm1", 20 * BS, pattern(3, BS))
+    assert ei.value.errno == errno.EIO and time.monotonic() - t0 < 5
+    r = p.ctl("resize", "data", "+1M", ok=None)
+    assert r.returncode != 0 and "thinfs check --repair" in r.stderr, r.stderr
+    assert p.alive()
+    p.ctl("fault", "metadata", "write", "ok")
+    p.unmount()
+    r = p.mount("--allow-faults", ok=False)
+    assert r.returncode != 0 and \
+        "metadata needs checking: run thinfs check --repair" in r.stdout, r.stdout
+    # Read-only it mounts, and the data committed before the failure is there.
+    p.mount("--allow-faults", "-o", "ro")
+    assert p.status()["pool"]["needs_check"] is True
+    assert read_at(p.mnt / "vm1", 0, 4 * BS) == pattern(1, 4 * BS)
+    p.unmount()
+    p.thinfs_run("check", "--repair", p.meta, ok=(0, 1))
+    p.thinfs_run("check", p.meta)
+    p.mount("--allow-faults")
+    assert read_at(p.mnt / "vm1", 0, 4 * BS) == pattern(1, 4 * BS)
+    write_at(p.mnt / "vm1", 10 * BS, pattern(2, BS))
+    assert p.status()["pool"]["mode"] == "write"
+    p.unmount()
+
+
+def test_low_water_event_once_per_crossing(pool):
+    p = pool(data_size=DATA, meta_size=16 * MiB, options={"low_water_mark": "16"})
+    create(p.mnt / "vm1", 2 * DATA)
+
+    def nr_events():
+        return sum(1 for line in p.ctl("events").stdout.splitlines()
+                   if " low_water_data " in line)
+
+    def punch(off, n):
+        fd = os.open(p.mnt / "vm1", os.O_WRONLY)
+        try:
+            fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, off, n)
+        finally:
+            os.close(fd)
+
+    write_at(p.mnt / "vm1", 0, pattern(1, 120 * BS))      # 8 free: below 16
+    wait_for(lambda: nr_events() == 1, what="the first low_water_data event")
+    # Hovering around the mark (within the margin) fires nothing more.
+    for _ in range(2):
+        punch(112 * BS, 8 * BS)                            # 16 free: at the mark
+        time.sleep(1.5)
+        write_at(p.mnt / "vm1", 112 * BS, pattern(2, 8 * BS))
+        time.sleep(1.5)
+    assert nr_events() == 1
+    # Well above the mark re-arms it; falling below fires once more.
+    punch(64 * BS, 56 * BS)
+    time.sleep(1.5)
+    write_at(p.mnt / "vm1", 64 * BS, pattern(3, 56 * BS))
+    wait_for(lambda: nr_events() == 2, what="the second low_water_data event")
+    time.sleep(1.5)
+    assert nr_events() == 2
+    p.unmount()
+
+
+def test_metadata_failure_without_needs_check_is_fail_mode(pool):
+    p = pool(data_size=DATA, meta_size=8 * MiB, options={"low_water_mark": "0"}, mount=False)
+    p.cfg.write_text(p.cfg.read_text() + "[fault]\nallow = yes\n")
+    p.mount("--allow-faults")
+    p.expect_log(r".")
+    create(p.mnt / "vm1", DATA)
+    write_at(p.mnt / "vm1", 0, pattern(1, 4 * BS))
+    p.ctl("fault", "metadata", "write", "error")   # needs_check cannot be written either
+    with pytest.raises(OSError):
+        write_at(p.mnt / "vm1", 10 * BS, pattern(2, BS))
+    st = p.status()["pool"]
+    assert st["mode"] == "fail" and st["reason"], st
+    with pytest.raises(OSError) as ei:
+        read_at(p.mnt / "vm1", 0, BS)
+    assert ei.value.errno == errno.EIO
+    assert p.alive()
+    p.ctl("fault", "metadata", "write", "ok")
+    p.unmount()
+    # Nothing after the last commit reached the disk: the pool is as it was then.
+    p.mount("--allow-faults")
+    assert read_at(p.mnt / "vm1", 0, 4 * BS) == pattern(1, 4 * BS)
+    p.unmount()
+
+
+def test_autoextend_hook_grows_the_data_device_up_to_its_cap(pool, thinfs_ctl_bin):
+    hook = Path(__file__).resolve().parents[2] / "contrib" / "thinfs-autoextend"
+    p = pool(data_size=DATA, meta_size=16 * MiB, mount=False,
+             options={"low_water_mark": "16", "on_event": str(hook)})
+    p.mount(env={"THINFS_CTL": str(thinfs_ctl_bin), "THINFS_AUTOEXTEND_STEP": "4M",
+                 "THINFS_AUTOEXTEND_MAX": "12M"})
+    create(p.mnt / "vm1", 4 * DATA)
+    write_at(p.mnt / "vm1", 0, pattern(1, 120 * BS))       # below the mark: +4 MiB
+    wait_for(lambda: p.status()["pool"]["data"]["total_blocks"] == 12 * MiB // BS,
+             what="the hook's resize")
+    # No further growth while above the mark, and never past the cap.
+    write_at(p.mnt / "vm1", 120 * BS, pattern(2, 60 * BS))  # below again: capped at 12M
+    time.sleep(3)
+    assert p.status()["pool"]["data"]["total_blocks"] == 12 * MiB // BS
+    assert os.path.getsize(p.data) == 12 * MiB
+    p.unmount()
