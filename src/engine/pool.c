@@ -137,17 +137,21 @@ int tfs_pool_may_change(struct tfs_pool *pool)
 
 int tfs_pool_meta_failed(struct tfs_pool *pool, int err, const char *what)
 {
+	char io[160], cause[200];
 	int r;
 
 	if (pool->mode == TFS_POOL_FAIL)
 		return -EIO;
+	/* Name the block when a write of one was the cause (before abort/needs_check write again). */
+	tfs_pmd_take_write_error(pool->pmd, io, sizeof(io));
+	snprintf(cause, sizeof(cause), "%s", io[0] ? io : strerror(-err));
 	/* In-flight requests must neither map nor free what they allocated before this. */
 	pool->abort_gen++;
 	r = tfs_pmd_abort(pool->pmd);
 	if (r) {
 		/* Only tfs_pmd_close is safe now: the maps could not be reloaded. */
 		set_mode(pool, TFS_POOL_FAIL, "%s failed (%s), then aborting the transaction failed (%s)",
-			 what, strerror(-err), strerror(-r));
+			 what, cause, strerror(-r));
 		return -EIO;
 	}
 	/* Whatever was allocated, freed or queued since the last commit is gone. */
@@ -156,10 +160,10 @@ int tfs_pool_meta_failed(struct tfs_pool *pool, int err, const char *what)
 	r = tfs_pmd_set_needs_check(pool->pmd, true);
 	if (r) {
 		set_mode(pool, TFS_POOL_FAIL, "%s failed (%s), then setting needs_check failed (%s)",
-			 what, strerror(-err), strerror(-r));
+			 what, cause, strerror(-r));
 		return -EIO;
 	}
-	set_mode(pool, TFS_POOL_READ_ONLY, "%s failed: %s", what, strerror(-err));
+	set_mode(pool, TFS_POOL_READ_ONLY, "%s failed: %s", what, cause);
 	return err == -ENOSPC ? -ENOSPC : -EIO;
 }
 

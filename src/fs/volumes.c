@@ -319,6 +319,14 @@ int tfs_fs_pin(struct tfs_fs *fs, uint32_t dev_id, bool for_write, struct tfs_in
 	if (ino->nopen == 0) {
 		r = tfs_vol_open(fs->pool, dev_id, fs->read_only || member, &vol);
 		if (r < 0) {
+			struct tfs_pool_status st;
+
+			/* The caller sees only EIO: say here why the volume cannot be opened. */
+			tfs_pool_status(fs->pool, &st);
+			if (r == -EIO && st.mode && !strcmp(st.mode, "fail"))
+				tfs_warn("cannot open %s%s: the pool is in fail mode (%s); only a "
+					 "restart leaves it", ino->row.name,
+					 for_write ? " for writing" : "", st.reason);
 			pthread_mutex_unlock(&fs->lock);
 			return r;
 		}

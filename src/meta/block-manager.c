@@ -9,6 +9,7 @@
 
 #include <assert.h>
 #include <errno.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -43,6 +44,7 @@ struct tfs_bm {
 	struct tfs_block *lru_head, *lru_tail; /* head = most recently used */
 	struct tfs_block *dirty_head;
 	struct tfs_bm_stats stats;
+	char write_error[160]; /* the last failed write, until taken */
 };
 
 static size_t hash_of(const struct tfs_bm *bm, uint64_t b)
@@ -133,11 +135,20 @@ static int write_block(struct tfs_bm *bm, struct tfs_block *b)
 	if (r) {
 		tfs_err("%s: writing metadata block %llu (%s) failed: %s", bm->dev->name,
 			(unsigned long long)b->blocknr, b->v ? b->v->name : "untyped", strerror(-r));
+		snprintf(bm->write_error, sizeof(bm->write_error),
+			 "metadata write failed at block %llu (%s): %s",
+			 (unsigned long long)b->blocknr, b->v ? b->v->name : "untyped", strerror(-r));
 		return r;
 	}
 	bm->stats.writes++;
 	clear_dirty(bm, b);
 	return 0;
+}
+
+void tfs_bm_take_write_error(struct tfs_bm *bm, char *buf, size_t len)
+{
+	snprintf(buf, len, "%s", bm->write_error);
+	bm->write_error[0] = '\0';
 }
 
 static void free_block(struct tfs_bm *bm, struct tfs_block *b)

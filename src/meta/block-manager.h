@@ -85,6 +85,13 @@ struct tfs_bm_stats {
 	size_t cached, dirty, locked;
 };
 void tfs_bm_stats(struct tfs_bm *bm, struct tfs_bm_stats *out);
+/*
+ * The last failed block write in words ("metadata write failed at block
+ * 21 (space map bitmap): Input/output error") copied into buf, then
+ * forgotten; "" when none failed since the last call.  For a pool's
+ * status reason.
+ */
+void tfs_bm_take_write_error(struct tfs_bm *bm, char *buf, size_t len);
 
 /* Validators shared by every user of the persistent-data layer. */
 extern const struct tfs_block_validator tfs_btree_validator;

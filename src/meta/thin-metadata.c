@@ -558,6 +558,11 @@ uint32_t tfs_pmd_time(struct tfs_pmd *pmd)
 	return pmd->time;
 }
 
+void tfs_pmd_take_write_error(struct tfs_pmd *pmd, char *buf, size_t len)
+{
+	tfs_bm_take_write_error(pmd->bm, buf, len);
+}
+
 bool tfs_pmd_needs_check(struct tfs_pmd *pmd)
 {
 	return pmd->flags & TFS_THIN_FLAG_NEEDS_CHECK;

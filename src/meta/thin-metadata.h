@@ -61,6 +61,8 @@ int tfs_pmd_set_transaction_id(struct tfs_pmd *pmd, uint64_t old_id, uint64_t ne
 uint32_t tfs_pmd_data_block_sectors(struct tfs_pmd *pmd);
 uint32_t tfs_pmd_time(struct tfs_pmd *pmd);
 bool tfs_pmd_needs_check(struct tfs_pmd *pmd);
+/* tfs_bm_take_write_error of the metadata device: the last failed block write, in words. */
+void tfs_pmd_take_write_error(struct tfs_pmd *pmd, char *buf, size_t len);
 /* Set or clear NEEDS_CHECK and write the superblock now, outside any transaction (as the kernel). */
 int tfs_pmd_set_needs_check(struct tfs_pmd *pmd, bool on);
 

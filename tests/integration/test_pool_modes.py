@@ -197,7 +197,8 @@ def test_metadata_write_error_goes_read_only_then_repair(pool):
         write_at(p.mnt / "vm1", 10 * BS, pattern(2, BS))
     st = p.status()["pool"]
     assert st["mode"] == "read_only" and st["needs_check"] is True, st
-    assert "metadata" in st["reason"] and "Input/output error" in st["reason"], st
+    assert "metadata write failed at block" in st["reason"] and \
+        "Input/output error" in st["reason"], st
     # Reads from the last commit work; allocation fails with EIO, never hangs.
     assert read_at(p.mnt / "vm1", 0, 4 * BS) == pattern(1, 4 * BS)
     t0 = time.monotonic()
@@ -275,6 +276,13 @@ def test_metadata_failure_without_needs_check_is_fail_mode(pool):
     with pytest.raises(OSError) as ei:
         read_at(p.mnt / "vm1", 0, BS)
     assert ei.value.errno == errno.EIO
+    # Opening for write fails, and the log says why.
+    time.sleep(1.5)                        # the kernel forgets the last open (RELEASE)
+    with pytest.raises(OSError) as ei:
+        write_at(p.mnt / "vm1", 0, b"x")
+    assert ei.value.errno == errno.EIO
+    assert "the pool is in fail mode" in p.log_text()
+    assert "metadata write failed at block" in p.status()["pool"]["reason"]
     assert p.alive()
     p.ctl("fault", "metadata", "write", "ok")
     p.unmount()
