@@ -828,17 +828,19 @@ out_unlock:
 	return r;
 }
 
-int tfs_catalog_unlink(struct tfs_catalog *cat, uint32_t dev_id)
+/* One statement on the row of dev_id; -ENOENT when there is none. */
+static int change_by_id(struct tfs_catalog *cat, const char *sql, uint32_t dev_id,
+			const char *what)
 {
 	sqlite3_stmt *st;
 	int changes = 0, r;
 
 	lock(cat);
-	r = prepare(cat, "UPDATE volumes SET unlinked = 1 WHERE dev_id = ?", &st);
+	r = prepare(cat, sql, &st);
 	if (r)
 		goto out_unlock;
 	sqlite3_bind_int64(st, 1, dev_id);
-	r = step_done(cat, st, "unlink a volume", &changes);
+	r = step_done(cat, st, what, &changes);
 	sqlite3_finalize(st);
 	if (!r && !changes)
 		r = -ENOENT;
@@ -847,23 +849,15 @@ out_unlock:
 	return r;
 }
 
+int tfs_catalog_unlink(struct tfs_catalog *cat, uint32_t dev_id)
+{
+	return change_by_id(cat, "UPDATE volumes SET unlinked = 1 WHERE dev_id = ?", dev_id,
+			    "unlink a volume");
+}
+
 int tfs_catalog_remove_volume(struct tfs_catalog *cat, uint32_t dev_id)
 {
-	sqlite3_stmt *st;
-	int changes = 0, r;
-
-	lock(cat);
-	r = prepare(cat, "DELETE FROM volumes WHERE dev_id = ?", &st);
-	if (r)
-		goto out_unlock;
-	sqlite3_bind_int64(st, 1, dev_id);
-	r = step_done(cat, st, "remove a volume", &changes);
-	sqlite3_finalize(st);
-	if (!r && !changes)
-		r = -ENOENT;
-out_unlock:
-	unlock(cat);
-	return r;
+	return change_by_id(cat, "DELETE FROM volumes WHERE dev_id = ?", dev_id, "remove a volume");
 }
 
 /* Every row of a query, copied out so callbacks run without the lock. */
