@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import run_cmd
+
 from daemon_util import BS, MiB, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, create, \
     fallocate, pattern, read_at, write_at
 
@@ -307,4 +309,240 @@ def test_autoextend_hook_grows_the_data_device_up_to_its_cap(pool, thinfs_ctl_bi
     time.sleep(3)
     assert p.status()["pool"]["data"]["total_blocks"] == 12 * MiB // BS
     assert os.path.getsize(p.data) == 12 * MiB
+    p.unmount()
+
+
+# ---- metadata out of space, metadata write errors, idle pool ------------------------------
+
+META_TINY = 128 * 1024       # 32 metadata blocks: mkpool accepts down to 64 KiB (16)
+SCATTER = 4096
+
+
+def faulty_pool(pool, **kw):
+    """A pool mounted with fault injection allowed."""
+    p = pool(options={"low_water_mark": "0"}, mount=False, **kw)
+    p.cfg.write_text(p.cfg.read_text() + "[fault]\nallow = yes\n")
+    p.mount("--allow-faults")
+    p.expect_log(r".")          # the injected or real metadata failure is logged as an error
+    return p
+
+
+def test_metadata_device_too_small_goes_read_only_then_repair_and_grow(pool):
+    p = pool(data_size=2 << 30, meta_size=META_TINY, options={"low_water_mark": "0"},
+             mount=False)
+    p.expect_log(r".")          # running out of metadata space is logged as an error
+    p.mount()
+    vol = p.mnt / "vm1"
+    create(vol, 2 << 30)
+    # Fsynced first: must survive everything below.
+    write_at(vol, 0, pattern(1, 4 * BS))
+    # Scattered 4 KiB writes, one per data block, until the metadata runs out.
+    nblocks = (2 << 30) // BS
+    failed_at, err, synced = None, None, 0
+    fd = os.open(vol, os.O_WRONLY)
+    try:
+        for i in range(4, nblocks):
+            try:
+                os.pwrite(fd, pattern(i, SCATTER), i * BS)
+                if i % 64 == 0:
+                    os.fsync(fd)
+                    synced = i
+            except OSError as e:
+                failed_at, err = i, e.errno
+                break
+        if failed_at is None:
+            try:
+                os.fsync(fd)
+            except OSError as e:
+                failed_at, err = nblocks, e.errno
+    finally:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    assert failed_at is not None, "the metadata never ran out"
+    assert err in (errno.ENOSPC, errno.EIO), err
+    assert synced >= 64, f"ran out after {failed_at} blocks, before the first fsync"
+
+    def fsynced_data_readable():
+        assert read_at(vol, 0, 4 * BS) == pattern(1, 4 * BS)
+        for i in list(range(4, synced + 1, 61)) + [synced]:
+            assert read_at(vol, i * BS, SCATTER) == pattern(i, SCATTER), i
+    st = p.status()["pool"]
+    assert st["mode"] == "read_only" and st["needs_check"] is True, st
+    assert p.alive()
+    fsynced_data_readable()
+    p.unmount()
+    r = p.mount(ok=False)
+    assert r.returncode != 0 and \
+        "metadata needs checking: run thinfs check --repair" in r.stdout, r.stdout
+    p.mount("-o", "ro")
+    assert p.status()["pool"]["needs_check"] is True
+    fsynced_data_readable()
+    p.unmount()
+    p.thinfs_run("check", "--repair", p.meta, ok=(0, 1))
+    p.thinfs_run("check", p.meta)
+    os.truncate(p.meta, 4 * META_TINY)
+    p.mount()
+    fsynced_data_readable()
+    p.ctl("resize", "metadata", str(16 * MiB))
+    st = p.status()["pool"]
+    assert st["mode"] == "write" and st["metadata"]["total_blocks"] == 16 * MiB // 4096, st
+    # A full write of the whole earlier range, now with room for its mappings.
+    chunk = pattern(2, MiB)
+    end = (failed_at + 1) * BS
+    fd = os.open(vol, os.O_WRONLY)
+    try:
+        for off in range(0, end, MiB):
+            os.pwrite(fd, chunk, off)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    for off in (0, end // 2 // MiB * MiB, (end - 1) // MiB * MiB):
+        assert read_at(vol, off, MiB) == chunk, off
+    assert p.status()["pool"]["mode"] == "write"
+    p.unmount()
+
+
+def repair_and_remount(p, vol, committed):
+    """After a metadata failure: the daemon answers, unmount, rw mount refused
+    if needs_check was written, check --repair, rw remount works and writes."""
+    assert p.alive()
+    st = p.status()["pool"]
+    p.ctl("fault", "metadata", "write", "ok")
+    p.unmount()
+    if st["needs_check"]:
+        r = p.mount("--allow-faults", ok=False)
+        assert r.returncode != 0 and \
+            "metadata needs checking: run thinfs check --repair" in r.stdout, r.stdout
+    p.thinfs_run("check", "--repair", p.meta, ok=(0, 1))
+    p.thinfs_run("check", p.meta)
+    p.mount("--allow-faults")
+    st = p.status()["pool"]
+    assert st["mode"] == "write" and st["needs_check"] is False, st
+    assert read_at(vol, 0, len(committed)) == committed
+    write_at(vol, 40 * BS, pattern(99, 3 * BS))
+    assert read_at(vol, 40 * BS, 3 * BS) == pattern(99, 3 * BS)
+    p.unmount()
+
+
+def assert_failed_mode(p):
+    st = p.status()["pool"]
+    assert (st["mode"] == "read_only" and st["needs_check"] is True) or st["mode"] == "fail", st
+    assert "metadata write failed at block" in st["reason"], st
+    return st
+
+
+@pytest.mark.parametrize("after", [0, 3])
+def test_metadata_write_error_while_provisioning(pool, after):
+    # The fsyncs make the commits; the first after arming fails.
+    p = faulty_pool(pool, data_size=DATA, meta_size=8 * MiB)
+    vol = p.mnt / "vm1"
+    create(vol, DATA)
+    committed = pattern(1, 4 * BS)
+    write_at(vol, 0, committed)
+    p.ctl("fault", "metadata", "write", "error", "after", str(after), "once")
+    errs = []
+
+    def provision():
+        fd = os.open(vol, os.O_WRONLY)
+        try:
+            for i in range(4, DATA // BS, 2):
+                os.pwrite(fd, pattern(i, BS // 2), i * BS)
+                if i % 8 == 0:
+                    os.fsync(fd)
+            os.fsync(fd)
+        except OSError as e:
+            errs.append(e.errno)
+        finally:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+    t = threading.Thread(target=provision, daemon=True)
+    t.start()
+    t.join(timeout=60)
+    assert not t.is_alive(), "allocating writes hang after a metadata write error"
+    assert errs and errs[0] in (errno.EIO, errno.ENOSPC), errs
+    assert_failed_mode(p)
+    repair_and_remount(p, vol, committed)
+
+
+@pytest.mark.parametrize("after", [0, 2])
+def test_metadata_write_error_during_snapshot_mkdir(pool, after):
+    p = faulty_pool(pool, data_size=DATA, meta_size=8 * MiB)
+    vol = p.mnt / "vm1"
+    create(vol, DATA)
+    committed = pattern(1, 4 * BS)
+    write_at(vol, 0, committed)
+    p.ctl("fault", "metadata", "write", "error", "after", str(after), "once")
+    r = run_cmd("mkdir", p.mnt / ".snapshots" / "S", check=False, timeout=30)
+    assert r.returncode != 0, "mkdir .snapshots/S succeeded although its commit failed"
+    assert_failed_mode(p)
+    assert read_at(vol, 0, len(committed)) == committed
+    repair_and_remount(p, vol, committed)
+    # The group was not made, or was made whole: a retry works either way.
+    p.mount("--allow-faults")
+    if not (p.mnt / ".snapshots" / "S").exists():
+        os.mkdir(p.mnt / ".snapshots" / "S")
+    assert read_at(p.mnt / ".snapshots" / "S" / "vm1", 0, len(committed)) == committed
+    p.unmount()
+
+
+@pytest.mark.parametrize("after", [0, 1, 4])
+def test_metadata_write_error_during_fsync_commit(pool, after):
+    p = pool(data_size=DATA, meta_size=8 * MiB,
+             options={"low_water_mark": "0", "commit_interval": "1h"}, mount=False)
+    p.cfg.write_text(p.cfg.read_text() + "[fault]\nallow = yes\n")
+    p.mount("--allow-faults")
+    p.expect_log(r".")
+    vol = p.mnt / "vm1"
+    create(vol, DATA)
+    committed = pattern(1, 4 * BS)
+    write_at(vol, 0, committed)
+    fd = os.open(vol, os.O_WRONLY)
+    try:
+        for i in range(8, 40):
+            os.pwrite(fd, pattern(i, BS), i * BS)    # provisioned, not committed
+        p.ctl("fault", "metadata", "write", "error", "after", str(after), "once")
+        res = []
+
+        def do_fsync():
+            try:
+                os.fsync(fd)
+                res.append(0)
+            except OSError as e:
+                res.append(e.errno)
+        t = threading.Thread(target=do_fsync, daemon=True)
+        t.start()
+        t.join(timeout=30)
+        assert not t.is_alive(), "fsync hangs after a metadata write error"
+        assert res == [errno.EIO], res
+    finally:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    assert_failed_mode(p)
+    assert read_at(vol, 0, len(committed)) == committed
+    repair_and_remount(p, vol, committed)
+
+
+def test_idle_pool_writes_nothing_for_10s(pool):
+    """Longer than test_daemon_ctl's 3 s idle test, with a snapshot group and
+    unflushed writes behind it: after one commit interval nothing at all."""
+    p = pool(data_size=DATA, meta_size=8 * MiB, options={"low_water_mark": "0"})
+    create(p.mnt / "vm1", DATA)
+    write_at(p.mnt / "vm1", 0, pattern(1, 4 * BS))
+    os.mkdir(p.mnt / ".snapshots" / "S")
+    write_at(p.mnt / "vm1", 8 * BS, pattern(2, 2 * BS), fsync=False)
+    time.sleep(1.5)                   # one commit interval (default 1 s) and a bit
+    io0 = p.status()["pool"]["io"]
+    m0, d0 = os.stat(p.meta).st_mtime_ns, os.stat(p.data).st_mtime_ns
+    for sec in range(10):
+        time.sleep(1)
+        io = p.status()["pool"]["io"]
+        assert io == io0, f"I/O while idle, {sec + 1} s in: {io0} -> {io}"
+    assert os.stat(p.meta).st_mtime_ns == m0
+    assert os.stat(p.data).st_mtime_ns == d0
     p.unmount()
