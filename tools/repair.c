@@ -129,16 +129,24 @@ static int walk(struct salvage *s, uint64_t b, uint32_t vsize, uint64_t lo, uint
 	return 0;
 }
 
+/* The device for a tree key, or NULL for a key no device can have (skipped). */
+static int dev_for_key(struct salvage *s, uint64_t key, struct salvaged_dev **d)
+{
+	*d = NULL;
+	if (key > TFS_MAX_DEV_ID)
+		return 0;
+	*d = add_dev(s, key);
+	return *d ? 0 : -ENOMEM;
+}
+
 static int on_details(struct salvage *s, void *ctx, uint64_t key, const uint8_t *v)
 {
 	struct salvaged_dev *d;
+	int r = dev_for_key(s, key, &d);
 
 	(void)ctx;
-	if (key > TFS_MAX_DEV_ID)
-		return 0;
-	d = add_dev(s, key);
-	if (!d)
-		return -ENOMEM;
+	if (r || !d)
+		return r;
 	d->details.transaction_id = tfs_le64(v + 8);
 	d->details.creation_time = tfs_le32(v + 16) & TFS_TIME_MASK;
 	d->details.snapshotted_time = tfs_le32(v + 20) & TFS_TIME_MASK;
@@ -149,13 +157,11 @@ static int on_details(struct salvage *s, void *ctx, uint64_t key, const uint8_t 
 static int on_top_level(struct salvage *s, void *ctx, uint64_t key, const uint8_t *v)
 {
 	struct salvaged_dev *d;
+	int r = dev_for_key(s, key, &d);
 
 	(void)ctx;
-	if (key > TFS_MAX_DEV_ID)
-		return 0;
-	d = add_dev(s, key);
-	if (!d)
-		return -ENOMEM;
+	if (r || !d)
+		return r;
 	d->root = tfs_le64(v);
 	return 0;
 }

@@ -440,7 +440,9 @@ static int write_range(struct tfs_vol *vol, const struct cell *cell, const uint8
 	return r;
 }
 
-int tfs_vol_write(struct tfs_vol *vol, const void *buf, size_t len, uint64_t off)
+/* A write-path request (data or provisioning) under one cell over its block range. */
+static int locked_write(struct tfs_vol *vol, const void *buf, uint64_t off, uint64_t len,
+			enum how how)
 {
 	uint64_t b0, b1;
 	int r;
@@ -454,28 +456,19 @@ int tfs_vol_write(struct tfs_vol *vol, const void *buf, size_t len, uint64_t off
 		r = tfs_prison_lock(vol->pool->prison, vol->id, b0, b1);
 	if (r)
 		return r;
-	r = write_range(vol, &(struct cell){ b0, b1 }, buf, off, off + len, HOW_DATA);
+	r = write_range(vol, &(struct cell){ b0, b1 }, buf, off, off + len, how);
 	tfs_prison_unlock(vol->pool->prison, vol->id, b0, b1);
 	return r;
 }
 
+int tfs_vol_write(struct tfs_vol *vol, const void *buf, size_t len, uint64_t off)
+{
+	return locked_write(vol, buf, off, len, HOW_DATA);
+}
+
 int tfs_vol_provision(struct tfs_vol *vol, uint64_t off, uint64_t len)
 {
-	uint64_t b0, b1;
-	int r;
-
-	if (!len)
-		return 0;
-	r = check_write(vol);
-	if (!r)
-		r = block_range(vol, off, len, &b0, &b1);
-	if (!r)
-		r = tfs_prison_lock(vol->pool->prison, vol->id, b0, b1);
-	if (r)
-		return r;
-	r = write_range(vol, &(struct cell){ b0, b1 }, NULL, off, off + len, HOW_PROVISION);
-	tfs_prison_unlock(vol->pool->prison, vol->id, b0, b1);
-	return r;
+	return locked_write(vol, NULL, off, len, HOW_PROVISION);
 }
 
 /* ---- reads ---------------------------------------------------------------------------- */

@@ -486,6 +486,29 @@ static bool is_reserved(const char *name)
 	return !strcmp(name, TFS_SNAPSHOTS_NAME);
 }
 
+/* Checks every new top-level name passes before the lock is taken. */
+static int check_new_name(struct tfs_fs *fs, const char *name)
+{
+	int r = tfs_catalog_check_name(name);
+
+	if (r < 0)
+		return r;
+	if (is_reserved(name))
+		return -EEXIST;
+	return fs->read_only ? -EROFS : 0;
+}
+
+/* 0 when no visible top-level volume has name; -EEXIST or a catalog error otherwise. Under fs->lock. */
+static int name_free_locked(struct tfs_fs *fs, const char *name)
+{
+	struct tfs_vol_row row;
+	int r = tfs_catalog_get_by_name(fs->cat, name, &row);
+
+	if (r == 0)
+		return -EEXIST;
+	return r == -ENOENT ? 0 : r;
+}
+
 int tfs_fs_create_volume(struct tfs_fs *fs, const char *name, uint32_t mode, uid_t uid,
 			 gid_t gid, struct tfs_inode **out)
 {
@@ -493,21 +516,13 @@ int tfs_fs_create_volume(struct tfs_fs *fs, const char *name, uint32_t mode, uid
 	uint32_t id;
 	int r;
 
-	r = tfs_catalog_check_name(name);
+	r = check_new_name(fs, name);
 	if (r < 0)
 		return r;
-	if (is_reserved(name))
-		return -EEXIST;
-	if (fs->read_only)
-		return -EROFS;
 
 	pthread_mutex_lock(&fs->lock);
-	r = tfs_catalog_get_by_name(fs->cat, name, &row);
-	if (r == 0) {
-		r = -EEXIST;
-		goto out_unlock;
-	}
-	if (r != -ENOENT)
+	r = name_free_locked(fs, name);
+	if (r < 0)
 		goto out_unlock;
 
 	r = tfs_pool_create_thin(fs->pool, &id);
@@ -1018,24 +1033,16 @@ int tfs_fs_snapshot_volume(struct tfs_fs *fs, const char *src, const char *new_n
 	uint32_t id;
 	int r;
 
-	r = tfs_catalog_check_name(new_name);
+	r = check_new_name(fs, new_name);
 	if (r < 0)
 		return r;
-	if (is_reserved(new_name))
-		return -EEXIST;
-	if (fs->read_only)
-		return -EROFS;
 
 	pthread_mutex_lock(&fs->lock);
 	r = find_source_locked(fs, src, &s);
 	if (r < 0)
 		goto out_unlock;
-	r = tfs_catalog_get_by_name(fs->cat, new_name, &row);
-	if (r == 0) {
-		r = -EEXIST;
-		goto out_unlock;
-	}
-	if (r != -ENOENT)
+	r = name_free_locked(fs, new_name);
+	if (r < 0)
 		goto out_unlock;
 	r = tfs_pool_create_snaps(fs->pool, &s.dev_id, 1, &id);
 	if (r < 0)
