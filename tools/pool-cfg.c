@@ -1,10 +1,12 @@
 /* SPDX-License-Identifier: GPL-2.0-or-later */
 #include "pool-cfg.h"
 
+#include <blkid/blkid.h>
 #include <errno.h>
 #include <ini.h>
 #include <stdbool.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 struct cfg_state {
@@ -69,9 +71,15 @@ int tfs_pool_cfg_metadata_path(const char *arg, char *out, size_t out_len)
 		return -EINVAL;
 	}
 	if (!strncmp(st.metadata, "UUID=", 5) || !strncmp(st.metadata, "LABEL=", 6)) {
-		fprintf(stderr, "thinfs: %s: device names like %s are not supported by the offline "
-				"tools yet; give a path\n", arg, st.metadata);
-		return -ENOTSUP;
+		/* The same resolution the daemon uses (libblkid), without linking the engine. */
+		char *dev = blkid_evaluate_tag(st.metadata, NULL, NULL);
+		if (!dev) {
+			fprintf(stderr, "thinfs: %s: no device has %s\n", arg, st.metadata);
+			return -ENOENT;
+		}
+		int n = snprintf(out, out_len, "%s", dev);
+		free(dev);
+		return n < 0 || (size_t)n >= out_len ? -ENAMETOOLONG : 0;
 	}
 
 	/* A relative path means: next to the .cfg file, wherever we run from. */

@@ -15,8 +15,8 @@
 /*
  * If arg ends in ".cfg", parse it (INI, libinih) and copy [pool] metadata
  * into out; a relative metadata path is taken relative to the directory of
- * the .cfg file.  Otherwise copy arg itself.  UUID= and LABEL= names are
- * refused (they need libblkid, which arrives with the daemon).  On failure
+ * the .cfg file; UUID= and LABEL= names are resolved with libblkid, as the
+ * daemon resolves them.  Otherwise copy arg itself.  On failure
  * prints the reason to stderr, prefixed "thinfs: ", and returns -errno.
  */
 int tfs_pool_cfg_metadata_path(const char *arg, char *out, size_t out_len);

@@ -101,3 +101,11 @@ def test_clear_needs_check_only_when_clean(tmp_path):
     with open(img, "rb") as f:
         f.seek(4)
         assert int.from_bytes(f.read(4), "little") & 1
+
+
+def test_check_resolves_device_names_in_pool_cfg_and_names_a_missing_one(tmp_path):
+    cfg = tmp_path / "pool.cfg"
+    cfg.write_text("[pool]\nmetadata = LABEL=thinfs-no-such-label-7c1\ndata = data.img\n")
+    p = run(THINFS, "check", cfg, check=False)
+    assert p.returncode == 2
+    assert "no device has LABEL=thinfs-no-such-label-7c1" in p.stderr
