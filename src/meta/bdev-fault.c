@@ -12,6 +12,9 @@
  * QD1 rate, and a data flush stalled every read and write).  Arming and
  * disarming happen under the lock; an op that read "not armed" just before
  * a rule was set counts as having happened before it.
+ *
+ * A stalled op waits on a condition variable, which gives the lock up, so
+ * other ops, set, power cut and close all go on while it waits.
  */
 #include "bdev.h"
 
@@ -32,6 +35,11 @@ struct fault_rule {
 	enum tfs_fault_mode mode;
 	uint64_t after; /* ops of this kind still to pass before failing */
 	bool once;
+	/*
+	 * Bumped by every set: a once-stall has already put mode back to OK,
+	 * so the mode alone cannot tell its op that it was released.
+	 */
+	uint64_t gen;
 };
 
 struct fault_dev {
@@ -40,6 +48,9 @@ struct fault_dev {
 	pthread_mutex_t lock;
 	bool volatile_cache;
 	bool dead; /* after a power cut */
+	bool closing; /* releases stalled ops so that close can free the wrapper */
+	pthread_cond_t stall_cv; /* stalled ops and a close waiting for them */
+	unsigned nr_stalled;
 	struct fault_rule rules[TFS_FAULT_NR_OPS];
 	atomic_bool armed; /* volatile_cache || dead || a rule not OK; written under lock */
 	atomic_uint_fast64_t reads, writes, flushes, discards;
@@ -72,12 +83,15 @@ static void count(atomic_uint_fast64_t *c)
 	atomic_fetch_add_explicit(c, 1, memory_order_relaxed);
 }
 
-/* Called with the lock held: decides whether this op fails, and how. */
-static int consult(struct fault_dev *f, enum tfs_fault_op op)
+/* Positive, so that it can never be mistaken for a -errno verdict. */
+#define STALL 1
+
+/* Called with the lock held: 0 to pass, -errno to fail, or STALL. */
+static int verdict(struct fault_dev *f, enum tfs_fault_op op)
 {
 	struct fault_rule *r = &f->rules[op];
 
-	if (f->dead)
+	if (f->dead || f->closing)
 		return -EIO;
 	if (r->mode == TFS_FAULT_OK)
 		return 0;
@@ -85,12 +99,38 @@ static int consult(struct fault_dev *f, enum tfs_fault_op op)
 		r->after--;
 		return 0;
 	}
-	int err = r->mode == TFS_FAULT_ENOSPC ? -ENOSPC : -EIO;
+	int v = r->mode == TFS_FAULT_STALL ? STALL : r->mode == TFS_FAULT_ENOSPC ? -ENOSPC : -EIO;
 	if (r->once) {
 		r->mode = TFS_FAULT_OK;
 		update_armed(f);
 	}
-	return err;
+	return v;
+}
+
+/*
+ * Called with the lock held.  A set that stalls again is no release: the
+ * test that armed the stall has not let go yet.
+ */
+static void stall(struct fault_dev *f, enum tfs_fault_op op)
+{
+	uint64_t gen = f->rules[op].gen;
+
+	f->nr_stalled++;
+	while (!f->dead && !f->closing &&
+	       (f->rules[op].gen == gen || f->rules[op].mode == TFS_FAULT_STALL))
+		pthread_cond_wait(&f->stall_cv, &f->lock);
+	f->nr_stalled--;
+	pthread_cond_broadcast(&f->stall_cv); /* close may be waiting for the last one */
+}
+
+/* Called with the lock held: decides whether this op fails, and how. */
+static int consult(struct fault_dev *f, enum tfs_fault_op op)
+{
+	int r;
+
+	while ((r = verdict(f, op)) == STALL)
+		stall(f, op);
+	return r;
 }
 
 static void overlay_pending(struct fault_dev *f, uint8_t *buf, size_t len, uint64_t off)
@@ -228,13 +268,26 @@ static int fault_grow(struct tfs_bdev *d, uint64_t bytes)
 	return tfs_bdev_grow(to_fault(d)->lower, bytes);
 }
 
+/* Stalled ops still point at the wrapper: they must be gone before it is freed. */
+static void release_stalled(struct fault_dev *f)
+{
+	pthread_mutex_lock(&f->lock);
+	f->closing = true;
+	pthread_cond_broadcast(&f->stall_cv);
+	while (f->nr_stalled)
+		pthread_cond_wait(&f->stall_cv, &f->lock);
+	pthread_mutex_unlock(&f->lock);
+}
+
 static void fault_destroy(struct tfs_bdev *d)
 {
 	struct fault_dev *f = to_fault(d);
 
+	release_stalled(f);
 	drop_pending(f);
 	free(f->pending);
 	tfs_bdev_close(f->lower);
+	pthread_cond_destroy(&f->stall_cv);
 	pthread_mutex_destroy(&f->lock);
 	free(f);
 }
@@ -260,6 +313,7 @@ int tfs_bdev_fault_wrap(struct tfs_bdev *lower, bool volatile_cache, struct tfs_
 	f->lower = lower;
 	f->volatile_cache = volatile_cache;
 	pthread_mutex_init(&f->lock, NULL);
+	pthread_cond_init(&f->stall_cv, NULL);
 	atomic_init(&f->armed, volatile_cache);
 	*out = &f->base;
 	return 0;
@@ -273,8 +327,11 @@ void tfs_bdev_fault_set(struct tfs_bdev *dev, enum tfs_fault_op op, enum tfs_fau
 	if (dev->ops != &fault_ops || op >= TFS_FAULT_NR_OPS)
 		return;
 	pthread_mutex_lock(&f->lock);
-	f->rules[op] = (struct fault_rule){ .mode = mode, .after = after, .once = once };
+	f->rules[op] = (struct fault_rule){
+		.mode = mode, .after = after, .once = once, .gen = f->rules[op].gen + 1
+	};
 	update_armed(f);
+	pthread_cond_broadcast(&f->stall_cv);
 	pthread_mutex_unlock(&f->lock);
 }
 
@@ -308,6 +365,7 @@ int tfs_bdev_fault_power_cut(struct tfs_bdev *dev, bool tear, uint32_t seed)
 	drop_pending(f);
 	f->dead = true;
 	update_armed(f);
+	pthread_cond_broadcast(&f->stall_cv);
 	pthread_mutex_unlock(&f->lock);
 	return r;
 }
@@ -324,4 +382,17 @@ void tfs_bdev_fault_counts(struct tfs_bdev *dev, struct tfs_bdev_io_counts *out)
 	out->writes = atomic_load_explicit(&f->writes, memory_order_relaxed);
 	out->flushes = atomic_load_explicit(&f->flushes, memory_order_relaxed);
 	out->discards = atomic_load_explicit(&f->discards, memory_order_relaxed);
+}
+
+unsigned tfs_bdev_fault_stalled(struct tfs_bdev *dev)
+{
+	struct fault_dev *f = to_fault(dev);
+	unsigned n;
+
+	if (dev->ops != &fault_ops)
+		return 0;
+	pthread_mutex_lock(&f->lock);
+	n = f->nr_stalled;
+	pthread_mutex_unlock(&f->lock);
+	return n;
 }

@@ -5,7 +5,8 @@
  * Owns: byte-addressed I/O on a plain file, a block device or a memory
  * buffer (unit tests, fuzzing), and a fault-injecting wrapper that can fail
  * the Nth read/write/flush, fail everything after a trigger, report ENOSPC,
- * and simulate power loss by dropping or tearing writes not yet flushed.
+ * hold ops in flight, and simulate power loss by dropping or tearing writes
+ * not yet flushed.
  * Every implementation is safe to call from several threads at once.
  *
  * Never: caches, interprets or reorders data.  Callers own alignment
@@ -88,6 +89,11 @@ enum tfs_fault_mode {
 	TFS_FAULT_OK,     /* pass through */
 	TFS_FAULT_EIO,    /* fail with -EIO */
 	TFS_FAULT_ENOSPC, /* fail with -ENOSPC */
+	/*
+	 * Block the op, so a test can do something (suspend, close a volume)
+	 * while I/O is in flight at a moment it chose.
+	 */
+	TFS_FAULT_STALL,
 };
 
 /*
@@ -100,6 +106,11 @@ int tfs_bdev_fault_wrap(struct tfs_bdev *lower, bool volatile_cache, struct tfs_
 /*
  * From the (after+1)-th op of this kind on, fail with mode, until set back
  * to TFS_FAULT_OK.  once: fail only that single op, then pass again.
+ *
+ * A stalled op waits, holding nothing other ops need, until this is called
+ * for its kind with a mode other than TFS_FAULT_STALL; it then meets that
+ * rule as if it had just arrived (so OK lets it do its I/O).  A power cut
+ * or closing the wrapper fails it with -EIO instead, so that no test hangs.
  */
 void tfs_bdev_fault_set(struct tfs_bdev *dev, enum tfs_fault_op op, enum tfs_fault_mode mode,
 			uint64_t after, bool once);
@@ -107,12 +118,19 @@ void tfs_bdev_fault_set(struct tfs_bdev *dev, enum tfs_fault_op op, enum tfs_fau
 /*
  * Power loss: writes not yet flushed are dropped; with tear, a prefix of
  * each unflushed write (whole 512-byte sectors, chosen from seed) reaches
- * the lower device instead.  Afterwards every op fails with -EIO until the
- * wrapper is closed.  Only meaningful with volatile_cache.
+ * the lower device instead.  Afterwards every op, stalled ones included,
+ * fails with -EIO until the wrapper is closed.  Only meaningful with
+ * volatile_cache.
  */
 int tfs_bdev_fault_power_cut(struct tfs_bdev *dev, bool tear, uint32_t seed);
 
-/* Counts of ops that reached the wrapper (failed ones included). */
+/* Counts of ops that reached the wrapper (failed and stalled ones included). */
 void tfs_bdev_fault_counts(struct tfs_bdev *dev, struct tfs_bdev_io_counts *out);
+
+/*
+ * How many ops are stalled right now: a test polls this to know its thread
+ * really is in flight before acting, rather than sleeping and hoping.
+ */
+unsigned tfs_bdev_fault_stalled(struct tfs_bdev *dev);
 
 #endif

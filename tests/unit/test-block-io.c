@@ -1,6 +1,7 @@
 /* SPDX-License-Identifier: GPL-2.0-or-later */
 /* Backing devices, the fault wrapper and the block manager, each alone. */
 #include <errno.h>
+#include <pthread.h>
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -8,6 +9,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <cmocka.h>
@@ -149,6 +151,192 @@ static void test_power_cut_tear_keeps_whole_sectors(void **state)
 			assert_int_equal(got[i], 0);
 		tfs_bdev_close(f);
 	}
+}
+
+/* One op run on its own thread, so that it can stall while the test goes on. */
+struct bg_op {
+	struct tfs_bdev *dev;
+	enum tfs_fault_op op;
+	uint8_t *buf;
+	size_t len;
+	uint64_t off;
+	int ret;
+	pthread_t thread;
+};
+
+static void *bg_op_run(void *arg)
+{
+	struct bg_op *o = arg;
+
+	switch (o->op) {
+	case TFS_FAULT_READ:
+		o->ret = tfs_bdev_read(o->dev, o->buf, o->len, o->off);
+		break;
+	case TFS_FAULT_WRITE:
+		o->ret = tfs_bdev_write(o->dev, o->buf, o->len, o->off);
+		break;
+	default:
+		o->ret = tfs_bdev_flush(o->dev);
+		break;
+	}
+	return NULL;
+}
+
+static void bg_op_start(struct bg_op *o, struct tfs_bdev *dev, enum tfs_fault_op op,
+			uint8_t *buf, size_t len, uint64_t off)
+{
+	*o = (struct bg_op){ .dev = dev, .op = op, .buf = buf, .len = len, .off = off, .ret = 1 };
+	assert_int_equal(pthread_create(&o->thread, NULL, bg_op_run, o), 0);
+}
+
+static int bg_op_join(struct bg_op *o)
+{
+	assert_int_equal(pthread_join(o->thread, NULL), 0);
+	return o->ret;
+}
+
+static double now_seconds(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return ts.tv_sec + ts.tv_nsec / 1e9;
+}
+
+/* Polls rather than sleeps a fixed time: a slow machine only makes it wait longer. */
+static void wait_stalled(struct tfs_bdev *f, unsigned n)
+{
+	double deadline = now_seconds() + 30;
+	const struct timespec ms = { .tv_nsec = 1000000 };
+
+	while (tfs_bdev_fault_stalled(f) < n && now_seconds() < deadline)
+		nanosleep(&ms, NULL);
+	assert_int_equal(tfs_bdev_fault_stalled(f), n);
+}
+
+static void test_fault_stall_holds_a_read_until_set_back_to_ok(void **state)
+{
+	(void)state;
+	struct tfs_bdev *mem, *f;
+	uint8_t a[4096], b[4096], got[4096];
+	memset(a, 0xAA, sizeof(a));
+	memset(b, 0xBB, sizeof(b));
+	memset(got, 0, sizeof(got));
+	assert_int_equal(tfs_bdev_open_mem(1 << 16, &mem), 0);
+	assert_int_equal(tfs_bdev_fault_wrap(mem, false, &f), 0);
+	assert_int_equal(tfs_bdev_write(f, a, 4096, 0), 0);
+	tfs_bdev_fault_set(f, TFS_FAULT_READ, TFS_FAULT_STALL, 1, false);
+	assert_int_equal(tfs_bdev_read(f, got, 4096, 0), 0); /* the one let through */
+	memset(got, 0, sizeof(got));
+	struct bg_op rd;
+	bg_op_start(&rd, f, TFS_FAULT_READ, got, sizeof(got), 0);
+	wait_stalled(f, 1);
+	/* The stalled read holds nothing a write needs. */
+	assert_int_equal(tfs_bdev_write(f, b, 4096, 8192), 0);
+	assert_int_equal(tfs_bdev_fault_stalled(f), 1);
+	tfs_bdev_fault_set(f, TFS_FAULT_READ, TFS_FAULT_OK, 0, false);
+	assert_int_equal(bg_op_join(&rd), 0);
+	assert_memory_equal(got, a, sizeof(a));
+	assert_int_equal(tfs_bdev_fault_stalled(f), 0);
+	assert_int_equal(tfs_bdev_fault_stalled(mem), 0); /* not a wrapper */
+	struct tfs_bdev_io_counts c;
+	tfs_bdev_fault_counts(f, &c);
+	assert_int_equal(c.reads, 2);
+	assert_int_equal(c.writes, 2);
+	tfs_bdev_close(f);
+}
+
+static void test_fault_stall_released_with_eio_fails_the_write(void **state)
+{
+	(void)state;
+	struct tfs_bdev *mem, *f;
+	uint8_t c[4096], got[4096];
+	memset(c, 0xCC, sizeof(c));
+	assert_int_equal(tfs_bdev_open_mem(1 << 16, &mem), 0);
+	assert_int_equal(tfs_bdev_fault_wrap(mem, false, &f), 0);
+	tfs_bdev_fault_set(f, TFS_FAULT_WRITE, TFS_FAULT_STALL, 0, true);
+	struct bg_op wr;
+	bg_op_start(&wr, f, TFS_FAULT_WRITE, c, sizeof(c), 0);
+	wait_stalled(f, 1);
+	/* once: only the first write stalls, a later one passes meanwhile. */
+	assert_int_equal(tfs_bdev_write(f, c, 4096, 8192), 0);
+	tfs_bdev_fault_set(f, TFS_FAULT_WRITE, TFS_FAULT_EIO, 0, true);
+	assert_int_equal(bg_op_join(&wr), -EIO);
+	assert_int_equal(tfs_bdev_read(mem, got, 4096, 0), 0);
+	for (size_t i = 0; i < sizeof(got); i++)
+		assert_int_equal(got[i], 0);
+	assert_int_equal(tfs_bdev_write(f, c, 4096, 0), 0); /* the EIO was once too */
+	struct tfs_bdev_io_counts n;
+	tfs_bdev_fault_counts(f, &n);
+	assert_int_equal(n.writes, 3);
+	tfs_bdev_close(f);
+}
+
+static void test_power_cut_releases_a_stalled_op(void **state)
+{
+	(void)state;
+	struct tfs_bdev *mem, *f;
+	uint8_t b[4096], got[4096];
+	memset(b, 0xBB, sizeof(b));
+	assert_int_equal(tfs_bdev_open_mem(1 << 16, &mem), 0);
+	assert_int_equal(tfs_bdev_fault_wrap(mem, true, &f), 0);
+	assert_int_equal(tfs_bdev_write(f, b, 4096, 0), 0);
+	tfs_bdev_fault_set(f, TFS_FAULT_FLUSH, TFS_FAULT_STALL, 0, false);
+	struct bg_op fl;
+	bg_op_start(&fl, f, TFS_FAULT_FLUSH, NULL, 0, 0);
+	wait_stalled(f, 1);
+	assert_int_equal(tfs_bdev_fault_power_cut(f, false, 1), 0);
+	assert_int_equal(bg_op_join(&fl), -EIO);
+	assert_int_equal(tfs_bdev_fault_stalled(f), 0);
+	/* The stalled flush never wrote the cached write back. */
+	assert_int_equal(tfs_bdev_read(mem, got, 4096, 0), 0);
+	assert_int_equal(got[0], 0);
+	tfs_bdev_close(f);
+}
+
+static void test_fault_stall_releases_every_stalled_thread(void **state)
+{
+	(void)state;
+	struct tfs_bdev *mem, *f;
+	uint8_t a[4096], got[2][4096];
+	memset(a, 0xAA, sizeof(a));
+	assert_int_equal(tfs_bdev_open_mem(1 << 16, &mem), 0);
+	assert_int_equal(tfs_bdev_fault_wrap(mem, false, &f), 0);
+	assert_int_equal(tfs_bdev_write(f, a, 4096, 4096), 0);
+	tfs_bdev_fault_set(f, TFS_FAULT_READ, TFS_FAULT_STALL, 0, false);
+	struct bg_op rd[2];
+	for (int i = 0; i < 2; i++)
+		bg_op_start(&rd[i], f, TFS_FAULT_READ, got[i], 4096, 4096);
+	wait_stalled(f, 2);
+	/* Stalling again is no release. */
+	tfs_bdev_fault_set(f, TFS_FAULT_READ, TFS_FAULT_STALL, 0, false);
+	tfs_bdev_fault_set(f, TFS_FAULT_READ, TFS_FAULT_OK, 0, false);
+	for (int i = 0; i < 2; i++) {
+		assert_int_equal(bg_op_join(&rd[i]), 0);
+		assert_memory_equal(got[i], a, sizeof(a));
+	}
+	assert_int_equal(tfs_bdev_fault_stalled(f), 0);
+	struct tfs_bdev_io_counts c;
+	tfs_bdev_fault_counts(f, &c);
+	assert_int_equal(c.reads, 2);
+	tfs_bdev_close(f);
+}
+
+static void test_close_releases_stalled_ops(void **state)
+{
+	(void)state;
+	struct tfs_bdev *mem, *f;
+	uint8_t got[2][512];
+	assert_int_equal(tfs_bdev_open_mem(1 << 16, &mem), 0);
+	assert_int_equal(tfs_bdev_fault_wrap(mem, false, &f), 0);
+	tfs_bdev_fault_set(f, TFS_FAULT_READ, TFS_FAULT_STALL, 0, false);
+	tfs_bdev_fault_set(f, TFS_FAULT_WRITE, TFS_FAULT_STALL, 0, false);
+	struct bg_op rd, wr;
+	bg_op_start(&rd, f, TFS_FAULT_READ, got[0], 512, 0);
+	bg_op_start(&wr, f, TFS_FAULT_WRITE, got[1], 512, 0);
+	wait_stalled(f, 2);
+	tfs_bdev_close(f);
+	assert_int_equal(bg_op_join(&rd), -EIO);
+	assert_int_equal(bg_op_join(&wr), -EIO);
 }
 
 static struct tfs_bm *new_bm(struct tfs_bdev **dev, size_t blocks, size_t cache)
@@ -300,6 +488,11 @@ int main(void)
 		cmocka_unit_test(test_fault_fails_nth_write_then_recovers),
 		cmocka_unit_test(test_power_cut_drops_unflushed_writes),
 		cmocka_unit_test(test_power_cut_tear_keeps_whole_sectors),
+		cmocka_unit_test(test_fault_stall_holds_a_read_until_set_back_to_ok),
+		cmocka_unit_test(test_fault_stall_released_with_eio_fails_the_write),
+		cmocka_unit_test(test_power_cut_releases_a_stalled_op),
+		cmocka_unit_test(test_fault_stall_releases_every_stalled_thread),
+		cmocka_unit_test(test_close_releases_stalled_ops),
 		cmocka_unit_test(test_bm_seals_and_validates_blocks),
 		cmocka_unit_test(test_bm_reports_corruption_naming_the_problem),
 		cmocka_unit_test(test_bm_cache_stays_bounded_and_writes_back_dirty_evictions),
