@@ -53,6 +53,7 @@ static const char *const section_word[] = {
 };
 
 /* Keys of the sections kept for later targets: names are checked, values are not. */
+#define NAMED_KEYS_MAX 5
 static const char *const origin_keys[] = { "device", NULL };
 static const char *const snapshot_keys[] = { "origin", "cow", "persistent", "chunk_size", NULL };
 static const char *const cache_keys[] = { "origin", "cache", "metadata", "mode", "policy", NULL };
@@ -91,10 +92,15 @@ static const char *const pool_key_name[K_NR] = {
 /* What the reader decided about the line inih is about to parse. */
 enum line_kind { LINE_BLANK, LINE_SECTION, LINE_KEY, LINE_REPORTED };
 
+/* More than inih's longest line (INI_MAX_LINE): a value that reached us fits. */
+#define NAMED_VALUE_MAX 256
+
 struct named_section {
 	enum section_kind kind;
 	char name[TFS_PATH_MAX];
 	unsigned line;
+	unsigned key_line[NAMED_KEYS_MAX];          /* by index in its key table; 0 = not given */
+	char value[NAMED_KEYS_MAX][NAMED_VALUE_MAX]; /* unquoted */
 };
 
 struct parser {
@@ -264,6 +270,50 @@ static void format_size(uint64_t n, char *out, size_t len)
 		snprintf(out, len, "%llu", (unsigned long long)n);
 	else
 		snprintf(out, len, "%llu%c", (unsigned long long)n, units[i]);
+}
+
+/* ---- bounded text ---- */
+
+/*
+ * Text appended into a fixed buffer.  used counts what was asked for, as
+ * snprintf does, so used >= len says it was cut; a NULL buffer of length 0
+ * only measures.
+ */
+struct text {
+	char *buf;
+	size_t len;
+	size_t used;
+};
+
+static void text_init(struct text *t, char *buf, size_t len)
+{
+	t->buf = len ? buf : NULL;
+	t->len = t->buf ? len : 0;
+	t->used = 0;
+	if (t->len)
+		t->buf[0] = '\0';
+}
+
+static void text_add(struct text *t, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+
+static void text_add(struct text *t, const char *fmt, ...)
+{
+	size_t room = t->used < t->len ? t->len - t->used : 0;
+	va_list ap;
+	int n;
+
+	va_start(ap, fmt);
+	n = vsnprintf(room ? t->buf + t->used : NULL, room, fmt, ap);
+	va_end(ap);
+	if (n > 0)
+		t->used += (size_t)n;
+}
+
+/* A reader of a cut message must see that it was cut. */
+static void text_finish(struct text *t)
+{
+	if (t->used >= t->len && t->len >= 4)
+		memcpy(t->buf + t->len - 4, "...", 4);
 }
 
 /* ---- device names ---- */
@@ -594,24 +644,53 @@ static void pool_key(struct parser *p, const char *name, const char *raw)
 	}
 }
 
-static void named_key(struct parser *p, const char *name)
+static const char *const *named_keys(enum section_kind kind)
 {
-	const char *const *keys = p->section == SEC_ORIGIN ? origin_keys
-				: p->section == SEC_SNAPSHOT ? snapshot_keys
-							     : cache_keys;
-	struct named_section *ns = &p->named[p->nr_named - 1];
+	return kind == SEC_ORIGIN ? origin_keys : kind == SEC_SNAPSHOT ? snapshot_keys : cache_keys;
+}
+
+static void unknown_named_key(struct parser *p, const struct named_section *ns, const char *name)
+{
+	const char *const *keys = named_keys(ns->kind);
 	char known[128] = "";
 
-	for (const char *const *k = keys; *k; k++)
-		if (!strcmp(name, *k))
-			return;
 	for (const char *const *k = keys; *k; k++) {
 		strncat(known, *k, sizeof(known) - strlen(known) - 1);
 		if (k[1])
 			strncat(known, ", ", sizeof(known) - strlen(known) - 1);
 	}
 	problem(p, p->lineno, -EINVAL, "unknown key '%s' in [%s \"%s\"] (known: %s)", name,
-		section_word[p->section], ns->name, known);
+		section_word[ns->kind], ns->name, known);
+}
+
+/* Kept as given: a reload compares these sections, the later targets will check them. */
+static void named_key(struct parser *p, const char *name, const char *raw)
+{
+	struct named_section *ns = &p->named[p->nr_named - 1];
+	const char *const *keys = named_keys(ns->kind);
+	char unq[NAMED_VALUE_MAX];
+	const char *value = unquote(raw, unq, sizeof(unq));
+	size_t i;
+
+	for (i = 0; keys[i]; i++)
+		if (!strcmp(name, keys[i]))
+			break;
+	if (!keys[i]) {
+		unknown_named_key(p, ns, name);
+		return;
+	}
+	if (ns->key_line[i]) {
+		problem(p, p->lineno, -EINVAL, "%s: given twice (first on line %u)", name,
+			ns->key_line[i]);
+		return;
+	}
+	ns->key_line[i] = p->lineno;
+	if (strlen(value) >= sizeof(ns->value[i])) {
+		problem(p, p->lineno, -EINVAL, "%s: value longer than %zu bytes", name,
+			sizeof(ns->value[i]) - 1);
+		return;
+	}
+	strcpy(ns->value[i], value);
 }
 
 static int on_pair(void *user, const char *section, const char *name, const char *value)
@@ -648,7 +727,7 @@ static int on_pair(void *user, const char *section, const char *name, const char
 	case SEC_ORIGIN:
 	case SEC_SNAPSHOT:
 	case SEC_CACHE:
-		named_key(p, name);
+		named_key(p, name, value);
 		break;
 	}
 	return 1;
@@ -779,6 +858,7 @@ static void section_header(struct parser *p, const char *start)
 		return;
 	}
 	p->named = grown;
+	memset(&grown[p->nr_named], 0, sizeof(grown[p->nr_named]));
 	grown[p->nr_named].kind = kind;
 	strcpy(grown[p->nr_named].name, name);
 	grown[p->nr_named].line = p->lineno;
@@ -926,6 +1006,87 @@ static void finish(struct parser *p)
 			"catalog: %s is the metadata or data device", c->catalog);
 }
 
+/* ---- [origin/snapshot/cache] sections as text ---- */
+
+/* The canonical order: by kind (origin, snapshot, cache), then by name. */
+static int section_order(enum section_kind ka, const char *a, size_t alen, enum section_kind kb,
+			 const char *b, size_t blen)
+{
+	int c;
+
+	if (ka != kb)
+		return ka < kb ? -1 : 1;
+	c = memcmp(a, b, alen < blen ? alen : blen);
+	if (c)
+		return c;
+	return alen < blen ? -1 : alen > blen;
+}
+
+static int cmp_named(const void *a, const void *b)
+{
+	const struct named_section *x = a, *y = b;
+
+	return section_order(x->kind, x->name, strlen(x->name), y->kind, y->name, strlen(y->name));
+}
+
+/* `origin "db": device=/dev/sdb`, keys by name so that their order in the file does not count. */
+static void add_target_line(struct text *t, const struct named_section *ns)
+{
+	const char *const *keys = named_keys(ns->kind);
+	const char *prev = "";
+	int next;
+
+	text_add(t, "%s \"%s\":", section_word[ns->kind], ns->name);
+	for (;;) {
+		next = -1;
+		for (int i = 0; keys[i]; i++)
+			if (ns->key_line[i] && strcmp(keys[i], prev) > 0 &&
+			    (next < 0 || strcmp(keys[i], keys[next]) < 0))
+				next = i;
+		if (next < 0)
+			break;
+		text_add(t, " %s=%s", keys[next], ns->value[next]);
+		prev = keys[next];
+	}
+	text_add(t, "\n");
+}
+
+/*
+ * The size is checked in file order, whatever the canonical order, so the
+ * error names the section where the file went past the limit.
+ */
+static bool targets_fit(struct parser *p)
+{
+	size_t total = 1; /* the NUL */
+	struct text measure;
+
+	for (size_t i = 0; i < p->nr_named; i++) {
+		text_init(&measure, NULL, 0);
+		add_target_line(&measure, &p->named[i]);
+		total += measure.used;
+		if (total > sizeof(p->cfg.targets)) {
+			problem(p, p->named[i].line, -EINVAL,
+				"too many or too long [origin/snapshot/cache] sections: at most %zu bytes",
+				sizeof(p->cfg.targets));
+			return false;
+		}
+	}
+	return true;
+}
+
+static void keep_targets(struct parser *p)
+{
+	struct text t;
+
+	if (!targets_fit(p))
+		return;
+	if (p->nr_named)
+		qsort(p->named, p->nr_named, sizeof(*p->named), cmp_named);
+	text_init(&t, p->cfg.targets, sizeof(p->cfg.targets));
+	for (size_t i = 0; i < p->nr_named; i++)
+		add_target_line(&t, &p->named[i]);
+}
+
 static void set_defaults(struct tfs_pool_config *c)
 {
 	memset(c, 0, sizeof(*c));
@@ -988,8 +1149,10 @@ int tfs_config_load(const char *path, struct tfs_pool_config *out)
 		/* Our reader mirrors inih; this only catches a rule it missed. */
 		problem(p, (unsigned)ini, -EINVAL, "syntax error");
 	}
-	if (!p->read_errno)
+	if (!p->read_errno) {
 		finish(p);
+		keep_targets(p);
+	}
 
 	if (p->nr_errors) {
 		r = p->err ? p->err : -EINVAL;
@@ -1005,5 +1168,232 @@ out_free:
 	free(p->buf);
 	free(p->named);
 	free(p);
+	return r;
+}
+
+/* ---- reload ---- */
+
+static const char *yes_no(bool b)
+{
+	return b ? "yes" : "no";
+}
+
+/* As people write them: "60s", "500ms" (whole seconds as seconds). */
+static void format_ms(uint64_t ms, char *out, size_t len)
+{
+	if (ms % 1000)
+		snprintf(out, len, "%llums", (unsigned long long)ms);
+	else
+		snprintf(out, len, "%llus", (unsigned long long)(ms / 1000));
+}
+
+static void format_low_water(const struct tfs_pool_config *c, char *out, size_t len)
+{
+	if (c->low_water_is_percent)
+		snprintf(out, len, "%u%%", c->low_water_percent);
+	else
+		snprintf(out, len, "%llu blocks", (unsigned long long)c->low_water_blocks);
+}
+
+static bool low_water_differs(const struct tfs_pool_config *a, const struct tfs_pool_config *b)
+{
+	if (a->low_water_is_percent != b->low_water_is_percent)
+		return true;
+	return a->low_water_is_percent ? a->low_water_percent != b->low_water_percent
+				       : a->low_water_blocks != b->low_water_blocks;
+}
+
+static int refuse(struct text *why, const char *key, const char *from, const char *to)
+{
+	text_add(why, "%s: %s -> %s cannot change while mounted", key, from, to);
+	return -EINVAL;
+}
+
+/* What the pool is: its devices and their layout, which a live pool cannot take back. */
+static int identity_change(const struct tfs_pool_config *run, const struct tfs_pool_config *next,
+			   struct text *why)
+{
+	char a[32], b[32];
+
+	if (strcmp(run->metadata, next->metadata))
+		return refuse(why, "metadata", run->metadata, next->metadata);
+	if (strcmp(run->data, next->data))
+		return refuse(why, "data", run->data, next->data);
+	if (run->block_size != next->block_size) {
+		format_size(run->block_size, a, sizeof(a));
+		format_size(next->block_size, b, sizeof(b));
+		return refuse(why, "block_size", a, b);
+	}
+	if (strcmp(run->catalog, next->catalog))
+		return refuse(why, "catalog", run->catalog, next->catalog);
+	if (run->metadata_cache_bytes != next->metadata_cache_bytes) {
+		format_size(run->metadata_cache_bytes, a, sizeof(a));
+		format_size(next->metadata_cache_bytes, b, sizeof(b));
+		return refuse(why, "metadata_cache", a, b);
+	}
+	/* Faults are allowed at open only: a reload must not arm them on a live pool. */
+	if (run->allow_faults != next->allow_faults)
+		return refuse(why, "[fault] allow", yes_no(run->allow_faults),
+			      yes_no(next->allow_faults));
+	return 0;
+}
+
+static void change(struct text *t, const char *key, const char *from, const char *to)
+{
+	text_add(t, "%s%s: %s -> %s", t->used ? "; " : "", key, from, to);
+}
+
+/* The out-of-space policy first: it is what a reload is usually for. */
+static void setting_changes(const struct tfs_pool_config *run, const struct tfs_pool_config *next,
+			    struct text *t)
+{
+	char a[48], b[48];
+
+	if (run->error_if_no_space != next->error_if_no_space)
+		change(t, "error_if_no_space", yes_no(run->error_if_no_space),
+		       yes_no(next->error_if_no_space));
+	if (run->no_space_timeout_ms != next->no_space_timeout_ms) {
+		format_ms(run->no_space_timeout_ms, a, sizeof(a));
+		format_ms(next->no_space_timeout_ms, b, sizeof(b));
+		change(t, "no_space_timeout", a, b);
+	}
+	if (low_water_differs(run, next)) {
+		format_low_water(run, a, sizeof(a));
+		format_low_water(next, b, sizeof(b));
+		change(t, "low_water_mark", a, b);
+	}
+	if (run->discard_passdown != next->discard_passdown)
+		change(t, "discard_passdown", yes_no(run->discard_passdown),
+		       yes_no(next->discard_passdown));
+	if (run->skip_block_zeroing != next->skip_block_zeroing)
+		change(t, "skip_block_zeroing", yes_no(run->skip_block_zeroing),
+		       yes_no(next->skip_block_zeroing));
+	if (run->commit_interval_ms != next->commit_interval_ms) {
+		format_ms(run->commit_interval_ms, a, sizeof(a));
+		format_ms(next->commit_interval_ms, b, sizeof(b));
+		change(t, "commit_interval", a, b);
+	}
+	if (strcmp(run->on_event, next->on_event))
+		change(t, "on_event", run->on_event[0] ? run->on_event : "none",
+		       next->on_event[0] ? next->on_event : "none");
+}
+
+/* One line of a `targets` text, split into its header and its keys. */
+struct target_line {
+	enum section_kind kind;     /* SEC_BAD when the line is not canonical */
+	const char *header;         /* `origin "db"` */
+	size_t header_len;
+	const char *name;
+	size_t name_len;
+	const char *body;           /* `device=/dev/sdb`, maybe empty */
+	size_t body_len;
+};
+
+/* Split the line at s, which ends before end; returns where the next one starts. */
+static const char *split_target_line(const char *s, const char *end, struct target_line *l)
+{
+	const char *eol = memchr(s, '\n', (size_t)(end - s));
+	const char *q, *close;
+	size_t word;
+
+	if (!eol)
+		eol = end;
+	memset(l, 0, sizeof(*l));
+	l->kind = SEC_BAD;
+	l->header = l->name = s;
+	l->header_len = l->name_len = (size_t)(eol - s);
+	l->body = eol;
+	q = memchr(s, ' ', (size_t)(eol - s));
+	close = q && q + 1 < eol && q[1] == '"' ? memchr(q + 2, '"', (size_t)(eol - q - 2)) : NULL;
+	if (close && close + 1 < eol && close[1] == ':') {
+		word = (size_t)(q - s);
+		for (enum section_kind k = SEC_ORIGIN; k <= SEC_CACHE; k++)
+			if (word == strlen(section_word[k]) && !strncmp(s, section_word[k], word))
+				l->kind = k;
+		l->header_len = (size_t)(close + 1 - s);
+		l->name = q + 2;
+		l->name_len = (size_t)(close - l->name);
+		l->body = close + 2 + (close + 2 < eol && close[2] == ' ');
+	}
+	l->body_len = (size_t)(eol - l->body);
+	return eol < end ? eol + 1 : end;
+}
+
+static int cmp_target_lines(const struct target_line *a, const struct target_line *b)
+{
+	return section_order(a->kind, a->name, a->name_len, b->kind, b->name, b->name_len);
+}
+
+static void add_body(struct text *t, const struct target_line *l)
+{
+	if (l->body_len)
+		text_add(t, "%.*s", (int)l->body_len, l->body);
+	else
+		text_add(t, "(no keys)");
+}
+
+static void section_change(struct text *t, const struct target_line *run,
+			   const struct target_line *next)
+{
+	const struct target_line *l = run ? run : next;
+
+	text_add(t, "%s[%.*s] ", t->used ? "; " : "", (int)l->header_len, l->header);
+	if (!run)
+		text_add(t, "added");
+	else if (!next)
+		text_add(t, "removed");
+	else {
+		text_add(t, "changed: ");
+		add_body(t, run);
+		text_add(t, " -> ");
+		add_body(t, next);
+	}
+}
+
+/* Both texts are sorted the same way: one merge walk finds what was added, removed or changed. */
+static void section_changes(const struct tfs_pool_config *run, const struct tfs_pool_config *next,
+			    struct text *t)
+{
+	const char *r = run->targets, *r_end = r + strnlen(r, sizeof(run->targets));
+	const char *n = next->targets, *n_end = n + strnlen(n, sizeof(next->targets));
+	struct target_line rl, nl;
+	const char *r_next, *n_next;
+	int c;
+
+	while (r < r_end || n < n_end) {
+		r_next = r < r_end ? split_target_line(r, r_end, &rl) : r;
+		n_next = n < n_end ? split_target_line(n, n_end, &nl) : n;
+		c = r >= r_end ? 1 : n >= n_end ? -1 : cmp_target_lines(&rl, &nl);
+		if (c < 0) {
+			section_change(t, &rl, NULL);
+			r = r_next;
+		} else if (c > 0) {
+			section_change(t, NULL, &nl);
+			n = n_next;
+		} else {
+			if (rl.body_len != nl.body_len || memcmp(rl.body, nl.body, rl.body_len))
+				section_change(t, &rl, &nl);
+			r = r_next;
+			n = n_next;
+		}
+	}
+}
+
+int tfs_config_reload_diff(const struct tfs_pool_config *run, const struct tfs_pool_config *next,
+			   char *why, size_t why_len, char *changes, size_t changes_len)
+{
+	struct text w, ch;
+	int r;
+
+	text_init(&w, why, why_len);
+	text_init(&ch, changes, changes_len);
+	r = identity_change(run, next, &w);
+	if (r)
+		goto out;
+	setting_changes(run, next, &ch);
+	section_changes(run, next, &ch);
+out:
+	text_finish(&w);
+	text_finish(&ch);
 	return r;
 }

@@ -24,7 +24,16 @@
  *   metadata_cache            metadata cache size, e.g. "64m" (default 64m)
  * [fault] allow = yes|no      fault injection (needs --allow-faults too)
  * Sections [origin "..."], [snapshot "..."], [cache "..."] are recognised
- * and kept for later targets; their keys are validated only by name.
+ * and kept for later targets; their keys are validated only by name (each
+ * at most once), their values not at all.  They are kept as text, in
+ * `targets`: one line per section, sorted by kind (origin, snapshot,
+ * cache) then by name (strcmp), each '\n'-terminated, keys sorted by name
+ * and values as given (unquoted), e.g.
+ *   origin "db": device=/dev/sdb
+ *   snapshot "s1": chunk_size=8k cow=/dev/sdd origin=db
+ * so that equal sections compare equal whatever their order in the file.
+ * It is flat (the config is copied by value) and bounded: a file whose
+ * text would not fit in TFS_TARGETS_MAX bytes (with its NUL) is refused.
  *
  * Syntax details: comments start with ';' or '#' (inline: " ;"); a value
  * may be wrapped in one pair of double quotes; continuation lines
@@ -47,6 +56,7 @@
 #include <stdint.h>
 
 #define TFS_PATH_MAX 4096
+#define TFS_TARGETS_MAX 8192
 
 struct tfs_pool_config {
 	char path[TFS_PATH_MAX];          /* the pool.cfg itself, absolute */
@@ -65,6 +75,7 @@ struct tfs_pool_config {
 	uint64_t commit_interval_ms;
 	uint64_t metadata_cache_bytes;
 	bool allow_faults;
+	char targets[TFS_TARGETS_MAX];    /* [origin/snapshot/cache] sections, see above */
 };
 
 /*
@@ -74,6 +85,25 @@ struct tfs_pool_config {
  * name that cannot be resolved), -errno.
  */
 int tfs_config_load(const char *path, struct tfs_pool_config *out);
+
+/*
+ * A reload: may `next` replace `run` on a mounted pool?  -EINVAL when it
+ * changes what the pool is: metadata or data device path, block_size,
+ * catalog, metadata_cache, [fault] allow; why then names the first of them
+ * (in that order) and both values, e.g. "block_size: 64k -> 128k cannot
+ * change while mounted", and changes is "".  Otherwise 0, why is "", and
+ * changes lists what differs, "; "-separated, e.g.
+ * "error_if_no_space: no -> yes; no_space_timeout: 60s -> 0s; low_water_mark: 10% -> 4096 blocks; [origin \"db\"] added",
+ * or "" when nothing does.  Reloadable: low_water_mark, error_if_no_space,
+ * no_space_timeout, discard_passdown, skip_block_zeroing, commit_interval,
+ * on_event, and the origin/snapshot/cache sections (added, removed,
+ * changed: '[cache "c"] changed: mode=writethrough -> mode=writeback').
+ * The path of the .cfg itself may differ.  Either text is cut to its
+ * buffer (ending "..." when cut); a buffer may be NULL with length 0.
+ * Logs nothing.
+ */
+int tfs_config_reload_diff(const struct tfs_pool_config *run, const struct tfs_pool_config *next,
+			   char *why, size_t why_len, char *changes, size_t changes_len);
 
 /*
  * Resolve "UUID=...", "LABEL=..." or a path (relative to base_dir) to a path.

@@ -290,6 +290,103 @@ static void test_named_sections_accept_their_keys(void **state)
 		  e->meta, e->data);
 	assert_int_equal(tfs_config_load(e->cfg, &c), 0);
 	assert_int_equal(e->nr_msgs, 0);
+	assert_string_equal(c.targets,
+			    "origin \"db\": device=/dev/sdc\n"
+			    "snapshot \"db-before-upgrade\": chunk_size=8k cow=/dev/sdd origin=db "
+			    "persistent=yes\n"
+			    "cache \"fast1\": cache=/dev/nvme0n1p2 metadata=/dev/nvme0n1p1 mode=writeback "
+			    "origin=/dev/sde policy=smq\n");
+}
+
+/* The same sections in another order, keys shuffled, a value quoted: the same text. */
+static void test_named_section_text_ignores_the_order_in_the_file(void **state)
+{
+	struct env *e = *state;
+	struct tfs_pool_config c;
+
+	write_cfg(e,
+		  "[cache \"fast1\"]\npolicy = smq\nmode = writeback\nmetadata = /dev/nvme0n1p1\n"
+		  "cache = /dev/nvme0n1p2\norigin = /dev/sde\n"
+		  "[snapshot \"db-before-upgrade\"]\npersistent = yes\nchunk_size = 8k\n"
+		  "cow = /dev/sdd\norigin = db\n"
+		  "[pool]\nmetadata = %s\ndata = %s\n"
+		  "[origin \"b\"]\n"
+		  "[origin \"db\"]\ndevice = \"/dev/sdc\"\n"
+		  "[origin \"a b\"]\ndevice = /dev/my disk\n",
+		  e->meta, e->data);
+	assert_int_equal(tfs_config_load(e->cfg, &c), 0);
+	assert_int_equal(e->nr_msgs, 0);
+	assert_string_equal(c.targets,
+			    "origin \"a b\": device=/dev/my disk\n"
+			    "origin \"b\":\n"
+			    "origin \"db\": device=/dev/sdc\n"
+			    "snapshot \"db-before-upgrade\": chunk_size=8k cow=/dev/sdd origin=db "
+			    "persistent=yes\n"
+			    "cache \"fast1\": cache=/dev/nvme0n1p2 metadata=/dev/nvme0n1p1 mode=writeback "
+			    "origin=/dev/sde policy=smq\n");
+
+	write_cfg(e, "[pool]\nmetadata = %s\ndata = %s\n", e->meta, e->data);
+	assert_int_equal(tfs_config_load(e->cfg, &c), 0);
+	assert_string_equal(c.targets, "");
+}
+
+static void test_named_section_keys_are_given_once(void **state)
+{
+	struct env *e = *state;
+	struct tfs_pool_config c;
+
+	write_cfg(e, "[pool]\nmetadata = %s\ndata = %s\n[origin \"db\"]\ndevice = /a\ndevice = /b\n",
+		  e->meta, e->data);
+	assert_int_equal(tfs_config_load(e->cfg, &c), -EINVAL);
+	assert_logged(e, 6, "device", "given twice (first on line 5)");
+}
+
+/* Write n [origin "sNNN"] sections (lines 4, 6, ...), the last one's device value last_len bytes. */
+static void write_origins(struct env *e, unsigned n, size_t len, size_t last_len)
+{
+	char value[256];
+	FILE *f = fopen(e->cfg, "w");
+
+	assert_non_null(f);
+	fprintf(f, "[pool]\nmetadata = %s\ndata = %s\n", e->meta, e->data);
+	for (unsigned i = 0; i < n; i++) {
+		size_t l = i + 1 == n ? last_len : len;
+
+		assert_true(l < sizeof(value));
+		memset(value, 'v', l);
+		value[l] = '\0';
+		fprintf(f, "[origin \"s%03u\"]\ndevice = /%s\n", i, value);
+	}
+	fclose(f);
+	e->log[0] = '\0';
+	e->nr_msgs = 0;
+}
+
+/*
+ * `origin "s000": device=/` is 23 bytes, so a value of 149 makes a line of
+ * 173 with its newline: 47 lines are 8131 bytes, and one more of 60 bytes
+ * (value 36) fills the 8192 with the NUL; a byte more does not fit.
+ */
+static void test_named_section_text_is_at_most_8192_bytes(void **state)
+{
+	struct env *e = *state;
+	struct tfs_pool_config c;
+
+	write_origins(e, 48, 149, 36);
+	assert_int_equal(tfs_config_load(e->cfg, &c), 0);
+	assert_int_equal(strlen(c.targets), 8191);
+	assert_int_equal(e->nr_msgs, 0);
+
+	write_origins(e, 48, 149, 37);
+	assert_int_equal(tfs_config_load(e->cfg, &c), -EINVAL);
+	assert_logged(e, 4 + 2 * 47,
+		      "too many or too long [origin/snapshot/cache] sections: at most 8192 bytes",
+		      NULL);
+	assert_int_equal(e->nr_msgs, 1);
+
+	write_origins(e, 100, 149, 149);
+	assert_int_equal(tfs_config_load(e->cfg, &c), -EINVAL);
+	assert_logged(e, 4 + 2 * 47, "at most 8192 bytes", NULL); /* where it went past */
 }
 
 /* ---- values that are wrong ---- */
@@ -641,6 +738,257 @@ static void test_resolve_device_reports_without_logging(void **state)
 	assert_string_equal(e->log, "");
 }
 
+/* ---- tfs_config_reload_diff ---- */
+
+struct reload {
+	struct tfs_pool_config run, next;
+	char why[512];
+	char changes[1024];
+};
+
+/* Load [pool] with the two devices and then `extra` (more keys, sections) into c. */
+static void load_with(struct env *e, struct tfs_pool_config *c, const char *extra)
+{
+	write_cfg(e, "[pool]\nmetadata = %s\ndata = %s\n%s", e->meta, e->data, extra);
+	if (tfs_config_load(e->cfg, c))
+		fail_msg("'%s' does not load:\n%s", extra, e->log);
+}
+
+/* Diff two configs (the devices plus run_extra, and plus next_extra): what it says. */
+static int reload(struct env *e, struct reload *rl, const char *run_extra, const char *next_extra)
+{
+	load_with(e, &rl->run, run_extra);
+	load_with(e, &rl->next, next_extra);
+	memset(rl->why, 'X', sizeof(rl->why));
+	memset(rl->changes, 'X', sizeof(rl->changes));
+	e->log[0] = '\0';
+	return tfs_config_reload_diff(&rl->run, &rl->next, rl->why, sizeof(rl->why), rl->changes,
+				      sizeof(rl->changes));
+}
+
+static void expect_reloadable(struct env *e, struct reload *rl, const char *run_extra,
+			      const char *next_extra, const char *changes)
+{
+	int r = reload(e, rl, run_extra, next_extra);
+
+	if (r || strcmp(rl->changes, changes) || rl->why[0])
+		fail_msg("'%s' -> '%s': got %d, why '%s', changes '%s'; want 0, '', '%s'", run_extra,
+			 next_extra, r, rl->why, rl->changes, changes);
+	assert_string_equal(e->log, ""); /* logs nothing */
+}
+
+static void expect_refused(struct env *e, struct reload *rl, const char *run_extra,
+			   const char *next_extra, const char *why)
+{
+	int r = reload(e, rl, run_extra, next_extra);
+
+	if (r != -EINVAL || strcmp(rl->why, why) || rl->changes[0])
+		fail_msg("'%s' -> '%s': got %d, why '%s', changes '%s'; want -EINVAL, '%s', ''",
+			 run_extra, next_extra, r, rl->why, rl->changes, why);
+	assert_string_equal(e->log, "");
+}
+
+static void test_reload_of_the_same_cfg_changes_nothing(void **state)
+{
+	static const char sections[] = "low_water_mark = 100\n[origin \"db\"]\ndevice = /dev/sdb\n"
+				       "[cache \"c\"]\nmode = writeback\norigin = db\n";
+	struct env *e = *state;
+	struct reload *rl = calloc(1, sizeof(*rl));
+	char other[PATH_MAX + 16];
+
+	assert_non_null(rl);
+	expect_reloadable(e, rl, "", "", "");
+	expect_reloadable(e, rl, sections, sections, "");
+	/* The same settings spelt otherwise are the same settings. */
+	expect_reloadable(e, rl, "no_space_timeout = 1m\nerror_if_no_space = on\n",
+			  "no_space_timeout = 60000ms\nerror_if_no_space = yes\n", "");
+	/* The .cfg may move. */
+	load_with(e, &rl->run, sections);
+	snprintf(other, sizeof(other), "%s/moved.cfg", e->dir);
+	assert_int_equal(rename(e->cfg, other), 0);
+	assert_int_equal(tfs_config_load(other, &rl->next), 0);
+	assert_string_not_equal(rl->run.path, rl->next.path);
+	assert_int_equal(tfs_config_reload_diff(&rl->run, &rl->next, rl->why, sizeof(rl->why),
+						rl->changes, sizeof(rl->changes)),
+			 0);
+	assert_string_equal(rl->changes, "");
+	free(rl);
+}
+
+static void test_reload_names_each_reloadable_change(void **state)
+{
+	static const struct {
+		const char *run, *next, *changes;
+	} cases[] = {
+		{ "", "low_water_mark = 4096", "low_water_mark: 10% -> 4096 blocks" },
+		{ "low_water_mark = 4096", "low_water_mark = 4097", "low_water_mark: 4096 blocks -> 4097 blocks" },
+		{ "low_water_mark = 10", "low_water_mark = 10%", "low_water_mark: 10 blocks -> 10%" },
+		{ "", "low_water_mark = 5%", "low_water_mark: 10% -> 5%" },
+		{ "", "error_if_no_space = yes", "error_if_no_space: no -> yes" },
+		{ "", "no_space_timeout = 0", "no_space_timeout: 60s -> 0s" },
+		{ "", "no_space_timeout = 1500ms", "no_space_timeout: 60s -> 1500ms" },
+		{ "", "discard_passdown = no", "discard_passdown: yes -> no" },
+		{ "", "skip_block_zeroing = yes", "skip_block_zeroing: no -> yes" },
+		{ "", "commit_interval = 500ms", "commit_interval: 1s -> 500ms" },
+		{ "commit_interval = 2m", "", "commit_interval: 120s -> 1s" },
+		/* The example of config.h, word for word. */
+		{ "",
+		  "error_if_no_space = yes\nno_space_timeout = 0\nlow_water_mark = 4096\n"
+		  "[origin \"db\"]\ndevice = /dev/sdb",
+		  "error_if_no_space: no -> yes; no_space_timeout: 60s -> 0s; "
+		  "low_water_mark: 10% -> 4096 blocks; [origin \"db\"] added" },
+		{ "discard_passdown = no\nskip_block_zeroing = yes\ncommit_interval = 2s",
+		  "commit_interval = 2s\n",
+		  "discard_passdown: no -> yes; skip_block_zeroing: yes -> no" },
+	};
+	struct env *e = *state;
+	struct reload *rl = calloc(1, sizeof(*rl));
+	char run[256], next[256], hook[PATH_MAX + 16], hook2[PATH_MAX + 16], want[3 * PATH_MAX];
+
+	assert_non_null(rl);
+	for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+		snprintf(run, sizeof(run), "%s\n", cases[i].run);
+		snprintf(next, sizeof(next), "%s\n", cases[i].next);
+		expect_reloadable(e, rl, run, next, cases[i].changes);
+	}
+
+	snprintf(hook, sizeof(hook), "%s/hook.sh", e->dir);
+	make_file(hook, 0, 0755);
+	snprintf(hook2, sizeof(hook2), "%s/hook2.sh", e->dir);
+	make_file(hook2, 0, 0755);
+	snprintf(want, sizeof(want), "on_event: none -> %s", hook);
+	expect_reloadable(e, rl, "", "on_event = hook.sh\n", want);
+	snprintf(want, sizeof(want), "on_event: %s -> %s", hook, hook2);
+	expect_reloadable(e, rl, "on_event = hook.sh\n", "on_event = hook2.sh\n", want);
+	snprintf(want, sizeof(want), "on_event: %s -> none", hook2);
+	expect_reloadable(e, rl, "on_event = hook2.sh\n", "", want);
+	free(rl);
+}
+
+static void test_reload_refuses_to_change_what_the_pool_is(void **state)
+{
+	static const struct {
+		const char *run, *next, *why;
+	} cases[] = {
+		{ "", "block_size = 128k\n", "block_size: 64k -> 128k cannot change while mounted" },
+		{ "block_size = 1m\n", "", "block_size: 1m -> 64k cannot change while mounted" },
+		{ "", "metadata_cache = 128m\n",
+		  "metadata_cache: 64m -> 128m cannot change while mounted" },
+		{ "", "[fault]\nallow = yes\n", "[fault] allow: no -> yes cannot change while mounted" },
+		{ "[fault]\nallow = yes\n", "[fault]\nallow = no\n",
+		  "[fault] allow: yes -> no cannot change while mounted" },
+		/* Several: the first in the documented order, and nothing of the rest. */
+		{ "", "metadata_cache = 1g\nerror_if_no_space = yes\n[fault]\nallow = yes\n",
+		  "metadata_cache: 64m -> 1g cannot change while mounted" },
+		{ "", "metadata_cache = 1g\nblock_size = 256k\nerror_if_no_space = yes\n",
+		  "block_size: 64k -> 256k cannot change while mounted" },
+	};
+	struct env *e = *state;
+	struct reload *rl = calloc(1, sizeof(*rl));
+	char meta2[PATH_MAX + 16], data2[PATH_MAX + 16], cat[PATH_MAX + 16];
+	char want[3 * PATH_MAX + 64], next[2 * PATH_MAX];
+
+	assert_non_null(rl);
+	for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++)
+		expect_refused(e, rl, cases[i].run, cases[i].next, cases[i].why);
+
+	snprintf(meta2, sizeof(meta2), "%s/meta2.img", e->dir);
+	make_file(meta2, 8 << 20, 0644);
+	snprintf(data2, sizeof(data2), "%s/data2.img", e->dir);
+	make_file(data2, 8 << 20, 0644);
+	snprintf(cat, sizeof(cat), "%s/other.db", e->dir);
+
+	/* Device paths: the first difference is named even when block_size differs too. */
+	load_with(e, &rl->run, "");
+	write_cfg(e, "[pool]\nmetadata = %s\ndata = %s\nblock_size = 128k\n", meta2, e->data);
+	assert_int_equal(tfs_config_load(e->cfg, &rl->next), 0);
+	snprintf(want, sizeof(want), "metadata: %s -> %s cannot change while mounted", e->meta,
+		 meta2);
+	assert_int_equal(tfs_config_reload_diff(&rl->run, &rl->next, rl->why, sizeof(rl->why),
+						rl->changes, sizeof(rl->changes)),
+			 -EINVAL);
+	assert_string_equal(rl->why, want);
+	assert_string_equal(rl->changes, "");
+
+	write_cfg(e, "[pool]\nmetadata = %s\ndata = %s\n", e->meta, data2);
+	assert_int_equal(tfs_config_load(e->cfg, &rl->next), 0);
+	snprintf(want, sizeof(want), "data: %s -> %s cannot change while mounted", e->data, data2);
+	assert_int_equal(tfs_config_reload_diff(&rl->run, &rl->next, rl->why, sizeof(rl->why),
+						rl->changes, sizeof(rl->changes)),
+			 -EINVAL);
+	assert_string_equal(rl->why, want);
+
+	snprintf(next, sizeof(next), "catalog = %s\n", cat);
+	snprintf(want, sizeof(want), "catalog: %s.catalog.db -> %s cannot change while mounted",
+		 e->meta, cat);
+	expect_refused(e, rl, "", next, want);
+	free(rl);
+}
+
+static void test_reload_reports_sections_added_removed_and_changed(void **state)
+{
+	struct env *e = *state;
+	struct reload *rl = calloc(1, sizeof(*rl));
+
+	assert_non_null(rl);
+	expect_reloadable(e, rl, "[origin \"db\"]\ndevice = /dev/sdb\n", "",
+			  "[origin \"db\"] removed");
+	expect_reloadable(e, rl, "", "[snapshot \"s\"]\norigin = db\n", "[snapshot \"s\"] added");
+	expect_reloadable(e, rl, "[origin \"db\"]\ndevice = /dev/sdb\n",
+			  "[origin \"db\"]\ndevice = /dev/sdc\n",
+			  "[origin \"db\"] changed: device=/dev/sdb -> device=/dev/sdc");
+	expect_reloadable(e, rl, "[origin \"db\"]\n", "[origin \"db\"]\ndevice = /dev/sdc\n",
+			  "[origin \"db\"] changed: (no keys) -> device=/dev/sdc");
+	/* A name that moves to another kind is one section gone and another new. */
+	expect_reloadable(e, rl,
+			  "[origin \"a\"]\n[origin \"db\"]\ndevice = /dev/sdb\n"
+			  "[cache \"c1\"]\nmode = writethrough\norigin = /dev/sde\n",
+			  "no_space_timeout = 0\n"
+			  "[cache \"c1\"]\norigin = /dev/sde\nmode = writeback\n"
+			  "[cache \"a\"]\n[snapshot \"s1\"]\norigin = db\n",
+			  "no_space_timeout: 60s -> 0s; [origin \"a\"] removed; [origin \"db\"] removed; "
+			  "[snapshot \"s1\"] added; [cache \"a\"] added; "
+			  "[cache \"c1\"] changed: mode=writethrough origin=/dev/sde -> "
+			  "mode=writeback origin=/dev/sde");
+	free(rl);
+}
+
+static void test_reload_texts_are_cut_safely(void **state)
+{
+	static const char all[] = "error_if_no_space: no -> yes; no_space_timeout: 60s -> 0s";
+	struct env *e = *state;
+	struct reload *rl = calloc(1, sizeof(*rl));
+	char small[16];
+
+	assert_non_null(rl);
+	load_with(e, &rl->run, "");
+	load_with(e, &rl->next, "error_if_no_space = yes\nno_space_timeout = 0\n");
+	memset(small, 'X', sizeof(small));
+	assert_int_equal(tfs_config_reload_diff(&rl->run, &rl->next, NULL, 0, small, sizeof(small)),
+			 0);
+	assert_string_equal(small, "error_if_no_...");
+	/* Exactly fitting is not cut. */
+	assert_int_equal(tfs_config_reload_diff(&rl->run, &rl->next, NULL, 0, rl->changes,
+						sizeof(all)),
+			 0);
+	assert_string_equal(rl->changes, all);
+	assert_int_equal(tfs_config_reload_diff(&rl->run, &rl->next, NULL, 0, rl->changes,
+						sizeof(all) - 1),
+			 0);
+	assert_string_equal(rl->changes, "error_if_no_space: no -> yes; no_space_timeout: 60s -...");
+	assert_int_equal(tfs_config_reload_diff(&rl->run, &rl->next, NULL, 0, NULL, 0), 0);
+	small[0] = 'X';
+	assert_int_equal(tfs_config_reload_diff(&rl->run, &rl->next, NULL, 0, small, 1), 0);
+	assert_int_equal(small[0], '\0');
+
+	load_with(e, &rl->next, "block_size = 128k\n");
+	memset(small, 'X', sizeof(small));
+	assert_int_equal(tfs_config_reload_diff(&rl->run, &rl->next, small, sizeof(small), NULL, 0),
+			 -EINVAL);
+	assert_string_equal(small, "block_size: ...");
+	free(rl);
+}
+
 /* ---- tfs_parse_size ---- */
 
 static void test_parse_size_accepts_binary_units_and_relative_sizes(void **state)
@@ -711,6 +1059,9 @@ int main(void)
 		T(test_crlf_line_endings_and_a_bom_are_accepted),
 		T(test_relative_paths_are_relative_to_the_cfg_directory),
 		T(test_named_sections_accept_their_keys),
+		T(test_named_section_text_ignores_the_order_in_the_file),
+		T(test_named_section_keys_are_given_once),
+		T(test_named_section_text_is_at_most_8192_bytes),
 		T(test_bad_values_name_file_line_and_key),
 		T(test_a_failed_load_leaves_the_output_untouched),
 		T(test_every_problem_is_reported_not_just_the_first),
@@ -726,6 +1077,11 @@ int main(void)
 		T(test_block_device_metadata_puts_the_catalog_in_var_lib),
 		T(test_a_missing_cfg_is_named),
 		T(test_resolve_device_reports_without_logging),
+		T(test_reload_of_the_same_cfg_changes_nothing),
+		T(test_reload_names_each_reloadable_change),
+		T(test_reload_refuses_to_change_what_the_pool_is),
+		T(test_reload_reports_sections_added_removed_and_changed),
+		T(test_reload_texts_are_cut_safely),
 		T(test_parse_size_accepts_binary_units_and_relative_sizes),
 #undef T
 	};
