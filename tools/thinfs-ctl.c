@@ -6,6 +6,7 @@
  * "thinfs-ctl: <error>" on one stderr line and exit 1.  Usage errors exit 2.
  */
 #include <errno.h>
+#include <limits.h>
 #include <json-c/json.h>
 #include <stdarg.h>
 #include <stdbool.h>
@@ -32,7 +33,12 @@ static void usage(FILE *f)
 	      "  events [--json] [--follow]   the event log\n"
 	      "  wait-event N [--timeout S]   wait until event N exists\n"
 	      "  resize data|metadata SIZE|+DELTA  grow the pool's data or metadata device\n"
-	      "  fault metadata|data read|write|flush error|enospc|ok [after N] [once]\n"
+	      "  suspend [NAME...] [--noflush] [--timeout S]\n"
+	      "                               hold new I/O to the volumes (no NAME: the whole\n"
+	      "                               pool); returns once they are quiescent\n"
+	      "  resume [NAME...]             re-issue held I/O (no NAME: pool and volumes)\n"
+	      "  reload POOL.CFG              stage a changed pool.cfg for the pool's resume\n"
+	      "  fault metadata|data read|write|flush error|enospc|stall|ok [after N] [once]\n"
 	      "  fault power-cut [tear]       fault injection (pool.cfg [fault] allow = yes\n"
 	      "                               and thinfs mount --allow-faults only)\n", f);
 }
@@ -154,7 +160,13 @@ int main(int argc, char **argv)
 	args = json_object_new_array();
 	json_object_object_add(req, "cmd", json_object_new_string(argv[2]));
 	for (int i = 3; i < argc; i++) {
-		json_object_array_add(args, json_object_new_string(argv[i]));
+		char abs[PATH_MAX];
+		const char *a = argv[i];
+
+		/* The daemon has another working directory: a pool.cfg is named absolutely. */
+		if (!strcmp(argv[2], "reload") && i == 3 && realpath(a, abs))
+			a = abs;
+		json_object_array_add(args, json_object_new_string(a));
 		json_wanted |= !strcmp(argv[i], "--json");
 	}
 	json_object_object_add(req, "args", args);

@@ -18,9 +18,11 @@
 #include <stdatomic.h>
 #include <stdbool.h>
 #include <stdint.h>
+#include <time.h>
 
 #include "bdev.h"
 #include "config.h"
+#include "core.h"
 #include "pool.h"
 #include "prison.h"
 #include "thin-metadata.h"
@@ -54,7 +56,12 @@ struct tfs_thin_ref {
 };
 
 struct tfs_pool {
-	struct tfs_pool_config cfg;   /* immutable after open */
+	/*
+	 * Changed only by a resume that takes a reloaded configuration, with
+	 * the pool suspended (nothing in flight, no background work) and
+	 * under lock and timer_lock; read without a lock by requests.
+	 */
+	struct tfs_pool_config cfg;
 	uint64_t block_size;          /* bytes */
 	bool opened_read_only;
 	struct tfs_bdev *meta, *data; /* fault wrappers over the devices */
@@ -76,6 +83,7 @@ struct tfs_pool {
 	struct tfs_pmd_space space;   /* [lock] last known, for status in fail mode */
 	pthread_cond_t space_cv;      /* the mode changed, or the pool is closing: held writes look */
 	struct timespec oods_since;   /* [lock] CLOCK_MONOTONIC: when out_of_data_space began */
+	uint64_t oods_free;           /* [lock] free data blocks then: leaving needs more */
 	bool no_space_error;          /* [lock] no_space_timeout passed: fail, don't hold, until resize */
 	bool closing;                 /* [lock] tfs_pool_close began: nothing is held any more */
 	unsigned held;                /* [lock] writes waiting for data space now */
@@ -90,6 +98,13 @@ struct tfs_pool {
 	bool discard_warned;          /* [commit_mutex] told once that passdown fails */
 
 	pthread_mutex_t resize_mutex; /* one resize at a time; taken before everything else */
+
+	/* Suspend, resume and reload, one at a time; taken before resize_mutex. */
+	struct tfs_core *core;
+	pthread_mutex_t suspend_mutex;
+	struct tfs_pool_config *staged; /* [suspend_mutex] reloaded, taken at the pool's resume */
+	char staged_changes[1024];      /* [suspend_mutex] what taking it changes, for messages */
+	bool reload_staged;             /* [lock] staged != NULL, for status */
 
 	pthread_t commit_thread;
 	bool thread_started;
@@ -152,10 +167,20 @@ int tfs_pool_space_exhausted(struct tfs_pool *pool, unsigned attempt);
 /*
  * Wait, holding no lock and no cell, until the pool leaves
  * out_of_data_space (0: retry), no_space_timeout passes (-ENOSPC, and
- * later writes fail at once until a resize), or the pool goes read_only,
- * fail or closes (-EIO).
+ * later writes fail at once until a resize), the pool goes read_only,
+ * fail or closes (-EIO), or a suspend of the request's device begins:
+ * TFS_POOL_PUSHBACK (noflush; the request io is in the core's held list
+ * and must leave the target, then tfs_core_reissue) or -EIO.
  */
-int tfs_pool_hold_for_space(struct tfs_pool *pool);
+#define TFS_POOL_PUSHBACK TFS_CORE_PUSHBACK
+int tfs_pool_hold_for_space(struct tfs_pool *pool, struct tfs_core_io *io);
+
+/* tfs_pool_resize without the core's admission (a resume's own use). */
+int tfs_pool_grow(struct tfs_pool *pool, bool data, uint64_t bytes, char *why, size_t why_len);
+
+/* CLOCK_MONOTONIC times for the pool's condition variables. */
+struct timespec tfs_timespec_add_ms(struct timespec t, uint64_t ms);
+struct timespec tfs_deadline_in(uint64_t ms);
 
 int tfs_extents_add(struct tfs_extents *x, uint64_t begin, uint64_t len);
 void tfs_extents_free(struct tfs_extents *x);

@@ -243,7 +243,12 @@ static void discard_extents(struct tfs_pool *pool, struct tfs_extents *x)
 
 typedef int (*commit_fn)(struct tfs_pmd *pmd);
 
-/* After a commit: blocks freed in it are allocatable now. */
+/*
+ * After a commit: blocks freed in it are allocatable now.  Only more free
+ * blocks than when the pool ran out count: a request needing more blocks
+ * than were left is what ran it out, and flipping back to write for those
+ * would only bounce the mode (and the events) on every commit.
+ */
 static void leave_out_of_space(struct tfs_pool *pool)
 {
 	struct tfs_pmd_space sp;
@@ -251,7 +256,7 @@ static void leave_out_of_space(struct tfs_pool *pool)
 	if (pool->mode != TFS_POOL_OUT_OF_DATA_SPACE)
 		return;
 	tfs_pmd_space(pool->pmd, &sp);
-	if (sp.data_free)
+	if (sp.data_free > pool->oods_free)
 		set_mode(pool, TFS_POOL_WRITE, "%llu data blocks free again",
 			 (unsigned long long)sp.data_free);
 }
@@ -413,21 +418,23 @@ int tfs_pool_space_exhausted(struct tfs_pool *pool, unsigned attempt)
 	if (attempt == 0 && sp.data_free > 0)
 		return tfs_pool_commit_now(pool, false);
 	pthread_mutex_lock(&pool->lock);
-	if (pool->mode == TFS_POOL_WRITE)
-		set_mode(pool, TFS_POOL_OUT_OF_DATA_SPACE, "no free data block (%llu in use)",
-			 (unsigned long long)sp.data_total);
+	if (pool->mode == TFS_POOL_WRITE) {
+		set_mode(pool, TFS_POOL_OUT_OF_DATA_SPACE, sp.data_free ?
+			 "%llu data blocks free, fewer than a write needs" :
+			 "no free data block (%llu in use)", (unsigned long long)
+			 (sp.data_free ? sp.data_free : sp.data_total));
+		pool->oods_free = sp.data_free;
+	} else if (sp.data_free < pool->oods_free) {
+		pool->oods_free = sp.data_free; /* a smaller request ran out too */
+	}
 	hold = pool->mode == TFS_POOL_OUT_OF_DATA_SPACE && !pool->cfg.error_if_no_space &&
 	       !pool->no_space_error && !pool->closing;
 	pthread_mutex_unlock(&pool->lock);
 	return hold ? TFS_POOL_HOLD : -ENOSPC;
 }
 
-/* oods_since + no_space_timeout, for pthread_cond_timedwait on space_cv. */
-static struct timespec no_space_deadline(const struct tfs_pool *pool)
+struct timespec tfs_timespec_add_ms(struct timespec t, uint64_t ms)
 {
-	struct timespec t = pool->oods_since;
-	uint64_t ms = pool->cfg.no_space_timeout_ms;
-
 	t.tv_sec += (time_t)(ms / 1000);
 	t.tv_nsec += (long)(ms % 1000) * 1000000L;
 	if (t.tv_nsec >= 1000000000L) {
@@ -437,12 +444,26 @@ static struct timespec no_space_deadline(const struct tfs_pool *pool)
 	return t;
 }
 
+struct timespec tfs_deadline_in(uint64_t ms)
+{
+	struct timespec now;
+
+	clock_gettime(CLOCK_MONOTONIC, &now);
+	return tfs_timespec_add_ms(now, ms);
+}
+
+/* oods_since + no_space_timeout, for pthread_cond_timedwait on space_cv. */
+static struct timespec no_space_deadline(const struct tfs_pool *pool)
+{
+	return tfs_timespec_add_ms(pool->oods_since, pool->cfg.no_space_timeout_ms);
+}
+
 /*
  * The timeout counts from when the pool ran out, not from when each write
  * arrived (as dm-thin): once it passes, every held write fails and so do
  * later ones, until a resize gives the pool space it can count on again.
  */
-int tfs_pool_hold_for_space(struct tfs_pool *pool)
+int tfs_pool_hold_for_space(struct tfs_pool *pool, struct tfs_core_io *io)
 {
 	struct timespec deadline;
 	int r = 0;
@@ -451,6 +472,10 @@ int tfs_pool_hold_for_space(struct tfs_pool *pool)
 	deadline = no_space_deadline(pool);
 	pool->held++;
 	for (;;) {
+		/* Under the lock a suspend broadcasts space_cv with: no wake-up is lost. */
+		r = tfs_core_hold_check(pool->core, io);
+		if (r)
+			break;
 		if (pool->closing || pool->mode == TFS_POOL_READ_ONLY || pool->mode == TFS_POOL_FAIL) {
 			r = -EIO;
 			break;
@@ -492,29 +517,29 @@ static void init_timer_cv(struct tfs_pool *pool)
 	pthread_condattr_destroy(&attr);
 }
 
+/*
+ * A suspended pool does no background work: between the suspend's own
+ * commit and the end of the resume nothing may change on disk.
+ */
 static void *commit_thread(void *arg)
 {
 	struct tfs_pool *pool = arg;
-	uint64_t ms = pool->cfg.commit_interval_ms ? pool->cfg.commit_interval_ms : 1000;
-	struct timespec deadline;
 
 	pthread_mutex_lock(&pool->timer_lock);
 	while (!pool->stopping) {
-		clock_gettime(CLOCK_MONOTONIC, &deadline);
-		deadline.tv_sec += (time_t)(ms / 1000);
-		deadline.tv_nsec += (long)(ms % 1000) * 1000000L;
-		if (deadline.tv_nsec >= 1000000000L) {
-			deadline.tv_sec++;
-			deadline.tv_nsec -= 1000000000L;
-		}
-		while (!pool->stopping &&
-		       pthread_cond_timedwait(&pool->timer_cv, &pool->timer_lock, &deadline) != ETIMEDOUT)
-			;
+		/* Re-read each round: a reload may change it (under timer_lock). */
+		uint64_t ms = pool->cfg.commit_interval_ms ? pool->cfg.commit_interval_ms : 1000;
+		struct timespec deadline = tfs_deadline_in(ms);
+		int w = 0;
+
+		while (!pool->stopping && w != ETIMEDOUT)
+			w = pthread_cond_timedwait(&pool->timer_cv, &pool->timer_lock, &deadline);
 		if (pool->stopping)
 			break;
 		pthread_mutex_unlock(&pool->timer_lock);
 		/* Failures change the mode and are logged there. */
-		run_commit(pool, false, NULL);
+		if (!tfs_core_suspended(pool->core, TFS_CORE_POOL))
+			run_commit(pool, false, NULL);
 		pthread_mutex_lock(&pool->timer_lock);
 	}
 	pthread_mutex_unlock(&pool->timer_lock);
@@ -658,6 +683,9 @@ static void free_pool(struct tfs_pool *pool)
 	tfs_bdev_close(pool->meta);
 	tfs_prison_destroy(pool->prison);
 	tfs_extents_free(&pool->passdown);
+	tfs_core_destroy(pool->core);
+	free(pool->staged);
+	pthread_mutex_destroy(&pool->suspend_mutex);
 	pthread_mutex_destroy(&pool->lock);
 	pthread_mutex_destroy(&pool->commit_mutex);
 	pthread_mutex_destroy(&pool->timer_lock);
@@ -683,11 +711,14 @@ int tfs_pool_open(const struct tfs_pool_config *cfg, bool read_only, struct tfs_
 	pthread_mutex_init(&pool->commit_mutex, NULL);
 	pthread_mutex_init(&pool->timer_lock, NULL);
 	pthread_mutex_init(&pool->resize_mutex, NULL);
+	pthread_mutex_init(&pool->suspend_mutex, NULL);
 	pthread_cond_init(&pool->alloc_cv, NULL);
 	pthread_cond_init(&pool->drain_cv, NULL);
 	init_timer_cv(pool);
 
 	r = tfs_prison_create(&pool->prison);
+	if (!r)
+		r = tfs_core_create(&pool->core);
 	if (r)
 		goto err_free;
 	r = open_wrapped(cfg->metadata, read_only, cfg->allow_faults, &pool->meta);
@@ -730,6 +761,7 @@ unsigned tfs_pool_transitions(struct tfs_pool *pool, uint64_t after,
 /* Nothing will resize a pool that is going away. */
 void tfs_pool_stop_holding(struct tfs_pool *pool)
 {
+	tfs_core_close(pool->core);
 	pthread_mutex_lock(&pool->lock);
 	pool->closing = true;
 	pthread_cond_broadcast(&pool->space_cv);
@@ -818,6 +850,29 @@ void tfs_pool_put_thin(struct tfs_pool *pool, struct tfs_thin_ref *ref)
 	free(ref);
 }
 
+/* ---- pool-level changes ------------------------------------------------------ */
+
+/*
+ * Every change to the pool's devices or superblock is a request of the
+ * core's too: a suspend waits for one in progress, and while the pool is
+ * suspended they are refused (-EBUSY) rather than held, because their
+ * callers hold the daemon's namespace lock, which status and resume need.
+ */
+static int admin_begin(struct tfs_pool *pool, struct tfs_core_io *io, const char *what)
+{
+	int r = tfs_core_enter_admin(pool->core, io);
+
+	if (r)
+		tfs_info("%s: %s refused: the pool is suspended", pool->cfg.metadata, what);
+	return r;
+}
+
+static int admin_end(struct tfs_pool *pool, struct tfs_core_io *io, int r)
+{
+	tfs_core_exit(pool->core, io);
+	return r;
+}
+
 static bool is_open(struct tfs_pool *pool, uint32_t id)
 {
 	for (struct tfs_thin_ref *ref = pool->thins; ref; ref = ref->next)
@@ -863,7 +918,7 @@ out:
 	return total < 0 ? total : 0;
 }
 
-int tfs_pool_create_thin(struct tfs_pool *pool, uint32_t *id_out)
+static int create_thin(struct tfs_pool *pool, uint32_t *id_out)
 {
 	uint64_t gen;
 	uint32_t id;
@@ -947,8 +1002,8 @@ static int make_snaps(struct tfs_pool *pool, const uint32_t *origins, unsigned n
  * flight on it finish first (their lookups predate the snapshot, so an
  * overwrite in place must not land after it) and new ones wait.
  */
-int tfs_pool_create_snaps(struct tfs_pool *pool, const uint32_t *origins, unsigned nr,
-			  uint32_t *ids_out)
+static int create_snaps(struct tfs_pool *pool, const uint32_t *origins, unsigned nr,
+			uint32_t *ids_out)
 {
 	uint32_t *locked, *ids;
 	unsigned nr_locked, held = 0;
@@ -1044,7 +1099,7 @@ out:
 	return r;
 }
 
-int tfs_pool_delete(struct tfs_pool *pool, uint32_t id)
+static int delete_device(struct tfs_pool *pool, uint32_t id)
 {
 	uint64_t gen;
 	int r;
@@ -1068,7 +1123,7 @@ int tfs_pool_list(struct tfs_pool *pool, uint32_t *ids, unsigned max)
 	return r;
 }
 
-int tfs_pool_set_transaction_id(struct tfs_pool *pool, uint64_t old_id, uint64_t new_id)
+static int set_transaction_id(struct tfs_pool *pool, uint64_t old_id, uint64_t new_id)
 {
 	uint64_t gen;
 	int r;
@@ -1084,15 +1139,54 @@ int tfs_pool_set_transaction_id(struct tfs_pool *pool, uint64_t old_id, uint64_t
 	return r ? r : commit_change(pool, gen);
 }
 
+int tfs_pool_create_thin(struct tfs_pool *pool, uint32_t *id_out)
+{
+	struct tfs_core_io io;
+	int r = admin_begin(pool, &io, "creating a thin device");
+
+	return r ? r : admin_end(pool, &io, create_thin(pool, id_out));
+}
+
+int tfs_pool_create_snaps(struct tfs_pool *pool, const uint32_t *origins, unsigned nr,
+			  uint32_t *ids_out)
+{
+	struct tfs_core_io io;
+	int r = admin_begin(pool, &io, "creating snapshots");
+
+	return r ? r : admin_end(pool, &io, create_snaps(pool, origins, nr, ids_out));
+}
+
+int tfs_pool_delete(struct tfs_pool *pool, uint32_t id)
+{
+	struct tfs_core_io io;
+	int r = admin_begin(pool, &io, "deleting a thin device");
+
+	return r ? r : admin_end(pool, &io, delete_device(pool, id));
+}
+
+int tfs_pool_set_transaction_id(struct tfs_pool *pool, uint64_t old_id, uint64_t new_id)
+{
+	struct tfs_core_io io;
+	int r = admin_begin(pool, &io, "setting the transaction id");
+
+	return r ? r : admin_end(pool, &io, set_transaction_id(pool, old_id, new_id));
+}
+
 /* Both commit inside the metadata layer, so they run as the commit step itself. */
 int tfs_pool_reserve_metadata_snap(struct tfs_pool *pool)
 {
-	return run_commit(pool, false, tfs_pmd_reserve_metadata_snap);
+	struct tfs_core_io io;
+	int r = admin_begin(pool, &io, "reserving a metadata snapshot");
+
+	return r ? r : admin_end(pool, &io, run_commit(pool, false, tfs_pmd_reserve_metadata_snap));
 }
 
 int tfs_pool_release_metadata_snap(struct tfs_pool *pool)
 {
-	return run_commit(pool, false, tfs_pmd_release_metadata_snap);
+	struct tfs_core_io io;
+	int r = admin_begin(pool, &io, "releasing the metadata snapshot");
+
+	return r ? r : admin_end(pool, &io, run_commit(pool, false, tfs_pmd_release_metadata_snap));
 }
 
 /* ---- resize ------------------------------------------------------------------------- */
@@ -1127,7 +1221,7 @@ static int may_resize(struct tfs_pool *pool, char *why, size_t why_len)
 	return 0;
 }
 
-int tfs_pool_resize(struct tfs_pool *pool, bool data, uint64_t bytes, char *why, size_t why_len)
+int tfs_pool_grow(struct tfs_pool *pool, bool data, uint64_t bytes, char *why, size_t why_len)
 {
 	struct tfs_bdev *dev = data ? pool->data : pool->meta;
 	const char *what = data ? "data" : "metadata";
@@ -1196,6 +1290,19 @@ out:
 	return r;
 }
 
+int tfs_pool_resize(struct tfs_pool *pool, bool data, uint64_t bytes, char *why, size_t why_len)
+{
+	struct tfs_core_io io;
+	int r = admin_begin(pool, &io, "resizing");
+
+	if (r) {
+		snprintf(why, why_len, "the pool is suspended: stage the new size with reload, "
+			 "then resume");
+		return r;
+	}
+	return admin_end(pool, &io, tfs_pool_grow(pool, data, bytes, why, why_len));
+}
+
 /* ---- status ------------------------------------------------------------------------- */
 
 static uint64_t low_water(const struct tfs_pool_config *cfg, uint64_t total)
@@ -1234,7 +1341,12 @@ void tfs_pool_status(struct tfs_pool *pool, struct tfs_pool_status *out)
 	out->low_water_blocks = low_water(&pool->cfg, out->data_total);
 	out->held_writes = pool->held;
 	out->no_space_error = pool->no_space_error;
+	out->reload_staged = pool->reload_staged;
+	out->error_if_no_space = pool->cfg.error_if_no_space;
+	out->discard_passdown = pool->cfg.discard_passdown;
 	pthread_mutex_unlock(&pool->lock);
+	out->suspended = tfs_core_suspended(pool->core, TFS_CORE_POOL);
+	out->held_in_core = tfs_core_nr_held(pool->core, TFS_CORE_POOL);
 	copy_counts(pool->meta, &out->io_meta);
 	copy_counts(pool->data, &out->io_data);
 }

@@ -99,6 +99,12 @@ struct tfs_pool_status {
 	char reason[256];
 	unsigned held_writes;     /* writes waiting for data space now */
 	bool no_space_error;      /* no_space_timeout passed: behaving as error_if_no_space */
+	/* Added with suspend/resume (issue 5). */
+	bool suspended;           /* the pool itself (being) suspended */
+	bool reload_staged;       /* a reloaded configuration waits for the pool's resume */
+	unsigned held_in_core;    /* requests held in the core (suspended devices, pushed back) */
+	bool error_if_no_space;   /* as configured now (a reload may change it) */
+	bool discard_passdown;
 };
 void tfs_pool_status(struct tfs_pool *pool, struct tfs_pool_status *out);
 
@@ -132,7 +138,59 @@ struct tfs_pool_transition {
 unsigned tfs_pool_transitions(struct tfs_pool *pool, uint64_t after,
 			      struct tfs_pool_transition *out, unsigned max);
 
-/* Writes held for data space fail (-EIO) now and later ones are not held: shutting down. */
+/* ---- suspend, resume, reload (the core: core.h) ---- */
+struct tfs_suspend_opts {
+	bool noflush;             /* push requests held in the pool back into the core, not EIO */
+	uint64_t timeout_ms;      /* abandon the suspend if in-flight I/O lasts longer; 0 = none */
+	bool (*cancelled)(void *arg); /* polled while waiting: true abandons the suspend */
+	void *arg;
+};
+/*
+ * Suspend devices ids[0..nr) (nr == 0: the pool, which holds every
+ * device): new requests to them are held until resume; writes waiting
+ * inside the pool for data space fail with -EIO, or with noflush are
+ * pushed back and held; then, once nothing of theirs is in flight, the
+ * pool commits (not in read_only or fail mode).  A suspended pool does no
+ * background work and refuses pool-level changes (create, snapshot,
+ * delete, resize, ...) with -EBUSY.  Returns how many of them were newly
+ * suspended (0: all were already), or -ETIMEDOUT / -EINTR (timeout or
+ * cancelled: the suspend is abandoned, they are active again, requests
+ * pushed back go in again and ones told to leave that had not yet been
+ * pushed back fail with -EIO), -ENOMEM.  why says what happened.
+ */
+int tfs_pool_suspend(struct tfs_pool *pool, const uint32_t *ids, unsigned nr,
+		     const struct tfs_suspend_opts *opts, char *why, size_t why_len);
+/*
+ * Resume ids[0..nr) (nr == 0: the pool and every device): held requests go
+ * in again in arrival order.  The pool's resume first takes a staged
+ * reload (new settings, devices grown to their size now) and restarts the
+ * no_space_timeout clock.  Returns how many were suspended; msg lists what
+ * the reload changed ("" when nothing), including a grow that failed.
+ */
+int tfs_pool_resume(struct tfs_pool *pool, const uint32_t *ids, unsigned nr, char *msg,
+		    size_t msg_len);
+/*
+ * Stage cfg for the pool's next resume; only while the pool is suspended
+ * (-EBUSY otherwise).  -EINVAL, changing nothing, when cfg changes what
+ * the pool is (metadata or data device, block size, catalog, metadata
+ * cache, fault injection) or names a device smaller than the pool uses.
+ * A cfg with nothing new stages nothing (and drops an earlier staged one).
+ * msg: the reason, or the changes that resume will make ("no changes").
+ */
+int tfs_pool_reload(struct tfs_pool *pool, const struct tfs_pool_config *cfg, char *msg,
+		    size_t msg_len);
+/* Thin device id is suspended, by itself or with the pool. */
+bool tfs_pool_dev_suspended(struct tfs_pool *pool, uint32_t id);
+/* Requests to device id held in the core now. */
+unsigned tfs_pool_dev_held(struct tfs_pool *pool, uint32_t id);
+/* A copy of the configuration in force (a resume may have taken a reload). */
+void tfs_pool_get_config(struct tfs_pool *pool, struct tfs_pool_config *out);
+
+/*
+ * Shutting down: writes held for data space fail (-EIO) now and later ones
+ * are not held; whatever is suspended is resumed and nothing can be
+ * suspended again, so every pending request finishes.
+ */
 void tfs_pool_stop_holding(struct tfs_pool *pool);
 
 struct tfs_dev_usage {

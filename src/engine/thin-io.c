@@ -363,22 +363,26 @@ static int finish_chunk(struct chunk *c, int io_err)
 /* The prison cell a write-like request holds: blocks [b0, b1) of its device. */
 struct cell {
 	uint64_t b0, b1;
+	struct tfs_core_io *io; /* the request, as the core knows it */
 };
 
 /*
  * Out of data space with error_if_no_space=false: wait for space with the
  * request's cell released, so snapshots, discards and other writes to
  * these blocks are not blocked behind a write that may wait for minutes.
- * The cell is retaken before returning, whatever the outcome, because the
- * caller releases it.  The plan is rebuilt afterwards: the mappings may
- * have changed meanwhile.
+ * The cell is retaken before returning, because the caller releases it,
+ * except for TFS_POOL_PUSHBACK: the request then leaves the pool holding
+ * nothing, so the suspend that pushed it back owes it nothing.  The plan
+ * is rebuilt afterwards: the mappings may have changed meanwhile.
  */
 static int hold_for_space(struct tfs_vol *vol, const struct cell *cell)
 {
 	int r;
 
 	tfs_prison_unlock(vol->pool->prison, vol->id, cell->b0, cell->b1);
-	r = tfs_pool_hold_for_space(vol->pool);
+	r = tfs_pool_hold_for_space(vol->pool, cell->io);
+	if (r == TFS_POOL_PUSHBACK)
+		return r;
 	/*
 	 * The caller unlocks the cell, so it must be held again; the only
 	 * failure is -ENOMEM, which passes (a range was valid a moment ago).
@@ -441,8 +445,8 @@ static int write_range(struct tfs_vol *vol, const struct cell *cell, const uint8
 }
 
 /* A write-path request (data or provisioning) under one cell over its block range. */
-static int locked_write(struct tfs_vol *vol, const void *buf, uint64_t off, uint64_t len,
-			enum how how)
+static int locked_write(struct tfs_vol *vol, struct tfs_core_io *io, const void *buf,
+			uint64_t off, uint64_t len, enum how how)
 {
 	uint64_t b0, b1;
 	int r;
@@ -456,19 +460,10 @@ static int locked_write(struct tfs_vol *vol, const void *buf, uint64_t off, uint
 		r = tfs_prison_lock(vol->pool->prison, vol->id, b0, b1);
 	if (r)
 		return r;
-	r = write_range(vol, &(struct cell){ b0, b1 }, buf, off, off + len, how);
-	tfs_prison_unlock(vol->pool->prison, vol->id, b0, b1);
+	r = write_range(vol, &(struct cell){ b0, b1, io }, buf, off, off + len, how);
+	if (r != TFS_POOL_PUSHBACK) /* a pushed-back request left its cell already */
+		tfs_prison_unlock(vol->pool->prison, vol->id, b0, b1);
 	return r;
-}
-
-int tfs_vol_write(struct tfs_vol *vol, const void *buf, size_t len, uint64_t off)
-{
-	return locked_write(vol, buf, off, len, HOW_DATA);
-}
-
-int tfs_vol_provision(struct tfs_vol *vol, uint64_t off, uint64_t len)
-{
-	return locked_write(vol, NULL, off, len, HOW_PROVISION);
 }
 
 /* ---- reads ---------------------------------------------------------------------------- */
@@ -516,7 +511,7 @@ static int read_chunk(struct tfs_vol *vol, uint8_t *buf, uint64_t off, uint64_t 
 	return r;
 }
 
-int tfs_vol_read(struct tfs_vol *vol, void *buf, size_t len, uint64_t off)
+static int read_range(struct tfs_vol *vol, void *buf, size_t len, uint64_t off)
 {
 	uint64_t bs = vol->pool->block_size, end = off + len, b0, b1;
 	int r;
@@ -584,7 +579,8 @@ static int unmap_blocks(struct tfs_vol *vol, uint64_t b, uint64_t end)
  * zeros afterwards: whole blocks unmapped, partial ones zeroed where they
  * are mapped (copying a block shared with a snapshot first).
  */
-static int punch(struct tfs_vol *vol, uint64_t off, uint64_t len, bool to_end)
+static int punch(struct tfs_vol *vol, struct tfs_core_io *io, uint64_t off, uint64_t len,
+		 bool to_end)
 {
 	uint64_t bs = vol->pool->block_size;
 	uint64_t end, b0, b1, whole0, whole1, head = off % bs;
@@ -609,37 +605,101 @@ static int punch(struct tfs_vol *vol, uint64_t off, uint64_t len, bool to_end)
 	if (whole0 < whole1)
 		r = unmap_blocks(vol, whole0, whole1);
 	if (!r && head)
-		r = write_range(vol, &(struct cell){ b0, b1 }, NULL, off,
+		r = write_range(vol, &(struct cell){ b0, b1, io }, NULL, off,
 				off + (end - off < bs - head ? end - off : bs - head), HOW_ZERO_MAPPED);
 	/* The tail block, unless it is the head block just done. */
 	if (!r && !to_end && end % bs && !(head && end - end % bs <= off))
-		r = write_range(vol, &(struct cell){ b0, b1 }, NULL,
+		r = write_range(vol, &(struct cell){ b0, b1, io }, NULL,
 				end - end % bs > off ? end - end % bs : off, end, HOW_ZERO_MAPPED);
-	tfs_prison_unlock(vol->pool->prison, vol->id, b0, b1);
+	if (r != TFS_POOL_PUSHBACK) /* a pushed-back request left its cell already */
+		tfs_prison_unlock(vol->pool->prison, vol->id, b0, b1);
 	return r;
+}
+
+/* ---- requests through the core ------------------------------------------------------- */
+
+enum req_op { REQ_READ, REQ_WRITE, REQ_PROVISION, REQ_PUNCH, REQ_TRUNCATE, REQ_FLUSH };
+
+struct req {
+	enum req_op op;
+	void *buf;          /* REQ_READ: filled; REQ_WRITE: the data */
+	uint64_t off, len;
+};
+
+static int run_req(struct tfs_vol *vol, struct tfs_core_io *io, const struct req *q)
+{
+	switch (q->op) {
+	case REQ_READ:
+		return read_range(vol, q->buf, q->len, q->off);
+	case REQ_WRITE:
+		return locked_write(vol, io, q->buf, q->off, q->len, HOW_DATA);
+	case REQ_PROVISION:
+		return locked_write(vol, io, NULL, q->off, q->len, HOW_PROVISION);
+	case REQ_PUNCH:
+		return punch(vol, io, q->off, q->len, false);
+	case REQ_TRUNCATE:
+		return punch(vol, io, q->off, 0, true);
+	case REQ_FLUSH:
+		return tfs_pool_commit_now(vol->pool, true);
+	}
+	return -EINVAL;
+}
+
+/*
+ * Every request goes in through the core, which holds it while its device
+ * is suspended; one pushed back by a noflush suspend has left the pool
+ * without changing anything (its chunk had allocated nothing yet), so it
+ * is simply run again, whole, when the core lets it in again.
+ */
+static int submit(struct tfs_vol *vol, const struct req *q)
+{
+	struct tfs_core *core = vol->pool->core;
+	struct tfs_core_io io;
+	int r;
+
+	tfs_core_enter(core, &io, vol->id);
+	while ((r = run_req(vol, &io, q)) == TFS_POOL_PUSHBACK)
+		tfs_core_reissue(core, &io);
+	tfs_core_exit(core, &io);
+	return r;
+}
+
+int tfs_vol_read(struct tfs_vol *vol, void *buf, size_t len, uint64_t off)
+{
+	return submit(vol, &(struct req){ REQ_READ, buf, off, len });
+}
+
+int tfs_vol_write(struct tfs_vol *vol, const void *buf, size_t len, uint64_t off)
+{
+	return submit(vol, &(struct req){ REQ_WRITE, (void *)buf, off, len });
+}
+
+int tfs_vol_provision(struct tfs_vol *vol, uint64_t off, uint64_t len)
+{
+	return submit(vol, &(struct req){ REQ_PROVISION, NULL, off, len });
 }
 
 int tfs_vol_discard(struct tfs_vol *vol, uint64_t off, uint64_t len)
 {
-	return punch(vol, off, len, false);
+	return submit(vol, &(struct req){ REQ_PUNCH, NULL, off, len });
 }
 
 int tfs_vol_zero_range(struct tfs_vol *vol, uint64_t off, uint64_t len)
 {
-	return punch(vol, off, len, false);
+	return submit(vol, &(struct req){ REQ_PUNCH, NULL, off, len });
 }
 
 int tfs_vol_truncate(struct tfs_vol *vol, uint64_t new_size)
 {
-	return punch(vol, new_size, 0, true);
+	return submit(vol, &(struct req){ REQ_TRUNCATE, NULL, new_size, 0 });
 }
-
-/* ---- the rest ---------------------------------------------------------------------------- */
 
 int tfs_vol_flush(struct tfs_vol *vol)
 {
-	return tfs_pool_commit_now(vol->pool, true);
+	return submit(vol, &(struct req){ REQ_FLUSH, NULL, 0, 0 });
 }
+
+/* ---- the rest ---------------------------------------------------------------------------- */
 
 /* With the lock held: the first unmapped block in [b, end), or end. */
 static int find_hole(struct tfs_vol *vol, uint64_t b, uint64_t end, uint64_t *hole)

@@ -249,14 +249,15 @@ static void cmd_status(struct cmd_ctx *c)
 	json_object_object_add(pool, "transaction_id", json_object_new_uint64(st.transaction_id));
 	json_object_object_add(pool, "held_root",
 			       st.held_root ? json_object_new_uint64(st.held_root) : NULL);
-	json_object_object_add(pool, "suspended", json_object_new_boolean(0));
+	json_object_object_add(pool, "suspended", json_object_new_boolean(st.suspended));
+	json_object_object_add(pool, "reload_staged", json_object_new_boolean(st.reload_staged));
+	json_object_object_add(pool, "held_in_core", json_object_new_uint64(st.held_in_core));
 	/* After no_space_timeout the pool behaves as error_if_no_space until a resize. */
 	json_object_object_add(pool, "error_if_no_space",
-			       json_object_new_boolean(fs->cfg.error_if_no_space ||
-						       st.no_space_error));
+			       json_object_new_boolean(st.error_if_no_space || st.no_space_error));
 	json_object_object_add(pool, "held_writes", json_object_new_uint64(st.held_writes));
 	json_object_object_add(pool, "discard_passdown",
-			       json_object_new_boolean(fs->cfg.discard_passdown));
+			       json_object_new_boolean(st.discard_passdown));
 	data = json_object_new_object();
 	json_object_object_add(data, "block_size", json_object_new_uint64(st.data_block_size));
 	json_object_object_add(data, "used_blocks", json_object_new_uint64(st.data_used));
@@ -284,17 +285,22 @@ static void cmd_status(struct cmd_ctx *c)
 	else
 		fputc('-', t.f);
 	fprintf(t.f, " %s %s %s %s %" PRIu64 "\n", dm_mode(st.mode ? st.mode : "fail"),
-		fs->cfg.discard_passdown ? "discard_passdown" : "no_discard_passdown",
-		fs->cfg.error_if_no_space || st.no_space_error ? "error_if_no_space"
-							       : "queue_if_no_space",
+		st.discard_passdown ? "discard_passdown" : "no_discard_passdown",
+		st.error_if_no_space || st.no_space_error ? "error_if_no_space"
+							  : "queue_if_no_space",
 		st.needs_check ? "needs_check" : "-", meta_low_water(st.meta_total));
-	fprintf(t.f, "\n%-24s %8s %-8s %20s %12s %12s\n", "VOLUME", "ID", "KIND", "SIZE",
-		"MAPPED", "EXCLUSIVE");
+	fprintf(t.f, "\npool: %s%s", st.suspended ? "suspended" : "active",
+		st.reload_staged ? " (reloaded configuration staged for resume)" : "");
+	if (st.held_in_core)
+		fprintf(t.f, ", %u requests held", st.held_in_core);
+	fprintf(t.f, "\n\n%-24s %8s %-8s %20s %12s %12s %-9s\n", "VOLUME", "ID", "KIND", "SIZE",
+		"MAPPED", "EXCLUSIVE", "STATE");
 
 	vols = json_object_new_array();
 	for (unsigned i = 0; i < nr; i++) {
 		struct tfs_dev_usage u = { 0, 0 };
 		struct json_object *v = json_object_new_object();
+		bool susp;
 
 		/* O(mappings) per volume: status is for people and scripts, not hot paths. */
 		if (tfs_pool_dev_usage(fs->pool, rows[i].dev_id, &u) < 0)
@@ -306,11 +312,16 @@ static void cmd_status(struct cmd_ctx *c)
 		json_object_object_add(v, "mapped_blocks", json_object_new_uint64(u.mapped_blocks));
 		json_object_object_add(v, "exclusive_blocks",
 				       json_object_new_uint64(u.exclusive_blocks));
-		json_object_object_add(v, "suspended", json_object_new_boolean(0));
+		susp = tfs_pool_dev_suspended(fs->pool, rows[i].dev_id);
+		json_object_object_add(v, "suspended", json_object_new_boolean(susp));
+		json_object_object_add(v, "held_in_core",
+				       json_object_new_uint64(tfs_pool_dev_held(fs->pool,
+										rows[i].dev_id)));
 		json_object_array_add(vols, v);
-		fprintf(t.f, "%-24s %8" PRIu32 " %-8s %20" PRIu64 " %12" PRIu64 " %12" PRIu64 "\n",
-			rows[i].name, rows[i].dev_id, kind_name(rows[i].kind), rows[i].size,
-			u.mapped_blocks, u.exclusive_blocks);
+		fprintf(t.f, "%-24s %8" PRIu32 " %-8s %20" PRIu64 " %12" PRIu64 " %12" PRIu64
+			" %-9s\n", rows[i].name, rows[i].dev_id, kind_name(rows[i].kind),
+			rows[i].size, u.mapped_blocks, u.exclusive_blocks,
+			susp ? "suspended" : "active");
 	}
 	json_object_object_add(root, "volumes", vols);
 
@@ -759,8 +770,183 @@ static void cmd_wait_event(struct cmd_ctx *c)
 	send_events(c, (int64_t)id - 1, (int64_t)id, true, NULL);
 }
 
+/* ---- suspend, resume, reload ---- */
+
+/* The device ids of the volumes named in argv[first..] (flags skipped); 0 or -1 (answered). */
+static int volume_ids(struct cmd_ctx *c, uint32_t **ids, unsigned *nr)
+{
+	*ids = calloc((size_t)c->argc, sizeof(**ids));
+	*nr = 0;
+	if (!*ids) {
+		send_error(c->fd, "%s: out of memory", c->argv[0]);
+		return -1;
+	}
+	for (int i = 1; i < c->argc; i++) {
+		struct tfs_vol_row row;
+		const char *a = c->argv[i];
+
+		if (!strcmp(a, "--noflush") || !strcmp(a, "--json"))
+			continue;
+		if (!strcmp(a, "--timeout")) {
+			i++;
+			continue;
+		}
+		if (a[0] == '-') {
+			send_error(c->fd, "%s: unknown option '%s'", c->argv[0], a);
+			goto fail;
+		}
+		if (tfs_fs_get_volume(c->fs, a, &row) < 0) {
+			send_error(c->fd, "%s: no volume named '%s' (nothing was %sed)", c->argv[0], a,
+				   c->argv[0]);
+			goto fail;
+		}
+		(*ids)[(*nr)++] = row.dev_id;
+	}
+	return 0;
+fail:
+	free(*ids);
+	*ids = NULL;
+	return -1;
+}
+
+/* "pool" or the names given, for messages and events. */
+static void target_names(const struct cmd_ctx *c, char *out, size_t len)
+{
+	size_t used = 0;
+
+	snprintf(out, len, "pool");
+	for (int i = 1; i < c->argc; i++) {
+		const char *a = c->argv[i];
+
+		if (!strcmp(a, "--timeout")) {
+			i++;
+			continue;
+		}
+		if (a[0] == '-')
+			continue;
+		used += (size_t)snprintf(out + used, used < len ? len - used : 0, "%s%s",
+					 used ? ", " : "", a);
+	}
+}
+
+static bool client_gone(void *arg)
+{
+	return !client_alive(*(int *)arg);
+}
+
+/* suspend [NAME...] [--noflush] [--timeout S] */
+static void cmd_suspend(struct cmd_ctx *c)
+{
+	struct tfs_suspend_opts o = { .noflush = has_flag(c, "--noflush"), .cancelled = client_gone,
+				      .arg = &c->fd };
+	char why[512], names[512];
+	uint32_t *ids;
+	unsigned nr;
+	int r;
+
+	for (int i = 1; i < c->argc; i++) {
+		char *end;
+		double t;
+
+		if (strcmp(c->argv[i], "--timeout"))
+			continue;
+		t = i + 1 < c->argc ? strtod(c->argv[i + 1], &end) : -1;
+		if (t <= 0 || t > 1e6 || *end) {
+			send_error(c->fd, "suspend: --timeout needs a number of seconds > 0");
+			return;
+		}
+		o.timeout_ms = (uint64_t)(t * 1000) ? (uint64_t)(t * 1000) : 1;
+	}
+	if (volume_ids(c, &ids, &nr) < 0)
+		return;
+	target_names(c, names, sizeof(names));
+	r = tfs_pool_suspend(c->fs->pool, ids, nr, &o, why, sizeof(why));
+	free(ids);
+	if (r < 0) {
+		if (r == -ETIMEDOUT)
+			send_error(c->fd, "suspend %s: timed out: %s", names, why);
+		else
+			send_error(c->fd, "suspend %s: %s", names, why[0] ? why : strerror(-r));
+		tfs_fs_event(c->fs, "suspend", "%s: abandoned: %s", names, why);
+		return;
+	}
+	if (r == 0) {
+		send_ok(c->fd, "already suspended", NULL, true);
+		return;
+	}
+	tfs_fs_event(c->fs, "suspend", "%s%s%s%s", names, o.noflush ? " (noflush)" : "",
+		     why[0] ? ": " : "", why);
+	{
+		char text[1100];
+
+		snprintf(text, sizeof(text), "suspended: %s%s%s", names, why[0] ? "\nwarning: " : "",
+			 why);
+		send_ok(c->fd, text, NULL, true);
+	}
+}
+
+/* resume [NAME...] */
+static void cmd_resume(struct cmd_ctx *c)
+{
+	char msg[1024], names[512], text[1700];
+	uint32_t *ids;
+	unsigned nr;
+	int n;
+
+	if (volume_ids(c, &ids, &nr) < 0)
+		return;
+	target_names(c, names, sizeof(names));
+	n = tfs_pool_resume(c->fs->pool, ids, nr, msg, sizeof(msg));
+	free(ids);
+	if (n == 0) {
+		send_ok(c->fd, "not suspended", NULL, true);
+		return;
+	}
+	if (!nr)
+		tfs_fs_after_resume(c->fs);
+	tfs_fs_event(c->fs, "resume", "%s%s%s", names, msg[0] ? ": " : "", msg);
+	snprintf(text, sizeof(text), "resumed: %s%s%s", names, msg[0] ? "\n" : "", msg);
+	send_ok(c->fd, text, NULL, true);
+}
+
+/* reload POOL.CFG (an absolute path: thinfs-ctl resolves it) */
+static void cmd_reload(struct cmd_ctx *c)
+{
+	struct tfs_pool_config *cfg;
+	char errors[2048], msg[1024];
+	int r;
+
+	if (c->argc != 2) {
+		send_error(c->fd, "usage: reload POOL.CFG");
+		return;
+	}
+	cfg = malloc(sizeof(*cfg));
+	if (!cfg) {
+		send_error(c->fd, "reload: out of memory");
+		return;
+	}
+	/* The parser reports each problem once, with file:line: the client gets the same text. */
+	tfs_log_capture(errors, sizeof(errors));
+	r = tfs_config_load(c->argv[1], cfg);
+	tfs_log_capture(NULL, 0);
+	if (r < 0) {
+		send_error(c->fd, "reload: %s is not loadable (the running configuration stays):\n%s",
+			   c->argv[1], errors[0] ? errors : strerror(-r));
+		goto out;
+	}
+	r = tfs_pool_reload(c->fs->pool, cfg, msg, sizeof(msg));
+	if (r < 0) {
+		send_error(c->fd, "reload refused (the running configuration stays): %s", msg);
+		goto out;
+	}
+	tfs_fs_event(c->fs, "reload", "%s staged for resume: %s", c->argv[1], msg);
+	send_ok(c->fd, msg, NULL, true);
+out:
+	free(cfg);
+}
+
 /*
- * fault metadata|data read|write|flush error|enospc|ok [after N] [once]
+ * fault metadata|data read|write|flush error|enospc|stall|ok [after N] [once]
  * fault power-cut [tear]
  * Only for pools whose pool.cfg allows it and whose daemon was started
  * with --allow-faults (the mount refuses the first without the second).
@@ -768,7 +954,7 @@ static void cmd_wait_event(struct cmd_ctx *c)
 static void cmd_fault(struct cmd_ctx *c)
 {
 	static const char *const ops[] = { "read", "write", "flush" };
-	const char *usage = "usage: fault metadata|data read|write|flush error|enospc|ok "
+	const char *usage = "usage: fault metadata|data read|write|flush error|enospc|stall|ok "
 			    "[after N] [once] | fault power-cut [tear]";
 	enum tfs_fault_mode mode;
 	enum tfs_fault_op op = TFS_FAULT_NR_OPS;
@@ -818,10 +1004,12 @@ static void cmd_fault(struct cmd_ctx *c)
 		mode = TFS_FAULT_EIO;
 	else if (!strcmp(c->argv[3], "enospc"))
 		mode = TFS_FAULT_ENOSPC;
+	else if (!strcmp(c->argv[3], "stall"))
+		mode = TFS_FAULT_STALL;
 	else if (!strcmp(c->argv[3], "ok"))
 		mode = TFS_FAULT_OK;
 	else {
-		send_error(c->fd, "fault: no mode '%s' (error, enospc or ok)", c->argv[3]);
+		send_error(c->fd, "fault: no mode '%s' (error, enospc, stall or ok)", c->argv[3]);
 		return;
 	}
 	for (i = 4; i < c->argc; i++) {
@@ -868,10 +1056,16 @@ static void dispatch(struct cmd_ctx *c)
 		cmd_fault(c);
 	else if (!strcmp(cmd, "resize"))
 		cmd_resize(c);
+	else if (!strcmp(cmd, "suspend"))
+		cmd_suspend(c);
+	else if (!strcmp(cmd, "resume"))
+		cmd_resume(c);
+	else if (!strcmp(cmd, "reload"))
+		cmd_reload(c);
 	else
 		send_error(c->fd, "unknown command '%s' (status, list, snapshot, delete, resize, "
 			   "set-transaction-id, reserve-metadata-snap, release-metadata-snap, "
-			   "events, wait-event, fault)", cmd);
+			   "events, wait-event, fault, suspend, resume, reload)", cmd);
 }
 
 /* ---- connections ---- */

@@ -28,6 +28,7 @@
 #define TFS_FS_FS_H
 
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdbool.h>
 #include <stdint.h>
 #include <sys/types.h>
@@ -111,6 +112,11 @@ struct tfs_fs {
 	char last_mode[32];
 	uint64_t last_transition;  /* the pool's mode changes reported as events */
 	bool low_water_data_signalled, low_water_meta_signalled;
+	atomic_bool rearm_low_water; /* a pool resume happened: the tick re-arms both marks */
+
+	/* Devices of unlinked volumes whose delete met a suspended pool: retried at resume. */
+	uint32_t *deferred_deletes; /* lock */
+	unsigned nr_deferred, cap_deferred;
 };
 
 void tfs_fs_init(struct tfs_fs *fs);
@@ -197,6 +203,11 @@ int tfs_fs_event(struct tfs_fs *fs, const char *kind, const char *fmt, ...)
 	__attribute__((format(printf, 3, 4)));
 /* The 1-second housekeeping: persist sizes, notice mode and low-water changes. */
 void tfs_fs_tick(struct tfs_fs *fs);
+/*
+ * The pool was resumed: re-arm the low-water events (as dm-thin does) and
+ * delete the devices of volumes unlinked while it was suspended.
+ */
+void tfs_fs_after_resume(struct tfs_fs *fs);
 
 int64_t tfs_now_ns(void);
 /* "2026-11-21T03:00:00Z" */

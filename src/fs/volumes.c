@@ -68,6 +68,7 @@ void tfs_fs_destroy(struct tfs_fs *fs)
 			inode_free(ino);
 		}
 	}
+	free(fs->deferred_deletes);
 	pthread_cond_destroy(&fs->event_cond);
 	pthread_mutex_destroy(&fs->event_lock);
 	pthread_mutex_destroy(&fs->persist_lock);
@@ -350,11 +351,34 @@ static void event_locked_delete(struct tfs_fs *fs, const char *name, uint32_t de
  * fs->lock held.  A failure leaves an unlinked row: the next mount's
  * reconcile finishes the job.
  */
+/* A suspended pool refuses deletes: remember the device for the resume. */
+static void defer_delete(struct tfs_fs *fs, uint32_t dev_id)
+{
+	if (fs->nr_deferred == fs->cap_deferred) {
+		unsigned cap = fs->cap_deferred ? fs->cap_deferred * 2 : 8;
+		uint32_t *n = realloc(fs->deferred_deletes, cap * sizeof(*n));
+
+		if (!n) {
+			tfs_warn("device %" PRIu32 " stays until the next mount: out of memory", dev_id);
+			return;
+		}
+		fs->deferred_deletes = n;
+		fs->cap_deferred = cap;
+	}
+	fs->deferred_deletes[fs->nr_deferred++] = dev_id;
+}
+
 static int delete_unlinked(struct tfs_fs *fs, uint32_t dev_id, const char *name)
 {
 	int r;
 
 	r = tfs_pool_delete(fs->pool, dev_id);
+	if (r == -EBUSY && tfs_pool_dev_suspended(fs->pool, dev_id)) {
+		tfs_info("volume %s: device %" PRIu32 " is deleted when the pool resumes", name,
+			 dev_id);
+		defer_delete(fs, dev_id);
+		return r;
+	}
 	if (r < 0 && r != -ENODATA) {
 		tfs_err("cannot delete device %" PRIu32 " (%s): %s; the next mount retries",
 			dev_id, name, strerror(-r));
@@ -1130,6 +1154,7 @@ static void run_hook(struct tfs_fs *fs, const char *event, const struct tfs_pool
 {
 	enum { NR_VARS = 7 };
 	char vars[NR_VARS][TFS_PATH_MAX + 32];
+	struct tfs_pool_config *cfg;
 	char **envp, *argv[2];
 	size_t n = 0, nr_env = 0;
 	pthread_attr_t attr;
@@ -1138,10 +1163,15 @@ static void run_hook(struct tfs_fs *fs, const char *event, const struct tfs_pool
 	pid_t pid;
 	int r;
 
-	if (!fs->cfg.on_event[0])
+	cfg = malloc(sizeof(*cfg));
+	if (!cfg)
 		return;
+	/* The configuration in force: a resume may have taken a reload with another hook. */
+	tfs_pool_get_config(fs->pool, cfg);
+	if (!cfg->on_event[0])
+		goto out;
 	snprintf(vars[0], sizeof(vars[0]), "THINFS_EVENT=%s", event);
-	snprintf(vars[1], sizeof(vars[1]), "THINFS_POOL=%s", fs->cfg.path);
+	snprintf(vars[1], sizeof(vars[1]), "THINFS_POOL=%s", cfg->path);
 	snprintf(vars[2], sizeof(vars[2]), "THINFS_MOUNT=%s", fs->mountpoint);
 	snprintf(vars[3], sizeof(vars[3]), "THINFS_DATA_PERCENT=%u",
 		 percent(st->data_used, st->data_total));
@@ -1157,8 +1187,8 @@ static void run_hook(struct tfs_fs *fs, const char *event, const struct tfs_pool
 		nr_env++;
 	envp = calloc(nr_env + NR_VARS + 1, sizeof(*envp));
 	if (!envp) {
-		tfs_warn("on_event %s: out of memory", fs->cfg.on_event);
-		return;
+		tfs_warn("on_event %s: out of memory", cfg->on_event);
+		goto out;
 	}
 	for (size_t i = 0; i < nr_env; i++) {
 		bool ours = false;
@@ -1170,23 +1200,25 @@ static void run_hook(struct tfs_fs *fs, const char *event, const struct tfs_pool
 	}
 	for (int v = 0; v < NR_VARS; v++)
 		envp[n++] = vars[v];
-	argv[0] = fs->cfg.on_event;
+	argv[0] = cfg->on_event;
 	argv[1] = NULL;
-	r = posix_spawn(&pid, fs->cfg.on_event, NULL, NULL, argv, envp);
+	r = posix_spawn(&pid, cfg->on_event, NULL, NULL, argv, envp);
 	free(envp);
 	if (r != 0) {
-		tfs_warn("on_event %s: %s", fs->cfg.on_event, strerror(r));
-		return;
+		tfs_warn("on_event %s: %s", cfg->on_event, strerror(r));
+		goto out;
 	}
 	h = malloc(sizeof(*h));
 	if (!h)
-		return; /* a zombie until we exit: better than blocking here */
+		goto out; /* a zombie until we exit: better than blocking here */
 	h->pid = pid;
 	pthread_attr_init(&attr);
 	pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
 	if (pthread_create(&t, &attr, reap_hook, h) != 0)
 		free(h);
 	pthread_attr_destroy(&attr);
+out:
+	free(cfg);
 }
 
 /*
@@ -1213,6 +1245,28 @@ static void low_water_check(struct tfs_fs *fs, const struct tfs_pool_status *st,
 	}
 }
 
+void tfs_fs_after_resume(struct tfs_fs *fs)
+{
+	unsigned n;
+
+	atomic_store(&fs->rearm_low_water, true);
+	pthread_mutex_lock(&fs->lock);
+	n = fs->nr_deferred;
+	fs->nr_deferred = 0;
+	for (unsigned i = 0; i < n; i++) {
+		uint32_t id = fs->deferred_deletes[i];
+		struct tfs_vol_row row;
+		char name[sizeof(row.name)];
+
+		snprintf(name, sizeof(name), "thin-%" PRIu32, id);
+		if (get_by_id_locked(fs, id, &row) == 0)
+			snprintf(name, sizeof(name), "%s", row.name);
+		/* Suspended again meanwhile: it goes back on the list. */
+		delete_unlinked(fs, id, name);
+	}
+	pthread_mutex_unlock(&fs->lock);
+}
+
 void tfs_fs_tick(struct tfs_fs *fs)
 {
 	struct tfs_pool_transition tr[TFS_POOL_TRANSITIONS];
@@ -1236,6 +1290,8 @@ void tfs_fs_tick(struct tfs_fs *fs)
 	}
 	if (st.mode)
 		snprintf(fs->last_mode, sizeof(fs->last_mode), "%s", st.mode);
+	if (atomic_exchange(&fs->rearm_low_water, false))
+		fs->low_water_data_signalled = fs->low_water_meta_signalled = false;
 	low_water_check(fs, &st, "low_water_data", "data", st.data_total - st.data_used,
 			st.data_total, st.low_water_blocks, &fs->low_water_data_signalled);
 	meta_low = st.meta_total / 4 < 1024 ? st.meta_total / 4 : 1024;

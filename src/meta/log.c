@@ -3,6 +3,7 @@
 
 #include <stdarg.h>
 #include <stdio.h>
+#include <string.h>
 
 /*
  * The sink is process-wide on purpose: it is set once by main() (daemon or
@@ -13,6 +14,34 @@ static struct {
 	void *ctx;
 	enum tfs_log_level max_level;
 } log_cfg = { NULL, NULL, TFS_LOG_INFO };
+
+/*
+ * Per thread: a control command that parses a file for a client hands the
+ * client the same errors the log gets, without a second reporting path.
+ */
+static _Thread_local struct {
+	char *buf;
+	size_t len;
+} capture;
+
+void tfs_log_capture(char *buf, size_t len)
+{
+	capture.buf = len ? buf : NULL;
+	capture.len = len;
+	if (capture.buf)
+		capture.buf[0] = '\0';
+}
+
+static void capture_append(enum tfs_log_level level, const char *msg)
+{
+	size_t used;
+
+	if (!capture.buf || level > TFS_LOG_WARN)
+		return;
+	used = strlen(capture.buf);
+	if (used + 1 < capture.len)
+		snprintf(capture.buf + used, capture.len - used, "%s%s", used ? "\n" : "", msg);
+}
 
 void tfs_log_set_sink(tfs_log_sink sink, void *ctx)
 {
@@ -35,6 +64,7 @@ void tfs_log(enum tfs_log_level level, const char *fmt, ...)
 	va_start(ap, fmt);
 	vsnprintf(msg, sizeof(msg), fmt, ap);
 	va_end(ap);
+	capture_append(level, msg);
 	if (log_cfg.sink) {
 		log_cfg.sink(log_cfg.ctx, level, msg);
 		return;

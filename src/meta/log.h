@@ -11,6 +11,8 @@
 #ifndef TFS_META_LOG_H
 #define TFS_META_LOG_H
 
+#include <stddef.h>
+
 enum tfs_log_level { TFS_LOG_ERR = 3, TFS_LOG_WARN = 4, TFS_LOG_INFO = 6, TFS_LOG_DEBUG = 7 };
 
 typedef void (*tfs_log_sink)(void *ctx, enum tfs_log_level level, const char *msg);
@@ -18,6 +20,12 @@ typedef void (*tfs_log_sink)(void *ctx, enum tfs_log_level level, const char *ms
 /* Install a sink (NULL restores stderr) and the most verbose level shown. */
 void tfs_log_set_sink(tfs_log_sink sink, void *ctx);
 void tfs_log_set_level(enum tfs_log_level max_level);
+
+/*
+ * Errors and warnings the calling thread logs from now on are also
+ * appended to buf (newline-separated, truncated to len); len 0 stops.
+ */
+void tfs_log_capture(char *buf, size_t len);
 
 void tfs_log(enum tfs_log_level level, const char *fmt, ...)
 	__attribute__((format(printf, 2, 3)));
