@@ -23,12 +23,14 @@ from daemon_util import BS, GiB, MiB, create, pattern, read_at, wait_for, write_
 
 # The contract: design.md, "Interfaces that scripts rely on".
 # design.md's keys, plus those added since (the contract allows additions, no renames):
-# held_writes (issue 4).
+# held_writes (issue 4); held_in_core, reload_staged and the volumes' held_in_core (issue 5).
 POOL_KEYS = {"mode", "needs_check", "reason", "transaction_id", "held_root", "suspended",
-             "error_if_no_space", "discard_passdown", "data", "metadata", "io", "held_writes"}
+             "error_if_no_space", "discard_passdown", "data", "metadata", "io", "held_writes",
+             "held_in_core", "reload_staged"}
 SPACE_KEYS = {"block_size", "used_blocks", "total_blocks", "low_water_blocks"}
 IO_KEYS = {"reads", "writes", "flushes", "discards"}
-VOLUME_KEYS = {"name", "id", "kind", "size", "mapped_blocks", "exclusive_blocks", "suspended"}
+VOLUME_KEYS = {"name", "id", "kind", "size", "mapped_blocks", "exclusive_blocks", "suspended",
+               "held_in_core"}
 GROUP_KEYS = {"name", "created", "volumes"}
 MODES = {"write", "out_of_data_space", "read_only", "fail"}
 
