@@ -84,6 +84,7 @@ struct tfs_pool {
 	pthread_cond_t space_cv;      /* the mode changed, or the pool is closing: held writes look */
 	struct timespec oods_since;   /* [lock] CLOCK_MONOTONIC: when out_of_data_space began */
 	uint64_t oods_free;           /* [lock] free data blocks then: leaving needs more */
+	struct tfs_pool_low_water lw_data, lw_meta; /* [lock] */
 	bool no_space_error;          /* [lock] no_space_timeout passed: fail, don't hold, until resize */
 	bool closing;                 /* [lock] tfs_pool_close began: nothing is held any more */
 	unsigned held;                /* [lock] writes waiting for data space now */
@@ -141,6 +142,10 @@ int tfs_pool_meta_failed(struct tfs_pool *pool, int err, const char *what);
  */
 int tfs_pool_alloc(struct tfs_pool *pool, uint64_t *blocks, unsigned n);
 void tfs_pool_alloc_done(struct tfs_pool *pool, unsigned n);
+/* Count low-water crossings (pool.h, struct tfs_pool_low_water) for the space now. */
+void tfs_pool_check_low_water(struct tfs_pool *pool);
+/* A resume: both marks armed again, and a crossing counted now if space is still low. */
+void tfs_pool_rearm_low_water(struct tfs_pool *pool);
 /* Queue block for discard after the next commit if nothing maps it now. */
 void tfs_pool_passdown_if_free(struct tfs_pool *pool, uint64_t block);
 /* A handle on device id (opened or shared); -ENODATA no such device. */

@@ -167,6 +167,66 @@ int tfs_pool_meta_failed(struct tfs_pool *pool, int err, const char *what)
 	return err == -ENOSPC ? -ENOSPC : -EIO;
 }
 
+/* ---- low-water marks ------------------------------------------------------------ */
+
+static uint64_t low_water(const struct tfs_pool_config *cfg, uint64_t total)
+{
+	if (cfg->low_water_is_percent)
+		return total * cfg->low_water_percent / 100;
+	return cfg->low_water_blocks < total ? cfg->low_water_blocks : total;
+}
+
+/* The kernel's rule for metadata: the smaller of 4 MiB and a quarter of the device. */
+static uint64_t meta_low_water(uint64_t total)
+{
+	return total / 4 < 1024 ? total / 4 : 1024;
+}
+
+/*
+ * One mark: a crossing is counted once when free space falls below it,
+ * and the mark is re-armed only when free space rises above it plus a
+ * margin (1% of the device, at least a block), so usage hovering at the
+ * mark cannot flood the log and the hook.
+ */
+static void low_water_step(struct tfs_pool_low_water *lw, uint64_t free, uint64_t total,
+			   uint64_t mark)
+{
+	uint64_t margin = total / 100 ? total / 100 : 1;
+
+	if (!total)
+		return;
+	if (!lw->disarmed && free < mark) {
+		lw->crossings++;
+		lw->free_then = free;
+		lw->disarmed = true;
+	} else if (lw->disarmed && free > mark + margin) {
+		lw->disarmed = false;
+	}
+}
+
+/*
+ * Checked where space changes (allocations, commits, resizes), as dm-thin
+ * does at each allocation, so a dip shorter than the daemon's housekeeping
+ * tick is still counted.
+ */
+void tfs_pool_check_low_water(struct tfs_pool *pool)
+{
+	struct tfs_pmd_space sp;
+
+	if (pool->mode == TFS_POOL_FAIL)
+		return;
+	tfs_pmd_space(pool->pmd, &sp);
+	low_water_step(&pool->lw_data, sp.data_free, sp.data_total,
+		       low_water(&pool->cfg, sp.data_total));
+	low_water_step(&pool->lw_meta, sp.meta_free, sp.meta_total, meta_low_water(sp.meta_total));
+}
+
+void tfs_pool_rearm_low_water(struct tfs_pool *pool)
+{
+	pool->lw_data.disarmed = pool->lw_meta.disarmed = false;
+	tfs_pool_check_low_water(pool);
+}
+
 /* ---- allocation and passdown ------------------------------------------------ */
 
 int tfs_pool_alloc(struct tfs_pool *pool, uint64_t *blocks, unsigned n)
@@ -188,6 +248,7 @@ int tfs_pool_alloc(struct tfs_pool *pool, uint64_t *blocks, unsigned n)
 		pool->dirty = true;
 	if (!r) {
 		pool->pending_allocs += n;
+		tfs_pool_check_low_water(pool);
 		return 0;
 	}
 	/* All or nothing: a request never writes part of a chunk for want of space. */
@@ -289,6 +350,7 @@ static int commit_metadata(struct tfs_pool *pool, commit_fn fn, struct tfs_exten
 	*punch = pool->passdown;
 	pool->passdown = (struct tfs_extents){ 0 };
 	leave_out_of_space(pool);
+	tfs_pool_check_low_water(pool);
 	return 0;
 }
 
@@ -728,6 +790,8 @@ int tfs_pool_open(const struct tfs_pool_config *cfg, bool read_only, struct tfs_
 	if (r)
 		goto err_free;
 	r = open_metadata(pool);
+	if (!r)
+		tfs_pool_check_low_water(pool); /* already short of space: said at once */
 	if (r)
 		goto err_free;
 	if (!read_only) {
@@ -1305,13 +1369,6 @@ int tfs_pool_resize(struct tfs_pool *pool, bool data, uint64_t bytes, char *why,
 
 /* ---- status ------------------------------------------------------------------------- */
 
-static uint64_t low_water(const struct tfs_pool_config *cfg, uint64_t total)
-{
-	if (cfg->low_water_is_percent)
-		return total * cfg->low_water_percent / 100;
-	return cfg->low_water_blocks < total ? cfg->low_water_blocks : total;
-}
-
 static void copy_counts(struct tfs_bdev *dev, struct tfs_io_counts *out)
 {
 	struct tfs_bdev_io_counts c;
@@ -1339,6 +1396,9 @@ void tfs_pool_status(struct tfs_pool *pool, struct tfs_pool_status *out)
 	out->meta_total = pool->space.meta_total;
 	out->meta_used = pool->space.meta_total - pool->space.meta_free;
 	out->low_water_blocks = low_water(&pool->cfg, out->data_total);
+	out->meta_low_water_blocks = meta_low_water(out->meta_total);
+	out->low_water_data = pool->lw_data;
+	out->low_water_meta = pool->lw_meta;
 	out->held_writes = pool->held;
 	out->no_space_error = pool->no_space_error;
 	out->reload_staged = pool->reload_staged;

@@ -86,6 +86,13 @@ struct tfs_io_counts {
 	uint64_t reads, writes, flushes, discards;
 };
 
+/* A low-water mark's state: crossings counted since the pool was opened. */
+struct tfs_pool_low_water {
+	uint64_t crossings;       /* times free space fell below the mark */
+	uint64_t free_then;       /* free blocks at the last crossing */
+	bool disarmed;            /* below the mark: no crossing until it rises above mark + margin */
+};
+
 struct tfs_pool_status {
 	const char *mode;         /* "write", "read_only", ... */
 	bool needs_check;
@@ -105,6 +112,9 @@ struct tfs_pool_status {
 	unsigned held_in_core;    /* requests held in the core (suspended devices, pushed back) */
 	bool error_if_no_space;   /* as configured now (a reload may change it) */
 	bool discard_passdown;
+	/* Low water, checked by the engine where space changes (and re-armed by a resume). */
+	uint64_t meta_low_water_blocks;
+	struct tfs_pool_low_water low_water_data, low_water_meta;
 };
 void tfs_pool_status(struct tfs_pool *pool, struct tfs_pool_status *out);
 

@@ -176,10 +176,12 @@ static void preresume(struct tfs_pool *pool, char *msg, size_t len)
 		tfs_info("%s: resumed with the reloaded configuration: %s", pool->cfg.metadata,
 			 msg[0] ? msg : "no changes");
 	}
-	/* Writes pushed back at suspend wait afresh: the admin's time suspended is not theirs. */
 	pthread_mutex_lock(&pool->lock);
+	/* Writes pushed back at suspend wait afresh: the admin's time suspended is not theirs. */
 	if (pool->mode == TFS_POOL_OUT_OF_DATA_SPACE)
 		clock_gettime(CLOCK_MONOTONIC, &pool->oods_since);
+	/* As dm-thin: a resumed pool still short of space says so again. */
+	tfs_pool_rearm_low_water(pool);
 	pthread_mutex_unlock(&pool->lock);
 }
 

@@ -208,12 +208,6 @@ static struct json_object *io_json(const struct tfs_io_counts *io)
 	return o;
 }
 
-static uint64_t meta_low_water(uint64_t total)
-{
-	/* Built in: 4 MiB of metadata, or a quarter of a smaller device. */
-	return total / 4 < 1024 ? total / 4 : 1024;
-}
-
 static void cmd_status(struct cmd_ctx *c)
 {
 	static const char *const flags[] = { "--json", NULL };
@@ -269,7 +263,7 @@ static void cmd_status(struct cmd_ctx *c)
 	json_object_object_add(meta, "used_blocks", json_object_new_uint64(st.meta_used));
 	json_object_object_add(meta, "total_blocks", json_object_new_uint64(st.meta_total));
 	json_object_object_add(meta, "low_water_blocks",
-			       json_object_new_uint64(meta_low_water(st.meta_total)));
+			       json_object_new_uint64(st.meta_low_water_blocks));
 	json_object_object_add(pool, "metadata", meta);
 	io = json_object_new_object();
 	json_object_object_add(io, "metadata", io_json(&st.io_meta));
@@ -288,7 +282,7 @@ static void cmd_status(struct cmd_ctx *c)
 		st.discard_passdown ? "discard_passdown" : "no_discard_passdown",
 		st.error_if_no_space || st.no_space_error ? "error_if_no_space"
 							  : "queue_if_no_space",
-		st.needs_check ? "needs_check" : "-", meta_low_water(st.meta_total));
+		st.needs_check ? "needs_check" : "-", st.meta_low_water_blocks);
 	fprintf(t.f, "\npool: %s%s", st.suspended ? "suspended" : "active",
 		st.reload_staged ? " (reloaded configuration staged for resume)" : "");
 	if (st.held_in_core)

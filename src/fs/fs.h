@@ -28,7 +28,6 @@
 #define TFS_FS_FS_H
 
 #include <pthread.h>
-#include <stdatomic.h>
 #include <stdbool.h>
 #include <stdint.h>
 #include <sys/types.h>
@@ -111,8 +110,7 @@ struct tfs_fs {
 	/* Pool state as last seen by the periodic tick (its thread only). */
 	char last_mode[32];
 	uint64_t last_transition;  /* the pool's mode changes reported as events */
-	bool low_water_data_signalled, low_water_meta_signalled;
-	atomic_bool rearm_low_water; /* a pool resume happened: the tick re-arms both marks */
+	uint64_t low_water_data_seen, low_water_meta_seen; /* crossings reported as events */
 
 	/* Devices of unlinked volumes whose delete met a suspended pool: retried at resume. */
 	uint32_t *deferred_deletes; /* lock */
@@ -204,8 +202,8 @@ int tfs_fs_event(struct tfs_fs *fs, const char *kind, const char *fmt, ...)
 /* The 1-second housekeeping: persist sizes, notice mode and low-water changes. */
 void tfs_fs_tick(struct tfs_fs *fs);
 /*
- * The pool was resumed: re-arm the low-water events (as dm-thin does) and
- * delete the devices of volumes unlinked while it was suspended.
+ * The pool was resumed: delete the devices of volumes unlinked while it
+ * was suspended.
  */
 void tfs_fs_after_resume(struct tfs_fs *fs);
 

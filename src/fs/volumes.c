@@ -1222,26 +1222,18 @@ out:
 }
 
 /*
- * One low-water mark: the event fires once when free space falls below
- * the mark, and is re-armed only when free space rises above the mark
- * plus a margin (1% of the device, at least one block), so usage hovering
- * at the mark cannot flood the log and the hook.
+ * The engine counts crossings of a low-water mark (with hysteresis) where
+ * space changes; each new one becomes an event and an on_event run here.
  */
-static void low_water_check(struct tfs_fs *fs, const struct tfs_pool_status *st,
-			    const char *kind, const char *what, uint64_t free, uint64_t total,
-			    uint64_t mark, bool *signalled)
+static void low_water_report(struct tfs_fs *fs, const struct tfs_pool_status *st,
+			     const char *kind, const char *what,
+			     const struct tfs_pool_low_water *lw, uint64_t total, uint64_t mark,
+			     uint64_t *seen)
 {
-	uint64_t margin = total / 100 ? total / 100 : 1;
-
-	if (!total)
-		return;
-	if (free < mark && !*signalled) {
+	for (; *seen < lw->crossings; ++*seen) {
 		tfs_fs_event(fs, kind, "%" PRIu64 " of %" PRIu64 " %s blocks free (low water mark %"
-			     PRIu64 ")", free, total, what, mark);
+			     PRIu64 ")", lw->free_then, total, what, mark);
 		run_hook(fs, kind, st, fs->last_mode);
-		*signalled = true;
-	} else if (*signalled && free > mark + margin) {
-		*signalled = false;
 	}
 }
 
@@ -1249,7 +1241,6 @@ void tfs_fs_after_resume(struct tfs_fs *fs)
 {
 	unsigned n;
 
-	atomic_store(&fs->rearm_low_water, true);
 	pthread_mutex_lock(&fs->lock);
 	n = fs->nr_deferred;
 	fs->nr_deferred = 0;
@@ -1271,7 +1262,6 @@ void tfs_fs_tick(struct tfs_fs *fs)
 {
 	struct tfs_pool_transition tr[TFS_POOL_TRANSITIONS];
 	struct tfs_pool_status st;
-	uint64_t meta_low;
 	unsigned n;
 
 	tfs_fs_persist_all(fs);
@@ -1290,11 +1280,8 @@ void tfs_fs_tick(struct tfs_fs *fs)
 	}
 	if (st.mode)
 		snprintf(fs->last_mode, sizeof(fs->last_mode), "%s", st.mode);
-	if (atomic_exchange(&fs->rearm_low_water, false))
-		fs->low_water_data_signalled = fs->low_water_meta_signalled = false;
-	low_water_check(fs, &st, "low_water_data", "data", st.data_total - st.data_used,
-			st.data_total, st.low_water_blocks, &fs->low_water_data_signalled);
-	meta_low = st.meta_total / 4 < 1024 ? st.meta_total / 4 : 1024;
-	low_water_check(fs, &st, "low_water_metadata", "metadata", st.meta_total - st.meta_used,
-			st.meta_total, meta_low, &fs->low_water_meta_signalled);
+	low_water_report(fs, &st, "low_water_data", "data", &st.low_water_data, st.data_total,
+			 st.low_water_blocks, &fs->low_water_data_seen);
+	low_water_report(fs, &st, "low_water_metadata", "metadata", &st.low_water_meta,
+			 st.meta_total, st.meta_low_water_blocks, &fs->low_water_meta_seen);
 }

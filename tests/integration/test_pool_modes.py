@@ -263,6 +263,34 @@ def test_low_water_event_once_per_crossing(pool):
     p.unmount()
 
 
+def test_low_water_dips_shorter_than_a_second_are_each_reported(pool):
+    """The engine counts crossings where space changes, so dips that begin
+    and end between two of the daemon's 1-second ticks are not lost."""
+    p = pool(data_size=DATA, meta_size=16 * MiB, options={"low_water_mark": "16"})
+    create(p.mnt / "vm1", 2 * DATA)
+
+    def nr_events():
+        return sum(1 for line in p.ctl("events").stdout.splitlines()
+                   if " low_water_data " in line)
+
+    def dip(n):
+        write_at(p.mnt / "vm1", 0, pattern(n, 120 * BS))   # 8 free: below 16
+        fd = os.open(p.mnt / "vm1", os.O_WRONLY)
+        try:
+            fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 0, 120 * BS)
+            os.fsync(fd)                                    # the commit frees them
+        finally:
+            os.close(fd)
+
+    dip(1)
+    dip(2)
+    wait_for(lambda: nr_events() == 2, what="two low_water_data events")
+    time.sleep(1.5)
+    assert nr_events() == 2
+    assert p.status()["pool"]["data"]["used_blocks"] == 0
+    p.unmount()
+
+
 def test_metadata_failure_without_needs_check_is_fail_mode(pool):
     p = pool(data_size=DATA, meta_size=8 * MiB, options={"low_water_mark": "0"}, mount=False)
     p.cfg.write_text(p.cfg.read_text() + "[fault]\nallow = yes\n")
