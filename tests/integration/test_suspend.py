@@ -544,11 +544,34 @@ def test_a_suspended_pool_is_committed_and_quiescent(pool, guard):
     assert 'mapped_blocks="4"' in dump, dump
     io0 = pst(p)["io"]
     m0, d0 = os.stat(p.meta).st_mtime_ns, os.stat(p.data).st_mtime_ns
+    # A shrinking truncate unmaps blocks: held like a discard.
+    t = guard.start(Call(p.mnt / "vm1", os.truncate, p.mnt / "vm1", 5 * BS))
     time.sleep(2.5)
+    assert t.is_alive(), "a shrinking truncate of a suspended pool must wait"
     assert pst(p)["io"] == io0
     assert (os.stat(p.meta).st_mtime_ns, os.stat(p.data).st_mtime_ns) == (m0, d0)
+    assert vst(p, "vm1")["mapped_blocks"] == 4
     resume(p)
-    assert read_direct(p.mnt / "vm1", 4 * BS, 3 * BS) == pattern(2, 3 * BS)
+    assert joined(t).err is None
+    assert read_direct(p.mnt / "vm1", 4 * BS, BS) == pattern(2, 3 * BS)[:BS]
+    assert os.stat(p.mnt / "vm1").st_size == 5 * BS
+    assert vst(p, "vm1")["mapped_blocks"] == 2
+    p.unmount()
+
+
+def test_power_cut_after_a_suspend_keeps_what_it_committed(pool, guard):
+    p = make_pool(pool, guard, faults=True, commit_interval="1h")
+    create(p.mnt / "vm1", DATA)
+    write_at(p.mnt / "vm1", 0, pattern(1, BS))
+    write_at(p.mnt / "vm1", 2 * BS, pattern(2, 2 * BS), fsync=False)   # acknowledged only
+    suspend(p)
+    p.ctl("fault", "power-cut", ok=None, timeout=30)
+    p.crashed()
+    p.mount("--allow-faults")
+    assert pst(p)["suspended"] is False
+    assert read_direct(p.mnt / "vm1", 0, 4 * BS) == pattern(1, BS) + bytes(BS) + \
+        pattern(2, 2 * BS)
+    assert vst(p, "vm1")["mapped_blocks"] == 3
     p.unmount()
 
 
@@ -607,6 +630,33 @@ def test_noflush_keeps_held_writes_pending_and_resume_holds_them_again(pool, gua
     p.unmount()
 
 
+def test_a_volume_suspend_acts_on_that_volumes_held_writes_only(pool, guard):
+    p = full_pool(pool, guard)
+    ws = held_writers(p, [("vm1", DATA, 10), ("vm3", 0, 11)])
+    suspend(p, "vm1", "--noflush")
+    wait_for(lambda: vst(p, "vm1")["held_in_core"] >= 1, what="vm1's write pushed back")
+    st = pst(p)
+    assert st["held_writes"] == 1 and st["suspended"] is False, st
+    assert vst(p, "vm3")["held_in_core"] == 0
+    time.sleep(0.5)
+    assert all(w.is_alive() for w in ws)
+    resume(p, "vm1")
+    wait_for(lambda: pst(p)["held_writes"] == 2, what="vm1's write held for space again")
+    assert vst(p, "vm1")["held_in_core"] == 0
+    # Without --noflush, vm1's write fails; vm3's keeps waiting.
+    suspend(p, "vm1")
+    assert joined(ws[0]).err == errno.EIO
+    time.sleep(0.5)
+    assert ws[1].is_alive()
+    assert pst(p)["held_writes"] == 1
+    resume(p, "vm1")
+    p.ctl("resize", "data", "+4M")
+    assert joined(ws[1]).err is None
+    assert read_direct(p.mnt / "vm3", 0, 2 * BS) == pattern(11, 2 * BS)
+    assert read_direct(p.mnt / "vm1", DATA, 2 * BS) == bytes(2 * BS)
+    p.unmount()
+
+
 def test_noflush_grow_reload_resume_completes_held_writes_and_fio_verifies(pool, guard):
     need_fio()
     p = make_pool(pool, guard, error_if_no_space="false", no_space_timeout="0")
@@ -647,6 +697,48 @@ def test_noflush_grow_reload_resume_completes_held_writes_and_fio_verifies(pool,
     p.remount()
     assert pst(p)["data"]["total_blocks"] == 2 * NBLK
     assert read_direct(p.mnt / "vm3", 0, 2 * BS) == pattern(2, 2 * BS)
+    p.unmount()
+
+
+def test_fio_verify_through_repeated_noflush_grow_reload_resume(pool, guard):
+    """Two fio jobs write 12 MiB with crc32c verification into an 8 MiB
+    pool; every half second the pool is suspended --noflush, its data file
+    grown by 1 MiB, reloaded and resumed, so writes keep running out of
+    space, being pushed back and re-issued.  fio must see no error and read
+    back what it wrote."""
+    need_fio()
+    p = make_pool(pool, guard, error_if_no_space="false", no_space_timeout="0")
+    for name in ("vm1", "vm2"):
+        create(p.mnt / name, 16 * MiB)
+    fios = [guard.popen(fio_args(p.mnt / "vm1", "--name=b", "--rw=randwrite",
+                                 "--bsrange=4k-128k", "--ioengine=psync", "--size=6M"),
+                        cwd=p.dir),
+            guard.popen(fio_args(p.mnt / "vm2", "--name=d", "--rw=randwrite", "--bs=64k",
+                                 "--direct=1", "--ioengine=psync", "--size=6M"), cwd=p.dir)]
+    size, pushed_back = DATA, 0
+    for _ in range(60):
+        if all(f.poll() is not None for f in fios):
+            break
+        time.sleep(0.5)
+        suspend(p, "--noflush")
+        pushed_back = max(pushed_back, pst(p)["held_in_core"])
+        size += MiB
+        os.truncate(p.data, size)
+        p.ctl("reload", p.cfg)
+        resume(p)
+    else:
+        size += 16 * MiB
+        p.ctl("resize", "data", str(size))
+    for f in fios:
+        try:
+            out, err = f.communicate(timeout=180)
+        except subprocess.TimeoutExpired:
+            raise AssertionError("fio still running 180 s after the pool had room")
+        assert f.returncode == 0, f"fio exited {f.returncode}:\n{out}\n{err}"
+    assert pushed_back > 0, "no suspend found a write held for space: the test tested nothing"
+    st = pst(p)
+    assert st["data"]["total_blocks"] == size // BS and st["held_in_core"] == 0, st
+    assert st["held_writes"] == 0 and st["suspended"] is False, st
     p.unmount()
 
 
@@ -952,6 +1044,64 @@ def test_reload_of_error_if_no_space_fails_held_writes_with_enospc(pool, guard):
     p.unmount()
 
 
+def test_reload_of_no_space_timeout_fails_held_writes_after_resume(pool, guard):
+    p = full_pool(pool, guard)               # no_space_timeout 0: hold for ever
+    ws = held_writers(p, [("vm1", DATA, 10), ("vm3", 0, 11)])
+    suspend(p, "--noflush")
+    cfg_options(p, no_space_timeout="2s")
+    p.ctl("reload", p.cfg)
+    time.sleep(0.5)
+    assert all(w.is_alive() for w in ws), "a staged no_space_timeout acts only after resume"
+    resume(p)
+    for w in ws:
+        assert joined(w, timeout=60).err == errno.ENOSPC, w.err
+    st = pst(p)
+    assert st["error_if_no_space"] is True and st["held_writes"] == 0, st
+    p.unmount()
+
+
+def test_reload_refuses_a_data_device_smaller_than_the_pool(pool, guard):
+    p = make_pool(pool, guard)
+    create(p.mnt / "vm1", DATA)
+    write_at(p.mnt / "vm1", 0, pattern(1, 2 * BS))
+    suspend(p)
+    os.truncate(p.data, DATA // 2)
+    try:
+        r = p.ctl("reload", p.cfg, ok=(1,))
+        assert "data" in r.stderr, r.stderr
+        assert pst(p)["reload_staged"] is False
+    finally:
+        os.truncate(p.data, DATA)
+    resume(p)
+    st = pst(p)
+    assert st["data"]["total_blocks"] == NBLK and st["mode"] == "write", st
+    assert read_direct(p.mnt / "vm1", 0, 2 * BS) == pattern(1, 2 * BS)
+    p.unmount()
+
+
+def test_reloaded_on_event_and_low_water_mark_fire_at_resume(pool, guard):
+    p = make_pool(pool, guard)
+    create(p.mnt / "vm1", 2 * DATA)
+    write_at(p.mnt / "vm1", 0, pattern(1, 120 * BS))        # 8 free; no mark yet
+    out = p.dir / "hook.out"
+    hook = p.dir / "hook.sh"
+    hook.write_text(f'#!/bin/sh\necho "$THINFS_EVENT" >> {out}\n')
+    hook.chmod(0o755)
+    time.sleep(1.5)
+    assert "low_water_data" not in kinds(p)
+    suspend(p)
+    cfg_options(p, low_water_mark="16", on_event=hook)
+    p.ctl("reload", p.cfg)
+    time.sleep(1.5)
+    assert "low_water_data" not in kinds(p), "staged, not yet taken"
+    resume(p)
+    wait_for(lambda: "low_water_data" in kinds(p), what="the low_water_data event")
+    wait_for(lambda: out.exists() and "low_water_data" in out.read_text(),
+             what="the reloaded on_event hook to run")
+    assert pst(p)["data"]["low_water_blocks"] == 16
+    p.unmount()
+
+
 # ---- events, namespace, shutdown -------------------------------------------------------
 
 def test_low_water_event_is_rearmed_by_resume(pool, guard):
@@ -1015,6 +1165,63 @@ def test_namespace_changes_fail_ebusy_while_suspended(pool, guard):
     p.unmount()
 
 
+def test_a_volume_unlinked_while_suspended_is_deleted_by_resume_or_unmount(pool, guard):
+    p = make_pool(pool, guard)
+    for name in ("vm1", "vm2", "vm3"):
+        create(p.mnt / name, DATA)
+        write_at(p.mnt / name, 0, pattern(1, 4 * BS))
+    assert pst(p)["data"]["used_blocks"] == 12
+    suspend(p)
+    bounded(os.unlink, p.mnt / "vm2")
+    assert not os.path.exists(p.mnt / "vm2")
+    assert pst(p)["data"]["used_blocks"] == 12, "nothing is deleted while suspended"
+    resume(p)
+    p.wait_used(8)
+    suspend(p)
+    bounded(os.unlink, p.mnt / "vm3")
+    p.unmount()                       # without a resume
+    p.mount()
+    assert [v["name"] for v in p.volumes()] == ["vm1"]
+    assert pst(p)["data"]["used_blocks"] == 4
+    assert read_direct(p.mnt / "vm1", 0, 4 * BS) == pattern(1, 4 * BS)
+    p.unmount()
+
+
+def test_a_snapshot_of_a_suspended_volume_has_none_of_its_held_writes(pool, guard):
+    p = make_pool(pool, guard)
+    create(p.mnt / "vm1", DATA)
+    write_at(p.mnt / "vm1", 0, pattern(1, 2 * BS))
+    old = pattern(1, 2 * BS)[:BS]
+    suspend(p, "vm1")
+    w = guard.start(Writer(p.mnt / "vm1", 0, pattern(2, BS), direct=True))
+    time.sleep(0.5)
+    assert w.is_alive()
+    bounded(os.mkdir, p.mnt / ".snapshots" / "S")      # only the pool's suspend forbids it
+    p.ctl("snapshot", "vm1", "clone", timeout=20)
+    resume(p, "vm1")
+    assert joined(w).err is None
+    assert read_direct(p.mnt / "vm1", 0, BS) == pattern(2, BS)
+    assert read_direct(p.mnt / ".snapshots" / "S" / "vm1", 0, BS) == old
+    assert read_direct(p.mnt / "clone", 0, BS) == old
+    p.unmount()
+
+
+def test_sigterm_with_pushed_back_writes_held_for_space_exits_0(pool, guard):
+    p = full_pool(pool, guard)
+    ws = held_writers(p, [("vm1", DATA, 10), ("vm3", 0, 11)])
+    suspend(p, "--noflush")
+    assert pst(p)["held_in_core"] >= 2
+    assert p.terminate() == 0
+    for w in ws:
+        assert joined(w).err is not None, "there was no room: the write cannot have succeeded"
+    p.mount()
+    st = pst(p)
+    assert st["data"]["used_blocks"] == NBLK and st["suspended"] is False, st
+    assert read_direct(p.mnt / "vm3", 0, 2 * BS) == bytes(2 * BS)
+    assert read_direct(p.mnt / "vm1", 0, BS) == pattern(1, (NBLK - 8) * BS)[:BS]
+    p.unmount()
+
+
 def test_unmount_of_a_suspended_pool_and_restart_resumes(pool, guard):
     p = make_pool(pool, guard)
     create(p.mnt / "vm1", DATA)
@@ -1049,4 +1256,6 @@ def test_sigterm_of_a_suspended_pool_with_held_io_exits_0(pool, guard):
         # Re-issued and answered before the exit: the shutdown commit kept it.
         assert got[BS:] == pattern(2, BS)
     p.unmount()
+
+
 
