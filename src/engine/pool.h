@@ -189,6 +189,8 @@ int tfs_pool_resume(struct tfs_pool *pool, const uint32_t *ids, unsigned nr, cha
  */
 int tfs_pool_reload(struct tfs_pool *pool, const struct tfs_pool_config *cfg, char *msg,
 		    size_t msg_len);
+/* The pool itself is suspended (or being suspended). */
+bool tfs_pool_is_suspended(struct tfs_pool *pool);
 /* Thin device id is suspended, by itself or with the pool. */
 bool tfs_pool_dev_suspended(struct tfs_pool *pool, uint32_t id);
 /* Requests to device id held in the core now. */

@@ -291,9 +291,14 @@ out:
 
 /* ---- state ----------------------------------------------------------------------------- */
 
+bool tfs_pool_is_suspended(struct tfs_pool *pool)
+{
+	return tfs_core_suspended(pool->core, TFS_CORE_POOL);
+}
+
 bool tfs_pool_dev_suspended(struct tfs_pool *pool, uint32_t id)
 {
-	return tfs_core_suspended(pool->core, TFS_CORE_POOL) || tfs_core_suspended(pool->core, id);
+	return tfs_pool_is_suspended(pool) || tfs_core_suspended(pool->core, id);
 }
 
 unsigned tfs_pool_dev_held(struct tfs_pool *pool, uint32_t id)

@@ -400,8 +400,20 @@ static void cmd_list(struct cmd_ctx *c)
 	}
 }
 
-static const char *errmsg(int r)
+#define SUSPENDED_MSG "the pool is suspended: resume it first"
+
+/* -EBUSY from a pool-level change means the pool is suspended, not a volume in use. */
+static const char *pool_errmsg(struct cmd_ctx *c, int r)
 {
+	if (r == -EBUSY && tfs_pool_is_suspended(c->fs->pool))
+		return SUSPENDED_MSG;
+	return strerror(-r);
+}
+
+static const char *errmsg(struct cmd_ctx *c, int r)
+{
+	if (r == -EBUSY && tfs_pool_is_suspended(c->fs->pool))
+		return SUSPENDED_MSG;
 	switch (r) {
 	case -ENOENT:
 		return "no such volume";
@@ -436,7 +448,7 @@ static void cmd_snapshot(struct cmd_ctx *c)
 	else if (r == -EEXIST)
 		send_error(c->fd, "snapshot: '%s' already exists", c->argv[2]);
 	else if (r < 0)
-		send_error(c->fd, "snapshot %s %s: %s", c->argv[1], c->argv[2], errmsg(r));
+		send_error(c->fd, "snapshot %s %s: %s", c->argv[1], c->argv[2], errmsg(c, r));
 	else
 		send_ok(c->fd, "", NULL, true);
 }
@@ -466,7 +478,7 @@ static void cmd_delete(struct cmd_ctx *c)
 		return;
 	}
 	if (r < 0) {
-		send_error(c->fd, "delete %s: %s", c->argv[1], errmsg(r));
+		send_error(c->fd, "delete %s: %s", c->argv[1], errmsg(c, r));
 		return;
 	}
 	/* The kernel may hold the name in its dentry cache: drop it. */
@@ -504,7 +516,7 @@ static void cmd_set_transaction_id(struct cmd_ctx *c)
 		return;
 	}
 	if (r < 0) {
-		send_error(c->fd, "set-transaction-id: %s", strerror(-r));
+		send_error(c->fd, "set-transaction-id: %s", pool_errmsg(c, r));
 		return;
 	}
 	tfs_fs_event(c->fs, "set_transaction_id", "%" PRIu64 " -> %" PRIu64, old_id, new_id);
@@ -580,7 +592,7 @@ static void cmd_metadata_snap(struct cmd_ctx *c, bool reserve)
 		send_error(c->fd, "%s: %s", c->argv[0],
 			   r == -EEXIST ? "a metadata snapshot is already held" :
 			   r == -ENODATA || r == -ENOENT ? "no metadata snapshot is held" :
-			   strerror(-r));
+			   pool_errmsg(c, r));
 		return;
 	}
 	tfs_fs_event(c->fs, reserve ? "reserve_metadata_snap" : "release_metadata_snap", "%s",
@@ -924,6 +936,8 @@ static void cmd_reload(struct cmd_ctx *c)
 	r = tfs_config_load(c->argv[1], cfg);
 	tfs_log_capture(NULL, 0);
 	if (r < 0) {
+		/* The client's mistake, answered to the client: not an error of the pool. */
+		tfs_info("reload of %s refused: %s", c->argv[1], errors[0] ? errors : strerror(-r));
 		send_error(c->fd, "reload: %s is not loadable (the running configuration stays):\n%s",
 			   c->argv[1], errors[0] ? errors : strerror(-r));
 		goto out;

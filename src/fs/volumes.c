@@ -373,7 +373,7 @@ static int delete_unlinked(struct tfs_fs *fs, uint32_t dev_id, const char *name)
 	int r;
 
 	r = tfs_pool_delete(fs->pool, dev_id);
-	if (r == -EBUSY && tfs_pool_dev_suspended(fs->pool, dev_id)) {
+	if (r == -EBUSY && tfs_pool_is_suspended(fs->pool)) {
 		tfs_info("volume %s: device %" PRIu32 " is deleted when the pool resumes", name,
 			 dev_id);
 		defer_delete(fs, dev_id);
@@ -585,12 +585,16 @@ out_unlock:
 static int unlink_row_locked(struct tfs_fs *fs, const struct tfs_vol_row *row)
 {
 	struct tfs_inode *ino = tfs_fs_inode_find(fs, row->dev_id);
+	bool open = ino && ino->nopen > 0;
 	int r;
 
+	/* Deleting the device now would change a suspended pool; an open one waits anyway. */
+	if (!open && tfs_pool_is_suspended(fs->pool))
+		return -EBUSY;
 	r = tfs_catalog_unlink(fs->cat, row->dev_id);
 	if (r < 0)
 		return r;
-	if (ino && ino->nopen > 0) {
+	if (open) {
 		ino->unlinked = true;
 		pthread_mutex_lock(&ino->attr_lock);
 		ino->row.unlinked = true;

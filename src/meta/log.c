@@ -32,15 +32,17 @@ void tfs_log_capture(char *buf, size_t len)
 		capture.buf[0] = '\0';
 }
 
-static void capture_append(enum tfs_log_level level, const char *msg)
+/* True when msg went to the capture buffer instead of the sink. */
+static int capture_append(enum tfs_log_level level, const char *msg)
 {
 	size_t used;
 
 	if (!capture.buf || level > TFS_LOG_WARN)
-		return;
+		return 0;
 	used = strlen(capture.buf);
 	if (used + 1 < capture.len)
 		snprintf(capture.buf + used, capture.len - used, "%s%s", used ? "\n" : "", msg);
+	return 1;
 }
 
 void tfs_log_set_sink(tfs_log_sink sink, void *ctx)
@@ -64,7 +66,8 @@ void tfs_log(enum tfs_log_level level, const char *fmt, ...)
 	va_start(ap, fmt);
 	vsnprintf(msg, sizeof(msg), fmt, ap);
 	va_end(ap);
-	capture_append(level, msg);
+	if (capture_append(level, msg))
+		return;
 	if (log_cfg.sink) {
 		log_cfg.sink(log_cfg.ctx, level, msg);
 		return;

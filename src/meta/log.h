@@ -22,8 +22,9 @@ void tfs_log_set_sink(tfs_log_sink sink, void *ctx);
 void tfs_log_set_level(enum tfs_log_level max_level);
 
 /*
- * Errors and warnings the calling thread logs from now on are also
- * appended to buf (newline-separated, truncated to len); len 0 stops.
+ * Errors and warnings the calling thread logs from now on go to buf
+ * instead of the sink (newline-separated, truncated to len): the caller
+ * answers them to whoever asked and logs what it decides.  len 0 stops.
  */
 void tfs_log_capture(char *buf, size_t len);
 
