@@ -14,13 +14,14 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import threading
 import time
 
 import pytest
 
-from conftest import assert_thin_check_clean, run_cmd
+from conftest import assert_thin_check_clean, ctl_socket_path, is_mounted, run_cmd
 from daemon_util import BS, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, MiB, aligned, create, \
     fallocate, pattern, read_at, write_at
 
@@ -403,6 +404,8 @@ def test_io_to_a_suspended_pool_waits_and_completes_after_resume(pool, guard):
     wait_for(lambda: pst(p)["held_in_core"] >= 4, what="held_in_core >= 4")
     assert vst(p, "vm1")["held_in_core"] >= 1 and vst(p, "vm2")["held_in_core"] >= 2 and \
         vst(p, "vm3")["held_in_core"] >= 1
+    st = p.status()
+    assert st["pool"]["held_in_core"] == sum(v["held_in_core"] for v in st["volumes"]), st
     assert pst(p)["data"]["used_blocks"] == used0
     assert pst(p)["held_writes"] == 0
     # Attributes while I/O is held.
@@ -1165,21 +1168,41 @@ def test_namespace_changes_fail_ebusy_while_suspended(pool, guard):
     p.unmount()
 
 
-def test_a_volume_unlinked_while_suspended_is_deleted_by_resume_or_unmount(pool, guard):
+def test_unlink_while_suspended_ebusy_when_closed_deferred_when_open(pool, guard):
+    """A closed volume cannot be removed from a suspended pool (EBUSY); an
+    open one can, and its device goes at the resume (or at the unmount, which
+    resumes first), not while the pool is suspended."""
     p = make_pool(pool, guard)
     for name in ("vm1", "vm2", "vm3"):
         create(p.mnt / name, DATA)
         write_at(p.mnt / name, 0, pattern(1, 4 * BS))
     assert pst(p)["data"]["used_blocks"] == 12
-    suspend(p)
-    bounded(os.unlink, p.mnt / "vm2")
-    assert not os.path.exists(p.mnt / "vm2")
+    fd = os.open(p.mnt / "vm2", os.O_RDONLY)
+    try:
+        suspend(p)
+        with pytest.raises(OSError) as ei:
+            bounded(os.unlink, p.mnt / "vm3")
+        assert ei.value.errno == errno.EBUSY
+        assert os.path.exists(p.mnt / "vm3")
+        bounded(os.unlink, p.mnt / "vm2")
+        assert not os.path.exists(p.mnt / "vm2")
+    finally:
+        bounded(os.close, fd)
+    time.sleep(1.5)                   # RELEASE comes after close(2) returned
     assert pst(p)["data"]["used_blocks"] == 12, "nothing is deleted while suspended"
     resume(p)
     p.wait_used(8)
-    suspend(p)
-    bounded(os.unlink, p.mnt / "vm3")
-    p.unmount()                       # without a resume
+    assert sorted(v["name"] for v in p.volumes()) == ["vm1", "vm3"]
+    # The same, unmounted instead of resumed.
+    fd = os.open(p.mnt / "vm3", os.O_RDONLY)
+    try:
+        suspend(p)
+        bounded(os.unlink, p.mnt / "vm3")
+    finally:
+        bounded(os.close, fd)
+    time.sleep(1.5)
+    assert pst(p)["data"]["used_blocks"] == 8
+    p.unmount()
     p.mount()
     assert [v["name"] for v in p.volumes()] == ["vm1"]
     assert pst(p)["data"]["used_blocks"] == 4
@@ -1258,4 +1281,43 @@ def test_sigterm_of_a_suspended_pool_with_held_io_exits_0(pool, guard):
     p.unmount()
 
 
+def test_sigterm_during_a_suspend_that_cannot_drain_does_not_report_success(pool, guard):
+    """A suspend waiting for a stalled read when the daemon gets SIGTERM
+    never reached quiescence: its client must not be told it did (exit 0
+    means "quiescent and committed", what a backup script copies on)."""
+    p = make_pool(pool, guard, faults=True)
+    create(p.mnt / "vm1", DATA)
+    write_at(p.mnt / "vm1", 0, pattern(1, BS))
+    sock = ctl_socket_path(p.mnt)     # now: the mount will not answer lookups later
+    p.ctl("fault", "data", "read", "stall")
+    r = guard.start(Reader(p.mnt / "vm1", 0, BS))
+    time.sleep(0.5)
+    sus = guard.popen([p.ctl_bin, p.mnt, "suspend"])
+    time.sleep(1)
+    assert sus.poll() is None and r.is_alive()
+    os.kill(p.pid, signal.SIGTERM)
+    try:
+        out, err = sus.communicate(timeout=15)
+    except subprocess.TimeoutExpired:
+        out, err = None, None
+    # Release the stalled read without forking (a child would inherit the
+    # reader's descriptor and FLUSH it at exec) and without touching the mount.
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(10)
+        s.connect(sock)
+        s.sendall(b'{"cmd": "fault", "args": ["data", "read", "ok"]}\n')
+        s.recv(4096)
+    rc = p._wait_exit(60)
+    if rc is None:
+        p._kill()
+    mnt = p.cur_mnt
+    p._forget()
+    r.join(30)
+    if is_mounted(mnt):
+        run_cmd("fusermount3", "-uz", mnt, check=False)
+    assert rc == 0, f"the daemon exited {rc} on SIGTERM"
+    assert not r.is_alive()
+    assert out is not None, "the suspend client never returned"
+    assert sus.returncode != 0, \
+        f"suspend exited 0 ({out!r}) although a read was still in flight"
 
