@@ -578,6 +578,55 @@ def test_power_cut_after_a_suspend_keeps_what_it_committed(pool, guard):
     p.unmount()
 
 
+def test_ext4_on_a_loop_device_through_suspend_resume_cycles(pool, guard):
+    """The common use: a file system on a loop device over a volume, busy
+    while the pool is suspended and resumed; it must come out clean."""
+    if not (shutil.which("mkfs.ext4") and shutil.which("e2fsck")):
+        pytest.fail("mkfs.ext4/e2fsck not installed")
+    p = make_pool(pool, guard, data_size=256 * MiB)
+    create(p.mnt / "vm1", 64 * MiB)
+    dev = p.losetup(p.mnt / "vm1", "--direct-io=on")
+    run_cmd("mkfs.ext4", "-q", "-F", dev)
+    where = p.mount_fs(dev, p.dir / "fs")
+    stop = threading.Event()
+    errs, written = [], []
+
+    def writer():
+        i = 0
+        try:
+            while not stop.is_set() and i < 400:
+                path = where / f"f{i}"
+                with open(path, "wb") as f:
+                    f.write(pattern(i, 64 * 1024))
+                    f.flush()
+                    os.fsync(f.fileno())
+                written.append(i)
+                i += 1
+        except OSError as e:
+            errs.append(e)
+    t = guard.start(threading.Thread(target=writer, daemon=True))
+    try:
+        for _ in range(3):
+            time.sleep(0.3)
+            suspend(p)
+            n = len(written)
+            time.sleep(0.5)
+            assert len(written) <= n + 1, "fsyncs completed while the pool was suspended"
+            resume(p)
+    finally:
+        stop.set()
+    t.join(60)
+    assert not t.is_alive() and not errs, errs
+    assert len(written) > 3
+    for i in written[::7]:
+        assert (where / f"f{i}").read_bytes() == pattern(i, 64 * 1024)
+    p.umount_fs(where)
+    r = run_cmd("e2fsck", "-fn", dev, check=False)
+    assert r.returncode == 0, r.stdout + r.stderr
+    p.detach(dev)
+    p.unmount()
+
+
 # ---- out of data space: held writes and suspend ----------------------------------------
 
 def test_suspend_fails_writes_held_for_space_with_eio(pool, guard):
@@ -843,6 +892,28 @@ def test_two_block_write_short_of_space_fails_or_completes_whole(pool, guard, fr
         st = pst(p)
         assert st["data"]["used_blocks"] == used0 + (1 if free == 0 else 2), st
         assert st["data"]["total_blocks"] == NBLK + 64, st
+    p.unmount()
+
+
+def test_two_block_write_breaking_sharing_short_of_space_fails_whole(pool, guard):
+    """Both blocks shared with a snapshot group: breaking sharing needs two
+    new blocks and one is free.  Failed by a suspend, neither the origin nor
+    the snapshot changes, and the free block is still free."""
+    p = full_pool(pool, guard, free=1)
+    os.mkdir(p.mnt / ".snapshots" / "S")
+    vol, snap = p.mnt / "vm1", p.mnt / ".snapshots" / "S" / "vm1"
+    off = 100 * BS
+    before = read_direct(vol, off, 2 * BS)
+    assert before == pattern(1, (NBLK - 9) * BS)[off:off + 2 * BS]
+    w = guard.start(Writer(vol, off, pattern(50, 2 * BS), direct=True))
+    wait_for(lambda: pst(p)["held_writes"] >= 1, what="the write held for space")
+    suspend(p)
+    assert joined(w).err == errno.EIO, w.err
+    resume(p)
+    assert read_direct(vol, off, 2 * BS) == before
+    assert read_direct(snap, off, 2 * BS) == before
+    assert pst(p)["data"]["used_blocks"] == NBLK - 1
+    assert vst(p, "vm1")["exclusive_blocks"] == 0
     p.unmount()
 
 
