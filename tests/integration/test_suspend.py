@@ -1368,9 +1368,9 @@ def test_sigterm_during_a_suspend_that_cannot_drain_does_not_report_success(pool
     assert sus.poll() is None and r.is_alive()
     os.kill(p.pid, signal.SIGTERM)
     try:
-        out, err = sus.communicate(timeout=15)
+        out, _ = sus.communicate(timeout=15)
     except subprocess.TimeoutExpired:
-        out, err = None, None
+        out = None
     # Release the stalled read without forking (a child would inherit the
     # reader's descriptor and FLUSH it at exec) and without touching the mount.
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
