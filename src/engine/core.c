@@ -184,6 +184,8 @@ void tfs_core_close(struct tfs_core *core)
 {
 	pthread_mutex_lock(&core->lock);
 	core->closing = true;
+	core->pool_state = ACTIVE;
+	core->nr_devs = 0;
 	pthread_cond_broadcast(&core->turn_cv);
 	pthread_cond_broadcast(&core->drain_cv);
 	pthread_mutex_unlock(&core->lock);
@@ -287,8 +289,10 @@ int tfs_core_suspend_begin(struct tfs_core *core, const uint32_t *devs, unsigned
 	int r = 0;
 
 	pthread_mutex_lock(&core->lock);
-	if (core->closing)
+	if (core->closing) {
+		r = -ESHUTDOWN;
 		goto out;
+	}
 	if (core->nr_devs + nr > core->cap_devs) {
 		unsigned cap = core->nr_devs + nr + 16;
 		struct dev_entry *n = realloc(core->devs, cap * sizeof(*n));
@@ -370,6 +374,9 @@ int tfs_core_drain(struct tfs_core *core, const uint32_t *devs, unsigned nr,
 			break;
 		}
 	}
+	/* Everything is admitted now: what drained is not a quiescent device. */
+	if (core->closing)
+		r = -ESHUTDOWN;
 	core->drainers--;
 	pthread_mutex_unlock(&core->lock);
 	return r;

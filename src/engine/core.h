@@ -73,7 +73,8 @@ void tfs_core_reissue(struct tfs_core *core, struct tfs_core_io *io);
  * the named devices were active (0: all were suspended already).  drain:
  * wait until none of their requests is in the target; -ETIMEDOUT at
  * deadline (CLOCK_MONOTONIC, NULL = none), -EINTR when cancelled(arg)
- * turns true (polled every 100 ms).  end: ok -> they are suspended; !ok
+ * turns true (polled every 100 ms), -ESHUTDOWN when tfs_core_close came
+ * first (begin too: nothing is suspended then).  end: ok -> they are suspended; !ok
  * -> the suspend is abandoned and what begin changed is active again
  * (pushed-back requests go in again in order).  Either way noflush ends.
  * begin may also fail with -ENOMEM, changing nothing.

@@ -1285,6 +1285,63 @@ static int may_resize(struct tfs_pool *pool, char *why, size_t why_len)
 	return 0;
 }
 
+/*
+ * The data device down to want blocks (< now): the space map shrinks under
+ * the lock (refused, nothing changed, while a block at or past the end is
+ * in use: allocated, mapped, or held by the metadata snapshot), then the
+ * change is committed like any other, then a file is cut to the new size.
+ * Not before the commit: until it is on disk the last committed mappings
+ * may still point past the end (blocks freed in this transaction).  A
+ * block device is left as it is.
+ */
+static int shrink_data(struct tfs_pool *pool, uint64_t now, uint64_t want, char *why,
+		       size_t why_len)
+{
+	uint64_t highest = UINT64_MAX, have, gen;
+	int r;
+
+	if (want == 0)
+		return refuse(why, why_len, -EINVAL, "cannot shrink the data device to 0 blocks: "
+			      "a pool needs at least one");
+	pthread_mutex_lock(&pool->lock);
+	r = may_resize(pool, why, why_len);
+	if (!r)
+		r = tfs_pmd_shrink_data(pool->pmd, want, &highest);
+	if (r == -EINVAL && highest != UINT64_MAX && highest >= want) {
+		r = refuse(why, why_len, -EINVAL,
+			   "cannot shrink the data device to %llu blocks: block %llu is in use "
+			   "(highest used); the smallest possible size is %llu blocks",
+			   (unsigned long long)want, (unsigned long long)highest,
+			   (unsigned long long)highest + 1);
+	} else if (r && !why[0]) {
+		r = tfs_pool_meta_failed(pool, r, "shrinking the data space map");
+		snprintf(why, why_len, "%s", pool->reason);
+	} else if (!r) {
+		pool->dirty = true;
+	}
+	gen = pool->abort_gen;
+	pthread_mutex_unlock(&pool->lock);
+	if (r)
+		return r;
+	/* Leaves out_of_data_space (if space is left) and counts low water, as any commit. */
+	r = commit_change(pool, gen);
+	if (r) {
+		snprintf(why, why_len, "committing the new size failed: %s", strerror(-r));
+		return r;
+	}
+	tfs_info("%s: data device shrunk from %llu to %llu blocks", pool->cfg.metadata,
+		 (unsigned long long)now, (unsigned long long)want);
+	if (tfs_bdev_size(pool->data, &have) || have <= want * pool->block_size)
+		return 0;
+	r = tfs_bdev_shrink(pool->data, want * pool->block_size);
+	/* The pool is smaller already; only the space past its end is not given back. */
+	if (r && r != -ENOTSUP) /* -ENOTSUP: a block device */
+		tfs_warn("%s: truncating %s to %llu bytes failed: %s", pool->cfg.metadata,
+			 tfs_bdev_name(pool->data), (unsigned long long)(want * pool->block_size),
+			 strerror(-r));
+	return 0;
+}
+
 int tfs_pool_grow(struct tfs_pool *pool, bool data, uint64_t bytes, char *why, size_t why_len)
 {
 	struct tfs_bdev *dev = data ? pool->data : pool->meta;
@@ -1305,11 +1362,16 @@ int tfs_pool_grow(struct tfs_pool *pool, bool data, uint64_t bytes, char *why, s
 	if (r)
 		goto out;
 	now = data ? sp.data_total : sp.meta_total;
-	if (want < now) {
-		/* The space maps only grow; a pool's blocks may be anywhere below its end. */
+	if (want < now && !data) {
+		/* Metadata blocks may be anywhere below the end, and nothing moves them. */
 		r = refuse(why, why_len, -EINVAL,
-			   "cannot shrink the %s device from %llu to %llu blocks: shrinking is not "
-			   "supported", what, (unsigned long long)now, (unsigned long long)want);
+			   "cannot shrink the metadata device from %llu to %llu blocks: shrinking "
+			   "the metadata device is not supported", (unsigned long long)now,
+			   (unsigned long long)want);
+		goto out;
+	}
+	if (want < now) {
+		r = shrink_data(pool, now, want, why, why_len);
 		goto out;
 	}
 	if (want == now)

@@ -119,14 +119,19 @@ struct tfs_pool_status {
 void tfs_pool_status(struct tfs_pool *pool, struct tfs_pool_status *out);
 
 /*
- * Grow the data (data = true) or metadata device to bytes (rounded down to
- * whole blocks), online: a file-backed device is extended first
- * (tfs_bdev_grow), then the space map, then the transaction is committed;
- * writes held for space then run.  A device already that large (grown
- * from outside) is only taken into use.  The same size is a no-op.
- * Refused, with the reason in why and logged: -EINVAL shrinking (not
- * supported for either device); -EROFS opened read-only or needs_check;
- * -EIO read_only or fail mode; device errors from growing it.
+ * Resize the data (data = true) or metadata device to bytes (rounded down
+ * to whole blocks), online.  Growing: a file-backed device is extended
+ * first (tfs_bdev_grow), then the space map, then the transaction is
+ * committed; writes held for space then run.  A device already that large
+ * (grown from outside) is only taken into use.  The same size is a no-op.
+ * Shrinking the data device: down to the highest block in use + 1; the
+ * space map shrinks, the change is committed, then a file-backed device is
+ * truncated (a block device is left as it is).
+ * Refused, with the reason in why and logged: -EINVAL shrinking the data
+ * device below a block in use ("block M is in use ... the smallest
+ * possible size is M+1 blocks") or to 0 blocks, shrinking the metadata
+ * device (not supported); -EROFS opened read-only or needs_check; -EIO
+ * read_only or fail mode; device errors from growing it.
  */
 int tfs_pool_resize(struct tfs_pool *pool, bool data, uint64_t bytes, char *why, size_t why_len);
 
@@ -163,8 +168,8 @@ struct tfs_suspend_opts {
  * pool commits (not in read_only or fail mode).  A suspended pool does no
  * background work and refuses pool-level changes (create, snapshot,
  * delete, resize, ...) with -EBUSY.  Returns how many of them were newly
- * suspended (0: all were already), or -ETIMEDOUT / -EINTR (timeout or
- * cancelled: the suspend is abandoned, they are active again, requests
+ * suspended (0: all were already), or -ETIMEDOUT / -EINTR / -ESHUTDOWN
+ * (timeout, cancelled, or the pool is closing: the suspend is abandoned, they are active again, requests
  * pushed back go in again and ones told to leave that had not yet been
  * pushed back fail with -EIO), -ENOMEM.  why says what happened.
  */

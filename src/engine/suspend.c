@@ -59,7 +59,8 @@ int tfs_pool_suspend(struct tfs_pool *pool, const uint32_t *ids, unsigned nr,
 	n = tfs_core_suspend_begin(pool->core, ids, nr, opts->noflush);
 	if (n <= 0) {
 		if (n < 0)
-			snprintf(why, why_len, "out of memory");
+			snprintf(why, why_len, "%s", n == -ESHUTDOWN ? "the daemon is shutting down"
+				 : "out of memory");
 		r = n;
 		goto out;
 	}
@@ -76,6 +77,9 @@ int tfs_pool_suspend(struct tfs_pool *pool, const uint32_t *ids, unsigned nr,
 			snprintf(why, why_len, "in-flight I/O did not finish within %llu ms: the "
 				 "suspend was abandoned and everything is active again",
 				 (unsigned long long)opts->timeout_ms);
+		else if (r == -ESHUTDOWN)
+			snprintf(why, why_len, "the daemon is shutting down: the suspend was "
+				 "abandoned");
 		else
 			snprintf(why, why_len, "the suspend was interrupted and abandoned: "
 				 "everything is active again");

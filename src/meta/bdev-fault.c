@@ -268,6 +268,15 @@ static int fault_grow(struct tfs_bdev *d, uint64_t bytes)
 	return tfs_bdev_grow(to_fault(d)->lower, bytes);
 }
 
+/*
+ * Straight down: the caller shrinks after a commit, whose flush wrote every
+ * held write through, and nothing is written past the new end afterwards.
+ */
+static int fault_shrink(struct tfs_bdev *d, uint64_t bytes)
+{
+	return tfs_bdev_shrink(to_fault(d)->lower, bytes);
+}
+
 /* Stalled ops still point at the wrapper: they must be gone before it is freed. */
 static void release_stalled(struct fault_dev *f)
 {
@@ -299,6 +308,7 @@ static const struct tfs_bdev_ops fault_ops = {
 	.discard = fault_discard,
 	.get_size = fault_size,
 	.grow = fault_grow,
+	.shrink = fault_shrink,
 	.destroy = fault_destroy,
 };
 

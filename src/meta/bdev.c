@@ -104,7 +104,8 @@ static int file_size(struct tfs_bdev *d, uint64_t *bytes)
 	return 0;
 }
 
-static int file_grow(struct tfs_bdev *d, uint64_t new_bytes)
+/* ftruncate to new_bytes, which must not be smaller (grow) or larger (shrink) than now. */
+static int file_set_size(struct tfs_bdev *d, uint64_t new_bytes, bool grow)
 {
 	struct file_dev *f = to_file(d);
 	uint64_t cur;
@@ -115,9 +116,19 @@ static int file_grow(struct tfs_bdev *d, uint64_t new_bytes)
 	r = file_size(d, &cur);
 	if (r)
 		return r;
-	if (new_bytes < cur)
+	if (grow ? new_bytes < cur : new_bytes > cur)
 		return -EINVAL;
 	return ftruncate(f->fd, (off_t)new_bytes) ? -errno : 0;
+}
+
+static int file_grow(struct tfs_bdev *d, uint64_t new_bytes)
+{
+	return file_set_size(d, new_bytes, true);
+}
+
+static int file_shrink(struct tfs_bdev *d, uint64_t new_bytes)
+{
+	return file_set_size(d, new_bytes, false);
 }
 
 static void file_destroy(struct tfs_bdev *d)
@@ -134,6 +145,7 @@ static const struct tfs_bdev_ops file_ops = {
 	.discard = file_discard,
 	.get_size = file_size,
 	.grow = file_grow,
+	.shrink = file_shrink,
 	.destroy = file_destroy,
 };
 
@@ -271,6 +283,26 @@ out:
 	return r;
 }
 
+static int mem_shrink(struct tfs_bdev *d, uint64_t new_bytes)
+{
+	struct mem_dev *m = to_mem(d);
+	uint8_t *nb;
+	int r = 0;
+
+	pthread_rwlock_wrlock(&m->lock);
+	if (new_bytes > m->size) {
+		r = -EINVAL;
+	} else {
+		/* Keeping the larger buffer is fine if realloc cannot give it back. */
+		nb = realloc(m->buf, new_bytes ? new_bytes : 1);
+		if (nb)
+			m->buf = nb;
+		m->size = new_bytes;
+	}
+	pthread_rwlock_unlock(&m->lock);
+	return r;
+}
+
 static void mem_destroy(struct tfs_bdev *d)
 {
 	struct mem_dev *m = to_mem(d);
@@ -286,6 +318,7 @@ static const struct tfs_bdev_ops mem_ops = {
 	.discard = mem_discard,
 	.get_size = mem_size,
 	.grow = mem_grow,
+	.shrink = mem_shrink,
 	.destroy = mem_destroy,
 };
 

@@ -33,6 +33,11 @@ struct tfs_bdev_ops {
 	int (*get_size)(struct tfs_bdev *dev, uint64_t *bytes);
 	/* Grow a file-backed device; block devices return -ENOTSUP. */
 	int (*grow)(struct tfs_bdev *dev, uint64_t new_bytes);
+	/*
+	 * Cut a file-backed device down to new_bytes (what lay past it is
+	 * gone); -EINVAL when that is larger than now, block devices -ENOTSUP.
+	 */
+	int (*shrink)(struct tfs_bdev *dev, uint64_t new_bytes);
 	void (*destroy)(struct tfs_bdev *dev);
 };
 
@@ -75,6 +80,10 @@ static inline int tfs_bdev_size(struct tfs_bdev *d, uint64_t *bytes)
 static inline int tfs_bdev_grow(struct tfs_bdev *d, uint64_t bytes)
 {
 	return d->ops->grow(d, bytes);
+}
+static inline int tfs_bdev_shrink(struct tfs_bdev *d, uint64_t bytes)
+{
+	return d->ops->shrink(d, bytes);
 }
 void tfs_bdev_close(struct tfs_bdev *dev);
 static inline const char *tfs_bdev_name(const struct tfs_bdev *d)

@@ -106,6 +106,23 @@ uint32_t tfs_sm_bitmap_find_free(const void *words, const uint64_t *barrier, uin
 	return end;
 }
 
+uint32_t tfs_sm_bitmap_used_end(const void *words, uint32_t end)
+{
+	uint32_t w;
+
+	if (end > TFS_ENTRIES_PER_BITMAP)
+		end = TFS_ENTRIES_PER_BITMAP;
+	for (w = (end + TFS_ENTRIES_PER_WORD - 1) / TFS_ENTRIES_PER_WORD; w-- > 0;) {
+		uint32_t hi = end - w * TFS_ENTRIES_PER_WORD;
+		uint64_t used = tfs_sm_word_used(word_at(words, w)) &
+				slot_range(0, hi < TFS_ENTRIES_PER_WORD ? hi : TFS_ENTRIES_PER_WORD);
+
+		if (used)
+			return w * TFS_ENTRIES_PER_WORD + (63u - (uint32_t)__builtin_clzll(used)) / 2u + 1;
+	}
+	return 0;
+}
+
 uint32_t tfs_sm_bitmap_count_free(const void *words, uint32_t begin, uint32_t end)
 {
 	uint32_t w, last, n = 0;

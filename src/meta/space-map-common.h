@@ -117,6 +117,12 @@ void tfs_sm_bitmap_set(void *words, uint32_t i, unsigned v);
 uint32_t tfs_sm_bitmap_find_free(const void *words, const uint64_t *barrier, uint32_t begin,
 				 uint32_t end);
 
+/*
+ * One past the last non-zero entry in [0, end): entries [result, end) are
+ * all zero.  0 when every entry below end is zero.
+ */
+uint32_t tfs_sm_bitmap_used_end(const void *words, uint32_t end);
+
 /* Zero entries in [begin, end). */
 uint32_t tfs_sm_bitmap_count_free(const void *words, uint32_t begin, uint32_t end);
 

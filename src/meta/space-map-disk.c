@@ -499,6 +499,142 @@ static void smd_destroy(struct tfs_sm *sm)
 	free(d);
 }
 
+static struct smd *as_smd(struct tfs_sm *sm)
+{
+	return sm->ops->destroy == smd_destroy ? to_smd(sm) : NULL;
+}
+
+int tfs_smd_highest_used(struct tfs_sm *sm, uint64_t *highest)
+{
+	struct smd *d = as_smd(sm);
+	uint64_t k;
+
+	*highest = UINT64_MAX;
+	if (!d)
+		return -EINVAL;
+	/* From the end down; a bitmap with every entry free is skipped unread. */
+	for (k = d->nr_bitmaps; k-- > 0;) {
+		struct tfs_block *blk;
+		uint32_t end;
+		int r;
+
+		if (d->bms[k].nr_free == ENTRIES)
+			continue;
+		r = tfs_tm_read_lock(d->tm, d->bms[k].loc, &tfs_bitmap_validator, &blk);
+		if (r)
+			return r;
+		end = tfs_sm_bitmap_used_end(block_words(blk), tfs_sm_bitmap_len(d->nr_blocks, k));
+		tfs_tm_unlock(d->tm, blk);
+		if (end) {
+			*highest = k * ENTRIES + end - 1;
+			return 0;
+		}
+	}
+	return 0;
+}
+
+/*
+ * Why shrinking is a normal shadowed change, safe across a crash:
+ *
+ * - Nothing of the committed map is written.  The index tree loses its
+ *   entries past the end through shadowed btree removals; the bitmaps past
+ *   the end are only dec'd in the metadata space map, which never hands a
+ *   block freed in this transaction out again before the commit; the last
+ *   bitmap keeps its content (its entries past the end are zero already).
+ *   Until the new superblock is on disk, the old one still reaches the old,
+ *   larger map intact.
+ *
+ * - Blocks past the end may have been freed earlier in this transaction
+ *   (count 0 now, still mapped by the last committed state).  Shrinking past
+ *   them is fine: their data is never overwritten before the commit,
+ *   because the allocator never hands out a block in use since the last
+ *   commit (the barrier) and now cannot hand out anything past the end at
+ *   all.  The caller gives the device space back (truncates a file) only
+ *   after the commit, and from then on no committed state points past the
+ *   end: every block there has count 0 in it.  A held metadata snapshot
+ *   keeps the counts of the data blocks its leaves map above 0 (sharing is
+ *   broken with inc-children), so those block the shrink like any other use.
+ *
+ * - Counts in the overflow tree belong to blocks with count >= 3, so none
+ *   lies past the end and the tree is left as it is.
+ */
+int tfs_smd_shrink(struct tfs_sm *sm, uint64_t nr_blocks, uint64_t *highest_used)
+{
+	struct smd *d = as_smd(sm);
+	uint64_t highest, nr_bitmaps, k, none = UINT64_MAX;
+	int r;
+
+	if (highest_used)
+		*highest_used = UINT64_MAX;
+	if (!d || nr_blocks > d->nr_blocks)
+		return -EINVAL;
+	if (nr_blocks == d->nr_blocks)
+		return 0;
+	r = tfs_smd_highest_used(sm, &highest);
+	if (r)
+		return r;
+	if (highest_used)
+		*highest_used = highest;
+	if (highest != none && highest >= nr_blocks)
+		return -EINVAL; /* the caller says which block: nothing changed */
+
+	nr_bitmaps = tfs_sm_nr_bitmaps(nr_blocks);
+	/*
+	 * The index tree's entries past the new end (bitmaps added by an
+	 * extend in this transaction are not in it yet: nothing to remove).
+	 */
+	r = tfs_btree_remove_range(&d->index_info, d->index_root, &nr_bitmaps, nr_bitmaps, none,
+				   &d->index_root, NULL);
+	if (r)
+		goto err;
+	for (k = nr_bitmaps; k < d->nr_bitmaps; k++) {
+		struct bitmap_state *s = &d->bms[k];
+
+		r = tfs_tm_dec(d->tm, s->loc);
+		if (r)
+			goto err;
+		free(s->barrier);
+		memset(s, 0, sizeof(*s));
+	}
+	d->nr_bitmaps = nr_bitmaps;
+	d->nr_blocks = nr_blocks;
+	if (d->alloc_hint >= nr_blocks)
+		d->alloc_hint = 0;
+	if (nr_bitmaps) {
+		/*
+		 * The last bitmap: nr_free counts its zero entries whether in
+		 * range or not, so it stays exact; none_free_before must not
+		 * pass the new in-range length.  A changed bitmap gets its entry
+		 * rewritten at commit; an unchanged one now (the stored hints may
+		 * come from another writer), without copying the bitmap.
+		 */
+		struct bitmap_state *s = &d->bms[nr_bitmaps - 1];
+		uint32_t len = tfs_sm_bitmap_len(nr_blocks, nr_bitmaps - 1);
+
+		if (s->none_free_before > len)
+			s->none_free_before = len;
+		if (!s->barrier) {
+			struct tfs_sm_index_entry ie = { .blocknr = s->loc,
+							 .nr_free = s->nr_free,
+							 .none_free_before = s->none_free_before };
+			uint8_t v[sizeof(struct tfs_disk_index_entry)];
+
+			k = nr_bitmaps - 1;
+			tfs_sm_index_entry_pack(&ie, v);
+			r = tfs_btree_insert(&d->index_info, d->index_root, &k, v, &d->index_root,
+					     NULL);
+			if (r)
+				goto err;
+		}
+	}
+	return 0;
+
+err:
+	tfs_err("%s: shrinking the data space map to %llu blocks failed: %s", dev_name(d),
+		(unsigned long long)nr_blocks, strerror(-r));
+	return r;
+}
+
 static const struct tfs_sm_ops smd_ops = {
 	.destroy = smd_destroy,
 	.nr_blocks = smd_nr_blocks,

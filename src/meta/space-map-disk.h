@@ -55,4 +55,25 @@ int tfs_smd_create(struct tfs_tm *tm, uint64_t nr_blocks, struct tfs_sm **out);
  */
 int tfs_smd_open(struct tfs_tm *tm, const void *root32, struct tfs_sm **out);
 
+/*
+ * The highest data block with a non-zero count in the current transaction,
+ * UINT64_MAX when none.  Reads only bitmaps that are not wholly free, from
+ * the end down.  -EINVAL when sm is not a data space map.
+ */
+int tfs_smd_highest_used(struct tfs_sm *sm, uint64_t *highest);
+/*
+ * Shrink the domain to nr_blocks, in the running transaction (see the
+ * comment in space-map-disk.c for why a crash before the commit leaves the
+ * old, larger map whole).  Refused with -EINVAL, nothing changed, when a
+ * block >= nr_blocks has a non-zero count now (or nr_blocks is larger than
+ * the map); *highest_used (may be NULL) gets the highest block in use,
+ * UINT64_MAX when none, whenever the scan ran.  Otherwise the index entries
+ * of the bitmaps wholly past the end are removed and those bitmaps
+ * released in the metadata space map; the last bitmap keeps its content
+ * (entries past the end are zero) with its hints clamped to the new
+ * length; the allocation hint is clamped.  Errors after the scan (-ENOSPC,
+ * -EIO, -ENOMEM, -EUCLEAN) need an abort, as for extend.
+ */
+int tfs_smd_shrink(struct tfs_sm *sm, uint64_t nr_blocks, uint64_t *highest_used);
+
 #endif

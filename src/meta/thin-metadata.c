@@ -630,6 +630,27 @@ int tfs_pmd_resize_data(struct tfs_pmd *pmd, uint64_t nr_blocks)
 	return nr_blocks == cur ? 0 : tfs_sm_extend(pmd->dsm, nr_blocks - cur);
 }
 
+int tfs_pmd_shrink_data(struct tfs_pmd *pmd, uint64_t nr_blocks, uint64_t *highest_used)
+{
+	uint64_t cur = tfs_sm_nr_blocks(pmd->dsm), highest = UINT64_MAX;
+	int r;
+
+	if (highest_used)
+		*highest_used = UINT64_MAX;
+	if (pmd->read_only)
+		return -EROFS;
+	if (nr_blocks > cur) {
+		tfs_err("data device cannot shrink from %llu to %llu blocks: that is growing",
+			(unsigned long long)cur, (unsigned long long)nr_blocks);
+		return -EINVAL;
+	}
+	/* The data size lives only in the data space map's root: nothing else to keep in step. */
+	r = tfs_smd_shrink(pmd->dsm, nr_blocks, &highest);
+	if (highest_used)
+		*highest_used = highest;
+	return r;
+}
+
 int tfs_pmd_resize_metadata(struct tfs_pmd *pmd, uint64_t nr_blocks)
 {
 	uint64_t cur = tfs_sm_nr_blocks(pmd->msm);

@@ -71,8 +71,24 @@ struct tfs_pmd_space {
 	uint64_t meta_total, meta_free;
 };
 void tfs_pmd_space(struct tfs_pmd *pmd, struct tfs_pmd_space *out);
-/* Grow the data space map to nr_blocks (-EINVAL when smaller than now). */
+/* Grow the data space map to nr_blocks (-EINVAL when smaller than now: see shrink). */
 int tfs_pmd_resize_data(struct tfs_pmd *pmd, uint64_t nr_blocks);
+/*
+ * Shrink the data space map to nr_blocks (down to the highest block in use
+ * + 1), taking effect at the next commit; the same size is a no-op.  The
+ * data size is stored only in the data space map root, so that is the one
+ * copy to change.  Refused with -EINVAL and nothing changed (the
+ * transaction stays usable) when nr_blocks is larger than now, or when a
+ * block >= nr_blocks is in use in the current transaction: then
+ * *highest_used (may be NULL) is the highest block in use, so the caller
+ * can say "block N is in use".  It is also set on success (UINT64_MAX when
+ * no block is in use).  Blocks freed earlier in this transaction do not
+ * count: the committed state that still maps them stays intact until the
+ * commit (space-map-disk.c says why).  A data device must be truncated
+ * only after the commit.  Other errors (-EIO, -ENOSPC of metadata,
+ * -ENOMEM, -EUCLEAN) need an abort; -EROFS read-only.
+ */
+int tfs_pmd_shrink_data(struct tfs_pmd *pmd, uint64_t nr_blocks, uint64_t *highest_used);
 /* Grow the metadata space map to nr_blocks (capped at the format's maximum, with a warning). */
 int tfs_pmd_resize_metadata(struct tfs_pmd *pmd, uint64_t nr_blocks);
 

@@ -273,11 +273,38 @@ static void test_close_admits_everything(void **state)
 	assert_true(eventually(done, &a));
 	pthread_join(a.t, NULL);
 	/* Nothing is suspended after close. */
-	assert_int_equal(tfs_core_suspend_begin(core, NULL, 0, false), 0);
+	assert_int_equal(tfs_core_suspend_begin(core, NULL, 0, false), -ESHUTDOWN);
+	assert_false(tfs_core_suspended(core, TFS_CORE_POOL));
 	tfs_core_destroy(core);
 }
 
 /* Many requests held across suspend/resume cycles all finish; none is stranded. */
+/* A suspend waiting for a request that never leaves is abandoned by close, not reported done. */
+static void *close_later(void *arg)
+{
+	usleep(100000);
+	tfs_core_close(arg);
+	return NULL;
+}
+
+static void test_close_abandons_a_draining_suspend(void **state)
+{
+	struct tfs_core *core;
+	struct tfs_core_io io;
+	pthread_t t;
+
+	(void)state;
+	assert_int_equal(tfs_core_create(&core), 0);
+	tfs_core_enter(core, &io, 4);
+	assert_int_equal(tfs_core_suspend_begin(core, NULL, 0, false), 1);
+	assert_int_equal(pthread_create(&t, NULL, close_later, core), 0);
+	assert_int_equal(tfs_core_drain(core, NULL, 0, NULL, NULL, NULL), -ESHUTDOWN);
+	tfs_core_suspend_end(core, false);
+	pthread_join(t, NULL);
+	tfs_core_exit(core, &io);
+	tfs_core_destroy(core);
+}
+
 static void test_cycles_strand_nothing(void **state)
 {
 	enum { N = 16 };
@@ -311,6 +338,7 @@ int main(void)
 		cmocka_unit_test(test_device_suspend_holds_only_that_device),
 		cmocka_unit_test(test_admin_refused_while_pool_suspended),
 		cmocka_unit_test(test_close_admits_everything),
+		cmocka_unit_test(test_close_abandons_a_draining_suspend),
 		cmocka_unit_test(test_cycles_strand_nothing),
 	};
 

@@ -716,6 +716,56 @@ static void test_full_data_device_gives_enospc_and_freed_blocks_come_back(void *
 	done(f, false);
 }
 
+static void test_data_shrinks_down_to_the_highest_used_block(void **state)
+{
+	struct fixture *f = new_fixture(64, false);
+	struct tfs_pool_status st;
+	uint8_t buf[4 * BS];
+	struct tfs_vol *vol;
+	struct stat sb;
+	char why[256];
+
+	(void)state;
+	tfs_log_set_sink(quiet_sink, NULL);
+	open_pool(f);
+	vol = new_volume(f, NULL);
+	memset(buf, 0x5a, sizeof(buf));
+	assert_int_equal(tfs_vol_write(vol, buf, 4 * BS, 0), 0); /* data blocks 0..3 */
+	assert_int_equal(tfs_vol_flush(vol), 0);
+	/* Refused below the highest used block, which is named; metadata never shrinks. */
+	assert_int_equal(tfs_pool_resize(f->pool, true, 3 * BS, why, sizeof(why)), -EINVAL);
+	assert_non_null(strstr(why, "block 3 is in use"));
+	assert_non_null(strstr(why, "smallest possible size is 4 blocks"));
+	assert_int_equal(tfs_pool_resize(f->pool, false, 1 * MiB, why, sizeof(why)), -EINVAL);
+	assert_non_null(strstr(why, "shrinking the metadata device is not supported"));
+	tfs_pool_status(f->pool, &st);
+	assert_int_equal(st.data_total, 64);
+	assert_string_equal(st.mode, "write");
+	/* Down to highest used + 1: committed, and the file is cut after the commit. */
+	assert_int_equal(tfs_pool_resize(f->pool, true, 4 * BS, why, sizeof(why)), 0);
+	tfs_pool_status(f->pool, &st);
+	assert_int_equal(st.data_total, 4);
+	assert_int_equal(stat(f->cfg.data, &sb), 0);
+	assert_int_equal(sb.st_size, 4 * BS);
+	assert_int_equal(tfs_vol_write(vol, buf, 10, 4 * BS), -ENOSPC);
+	assert_int_equal(tfs_vol_read(vol, buf, 4 * BS, 0), 0);
+	assert_true(all_bytes(buf, 4 * BS, 0x5a));
+	/* And grown again: writes need and get new blocks. */
+	assert_int_equal(tfs_pool_resize(f->pool, true, 16 * BS, why, sizeof(why)), 0);
+	memset(buf, 0x3c, BS);
+	assert_int_equal(tfs_vol_write(vol, buf, BS, 4 * BS), 0);
+	tfs_pool_status(f->pool, &st);
+	assert_int_equal(st.data_total, 16);
+	assert_string_equal(st.mode, "write");
+	tfs_vol_close(vol);
+	close_pool(f);
+	open_pool(f);
+	tfs_pool_status(f->pool, &st);
+	assert_int_equal(st.data_total, 16);
+	tfs_log_set_sink(NULL, NULL);
+	done(f, false);
+}
+
 static void test_held_write_times_out_then_resize_brings_space_back(void **state)
 {
 	struct fixture *f = new_fixture(8, false);
@@ -1359,6 +1409,7 @@ int main(void)
 		cmocka_unit_test(test_seek_data_and_hole_follow_the_mapping),
 		cmocka_unit_test(test_full_data_device_gives_enospc_and_freed_blocks_come_back),
 		cmocka_unit_test(test_held_write_times_out_then_resize_brings_space_back),
+		cmocka_unit_test(test_data_shrinks_down_to_the_highest_used_block),
 		cmocka_unit_test(test_metadata_write_error_makes_the_pool_read_only),
 		cmocka_unit_test(test_metadata_space_exhaustion_gives_enospc_then_read_only),
 		cmocka_unit_test(test_needs_check_write_failure_means_fail_mode),

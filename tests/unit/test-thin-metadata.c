@@ -13,11 +13,13 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <cmocka.h>
 
 #include "bdev.h"
+#include "check.h"
 #include "format.h"
 #include "log.h"
 #include "thin-metadata.h"
@@ -541,6 +543,219 @@ static void test_metadata_snapshot_holds_the_old_roots(void **state)
 	tfs_bdev_close(dev);
 }
 
+/* ---- shrinking the data device ------------------------------------------ */
+
+#define SHRINK_META_BLOCKS 2048
+
+/*
+ * The metadata file at tmp_path must pass our checker with exact hints
+ * (strict) and, when installed, thin_check 0.9.0.
+ */
+static void assert_metadata_clean(void)
+{
+	struct tfs_check_opts opts = { .strict = true, .out = stderr };
+	struct tfs_check_result res;
+	struct tfs_bdev *dev;
+	char cmd[160];
+	int st;
+
+	assert_int_equal(tfs_bdev_open(tmp_path, true, &dev), 0);
+	assert_int_equal(tfs_check_metadata(dev, &opts, &res), 0);
+	tfs_bdev_close(dev);
+	assert_int_equal(res.errors, 0);
+	assert_int_equal(res.warnings, 0);
+	if (access("/usr/sbin/thin_check", X_OK) == 0) {
+		snprintf(cmd, sizeof(cmd), "/usr/sbin/thin_check -q %s", tmp_path);
+		st = system(cmd);
+		assert_true(WIFEXITED(st) && WEXITSTATUS(st) == 0);
+	}
+}
+
+static struct tfs_pmd *reopen_data(struct tfs_pmd *pmd, struct tfs_bdev *dev)
+{
+	struct tfs_pmd_options o = default_opt;
+
+	if (pmd)
+		tfs_pmd_close(pmd);
+	o.nr_data_blocks = 0;
+	assert_int_equal(tfs_pmd_open(dev, &o, &pmd), 0);
+	return pmd;
+}
+
+static void assert_data_space(struct tfs_pmd *pmd, uint64_t total, uint64_t free_blocks)
+{
+	struct tfs_pmd_space sp;
+
+	tfs_pmd_space(pmd, &sp);
+	assert_int_equal(sp.data_total, total);
+	assert_int_equal(sp.data_free, free_blocks);
+}
+
+/* Map vblock -> block of a data block the test picks (not the allocator). */
+static void map_block(struct tfs_td *td, struct tfs_pmd *pmd, uint64_t vblock, uint64_t block)
+{
+	assert_int_equal(tfs_pmd_data_block_inc(pmd, block), 0);
+	assert_int_equal(tfs_thin_insert(td, vblock, block), 0);
+}
+
+static void test_shrink_data_down_to_the_highest_used_block(void **state)
+{
+	struct tfs_pmd_options o = default_opt;
+	struct tfs_bdev *dev = new_file_dev(SHRINK_META_BLOCKS * TFS_BLOCK_SIZE);
+	uint64_t highest, b, removed;
+	struct tfs_pmd *pmd;
+	struct tfs_td *td;
+	uint32_t c;
+
+	(void)state;
+	o.nr_data_blocks = NR_DATA; /* three bitmaps */
+	assert_int_equal(tfs_pmd_format(dev, &o, &pmd), 0);
+	assert_int_equal(tfs_pmd_create_thin(pmd, 1), 0);
+	assert_int_equal(tfs_pmd_open_thin(pmd, 1, &td), 0);
+	for (uint64_t v = 0; v < 100; v++) {
+		assert_int_equal(tfs_pmd_alloc_data_block(pmd, &b), 0);
+		assert_int_equal(tfs_thin_insert(td, v, b), 0);
+	}
+	tfs_pmd_close_thin(td);
+	assert_int_equal(tfs_pmd_commit(pmd), 0);
+
+	/* Refused below the highest used block: nothing changes, the transaction goes on. */
+	assert_int_equal(tfs_pmd_shrink_data(pmd, 50, &highest), -EINVAL);
+	assert_int_equal(highest, 99);
+	assert_int_equal(tfs_pmd_shrink_data(pmd, 99, NULL), -EINVAL);
+	assert_int_equal(tfs_pmd_shrink_data(pmd, NR_DATA + 1, NULL), -EINVAL);
+	assert_data_space(pmd, NR_DATA, NR_DATA - 100);
+	assert_int_equal(tfs_pmd_commit(pmd), 0);
+	pmd = reopen_data(pmd, dev);
+	assert_data_space(pmd, NR_DATA, NR_DATA - 100);
+
+	/* Down to exactly highest + 1, committed. */
+	assert_int_equal(tfs_pmd_shrink_data(pmd, 100, &highest), 0);
+	assert_int_equal(highest, 99);
+	assert_data_space(pmd, 100, 0);
+	assert_int_equal(tfs_pmd_alloc_data_block(pmd, &b), -ENOSPC);
+	assert_int_equal(tfs_pmd_commit(pmd), 0);
+	tfs_pmd_close(pmd);
+	assert_metadata_clean();
+	pmd = reopen_data(NULL, dev);
+	assert_data_space(pmd, 100, 0);
+	assert_int_equal(tfs_pmd_data_block_count(pmd, 99, &c), 0);
+	assert_int_equal(c, 1);
+	assert_int_equal(tfs_pmd_data_block_count(pmd, 100, &c), -EINVAL);
+
+	/*
+	 * Blocks freed in this transaction (still mapped by the last commit)
+	 * may be cut off; not committing is like a crash: the old size stays.
+	 */
+	assert_int_equal(tfs_pmd_open_thin(pmd, 1, &td), 0);
+	assert_int_equal(tfs_thin_remove_range(td, 60, 100, &removed), 0);
+	assert_int_equal(removed, 40);
+	tfs_pmd_close_thin(td);
+	assert_int_equal(tfs_pmd_shrink_data(pmd, 60, &highest), 0);
+	assert_int_equal(highest, 59);
+	assert_data_space(pmd, 60, 0);
+	pmd = reopen_data(pmd, dev);
+	assert_data_space(pmd, 100, 0);
+	assert_int_equal(tfs_pmd_open_thin(pmd, 1, &td), 0);
+	assert_int_equal(tfs_thin_remove_range(td, 60, 100, &removed), 0);
+	tfs_pmd_close_thin(td);
+	assert_int_equal(tfs_pmd_shrink_data(pmd, 60, NULL), 0);
+	assert_int_equal(tfs_pmd_commit(pmd), 0);
+	tfs_pmd_close(pmd);
+	assert_metadata_clean();
+
+	/* Grow again: the new blocks are free and allocated after the kept ones. */
+	pmd = reopen_data(NULL, dev);
+	assert_data_space(pmd, 60, 0);
+	assert_int_equal(tfs_pmd_resize_data(pmd, NR_DATA), 0);
+	assert_int_equal(tfs_pmd_alloc_data_block(pmd, &b), 0);
+	assert_true(b >= 60);
+	assert_int_equal(tfs_pmd_free_data_block(pmd, b), 0);
+	assert_int_equal(tfs_pmd_commit(pmd), 0);
+	tfs_pmd_close(pmd);
+	assert_metadata_clean();
+	pmd = reopen_data(NULL, dev);
+	assert_data_space(pmd, NR_DATA, NR_DATA - 60);
+	tfs_pmd_close(pmd);
+	tfs_bdev_close(dev);
+	unlink(tmp_path);
+}
+
+static void test_shrink_data_across_bitmaps(void **state)
+{
+	const uint64_t E = TFS_ENTRIES_PER_BITMAP;
+	const uint64_t big = 20 * E + 123, high = 5 * E + 7;
+	struct tfs_pmd_options o = default_opt;
+	struct tfs_bdev *dev = new_file_dev(SHRINK_META_BLOCKS * TFS_BLOCK_SIZE);
+	struct tfs_pmd_space before, after;
+	uint64_t highest;
+	struct tfs_pmd *pmd;
+	struct tfs_td *td;
+	uint32_t c;
+
+	(void)state;
+	o.nr_data_blocks = big; /* 21 bitmaps, the last one partial */
+	assert_int_equal(tfs_pmd_format(dev, &o, &pmd), 0);
+	assert_int_equal(tfs_pmd_create_thin(pmd, 1), 0);
+	assert_int_equal(tfs_pmd_open_thin(pmd, 1, &td), 0);
+	map_block(td, pmd, 0, 3 * E + 1);
+	map_block(td, pmd, 1, high);
+	map_block(td, pmd, 2, 0);
+	tfs_pmd_close_thin(td);
+	/* A snapshot shares the leaf: counts stay 1, and the snapshot keeps them in use. */
+	assert_int_equal(tfs_pmd_create_snap(pmd, 2, 1), 0);
+	assert_int_equal(tfs_pmd_commit(pmd), 0);
+
+	assert_int_equal(tfs_pmd_shrink_data(pmd, high, &highest), -EINVAL);
+	assert_int_equal(highest, high);
+	assert_int_equal(tfs_pmd_shrink_data(pmd, 2 * E, &highest), -EINVAL);
+	assert_int_equal(highest, high);
+	assert_data_space(pmd, big, big - 3);
+	/* Delete the origin: the snapshot still holds the blocks. */
+	assert_int_equal(tfs_pmd_delete_thin(pmd, 1), 0);
+	assert_int_equal(tfs_pmd_shrink_data(pmd, high, &highest), -EINVAL);
+	assert_int_equal(highest, high);
+
+	tfs_pmd_space(pmd, &before);
+	assert_int_equal(tfs_pmd_shrink_data(pmd, high + 1, &highest), 0);
+	assert_data_space(pmd, high + 1, high + 1 - 3);
+	assert_int_equal(tfs_pmd_commit(pmd), 0);
+	tfs_pmd_space(pmd, &after);
+	/* Fifteen bitmaps given back (less what the shadowed index tree took). */
+	assert_true(after.meta_free > before.meta_free);
+	tfs_pmd_close(pmd);
+	assert_metadata_clean();
+
+	pmd = reopen_data(NULL, dev);
+	assert_data_space(pmd, high + 1, high + 1 - 3);
+	assert_int_equal(tfs_pmd_data_block_count(pmd, high, &c), 0);
+	assert_int_equal(c, 1);
+	assert_int_equal(tfs_pmd_data_block_count(pmd, high + 1, &c), -EINVAL);
+
+	/* Grown and shrunk again inside one transaction: the new bitmaps go back unused. */
+	assert_int_equal(tfs_pmd_resize_data(pmd, big), 0);
+	assert_int_equal(tfs_pmd_shrink_data(pmd, 4 * E + 1, &highest), -EINVAL);
+	assert_int_equal(tfs_pmd_shrink_data(pmd, 6 * E, &highest), 0);
+	assert_data_space(pmd, 6 * E, 6 * E - 3);
+	assert_int_equal(tfs_pmd_commit(pmd), 0);
+	tfs_pmd_close(pmd);
+	assert_metadata_clean();
+
+	/* Back to the full size; every block past the old end is free. */
+	pmd = reopen_data(NULL, dev);
+	assert_int_equal(tfs_pmd_resize_data(pmd, big), 0);
+	assert_int_equal(tfs_pmd_commit(pmd), 0);
+	tfs_pmd_close(pmd);
+	assert_metadata_clean();
+	pmd = reopen_data(NULL, dev);
+	assert_data_space(pmd, big, big - 3);
+	assert_int_equal(tfs_pmd_data_block_count(pmd, big - 1, &c), 0);
+	assert_int_equal(c, 0);
+	tfs_pmd_close(pmd);
+	tfs_bdev_close(dev);
+	unlink(tmp_path);
+}
+
 static void test_resize_grows_and_refuses_to_shrink(void **state)
 {
 	(void)state;
@@ -696,6 +911,8 @@ int main(void)
 		cmocka_unit_test(test_needs_check_persists_outside_transactions),
 		cmocka_unit_test(test_metadata_snapshot_holds_the_old_roots),
 		cmocka_unit_test(test_resize_grows_and_refuses_to_shrink),
+		cmocka_unit_test(test_shrink_data_down_to_the_highest_used_block),
+		cmocka_unit_test(test_shrink_data_across_bitmaps),
 		cmocka_unit_test(test_metadata_exhaustion_is_enospc),
 		cmocka_unit_test(test_random_operations_match_the_model),
 		cmocka_unit_test(test_failed_commit_leaves_old_or_new_transaction),
