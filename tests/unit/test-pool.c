@@ -727,6 +727,7 @@ static void test_data_shrinks_down_to_the_highest_used_block(void **state)
 
 	(void)state;
 	tfs_log_set_sink(quiet_sink, NULL);
+	f->cfg.error_if_no_space = true; /* fail at once rather than hold */
 	open_pool(f);
 	vol = new_volume(f, NULL);
 	memset(buf, 0x5a, sizeof(buf));
