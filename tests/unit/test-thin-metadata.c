@@ -582,6 +582,15 @@ static struct tfs_pmd *reopen_data(struct tfs_pmd *pmd, struct tfs_bdev *dev)
 	return pmd;
 }
 
+/* Commit, close, require clean metadata, open again. */
+static struct tfs_pmd *commit_check_reopen(struct tfs_pmd *pmd, struct tfs_bdev *dev)
+{
+	assert_int_equal(tfs_pmd_commit(pmd), 0);
+	tfs_pmd_close(pmd);
+	assert_metadata_clean();
+	return reopen_data(NULL, dev);
+}
+
 static void assert_data_space(struct tfs_pmd *pmd, uint64_t total, uint64_t free_blocks)
 {
 	struct tfs_pmd_space sp;
@@ -634,10 +643,7 @@ static void test_shrink_data_down_to_the_highest_used_block(void **state)
 	assert_int_equal(highest, 99);
 	assert_data_space(pmd, 100, 0);
 	assert_int_equal(tfs_pmd_alloc_data_block(pmd, &b), -ENOSPC);
-	assert_int_equal(tfs_pmd_commit(pmd), 0);
-	tfs_pmd_close(pmd);
-	assert_metadata_clean();
-	pmd = reopen_data(NULL, dev);
+	pmd = commit_check_reopen(pmd, dev);
 	assert_data_space(pmd, 100, 0);
 	assert_int_equal(tfs_pmd_data_block_count(pmd, 99, &c), 0);
 	assert_int_equal(c, 1);
@@ -660,21 +666,15 @@ static void test_shrink_data_down_to_the_highest_used_block(void **state)
 	assert_int_equal(tfs_thin_remove_range(td, 60, 100, &removed), 0);
 	tfs_pmd_close_thin(td);
 	assert_int_equal(tfs_pmd_shrink_data(pmd, 60, NULL), 0);
-	assert_int_equal(tfs_pmd_commit(pmd), 0);
-	tfs_pmd_close(pmd);
-	assert_metadata_clean();
+	pmd = commit_check_reopen(pmd, dev);
 
 	/* Grow again: the new blocks are free and allocated after the kept ones. */
-	pmd = reopen_data(NULL, dev);
 	assert_data_space(pmd, 60, 0);
 	assert_int_equal(tfs_pmd_resize_data(pmd, NR_DATA), 0);
 	assert_int_equal(tfs_pmd_alloc_data_block(pmd, &b), 0);
 	assert_true(b >= 60);
 	assert_int_equal(tfs_pmd_free_data_block(pmd, b), 0);
-	assert_int_equal(tfs_pmd_commit(pmd), 0);
-	tfs_pmd_close(pmd);
-	assert_metadata_clean();
-	pmd = reopen_data(NULL, dev);
+	pmd = commit_check_reopen(pmd, dev);
 	assert_data_space(pmd, NR_DATA, NR_DATA - 60);
 	tfs_pmd_close(pmd);
 	tfs_bdev_close(dev);
@@ -737,17 +737,11 @@ static void test_shrink_data_across_bitmaps(void **state)
 	assert_int_equal(tfs_pmd_shrink_data(pmd, 4 * E + 1, &highest), -EINVAL);
 	assert_int_equal(tfs_pmd_shrink_data(pmd, 6 * E, &highest), 0);
 	assert_data_space(pmd, 6 * E, 6 * E - 3);
-	assert_int_equal(tfs_pmd_commit(pmd), 0);
-	tfs_pmd_close(pmd);
-	assert_metadata_clean();
+	pmd = commit_check_reopen(pmd, dev);
 
 	/* Back to the full size; every block past the old end is free. */
-	pmd = reopen_data(NULL, dev);
 	assert_int_equal(tfs_pmd_resize_data(pmd, big), 0);
-	assert_int_equal(tfs_pmd_commit(pmd), 0);
-	tfs_pmd_close(pmd);
-	assert_metadata_clean();
-	pmd = reopen_data(NULL, dev);
+	pmd = commit_check_reopen(pmd, dev);
 	assert_data_space(pmd, big, big - 3);
 	assert_int_equal(tfs_pmd_data_block_count(pmd, big - 1, &c), 0);
 	assert_int_equal(c, 0);
