@@ -6,6 +6,7 @@ events.  Small pools keep them fast; the fixture checks thin_check and
 import errno
 import json
 import os
+import re
 import subprocess
 import threading
 import time
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cmd
+from conftest import assert_thin_check_clean, run_cmd
 
 from daemon_util import BS, MiB, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, create, \
     fallocate, pattern, read_at, write_at
@@ -105,6 +106,63 @@ def test_queue_mode_holds_writes_until_resize(pool):
     # Both transitions are reported, however quickly the pool went back (1 s housekeeping).
     wait_for(lambda: kinds().count("mode_change") == 2, what="two mode_change events")
     assert "resize" in kinds()
+    # The resized pool's new blocks take a verified write (blocks none had before).
+    fio_verify(p.mnt / "vm1", 2 * DATA, 2 * MiB)
+    p.unmount()
+
+
+def fio_verify(vol, offset, size):
+    """A sequential fio write of [offset, offset + size) read back with crc32c checks."""
+    r = run_cmd("fio", "--name=verify", f"--filename={vol}", "--rw=write", "--bs=64k",
+                f"--offset={offset}", f"--size={size}", "--verify=crc32c", "--do_verify=1",
+                "--verify_fatal=1", "--verify_state_save=0", "--output-format=terse",
+                check=False, timeout=300, cwd=os.path.dirname(os.path.dirname(vol)))
+    assert r.returncode == 0, f"fio exited {r.returncode}:\n{r.stdout}\n{r.stderr}"
+
+
+def test_data_shrinks_down_to_the_highest_used_block(pool):
+    p = pool(data_size=DATA, meta_size=8 * MiB, options={"low_water_mark": "0"})
+    create(p.mnt / "vm1", DATA)
+    data = pattern(5, 24 * BS)
+    write_at(p.mnt / "vm1", 0, data)
+    # Blocks freed in the running transaction do not stand in the way.
+    fd = os.open(p.mnt / "vm1", os.O_WRONLY)
+    try:
+        fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 16 * BS, 8 * BS)
+    finally:
+        os.close(fd)
+    used = p.status()["pool"]["data"]["used_blocks"]
+    assert used == 16, used
+    r = p.ctl("resize", "data", str(4 * BS), ok=None)
+    assert r.returncode != 0, r.stdout
+    m = re.search(r"cannot shrink the data device to 4 blocks: block (\d+) is in use "
+                  r"\(highest used\); the smallest possible size is (\d+) blocks", r.stderr)
+    assert m and int(m.group(2)) == int(m.group(1)) + 1, r.stderr
+    smallest = int(m.group(2))
+    assert used <= smallest < DATA // BS, r.stderr
+    assert p.status()["pool"]["data"]["total_blocks"] == DATA // BS
+    assert os.path.getsize(p.data) == DATA
+    p.ctl("resize", "data", str(smallest * BS))
+    st = p.status()["pool"]
+    assert st["data"]["total_blocks"] == smallest and st["mode"] == "write", st
+    assert os.path.getsize(p.data) == smallest * BS
+    assert read_at(p.mnt / "vm1", 0, 16 * BS) == data[:16 * BS]
+    assert read_at(p.mnt / "vm1", 16 * BS, 8 * BS) == bytes(8 * BS)
+    wait_for(lambda: any(e["kind"] == "resize" for e in
+                         map(json.loads, p.ctl("events", "--json").stdout.splitlines())),
+             what="resize event")
+    p.unmount()
+    assert_thin_check_clean(p.meta)
+    p.thinfs_run("check", p.meta)
+    p.mount()
+    st = p.status()["pool"]
+    assert st["data"]["total_blocks"] == smallest and st["data"]["used_blocks"] == 16, st
+    assert read_at(p.mnt / "vm1", 0, 16 * BS) == data[:16 * BS]
+    # Grown again, the space past the old end takes new data.
+    p.ctl("resize", "data", str(DATA))
+    assert os.path.getsize(p.data) == DATA
+    fio_verify(p.mnt / "vm1", 16 * BS, 32 * BS)
+    assert read_at(p.mnt / "vm1", 0, 16 * BS) == data[:16 * BS]
     p.unmount()
 
 
@@ -156,10 +214,11 @@ def test_no_space_timeout_fails_held_writes_with_enospc(pool):
 
 def test_resize_refusals_and_external_growth(pool):
     p = pool(data_size=DATA, meta_size=8 * MiB, options={"low_water_mark": "0"})
-    r = p.ctl("resize", "data", str(DATA // 2), ok=None)
-    assert r.returncode != 0 and "shrink" in r.stderr, r.stderr
+    r = p.ctl("resize", "data", "0", ok=None)
+    assert r.returncode != 0 and "at least one" in r.stderr, r.stderr
     r = p.ctl("resize", "metadata", str(4 * MiB), ok=None)
-    assert r.returncode != 0 and "shrink" in r.stderr, r.stderr
+    assert r.returncode != 0 and \
+        "shrinking the metadata device is not supported" in r.stderr, r.stderr
     r = p.ctl("resize", "data", "lots", ok=None)
     assert r.returncode != 0 and "bad size" in r.stderr, r.stderr
     # Growing the file from outside changes nothing until resize.
