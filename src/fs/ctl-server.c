@@ -778,7 +778,10 @@ static void cmd_wait_event(struct cmd_ctx *c)
 
 /* ---- suspend, resume, reload ---- */
 
-/* The device ids of the volumes named in argv[first..] (flags skipped); 0 or -1 (answered). */
+/*
+ * The device ids of the volumes named in argv[1..] (flags skipped): root
+ * volumes or snapshot group members (GROUP/NAME); 0, or -1 when answered.
+ */
 static int volume_ids(struct cmd_ctx *c, uint32_t **ids, unsigned *nr)
 {
 	*ids = calloc((size_t)c->argc, sizeof(**ids));
@@ -801,7 +804,7 @@ static int volume_ids(struct cmd_ctx *c, uint32_t **ids, unsigned *nr)
 			send_error(c->fd, "%s: unknown option '%s'", c->argv[0], a);
 			goto fail;
 		}
-		if (tfs_fs_get_volume(c->fs, a, &row) < 0) {
+		if (tfs_fs_find_volume(c->fs, a, &row) < 0) {
 			send_error(c->fd, "%s: no volume named '%s' (nothing was %sed)", c->argv[0], a,
 				   c->argv[0]);
 			goto fail;

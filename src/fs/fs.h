@@ -157,6 +157,8 @@ void tfs_fs_close_all(struct tfs_fs *fs);
 
 /* Attributes of a volume by name at the root, in-memory copy preferred. */
 int tfs_fs_get_volume(struct tfs_fs *fs, const char *name, struct tfs_vol_row *out);
+/* A volume at the root ("NAME") or a group member ("GROUP/NAME", ".snapshots/GROUP/NAME"). */
+int tfs_fs_find_volume(struct tfs_fs *fs, const char *spec, struct tfs_vol_row *out);
 /* Attributes by device id, in-memory copy preferred. */
 int tfs_fs_get_volume_by_id(struct tfs_fs *fs, uint32_t dev_id, struct tfs_vol_row *out);
 

@@ -1055,6 +1055,16 @@ static int find_source_locked(struct tfs_fs *fs, const char *src, struct tfs_vol
 	return r;
 }
 
+int tfs_fs_find_volume(struct tfs_fs *fs, const char *spec, struct tfs_vol_row *out)
+{
+	int r;
+
+	pthread_mutex_lock(&fs->lock);
+	r = find_source_locked(fs, spec, out);
+	pthread_mutex_unlock(&fs->lock);
+	return r;
+}
+
 int tfs_fs_snapshot_volume(struct tfs_fs *fs, const char *src, const char *new_name)
 {
 	struct tfs_vol_row s, row;

@@ -465,6 +465,24 @@ def test_suspending_one_volume_holds_only_its_io(pool, guard):
     p.unmount()
 
 
+def test_a_snapshot_group_member_is_suspended_by_group_and_name(pool, guard):
+    p = make_pool(pool, guard)
+    create(p.mnt / "vm1", DATA)
+    write_at(p.mnt / "vm1", 0, pattern(1, 2 * BS))
+    os.mkdir(p.mnt / ".snapshots" / "S")
+    member = p.mnt / ".snapshots" / "S" / "vm1"
+    suspend(p, "S/vm1")
+    r = guard.start(Reader(member, 0, BS))
+    # The origin is another device: its I/O goes on.
+    assert bounded(read_direct, p.mnt / "vm1", 0, BS) == pattern(1, BS)
+    time.sleep(0.5)
+    assert r.is_alive(), "a read of the suspended member must wait"
+    resume(p, ".snapshots/S/vm1")
+    assert joined(r).data == pattern(1, BS)
+    assert "nosuch" in suspend(p, "S/nosuch", ok=(1,)).stderr
+    p.unmount()
+
+
 def test_resume_of_a_volume_while_the_pool_is_suspended_keeps_it_held(pool, guard):
     p = make_pool(pool, guard)
     create(p.mnt / "vm1", DATA)
