@@ -139,29 +139,41 @@ static void take_settings(struct tfs_pool *pool, const struct tfs_pool_config *c
 	pthread_mutex_unlock(&pool->timer_lock);
 }
 
-/* The device as large as it is now: grown from outside (or by the admin) before the reload. */
-static void grow_to_device(struct tfs_pool *pool, bool data, char *msg, size_t len)
+/*
+ * Blocks the device holds now (*have; metadata capped at what the format
+ * can use) and blocks the pool uses of it (*now).
+ */
+static int device_blocks(struct tfs_pool *pool, bool data, uint64_t *have, uint64_t *now)
 {
-	struct tfs_bdev *dev = data ? pool->data : pool->meta;
 	uint64_t unit = data ? pool->block_size : TFS_BLOCK_SIZE;
 	struct tfs_pmd_space sp;
-	uint64_t bytes, now;
-	char why[256];
+	uint64_t bytes;
 	int r;
 
-	if (tfs_bdev_size(dev, &bytes))
-		return;
-	if (!data && bytes / unit > TFS_MAX_METADATA_BLOCKS)
-		bytes = (uint64_t)TFS_MAX_METADATA_BLOCKS * unit; /* the rest is never used */
+	r = tfs_bdev_size(data ? pool->data : pool->meta, &bytes);
+	if (r)
+		return r;
+	*have = bytes / unit;
+	if (!data && *have > TFS_MAX_METADATA_BLOCKS)
+		*have = TFS_MAX_METADATA_BLOCKS; /* the rest is never used */
 	pthread_mutex_lock(&pool->lock);
 	tfs_pmd_space(pool->pmd, &sp);
 	pthread_mutex_unlock(&pool->lock);
-	now = data ? sp.data_total : sp.meta_total;
-	if (bytes / unit <= now)
+	*now = data ? sp.data_total : sp.meta_total;
+	return 0;
+}
+
+/* The device as large as it is now: grown from outside (or by the admin) before the reload. */
+static void grow_to_device(struct tfs_pool *pool, bool data, char *msg, size_t len)
+{
+	uint64_t unit = data ? pool->block_size : TFS_BLOCK_SIZE;
+	uint64_t have, now;
+	char why[256];
+
+	if (device_blocks(pool, data, &have, &now) || have <= now)
 		return;
 	/* Success is already in msg, from the reload; tfs_pool_grow logs it. */
-	r = tfs_pool_grow(pool, data, bytes, why, sizeof(why));
-	if (r)
+	if (tfs_pool_grow(pool, data, have * unit, why, sizeof(why)))
 		append(msg, len, "growing the %s device failed: %s", data ? "data" : "metadata",
 		       why);
 }
@@ -210,25 +222,16 @@ static int check_size(struct tfs_pool *pool, bool data, char *msg, size_t len, c
 		      size_t changes_len)
 {
 	struct tfs_bdev *dev = data ? pool->data : pool->meta;
-	uint64_t unit = data ? pool->block_size : TFS_BLOCK_SIZE;
 	const char *what = data ? "data" : "metadata";
-	struct tfs_pmd_space sp;
-	uint64_t bytes, have, now;
+	uint64_t have, now;
 	int r;
 
-	r = tfs_bdev_size(dev, &bytes);
+	r = device_blocks(pool, data, &have, &now);
 	if (r) {
 		snprintf(msg, len, "cannot size the %s device %s: %s", what, tfs_bdev_name(dev),
 			 strerror(-r));
 		return r;
 	}
-	pthread_mutex_lock(&pool->lock);
-	tfs_pmd_space(pool->pmd, &sp);
-	pthread_mutex_unlock(&pool->lock);
-	now = data ? sp.data_total : sp.meta_total;
-	have = bytes / unit;
-	if (!data && have > TFS_MAX_METADATA_BLOCKS)
-		have = TFS_MAX_METADATA_BLOCKS;
 	if (have < now) {
 		snprintf(msg, len, "the %s device %s holds %llu blocks but the pool uses %llu: "
 			 "shrinking is not supported", what, tfs_bdev_name(dev),

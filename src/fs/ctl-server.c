@@ -780,16 +780,20 @@ static void cmd_wait_event(struct cmd_ctx *c)
 
 /*
  * The device ids of the volumes named in argv[1..] (flags skipped): root
- * volumes or snapshot group members (GROUP/NAME); 0, or -1 when answered.
+ * volumes or snapshot group members (GROUP/NAME); names gets them
+ * comma-separated, or "pool" when none is named.  0, or -1 when answered.
  */
-static int volume_ids(struct cmd_ctx *c, uint32_t **ids, unsigned *nr)
+static int volume_ids(struct cmd_ctx *c, uint32_t **ids, unsigned *nr, char *names, size_t len)
 {
+	size_t used = 0;
+
 	*ids = calloc((size_t)c->argc, sizeof(**ids));
 	*nr = 0;
 	if (!*ids) {
 		send_error(c->fd, "%s: out of memory", c->argv[0]);
 		return -1;
 	}
+	snprintf(names, len, "pool");
 	for (int i = 1; i < c->argc; i++) {
 		struct tfs_vol_row row;
 		const char *a = c->argv[i];
@@ -810,32 +814,15 @@ static int volume_ids(struct cmd_ctx *c, uint32_t **ids, unsigned *nr)
 			goto fail;
 		}
 		(*ids)[(*nr)++] = row.dev_id;
+		if (used < len)
+			used += (size_t)snprintf(names + used, len - used, "%s%s", used ? ", " : "",
+						 a);
 	}
 	return 0;
 fail:
 	free(*ids);
 	*ids = NULL;
 	return -1;
-}
-
-/* "pool" or the names given, for messages and events. */
-static void target_names(const struct cmd_ctx *c, char *out, size_t len)
-{
-	size_t used = 0;
-
-	snprintf(out, len, "pool");
-	for (int i = 1; i < c->argc; i++) {
-		const char *a = c->argv[i];
-
-		if (!strcmp(a, "--timeout")) {
-			i++;
-			continue;
-		}
-		if (a[0] == '-')
-			continue;
-		used += (size_t)snprintf(out + used, used < len ? len - used : 0, "%s%s",
-					 used ? ", " : "", a);
-	}
 }
 
 static bool client_gone(void *arg)
@@ -866,9 +853,8 @@ static void cmd_suspend(struct cmd_ctx *c)
 		}
 		o.timeout_ms = (uint64_t)(t * 1000) ? (uint64_t)(t * 1000) : 1;
 	}
-	if (volume_ids(c, &ids, &nr) < 0)
+	if (volume_ids(c, &ids, &nr, names, sizeof(names)) < 0)
 		return;
-	target_names(c, names, sizeof(names));
 	r = tfs_pool_suspend(c->fs->pool, ids, nr, &o, why, sizeof(why));
 	free(ids);
 	if (r < 0) {
@@ -902,9 +888,8 @@ static void cmd_resume(struct cmd_ctx *c)
 	unsigned nr;
 	int n;
 
-	if (volume_ids(c, &ids, &nr) < 0)
+	if (volume_ids(c, &ids, &nr, names, sizeof(names)) < 0)
 		return;
-	target_names(c, names, sizeof(names));
 	n = tfs_pool_resume(c->fs->pool, ids, nr, msg, sizeof(msg));
 	free(ids);
 	if (n == 0) {

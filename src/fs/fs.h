@@ -111,10 +111,6 @@ struct tfs_fs {
 	char last_mode[32];
 	uint64_t last_transition;  /* the pool's mode changes reported as events */
 	uint64_t low_water_data_seen, low_water_meta_seen; /* crossings reported as events */
-
-	/* Devices of unlinked volumes whose delete met a suspended pool: retried at resume. */
-	uint32_t *deferred_deletes; /* lock */
-	unsigned nr_deferred, cap_deferred;
 };
 
 void tfs_fs_init(struct tfs_fs *fs);

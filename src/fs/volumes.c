@@ -68,7 +68,6 @@ void tfs_fs_destroy(struct tfs_fs *fs)
 			inode_free(ino);
 		}
 	}
-	free(fs->deferred_deletes);
 	pthread_cond_destroy(&fs->event_cond);
 	pthread_mutex_destroy(&fs->event_lock);
 	pthread_mutex_destroy(&fs->persist_lock);
@@ -351,32 +350,15 @@ static void event_locked_delete(struct tfs_fs *fs, const char *name, uint32_t de
  * fs->lock held.  A failure leaves an unlinked row: the next mount's
  * reconcile finishes the job.
  */
-/* A suspended pool refuses deletes: remember the device for the resume. */
-static void defer_delete(struct tfs_fs *fs, uint32_t dev_id)
-{
-	if (fs->nr_deferred == fs->cap_deferred) {
-		unsigned cap = fs->cap_deferred ? fs->cap_deferred * 2 : 8;
-		uint32_t *n = realloc(fs->deferred_deletes, cap * sizeof(*n));
-
-		if (!n) {
-			tfs_warn("device %" PRIu32 " stays until the next mount: out of memory", dev_id);
-			return;
-		}
-		fs->deferred_deletes = n;
-		fs->cap_deferred = cap;
-	}
-	fs->deferred_deletes[fs->nr_deferred++] = dev_id;
-}
-
 static int delete_unlinked(struct tfs_fs *fs, uint32_t dev_id, const char *name)
 {
 	int r;
 
 	r = tfs_pool_delete(fs->pool, dev_id);
 	if (r == -EBUSY && tfs_pool_is_suspended(fs->pool)) {
+		/* The row stays unlinked: tfs_fs_after_resume finds it. */
 		tfs_info("volume %s: device %" PRIu32 " is deleted when the pool resumes", name,
 			 dev_id);
-		defer_delete(fs, dev_id);
 		return r;
 	}
 	if (r < 0 && r != -ENODATA) {
@@ -1253,22 +1235,22 @@ static void low_water_report(struct tfs_fs *fs, const struct tfs_pool_status *st
 
 void tfs_fs_after_resume(struct tfs_fs *fs)
 {
-	unsigned n;
+	struct row_list l;
 
 	pthread_mutex_lock(&fs->lock);
-	n = fs->nr_deferred;
-	fs->nr_deferred = 0;
-	for (unsigned i = 0; i < n; i++) {
-		uint32_t id = fs->deferred_deletes[i];
-		struct tfs_vol_row row;
-		char name[sizeof(row.name)];
+	/* Unlinked rows of closed volumes: their deletes met the suspended pool. */
+	if (list_rows(fs, 0, true, &l) < 0)
+		goto out; /* logged by the catalog; the next mount's reconcile deletes them */
+	for (unsigned i = 0; i < l.nr; i++) {
+		struct tfs_inode *ino = tfs_fs_inode_find(fs, l.rows[i].dev_id);
 
-		snprintf(name, sizeof(name), "thin-%" PRIu32, id);
-		if (get_by_id_locked(fs, id, &row) == 0)
-			snprintf(name, sizeof(name), "%s", row.name);
-		/* Suspended again meanwhile: it goes back on the list. */
-		delete_unlinked(fs, id, name);
+		if (!l.rows[i].unlinked || (ino && ino->nopen > 0))
+			continue;
+		if (delete_unlinked(fs, l.rows[i].dev_id, l.rows[i].name) == 0 && ino)
+			mark_gone(ino);
 	}
+	free(l.rows);
+out:
 	pthread_mutex_unlock(&fs->lock);
 }
 
