@@ -96,9 +96,9 @@ import errno  # noqa: E402
 import json  # noqa: E402
 import re  # noqa: E402
 import signal  # noqa: E402
-import socket  # noqa: E402
-import struct  # noqa: E402
 import time  # noqa: E402
+
+from ctl_socket import ctl_socket_path, socket_peer_pid  # noqa: E402,F401
 
 MOUNT_TIMEOUT = 60      # ASan builds start slowly
 EXIT_TIMEOUT = 60
@@ -156,23 +156,6 @@ def is_mounted(path):
 def mount_count(path):
     """How many mounts are stacked on path."""
     return _mounts().count(_canon(path))
-
-
-def ctl_socket_path(mnt):
-    """/run/thinfs/<fnv1a64(realpath)>.sock, as src/fs/ctl-protocol.c."""
-    h = 0xcbf29ce484222325
-    for b in os.path.realpath(mnt).encode():
-        h = ((h ^ b) * 0x100000001b3) & 0xFFFFFFFFFFFFFFFF
-    return f"/run/thinfs/{h:016x}.sock"
-
-
-def socket_peer_pid(path):
-    """pid of the process listening on the unix socket (SO_PEERCRED)."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(5)
-        s.connect(path)
-        cred = s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-        return struct.unpack("3i", cred)[0]
 
 
 def pid_alive(pid):
