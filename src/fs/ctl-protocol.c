@@ -2,6 +2,7 @@
 #include "ctl-protocol.h"
 
 #include <errno.h>
+#include <json-c/json.h>
 #include <limits.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -28,4 +29,53 @@ int tfs_ctl_socket_path(const char *mountpoint, char *out, size_t out_len)
 	n = snprintf(out, out_len, "%s/%016llx.sock", TFS_CTL_DIR,
 		     (unsigned long long)fnv1a64(canon));
 	return n < 0 || (size_t)n >= out_len ? -ENAMETOOLONG : 0;
+}
+
+int tfs_ctl_parse_request(const char *line, struct tfs_ctl_request *req, const char **why)
+{
+	struct json_object *jcmd, *jargs = NULL;
+	size_t nargs = 0;
+	int r = -EINVAL;
+
+	*req = (struct tfs_ctl_request){ 0 };
+	*why = "bad request: expected {\"cmd\": \"...\", \"args\": [...]}";
+	req->json = json_tokener_parse(line);
+	if (!req->json || !json_object_is_type(req->json, json_type_object) ||
+	    !json_object_object_get_ex(req->json, "cmd", &jcmd) ||
+	    !json_object_is_type(jcmd, json_type_string))
+		goto out_fail;
+	*why = "bad request: args must be an array of strings";
+	if (json_object_object_get_ex(req->json, "args", &jargs)) {
+		if (!json_object_is_type(jargs, json_type_array))
+			goto out_fail;
+		nargs = json_object_array_length(jargs);
+	}
+	req->argv = calloc(nargs + 2, sizeof(*req->argv));
+	if (!req->argv) {
+		*why = "out of memory";
+		r = -ENOMEM;
+		goto out_fail;
+	}
+	req->argv[0] = json_object_get_string(jcmd);
+	for (size_t i = 0; i < nargs; i++) {
+		struct json_object *a = json_object_array_get_idx(jargs, i);
+
+		if (!json_object_is_type(a, json_type_string))
+			goto out_fail;
+		req->argv[i + 1] = json_object_get_string(a);
+	}
+	req->argc = (int)nargs + 1;
+	*why = NULL;
+	return 0;
+
+out_fail:
+	tfs_ctl_request_free(req);
+	return r;
+}
+
+void tfs_ctl_request_free(struct tfs_ctl_request *req)
+{
+	free(req->argv);
+	json_object_put(req->json);
+	*req = (struct tfs_ctl_request){ 0 };
 }

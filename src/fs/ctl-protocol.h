@@ -27,7 +27,30 @@
 
 #define TFS_CTL_DIR "/run/thinfs"
 
+struct json_object;
+
 /* Socket path for a mountpoint (must exist); -errno from realpath, -ENAMETOOLONG. */
 int tfs_ctl_socket_path(const char *mountpoint, char *out, size_t out_len);
+
+/*
+ * A request as the daemon received it: argv[0] the command, then its
+ * arguments, argv[argc] NULL.  The strings belong to json.
+ */
+struct tfs_ctl_request {
+	struct json_object *json;
+	const char **argv;
+	int argc;
+};
+
+/*
+ * Parse one request line (NUL-terminated, any bytes).  0 and *req filled
+ * (release it with tfs_ctl_request_free); -EINVAL and *why, a one-line
+ * answer for the client, when the line is not a request; -ENOMEM.  *req is
+ * empty after a failure.  O(length of the line); logs nothing.
+ */
+int tfs_ctl_parse_request(const char *line, struct tfs_ctl_request *req, const char **why);
+
+/* Free what a successful parse holds; an empty request is fine. */
+void tfs_ctl_request_free(struct tfs_ctl_request *req);
 
 #endif

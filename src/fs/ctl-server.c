@@ -1090,54 +1090,27 @@ static ssize_t read_line(int fd, char *buf, size_t max)
 
 static void serve(struct tfs_fs *fs, int fd)
 {
-	struct json_object *req = NULL, *jcmd, *jargs;
-	const char **argv = NULL;
+	struct tfs_ctl_request req;
 	struct cmd_ctx c = { .fs = fs, .fd = fd };
+	const char *why;
 	char *buf;
 	ssize_t n;
-	size_t nargs = 0;
 
 	buf = malloc(MAX_REQUEST);
 	if (!buf)
 		return;
 	n = read_line(fd, buf, MAX_REQUEST);
-	if (n <= 0) {
-		free(buf);
-		return;
-	}
-	req = json_tokener_parse(buf);
-	if (!req || !json_object_is_type(req, json_type_object) ||
-	    !json_object_object_get_ex(req, "cmd", &jcmd) ||
-	    !json_object_is_type(jcmd, json_type_string)) {
-		send_error(fd, "bad request: expected {\"cmd\": \"...\", \"args\": [...]}");
+	if (n <= 0)
+		goto out;
+	if (tfs_ctl_parse_request(buf, &req, &why) < 0) {
+		send_error(fd, "%s", why);
 		goto out;
 	}
-	if (json_object_object_get_ex(req, "args", &jargs)) {
-		if (!json_object_is_type(jargs, json_type_array)) {
-			send_error(fd, "bad request: args must be an array of strings");
-			goto out;
-		}
-		nargs = json_object_array_length(jargs);
-	}
-	argv = calloc(nargs + 2, sizeof(*argv));
-	if (!argv)
-		goto out;
-	argv[0] = json_object_get_string(jcmd);
-	for (size_t i = 0; i < nargs; i++) {
-		struct json_object *a = json_object_array_get_idx(jargs, i);
-
-		if (!json_object_is_type(a, json_type_string)) {
-			send_error(fd, "bad request: args must be an array of strings");
-			goto out;
-		}
-		argv[i + 1] = json_object_get_string(a);
-	}
-	c.argc = (int)nargs + 1;
-	c.argv = argv;
+	c.argc = req.argc;
+	c.argv = req.argv;
 	dispatch(&c);
+	tfs_ctl_request_free(&req);
 out:
-	free(argv);
-	json_object_put(req);
 	free(buf);
 }
 

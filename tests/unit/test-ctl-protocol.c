@@ -1,0 +1,85 @@
+/* SPDX-License-Identifier: GPL-2.0-or-later */
+/*
+ * The control socket's request parser: a request gives argv (command
+ * first, NULL after the last argument); anything else is refused with one
+ * line for the client and leaves nothing to free.
+ */
+#include <errno.h>
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <string.h>
+
+#include <cmocka.h>
+
+#include "ctl-protocol.h"
+
+static void test_request_gives_command_then_arguments(void **state)
+{
+	struct tfs_ctl_request req;
+	const char *why;
+
+	(void)state;
+	assert_int_equal(tfs_ctl_parse_request("{\"cmd\": \"status\", \"args\": [\"--json\"]}\n",
+					       &req, &why), 0);
+	assert_null(why);
+	assert_int_equal(req.argc, 2);
+	assert_string_equal(req.argv[0], "status");
+	assert_string_equal(req.argv[1], "--json");
+	assert_null(req.argv[2]);
+	tfs_ctl_request_free(&req);
+}
+
+static void test_request_without_args_is_the_command_alone(void **state)
+{
+	struct tfs_ctl_request req;
+	const char *why;
+
+	(void)state;
+	assert_int_equal(tfs_ctl_parse_request("{\"cmd\":\"list\"}", &req, &why), 0);
+	assert_int_equal(req.argc, 1);
+	assert_string_equal(req.argv[0], "list");
+	assert_null(req.argv[1]);
+	tfs_ctl_request_free(&req);
+}
+
+static void test_malformed_requests_are_refused_with_one_line(void **state)
+{
+	static const struct {
+		const char *line;
+		const char *why;
+	} cases[] = {
+		{ "", "bad request: expected" },
+		{ "not json", "bad request: expected" },
+		{ "[\"status\"]", "bad request: expected" },
+		{ "{\"args\": []}", "bad request: expected" },
+		{ "{\"cmd\": 7}", "bad request: expected" },
+		{ "{\"cmd\": \"status\", \"args\": \"--json\"}", "bad request: args must be" },
+		{ "{\"cmd\": \"resize\", \"args\": [\"data\", 1]}", "bad request: args must be" },
+	};
+
+	(void)state;
+	for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+		struct tfs_ctl_request req;
+		const char *why = NULL;
+
+		assert_int_equal(tfs_ctl_parse_request(cases[i].line, &req, &why), -EINVAL);
+		assert_non_null(why);
+		assert_non_null(strstr(why, cases[i].why));
+		assert_null(strchr(why, '\n'));
+		assert_null(req.json);
+		assert_null(req.argv);
+		tfs_ctl_request_free(&req); /* an empty request is fine */
+	}
+}
+
+int main(void)
+{
+	const struct CMUnitTest tests[] = {
+		cmocka_unit_test(test_request_gives_command_then_arguments),
+		cmocka_unit_test(test_request_without_args_is_the_command_alone),
+		cmocka_unit_test(test_malformed_requests_are_refused_with_one_line),
+	};
+
+	return cmocka_run_group_tests(tests, NULL, NULL);
+}
