@@ -277,8 +277,8 @@ class Volume:
 
 
 class Group:
-    # states: creating (mkdir running), present (mkdir returned), uncertain
-    # (mkdir or rmdir cut by the crash), removing (rmdir running), removed
+    # states: creating (mkdir running), present (mkdir returned), mkdir-cut
+    # and rmdir-cut (cut by the crash), removing (rmdir running), removed
     # (rmdir returned), failed (mkdir failed with the daemon alive)
     def __init__(self, name, low):
         self.name = name
@@ -382,7 +382,7 @@ class Crash:
                         g.state = "removed"
                         self.it_removed += 1
                     except OSError as e:
-                        g.state = "uncertain" if self.killed.is_set() or \
+                        g.state = "rmdir-cut" if self.killed.is_set() or \
                             e.errno in DEAD_ERRNOS else "present"
                         if g.state == "present":
                             self.errors.append(f"rmdir {g.name}: {e}")
@@ -402,7 +402,7 @@ class Crash:
                     except OSError as e:
                         g.high = {v.name: array.array("Q", v.issued) for v in self.vols}
                         dead = self.killed.is_set() or e.errno in DEAD_ERRNOS
-                        g.state = "uncertain" if dead else "failed"
+                        g.state = "mkdir-cut" if dead else "failed"
                         if not dead:
                             self.errors.append(f"mkdir {name}: {e}")
                         if dead:
@@ -541,6 +541,7 @@ class Crash:
             if g is None:
                 self.totals["bad_groups"] += 1
                 self.errors.append(f"unknown snapshot group {name} appeared")
+                self.remove_group(Group(name, None))
                 continue
             if g.state == "failed":
                 self.totals["bad_groups"] += 1
