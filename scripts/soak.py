@@ -256,6 +256,20 @@ def log_findings(text):
     return san, lines
 
 
+def tally(lines, counted):
+    """Count log lines alike but for their numbers."""
+    for l in lines:
+        key = re.sub(r"\d+", "N", l)
+        counted[key] = counted.get(key, 0) + 1
+
+
+def print_tally(counted):
+    if counted:
+        print("  daemon error/warning lines (digits as N):")
+        for line, n in sorted(counted.items(), key=lambda x: -x[1])[:20]:
+            print(f"    {n:5}x {line[:200]}")
+
+
 def copy_sparse(src, dst):
     run(["cp", "--sparse=always", src, dst])
 
@@ -490,9 +504,7 @@ class Crash:
         if san:
             self.totals["crashes"] += 1
             self.errors.append(f"sanitizer report in {daemon_log.name}")
-        for l in lines:
-            key = re.sub(r"\d+", "N", l)
-            self.daemon_lines[key] = self.daemon_lines.get(key, 0) + 1
+        tally(lines, self.daemon_lines)
 
         ok = not self.errors
         self.totals["iterations"] += 1
@@ -688,10 +700,7 @@ class Crash:
                   "groups_checked", "member_blocks_checked", "lost_mkdirs",
                   "back_after_rmdir", "unacked_survived", "torn_origin_blocks"):
             print(f"  {k:24} {t[k]}")
-        if self.daemon_lines:
-            print("  daemon error/warning lines (digits as N):")
-            for line, n in sorted(self.daemon_lines.items(), key=lambda x: -x[1])[:20]:
-                print(f"    {n:5}x {line[:200]}")
+        print_tally(self.daemon_lines)
         if fatal:
             print(f"  run ended early: {fatal}")
         if self.kept:
@@ -746,6 +755,18 @@ class Stress:
                       status_bad=0, suspends=0, suspend_failures=0)
         self.errors = []
         self.rss = []
+        self.lat = {}   # operation -> [count, total seconds, max seconds]
+
+    def timed(self, op, fn, *args, **kw):
+        t = time.monotonic()
+        try:
+            return fn(*args, **kw)
+        finally:
+            d = time.monotonic() - t
+            c = self.lat.setdefault(op, [0, 0.0, 0.0])
+            c[0] += 1
+            c[1] += d
+            c[2] = max(c[2], d)
 
     def snapshotter(self):
         snaps = self.pool.mnt / ".snapshots"
@@ -753,12 +774,12 @@ class Stress:
         while not self.stop.wait(0.1):
             try:
                 if len(live) >= 3 or (live and self.rng.random() < 0.4):
-                    os.rmdir(snaps / live[0])
+                    self.timed("rmdir", os.rmdir, snaps / live[0])
                     live.pop(0)
                     self.c["groups_removed"] += 1
                 else:
                     name = f"s{next(seq)}"
-                    os.mkdir(snaps / name)
+                    self.timed("mkdir", os.mkdir, snaps / name)
                     live.append(name)
                     self.c["groups_made"] += 1
             except OSError as e:
@@ -769,7 +790,7 @@ class Stress:
 
     def poller(self):
         while not self.stop.wait(0.2):
-            p = self.pool.ctl("status", "--json")
+            p = self.timed("status --json", self.pool.ctl, "status", "--json")
             self.c["status_polls"] += 1
             try:
                 if p.returncode != 0:
@@ -782,7 +803,7 @@ class Stress:
 
     def suspender(self):
         while not self.stop.wait(self.rng.uniform(2, 5)):
-            p = self.pool.ctl("suspend", "--timeout", "60", timeout=120)
+            p = self.timed("suspend", self.pool.ctl, "suspend", "--timeout", "60", timeout=120)
             self.c["suspends"] += 1
             if p.returncode != 0:
                 self.c["suspend_failures"] += 1
@@ -873,8 +894,12 @@ class Stress:
                   f"{third[1] / 1024:.0f}, at 2/3 {third[2] / 1024:.0f}, end "
                   f"{self.rss[-1][1] / 1024:.0f}")
         print(f"  daemon peak RSS (VmHWM)  {peak / 1024:.0f} MiB (series in {self.work}/rss.csv)")
-        if lines:
-            print(f"  daemon error/warning lines: {len(lines)}, e.g. {lines[0][:200]}")
+        for op, (n, total, worst) in sorted(self.lat.items()):
+            print(f"  {op + ' latency':24} {n} calls, mean {total / n * 1000:.0f} ms, "
+                  f"max {worst * 1000:.0f} ms")
+        counted = {}
+        tally(lines, counted)
+        print_tally(counted)
         for e in self.errors[:20]:
             print(f"  problem: {e}")
         failed = bool(self.errors) or verify_errors or fio_errors or crashed
