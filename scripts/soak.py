@@ -400,9 +400,9 @@ class Crash:
                             e.errno in DEAD_ERRNOS else "present"
                         if g.state == "present":
                             self.errors.append(f"rmdir {g.name}: {e}")
-                        if self.killed.is_set() or e.errno in DEAD_ERRNOS:
-                            break
                     glog.write(f"{time.time():.3f} rmdir {g.name} {g.state}\n")
+                    if g.state == "rmdir-cut":
+                        break
                 else:
                     name = f"g{it:04d}-{next(self.group_seq)}"
                     g = Group(name, {v.name: array.array("Q", v.low) for v in self.vols})
@@ -419,10 +419,9 @@ class Crash:
                         g.state = "mkdir-cut" if dead else "failed"
                         if not dead:
                             self.errors.append(f"mkdir {name}: {e}")
-                        if dead:
-                            glog.write(f"{time.time():.3f} mkdir {name} {g.state}\n")
-                            break
                     glog.write(f"{time.time():.3f} mkdir {name} {g.state}\n")
+                    if g.state == "mkdir-cut":
+                        break
         finally:
             glog.close()
 
@@ -677,7 +676,8 @@ class Crash:
                     fatal = (fatal + "; " if fatal else "") + err
                     failed = True
         if self.pool.log is not None:
-            san, _ = log_findings(self.pool.log.read_text(errors="replace"))
+            san, lines = log_findings(self.pool.log.read_text(errors="replace"))
+            tally(lines, self.daemon_lines)
             if san:
                 self.totals["crashes"] += 1
                 failed = True
@@ -950,6 +950,8 @@ def main():
     ap.add_argument("--max-run", type=float, default=3.0, help="seconds before the kill, at most")
     ap.add_argument("--stop-on-failure", action="store_true")
     a = ap.parse_args()
+    if os.path.isdir(a.workdir) and os.listdir(a.workdir):
+        ap.error(f"--workdir {a.workdir} is not empty (a soak starts from a fresh pool)")
     if a.seed is None:
         a.seed = random.randrange(1 << 30)
     if a.mode == "stress":

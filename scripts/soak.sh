@@ -19,7 +19,8 @@
 # Environment:
 #   THINFS_SOAK_DIR=DIR     where pools, logs and kept failures go
 #                           (default /var/tmp/thinfs-soak-MODE-<time>); a
-#                           passing run removes its pool, a failing one keeps it
+#                           passing run removes it (stress keeps its figures
+#                           and logs, without the pool), a failing one keeps it
 #   THINFS_SOAK_ARGS="..."  extra arguments for scripts/soak.py (crash, powercut,
 #                           stress), e.g. "--seed 42 --stop-on-failure"
 set -uo pipefail
@@ -139,8 +140,8 @@ echo "soak.sh $mode $size on $(git rev-parse --short HEAD 2>/dev/null)$(git diff
 "$python" scripts/soak.py "$mode" "$size" --build build-soak --workdir "$workdir" "${extra[@]}"
 rc=$?
 if ((rc == 0)); then
-	rm -rf "$workdir/pool"
-	rmdir "$workdir" 2>/dev/null
+	# stress keeps its figures (rss.csv, fio.json, the daemon log)
+	if [[ $mode == stress ]]; then rm -rf "$workdir/pool"; else rm -rf "$workdir"; fi
 else
 	echo "kept for debugging: $workdir"
 fi
