@@ -299,7 +299,6 @@ class Group:
         self.state = "creating"
         self.low = low      # {volume name: array} at the start of the mkdir
         self.high = None    # {volume name: array} at its end
-        self.verified = False
 
 
 class Crash:
@@ -322,7 +321,7 @@ class Crash:
                            crashes=0, stray_volumes=0, bad_groups=0, groups_made=0,
                            groups_removed=0, groups_checked=0, member_blocks_checked=0,
                            lost_mkdirs=0, back_after_rmdir=0, unacked_survived=0,
-                           torn_origin_blocks=0, op_errors=0)
+                           torn_origin_blocks=0)
         self.daemon_lines = {}
         self.kept = []
 
@@ -751,8 +750,9 @@ class Stress:
         self.work = Path(a.workdir)
         self.rng = random.Random(a.seed)
         self.stop = threading.Event()
-        self.c = dict(groups_made=0, groups_removed=0, snapshot_busy=0, status_polls=0,
-                      status_bad=0, suspends=0, suspend_failures=0)
+        self.c = dict(groups_made=0, groups_removed=0, snapshot_busy=0,
+                      partial_after_refused_rmdir=0, status_polls=0, status_bad=0, suspends=0,
+                      suspend_failures=0)
         self.errors = []
         self.rss = []
         self.lat = {}   # operation -> [count, total seconds, max seconds]
@@ -785,8 +785,28 @@ class Stress:
             except OSError as e:
                 if e.errno == errno.EBUSY:   # the pool is suspended
                     self.c["snapshot_busy"] += 1
+                    if e.filename and os.path.basename(e.filename) in live:
+                        self.check_refused_rmdir(e.filename)
                 else:
                     self.errors.append(f"snapshot group: {e}")
+
+    def check_refused_rmdir(self, gdir):
+        """A refused rmdir changes nothing: the group is still whole."""
+        members = sorted(os.listdir(gdir))
+        if members != [f"v{i}" for i in range(4)]:
+            self.errors.append(f"{gdir}: members {members} after a refused rmdir")
+            return
+        for m in members:
+            try:
+                fd = os.open(os.path.join(gdir, m), os.O_RDONLY)
+                try:
+                    os.pread(fd, BLOCK, 0)
+                finally:
+                    os.close(fd)
+            except OSError as e:
+                self.c["partial_after_refused_rmdir"] += 1
+                self.errors.append(f"{gdir}/{m} after a refused rmdir (EBUSY): {e}")
+                return
 
     def poller(self):
         while not self.stop.wait(0.2):
@@ -874,6 +894,10 @@ class Stress:
         if san:
             crashed = True
             self.errors.append(f"sanitizer report in {self.pool.log}")
+        # Nothing here is a crash or a fault: an error the daemon logs is a bug.
+        bad = [l for l in lines if "error:" in l]
+        if bad:
+            self.errors.append(f"{len(bad)} error line(s) in the daemon log, the first: {bad[0]}")
         probs = self.pool.check_metadata(self.work)
         self.errors += probs
         with open(self.work / "rss.csv", "w") as f:

@@ -21,6 +21,9 @@
 #                           (default /var/tmp/thinfs-soak-MODE-<time>); a
 #                           passing run removes it (stress keeps its figures
 #                           and logs, without the pool), a failing one keeps it
+#   THINFS_SOAK_ASAN=1      run the daemon from build-soak-asan/ (ASan + UBSan)
+#                           instead: slower, but a sanitizer report in a
+#                           daemon log counts as a crash
 #   THINFS_SOAK_ARGS="..."  extra arguments for scripts/soak.py (crash, powercut,
 #                           stress), e.g. "--seed 42 --stop-on-failure"
 set -uo pipefail
@@ -41,10 +44,15 @@ positive_int() {
 }
 
 build_soak() {
-	local dir=build-soak
+	local dir=$1 sanitize=none werror=true
+	if [[ $dir == build-soak-asan ]]; then
+		# as scripts/test.sh's build-asan: GCC's sanitizers make some warnings spurious
+		sanitize=address,undefined
+		werror=false
+	fi
 	if [[ ! -f $dir/meson-private/coredata.dat ]]; then
-		meson setup "$dir" -Dbuildtype=debugoptimized -Dwerror=true \
-			-Db_sanitize=none -Dfuzz=false >/dev/null || return 1
+		meson setup "$dir" -Dbuildtype=debugoptimized -Dwerror=$werror \
+			-Db_sanitize=$sanitize -Db_lundef=false -Dfuzz=false >/dev/null || return 1
 	fi
 	meson compile -C "$dir" >/dev/null || {
 		meson compile -C "$dir"
@@ -130,14 +138,21 @@ done
 	echo "soak.sh: fio is missing (apt-get install fio)" >&2
 	exit 2
 }
-build_soak || {
-	echo "soak.sh: building build-soak/ failed" >&2
+build=build-soak
+if [[ ${THINFS_SOAK_ASAN:-0} == 1 ]]; then
+	build=build-soak-asan
+	# reports go to the daemon's log, where the soak looks for them
+	export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=1:halt_on_error=1:exitcode=86:print_summary=1}
+	export UBSAN_OPTIONS=${UBSAN_OPTIONS:-halt_on_error=1:print_stacktrace=1:exitcode=86:print_summary=1}
+fi
+build_soak $build || {
+	echo "soak.sh: building $build/ failed" >&2
 	exit 1
 }
 workdir=${THINFS_SOAK_DIR:-/var/tmp/thinfs-soak-$mode-$(date +%Y%m%d-%H%M%S)}
 read -r -a extra <<<"${THINFS_SOAK_ARGS:-}"
 echo "soak.sh $mode $size on $(git rev-parse --short HEAD 2>/dev/null)$(git diff --quiet HEAD 2>/dev/null || echo '+changes'), in $workdir"
-"$python" scripts/soak.py "$mode" "$size" --build build-soak --workdir "$workdir" "${extra[@]}"
+"$python" scripts/soak.py "$mode" "$size" --build $build --workdir "$workdir" "${extra[@]}"
 rc=$?
 if ((rc == 0)); then
 	# stress keeps its figures (rss.csv, fio.json, the daemon log)
