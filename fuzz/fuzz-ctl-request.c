@@ -38,10 +38,10 @@ static char *encode(const struct tfs_ctl_request *req)
 static void check_round_trip(const struct tfs_ctl_request *req)
 {
 	struct tfs_ctl_request again;
-	const char *why;
+	char why[256];
 	char *line = encode(req);
 
-	if (tfs_ctl_parse_request(line, &again, &why) < 0 || again.argc != req->argc)
+	if (tfs_ctl_parse_request(line, &again, why, sizeof(why)) < 0 || again.argc != req->argc)
 		abort();
 	for (int i = 0; i < req->argc; i++)
 		if (strcmp(again.argv[i], req->argv[i]))
@@ -53,18 +53,18 @@ static void check_round_trip(const struct tfs_ctl_request *req)
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
 	struct tfs_ctl_request req;
-	const char *why;
+	char why[256] = "";
 	char *line = malloc(size + 1);
 
 	if (!line)
 		return 0;
 	memcpy(line, data, size);
 	line[size] = '\0';
-	if (tfs_ctl_parse_request(line, &req, &why) < 0) {
-		if (!why || !*why || strchr(why, '\n') || req.json || req.argv)
+	if (tfs_ctl_parse_request(line, &req, why, sizeof(why)) < 0) {
+		if (!*why || strchr(why, '\n') || req.json || req.argv)
 			abort();
 	} else {
-		if (req.argc < 1 || !req.argv || req.argv[req.argc] || why)
+		if (req.argc < 1 || !req.argv || req.argv[req.argc] || *why)
 			abort();
 		for (int i = 0; i < req.argc; i++)
 			if (!req.argv[i])

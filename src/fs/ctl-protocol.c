@@ -31,20 +31,21 @@ int tfs_ctl_socket_path(const char *mountpoint, char *out, size_t out_len)
 	return n < 0 || (size_t)n >= out_len ? -ENAMETOOLONG : 0;
 }
 
-int tfs_ctl_parse_request(const char *line, struct tfs_ctl_request *req, const char **why)
+int tfs_ctl_parse_request(const char *line, struct tfs_ctl_request *req, char *why,
+			  size_t why_len)
 {
 	struct json_object *jcmd, *jargs = NULL;
 	size_t nargs = 0;
+	const char *msg = "bad request: expected {\"cmd\": \"...\", \"args\": [...]}";
 	int r = -EINVAL;
 
 	*req = (struct tfs_ctl_request){ 0 };
-	*why = "bad request: expected {\"cmd\": \"...\", \"args\": [...]}";
 	req->json = json_tokener_parse(line);
 	if (!req->json || !json_object_is_type(req->json, json_type_object) ||
 	    !json_object_object_get_ex(req->json, "cmd", &jcmd) ||
 	    !json_object_is_type(jcmd, json_type_string))
 		goto out_fail;
-	*why = "bad request: args must be an array of strings";
+	msg = "bad request: args must be an array of strings";
 	if (json_object_object_get_ex(req->json, "args", &jargs)) {
 		if (!json_object_is_type(jargs, json_type_array))
 			goto out_fail;
@@ -52,7 +53,7 @@ int tfs_ctl_parse_request(const char *line, struct tfs_ctl_request *req, const c
 	}
 	req->argv = calloc(nargs + 2, sizeof(*req->argv));
 	if (!req->argv) {
-		*why = "out of memory";
+		msg = "out of memory";
 		r = -ENOMEM;
 		goto out_fail;
 	}
@@ -65,10 +66,10 @@ int tfs_ctl_parse_request(const char *line, struct tfs_ctl_request *req, const c
 		req->argv[i + 1] = json_object_get_string(a);
 	}
 	req->argc = (int)nargs + 1;
-	*why = NULL;
 	return 0;
 
 out_fail:
+	snprintf(why, why_len, "%s", msg);
 	tfs_ctl_request_free(req);
 	return r;
 }

@@ -44,11 +44,13 @@ struct tfs_ctl_request {
 
 /*
  * Parse one request line (NUL-terminated, any bytes).  0 and *req filled
- * (release it with tfs_ctl_request_free); -EINVAL and *why, a one-line
- * answer for the client, when the line is not a request; -ENOMEM.  *req is
- * empty after a failure.  O(length of the line); logs nothing.
+ * (release it with tfs_ctl_request_free); -EINVAL when the line is not a
+ * request, -ENOMEM; after a failure why holds a one-line answer for the
+ * client (cut to why_len) and *req is empty.  O(length of the line); logs
+ * nothing.
  */
-int tfs_ctl_parse_request(const char *line, struct tfs_ctl_request *req, const char **why);
+int tfs_ctl_parse_request(const char *line, struct tfs_ctl_request *req, char *why,
+			  size_t why_len);
 
 /* Free what a successful parse holds; an empty request is fine. */
 void tfs_ctl_request_free(struct tfs_ctl_request *req);

@@ -1092,7 +1092,7 @@ static void serve(struct tfs_fs *fs, int fd)
 {
 	struct tfs_ctl_request req;
 	struct cmd_ctx c = { .fs = fs, .fd = fd };
-	const char *why;
+	char why[256];
 	char *buf;
 	ssize_t n;
 
@@ -1102,7 +1102,7 @@ static void serve(struct tfs_fs *fs, int fd)
 	n = read_line(fd, buf, MAX_REQUEST);
 	if (n <= 0)
 		goto out;
-	if (tfs_ctl_parse_request(buf, &req, &why) < 0) {
+	if (tfs_ctl_parse_request(buf, &req, why, sizeof(why)) < 0) {
 		send_error(fd, "%s", why);
 		goto out;
 	}
