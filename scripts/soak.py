@@ -665,9 +665,18 @@ class Crash:
                     failed = True
                     if self.a.stop_on_failure:
                         break
-        except SoakError as e:
+        except (SoakError, OSError) as e:
+            # the pool cannot go on (no remount, the daemon died while read back)
             fatal = str(e)
             failed = True
+            if self.pool.proc is not None and not self.pool.alive():
+                self.totals["crashes"] += 1
+                fatal += " (the daemon died)"
+                self.pool.after_death()
+            it_dir = getattr(self, "it_dir", None)
+            if it_dir is not None and it_dir.exists():
+                (it_dir / "report.txt").write_text("\n".join(self.errors + [fatal]) + "\n")
+                self.kept.append(str(it_dir))
         finally:
             if self.pool.proc is not None:
                 err = self.pool.unmount()
