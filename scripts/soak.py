@@ -288,16 +288,21 @@ class Volume:
         self.issued = array.array("Q", zeros)  # last generation handed to pwrite
         self.low = array.array("Q", zeros)     # the block holds at least this (see Crash)
         self.acked = array.array("Q", zeros)   # last generation an fsync acknowledged
+        # Blocks a power cut with tear left holding sectors of two writes, as
+        # read back: {block: sector generations}, until a write replaces them.
+        self.torn = {}
 
 
 class Group:
     # states: creating (mkdir running), present (mkdir returned), mkdir-cut
     # and rmdir-cut (cut by the crash), removing (rmdir running), removed
     # (rmdir returned), failed (mkdir failed with the daemon alive)
-    def __init__(self, name, low):
+    def __init__(self, name, vols):
         self.name = name
         self.state = "creating"
-        self.low = low      # {volume name: array} at the start of the mkdir
+        # at the start of the mkdir, by volume name: low bounds, torn blocks
+        self.low = {v.name: array.array("Q", v.low) for v in vols}
+        self.torn = {v.name: dict(v.torn) for v in vols}
         self.high = None    # {volume name: array} at its end
 
 
@@ -353,6 +358,7 @@ class Crash:
                 writes += 1
                 for b in range(first, first + n):
                     v.low[b] = gen
+                    v.torn.pop(b, None)
                     pending[v.name].append((b, gen))
                 if rng.random() < self.a.fsync_prob:
                     todo, pending[v.name] = pending[v.name], []
@@ -404,7 +410,7 @@ class Crash:
                         break
                 else:
                     name = f"g{it:04d}-{next(self.group_seq)}"
-                    g = Group(name, {v.name: array.array("Q", v.low) for v in self.vols})
+                    g = Group(name, self.vols)
                     self.groups[name] = g
                     glog.write(f"{time.time():.3f} mkdir {name} start\n")
                     try:
@@ -551,7 +557,7 @@ class Crash:
             if g is None:
                 self.totals["bad_groups"] += 1
                 self.errors.append(f"unknown snapshot group {name} appeared")
-                self.remove_group(Group(name, None))
+                self.remove_group(Group(name, []))
                 continue
             if g.state == "failed":
                 self.totals["bad_groups"] += 1
@@ -610,9 +616,14 @@ class Crash:
                        " (older than acknowledged)" if any(g < acked for g in gens) else
                        " (a generation never written there)"))
                 v.low[b] = acked
+                v.torn.pop(b, None)
                 continue
             if len(set(gens)) > 1:
-                self.totals["torn_origin_blocks"] += 1
+                if v.torn.get(b) != tuple(gens):
+                    self.totals["torn_origin_blocks"] += 1
+                v.torn[b] = tuple(gens)
+            else:
+                v.torn.pop(b, None)
             if min(gens) > acked:
                 self.totals["unacked_survived"] += 1
             v.low[b] = min(gens)
@@ -640,7 +651,8 @@ class Crash:
             for b in range(self.nblocks):
                 gens = block_gens(buf, b, v.index, b)
                 bad = [x for x in gens if x is None or x > high[b] or x < low[b]]
-                torn = len(set(gens)) > 1
+                # mixed, and not as an earlier power cut left the origin
+                torn = len(set(gens)) > 1 and g.torn[v.name].get(b) != tuple(gens)
                 if bad or torn:
                     self.totals["mismatches"] += 1
                     ok = False
