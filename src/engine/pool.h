@@ -72,8 +72,22 @@ int tfs_pool_create_thin(struct tfs_pool *pool, uint32_t *id_out);
 /* Snapshots of nr origins in ONE metadata transaction (atomic across volumes), committed. */
 int tfs_pool_create_snaps(struct tfs_pool *pool, const uint32_t *origins, unsigned nr,
 			  uint32_t *ids_out);
+/*
+ * As create_snaps, with ids chosen beforehand (tfs_pool_free_ids), so the
+ * caller can record them before they exist: -EEXIST (logged) if one is
+ * taken, and then nothing is created.
+ */
+int tfs_pool_create_snaps_as(struct tfs_pool *pool, const uint32_t *origins, unsigned nr,
+			     const uint32_t *ids);
+/* The n lowest ids no device uses, ascending (nothing is reserved: the caller serialises). */
+int tfs_pool_free_ids(struct tfs_pool *pool, unsigned n, uint32_t *ids_out);
 /* Deletes and commits; -EBUSY while a tfs_vol is open on it. */
 int tfs_pool_delete(struct tfs_pool *pool, uint32_t id);
+/*
+ * Deletes those of ids that exist in ONE metadata transaction, committed;
+ * ids without a device are skipped.  -EBUSY (nothing deleted) if one is open.
+ */
+int tfs_pool_delete_devices(struct tfs_pool *pool, const uint32_t *ids, unsigned nr);
 /* Device ids in ascending order; returns the total (may exceed max). */
 int tfs_pool_list(struct tfs_pool *pool, uint32_t *ids, unsigned max);
 
@@ -226,6 +240,13 @@ struct tfs_dev_usage {
  * with the held metadata snapshot counts as not exclusive.
  */
 int tfs_pool_dev_usage(struct tfs_pool *pool, uint32_t id, struct tfs_dev_usage *out);
+/*
+ * One past the device's highest mapped virtual block (0 when nothing is
+ * mapped): the size a device without a catalog row is shown with.
+ * O(log(max blocks) x depth) lookups under the pool's lock; works on a
+ * read-only pool.  -ENODATA no such device.
+ */
+int tfs_pool_dev_end(struct tfs_pool *pool, uint32_t id, uint64_t *blocks);
 
 /* ---- volume I/O (offsets and lengths in bytes, any alignment) ---- */
 /*
