@@ -941,9 +941,41 @@ out:
 	free(cfg);
 }
 
+/* fault crash-at POINT [power-cut [tear]]: arm a crash point (fs.h). */
+static void fault_crash_at(struct cmd_ctx *c)
+{
+	enum tfs_crash_how how = TFS_CRASH_PROCESS;
+
+	if (c->argc == 4 && !strcmp(c->argv[3], "power-cut"))
+		how = TFS_CRASH_POWER;
+	else if (c->argc == 5 && !strcmp(c->argv[3], "power-cut") && !strcmp(c->argv[4], "tear"))
+		how = TFS_CRASH_POWER_TEAR;
+	else if (c->argc != 3) {
+		send_error(c->fd, "usage: fault crash-at POINT [power-cut [tear]]");
+		return;
+	}
+	if (tfs_fs_crash_arm(c->fs, c->argv[2], how) < 0) {
+		char names[512];
+		size_t used = 0;
+		const char *n;
+
+		names[0] = '\0';
+		for (unsigned i = 0; (n = tfs_fs_crash_point_name(i)) && used < sizeof(names); i++)
+			used += (size_t)snprintf(names + used, sizeof(names) - used, "%s%s",
+						 i ? ", " : "", n);
+		send_error(c->fd, "fault: no crash point '%s' (%s)", c->argv[2], names);
+		return;
+	}
+	tfs_fs_event(c->fs, "fault", "crash-at %s%s", c->argv[2],
+		     how == TFS_CRASH_PROCESS ? "" : how == TFS_CRASH_POWER ? " power-cut" :
+		     " power-cut tear");
+	send_ok(c->fd, "", NULL, true);
+}
+
 /*
  * fault metadata|data read|write|flush error|enospc|stall|ok [after N] [once]
  * fault power-cut [tear]
+ * fault crash-at POINT [power-cut [tear]]
  * Only for pools whose pool.cfg allows it and whose daemon was started
  * with --allow-faults (the mount refuses the first without the second).
  */
@@ -951,7 +983,8 @@ static void cmd_fault(struct cmd_ctx *c)
 {
 	static const char *const ops[] = { "read", "write", "flush" };
 	const char *usage = "usage: fault metadata|data read|write|flush error|enospc|stall|ok "
-			    "[after N] [once] | fault power-cut [tear]";
+			    "[after N] [once] | fault power-cut [tear] | "
+			    "fault crash-at POINT [power-cut [tear]]";
 	enum tfs_fault_mode mode;
 	enum tfs_fault_op op = TFS_FAULT_NR_OPS;
 	struct tfs_bdev *dev;
@@ -980,6 +1013,10 @@ static void cmd_fault(struct cmd_ctx *c)
 		 */
 		tfs_warn("fault power-cut: exiting at once");
 		_exit(0);
+	}
+	if (c->argc >= 2 && !strcmp(c->argv[1], "crash-at")) {
+		fault_crash_at(c);
+		return;
 	}
 	if (c->argc < 4) {
 		send_error(c->fd, "%s", usage);

@@ -252,8 +252,9 @@ static void syslog_sink(void *ctx, enum tfs_log_level level, const char *msg)
 	       level == TFS_LOG_INFO ? LOG_INFO : LOG_DEBUG, "%s", msg);
 }
 
-/* Unlinked rows left by a crash: collected here, deleted after reconcile. */
+/* Device ids collected from the catalog: unlinked rows left by a crash, members of a group. */
 struct orphans {
+	struct tfs_fs *fs;
 	uint32_t *ids;
 	unsigned nr, cap;
 };
@@ -275,27 +276,128 @@ static int collect_orphan(void *ctx, uint32_t dev_id)
 	return 0;
 }
 
-/*
- * The metadata is the truth: rows without devices go, devices without
- * rows get thin-<id> rows, and volumes unlinked while open when the last
- * daemon died are deleted now.
- */
-static int reconcile(struct tfs_fs *fs)
+/* A device without a row is shown up to its highest mapped block, so its data can be read. */
+static uint64_t placeholder_size(void *ctx, uint32_t dev_id)
 {
-	struct orphans o = { 0 };
-	uint32_t *ids = NULL;
+	struct tfs_fs *fs = ((struct orphans *)ctx)->fs;
+	uint64_t blocks;
+
+	if (tfs_pool_dev_end(fs->pool, dev_id, &blocks) < 0)
+		return 0;
+	return blocks < fs->max_size / fs->block_size ? blocks * fs->block_size : fs->max_size;
+}
+
+/* The metadata's device ids, ascending; *ids is malloc'ed. */
+static int list_devices(struct tfs_fs *fs, uint32_t **ids, unsigned *nr)
+{
 	int total, r;
 
+	*ids = NULL;
+	*nr = 0;
 	total = tfs_pool_list(fs->pool, NULL, 0);
 	if (total < 0)
 		return total;
-	ids = calloc((size_t)total + 1, sizeof(*ids));
-	if (!ids)
+	*ids = calloc((size_t)total + 1, sizeof(**ids));
+	if (!*ids)
 		return -ENOMEM;
-	r = tfs_pool_list(fs->pool, ids, (unsigned)total);
+	r = tfs_pool_list(fs->pool, *ids, (unsigned)total);
+	if (r < 0) {
+		free(*ids);
+		*ids = NULL;
+		return r;
+	}
+	*nr = (unsigned)(r < total ? r : total);
+	return 0;
+}
+
+struct settle {
+	struct tfs_fs *fs;
+	const uint32_t *devs;
+	unsigned nr_devs;
+	int64_t group_id;
+	struct orphans members; /* of group_id */
+};
+
+static int collect_member(void *ctx, const struct tfs_vol_row *row)
+{
+	struct settle *s = ctx;
+
+	return row->group_id == s->group_id ? collect_orphan(&s->members, row->dev_id) : 0;
+}
+
+static bool has_dev(const uint32_t *devs, unsigned nr, uint32_t id)
+{
+	for (unsigned i = 0; i < nr; i++)
+		if (devs[i] == id)
+			return true;
+	return false;
+}
+
+/*
+ * A group a crash caught half made or half removed (volumes.c says in
+ * which order its steps go): one being made whose devices all exist is
+ * complete and stays; otherwise whatever devices it has are deleted (one
+ * metadata transaction), then its rows.
+ */
+static int settle_group(void *ctx, const struct tfs_group_row *g)
+{
+	struct settle *s = ctx;
+	struct orphans *m = &s->members;
+	unsigned have = 0;
+	int r;
+
+	s->group_id = g->id;
+	m->nr = 0;
+	r = tfs_catalog_list_volumes(s->fs->cat, true, collect_member, s);
+	if (r < 0)
+		return r;
+	for (unsigned i = 0; i < m->nr; i++)
+		have += has_dev(s->devs, s->nr_devs, m->ids[i]);
+	if (g->intent == TFS_GROUP_CREATING && have == m->nr) {
+		r = tfs_catalog_set_group_intent(s->fs->cat, g->id, TFS_GROUP_WHOLE);
+		if (!r)
+			tfs_fs_event(s->fs, "snapshot", "group %s: completed after a crash "
+				     "(%u volume(s))", g->name, m->nr);
+		return r;
+	}
+	if (have)
+		r = tfs_pool_delete_devices(s->fs->pool, m->ids, m->nr);
+	if (!r)
+		r = tfs_catalog_remove_group(s->fs->cat, g->id);
+	if (!r)
+		tfs_fs_event(s->fs, "delete", "snapshot group %s: %s after a crash (%u device(s) "
+			     "deleted)", g->name,
+			     g->intent == TFS_GROUP_CREATING ? "not made" : "removal finished", have);
+	return r;
+}
+
+/*
+ * The metadata is the truth: groups a crash left half done are finished
+ * or undone, rows without devices go, devices without rows get thin-<id>
+ * rows, and volumes unlinked while open when the last daemon died are
+ * deleted now.  Read-only, only the rows change, and in memory only.
+ */
+static int reconcile(struct tfs_fs *fs)
+{
+	struct orphans o = { .fs = fs };
+	uint32_t *ids = NULL;
+	unsigned nr;
+	int r;
+
+	r = list_devices(fs, &ids, &nr);
+	if (r >= 0 && !fs->read_only) {
+		struct settle s = { .fs = fs, .devs = ids, .nr_devs = nr };
+
+		r = tfs_catalog_list_unfinished_groups(fs->cat, settle_group, &s);
+		free(s.members.ids);
+		free(ids);
+		ids = NULL;
+		if (r >= 0)
+			r = list_devices(fs, &ids, &nr);
+	}
 	if (r >= 0)
-		r = tfs_catalog_reconcile(fs->cat, ids, (unsigned)(r < total ? r : total),
-					  collect_orphan, &o);
+		r = tfs_catalog_reconcile(fs->cat, ids, nr, placeholder_size,
+					  fs->read_only ? NULL : collect_orphan, &o);
 	for (unsigned i = 0; r >= 0 && i < o.nr; i++) {
 		int d = tfs_pool_delete(fs->pool, o.ids[i]);
 
@@ -407,12 +509,10 @@ static int run_daemon(struct tfs_fs *fs, const struct mount_args *a, int ready_f
 			r == -ENOENT ? " (run thinfs mkpool first)" : "");
 		goto err_close_pool;
 	}
-	if (!fs->read_only) {
-		r = reconcile(fs);
-		if (r < 0) {
-			tfs_err("cannot reconcile the catalog with the metadata: %s", strerror(-r));
-			goto err_close_catalog;
-		}
+	r = reconcile(fs);
+	if (r < 0) {
+		tfs_err("cannot reconcile the catalog with the metadata: %s", strerror(-r));
+		goto err_close_catalog;
 	}
 	tfs_catalog_list_events(fs->cat, 0, last_event_cb, &last_event);
 	fs->last_event_id = last_event;

@@ -28,6 +28,7 @@
 #define TFS_FS_FS_H
 
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdbool.h>
 #include <stdint.h>
 #include <sys/types.h>
@@ -111,6 +112,8 @@ struct tfs_fs {
 	char last_mode[32];
 	uint64_t last_transition;  /* the pool's mode changes reported as events */
 	uint64_t low_water_data_seen, low_water_meta_seen; /* crossings reported as events */
+
+	atomic_uint crash_at;      /* the armed crash point (crash-points.c), 0 = none */
 };
 
 void tfs_fs_init(struct tfs_fs *fs);
@@ -204,6 +207,20 @@ void tfs_fs_tick(struct tfs_fs *fs);
  * was suspended.
  */
 void tfs_fs_after_resume(struct tfs_fs *fs);
+
+/*
+ * ---- crash points (fault injection, tests only: crash-points.c) ----
+ * A crash point is a named place inside a namespace change (the names are
+ * listed by tfs_fs_crash_point_name(0, 1, ...) until it returns NULL).
+ * Once armed, the thread that reaches it ends the daemon at once, as a
+ * crash would: no commit, no unmount.  PROCESS keeps what was written
+ * (the kernel had it); POWER drops what was not flushed, POWER_TEAR tears
+ * it (tfs_bdev_fault_power_cut).  arm: -EINVAL no such point.
+ */
+enum tfs_crash_how { TFS_CRASH_PROCESS, TFS_CRASH_POWER, TFS_CRASH_POWER_TEAR };
+const char *tfs_fs_crash_point_name(unsigned i);
+int tfs_fs_crash_arm(struct tfs_fs *fs, const char *name, enum tfs_crash_how how);
+void tfs_fs_crash_point(struct tfs_fs *fs, const char *name);
 
 int64_t tfs_now_ns(void);
 /* "2026-11-21T03:00:00Z" */

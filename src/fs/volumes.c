@@ -748,6 +748,14 @@ static int list_rows(struct tfs_fs *fs, int64_t group_id, bool with_unlinked,
 	return r;
 }
 
+/*
+ * A group is made whole or not at all, across a crash too: its rows go to
+ * the catalog first, marked as being made, with device ids chosen before
+ * the devices exist; then the snapshots, in one metadata transaction; then
+ * the mark goes.  Until then the group is invisible, and the next mount
+ * completes it if every device exists or deletes the ones that do
+ * (daemon.c: settle_groups).
+ */
 int tfs_fs_create_group(struct tfs_fs *fs, const char *name, struct tfs_group_row *out)
 {
 	struct row_list l;
@@ -785,8 +793,8 @@ int tfs_fs_create_group(struct tfs_fs *fs, const char *name, struct tfs_group_ro
 		origins[i] = l.rows[i].dev_id;
 	}
 	if (l.nr > 0) {
-		/* One metadata transaction: every volume at the same instant. */
-		r = tfs_pool_create_snaps(fs->pool, origins, l.nr, snaps);
+		/* fs->lock keeps them free: every device is made under it. */
+		r = tfs_pool_free_ids(fs->pool, l.nr, snaps);
 		if (r < 0)
 			goto out_free;
 	}
@@ -794,8 +802,8 @@ int tfs_fs_create_group(struct tfs_fs *fs, const char *name, struct tfs_group_ro
 	now = tfs_now_ns();
 	r = tfs_catalog_begin(fs->cat);
 	if (r < 0)
-		goto out_delete_snaps;
-	r = tfs_catalog_add_group(fs->cat, name, now, &gid);
+		goto out_free;
+	r = tfs_catalog_add_unfinished_group(fs->cat, name, now, &gid);
 	for (unsigned i = 0; r == 0 && i < l.nr; i++) {
 		struct tfs_vol_row m = l.rows[i];
 
@@ -806,17 +814,35 @@ int tfs_fs_create_group(struct tfs_fs *fs, const char *name, struct tfs_group_ro
 		m.group_id = gid;
 		m.unlinked = false;
 		r = tfs_catalog_add_volume(fs->cat, &m);
+		if (i == 0)
+			tfs_fs_crash_point(fs, "group-create-between-rows");
 	}
 	if (r == 0)
 		r = tfs_catalog_commit(fs->cat);
 	if (r < 0) {
 		tfs_catalog_rollback(fs->cat);
-		goto out_delete_snaps;
+		goto out_free;
+	}
+	tfs_fs_crash_point(fs, "group-create-after-intent");
+
+	if (l.nr > 0) {
+		/* One metadata transaction: every volume at the same instant. */
+		r = tfs_pool_create_snaps_as(fs->pool, origins, l.nr, snaps);
+		if (r < 0)
+			goto out_remove_group;
+	}
+	tfs_fs_crash_point(fs, "group-create-after-devices");
+	r = tfs_catalog_set_group_intent(fs->cat, gid, TFS_GROUP_WHOLE);
+	if (r < 0) {
+		if (tfs_pool_delete_devices(fs->pool, snaps, l.nr) < 0)
+			goto out_left;
+		goto out_remove_group;
 	}
 
 	out->id = gid;
 	snprintf(out->name, sizeof(out->name), "%s", name);
 	out->created_ns = now;
+	out->intent = TFS_GROUP_WHOLE;
 	{
 		char detail[400];
 		size_t used = 0;
@@ -829,11 +855,13 @@ int tfs_fs_create_group(struct tfs_fs *fs, const char *name, struct tfs_group_ro
 	}
 	goto out_free;
 
-out_delete_snaps:
-	for (unsigned i = 0; i < l.nr; i++)
-		if (tfs_pool_delete(fs->pool, snaps[i]) < 0)
-			tfs_warn("snapshot device %" PRIu32 " left behind: shown as thin-%" PRIu32
-				 " at the next mount", snaps[i], snaps[i]);
+out_remove_group:
+	/* No device of the group exists: its rows can go. */
+	if (tfs_catalog_remove_group(fs->cat, gid) == 0)
+		goto out_free;
+out_left:
+	tfs_warn("snapshot group %s is left half made: the next mount finishes or removes it",
+		 name);
 out_free:
 	free(origins);
 	free(snaps);
@@ -843,10 +871,17 @@ out_unlock:
 	return r;
 }
 
+/*
+ * Removal is whole across a crash too: the group is marked as being
+ * removed (and vanishes), then its devices go in one metadata
+ * transaction, then its rows.  The next mount finishes a removal that was
+ * started (daemon.c: settle_groups).
+ */
 int tfs_fs_remove_group(struct tfs_fs *fs, const char *name)
 {
 	struct tfs_group_row g;
 	struct row_list l;
+	uint32_t *ids = NULL;
 	int r;
 
 	if (fs->read_only)
@@ -879,38 +914,53 @@ int tfs_fs_remove_group(struct tfs_fs *fs, const char *name)
 			return -EBUSY;
 		usleep(10000);
 	}
-	/*
-	 * Devices first: a crash midway leaves rows whose devices are gone,
-	 * which the next mount drops.  The reverse would leak devices.
-	 */
-	for (unsigned i = 0; i < l.nr; i++) {
-		r = tfs_pool_delete(fs->pool, l.rows[i].dev_id);
-		if (r < 0 && r != -ENODATA)
-			goto out_free;
-		r = 0;
+	ids = calloc(l.nr + 1, sizeof(*ids));
+	if (!ids) {
+		r = -ENOMEM;
+		goto out_free;
 	}
-	r = tfs_catalog_begin(fs->cat);
+	for (unsigned i = 0; i < l.nr; i++)
+		ids[i] = l.rows[i].dev_id;
+	r = tfs_catalog_set_group_intent(fs->cat, g.id, TFS_GROUP_REMOVING);
 	if (r < 0)
 		goto out_free;
-	for (unsigned i = 0; r == 0 && i < l.nr; i++)
-		r = tfs_catalog_remove_volume(fs->cat, l.rows[i].dev_id);
-	if (r == 0)
-		r = tfs_catalog_remove_group(fs->cat, g.id);
-	if (r == 0)
-		r = tfs_catalog_commit(fs->cat);
-	if (r < 0) {
-		tfs_catalog_rollback(fs->cat);
-		tfs_warn("catalog: group %s lost its devices but not its rows: the next mount drops them",
-			 name);
+	tfs_fs_crash_point(fs, "group-remove-after-intent");
+	if (l.nr > 0) {
+		r = tfs_pool_delete_devices(fs->pool, ids, l.nr);
+		if (r < 0) {
+			/* One transaction: nothing was deleted, so the group is whole again. */
+			if (tfs_catalog_set_group_intent(fs->cat, g.id, TFS_GROUP_WHOLE) < 0)
+				tfs_warn("snapshot group %s is left half removed: the next mount "
+					 "finishes removing it", name);
+			goto out_free;
+		}
 	}
+	tfs_fs_crash_point(fs, "group-remove-after-devices");
 	for (unsigned i = 0; i < l.nr; i++) {
 		struct tfs_inode *ino = tfs_fs_inode_find(fs, l.rows[i].dev_id);
 
 		if (ino)
 			mark_gone(ino);
 	}
+	r = tfs_catalog_begin(fs->cat);
+	for (unsigned i = 0; r == 0 && i < l.nr; i++) {
+		r = tfs_catalog_remove_volume(fs->cat, l.rows[i].dev_id);
+		if (i == 0)
+			tfs_fs_crash_point(fs, "group-remove-between-rows");
+	}
+	if (r == 0)
+		r = tfs_catalog_remove_group(fs->cat, g.id);
+	if (r == 0)
+		r = tfs_catalog_commit(fs->cat);
+	if (r < 0) {
+		tfs_catalog_rollback(fs->cat);
+		tfs_warn("catalog: snapshot group %s lost its devices but not its rows: the next "
+			 "mount finishes removing it", name);
+		r = 0; /* the group is gone all the same: it stays invisible */
+	}
 	tfs_fs_event(fs, "delete", "snapshot group %s deleted (%u volume(s))", name, l.nr);
 out_free:
+	free(ids);
 	free(l.rows);
 out_unlock:
 	pthread_mutex_unlock(&fs->lock);
