@@ -503,10 +503,18 @@ static int run_daemon(struct tfs_fs *fs, const struct mount_args *a, int ready_f
 	}
 	fs->block_size = tfs_pool_block_size(fs->pool);
 	fs->max_size = max_size_for(fs->block_size);
-	r = tfs_catalog_open(fs->cfg.catalog, fs->read_only, &fs->cat);
+	if (fs->read_only && access(fs->cfg.catalog, F_OK) < 0 && errno == ENOENT) {
+		/* Lost: the data can still be read, under thin-<id> names. */
+		tfs_warn("the catalog %s is missing: every volume appears as thin-<id>, on this "
+			 "read-only mount only", fs->cfg.catalog);
+		r = tfs_catalog_open_empty(&fs->cat);
+	} else {
+		r = tfs_catalog_open(fs->cfg.catalog, fs->read_only, &fs->cat);
+	}
 	if (r < 0) {
 		tfs_err("cannot open the catalog %s: %s%s", fs->cfg.catalog, strerror(-r),
-			r == -ENOENT ? " (run thinfs mkpool first)" : "");
+			r == -ENOENT ? " (run thinfs mkpool first, or mount -o ro to read the "
+			"volumes as thin-<id>)" : "");
 		goto err_close_pool;
 	}
 	r = reconcile(fs);

@@ -566,6 +566,23 @@ int tfs_catalog_create(const char *path, bool force, struct tfs_catalog **out)
 	return 0;
 }
 
+int tfs_catalog_open_empty(struct tfs_catalog **out)
+{
+	struct tfs_catalog *cat;
+	int r;
+
+	r = cat_connect(":memory:", false, true, &cat);
+	if (r)
+		return r;
+	r = setup_schema(cat);
+	if (r) {
+		disconnect(cat);
+		return r;
+	}
+	*out = cat;
+	return 0;
+}
+
 /* See overlay_sql. */
 static int open_overlay(struct tfs_catalog *cat)
 {

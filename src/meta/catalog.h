@@ -80,6 +80,8 @@ struct tfs_event_row {
  */
 int tfs_catalog_create(const char *path, bool force, struct tfs_catalog **out);
 int tfs_catalog_open(const char *path, bool read_only, struct tfs_catalog **out);
+/* An empty catalog in memory, for a read-only mount of a pool whose catalog is lost. */
+int tfs_catalog_open_empty(struct tfs_catalog **out);
 void tfs_catalog_close(struct tfs_catalog *cat);
 
 /*

@@ -229,6 +229,47 @@ def test_read_only_mount_shows_devices_without_rows_and_writes_nothing(pool):
     p.unmount()
 
 
+def test_a_lost_catalog_still_mounts_read_only(pool):
+    p = pool()
+    vid, data = written_volume(p)
+    p.unmount()
+    for f in p.catalog.parent.glob(p.catalog.name + "*"):
+        f.unlink()
+    r = p.mount(ok=False)
+    assert r.returncode != 0 and "mount -o ro to read the volumes" in r.stdout, r.stdout
+    p.mount("-o", "ro")
+    assert sorted(os.listdir(p.mnt)) == [".snapshots", f"thin-{vid}"]
+    assert read_at(p.mnt / f"thin-{vid}", 0, 5 * BS) == bytes(2 * BS) + data
+    p.unmount()
+    assert not p.catalog.exists()
+
+
+def test_thin_restored_metadata_shows_its_devices_read_only(pool):
+    """Metadata from thin_restore over a fresh pool: the catalog knows none
+    of its devices."""
+    p = pool(mount=False)
+    nr_data = p.data.stat().st_size // BS
+    (p.dir / "in.xml").write_text(
+        f'<superblock uuid="" time="0" transaction="1" flags="0" version="2" '
+        f'data_block_size="{BS // 512}" nr_data_blocks="{nr_data}">\n'
+        '  <device dev_id="3" mapped_blocks="2" transaction="0" creation_time="0" '
+        'snap_time="0">\n'
+        '    <range_mapping origin_begin="4" data_begin="10" length="2" time="0"/>\n'
+        '  </device>\n</superblock>\n')
+    run_cmd("thin_restore", "-i", p.dir / "in.xml", "-o", p.meta)
+    data = pattern(9, 2 * BS)
+    with open(p.data, "r+b") as f:
+        f.seek(10 * BS)
+        f.write(data)
+    before = catalog_bytes(p)
+    p.mount("-o", "ro")
+    assert sorted(os.listdir(p.mnt)) == [".snapshots", "thin-3"]
+    assert os.stat(p.mnt / "thin-3").st_size == 6 * BS
+    assert read_at(p.mnt / "thin-3", 0, 6 * BS) == bytes(4 * BS) + data
+    p.unmount()
+    assert catalog_bytes(p) == before
+
+
 def test_needs_check_pool_shows_devices_without_rows_read_only(pool):
     p = pool(mount=False)
     p.cfg.write_text(p.cfg.read_text() + "[fault]\nallow = yes\n")
