@@ -253,15 +253,15 @@ static void syslog_sink(void *ctx, enum tfs_log_level level, const char *msg)
 }
 
 /* Device ids collected from the catalog: unlinked rows left by a crash, members of a group. */
-struct orphans {
+struct id_list {
 	struct tfs_fs *fs;
 	uint32_t *ids;
 	unsigned nr, cap;
 };
 
-static int collect_orphan(void *ctx, uint32_t dev_id)
+static int add_id(void *ctx, uint32_t dev_id)
 {
-	struct orphans *o = ctx;
+	struct id_list *o = ctx;
 
 	if (o->nr == o->cap) {
 		unsigned cap = o->cap ? o->cap * 2 : 16;
@@ -279,7 +279,7 @@ static int collect_orphan(void *ctx, uint32_t dev_id)
 /* A device without a row is shown up to its highest mapped block, so its data can be read. */
 static uint64_t placeholder_size(void *ctx, uint32_t dev_id)
 {
-	struct tfs_fs *fs = ((struct orphans *)ctx)->fs;
+	struct tfs_fs *fs = ((struct id_list *)ctx)->fs;
 	uint64_t blocks;
 
 	if (tfs_pool_dev_end(fs->pool, dev_id, &blocks) < 0)
@@ -315,22 +315,27 @@ struct settle {
 	const uint32_t *devs;
 	unsigned nr_devs;
 	int64_t group_id;
-	struct orphans members; /* of group_id */
+	struct id_list members; /* of group_id */
 };
 
 static int collect_member(void *ctx, const struct tfs_vol_row *row)
 {
 	struct settle *s = ctx;
 
-	return row->group_id == s->group_id ? collect_orphan(&s->members, row->dev_id) : 0;
+	return row->group_id == s->group_id ? add_id(&s->members, row->dev_id) : 0;
 }
 
+static int cmp_id(const void *a, const void *b)
+{
+	uint32_t x = *(const uint32_t *)a, y = *(const uint32_t *)b;
+
+	return x < y ? -1 : x > y;
+}
+
+/* devs is ascending (tfs_pool_list). */
 static bool has_dev(const uint32_t *devs, unsigned nr, uint32_t id)
 {
-	for (unsigned i = 0; i < nr; i++)
-		if (devs[i] == id)
-			return true;
-	return false;
+	return nr && bsearch(&id, devs, nr, sizeof(*devs), cmp_id);
 }
 
 /*
@@ -342,7 +347,7 @@ static bool has_dev(const uint32_t *devs, unsigned nr, uint32_t id)
 static int settle_group(void *ctx, const struct tfs_group_row *g)
 {
 	struct settle *s = ctx;
-	struct orphans *m = &s->members;
+	struct id_list *m = &s->members;
 	unsigned have = 0;
 	int r;
 
@@ -379,7 +384,7 @@ static int settle_group(void *ctx, const struct tfs_group_row *g)
  */
 static int reconcile(struct tfs_fs *fs)
 {
-	struct orphans o = { .fs = fs };
+	struct id_list o = { .fs = fs };
 	uint32_t *ids = NULL;
 	unsigned nr;
 	int r;
@@ -397,7 +402,7 @@ static int reconcile(struct tfs_fs *fs)
 	}
 	if (r >= 0)
 		r = tfs_catalog_reconcile(fs->cat, ids, nr, placeholder_size,
-					  fs->read_only ? NULL : collect_orphan, &o);
+					  fs->read_only ? NULL : add_id, &o);
 	for (unsigned i = 0; r >= 0 && i < o.nr; i++) {
 		int d = tfs_pool_delete(fs->pool, o.ids[i]);
 
