@@ -24,6 +24,7 @@
 #include <unistd.h>
 
 #include "log.h"
+#include "utf8.h"
 
 int64_t tfs_now_ns(void)
 {
@@ -825,6 +826,7 @@ int tfs_fs_create_group(struct tfs_fs *fs, const char *name, struct tfs_group_ro
 		for (unsigned i = 0; i < l.nr && used < sizeof(detail) - 1; i++)
 			used += (size_t)snprintf(detail + used, sizeof(detail) - used, "%s%s",
 						 i ? " " : "", l.rows[i].name);
+		detail[tfs_utf8_whole_prefix(detail, strlen(detail))] = '\0';
 		tfs_fs_event(fs, "snapshot", "group %s: %u volume(s): %s", name, l.nr, detail);
 	}
 	goto out_free;
@@ -1105,6 +1107,8 @@ int tfs_fs_event(struct tfs_fs *fs, const char *kind, const char *fmt, ...)
 	va_start(ap, fmt);
 	vsnprintf(detail, sizeof(detail), fmt, ap);
 	va_end(ap);
+	/* A long detail is cut: not inside a name's multi-byte character. */
+	detail[tfs_utf8_whole_prefix(detail, strlen(detail))] = '\0';
 	tfs_info("%s: %s", kind, detail);
 	if (!fs->cat || fs->read_only)
 		return 0; /* a read-only catalog keeps no log */
