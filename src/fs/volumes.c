@@ -802,7 +802,12 @@ int tfs_fs_create_group(struct tfs_fs *fs, const char *name, struct tfs_group_ro
 
 		m.dev_id = snaps[i];
 		m.kind = TFS_VOL_GROUP_MEMBER;
-		m.mode = 0444;
+		/*
+		 * The origin's owner, group and read/execute bits as they are
+		 * now, as ZFS's .zfs/snapshot keeps them: a snapshot of a private
+		 * volume stays private.  Write, setuid, setgid and sticky bits go.
+		 */
+		m.mode = l.rows[i].mode & 0555;
 		m.ctime_ns = now;
 		m.group_id = gid;
 		m.unlinked = false;
@@ -1075,7 +1080,7 @@ int tfs_fs_snapshot_volume(struct tfs_fs *fs, const char *src, const char *new_n
 	row.dev_id = id;
 	row.kind = TFS_VOL_SNAPSHOT;
 	if (s.kind == TFS_VOL_GROUP_MEMBER)
-		row.mode = 0644; /* a writable clone of a read-only member */
+		row.mode = s.mode | 0200; /* a writable clone of a read-only member, no wider */
 	row.ctime_ns = tfs_now_ns();
 	row.group_id = 0;
 	row.unlinked = false;
