@@ -196,6 +196,12 @@ static int release(struct tfs_catalog *cat, int r)
 
 /* ---- names ---- */
 
+/* U+0080..U+009F encoded: 8-bit terminals take U+009B as CSI, as ESC [. */
+static bool is_c1_control(const unsigned char *c)
+{
+	return c[0] == 0xc2 && c[1] >= 0x80 && c[1] <= 0x9f;
+}
+
 /* The reason a name is refused, or NULL. */
 const char *tfs_catalog_name_error(const char *name)
 {
@@ -211,7 +217,7 @@ const char *tfs_catalog_name_error(const char *name)
 	if (strchr(name, '/'))
 		return "name contains '/'";
 	for (const unsigned char *c = (const unsigned char *)name; *c; c++)
-		if (*c < 0x20 || *c == 0x7f)
+		if (*c < 0x20 || *c == 0x7f || is_c1_control(c))
 			return "name contains a control character";
 	/* Names go out in JSON (status, list, events), which must be UTF-8. */
 	if (!tfs_utf8_valid(name, len))
@@ -229,7 +235,7 @@ static void printable(const char *name, char *out, size_t len)
 	while (*c && o + 8 < len) {
 		size_t l = tfs_utf8_seq_len((const char *)c, strnlen((const char *)c, 4));
 
-		if (*c < 0x20 || *c == 0x7f || *c == '\\' || !l) {
+		if (*c < 0x20 || *c == 0x7f || *c == '\\' || !l || is_c1_control(c)) {
 			o += (size_t)snprintf(out + o, len - o, "\\x%02x", *c);
 			c++;
 		} else {

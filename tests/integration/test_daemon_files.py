@@ -482,7 +482,7 @@ def test_write_updates_mtime(pool):
 
 def test_bad_names_are_refused(pool):
     p = pool()
-    for name in ("a\nb", "tab\there", "del\x7f", "esc\x1b"):
+    for name in ("a\nb", "tab\there", "del\x7f", "esc\x1b", "csi\x9b31m"):
         expect_errno((errno.EINVAL, errno.EPERM), create, p.mnt / name)
     expect_errno((errno.ENAMETOOLONG, errno.EINVAL), create, p.mnt / ("x" * 256))
     create(p.mnt / ("y" * 255))

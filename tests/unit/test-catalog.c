@@ -310,6 +310,8 @@ static void test_name_rules_with_reasons(void **state)
 		{ "new\nline", "control character" },
 		{ "del\x7f", "control character" },
 		{ "\x1b[31mred", "control character" },
+		{ "csi\xc2\x9b" "31m", "control character" },  /* U+009B */
+		{ "\xc2\x80", "control character" },            /* U+0080 */
 		{ "bad\xff", "not valid UTF-8" },
 		{ "\xc3", "not valid UTF-8" },                 /* cut short */
 		{ "\xc3(", "not valid UTF-8" },                /* bad continuation */
@@ -327,7 +329,8 @@ static void test_name_rules_with_reasons(void **state)
 					    "\xed\x9f\xbf",          /* U+D7FF, below the surrogates */
 					    "\xee\x80\x80",          /* U+E000, above them */
 					    "\xf4\x8f\xbf\xbf",      /* U+10FFFF, the last */
-					    "日本語", "emoji-😀" };
+					    "日本語", "emoji-😀",
+					    "nbsp\xc2\xa0" /* U+00A0, just past the C1 controls */ };
 	struct env *e = *state;
 	char n255[256], n256[257];
 
