@@ -39,7 +39,9 @@ static void usage(FILE *f)
 	      "  resume [NAME...]             re-issue held I/O (no NAME: pool and volumes)\n"
 	      "  reload POOL.CFG              stage a changed pool.cfg for the pool's resume\n"
 	      "  fault metadata|data read|write|flush error|enospc|stall|ok [after N] [once]\n"
-	      "  fault power-cut [tear]       fault injection (pool.cfg [fault] allow = yes\n"
+	      "  fault power-cut [tear]\n"
+	      "  fault crash-at POINT [power-cut [tear]]\n"
+	      "                               fault injection (pool.cfg [fault] allow = yes\n"
 	      "                               and thinfs mount --allow-faults only)\n", f);
 }
 
