@@ -361,8 +361,8 @@ static int settle_group(void *ctx, const struct tfs_group_row *g)
 	if (g->intent == TFS_GROUP_CREATING && have == m->nr) {
 		r = tfs_catalog_set_group_intent(s->fs->cat, g->id, TFS_GROUP_WHOLE);
 		if (!r)
-			tfs_fs_event(s->fs, "snapshot", "group %s: completed after a crash "
-				     "(%u volume(s))", g->name, m->nr);
+			tfs_fs_event(s->fs, "snapshot", "group %s: half made before this mount: "
+				     "completed (%u volume(s))", g->name, m->nr);
 		return r;
 	}
 	if (have)
@@ -370,9 +370,10 @@ static int settle_group(void *ctx, const struct tfs_group_row *g)
 	if (!r)
 		r = tfs_catalog_remove_group(s->fs->cat, g->id);
 	if (!r)
-		tfs_fs_event(s->fs, "delete", "snapshot group %s: %s after a crash (%u device(s) "
-			     "deleted)", g->name,
-			     g->intent == TFS_GROUP_CREATING ? "not made" : "removal finished", have);
+		tfs_fs_event(s->fs, "delete", "snapshot group %s: %s before this mount: %s "
+			     "(%u device(s) deleted)", g->name,
+			     g->intent == TFS_GROUP_CREATING ? "half made" : "half removed",
+			     g->intent == TFS_GROUP_CREATING ? "removed" : "removal finished", have);
 	return r;
 }
 

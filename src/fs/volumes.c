@@ -749,6 +749,14 @@ static int list_rows(struct tfs_fs *fs, int64_t group_id, bool with_unlinked,
 	return r;
 }
 
+static const char *pool_mode(struct tfs_fs *fs)
+{
+	struct tfs_pool_status st;
+
+	tfs_pool_status(fs->pool, &st);
+	return st.mode;
+}
+
 /*
  * A group is made whole or not at all, across a crash too: its rows go to
  * the catalog first, marked as being made, with device ids chosen before
@@ -761,6 +769,7 @@ int tfs_fs_create_group(struct tfs_fs *fs, const char *name, struct tfs_group_ro
 {
 	struct row_list l;
 	uint32_t *origins = NULL, *snaps = NULL;
+	const char *mode;
 	int64_t now, gid;
 	int r;
 
@@ -831,11 +840,21 @@ int tfs_fs_create_group(struct tfs_fs *fs, const char *name, struct tfs_group_ro
 	}
 	tfs_fs_crash_point(fs, "group-create-after-intent");
 
+	mode = pool_mode(fs);
 	if (l.nr > 0) {
 		/* One metadata transaction: every volume at the same instant. */
 		r = tfs_pool_create_snaps_as(fs->pool, origins, l.nr, snaps);
-		if (r < 0)
+		/*
+		 * Refused, the devices do not exist.  A metadata failure changes
+		 * the pool's mode, and the disk may then hold them or not: the
+		 * next mount finds out and removes them.
+		 */
+		if (r < 0 && !strcmp(pool_mode(fs), mode))
 			goto out_remove_group;
+		if (r < 0) {
+			tfs_catalog_set_group_intent(fs->cat, gid, TFS_GROUP_REMOVING);
+			goto out_left;
+		}
 	}
 	tfs_fs_crash_point(fs, "group-create-after-devices");
 	r = tfs_catalog_set_group_intent(fs->cat, gid, TFS_GROUP_WHOLE);
@@ -933,14 +952,20 @@ int tfs_fs_remove_group(struct tfs_fs *fs, const char *name)
 		goto out_free;
 	tfs_fs_crash_point(fs, "group-remove-after-intent");
 	if (l.nr > 0) {
+		const char *mode = pool_mode(fs);
+
 		r = tfs_pool_delete_devices(fs->pool, ids, l.nr);
-		if (r < 0) {
-			/* One transaction: nothing was deleted, so the group is whole again. */
-			if (tfs_catalog_set_group_intent(fs->cat, g.id, TFS_GROUP_WHOLE) < 0)
-				tfs_warn("snapshot group %s is left half removed: the next mount "
-					 "finishes removing it", name);
+		/*
+		 * Refused (the pool's mode unchanged): nothing was deleted, so the
+		 * group is whole again.  After a metadata failure the next mount
+		 * finishes the removal.
+		 */
+		if (r < 0 && (strcmp(pool_mode(fs), mode) ||
+			      tfs_catalog_set_group_intent(fs->cat, g.id, TFS_GROUP_WHOLE) < 0))
+			tfs_warn("snapshot group %s is left half removed: the next mount "
+				 "finishes removing it", name);
+		if (r < 0)
 			goto out_free;
-		}
 	}
 	tfs_fs_crash_point(fs, "group-remove-after-devices");
 	for (unsigned i = 0; i < l.nr; i++) {

@@ -107,6 +107,10 @@ def test_crash_inside_mkdir_leaves_the_group_whole_or_absent(pool, point, how, w
     crash_inside(p, point, how, lambda: os.mkdir(snapdir(p, "g")))
     assert_no_strays(p)
     assert_quiet_remount(p)
+    events = p.ctl("events").stdout
+    if point != "group-create-between-rows":   # else nothing reached the catalog
+        assert ("group g: half made before this mount: " +
+                ("completed" if whole else "removed")) in events, events
     if whole:
         assert os.listdir(snapdir(p)) == ["g"]
         assert_group_whole(p, "g", data)
@@ -152,13 +156,37 @@ def test_crash_inside_rmdir_finishes_the_removal(pool, point, how):
     for name in SIZES:
         assert read_at(p.mnt / name, 0, len(data[name])) == data[name]
     events = p.ctl("events").stdout
-    assert "snapshot group g: removal finished after a crash" in events, events
+    assert "snapshot group g: half removed before this mount: removal finished" in events, \
+        events
     assert_quiet_remount(p)
     later_mkdir_works(p, data)
     os.mkdir(snapdir(p, "g"))
     assert_group_whole(p, "g", data)
     p.unmount()
     assert device_count(p) == 2 * len(SIZES)
+
+
+def test_mkdir_whose_metadata_commit_fails_leaves_no_group_after_repair(pool):
+    p = fault_pool(pool)
+    p.expect_log(r".")          # the injected metadata failure is logged as an error
+    data = fill(p, 1)
+    p.ctl("fault", "metadata", "write", "error", "once")   # the snapshots' commit fails
+    with pytest.raises(OSError):
+        os.mkdir(snapdir(p, "g"))
+    assert os.listdir(snapdir(p)) == []
+    assert p.status()["pool"]["needs_check"] is True
+    p.ctl("fault", "metadata", "write", "ok")
+    p.unmount()
+    p.thinfs_run("check", "--repair", p.meta, ok=(0, 1))
+    p.mount("--allow-faults")
+    assert_no_strays(p)
+    assert os.listdir(snapdir(p)) == []
+    # The failed mkdir marked it for removal: the mount finished that.
+    assert "group g: half removed before this mount: removal finished" in \
+        p.ctl("events").stdout
+    later_mkdir_works(p, data)
+    p.unmount()
+    assert device_count(p) == len(SIZES)
 
 
 def test_crash_at_refuses_unknown_points_and_needs_faults(pool):
