@@ -133,6 +133,7 @@ RMDIR_CASES = [
     ("group-remove-after-devices", ()),
     ("group-remove-between-rows", ()),
     ("group-remove-after-intent", ("power-cut",)),
+    ("group-remove-after-devices", ("power-cut",)),
     ("group-remove-between-rows", ("power-cut", "tear")),
 ]
 
