@@ -445,14 +445,12 @@ static int run_daemon(struct tfs_fs *fs, const struct mount_args *a, int ready_f
 	if (r < 0)
 		goto err_unmount;
 
-	{
-		struct tfs_pool_status st;
-
-		tfs_pool_status(fs->pool, &st);
-		snprintf(fs->last_mode, sizeof(fs->last_mode), "%s", st.mode ? st.mode : "");
-	}
 	tfs_fs_event(fs, "mount", "mounted on %s%s", fs->mountpoint,
 		     fs->read_only ? " read-only" : "");
+	/* Changes the pool recorded since it opened come next: none is lost meanwhile. */
+	r = tfs_fs_events_start(fs);
+	if (r < 0)
+		goto err_stop_ctl;
 
 	/* Ready: the mount answers and so does the control socket. */
 	sd_notify(0, "READY=1");
@@ -495,6 +493,14 @@ err_remove_handlers:
 err_destroy_session:
 	/* After the unmount no request can arrive: close what is still open. */
 	tfs_fs_close_all(fs);
+	/* Closing commits: everything acknowledged so far becomes durable. */
+	r = tfs_pool_shutdown(fs->pool);
+	if (r < 0) {
+		tfs_err("final commit failed: %s", strerror(-r));
+		status = 1;
+	}
+	/* What the pool recorded up to its last I/O reaches the log before the catalog closes. */
+	tfs_fs_events_stop(fs);
 	if (status == 0)
 		tfs_fs_event(fs, "unmount", "unmounted from %s", fs->mountpoint);
 	fuse_session_destroy(fs->se);
@@ -506,7 +512,7 @@ err_close_catalog:
 	tfs_catalog_close(fs->cat);
 	fs->cat = NULL;
 err_close_pool:
-	/* Closing commits: everything acknowledged so far becomes durable. */
+	/* Commits unless tfs_pool_shutdown did already. */
 	r = tfs_pool_close(fs->pool);
 	fs->pool = NULL;
 	if (r < 0) {
