@@ -1398,6 +1398,20 @@ int tfs_pool_grow(struct tfs_pool *pool, bool data, uint64_t bytes, char *why, s
 		r = shrink_data(pool, now, want, why, why_len);
 		goto out;
 	}
+	if (!data && want > TFS_MAX_METADATA_BLOCKS) {
+		/* As mkpool with an oversized device: only what the format can use, and say so. */
+		if (now == TFS_MAX_METADATA_BLOCKS) {
+			r = refuse(why, why_len, -EINVAL,
+				   "cannot grow the metadata device to %llu blocks: the format uses at "
+				   "most %u metadata blocks (about 15.9 GiB), and it has that many "
+				   "already", (unsigned long long)want, TFS_MAX_METADATA_BLOCKS);
+			goto out;
+		}
+		snprintf(why, why_len, "grown to %u blocks, not %llu: the format uses at most %u "
+			 "metadata blocks (about 15.9 GiB)", TFS_MAX_METADATA_BLOCKS,
+			 (unsigned long long)want, TFS_MAX_METADATA_BLOCKS);
+		want = TFS_MAX_METADATA_BLOCKS;
+	}
 	if (want == now)
 		goto out;
 	r = tfs_bdev_size(dev, &have);

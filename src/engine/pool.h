@@ -136,11 +136,16 @@ void tfs_pool_status(struct tfs_pool *pool, struct tfs_pool_status *out);
  * Shrinking the data device: down to the highest block in use + 1; the
  * space map shrinks, the change is committed, then a file-backed device is
  * truncated (a block device is left as it is).
+ * Metadata past the format's limit (TFS_MAX_METADATA_BLOCKS, about 15.9
+ * GiB): grown only to the limit (a file is extended only that far), and
+ * why says so on success ("grown to 4161600 blocks, not N: ..."); why is
+ * "" after any other success.
  * Refused, with the reason in why and logged: -EINVAL shrinking the data
  * device below a block in use ("block M is in use ... the smallest
  * possible size is M+1 blocks") or to 0 blocks, shrinking the metadata
- * device (not supported); -EROFS opened read-only or needs_check; -EIO
- * read_only or fail mode; device errors from growing it.
+ * device (not supported), growing metadata already at the format's
+ * limit; -EROFS opened read-only or needs_check; -EIO read_only or fail
+ * mode; device errors from growing it.
  */
 int tfs_pool_resize(struct tfs_pool *pool, bool data, uint64_t bytes, char *why, size_t why_len);
 

@@ -563,7 +563,8 @@ static void cmd_resize(struct cmd_ctx *c)
 	if (after != before)
 		tfs_fs_event(c->fs, "resize", "%s %" PRIu64 " -> %" PRIu64 " blocks of %" PRIu64
 			     " bytes", c->argv[1], before, after, unit);
-	send_ok(c->fd, "", NULL, true);
+	/* A note on success: metadata grown only to the format's limit. */
+	send_ok(c->fd, why, NULL, true);
 }
 
 static void cmd_metadata_snap(struct cmd_ctx *c, bool reserve)

@@ -1115,6 +1115,19 @@ def test_reloaded_options_and_grown_metadata_take_effect_at_resume(pool, guard):
     p.unmount()
 
 
+def test_reload_of_a_metadata_device_past_the_format_limit_uses_only_the_limit(pool, guard):
+    max_blocks = 4161600                  # the format's limit (about 15.9 GiB)
+    p = make_pool(pool, guard, meta_size=8 * MiB)
+    suspend(p)
+    os.truncate(p.meta, 1 << 40)          # grown from outside, far past the limit
+    r = p.ctl("reload", p.cfg)
+    assert f"metadata device: {8 * MiB // 4096} -> {max_blocks} blocks (the format uses at " \
+        "most that many metadata blocks" in r.stdout, r.stdout
+    resume(p)
+    assert pst(p)["metadata"]["total_blocks"] == max_blocks
+    p.unmount()
+
+
 def test_reload_of_error_if_no_space_fails_held_writes_with_enospc(pool, guard):
     p = full_pool(pool, guard)
     ws = held_writers(p, [("vm1", DATA, 10), ("vm3", 0, 11)])
