@@ -1082,6 +1082,36 @@ def test_reload_of_an_unparsable_file_is_refused_naming_file_and_line(pool, guar
     p.unmount()
 
 
+def test_reload_config_errors_are_printed_one_per_line(pool, guard):
+    p = make_pool(pool, guard)
+    orig = p.cfg.read_text()
+    suspend(p)
+    bad = p.dir / "bad.cfg"
+    bad.write_text(orig + "block_size = 128k\nno_space_timeout = soon\n")
+    n = len(orig.splitlines())
+    r = p.ctl("reload", bad, ok=(1,))
+    assert r.stderr.splitlines() == [
+        f"thinfs-ctl: reload: {bad} is not loadable (the running configuration stays):",
+        f"thinfs-ctl: {bad}:{n + 1}: block_size: given twice (first on line 5)",
+        f"thinfs-ctl: {bad}:{n + 2}: no_space_timeout: 'soon' is not a time "
+        "(seconds, or a number with ms, s, m, h: 500ms, 60s, 2m)"], r.stderr
+    assert pst(p)["reload_staged"] is False
+    resume(p)
+    p.unmount()
+
+
+def test_resume_and_suspend_of_an_unknown_volume_name_it(pool, guard):
+    p = make_pool(pool, guard)
+    create(p.mnt / "vm1", DATA)
+    r = resume(p, "vm1", "nosuch", ok=(1,))
+    assert r.stderr == "thinfs-ctl: resume: no volume named 'nosuch' (nothing was resumed)\n"
+    r = suspend(p, "vm1", "nosuch", ok=(1,))
+    assert r.stderr == \
+        "thinfs-ctl: suspend: no volume named 'nosuch' (nothing was suspended)\n"
+    assert vst(p, "vm1")["suspended"] is False
+    p.unmount()
+
+
 def test_reloaded_options_and_grown_metadata_take_effect_at_resume(pool, guard):
     p = make_pool(pool, guard, meta_size=8 * MiB)
     create(p.mnt / "vm1", DATA)
