@@ -117,11 +117,8 @@ int tfs_cmd_mkpool(int argc, char **argv)
 		return 2;
 	}
 	r = tfs_config_load(argv[optind], &cfg);
-	if (r < 0) {
-		if (r != -EINVAL)
-			fprintf(stderr, "thinfs: mkpool: %s: %s\n", argv[optind], strerror(-r));
-		return 1;
-	}
+	if (r < 0)
+		return 1; /* each problem logged by the parser, naming file:line or the device */
 	lock_fd = lock_metadata(cfg.metadata);
 	if (lock_fd < 0)
 		return 1;
@@ -549,11 +546,8 @@ int tfs_cmd_mount(int argc, char **argv)
 	fs->mount_time_ns = tfs_now_ns();
 
 	r = tfs_config_load(a.cfg_path, &fs->cfg);
-	if (r < 0) {
-		if (r != -EINVAL)
-			fprintf(stderr, "thinfs: mount: %s: %s\n", a.cfg_path, strerror(-r));
-		goto out_free;
-	}
+	if (r < 0)
+		goto out_free; /* each problem logged by the parser, naming file:line or the device */
 	if (fs->cfg.allow_faults && !a.allow_faults) {
 		fprintf(stderr, "thinfs: mount: %s enables fault injection ([fault] allow = yes): "
 			"start the daemon with --allow-faults to accept it\n", a.cfg_path);
