@@ -187,12 +187,21 @@ int main(int argc, char **argv)
 	args = json_object_new_array();
 	json_object_object_add(req, "cmd", json_object_new_string(argv[2]));
 	for (int i = 3; i < argc; i++) {
-		char abs[PATH_MAX];
+		char abs[PATH_MAX], cwd[PATH_MAX];
 		const char *a = argv[i];
 
-		/* The daemon has another working directory: a pool.cfg is named absolutely. */
-		if (!strcmp(argv[2], "reload") && i == 3 && realpath(a, abs))
-			a = abs;
+		/*
+		 * The daemon has another working directory: a pool.cfg is named
+		 * absolutely, even one that is not there (so the daemon's answer
+		 * names the file the user meant).
+		 */
+		if (!strcmp(argv[2], "reload") && i == 3) {
+			if (realpath(a, abs))
+				a = abs;
+			else if (a[0] != '/' && getcwd(cwd, sizeof(cwd)) &&
+				 (size_t)snprintf(abs, sizeof(abs), "%s/%s", cwd, a) < sizeof(abs))
+				a = abs;
+		}
 		json_object_array_add(args, json_object_new_string(a));
 		json_wanted |= !strcmp(argv[i], "--json");
 	}

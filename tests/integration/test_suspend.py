@@ -1095,6 +1095,11 @@ def test_reload_config_errors_are_printed_one_per_line(pool, guard):
         f"thinfs-ctl: {bad}:{n + 1}: block_size: given twice (first on line 5)",
         f"thinfs-ctl: {bad}:{n + 2}: no_space_timeout: 'soon' is not a time "
         "(seconds, or a number with ms, s, m, h: 500ms, 60s, 2m)"], r.stderr
+    # A relative name that is not there is named as the user meant it, not from the daemon's /.
+    r = run_cmd(p.ctl_bin, p.mnt, "reload", "nosuch.cfg", check=False, cwd=p.dir)
+    assert r.returncode == 1 and r.stderr.splitlines() == [
+        f"thinfs-ctl: reload: {p.dir}/nosuch.cfg is not loadable (the running configuration "
+        "stays):", f"thinfs-ctl: {p.dir}/nosuch.cfg: No such file or directory"], r.stderr
     assert pst(p)["reload_staged"] is False
     resume(p)
     p.unmount()
