@@ -87,11 +87,12 @@ def test_low_water_data_right_before_unmount_is_logged_and_hooked(pool, tmp_path
 
 
 def test_low_water_metadata_right_before_unmount_is_logged_and_hooked(pool, tmp_path):
-    """1120 KiB of metadata: 280 blocks, low water 70 (a quarter), just
-    above the 65 blocks the pool keeps in reserve for a commit.  Each new
-    volume with a written block takes one more metadata block."""
+    """1280 KiB of metadata: 320 blocks, low water 80 (a quarter), above
+    the 65 blocks the pool keeps in reserve for a commit (a smaller pool's
+    reserve is its low-water mark: unreachable).  Each new volume with a
+    written block takes about one more metadata block."""
     hook, log = write_hook(tmp_path / "hook")
-    p = pool(data_size=64 * MiB, meta_size=1120 * 1024,
+    p = pool(data_size=64 * MiB, meta_size=1280 * 1024,
              options={"low_water_mark": "0", "on_event": hook})
 
     def free_and_mark():
@@ -99,7 +100,7 @@ def test_low_water_metadata_right_before_unmount_is_logged_and_hooked(pool, tmp_
         return m["total_blocks"] - m["used_blocks"], m["low_water_blocks"]
 
     free, mark = free_and_mark()
-    assert mark == 70
+    assert mark == 80
     n = 0
     while free >= mark:
         # Half the distance at a time: never past the reserve below the mark.
@@ -113,6 +114,6 @@ def test_low_water_metadata_right_before_unmount_is_logged_and_hooked(pool, tmp_
 
     p.mount()
     ev = [e["detail"] for e in events(p, 1) if e["kind"] == "low_water_metadata"]
-    assert ev == [f"{free} of 280 metadata blocks free (low water mark 70)"], ev
+    assert ev == [f"{free} of 320 metadata blocks free (low water mark 80)"], ev
     assert p.status()["pool"]["mode"] == "write"
     p.unmount()
