@@ -572,16 +572,20 @@ static void cmd_resize(struct cmd_ctx *c)
 		}
 		bytes += before * unit;
 	}
+	tfs_fs_events_hold(c->fs);
 	r = tfs_pool_resize(c->fs->pool, data, bytes, why, sizeof(why));
 	if (r < 0) {
+		tfs_fs_events_release(c->fs);
 		send_error(c->fd, "resize %s: %s", c->argv[1], why[0] ? why : strerror(-r));
 		return;
 	}
 	tfs_pool_status(c->fs->pool, &st);
 	after = data ? st.data_total : st.meta_total;
+	/* Before what the resize caused (out_of_data_space -> write). */
 	if (after != before)
 		tfs_fs_event(c->fs, "resize", "%s %" PRIu64 " -> %" PRIu64 " blocks of %" PRIu64
 			     " bytes", c->argv[1], before, after, unit);
+	tfs_fs_events_release(c->fs);
 	/* A note on success: metadata grown only to the format's limit. */
 	send_ok(c->fd, why, NULL, true);
 }
@@ -910,15 +914,19 @@ static void cmd_resume(struct cmd_ctx *c)
 
 	if (volume_ids(c, &ids, &nr, names, sizeof(names)) < 0)
 		return;
+	tfs_fs_events_hold(c->fs);
 	n = tfs_pool_resume(c->fs->pool, ids, nr, msg, sizeof(msg));
 	free(ids);
 	if (n == 0) {
+		tfs_fs_events_release(c->fs);
 		send_ok(c->fd, "not suspended", NULL, true);
 		return;
 	}
 	if (!nr)
 		tfs_fs_after_resume(c->fs);
+	/* Before what the resume caused (a low-water crossing again, taking a reload). */
 	tfs_fs_event(c->fs, "resume", "%s%s%s", names, msg[0] ? ": " : "", msg);
+	tfs_fs_events_release(c->fs);
 	snprintf(text, sizeof(text), "resumed: %s%s%s", names, msg[0] ? "\n" : "", msg);
 	send_ok(c->fd, text, NULL, true);
 }

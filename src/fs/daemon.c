@@ -438,16 +438,19 @@ static int run_daemon(struct tfs_fs *fs, const struct mount_args *a, int ready_f
 		tfs_err("cannot mount on %s", fs->mountpoint);
 		goto err_remove_handlers;
 	}
+	tfs_fs_event(fs, "mount", "mounted on %s%s", fs->mountpoint,
+		     fs->read_only ? " read-only" : "");
+	/*
+	 * Changes the pool recorded since it opened come next: none is lost
+	 * meanwhile.  Before the control socket, whose commands order their
+	 * events with the event thread's (tfs_fs_events_hold).
+	 */
+	r = tfs_fs_events_start(fs);
+	if (r < 0)
+		goto err_unmount;
 	r = tfs_ctl_server_start(fs, &fs->ctl);
 	if (r < 0)
 		goto err_unmount;
-
-	tfs_fs_event(fs, "mount", "mounted on %s%s", fs->mountpoint,
-		     fs->read_only ? " read-only" : "");
-	/* Changes the pool recorded since it opened come next: none is lost meanwhile. */
-	r = tfs_fs_events_start(fs);
-	if (r < 0)
-		goto err_stop_ctl;
 
 	/* Ready: the mount answers and so does the control socket. */
 	sd_notify(0, "READY=1");

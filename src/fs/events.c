@@ -32,6 +32,8 @@ extern char **environ;
 struct tfs_events {
 	struct tfs_fs *fs;
 	pthread_t thread;
+	/* Held by report() and by a command logging a change it made (tfs_fs_events_hold). */
+	pthread_mutex_t order;
 
 	/*
 	 * A leaf lock: the pool's notify callback takes it with the pool's
@@ -85,6 +87,7 @@ static void events_put(struct tfs_events *ev)
 		return;
 	pthread_cond_destroy(&ev->cond);
 	pthread_mutex_destroy(&ev->lock);
+	pthread_mutex_destroy(&ev->order);
 	free(ev);
 }
 
@@ -232,6 +235,7 @@ static void report(struct tfs_events *ev)
 	struct tfs_pool_status st;
 	unsigned n;
 
+	pthread_mutex_lock(&ev->order);
 	tfs_pool_status(fs->pool, &st);
 	n = tfs_pool_transitions(fs->pool, ev->last_transition, tr, TFS_POOL_TRANSITIONS);
 	if (n && tr[0].seq > ev->last_transition + 1)
@@ -252,6 +256,19 @@ static void report(struct tfs_events *ev)
 			 st.low_water_blocks, &ev->low_water_data_seen);
 	low_water_report(ev, &st, "low_water_metadata", "metadata", &st.low_water_meta,
 			 st.meta_total, st.meta_low_water_blocks, &ev->low_water_meta_seen);
+	pthread_mutex_unlock(&ev->order);
+}
+
+void tfs_fs_events_hold(struct tfs_fs *fs)
+{
+	if (fs->events)
+		pthread_mutex_lock(&fs->events->order);
+}
+
+void tfs_fs_events_release(struct tfs_fs *fs)
+{
+	if (fs->events)
+		pthread_mutex_unlock(&fs->events->order);
 }
 
 /* The pool's notify callback: runs under the pool's lock, so it only wakes the thread. */
@@ -297,6 +314,7 @@ int tfs_fs_events_start(struct tfs_fs *fs)
 	ev->fs = fs;
 	ev->refs = 1;
 	pthread_mutex_init(&ev->lock, NULL);
+	pthread_mutex_init(&ev->order, NULL);
 	pthread_condattr_init(&ca);
 	pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
 	pthread_cond_init(&ev->cond, &ca);

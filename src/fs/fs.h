@@ -211,6 +211,15 @@ int tfs_fs_events_start(struct tfs_fs *fs);
  * Nothing when the thread was not started.
  */
 void tfs_fs_events_stop(struct tfs_fs *fs);
+/*
+ * Around a command's pool change and the event it logs for it (resize,
+ * resume): the consequences the event thread reports (a mode change, a
+ * low-water crossing) are logged after it, cause before effect.  Only
+ * while the event thread runs (between start and stop, when the control
+ * socket serves); takes pool locks inside, never the other way round.
+ */
+void tfs_fs_events_hold(struct tfs_fs *fs);
+void tfs_fs_events_release(struct tfs_fs *fs);
 /* The 1-second housekeeping: persist sizes. */
 void tfs_fs_tick(struct tfs_fs *fs);
 /*
