@@ -309,8 +309,10 @@ int tfs_fs_events_start(struct tfs_fs *fs)
 	int r;
 
 	ev = calloc(1, sizeof(*ev));
-	if (!ev)
+	if (!ev) {
+		tfs_err("cannot start the event thread: out of memory");
 		return -ENOMEM;
+	}
 	ev->fs = fs;
 	ev->refs = 1;
 	pthread_mutex_init(&ev->lock, NULL);
@@ -321,15 +323,20 @@ int tfs_fs_events_start(struct tfs_fs *fs)
 	pthread_condattr_destroy(&ca);
 	tfs_pool_status(fs->pool, &st);
 	snprintf(ev->last_mode, sizeof(ev->last_mode), "%s", st.mode ? st.mode : "");
-	/* What the pool recorded while it opened (already short of space) is reported first. */
+	/*
+	 * Told before the thread runs, so nothing recorded from now on waits
+	 * for a later change; what the pool recorded while it opened (already
+	 * short of space) is reported first.
+	 */
+	tfs_pool_set_event_notify(fs->pool, pool_changed, ev);
 	ev->pending = true;
 	r = -pthread_create(&ev->thread, NULL, event_thread, ev);
 	if (r < 0) {
 		tfs_err("cannot start the event thread: %s", strerror(-r));
+		tfs_pool_set_event_notify(fs->pool, NULL, NULL);
 		events_put(ev);
 		return r;
 	}
-	tfs_pool_set_event_notify(fs->pool, pool_changed, ev);
 	fs->events = ev;
 	return 0;
 }
