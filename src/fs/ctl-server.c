@@ -25,6 +25,7 @@
 #include "fs.h"
 #include "fuse-ops.h"
 #include "log.h"
+#include "utf8.h"
 
 #define MAX_CLIENTS 64
 #define MAX_DROPPED (64u << 20) /* of an oversized request, before answering */
@@ -77,6 +78,21 @@ static int send_line(int fd, struct json_object *o)
 	const char *s = json_object_to_json_string_ext(o, JSON_C_TO_STRING_PLAIN |
 						       JSON_C_TO_STRING_NOSLASHESCAPE);
 	size_t len = strlen(s), off = 0;
+	char *repaired = NULL;
+	int r = 0;
+
+	/*
+	 * json-c copies a string's bytes >= 0x80 as they are.  A name from an
+	 * older catalog, or a request's argument echoed in an error, may not be
+	 * UTF-8: what we send must parse in strict JSON parsers all the same.
+	 */
+	if (!tfs_utf8_valid(s, len)) {
+		repaired = tfs_utf8_repair(s, len);
+		if (!repaired)
+			return -ENOMEM;
+		s = repaired;
+		len = strlen(s);
+	}
 
 	while (off <= len) {
 		/* The newline is sent with the object: one write per line usually. */
@@ -88,11 +104,13 @@ static int send_line(int fd, struct json_object *o)
 		if (w < 0) {
 			if (errno == EINTR)
 				continue;
-			return -errno;
+			r = -errno;
+			break;
 		}
 		off += (size_t)w;
 	}
-	return 0;
+	free(repaired);
+	return r;
 }
 
 /*

@@ -23,6 +23,7 @@
 #include <time.h>
 
 #include "log.h"
+#include "utf8.h"
 
 /* How long the daemon's exit waits for on_event programs still running. */
 #define HOOK_WAIT_S 10
@@ -62,6 +63,8 @@ int tfs_fs_event(struct tfs_fs *fs, const char *kind, const char *fmt, ...)
 	va_start(ap, fmt);
 	vsnprintf(detail, sizeof(detail), fmt, ap);
 	va_end(ap);
+	/* A long detail is cut: not inside a name's multi-byte character. */
+	detail[tfs_utf8_whole_prefix(detail, strlen(detail))] = '\0';
 	tfs_info("%s: %s", kind, detail);
 	if (!fs->cat || fs->read_only)
 		return 0; /* a read-only catalog keeps no log */

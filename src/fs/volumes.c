@@ -21,6 +21,7 @@
 #include <unistd.h>
 
 #include "log.h"
+#include "utf8.h"
 
 int64_t tfs_now_ns(void)
 {
@@ -798,7 +799,12 @@ int tfs_fs_create_group(struct tfs_fs *fs, const char *name, struct tfs_group_ro
 
 		m.dev_id = snaps[i];
 		m.kind = TFS_VOL_GROUP_MEMBER;
-		m.mode = 0444;
+		/*
+		 * The origin's owner, group and read/execute bits as they are
+		 * now, as ZFS's .zfs/snapshot keeps them: a snapshot of a private
+		 * volume stays private.  Write, setuid, setgid and sticky bits go.
+		 */
+		m.mode = l.rows[i].mode & 0555;
 		m.ctime_ns = now;
 		m.group_id = gid;
 		m.unlinked = false;
@@ -822,6 +828,7 @@ int tfs_fs_create_group(struct tfs_fs *fs, const char *name, struct tfs_group_ro
 		for (unsigned i = 0; i < l.nr && used < sizeof(detail) - 1; i++)
 			used += (size_t)snprintf(detail + used, sizeof(detail) - used, "%s%s",
 						 i ? " " : "", l.rows[i].name);
+		detail[tfs_utf8_whole_prefix(detail, strlen(detail))] = '\0';
 		tfs_fs_event(fs, "snapshot", "group %s: %u volume(s): %s", name, l.nr, detail);
 	}
 	goto out_free;
@@ -1070,7 +1077,7 @@ int tfs_fs_snapshot_volume(struct tfs_fs *fs, const char *src, const char *new_n
 	row.dev_id = id;
 	row.kind = TFS_VOL_SNAPSHOT;
 	if (s.kind == TFS_VOL_GROUP_MEMBER)
-		row.mode = 0644; /* a writable clone of a read-only member */
+		row.mode = s.mode | 0200; /* a writable clone of a read-only member, no wider */
 	row.ctime_ns = tfs_now_ns();
 	row.group_id = 0;
 	row.unlinked = false;

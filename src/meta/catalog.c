@@ -30,6 +30,7 @@
 #include <unistd.h>
 
 #include "log.h"
+#include "utf8.h"
 
 #define SCHEMA_VERSION 1
 /* Keep the newest events only: the log would otherwise grow for ever. */
@@ -195,6 +196,12 @@ static int release(struct tfs_catalog *cat, int r)
 
 /* ---- names ---- */
 
+/* U+0080..U+009F encoded: 8-bit terminals take U+009B as CSI, as ESC [. */
+static bool is_c1_control(const unsigned char *c)
+{
+	return c[0] == 0xc2 && c[1] >= 0x80 && c[1] <= 0x9f;
+}
+
 /* The reason a name is refused, or NULL. */
 const char *tfs_catalog_name_error(const char *name)
 {
@@ -210,23 +217,32 @@ const char *tfs_catalog_name_error(const char *name)
 	if (strchr(name, '/'))
 		return "name contains '/'";
 	for (const unsigned char *c = (const unsigned char *)name; *c; c++)
-		if (*c < 0x20 || *c == 0x7f)
+		if (*c < 0x20 || *c == 0x7f || is_c1_control(c))
 			return "name contains a control character";
+	/* Names go out in JSON (status, list, events), which must be UTF-8. */
+	if (!tfs_utf8_valid(name, len))
+		return "name is not valid UTF-8";
 	return NULL;
 }
 
-/* A name fit for a log line: control bytes escaped, long ones cut. */
+/* A name fit for a log line: control bytes and ill-formed UTF-8 escaped, long ones cut. */
 static void printable(const char *name, char *out, size_t len)
 {
 	const unsigned char *c = (const unsigned char *)name;
 	size_t o = 0;
 
-	/* Room is kept for one escape (4), "..." (3) and the NUL. */
-	for (; *c && o + 8 < len; c++) {
-		if (*c < 0x20 || *c == 0x7f || *c == '\\')
+	/* Room is kept for one escape or character (4), "..." (3) and the NUL. */
+	while (*c && o + 8 < len) {
+		size_t l = tfs_utf8_seq_len((const char *)c, strnlen((const char *)c, 4));
+
+		if (*c < 0x20 || *c == 0x7f || *c == '\\' || !l || is_c1_control(c)) {
 			o += (size_t)snprintf(out + o, len - o, "\\x%02x", *c);
-		else
-			out[o++] = (char)*c;
+			c++;
+		} else {
+			memcpy(out + o, c, l);
+			o += l;
+			c += l;
+		}
 	}
 	if (*c)
 		o += (size_t)snprintf(out + o, len - o, "...");

@@ -77,7 +77,8 @@ int tfs_catalog_open(const char *path, bool read_only, struct tfs_catalog **out)
 void tfs_catalog_close(struct tfs_catalog *cat);
 
 /*
- * Name rules: 1..255 bytes, no '/', not "." or "..", no NUL or control characters.
+ * Name rules: 1..255 bytes of well-formed UTF-8 (utf8.h), no '/', not "." or "..",
+ * no NUL or control characters (U+0001..U+001F, U+007F..U+009F).
  * check_name logs the reason at info level (a refused name is the
  * client's mistake, not the daemon's).  name_error returns the reason
  * ("name contains '/'") or NULL, logging nothing: for replies to

@@ -19,6 +19,7 @@
 
 #include "catalog.h"
 #include "log.h"
+#include "utf8.h"
 
 struct env {
 	char dir[64];
@@ -309,9 +310,27 @@ static void test_name_rules_with_reasons(void **state)
 		{ "new\nline", "control character" },
 		{ "del\x7f", "control character" },
 		{ "\x1b[31mred", "control character" },
+		{ "csi\xc2\x9b" "31m", "control character" },  /* U+009B */
+		{ "\xc2\x80", "control character" },            /* U+0080 */
+		{ "bad\xff", "not valid UTF-8" },
+		{ "\xc3", "not valid UTF-8" },                 /* cut short */
+		{ "\xc3(", "not valid UTF-8" },                /* bad continuation */
+		{ "\xc0\xaf", "not valid UTF-8" },             /* overlong '/' */
+		{ "\xe0\x80\xaf", "not valid UTF-8" },         /* overlong, 3 bytes */
+		{ "\xf0\x80\x80\xaf", "not valid UTF-8" },     /* overlong, 4 bytes */
+		{ "\xed\xa0\x80", "not valid UTF-8" },         /* surrogate U+D800 */
+		{ "\xed\xbf\xbf", "not valid UTF-8" },         /* surrogate U+DFFF */
+		{ "\xf4\x90\x80\x80", "not valid UTF-8" },     /* U+110000 */
+		{ "\xf8\x88\x80\x80\x80", "not valid UTF-8" }, /* 5-byte form */
+		{ "lat1-caf\xe9", "not valid UTF-8" },         /* Latin-1, not UTF-8 */
 	};
 	static const char *const good[] = { "a", "...", ".hidden", "with space", "ünïcödé",
-					    "semi;colon", "quote'd", "-dash" };
+					    "semi;colon", "quote'd", "-dash",
+					    "\xed\x9f\xbf",          /* U+D7FF, below the surrogates */
+					    "\xee\x80\x80",          /* U+E000, above them */
+					    "\xf4\x8f\xbf\xbf",      /* U+10FFFF, the last */
+					    "日本語", "emoji-😀",
+					    "nbsp\xc2\xa0" /* U+00A0, just past the C1 controls */ };
 	struct env *e = *state;
 	char n255[256], n256[257];
 
@@ -320,6 +339,8 @@ static void test_name_rules_with_reasons(void **state)
 		assert_int_equal(tfs_catalog_check_name(bad[i].name), -EINVAL);
 		if (!strstr(e->log, bad[i].why))
 			fail_msg("name %zu: no '%s' in log: %s", i, bad[i].why, e->log);
+		/* The log line shows the bad bytes escaped, never raw. */
+		assert_true(tfs_utf8_valid(e->log, strlen(e->log)));
 		assert_string_equal(strstr(tfs_catalog_name_error(bad[i].name), bad[i].why) ? "y" : "n",
 				    "y");
 	}
