@@ -107,7 +107,7 @@ static void set_mode(struct tfs_pool *pool, enum tfs_pool_mode mode, const char 
 		clock_gettime(CLOCK_MONOTONIC, &pool->oods_since);
 	/* Held writes retry in write mode and fail in read_only or fail mode. */
 	pthread_cond_broadcast(&pool->space_cv);
-	/* The daemon's housekeeping turns mode changes into events (src/fs). */
+	/* The daemon turns mode changes into events (src/fs), told by notify. */
 	pool->nr_transitions++;
 	pool->transitions[pool->nr_transitions % TFS_POOL_TRANSITIONS] =
 		(struct tfs_pool_transition){ .seq = pool->nr_transitions,
@@ -119,6 +119,8 @@ static void set_mode(struct tfs_pool *pool, enum tfs_pool_mode mode, const char 
 		: mode == TFS_POOL_OUT_OF_DATA_SPACE ? TFS_LOG_WARN : TFS_LOG_ERR,
 		"%s: pool mode %s -> %s: %s", pool->cfg.metadata, mode_names[old], mode_names[mode],
 		pool->reason);
+	if (pool->notify)
+		pool->notify(pool->notify_arg);
 }
 
 int tfs_pool_may_io(struct tfs_pool *pool)
@@ -211,6 +213,7 @@ static void low_water_step(struct tfs_pool_low_water *lw, uint64_t free, uint64_
  */
 void tfs_pool_check_low_water(struct tfs_pool *pool)
 {
+	uint64_t before = pool->lw_data.crossings + pool->lw_meta.crossings;
 	struct tfs_pmd_space sp;
 
 	if (pool->mode == TFS_POOL_FAIL)
@@ -219,6 +222,8 @@ void tfs_pool_check_low_water(struct tfs_pool *pool)
 	low_water_step(&pool->lw_data, sp.data_free, sp.data_total,
 		       low_water(&pool->cfg, sp.data_total));
 	low_water_step(&pool->lw_meta, sp.meta_free, sp.meta_total, meta_low_water(sp.meta_total));
+	if (pool->notify && pool->lw_data.crossings + pool->lw_meta.crossings != before)
+		pool->notify(pool->notify_arg);
 }
 
 void tfs_pool_rearm_low_water(struct tfs_pool *pool)
@@ -832,18 +837,37 @@ void tfs_pool_stop_holding(struct tfs_pool *pool)
 	pthread_mutex_unlock(&pool->lock);
 }
 
-int tfs_pool_close(struct tfs_pool *pool)
+void tfs_pool_set_event_notify(struct tfs_pool *pool, void (*fn)(void *arg), void *arg)
+{
+	pthread_mutex_lock(&pool->lock);
+	pool->notify = fn;
+	pool->notify_arg = arg;
+	pthread_mutex_unlock(&pool->lock);
+}
+
+int tfs_pool_shutdown(struct tfs_pool *pool)
 {
 	int r;
 
-	if (!pool)
+	if (pool->shut_down)
 		return 0;
+	pool->shut_down = true;
 	tfs_pool_stop_holding(pool);
 	stop_commit_thread(pool);
 	/* FLUSH semantics: overwrites in place reach stable storage too. */
 	r = run_commit(pool, true, NULL);
 	if (r == -EIO && pool->mode != TFS_POOL_WRITE)
 		r = 0; /* read_only or fail: nothing to commit, already reported */
+	return r;
+}
+
+int tfs_pool_close(struct tfs_pool *pool)
+{
+	int r;
+
+	if (!pool)
+		return 0;
+	r = tfs_pool_shutdown(pool);
 	while (pool->thins) {
 		tfs_err("thin device %u still open at pool close", pool->thins->id);
 		pool->thins->refs = 1;
@@ -1455,6 +1479,20 @@ int tfs_pool_grow(struct tfs_pool *pool, bool data, uint64_t bytes, char *why, s
 	if (want < now) {
 		r = shrink_data(pool, now, want, why, why_len);
 		goto out;
+	}
+	if (!data && want > TFS_MAX_METADATA_BLOCKS) {
+		/* As mkpool with an oversized device: only what the format can use, and say so. */
+		if (now == TFS_MAX_METADATA_BLOCKS) {
+			r = refuse(why, why_len, -EINVAL,
+				   "cannot grow the metadata device to %llu blocks: the format uses at "
+				   "most %u metadata blocks (about 15.9 GiB), and it has that many "
+				   "already", (unsigned long long)want, TFS_MAX_METADATA_BLOCKS);
+			goto out;
+		}
+		snprintf(why, why_len, "grown to %u blocks, not %llu: the format uses at most %u "
+			 "metadata blocks (about 15.9 GiB)", TFS_MAX_METADATA_BLOCKS,
+			 (unsigned long long)want, TFS_MAX_METADATA_BLOCKS);
+		want = TFS_MAX_METADATA_BLOCKS;
 	}
 	if (want == now)
 		goto out;

@@ -27,8 +27,8 @@
 #include "log.h"
 #include "utf8.h"
 
-#define MAX_REQUEST 65536
 #define MAX_CLIENTS 64
+#define MAX_DROPPED (64u << 20) /* of an oversized request, before answering */
 #define CLIENT_TIMEOUT_S 10
 
 struct tfs_ctl_server {
@@ -113,9 +113,14 @@ static int send_line(int fd, struct json_object *o)
 	return r;
 }
 
-static int send_error(int fd, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+/*
+ * {"ok":false,"error":...}, and with details (a reload's configuration
+ * problems, one per line of details) a "details" array of those lines.
+ */
+static int send_error_details(int fd, const char *details, const char *fmt, ...)
+	__attribute__((format(printf, 3, 4)));
 
-static int send_error(int fd, const char *fmt, ...)
+static int send_error_details(int fd, const char *details, const char *fmt, ...)
 {
 	struct json_object *o = json_object_new_object();
 	char msg[1024];
@@ -127,11 +132,25 @@ static int send_error(int fd, const char *fmt, ...)
 	va_end(ap);
 	json_object_object_add(o, "ok", json_object_new_boolean(0));
 	json_object_object_add(o, "error", json_object_new_string(msg));
+	if (details) {
+		struct json_object *a = json_object_new_array();
+
+		while (*details) {
+			size_t n = strcspn(details, "\n");
+
+			if (n)
+				json_object_array_add(a, json_object_new_string_len(details, (int)n));
+			details += n + (details[n] == '\n');
+		}
+		json_object_object_add(o, "details", a);
+	}
 	json_object_object_add(o, "done", json_object_new_boolean(1));
 	r = send_line(fd, o);
 	json_object_put(o);
 	return r;
 }
+
+#define send_error(fd, ...) send_error_details(fd, NULL, __VA_ARGS__)
 
 /* Send {"ok":true,"output":text,"json":json,"done":done}; takes json's reference. */
 static int send_ok(int fd, const char *text, struct json_object *json, bool done)
@@ -571,17 +590,22 @@ static void cmd_resize(struct cmd_ctx *c)
 		}
 		bytes += before * unit;
 	}
+	tfs_fs_events_hold(c->fs);
 	r = tfs_pool_resize(c->fs->pool, data, bytes, why, sizeof(why));
 	if (r < 0) {
+		tfs_fs_events_release(c->fs);
 		send_error(c->fd, "resize %s: %s", c->argv[1], why[0] ? why : strerror(-r));
 		return;
 	}
 	tfs_pool_status(c->fs->pool, &st);
 	after = data ? st.data_total : st.meta_total;
+	/* Before what the resize caused (out_of_data_space -> write). */
 	if (after != before)
 		tfs_fs_event(c->fs, "resize", "%s %" PRIu64 " -> %" PRIu64 " blocks of %" PRIu64
 			     " bytes", c->argv[1], before, after, unit);
-	send_ok(c->fd, "", NULL, true);
+	tfs_fs_events_release(c->fs);
+	/* A note on success: metadata grown only to the format's limit. */
+	send_ok(c->fd, why, NULL, true);
 }
 
 static void cmd_metadata_snap(struct cmd_ctx *c, bool reserve)
@@ -827,8 +851,8 @@ static int volume_ids(struct cmd_ctx *c, uint32_t **ids, unsigned *nr, char *nam
 			goto fail;
 		}
 		if (tfs_fs_find_volume(c->fs, a, &row) < 0) {
-			send_error(c->fd, "%s: no volume named '%s' (nothing was %sed)", c->argv[0], a,
-				   c->argv[0]);
+			send_error(c->fd, "%s: no volume named '%s' (nothing was %s)", c->argv[0], a,
+				   strcmp(c->argv[0], "resume") ? "suspended" : "resumed");
 			goto fail;
 		}
 		(*ids)[(*nr)++] = row.dev_id;
@@ -908,15 +932,19 @@ static void cmd_resume(struct cmd_ctx *c)
 
 	if (volume_ids(c, &ids, &nr, names, sizeof(names)) < 0)
 		return;
+	tfs_fs_events_hold(c->fs);
 	n = tfs_pool_resume(c->fs->pool, ids, nr, msg, sizeof(msg));
 	free(ids);
 	if (n == 0) {
+		tfs_fs_events_release(c->fs);
 		send_ok(c->fd, "not suspended", NULL, true);
 		return;
 	}
 	if (!nr)
 		tfs_fs_after_resume(c->fs);
+	/* Before what the resume caused (a low-water crossing again, taking a reload). */
 	tfs_fs_event(c->fs, "resume", "%s%s%s", names, msg[0] ? ": " : "", msg);
+	tfs_fs_events_release(c->fs);
 	snprintf(text, sizeof(text), "resumed: %s%s%s", names, msg[0] ? "\n" : "", msg);
 	send_ok(c->fd, text, NULL, true);
 }
@@ -944,8 +972,8 @@ static void cmd_reload(struct cmd_ctx *c)
 	if (r < 0) {
 		/* The client's mistake, answered to the client: not an error of the pool. */
 		tfs_info("reload of %s refused: %s", c->argv[1], errors[0] ? errors : strerror(-r));
-		send_error(c->fd, "reload: %s is not loadable (the running configuration stays):\n%s",
-			   c->argv[1], errors[0] ? errors : strerror(-r));
+		send_error_details(c->fd, errors[0] ? errors : strerror(-r), "reload: %s is not "
+				   "loadable (the running configuration stays):", c->argv[1]);
 		goto out;
 	}
 	r = tfs_pool_reload(c->fs->pool, cfg, msg, sizeof(msg));
@@ -1121,7 +1149,13 @@ static void dispatch(struct cmd_ctx *c)
 
 /* ---- connections ---- */
 
-/* Read one request line; -errno or the length. */
+/*
+ * Read one request line; -errno, the length, or -E2BIG when no newline
+ * came within max - 1 bytes.  The rest of an oversized line is read and
+ * dropped first (up to MAX_DROPPED bytes, each read bounded by the
+ * socket's receive timeout), so that a client still writing it is not cut
+ * off with EPIPE before it can read why.
+ */
 static ssize_t read_line(int fd, char *buf, size_t max)
 {
 	size_t len = 0;
@@ -1136,11 +1170,24 @@ static ssize_t read_line(int fd, char *buf, size_t max)
 		if (n == 0)
 			break;
 		len += (size_t)n;
-		if (memchr(buf + len - (size_t)n, '\n', (size_t)n))
-			break;
+		if (memchr(buf + len - (size_t)n, '\n', (size_t)n)) {
+			buf[len] = '\0';
+			return (ssize_t)len;
+		}
 	}
 	buf[len] = '\0';
-	return (ssize_t)len;
+	if (len < max - 1)
+		return (ssize_t)len; /* the client closed without a newline */
+	for (size_t dropped = 0; dropped < MAX_DROPPED;) {
+		ssize_t n = recv(fd, buf, max - 1, 0);
+
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n <= 0 || memchr(buf, '\n', (size_t)n))
+			break;
+		dropped += (size_t)n;
+	}
+	return -E2BIG;
 }
 
 static void serve(struct tfs_fs *fs, int fd)
@@ -1152,10 +1199,13 @@ static void serve(struct tfs_fs *fs, int fd)
 	ssize_t n;
 	size_t nargs = 0;
 
-	buf = malloc(MAX_REQUEST);
+	buf = malloc(TFS_CTL_MAX_REQUEST);
 	if (!buf)
 		return;
-	n = read_line(fd, buf, MAX_REQUEST);
+	n = read_line(fd, buf, TFS_CTL_MAX_REQUEST);
+	if (n == -E2BIG)
+		send_error(fd, "request too large: more than %d bytes (the limit of one request, "
+			   "newline included)", TFS_CTL_MAX_REQUEST);
 	if (n <= 0) {
 		free(buf);
 		return;
@@ -1173,6 +1223,11 @@ static void serve(struct tfs_fs *fs, int fd)
 			goto out;
 		}
 		nargs = json_object_array_length(jargs);
+		if (nargs > TFS_CTL_MAX_ARGS) {
+			send_error(fd, "too many arguments: %zu (at most %d)", nargs,
+				   TFS_CTL_MAX_ARGS);
+			goto out;
+		}
 	}
 	argv = calloc(nargs + 2, sizeof(*argv));
 	if (!argv)

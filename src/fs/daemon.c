@@ -117,11 +117,8 @@ int tfs_cmd_mkpool(int argc, char **argv)
 		return 2;
 	}
 	r = tfs_config_load(argv[optind], &cfg);
-	if (r < 0) {
-		if (r != -EINVAL)
-			fprintf(stderr, "thinfs: mkpool: %s: %s\n", argv[optind], strerror(-r));
-		return 1;
-	}
+	if (r < 0)
+		return 1; /* each problem logged by the parser, naming file:line or the device */
 	lock_fd = lock_metadata(cfg.metadata);
 	if (lock_fd < 0)
 		return 1;
@@ -555,18 +552,19 @@ static int run_daemon(struct tfs_fs *fs, const struct mount_args *a, int ready_f
 		tfs_err("cannot mount on %s", fs->mountpoint);
 		goto err_remove_handlers;
 	}
+	tfs_fs_event(fs, "mount", "mounted on %s%s", fs->mountpoint,
+		     fs->read_only ? " read-only" : "");
+	/*
+	 * Changes the pool recorded since it opened come next: none is lost
+	 * meanwhile.  Before the control socket, whose commands order their
+	 * events with the event thread's (tfs_fs_events_hold).
+	 */
+	r = tfs_fs_events_start(fs);
+	if (r < 0)
+		goto err_unmount;
 	r = tfs_ctl_server_start(fs, &fs->ctl);
 	if (r < 0)
 		goto err_unmount;
-
-	{
-		struct tfs_pool_status st;
-
-		tfs_pool_status(fs->pool, &st);
-		snprintf(fs->last_mode, sizeof(fs->last_mode), "%s", st.mode ? st.mode : "");
-	}
-	tfs_fs_event(fs, "mount", "mounted on %s%s", fs->mountpoint,
-		     fs->read_only ? " read-only" : "");
 
 	/* Ready: the mount answers and so does the control socket. */
 	sd_notify(0, "READY=1");
@@ -609,6 +607,14 @@ err_remove_handlers:
 err_destroy_session:
 	/* After the unmount no request can arrive: close what is still open. */
 	tfs_fs_close_all(fs);
+	/* Closing commits: everything acknowledged so far becomes durable. */
+	r = tfs_pool_shutdown(fs->pool);
+	if (r < 0) {
+		tfs_err("final commit failed: %s", strerror(-r));
+		status = 1;
+	}
+	/* What the pool recorded up to its last I/O reaches the log before the catalog closes. */
+	tfs_fs_events_stop(fs);
 	if (status == 0)
 		tfs_fs_event(fs, "unmount", "unmounted from %s", fs->mountpoint);
 	fuse_session_destroy(fs->se);
@@ -620,7 +626,7 @@ err_close_catalog:
 	tfs_catalog_close(fs->cat);
 	fs->cat = NULL;
 err_close_pool:
-	/* Closing commits: everything acknowledged so far becomes durable. */
+	/* Commits unless tfs_pool_shutdown did already. */
 	r = tfs_pool_close(fs->pool);
 	fs->pool = NULL;
 	if (r < 0) {
@@ -657,11 +663,8 @@ int tfs_cmd_mount(int argc, char **argv)
 	fs->mount_time_ns = tfs_now_ns();
 
 	r = tfs_config_load(a.cfg_path, &fs->cfg);
-	if (r < 0) {
-		if (r != -EINVAL)
-			fprintf(stderr, "thinfs: mount: %s: %s\n", a.cfg_path, strerror(-r));
-		goto out_free;
-	}
+	if (r < 0)
+		goto out_free; /* each problem logged by the parser, naming file:line or the device */
 	if (fs->cfg.allow_faults && !a.allow_faults) {
 		fprintf(stderr, "thinfs: mount: %s enables fault injection ([fault] allow = yes): "
 			"start the daemon with --allow-faults to accept it\n", a.cfg_path);

@@ -14,13 +14,10 @@
 
 #include <errno.h>
 #include <inttypes.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
-#include <spawn.h>
-#include <sys/wait.h>
 #include <unistd.h>
 
 #include "log.h"
@@ -1173,149 +1170,7 @@ out_unlock:
 	return r;
 }
 
-/* ---- events and housekeeping ---- */
-
-extern char **environ;
-
-int tfs_fs_event(struct tfs_fs *fs, const char *kind, const char *fmt, ...)
-{
-	char detail[512];
-	int64_t id = 0;
-	va_list ap;
-	int r;
-
-	va_start(ap, fmt);
-	vsnprintf(detail, sizeof(detail), fmt, ap);
-	va_end(ap);
-	/* A long detail is cut: not inside a name's multi-byte character. */
-	detail[tfs_utf8_whole_prefix(detail, strlen(detail))] = '\0';
-	tfs_info("%s: %s", kind, detail);
-	if (!fs->cat || fs->read_only)
-		return 0; /* a read-only catalog keeps no log */
-	r = tfs_catalog_add_event(fs->cat, kind, detail, &id);
-	if (r < 0)
-		return r;
-	pthread_mutex_lock(&fs->event_lock);
-	if (id > fs->last_event_id)
-		fs->last_event_id = id;
-	pthread_cond_broadcast(&fs->event_cond);
-	pthread_mutex_unlock(&fs->event_lock);
-	return 0;
-}
-
-static unsigned percent(uint64_t used, uint64_t total)
-{
-	return total ? (unsigned)(used * 100 / total) : 0;
-}
-
-struct hook {
-	pid_t pid;
-};
-
-static void *reap_hook(void *arg)
-{
-	struct hook *h = arg;
-	int status;
-
-	while (waitpid(h->pid, &status, 0) < 0 && errno == EINTR)
-		;
-	if (WIFEXITED(status) && WEXITSTATUS(status))
-		tfs_warn("on_event program exited %d", WEXITSTATUS(status));
-	free(h);
-	return NULL;
-}
-
-/*
- * Run pool.cfg's on_event program for a pool event, without waiting for
- * it: a detached thread reaps it.  The environment tells it what happened.
- */
-static void run_hook(struct tfs_fs *fs, const char *event, const struct tfs_pool_status *st,
-		     const char *old_mode)
-{
-	enum { NR_VARS = 7 };
-	char vars[NR_VARS][TFS_PATH_MAX + 32];
-	struct tfs_pool_config *cfg;
-	char **envp, *argv[2];
-	size_t n = 0, nr_env = 0;
-	pthread_attr_t attr;
-	pthread_t t;
-	struct hook *h;
-	pid_t pid;
-	int r;
-
-	cfg = malloc(sizeof(*cfg));
-	if (!cfg)
-		return;
-	/* The configuration in force: a resume may have taken a reload with another hook. */
-	tfs_pool_get_config(fs->pool, cfg);
-	if (!cfg->on_event[0])
-		goto out;
-	snprintf(vars[0], sizeof(vars[0]), "THINFS_EVENT=%s", event);
-	snprintf(vars[1], sizeof(vars[1]), "THINFS_POOL=%s", cfg->path);
-	snprintf(vars[2], sizeof(vars[2]), "THINFS_MOUNT=%s", fs->mountpoint);
-	snprintf(vars[3], sizeof(vars[3]), "THINFS_DATA_PERCENT=%u",
-		 percent(st->data_used, st->data_total));
-	snprintf(vars[4], sizeof(vars[4]), "THINFS_METADATA_PERCENT=%u",
-		 percent(st->meta_used, st->meta_total));
-	snprintf(vars[5], sizeof(vars[5]), "THINFS_OLD_MODE=%s", old_mode);
-	snprintf(vars[6], sizeof(vars[6]), "THINFS_NEW_MODE=%s", st->mode ? st->mode : "");
-	/*
-	 * The daemon's own environment goes along (PATH, and settings such as
-	 * contrib/thinfs-autoextend's), minus any stale copies of ours.
-	 */
-	while (environ[nr_env])
-		nr_env++;
-	envp = calloc(nr_env + NR_VARS + 1, sizeof(*envp));
-	if (!envp) {
-		tfs_warn("on_event %s: out of memory", cfg->on_event);
-		goto out;
-	}
-	for (size_t i = 0; i < nr_env; i++) {
-		bool ours = false;
-
-		for (int v = 0; v < NR_VARS && !ours; v++)
-			ours = !strncmp(environ[i], vars[v], (size_t)(strchr(vars[v], '=') - vars[v] + 1));
-		if (!ours)
-			envp[n++] = environ[i];
-	}
-	for (int v = 0; v < NR_VARS; v++)
-		envp[n++] = vars[v];
-	argv[0] = cfg->on_event;
-	argv[1] = NULL;
-	r = posix_spawn(&pid, cfg->on_event, NULL, NULL, argv, envp);
-	free(envp);
-	if (r != 0) {
-		tfs_warn("on_event %s: %s", cfg->on_event, strerror(r));
-		goto out;
-	}
-	h = malloc(sizeof(*h));
-	if (!h)
-		goto out; /* a zombie until we exit: better than blocking here */
-	h->pid = pid;
-	pthread_attr_init(&attr);
-	pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
-	if (pthread_create(&t, &attr, reap_hook, h) != 0)
-		free(h);
-	pthread_attr_destroy(&attr);
-out:
-	free(cfg);
-}
-
-/*
- * The engine counts crossings of a low-water mark (with hysteresis) where
- * space changes; each new one becomes an event and an on_event run here.
- */
-static void low_water_report(struct tfs_fs *fs, const struct tfs_pool_status *st,
-			     const char *kind, const char *what,
-			     const struct tfs_pool_low_water *lw, uint64_t total, uint64_t mark,
-			     uint64_t *seen)
-{
-	for (; *seen < lw->crossings; ++*seen) {
-		tfs_fs_event(fs, kind, "%" PRIu64 " of %" PRIu64 " %s blocks free (low water mark %"
-			     PRIu64 ")", lw->free_then, total, what, mark);
-		run_hook(fs, kind, st, fs->last_mode);
-	}
-}
+/* ---- housekeeping ---- */
 
 void tfs_fs_after_resume(struct tfs_fs *fs)
 {
@@ -1340,28 +1195,5 @@ out:
 
 void tfs_fs_tick(struct tfs_fs *fs)
 {
-	struct tfs_pool_transition tr[TFS_POOL_TRANSITIONS];
-	struct tfs_pool_status st;
-	unsigned n;
-
 	tfs_fs_persist_all(fs);
-
-	tfs_pool_status(fs->pool, &st);
-	n = tfs_pool_transitions(fs->pool, fs->last_transition, tr, TFS_POOL_TRANSITIONS);
-	for (unsigned i = 0; i < n; i++) {
-		struct tfs_pool_status at = st;
-
-		/* The hook sees each transition's own old and new mode. */
-		at.mode = tr[i].new_mode;
-		tfs_fs_event(fs, "mode_change", "%s -> %s%s%s", tr[i].old_mode, tr[i].new_mode,
-			     tr[i].reason[0] ? ": " : "", tr[i].reason);
-		run_hook(fs, "mode_change", &at, tr[i].old_mode);
-		fs->last_transition = tr[i].seq;
-	}
-	if (st.mode)
-		snprintf(fs->last_mode, sizeof(fs->last_mode), "%s", st.mode);
-	low_water_report(fs, &st, "low_water_data", "data", &st.low_water_data, st.data_total,
-			 st.low_water_blocks, &fs->low_water_data_seen);
-	low_water_report(fs, &st, "low_water_metadata", "metadata", &st.low_water_meta,
-			 st.meta_total, st.meta_low_water_blocks, &fs->low_water_meta_seen);
 }
