@@ -1468,10 +1468,8 @@ int tfs_cmd_check(int argc, char **argv)
 	if (tfs_pool_cfg_metadata_path(argv[optind], path, sizeof(path)) < 0)
 		return 2;
 	r = tfs_bdev_open(path, !o.clear_needs_check && !repair, &bdev);
-	if (r < 0) {
-		fprintf(stderr, "thinfs check: cannot open %s: %s\n", path, strerror(-r));
-		return 2;
-	}
+	if (r < 0)
+		return 2; /* logged by tfs_bdev_open */
 	if (repair) {
 		/* Then check the result like any other metadata, so the report ends with its verdict. */
 		r = tfs_repair_metadata(bdev, 0, o.quiet ? stderr : stdout);

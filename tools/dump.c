@@ -405,10 +405,8 @@ int tfs_cmd_dump(int argc, char **argv)
 		return 2;
 
 	r = tfs_bdev_open(meta_path, true, &bdev);
-	if (r < 0) {
-		fprintf(stderr, "thinfs dump: cannot open %s: %s\n", meta_path, strerror(-r));
-		return 1;
-	}
+	if (r < 0)
+		return 1; /* logged by tfs_bdev_open */
 	if (out_path) {
 		out = fopen(out_path, "w");
 		if (!out) {

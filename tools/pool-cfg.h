@@ -1,11 +1,13 @@
 /* SPDX-License-Identifier: GPL-2.0-or-later */
 /*
- * pool-cfg.h - the little of pool.cfg the offline tools need: where the
+ * pool-cfg.h - what the offline tools need of a pool.cfg: where the
  * metadata device is.
  *
  * Owns: turning a tool argument that may be a pool.cfg into a metadata path.
- * Never: opens devices, or understands any other key (the daemon's own
- * configuration code owns pool.cfg as a whole).
+ * Never: opens devices.  The file is parsed and checked by the daemon's own
+ * configuration code (src/engine/config.c), so a tool reports exactly the
+ * problems `thinfs mount` would, and uses nothing from a file that has one;
+ * only the metadata is read by the tools' own reader.
  */
 #ifndef TFS_TOOLS_POOL_CFG_H
 #define TFS_TOOLS_POOL_CFG_H
@@ -13,11 +15,11 @@
 #include <stddef.h>
 
 /*
- * If arg ends in ".cfg", parse it (INI, libinih) and copy [pool] metadata
- * into out; a relative metadata path is taken relative to the directory of
- * the .cfg file; UUID= and LABEL= names are resolved with libblkid, as the
- * daemon resolves them.  Otherwise copy arg itself.  On failure
- * prints the reason to stderr, prefixed "thinfs: ", and returns -errno.
+ * If arg ends in ".cfg", load it as the daemon does (tfs_config_load: every
+ * key and value checked, devices resolved, relative paths taken from the
+ * .cfg's directory) and copy its [pool] metadata path into out.  Otherwise
+ * copy arg itself.  On failure every problem has been logged ("file:line:
+ * ..." for the configuration) and -errno is returned.
  */
 int tfs_pool_cfg_metadata_path(const char *arg, char *out, size_t out_len);
 

@@ -39,7 +39,9 @@ static void usage(FILE *f)
 	      "  resume [NAME...]             re-issue held I/O (no NAME: pool and volumes)\n"
 	      "  reload POOL.CFG              stage a changed pool.cfg for the pool's resume\n"
 	      "  fault metadata|data read|write|flush error|enospc|stall|ok [after N] [once]\n"
-	      "  fault power-cut [tear]       fault injection (pool.cfg [fault] allow = yes\n"
+	      "  fault power-cut [tear]\n"
+	      "  fault crash-at POINT [power-cut [tear]]\n"
+	      "                               fault injection (pool.cfg [fault] allow = yes\n"
 	      "                               and thinfs mount --allow-faults only)\n", f);
 }
 
@@ -74,6 +76,41 @@ static int send_all(int fd, const char *s, size_t len)
 	return 0;
 }
 
+/* One stderr line, whatever the daemon echoed back (a name may hold a newline). */
+static void fail_clean(const char *text)
+{
+	char clean[1024];
+	size_t i;
+
+	for (i = 0; text[i] && i < sizeof(clean) - 1; i++)
+		clean[i] = (unsigned char)text[i] < 0x20 || text[i] == 0x7f ? '?' : text[i];
+	clean[i] = '\0';
+	fail("%s", clean);
+}
+
+/*
+ * The daemon's error, then its details if it sent any (a reload's
+ * configuration problems), each as a "thinfs-ctl: " line of its own.
+ */
+static void print_error(struct json_object *resp)
+{
+	struct json_object *v;
+
+	if (json_object_object_get_ex(resp, "error", &v) && json_object_is_type(v, json_type_string))
+		fail_clean(json_object_get_string(v));
+	else
+		fail("the daemon refused the command");
+	if (!json_object_object_get_ex(resp, "details", &v) ||
+	    !json_object_is_type(v, json_type_array))
+		return;
+	for (size_t i = 0; i < json_object_array_length(v); i++) {
+		struct json_object *d = json_object_array_get_idx(v, i);
+
+		if (json_object_is_type(d, json_type_string))
+			fail_clean(json_object_get_string(d));
+	}
+}
+
 /* Print one response; returns 1 when it was the last, 0 to read on, -1 failed. */
 static int handle_response(const char *line, bool json_wanted)
 {
@@ -88,18 +125,7 @@ static int handle_response(const char *line, bool json_wanted)
 		return -1;
 	}
 	if (!json_object_get_boolean(ok)) {
-		const char *err = "the daemon refused the command";
-
-		char clean[1024];
-		size_t i;
-
-		if (json_object_object_get_ex(resp, "error", &v))
-			err = json_object_get_string(v);
-		/* One line whatever the daemon echoed back (a name may hold a newline). */
-		for (i = 0; err[i] && i < sizeof(clean) - 1; i++)
-			clean[i] = (unsigned char)err[i] < 0x20 || err[i] == 0x7f ? '?' : err[i];
-		clean[i] = '\0';
-		fail("%s", clean);
+		print_error(resp);
 		json_object_put(resp);
 		return -1;
 	}
@@ -138,6 +164,9 @@ int main(int argc, char **argv)
 		usage(stderr);
 		return 2;
 	}
+	if (argc - 3 > TFS_CTL_MAX_ARGS)
+		return fail("too many arguments: %d (the daemon takes at most %d)", argc - 3,
+			    TFS_CTL_MAX_ARGS);
 	r = tfs_ctl_socket_path(argv[1], path, sizeof(path));
 	if (r < 0)
 		return fail("%s: %s", argv[1], strerror(-r));
@@ -160,22 +189,39 @@ int main(int argc, char **argv)
 	args = json_object_new_array();
 	json_object_object_add(req, "cmd", json_object_new_string(argv[2]));
 	for (int i = 3; i < argc; i++) {
-		char abs[PATH_MAX];
+		char abs[PATH_MAX], cwd[PATH_MAX];
 		const char *a = argv[i];
 
-		/* The daemon has another working directory: a pool.cfg is named absolutely. */
-		if (!strcmp(argv[2], "reload") && i == 3 && realpath(a, abs))
-			a = abs;
+		/*
+		 * The daemon has another working directory: a pool.cfg is named
+		 * absolutely, even one that is not there (so the daemon's answer
+		 * names the file the user meant).
+		 */
+		if (!strcmp(argv[2], "reload") && i == 3) {
+			if (realpath(a, abs))
+				a = abs;
+			else if (a[0] != '/' && getcwd(cwd, sizeof(cwd)) &&
+				 (size_t)snprintf(abs, sizeof(abs), "%s/%s", cwd, a) < sizeof(abs))
+				a = abs;
+		}
 		json_object_array_add(args, json_object_new_string(a));
 		json_wanted |= !strcmp(argv[i], "--json");
 	}
 	json_object_object_add(req, "args", args);
 	s = json_object_to_json_string_ext(req, JSON_C_TO_STRING_PLAIN);
+	if (strlen(s) + 1 > TFS_CTL_MAX_REQUEST) {
+		r = fail("the command is too large: %zu bytes as a request, the daemon takes at "
+			 "most %d", strlen(s) + 1, TFS_CTL_MAX_REQUEST);
+		json_object_put(req);
+		close(fd);
+		return r;
+	}
 	r = send_all(fd, s, strlen(s));
 	if (r == 0)
 		r = send_all(fd, "\n", 1);
 	json_object_put(req);
-	if (r < 0) {
+	/* The daemon may have answered before it closed: its reason beats EPIPE. */
+	if (r < 0 && r != -EPIPE) {
 		close(fd);
 		return fail("sending the command: %s", strerror(-r));
 	}

@@ -1109,8 +1109,10 @@ int tfs_config_load(const char *path, struct tfs_pool_config *out)
 	int r, ini;
 
 	p = calloc(1, sizeof(*p));
-	if (!p)
+	if (!p) {
+		tfs_err("%s: out of memory", path);
 		return -ENOMEM;
+	}
 	p->file = path;
 	set_defaults(&p->cfg);
 

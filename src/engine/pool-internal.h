@@ -91,6 +91,9 @@ struct tfs_pool {
 	/* [lock] the last TFS_POOL_TRANSITIONS mode changes; number seq is at seq % size */
 	struct tfs_pool_transition transitions[TFS_POOL_TRANSITIONS];
 	uint64_t nr_transitions;      /* [lock] mode changes since open */
+	void (*notify)(void *arg);    /* [lock] told of each transition and low-water crossing */
+	void *notify_arg;             /* [lock] */
+	bool shut_down;               /* tfs_pool_shutdown ran: close only frees */
 
 	uint64_t flush_ticket;        /* [lock] FLUSH requests, ever */
 	atomic_bool data_unflushed;   /* written in place since the last data flush */

@@ -107,7 +107,7 @@ static void set_mode(struct tfs_pool *pool, enum tfs_pool_mode mode, const char 
 		clock_gettime(CLOCK_MONOTONIC, &pool->oods_since);
 	/* Held writes retry in write mode and fail in read_only or fail mode. */
 	pthread_cond_broadcast(&pool->space_cv);
-	/* The daemon's housekeeping turns mode changes into events (src/fs). */
+	/* The daemon turns mode changes into events (src/fs), told by notify. */
 	pool->nr_transitions++;
 	pool->transitions[pool->nr_transitions % TFS_POOL_TRANSITIONS] =
 		(struct tfs_pool_transition){ .seq = pool->nr_transitions,
@@ -119,6 +119,8 @@ static void set_mode(struct tfs_pool *pool, enum tfs_pool_mode mode, const char 
 		: mode == TFS_POOL_OUT_OF_DATA_SPACE ? TFS_LOG_WARN : TFS_LOG_ERR,
 		"%s: pool mode %s -> %s: %s", pool->cfg.metadata, mode_names[old], mode_names[mode],
 		pool->reason);
+	if (pool->notify)
+		pool->notify(pool->notify_arg);
 }
 
 int tfs_pool_may_io(struct tfs_pool *pool)
@@ -211,6 +213,7 @@ static void low_water_step(struct tfs_pool_low_water *lw, uint64_t free, uint64_
  */
 void tfs_pool_check_low_water(struct tfs_pool *pool)
 {
+	uint64_t before = pool->lw_data.crossings + pool->lw_meta.crossings;
 	struct tfs_pmd_space sp;
 
 	if (pool->mode == TFS_POOL_FAIL)
@@ -219,6 +222,8 @@ void tfs_pool_check_low_water(struct tfs_pool *pool)
 	low_water_step(&pool->lw_data, sp.data_free, sp.data_total,
 		       low_water(&pool->cfg, sp.data_total));
 	low_water_step(&pool->lw_meta, sp.meta_free, sp.meta_total, meta_low_water(sp.meta_total));
+	if (pool->notify && pool->lw_data.crossings + pool->lw_meta.crossings != before)
+		pool->notify(pool->notify_arg);
 }
 
 void tfs_pool_rearm_low_water(struct tfs_pool *pool)
@@ -832,18 +837,37 @@ void tfs_pool_stop_holding(struct tfs_pool *pool)
 	pthread_mutex_unlock(&pool->lock);
 }
 
-int tfs_pool_close(struct tfs_pool *pool)
+void tfs_pool_set_event_notify(struct tfs_pool *pool, void (*fn)(void *arg), void *arg)
+{
+	pthread_mutex_lock(&pool->lock);
+	pool->notify = fn;
+	pool->notify_arg = arg;
+	pthread_mutex_unlock(&pool->lock);
+}
+
+int tfs_pool_shutdown(struct tfs_pool *pool)
 {
 	int r;
 
-	if (!pool)
+	if (pool->shut_down)
 		return 0;
+	pool->shut_down = true;
 	tfs_pool_stop_holding(pool);
 	stop_commit_thread(pool);
 	/* FLUSH semantics: overwrites in place reach stable storage too. */
 	r = run_commit(pool, true, NULL);
 	if (r == -EIO && pool->mode != TFS_POOL_WRITE)
 		r = 0; /* read_only or fail: nothing to commit, already reported */
+	return r;
+}
+
+int tfs_pool_close(struct tfs_pool *pool)
+{
+	int r;
+
+	if (!pool)
+		return 0;
+	r = tfs_pool_shutdown(pool);
 	while (pool->thins) {
 		tfs_err("thin device %u still open at pool close", pool->thins->id);
 		pool->thins->refs = 1;
@@ -1033,8 +1057,12 @@ static int unique_sorted(const uint32_t *ids, unsigned nr, uint32_t **out, unsig
 	return 0;
 }
 
-/* With the origins quiesced and the lock held: all snapshots in the running transaction. */
-static int make_snaps(struct tfs_pool *pool, const uint32_t *origins, unsigned nr, uint32_t *ids)
+/*
+ * With the origins quiesced and the lock held: all snapshots in the running
+ * transaction, as ids (chosen by the caller when given, else the lowest free).
+ */
+static int make_snaps(struct tfs_pool *pool, const uint32_t *origins, unsigned nr,
+		      const uint32_t *given, uint32_t *ids)
 {
 	struct tfs_thin_details d;
 	int r;
@@ -1049,9 +1077,21 @@ static int make_snaps(struct tfs_pool *pool, const uint32_t *origins, unsigned n
 		if (r)
 			return r;
 	}
-	r = free_ids(pool, nr, ids);
-	if (r)
-		return r;
+	if (given) {
+		for (unsigned i = 0; i < nr; i++) {
+			r = tfs_pmd_device_details(pool->pmd, given[i], &d);
+			if (r != -ENODATA) {
+				if (!r)
+					tfs_err("snapshot: thin device %u exists already", given[i]);
+				return r ? r : -EEXIST;
+			}
+		}
+		memcpy(ids, given, nr * sizeof(*ids));
+	} else {
+		r = free_ids(pool, nr, ids);
+		if (r)
+			return r;
+	}
 	for (unsigned i = 0; i < nr; i++) {
 		r = tfs_pmd_create_snap(pool->pmd, ids[i], origins[i]);
 		if (r)
@@ -1067,7 +1107,7 @@ static int make_snaps(struct tfs_pool *pool, const uint32_t *origins, unsigned n
  * overwrite in place must not land after it) and new ones wait.
  */
 static int create_snaps(struct tfs_pool *pool, const uint32_t *origins, unsigned nr,
-			uint32_t *ids_out)
+			const uint32_t *given, uint32_t *ids_out)
 {
 	uint32_t *locked, *ids;
 	unsigned nr_locked, held = 0;
@@ -1089,7 +1129,7 @@ static int create_snaps(struct tfs_pool *pool, const uint32_t *origins, unsigned
 		goto out_unlock;
 	}
 	pthread_mutex_lock(&pool->lock);
-	r = make_snaps(pool, origins, nr, ids);
+	r = make_snaps(pool, origins, nr, given, ids);
 	gen = pool->abort_gen;
 	pthread_mutex_unlock(&pool->lock);
 out_unlock:
@@ -1175,6 +1215,35 @@ static int delete_device(struct tfs_pool *pool, uint32_t id)
 	return r ? r : commit_change(pool, gen);
 }
 
+/* Those of ids that exist, in one transaction; the rest are skipped quietly. */
+static int delete_devices(struct tfs_pool *pool, const uint32_t *ids, unsigned nr)
+{
+	struct tfs_thin_details d;
+	uint64_t gen;
+	int r = 0;
+
+	pthread_mutex_lock(&pool->lock);
+	/* Refuse before deleting any: a later refusal would leave the first ones deleted. */
+	for (unsigned i = 0; !r && i < nr; i++)
+		if (is_open(pool, ids[i])) {
+			tfs_err("thin device %u is open and cannot be deleted", ids[i]);
+			r = -EBUSY;
+		}
+	for (unsigned i = 0; !r && i < nr; i++) {
+		r = tfs_pmd_device_details(pool->pmd, ids[i], &d);
+		if (r == -ENODATA) {
+			r = 0;
+			continue;
+		}
+		if (!r)
+			r = delete_locked(pool, ids[i]);
+	}
+	gen = pool->abort_gen;
+	pthread_mutex_unlock(&pool->lock);
+	/* A metadata failure midway aborts the transaction: nothing is half done. */
+	return r ? r : commit_change(pool, gen);
+}
+
 int tfs_pool_list(struct tfs_pool *pool, uint32_t *ids, unsigned max)
 {
 	int r;
@@ -1217,7 +1286,44 @@ int tfs_pool_create_snaps(struct tfs_pool *pool, const uint32_t *origins, unsign
 	struct tfs_core_io io;
 	int r = admin_begin(pool, &io, "creating snapshots");
 
-	return r ? r : admin_end(pool, &io, create_snaps(pool, origins, nr, ids_out));
+	return r ? r : admin_end(pool, &io, create_snaps(pool, origins, nr, NULL, ids_out));
+}
+
+int tfs_pool_create_snaps_as(struct tfs_pool *pool, const uint32_t *origins, unsigned nr,
+			     const uint32_t *ids)
+{
+	struct tfs_core_io io;
+	uint32_t *made;
+	int r;
+
+	made = malloc((nr ? nr : 1) * sizeof(*made));
+	if (!made)
+		return -ENOMEM;
+	r = admin_begin(pool, &io, "creating snapshots");
+	if (!r)
+		r = admin_end(pool, &io, create_snaps(pool, origins, nr, ids, made));
+	free(made);
+	return r;
+}
+
+int tfs_pool_free_ids(struct tfs_pool *pool, unsigned n, uint32_t *ids_out)
+{
+	int r;
+
+	pthread_mutex_lock(&pool->lock);
+	r = tfs_pool_may_io(pool);
+	if (!r)
+		r = free_ids(pool, n, ids_out);
+	pthread_mutex_unlock(&pool->lock);
+	return r;
+}
+
+int tfs_pool_delete_devices(struct tfs_pool *pool, const uint32_t *ids, unsigned nr)
+{
+	struct tfs_core_io io;
+	int r = admin_begin(pool, &io, "deleting thin devices");
+
+	return r ? r : admin_end(pool, &io, delete_devices(pool, ids, nr));
 }
 
 int tfs_pool_delete(struct tfs_pool *pool, uint32_t id)
@@ -1373,6 +1479,20 @@ int tfs_pool_grow(struct tfs_pool *pool, bool data, uint64_t bytes, char *why, s
 	if (want < now) {
 		r = shrink_data(pool, now, want, why, why_len);
 		goto out;
+	}
+	if (!data && want > TFS_MAX_METADATA_BLOCKS) {
+		/* As mkpool with an oversized device: only what the format can use, and say so. */
+		if (now == TFS_MAX_METADATA_BLOCKS) {
+			r = refuse(why, why_len, -EINVAL,
+				   "cannot grow the metadata device to %llu blocks: the format uses at "
+				   "most %u metadata blocks (about 15.9 GiB), and it has that many "
+				   "already", (unsigned long long)want, TFS_MAX_METADATA_BLOCKS);
+			goto out;
+		}
+		snprintf(why, why_len, "grown to %u blocks, not %llu: the format uses at most %u "
+			 "metadata blocks (about 15.9 GiB)", TFS_MAX_METADATA_BLOCKS,
+			 (unsigned long long)want, TFS_MAX_METADATA_BLOCKS);
+		want = TFS_MAX_METADATA_BLOCKS;
 	}
 	if (want == now)
 		goto out;
@@ -1576,6 +1696,47 @@ static int usage_chunk(struct tfs_pool *pool, struct tfs_thin_ref *ref, uint64_t
 		u->exclusive_blocks += excl[i];
 	*next = maps[n - 1].vblock + 1;
 	return n;
+}
+
+int tfs_pool_dev_end(struct tfs_pool *pool, uint32_t id, uint64_t *blocks)
+{
+	struct tfs_thin_mapping m;
+	struct tfs_thin_ref *ref;
+	uint64_t lo, hi = UINT64_MAX;
+	int n, r;
+
+	*blocks = 0;
+	pthread_mutex_lock(&pool->lock);
+	r = tfs_pool_may_io(pool);
+	if (!r)
+		r = tfs_pool_get_thin(pool, id, &ref); /* shared with open volumes */
+	if (r)
+		goto out_unlock;
+	n = tfs_thin_lookup_range(ref->td, 0, hi, 1, &m);
+	lo = n > 0 ? m.vblock : 0;
+	/*
+	 * Bisect on "is anything mapped in [mid, hi)": lo is always mapped,
+	 * nothing is mapped at or past hi.  About 64 lookups, whatever the size.
+	 */
+	while (n > 0 && hi - lo > 1) {
+		uint64_t mid = lo + (hi - lo) / 2;
+		int k = tfs_thin_lookup_range(ref->td, mid, hi, 1, &m);
+
+		if (k < 0)
+			n = k;
+		else if (k > 0)
+			lo = m.vblock;
+		else
+			hi = mid;
+	}
+	if (n < 0)
+		r = n;
+	else if (n > 0)
+		*blocks = lo + 1;
+	tfs_pool_put_thin(pool, ref);
+out_unlock:
+	pthread_mutex_unlock(&pool->lock);
+	return r;
 }
 
 int tfs_pool_dev_usage(struct tfs_pool *pool, uint32_t id, struct tfs_dev_usage *out)

@@ -50,7 +50,16 @@ struct tfs_vol;
 int tfs_pool_format(const struct tfs_pool_config *cfg);
 
 int tfs_pool_open(const struct tfs_pool_config *cfg, bool read_only, struct tfs_pool **out);
-/* Stops the commit thread, commits (unless read-only), closes. Volumes must be closed. */
+/*
+ * Added: the last I/O of a pool going away.  Stops holding writes
+ * (tfs_pool_stop_holding), stops the commit thread and commits with a
+ * data flush (unless read-only).  Afterwards the pool can still be read
+ * (status, transitions, configuration) until tfs_pool_close, but changes
+ * nothing.  Volumes must be closed.  Returns the commit's error (logged);
+ * a second call does nothing and returns 0.
+ */
+int tfs_pool_shutdown(struct tfs_pool *pool);
+/* tfs_pool_shutdown unless done already, then frees everything. */
 int tfs_pool_close(struct tfs_pool *pool);
 
 uint64_t tfs_pool_block_size(struct tfs_pool *pool); /* bytes */
@@ -72,8 +81,22 @@ int tfs_pool_create_thin(struct tfs_pool *pool, uint32_t *id_out);
 /* Snapshots of nr origins in ONE metadata transaction (atomic across volumes), committed. */
 int tfs_pool_create_snaps(struct tfs_pool *pool, const uint32_t *origins, unsigned nr,
 			  uint32_t *ids_out);
+/*
+ * As create_snaps, with ids chosen beforehand (tfs_pool_free_ids), so the
+ * caller can record them before they exist: -EEXIST (logged) if one is
+ * taken, and then nothing is created.
+ */
+int tfs_pool_create_snaps_as(struct tfs_pool *pool, const uint32_t *origins, unsigned nr,
+			     const uint32_t *ids);
+/* The n lowest ids no device uses, ascending (nothing is reserved: the caller serialises). */
+int tfs_pool_free_ids(struct tfs_pool *pool, unsigned n, uint32_t *ids_out);
 /* Deletes and commits; -EBUSY while a tfs_vol is open on it. */
 int tfs_pool_delete(struct tfs_pool *pool, uint32_t id);
+/*
+ * Deletes those of ids that exist in ONE metadata transaction, committed;
+ * ids without a device are skipped.  -EBUSY (nothing deleted) if one is open.
+ */
+int tfs_pool_delete_devices(struct tfs_pool *pool, const uint32_t *ids, unsigned nr);
 /* Device ids in ascending order; returns the total (may exceed max). */
 int tfs_pool_list(struct tfs_pool *pool, uint32_t *ids, unsigned max);
 
@@ -127,18 +150,23 @@ void tfs_pool_status(struct tfs_pool *pool, struct tfs_pool_status *out);
  * Shrinking the data device: down to the highest block in use + 1; the
  * space map shrinks, the change is committed, then a file-backed device is
  * truncated (a block device is left as it is).
+ * Metadata past the format's limit (TFS_MAX_METADATA_BLOCKS, about 15.9
+ * GiB): grown only to the limit (a file is extended only that far), and
+ * why says so on success ("grown to 4161600 blocks, not N: ..."); why is
+ * "" after any other success.
  * Refused, with the reason in why and logged: -EINVAL shrinking the data
  * device below a block in use ("block M is in use ... the smallest
  * possible size is M+1 blocks") or to 0 blocks, shrinking the metadata
- * device (not supported); -EROFS opened read-only or needs_check; -EIO
- * read_only or fail mode; device errors from growing it.
+ * device (not supported), growing metadata already at the format's
+ * limit; -EROFS opened read-only or needs_check; -EIO read_only or fail
+ * mode; device errors from growing it.
  */
 int tfs_pool_resize(struct tfs_pool *pool, bool data, uint64_t bytes, char *why, size_t why_len);
 
 /*
- * Mode changes are kept in a small ring so that the daemon's 1-second
- * housekeeping reports each one, even a pool that ran out of space and
- * was resized within the second.
+ * Mode changes are kept in a small ring, read by the daemon's event
+ * thread when the notify callback below wakes it; a burst of changes
+ * (out of space, resized, out again) is still reported one by one.
  */
 #define TFS_POOL_TRANSITIONS 16
 struct tfs_pool_transition {
@@ -152,6 +180,16 @@ struct tfs_pool_transition {
  */
 unsigned tfs_pool_transitions(struct tfs_pool *pool, uint64_t after,
 			      struct tfs_pool_transition *out, unsigned max);
+/*
+ * Added: fn(arg) is called each time a mode change is recorded (above)
+ * or a low-water crossing counted (tfs_pool_status's low_water_data and
+ * low_water_meta), so that the caller reports it at once, not on a
+ * timer.  It runs in whichever thread made the change, with the pool's
+ * internal lock held: it may only note the fact and wake a waiter (a
+ * leaf mutex and a condition variable), never call into the pool.  NULL
+ * stops the calls; none are made after this returns with NULL.
+ */
+void tfs_pool_set_event_notify(struct tfs_pool *pool, void (*fn)(void *arg), void *arg);
 
 /* ---- suspend, resume, reload (the core: core.h) ---- */
 struct tfs_suspend_opts {
@@ -226,6 +264,13 @@ struct tfs_dev_usage {
  * with the held metadata snapshot counts as not exclusive.
  */
 int tfs_pool_dev_usage(struct tfs_pool *pool, uint32_t id, struct tfs_dev_usage *out);
+/*
+ * One past the device's highest mapped virtual block (0 when nothing is
+ * mapped): the size a device without a catalog row is shown with.
+ * O(log(max blocks) x depth) lookups under the pool's lock; works on a
+ * read-only pool.  -ENODATA no such device.
+ */
+int tfs_pool_dev_end(struct tfs_pool *pool, uint32_t id, uint64_t *blocks);
 
 /* ---- volume I/O (offsets and lengths in bytes, any alignment) ---- */
 /*

@@ -141,9 +141,10 @@ static void take_settings(struct tfs_pool *pool, const struct tfs_pool_config *c
 
 /*
  * Blocks the device holds now (*have; metadata capped at what the format
- * can use) and blocks the pool uses of it (*now).
+ * can use, and then *capped is set) and blocks the pool uses of it (*now).
  */
-static int device_blocks(struct tfs_pool *pool, bool data, uint64_t *have, uint64_t *now)
+static int device_blocks(struct tfs_pool *pool, bool data, uint64_t *have, uint64_t *now,
+			 bool *capped)
 {
 	uint64_t unit = data ? pool->block_size : TFS_BLOCK_SIZE;
 	struct tfs_pmd_space sp;
@@ -154,7 +155,8 @@ static int device_blocks(struct tfs_pool *pool, bool data, uint64_t *have, uint6
 	if (r)
 		return r;
 	*have = bytes / unit;
-	if (!data && *have > TFS_MAX_METADATA_BLOCKS)
+	*capped = !data && *have > TFS_MAX_METADATA_BLOCKS;
+	if (*capped)
 		*have = TFS_MAX_METADATA_BLOCKS; /* the rest is never used */
 	pthread_mutex_lock(&pool->lock);
 	tfs_pmd_space(pool->pmd, &sp);
@@ -168,9 +170,10 @@ static void grow_to_device(struct tfs_pool *pool, bool data, char *msg, size_t l
 {
 	uint64_t unit = data ? pool->block_size : TFS_BLOCK_SIZE;
 	uint64_t have, now;
+	bool capped;
 	char why[256];
 
-	if (device_blocks(pool, data, &have, &now) || have <= now)
+	if (device_blocks(pool, data, &have, &now, &capped) || have <= now)
 		return;
 	/* Success is already in msg, from the reload; tfs_pool_grow logs it. */
 	if (tfs_pool_grow(pool, data, have * unit, why, sizeof(why)))
@@ -224,9 +227,10 @@ static int check_size(struct tfs_pool *pool, bool data, char *msg, size_t len, c
 	struct tfs_bdev *dev = data ? pool->data : pool->meta;
 	const char *what = data ? "data" : "metadata";
 	uint64_t have, now;
+	bool capped;
 	int r;
 
-	r = device_blocks(pool, data, &have, &now);
+	r = device_blocks(pool, data, &have, &now, &capped);
 	if (r) {
 		snprintf(msg, len, "cannot size the %s device %s: %s", what, tfs_bdev_name(dev),
 			 strerror(-r));
@@ -239,8 +243,10 @@ static int check_size(struct tfs_pool *pool, bool data, char *msg, size_t len, c
 		return -EINVAL;
 	}
 	if (have > now)
-		append(changes, changes_len, "%s device: %llu -> %llu blocks", what,
-		       (unsigned long long)now, (unsigned long long)have);
+		append(changes, changes_len, "%s device: %llu -> %llu blocks%s", what,
+		       (unsigned long long)now, (unsigned long long)have, capped ?
+		       " (the format uses at most that many metadata blocks, about 15.9 GiB: "
+		       "the rest of the device stays unused)" : "");
 	return 0;
 }
 

@@ -50,6 +50,12 @@ int tfs_ctl_parse_request(const char *line, struct tfs_ctl_request *req, char *w
 		if (!json_object_is_type(jargs, json_type_array))
 			goto out_fail;
 		nargs = json_object_array_length(jargs);
+		if (nargs > TFS_CTL_MAX_ARGS) {
+			snprintf(why, why_len, "too many arguments: %zu (at most %d)", nargs,
+				 TFS_CTL_MAX_ARGS);
+			msg = NULL;
+			goto out_fail;
+		}
 	}
 	req->argv = calloc(nargs + 2, sizeof(*req->argv));
 	if (!req->argv) {
@@ -69,7 +75,8 @@ int tfs_ctl_parse_request(const char *line, struct tfs_ctl_request *req, char *w
 	return 0;
 
 out_fail:
-	snprintf(why, why_len, "%s", msg);
+	if (msg)
+		snprintf(why, why_len, "%s", msg);
 	tfs_ctl_request_free(req);
 	return r;
 }

@@ -18,7 +18,12 @@
  *   {"ok": true, "output": "text for the terminal", "json": {...}, "done": true}
  *   {"ok": false, "error": "one clear line", "done": true}
  * thinfs-ctl prints "output" (or "json" with --json) and exits 0, or prints
- * "thinfs-ctl: <error>" to stderr and exits 1.
+ * "thinfs-ctl: <error>" to stderr and exits 1.  An error may come with
+ *   "details": ["one line", ...]    (a reload's configuration problems)
+ * each printed as a "thinfs-ctl: " line of its own after the error.
+ * A request longer than TFS_CTL_MAX_REQUEST or with more than
+ * TFS_CTL_MAX_ARGS args is refused naming the limit (by thinfs-ctl before
+ * it sends, by the daemon for any other client).
  */
 #ifndef TFS_FS_CTL_PROTOCOL_H
 #define TFS_FS_CTL_PROTOCOL_H
@@ -26,6 +31,9 @@
 #include <stddef.h>
 
 #define TFS_CTL_DIR "/run/thinfs"
+/* Limits of one request: its line in bytes (newline included), and its args. */
+#define TFS_CTL_MAX_REQUEST 65536
+#define TFS_CTL_MAX_ARGS 4096
 
 struct json_object;
 

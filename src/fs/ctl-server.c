@@ -25,9 +25,10 @@
 #include "fs.h"
 #include "fuse-ops.h"
 #include "log.h"
+#include "utf8.h"
 
-#define MAX_REQUEST 65536
 #define MAX_CLIENTS 64
+#define MAX_DROPPED (64u << 20) /* of an oversized request, before answering */
 #define CLIENT_TIMEOUT_S 10
 
 struct tfs_ctl_server {
@@ -77,6 +78,21 @@ static int send_line(int fd, struct json_object *o)
 	const char *s = json_object_to_json_string_ext(o, JSON_C_TO_STRING_PLAIN |
 						       JSON_C_TO_STRING_NOSLASHESCAPE);
 	size_t len = strlen(s), off = 0;
+	char *repaired = NULL;
+	int r = 0;
+
+	/*
+	 * json-c copies a string's bytes >= 0x80 as they are.  A name from an
+	 * older catalog, or a request's argument echoed in an error, may not be
+	 * UTF-8: what we send must parse in strict JSON parsers all the same.
+	 */
+	if (!tfs_utf8_valid(s, len)) {
+		repaired = tfs_utf8_repair(s, len);
+		if (!repaired)
+			return -ENOMEM;
+		s = repaired;
+		len = strlen(s);
+	}
 
 	while (off <= len) {
 		/* The newline is sent with the object: one write per line usually. */
@@ -88,16 +104,23 @@ static int send_line(int fd, struct json_object *o)
 		if (w < 0) {
 			if (errno == EINTR)
 				continue;
-			return -errno;
+			r = -errno;
+			break;
 		}
 		off += (size_t)w;
 	}
-	return 0;
+	free(repaired);
+	return r;
 }
 
-static int send_error(int fd, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+/*
+ * {"ok":false,"error":...}, and with details (a reload's configuration
+ * problems, one per line of details) a "details" array of those lines.
+ */
+static int send_error_details(int fd, const char *details, const char *fmt, ...)
+	__attribute__((format(printf, 3, 4)));
 
-static int send_error(int fd, const char *fmt, ...)
+static int send_error_details(int fd, const char *details, const char *fmt, ...)
 {
 	struct json_object *o = json_object_new_object();
 	char msg[1024];
@@ -109,11 +132,25 @@ static int send_error(int fd, const char *fmt, ...)
 	va_end(ap);
 	json_object_object_add(o, "ok", json_object_new_boolean(0));
 	json_object_object_add(o, "error", json_object_new_string(msg));
+	if (details) {
+		struct json_object *a = json_object_new_array();
+
+		while (*details) {
+			size_t n = strcspn(details, "\n");
+
+			if (n)
+				json_object_array_add(a, json_object_new_string_len(details, (int)n));
+			details += n + (details[n] == '\n');
+		}
+		json_object_object_add(o, "details", a);
+	}
 	json_object_object_add(o, "done", json_object_new_boolean(1));
 	r = send_line(fd, o);
 	json_object_put(o);
 	return r;
 }
+
+#define send_error(fd, ...) send_error_details(fd, NULL, __VA_ARGS__)
 
 /* Send {"ok":true,"output":text,"json":json,"done":done}; takes json's reference. */
 static int send_ok(int fd, const char *text, struct json_object *json, bool done)
@@ -553,17 +590,22 @@ static void cmd_resize(struct cmd_ctx *c)
 		}
 		bytes += before * unit;
 	}
+	tfs_fs_events_hold(c->fs);
 	r = tfs_pool_resize(c->fs->pool, data, bytes, why, sizeof(why));
 	if (r < 0) {
+		tfs_fs_events_release(c->fs);
 		send_error(c->fd, "resize %s: %s", c->argv[1], why[0] ? why : strerror(-r));
 		return;
 	}
 	tfs_pool_status(c->fs->pool, &st);
 	after = data ? st.data_total : st.meta_total;
+	/* Before what the resize caused (out_of_data_space -> write). */
 	if (after != before)
 		tfs_fs_event(c->fs, "resize", "%s %" PRIu64 " -> %" PRIu64 " blocks of %" PRIu64
 			     " bytes", c->argv[1], before, after, unit);
-	send_ok(c->fd, "", NULL, true);
+	tfs_fs_events_release(c->fs);
+	/* A note on success: metadata grown only to the format's limit. */
+	send_ok(c->fd, why, NULL, true);
 }
 
 static void cmd_metadata_snap(struct cmd_ctx *c, bool reserve)
@@ -809,8 +851,8 @@ static int volume_ids(struct cmd_ctx *c, uint32_t **ids, unsigned *nr, char *nam
 			goto fail;
 		}
 		if (tfs_fs_find_volume(c->fs, a, &row) < 0) {
-			send_error(c->fd, "%s: no volume named '%s' (nothing was %sed)", c->argv[0], a,
-				   c->argv[0]);
+			send_error(c->fd, "%s: no volume named '%s' (nothing was %s)", c->argv[0], a,
+				   strcmp(c->argv[0], "resume") ? "suspended" : "resumed");
 			goto fail;
 		}
 		(*ids)[(*nr)++] = row.dev_id;
@@ -890,15 +932,19 @@ static void cmd_resume(struct cmd_ctx *c)
 
 	if (volume_ids(c, &ids, &nr, names, sizeof(names)) < 0)
 		return;
+	tfs_fs_events_hold(c->fs);
 	n = tfs_pool_resume(c->fs->pool, ids, nr, msg, sizeof(msg));
 	free(ids);
 	if (n == 0) {
+		tfs_fs_events_release(c->fs);
 		send_ok(c->fd, "not suspended", NULL, true);
 		return;
 	}
 	if (!nr)
 		tfs_fs_after_resume(c->fs);
+	/* Before what the resume caused (a low-water crossing again, taking a reload). */
 	tfs_fs_event(c->fs, "resume", "%s%s%s", names, msg[0] ? ": " : "", msg);
+	tfs_fs_events_release(c->fs);
 	snprintf(text, sizeof(text), "resumed: %s%s%s", names, msg[0] ? "\n" : "", msg);
 	send_ok(c->fd, text, NULL, true);
 }
@@ -926,8 +972,8 @@ static void cmd_reload(struct cmd_ctx *c)
 	if (r < 0) {
 		/* The client's mistake, answered to the client: not an error of the pool. */
 		tfs_info("reload of %s refused: %s", c->argv[1], errors[0] ? errors : strerror(-r));
-		send_error(c->fd, "reload: %s is not loadable (the running configuration stays):\n%s",
-			   c->argv[1], errors[0] ? errors : strerror(-r));
+		send_error_details(c->fd, errors[0] ? errors : strerror(-r), "reload: %s is not "
+				   "loadable (the running configuration stays):", c->argv[1]);
 		goto out;
 	}
 	r = tfs_pool_reload(c->fs->pool, cfg, msg, sizeof(msg));
@@ -941,9 +987,41 @@ out:
 	free(cfg);
 }
 
+/* fault crash-at POINT [power-cut [tear]]: arm a crash point (fs.h). */
+static void fault_crash_at(struct cmd_ctx *c)
+{
+	enum tfs_crash_how how = TFS_CRASH_PROCESS;
+
+	if (c->argc == 4 && !strcmp(c->argv[3], "power-cut"))
+		how = TFS_CRASH_POWER;
+	else if (c->argc == 5 && !strcmp(c->argv[3], "power-cut") && !strcmp(c->argv[4], "tear"))
+		how = TFS_CRASH_POWER_TEAR;
+	else if (c->argc != 3) {
+		send_error(c->fd, "usage: fault crash-at POINT [power-cut [tear]]");
+		return;
+	}
+	if (tfs_fs_crash_arm(c->fs, c->argv[2], how) < 0) {
+		char names[512];
+		size_t used = 0;
+		const char *n;
+
+		names[0] = '\0';
+		for (unsigned i = 0; (n = tfs_fs_crash_point_name(i)) && used < sizeof(names); i++)
+			used += (size_t)snprintf(names + used, sizeof(names) - used, "%s%s",
+						 i ? ", " : "", n);
+		send_error(c->fd, "fault: no crash point '%s' (%s)", c->argv[2], names);
+		return;
+	}
+	tfs_fs_event(c->fs, "fault", "crash-at %s%s", c->argv[2],
+		     how == TFS_CRASH_PROCESS ? "" : how == TFS_CRASH_POWER ? " power-cut" :
+		     " power-cut tear");
+	send_ok(c->fd, "", NULL, true);
+}
+
 /*
  * fault metadata|data read|write|flush error|enospc|stall|ok [after N] [once]
  * fault power-cut [tear]
+ * fault crash-at POINT [power-cut [tear]]
  * Only for pools whose pool.cfg allows it and whose daemon was started
  * with --allow-faults (the mount refuses the first without the second).
  */
@@ -951,7 +1029,8 @@ static void cmd_fault(struct cmd_ctx *c)
 {
 	static const char *const ops[] = { "read", "write", "flush" };
 	const char *usage = "usage: fault metadata|data read|write|flush error|enospc|stall|ok "
-			    "[after N] [once] | fault power-cut [tear]";
+			    "[after N] [once] | fault power-cut [tear] | "
+			    "fault crash-at POINT [power-cut [tear]]";
 	enum tfs_fault_mode mode;
 	enum tfs_fault_op op = TFS_FAULT_NR_OPS;
 	struct tfs_bdev *dev;
@@ -980,6 +1059,10 @@ static void cmd_fault(struct cmd_ctx *c)
 		 */
 		tfs_warn("fault power-cut: exiting at once");
 		_exit(0);
+	}
+	if (c->argc >= 2 && !strcmp(c->argv[1], "crash-at")) {
+		fault_crash_at(c);
+		return;
 	}
 	if (c->argc < 4) {
 		send_error(c->fd, "%s", usage);
@@ -1066,7 +1149,13 @@ static void dispatch(struct cmd_ctx *c)
 
 /* ---- connections ---- */
 
-/* Read one request line; -errno or the length. */
+/*
+ * Read one request line; -errno, the length, or -E2BIG when no newline
+ * came within max - 1 bytes.  The rest of an oversized line is read and
+ * dropped first (up to MAX_DROPPED bytes, each read bounded by the
+ * socket's receive timeout), so that a client still writing it is not cut
+ * off with EPIPE before it can read why.
+ */
 static ssize_t read_line(int fd, char *buf, size_t max)
 {
 	size_t len = 0;
@@ -1081,11 +1170,24 @@ static ssize_t read_line(int fd, char *buf, size_t max)
 		if (n == 0)
 			break;
 		len += (size_t)n;
-		if (memchr(buf + len - (size_t)n, '\n', (size_t)n))
-			break;
+		if (memchr(buf + len - (size_t)n, '\n', (size_t)n)) {
+			buf[len] = '\0';
+			return (ssize_t)len;
+		}
 	}
 	buf[len] = '\0';
-	return (ssize_t)len;
+	if (len < max - 1)
+		return (ssize_t)len; /* the client closed without a newline */
+	for (size_t dropped = 0; dropped < MAX_DROPPED;) {
+		ssize_t n = recv(fd, buf, max - 1, 0);
+
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n <= 0 || memchr(buf, '\n', (size_t)n))
+			break;
+		dropped += (size_t)n;
+	}
+	return -E2BIG;
 }
 
 static void serve(struct tfs_fs *fs, int fd)
@@ -1096,10 +1198,13 @@ static void serve(struct tfs_fs *fs, int fd)
 	char *buf;
 	ssize_t n;
 
-	buf = malloc(MAX_REQUEST);
+	buf = malloc(TFS_CTL_MAX_REQUEST);
 	if (!buf)
 		return;
-	n = read_line(fd, buf, MAX_REQUEST);
+	n = read_line(fd, buf, TFS_CTL_MAX_REQUEST);
+	if (n == -E2BIG)
+		send_error(fd, "request too large: more than %d bytes (the limit of one request, "
+			   "newline included)", TFS_CTL_MAX_REQUEST);
 	if (n <= 0)
 		goto out;
 	if (tfs_ctl_parse_request(buf, &req, why, sizeof(why)) < 0) {

@@ -117,11 +117,8 @@ int tfs_cmd_mkpool(int argc, char **argv)
 		return 2;
 	}
 	r = tfs_config_load(argv[optind], &cfg);
-	if (r < 0) {
-		if (r != -EINVAL)
-			fprintf(stderr, "thinfs: mkpool: %s: %s\n", argv[optind], strerror(-r));
-		return 1;
-	}
+	if (r < 0)
+		return 1; /* each problem logged by the parser, naming file:line or the device */
 	lock_fd = lock_metadata(cfg.metadata);
 	if (lock_fd < 0)
 		return 1;
@@ -252,15 +249,16 @@ static void syslog_sink(void *ctx, enum tfs_log_level level, const char *msg)
 	       level == TFS_LOG_INFO ? LOG_INFO : LOG_DEBUG, "%s", msg);
 }
 
-/* Unlinked rows left by a crash: collected here, deleted after reconcile. */
-struct orphans {
+/* Device ids collected from the catalog: unlinked rows left by a crash, members of a group. */
+struct id_list {
+	struct tfs_fs *fs;
 	uint32_t *ids;
 	unsigned nr, cap;
 };
 
-static int collect_orphan(void *ctx, uint32_t dev_id)
+static int add_id(void *ctx, uint32_t dev_id)
 {
-	struct orphans *o = ctx;
+	struct id_list *o = ctx;
 
 	if (o->nr == o->cap) {
 		unsigned cap = o->cap ? o->cap * 2 : 16;
@@ -275,27 +273,134 @@ static int collect_orphan(void *ctx, uint32_t dev_id)
 	return 0;
 }
 
-/*
- * The metadata is the truth: rows without devices go, devices without
- * rows get thin-<id> rows, and volumes unlinked while open when the last
- * daemon died are deleted now.
- */
-static int reconcile(struct tfs_fs *fs)
+/* A device without a row is shown up to its highest mapped block, so its data can be read. */
+static uint64_t placeholder_size(void *ctx, uint32_t dev_id)
 {
-	struct orphans o = { 0 };
-	uint32_t *ids = NULL;
+	struct tfs_fs *fs = ((struct id_list *)ctx)->fs;
+	uint64_t blocks;
+
+	if (tfs_pool_dev_end(fs->pool, dev_id, &blocks) < 0)
+		return 0;
+	return blocks < fs->max_size / fs->block_size ? blocks * fs->block_size : fs->max_size;
+}
+
+/* The metadata's device ids, ascending; *ids is malloc'ed. */
+static int list_devices(struct tfs_fs *fs, uint32_t **ids, unsigned *nr)
+{
 	int total, r;
 
+	*ids = NULL;
+	*nr = 0;
 	total = tfs_pool_list(fs->pool, NULL, 0);
 	if (total < 0)
 		return total;
-	ids = calloc((size_t)total + 1, sizeof(*ids));
-	if (!ids)
+	*ids = calloc((size_t)total + 1, sizeof(**ids));
+	if (!*ids)
 		return -ENOMEM;
-	r = tfs_pool_list(fs->pool, ids, (unsigned)total);
+	r = tfs_pool_list(fs->pool, *ids, (unsigned)total);
+	if (r < 0) {
+		free(*ids);
+		*ids = NULL;
+		return r;
+	}
+	*nr = (unsigned)(r < total ? r : total);
+	return 0;
+}
+
+struct settle {
+	struct tfs_fs *fs;
+	const uint32_t *devs;
+	unsigned nr_devs;
+	int64_t group_id;
+	struct id_list members; /* of group_id */
+};
+
+static int collect_member(void *ctx, const struct tfs_vol_row *row)
+{
+	struct settle *s = ctx;
+
+	return row->group_id == s->group_id ? add_id(&s->members, row->dev_id) : 0;
+}
+
+static int cmp_id(const void *a, const void *b)
+{
+	uint32_t x = *(const uint32_t *)a, y = *(const uint32_t *)b;
+
+	return x < y ? -1 : x > y;
+}
+
+/* devs is ascending (tfs_pool_list). */
+static bool has_dev(const uint32_t *devs, unsigned nr, uint32_t id)
+{
+	return nr && bsearch(&id, devs, nr, sizeof(*devs), cmp_id);
+}
+
+/*
+ * A group a crash caught half made or half removed (volumes.c says in
+ * which order its steps go): one being made whose devices all exist is
+ * complete and stays; otherwise whatever devices it has are deleted (one
+ * metadata transaction), then its rows.
+ */
+static int settle_group(void *ctx, const struct tfs_group_row *g)
+{
+	struct settle *s = ctx;
+	struct id_list *m = &s->members;
+	unsigned have = 0;
+	int r;
+
+	s->group_id = g->id;
+	m->nr = 0;
+	r = tfs_catalog_list_volumes(s->fs->cat, true, collect_member, s);
+	if (r < 0)
+		return r;
+	for (unsigned i = 0; i < m->nr; i++)
+		have += has_dev(s->devs, s->nr_devs, m->ids[i]);
+	if (g->intent == TFS_GROUP_CREATING && have == m->nr) {
+		r = tfs_catalog_set_group_intent(s->fs->cat, g->id, TFS_GROUP_WHOLE);
+		if (!r)
+			tfs_fs_event(s->fs, "snapshot", "group %s: half made before this mount: "
+				     "completed (%u volume(s))", g->name, m->nr);
+		return r;
+	}
+	if (have)
+		r = tfs_pool_delete_devices(s->fs->pool, m->ids, m->nr);
+	if (!r)
+		r = tfs_catalog_remove_group(s->fs->cat, g->id);
+	if (!r)
+		tfs_fs_event(s->fs, "delete", "snapshot group %s: %s before this mount: %s "
+			     "(%u device(s) deleted)", g->name,
+			     g->intent == TFS_GROUP_CREATING ? "half made" : "half removed",
+			     g->intent == TFS_GROUP_CREATING ? "removed" : "removal finished", have);
+	return r;
+}
+
+/*
+ * The metadata is the truth: groups a crash left half done are finished
+ * or undone, rows without devices go, devices without rows get thin-<id>
+ * rows, and volumes unlinked while open when the last daemon died are
+ * deleted now.  Read-only, only the rows change, and in memory only.
+ */
+static int reconcile(struct tfs_fs *fs)
+{
+	struct id_list o = { .fs = fs };
+	uint32_t *ids = NULL;
+	unsigned nr;
+	int r;
+
+	r = list_devices(fs, &ids, &nr);
+	if (r >= 0 && !fs->read_only) {
+		struct settle s = { .fs = fs, .devs = ids, .nr_devs = nr };
+
+		r = tfs_catalog_list_unfinished_groups(fs->cat, settle_group, &s);
+		free(s.members.ids);
+		free(ids);
+		ids = NULL;
+		if (r >= 0)
+			r = list_devices(fs, &ids, &nr);
+	}
 	if (r >= 0)
-		r = tfs_catalog_reconcile(fs->cat, ids, (unsigned)(r < total ? r : total),
-					  collect_orphan, &o);
+		r = tfs_catalog_reconcile(fs->cat, ids, nr, placeholder_size,
+					  fs->read_only ? NULL : add_id, &o);
 	for (unsigned i = 0; r >= 0 && i < o.nr; i++) {
 		int d = tfs_pool_delete(fs->pool, o.ids[i]);
 
@@ -401,18 +506,24 @@ static int run_daemon(struct tfs_fs *fs, const struct mount_args *a, int ready_f
 	}
 	fs->block_size = tfs_pool_block_size(fs->pool);
 	fs->max_size = max_size_for(fs->block_size);
-	r = tfs_catalog_open(fs->cfg.catalog, fs->read_only, &fs->cat);
+	if (fs->read_only && access(fs->cfg.catalog, F_OK) < 0 && errno == ENOENT) {
+		/* Lost: the data can still be read, under thin-<id> names. */
+		tfs_warn("the catalog %s is missing: every volume appears as thin-<id>, on this "
+			 "read-only mount only", fs->cfg.catalog);
+		r = tfs_catalog_open_empty(&fs->cat);
+	} else {
+		r = tfs_catalog_open(fs->cfg.catalog, fs->read_only, &fs->cat);
+	}
 	if (r < 0) {
 		tfs_err("cannot open the catalog %s: %s%s", fs->cfg.catalog, strerror(-r),
-			r == -ENOENT ? " (run thinfs mkpool first)" : "");
+			r == -ENOENT ? " (run thinfs mkpool first, or mount -o ro to read the "
+			"volumes as thin-<id>)" : "");
 		goto err_close_pool;
 	}
-	if (!fs->read_only) {
-		r = reconcile(fs);
-		if (r < 0) {
-			tfs_err("cannot reconcile the catalog with the metadata: %s", strerror(-r));
-			goto err_close_catalog;
-		}
+	r = reconcile(fs);
+	if (r < 0) {
+		tfs_err("cannot reconcile the catalog with the metadata: %s", strerror(-r));
+		goto err_close_catalog;
 	}
 	tfs_catalog_list_events(fs->cat, 0, last_event_cb, &last_event);
 	fs->last_event_id = last_event;
@@ -441,18 +552,19 @@ static int run_daemon(struct tfs_fs *fs, const struct mount_args *a, int ready_f
 		tfs_err("cannot mount on %s", fs->mountpoint);
 		goto err_remove_handlers;
 	}
+	tfs_fs_event(fs, "mount", "mounted on %s%s", fs->mountpoint,
+		     fs->read_only ? " read-only" : "");
+	/*
+	 * Changes the pool recorded since it opened come next: none is lost
+	 * meanwhile.  Before the control socket, whose commands order their
+	 * events with the event thread's (tfs_fs_events_hold).
+	 */
+	r = tfs_fs_events_start(fs);
+	if (r < 0)
+		goto err_unmount;
 	r = tfs_ctl_server_start(fs, &fs->ctl);
 	if (r < 0)
 		goto err_unmount;
-
-	{
-		struct tfs_pool_status st;
-
-		tfs_pool_status(fs->pool, &st);
-		snprintf(fs->last_mode, sizeof(fs->last_mode), "%s", st.mode ? st.mode : "");
-	}
-	tfs_fs_event(fs, "mount", "mounted on %s%s", fs->mountpoint,
-		     fs->read_only ? " read-only" : "");
 
 	/* Ready: the mount answers and so does the control socket. */
 	sd_notify(0, "READY=1");
@@ -495,6 +607,14 @@ err_remove_handlers:
 err_destroy_session:
 	/* After the unmount no request can arrive: close what is still open. */
 	tfs_fs_close_all(fs);
+	/* Closing commits: everything acknowledged so far becomes durable. */
+	r = tfs_pool_shutdown(fs->pool);
+	if (r < 0) {
+		tfs_err("final commit failed: %s", strerror(-r));
+		status = 1;
+	}
+	/* What the pool recorded up to its last I/O reaches the log before the catalog closes. */
+	tfs_fs_events_stop(fs);
 	if (status == 0)
 		tfs_fs_event(fs, "unmount", "unmounted from %s", fs->mountpoint);
 	fuse_session_destroy(fs->se);
@@ -506,7 +626,7 @@ err_close_catalog:
 	tfs_catalog_close(fs->cat);
 	fs->cat = NULL;
 err_close_pool:
-	/* Closing commits: everything acknowledged so far becomes durable. */
+	/* Commits unless tfs_pool_shutdown did already. */
 	r = tfs_pool_close(fs->pool);
 	fs->pool = NULL;
 	if (r < 0) {
@@ -543,11 +663,8 @@ int tfs_cmd_mount(int argc, char **argv)
 	fs->mount_time_ns = tfs_now_ns();
 
 	r = tfs_config_load(a.cfg_path, &fs->cfg);
-	if (r < 0) {
-		if (r != -EINVAL)
-			fprintf(stderr, "thinfs: mount: %s: %s\n", a.cfg_path, strerror(-r));
-		goto out_free;
-	}
+	if (r < 0)
+		goto out_free; /* each problem logged by the parser, naming file:line or the device */
 	if (fs->cfg.allow_faults && !a.allow_faults) {
 		fprintf(stderr, "thinfs: mount: %s enables fault injection ([fault] allow = yes): "
 			"start the daemon with --allow-faults to accept it\n", a.cfg_path);

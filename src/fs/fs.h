@@ -28,6 +28,7 @@
 #define TFS_FS_FS_H
 
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdbool.h>
 #include <stdint.h>
 #include <sys/types.h>
@@ -38,6 +39,7 @@
 
 struct fuse_session;
 struct tfs_ctl_server;
+struct tfs_events;
 
 /* Inode numbers (stable across mounts: derived from ids on disk). */
 #define TFS_INO_ROOT 1u
@@ -107,10 +109,10 @@ struct tfs_fs {
 	int64_t last_event_id;     /* event_lock */
 	bool stopping;             /* event_lock: wakes waiters at shutdown */
 
-	/* Pool state as last seen by the periodic tick (its thread only). */
-	char last_mode[32];
-	uint64_t last_transition;  /* the pool's mode changes reported as events */
-	uint64_t low_water_data_seen, low_water_meta_seen; /* crossings reported as events */
+	/* The thread that reports the pool's mode changes and low-water crossings (events.c). */
+	struct tfs_events *events;
+
+	atomic_uint crash_at;      /* the armed crash point (crash-points.c), 0 = none */
 };
 
 void tfs_fs_init(struct tfs_fs *fs);
@@ -193,17 +195,55 @@ int tfs_fs_set_size(struct tfs_fs *fs, struct tfs_inode *ino, uint64_t size);
 /* Grow the size to at least end (write/fallocate past EOF), mark mtime. */
 void tfs_fs_extend(struct tfs_fs *fs, struct tfs_inode *ino, uint64_t end, bool touch_mtime);
 
-/* ---- events ---- */
+/* ---- events (events.c) ---- */
 /* Log an event in the catalog and wake waiters (-errno from the catalog). */
 int tfs_fs_event(struct tfs_fs *fs, const char *kind, const char *fmt, ...)
 	__attribute__((format(printf, 3, 4)));
-/* The 1-second housekeeping: persist sizes, notice mode and low-water changes. */
+/*
+ * Start the event thread: the pool's mode changes (mode_change) and
+ * low-water crossings (low_water_data, low_water_metadata) are logged and
+ * their on_event program started as soon as the pool records them (it
+ * wakes the thread through tfs_pool_set_event_notify).  Needs fs->pool
+ * and fs->cat open.  -errno (logged).
+ */
+int tfs_fs_events_start(struct tfs_fs *fs);
+/*
+ * Shutdown, after the pool's last I/O (tfs_pool_shutdown) and before the
+ * catalog closes: stop the thread, report everything the pool recorded
+ * up to then, and wait up to 10 s for on_event programs still running.
+ * Nothing when the thread was not started.
+ */
+void tfs_fs_events_stop(struct tfs_fs *fs);
+/*
+ * Around a command's pool change and the event it logs for it (resize,
+ * resume): the consequences the event thread reports (a mode change, a
+ * low-water crossing) are logged after it, cause before effect.  Only
+ * while the event thread runs (between start and stop, when the control
+ * socket serves); takes pool locks inside, never the other way round.
+ */
+void tfs_fs_events_hold(struct tfs_fs *fs);
+void tfs_fs_events_release(struct tfs_fs *fs);
+/* The 1-second housekeeping: persist sizes. */
 void tfs_fs_tick(struct tfs_fs *fs);
 /*
  * The pool was resumed: delete the devices of volumes unlinked while it
  * was suspended.
  */
 void tfs_fs_after_resume(struct tfs_fs *fs);
+
+/*
+ * ---- crash points (fault injection, tests only: crash-points.c) ----
+ * A crash point is a named place inside a namespace change (the names are
+ * listed by tfs_fs_crash_point_name(0, 1, ...) until it returns NULL).
+ * Once armed, the thread that reaches it ends the daemon at once, as a
+ * crash would: no commit, no unmount.  PROCESS keeps what was written
+ * (the kernel had it); POWER drops what was not flushed, POWER_TEAR tears
+ * it (tfs_bdev_fault_power_cut).  arm: -EINVAL no such point.
+ */
+enum tfs_crash_how { TFS_CRASH_PROCESS, TFS_CRASH_POWER, TFS_CRASH_POWER_TEAR };
+const char *tfs_fs_crash_point_name(unsigned i);
+int tfs_fs_crash_arm(struct tfs_fs *fs, const char *name, enum tfs_crash_how how);
+void tfs_fs_crash_point(struct tfs_fs *fs, const char *name);
 
 int64_t tfs_now_ns(void);
 /* "2026-11-21T03:00:00Z" */

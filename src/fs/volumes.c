@@ -14,16 +14,14 @@
 
 #include <errno.h>
 #include <inttypes.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
-#include <spawn.h>
-#include <sys/wait.h>
 #include <unistd.h>
 
 #include "log.h"
+#include "utf8.h"
 
 int64_t tfs_now_ns(void)
 {
@@ -748,10 +746,27 @@ static int list_rows(struct tfs_fs *fs, int64_t group_id, bool with_unlinked,
 	return r;
 }
 
+static const char *pool_mode(struct tfs_fs *fs)
+{
+	struct tfs_pool_status st;
+
+	tfs_pool_status(fs->pool, &st);
+	return st.mode;
+}
+
+/*
+ * A group is made whole or not at all, across a crash too: its rows go to
+ * the catalog first, marked as being made, with device ids chosen before
+ * the devices exist; then the snapshots, in one metadata transaction; then
+ * the mark goes.  Until then the group is invisible, and the next mount
+ * completes it if every device exists or deletes the ones that do
+ * (daemon.c: settle_groups).
+ */
 int tfs_fs_create_group(struct tfs_fs *fs, const char *name, struct tfs_group_row *out)
 {
 	struct row_list l;
 	uint32_t *origins = NULL, *snaps = NULL;
+	const char *mode;
 	int64_t now, gid;
 	int r;
 
@@ -785,8 +800,8 @@ int tfs_fs_create_group(struct tfs_fs *fs, const char *name, struct tfs_group_ro
 		origins[i] = l.rows[i].dev_id;
 	}
 	if (l.nr > 0) {
-		/* One metadata transaction: every volume at the same instant. */
-		r = tfs_pool_create_snaps(fs->pool, origins, l.nr, snaps);
+		/* fs->lock keeps them free: every device is made under it. */
+		r = tfs_pool_free_ids(fs->pool, l.nr, snaps);
 		if (r < 0)
 			goto out_free;
 	}
@@ -794,29 +809,62 @@ int tfs_fs_create_group(struct tfs_fs *fs, const char *name, struct tfs_group_ro
 	now = tfs_now_ns();
 	r = tfs_catalog_begin(fs->cat);
 	if (r < 0)
-		goto out_delete_snaps;
-	r = tfs_catalog_add_group(fs->cat, name, now, &gid);
+		goto out_free;
+	r = tfs_catalog_add_unfinished_group(fs->cat, name, now, &gid);
 	for (unsigned i = 0; r == 0 && i < l.nr; i++) {
 		struct tfs_vol_row m = l.rows[i];
 
 		m.dev_id = snaps[i];
 		m.kind = TFS_VOL_GROUP_MEMBER;
-		m.mode = 0444;
+		/*
+		 * The origin's owner, group and read/execute bits as they are
+		 * now, as ZFS's .zfs/snapshot keeps them: a snapshot of a private
+		 * volume stays private.  Write, setuid, setgid and sticky bits go.
+		 */
+		m.mode = l.rows[i].mode & 0555;
 		m.ctime_ns = now;
 		m.group_id = gid;
 		m.unlinked = false;
 		r = tfs_catalog_add_volume(fs->cat, &m);
+		if (i == 0)
+			tfs_fs_crash_point(fs, "group-create-between-rows");
 	}
 	if (r == 0)
 		r = tfs_catalog_commit(fs->cat);
 	if (r < 0) {
 		tfs_catalog_rollback(fs->cat);
-		goto out_delete_snaps;
+		goto out_free;
+	}
+	tfs_fs_crash_point(fs, "group-create-after-intent");
+
+	mode = pool_mode(fs);
+	if (l.nr > 0) {
+		/* One metadata transaction: every volume at the same instant. */
+		r = tfs_pool_create_snaps_as(fs->pool, origins, l.nr, snaps);
+		/*
+		 * Refused, the devices do not exist.  A metadata failure changes
+		 * the pool's mode, and the disk may then hold them or not: the
+		 * next mount finds out and removes them.
+		 */
+		if (r < 0 && !strcmp(pool_mode(fs), mode))
+			goto out_remove_group;
+		if (r < 0) {
+			tfs_catalog_set_group_intent(fs->cat, gid, TFS_GROUP_REMOVING);
+			goto out_left;
+		}
+	}
+	tfs_fs_crash_point(fs, "group-create-after-devices");
+	r = tfs_catalog_set_group_intent(fs->cat, gid, TFS_GROUP_WHOLE);
+	if (r < 0) {
+		if (tfs_pool_delete_devices(fs->pool, snaps, l.nr) < 0)
+			goto out_left;
+		goto out_remove_group;
 	}
 
 	out->id = gid;
 	snprintf(out->name, sizeof(out->name), "%s", name);
 	out->created_ns = now;
+	out->intent = TFS_GROUP_WHOLE;
 	{
 		char detail[400];
 		size_t used = 0;
@@ -825,15 +873,18 @@ int tfs_fs_create_group(struct tfs_fs *fs, const char *name, struct tfs_group_ro
 		for (unsigned i = 0; i < l.nr && used < sizeof(detail) - 1; i++)
 			used += (size_t)snprintf(detail + used, sizeof(detail) - used, "%s%s",
 						 i ? " " : "", l.rows[i].name);
+		detail[tfs_utf8_whole_prefix(detail, strlen(detail))] = '\0';
 		tfs_fs_event(fs, "snapshot", "group %s: %u volume(s): %s", name, l.nr, detail);
 	}
 	goto out_free;
 
-out_delete_snaps:
-	for (unsigned i = 0; i < l.nr; i++)
-		if (tfs_pool_delete(fs->pool, snaps[i]) < 0)
-			tfs_warn("snapshot device %" PRIu32 " left behind: shown as thin-%" PRIu32
-				 " at the next mount", snaps[i], snaps[i]);
+out_remove_group:
+	/* No device of the group exists: its rows can go. */
+	if (tfs_catalog_remove_group(fs->cat, gid) == 0)
+		goto out_free;
+out_left:
+	tfs_warn("snapshot group %s is left half made: the next mount finishes or removes it",
+		 name);
 out_free:
 	free(origins);
 	free(snaps);
@@ -843,10 +894,17 @@ out_unlock:
 	return r;
 }
 
+/*
+ * Removal is whole across a crash too: the group is marked as being
+ * removed (and vanishes), then its devices go in one metadata
+ * transaction, then its rows.  The next mount finishes a removal that was
+ * started (daemon.c: settle_groups).
+ */
 int tfs_fs_remove_group(struct tfs_fs *fs, const char *name)
 {
 	struct tfs_group_row g;
 	struct row_list l;
+	uint32_t *ids = NULL;
 	int r;
 
 	if (fs->read_only)
@@ -879,38 +937,59 @@ int tfs_fs_remove_group(struct tfs_fs *fs, const char *name)
 			return -EBUSY;
 		usleep(10000);
 	}
-	/*
-	 * Devices first: a crash midway leaves rows whose devices are gone,
-	 * which the next mount drops.  The reverse would leak devices.
-	 */
-	for (unsigned i = 0; i < l.nr; i++) {
-		r = tfs_pool_delete(fs->pool, l.rows[i].dev_id);
-		if (r < 0 && r != -ENODATA)
-			goto out_free;
-		r = 0;
+	ids = calloc(l.nr + 1, sizeof(*ids));
+	if (!ids) {
+		r = -ENOMEM;
+		goto out_free;
 	}
-	r = tfs_catalog_begin(fs->cat);
+	for (unsigned i = 0; i < l.nr; i++)
+		ids[i] = l.rows[i].dev_id;
+	r = tfs_catalog_set_group_intent(fs->cat, g.id, TFS_GROUP_REMOVING);
 	if (r < 0)
 		goto out_free;
-	for (unsigned i = 0; r == 0 && i < l.nr; i++)
-		r = tfs_catalog_remove_volume(fs->cat, l.rows[i].dev_id);
-	if (r == 0)
-		r = tfs_catalog_remove_group(fs->cat, g.id);
-	if (r == 0)
-		r = tfs_catalog_commit(fs->cat);
-	if (r < 0) {
-		tfs_catalog_rollback(fs->cat);
-		tfs_warn("catalog: group %s lost its devices but not its rows: the next mount drops them",
-			 name);
+	tfs_fs_crash_point(fs, "group-remove-after-intent");
+	if (l.nr > 0) {
+		const char *mode = pool_mode(fs);
+
+		r = tfs_pool_delete_devices(fs->pool, ids, l.nr);
+		/*
+		 * Refused (the pool's mode unchanged): nothing was deleted, so the
+		 * group is whole again.  After a metadata failure the next mount
+		 * finishes the removal.
+		 */
+		if (r < 0 && (strcmp(pool_mode(fs), mode) ||
+			      tfs_catalog_set_group_intent(fs->cat, g.id, TFS_GROUP_WHOLE) < 0))
+			tfs_warn("snapshot group %s is left half removed: the next mount "
+				 "finishes removing it", name);
+		if (r < 0)
+			goto out_free;
 	}
+	tfs_fs_crash_point(fs, "group-remove-after-devices");
 	for (unsigned i = 0; i < l.nr; i++) {
 		struct tfs_inode *ino = tfs_fs_inode_find(fs, l.rows[i].dev_id);
 
 		if (ino)
 			mark_gone(ino);
 	}
+	r = tfs_catalog_begin(fs->cat);
+	for (unsigned i = 0; r == 0 && i < l.nr; i++) {
+		r = tfs_catalog_remove_volume(fs->cat, l.rows[i].dev_id);
+		if (i == 0)
+			tfs_fs_crash_point(fs, "group-remove-between-rows");
+	}
+	if (r == 0)
+		r = tfs_catalog_remove_group(fs->cat, g.id);
+	if (r == 0)
+		r = tfs_catalog_commit(fs->cat);
+	if (r < 0) {
+		tfs_catalog_rollback(fs->cat);
+		tfs_warn("catalog: snapshot group %s lost its devices but not its rows: the next "
+			 "mount finishes removing it", name);
+		r = 0; /* the group is gone all the same: it stays invisible */
+	}
 	tfs_fs_event(fs, "delete", "snapshot group %s deleted (%u volume(s))", name, l.nr);
 out_free:
+	free(ids);
 	free(l.rows);
 out_unlock:
 	pthread_mutex_unlock(&fs->lock);
@@ -1073,7 +1152,7 @@ int tfs_fs_snapshot_volume(struct tfs_fs *fs, const char *src, const char *new_n
 	row.dev_id = id;
 	row.kind = TFS_VOL_SNAPSHOT;
 	if (s.kind == TFS_VOL_GROUP_MEMBER)
-		row.mode = 0644; /* a writable clone of a read-only member */
+		row.mode = s.mode | 0200; /* a writable clone of a read-only member, no wider */
 	row.ctime_ns = tfs_now_ns();
 	row.group_id = 0;
 	row.unlinked = false;
@@ -1091,147 +1170,7 @@ out_unlock:
 	return r;
 }
 
-/* ---- events and housekeeping ---- */
-
-extern char **environ;
-
-int tfs_fs_event(struct tfs_fs *fs, const char *kind, const char *fmt, ...)
-{
-	char detail[512];
-	int64_t id = 0;
-	va_list ap;
-	int r;
-
-	va_start(ap, fmt);
-	vsnprintf(detail, sizeof(detail), fmt, ap);
-	va_end(ap);
-	tfs_info("%s: %s", kind, detail);
-	if (!fs->cat || fs->read_only)
-		return 0; /* a read-only catalog keeps no log */
-	r = tfs_catalog_add_event(fs->cat, kind, detail, &id);
-	if (r < 0)
-		return r;
-	pthread_mutex_lock(&fs->event_lock);
-	if (id > fs->last_event_id)
-		fs->last_event_id = id;
-	pthread_cond_broadcast(&fs->event_cond);
-	pthread_mutex_unlock(&fs->event_lock);
-	return 0;
-}
-
-static unsigned percent(uint64_t used, uint64_t total)
-{
-	return total ? (unsigned)(used * 100 / total) : 0;
-}
-
-struct hook {
-	pid_t pid;
-};
-
-static void *reap_hook(void *arg)
-{
-	struct hook *h = arg;
-	int status;
-
-	while (waitpid(h->pid, &status, 0) < 0 && errno == EINTR)
-		;
-	if (WIFEXITED(status) && WEXITSTATUS(status))
-		tfs_warn("on_event program exited %d", WEXITSTATUS(status));
-	free(h);
-	return NULL;
-}
-
-/*
- * Run pool.cfg's on_event program for a pool event, without waiting for
- * it: a detached thread reaps it.  The environment tells it what happened.
- */
-static void run_hook(struct tfs_fs *fs, const char *event, const struct tfs_pool_status *st,
-		     const char *old_mode)
-{
-	enum { NR_VARS = 7 };
-	char vars[NR_VARS][TFS_PATH_MAX + 32];
-	struct tfs_pool_config *cfg;
-	char **envp, *argv[2];
-	size_t n = 0, nr_env = 0;
-	pthread_attr_t attr;
-	pthread_t t;
-	struct hook *h;
-	pid_t pid;
-	int r;
-
-	cfg = malloc(sizeof(*cfg));
-	if (!cfg)
-		return;
-	/* The configuration in force: a resume may have taken a reload with another hook. */
-	tfs_pool_get_config(fs->pool, cfg);
-	if (!cfg->on_event[0])
-		goto out;
-	snprintf(vars[0], sizeof(vars[0]), "THINFS_EVENT=%s", event);
-	snprintf(vars[1], sizeof(vars[1]), "THINFS_POOL=%s", cfg->path);
-	snprintf(vars[2], sizeof(vars[2]), "THINFS_MOUNT=%s", fs->mountpoint);
-	snprintf(vars[3], sizeof(vars[3]), "THINFS_DATA_PERCENT=%u",
-		 percent(st->data_used, st->data_total));
-	snprintf(vars[4], sizeof(vars[4]), "THINFS_METADATA_PERCENT=%u",
-		 percent(st->meta_used, st->meta_total));
-	snprintf(vars[5], sizeof(vars[5]), "THINFS_OLD_MODE=%s", old_mode);
-	snprintf(vars[6], sizeof(vars[6]), "THINFS_NEW_MODE=%s", st->mode ? st->mode : "");
-	/*
-	 * The daemon's own environment goes along (PATH, and settings such as
-	 * contrib/thinfs-autoextend's), minus any stale copies of ours.
-	 */
-	while (environ[nr_env])
-		nr_env++;
-	envp = calloc(nr_env + NR_VARS + 1, sizeof(*envp));
-	if (!envp) {
-		tfs_warn("on_event %s: out of memory", cfg->on_event);
-		goto out;
-	}
-	for (size_t i = 0; i < nr_env; i++) {
-		bool ours = false;
-
-		for (int v = 0; v < NR_VARS && !ours; v++)
-			ours = !strncmp(environ[i], vars[v], (size_t)(strchr(vars[v], '=') - vars[v] + 1));
-		if (!ours)
-			envp[n++] = environ[i];
-	}
-	for (int v = 0; v < NR_VARS; v++)
-		envp[n++] = vars[v];
-	argv[0] = cfg->on_event;
-	argv[1] = NULL;
-	r = posix_spawn(&pid, cfg->on_event, NULL, NULL, argv, envp);
-	free(envp);
-	if (r != 0) {
-		tfs_warn("on_event %s: %s", cfg->on_event, strerror(r));
-		goto out;
-	}
-	h = malloc(sizeof(*h));
-	if (!h)
-		goto out; /* a zombie until we exit: better than blocking here */
-	h->pid = pid;
-	pthread_attr_init(&attr);
-	pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
-	if (pthread_create(&t, &attr, reap_hook, h) != 0)
-		free(h);
-	pthread_attr_destroy(&attr);
-out:
-	free(cfg);
-}
-
-/*
- * The engine counts crossings of a low-water mark (with hysteresis) where
- * space changes; each new one becomes an event and an on_event run here.
- */
-static void low_water_report(struct tfs_fs *fs, const struct tfs_pool_status *st,
-			     const char *kind, const char *what,
-			     const struct tfs_pool_low_water *lw, uint64_t total, uint64_t mark,
-			     uint64_t *seen)
-{
-	for (; *seen < lw->crossings; ++*seen) {
-		tfs_fs_event(fs, kind, "%" PRIu64 " of %" PRIu64 " %s blocks free (low water mark %"
-			     PRIu64 ")", lw->free_then, total, what, mark);
-		run_hook(fs, kind, st, fs->last_mode);
-	}
-}
+/* ---- housekeeping ---- */
 
 void tfs_fs_after_resume(struct tfs_fs *fs)
 {
@@ -1256,28 +1195,5 @@ out:
 
 void tfs_fs_tick(struct tfs_fs *fs)
 {
-	struct tfs_pool_transition tr[TFS_POOL_TRANSITIONS];
-	struct tfs_pool_status st;
-	unsigned n;
-
 	tfs_fs_persist_all(fs);
-
-	tfs_pool_status(fs->pool, &st);
-	n = tfs_pool_transitions(fs->pool, fs->last_transition, tr, TFS_POOL_TRANSITIONS);
-	for (unsigned i = 0; i < n; i++) {
-		struct tfs_pool_status at = st;
-
-		/* The hook sees each transition's own old and new mode. */
-		at.mode = tr[i].new_mode;
-		tfs_fs_event(fs, "mode_change", "%s -> %s%s%s", tr[i].old_mode, tr[i].new_mode,
-			     tr[i].reason[0] ? ": " : "", tr[i].reason);
-		run_hook(fs, "mode_change", &at, tr[i].old_mode);
-		fs->last_transition = tr[i].seq;
-	}
-	if (st.mode)
-		snprintf(fs->last_mode, sizeof(fs->last_mode), "%s", st.mode);
-	low_water_report(fs, &st, "low_water_data", "data", &st.low_water_data, st.data_total,
-			 st.low_water_blocks, &fs->low_water_data_seen);
-	low_water_report(fs, &st, "low_water_metadata", "metadata", &st.low_water_meta,
-			 st.meta_total, st.meta_low_water_blocks, &fs->low_water_meta_seen);
 }

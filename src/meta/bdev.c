@@ -163,6 +163,7 @@ int tfs_bdev_open(const char *path, bool read_only, struct tfs_bdev **out)
 	}
 	if (fstat(fd, &st)) {
 		r = -errno;
+		tfs_err("cannot stat %s: %s", path, strerror(errno));
 		goto err_close;
 	}
 	if (!S_ISREG(st.st_mode) && !S_ISBLK(st.st_mode)) {
@@ -173,6 +174,7 @@ int tfs_bdev_open(const char *path, bool read_only, struct tfs_bdev **out)
 	f = calloc(1, sizeof(*f));
 	if (!f) {
 		r = -ENOMEM;
+		tfs_err("opening %s: out of memory", path);
 		goto err_close;
 	}
 	f->base.ops = &file_ops;

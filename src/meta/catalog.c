@@ -30,6 +30,7 @@
 #include <unistd.h>
 
 #include "log.h"
+#include "utf8.h"
 
 #define SCHEMA_VERSION 1
 /* Keep the newest events only: the log would otherwise grow for ever. */
@@ -46,42 +47,80 @@ struct tfs_catalog {
 	sqlite3 *db;
 	char *path;
 	bool read_only;
+	bool overlay_writable; /* read-only: the in-memory copy may change now (open, reconcile) */
 	bool in_txn;          /* tfs_catalog_begin() holds lock until commit/rollback */
 };
 
+/* Table bodies shared by the schema and the read-only overlay (open_overlay). */
+#define GROUPS_TABLE                                                                       \
+	"groups ("                                                                         \
+	"  id INTEGER PRIMARY KEY AUTOINCREMENT,"                                          \
+	"  name TEXT NOT NULL UNIQUE,"                                                     \
+	"  created_ns INTEGER NOT NULL)"
+#define VOLUMES_TABLE                                                                      \
+	"volumes ("                                                                        \
+	"  dev_id INTEGER PRIMARY KEY CHECK (dev_id BETWEEN 0 AND 4294967295),"            \
+	"  name TEXT NOT NULL,"                                                            \
+	"  kind TEXT NOT NULL CHECK (kind IN ('thin', 'snapshot', 'group_member')),"       \
+	"  size INTEGER NOT NULL,"                                                         \
+	"  mode INTEGER NOT NULL,"                                                         \
+	"  uid INTEGER NOT NULL,"                                                          \
+	"  gid INTEGER NOT NULL,"                                                          \
+	"  atime_ns INTEGER NOT NULL,"                                                     \
+	"  mtime_ns INTEGER NOT NULL,"                                                     \
+	"  ctime_ns INTEGER NOT NULL,"                                                     \
+	"  group_id INTEGER REFERENCES groups(id) ON DELETE CASCADE,"                      \
+	"  unlinked INTEGER NOT NULL DEFAULT 0,"                                           \
+	"  CHECK ((kind = 'group_member') = (group_id IS NOT NULL)))"
+/*
+ * Names are unique within their directory: the top level (group 0, as
+ * NULL never compares equal) or one snapshot group.  Unlinked rows have
+ * given their name up, so they are outside the index.
+ */
+#define DIR_NAME_INDEX "volumes_dir_name ON volumes(ifnull(group_id, 0), name) WHERE unlinked = 0"
+/*
+ * A group being made or removed: written (with the group's rows) before its
+ * devices change, dropped once they have.  Such a group is invisible, and
+ * the next mount finishes or undoes it (tfs_catalog_list_unfinished_groups).
+ * Added to version 1 without a version bump: an older thinfs ignores it.
+ */
+#define INTENTS_TABLE                                                                      \
+	"group_intents ("                                                                  \
+	"  group_id INTEGER PRIMARY KEY REFERENCES groups(id) ON DELETE CASCADE,"          \
+	"  action TEXT NOT NULL CHECK (action IN ('create', 'remove')))"
+
 static const char *const schema_sql =
 	"CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);"
-	"CREATE TABLE IF NOT EXISTS groups ("
-	"  id INTEGER PRIMARY KEY AUTOINCREMENT,"
-	"  name TEXT NOT NULL UNIQUE,"
-	"  created_ns INTEGER NOT NULL);"
-	"CREATE TABLE IF NOT EXISTS volumes ("
-	"  dev_id INTEGER PRIMARY KEY CHECK (dev_id BETWEEN 0 AND 4294967295),"
-	"  name TEXT NOT NULL,"
-	"  kind TEXT NOT NULL CHECK (kind IN ('thin', 'snapshot', 'group_member')),"
-	"  size INTEGER NOT NULL,"
-	"  mode INTEGER NOT NULL,"
-	"  uid INTEGER NOT NULL,"
-	"  gid INTEGER NOT NULL,"
-	"  atime_ns INTEGER NOT NULL,"
-	"  mtime_ns INTEGER NOT NULL,"
-	"  ctime_ns INTEGER NOT NULL,"
-	"  group_id INTEGER REFERENCES groups(id) ON DELETE CASCADE,"
-	"  unlinked INTEGER NOT NULL DEFAULT 0,"
-	"  CHECK ((kind = 'group_member') = (group_id IS NOT NULL)));"
-	/*
-	 * Names are unique within their directory: the top level (group 0,
-	 * as NULL never compares equal) or one snapshot group.  Unlinked rows
-	 * have given their name up, so they are outside the index.
-	 */
-	"CREATE UNIQUE INDEX IF NOT EXISTS volumes_dir_name"
-	"  ON volumes(ifnull(group_id, 0), name) WHERE unlinked = 0;"
+	"CREATE TABLE IF NOT EXISTS " GROUPS_TABLE ";"
+	"CREATE TABLE IF NOT EXISTS " VOLUMES_TABLE ";"
+	"CREATE UNIQUE INDEX IF NOT EXISTS " DIR_NAME_INDEX ";"
 	"CREATE INDEX IF NOT EXISTS volumes_group ON volumes(group_id);"
+	"CREATE TABLE IF NOT EXISTS " INTENTS_TABLE ";"
 	"CREATE TABLE IF NOT EXISTS events ("
 	"  id INTEGER PRIMARY KEY AUTOINCREMENT,"
 	"  time_ns INTEGER NOT NULL,"
 	"  kind TEXT NOT NULL,"
 	"  detail TEXT NOT NULL);";
+
+/*
+ * A read-only catalog works on copies of its name tables in sqlite's
+ * private temp database, which unqualified names resolve to before the
+ * file's: the mount's reconcile can add rows for devices the file does
+ * not know, and they live in memory only.  Events stay the file's.
+ */
+static const char *const overlay_sql =
+	"CREATE TEMP TABLE " GROUPS_TABLE ";"
+	"CREATE TEMP TABLE " VOLUMES_TABLE ";"
+	"CREATE UNIQUE INDEX temp." DIR_NAME_INDEX ";"
+	"CREATE TEMP TABLE " INTENTS_TABLE ";"
+	"INSERT INTO temp.groups (id, name, created_ns) SELECT id, name, created_ns FROM main.groups;"
+	"INSERT INTO temp.volumes SELECT * FROM main.volumes;";
+static const char *const overlay_intents_sql =
+	"INSERT INTO temp.group_intents (group_id, action) "
+	"SELECT group_id, action FROM main.group_intents;";
+
+/* Groups that are whole: no create or remove of theirs is unfinished. */
+#define GROUP_IS_WHOLE "id NOT IN (SELECT group_id FROM group_intents)"
 
 #define VOL_COLS                                                                           \
 	"dev_id, name, kind, size, mode, uid, gid, atime_ns, mtime_ns, ctime_ns, "          \
@@ -129,6 +168,7 @@ static int sql_error(struct tfs_catalog *cat, int rc, const char *what)
 		tfs_err("catalog %s: %s: %s", cat->path, what, sqlite3_errmsg(cat->db));
 		return -EINVAL;
 	case SQLITE_READONLY:
+	case SQLITE_AUTH: /* authorize() */
 		tfs_err("catalog %s: %s: the catalog is read-only", cat->path, what);
 		return -EROFS;
 	case SQLITE_FULL:
@@ -195,6 +235,12 @@ static int release(struct tfs_catalog *cat, int r)
 
 /* ---- names ---- */
 
+/* U+0080..U+009F encoded: 8-bit terminals take U+009B as CSI, as ESC [. */
+static bool is_c1_control(const unsigned char *c)
+{
+	return c[0] == 0xc2 && c[1] >= 0x80 && c[1] <= 0x9f;
+}
+
 /* The reason a name is refused, or NULL. */
 const char *tfs_catalog_name_error(const char *name)
 {
@@ -210,23 +256,32 @@ const char *tfs_catalog_name_error(const char *name)
 	if (strchr(name, '/'))
 		return "name contains '/'";
 	for (const unsigned char *c = (const unsigned char *)name; *c; c++)
-		if (*c < 0x20 || *c == 0x7f)
+		if (*c < 0x20 || *c == 0x7f || is_c1_control(c))
 			return "name contains a control character";
+	/* Names go out in JSON (status, list, events), which must be UTF-8. */
+	if (!tfs_utf8_valid(name, len))
+		return "name is not valid UTF-8";
 	return NULL;
 }
 
-/* A name fit for a log line: control bytes escaped, long ones cut. */
+/* A name fit for a log line: control bytes and ill-formed UTF-8 escaped, long ones cut. */
 static void printable(const char *name, char *out, size_t len)
 {
 	const unsigned char *c = (const unsigned char *)name;
 	size_t o = 0;
 
-	/* Room is kept for one escape (4), "..." (3) and the NUL. */
-	for (; *c && o + 8 < len; c++) {
-		if (*c < 0x20 || *c == 0x7f || *c == '\\')
+	/* Room is kept for one escape or character (4), "..." (3) and the NUL. */
+	while (*c && o + 8 < len) {
+		size_t l = tfs_utf8_seq_len((const char *)c, strnlen((const char *)c, 4));
+
+		if (*c < 0x20 || *c == 0x7f || *c == '\\' || !l || is_c1_control(c)) {
 			o += (size_t)snprintf(out + o, len - o, "\\x%02x", *c);
-		else
-			out[o++] = (char)*c;
+			c++;
+		} else {
+			memcpy(out + o, c, l);
+			o += l;
+			c += l;
+		}
 	}
 	if (*c)
 		o += (size_t)snprintf(out + o, len - o, "...");
@@ -248,8 +303,25 @@ int tfs_catalog_check_name(const char *name)
 
 /* ---- open, create, close ---- */
 
+/*
+ * A read-only catalog refuses changes as sqlite refuses them to the file,
+ * also to its in-memory copy (overlay_sql), except while it is set up and
+ * while the mount reconciles it.
+ */
+static int authorize(void *ctx, int action, const char *a, const char *b, const char *db,
+		     const char *trigger)
+{
+	const struct tfs_catalog *cat = ctx;
+
+	if (!cat->read_only || cat->overlay_writable)
+		return SQLITE_OK;
+	return action == SQLITE_INSERT || action == SQLITE_UPDATE || action == SQLITE_DELETE ?
+	       SQLITE_DENY : SQLITE_OK;
+}
+
 static int setup_connection(struct tfs_catalog *cat)
 {
+	sqlite3_set_authorizer(cat->db, authorize, cat);
 	sqlite3_extended_result_codes(cat->db, 1);
 	sqlite3_busy_timeout(cat->db, BUSY_TIMEOUT_MS);
 	return exec(cat, "PRAGMA foreign_keys = ON", "enable foreign keys");
@@ -510,6 +582,45 @@ int tfs_catalog_create(const char *path, bool force, struct tfs_catalog **out)
 	return 0;
 }
 
+int tfs_catalog_open_empty(struct tfs_catalog **out)
+{
+	struct tfs_catalog *cat;
+	int r;
+
+	r = cat_connect(":memory:", false, true, &cat);
+	if (r)
+		return r;
+	r = setup_schema(cat);
+	if (r) {
+		disconnect(cat);
+		return r;
+	}
+	*out = cat;
+	return 0;
+}
+
+/* See overlay_sql. */
+static int open_overlay(struct tfs_catalog *cat)
+{
+	int64_t n;
+	int r;
+
+	cat->overlay_writable = true;
+	r = exec(cat, overlay_sql, "copy the names into memory");
+	if (r)
+		goto out;
+	/* A catalog written before group_intents existed has none. */
+	r = count_rows(cat,
+		       "SELECT count(*) FROM main.sqlite_master "
+		       "WHERE type = 'table' AND name = 'group_intents'",
+		       &n);
+	if (!r && n)
+		r = exec(cat, overlay_intents_sql, "copy the names into memory");
+out:
+	cat->overlay_writable = false;
+	return r;
+}
+
 int tfs_catalog_open(const char *path, bool read_only, struct tfs_catalog **out)
 {
 	struct tfs_catalog *cat;
@@ -542,9 +653,11 @@ int tfs_catalog_open(const char *path, bool read_only, struct tfs_catalog **out)
 		r = make_durable(cat);
 		if (!r)
 			r = setup_schema(cat);
-		if (r)
-			goto err_disconnect;
+	} else {
+		r = open_overlay(cat);
 	}
+	if (r)
+		goto err_disconnect;
 	*out = cat;
 	return 0;
 
@@ -940,12 +1053,19 @@ out_unlock:
 	return r;
 }
 
+/* Columns: id, name, created_ns and (optionally) the intent's action. */
 static void read_group(sqlite3_stmt *st, struct tfs_group_row *g)
 {
+	const unsigned char *action = sqlite3_column_count(st) > 3 ?
+				      sqlite3_column_text(st, 3) : NULL;
+
 	memset(g, 0, sizeof(*g));
 	g->id = sqlite3_column_int64(st, 0);
 	copy_text(g->name, sizeof(g->name), sqlite3_column_text(st, 1));
 	g->created_ns = sqlite3_column_int64(st, 2);
+	if (action)
+		g->intent = !strcmp((const char *)action, "create") ? TFS_GROUP_CREATING :
+			    TFS_GROUP_REMOVING;
 }
 
 int tfs_catalog_get_group(struct tfs_catalog *cat, const char *name, struct tfs_group_row *out)
@@ -954,7 +1074,8 @@ int tfs_catalog_get_group(struct tfs_catalog *cat, const char *name, struct tfs_
 	int rc, r;
 
 	lock(cat);
-	r = prepare(cat, "SELECT id, name, created_ns FROM groups WHERE name = ?", &st);
+	r = prepare(cat, "SELECT id, name, created_ns FROM groups WHERE name = ? AND " GROUP_IS_WHOLE,
+		    &st);
 	if (r)
 		goto out_unlock;
 	bind_text(st, 1, name);
@@ -989,7 +1110,8 @@ out_unlock:
 	return r;
 }
 
-int tfs_catalog_list_groups(struct tfs_catalog *cat, tfs_catalog_group_fn fn, void *ctx)
+static int list_groups(struct tfs_catalog *cat, const char *sql, tfs_catalog_group_fn fn,
+		       void *ctx)
 {
 	struct tfs_group_row *rows = NULL, *grown;
 	size_t nr = 0, cap = 0;
@@ -997,7 +1119,7 @@ int tfs_catalog_list_groups(struct tfs_catalog *cat, tfs_catalog_group_fn fn, vo
 	int rc, r;
 
 	lock(cat);
-	r = prepare(cat, "SELECT id, name, created_ns FROM groups ORDER BY name", &st);
+	r = prepare(cat, sql, &st);
 	if (r) {
 		unlock(cat);
 		return r;
@@ -1021,6 +1143,71 @@ int tfs_catalog_list_groups(struct tfs_catalog *cat, tfs_catalog_group_fn fn, vo
 	for (size_t i = 0; !r && i < nr; i++)
 		r = fn(ctx, &rows[i]);
 	free(rows);
+	return r;
+}
+
+int tfs_catalog_list_groups(struct tfs_catalog *cat, tfs_catalog_group_fn fn, void *ctx)
+{
+	return list_groups(cat,
+			   "SELECT id, name, created_ns, NULL FROM groups WHERE " GROUP_IS_WHOLE
+			   " ORDER BY name",
+			   fn, ctx);
+}
+
+int tfs_catalog_list_unfinished_groups(struct tfs_catalog *cat, tfs_catalog_group_fn fn,
+				       void *ctx)
+{
+	return list_groups(cat,
+			   "SELECT id, name, created_ns, action FROM groups "
+			   "JOIN group_intents ON group_id = id ORDER BY id",
+			   fn, ctx);
+}
+
+int tfs_catalog_add_unfinished_group(struct tfs_catalog *cat, const char *name,
+				     int64_t created_ns, int64_t *id_out)
+{
+	int64_t id;
+	int r;
+
+	lock(cat);
+	r = savepoint(cat);
+	if (r)
+		goto out_unlock;
+	r = tfs_catalog_add_group(cat, name, created_ns, &id);
+	if (!r)
+		r = tfs_catalog_set_group_intent(cat, id, TFS_GROUP_CREATING);
+	if (!r && id_out)
+		*id_out = id;
+	r = release(cat, r);
+out_unlock:
+	unlock(cat);
+	return r;
+}
+
+int tfs_catalog_set_group_intent(struct tfs_catalog *cat, int64_t id, enum tfs_group_intent what)
+{
+	static const char *const sql[] = {
+		[TFS_GROUP_WHOLE] = "DELETE FROM group_intents WHERE group_id = ?1",
+		[TFS_GROUP_CREATING] = "INSERT OR REPLACE INTO group_intents (group_id, action) "
+				       "SELECT id, 'create' FROM groups WHERE id = ?1",
+		[TFS_GROUP_REMOVING] = "INSERT OR REPLACE INTO group_intents (group_id, action) "
+				       "SELECT id, 'remove' FROM groups WHERE id = ?1",
+	};
+	sqlite3_stmt *st;
+	int changes = 0, r;
+
+	if ((unsigned)what >= sizeof(sql) / sizeof(sql[0]))
+		return -EINVAL;
+	lock(cat);
+	r = prepare(cat, sql[what], &st);
+	if (!r) {
+		sqlite3_bind_int64(st, 1, id);
+		r = step_done(cat, st, "record a group's state", &changes);
+		sqlite3_finalize(st);
+	}
+	if (!r && what != TFS_GROUP_WHOLE && !changes)
+		r = -ENOENT;
+	unlock(cat);
 	return r;
 }
 
@@ -1147,12 +1334,12 @@ static int cmp_u32(const void *a, const void *b)
 }
 
 /* A row for a device the catalog did not know: "thin-<id>", or the first free "thin-<id>-N". */
-static int add_placeholder(struct tfs_catalog *cat, uint32_t id, int64_t now)
+static int add_placeholder(struct tfs_catalog *cat, uint32_t id, uint64_t size, int64_t now)
 {
 	struct tfs_vol_row row = {
 		.dev_id = id,
 		.kind = TFS_VOL_THIN,
-		.size = 0,
+		.size = size,
 		.mode = 0600,
 		.atime_ns = now,
 		.mtime_ns = now,
@@ -1168,20 +1355,56 @@ static int add_placeholder(struct tfs_catalog *cat, uint32_t id, int64_t now)
 		r = insert_volume(cat, &row);
 	}
 	if (!r)
-		tfs_warn("catalog %s: thin device %" PRIu32 " had no catalog row; it appears as %s",
-			 cat->path, id, row.name);
+		tfs_warn("catalog %s: thin device %" PRIu32 " had no catalog row; it appears as %s"
+			 " (%" PRIu64 " bytes)%s", cat->path, id, row.name, size,
+			 cat->read_only ? " on this read-only mount only" : "");
 	else
 		tfs_err("catalog %s: cannot add a row for thin device %" PRIu32 ": %s", cat->path,
 			id, strerror(-r));
 	return r;
 }
 
+/* Device ids of the members of groups being made or removed, ascending. */
+static int unfinished_members(struct tfs_catalog *cat, uint32_t **ids, unsigned *nr)
+{
+	sqlite3_stmt *st;
+	unsigned cap = 0;
+	int rc, r;
+
+	*ids = NULL;
+	*nr = 0;
+	r = prepare(cat,
+		    "SELECT dev_id FROM volumes WHERE group_id IN "
+		    "(SELECT group_id FROM group_intents) ORDER BY dev_id",
+		    &st);
+	if (r)
+		return r;
+	while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
+		if (*nr == cap) {
+			uint32_t *n = realloc(*ids, (cap = cap ? cap * 2 : 16) * sizeof(**ids));
+
+			if (!n) {
+				r = -ENOMEM;
+				break;
+			}
+			*ids = n;
+		}
+		(*ids)[(*nr)++] = (uint32_t)sqlite3_column_int64(st, 0);
+	}
+	if (!r && rc != SQLITE_DONE)
+		r = sql_error(cat, rc, "list unfinished groups");
+	sqlite3_finalize(st);
+	return r;
+}
+
 int tfs_catalog_reconcile(struct tfs_catalog *cat, const uint32_t *dev_ids, unsigned nr,
+			  uint64_t (*size_fn)(void *ctx, uint32_t dev_id),
 			  int (*orphan_fn)(void *ctx, uint32_t dev_id), void *ctx)
 {
 	struct tfs_vol_row *rows = NULL;
-	uint32_t *ids = NULL, *orphans = NULL;
+	uint32_t *ids = NULL, *orphans = NULL, *pending = NULL;
 	size_t nr_rows = 0, nr_orphans = 0, k = 0;
+	unsigned nr_pending = 0;
 	char shown[96];
 	sqlite3_stmt *st;
 	int64_t now = now_ns();
@@ -1196,6 +1419,7 @@ int tfs_catalog_reconcile(struct tfs_catalog *cat, const uint32_t *dev_ids, unsi
 	qsort(ids, nr, sizeof(*ids), cmp_u32);
 
 	lock(cat);
+	cat->overlay_writable = true;
 	r = savepoint(cat);
 	if (r)
 		goto out_unlock;
@@ -1204,6 +1428,9 @@ int tfs_catalog_reconcile(struct tfs_catalog *cat, const uint32_t *dev_ids, unsi
 		goto out_release;
 	r = collect_vols(cat, st, &rows, &nr_rows);
 	sqlite3_finalize(st);
+	if (r)
+		goto out_release;
+	r = unfinished_members(cat, &pending, &nr_pending);
 	if (r)
 		goto out_release;
 	orphans = malloc((nr_rows ? nr_rows : 1) * sizeof(*orphans));
@@ -1215,6 +1442,9 @@ int tfs_catalog_reconcile(struct tfs_catalog *cat, const uint32_t *dev_ids, unsi
 	for (size_t i = 0; i < nr_rows; i++) {
 		const struct tfs_vol_row *v = &rows[i];
 
+		/* Those rows wait for their group to be finished or undone, devices or not. */
+		if (has_device(pending, nr_pending, v->dev_id))
+			continue;
 		if (has_device(ids, nr, v->dev_id)) {
 			if (v->unlinked)
 				orphans[nr_orphans++] = v->dev_id;
@@ -1247,7 +1477,7 @@ int tfs_catalog_reconcile(struct tfs_catalog *cat, const uint32_t *dev_ids, unsi
 			k++;
 		if (k < nr_rows && rows[k].dev_id == ids[i])
 			continue;
-		r = add_placeholder(cat, ids[i], now);
+		r = add_placeholder(cat, ids[i], size_fn ? size_fn(ctx, ids[i]) : 0, now);
 		if (r)
 			goto out_release;
 	}
@@ -1255,11 +1485,13 @@ int tfs_catalog_reconcile(struct tfs_catalog *cat, const uint32_t *dev_ids, unsi
 out_release:
 	r = release(cat, r);
 out_unlock:
+	cat->overlay_writable = false;
 	unlock(cat);
 	/* Outside the lock: the caller deletes each device, then its row. */
 	for (size_t i = 0; !r && orphan_fn && i < nr_orphans; i++)
 		r = orphan_fn(ctx, orphans[i]);
 	free(orphans);
+	free(pending);
 	free(rows);
 	free(ids);
 	return r;

@@ -51,10 +51,14 @@ struct tfs_vol_row {
 	bool unlinked;            /* name gone, device still open */
 };
 
+/* What is unfinished about a group (a crash came in the middle of it), if anything. */
+enum tfs_group_intent { TFS_GROUP_WHOLE, TFS_GROUP_CREATING, TFS_GROUP_REMOVING };
+
 struct tfs_group_row {
 	int64_t id;
 	char name[TFS_NAME_MAX + 1];
 	int64_t created_ns;
+	enum tfs_group_intent intent; /* WHOLE except from list_unfinished_groups */
 };
 
 struct tfs_event_row {
@@ -70,14 +74,19 @@ struct tfs_event_row {
  * not a thinfs catalog; force removes the file (and its -wal/-shm) first.
  * It makes the parent directory if missing (one level: /var/lib/thinfs).
  * open: -ENOENT no such file; -EINVAL not a thinfs catalog; -EPROTO a
- * newer schema version.  A read-only open never writes.
+ * newer schema version.  A read-only open never writes the file: volume
+ * and group changes go to a private in-memory copy of those tables
+ * (events to the file are refused with -EROFS).
  */
 int tfs_catalog_create(const char *path, bool force, struct tfs_catalog **out);
 int tfs_catalog_open(const char *path, bool read_only, struct tfs_catalog **out);
+/* An empty catalog in memory, for a read-only mount of a pool whose catalog is lost. */
+int tfs_catalog_open_empty(struct tfs_catalog **out);
 void tfs_catalog_close(struct tfs_catalog *cat);
 
 /*
- * Name rules: 1..255 bytes, no '/', not "." or "..", no NUL or control characters.
+ * Name rules: 1..255 bytes of well-formed UTF-8 (utf8.h), no '/', not "." or "..",
+ * no NUL or control characters (U+0001..U+001F, U+007F..U+009F).
  * check_name logs the reason at info level (a refused name is the
  * client's mistake, not the daemon's).  name_error returns the reason
  * ("name contains '/'") or NULL, logging nothing: for replies to
@@ -126,15 +135,32 @@ typedef int (*tfs_catalog_vol_fn)(void *ctx, const struct tfs_vol_row *row);
 int tfs_catalog_list_volumes(struct tfs_catalog *cat, bool with_unlinked, tfs_catalog_vol_fn fn,
 			     void *ctx);
 
-/* ---- snapshot groups ---- */
+/*
+ * ---- snapshot groups ----
+ * A group is made or removed whole across a crash by an intent stored with
+ * it: add_unfinished_group records the group as being made (its member
+ * rows follow in the same transaction, naming device ids chosen before the
+ * devices exist); set_group_intent(WHOLE) ends that once the devices are
+ * committed, set_group_intent(REMOVING) starts a removal before any device
+ * goes.  A group with an intent is invisible to get_group and list_groups
+ * (its name stays taken); the next mount lists it with
+ * list_unfinished_groups and finishes or undoes it.
+ */
 int tfs_catalog_add_group(struct tfs_catalog *cat, const char *name, int64_t created_ns,
 			  int64_t *id_out);
+int tfs_catalog_add_unfinished_group(struct tfs_catalog *cat, const char *name,
+				     int64_t created_ns, int64_t *id_out);
+/* -ENOENT no such group (setting WHOLE on a group without an intent is a no-op). */
+int tfs_catalog_set_group_intent(struct tfs_catalog *cat, int64_t id, enum tfs_group_intent what);
 int tfs_catalog_get_group(struct tfs_catalog *cat, const char *name, struct tfs_group_row *out);
-/* Removes the group's member rows too (the caller deleted their devices first). */
+/* Removes the group's member rows and intent too (the caller deleted their devices first). */
 int tfs_catalog_remove_group(struct tfs_catalog *cat, int64_t id);
-/* Groups in name order. */
+/* Whole groups in name order. */
 typedef int (*tfs_catalog_group_fn)(void *ctx, const struct tfs_group_row *row);
 int tfs_catalog_list_groups(struct tfs_catalog *cat, tfs_catalog_group_fn fn, void *ctx);
+/* Groups with an intent (row->intent says which), in id order. */
+int tfs_catalog_list_unfinished_groups(struct tfs_catalog *cat, tfs_catalog_group_fn fn,
+				       void *ctx);
 
 /*
  * ---- events ----
@@ -153,9 +179,12 @@ int tfs_catalog_list_events(struct tfs_catalog *cat, int64_t after_id, tfs_catal
 /*
  * Mount-time reconciliation with the metadata's device list (ascending):
  * rows whose device is missing are dropped (each logged as a warning);
- * devices without a row get "thin-<id>" rows (size 0, mode 0600);
- * unlinked rows are reported through orphan_fn so the caller deletes
- * their devices and then the rows.
+ * devices without a row get "thin-<id>" rows (size from size_fn, or 0
+ * when it is NULL; mode 0600); unlinked rows are reported through
+ * orphan_fn so the caller deletes their devices and then the rows.  Rows
+ * of unfinished groups are left alone (the caller settles those first).
+ * On a read-only catalog the changes are made in memory only: the file is
+ * never written (pass no orphan_fn: nothing can be deleted).
  * Details: the row changes are one sqlite transaction, done before any
  * orphan_fn call; orphan_fn runs without the catalog's lock, and its first
  * non-zero return stops the walk and is returned.  A placeholder row is
@@ -164,6 +193,7 @@ int tfs_catalog_list_events(struct tfs_catalog *cat, int64_t after_id, tfs_catal
  * rows without a device (crash after the delete) go quietly (info).
  */
 int tfs_catalog_reconcile(struct tfs_catalog *cat, const uint32_t *dev_ids, unsigned nr,
+			  uint64_t (*size_fn)(void *ctx, uint32_t dev_id),
 			  int (*orphan_fn)(void *ctx, uint32_t dev_id), void *ctx);
 
 #endif

@@ -632,3 +632,19 @@ def pool(tmp_path, thinfs_bin, thinfs_ctl_bin, fuse_dev, request):
         problems += p.teardown()
     if problems:
         pytest.fail("pool teardown:\n" + "\n".join(problems), pytrace=False)
+
+
+@pytest.fixture
+def open_dir():
+    """A directory every user may search, outside pytest's 0700 tmp tree, for
+    mountpoints that another user (setpriv --reuid=65534) must reach.  List it
+    before `pool` so that it outlives the pool's unmount."""
+    import tempfile
+    top = Path(tempfile.mkdtemp(prefix="thinfs-test-", dir="/tmp"))
+    top.chmod(0o755)
+    yield top
+    for d in sorted(top.iterdir(), reverse=True) + [top]:
+        try:
+            d.rmdir()
+        except OSError:
+            pass

@@ -6,6 +6,7 @@ of a live pool through the held root), one-line errors with a non-zero
 exit, who may use the control socket, an idle pool doing no I/O, and the
 catalog's reconciliation with the metadata at mount."""
 import json
+import socket
 import os
 import re
 import shutil
@@ -210,6 +211,35 @@ def test_ctl_errors_are_one_line_and_a_nonzero_exit(pool, tmp_path):
     one_line_error(run_cmd(p.ctl_bin, tmp_path / "missing", "status", check=False))
     r = run_cmd(p.ctl_bin, check=False)
     assert r.returncode != 0 and r.stderr.strip()
+
+
+def raw_request(p, line):
+    """One request line straight to the control socket; the first response."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(30)
+        s.connect(ctl_socket_path(p.mnt))
+        s.sendall(line)
+        return json.loads(s.makefile("rb").readline())
+
+
+def test_oversized_requests_are_refused_naming_the_limit(pool):
+    p = pool()
+    create(p.mnt / "vm1", MiB)
+    # thinfs-ctl refuses them itself ...
+    err = one_line_error(p.ctl("delete", "a" * 100_000, ok=None))
+    assert err == "thinfs-ctl: the command is too large: 100029 bytes as a request, the " \
+        "daemon takes at most 65536", err
+    err = one_line_error(p.ctl("suspend", *["vm1"] * 20_000, ok=None))
+    assert err == "thinfs-ctl: too many arguments: 20000 (the daemon takes at most 4096)", err
+    # ... and the daemon, for any other client, answers before it hangs up.
+    r = raw_request(p, json.dumps({"cmd": "delete", "args": ["a" * 100_000]}).encode() + b"\n")
+    assert r["ok"] is False and r["error"] == "request too large: more than 65536 bytes " \
+        "(the limit of one request, newline included)", r
+    r = raw_request(p, json.dumps({"cmd": "suspend", "args": ["vm1"] * 5000}).encode() + b"\n")
+    assert r["ok"] is False and r["error"] == "too many arguments: 5000 (at most 4096)", r
+    assert [v["name"] for v in p.status()["volumes"]] == ["vm1"]
+    assert p.status()["pool"]["suspended"] is False
+    p.unmount()
 
 
 def test_control_socket_is_root_only(pool, tmp_path):

@@ -8,6 +8,7 @@ Every test ends, through the `pool` fixture, with the daemon exiting 0 on
 unmount, no unexpected error in its log, and thin_check and thinfs check
 clean on the metadata."""
 import errno
+import json
 import os
 import shutil
 import stat
@@ -15,6 +16,7 @@ import subprocess
 
 import pytest
 
+from conftest import run_cmd
 from daemon_util import (BS, FALLOC_FL_COLLAPSE_RANGE, FALLOC_FL_INSERT_RANGE,
                          FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, GiB,
                          KiB, MiB, aligned, create, du, expect_errno, fallocate, fsync_path,
@@ -480,7 +482,7 @@ def test_write_updates_mtime(pool):
 
 def test_bad_names_are_refused(pool):
     p = pool()
-    for name in ("a\nb", "tab\there", "del\x7f", "esc\x1b"):
+    for name in ("a\nb", "tab\there", "del\x7f", "esc\x1b", "csi\x9b31m"):
         expect_errno((errno.EINVAL, errno.EPERM), create, p.mnt / name)
     expect_errno((errno.ENAMETOOLONG, errno.EINVAL), create, p.mnt / ("x" * 256))
     create(p.mnt / ("y" * 255))
@@ -498,6 +500,100 @@ def test_names_with_sql_and_unicode_are_plain_names(pool):
     assert sorted(v["name"] for v in p.status()["volumes"]) == sorted(names)
     for i, n in enumerate(names):
         assert read_at(p.mnt / n, 0, 100) == pattern(100 + i, 100)
+
+
+# Not UTF-8: a stray byte, a cut sequence, an overlong '/', a surrogate, past U+10FFFF,
+# Latin-1.  As str with surrogateescape, so that os and subprocess pass the bytes.
+NOT_UTF8 = [os.fsdecode(b) for b in (b"bad\xff", b"cut\xe2\x82", b"\xc0\xaf", b"\xed\xa0\x80",
+                                     b"\xf4\x90\x80\x80", b"caf\xe9")]
+
+
+def ctl_strict(p, *args):
+    """thinfs-ctl's stdout, decoded as strict UTF-8 (a bad byte raises)."""
+    r = subprocess.run([str(p.ctl_bin), str(p.mnt), *args], capture_output=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    return r.stdout.decode("utf-8", errors="strict")
+
+
+def json_outputs(p):
+    """status --json, list --json and every line of events --json, parsed strictly."""
+    status = json.loads(ctl_strict(p, "status", "--json"))
+    listed = json.loads(ctl_strict(p, "list", "--json"))
+    events = [json.loads(l) for l in ctl_strict(p, "events", "--json").splitlines()]
+    return status, listed, events
+
+
+def test_names_that_are_not_utf8_are_refused_at_every_entry(pool):
+    p = pool()
+    create(p.mnt / "vm1", MiB)
+    for name in NOT_UTF8:
+        expect_errno(errno.EINVAL, create, p.mnt / name)
+        expect_errno(errno.EINVAL, os.rename, p.mnt / "vm1", p.mnt / name)
+        expect_errno(errno.EINVAL, os.mkdir, p.mnt / ".snapshots" / name)
+        r = run_cmd(p.ctl_bin, p.mnt, "snapshot", "vm1", name, check=False)
+        assert r.returncode != 0
+        assert r.stderr.strip().splitlines() == ["thinfs-ctl: snapshot: bad name: name is not "
+                                                 "valid UTF-8"], r.stderr
+    assert "not valid UTF-8" in p.log_text()
+    status, _, _ = json_outputs(p)
+    assert [v["name"] for v in status["volumes"]] == ["vm1"]
+    assert status["snapshot_groups"] == []
+    assert sorted(os.listdir(p.mnt)) == [".snapshots", "vm1"]
+
+
+def test_multibyte_utf8_names_round_trip_through_json(pool):
+    p = pool()
+    names = ["naïve", "日本語", "emoji-😀", "\U0010ffff-last", "\ud7ff\ue000"]
+    for i, n in enumerate(names):
+        create(p.mnt / n, BS)
+        write_at(p.mnt / n, 0, pattern(200 + i, 100))
+    os.rename(p.mnt / "naïve", p.mnt / "naïve-ü")
+    names[0] = "naïve-ü"
+    os.mkdir(p.mnt / ".snapshots" / "grüppe-☃")
+    p.ctl("snapshot", "日本語", "日本語-クローン")
+    p.remount()
+    status, listed, events = json_outputs(p)
+    top = [v["name"] for v in status["volumes"] if v["kind"] != "member"]
+    assert sorted(top) == sorted(names + ["日本語-クローン"])
+    assert [g["name"] for g in status["snapshot_groups"]] == ["grüppe-☃"]
+    assert sorted(status["snapshot_groups"][0]["volumes"]) == sorted(names)
+    assert "日本語-クローン" in json.dumps(listed, ensure_ascii=False)
+    details = " ".join(e["detail"] for e in events)
+    assert "grüppe-☃" in details and "日本語-クローン" in details
+    assert sorted(os.listdir(p.mnt / ".snapshots" / "grüppe-☃")) == sorted(names)
+    for i, n in enumerate(names[1:], 1):
+        assert read_at(p.mnt / ".snapshots" / "grüppe-☃" / n, 0, 100) == pattern(200 + i, 100)
+
+
+def test_json_stays_valid_with_bad_names_from_an_older_catalog(pool):
+    import sqlite3
+    p = pool()
+    create(p.mnt / "vm1", MiB)
+    create(p.mnt / "vm2", MiB)
+    os.mkdir(p.mnt / ".snapshots" / "g")
+    p.unmount()
+    # What an older thinfs let in: names and an event detail that are not UTF-8.
+    db = sqlite3.connect(p.catalog)
+    with db:
+        db.execute("UPDATE volumes SET name = CAST(? AS TEXT) "
+                   "WHERE name = 'vm1' AND group_id IS NULL", (b"old\xff",))
+        db.execute("UPDATE groups SET name = CAST(? AS TEXT)", (b"g\xfe\xc3",))
+        db.execute("INSERT INTO events (time_ns, kind, detail) VALUES (0, 'snapshot', "
+                   "CAST(? AS TEXT))", (b"volume \xed\xa0\x80 made",))
+    db.close()
+    p.mount()
+    status, listed, events = json_outputs(p)
+    assert sorted(v["name"] for v in status["volumes"] if v["kind"] != "member") == \
+        ["old\ufffd", "vm2"]
+    assert [g["name"] for g in status["snapshot_groups"]] == ["g\ufffd\ufffd"]
+    assert "old\ufffd" in json.dumps(listed, ensure_ascii=False)
+    assert "volume \ufffd\ufffd\ufffd made" in [e["detail"] for e in events]
+    # The file keeps its bytes, and can be given a valid name.
+    assert os.fsencode(os.fsdecode(b"old\xff")) in os.listdir(os.fsencode(p.mnt))
+    os.rename(p.mnt / os.fsdecode(b"old\xff"), p.mnt / "vm1")
+    status, _, _ = json_outputs(p)
+    assert sorted(v["name"] for v in status["volumes"] if v["kind"] != "member") == \
+        ["vm1", "vm2"]
 
 
 # ---- O_DIRECT ---------------------------------------------------------------------

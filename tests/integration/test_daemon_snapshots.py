@@ -69,6 +69,61 @@ def test_group_snapshot_files_are_read_only(pool):
     assert read_at(f, 0, 6) == b"origin"
 
 
+def test_members_keep_their_origins_owner_group_and_read_bits(open_dir, pool):
+    """With allow_other, a snapshot of a private volume stays private: a member
+    has its origin's owner, group and read/execute bits of the moment of the
+    mkdir, never a write bit (issue 9)."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to act as another user")
+    as_nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    p = pool(mnt=open_dir / "mnt", mount_opts=("-o", "allow_other"))
+    want = {}   # volume -> (mode, uid, gid) of its member
+    for name, mode, owner, member_mode in (("private", 0o600, (0, 0), 0o400),
+                                           ("public", 0o644, (0, 0), 0o444),
+                                           ("nobodys", 0o600, (65534, 65534), 0o400),
+                                           ("group", 0o640, (0, 65534), 0o440),
+                                           ("suid", 0o4775, (0, 0), 0o555)):
+        create(p.mnt / name, MiB)
+        write_at(p.mnt / name, 0, name.encode())
+        os.chown(p.mnt / name, *owner)
+        os.chmod(p.mnt / name, mode)
+        want[name] = (member_mode,) + owner
+    os.mkdir(snapdir(p, "g"))
+    # Later changes to an origin do not reach its members.
+    os.chmod(p.mnt / "public", 0o600)
+    os.chown(p.mnt / "nobodys", 0, 0)
+
+    def check():
+        for name, (mode, uid, gid) in want.items():
+            st = os.stat(snapdir(p, "g") / name)
+            assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (mode, uid, gid), \
+                f"member {name}: {oct(st.st_mode)} {st.st_uid}:{st.st_gid}"
+        # nobody reads what its bits allow, and writes no member.
+        for name, readable in (("private", False), ("public", True), ("nobodys", True),
+                               ("group", True), ("suid", True)):
+            f = snapdir(p, "g") / name
+            r = run_cmd(*as_nobody, "head", "-c", len(name), f, check=False)
+            assert (r.returncode == 0) == readable, f"nobody reading {name}: {r.stderr}"
+            if readable:
+                assert r.stdout == name
+            r = run_cmd(*as_nobody, "dd", "if=/dev/zero", f"of={f}", "bs=1", "count=1",
+                        "conv=notrunc", check=False)
+            assert r.returncode != 0 and "ermission denied" in r.stderr, r.stderr
+        # Not even root writes a member, or changes its attributes.
+        f = snapdir(p, "g") / "private"
+        expect_errno(errno.EROFS, os.open, f, os.O_WRONLY)
+        expect_errno(errno.EROFS, os.chmod, f, 0o644)
+        expect_errno(errno.EROFS, os.chown, f, 65534, 65534)
+
+    check()
+    p.remount("-o", "allow_other")
+    check()
+    # A writable clone of a member is no wider than the member, plus the owner's write.
+    p.ctl("snapshot", "g/private", "clone")
+    st = os.stat(p.mnt / "clone")
+    assert (stat.S_IMODE(st.st_mode), st.st_uid) == (0o600, 0)
+
+
 def test_writes_after_a_group_snapshot_land_only_in_the_origin(pool):
     p = pool()
     create(p.mnt / "vm1", MiB)

@@ -246,6 +246,29 @@ def test_resize_refusals_and_external_growth(pool):
     p.unmount()
 
 
+MAX_META_BLOCKS = 4161600    # 255 bitmaps x 16320 blocks: the format's limit
+
+
+def test_metadata_resize_past_the_format_limit_grows_only_to_it(pool):
+    p = pool(data_size=DATA, meta_size=8 * MiB, options={"low_water_mark": "0"})
+    r = p.ctl("resize", "metadata", "+1T")
+    assert r.stdout.strip() == f"grown to {MAX_META_BLOCKS} blocks, not " \
+        f"{(8 * MiB + (1 << 40)) // 4096}: the format uses at most {MAX_META_BLOCKS} " \
+        "metadata blocks (about 15.9 GiB)", r.stdout
+    assert p.status()["pool"]["metadata"]["total_blocks"] == MAX_META_BLOCKS
+    assert os.path.getsize(p.meta) == MAX_META_BLOCKS * 4096   # not 1 TiB
+    # At the limit already: refused, nothing changes.
+    r = p.ctl("resize", "metadata", "+4k", ok=None)
+    assert r.returncode == 1 and r.stderr.strip() == \
+        f"thinfs-ctl: resize metadata: cannot grow the metadata device to " \
+        f"{MAX_META_BLOCKS + 1} blocks: the format uses at most {MAX_META_BLOCKS} metadata " \
+        "blocks (about 15.9 GiB), and it has that many already", r.stderr
+    assert os.path.getsize(p.meta) == MAX_META_BLOCKS * 4096
+    kinds = [e["kind"] for e in map(json.loads, p.ctl("events", "--json").stdout.splitlines())]
+    assert kinds.count("resize") == 1, kinds
+    p.unmount()
+
+
 def test_metadata_write_error_goes_read_only_then_repair(pool):
     p = pool(data_size=DATA, meta_size=8 * MiB, options={"low_water_mark": "0"}, mount=False)
     p.cfg.write_text(p.cfg.read_text() + "[fault]\nallow = yes\n")

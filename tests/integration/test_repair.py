@@ -108,4 +108,4 @@ def test_check_resolves_device_names_in_pool_cfg_and_names_a_missing_one(tmp_pat
     cfg.write_text("[pool]\nmetadata = LABEL=thinfs-no-such-label-7c1\ndata = data.img\n")
     p = run(THINFS, "check", cfg, check=False)
     assert p.returncode == 2
-    assert "no device has LABEL=thinfs-no-such-label-7c1" in p.stderr
+    assert "pool.cfg:2: metadata: LABEL=thinfs-no-such-label-7c1: no such device" in p.stderr

@@ -1082,6 +1082,41 @@ def test_reload_of_an_unparsable_file_is_refused_naming_file_and_line(pool, guar
     p.unmount()
 
 
+def test_reload_config_errors_are_printed_one_per_line(pool, guard):
+    p = make_pool(pool, guard)
+    orig = p.cfg.read_text()
+    suspend(p)
+    bad = p.dir / "bad.cfg"
+    bad.write_text(orig + "block_size = 128k\nno_space_timeout = soon\n")
+    n = len(orig.splitlines())
+    r = p.ctl("reload", bad, ok=(1,))
+    assert r.stderr.splitlines() == [
+        f"thinfs-ctl: reload: {bad} is not loadable (the running configuration stays):",
+        f"thinfs-ctl: {bad}:{n + 1}: block_size: given twice (first on line 5)",
+        f"thinfs-ctl: {bad}:{n + 2}: no_space_timeout: 'soon' is not a time "
+        "(seconds, or a number with ms, s, m, h: 500ms, 60s, 2m)"], r.stderr
+    # A relative name that is not there is named as the user meant it, not from the daemon's /.
+    r = run_cmd(p.ctl_bin, p.mnt, "reload", "nosuch.cfg", check=False, cwd=p.dir)
+    assert r.returncode == 1 and r.stderr.splitlines() == [
+        f"thinfs-ctl: reload: {p.dir}/nosuch.cfg is not loadable (the running configuration "
+        "stays):", f"thinfs-ctl: {p.dir}/nosuch.cfg: No such file or directory"], r.stderr
+    assert pst(p)["reload_staged"] is False
+    resume(p)
+    p.unmount()
+
+
+def test_resume_and_suspend_of_an_unknown_volume_name_it(pool, guard):
+    p = make_pool(pool, guard)
+    create(p.mnt / "vm1", DATA)
+    r = resume(p, "vm1", "nosuch", ok=(1,))
+    assert r.stderr == "thinfs-ctl: resume: no volume named 'nosuch' (nothing was resumed)\n"
+    r = suspend(p, "vm1", "nosuch", ok=(1,))
+    assert r.stderr == \
+        "thinfs-ctl: suspend: no volume named 'nosuch' (nothing was suspended)\n"
+    assert vst(p, "vm1")["suspended"] is False
+    p.unmount()
+
+
 def test_reloaded_options_and_grown_metadata_take_effect_at_resume(pool, guard):
     p = make_pool(pool, guard, meta_size=8 * MiB)
     create(p.mnt / "vm1", DATA)
@@ -1112,6 +1147,19 @@ def test_reloaded_options_and_grown_metadata_take_effect_at_resume(pool, guard):
     st = pst(p)
     assert st["metadata"]["total_blocks"] == 16 * MiB // 4096 and \
         st["discard_passdown"] is False, st
+    p.unmount()
+
+
+def test_reload_of_a_metadata_device_past_the_format_limit_uses_only_the_limit(pool, guard):
+    max_blocks = 4161600                  # the format's limit (about 15.9 GiB)
+    p = make_pool(pool, guard, meta_size=8 * MiB)
+    suspend(p)
+    os.truncate(p.meta, 1 << 40)          # grown from outside, far past the limit
+    r = p.ctl("reload", p.cfg)
+    assert f"metadata device: {8 * MiB // 4096} -> {max_blocks} blocks (the format uses at " \
+        "most that many metadata blocks" in r.stdout, r.stdout
+    resume(p)
+    assert pst(p)["metadata"]["total_blocks"] == max_blocks
     p.unmount()
 
 

@@ -473,14 +473,45 @@ def test_help_and_usage(run_thinfs):
 
 def test_pool_cfg_names_the_metadata(restored_image, run_thinfs, tmp_path):
     img = small_pool(restored_image)
+    (img.parent / "data.bin").write_bytes(b"")
     cfg = tmp_path / "pool.cfg"
     cfg.write_text(f"[pool]\nmetadata = {img.name}   ; next to the cfg\ndata = data.bin\n"
                    '\n[origin "db"]\ndevice = /dev/null\n')
     run_thinfs("check", cfg)
     assert run_thinfs("dump", cfg).stdout == thin_dump(img)
-    (tmp_path / "nometa.cfg").write_text("[pool]\ndata = x\n")
+    (tmp_path / "nometa.cfg").write_text("[pool]\ndata = data.bin\n")
     assert "metadata" in run_thinfs("check", tmp_path / "nometa.cfg", ok=(2,)).stderr
     run_thinfs("check", tmp_path / "missing.cfg", ok=(2,))
+
+
+def test_a_bad_pool_cfg_is_reported_as_mount_reports_it_and_nothing_is_read(
+        restored_image, run_thinfs, tmp_path):
+    img = small_pool(restored_image)
+    (img.parent / "data.bin").write_bytes(b"")
+    cfg = tmp_path / "bad.cfg"
+    cfg.write_text(f"[pool]\nmetadata = {img.name}\ndata = data.bin\nblock_size = 64k\n"
+                   "block_size = 128k\nerror_if_no_space = maybe\n")
+    expected = [f"thinfs: error: {cfg}:5: block_size: given twice (first on line 4)",
+                f"thinfs: error: {cfg}:6: error_if_no_space: 'maybe' is not a boolean "
+                "(yes/no, true/false, on/off, 1/0)"]
+    for cmd, rc in (("check", 2), ("dump", 2)):
+        r = run_thinfs(cmd, cfg, ok=(rc,))
+        assert r.stdout == "" and r.stderr.splitlines() == expected, (cmd, r.stderr)
+    # A missing data device is the cfg's problem (line 3), not a missing cfg.
+    cfg.write_text(f"[pool]\nmetadata = {img.name}\ndata = nodata.bin\n")
+    r = run_thinfs("check", cfg, ok=(2,))
+    assert r.stderr.splitlines() == [f"thinfs: error: {cfg}:3: data: nodata.bin: no such file "
+                                     f"or device (relative to {tmp_path})"], r.stderr
+
+
+def test_a_missing_file_is_reported_once(run_thinfs, tmp_path):
+    for args, rc in ((("check", "/nonexistent"), 2), (("dump", "/nonexistent"), 1),
+                     (("check", tmp_path / "missing.cfg"), 2),
+                     (("dump", tmp_path / "missing.cfg"), 2)):
+        r = run_thinfs(*args, ok=(rc,))
+        lines = r.stderr.splitlines()
+        assert len(lines) == 1 and args[1].__str__() in lines[0] and \
+            "No such file or directory" in lines[0], (args, r.stderr)
 
 
 def test_quiet_prints_nothing(restored_image, run_thinfs):

@@ -19,6 +19,7 @@
 
 #include "catalog.h"
 #include "log.h"
+#include "utf8.h"
 
 struct env {
 	char dir[64];
@@ -309,9 +310,27 @@ static void test_name_rules_with_reasons(void **state)
 		{ "new\nline", "control character" },
 		{ "del\x7f", "control character" },
 		{ "\x1b[31mred", "control character" },
+		{ "csi\xc2\x9b" "31m", "control character" },  /* U+009B */
+		{ "\xc2\x80", "control character" },            /* U+0080 */
+		{ "bad\xff", "not valid UTF-8" },
+		{ "\xc3", "not valid UTF-8" },                 /* cut short */
+		{ "\xc3(", "not valid UTF-8" },                /* bad continuation */
+		{ "\xc0\xaf", "not valid UTF-8" },             /* overlong '/' */
+		{ "\xe0\x80\xaf", "not valid UTF-8" },         /* overlong, 3 bytes */
+		{ "\xf0\x80\x80\xaf", "not valid UTF-8" },     /* overlong, 4 bytes */
+		{ "\xed\xa0\x80", "not valid UTF-8" },         /* surrogate U+D800 */
+		{ "\xed\xbf\xbf", "not valid UTF-8" },         /* surrogate U+DFFF */
+		{ "\xf4\x90\x80\x80", "not valid UTF-8" },     /* U+110000 */
+		{ "\xf8\x88\x80\x80\x80", "not valid UTF-8" }, /* 5-byte form */
+		{ "lat1-caf\xe9", "not valid UTF-8" },         /* Latin-1, not UTF-8 */
 	};
 	static const char *const good[] = { "a", "...", ".hidden", "with space", "ünïcödé",
-					    "semi;colon", "quote'd", "-dash" };
+					    "semi;colon", "quote'd", "-dash",
+					    "\xed\x9f\xbf",          /* U+D7FF, below the surrogates */
+					    "\xee\x80\x80",          /* U+E000, above them */
+					    "\xf4\x8f\xbf\xbf",      /* U+10FFFF, the last */
+					    "日本語", "emoji-😀",
+					    "nbsp\xc2\xa0" /* U+00A0, just past the C1 controls */ };
 	struct env *e = *state;
 	char n255[256], n256[257];
 
@@ -320,6 +339,8 @@ static void test_name_rules_with_reasons(void **state)
 		assert_int_equal(tfs_catalog_check_name(bad[i].name), -EINVAL);
 		if (!strstr(e->log, bad[i].why))
 			fail_msg("name %zu: no '%s' in log: %s", i, bad[i].why, e->log);
+		/* The log line shows the bad bytes escaped, never raw. */
+		assert_true(tfs_utf8_valid(e->log, strlen(e->log)));
 		assert_string_equal(strstr(tfs_catalog_name_error(bad[i].name), bad[i].why) ? "y" : "n",
 				    "y");
 	}
@@ -870,7 +891,7 @@ static void test_reconcile_follows_the_metadata(void **state)
 	add_member(e, "vm1", 7, gid, 0); /* its device is gone too */
 
 	e->log[0] = '\0';
-	assert_int_equal(tfs_catalog_reconcile(e->cat, devs, 5, note_orphan, &o), 0);
+	assert_int_equal(tfs_catalog_reconcile(e->cat, devs, 5, NULL, note_orphan, &o), 0);
 	assert_int_equal(o.n, 1);
 	assert_int_equal(o.ids[0], 2);
 
@@ -906,7 +927,7 @@ static void test_reconcile_follows_the_metadata(void **state)
 	/* A second pass over the same metadata changes nothing. */
 	e->log[0] = '\0';
 	o.n = 0;
-	assert_int_equal(tfs_catalog_reconcile(e->cat, devs, 5, NULL, NULL), 0);
+	assert_int_equal(tfs_catalog_reconcile(e->cat, devs, 5, NULL, NULL, NULL), 0);
 	assert_string_equal(e->log, "");
 	assert_string_equal(list(e, true), "deleted-but-open(u) thin-4 thin-4-1 thin-5 vm1");
 }
@@ -926,7 +947,7 @@ static void test_reconcile_stops_at_an_orphan_callback_error(void **state)
 		assert_int_equal(tfs_catalog_add_volume(e->cat, &r), 0);
 		assert_int_equal(tfs_catalog_unlink(e->cat, i), 0);
 	}
-	assert_int_equal(tfs_catalog_reconcile(e->cat, devs, 2, note_orphan, &o), -EIO);
+	assert_int_equal(tfs_catalog_reconcile(e->cat, devs, 2, NULL, note_orphan, &o), -EIO);
 	assert_int_equal(o.n, 1);
 }
 
@@ -936,8 +957,86 @@ static void test_reconcile_of_an_empty_pool_empties_the_catalog(void **state)
 	struct tfs_vol_row r = vol("vm1", 1);
 
 	assert_int_equal(tfs_catalog_add_volume(e->cat, &r), 0);
-	assert_int_equal(tfs_catalog_reconcile(e->cat, NULL, 0, NULL, NULL), 0);
+	assert_int_equal(tfs_catalog_reconcile(e->cat, NULL, 0, NULL, NULL, NULL), 0);
 	assert_string_equal(list(e, true), "");
+}
+
+static uint64_t size_of_device(void *ctx, uint32_t id)
+{
+	return (uint64_t)id << 20;
+}
+
+static void test_read_only_reconcile_changes_memory_only(void **state)
+{
+	struct env *e = *state;
+	struct tfs_vol_row a = vol("vm1", 1), got;
+	const uint32_t devs[] = { 1, 3 };
+	struct tfs_catalog *ro;
+	int64_t gid;
+
+	assert_int_equal(tfs_catalog_add_volume(e->cat, &a), 0);
+	assert_int_equal(tfs_catalog_add_group(e->cat, "nightly", 1, &gid), 0);
+	add_member(e, "vm1", 2, gid, 0); /* no device 2: the row goes, in memory */
+	assert_int_equal(tfs_catalog_open(e->path, true, &ro), 0);
+	assert_int_equal(tfs_catalog_reconcile(ro, devs, 2, size_of_device, NULL, NULL), 0);
+	assert_int_equal(tfs_catalog_get_by_name(ro, "thin-3", &got), 0);
+	assert_int_equal(got.size, 3ull << 20);
+	assert_int_equal(tfs_catalog_get_by_id(ro, 2, &got), -ENOENT);
+	assert_non_null(strstr(e->log, "on this read-only mount only"));
+	/* Outside reconcile a read-only catalog still refuses changes. */
+	a = vol("vm9", 9);
+	assert_int_equal(tfs_catalog_add_volume(ro, &a), -EROFS);
+	tfs_catalog_close(ro);
+	/* The file never saw any of it. */
+	assert_int_equal(tfs_catalog_get_by_name(e->cat, "thin-3", &got), -ENOENT);
+	assert_int_equal(tfs_catalog_get_by_id(e->cat, 2, &got), 0);
+}
+
+static int note_group(void *ctx, const struct tfs_group_row *row)
+{
+	struct tfs_group_row *out = ctx;
+
+	*out = *row;
+	return 0;
+}
+
+static void test_unfinished_groups_are_hidden_until_whole(void **state)
+{
+	struct env *e = *state;
+	struct tfs_group_row g = { 0 };
+	struct names l = { 0 };
+	const uint32_t devs[] = { 1 };
+	int64_t gid;
+
+	assert_int_equal(tfs_catalog_add_unfinished_group(e->cat, "nightly", 5, &gid), 0);
+	add_member(e, "vm1", 2, gid, 0);
+	/* Invisible, its name taken, its rows left alone by reconcile (device 2 is missing). */
+	assert_int_equal(tfs_catalog_get_group(e->cat, "nightly", &g), -ENOENT);
+	assert_int_equal(tfs_catalog_list_groups(e->cat, add_group_name, &l), 0);
+	assert_string_equal(l.s, "");
+	assert_int_equal(tfs_catalog_add_group(e->cat, "nightly", 6, NULL), -EEXIST);
+	assert_int_equal(tfs_catalog_reconcile(e->cat, devs, 1, NULL, NULL, NULL), 0);
+	assert_string_equal(list(e, false), "thin-1 vm1");
+	reopen(e);
+	assert_int_equal(tfs_catalog_list_unfinished_groups(e->cat, note_group, &g), 0);
+	assert_int_equal(g.id, gid);
+	assert_int_equal(g.intent, TFS_GROUP_CREATING);
+
+	assert_int_equal(tfs_catalog_set_group_intent(e->cat, gid, TFS_GROUP_WHOLE), 0);
+	assert_int_equal(tfs_catalog_get_group(e->cat, "nightly", &g), 0);
+	assert_int_equal(g.intent, TFS_GROUP_WHOLE);
+	assert_int_equal(tfs_catalog_set_group_intent(e->cat, gid, TFS_GROUP_REMOVING), 0);
+	assert_int_equal(tfs_catalog_get_group(e->cat, "nightly", &g), -ENOENT);
+	memset(&g, 0, sizeof(g));
+	assert_int_equal(tfs_catalog_list_unfinished_groups(e->cat, note_group, &g), 0);
+	assert_int_equal(g.intent, TFS_GROUP_REMOVING);
+	/* Removing the group takes its rows and its intent. */
+	assert_int_equal(tfs_catalog_remove_group(e->cat, gid), 0);
+	memset(&g, 0, sizeof(g));
+	assert_int_equal(tfs_catalog_list_unfinished_groups(e->cat, note_group, &g), 0);
+	assert_int_equal(g.id, 0);
+	assert_string_equal(list(e, true), "thin-1");
+	assert_int_equal(tfs_catalog_set_group_intent(e->cat, gid, TFS_GROUP_REMOVING), -ENOENT);
 }
 
 int main(void)
@@ -971,6 +1070,8 @@ int main(void)
 		T(test_reconcile_follows_the_metadata),
 		T(test_reconcile_stops_at_an_orphan_callback_error),
 		T(test_reconcile_of_an_empty_pool_empties_the_catalog),
+		T(test_read_only_reconcile_changes_memory_only),
+		T(test_unfinished_groups_are_hidden_until_whole),
 #undef T
 	};
 

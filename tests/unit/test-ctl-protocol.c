@@ -8,6 +8,8 @@
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include <cmocka.h>
@@ -73,12 +75,33 @@ static void test_malformed_requests_are_refused_with_one_line(void **state)
 	}
 }
 
+static void test_too_many_arguments_are_refused_naming_the_limit(void **state)
+{
+	struct tfs_ctl_request req;
+	char why[128] = "";
+	size_t len = 32 + 5 * (TFS_CTL_MAX_ARGS + 1);
+	char *line = malloc(len);
+	size_t n;
+
+	(void)state;
+	assert_non_null(line);
+	n = (size_t)snprintf(line, len, "{\"cmd\": \"resume\", \"args\": [");
+	for (int i = 0; i <= TFS_CTL_MAX_ARGS; i++)
+		n += (size_t)snprintf(line + n, len - n, "%s\"a\"", i ? "," : "");
+	snprintf(line + n, len - n, "]}");
+	assert_int_equal(tfs_ctl_parse_request(line, &req, why, sizeof(why)), -EINVAL);
+	assert_non_null(strstr(why, "too many arguments: 4097 (at most 4096)"));
+	assert_null(req.argv);
+	free(line);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
 		cmocka_unit_test(test_request_gives_command_then_arguments),
 		cmocka_unit_test(test_request_without_args_is_the_command_alone),
 		cmocka_unit_test(test_malformed_requests_are_refused_with_one_line),
+		cmocka_unit_test(test_too_many_arguments_are_refused_naming_the_limit),
 	};
 
 	return cmocka_run_group_tests(tests, NULL, NULL);

@@ -421,6 +421,59 @@ static void test_write_to_untouched_leaf_after_snapshot_copies(void **state)
 	done(f, false);
 }
 
+static void test_snapshots_with_chosen_ids_and_deleting_several_at_once(void **state)
+{
+	struct fixture *f = new_fixture(64, false);
+	uint8_t buf[BS];
+	struct tfs_vol *v;
+	uint32_t id, free_ids[2], list[8], ids[3];
+	uint64_t end;
+
+	(void)state;
+	open_pool(f);
+	v = new_volume(f, &id);
+	fill_random(buf, sizeof(buf));
+	assert_int_equal(tfs_pool_dev_end(f->pool, id, &end), 0);
+	assert_int_equal(end, 0);
+	assert_int_equal(tfs_vol_write(v, buf, BS, 3 * BS), 0);
+	assert_int_equal(tfs_vol_write(v, buf, 100, 1000 * BS + 7), 0);
+	/* One past the highest mapped block, whatever lies between. */
+	assert_int_equal(tfs_pool_dev_end(f->pool, id, &end), 0);
+	assert_int_equal(end, 1001);
+
+	/* Ids picked first are what the snapshots get; a taken one is refused, nothing made. */
+	assert_int_equal(tfs_pool_free_ids(f->pool, 2, free_ids), 0);
+	assert_int_equal(free_ids[0], 1);
+	assert_int_equal(free_ids[1], 2);
+	tfs_log_set_sink(quiet_sink, NULL);
+	assert_int_equal(tfs_pool_create_snaps_as(f->pool, (uint32_t[]){ id, id }, 2,
+						  (uint32_t[]){ 5, id }), -EEXIST);
+	tfs_log_set_sink(NULL, NULL);
+	assert_int_equal(tfs_pool_list(f->pool, list, 8), 1);
+	assert_int_equal(tfs_pool_create_snaps_as(f->pool, (uint32_t[]){ id, id }, 2,
+						  (uint32_t[]){ 7, 4 }), 0);
+	assert_int_equal(tfs_pool_list(f->pool, list, 8), 3);
+	assert_int_equal(list[1], 4);
+	assert_int_equal(list[2], 7);
+	assert_int_equal(tfs_pool_dev_end(f->pool, 7, &end), 0);
+	assert_int_equal(end, 1001);
+
+	/* Open devices are refused before any goes; missing ids are skipped. */
+	ids[0] = 4;
+	ids[1] = id;
+	ids[2] = 9;
+	tfs_log_set_sink(quiet_sink, NULL);
+	assert_int_equal(tfs_pool_delete_devices(f->pool, ids, 3), -EBUSY);
+	tfs_log_set_sink(NULL, NULL);
+	assert_int_equal(tfs_pool_list(f->pool, list, 8), 3);
+	ids[1] = 7;
+	assert_int_equal(tfs_pool_delete_devices(f->pool, ids, 3), 0);
+	assert_int_equal(tfs_pool_list(f->pool, list, 8), 1);
+	assert_int_equal(tfs_pool_dev_end(f->pool, 7, &end), -ENODATA);
+	tfs_vol_close(v);
+	done(f, false);
+}
+
 static void test_group_snapshot_is_atomic_and_usage_counts_exclusive_blocks(void **state)
 {
 	struct fixture *f = new_fixture(64, false);
@@ -1402,6 +1455,7 @@ int main(void)
 		cmocka_unit_test(test_snapshot_keeps_content_and_accounting_is_exact),
 		cmocka_unit_test(test_write_to_untouched_leaf_after_snapshot_copies),
 		cmocka_unit_test(test_group_snapshot_is_atomic_and_usage_counts_exclusive_blocks),
+		cmocka_unit_test(test_snapshots_with_chosen_ids_and_deleting_several_at_once),
 		cmocka_unit_test(test_snapshot_during_writes_sees_whole_requests),
 		cmocka_unit_test(test_discard_frees_whole_blocks_and_zeroes_partial_ones),
 		cmocka_unit_test(test_discard_of_shared_blocks_keeps_the_snapshot),
