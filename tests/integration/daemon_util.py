@@ -140,3 +140,13 @@ def read_direct(path, off, n):
     finally:
         os.close(fd)
 
+
+def write_direct(path, off, data):
+    """An O_DIRECT pwrite of data at off (one FUSE request up to max_write)."""
+    fd = os.open(path, os.O_WRONLY | os.O_DIRECT)
+    try:
+        buf = aligned(len(data))
+        buf[:] = data
+        assert os.pwritev(fd, [buf], off) == len(data)
+    finally:
+        os.close(fd)
