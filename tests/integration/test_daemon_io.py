@@ -2,7 +2,8 @@
 """I/O through volumes (issue 3): fio with crc32c verification and two jobs,
 concurrent writes to the same blocks (range locks), copy-on-write races
 between an origin and its snapshot, discard passdown reaching the data
-file, losetup --direct-io=on, running out of data space."""
+file, losetup --direct-io=on, running out of data space; O_DIRECT writers
+of one file in parallel, O_DIRECT at any alignment (issue 10)."""
 import errno
 import mmap
 import os
@@ -14,7 +15,8 @@ import pytest
 
 from conftest import run_cmd
 from daemon_util import (BS, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, MiB, aligned, create,
-                         du, fallocate, fsync_path, pattern, read_at, wait_for, write_at)
+                         du, fallocate, fsync_path, pattern, read_at, read_direct, wait_for,
+                         write_at, write_direct)
 
 
 def fio(*args, timeout=300):
@@ -221,6 +223,26 @@ def test_direct_io_at_any_offset_length_and_address_is_served_exactly(pool):
         os.close(bfd)
     p.remount()
     assert read_at(vol, 0, size) == bytes(model)
+
+
+def test_buffered_and_direct_opens_of_one_file_see_each_others_writes(pool):
+    """An O_DIRECT open bypasses the page cache on its own path
+    (FOPEN_DIRECT_IO); a buffered open of the same file that has the block
+    cached still reads what the direct write left, and a direct read sees a
+    buffered write."""
+    p = pool()
+    vol = p.mnt / "vm1"
+    create(vol, 4 * MiB)
+    write_at(vol, 0, pattern(1, 2 * BS))
+    fd = os.open(vol, os.O_RDONLY)
+    try:
+        assert os.pread(fd, BS, 0) == pattern(1, 2 * BS)[:BS]      # now in the page cache
+        write_direct(vol, 0, pattern(2, BS))
+        assert os.pread(fd, BS, 0) == pattern(2, BS)
+        write_at(vol, BS, pattern(3, BS), fsync=False)
+        assert read_direct(vol, BS, BS) == pattern(3, BS)
+    finally:
+        os.close(fd)
 
 
 # ---- discard passdown ---------------------------------------------------------------------
