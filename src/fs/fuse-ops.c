@@ -566,7 +566,7 @@ static void op_symlink(fuse_req_t req, const char *link, fuse_ino_t parent, cons
  * The reply to an O_DIRECT open: FOPEN_DIRECT_IO | FOPEN_PARALLEL_DIRECT_WRITES.
  * On an open that may use the page cache the kernel holds the file's inode
  * lock exclusively for the whole of a synchronous direct write, so one
- * write waiting in the engine (for data space, or in a suspend) stops every
+ * write waiting in the engine (held for data space) stops every
  * other write to the file in uninterruptible sleep, even an overwrite of a
  * mapped block the engine would let through.  With both flags, and while
  * no cached open of the inode exists, the kernel takes the lock shared and
