@@ -96,6 +96,8 @@ struct tfs_fs {
 	struct tfs_pool *pool;
 	struct tfs_catalog *cat;
 	struct fuse_session *se;
+	bool parallel_dio;         /* the kernel takes FOPEN_PARALLEL_DIRECT_WRITES: set at
+				      FUSE init, before any open, then only read */
 	struct tfs_ctl_server *ctl;
 
 	pthread_mutex_t lock;

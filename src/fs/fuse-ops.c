@@ -15,10 +15,12 @@
 #include <inttypes.h>
 #include <limits.h>
 #include <linux/falloc.h>
+#include <linux/fuse.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
 #include <sys/statvfs.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 #include "fs.h"
@@ -31,6 +33,12 @@
  */
 #define ENTRY_TIMEOUT 1.0
 #define ATTR_TIMEOUT 1.0
+
+/* Linux 6.2, protocol 7.36; older UAPI headers lack it, older kernels ignore it. */
+#ifndef FOPEN_PARALLEL_DIRECT_WRITES
+#define FOPEN_PARALLEL_DIRECT_WRITES (1 << 6)
+#endif
+#define PARALLEL_DIO_MINOR 36
 
 enum ino_kind { INO_ROOT, INO_SNAPSHOTS, INO_GROUP, INO_VOL, INO_BAD };
 
@@ -459,7 +467,13 @@ static void op_create(fuse_req_t req, fuse_ino_t parent, const char *name, mode_
 	e.entry_timeout = ENTRY_TIMEOUT;
 	fi->fh = (uintptr_t)pinned;
 	fi->keep_cache = 0;
-	fi->direct_io = 0;
+	/*
+	 * An O_DIRECT create gets FOPEN_DIRECT_IO alone, as libfuse can send
+	 * it, so it does not put the inode in the kernel's cached mode, which
+	 * would make every other open's direct writes exclusive.  The new
+	 * volume is empty, and direct writes past EOF are exclusive anyway.
+	 */
+	fi->direct_io = (fi->flags & O_DIRECT) && fs->parallel_dio;
 	if (fuse_reply_create(req, &e, fi) != 0) {
 		/* Interrupted: the kernel holds neither the file nor the reference. */
 		tfs_fs_unpin(fs, pinned);
@@ -548,6 +562,40 @@ static void op_symlink(fuse_req_t req, const char *link, fuse_ino_t parent, cons
 
 /* ---- files ---- */
 
+/*
+ * The reply to an O_DIRECT open: FOPEN_DIRECT_IO | FOPEN_PARALLEL_DIRECT_WRITES.
+ * On an open that may use the page cache the kernel holds the file's inode
+ * lock exclusively for the whole of a synchronous direct write, so one
+ * write waiting in the engine (held for data space) stops every
+ * other write to the file in uninterruptible sleep, even an overwrite of a
+ * mapped block the engine would let through.  With both flags, and while
+ * no cached open of the inode exists, the kernel takes the lock shared and
+ * the engine's range locks order writes per block.  libfuse 3.14 has no
+ * fuse_file_info bit for the second flag (3.15 added one), so this builds
+ * the reply from the kernel's struct as fuse_reply_open does there: the
+ * handle and the flags, of which keep_cache, nonseekable, noflush and
+ * cache_readdir are never set for a volume.  A later libfuse may keep
+ * state in fuse_reply_open, so it is used wherever it can say this.
+ * Returns what fuse_reply_open would: nonzero if the kernel did not take
+ * the handle.
+ */
+static int reply_open_direct(fuse_req_t req, struct fuse_file_info *fi)
+{
+#if FUSE_VERSION >= FUSE_MAKE_VERSION(3, 15)
+	fi->direct_io = 1;
+	fi->parallel_direct_writes = 1;
+	return fuse_reply_open(req, fi);
+#else
+	struct fuse_open_out out = {
+		.fh = fi->fh,
+		.open_flags = FOPEN_DIRECT_IO | FOPEN_PARALLEL_DIRECT_WRITES,
+	};
+	struct iovec iov = { .iov_base = &out, .iov_len = sizeof(out) };
+
+	return fuse_reply_iov(req, &iov, 1);
+#endif
+}
+
 static void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 {
 	struct tfs_fs *fs = fs_of(req);
@@ -566,12 +614,16 @@ static void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 	fi->fh = (uintptr_t)pinned;
 	/*
 	 * No keep_cache: data cached from an earlier open is dropped.  The
-	 * page cache is not forced off (direct_io) so mmap and buffered I/O
-	 * work; O_DIRECT opens bypass it as usual.
+	 * page cache is not forced off for other opens, so mmap and buffered
+	 * I/O work.
 	 */
 	fi->keep_cache = 0;
 	fi->direct_io = 0;
-	if (fuse_reply_open(req, fi) != 0)
+	if ((fi->flags & O_DIRECT) && fs->parallel_dio)
+		r = reply_open_direct(req, fi);
+	else
+		r = fuse_reply_open(req, fi);
+	if (r != 0)
 		tfs_fs_unpin(fs, pinned);
 }
 
@@ -967,6 +1019,11 @@ static void op_removexattr(fuse_req_t req, fuse_ino_t ino, const char *name)
 
 static void op_init(void *userdata, struct fuse_conn_info *conn)
 {
+	struct tfs_fs *fs = userdata;
+
+	/* The kernel's protocol: 7.36 (Linux 6.2) and later know the flag. */
+	fs->parallel_dio = conn->proto_major == FUSE_KERNEL_VERSION &&
+			   conn->proto_minor >= PARALLEL_DIO_MINOR;
 	/*
 	 * Every write must reach the engine when it is made (no writeback
 	 * cache), O_TRUNC comes as a setattr so truncation has one path, and

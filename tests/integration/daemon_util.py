@@ -6,6 +6,7 @@ import errno
 import mmap
 import os
 import random
+import threading
 
 import pytest
 
@@ -105,3 +106,47 @@ def wait_for(pred, timeout=10, step=0.1):
         if v or time.monotonic() > deadline:
             return v
         time.sleep(step)
+
+
+def bounded(fn, *args, timeout=10, what=None):
+    """fn(*args) in a thread; fails the test if it is still blocked after
+    timeout (whatever held it, a resume or a resize, releases the thread
+    later, or the daemon's end does)."""
+    res = {}
+
+    def run():
+        try:
+            res["v"] = fn(*args)
+        except BaseException as e:      # noqa: B902 - re-raised below
+            res["e"] = e
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(timeout)
+    if t.is_alive():
+        raise AssertionError(f"{what or getattr(fn, '__name__', fn)} still blocked after "
+                             f"{timeout}s")
+    if "e" in res:
+        raise res["e"]
+    return res.get("v")
+
+
+def read_direct(path, off, n):
+    """An O_DIRECT read: reaches the daemon whatever the page cache holds."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    try:
+        buf = aligned(n)
+        got = os.preadv(fd, [buf], off)
+        return bytes(buf[:got])
+    finally:
+        os.close(fd)
+
+
+def write_direct(path, off, data):
+    """An O_DIRECT pwrite of data at off (one FUSE request up to max_write)."""
+    fd = os.open(path, os.O_WRONLY | os.O_DIRECT)
+    try:
+        buf = aligned(len(data))
+        buf[:] = data
+        assert os.pwritev(fd, [buf], off) == len(data)
+    finally:
+        os.close(fd)

@@ -2,8 +2,10 @@
 """I/O through volumes (issue 3): fio with crc32c verification and two jobs,
 concurrent writes to the same blocks (range locks), copy-on-write races
 between an origin and its snapshot, discard passdown reaching the data
-file, losetup --direct-io=on, running out of data space."""
+file, losetup --direct-io=on, running out of data space; O_DIRECT writers
+of one file in parallel, O_DIRECT at any alignment (issue 10)."""
 import errno
+import mmap
 import os
 import shutil
 import subprocess
@@ -13,7 +15,8 @@ import pytest
 
 from conftest import run_cmd
 from daemon_util import (BS, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, MiB, aligned, create,
-                         du, fallocate, fsync_path, pattern, read_at, wait_for, write_at)
+                         du, fallocate, fsync_path, pattern, read_at, read_direct, wait_for,
+                         write_at, write_direct)
 
 
 def fio(*args, timeout=300):
@@ -60,6 +63,21 @@ def test_fio_verify_crc32c_two_jobs_direct_libaio(pool):
         "--iodepth=4", "--direct=1", "--verify=crc32c", "--verify_fatal=1", "--do_verify=1")
 
 
+def test_fio_verify_four_direct_writers_of_one_file(pool):
+    """Synchronous O_DIRECT writers of one file run in parallel (the kernel
+    takes the inode lock shared: FOPEN_PARALLEL_DIRECT_WRITES); each job
+    writes and verifies its own quarter, first allocating, then overwriting."""
+    p = pool()
+    vol = p.mnt / "vm1"
+    create(vol, 32 * MiB)
+    for name in ("allocate", "overwrite"):
+        fio(f"--name={name}", f"--filename={vol}", "--rw=randwrite", "--bsrange=4k-128k",
+            "--size=8M", "--numjobs=4", "--offset_increment=8M", "--ioengine=psync",
+            "--direct=1", "--verify=crc32c", "--verify_fatal=1", "--do_verify=1")
+    fsync_path(vol)
+    assert p.used() == 32 * MiB // BS
+
+
 def test_fio_verify_on_a_snapshot_leaves_the_origin(pool):
     p = pool()
     vol = p.mnt / "vm1"
@@ -92,29 +110,30 @@ def run_threads(fns):
 
 
 def test_concurrent_partial_writes_into_fresh_blocks_lose_nothing(pool):
-    """Two writers fill the two halves of the same unmapped blocks at once
-    (O_DIRECT, so each write reaches the daemon as it is): allocation and
-    zeroing of the rest of the block must not race with the other half."""
+    """Four writers fill the four quarters of the same unmapped blocks at
+    once (O_DIRECT: each write reaches the daemon as it is, and writes to
+    one file run in parallel): allocation and zeroing of the rest of the
+    block must not race with the other quarters."""
     p = pool()
     vol = p.mnt / "vm1"
     nblk = 64
     create(vol, nblk * BS)
-    half = BS // 2
+    part = BS // 4
 
     def writer(which):
         def run():
-            buf = aligned(half)
-            buf[:] = bytes([0x11 + which]) * half
+            buf = aligned(part)
+            buf[:] = bytes([0x11 + which]) * part
             fd = os.open(vol, os.O_RDWR | os.O_DIRECT)
             try:
                 for b in range(nblk):
-                    os.pwritev(fd, [buf], b * BS + which * half)
+                    os.pwritev(fd, [buf], b * BS + which * part)
             finally:
                 os.close(fd)
         return run
-    run_threads([writer(0), writer(1)])
+    run_threads([writer(i) for i in range(4)])
     got = read_at(vol, 0, nblk * BS)
-    assert got == (b"\x11" * half + b"\x12" * half) * nblk
+    assert got == b"".join(bytes([0x11 + i]) * part for i in range(4)) * nblk
     assert p.volume("vm1")["mapped_blocks"] == nblk
     fsync_path(vol)
     assert p.used() == nblk
@@ -150,6 +169,80 @@ def test_concurrent_writes_to_origin_and_snapshot_break_sharing_once_each(pool):
     for name in ("vm1", "clone"):
         v = p.volume(name)
         assert (v["mapped_blocks"], v["exclusive_blocks"]) == (nblk, nblk), v
+
+
+# ---- O_DIRECT alignment -----------------------------------------------------------------
+
+def test_direct_io_at_any_offset_length_and_address_is_served_exactly(pool):
+    """FUSE holds O_DIRECT to no alignment: the kernel sends an odd offset,
+    length or buffer address to the daemon as it is (a block device's
+    filesystem would answer EINVAL), and the engine serves it byte-exact,
+    as it serves buffered I/O at any offset.  The volume is made by an
+    O_CREAT|O_DIRECT open, which takes the create path."""
+    p = pool()
+    vol = p.mnt / "vm1"
+    size = 8 * BS
+    fd = os.open(vol, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_DIRECT, 0o644)
+    try:
+        os.ftruncate(fd, size)
+        model = bytearray(size)
+        base = pattern(1, 4 * BS)
+        os.pwrite(fd, base, 0)              # an aligned bytes object: fine for FUSE too
+        model[:4 * BS] = base
+        # offset, length, buffer misalignment; the last two allocate a block
+        cases = [(17, 100, 0), (BS - 3, 10, 0), (4096, 4096, 3), (2 * BS + 511, BS + 1, 1),
+                 (5 * BS + 4095, 3, 0), (6 * BS, 4096, 7)]
+        for i, (off, n, skew) in enumerate(cases):
+            data = pattern(100 + i, n)
+            buf = aligned(n + 4096)
+            buf[skew:skew + n] = data
+            assert os.pwritev(fd, [memoryview(buf)[skew:skew + n]], off) == n
+            model[off:off + n] = data
+            back = aligned(n + 4096)
+            assert os.preadv(fd, [memoryview(back)[skew:skew + n]], off) == n
+            assert back[skew:skew + n] == data, (off, n, skew)
+        # Buffered I/O at odd offsets, through another open of the same file.
+        write_at(vol, 3 * BS + 1, b"buffered", fsync=False)
+        model[3 * BS + 1:3 * BS + 9] = b"buffered"
+        assert read_at(vol, 0, size) == bytes(model)
+        whole = aligned(size)
+        assert os.preadv(fd, [whole], 0) == size and bytes(whole) == bytes(model)
+        # FOPEN_DIRECT_IO: the kernel refuses a shared mapping of such a
+        # descriptor (libfuse 3.14 cannot ask it to allow one); a buffered
+        # descriptor of the same file maps as usual.
+        with pytest.raises(OSError) as ei:
+            mmap.mmap(fd, 4096, mmap.MAP_SHARED)
+        assert ei.value.errno == errno.ENODEV
+    finally:
+        os.close(fd)
+    bfd = os.open(vol, os.O_RDONLY)
+    try:
+        with mmap.mmap(bfd, 4096, mmap.MAP_SHARED, mmap.PROT_READ) as m:
+            assert m[:] == bytes(model[:4096])
+    finally:
+        os.close(bfd)
+    p.remount()
+    assert read_at(vol, 0, size) == bytes(model)
+
+
+def test_buffered_and_direct_opens_of_one_file_see_each_others_writes(pool):
+    """An O_DIRECT open bypasses the page cache on its own path
+    (FOPEN_DIRECT_IO); a buffered open of the same file that has the block
+    cached still reads what the direct write left, and a direct read sees a
+    buffered write."""
+    p = pool()
+    vol = p.mnt / "vm1"
+    create(vol, 4 * MiB)
+    write_at(vol, 0, pattern(1, 2 * BS))
+    fd = os.open(vol, os.O_RDONLY)
+    try:
+        assert os.pread(fd, BS, 0) == pattern(1, 2 * BS)[:BS]      # now in the page cache
+        write_direct(vol, 0, pattern(2, BS))
+        assert os.pread(fd, BS, 0) == pattern(2, BS)
+        write_at(vol, BS, pattern(3, BS), fsync=False)
+        assert read_direct(vol, BS, BS) == pattern(3, BS)
+    finally:
+        os.close(fd)
 
 
 # ---- discard passdown ---------------------------------------------------------------------

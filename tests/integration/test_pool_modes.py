@@ -16,8 +16,8 @@ import pytest
 
 from conftest import assert_thin_check_clean, run_cmd
 
-from daemon_util import BS, MiB, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, create, \
-    fallocate, pattern, read_at, write_at
+from daemon_util import BS, MiB, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, bounded, create, \
+    fallocate, pattern, read_at, read_direct, write_at, write_direct
 
 DATA = 8 * MiB               # 128 blocks of 64 KiB
 
@@ -67,8 +67,9 @@ class Writer(threading.Thread):
 
 def assert_space_mode_io_works(p):
     """Reads and overwrites of exclusive blocks keep working.  Overwrites go
-    to vm2: the kernel's FUSE write path holds the file's inode lock, so a
-    write held on vm1 queues later writes to vm1 in the kernel."""
+    to vm2: the kernel holds a file's inode lock across a buffered FUSE
+    write, so a buffered write held on vm1 queues later writes to vm1 in the
+    kernel (O_DIRECT writes pass: test_held_direct_write_...)."""
     assert read_at(p.mnt / "vm1", 0, 4 * BS) == pattern(1, DATA)[:4 * BS]
     write_at(p.mnt / "vm2", BS, pattern(2, BS))
     assert read_at(p.mnt / "vm2", BS, BS) == pattern(2, BS)
@@ -108,6 +109,74 @@ def test_queue_mode_holds_writes_until_resize(pool):
     assert "resize" in kinds()
     # The resized pool's new blocks take a verified write (blocks none had before).
     fio_verify(p.mnt / "vm1", 2 * DATA, 2 * MiB)
+    p.unmount()
+
+
+def direct_punch(path, off, n):
+    fd = os.open(path, os.O_WRONLY | os.O_DIRECT)
+    try:
+        fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, off, n)
+    finally:
+        os.close(fd)
+
+
+def test_held_direct_write_lets_direct_io_to_the_same_file_through(pool):
+    """O_DIRECT opens are answered with FOPEN_PARALLEL_DIRECT_WRITES, so the
+    kernel takes a file's inode lock shared for their writes: allocating
+    dd oflag=direct writes held for data space leave an O_DIRECT overwrite
+    of a mapped block and an O_DIRECT read of the same file going, and
+    several of them wait in the daemon at once."""
+    p = full_pool(pool, no_space_timeout="0")
+    vol = p.mnt / "vm1"
+    src = p.dir / "held.bin"
+    src.write_bytes(pattern(20, BS))
+    fresh = [DATA // BS, DATA // BS + 5]          # unmapped blocks of vm1
+    held = [subprocess.Popen(["dd", f"if={src}", f"of={vol}", f"bs={BS}", f"seek={b}", "count=1",
+                              "oflag=direct", "conv=notrunc", "status=none"],
+                             stderr=subprocess.PIPE, text=True) for b in fresh]
+    # Both wait in the daemon: a second write to the file got past the kernel.
+    wait_for(lambda: p.status()["pool"]["held_writes"] == 2, what="two held writes")
+    bounded(write_direct, vol, BS, pattern(21, BS), timeout=20, what="an O_DIRECT overwrite")
+    assert bounded(read_direct, vol, 0, 2 * BS, timeout=20, what="an O_DIRECT read") == \
+        pattern(1, DATA)[:BS] + pattern(21, BS)
+    assert all(h.poll() is None for h in held) and p.status()["pool"]["held_writes"] == 2
+    p.ctl("resize", "data", "+4M")
+    for h in held:
+        assert h.wait(timeout=20) == 0, h.stderr.read()
+    for b in fresh:
+        assert read_direct(vol, b * BS, BS) == pattern(20, BS)
+        assert read_at(vol, b * BS, BS) == pattern(20, BS)
+    assert read_at(vol, BS, BS) == pattern(21, BS)
+    assert p.status()["pool"]["mode"] == "write"
+    p.unmount()
+
+
+def test_discard_passes_a_held_libaio_write_to_the_same_file(pool):
+    """The kernel takes the inode lock exclusively for fallocate, so a
+    discard waits behind a *synchronous* held direct write (docs/daemon.md);
+    an asynchronous one (libaio) does not keep the lock while it waits, and
+    in the daemon a held write holds no range lock: a discard and an
+    overwrite of the same file finish while it is held.  The discard frees a
+    block, so the held write may take that block at the next commit; fio
+    verifies what it wrote either way."""
+    p = full_pool(pool, no_space_timeout="0")
+    vol = p.mnt / "vm1"
+    job = subprocess.Popen(
+        ["fio", "--name=held", f"--filename={vol}", "--rw=write", f"--bs={BS}",
+         f"--offset={DATA}", f"--size={2 * BS}", "--ioengine=libaio", "--iodepth=2",
+         "--direct=1", "--verify=crc32c", "--do_verify=1", "--verify_fatal=1",
+         "--verify_state_save=0", "--output-format=terse"],
+        cwd=p.dir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: p.status()["pool"]["held_writes"] >= 1, what="a held write")
+    # Nothing else frees space: had these waited for the held write, they never would end.
+    bounded(direct_punch, vol, 5 * BS, BS, timeout=20, what="an O_DIRECT discard")
+    bounded(write_direct, vol, BS, pattern(22, BS), timeout=20, what="an O_DIRECT overwrite")
+    assert read_direct(vol, 4 * BS, 3 * BS) == \
+        pattern(1, DATA)[4 * BS:5 * BS] + bytes(BS) + pattern(1, DATA)[6 * BS:7 * BS]
+    assert read_at(vol, BS, BS) == pattern(22, BS)
+    p.ctl("resize", "data", "+4M")
+    out, err = job.communicate(timeout=60)
+    assert job.returncode == 0, f"fio exited {job.returncode}:\n{out}\n{err}"
     p.unmount()
 
 

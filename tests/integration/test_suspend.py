@@ -22,8 +22,8 @@ import time
 import pytest
 
 from conftest import assert_thin_check_clean, ctl_socket_path, is_mounted, run_cmd
-from daemon_util import BS, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, MiB, aligned, create, \
-    fallocate, pattern, read_at, write_at
+from daemon_util import BS, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, MiB, aligned, bounded, \
+    create, fallocate, pattern, read_at, read_direct, write_at
 
 DATA = 8 * MiB               # 128 blocks of 64 KiB
 NBLK = DATA // BS
@@ -38,38 +38,6 @@ def wait_for(pred, timeout=15, what="condition"):
             return
         time.sleep(0.05)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-
-
-def bounded(fn, *args, timeout=10, what=None):
-    """fn(*args) in a thread; fails the test if it is still blocked after
-    timeout (the guard's resume releases the thread later)."""
-    res = {}
-
-    def run():
-        try:
-            res["v"] = fn(*args)
-        except BaseException as e:      # noqa: B902 - re-raised below
-            res["e"] = e
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    t.join(timeout)
-    if t.is_alive():
-        raise AssertionError(f"{what or getattr(fn, '__name__', fn)} still blocked after "
-                             f"{timeout}s")
-    if "e" in res:
-        raise res["e"]
-    return res.get("v")
-
-
-def read_direct(path, off, n):
-    """An O_DIRECT read: reaches the daemon whatever the page cache holds."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
-    try:
-        buf = aligned(n)
-        got = os.preadv(fd, [buf], off)
-        return bytes(buf[:got])
-    finally:
-        os.close(fd)
 
 
 class Writer(threading.Thread):
