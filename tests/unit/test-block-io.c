@@ -267,6 +267,43 @@ static void test_direct_file_bdev_counts_the_bytes_the_device_moves(void **state
 	free(page);
 }
 
+struct log_record {
+	unsigned nr_info;
+	char last[512];
+};
+
+static void recording_sink(void *ctx, enum tfs_log_level level, const char *msg)
+{
+	struct log_record *rec = ctx;
+
+	if (level == TFS_LOG_INFO)
+		rec->nr_info++;
+	snprintf(rec->last, sizeof(rec->last), "%s", msg);
+}
+
+/*
+ * A file system that refuses O_DIRECT (procfs does, with EINVAL, as tmpfs
+ * did before Linux 6.6) gets buffered I/O and says so in one info line.
+ */
+static void test_direct_open_falls_back_where_o_direct_is_refused(void **state)
+{
+	(void)state;
+	struct log_record rec = { 0 };
+	struct tfs_bdev *d;
+	uint8_t buf[16];
+
+	tfs_log_set_sink(recording_sink, &rec);
+	tfs_log_set_level(TFS_LOG_INFO);
+	assert_int_equal(tfs_bdev_open_direct("/proc/version", true, true, &d), 0);
+	tfs_log_set_sink(quiet_sink, NULL);
+	assert_false(d->direct);
+	assert_int_equal(rec.nr_info, 1);
+	assert_non_null(strstr(rec.last, "/proc/version: O_DIRECT refused"));
+	assert_int_equal(tfs_bdev_read(d, buf, 5, 0), 0);
+	assert_memory_equal(buf, "Linux", 5);
+	tfs_bdev_close(d);
+}
+
 /* A torn power cut onto a direct file still lands whole 512-byte sectors, in order. */
 static void test_power_cut_tear_onto_a_direct_file(void **state)
 {
@@ -635,6 +672,7 @@ int main(void)
 		cmocka_unit_test(test_direct_file_bdev_takes_any_offset_length_and_buffer),
 		cmocka_unit_test(test_direct_file_bdev_counts_the_bytes_the_device_moves),
 		cmocka_unit_test(test_power_cut_tear_onto_a_direct_file),
+		cmocka_unit_test(test_direct_open_falls_back_where_o_direct_is_refused),
 		cmocka_unit_test(test_fault_stall_holds_a_read_until_set_back_to_ok),
 		cmocka_unit_test(test_fault_stall_released_with_eio_fails_the_write),
 		cmocka_unit_test(test_power_cut_releases_a_stalled_op),
