@@ -391,6 +391,33 @@ def odd_io_round(p, seed):
     assert read_at(p.mnt / ".snapshots" / "before" / "odd", 0, size) == frozen
 
 
+def test_odd_direct_io_through_a_volume_works_over_direct_devices(pool):
+    """FUSE passes O_DIRECT requests at odd offsets, of odd lengths and from
+    odd addresses on as they are (the kernel refuses none): the data device,
+    itself O_DIRECT, stages them in whole sectors."""
+    p = pool()
+    vol = p.mnt / "vm1"
+    create(vol, 4 * BS)
+    model = bytearray(4 * BS)
+    buf = aligned(2 * BS)
+    fd = os.open(vol, os.O_RDWR | os.O_DIRECT)
+    try:
+        for i, (off, skew, n) in enumerate(((7, 0, 4096), (BS - 3, 1, 100), (4096, 5, 4096),
+                                            (2 * BS + 11, 3, BS + 17), (9, 0, 1))):
+            data = pattern(10 + i, n)
+            buf[skew:skew + n] = data
+            assert os.pwritev(fd, [memoryview(buf)[skew:skew + n]], off) == n
+            model[off:off + n] = data
+        os.fsync(fd)
+        for off, skew, n in ((0, 0, 4 * BS), (5, 1, 5000), (BS - 10, 7, 20)):
+            got = memoryview(buf)[skew:skew + n] if n <= 2 * BS - skew else aligned(n)
+            assert os.preadv(fd, [got], off) == n
+            assert bytes(got) == bytes(model[off:off + n])
+    finally:
+        os.close(fd)
+    assert read_at(vol, 0, 4 * BS) == bytes(model)
+
+
 def test_odd_buffered_io_works_over_direct_devices(pool):
     p = pool()
     odd_io_round(p, 1)
