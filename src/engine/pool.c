@@ -691,9 +691,10 @@ out_close_meta:
 
 /*
  * Open path read-write or read-only, with O_DIRECT unless host_cache,
- * inside a fault wrapper (I/O counters, faults).  With fault injection allowed the wrapper also holds writes
- * until a flush, so that a simulated power cut really drops unflushed
- * writes; otherwise writes go straight down (no copy, no memory held).
+ * inside a fault wrapper (I/O counters, faults).  With fault injection
+ * allowed the wrapper also holds writes until a flush, so that a simulated
+ * power cut really drops unflushed writes; otherwise writes go straight
+ * down (no copy, no memory held).
  */
 static int open_wrapped(const struct tfs_pool_config *cfg, const char *path, bool read_only,
 			struct tfs_bdev **out)
