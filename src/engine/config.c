@@ -71,6 +71,7 @@ enum pool_key {
 	K_COMMIT_INTERVAL,
 	K_ON_EVENT,
 	K_METADATA_CACHE,
+	K_HOST_CACHE,
 	K_NR
 };
 
@@ -87,6 +88,7 @@ static const char *const pool_key_name[K_NR] = {
 	[K_COMMIT_INTERVAL] = "commit_interval",
 	[K_ON_EVENT] = "on_event",
 	[K_METADATA_CACHE] = "metadata_cache",
+	[K_HOST_CACHE] = "host_cache",
 };
 
 /* What the reader decided about the line inih is about to parse. */
@@ -578,7 +580,7 @@ static void pool_key(struct parser *p, const char *name, const char *raw)
 		problem(p, p->lineno, -EINVAL,
 			"unknown key '%s' in [pool] (known: metadata, data, block_size, catalog, "
 			"low_water_mark, error_if_no_space, no_space_timeout, discard_passdown, "
-			"skip_block_zeroing, commit_interval, on_event, metadata_cache)",
+			"skip_block_zeroing, commit_interval, on_event, metadata_cache, host_cache)",
 			name);
 		return;
 	}
@@ -638,6 +640,9 @@ static void pool_key(struct parser *p, const char *name, const char *raw)
 		break;
 	case K_METADATA_CACHE:
 		set_metadata_cache(p, value);
+		break;
+	case K_HOST_CACHE:
+		set_bool(p, name, value, &c->host_cache);
 		break;
 	case K_NR:
 		break;
@@ -1099,6 +1104,7 @@ static void set_defaults(struct tfs_pool_config *c)
 	c->skip_block_zeroing = false;
 	c->commit_interval_ms = 1000;
 	c->metadata_cache_bytes = 64 * MIB;
+	c->host_cache = false;
 	c->allow_faults = false;
 }
 
@@ -1233,6 +1239,9 @@ static int identity_change(const struct tfs_pool_config *run, const struct tfs_p
 		format_size(next->metadata_cache_bytes, b, sizeof(b));
 		return refuse(why, "metadata_cache", a, b);
 	}
+	/* The devices are open with or without O_DIRECT: that is fixed until they are reopened. */
+	if (run->host_cache != next->host_cache)
+		return refuse(why, "host_cache", yes_no(run->host_cache), yes_no(next->host_cache));
 	/* Faults are allowed at open only: a reload must not arm them on a live pool. */
 	if (run->allow_faults != next->allow_faults)
 		return refuse(why, "[fault] allow", yes_no(run->allow_faults),

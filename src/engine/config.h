@@ -22,6 +22,8 @@
  *   commit_interval           seconds or "500ms" (default 1s)
  *   on_event                  program to run on events (default none)
  *   metadata_cache            metadata cache size, e.g. "64m" (default 64m)
+ *   host_cache                bool: devices through the host page cache (default
+ *                             false: O_DIRECT)
  * [fault] allow = yes|no      fault injection (needs --allow-faults too)
  * Sections [origin "..."], [snapshot "..."], [cache "..."] are recognised
  * and kept for later targets; their keys are validated only by name (each
@@ -74,6 +76,7 @@ struct tfs_pool_config {
 	bool skip_block_zeroing;
 	uint64_t commit_interval_ms;
 	uint64_t metadata_cache_bytes;
+	bool host_cache;                  /* false: the devices are opened O_DIRECT */
 	bool allow_faults;
 	char targets[TFS_TARGETS_MAX];    /* [origin/snapshot/cache] sections, see above */
 };
@@ -89,7 +92,7 @@ int tfs_config_load(const char *path, struct tfs_pool_config *out);
 /*
  * A reload: may `next` replace `run` on a mounted pool?  -EINVAL when it
  * changes what the pool is: metadata or data device path, block_size,
- * catalog, metadata_cache, [fault] allow; why then names the first of them
+ * catalog, metadata_cache, host_cache, [fault] allow; why then names the first of them
  * (in that order) and both values, e.g. "block_size: 64k -> 128k cannot
  * change while mounted", and changes is "".  Otherwise 0, why is "", and
  * changes lists what differs, "; "-separated, e.g.

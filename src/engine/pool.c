@@ -690,16 +690,18 @@ out_close_meta:
 }
 
 /*
- * Open path read-write or read-only, inside a fault wrapper (I/O counters,
- * faults).  With fault injection allowed the wrapper also holds writes
- * until a flush, so that a simulated power cut really drops unflushed
- * writes; otherwise writes go straight down (no copy, no memory held).
+ * Open path read-write or read-only, with O_DIRECT unless host_cache,
+ * inside a fault wrapper (I/O counters, faults).  With fault injection
+ * allowed the wrapper also holds writes until a flush, so that a simulated
+ * power cut really drops unflushed writes; otherwise writes go straight
+ * down (no copy, no memory held).
  */
-static int open_wrapped(const char *path, bool read_only, bool volatile_cache,
+static int open_wrapped(const struct tfs_pool_config *cfg, const char *path, bool read_only,
 			struct tfs_bdev **out)
 {
+	bool volatile_cache = cfg->allow_faults;
 	struct tfs_bdev *raw;
-	int r = tfs_bdev_open(path, read_only, &raw);
+	int r = tfs_bdev_open_direct(path, read_only, !cfg->host_cache, &raw);
 
 	if (r)
 		return r;
@@ -788,12 +790,16 @@ int tfs_pool_open(const struct tfs_pool_config *cfg, bool read_only, struct tfs_
 		r = tfs_core_create(&pool->core);
 	if (r)
 		goto err_free;
-	r = open_wrapped(cfg->metadata, read_only, cfg->allow_faults, &pool->meta);
+	r = open_wrapped(cfg, cfg->metadata, read_only, &pool->meta);
 	if (r)
 		goto err_free;
-	r = open_wrapped(cfg->data, read_only, cfg->allow_faults, &pool->data);
+	r = open_wrapped(cfg, cfg->data, read_only, &pool->data);
 	if (r)
 		goto err_free;
+	tfs_info("%s: data and metadata devices opened %s", cfg->metadata,
+		 pool->data->direct && pool->meta->direct ? "with O_DIRECT (host_cache = off)"
+		 : pool->data->direct || pool->meta->direct ? "partly with O_DIRECT"
+		 : "through the host page cache");
 	r = open_metadata(pool);
 	if (!r)
 		tfs_pool_check_low_water(pool); /* already short of space: said at once */
@@ -1556,7 +1562,8 @@ static void copy_counts(struct tfs_bdev *dev, struct tfs_io_counts *out)
 	struct tfs_bdev_io_counts c;
 
 	tfs_bdev_fault_counts(dev, &c);
-	*out = (struct tfs_io_counts){ c.reads, c.writes, c.flushes, c.discards };
+	*out = (struct tfs_io_counts){ c.reads, c.writes, c.flushes, c.discards, c.read_bytes,
+				       c.write_bytes, dev->direct };
 }
 
 void tfs_pool_status(struct tfs_pool *pool, struct tfs_pool_status *out)

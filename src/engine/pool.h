@@ -107,6 +107,9 @@ int tfs_pool_release_metadata_snap(struct tfs_pool *pool);
 
 struct tfs_io_counts {
 	uint64_t reads, writes, flushes, discards;
+	/* Bytes pread/pwrite moved: with direct, what the device itself transferred. */
+	uint64_t read_bytes, write_bytes;
+	bool direct; /* opened O_DIRECT (host_cache off and the file system took it) */
 };
 
 /* A low-water mark's state: crossings counted since the pool was opened. */

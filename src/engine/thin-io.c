@@ -31,8 +31,12 @@
 /* Largest piece of a block staged in memory; bigger blocks are copied piecewise. */
 #define BOUNCE_MAX (1u << 20)
 
-/* The source of every zero written to the data device; never written itself. */
-static uint8_t zero_buf[BOUNCE_MAX];
+/*
+ * The source of every zero written to the data device; never written
+ * itself.  Page-aligned, like every buffer here, so that an O_DIRECT data
+ * device takes it as it is.
+ */
+static _Alignas(4096) uint8_t zero_buf[BOUNCE_MAX];
 
 enum act {
 	ACT_SKIP,    /* leave the block alone */
@@ -251,8 +255,13 @@ static int build_block(struct chunk *c, const struct plan *p, uint64_t s, uint64
 			r = write_src(c->pool, src ? src + (ps - s) : NULL, pe - ps, dev_off);
 			continue;
 		}
-		if (!c->bounce && !(c->bounce = malloc(piece)))
-			return -ENOMEM;
+		if (!c->bounce) {
+			void *b;
+
+			if (posix_memalign(&b, 4096, piece))
+				return -ENOMEM;
+			c->bounce = b;
+		}
 		if (p->act == ACT_COPY)
 			r = tfs_bdev_read(c->pool->data, c->bounce, pe - ps, p->old * bs + ps);
 		else

@@ -242,6 +242,8 @@ static struct json_object *io_json(const struct tfs_io_counts *io)
 	json_object_object_add(o, "writes", json_object_new_uint64(io->writes));
 	json_object_object_add(o, "flushes", json_object_new_uint64(io->flushes));
 	json_object_object_add(o, "discards", json_object_new_uint64(io->discards));
+	json_object_object_add(o, "read_bytes", json_object_new_uint64(io->read_bytes));
+	json_object_object_add(o, "write_bytes", json_object_new_uint64(io->write_bytes));
 	return o;
 }
 
@@ -289,6 +291,8 @@ static void cmd_status(struct cmd_ctx *c)
 	json_object_object_add(pool, "held_writes", json_object_new_uint64(st.held_writes));
 	json_object_object_add(pool, "discard_passdown",
 			       json_object_new_boolean(st.discard_passdown));
+	json_object_object_add(pool, "direct_io",
+			       json_object_new_boolean(st.io_data.direct && st.io_meta.direct));
 	data = json_object_new_object();
 	json_object_object_add(data, "block_size", json_object_new_uint64(st.data_block_size));
 	json_object_object_add(data, "used_blocks", json_object_new_uint64(st.data_used));
@@ -324,6 +328,8 @@ static void cmd_status(struct cmd_ctx *c)
 		st.reload_staged ? " (reloaded configuration staged for resume)" : "");
 	if (st.held_in_core)
 		fprintf(t.f, ", %u requests held", st.held_in_core);
+	fprintf(t.f, ", devices %s",
+		st.io_data.direct && st.io_meta.direct ? "O_DIRECT" : "through the host page cache");
 	fprintf(t.f, "\n\n%-24s %8s %-8s %20s %12s %12s %-9s\n", "VOLUME", "ID", "KIND", "SIZE",
 		"MAPPED", "EXCLUSIVE", "STATE");
 

@@ -165,6 +165,7 @@ static int fault_read(struct tfs_bdev *d, void *buf, size_t len, uint64_t off)
 static int hold_write(struct fault_dev *f, const void *buf, size_t len, uint64_t off)
 {
 	struct pending_write *w;
+	void *data;
 
 	if (f->nr_pending == f->cap_pending) {
 		size_t cap = f->cap_pending ? f->cap_pending * 2 : 64;
@@ -175,9 +176,10 @@ static int hold_write(struct fault_dev *f, const void *buf, size_t len, uint64_t
 		f->cap_pending = cap;
 	}
 	w = &f->pending[f->nr_pending];
-	w->data = malloc(len ? len : 1);
-	if (!w->data)
+	/* Page-aligned, so that writing it back to a direct device needs no bounce. */
+	if (posix_memalign(&data, 4096, len ? len : 1))
 		return -ENOMEM;
+	w->data = data;
 	memcpy(w->data, buf, len);
 	w->off = off;
 	w->len = len;
@@ -320,6 +322,7 @@ int tfs_bdev_fault_wrap(struct tfs_bdev *lower, bool volatile_cache, struct tfs_
 		return -ENOMEM;
 	f->base.ops = &fault_ops;
 	snprintf(f->base.name, sizeof(f->base.name), "%s", lower->name);
+	f->base.direct = lower->direct;
 	f->lower = lower;
 	f->volatile_cache = volatile_cache;
 	pthread_mutex_init(&f->lock, NULL);
@@ -392,6 +395,8 @@ void tfs_bdev_fault_counts(struct tfs_bdev *dev, struct tfs_bdev_io_counts *out)
 	out->writes = atomic_load_explicit(&f->writes, memory_order_relaxed);
 	out->flushes = atomic_load_explicit(&f->flushes, memory_order_relaxed);
 	out->discards = atomic_load_explicit(&f->discards, memory_order_relaxed);
+	out->read_bytes = atomic_load_explicit(&f->lower->read_bytes, memory_order_relaxed);
+	out->write_bytes = atomic_load_explicit(&f->lower->write_bytes, memory_order_relaxed);
 }
 
 unsigned tfs_bdev_fault_stalled(struct tfs_bdev *dev)

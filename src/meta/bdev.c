@@ -2,7 +2,9 @@
 /*
  * Plain files, block devices and memory devices.  pread/pwrite are
  * thread-safe on one descriptor, so the file device needs no lock; the
- * memory device takes a lock only to grow.
+ * memory device takes a lock only to grow.  Under O_DIRECT the file device
+ * stages what is not aligned in a buffer of its own, allocated per request
+ * (no state shared between threads).
  */
 #include "bdev.h"
 
@@ -11,6 +13,7 @@
 #include <linux/falloc.h>
 #include <linux/fs.h>
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -24,18 +27,30 @@ struct file_dev {
 	struct tfs_bdev base;
 	int fd;
 	bool blockdev;
+	/* With O_DIRECT: offsets, lengths and buffers are multiples of it (a power of 2). */
+	size_t align;
 };
+
+/* Largest staging buffer for an unaligned request under O_DIRECT; bigger ones go piecewise. */
+#define BOUNCE_MAX (1u << 20)
 
 static struct file_dev *to_file(struct tfs_bdev *d)
 {
 	return (struct file_dev *)d;
 }
 
-static int file_read(struct tfs_bdev *d, void *buf, size_t len, uint64_t off)
+static void add_bytes(atomic_uint_fast64_t *c, uint64_t n)
 {
-	struct file_dev *f = to_file(d);
-	uint8_t *p = buf;
+	atomic_fetch_add_explicit(c, n, memory_order_relaxed);
+}
 
+/*
+ * pread until done.  Reading nothing (or, direct, less than asked: the
+ * next offset might not be aligned any more) means the end of a sparse
+ * file: the rest reads as zeros.
+ */
+static int raw_read(struct file_dev *f, uint8_t *p, size_t len, uint64_t off)
+{
 	while (len) {
 		ssize_t n = pread(f->fd, p, len, (off_t)off);
 		if (n < 0) {
@@ -43,8 +58,9 @@ static int file_read(struct tfs_bdev *d, void *buf, size_t len, uint64_t off)
 				continue;
 			return -errno;
 		}
-		if (n == 0) { /* past the end of a sparse file: zeros */
-			memset(p, 0, len);
+		add_bytes(&f->base.read_bytes, (uint64_t)n);
+		if (n == 0 || (f->base.direct && (size_t)n < len)) {
+			memset(p + n, 0, len - (size_t)n);
 			return 0;
 		}
 		p += n;
@@ -54,11 +70,8 @@ static int file_read(struct tfs_bdev *d, void *buf, size_t len, uint64_t off)
 	return 0;
 }
 
-static int file_write(struct tfs_bdev *d, const void *buf, size_t len, uint64_t off)
+static int raw_write(struct file_dev *f, const uint8_t *p, size_t len, uint64_t off)
 {
-	struct file_dev *f = to_file(d);
-	const uint8_t *p = buf;
-
 	while (len) {
 		ssize_t n = pwrite(f->fd, p, len, (off_t)off);
 		if (n < 0) {
@@ -66,11 +79,105 @@ static int file_write(struct tfs_bdev *d, const void *buf, size_t len, uint64_t 
 				continue;
 			return -errno;
 		}
+		add_bytes(&f->base.write_bytes, (uint64_t)n);
 		p += n;
 		len -= (size_t)n;
 		off += (uint64_t)n;
 	}
 	return 0;
+}
+
+static bool aligned(const struct file_dev *f, const void *buf, size_t len, uint64_t off)
+{
+	return !f->base.direct ||
+	       !(((uintptr_t)buf | (uintptr_t)len | (uintptr_t)off) & (f->align - 1));
+}
+
+/* A staging buffer for [off, off + len): whole sectors, at most BOUNCE_MAX. */
+static uint8_t *bounce_for(const struct file_dev *f, size_t len, uint64_t off, size_t *cap)
+{
+	size_t want = (size_t)(off & (f->align - 1)) + len + f->align - 1;
+	void *b;
+
+	want &= ~(f->align - 1);
+	*cap = want < BOUNCE_MAX ? want : BOUNCE_MAX;
+	return posix_memalign(&b, f->align, *cap) ? NULL : b;
+}
+
+/*
+ * The piece of [off, off + len) staged next: it starts at the sector
+ * *start, holds *n of the caller's bytes after *head bytes that are not
+ * theirs, and is *span bytes of whole sectors.
+ */
+static void next_piece(const struct file_dev *f, size_t cap, size_t len, uint64_t off,
+		       uint64_t *start, size_t *head, size_t *n, size_t *span)
+{
+	*head = (size_t)(off & (f->align - 1));
+	*start = off - *head;
+	*n = len < cap - *head ? len : cap - *head;
+	*span = (*head + *n + f->align - 1) & ~(f->align - 1);
+}
+
+static int file_read(struct tfs_bdev *d, void *buf, size_t len, uint64_t off)
+{
+	struct file_dev *f = to_file(d);
+	uint8_t *p = buf, *bounce;
+	size_t cap, head, n, span;
+	uint64_t start;
+	int r = 0;
+
+	if (aligned(f, buf, len, off))
+		return raw_read(f, buf, len, off);
+	bounce = bounce_for(f, len, off, &cap);
+	if (!bounce)
+		return -ENOMEM;
+	while (len && !r) {
+		next_piece(f, cap, len, off, &start, &head, &n, &span);
+		r = raw_read(f, bounce, span, start);
+		memcpy(p, bounce + head, n);
+		p += n;
+		len -= n;
+		off += n;
+	}
+	free(bounce);
+	return r;
+}
+
+/*
+ * Direct and unaligned: each piece is staged in whole sectors; the bytes
+ * around the caller's in its first and last sector are read first so the
+ * write keeps them.
+ */
+static int file_write(struct tfs_bdev *d, const void *buf, size_t len, uint64_t off)
+{
+	struct file_dev *f = to_file(d);
+	const uint8_t *p = buf;
+	size_t cap, head, n, span;
+	uint8_t *bounce;
+	uint64_t start;
+	int r = 0;
+
+	if (aligned(f, buf, len, off))
+		return raw_write(f, buf, len, off);
+	bounce = bounce_for(f, len, off, &cap);
+	if (!bounce)
+		return -ENOMEM;
+	while (len && !r) {
+		next_piece(f, cap, len, off, &start, &head, &n, &span);
+		if (head)
+			r = raw_read(f, bounce, f->align, start);
+		if (!r && (head + n) % f->align && (!head || span > f->align))
+			r = raw_read(f, bounce + span - f->align, f->align, start + span - f->align);
+		if (r)
+			break;
+		memcpy(bounce + head, p, n);
+		r = raw_write(f, bounce, span, start);
+		p += n;
+		len -= n;
+		off += n;
+	}
+	free(bounce);
+	return r;
 }
 
 static int file_flush(struct tfs_bdev *d)
@@ -149,13 +256,50 @@ static const struct tfs_bdev_ops file_ops = {
 	.destroy = file_destroy,
 };
 
-int tfs_bdev_open(const char *path, bool read_only, struct tfs_bdev **out)
+/*
+ * O_DIRECT when asked and the file system takes it; EINVAL at open is how
+ * one that cannot (tmpfs before Linux 6.6, some FUSE file systems) refuses.
+ */
+static int open_fd(const char *path, bool read_only, bool *direct)
+{
+	int flags = (read_only ? O_RDONLY : O_RDWR) | O_CLOEXEC;
+	int fd;
+
+	if (*direct) {
+		fd = open(path, flags | O_DIRECT);
+		if (fd >= 0 || errno != EINVAL)
+			return fd;
+		tfs_info("%s: O_DIRECT refused (%s): using the host page cache", path,
+			 strerror(errno));
+		*direct = false;
+	}
+	return open(path, flags);
+}
+
+/* A block device's logical sector size; files: 4 KiB, which every file system takes. */
+static int direct_align(int fd, bool blockdev, size_t *align)
+{
+	int sector;
+
+	*align = 4096;
+	if (!blockdev)
+		return 0;
+	if (ioctl(fd, BLKSSZGET, &sector))
+		return -errno;
+	if (sector < 512 || (sector & (sector - 1)))
+		return -EINVAL;
+	*align = (size_t)sector;
+	return 0;
+}
+
+int tfs_bdev_open_direct(const char *path, bool read_only, bool direct, struct tfs_bdev **out)
 {
 	struct file_dev *f;
 	struct stat st;
+	size_t align;
 	int fd, r;
 
-	fd = open(path, (read_only ? O_RDONLY : O_RDWR) | O_CLOEXEC);
+	fd = open_fd(path, read_only, &direct);
 	if (fd < 0) {
 		r = -errno;
 		tfs_err("cannot open %s: %s", path, strerror(errno));
@@ -171,6 +315,11 @@ int tfs_bdev_open(const char *path, bool read_only, struct tfs_bdev **out)
 		r = -EINVAL;
 		goto err_close;
 	}
+	r = direct_align(fd, S_ISBLK(st.st_mode), &align);
+	if (r) {
+		tfs_err("%s: cannot get its logical sector size: %s", path, strerror(-r));
+		goto err_close;
+	}
 	f = calloc(1, sizeof(*f));
 	if (!f) {
 		r = -ENOMEM;
@@ -179,14 +328,21 @@ int tfs_bdev_open(const char *path, bool read_only, struct tfs_bdev **out)
 	}
 	f->base.ops = &file_ops;
 	snprintf(f->base.name, sizeof(f->base.name), "%s", path);
+	f->base.direct = direct;
 	f->fd = fd;
 	f->blockdev = S_ISBLK(st.st_mode);
+	f->align = align;
 	*out = &f->base;
 	return 0;
 
 err_close:
 	close(fd);
 	return r;
+}
+
+int tfs_bdev_open(const char *path, bool read_only, struct tfs_bdev **out)
+{
+	return tfs_bdev_open_direct(path, read_only, false, out);
 }
 
 bool tfs_bdev_is_blockdev(const struct tfs_bdev *dev)
@@ -217,6 +373,7 @@ static int mem_read(struct tfs_bdev *d, void *buf, size_t len, uint64_t off)
 	if (off < m->size)
 		memcpy(buf, m->buf + off, len < m->size - off ? len : m->size - off);
 	pthread_rwlock_unlock(&m->lock);
+	add_bytes(&d->read_bytes, len);
 	return 0;
 }
 
@@ -231,6 +388,8 @@ static int mem_write(struct tfs_bdev *d, const void *buf, size_t len, uint64_t o
 	else
 		memcpy(m->buf + off, buf, len);
 	pthread_rwlock_unlock(&m->lock);
+	if (!r)
+		add_bytes(&d->write_bytes, len);
 	return r;
 }
 

@@ -9,8 +9,14 @@
  * not yet flushed.
  * Every implementation is safe to call from several threads at once.
  *
- * Never: caches, interprets or reorders data.  Callers own alignment
- * (metadata I/O is 4 KiB, data I/O is block-size aligned or not; both work).
+ * Never: caches, interprets or reorders data.  Any offset, length and
+ * buffer work on every device.  A file or block device opened direct
+ * (O_DIRECT) moves aligned requests straight between the caller's buffer
+ * and the device; others go through an aligned bounce buffer, and a write
+ * that does not cover whole sectors (the device's alignment unit) rewrites
+ * the sectors around it: two threads must not write parts of one sector at
+ * once.  Metadata I/O is whole 4 KiB blocks and the engine's range locks
+ * keep data writes to one block apart, so thinfs never does.
  *
  * All calls return 0 or -errno.  A short read past the end of a device
  * fills the rest with zeros (sparse files grow on write).
@@ -18,6 +24,7 @@
 #ifndef TFS_META_BDEV_H
 #define TFS_META_BDEV_H
 
+#include <stdatomic.h>
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -44,14 +51,34 @@ struct tfs_bdev_ops {
 struct tfs_bdev {
 	const struct tfs_bdev_ops *ops;
 	char name[256]; /* for messages: the path or "memory" */
+	/* Bypasses the host page cache (O_DIRECT); a wrapper copies its lower's. */
+	bool direct;
+	/*
+	 * Bytes moved to (written) or from (read) the storage below, as
+	 * pread/pwrite saw them: with direct, what the device transferred,
+	 * sectors rewritten around an unaligned write included.  Wrappers
+	 * leave theirs at 0 (tfs_bdev_fault_counts reports the lower's).
+	 */
+	atomic_uint_fast64_t read_bytes, write_bytes;
 };
 
 struct tfs_bdev_io_counts {
 	uint64_t reads, writes, flushes, discards;
+	uint64_t read_bytes, write_bytes; /* of the device below, see struct tfs_bdev */
 };
 
-/* Open a plain file or block device read-write (or read-only). */
+/* Open a plain file or block device read-write (or read-only), through the page cache. */
 int tfs_bdev_open(const char *path, bool read_only, struct tfs_bdev **out);
+/*
+ * The same, with direct: O_DIRECT, so that the page cache holds no second
+ * copy of what the caller caches (the volume's page cache, the metadata
+ * block cache).  Alignment: the logical sector size of a block device
+ * (BLKSSZGET), 4 KiB for a file.  A file system that refuses O_DIRECT
+ * (EINVAL) gets the page cache instead, with one info line in the log;
+ * dev->direct tells which.  Flushes still fdatasync: the device's own
+ * write cache needs it.
+ */
+int tfs_bdev_open_direct(const char *path, bool read_only, bool direct, struct tfs_bdev **out);
 /* A zero-filled in-memory device of size bytes (grows on grow()). */
 int tfs_bdev_open_mem(uint64_t size, struct tfs_bdev **out);
 /* Whether the device is a block device (discard = BLKDISCARD). */
@@ -133,7 +160,10 @@ void tfs_bdev_fault_set(struct tfs_bdev *dev, enum tfs_fault_op op, enum tfs_fau
  */
 int tfs_bdev_fault_power_cut(struct tfs_bdev *dev, bool tear, uint32_t seed);
 
-/* Counts of ops that reached the wrapper (failed and stalled ones included). */
+/*
+ * Counts of ops that reached the wrapper (failed and stalled ones
+ * included), and the bytes its lower device moved.
+ */
 void tfs_bdev_fault_counts(struct tfs_bdev *dev, struct tfs_bdev_io_counts *out);
 
 /*

@@ -463,7 +463,7 @@ int tfs_pmd_open(struct tfs_bdev *meta, const struct tfs_pmd_options *opt, struc
 	struct tfs_pmd *pmd;
 	int r;
 
-	sb = malloc(TFS_BLOCK_SIZE);
+	sb = aligned_alloc(TFS_BLOCK_SIZE, TFS_BLOCK_SIZE);
 	if (!sb)
 		return -ENOMEM;
 	r = alloc_pmd(meta, opt, &pmd);
@@ -493,7 +493,7 @@ void tfs_pmd_close(struct tfs_pmd *pmd)
 /* After a failed abort only tfs_pmd_close is safe: the maps could not be reloaded. */
 int tfs_pmd_abort(struct tfs_pmd *pmd)
 {
-	uint8_t *sb = malloc(TFS_BLOCK_SIZE);
+	uint8_t *sb = aligned_alloc(TFS_BLOCK_SIZE, TFS_BLOCK_SIZE);
 	struct tfs_pmd_options opt = { .data_block_sectors = pmd->data_block_sectors, .read_only = true };
 	int r;
 
@@ -574,7 +574,7 @@ bool tfs_pmd_needs_check(struct tfs_pmd *pmd)
  */
 int tfs_pmd_set_needs_check(struct tfs_pmd *pmd, bool on)
 {
-	uint8_t *sb = malloc(TFS_BLOCK_SIZE);
+	uint8_t *sb = aligned_alloc(TFS_BLOCK_SIZE, TFS_BLOCK_SIZE);
 	uint32_t flags;
 	int r;
 

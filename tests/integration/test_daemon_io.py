@@ -7,6 +7,7 @@ of one file in parallel, O_DIRECT at any alignment (issue 10)."""
 import errno
 import mmap
 import os
+import re
 import shutil
 import subprocess
 import threading
@@ -388,3 +389,140 @@ def test_error_if_no_space_fails_writes_with_enospc_and_keeps_data(pool):
     assert read_at(p.mnt / "vm1", 0, 32 * BS) == keep
     # As dm-thin: the pool reports running out (checked last, after the data).
     assert st["mode"] == "out_of_data_space", st
+
+
+# ---- one cache: the devices with O_DIRECT (host_cache = off) ------------------------------
+
+def data_io(p):
+    return p.status()["pool"]["io"]["data"]
+
+
+def direct_pread(path, off, n):
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    try:
+        buf = aligned(n)
+        assert os.preadv(fd, [buf], off) == n
+        return bytes(buf)
+    finally:
+        os.close(fd)
+
+
+def direct_pwrite(path, off, data):
+    fd = os.open(path, os.O_WRONLY | os.O_DIRECT)
+    try:
+        buf = aligned(len(data))
+        buf[:] = data
+        assert os.pwritev(fd, [buf], off) == len(data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def storage_read_bytes(pid):
+    """What the daemon's threads read from storage (not from the page cache)."""
+    with open(f"/proc/{pid}/io") as f:
+        return int(next(line for line in f if line.startswith("read_bytes:")).split()[1])
+
+
+def test_a_direct_4k_read_of_a_volume_reads_4k_of_the_device_every_time(pool):
+    """host_cache is off by default: an O_DIRECT read of a mapped block
+    moves exactly what was asked from the data device, and a second read of
+    it goes to the device again (no copy in the host's page cache)."""
+    p = pool()
+    st = p.status()["pool"]
+    assert st["direct_io"] is True
+    assert "devices O_DIRECT" in p.ctl("status").stdout
+    assert re.search(r"data and metadata devices opened with O_DIRECT", p.log_text())
+    vol = p.mnt / "vm1"
+    create(vol, 4 * BS)
+    direct_pwrite(vol, 0, pattern(3, BS))
+    w0 = data_io(p)["write_bytes"]
+    direct_pwrite(vol, 8192, pattern(4, 4096))  # an overwrite in place: 4 KiB down
+    assert data_io(p)["write_bytes"] - w0 == 4096
+    want = pattern(3, BS)[:8192] + pattern(4, 4096)
+    on_block_storage = run_cmd("stat", "-f", "-c", "%T", p.data).stdout.strip() != "tmpfs"
+    for _ in range(2):
+        before, disk_before = data_io(p)["read_bytes"], storage_read_bytes(p.pid)
+        assert direct_pread(vol, 8192, 4096) == want[8192:]
+        assert data_io(p)["read_bytes"] - before == 4096
+        if on_block_storage:
+            assert storage_read_bytes(p.pid) - disk_before >= 4096
+    assert direct_pread(vol, 0, 3 * 4096) == want
+
+
+def odd_io_round(p, seed):
+    """Buffered writes and reads at odd offsets and lengths (FUSE passes them
+    on as they are), across block edges, into fresh blocks (zeroed around
+    the data) and into blocks shared with a snapshot (copied first), checked
+    against a model, read back buffered and with O_DIRECT."""
+    import random
+    rnd = random.Random(seed)
+    size = 8 * BS
+    vol = p.mnt / "odd"
+    create(vol, size)
+    model = bytearray(size)
+    fd = os.open(vol, os.O_RDWR)
+    try:
+        for i in range(60):
+            if i == 30:
+                os.fsync(fd)
+                os.mkdir(p.mnt / ".snapshots" / "before")
+                frozen = bytes(model)
+            n = rnd.randrange(1, 3 * BS // 2)
+            off = rnd.randrange(0, size - n)
+            data = rnd.randbytes(n)
+            assert os.pwrite(fd, data, off) == n
+            model[off:off + n] = data
+            m = rnd.randrange(1, 20000)
+            k = rnd.randrange(0, size - m)
+            assert os.pread(fd, m, k) == bytes(model[k:k + m])
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    assert read_at(vol, 0, size) == bytes(model)
+    assert direct_pread(vol, 0, size) == bytes(model)
+    assert read_at(p.mnt / ".snapshots" / "before" / "odd", 0, size) == frozen
+
+
+def test_odd_direct_io_through_a_volume_works_over_direct_devices(pool):
+    """FUSE passes O_DIRECT requests at odd offsets, of odd lengths and from
+    odd addresses on as they are (the kernel refuses none): the data device,
+    itself O_DIRECT, stages them in whole sectors."""
+    p = pool()
+    vol = p.mnt / "vm1"
+    create(vol, 4 * BS)
+    model = bytearray(4 * BS)
+    buf = aligned(2 * BS)
+    fd = os.open(vol, os.O_RDWR | os.O_DIRECT)
+    try:
+        for i, (off, skew, n) in enumerate(((7, 0, 4096), (BS - 3, 1, 100), (4096, 5, 4096),
+                                            (2 * BS + 11, 3, BS + 17), (9, 0, 1))):
+            data = pattern(10 + i, n)
+            buf[skew:skew + n] = data
+            assert os.pwritev(fd, [memoryview(buf)[skew:skew + n]], off) == n
+            model[off:off + n] = data
+        os.fsync(fd)
+        for off, skew, n in ((0, 0, 4 * BS), (5, 1, 5000), (BS - 10, 7, 20)):
+            got = memoryview(buf)[skew:skew + n] if n <= 2 * BS - skew else aligned(n)
+            assert os.preadv(fd, [got], off) == n
+            assert bytes(got) == bytes(model[off:off + n])
+    finally:
+        os.close(fd)
+    assert read_at(vol, 0, 4 * BS) == bytes(model)
+
+
+def test_odd_buffered_io_works_over_direct_devices(pool):
+    p = pool()
+    odd_io_round(p, 1)
+
+
+def test_host_cache_on_uses_the_page_cache_and_works_alike(pool):
+    p = pool(options={"host_cache": "on"})
+    assert p.status()["pool"]["direct_io"] is False
+    assert "devices through the host page cache" in p.ctl("status").stdout
+    assert re.search(r"data and metadata devices opened through the host page cache",
+                     p.log_text())
+    odd_io_round(p, 2)
+    before = data_io(p)["read_bytes"]
+    assert direct_pread(p.mnt / "odd", 4096, 4096) == read_at(p.mnt / "odd", 4096, 4096)
+    assert data_io(p)["read_bytes"] - before >= 4096

@@ -3,6 +3,7 @@
 #include <errno.h>
 #include <pthread.h>
 #include <setjmp.h>
+#include <stdatomic.h>
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -150,6 +151,186 @@ static void test_power_cut_tear_keeps_whole_sectors(void **state)
 		for (; i < 4096; i++)
 			assert_int_equal(got[i], 0);
 		tfs_bdev_close(f);
+	}
+}
+
+/* A file in /tmp opened direct; the file system may refuse O_DIRECT, and then d->direct is false. */
+static struct tfs_bdev *open_direct_tmp(char *path)
+{
+	struct tfs_bdev *d;
+	int fd = mkstemp(path);
+
+	assert_true(fd >= 0);
+	close(fd);
+	assert_int_equal(tfs_bdev_open_direct(path, false, true, &d), 0);
+	return d;
+}
+
+static uint64_t bytes_read(struct tfs_bdev *d)
+{
+	return atomic_load(&d->read_bytes);
+}
+
+static uint64_t bytes_written(struct tfs_bdev *d)
+{
+	return atomic_load(&d->write_bytes);
+}
+
+/*
+ * Under O_DIRECT every offset, length and buffer still works: writes and
+ * reads at random odd places, from and to odd addresses, some larger than
+ * the bounce buffer, agree with a model, and so does the file read back
+ * through the page cache.
+ */
+static void test_direct_file_bdev_takes_any_offset_length_and_buffer(void **state)
+{
+	(void)state;
+	enum { SIZE = 3 << 20, MAXLEN = (3 << 19) + 77 };
+	char path[] = "/tmp/tfs-bdev-XXXXXX";
+	struct tfs_bdev *d = open_direct_tmp(path), *plain;
+	uint8_t *model = calloc(1, SIZE), *buf = malloc(MAXLEN + 1), *got = malloc(SIZE + 1);
+	unsigned seed = 7;
+
+	assert_non_null(model);
+	assert_non_null(buf);
+	assert_non_null(got);
+	for (int i = 0; i < 200; i++) {
+		size_t len = (size_t)rand_r(&seed) % (i % 10 ? 9000 : MAXLEN) + 1;
+		uint64_t off = (uint64_t)rand_r(&seed) % (SIZE - len);
+		unsigned skew = (unsigned)rand_r(&seed) % 2; /* an odd buffer half of the time */
+
+		if (rand_r(&seed) % 2) {
+			for (size_t k = 0; k < len; k++)
+				buf[skew + k] = (uint8_t)rand_r(&seed);
+			assert_int_equal(tfs_bdev_write(d, buf + skew, len, off), 0);
+			memcpy(model + off, buf + skew, len);
+		} else {
+			assert_int_equal(tfs_bdev_read(d, got + skew, len, off), 0);
+			assert_memory_equal(got + skew, model + off, len);
+		}
+	}
+	assert_int_equal(tfs_bdev_flush(d), 0);
+	assert_int_equal(tfs_bdev_open(path, true, &plain), 0);
+	assert_int_equal(tfs_bdev_read(plain, got, SIZE, 0), 0);
+	assert_memory_equal(got, model, SIZE);
+	tfs_bdev_close(plain);
+	tfs_bdev_close(d);
+	unlink(path);
+	free(model);
+	free(buf);
+	free(got);
+}
+
+/*
+ * The byte counters say what the device moved: an aligned read moves just
+ * itself; under O_DIRECT an odd one moves whole sectors, and an odd write
+ * reads the sectors at its edges and writes them back whole.
+ */
+static void test_direct_file_bdev_counts_the_bytes_the_device_moves(void **state)
+{
+	(void)state;
+	char path[] = "/tmp/tfs-bdev-XXXXXX";
+	struct tfs_bdev *d = open_direct_tmp(path);
+	uint8_t *page = aligned_alloc(4096, 16384), odd[100];
+	uint64_t r0, w0;
+
+	assert_non_null(page);
+	memset(page, 0x11, 16384);
+	assert_int_equal(tfs_bdev_write(d, page, 16384, 0), 0);
+	assert_int_equal(bytes_written(d), 16384);
+	r0 = bytes_read(d);
+	assert_int_equal(tfs_bdev_read(d, page, 4096, 4096), 0);
+	assert_int_equal(bytes_read(d) - r0, 4096);
+	if (d->direct) {
+		r0 = bytes_read(d);
+		assert_int_equal(tfs_bdev_read(d, odd, 10, 5000), 0);
+		assert_int_equal(bytes_read(d) - r0, 4096);
+		memset(odd, 0x22, sizeof(odd));
+		r0 = bytes_read(d);
+		w0 = bytes_written(d);
+		assert_int_equal(tfs_bdev_write(d, odd, 100, 4090), 0); /* across a sector edge */
+		assert_int_equal(bytes_read(d) - r0, 8192);
+		assert_int_equal(bytes_written(d) - w0, 8192);
+		assert_int_equal(tfs_bdev_read(d, page, 8192, 0), 0);
+		for (size_t k = 0; k < 8192; k++)
+			assert_int_equal(page[k], k >= 4090 && k < 4190 ? 0x22 : 0x11);
+	}
+	/* Past the end of the file: zeros, and nothing moved. */
+	r0 = bytes_read(d);
+	memset(page, 0xFF, 8192);
+	assert_int_equal(tfs_bdev_read(d, page, 8192, 1 << 20), 0);
+	for (size_t k = 0; k < 8192; k++)
+		assert_int_equal(page[k], 0);
+	assert_int_equal(bytes_read(d) - r0, 0);
+	tfs_bdev_close(d);
+	unlink(path);
+	free(page);
+}
+
+struct log_record {
+	unsigned nr_info;
+	char last[512];
+};
+
+static void recording_sink(void *ctx, enum tfs_log_level level, const char *msg)
+{
+	struct log_record *rec = ctx;
+
+	if (level == TFS_LOG_INFO)
+		rec->nr_info++;
+	snprintf(rec->last, sizeof(rec->last), "%s", msg);
+}
+
+/*
+ * A file system that refuses O_DIRECT (procfs does, with EINVAL, as tmpfs
+ * did before Linux 6.6) gets buffered I/O and says so in one info line.
+ */
+static void test_direct_open_falls_back_where_o_direct_is_refused(void **state)
+{
+	(void)state;
+	struct log_record rec = { 0 };
+	struct tfs_bdev *d;
+	uint8_t buf[16];
+
+	tfs_log_set_sink(recording_sink, &rec);
+	tfs_log_set_level(TFS_LOG_INFO);
+	assert_int_equal(tfs_bdev_open_direct("/proc/version", true, true, &d), 0);
+	tfs_log_set_sink(quiet_sink, NULL);
+	assert_false(d->direct);
+	assert_int_equal(rec.nr_info, 1);
+	assert_non_null(strstr(rec.last, "/proc/version: O_DIRECT refused"));
+	assert_int_equal(tfs_bdev_read(d, buf, 5, 0), 0);
+	assert_memory_equal(buf, "Linux", 5);
+	tfs_bdev_close(d);
+}
+
+/* A torn power cut onto a direct file still lands whole 512-byte sectors, in order. */
+static void test_power_cut_tear_onto_a_direct_file(void **state)
+{
+	(void)state;
+	uint8_t a[8192], b[8192], got[8192];
+	memset(a, 0xAA, sizeof(a));
+	memset(b, 0xBB, sizeof(b));
+	for (uint32_t seed = 1; seed < 10; seed++) {
+		char path[] = "/tmp/tfs-bdev-XXXXXX";
+		struct tfs_bdev *file = open_direct_tmp(path), *f, *plain;
+
+		assert_int_equal(tfs_bdev_fault_wrap(file, true, &f), 0);
+		assert_int_equal(tfs_bdev_write(f, a, sizeof(a), 0), 0);
+		assert_int_equal(tfs_bdev_flush(f), 0);
+		assert_int_equal(tfs_bdev_write(f, b, sizeof(b), 0), 0);
+		assert_int_equal(tfs_bdev_fault_power_cut(f, true, seed), 0);
+		tfs_bdev_close(f);
+		assert_int_equal(tfs_bdev_open(path, true, &plain), 0);
+		assert_int_equal(tfs_bdev_read(plain, got, sizeof(got), 0), 0);
+		tfs_bdev_close(plain);
+		unlink(path);
+		size_t i = 0;
+		while (i < sizeof(got) && got[i] == 0xBB)
+			i++;
+		assert_int_equal(i % 512, 0);
+		for (; i < sizeof(got); i++)
+			assert_int_equal(got[i], 0xAA);
 	}
 }
 
@@ -488,6 +669,10 @@ int main(void)
 		cmocka_unit_test(test_fault_fails_nth_write_then_recovers),
 		cmocka_unit_test(test_power_cut_drops_unflushed_writes),
 		cmocka_unit_test(test_power_cut_tear_keeps_whole_sectors),
+		cmocka_unit_test(test_direct_file_bdev_takes_any_offset_length_and_buffer),
+		cmocka_unit_test(test_direct_file_bdev_counts_the_bytes_the_device_moves),
+		cmocka_unit_test(test_power_cut_tear_onto_a_direct_file),
+		cmocka_unit_test(test_direct_open_falls_back_where_o_direct_is_refused),
 		cmocka_unit_test(test_fault_stall_holds_a_read_until_set_back_to_ok),
 		cmocka_unit_test(test_fault_stall_released_with_eio_fails_the_write),
 		cmocka_unit_test(test_power_cut_releases_a_stalled_op),

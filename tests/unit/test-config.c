@@ -154,6 +154,7 @@ static void test_minimal_cfg_gets_the_documented_defaults(void **state)
 	assert_false(c.skip_block_zeroing);
 	assert_int_equal(c.commit_interval_ms, 1000);
 	assert_int_equal(c.metadata_cache_bytes, 64 << 20);
+	assert_false(c.host_cache);
 	assert_false(c.allow_faults);
 }
 
@@ -182,6 +183,7 @@ static void test_every_pool_key_is_parsed(void **state)
 		  "commit_interval = 500ms\n"
 		  "on_event = %s\n"
 		  "metadata_cache = 128MiB\n"
+		  "host_cache = on\n"
 		  "\n"
 		  "[fault]\n"
 		  "allow = on\n",
@@ -201,6 +203,7 @@ static void test_every_pool_key_is_parsed(void **state)
 	assert_true(c.skip_block_zeroing);
 	assert_int_equal(c.commit_interval_ms, 500);
 	assert_int_equal(c.metadata_cache_bytes, 128 << 20);
+	assert_true(c.host_cache);
 	assert_true(c.allow_faults);
 }
 
@@ -416,6 +419,7 @@ static void test_bad_values_name_file_line_and_key(void **state)
 		{ "commit_interval = 2h", "commit_interval", "more than an hour" },
 		{ "metadata_cache = lots", "metadata_cache", "not a size" },
 		{ "metadata_cache = 4k", "metadata_cache", "minimum 64k" },
+		{ "host_cache = sometimes", "host_cache", "not a boolean" },
 		{ "on_event = meta.img", "on_event", "not an executable" },
 		{ "catalog = /", "catalog", "not a regular file" },
 		{ "catalog =", "catalog", "empty value" },
@@ -874,6 +878,7 @@ static void test_reload_refuses_to_change_what_the_pool_is(void **state)
 		{ "block_size = 1m\n", "", "block_size: 1m -> 64k cannot change while mounted" },
 		{ "", "metadata_cache = 128m\n",
 		  "metadata_cache: 64m -> 128m cannot change while mounted" },
+		{ "", "host_cache = on\n", "host_cache: no -> yes cannot change while mounted" },
 		{ "", "[fault]\nallow = yes\n", "[fault] allow: no -> yes cannot change while mounted" },
 		{ "[fault]\nallow = yes\n", "[fault]\nallow = no\n",
 		  "[fault] allow: yes -> no cannot change while mounted" },
