@@ -1420,3 +1420,47 @@ int tfs_btree_count(const struct tfs_btree_info *info, uint64_t root, uint64_t *
 	tfs_tm_unlock(info->tm, blk);
 	return r;
 }
+
+static int shape_node(const struct tfs_btree_info *info, uint64_t b, unsigned depth,
+		      struct tfs_btree_shape *out)
+{
+	struct tfs_block *blk;
+	const uint8_t *n;
+	int r;
+
+	if (depth >= MAX_DEPTH)
+		return corrupt(b, "tree too deep (cycle?)");
+	r = read_node(info, last_level(info), b, &blk);
+	if (r)
+		return r;
+	n = bdata(blk);
+	if (is_leaf(n)) {
+		out->leaves++;
+		out->entries += node_nr(n);
+		if (depth + 1 > out->depth)
+			out->depth = depth + 1;
+	} else {
+		out->internal_nodes++;
+		for (uint32_t i = 0; i < node_nr(n) && !r; i++)
+			r = shape_node(info, value64(n, i), depth + 1, out);
+	}
+	tfs_tm_unlock(info->tm, blk);
+	return r;
+}
+
+int tfs_btree_shape(const struct tfs_btree_info *info, uint64_t root, const uint64_t *keys,
+		    struct tfs_btree_shape *out)
+{
+	uint64_t sub;
+	int r;
+
+	memset(out, 0, sizeof(*out));
+	r = check_info(info);
+	if (r)
+		return r;
+	r = find_subtree(info, root, keys, &sub);
+	if (r)
+		return r == -ENODATA ? 0 : r;
+	out->leaf_capacity = tfs_btree_max_entries(info->value_type.size);
+	return shape_node(info, sub, 0, out);
+}

@@ -136,4 +136,21 @@ int tfs_btree_walk(const struct tfs_btree_info *info, uint64_t root, tfs_btree_w
 /* Number of entries in the last level (walks every leaf of a one-level tree). */
 int tfs_btree_count(const struct tfs_btree_info *info, uint64_t root, uint64_t *count);
 
+/* How full a last-level tree is: what a commit after random inserts rewrites. */
+struct tfs_btree_shape {
+	uint64_t leaves;
+	uint64_t entries;	 /* in the leaves */
+	uint64_t internal_nodes;
+	uint32_t leaf_capacity; /* max_entries of a leaf of this value size */
+	unsigned depth;		 /* 1 for a lone leaf; 0 when the subtree is missing */
+};
+
+/*
+ * The shape of the last-level tree selected by the first levels-1 keys
+ * (keys[levels-1] is ignored; all zero when the subtree is missing).
+ * Reads every node of that tree.
+ */
+int tfs_btree_shape(const struct tfs_btree_info *info, uint64_t root, const uint64_t *keys,
+		    struct tfs_btree_shape *out);
+
 #endif

@@ -1043,6 +1043,25 @@ static void test_two_level_tree(void **state)
 	}
 	verify_all(e, &info, &root, 1);
 	compare_with_model(&info, root, m);
+
+	/* Shapes: every node but the top level's one leaf belongs to one device tree. */
+	{
+		uint64_t nodes = 0;
+
+		for (uint64_t d = 0; d < DEVS; d++) {
+			struct tfs_btree_shape sh;
+			bool has = d % 2 == 0 && d > 0; /* device 0 got no mappings, so no tree */
+
+			k[0] = d;
+			assert_int_equal(tfs_btree_shape(&info, root, k, &sh), 0);
+			assert_int_equal(sh.entries, has ? d * 500 : 0);
+			assert_int_equal(sh.depth, has ? 2 : 0);
+			assert_int_equal(sh.leaf_capacity, has ? 252 : 0);
+			assert_true(sh.leaves * 252 >= sh.entries && sh.leaves * 84 <= sh.entries + 84);
+			nodes += sh.leaves + sh.internal_nodes;
+		}
+		assert_int_equal(nodes + 1, mem_sm_nr_allocated(e->sm) - 1);
+	}
 	for (uint64_t d = 0; d < DEVS; d++) {
 		k[0] = d;
 		for (uint64_t b = 0; b < SPAN; b += 37) {
