@@ -19,7 +19,9 @@
  * Never: holds state between calls (no cursors outliving a call), or
  * touches a block except through the transaction manager.
  *
- * Costs: lookup O(depth) block reads; insert/remove O(depth) shadows.
+ * Costs: lookup O(depth) block reads; insert/remove O(depth) shadows (on
+ * insert, a full node on the path also reads its neighbours and may shadow
+ * one of them and make one new node; shared neighbours are only read).
  * Errors: -ENODATA key not found; -ENOSPC metadata full; -EUCLEAN corrupt
  * node (logged by the block manager); -EIO.
  *
@@ -148,7 +150,8 @@ struct tfs_btree_shape {
 /*
  * The shape of the last-level tree selected by the first levels-1 keys
  * (keys[levels-1] is ignored; all zero when the subtree is missing).
- * Reads every node of that tree.
+ * Cost: reads every node of that tree.  Errors as for lookup (-EUCLEAN,
+ * -EIO, -EINVAL for a bad info); nothing is changed.
  */
 int tfs_btree_shape(const struct tfs_btree_info *info, uint64_t root, const uint64_t *keys,
 		    struct tfs_btree_shape *out);
