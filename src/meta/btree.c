@@ -864,7 +864,7 @@ static int split_child(const struct tfs_btree_info *info, uint8_t *p, uint32_t i
  * alone.  The first child and the last always split alone when their
  * siblings are full, as that is where ascending and descending runs of
  * keys arrive, and split_point then keeps the nodes behind the run full.
- * Random inserts so fill nodes to about 85% instead of 70% (ln 2), which
+ * Random inserts so fill nodes to about 87% instead of 70% (ln 2), which
  * means fewer nodes for a commit to write.  *chosen gets the node key
  * belongs in, writable with room; the others are unlocked.  On error c is
  * unlocked.
