@@ -812,7 +812,12 @@ static int spread(const struct tfs_btree_info *info, unsigned level, uint8_t *p,
 		set_key(p, li + 2, key_at(rt, 0));
 	}
 
-	*chosen = key >= key_at(rt, 0) ? rb : mb && key >= key_at(bdata(mb), 0) ? mb : lb;
+	if (key >= key_at(rt, 0))
+		*chosen = rb;
+	else if (mb && key >= key_at(bdata(mb), 0))
+		*chosen = mb;
+	else
+		*chosen = lb;
 	if (lb != *chosen)
 		tfs_tm_unlock(info->tm, lb);
 	if (mb && mb != *chosen)
