@@ -5,7 +5,8 @@
  * Formats a pool on a sparse file (or in memory with --mem), then:
  *   - inserts N sequential mappings into device 1 and N random ones into
  *     device 2, committing every --commit-every inserts, allocating each data
- *     block with tfs_pmd_alloc_data_block as the engine will;
+ *     block with tfs_pmd_alloc_data_block as the engine will, and reports
+ *     how full the leaves of both trees are (tfs_thin_tree_shape);
  *   - reopens the pool (empty block cache; for a file, its page cache is
  *     dropped too) and times lookups cold, then the same lookups warm;
  *   - times snapshot creation of devices holding 10k, 100k and N mappings
@@ -285,6 +286,21 @@ static double fill(tfs_dev_id id, uint64_t n, uint64_t *sum, double *commit_secs
 	return t0;
 }
 
+/* How full device id's leaves are: a commit after random inserts rewrites most of them. */
+static void shape_row(tfs_dev_id id, const char *what)
+{
+	struct tfs_thin_tree_shape sh;
+	struct tfs_td *td;
+	char b[32];
+
+	CHECK(tfs_pmd_open_thin(pmd, id, &td));
+	CHECK(tfs_thin_tree_shape(td, &sh));
+	tfs_pmd_close_thin(td);
+	row(what, "%.1f%% (%s leaves of %u, %" PRIu64 " internal nodes, depth %u)",
+	    sh.leaves ? 100.0 * (double)sh.mappings / ((double)sh.leaves * sh.leaf_capacity) : 0.0,
+	    grouped(sh.leaves, b), sh.leaf_capacity, sh.internal_nodes, sh.depth);
+}
+
 /* Look up every key of device id in insert order; checks all are mapped. */
 static double lookup_all(tfs_dev_id id, uint64_t n, uint64_t expect_sum)
 {
@@ -507,6 +523,9 @@ int main(int argc, char **argv)
 	snprintf(what, sizeof(what), "insert %s random mappings", lbl);
 	rate_row(what, cfg.n, t, "inserts");
 	commits_row(cfg.n, t, tc);
+
+	shape_row(DEV_SEQ, "leaf fill, sequential device");
+	shape_row(DEV_RAND, "leaf fill, random device");
 
 	fill(DEV_10K, 10000, &sum_10k, NULL);
 	fill(DEV_100K, 100000, &sum_100k, NULL);

@@ -4,9 +4,13 @@
  *
  * How the operations keep the invariants thin_check enforces:
  *
- * Insert shadows the path from the root down and splits any full node
- * *before* stepping into it, so the parent always has room for the new
- * separator and nothing ever has to walk back up.  A full root is split
+ * Insert shadows the path from the root down and makes room in any full
+ * node *before* stepping into it, so the parent always has room for a new
+ * separator and nothing ever has to walk back up.  Room comes from moving
+ * entries into a sibling that has some, else from splitting the node and a
+ * full sibling into three, else from splitting the node alone (make_room
+ * says when which); siblings shared with another tree are left alone.  A
+ * full leaf that already holds the key needs no room.  A full root is split
  * in place: its entries move into two new children and the root block
  * becomes an internal node with two entries, so the root keeps its block.
  * A key below everything in the tree lowers keys[0] of each internal node
@@ -29,7 +33,8 @@
  * leaves, or the value type's inc for last-level values); a node released
  * with count 1 releases everything it points to before its own count drops.
  * Moving entries between two nodes we hold exclusively moves references,
- * so merges and splits change no counts except that of a freed node.
+ * so merges, splits and moves into a sibling change no counts except that
+ * of a freed node.
  *
  * Depth is bounded (MAX_DEPTH per level) so that a corrupt image with a
  * cycle ends in -EUCLEAN instead of a stack overflow.
@@ -654,8 +659,9 @@ out:
 /*
  * Where to cut a full node that key is about to go into.  Appends (key past
  * the last entry) keep two thirds on the left and the minimum on the right,
- * so sequentially written mappings leave leaves 2/3 full rather than half;
- * descending runs mirror that; anything else splits evenly.
+ * so the node left behind a run of appends is 2/3 full rather than half
+ * (and make_room later tops it up from the run's node); descending runs
+ * mirror that; anything else splits evenly.
  */
 static uint32_t split_point(const uint8_t *n, uint64_t key)
 {
@@ -666,6 +672,159 @@ static uint32_t split_point(const uint8_t *n, uint64_t key)
 	if (key < key_at(n, 0))
 		return min;
 	return nr / 2;
+}
+
+/*
+ * Whether n must get a free entry before key goes in or below it.  A leaf
+ * that already holds key is only overwritten (or, in an upper level,
+ * descended through), so a full one need not be split for it.
+ */
+static bool needs_room(const uint8_t *n, uint64_t key)
+{
+	return node_nr(n) == node_max(n) && !(is_leaf(n) && find_exact(n, key) >= 0);
+}
+
+/*
+ * Free entries a sibling must have for moving entries into it to beat a
+ * split.  With less, each move would buy room for only a few inserts and
+ * the next ones would pay for a move again.  At least 2, so that both
+ * nodes end with room.
+ */
+static uint32_t sibling_room(const uint8_t *n)
+{
+	uint32_t room = node_max(n) / 32;
+
+	return room < 2 ? 2 : room;
+}
+
+/*
+ * Move entries between adjacent nodes l and r (l's keys below r's) so that
+ * l ends with target entries.  Both are writable and held by this tree
+ * alone, so the references move with the entries and no count changes.
+ */
+static void shift_entries(uint8_t *l, uint8_t *r, uint32_t target)
+{
+	uint32_t ln = node_nr(l);
+
+	if (ln > target) {
+		uint32_t m = ln - target;
+
+		open_gap(r, 0, m);
+		copy_entries(r, 0, l, target, m);
+		truncate_node(l, target);
+	} else if (ln < target) {
+		uint32_t m = target - ln;
+
+		copy_entries(l, ln, r, 0, m);
+		set_nr(l, ln + m);
+		delete_entries(r, 0, m);
+	}
+}
+
+/*
+ * Look at child s of p, a sibling of c: *usable is false when it is shared
+ * (count > 1), since copying a shared node breaks sharing with a snapshot:
+ * a block plus one reference per entry, more than a split costs.  *room is
+ * its free entries at the capacity it will have once shadowed.
+ */
+static int probe_sibling(const struct tfs_btree_info *info, unsigned level, const uint8_t *p,
+			 uint32_t s, const uint8_t *c, bool *usable, uint32_t *room)
+{
+	uint64_t b = value64(p, s);
+	struct tfs_block *blk;
+	uint32_t refs = 0;
+	const uint8_t *n;
+	int r;
+
+	*usable = false;
+	*room = 0;
+	r = tfs_tm_ref(info->tm, b, &refs);
+	if (r)
+		return r;
+	if (refs == 0)
+		return corrupt(b, "referenced node has reference count 0");
+	if (refs > 1)
+		return 0;
+	r = read_node(info, level, b, &blk);
+	if (r)
+		return r;
+	n = bdata(blk);
+	if (node_flags(n) != node_flags(c)) {
+		r = corrupt(tfs_le64(p + OFF_BLOCKNR), "children at different depths");
+	} else {
+		*usable = true;
+		*room = tfs_btree_max_entries(node_vsize(n)) - node_nr(n);
+	}
+	tfs_tm_unlock(info->tm, blk);
+	return r;
+}
+
+/*
+ * Children li and li + 1 of writable parent p share their entries evenly,
+ * or, when three, among themselves and a new child between them.  One of
+ * the two is c (writable; c_left says which), the other is shadowed here.
+ * The parent keys of the nodes whose first entry changed are updated; the
+ * left node's first entry stays, so a parent key lowered for a key below
+ * everything (descend_for_insert) stays lowered.  *chosen gets the node key
+ * belongs in, still locked; the others are unlocked.  On error c is
+ * unlocked.
+ */
+static int spread(const struct tfs_btree_info *info, unsigned level, uint8_t *p, uint32_t li,
+		  struct tfs_block *c, bool c_left, bool three, uint64_t key,
+		  struct tfs_block **chosen)
+{
+	struct tfs_block *s, *lb, *rb, *mb = NULL;
+	uint32_t si = c_left ? li + 1 : li, total;
+	uint8_t *l, *rt, *m, loc[8];
+	int r;
+
+	r = shadow_node(info, level, value64(p, si), &s);
+	if (r) {
+		tfs_tm_unlock(info->tm, c);
+		return r;
+	}
+	set_value64(p, si, tfs_block_location(s));
+	if (three) {
+		r = new_node(info, node_flags(bdata(c)), node_vsize(bdata(c)), &mb);
+		if (r) {
+			tfs_tm_unlock(info->tm, s);
+			tfs_tm_unlock(info->tm, c);
+			return r;
+		}
+	}
+	lb = c_left ? c : s;
+	rb = c_left ? s : c;
+	l = bdata(lb);
+	rt = bdata(rb);
+	total = node_nr(l) + node_nr(rt);
+	if (!three) {
+		shift_entries(l, rt, total / 2);
+		set_key(p, li + 1, key_at(rt, 0));
+	} else {
+		uint32_t tl = total / 3, tm = (total - tl) / 2;
+
+		m = bdata(mb);
+		/* l is full or nearly so: its surplus goes into the empty middle node. */
+		shift_entries(l, m, tl);
+		shift_entries(m, rt, tm);
+		tfs_put_le64(loc, tfs_block_location(mb));
+		insert_entry(p, li + 1, key_at(m, 0), loc);
+		set_key(p, li + 2, key_at(rt, 0));
+	}
+
+	if (key >= key_at(rt, 0))
+		*chosen = rb;
+	else if (mb && key >= key_at(bdata(mb), 0))
+		*chosen = mb;
+	else
+		*chosen = lb;
+	if (lb != *chosen)
+		tfs_tm_unlock(info->tm, lb);
+	if (mb && mb != *chosen)
+		tfs_tm_unlock(info->tm, mb);
+	if (rb != *chosen)
+		tfs_tm_unlock(info->tm, rb);
+	return 0;
 }
 
 /*
@@ -700,6 +859,49 @@ static int split_child(const struct tfs_btree_info *info, uint8_t *p, uint32_t i
 		*chosen = c;
 	}
 	return 0;
+}
+
+/*
+ * Child c (full, writable, at index i of writable parent p, which has room
+ * for one more entry) must get room for key.  In order of preference:
+ * move entries into an unshared sibling that has room (left first); split
+ * c and a full unshared sibling into three nodes two thirds full; split c
+ * alone.  The first child and the last always split alone when their
+ * siblings are full, as that is where ascending and descending runs of
+ * keys arrive, and split_point then keeps the nodes behind the run full.
+ * Random inserts so fill nodes to about 87% instead of 70% (ln 2), which
+ * means fewer nodes for a commit to write.  *chosen gets the node key
+ * belongs in, writable with room; the others are unlocked.  On error c is
+ * unlocked.
+ */
+static int make_room(const struct tfs_btree_info *info, unsigned level, uint8_t *p, uint32_t i,
+		     struct tfs_block *c, uint64_t key, struct tfs_block **chosen)
+{
+	uint32_t nr = node_nr(p), want = sibling_room(bdata(c)), lroom = 0, rroom = 0;
+	bool left = false, right = false;
+	int r;
+
+	if (i > 0) {
+		r = probe_sibling(info, level, p, i - 1, bdata(c), &left, &lroom);
+		if (r)
+			goto err_unlock;
+		if (left && lroom >= want)
+			return spread(info, level, p, i - 1, c, false, false, key, chosen);
+	}
+	if (i + 1 < nr) {
+		r = probe_sibling(info, level, p, i + 1, bdata(c), &right, &rroom);
+		if (r)
+			goto err_unlock;
+		if (right && rroom >= want)
+			return spread(info, level, p, i, c, true, false, key, chosen);
+	}
+	if (i > 0 && i + 1 < nr && (left || right))
+		return spread(info, level, p, left ? i - 1 : i, c, !left, true, key, chosen);
+	return split_child(info, p, i, c, key, chosen);
+
+err_unlock:
+	tfs_tm_unlock(info->tm, c);
+	return r;
 }
 
 /* The root is full: move its entries into two new children and make it their parent. */
@@ -750,7 +952,7 @@ static int descend_for_insert(const struct tfs_btree_info *info, unsigned level,
 	struct tfs_block *node = blk;
 	int r;
 
-	if (node_nr(bdata(node)) == node_max(bdata(node))) {
+	if (needs_room(bdata(node), key)) {
 		r = split_root(info, node, key);
 		if (r)
 			goto err_unlock;
@@ -783,8 +985,8 @@ static int descend_for_insert(const struct tfs_btree_info *info, unsigned level,
 			goto err_unlock;
 		if (tfs_block_location(cb) != child)
 			set_value64(n, (uint32_t)i, tfs_block_location(cb));
-		if (node_nr(bdata(cb)) == node_max(bdata(cb))) {
-			r = split_child(info, n, (uint32_t)i, cb, key, &cb);
+		if (needs_room(bdata(cb), key)) {
+			r = make_room(info, level, n, (uint32_t)i, cb, key, &cb);
 			if (r)
 				goto err_unlock;
 		}
@@ -1066,20 +1268,7 @@ static int rebalance(const struct tfs_btree_info *info, unsigned level, uint8_t 
 		return free_node(info, rb);
 	}
 
-	uint32_t target = (ln + rn) / 2; /* entries the left node ends with */
-	if (ln > target) {
-		uint32_t m = ln - target;
-
-		open_gap(rt, 0, m);
-		copy_entries(rt, 0, l, target, m);
-		truncate_node(l, target);
-	} else if (ln < target) {
-		uint32_t m = target - ln;
-
-		copy_entries(l, ln, rt, 0, m);
-		set_nr(l, target);
-		delete_entries(rt, 0, m);
-	}
+	shift_entries(l, rt, (ln + rn) / 2);
 	set_key(x, li, key_at(l, 0));
 	set_key(x, li + 1, key_at(rt, 0));
 	tfs_tm_unlock(info->tm, lb);
@@ -1419,4 +1608,48 @@ int tfs_btree_count(const struct tfs_btree_info *info, uint64_t root, uint64_t *
 	r = count_node(info, 0, bdata(blk), 0, count);
 	tfs_tm_unlock(info->tm, blk);
 	return r;
+}
+
+static int shape_node(const struct tfs_btree_info *info, uint64_t b, unsigned depth,
+		      struct tfs_btree_shape *out)
+{
+	struct tfs_block *blk;
+	const uint8_t *n;
+	int r;
+
+	if (depth >= MAX_DEPTH)
+		return corrupt(b, "tree too deep (cycle?)");
+	r = read_node(info, last_level(info), b, &blk);
+	if (r)
+		return r;
+	n = bdata(blk);
+	if (is_leaf(n)) {
+		out->leaves++;
+		out->entries += node_nr(n);
+		if (depth + 1 > out->depth)
+			out->depth = depth + 1;
+	} else {
+		out->internal_nodes++;
+		for (uint32_t i = 0; i < node_nr(n) && !r; i++)
+			r = shape_node(info, value64(n, i), depth + 1, out);
+	}
+	tfs_tm_unlock(info->tm, blk);
+	return r;
+}
+
+int tfs_btree_shape(const struct tfs_btree_info *info, uint64_t root, const uint64_t *keys,
+		    struct tfs_btree_shape *out)
+{
+	uint64_t sub;
+	int r;
+
+	memset(out, 0, sizeof(*out));
+	r = check_info(info);
+	if (r)
+		return r;
+	r = find_subtree(info, root, keys, &sub);
+	if (r)
+		return r == -ENODATA ? 0 : r;
+	out->leaf_capacity = tfs_btree_max_entries(info->value_type.size);
+	return shape_node(info, sub, 0, out);
 }

@@ -19,7 +19,9 @@
  * Never: holds state between calls (no cursors outliving a call), or
  * touches a block except through the transaction manager.
  *
- * Costs: lookup O(depth) block reads; insert/remove O(depth) shadows.
+ * Costs: lookup O(depth) block reads; insert/remove O(depth) shadows (on
+ * insert, a full node on the path also reads its neighbours and may shadow
+ * one of them and make one new node; shared neighbours are only read).
  * Errors: -ENODATA key not found; -ENOSPC metadata full; -EUCLEAN corrupt
  * node (logged by the block manager); -EIO.
  *
@@ -135,5 +137,23 @@ int tfs_btree_walk(const struct tfs_btree_info *info, uint64_t root, tfs_btree_w
 
 /* Number of entries in the last level (walks every leaf of a one-level tree). */
 int tfs_btree_count(const struct tfs_btree_info *info, uint64_t root, uint64_t *count);
+
+/* How full a last-level tree is: what a commit after random inserts rewrites. */
+struct tfs_btree_shape {
+	uint64_t leaves;
+	uint64_t entries;	 /* in the leaves */
+	uint64_t internal_nodes;
+	uint32_t leaf_capacity; /* max_entries of a leaf of this value size */
+	unsigned depth;		 /* 1 for a lone leaf; 0 when the subtree is missing */
+};
+
+/*
+ * The shape of the last-level tree selected by the first levels-1 keys
+ * (keys[levels-1] is ignored; all zero when the subtree is missing).
+ * Cost: reads every node of that tree.  Errors as for lookup (-EUCLEAN,
+ * -EIO, -EINVAL for a bad info); nothing is changed.
+ */
+int tfs_btree_shape(const struct tfs_btree_info *info, uint64_t root, const uint64_t *keys,
+		    struct tfs_btree_shape *out);
 
 #endif

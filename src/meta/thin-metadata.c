@@ -1003,6 +1003,24 @@ int tfs_thin_lookup_range(struct tfs_td *td, uint64_t begin, uint64_t end, unsig
 	return (int)total;
 }
 
+int tfs_thin_tree_shape(struct tfs_td *td, struct tfs_thin_tree_shape *out)
+{
+	uint64_t keys[2] = { td->id, 0 };
+	struct tfs_btree_shape sh;
+	int r;
+
+	memset(out, 0, sizeof(*out));
+	if (td->deleted)
+		return -ENODEV;
+	r = tfs_btree_shape(&td->pmd->map_info, td->pmd->mapping_root, keys, &sh);
+	if (r)
+		return r;
+	*out = (struct tfs_thin_tree_shape){ .leaves = sh.leaves, .mappings = sh.entries,
+					     .internal_nodes = sh.internal_nodes,
+					     .leaf_capacity = sh.leaf_capacity, .depth = sh.depth };
+	return 0;
+}
+
 static int insert(struct tfs_td *td, uint64_t vblock, uint64_t data_block, uint32_t time)
 {
 	struct tfs_pmd *pmd = td->pmd;

@@ -144,6 +144,15 @@ int tfs_thin_remove_range(struct tfs_td *td, uint64_t begin, uint64_t end, uint6
 /* mapped_blocks of this device (kept in memory, written at commit). */
 uint64_t tfs_td_mapped_blocks(struct tfs_td *td);
 
+/* Nodes of a device's mapping tree and how full its leaves are (meta-bench). */
+struct tfs_thin_tree_shape {
+	uint64_t leaves, mappings, internal_nodes;
+	uint32_t leaf_capacity; /* mappings a leaf can hold */
+	unsigned depth;
+};
+/* Reads every node of the device's tree. */
+int tfs_thin_tree_shape(struct tfs_td *td, struct tfs_thin_tree_shape *out);
+
 /* ---- data space ---- */
 /* A data block free now and at the last commit; count 1.  -ENOSPC when full. */
 int tfs_pmd_alloc_data_block(struct tfs_pmd *pmd, uint64_t *block);

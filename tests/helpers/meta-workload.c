@@ -8,9 +8,15 @@
  *   meta-workload IMAGE [--format NR_DATA_BLOCKS] [--block-sectors N]
  *                 [--seed S] [--ops N] [--devices N] [--span VBLOCKS]
  *                 [--no-commit-last] [--held-root] [--needs-check]
+ *                 [--fill N]
+ *
+ * --fill N first maps N random single blocks of device 0 (committing every
+ * 5,000), snapshots it as device 1, then maps N/4 more random blocks in
+ * each: many full leaves, made room for by moving entries into siblings,
+ * next to leaves shared with the snapshot.
  *
  * Output: {"transaction_id":T,"time":T,"devices":{"ID":{"mapped_blocks":N,
- *          "mappings":[[vblock,data_block,time],...]}}}
+ *          "leaves":L,"leaf_capacity":C,"mappings":[[vblock,data_block,time],...]}}}
  */
 #include <errno.h>
 #include <getopt.h>
@@ -29,7 +35,7 @@ struct cfg {
 	uint32_t block_sectors;
 	uint32_t seed;
 	unsigned ops, devices;
-	uint64_t span;
+	uint64_t span, fill;
 	bool held_root, needs_check;
 };
 
@@ -127,6 +133,41 @@ static int op_delete(struct tfs_pmd *pmd)
 	return tfs_pmd_delete_thin(pmd, ids[rnd((uint32_t)n)]);
 }
 
+/* n random single-block mappings in device id, committing every 5,000. */
+static int map_random(struct tfs_pmd *pmd, const struct cfg *c, tfs_dev_id id, uint64_t n)
+{
+	struct tfs_td *td = NULL;
+	int r = tfs_pmd_open_thin(pmd, id, &td);
+
+	for (uint64_t i = 0; i < n && !r; i++) {
+		uint64_t b;
+
+		r = tfs_pmd_alloc_data_block(pmd, &b);
+		if (!r)
+			r = tfs_thin_insert(td, rnd((uint32_t)c->span), b);
+		if (!r && i % 5000 == 4999)
+			r = tfs_pmd_commit(pmd);
+	}
+	if (td)
+		tfs_pmd_close_thin(td);
+	return r;
+}
+
+static int run_fill(struct tfs_pmd *pmd, const struct cfg *c)
+{
+	int r = tfs_pmd_create_thin(pmd, 0);
+
+	if (!r)
+		r = map_random(pmd, c, 0, c->fill);
+	if (!r)
+		r = tfs_pmd_create_snap(pmd, 1, 0);
+	if (!r)
+		r = map_random(pmd, c, 0, c->fill / 4);
+	if (!r)
+		r = map_random(pmd, c, 1, c->fill / 4);
+	return r;
+}
+
 static int run(struct tfs_pmd *pmd, const struct cfg *c)
 {
 	int r = 0;
@@ -165,8 +206,15 @@ static int print_json(struct tfs_pmd *pmd)
 		int r = tfs_pmd_open_thin(pmd, ids[i], &td);
 		if (r)
 			return r;
-		printf("%s\"%u\":{\"mapped_blocks\":%" PRIu64 ",\"mappings\":[", i ? "," : "", ids[i],
-		       tfs_td_mapped_blocks(td));
+		struct tfs_thin_tree_shape sh;
+		r = tfs_thin_tree_shape(td, &sh);
+		if (r) {
+			tfs_pmd_close_thin(td);
+			return r;
+		}
+		printf("%s\"%u\":{\"mapped_blocks\":%" PRIu64 ",\"leaves\":%" PRIu64
+		       ",\"leaf_capacity\":%u,\"mappings\":[", i ? "," : "", ids[i],
+		       tfs_td_mapped_blocks(td), sh.leaves, sh.leaf_capacity);
 		uint64_t begin = 0;
 		bool first = true;
 		for (;;) {
@@ -202,6 +250,7 @@ int main(int argc, char **argv)
 		{ "span", required_argument, NULL, 'n' },
 		{ "held-root", no_argument, NULL, 'H' },
 		{ "needs-check", no_argument, NULL, 'N' },
+		{ "fill", required_argument, NULL, 'F' },
 		{ NULL, 0, NULL, 0 },
 	};
 	struct cfg c = { .block_sectors = 128, .seed = 1, .ops = 200, .devices = 8, .span = 5000 };
@@ -220,6 +269,7 @@ int main(int argc, char **argv)
 		case 'n': c.span = strtoull(optarg, NULL, 0); break;
 		case 'H': c.held_root = true; break;
 		case 'N': c.needs_check = true; break;
+		case 'F': c.fill = strtoull(optarg, NULL, 0); break;
 		default: return 2;
 		}
 	}
@@ -240,7 +290,9 @@ int main(int argc, char **argv)
 		tfs_bdev_close(dev);
 		return 1;
 	}
-	r = run(pmd, &c);
+	r = c.fill ? run_fill(pmd, &c) : 0;
+	if (!r)
+		r = run(pmd, &c);
 	if (!r)
 		r = tfs_pmd_set_transaction_id(pmd, tfs_pmd_transaction_id(pmd),
 					       tfs_pmd_transaction_id(pmd) + 1);

@@ -250,6 +250,55 @@ static unsigned tree_depth(struct env *e, uint64_t root)
 	}
 }
 
+/* Entries in leaves / their capacity, of a one-level tree. */
+static double leaf_fill(const struct tfs_btree_info *info, uint64_t root)
+{
+	uint64_t k[TFS_BTREE_MAX_LEVELS] = { 0 };
+	struct tfs_btree_shape sh;
+
+	assert_int_equal(tfs_btree_shape(info, root, k, &sh), 0);
+	return (double)sh.entries / ((double)sh.leaves * sh.leaf_capacity);
+}
+
+/* The same for internal nodes: one entry per child, and every node but the root is a child. */
+static double internal_fill(const struct tfs_btree_info *info, uint64_t root)
+{
+	uint64_t k[TFS_BTREE_MAX_LEVELS] = { 0 };
+	struct tfs_btree_shape sh;
+
+	assert_int_equal(tfs_btree_shape(info, root, k, &sh), 0);
+	assert_true(sh.internal_nodes > 0);
+	return (double)(sh.leaves + sh.internal_nodes - 1) /
+	       ((double)sh.internal_nodes * tfs_btree_max_entries(8));
+}
+
+struct leaf_span {
+	uint64_t b, first, last;
+};
+
+/* The leaves of a one-level tree in key order, read raw; returns how many (at most max). */
+static unsigned collect_leaves(struct env *e, uint64_t b, struct leaf_span *out, unsigned max,
+			       unsigned nr)
+{
+	uint8_t n[TFS_BLOCK_SIZE];
+	struct tfs_block *blk;
+	uint32_t cnt, cap;
+
+	assert_int_equal(tfs_tm_read_lock(e->tm, b, &tfs_btree_validator, &blk), 0);
+	memcpy(n, tfs_block_data(blk), sizeof(n));
+	tfs_tm_unlock(e->tm, blk);
+	cnt = tfs_le32(n + 16);
+	cap = tfs_le32(n + 20);
+	if (tfs_le32(n + 4) == TFS_BTREE_LEAF) {
+		assert_true(nr < max && cnt > 0);
+		out[nr] = (struct leaf_span){ b, tfs_le64(n + 32), tfs_le64(n + 32 + 8 * (cnt - 1)) };
+		return nr + 1;
+	}
+	for (uint32_t i = 0; i < cnt; i++)
+		nr = collect_leaves(e, tfs_le64(n + 32 + 8 * cap + 8 * i), out, max, nr);
+	return nr;
+}
+
 /* ---- model ------------------------------------------------------------------- */
 
 /*
@@ -751,31 +800,222 @@ static void test_many_inserts_split_to_depth_3(void **state)
 	env_close(e);
 }
 
-static void test_sequential_inserts_fill_leaves_two_thirds(void **state)
+/*
+ * Ascending and descending runs: the node at the end of the run splits
+ * alone, keeping the nodes behind the run full, and when it fills up again
+ * it moves entries into its neighbour rather than splitting, until the
+ * neighbour is nearly full too.
+ */
+static void test_sequential_and_descending_inserts_fill_leaves(void **state)
 {
 	enum { N = 100000 };
-	struct env *e = env_open(8192, TFS_BM_DEFAULT_CACHE_BLOCKS, N);
+	struct env *e = env_open(8192, TFS_BM_DEFAULT_CACHE_BLOCKS, 2 * N);
 	struct tfs_btree_info info = make_info(e, 1, 8);
-	uint64_t root, k[2];
-	double t0, t1;
+	uint64_t up, down, k[2];
+	double t0, t1, f_up, f_down;
 	uint8_t v[8];
 
 	(void)state;
-	assert_int_equal(tfs_btree_empty(&info, &root), 0);
+	assert_int_equal(tfs_btree_empty(&info, &up), 0);
 	t0 = now();
 	for (uint64_t i = 0; i < N; i++) {
 		k[0] = i;
 		tfs_put_le64(v, new_value(e));
-		assert_int_equal(tfs_btree_insert(&info, root, k, v, &root, NULL), 0);
+		assert_int_equal(tfs_btree_insert(&info, up, k, v, &up, NULL), 0);
 	}
 	t1 = now();
-	/* 100000 entries at 168 per leaf is 596 leaves, plus a few internal nodes. */
+	/* 100000 entries would take 397 full leaves; nearly full, plus a few internal nodes. */
 	printf("# %d sequential inserts: %.0f/s, %llu blocks\n", N, N / (t1 - t0),
 	       (unsigned long long)mem_sm_nr_allocated(e->sm) - 1);
-	assert_true(mem_sm_nr_allocated(e->sm) - 1 < 610);
+	assert_true(mem_sm_nr_allocated(e->sm) - 1 < 420);
+	f_up = leaf_fill(&info, up);
+
+	assert_int_equal(tfs_btree_empty(&info, &down), 0);
+	for (uint64_t i = N; i > 0; i--) {
+		k[0] = i;
+		tfs_put_le64(v, new_value(e));
+		assert_int_equal(tfs_btree_insert(&info, down, k, v, &down, NULL), 0);
+	}
+	f_down = leaf_fill(&info, down);
+	printf("# leaf fill: ascending %.1f%%, descending %.1f%%\n", 100 * f_up, 100 * f_down);
+	assert_true(f_up > 0.95 && f_down > 0.95);
+	{
+		uint64_t roots[2] = { up, down };
+		verify_all(e, &info, roots, 2);
+	}
+	assert_int_equal(tfs_btree_del(&info, up), 0);
+	assert_int_equal(tfs_btree_del(&info, down), 0);
+	assert_all_released(e);
+	env_close(e);
+}
+
+/*
+ * Random inserts make room in a full node by moving entries into a sibling
+ * or splitting two nodes into three, so leaves end well above the 70% of
+ * plain splits.  Commits in between make the siblings clean blocks that
+ * must be shadowed (copied) before entries move into them.  With 600-byte
+ * values (6 per leaf) the tree is deep and internal nodes do the same.
+ */
+static void test_random_inserts_fill_nodes_by_moving_into_siblings(void **state)
+{
+	static const struct {
+		uint32_t vsize, n, commit_every;
+		double min_leaf_fill, min_internal_fill;
+	} runs[] = {
+		{ 8, 100000, 10000, 0.80, 0 }, /* 3 internal nodes: their fill says nothing */
+		{ 600, 6000, 500, 0.70, 0.70 },
+	};
+
+	(void)state;
+	for (unsigned r = 0; r < sizeof(runs) / sizeof(runs[0]); r++) {
+		uint32_t n = runs[r].n;
+		struct env *e = env_open(32768, 1024, n + 1);
+		struct tfs_btree_info info = make_info(e, 1, runs[r].vsize);
+		struct model *m = model_new(1, 4 * (uint64_t)n, 0);
+		uint64_t *keys = malloc(n * sizeof(*keys)), root, k[2];
+		double lf, inf;
+
+		assert_non_null(keys);
+		for (uint64_t i = 0; i < n; i++)
+			keys[i] = i * 4 + rnd(4);
+		shuffle(keys, n);
+		assert_int_equal(tfs_btree_empty(&info, &root), 0);
+		for (uint64_t i = 0; i < n; i++) {
+			k[0] = keys[i];
+			insert_id(e, &info, &root, k, new_value(e));
+			model_set(m, k, i);
+			if (i % runs[r].commit_every == runs[r].commit_every - 1) {
+				commit(e);
+				if (i % (5 * runs[r].commit_every) == 5 * runs[r].commit_every - 1) {
+					verify_all(e, &info, &root, 1);
+					compare_with_model(&info, root, m);
+				}
+			}
+		}
+		verify_all(e, &info, &root, 1);
+		compare_with_model(&info, root, m);
+		lf = leaf_fill(&info, root);
+		inf = internal_fill(&info, root);
+		printf("# %u random inserts of %u-byte values: leaves %.1f%% full, "
+		       "internal nodes %.1f%%, depth %u\n",
+		       n, runs[r].vsize, 100 * lf, 100 * inf, tree_depth(e, root));
+		assert_true(lf >= runs[r].min_leaf_fill);
+		assert_true(inf >= runs[r].min_internal_fill);
+		assert_int_equal(tfs_btree_del(&info, root), 0);
+		assert_all_released(e);
+		free(keys);
+		model_free(m);
+		env_close(e);
+	}
+}
+
+/*
+ * A full leaf that already holds the key is overwritten in place: no split
+ * (nothing else would be inserted), here in a root leaf that is full.
+ */
+static void test_overwrite_in_a_full_leaf_does_not_split(void **state)
+{
+	struct env *e = env_open(256, 64, 600);
+	struct tfs_btree_info info = make_info(e, 1, 8);
+	uint64_t root, k[2], old;
+
+	(void)state;
+	assert_int_equal(tfs_btree_empty(&info, &root), 0);
+	for (uint64_t i = 0; i < 252; i++) {
+		k[0] = i;
+		insert_id(e, &info, &root, k, new_value(e));
+	}
+	assert_int_equal(tree_depth(e, root), 1);
+	k[0] = 100;
+	old = lookup_id(&info, root, k);
+	assert_false(insert_id(e, &info, &root, k, new_value(e)));
+	assert_int_equal(e->vrefs[old], 0);
+	assert_int_equal(tree_depth(e, root), 1);
+	assert_int_equal(mem_sm_nr_allocated(e->sm), 2);
+	/* A new key does need the room. */
+	k[0] = 300;
+	assert_true(insert_id(e, &info, &root, k, new_value(e)));
+	assert_int_equal(tree_depth(e, root), 2);
 	verify_all(e, &info, &root, 1);
 	assert_int_equal(tfs_btree_del(&info, root), 0);
 	assert_all_released(e);
+	env_close(e);
+}
+
+/*
+ * After a snapshot every leaf is shared.  Inserts into one leaf's key range
+ * split it, then move entries between the new unshared leaves and split
+ * them two into three; the shared neighbours are never copied for room
+ * (that would break sharing for nothing), so every leaf of the origin
+ * that is not the snapshot's own holds only keys of that one range.
+ */
+static void test_inserts_after_a_snapshot_leave_shared_siblings_alone(void **state)
+{
+	enum { N = 20000, MAXL = 200 };
+	struct env *e = env_open(8192, 2048, 2 * N);
+	struct tfs_btree_info info = make_info(e, 1, 8);
+	struct model *m = model_new(1, 10 * N, 0), *sm;
+	struct leaf_span snap_leaves[MAXL], leaves[MAXL];
+	uint64_t root, snap, k[2], lo, hi, *keys;
+	unsigned ns, no, mid, own = 0, nkeys = 0;
+
+	(void)state;
+	assert_int_equal(tfs_btree_empty(&info, &root), 0);
+	for (uint64_t i = 0; i < N; i++) {
+		uint64_t id = new_value(e);
+		k[0] = 10 * i;
+		insert_id(e, &info, &root, k, id);
+		model_set(m, k, id);
+	}
+	commit(e);
+	snap = root;
+	assert_int_equal(tfs_tm_inc(e->tm, root), 0);
+	sm = model_copy(m);
+
+	ns = collect_leaves(e, snap, snap_leaves, MAXL, 0);
+	mid = ns / 2;
+	lo = snap_leaves[mid].first;
+	hi = snap_leaves[mid + 1].first; /* the leaf's range is [lo, hi) */
+	keys = malloc((hi - lo) * sizeof(*keys));
+	assert_non_null(keys);
+	for (uint64_t key = lo; key < hi; key++)
+		if (key % 10)
+			keys[nkeys++] = key;
+	shuffle(keys, nkeys);
+	for (unsigned i = 0; i < nkeys; i++) {
+		uint64_t id = new_value(e);
+		k[0] = keys[i];
+		insert_id(e, &info, &root, k, id);
+		model_set(m, k, id);
+	}
+
+	no = collect_leaves(e, root, leaves, MAXL, 0);
+	for (unsigned i = 0; i < no; i++) {
+		bool shared = false;
+
+		for (unsigned j = 0; j < ns && !shared; j++)
+			shared = leaves[i].b == snap_leaves[j].b;
+		if (!shared) {
+			assert_true(leaves[i].first >= lo && leaves[i].last < hi);
+			own++;
+		}
+	}
+	printf("# %u inserts into one shared leaf's range: %u leaves of their own, %u shared\n",
+	       nkeys, own, no - own);
+	assert_int_equal(no - own, ns - 1);
+	assert_true(own >= 8);
+	{
+		uint64_t roots[2] = { root, snap };
+		verify_all(e, &info, roots, 2);
+	}
+	compare_with_model(&info, root, m);
+	compare_with_model(&info, snap, sm);
+	assert_int_equal(tfs_btree_del(&info, snap), 0);
+	assert_int_equal(tfs_btree_del(&info, root), 0);
+	assert_all_released(e);
+	free(keys);
+	model_free(sm);
+	model_free(m);
 	env_close(e);
 }
 
@@ -1043,6 +1283,25 @@ static void test_two_level_tree(void **state)
 	}
 	verify_all(e, &info, &root, 1);
 	compare_with_model(&info, root, m);
+
+	/* Shapes: every node but the top level's one leaf belongs to one device tree. */
+	{
+		uint64_t nodes = 0;
+
+		for (uint64_t d = 0; d < DEVS; d++) {
+			struct tfs_btree_shape sh;
+			bool has = d % 2 == 0 && d > 0; /* device 0 got no mappings, so no tree */
+
+			k[0] = d;
+			assert_int_equal(tfs_btree_shape(&info, root, k, &sh), 0);
+			assert_int_equal(sh.entries, has ? d * 500 : 0);
+			assert_int_equal(sh.depth, has ? 2 : 0);
+			assert_int_equal(sh.leaf_capacity, has ? 252 : 0);
+			assert_true(sh.leaves * 252 >= sh.entries && sh.leaves * 84 <= sh.entries + 84);
+			nodes += sh.leaves + sh.internal_nodes;
+		}
+		assert_int_equal(nodes + 1, mem_sm_nr_allocated(e->sm) - 1);
+	}
 	for (uint64_t d = 0; d < DEVS; d++) {
 		k[0] = d;
 		for (uint64_t b = 0; b < SPAN; b += 37) {
@@ -1515,8 +1774,9 @@ static void test_nodes_with_smaller_max_entries_are_read_and_relaid_out(void **s
 
 /*
  * One transaction's worth of changes to the 2-level tree at *root (which
- * shares everything with *snap at the start): inserts that split, a range
- * removal, single removals that merge, overwrites, and deleting the snapshot.
+ * shares everything with *snap at the start; keys are even): inserts that
+ * split, a range removal, single removals that merge, overwrites, deleting
+ * the snapshot, then inserts that move entries into siblings.
  * The model follows each step that succeeds.  Returns the first error.
  */
 static int txn_ops(struct env *e, const struct tfs_btree_info *info, uint64_t *root,
@@ -1530,7 +1790,7 @@ static int txn_ops(struct env *e, const struct tfs_btree_info *info, uint64_t *r
 	for (int i = 0; i < 400; i++) {
 		uint64_t id = new_value(e);
 		k[0] = 1;
-		k[1] = 3000 + rnd(3000);
+		k[1] = 6000 + rnd(3000);
 		tfs_put_le64(v, id);
 		r = tfs_btree_insert(info, *root, k, v, root, NULL);
 		if (r)
@@ -1567,6 +1827,20 @@ static int txn_ops(struct env *e, const struct tfs_btree_info *info, uint64_t *r
 	if (r)
 		return r;
 	*snap = 0;
+	/*
+	 * Now unshared: filling one committed leaf's range makes room by
+	 * reading, copying and filling its clean neighbours.
+	 */
+	for (int i = 0; i < 300; i++) {
+		uint64_t id = new_value(e);
+		k[0] = 0;
+		k[1] = 4001 + 2 * rnd(400);
+		tfs_put_le64(v, id);
+		r = tfs_btree_insert(info, *root, k, v, root, NULL);
+		if (r)
+			return r;
+		model_set(m, k, id);
+	}
 	return 0;
 }
 
@@ -1580,7 +1854,7 @@ static void test_failed_allocation_anywhere_aborts_to_the_committed_trees(void *
 {
 	struct env *e = env_open(4096, 256, 400000);
 	struct tfs_btree_info info = make_info(e, 2, 8);
-	struct model *committed = model_new(2, 4 * 6000, 6000);
+	struct model *committed = model_new(2, 4 * 9000, 9000);
 	uint32_t *vrefs = malloc(e->nr_values * sizeof(*vrefs));
 	uint64_t root, snap, k[2];
 	unsigned failures = 0;
@@ -1592,7 +1866,7 @@ static void test_failed_allocation_anywhere_aborts_to_the_committed_trees(void *
 		for (uint64_t i = 0; i < 3000; i++) {
 			uint64_t id = new_value(e);
 			k[0] = d;
-			k[1] = i;
+			k[1] = 2 * i;
 			insert_id(e, &info, &root, k, id);
 			model_set(committed, k, id);
 		}
@@ -1652,7 +1926,7 @@ static void test_failed_io_anywhere_aborts_to_the_committed_trees(void **state)
 	struct tfs_bdev *mem, *dev;
 	struct env *e;
 	struct tfs_btree_info info;
-	struct model *committed = model_new(2, 4 * 6000, 6000);
+	struct model *committed = model_new(2, 4 * 9000, 9000);
 	uint32_t *vrefs;
 	uint64_t root, snap, k[2];
 	unsigned failures[2] = { 0, 0 };
@@ -1669,7 +1943,7 @@ static void test_failed_io_anywhere_aborts_to_the_committed_trees(void **state)
 		for (uint64_t i = 0; i < 3000; i++) {
 			uint64_t id = new_value(e);
 			k[0] = d;
-			k[1] = i;
+			k[1] = 2 * i;
 			insert_id(e, &info, &root, k, id);
 			model_set(committed, k, id);
 		}
@@ -1917,7 +2191,10 @@ int main(void)
 		cmocka_unit_test(test_overwrite_with_equal_value_keeps_its_reference),
 		cmocka_unit_test(test_insert_below_smallest_key_keeps_parent_keys_exact),
 		cmocka_unit_test(test_many_inserts_split_to_depth_3),
-		cmocka_unit_test(test_sequential_inserts_fill_leaves_two_thirds),
+		cmocka_unit_test(test_sequential_and_descending_inserts_fill_leaves),
+		cmocka_unit_test(test_random_inserts_fill_nodes_by_moving_into_siblings),
+		cmocka_unit_test(test_overwrite_in_a_full_leaf_does_not_split),
+		cmocka_unit_test(test_inserts_after_a_snapshot_leave_shared_siblings_alone),
 		cmocka_unit_test(test_remove_to_empty_keeps_min_fill),
 		cmocka_unit_test(test_lookup_range_crosses_leaves),
 		cmocka_unit_test(test_remove_range_of_big_ranges),

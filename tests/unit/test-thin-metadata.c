@@ -120,6 +120,11 @@ static void verify(struct tfs_pmd *pmd, const struct model *m)
 		}
 		assert_int_equal(j, got);
 		assert_int_equal(tfs_td_mapped_blocks(td), mapped);
+		struct tfs_thin_tree_shape sh;
+		assert_int_equal(tfs_thin_tree_shape(td, &sh), 0);
+		assert_int_equal(sh.mappings, mapped);
+		assert_int_equal(sh.leaf_capacity, 252);
+		assert_true(sh.depth >= 1 && sh.leaves >= 1 && sh.leaves * 252 >= mapped);
 		/* Single lookups agree with the range lookup. */
 		for (int k = 0; k < 20; k++) {
 			uint64_t v = rnd(NR_VBLOCKS);
