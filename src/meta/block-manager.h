@@ -12,7 +12,8 @@
  *
  * Not thread-safe: the owner serialises calls (the pool's metadata lock).
  * Memory: at most cache_blocks blocks, plus those locked at once (a btree
- * operation locks a handful).
+ * operation locks a handful), rounded up to a slab of 64 blocks; memory
+ * once taken is kept until tfs_bm_destroy.
  */
 #ifndef TFS_META_BLOCK_MANAGER_H
 #define TFS_META_BLOCK_MANAGER_H
@@ -83,6 +84,7 @@ void tfs_bm_forget(struct tfs_bm *bm, uint64_t blocknr);
 struct tfs_bm_stats {
 	uint64_t hits, misses, reads, writes, evictions;
 	size_t cached, dirty, locked;
+	size_t allocated; /* blocks the cache holds memory for: cached ones and free slab slots */
 };
 void tfs_bm_stats(struct tfs_bm *bm, struct tfs_bm_stats *out);
 /*
