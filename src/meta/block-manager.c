@@ -535,6 +535,16 @@ void tfs_bm_forget(struct tfs_bm *bm, uint64_t blocknr)
 	free_block(bm, b);
 }
 
+void tfs_bm_drop_clean(struct tfs_bm *bm, uint64_t blocknr)
+{
+	struct tfs_block *b = find(bm, blocknr);
+
+	if (!b || b->lock_count || b->dirty)
+		return;
+	lru_unlink(bm, b);
+	free_block(bm, b);
+}
+
 void tfs_bm_stats(struct tfs_bm *bm, struct tfs_bm_stats *out)
 {
 	*out = bm->stats;

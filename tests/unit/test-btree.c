@@ -751,6 +751,50 @@ static void test_many_inserts_split_to_depth_3(void **state)
 	env_close(e);
 }
 
+/*
+ * Every commit moves what it changes to new blocks.  The committed blocks
+ * that a transaction frees leave the cache, so it holds the live tree and
+ * not stale copies up to its budget; an abort reads them back from disk.
+ */
+static void test_cache_holds_live_blocks_not_freed_ones(void **state)
+{
+	enum { KEYS = 1000, ROUNDS = 400 };
+	struct env *e = env_open(8192, 4096, KEYS + ROUNDS + 1);
+	struct tfs_btree_info info = make_info(e, 1, 8);
+	struct tfs_bm_stats st;
+	uint64_t root, k[1];
+	uint8_t v[8];
+
+	(void)state;
+	assert_int_equal(tfs_btree_empty(&info, &root), 0);
+	for (uint64_t i = 0; i < KEYS; i++) {
+		k[0] = i;
+		tfs_put_le64(v, new_value(e));
+		assert_int_equal(tfs_btree_insert(&info, root, k, v, &root, NULL), 0);
+	}
+	commit(e);
+	for (uint64_t i = 0; i < ROUNDS; i++) {
+		k[0] = rnd(KEYS);
+		tfs_put_le64(v, new_value(e));
+		assert_int_equal(tfs_btree_insert(&info, root, k, v, &root, NULL), 0);
+		commit(e);
+	}
+	tfs_bm_stats(e->bm, &st);
+	/* a root and 4-6 leaves, the superblock; 800 shadows were made */
+	assert_true(st.cached <= 16);
+
+	/* the committed leaf of key 7 leaves the cache when shadowed; an abort reads it from disk */
+	k[0] = 7;
+	assert_int_equal(tfs_btree_lookup(&info, root, k, v), 0);
+	uint64_t committed_value = tfs_le64(v), committed_root = root;
+	tfs_put_le64(v, new_value(e));
+	assert_int_equal(tfs_btree_insert(&info, root, k, v, &root, NULL), 0);
+	tfs_tm_abort(e->tm);
+	assert_int_equal(tfs_btree_lookup(&info, committed_root, k, v), 0);
+	assert_int_equal(tfs_le64(v), committed_value);
+	env_close(e);
+}
+
 static void test_sequential_inserts_fill_leaves_two_thirds(void **state)
 {
 	enum { N = 100000 };
@@ -1917,6 +1961,7 @@ int main(void)
 		cmocka_unit_test(test_overwrite_with_equal_value_keeps_its_reference),
 		cmocka_unit_test(test_insert_below_smallest_key_keeps_parent_keys_exact),
 		cmocka_unit_test(test_many_inserts_split_to_depth_3),
+		cmocka_unit_test(test_cache_holds_live_blocks_not_freed_ones),
 		cmocka_unit_test(test_sequential_inserts_fill_leaves_two_thirds),
 		cmocka_unit_test(test_remove_to_empty_keeps_min_fill),
 		cmocka_unit_test(test_lookup_range_crosses_leaves),
