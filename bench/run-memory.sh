@@ -52,7 +52,9 @@ cleanup() {
 	local p
 	for p in $PIDS; do kill "$p" 2>/dev/null; done
 	for p in $PIDS; do wait "$p" 2>/dev/null; done
-	if mountpoint -q "$MNT"; then fusermount3 -u "$MNT" 2>/dev/null || umount "$MNT"; fi
+	if mountpoint -q "$MNT"; then
+		fusermount3 -u "$MNT" 2>/dev/null || umount "$MNT" 2>/dev/null || umount -l "$MNT"
+	fi
 	if [[ -n $DAEMON ]]; then
 		for _ in $(seq 1 300); do kill -0 "$DAEMON" 2>/dev/null || break; sleep 0.1; done
 		kill "$DAEMON" 2>/dev/null
@@ -90,6 +92,7 @@ SECS=${SECS:-$((MINUTES * 60))} # SECS overrides, for a quick try
 status_kib() { awk -v k="$2:" '$1 == k {print $2}' "/proc/$1/status" 2>/dev/null; }
 
 echo "machine: $(nproc) cores, $(awk '/MemTotal/{printf "%.1f GiB", $2/1048576}' /proc/meminfo), load $(cut -d' ' -f1-3 /proc/loadavg)"
+echo "binary:  $THINFS_BIN"
 echo "commit:  $(git -C "$TOP" rev-parse --short HEAD 2>/dev/null)$(git -C "$TOP" diff --quiet 2>/dev/null || echo ' (modified)')"
 echo "run:     $((SECS / 60)) min $((SECS % 60)) s, $VOLS volumes x $VOL_MIB MiB, fio randrw 4k/64k/1m iodepth $IODEPTH, snapshot every $SNAP_MS ms (keep $KEEP), status every 200 ms"
 echo "pool:    $(grep -v '^\(\[pool\]\|metadata\|data\) ' "$WORK/pool.cfg" | paste -sd' ')${DAEMON_ENV:+, daemon env $DAEMON_ENV}"
@@ -125,12 +128,17 @@ PIDS="$PIDS $!"
 
 printf '%6s %10s %10s %8s %8s %10s\n' "time_s" "VmRSS_MiB" "VmHWM_MiB" "threads" "groups" "meta_used"
 peak_threads=0
-for t in $(seq 1 "$SECS"); do
+t0=$(date +%s)
+last=0
+while :; do
 	sleep 1
+	t=$(($(date +%s) - t0))
+	((t >= SECS)) && t=$SECS
 	kill -0 "$DAEMON" 2>/dev/null || { echo "run-memory: the daemon died" >&2; cat "$WORK/daemon.log" >&2; exit 1; }
 	th=$(status_kib "$DAEMON" Threads)
 	((th > peak_threads)) && peak_threads=$th
-	if ((t % REPORT_S == 0 || t == SECS)); then
+	if ((t / REPORT_S > last / REPORT_S || t == SECS)); then
+		last=$t
 		groups=$(find "$MNT/.snapshots" -mindepth 1 -maxdepth 1 2>/dev/null | wc -l)
 		meta=$("$THINFS_CTL_BIN" "$MNT" status --json 2>/dev/null | jq -r '.pool.metadata.used_blocks')
 		printf '%6d %10.1f %10.1f %8d %8d %10s\n' "$t" \
@@ -138,6 +146,7 @@ for t in $(seq 1 "$SECS"); do
 			"$(awk -v k="$(status_kib "$DAEMON" VmHWM)" 'BEGIN{print k/1024}')" \
 			"$th" "$groups" "$meta"
 	fi
+	((t >= SECS)) && break
 done
 
 # the load stops here; the figures below are of the daemon at rest
