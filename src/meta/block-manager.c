@@ -4,6 +4,15 @@
  * unlocked ones.  Locked blocks are pinned; unlocked dirty blocks may be
  * written early when evicted (they are always shadows the committed state
  * does not reference, so writing them early is safe).
+ *
+ * Blocks come from slabs of SLAB_BLOCKS, their data mapped with mmap, and
+ * an evicted block goes back to a free list rather than to malloc.  A
+ * page-aligned 4 KiB from posix_memalign costs glibc up to twice that, and
+ * blocks freed among long-lived ones fragment the heap (and every arena of
+ * the threads that happened to evict), which then cannot shrink: the
+ * daemon's RSS reached several times the cache size under load.  Slabs are
+ * kept until the cache is destroyed: the cache only grows to its budget
+ * (plus the blocks locked at once), and stays there.
  */
 #include "block-manager.h"
 
@@ -12,6 +21,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 
 #include "bdev.h"
 #include "format.h"
@@ -27,7 +37,32 @@ struct tfs_block {
 	struct tfs_block *hash_next;
 	struct tfs_block *lru_prev, *lru_next;     /* unlocked blocks only */
 	struct tfs_block *dirty_prev, *dirty_next; /* dirty blocks only */
-	uint8_t *data;
+	uint8_t *data;                             /* in its slab, for the block's lifetime */
+};
+
+/* A free block's data stays poisoned under ASan, so a use after eviction is still caught. */
+#if defined(__SANITIZE_ADDRESS__)
+#define TFS_BM_ASAN 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define TFS_BM_ASAN 1
+#endif
+#endif
+#ifdef TFS_BM_ASAN
+#include <sanitizer/asan_interface.h>
+#define POISON(p, n) ASAN_POISON_MEMORY_REGION(p, n)
+#define UNPOISON(p, n) ASAN_UNPOISON_MEMORY_REGION(p, n)
+#else
+#define POISON(p, n) ((void)(p), (void)(n))
+#define UNPOISON(p, n) ((void)(p), (void)(n))
+#endif
+
+#define SLAB_BLOCKS 64u /* 256 KiB of data per mmap */
+
+struct slab {
+	struct slab *next;
+	uint8_t *data; /* SLAB_BLOCKS * TFS_BLOCK_SIZE, mmap'ed */
+	struct tfs_block blocks[SLAB_BLOCKS];
 };
 
 struct list {
@@ -43,6 +78,9 @@ struct tfs_bm {
 	size_t nr_cached, nr_dirty, nr_locked;
 	struct tfs_block *lru_head, *lru_tail; /* head = most recently used */
 	struct tfs_block *dirty_head;
+	struct slab *slabs;
+	size_t nr_slabs;
+	struct tfs_block *free_blocks; /* unused, chained through hash_next */
 	struct tfs_bm_stats stats;
 	char write_error[160]; /* the last failed write, until taken */
 };
@@ -153,11 +191,54 @@ void tfs_bm_take_write_error(struct tfs_bm *bm, char *buf, size_t len)
 
 static void free_block(struct tfs_bm *bm, struct tfs_block *b)
 {
+	uint8_t *data = b->data;
+
 	hash_remove(bm, b);
 	clear_dirty(bm, b);
 	bm->nr_cached--;
-	free(b->data);
-	free(b);
+	memset(b, 0, sizeof(*b));
+	b->data = data;
+	b->hash_next = bm->free_blocks;
+	bm->free_blocks = b;
+	POISON(data, TFS_BLOCK_SIZE);
+}
+
+static int add_slab(struct tfs_bm *bm)
+{
+	struct slab *s = calloc(1, sizeof(*s));
+
+	if (!s)
+		return -ENOMEM;
+	s->data = mmap(NULL, (size_t)SLAB_BLOCKS * TFS_BLOCK_SIZE, PROT_READ | PROT_WRITE,
+		       MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	if (s->data == MAP_FAILED) {
+		free(s);
+		return -ENOMEM;
+	}
+	for (unsigned i = SLAB_BLOCKS; i-- > 0;) {
+		s->blocks[i].data = s->data + (size_t)i * TFS_BLOCK_SIZE;
+		s->blocks[i].hash_next = bm->free_blocks;
+		bm->free_blocks = &s->blocks[i];
+	}
+	POISON(s->data, (size_t)SLAB_BLOCKS * TFS_BLOCK_SIZE);
+	s->next = bm->slabs;
+	bm->slabs = s;
+	bm->nr_slabs++;
+	return 0;
+}
+
+static void free_slabs(struct tfs_bm *bm)
+{
+	while (bm->slabs) {
+		struct slab *s = bm->slabs;
+
+		bm->slabs = s->next;
+		UNPOISON(s->data, (size_t)SLAB_BLOCKS * TFS_BLOCK_SIZE);
+		munmap(s->data, (size_t)SLAB_BLOCKS * TFS_BLOCK_SIZE);
+		free(s);
+	}
+	bm->free_blocks = NULL;
+	bm->nr_slabs = 0;
 }
 
 /* Make room for one more block by evicting unlocked blocks beyond the budget. */
@@ -186,13 +267,14 @@ static int alloc_block(struct tfs_bm *bm, uint64_t blocknr, struct tfs_block **o
 	r = evict(bm);
 	if (r)
 		return r;
-	b = calloc(1, sizeof(*b));
-	if (!b)
-		return -ENOMEM;
-	if (posix_memalign((void **)&b->data, TFS_BLOCK_SIZE, TFS_BLOCK_SIZE)) {
-		free(b);
-		return -ENOMEM;
+	if (!bm->free_blocks) {
+		r = add_slab(bm);
+		if (r)
+			return r;
 	}
+	b = bm->free_blocks;
+	bm->free_blocks = b->hash_next;
+	UNPOISON(b->data, TFS_BLOCK_SIZE);
 	b->blocknr = blocknr;
 	b->bm = bm;
 	h = hash_of(bm, blocknr);
@@ -330,6 +412,7 @@ void tfs_bm_destroy(struct tfs_bm *bm)
 		tfs_warn("%s: block manager destroyed with %zu blocks locked", bm->dev->name,
 			 bm->nr_locked);
 	drop_all(bm);
+	free_slabs(bm);
 	free(bm->hash);
 	free(bm);
 }
@@ -452,10 +535,21 @@ void tfs_bm_forget(struct tfs_bm *bm, uint64_t blocknr)
 	free_block(bm, b);
 }
 
+void tfs_bm_drop_clean(struct tfs_bm *bm, uint64_t blocknr)
+{
+	struct tfs_block *b = find(bm, blocknr);
+
+	if (!b || b->lock_count || b->dirty)
+		return;
+	lru_unlink(bm, b);
+	free_block(bm, b);
+}
+
 void tfs_bm_stats(struct tfs_bm *bm, struct tfs_bm_stats *out)
 {
 	*out = bm->stats;
 	out->cached = bm->nr_cached;
 	out->dirty = bm->nr_dirty;
 	out->locked = bm->nr_locked;
+	out->allocated = bm->nr_slabs * SLAB_BLOCKS;
 }

@@ -12,7 +12,8 @@
  *
  * Not thread-safe: the owner serialises calls (the pool's metadata lock).
  * Memory: at most cache_blocks blocks, plus those locked at once (a btree
- * operation locks a handful).
+ * operation locks a handful), rounded up to a slab of 64 blocks; memory
+ * once taken is kept until tfs_bm_destroy.
  */
 #ifndef TFS_META_BLOCK_MANAGER_H
 #define TFS_META_BLOCK_MANAGER_H
@@ -79,10 +80,18 @@ int tfs_bm_write_now(struct tfs_bm *bm, struct tfs_block *b);
 void tfs_bm_invalidate(struct tfs_bm *bm);
 /* Forget one cached block, dirty or not (it was freed). It must not be locked. */
 void tfs_bm_forget(struct tfs_bm *bm, uint64_t blocknr);
+/*
+ * Forget one cached block if it is clean and unlocked, so its disk copy is
+ * what a later read finds; otherwise do nothing.  For a committed block the
+ * transaction has freed: nothing reads it again unless the transaction
+ * aborts, and its slot serves live blocks instead.
+ */
+void tfs_bm_drop_clean(struct tfs_bm *bm, uint64_t blocknr);
 
 struct tfs_bm_stats {
 	uint64_t hits, misses, reads, writes, evictions;
 	size_t cached, dirty, locked;
+	size_t allocated; /* blocks the cache holds memory for: cached ones and free slab slots */
 };
 void tfs_bm_stats(struct tfs_bm *bm, struct tfs_bm_stats *out);
 /*

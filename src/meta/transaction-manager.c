@@ -120,6 +120,14 @@ int tfs_tm_shadow(struct tfs_tm *tm, uint64_t orig, const struct tfs_block_valid
 		tfs_bm_unlock(*out);
 		return r;
 	}
+	/*
+	 * Freed, and committed (a new one would have been written in place):
+	 * every commit moves what it changes to new blocks, so without this the
+	 * cache fills with stale copies of freed blocks up to its budget, however
+	 * small the live metadata is.  An abort reads it again from the disk.
+	 */
+	if (count == 1)
+		tfs_bm_drop_clean(tm->bm, orig);
 	return 0;
 }
 
@@ -148,9 +156,13 @@ int tfs_tm_dec(struct tfs_tm *tm, uint64_t b)
 
 	if (r)
 		return r;
+	if (tfs_sm_get_count(tm->sm, b, &count) || count != 0)
+		return 0;
 	/* A block born and freed in this transaction need never reach the disk. */
-	if (was_new && !tfs_sm_get_count(tm->sm, b, &count) && count == 0)
+	if (was_new)
 		tfs_bm_forget(tm->bm, b);
+	else
+		tfs_bm_drop_clean(tm->bm, b); /* as in tfs_tm_shadow */
 	return 0;
 }
 

@@ -618,6 +618,48 @@ static void test_bm_cache_stays_bounded_and_writes_back_dirty_evictions(void **s
 	tfs_bdev_close(dev);
 }
 
+/*
+ * The memory behind the cache stays within its budget however many blocks
+ * pass through it, reads and dirty shadows alike, across invalidations:
+ * evicted blocks are reused, never given back to malloc and taken anew.
+ */
+static void test_bm_memory_stays_within_the_budget_under_churn(void **state)
+{
+	(void)state;
+	struct tfs_bdev *dev;
+	struct tfs_bm *bm = new_bm(&dev, 4096, 100);
+	struct tfs_bm_stats st;
+	struct tfs_block *blk, *held[8];
+
+	for (int round = 0; round < 3; round++) {
+		for (uint64_t b = 1; b < 4096; b++)
+			write_leaf(bm, b, (uint32_t)(b % 252));
+		assert_int_equal(tfs_bm_flush(bm), 0);
+		for (uint64_t b = 4095; b >= 8; b--) {
+			assert_int_equal(tfs_bm_read_lock(bm, b, &tfs_btree_validator, &blk), 0);
+			tfs_bm_unlock(blk);
+		}
+		/* a few locked at once, as a btree operation holds them */
+		for (unsigned i = 0; i < 8; i++)
+			assert_int_equal(tfs_bm_read_lock(bm, 1000 + i, &tfs_btree_validator,
+							  &held[i]), 0);
+		for (uint64_t b = 2000; b < 3000; b++) {
+			assert_int_equal(tfs_bm_read_lock(bm, b, &tfs_btree_validator, &blk), 0);
+			tfs_bm_unlock(blk);
+		}
+		for (unsigned i = 0; i < 8; i++)
+			tfs_bm_unlock(held[i]);
+		tfs_bm_invalidate(bm);
+	}
+	tfs_bm_stats(bm, &st);
+	assert_true(st.evictions > 3 * 4000);
+	/* 100 + 8 locked, in slabs of 64 */
+	assert_true(st.allocated >= 108);
+	assert_true(st.allocated <= 128);
+	tfs_bm_destroy(bm);
+	tfs_bdev_close(dev);
+}
+
 static void test_bm_invalidate_drops_unwritten_changes(void **state)
 {
 	(void)state;
@@ -681,6 +723,7 @@ int main(void)
 		cmocka_unit_test(test_bm_seals_and_validates_blocks),
 		cmocka_unit_test(test_bm_reports_corruption_naming_the_problem),
 		cmocka_unit_test(test_bm_cache_stays_bounded_and_writes_back_dirty_evictions),
+		cmocka_unit_test(test_bm_memory_stays_within_the_budget_under_churn),
 		cmocka_unit_test(test_bm_invalidate_drops_unwritten_changes),
 		cmocka_unit_test(test_bm_flush_leaves_locked_blocks_to_their_holder),
 	};
