@@ -40,6 +40,16 @@
 #define METADATA_CACHE_MIN (64 * KIB)
 /* A commit interval longer than this is a typo (ms meant as seconds). */
 #define COMMIT_INTERVAL_MAX_MS (3600ull * 1000)
+/*
+ * FUSE workers.  A write held for data space keeps its worker, and so does
+ * a request held by a suspend: with only a handful of workers a few held
+ * writes would leave none for the reads, unlinks and punched holes that go
+ * on meanwhile.  Past the maximum the setting is surely a typo (each
+ * worker may take ~1 MiB).
+ */
+#define MAX_THREADS_MIN 8
+#define MAX_THREADS_MAX 4096
+#define MAX_THREADS_DEFAULT 512
 
 /* Where the catalog of a pool on block devices goes by default. */
 #define CATALOG_DIR "/var/lib/thinfs"
@@ -72,6 +82,7 @@ enum pool_key {
 	K_ON_EVENT,
 	K_METADATA_CACHE,
 	K_HOST_CACHE,
+	K_MAX_THREADS,
 	K_NR
 };
 
@@ -89,6 +100,7 @@ static const char *const pool_key_name[K_NR] = {
 	[K_ON_EVENT] = "on_event",
 	[K_METADATA_CACHE] = "metadata_cache",
 	[K_HOST_CACHE] = "host_cache",
+	[K_MAX_THREADS] = "max_threads",
 };
 
 /* What the reader decided about the line inih is about to parse. */
@@ -565,6 +577,33 @@ static void set_metadata_cache(struct parser *p, const char *value)
 	p->cfg.metadata_cache_bytes = n;
 }
 
+static void set_max_threads(struct parser *p, const char *value)
+{
+	unsigned long n = 0;
+
+	/* Digits only: "64k", "-1" and "1e3" are not counts. */
+	if (value[strspn(value, "0123456789")]) {
+		problem(p, p->lineno, -EINVAL, "max_threads: '%s' is not a number of threads",
+			value);
+		return;
+	}
+	/* Stops past the maximum: any length of digits is compared without overflow. */
+	for (const char *q = value; *q && n <= MAX_THREADS_MAX; q++)
+		n = n * 10 + (unsigned)(*q - '0');
+	if (n > MAX_THREADS_MAX) {
+		problem(p, p->lineno, -EINVAL, "max_threads: %s is more than %d", value,
+			MAX_THREADS_MAX);
+		return;
+	}
+	if (n < MAX_THREADS_MIN) {
+		problem(p, p->lineno, -EINVAL,
+			"max_threads: %s is less than %d (each write held for data space keeps a "
+			"thread: too few would leave none for other I/O)", value, MAX_THREADS_MIN);
+		return;
+	}
+	p->cfg.max_threads = (unsigned)n;
+}
+
 static void pool_key(struct parser *p, const char *name, const char *raw)
 {
 	char unq[TFS_PATH_MAX];
@@ -580,7 +619,8 @@ static void pool_key(struct parser *p, const char *name, const char *raw)
 		problem(p, p->lineno, -EINVAL,
 			"unknown key '%s' in [pool] (known: metadata, data, block_size, catalog, "
 			"low_water_mark, error_if_no_space, no_space_timeout, discard_passdown, "
-			"skip_block_zeroing, commit_interval, on_event, metadata_cache, host_cache)",
+			"skip_block_zeroing, commit_interval, on_event, metadata_cache, host_cache, "
+			"max_threads)",
 			name);
 		return;
 	}
@@ -643,6 +683,9 @@ static void pool_key(struct parser *p, const char *name, const char *raw)
 		break;
 	case K_HOST_CACHE:
 		set_bool(p, name, value, &c->host_cache);
+		break;
+	case K_MAX_THREADS:
+		set_max_threads(p, value);
 		break;
 	case K_NR:
 		break;
@@ -1105,6 +1148,7 @@ static void set_defaults(struct tfs_pool_config *c)
 	c->commit_interval_ms = 1000;
 	c->metadata_cache_bytes = 64 * MIB;
 	c->host_cache = false;
+	c->max_threads = MAX_THREADS_DEFAULT;
 	c->allow_faults = false;
 }
 
@@ -1242,6 +1286,12 @@ static int identity_change(const struct tfs_pool_config *run, const struct tfs_p
 	/* The devices are open with or without O_DIRECT: that is fixed until they are reopened. */
 	if (run->host_cache != next->host_cache)
 		return refuse(why, "host_cache", yes_no(run->host_cache), yes_no(next->host_cache));
+	/* libfuse takes its bound on workers once, when the session loop starts. */
+	if (run->max_threads != next->max_threads) {
+		snprintf(a, sizeof(a), "%u", run->max_threads);
+		snprintf(b, sizeof(b), "%u", next->max_threads);
+		return refuse(why, "max_threads", a, b);
+	}
 	/* Faults are allowed at open only: a reload must not arm them on a live pool. */
 	if (run->allow_faults != next->allow_faults)
 		return refuse(why, "[fault] allow", yes_no(run->allow_faults),

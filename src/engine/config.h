@@ -24,6 +24,7 @@
  *   metadata_cache            metadata cache size, e.g. "64m" (default 64m)
  *   host_cache                bool: devices through the host page cache (default
  *                             false: O_DIRECT)
+ *   max_threads               FUSE worker threads at most, 8 .. 4096 (default 512)
  * [fault] allow = yes|no      fault injection (needs --allow-faults too)
  * Sections [origin "..."], [snapshot "..."], [cache "..."] are recognised
  * and kept for later targets; their keys are validated only by name (each
@@ -77,6 +78,7 @@ struct tfs_pool_config {
 	uint64_t commit_interval_ms;
 	uint64_t metadata_cache_bytes;
 	bool host_cache;                  /* false: the devices are opened O_DIRECT */
+	unsigned max_threads;             /* FUSE worker threads at most */
 	bool allow_faults;
 	char targets[TFS_TARGETS_MAX];    /* [origin/snapshot/cache] sections, see above */
 };
@@ -91,10 +93,11 @@ int tfs_config_load(const char *path, struct tfs_pool_config *out);
 
 /*
  * A reload: may `next` replace `run` on a mounted pool?  -EINVAL when it
- * changes what the pool is: metadata or data device path, block_size,
- * catalog, metadata_cache, host_cache, [fault] allow; why then names the first of them
- * (in that order) and both values, e.g. "block_size: 64k -> 128k cannot
- * change while mounted", and changes is "".  Otherwise 0, why is "", and
+ * changes what the pool is, or what is fixed while it is mounted: metadata
+ * or data device path, block_size, catalog, metadata_cache, host_cache,
+ * max_threads, [fault] allow; why then names the first of them (in that
+ * order) and both values, e.g. "block_size: 64k -> 128k cannot change
+ * while mounted", and changes is "".  Otherwise 0, why is "", and
  * changes lists what differs, "; "-separated, e.g.
  * "error_if_no_space: no -> yes; no_space_timeout: 60s -> 0s; low_water_mark: 10% -> 4096 blocks; [origin \"db\"] added",
  * or "" when nothing does.  Reloadable: low_water_mark, error_if_no_space,

@@ -293,6 +293,7 @@ static void cmd_status(struct cmd_ctx *c)
 			       json_object_new_boolean(st.discard_passdown));
 	json_object_object_add(pool, "direct_io",
 			       json_object_new_boolean(st.io_data.direct && st.io_meta.direct));
+	json_object_object_add(pool, "max_threads", json_object_new_uint64(fs->cfg.max_threads));
 	data = json_object_new_object();
 	json_object_object_add(data, "block_size", json_object_new_uint64(st.data_block_size));
 	json_object_object_add(data, "used_blocks", json_object_new_uint64(st.data_used));
@@ -330,6 +331,7 @@ static void cmd_status(struct cmd_ctx *c)
 		fprintf(t.f, ", %u requests held", st.held_in_core);
 	fprintf(t.f, ", devices %s",
 		st.io_data.direct && st.io_meta.direct ? "O_DIRECT" : "through the host page cache");
+	fprintf(t.f, ", at most %u FUSE worker threads", fs->cfg.max_threads);
 	fprintf(t.f, "\n\n%-24s %8s %-8s %20s %12s %12s %-9s\n", "VOLUME", "ID", "KIND", "SIZE",
 		"MAPPED", "EXCLUSIVE", "STATE");
 

@@ -581,13 +581,15 @@ static int run_daemon(struct tfs_fs *fs, const struct mount_args *a, int ready_f
 		goto err_stop_ctl;
 	}
 	fuse_loop_cfg_set_clone_fd(loop_cfg, 0);
+	/* With max_threads at most 16, no worker ever ends: none is idle beyond it. */
 	fuse_loop_cfg_set_idle_threads(loop_cfg, 16);
 	/*
-	 * Writes held while the pool is out of data space each keep a worker
-	 * thread; enough workers remain for reads, discards and deletes (which
-	 * free the space) while hundreds of writes wait.
+	 * Each worker may keep ~1 MiB (its request buffer), so this bounds the
+	 * daemon's memory.  Writes held while the pool is out of data space
+	 * each keep a worker; the default leaves enough for reads, discards
+	 * and deletes (which free the space) while hundreds of writes wait.
 	 */
-	fuse_loop_cfg_set_max_threads(loop_cfg, 512);
+	fuse_loop_cfg_set_max_threads(loop_cfg, fs->cfg.max_threads);
 	r = fuse_session_loop_mt(fs->se, loop_cfg);
 	fuse_loop_cfg_destroy(loop_cfg);
 	/* A suspended pool is resumed: the deletes and the commit of the shutdown must run. */

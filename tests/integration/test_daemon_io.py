@@ -362,6 +362,60 @@ def test_loop_device_discard_unmaps_volume_blocks(pool):
     assert read_at(vol, 0, 4 * MiB) == bytes(4 * MiB)
 
 
+# ---- max_threads: the bound on FUSE workers ------------------------------------------------
+
+# The daemon's threads that are not FUSE workers: the main thread (waiting in
+# libfuse's session loop), the commit thread, the event thread and the control
+# server's accept thread.  A control client or a running on_event hook adds one
+# while it lasts; this test has neither while it samples.
+OWN_THREADS = 4
+
+
+def test_max_threads_bounds_the_fuse_workers_under_concurrent_io(pool):
+    """max_threads = 8 under 4 fio jobs at queue depth 16 (64 requests at
+    once, over two volumes): the data verifies, and the daemon never has
+    more than 8 workers alive (sampled from /proc/PID/task throughout)."""
+    p = pool(options={"max_threads": "8"})
+    assert p.status()["pool"]["max_threads"] == 8
+    for name in ("vm1", "vm2"):
+        create(p.mnt / name, 64 * MiB)
+    counts, failures = [], []
+    done = threading.Event()
+
+    def sample():
+        while not done.is_set():
+            try:
+                counts.append(len(os.listdir(f"/proc/{p.pid}/task")))
+            except FileNotFoundError:
+                failures.append("the daemon is gone")
+                return
+            done.wait(0.01)
+
+    def run(name):
+        try:
+            fio(f"--name={name}", f"--filename={p.mnt / name}", "--rw=randwrite",
+                "--bsrange=4k-128k", "--size=24M", "--numjobs=2", "--offset_increment=32M",
+                "--ioengine=libaio", "--iodepth=16", "--direct=1", "--verify=crc32c",
+                "--verify_fatal=1", "--do_verify=1")
+        except BaseException as e:   # noqa: B902 - reported by the main thread
+            failures.append(f"{name}: {e}")
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    writers = [threading.Thread(target=run, args=(n,)) for n in ("vm1", "vm2")]
+    for t in writers:
+        t.start()
+    for t in writers:
+        t.join()
+    done.set()
+    sampler.join()
+    assert not failures, failures
+    assert counts and min(counts) > OWN_THREADS, counts[:20]
+    assert max(counts) <= 8 + OWN_THREADS, \
+        f"{max(counts)} threads with max_threads = 8 (+{OWN_THREADS} of the daemon's own)"
+    assert p.status()["pool"]["max_threads"] == 8
+
+
 # ---- out of data space ----------------------------------------------------------------------
 
 def test_error_if_no_space_fails_writes_with_enospc_and_keeps_data(pool):

@@ -96,6 +96,7 @@ CFG_ERRORS = [
     ("no_space_timeout = -1", "no_space_timeout"),
     ("error_if_no_space = 2", "error_if_no_space"),
     ("metadata_cache = lots", "metadata_cache"),
+    ("max_threads = 4", "max_threads"),
     ("this line has no equals sign", ""),
 ]
 

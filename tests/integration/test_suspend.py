@@ -998,6 +998,7 @@ def test_reload_refusals_and_the_identical_reload(pool, guard):
         ("block_size", {"block_size": "128k"}),
         ("catalog", {"catalog": p.dir / "other-catalog.db"}),
         ("metadata_cache", {"metadata_cache": "32M"}),
+        ("max_threads", {"max_threads": "64"}),
     ]
     try:
         for key, change in refusals:

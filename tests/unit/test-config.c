@@ -155,6 +155,7 @@ static void test_minimal_cfg_gets_the_documented_defaults(void **state)
 	assert_int_equal(c.commit_interval_ms, 1000);
 	assert_int_equal(c.metadata_cache_bytes, 64 << 20);
 	assert_false(c.host_cache);
+	assert_int_equal(c.max_threads, 512);
 	assert_false(c.allow_faults);
 }
 
@@ -184,6 +185,7 @@ static void test_every_pool_key_is_parsed(void **state)
 		  "on_event = %s\n"
 		  "metadata_cache = 128MiB\n"
 		  "host_cache = on\n"
+		  "max_threads = 64\n"
 		  "\n"
 		  "[fault]\n"
 		  "allow = on\n",
@@ -204,6 +206,7 @@ static void test_every_pool_key_is_parsed(void **state)
 	assert_int_equal(c.commit_interval_ms, 500);
 	assert_int_equal(c.metadata_cache_bytes, 128 << 20);
 	assert_true(c.host_cache);
+	assert_int_equal(c.max_threads, 64);
 	assert_true(c.allow_faults);
 }
 
@@ -420,6 +423,15 @@ static void test_bad_values_name_file_line_and_key(void **state)
 		{ "metadata_cache = lots", "metadata_cache", "not a size" },
 		{ "metadata_cache = 4k", "metadata_cache", "minimum 64k" },
 		{ "host_cache = sometimes", "host_cache", "not a boolean" },
+		{ "max_threads = 7", "max_threads", "less than 8 (each write held for data space" },
+		{ "max_threads = 0", "max_threads", "less than 8" },
+		{ "max_threads = 4097", "max_threads", "4097 is more than 4096" },
+		{ "max_threads = 99999999999999999999999", "max_threads", "more than 4096" },
+		{ "max_threads = 64k", "max_threads", "'64k' is not a number of threads" },
+		{ "max_threads = -1", "max_threads", "not a number" },
+		{ "max_threads = 1e3", "max_threads", "not a number" },
+		{ "max_threads = 99999999999999999999x", "max_threads", "not a number" },
+		{ "max_threads = many", "max_threads", "not a number" },
 		{ "on_event = meta.img", "on_event", "not an executable" },
 		{ "catalog = /", "catalog", "not a regular file" },
 		{ "catalog =", "catalog", "empty value" },
@@ -758,6 +770,23 @@ static void load_with(struct env *e, struct tfs_pool_config *c, const char *extr
 		fail_msg("'%s' does not load:\n%s", extra, e->log);
 }
 
+static void test_max_threads_takes_8_to_4096(void **state)
+{
+	static const struct {
+		const char *v;
+		unsigned n;
+	} good[] = { { "8", 8 }, { "4096", 4096 }, { "0016", 16 }, { "\"100\"", 100 } };
+	struct env *e = *state;
+	struct tfs_pool_config c;
+	char line[64];
+
+	for (size_t i = 0; i < sizeof(good) / sizeof(good[0]); i++) {
+		snprintf(line, sizeof(line), "max_threads = %s\n", good[i].v);
+		load_with(e, &c, line);
+		assert_int_equal(c.max_threads, good[i].n);
+	}
+}
+
 /* Diff two configs (the devices plus run_extra, and plus next_extra): what it says. */
 static int reload(struct env *e, struct reload *rl, const char *run_extra, const char *next_extra)
 {
@@ -879,6 +908,8 @@ static void test_reload_refuses_to_change_what_the_pool_is(void **state)
 		{ "", "metadata_cache = 128m\n",
 		  "metadata_cache: 64m -> 128m cannot change while mounted" },
 		{ "", "host_cache = on\n", "host_cache: no -> yes cannot change while mounted" },
+		{ "", "max_threads = 16\n", "max_threads: 512 -> 16 cannot change while mounted" },
+		{ "max_threads = 4096\n", "", "max_threads: 4096 -> 512 cannot change while mounted" },
 		{ "", "[fault]\nallow = yes\n", "[fault] allow: no -> yes cannot change while mounted" },
 		{ "[fault]\nallow = yes\n", "[fault]\nallow = no\n",
 		  "[fault] allow: yes -> no cannot change while mounted" },
@@ -1061,6 +1092,7 @@ int main(void)
 		T(test_minimal_cfg_gets_the_documented_defaults),
 		T(test_every_pool_key_is_parsed),
 		T(test_times_bools_and_percentages_in_every_spelling),
+		T(test_max_threads_takes_8_to_4096),
 		T(test_crlf_line_endings_and_a_bom_are_accepted),
 		T(test_relative_paths_are_relative_to_the_cfg_directory),
 		T(test_named_sections_accept_their_keys),
