@@ -151,6 +151,33 @@ def test_held_direct_write_lets_direct_io_to_the_same_file_through(pool):
     p.unmount()
 
 
+def test_max_threads_held_writes_leave_the_control_socket_to_resize(pool):
+    """max_threads = 8 and 8 O_DIRECT writes held for space: every FUSE
+    worker is taken (README, Memory), but the control socket needs none, so
+    status answers and `resize data` brings the space that completes them,
+    after which the mount serves everything again."""
+    p = full_pool(pool, no_space_timeout="0", max_threads="8")
+    vol = p.mnt / "vm1"
+    src = p.dir / "held.bin"
+    src.write_bytes(pattern(30, BS))
+    fresh = [DATA // BS + 2 * i for i in range(8)]      # unmapped blocks of vm1
+    held = [subprocess.Popen(["dd", f"if={src}", f"of={vol}", f"bs={BS}", f"seek={b}", "count=1",
+                              "oflag=direct", "conv=notrunc", "status=none"],
+                             stderr=subprocess.PIPE, text=True) for b in fresh]
+    wait_for(lambda: p.status()["pool"]["held_writes"] == 8, timeout=30,
+             what="eight held writes")
+    st = p.status()["pool"]
+    assert st["max_threads"] == 8 and st["mode"] == "out_of_data_space", st
+    p.ctl("resize", "data", "+4M", timeout=20)
+    for h in held:
+        assert h.wait(timeout=30) == 0, h.stderr.read()
+    for b in fresh:
+        assert read_direct(vol, b * BS, BS) == pattern(30, BS)
+    assert read_at(vol, 0, BS) == pattern(1, DATA)[:BS]
+    assert p.status()["pool"]["mode"] == "write"
+    p.unmount()
+
+
 def test_discard_passes_a_held_libaio_write_to_the_same_file(pool):
     """The kernel takes the inode lock exclusively for fallocate, so a
     discard waits behind a *synchronous* held direct write (docs/daemon.md);
