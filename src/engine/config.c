@@ -45,7 +45,7 @@
  * a request held by a suspend: with only a handful of workers a few held
  * writes would leave none for the reads, unlinks and punched holes that go
  * on meanwhile.  Past the maximum the setting is surely a typo (each
- * worker may take ~1 MiB).
+ * worker may take several MiB, README "Memory").
  */
 #define MAX_THREADS_MIN 8
 #define MAX_THREADS_MAX 4096

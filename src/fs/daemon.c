@@ -584,8 +584,8 @@ static int run_daemon(struct tfs_fs *fs, const struct mount_args *a, int ready_f
 	/* With max_threads at most 16, no worker ever ends: none is idle beyond it. */
 	fuse_loop_cfg_set_idle_threads(loop_cfg, 16);
 	/*
-	 * Each worker may keep ~1 MiB (its request buffer), so this bounds the
-	 * daemon's memory.  Writes held while the pool is out of data space
+	 * Each worker keeps its request buffer (1 MiB) and more while serving
+	 * (README "Memory"), so this bounds the daemon's memory.  Writes held while the pool is out of data space
 	 * each keep a worker; the default leaves enough for reads, discards
 	 * and deletes (which free the space) while hundreds of writes wait.
 	 */
