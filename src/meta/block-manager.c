@@ -470,18 +470,58 @@ int tfs_bm_batch_one(struct tfs_bm *bm, struct tfs_block *b, struct tfs_bm_batch
 	return 0;
 }
 
+/*
+ * Blocks [i, i + n) of the batch, neighbours on the device, in one write
+ * through staging (BATCH_RUN bytes, aligned): a commit allocates its
+ * blocks mostly in order, and one write per block costs a device round
+ * trip each on an O_DIRECT device.
+ */
+#define BATCH_RUN (256 * TFS_BLOCK_SIZE)
+
+static int write_run(struct tfs_bm_batch *batch, size_t i, size_t n, uint8_t *staging)
+{
+	struct tfs_block *first = batch->v[i];
+	int r;
+
+	if (n == 1 || !staging) {
+		for (size_t k = i; k < i + n; k++) {
+			struct tfs_block *b = batch->v[k];
+
+			r = tfs_bdev_write(batch->dev, b->data, TFS_BLOCK_SIZE,
+					   b->blocknr * TFS_BLOCK_SIZE);
+			if (r) {
+				write_failed(batch->dev, b, r, batch->write_error,
+					     sizeof(batch->write_error));
+				return r;
+			}
+		}
+		return 0;
+	}
+	for (size_t k = 0; k < n; k++)
+		memcpy(staging + k * TFS_BLOCK_SIZE, batch->v[i + k]->data, TFS_BLOCK_SIZE);
+	r = tfs_bdev_write(batch->dev, staging, n * TFS_BLOCK_SIZE, first->blocknr * TFS_BLOCK_SIZE);
+	if (r)
+		write_failed(batch->dev, first, r, batch->write_error, sizeof(batch->write_error));
+	return r;
+}
+
 int tfs_bm_batch_write(struct tfs_bm_batch *batch)
 {
+	uint8_t *staging = NULL;
+	size_t i, n;
 	int r = 0;
 
-	for (size_t i = 0; i < batch->nr && !r; i++) {
-		struct tfs_block *b = batch->v[i];
-
-		r = tfs_bdev_write(batch->dev, b->data, TFS_BLOCK_SIZE, b->blocknr * TFS_BLOCK_SIZE);
-		if (r)
-			write_failed(batch->dev, b, r, batch->write_error,
-				     sizeof(batch->write_error));
+	/* Without staging memory the blocks go one by one: slower, same result. */
+	if (batch->nr > 1 && posix_memalign((void **)&staging, TFS_BLOCK_SIZE, BATCH_RUN))
+		staging = NULL;
+	for (i = 0; i < batch->nr && !r; i += n) {
+		n = 1;
+		while (i + n < batch->nr && n < BATCH_RUN / TFS_BLOCK_SIZE &&
+		       batch->v[i + n]->blocknr == batch->v[i]->blocknr + n)
+			n++;
+		r = write_run(batch, i, n, staging);
 	}
+	free(staging);
 	if (r)
 		return r;
 	r = tfs_bdev_flush(batch->dev);

@@ -90,7 +90,8 @@ struct tfs_bm_batch;
 int tfs_bm_batch_dirty(struct tfs_bm *bm, struct tfs_bm_batch **out);
 int tfs_bm_batch_one(struct tfs_bm *bm, struct tfs_block *b, struct tfs_bm_batch **out);
 /*
- * Write the batch's blocks (in block order), then flush the device.  Takes
+ * Write the batch's blocks (in block order; neighbours on the device go
+ * in one write of up to 1 MiB), then flush the device.  Takes
  * no lock and touches no cache state, so it may run outside the owner's
  * lock; blocks (device I/O).  -errno of the first failed write or flush.
  */
