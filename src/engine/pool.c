@@ -128,8 +128,16 @@ int tfs_pool_may_io(struct tfs_pool *pool)
 	return pool->mode == TFS_POOL_FAIL ? -EIO : 0;
 }
 
+/* While a commit's metadata I/O runs, the blocks it writes must not change (pool.c, run_commit). */
+static void wait_commit_io(struct tfs_pool *pool)
+{
+	while (pool->commit_io)
+		pthread_cond_wait(&pool->commit_io_cv, &pool->lock);
+}
+
 int tfs_pool_may_change(struct tfs_pool *pool)
 {
+	wait_commit_io(pool);
 	if (pool->opened_read_only)
 		return -EROFS;
 	if (pool->mode == TFS_POOL_READ_ONLY || pool->mode == TFS_POOL_FAIL)
@@ -337,20 +345,43 @@ static int flush_data(struct tfs_pool *pool)
 }
 
 /*
- * With the lock held and allocations drained: the metadata commit (or fn,
- * which commits itself).  On success the passdown queue moves to *punch.
+ * The metadata commit, entered with the lock held and allocations
+ * drained.  Its I/O runs with the lock dropped: only the in-memory part
+ * (tfs_pmd_commit_begin) holds it, and while the blocks are written,
+ * lookups (reads, overwrites of mapped blocks) go on; metadata changes
+ * wait in tfs_pool_may_change (commit_io).  fn (which commits itself)
+ * runs wholly under the lock.  Returns with the lock held; on success
+ * the passdown queue has moved to *punch.
  */
 static int commit_metadata(struct tfs_pool *pool, commit_fn fn, struct tfs_extents *punch)
 {
+	struct tfs_pmd_commit *c;
 	int r = tfs_pool_may_change(pool);
 
 	if (r)
 		return r;
-	r = fn ? fn(pool->pmd) : tfs_pmd_commit(pool->pmd);
-	if (r && fn && (r == -EBUSY || r == -EINVAL))
-		return r; /* refused before changing anything (logged by the metadata layer) */
+	if (fn) {
+		r = fn(pool->pmd);
+		if (r == -EBUSY || r == -EINVAL)
+			return r; /* refused before changing anything (logged by the metadata layer) */
+	} else {
+		r = tfs_pmd_commit_begin(pool->pmd, &c);
+		if (!r) {
+			pool->commit_io = true;
+			pthread_mutex_unlock(&pool->lock);
+			r = tfs_pmd_commit_write(c);
+			pthread_mutex_lock(&pool->lock);
+			r = tfs_pmd_commit_end(pool->pmd, c, r);
+		}
+	}
 	if (r)
-		return tfs_pool_meta_failed(pool, r, "committing the metadata");
+		r = tfs_pool_meta_failed(pool, r, "committing the metadata");
+	if (pool->commit_io) {
+		pool->commit_io = false;
+		pthread_cond_broadcast(&pool->commit_io_cv);
+	}
+	if (r)
+		return r;
 	pool->dirty = false;
 	*punch = pool->passdown;
 	pool->passdown = (struct tfs_extents){ 0 };
@@ -372,7 +403,9 @@ static int commit_metadata(struct tfs_pool *pool, commit_fn fn, struct tfs_exten
  * in flight to be inserted (no leaked blocks in the commit).  (3) If a
  * mapping was inserted since (1) began, flush again: only what was written
  * meanwhile, and only allocating writers wait for it.  (4) Commit the
- * metadata: blocks, flush, superblock, flush (thin-metadata.c).  (5)
+ * metadata: its in-memory part under the lock, then blocks, flush,
+ * superblock, flush with the lock dropped, so reads and overwrites of
+ * mapped blocks go on while other changes wait (commit_metadata).  (5)
  * Discard the blocks freed in the committed transaction, before any
  * allocation can hand them out again (and not earlier: until (4) the last
  * committed mappings still point at them).  (6) Let allocations resume.
@@ -761,6 +794,7 @@ static void free_pool(struct tfs_pool *pool)
 	pthread_mutex_destroy(&pool->resize_mutex);
 	pthread_cond_destroy(&pool->alloc_cv);
 	pthread_cond_destroy(&pool->drain_cv);
+	pthread_cond_destroy(&pool->commit_io_cv);
 	pthread_cond_destroy(&pool->timer_cv);
 	pthread_cond_destroy(&pool->space_cv);
 	free(pool);
@@ -783,6 +817,7 @@ int tfs_pool_open(const struct tfs_pool_config *cfg, bool read_only, struct tfs_
 	pthread_mutex_init(&pool->suspend_mutex, NULL);
 	pthread_cond_init(&pool->alloc_cv, NULL);
 	pthread_cond_init(&pool->drain_cv, NULL);
+	pthread_cond_init(&pool->commit_io_cv, NULL);
 	init_timer_cv(pool);
 
 	r = tfs_prison_create(&pool->prison);
@@ -938,6 +973,9 @@ void tfs_pool_put_thin(struct tfs_pool *pool, struct tfs_thin_ref *ref)
 	/*
 	 * Closing may write the handle's details; in fail mode the metadata
 	 * layer must not be called at all, and tfs_pmd_close frees the handle.
+	 * No wait for a commit's I/O (commit_io): details change only with
+	 * mappings, which wait for it, and the commit saved them first.  A
+	 * close must not wait: the daemon closes under its namespace lock.
 	 */
 	if (pool->mode != TFS_POOL_FAIL)
 		tfs_pmd_close_thin(ref->td);
@@ -1384,6 +1422,7 @@ static int refuse(char *why, size_t why_len, int err, const char *fmt, ...)
 /* With the lock held: why the pool cannot be resized now, or 0. */
 static int may_resize(struct tfs_pool *pool, char *why, size_t why_len)
 {
+	wait_commit_io(pool);
 	if (pool->opened_read_only && tfs_pmd_needs_check(pool->pmd))
 		return refuse(why, why_len, -EROFS,
 			      "metadata needs checking: run thinfs check --repair");

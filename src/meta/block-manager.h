@@ -10,7 +10,8 @@
  * Never: decides which blocks may be written.  That is the transaction
  * manager's job; the block manager writes whatever it is told to.
  *
- * Not thread-safe: the owner serialises calls (the pool's metadata lock).
+ * Not thread-safe: the owner serialises calls (the pool's metadata lock),
+ * except tfs_bm_batch_write, which is meant to run outside it.
  * Memory: at most cache_blocks blocks, plus those locked at once (a btree
  * operation locks a handful), rounded up to a slab of 64 blocks; memory
  * once taken is kept until tfs_bm_destroy.
@@ -76,6 +77,33 @@ uint64_t tfs_block_location(const struct tfs_block *b);
 int tfs_bm_flush(struct tfs_bm *bm);
 /* Write one locked dirty block now (sealed) without flushing; for the superblock. */
 int tfs_bm_write_now(struct tfs_bm *bm, struct tfs_block *b);
+/*
+ * A commit's blocks written with no lock held, while the owner goes on
+ * reading through the cache.  tfs_bm_batch_dirty takes every dirty block
+ * that is not locked, tfs_bm_batch_one the one locked dirty block b (the
+ * superblock, last): each is sealed and pinned, so it cannot be evicted
+ * (nor reread from a device that does not hold it yet) until the batch
+ * ends.  The owner must not write-lock a block of a batch until it ends:
+ * the transaction manager never does, as such blocks belong to the state
+ * being committed and are shadowed.  O(dirty blocks); -ENOMEM.
+ */
+struct tfs_bm_batch;
+int tfs_bm_batch_dirty(struct tfs_bm *bm, struct tfs_bm_batch **out);
+int tfs_bm_batch_one(struct tfs_bm *bm, struct tfs_block *b, struct tfs_bm_batch **out);
+/*
+ * Write the batch's blocks (in block order; neighbours on the device go
+ * in one write of up to 1 MiB), then flush the device.  Takes
+ * no lock and touches no cache state, so it may run outside the owner's
+ * lock; blocks (device I/O).  -errno of the first failed write or flush.
+ */
+int tfs_bm_batch_write(struct tfs_bm_batch *batch);
+/*
+ * Back under the owner's lock: the blocks are clean if written (the
+ * batch_write returned 0), unpinned, and the batch freed.  A failed write
+ * becomes what tfs_bm_take_write_error reports.
+ */
+void tfs_bm_batch_end(struct tfs_bm *bm, struct tfs_bm_batch *batch, bool written);
+
 /* Forget every cached block, dirty ones unwritten (transaction abort). No block may be locked. */
 void tfs_bm_invalidate(struct tfs_bm *bm);
 /* Forget one cached block, dirty or not (it was freed). It must not be locked. */

@@ -236,8 +236,14 @@ static void fill_metadata_sm_root(void *ctx, void *sb_data)
 	memcpy(sb + offsetof(struct tfs_disk_thin_sb, metadata_space_map_root), root, sizeof(root));
 }
 
-static int commit(struct tfs_pmd *pmd, bool first)
+/* What the metadata layer keeps of a commit between its begin and its end. */
+struct tfs_pmd_commit {
+	struct tfs_tm_commit *tm;
+};
+
+static int commit_begin(struct tfs_pmd *pmd, bool first, struct tfs_pmd_commit **out)
 {
+	struct tfs_pmd_commit *c;
 	struct tfs_block *sb;
 	int r;
 
@@ -256,7 +262,43 @@ static int commit(struct tfs_pmd *pmd, bool first)
 	if (r)
 		return r;
 	fill_superblock(pmd, tfs_block_data(sb));
-	return tfs_tm_commit(pmd->tm, sb, fill_metadata_sm_root, pmd);
+	c = malloc(sizeof(*c));
+	if (!c) {
+		tfs_bm_unlock(sb);
+		return -ENOMEM;
+	}
+	r = tfs_tm_commit_begin(pmd->tm, sb, fill_metadata_sm_root, pmd, &c->tm);
+	if (r) {
+		free(c);
+		return r;
+	}
+	*out = c;
+	return 0;
+}
+
+int tfs_pmd_commit_begin(struct tfs_pmd *pmd, struct tfs_pmd_commit **out)
+{
+	return commit_begin(pmd, false, out);
+}
+
+int tfs_pmd_commit_write(struct tfs_pmd_commit *c)
+{
+	return tfs_tm_commit_write(c->tm);
+}
+
+int tfs_pmd_commit_end(struct tfs_pmd *pmd, struct tfs_pmd_commit *c, int r)
+{
+	r = tfs_tm_commit_end(pmd->tm, c->tm, r);
+	free(c);
+	return r;
+}
+
+static int commit(struct tfs_pmd *pmd, bool first)
+{
+	struct tfs_pmd_commit *c;
+	int r = commit_begin(pmd, first, &c);
+
+	return r ? r : tfs_pmd_commit_end(pmd, c, tfs_pmd_commit_write(c));
 }
 
 int tfs_pmd_commit(struct tfs_pmd *pmd)

@@ -51,6 +51,19 @@ int tfs_pmd_open(struct tfs_bdev *meta, const struct tfs_pmd_options *opt, struc
 void tfs_pmd_close(struct tfs_pmd *pmd);
 
 int tfs_pmd_commit(struct tfs_pmd *pmd);
+/*
+ * tfs_pmd_commit in three steps, so that a caller can do the metadata I/O
+ * outside its lock (transaction-manager.h).  begin: everything in memory
+ * (details, both space maps, the superblock's contents), under the lock;
+ * write: the blocks, flush, superblock, flush, with no lock (blocks);
+ * end: under the lock, returns r (write's result).  Between begin and end
+ * lookups may run; nothing may change the metadata.  A failed begin or
+ * write leaves the transaction to abort (tfs_pmd_abort).
+ */
+struct tfs_pmd_commit;
+int tfs_pmd_commit_begin(struct tfs_pmd *pmd, struct tfs_pmd_commit **out);
+int tfs_pmd_commit_write(struct tfs_pmd_commit *c);
+int tfs_pmd_commit_end(struct tfs_pmd *pmd, struct tfs_pmd_commit *c, int r);
 /* Back to the last committed state; open device handles stay valid. */
 int tfs_pmd_abort(struct tfs_pmd *pmd);
 

@@ -181,29 +181,68 @@ int tfs_tm_ref(struct tfs_tm *tm, uint64_t b, uint32_t *count)
  *   5. the superblock is written (one sector holds all its live fields);
  *   6. flush, so the new transaction is durable when we return.
  * A crash before 5 leaves the old superblock and the old blocks it reaches.
+ * Steps 1-2 are tfs_tm_commit_begin, 3-6 tfs_tm_commit_write.
  */
+struct tfs_tm_commit {
+	struct tfs_block *sb;
+	struct tfs_bm_batch *blocks, *super;
+};
+
+int tfs_tm_commit_begin(struct tfs_tm *tm, struct tfs_block *sb,
+			void (*fill_sm_root)(void *ctx, void *sb_data), void *ctx,
+			struct tfs_tm_commit **out)
+{
+	struct tfs_tm_commit *c = calloc(1, sizeof(*c));
+	int r = -ENOMEM;
+
+	if (!c)
+		goto err_unlock;
+	r = tfs_sm_commit(tm->sm);
+	if (r)
+		goto err_free;
+	fill_sm_root(ctx, tfs_block_data(sb));
+	r = tfs_bm_batch_dirty(tm->bm, &c->blocks);
+	if (r)
+		goto err_free;
+	r = tfs_bm_batch_one(tm->bm, sb, &c->super);
+	if (r)
+		goto err_end_blocks;
+	c->sb = sb;
+	*out = c;
+	return 0;
+
+err_end_blocks:
+	tfs_bm_batch_end(tm->bm, c->blocks, false);
+err_free:
+	free(c);
+err_unlock:
+	tfs_bm_unlock(sb);
+	return r;
+}
+
+int tfs_tm_commit_write(struct tfs_tm_commit *c)
+{
+	int r = tfs_bm_batch_write(c->blocks);
+
+	return r ? r : tfs_bm_batch_write(c->super);
+}
+
+int tfs_tm_commit_end(struct tfs_tm *tm, struct tfs_tm_commit *c, int r)
+{
+	tfs_bm_batch_end(tm->bm, c->blocks, !r);
+	tfs_bm_batch_end(tm->bm, c->super, !r);
+	tfs_bm_unlock(c->sb);
+	free(c);
+	return r;
+}
+
 int tfs_tm_commit(struct tfs_tm *tm, struct tfs_block *sb,
 		  void (*fill_sm_root)(void *ctx, void *sb_data), void *ctx)
 {
-	int r;
+	struct tfs_tm_commit *c;
+	int r = tfs_tm_commit_begin(tm, sb, fill_sm_root, ctx, &c);
 
-	r = tfs_sm_commit(tm->sm);
-	if (r)
-		goto out;
-	fill_sm_root(ctx, tfs_block_data(sb));
-	r = tfs_bm_flush(tm->bm);
-	if (r)
-		goto out;
-	r = tfs_bm_write_now(tm->bm, sb);
-	if (r)
-		goto out;
-	r = tfs_bdev_flush(tfs_bm_bdev(tm->bm));
-	if (r)
-		tfs_err("%s: flush after superblock write failed: %s",
-			tfs_bdev_name(tfs_bm_bdev(tm->bm)), strerror(-r));
-out:
-	tfs_bm_unlock(sb);
-	return r;
+	return r ? r : tfs_tm_commit_end(tm, c, tfs_tm_commit_write(c));
 }
 
 void tfs_tm_abort(struct tfs_tm *tm)

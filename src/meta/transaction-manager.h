@@ -62,6 +62,26 @@ int tfs_tm_ref(struct tfs_tm *tm, uint64_t b, uint32_t *count);
 int tfs_tm_commit(struct tfs_tm *tm, struct tfs_block *sb,
 		  void (*fill_sm_root)(void *ctx, void *sb_data), void *ctx);
 
+/*
+ * The same commit in three steps, so that its I/O can run outside the
+ * owner's lock.  begin (under the lock): steps 1-2 in memory and the
+ * blocks to write taken (block-manager.h, batches), the superblock
+ * still locked; from here on the transaction manager treats every block
+ * of the committed state as committed (a change shadows it again).
+ * write (no lock needed; device I/O): the blocks, flush, superblock,
+ * flush.  end (under the lock again): the blocks are clean if write
+ * returned 0 (r), sb is unlocked, c freed; returns r.  Between begin and
+ * end the owner may read through the cache but must change nothing: a
+ * failed write leaves only tfs_tm_abort.  begin failing leaves nothing to
+ * end (sb unlocked) and the transaction to abort.
+ */
+struct tfs_tm_commit;
+int tfs_tm_commit_begin(struct tfs_tm *tm, struct tfs_block *sb,
+			void (*fill_sm_root)(void *ctx, void *sb_data), void *ctx,
+			struct tfs_tm_commit **out);
+int tfs_tm_commit_write(struct tfs_tm_commit *c);
+int tfs_tm_commit_end(struct tfs_tm *tm, struct tfs_tm_commit *c, int r);
+
 /* Drop all uncommitted changes (metadata space map rolled back, cache invalidated). */
 void tfs_tm_abort(struct tfs_tm *tm);
 

@@ -559,6 +559,33 @@ static void test_bm_seals_and_validates_blocks(void **state)
 	tfs_bdev_close(dev);
 }
 
+static void test_bm_flush_writes_neighbouring_blocks_as_one_write(void **state)
+{
+	(void)state;
+	struct tfs_bdev *mem, *dev;
+	struct tfs_bm *bm;
+	struct tfs_block *blk;
+	struct tfs_bdev_io_counts c;
+	const uint64_t blocks[] = { 9, 3, 4, 5, 12 }; /* runs 3-5, 9, 12 */
+
+	assert_int_equal(tfs_bdev_open_mem(64 * TFS_BLOCK_SIZE, &mem), 0);
+	assert_int_equal(tfs_bdev_fault_wrap(mem, false, &dev), 0);
+	assert_int_equal(tfs_bm_create(dev, 16, &bm), 0);
+	for (size_t i = 0; i < sizeof(blocks) / sizeof(blocks[0]); i++)
+		write_leaf(bm, blocks[i], (uint32_t)blocks[i]);
+	assert_int_equal(tfs_bm_flush(bm), 0);
+	tfs_bdev_fault_counts(dev, &c);
+	assert_int_equal(c.writes, 3);
+	tfs_bm_invalidate(bm);
+	for (size_t i = 0; i < sizeof(blocks) / sizeof(blocks[0]); i++) {
+		assert_int_equal(tfs_bm_read_lock(bm, blocks[i], &tfs_btree_validator, &blk), 0);
+		assert_int_equal(tfs_le32((uint8_t *)tfs_block_data(blk) + 16), blocks[i]);
+		tfs_bm_unlock(blk);
+	}
+	tfs_bm_destroy(bm);
+	tfs_bdev_close(dev);
+}
+
 static void test_bm_reports_corruption_naming_the_problem(void **state)
 {
 	(void)state;
@@ -721,6 +748,7 @@ int main(void)
 		cmocka_unit_test(test_fault_stall_releases_every_stalled_thread),
 		cmocka_unit_test(test_close_releases_stalled_ops),
 		cmocka_unit_test(test_bm_seals_and_validates_blocks),
+		cmocka_unit_test(test_bm_flush_writes_neighbouring_blocks_as_one_write),
 		cmocka_unit_test(test_bm_reports_corruption_naming_the_problem),
 		cmocka_unit_test(test_bm_cache_stays_bounded_and_writes_back_dirty_evictions),
 		cmocka_unit_test(test_bm_memory_stays_within_the_budget_under_churn),
