@@ -27,6 +27,7 @@
 #include <unistd.h>
 
 #include "log.h"
+#include "scratch.h"
 
 /* Largest piece of a block staged in memory; bigger blocks are copied piecewise. */
 #define BOUNCE_MAX (1u << 20)
@@ -68,7 +69,7 @@ struct chunk {
 	enum how how;
 	unsigned nr_alloc;  /* blocks allocated for ACT_NEW / ACT_COPY */
 	uint64_t abort_gen; /* when they were allocated */
-	uint8_t *bounce;    /* lazily allocated, min(block size, BOUNCE_MAX) */
+	uint8_t *bounce;    /* lazily taken, the thread's scratch of bounce_len bytes */
 	struct plan plan[TFS_POOL_CHUNK];
 };
 
@@ -233,6 +234,12 @@ static int plan_chunk(struct chunk *c)
 	return 0;
 }
 
+/* The staging buffer build_block needs: a block, or a piece of one. */
+static size_t bounce_len(const struct tfs_pool *pool)
+{
+	return pool->block_size < BOUNCE_MAX ? (size_t)pool->block_size : BOUNCE_MAX;
+}
+
 /*
  * A new block only part of which the request writes: stage it piece by
  * piece (one piece for blocks up to BOUNCE_MAX), each filled from the old
@@ -243,7 +250,7 @@ static int build_block(struct chunk *c, const struct plan *p, uint64_t s, uint64
 		       const uint8_t *src)
 {
 	uint64_t bs = c->pool->block_size;
-	uint64_t piece = bs < BOUNCE_MAX ? bs : BOUNCE_MAX;
+	uint64_t piece = bounce_len(c->pool);
 	int r = 0;
 
 	for (uint64_t ps = 0; ps < bs && !r; ps += piece) {
@@ -256,11 +263,9 @@ static int build_block(struct chunk *c, const struct plan *p, uint64_t s, uint64
 			continue;
 		}
 		if (!c->bounce) {
-			void *b;
-
-			if (posix_memalign(&b, 4096, piece))
+			c->bounce = tfs_scratch_get(bounce_len(c->pool));
+			if (!c->bounce)
 				return -ENOMEM;
-			c->bounce = b;
 		}
 		if (p->act == ACT_COPY)
 			r = tfs_bdev_read(c->pool->data, c->bounce, pe - ps, p->old * bs + ps);
@@ -435,7 +440,7 @@ static int write_chunk(struct tfs_vol *vol, const struct cell *cell, const uint8
 	r = write_chunk_data(&c);
 	if (c.nr_alloc)
 		r = finish_chunk(&c, r);
-	free(c.bounce);
+	tfs_scratch_put(c.bounce, bounce_len(pool));
 	return r;
 }
 

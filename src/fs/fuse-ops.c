@@ -25,6 +25,7 @@
 
 #include "fs.h"
 #include "log.h"
+#include "scratch.h"
 
 /*
  * Attributes and names change only through this daemon: the kernel's own
@@ -658,8 +659,13 @@ static void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
 	}
 	if (size > fsize - (uint64_t)off)
 		size = (size_t)(fsize - (uint64_t)off);
-	/* Page-aligned: an O_DIRECT data device reads straight into it. */
-	if (posix_memalign(&buf, 4096, size)) {
+	/*
+	 * The worker's scratch buffer, reused by its next read rather than
+	 * left in its malloc arena; page-aligned, so an O_DIRECT data device
+	 * reads straight into it.
+	 */
+	buf = tfs_scratch_get(size);
+	if (!buf) {
 		pthread_rwlock_unlock(&vi->io_lock);
 		fuse_reply_err(req, ENOMEM);
 		return;
@@ -670,7 +676,7 @@ static void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
 		fuse_reply_err(req, -r);
 	else
 		fuse_reply_buf(req, buf, size);
-	free(buf);
+	tfs_scratch_put(buf, size);
 }
 
 /* 0 if [off, off+len) fits the format's limit, else -EFBIG (or -EINVAL). */

@@ -22,6 +22,7 @@
 #include <unistd.h>
 
 #include "log.h"
+#include "scratch.h"
 
 struct file_dev {
 	struct tfs_bdev base;
@@ -93,7 +94,11 @@ static bool aligned(const struct file_dev *f, const void *buf, size_t len, uint6
 	       !(((uintptr_t)buf | (uintptr_t)len | (uintptr_t)off) & (f->align - 1));
 }
 
-/* A staging buffer for [off, off + len): whole sectors, at most BOUNCE_MAX. */
+/*
+ * A staging buffer for [off, off + len): whole sectors, at most BOUNCE_MAX.
+ * The thread's scratch buffer, which is page-aligned, unless sectors are
+ * larger than a page.  Given back with bounce_put.
+ */
 static uint8_t *bounce_for(const struct file_dev *f, size_t len, uint64_t off, size_t *cap)
 {
 	size_t want = (size_t)(off & (f->align - 1)) + len + f->align - 1;
@@ -101,7 +106,17 @@ static uint8_t *bounce_for(const struct file_dev *f, size_t len, uint64_t off, s
 
 	want &= ~(f->align - 1);
 	*cap = want < BOUNCE_MAX ? want : BOUNCE_MAX;
+	if (f->align <= TFS_SCRATCH_ALIGN)
+		return tfs_scratch_get(*cap);
 	return posix_memalign(&b, f->align, *cap) ? NULL : b;
+}
+
+static void bounce_put(const struct file_dev *f, uint8_t *b, size_t cap)
+{
+	if (f->align <= TFS_SCRATCH_ALIGN)
+		tfs_scratch_put(b, cap);
+	else
+		free(b);
 }
 
 /*
@@ -139,7 +154,7 @@ static int file_read(struct tfs_bdev *d, void *buf, size_t len, uint64_t off)
 		len -= n;
 		off += n;
 	}
-	free(bounce);
+	bounce_put(f, bounce, cap);
 	return r;
 }
 
@@ -176,7 +191,7 @@ static int file_write(struct tfs_bdev *d, const void *buf, size_t len, uint64_t 
 		len -= n;
 		off += n;
 	}
-	free(bounce);
+	bounce_put(f, bounce, cap);
 	return r;
 }
 

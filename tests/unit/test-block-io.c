@@ -10,6 +10,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -20,6 +21,7 @@
 #include "crc32c.h"
 #include "format.h"
 #include "log.h"
+#include "scratch.h"
 
 static void quiet_sink(void *ctx, enum tfs_log_level level, const char *msg)
 {
@@ -198,7 +200,18 @@ static void test_direct_file_bdev_takes_any_offset_length_and_buffer(void **stat
 		size_t len = (size_t)rand_r(&seed) % (i % 10 ? 9000 : MAXLEN) + 1;
 		uint64_t off = (uint64_t)rand_r(&seed) % (SIZE - len);
 		unsigned skew = (unsigned)rand_r(&seed) % 2; /* an odd buffer half of the time */
+		/*
+		 * Staging reuses this thread's scratch buffers across sizes; the
+		 * layers above may hold some (a reply, a block being built).
+		 */
+		size_t held_len = (size_t)rand_r(&seed) % MAXLEN + 1;
+		uint8_t *held[2] = { NULL, NULL };
 
+		for (int h = 0; h < i % 3; h++) {
+			held[h] = tfs_scratch_get(held_len);
+			assert_non_null(held[h]);
+			memset(held[h], 0xC0 + h, held_len);
+		}
 		if (rand_r(&seed) % 2) {
 			for (size_t k = 0; k < len; k++)
 				buf[skew + k] = (uint8_t)rand_r(&seed);
@@ -208,7 +221,13 @@ static void test_direct_file_bdev_takes_any_offset_length_and_buffer(void **stat
 			assert_int_equal(tfs_bdev_read(d, got + skew, len, off), 0);
 			assert_memory_equal(got + skew, model + off, len);
 		}
+		for (int h = 0; h < i % 3; h++) {
+			for (size_t k = 0; k < held_len; k++)
+				assert_int_equal(held[h][k], 0xC0 + h);
+			tfs_scratch_put(held[h], held_len);
+		}
 	}
+	assert_true(tfs_scratch_kept() <= TFS_SCRATCH_SLOTS * ((size_t)MAXLEN + 2 * 4096));
 	assert_int_equal(tfs_bdev_flush(d), 0);
 	assert_int_equal(tfs_bdev_open(path, true, &plain), 0);
 	assert_int_equal(tfs_bdev_read(plain, got, SIZE, 0), 0);
@@ -219,6 +238,92 @@ static void test_direct_file_bdev_takes_any_offset_length_and_buffer(void **stat
 	free(model);
 	free(buf);
 	free(got);
+}
+
+/*
+ * Scratch buffers: page-aligned, distinct while nested (a third nested one
+ * is a buffer of its own), reused at any smaller size, grown to a larger
+ * one, and at most TFS_SCRATCH_SLOTS of them kept by a thread.
+ */
+static void test_scratch_nests_reuses_and_stays_bounded(void **state)
+{
+	(void)state;
+	uint8_t *a, *b, *c, *again;
+
+	a = tfs_scratch_get(1 << 20);
+	b = tfs_scratch_get(5000);
+	c = tfs_scratch_get(100);
+	assert_non_null(a);
+	assert_non_null(b);
+	assert_non_null(c);
+	assert_int_equal((uintptr_t)a % 4096, 0);
+	assert_int_equal((uintptr_t)b % 4096, 0);
+	assert_int_equal((uintptr_t)c % 4096, 0);
+	memset(a, 1, 1 << 20);
+	memset(b, 2, 5000);
+	memset(c, 3, 100);
+	assert_int_equal(a[(1 << 20) - 1], 1);
+	assert_int_equal(b[0], 2);
+	assert_int_equal(b[4999], 2);
+	tfs_scratch_put(c, 100);
+	tfs_scratch_put(b, 5000);
+	tfs_scratch_put(a, 1 << 20);
+	/* Two kept (other tests on this thread may have grown them), c unmapped. */
+	assert_true(tfs_scratch_kept() >= (1 << 20) + 4096);
+	assert_true(tfs_scratch_kept() <= TFS_SCRATCH_SLOTS * TFS_SCRATCH_MAX);
+	assert_int_equal(msync(c, 100, MS_ASYNC), -1);
+
+	again = tfs_scratch_get(4096); /* fits in a kept one */
+	assert_true(again == a || again == b);
+	assert_true(again != c);
+	tfs_scratch_put(again, 4096);
+	again = tfs_scratch_get((1 << 20) + 1); /* larger: a kept one grows */
+	assert_non_null(again);
+	memset(again, 4, (1 << 20) + 1);
+	tfs_scratch_put(again, (1 << 20) + 1);
+	assert_true(tfs_scratch_kept() >= (1 << 20) + 4096 + 4096);
+
+	again = tfs_scratch_get(TFS_SCRATCH_MAX + 1); /* too large to keep */
+	assert_non_null(again);
+	memset(again, 5, TFS_SCRATCH_MAX + 1);
+	tfs_scratch_put(again, TFS_SCRATCH_MAX + 1);
+	assert_true(tfs_scratch_kept() <= TFS_SCRATCH_SLOTS * TFS_SCRATCH_MAX);
+}
+
+struct scratch_thread {
+	void *buf;
+	size_t kept;
+};
+
+static void *scratch_thread_main(void *arg)
+{
+	struct scratch_thread *t = arg;
+
+	t->buf = tfs_scratch_get(1 << 20);
+	if (t->buf) {
+		memset(t->buf, 6, 1 << 20);
+		tfs_scratch_put(t->buf, 1 << 20);
+	}
+	t->kept = tfs_scratch_kept();
+	return NULL;
+}
+
+/* A thread's buffers are its own and are unmapped when it ends. */
+static void test_scratch_is_unmapped_when_its_thread_ends(void **state)
+{
+	(void)state;
+	struct scratch_thread t = { 0 };
+	size_t mine = tfs_scratch_kept();
+	pthread_t th;
+
+	assert_int_equal(pthread_create(&th, NULL, scratch_thread_main, &t), 0);
+	assert_int_equal(pthread_join(th, NULL), 0);
+	assert_non_null(t.buf);
+	assert_int_equal(t.kept, 1 << 20);
+	assert_int_equal(tfs_scratch_kept(), mine);
+	/* msync fails with ENOMEM on a range that is not mapped. */
+	assert_int_equal(msync(t.buf, 1 << 20, MS_ASYNC), -1);
+	assert_int_equal(errno, ENOMEM);
 }
 
 /*
@@ -740,6 +845,8 @@ int main(void)
 		cmocka_unit_test(test_power_cut_tear_keeps_whole_sectors),
 		cmocka_unit_test(test_direct_file_bdev_takes_any_offset_length_and_buffer),
 		cmocka_unit_test(test_direct_file_bdev_counts_the_bytes_the_device_moves),
+		cmocka_unit_test(test_scratch_nests_reuses_and_stays_bounded),
+		cmocka_unit_test(test_scratch_is_unmapped_when_its_thread_ends),
 		cmocka_unit_test(test_power_cut_tear_onto_a_direct_file),
 		cmocka_unit_test(test_direct_open_falls_back_where_o_direct_is_refused),
 		cmocka_unit_test(test_fault_stall_holds_a_read_until_set_back_to_ok),
