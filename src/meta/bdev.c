@@ -3,8 +3,8 @@
  * Plain files, block devices and memory devices.  pread/pwrite are
  * thread-safe on one descriptor, so the file device needs no lock; the
  * memory device takes a lock only to grow.  Under O_DIRECT the file device
- * stages what is not aligned in a buffer of its own, allocated per request
- * (no state shared between threads).
+ * stages what is not aligned in the calling thread's scratch buffer
+ * (scratch.h), so no state is shared between threads.
  */
 #include "bdev.h"
 

@@ -9,7 +9,6 @@ import mmap
 import os
 import re
 import shutil
-import subprocess
 import threading
 
 import pytest
@@ -452,24 +451,14 @@ def data_io(p):
 
 
 def direct_pread(path, off, n):
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
-    try:
-        buf = aligned(n)
-        assert os.preadv(fd, [buf], off) == n
-        return bytes(buf)
-    finally:
-        os.close(fd)
+    data = read_direct(path, off, n)
+    assert len(data) == n
+    return data
 
 
 def direct_pwrite(path, off, data):
-    fd = os.open(path, os.O_WRONLY | os.O_DIRECT)
-    try:
-        buf = aligned(len(data))
-        buf[:] = data
-        assert os.pwritev(fd, [buf], off) == len(data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    write_direct(path, off, data)
+    fsync_path(path)
 
 
 def storage_read_bytes(pid):
