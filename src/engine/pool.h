@@ -138,6 +138,8 @@ struct tfs_pool_status {
 	unsigned held_in_core;    /* requests held in the core (suspended devices, pushed back) */
 	bool error_if_no_space;   /* as configured now (a reload may change it) */
 	bool discard_passdown;
+	/* Free data blocks read as zeros (punched), so new blocks are not zeroed. */
+	bool free_blocks_read_zero;
 	/* Low water, checked by the engine where space changes (and re-armed by a resume). */
 	uint64_t meta_low_water_blocks;
 	struct tfs_pool_low_water low_water_data, low_water_meta;

@@ -69,6 +69,7 @@ struct chunk {
 	enum how how;
 	unsigned nr_alloc;  /* blocks allocated for ACT_NEW / ACT_COPY */
 	uint64_t abort_gen; /* when they were allocated */
+	bool free_zero;     /* when they were allocated: new blocks read as zeros already */
 	uint8_t *bounce;    /* lazily taken, the thread's scratch of bounce_len bytes */
 	struct plan plan[TFS_POOL_CHUNK];
 };
@@ -228,6 +229,7 @@ static int plan_chunk(struct chunk *c)
 		return r;
 	}
 	c->abort_gen = pool->abort_gen;
+	c->free_zero = atomic_load(&pool->free_zero);
 	for (unsigned i = 0; i < c->nr; i++)
 		if (c->plan[i].act == ACT_NEW || c->plan[i].act == ACT_COPY)
 			c->plan[i].target = blocks[k++];
@@ -299,11 +301,15 @@ static int write_chunk_data(struct chunk *c)
 
 		if (p->act == ACT_SKIP)
 			continue;
+		/* A provisioned block is all zeros, and a free block reads as that already. */
+		if (p->act == ACT_NEW && c->how == HOW_PROVISION && c->free_zero)
+			continue;
 		in_place |= p->act == ACT_INPLACE;
 		block_span(c, i, &s, &e);
 		src = c->buf ? c->buf + ((c->b0 + i) * bs + s - c->off) : NULL;
 		plain = p->act == ACT_INPLACE || (s == 0 && e == bs) ||
-			(p->act == ACT_NEW && c->how == HOW_DATA && pool->cfg.skip_block_zeroing);
+			(p->act == ACT_NEW && c->how == HOW_DATA &&
+			 (pool->cfg.skip_block_zeroing || c->free_zero));
 		if (plain)
 			r = run_add_write(pool, &run, p->target * bs + s, src, e - s);
 		else
@@ -353,6 +359,8 @@ static int release_blocks(struct chunk *c)
 		r = tfs_pmd_free_data_block(c->pool->pmd, p->target);
 		if (r)
 			return tfs_pool_meta_failed(c->pool, r, "releasing an unused data block");
+		/* Part of it may be written: punched before reuse, it reads as zeros again. */
+		tfs_pool_passdown_if_free(c->pool, p->target);
 	}
 	return 0;
 }

@@ -291,6 +291,8 @@ static void cmd_status(struct cmd_ctx *c)
 	json_object_object_add(pool, "held_writes", json_object_new_uint64(st.held_writes));
 	json_object_object_add(pool, "discard_passdown",
 			       json_object_new_boolean(st.discard_passdown));
+	json_object_object_add(pool, "free_blocks_read_zero",
+			       json_object_new_boolean(st.free_blocks_read_zero));
 	json_object_object_add(pool, "direct_io",
 			       json_object_new_boolean(st.io_data.direct && st.io_meta.direct));
 	json_object_object_add(pool, "max_threads", json_object_new_uint64(fs->cfg.max_threads));
