@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # SPDX-License-Identifier: GPL-2.0-or-later
 #
 # Sourced by the single-pool bench scripts (run-commit-stall.sh,
@@ -41,6 +42,7 @@ data = data.img
 catalog = catalog.db
 block_size = 64k
 CFG
+	# shellcheck disable=SC2154 # thinfs: set by the caller
 	"$thinfs" mkpool "$WORK/pool/pool.cfg" >/dev/null || return 1
 	"$thinfs" mount "$WORK/pool/pool.cfg" "$MNT" -f >>"$OUT/daemon.log" 2>&1 &
 	T_PID=$!

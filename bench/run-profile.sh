@@ -70,8 +70,8 @@ log "thinfs $(git -C "$root" rev-parse --short HEAD); job $JOB; load $(cut -d' '
 perf record -a -g -o "$OUT/perf.data" -- \
 	fio --eta=never --output-format=json --output="$OUT/fio.json" --name="$JOB" --filename="$vol" \
 	--allow_file_create=0 --fallocate=none --ioengine=$engine --direct=$direct --iodepth=$qd \
-	--rw=$rw --bs=$([[ $JOB == seq* ]] && echo 1M || echo 4k) --size="${REGION_MIB}M" \
-	--runtime="$RUNTIME" --time_based=$([[ $JOB == *alloc* || $JOB == *cow* ]] && echo 0 || echo 1) \
+	--rw=$rw --bs="$([[ $JOB == seq* ]] && echo 1M || echo 4k)" --size="${REGION_MIB}M" \
+	--runtime="$RUNTIME" --time_based="$([[ $JOB == *alloc* || $JOB == *cow* ]] && echo 0 || echo 1)" \
 	--end_fsync=$((1 - direct)) --randrepeat=1 2>"$OUT/perf-record.log" >/dev/null || { log "perf/fio failed"; exit 1; }
 log "load after: $(cut -d' ' -f1-3 /proc/loadavg)"
 jq -r '.jobs[0] | (if .write.io_bytes > 0 then .write else .read end) | "iops \(.iops|floor)  clat p50 \(.clat_ns.percentile["50.000000"]/1000) us"' "$OUT/fio.json" | tee -a "$OUT/log.txt"
