@@ -28,7 +28,7 @@ from daemon_util import BS, GiB, MiB, create, pattern, read_at, wait_for, write_
 # direct_io and the io read_bytes/write_bytes (issue 10); max_threads (issue 9).
 POOL_KEYS = {"mode", "needs_check", "reason", "transaction_id", "held_root", "suspended",
              "error_if_no_space", "discard_passdown", "data", "metadata", "io", "held_writes",
-             "held_in_core", "reload_staged", "direct_io", "max_threads"}
+             "held_in_core", "reload_staged", "direct_io", "max_threads", "free_blocks_read_zero"}
 SPACE_KEYS = {"block_size", "used_blocks", "total_blocks", "low_water_blocks"}
 IO_KEYS = {"reads", "writes", "flushes", "discards", "read_bytes", "write_bytes"}
 VOLUME_KEYS = {"name", "id", "kind", "size", "mapped_blocks", "exclusive_blocks", "suspended",
