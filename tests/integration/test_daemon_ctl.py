@@ -130,7 +130,11 @@ def test_status_text_starts_with_a_dmsetup_style_line(pool):
     # thin-pool <trans id> <used>/<total meta> <used>/<total data> <held root|-> rw|ro|...
     assert re.match(r"thin-pool \d+ \d+/\d+ \d+/\d+ (-|\d+) (rw|ro|out_of_data_space)\b",
                     first), first
-    assert "vm1" in out
+    # The table's row: VOLUME ID KIND SIZE MAPPED EXCLUSIVE STATE, the last three from the
+    # device's own status fields (target.h), nothing after them for a thin volume.
+    write_at(p.mnt / "vm1", 0, pattern(1, 100))
+    out = p.ctl("status").stdout
+    assert re.search(rf"^vm1 +\d+ +thin +{MiB} +1 +1 +active *$", out, re.M), out
 
 
 def test_list_names_the_volumes(pool):
