@@ -13,8 +13,9 @@
  * on: anything a caller needs to know about a device is an op here.
  *
  * Offsets and lengths are bytes, any alignment, within what the namespace
- * says the device's size is.  Every op returns 0 or -errno, whole request
- * or nothing, and is thread-safe; serialising requests to one block is the
+ * says the device's size is.  Every op returns 0 (all of the request
+ * done) or -errno (a failed write may have written part of its range), and
+ * is thread-safe; serialising requests to one block is the
  * target's job (range locks, prison.h).  Common errors: -EROFS a read-only
  * handle or device; -EIO device error or a target in fail mode; -ENOSPC;
  * -EBADF an I/O op on a status handle (TFS_DEV_STATUS_ONLY); -ENOTSUP an op
@@ -204,8 +205,9 @@ static inline void tfs_status_end(struct tfs_status_sink *s)
  * range must read as zeros, which a block device's discard does not
  * promise); provision does nothing (every byte exists); seek sees one data
  * extent up to size; the size is the device's and truncate is -ENOTSUP.
- * own: close the bdev with the handle.  Status: "device" (its name).
- * -ENOMEM.
+ * own: close the bdev with the handle (on failure the caller keeps it).
+ * flags: TFS_DEV_READ_ONLY, TFS_DEV_STATUS_ONLY.  Status: "device" (its
+ * name).  -ENOMEM.
  */
 int tfs_linear_open(struct tfs_bdev *bdev, bool own, unsigned flags, struct tfs_dev **out);
 
