@@ -1,7 +1,7 @@
 /* SPDX-License-Identifier: GPL-2.0-or-later */
 /*
  * pool-internal.h - what pool.c (lifecycle, commit, modes, devices) and
- * thin-io.c (volume I/O) share.  Not for use outside src/engine.
+ * thin-io.c (the thin target's devices) share.  Not for use outside src/engine.
  *
  * Locks, in the order they are taken (never the other way round):
  *   1. prison cells (one per request; snapshot creation takes one per
@@ -49,7 +49,7 @@ struct tfs_extents {
 	size_t nr, cap;
 };
 
-/* One metadata handle per open device, shared by every tfs_vol on it. */
+/* One metadata handle per open device, shared by every tfs_thin_dev on it. */
 struct tfs_thin_ref {
 	struct tfs_thin_ref *next;
 	uint32_t id;
@@ -130,9 +130,11 @@ struct tfs_pool {
 	bool stopping;                /* [timer_lock] */
 };
 
-struct tfs_vol {
+/* The thin target's device handle (thin-io.c): one per tfs_thin_open. */
+struct tfs_thin_dev {
+	struct tfs_dev dev;        /* first: what callers hold (target.h) */
 	struct tfs_pool *pool;
-	struct tfs_thin_ref *ref;
+	struct tfs_thin_ref *ref;  /* NULL for a status handle (TFS_DEV_STATUS_ONLY) */
 	uint32_t id;
 	bool read_only;
 };
