@@ -537,6 +537,56 @@ static int load(struct tfs_cmd *cmd, const uint8_t *sb)
 	return 0;
 }
 
+static int note_mapped(void *ctx, uint64_t index, const void *value)
+{
+	uint64_t *mapped = ctx;
+
+	if (tfs_le64(value) & TFS_CACHE_MAPPING_VALID)
+		mapped[index / 64] |= 1ull << (index % 64);
+	return 0;
+}
+
+static int copy_word(void *ctx, uint64_t index, const void *value)
+{
+	uint64_t *words = ctx;
+
+	words[index] = tfs_le64(value);
+	return 0;
+}
+
+/*
+ * Version 2 dirty bits of unmapped blocks are cleared in the first
+ * transaction: cache_restore 0.9.0 writes every bit set, the kernel assumes
+ * them clear, and cache_check 1.x rejects them.  Whole words, so that this
+ * costs one array set per word that needs it.
+ */
+static int clear_stray_dirty_bits(struct tfs_cmd *cmd)
+{
+	uint64_t nr_words = ((uint64_t)cmd->nr_cache_blocks + 63) / 64;
+	uint64_t *mapped = calloc(nr_words + 1, sizeof(uint64_t));
+	uint64_t *words = calloc(nr_words + 1, sizeof(uint64_t));
+	int r = -ENOMEM;
+
+	if (!mapped || !words)
+		goto out;
+	r = tfs_array_walk(&cmd->mapping_info, cmd->mapping_root, 0, cmd->nr_cache_blocks,
+			   note_mapped, mapped);
+	if (!r)
+		r = tfs_array_walk(&cmd->bitset_info.array, cmd->dirty_root, 0, nr_words, copy_word,
+				   words);
+	for (uint64_t w = 0; w < nr_words && !r; w++) {
+		uint8_t v[8];
+		if (!(words[w] & ~mapped[w]))
+			continue;
+		tfs_put_le64(v, words[w] & mapped[w]);
+		r = tfs_array_set(&cmd->bitset_info.array, cmd->dirty_root, w, v, &cmd->dirty_root);
+	}
+out:
+	free(mapped);
+	free(words);
+	return r;
+}
+
 int tfs_cmd_open(struct tfs_bdev *meta, const struct tfs_cmd_open_options *opt,
 		 struct tfs_cmd **out)
 {
@@ -558,6 +608,8 @@ int tfs_cmd_open(struct tfs_bdev *meta, const struct tfs_cmd_open_options *opt,
 		/* From here a crash must be seen as unclean by the next open. */
 		if (!opt->read_only && cmd->clean_when_opened)
 			r = rewrite_flags(cmd, 0, TFS_CACHE_FLAG_CLEAN_SHUTDOWN);
+		if (!r && !opt->read_only && cmd->version >= 2)
+			r = clear_stray_dirty_bits(cmd);
 	}
 	if (r) {
 		tfs_cmd_close(cmd);

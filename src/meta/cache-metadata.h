@@ -72,7 +72,9 @@ int tfs_cmd_format(struct tfs_bdev *meta, const struct tfs_cmd_format_options *o
  * unknown flag, compat_ro (unless read-only) or incompat bits (-EINVAL), a
  * bad block size or one other than opt->block_sectors (-EINVAL), a policy
  * name or hint size out of range (-EUCLEAN).  NEEDS_CHECK is not refused
- * here: tfs_cmd_needs_check tells, and the caller decides.
+ * here: tfs_cmd_needs_check tells, and the caller decides.  Read-write, in
+ * version 2, the dirty bits of unmapped blocks are cleared in the new
+ * transaction (older tools set them); O(nr_cache_blocks / 64) memory.
  */
 int tfs_cmd_open(struct tfs_bdev *meta, const struct tfs_cmd_open_options *opt,
 		 struct tfs_cmd **out);
