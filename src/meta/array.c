@@ -217,7 +217,7 @@ static int grow(const struct tfs_array_info *info, uint64_t *root, uint64_t old_
 
 	/* The old last block is topped up first, so every block but the last stays full. */
 	if (old_size % info->per_block) {
-		uint32_t want = new_blocks == old_blocks ? tail : info->per_block;
+		uint32_t want = new_blocks == old_blocks && tail ? tail : info->per_block;
 		r = set_block_entries(info, root, old_blocks - 1, want, fill);
 		if (r)
 			return r;

@@ -64,7 +64,7 @@ int tfs_bitset_resize(const struct tfs_bitset_info *info, uint64_t root, uint64_
 		return 0;
 	/* Padding of the old last word may hold anything: the new bits in it become fill. */
 	if (new_bits > old_bits && old_tail) {
-		unsigned hi = new_words == old_words ? new_tail : WORD_BITS;
+		unsigned hi = new_words == old_words && new_tail ? new_tail : WORD_BITS;
 		r = update_word(info, new_root, old_words - 1, bit_range(old_tail, hi), fill);
 		if (r)
 			return r;

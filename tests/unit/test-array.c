@@ -194,6 +194,12 @@ static void grow_shrink_set_get(uint32_t value_size)
 	base = nr_free(e);
 
 	resize(&info, &root, model, 0, 1000, 11);
+	/* Up to exactly the end of a block, and back. */
+	uint64_t edge = (uint64_t)info.per_block * (1000 / info.per_block + 1);
+	resize(&info, &root, model, 1000, edge, 12);
+	assert_array(&info, root, model, edge);
+	assert_int_equal(tfs_array_resize(&info, root, edge, 1000, NULL, &root), 0);
+	assert_array(&info, root, model, 1000);
 	for (int k = 0; k < 300; k++) {
 		seed = seed * 1103515245u + 12345u;
 		set(&info, &root, model, seed % 1000, seed);
@@ -358,6 +364,9 @@ static void test_bitset_resize_set_walk_commit_reopen(void **state)
 	commit(e, root);
 	base = nr_free(e);
 	bitset_resize(&info, &root, model, 0, 70, true);
+	bitset_resize(&info, &root, model, 70, 128, true); /* to exactly the end of a word */
+	assert_bits(&info, root, model, 128);
+	assert_int_equal(tfs_bitset_resize(&info, root, 128, 70, false, &root), 0);
 	bitset_resize(&info, &root, model, 70, 100, false);
 	bitset_resize(&info, &root, model, 100, 40000, true);
 	for (int k = 0; k < 2000; k++) {
