@@ -14,6 +14,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include <cmocka.h>
 
@@ -518,6 +519,97 @@ static void test_read_only_open_changes_nothing(void **state)
 	tfs_bdev_close(dev);
 }
 
+static char tmp_path[64];
+
+static struct tfs_bdev *new_file_dev(uint64_t bytes)
+{
+	struct tfs_bdev *d;
+	int fd;
+
+	strcpy(tmp_path, "/tmp/tfs-cache-meta-XXXXXX");
+	fd = mkstemp(tmp_path);
+	assert_true(fd >= 0);
+	assert_int_equal(ftruncate(fd, (off_t)bytes), 0);
+	close(fd);
+	assert_int_equal(tfs_bdev_open(tmp_path, false, &d), 0);
+	return d;
+}
+
+/*
+ * Fail the n-th write of a commit (or cut the power after it) for n = 0,
+ * 1, 2, ... until a commit gets through: the metadata on disk is always
+ * exactly the old or the new transaction (told apart by the read_hits
+ * counter), and after a failed commit an abort lands on the old one and
+ * goes on working.
+ */
+static void sweep(bool power_cut)
+{
+	static struct model old_m, new_m;
+	struct tfs_cmd_open_options ro = { .read_only = true };
+	bool done = false;
+
+	for (uint64_t n = 0; !done; n++) {
+		struct tfs_bdev *f, *again;
+		struct tfs_cache_stats st = { .read_hits = 1 };
+		struct tfs_cmd *cmd;
+		int r;
+
+		memset(&old_m, 0, sizeof(old_m));
+		rng = 4242;
+		assert_int_equal(tfs_bdev_fault_wrap(new_file_dev(META_BYTES), power_cut, &f), 0);
+		cmd = format(f, 2 - n % 2);
+		random_ops(cmd, &old_m, 400);
+		assert_int_equal(tfs_cmd_set_stats(cmd, &st), 0);
+		assert_int_equal(tfs_cmd_commit(cmd, true), 0);
+
+		new_m = old_m;
+		random_ops(cmd, &new_m, 400);
+		st.read_hits = 2;
+		assert_int_equal(tfs_cmd_set_stats(cmd, &st), 0);
+		tfs_bdev_fault_set(f, TFS_FAULT_WRITE, TFS_FAULT_EIO, n, false);
+		r = tfs_cmd_commit(cmd, true);
+		if (r && !power_cut) {
+			tfs_bdev_fault_set(f, TFS_FAULT_WRITE, TFS_FAULT_OK, 0, false);
+			assert_int_equal(tfs_cmd_abort(cmd), 0);
+			verify(cmd, &old_m, NR_CBLOCKS, false, true);
+			random_ops(cmd, &old_m, 50);
+			st.read_hits = 1;
+			assert_int_equal(tfs_cmd_set_stats(cmd, &st), 0);
+			assert_int_equal(tfs_cmd_commit(cmd, true), 0);
+			verify(cmd, &old_m, NR_CBLOCKS, false, true);
+		}
+		if (power_cut)
+			assert_int_equal(tfs_bdev_fault_power_cut(f, n % 2, (uint32_t)n + 1), 0);
+		tfs_cmd_close(cmd);
+		tfs_bdev_close(f);
+		done = r == 0;
+
+		assert_int_equal(tfs_bdev_open(tmp_path, true, &again), 0);
+		assert_int_equal(tfs_cmd_open(again, &ro, &cmd), 0);
+		tfs_cmd_get_stats(cmd, &st);
+		if (done && !power_cut)
+			assert_int_equal(st.read_hits, 2);
+		assert_true(st.read_hits == 1 || st.read_hits == 2);
+		verify(cmd, st.read_hits == 1 ? &old_m : &new_m, NR_CBLOCKS, false, true);
+		tfs_cmd_close(cmd);
+		tfs_bdev_close(again);
+		unlink(tmp_path);
+		assert_true(n < 10000);
+	}
+}
+
+static void test_failed_commit_leaves_old_or_new_transaction(void **state)
+{
+	(void)state;
+	sweep(false);
+}
+
+static void test_power_cut_during_commit_leaves_old_or_new_transaction(void **state)
+{
+	(void)state;
+	sweep(true);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -533,6 +625,8 @@ int main(void)
 		cmocka_unit_test(test_format_refuses_bad_arguments),
 		cmocka_unit_test(test_open_refuses_bad_superblocks_naming_the_problem),
 		cmocka_unit_test(test_read_only_open_changes_nothing),
+		cmocka_unit_test(test_failed_commit_leaves_old_or_new_transaction),
+		cmocka_unit_test(test_power_cut_during_commit_leaves_old_or_new_transaction),
 	};
 	tfs_log_set_sink(keep_last_error, NULL);
 	return cmocka_run_group_tests(tests, NULL, NULL);
