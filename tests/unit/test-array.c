@@ -293,6 +293,63 @@ static void test_array_grow_shares_one_block_and_set_copies_it(void **state)
 	env_close(e);
 }
 
+/* Sizes near block boundaries are where resize goes wrong, so pick them often. */
+static uint64_t pick_size(uint32_t *seed, uint32_t per_block, uint64_t max)
+{
+	*seed = *seed * 1103515245u + 12345u;
+	uint64_t blocks = (*seed >> 8) % (max / per_block + 1);
+	int64_t delta = (int64_t)((*seed >> 4) % 5) - 2;
+	uint64_t n = blocks * per_block;
+
+	if ((*seed & 3) == 0)
+		return (*seed >> 3) % max;
+	n = delta < 0 && n < (uint64_t)-delta ? 0 : (uint64_t)((int64_t)n + delta);
+	return n > max ? max : n;
+}
+
+static void test_array_random_resizes_and_sets_match_the_model(void **state)
+{
+	(void)state;
+	enum { MAX = 6000 };
+	struct env *e = env_open();
+	struct tfs_array_info info;
+	uint64_t root, size = 0, base, *model = calloc(MAX, sizeof(*model));
+	uint32_t seed = 2024;
+
+	assert_non_null(model);
+	assert_int_equal(tfs_array_info_init(&info, e->tm, 8), 0);
+	assert_int_equal(tfs_array_empty(&info, &root), 0);
+	commit(e, root);
+	base = nr_free(e);
+	for (int step = 0; step < 300; step++) {
+		uint64_t n = pick_size(&seed, info.per_block, MAX);
+		if (n > size)
+			resize(&info, &root, model, size, n, (uint64_t)step << 32);
+		else
+			assert_int_equal(tfs_array_resize(&info, root, size, n, NULL, &root), 0);
+		size = n;
+		for (int k = 0; size && k < 20; k++) {
+			seed = seed * 1103515245u + 12345u;
+			set(&info, &root, model, (seed >> 5) % size, seed);
+		}
+		if (step % 10 == 0) {
+			assert_array(&info, root, model, size);
+			commit(e, root);
+		}
+		if (step % 50 == 0) {
+			root = reopen(e);
+			assert_int_equal(tfs_array_info_init(&info, e->tm, 8), 0);
+		}
+	}
+	assert_array(&info, root, model, size);
+	assert_int_equal(tfs_array_resize(&info, root, size, 0, NULL, &root), 0);
+	commit(e, root);
+	commit(e, root);
+	assert_int_equal(nr_free(e), base);
+	free(model);
+	env_close(e);
+}
+
 static void test_array_refuses_indexes_past_the_end(void **state)
 {
 	(void)state;
@@ -405,6 +462,7 @@ int main(void)
 		cmocka_unit_test(test_array_resize_set_get_commit_reopen_4_byte_values),
 		cmocka_unit_test(test_array_resize_set_get_commit_reopen_odd_value_size),
 		cmocka_unit_test(test_array_grow_shares_one_block_and_set_copies_it),
+		cmocka_unit_test(test_array_random_resizes_and_sets_match_the_model),
 		cmocka_unit_test(test_array_refuses_indexes_past_the_end),
 		cmocka_unit_test(test_bitset_resize_set_walk_commit_reopen),
 	};
