@@ -494,6 +494,36 @@ static int check_superblock(struct tfs_cmd *cmd, const struct tfs_cmd_open_optio
 	return 0;
 }
 
+/*
+ * Leaves a btree needs at least to index an array of n values of
+ * per_block to a block (full leaves of 8-byte values).
+ */
+static uint64_t min_leaves(uint64_t n, uint32_t per_block)
+{
+	uint64_t blocks = (n + per_block - 1) / per_block;
+	uint32_t per_leaf = tfs_btree_max_entries(8);
+
+	return (blocks + per_leaf - 1) / per_leaf;
+}
+
+/*
+ * Array lengths the metadata device could not hold are corruption, and
+ * are refused before anything sizes a buffer by them.
+ */
+static int check_lengths(struct tfs_cmd *cmd)
+{
+	uint64_t blocks = tfs_sm_nr_blocks(cmd->msm);
+
+	if (min_leaves(cmd->nr_cache_blocks, tfs_array_block_entries(8)) <= blocks &&
+	    min_leaves(cmd->discard_nr_blocks, tfs_array_block_entries(8) * 64) <= blocks)
+		return 0;
+	tfs_err("%s: %u cache blocks or %llu discard blocks cannot fit a metadata device of "
+		"%llu blocks: the metadata is corrupt", tfs_bdev_name(cmd->meta),
+		cmd->nr_cache_blocks, (unsigned long long)cmd->discard_nr_blocks,
+		(unsigned long long)blocks);
+	return -EUCLEAN;
+}
+
 /* Load roots and the metadata space map from a checked superblock image. */
 static int load(struct tfs_cmd *cmd, const uint8_t *sb)
 {
@@ -527,6 +557,9 @@ static int load(struct tfs_cmd *cmd, const uint8_t *sb)
 	};
 
 	r = tfs_smm_open(cmd->bm, sb + SB_OFF(metadata_space_map_root), &cmd->msm);
+	if (r)
+		return r;
+	r = check_lengths(cmd);
 	if (r)
 		return r;
 	r = tfs_tm_create(cmd->bm, cmd->msm, &cmd->tm);

@@ -486,6 +486,8 @@ static void test_open_refuses_bad_superblocks_naming_the_problem(void **state)
 	       "cache block size 100 sectors is invalid");
 	refuse(dev, offsetof(struct tfs_disk_cache_sb, policy_hint_size), 5, true, -EUCLEAN,
 	       "hint size 5");
+	refuse(dev, offsetof(struct tfs_disk_cache_sb, cache_blocks), 0xffffffffu, true, -EUCLEAN,
+	       "cannot fit a metadata device");
 
 	opt.block_sectors = 256;
 	assert_int_equal(tfs_cmd_open(dev, &opt, &cmd), -EINVAL);
