@@ -71,7 +71,8 @@ int tfs_cmd_format(struct tfs_bdev *meta, const struct tfs_cmd_format_options *o
  * checksum or location (-EUCLEAN), a version other than 1 or 2 (-EINVAL),
  * unknown flag, compat_ro (unless read-only) or incompat bits (-EINVAL), a
  * bad block size or one other than opt->block_sectors (-EINVAL), a policy
- * name or hint size out of range (-EUCLEAN).  NEEDS_CHECK is not refused
+ * name or hint size out of range, or block counts no array on this device
+ * could hold (-EUCLEAN).  NEEDS_CHECK is not refused
  * here: tfs_cmd_needs_check tells, and the caller decides.  Read-write, in
  * version 2, the dirty bits of unmapped blocks are cleared in the new
  * transaction (older tools set them); O(nr_cache_blocks / 64) memory.
