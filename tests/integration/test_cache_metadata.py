@@ -332,3 +332,22 @@ def test_bad_superblock_is_refused_naming_the_problem(tmp_path, offset, fmt, val
         p = run(TOOL, cmd, img, ok=(1,))
         assert words in p.stderr, p.stderr
     assert Path(img).read_bytes()[:BLOCK] == poked != before
+
+
+def test_corrupt_mapping_array_block_is_refused_naming_it(tmp_path):
+    img = image(tmp_path)
+    tool_format(img, 1, 1100)
+    tool_run(img, "insert:3:30", "insert:700:70", "commit-clean")
+    data = Path(img).read_bytes()
+    (mapping_root,) = struct.unpack_from("<Q", data, 192)
+    second = array_blocks(data, mapping_root)[1]
+    with open(img, "r+b") as f:  # a checksummed block that claims another location
+        blk = bytearray(read_block(data, second))
+        struct.pack_into("<Q", blk, 16, second + 1000)
+        struct.pack_into("<I", blk, 0, crc32c_raw(blk[4:]) ^ 595846735)
+        f.seek(second * BLOCK)
+        f.write(blk)
+    p = run("cache_check", img, ok=(1,))
+    assert "bad block nr in array block" in p.stdout + p.stderr
+    p = run(TOOL, "dump", img, ok=(1,))
+    assert f"block {second}" in p.stderr and "array block" in p.stderr, p.stderr
