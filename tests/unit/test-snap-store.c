@@ -70,6 +70,14 @@ static void pwrite_le(const char *path, uint64_t off, const void *buf, size_t le
 	close(fd);
 }
 
+/* 4 KiB of non-zero bytes at off, as an old use of the device would leave. */
+static void put_junk(const char *path, uint64_t off)
+{
+	uint8_t junk[4096];
+	memset(junk, 0x5A, sizeof(junk));
+	pwrite_le(path, off, junk, sizeof(junk));
+}
+
 static void read_all(const char *path, uint8_t *buf, size_t len)
 {
 	int fd = open(path, O_RDONLY);
@@ -196,9 +204,7 @@ static void test_area_filled_exactly_reads_back_through_the_next_one(void **stat
 	struct cow_file f;
 	cow_create(&f, 600 * 4096);
 	/* Stale bytes where area 1 will be: the store must not read them as records. */
-	uint8_t junk[4096];
-	memset(junk, 0x5A, sizeof(junk));
-	pwrite_le(f.path, 258 * 4096, junk, sizeof(junk));
+	put_junk(f.path, 258 * 4096);
 	struct tfs_snap_store *s;
 	assert_int_equal(tfs_snap_store_open(f.dev, 8, &s), 0);
 	for (uint64_t i = 0; i < 256; i++)
@@ -679,9 +685,7 @@ static void test_failed_write_then_power_loss_keeps_exactly_the_acknowledged(voi
 		struct cow_file f;
 		cow_create(&f, 600 * 4096);
 		/* Old bytes where area 1 goes: only the write order keeps them unread. */
-		uint8_t junk[4096];
-		memset(junk, 0x5A, sizeof(junk));
-		pwrite_le(f.path, 258 * 4096, junk, sizeof(junk));
+		put_junk(f.path, 258 * 4096);
 		struct tfs_bdev *fault;
 		assert_int_equal(tfs_bdev_fault_wrap(f.dev, true, &fault), 0);
 		struct tfs_snap_store *s;
