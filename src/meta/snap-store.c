@@ -486,11 +486,18 @@ static int read_store(struct tfs_bdev *cow, uint64_t dev_bytes, uint32_t fresh_c
 		      char *why, size_t why_len)
 {
 	struct tfs_snap_store *s = NULL;
-	int r = read_header(cow, (uint64_t)fresh_chunk << TFS_SECTOR_SHIFT, h, why, why_len);
+	const uint64_t smallest = 3 * (TFS_SNAP_MIN_CHUNK_SECTORS << TFS_SECTOR_SHIFT);
+	/* Read no further than the device goes: a block device fails such a read. */
+	uint64_t zero_bytes = (uint64_t)fresh_chunk << TFS_SECTOR_SHIFT;
+	if (zero_bytes > dev_bytes / SNAP_IO_BLOCK * SNAP_IO_BLOCK)
+		zero_bytes = dev_bytes / SNAP_IO_BLOCK * SNAP_IO_BLOCK;
+	int r = dev_bytes < smallest ? 0 : read_header(cow, zero_bytes, h, why, why_len);
 	if (!r)
 		r = store_new(cow, true, &s);
 	if (r)
 		return r;
+	if (dev_bytes < smallest)
+		*h = (struct snap_header){ .fresh = true };
 	set_geometry(s, h->fresh ? fresh_chunk : h->chunk_sectors, dev_bytes);
 	s->next_free = 2;
 	if (s->total_chunks < 3) {

@@ -416,6 +416,14 @@ static void test_too_small_a_device_is_refused(void **state)
 	assert_int_equal(tfs_snap_store_open_transient(f.dev, 16, &s), 0);
 	tfs_snap_store_close(s);
 	cow_destroy(&f);
+	/* Smaller than one I/O block: refused as too small, before any read. */
+	cow_create(&f, 2048);
+	assert_int_equal(tfs_snap_store_open(f.dev, 8, &s), -EINVAL);
+	assert_non_null(strstr(logged, "too small"));
+	char msg[256];
+	assert_int_equal(tfs_snap_store_check(f.dev, 0, NULL, msg, sizeof(msg)), -EINVAL);
+	assert_non_null(strstr(msg, "too small"));
+	cow_destroy(&f);
 }
 
 static void test_check_and_open_catch_bad_exceptions(void **state)
