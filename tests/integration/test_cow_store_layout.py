@@ -4,6 +4,7 @@ cow-store-probe helper) against kernel_cow.py, an independent model of the
 kernel's dm-snapshot layout: a COW device written in the kernel's layout
 opens with every exception, and what the store writes reads back in the
 kernel's way.  No mount, no daemon."""
+import errno
 import json
 import os
 import random
@@ -88,3 +89,27 @@ def test_a_foreign_device_is_refused_naming_it_and_left_alone(tmp_path):
     assert p.returncode == 1
     assert str(cow) in p.stderr and "not a COW store" in p.stderr
     assert cow.read_bytes() == before
+
+
+
+def test_random_damage_is_named_and_open_refuses_exactly_what_check_refuses(tmp_path):
+    cow = tmp_path / "cow"
+    rng = random.Random(4)
+    named = 0
+    for seed in range(40):
+        kernel_cow.write_cow(cow, 600 * 4096, 8, [(o, None) for o in range(300)])
+        with open(cow, "r+b") as f:
+            for _ in range(rng.randint(1, 4)):
+                # the header, area 0, or the start of area 1
+                f.seek(rng.choice([rng.randrange(16), 4096 + rng.randrange(4096),
+                                   258 * 4096 + rng.randrange(1024)]))
+                f.write(bytes([rng.randrange(256)]))
+        check = probe("check", cow)
+        opened = probe("lookup", cow, 8, 0, check=False)
+        if check["rc"] == 0:
+            assert isinstance(opened, dict), f"seed {seed}: check clean, open refused: {opened.stderr}"
+        else:
+            named += 1
+            assert check["rc"] == -errno.EINVAL and check["msg"], f"seed {seed}: {check}"
+            assert not isinstance(opened, dict) and check["msg"] in opened.stderr, f"seed {seed}"
+    assert named > 0
