@@ -73,7 +73,8 @@ def test_store_written_from_scratch_reads_back_in_the_kernel_way(tmp_path):
         f.truncate(64 * 65536)
     out = probe("commit", cow, 128, 42, 9, 100)
     got = kernel_cow.read_cow(cow)
-    assert (got["magic"], got["valid"], got["version"], got["chunk_sectors"]) == (kernel_cow.MAGIC, 1, 1, 128)
+    header = (got["magic"], got["valid"], got["version"], got["chunk_sectors"])
+    assert header == (kernel_cow.MAGIC, 1, 1, 128)
     assert [tuple(r) for r in got["records"]] == [(42, 2), (9, 3), (100, 4)]
     assert out["map"] == {"42": 2, "9": 3, "100": 4}
     assert_data(cow, 128, {42: 2, 9: 3, 100: 4})
@@ -107,7 +108,7 @@ def test_random_damage_is_named_and_open_refuses_exactly_what_check_refuses(tmp_
         check = probe("check", cow)
         opened = probe("lookup", cow, 8, 0, check=False)
         if check["rc"] == 0:
-            assert isinstance(opened, dict), f"seed {seed}: check clean, open refused: {opened.stderr}"
+            assert isinstance(opened, dict), f"seed {seed}: clean, yet refused: {opened.stderr}"
         else:
             named += 1
             assert check["rc"] == -errno.EINVAL and check["msg"], f"seed {seed}: {check}"
