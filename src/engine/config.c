@@ -63,10 +63,12 @@ static const char *const section_word[] = {
 };
 
 /* Keys of the sections kept for later targets: names are checked, values are not. */
-#define NAMED_KEYS_MAX 5
+#define NAMED_KEYS_MAX 9
 static const char *const origin_keys[] = { "device", NULL };
 static const char *const snapshot_keys[] = { "origin", "cow", "persistent", "chunk_size", NULL };
-static const char *const cache_keys[] = { "origin", "cache", "metadata", "mode", "policy", NULL };
+static const char *const cache_keys[] = { "origin", "cache", "metadata", "mode", "policy",
+					   "block_size", "migration_threshold",
+					   "metadata_version", "discard_passdown", NULL };
 
 enum pool_key {
 	K_METADATA,
@@ -1135,6 +1137,39 @@ static void keep_targets(struct parser *p)
 		add_target_line(&t, &p->named[i]);
 }
 
+/* [cache] sections: values checked by cache-config.c, reported here with their lines. */
+static void parse_caches(struct parser *p)
+{
+	char why[512];
+
+	for (size_t i = 0; i < p->nr_named; i++) {
+		const struct named_section *ns = &p->named[i];
+		struct tfs_cache_cfg *c = &p->cfg.caches[p->cfg.nr_caches];
+		int r = 0;
+
+		if (ns->kind != SEC_CACHE)
+			continue;
+		if (p->cfg.nr_caches == TFS_CACHES_MAX) {
+			problem(p, ns->line, -EINVAL, "[cache \"%s\"]: at most %d caches", ns->name,
+				TFS_CACHES_MAX);
+			return;
+		}
+		tfs_cache_cfg_defaults(c, ns->name);
+		for (int k = 0; cache_keys[k] && r == 0; k++) {
+			if (!ns->key_line[k])
+				continue;
+			r = tfs_cache_cfg_set(c, cache_keys[k], ns->value[k], p->base_dir, why,
+					      sizeof(why));
+			if (r < 0)
+				problem(p, ns->key_line[k], r, "[cache \"%s\"] %s", ns->name, why);
+		}
+		if (r == 0 && (r = tfs_cache_cfg_check(c, why, sizeof(why))) < 0)
+			problem(p, ns->line, r, "[cache \"%s\"] %s", ns->name, why);
+		if (r == 0)
+			p->cfg.nr_caches++;
+	}
+}
+
 static void set_defaults(struct tfs_pool_config *c)
 {
 	memset(c, 0, sizeof(*c));
@@ -1203,6 +1238,7 @@ int tfs_config_load(const char *path, struct tfs_pool_config *out)
 	}
 	if (!p->read_errno) {
 		finish(p);
+		parse_caches(p);
 		keep_targets(p);
 	}
 

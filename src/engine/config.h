@@ -26,7 +26,13 @@
  *                             false: O_DIRECT)
  *   max_threads               FUSE worker threads at most, 8 .. 4096 (default 512)
  * [fault] allow = yes|no      fault injection (needs --allow-faults too)
- * Sections [origin "..."], [snapshot "..."], [cache "..."] are recognised
+ * [cache "NAME"] origin, cache, metadata (devices, required, all different),
+ *   block_size 32k .. 1g in multiples of 32k (default 64k), mode
+ *   writethrough|writeback|passthrough, policy smq|mq|cleaner,
+ *   migration_threshold (sectors, default 2048), metadata_version 1|2
+ *   (default 2), discard_passdown (bool, default no): checked by
+ *   cache-config.c, parsed into caches[] (at most TFS_CACHES_MAX).
+ * Sections [origin "..."], [snapshot "..."] are recognised
  * and kept for later targets; their keys are validated only by name (each
  * at most once), their values not at all.  They are kept as text, in
  * `targets`: one line per section, sorted by kind (origin, snapshot,
@@ -58,8 +64,11 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "cache-config.h"
+
 #define TFS_PATH_MAX 4096
 #define TFS_TARGETS_MAX 8192
+#define TFS_CACHES_MAX 8
 
 struct tfs_pool_config {
 	char path[TFS_PATH_MAX];          /* the pool.cfg itself, absolute */
@@ -81,6 +90,8 @@ struct tfs_pool_config {
 	unsigned max_threads;             /* FUSE worker threads at most */
 	bool allow_faults;
 	char targets[TFS_TARGETS_MAX];    /* [origin/snapshot/cache] sections, see above */
+	unsigned nr_caches;               /* [cache] sections, checked, in name order */
+	struct tfs_cache_cfg caches[TFS_CACHES_MAX];
 };
 
 /*

@@ -211,4 +211,12 @@ static inline void tfs_status_end(struct tfs_status_sink *s)
  */
 int tfs_linear_open(struct tfs_bdev *bdev, bool own, unsigned flags, struct tfs_dev **out);
 
+/*
+ * For targets of a fixed size that is data everywhere (linear, origin,
+ * cow-snapshot): seek's answer (one data extent up to size), and a
+ * truncate that is -ENOTSUP.
+ */
+int tfs_dev_seek_all_data(uint64_t off, int whence, uint64_t size, uint64_t *out);
+int tfs_dev_truncate_fixed(struct tfs_dev *dev, uint64_t new_size);
+
 #endif

@@ -21,6 +21,7 @@
 #include <unistd.h>
 
 #include "bdev.h"
+#include "cache.h"
 #include "ctl-protocol.h"
 #include "fs.h"
 #include "fuse-ops.h"
@@ -348,11 +349,12 @@ static struct json_object *volume_status(struct tfs_fs *fs, const struct tfs_vol
 	struct dev_status ds = { .sink.ops = &dev_status_ops, .obj = { v }, .mapped = "-",
 				 .exclusive = "-", .state = "-" };
 	struct tfs_dev *dev;
+	const char *kind = tfs_fs_is_cache_id(row->dev_id) ? "cache" : kind_name(row->kind);
 	int r;
 
 	json_object_object_add(v, "name", json_object_new_string(row->name));
 	json_object_object_add(v, "id", json_object_new_int64(row->dev_id));
-	json_object_object_add(v, "kind", json_object_new_string(kind_name(row->kind)));
+	json_object_object_add(v, "kind", json_object_new_string(kind));
 	json_object_object_add(v, "size", json_object_new_uint64(row->size));
 	r = tfs_fs_open_dev(fs, row->dev_id, TFS_DEV_STATUS_ONLY, &dev);
 	if (r == 0) {
@@ -363,7 +365,7 @@ static struct json_object *volume_status(struct tfs_fs *fs, const struct tfs_vol
 		tfs_warn("status: no device for volume %s: %s", row->name, strerror(-r));
 	}
 	fprintf(table, "%-24s %8" PRIu32 " %-8s %20" PRIu64 " %12s %12s %-9s%s\n", row->name,
-		row->dev_id, kind_name(row->kind), row->size, ds.mapped, ds.exclusive, ds.state,
+		row->dev_id, kind, row->size, ds.mapped, ds.exclusive, ds.state,
 		ds.extra);
 	return v;
 }
@@ -448,6 +450,12 @@ static void cmd_status(struct cmd_ctx *c)
 		st.error_if_no_space || st.no_space_error ? "error_if_no_space"
 							  : "queue_if_no_space",
 		st.needs_check ? "needs_check" : "-", st.meta_low_water_blocks);
+	for (unsigned i = 0; i < fs->nr_caches; i++) {
+		char line[512];
+
+		tfs_cache_dm_line(fs->caches[i], line, sizeof(line));
+		fprintf(t.f, "cache %s: %s\n", tfs_cache_name(fs->caches[i]), line);
+	}
 	fprintf(t.f, "\npool: %s%s", st.suspended ? "suspended" : "active",
 		st.reload_staged ? " (reloaded configuration staged for resume)" : "");
 	if (st.held_in_core)
@@ -1094,6 +1102,22 @@ out:
 	free(cfg);
 }
 
+/* The pool's metadata or data device, or NAME:origin|cache|metadata of a cache; NULL: none. */
+static struct tfs_bdev *fault_device(struct tfs_fs *fs, const char *arg)
+{
+	const char *colon = strrchr(arg, ':');
+	char name[256];
+	struct tfs_cache *cache;
+
+	if (!strcmp(arg, "metadata") || !strcmp(arg, "data"))
+		return tfs_pool_bdev(fs->pool, !strcmp(arg, "data"));
+	if (!colon || (size_t)(colon - arg) >= sizeof(name))
+		return NULL;
+	snprintf(name, sizeof(name), "%.*s", (int)(colon - arg), arg);
+	cache = tfs_fs_cache_by_name(fs, name);
+	return cache ? tfs_cache_bdev(cache, colon + 1) : NULL;
+}
+
 /* fault crash-at POINT [power-cut [tear]]: arm a crash point (fs.h). */
 static void fault_crash_at(struct cmd_ctx *c)
 {
@@ -1175,8 +1199,10 @@ static void cmd_fault(struct cmd_ctx *c)
 		send_error(c->fd, "%s", usage);
 		return;
 	}
-	if (strcmp(c->argv[1], "metadata") && strcmp(c->argv[1], "data")) {
-		send_error(c->fd, "fault: no device '%s' (metadata or data)", c->argv[1]);
+	dev = fault_device(c->fs, c->argv[1]);
+	if (!dev) {
+		send_error(c->fd, "fault: no device '%s' (metadata, data, or NAME:origin, "
+			   "NAME:cache, NAME:metadata of a cache)", c->argv[1]);
 		return;
 	}
 	for (i = 0; i < 3; i++)
@@ -1209,11 +1235,109 @@ static void cmd_fault(struct cmd_ctx *c)
 			return;
 		}
 	}
-	dev = tfs_pool_bdev(c->fs->pool, !strcmp(c->argv[1], "data"));
 	tfs_bdev_fault_set(dev, op, mode, after, once);
 	tfs_fs_event(c->fs, "fault", "%s %s %s after %" PRIu64 "%s", c->argv[1], c->argv[2],
 		     c->argv[3], after, once ? " once" : "");
 	send_ok(c->fd, "", NULL, true);
+}
+
+/* clean --wait's progress, as the dirty count drops. */
+static void cache_progress(void *arg, uint64_t dirty)
+{
+	struct cmd_ctx *c = arg;
+	char line[64];
+
+	snprintf(line, sizeof(line), "dirty blocks: %" PRIu64 "\n", dirty);
+	send_ok(c->fd, line, NULL, false);
+}
+
+/* cache NAME mode|policy|migration_threshold|invalidate|clean ... (README "Cached origins"). */
+static void cmd_cache(struct cmd_ctx *c)
+{
+	static const char usage[] =
+		"usage: cache NAME mode writeback|writethrough|passthrough | policy smq|cleaner | "
+		"migration_threshold SECTORS | invalidate CBLOCK|BEGIN-END ... | clean [--wait]";
+	struct tfs_cache *cache;
+	const char *what;
+	char msg[512] = "", line[600];
+	int r = -EINVAL;
+
+	if (c->argc < 3) {
+		send_error(c->fd, "%s", usage);
+		return;
+	}
+	cache = tfs_fs_cache_by_name(c->fs, c->argv[1]);
+	if (!cache) {
+		send_error(c->fd, "cache: no cache named '%s' (a [cache] section of pool.cfg)",
+			   c->argv[1]);
+		return;
+	}
+	what = c->argv[2];
+	if (!strcmp(what, "mode") && c->argc == 4) {
+		enum tfs_cache_mode m;
+
+		if (tfs_cache_mode_parse(c->argv[3], &m) == 0)
+			r = tfs_cache_set_mode(cache, m, msg, sizeof(msg));
+		else
+			snprintf(msg, sizeof(msg), "cache: no mode '%s' (writeback, writethrough or "
+				 "passthrough)", c->argv[3]);
+	} else if (!strcmp(what, "policy") && c->argc == 4) {
+		enum tfs_cache_policy_kind p;
+
+		if (tfs_cache_policy_parse(c->argv[3], &p) == 0)
+			r = tfs_cache_set_policy(cache, p, msg, sizeof(msg));
+		else
+			snprintf(msg, sizeof(msg), "cache: no policy '%s' (smq, mq or cleaner)",
+				 c->argv[3]);
+	} else if (!strcmp(what, "migration_threshold") && c->argc == 4) {
+		uint64_t n;
+
+		if (parse_u64(c->argv[3], &n) == 0 && n <= UINT32_MAX)
+			r = tfs_cache_set_migration_threshold(cache, n, msg, sizeof(msg));
+		else
+			snprintf(msg, sizeof(msg), "cache: bad migration_threshold '%s' (sectors)",
+				 c->argv[3]);
+	} else if (!strcmp(what, "invalidate") && c->argc >= 4) {
+		unsigned nr = (unsigned)c->argc - 3;
+		uint64_t (*ranges)[2] = calloc(nr, sizeof(*ranges));
+
+		for (unsigned i = 0; ranges && i < nr; i++) {
+			char arg[64], *dash;
+
+			snprintf(arg, sizeof(arg), "%s", c->argv[3 + i]);
+			dash = strchr(arg, '-');
+			if (dash)
+				*dash = '\0';
+			if (strlen(c->argv[3 + i]) >= sizeof(arg) ||
+			    parse_u64(arg, &ranges[i][0]) < 0 ||
+			    (dash && parse_u64(dash + 1, &ranges[i][1]) < 0)) {
+				snprintf(msg, sizeof(msg), "cache: invalidate: bad block or range '%.64s' "
+					 "(CBLOCK or BEGIN-END, END exclusive)", c->argv[3 + i]);
+				nr = 0;
+				break;
+			}
+			if (!dash)
+				ranges[i][1] = ranges[i][0] + 1;
+		}
+		if (!ranges)
+			snprintf(msg, sizeof(msg), "cache: out of memory");
+		else if (nr)
+			r = tfs_cache_invalidate(cache, (const uint64_t(*)[2])ranges, nr, msg,
+						 sizeof(msg));
+		free(ranges);
+	} else if (!strcmp(what, "clean") && (c->argc == 3 ||
+					       (c->argc == 4 && !strcmp(c->argv[3], "--wait")))) {
+		r = tfs_cache_clean(cache, c->argc == 4, cache_progress, c, msg, sizeof(msg));
+	} else {
+		snprintf(msg, sizeof(msg), "%s", usage);
+	}
+	if (r < 0) {
+		send_error(c->fd, "%s", msg);
+		return;
+	}
+	tfs_fs_event(c->fs, "cache", "%s", msg);
+	snprintf(line, sizeof(line), "%s\n", msg);
+	send_ok(c->fd, line, NULL, true);
 }
 
 static void dispatch(struct cmd_ctx *c)
@@ -1248,10 +1372,12 @@ static void dispatch(struct cmd_ctx *c)
 		cmd_resume(c);
 	else if (!strcmp(cmd, "reload"))
 		cmd_reload(c);
+	else if (!strcmp(cmd, "cache"))
+		cmd_cache(c);
 	else
 		send_error(c->fd, "unknown command '%s' (status, list, snapshot, delete, resize, "
 			   "set-transaction-id, reserve-metadata-snap, release-metadata-snap, "
-			   "events, wait-event, fault, suspend, resume, reload)", cmd);
+			   "events, wait-event, fault, suspend, resume, reload, cache)", cmd);
 }
 
 /* ---- connections ---- */

@@ -21,6 +21,7 @@
 #include <systemd/sd-daemon.h>
 #include <unistd.h>
 
+#include "cache.h"
 #include "ctl-server.h"
 #include "fs.h"
 #include "fuse-ops.h"
@@ -86,6 +87,31 @@ static int refuse_signature(const char *key, const char *path)
 	return 0;
 }
 
+/*
+ * The [cache] sections' metadata: with check, refuse (1, reported) any that
+ * is in use; otherwise format them all.  0, 1, or -1 (reported).
+ */
+static int mkpool_caches(const struct tfs_pool_config *cfg, bool check)
+{
+	for (unsigned i = 0; i < cfg->nr_caches; i++) {
+		const struct tfs_cache_cfg *c = &cfg->caches[i];
+		int r = check ? tfs_cache_metadata_used(c->metadata) : tfs_cache_format(c);
+
+		if (r < 0) {
+			fprintf(stderr, "thinfs: mkpool: [cache \"%s\"] metadata %s: %s\n", c->name,
+				c->metadata, strerror(-r));
+			return -1;
+		}
+		if (r > 0) {
+			fprintf(stderr, "thinfs: mkpool: [cache \"%s\"] metadata device %s is in use "
+				"(its first 4 KiB are not zero); refusing to overwrite it (use --force "
+				"to format anyway)\n", c->name, c->metadata);
+			return 1;
+		}
+	}
+	return 0;
+}
+
 int tfs_cmd_mkpool(int argc, char **argv)
 {
 	static const struct option longopts[] = {
@@ -137,7 +163,7 @@ int tfs_cmd_mkpool(int argc, char **argv)
 			goto out_unlock;
 		}
 		if (refuse_signature("metadata", cfg.metadata) ||
-		    refuse_signature("data", cfg.data))
+		    refuse_signature("data", cfg.data) || mkpool_caches(&cfg, true))
 			goto out_unlock;
 	}
 
@@ -147,6 +173,8 @@ int tfs_cmd_mkpool(int argc, char **argv)
 			strerror(-r));
 		goto out_unlock;
 	}
+	if (mkpool_caches(&cfg, false))
+		goto out_unlock;
 	r = tfs_catalog_create(cfg.catalog, force, &cat);
 	if (r < 0) {
 		fprintf(stderr, "thinfs: mkpool: cannot create the catalog %s: %s%s\n", cfg.catalog,
@@ -157,6 +185,9 @@ int tfs_cmd_mkpool(int argc, char **argv)
 	tfs_catalog_close(cat);
 	printf("formatted %s (metadata) and %s (data, %" PRIu64 " KiB blocks); catalog %s\n",
 	       cfg.metadata, cfg.data, cfg.block_size >> 10, cfg.catalog);
+	for (unsigned i = 0; i < cfg.nr_caches; i++)
+		printf("formatted cache %s: metadata %s\n", cfg.caches[i].name,
+		       cfg.caches[i].metadata);
 	status = 0;
 out_unlock:
 	close(lock_fd);
@@ -399,6 +430,8 @@ static int reconcile(struct tfs_fs *fs)
 			r = list_devices(fs, &ids, &nr);
 	}
 	if (r >= 0)
+		r = tfs_fs_cache_add_ids(fs, &ids, &nr);
+	if (r >= 0)
 		r = tfs_catalog_reconcile(fs->cat, ids, nr, placeholder_size,
 					  fs->read_only ? NULL : add_id, &o);
 	for (unsigned i = 0; r >= 0 && i < o.nr; i++) {
@@ -520,6 +553,9 @@ static int run_daemon(struct tfs_fs *fs, const struct mount_args *a, int ready_f
 			"volumes as thin-<id>)" : "");
 		goto err_close_pool;
 	}
+	r = tfs_fs_cache_open(fs);
+	if (r < 0)
+		goto err_close_catalog; /* logged */
 	r = reconcile(fs);
 	if (r < 0) {
 		tfs_err("cannot reconcile the catalog with the metadata: %s", strerror(-r));
@@ -609,6 +645,8 @@ err_remove_handlers:
 err_destroy_session:
 	/* After the unmount no request can arrive: close what is still open. */
 	tfs_fs_close_all(fs);
+	if (tfs_fs_cache_close(fs) < 0)
+		status = 1;
 	/* Closing commits: everything acknowledged so far becomes durable. */
 	r = tfs_pool_shutdown(fs->pool);
 	if (r < 0) {
@@ -625,6 +663,7 @@ err_free_args:
 	fuse_opt_free_args(&fargs);
 err_close_catalog:
 	tfs_fs_close_all(fs);
+	tfs_fs_cache_close(fs);
 	tfs_catalog_close(fs->cat);
 	fs->cat = NULL;
 err_close_pool:

@@ -40,6 +40,7 @@
 struct fuse_session;
 struct tfs_ctl_server;
 struct tfs_events;
+struct tfs_cache;
 
 /* Inode numbers (stable across mounts: derived from ids on disk). */
 #define TFS_INO_ROOT 1u
@@ -94,6 +95,9 @@ struct tfs_fs {
 	uint64_t max_size;         /* largest virtual size: EFBIG beyond */
 
 	struct tfs_pool *pool;
+	struct tfs_cache *caches[TFS_CACHES_MAX]; /* [cache] sections (cache-volumes.c), set at mount */
+	uint32_t cache_ids[TFS_CACHES_MAX];
+	unsigned nr_caches;
 	struct tfs_catalog *cat;
 	struct fuse_session *se;
 	bool parallel_dio;         /* the kernel takes FOPEN_PARALLEL_DIRECT_WRITES: set at
@@ -204,6 +208,24 @@ struct tfs_inode *tfs_fs_inode_get(struct tfs_fs *fs, uint32_t dev_id);
 int tfs_fs_set_size(struct tfs_fs *fs, struct tfs_inode *ino, uint64_t size);
 /* Grow the size to at least end (write/fallocate past EOF), mark mtime. */
 void tfs_fs_extend(struct tfs_fs *fs, struct tfs_inode *ino, uint64_t end, bool touch_mtime);
+
+/*
+ * ---- cached origins (cache-volumes.c) ----
+ * Their files are top-level rows with ids from TFS_DEV_ID_CACHE up.
+ * cache_open (mount, read-write only, before the catalog is reconciled):
+ * open every [cache] of pool.cfg, give new ones rows, drop rows of
+ * sections gone; -errno (logged).  A cache whose metadata refuses to start
+ * still opens (its file answers EIO, status says why).  cache_close:
+ * after the last volume closed; -errno of a final commit.  add_ids: append
+ * the caches' ids (ascending) to a reconcile's list.
+ */
+#define TFS_DEV_ID_CACHE (TFS_DEV_ID_OTHER + (1u << 23))
+bool tfs_fs_is_cache_id(uint32_t dev_id);
+int tfs_fs_cache_open(struct tfs_fs *fs);
+int tfs_fs_cache_close(struct tfs_fs *fs);
+int tfs_fs_cache_add_ids(struct tfs_fs *fs, uint32_t **ids, unsigned *nr);
+int tfs_fs_cache_open_dev(struct tfs_fs *fs, uint32_t dev_id, unsigned flags, struct tfs_dev **out);
+struct tfs_cache *tfs_fs_cache_by_name(struct tfs_fs *fs, const char *name);
 
 /* ---- events (events.c) ---- */
 /* Log an event in the catalog and wake waiters (-errno from the catalog). */

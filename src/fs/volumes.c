@@ -302,6 +302,8 @@ struct tfs_inode *tfs_fs_inode_get(struct tfs_fs *fs, uint32_t dev_id)
 
 int tfs_fs_open_dev(struct tfs_fs *fs, uint32_t dev_id, unsigned flags, struct tfs_dev **out)
 {
+	if (tfs_fs_is_cache_id(dev_id))
+		return tfs_fs_cache_open_dev(fs, dev_id, flags, out);
 	return tfs_thin_open(fs->pool, dev_id, flags, out);
 }
 
@@ -461,7 +463,9 @@ int tfs_fs_set_size(struct tfs_fs *fs, struct tfs_inode *ino, uint64_t size)
 	pthread_mutex_lock(&ino->attr_lock);
 	old = ino->row.size;
 	pthread_mutex_unlock(&ino->attr_lock);
-	if (size < old)
+	if (tfs_fs_is_cache_id(ino->dev_id) && size != old)
+		r = -EPERM; /* a cache has its origin's size */
+	else if (size < old)
 		r = tfs_dev_truncate(ino->dev, size);
 	if (r == 0) {
 		int64_t now = tfs_now_ns();
@@ -579,6 +583,11 @@ static int unlink_row_locked(struct tfs_fs *fs, const struct tfs_vol_row *row)
 	bool open = ino && ino->nopen > 0;
 	int r;
 
+	if (tfs_fs_is_cache_id(row->dev_id)) {
+		tfs_warn("%s is a cache from pool.cfg: remove its section from pool.cfg to remove it",
+			 row->name);
+		return -EPERM;
+	}
 	/* Deleting the device now would change a suspended pool; an open one waits anyway. */
 	if (!open && tfs_pool_is_suspended(fs->pool))
 		return -EBUSY;
@@ -648,6 +657,11 @@ int tfs_fs_rename_volume(struct tfs_fs *fs, const char *old_name, const char *ne
 	if (!strcmp(old_name, new_name))
 		goto out_unlock;
 	r = tfs_catalog_get_by_name(fs->cat, new_name, &dst);
+	/* A cache's name is its section's. */
+	if (tfs_fs_is_cache_id(src.dev_id) || (r == 0 && tfs_fs_is_cache_id(dst.dev_id))) {
+		r = -EPERM;
+		goto out_unlock;
+	}
 	if (r == 0) {
 		if (flags & noreplace) {
 			r = -EEXIST;
@@ -798,6 +812,12 @@ int tfs_fs_create_group(struct tfs_fs *fs, const char *name, struct tfs_group_ro
 	r = list_rows(fs, 0, false, &l);
 	if (r < 0)
 		goto out_unlock;
+	/* A group holds thin devices only: caches stay out. */
+	for (unsigned i = 0, n = l.nr; i < n; i++)
+		if (tfs_fs_is_cache_id(l.rows[i].dev_id))
+			l.nr--;
+		else
+			l.rows[i - (n - l.nr)] = l.rows[i];
 
 	origins = calloc(l.nr + 1, sizeof(*origins));
 	snaps = calloc(l.nr + 1, sizeof(*snaps));
@@ -1149,6 +1169,8 @@ int tfs_fs_snapshot_volume(struct tfs_fs *fs, const char *src, const char *new_n
 
 	pthread_mutex_lock(&fs->lock);
 	r = find_source_locked(fs, src, &s);
+	if (r == 0 && tfs_fs_is_cache_id(s.dev_id))
+		r = -EXDEV; /* not a thin device */
 	if (r < 0)
 		goto out_unlock;
 	r = name_free_locked(fs, new_name);

@@ -209,6 +209,7 @@ class Pool:
         self.fs_mounts = []       # filesystems we mounted over volumes
         self.nmounts = 0
         self.formatted = False    # teardown checks the metadata once mkpool succeeded
+        self.cache_metas = []     # [cache] metadata devices: cache_check at teardown
         for path, size in ((self.meta, meta_size), (self.data, data_size)):
             if not path.exists():
                 with open(path, "wb") as f:
@@ -543,6 +544,10 @@ class Pool:
     # ---- metadata checks (unmounted) ----
     def check_metadata(self):
         assert_thin_check_clean(self.meta)
+        for m in self.cache_metas:
+            p = run_cmd("cache_check", m, check=False, timeout=600)
+            assert p.returncode == 0, f"cache_check {m} exited {p.returncode}:\n" \
+                                      f"{p.stdout}{p.stderr}"
         p = run_cmd(self.thinfs, "check", self.meta, check=False, timeout=600)
         self._no_sanitizer(p, ("thinfs", "check"))
         assert p.returncode == 0, f"thinfs check {self.meta} exited {p.returncode}:\n" \

@@ -60,6 +60,13 @@ static int setup(void **state)
 	snprintf(e->data, sizeof(e->data), "%s/data.img", e->dir);
 	make_file(e->meta, 8 << 20, 0644);
 	make_file(e->data, 64 << 20, 0644);
+	/* Devices of [cache] sections, named relative to the .cfg: o1 c1 m1 o2 c2 m2. */
+	for (int i = 0; i < 6; i++) {
+		char dev[160];
+
+		snprintf(dev, sizeof(dev), "%s/%c%d", e->dir, "ocm"[i % 3], 1 + i / 3);
+		make_file(dev, 1 << 20, 0644);
+	}
 	tfs_log_set_sink(capture, e);
 	*state = e;
 	return 0;
@@ -291,8 +298,8 @@ static void test_named_sections_accept_their_keys(void **state)
 		  "[origin \"db\"]\ndevice = /dev/sdc\n"
 		  "[snapshot \"db-before-upgrade\"]\norigin = db\ncow = /dev/sdd\n"
 		  "persistent = yes\nchunk_size = 8k\n"
-		  "[cache \"fast1\"]\norigin = /dev/sde\ncache = /dev/nvme0n1p2\n"
-		  "metadata = /dev/nvme0n1p1\nmode = writeback\npolicy = smq\n",
+		  "[cache \"fast1\"]\norigin = o1\ncache = c1\n"
+		  "metadata = m1\nmode = writeback\npolicy = smq\n",
 		  e->meta, e->data);
 	assert_int_equal(tfs_config_load(e->cfg, &c), 0);
 	assert_int_equal(e->nr_msgs, 0);
@@ -300,8 +307,8 @@ static void test_named_sections_accept_their_keys(void **state)
 			    "origin \"db\": device=/dev/sdc\n"
 			    "snapshot \"db-before-upgrade\": chunk_size=8k cow=/dev/sdd origin=db "
 			    "persistent=yes\n"
-			    "cache \"fast1\": cache=/dev/nvme0n1p2 metadata=/dev/nvme0n1p1 mode=writeback "
-			    "origin=/dev/sde policy=smq\n");
+			    "cache \"fast1\": cache=c1 metadata=m1 mode=writeback "
+			    "origin=o1 policy=smq\n");
 }
 
 /* The same sections in another order, keys shuffled, a value quoted: the same text. */
@@ -311,8 +318,8 @@ static void test_named_section_text_ignores_the_order_in_the_file(void **state)
 	struct tfs_pool_config c;
 
 	write_cfg(e,
-		  "[cache \"fast1\"]\npolicy = smq\nmode = writeback\nmetadata = /dev/nvme0n1p1\n"
-		  "cache = /dev/nvme0n1p2\norigin = /dev/sde\n"
+		  "[cache \"fast1\"]\npolicy = smq\nmode = writeback\nmetadata = m1\n"
+		  "cache = c1\norigin = o1\n"
 		  "[snapshot \"db-before-upgrade\"]\npersistent = yes\nchunk_size = 8k\n"
 		  "cow = /dev/sdd\norigin = db\n"
 		  "[pool]\nmetadata = %s\ndata = %s\n"
@@ -328,8 +335,8 @@ static void test_named_section_text_ignores_the_order_in_the_file(void **state)
 			    "origin \"db\": device=/dev/sdc\n"
 			    "snapshot \"db-before-upgrade\": chunk_size=8k cow=/dev/sdd origin=db "
 			    "persistent=yes\n"
-			    "cache \"fast1\": cache=/dev/nvme0n1p2 metadata=/dev/nvme0n1p1 mode=writeback "
-			    "origin=/dev/sde policy=smq\n");
+			    "cache \"fast1\": cache=c1 metadata=m1 mode=writeback "
+			    "origin=o1 policy=smq\n");
 
 	write_cfg(e, "[pool]\nmetadata = %s\ndata = %s\n", e->meta, e->data);
 	assert_int_equal(tfs_config_load(e->cfg, &c), 0);
@@ -444,6 +451,73 @@ static void test_bad_values_name_file_line_and_key(void **state)
 	for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++)
 		expect_bad_line(e, bad[i].line, bad[i].key, bad[i].why, -EINVAL);
 	expect_bad_line(e, "on_event = /nonexistent/hook", "on_event", "No such file", -ENOENT);
+}
+
+/* [cache] values: parsed with their defaults, and each bad one named with its section and line. */
+static void test_cache_sections_are_parsed_and_checked(void **state)
+{
+	static const struct {
+		const char *line, *why;
+		unsigned lineno;
+	} bad[] = {
+		{ "block_size = 100k", "[cache \"c\"] block_size: 100k is not 32k .. 1g", 7 },
+		{ "block_size = 16k", "block_size: 16k is not 32k", 7 },
+		{ "block_size = 2g", "block_size: 2g is not 32k", 7 },
+		{ "mode = fast", "[cache \"c\"] mode: 'fast' (expected writethrough", 7 },
+		{ "policy = lru", "policy: 'lru' (expected smq, mq or cleaner)", 7 },
+		{ "migration_threshold = -5", "migration_threshold: '-5' is not a number", 7 },
+		{ "metadata_version = 3", "metadata_version: '3' (expected 1 or 2)", 7 },
+		{ "discard_passdown = maybe", "discard_passdown: 'maybe' is not yes or no", 7 },
+		{ "metadata = c1", "[cache \"c\"] cache and metadata are the same device", 3 },
+	};
+	struct env *e = *state;
+	struct tfs_pool_config c;
+
+	write_cfg(e, "[pool]\nmetadata = %s\ndata = %s\n[cache \"c\"]\norigin = o1\n"
+		  "cache = c1\nmetadata = m1\n[cache \"b\"]\norigin = o2\ncache = c2\n"
+		  "metadata = m2\nmode = writeback\npolicy = mq\nblock_size = 96k\n"
+		  "migration_threshold = 0\nmetadata_version = 1\ndiscard_passdown = yes\n",
+		  e->meta, e->data);
+	assert_int_equal(tfs_config_load(e->cfg, &c), 0);
+	assert_int_equal(c.nr_caches, 2);
+	assert_string_equal(c.caches[0].name, "c");
+	assert_int_equal(c.caches[0].block_sectors, 128);
+	assert_int_equal(c.caches[0].mode, TFS_CACHE_WRITETHROUGH);
+	assert_int_equal(c.caches[0].policy, TFS_CACHE_SMQ);
+	assert_int_equal(c.caches[0].migration_threshold, 2048);
+	assert_int_equal(c.caches[0].metadata_version, 2);
+	assert_false(c.caches[0].discard_passdown);
+	assert_non_null(strstr(c.caches[0].origin, "/o1"));
+	assert_int_equal(c.caches[1].block_sectors, 192);
+	assert_int_equal(c.caches[1].mode, TFS_CACHE_WRITEBACK);
+	assert_int_equal(c.caches[1].policy, TFS_CACHE_SMQ);
+	assert_int_equal(c.caches[1].migration_threshold, 0);
+	assert_int_equal(c.caches[1].metadata_version, 1);
+	assert_true(c.caches[1].discard_passdown);
+
+	for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+		char where[32];
+
+		e->log[0] = '\0';
+		e->nr_msgs = 0;
+		if (bad[i].lineno == 3)
+			write_cfg(e, "[pool]\nmetadata = %s\ndata = %s\n[cache \"c\"]\norigin = o1\n"
+				  "cache = c1\n%s\n", e->meta, e->data, bad[i].line);
+		else
+			write_cfg(e, "[pool]\nmetadata = %s\ndata = %s\n[cache \"c\"]\norigin = o1\n"
+				  "cache = c1\nmetadata = m1\n%s\n", e->meta, e->data, bad[i].line);
+		assert_int_equal(tfs_config_load(e->cfg, &c), -EINVAL);
+		snprintf(where, sizeof(where), "pool.cfg:%u:", bad[i].lineno + 1);
+		if (e->nr_msgs != 1 || !strstr(e->log, bad[i].why) || !strstr(e->log, where))
+			fail_msg("'%s': want one message with '%s' at %s, got:\n%s", bad[i].line,
+				 bad[i].why, where, e->log);
+	}
+	e->log[0] = '\0';
+	e->nr_msgs = 0;
+	write_cfg(e, "[pool]\nmetadata = %s\ndata = %s\n[cache \"c\"]\norigin = o1\ncache = c1\n",
+		  e->meta, e->data);
+	assert_int_equal(tfs_config_load(e->cfg, &c), -EINVAL);
+	assert_non_null(strstr(e->log, "[cache \"c\"] metadata: required"));
 }
 
 static void test_a_failed_load_leaves_the_output_untouched(void **state)
@@ -824,7 +898,8 @@ static void expect_refused(struct env *e, struct reload *rl, const char *run_ext
 static void test_reload_of_the_same_cfg_changes_nothing(void **state)
 {
 	static const char sections[] = "low_water_mark = 100\n[origin \"db\"]\ndevice = /dev/sdb\n"
-				       "[cache \"c\"]\nmode = writeback\norigin = db\n";
+				       "[cache \"c\"]\nmode = writeback\norigin = o1\ncache = c1\n"
+				       "metadata = m1\n";
 	struct env *e = *state;
 	struct reload *rl = calloc(1, sizeof(*rl));
 	char other[PATH_MAX + 16];
@@ -978,14 +1053,15 @@ static void test_reload_reports_sections_added_removed_and_changed(void **state)
 	/* A name that moves to another kind is one section gone and another new. */
 	expect_reloadable(e, rl,
 			  "[origin \"a\"]\n[origin \"db\"]\ndevice = /dev/sdb\n"
-			  "[cache \"c1\"]\nmode = writethrough\norigin = /dev/sde\n",
+			  "[cache \"c1\"]\nmode = writethrough\norigin = o1\ncache = c1\nmetadata = m1\n",
 			  "no_space_timeout = 0\n"
-			  "[cache \"c1\"]\norigin = /dev/sde\nmode = writeback\n"
-			  "[cache \"a\"]\n[snapshot \"s1\"]\norigin = db\n",
+			  "[cache \"c1\"]\norigin = o1\nmode = writeback\ncache = c1\nmetadata = m1\n"
+			  "[cache \"a\"]\norigin = o2\ncache = c2\nmetadata = m2\n"
+			  "[snapshot \"s1\"]\norigin = db\n",
 			  "no_space_timeout: 60s -> 0s; [origin \"a\"] removed; [origin \"db\"] removed; "
 			  "[snapshot \"s1\"] added; [cache \"a\"] added; "
-			  "[cache \"c1\"] changed: mode=writethrough origin=/dev/sde -> "
-			  "mode=writeback origin=/dev/sde");
+			  "[cache \"c1\"] changed: cache=c1 metadata=m1 mode=writethrough origin=o1 -> "
+			  "cache=c1 metadata=m1 mode=writeback origin=o1");
 	free(rl);
 }
 
@@ -1100,6 +1176,7 @@ int main(void)
 		T(test_named_section_keys_are_given_once),
 		T(test_named_section_text_is_at_most_8192_bytes),
 		T(test_bad_values_name_file_line_and_key),
+		T(test_cache_sections_are_parsed_and_checked),
 		T(test_a_failed_load_leaves_the_output_untouched),
 		T(test_every_problem_is_reported_not_just_the_first),
 		T(test_unknown_sections_are_errors_even_when_empty),

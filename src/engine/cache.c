@@ -1,0 +1,1434 @@
+/* SPDX-License-Identifier: GPL-2.0-or-later */
+/*
+ * The cache target (cache.h): I/O by mode, migrations, metadata modes.
+ * The policy's bookkeeping lives in cache-policy.c.
+ *
+ * Locks, outermost first: a range lock (prison) on the origin block; then
+ * c->lock, which protects everything in struct tfs_cache below it and
+ * every call into the metadata.  Device I/O is never done under c->lock,
+ * except the metadata commit that completes a promotion or demotion.
+ */
+#include "cache.h"
+
+#include <errno.h>
+#include <inttypes.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "bdev.h"
+#include "cache-metadata.h"
+#include "cache-policy.h"
+#include "log.h"
+#include "prison.h"
+#include "target.h"
+
+#define SECTOR 512u
+#define COPY_PIECE (1024u * 1024)
+#define COMMIT_INTERVAL_MS 1000
+#define WORKER_TICK_MS 100
+/* The cache is idle (background writeback may start) after this long without I/O. */
+#define IDLE_MS 500
+#define NO_CBLOCK UINT32_MAX
+#define MAX_EVENTS 16
+
+enum meta_mode { META_RW, META_RO, META_FAIL };
+static const char *const meta_mode_name[] = { "rw", "ro", "fail" };
+
+struct tfs_cache {
+	struct tfs_cache_cfg cfg;
+	struct tfs_bdev *origin, *cdev, *meta; /* fault wrappers */
+	struct tfs_dev *origin_dev;            /* linear over origin: discards, zeroing */
+	struct tfs_prison *prison;
+	uint64_t block_size;                   /* bytes */
+	uint64_t origin_size;                  /* bytes */
+	uint64_t nr_oblocks;                   /* whole blocks of the origin; the tail is uncached */
+	uint32_t nr_cblocks;
+
+	pthread_mutex_t lock;
+	pthread_cond_t cond;                   /* worker wake-ups, clean progress */
+	struct tfs_cmd *cmd;                   /* NULL when the metadata could not be opened */
+	enum meta_mode meta_mode;
+	bool needs_check;
+	char reason[TFS_CACHE_PATH_MAX + 256];
+	enum tfs_cache_mode mode;
+	enum tfs_cache_policy_kind policy_kind;
+	uint64_t migration_threshold;
+	struct tfs_cache_policy_state *policy;
+	uint64_t *discard;                     /* a bit per origin block */
+	bool meta_changed;                     /* uncommitted metadata changes */
+	uint64_t read_hits, read_misses, write_hits, write_misses, promotions, demotions;
+	uint64_t writebacks;                   /* blocks copied back to the origin */
+	int64_t last_io_ms, last_commit_ms;
+	bool cleaning;                         /* clean was asked: report when dirty reaches 0 */
+	struct tfs_cache_event events[MAX_EVENTS];
+	unsigned nr_events;
+	bool stop;
+	pthread_t worker;
+	bool worker_started;
+	uint8_t *copy_buf;                     /* the worker's */
+
+	void (*notify)(void *arg);
+	void *notify_arg;
+};
+
+struct cache_handle {
+	struct tfs_dev dev; /* first */
+	struct tfs_cache *c;
+	bool read_only, status_only;
+};
+
+static int64_t now_ms(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+/* ---- events and metadata modes (c->lock held) ---- */
+
+static void add_event(struct tfs_cache *c, bool mode_change, const char *old_mode,
+		      const char *new_mode, const char *detail)
+{
+	struct tfs_cache_event *e;
+
+	if (c->nr_events == MAX_EVENTS)
+		memmove(c->events, c->events + 1, sizeof(*e) * --c->nr_events);
+	e = &c->events[c->nr_events++];
+	memset(e, 0, sizeof(*e));
+	e->mode_change = mode_change;
+	snprintf(e->old_mode, sizeof(e->old_mode), "%s", old_mode);
+	snprintf(e->new_mode, sizeof(e->new_mode), "%s", new_mode);
+	snprintf(e->detail, sizeof(e->detail), "%s", detail);
+}
+
+static void set_meta_mode(struct tfs_cache *c, enum meta_mode m, const char *reason)
+{
+	char detail[320];
+
+	if (m == c->meta_mode)
+		return;
+	snprintf(detail, sizeof(detail), "cache %.64s: %s -> %s: %.160s", c->cfg.name,
+		 meta_mode_name[c->meta_mode], meta_mode_name[m], reason);
+	tfs_err("%s", detail);
+	add_event(c, true, meta_mode_name[c->meta_mode], meta_mode_name[m], detail);
+	snprintf(c->reason, sizeof(c->reason), "%s", reason);
+	c->meta_mode = m;
+}
+
+/*
+ * A metadata operation failed: nothing more may change the metadata.  The
+ * transaction is dropped and needs_check written, so the next start is
+ * refused until a checker looked; if even that fails, all I/O fails.
+ */
+static void meta_failed(struct tfs_cache *c, const char *what, int err)
+{
+	char reason[200];
+
+	if (c->meta_mode != META_RW)
+		return;
+	snprintf(reason, sizeof(reason), "metadata %s failed: %s", what, strerror(-err));
+	tfs_cmd_abort(c->cmd);
+	if (tfs_cmd_set_needs_check(c->cmd, true) < 0) {
+		set_meta_mode(c, META_FAIL, reason);
+	} else {
+		c->needs_check = true;
+		set_meta_mode(c, META_RO, reason);
+	}
+	c->meta_changed = false;
+}
+
+static int commit_locked(struct tfs_cache *c, bool clean_shutdown)
+{
+	struct tfs_cache_stats st = {
+		.read_hits = (uint32_t)c->read_hits, .read_misses = (uint32_t)c->read_misses,
+		.write_hits = (uint32_t)c->write_hits, .write_misses = (uint32_t)c->write_misses,
+	};
+	int r;
+
+	if (c->meta_mode != META_RW)
+		return c->meta_mode == META_FAIL ? -EIO : 0;
+	r = tfs_cmd_set_stats(c->cmd, &st);
+	if (r == 0)
+		r = tfs_cmd_commit(c->cmd, clean_shutdown);
+	if (r < 0) {
+		meta_failed(c, "commit", r);
+		return c->meta_mode == META_FAIL ? -EIO : 0;
+	}
+	c->meta_changed = false;
+	c->last_commit_ms = now_ms();
+	return 0;
+}
+
+static void notify(struct tfs_cache *c)
+{
+	if (c->notify && c->nr_events)
+		c->notify(c->notify_arg);
+}
+
+/* ---- discard bits ---- */
+
+static bool discarded(const struct tfs_cache *c, uint64_t ob)
+{
+	return c->discard[ob / 64] >> (ob % 64) & 1;
+}
+
+static void set_discarded(struct tfs_cache *c, uint64_t ob, bool on)
+{
+	int r;
+
+	if (discarded(c, ob) == on)
+		return;
+	if (on)
+		c->discard[ob / 64] |= 1ull << (ob % 64);
+	else
+		c->discard[ob / 64] &= ~(1ull << (ob % 64));
+	if (c->meta_mode != META_RW)
+		return;
+	r = tfs_cmd_set_discard(c->cmd, ob, on);
+	if (r < 0)
+		meta_failed(c, "discard bit", r);
+	else
+		c->meta_changed = true;
+}
+
+/* ---- copying between the devices (the worker, no lock held) ---- */
+
+static int copy_block(struct tfs_cache *c, struct tfs_bdev *from, uint64_t from_off,
+		      struct tfs_bdev *to, uint64_t to_off)
+{
+	for (uint64_t done = 0; done < c->block_size;) {
+		size_t n = c->block_size - done < COPY_PIECE ? (size_t)(c->block_size - done)
+							     : COPY_PIECE;
+		int r = tfs_bdev_read(from, c->copy_buf, n, from_off + done);
+
+		if (r == 0)
+			r = tfs_bdev_write(to, c->copy_buf, n, to_off + done);
+		if (r < 0)
+			return r;
+		done += n;
+	}
+	return tfs_bdev_flush(to);
+}
+
+static uint64_t cache_off(const struct tfs_cache *c, uint32_t cb)
+{
+	return (uint64_t)cb * c->block_size;
+}
+
+static void cell_lock(struct tfs_cache *c, uint64_t ob, bool shared)
+{
+	/* -ENOMEM only; then go on unlocked rather than fail the I/O (as rare as malloc failing). */
+	if (shared)
+		tfs_prison_lock_shared(c->prison, 0, ob, ob + 1);
+	else
+		tfs_prison_lock(c->prison, 0, ob, ob + 1);
+}
+
+static void cell_unlock(struct tfs_cache *c, uint64_t ob, bool shared)
+{
+	if (shared)
+		tfs_prison_unlock_shared(c->prison, 0, ob, ob + 1);
+	else
+		tfs_prison_unlock(c->prison, 0, ob, ob + 1);
+}
+
+/* ---- migrations ---- */
+
+/* Drop cb's mapping (clean, or any in passthrough/invalidate) and commit. c->lock held. */
+static int unmap_locked(struct tfs_cache *c, uint32_t cb, bool commit)
+{
+	int r;
+
+	tfs_cache_policy_remove(c->policy, cb);
+	if (c->meta_mode != META_RW)
+		return -EROFS;
+	r = tfs_cmd_remove(c->cmd, cb);
+	if (r < 0) {
+		meta_failed(c, "remove", r);
+		return -EIO;
+	}
+	c->meta_changed = true;
+	return commit ? commit_locked(c, false) : 0;
+}
+
+static bool migrations_allowed(const struct tfs_cache *c)
+{
+	/* One migration at a time: it fits the threshold if one block does. */
+	return c->meta_mode == META_RW && c->migration_threshold >= c->cfg.block_sectors;
+}
+
+/* Demote the coldest clean block; false when there is none. */
+static bool demote_one(struct tfs_cache *c, uint32_t hotter_than)
+{
+	uint32_t cb;
+	uint64_t ob;
+	bool done = false;
+
+	pthread_mutex_lock(&c->lock);
+	cb = tfs_cache_policy_coldest_clean(c->policy, hotter_than);
+	pthread_mutex_unlock(&c->lock);
+	if (cb == NO_CBLOCK)
+		return false;
+	ob = tfs_cache_policy_oblock(c->policy, cb);
+	cell_lock(c, ob, false);
+	pthread_mutex_lock(&c->lock);
+	if (migrations_allowed(c) && tfs_cache_policy_oblock(c->policy, cb) == ob &&
+	    !tfs_cache_policy_dirty(c->policy, cb)) {
+		done = unmap_locked(c, cb, true) == 0;
+		c->demotions += done;
+	}
+	pthread_mutex_unlock(&c->lock);
+	cell_unlock(c, ob, false);
+	return done;
+}
+
+static void promote(struct tfs_cache *c, uint64_t ob)
+{
+	uint32_t cb, hits;
+	int r;
+
+	pthread_mutex_lock(&c->lock);
+	hits = tfs_cache_policy_candidate_hits(c->policy, ob);
+	r = tfs_cache_policy_lookup(c->policy, ob) != NO_CBLOCK || !migrations_allowed(c);
+	pthread_mutex_unlock(&c->lock);
+	if (r || (!tfs_cache_policy_nr_free(c->policy) && !demote_one(c, hits)))
+		return;
+	cell_lock(c, ob, false);
+	pthread_mutex_lock(&c->lock);
+	cb = NO_CBLOCK;
+	if (migrations_allowed(c) && tfs_cache_policy_lookup(c->policy, ob) == NO_CBLOCK &&
+	    !discarded(c, ob))
+		cb = tfs_cache_policy_take_free(c->policy);
+	pthread_mutex_unlock(&c->lock);
+	if (cb == NO_CBLOCK)
+		goto out;
+	r = copy_block(c, c->origin, ob * c->block_size, c->cdev, cache_off(c, cb));
+	pthread_mutex_lock(&c->lock);
+	if (r < 0) {
+		tfs_warn("cache %s: promotion of block %" PRIu64 " failed: %s", c->cfg.name, ob,
+			 strerror(-r));
+		tfs_cache_policy_put_free(c->policy, cb);
+	} else if (c->meta_mode != META_RW) {
+		tfs_cache_policy_put_free(c->policy, cb);
+	} else if ((r = tfs_cmd_insert(c->cmd, cb, ob)) < 0) {
+		meta_failed(c, "insert", r);
+		tfs_cache_policy_put_free(c->policy, cb);
+	} else {
+		tfs_cache_policy_insert(c->policy, cb, ob, false, hits);
+		c->meta_changed = true;
+		/* Committed before any write may reach the block through this mapping. */
+		if (commit_locked(c, false) == 0 && c->meta_mode == META_RW)
+			c->promotions++;
+	}
+	pthread_mutex_unlock(&c->lock);
+out:
+	cell_unlock(c, ob, false);
+}
+
+/* Write one dirty block back (origin order); false when none is dirty. */
+static bool writeback_one(struct tfs_cache *c)
+{
+	uint32_t cb;
+	uint64_t ob;
+	int r;
+
+	pthread_mutex_lock(&c->lock);
+	cb = tfs_cache_policy_next_dirty(c->policy);
+	pthread_mutex_unlock(&c->lock);
+	if (cb == NO_CBLOCK)
+		return false;
+	ob = tfs_cache_policy_oblock(c->policy, cb);
+	/* Shared: reads of the block go on; writes to it wait. */
+	cell_lock(c, ob, true);
+	pthread_mutex_lock(&c->lock);
+	r = migrations_allowed(c) && tfs_cache_policy_oblock(c->policy, cb) == ob &&
+	    tfs_cache_policy_dirty(c->policy, cb);
+	pthread_mutex_unlock(&c->lock);
+	if (r) {
+		r = copy_block(c, c->cdev, cache_off(c, cb), c->origin, ob * c->block_size);
+		pthread_mutex_lock(&c->lock);
+		if (r < 0) {
+			tfs_warn("cache %s: writeback of block %" PRIu64 " failed: %s", c->cfg.name,
+				 ob, strerror(-r));
+		} else if (c->meta_mode == META_RW) {
+			r = tfs_cmd_set_dirty(c->cmd, cb, false);
+			if (r < 0) {
+				meta_failed(c, "set dirty", r);
+			} else {
+				tfs_cache_policy_set_dirty(c->policy, cb, false);
+				c->meta_changed = true;
+				c->writebacks++;
+			}
+		}
+		pthread_mutex_unlock(&c->lock);
+	}
+	cell_unlock(c, ob, true);
+	return r == 0;
+}
+
+static void *worker(void *arg)
+{
+	struct tfs_cache *c = arg;
+
+	pthread_mutex_lock(&c->lock);
+	while (!c->stop) {
+		int64_t now = now_ms();
+		bool busy = false, cleaner = c->policy_kind == TFS_CACHE_CLEANER;
+		uint64_t ob;
+
+		if (c->meta_changed && now - c->last_commit_ms >= COMMIT_INTERVAL_MS)
+			commit_locked(c, false);
+		if (migrations_allowed(c)) {
+			bool idle = now - c->last_io_ms >= IDLE_MS;
+			bool want_wb = tfs_cache_policy_nr_dirty(c->policy) &&
+				       (cleaner || idle ||
+					tfs_cache_policy_nr_dirty(c->policy) * 4 > c->nr_cblocks * 3);
+
+			pthread_mutex_unlock(&c->lock);
+			if (want_wb)
+				busy = writeback_one(c);
+			pthread_mutex_lock(&c->lock);
+			if (!cleaner && c->mode != TFS_CACHE_PASSTHROUGH &&
+			    tfs_cache_policy_pop_candidate(c->policy, &ob)) {
+				pthread_mutex_unlock(&c->lock);
+				promote(c, ob);
+				pthread_mutex_lock(&c->lock);
+				busy = true;
+			}
+		}
+		if (c->cleaning && !tfs_cache_policy_nr_dirty(c->policy)) {
+			char detail[256];
+
+			c->cleaning = false;
+			snprintf(detail, sizeof(detail),
+				 "cache %.64s: clean: no dirty blocks, the origin holds all the data",
+				 c->cfg.name);
+			add_event(c, false, "", "", detail);
+			pthread_cond_broadcast(&c->cond);
+		}
+		if (c->nr_events) {
+			pthread_mutex_unlock(&c->lock);
+			notify(c);
+			pthread_mutex_lock(&c->lock);
+		}
+		if (!busy && !c->stop) {
+			struct timespec ts;
+
+			clock_gettime(CLOCK_REALTIME, &ts);
+			ts.tv_nsec += WORKER_TICK_MS * 1000000L;
+			if (ts.tv_nsec >= 1000000000L) {
+				ts.tv_sec++;
+				ts.tv_nsec -= 1000000000L;
+			}
+			pthread_cond_timedwait(&c->cond, &c->lock, &ts);
+		}
+	}
+	pthread_mutex_unlock(&c->lock);
+	return NULL;
+}
+
+/* ---- I/O ---- */
+
+static struct cache_handle *handle_of(struct tfs_dev *dev)
+{
+	return (struct cache_handle *)dev;
+}
+
+static int may_io(const struct cache_handle *h, bool write)
+{
+	if (h->status_only)
+		return -EBADF;
+	if (write && h->read_only)
+		return -EROFS;
+	return 0;
+}
+
+/* Where block ob is (c->lock held): its cache block, or NO_CBLOCK; counts the access. */
+static uint32_t lookup_locked(struct tfs_cache *c, uint64_t ob, bool write)
+{
+	uint32_t cb = tfs_cache_policy_lookup(c->policy, ob);
+	bool promote_ok = c->mode != TFS_CACHE_PASSTHROUGH && c->policy_kind == TFS_CACHE_SMQ &&
+			  migrations_allowed(c);
+
+	c->last_io_ms = now_ms();
+	if (cb != NO_CBLOCK) {
+		if (write)
+			c->write_hits++;
+		else
+			c->read_hits++;
+	} else if (write) {
+		c->write_misses++;
+	} else {
+		c->read_misses++;
+	}
+	if (tfs_cache_policy_access(c->policy, ob, cb, promote_ok))
+		pthread_cond_signal(&c->cond);
+	return cb;
+}
+
+static int read_piece(struct tfs_cache *c, uint8_t *buf, size_t len, uint64_t off)
+{
+	uint64_t ob = off / c->block_size;
+	uint32_t cb;
+	bool zero;
+	int r;
+
+	if (ob >= c->nr_oblocks)
+		return tfs_bdev_read(c->origin, buf, len, off);
+	cell_lock(c, ob, true);
+	pthread_mutex_lock(&c->lock);
+	cb = lookup_locked(c, ob, false);
+	zero = cb == NO_CBLOCK && discarded(c, ob);
+	pthread_mutex_unlock(&c->lock);
+	if (zero) {
+		memset(buf, 0, len);
+		r = 0;
+	} else if (cb != NO_CBLOCK) {
+		r = tfs_bdev_read(c->cdev, buf, len, cache_off(c, cb) + off % c->block_size);
+	} else {
+		r = tfs_bdev_read(c->origin, buf, len, off);
+	}
+	cell_unlock(c, ob, true);
+	return r;
+}
+
+/*
+ * A write to a discarded block that is not cached: its old content must
+ * not come back, so the whole block is written, zeros around the data.
+ */
+static int write_discarded(struct tfs_cache *c, const uint8_t *buf, size_t len, uint64_t off)
+{
+	uint64_t start = off - off % c->block_size;
+	uint8_t *full;
+	int r;
+
+	if (len == c->block_size)
+		return tfs_bdev_write(c->origin, buf, len, off);
+	full = calloc(1, c->block_size);
+	if (!full)
+		return -ENOMEM;
+	memcpy(full + (off - start), buf, len);
+	r = tfs_bdev_write(c->origin, full, c->block_size, start);
+	free(full);
+	return r;
+}
+
+static int write_piece(struct tfs_cache *c, const uint8_t *buf, size_t len, uint64_t off)
+{
+	uint64_t ob = off / c->block_size, coff;
+	enum tfs_cache_mode mode;
+	bool was_discarded, dirty, rw;
+	uint32_t cb;
+	int r;
+
+	if (ob >= c->nr_oblocks)
+		return tfs_bdev_write(c->origin, buf, len, off);
+	cell_lock(c, ob, false);
+	pthread_mutex_lock(&c->lock);
+	if (c->meta_mode == META_FAIL) {
+		pthread_mutex_unlock(&c->lock);
+		r = -EIO;
+		goto out;
+	}
+	cb = lookup_locked(c, ob, true);
+	mode = c->mode;
+	rw = c->meta_mode == META_RW;
+	was_discarded = cb == NO_CBLOCK && discarded(c, ob);
+	dirty = cb != NO_CBLOCK && tfs_cache_policy_dirty(c->policy, cb);
+	if (cb != NO_CBLOCK && mode == TFS_CACHE_PASSTHROUGH && rw) {
+		/* The stale copy goes (durably) before the origin changes. */
+		r = unmap_locked(c, cb, true);
+		pthread_mutex_unlock(&c->lock);
+		if (r == 0)
+			r = tfs_bdev_write(c->origin, buf, len, off);
+		goto out;
+	}
+	pthread_mutex_unlock(&c->lock);
+
+	if (cb == NO_CBLOCK) {
+		r = was_discarded ? write_discarded(c, buf, len, off)
+				  : tfs_bdev_write(c->origin, buf, len, off);
+		if (r == 0 && was_discarded) {
+			pthread_mutex_lock(&c->lock);
+			set_discarded(c, ob, false);
+			pthread_mutex_unlock(&c->lock);
+		}
+		goto out;
+	}
+	coff = cache_off(c, cb) + off % c->block_size;
+	if (mode == TFS_CACHE_WRITEBACK && (rw || dirty)) {
+		r = tfs_bdev_write(c->cdev, buf, len, coff);
+		if (r == 0 && !dirty) {
+			pthread_mutex_lock(&c->lock);
+			if (c->meta_mode == META_RW) {
+				r = tfs_cmd_set_dirty(c->cmd, cb, true);
+				if (r < 0)
+					meta_failed(c, "set dirty", r);
+				else
+					c->meta_changed = true;
+			}
+			/*
+			 * Dirty in memory whatever happened: a failed metadata
+			 * write left an unclean shutdown behind, which makes
+			 * every block dirty at the next start.
+			 */
+			tfs_cache_policy_set_dirty(c->policy, cb, true);
+			r = c->meta_mode == META_FAIL ? -EIO : 0;
+			pthread_mutex_unlock(&c->lock);
+		}
+		goto out;
+	}
+	/*
+	 * Writethrough (and whatever cannot change metadata): the origin
+	 * first, the cache only once that completed, so the cached copy is
+	 * never older than the origin's once this returns.
+	 */
+	r = tfs_bdev_write(c->origin, buf, len, off);
+	if (r == 0)
+		r = tfs_bdev_write(c->cdev, buf, len, coff);
+out:
+	cell_unlock(c, ob, false);
+	return r;
+}
+
+typedef int (*piece_fn)(struct tfs_cache *c, uint8_t *buf, size_t len, uint64_t off);
+
+static int split(struct tfs_cache *c, uint8_t *buf, size_t len, uint64_t off, piece_fn fn)
+{
+	while (len) {
+		size_t n = c->block_size - off % c->block_size;
+		int r;
+
+		if (n > len)
+			n = len;
+		r = fn(c, buf, n, off);
+		if (r < 0)
+			return r;
+		buf += n;
+		off += n;
+		len -= n;
+	}
+	return 0;
+}
+
+static int check_range(const struct tfs_cache *c, uint64_t off, uint64_t len)
+{
+	if (c->meta_mode == META_FAIL)
+		return -EIO;
+	return off > c->origin_size || len > c->origin_size - off ? -EINVAL : 0;
+}
+
+static int cache_read(struct tfs_dev *dev, void *buf, size_t len, uint64_t off)
+{
+	struct cache_handle *h = handle_of(dev);
+	int r = may_io(h, false);
+
+	if (r == 0)
+		r = check_range(h->c, off, len);
+	return r ? r : split(h->c, buf, len, off, read_piece);
+}
+
+static int write_piece_cb(struct tfs_cache *c, uint8_t *buf, size_t len, uint64_t off)
+{
+	return write_piece(c, buf, len, off);
+}
+
+static int cache_write(struct tfs_dev *dev, const void *buf, size_t len, uint64_t off)
+{
+	struct cache_handle *h = handle_of(dev);
+	int r = may_io(h, true);
+
+	if (r == 0)
+		r = check_range(h->c, off, len);
+	return r ? r : split(h->c, (uint8_t *)buf, len, off, write_piece_cb);
+}
+
+static int cache_flush(struct tfs_dev *dev)
+{
+	struct cache_handle *h = handle_of(dev);
+	struct tfs_cache *c = h->c;
+	int r = may_io(h, false);
+
+	if (r == 0 && c->meta_mode == META_FAIL)
+		r = -EIO;
+	/* Data on both devices first, then the metadata that points at it. */
+	if (r == 0)
+		r = tfs_bdev_flush(c->cdev);
+	if (r == 0)
+		r = tfs_bdev_flush(c->origin);
+	if (r == 0) {
+		pthread_mutex_lock(&c->lock);
+		if (c->meta_changed)
+			r = commit_locked(c, false);
+		else if (c->meta_mode == META_FAIL)
+			r = -EIO;
+		pthread_mutex_unlock(&c->lock);
+		notify(c);
+	}
+	return r;
+}
+
+/* Zeros through the write path, a piece at a time. */
+static int zero_pieces(struct tfs_cache *c, uint64_t off, uint64_t len)
+{
+	uint8_t *z = calloc(1, c->block_size < COPY_PIECE ? c->block_size : COPY_PIECE);
+	int r = z ? 0 : -ENOMEM;
+
+	while (r == 0 && len) {
+		size_t n = c->block_size - off % c->block_size;
+
+		if (n > COPY_PIECE)
+			n = COPY_PIECE;
+		if (n > len)
+			n = len;
+		r = write_piece(c, z, n, off);
+		off += n;
+		len -= n;
+	}
+	free(z);
+	return r;
+}
+
+static int cache_zero_range(struct tfs_dev *dev, uint64_t off, uint64_t len)
+{
+	struct cache_handle *h = handle_of(dev);
+	int r = may_io(h, true);
+
+	if (r == 0)
+		r = check_range(h->c, off, len);
+	return r ? r : zero_pieces(h->c, off, len);
+}
+
+/*
+ * Whole blocks: their cached copies go and the discard bit says they read
+ * as zeros (passed down to the origin with discard_passdown); partial
+ * blocks at either end are zeroed.
+ */
+static int cache_discard(struct tfs_dev *dev, uint64_t off, uint64_t len)
+{
+	struct cache_handle *h = handle_of(dev);
+	struct tfs_cache *c = h->c;
+	uint64_t bs = c->block_size, first, end, head_end;
+	int r = may_io(h, true);
+
+	if (r == 0)
+		r = check_range(c, off, len);
+	if (r < 0 || !len)
+		return r;
+	if (c->meta_mode != META_RW)
+		return zero_pieces(c, off, len);
+	first = (off + bs - 1) / bs;
+	end = (off + len) / bs;
+	if (end > c->nr_oblocks)
+		end = c->nr_oblocks;
+	if (first >= end)
+		return zero_pieces(c, off, len);
+	head_end = first * bs;
+	r = zero_pieces(c, off, head_end - off);
+	for (uint64_t ob = first; r == 0 && ob < end; ob++) {
+		uint32_t cb;
+
+		cell_lock(c, ob, false);
+		pthread_mutex_lock(&c->lock);
+		cb = tfs_cache_policy_lookup(c->policy, ob);
+		if (cb != NO_CBLOCK)
+			r = unmap_locked(c, cb, false);
+		if (r == 0)
+			set_discarded(c, ob, true);
+		if (r == 0 && c->meta_mode == META_FAIL)
+			r = -EIO;
+		pthread_mutex_unlock(&c->lock);
+		if (r == 0 && c->cfg.discard_passdown)
+			r = tfs_dev_discard(c->origin_dev, ob * bs, bs);
+		cell_unlock(c, ob, false);
+	}
+	if (r == 0)
+		r = zero_pieces(c, end * bs, off + len - end * bs);
+	return r;
+}
+
+static int cache_provision(struct tfs_dev *dev, uint64_t off, uint64_t len)
+{
+	struct cache_handle *h = handle_of(dev);
+	int r = may_io(h, true);
+
+	return r ? r : check_range(h->c, off, len);
+}
+
+static int cache_seek(struct tfs_dev *dev, uint64_t off, int whence, uint64_t size,
+		      uint64_t *out)
+{
+	int r = may_io(handle_of(dev), false);
+
+	return r ? r : tfs_dev_seek_all_data(off, whence, size, out);
+}
+
+static int cache_get_size(struct tfs_dev *dev, uint64_t *bytes)
+{
+	*bytes = handle_of(dev)->c->origin_size;
+	return 0;
+}
+
+static int cache_allocated(struct tfs_dev *dev, uint64_t *bytes)
+{
+	return cache_get_size(dev, bytes);
+}
+
+static void cache_status(struct tfs_dev *dev, struct tfs_status_sink *s)
+{
+	struct tfs_cache *c = handle_of(dev)->c;
+	struct tfs_cmd_info info = { 0 };
+
+	pthread_mutex_lock(&c->lock);
+	if (c->cmd && c->meta_mode != META_FAIL)
+		tfs_cmd_info(c->cmd, &info);
+	tfs_status_text(s, "mode", tfs_cache_mode_name(c->mode));
+	tfs_status_text(s, "policy", tfs_cache_policy_name(c->policy_kind));
+	tfs_status_text(s, "metadata_mode", meta_mode_name[c->meta_mode]);
+	tfs_status_flag(s, "needs_check", c->needs_check);
+	tfs_status_text(s, "reason", c->reason);
+	tfs_status_u64(s, "block_size", c->block_size);
+	tfs_status_u64(s, "migration_threshold", c->migration_threshold);
+	tfs_status_flag(s, "discard_passdown", c->cfg.discard_passdown);
+	tfs_status_begin(s, "cache_blocks");
+	tfs_status_u64(s, "used", c->nr_cblocks - tfs_cache_policy_nr_free(c->policy));
+	tfs_status_u64(s, "total", c->nr_cblocks);
+	tfs_status_end(s);
+	tfs_status_begin(s, "metadata_blocks");
+	tfs_status_u64(s, "used", info.meta_total - info.meta_free);
+	tfs_status_u64(s, "total", info.meta_total);
+	tfs_status_end(s);
+	tfs_status_u64(s, "read_hits", c->read_hits);
+	tfs_status_u64(s, "read_misses", c->read_misses);
+	tfs_status_u64(s, "write_hits", c->write_hits);
+	tfs_status_u64(s, "write_misses", c->write_misses);
+	tfs_status_u64(s, "demotions", c->demotions);
+	tfs_status_u64(s, "promotions", c->promotions);
+	tfs_status_u64(s, "dirty", tfs_cache_policy_nr_dirty(c->policy));
+	tfs_status_u64(s, "writebacks", c->writebacks);
+	pthread_mutex_unlock(&c->lock);
+}
+
+static void cache_close_handle(struct tfs_dev *dev)
+{
+	free(handle_of(dev));
+}
+
+static const struct tfs_dev_ops cache_ops = {
+	.kind = "cache",
+	.read = cache_read,
+	.write = cache_write,
+	.flush = cache_flush,
+	.discard = cache_discard,
+	.zero_range = cache_zero_range,
+	.provision = cache_provision,
+	.seek = cache_seek,
+	.get_size = cache_get_size,
+	.truncate = tfs_dev_truncate_fixed,
+	.allocated = cache_allocated,
+	.status = cache_status,
+	.close = cache_close_handle,
+};
+
+int tfs_cache_open_dev(struct tfs_cache *c, unsigned flags, struct tfs_dev **out)
+{
+	struct cache_handle *h = calloc(1, sizeof(*h));
+
+	if (!h)
+		return -ENOMEM;
+	h->dev.ops = &cache_ops;
+	h->c = c;
+	h->read_only = flags & TFS_DEV_READ_ONLY;
+	h->status_only = flags & TFS_DEV_STATUS_ONLY;
+	*out = &h->dev;
+	return 0;
+}
+
+uint64_t tfs_cache_size(const struct tfs_cache *c)
+{
+	return c->origin_size;
+}
+
+const char *tfs_cache_name(const struct tfs_cache *c)
+{
+	return c->cfg.name;
+}
+
+struct tfs_bdev *tfs_cache_bdev(struct tfs_cache *c, const char *which)
+{
+	if (!strcmp(which, "origin"))
+		return c->origin;
+	if (!strcmp(which, "cache"))
+		return c->cdev;
+	if (!strcmp(which, "metadata"))
+		return c->meta;
+	return NULL;
+}
+
+/* ---- open and close ---- */
+
+static void policy_desc(enum tfs_cache_policy_kind k, struct tfs_cache_policy *out)
+{
+	memset(out, 0, sizeof(*out));
+	snprintf(out->name, sizeof(out->name), "%s", tfs_cache_policy_name(k));
+	/* The kernel's versions and hint sizes, so that cache_check and dm agree on the hints. */
+	if (k == TFS_CACHE_SMQ) {
+		out->version[0] = 2;
+		out->hint_size = 4;
+	} else {
+		out->version[0] = 1;
+	}
+}
+
+int tfs_cache_metadata_used(const char *path)
+{
+	uint8_t buf[4096];
+	struct tfs_bdev *b;
+	uint64_t size;
+	int r = tfs_bdev_open(path, true, &b);
+
+	if (r < 0)
+		return r;
+	r = tfs_bdev_size(b, &size);
+	if (r == 0 && size < sizeof(buf))
+		r = -ENOSPC;
+	if (r == 0)
+		r = tfs_bdev_read(b, buf, sizeof(buf), 0);
+	tfs_bdev_close(b);
+	if (r < 0)
+		return r;
+	for (size_t i = 0; i < sizeof(buf); i++)
+		if (buf[i])
+			return 1;
+	return 0;
+}
+
+static int device_blocks(const char *path, uint64_t block_size, uint64_t *out)
+{
+	struct tfs_bdev *b;
+	uint64_t size = 0;
+	int r = tfs_bdev_open(path, true, &b);
+
+	if (r < 0)
+		return r;
+	r = tfs_bdev_size(b, &size);
+	tfs_bdev_close(b);
+	*out = size / block_size;
+	return r;
+}
+
+static int format_meta(struct tfs_bdev *meta, const struct tfs_cache_cfg *cfg, uint32_t nr,
+		       struct tfs_cmd **out)
+{
+	struct tfs_cmd_format_options fo = { .block_sectors = cfg->block_sectors,
+					     .nr_cache_blocks = nr,
+					     .metadata_version = cfg->metadata_version };
+
+	policy_desc(cfg->policy, &fo.policy);
+	return tfs_cmd_format(meta, &fo, out);
+}
+
+int tfs_cache_format(const struct tfs_cache_cfg *cfg)
+{
+	struct tfs_bdev *meta;
+	struct tfs_cmd *cmd;
+	uint64_t nr;
+	int r = device_blocks(cfg->cache, (uint64_t)cfg->block_sectors * SECTOR, &nr);
+
+	if (r == 0 && (nr == 0 || nr > UINT32_MAX))
+		r = -EINVAL;
+	if (r < 0) {
+		tfs_err("[cache \"%s\"]: cache device %s: %s", cfg->name, cfg->cache,
+			r == -EINVAL ? "holds no whole block (or too many)" : strerror(-r));
+		return r;
+	}
+	r = tfs_bdev_open(cfg->metadata, false, &meta);
+	if (r < 0)
+		return r;
+	r = format_meta(meta, cfg, (uint32_t)nr, &cmd);
+	if (r == 0)
+		tfs_cmd_close(cmd);
+	else
+		tfs_err("[cache \"%s\"]: cannot format metadata %s: %s", cfg->name, cfg->metadata,
+			strerror(-r));
+	tfs_bdev_close(meta);
+	return r;
+}
+
+static int open_wrapped(const char *path, const struct tfs_cache_open_options *o,
+			struct tfs_bdev **out)
+{
+	struct tfs_bdev *raw;
+	int r = tfs_bdev_open_direct(path, false, o->direct, &raw);
+
+	if (r)
+		return r;
+	r = tfs_bdev_fault_wrap(raw, o->allow_faults, out);
+	if (r)
+		tfs_bdev_close(raw);
+	return r;
+}
+
+static int load_one(void *ctx, uint32_t cb, uint64_t ob, bool dirty, const void *hint)
+{
+	struct tfs_cache *c = ctx;
+	uint32_t hits = 0;
+
+	if (ob >= c->nr_oblocks) {
+		snprintf(c->reason, sizeof(c->reason),
+			 "cache block %" PRIu32 " maps origin block %" PRIu64
+			 " past the origin's end (%" PRIu64 " blocks)", cb, ob, c->nr_oblocks);
+		return -EINVAL;
+	}
+	if (hint)
+		memcpy(&hits, hint, sizeof(hits));
+	tfs_cache_policy_insert(c->policy, cb, ob, dirty, hits);
+	return 0;
+}
+
+static int load_discard(void *ctx, uint64_t db, bool on)
+{
+	struct tfs_cache *c = ctx;
+
+	if (on && db < c->nr_oblocks)
+		c->discard[db / 64] |= 1ull << (db % 64);
+	return 0;
+}
+
+/* Metadata: format, or open and load.  A refusal sets c->reason and returns -EINVAL. */
+static int start_metadata(struct tfs_cache *c)
+{
+	struct tfs_cmd_open_options oo = { .block_sectors = c->cfg.block_sectors };
+	struct tfs_cache_policy pd;
+	struct tfs_cmd_info info;
+	int used = tfs_cache_metadata_used(c->cfg.metadata), r;
+
+	policy_desc(c->policy_kind, &pd);
+	if (used < 0)
+		return used;
+	if (!used) {
+		r = format_meta(c->meta, &c->cfg, c->nr_cblocks, &c->cmd);
+		if (r < 0)
+			snprintf(c->reason, sizeof(c->reason), "cannot format metadata: %s",
+				 strerror(-r));
+	} else {
+		r = tfs_cmd_open(c->meta, &oo, &c->cmd);
+		if (r < 0)
+			snprintf(c->reason, sizeof(c->reason),
+				 "metadata refused (see the log): %s", strerror(-r));
+	}
+	if (r < 0)
+		return -EINVAL;
+	if (tfs_cmd_needs_check(c->cmd)) {
+		c->needs_check = true;
+		snprintf(c->reason, sizeof(c->reason),
+			 "metadata needs_check is set: run thinfs check --clear-needs-check "
+			 "(or cache_check --clear-needs-check-flag) on %s", c->cfg.metadata);
+		return -EINVAL;
+	}
+	tfs_cmd_info(c->cmd, &info);
+	r = 0;
+	if (info.nr_cache_blocks != c->nr_cblocks) {
+		uint32_t dirty_cb;
+
+		r = tfs_cmd_resize(c->cmd, c->nr_cblocks, &dirty_cb);
+		if (r == -EINVAL)
+			snprintf(c->reason, sizeof(c->reason),
+				 "cache device shrank below dirty block %" PRIu32, dirty_cb);
+	}
+	if (r == 0 && (info.discard_block_sectors != c->cfg.block_sectors ||
+		       info.discard_nr_blocks != c->nr_oblocks))
+		r = tfs_cmd_resize_discard(c->cmd, c->cfg.block_sectors, c->nr_oblocks);
+	if (r == 0)
+		r = tfs_cmd_set_policy(c->cmd, &pd);
+	if (r == 0)
+		r = tfs_cmd_load_mappings(c->cmd, &pd, load_one, c);
+	if (r == 0)
+		r = tfs_cmd_load_discards(c->cmd, load_discard, c);
+	if (r < 0) {
+		if (!c->reason[0])
+			snprintf(c->reason, sizeof(c->reason), "cannot load metadata: %s",
+				 strerror(-r));
+		return -EINVAL;
+	}
+	if (c->mode == TFS_CACHE_PASSTHROUGH && tfs_cache_policy_nr_dirty(c->policy)) {
+		snprintf(c->reason, sizeof(c->reason),
+			 "passthrough refused: %u dirty block(s) (start in writeback and clean first)",
+			 tfs_cache_policy_nr_dirty(c->policy));
+		return -EINVAL;
+	}
+	if (!tfs_cmd_clean_when_opened(c->cmd) && tfs_cache_policy_nr_dirty(c->policy))
+		tfs_info("cache %s: unclean shutdown: %u mapped block(s) count as dirty until written "
+			 "back", c->cfg.name, tfs_cache_policy_nr_dirty(c->policy));
+	{
+		struct tfs_cache_stats st;
+
+		tfs_cmd_get_stats(c->cmd, &st);
+		c->read_hits = st.read_hits;
+		c->read_misses = st.read_misses;
+		c->write_hits = st.write_hits;
+		c->write_misses = st.write_misses;
+	}
+	c->meta_changed = true;
+	return commit_locked(c, false) < 0 ? -EINVAL : 0;
+}
+
+static int alloc_state(struct tfs_cache *c)
+{
+	int r;
+
+	c->discard = calloc(c->nr_oblocks / 64 + 1, sizeof(uint64_t));
+	if (!c->discard)
+		return -ENOMEM;
+	r = tfs_cache_policy_create(c->nr_cblocks, &c->policy);
+	if (r == 0 && posix_memalign((void **)&c->copy_buf, 4096,
+				     c->block_size < COPY_PIECE ? c->block_size : COPY_PIECE))
+		r = -ENOMEM;
+	return r;
+}
+
+int tfs_cache_open(const struct tfs_cache_cfg *cfg, const struct tfs_cache_open_options *o,
+		   struct tfs_cache **out)
+{
+	struct tfs_cache *c = calloc(1, sizeof(*c));
+	uint64_t csize = 0;
+	int r;
+
+	if (!c)
+		return -ENOMEM;
+	c->cfg = *cfg;
+	c->mode = cfg->mode;
+	c->policy_kind = cfg->policy;
+	c->migration_threshold = cfg->migration_threshold;
+	c->block_size = (uint64_t)cfg->block_sectors * SECTOR;
+	c->notify = o->notify;
+	c->notify_arg = o->notify_arg;
+	pthread_mutex_init(&c->lock, NULL);
+	pthread_cond_init(&c->cond, NULL);
+	r = open_wrapped(cfg->origin, o, &c->origin);
+	if (r == 0)
+		r = open_wrapped(cfg->cache, o, &c->cdev);
+	if (r == 0)
+		r = open_wrapped(cfg->metadata, o, &c->meta);
+	if (r < 0) {
+		tfs_err("[cache \"%s\"]: cannot open its devices: %s", cfg->name, strerror(-r));
+		goto err;
+	}
+	r = tfs_linear_open(c->origin, false, 0, &c->origin_dev);
+	if (r == 0)
+		r = tfs_prison_create(&c->prison);
+	if (r == 0)
+		r = tfs_bdev_size(c->origin, &c->origin_size);
+	if (r == 0)
+		r = tfs_bdev_size(c->cdev, &csize);
+	if (r < 0)
+		goto err;
+	c->nr_oblocks = c->origin_size / c->block_size;
+	c->nr_cblocks = csize / c->block_size > UINT32_MAX - 1 ? UINT32_MAX - 1
+							       : (uint32_t)(csize / c->block_size);
+	r = alloc_state(c);
+	if (r < 0)
+		goto err;
+	c->last_commit_ms = c->last_io_ms = now_ms();
+	pthread_mutex_lock(&c->lock);
+	if (!c->nr_cblocks) {
+		snprintf(c->reason, sizeof(c->reason), "the cache device holds no whole block");
+		r = -EINVAL;
+	} else {
+		r = start_metadata(c);
+	}
+	if (r < 0) {
+		if (r != -EINVAL)
+			snprintf(c->reason, sizeof(c->reason), "cannot start: %s", strerror(-r));
+		c->meta_mode = META_FAIL;
+		tfs_err("cache %s does not start: %s; its file answers EIO", cfg->name, c->reason);
+	}
+	pthread_mutex_unlock(&c->lock);
+	if (c->meta_mode != META_FAIL) {
+		r = pthread_create(&c->worker, NULL, worker, c);
+		if (r) {
+			r = -r;
+			goto err;
+		}
+		c->worker_started = true;
+	}
+	*out = c;
+	return 0;
+err:
+	tfs_cache_close(c);
+	return r;
+}
+
+static void save_hints(struct tfs_cache *c)
+{
+	if (c->policy_kind != TFS_CACHE_SMQ)
+		return;
+	for (uint32_t cb = 0; cb < c->nr_cblocks && c->meta_mode == META_RW; cb++) {
+		uint32_t hits;
+		int r;
+
+		if (tfs_cache_policy_oblock(c->policy, cb) == UINT64_MAX)
+			continue;
+		hits = tfs_cache_policy_hits(c->policy, cb);
+		r = tfs_cmd_set_hint(c->cmd, cb, &hits);
+		if (r < 0)
+			meta_failed(c, "hint", r);
+	}
+}
+
+int tfs_cache_close(struct tfs_cache *c)
+{
+	int r = 0;
+
+	if (!c)
+		return 0;
+	if (c->worker_started) {
+		pthread_mutex_lock(&c->lock);
+		c->stop = true;
+		pthread_cond_broadcast(&c->cond);
+		pthread_mutex_unlock(&c->lock);
+		pthread_join(c->worker, NULL);
+	}
+	if (c->cmd) {
+		pthread_mutex_lock(&c->lock);
+		if (c->meta_mode == META_RW) {
+			/* Data first: the clean flag vouches for the dirty bits and the copies. */
+			r = tfs_bdev_flush(c->cdev);
+			if (r == 0)
+				r = tfs_bdev_flush(c->origin);
+			if (r == 0) {
+				save_hints(c);
+				r = commit_locked(c, true);
+			}
+		}
+		pthread_mutex_unlock(&c->lock);
+		tfs_cmd_close(c->cmd);
+	}
+	tfs_dev_close(c->origin_dev);
+	tfs_prison_destroy(c->prison);
+	tfs_bdev_close(c->meta);
+	tfs_bdev_close(c->cdev);
+	tfs_bdev_close(c->origin);
+	tfs_cache_policy_destroy(c->policy);
+	free(c->discard);
+	free(c->copy_buf);
+	pthread_cond_destroy(&c->cond);
+	pthread_mutex_destroy(&c->lock);
+	free(c);
+	return r;
+}
+
+/* ---- control ---- */
+
+static int refuse_mode(struct tfs_cache *c, char *msg, size_t len)
+{
+	if (c->meta_mode == META_RW)
+		return 0;
+	snprintf(msg, len, "cache %s: metadata mode is %s (%s): only status is served", c->cfg.name,
+		 meta_mode_name[c->meta_mode], c->reason);
+	return -EROFS;
+}
+
+int tfs_cache_set_mode(struct tfs_cache *c, enum tfs_cache_mode m, char *msg, size_t len)
+{
+	int r;
+
+	pthread_mutex_lock(&c->lock);
+	r = refuse_mode(c, msg, len);
+	if (r == 0 && m == TFS_CACHE_PASSTHROUGH && tfs_cache_policy_nr_dirty(c->policy)) {
+		snprintf(msg, len, "cache %s: passthrough refused: %u dirty block(s) (clean first)",
+			 c->cfg.name, tfs_cache_policy_nr_dirty(c->policy));
+		r = -EBUSY;
+	}
+	if (r == 0) {
+		snprintf(msg, len, "cache %s: mode %s -> %s", c->cfg.name,
+			 tfs_cache_mode_name(c->mode), tfs_cache_mode_name(m));
+		c->mode = m;
+	}
+	pthread_mutex_unlock(&c->lock);
+	return r;
+}
+
+int tfs_cache_set_policy(struct tfs_cache *c, enum tfs_cache_policy_kind p, char *msg, size_t len)
+{
+	struct tfs_cache_policy pd;
+	int r;
+
+	pthread_mutex_lock(&c->lock);
+	r = refuse_mode(c, msg, len);
+	if (r == 0 && p != c->policy_kind) {
+		policy_desc(p, &pd);
+		r = tfs_cmd_set_policy(c->cmd, &pd);
+		if (r < 0) {
+			meta_failed(c, "policy change", r);
+			snprintf(msg, len, "cache %s: policy change failed: %s", c->cfg.name,
+				 strerror(-r));
+		} else {
+			c->meta_changed = true;
+		}
+	}
+	if (r == 0) {
+		snprintf(msg, len, "cache %s: policy %s -> %s", c->cfg.name,
+			 tfs_cache_policy_name(c->policy_kind), tfs_cache_policy_name(p));
+		c->policy_kind = p;
+		pthread_cond_broadcast(&c->cond);
+	}
+	pthread_mutex_unlock(&c->lock);
+	return r;
+}
+
+int tfs_cache_set_migration_threshold(struct tfs_cache *c, uint64_t sectors, char *msg,
+				      size_t len)
+{
+	int r;
+
+	pthread_mutex_lock(&c->lock);
+	r = refuse_mode(c, msg, len);
+	if (r == 0) {
+		snprintf(msg, len, "cache %s: migration_threshold %" PRIu64 " -> %" PRIu64,
+			 c->cfg.name, c->migration_threshold, sectors);
+		c->migration_threshold = sectors;
+		pthread_cond_broadcast(&c->cond);
+	}
+	pthread_mutex_unlock(&c->lock);
+	return r;
+}
+
+int tfs_cache_invalidate(struct tfs_cache *c, const uint64_t (*ranges)[2], unsigned nr, char *msg,
+			 size_t len)
+{
+	unsigned dropped = 0;
+	int r;
+
+	pthread_mutex_lock(&c->lock);
+	r = refuse_mode(c, msg, len);
+	if (r == 0 && c->mode != TFS_CACHE_PASSTHROUGH) {
+		snprintf(msg, len, "cache %s: invalidate works in passthrough mode only (now %s)",
+			 c->cfg.name, tfs_cache_mode_name(c->mode));
+		r = -EBUSY;
+	}
+	for (unsigned i = 0; r == 0 && i < nr; i++) {
+		if (ranges[i][0] >= ranges[i][1] || ranges[i][1] > c->nr_cblocks) {
+			snprintf(msg, len, "cache %s: invalidate: %" PRIu64 "-%" PRIu64
+				 " is not within 0-%" PRIu32 " (END exclusive)", c->cfg.name,
+				 ranges[i][0], ranges[i][1], c->nr_cblocks);
+			r = -EINVAL;
+		}
+	}
+	pthread_mutex_unlock(&c->lock);
+	for (unsigned i = 0; r == 0 && i < nr; i++) {
+		for (uint64_t cb = ranges[i][0]; r == 0 && cb < ranges[i][1]; cb++) {
+			uint64_t ob;
+
+			pthread_mutex_lock(&c->lock);
+			ob = tfs_cache_policy_oblock(c->policy, (uint32_t)cb);
+			pthread_mutex_unlock(&c->lock);
+			if (ob == UINT64_MAX)
+				continue;
+			cell_lock(c, ob, false);
+			pthread_mutex_lock(&c->lock);
+			if (tfs_cache_policy_oblock(c->policy, (uint32_t)cb) == ob) {
+				r = unmap_locked(c, (uint32_t)cb, false);
+				dropped += r == 0;
+			}
+			pthread_mutex_unlock(&c->lock);
+			cell_unlock(c, ob, false);
+		}
+	}
+	pthread_mutex_lock(&c->lock);
+	if (r == 0 && dropped)
+		r = commit_locked(c, false);
+	if (r == 0)
+		snprintf(msg, len, "cache %s: %u block(s) invalidated", c->cfg.name, dropped);
+	else if (!msg[0])
+		snprintf(msg, len, "cache %s: invalidate failed: %s", c->cfg.name, strerror(-r));
+	pthread_mutex_unlock(&c->lock);
+	notify(c);
+	return r;
+}
+
+int tfs_cache_clean(struct tfs_cache *c, bool wait, void (*progress)(void *arg, uint64_t dirty),
+		    void *arg, char *msg, size_t len)
+{
+	int r = tfs_cache_set_policy(c, TFS_CACHE_CLEANER, msg, len);
+
+	if (r < 0)
+		return r;
+	pthread_mutex_lock(&c->lock);
+	c->cleaning = true;
+	pthread_cond_broadcast(&c->cond);
+	while (wait && c->meta_mode == META_RW && tfs_cache_policy_nr_dirty(c->policy)) {
+		struct timespec ts;
+
+		if (progress) {
+			uint64_t d = tfs_cache_policy_nr_dirty(c->policy);
+
+			pthread_mutex_unlock(&c->lock);
+			progress(arg, d);
+			pthread_mutex_lock(&c->lock);
+		}
+		clock_gettime(CLOCK_REALTIME, &ts);
+		ts.tv_sec++;
+		pthread_cond_timedwait(&c->cond, &c->lock, &ts);
+	}
+	if (wait && c->meta_mode != META_RW) {
+		r = -EIO;
+		snprintf(msg, len, "cache %s: clean stopped: metadata mode %s (%s)", c->cfg.name,
+			 meta_mode_name[c->meta_mode], c->reason);
+	} else if (wait) {
+		snprintf(msg, len, "cache %s: clean: 0 dirty blocks; the origin alone now holds all "
+			 "the data (remove the [cache] section and reload to drop the cache)",
+			 c->cfg.name);
+	} else {
+		snprintf(msg, len, "cache %s: cleaning %u dirty block(s) with the cleaner policy",
+			 c->cfg.name, tfs_cache_policy_nr_dirty(c->policy));
+	}
+	pthread_mutex_unlock(&c->lock);
+	return r;
+}
+
+unsigned tfs_cache_take_events(struct tfs_cache *c, struct tfs_cache_event *out, unsigned max)
+{
+	unsigned n;
+
+	pthread_mutex_lock(&c->lock);
+	n = c->nr_events < max ? c->nr_events : max;
+	memcpy(out, c->events, n * sizeof(*out));
+	memmove(c->events, c->events + n, (c->nr_events - n) * sizeof(*out));
+	c->nr_events -= n;
+	pthread_mutex_unlock(&c->lock);
+	return n;
+}
+
+void tfs_cache_dm_line(struct tfs_cache *c, char *out, size_t len)
+{
+	struct tfs_cmd_info info = { 0 };
+
+	pthread_mutex_lock(&c->lock);
+	if (c->meta_mode == META_FAIL || !c->cmd) {
+		snprintf(out, len, "Fail");
+		pthread_mutex_unlock(&c->lock);
+		return;
+	}
+	tfs_cmd_info(c->cmd, &info);
+	snprintf(out, len,
+		 "8 %" PRIu64 "/%" PRIu64 " %" PRIu32 " %" PRIu32 "/%" PRIu32 " %" PRIu64 " %" PRIu64
+		 " %" PRIu64 " %" PRIu64 " %" PRIu64 " %" PRIu64 " %u %u %s%s%s 2 migration_threshold"
+		 " %" PRIu64 " %s 0 %s ",
+		 info.meta_total - info.meta_free, info.meta_total, c->cfg.block_sectors,
+		 c->nr_cblocks - tfs_cache_policy_nr_free(c->policy), c->nr_cblocks, c->read_hits,
+		 c->read_misses, c->write_hits, c->write_misses, c->demotions, c->promotions,
+		 tfs_cache_policy_nr_dirty(c->policy),
+		 1 + (info.version == 2) + !c->cfg.discard_passdown,
+		 info.version == 2 ? "metadata2 " : "", tfs_cache_mode_name(c->mode),
+		 c->cfg.discard_passdown ? "" : " no_discard_passdown", c->migration_threshold,
+		 tfs_cache_policy_name(c->policy_kind), meta_mode_name[c->meta_mode]);
+	snprintf(out + strlen(out), len - strlen(out), "%s",
+		 c->needs_check ? "needs_check" : "-");
+	pthread_mutex_unlock(&c->lock);
+}

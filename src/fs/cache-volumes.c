@@ -1,0 +1,200 @@
+/* SPDX-License-Identifier: GPL-2.0-or-later */
+/*
+ * cache-volumes.c - cached origins ([cache "NAME"] of pool.cfg) in the
+ * namespace (fs.h, "cached origins").
+ *
+ * Each cache is a top-level catalog row with an id from TFS_DEV_ID_CACHE
+ * up, so that names, modes, owners and inode numbers work as for thin
+ * volumes and stay the same from mount to mount.  pool.cfg says which
+ * caches exist: the mount opens them all before the catalog is
+ * reconciled, gives new ones a row and drops the rows of sections that
+ * went (the cache's devices keep their data).
+ */
+#include "fs.h"
+
+#include <errno.h>
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cache.h"
+#include "log.h"
+#include "target.h"
+
+bool tfs_fs_is_cache_id(uint32_t dev_id)
+{
+	return dev_id >= TFS_DEV_ID_CACHE && dev_id < TFS_DEV_ID_CACHE + TFS_CACHES_MAX * 64u;
+}
+
+static struct tfs_cache *cache_of(struct tfs_fs *fs, uint32_t dev_id)
+{
+	for (unsigned i = 0; i < fs->nr_caches; i++)
+		if (fs->cache_ids[i] == dev_id)
+			return fs->caches[i];
+	return NULL;
+}
+
+struct tfs_cache *tfs_fs_cache_by_name(struct tfs_fs *fs, const char *name)
+{
+	for (unsigned i = 0; i < fs->nr_caches; i++)
+		if (!strcmp(tfs_cache_name(fs->caches[i]), name))
+			return fs->caches[i];
+	return NULL;
+}
+
+int tfs_fs_cache_open_dev(struct tfs_fs *fs, uint32_t dev_id, unsigned flags, struct tfs_dev **out)
+{
+	struct tfs_cache *c = cache_of(fs, dev_id);
+
+	return c ? tfs_cache_open_dev(c, flags, out) : -ENODATA;
+}
+
+/* The cache's events into the event log (any thread; no cache lock held). */
+static void cache_notify(void *arg)
+{
+	struct tfs_fs *fs = arg;
+	struct tfs_cache_event ev[8];
+
+	for (unsigned i = 0; i < fs->nr_caches; i++) {
+		unsigned n;
+
+		while ((n = tfs_cache_take_events(fs->caches[i], ev, 8)) > 0)
+			for (unsigned j = 0; j < n; j++)
+				tfs_fs_event(fs, ev[j].mode_change ? "mode_change" : "cache_clean", "%s",
+					     ev[j].detail);
+	}
+}
+
+struct id_scan {
+	uint32_t next_id;
+	struct tfs_fs *fs;
+};
+
+static int scan_row(void *ctx, const struct tfs_vol_row *row)
+{
+	struct id_scan *s = ctx;
+
+	if (tfs_fs_is_cache_id(row->dev_id) && row->dev_id >= s->next_id)
+		s->next_id = row->dev_id + 1;
+	return 0;
+}
+
+/* The row of cache i: found by name (its id kept) or made. */
+static int settle_row(struct tfs_fs *fs, struct id_scan *s, unsigned i)
+{
+	const char *name = fs->cfg.caches[i].name;
+	struct tfs_vol_row row;
+	int64_t now = tfs_now_ns();
+	uint64_t size = tfs_cache_size(fs->caches[i]);
+	int r = tfs_catalog_get_by_name(fs->cat, name, &row);
+
+	if (r == 0 && !tfs_fs_is_cache_id(row.dev_id)) {
+		tfs_err("[cache \"%s\"]: the name is taken by volume %s in the pool (rename one of "
+			"them)", name, name);
+		return -EEXIST;
+	}
+	if (r == 0) {
+		fs->cache_ids[i] = row.dev_id;
+		if (row.size == size)
+			return 0;
+		row.size = size;
+		return tfs_catalog_update_volume(fs->cat, &row);
+	}
+	if (r != -ENOENT)
+		return r;
+	memset(&row, 0, sizeof(row));
+	snprintf(row.name, sizeof(row.name), "%s", name);
+	row.dev_id = s->next_id++;
+	row.kind = TFS_VOL_THIN;
+	row.size = size;
+	row.mode = 0600;
+	row.uid = fs->owner_uid;
+	row.gid = fs->owner_gid;
+	row.atime_ns = row.mtime_ns = row.ctime_ns = now;
+	fs->cache_ids[i] = row.dev_id;
+	return tfs_catalog_add_volume(fs->cat, &row);
+}
+
+/* Rows of caches whose section is gone. */
+static int drop_stale(void *ctx, const struct tfs_vol_row *row)
+{
+	struct tfs_fs *fs = ctx;
+
+	if (!tfs_fs_is_cache_id(row->dev_id) || cache_of(fs, row->dev_id))
+		return 0;
+	tfs_info("%s: no longer in pool.cfg: its file is gone (its devices keep the data)",
+		 row->name);
+	return tfs_catalog_remove_volume(fs->cat, row->dev_id);
+}
+
+int tfs_fs_cache_open(struct tfs_fs *fs)
+{
+	struct tfs_cache_open_options o = { .direct = !fs->cfg.host_cache,
+					    .allow_faults = fs->cfg.allow_faults,
+					    .notify = cache_notify, .notify_arg = fs };
+	struct id_scan s = { .next_id = TFS_DEV_ID_CACHE, .fs = fs };
+	int r = 0;
+
+	if (fs->read_only)
+		return 0; /* not exported on a read-only mount (README) */
+	for (unsigned i = 0; i < fs->cfg.nr_caches && r == 0; i++) {
+		r = tfs_cache_open(&fs->cfg.caches[i], &o, &fs->caches[i]);
+		if (r == 0)
+			fs->nr_caches++;
+	}
+	if (r == 0)
+		r = tfs_catalog_list_volumes(fs->cat, true, scan_row, &s);
+	for (unsigned i = 0; i < fs->nr_caches && r == 0; i++)
+		r = settle_row(fs, &s, i);
+	if (r == 0)
+		r = tfs_catalog_list_volumes(fs->cat, true, drop_stale, fs);
+	if (r == 0)
+		return 0;
+	tfs_err("cannot open the caches of %s: %s", fs->cfg.path, strerror(-r));
+	tfs_fs_cache_close(fs);
+	return r;
+}
+
+int tfs_fs_cache_close(struct tfs_fs *fs)
+{
+	int status = 0;
+
+	for (unsigned i = 0; i < fs->nr_caches; i++) {
+		int r = tfs_cache_close(fs->caches[i]);
+
+		if (r < 0) {
+			tfs_err("cache %s: final commit failed: %s", fs->cfg.caches[i].name,
+				strerror(-r));
+			status = r;
+		}
+		fs->caches[i] = NULL;
+	}
+	fs->nr_caches = 0;
+	return status;
+}
+
+int tfs_fs_cache_add_ids(struct tfs_fs *fs, uint32_t **ids, unsigned *nr)
+{
+	uint32_t *grown;
+	uint32_t sorted[TFS_CACHES_MAX];
+
+	if (!fs->nr_caches)
+		return 0;
+	grown = realloc(*ids, (*nr + fs->nr_caches) * sizeof(*grown));
+	if (!grown)
+		return -ENOMEM;
+	memcpy(sorted, fs->cache_ids, fs->nr_caches * sizeof(*sorted));
+	/* Insertion sort: a handful of ids, all above the thin ones. */
+	for (unsigned i = 1; i < fs->nr_caches; i++)
+		for (unsigned j = i; j > 0 && sorted[j - 1] > sorted[j]; j--) {
+			uint32_t t = sorted[j];
+
+			sorted[j] = sorted[j - 1];
+			sorted[j - 1] = t;
+		}
+	memcpy(grown + *nr, sorted, fs->nr_caches * sizeof(*sorted));
+	*ids = grown;
+	*nr += fs->nr_caches;
+	return 0;
+}

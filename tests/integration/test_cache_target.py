@@ -1,0 +1,359 @@
+"""The cache target on real mounts: [cache "NAME"] sections, modes, policies,
+migrations, failure semantics, control commands (README "Cached origins").
+
+Devices are sparse files in tmp_path.  Reads and writes that must reach the
+target go through O_DIRECT (the page cache would answer repeated reads
+itself).  Every test ends with cache_check on the cache's metadata (pool
+teardown)."""
+import ctypes
+import mmap
+import os
+import re
+import subprocess
+import time
+
+import pytest
+
+from test_cache_metadata import poke_superblock
+
+BS = 64 << 10              # the cache block size these tests use
+ORIGIN = 8 << 20           # 128 origin blocks
+CACHE = 1 << 20            # 16 cache blocks
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cache_tools():
+    for tool in ("cache_check", "cache_dump"):
+        if subprocess.run(["which", tool], capture_output=True).returncode:
+            pytest.skip(f"{tool} (thin-provisioning-tools) not installed")
+
+
+def make_cache(pool, *, mode="writeback", keys=None, faults=False, mount=True,
+               origin_size=ORIGIN, cache_size=CACHE):
+    p = pool(mount=False, mkpool=False)
+    d = p.dir
+    p.origin, p.cdev, p.cmeta = d / "origin.img", d / "cache.img", d / "cmeta.img"
+    for path, size in ((p.origin, origin_size), (p.cdev, cache_size), (p.cmeta, 4 << 20)):
+        with open(path, "wb") as f:
+            f.truncate(size)
+    lines = [f'[cache "c"]', f"origin = {p.origin}", f"cache = {p.cdev}",
+             f"metadata = {p.cmeta}", f"mode = {mode}", "block_size = 64k"]
+    lines += [f"{k} = {v}" for k, v in (keys or {}).items()]
+    if faults:
+        lines += ["[fault]", "allow = yes"]
+    p.cfg.write_text(p.cfg.read_text() + "\n".join(lines) + "\n")
+    p.cache_metas.append(p.cmeta)
+    p.mkpool()
+    p.faults = faults
+    if mount:
+        mount_cache(p)
+    return p
+
+
+def mount_cache(p):
+    p.mount(*(("--allow-faults",) if p.faults else ()))
+
+
+def cstat(p):
+    return p.volume("c")
+
+
+def dio_write(path, off, data):
+    buf = mmap.mmap(-1, len(data))
+    buf.write(data)
+    fd = os.open(path, os.O_WRONLY | os.O_DIRECT)
+    try:
+        assert os.pwritev(fd, [buf], off) == len(data)
+    finally:
+        os.close(fd)
+
+
+def dio_read(path, off, length):
+    buf = mmap.mmap(-1, length)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    try:
+        assert os.preadv(fd, [buf], off) == length
+    finally:
+        os.close(fd)
+    return bytes(buf)
+
+
+def wait_for(p, what, cond):
+    """Poll status until cond(status of c) holds (no time limit of ours: the
+    suite's timeout catches a hang); returns that status."""
+    for _ in range(100000):
+        st = cstat(p)
+        if cond(st):
+            return st
+        time.sleep(0.05)
+    raise AssertionError(f"never: {what}")
+
+
+def promote(p, blocks):
+    """Read each block until the policy promoted it (used repeatedly)."""
+    f = p.mnt / "c"
+    for _ in range(3):
+        for b in blocks:
+            dio_read(f, b * BS, BS)
+    wait_for(p, f"{len(blocks)} blocks cached",
+             lambda st: st["cache_blocks"]["used"] >= len(blocks))
+
+
+def clean_and_check_origin(p, data):
+    """Decommission: clean --wait, unmount, and the origin alone holds data."""
+    p.ctl("cache", "c", "clean", "--wait")
+    p.unmount()
+    assert p.origin.read_bytes()[:len(data)] == data
+
+
+def mappings(cmeta):
+    out = subprocess.run(["cache_dump", str(cmeta)], capture_output=True, text=True,
+                         check=True).stdout
+    return {int(m.group(1)): int(m.group(2)) for m in
+            re.finditer(r'cache_block="(\d+)" origin_block="(\d+)"', out)}
+
+
+def block_of(path, n):
+    with open(path, "rb") as f:
+        f.seek(n * BS)
+        return f.read(BS)
+
+
+# ---- configuration and status ------------------------------------------------
+
+def test_cache_file_has_the_origins_size_and_reports_its_status(pool):
+    p = make_cache(pool, mode="writethrough")
+    st = cstat(p)
+    assert st["kind"] == "cache" and st["size"] == ORIGIN
+    assert (p.mnt / "c").stat().st_size == ORIGIN
+    for key in ("mode", "policy", "metadata_mode", "needs_check", "block_size",
+                "migration_threshold", "discard_passdown", "cache_blocks", "metadata_blocks",
+                "read_hits", "read_misses", "write_hits", "write_misses", "demotions",
+                "promotions", "dirty"):
+        assert key in st, key
+    assert (st["mode"], st["policy"], st["metadata_mode"], st["block_size"]) == \
+        ("writethrough", "smq", "rw", BS)
+    assert st["cache_blocks"] == {"used": 0, "total": CACHE // BS}
+    text = p.ctl("status").stdout
+    assert re.search(r"cache c: 8 \d+/\d+ 128 0/16 (0 ){7}3 metadata2 writethrough "
+                     r"no_discard_passdown 2 migration_threshold 2048 smq 0 rw -", text), text
+
+
+def test_bad_cache_value_is_refused_naming_section_and_key(pool):
+    p = make_cache(pool, mount=False)
+    text = p.cfg.read_text()
+    p.cfg.write_text(text.replace("block_size = 64k", "block_size = 48k"))
+    r = p.mkpool("--force", ok=(1,))
+    assert '[cache "c"] block_size: 48k is not 32k .. 1g in multiples of 32k' in r.stderr
+    p.cfg.write_text(text)
+
+
+def test_mkpool_refuses_used_cache_metadata_without_force(pool):
+    p = make_cache(pool, mount=False)
+    # The pool's own metadata is refused first; a fresh pool with the used cache metadata:
+    p.meta.write_bytes(b"")
+    os.truncate(p.meta, 64 << 20)
+    r = p.mkpool(ok=(1,))
+    assert "metadata device" in r.stderr and "in use" in r.stderr, r.stderr
+    p.mkpool("--force")
+
+
+# ---- writeback, clean, decommissioning -----------------------------------------
+
+def test_dirty_blocks_are_written_back_once_and_clean_ones_never(pool):
+    p = make_cache(pool, mode="writeback")
+    f = p.mnt / "c"
+    blocks = list(range(8))
+    promote(p, blocks)
+    assert cstat(p)["writebacks"] == 0
+    data = os.urandom(len(blocks) * BS)
+    dio_write(f, 0, data)
+    st = cstat(p)
+    assert st["write_hits"] >= len(blocks)
+    r = p.ctl("cache", "c", "clean", "--wait")
+    assert "the origin alone now holds all the data" in r.stdout
+    st = cstat(p)
+    assert st["dirty"] == 0 and st["writebacks"] == len(blocks) and st["policy"] == "cleaner"
+    # Clean blocks are read and never copied back.
+    for _ in range(3):
+        assert dio_read(f, 0, len(data)) == data
+    assert cstat(p)["writebacks"] == len(blocks)
+    p.expect_log(r"never")
+    events = p.ctl("events").stdout
+    assert "cache_clean" in events
+    p.unmount()
+    # Decommissioned: the origin alone holds the data.
+    assert p.origin.read_bytes()[:len(data)] == data
+
+
+def test_passthrough_is_refused_while_dirty_and_invalidates_write_hits(pool):
+    p = make_cache(pool, mode="writeback")
+    f = p.mnt / "c"
+    promote(p, [0, 1, 2, 3])
+    dio_write(f, 0, b"d" * BS)
+    r = p.ctl("cache", "c", "mode", "passthrough", ok=(1,))
+    assert "passthrough refused" in r.stdout + r.stderr
+    assert p.ctl("cache", "c", "invalidate", "0", ok=(1,)).returncode == 1
+    p.ctl("cache", "c", "clean", "--wait")
+    p.ctl("cache", "c", "mode", "passthrough")
+    used = cstat(p)["cache_blocks"]["used"]
+    dio_write(f, BS, b"e" * BS)            # a write hit: the cached copy goes
+    assert cstat(p)["cache_blocks"]["used"] == used - 1
+    assert dio_read(f, 0, 2 * BS) == b"d" * BS + b"e" * BS
+    bad = p.ctl("cache", "c", "invalidate", "3-99", ok=(1,))
+    assert "is not within 0-16" in bad.stdout + bad.stderr
+    assert cstat(p)["cache_blocks"]["used"] == used - 1
+    p.ctl("cache", "c", "invalidate", "0-16")
+    assert cstat(p)["cache_blocks"]["used"] == 0
+    p.unmount()
+    assert mappings(p.cmeta) == {}
+    assert p.origin.read_bytes()[:2 * BS] == b"d" * BS + b"e" * BS
+
+
+# ---- writethrough ------------------------------------------------------------------
+
+def test_writethrough_never_dirty_under_fio_verify(pool, tmp_path):
+    p = make_cache(pool, mode="writethrough")
+    r = subprocess.run(["fio", "--name=wt", f"--filename={p.mnt / 'c'}", "--rw=randrw",
+                        "--bs=4k", "--size=2m", "--direct=1", "--verify=crc32c",
+                        "--do_verify=1", "--loops=3", "--ioengine=psync",
+                        "--randrepeat=1"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    st = cstat(p)
+    assert st["dirty"] == 0 and st["writebacks"] == 0
+    assert st["promotions"] > 0, st
+    p.unmount()
+    for cb, ob in mappings(p.cmeta).items():
+        assert block_of(p.cdev, cb) == block_of(p.origin, ob), (cb, ob)
+
+
+# ---- policy ---------------------------------------------------------------------
+
+def test_hot_set_is_promoted_and_served_from_the_cache(pool):
+    p = make_cache(pool, mode="writethrough")
+    f = p.mnt / "c"
+    hot = list(range(20, 28))
+    promote(p, hot)
+    before = cstat(p)["read_hits"]
+    for b in hot:
+        dio_read(f, b * BS, BS)
+    st = cstat(p)
+    assert st["read_hits"] - before == len(hot)
+    # One cold pass is not "used repeatedly": nothing of it is promoted.
+    for b in range(64, 80):
+        dio_read(f, b * BS, BS)
+    p.unmount()
+    assert set(mappings(p.cmeta).values()) == set(hot)
+
+
+def test_migration_threshold_zero_stops_promotions(pool):
+    p = make_cache(pool, mode="writethrough", keys={"migration_threshold": 0})
+    f = p.mnt / "c"
+    for _ in range(4):
+        dio_read(f, 0, 4 * BS)
+    p.ctl("cache", "c", "migration_threshold", "2048")
+    assert cstat(p)["promotions"] == 0
+    promote(p, [0, 1, 2, 3])
+
+
+# ---- crashes and failures ----------------------------------------------------------
+
+def test_kill9_in_writeback_loses_nothing(pool):
+    p = make_cache(pool, mode="writeback")
+    f = p.mnt / "c"
+    promote(p, [0, 1, 2, 3])
+    p.ctl("cache", "c", "migration_threshold", "0")   # nothing written back before the kill
+    data = os.urandom(4 * BS)
+    dio_write(f, 0, data)
+    assert cstat(p)["dirty"] == 4
+    p.kill9()
+    mount_cache(p)
+    st = cstat(p)
+    assert st["dirty"] == st["cache_blocks"]["used"] == 4   # unclean: every mapped block
+    assert dio_read(f, 0, len(data)) == data
+    clean_and_check_origin(p, data)
+
+
+def test_metadata_write_error_sets_needs_check_and_the_cache_waits_for_the_checker(pool):
+    p = make_cache(pool, mode="writeback", faults=True)
+    f = p.mnt / "c"
+    promote(p, [0, 1])
+    data = os.urandom(2 * BS)
+    p.ctl("fault", "c:metadata", "write", "error", "once")
+    p.expect_log(r"cmeta.img: writing metadata block \d+ .* failed")
+    fd = os.open(f, os.O_RDWR | os.O_DIRECT)
+    try:
+        buf = mmap.mmap(-1, len(data))
+        buf.write(data)
+        os.pwritev(fd, [buf], 0)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    st = cstat(p)
+    assert st["metadata_mode"] == "ro" and st["needs_check"], st
+    assert "metadata commit failed" in st["reason"]
+    p.expect_log(r"cache c: rw -> ro")
+    assert "mode_change" in p.ctl("events").stdout
+    # Still served; control commands are refused.
+    assert dio_read(f, 0, len(data)) == data
+    r = p.ctl("cache", "c", "mode", "writethrough", ok=(1,))
+    assert "metadata mode is ro" in r.stdout + r.stderr
+    p.unmount()
+    # The next mount leaves the cache stopped until the checker cleared the flag.
+    p.expect_log(r"cache c does not start")
+    mount_cache(p)
+    st = cstat(p)
+    assert st["metadata_mode"] == "fail" and "needs_check" in st["reason"]
+    with pytest.raises(OSError) as e:
+        dio_read(f, 0, BS)
+    assert e.value.errno == 5
+    p.unmount()
+    subprocess.run(["cache_check", "--clear-needs-check-flag", str(p.cmeta)], check=True,
+                   capture_output=True)
+    mount_cache(p)
+    assert cstat(p)["metadata_mode"] == "rw"
+    assert dio_read(f, 0, len(data)) == data
+    clean_and_check_origin(p, data)
+
+
+def test_unknown_metadata_version_is_refused_naming_it(pool):
+    p = make_cache(pool, mode="writethrough", mount=False)
+    mount_cache(p)
+    p.unmount()
+    poke_superblock(p.cmeta, 40, "<I", 3)
+    p.cache_metas.remove(p.cmeta)       # cache_check refuses it too
+    p.expect_log(r"unsupported cache metadata version 3|cache c does not start")
+    mount_cache(p)
+    st = cstat(p)
+    assert st["metadata_mode"] == "fail" and "metadata refused" in st["reason"]
+    assert "unsupported cache metadata version 3" in p.log_text()
+
+
+# ---- discard -------------------------------------------------------------------
+
+def test_discard_drops_cached_blocks_and_reads_zeros(pool):
+    p = make_cache(pool, mode="writeback", keys={"discard_passdown": "yes"})
+    f = p.mnt / "c"
+    dio_write(f, 0, b"x" * (8 * BS))
+    promote(p, [2, 3, 4])
+    p.ctl("cache", "c", "migration_threshold", "0")   # no promotions meanwhile
+    used = cstat(p)["cache_blocks"]["used"]
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open(f, os.O_RDWR)
+    try:
+        # FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, over blocks 2..5 and half of 1.
+        assert libc.fallocate(fd, 3, ctypes.c_long(BS + BS // 2),
+                              ctypes.c_long(4 * BS + BS // 2)) == 0
+    finally:
+        os.close(fd)
+    assert cstat(p)["cache_blocks"]["used"] == used - 3
+    got = dio_read(f, 0, 8 * BS)
+    assert got == b"x" * (BS + BS // 2) + bytes(4 * BS + BS // 2) + b"x" * (2 * BS)
+    # A partial write to a discarded block keeps the rest zero.
+    dio_write(f, 3 * BS, b"y" * 4096)
+    assert dio_read(f, 3 * BS, BS) == b"y" * 4096 + bytes(BS - 4096)
+    p.ctl("cache", "c", "migration_threshold", "2048")
+    p.ctl("cache", "c", "clean", "--wait")
+    p.unmount()
+    assert p.origin.read_bytes()[:8 * BS] == got[:3 * BS] + b"y" * 4096 + \
+        bytes(BS - 4096) + got[4 * BS:]
