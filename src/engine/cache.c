@@ -812,6 +812,22 @@ static void cache_status(struct tfs_dev *dev, struct tfs_status_sink *s)
 	tfs_status_u64(s, "dirty", tfs_cache_policy_nr_dirty(c->policy));
 	tfs_status_u64(s, "writebacks", c->writebacks);
 	pthread_mutex_unlock(&c->lock);
+	/* Per device: what reached it (stalled operations included), for tests and people. */
+	tfs_status_begin(s, "io");
+	for (int i = 0; i < 3; i++) {
+		static const char *const names[] = { "origin", "cache", "metadata" };
+		struct tfs_bdev_io_counts io;
+
+		tfs_bdev_fault_counts(tfs_cache_bdev(c, names[i]), &io);
+		tfs_status_begin(s, names[i]);
+		tfs_status_u64(s, "reads", io.reads);
+		tfs_status_u64(s, "writes", io.writes);
+		tfs_status_u64(s, "flushes", io.flushes);
+		tfs_status_u64(s, "read_bytes", io.read_bytes);
+		tfs_status_u64(s, "write_bytes", io.write_bytes);
+		tfs_status_end(s);
+	}
+	tfs_status_end(s);
 }
 
 static void cache_close_handle(struct tfs_dev *dev)
@@ -1017,7 +1033,19 @@ static int start_metadata(struct tfs_cache *c)
 			snprintf(c->reason, sizeof(c->reason), "cannot format metadata: %s",
 				 strerror(-r));
 	} else {
+		/*
+		 * Read-only first: a read-write open clears the clean-shutdown
+		 * flag at once, which a cache that must not start should keep.
+		 */
+		oo.read_only = true;
 		r = tfs_cmd_open(c->meta, &oo, &c->cmd);
+		if (r == 0 && !tfs_cmd_needs_check(c->cmd)) {
+			tfs_cmd_close(c->cmd);
+			oo.read_only = false;
+			r = tfs_cmd_open(c->meta, &oo, &c->cmd);
+			if (r < 0)
+				c->cmd = NULL;
+		}
 		if (r < 0)
 			snprintf(c->reason, sizeof(c->reason),
 				 "metadata refused (see the log): %s", strerror(-r));

@@ -10,6 +10,7 @@ import mmap
 import os
 import re
 import subprocess
+import threading
 import time
 
 import pytest
@@ -221,10 +222,53 @@ def test_writethrough_never_dirty_under_fio_verify(pool, tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     st = cstat(p)
     assert st["dirty"] == 0 and st["writebacks"] == 0
-    assert st["promotions"] > 0, st
+    # 2 MiB of random I/O over a 1 MiB cache: promotions and demotions churn.
+    assert st["promotions"] > 0 and st["demotions"] > 0, st
     p.unmount()
+    assert_cache_copies_equal_origin(p)
+
+
+def assert_cache_copies_equal_origin(p):
     for cb, ob in mappings(p.cmeta).items():
         assert block_of(p.cdev, cb) == block_of(p.origin, ob), (cb, ob)
+
+
+def test_writethrough_writes_the_cache_only_after_the_origin_write_completed(pool):
+    p = make_cache(pool, mode="writethrough", faults=True)
+    f = p.mnt / "c"
+    promote(p, [0])
+    io = cstat(p)["io"]
+    p.ctl("fault", "c:origin", "write", "stall")
+    t = threading.Thread(target=dio_write, args=(f, 0, b"n" * 4096))
+    t.start()
+    wait_for(p, "the origin write stalled",
+             lambda st: st["io"]["origin"]["writes"] > io["origin"]["writes"])
+    assert cstat(p)["io"]["cache"]["writes"] == io["cache"]["writes"]
+    p.ctl("fault", "c:origin", "write", "ok")
+    t.join()
+    assert cstat(p)["io"]["cache"]["writes"] == io["cache"]["writes"] + 1
+    assert dio_read(f, 0, 4096) == b"n" * 4096
+
+
+def test_policy_and_mode_switches_under_a_verifying_writer(pool):
+    p = make_cache(pool, mode="writeback")
+    fio = subprocess.Popen(["fio", "--name=sw", f"--filename={p.mnt / 'c'}", "--rw=randrw",
+                            "--bs=16k", "--size=3m", "--direct=1", "--verify=crc32c",
+                            "--do_verify=1", "--loops=6", "--ioengine=psync",
+                            "--randrepeat=1"], stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True)
+    steps = [("policy", "cleaner"), ("mode", "writethrough"), ("policy", "smq"),
+             ("mode", "writeback")]
+    n = 0
+    while fio.poll() is None or n < len(steps):
+        p.ctl("cache", "c", *steps[n % len(steps)])
+        n += 1
+    out = fio.communicate()[0]
+    assert fio.returncode == 0, out
+    st = cstat(p)
+    assert st["promotions"] > 0, st
+    clean_and_check_origin(p, b"")
+    assert_cache_copies_equal_origin(p)
 
 
 # ---- policy ---------------------------------------------------------------------
