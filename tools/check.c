@@ -24,6 +24,7 @@
 #include <string.h>
 
 #include "bdev.h"
+#include "cache-check.h"
 #include "crc32c.h"
 #include "pool-cfg.h"
 #include "raw-meta.h"
@@ -1494,5 +1495,6 @@ int tfs_cmd_check(int argc, char **argv)
 			       path, res.warnings ? " (with warnings)" : "", res.nr_devices,
 			       res.meta_used, res.meta_total, res.data_used, res.data_total);
 	}
-	return res.errors ? 1 : 0;
+	r = tfs_check_caches(argv[optind], o.clear_needs_check || repair, o.quiet);
+	return r > (res.errors ? 1 : 0) ? r : (res.errors ? 1 : 0);
 }

@@ -352,8 +352,10 @@ def test_metadata_write_error_sets_needs_check_and_the_cache_waits_for_the_check
         dio_read(f, 0, BS)
     assert e.value.errno == 5
     p.unmount()
-    subprocess.run(["cache_check", "--clear-needs-check-flag", str(p.cmeta)], check=True,
-                   capture_output=True)
+    r = p.thinfs_run("check", p.cfg)
+    assert "cache c: " in r.stdout and "needs_check stays set" in r.stdout, r.stdout
+    r = p.thinfs_run("check", p.cfg, "--clear-needs-check")
+    assert "cache c: needs_check cleared" in r.stdout, r.stdout
     mount_cache(p)
     assert cstat(p)["metadata_mode"] == "rw"
     assert dio_read(f, 0, len(data)) == data
@@ -371,6 +373,10 @@ def test_unknown_metadata_version_is_refused_naming_it(pool):
     st = cstat(p)
     assert st["metadata_mode"] == "fail" and "metadata refused" in st["reason"]
     assert "unsupported cache metadata version 3" in p.log_text()
+    p.unmount()
+    r = p.thinfs_run("check", p.cfg, ok=(1,))
+    assert "unsupported cache metadata version 3" in r.stderr, r.stderr
+    assert "cache c: metadata" in r.stderr and "refused" in r.stderr, r.stderr
 
 
 # ---- discard -------------------------------------------------------------------
