@@ -407,3 +407,32 @@ def test_discard_drops_cached_blocks_and_reads_zeros(pool):
     p.unmount()
     assert p.origin.read_bytes()[:8 * BS] == got[:3 * BS] + b"y" * 4096 + \
         bytes(BS - 4096) + got[4 * BS:]
+
+
+def test_metadata_that_cannot_take_needs_check_fails_the_cache_alone(pool):
+    p = make_cache(pool, mode="writeback", faults=True)
+    f = p.mnt / "c"
+    promote(p, [0])
+    (p.mnt / "thin").write_bytes(b"")
+    p.ctl("fault", "c:metadata", "write", "error")
+    p.expect_log(r"cmeta.img: writing .* failed|cache c: rw -> fail")
+    dio_write(f, 0, b"z" * BS)           # the dirty bit: a metadata change
+    fd = os.open(f, os.O_RDWR)
+    try:
+        with pytest.raises(OSError) as e:
+            os.fsync(fd)                  # the commit fails, and so does needs_check
+        assert e.value.errno == 5
+    finally:
+        os.close(fd)
+    st = cstat(p)
+    assert st["metadata_mode"] == "fail", st
+    with pytest.raises(OSError) as e:
+        dio_read(f, 0, BS)
+    assert e.value.errno == 5
+    assert "Fail" in p.ctl("status").stdout
+    # The daemon and the pool's other volumes go on.
+    (p.mnt / "thin").write_bytes(b"still here")
+    assert (p.mnt / "thin").read_bytes() == b"still here"
+    p.ctl("fault", "c:metadata", "write", "ok")
+    p.unmount()
+    # Nothing was committed after the failure: the last commit is intact and clean for the checker.
