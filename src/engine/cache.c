@@ -239,21 +239,30 @@ static void cell_unlock(struct tfs_cache *c, uint64_t ob, bool shared)
 
 /* ---- migrations ---- */
 
-/* Drop cb's mapping (clean, or any in passthrough/invalidate) and commit. c->lock held. */
-static int unmap_locked(struct tfs_cache *c, uint32_t cb, bool commit)
+/*
+ * Drop cb's mapping and commit (c->lock held).  Only a committed removal
+ * is forgotten in memory: were the commit to fail, the mapping would come
+ * back at the next start, dirty, and its old copy written back over
+ * whatever reached the origin since; kept, writes keep updating it.
+ * -EROFS / -EIO when the metadata mode is (or became) ro / fail.
+ */
+static int unmap_locked(struct tfs_cache *c, uint32_t cb)
 {
 	int r;
 
-	tfs_cache_policy_remove(c->policy, cb);
 	if (c->meta_mode != META_RW)
-		return -EROFS;
+		return c->meta_mode == META_FAIL ? -EIO : -EROFS;
 	r = tfs_cmd_remove(c->cmd, cb);
-	if (r < 0) {
+	if (r < 0)
 		meta_failed(c, "remove", r);
-		return -EIO;
-	}
-	c->meta_changed = true;
-	return commit ? commit_locked(c, false) : 0;
+	else
+		c->meta_changed = true;
+	if (r == 0)
+		commit_locked(c, false);
+	if (c->meta_mode != META_RW)
+		return c->meta_mode == META_FAIL ? -EIO : -EROFS;
+	tfs_cache_policy_remove(c->policy, cb);
+	return 0;
 }
 
 static bool migrations_allowed(const struct tfs_cache *c)
@@ -279,7 +288,7 @@ static bool demote_one(struct tfs_cache *c, uint32_t hotter_than)
 	pthread_mutex_lock(&c->lock);
 	if (migrations_allowed(c) && tfs_cache_policy_oblock(c->policy, cb) == ob &&
 	    !tfs_cache_policy_dirty(c->policy, cb)) {
-		done = unmap_locked(c, cb, true) == 0;
+		done = unmap_locked(c, cb) == 0;
 		c->demotions += done;
 	}
 	pthread_mutex_unlock(&c->lock);
@@ -456,6 +465,8 @@ static uint32_t lookup_locked(struct tfs_cache *c, uint64_t ob, bool write)
 			  migrations_allowed(c);
 
 	c->last_io_ms = now_ms();
+	if (!write && c->mode == TFS_CACHE_PASSTHROUGH)
+		cb = NO_CBLOCK; /* every read from the origin (its cached copies are equal) */
 	if (cb != NO_CBLOCK) {
 		if (write)
 			c->write_hits++;
@@ -498,23 +509,75 @@ static int read_piece(struct tfs_cache *c, uint8_t *buf, size_t len, uint64_t of
 }
 
 /*
- * A write to a discarded block that is not cached: its old content must
- * not come back, so the whole block is written, zeros around the data.
+ * Write buf at inner offset in of the block at dev offset start, and zeros
+ * over the rest of that block: a discarded block's old content must not
+ * come back.
  */
-static int write_discarded(struct tfs_cache *c, const uint8_t *buf, size_t len, uint64_t off)
+static int write_zero_filled(struct tfs_cache *c, struct tfs_bdev *dev, uint64_t start,
+			     const uint8_t *buf, size_t len, uint64_t in)
 {
-	uint64_t start = off - off % c->block_size;
-	uint8_t *full;
+	size_t zlen = c->block_size < COPY_PIECE ? (size_t)c->block_size : COPY_PIECE;
+	uint8_t *z = len == c->block_size ? NULL : calloc(1, zlen);
+	uint64_t spans[2][2] = { { 0, in }, { in + len, c->block_size } };
+	int r = len == c->block_size || z ? 0 : -ENOMEM;
+
+	for (int i = 0; i < 2 && r == 0; i++)
+		for (uint64_t o = spans[i][0]; o < spans[i][1] && r == 0; o += zlen) {
+			size_t n = spans[i][1] - o < zlen ? (size_t)(spans[i][1] - o) : zlen;
+
+			r = tfs_bdev_write(dev, z, n, start + o);
+		}
+	free(z);
+	return r ? r : tfs_bdev_write(dev, buf, len, start + in);
+}
+
+/*
+ * Writeback, the first write to a discarded block: the block goes to a free
+ * cache block without a copy from the origin (there is nothing to copy),
+ * dirty.  -EAGAIN when no block is free or migrations are off: then the
+ * caller writes to the origin.  The range lock on ob is held.
+ */
+static int promote_discarded(struct tfs_cache *c, uint64_t ob, const uint8_t *buf, size_t len,
+			     uint64_t off)
+{
+	uint32_t cb = NO_CBLOCK;
 	int r;
 
-	if (len == c->block_size)
-		return tfs_bdev_write(c->origin, buf, len, off);
-	full = calloc(1, c->block_size);
-	if (!full)
-		return -ENOMEM;
-	memcpy(full + (off - start), buf, len);
-	r = tfs_bdev_write(c->origin, full, c->block_size, start);
-	free(full);
+	pthread_mutex_lock(&c->lock);
+	if (migrations_allowed(c) && c->policy_kind == TFS_CACHE_SMQ)
+		cb = tfs_cache_policy_take_free(c->policy);
+	pthread_mutex_unlock(&c->lock);
+	if (cb == NO_CBLOCK)
+		return -EAGAIN;
+	r = write_zero_filled(c, c->cdev, cache_off(c, cb), buf, len, off % c->block_size);
+	/* The data is durable before a committed mapping can point at it. */
+	if (r == 0)
+		r = tfs_bdev_flush(c->cdev);
+	pthread_mutex_lock(&c->lock);
+	if (r == 0 && c->meta_mode != META_RW)
+		r = -EAGAIN;
+	if (r == 0 && ((r = tfs_cmd_insert(c->cmd, cb, ob)) < 0 ||
+		       (r = tfs_cmd_set_dirty(c->cmd, cb, true)) < 0)) {
+		meta_failed(c, "insert", r);
+		r = -EAGAIN; /* the origin takes it, as in ro mode */
+	}
+	if (r == 0) {
+		tfs_cache_policy_insert(c->policy, cb, ob, true, 1);
+		set_discarded(c, ob, false);
+		c->meta_changed = true;
+		r = commit_locked(c, false);
+		if (c->meta_mode == META_RW) {
+			c->promotions++;
+		} else {
+			/* Not committed: the origin takes the write (zeros around it) instead. */
+			tfs_cache_policy_remove(c->policy, cb);
+			c->discard[ob / 64] |= 1ull << (ob % 64);
+			r = c->meta_mode == META_FAIL ? -EIO : -EAGAIN;
+		}
+	} else {
+		tfs_cache_policy_put_free(c->policy, cb);
+	}
+	pthread_mutex_unlock(&c->lock);
 	return r;
 }
 
@@ -530,28 +593,33 @@ static int write_piece(struct tfs_cache *c, const uint8_t *buf, size_t len, uint
 		return tfs_bdev_write(c->origin, buf, len, off);
 	cell_lock(c, ob, false);
 	pthread_mutex_lock(&c->lock);
-	if (c->meta_mode == META_FAIL) {
-		pthread_mutex_unlock(&c->lock);
-		r = -EIO;
-		goto out;
-	}
 	cb = lookup_locked(c, ob, true);
 	mode = c->mode;
 	rw = c->meta_mode == META_RW;
 	was_discarded = cb == NO_CBLOCK && discarded(c, ob);
 	dirty = cb != NO_CBLOCK && tfs_cache_policy_dirty(c->policy, cb);
-	if (cb != NO_CBLOCK && mode == TFS_CACHE_PASSTHROUGH && rw) {
-		/* The stale copy goes (durably) before the origin changes. */
-		r = unmap_locked(c, cb, true);
+	/* Passthrough: the stale copy goes (durably) before the origin changes. */
+	if (cb != NO_CBLOCK && mode == TFS_CACHE_PASSTHROUGH && rw && unmap_locked(c, cb) == 0) {
 		pthread_mutex_unlock(&c->lock);
-		if (r == 0)
-			r = tfs_bdev_write(c->origin, buf, len, off);
+		r = tfs_bdev_write(c->origin, buf, len, off);
 		goto out;
 	}
+	if (c->meta_mode == META_FAIL) {
+		pthread_mutex_unlock(&c->lock);
+		r = -EIO;
+		goto out;
+	}
+	rw = c->meta_mode == META_RW;
 	pthread_mutex_unlock(&c->lock);
 
 	if (cb == NO_CBLOCK) {
-		r = was_discarded ? write_discarded(c, buf, len, off)
+		r = -EAGAIN;
+		if (was_discarded && mode == TFS_CACHE_WRITEBACK)
+			r = promote_discarded(c, ob, buf, len, off);
+		if (r != -EAGAIN)
+			goto out;
+		r = was_discarded ? write_zero_filled(c, c->origin, ob * c->block_size, buf, len,
+						      off % c->block_size)
 				  : tfs_bdev_write(c->origin, buf, len, off);
 		if (r == 0 && was_discarded) {
 			pthread_mutex_lock(&c->lock);
@@ -737,15 +805,16 @@ static int cache_discard(struct tfs_dev *dev, uint64_t off, uint64_t len)
 		pthread_mutex_lock(&c->lock);
 		cb = tfs_cache_policy_lookup(c->policy, ob);
 		if (cb != NO_CBLOCK)
-			r = unmap_locked(c, cb, false);
+			r = unmap_locked(c, cb);
 		if (r == 0)
 			set_discarded(c, ob, true);
-		if (r == 0 && c->meta_mode == META_FAIL)
-			r = -EIO;
 		pthread_mutex_unlock(&c->lock);
 		if (r == 0 && c->cfg.discard_passdown)
 			r = tfs_dev_discard(c->origin_dev, ob * bs, bs);
 		cell_unlock(c, ob, false);
+		/* The metadata failed meanwhile: zeros through the cache instead. */
+		if (r == -EROFS)
+			r = zero_pieces(c, ob * bs, bs);
 	}
 	if (r == 0)
 		r = zero_pieces(c, end * bs, off + len - end * bs);
@@ -1361,7 +1430,7 @@ int tfs_cache_invalidate(struct tfs_cache *c, const uint64_t (*ranges)[2], unsig
 			cell_lock(c, ob, false);
 			pthread_mutex_lock(&c->lock);
 			if (tfs_cache_policy_oblock(c->policy, (uint32_t)cb) == ob) {
-				r = unmap_locked(c, (uint32_t)cb, false);
+				r = unmap_locked(c, (uint32_t)cb);
 				dropped += r == 0;
 			}
 			pthread_mutex_unlock(&c->lock);
@@ -1369,8 +1438,6 @@ int tfs_cache_invalidate(struct tfs_cache *c, const uint64_t (*ranges)[2], unsig
 		}
 	}
 	pthread_mutex_lock(&c->lock);
-	if (r == 0 && dropped)
-		r = commit_locked(c, false);
 	if (r == 0)
 		snprintf(msg, len, "cache %s: %u block(s) invalidated", c->cfg.name, dropped);
 	else if (!msg[0])

@@ -197,7 +197,13 @@ def test_passthrough_is_refused_while_dirty_and_invalidates_write_hits(pool):
     assert p.ctl("cache", "c", "invalidate", "0", ok=(1,)).returncode == 1
     p.ctl("cache", "c", "clean", "--wait")
     p.ctl("cache", "c", "mode", "passthrough")
-    used = cstat(p)["cache_blocks"]["used"]
+    before = cstat(p)
+    dio_read(f, 2 * BS, BS)                # cached, yet read from the origin
+    st = cstat(p)
+    assert st["read_hits"] == before["read_hits"]
+    assert st["io"]["origin"]["reads"] > before["io"]["origin"]["reads"]
+    assert st["io"]["cache"]["reads"] == before["io"]["cache"]["reads"]
+    used = st["cache_blocks"]["used"]
     dio_write(f, BS, b"e" * BS)            # a write hit: the cached copy goes
     assert cstat(p)["cache_blocks"]["used"] == used - 1
     assert dio_read(f, 0, 2 * BS) == b"d" * BS + b"e" * BS
@@ -399,10 +405,15 @@ def test_discard_drops_cached_blocks_and_reads_zeros(pool):
     assert cstat(p)["cache_blocks"]["used"] == used - 3
     got = dio_read(f, 0, 8 * BS)
     assert got == b"x" * (BS + BS // 2) + bytes(4 * BS + BS // 2) + b"x" * (2 * BS)
-    # A partial write to a discarded block keeps the rest zero.
-    dio_write(f, 3 * BS, b"y" * 4096)
-    assert dio_read(f, 3 * BS, BS) == b"y" * 4096 + bytes(BS - 4096)
+    # Writeback: the first (partial) write to a discarded block takes a cache
+    # block without a copy, dirty, the rest of it zeros.
     p.ctl("cache", "c", "migration_threshold", "2048")
+    before = cstat(p)
+    dio_write(f, 3 * BS, b"y" * 4096)
+    st = cstat(p)
+    assert st["promotions"] == before["promotions"] + 1 and st["dirty"] == before["dirty"] + 1
+    assert st["io"]["origin"]["reads"] == before["io"]["origin"]["reads"]
+    assert dio_read(f, 3 * BS, BS) == b"y" * 4096 + bytes(BS - 4096)
     p.ctl("cache", "c", "clean", "--wait")
     p.unmount()
     assert p.origin.read_bytes()[:8 * BS] == got[:3 * BS] + b"y" * 4096 + \
