@@ -1118,6 +1118,31 @@ static struct tfs_bdev *fault_device(struct tfs_fs *fs, const char *arg)
 	return cache ? tfs_cache_bdev(cache, colon + 1) : NULL;
 }
 
+/* The caches' devices lose their unflushed writes with the pool's. */
+static void power_cut_caches(struct tfs_fs *fs, bool tear)
+{
+	static const char *const which[] = { "origin", "cache", "metadata" };
+
+	for (unsigned i = 0; i < fs->nr_caches; i++)
+		for (int d = 0; d < 3; d++)
+			tfs_bdev_fault_power_cut(tfs_cache_bdev(fs->caches[i], which[d]), tear,
+						 (uint32_t)time(NULL));
+}
+
+/* fault DEVICE OP delay USEC: a slow disk (every such op waits USEC first; 0 or ok ends it). */
+static void fault_delay(struct cmd_ctx *c, struct tfs_bdev *dev, enum tfs_fault_op op)
+{
+	uint64_t us;
+
+	if (c->argc != 5 || parse_u64(c->argv[4], &us) < 0 || us > 60000000) {
+		send_error(c->fd, "usage: fault DEVICE read|write|flush delay USEC (0 .. 60000000)");
+		return;
+	}
+	tfs_bdev_fault_delay(dev, op, us);
+	tfs_fs_event(c->fs, "fault", "%s %s delay %" PRIu64 " us", c->argv[1], c->argv[2], us);
+	send_ok(c->fd, "", NULL, true);
+}
+
 /* fault crash-at POINT [power-cut [tear]]: arm a crash point (fs.h). */
 static void fault_crash_at(struct cmd_ctx *c)
 {
@@ -1159,8 +1184,9 @@ static void fault_crash_at(struct cmd_ctx *c)
 static void cmd_fault(struct cmd_ctx *c)
 {
 	static const char *const ops[] = { "read", "write", "flush" };
-	const char *usage = "usage: fault metadata|data read|write|flush error|enospc|stall|ok "
-			    "[after N] [once] | fault power-cut [tear] | "
+	const char *usage = "usage: fault metadata|data|NAME:origin|NAME:cache|NAME:metadata "
+			    "read|write|flush error|enospc|stall|ok [after N] [once] | "
+			    "... delay USEC | fault power-cut [tear] | "
 			    "fault crash-at POINT [power-cut [tear]]";
 	enum tfs_fault_mode mode;
 	enum tfs_fault_op op = TFS_FAULT_NR_OPS;
@@ -1183,6 +1209,7 @@ static void cmd_fault(struct cmd_ctx *c)
 		}
 		tfs_bdev_fault_power_cut(tfs_pool_bdev(c->fs->pool, false), tear, (uint32_t)time(NULL));
 		tfs_bdev_fault_power_cut(tfs_pool_bdev(c->fs->pool, true), tear, (uint32_t)time(NULL));
+		power_cut_caches(c->fs, tear);
 		send_ok(c->fd, "", NULL, true);
 		/*
 		 * As if the machine lost power: no commit, no unmount, no
@@ -1212,6 +1239,10 @@ static void cmd_fault(struct cmd_ctx *c)
 		send_error(c->fd, "fault: no operation '%s' (read, write or flush)", c->argv[2]);
 		return;
 	}
+	if (!strcmp(c->argv[3], "delay")) {
+		fault_delay(c, dev, op);
+		return;
+	}
 	if (!strcmp(c->argv[3], "error"))
 		mode = TFS_FAULT_EIO;
 	else if (!strcmp(c->argv[3], "enospc"))
@@ -1221,7 +1252,8 @@ static void cmd_fault(struct cmd_ctx *c)
 	else if (!strcmp(c->argv[3], "ok"))
 		mode = TFS_FAULT_OK;
 	else {
-		send_error(c->fd, "fault: no mode '%s' (error, enospc, stall or ok)", c->argv[3]);
+		send_error(c->fd, "fault: no mode '%s' (error, enospc, stall, ok or delay USEC)",
+			   c->argv[3]);
 		return;
 	}
 	for (i = 4; i < c->argc; i++) {
@@ -1236,6 +1268,8 @@ static void cmd_fault(struct cmd_ctx *c)
 		}
 	}
 	tfs_bdev_fault_set(dev, op, mode, after, once);
+	if (mode == TFS_FAULT_OK)
+		tfs_bdev_fault_delay(dev, op, 0);
 	tfs_fs_event(c->fs, "fault", "%s %s %s after %" PRIu64 "%s", c->argv[1], c->argv[2],
 		     c->argv[3], after, once ? " once" : "");
 	send_ok(c->fd, "", NULL, true);

@@ -24,6 +24,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 struct pending_write {
 	uint64_t off;
@@ -54,6 +55,7 @@ struct fault_dev {
 	struct fault_rule rules[TFS_FAULT_NR_OPS];
 	atomic_bool armed; /* volatile_cache || dead || a rule not OK; written under lock */
 	atomic_uint_fast64_t reads, writes, flushes, discards;
+	atomic_uint_fast64_t delay_us[TFS_FAULT_NR_OPS]; /* a slow disk: each op waits first */
 	struct pending_write *pending;
 	size_t nr_pending, cap_pending;
 };
@@ -78,9 +80,24 @@ static void update_armed(struct fault_dev *f)
 	atomic_store_explicit(&f->armed, a, memory_order_release);
 }
 
-static void count(atomic_uint_fast64_t *c)
+/* Count the op, and make it wait as a slow disk would: without the lock, so ops overlap. */
+static void count(struct fault_dev *f, atomic_uint_fast64_t *c, enum tfs_fault_op op)
 {
+	uint64_t us = atomic_load_explicit(&f->delay_us[op], memory_order_relaxed);
+
 	atomic_fetch_add_explicit(c, 1, memory_order_relaxed);
+	if (us) {
+		struct timespec ts = { .tv_sec = (time_t)(us / 1000000),
+				       .tv_nsec = (long)(us % 1000000) * 1000 };
+
+		while (nanosleep(&ts, &ts) && errno == EINTR)
+			;
+	}
+}
+
+void tfs_bdev_fault_delay(struct tfs_bdev *dev, enum tfs_fault_op op, uint64_t usec)
+{
+	atomic_store_explicit(&to_fault(dev)->delay_us[op], usec, memory_order_relaxed);
 }
 
 /* Positive, so that it can never be mistaken for a -errno verdict. */
@@ -149,7 +166,7 @@ static int fault_read(struct tfs_bdev *d, void *buf, size_t len, uint64_t off)
 	struct fault_dev *f = to_fault(d);
 	int r;
 
-	count(&f->reads);
+	count(f, &f->reads, TFS_FAULT_READ);
 	if (!armed(f))
 		return tfs_bdev_read(f->lower, buf, len, off);
 	pthread_mutex_lock(&f->lock);
@@ -192,7 +209,7 @@ static int fault_write(struct tfs_bdev *d, const void *buf, size_t len, uint64_t
 	struct fault_dev *f = to_fault(d);
 	int r;
 
-	count(&f->writes);
+	count(f, &f->writes, TFS_FAULT_WRITE);
 	if (!armed(f))
 		return tfs_bdev_write(f->lower, buf, len, off);
 	pthread_mutex_lock(&f->lock);
@@ -228,7 +245,7 @@ static int fault_flush(struct tfs_bdev *d)
 	struct fault_dev *f = to_fault(d);
 	int r;
 
-	count(&f->flushes);
+	count(f, &f->flushes, TFS_FAULT_FLUSH);
 	if (!armed(f))
 		return tfs_bdev_flush(f->lower);
 	pthread_mutex_lock(&f->lock);
@@ -246,7 +263,7 @@ static int fault_discard(struct tfs_bdev *d, uint64_t off, uint64_t len)
 	struct fault_dev *f = to_fault(d);
 	int r;
 
-	count(&f->discards);
+	count(f, &f->discards, TFS_FAULT_WRITE);
 	if (!armed(f))
 		return tfs_bdev_discard(f->lower, off, len);
 	pthread_mutex_lock(&f->lock);

@@ -152,6 +152,13 @@ void tfs_bdev_fault_set(struct tfs_bdev *dev, enum tfs_fault_op op, enum tfs_fau
 			uint64_t after, bool once);
 
 /*
+ * From now on every op of this kind (a discard counts as a write) first
+ * waits usec microseconds, holding nothing, so that ops still overlap as
+ * on a slow disk with a queue; 0 ends it.  Independent of the mode above.
+ */
+void tfs_bdev_fault_delay(struct tfs_bdev *dev, enum tfs_fault_op op, uint64_t usec);
+
+/*
  * Power loss: writes not yet flushed are dropped; with tear, a prefix of
  * each unflushed write (whole 512-byte sectors, chosen from seed) reaches
  * the lower device instead.  Afterwards every op, stalled ones included,

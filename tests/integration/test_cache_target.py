@@ -447,3 +447,38 @@ def test_metadata_that_cannot_take_needs_check_fails_the_cache_alone(pool):
     p.ctl("fault", "c:metadata", "write", "ok")
     p.unmount()
     # Nothing was committed after the failure: the last commit is intact and clean for the checker.
+
+
+def test_power_cut_in_writeback_keeps_what_fsync_acknowledged(pool):
+    p = make_cache(pool, mode="writeback", faults=True)
+    f = p.mnt / "c"
+    promote(p, [0, 1, 2, 3])
+    p.ctl("cache", "c", "migration_threshold", "0")
+    synced = os.urandom(2 * BS)
+    dio_write(f, 0, synced)
+    fd = os.open(f, os.O_RDWR)
+    os.fsync(fd)
+    os.close(fd)
+    dio_write(f, 2 * BS, os.urandom(2 * BS))   # not fsynced: may be lost
+    p.ctl("fault", "power-cut", ok=None)
+    p.crashed()
+    mount_cache(p)
+    st = cstat(p)
+    assert st["dirty"] == st["cache_blocks"]["used"] == 4
+    assert dio_read(f, 0, len(synced)) == synced
+    clean_and_check_origin(p, synced)
+
+
+def test_delay_fault_makes_the_origin_a_slow_disk(pool):
+    p = make_cache(pool, mode="writethrough", faults=True)
+    f = p.mnt / "c"
+    dio_write(f, 40 * BS, b"s" * (5 * BS))
+    p.ctl("fault", "c:origin", "read", "delay", "2000")
+    assert "c:origin read delay 2000 us" in p.ctl("events").stdout
+    for b in range(5):
+        assert dio_read(f, (40 + b) * BS, BS) == b"s" * BS    # slow, and right
+    p.ctl("fault", "c:origin", "read", "ok")
+    bad = p.ctl("fault", "c:origin", "read", "delay", "soon", ok=(1,))
+    assert "usage: fault DEVICE read|write|flush delay USEC" in bad.stdout + bad.stderr
+    bad = p.ctl("fault", "nosuch:origin", "read", "error", ok=(1,))
+    assert "fault: no device 'nosuch:origin'" in bad.stdout + bad.stderr
