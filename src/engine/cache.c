@@ -1487,6 +1487,21 @@ int tfs_cache_clean(struct tfs_cache *c, bool wait, void (*progress)(void *arg, 
 	return r;
 }
 
+void tfs_cache_get_settings(struct tfs_cache *c, enum tfs_cache_mode *mode,
+			    enum tfs_cache_policy_kind *policy, uint64_t *migration_threshold)
+{
+	pthread_mutex_lock(&c->lock);
+	*mode = c->mode;
+	*policy = c->policy_kind;
+	*migration_threshold = c->migration_threshold;
+	pthread_mutex_unlock(&c->lock);
+}
+
+const struct tfs_cache_cfg *tfs_cache_cfg(const struct tfs_cache *c)
+{
+	return &c->cfg;
+}
+
 unsigned tfs_cache_take_events(struct tfs_cache *c, struct tfs_cache_event *out, unsigned max)
 {
 	unsigned n;

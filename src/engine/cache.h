@@ -102,6 +102,12 @@ int tfs_cache_invalidate(struct tfs_cache *cache, const uint64_t (*ranges)[2], u
 int tfs_cache_clean(struct tfs_cache *cache, bool wait, void (*progress)(void *arg, uint64_t dirty),
 		    void *arg, char *msg, size_t len);
 
+/* The settings a reload may change, as in force now. */
+void tfs_cache_get_settings(struct tfs_cache *cache, enum tfs_cache_mode *mode,
+			    enum tfs_cache_policy_kind *policy, uint64_t *migration_threshold);
+/* The section the cache was opened with. */
+const struct tfs_cache_cfg *tfs_cache_cfg(const struct tfs_cache *cache);
+
 /* Events since the last call: metadata mode changes and "clean" completions. */
 struct tfs_cache_event {
 	bool mode_change; /* else: cache_clean */

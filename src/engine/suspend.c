@@ -126,6 +126,9 @@ static void take_settings(struct tfs_pool *pool, const struct tfs_pool_config *c
 	snprintf(run->path, sizeof(run->path), "%s", c->path);
 	snprintf(run->on_event, sizeof(run->on_event), "%s", c->on_event);
 	memcpy(run->targets, c->targets, sizeof(run->targets));
+	/* The caches take theirs after the resume (tfs_fs_cache_reload). */
+	run->nr_caches = c->nr_caches;
+	memcpy(run->caches, c->caches, sizeof(run->caches));
 	run->low_water_blocks = c->low_water_blocks;
 	run->low_water_percent = c->low_water_percent;
 	run->low_water_is_percent = c->low_water_is_percent;

@@ -14,6 +14,7 @@
 
 #include <errno.h>
 #include <inttypes.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -197,4 +198,85 @@ int tfs_fs_cache_add_ids(struct tfs_fs *fs, uint32_t **ids, unsigned *nr)
 	*ids = grown;
 	*nr += fs->nr_caches;
 	return 0;
+}
+
+static const struct tfs_cache_cfg *find_cfg(const struct tfs_pool_config *cfg, const char *name)
+{
+	for (unsigned i = 0; i < cfg->nr_caches; i++)
+		if (!strcmp(cfg->caches[i].name, name))
+			return &cfg->caches[i];
+	return NULL;
+}
+
+/* What only a new open can take: the devices and the format. */
+static bool same_shape(const struct tfs_cache_cfg *a, const struct tfs_cache_cfg *b)
+{
+	return !strcmp(a->origin, b->origin) && !strcmp(a->cache, b->cache) &&
+	       !strcmp(a->metadata, b->metadata) && a->block_sectors == b->block_sectors &&
+	       a->metadata_version == b->metadata_version &&
+	       a->discard_passdown == b->discard_passdown;
+}
+
+static void note(char *out, size_t len, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+static void note(char *out, size_t len, const char *fmt, ...)
+{
+	size_t n = strlen(out);
+	va_list ap;
+
+	if (n + 2 >= len)
+		return;
+	if (n)
+		out[n++] = ';', out[n++] = ' ', out[n] = '\0';
+	va_start(ap, fmt);
+	vsnprintf(out + n, len - n, fmt, ap);
+	va_end(ap);
+}
+
+/* One running cache against its section in the configuration in force. */
+static void reload_one(struct tfs_cache *c, const struct tfs_cache_cfg *next, char *out,
+		       size_t len)
+{
+	const char *name = tfs_cache_name(c);
+	enum tfs_cache_mode mode;
+	enum tfs_cache_policy_kind policy;
+	uint64_t threshold;
+	char msg[512];
+
+	if (!next) {
+		note(out, len, "[cache \"%s\"] removed: its file stays until the next mount", name);
+		return;
+	}
+	if (!same_shape(tfs_cache_cfg(c), next))
+		note(out, len, "[cache \"%s\"]: new devices, block_size, metadata_version or "
+		     "discard_passdown take effect at the next mount", name);
+	tfs_cache_get_settings(c, &mode, &policy, &threshold);
+	msg[0] = '\0';
+	if (mode != next->mode && tfs_cache_set_mode(c, next->mode, msg, sizeof(msg)) < 0)
+		note(out, len, "%s", msg);
+	msg[0] = '\0';
+	if (policy != next->policy && tfs_cache_set_policy(c, next->policy, msg, sizeof(msg)) < 0)
+		note(out, len, "%s", msg);
+	msg[0] = '\0';
+	if (threshold != next->migration_threshold &&
+	    tfs_cache_set_migration_threshold(c, next->migration_threshold, msg, sizeof(msg)) < 0)
+		note(out, len, "%s", msg);
+}
+
+void tfs_fs_cache_reload(struct tfs_fs *fs, char *out, size_t len)
+{
+	struct tfs_pool_config *cfg = malloc(sizeof(*cfg));
+
+	out[0] = '\0';
+	if (!cfg || fs->read_only) {
+		free(cfg);
+		return;
+	}
+	tfs_pool_get_config(fs->pool, cfg);
+	for (unsigned i = 0; i < fs->nr_caches; i++)
+		reload_one(fs->caches[i], find_cfg(cfg, tfs_cache_name(fs->caches[i])), out, len);
+	for (unsigned i = 0; i < cfg->nr_caches; i++)
+		if (!tfs_fs_cache_by_name(fs, cfg->caches[i].name))
+			note(out, len, "[cache \"%s\"] added: it opens at the next mount",
+			     cfg->caches[i].name);
+	free(cfg);
 }

@@ -1040,7 +1040,7 @@ static void cmd_suspend(struct cmd_ctx *c)
 /* resume [NAME...] */
 static void cmd_resume(struct cmd_ctx *c)
 {
-	char msg[1024], names[512], text[1700];
+	char msg[1024], names[512], text[2300], caches[512] = "";
 	uint32_t *ids;
 	unsigned nr;
 	int n;
@@ -1055,12 +1055,16 @@ static void cmd_resume(struct cmd_ctx *c)
 		send_ok(c->fd, "not suspended", NULL, true);
 		return;
 	}
-	if (!nr)
+	if (!nr) {
 		tfs_fs_after_resume(c->fs);
+		tfs_fs_cache_reload(c->fs, caches, sizeof(caches));
+	}
 	/* Before what the resume caused (a low-water crossing again, taking a reload). */
-	tfs_fs_event(c->fs, "resume", "%s%s%s", names, msg[0] ? ": " : "", msg);
+	tfs_fs_event(c->fs, "resume", "%s%s%s%s%s", names, msg[0] || caches[0] ? ": " : "", msg,
+		     msg[0] && caches[0] ? "; " : "", caches);
 	tfs_fs_events_release(c->fs);
-	snprintf(text, sizeof(text), "resumed: %s%s%s", names, msg[0] ? "\n" : "", msg);
+	snprintf(text, sizeof(text), "resumed: %s%s%s%s%s", names, msg[0] ? "\n" : "", msg,
+		 caches[0] ? "\n" : "", caches);
 	send_ok(c->fd, text, NULL, true);
 }
 

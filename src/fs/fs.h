@@ -226,6 +226,13 @@ int tfs_fs_cache_close(struct tfs_fs *fs);
 int tfs_fs_cache_add_ids(struct tfs_fs *fs, uint32_t **ids, unsigned *nr);
 int tfs_fs_cache_open_dev(struct tfs_fs *fs, uint32_t dev_id, unsigned flags, struct tfs_dev **out);
 struct tfs_cache *tfs_fs_cache_by_name(struct tfs_fs *fs, const char *name);
+/*
+ * After the pool's resume (which may have taken a reload): each cache takes
+ * mode, policy and migration_threshold from the configuration in force;
+ * out says what could not be taken (other changes wait for the next
+ * mount, a refused mode), "" when all was.
+ */
+void tfs_fs_cache_reload(struct tfs_fs *fs, char *out, size_t len);
 
 /* ---- events (events.c) ---- */
 /* Log an event in the catalog and wake waiters (-errno from the catalog). */

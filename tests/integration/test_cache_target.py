@@ -482,3 +482,32 @@ def test_delay_fault_makes_the_origin_a_slow_disk(pool):
     assert "usage: fault DEVICE read|write|flush delay USEC" in bad.stdout + bad.stderr
     bad = p.ctl("fault", "nosuch:origin", "read", "error", ok=(1,))
     assert "fault: no device 'nosuch:origin'" in bad.stdout + bad.stderr
+
+
+def test_reload_changes_mode_policy_and_migration_threshold(pool):
+    p = make_cache(pool, mode="writeback")
+    f = p.mnt / "c"
+    promote(p, [0])
+    p.ctl("cache", "c", "migration_threshold", "0")   # it stays dirty
+    dio_write(f, 0, b"r" * BS)
+    assert cstat(p)["dirty"] == 1
+    text = p.cfg.read_text()
+    p.cfg.write_text(text.replace("mode = writeback", "mode = passthrough\n"
+                                  "migration_threshold = 0"))
+    p.ctl("suspend")
+    p.ctl("reload", p.cfg)
+    r = p.ctl("resume")
+    assert "passthrough refused: 1 dirty block(s)" in r.stdout, r.stdout
+    assert cstat(p)["mode"] == "writeback"
+    p.cfg.write_text(text.replace("mode = writeback", "mode = writethrough\n"
+                                  "policy = cleaner\nmigration_threshold = 0"))
+    p.ctl("suspend")
+    p.ctl("reload", p.cfg)
+    r = p.ctl("resume")
+    assert "refused" not in r.stdout, r.stdout
+    st = cstat(p)
+    assert (st["mode"], st["policy"], st["migration_threshold"]) == \
+        ("writethrough", "cleaner", 0), st
+    assert dio_read(f, 0, BS) == b"r" * BS
+    p.ctl("cache", "c", "migration_threshold", "2048")
+    clean_and_check_origin(p, b"r" * BS)
