@@ -5,6 +5,7 @@ Devices are sparse files in tmp_path.  Reads and writes that must reach the
 target go through O_DIRECT (the page cache would answer repeated reads
 itself).  Every test ends with cache_check on the cache's metadata (pool
 teardown)."""
+import base64
 import ctypes
 import mmap
 import os
@@ -511,3 +512,41 @@ def test_reload_changes_mode_policy_and_migration_threshold(pool):
     assert dio_read(f, 0, BS) == b"r" * BS
     p.ctl("cache", "c", "migration_threshold", "2048")
     clean_and_check_origin(p, b"r" * BS)
+
+
+def hints(cmeta):
+    out = subprocess.run(["cache_dump", str(cmeta)], capture_output=True, text=True,
+                         check=True).stdout
+    return {int(m.group(1)): int.from_bytes(base64.b64decode(m.group(2)), "little")
+            for m in re.finditer(r'<hint cache_block="(\d+)" data="([^"]*)"', out)}
+
+
+def test_hotness_survives_a_clean_restart_and_not_an_unclean_one(pool):
+    p = make_cache(pool, mode="writethrough")
+    promote(p, [5, 6, 7])
+    for _ in range(4):
+        dio_read(p.mnt / "c", 5 * BS, BS)
+    p.unmount()
+    saved = hints(p.cmeta)
+    hot = {cb: h for cb, h in saved.items() if h}
+    assert set(mappings(p.cmeta)) == set(hot) and len(hot) == 3, saved
+    mount_cache(p)
+    p.unmount()
+    assert hints(p.cmeta) == saved          # loaded at mount, saved again at unmount
+    mount_cache(p)
+    p.kill9()
+    mount_cache(p)
+    p.unmount()
+    assert not any(hints(p.cmeta).values())  # an unclean stop's hints are not trusted
+    assert set(mappings(p.cmeta)) == set(hot)
+
+
+def test_a_clean_idle_cache_does_no_io(pool):
+    p = make_cache(pool, mode="writeback")
+    promote(p, [1, 2])
+    dio_write(p.mnt / "c", BS, b"i" * BS)
+    wait_for(p, "written back while idle", lambda st: st["dirty"] == 0)
+    time.sleep(1.2)       # the commit of the clean bit (once a second)
+    before = cstat(p)["io"]
+    time.sleep(1.2)       # longer than the commit interval and the idle time
+    assert cstat(p)["io"] == before
