@@ -550,3 +550,33 @@ def test_a_clean_idle_cache_does_no_io(pool):
     before = cstat(p)["io"]
     time.sleep(1.2)       # longer than the commit interval and the idle time
     assert cstat(p)["io"] == before
+
+
+def test_metadata_from_cache_restore_serves_its_blocks_from_the_cache(pool, tmp_path):
+    p = make_cache(pool, mode="writeback", mount=False)
+    with open(p.origin, "r+b") as f:
+        for b in (5, 7):
+            f.seek(b * BS)
+            f.write(bytes([b]) * BS)
+    with open(p.cdev, "r+b") as f:
+        f.write(b"D" * BS + b"C" * BS)     # cache block 0: dirty data; 1: a clean copy
+    with open(p.origin, "r+b") as f:
+        f.seek(7 * BS)
+        f.write(b"C" * BS)
+    xml = tmp_path / "cache.xml"
+    xml.write_text('<superblock uuid="" block_size="128" nr_cache_blocks="16" policy="smq" '
+                   'hint_width="4">\n  <mappings>\n'
+                   '    <mapping cache_block="0" origin_block="5" dirty="true"/>\n'
+                   '    <mapping cache_block="1" origin_block="7" dirty="false"/>\n'
+                   '  </mappings>\n</superblock>\n')
+    subprocess.run(["cache_restore", "-i", str(xml), "-o", str(p.cmeta)], check=True,
+                   capture_output=True)
+    mount_cache(p)
+    st = cstat(p)
+    assert st["cache_blocks"]["used"] == 2 and st["dirty"] == 1, st
+    assert dio_read(p.mnt / "c", 5 * BS, BS) == b"D" * BS
+    assert cstat(p)["read_hits"] == 1
+    p.ctl("cache", "c", "clean", "--wait")
+    assert cstat(p)["writebacks"] == 1        # only the dirty block
+    p.unmount()
+    assert block_of(p.origin, 5) == b"D" * BS and block_of(p.origin, 7) == b"C" * BS
