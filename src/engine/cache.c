@@ -1477,7 +1477,7 @@ int tfs_cache_clean(struct tfs_cache *c, bool wait, void (*progress)(void *arg, 
 			 meta_mode_name[c->meta_mode], c->reason);
 	} else if (wait) {
 		snprintf(msg, len, "cache %s: clean: 0 dirty blocks; the origin alone now holds all "
-			 "the data (remove the [cache] section and reload to drop the cache)",
+			 "the data (remove the [cache] section to drop the cache at the next mount)",
 			 c->cfg.name);
 	} else {
 		snprintf(msg, len, "cache %s: cleaning %u dirty block(s) with the cleaner policy",
