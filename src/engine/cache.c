@@ -501,6 +501,14 @@ static int read_piece(struct tfs_cache *c, uint8_t *buf, size_t len, uint64_t of
 		r = 0;
 	} else if (cb != NO_CBLOCK) {
 		r = tfs_bdev_read(c->cdev, buf, len, cache_off(c, cb) + off % c->block_size);
+		/* A clean block's copy is also on the origin. */
+		if (r < 0) {
+			pthread_mutex_lock(&c->lock);
+			zero = !tfs_cache_policy_dirty(c->policy, cb);
+			pthread_mutex_unlock(&c->lock);
+			if (zero)
+				r = tfs_bdev_read(c->origin, buf, len, off);
+		}
 	} else {
 		r = tfs_bdev_read(c->origin, buf, len, off);
 	}
@@ -581,6 +589,26 @@ static int promote_discarded(struct tfs_cache *c, uint64_t ob, const uint8_t *bu
 	return r;
 }
 
+/*
+ * The origin has the new data but the cache device failed the copy (or the
+ * origin failed after part of it): the cached copy may be stale and must
+ * go, or nothing may be served any more.  The range lock on ob is held.
+ */
+static int drop_stale_copy(struct tfs_cache *c, uint32_t cb, uint64_t ob, int err)
+{
+	int r;
+
+	pthread_mutex_lock(&c->lock);
+	r = unmap_locked(c, cb);
+	if (r < 0)
+		set_meta_mode(c, META_FAIL, "a cached copy could not be updated nor dropped");
+	pthread_mutex_unlock(&c->lock);
+	notify(c);
+	tfs_warn("cache %s: block %" PRIu64 ": %s; %s", c->cfg.name, ob, strerror(-err),
+		 r == 0 ? "its cached copy was dropped" : "the cache fails all I/O now");
+	return err;
+}
+
 static int write_piece(struct tfs_cache *c, const uint8_t *buf, size_t len, uint64_t off)
 {
 	uint64_t ob = off / c->block_size, coff;
@@ -659,6 +687,8 @@ static int write_piece(struct tfs_cache *c, const uint8_t *buf, size_t len, uint
 	r = tfs_bdev_write(c->origin, buf, len, off);
 	if (r == 0)
 		r = tfs_bdev_write(c->cdev, buf, len, coff);
+	if (r < 0 && !dirty)
+		r = drop_stale_copy(c, cb, ob, r);
 out:
 	cell_unlock(c, ob, false);
 	return r;

@@ -25,7 +25,7 @@
 
 bool tfs_fs_is_cache_id(uint32_t dev_id)
 {
-	return dev_id >= TFS_DEV_ID_CACHE && dev_id < TFS_DEV_ID_CACHE + TFS_CACHES_MAX * 64u;
+	return dev_id >= TFS_DEV_ID_CACHE && dev_id < TFS_DEV_ID_CACHE + (1u << 22);
 }
 
 static struct tfs_cache *cache_of(struct tfs_fs *fs, uint32_t dev_id)

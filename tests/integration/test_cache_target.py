@@ -580,3 +580,22 @@ def test_metadata_from_cache_restore_serves_its_blocks_from_the_cache(pool, tmp_
     assert cstat(p)["writebacks"] == 1        # only the dirty block
     p.unmount()
     assert block_of(p.origin, 5) == b"D" * BS and block_of(p.origin, 7) == b"C" * BS
+
+
+def test_cache_device_errors_never_serve_a_stale_copy(pool):
+    p = make_cache(pool, mode="writethrough", faults=True)
+    f = p.mnt / "c"
+    promote(p, [0, 1])
+    used = cstat(p)["cache_blocks"]["used"]
+    p.ctl("fault", "c:cache", "write", "error", "once")
+    with pytest.raises(OSError) as e:
+        dio_write(f, 0, b"w" * BS)     # reached the origin, not the cache
+    assert e.value.errno == 5
+    assert cstat(p)["cache_blocks"]["used"] == used - 1
+    assert dio_read(f, 0, BS) == b"w" * BS
+    # A clean block the cache device cannot read comes from the origin.
+    dio_write(f, BS, b"v" * BS)
+    p.ctl("fault", "c:cache", "read", "error", "once")
+    assert dio_read(f, BS, BS) == b"v" * BS
+    p.unmount()
+    assert_cache_copies_equal_origin(p)
