@@ -280,10 +280,10 @@ static bool demote_one(struct tfs_cache *c, uint32_t hotter_than)
 
 	pthread_mutex_lock(&c->lock);
 	cb = tfs_cache_policy_coldest_clean(c->policy, hotter_than);
+	ob = tfs_cache_policy_oblock(c->policy, cb);
 	pthread_mutex_unlock(&c->lock);
 	if (cb == NO_CBLOCK)
 		return false;
-	ob = tfs_cache_policy_oblock(c->policy, cb);
 	cell_lock(c, ob, false);
 	pthread_mutex_lock(&c->lock);
 	if (migrations_allowed(c) && tfs_cache_policy_oblock(c->policy, cb) == ob &&
@@ -310,8 +310,9 @@ static void promote(struct tfs_cache *c, uint64_t ob)
 	cell_lock(c, ob, false);
 	pthread_mutex_lock(&c->lock);
 	cb = NO_CBLOCK;
-	if (migrations_allowed(c) && tfs_cache_policy_lookup(c->policy, ob) == NO_CBLOCK &&
-	    !discarded(c, ob))
+	/* A resize may have come in between: the block is still within the origin? */
+	if (migrations_allowed(c) && ob < c->nr_oblocks &&
+	    tfs_cache_policy_lookup(c->policy, ob) == NO_CBLOCK && !discarded(c, ob))
 		cb = tfs_cache_policy_take_free(c->policy);
 	pthread_mutex_unlock(&c->lock);
 	if (cb == NO_CBLOCK)
@@ -348,10 +349,10 @@ static bool writeback_one(struct tfs_cache *c)
 
 	pthread_mutex_lock(&c->lock);
 	cb = tfs_cache_policy_next_dirty(c->policy);
+	ob = tfs_cache_policy_oblock(c->policy, cb);
 	pthread_mutex_unlock(&c->lock);
 	if (cb == NO_CBLOCK)
 		return false;
-	ob = tfs_cache_policy_oblock(c->policy, cb);
 	/* Shared: reads of the block go on; writes to it wait. */
 	cell_lock(c, ob, true);
 	pthread_mutex_lock(&c->lock);
@@ -489,10 +490,14 @@ static int read_piece(struct tfs_cache *c, uint8_t *buf, size_t len, uint64_t of
 	bool zero;
 	int r;
 
-	if (ob >= c->nr_oblocks)
-		return tfs_bdev_read(c->origin, buf, len, off);
 	cell_lock(c, ob, true);
 	pthread_mutex_lock(&c->lock);
+	if (ob >= c->nr_oblocks) {
+		/* The origin's partial last block is never cached. */
+		pthread_mutex_unlock(&c->lock);
+		r = tfs_bdev_read(c->origin, buf, len, off);
+		goto out;
+	}
 	cb = lookup_locked(c, ob, false);
 	zero = cb == NO_CBLOCK && discarded(c, ob);
 	pthread_mutex_unlock(&c->lock);
@@ -512,6 +517,7 @@ static int read_piece(struct tfs_cache *c, uint8_t *buf, size_t len, uint64_t of
 	} else {
 		r = tfs_bdev_read(c->origin, buf, len, off);
 	}
+out:
 	cell_unlock(c, ob, true);
 	return r;
 }
@@ -617,10 +623,13 @@ static int write_piece(struct tfs_cache *c, const uint8_t *buf, size_t len, uint
 	uint32_t cb;
 	int r;
 
-	if (ob >= c->nr_oblocks)
-		return tfs_bdev_write(c->origin, buf, len, off);
 	cell_lock(c, ob, false);
 	pthread_mutex_lock(&c->lock);
+	if (ob >= c->nr_oblocks) {
+		pthread_mutex_unlock(&c->lock);
+		r = tfs_bdev_write(c->origin, buf, len, off);
+		goto out;
+	}
 	cb = lookup_locked(c, ob, true);
 	mode = c->mode;
 	rw = c->meta_mode == META_RW;
@@ -833,6 +842,11 @@ static int cache_discard(struct tfs_dev *dev, uint64_t off, uint64_t len)
 
 		cell_lock(c, ob, false);
 		pthread_mutex_lock(&c->lock);
+		if (ob >= c->nr_oblocks) { /* the origin shrank meanwhile */
+			pthread_mutex_unlock(&c->lock);
+			cell_unlock(c, ob, false);
+			break;
+		}
 		cb = tfs_cache_policy_lookup(c->policy, ob);
 		if (cb != NO_CBLOCK)
 			r = unmap_locked(c, cb);
@@ -1514,6 +1528,130 @@ int tfs_cache_clean(struct tfs_cache *c, bool wait, void (*progress)(void *arg, 
 			 c->cfg.name, tfs_cache_policy_nr_dirty(c->policy));
 	}
 	pthread_mutex_unlock(&c->lock);
+	return r;
+}
+
+/* The first dirty mapping that a cache of nr_c blocks over nr_o origin blocks cannot keep. */
+static uint32_t dirty_beyond(struct tfs_cache *c, uint32_t nr_c, uint64_t nr_o)
+{
+	for (uint32_t cb = 0; cb < c->nr_cblocks; cb++) {
+		uint64_t ob = tfs_cache_policy_oblock(c->policy, cb);
+
+		if (ob != UINT64_MAX && tfs_cache_policy_dirty(c->policy, cb) &&
+		    (cb >= nr_c || ob >= nr_o))
+			return cb;
+	}
+	return NO_CBLOCK;
+}
+
+/* The policy's state and the discard bits for the new sizes, the kept mappings moved over. */
+static int rebuild_state(struct tfs_cache *c, uint32_t nr_c, uint64_t nr_o)
+{
+	struct tfs_cache_policy_state *p;
+	uint64_t *bits = calloc(nr_o / 64 + 1, sizeof(uint64_t));
+	int r = bits ? tfs_cache_policy_create(nr_c, &p) : -ENOMEM;
+
+	if (r < 0) {
+		free(bits);
+		return r;
+	}
+	for (uint32_t cb = 0; cb < c->nr_cblocks && cb < nr_c; cb++) {
+		uint64_t ob = tfs_cache_policy_oblock(c->policy, cb);
+
+		if (ob != UINT64_MAX && ob < nr_o)
+			tfs_cache_policy_insert(p, cb, ob, tfs_cache_policy_dirty(c->policy, cb),
+						tfs_cache_policy_hits(c->policy, cb));
+	}
+	for (uint64_t ob = 0; ob < nr_o && ob < c->nr_oblocks; ob++)
+		if (discarded(c, ob))
+			bits[ob / 64] |= 1ull << (ob % 64);
+	tfs_cache_policy_destroy(c->policy);
+	free(c->discard);
+	c->policy = p;
+	c->discard = bits;
+	return 0;
+}
+
+/* c->lock held, every range lock taken: the metadata and memory to the new sizes. */
+static int resize_locked(struct tfs_cache *c, uint64_t osize, uint32_t nr_c, char *msg, size_t len)
+{
+	uint64_t nr_o = osize / c->block_size;
+	uint32_t cb = dirty_beyond(c, nr_c, nr_o);
+	int r = 0;
+
+	if (cb != NO_CBLOCK) {
+		snprintf(msg, len, "cache %s: cannot resize: cache block %" PRIu32 " (origin block %"
+			 PRIu64 ") is dirty and would be lost (clean first)", c->cfg.name, cb,
+			 tfs_cache_policy_oblock(c->policy, cb));
+		return -EBUSY;
+	}
+	/* Clean mappings of origin blocks past the end go; the array drops those past nr_c. */
+	for (cb = 0; cb < c->nr_cblocks && cb < nr_c && r == 0; cb++) {
+		uint64_t ob = tfs_cache_policy_oblock(c->policy, cb);
+
+		if (ob != UINT64_MAX && ob >= nr_o)
+			r = tfs_cmd_remove(c->cmd, cb);
+	}
+	if (r == 0 && nr_c != c->nr_cblocks)
+		r = tfs_cmd_resize(c->cmd, nr_c, NULL);
+	if (r == 0 && nr_o != c->nr_oblocks)
+		r = tfs_cmd_resize_discard(c->cmd, c->cfg.block_sectors, nr_o);
+	if (r < 0) {
+		meta_failed(c, "resize", r);
+		snprintf(msg, len, "cache %s: resize failed: %s (metadata mode %s now)", c->cfg.name,
+			 strerror(-r), meta_mode_name[c->meta_mode]);
+		return -EIO;
+	}
+	c->meta_changed = true;
+	commit_locked(c, false);
+	if (c->meta_mode != META_RW) {
+		snprintf(msg, len, "cache %s: resize failed: %s", c->cfg.name, c->reason);
+		return -EIO;
+	}
+	r = rebuild_state(c, nr_c, nr_o);
+	if (r < 0) {
+		/* Committed but not in memory: nothing may go on on the old picture. */
+		set_meta_mode(c, META_FAIL, "out of memory taking a resize into use");
+		snprintf(msg, len, "cache %s: resize: %s", c->cfg.name, c->reason);
+		return r;
+	}
+	snprintf(msg, len, "cache %s: %" PRIu32 " -> %" PRIu32 " cache blocks, origin %" PRIu64
+		 " -> %" PRIu64 " bytes", c->cfg.name, c->nr_cblocks, nr_c, c->origin_size, osize);
+	c->nr_cblocks = nr_c;
+	c->nr_oblocks = nr_o;
+	c->origin_size = osize;
+	return 0;
+}
+
+int tfs_cache_resize(struct tfs_cache *c, uint64_t *origin_size, char *msg, size_t len)
+{
+	uint64_t osize, csize;
+	int r = tfs_bdev_size(c->origin, &osize);
+
+	if (r == 0)
+		r = tfs_bdev_size(c->cdev, &csize);
+	if (r < 0) {
+		snprintf(msg, len, "cache %s: cannot read the devices' sizes: %s", c->cfg.name,
+			 strerror(-r));
+		return r;
+	}
+	if (csize / c->block_size == 0 || csize / c->block_size >= UINT32_MAX) {
+		snprintf(msg, len, "cache %s: the cache device (%" PRIu64 " bytes) holds no whole "
+			 "block, or too many", c->cfg.name, csize);
+		return -EINVAL;
+	}
+	/* Every origin block, the uncached tail's too: all I/O of the cache waits. */
+	r = tfs_prison_lock(c->prison, 0, 0, UINT64_MAX);
+	if (r < 0)
+		return r;
+	pthread_mutex_lock(&c->lock);
+	r = refuse_mode(c, msg, len);
+	if (r == 0)
+		r = resize_locked(c, osize, (uint32_t)(csize / c->block_size), msg, len);
+	*origin_size = c->origin_size;
+	pthread_mutex_unlock(&c->lock);
+	tfs_prison_unlock(c->prison, 0, 0, UINT64_MAX);
+	notify(c);
 	return r;
 }
 

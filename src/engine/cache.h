@@ -102,6 +102,17 @@ int tfs_cache_invalidate(struct tfs_cache *cache, const uint64_t (*ranges)[2], u
 int tfs_cache_clean(struct tfs_cache *cache, bool wait, void (*progress)(void *arg, uint64_t dirty),
 		    void *arg, char *msg, size_t len);
 
+/*
+ * resize NAME: take the cache and origin devices' sizes now into use, with
+ * all I/O of the cache held meanwhile.  Growing keeps every mapping;
+ * blocks past a shrunk cache or origin lose their clean mappings, and a
+ * dirty one there refuses the whole resize (-EBUSY, nothing changed);
+ * the discard bitset follows the origin.  *origin_size: the origin's size
+ * now (the file's).  -EROFS metadata mode ro or fail; msg says what
+ * happened or why not.
+ */
+int tfs_cache_resize(struct tfs_cache *cache, uint64_t *origin_size, char *msg, size_t len);
+
 /* The settings a reload may change, as in force now. */
 void tfs_cache_get_settings(struct tfs_cache *cache, enum tfs_cache_mode *mode,
 			    enum tfs_cache_policy_kind *policy, uint64_t *migration_threshold);

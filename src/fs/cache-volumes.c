@@ -280,3 +280,39 @@ void tfs_fs_cache_reload(struct tfs_fs *fs, char *out, size_t len)
 			     cfg->caches[i].name);
 	free(cfg);
 }
+
+int tfs_fs_cache_resize(struct tfs_fs *fs, struct tfs_cache *c, uint32_t *dev_id, char *msg,
+			size_t len)
+{
+	struct tfs_inode *ino;
+	struct tfs_vol_row row;
+	uint64_t size;
+	int r = tfs_cache_resize(c, &size, msg, len);
+
+	*dev_id = 0;
+	for (unsigned i = 0; i < fs->nr_caches; i++)
+		if (fs->caches[i] == c)
+			*dev_id = fs->cache_ids[i];
+	if (r < 0)
+		return r;
+	/* The file has the origin's size: the open inode and the row follow it. */
+	pthread_mutex_lock(&fs->lock);
+	ino = tfs_fs_inode_find(fs, *dev_id);
+	if (ino) {
+		pthread_mutex_lock(&ino->attr_lock);
+		if (ino->row.size != size) {
+			ino->row.size = size;
+			ino->row.ctime_ns = tfs_now_ns();
+			ino->dirty = true;
+		}
+		pthread_mutex_unlock(&ino->attr_lock);
+		r = tfs_fs_persist(fs, ino);
+	} else if ((r = tfs_catalog_get_by_id(fs->cat, *dev_id, &row)) == 0 && row.size != size) {
+		row.size = size;
+		r = tfs_catalog_update_volume(fs->cat, &row);
+	}
+	pthread_mutex_unlock(&fs->lock);
+	if (r == 0)
+		tfs_fs_event(fs, "resize", "%s", msg);
+	return r;
+}

@@ -676,15 +676,38 @@ static void cmd_set_transaction_id(struct cmd_ctx *c)
 }
 
 /* resize data|metadata SIZE|+DELTA: sizes in bytes with the config's suffixes. */
+/* resize NAME: a cache takes its devices' sizes now into use. */
+static void cmd_resize_cache(struct cmd_ctx *c, struct tfs_cache *cache)
+{
+	char msg[512] = "", line[600];
+	uint32_t id;
+	int r = tfs_fs_cache_resize(c->fs, cache, &id, msg, sizeof(msg));
+
+	if (r < 0) {
+		send_error(c->fd, "resize %s: %s", c->argv[1], msg[0] ? msg : strerror(-r));
+		return;
+	}
+	/* The kernel may hold the old size for a while: drop its attributes. */
+	if (c->fs->se)
+		fuse_lowlevel_notify_inval_inode(c->fs->se, tfs_ino_of_dev(id), 0, 0);
+	snprintf(line, sizeof(line), "%s\n", msg);
+	send_ok(c->fd, line, NULL, true);
+}
+
 static void cmd_resize(struct cmd_ctx *c)
 {
-	static const char usage[] = "usage: resize data|metadata SIZE|+DELTA";
+	static const char usage[] = "usage: resize data|metadata SIZE|+DELTA | resize CACHE";
+	struct tfs_cache *cache = c->argc == 2 ? tfs_fs_cache_by_name(c->fs, c->argv[1]) : NULL;
 	struct tfs_pool_status st;
 	uint64_t bytes, unit, before, after;
 	bool data, relative;
 	char why[512];
 	int r;
 
+	if (cache) {
+		cmd_resize_cache(c, cache);
+		return;
+	}
 	if (c->argc != 3 || (strcmp(c->argv[1], "data") && strcmp(c->argv[1], "metadata"))) {
 		send_error(c->fd, "%s", usage);
 		return;

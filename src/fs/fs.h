@@ -233,6 +233,12 @@ struct tfs_cache *tfs_fs_cache_by_name(struct tfs_fs *fs, const char *name);
  * mount, a refused mode), "" when all was.
  */
 void tfs_fs_cache_reload(struct tfs_fs *fs, char *out, size_t len);
+/*
+ * resize NAME of a cache (tfs_cache_resize), then the file's size (the
+ * origin's) in the open inode and the catalog.  *dev_id: the file's.
+ */
+int tfs_fs_cache_resize(struct tfs_fs *fs, struct tfs_cache *c, uint32_t *dev_id, char *msg,
+			size_t len);
 
 /* ---- events (events.c) ---- */
 /* Log an event in the catalog and wake waiters (-errno from the catalog). */

@@ -599,3 +599,48 @@ def test_cache_device_errors_never_serve_a_stale_copy(pool):
     assert dio_read(f, BS, BS) == b"v" * BS
     p.unmount()
     assert_cache_copies_equal_origin(p)
+
+
+def test_resize_grows_and_shrinks_cache_and_origin(pool):
+    p = make_cache(pool, mode="writeback")
+    f = p.mnt / "c"
+    data = os.urandom(34 * BS)
+    dio_write(f, 0, data)
+    promote(p, [0, 1, 2, 3])
+    os.truncate(p.cdev, 2 * CACHE)
+    r = p.ctl("resize", "c")
+    assert "16 -> 32 cache blocks" in r.stdout, r.stdout
+    st = cstat(p)
+    assert st["cache_blocks"] == {"used": 4, "total": 32}
+    promote(p, list(range(20, 34)))                     # cache blocks 4 .. 17
+    p.ctl("cache", "c", "migration_threshold", "0")
+    data = data[:20 * BS] + os.urandom(14 * BS)
+    dio_write(f, 20 * BS, data[20 * BS:])               # all dirty
+    assert cstat(p)["dirty"] == 14
+    os.truncate(p.cdev, CACHE)
+    r = p.ctl("resize", "c", ok=(1,))
+    assert "is dirty and would be lost (clean first)" in r.stdout + r.stderr
+    assert cstat(p)["cache_blocks"]["total"] == 32      # nothing changed
+    p.ctl("cache", "c", "migration_threshold", "2048")
+    p.ctl("cache", "c", "clean", "--wait")
+    p.ctl("resize", "c")
+    st = cstat(p)
+    assert st["cache_blocks"]["total"] == 16 and st["cache_blocks"]["used"] == 16, st
+    # The origin grows: the file with it, new blocks cached as any others.
+    os.truncate(p.origin, ORIGIN + (4 << 20))
+    r = p.ctl("resize", "c")
+    assert f"origin {ORIGIN} -> {ORIGIN + (4 << 20)} bytes" in r.stdout, r.stdout
+    assert cstat(p)["size"] == ORIGIN + (4 << 20)
+    assert f.stat().st_size == ORIGIN + (4 << 20)
+    dio_write(f, ORIGIN + BS, b"g" * BS)
+    assert dio_read(f, ORIGIN + BS, BS) == b"g" * BS
+    # ... and shrinks: mappings past the end go (they are clean).
+    os.truncate(p.origin, 24 * BS)
+    p.ctl("resize", "c")
+    st = cstat(p)
+    assert st["size"] == 24 * BS and st["cache_blocks"]["used"] < 16, st
+    assert dio_read(f, 0, 24 * BS) == data[:24 * BS]
+    p.unmount()
+    m = mappings(p.cmeta)
+    assert m and all(cb < 16 and ob < 24 for cb, ob in m.items()), m
+    assert_cache_copies_equal_origin(p)
