@@ -1108,12 +1108,7 @@ static int load_one(void *ctx, uint32_t cb, uint64_t ob, bool dirty, const void 
 	struct tfs_cache *c = ctx;
 	uint32_t hits = 0;
 
-	if (ob >= c->nr_oblocks) {
-		snprintf(c->reason, sizeof(c->reason),
-			 "cache block %" PRIu32 " maps origin block %" PRIu64
-			 " past the origin's end (%" PRIu64 " blocks)", cb, ob, c->nr_oblocks);
-		return -EINVAL;
-	}
+	/* Past the origin's end (it shrank while unmounted): see drop_past_origin. */
 	if (hint)
 		memcpy(&hits, hint, sizeof(hits));
 	tfs_cache_policy_insert(c->policy, cb, ob, dirty, hits);
@@ -1127,6 +1122,31 @@ static int load_discard(void *ctx, uint64_t db, bool on)
 	if (on && db < c->nr_oblocks)
 		c->discard[db / 64] |= 1ull << (db % 64);
 	return 0;
+}
+
+static uint32_t dirty_beyond(struct tfs_cache *c, uint32_t nr_c, uint64_t nr_o);
+
+/* The origin shrank while unmounted: clean mappings past its end go, a dirty one refuses. */
+static int drop_past_origin(struct tfs_cache *c)
+{
+	uint32_t cb = dirty_beyond(c, c->nr_cblocks, c->nr_oblocks);
+	int r = 0;
+
+	if (cb != NO_CBLOCK) {
+		snprintf(c->reason, sizeof(c->reason),
+			 "dirty cache block %" PRIu32 " maps origin block %" PRIu64
+			 ", past the origin's end (%" PRIu64 " blocks)", cb,
+			 tfs_cache_policy_oblock(c->policy, cb), c->nr_oblocks);
+		return -EINVAL;
+	}
+	for (cb = 0; cb < c->nr_cblocks && r == 0; cb++) {
+		if (tfs_cache_policy_oblock(c->policy, cb) == UINT64_MAX ||
+		    tfs_cache_policy_oblock(c->policy, cb) < c->nr_oblocks)
+			continue;
+		r = tfs_cmd_remove(c->cmd, cb);
+		tfs_cache_policy_remove(c->policy, cb);
+	}
+	return r;
 }
 
 /* Metadata: format, or open and load.  A refusal sets c->reason and returns -EINVAL. */
@@ -1189,6 +1209,8 @@ static int start_metadata(struct tfs_cache *c)
 		r = tfs_cmd_set_policy(c->cmd, &pd);
 	if (r == 0)
 		r = tfs_cmd_load_mappings(c->cmd, &pd, load_one, c);
+	if (r == 0)
+		r = drop_past_origin(c);
 	if (r == 0)
 		r = tfs_cmd_load_discards(c->cmd, load_discard, c);
 	if (r < 0) {

@@ -644,3 +644,25 @@ def test_resize_grows_and_shrinks_cache_and_origin(pool):
     m = mappings(p.cmeta)
     assert m and all(cb < 16 and ob < 24 for cb, ob in m.items()), m
     assert_cache_copies_equal_origin(p)
+
+
+def test_origin_shrunk_while_unmounted(pool):
+    p = make_cache(pool, mode="writeback")
+    promote(p, [2, 100])
+    p.ctl("cache", "c", "migration_threshold", "0")
+    dio_write(p.mnt / "c", 100 * BS, b"q" * BS)          # dirty, past the new end
+    p.unmount()
+    os.truncate(p.origin, 64 * BS)
+    p.expect_log(r"cache c does not start: dirty cache block \d+ maps origin block 100")
+    mount_cache(p)
+    assert cstat(p)["metadata_mode"] == "fail"
+    p.unmount()
+    os.truncate(p.origin, ORIGIN)
+    mount_cache(p)
+    p.ctl("cache", "c", "clean", "--wait")
+    p.unmount()
+    os.truncate(p.origin, 64 * BS)
+    mount_cache(p)                                        # clean: the mapping just goes
+    st = cstat(p)
+    assert st["metadata_mode"] == "rw" and st["size"] == 64 * BS
+    assert st["cache_blocks"]["used"] == 1, st
