@@ -33,6 +33,7 @@
 /* The cache is idle (background writeback may start) after this long without I/O. */
 #define IDLE_MS 500
 #define NO_CBLOCK UINT32_MAX
+#define WB_RETRY_MS 1000
 #define MAX_EVENTS 16
 
 enum meta_mode { META_RW, META_RO, META_FAIL };
@@ -64,6 +65,8 @@ struct tfs_cache {
 	uint64_t writebacks;                   /* blocks copied back to the origin */
 	int64_t last_io_ms, last_commit_ms;
 	bool cleaning;                         /* clean was asked: report when dirty reaches 0 */
+	int wb_error;                          /* the last writeback's, 0 once one succeeds */
+	int64_t wb_retry_ms;                   /* after a failed writeback: not before this */
 	struct tfs_cache_event events[MAX_EVENTS];
 	unsigned nr_events;
 	bool stop;
@@ -363,9 +366,15 @@ static bool writeback_one(struct tfs_cache *c)
 		r = copy_block(c, c->cdev, cache_off(c, cb), c->origin, ob * c->block_size);
 		pthread_mutex_lock(&c->lock);
 		if (r < 0) {
-			tfs_warn("cache %s: writeback of block %" PRIu64 " failed: %s", c->cfg.name,
-				 ob, strerror(-r));
+			/* Once per run of failures, and a pause: a failing origin is not hammered. */
+			if (!c->wb_error)
+				tfs_warn("cache %s: writeback of block %" PRIu64 " failed: %s",
+					 c->cfg.name, ob, strerror(-r));
+			c->wb_error = r;
+			c->wb_retry_ms = now_ms() + WB_RETRY_MS;
+			pthread_cond_broadcast(&c->cond); /* clean --wait gives up */
 		} else if (c->meta_mode == META_RW) {
+			c->wb_error = 0;
 			r = tfs_cmd_set_dirty(c->cmd, cb, false);
 			if (r < 0) {
 				meta_failed(c, "set dirty", r);
@@ -395,7 +404,7 @@ static void *worker(void *arg)
 			commit_locked(c, false);
 		if (migrations_allowed(c)) {
 			bool idle = now - c->last_io_ms >= IDLE_MS;
-			bool want_wb = tfs_cache_policy_nr_dirty(c->policy) &&
+			bool want_wb = tfs_cache_policy_nr_dirty(c->policy) && now >= c->wb_retry_ms &&
 				       (cleaner || idle ||
 					tfs_cache_policy_nr_dirty(c->policy) * 4 > c->nr_cblocks * 3);
 
@@ -1523,7 +1532,9 @@ int tfs_cache_clean(struct tfs_cache *c, bool wait, void (*progress)(void *arg, 
 	pthread_mutex_lock(&c->lock);
 	c->cleaning = true;
 	pthread_cond_broadcast(&c->cond);
-	while (wait && c->meta_mode == META_RW && tfs_cache_policy_nr_dirty(c->policy)) {
+	c->wb_error = 0;
+	while (wait && c->meta_mode == META_RW && tfs_cache_policy_nr_dirty(c->policy) &&
+	       !c->wb_error) {
 		struct timespec ts;
 
 		if (progress) {
@@ -1541,6 +1552,11 @@ int tfs_cache_clean(struct tfs_cache *c, bool wait, void (*progress)(void *arg, 
 		r = -EIO;
 		snprintf(msg, len, "cache %s: clean stopped: metadata mode %s (%s)", c->cfg.name,
 			 meta_mode_name[c->meta_mode], c->reason);
+	} else if (wait && c->wb_error) {
+		r = c->wb_error;
+		snprintf(msg, len, "cache %s: clean stopped: a writeback failed (%s); %u dirty "
+			 "block(s) left, retried in the background", c->cfg.name,
+			 strerror(-c->wb_error), tfs_cache_policy_nr_dirty(c->policy));
 	} else if (wait) {
 		snprintf(msg, len, "cache %s: clean: 0 dirty blocks; the origin alone now holds all "
 			 "the data (remove the [cache] section to drop the cache at the next mount)",

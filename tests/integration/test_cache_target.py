@@ -666,3 +666,20 @@ def test_origin_shrunk_while_unmounted(pool):
     st = cstat(p)
     assert st["metadata_mode"] == "rw" and st["size"] == 64 * BS
     assert st["cache_blocks"]["used"] == 1, st
+
+
+def test_clean_wait_stops_on_a_failing_origin_and_loses_nothing(pool):
+    p = make_cache(pool, mode="writeback", faults=True)
+    f = p.mnt / "c"
+    promote(p, [0, 1])
+    p.ctl("cache", "c", "migration_threshold", "0")
+    data = os.urandom(2 * BS)
+    dio_write(f, 0, data)
+    p.ctl("fault", "c:origin", "write", "error")
+    p.ctl("cache", "c", "migration_threshold", "2048")
+    r = p.ctl("cache", "c", "clean", "--wait", ok=(1,))
+    assert "clean stopped: a writeback failed (Input/output error); 2 dirty" in \
+        r.stdout + r.stderr, r.stdout + r.stderr
+    assert cstat(p)["dirty"] == 2 and dio_read(f, 0, len(data)) == data
+    p.ctl("fault", "c:origin", "write", "ok")
+    clean_and_check_origin(p, data)
