@@ -22,7 +22,9 @@
 #include "bdev.h"
 #include "cache-metadata.h"
 #include "cache-policy.h"
+#include "core.h"
 #include "log.h"
+#include "pool.h"
 #include "prison.h"
 #include "target.h"
 
@@ -44,6 +46,7 @@ struct tfs_cache {
 	struct tfs_bdev *origin, *cdev, *meta; /* fault wrappers */
 	struct tfs_dev *origin_dev;            /* linear over origin: discards, zeroing */
 	struct tfs_prison *prison;
+	struct tfs_core *core;                 /* suspend and resume: the cache is its one device */
 	uint64_t block_size;                   /* bytes */
 	uint64_t origin_size;                  /* bytes */
 	uint64_t nr_oblocks;                   /* whole blocks of the origin; the tail is uncached */
@@ -70,6 +73,8 @@ struct tfs_cache {
 	struct tfs_cache_event events[MAX_EVENTS];
 	unsigned nr_events;
 	bool stop;
+	bool suspended;                        /* the worker does nothing meanwhile */
+	bool migrating;                        /* the worker is in a migration (lock dropped) */
 	pthread_t worker;
 	bool worker_started;
 	uint8_t *copy_buf;                     /* the worker's */
@@ -400,10 +405,16 @@ static void *worker(void *arg)
 		bool busy = false, cleaner = c->policy_kind == TFS_CACHE_CLEANER;
 		uint64_t ob;
 
+		if (c->suspended) {
+			pthread_cond_wait(&c->cond, &c->lock);
+			continue;
+		}
 		if (c->meta_changed && now - c->last_commit_ms >= COMMIT_INTERVAL_MS)
 			commit_locked(c, false);
 		if (migrations_allowed(c)) {
 			bool idle = now - c->last_io_ms >= IDLE_MS;
+
+			c->migrating = true;
 			bool want_wb = tfs_cache_policy_nr_dirty(c->policy) && now >= c->wb_retry_ms &&
 				       (cleaner || idle ||
 					tfs_cache_policy_nr_dirty(c->policy) * 4 > c->nr_cblocks * 3);
@@ -419,6 +430,8 @@ static void *worker(void *arg)
 				pthread_mutex_lock(&c->lock);
 				busy = true;
 			}
+			c->migrating = false;
+			pthread_cond_broadcast(&c->cond); /* a suspend may wait for this */
 		}
 		if (c->cleaning && !tfs_cache_policy_nr_dirty(c->policy)) {
 			char detail[256];
@@ -739,39 +752,15 @@ static int check_range(const struct tfs_cache *c, uint64_t off, uint64_t len)
 	return off > c->origin_size || len > c->origin_size - off ? -EINVAL : 0;
 }
 
-static int cache_read(struct tfs_dev *dev, void *buf, size_t len, uint64_t off)
-{
-	struct cache_handle *h = handle_of(dev);
-	int r = may_io(h, false);
-
-	if (r == 0)
-		r = check_range(h->c, off, len);
-	return r ? r : split(h->c, buf, len, off, read_piece);
-}
-
 static int write_piece_cb(struct tfs_cache *c, uint8_t *buf, size_t len, uint64_t off)
 {
 	return write_piece(c, buf, len, off);
 }
 
-static int cache_write(struct tfs_dev *dev, const void *buf, size_t len, uint64_t off)
+static int flush_body(struct tfs_cache *c)
 {
-	struct cache_handle *h = handle_of(dev);
-	int r = may_io(h, true);
+	int r = c->meta_mode == META_FAIL ? -EIO : 0;
 
-	if (r == 0)
-		r = check_range(h->c, off, len);
-	return r ? r : split(h->c, (uint8_t *)buf, len, off, write_piece_cb);
-}
-
-static int cache_flush(struct tfs_dev *dev)
-{
-	struct cache_handle *h = handle_of(dev);
-	struct tfs_cache *c = h->c;
-	int r = may_io(h, false);
-
-	if (r == 0 && c->meta_mode == META_FAIL)
-		r = -EIO;
 	/* Data on both devices first, then the metadata that points at it. */
 	if (r == 0)
 		r = tfs_bdev_flush(c->cdev);
@@ -810,32 +799,18 @@ static int zero_pieces(struct tfs_cache *c, uint64_t off, uint64_t len)
 	return r;
 }
 
-static int cache_zero_range(struct tfs_dev *dev, uint64_t off, uint64_t len)
-{
-	struct cache_handle *h = handle_of(dev);
-	int r = may_io(h, true);
-
-	if (r == 0)
-		r = check_range(h->c, off, len);
-	return r ? r : zero_pieces(h->c, off, len);
-}
-
 /*
  * Whole blocks: their cached copies go and the discard bit says they read
  * as zeros (passed down to the origin with discard_passdown); partial
  * blocks at either end are zeroed.
  */
-static int cache_discard(struct tfs_dev *dev, uint64_t off, uint64_t len)
+static int discard_body(struct tfs_cache *c, uint64_t off, uint64_t len)
 {
-	struct cache_handle *h = handle_of(dev);
-	struct tfs_cache *c = h->c;
 	uint64_t bs = c->block_size, first, end, head_end;
-	int r = may_io(h, true);
+	int r;
 
-	if (r == 0)
-		r = check_range(c, off, len);
-	if (r < 0 || !len)
-		return r;
+	if (!len)
+		return 0;
 	if (c->meta_mode != META_RW)
 		return zero_pieces(c, off, len);
 	first = (off + bs - 1) / bs;
@@ -874,12 +849,76 @@ static int cache_discard(struct tfs_dev *dev, uint64_t off, uint64_t len)
 	return r;
 }
 
-static int cache_provision(struct tfs_dev *dev, uint64_t off, uint64_t len)
+enum io_kind { IO_READ, IO_WRITE, IO_FLUSH, IO_ZERO, IO_DISCARD, IO_PROVISION };
+
+/*
+ * Every I/O op goes through here: the handle's rights, the core's
+ * admission (a suspended cache holds the request here), the range.
+ */
+static int run_io(struct tfs_dev *dev, enum io_kind k, uint8_t *buf, uint64_t len, uint64_t off)
 {
 	struct cache_handle *h = handle_of(dev);
-	int r = may_io(h, true);
+	struct tfs_cache *c = h->c;
+	struct tfs_core_io io;
+	int r = may_io(h, k != IO_READ && k != IO_FLUSH);
 
-	return r ? r : check_range(h->c, off, len);
+	if (r)
+		return r;
+	tfs_core_enter(c->core, &io, 0);
+	r = k == IO_FLUSH ? 0 : check_range(c, off, len);
+	if (r == 0) {
+		switch (k) {
+		case IO_READ:
+			r = split(c, buf, (size_t)len, off, read_piece);
+			break;
+		case IO_WRITE:
+			r = split(c, buf, (size_t)len, off, write_piece_cb);
+			break;
+		case IO_FLUSH:
+			r = flush_body(c);
+			break;
+		case IO_ZERO:
+			r = zero_pieces(c, off, len);
+			break;
+		case IO_DISCARD:
+			r = discard_body(c, off, len);
+			break;
+		case IO_PROVISION:
+			break; /* every byte of the origin exists */
+		}
+	}
+	tfs_core_exit(c->core, &io);
+	return r;
+}
+
+static int cache_read(struct tfs_dev *dev, void *buf, size_t len, uint64_t off)
+{
+	return run_io(dev, IO_READ, buf, len, off);
+}
+
+static int cache_write(struct tfs_dev *dev, const void *buf, size_t len, uint64_t off)
+{
+	return run_io(dev, IO_WRITE, (uint8_t *)buf, len, off);
+}
+
+static int cache_flush(struct tfs_dev *dev)
+{
+	return run_io(dev, IO_FLUSH, NULL, 0, 0);
+}
+
+static int cache_zero_range(struct tfs_dev *dev, uint64_t off, uint64_t len)
+{
+	return run_io(dev, IO_ZERO, NULL, len, off);
+}
+
+static int cache_discard(struct tfs_dev *dev, uint64_t off, uint64_t len)
+{
+	return run_io(dev, IO_DISCARD, NULL, len, off);
+}
+
+static int cache_provision(struct tfs_dev *dev, uint64_t off, uint64_t len)
+{
+	return run_io(dev, IO_PROVISION, NULL, len, off);
 }
 
 static int cache_seek(struct tfs_dev *dev, uint64_t off, int whence, uint64_t size,
@@ -909,6 +948,7 @@ static void cache_status(struct tfs_dev *dev, struct tfs_status_sink *s)
 	pthread_mutex_lock(&c->lock);
 	if (c->cmd && c->meta_mode != META_FAIL)
 		tfs_cmd_info(c->cmd, &info);
+	tfs_status_flag(s, "suspended", c->suspended);
 	tfs_status_text(s, "mode", tfs_cache_mode_name(c->mode));
 	tfs_status_text(s, "policy", tfs_cache_policy_name(c->policy_kind));
 	tfs_status_text(s, "metadata_mode", meta_mode_name[c->meta_mode]);
@@ -1295,6 +1335,8 @@ int tfs_cache_open(const struct tfs_cache_cfg *cfg, const struct tfs_cache_open_
 	if (r == 0)
 		r = tfs_prison_create(&c->prison);
 	if (r == 0)
+		r = tfs_core_create(&c->core);
+	if (r == 0)
 		r = tfs_bdev_size(c->origin, &c->origin_size);
 	if (r == 0)
 		r = tfs_bdev_size(c->cdev, &csize);
@@ -1383,6 +1425,8 @@ int tfs_cache_close(struct tfs_cache *c)
 	}
 	tfs_dev_close(c->origin_dev);
 	tfs_prison_destroy(c->prison);
+	if (c->core)
+		tfs_core_destroy(c->core);
 	tfs_bdev_close(c->meta);
 	tfs_bdev_close(c->cdev);
 	tfs_bdev_close(c->origin);
@@ -1691,6 +1735,78 @@ int tfs_cache_resize(struct tfs_cache *c, uint64_t *origin_size, char *msg, size
 	tfs_prison_unlock(c->prison, 0, 0, UINT64_MAX);
 	notify(c);
 	return r;
+}
+
+int tfs_cache_suspend(struct tfs_cache *c, const struct tfs_suspend_opts *o, char *why,
+		      size_t why_len)
+{
+	struct timespec deadline;
+	int n, r;
+
+	why[0] = '\0';
+	/* The cache has no requests waiting inside it: noflush only skips the flush. */
+	n = tfs_core_suspend_begin(c->core, NULL, 0, o->noflush);
+	if (n <= 0) {
+		if (n < 0)
+			snprintf(why, why_len, "%s", n == -ESHUTDOWN ? "the daemon is shutting down"
+				 : "out of memory");
+		return n;
+	}
+	if (o->timeout_ms) {
+		clock_gettime(CLOCK_MONOTONIC, &deadline);
+		deadline.tv_sec += (time_t)(o->timeout_ms / 1000);
+		deadline.tv_nsec += (long)(o->timeout_ms % 1000) * 1000000L;
+		if (deadline.tv_nsec >= 1000000000L) {
+			deadline.tv_sec++;
+			deadline.tv_nsec -= 1000000000L;
+		}
+	}
+	r = tfs_core_drain(c->core, NULL, 0, o->timeout_ms ? &deadline : NULL, o->cancelled,
+			   o->arg);
+	if (r) {
+		tfs_core_suspend_end(c->core, false);
+		snprintf(why, why_len, "%s: the suspend was abandoned and the cache is active again",
+			 r == -ETIMEDOUT ? "in-flight I/O did not finish in time" : "interrupted");
+		return r;
+	}
+	pthread_mutex_lock(&c->lock);
+	c->suspended = true;
+	while (c->migrating)
+		pthread_cond_wait(&c->cond, &c->lock);
+	pthread_mutex_unlock(&c->lock);
+	/* The worker is between two steps now, or waits: nothing moves until resume. */
+	r = 0;
+	if (!o->noflush) {
+		r = tfs_bdev_flush(c->cdev);
+		if (r == 0)
+			r = tfs_bdev_flush(c->origin);
+		pthread_mutex_lock(&c->lock);
+		if (r == 0 && c->meta_changed)
+			r = commit_locked(c, false);
+		pthread_mutex_unlock(&c->lock);
+		if (r < 0)
+			snprintf(why, why_len, "flushing before the suspend failed: %s", strerror(-r));
+	}
+	tfs_core_suspend_end(c->core, true);
+	notify(c);
+	return r < 0 ? r : 1;
+}
+
+int tfs_cache_resume(struct tfs_cache *c)
+{
+	int n = (int)tfs_core_resume(c->core, NULL, 0);
+
+	pthread_mutex_lock(&c->lock);
+	c->suspended = false;
+	pthread_cond_broadcast(&c->cond);
+	pthread_mutex_unlock(&c->lock);
+	return n > 0;
+}
+
+void tfs_cache_stop_holding(struct tfs_cache *c)
+{
+	tfs_core_close(c->core);
+	tfs_cache_resume(c);
 }
 
 void tfs_cache_get_settings(struct tfs_cache *c, enum tfs_cache_mode *mode,

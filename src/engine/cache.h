@@ -113,6 +113,22 @@ int tfs_cache_clean(struct tfs_cache *cache, bool wait, void (*progress)(void *a
  */
 int tfs_cache_resize(struct tfs_cache *cache, uint64_t *origin_size, char *msg, size_t len);
 
+/*
+ * suspend CACHE: new I/O of the cache is held (core.h), I/O in flight
+ * finishes (o->timeout_ms, o->cancelled as the pool's), the worker pauses,
+ * then unless o->noflush the devices are flushed and the metadata
+ * committed.  1 suspended now, 0 it was already; -ETIMEDOUT / -EINTR the
+ * suspend was abandoned (nothing held); -errno of the flush or commit
+ * (it stays suspended); why says what went wrong.  resume: 1 resumed, 0 it
+ * was not suspended.
+ */
+struct tfs_suspend_opts;
+int tfs_cache_suspend(struct tfs_cache *cache, const struct tfs_suspend_opts *o, char *why,
+		      size_t why_len);
+int tfs_cache_resume(struct tfs_cache *cache);
+/* Shutting down: everything held goes in, and nothing is suspended again. */
+void tfs_cache_stop_holding(struct tfs_cache *cache);
+
 /* The settings a reload may change, as in force now. */
 void tfs_cache_get_settings(struct tfs_cache *cache, enum tfs_cache_mode *mode,
 			    enum tfs_cache_policy_kind *policy, uint64_t *migration_threshold);

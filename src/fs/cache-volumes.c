@@ -316,3 +316,9 @@ int tfs_fs_cache_resize(struct tfs_fs *fs, struct tfs_cache *c, uint32_t *dev_id
 		tfs_fs_event(fs, "resize", "%s", msg);
 	return r;
 }
+
+void tfs_fs_cache_stop_holding(struct tfs_fs *fs)
+{
+	for (unsigned i = 0; i < fs->nr_caches; i++)
+		tfs_cache_stop_holding(fs->caches[i]);
+}

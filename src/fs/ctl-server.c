@@ -1010,6 +1010,69 @@ static bool client_gone(void *arg)
 	return !client_alive(*(int *)arg);
 }
 
+/*
+ * suspend/resume of caches (each its own instance, core.h): when every NAME
+ * is a cache.  Returns false, having done nothing, when none is.
+ */
+static bool cache_suspend_resume(struct cmd_ctx *c, const struct tfs_suspend_opts *o)
+{
+	bool suspend = o != NULL;
+	struct tfs_cache *list[TFS_CACHES_MAX];
+	unsigned n = 0, named = 0, done = 0;
+	char why[512] = "", names[512] = "";
+	size_t used = 0;
+	int r = 0;
+
+	for (int i = 1; i < c->argc; i++) {
+		struct tfs_cache *cache;
+
+		if (!strcmp(c->argv[i], "--timeout")) {
+			i++;
+			continue;
+		}
+		if (c->argv[i][0] == '-')
+			continue;
+		named++;
+		cache = tfs_fs_cache_by_name(c->fs, c->argv[i]);
+		if (cache && n < TFS_CACHES_MAX) {
+			list[n++] = cache;
+			if (used < sizeof(names))
+				used += (size_t)snprintf(names + used, sizeof(names) - used, "%s%s",
+							 used ? ", " : "", c->argv[i]);
+		}
+	}
+	if (!n)
+		return false;
+	if (n != named) {
+		send_error(c->fd, "%s: name caches and thin volumes in separate commands (nothing "
+			   "was %s)", c->argv[0], suspend ? "suspended" : "resumed");
+		return true;
+	}
+	for (unsigned i = 0; i < n && r >= 0; i++) {
+		r = suspend ? tfs_cache_suspend(list[i], o, why, sizeof(why))
+			    : tfs_cache_resume(list[i]);
+		done += r > 0;
+	}
+	if (r < 0) {
+		send_error(c->fd, "%s %s: %s", c->argv[0], names, why[0] ? why : strerror(-r));
+		tfs_fs_event(c->fs, c->argv[0], "%s: %s", names, why[0] ? why : strerror(-r));
+		return true;
+	}
+	if (!done) {
+		send_ok(c->fd, suspend ? "already suspended" : "not suspended", NULL, true);
+		return true;
+	}
+	tfs_fs_event(c->fs, c->argv[0], "cache %s%s", names,
+		     suspend && o->noflush ? " (noflush)" : "");
+	{
+		char text[600];
+
+		snprintf(text, sizeof(text), "%s: %s", suspend ? "suspended" : "resumed", names);
+		send_ok(c->fd, text, NULL, true);
+	}
+	return true;
+}
+
 /* suspend [NAME...] [--noflush] [--timeout S] */
 static void cmd_suspend(struct cmd_ctx *c)
 {
@@ -1033,6 +1096,8 @@ static void cmd_suspend(struct cmd_ctx *c)
 		}
 		o.timeout_ms = (uint64_t)(t * 1000) ? (uint64_t)(t * 1000) : 1;
 	}
+	if (cache_suspend_resume(c, &o))
+		return;
 	if (volume_ids(c, &ids, &nr, names, sizeof(names)) < 0)
 		return;
 	r = tfs_pool_suspend(c->fs->pool, ids, nr, &o, why, sizeof(why));
@@ -1065,14 +1130,25 @@ static void cmd_resume(struct cmd_ctx *c)
 {
 	char msg[1024], names[512], text[2300], caches[512] = "";
 	uint32_t *ids;
-	unsigned nr;
+	unsigned nr, nr_caches = 0;
 	int n;
 
+	if (cache_suspend_resume(c, NULL))
+		return;
 	if (volume_ids(c, &ids, &nr, names, sizeof(names)) < 0)
 		return;
+	/* No name: the pool, every volume and every cache. */
+	for (unsigned i = 0; !nr && i < c->fs->nr_caches; i++)
+		nr_caches += (unsigned)tfs_cache_resume(c->fs->caches[i]);
 	tfs_fs_events_hold(c->fs);
 	n = tfs_pool_resume(c->fs->pool, ids, nr, msg, sizeof(msg));
 	free(ids);
+	if (n == 0 && nr_caches) {
+		tfs_fs_events_release(c->fs);
+		tfs_fs_event(c->fs, "resume", "%u cache(s)", nr_caches);
+		send_ok(c->fd, "resumed: the caches (the pool was not suspended)", NULL, true);
+		return;
+	}
 	if (n == 0) {
 		tfs_fs_events_release(c->fs);
 		send_ok(c->fd, "not suspended", NULL, true);

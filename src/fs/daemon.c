@@ -630,6 +630,7 @@ static int run_daemon(struct tfs_fs *fs, const struct mount_args *a, int ready_f
 	fuse_loop_cfg_destroy(loop_cfg);
 	/* A suspended pool is resumed: the deletes and the commit of the shutdown must run. */
 	tfs_pool_stop_holding(fs->pool);
+	tfs_fs_cache_stop_holding(fs);
 	sd_notify(0, "STOPPING=1");
 	if (r < 0)
 		tfs_warn("FUSE session ended with %s", strerror(-r));

@@ -239,6 +239,8 @@ void tfs_fs_cache_reload(struct tfs_fs *fs, char *out, size_t len);
  */
 int tfs_fs_cache_resize(struct tfs_fs *fs, struct tfs_cache *c, uint32_t *dev_id, char *msg,
 			size_t len);
+/* Shutting down: every cache's held requests go in, none is suspended again. */
+void tfs_fs_cache_stop_holding(struct tfs_fs *fs);
 
 /* ---- events (events.c) ---- */
 /* Log an event in the catalog and wake waiters (-errno from the catalog). */

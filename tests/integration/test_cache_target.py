@@ -683,3 +683,26 @@ def test_clean_wait_stops_on_a_failing_origin_and_loses_nothing(pool):
     assert cstat(p)["dirty"] == 2 and dio_read(f, 0, len(data)) == data
     p.ctl("fault", "c:origin", "write", "ok")
     clean_and_check_origin(p, data)
+
+
+def test_suspend_holds_the_caches_io_until_resume(pool):
+    p = make_cache(pool, mode="writeback")
+    f = p.mnt / "c"
+    promote(p, [0])
+    r = p.ctl("suspend", "c")
+    assert "suspended: c" in r.stdout
+    st = cstat(p)
+    assert st["suspended"] is True
+    io = st["io"]
+    t = threading.Thread(target=dio_write, args=(f, 0, b"h" * BS))
+    t.start()
+    (p.mnt / "thin").write_bytes(b"the pool is not suspended")
+    assert t.is_alive() and cstat(p)["io"] == io        # held: nothing reached a device
+    bad = p.ctl("suspend", "c", "thin", ok=(1,))
+    assert "separate commands" in bad.stdout + bad.stderr
+    assert "resumed" in p.ctl("resume").stdout            # no name: the caches too
+    t.join()
+    assert cstat(p)["suspended"] is False
+    assert dio_read(f, 0, BS) == b"h" * BS
+    p.ctl("suspend", "c")
+    p.unmount()                                           # a suspended cache still closes
