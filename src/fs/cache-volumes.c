@@ -61,9 +61,13 @@ static void cache_notify(void *arg)
 		unsigned n;
 
 		while ((n = tfs_cache_take_events(fs->caches[i], ev, 8)) > 0)
-			for (unsigned j = 0; j < n; j++)
-				tfs_fs_event(fs, ev[j].mode_change ? "mode_change" : "cache_clean", "%s",
-					     ev[j].detail);
+			for (unsigned j = 0; j < n; j++) {
+				const char *kind = ev[j].mode_change ? "mode_change" : "cache_clean";
+
+				tfs_fs_event(fs, kind, "%s", ev[j].detail);
+				tfs_fs_events_run_hook(fs, kind, tfs_cache_name(fs->caches[i]),
+						       ev[j].old_mode, ev[j].new_mode);
+			}
 	}
 }
 

@@ -243,6 +243,14 @@ int tfs_fs_cache_resize(struct tfs_fs *fs, struct tfs_cache *c, uint32_t *dev_id
 void tfs_fs_cache_stop_holding(struct tfs_fs *fs);
 
 /* ---- events (events.c) ---- */
+/*
+ * Run on_event for an event of another target (a cache's mode_change or
+ * cache_clean): THINFS_VOLUME names it, THINFS_OLD_MODE and THINFS_NEW_MODE
+ * are its modes, the rest the pool's.  Not waited for; nothing before the
+ * event thread started.
+ */
+void tfs_fs_events_run_hook(struct tfs_fs *fs, const char *event, const char *volume,
+			    const char *old_mode, const char *new_mode);
 /* Log an event in the catalog and wake waiters (-errno from the catalog). */
 int tfs_fs_event(struct tfs_fs *fs, const char *kind, const char *fmt, ...)
 	__attribute__((format(printf, 3, 4)));

@@ -31,8 +31,8 @@ def cache_tools():
 
 
 def make_cache(pool, *, mode="writeback", keys=None, faults=False, mount=True,
-               origin_size=ORIGIN, cache_size=CACHE):
-    p = pool(mount=False, mkpool=False)
+               origin_size=ORIGIN, cache_size=CACHE, options=None):
+    p = pool(mount=False, mkpool=False, options=options)
     d = p.dir
     p.origin, p.cdev, p.cmeta = d / "origin.img", d / "cache.img", d / "cmeta.img"
     for path, size in ((p.origin, origin_size), (p.cdev, cache_size), (p.cmeta, 4 << 20)):
@@ -706,3 +706,31 @@ def test_suspend_holds_the_caches_io_until_resume(pool):
     assert dio_read(f, 0, BS) == b"h" * BS
     p.ctl("suspend", "c")
     p.unmount()                                           # a suspended cache still closes
+
+
+def test_cache_events_run_the_on_event_hook(pool, tmp_path):
+    log = tmp_path / "hook.log"
+    hook = tmp_path / "hook"
+    hook.write_text("#!/bin/sh\n"
+                    f'echo "$THINFS_EVENT $THINFS_VOLUME $THINFS_OLD_MODE $THINFS_NEW_MODE" '
+                    f'>> "{log}"\n')
+    hook.chmod(0o755)
+    p = make_cache(pool, mode="writeback", faults=True, options={"on_event": hook})
+    promote(p, [0])
+    dio_write(p.mnt / "c", 0, b"e" * BS)
+    p.ctl("cache", "c", "clean", "--wait")
+    p.expect_log(r"cmeta.img: writing .* failed|cache c: rw -> ro")
+    p.ctl("fault", "c:metadata", "write", "error", "once")
+    dio_write(p.mnt / "c", 0, b"f" * BS)
+    fd = os.open(p.mnt / "c", os.O_RDWR)
+    os.fsync(fd)
+    os.close(fd)
+    assert cstat(p)["metadata_mode"] == "ro"
+    p.unmount()                                   # waits for hooks still running
+    lines = log.read_text().splitlines()
+    assert "cache_clean c" in [l.strip() for l in lines], lines
+    assert "mode_change c rw ro" in lines, lines
+    p.cache_metas.remove(p.cmeta)                 # needs_check stays set: cleared below
+    r = p.thinfs_run("check", p.cfg, "--clear-needs-check")
+    assert "needs_check cleared" in r.stdout
+    p.cache_metas.append(p.cmeta)
