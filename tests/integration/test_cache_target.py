@@ -734,3 +734,23 @@ def test_cache_events_run_the_on_event_hook(pool, tmp_path):
     r = p.thinfs_run("check", p.cfg, "--clear-needs-check")
     assert "needs_check cleared" in r.stdout
     p.cache_metas.append(p.cmeta)
+
+
+def test_invalidate_leaves_exactly_the_other_blocks(pool):
+    p = make_cache(pool, mode="writethrough")
+    promote(p, list(range(10, 18)))
+    p.ctl("cache", "c", "migration_threshold", "0")
+    p.unmount()
+    before = mappings(p.cmeta)
+    mount_cache(p)
+    r = p.ctl("cache", "c", "invalidate", "1", ok=(1,))
+    assert "invalidate works in passthrough mode only" in r.stdout + r.stderr
+    p.ctl("cache", "c", "mode", "passthrough")
+    for bad in ("5-3", "x", "2-", "16"):
+        r = p.ctl("cache", "c", "invalidate", "1", bad, ok=(1,))
+        assert "invalidate" in r.stdout + r.stderr, bad
+    assert cstat(p)["cache_blocks"]["used"] == len(before)     # refused: nothing dropped
+    r = p.ctl("cache", "c", "invalidate", "1", "3-6")
+    assert "4 block(s) invalidated" in r.stdout, r.stdout
+    p.unmount()
+    assert mappings(p.cmeta) == {cb: ob for cb, ob in before.items() if cb not in (1, 3, 4, 5)}
