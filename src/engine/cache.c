@@ -6,7 +6,8 @@
  * Locks, outermost first: a range lock (prison) on the origin block; then
  * c->lock, which protects everything in struct tfs_cache below it and
  * every call into the metadata.  Device I/O is never done under c->lock,
- * except the metadata commit that completes a promotion or demotion.
+ * except metadata commits (one completes each promotion and demotion).
+ * A resize holds the range lock of every block at once.
  */
 #include "cache.h"
 
@@ -306,14 +307,15 @@ static bool demote_one(struct tfs_cache *c, uint32_t hotter_than)
 
 static void promote(struct tfs_cache *c, uint64_t ob)
 {
-	uint32_t cb, hits;
+	uint32_t cb, hits, nr_free;
 	int r;
 
 	pthread_mutex_lock(&c->lock);
 	hits = tfs_cache_policy_candidate_hits(c->policy, ob);
+	nr_free = tfs_cache_policy_nr_free(c->policy);
 	r = tfs_cache_policy_lookup(c->policy, ob) != NO_CBLOCK || !migrations_allowed(c);
 	pthread_mutex_unlock(&c->lock);
-	if (r || (!tfs_cache_policy_nr_free(c->policy) && !demote_one(c, hits)))
+	if (r || (!nr_free && !demote_one(c, hits)))
 		return;
 	cell_lock(c, ob, false);
 	pthread_mutex_lock(&c->lock);
@@ -690,6 +692,9 @@ static int write_piece(struct tfs_cache *c, const uint8_t *buf, size_t len, uint
 	coff = cache_off(c, cb) + off % c->block_size;
 	if (mode == TFS_CACHE_WRITEBACK && (rw || dirty)) {
 		r = tfs_bdev_write(c->cdev, buf, len, coff);
+		/* A clean copy the failed write may have torn must not be served. */
+		if (r < 0 && !dirty)
+			r = drop_stale_copy(c, cb, ob, r);
 		if (r == 0 && !dirty) {
 			pthread_mutex_lock(&c->lock);
 			if (c->meta_mode == META_RW) {

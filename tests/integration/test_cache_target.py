@@ -593,6 +593,15 @@ def test_cache_device_errors_never_serve_a_stale_copy(pool):
     assert e.value.errno == 5
     assert cstat(p)["cache_blocks"]["used"] == used - 1
     assert dio_read(f, 0, BS) == b"w" * BS
+    # Writeback: a failed write of a clean cached block drops it too.
+    p.ctl("cache", "c", "mode", "writeback")
+    used = cstat(p)["cache_blocks"]["used"]
+    p.ctl("fault", "c:cache", "write", "error", "once")
+    with pytest.raises(OSError):
+        dio_write(f, BS, b"u" * BS)
+    assert cstat(p)["cache_blocks"]["used"] == used - 1
+    p.ctl("cache", "c", "mode", "writethrough")
+    promote(p, [1])
     # A clean block the cache device cannot read comes from the origin.
     dio_write(f, BS, b"v" * BS)
     p.ctl("fault", "c:cache", "read", "error", "once")
