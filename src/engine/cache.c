@@ -58,6 +58,7 @@ struct tfs_cache {
 	struct tfs_cmd *cmd;                   /* NULL when the metadata could not be opened */
 	enum meta_mode meta_mode;
 	bool needs_check;
+	bool read_only;                        /* a read-only mount: nothing is ever written */
 	char reason[TFS_CACHE_PATH_MAX + 256];
 	enum tfs_cache_mode mode;
 	enum tfs_cache_policy_kind policy_kind;
@@ -159,7 +160,7 @@ static int commit_locked(struct tfs_cache *c, bool clean_shutdown)
 	};
 	int r;
 
-	if (c->meta_mode != META_RW)
+	if (c->meta_mode != META_RW || c->read_only)
 		return c->meta_mode == META_FAIL ? -EIO : 0;
 	r = tfs_cmd_set_stats(c->cmd, &st);
 	if (r == 0)
@@ -277,7 +278,8 @@ static int unmap_locked(struct tfs_cache *c, uint32_t cb)
 static bool migrations_allowed(const struct tfs_cache *c)
 {
 	/* One migration at a time: it fits the threshold if one block does. */
-	return c->meta_mode == META_RW && c->migration_threshold >= c->cfg.block_sectors;
+	return c->meta_mode == META_RW && !c->read_only &&
+	       c->migration_threshold >= c->cfg.block_sectors;
 }
 
 /* Demote the coldest clean block; false when there is none. */
@@ -958,6 +960,7 @@ static void cache_status(struct tfs_dev *dev, struct tfs_status_sink *s)
 	tfs_status_text(s, "policy", tfs_cache_policy_name(c->policy_kind));
 	tfs_status_text(s, "metadata_mode", meta_mode_name[c->meta_mode]);
 	tfs_status_flag(s, "needs_check", c->needs_check);
+	tfs_status_flag(s, "read_only", c->read_only);
 	tfs_status_text(s, "reason", c->reason);
 	tfs_status_u64(s, "block_size", c->block_size);
 	tfs_status_u64(s, "migration_threshold", c->migration_threshold);
@@ -1147,7 +1150,7 @@ static int open_wrapped(const char *path, const struct tfs_cache_open_options *o
 			struct tfs_bdev **out)
 {
 	struct tfs_bdev *raw;
-	int r = tfs_bdev_open_direct(path, false, o->direct, &raw);
+	int r = tfs_bdev_open_direct(path, o->read_only, o->direct, &raw);
 
 	if (r)
 		return r;
@@ -1179,6 +1182,51 @@ static int load_discard(void *ctx, uint64_t db, bool on)
 }
 
 static uint32_t dirty_beyond(struct tfs_cache *c, uint32_t nr_c, uint64_t nr_o);
+
+/*
+ * A read-only mount: the metadata as it is, or not at all.  Whatever would
+ * need a change first (format, resize, needs_check, mappings past the
+ * origin's end) keeps the cache from starting, with that reason.
+ */
+static int start_read_only(struct tfs_cache *c, int used,
+			   struct tfs_cmd_open_options *oo, const struct tfs_cache_policy *pd)
+{
+	struct tfs_cmd_info info;
+	int r;
+
+	if (!used) {
+		snprintf(c->reason, sizeof(c->reason),
+			 "new metadata, not formatted on a read-only mount");
+		return -EINVAL;
+	}
+	oo->read_only = true;
+	r = tfs_cmd_open(c->meta, oo, &c->cmd);
+	if (r < 0) {
+		c->cmd = NULL;
+		snprintf(c->reason, sizeof(c->reason), "metadata refused (see the log): %s",
+			 strerror(-r));
+		return -EINVAL;
+	}
+	tfs_cmd_info(c->cmd, &info);
+	if (tfs_cmd_needs_check(c->cmd) || info.nr_cache_blocks != c->nr_cblocks ||
+	    info.discard_nr_blocks != c->nr_oblocks ||
+	    info.discard_block_sectors != c->cfg.block_sectors) {
+		c->needs_check = tfs_cmd_needs_check(c->cmd);
+		snprintf(c->reason, sizeof(c->reason), "%s: mount read-write once first",
+			 c->needs_check ? "needs_check is set" : "the devices' sizes changed");
+		return -EINVAL;
+	}
+	r = tfs_cmd_load_mappings(c->cmd, pd, load_one, c);
+	if (r == 0 && dirty_beyond(c, c->nr_cblocks, c->nr_oblocks) != NO_CBLOCK)
+		r = -EINVAL;
+	if (r == 0)
+		r = tfs_cmd_load_discards(c->cmd, load_discard, c);
+	if (r < 0) {
+		snprintf(c->reason, sizeof(c->reason), "cannot load metadata: %s", strerror(-r));
+		return -EINVAL;
+	}
+	return 0;
+}
 
 /* The origin shrank while unmounted: clean mappings past its end go, a dirty one refuses. */
 static int drop_past_origin(struct tfs_cache *c)
@@ -1214,6 +1262,8 @@ static int start_metadata(struct tfs_cache *c)
 	policy_desc(c->policy_kind, &pd);
 	if (used < 0)
 		return used;
+	if (c->read_only)
+		return start_read_only(c, used, &oo, &pd);
 	if (!used) {
 		r = format_meta(c->meta, &c->cfg, c->nr_cblocks, &c->cmd);
 		if (r < 0)
@@ -1323,6 +1373,7 @@ int tfs_cache_open(const struct tfs_cache_cfg *cfg, const struct tfs_cache_open_
 	c->policy_kind = cfg->policy;
 	c->migration_threshold = cfg->migration_threshold;
 	c->block_size = (uint64_t)cfg->block_sectors * SECTOR;
+	c->read_only = o->read_only;
 	c->notify = o->notify;
 	c->notify_arg = o->notify_arg;
 	pthread_mutex_init(&c->lock, NULL);
@@ -1368,7 +1419,7 @@ int tfs_cache_open(const struct tfs_cache_cfg *cfg, const struct tfs_cache_open_
 		tfs_err("cache %s does not start: %s; its file answers EIO", cfg->name, c->reason);
 	}
 	pthread_mutex_unlock(&c->lock);
-	if (c->meta_mode != META_FAIL) {
+	if (c->meta_mode != META_FAIL && !c->read_only) {
 		r = pthread_create(&c->worker, NULL, worker, c);
 		if (r) {
 			r = -r;
@@ -1415,7 +1466,7 @@ int tfs_cache_close(struct tfs_cache *c)
 	}
 	if (c->cmd) {
 		pthread_mutex_lock(&c->lock);
-		if (c->meta_mode == META_RW) {
+		if (c->meta_mode == META_RW && !c->read_only) {
 			/* Data first: the clean flag vouches for the dirty bits and the copies. */
 			r = tfs_bdev_flush(c->cdev);
 			if (r == 0)
@@ -1448,6 +1499,10 @@ int tfs_cache_close(struct tfs_cache *c)
 
 static int refuse_mode(struct tfs_cache *c, char *msg, size_t len)
 {
+	if (c->read_only) {
+		snprintf(msg, len, "cache %s: the pool is mounted read-only", c->cfg.name);
+		return -EROFS;
+	}
 	if (c->meta_mode == META_RW)
 		return 0;
 	snprintf(msg, len, "cache %s: metadata mode is %s (%s): only status is served", c->cfg.name,

@@ -48,6 +48,12 @@ int tfs_cache_format(const struct tfs_cache_cfg *c);
 struct tfs_cache_open_options {
 	bool direct;       /* O_DIRECT on the three devices */
 	bool allow_faults; /* wrappers hold writes until a flush (power-cut tests) */
+	/*
+	 * A read-only mount: nothing is written (no format, resize, commit,
+	 * migration or worker); metadata that would need a change to start
+	 * (new, resized, needs_check) keeps the cache from starting.
+	 */
+	bool read_only;
 	/* Called (from any thread, no lock held) when the metadata mode changed or cleaning finished. */
 	void (*notify)(void *arg);
 	void *notify_arg;

@@ -8,7 +8,8 @@
  * volumes and stay the same from mount to mount.  pool.cfg says which
  * caches exist: the mount opens them all before the catalog is
  * reconciled, gives new ones a row and drops the rows of sections that
- * went (the cache's devices keep their data).
+ * went (the cache's devices keep their data).  A read-only mount opens
+ * them read-only and exports those that have a row.
  */
 #include "fs.h"
 
@@ -133,21 +134,49 @@ static int drop_stale(void *ctx, const struct tfs_vol_row *row)
 	return tfs_catalog_remove_volume(fs->cat, row->dev_id);
 }
 
+/*
+ * Read-only: the catalog cannot change, so only caches that have a row
+ * already are exported (under its id); the others wait for a read-write
+ * mount.  The list of caches is packed as it goes.
+ */
+static int keep_rows_read_only(struct tfs_fs *fs)
+{
+	unsigned kept = 0;
+
+	for (unsigned i = 0; i < fs->nr_caches; i++) {
+		struct tfs_vol_row row;
+		const char *name = tfs_cache_name(fs->caches[i]);
+		int r = tfs_catalog_get_by_name(fs->cat, name, &row);
+
+		if (r == 0 && tfs_fs_is_cache_id(row.dev_id)) {
+			fs->caches[kept] = fs->caches[i];
+			fs->cache_ids[kept++] = row.dev_id;
+			continue;
+		}
+		tfs_warn("cache %s: not exported on this read-only mount (it has no catalog row "
+			 "yet: mount read-write once)", name);
+		tfs_cache_close(fs->caches[i]);
+	}
+	fs->nr_caches = kept;
+	return 0;
+}
+
 int tfs_fs_cache_open(struct tfs_fs *fs)
 {
 	struct tfs_cache_open_options o = { .direct = !fs->cfg.host_cache,
 					    .allow_faults = fs->cfg.allow_faults,
+					    .read_only = fs->read_only,
 					    .notify = cache_notify, .notify_arg = fs };
 	struct id_scan s = { .next_id = TFS_DEV_ID_CACHE, .fs = fs };
 	int r = 0;
 
-	if (fs->read_only)
-		return 0; /* not exported on a read-only mount (README) */
 	for (unsigned i = 0; i < fs->cfg.nr_caches && r == 0; i++) {
 		r = tfs_cache_open(&fs->cfg.caches[i], &o, &fs->caches[i]);
 		if (r == 0)
 			fs->nr_caches++;
 	}
+	if (r == 0 && fs->read_only)
+		return keep_rows_read_only(fs);
 	if (r == 0)
 		r = tfs_catalog_list_volumes(fs->cat, true, scan_row, &s);
 	for (unsigned i = 0; i < fs->nr_caches && r == 0; i++)

@@ -212,9 +212,9 @@ void tfs_fs_extend(struct tfs_fs *fs, struct tfs_inode *ino, uint64_t end, bool 
 /*
  * ---- cached origins (cache-volumes.c) ----
  * Their files are top-level rows with ids from TFS_DEV_ID_CACHE up.
- * cache_open (mount, read-write only, before the catalog is reconciled):
- * open every [cache] of pool.cfg, give new ones rows, drop rows of
- * sections gone; -errno (logged).  A cache whose metadata refuses to start
+ * cache_open (mount, before the catalog is reconciled): open every [cache]
+ * of pool.cfg, give new ones rows, drop rows of sections gone (read-only:
+ * open them read-only, export those with a row); -errno (logged).  A cache whose metadata refuses to start
  * still opens (its file answers EIO, status says why).  cache_close:
  * after the last volume closed; -errno of a final commit.  add_ids: append
  * the caches' ids (ascending) to a reconcile's list.

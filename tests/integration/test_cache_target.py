@@ -763,3 +763,28 @@ def test_invalidate_leaves_exactly_the_other_blocks(pool):
     assert "4 block(s) invalidated" in r.stdout, r.stdout
     p.unmount()
     assert mappings(p.cmeta) == {cb: ob for cb, ob in before.items() if cb not in (1, 3, 4, 5)}
+
+
+def test_read_only_mount_serves_the_cache_and_writes_nothing(pool):
+    p = make_cache(pool, mode="writeback")
+    f = p.mnt / "c"
+    promote(p, [0, 1])
+    p.ctl("cache", "c", "migration_threshold", "0")
+    data = os.urandom(2 * BS)
+    dio_write(f, 0, data)                         # dirty: only the cache has it
+    p.unmount()
+    images = [x.read_bytes() for x in (p.cmeta, p.cdev, p.origin)]
+    p.mount("-o", "ro")
+    st = cstat(p)
+    assert st["read_only"] is True and st["metadata_mode"] == "rw" and st["dirty"] == 2, st
+    assert dio_read(f, 0, len(data)) == data
+    for _ in range(3):
+        dio_read(f, 10 * BS, BS)                  # would be promoted read-write
+    with pytest.raises(OSError):
+        dio_write(f, 0, b"n" * BS)
+    r = p.ctl("cache", "c", "clean", ok=(1,))
+    assert "mounted read-only" in r.stdout + r.stderr
+    p.unmount()
+    assert [x.read_bytes() for x in (p.cmeta, p.cdev, p.origin)] == images
+    mount_cache(p)
+    clean_and_check_origin(p, data)
