@@ -1137,6 +1137,35 @@ static void keep_targets(struct parser *p)
 		add_target_line(&t, &p->named[i]);
 }
 
+/* A cache's devices are its own: not the pool's, not another cache's.  -EINVAL with why. */
+static int cache_devices_free(struct parser *p, const struct tfs_cache_cfg *c, char *why,
+			      size_t len)
+{
+	const char *const keys[] = { "origin", "cache", "metadata" };
+	const char *const mine[] = { c->origin, c->cache, c->metadata };
+
+	for (int k = 0; k < 3; k++) {
+		const char *pool = !strcmp(mine[k], p->cfg.metadata) ? "metadata"
+				   : !strcmp(mine[k], p->cfg.data) ? "data" : NULL;
+
+		if (pool) {
+			snprintf(why, len, "%s: %s is the pool's %s device", keys[k], mine[k], pool);
+			return -EINVAL;
+		}
+		for (unsigned i = 0; i < p->cfg.nr_caches; i++) {
+			const struct tfs_cache_cfg *o = &p->cfg.caches[i];
+
+			if (!strcmp(mine[k], o->origin) || !strcmp(mine[k], o->cache) ||
+			    !strcmp(mine[k], o->metadata)) {
+				snprintf(why, len, "%s: %s is used by [cache \"%s\"] already", keys[k],
+					 mine[k], o->name);
+				return -EINVAL;
+			}
+		}
+	}
+	return 0;
+}
+
 /* [cache] sections: values checked by cache-config.c, reported here with their lines. */
 static void parse_caches(struct parser *p)
 {
@@ -1164,6 +1193,8 @@ static void parse_caches(struct parser *p)
 				problem(p, ns->key_line[k], r, "[cache \"%s\"] %s", ns->name, why);
 		}
 		if (r == 0 && (r = tfs_cache_cfg_check(c, why, sizeof(why))) < 0)
+			problem(p, ns->line, r, "[cache \"%s\"] %s", ns->name, why);
+		if (r == 0 && (r = cache_devices_free(p, c, why, sizeof(why))) < 0)
 			problem(p, ns->line, r, "[cache \"%s\"] %s", ns->name, why);
 		if (r == 0)
 			p->cfg.nr_caches++;

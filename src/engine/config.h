@@ -26,7 +26,8 @@
  *                             false: O_DIRECT)
  *   max_threads               FUSE worker threads at most, 8 .. 4096 (default 512)
  * [fault] allow = yes|no      fault injection (needs --allow-faults too)
- * [cache "NAME"] origin, cache, metadata (devices, required, all different),
+ * [cache "NAME"] origin, cache, metadata (devices, required, all different,
+ *   none the pool's metadata or data or another cache's),
  *   block_size 32k .. 1g in multiples of 32k (default 64k), mode
  *   writethrough|writeback|passthrough, policy smq|mq|cleaner,
  *   migration_threshold (sectors, default 2048), metadata_version 1|2

@@ -518,6 +518,20 @@ static void test_cache_sections_are_parsed_and_checked(void **state)
 		  e->meta, e->data);
 	assert_int_equal(tfs_config_load(e->cfg, &c), -EINVAL);
 	assert_non_null(strstr(e->log, "[cache \"c\"] metadata: required"));
+	/* A device of the pool's, or of another cache, is refused. */
+	e->log[0] = '\0';
+	write_cfg(e, "[pool]\nmetadata = %s\ndata = %s\n[cache \"c\"]\norigin = data.img\n"
+		  "cache = c1\nmetadata = m1\n", e->meta, e->data);
+	assert_int_equal(tfs_config_load(e->cfg, &c), -EINVAL);
+	assert_non_null(strstr(e->log, "[cache \"c\"] origin: "));
+	assert_non_null(strstr(e->log, "data.img is the pool's data device"));
+	e->log[0] = '\0';
+	write_cfg(e, "[pool]\nmetadata = %s\ndata = %s\n[cache \"a\"]\norigin = o1\n"
+		  "cache = c1\nmetadata = m1\n[cache \"b\"]\norigin = o2\ncache = c2\n"
+		  "metadata = c1\n", e->meta, e->data);
+	assert_int_equal(tfs_config_load(e->cfg, &c), -EINVAL);
+	assert_non_null(strstr(e->log, "[cache \"b\"] metadata: "));
+	assert_non_null(strstr(e->log, "c1 is used by [cache \"a\"] already"));
 }
 
 static void test_a_failed_load_leaves_the_output_untouched(void **state)
