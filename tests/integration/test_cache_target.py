@@ -225,7 +225,8 @@ def test_writethrough_never_dirty_under_fio_verify(pool, tmp_path):
     r = subprocess.run(["fio", "--name=wt", f"--filename={p.mnt / 'c'}", "--rw=randrw",
                         "--bs=4k", "--size=2m", "--direct=1", "--verify=crc32c",
                         "--do_verify=1", "--loops=3", "--ioengine=psync",
-                        "--randrepeat=1"], capture_output=True, text=True, timeout=300)
+                        "--randrepeat=1", "--verify_state_save=0"],
+                       capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     st = cstat(p)
     assert st["dirty"] == 0 and st["writebacks"] == 0
@@ -262,7 +263,7 @@ def test_policy_and_mode_switches_under_a_verifying_writer(pool):
     fio = subprocess.Popen(["fio", "--name=sw", f"--filename={p.mnt / 'c'}", "--rw=randrw",
                             "--bs=16k", "--size=3m", "--direct=1", "--verify=crc32c",
                             "--do_verify=1", "--loops=6", "--ioengine=psync",
-                            "--randrepeat=1"], stdout=subprocess.PIPE,
+                            "--randrepeat=1", "--verify_state_save=0"], stdout=subprocess.PIPE,
                            stderr=subprocess.STDOUT, text=True)
     steps = [("policy", "cleaner"), ("mode", "writethrough"), ("policy", "smq"),
              ("mode", "writeback")]
