@@ -49,7 +49,8 @@ static void make_file(const char *name, mode_t mode)
 
 static void remove_dir(void)
 {
-	static const char *const names[] = { "meta", "data", "data2", "hook", "a.cfg", "b.cfg" };
+	static const char *const names[] = { "meta", "data", "data2", "hook", "co", "cc", "cm",
+					     "a.cfg", "b.cfg" };
 	char path[sizeof(dir) + 16];
 
 	for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++) {
@@ -70,6 +71,10 @@ int LLVMFuzzerInitialize(int *argc, char ***argv)
 	make_file("data", 0644);
 	make_file("data2", 0644);
 	make_file("hook", 0755);
+	/* A [cache]'s origin, cache and metadata devices. */
+	make_file("co", 0644);
+	make_file("cc", 0644);
+	make_file("cm", 0644);
 	snprintf(cfg_a, sizeof(cfg_a), "%s/a.cfg", dir);
 	snprintf(cfg_b, sizeof(cfg_b), "%s/b.cfg", dir);
 	tfs_log_set_sink(discard, NULL);
