@@ -1184,13 +1184,22 @@ static void parse_caches(struct parser *p)
 			return;
 		}
 		tfs_cache_cfg_defaults(c, ns->name);
-		for (int k = 0; cache_keys[k] && r == 0; k++) {
-			if (!ns->key_line[k])
-				continue;
-			r = tfs_cache_cfg_set(c, cache_keys[k], ns->value[k], p->base_dir, why,
-					      sizeof(why));
-			if (r < 0)
-				problem(p, ns->key_line[k], r, "[cache \"%s\"] %s", ns->name, why);
+		/* Every bad key is reported, in file order. */
+		for (unsigned line = ns->line + 1, left = 1; left; line++) {
+			left = 0;
+			for (int k = 0; cache_keys[k]; k++) {
+				int kr;
+
+				left += ns->key_line[k] > line;
+				if (ns->key_line[k] != line)
+					continue;
+				kr = tfs_cache_cfg_set(c, cache_keys[k], ns->value[k], p->base_dir, why,
+						       sizeof(why));
+				if (kr < 0) {
+					problem(p, line, kr, "[cache \"%s\"] %s", ns->name, why);
+					r = r ? r : kr;
+				}
+			}
 		}
 		if (r == 0 && (r = tfs_cache_cfg_check(c, why, sizeof(why))) < 0)
 			problem(p, ns->line, r, "[cache \"%s\"] %s", ns->name, why);

@@ -518,6 +518,16 @@ static void test_cache_sections_are_parsed_and_checked(void **state)
 		  e->meta, e->data);
 	assert_int_equal(tfs_config_load(e->cfg, &c), -EINVAL);
 	assert_non_null(strstr(e->log, "[cache \"c\"] metadata: required"));
+	/* Every bad key is reported, in file order. */
+	e->log[0] = '\0';
+	e->nr_msgs = 0;
+	write_cfg(e, "[pool]\nmetadata = %s\ndata = %s\n[cache \"c\"]\npolicy = lru\norigin = o1\n"
+		  "cache = c1\nmetadata = m1\nblock_size = 1k\n", e->meta, e->data);
+	assert_int_equal(tfs_config_load(e->cfg, &c), -EINVAL);
+	assert_int_equal(e->nr_msgs, 2);
+	assert_true(strstr(e->log, "pool.cfg:5: [cache \"c\"] policy") <
+		    strstr(e->log, "pool.cfg:9: [cache \"c\"] block_size"));
+	assert_non_null(strstr(e->log, "pool.cfg:5: [cache \"c\"] policy"));
 	/* A device of the pool's, or of another cache, is refused. */
 	e->log[0] = '\0';
 	write_cfg(e, "[pool]\nmetadata = %s\ndata = %s\n[cache \"c\"]\norigin = data.img\n"
