@@ -123,12 +123,28 @@ static void set_mode(struct tfs_pool *pool, enum tfs_pool_mode mode, const char 
 		pool->notify(pool->notify_arg);
 }
 
+/*
+ * A change failed while a commit's metadata I/O ran, and waits for it to
+ * end before aborting (tfs_pool_meta_failed): until then nothing may look
+ * at the half-made change.
+ */
+static void wait_abort(struct tfs_pool *pool)
+{
+	while (pool->abort_pending)
+		pthread_cond_wait(&pool->commit_io_cv, &pool->lock);
+}
+
 int tfs_pool_may_io(struct tfs_pool *pool)
 {
+	wait_abort(pool);
 	return pool->mode == TFS_POOL_FAIL ? -EIO : 0;
 }
 
-/* While a commit's metadata I/O runs, the blocks it writes must not change (pool.c, run_commit). */
+/*
+ * While a commit's metadata I/O runs (pool.c, run_commit) the next
+ * transaction goes on, but an abort must wait: it drops the whole cache,
+ * and the commit's blocks are pinned until its end.
+ */
 static void wait_commit_io(struct tfs_pool *pool)
 {
 	while (pool->commit_io)
@@ -137,7 +153,7 @@ static void wait_commit_io(struct tfs_pool *pool)
 
 int tfs_pool_may_change(struct tfs_pool *pool)
 {
-	wait_commit_io(pool);
+	wait_abort(pool);
 	if (pool->opened_read_only)
 		return -EROFS;
 	if (pool->mode == TFS_POOL_READ_ONLY || pool->mode == TFS_POOL_FAIL)
@@ -152,6 +168,15 @@ int tfs_pool_meta_failed(struct tfs_pool *pool, int err, const char *what)
 
 	if (pool->mode == TFS_POOL_FAIL)
 		return -EIO;
+	if (pool->commit_io) {
+		pool->abort_pending = true;
+		wait_commit_io(pool);
+		pool->abort_pending = false;
+		pthread_cond_broadcast(&pool->commit_io_cv);
+		/* That commit failed: its abort took this change's transaction with it. */
+		if (pool->mode == TFS_POOL_READ_ONLY || pool->mode == TFS_POOL_FAIL)
+			return -EIO;
+	}
 	/* Name the block when a write of one was the cause (before abort/needs_check write again). */
 	tfs_pmd_take_write_error(pool->pmd, io, sizeof(io));
 	snprintf(cause, sizeof(cause), "%s", io[0] ? io : strerror(-err));
@@ -344,14 +369,23 @@ static int flush_data(struct tfs_pool *pool)
 	return r;
 }
 
+/* With the lock held: what was changed and freed so far belongs to the commit. */
+static void start_next_transaction(struct tfs_pool *pool, struct tfs_extents *punch)
+{
+	pool->dirty = false;
+	*punch = pool->passdown;
+	pool->passdown = (struct tfs_extents){ 0 };
+}
+
 /*
  * The metadata commit, entered with the lock held and allocations
  * drained.  Its I/O runs with the lock dropped: only the in-memory part
- * (tfs_pmd_commit_begin) holds it, and while the blocks are written,
- * lookups (reads, overwrites of mapped blocks) go on; metadata changes
- * wait in tfs_pool_may_change (commit_io).  fn (which commits itself)
- * runs wholly under the lock.  Returns with the lock held; on success
- * the passdown queue has moved to *punch.
+ * (tfs_pmd_commit_begin) holds it.  Then the next transaction starts:
+ * while the blocks are written, lookups and changes (allocations,
+ * discards, create/delete) go on into it, and only an abort waits
+ * (commit_io).  fn (which commits itself) runs wholly under the lock.
+ * Returns with the lock held; on success the passdown queue of the
+ * committed transaction is in *punch.
  */
 static int commit_metadata(struct tfs_pool *pool, commit_fn fn, struct tfs_extents *punch)
 {
@@ -364,29 +398,28 @@ static int commit_metadata(struct tfs_pool *pool, commit_fn fn, struct tfs_exten
 		r = fn(pool->pmd);
 		if (r == -EBUSY || r == -EINVAL)
 			return r; /* refused before changing anything (logged by the metadata layer) */
+		if (!r)
+			start_next_transaction(pool, punch);
 	} else {
 		r = tfs_pmd_commit_begin(pool->pmd, &c);
 		if (!r) {
+			start_next_transaction(pool, punch);
 			pool->commit_io = true;
+			pool->commit_waiting = false;
+			pthread_cond_broadcast(&pool->alloc_cv);
 			pthread_mutex_unlock(&pool->lock);
 			r = tfs_pmd_commit_write(c);
 			pthread_mutex_lock(&pool->lock);
 			r = tfs_pmd_commit_end(pool->pmd, c, r);
+			pool->commit_io = false;
+			pthread_cond_broadcast(&pool->commit_io_cv);
 		}
 	}
-	if (r)
-		r = tfs_pool_meta_failed(pool, r, "committing the metadata");
-	if (pool->commit_io) {
-		pool->commit_io = false;
-		pthread_cond_broadcast(&pool->commit_io_cv);
+	if (r) {
+		/* The state on disk still maps what this commit freed: discard none of it. */
+		tfs_extents_free(punch);
+		return tfs_pool_meta_failed(pool, r, "committing the metadata");
 	}
-	if (r)
-		return r;
-	pool->dirty = false;
-	*punch = pool->passdown;
-	pool->passdown = (struct tfs_extents){ 0 };
-	leave_out_of_space(pool);
-	tfs_pool_check_low_water(pool);
 	return 0;
 }
 
@@ -405,10 +438,12 @@ static int commit_metadata(struct tfs_pool *pool, commit_fn fn, struct tfs_exten
  * meanwhile, and only allocating writers wait for it.  (4) Commit the
  * metadata: its in-memory part under the lock, then blocks, flush,
  * superblock, flush with the lock dropped, so reads and overwrites of
- * mapped blocks go on while other changes wait (commit_metadata).  (5)
- * Discard the blocks freed in the committed transaction, before any
- * allocation can hand them out again (and not earlier: until (4) the last
- * committed mappings still point at them).  (6) Let allocations resume.
+ * mapped blocks go on, and so do allocations and other changes, into the
+ * next transaction (commit_metadata).  (5) Discard the data blocks freed
+ * in the committed transaction (not earlier: until (4) the last committed
+ * mappings still point at them).  (6) Only then may an allocation hand
+ * them out again (tfs_pmd_release_freed_data); let allocations resume if
+ * they waited (fn).
  */
 static int run_commit(struct tfs_pool *pool, bool flush_always, commit_fn fn)
 {
@@ -467,6 +502,11 @@ static int run_commit(struct tfs_pool *pool, bool flush_always, commit_fn fn)
 	tfs_extents_free(&punch);
 
 	pthread_mutex_lock(&pool->lock);
+	if (!r && pool->mode != TFS_POOL_FAIL) {
+		tfs_pmd_release_freed_data(pool->pmd);
+		leave_out_of_space(pool);
+		tfs_pool_check_low_water(pool);
+	}
 	pool->commit_waiting = false;
 	pthread_cond_broadcast(&pool->alloc_cv);
 	pthread_mutex_unlock(&pool->lock);
@@ -973,8 +1013,8 @@ void tfs_pool_put_thin(struct tfs_pool *pool, struct tfs_thin_ref *ref)
 	/*
 	 * Closing may write the handle's details; in fail mode the metadata
 	 * layer must not be called at all, and tfs_pmd_close frees the handle.
-	 * No wait for a commit's I/O (commit_io): details change only with
-	 * mappings, which wait for it, and the commit saved them first.  A
+	 * No wait for a commit's I/O (commit_io): the commit saved the
+	 * details first, and a change now goes into the next transaction.  A
 	 * close must not wait: the daemon closes under its namespace lock.
 	 */
 	if (pool->mode != TFS_POOL_FAIL)

@@ -293,12 +293,22 @@ int tfs_pmd_commit_end(struct tfs_pmd *pmd, struct tfs_pmd_commit *c, int r)
 	return r;
 }
 
+void tfs_pmd_release_freed_data(struct tfs_pmd *pmd)
+{
+	if (pmd->dsm)
+		tfs_sm_commit_durable(pmd->dsm);
+}
+
 static int commit(struct tfs_pmd *pmd, bool first)
 {
 	struct tfs_pmd_commit *c;
 	int r = commit_begin(pmd, first, &c);
 
-	return r ? r : tfs_pmd_commit_end(pmd, c, tfs_pmd_commit_write(c));
+	if (!r)
+		r = tfs_pmd_commit_end(pmd, c, tfs_pmd_commit_write(c));
+	if (!r)
+		tfs_pmd_release_freed_data(pmd);
+	return r;
 }
 
 int tfs_pmd_commit(struct tfs_pmd *pmd)

@@ -57,13 +57,19 @@ int tfs_pmd_commit(struct tfs_pmd *pmd);
  * (details, both space maps, the superblock's contents), under the lock;
  * write: the blocks, flush, superblock, flush, with no lock (blocks);
  * end: under the lock, returns r (write's result).  Between begin and end
- * lookups may run; nothing may change the metadata.  A failed begin or
- * write leaves the transaction to abort (tfs_pmd_abort).
+ * the next transaction runs: lookups and changes (under the lock) go on,
+ * into it.  Blocks freed in the committing transaction are not handed out
+ * again before end succeeds (metadata) or tfs_pmd_release_freed_data
+ * (data, so that the caller can discard them first).  A failed begin or
+ * write leaves the transaction, and the next one with it, to abort
+ * (tfs_pmd_abort, after end).
  */
 struct tfs_pmd_commit;
 int tfs_pmd_commit_begin(struct tfs_pmd *pmd, struct tfs_pmd_commit **out);
 int tfs_pmd_commit_write(struct tfs_pmd_commit *c);
 int tfs_pmd_commit_end(struct tfs_pmd *pmd, struct tfs_pmd_commit *c, int r);
+/* After a successful end: data blocks freed in that commit may be allocated again. */
+void tfs_pmd_release_freed_data(struct tfs_pmd *pmd);
 /* Back to the last committed state; open device handles stay valid. */
 int tfs_pmd_abort(struct tfs_pmd *pmd);
 

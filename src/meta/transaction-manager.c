@@ -233,6 +233,9 @@ int tfs_tm_commit_end(struct tfs_tm *tm, struct tfs_tm_commit *c, int r)
 	tfs_bm_batch_end(tm->bm, c->super, !r);
 	tfs_bm_unlock(c->sb);
 	free(c);
+	/* The superblock is on disk: what the state before it used is free to reuse. */
+	if (!r)
+		tfs_sm_commit_durable(tm->sm);
 	return r;
 }
 
