@@ -815,16 +815,67 @@ static void fill_base(struct tfs_pmd *pmd, struct model *m)
 		op_create(pmd, m), op_write(pmd, m), op_write(pmd, m);
 }
 
+static void random_ops(struct tfs_pmd *pmd, struct model *m, int n)
+{
+	for (int i = 0; i < n; i++) {
+		uint32_t op = rnd(10);
+		if (op < 5)
+			op_write(pmd, m);
+		else if (op < 7)
+			op_unmap(pmd, m);
+		else if (op < 9)
+			op_create(pmd, m);
+		else
+			op_delete(pmd, m);
+	}
+}
+
+/*
+ * The commit in three steps as the pool runs it, with the next transaction
+ * (next_m, transaction id 3) made between begin and write: its changes,
+ * and its dirty blocks that the small cache evicts to the device
+ * meanwhile, must leave both the old and the committing state intact.
+ * The fault is armed only after them: N counts the commit's own writes.
+ * (That the allocator hands out no block the committing transaction used,
+ * even once it wraps, is test-space-map's held-blocks test.)
+ */
+static int commit_with_next_transaction(struct tfs_pmd *pmd, struct tfs_bdev *f, uint64_t n,
+					struct model *next_m)
+{
+	struct tfs_bdev_io_counts before, after;
+	struct tfs_pmd_commit *c;
+	int r;
+
+	assert_int_equal(tfs_pmd_commit_begin(pmd, &c), 0);
+	tfs_bdev_fault_counts(f, &before);
+	random_ops(pmd, next_m, 30);
+	tfs_bdev_fault_counts(f, &after);
+	assert_true(after.writes > before.writes); /* the case this is about: blocks evicted */
+	next_m->trans_id = 3;
+	assert_int_equal(tfs_pmd_set_transaction_id(pmd, 2, 3), 0);
+	tfs_bdev_fault_set(f, TFS_FAULT_WRITE, TFS_FAULT_EIO, n, false);
+	r = tfs_pmd_commit_end(pmd, c, tfs_pmd_commit_write(c));
+	if (!r)
+		tfs_pmd_release_freed_data(pmd);
+	return r;
+}
+
 /*
  * For N = 0, 1, 2, ...: prepare a transaction on top of a committed one,
  * fail the (N+1)th metadata write of its commit (write error, or a power
  * cut that drops or tears what was not flushed), reopen: the pool must be
  * exactly the old or the new transaction.  Ends when a commit completes.
+ * With overlap, the next transaction runs during the commit's I/O; once
+ * the commit completes it is committed too and must be what reopens.
  */
-static void sweep(bool power_cut)
+static void sweep(bool power_cut, bool overlap)
 {
-	static struct model old_m, new_m;
+	static struct model old_m, new_m, next_m;
+	struct tfs_pmd_options opt = default_opt;
 	bool done = false;
+
+	if (overlap)
+		opt.cache_blocks = 16; /* the smallest: the next transaction's blocks get evicted */
 
 	for (uint64_t n = 0; !done; n++) {
 		struct tfs_bdev *file = new_file_dev(512ull * 4096), *f;
@@ -832,28 +883,28 @@ static void sweep(bool power_cut)
 		memset(&old_m, 0, sizeof(old_m));
 		rng_state = 777;
 		assert_int_equal(tfs_bdev_fault_wrap(file, power_cut, &f), 0);
-		assert_int_equal(tfs_pmd_format(f, &default_opt, &pmd), 0);
+		assert_int_equal(tfs_pmd_format(f, &opt, &pmd), 0);
 		fill_base(pmd, &old_m);
 		old_m.trans_id = 1;
 		assert_int_equal(tfs_pmd_set_transaction_id(pmd, 0, 1), 0);
 		assert_int_equal(tfs_pmd_commit(pmd), 0);
 
 		new_m = old_m;
-		for (int i = 0; i < 30; i++) {
-			uint32_t op = rnd(10);
-			if (op < 5)
-				op_write(pmd, &new_m);
-			else if (op < 7)
-				op_unmap(pmd, &new_m);
-			else if (op < 9)
-				op_create(pmd, &new_m);
-			else
-				op_delete(pmd, &new_m);
-		}
+		random_ops(pmd, &new_m, 30);
 		new_m.trans_id = 2;
 		assert_int_equal(tfs_pmd_set_transaction_id(pmd, 1, 2), 0);
-		tfs_bdev_fault_set(f, TFS_FAULT_WRITE, TFS_FAULT_EIO, n, false);
-		int r = tfs_pmd_commit(pmd);
+		next_m = new_m;
+		int r;
+		if (overlap) {
+			r = commit_with_next_transaction(pmd, f, n, &next_m);
+		} else {
+			tfs_bdev_fault_set(f, TFS_FAULT_WRITE, TFS_FAULT_EIO, n, false);
+			r = tfs_pmd_commit(pmd);
+		}
+		if (!r && overlap && !power_cut) {
+			tfs_bdev_fault_set(f, TFS_FAULT_WRITE, TFS_FAULT_OK, 0, false);
+			assert_int_equal(tfs_pmd_commit(pmd), 0);
+		}
 		if (r && !power_cut) {
 			/* Abort in place must land exactly on the old transaction and go on working. */
 			tfs_bdev_fault_set(f, TFS_FAULT_WRITE, TFS_FAULT_OK, 0, false);
@@ -875,11 +926,14 @@ static void sweep(bool power_cut)
 		assert_int_equal(tfs_pmd_open(again, &default_opt, &pmd), 0);
 		uint64_t tid = tfs_pmd_transaction_id(pmd);
 		if (done && !power_cut)
-			assert_int_equal(tid, 2);
-		assert_true(tid == 1 || tid == 2);
-		verify(pmd, tid == 1 ? &old_m : &new_m);
+			assert_int_equal(tid, overlap ? 3 : 2);
+		else
+			assert_true(tid == 1 || tid == 2);
+		verify(pmd, tid == 1 ? &old_m : tid == 2 ? &new_m : &next_m);
 		tfs_pmd_close(pmd);
 		tfs_bdev_close(again);
+		if (overlap)
+			assert_metadata_clean();
 		unlink(tmp_path);
 		assert_true(n < 100000);
 	}
@@ -888,13 +942,25 @@ static void sweep(bool power_cut)
 static void test_failed_commit_leaves_old_or_new_transaction(void **state)
 {
 	(void)state;
-	sweep(false);
+	sweep(false, false);
 }
 
 static void test_power_cut_during_commit_leaves_old_or_new_transaction(void **state)
 {
 	(void)state;
-	sweep(true);
+	sweep(true, false);
+}
+
+static void test_failed_commit_with_the_next_transaction_running_leaves_old_or_new(void **state)
+{
+	(void)state;
+	sweep(false, true);
+}
+
+static void test_power_cut_with_the_next_transaction_running_leaves_old_or_new(void **state)
+{
+	(void)state;
+	sweep(true, true);
 }
 
 int main(void)
@@ -916,6 +982,8 @@ int main(void)
 		cmocka_unit_test(test_random_operations_match_the_model),
 		cmocka_unit_test(test_failed_commit_leaves_old_or_new_transaction),
 		cmocka_unit_test(test_power_cut_during_commit_leaves_old_or_new_transaction),
+		cmocka_unit_test(test_failed_commit_with_the_next_transaction_running_leaves_old_or_new),
+		cmocka_unit_test(test_power_cut_with_the_next_transaction_running_leaves_old_or_new),
 	};
 	tfs_log_set_sink(quiet_sink, NULL);
 	return cmocka_run_group_tests(tests, NULL, NULL);
