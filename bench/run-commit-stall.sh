@@ -35,25 +35,8 @@ fi
 mkdir -p "$WORK" "$OUT"
 WORK=$(realpath "$WORK")
 MNT=$WORK/mnt
-T_PID=""
-
-log() { echo "[$(date -u +%H:%M:%S)] $*" | tee -a "$OUT/log.txt" >&2; }
-is_mounted() { awk -v m="$1" '$2==m{f=1} END{exit !f}' /proc/self/mounts; }
-cleanup() {
-	if is_mounted "$MNT"; then
-		fusermount3 -u "$MNT" 2>/dev/null || { sleep 1; fusermount3 -uz "$MNT"; }
-	fi
-	if [[ -n $T_PID ]]; then
-		for _ in $(seq 1 300); do kill -0 "$T_PID" 2>/dev/null || break; sleep 0.1; done
-		kill -TERM "$T_PID" 2>/dev/null
-		wait "$T_PID" 2>/dev/null
-	fi
-	rm -rf "$WORK/pool"
-	rmdir "$MNT" 2>/dev/null
-	true
-}
-trap cleanup EXIT
-trap 'log "interrupted"; exit 130' INT TERM
+# shellcheck source=bench/pool-lib.sh
+source "$root/bench/pool-lib.sh"
 
 build() {
 	local dir=$root/build-bench-stall src=$root
@@ -74,22 +57,7 @@ build() {
 }
 
 build || { log "build failed"; exit 1; }
-rm -rf "$WORK/pool"
-mkdir -p "$WORK/pool" "$MNT"
-truncate -s 1G "$WORK/pool/meta.img"
-truncate -s "$((VOL_GIB + 1))G" "$WORK/pool/data.img"
-cat >"$WORK/pool/pool.cfg" <<EOF
-[pool]
-metadata = meta.img
-data = data.img
-catalog = catalog.db
-block_size = 64k
-EOF
-"$thinfs" mkpool "$WORK/pool/pool.cfg" >/dev/null || exit 1
-"$thinfs" mount "$WORK/pool/pool.cfg" "$MNT" -f >>"$OUT/daemon.log" 2>&1 &
-T_PID=$!
-for _ in $(seq 1 200); do is_mounted "$MNT" && stat "$MNT/." >/dev/null 2>&1 && break; sleep 0.05; done
-is_mounted "$MNT" || { log "thinfs did not mount"; exit 1; }
+pool_start $((VOL_GIB + 1)) || exit 1
 
 truncate -s "${VOL_GIB}G" "$MNT/alloc"
 truncate -s "${MAPPED_MIB}M" "$MNT/mapped"

@@ -11,9 +11,17 @@
 #      cache.direct=on, aio=native: the peer)
 #   A  the plain sparse file itself (not in the default list)
 #   snap  thinfs snapshot creation time (mkdir .snapshots/NAME) at several
-#      amounts of mapped data
+#      amounts of mapped data, and at SNAP_SPARSE_GIB mapped (see suite_snap)
+#   Tcow Ccow  first 4 KiB writes (libaio QD16) to blocks shared with a
+#      snapshot: thinfs after mkdir .snapshots/N, qemu after an internal
+#      qcow2 snapshot (qemu-img snapshot -c with the export stopped, as the
+#      shared harness does)
+#   Tlong Clong  4 KiB random allocating writes over a LONG_GIB volume for
+#      LONG_RUNTIME seconds (libaio QD16, O_DIRECT, norandommap)
 #
-#     sudo bench/run-fuse.sh [T B C A snap]      (default: T B C snap)
+#     sudo bench/run-fuse.sh [T B C A snap Tcow Ccow Tlong Clong]
+#                                        (default: T B C snap)
+#     sudo bench/run-fuse.sh T B C Tcow Ccow Tlong Clong snap   # issue 10's table
 #
 # The fio job files, region layout, cache dropping, quiet gate and result
 # format come from the shared reference harness (SHARED_BENCH, default
@@ -33,7 +41,9 @@
 #   OUT=$WORK/results-<date>           results.csv, JSON per job, tables.md
 #   RUNTIME=5  MODES_WANTED="psync aio"  QUIET_MAX_WAIT=10 (seconds the quiet
 #   gate waits for an idle machine before running anyway)
-#   SNAP_SIZES_GIB="0 1 4"  SNAP_REPS=3  (64 is skipped unless df shows room)
+#   SNAP_SIZES_GIB="0 1 4"  SNAP_REPS=3  (a size is skipped unless df shows room)
+#   SNAP_SPARSE_GIB=64  (0: skip) the mapped size of the sparse snapshot point
+#   LONG_GIB=24  LONG_RUNTIME=40  the long allocating job
 #   BENCH_REV=<commit>  build that revision (git archive into
 #                       build-bench-fuse-rev-src/, built in build-bench-fuse-rev/)
 #                       instead of the working tree in build-bench-fuse/
@@ -69,6 +79,9 @@ fi
 : "${QUIET_MAX_WAIT:=10}"
 : "${SNAP_SIZES_GIB:=0 1 4}"
 : "${SNAP_REPS:=3}"
+: "${SNAP_SPARSE_GIB:=64}"
+: "${LONG_GIB:=24}"
+: "${LONG_RUNTIME:=40}"
 export RUNTIME R_W_MIB R_SEQ_MIB R_RAND_MIB R_D_MIB R_ST_MIB MODES_WANTED QUIET_MAX_WAIT
 
 mkdir -p "$WORK" "$OUT"
@@ -76,6 +89,9 @@ WORK=$(realpath "$WORK")
 BENCH_DIR=$SHARED_BENCH
 # shellcheck source=/dev/null
 source "$SHARED_BENCH/lib.sh"
+# the long job's region (not in the shared layout): a volume of its own
+REG_OFF[LONG]=0
+REG_MIB[LONG]=$((LONG_GIB * 1024))
 
 STARTED_PIDS=""
 OUR_MOUNTS=""
@@ -144,6 +160,29 @@ suite_fuse() {
 	done
 }
 
+# First writes to blocks shared with a snapshot (the shared harness's
+# randwrite-cow-nj1 in aio mode): prefill the region, snapshot through the
+# target's hook_snapshot, then 4 KiB random writes over it, each to a block
+# (cluster) nobody has written since the snapshot.
+suite_cow_first() {
+	check_file || return 1
+	probe_caps
+	has_mode aio || { log "$TARGET: no aio mode, COW suite skipped"; return 1; }
+	prefill RA1.aio
+	timed_snapshot cow-aio 1 "${REG_MIB[RA1.aio]}" || return 1
+	run_job randwrite-cow-nj1 randwrite-alloc.fio aio RA1.aio 1 1 single
+}
+
+# The long allocating job (bench/fio/randwrite-alloc-long.fio) on a volume
+# of LONG_GIB.
+suite_long() {
+	[[ $(stat -c %s "$FILE") -ge $((REG_MIB[LONG] * MIB)) ]] || { log "$TARGET: $FILE is smaller than LONG_GIB"; return 1; }
+	probe_caps
+	has_mode aio || { log "$TARGET: no aio mode, long job skipped"; return 1; }
+	RUNTIME=$LONG_RUNTIME BENCH_DIR=$root/bench \
+		run_job randwrite-alloc-long randwrite-alloc-long.fio aio LONG 1 1 timed
+}
+
 # ----------------------------------------------------------------- thinfs ---
 build_thinfs() {
 	local dir=$root/build-bench-fuse src=$root
@@ -189,6 +228,10 @@ catalog = catalog.db
 block_size = 64k
 EOF
 	"$thinfs" mkpool "$WORK/pool/pool.cfg" >/dev/null || return 1
+	mount_thinfs
+}
+# mount the pool in $WORK/pool at $WORK/tmnt
+mount_thinfs() {
 	"$thinfs" mount "$WORK/pool/pool.cfg" "$WORK/tmnt" -f >>"$OUT/thinfs-daemon.log" 2>&1 &
 	T_PID=$!
 	STARTED_PIDS="$STARTED_PIDS $T_PID"
@@ -206,14 +249,27 @@ stop_thinfs() {
 	DAEMON_PIDS=""
 }
 
+# setup_T [NAME [VOL_MIB]]: target NAME (T) on a fresh pool, one volume
 setup_T() {
-	TARGET=T
+	TARGET=${1:-T}
+	local vol_mib=${2:-$TOTAL_MIB}
 	csv_init
-	start_thinfs $((TOTAL_MIB / 1024 + 4)) || return 1
+	start_thinfs $((vol_mib / 1024 + 4)) || return 1
 	FILE=$WORK/tmnt/vol0
-	truncate -s "${TOTAL_MIB}M" "$FILE" || return 1
-	echo "T: thinfs $THINFS_VERSION, release build, block_size 64k, pool on sparse files in $WORK/pool, volume ${TOTAL_MIB} MiB" >>"$OUT/targets.txt"
+	truncate -s "${vol_mib}M" "$FILE" || return 1
+	echo "$TARGET: thinfs $THINFS_VERSION, release build, block_size 64k, pool on sparse files in $WORK/pool, volume ${vol_mib} MiB" >>"$OUT/targets.txt"
 	hook_du() { du -skc "$WORK/pool/meta.img" "$WORK/pool/data.img" | tail -1 | cut -f1; }
+	T_SNAP_N=0
+	hook_snapshot() {
+		T_SNAP_N=$((T_SNAP_N + 1))
+		local t0 t1 rc
+		t0=$(date +%s.%N)
+		mkdir "$WORK/tmnt/.snapshots/s$T_SNAP_N"
+		rc=$?
+		t1=$(date +%s.%N)
+		HOOK_SNAP_CMD_S=$(echo "$t0 $t1" | awk '{printf "%.4f", $2-$1}')
+		return $rc
+	}
 }
 teardown_T() { stop_thinfs; rm -rf "$WORK/pool"; clear_hooks; }
 
@@ -255,17 +311,7 @@ teardown_B() {
 }
 
 # -------------------------------------------------- qemu-storage-daemon ---
-setup_C() {
-	TARGET=C
-	csv_init
-	if ! command -v qemu-storage-daemon >/dev/null || ! command -v qemu-img >/dev/null; then
-		log "C skipped: qemu-storage-daemon / qemu-img not installed (apt-get install qemu-system-common qemu-utils)"
-		return 1
-	fi
-	IMG=$WORK/c.qcow2
-	VOL=$WORK/c.vol
-	rm -f "$IMG"
-	qemu-img create -q -f qcow2 -o cluster_size=65536 "$IMG" "${TOTAL_MIB}M" || return 1
+start_qsd() {
 	touch "$VOL"
 	qemu-storage-daemon \
 		--blockdev "driver=file,node-name=file0,filename=$IMG,cache.direct=on,aio=native" \
@@ -276,15 +322,48 @@ setup_C() {
 	STARTED_PIDS="$STARTED_PIDS $C_PID"
 	wait_mounted "$VOL" || { log "qemu-storage-daemon did not mount $VOL"; return 1; }
 	OUR_MOUNTS="$OUR_MOUNTS $VOL"
-	FILE=$VOL
 	DAEMON_PIDS=$C_PID
-	echo "C: $(qemu-storage-daemon --version | head -1), qcow2 cluster_size=65536, file cache.direct=on,aio=native, FUSE export" >>"$OUT/targets.txt"
-	hook_du() { du -k "$IMG" | cut -f1; }
 }
-teardown_C() {
+stop_qsd() {
 	[[ -n ${C_PID:-} ]] && stop_pid "$C_PID" 0 # SIGTERM: flushes, unmounts the export
 	C_PID=""
 	[[ -n ${VOL:-} ]] && umount_ours "$VOL"
+	true
+}
+# setup_C [NAME [VOL_MIB]]
+setup_C() {
+	TARGET=${1:-C}
+	local vol_mib=${2:-$TOTAL_MIB}
+	csv_init
+	if ! command -v qemu-storage-daemon >/dev/null || ! command -v qemu-img >/dev/null; then
+		log "C skipped: qemu-storage-daemon / qemu-img not installed (apt-get install qemu-system-common qemu-utils)"
+		return 1
+	fi
+	IMG=$WORK/c.qcow2
+	VOL=$WORK/c.vol
+	rm -f "$IMG"
+	qemu-img create -q -f qcow2 -o cluster_size=65536 "$IMG" "${vol_mib}M" || return 1
+	start_qsd || return 1
+	FILE=$VOL
+	echo "$TARGET: $(qemu-storage-daemon --version | head -1), qcow2 cluster_size=65536, file cache.direct=on,aio=native, FUSE export, volume ${vol_mib} MiB" >>"$OUT/targets.txt"
+	hook_du() { du -k "$IMG" | cut -f1; }
+	C_SNAP_N=0
+	# an internal snapshot needs the image closed (the shared harness's way)
+	hook_snapshot() {
+		stop_qsd
+		C_SNAP_N=$((C_SNAP_N + 1))
+		local t0 t1 rc
+		t0=$(date +%s.%N)
+		qemu-img snapshot -c "s$C_SNAP_N" "$IMG"
+		rc=$?
+		t1=$(date +%s.%N)
+		HOOK_SNAP_CMD_S=$(echo "$t0 $t1" | awk '{printf "%.4f", $2-$1}')
+		start_qsd || return 1
+		return $rc
+	}
+}
+teardown_C() {
+	stop_qsd
 	rm -f "$WORK/c.qcow2" "$WORK/c.vol"
 	clear_hooks
 }
@@ -320,7 +399,8 @@ suite_snap() {
 		((g > max)) && max=$g
 	done
 	start_thinfs $((max + 2)) || return 1
-	local vol=$WORK/tmnt/snapvol filled=0 r t0 t1 mk rm_s mapped n=0
+	local vol=$WORK/tmnt/snapvol filled=0 mapped
+	SNAP_N=0
 	truncate -s "$((max + 1))G" "$vol"
 	echo "label,rep,data_gib,mapped_blocks,mkdir_ms,rmdir_ms" >"$OUT/snaptime.csv"
 	for g in $sizes; do
@@ -335,21 +415,65 @@ suite_snap() {
 		sync
 		mapped=$("$ctl" "$WORK/tmnt" status --json 2>/dev/null |
 			jq -r '[.volumes[]? | select(.name=="snapvol") | .mapped_blocks] | first // ""' 2>/dev/null)
-		for r in $(seq 1 "$SNAP_REPS"); do
-			n=$((n + 1))
-			t0=$(date +%s%N)
-			mkdir "$WORK/tmnt/.snapshots/s$n" || { log "snap: mkdir failed"; return 1; }
-			t1=$(date +%s%N)
-			mk=$(((t1 - t0) / 1000))
-			t0=$(date +%s%N)
-			rmdir "$WORK/tmnt/.snapshots/s$n"
-			t1=$(date +%s%N)
-			rm_s=$(((t1 - t0) / 1000))
-			echo "snap,$r,$g,$mapped,$(awk -v u="$mk" 'BEGIN{printf "%.1f", u/1000}'),$(awk -v u="$rm_s" 'BEGIN{printf "%.1f", u/1000}')" >>"$OUT/snaptime.csv"
-			log "Tsnap $g GiB mapped (mapped_blocks=$mapped) rep $r: mkdir $((mk / 1000)).$(((mk % 1000) / 100)) ms, rmdir $((rm_s / 1000)) ms"
-		done
+		time_snapshots snap "$g" "$mapped" || return 1
 	done
 	stop_thinfs
+	rm -rf "$WORK/pool"
+	((SNAP_SPARSE_GIB > 0)) && snap_sparse_point
+	true
+}
+
+# time_snapshots LABEL GIB MAPPED: SNAP_REPS x (mkdir, rmdir) on $WORK/tmnt
+time_snapshots() {
+	local label=$1 g=$2 mapped=$3 r t0 t1 mk rm_s
+	for r in $(seq 1 "$SNAP_REPS"); do
+		SNAP_N=$((SNAP_N + 1))
+		t0=$(date +%s%N)
+		mkdir "$WORK/tmnt/.snapshots/s$SNAP_N" || { log "snap: mkdir failed"; return 1; }
+		t1=$(date +%s%N)
+		mk=$(((t1 - t0) / 1000))
+		t0=$(date +%s%N)
+		rmdir "$WORK/tmnt/.snapshots/s$SNAP_N"
+		t1=$(date +%s%N)
+		rm_s=$(((t1 - t0) / 1000))
+		echo "$label,$r,$g,$mapped,$(awk -v u="$mk" 'BEGIN{printf "%.1f", u/1000}'),$(awk -v u="$rm_s" 'BEGIN{printf "%.1f", u/1000}')" >>"$OUT/snaptime.csv"
+		log "Tsnap $label $g GiB mapped (mapped_blocks=$mapped) rep $r: mkdir $((mk / 1000)).$(((mk % 1000) / 100)) ms, rmdir $((rm_s / 1000)) ms"
+	done
+}
+
+# The SNAP_SPARSE_GIB point: a volume with every 64 KiB block of
+# SNAP_SPARSE_GIB mapped, made without writing the data (the data file stays
+# sparse, so the point fits on a small disk): thinfs makes the volume and
+# writes one block, thin_dump's XML of the pool gets one range mapping over
+# the whole volume in place of that block, thin_restore writes the metadata
+# back, and the pool is mounted again.  Reads of the volume return zeros.
+snap_sparse_point() {
+	local g=$SNAP_SPARSE_GIB xml=$WORK/pool/sparse.xml blocks mapped
+	blocks=$((g * 16384))
+	start_thinfs $((g + 2)) || return 1
+	truncate -s "${g}G" "$WORK/tmnt/sparsevol"
+	dd if=/dev/urandom of="$WORK/tmnt/sparsevol" bs=64k count=1 oflag=direct conv=fsync status=none
+	stop_thinfs
+	thin_dump "$WORK/pool/meta.img" >"$xml" || { log "snap: thin_dump failed"; return 1; }
+	/usr/bin/python3 - "$xml" "$blocks" <<'EOF' || return 1
+import re, sys
+path, n = sys.argv[1], int(sys.argv[2])
+x = open(path).read()
+if x.count("<device ") != 1:
+    sys.exit("snap: expected one device in the dump")
+x = re.sub(r'(<device [^>]*mapped_blocks=")\d+(")', r"\g<1>%d\g<2>" % n, x)
+x = re.sub(r"(<device [^>]*>).*?(</device>)",
+           r'\g<1>\n<range_mapping origin_begin="0" data_begin="0" length="%d" time="0"/>\n\g<2>' % n,
+           x, flags=re.S)
+open(path, "w").write(x)
+EOF
+	thin_restore -q -i "$xml" -o "$WORK/pool/meta.img" || { log "snap: thin_restore failed"; return 1; }
+	mount_thinfs || return 1
+	mapped=$("$ctl" "$WORK/tmnt" status --json 2>/dev/null |
+		jq -r '[.volumes[]? | select(.name=="sparsevol") | .mapped_blocks] | first // ""' 2>/dev/null)
+	time_snapshots snap-sparse "$g" "$mapped"
+	stop_thinfs
+	thin_check -q "$WORK/pool/meta.img" || log "snap: thin_check of the sparse pool failed"
 	rm -rf "$WORK/pool"
 }
 
@@ -380,6 +504,10 @@ for t in $TARGETS; do
 	T) setup_T && suite_fuse; teardown_T ;;
 	B) setup_B && suite_fuse; teardown_B ;;
 	C) setup_C && suite_fuse; teardown_C ;;
+	Tcow) setup_T Tcow && suite_cow_first; teardown_T ;;
+	Ccow) setup_C Ccow && suite_cow_first; teardown_C ;;
+	Tlong) setup_T Tlong $((LONG_GIB * 1024)) && suite_long; teardown_T ;;
+	Clong) setup_C Clong $((LONG_GIB * 1024)) && suite_long; teardown_C ;;
 	A) setup_A && suite_fuse; teardown_A ;;
 	snap) suite_snap ;;
 	*) log "unknown target $t" ;;

@@ -23,6 +23,9 @@
  * Devices are the target's numbers (thin device ids).  TFS_CORE_POOL is
  * the pool itself: while it is suspended every device's requests are held,
  * and pool-level changes (tfs_core_enter_admin) are refused with -EBUSY.
+ * A core belongs to one target instance (target.h): a later target (an
+ * origin and its snapshots, a cache) creates its own, numbers its devices
+ * within it and is TFS_CORE_POOL there.
  *
  * Never: knows targets, metadata or FUSE; calls out or sleeps on anything
  * but its own condition variables while holding its lock.  Its lock is a

@@ -1,7 +1,7 @@
 /* SPDX-License-Identifier: GPL-2.0-or-later */
 /*
  * pool-internal.h - what pool.c (lifecycle, commit, modes, devices) and
- * thin-io.c (volume I/O) share.  Not for use outside src/engine.
+ * thin-io.c (the thin target's devices) share.  Not for use outside src/engine.
  *
  * Locks, in the order they are taken (never the other way round):
  *   1. prison cells (one per request; snapshot creation takes one per
@@ -49,7 +49,7 @@ struct tfs_extents {
 	size_t nr, cap;
 };
 
-/* One metadata handle per open device, shared by every tfs_vol on it. */
+/* One metadata handle per open device, shared by every tfs_thin_dev on it. */
 struct tfs_thin_ref {
 	struct tfs_thin_ref *next;
 	uint32_t id;
@@ -84,6 +84,15 @@ struct tfs_pool {
 	pthread_cond_t alloc_cv;      /* commit_waiting went false */
 	pthread_cond_t drain_cv;      /* pending_allocs reached 0 */
 	struct tfs_extents passdown;  /* [lock] freed in this transaction: discard after commit */
+	/*
+	 * Every free data block reads as zeros, so a new block needs no
+	 * zeroing: the data device is a file whose free blocks were all
+	 * punched at open, and every block freed since is punched (passdown)
+	 * before it can be allocated again.  Read under the lock after an
+	 * allocation; goes false for good on an abort, a punch or a queueing
+	 * that fails, or discard_passdown turned off by a reload.
+	 */
+	atomic_bool free_zero;
 	struct tfs_thin_ref *thins;   /* [lock] open devices */
 	struct tfs_pmd_space space;   /* [lock] last known, for status in fail mode */
 	pthread_cond_t space_cv;      /* the mode changed, or the pool is closing: held writes look */
@@ -122,9 +131,11 @@ struct tfs_pool {
 	bool stopping;                /* [timer_lock] */
 };
 
-struct tfs_vol {
+/* The thin target's device handle (thin-io.c): one per tfs_thin_open. */
+struct tfs_thin_dev {
+	struct tfs_dev dev;        /* first: what callers hold (target.h) */
 	struct tfs_pool *pool;
-	struct tfs_thin_ref *ref;
+	struct tfs_thin_ref *ref;  /* NULL for a status handle (TFS_DEV_STATUS_ONLY) */
 	uint32_t id;
 	bool read_only;
 };
@@ -165,6 +176,8 @@ void tfs_pool_check_low_water(struct tfs_pool *pool);
 void tfs_pool_rearm_low_water(struct tfs_pool *pool);
 /* Queue block for discard after the next commit if nothing maps it now. */
 void tfs_pool_passdown_if_free(struct tfs_pool *pool, uint64_t block);
+/* Free blocks stop being known zeros (see free_zero), saying why once. */
+void tfs_pool_free_not_zero(struct tfs_pool *pool, const char *why);
 /* A handle on device id (opened or shared); -ENODATA no such device. */
 int tfs_pool_get_thin(struct tfs_pool *pool, uint32_t id, struct tfs_thin_ref **out);
 void tfs_pool_put_thin(struct tfs_pool *pool, struct tfs_thin_ref *ref);

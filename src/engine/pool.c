@@ -182,6 +182,8 @@ int tfs_pool_meta_failed(struct tfs_pool *pool, int err, const char *what)
 	snprintf(cause, sizeof(cause), "%s", io[0] ? io : strerror(-err));
 	/* In-flight requests must neither map nor free what they allocated before this. */
 	pool->abort_gen++;
+	/* What they wrote stays in blocks that are free again, unpunched, until the next open. */
+	tfs_pool_free_not_zero(pool, "a transaction was aborted");
 	r = tfs_pmd_abort(pool->pmd);
 	if (r) {
 		/* Only tfs_pmd_close is safe now: the maps could not be reloaded. */
@@ -314,12 +316,59 @@ void tfs_pool_passdown_if_free(struct tfs_pool *pool, uint64_t block)
 
 	if (!pool->cfg.discard_passdown)
 		return;
-	/* A failed lookup or a full queue costs host space only, never data. */
-	if (tfs_pmd_data_block_count(pool->pmd, block, &count) || count)
+	/*
+	 * A failed lookup or a full queue costs host space, never data: the
+	 * block is zeroed when it is next allocated.
+	 */
+	if (tfs_pmd_data_block_count(pool->pmd, block, &count)) {
+		tfs_pool_free_not_zero(pool, "looking up a freed block's count failed");
 		return;
-	if (tfs_extents_add(&pool->passdown, block, 1))
+	}
+	if (count)
+		return;
+	if (tfs_extents_add(&pool->passdown, block, 1)) {
 		tfs_warn("%s: out of memory queueing a discard of data block %llu", pool->cfg.data,
 			 (unsigned long long)block);
+		tfs_pool_free_not_zero(pool, "a freed block could not be queued for discard");
+	}
+}
+
+void tfs_pool_free_not_zero(struct tfs_pool *pool, const char *why)
+{
+	if (atomic_exchange(&pool->free_zero, false))
+		tfs_info("%s: new data blocks are zeroed from now on: %s", pool->cfg.data, why);
+}
+
+static int punch_free_run(void *arg, uint64_t begin, uint64_t len)
+{
+	struct tfs_pool *pool = arg;
+
+	return tfs_bdev_discard(pool->data, begin * pool->block_size, len * pool->block_size);
+}
+
+/*
+ * A read-write open of a pool on a data file with discard_passdown: punch
+ * every free block, so that all free blocks read as zeros and new blocks
+ * need no zeroing (free_zero).  Blocks freed before a crash and never
+ * punched, or allocated and written in a transaction that never
+ * committed, are among them.  A block device is left alone: a discard
+ * there does not promise zeros.
+ */
+static void punch_free_blocks(struct tfs_pool *pool)
+{
+	int r;
+
+	if (!pool->cfg.discard_passdown || pool->cfg.skip_block_zeroing ||
+	    tfs_bdev_is_blockdev(pool->data))
+		return;
+	r = tfs_pmd_walk_free_data(pool->pmd, punch_free_run, pool);
+	if (r) {
+		tfs_info("%s: punching the free data blocks failed (%s): new blocks are zeroed",
+			 pool->cfg.data, strerror(-r));
+		return;
+	}
+	atomic_store(&pool->free_zero, true);
+	tfs_info("%s: free data blocks punched: new blocks need no zeroing", pool->cfg.data);
 }
 
 /* Give freed blocks back to the host; a device that cannot discard is told once. */
@@ -330,6 +379,8 @@ static void discard_extents(struct tfs_pool *pool, struct tfs_extents *x)
 		int r = tfs_bdev_discard(pool->data, x->v[i].begin * pool->block_size,
 					 x->v[i].len * pool->block_size);
 
+		if (r)
+			tfs_pool_free_not_zero(pool, "discarding freed blocks failed");
 		if (r && !pool->discard_warned) {
 			pool->discard_warned = true;
 			tfs_warn("%s: discarding freed blocks failed: %s (space is not returned "
@@ -880,6 +931,8 @@ int tfs_pool_open(const struct tfs_pool_config *cfg, bool read_only, struct tfs_
 		tfs_pool_check_low_water(pool); /* already short of space: said at once */
 	if (r)
 		goto err_free;
+	if (!read_only && pool->mode == TFS_POOL_WRITE)
+		punch_free_blocks(pool);
 	if (!read_only) {
 		r = start_commit_thread(pool);
 		if (r)
@@ -1589,6 +1642,10 @@ int tfs_pool_grow(struct tfs_pool *pool, bool data, uint64_t bytes, char *why, s
 			   (unsigned long long)(want * unit), strerror(-r));
 		goto out;
 	}
+	/* The new blocks are free: they must read as zeros too (a file may hold old data there). */
+	if (data && atomic_load(&pool->free_zero) &&
+	    tfs_bdev_discard(dev, now * unit, (want - now) * unit))
+		tfs_pool_free_not_zero(pool, "discarding the grown part of the data device failed");
 	pthread_mutex_lock(&pool->lock);
 	r = may_resize(pool, why, why_len);
 	if (!r) {
@@ -1672,6 +1729,7 @@ void tfs_pool_status(struct tfs_pool *pool, struct tfs_pool_status *out)
 	out->reload_staged = pool->reload_staged;
 	out->error_if_no_space = pool->cfg.error_if_no_space;
 	out->discard_passdown = pool->cfg.discard_passdown;
+	out->free_blocks_read_zero = atomic_load(&pool->free_zero);
 	pthread_mutex_unlock(&pool->lock);
 	out->suspended = tfs_core_suspended(pool->core, TFS_CORE_POOL);
 	out->held_in_core = tfs_core_nr_held(pool->core, TFS_CORE_POOL);

@@ -31,8 +31,8 @@
  * read-only also shows read_only; changes there fail with -EROFS.  A pool
  * whose metadata has needs_check opens only read-only (-EROFS otherwise).
  *
- * Several tfs_vol handles may be open on one device at once (one per
- * open file, say); they share its state and its range locks.
+ * Thin devices are reached through the device interface (target.h):
+ * tfs_thin_open at the end of this header.
  */
 #ifndef TFS_ENGINE_POOL_H
 #define TFS_ENGINE_POOL_H
@@ -42,9 +42,10 @@
 #include <stdint.h>
 #include <sys/types.h>
 
+#include "target.h"
+
 struct tfs_pool_config;
 struct tfs_pool;
-struct tfs_vol;
 
 /* Format the metadata for cfg (data size from the data device). Destroys what was there. */
 int tfs_pool_format(const struct tfs_pool_config *cfg);
@@ -90,7 +91,7 @@ int tfs_pool_create_snaps_as(struct tfs_pool *pool, const uint32_t *origins, uns
 			     const uint32_t *ids);
 /* The n lowest ids no device uses, ascending (nothing is reserved: the caller serialises). */
 int tfs_pool_free_ids(struct tfs_pool *pool, unsigned n, uint32_t *ids_out);
-/* Deletes and commits; -EBUSY while a tfs_vol is open on it. */
+/* Deletes and commits; -EBUSY while an I/O handle (tfs_thin_open) is open on it. */
 int tfs_pool_delete(struct tfs_pool *pool, uint32_t id);
 /*
  * Deletes those of ids that exist in ONE metadata transaction, committed;
@@ -138,6 +139,8 @@ struct tfs_pool_status {
 	unsigned held_in_core;    /* requests held in the core (suspended devices, pushed back) */
 	bool error_if_no_space;   /* as configured now (a reload may change it) */
 	bool discard_passdown;
+	/* Free data blocks read as zeros (punched), so new blocks are not zeroed. */
+	bool free_blocks_read_zero;
 	/* Low water, checked by the engine where space changes (and re-armed by a resume). */
 	uint64_t meta_low_water_blocks;
 	struct tfs_pool_low_water low_water_data, low_water_meta;
@@ -275,32 +278,26 @@ int tfs_pool_dev_usage(struct tfs_pool *pool, uint32_t id, struct tfs_dev_usage 
  */
 int tfs_pool_dev_end(struct tfs_pool *pool, uint32_t id, uint64_t *blocks);
 
-/* ---- volume I/O (offsets and lengths in bytes, any alignment) ---- */
+/* ---- thin devices: the device interface (target.h), kind "thin" ---- */
 /*
- * -ENODATA no such device; -EIO in fail mode (nothing can be read then).  On a
- * pool opened read-only a writable handle opens, and its writes fail
- * with -EROFS (as those of a read_only handle do).
+ * A handle on thin device id.  flags: TFS_DEV_READ_ONLY (writes fail with
+ * -EROFS; so do they on a pool opened read-only, where a writable handle
+ * still opens); TFS_DEV_STATUS_ONLY (no metadata handle: opens in any
+ * mode, even for an id that does not exist, and does not make
+ * tfs_pool_delete -EBUSY; allocated and status walk the tree).  An I/O
+ * handle: -ENODATA no such device; -EIO in fail mode.  Several handles on
+ * one device share its state and range locks.  Close with tfs_dev_close.
+ *
+ * The ops, as the thin target does them: unmapped ranges read as zeros;
+ * discard and zero_range are one punch (whole blocks unmapped, freed ones
+ * discarded with passdown after the next commit, partial ranges zeroed);
+ * provision maps zeroed blocks where none are mapped; flush flushes the
+ * data device, then commits the metadata; truncate unmaps every block
+ * wholly past new_size and zeroes the tail of the last one; get_size is
+ * -ENOTSUP (the namespace sizes a thin volume); allocated is mapped blocks
+ * times the block size.  Status fields: mapped_blocks, exclusive_blocks
+ * (tfs_pool_dev_usage), suspended, held_in_core.
  */
-int tfs_vol_open(struct tfs_pool *pool, uint32_t id, bool read_only, struct tfs_vol **out);
-void tfs_vol_close(struct tfs_vol *vol);
-uint32_t tfs_vol_id(const struct tfs_vol *vol);
-
-/* Unmapped ranges read as zeros. Returns 0 or -errno (whole length or nothing). */
-int tfs_vol_read(struct tfs_vol *vol, void *buf, size_t len, uint64_t off);
-int tfs_vol_write(struct tfs_vol *vol, const void *buf, size_t len, uint64_t off);
-/* Punch: whole blocks unmapped (freed ones discarded with passdown), partial ranges zeroed. */
-int tfs_vol_discard(struct tfs_vol *vol, uint64_t off, uint64_t len);
-/* fallocate mode 0: map zeroed blocks where none are mapped. */
-int tfs_vol_provision(struct tfs_vol *vol, uint64_t off, uint64_t len);
-/* FALLOC_FL_ZERO_RANGE: reads as zeros afterwards; whole blocks may be unmapped. */
-int tfs_vol_zero_range(struct tfs_vol *vol, uint64_t off, uint64_t len);
-/* FLUSH: data device flush, then metadata commit. */
-int tfs_vol_flush(struct tfs_vol *vol);
-/* SEEK_DATA / SEEK_HOLE within [off, size); -ENXIO as lseek(2). */
-int tfs_vol_seek(struct tfs_vol *vol, uint64_t off, int whence, uint64_t size, uint64_t *out);
-/* Shrink: unmap every block wholly past new_size and zero the tail of the last one. */
-int tfs_vol_truncate(struct tfs_vol *vol, uint64_t new_size);
-/* Blocks mapped (for st_blocks). */
-uint64_t tfs_vol_mapped_blocks(struct tfs_vol *vol);
+int tfs_thin_open(struct tfs_pool *pool, uint32_t id, unsigned flags, struct tfs_dev **out);
 
 #endif

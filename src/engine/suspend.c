@@ -132,6 +132,8 @@ static void take_settings(struct tfs_pool *pool, const struct tfs_pool_config *c
 	run->error_if_no_space = c->error_if_no_space;
 	run->no_space_timeout_ms = c->no_space_timeout_ms;
 	run->discard_passdown = c->discard_passdown;
+	if (!c->discard_passdown)
+		tfs_pool_free_not_zero(pool, "discard_passdown is off");
 	run->skip_block_zeroing = c->skip_block_zeroing;
 	run->commit_interval_ms = c->commit_interval_ms;
 	pool->reload_staged = false;

@@ -1,7 +1,8 @@
 /* SPDX-License-Identifier: GPL-2.0-or-later */
 /*
- * Thin volumes' I/O: read, write, discard, provision, zero range,
- * truncate, seek and flush.
+ * The thin target's devices (target.h, kind "thin"): read, write,
+ * discard, provision, zero range, truncate, seek, flush, allocated space
+ * and status, behind the ops table at the end.
  *
  * Every request takes one prison cell over its whole block range (shared
  * for reads), then works in chunks of up to TFS_POOL_CHUNK blocks: one
@@ -21,6 +22,7 @@
 #include "pool-internal.h"
 
 #include <errno.h>
+#include <inttypes.h>
 #include <limits.h>
 #include <stdlib.h>
 #include <string.h>
@@ -60,7 +62,7 @@ struct plan {
 
 /* One chunk of a write-like request: blocks [b0, b0 + nr), bytes [off, end). */
 struct chunk {
-	struct tfs_vol *vol;
+	struct tfs_thin_dev *vol;
 	struct tfs_pool *pool;
 	const uint8_t *buf; /* the data for [off, end); NULL = zeros */
 	uint64_t off, end;
@@ -69,6 +71,7 @@ struct chunk {
 	enum how how;
 	unsigned nr_alloc;  /* blocks allocated for ACT_NEW / ACT_COPY */
 	uint64_t abort_gen; /* when they were allocated */
+	bool free_zero;     /* when they were allocated: new blocks read as zeros already */
 	uint8_t *bounce;    /* lazily taken, the thread's scratch of bounce_len bytes */
 	struct plan plan[TFS_POOL_CHUNK];
 };
@@ -81,13 +84,13 @@ struct run {
 	size_t len;
 };
 
-static int check_write(const struct tfs_vol *vol)
+static int check_write(const struct tfs_thin_dev *vol)
 {
 	return vol->read_only || vol->pool->opened_read_only ? -EROFS : 0;
 }
 
 /* Blocks [*b0, *b1) that bytes [off, off + len) touch; len > 0. */
-static int block_range(const struct tfs_vol *vol, uint64_t off, uint64_t len, uint64_t *b0,
+static int block_range(const struct tfs_thin_dev *vol, uint64_t off, uint64_t len, uint64_t *b0,
 		       uint64_t *b1)
 {
 	uint64_t bs = vol->pool->block_size;
@@ -110,7 +113,7 @@ static uint64_t chunk_end(uint64_t bs, uint64_t cur, uint64_t end)
 	return next > (end - 1) / bs ? end : next * bs;
 }
 
-static int lookup_failed(const struct tfs_vol *vol, uint64_t b0, uint64_t b1, int err)
+static int lookup_failed(const struct tfs_thin_dev *vol, uint64_t b0, uint64_t b1, int err)
 {
 	tfs_err("thin device %u: looking up blocks %llu-%llu failed: %s", vol->id,
 		(unsigned long long)b0, (unsigned long long)(b1 - 1), strerror(-err));
@@ -228,6 +231,7 @@ static int plan_chunk(struct chunk *c)
 		return r;
 	}
 	c->abort_gen = pool->abort_gen;
+	c->free_zero = atomic_load(&pool->free_zero);
 	for (unsigned i = 0; i < c->nr; i++)
 		if (c->plan[i].act == ACT_NEW || c->plan[i].act == ACT_COPY)
 			c->plan[i].target = blocks[k++];
@@ -299,11 +303,15 @@ static int write_chunk_data(struct chunk *c)
 
 		if (p->act == ACT_SKIP)
 			continue;
+		/* A provisioned block is all zeros, and a free block reads as that already. */
+		if (p->act == ACT_NEW && c->how == HOW_PROVISION && c->free_zero)
+			continue;
 		in_place |= p->act == ACT_INPLACE;
 		block_span(c, i, &s, &e);
 		src = c->buf ? c->buf + ((c->b0 + i) * bs + s - c->off) : NULL;
 		plain = p->act == ACT_INPLACE || (s == 0 && e == bs) ||
-			(p->act == ACT_NEW && c->how == HOW_DATA && pool->cfg.skip_block_zeroing);
+			(p->act == ACT_NEW && c->how == HOW_DATA &&
+			 (pool->cfg.skip_block_zeroing || c->free_zero));
 		if (plain)
 			r = run_add_write(pool, &run, p->target * bs + s, src, e - s);
 		else
@@ -353,6 +361,8 @@ static int release_blocks(struct chunk *c)
 		r = tfs_pmd_free_data_block(c->pool->pmd, p->target);
 		if (r)
 			return tfs_pool_meta_failed(c->pool, r, "releasing an unused data block");
+		/* Part of it may be written: punched before reuse, it reads as zeros again. */
+		tfs_pool_passdown_if_free(c->pool, p->target);
 	}
 	return 0;
 }
@@ -389,7 +399,7 @@ struct cell {
  * nothing, so the suspend that pushed it back owes it nothing.  The plan
  * is rebuilt afterwards: the mappings may have changed meanwhile.
  */
-static int hold_for_space(struct tfs_vol *vol, const struct cell *cell)
+static int hold_for_space(struct tfs_thin_dev *vol, const struct cell *cell)
 {
 	int r;
 
@@ -412,7 +422,7 @@ static int hold_for_space(struct tfs_vol *vol, const struct cell *cell)
 }
 
 /* Bytes [off, end) of one chunk (chunk_end), under the request's cell. */
-static int write_chunk(struct tfs_vol *vol, const struct cell *cell, const uint8_t *buf,
+static int write_chunk(struct tfs_thin_dev *vol, const struct cell *cell, const uint8_t *buf,
 		       uint64_t off, uint64_t end, enum how how)
 {
 	struct tfs_pool *pool = vol->pool;
@@ -445,7 +455,7 @@ static int write_chunk(struct tfs_vol *vol, const struct cell *cell, const uint8
 }
 
 /* Bytes [off, end), end > off, under a cell covering them. */
-static int write_range(struct tfs_vol *vol, const struct cell *cell, const uint8_t *buf,
+static int write_range(struct tfs_thin_dev *vol, const struct cell *cell, const uint8_t *buf,
 		       uint64_t off, uint64_t end, enum how how)
 {
 	uint64_t bs = vol->pool->block_size;
@@ -459,7 +469,7 @@ static int write_range(struct tfs_vol *vol, const struct cell *cell, const uint8
 }
 
 /* A write-path request (data or provisioning) under one cell over its block range. */
-static int locked_write(struct tfs_vol *vol, struct tfs_core_io *io, const void *buf,
+static int locked_write(struct tfs_thin_dev *vol, struct tfs_core_io *io, const void *buf,
 			uint64_t off, uint64_t len, enum how how)
 {
 	uint64_t b0, b1;
@@ -482,7 +492,7 @@ static int locked_write(struct tfs_vol *vol, struct tfs_core_io *io, const void 
 
 /* ---- reads ---------------------------------------------------------------------------- */
 
-static int read_chunk(struct tfs_vol *vol, uint8_t *buf, uint64_t off, uint64_t end)
+static int read_chunk(struct tfs_thin_dev *vol, uint8_t *buf, uint64_t off, uint64_t end)
 {
 	struct tfs_thin_mapping maps[TFS_POOL_CHUNK];
 	struct tfs_pool *pool = vol->pool;
@@ -525,7 +535,7 @@ static int read_chunk(struct tfs_vol *vol, uint8_t *buf, uint64_t off, uint64_t 
 	return r;
 }
 
-static int read_range(struct tfs_vol *vol, void *buf, size_t len, uint64_t off)
+static int read_range(struct tfs_thin_dev *vol, void *buf, size_t len, uint64_t off)
 {
 	uint64_t bs = vol->pool->block_size, end = off + len, b0, b1;
 	int r;
@@ -552,7 +562,7 @@ static int read_range(struct tfs_vol *vol, void *buf, size_t len, uint64_t off)
  * one remove_range; their data blocks that nobody maps any more are
  * queued for passdown.  Returns how many were unmapped, or -errno.
  */
-static int unmap_chunk(struct tfs_vol *vol, uint64_t *next, uint64_t end)
+static int unmap_chunk(struct tfs_thin_dev *vol, uint64_t *next, uint64_t end)
 {
 	struct tfs_thin_mapping maps[TFS_POOL_CHUNK];
 	struct tfs_pool *pool = vol->pool;
@@ -575,7 +585,7 @@ static int unmap_chunk(struct tfs_vol *vol, uint64_t *next, uint64_t end)
 }
 
 /* Unmap whole blocks [b, end) under the request's cell, a chunk per lock hold. */
-static int unmap_blocks(struct tfs_vol *vol, uint64_t b, uint64_t end)
+static int unmap_blocks(struct tfs_thin_dev *vol, uint64_t b, uint64_t end)
 {
 	struct tfs_pool *pool = vol->pool;
 	int n;
@@ -593,7 +603,7 @@ static int unmap_blocks(struct tfs_vol *vol, uint64_t b, uint64_t end)
  * zeros afterwards: whole blocks unmapped, partial ones zeroed where they
  * are mapped (copying a block shared with a snapshot first).
  */
-static int punch(struct tfs_vol *vol, struct tfs_core_io *io, uint64_t off, uint64_t len,
+static int punch(struct tfs_thin_dev *vol, struct tfs_core_io *io, uint64_t off, uint64_t len,
 		 bool to_end)
 {
 	uint64_t bs = vol->pool->block_size;
@@ -640,7 +650,7 @@ struct req {
 	uint64_t off, len;
 };
 
-static int run_req(struct tfs_vol *vol, struct tfs_core_io *io, const struct req *q)
+static int run_req(struct tfs_thin_dev *vol, struct tfs_core_io *io, const struct req *q)
 {
 	switch (q->op) {
 	case REQ_READ:
@@ -665,12 +675,14 @@ static int run_req(struct tfs_vol *vol, struct tfs_core_io *io, const struct req
  * without changing anything (its chunk had allocated nothing yet), so it
  * is simply run again, whole, when the core lets it in again.
  */
-static int submit(struct tfs_vol *vol, const struct req *q)
+static int submit(struct tfs_thin_dev *vol, const struct req *q)
 {
 	struct tfs_core *core = vol->pool->core;
 	struct tfs_core_io io;
 	int r;
 
+	if (!vol->ref)
+		return -EBADF; /* a status handle */
 	tfs_core_enter(core, &io, vol->id);
 	while ((r = run_req(vol, &io, q)) == TFS_POOL_PUSHBACK)
 		tfs_core_reissue(core, &io);
@@ -678,45 +690,46 @@ static int submit(struct tfs_vol *vol, const struct req *q)
 	return r;
 }
 
-int tfs_vol_read(struct tfs_vol *vol, void *buf, size_t len, uint64_t off)
+static struct tfs_thin_dev *thin_of(struct tfs_dev *dev)
 {
-	return submit(vol, &(struct req){ REQ_READ, buf, off, len });
+	return (struct tfs_thin_dev *)dev;
 }
 
-int tfs_vol_write(struct tfs_vol *vol, const void *buf, size_t len, uint64_t off)
+static int thin_read(struct tfs_dev *dev, void *buf, size_t len, uint64_t off)
 {
-	return submit(vol, &(struct req){ REQ_WRITE, (void *)buf, off, len });
+	return submit(thin_of(dev), &(struct req){ REQ_READ, buf, off, len });
 }
 
-int tfs_vol_provision(struct tfs_vol *vol, uint64_t off, uint64_t len)
+static int thin_write(struct tfs_dev *dev, const void *buf, size_t len, uint64_t off)
 {
-	return submit(vol, &(struct req){ REQ_PROVISION, NULL, off, len });
+	return submit(thin_of(dev), &(struct req){ REQ_WRITE, (void *)buf, off, len });
 }
 
-int tfs_vol_discard(struct tfs_vol *vol, uint64_t off, uint64_t len)
+static int thin_provision(struct tfs_dev *dev, uint64_t off, uint64_t len)
 {
-	return submit(vol, &(struct req){ REQ_PUNCH, NULL, off, len });
+	return submit(thin_of(dev), &(struct req){ REQ_PROVISION, NULL, off, len });
 }
 
-int tfs_vol_zero_range(struct tfs_vol *vol, uint64_t off, uint64_t len)
+/* Discard and zero range are one punch: unmapped blocks read as zeros. */
+static int thin_punch(struct tfs_dev *dev, uint64_t off, uint64_t len)
 {
-	return submit(vol, &(struct req){ REQ_PUNCH, NULL, off, len });
+	return submit(thin_of(dev), &(struct req){ REQ_PUNCH, NULL, off, len });
 }
 
-int tfs_vol_truncate(struct tfs_vol *vol, uint64_t new_size)
+static int thin_truncate(struct tfs_dev *dev, uint64_t new_size)
 {
-	return submit(vol, &(struct req){ REQ_TRUNCATE, NULL, new_size, 0 });
+	return submit(thin_of(dev), &(struct req){ REQ_TRUNCATE, NULL, new_size, 0 });
 }
 
-int tfs_vol_flush(struct tfs_vol *vol)
+static int thin_flush(struct tfs_dev *dev)
 {
-	return submit(vol, &(struct req){ REQ_FLUSH, NULL, 0, 0 });
+	return submit(thin_of(dev), &(struct req){ REQ_FLUSH, NULL, 0, 0 });
 }
 
 /* ---- the rest ---------------------------------------------------------------------------- */
 
 /* With the lock held: the first unmapped block in [b, end), or end. */
-static int find_hole(struct tfs_vol *vol, uint64_t b, uint64_t end, uint64_t *hole)
+static int find_hole(struct tfs_thin_dev *vol, uint64_t b, uint64_t end, uint64_t *hole)
 {
 	struct tfs_thin_mapping maps[TFS_POOL_CHUNK];
 	int n;
@@ -734,7 +747,7 @@ out:
 	return 0;
 }
 
-static int seek_locked(struct tfs_vol *vol, uint64_t off, int whence, uint64_t size,
+static int seek_locked(struct tfs_thin_dev *vol, uint64_t off, int whence, uint64_t size,
 		       uint64_t *out)
 {
 	uint64_t bs = vol->pool->block_size, b = off / bs, end = (size - 1) / bs + 1, pos;
@@ -762,10 +775,14 @@ static int seek_locked(struct tfs_vol *vol, uint64_t off, int whence, uint64_t s
 	return 0;
 }
 
-int tfs_vol_seek(struct tfs_vol *vol, uint64_t off, int whence, uint64_t size, uint64_t *out)
+static int thin_seek(struct tfs_dev *dev, uint64_t off, int whence, uint64_t size,
+		     uint64_t *out)
 {
+	struct tfs_thin_dev *vol = thin_of(dev);
 	int r;
 
+	if (!vol->ref)
+		return -EBADF;
 	if (whence != SEEK_DATA && whence != SEEK_HOLE)
 		return -EINVAL;
 	if (off >= size)
@@ -778,26 +795,93 @@ int tfs_vol_seek(struct tfs_vol *vol, uint64_t off, int whence, uint64_t size, u
 	return r;
 }
 
-uint64_t tfs_vol_mapped_blocks(struct tfs_vol *vol)
+static int thin_get_size(struct tfs_dev *dev, uint64_t *bytes)
 {
-	uint64_t n;
+	(void)dev;
+	(void)bytes;
+	return -ENOTSUP; /* the namespace sizes a thin volume; truncate shrinks it */
+}
 
+/*
+ * An open device keeps its mapped count; a status handle has no metadata
+ * handle and walks the tree instead (tfs_pool_dev_usage).
+ */
+static int thin_allocated(struct tfs_dev *dev, uint64_t *bytes)
+{
+	struct tfs_thin_dev *vol = thin_of(dev);
+	struct tfs_dev_usage u;
+	uint64_t n;
+	int r;
+
+	if (!vol->ref) {
+		r = tfs_pool_dev_usage(vol->pool, vol->id, &u);
+		if (r)
+			return r;
+		*bytes = u.mapped_blocks * vol->pool->block_size;
+		return 0;
+	}
 	pthread_mutex_lock(&vol->pool->lock);
 	n = tfs_td_mapped_blocks(vol->ref->td);
 	pthread_mutex_unlock(&vol->pool->lock);
-	return n;
+	*bytes = n * vol->pool->block_size;
+	return 0;
 }
 
-int tfs_vol_open(struct tfs_pool *pool, uint32_t id, bool read_only, struct tfs_vol **out)
+/* O(mappings) (tfs_pool_dev_usage): status is for people and scripts, not hot paths. */
+static void thin_status(struct tfs_dev *dev, struct tfs_status_sink *sink)
 {
-	struct tfs_vol *vol = calloc(1, sizeof(*vol));
-	int r;
+	struct tfs_thin_dev *vol = thin_of(dev);
+	struct tfs_dev_usage u = { 0, 0 };
+
+	if (tfs_pool_dev_usage(vol->pool, vol->id, &u) < 0)
+		tfs_warn("status: no usage for device %" PRIu32, vol->id);
+	tfs_status_u64(sink, "mapped_blocks", u.mapped_blocks);
+	tfs_status_u64(sink, "exclusive_blocks", u.exclusive_blocks);
+	tfs_status_flag(sink, "suspended", tfs_pool_dev_suspended(vol->pool, vol->id));
+	tfs_status_u64(sink, "held_in_core", tfs_pool_dev_held(vol->pool, vol->id));
+}
+
+static void thin_close(struct tfs_dev *dev)
+{
+	struct tfs_thin_dev *vol = thin_of(dev);
+
+	if (vol->ref) {
+		pthread_mutex_lock(&vol->pool->lock);
+		tfs_pool_put_thin(vol->pool, vol->ref);
+		pthread_mutex_unlock(&vol->pool->lock);
+	}
+	free(vol);
+}
+
+static const struct tfs_dev_ops thin_ops = {
+	.kind = "thin",
+	.read = thin_read,
+	.write = thin_write,
+	.flush = thin_flush,
+	.discard = thin_punch,
+	.zero_range = thin_punch,
+	.provision = thin_provision,
+	.seek = thin_seek,
+	.get_size = thin_get_size,
+	.truncate = thin_truncate,
+	.allocated = thin_allocated,
+	.status = thin_status,
+	.close = thin_close,
+};
+
+int tfs_thin_open(struct tfs_pool *pool, uint32_t id, unsigned flags, struct tfs_dev **out)
+{
+	struct tfs_thin_dev *vol = calloc(1, sizeof(*vol));
+	int r = 0;
 
 	if (!vol)
 		return -ENOMEM;
+	vol->dev.ops = &thin_ops;
 	vol->pool = pool;
 	vol->id = id;
-	vol->read_only = read_only;
+	vol->read_only = flags & TFS_DEV_READ_ONLY;
+	if (flags & TFS_DEV_STATUS_ONLY)
+		goto out;
 	pthread_mutex_lock(&pool->lock);
 	if (pool->mode == TFS_POOL_FAIL) {
 		tfs_err("thin device %u cannot be opened: the pool is in fail mode (%s)", id,
@@ -811,21 +895,7 @@ int tfs_vol_open(struct tfs_pool *pool, uint32_t id, bool read_only, struct tfs_
 		free(vol);
 		return r;
 	}
-	*out = vol;
+out:
+	*out = &vol->dev;
 	return 0;
-}
-
-void tfs_vol_close(struct tfs_vol *vol)
-{
-	if (!vol)
-		return;
-	pthread_mutex_lock(&vol->pool->lock);
-	tfs_pool_put_thin(vol->pool, vol->ref);
-	pthread_mutex_unlock(&vol->pool->lock);
-	free(vol);
-}
-
-uint32_t tfs_vol_id(const struct tfs_vol *vol)
-{
-	return vol->id;
 }

@@ -247,6 +247,127 @@ static struct json_object *io_json(const struct tfs_io_counts *io)
 	return o;
 }
 
+/*
+ * A device's status fields (target.h) go into its JSON object and its row
+ * of the text table.  The table has columns for the fields most devices
+ * report (mapped_blocks, exclusive_blocks, suspended: "-" when a device
+ * does not); held_in_core is summed in the pool's line; any other field
+ * follows the row as key=value ("a.b=" inside a nested object), so a new
+ * kind shows up in full without changes here.
+ */
+#define STATUS_DEPTH 8
+struct dev_status {
+	struct tfs_status_sink sink;
+	struct json_object *obj[STATUS_DEPTH]; /* obj[depth]: the object being filled */
+	size_t prefix_len[STATUS_DEPTH];       /* prefix's length at each depth */
+	unsigned depth;
+	char prefix[256];                      /* text: "key." of each open object */
+	char mapped[24], exclusive[24];
+	const char *state;
+	char extra[1024];
+};
+
+static struct dev_status *dev_status_of(struct tfs_status_sink *s)
+{
+	return (struct dev_status *)s;
+}
+
+static void status_field(struct dev_status *ds, const char *key, struct json_object *jv,
+			 const char *text)
+{
+	size_t n = strlen(ds->extra);
+
+	json_object_object_add(ds->obj[ds->depth], key, jv);
+	if (ds->depth == 0 && !strcmp(key, "mapped_blocks"))
+		snprintf(ds->mapped, sizeof(ds->mapped), "%s", text);
+	else if (ds->depth == 0 && !strcmp(key, "exclusive_blocks"))
+		snprintf(ds->exclusive, sizeof(ds->exclusive), "%s", text);
+	else if (ds->depth == 0 && !strcmp(key, "suspended") && !strcmp(text, "true"))
+		ds->state = "suspended";
+	else if (ds->depth == 0 && !strcmp(key, "suspended"))
+		ds->state = "active";
+	else if (ds->depth > 0 || strcmp(key, "held_in_core"))
+		snprintf(ds->extra + n, sizeof(ds->extra) - n, " %s%s=%s", ds->prefix, key, text);
+}
+
+static void status_u64(struct tfs_status_sink *s, const char *key, uint64_t v)
+{
+	char text[24];
+
+	snprintf(text, sizeof(text), "%" PRIu64, v);
+	status_field(dev_status_of(s), key, json_object_new_uint64(v), text);
+}
+
+static void status_flag(struct tfs_status_sink *s, const char *key, bool v)
+{
+	status_field(dev_status_of(s), key, json_object_new_boolean(v), v ? "true" : "false");
+}
+
+static void status_text(struct tfs_status_sink *s, const char *key, const char *v)
+{
+	status_field(dev_status_of(s), key, v ? json_object_new_string(v) : NULL, v ? v : "null");
+}
+
+static void status_begin(struct tfs_status_sink *s, const char *key)
+{
+	struct dev_status *ds = dev_status_of(s);
+	struct json_object *o = json_object_new_object();
+	size_t n = strlen(ds->prefix);
+
+	json_object_object_add(ds->obj[ds->depth], key, o);
+	if (ds->depth + 1 == STATUS_DEPTH)
+		return; /* deeper than any target nests: its fields stay one level up */
+	ds->prefix_len[ds->depth] = n;
+	ds->obj[++ds->depth] = o;
+	snprintf(ds->prefix + n, sizeof(ds->prefix) - n, "%s.", key);
+}
+
+static void status_end(struct tfs_status_sink *s)
+{
+	struct dev_status *ds = dev_status_of(s);
+
+	if (ds->depth == 0)
+		return;
+	ds->depth--;
+	ds->prefix[ds->prefix_len[ds->depth]] = '\0';
+}
+
+static const struct tfs_status_sink_ops dev_status_ops = {
+	.u64 = status_u64,
+	.flag = status_flag,
+	.text = status_text,
+	.begin = status_begin,
+	.end = status_end,
+};
+
+/* One volume of status: its row, then what its device reports about itself. */
+static struct json_object *volume_status(struct tfs_fs *fs, const struct tfs_vol_row *row,
+					 FILE *table)
+{
+	struct json_object *v = json_object_new_object();
+	struct dev_status ds = { .sink.ops = &dev_status_ops, .obj = { v }, .mapped = "-",
+				 .exclusive = "-", .state = "-" };
+	struct tfs_dev *dev;
+	int r;
+
+	json_object_object_add(v, "name", json_object_new_string(row->name));
+	json_object_object_add(v, "id", json_object_new_int64(row->dev_id));
+	json_object_object_add(v, "kind", json_object_new_string(kind_name(row->kind)));
+	json_object_object_add(v, "size", json_object_new_uint64(row->size));
+	r = tfs_fs_open_dev(fs, row->dev_id, TFS_DEV_STATUS_ONLY, &dev);
+	if (r == 0) {
+		json_object_object_add(v, "target", json_object_new_string(tfs_dev_kind(dev)));
+		tfs_dev_status(dev, &ds.sink);
+		tfs_dev_close(dev);
+	} else {
+		tfs_warn("status: no device for volume %s: %s", row->name, strerror(-r));
+	}
+	fprintf(table, "%-24s %8" PRIu32 " %-8s %20" PRIu64 " %12s %12s %-9s%s\n", row->name,
+		row->dev_id, kind_name(row->kind), row->size, ds.mapped, ds.exclusive, ds.state,
+		ds.extra);
+	return v;
+}
+
 static void cmd_status(struct cmd_ctx *c)
 {
 	static const char *const flags[] = { "--json", NULL };
@@ -291,6 +412,8 @@ static void cmd_status(struct cmd_ctx *c)
 	json_object_object_add(pool, "held_writes", json_object_new_uint64(st.held_writes));
 	json_object_object_add(pool, "discard_passdown",
 			       json_object_new_boolean(st.discard_passdown));
+	json_object_object_add(pool, "free_blocks_read_zero",
+			       json_object_new_boolean(st.free_blocks_read_zero));
 	json_object_object_add(pool, "direct_io",
 			       json_object_new_boolean(st.io_data.direct && st.io_meta.direct));
 	json_object_object_add(pool, "max_threads", json_object_new_uint64(fs->cfg.max_threads));
@@ -336,32 +459,8 @@ static void cmd_status(struct cmd_ctx *c)
 		"MAPPED", "EXCLUSIVE", "STATE");
 
 	vols = json_object_new_array();
-	for (unsigned i = 0; i < nr; i++) {
-		struct tfs_dev_usage u = { 0, 0 };
-		struct json_object *v = json_object_new_object();
-		bool susp;
-
-		/* O(mappings) per volume: status is for people and scripts, not hot paths. */
-		if (tfs_pool_dev_usage(fs->pool, rows[i].dev_id, &u) < 0)
-			tfs_warn("status: no usage for device %" PRIu32, rows[i].dev_id);
-		json_object_object_add(v, "name", json_object_new_string(rows[i].name));
-		json_object_object_add(v, "id", json_object_new_int64(rows[i].dev_id));
-		json_object_object_add(v, "kind", json_object_new_string(kind_name(rows[i].kind)));
-		json_object_object_add(v, "size", json_object_new_uint64(rows[i].size));
-		json_object_object_add(v, "mapped_blocks", json_object_new_uint64(u.mapped_blocks));
-		json_object_object_add(v, "exclusive_blocks",
-				       json_object_new_uint64(u.exclusive_blocks));
-		susp = tfs_pool_dev_suspended(fs->pool, rows[i].dev_id);
-		json_object_object_add(v, "suspended", json_object_new_boolean(susp));
-		json_object_object_add(v, "held_in_core",
-				       json_object_new_uint64(tfs_pool_dev_held(fs->pool,
-										rows[i].dev_id)));
-		json_object_array_add(vols, v);
-		fprintf(t.f, "%-24s %8" PRIu32 " %-8s %20" PRIu64 " %12" PRIu64 " %12" PRIu64
-			" %-9s\n", rows[i].name, rows[i].dev_id, kind_name(rows[i].kind),
-			rows[i].size, u.mapped_blocks, u.exclusive_blocks,
-			susp ? "suspended" : "active");
-	}
+	for (unsigned i = 0; i < nr; i++)
+		json_object_array_add(vols, volume_status(fs, &rows[i], t.f));
 	json_object_object_add(root, "volumes", vols);
 
 	jgroups = json_object_new_array();

@@ -17,7 +17,7 @@
  *
  * Locks, outermost first: fs->lock (table, counts, namespace changes) ->
  * inode->io_lock (read: I/O; write: a size change that shrinks) ->
- * inode->attr_lock (the row, dirty flag, mapped-blocks cache).  fs->lock
+ * inode->attr_lock (the row, dirty flag, allocated-bytes cache).  fs->lock
  * may be taken with no inode lock held only; attr_lock is a leaf.
  *
  * Errors: 0 or -errno as below FUSE everywhere: -ENOENT, -EEXIST, -EINVAL
@@ -65,8 +65,8 @@ struct tfs_inode {
 	struct tfs_inode *next;    /* hash chain; fs->lock */
 	uint64_t nlookup;          /* kernel references; fs->lock */
 	unsigned nopen;            /* open handles and temporary pins; fs->lock */
-	struct tfs_vol *vol;       /* non-NULL iff nopen > 0; changed under fs->lock and
-				      attr_lock, read under either */
+	struct tfs_dev *dev;       /* the engine's device (target.h): non-NULL iff nopen > 0;
+				      changed under fs->lock and attr_lock, read under either */
 	bool unlinked;             /* name removed, device kept until nopen == 0; fs->lock */
 	bool gone;                 /* device deleted, waiting for the kernel's forget; fs->lock */
 
@@ -74,8 +74,8 @@ struct tfs_inode {
 	pthread_mutex_t attr_lock; /* protects the fields below */
 	struct tfs_vol_row row;    /* the attributes (the catalog's copy may lag: dirty) */
 	bool dirty;                /* row has changes the catalog has not seen */
-	bool mapped_valid;         /* mapped_blocks below may be used (closed volumes) */
-	uint64_t mapped_blocks;
+	bool allocated_valid;      /* allocated below may be used (closed volumes) */
+	uint64_t allocated;        /* bytes the device holds (st_blocks) */
 	uint64_t close_seq;        /* bumped when the volume closes: a walk older than that is stale */
 };
 
@@ -133,21 +133,29 @@ int tfs_fs_inode_lookup(struct tfs_fs *fs, const struct tfs_vol_row *row,
 void tfs_fs_forget(struct tfs_fs *fs, uint32_t dev_id, uint64_t n);
 
 /*
- * Open the engine volume (once, shared by every handle) and count a pin.
+ * The engine device behind a row (target.h): the one place that knows
+ * which target a row belongs to.  Every catalog row is a thin device of
+ * the pool today; rows of later targets are told apart by their id range
+ * (TFS_DEV_ID_OTHER).  flags as tfs_thin_open.
+ */
+int tfs_fs_open_dev(struct tfs_fs *fs, uint32_t dev_id, unsigned flags, struct tfs_dev **out);
+
+/*
+ * Open the engine device (once, shared by every handle) and count a pin.
  * for_write: refuse with -EROFS on a read-only mount or a group member.
  * Takes fs->lock.  Returns the inode of a looked-up volume or -ENOENT.
  */
 int tfs_fs_pin(struct tfs_fs *fs, uint32_t dev_id, bool for_write, struct tfs_inode **out);
 /*
  * Drop a pin.  The last one persists the attributes, closes the engine
- * volume and, if the name was unlinked meanwhile, deletes the device and
+ * device and, if the name was unlinked meanwhile, deletes the device and
  * then the catalog row.  Takes fs->lock.
  */
 void tfs_fs_unpin(struct tfs_fs *fs, struct tfs_inode *ino);
 
-/* Copy of the attributes and st_blocks-worth of mapped blocks (no locks held). */
+/* Copy of the attributes and the bytes the device holds, for st_blocks (no locks held). */
 int tfs_fs_inode_attr(struct tfs_fs *fs, struct tfs_inode *ino, struct tfs_vol_row *row,
-		      uint64_t *mapped_blocks);
+		      uint64_t *allocated);
 /* Write the row to the catalog if dirty (no locks held on entry). */
 int tfs_fs_persist(struct tfs_fs *fs, struct tfs_inode *ino);
 /* Persist every dirty row (takes fs->lock). */

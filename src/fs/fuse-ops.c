@@ -108,10 +108,10 @@ static void group_attr(struct tfs_fs *fs, const struct tfs_group_row *g, struct 
 static int vol_attr(struct tfs_fs *fs, struct tfs_inode *ino, struct stat *st)
 {
 	struct tfs_vol_row row;
-	uint64_t mapped;
+	uint64_t allocated;
 	int r;
 
-	r = tfs_fs_inode_attr(fs, ino, &row, &mapped);
+	r = tfs_fs_inode_attr(fs, ino, &row, &allocated);
 	if (r < 0)
 		return r;
 	memset(st, 0, sizeof(*st));
@@ -121,7 +121,7 @@ static int vol_attr(struct tfs_fs *fs, struct tfs_inode *ino, struct stat *st)
 	st->st_uid = row.uid;
 	st->st_gid = row.gid;
 	st->st_size = (off_t)row.size;
-	st->st_blocks = (blkcnt_t)(mapped * fs->block_size / 512);
+	st->st_blocks = (blkcnt_t)(allocated / 512);
 	/* cp and friends size their buffers by this; a 1 GiB block would be silly. */
 	st->st_blksize = fs->block_size < (1u << 20) ? (blksize_t)fs->block_size : (1 << 20);
 	set_time(&st->st_atim, row.atime_ns);
@@ -330,7 +330,7 @@ static int setattr_vol(struct tfs_fs *fs, fuse_ino_t ino, const struct stat *att
 
 		if (attr->st_size < 0)
 			return -EINVAL;
-		/* A pin keeps the engine volume open for the truncation. */
+		/* A pin keeps the engine device open for the truncation. */
 		r = tfs_fs_pin(fs, vi->dev_id, true, &pinned);
 		if (r < 0)
 			return r;
@@ -670,7 +670,7 @@ static void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
 		fuse_reply_err(req, ENOMEM);
 		return;
 	}
-	r = tfs_vol_read(vi->vol, buf, size, (uint64_t)off);
+	r = tfs_dev_read(vi->dev, buf, size, (uint64_t)off);
 	pthread_rwlock_unlock(&vi->io_lock);
 	if (r < 0)
 		fuse_reply_err(req, -r);
@@ -702,7 +702,7 @@ static void op_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t siz
 		return;
 	}
 	pthread_rwlock_rdlock(&vi->io_lock);
-	r = tfs_vol_write(vi->vol, buf, size, (uint64_t)off);
+	r = tfs_dev_write(vi->dev, buf, size, (uint64_t)off);
 	if (r == 0)
 		tfs_fs_extend(fs, vi, (uint64_t)off + size, true); /* writes past EOF extend */
 	pthread_rwlock_unlock(&vi->io_lock);
@@ -734,7 +734,7 @@ static void op_fsync(fuse_req_t req, fuse_ino_t ino, int datasync, struct fuse_f
 	/* The size first: after the commit below, data past the old EOF is durable. */
 	r = tfs_fs_persist(fs_of(req), vi);
 	if (r == 0)
-		r = tfs_vol_flush(vi->vol);
+		r = tfs_dev_flush(vi->dev);
 	fuse_reply_err(req, -r);
 }
 
@@ -761,7 +761,7 @@ static void op_fallocate(fuse_req_t req, fuse_ino_t ino, int mode, off_t offset,
 	switch (mode & ~FALLOC_FL_KEEP_SIZE) {
 	case 0:
 		/* Provision (zeroed blocks); without KEEP_SIZE the file grows too. */
-		r = tfs_vol_provision(vi->vol, off, len);
+		r = tfs_dev_provision(vi->dev, off, len);
 		if (r == 0 && !keep)
 			tfs_fs_extend(fs, vi, off + len, false);
 		break;
@@ -772,14 +772,14 @@ static void op_fallocate(fuse_req_t req, fuse_ino_t ino, int mode, off_t offset,
 		}
 		/* Nothing is mapped past EOF (a shrink unmaps it): clamp. */
 		if (off < size) {
-			r = tfs_vol_discard(vi->vol, off, off + len > size ? size - off : len);
+			r = tfs_dev_discard(vi->dev, off, off + len > size ? size - off : len);
 			if (r == 0)
 				tfs_fs_extend(fs, vi, 0, true);
 		}
 		break;
 	case FALLOC_FL_ZERO_RANGE:
 		if (off < size)
-			r = tfs_vol_zero_range(vi->vol, off, off + len > size ? size - off : len);
+			r = tfs_dev_zero_range(vi->dev, off, off + len > size ? size - off : len);
 		if (r == 0)
 			tfs_fs_extend(fs, vi, keep ? 0 : off + len, true);
 		break;
@@ -807,7 +807,7 @@ static void op_lseek(fuse_req_t req, fuse_ino_t ino, off_t off, int whence,
 		return;
 	}
 	pthread_rwlock_rdlock(&vi->io_lock);
-	r = tfs_vol_seek(vi->vol, (uint64_t)off, whence, cur_size(vi), &out);
+	r = tfs_dev_seek(vi->dev, (uint64_t)off, whence, cur_size(vi), &out);
 	pthread_rwlock_unlock(&vi->io_lock);
 	if (r < 0)
 		fuse_reply_err(req, -r);

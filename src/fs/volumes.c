@@ -108,7 +108,7 @@ static void inode_reset(struct tfs_fs *fs, struct tfs_inode *ino, const struct t
 	pthread_mutex_lock(&ino->attr_lock);
 	ino->row = *row;
 	ino->dirty = false;
-	ino->mapped_valid = false;
+	ino->allocated_valid = false;
 	pthread_mutex_unlock(&ino->attr_lock);
 	ino->generation = ++fs->next_generation;
 	ino->unlinked = row->unlinked;
@@ -201,38 +201,42 @@ void tfs_fs_persist_all(struct tfs_fs *fs)
 }
 
 int tfs_fs_inode_attr(struct tfs_fs *fs, struct tfs_inode *ino, struct tfs_vol_row *row,
-		      uint64_t *mapped_blocks)
+		      uint64_t *allocated)
 {
-	struct tfs_dev_usage usage;
-	uint64_t seq;
+	struct tfs_dev *dev;
+	uint64_t seq, bytes;
 	int r;
 
 	pthread_mutex_lock(&ino->attr_lock);
 	*row = ino->row;
-	if (ino->vol) {
-		*mapped_blocks = tfs_vol_mapped_blocks(ino->vol);
+	if (ino->dev) {
+		r = tfs_dev_allocated(ino->dev, allocated);
 		pthread_mutex_unlock(&ino->attr_lock);
-		return 0;
+		return r;
 	}
-	if (ino->mapped_valid) {
-		*mapped_blocks = ino->mapped_blocks;
+	if (ino->allocated_valid) {
+		*allocated = ino->allocated;
 		pthread_mutex_unlock(&ino->attr_lock);
 		return 0;
 	}
 	seq = ino->close_seq;
 	pthread_mutex_unlock(&ino->attr_lock);
 
-	/* A closed volume's count changes only when it is opened: cache the walk. */
-	r = tfs_pool_dev_usage(fs->pool, ino->dev_id, &usage);
+	/* A closed device's count changes only when it is opened: cache the walk. */
+	r = tfs_fs_open_dev(fs, ino->dev_id, TFS_DEV_STATUS_ONLY, &dev);
+	if (r == 0) {
+		r = tfs_dev_allocated(dev, &bytes);
+		tfs_dev_close(dev);
+	}
 	if (r < 0) {
-		*mapped_blocks = 0;
+		*allocated = 0;
 		return r == -ENODATA ? -ENOENT : r;
 	}
-	*mapped_blocks = usage.mapped_blocks;
+	*allocated = bytes;
 	pthread_mutex_lock(&ino->attr_lock);
-	if (!ino->vol && ino->close_seq == seq) {
-		ino->mapped_blocks = usage.mapped_blocks;
-		ino->mapped_valid = true;
+	if (!ino->dev && ino->close_seq == seq) {
+		ino->allocated = bytes;
+		ino->allocated_valid = true;
 	}
 	pthread_mutex_unlock(&ino->attr_lock);
 	return 0;
@@ -296,10 +300,15 @@ struct tfs_inode *tfs_fs_inode_get(struct tfs_fs *fs, uint32_t dev_id)
 
 /* ---- open counts ---- */
 
+int tfs_fs_open_dev(struct tfs_fs *fs, uint32_t dev_id, unsigned flags, struct tfs_dev **out)
+{
+	return tfs_thin_open(fs->pool, dev_id, flags, out);
+}
+
 int tfs_fs_pin(struct tfs_fs *fs, uint32_t dev_id, bool for_write, struct tfs_inode **out)
 {
 	struct tfs_inode *ino;
-	struct tfs_vol *vol;
+	struct tfs_dev *dev;
 	bool member;
 	int r;
 
@@ -315,7 +324,8 @@ int tfs_fs_pin(struct tfs_fs *fs, uint32_t dev_id, bool for_write, struct tfs_in
 		return -EROFS;
 	}
 	if (ino->nopen == 0) {
-		r = tfs_vol_open(fs->pool, dev_id, fs->read_only || member, &vol);
+		r = tfs_fs_open_dev(fs, dev_id,
+				    fs->read_only || member ? TFS_DEV_READ_ONLY : 0, &dev);
 		if (r < 0) {
 			struct tfs_pool_status st;
 
@@ -329,7 +339,7 @@ int tfs_fs_pin(struct tfs_fs *fs, uint32_t dev_id, bool for_write, struct tfs_in
 			return r;
 		}
 		pthread_mutex_lock(&ino->attr_lock);
-		ino->vol = vol;
+		ino->dev = dev;
 		pthread_mutex_unlock(&ino->attr_lock);
 	}
 	ino->nopen++;
@@ -382,22 +392,23 @@ static void mark_gone(struct tfs_inode *ino)
 	pthread_mutex_unlock(&ino->attr_lock);
 }
 
-/* Close the engine volume of an inode whose last pin went. fs->lock held. */
+/* Close the engine device of an inode whose last pin went. fs->lock held. */
 static void last_close_locked(struct tfs_fs *fs, struct tfs_inode *ino)
 {
-	struct tfs_vol *vol = ino->vol;
-	uint64_t mapped;
+	struct tfs_dev *dev = ino->dev;
+	uint64_t allocated = 0;
+	bool known;
 
 	if (!ino->unlinked)
 		tfs_fs_persist(fs, ino);
-	mapped = tfs_vol_mapped_blocks(vol);
+	known = tfs_dev_allocated(dev, &allocated) == 0;
 	pthread_mutex_lock(&ino->attr_lock);
-	ino->vol = NULL;
-	ino->mapped_blocks = mapped;
-	ino->mapped_valid = true;
+	ino->dev = NULL;
+	ino->allocated = allocated;
+	ino->allocated_valid = known;
 	ino->close_seq++;
 	pthread_mutex_unlock(&ino->attr_lock);
-	tfs_vol_close(vol);
+	tfs_dev_close(dev);
 
 	if (ino->unlinked && !ino->gone) {
 		if (delete_unlinked(fs, ino->dev_id, ino->row.name) == 0)
@@ -444,14 +455,14 @@ int tfs_fs_set_size(struct tfs_fs *fs, struct tfs_inode *ino, uint64_t size)
 
 	if (size > fs->max_size)
 		return -EFBIG;
-	if (!ino->vol)
+	if (!ino->dev)
 		return -EBADF;
 	pthread_rwlock_wrlock(&ino->io_lock);
 	pthread_mutex_lock(&ino->attr_lock);
 	old = ino->row.size;
 	pthread_mutex_unlock(&ino->attr_lock);
 	if (size < old)
-		r = tfs_vol_truncate(ino->vol, size);
+		r = tfs_dev_truncate(ino->dev, size);
 	if (r == 0) {
 		int64_t now = tfs_now_ns();
 

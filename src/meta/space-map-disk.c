@@ -562,6 +562,63 @@ int tfs_smd_highest_used(struct tfs_sm *sm, uint64_t *highest)
 	return 0;
 }
 
+/* The free run being gathered by tfs_smd_walk_free; fn sees each run once, whole. */
+struct free_run {
+	uint64_t begin, len;
+	int (*fn)(void *arg, uint64_t begin, uint64_t len);
+	void *arg;
+};
+
+static int free_run_add(struct free_run *fr, uint64_t b, uint64_t len)
+{
+	int r = 0;
+
+	if (fr->len && fr->begin + fr->len == b) {
+		fr->len += len;
+		return 0;
+	}
+	if (fr->len)
+		r = fr->fn(fr->arg, fr->begin, fr->len);
+	fr->begin = b;
+	fr->len = len;
+	return r;
+}
+
+int tfs_smd_walk_free(struct tfs_sm *sm, int (*fn)(void *arg, uint64_t begin, uint64_t len),
+		      void *arg)
+{
+	struct smd *d = as_smd(sm);
+	struct free_run fr = { .fn = fn, .arg = arg };
+	int r = 0;
+
+	if (!d)
+		return -EINVAL;
+	for (uint64_t k = 0; k < d->nr_bitmaps && !r; k++) {
+		uint32_t len = tfs_sm_bitmap_len(d->nr_blocks, k);
+		struct tfs_block *blk;
+		const void *words;
+
+		/* nr_free counts entries past the end too (they are zero), so this is exact. */
+		if (d->bms[k].nr_free == ENTRIES) {
+			r = free_run_add(&fr, k * ENTRIES, len);
+			continue;
+		}
+		if (!d->bms[k].nr_free)
+			continue;
+		r = tfs_tm_read_lock(d->tm, d->bms[k].loc, &tfs_bitmap_validator, &blk);
+		if (r)
+			break;
+		words = block_words(blk);
+		for (uint32_t i = 0; i < len && !r; i++)
+			if (!tfs_sm_bitmap_get(words, i))
+				r = free_run_add(&fr, k * ENTRIES + i, 1);
+		tfs_tm_unlock(d->tm, blk);
+	}
+	if (!r && fr.len)
+		r = fn(arg, fr.begin, fr.len);
+	return r;
+}
+
 /*
  * Why shrinking is a normal shadowed change, safe across a crash:
  *

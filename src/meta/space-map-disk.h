@@ -62,6 +62,15 @@ int tfs_smd_open(struct tfs_tm *tm, const void *root32, struct tfs_sm **out);
  */
 int tfs_smd_highest_used(struct tfs_sm *sm, uint64_t *highest);
 /*
+ * Call fn(arg, begin, len) for every run of blocks with a zero count in the
+ * current transaction, in block order, each run whole; a non-zero return
+ * from fn stops the walk and is returned.  Reads only bitmaps that are
+ * neither wholly free nor wholly used.  -EINVAL when sm is not a data
+ * space map.
+ */
+int tfs_smd_walk_free(struct tfs_sm *sm, int (*fn)(void *arg, uint64_t begin, uint64_t len),
+		      void *arg);
+/*
  * Shrink the domain to nr_blocks, in the running transaction (see the
  * comment in space-map-disk.c for why a crash before the commit leaves the
  * old, larger map whole).  Refused with -EINVAL, nothing changed, when a

@@ -1171,6 +1171,12 @@ int tfs_pmd_data_block_count(struct tfs_pmd *pmd, uint64_t block, uint32_t *coun
 	return tfs_sm_get_count(pmd->dsm, block, count);
 }
 
+int tfs_pmd_walk_free_data(struct tfs_pmd *pmd,
+			   int (*fn)(void *arg, uint64_t begin, uint64_t len), void *arg)
+{
+	return tfs_smd_walk_free(pmd->dsm, fn, arg);
+}
+
 int tfs_pmd_data_block_inc(struct tfs_pmd *pmd, uint64_t block)
 {
 	if (block >= tfs_sm_nr_blocks(pmd->dsm)) {

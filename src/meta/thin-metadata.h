@@ -178,6 +178,9 @@ int tfs_pmd_alloc_data_block(struct tfs_pmd *pmd, uint64_t *block);
 /* Release a block the caller allocated but did not insert. */
 int tfs_pmd_free_data_block(struct tfs_pmd *pmd, uint64_t block);
 int tfs_pmd_data_block_count(struct tfs_pmd *pmd, uint64_t block, uint32_t *count);
+/* Each run of free data blocks, in order (tfs_smd_walk_free). */
+int tfs_pmd_walk_free_data(struct tfs_pmd *pmd,
+			   int (*fn)(void *arg, uint64_t begin, uint64_t len), void *arg);
 
 /* ---- restore (thinfs restore): set fields an XML dump carries ---- */
 /* Pool time, transaction id and superblock flags, taken at the next commit. */

@@ -25,14 +25,15 @@ from daemon_util import BS, GiB, MiB, create, pattern, read_at, wait_for, write_
 # The contract: design.md, "Interfaces that scripts rely on".
 # design.md's keys, plus those added since (the contract allows additions, no renames):
 # held_writes (issue 4); held_in_core, reload_staged and the volumes' held_in_core (issue 5);
-# direct_io and the io read_bytes/write_bytes (issue 10); max_threads (issue 9).
+# direct_io and the io read_bytes/write_bytes (issue 10); max_threads (issue 9); the volumes'
+# target, the engine's kind of device behind the file (issue 11).
 POOL_KEYS = {"mode", "needs_check", "reason", "transaction_id", "held_root", "suspended",
              "error_if_no_space", "discard_passdown", "data", "metadata", "io", "held_writes",
-             "held_in_core", "reload_staged", "direct_io", "max_threads"}
+             "held_in_core", "reload_staged", "direct_io", "max_threads", "free_blocks_read_zero"}
 SPACE_KEYS = {"block_size", "used_blocks", "total_blocks", "low_water_blocks"}
 IO_KEYS = {"reads", "writes", "flushes", "discards", "read_bytes", "write_bytes"}
 VOLUME_KEYS = {"name", "id", "kind", "size", "mapped_blocks", "exclusive_blocks", "suspended",
-               "held_in_core"}
+               "held_in_core", "target"}
 GROUP_KEYS = {"name", "created", "volumes"}
 MODES = {"write", "out_of_data_space", "read_only", "fail"}
 
@@ -99,6 +100,7 @@ def test_status_json_has_exactly_the_contract_keys(pool):
         assert isinstance(v["name"], str) and isinstance(v["kind"], str)
         assert all(is_int(v[k]) for k in ("id", "size", "mapped_blocks", "exclusive_blocks"))
         assert v["suspended"] is False
+        assert v["target"] == "thin"
     vm1 = p.volume("vm1")
     assert (vm1["kind"], vm1["size"], vm1["mapped_blocks"]) == ("thin", 20 * GiB, 3)
 
@@ -128,7 +130,11 @@ def test_status_text_starts_with_a_dmsetup_style_line(pool):
     # thin-pool <trans id> <used>/<total meta> <used>/<total data> <held root|-> rw|ro|...
     assert re.match(r"thin-pool \d+ \d+/\d+ \d+/\d+ (-|\d+) (rw|ro|out_of_data_space)\b",
                     first), first
-    assert "vm1" in out
+    # The table's row: VOLUME ID KIND SIZE MAPPED EXCLUSIVE STATE, the last three from the
+    # device's own status fields (target.h), nothing after them for a thin volume.
+    write_at(p.mnt / "vm1", 0, pattern(1, 100))
+    out = p.ctl("status").stdout
+    assert re.search(rf"^vm1 +\d+ +thin +{MiB} +1 +1 +active *$", out, re.M), out
 
 
 def test_list_names_the_volumes(pool):

@@ -33,6 +33,7 @@
 #include "config.h"
 #include "log.h"
 #include "pool.h"
+#include "record-sink.h"
 
 #define BS (64u * 1024)
 #define KiB 1024u
@@ -155,16 +156,26 @@ static void done(struct fixture *f, bool expect_needs_check)
 	free(f);
 }
 
-static struct tfs_vol *new_volume(struct fixture *f, uint32_t *id)
+static struct tfs_dev *new_volume(struct fixture *f, uint32_t *id)
 {
-	struct tfs_vol *vol;
+	struct tfs_dev *vol;
 	uint32_t i;
 
 	assert_int_equal(tfs_pool_create_thin(f->pool, &i), 0);
-	assert_int_equal(tfs_vol_open(f->pool, i, false, &vol), 0);
+	assert_int_equal(tfs_thin_open(f->pool, i, 0, &vol), 0);
 	if (id)
 		*id = i;
 	return vol;
+}
+
+/* Blocks the device maps, from its allocated bytes (target.h). */
+static uint64_t mapped_blocks(struct tfs_dev *dev)
+{
+	uint64_t bytes;
+
+	assert_int_equal(tfs_dev_allocated(dev, &bytes), 0);
+	assert_int_equal(bytes % BS, 0);
+	return bytes / BS;
 }
 
 static uint64_t data_used(struct fixture *f)
@@ -206,11 +217,11 @@ static bool all_bytes(const uint8_t *p, size_t len, uint8_t v)
 	return true;
 }
 
-static void expect_contents(struct tfs_vol *vol, const uint8_t *model, size_t len)
+static void expect_contents(struct tfs_dev *vol, const uint8_t *model, size_t len)
 {
 	uint8_t *got = zalloc(len);
 
-	assert_int_equal(tfs_vol_read(vol, got, len, 0), 0);
+	assert_int_equal(tfs_dev_read(vol, got, len, 0), 0);
 	assert_memory_equal(got, model, len);
 	free(got);
 }
@@ -228,18 +239,18 @@ static uint64_t allocated_bytes(const char *path)
 static void test_unmapped_ranges_read_as_zeros(void **state)
 {
 	struct fixture *f = new_fixture(64, false);
-	struct tfs_vol *vol;
+	struct tfs_dev *vol;
 	uint8_t buf[3 * BS + 100];
 
 	(void)state;
 	open_pool(f);
 	vol = new_volume(f, NULL);
 	memset(buf, 0x5a, sizeof(buf));
-	assert_int_equal(tfs_vol_read(vol, buf, sizeof(buf), 12345), 0);
+	assert_int_equal(tfs_dev_read(vol, buf, sizeof(buf), 12345), 0);
 	assert_true(all_bytes(buf, sizeof(buf), 0));
-	assert_int_equal(tfs_vol_mapped_blocks(vol), 0);
+	assert_int_equal(mapped_blocks(vol), 0);
 	assert_int_equal(data_used(f), 0);
-	tfs_vol_close(vol);
+	tfs_dev_close(vol);
 	done(f, false);
 }
 
@@ -248,7 +259,7 @@ static void test_writes_at_odd_offsets_read_back_as_the_model(void **state)
 	enum { VOL = 48 * BS };
 	struct fixture *f = new_fixture(64, false);
 	uint8_t *model = zalloc(VOL), *buf = zalloc(VOL);
-	struct tfs_vol *vol;
+	struct tfs_dev *vol;
 	uint32_t id;
 
 	(void)state;
@@ -261,25 +272,25 @@ static void test_writes_at_odd_offsets_read_back_as_the_model(void **state)
 		if (off + len > VOL)
 			len = VOL - off;
 		fill_random(buf, len);
-		assert_int_equal(tfs_vol_write(vol, buf, len, off), 0);
+		assert_int_equal(tfs_dev_write(vol, buf, len, off), 0);
 		memcpy(model + off, buf, len);
 		if (i % 7 == 0) {
 			uint64_t roff = rnd() % VOL;
 			size_t rlen = 1 + rnd() % (VOL - roff);
 
-			assert_int_equal(tfs_vol_read(vol, buf, rlen, roff), 0);
+			assert_int_equal(tfs_dev_read(vol, buf, rlen, roff), 0);
 			assert_memory_equal(buf, model + roff, rlen);
 		}
 	}
 	expect_contents(vol, model, VOL);
-	assert_int_equal(tfs_vol_flush(vol), 0);
-	tfs_vol_close(vol);
+	assert_int_equal(tfs_dev_flush(vol), 0);
+	tfs_dev_close(vol);
 	close_pool(f);
 
 	open_pool(f);
-	assert_int_equal(tfs_vol_open(f->pool, id, true, &vol), 0);
+	assert_int_equal(tfs_thin_open(f->pool, id, TFS_DEV_READ_ONLY, &vol), 0);
 	expect_contents(vol, model, VOL);
-	tfs_vol_close(vol);
+	tfs_dev_close(vol);
 	free(model);
 	free(buf);
 	done(f, false);
@@ -290,7 +301,7 @@ static void test_partial_write_zeroes_the_rest_of_a_new_block(void **state)
 {
 	struct fixture *f = new_fixture(16, false);
 	uint8_t junk[BS], buf[2 * BS];
-	struct tfs_vol *vol;
+	struct tfs_dev *vol;
 	int fd;
 
 	(void)state;
@@ -302,13 +313,13 @@ static void test_partial_write_zeroes_the_rest_of_a_new_block(void **state)
 	open_pool(f);
 	vol = new_volume(f, NULL);
 	memset(buf, 0x11, 100);
-	assert_int_equal(tfs_vol_write(vol, buf, 100, BS + 1000), 0);
-	assert_int_equal(tfs_vol_read(vol, buf, 2 * BS, 0), 0);
+	assert_int_equal(tfs_dev_write(vol, buf, 100, BS + 1000), 0);
+	assert_int_equal(tfs_dev_read(vol, buf, 2 * BS, 0), 0);
 	assert_true(all_bytes(buf, BS + 1000, 0));
 	assert_true(all_bytes(buf + BS + 1000, 100, 0x11));
 	assert_true(all_bytes(buf + BS + 1100, BS - 1100, 0));
-	assert_int_equal(tfs_vol_mapped_blocks(vol), 1);
-	tfs_vol_close(vol);
+	assert_int_equal(mapped_blocks(vol), 1);
+	tfs_dev_close(vol);
 	done(f, false);
 }
 
@@ -316,7 +327,7 @@ static void test_skip_block_zeroing_leaves_the_rest_unwritten(void **state)
 {
 	struct fixture *f = new_fixture(16, true);
 	uint8_t junk[BS], buf[BS];
-	struct tfs_vol *vol;
+	struct tfs_dev *vol;
 	int fd;
 
 	(void)state;
@@ -327,12 +338,12 @@ static void test_skip_block_zeroing_leaves_the_rest_unwritten(void **state)
 	open_pool(f);
 	vol = new_volume(f, NULL);
 	memset(buf, 0x11, 100);
-	assert_int_equal(tfs_vol_write(vol, buf, 100, 500), 0);
-	assert_int_equal(tfs_vol_read(vol, buf, BS, 0), 0);
+	assert_int_equal(tfs_dev_write(vol, buf, 100, 500), 0);
+	assert_int_equal(tfs_dev_read(vol, buf, BS, 0), 0);
 	assert_true(all_bytes(buf, 500, 0xaa));
 	assert_true(all_bytes(buf + 500, 100, 0x11));
 	assert_true(all_bytes(buf + 600, BS - 600, 0xaa));
-	tfs_vol_close(vol);
+	tfs_dev_close(vol);
 	done(f, false);
 }
 
@@ -343,7 +354,7 @@ static void test_snapshot_keeps_content_and_accounting_is_exact(void **state)
 	enum { N = 20 };
 	struct fixture *f = new_fixture(64, false);
 	uint8_t *orig = zalloc(N * BS), *other = zalloc(N * BS);
-	struct tfs_vol *vol, *snap;
+	struct tfs_dev *vol, *snap;
 	uint32_t id, sid;
 
 	(void)state;
@@ -351,33 +362,33 @@ static void test_snapshot_keeps_content_and_accounting_is_exact(void **state)
 	vol = new_volume(f, &id);
 	fill_random(orig, N * BS);
 	fill_random(other, N * BS);
-	assert_int_equal(tfs_vol_write(vol, orig, N * BS, 0), 0);
+	assert_int_equal(tfs_dev_write(vol, orig, N * BS, 0), 0);
 	assert_int_equal(data_used(f), N);
 
 	assert_int_equal(tfs_pool_create_snaps(f->pool, &id, 1, &sid), 0);
 	assert_int_not_equal(sid, id);
 	assert_int_equal(data_used(f), N);
 
-	assert_int_equal(tfs_vol_open(f->pool, sid, false, &snap), 0);
-	assert_int_equal(tfs_vol_write(snap, other, N * BS, 0), 0);
+	assert_int_equal(tfs_thin_open(f->pool, sid, 0, &snap), 0);
+	assert_int_equal(tfs_dev_write(snap, other, N * BS, 0), 0);
 	assert_int_equal(data_used(f), 2 * N);
 	expect_contents(vol, orig, N * BS);
 	expect_contents(snap, other, N * BS);
 
 	/* The origin's blocks still pass the time test as shared, so this copies, but the
 	 * old block is the origin's alone by now and is freed: usage stays 2N. */
-	assert_int_equal(tfs_vol_write(vol, other, BS, 0), 0);
+	assert_int_equal(tfs_dev_write(vol, other, BS, 0), 0);
 	assert_int_equal(data_used(f), 2 * N);
 	memcpy(orig, other, BS);
 
 	tfs_log_set_sink(quiet_sink, NULL);
 	assert_int_equal(tfs_pool_delete(f->pool, sid), -EBUSY);
 	tfs_log_set_sink(NULL, NULL);
-	tfs_vol_close(snap);
+	tfs_dev_close(snap);
 	assert_int_equal(tfs_pool_delete(f->pool, sid), 0);
 	assert_int_equal(data_used(f), N);
 	expect_contents(vol, orig, N * BS);
-	tfs_vol_close(vol);
+	tfs_dev_close(vol);
 	free(orig);
 	free(other);
 	done(f, false);
@@ -393,7 +404,7 @@ static void test_write_to_untouched_leaf_after_snapshot_copies(void **state)
 	enum { N = 700 }; /* several mapping leaves */
 	struct fixture *f = new_fixture(N + 16, false);
 	uint8_t a[BS], b[BS], got[BS];
-	struct tfs_vol *vol, *snap;
+	struct tfs_dev *vol, *snap;
 	uint32_t id, sid;
 
 	(void)state;
@@ -401,23 +412,23 @@ static void test_write_to_untouched_leaf_after_snapshot_copies(void **state)
 	vol = new_volume(f, &id);
 	memset(a, 0x41, BS);
 	for (uint64_t i = 0; i < N; i++)
-		assert_int_equal(tfs_vol_write(vol, a, BS, i * BS), 0);
+		assert_int_equal(tfs_dev_write(vol, a, BS, i * BS), 0);
 	assert_int_equal(tfs_pool_create_snaps(f->pool, &id, 1, &sid), 0);
 	memset(b, 0x42, BS);
-	assert_int_equal(tfs_vol_write(vol, b, BS, 0), 0);
-	assert_int_equal(tfs_vol_write(vol, b, 100, (N - 1) * BS + 7), 0);
-	assert_int_equal(tfs_vol_open(f->pool, sid, true, &snap), 0);
-	assert_int_equal(tfs_vol_read(snap, got, BS, (N - 1) * BS), 0);
+	assert_int_equal(tfs_dev_write(vol, b, BS, 0), 0);
+	assert_int_equal(tfs_dev_write(vol, b, 100, (N - 1) * BS + 7), 0);
+	assert_int_equal(tfs_thin_open(f->pool, sid, TFS_DEV_READ_ONLY, &snap), 0);
+	assert_int_equal(tfs_dev_read(snap, got, BS, (N - 1) * BS), 0);
 	assert_true(all_bytes(got, BS, 0x41));
-	assert_int_equal(tfs_vol_read(snap, got, BS, 0), 0);
+	assert_int_equal(tfs_dev_read(snap, got, BS, 0), 0);
 	assert_true(all_bytes(got, BS, 0x41));
-	assert_int_equal(tfs_vol_read(vol, got, BS, (N - 1) * BS), 0);
+	assert_int_equal(tfs_dev_read(vol, got, BS, (N - 1) * BS), 0);
 	assert_true(all_bytes(got, 7, 0x41));
 	assert_true(all_bytes(got + 7, 100, 0x42));
 	assert_true(all_bytes(got + 107, BS - 107, 0x41));
 	assert_int_equal(data_used(f), N + 2);
-	tfs_vol_close(snap);
-	tfs_vol_close(vol);
+	tfs_dev_close(snap);
+	tfs_dev_close(vol);
 	done(f, false);
 }
 
@@ -425,7 +436,7 @@ static void test_snapshots_with_chosen_ids_and_deleting_several_at_once(void **s
 {
 	struct fixture *f = new_fixture(64, false);
 	uint8_t buf[BS];
-	struct tfs_vol *v;
+	struct tfs_dev *v;
 	uint32_t id, free_ids[2], list[8], ids[3];
 	uint64_t end;
 
@@ -435,8 +446,8 @@ static void test_snapshots_with_chosen_ids_and_deleting_several_at_once(void **s
 	fill_random(buf, sizeof(buf));
 	assert_int_equal(tfs_pool_dev_end(f->pool, id, &end), 0);
 	assert_int_equal(end, 0);
-	assert_int_equal(tfs_vol_write(v, buf, BS, 3 * BS), 0);
-	assert_int_equal(tfs_vol_write(v, buf, 100, 1000 * BS + 7), 0);
+	assert_int_equal(tfs_dev_write(v, buf, BS, 3 * BS), 0);
+	assert_int_equal(tfs_dev_write(v, buf, 100, 1000 * BS + 7), 0);
 	/* One past the highest mapped block, whatever lies between. */
 	assert_int_equal(tfs_pool_dev_end(f->pool, id, &end), 0);
 	assert_int_equal(end, 1001);
@@ -470,7 +481,7 @@ static void test_snapshots_with_chosen_ids_and_deleting_several_at_once(void **s
 	assert_int_equal(tfs_pool_delete_devices(f->pool, ids, 3), 0);
 	assert_int_equal(tfs_pool_list(f->pool, list, 8), 1);
 	assert_int_equal(tfs_pool_dev_end(f->pool, 7, &end), -ENODATA);
-	tfs_vol_close(v);
+	tfs_dev_close(v);
 	done(f, false);
 }
 
@@ -478,7 +489,7 @@ static void test_group_snapshot_is_atomic_and_usage_counts_exclusive_blocks(void
 {
 	struct fixture *f = new_fixture(64, false);
 	uint8_t buf[4 * BS];
-	struct tfs_vol *v1, *v2;
+	struct tfs_dev *v1, *v2;
 	struct tfs_dev_usage u;
 	uint32_t ids[2], snaps[2], list[8];
 
@@ -489,8 +500,8 @@ static void test_group_snapshot_is_atomic_and_usage_counts_exclusive_blocks(void
 	assert_int_equal(ids[0], 0);
 	assert_int_equal(ids[1], 1);
 	fill_random(buf, sizeof(buf));
-	assert_int_equal(tfs_vol_write(v1, buf, 4 * BS, 0), 0);
-	assert_int_equal(tfs_vol_write(v2, buf, 2 * BS, 0), 0);
+	assert_int_equal(tfs_dev_write(v1, buf, 4 * BS, 0), 0);
+	assert_int_equal(tfs_dev_write(v2, buf, 2 * BS, 0), 0);
 	assert_int_equal(tfs_pool_create_snaps(f->pool, ids, 2, snaps), 0);
 	assert_int_equal(snaps[0], 2);
 	assert_int_equal(snaps[1], 3);
@@ -499,7 +510,7 @@ static void test_group_snapshot_is_atomic_and_usage_counts_exclusive_blocks(void
 	assert_int_equal(tfs_pool_dev_usage(f->pool, ids[0], &u), 0);
 	assert_int_equal(u.mapped_blocks, 4);
 	assert_int_equal(u.exclusive_blocks, 0);
-	assert_int_equal(tfs_vol_write(v1, buf, BS, BS), 0); /* breaks sharing of one block */
+	assert_int_equal(tfs_dev_write(v1, buf, BS, BS), 0); /* breaks sharing of one block */
 	assert_int_equal(tfs_pool_dev_usage(f->pool, ids[0], &u), 0);
 	assert_int_equal(u.mapped_blocks, 4);
 	assert_int_equal(u.exclusive_blocks, 1);
@@ -512,19 +523,19 @@ static void test_group_snapshot_is_atomic_and_usage_counts_exclusive_blocks(void
 	assert_int_equal(u.mapped_blocks, 4);
 	assert_int_equal(u.exclusive_blocks, 4);
 	/* A freed id is reused: the lowest free one. */
-	tfs_vol_close(v2);
+	tfs_dev_close(v2);
 	assert_int_equal(tfs_pool_create_thin(f->pool, &ids[1]), 0);
 	assert_int_equal(ids[1], 2);
 	tfs_log_set_sink(quiet_sink, NULL);
 	assert_int_equal(tfs_pool_create_snaps(f->pool, (uint32_t[]){ 99 }, 1, snaps), -ENODATA);
 	tfs_log_set_sink(NULL, NULL);
-	tfs_vol_close(v1);
+	tfs_dev_close(v1);
 	done(f, false);
 }
 
 /* A snapshot taken while writers run sees each block as before or after a write, whole. */
 struct snap_writer {
-	struct tfs_vol *vol;
+	struct tfs_dev *vol;
 	atomic_int stop;
 	int rounds;
 };
@@ -536,7 +547,7 @@ static void *rewrite_blocks(void *arg)
 
 	for (int round = 1; !atomic_load(&w->stop); round++) {
 		memset(buf, round & 0xff, 8 * BS);
-		assert_int_equal(tfs_vol_write(w->vol, buf, 8 * BS, 0), 0);
+		assert_int_equal(tfs_dev_write(w->vol, buf, 8 * BS, 0), 0);
 		w->rounds = round;
 	}
 	free(buf);
@@ -547,7 +558,7 @@ static void test_snapshot_during_writes_sees_whole_requests(void **state)
 {
 	struct fixture *f = new_fixture(512, false);
 	struct snap_writer w = { 0 };
-	struct tfs_vol *snap;
+	struct tfs_dev *snap;
 	uint8_t *buf = zalloc(8 * BS);
 	uint32_t id, sid;
 	pthread_t th;
@@ -559,17 +570,17 @@ static void test_snapshot_during_writes_sees_whole_requests(void **state)
 	for (int i = 0; i < 10; i++) {
 		sleep_ms(10);
 		assert_int_equal(tfs_pool_create_snaps(f->pool, &id, 1, &sid), 0);
-		assert_int_equal(tfs_vol_open(f->pool, sid, true, &snap), 0);
-		assert_int_equal(tfs_vol_read(snap, buf, 8 * BS, 0), 0);
+		assert_int_equal(tfs_thin_open(f->pool, sid, TFS_DEV_READ_ONLY, &snap), 0);
+		assert_int_equal(tfs_dev_read(snap, buf, 8 * BS, 0), 0);
 		/* One request covers all 8 blocks: the snapshot has all of it or none. */
 		assert_true(all_bytes(buf, 8 * BS, buf[0]));
-		tfs_vol_close(snap);
+		tfs_dev_close(snap);
 		assert_int_equal(tfs_pool_delete(f->pool, sid), 0);
 	}
 	atomic_store(&w.stop, 1);
 	pthread_join(th, NULL);
 	assert_true(w.rounds > 0);
-	tfs_vol_close(w.vol);
+	tfs_dev_close(w.vol);
 	free(buf);
 	done(f, false);
 }
@@ -581,34 +592,34 @@ static void test_discard_frees_whole_blocks_and_zeroes_partial_ones(void **state
 	struct fixture *f = new_fixture(64, false);
 	uint8_t *model = zalloc(8 * BS);
 	uint64_t before;
-	struct tfs_vol *vol;
+	struct tfs_dev *vol;
 
 	(void)state;
 	open_pool(f);
 	vol = new_volume(f, NULL);
 	fill_random(model, 8 * BS);
-	assert_int_equal(tfs_vol_write(vol, model, 8 * BS, 0), 0);
-	assert_int_equal(tfs_vol_flush(vol), 0);
+	assert_int_equal(tfs_dev_write(vol, model, 8 * BS, 0), 0);
+	assert_int_equal(tfs_dev_flush(vol), 0);
 	before = allocated_bytes(f->cfg.data);
 	assert_true(before >= 8 * BS);
 
 	/* From the middle of block 1 to the middle of block 6: blocks 2-5 go. */
-	assert_int_equal(tfs_vol_discard(vol, BS + 300, 5 * BS), 0);
+	assert_int_equal(tfs_dev_discard(vol, BS + 300, 5 * BS), 0);
 	memset(model + BS + 300, 0, 5 * BS);
 	expect_contents(vol, model, 8 * BS);
-	assert_int_equal(tfs_vol_mapped_blocks(vol), 4);
+	assert_int_equal(mapped_blocks(vol), 4);
 	assert_int_equal(data_used(f), 4);
 	/* Passdown waits for the commit: until then the committed mappings still need the data. */
 	assert_int_equal(allocated_bytes(f->cfg.data), before);
-	assert_int_equal(tfs_vol_flush(vol), 0);
+	assert_int_equal(tfs_dev_flush(vol), 0);
 	assert_int_equal(allocated_bytes(f->cfg.data), before - 4 * BS);
 
 	/* A discard within one block only zeroes. */
-	assert_int_equal(tfs_vol_discard(vol, 10, 20), 0);
+	assert_int_equal(tfs_dev_discard(vol, 10, 20), 0);
 	memset(model + 10, 0, 20);
 	expect_contents(vol, model, 8 * BS);
-	assert_int_equal(tfs_vol_mapped_blocks(vol), 4);
-	tfs_vol_close(vol);
+	assert_int_equal(mapped_blocks(vol), 4);
+	tfs_dev_close(vol);
 	free(model);
 	done(f, false);
 }
@@ -618,26 +629,26 @@ static void test_discard_of_shared_blocks_keeps_the_snapshot(void **state)
 {
 	struct fixture *f = new_fixture(64, false);
 	uint8_t *model = zalloc(4 * BS), *got = zalloc(4 * BS);
-	struct tfs_vol *vol, *snap;
+	struct tfs_dev *vol, *snap;
 	uint32_t id, sid;
 
 	(void)state;
 	open_pool(f);
 	vol = new_volume(f, &id);
 	fill_random(model, 4 * BS);
-	assert_int_equal(tfs_vol_write(vol, model, 4 * BS, 0), 0);
+	assert_int_equal(tfs_dev_write(vol, model, 4 * BS, 0), 0);
 	assert_int_equal(tfs_pool_create_snaps(f->pool, &id, 1, &sid), 0);
-	assert_int_equal(tfs_vol_discard(vol, 100, 3 * BS), 0);
-	assert_int_equal(tfs_vol_open(f->pool, sid, true, &snap), 0);
+	assert_int_equal(tfs_dev_discard(vol, 100, 3 * BS), 0);
+	assert_int_equal(tfs_thin_open(f->pool, sid, TFS_DEV_READ_ONLY, &snap), 0);
 	expect_contents(snap, model, 4 * BS);
-	assert_int_equal(tfs_vol_read(vol, got, 4 * BS, 0), 0);
+	assert_int_equal(tfs_dev_read(vol, got, 4 * BS, 0), 0);
 	assert_memory_equal(got, model, 100);
 	assert_true(all_bytes(got + 100, 3 * BS, 0));
 	assert_memory_equal(got + 100 + 3 * BS, model + 100 + 3 * BS, BS - 100);
 	/* Blocks 0 and 3 copied, 1 and 2 unmapped: 4 shared + 2 copies. */
 	assert_int_equal(data_used(f), 6);
-	tfs_vol_close(snap);
-	tfs_vol_close(vol);
+	tfs_dev_close(snap);
+	tfs_dev_close(vol);
 	free(model);
 	free(got);
 	done(f, false);
@@ -647,7 +658,7 @@ static void test_provision_maps_zeroed_blocks_and_zero_range_unmaps(void **state
 {
 	struct fixture *f = new_fixture(64, false);
 	uint8_t junk[BS], buf[6 * BS], model[6 * BS];
-	struct tfs_vol *vol;
+	struct tfs_dev *vol;
 	int fd;
 
 	(void)state;
@@ -659,19 +670,19 @@ static void test_provision_maps_zeroed_blocks_and_zero_range_unmaps(void **state
 	open_pool(f);
 	vol = new_volume(f, NULL);
 	memset(buf, 0x33, BS);
-	assert_int_equal(tfs_vol_write(vol, buf, BS, 2 * BS), 0);
+	assert_int_equal(tfs_dev_write(vol, buf, BS, 2 * BS), 0);
 	/* Partial blocks at both ends are provisioned whole; the mapped block is left alone. */
-	assert_int_equal(tfs_vol_provision(vol, 100, 4 * BS), 0);
-	assert_int_equal(tfs_vol_mapped_blocks(vol), 5);
+	assert_int_equal(tfs_dev_provision(vol, 100, 4 * BS), 0);
+	assert_int_equal(mapped_blocks(vol), 5);
 	memset(model, 0, sizeof(model));
 	memset(model + 2 * BS, 0x33, BS);
 	expect_contents(vol, model, sizeof(model));
 
-	assert_int_equal(tfs_vol_zero_range(vol, BS / 2, 3 * BS), 0);
+	assert_int_equal(tfs_dev_zero_range(vol, BS / 2, 3 * BS), 0);
 	memset(model + BS / 2, 0, 3 * BS);
 	expect_contents(vol, model, sizeof(model));
-	assert_int_equal(tfs_vol_mapped_blocks(vol), 3); /* blocks 1 and 2 unmapped */
-	tfs_vol_close(vol);
+	assert_int_equal(mapped_blocks(vol), 3); /* blocks 1 and 2 unmapped */
+	tfs_dev_close(vol);
 	done(f, false);
 }
 
@@ -679,23 +690,23 @@ static void test_truncate_unmaps_past_the_end_and_zeroes_the_tail(void **state)
 {
 	struct fixture *f = new_fixture(64, false);
 	uint8_t buf[10 * BS];
-	struct tfs_vol *vol;
+	struct tfs_dev *vol;
 
 	(void)state;
 	open_pool(f);
 	vol = new_volume(f, NULL);
 	memset(buf, 0x77, sizeof(buf));
-	assert_int_equal(tfs_vol_write(vol, buf, sizeof(buf), 0), 0);
-	assert_int_equal(tfs_vol_write(vol, buf, 100, 40 * BS), 0);
-	assert_int_equal(tfs_vol_truncate(vol, 3 * BS + 10), 0);
-	assert_int_equal(tfs_vol_mapped_blocks(vol), 4);
+	assert_int_equal(tfs_dev_write(vol, buf, sizeof(buf), 0), 0);
+	assert_int_equal(tfs_dev_write(vol, buf, 100, 40 * BS), 0);
+	assert_int_equal(tfs_dev_truncate(vol, 3 * BS + 10), 0);
+	assert_int_equal(mapped_blocks(vol), 4);
 	assert_int_equal(data_used(f), 4);
-	assert_int_equal(tfs_vol_read(vol, buf, 5 * BS, 0), 0);
+	assert_int_equal(tfs_dev_read(vol, buf, 5 * BS, 0), 0);
 	assert_true(all_bytes(buf, 3 * BS + 10, 0x77));
 	assert_true(all_bytes(buf + 3 * BS + 10, 2 * BS - 10, 0));
-	assert_int_equal(tfs_vol_truncate(vol, 0), 0);
-	assert_int_equal(tfs_vol_mapped_blocks(vol), 0);
-	tfs_vol_close(vol);
+	assert_int_equal(tfs_dev_truncate(vol, 0), 0);
+	assert_int_equal(mapped_blocks(vol), 0);
+	tfs_dev_close(vol);
 	done(f, false);
 }
 
@@ -704,34 +715,34 @@ static void test_seek_data_and_hole_follow_the_mapping(void **state)
 	struct fixture *f = new_fixture(64, false);
 	uint64_t size = 20 * BS + 500, pos;
 	uint8_t buf[BS] = { 1 };
-	struct tfs_vol *vol;
+	struct tfs_dev *vol;
 
 	(void)state;
 	open_pool(f);
 	vol = new_volume(f, NULL);
-	assert_int_equal(tfs_vol_write(vol, buf, 10, 3 * BS + 5), 0);  /* block 3 */
-	assert_int_equal(tfs_vol_write(vol, buf, BS, 4 * BS), 0);      /* block 4 */
-	assert_int_equal(tfs_vol_write(vol, buf, 10, 10 * BS), 0);     /* block 10 */
+	assert_int_equal(tfs_dev_write(vol, buf, 10, 3 * BS + 5), 0);  /* block 3 */
+	assert_int_equal(tfs_dev_write(vol, buf, BS, 4 * BS), 0);      /* block 4 */
+	assert_int_equal(tfs_dev_write(vol, buf, 10, 10 * BS), 0);     /* block 10 */
 
-	assert_int_equal(tfs_vol_seek(vol, 0, SEEK_DATA, size, &pos), 0);
+	assert_int_equal(tfs_dev_seek(vol, 0, SEEK_DATA, size, &pos), 0);
 	assert_int_equal(pos, 3 * BS);
-	assert_int_equal(tfs_vol_seek(vol, 3 * BS + 7, SEEK_DATA, size, &pos), 0);
+	assert_int_equal(tfs_dev_seek(vol, 3 * BS + 7, SEEK_DATA, size, &pos), 0);
 	assert_int_equal(pos, 3 * BS + 7);
-	assert_int_equal(tfs_vol_seek(vol, 3 * BS, SEEK_HOLE, size, &pos), 0);
+	assert_int_equal(tfs_dev_seek(vol, 3 * BS, SEEK_HOLE, size, &pos), 0);
 	assert_int_equal(pos, 5 * BS);
-	assert_int_equal(tfs_vol_seek(vol, 5 * BS, SEEK_DATA, size, &pos), 0);
+	assert_int_equal(tfs_dev_seek(vol, 5 * BS, SEEK_DATA, size, &pos), 0);
 	assert_int_equal(pos, 10 * BS);
-	assert_int_equal(tfs_vol_seek(vol, 0, SEEK_HOLE, size, &pos), 0);
+	assert_int_equal(tfs_dev_seek(vol, 0, SEEK_HOLE, size, &pos), 0);
 	assert_int_equal(pos, 0);
-	assert_int_equal(tfs_vol_seek(vol, 11 * BS, SEEK_DATA, size, &pos), -ENXIO);
-	assert_int_equal(tfs_vol_seek(vol, 10 * BS + 1, SEEK_HOLE, size, &pos), 0);
+	assert_int_equal(tfs_dev_seek(vol, 11 * BS, SEEK_DATA, size, &pos), -ENXIO);
+	assert_int_equal(tfs_dev_seek(vol, 10 * BS + 1, SEEK_HOLE, size, &pos), 0);
 	assert_int_equal(pos, 11 * BS);
-	assert_int_equal(tfs_vol_seek(vol, size, SEEK_HOLE, size, &pos), -ENXIO);
+	assert_int_equal(tfs_dev_seek(vol, size, SEEK_HOLE, size, &pos), -ENXIO);
 	/* Data past the size does not count, and the end of the volume is a hole. */
-	assert_int_equal(tfs_vol_seek(vol, 0, SEEK_DATA, 2 * BS, &pos), -ENXIO);
-	assert_int_equal(tfs_vol_seek(vol, 4 * BS, SEEK_HOLE, 4 * BS + 100, &pos), 0);
+	assert_int_equal(tfs_dev_seek(vol, 0, SEEK_DATA, 2 * BS, &pos), -ENXIO);
+	assert_int_equal(tfs_dev_seek(vol, 4 * BS, SEEK_HOLE, 4 * BS + 100, &pos), 0);
 	assert_int_equal(pos, 4 * BS + 100);
-	tfs_vol_close(vol);
+	tfs_dev_close(vol);
 	done(f, false);
 }
 
@@ -741,7 +752,7 @@ static void test_full_data_device_gives_enospc_and_freed_blocks_come_back(void *
 {
 	struct fixture *f = new_fixture(8, false);
 	uint8_t buf[8 * BS];
-	struct tfs_vol *vol;
+	struct tfs_dev *vol;
 
 	(void)state;
 	tfs_log_set_sink(quiet_sink, NULL);
@@ -749,22 +760,22 @@ static void test_full_data_device_gives_enospc_and_freed_blocks_come_back(void *
 	open_pool(f);
 	vol = new_volume(f, NULL);
 	memset(buf, 0x66, sizeof(buf));
-	assert_int_equal(tfs_vol_write(vol, buf, 8 * BS, 0), 0);
-	assert_int_equal(tfs_vol_write(vol, buf, 10, 8 * BS), -ENOSPC);
+	assert_int_equal(tfs_dev_write(vol, buf, 8 * BS, 0), 0);
+	assert_int_equal(tfs_dev_write(vol, buf, 10, 8 * BS), -ENOSPC);
 	assert_string_equal(mode_of(f), "out_of_data_space");
 	/* All or nothing per request: nothing of a write that did not fit is mapped. */
-	assert_int_equal(tfs_vol_write(vol, buf, 2 * BS, 7 * BS), -ENOSPC);
-	assert_int_equal(tfs_vol_mapped_blocks(vol), 8);
+	assert_int_equal(tfs_dev_write(vol, buf, 2 * BS, 7 * BS), -ENOSPC);
+	assert_int_equal(mapped_blocks(vol), 8);
 	/* Reads and overwrites in place still work. */
-	assert_int_equal(tfs_vol_write(vol, buf, 100, 3 * BS + 1), 0);
-	assert_int_equal(tfs_vol_read(vol, buf, 8 * BS, 0), 0);
+	assert_int_equal(tfs_dev_write(vol, buf, 100, 3 * BS + 1), 0);
+	assert_int_equal(tfs_dev_read(vol, buf, 8 * BS, 0), 0);
 	assert_true(all_bytes(buf, 8 * BS, 0x66));
 	/* A block discarded in this transaction is usable once a commit made it free. */
-	assert_int_equal(tfs_vol_discard(vol, 0, BS), 0);
-	assert_int_equal(tfs_vol_write(vol, buf, 10, 9 * BS), 0);
+	assert_int_equal(tfs_dev_discard(vol, 0, BS), 0);
+	assert_int_equal(tfs_dev_write(vol, buf, 10, 9 * BS), 0);
 	assert_int_equal(data_used(f), 8);
 	assert_string_equal(mode_of(f), "write");
-	tfs_vol_close(vol);
+	tfs_dev_close(vol);
 	tfs_log_set_sink(NULL, NULL);
 	done(f, false);
 }
@@ -774,7 +785,7 @@ static void test_data_shrinks_down_to_the_highest_used_block(void **state)
 	struct fixture *f = new_fixture(64, false);
 	struct tfs_pool_status st;
 	uint8_t buf[4 * BS];
-	struct tfs_vol *vol;
+	struct tfs_dev *vol;
 	struct stat sb;
 	char why[256];
 
@@ -784,8 +795,8 @@ static void test_data_shrinks_down_to_the_highest_used_block(void **state)
 	open_pool(f);
 	vol = new_volume(f, NULL);
 	memset(buf, 0x5a, sizeof(buf));
-	assert_int_equal(tfs_vol_write(vol, buf, 4 * BS, 0), 0); /* data blocks 0..3 */
-	assert_int_equal(tfs_vol_flush(vol), 0);
+	assert_int_equal(tfs_dev_write(vol, buf, 4 * BS, 0), 0); /* data blocks 0..3 */
+	assert_int_equal(tfs_dev_flush(vol), 0);
 	/* Refused below the highest used block, which is named; metadata never shrinks. */
 	assert_int_equal(tfs_pool_resize(f->pool, true, 3 * BS, why, sizeof(why)), -EINVAL);
 	assert_non_null(strstr(why, "block 3 is in use"));
@@ -801,17 +812,17 @@ static void test_data_shrinks_down_to_the_highest_used_block(void **state)
 	assert_int_equal(st.data_total, 4);
 	assert_int_equal(stat(f->cfg.data, &sb), 0);
 	assert_int_equal(sb.st_size, 4 * BS);
-	assert_int_equal(tfs_vol_write(vol, buf, 10, 4 * BS), -ENOSPC);
-	assert_int_equal(tfs_vol_read(vol, buf, 4 * BS, 0), 0);
+	assert_int_equal(tfs_dev_write(vol, buf, 10, 4 * BS), -ENOSPC);
+	assert_int_equal(tfs_dev_read(vol, buf, 4 * BS, 0), 0);
 	assert_true(all_bytes(buf, 4 * BS, 0x5a));
 	/* And grown again: writes need and get new blocks. */
 	assert_int_equal(tfs_pool_resize(f->pool, true, 16 * BS, why, sizeof(why)), 0);
 	memset(buf, 0x3c, BS);
-	assert_int_equal(tfs_vol_write(vol, buf, BS, 4 * BS), 0);
+	assert_int_equal(tfs_dev_write(vol, buf, BS, 4 * BS), 0);
 	tfs_pool_status(f->pool, &st);
 	assert_int_equal(st.data_total, 16);
 	assert_string_equal(st.mode, "write");
-	tfs_vol_close(vol);
+	tfs_dev_close(vol);
 	close_pool(f);
 	open_pool(f);
 	tfs_pool_status(f->pool, &st);
@@ -826,7 +837,7 @@ static void test_held_write_times_out_then_resize_brings_space_back(void **state
 	struct tfs_pool_status st;
 	uint8_t buf[8 * BS];
 	struct timespec t0, t1;
-	struct tfs_vol *vol;
+	struct tfs_dev *vol;
 	char why[256];
 	long ms;
 
@@ -836,17 +847,17 @@ static void test_held_write_times_out_then_resize_brings_space_back(void **state
 	open_pool(f);
 	vol = new_volume(f, NULL);
 	memset(buf, 0x77, sizeof(buf));
-	assert_int_equal(tfs_vol_write(vol, buf, 8 * BS, 0), 0);
+	assert_int_equal(tfs_dev_write(vol, buf, 8 * BS, 0), 0);
 	clock_gettime(CLOCK_MONOTONIC, &t0);
 	/* Held until no_space_timeout, then ENOSPC; later writes fail at once. */
-	assert_int_equal(tfs_vol_write(vol, buf, 10, 8 * BS), -ENOSPC);
+	assert_int_equal(tfs_dev_write(vol, buf, 10, 8 * BS), -ENOSPC);
 	clock_gettime(CLOCK_MONOTONIC, &t1);
 	ms = (t1.tv_sec - t0.tv_sec) * 1000 + (t1.tv_nsec - t0.tv_nsec) / 1000000;
 	assert_true(ms >= 250);
 	tfs_pool_status(f->pool, &st);
 	assert_true(st.no_space_error);
 	assert_string_equal(st.mode, "out_of_data_space");
-	assert_int_equal(tfs_vol_write(vol, buf, 10, 9 * BS), -ENOSPC);
+	assert_int_equal(tfs_dev_write(vol, buf, 10, 9 * BS), -ENOSPC);
 	/* Shrinking is refused; growing gives space back and holds again afterwards. */
 	assert_int_equal(tfs_pool_resize(f->pool, true, 4 * BS, why, sizeof(why)), -EINVAL);
 	assert_true(strstr(why, "shrink") != NULL);
@@ -855,10 +866,10 @@ static void test_held_write_times_out_then_resize_brings_space_back(void **state
 	assert_false(st.no_space_error);
 	assert_string_equal(st.mode, "write");
 	assert_int_equal(st.data_total, 10);
-	assert_int_equal(tfs_vol_write(vol, buf, 2 * BS, 8 * BS), 0);
-	assert_int_equal(tfs_vol_read(vol, buf, 2 * BS, 8 * BS), 0);
+	assert_int_equal(tfs_dev_write(vol, buf, 2 * BS, 8 * BS), 0);
+	assert_int_equal(tfs_dev_read(vol, buf, 2 * BS, 8 * BS), 0);
 	assert_true(all_bytes(buf, 2 * BS, 0x77));
-	tfs_vol_close(vol);
+	tfs_dev_close(vol);
 	tfs_log_set_sink(NULL, NULL);
 	done(f, false);
 }
@@ -868,36 +879,36 @@ static void test_metadata_write_error_makes_the_pool_read_only(void **state)
 	struct fixture *f = new_fixture(64, false);
 	struct tfs_pool_status st;
 	uint8_t buf[2 * BS];
-	struct tfs_vol *vol;
+	struct tfs_dev *vol;
 	uint32_t id;
 
 	(void)state;
 	open_pool(f);
 	vol = new_volume(f, &id);
 	memset(buf, 0x21, sizeof(buf));
-	assert_int_equal(tfs_vol_write(vol, buf, BS, 0), 0);
-	assert_int_equal(tfs_vol_flush(vol), 0);
-	assert_int_equal(tfs_vol_write(vol, buf, BS, BS), 0); /* not committed */
+	assert_int_equal(tfs_dev_write(vol, buf, BS, 0), 0);
+	assert_int_equal(tfs_dev_flush(vol), 0);
+	assert_int_equal(tfs_dev_write(vol, buf, BS, BS), 0); /* not committed */
 
 	tfs_log_set_sink(quiet_sink, NULL);
 	/* One failed metadata write inside the commit; setting needs_check afterwards works. */
 	tfs_bdev_fault_set(tfs_pool_bdev(f->pool, false), TFS_FAULT_WRITE, TFS_FAULT_EIO, 0, true);
-	assert_int_equal(tfs_vol_flush(vol), -EIO);
+	assert_int_equal(tfs_dev_flush(vol), -EIO);
 	tfs_pool_status(f->pool, &st);
 	assert_string_equal(st.mode, "read_only");
 	assert_true(st.needs_check);
 	assert_true(strstr(st.reason, "commit") != NULL);
 
 	/* The uncommitted block is gone; the committed one reads and can be overwritten. */
-	assert_int_equal(tfs_vol_read(vol, buf, 2 * BS, 0), 0);
+	assert_int_equal(tfs_dev_read(vol, buf, 2 * BS, 0), 0);
 	assert_true(all_bytes(buf, BS, 0x21));
 	assert_true(all_bytes(buf + BS, BS, 0));
 	memset(buf, 0x22, BS);
-	assert_int_equal(tfs_vol_write(vol, buf, BS, 0), 0);
-	assert_int_equal(tfs_vol_write(vol, buf, BS, 5 * BS), -EIO);
-	assert_int_equal(tfs_vol_discard(vol, 0, BS), -EIO);
+	assert_int_equal(tfs_dev_write(vol, buf, BS, 0), 0);
+	assert_int_equal(tfs_dev_write(vol, buf, BS, 5 * BS), -EIO);
+	assert_int_equal(tfs_dev_discard(vol, 0, BS), -EIO);
 	assert_int_equal(tfs_pool_create_thin(f->pool, &id), -EIO);
-	tfs_vol_close(vol);
+	tfs_dev_close(vol);
 	close_pool(f);
 
 	assert_int_equal(tfs_pool_open(&f->cfg, false, &f->pool), -EROFS);
@@ -905,11 +916,11 @@ static void test_metadata_write_error_makes_the_pool_read_only(void **state)
 	tfs_log_set_sink(NULL, NULL);
 	tfs_pool_status(f->pool, &st);
 	assert_string_equal(st.mode, "read_only");
-	assert_int_equal(tfs_vol_open(f->pool, 0, true, &vol), 0);
-	assert_int_equal(tfs_vol_read(vol, buf, BS, 0), 0);
+	assert_int_equal(tfs_thin_open(f->pool, 0, TFS_DEV_READ_ONLY, &vol), 0);
+	assert_int_equal(tfs_dev_read(vol, buf, BS, 0), 0);
 	assert_true(all_bytes(buf, BS, 0x22));
-	assert_int_equal(tfs_vol_write(vol, buf, BS, 0), -EROFS);
-	tfs_vol_close(vol);
+	assert_int_equal(tfs_dev_write(vol, buf, BS, 0), -EROFS);
+	tfs_dev_close(vol);
 	done(f, true);
 }
 
@@ -918,7 +929,7 @@ static void test_metadata_space_exhaustion_gives_enospc_then_read_only(void **st
 	struct fixture *f = new_fixture(30000, false);
 	struct tfs_pool_status st;
 	uint8_t *buf = zalloc(MiB);
-	struct tfs_vol *vol;
+	struct tfs_dev *vol;
 	uint64_t off = 0;
 	int r;
 
@@ -928,12 +939,12 @@ static void test_metadata_space_exhaustion_gives_enospc_then_read_only(void **st
 	open_pool(f);
 	vol = new_volume(f, NULL);
 	memset(buf, 0x4d, MiB);
-	assert_int_equal(tfs_vol_write(vol, buf, MiB, 0), 0);
-	assert_int_equal(tfs_vol_flush(vol), 0);
+	assert_int_equal(tfs_dev_write(vol, buf, MiB, 0), 0);
+	assert_int_equal(tfs_dev_flush(vol), 0);
 	tfs_log_set_sink(quiet_sink, NULL);
 	do {
 		off += MiB;
-		r = tfs_vol_write(vol, buf, MiB, off);
+		r = tfs_dev_write(vol, buf, MiB, off);
 	} while (!r && off < 30000ull * BS - MiB);
 	tfs_log_set_sink(NULL, NULL);
 	assert_int_equal(r, -ENOSPC);
@@ -941,11 +952,11 @@ static void test_metadata_space_exhaustion_gives_enospc_then_read_only(void **st
 	assert_string_equal(st.mode, "read_only");
 	assert_true(st.needs_check);
 	assert_true(strstr(st.reason, "No space") != NULL);
-	assert_int_equal(tfs_vol_write(vol, buf, MiB, off), -EIO);
+	assert_int_equal(tfs_dev_write(vol, buf, MiB, off), -EIO);
 	memset(buf, 0, MiB);
-	assert_int_equal(tfs_vol_read(vol, buf, MiB, 0), 0);
+	assert_int_equal(tfs_dev_read(vol, buf, MiB, 0), 0);
 	assert_true(all_bytes(buf, MiB, 0x4d));
-	tfs_vol_close(vol);
+	tfs_dev_close(vol);
 	free(buf);
 	done(f, true);
 }
@@ -959,7 +970,7 @@ static void fail_mode_case(bool abort_fails)
 {
 	struct fixture *f = new_fixture(64, false);
 	struct tfs_pool_status st;
-	struct tfs_vol *vol, *other;
+	struct tfs_dev *vol, *other;
 	struct tfs_bdev *meta;
 	uint8_t buf[BS];
 	uint32_t id;
@@ -967,37 +978,37 @@ static void fail_mode_case(bool abort_fails)
 	open_pool(f);
 	vol = new_volume(f, &id);
 	memset(buf, 0x5e, sizeof(buf));
-	assert_int_equal(tfs_vol_write(vol, buf, BS, 0), 0);
-	assert_int_equal(tfs_vol_flush(vol), 0);
-	assert_int_equal(tfs_vol_write(vol, buf, BS, BS), 0);
+	assert_int_equal(tfs_dev_write(vol, buf, BS, 0), 0);
+	assert_int_equal(tfs_dev_flush(vol), 0);
+	assert_int_equal(tfs_dev_write(vol, buf, BS, BS), 0);
 
 	tfs_log_set_sink(quiet_sink, NULL);
 	meta = tfs_pool_bdev(f->pool, false);
 	tfs_bdev_fault_set(meta, TFS_FAULT_WRITE, TFS_FAULT_EIO, 0, false);
 	if (abort_fails)
 		tfs_bdev_fault_set(meta, TFS_FAULT_READ, TFS_FAULT_EIO, 0, false);
-	assert_int_equal(tfs_vol_flush(vol), -EIO);
+	assert_int_equal(tfs_dev_flush(vol), -EIO);
 	tfs_pool_status(f->pool, &st);
 	assert_string_equal(st.mode, "fail");
 	assert_true(strlen(st.reason) > 0);
 	assert_int_equal(st.data_total, 64);
-	assert_int_equal(tfs_vol_read(vol, buf, BS, 0), -EIO);
-	assert_int_equal(tfs_vol_write(vol, buf, BS, 0), -EIO);
-	assert_int_equal(tfs_vol_discard(vol, 0, BS), -EIO);
-	assert_int_equal(tfs_vol_open(f->pool, id, true, &other), -EIO);
+	assert_int_equal(tfs_dev_read(vol, buf, BS, 0), -EIO);
+	assert_int_equal(tfs_dev_write(vol, buf, BS, 0), -EIO);
+	assert_int_equal(tfs_dev_discard(vol, 0, BS), -EIO);
+	assert_int_equal(tfs_thin_open(f->pool, id, TFS_DEV_READ_ONLY, &other), -EIO);
 	assert_int_equal(tfs_pool_create_thin(f->pool, &id), -EIO);
 	assert_int_equal(tfs_pool_list(f->pool, &id, 1), -EIO);
-	tfs_vol_close(vol);
+	tfs_dev_close(vol);
 	close_pool(f);
 	tfs_log_set_sink(NULL, NULL);
 
 	/* The committed block survived; the uncommitted one never existed. */
 	open_pool(f);
-	assert_int_equal(tfs_vol_open(f->pool, 0, true, &vol), 0);
-	assert_int_equal(tfs_vol_mapped_blocks(vol), 1);
-	assert_int_equal(tfs_vol_read(vol, buf, BS, 0), 0);
+	assert_int_equal(tfs_thin_open(f->pool, 0, TFS_DEV_READ_ONLY, &vol), 0);
+	assert_int_equal(mapped_blocks(vol), 1);
+	assert_int_equal(tfs_dev_read(vol, buf, BS, 0), 0);
 	assert_true(all_bytes(buf, BS, 0x5e));
-	tfs_vol_close(vol);
+	tfs_dev_close(vol);
 	done(f, false);
 }
 
@@ -1019,26 +1030,26 @@ static void test_flush_then_reopen_keeps_data(void **state)
 {
 	struct fixture *f = new_fixture(64, false);
 	uint8_t *model = zalloc(6 * BS);
-	struct tfs_vol *vol;
+	struct tfs_dev *vol;
 	uint32_t id;
 
 	(void)state;
 	open_pool(f);
 	vol = new_volume(f, &id);
 	fill_random(model, 6 * BS);
-	assert_int_equal(tfs_vol_write(vol, model, 6 * BS - 77, 33), 0);
+	assert_int_equal(tfs_dev_write(vol, model, 6 * BS - 77, 33), 0);
 	memmove(model + 33, model, 6 * BS - 77);
 	memset(model, 0, 33);
 	memset(model + 6 * BS - 44, 0, 44);
-	assert_int_equal(tfs_vol_flush(vol), 0);
-	tfs_vol_close(vol);
+	assert_int_equal(tfs_dev_flush(vol), 0);
+	tfs_dev_close(vol);
 	close_pool(f);
 	check_metadata(f->cfg.metadata, false);
 	open_pool(f);
-	assert_int_equal(tfs_vol_open(f->pool, id, false, &vol), 0);
+	assert_int_equal(tfs_thin_open(f->pool, id, 0, &vol), 0);
 	expect_contents(vol, model, 6 * BS);
-	assert_int_equal(tfs_vol_mapped_blocks(vol), 6);
-	tfs_vol_close(vol);
+	assert_int_equal(mapped_blocks(vol), 6);
+	tfs_dev_close(vol);
 	free(model);
 	done(f, false);
 }
@@ -1058,7 +1069,7 @@ struct crash_shared {
 };
 
 struct crash_writer {
-	struct tfs_vol *vol;
+	struct tfs_dev *vol;
 	int idx;
 	struct crash_shared *sh;
 };
@@ -1076,10 +1087,10 @@ static void *crash_write(void *arg)
 		seed ^= seed << 5;
 		uint64_t off = (uint64_t)(w->idx + 1) * CRASH_REGION + seed % (CRASH_REGION - sizeof(buf));
 
-		if (tfs_vol_write(w->vol, buf, 1 + seed % sizeof(buf), off))
+		if (tfs_dev_write(w->vol, buf, 1 + seed % sizeof(buf), off))
 			break;
 		if (!(seed % 16))
-			tfs_vol_discard(w->vol, off, BS + seed % BS);
+			tfs_dev_discard(w->vol, off, BS + seed % BS);
 	}
 	return NULL;
 }
@@ -1093,8 +1104,8 @@ static void *crash_flush(void *arg)
 	for (unsigned round = 1; atomic_load(&w->sh->go); round++) {
 		memset(buf, (int)round, sizeof(buf));
 		for (uint64_t b = 0; b < CRASH_REGION / BS; b++)
-			assert_int_equal(tfs_vol_write(w->vol, buf, BS, b * BS), 0);
-		assert_int_equal(tfs_vol_flush(w->vol), 0);
+			assert_int_equal(tfs_dev_write(w->vol, buf, BS, b * BS), 0);
+		assert_int_equal(tfs_dev_flush(w->vol), 0);
 		atomic_store(&w->sh->flushed_rounds, round);
 	}
 	return NULL;
@@ -1104,7 +1115,7 @@ static void crash_child(struct fixture *f, struct crash_shared *sh)
 {
 	struct crash_writer w[CRASH_WRITERS + 1];
 	pthread_t th[CRASH_WRITERS + 1];
-	struct tfs_vol *vol;
+	struct tfs_dev *vol;
 
 	f->cfg.commit_interval_ms = 50;
 	open_pool(f);
@@ -1124,7 +1135,7 @@ static void test_crash_keeps_flushed_data_and_a_consistent_commit(void **state)
 	struct crash_shared *sh = mmap(NULL, sizeof(*sh), PROT_READ | PROT_WRITE,
 				       MAP_SHARED | MAP_ANONYMOUS, -1, 0);
 	uint8_t buf[BS];
-	struct tfs_vol *vol;
+	struct tfs_dev *vol;
 	unsigned rounds;
 	int st;
 	pid_t pid;
@@ -1142,14 +1153,14 @@ static void test_crash_keeps_flushed_data_and_a_consistent_commit(void **state)
 	check_metadata(f->cfg.metadata, false);
 
 	open_pool(f);
-	assert_int_equal(tfs_vol_open(f->pool, 0, true, &vol), 0);
+	assert_int_equal(tfs_thin_open(f->pool, 0, TFS_DEV_READ_ONLY, &vol), 0);
 	for (uint64_t b = 0; b < CRASH_REGION / BS; b++) {
-		assert_int_equal(tfs_vol_read(vol, buf, BS, b * BS), 0);
+		assert_int_equal(tfs_dev_read(vol, buf, BS, b * BS), 0);
 		/* The last flushed round, or a later one that happened to be committed. */
 		assert_true(all_bytes(buf, BS, buf[0]));
 		assert_true(buf[0] >= (uint8_t)rounds || rounds > 255);
 	}
-	tfs_vol_close(vol);
+	tfs_dev_close(vol);
 	munmap(sh, sizeof(*sh));
 	done(f, false);
 }
@@ -1159,7 +1170,7 @@ static void test_power_cut_drops_only_unflushed_writes(void **state)
 {
 	struct fixture *f = new_fixture(64, false);
 	uint8_t a[BS], b[BS], got[2 * BS];
-	struct tfs_vol *vol;
+	struct tfs_dev *vol;
 
 	(void)state;
 	f->cfg.allow_faults = true;
@@ -1168,31 +1179,31 @@ static void test_power_cut_drops_only_unflushed_writes(void **state)
 	vol = new_volume(f, NULL);
 	memset(a, 0xa1, BS);
 	memset(b, 0xb2, BS);
-	assert_int_equal(tfs_vol_write(vol, a, BS, 0), 0);
-	assert_int_equal(tfs_vol_flush(vol), 0);
-	assert_int_equal(tfs_vol_write(vol, b, 100, 0), 0); /* in place, unflushed */
-	assert_int_equal(tfs_vol_write(vol, b, BS, BS), 0); /* allocated, unflushed */
-	assert_int_equal(tfs_vol_read(vol, got, 2 * BS, 0), 0);
+	assert_int_equal(tfs_dev_write(vol, a, BS, 0), 0);
+	assert_int_equal(tfs_dev_flush(vol), 0);
+	assert_int_equal(tfs_dev_write(vol, b, 100, 0), 0); /* in place, unflushed */
+	assert_int_equal(tfs_dev_write(vol, b, BS, BS), 0); /* allocated, unflushed */
+	assert_int_equal(tfs_dev_read(vol, got, 2 * BS, 0), 0);
 	assert_true(all_bytes(got, 100, 0xb2));
 	assert_true(all_bytes(got + BS, BS, 0xb2));
 
 	tfs_log_set_sink(quiet_sink, NULL);
 	assert_int_equal(tfs_bdev_fault_power_cut(tfs_pool_bdev(f->pool, true), false, 1), 0);
 	assert_int_equal(tfs_bdev_fault_power_cut(tfs_pool_bdev(f->pool, false), false, 1), 0);
-	assert_int_equal(tfs_vol_read(vol, got, BS, 0), -EIO);
-	tfs_vol_close(vol);
+	assert_int_equal(tfs_dev_read(vol, got, BS, 0), -EIO);
+	tfs_dev_close(vol);
 	assert_int_equal(tfs_pool_close(f->pool), -EIO);
 	f->pool = NULL;
 	tfs_log_set_sink(NULL, NULL);
 
 	f->cfg.allow_faults = false;
 	open_pool(f);
-	assert_int_equal(tfs_vol_open(f->pool, 0, true, &vol), 0);
-	assert_int_equal(tfs_vol_mapped_blocks(vol), 1);
-	assert_int_equal(tfs_vol_read(vol, got, 2 * BS, 0), 0);
+	assert_int_equal(tfs_thin_open(f->pool, 0, TFS_DEV_READ_ONLY, &vol), 0);
+	assert_int_equal(mapped_blocks(vol), 1);
+	assert_int_equal(tfs_dev_read(vol, got, 2 * BS, 0), 0);
 	assert_true(all_bytes(got, BS, 0xa1));
 	assert_true(all_bytes(got + BS, BS, 0));
-	tfs_vol_close(vol);
+	tfs_dev_close(vol);
 	done(f, false);
 }
 
@@ -1202,18 +1213,18 @@ static void test_timer_flushes_overwrites_in_place(void **state)
 	struct fixture *f = new_fixture(16, false);
 	struct tfs_pool_status before, after;
 	uint8_t buf[BS];
-	struct tfs_vol *vol;
+	struct tfs_dev *vol;
 
 	(void)state;
 	f->cfg.allow_faults = true;
 	open_pool(f);
 	vol = new_volume(f, NULL);
 	memset(buf, 0x10, BS);
-	assert_int_equal(tfs_vol_write(vol, buf, BS, 0), 0);
-	assert_int_equal(tfs_vol_flush(vol), 0);
+	assert_int_equal(tfs_dev_write(vol, buf, BS, 0), 0);
+	assert_int_equal(tfs_dev_flush(vol), 0);
 	tfs_pool_status(f->pool, &before);
 	memset(buf, 0x20, BS);
-	assert_int_equal(tfs_vol_write(vol, buf, BS, 0), 0);
+	assert_int_equal(tfs_dev_write(vol, buf, BS, 0), 0);
 	sleep_ms(400);
 	tfs_pool_status(f->pool, &after);
 	assert_int_equal(after.io_meta.writes, before.io_meta.writes); /* no commit needed */
@@ -1222,16 +1233,16 @@ static void test_timer_flushes_overwrites_in_place(void **state)
 	tfs_log_set_sink(quiet_sink, NULL);
 	assert_int_equal(tfs_bdev_fault_power_cut(tfs_pool_bdev(f->pool, true), false, 1), 0);
 	assert_int_equal(tfs_bdev_fault_power_cut(tfs_pool_bdev(f->pool, false), false, 1), 0);
-	tfs_vol_close(vol);
+	tfs_dev_close(vol);
 	tfs_pool_close(f->pool);
 	f->pool = NULL;
 	tfs_log_set_sink(NULL, NULL);
 	f->cfg.allow_faults = false;
 	open_pool(f);
-	assert_int_equal(tfs_vol_open(f->pool, 0, true, &vol), 0);
-	assert_int_equal(tfs_vol_read(vol, buf, BS, 0), 0);
+	assert_int_equal(tfs_thin_open(f->pool, 0, TFS_DEV_READ_ONLY, &vol), 0);
+	assert_int_equal(tfs_dev_read(vol, buf, BS, 0), 0);
 	assert_true(all_bytes(buf, BS, 0x20));
-	tfs_vol_close(vol);
+	tfs_dev_close(vol);
 	done(f, false);
 }
 
@@ -1246,12 +1257,12 @@ static void test_idle_pool_does_no_io(void **state)
 	struct fixture *f = new_fixture(64, false);
 	struct tfs_pool_status before, after;
 	uint8_t buf[BS] = { 9 };
-	struct tfs_vol *vol;
+	struct tfs_dev *vol;
 
 	(void)state;
 	open_pool(f);
 	vol = new_volume(f, NULL);
-	assert_int_equal(tfs_vol_write(vol, buf, BS, 0), 0);
+	assert_int_equal(tfs_dev_write(vol, buf, BS, 0), 0);
 	sleep_ms(300); /* the timer commits the write */
 	tfs_pool_status(f->pool, &before);
 	assert_true(before.io_meta.writes > 0);
@@ -1259,10 +1270,10 @@ static void test_idle_pool_does_no_io(void **state)
 	tfs_pool_status(f->pool, &after);
 	assert_true(same_counts(&before, &after));
 	/* Status and a flush of an unchanged pool write no metadata either. */
-	assert_int_equal(tfs_vol_flush(vol), 0);
+	assert_int_equal(tfs_dev_flush(vol), 0);
 	tfs_pool_status(f->pool, &after);
 	assert_int_equal(after.io_meta.writes, before.io_meta.writes);
-	tfs_vol_close(vol);
+	tfs_dev_close(vol);
 	done(f, false);
 }
 
@@ -1271,13 +1282,13 @@ static void test_status_reports_space_and_counters(void **state)
 	struct fixture *f = new_fixture(100, false);
 	struct tfs_pool_status st;
 	uint8_t buf[3 * BS] = { 0 };
-	struct tfs_vol *vol;
+	struct tfs_dev *vol;
 
 	(void)state;
 	open_pool(f);
 	vol = new_volume(f, NULL);
-	assert_int_equal(tfs_vol_write(vol, buf, sizeof(buf), 0), 0);
-	assert_int_equal(tfs_vol_flush(vol), 0);
+	assert_int_equal(tfs_dev_write(vol, buf, sizeof(buf), 0), 0);
+	assert_int_equal(tfs_dev_flush(vol), 0);
 	tfs_pool_status(f->pool, &st);
 	assert_string_equal(st.mode, "write");
 	assert_false(st.needs_check);
@@ -1300,7 +1311,7 @@ static void test_status_reports_space_and_counters(void **state)
 	tfs_log_set_sink(quiet_sink, NULL);
 	assert_int_equal(tfs_pool_set_transaction_id(f->pool, 0, 6), -EINVAL);
 	tfs_log_set_sink(NULL, NULL);
-	tfs_vol_close(vol);
+	tfs_dev_close(vol);
 	done(f, false);
 }
 
@@ -1311,7 +1322,7 @@ static void test_status_reports_space_and_counters(void **state)
 #define T_SHARED_BLOCKS 16 /* then a range all threads write whole blocks into */
 
 struct worker {
-	struct tfs_vol *vol;
+	struct tfs_dev *vol;
 	int idx;
 	uint32_t seed;
 	uint8_t *model; /* of its own region */
@@ -1360,11 +1371,11 @@ static void *work(void *arg)
 		case 0: case 1:
 			for (size_t i = 0; i < len; i++)
 				buf[i] = (uint8_t)(it + i);
-			assert_int_equal(tfs_vol_write(w->vol, buf, len, base + off), 0);
+			assert_int_equal(tfs_dev_write(w->vol, buf, len, base + off), 0);
 			memcpy(w->model + off, buf, len);
 			break;
 		case 2:
-			assert_int_equal(tfs_vol_read(w->vol, buf, len, base + off), 0);
+			assert_int_equal(tfs_dev_read(w->vol, buf, len, base + off), 0);
 			assert_memory_equal(buf, w->model + off, len);
 			break;
 		case 3: {
@@ -1373,13 +1384,13 @@ static void *work(void *arg)
 
 			for (unsigned i = 0; i < n; i++)
 				stamp(buf + i * BS, w->idx, it);
-			assert_int_equal(tfs_vol_write(w->vol, buf, n * BS, shared + b * BS), 0);
+			assert_int_equal(tfs_dev_write(w->vol, buf, n * BS, shared + b * BS), 0);
 			break;
 		}
 		default: {
 			uint64_t b = wrnd(w) % (T_SHARED_BLOCKS - 3);
 
-			assert_int_equal(tfs_vol_read(w->vol, buf, 3 * BS, shared + b * BS), 0);
+			assert_int_equal(tfs_dev_read(w->vol, buf, 3 * BS, shared + b * BS), 0);
 			for (int i = 0; i < 3; i++)
 				assert_true(stamped_whole(buf + i * BS));
 			break;
@@ -1395,7 +1406,7 @@ static void test_threads_on_disjoint_and_overlapping_ranges_match_the_model(void
 	struct fixture *f = new_fixture(T_THREADS * 16 + T_SHARED_BLOCKS + 8, false);
 	struct worker w[T_THREADS];
 	pthread_t th[T_THREADS];
-	struct tfs_vol *vol;
+	struct tfs_dev *vol;
 	uint8_t *buf = zalloc(T_REGION);
 
 	(void)state;
@@ -1409,11 +1420,11 @@ static void test_threads_on_disjoint_and_overlapping_ranges_match_the_model(void
 	for (int i = 0; i < T_THREADS; i++)
 		pthread_join(th[i], NULL);
 	for (int i = 0; i < T_THREADS; i++) {
-		assert_int_equal(tfs_vol_read(vol, buf, T_REGION, (uint64_t)i * T_REGION), 0);
+		assert_int_equal(tfs_dev_read(vol, buf, T_REGION, (uint64_t)i * T_REGION), 0);
 		assert_memory_equal(buf, w[i].model, T_REGION);
 		free(w[i].model);
 	}
-	tfs_vol_close(vol);
+	tfs_dev_close(vol);
 	free(buf);
 	done(f, false);
 }
@@ -1421,27 +1432,62 @@ static void test_threads_on_disjoint_and_overlapping_ranges_match_the_model(void
 static void test_handles_on_one_device_share_it(void **state)
 {
 	struct fixture *f = new_fixture(16, false);
-	struct tfs_vol *a, *b;
+	struct tfs_dev *a, *b;
 	uint8_t buf[100];
 	uint32_t id;
 
 	(void)state;
 	open_pool(f);
 	a = new_volume(f, &id);
-	assert_int_equal(tfs_vol_open(f->pool, id, false, &b), 0);
+	assert_int_equal(tfs_thin_open(f->pool, id, 0, &b), 0);
 	memset(buf, 0x3c, sizeof(buf));
-	assert_int_equal(tfs_vol_write(a, buf, sizeof(buf), 5), 0);
+	assert_int_equal(tfs_dev_write(a, buf, sizeof(buf), 5), 0);
 	memset(buf, 0, sizeof(buf));
-	assert_int_equal(tfs_vol_read(b, buf, sizeof(buf), 5), 0);
+	assert_int_equal(tfs_dev_read(b, buf, sizeof(buf), 5), 0);
 	assert_true(all_bytes(buf, sizeof(buf), 0x3c));
-	tfs_vol_close(a);
+	tfs_dev_close(a);
 	tfs_log_set_sink(quiet_sink, NULL);
 	assert_int_equal(tfs_pool_delete(f->pool, id), -EBUSY);
 	tfs_log_set_sink(NULL, NULL);
-	assert_int_equal(tfs_vol_mapped_blocks(b), 1);
-	tfs_vol_close(b);
+	assert_int_equal(mapped_blocks(b), 1);
+	tfs_dev_close(b);
 	assert_int_equal(tfs_pool_delete(f->pool, id), 0);
-	assert_int_equal(tfs_vol_open(f->pool, id, false, &a), -ENODATA);
+	assert_int_equal(tfs_thin_open(f->pool, id, 0, &a), -ENODATA);
+	done(f, false);
+}
+
+static void test_thin_status_handle_reports_and_does_no_io(void **state)
+{
+	struct fixture *f = new_fixture(16, false);
+	struct record_sink rec;
+	struct tfs_dev *vol, *st;
+	uint8_t buf[100] = { 0 };
+	uint64_t bytes;
+	uint32_t id;
+
+	(void)state;
+	open_pool(f);
+	vol = new_volume(f, &id);
+	assert_string_equal(tfs_dev_kind(vol), "thin");
+	assert_int_equal(tfs_dev_write(vol, buf, sizeof(buf), 2 * BS - 50), 0); /* 2 blocks */
+	assert_int_equal(tfs_dev_get_size(vol, &bytes), -ENOTSUP);
+	assert_int_equal(tfs_thin_open(f->pool, id, TFS_DEV_STATUS_ONLY, &st), 0);
+	assert_string_equal(tfs_dev_kind(st), "thin");
+	record_sink_init(&rec);
+	tfs_dev_status(st, &rec.sink);
+	assert_string_equal(record_sink_line(&rec),
+			    "mapped_blocks=2 exclusive_blocks=2 suspended=false held_in_core=0 ");
+	assert_int_equal(tfs_dev_allocated(st, &bytes), 0);
+	assert_int_equal(bytes, 2 * BS);
+	assert_int_equal(tfs_dev_read(st, buf, sizeof(buf), 0), -EBADF);
+	assert_int_equal(tfs_dev_write(st, buf, sizeof(buf), 0), -EBADF);
+	assert_int_equal(tfs_dev_flush(st), -EBADF);
+	assert_int_equal(tfs_dev_seek(st, 0, SEEK_DATA, BS, &bytes), -EBADF);
+	/* Only the I/O handle keeps the device from being deleted. */
+	tfs_dev_close(vol);
+	assert_int_equal(tfs_pool_delete(f->pool, id), 0);
+	assert_int_equal(tfs_dev_allocated(st, &bytes), -ENODATA);
+	tfs_dev_close(st);
 	done(f, false);
 }
 
@@ -1477,6 +1523,7 @@ int main(void)
 		cmocka_unit_test(test_status_reports_space_and_counters),
 		cmocka_unit_test(test_threads_on_disjoint_and_overlapping_ranges_match_the_model),
 		cmocka_unit_test(test_handles_on_one_device_share_it),
+		cmocka_unit_test(test_thin_status_handle_reports_and_does_no_io),
 	};
 
 	return cmocka_run_group_tests(tests, NULL, NULL);

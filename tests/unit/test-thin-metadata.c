@@ -612,6 +612,64 @@ static void map_block(struct tfs_td *td, struct tfs_pmd *pmd, uint64_t vblock, u
 	assert_int_equal(tfs_thin_insert(td, vblock, block), 0);
 }
 
+/* Gathers the runs tfs_pmd_walk_free_data reports. */
+struct runs {
+	uint64_t begin[16], len[16];
+	unsigned nr;
+};
+
+static int note_run(void *arg, uint64_t begin, uint64_t len)
+{
+	struct runs *r = arg;
+
+	if (r->nr == 16)
+		return -E2BIG;
+	r->begin[r->nr] = begin;
+	r->len[r->nr++] = len;
+	return 0;
+}
+
+static void test_walk_free_data_reports_each_free_run_whole(void **state)
+{
+	struct tfs_pmd_options o = default_opt;
+	struct tfs_bdev *dev = new_file_dev(SHRINK_META_BLOCKS * TFS_BLOCK_SIZE);
+	struct runs runs = { 0 };
+	struct tfs_pmd *pmd;
+
+	(void)state;
+	o.nr_data_blocks = NR_DATA; /* three bitmaps: runs cross their edges */
+	assert_int_equal(tfs_pmd_format(dev, &o, &pmd), 0);
+	assert_int_equal(tfs_pmd_walk_free_data(pmd, note_run, &runs), 0);
+	assert_int_equal(runs.nr, 1);
+	assert_int_equal(runs.begin[0], 0);
+	assert_int_equal(runs.len[0], NR_DATA);
+
+	/*
+	 * Used: 0, 5..6, 16383..16384, the last block; one freed again.  The
+	 * run 7..16382 crosses the end of the first bitmap (16320 entries).
+	 */
+	uint64_t used[] = { 0, 5, 6, 100, 16383, 16384, NR_DATA - 1 };
+
+	for (unsigned i = 0; i < sizeof(used) / sizeof(used[0]); i++)
+		assert_int_equal(tfs_pmd_data_block_inc(pmd, used[i]), 0);
+	assert_int_equal(tfs_pmd_free_data_block(pmd, 100), 0);
+	runs.nr = 0;
+	assert_int_equal(tfs_pmd_walk_free_data(pmd, note_run, &runs), 0);
+	assert_int_equal(runs.nr, 3);
+	assert_int_equal(runs.begin[0], 1);
+	assert_int_equal(runs.len[0], 4);
+	assert_int_equal(runs.begin[1], 7);
+	assert_int_equal(runs.len[1], 16383 - 7);
+	assert_int_equal(runs.begin[2], 16385);
+	assert_int_equal(runs.len[2], NR_DATA - 1 - 16385);
+
+	/* The walker's callback can stop it. */
+	runs.nr = 16;
+	assert_int_equal(tfs_pmd_walk_free_data(pmd, note_run, &runs), -E2BIG);
+	tfs_pmd_close(pmd);
+	tfs_bdev_close(dev);
+}
+
 static void test_shrink_data_down_to_the_highest_used_block(void **state)
 {
 	struct tfs_pmd_options o = default_opt;
@@ -976,6 +1034,7 @@ int main(void)
 		cmocka_unit_test(test_needs_check_persists_outside_transactions),
 		cmocka_unit_test(test_metadata_snapshot_holds_the_old_roots),
 		cmocka_unit_test(test_resize_grows_and_refuses_to_shrink),
+		cmocka_unit_test(test_walk_free_data_reports_each_free_run_whole),
 		cmocka_unit_test(test_shrink_data_down_to_the_highest_used_block),
 		cmocka_unit_test(test_shrink_data_across_bitmaps),
 		cmocka_unit_test(test_metadata_exhaustion_is_enospc),

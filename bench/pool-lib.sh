@@ -1,0 +1,51 @@
+# shellcheck shell=bash
+# SPDX-License-Identifier: GPL-2.0-or-later
+#
+# Sourced by the single-pool bench scripts (run-commit-stall.sh,
+# run-profile.sh): one fresh thinfs pool on sparse files in $WORK/pool,
+# mounted at $MNT by a daemon whose pid is $T_PID, taken down at exit.
+# The caller sets WORK, MNT and OUT (absolute) and thinfs (the binary).
+# Only that daemon is signalled and only $MNT is unmounted.
+
+T_PID=""
+
+log() { echo "[$(date -u +%H:%M:%S)] $*" | tee -a "$OUT/log.txt" >&2; }
+is_mounted() { awk -v m="$1" '$2==m{f=1} END{exit !f}' /proc/self/mounts; }
+
+pool_cleanup() {
+	if is_mounted "$MNT"; then
+		fusermount3 -u "$MNT" 2>/dev/null || { sleep 1; fusermount3 -uz "$MNT"; }
+	fi
+	if [[ -n $T_PID ]]; then
+		# the daemon commits and exits after the unmount; TERM if it does not
+		for _ in $(seq 1 300); do kill -0 "$T_PID" 2>/dev/null || break; sleep 0.1; done
+		kill -TERM "$T_PID" 2>/dev/null
+		wait "$T_PID" 2>/dev/null
+	fi
+	rm -rf "$WORK/pool"
+	rmdir "$MNT" 2>/dev/null
+	true
+}
+trap pool_cleanup EXIT
+trap 'log "interrupted"; exit 130' INT TERM
+
+# pool_start DATA_GIB: mkpool (defaults, block_size 64k) and mount at $MNT
+pool_start() {
+	rm -rf "$WORK/pool"
+	mkdir -p "$WORK/pool" "$MNT"
+	truncate -s 1G "$WORK/pool/meta.img"
+	truncate -s "${1}G" "$WORK/pool/data.img"
+	cat >"$WORK/pool/pool.cfg" <<CFG
+[pool]
+metadata = meta.img
+data = data.img
+catalog = catalog.db
+block_size = 64k
+CFG
+	# shellcheck disable=SC2154 # thinfs: set by the caller
+	"$thinfs" mkpool "$WORK/pool/pool.cfg" >/dev/null || return 1
+	"$thinfs" mount "$WORK/pool/pool.cfg" "$MNT" -f >>"$OUT/daemon.log" 2>&1 &
+	T_PID=$!
+	for _ in $(seq 1 200); do is_mounted "$MNT" && stat "$MNT/." >/dev/null 2>&1 && break; sleep 0.05; done
+	is_mounted "$MNT" || { log "thinfs did not mount"; return 1; }
+}
