@@ -25,7 +25,7 @@ int tfs_tm_create(struct tfs_bm *bm, struct tfs_sm *sm, struct tfs_tm **out)
 {
 	struct tfs_tm *tm;
 
-	if (!sm->ops->is_new || !sm->ops->rollback)
+	if (!sm->ops->is_new || !sm->ops->rollback || !sm->ops->commit_durable)
 		return -EINVAL;
 	tm = calloc(1, sizeof(*tm));
 	if (!tm)
