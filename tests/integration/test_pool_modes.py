@@ -830,6 +830,28 @@ def test_allocating_write_and_discard_complete_while_a_commit_is_stalled(pool):
     p.unmount()
 
 
+def test_a_failed_commit_aborts_the_transaction_that_ran_during_its_io(pool):
+    """The commit's held metadata write then fails: the pool goes read_only
+    as before, the fsync that ran the commit fails, and the allocating write
+    made meanwhile (acknowledged, never fsynced) goes with the aborted next
+    transaction.  What was committed before stays, and repair works."""
+    p, vol, other, t, res = stall_a_commit(pool, "metadata", "write")
+    p.expect_log(r"writing metadata block \d+ .* failed|committing the metadata failed")
+    try:
+        bounded(write_direct, vol, 20 * BS, pattern(3, BS), what="allocating write")
+    finally:
+        p.ctl("fault", "metadata", "write", "error", "once")
+    t.join(timeout=30)
+    assert not t.is_alive() and res == [errno.EIO], res
+    assert_failed_mode(p)
+    assert read_direct(vol, 20 * BS, BS) == bytes(BS)
+    repair_and_remount(p, vol, pattern(1, 4 * BS))
+    p.mount("--allow-faults")
+    assert read_direct(vol, 20 * BS, BS) == bytes(BS)
+    assert read_direct(other, 10 * BS, BS) == bytes(BS)
+    p.unmount()
+
+
 def test_idle_pool_writes_nothing_for_10s(pool):
     """Longer than test_daemon_ctl's 3 s idle test, with a snapshot group and
     unflushed writes behind it: after one commit interval nothing at all."""
