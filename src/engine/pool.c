@@ -169,6 +169,8 @@ int tfs_pool_meta_failed(struct tfs_pool *pool, int err, const char *what)
 	if (pool->mode == TFS_POOL_FAIL)
 		return -EIO;
 	if (pool->commit_io) {
+		tfs_info("%s: %s failed (%s) during a commit's metadata I/O: aborting when it ends",
+			 pool->cfg.metadata, what, strerror(-err));
 		pool->abort_pending = true;
 		wait_commit_io(pool);
 		pool->abort_pending = false;

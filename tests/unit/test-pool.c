@@ -961,6 +961,115 @@ static void test_metadata_space_exhaustion_gives_enospc_then_read_only(void **st
 	done(f, true);
 }
 
+struct held_commit {
+	struct tfs_dev *vol;
+	uint64_t off;
+	int r;
+};
+
+static void *flush_vol(void *arg)
+{
+	struct held_commit *h = arg;
+
+	h->r = tfs_dev_flush(h->vol);
+	return NULL;
+}
+
+/* Allocating writes of 1 MiB from h->off on, until one fails. */
+static void *fill_vol(void *arg)
+{
+	struct held_commit *h = arg;
+	uint8_t *buf = zalloc(MiB);
+
+	memset(buf, 0x4f, MiB);
+	do {
+		h->r = tfs_dev_write(h->vol, buf, MiB, h->off);
+		h->off += MiB;
+	} while (!h->r);
+	free(buf);
+	return NULL;
+}
+
+static atomic_bool abort_waits;
+
+static void see_abort_wait(void *ctx, enum tfs_log_level level, const char *msg)
+{
+	(void)ctx;
+	(void)level;
+	if (strstr(msg, "during a commit's metadata I/O: aborting when it ends"))
+		atomic_store(&abort_waits, true);
+}
+
+/*
+ * The next transaction runs out of metadata space while a commit's
+ * metadata writes are held.  Its abort needs the commit's pinned blocks,
+ * so it waits for the commit to end (an abort meanwhile would find them
+ * locked); then the pool goes read_only with the commit durable: what it
+ * committed reopens, the failed transaction is gone.
+ */
+static void test_a_change_failing_during_a_commit_io_is_aborted_after_it(void **state)
+{
+	struct fixture *f = new_fixture(30000, false);
+	struct held_commit flusher = { 0 }, filler = { 0 };
+	struct tfs_pool_status st;
+	uint8_t *buf = zalloc(2 * MiB);
+	pthread_t th_flush, th_fill;
+	struct tfs_bdev *meta;
+	struct tfs_dev *vol;
+
+	(void)state;
+	make_file(f->cfg.metadata, 64 * 4096); /* about ten thousand mappings at most */
+	assert_int_equal(tfs_pool_format(&f->cfg), 0);
+	f->cfg.commit_interval_ms = 3600 * 1000; /* only the flush below commits */
+	open_pool(f);
+	vol = new_volume(f, NULL);
+	memset(buf, 0x4d, MiB);
+	memset(buf + MiB, 0x4e, MiB);
+	assert_int_equal(tfs_dev_write(vol, buf, MiB, 0), 0);
+	assert_int_equal(tfs_dev_flush(vol), 0);
+	assert_int_equal(tfs_dev_write(vol, buf + MiB, MiB, MiB), 0); /* for the held commit */
+
+	meta = tfs_pool_bdev(f->pool, false);
+	tfs_bdev_fault_set(meta, TFS_FAULT_WRITE, TFS_FAULT_STALL, 0, false);
+	flusher.vol = vol;
+	assert_int_equal(pthread_create(&th_flush, NULL, flush_vol, &flusher), 0);
+	while (tfs_bdev_fault_stalled(meta) == 0)
+		sleep_ms(1);
+	atomic_store(&abort_waits, false);
+	tfs_log_set_sink(see_abort_wait, NULL);
+	filler = (struct held_commit){ .vol = vol, .off = 2 * MiB };
+	assert_int_equal(pthread_create(&th_fill, NULL, fill_vol, &filler), 0);
+	/* Said before the abort waits; 60 s is only a bound for a loaded machine. */
+	for (int ms = 0; ms < 60000 && !atomic_load(&abort_waits); ms++)
+		sleep_ms(1);
+	assert_true(atomic_load(&abort_waits));
+	assert_int_equal(tfs_bdev_fault_stalled(meta), 1); /* the commit is still held */
+	tfs_bdev_fault_set(meta, TFS_FAULT_WRITE, TFS_FAULT_OK, 0, false);
+	assert_int_equal(pthread_join(th_flush, NULL), 0);
+	assert_int_equal(pthread_join(th_fill, NULL), 0);
+	tfs_log_set_sink(NULL, NULL);
+	assert_int_equal(flusher.r, 0);
+	assert_int_equal(filler.r, -ENOSPC);
+	tfs_pool_status(f->pool, &st);
+	assert_string_equal(st.mode, "read_only");
+	assert_true(st.needs_check);
+	tfs_dev_close(vol);
+	close_pool(f);
+
+	/* The held commit is durable; the failed transaction after it never happened. */
+	f->cfg.allow_faults = false;
+	assert_int_equal(tfs_pool_open(&f->cfg, true, &f->pool), 0);
+	assert_int_equal(tfs_thin_open(f->pool, 0, TFS_DEV_READ_ONLY, &vol), 0);
+	assert_int_equal(mapped_blocks(vol), 2 * MiB / BS);
+	memset(buf, 0, 2 * MiB);
+	assert_int_equal(tfs_dev_read(vol, buf, 2 * MiB, 0), 0);
+	assert_true(all_bytes(buf, MiB, 0x4d));
+	assert_true(all_bytes(buf + MiB, MiB, 0x4e));
+	tfs_dev_close(vol);
+	free(buf);
+	done(f, true);
+}
+
 /*
  * When even the abort or the needs_check write fails, the pool is in fail
  * mode: every call fails with -EIO, nothing touches the metadata any more,
@@ -1513,6 +1622,7 @@ int main(void)
 		cmocka_unit_test(test_data_shrinks_down_to_the_highest_used_block),
 		cmocka_unit_test(test_metadata_write_error_makes_the_pool_read_only),
 		cmocka_unit_test(test_metadata_space_exhaustion_gives_enospc_then_read_only),
+		cmocka_unit_test(test_a_change_failing_during_a_commit_io_is_aborted_after_it),
 		cmocka_unit_test(test_needs_check_write_failure_means_fail_mode),
 		cmocka_unit_test(test_abort_failure_means_fail_mode),
 		cmocka_unit_test(test_flush_then_reopen_keeps_data),
