@@ -640,14 +640,157 @@ static int punch(struct tfs_thin_dev *vol, struct tfs_core_io *io, uint64_t off,
 	return r;
 }
 
+/* ---- clones ---------------------------------------------------------------------------- */
+
+/* Whole blocks [s0, s0 + nr) of src shared into [d0, d0 + nr) of dst, a chunk at a time. */
+struct clone {
+	struct tfs_thin_dev *src, *dst;
+	uint64_t s0, d0, nr;
+	bool marked;        /* both devices marked shared (tfs_thin_mark_shared) ... */
+	uint64_t mark_gen;  /* ... in the transaction of this abort_gen */
+	uint32_t time;      /* the pool time before the mark: the cloned mappings' time */
+};
+
+/*
+ * With the lock held: blocks [i, i + n) of the clone, whole in one hold,
+ * so a commit sees all of a chunk or none of it.  A mapped source block
+ * gets one more reference and is mapped in dst too (the block dst mapped
+ * there is released, and passed down if nobody maps it now); an unmapped
+ * one unmaps dst's block.  Both devices are marked shared before the
+ * first shared block, and the cloned mappings carry the time from before
+ * the mark: the time test (not the count) is what makes a later write to
+ * either side copy the block first, here as in the kernel, which knows
+ * only that test.
+ */
+static int clone_chunk(struct clone *c, uint64_t i, unsigned n)
+{
+	struct tfs_thin_mapping sm[TFS_POOL_CHUNK], dm[TFS_POOL_CHUNK];
+	struct tfs_pool *pool = c->dst->pool;
+	struct tfs_td *std = c->src->ref->td, *dtd = c->dst->ref->td;
+	uint64_t s = c->s0 + i, d = c->d0 + i;
+	unsigned js = 0, jd = 0;
+	int ns, nd, r;
+
+	r = tfs_pool_may_change(pool);
+	if (r)
+		return r;
+	ns = tfs_thin_lookup_range(std, s, s + n, n, sm);
+	if (ns < 0)
+		return lookup_failed(c->src, s, s + n, ns);
+	nd = tfs_thin_lookup_range(dtd, d, d + n, n, dm);
+	if (nd < 0)
+		return lookup_failed(c->dst, d, d + n, nd);
+	if (ns > 0 && (!c->marked || c->mark_gen != pool->abort_gen)) {
+		c->time = tfs_pmd_time(pool->pmd);
+		r = tfs_thin_mark_shared(std, dtd);
+		if (r)
+			return tfs_pool_meta_failed(pool, r, "marking cloned blocks shared");
+		c->marked = true;
+		c->mark_gen = pool->abort_gen;
+	}
+	for (unsigned k = 0; k < n; k++) {
+		const struct tfs_thin_mapping *from =
+			js < (unsigned)ns && sm[js].vblock == s + k ? &sm[js++] : NULL;
+		const struct tfs_thin_mapping *old =
+			jd < (unsigned)nd && dm[jd].vblock == d + k ? &dm[jd++] : NULL;
+
+		if (from) {
+			r = tfs_pmd_data_block_inc(pool->pmd, from->data_block);
+			if (!r)
+				r = tfs_thin_insert_timed(dtd, d + k, from->data_block, c->time);
+		} else if (old) {
+			r = tfs_thin_remove(dtd, d + k);
+		} else {
+			continue;
+		}
+		if (r)
+			return tfs_pool_meta_failed(pool, r, from ? "mapping a cloned block" :
+							      "unmapping a block for a clone");
+		if (old)
+			tfs_pool_passdown_if_free(pool, old->data_block);
+	}
+	/* The mappings point at data a commit must flush first, as for a new block's. */
+	pool->insert_gen++;
+	pool->dirty = true;
+	return 0;
+}
+
+/*
+ * Cells over both ranges, taken in (device, block) order as snapshot
+ * creation takes its own, so two multi-cell requests never wait for each
+ * other in a circle.  In one device one cell spans both ranges: a request
+ * that overlaps both and arrived between two cells would otherwise wait
+ * for the first while holding back the second.  src's cell is shared when
+ * it has one of its own: reads of it go on.
+ */
+static int clone_lock(const struct clone *c, bool lock)
+{
+	struct tfs_prison *pr = c->dst->pool->prison;
+	uint64_t s1 = c->s0 + c->nr, d1 = c->d0 + c->nr;
+	bool src_first = c->src->id < c->dst->id;
+	int r;
+
+	if (c->src->id == c->dst->id) {
+		uint64_t b0 = c->s0 < c->d0 ? c->s0 : c->d0, b1 = s1 > d1 ? s1 : d1;
+
+		if (!lock) {
+			tfs_prison_unlock(pr, c->dst->id, b0, b1);
+			return 0;
+		}
+		return tfs_prison_lock(pr, c->dst->id, b0, b1);
+	}
+	if (!lock) {
+		tfs_prison_unlock_shared(pr, c->src->id, c->s0, s1);
+		tfs_prison_unlock(pr, c->dst->id, c->d0, d1);
+		return 0;
+	}
+	r = src_first ? tfs_prison_lock_shared(pr, c->src->id, c->s0, s1) :
+			tfs_prison_lock(pr, c->dst->id, c->d0, d1);
+	if (r)
+		return r;
+	r = src_first ? tfs_prison_lock(pr, c->dst->id, c->d0, d1) :
+			tfs_prison_lock_shared(pr, c->src->id, c->s0, s1);
+	if (r && src_first)
+		tfs_prison_unlock_shared(pr, c->src->id, c->s0, s1);
+	else if (r)
+		tfs_prison_unlock(pr, c->dst->id, c->d0, d1);
+	return r;
+}
+
+static int clone_blocks(struct tfs_thin_dev *dst, struct tfs_thin_dev *src, uint64_t s0,
+			uint64_t d0, uint64_t nr)
+{
+	struct clone c = { .src = src, .dst = dst, .s0 = s0, .d0 = d0, .nr = nr };
+	struct tfs_pool *pool = dst->pool;
+	int r;
+
+	r = check_write(dst);
+	if (!r)
+		r = clone_lock(&c, true);
+	if (r)
+		return r;
+	for (uint64_t i = 0; i < nr && !r;) {
+		unsigned n = nr - i < TFS_POOL_CHUNK ? (unsigned)(nr - i) : TFS_POOL_CHUNK;
+
+		pthread_mutex_lock(&pool->lock);
+		r = clone_chunk(&c, i, n);
+		pthread_mutex_unlock(&pool->lock);
+		i += n;
+	}
+	clone_lock(&c, false);
+	return r;
+}
+
 /* ---- requests through the core ------------------------------------------------------- */
 
-enum req_op { REQ_READ, REQ_WRITE, REQ_PROVISION, REQ_PUNCH, REQ_TRUNCATE, REQ_FLUSH };
+enum req_op { REQ_READ, REQ_WRITE, REQ_PROVISION, REQ_PUNCH, REQ_TRUNCATE, REQ_FLUSH, REQ_CLONE };
 
 struct req {
 	enum req_op op;
 	void *buf;          /* REQ_READ: filled; REQ_WRITE: the data */
-	uint64_t off, len;
+	uint64_t off, len;  /* REQ_CLONE: whole blocks of the device, from block src_off of src */
+	struct tfs_thin_dev *src;
+	uint64_t src_off;
 };
 
 static int run_req(struct tfs_thin_dev *vol, struct tfs_core_io *io, const struct req *q)
@@ -665,6 +808,8 @@ static int run_req(struct tfs_thin_dev *vol, struct tfs_core_io *io, const struc
 		return punch(vol, io, q->off, 0, true);
 	case REQ_FLUSH:
 		return tfs_pool_commit_now(vol->pool, true);
+	case REQ_CLONE:
+		return clone_blocks(vol, q->src, q->src_off, q->off, q->len);
 	}
 	return -EINVAL;
 }
@@ -697,33 +842,113 @@ static struct tfs_thin_dev *thin_of(struct tfs_dev *dev)
 
 static int thin_read(struct tfs_dev *dev, void *buf, size_t len, uint64_t off)
 {
-	return submit(thin_of(dev), &(struct req){ REQ_READ, buf, off, len });
+	return submit(thin_of(dev), &(struct req){ .op = REQ_READ, .buf = buf, .off = off,
+						   .len = len });
 }
 
 static int thin_write(struct tfs_dev *dev, const void *buf, size_t len, uint64_t off)
 {
-	return submit(thin_of(dev), &(struct req){ REQ_WRITE, (void *)buf, off, len });
+	return submit(thin_of(dev), &(struct req){ .op = REQ_WRITE, .buf = (void *)buf, .off = off,
+						   .len = len });
 }
 
 static int thin_provision(struct tfs_dev *dev, uint64_t off, uint64_t len)
 {
-	return submit(thin_of(dev), &(struct req){ REQ_PROVISION, NULL, off, len });
+	return submit(thin_of(dev), &(struct req){ .op = REQ_PROVISION, .off = off, .len = len });
 }
 
 /* Discard and zero range are one punch: unmapped blocks read as zeros. */
 static int thin_punch(struct tfs_dev *dev, uint64_t off, uint64_t len)
 {
-	return submit(thin_of(dev), &(struct req){ REQ_PUNCH, NULL, off, len });
+	return submit(thin_of(dev), &(struct req){ .op = REQ_PUNCH, .off = off, .len = len });
 }
 
 static int thin_truncate(struct tfs_dev *dev, uint64_t new_size)
 {
-	return submit(thin_of(dev), &(struct req){ REQ_TRUNCATE, NULL, new_size, 0 });
+	return submit(thin_of(dev), &(struct req){ .op = REQ_TRUNCATE, .off = new_size });
 }
 
 static int thin_flush(struct tfs_dev *dev)
 {
-	return submit(thin_of(dev), &(struct req){ REQ_FLUSH, NULL, 0, 0 });
+	return submit(thin_of(dev), &(struct req){ .op = REQ_FLUSH });
+}
+
+/* Bytes [src_off, src_off + len) of src written to dst at dst_off, through both devices' I/O. */
+static int copy_bytes(struct tfs_dev *dst, struct tfs_dev *src, uint64_t src_off,
+		      uint64_t dst_off, uint64_t len)
+{
+	size_t piece = len < BOUNCE_MAX ? (size_t)len : BOUNCE_MAX;
+	uint8_t *buf;
+	int r = 0;
+
+	if (!len)
+		return 0;
+	buf = tfs_scratch_get(piece);
+	if (!buf)
+		return -ENOMEM;
+	for (uint64_t done = 0; done < len && !r;) {
+		size_t n = len - done < piece ? (size_t)(len - done) : piece;
+
+		r = tfs_dev_read(src, buf, n, src_off + done);
+		if (!r)
+			r = tfs_dev_write(dst, buf, n, dst_off + done);
+		done += n;
+	}
+	tfs_scratch_put(buf, piece);
+	return r;
+}
+
+/*
+ * The whole blocks of the range are shared, the head and tail before and
+ * after them copied.  The device is entered in the core for the sharing
+ * (a write to it); src only for the copies, through its own reads: the
+ * sharing reads nothing of src but its mappings, under a cell, and
+ * entering a second device while holding the first could hold up a
+ * suspend of both for as long as its drain waits.
+ */
+static int thin_clone_range(struct tfs_dev *dev, struct tfs_dev *src_dev, uint64_t src_off,
+			    uint64_t dst_off, uint64_t len)
+{
+	struct tfs_thin_dev *dst = thin_of(dev), *src;
+	uint64_t bs = dst->pool->block_size, head, whole, b;
+	int r;
+
+	/* Only a thin device of this pool shares blocks with this one. */
+	if (src_dev->ops != dev->ops || thin_of(src_dev)->pool != dst->pool)
+		return -EXDEV;
+	src = thin_of(src_dev);
+	if (!dst->ref || !src->ref)
+		return -EBADF;
+	if (!len)
+		return 0;
+	r = check_write(dst);
+	if (!r)
+		r = block_range(src, src_off, len, &b, &b);
+	if (!r)
+		r = block_range(dst, dst_off, len, &b, &b);
+	if (r)
+		return r;
+	if (src->id == dst->id && src_off < dst_off + len && dst_off < src_off + len) {
+		tfs_err("thin device %u: clone of %llu bytes from %llu to %llu: the ranges overlap",
+			dst->id, (unsigned long long)len, (unsigned long long)src_off,
+			(unsigned long long)dst_off);
+		return -EINVAL;
+	}
+	if (src_off % bs != dst_off % bs)
+		return -EOPNOTSUPP; /* no block of one lines up with a block of the other */
+	head = (bs - src_off % bs) % bs;
+	if (head > len)
+		head = len;
+	whole = (len - head) / bs;
+	r = copy_bytes(dev, src_dev, src_off, dst_off, head);
+	if (!r && whole)
+		r = submit(dst, &(struct req){ .op = REQ_CLONE, .off = (dst_off + head) / bs,
+					       .len = whole, .src = src,
+					       .src_off = (src_off + head) / bs });
+	if (!r)
+		r = copy_bytes(dev, src_dev, src_off + head + whole * bs,
+			       dst_off + head + whole * bs, len - head - whole * bs);
+	return r;
 }
 
 /* ---- the rest ---------------------------------------------------------------------------- */
@@ -861,6 +1086,7 @@ static const struct tfs_dev_ops thin_ops = {
 	.discard = thin_punch,
 	.zero_range = thin_punch,
 	.provision = thin_provision,
+	.clone_range = thin_clone_range,
 	.seek = thin_seek,
 	.get_size = thin_get_size,
 	.truncate = thin_truncate,
