@@ -73,6 +73,8 @@ struct chunk {
 	uint64_t abort_gen; /* when they were allocated */
 	bool free_zero;     /* when they were allocated: new blocks read as zeros already */
 	uint8_t *bounce;    /* lazily taken, the thread's scratch of bounce_len bytes */
+	bool any_zero;      /* detect_zeroes found a block below */
+	bool zero[TFS_POOL_CHUNK]; /* the request writes block i whole, all zeros */
 	struct plan plan[TFS_POOL_CHUNK];
 };
 
@@ -196,10 +198,72 @@ static enum act classify(enum how how, const struct tfs_thin_mapping *m)
 	return m->shared ? ACT_COPY : ACT_INPLACE;
 }
 
+/*
+ * detect_zeroes = unmap, no lock held: which blocks the chunk writes
+ * whole with zeros.  It costs a read of every whole block written; a
+ * block found nonzero stops at its first nonzero byte.
+ */
+static void find_zero_blocks(struct chunk *c)
+{
+	uint64_t bs = c->pool->block_size;
+
+	for (unsigned i = 0; i < c->nr; i++) {
+		uint64_t start = (c->b0 + i) * bs, done = 0;
+
+		c->zero[i] = false;
+		if (start < c->off || start + bs > c->end)
+			continue;
+		while (done < bs) {
+			uint64_t n = bs - done < BOUNCE_MAX ? bs - done : BOUNCE_MAX;
+
+			if (memcmp(c->buf + (start - c->off) + done, zero_buf, n))
+				break;
+			done += n;
+		}
+		c->zero[i] = done == bs;
+		c->any_zero |= c->zero[i];
+	}
+}
+
+/*
+ * With the lock held: the zero blocks of the plan (find_zero_blocks).  An
+ * unmapped one stays so; a mapped one is unmapped now, as a discard would
+ * (its data block passed down if nobody maps it), unless metadata cannot
+ * change (read_only mode): then the zeros are written as any data.
+ */
+static int plan_zero_blocks(struct chunk *c, const struct tfs_thin_mapping *const *m)
+{
+	struct tfs_pool *pool = c->pool;
+	bool mapped = false;
+	int r;
+
+	for (unsigned i = 0; i < c->nr; i++) {
+		if (!c->zero[i])
+			continue;
+		mapped |= m[i] != NULL;
+		if (!m[i])
+			c->plan[i].act = ACT_SKIP;
+	}
+	if (!mapped || tfs_pool_may_change(pool))
+		return 0;
+	for (unsigned i = 0; i < c->nr; i++) {
+		if (!c->zero[i] || !m[i])
+			continue;
+		r = tfs_thin_remove(c->vol->ref->td, c->b0 + i);
+		if (r)
+			return tfs_pool_meta_failed(pool, r, "unmapping a block written with zeros");
+		tfs_pool_passdown_if_free(pool, m[i]->data_block);
+		c->plan[i].act = ACT_SKIP;
+		pool->dirty = true;
+	}
+	return 0;
+}
+
 /* With the lock held: look the chunk up in one call, plan each block, allocate what is new. */
 static int plan_chunk(struct chunk *c)
 {
 	struct tfs_thin_mapping maps[TFS_POOL_CHUNK];
+	const struct tfs_thin_mapping *m[TFS_POOL_CHUNK];
 	uint64_t blocks[TFS_POOL_CHUNK];
 	struct tfs_pool *pool = c->pool;
 	unsigned j = 0, k = 0;
@@ -211,18 +275,23 @@ static int plan_chunk(struct chunk *c)
 	n = tfs_thin_lookup_range(c->vol->ref->td, c->b0, c->b0 + c->nr, c->nr, maps);
 	if (n < 0)
 		return lookup_failed(c->vol, c->b0, c->b0 + c->nr, n);
-	c->nr_alloc = 0;
 	for (unsigned i = 0; i < c->nr; i++) {
-		const struct tfs_thin_mapping *m =
-			j < (unsigned)n && maps[j].vblock == c->b0 + i ? &maps[j++] : NULL;
 		struct plan *p = &c->plan[i];
 
-		p->act = classify(c->how, m);
-		p->old = m ? m->data_block : 0;
+		m[i] = j < (unsigned)n && maps[j].vblock == c->b0 + i ? &maps[j++] : NULL;
+		p->act = classify(c->how, m[i]);
+		p->old = m[i] ? m[i]->data_block : 0;
 		p->target = p->old;
-		if (p->act == ACT_NEW || p->act == ACT_COPY)
-			c->nr_alloc++;
 	}
+	if (c->any_zero) {
+		r = plan_zero_blocks(c, m);
+		if (r)
+			return r;
+	}
+	c->nr_alloc = 0;
+	for (unsigned i = 0; i < c->nr; i++)
+		if (c->plan[i].act == ACT_NEW || c->plan[i].act == ACT_COPY)
+			c->nr_alloc++;
 	if (!c->nr_alloc)
 		return 0;
 	r = tfs_pool_alloc(pool, blocks, c->nr_alloc);
@@ -431,6 +500,8 @@ static int write_chunk(struct tfs_thin_dev *vol, const struct cell *cell, const 
 	int r;
 
 	c.nr = (unsigned)((end - 1) / pool->block_size + 1 - c.b0);
+	if (how == HOW_DATA && buf && pool->cfg.detect_zeroes)
+		find_zero_blocks(&c);
 	for (unsigned attempt = 0;; attempt++) {
 		pthread_mutex_lock(&pool->lock);
 		r = plan_chunk(&c);

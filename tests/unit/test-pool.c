@@ -747,6 +747,43 @@ static void test_clone_range_shares_whole_blocks_and_writes_break_it(void **stat
 	done(f, false);
 }
 
+static void test_detect_zeroes_unmaps_whole_blocks_of_zeros(void **state)
+{
+	struct fixture *f = new_fixture(64, false);
+	uint8_t buf[4 * BS], model[4 * BS];
+	struct tfs_dev *vol;
+	uint64_t used;
+
+	(void)state;
+	f->cfg.detect_zeroes = true;
+	open_pool(f);
+	vol = new_volume(f, NULL);
+	/* Zeros to unmapped blocks map nothing. */
+	memset(buf, 0, sizeof(buf));
+	assert_int_equal(tfs_dev_write(vol, buf, sizeof(buf), 0), 0);
+	assert_int_equal(mapped_blocks(vol), 0);
+	assert_int_equal(data_used(f), 0);
+	/* Over mapped blocks they unmap the whole ones; partial ones are written. */
+	fill_random(model, sizeof(model));
+	assert_int_equal(tfs_dev_write(vol, model, sizeof(model), 0), 0);
+	used = data_used(f);
+	assert_int_equal(used, 4);
+	assert_int_equal(tfs_dev_write(vol, buf, 2 * BS + 10, BS), 0);
+	memset(model + BS, 0, 2 * BS + 10);
+	expect_contents(vol, model, sizeof(model));
+	assert_int_equal(mapped_blocks(vol), 2);
+	assert_int_equal(tfs_dev_flush(vol), 0);
+	assert_int_equal(data_used(f), 2);
+	/* A block of data mixed with zeros is data. */
+	buf[BS - 1] = 1;
+	assert_int_equal(tfs_dev_write(vol, buf, BS, BS), 0);
+	memcpy(model + BS, buf, BS);
+	expect_contents(vol, model, sizeof(model));
+	assert_int_equal(mapped_blocks(vol), 3);
+	tfs_dev_close(vol);
+	done(f, false);
+}
+
 static void test_truncate_unmaps_past_the_end_and_zeroes_the_tail(void **state)
 {
 	struct fixture *f = new_fixture(64, false);
@@ -1568,6 +1605,7 @@ int main(void)
 		cmocka_unit_test(test_discard_of_shared_blocks_keeps_the_snapshot),
 		cmocka_unit_test(test_provision_maps_zeroed_blocks_and_zero_range_unmaps),
 		cmocka_unit_test(test_clone_range_shares_whole_blocks_and_writes_break_it),
+		cmocka_unit_test(test_detect_zeroes_unmaps_whole_blocks_of_zeros),
 		cmocka_unit_test(test_truncate_unmaps_past_the_end_and_zeroes_the_tail),
 		cmocka_unit_test(test_seek_data_and_hole_follow_the_mapping),
 		cmocka_unit_test(test_full_data_device_gives_enospc_and_freed_blocks_come_back),
