@@ -9,12 +9,14 @@ import errno
 import os
 import shutil
 import subprocess
+import threading
 import xml.etree.ElementTree as ET
 
 import pytest
 
 from conftest import run_cmd
-from daemon_util import BS, create, expect_errno, fsync_path, pattern, read_at, write_at
+from daemon_util import (BS, create, expect_errno, fsync_path, pattern, read_at, read_direct,
+                         wait_for, write_at, write_direct)
 
 
 def copy_range(src, dst, n, off_in=0, off_out=0):
@@ -161,6 +163,82 @@ def test_clone_within_one_file_and_overlapping_ranges_refused(pool):
     assert read_at(vol, 0, BS) == pattern(1, BS)
 
 
+def test_a_clone_from_a_snapshot_outlives_its_source(pool):
+    p = pool()
+    src = filled(p, "src", 4, 1)
+    os.mkdir(p.mnt / ".snapshots" / "g")
+    write_at(src, 0, pattern(2, 4 * BS))
+    dst = create(p.mnt / "restored", 4 * BS)
+    used = p.used()
+    copy_range(p.mnt / ".snapshots" / "g" / "src", dst, 4 * BS)
+    assert read_at(dst, 0, 4 * BS) == pattern(1, 4 * BS)
+    assert p.used() == used
+    os.rmdir(p.mnt / ".snapshots" / "g")
+    os.unlink(src)
+    p.wait_used(4)
+    assert read_at(dst, 0, 4 * BS) == pattern(1, 4 * BS)
+    os.unlink(dst)
+    p.wait_used(0)
+
+
+def test_a_suspended_destination_holds_the_clone_until_resume(pool):
+    p = pool()
+    src = filled(p, "src", 4, 1)
+    dst = create(p.mnt / "dst", 4 * BS)
+    p.ctl("suspend", "dst")
+    done = {}
+
+    def run():
+        try:
+            copy_range(src, dst, 4 * BS)
+            done["ok"] = True
+        except OSError as e:
+            done["err"] = e
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    try:
+        assert wait_for(lambda: p.volume("dst")["held_in_core"] >= 1), "the clone was not held"
+        assert not done and p.volume("dst")["mapped_blocks"] == 0
+    finally:
+        p.ctl("resume", "dst")
+    t.join(60)
+    assert done == {"ok": True}
+    assert read_at(dst, 0, 4 * BS) == pattern(1, 4 * BS)
+    assert mappings(p, "dst") == mappings(p, "src")
+
+
+def test_clones_during_whole_file_writes_see_one_write_or_the_other(pool):
+    """The clone holds the source range for all of its chunks, and a write
+    of the whole range is one request: each clone is some version whole."""
+    p = pool()
+    versions = [pattern(100 + i, 8 * BS) for i in range(8)]
+    src = create(p.mnt / "src", 8 * BS)
+    write_direct(src, 0, versions[0])
+    dst = create(p.mnt / "dst", 8 * BS)
+    stop = threading.Event()
+    errors = []
+
+    def writer():
+        i = 0
+        try:
+            while not stop.is_set():
+                i = (i + 1) % len(versions)
+                write_direct(src, 0, versions[i])
+        except OSError as e:
+            errors.append(e)
+    t = threading.Thread(target=writer, daemon=True)
+    t.start()
+    try:
+        for _ in range(40):
+            copy_range(src, dst, 8 * BS)
+            got = read_direct(dst, 0, 8 * BS)
+            assert got in versions, "a clone mixes two writes"
+    finally:
+        stop.set()
+        t.join(60)
+    assert not errors
+
+
 def test_copy_from_another_pool_or_file_is_a_plain_copy(pool, tmp_path):
     a, b = pool("a"), pool("b")
     src = filled(a, "src", 4, 1)
@@ -206,6 +284,24 @@ def test_a_read_only_pool_refuses_a_clone(pool):
     p.ctl("fault", "metadata", "write", "ok")
     p.unmount()
     p.thinfs_run("check", "--repair", p.meta, ok=(0, 1))
+
+
+def test_a_clone_needs_no_data_space(pool):
+    p = pool(data_size=16 * BS, options={"error_if_no_space": "true"})
+    src = filled(p, "src", 8, 1)
+    filled(p, "filler", 8, 2)
+    dst = create(p.mnt / "dst", 8 * BS)
+    expect_errno(errno.ENOSPC, write_at, dst, 0, pattern(3, BS))
+    assert p.status()["pool"]["mode"] == "out_of_data_space"
+    copy_range(src, dst, 8 * BS)
+    assert read_at(dst, 0, 8 * BS) == pattern(1, 8 * BS)
+    # Breaking the sharing needs a block.
+    expect_errno(errno.ENOSPC, write_at, dst, 0, pattern(3, BS))
+    assert read_at(dst, 0, 8 * BS) == pattern(1, 8 * BS)
+    os.unlink(p.mnt / "filler")
+    p.wait_used(8)
+    write_at(dst, 0, pattern(3, BS))
+    assert read_at(src, 0, BS) == pattern(1, BS)
 
 
 def test_cp_between_volumes_shares_blocks(pool):
