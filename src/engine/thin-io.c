@@ -717,9 +717,6 @@ static int punch(struct tfs_thin_dev *vol, struct tfs_core_io *io, uint64_t off,
 struct clone {
 	struct tfs_thin_dev *src, *dst;
 	uint64_t s0, d0, nr;
-	bool marked;        /* both devices marked shared (tfs_thin_mark_shared) ... */
-	uint64_t mark_gen;  /* ... in the transaction of this abort_gen */
-	uint32_t time;      /* the pool time before the mark: the cloned mappings' time */
 };
 
 /*
@@ -727,11 +724,16 @@ struct clone {
  * so a commit sees all of a chunk or none of it.  A mapped source block
  * gets one more reference and is mapped in dst too (the block dst mapped
  * there is released, and passed down if nobody maps it now); an unmapped
- * one unmaps dst's block.  Both devices are marked shared before the
- * first shared block, and the cloned mappings carry the time from before
- * the mark: the time test (not the count) is what makes a later write to
- * either side copy the block first, here as in the kernel, which knows
- * only that test.
+ * one unmaps dst's block.
+ *
+ * The time test (not the count) is what makes a later write to either
+ * side copy the block first, here as in the kernel, which knows only that
+ * test.  A cloned mapping keeps its source mapping's time, which must be
+ * older than both devices' snapshotted_time; when one is not (written
+ * since the devices were last marked), both are marked shared now, which
+ * moves the pool time on.  So a run of clones between two devices, as cp
+ * makes one per extent, moves it once, not once per call: it is 24 bits,
+ * shared with snapshots, and wraps.
  */
 static int clone_chunk(struct clone *c, uint64_t i, unsigned n)
 {
@@ -739,7 +741,9 @@ static int clone_chunk(struct clone *c, uint64_t i, unsigned n)
 	struct tfs_pool *pool = c->dst->pool;
 	struct tfs_td *std = c->src->ref->td, *dtd = c->dst->ref->td;
 	uint64_t s = c->s0 + i, d = c->d0 + i;
+	struct tfs_thin_details dd;
 	unsigned js = 0, jd = 0;
+	bool mark = false;
 	int ns, nd, r;
 
 	r = tfs_pool_may_change(pool);
@@ -751,14 +755,14 @@ static int clone_chunk(struct clone *c, uint64_t i, unsigned n)
 	nd = tfs_thin_lookup_range(dtd, d, d + n, n, dm);
 	if (nd < 0)
 		return lookup_failed(c->dst, d, d + n, nd);
-	if (ns > 0 && (!c->marked || c->mark_gen != pool->abort_gen)) {
-		c->time = tfs_pmd_time(pool->pmd);
-		r = tfs_thin_mark_shared(std, dtd);
-		if (r)
-			return tfs_pool_meta_failed(pool, r, "marking cloned blocks shared");
-		c->marked = true;
-		c->mark_gen = pool->abort_gen;
-	}
+	r = tfs_pmd_device_details(pool->pmd, c->dst->id, &dd);
+	if (r)
+		return lookup_failed(c->dst, d, d + n, r);
+	for (int k = 0; k < ns; k++)
+		mark |= !sm[k].shared || sm[k].time >= dd.snapshotted_time;
+	r = mark ? tfs_thin_mark_shared(std, dtd) : 0;
+	if (r)
+		return tfs_pool_meta_failed(pool, r, "marking cloned blocks shared");
 	for (unsigned k = 0; k < n; k++) {
 		const struct tfs_thin_mapping *from =
 			js < (unsigned)ns && sm[js].vblock == s + k ? &sm[js++] : NULL;
@@ -768,7 +772,7 @@ static int clone_chunk(struct clone *c, uint64_t i, unsigned n)
 		if (from) {
 			r = tfs_pmd_data_block_inc(pool->pmd, from->data_block);
 			if (!r)
-				r = tfs_thin_insert_timed(dtd, d + k, from->data_block, c->time);
+				r = tfs_thin_insert_timed(dtd, d + k, from->data_block, from->time);
 		} else if (old) {
 			r = tfs_thin_remove(dtd, d + k);
 		} else {

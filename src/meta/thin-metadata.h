@@ -157,9 +157,9 @@ int tfs_thin_insert(struct tfs_td *td, uint64_t vblock, uint64_t data_block);
  * and both devices' snapshotted_time becomes it.  For mappings shared by
  * reference (a clone: the data block's count raised and mapped in a
  * second place), which the time test alone decides, here as in the
- * kernel; insert them with tfs_thin_insert_timed at the time from before
- * this call.  O(1); rolled back by an abort.  -ENODEV a deleted device,
- * -EROFS.
+ * kernel; insert them with tfs_thin_insert_timed at a time from before
+ * this call (the source mapping's own).  O(1); rolled back by an abort.
+ * -ENODEV a deleted device, -EROFS.
  */
 int tfs_thin_mark_shared(struct tfs_td *a, struct tfs_td *b);
 /* Unmap one block (-ENODATA if unmapped) / every block in [begin, end). */

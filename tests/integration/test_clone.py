@@ -59,6 +59,11 @@ def filled(p, name, nblocks, seed, size=None):
     return vol
 
 
+def pool_time(p):
+    """The pool's time, as committed (thin_dump)."""
+    return int(ET.fromstring(run_cmd("thin_dump", p.meta).stdout).get("time"))
+
+
 def test_copy_file_range_shares_whole_blocks_and_allocates_nothing(pool):
     p = pool()
     src = filled(p, "src", 16, 1)
@@ -305,6 +310,8 @@ def test_a_clone_needs_no_data_space(pool):
 
 
 def test_cp_between_volumes_shares_blocks(pool):
+    """coreutils 9.1 calls copy_file_range for a file without holes (its
+    hole-aware path reads and writes)."""
     p = pool()
     src = filled(p, "src", 8, 1)
     used = p.used()
@@ -313,6 +320,27 @@ def test_cp_between_volumes_shares_blocks(pool):
     assert read_at(p.mnt / "dst", 0, 8 * BS) == pattern(1, 8 * BS)
     assert p.used() == used
     assert mappings(p, "dst") == mappings(p, "src")
+
+
+def test_a_run_of_clones_moves_the_pool_time_once(pool):
+    p = pool()
+    src = filled(p, "src", 8, 1)
+    dst = create(p.mnt / "dst", 8 * BS)
+    t0 = pool_time(p)
+    for b in (0, 1, 4, 7):                  # one call per extent, as a hole-aware copy makes
+        copy_range(src, dst, BS, b * BS, b * BS)
+    assert pool_time(p) == t0 + 1
+    copy_range(src, p.mnt / "dst", BS, 2 * BS, 2 * BS)
+    assert pool_time(p) == t0 + 1
+    # A block written since the mark is marked again when it is shared.
+    write_at(src, 4 * BS, pattern(9, BS))
+    copy_range(src, dst, BS, 5 * BS, 5 * BS)
+    assert pool_time(p) == t0 + 1
+    copy_range(src, dst, BS, 4 * BS, 4 * BS)
+    assert pool_time(p) == t0 + 2
+    write_at(dst, 4 * BS, pattern(10, BS))
+    assert read_at(src, 4 * BS, BS) == pattern(9, BS)
+    assert p.used() == 9      # src's 8, and dst's own block 4; its first one is free again
 
 
 @pytest.mark.skipif(shutil.which("qemu-img") is None, reason="no qemu-img")
