@@ -1,11 +1,11 @@
 /* SPDX-License-Identifier: GPL-2.0-or-later */
 /*
  * The thin target's devices (target.h, kind "thin"): read, write,
- * discard, provision, zero range, truncate, seek, flush, allocated space
- * and status, behind the ops table at the end.
+ * discard, provision, zero range, clone range, truncate, seek, flush,
+ * allocated space and status, behind the ops table at the end.
  *
  * Every request takes one prison cell over its whole block range (shared
- * for reads), then works in chunks of up to TFS_POOL_CHUNK blocks: one
+ * for reads; a clone takes one on each device, see clone_lock), then works in chunks of up to TFS_POOL_CHUNK blocks: one
  * lookup_range and any allocations under the metadata lock; the data I/O
  * with no lock held; then the new mappings inserted under the lock again.
  * Neighbouring blocks whose data blocks are neighbours too go to the data
@@ -17,7 +17,8 @@
  * snapshot).  "Shared" is the metadata's time test alone: a data block
  * count of 1 does not prove a mapping exclusive, because a snapshot shares
  * whole leaves, and the blocks of a leaf nobody has written since the
- * snapshot keep count 1 while two devices map them.
+ * snapshot keep count 1 while two devices map them.  With detect_zeroes,
+ * a block the write covers whole with zeros is unmapped instead.
  */
 #include "pool-internal.h"
 
