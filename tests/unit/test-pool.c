@@ -742,6 +742,17 @@ static void test_clone_range_shares_whole_blocks_and_writes_break_it(void **stat
 		assert_int_equal(tfs_dev_clone_range(lin, dst, 0, 0, BS), -EOPNOTSUPP);
 		tfs_dev_close(lin);
 	}
+	{
+		struct fixture *g = new_fixture(16, false);
+		struct tfs_dev *other;
+
+		open_pool(g);
+		other = new_volume(g, NULL);
+		assert_int_equal(tfs_dev_clone_range(other, dst, 0, 0, BS), -EXDEV);
+		assert_int_equal(tfs_dev_clone_range(dst, other, 0, 0, BS), -EXDEV);
+		tfs_dev_close(other);
+		done(g, false);
+	}
 	expect_contents(dst, b, sizeof(b));
 	tfs_dev_close(dst);
 	done(f, false);
