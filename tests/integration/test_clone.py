@@ -103,6 +103,36 @@ def test_writes_after_a_clone_break_the_sharing_both_ways(pool):
     assert p.volume("dst")["exclusive_blocks"] == 2
 
 
+def test_a_committed_clone_survives_a_crash_and_still_breaks_on_write(pool):
+    p = pool()
+    src = filled(p, "src", 4, 1)
+    dst = create(p.mnt / "dst", 4 * BS)
+    copy_range(src, dst, 4 * BS)      # fsyncs dst: the commit
+    p.kill9()
+    p.mount()
+    assert mappings(p, "dst") == mappings(p, "src")
+    write_at(src, 0, pattern(2, 4 * BS))
+    write_at(dst, BS, pattern(3, BS))
+    assert read_at(dst, 0, 4 * BS) == pattern(1, BS) + pattern(3, BS) + pattern(1, 4 * BS)[2 * BS:]
+    assert read_at(src, 0, 4 * BS) == pattern(2, 4 * BS)
+
+
+def test_an_uncommitted_clone_is_whole_or_absent_after_a_crash(pool):
+    p = pool(options={"commit_interval": "1h"})
+    src = filled(p, "src", 4, 1)
+    dst = filled(p, "dst", 4, 2)
+    fi, fo = os.open(src, os.O_RDONLY), os.open(dst, os.O_WRONLY)
+    try:
+        assert os.copy_file_range(fi, fo, 4 * BS, 0, 0) == 4 * BS
+    finally:
+        os.close(fi)
+        os.close(fo)
+    p.kill9()
+    p.mount()
+    assert read_at(dst, 0, 4 * BS) in (pattern(1, 4 * BS), pattern(2, 4 * BS))
+    assert read_at(src, 0, 4 * BS) == pattern(1, 4 * BS)
+
+
 def test_unaligned_head_and_tail_are_copied_and_the_rest_shared(pool):
     p = pool()
     src = filled(p, "src", 8, 1)
