@@ -815,14 +815,10 @@ static void op_copy_file_range(fuse_req_t req, fuse_ino_t ino_in, off_t off_in,
 		fuse_reply_err(req, EINVAL);
 		return;
 	}
-	r = check_range(fs, off_out, len);
-	if (r < 0) {
-		fuse_reply_err(req, -r);
-		return;
-	}
 	pthread_rwlock_rdlock(&first->io_lock);
 	if (second != first)
 		pthread_rwlock_rdlock(&second->io_lock);
+	/* What the source holds, first: "to the end" may be asked as a huge length. */
 	size = cur_size(src);
 	if ((uint64_t)off_in >= size)
 		n = 0;
@@ -830,7 +826,9 @@ static void op_copy_file_range(fuse_req_t req, fuse_ino_t ino_in, off_t off_in,
 		n = size - (uint64_t)off_in;
 	if (n > most)
 		n = most;
-	r = n ? tfs_dev_clone_range(dst->dev, src->dev, (uint64_t)off_in, (uint64_t)off_out, n) : 0;
+	r = check_range(fs, off_out, n);
+	if (r == 0 && n)
+		r = tfs_dev_clone_range(dst->dev, src->dev, (uint64_t)off_in, (uint64_t)off_out, n);
 	if (r == 0 && n)
 		tfs_fs_extend(fs, dst, (uint64_t)off_out + n, true);
 	if (second != first)

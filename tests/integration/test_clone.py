@@ -79,6 +79,25 @@ def test_copy_file_range_shares_whole_blocks_and_allocates_nothing(pool):
     assert len(set(mappings(p, "src").values())) == 16
 
 
+def test_a_length_past_the_source_end_copies_to_the_end(pool):
+    p = pool()
+    src = filled(p, "src", 4, 1)
+    os.truncate(src, 4 * BS - 100)
+    dst = create(p.mnt / "dst")
+    fi, fo = os.open(src, os.O_RDONLY), os.open(dst, os.O_WRONLY)
+    try:
+        assert os.copy_file_range(fi, fo, 1 << 62, 0, 0) == 4 * BS - 100
+        assert os.copy_file_range(fi, fo, 1 << 62, 4 * BS - 100, 0) == 0
+    finally:
+        os.close(fi)
+        os.close(fo)
+    assert os.stat(dst).st_size == 4 * BS - 100
+    assert read_at(dst, 0, 4 * BS) == pattern(1, 4 * BS)[:4 * BS - 100]
+    assert p.volume("dst")["mapped_blocks"] == 4
+    fsync_path(dst)
+    assert [b for b in range(4) if mappings(p, "dst")[b] == mappings(p, "src")[b]] == [0, 1, 2]
+
+
 def test_writes_after_a_clone_break_the_sharing_both_ways(pool):
     p = pool()
     src = filled(p, "src", 8, 1)
