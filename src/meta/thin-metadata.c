@@ -1102,6 +1102,22 @@ int tfs_thin_insert_timed(struct tfs_td *td, uint64_t vblock, uint64_t data_bloc
 	return insert(td, vblock, data_block, time & TFS_TIME_MASK);
 }
 
+int tfs_thin_mark_shared(struct tfs_td *a, struct tfs_td *b)
+{
+	struct tfs_pmd *pmd = a->pmd;
+
+	if (a->deleted || b->deleted)
+		return -ENODEV;
+	if (pmd->read_only)
+		return -EROFS;
+	pmd->time = (pmd->time + 1) & TFS_TIME_MASK;
+	a->details.snapshotted_time = pmd->time;
+	a->changed = true;
+	b->details.snapshotted_time = pmd->time;
+	b->changed = true;
+	return 0;
+}
+
 int tfs_thin_remove(struct tfs_td *td, uint64_t vblock)
 {
 	struct tfs_pmd *pmd = td->pmd;

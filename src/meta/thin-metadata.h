@@ -151,6 +151,17 @@ int tfs_thin_lookup_range(struct tfs_td *td, uint64_t begin, uint64_t end, unsig
  * a previous mapping's data block is released.
  */
 int tfs_thin_insert(struct tfs_td *td, uint64_t vblock, uint64_t data_block);
+/*
+ * Every mapping a and b (may be the same device) hold now becomes shared
+ * (m.shared), as an origin's do at a snapshot: the pool time moves on one
+ * and both devices' snapshotted_time becomes it.  For mappings shared by
+ * reference (a clone: the data block's count raised and mapped in a
+ * second place), which the time test alone decides, here as in the
+ * kernel; insert them with tfs_thin_insert_timed at a time from before
+ * this call (the source mapping's own).  O(1); rolled back by an abort.
+ * -ENODEV a deleted device, -EROFS.
+ */
+int tfs_thin_mark_shared(struct tfs_td *a, struct tfs_td *b);
 /* Unmap one block (-ENODATA if unmapped) / every block in [begin, end). */
 int tfs_thin_remove(struct tfs_td *td, uint64_t vblock);
 int tfs_thin_remove_range(struct tfs_td *td, uint64_t begin, uint64_t end, uint64_t *nr_removed);

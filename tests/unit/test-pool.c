@@ -686,6 +686,115 @@ static void test_provision_maps_zeroed_blocks_and_zero_range_unmaps(void **state
 	done(f, false);
 }
 
+static void test_clone_range_shares_whole_blocks_and_writes_break_it(void **state)
+{
+	struct fixture *f = new_fixture(64, false);
+	uint8_t a[8 * BS], b[8 * BS], got[8 * BS];
+	struct tfs_dev *src, *dst;
+	uint64_t used;
+
+	(void)state;
+	open_pool(f);
+	src = new_volume(f, NULL);
+	dst = new_volume(f, NULL);
+	fill_random(a, sizeof(a));
+	fill_random(b, sizeof(b));
+	assert_int_equal(tfs_dev_write(src, a, sizeof(a), 0), 0);
+	assert_int_equal(tfs_dev_write(dst, b, sizeof(b), 0), 0);
+	used = data_used(f);
+	/* Head [100, BS), blocks 1-5 shared, tail [6 BS, 6 BS + 100). */
+	assert_int_equal(tfs_dev_clone_range(dst, src, 100, 100, 6 * BS), 0);
+	memcpy(b + 100, a + 100, 6 * BS);
+	expect_contents(dst, b, sizeof(b));
+	assert_int_equal(data_used(f), used - 5); /* dst's own blocks 1-5 are free */
+	assert_int_equal(mapped_blocks(dst), 8);
+
+	/* Writes to either side copy the block first; the other side keeps its bytes. */
+	memset(got, 0x5a, BS);
+	assert_int_equal(tfs_dev_write(src, got, 10, 2 * BS), 0);
+	memcpy(a + 2 * BS, got, 10);
+	assert_int_equal(tfs_dev_write(dst, got, 10, 3 * BS + 7), 0);
+	memcpy(b + 3 * BS + 7, got, 10);
+	expect_contents(src, a, sizeof(a));
+	expect_contents(dst, b, sizeof(b));
+	assert_int_equal(data_used(f), used - 3);
+
+	/* Within one device, then the refusals. */
+	assert_int_equal(tfs_dev_clone_range(dst, dst, 0, 4 * BS, 2 * BS), 0);
+	memcpy(b + 4 * BS, b, 2 * BS);
+	expect_contents(dst, b, sizeof(b));
+	assert_int_equal(tfs_dev_clone_range(dst, dst, 0, BS, 2 * BS), -EINVAL);
+	assert_int_equal(tfs_dev_clone_range(dst, src, 0, 4096, BS), -EOPNOTSUPP);
+	tfs_dev_close(src);
+	assert_int_equal(tfs_thin_open(f->pool, 0, TFS_DEV_READ_ONLY, &src), 0);
+	assert_int_equal(tfs_dev_clone_range(src, dst, 0, 0, BS), -EROFS);
+	tfs_dev_close(src);
+	assert_int_equal(tfs_thin_open(f->pool, 0, TFS_DEV_STATUS_ONLY, &src), 0);
+	assert_int_equal(tfs_dev_clone_range(dst, src, 0, 0, BS), -EBADF);
+	tfs_dev_close(src);
+	{
+		struct tfs_bdev *mem;
+		struct tfs_dev *lin;
+
+		assert_int_equal(tfs_bdev_open_mem(BS, &mem), 0);
+		assert_int_equal(tfs_linear_open(mem, true, 0, &lin), 0);
+		assert_int_equal(tfs_dev_clone_range(dst, lin, 0, 0, BS), -EXDEV);
+		assert_int_equal(tfs_dev_clone_range(lin, dst, 0, 0, BS), -EOPNOTSUPP);
+		tfs_dev_close(lin);
+	}
+	{
+		struct fixture *g = new_fixture(16, false);
+		struct tfs_dev *other;
+
+		open_pool(g);
+		other = new_volume(g, NULL);
+		assert_int_equal(tfs_dev_clone_range(other, dst, 0, 0, BS), -EXDEV);
+		assert_int_equal(tfs_dev_clone_range(dst, other, 0, 0, BS), -EXDEV);
+		tfs_dev_close(other);
+		done(g, false);
+	}
+	expect_contents(dst, b, sizeof(b));
+	tfs_dev_close(dst);
+	done(f, false);
+}
+
+static void test_detect_zeroes_unmaps_whole_blocks_of_zeros(void **state)
+{
+	struct fixture *f = new_fixture(64, false);
+	uint8_t buf[4 * BS], model[4 * BS];
+	struct tfs_dev *vol;
+	uint64_t used;
+
+	(void)state;
+	f->cfg.detect_zeroes = true;
+	open_pool(f);
+	vol = new_volume(f, NULL);
+	/* Zeros to unmapped blocks map nothing. */
+	memset(buf, 0, sizeof(buf));
+	assert_int_equal(tfs_dev_write(vol, buf, sizeof(buf), 0), 0);
+	assert_int_equal(mapped_blocks(vol), 0);
+	assert_int_equal(data_used(f), 0);
+	/* Over mapped blocks they unmap the whole ones; partial ones are written. */
+	fill_random(model, sizeof(model));
+	assert_int_equal(tfs_dev_write(vol, model, sizeof(model), 0), 0);
+	used = data_used(f);
+	assert_int_equal(used, 4);
+	assert_int_equal(tfs_dev_write(vol, buf, 2 * BS + 10, BS), 0);
+	memset(model + BS, 0, 2 * BS + 10);
+	expect_contents(vol, model, sizeof(model));
+	assert_int_equal(mapped_blocks(vol), 2);
+	assert_int_equal(tfs_dev_flush(vol), 0);
+	assert_int_equal(data_used(f), 2);
+	/* A block of data mixed with zeros is data. */
+	buf[BS - 1] = 1;
+	assert_int_equal(tfs_dev_write(vol, buf, BS, BS), 0);
+	memcpy(model + BS, buf, BS);
+	expect_contents(vol, model, sizeof(model));
+	assert_int_equal(mapped_blocks(vol), 3);
+	tfs_dev_close(vol);
+	done(f, false);
+}
+
 static void test_truncate_unmaps_past_the_end_and_zeroes_the_tail(void **state)
 {
 	struct fixture *f = new_fixture(64, false);
@@ -1506,6 +1615,8 @@ int main(void)
 		cmocka_unit_test(test_discard_frees_whole_blocks_and_zeroes_partial_ones),
 		cmocka_unit_test(test_discard_of_shared_blocks_keeps_the_snapshot),
 		cmocka_unit_test(test_provision_maps_zeroed_blocks_and_zero_range_unmaps),
+		cmocka_unit_test(test_clone_range_shares_whole_blocks_and_writes_break_it),
+		cmocka_unit_test(test_detect_zeroes_unmaps_whole_blocks_of_zeros),
 		cmocka_unit_test(test_truncate_unmaps_past_the_end_and_zeroes_the_tail),
 		cmocka_unit_test(test_seek_data_and_hole_follow_the_mapping),
 		cmocka_unit_test(test_full_data_device_gives_enospc_and_freed_blocks_come_back),

@@ -416,6 +416,61 @@ static void test_snapshot_shares_blocks_and_writes_break_sharing(void **state)
 	tfs_bdev_close(dev);
 }
 
+static void test_mark_shared_makes_cloned_mappings_shared_on_both_sides(void **state)
+{
+	(void)state;
+	struct tfs_bdev *dev;
+	struct tfs_pmd *pmd = format_mem(&dev, 1024);
+	struct tfs_td *a, *b;
+	struct tfs_thin_mapping mp;
+	struct tfs_thin_details d;
+	uint64_t blk, other;
+	uint32_t c, t0;
+
+	assert_int_equal(tfs_pmd_create_thin(pmd, 1), 0);
+	assert_int_equal(tfs_pmd_create_thin(pmd, 2), 0);
+	assert_int_equal(tfs_pmd_open_thin(pmd, 1, &a), 0);
+	assert_int_equal(tfs_pmd_open_thin(pmd, 2, &b), 0);
+	assert_int_equal(tfs_pmd_alloc_data_block(pmd, &blk), 0);
+	assert_int_equal(tfs_thin_insert(a, 0, blk), 0);
+
+	/* A clone of block 0 of a to block 7 of b: mark, then map at the time before it. */
+	t0 = tfs_pmd_time(pmd);
+	assert_int_equal(tfs_thin_mark_shared(a, b), 0);
+	assert_int_equal(tfs_pmd_time(pmd), t0 + 1);
+	assert_int_equal(tfs_pmd_data_block_inc(pmd, blk), 0);
+	assert_int_equal(tfs_thin_insert_timed(b, 7, blk, t0), 0);
+	assert_int_equal(tfs_pmd_data_block_count(pmd, blk, &c), 0);
+	assert_int_equal(c, 2);
+	assert_int_equal(tfs_thin_lookup(a, 0, &mp), 0);
+	assert_true(mp.shared);
+	assert_int_equal(tfs_thin_lookup(b, 7, &mp), 0);
+	assert_true(mp.shared);
+	assert_int_equal(mp.data_block, blk);
+
+	/* What either maps from now on is its own; a rewrite releases one reference. */
+	assert_int_equal(tfs_pmd_alloc_data_block(pmd, &other), 0);
+	assert_int_equal(tfs_thin_insert(b, 7, other), 0);
+	assert_int_equal(tfs_thin_lookup(b, 7, &mp), 0);
+	assert_false(mp.shared);
+	assert_int_equal(tfs_pmd_data_block_count(pmd, blk, &c), 0);
+	assert_int_equal(c, 1);
+
+	/* Saved with the details at commit, undone by an abort. */
+	tfs_pmd_close_thin(b);
+	assert_int_equal(tfs_pmd_commit(pmd), 0);
+	assert_int_equal(tfs_pmd_device_details(pmd, 2, &d), 0);
+	assert_int_equal(d.snapshotted_time, t0 + 1);
+	assert_int_equal(tfs_thin_mark_shared(a, a), 0);
+	assert_int_equal(tfs_pmd_abort(pmd), 0);
+	assert_int_equal(tfs_pmd_time(pmd), t0 + 1);
+	assert_int_equal(tfs_pmd_device_details(pmd, 1, &d), 0);
+	assert_int_equal(d.snapshotted_time, t0 + 1);
+	tfs_pmd_close_thin(a);
+	tfs_pmd_close(pmd);
+	tfs_bdev_close(dev);
+}
+
 static void test_freed_data_blocks_are_not_reused_before_commit(void **state)
 {
 	(void)state;
@@ -962,6 +1017,7 @@ int main(void)
 		cmocka_unit_test(test_open_refuses_foreign_or_mismatched_metadata),
 		cmocka_unit_test(test_device_ids_are_24_bit_and_unique),
 		cmocka_unit_test(test_snapshot_shares_blocks_and_writes_break_sharing),
+		cmocka_unit_test(test_mark_shared_makes_cloned_mappings_shared_on_both_sides),
 		cmocka_unit_test(test_freed_data_blocks_are_not_reused_before_commit),
 		cmocka_unit_test(test_abort_returns_to_the_last_commit),
 		cmocka_unit_test(test_transaction_id_is_compare_and_swap),
