@@ -825,8 +825,7 @@ static int need_metadata_space(struct tfs_pmd *pmd);
 struct tfs_thin_diff {
 	struct tfs_pmd *pmd;
 	struct tfs_btree_diff *walk;
-	bool held;               /* this diff holds the roots (the held-root slot) */
-	uint64_t commits, aborts; /* the pmd's counts at begin */
+	uint64_t aborts;         /* the pmd's count at begin */
 	tfs_thin_diff_fn fn;     /* of the current step */
 	void *ctx;
 	bool open, zero;         /* the extent being built, not given to fn yet */
@@ -846,47 +845,56 @@ static int device_root(struct tfs_pmd *pmd, tfs_dev_id id, uint64_t *root)
 	return r;
 }
 
-int tfs_thin_diff_begin(struct tfs_pmd *pmd, bool has_from, tfs_dev_id from, tfs_dev_id to,
-			bool hold, struct tfs_thin_diff **out)
+int tfs_pmd_hold_roots(struct tfs_pmd *pmd)
+{
+	int r;
+
+	if (pmd->read_only)
+		return -EROFS;
+	if (pmd->held_root)
+		return -EBUSY;
+	r = need_metadata_space(pmd);
+	if (r)
+		return r;
+	/* If a commit writes the hold, the held details must match the held mappings. */
+	r = flush_details(pmd);
+	return r ? r : hold_roots(pmd);
+}
+
+int tfs_pmd_drop_held_roots(struct tfs_pmd *pmd)
+{
+	if (pmd->read_only)
+		return -EROFS;
+	return pmd->held_root ? drop_held_roots(pmd) : -EINVAL;
+}
+
+uint64_t tfs_pmd_commit_count(struct tfs_pmd *pmd)
+{
+	return pmd->commits;
+}
+
+int tfs_thin_diff_begin(struct tfs_pmd *pmd, const tfs_dev_id *from, const tfs_dev_id *to,
+			struct tfs_thin_diff **out)
 {
 	struct tfs_thin_diff *d;
 	uint64_t from_root = 0, to_root = 0;
-	int r, r2;
+	int r = 0;
 
-	if (hold && pmd->read_only)
-		return -EROFS;
-	if (hold && pmd->held_root)
-		return -EBUSY;
-	if (hold) {
-		r = need_metadata_space(pmd);
-		if (r)
-			return r;
-	}
+	if (to)
+		r = device_root(pmd, *to, &to_root);
+	if (!r && from)
+		r = device_root(pmd, *from, &from_root);
+	if (r)
+		return r;
 	d = calloc(1, sizeof(*d));
 	if (!d)
 		return -ENOMEM;
 	d->pmd = pmd;
-	if (hold) {
-		/* If a commit writes the hold, the held details must match the held mappings. */
-		r = flush_details(pmd);
-		if (!r)
-			r = hold_roots(pmd);
-		if (r) {
-			free(d);
-			return r; /* the transaction is half changed: the caller aborts it */
-		}
-		d->held = true;
-	}
-	d->commits = pmd->commits;
 	d->aborts = pmd->aborts;
-	r = device_root(pmd, to, &to_root);
-	if (!r && has_from)
-		r = device_root(pmd, from, &from_root);
-	if (!r)
-		r = tfs_btree_diff_begin(&pmd->bl_info, from_root, to_root, &d->walk);
+	r = tfs_btree_diff_begin(&pmd->bl_info, from_root, to_root, &d->walk);
 	if (r) {
-		r2 = tfs_thin_diff_end(d);
-		return r2 < 0 ? r2 : r;
+		free(d);
+		return r;
 	}
 	*out = d;
 	return 0;
@@ -948,23 +956,12 @@ uint64_t tfs_thin_diff_position(const struct tfs_thin_diff *d)
 	return d->walk ? tfs_btree_diff_position(d->walk) : 0;
 }
 
-int tfs_thin_diff_end(struct tfs_thin_diff *d)
+void tfs_thin_diff_end(struct tfs_thin_diff *d)
 {
-	struct tfs_pmd *pmd = d->pmd;
-	int r = 0;
-
+	if (!d)
+		return;
 	tfs_btree_diff_end(d->walk);
-	if (d->held && pmd->aborts != d->aborts && pmd->held_root)
-		tfs_warn("the metadata snapshot a diff held (block %llu) was committed before an "
-			 "abort and stays held: release-metadata-snap drops it",
-			 (unsigned long long)pmd->held_root);
-	else if (d->held)
-		r = drop_held_roots(pmd);
-	/* Nothing to write unless a commit wrote the hold. */
-	if (!r && d->held && pmd->aborts == d->aborts && pmd->commits != d->commits)
-		r = 1;
 	free(d);
-	return r;
 }
 
 /* ---- devices ----------------------------------------------------------- */

@@ -990,12 +990,12 @@ static uint64_t run_diff(struct tfs_pmd *pmd, bool has_from, tfs_dev_id from, tf
 	int r;
 
 	out->nr = 0;
-	assert_int_equal(tfs_thin_diff_begin(pmd, has_from, from, to, false, &d), 0);
+	assert_int_equal(tfs_thin_diff_begin(pmd, has_from ? &from : NULL, &to, &d), 0);
 	while ((r = tfs_thin_diff_step(d, step_reads, note_diff_run, out)) == 1)
 		;
 	assert_int_equal(r, 0);
 	reads = tfs_thin_diff_nodes_read(d);
-	assert_int_equal(tfs_thin_diff_end(d), 0);
+	tfs_thin_diff_end(d);
 	return reads;
 }
 
@@ -1111,7 +1111,8 @@ static void test_diff_of_a_snapshot_reads_only_the_changed_paths(void **state)
 	assert_int_equal(got.v[1].len, 4999);
 	assert_true(reads >= shape.leaves);
 
-	assert_int_equal(tfs_thin_diff_begin(pmd, true, 7, 1, false, &(struct tfs_thin_diff *){ 0 }),
+	assert_int_equal(tfs_thin_diff_begin(pmd, &(tfs_dev_id){ 7 }, &(tfs_dev_id){ 1 },
+					     &(struct tfs_thin_diff *){ 0 }),
 			 -ENODATA);
 	free(got.v);
 	tfs_pmd_close_thin(td);
@@ -1178,6 +1179,7 @@ static void test_diff_hold_keeps_the_view_of_begin(void **state)
 	struct diff_runs got = { 0 };
 	struct tfs_thin_diff *d;
 	struct tfs_td *td;
+	uint64_t commits;
 	int r;
 
 	assert_int_equal(tfs_pmd_format(dev, &default_opt, &pmd), 0);
@@ -1187,7 +1189,9 @@ static void test_diff_hold_keeps_the_view_of_begin(void **state)
 		map_new(pmd, td, v);
 
 	/* No commit since the mappings: the hold covers the transaction in memory. */
-	assert_int_equal(tfs_thin_diff_begin(pmd, false, 0, 1, true, &d), 0);
+	assert_int_equal(tfs_pmd_hold_roots(pmd), 0);
+	commits = tfs_pmd_commit_count(pmd);
+	assert_int_equal(tfs_thin_diff_begin(pmd, NULL, &(tfs_dev_id){ 1 }, &d), 0);
 	assert_true(tfs_pmd_held_root(pmd) != 0);
 	assert_int_equal(tfs_pmd_reserve_metadata_snap(pmd), -EBUSY);
 	assert_int_equal(tfs_thin_diff_step(d, 1, note_diff_run, &got), 1);
@@ -1201,17 +1205,25 @@ static void test_diff_hold_keeps_the_view_of_begin(void **state)
 	assert_int_equal(got.nr, 1);
 	assert_int_equal(got.v[0].begin, 0);
 	assert_int_equal(got.v[0].len, 3000);
+	tfs_thin_diff_end(d);
 	/* The commit wrote the hold, so its release has to be committed too. */
-	assert_int_equal(tfs_thin_diff_end(d), 1);
+	assert_int_equal(tfs_pmd_drop_held_roots(pmd), 0);
+	assert_true(tfs_pmd_commit_count(pmd) != commits);
 	assert_int_equal(tfs_pmd_held_root(pmd), 0);
+	assert_int_equal(tfs_pmd_drop_held_roots(pmd), -EINVAL);
 
-	/* No commit in between: nothing to write. */
-	assert_int_equal(tfs_thin_diff_begin(pmd, false, 0, 1, true, &d), 0);
-	assert_int_equal(tfs_thin_diff_end(d), 0);
 	/* The slot taken by a metadata snapshot: refused, nothing changed. */
 	assert_int_equal(tfs_pmd_reserve_metadata_snap(pmd), 0);
-	assert_int_equal(tfs_thin_diff_begin(pmd, false, 0, 1, true, &d), -EBUSY);
+	assert_int_equal(tfs_pmd_hold_roots(pmd), -EBUSY);
 	assert_int_equal(tfs_pmd_release_metadata_snap(pmd), 0);
+
+	/* An abort during the walk ends it: what it walked may be gone. */
+	assert_int_equal(tfs_pmd_hold_roots(pmd), 0);
+	assert_int_equal(tfs_thin_diff_begin(pmd, NULL, &(tfs_dev_id){ 1 }, &d), 0);
+	assert_int_equal(tfs_pmd_abort(pmd), 0);
+	assert_int_equal(tfs_thin_diff_step(d, 1, note_diff_run, &got), -EIO);
+	tfs_thin_diff_end(d);
+	assert_int_equal(tfs_pmd_held_root(pmd), 0);
 
 	tfs_pmd_close_thin(td);
 	assert_int_equal(tfs_pmd_commit(pmd), 0);
