@@ -821,6 +821,21 @@ static int open_metadata(struct tfs_pool *pool)
 		pool->mode = TFS_POOL_READ_ONLY;
 		snprintf(pool->reason, sizeof(pool->reason), "opened read-only");
 	}
+	/* A diff's hold outlives only a crash in its middle: nothing uses it any more. */
+	if (!pool->opened_read_only && !tfs_pmd_needs_check(pool->pmd) &&
+	    tfs_pmd_held_for_diff(pool->pmd)) {
+		tfs_info("%s: dropping the metadata snapshot (block %llu) a diff held when the "
+			 "daemon stopped", pool->cfg.metadata,
+			 (unsigned long long)tfs_pmd_held_root(pool->pmd));
+		r = tfs_pmd_drop_held_roots(pool->pmd);
+		if (!r)
+			r = tfs_pmd_commit(pool->pmd);
+		if (r) {
+			tfs_err("%s: dropping a diff's metadata snapshot failed: %s",
+				pool->cfg.metadata, strerror(-r));
+			return r;
+		}
+	}
 	tfs_pmd_space(pool->pmd, &pool->space);
 	if (!data_blocks_of(pool->data, pool->block_size, &have) && have < pool->space.data_total)
 		tfs_warn("%s: the data device holds %llu blocks but the metadata says %llu",

@@ -12,7 +12,8 @@
  * stay as they were, whatever the writers do and however often the pool
  * commits, and the walk can drop the lock between steps.  A commit during
  * the walk writes the hold to disk (the format's metadata snapshot, which
- * thin_check accepts); a diff with no commit in between changes nothing.
+ * thin_check accepts, tagged as a diff's so that an open after a crash
+ * drops it); a diff with no commit in between changes nothing.
  * The cost is the slot: while a user holds a metadata snapshot
  * (reserve-metadata-snap) a diff is refused rather than served from that
  * older snapshot, which would not show the writes made since.

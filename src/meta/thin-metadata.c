@@ -731,11 +731,18 @@ int tfs_pmd_resize_metadata(struct tfs_pmd *pmd, uint64_t nr_blocks)
 /* ---- metadata snapshot ------------------------------------------------- */
 
 /*
+ * What a diff's held copy carries in its (otherwise unused, zero) uuid
+ * field, so that a mount after a crash can tell it from a user's metadata
+ * snapshot and drop it.
+ */
+static const char diff_hold_tag[16] = "thinfs:diffhold";
+
+/*
  * The held copy of the superblock (docs 2.7): a new block C describing the
  * current roots, which gain a parent each, so that from now on every change
  * shadows them and their trees stay as they are until the copy is dropped.
  */
-static int hold_roots(struct tfs_pmd *pmd)
+static int hold_roots(struct tfs_pmd *pmd, bool for_diff)
 {
 	struct tfs_block *copy;
 	uint8_t *d;
@@ -748,6 +755,8 @@ static int hold_roots(struct tfs_pmd *pmd)
 	fill_superblock(pmd, d);
 	memset(d + offsetof(struct tfs_disk_thin_sb, data_space_map_root), 0, 2 * TFS_SM_ROOT_FIELD);
 	tfs_put_le64(d + offsetof(struct tfs_disk_thin_sb, held_root), 0);
+	if (for_diff)
+		memcpy(d + offsetof(struct tfs_disk_thin_sb, uuid), diff_hold_tag, sizeof(diff_hold_tag));
 	pmd->held_root = tfs_block_location(copy);
 	tfs_tm_unlock(pmd->tm, copy);
 	r = tfs_tm_inc(pmd->tm, pmd->mapping_root);
@@ -793,7 +802,7 @@ int tfs_pmd_reserve_metadata_snap(struct tfs_pmd *pmd)
 	/* The copy must describe committed roots, so commit first. */
 	r = tfs_pmd_commit(pmd);
 	if (!r)
-		r = hold_roots(pmd);
+		r = hold_roots(pmd, false);
 	if (!r)
 		r = tfs_pmd_commit(pmd);
 	return r;
@@ -858,7 +867,21 @@ int tfs_pmd_hold_roots(struct tfs_pmd *pmd)
 		return r;
 	/* If a commit writes the hold, the held details must match the held mappings. */
 	r = flush_details(pmd);
-	return r ? r : hold_roots(pmd);
+	return r ? r : hold_roots(pmd, true);
+}
+
+bool tfs_pmd_held_for_diff(struct tfs_pmd *pmd)
+{
+	struct tfs_block *copy;
+	bool tagged;
+
+	if (!pmd->held_root ||
+	    tfs_tm_read_lock(pmd->tm, pmd->held_root, &tfs_thin_sb_validator, &copy))
+		return false;
+	tagged = !memcmp((uint8_t *)tfs_block_data(copy) + offsetof(struct tfs_disk_thin_sb, uuid),
+			 diff_hold_tag, sizeof(diff_hold_tag));
+	tfs_tm_unlock(pmd->tm, copy);
+	return tagged;
 }
 
 int tfs_pmd_drop_held_roots(struct tfs_pmd *pmd)

@@ -126,6 +126,13 @@ uint64_t tfs_pmd_held_root(struct tfs_pmd *pmd);
  */
 int tfs_pmd_hold_roots(struct tfs_pmd *pmd);
 int tfs_pmd_drop_held_roots(struct tfs_pmd *pmd);
+/*
+ * The held copy was made by tfs_pmd_hold_roots (it carries a tag), not by
+ * reserve_metadata_snap: after a crash during a diff whose hold a commit
+ * wrote, the next read-write open drops it.  False when nothing is held
+ * or the copy cannot be read.
+ */
+bool tfs_pmd_held_for_diff(struct tfs_pmd *pmd);
 /* Commits since open. */
 uint64_t tfs_pmd_commit_count(struct tfs_pmd *pmd);
 
