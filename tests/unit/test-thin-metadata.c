@@ -1120,6 +1120,49 @@ static void test_diff_of_a_snapshot_reads_only_the_changed_paths(void **state)
 	tfs_bdev_close(dev);
 }
 
+/*
+ * The origin grows a level after the snapshot (its root splits): the walk
+ * opens the taller side first, meets the snapshot's nodes again one level
+ * down and still skips every leaf the two share.
+ */
+static void test_diff_skips_shared_leaves_after_the_origin_grows_a_level(void **state)
+{
+	(void)state;
+	struct tfs_bdev *dev;
+	struct tfs_pmd *pmd = format_mem(&dev, 8192);
+	struct tfs_thin_tree_shape before, after;
+	struct diff_runs got = { 0 };
+	struct tfs_td *td;
+	uint64_t v = 0, reads, grown;
+
+	assert_int_equal(tfs_pmd_create_thin(pmd, 1), 0);
+	assert_int_equal(tfs_pmd_open_thin(pmd, 1, &td), 0);
+	do {
+		for (unsigned i = 0; i < 1000; i++, v++)
+			map_block(td, pmd, v, v % 1000); /* more mappings than data blocks */
+		assert_int_equal(tfs_thin_tree_shape(td, &before), 0);
+	} while (before.depth < 2 || before.leaves < 40);
+	assert_int_equal(tfs_pmd_create_snap(pmd, 2, 1), 0);
+	grown = v;
+	do {
+		for (unsigned i = 0; i < 1000; i++, v++)
+			map_block(td, pmd, v, v % 1000); /* more mappings than data blocks */
+		assert_int_equal(tfs_thin_tree_shape(td, &after), 0);
+	} while (after.depth == before.depth);
+
+	reads = run_diff(pmd, true, 2, 1, 8, &got);
+	assert_int_equal(got.nr, 1);
+	assert_int_equal(got.v[0].begin, grown);
+	assert_int_equal(got.v[0].len, v - grown);
+	/* The new leaves and the path to them; none of the old leaves but the last. */
+	assert_true(reads <= (after.leaves - before.leaves) + after.internal_nodes + 2 * after.depth + 4);
+	assert_true(reads < after.leaves);
+	free(got.v);
+	tfs_pmd_close_thin(td);
+	tfs_pmd_close(pmd);
+	tfs_bdev_close(dev);
+}
+
 static void test_diff_matches_a_model_over_random_changes(void **state)
 {
 	(void)state;
@@ -1253,6 +1296,7 @@ int main(void)
 		cmocka_unit_test(test_metadata_exhaustion_is_enospc),
 		cmocka_unit_test(test_random_operations_match_the_model),
 		cmocka_unit_test(test_diff_of_a_snapshot_reads_only_the_changed_paths),
+		cmocka_unit_test(test_diff_skips_shared_leaves_after_the_origin_grows_a_level),
 		cmocka_unit_test(test_diff_matches_a_model_over_random_changes),
 		cmocka_unit_test(test_diff_hold_keeps_the_view_of_begin),
 		cmocka_unit_test(test_failed_commit_leaves_old_or_new_transaction),
