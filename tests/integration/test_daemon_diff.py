@@ -161,6 +161,16 @@ def test_diff_lists_what_changed_since_a_group_snapshot(pool):
     assert re.fullmatch(r"diff: 3 extents, \d+ metadata blocks read, [0-9.]+ ms\n", r.stderr)
     # A diff changes nothing: no held root left, the pool idle again.
     assert p.status()["pool"]["held_root"] is None
+    # It reads, so it works while the pool is suspended, and on a read-only mount.
+    want = diff(p, "night/vm1", "vm1")
+    p.ctl("suspend")
+    try:
+        assert diff(p, "night/vm1", "vm1") == want
+    finally:
+        p.ctl("resume")
+    p.unmount()
+    p.mount("-o", "ro")
+    assert diff(p, "night/vm1", "vm1") == want
 
 
 def test_diff_refuses_bad_names_and_a_held_metadata_snapshot(pool):
