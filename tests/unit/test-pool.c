@@ -34,6 +34,7 @@
 #include "log.h"
 #include "pool.h"
 #include "record-sink.h"
+#include "thin-metadata.h"
 
 #define BS (64u * 1024)
 #define KiB 1024u
@@ -1386,6 +1387,100 @@ static void test_idle_pool_does_no_io(void **state)
 	done(f, false);
 }
 
+/* ---- changed-block diffs --------------------------------------------------------- */
+
+struct runs {
+	uint64_t v[16][3]; /* vblock, len, zero */
+	unsigned nr;
+};
+
+static int note_run(void *ctx, uint64_t vblock, uint64_t len, bool zero)
+{
+	struct runs *r = ctx;
+
+	if (r->nr == 16)
+		return -E2BIG;
+	r->v[r->nr][0] = vblock;
+	r->v[r->nr][1] = len;
+	r->v[r->nr++][2] = zero;
+	return 0;
+}
+
+static void test_diff_of_a_snapshot_and_an_idle_pool_stays_idle(void **state)
+{
+	struct fixture *f = new_fixture(64, false);
+	struct tfs_pool_diff_stats st;
+	struct tfs_pool_status before, after;
+	uint8_t buf[BS] = { 7 };
+	struct runs r = { 0 };
+	uint32_t id, snap;
+	struct tfs_dev *vol;
+
+	(void)state;
+	open_pool(f);
+	vol = new_volume(f, &id);
+	for (unsigned b = 0; b < 6; b++)
+		assert_int_equal(tfs_dev_write(vol, buf, BS, b * BS), 0);
+	assert_int_equal(tfs_pool_create_snaps(f->pool, &id, 1, &snap), 0);
+	assert_int_equal(tfs_dev_write(vol, buf, BS, 2 * BS), 0);
+	assert_int_equal(tfs_dev_discard(vol, 4 * BS, BS), 0);
+	assert_int_equal(tfs_dev_flush(vol), 0);
+	sleep_ms(300);
+	tfs_pool_status(f->pool, &before);
+	assert_int_equal(tfs_pool_diff(f->pool, &snap, &id, note_run, NULL, &r, &st), 0);
+	assert_true(st.held);
+	assert_int_equal(r.nr, 2);
+	assert_int_equal(r.v[0][0], 2);
+	assert_int_equal(r.v[0][2], false);
+	assert_int_equal(r.v[1][0], 4);
+	assert_int_equal(r.v[1][2], true);
+	/* Hold and drop with no commit between change nothing: nothing to write. */
+	sleep_ms(500);
+	tfs_pool_status(f->pool, &after);
+	assert_int_equal(after.io_meta.writes, before.io_meta.writes);
+	assert_int_equal(after.held_root, 0);
+	/* A user's metadata snapshot takes the slot the diff needs. */
+	assert_int_equal(tfs_pool_reserve_metadata_snap(f->pool), 0);
+	assert_int_equal(tfs_pool_diff(f->pool, NULL, &id, note_run, NULL, &r, &st), -EBUSY);
+	assert_int_equal(tfs_pool_release_metadata_snap(f->pool), 0);
+	assert_int_equal(tfs_pool_diff(f->pool, NULL, &(uint32_t){ 99 }, note_run, NULL, &r, &st),
+			 -ENODATA);
+	tfs_dev_close(vol);
+	done(f, false);
+}
+
+/* A crash during a diff whose hold a commit wrote: the next open drops it, a user's stays. */
+static void test_open_drops_a_hold_a_diff_left_behind(void **state)
+{
+	struct tfs_pmd_options opt = { .data_block_sectors = BS >> 9 };
+	struct fixture *f = new_fixture(64, false);
+	struct tfs_pool_status st;
+	struct tfs_bdev *meta;
+	struct tfs_pmd *pmd;
+
+	(void)state;
+	assert_int_equal(tfs_bdev_open(f->cfg.metadata, false, &meta), 0);
+	assert_int_equal(tfs_pmd_open(meta, &opt, &pmd), 0);
+	assert_int_equal(tfs_pmd_create_thin(pmd, 0), 0);
+	assert_int_equal(tfs_pmd_hold_roots(pmd), 0);
+	assert_true(tfs_pmd_held_for_diff(pmd));
+	assert_int_equal(tfs_pmd_commit(pmd), 0);
+	tfs_pmd_close(pmd);
+	tfs_bdev_close(meta);
+	check_metadata(f->cfg.metadata, false);
+
+	open_pool(f);
+	tfs_pool_status(f->pool, &st);
+	assert_int_equal(st.held_root, 0);
+	assert_int_equal(tfs_pool_reserve_metadata_snap(f->pool), 0);
+	close_pool(f);
+	open_pool(f);
+	tfs_pool_status(f->pool, &st);
+	assert_true(st.held_root != 0);
+	assert_int_equal(tfs_pool_release_metadata_snap(f->pool), 0);
+	done(f, false);
+}
+
 static void test_status_reports_space_and_counters(void **state)
 {
 	struct fixture *f = new_fixture(100, false);
@@ -1626,6 +1721,8 @@ int main(void)
 		cmocka_unit_test(test_metadata_space_exhaustion_gives_enospc_then_read_only),
 		cmocka_unit_test(test_needs_check_write_failure_means_fail_mode),
 		cmocka_unit_test(test_abort_failure_means_fail_mode),
+		cmocka_unit_test(test_diff_of_a_snapshot_and_an_idle_pool_stays_idle),
+		cmocka_unit_test(test_open_drops_a_hold_a_diff_left_behind),
 		cmocka_unit_test(test_flush_then_reopen_keeps_data),
 		cmocka_unit_test(test_crash_keeps_flushed_data_and_a_consistent_commit),
 		cmocka_unit_test(test_power_cut_drops_only_unflushed_writes),
