@@ -83,6 +83,7 @@ enum pool_key {
 	K_METADATA_CACHE,
 	K_HOST_CACHE,
 	K_MAX_THREADS,
+	K_DETECT_ZEROES,
 	K_NR
 };
 
@@ -101,6 +102,7 @@ static const char *const pool_key_name[K_NR] = {
 	[K_METADATA_CACHE] = "metadata_cache",
 	[K_HOST_CACHE] = "host_cache",
 	[K_MAX_THREADS] = "max_threads",
+	[K_DETECT_ZEROES] = "detect_zeroes",
 };
 
 /* What the reader decided about the line inih is about to parse. */
@@ -620,7 +622,7 @@ static void pool_key(struct parser *p, const char *name, const char *raw)
 			"unknown key '%s' in [pool] (known: metadata, data, block_size, catalog, "
 			"low_water_mark, error_if_no_space, no_space_timeout, discard_passdown, "
 			"skip_block_zeroing, commit_interval, on_event, metadata_cache, host_cache, "
-			"max_threads)",
+			"max_threads, detect_zeroes)",
 			name);
 		return;
 	}
@@ -686,6 +688,13 @@ static void pool_key(struct parser *p, const char *name, const char *raw)
 		break;
 	case K_MAX_THREADS:
 		set_max_threads(p, value);
+		break;
+	case K_DETECT_ZEROES:
+		if (!strcmp(value, "unmap") || !strcmp(value, "off"))
+			c->detect_zeroes = !strcmp(value, "unmap");
+		else
+			problem(p, p->lineno, -EINVAL, "detect_zeroes: '%s' is not off or unmap",
+				value);
 		break;
 	case K_NR:
 		break;
@@ -1329,6 +1338,9 @@ static void setting_changes(const struct tfs_pool_config *run, const struct tfs_
 	if (run->skip_block_zeroing != next->skip_block_zeroing)
 		change(t, "skip_block_zeroing", yes_no(run->skip_block_zeroing),
 		       yes_no(next->skip_block_zeroing));
+	if (run->detect_zeroes != next->detect_zeroes)
+		change(t, "detect_zeroes", run->detect_zeroes ? "unmap" : "off",
+		       next->detect_zeroes ? "unmap" : "off");
 	if (run->commit_interval_ms != next->commit_interval_ms) {
 		format_ms(run->commit_interval_ms, a, sizeof(a));
 		format_ms(next->commit_interval_ms, b, sizeof(b));

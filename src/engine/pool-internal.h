@@ -4,6 +4,8 @@
  * thin-io.c (the thin target's devices) share.  Not for use outside src/engine.
  *
  * Locks, in the order they are taken (never the other way round):
+ *   0. pool->diff_mutex (one diff at a time, holding the held-root slot;
+ *      metadata snapshot reserve and release wait for it)
  *   1. prison cells (one per request; snapshot creation takes one per
  *      origin, in ascending device id order)
  *   2. pool->commit_mutex (one commit at a time)
@@ -116,6 +118,7 @@ struct tfs_pool {
 	bool discard_warned;          /* [commit_mutex] told once that passdown fails */
 
 	pthread_mutex_t resize_mutex; /* one resize at a time; taken before everything else */
+	pthread_mutex_t diff_mutex;   /* one diff at a time (thin-diff.c) */
 
 	/* Suspend, resume and reload, one at a time; taken before resize_mutex. */
 	struct tfs_core *core;

@@ -863,6 +863,21 @@ static int open_metadata(struct tfs_pool *pool)
 		pool->mode = TFS_POOL_READ_ONLY;
 		snprintf(pool->reason, sizeof(pool->reason), "opened read-only");
 	}
+	/* A diff's hold outlives only a crash in its middle: nothing uses it any more. */
+	if (!pool->opened_read_only && !tfs_pmd_needs_check(pool->pmd) &&
+	    tfs_pmd_held_for_diff(pool->pmd)) {
+		tfs_info("%s: dropping the metadata snapshot (block %llu) a diff held when the "
+			 "daemon stopped", pool->cfg.metadata,
+			 (unsigned long long)tfs_pmd_held_root(pool->pmd));
+		r = tfs_pmd_drop_held_roots(pool->pmd);
+		if (!r)
+			r = tfs_pmd_commit(pool->pmd);
+		if (r) {
+			tfs_err("%s: dropping a diff's metadata snapshot failed: %s",
+				pool->cfg.metadata, strerror(-r));
+			return r;
+		}
+	}
 	tfs_pmd_space(pool->pmd, &pool->space);
 	if (!data_blocks_of(pool->data, pool->block_size, &have) && have < pool->space.data_total)
 		tfs_warn("%s: the data device holds %llu blocks but the metadata says %llu",
@@ -885,6 +900,7 @@ static void free_pool(struct tfs_pool *pool)
 	pthread_mutex_destroy(&pool->commit_mutex);
 	pthread_mutex_destroy(&pool->timer_lock);
 	pthread_mutex_destroy(&pool->resize_mutex);
+	pthread_mutex_destroy(&pool->diff_mutex);
 	pthread_cond_destroy(&pool->alloc_cv);
 	pthread_cond_destroy(&pool->drain_cv);
 	pthread_cond_destroy(&pool->commit_io_cv);
@@ -907,6 +923,7 @@ int tfs_pool_open(const struct tfs_pool_config *cfg, bool read_only, struct tfs_
 	pthread_mutex_init(&pool->commit_mutex, NULL);
 	pthread_mutex_init(&pool->timer_lock, NULL);
 	pthread_mutex_init(&pool->resize_mutex, NULL);
+	pthread_mutex_init(&pool->diff_mutex, NULL);
 	pthread_mutex_init(&pool->suspend_mutex, NULL);
 	pthread_cond_init(&pool->alloc_cv, NULL);
 	pthread_cond_init(&pool->drain_cv, NULL);
@@ -1481,21 +1498,33 @@ int tfs_pool_set_transaction_id(struct tfs_pool *pool, uint64_t old_id, uint64_t
 	return r ? r : admin_end(pool, &io, set_transaction_id(pool, old_id, new_id));
 }
 
-/* Both commit inside the metadata layer, so they run as the commit step itself. */
-int tfs_pool_reserve_metadata_snap(struct tfs_pool *pool)
+/*
+ * Both commit inside the metadata layer, so they run as the commit step
+ * itself.  A diff holds the same slot for a moment (thin-diff.c): wait for it.
+ */
+static int metadata_snap(struct tfs_pool *pool, bool reserve)
 {
 	struct tfs_core_io io;
-	int r = admin_begin(pool, &io, "reserving a metadata snapshot");
+	int r = admin_begin(pool, &io, reserve ? "reserving a metadata snapshot"
+					       : "releasing the metadata snapshot");
 
-	return r ? r : admin_end(pool, &io, run_commit(pool, false, tfs_pmd_reserve_metadata_snap));
+	if (r)
+		return r;
+	pthread_mutex_lock(&pool->diff_mutex);
+	r = run_commit(pool, false, reserve ? tfs_pmd_reserve_metadata_snap
+					    : tfs_pmd_release_metadata_snap);
+	pthread_mutex_unlock(&pool->diff_mutex);
+	return admin_end(pool, &io, r);
+}
+
+int tfs_pool_reserve_metadata_snap(struct tfs_pool *pool)
+{
+	return metadata_snap(pool, true);
 }
 
 int tfs_pool_release_metadata_snap(struct tfs_pool *pool)
 {
-	struct tfs_core_io io;
-	int r = admin_begin(pool, &io, "releasing the metadata snapshot");
-
-	return r ? r : admin_end(pool, &io, run_commit(pool, false, tfs_pmd_release_metadata_snap));
+	return metadata_snap(pool, false);
 }
 
 /* ---- resize ------------------------------------------------------------------------- */

@@ -416,6 +416,61 @@ static void test_snapshot_shares_blocks_and_writes_break_sharing(void **state)
 	tfs_bdev_close(dev);
 }
 
+static void test_mark_shared_makes_cloned_mappings_shared_on_both_sides(void **state)
+{
+	(void)state;
+	struct tfs_bdev *dev;
+	struct tfs_pmd *pmd = format_mem(&dev, 1024);
+	struct tfs_td *a, *b;
+	struct tfs_thin_mapping mp;
+	struct tfs_thin_details d;
+	uint64_t blk, other;
+	uint32_t c, t0;
+
+	assert_int_equal(tfs_pmd_create_thin(pmd, 1), 0);
+	assert_int_equal(tfs_pmd_create_thin(pmd, 2), 0);
+	assert_int_equal(tfs_pmd_open_thin(pmd, 1, &a), 0);
+	assert_int_equal(tfs_pmd_open_thin(pmd, 2, &b), 0);
+	assert_int_equal(tfs_pmd_alloc_data_block(pmd, &blk), 0);
+	assert_int_equal(tfs_thin_insert(a, 0, blk), 0);
+
+	/* A clone of block 0 of a to block 7 of b: mark, then map at the time before it. */
+	t0 = tfs_pmd_time(pmd);
+	assert_int_equal(tfs_thin_mark_shared(a, b), 0);
+	assert_int_equal(tfs_pmd_time(pmd), t0 + 1);
+	assert_int_equal(tfs_pmd_data_block_inc(pmd, blk), 0);
+	assert_int_equal(tfs_thin_insert_timed(b, 7, blk, t0), 0);
+	assert_int_equal(tfs_pmd_data_block_count(pmd, blk, &c), 0);
+	assert_int_equal(c, 2);
+	assert_int_equal(tfs_thin_lookup(a, 0, &mp), 0);
+	assert_true(mp.shared);
+	assert_int_equal(tfs_thin_lookup(b, 7, &mp), 0);
+	assert_true(mp.shared);
+	assert_int_equal(mp.data_block, blk);
+
+	/* What either maps from now on is its own; a rewrite releases one reference. */
+	assert_int_equal(tfs_pmd_alloc_data_block(pmd, &other), 0);
+	assert_int_equal(tfs_thin_insert(b, 7, other), 0);
+	assert_int_equal(tfs_thin_lookup(b, 7, &mp), 0);
+	assert_false(mp.shared);
+	assert_int_equal(tfs_pmd_data_block_count(pmd, blk, &c), 0);
+	assert_int_equal(c, 1);
+
+	/* Saved with the details at commit, undone by an abort. */
+	tfs_pmd_close_thin(b);
+	assert_int_equal(tfs_pmd_commit(pmd), 0);
+	assert_int_equal(tfs_pmd_device_details(pmd, 2, &d), 0);
+	assert_int_equal(d.snapshotted_time, t0 + 1);
+	assert_int_equal(tfs_thin_mark_shared(a, a), 0);
+	assert_int_equal(tfs_pmd_abort(pmd), 0);
+	assert_int_equal(tfs_pmd_time(pmd), t0 + 1);
+	assert_int_equal(tfs_pmd_device_details(pmd, 1, &d), 0);
+	assert_int_equal(d.snapshotted_time, t0 + 1);
+	tfs_pmd_close_thin(a);
+	tfs_pmd_close(pmd);
+	tfs_bdev_close(dev);
+}
+
 static void test_freed_data_blocks_are_not_reused_before_commit(void **state)
 {
 	(void)state;
@@ -1021,6 +1076,328 @@ static void test_power_cut_with_the_next_transaction_running_leaves_old_or_new(v
 	sweep(true, true);
 }
 
+
+/* ---- diff ------------------------------------------------------------------ */
+
+struct diff_run {
+	uint64_t begin, len;
+	bool zero;
+};
+
+struct diff_runs {
+	struct diff_run *v;
+	unsigned nr, cap;
+};
+
+static int note_diff_run(void *ctx, uint64_t vblock, uint64_t len, bool zero)
+{
+	struct diff_runs *r = ctx;
+
+	if (r->nr == r->cap) {
+		r->cap = r->cap ? 2 * r->cap : 64;
+		r->v = realloc(r->v, r->cap * sizeof(*r->v));
+		assert_non_null(r->v);
+	}
+	r->v[r->nr++] = (struct diff_run){ vblock, len, zero };
+	return 0;
+}
+
+/* The whole diff in steps of step_reads nodes; returns the nodes read. */
+static uint64_t run_diff(struct tfs_pmd *pmd, bool has_from, tfs_dev_id from, tfs_dev_id to,
+			 unsigned step_reads, struct diff_runs *out)
+{
+	struct tfs_thin_diff *d;
+	uint64_t reads;
+	int r;
+
+	out->nr = 0;
+	assert_int_equal(tfs_thin_diff_begin(pmd, has_from ? &from : NULL, &to, &d), 0);
+	while ((r = tfs_thin_diff_step(d, step_reads, note_diff_run, out)) == 1)
+		;
+	assert_int_equal(r, 0);
+	reads = tfs_thin_diff_nodes_read(d);
+	tfs_thin_diff_end(d);
+	return reads;
+}
+
+/* What the diff must say, from lookups of every block below nv. */
+static void model_diff(struct tfs_pmd *pmd, bool has_from, tfs_dev_id from, tfs_dev_id to,
+		       uint64_t nv, struct diff_runs *out)
+{
+	struct tfs_td *tf = NULL, *tt;
+	struct diff_run cur = { 0 };
+	bool open = false;
+
+	out->nr = 0;
+	assert_int_equal(tfs_pmd_open_thin(pmd, to, &tt), 0);
+	if (has_from && from != to)
+		assert_int_equal(tfs_pmd_open_thin(pmd, from, &tf), 0);
+	else if (has_from)
+		tf = tt;
+	for (uint64_t v = 0; v < nv; v++) {
+		struct tfs_thin_mapping a, b;
+		bool in_a = tf && tfs_thin_lookup(tf, v, &a) == 0;
+		bool in_b = tfs_thin_lookup(tt, v, &b) == 0;
+		bool differs = in_b ? !in_a || a.data_block != b.data_block : in_a;
+
+		if (open && (!differs || cur.zero != !in_b || cur.begin + cur.len != v)) {
+			note_diff_run(out, cur.begin, cur.len, cur.zero);
+			open = false;
+		}
+		if (!differs)
+			continue;
+		if (open) {
+			cur.len++;
+		} else {
+			cur = (struct diff_run){ v, 1, !in_b };
+			open = true;
+		}
+	}
+	if (open)
+		note_diff_run(out, cur.begin, cur.len, cur.zero);
+	if (tf && tf != tt)
+		tfs_pmd_close_thin(tf);
+	tfs_pmd_close_thin(tt);
+}
+
+static void assert_runs_equal(const struct diff_runs *a, const struct diff_runs *b)
+{
+	assert_int_equal(a->nr, b->nr);
+	for (unsigned i = 0; i < a->nr; i++) {
+		assert_int_equal(a->v[i].begin, b->v[i].begin);
+		assert_int_equal(a->v[i].len, b->v[i].len);
+		assert_int_equal(a->v[i].zero, b->v[i].zero);
+	}
+}
+
+static void map_new(struct tfs_pmd *pmd, struct tfs_td *td, uint64_t v)
+{
+	uint64_t b;
+
+	assert_int_equal(tfs_pmd_alloc_data_block(pmd, &b), 0);
+	assert_int_equal(tfs_thin_insert(td, v, b), 0);
+}
+
+static void test_diff_of_a_snapshot_reads_only_the_changed_paths(void **state)
+{
+	(void)state;
+	struct tfs_bdev *dev;
+	struct tfs_pmd *pmd = format_mem(&dev, 4096);
+	struct tfs_thin_tree_shape shape;
+	struct diff_runs got = { 0 };
+	struct tfs_td *td;
+	uint64_t reads;
+
+	assert_int_equal(tfs_pmd_create_thin(pmd, 1), 0);
+	assert_int_equal(tfs_pmd_open_thin(pmd, 1, &td), 0);
+	for (uint64_t v = 0; v < 30000; v++)
+		map_new(pmd, td, v);
+	assert_int_equal(tfs_pmd_create_snap(pmd, 2, 1), 0);
+	assert_int_equal(tfs_pmd_commit(pmd), 0);
+	map_new(pmd, td, 100);
+	map_new(pmd, td, 101);
+	map_new(pmd, td, 20000);
+	assert_int_equal(tfs_thin_remove(td, 25000), 0);
+	assert_int_equal(tfs_thin_tree_shape(td, &shape), 0);
+	assert_true(shape.depth >= 2 && shape.leaves > 100);
+
+	/* The snapshot to the origin: the two rewrites and the discard. */
+	reads = run_diff(pmd, true, 2, 1, 64, &got);
+	assert_int_equal(got.nr, 3);
+	assert_int_equal(got.v[0].begin, 100);
+	assert_int_equal(got.v[0].len, 2);
+	assert_false(got.v[0].zero);
+	assert_int_equal(got.v[1].begin, 20000);
+	assert_int_equal(got.v[1].len, 1);
+	assert_false(got.v[1].zero);
+	assert_int_equal(got.v[2].begin, 25000);
+	assert_true(got.v[2].zero);
+	/* The leftmost paths (begin), then one path per change on each side, at most. */
+	assert_true(reads <= 2 * shape.depth + 3 * 2 * shape.depth);
+
+	/* The other way round the discarded block is data again. */
+	run_diff(pmd, true, 1, 2, 1, &got);
+	assert_int_equal(got.nr, 3);
+	assert_int_equal(got.v[2].begin, 25000);
+	assert_false(got.v[2].zero);
+
+	/* A tree against itself reads nothing; from nothing, every mapping. */
+	assert_int_equal(run_diff(pmd, true, 2, 2, 64, &got), 0);
+	assert_int_equal(got.nr, 0);
+	reads = run_diff(pmd, false, 0, 1, 16, &got);
+	assert_int_equal(got.nr, 2);
+	assert_int_equal(got.v[0].begin, 0);
+	assert_int_equal(got.v[0].len, 25000);
+	assert_int_equal(got.v[1].begin, 25001);
+	assert_int_equal(got.v[1].len, 4999);
+	assert_true(reads >= shape.leaves);
+
+	assert_int_equal(tfs_thin_diff_begin(pmd, &(tfs_dev_id){ 7 }, &(tfs_dev_id){ 1 },
+					     &(struct tfs_thin_diff *){ 0 }),
+			 -ENODATA);
+	free(got.v);
+	tfs_pmd_close_thin(td);
+	tfs_pmd_close(pmd);
+	tfs_bdev_close(dev);
+}
+
+/*
+ * The origin grows a level after the snapshot (its root splits): the walk
+ * opens the taller side first, meets the snapshot's nodes again one level
+ * down and still skips every leaf the two share.
+ */
+static void test_diff_skips_shared_leaves_after_the_origin_grows_a_level(void **state)
+{
+	(void)state;
+	struct tfs_bdev *dev;
+	struct tfs_pmd *pmd = format_mem(&dev, 8192);
+	struct tfs_thin_tree_shape before, after;
+	struct diff_runs got = { 0 };
+	struct tfs_td *td;
+	uint64_t v = 0, reads, grown;
+
+	assert_int_equal(tfs_pmd_create_thin(pmd, 1), 0);
+	assert_int_equal(tfs_pmd_open_thin(pmd, 1, &td), 0);
+	do {
+		for (unsigned i = 0; i < 1000; i++, v++)
+			map_block(td, pmd, v, v % 1000); /* more mappings than data blocks */
+		assert_int_equal(tfs_thin_tree_shape(td, &before), 0);
+	} while (before.depth < 2 || before.leaves < 40);
+	assert_int_equal(tfs_pmd_create_snap(pmd, 2, 1), 0);
+	grown = v;
+	do {
+		for (unsigned i = 0; i < 1000; i++, v++)
+			map_block(td, pmd, v, v % 1000); /* more mappings than data blocks */
+		assert_int_equal(tfs_thin_tree_shape(td, &after), 0);
+	} while (after.depth == before.depth);
+
+	reads = run_diff(pmd, true, 2, 1, 8, &got);
+	assert_int_equal(got.nr, 1);
+	assert_int_equal(got.v[0].begin, grown);
+	assert_int_equal(got.v[0].len, v - grown);
+	/* The new leaves and the path to them; none of the old leaves but the last. */
+	assert_true(reads <= (after.leaves - before.leaves) + after.internal_nodes + 2 * after.depth + 4);
+	assert_true(reads < after.leaves);
+	free(got.v);
+	tfs_pmd_close_thin(td);
+	tfs_pmd_close(pmd);
+	tfs_bdev_close(dev);
+}
+
+static void test_diff_matches_a_model_over_random_changes(void **state)
+{
+	(void)state;
+	enum { NV = 2500, DEVS = 4 };
+	struct tfs_bdev *dev;
+	struct tfs_pmd *pmd = format_mem(&dev, 4096);
+	struct diff_runs got = { 0 }, want = { 0 };
+	unsigned runs = 0;
+
+	rng_state = 777;
+	assert_int_equal(tfs_pmd_create_thin(pmd, 0), 0);
+	for (tfs_dev_id id = 0; id < DEVS; id++) {
+		struct tfs_td *td;
+
+		if (id)
+			assert_int_equal(tfs_pmd_create_snap(pmd, id, rnd(id)), 0);
+		for (unsigned round = 0; round < 3; round++) {
+			assert_int_equal(tfs_pmd_open_thin(pmd, id, &td), 0);
+			for (unsigned i = 0; i < 400; i++) {
+				uint64_t v = rnd(NV), len = 1 + rnd(i % 7 ? 3 : 200);
+
+				if (rnd(4))
+					for (uint64_t k = v; k < v + len && k < NV; k++)
+						map_new(pmd, td, k);
+				else
+					assert_int_equal(tfs_thin_remove_range(td, v, v + len, NULL), 0);
+			}
+			tfs_pmd_close_thin(td);
+			if (round == 1)
+				assert_int_equal(tfs_pmd_commit(pmd), 0);
+		}
+	}
+	for (tfs_dev_id to = 0; to < DEVS; to++) {
+		for (int from = -1; from < DEVS; from++) {
+			run_diff(pmd, from >= 0, (tfs_dev_id)(from < 0 ? 0 : from), to, 1 + rnd(8), &got);
+			model_diff(pmd, from >= 0, (tfs_dev_id)(from < 0 ? 0 : from), to, NV, &want);
+			assert_runs_equal(&got, &want);
+			runs += got.nr;
+		}
+	}
+	assert_true(runs > 100);
+	free(got.v);
+	free(want.v);
+	tfs_pmd_close(pmd);
+	tfs_bdev_close(dev);
+}
+
+/*
+ * A held diff sees the devices as they were at begin, whatever changes and
+ * commits come between its steps, and leaves metadata both checkers pass.
+ */
+static void test_diff_hold_keeps_the_view_of_begin(void **state)
+{
+	(void)state;
+	struct tfs_bdev *dev = new_file_dev(2048 * TFS_BLOCK_SIZE);
+	struct tfs_pmd *pmd;
+	struct diff_runs got = { 0 };
+	struct tfs_thin_diff *d;
+	struct tfs_td *td;
+	uint64_t commits;
+	int r;
+
+	assert_int_equal(tfs_pmd_format(dev, &default_opt, &pmd), 0);
+	assert_int_equal(tfs_pmd_create_thin(pmd, 1), 0);
+	assert_int_equal(tfs_pmd_open_thin(pmd, 1, &td), 0);
+	for (uint64_t v = 0; v < 3000; v++)
+		map_new(pmd, td, v);
+
+	/* No commit since the mappings: the hold covers the transaction in memory. */
+	assert_int_equal(tfs_pmd_hold_roots(pmd), 0);
+	commits = tfs_pmd_commit_count(pmd);
+	assert_int_equal(tfs_thin_diff_begin(pmd, NULL, &(tfs_dev_id){ 1 }, &d), 0);
+	assert_true(tfs_pmd_held_root(pmd) != 0);
+	assert_int_equal(tfs_pmd_reserve_metadata_snap(pmd), -EBUSY);
+	assert_int_equal(tfs_thin_diff_step(d, 1, note_diff_run, &got), 1);
+	assert_int_equal(tfs_thin_remove_range(td, 1000, 3000, NULL), 0);
+	map_new(pmd, td, 5000);
+	assert_int_equal(tfs_pmd_commit(pmd), 0);
+	map_new(pmd, td, 10);
+	while ((r = tfs_thin_diff_step(d, 1, note_diff_run, &got)) == 1)
+		;
+	assert_int_equal(r, 0);
+	assert_int_equal(got.nr, 1);
+	assert_int_equal(got.v[0].begin, 0);
+	assert_int_equal(got.v[0].len, 3000);
+	tfs_thin_diff_end(d);
+	/* The commit wrote the hold, so its release has to be committed too. */
+	assert_int_equal(tfs_pmd_drop_held_roots(pmd), 0);
+	assert_true(tfs_pmd_commit_count(pmd) != commits);
+	assert_int_equal(tfs_pmd_held_root(pmd), 0);
+	assert_int_equal(tfs_pmd_drop_held_roots(pmd), -EINVAL);
+
+	/* The slot taken by a metadata snapshot: refused, nothing changed. */
+	assert_int_equal(tfs_pmd_reserve_metadata_snap(pmd), 0);
+	assert_int_equal(tfs_pmd_hold_roots(pmd), -EBUSY);
+	assert_int_equal(tfs_pmd_release_metadata_snap(pmd), 0);
+
+	/* An abort during the walk ends it: what it walked may be gone. */
+	assert_int_equal(tfs_pmd_hold_roots(pmd), 0);
+	assert_int_equal(tfs_thin_diff_begin(pmd, NULL, &(tfs_dev_id){ 1 }, &d), 0);
+	assert_int_equal(tfs_pmd_abort(pmd), 0);
+	assert_int_equal(tfs_thin_diff_step(d, 1, note_diff_run, &got), -EIO);
+	tfs_thin_diff_end(d);
+	assert_int_equal(tfs_pmd_held_root(pmd), 0);
+
+	tfs_pmd_close_thin(td);
+	assert_int_equal(tfs_pmd_commit(pmd), 0);
+	tfs_pmd_close(pmd);
+	tfs_bdev_close(dev);
+	assert_metadata_clean();
+	unlink(tmp_path);
+	free(got.v);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -1028,6 +1405,7 @@ int main(void)
 		cmocka_unit_test(test_open_refuses_foreign_or_mismatched_metadata),
 		cmocka_unit_test(test_device_ids_are_24_bit_and_unique),
 		cmocka_unit_test(test_snapshot_shares_blocks_and_writes_break_sharing),
+		cmocka_unit_test(test_mark_shared_makes_cloned_mappings_shared_on_both_sides),
 		cmocka_unit_test(test_freed_data_blocks_are_not_reused_before_commit),
 		cmocka_unit_test(test_abort_returns_to_the_last_commit),
 		cmocka_unit_test(test_transaction_id_is_compare_and_swap),
@@ -1039,6 +1417,10 @@ int main(void)
 		cmocka_unit_test(test_shrink_data_across_bitmaps),
 		cmocka_unit_test(test_metadata_exhaustion_is_enospc),
 		cmocka_unit_test(test_random_operations_match_the_model),
+		cmocka_unit_test(test_diff_of_a_snapshot_reads_only_the_changed_paths),
+		cmocka_unit_test(test_diff_skips_shared_leaves_after_the_origin_grows_a_level),
+		cmocka_unit_test(test_diff_matches_a_model_over_random_changes),
+		cmocka_unit_test(test_diff_hold_keeps_the_view_of_begin),
 		cmocka_unit_test(test_failed_commit_leaves_old_or_new_transaction),
 		cmocka_unit_test(test_power_cut_during_commit_leaves_old_or_new_transaction),
 		cmocka_unit_test(test_failed_commit_with_the_next_transaction_running_leaves_old_or_new),
