@@ -7,6 +7,7 @@
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 
 static uint64_t fnv1a64(const char *s)
 {
@@ -86,4 +87,24 @@ void tfs_ctl_request_free(struct tfs_ctl_request *req)
 	free(req->argv);
 	json_object_put(req->json);
 	*req = (struct tfs_ctl_request){ 0 };
+}
+
+int tfs_ctl_id_parse(const char *s, uint8_t id[16])
+{
+	if (!s || strlen(s) != 32)
+		return -EINVAL;
+	for (int i = 0; i < 16; i++) {
+		unsigned v;
+
+		if (sscanf(s + 2 * i, "%2x", &v) != 1)
+			return -EINVAL;
+		id[i] = (uint8_t)v;
+	}
+	return 0;
+}
+
+void tfs_ctl_id_format(const uint8_t id[16], char out[TFS_CTL_ID_HEX])
+{
+	for (int i = 0; i < 16; i++)
+		snprintf(out + 2 * i, 3, "%02x", id[i]);
 }
