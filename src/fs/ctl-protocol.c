@@ -93,12 +93,14 @@ int tfs_ctl_id_parse(const char *s, uint8_t id[16])
 {
 	if (!s || strlen(s) != 32)
 		return -EINVAL;
-	for (int i = 0; i < 16; i++) {
-		unsigned v;
+	for (int i = 0; i < 32; i++) {
+		char c = s[i];
+		int v = c >= '0' && c <= '9' ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10 :
+			c >= 'A' && c <= 'F' ? c - 'A' + 10 : -1;
 
-		if (sscanf(s + 2 * i, "%2x", &v) != 1)
+		if (v < 0)
 			return -EINVAL;
-		id[i] = (uint8_t)v;
+		id[i / 2] = (uint8_t)(i % 2 ? (id[i / 2] << 4) | v : v);
 	}
 	return 0;
 }
