@@ -9,6 +9,7 @@
 #include <fcntl.h>
 #include <inttypes.h>
 #include <json-c/json.h>
+#include <pthread.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -371,15 +372,99 @@ static int read_full(int fd, uint8_t *buf, size_t len, uint64_t off)
 	return 0;
 }
 
-/* Header, one record per extent (DATA in chunks; all-zero chunks as ZERO), END, trailer. */
+/*
+ * Reading ahead: one FUSE request at a time leaves the data device idle
+ * while the daemon and the kernel copy, so READERS threads read the next
+ * chunks into SLOTS buffers while the main thread writes them out in
+ * order.  Chunk j goes into slot j % SLOTS, once chunk j - SLOTS is out.
+ */
+#define READERS 8
+#define SLOTS 16
+
+struct reader {
+	pthread_mutex_t lock;
+	pthread_cond_t cond;
+	int vol;
+	const struct extent *chunk; /* data chunks of at most TFS_STREAM_CHUNK, zero ranges */
+	size_t nr;
+	size_t next;                /* lock: the next chunk to claim */
+	size_t written;             /* lock: chunks written out */
+	bool stop;                  /* lock */
+	uint8_t *buf[SLOTS];
+	size_t slot_chunk[SLOTS];   /* lock: which chunk the slot holds, when ready */
+	bool ready[SLOTS];          /* lock */
+	int err[SLOTS];             /* lock */
+};
+
+static void *reader_thread(void *arg)
+{
+	struct reader *rd = arg;
+
+	pthread_mutex_lock(&rd->lock);
+	for (;;) {
+		size_t j;
+		int e = 0;
+
+		while (!rd->stop && rd->next < rd->nr && rd->next - rd->written >= SLOTS)
+			pthread_cond_wait(&rd->cond, &rd->lock);
+		if (rd->stop || rd->next >= rd->nr)
+			break;
+		j = rd->next++;
+		pthread_mutex_unlock(&rd->lock);
+		if (!rd->chunk[j].zero)
+			e = read_full(rd->vol, rd->buf[j % SLOTS], (size_t)rd->chunk[j].len,
+				      rd->chunk[j].off);
+		pthread_mutex_lock(&rd->lock);
+		rd->slot_chunk[j % SLOTS] = j;
+		rd->err[j % SLOTS] = e;
+		rd->ready[j % SLOTS] = true;
+		pthread_cond_broadcast(&rd->cond);
+	}
+	pthread_mutex_unlock(&rd->lock);
+	return NULL;
+}
+
+/* The extents cut into chunks: data in pieces of at most TFS_STREAM_CHUNK. */
+static int chunks_of(const struct extents *e, struct extents *c)
+{
+	for (size_t i = 0; i < e->nr; i++) {
+		const struct extent *x = &e->v[i];
+
+		for (uint64_t off = x->off; off < x->off + x->len;) {
+			uint64_t n = x->zero ? x->len : x->off + x->len - off;
+
+			n = n < TFS_STREAM_CHUNK || x->zero ? n : TFS_STREAM_CHUNK;
+			if (extents_add(c, off, n, x->zero) < 0)
+				return -ENOMEM;
+			off += n;
+		}
+	}
+	return 0;
+}
+
+/* Chunk j: a ZERO record, or DATA (a chunk of zeros travels as ZERO, unmapped on receive). */
+static int emit_chunk(struct out *o, const struct extent *x, const uint8_t *buf, uint64_t *sent)
+{
+	if (x->zero || all_zero(buf, (size_t)x->len))
+		return out_record(o, TFS_REC_ZERO, x->off, x->len);
+	if (out_record(o, TFS_REC_DATA, x->off, x->len) < 0 || out_write(o, buf, x->len) < 0)
+		return -1;
+	*sent += x->len;
+	return 0;
+}
+
+/* Header, the chunks in order, END, trailer. */
 static int write_stream(int vol, const struct extents *e, struct json_object *info,
 			uint64_t size)
 {
 	uint8_t h[TFS_STREAM_HEADER_SIZE] = { 0 }, tail[4];
-	uint64_t data = 0, done = 0, sent = 0, records = 0;
+	uint64_t data = 0, done = 0, sent = 0;
 	struct out o = { .crc = 0xFFFFFFFFu };
+	struct reader rd = { .vol = vol };
+	struct extents c = { 0 };
+	pthread_t th[READERS];
+	unsigned started = 0;
 	struct progress pr;
-	uint8_t *buf;
 	int r = -1;
 
 	for (size_t i = 0; i < e->nr; i++)
@@ -396,56 +481,72 @@ static int write_stream(int vol, const struct extents *e, struct json_object *in
 	tfs_ctl_id_parse(jstr(info, "to"), h + H_TO);
 	put64(h + H_DATA, data);
 	put32(h + H_CRC, tfs_crc32c(0xFFFFFFFFu, h, H_CRC));
-	if (posix_memalign((void **)&buf, 4096, TFS_STREAM_CHUNK)) {
-		fail("send: out of memory");
-		return -1;
-	}
+
+	pthread_mutex_init(&rd.lock, NULL);
+	pthread_cond_init(&rd.cond, NULL);
+	if (chunks_of(e, &c) < 0)
+		goto out_nomem;
+	rd.chunk = c.v;
+	rd.nr = c.nr;
+	for (int i = 0; i < SLOTS; i++)
+		if (posix_memalign((void **)&rd.buf[i], 4096, TFS_STREAM_CHUNK))
+			goto out_nomem;
+	for (; started < READERS; started++)
+		if (pthread_create(&th[started], NULL, reader_thread, &rd))
+			break;
+	if (!started)
+		goto out_nomem;
+
 	progress_init(&pr, "send", data);
 	if (out_write(&o, h, sizeof(h)) < 0)
 		goto out;
-	for (size_t i = 0; i < e->nr; i++) {
-		const struct extent *x = &e->v[i];
+	for (size_t j = 0; j < c.nr; j++) {
+		const struct extent *x = &c.v[j];
+		int e2;
 
-		if (x->zero) {
-			if (out_record(&o, TFS_REC_ZERO, x->off, x->len) < 0)
-				goto out;
-			records++;
-			continue;
+		pthread_mutex_lock(&rd.lock);
+		while (!(rd.ready[j % SLOTS] && rd.slot_chunk[j % SLOTS] == j))
+			pthread_cond_wait(&rd.cond, &rd.lock);
+		e2 = rd.err[j % SLOTS];
+		pthread_mutex_unlock(&rd.lock);
+		if (e2 < 0) {
+			fail("send: reading the volume at byte %" PRIu64 ": %s", x->off,
+			     strerror(-e2));
+			goto out;
 		}
-		for (uint64_t off = x->off; off < x->off + x->len; off += TFS_STREAM_CHUNK) {
-			size_t n = x->off + x->len - off < TFS_STREAM_CHUNK ?
-				   (size_t)(x->off + x->len - off) : TFS_STREAM_CHUNK;
-			int e2 = read_full(vol, buf, n, off);
-
-			if (e2 < 0) {
-				fail("send: reading the volume at byte %" PRIu64 ": %s", off,
-				     strerror(-e2));
-				goto out;
-			}
-			/* Zeros travel as a range, and unmap on the receiving side. */
-			if (all_zero(buf, n)) {
-				if (out_record(&o, TFS_REC_ZERO, off, n) < 0)
-					goto out;
-			} else {
-				if (out_record(&o, TFS_REC_DATA, off, n) < 0 ||
-				    out_write(&o, buf, n) < 0)
-					goto out;
-				sent += n;
-			}
-			records++;
-			done += n;
-			progress_show(&pr, done, false);
-		}
+		if (emit_chunk(&o, x, rd.buf[j % SLOTS], &sent) < 0)
+			goto out;
+		pthread_mutex_lock(&rd.lock);
+		rd.ready[j % SLOTS] = false;
+		rd.written = j + 1;
+		pthread_cond_broadcast(&rd.cond);
+		pthread_mutex_unlock(&rd.lock);
+		done += x->zero ? 0 : x->len;
+		progress_show(&pr, done, false);
 	}
-	if (out_record(&o, TFS_REC_END, sent, records) < 0)
+	if (out_record(&o, TFS_REC_END, sent, c.nr) < 0)
 		goto out;
 	put32(tail, o.crc);
 	if (out_write(&o, tail, sizeof(tail)) < 0)
 		goto out;
 	progress_show(&pr, done, true);
 	r = 0;
+	goto out;
+
+out_nomem:
+	fail("send: out of memory");
 out:
-	free(buf);
+	pthread_mutex_lock(&rd.lock);
+	rd.stop = true;
+	pthread_cond_broadcast(&rd.cond);
+	pthread_mutex_unlock(&rd.lock);
+	while (started)
+		pthread_join(th[--started], NULL);
+	for (int i = 0; i < SLOTS; i++)
+		free(rd.buf[i]);
+	free(c.v);
+	pthread_cond_destroy(&rd.cond);
+	pthread_mutex_destroy(&rd.lock);
 	return r;
 }
 
