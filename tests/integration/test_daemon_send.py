@@ -82,9 +82,9 @@ def test_full_send_and_three_incrementals_give_identical_volumes(pool):
     same(p.mnt / ".snapshots" / "n0" / "vm1", p.mnt / "r0")
     for k in (1, 2, 3):
         if k == 2:
-            os.truncate(p.mnt / "vm1", size + 3 * BS + 5)     # grows: the size travels
+            os.truncate(p.mnt / "vm1", size - 2 * BS - 1)     # shrinks: the size travels
         if k == 3:
-            os.truncate(p.mnt / "vm1", size - 2 * BS - 1)     # and shrinks
+            os.truncate(p.mnt / "vm1", size + 3 * BS + 5)     # and grows past a cut block
         cur = os.path.getsize(p.mnt / "vm1")
         scribble(p.mnt / "vm1", cur, 10 + k)
         os.mkdir(p.mnt / ".snapshots" / f"n{k}")
