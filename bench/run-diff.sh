@@ -91,30 +91,13 @@ offline_row() {
 	log "$label offline, cold page cache: $note"
 }
 
-{
-	echo "date: $(date -Is)"
-	echo "kernel: $(uname -r)"
-	echo "cpu: $(nproc) x $(awk -F': ' '/model name/{print $2; exit}' /proc/cpuinfo)"
-	echo "load at start: $(cut -d' ' -f1-3 /proc/loadavg)"
-	echo "work fs: $(findmnt -no SOURCE,FSTYPE -T "$WORK")"
-	echo "VOL_GIB=$VOL_GIB CHANGE_PCT=$CHANGE_PCT REPS=$REPS"
-} >"$OUT/env.txt"
+pool_env "VOL_GIB=$VOL_GIB CHANGE_PCT=$CHANGE_PCT REPS=$REPS"
 echo "label,where,rep,extents,nodes_read,walk_ms,wall_us" >"$OUT/diff.csv"
 
 build || { log "build failed"; exit 1; }
 blocks=$((VOL_GIB * 16384))
 pool_start $((VOL_GIB + VOL_GIB / 8 + 2)) || exit 1
-truncate -s "${VOL_GIB}G" "$MNT/vol"
-dd if=/dev/urandom of="$MNT/vol" bs=64k count=1 oflag=direct conv=fsync,notrunc status=none
-fusermount3 -u "$MNT"
-for _ in $(seq 1 300); do kill -0 "$T_PID" 2>/dev/null || break; sleep 0.1; done
-thin_dump "$WORK/pool/meta.img" >"$WORK/pool/full.xml" || { log "thin_dump failed"; exit 1; }
-/usr/bin/python3 "$root/bench/full-mapping.py" "$WORK/pool/full.xml" "$blocks" || exit 1
-thin_restore -q -i "$WORK/pool/full.xml" -o "$WORK/pool/meta.img" || { log "thin_restore failed"; exit 1; }
-"$thinfs" mount "$WORK/pool/pool.cfg" "$MNT" -f >>"$OUT/daemon.log" 2>&1 &
-T_PID=$!
-for _ in $(seq 1 200); do is_mounted "$MNT" && stat "$MNT/." >/dev/null 2>&1 && break; sleep 0.05; done
-is_mounted "$MNT" || { log "thinfs did not mount"; exit 1; }
+pool_full_volume "$VOL_GIB" || exit 1
 log "volume of $VOL_GIB GiB, $blocks blocks mapped"
 
 mkdir "$MNT/.snapshots/a"

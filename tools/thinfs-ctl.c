@@ -18,6 +18,7 @@
 #include <unistd.h>
 
 #include "ctl-protocol.h"
+#include "send-recv.h"
 
 static void usage(FILE *f)
 {
@@ -41,6 +42,9 @@ static void usage(FILE *f)
 	      "  diff FROM TO [--json] [--stats]\n"
 	      "                               the extents of TO that differ from FROM (volumes,\n"
 	      "                               GROUP/NAME, or - for nothing): OFFSET LENGTH data|zero\n"
+	      "  send [--from FROM] TO > STREAM  TO (or its change since FROM) as a stream\n"
+	      "  receive NAME [--base BASE] < STREAM\n"
+	      "                               a stream made into the new volume NAME\n"
 	      "  fault metadata|data read|write|flush error|enospc|stall|ok [after N] [once]\n"
 	      "  fault power-cut [tear]\n"
 	      "  fault crash-at POINT [power-cut [tear]]\n"
@@ -48,10 +52,8 @@ static void usage(FILE *f)
 	      "                               and thinfs mount --allow-faults only)\n", f);
 }
 
-/* One line on stderr, as every failure is reported. */
-static int fail(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
-
-static int fail(const char *fmt, ...)
+/* One line on stderr, as every failure is reported (send-recv.c's too). */
+int tfs_ctlc_fail(const char *fmt, ...)
 {
 	va_list ap;
 
@@ -62,6 +64,8 @@ static int fail(const char *fmt, ...)
 	fputc('\n', stderr);
 	return 1;
 }
+
+#define fail(...) tfs_ctlc_fail(__VA_ARGS__)
 
 static int send_all(int fd, const char *s, size_t len)
 {
@@ -172,11 +176,36 @@ static int handle_response(const char *line, bool json_wanted)
 	return last;
 }
 
-int main(int argc, char **argv)
+int tfs_ctlc_connect(const char *mountpoint)
 {
 	struct sockaddr_un sa = { .sun_family = AF_UNIX };
-	struct json_object *req, *args;
 	char path[sizeof(sa.sun_path)];
+	int fd, r;
+
+	r = tfs_ctl_socket_path(mountpoint, path, sizeof(path));
+	if (r < 0)
+		return fail("%s: %s", mountpoint, strerror(-r)), -1;
+	fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	if (fd < 0)
+		return fail("socket: %s", strerror(errno)), -1;
+	snprintf(sa.sun_path, sizeof(sa.sun_path), "%s", path);
+	if (connect(fd, (struct sockaddr *)&sa, sizeof(sa)) < 0) {
+		int e = errno;
+
+		close(fd);
+		if (e == ENOENT || e == ECONNREFUSED)
+			fail("%s: no thinfs daemon serves this mountpoint (%s)", mountpoint,
+			     e == ENOENT ? "no control socket" : "stale control socket");
+		else
+			fail("%s: cannot reach the daemon: %s", mountpoint, strerror(e));
+		return -1;
+	}
+	return fd;
+}
+
+int main(int argc, char **argv)
+{
+	struct json_object *req, *args;
 	const char *s;
 	bool json_wanted = false;
 	char *buf = NULL;
@@ -194,23 +223,13 @@ int main(int argc, char **argv)
 	if (argc - 3 > TFS_CTL_MAX_ARGS)
 		return fail("too many arguments: %d (the daemon takes at most %d)", argc - 3,
 			    TFS_CTL_MAX_ARGS);
-	r = tfs_ctl_socket_path(argv[1], path, sizeof(path));
-	if (r < 0)
-		return fail("%s: %s", argv[1], strerror(-r));
-
-	fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	if (!strcmp(argv[2], "send"))
+		return tfs_ctlc_send(argv[1], argc - 2, argv + 2);
+	if (!strcmp(argv[2], "receive"))
+		return tfs_ctlc_receive(argv[1], argc - 2, argv + 2);
+	fd = tfs_ctlc_connect(argv[1]);
 	if (fd < 0)
-		return fail("socket: %s", strerror(errno));
-	snprintf(sa.sun_path, sizeof(sa.sun_path), "%s", path);
-	if (connect(fd, (struct sockaddr *)&sa, sizeof(sa)) < 0) {
-		int e = errno;
-
-		close(fd);
-		if (e == ENOENT || e == ECONNREFUSED)
-			return fail("%s: no thinfs daemon serves this mountpoint (%s)", argv[1],
-				    e == ENOENT ? "no control socket" : "stale control socket");
-		return fail("%s: cannot reach the daemon: %s", argv[1], strerror(e));
-	}
+		return 1;
 
 	req = json_object_new_object();
 	args = json_object_new_array();

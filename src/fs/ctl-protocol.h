@@ -32,6 +32,7 @@
 #define TFS_FS_CTL_PROTOCOL_H
 
 #include <stddef.h>
+#include <stdint.h>
 
 #define TFS_CTL_DIR "/run/thinfs"
 /* Limits of one request: its line in bytes (newline included), and its args. */
@@ -65,5 +66,14 @@ int tfs_ctl_parse_request(const char *line, struct tfs_ctl_request *req, char *w
 
 /* Free what a successful parse holds; an empty request is fine. */
 void tfs_ctl_request_free(struct tfs_ctl_request *req);
+
+/*
+ * A volume's identity (send/receive, docs/send-receive.md) travels in
+ * requests and responses as 32 lower-case hex digits.  parse: -EINVAL
+ * unless s is exactly that (either case).
+ */
+#define TFS_CTL_ID_HEX 33 /* the digits and the NUL */
+int tfs_ctl_id_parse(const char *s, uint8_t id[16]);
+void tfs_ctl_id_format(const uint8_t id[16], char out[TFS_CTL_ID_HEX]);
 
 #endif

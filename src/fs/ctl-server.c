@@ -21,6 +21,7 @@
 #include <unistd.h>
 
 #include "bdev.h"
+#include "ctl-internal.h"
 #include "ctl-protocol.h"
 #include "fs.h"
 #include "fuse-ops.h"
@@ -1438,10 +1439,15 @@ static void dispatch(struct cmd_ctx *c)
 		cmd_reload(c);
 	else if (!strcmp(cmd, "diff"))
 		cmd_diff(c);
+	else if (!strcmp(cmd, "send"))
+		tfs_ctl_cmd_send(c->fs, c->fd, c->argc, c->argv);
+	else if (!strcmp(cmd, "receive"))
+		tfs_ctl_cmd_receive(c->fs, c->fd, c->argc, c->argv);
 	else
 		send_error(c->fd, "unknown command '%s' (status, list, snapshot, delete, resize, "
 			   "set-transaction-id, reserve-metadata-snap, release-metadata-snap, "
-			   "events, wait-event, fault, suspend, resume, reload, diff)", cmd);
+			   "events, wait-event, fault, suspend, resume, reload, diff, send, "
+			   "receive)", cmd);
 }
 
 /* ---- connections ---- */
@@ -1809,4 +1815,37 @@ void tfs_ctl_server_stop(struct tfs_ctl_server *srv)
 	pthread_cond_destroy(&srv->idle);
 	pthread_mutex_destroy(&srv->lock);
 	free(srv);
+}
+
+/* ---- for the commands of other files (ctl-internal.h) ---- */
+
+int tfs_ctl_send_line(int fd, struct json_object *o)
+{
+	return send_line(fd, o);
+}
+
+int tfs_ctl_send_ok(int fd, const char *text, struct json_object *json, bool done)
+{
+	return send_ok(fd, text, json, done);
+}
+
+int tfs_ctl_send_error(int fd, const char *fmt, ...)
+{
+	char msg[1024];
+	va_list ap;
+
+	va_start(ap, fmt);
+	vsnprintf(msg, sizeof(msg), fmt, ap);
+	va_end(ap);
+	return send_error(fd, "%s", msg);
+}
+
+bool tfs_ctl_client_alive(int fd)
+{
+	return client_alive(fd);
+}
+
+ssize_t tfs_ctl_read_line(int fd, char *buf, size_t max)
+{
+	return read_line(fd, buf, max);
 }

@@ -521,6 +521,8 @@ static int run_daemon(struct tfs_fs *fs, const struct mount_args *a, int ready_f
 		goto err_close_pool;
 	}
 	r = reconcile(fs);
+	if (r == 0)
+		r = tfs_fs_settle_temp_names(fs);
 	if (r < 0) {
 		tfs_err("cannot reconcile the catalog with the metadata: %s", strerror(-r));
 		goto err_close_catalog;

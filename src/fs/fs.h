@@ -186,6 +186,13 @@ int tfs_fs_remove_group(struct tfs_fs *fs, const char *name);
 /* thinfs-ctl snapshot SRC NEW: a writable thin snapshot, a top-level volume. */
 int tfs_fs_snapshot_volume(struct tfs_fs *fs, const char *src, const char *new_name);
 
+/*
+ * Delete the volumes a send or receive cut short by a crash left under
+ * their temporary names (send-recv.c), after the mount's reconcile;
+ * read-write mounts only.  -errno from the catalog.
+ */
+int tfs_fs_settle_temp_names(struct tfs_fs *fs);
+
 /* ---- listings (catalog reads; sizes from memory where newer) ---- */
 /* Group lookups. */
 int tfs_fs_group_by_id(struct tfs_fs *fs, int64_t id, struct tfs_group_row *out);

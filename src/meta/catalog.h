@@ -163,6 +163,23 @@ int tfs_catalog_list_unfinished_groups(struct tfs_catalog *cat, tfs_catalog_grou
 				       void *ctx);
 
 /*
+ * ---- send/receive ----
+ * A volume's identity (16 bytes) names what a stream was made from, so a
+ * receive can check its base.  get: -ENOENT none stored yet.  set
+ * replaces; -ENOENT no such volume.  The row goes with its volume.
+ * Temporary names: volumes made only for a send or receive in progress
+ * (the name is recorded before the volume exists and dropped after it is
+ * renamed or deleted); the next mount deletes those still there.  add:
+ * -EEXIST recorded already.  Listing calls fn without the lock.
+ */
+int tfs_catalog_get_uuid(struct tfs_catalog *cat, uint32_t dev_id, uint8_t uuid[16]);
+int tfs_catalog_set_uuid(struct tfs_catalog *cat, uint32_t dev_id, const uint8_t uuid[16]);
+int tfs_catalog_add_temp_name(struct tfs_catalog *cat, const char *name);
+int tfs_catalog_remove_temp_name(struct tfs_catalog *cat, const char *name);
+int tfs_catalog_list_temp_names(struct tfs_catalog *cat, int (*fn)(void *ctx, const char *name),
+				void *ctx);
+
+/*
  * ---- events ----
  * time_ns is the time of the add (CLOCK_REALTIME).  kind: 1..63 bytes
  * (-EINVAL); detail is cut to 511 bytes (at a UTF-8 character boundary).
