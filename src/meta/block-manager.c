@@ -18,6 +18,8 @@
 
 #include <assert.h>
 #include <errno.h>
+#include <pthread.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -34,6 +36,7 @@ struct tfs_block {
 	unsigned lock_count;
 	bool dirty;
 	bool in_lru;
+	bool unchecked; /* read ahead and not validated yet: the first lock validates it */
 	struct tfs_block *hash_next;
 	struct tfs_block *lru_prev, *lru_next;     /* unlocked blocks only */
 	struct tfs_block *dirty_prev, *dirty_next; /* dirty blocks only */
@@ -264,15 +267,13 @@ static int evict(struct tfs_bm *bm)
 	return 0;
 }
 
-static int alloc_block(struct tfs_bm *bm, uint64_t blocknr, struct tfs_block **out)
+/* A free slot holding blocknr, in the hash table but on no list. */
+static int new_slot(struct tfs_bm *bm, uint64_t blocknr, struct tfs_block **out)
 {
 	struct tfs_block *b;
 	size_t h;
 	int r;
 
-	r = evict(bm);
-	if (r)
-		return r;
 	if (!bm->free_blocks) {
 		r = add_slab(bm);
 		if (r)
@@ -289,6 +290,13 @@ static int alloc_block(struct tfs_bm *bm, uint64_t blocknr, struct tfs_block **o
 	bm->nr_cached++;
 	*out = b;
 	return 0;
+}
+
+static int alloc_block(struct tfs_bm *bm, uint64_t blocknr, struct tfs_block **out)
+{
+	int r = evict(bm);
+
+	return r ? r : new_slot(bm, blocknr, out);
 }
 
 static int validate(struct tfs_bm *bm, struct tfs_block *b, const struct tfs_block_validator *v)
@@ -334,11 +342,17 @@ static int get_block(struct tfs_bm *bm, uint64_t blocknr, const struct tfs_block
 		if (zero) {
 			memset(b->data, 0, TFS_BLOCK_SIZE);
 			b->v = v;
-		} else if (b->v != v) {
+		} else if (b->v != v || b->unchecked) {
 			r = validate(bm, b, v);
+			/* Read ahead and corrupt: gone, as if read now, so the next lock rereads it. */
+			if (r && b->unchecked && !b->lock_count) {
+				lru_unlink(bm, b);
+				free_block(bm, b);
+			}
 			if (r)
 				return r;
 		}
+		b->unchecked = false;
 		pin(bm, b);
 		*out = b;
 		return 0;
@@ -674,4 +688,176 @@ void tfs_bm_stats(struct tfs_bm *bm, struct tfs_bm_stats *out)
 	out->dirty = bm->nr_dirty;
 	out->locked = bm->nr_locked;
 	out->allocated = bm->nr_slabs * SLAB_BLOCKS;
+}
+
+/*
+ * Read-ahead.  Runs of neighbouring blocks go in one read each (a metadata
+ * device is opened O_DIRECT, so the host reads ahead nothing, and one
+ * 4 KiB round trip per btree node is what made a cold walk slow), and up
+ * to PREFETCH_THREADS runs are in flight at once: the blocks a walk is
+ * about to visit are mostly scattered, and a device (or the host below a
+ * virtual disk) serves many requests at once far faster than one after
+ * another.  Plain threads calling tfs_bdev_read rather than io_uring, so
+ * that every backing device, the fault-injecting one included, serves the
+ * reads.
+ */
+#define PREFETCH_RUN 32u    /* blocks in one read: 128 KiB */
+#define PREFETCH_THREADS 8u /* the caller's thread included */
+#define PREFETCH_MAX 1024u  /* blocks in one call, whatever the cache size */
+
+struct prefetch_run {
+	struct tfs_block **v; /* PREFETCH_RUN at most, neighbours on the device */
+	unsigned n;
+	int r;
+};
+
+struct prefetch_job {
+	struct tfs_bdev *dev;
+	struct prefetch_run *runs;
+	size_t nr_runs;
+	atomic_size_t next; /* the first run no thread has taken */
+};
+
+static int read_run(struct tfs_bdev *dev, struct prefetch_run *run, uint8_t *staging)
+{
+	int r;
+
+	if (run->n == 1 || !staging)
+		for (unsigned k = 0; k < run->n; k++) {
+			r = tfs_bdev_read(dev, run->v[k]->data, TFS_BLOCK_SIZE,
+					  run->v[k]->blocknr * TFS_BLOCK_SIZE);
+			if (r)
+				return r;
+		}
+	else {
+		r = tfs_bdev_read(dev, staging, (size_t)run->n * TFS_BLOCK_SIZE,
+				  run->v[0]->blocknr * TFS_BLOCK_SIZE);
+		if (r)
+			return r;
+		for (unsigned k = 0; k < run->n; k++)
+			memcpy(run->v[k]->data, staging + (size_t)k * TFS_BLOCK_SIZE, TFS_BLOCK_SIZE);
+	}
+	return 0;
+}
+
+static void *prefetch_worker(void *arg)
+{
+	struct prefetch_job *job = arg;
+	uint8_t *staging = NULL;
+	size_t i;
+
+	/* Without staging memory a run goes block by block: slower, same result. */
+	if (posix_memalign((void **)&staging, TFS_BLOCK_SIZE, PREFETCH_RUN * TFS_BLOCK_SIZE))
+		staging = NULL;
+	while ((i = atomic_fetch_add(&job->next, 1)) < job->nr_runs)
+		job->runs[i].r = read_run(job->dev, &job->runs[i], staging);
+	free(staging);
+	return NULL;
+}
+
+static int cmp_u64(const void *a, const void *b)
+{
+	uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+	return x < y ? -1 : x > y;
+}
+
+size_t tfs_bm_prefetch_window(const struct tfs_bm *bm)
+{
+	size_t w = bm->cache_blocks / 4;
+
+	return w < PREFETCH_MAX ? w : PREFETCH_MAX;
+}
+
+/*
+ * Room for one more unlocked block, made only by dropping clean unlocked
+ * ones: a read-ahead never writes a dirty block early, nor unpins one.
+ */
+static bool clean_room(struct tfs_bm *bm)
+{
+	while (bm->nr_cached - bm->nr_locked >= bm->cache_blocks) {
+		struct tfs_block *b = bm->lru_tail;
+
+		if (!b || b->dirty)
+			return false;
+		lru_unlink(bm, b);
+		free_block(bm, b);
+		bm->stats.evictions++;
+	}
+	return true;
+}
+
+int tfs_bm_prefetch(struct tfs_bm *bm, const uint64_t *blocknrs, size_t n)
+{
+	size_t window = tfs_bm_prefetch_window(bm), want = 0, got = 0, nr_threads, t;
+	struct prefetch_job job = { .dev = bm->dev };
+	pthread_t threads[PREFETCH_THREADS - 1];
+	struct tfs_block **blocks = NULL;
+	uint64_t *todo = NULL;
+	int r = 0;
+
+	/* The first window of blocks the cache lacks, in the caller's order (its priority). */
+	for (size_t i = 0; i < n && want < window; i++) {
+		if (blocknrs[i] >= bm->nr_blocks || find(bm, blocknrs[i]))
+			continue;
+		if (!todo) {
+			todo = malloc(window * sizeof(*todo));
+			if (!todo)
+				return -ENOMEM;
+		}
+		todo[want++] = blocknrs[i];
+	}
+	if (!want)
+		return 0;
+	qsort(todo, want, sizeof(*todo), cmp_u64);
+	blocks = malloc(want * sizeof(*blocks));
+	job.runs = malloc(want * sizeof(*job.runs));
+	if (!blocks || !job.runs) {
+		r = -ENOMEM;
+		goto out;
+	}
+	for (size_t i = 0; i < want; i++) {
+		if (i && todo[i] == todo[i - 1])
+			continue;
+		if (!clean_room(bm) || new_slot(bm, todo[i], &blocks[got]))
+			break;
+		if (job.nr_runs && job.runs[job.nr_runs - 1].n < PREFETCH_RUN &&
+		    blocks[got - 1]->blocknr + 1 == todo[i]) {
+			job.runs[job.nr_runs - 1].n++;
+		} else {
+			job.runs[job.nr_runs++] = (struct prefetch_run){ .v = &blocks[got], .n = 1 };
+		}
+		got++;
+	}
+
+	nr_threads = job.nr_runs < PREFETCH_THREADS ? job.nr_runs : PREFETCH_THREADS;
+	for (t = 0; t + 1 < nr_threads; t++)
+		if (pthread_create(&threads[t], NULL, prefetch_worker, &job))
+			break; /* fewer threads in flight: the ones running take the rest */
+	prefetch_worker(&job);
+	while (t-- > 0)
+		pthread_join(threads[t], NULL);
+
+	/* A failed read leaves its blocks out; the lock that needs one reads it and reports. */
+	for (size_t i = 0; i < job.nr_runs; i++) {
+		struct prefetch_run *run = &job.runs[i];
+
+		for (unsigned k = 0; k < run->n; k++) {
+			struct tfs_block *b = run->v[k];
+
+			if (run->r) {
+				free_block(bm, b);
+				continue;
+			}
+			b->unchecked = true;
+			lru_push(bm, b);
+			bm->stats.reads++;
+			bm->stats.prefetched++;
+			r++;
+		}
+	}
+out:
+	free(job.runs);
+	free(blocks);
+	free(todo);
+	return r;
 }

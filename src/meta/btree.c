@@ -1682,9 +1682,13 @@ struct diff_side {
 	uint64_t last_key;
 };
 
+/* Children of two nodes: what one read-ahead of the diff names at most. */
+#define DIFF_PREFETCH_MAX (2 * TFS_BLOCK_SIZE / 16)
+
 struct tfs_btree_diff {
 	struct tfs_btree_info info;
 	struct diff_side side[2];
+	uint64_t prefetch[DIFF_PREFETCH_MAX];
 	uint64_t reads;
 	uint64_t position;
 	bool done;
@@ -1820,6 +1824,77 @@ static void advance(struct diff_side *s)
 		s->root = 0;
 }
 
+/*
+ * The first key past the subtree open at path index j of side s: the next
+ * separator of the nearest ancestor that has one (an ancestor's pos is
+ * the child open below it), UINT64_MAX when none has.
+ */
+static uint64_t path_end(const struct diff_side *s, unsigned j)
+{
+	while (j-- > 0)
+		if (s->pos[j] + 1 < node_nr(s->node[j]))
+			return key_at(s->node[j], s->pos[j] + 1);
+	return UINT64_MAX;
+}
+
+/*
+ * Read ahead the children of the internal node just opened on side s that
+ * the walk is going to open: those the other side does not share.  The
+ * other side's node at the same height, if it has come down that far,
+ * is merged with this one on the keys: a child at one key in both is one
+ * subtree, skipped unread; every other child of either node, as far as
+ * the other node reaches, will be read.  If the other side has not come
+ * down to this height yet, only the children before its front are
+ * certain; the rest waits until it opens its node, which plans again with
+ * both known.  A wrong guess costs a wasted or a synchronous read, never
+ * a wrong answer: the walk still reads (and validates) every node itself.
+ */
+static void diff_prefetch(struct tfs_btree_diff *d, struct diff_side *s)
+{
+	struct diff_side *o = s == &d->side[0] ? &d->side[1] : &d->side[0];
+	unsigned j = s->depth - 1, h = s->height - j;
+	const uint8_t *n = s->node[j], *m = NULL;
+	uint32_t i = s->pos[j], k = 0, nn = node_nr(n), nm = 0;
+	uint64_t n_end = path_end(s, j), m_end = UINT64_MAX;
+	struct front fo;
+	size_t count = 0;
+
+	if (h < 2)
+		return;
+	front_of(o, &fo);
+	if (o->height >= h && o->depth > o->height - h) {
+		unsigned jo = o->height - h;
+
+		m = o->node[jo];
+		k = o->pos[jo];
+		nm = node_nr(m);
+		m_end = path_end(o, jo);
+	} else if (fo.kind == FRONT_NODE && fo.height >= h) {
+		m_end = fo.key;
+	}
+	while ((i < nn || k < nm) && count < DIFF_PREFETCH_MAX) {
+		uint64_t kn = i < nn ? key_at(n, i) : UINT64_MAX;
+		uint64_t km = k < nm ? key_at(m, k) : UINT64_MAX;
+
+		if (i < nn && k < nm && kn == km && value64(n, i) == value64(m, k)) {
+			i++;
+			k++;
+		} else if (k >= nm || (i < nn && kn <= km)) {
+			if (kn >= m_end)
+				i = nn;
+			else
+				d->prefetch[count++] = value64(n, i++);
+		} else {
+			if (km >= n_end)
+				k = nm;
+			else
+				d->prefetch[count++] = value64(m, k++);
+		}
+	}
+	if (count)
+		(void)tfs_tm_prefetch(d->info.tm, d->prefetch, count);
+}
+
 /* Read the subtree at the side's front onto its path. */
 static int open_front(struct tfs_btree_diff *d, struct diff_side *s, const struct front *f)
 {
@@ -1844,6 +1919,7 @@ static int open_front(struct tfs_btree_diff *d, struct diff_side *s, const struc
 	if (!s->depth)
 		s->root = 0;
 	s->pos[s->depth++] = 0;
+	diff_prefetch(d, s);
 	return 0;
 }
 
