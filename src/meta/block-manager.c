@@ -84,6 +84,8 @@ struct tfs_bm {
 	struct slab *slabs;
 	size_t nr_slabs;
 	struct tfs_block *free_blocks; /* unused, chained through hash_next */
+	struct prefetch_pool *prefetch_pool; /* read-ahead threads, once a read-ahead needed them */
+	uint8_t *prefetch_staging;           /* the owner's thread's, for the same */
 	struct tfs_bm_stats stats;
 	char write_error[160]; /* the last failed write, until taken */
 };
@@ -424,6 +426,8 @@ static void drop_all(struct tfs_bm *bm)
 	}
 }
 
+static void prefetch_pool_stop(struct prefetch_pool *pool); /* with the read-ahead, below */
+
 void tfs_bm_destroy(struct tfs_bm *bm)
 {
 	if (!bm)
@@ -431,6 +435,8 @@ void tfs_bm_destroy(struct tfs_bm *bm)
 	if (bm->nr_locked)
 		tfs_warn("%s: block manager destroyed with %zu blocks locked", bm->dev->name,
 			 bm->nr_locked);
+	prefetch_pool_stop(bm->prefetch_pool);
+	free(bm->prefetch_staging);
 	drop_all(bm);
 	free_slabs(bm);
 	free(bm->hash);
@@ -699,11 +705,17 @@ void tfs_bm_stats(struct tfs_bm *bm, struct tfs_bm_stats *out)
  * virtual disk) serves many requests at once far faster than one after
  * another.  Plain threads calling tfs_bdev_read rather than io_uring, so
  * that every backing device, the fault-injecting one included, serves the
- * reads.
+ * reads.  The threads are started at the first read-ahead that has
+ * PREFETCH_POOL_RUNS runs or more and kept (idle, waiting for work) until
+ * tfs_bm_destroy: starting them for each call cost more than the reads
+ * from a fast device.
  */
 #define PREFETCH_RUN 32u    /* blocks in one read: 128 KiB */
 #define PREFETCH_THREADS 8u /* the caller's thread included */
 #define PREFETCH_MAX 1024u  /* blocks in one call, whatever the cache size */
+#define PREFETCH_STACK (256u * 1024)
+/* Fewer runs are read by the caller alone: a lookup of a few leaves starts no thread. */
+#define PREFETCH_POOL_RUNS 4u
 
 struct prefetch_run {
 	struct tfs_block **v; /* PREFETCH_RUN at most, neighbours on the device */
@@ -716,6 +728,18 @@ struct prefetch_job {
 	struct prefetch_run *runs;
 	size_t nr_runs;
 	atomic_size_t next; /* the first run no thread has taken */
+};
+
+/* The workers of one block manager; every field under lock. */
+struct prefetch_pool {
+	pthread_mutex_t lock;
+	pthread_cond_t work, idle;
+	struct prefetch_job *job; /* the call in progress, NULL between calls */
+	uint64_t gen;             /* calls so far: a worker joins each call once */
+	unsigned busy;            /* workers inside job */
+	unsigned nr_threads;
+	bool stop;
+	pthread_t threads[PREFETCH_THREADS - 1];
 };
 
 static int read_run(struct tfs_bdev *dev, struct prefetch_run *run, uint8_t *staging)
@@ -740,19 +764,120 @@ static int read_run(struct tfs_bdev *dev, struct prefetch_run *run, uint8_t *sta
 	return 0;
 }
 
-static void *prefetch_worker(void *arg)
+static void run_job(struct prefetch_job *job, uint8_t *staging)
 {
-	struct prefetch_job *job = arg;
-	uint8_t *staging = NULL;
 	size_t i;
 
-	/* Without staging memory a run goes block by block: slower, same result. */
-	if (posix_memalign((void **)&staging, TFS_BLOCK_SIZE, PREFETCH_RUN * TFS_BLOCK_SIZE))
-		staging = NULL;
 	while ((i = atomic_fetch_add(&job->next, 1)) < job->nr_runs)
 		job->runs[i].r = read_run(job->dev, &job->runs[i], staging);
+}
+
+/* Without staging memory a run goes block by block: slower, same result. */
+static uint8_t *alloc_staging(void)
+{
+	void *p;
+
+	return posix_memalign(&p, TFS_BLOCK_SIZE, PREFETCH_RUN * TFS_BLOCK_SIZE) ? NULL : p;
+}
+
+static void *prefetch_worker(void *arg)
+{
+	struct prefetch_pool *pool = arg;
+	uint8_t *staging = alloc_staging();
+	uint64_t seen = 0;
+
+	pthread_mutex_lock(&pool->lock);
+	for (;;) {
+		struct prefetch_job *job;
+
+		while (!pool->stop && (!pool->job || seen == pool->gen))
+			pthread_cond_wait(&pool->work, &pool->lock);
+		if (pool->stop)
+			break;
+		seen = pool->gen;
+		job = pool->job;
+		pool->busy++;
+		pthread_mutex_unlock(&pool->lock);
+		run_job(job, staging);
+		pthread_mutex_lock(&pool->lock);
+		if (--pool->busy == 0)
+			pthread_cond_signal(&pool->idle);
+	}
+	pthread_mutex_unlock(&pool->lock);
 	free(staging);
 	return NULL;
+}
+
+/* The pool with its threads, or NULL (then the caller reads alone). */
+static struct prefetch_pool *prefetch_pool_start(void)
+{
+	struct prefetch_pool *pool = calloc(1, sizeof(*pool));
+	pthread_attr_t attr;
+
+	if (!pool)
+		return NULL;
+	pthread_mutex_init(&pool->lock, NULL);
+	pthread_cond_init(&pool->work, NULL);
+	pthread_cond_init(&pool->idle, NULL);
+	if (pthread_attr_init(&attr))
+		goto err_free;
+	pthread_attr_setstacksize(&attr, PREFETCH_STACK);
+	while (pool->nr_threads < PREFETCH_THREADS - 1 &&
+	       !pthread_create(&pool->threads[pool->nr_threads], &attr, prefetch_worker, pool))
+		pool->nr_threads++;
+	pthread_attr_destroy(&attr);
+	if (pool->nr_threads)
+		return pool;
+err_free:
+	pthread_cond_destroy(&pool->idle);
+	pthread_cond_destroy(&pool->work);
+	pthread_mutex_destroy(&pool->lock);
+	free(pool);
+	return NULL;
+}
+
+static void prefetch_pool_stop(struct prefetch_pool *pool)
+{
+	if (!pool)
+		return;
+	pthread_mutex_lock(&pool->lock);
+	pool->stop = true;
+	pthread_cond_broadcast(&pool->work);
+	pthread_mutex_unlock(&pool->lock);
+	for (unsigned t = 0; t < pool->nr_threads; t++)
+		pthread_join(pool->threads[t], NULL);
+	pthread_cond_destroy(&pool->idle);
+	pthread_cond_destroy(&pool->work);
+	pthread_mutex_destroy(&pool->lock);
+	free(pool);
+}
+
+/* Every run read when this returns: the caller's thread reads too. */
+static void prefetch_read(struct tfs_bm *bm, struct prefetch_job *job)
+{
+	struct prefetch_pool *pool;
+
+	if (job->nr_runs >= PREFETCH_POOL_RUNS && !bm->prefetch_pool)
+		bm->prefetch_pool = prefetch_pool_start();
+	if (!bm->prefetch_staging)
+		bm->prefetch_staging = alloc_staging();
+	pool = job->nr_runs >= PREFETCH_POOL_RUNS ? bm->prefetch_pool : NULL;
+	if (pool) {
+		pthread_mutex_lock(&pool->lock);
+		pool->job = job;
+		pool->gen++;
+		for (size_t t = 1; t < job->nr_runs && t <= pool->nr_threads; t++)
+			pthread_cond_signal(&pool->work);
+		pthread_mutex_unlock(&pool->lock);
+	}
+	run_job(job, bm->prefetch_staging);
+	if (pool) {
+		pthread_mutex_lock(&pool->lock);
+		pool->job = NULL;
+		while (pool->busy)
+			pthread_cond_wait(&pool->idle, &pool->lock);
+		pthread_mutex_unlock(&pool->lock);
+	}
 }
 
 static int cmp_u64(const void *a, const void *b)
@@ -788,9 +913,8 @@ static bool clean_room(struct tfs_bm *bm)
 
 int tfs_bm_prefetch(struct tfs_bm *bm, const uint64_t *blocknrs, size_t n)
 {
-	size_t window = tfs_bm_prefetch_window(bm), want = 0, got = 0, nr_threads, t;
+	size_t window = tfs_bm_prefetch_window(bm), want = 0, got = 0;
 	struct prefetch_job job = { .dev = bm->dev };
-	pthread_t threads[PREFETCH_THREADS - 1];
 	struct tfs_block **blocks = NULL;
 	uint64_t *todo = NULL;
 	int r = 0;
@@ -821,21 +945,13 @@ int tfs_bm_prefetch(struct tfs_bm *bm, const uint64_t *blocknrs, size_t n)
 		if (!clean_room(bm) || new_slot(bm, todo[i], &blocks[got]))
 			break;
 		if (job.nr_runs && job.runs[job.nr_runs - 1].n < PREFETCH_RUN &&
-		    blocks[got - 1]->blocknr + 1 == todo[i]) {
+		    blocks[got - 1]->blocknr + 1 == todo[i])
 			job.runs[job.nr_runs - 1].n++;
-		} else {
+		else
 			job.runs[job.nr_runs++] = (struct prefetch_run){ .v = &blocks[got], .n = 1 };
-		}
 		got++;
 	}
-
-	nr_threads = job.nr_runs < PREFETCH_THREADS ? job.nr_runs : PREFETCH_THREADS;
-	for (t = 0; t + 1 < nr_threads; t++)
-		if (pthread_create(&threads[t], NULL, prefetch_worker, &job))
-			break; /* fewer threads in flight: the ones running take the rest */
-	prefetch_worker(&job);
-	while (t-- > 0)
-		pthread_join(threads[t], NULL);
+	prefetch_read(bm, &job);
 
 	/* A failed read leaves its blocks out; the lock that needs one reads it and reports. */
 	for (size_t i = 0; i < job.nr_runs; i++) {
