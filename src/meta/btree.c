@@ -387,6 +387,24 @@ static int free_node(const struct tfs_btree_info *info, struct tfs_block *blk)
 	return tfs_tm_dec(info->tm, b);
 }
 
+/*
+ * Read ahead what a walk is about to visit: the nodes that entries
+ * [from, from + max) of n point at (children, or the subtree roots an
+ * upper level's leaf holds).  One node alone is left to the read that
+ * needs it.  Best effort: the walk reads and checks each node itself.
+ */
+static void prefetch_children(const struct tfs_btree_info *info, const uint8_t *n, uint32_t from,
+			      uint32_t max)
+{
+	uint64_t blocks[TFS_BLOCK_SIZE / 16];
+	uint32_t nr = node_nr(n), count = 0;
+
+	for (uint32_t i = from; i < nr && count < max && count < sizeof(blocks) / sizeof(blocks[0]); i++)
+		blocks[count++] = value64(n, i);
+	if (count > 1)
+		(void)tfs_tm_prefetch(info->tm, blocks, count);
+}
+
 /* ---- counting and releasing ------------------------------------------------- */
 
 /* Add the number of last-level entries under node n to *count. */
@@ -402,6 +420,7 @@ static int count_node(const struct tfs_btree_info *info, unsigned level, const u
 	}
 	if (depth >= MAX_TOTAL_DEPTH)
 		return corrupt(tfs_le64(n + OFF_BLOCKNR), "tree too deep (cycle?)");
+	prefetch_children(info, n, 0, nr);
 	for (uint32_t i = 0; i < nr && !r; i++) {
 		unsigned child_level = is_leaf(n) ? level + 1 : level;
 		struct tfs_block *cb;
@@ -541,6 +560,16 @@ int tfs_btree_lookup(const struct tfs_btree_info *info, uint64_t root, const uin
 	return i >= 0 ? 0 : -ENODATA;
 }
 
+/* Children of internal node n from i on that hold keys below end, up to span of them. */
+static uint32_t range_children(const uint8_t *n, uint32_t i, uint64_t end, uint32_t span)
+{
+	uint32_t count = 0;
+
+	while (i + count < node_nr(n) && count < span && key_at(n, i + count) < end)
+		count++;
+	return count;
+}
+
 /*
  * One descent to the leaf holding begin, then leaf to leaf: the path of
  * internal nodes stays read-locked, so the next leaf is one step up and
@@ -551,7 +580,7 @@ int tfs_btree_lookup_range(const struct tfs_btree_info *info, uint64_t root, con
 			   void *values_out)
 {
 	struct tfs_block *path[MAX_DEPTH], *leaf = NULL;
-	uint32_t pos[MAX_DEPTH], idx, vs;
+	uint32_t pos[MAX_DEPTH], idx, vs, span;
 	unsigned depth = 0, count = 0;
 	uint8_t *vout = values_out;
 	uint64_t b;
@@ -565,6 +594,8 @@ int tfs_btree_lookup_range(const struct tfs_btree_info *info, uint64_t root, con
 	if (max > INT_MAX)
 		max = INT_MAX;
 	vs = info->value_type.size;
+	/* max entries span at most this many leaves (each holds a third of its capacity or more) */
+	span = max / (tfs_btree_max_entries(vs) / 3) + 2;
 	r = find_subtree(info, root, keys, &b);
 	if (r)
 		return r == -ENODATA ? 0 : r;
@@ -591,6 +622,7 @@ int tfs_btree_lookup_range(const struct tfs_btree_info *info, uint64_t root, con
 		i = lower_bound(n, begin);
 		if (i < 0)
 			i = 0;
+		prefetch_children(info, n, (uint32_t)i, range_children(n, (uint32_t)i, end, span));
 		path[depth] = blk;
 		pos[depth++] = (uint32_t)i;
 		b = value64(n, (uint32_t)i);
@@ -1570,6 +1602,8 @@ static int walk_node(const struct tfs_btree_info *info, unsigned level, uint64_t
 		return r;
 	n = bdata(blk);
 	nr = node_nr(n);
+	if (!is_leaf(n) || level != last_level(info))
+		prefetch_children(info, n, 0, nr);
 	for (uint32_t i = 0; i < nr && !r; i++) {
 		if (!is_leaf(n)) {
 			r = walk_node(info, level, value64(n, i), depth + 1, keys, fn, ctx);
@@ -1631,6 +1665,7 @@ static int shape_node(const struct tfs_btree_info *info, uint64_t b, unsigned de
 			out->depth = depth + 1;
 	} else {
 		out->internal_nodes++;
+		prefetch_children(info, n, 0, node_nr(n));
 		for (uint32_t i = 0; i < node_nr(n) && !r; i++)
 			r = shape_node(info, value64(n, i), depth + 1, out);
 	}
