@@ -36,7 +36,7 @@ struct tfs_block {
 	unsigned lock_count;
 	bool dirty;
 	bool in_lru;
-	bool unchecked; /* read ahead and not validated yet: the first lock validates it */
+	bool unchecked; /* read ahead, v still NULL: the first lock with a validator checks it */
 	struct tfs_block *hash_next;
 	struct tfs_block *lru_prev, *lru_next;     /* unlocked blocks only */
 	struct tfs_block *dirty_prev, *dirty_next; /* dirty blocks only */
@@ -344,7 +344,9 @@ static int get_block(struct tfs_bm *bm, uint64_t blocknr, const struct tfs_block
 		if (zero) {
 			memset(b->data, 0, TFS_BLOCK_SIZE);
 			b->v = v;
-		} else if (b->v != v || b->unchecked) {
+			b->unchecked = false;
+		} else if (b->v != v) {
+			/* A block read ahead has no validator yet: it is checked here, once. */
 			r = validate(bm, b, v);
 			/* Read ahead and corrupt: gone, as if read now, so the next lock rereads it. */
 			if (r && b->unchecked && !b->lock_count) {
@@ -353,8 +355,8 @@ static int get_block(struct tfs_bm *bm, uint64_t blocknr, const struct tfs_block
 			}
 			if (r)
 				return r;
+			b->unchecked = false;
 		}
-		b->unchecked = false;
 		pin(bm, b);
 		*out = b;
 		return 0;
@@ -964,6 +966,7 @@ int tfs_bm_prefetch(struct tfs_bm *bm, const uint64_t *blocknrs, size_t n)
 				free_block(bm, b);
 				continue;
 			}
+			b->v = NULL;
 			b->unchecked = true;
 			lru_push(bm, b);
 			bm->stats.reads++;
