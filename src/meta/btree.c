@@ -580,7 +580,7 @@ int tfs_btree_lookup_range(const struct tfs_btree_info *info, uint64_t root, con
 			   void *values_out)
 {
 	struct tfs_block *path[MAX_DEPTH], *leaf = NULL;
-	uint32_t pos[MAX_DEPTH], idx, vs, span;
+	uint32_t pos[MAX_DEPTH], idx, vs, min, span;
 	unsigned depth = 0, count = 0;
 	uint8_t *vout = values_out;
 	uint64_t b;
@@ -594,8 +594,14 @@ int tfs_btree_lookup_range(const struct tfs_btree_info *info, uint64_t root, con
 	if (max > INT_MAX)
 		max = INT_MAX;
 	vs = info->value_type.size;
-	/* max entries span at most this many leaves (each holds a third of its capacity or more) */
-	span = max / (tfs_btree_max_entries(vs) / 3) + 2;
+	/*
+	 * Leaves that max entries fill, each holding a third of its capacity
+	 * or more: what the walk reads ahead at most (one more, when begin
+	 * lies past the first leaf's last key, is read when needed), so a
+	 * lookup of one entry reads nothing ahead.
+	 */
+	min = tfs_btree_max_entries(vs) / 3;
+	span = (max + min - 1) / min;
 	r = find_subtree(info, root, keys, &b);
 	if (r)
 		return r == -ENODATA ? 0 : r;
