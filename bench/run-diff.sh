@@ -20,7 +20,8 @@
 # b/vol (the change) and b/vol -> c/vol (nothing), REPS times each.
 #
 # Environment: WORK=/var/tmp/thinfs-bench-diff (removed at exit),
-# OUT=$WORK/results-<date>, VOL_GIB=64, CHANGE_PCT=1, REPS=5.
+# OUT=$WORK/results-<date>, VOL_GIB=64, CHANGE_PCT=1, REPS=5, COLD_REPS=1
+# (remounts, each followed by one cold diff: the median is reported).
 # Needs root (drop_caches).  Only the daemon this script started is
 # signalled and only its own mountpoint unmounted (bench/pool-lib.sh).
 set -uo pipefail
@@ -31,6 +32,7 @@ OUT=${OUT:-$WORK/results-$(date +%Y%m%d-%H%M%S)}
 : "${VOL_GIB:=64}"
 : "${CHANGE_PCT:=1}"
 : "${REPS:=5}"
+: "${COLD_REPS:=1}"
 
 if ((EUID != 0)); then
 	echo "run-diff: needs root (drop_caches)" >&2
@@ -91,7 +93,7 @@ offline_row() {
 	log "$label offline, cold page cache: $note"
 }
 
-pool_env "VOL_GIB=$VOL_GIB CHANGE_PCT=$CHANGE_PCT REPS=$REPS"
+pool_env "VOL_GIB=$VOL_GIB CHANGE_PCT=$CHANGE_PCT REPS=$REPS COLD_REPS=$COLD_REPS"
 echo "label,where,rep,extents,nodes_read,walk_ms,wall_us" >"$OUT/diff.csv"
 
 build || { log "build failed"; exit 1; }
@@ -119,9 +121,16 @@ mkdir "$MNT/.snapshots/b" "$MNT/.snapshots/c"
 diff_row change a/vol b/vol || exit 1
 diff_row nothing b/vol c/vol || exit 1
 diff_row all - b/vol || exit 1
-remount || exit 1
-log "after a remount (metadata cache empty; O_DIRECT, so the reads go to the device):"
-diff_row change-cold a/vol b/vol 1 || exit 1
+# read_io: the daemon's read syscalls and bytes read from storage (/proc/PID/io)
+read_io() { awk '$1=="syscr:"{c=$2} $1=="read_bytes:"{b=$2} END{print c, b}' "/proc/$T_PID/io"; }
+for _ in $(seq 1 "$COLD_REPS"); do
+	remount || exit 1
+	log "after a remount (metadata cache empty; O_DIRECT, so the reads go to the device):"
+	read -r c0 b0 < <(read_io)
+	diff_row change-cold a/vol b/vol 1 || exit 1
+	read -r c1 b1 < <(read_io)
+	log "the daemon meanwhile: $((c1 - c0)) read calls, $(((b1 - b0) / 4096)) blocks of 4 KiB from storage"
+done
 fusermount3 -u "$MNT"
 for _ in $(seq 1 300); do kill -0 "$T_PID" 2>/dev/null || break; sleep 0.1; done
 T_PID=""

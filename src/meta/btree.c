@@ -387,6 +387,24 @@ static int free_node(const struct tfs_btree_info *info, struct tfs_block *blk)
 	return tfs_tm_dec(info->tm, b);
 }
 
+/*
+ * Read ahead what a walk is about to visit: the nodes that entries
+ * [from, from + max) of n point at (children, or the subtree roots an
+ * upper level's leaf holds).  One node alone is left to the read that
+ * needs it.  Best effort: the walk reads and checks each node itself.
+ */
+static void prefetch_children(const struct tfs_btree_info *info, const uint8_t *n, uint32_t from,
+			      uint32_t max)
+{
+	uint64_t blocks[TFS_BLOCK_SIZE / 16];
+	uint32_t nr = node_nr(n), count = 0;
+
+	for (uint32_t i = from; i < nr && count < max && count < sizeof(blocks) / sizeof(blocks[0]); i++)
+		blocks[count++] = value64(n, i);
+	if (count > 1)
+		(void)tfs_tm_prefetch(info->tm, blocks, count);
+}
+
 /* ---- counting and releasing ------------------------------------------------- */
 
 /* Add the number of last-level entries under node n to *count. */
@@ -402,6 +420,7 @@ static int count_node(const struct tfs_btree_info *info, unsigned level, const u
 	}
 	if (depth >= MAX_TOTAL_DEPTH)
 		return corrupt(tfs_le64(n + OFF_BLOCKNR), "tree too deep (cycle?)");
+	prefetch_children(info, n, 0, nr);
 	for (uint32_t i = 0; i < nr && !r; i++) {
 		unsigned child_level = is_leaf(n) ? level + 1 : level;
 		struct tfs_block *cb;
@@ -541,6 +560,16 @@ int tfs_btree_lookup(const struct tfs_btree_info *info, uint64_t root, const uin
 	return i >= 0 ? 0 : -ENODATA;
 }
 
+/* Children of internal node n from i on that hold keys below end, up to span of them. */
+static uint32_t range_children(const uint8_t *n, uint32_t i, uint64_t end, uint32_t span)
+{
+	uint32_t count = 0;
+
+	while (i + count < node_nr(n) && count < span && key_at(n, i + count) < end)
+		count++;
+	return count;
+}
+
 /*
  * One descent to the leaf holding begin, then leaf to leaf: the path of
  * internal nodes stays read-locked, so the next leaf is one step up and
@@ -551,7 +580,7 @@ int tfs_btree_lookup_range(const struct tfs_btree_info *info, uint64_t root, con
 			   void *values_out)
 {
 	struct tfs_block *path[MAX_DEPTH], *leaf = NULL;
-	uint32_t pos[MAX_DEPTH], idx, vs;
+	uint32_t pos[MAX_DEPTH], idx, vs, min, span;
 	unsigned depth = 0, count = 0;
 	uint8_t *vout = values_out;
 	uint64_t b;
@@ -565,6 +594,14 @@ int tfs_btree_lookup_range(const struct tfs_btree_info *info, uint64_t root, con
 	if (max > INT_MAX)
 		max = INT_MAX;
 	vs = info->value_type.size;
+	/*
+	 * Leaves that max entries fill, each holding a third of its capacity
+	 * or more: what the walk reads ahead at most (one more, when begin
+	 * lies past the first leaf's last key, is read when needed), so a
+	 * lookup of one entry reads nothing ahead.
+	 */
+	min = tfs_btree_max_entries(vs) / 3;
+	span = (max + min - 1) / min;
 	r = find_subtree(info, root, keys, &b);
 	if (r)
 		return r == -ENODATA ? 0 : r;
@@ -591,6 +628,7 @@ int tfs_btree_lookup_range(const struct tfs_btree_info *info, uint64_t root, con
 		i = lower_bound(n, begin);
 		if (i < 0)
 			i = 0;
+		prefetch_children(info, n, (uint32_t)i, range_children(n, (uint32_t)i, end, span));
 		path[depth] = blk;
 		pos[depth++] = (uint32_t)i;
 		b = value64(n, (uint32_t)i);
@@ -1570,6 +1608,8 @@ static int walk_node(const struct tfs_btree_info *info, unsigned level, uint64_t
 		return r;
 	n = bdata(blk);
 	nr = node_nr(n);
+	if (!is_leaf(n) || level != last_level(info))
+		prefetch_children(info, n, 0, nr);
 	for (uint32_t i = 0; i < nr && !r; i++) {
 		if (!is_leaf(n)) {
 			r = walk_node(info, level, value64(n, i), depth + 1, keys, fn, ctx);
@@ -1631,6 +1671,7 @@ static int shape_node(const struct tfs_btree_info *info, uint64_t b, unsigned de
 			out->depth = depth + 1;
 	} else {
 		out->internal_nodes++;
+		prefetch_children(info, n, 0, node_nr(n));
 		for (uint32_t i = 0; i < node_nr(n) && !r; i++)
 			r = shape_node(info, value64(n, i), depth + 1, out);
 	}
@@ -1682,9 +1723,13 @@ struct diff_side {
 	uint64_t last_key;
 };
 
+/* Children of two nodes: what one read-ahead of the diff names at most. */
+#define DIFF_PREFETCH_MAX (2 * TFS_BLOCK_SIZE / 16)
+
 struct tfs_btree_diff {
 	struct tfs_btree_info info;
 	struct diff_side side[2];
+	uint64_t prefetch[DIFF_PREFETCH_MAX];
 	uint64_t reads;
 	uint64_t position;
 	bool done;
@@ -1820,6 +1865,77 @@ static void advance(struct diff_side *s)
 		s->root = 0;
 }
 
+/*
+ * The first key past the subtree open at path index j of side s: the next
+ * separator of the nearest ancestor that has one (an ancestor's pos is
+ * the child open below it), UINT64_MAX when none has.
+ */
+static uint64_t path_end(const struct diff_side *s, unsigned j)
+{
+	while (j-- > 0)
+		if (s->pos[j] + 1 < node_nr(s->node[j]))
+			return key_at(s->node[j], s->pos[j] + 1);
+	return UINT64_MAX;
+}
+
+/*
+ * Read ahead the children of the internal node just opened on side s that
+ * the walk is going to open: those the other side does not share.  The
+ * other side's node at the same height, if it has come down that far,
+ * is merged with this one on the keys: a child at one key in both is one
+ * subtree, skipped unread; every other child of either node, as far as
+ * the other node reaches, will be read.  If the other side has not come
+ * down to this height yet, only the children before its front are
+ * certain; the rest waits until it opens its node, which plans again with
+ * both known.  A wrong guess costs a wasted or a synchronous read, never
+ * a wrong answer: the walk still reads (and validates) every node itself.
+ */
+static void diff_prefetch(struct tfs_btree_diff *d, struct diff_side *s)
+{
+	struct diff_side *o = s == &d->side[0] ? &d->side[1] : &d->side[0];
+	unsigned j = s->depth - 1, h = s->height - j;
+	const uint8_t *n = s->node[j], *m = NULL;
+	uint32_t i = s->pos[j], k = 0, nn = node_nr(n), nm = 0;
+	uint64_t n_end = path_end(s, j), m_end = UINT64_MAX;
+	struct front fo;
+	size_t count = 0;
+
+	if (h < 2)
+		return;
+	front_of(o, &fo);
+	if (o->height >= h && o->depth > o->height - h) {
+		unsigned jo = o->height - h;
+
+		m = o->node[jo];
+		k = o->pos[jo];
+		nm = node_nr(m);
+		m_end = path_end(o, jo);
+	} else if (fo.kind == FRONT_NODE && fo.height >= h) {
+		m_end = fo.key;
+	}
+	while ((i < nn || k < nm) && count < DIFF_PREFETCH_MAX) {
+		uint64_t kn = i < nn ? key_at(n, i) : UINT64_MAX;
+		uint64_t km = k < nm ? key_at(m, k) : UINT64_MAX;
+
+		if (i < nn && k < nm && kn == km && value64(n, i) == value64(m, k)) {
+			i++;
+			k++;
+		} else if (k >= nm || (i < nn && kn <= km)) {
+			if (kn >= m_end)
+				i = nn;
+			else
+				d->prefetch[count++] = value64(n, i++);
+		} else {
+			if (km >= n_end)
+				k = nm;
+			else
+				d->prefetch[count++] = value64(m, k++);
+		}
+	}
+	if (count)
+		(void)tfs_tm_prefetch(d->info.tm, d->prefetch, count);
+}
+
 /* Read the subtree at the side's front onto its path. */
 static int open_front(struct tfs_btree_diff *d, struct diff_side *s, const struct front *f)
 {
@@ -1844,6 +1960,7 @@ static int open_front(struct tfs_btree_diff *d, struct diff_side *s, const struc
 	if (!s->depth)
 		s->root = 0;
 	s->pos[s->depth++] = 0;
+	diff_prefetch(d, s);
 	return 0;
 }
 

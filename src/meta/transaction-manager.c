@@ -137,6 +137,11 @@ int tfs_tm_read_lock(struct tfs_tm *tm, uint64_t b, const struct tfs_block_valid
 	return tfs_bm_read_lock(tm->bm, b, v, out);
 }
 
+int tfs_tm_prefetch(struct tfs_tm *tm, const uint64_t *blocks, size_t n)
+{
+	return tfs_bm_prefetch(tm->bm, blocks, n);
+}
+
 void tfs_tm_unlock(struct tfs_tm *tm, struct tfs_block *b)
 {
 	(void)tm;

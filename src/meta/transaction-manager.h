@@ -17,6 +17,7 @@
 #define TFS_META_TRANSACTION_MANAGER_H
 
 #include <stdbool.h>
+#include <stddef.h>
 #include <stdint.h>
 
 struct tfs_bm;
@@ -46,6 +47,8 @@ int tfs_tm_shadow(struct tfs_tm *tm, uint64_t orig, const struct tfs_block_valid
 int tfs_tm_read_lock(struct tfs_tm *tm, uint64_t b, const struct tfs_block_validator *v,
 		     struct tfs_block **out);
 void tfs_tm_unlock(struct tfs_tm *tm, struct tfs_block *b);
+/* Read ahead blocks about to be read-locked (tfs_bm_prefetch): how many were read, or -ENOMEM. */
+int tfs_tm_prefetch(struct tfs_tm *tm, const uint64_t *blocks, size_t n);
 
 /* Reference counts in the metadata space map.  dec to 0 frees the block. */
 int tfs_tm_inc(struct tfs_tm *tm, uint64_t b);

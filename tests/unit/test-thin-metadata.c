@@ -1284,6 +1284,61 @@ static void test_diff_skips_shared_leaves_after_the_origin_grows_a_level(void **
 	tfs_bdev_close(dev);
 }
 
+/*
+ * Cold (the pool just opened), the diff reads ahead the nodes it is about
+ * to open, in few device reads, and reads ahead nothing the two trees
+ * share: the blocks the device gives are the nodes the walk reads plus
+ * the few lookups that find the two trees.
+ */
+static void test_cold_diff_reads_ahead_only_the_nodes_it_opens(void **state)
+{
+	(void)state;
+	struct tfs_pmd_options o = default_opt;
+	struct tfs_bdev *mem, *dev;
+	struct tfs_bdev_io_counts c0, c1;
+	struct tfs_thin_tree_shape shape;
+	struct diff_runs got = { 0 };
+	struct tfs_pmd *pmd;
+	struct tfs_td *td;
+	uint64_t reads, blocks_read;
+
+	o.cache_blocks = 4096;
+	assert_int_equal(tfs_bdev_open_mem(8192 * TFS_BLOCK_SIZE, &mem), 0);
+	assert_int_equal(tfs_bdev_fault_wrap(mem, false, &dev), 0);
+	assert_int_equal(tfs_pmd_format(dev, &o, &pmd), 0);
+	assert_int_equal(tfs_pmd_create_thin(pmd, 1), 0);
+	assert_int_equal(tfs_pmd_open_thin(pmd, 1, &td), 0);
+	for (uint64_t v = 0; v < 80000; v++)
+		map_block(td, pmd, v, v % 1000); /* more mappings than data blocks */
+	assert_int_equal(tfs_pmd_create_snap(pmd, 2, 1), 0);
+	assert_int_equal(tfs_pmd_commit(pmd), 0);
+	/* Changes in the first half only: the second half's leaves stay shared. */
+	for (uint64_t v = 0; v < 40000; v += 400)
+		map_block(td, pmd, v, 1000 + v / 400);
+	assert_int_equal(tfs_thin_tree_shape(td, &shape), 0);
+	assert_true(shape.depth >= 3);
+	tfs_pmd_close_thin(td);
+	assert_int_equal(tfs_pmd_commit(pmd), 0);
+	tfs_pmd_close(pmd);
+
+	o.nr_data_blocks = 0;
+	assert_int_equal(tfs_pmd_open(dev, &o, &pmd), 0);
+	tfs_bdev_fault_counts(dev, &c0);
+	reads = run_diff(pmd, true, 2, 1, 64, &got);
+	tfs_bdev_fault_counts(dev, &c1);
+	assert_int_equal(got.nr, 100);
+	blocks_read = (c1.read_bytes - c0.read_bytes) / TFS_BLOCK_SIZE;
+	assert_true(reads > shape.leaves / 2 && reads < shape.leaves);
+	printf("# cold diff: %llu nodes, %llu blocks from the device in %llu reads\n",
+	       (unsigned long long)reads, (unsigned long long)blocks_read,
+	       (unsigned long long)(c1.reads - c0.reads));
+	assert_true(blocks_read <= reads + 8);
+	assert_true(c1.reads - c0.reads < reads / 2);
+	free(got.v);
+	tfs_pmd_close(pmd);
+	tfs_bdev_close(dev);
+}
+
 static void test_diff_matches_a_model_over_random_changes(void **state)
 {
 	(void)state;
@@ -1419,6 +1474,7 @@ int main(void)
 		cmocka_unit_test(test_random_operations_match_the_model),
 		cmocka_unit_test(test_diff_of_a_snapshot_reads_only_the_changed_paths),
 		cmocka_unit_test(test_diff_skips_shared_leaves_after_the_origin_grows_a_level),
+		cmocka_unit_test(test_cold_diff_reads_ahead_only_the_nodes_it_opens),
 		cmocka_unit_test(test_diff_matches_a_model_over_random_changes),
 		cmocka_unit_test(test_diff_hold_keeps_the_view_of_begin),
 		cmocka_unit_test(test_failed_commit_leaves_old_or_new_transaction),
