@@ -75,6 +75,8 @@ struct tfs_status_sink_ops {
 	void (*u64)(struct tfs_status_sink *s, const char *key, uint64_t v);
 	void (*flag)(struct tfs_status_sink *s, const char *key, bool v);
 	void (*text)(struct tfs_status_sink *s, const char *key, const char *v);
+	/* A list of strings (a JSON array; an origin's "snapshots"). */
+	void (*texts)(struct tfs_status_sink *s, const char *key, const char *const *v, size_t n);
 	void (*begin)(struct tfs_status_sink *s, const char *key);
 	void (*end)(struct tfs_status_sink *s);
 };
@@ -189,6 +191,11 @@ static inline void tfs_status_text(struct tfs_status_sink *s, const char *key, c
 {
 	s->ops->text(s, key, v);
 }
+static inline void tfs_status_texts(struct tfs_status_sink *s, const char *key,
+				    const char *const *v, size_t n)
+{
+	s->ops->texts(s, key, v, n);
+}
 static inline void tfs_status_begin(struct tfs_status_sink *s, const char *key)
 {
 	s->ops->begin(s, key);
@@ -210,5 +217,13 @@ static inline void tfs_status_end(struct tfs_status_sink *s)
  * name).  -ENOMEM.
  */
 int tfs_linear_open(struct tfs_bdev *bdev, bool own, unsigned flags, struct tfs_dev **out);
+
+/*
+ * For targets of a fixed size that is data everywhere (linear, origin,
+ * cow-snapshot): seek's answer (one data extent up to size), and a
+ * truncate that is -ENOTSUP.
+ */
+int tfs_dev_seek_all_data(uint64_t off, int whence, uint64_t size, uint64_t *out);
+int tfs_dev_truncate_fixed(struct tfs_dev *dev, uint64_t new_size);
 
 #endif

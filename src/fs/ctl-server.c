@@ -308,6 +308,21 @@ static void status_text(struct tfs_status_sink *s, const char *key, const char *
 	status_field(dev_status_of(s), key, v ? json_object_new_string(v) : NULL, v ? v : "null");
 }
 
+static void status_texts(struct tfs_status_sink *s, const char *key, const char *const *v,
+			 size_t n)
+{
+	struct json_object *a = json_object_new_array();
+	char list[512] = "";
+
+	for (size_t i = 0; i < n; i++) {
+		size_t used = strlen(list);
+
+		json_object_array_add(a, json_object_new_string(v[i]));
+		snprintf(list + used, sizeof(list) - used, "%s%s", i ? "," : "", v[i]);
+	}
+	status_field(dev_status_of(s), key, a, list);
+}
+
 static void status_begin(struct tfs_status_sink *s, const char *key)
 {
 	struct dev_status *ds = dev_status_of(s);
@@ -336,6 +351,7 @@ static const struct tfs_status_sink_ops dev_status_ops = {
 	.u64 = status_u64,
 	.flag = status_flag,
 	.text = status_text,
+	.texts = status_texts,
 	.begin = status_begin,
 	.end = status_end,
 };
