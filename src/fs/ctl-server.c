@@ -25,6 +25,8 @@
 #include "fs.h"
 #include "fuse-ops.h"
 #include "log.h"
+#include "origin.h"
+#include "snap-store.h"
 #include "utf8.h"
 
 #define MAX_CLIENTS 64
@@ -364,13 +366,16 @@ static struct json_object *volume_status(struct tfs_fs *fs, const struct tfs_vol
 	struct dev_status ds = { .sink.ops = &dev_status_ops, .obj = { v }, .mapped = "-",
 				 .exclusive = "-", .state = "-" };
 	struct tfs_dev *dev;
+	const char *kind;
 	int r;
 
 	json_object_object_add(v, "name", json_object_new_string(row->name));
 	json_object_object_add(v, "id", json_object_new_int64(row->dev_id));
-	json_object_object_add(v, "kind", json_object_new_string(kind_name(row->kind)));
 	json_object_object_add(v, "size", json_object_new_uint64(row->size));
 	r = tfs_fs_open_dev(fs, row->dev_id, TFS_DEV_STATUS_ONLY, &dev);
+	/* An origin's or classic snapshot's row is its target's, not a thin kind. */
+	kind = r == 0 && row->dev_id >= TFS_DEV_ID_OTHER ? tfs_dev_kind(dev) : kind_name(row->kind);
+	json_object_object_add(v, "kind", json_object_new_string(kind));
 	if (r == 0) {
 		json_object_object_add(v, "target", json_object_new_string(tfs_dev_kind(dev)));
 		tfs_dev_status(dev, &ds.sink);
@@ -379,7 +384,7 @@ static struct json_object *volume_status(struct tfs_fs *fs, const struct tfs_vol
 		tfs_warn("status: no device for volume %s: %s", row->name, strerror(-r));
 	}
 	fprintf(table, "%-24s %8" PRIu32 " %-8s %20" PRIu64 " %12s %12s %-9s%s\n", row->name,
-		row->dev_id, kind_name(row->kind), row->size, ds.mapped, ds.exclusive, ds.state,
+		row->dev_id, kind, row->size, ds.mapped, ds.exclusive, ds.state,
 		ds.extra);
 	return v;
 }
@@ -590,10 +595,74 @@ static const char *errmsg(struct cmd_ctx *c, int r)
 	}
 }
 
+/* snapshot ORIGIN NAME --cow DEVICE [--chunk-size S] [--transient]: a classic snapshot. */
+static void cow_snapshot(struct cmd_ctx *c)
+{
+	static const char usage[] =
+		"usage: snapshot ORIGIN NAME --cow DEVICE [--chunk-size S] [--transient]";
+	struct tfs_fs_cow_request req = { .origin = c->argv[1], .name = c->argv[2],
+					  .chunk_sectors = 8, .persistent = true };
+	char cow[TFS_PATH_MAX], errors[1024];
+	uint64_t bytes;
+	int r;
+
+	for (int i = 3; i < c->argc; i++) {
+		if (!strcmp(c->argv[i], "--cow") && i + 1 < c->argc) {
+			req.cow = c->argv[++i];
+		} else if (!strcmp(c->argv[i], "--chunk-size") && i + 1 < c->argc) {
+			i++;
+			if (tfs_parse_size(c->argv[i], &bytes, NULL) || bytes % 512 ||
+			    bytes / 512 > UINT32_MAX || !tfs_snap_chunk_sectors_ok(bytes / 512)) {
+				send_error(c->fd, "snapshot: --chunk-size %s is not %s", c->argv[i],
+					   TFS_SNAP_CHUNK_RULE);
+				return;
+			}
+			req.chunk_sectors = (uint32_t)(bytes / 512);
+		} else if (!strcmp(c->argv[i], "--transient")) {
+			req.persistent = false;
+		} else {
+			send_error(c->fd, "%s", usage);
+			return;
+		}
+	}
+	if (c->argc < 5 || !req.cow) {
+		send_error(c->fd, "%s", usage);
+		return;
+	}
+	if (tfs_catalog_name_error(req.name)) {
+		send_error(c->fd, "snapshot: bad name: %s", tfs_catalog_name_error(req.name));
+		return;
+	}
+	r = tfs_config_resolve_device(req.cow, NULL, cow, sizeof(cow));
+	if (r < 0 || cow[0] != '/') {
+		send_error(c->fd, "snapshot: --cow %s: %s", req.cow,
+			   r < 0 ? strerror(-r) : "name the device by an absolute path");
+		return;
+	}
+	req.cow = cow;
+	/* The engine says what is wrong with the device: the client gets the same line. */
+	tfs_log_capture(errors, sizeof(errors));
+	r = tfs_fs_cow_snapshot(c->fs, &req);
+	tfs_log_capture(NULL, 0);
+	if (r == -EEXIST && !errors[0])
+		send_error(c->fd, "snapshot: '%s' already exists", req.name);
+	else if (r == -ENXIO)
+		send_error(c->fd, "snapshot: no origin named '%s'", req.origin);
+	else if (r < 0)
+		send_error(c->fd, "snapshot %s %s: %s", req.origin, req.name,
+			   errors[0] ? errors : errmsg(c, r));
+	else
+		send_ok(c->fd, "", NULL, true);
+}
+
 static void cmd_snapshot(struct cmd_ctx *c)
 {
 	int r;
 
+	if (c->argc > 3) {
+		cow_snapshot(c);
+		return;
+	}
 	if (c->argc != 3) {
 		send_error(c->fd, "usage: snapshot SRC NEW");
 		return;
@@ -603,7 +672,10 @@ static void cmd_snapshot(struct cmd_ctx *c)
 		return;
 	}
 	r = tfs_fs_snapshot_volume(c->fs, c->argv[1], c->argv[2]);
-	if (r == -ENOENT)
+	if (r == -EXDEV)
+		send_error(c->fd, "snapshot: '%s' is not a thin volume (a classic snapshot of an "
+			   "origin: snapshot ORIGIN NAME --cow DEVICE)", c->argv[1]);
+	else if (r == -ENOENT)
 		send_error(c->fd, "snapshot: no volume named '%s'", c->argv[1]);
 	else if (r == -EEXIST)
 		send_error(c->fd, "snapshot: '%s' already exists", c->argv[2]);
@@ -635,6 +707,11 @@ static void cmd_delete(struct cmd_ctx *c)
 	if (r == -ENOENT) {
 		send_error(c->fd, "delete: no %s named '%s'",
 			   parent == TFS_INO_ROOT ? "volume" : "snapshot group", name);
+		return;
+	}
+	if (r == -EPERM) {
+		send_error(c->fd, "delete %s: it comes from pool.cfg: remove its section from "
+			   "pool.cfg and reload", c->argv[1]);
 		return;
 	}
 	if (r < 0) {
@@ -683,16 +760,46 @@ static void cmd_set_transaction_id(struct cmd_ctx *c)
 	send_ok(c->fd, "", NULL, true);
 }
 
+/* resize cow NAME: a classic snapshot's COW device grew. */
+static void resize_cow(struct cmd_ctx *c)
+{
+	char errors[1024];
+	uint64_t chunks = 0;
+	int r;
+
+	if (!c->fs->cow) {
+		send_error(c->fd, "resize cow: the pool is read-only");
+		return;
+	}
+	tfs_log_capture(errors, sizeof(errors));
+	r = tfs_cow_set_resize_cow(c->fs->cow, c->argv[2], &chunks);
+	tfs_log_capture(NULL, 0);
+	if (r == -ENOENT) {
+		send_error(c->fd, "resize cow: no classic snapshot named '%s'", c->argv[2]);
+		return;
+	}
+	if (r < 0) {
+		send_error(c->fd, "resize cow %s: %s", c->argv[2], errors[0] ? errors : strerror(-r));
+		return;
+	}
+	tfs_fs_event(c->fs, "resize", "cow %s: %" PRIu64 " chunks", c->argv[2], chunks);
+	send_ok(c->fd, "", NULL, true);
+}
+
 /* resize data|metadata SIZE|+DELTA: sizes in bytes with the config's suffixes. */
 static void cmd_resize(struct cmd_ctx *c)
 {
-	static const char usage[] = "usage: resize data|metadata SIZE|+DELTA";
+	static const char usage[] = "usage: resize data|metadata SIZE|+DELTA | resize cow NAME";
 	struct tfs_pool_status st;
 	uint64_t bytes, unit, before, after;
 	bool data, relative;
 	char why[512];
 	int r;
 
+	if (c->argc == 3 && !strcmp(c->argv[1], "cow")) {
+		resize_cow(c);
+		return;
+	}
 	if (c->argc != 3 || (strcmp(c->argv[1], "data") && strcmp(c->argv[1], "metadata"))) {
 		send_error(c->fd, "%s", usage);
 		return;
@@ -1141,8 +1248,22 @@ static void fault_crash_at(struct cmd_ctx *c)
 	send_ok(c->fd, "", NULL, true);
 }
 
+/* The fault wrapper a fault command names, or NULL. */
+static struct tfs_bdev *fault_device(struct cmd_ctx *c, const char *name)
+{
+	const char *colon = strrchr(name, ':');
+	char target[TFS_NAME_MAX + 1];
+
+	if (!strcmp(name, "metadata") || !strcmp(name, "data"))
+		return tfs_pool_bdev(c->fs->pool, !strcmp(name, "data"));
+	if (!colon || !c->fs->cow || (size_t)(colon - name) > TFS_NAME_MAX)
+		return NULL;
+	snprintf(target, sizeof(target), "%.*s", (int)(colon - name), name);
+	return tfs_cow_set_fault_dev(c->fs->cow, target, colon + 1);
+}
+
 /*
- * fault metadata|data read|write|flush error|enospc|stall|ok [after N] [once]
+ * fault metadata|data|NAME:cow|NAME:device read|write|flush error|enospc|stall|ok [after N] [once]
  * fault power-cut [tear]
  * fault crash-at POINT [power-cut [tear]]
  * Only for pools whose pool.cfg allows it and whose daemon was started
@@ -1191,8 +1312,10 @@ static void cmd_fault(struct cmd_ctx *c)
 		send_error(c->fd, "%s", usage);
 		return;
 	}
-	if (strcmp(c->argv[1], "metadata") && strcmp(c->argv[1], "data")) {
-		send_error(c->fd, "fault: no device '%s' (metadata or data)", c->argv[1]);
+	dev = fault_device(c, c->argv[1]);
+	if (!dev) {
+		send_error(c->fd, "fault: no device '%s' (metadata, data, NAME:cow of a classic "
+			   "snapshot or NAME:device of an origin)", c->argv[1]);
 		return;
 	}
 	for (i = 0; i < 3; i++)
@@ -1225,7 +1348,6 @@ static void cmd_fault(struct cmd_ctx *c)
 			return;
 		}
 	}
-	dev = tfs_pool_bdev(c->fs->pool, !strcmp(c->argv[1], "data"));
 	tfs_bdev_fault_set(dev, op, mode, after, once);
 	tfs_fs_event(c->fs, "fault", "%s %s %s after %" PRIu64 "%s", c->argv[1], c->argv[2],
 		     c->argv[3], after, once ? " once" : "");

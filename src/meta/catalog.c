@@ -89,6 +89,20 @@ struct tfs_catalog {
 	"  group_id INTEGER PRIMARY KEY REFERENCES groups(id) ON DELETE CASCADE,"          \
 	"  action TEXT NOT NULL CHECK (action IN ('create', 'remove')))"
 
+/*
+ * Classic snapshots made with thinfs-ctl (those of pool.cfg are in the
+ * file): what the next mount needs to open them again.  Their names and
+ * attributes are rows of volumes with the same dev_id.  Added to version
+ * 1 without a version bump: an older thinfs ignores it.
+ */
+#define COW_SNAPSHOTS_TABLE                                                                \
+	"cow_snapshots ("                                                                  \
+	"  dev_id INTEGER PRIMARY KEY,"                                                    \
+	"  origin TEXT NOT NULL,"                                                          \
+	"  cow TEXT NOT NULL,"                                                             \
+	"  chunk_sectors INTEGER NOT NULL,"                                                \
+	"  persistent INTEGER NOT NULL)"
+
 static const char *const schema_sql =
 	"CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);"
 	"CREATE TABLE IF NOT EXISTS " GROUPS_TABLE ";"
@@ -96,6 +110,7 @@ static const char *const schema_sql =
 	"CREATE UNIQUE INDEX IF NOT EXISTS " DIR_NAME_INDEX ";"
 	"CREATE INDEX IF NOT EXISTS volumes_group ON volumes(group_id);"
 	"CREATE TABLE IF NOT EXISTS " INTENTS_TABLE ";"
+	"CREATE TABLE IF NOT EXISTS " COW_SNAPSHOTS_TABLE ";"
 	"CREATE TABLE IF NOT EXISTS events ("
 	"  id INTEGER PRIMARY KEY AUTOINCREMENT,"
 	"  time_ns INTEGER NOT NULL,"
@@ -1494,5 +1509,80 @@ out_unlock:
 	free(pending);
 	free(rows);
 	free(ids);
+	return r;
+}
+
+/* ---- classic snapshots made at run time ---- */
+
+int tfs_catalog_add_cow_snapshot(struct tfs_catalog *cat, const struct tfs_cow_snap_row *row)
+{
+	sqlite3_stmt *st;
+	int r;
+
+	lock(cat);
+	r = prepare(cat,
+		    "INSERT INTO cow_snapshots (dev_id, origin, cow, chunk_sectors, persistent) "
+		    "VALUES (?, ?, ?, ?, ?)",
+		    &st);
+	if (!r) {
+		sqlite3_bind_int64(st, 1, row->dev_id);
+		bind_text(st, 2, row->origin);
+		bind_text(st, 3, row->cow);
+		sqlite3_bind_int64(st, 4, row->chunk_sectors);
+		sqlite3_bind_int(st, 5, row->persistent);
+		r = step_done(cat, st, "add a classic snapshot", NULL);
+		sqlite3_finalize(st);
+	}
+	unlock(cat);
+	return r;
+}
+
+int tfs_catalog_remove_cow_snapshot(struct tfs_catalog *cat, uint32_t dev_id)
+{
+	return change_by_id(cat, "DELETE FROM cow_snapshots WHERE dev_id = ?", dev_id,
+			    "remove a classic snapshot");
+}
+
+int tfs_catalog_list_cow_snapshots(struct tfs_catalog *cat, tfs_catalog_cow_snap_fn fn,
+				   void *ctx)
+{
+	struct tfs_cow_snap_row *rows = NULL, *grown;
+	size_t nr = 0, cap = 0;
+	sqlite3_stmt *st;
+	int rc, r;
+
+	lock(cat);
+	r = prepare(cat,
+		    "SELECT dev_id, origin, cow, chunk_sectors, persistent FROM main.cow_snapshots "
+		    "ORDER BY dev_id",
+		    &st);
+	if (r) {
+		unlock(cat);
+		return r;
+	}
+	while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
+		if (nr == cap) {
+			cap = cap ? cap * 2 : 16;
+			grown = realloc(rows, cap * sizeof(*rows));
+			if (!grown) {
+				r = -ENOMEM;
+				break;
+			}
+			rows = grown;
+		}
+		rows[nr].dev_id = (uint32_t)sqlite3_column_int64(st, 0);
+		copy_text(rows[nr].origin, sizeof(rows[nr].origin), sqlite3_column_text(st, 1));
+		copy_text(rows[nr].cow, sizeof(rows[nr].cow), sqlite3_column_text(st, 2));
+		rows[nr].chunk_sectors = (uint32_t)sqlite3_column_int64(st, 3);
+		rows[nr].persistent = sqlite3_column_int(st, 4) != 0;
+		nr++;
+	}
+	if (!r && rc != SQLITE_DONE)
+		r = sql_error(cat, rc, "list classic snapshots");
+	sqlite3_finalize(st);
+	unlock(cat);
+	for (size_t i = 0; !r && i < nr; i++)
+		r = fn(ctx, &rows[i]);
+	free(rows);
 	return r;
 }

@@ -1,0 +1,352 @@
+/* SPDX-License-Identifier: GPL-2.0-or-later */
+/*
+ * cow-volumes.c - origins and classic snapshots in the namespace (see
+ * fs.h, "classic snapshots").
+ *
+ * Each origin and snapshot is a top-level catalog row (kind thin in the
+ * catalog's terms, a device id from TFS_DEV_ID_OTHER up), so that names,
+ * modes, owners and inode numbers work as for thin volumes and stay the
+ * same from mount to mount.  pool.cfg says which origins and snapshots
+ * exist; the catalog's cow_snapshots table adds those made with
+ * thinfs-ctl.  The mount opens them all before the catalog is reconciled,
+ * gives new ones a row and drops the rows of sections that went.
+ */
+#include "fs.h"
+
+#include <errno.h>
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "log.h"
+#include "origin.h"
+
+struct id_scan {
+	uint32_t next_id;   /* one past the largest id of a target row */
+	struct tfs_cow_snap_row *ctl;
+	unsigned nr_ctl;
+};
+
+static int scan_row(void *ctx, const struct tfs_vol_row *row)
+{
+	struct id_scan *s = ctx;
+
+	if (row->dev_id >= TFS_DEV_ID_OTHER && row->dev_id >= s->next_id)
+		s->next_id = row->dev_id + 1;
+	return 0;
+}
+
+static int keep_ctl_row(void *ctx, const struct tfs_cow_snap_row *row)
+{
+	struct id_scan *s = ctx;
+	struct tfs_cow_snap_row *grown = realloc(s->ctl, (s->nr_ctl + 1) * sizeof(*grown));
+
+	if (!grown)
+		return -ENOMEM;
+	s->ctl = grown;
+	s->ctl[s->nr_ctl++] = *row;
+	if (row->dev_id >= s->next_id)
+		s->next_id = row->dev_id + 1;
+	return 0;
+}
+
+static bool made_by_ctl(const struct id_scan *s, uint32_t id)
+{
+	for (unsigned i = 0; i < s->nr_ctl; i++)
+		if (s->ctl[i].dev_id == id)
+			return true;
+	return false;
+}
+
+/*
+ * The row of a pool.cfg section: its id (an existing row keeps its own),
+ * or -EEXIST (logged) when a thin volume or a thinfs-ctl snapshot has the
+ * name.  *is_new: no row yet.
+ */
+static int section_row(struct tfs_fs *fs, struct id_scan *s, const char *kind, const char *name,
+		       struct tfs_vol_row *row, bool *is_new)
+{
+	int r = tfs_catalog_get_by_name(fs->cat, name, row);
+
+	*is_new = false;
+	if (r == -ENOENT) {
+		*is_new = true;
+		row->dev_id = s->next_id++;
+		return 0;
+	}
+	if (r < 0)
+		return r;
+	if (row->dev_id < TFS_DEV_ID_OTHER || made_by_ctl(s, row->dev_id)) {
+		tfs_err("[%s \"%s\"]: the name is taken by %s %s in the pool (rename one of them)",
+			kind, name, row->dev_id < TFS_DEV_ID_OTHER ? "thin volume" :
+			"the snapshot made with thinfs-ctl", name);
+		return -EEXIST;
+	}
+	return 0;
+}
+
+/* A new row for id, or the size brought up to date in an old one. */
+static int settle_row(struct tfs_fs *fs, struct tfs_vol_row *row, bool is_new, const char *name)
+{
+	uint64_t size = 0;
+	int64_t now = tfs_now_ns();
+	uint32_t id = row->dev_id;
+
+	tfs_cow_set_size(fs->cow, row->dev_id, &size);
+	if (!is_new) {
+		if (row->size == size)
+			return 0;
+		row->size = size;
+		return tfs_catalog_update_volume(fs->cat, row);
+	}
+	memset(row, 0, sizeof(*row));
+	snprintf(row->name, sizeof(row->name), "%s", name);
+	row->dev_id = id;
+	row->kind = TFS_VOL_THIN;
+	row->size = size;
+	row->mode = 0600;
+	row->uid = fs->owner_uid;
+	row->gid = fs->owner_gid;
+	row->atime_ns = row->mtime_ns = row->ctime_ns = now;
+	return tfs_catalog_add_volume(fs->cat, row);
+}
+
+static int open_sections(struct tfs_fs *fs, struct id_scan *s)
+{
+	for (unsigned i = 0; i < fs->cfg.nr_cow_targets; i++) {
+		const struct tfs_cow_target_cfg *t = &fs->cfg.cow_targets[i];
+		const char *kind = t->is_snapshot ? "snapshot" : "origin";
+		struct tfs_vol_row row;
+		bool is_new;
+		uint32_t id;
+		int r;
+
+		r = section_row(fs, s, kind, t->name, &row, &is_new);
+		if (r < 0)
+			return r;
+		id = row.dev_id;
+		if (t->is_snapshot) {
+			struct tfs_cowsnap_params p = {
+				.name = t->name, .id = id, .origin = t->origin, .cow = t->device,
+				.chunk_sectors = t->chunk_sectors, .persistent = t->persistent,
+				.from_cfg = true, .probe = is_new,
+			};
+
+			r = tfs_cow_set_add_snapshot(fs->cow, &p);
+		} else {
+			r = tfs_cow_set_add_origin(fs->cow, t->name, id, t->device);
+		}
+		if (r == -EEXIST)
+			tfs_err("[%s \"%s\"]: cannot be opened: its name or device is taken", kind,
+				t->name);
+		if (r < 0)
+			return r; /* the rest logged by the engine, naming the section */
+		row.dev_id = id;
+		r = settle_row(fs, &row, is_new, t->name);
+		if (r < 0)
+			return r;
+	}
+	return 0;
+}
+
+/* Snapshots made with thinfs-ctl: one that cannot be opened is dropped, with a warning. */
+static void open_ctl_snapshots(struct tfs_fs *fs, struct id_scan *s)
+{
+	for (unsigned i = 0; i < s->nr_ctl; i++) {
+		const struct tfs_cow_snap_row *c = &s->ctl[i];
+		struct tfs_vol_row row;
+		struct tfs_cowsnap_params p = {
+			.id = c->dev_id, .origin = c->origin, .cow = c->cow,
+			.chunk_sectors = c->chunk_sectors, .persistent = c->persistent,
+		};
+		int r = tfs_catalog_get_by_id(fs->cat, c->dev_id, &row);
+
+		if (r == 0 && !row.unlinked) {
+			p.name = row.name;
+			r = tfs_cow_set_add_snapshot(fs->cow, &p);
+			if (r == 0) {
+				settle_row(fs, &row, false, row.name);
+				continue;
+			}
+			tfs_warn("snapshot %s (made with thinfs-ctl of %s on %s) cannot be opened: "
+				 "dropped (the COW device keeps its data)", row.name, c->origin,
+				 c->cow);
+		}
+		tfs_catalog_begin(fs->cat);
+		tfs_catalog_remove_cow_snapshot(fs->cat, c->dev_id);
+		tfs_catalog_remove_volume(fs->cat, c->dev_id);
+		if (tfs_catalog_commit(fs->cat) < 0)
+			tfs_catalog_rollback(fs->cat);
+	}
+}
+
+/* Rows of origins and snapshots that are gone from pool.cfg. */
+static int drop_stale(void *ctx, const struct tfs_vol_row *row)
+{
+	struct tfs_fs *fs = ctx;
+
+	if (row->dev_id < TFS_DEV_ID_OTHER || tfs_cow_set_has(fs->cow, row->dev_id, NULL))
+		return 0;
+	tfs_info("%s: no longer in pool.cfg: its file is gone", row->name);
+	tfs_catalog_remove_volume(fs->cat, row->dev_id);
+	return 0;
+}
+
+static void cow_notify(void *arg);
+
+int tfs_fs_cow_open(struct tfs_fs *fs)
+{
+	struct id_scan s = { .next_id = TFS_DEV_ID_OTHER };
+	int r;
+
+	if (fs->read_only)
+		return 0; /* not exported on a read-only mount (README) */
+	r = tfs_cow_set_create(!fs->cfg.host_cache, fs->cfg.allow_faults,
+			       fs->cfg.snapshot_low_water, cow_notify, fs, &fs->cow);
+	if (r < 0)
+		goto err;
+	r = tfs_catalog_list_volumes(fs->cat, true, scan_row, &s);
+	if (r == 0)
+		r = tfs_catalog_list_cow_snapshots(fs->cat, keep_ctl_row, &s);
+	if (r == 0)
+		r = open_sections(fs, &s);
+	if (r == 0) {
+		open_ctl_snapshots(fs, &s);
+		r = tfs_catalog_list_volumes(fs->cat, false, drop_stale, fs);
+	}
+	free(s.ctl);
+	if (r == 0)
+		return 0;
+err:
+	tfs_err("cannot open the origins and classic snapshots of %s: %s", fs->cfg.path,
+		strerror(-r));
+	tfs_cow_set_destroy(fs->cow);
+	fs->cow = NULL;
+	return r;
+}
+
+void tfs_fs_cow_close(struct tfs_fs *fs)
+{
+	tfs_cow_set_destroy(fs->cow);
+	fs->cow = NULL;
+}
+
+int tfs_fs_cow_ids(struct tfs_fs *fs, uint32_t **ids, unsigned *nr)
+{
+	if (!fs->cow) {
+		*ids = NULL;
+		*nr = 0;
+		return 0;
+	}
+	return tfs_cow_set_ids(fs->cow, ids, nr);
+}
+
+/* The engine recorded an event: the event thread reports it (events.c). */
+static void cow_notify(void *arg)
+{
+	tfs_fs_events_wake(arg);
+}
+
+int tfs_fs_cow_may_unlink(struct tfs_fs *fs, const struct tfs_vol_row *row)
+{
+	bool from_cfg = true;
+
+	if (row->dev_id < TFS_DEV_ID_OTHER)
+		return 0;
+	if (fs->cow && tfs_cow_set_has(fs->cow, row->dev_id, &from_cfg) && !from_cfg)
+		return 0;
+	tfs_warn("%s comes from pool.cfg: remove its section from pool.cfg and reload "
+		 "(thinfs-ctl reload) to remove it", row->name);
+	return -EPERM;
+}
+
+int tfs_fs_cow_delete(struct tfs_fs *fs, uint32_t dev_id, const char *name)
+{
+	int r = fs->cow ? tfs_cow_set_remove_snapshot(fs->cow, dev_id) : -ENODATA;
+
+	if (r < 0 && r != -ENOENT && r != -ENODATA) {
+		tfs_err("cannot remove snapshot %s: %s", name, strerror(-r));
+		return r;
+	}
+	r = tfs_catalog_begin(fs->cat);
+	if (r == 0) {
+		tfs_catalog_remove_cow_snapshot(fs->cat, dev_id);
+		tfs_catalog_remove_volume(fs->cat, dev_id);
+		r = tfs_catalog_commit(fs->cat);
+	}
+	if (r < 0) {
+		tfs_catalog_rollback(fs->cat);
+		tfs_warn("catalog: cannot remove the rows of snapshot %s: %s", name, strerror(-r));
+	}
+	tfs_fs_event(fs, "delete", "snapshot %s (device %" PRIu32 ") removed", name, dev_id);
+	return 0;
+}
+
+int tfs_fs_cow_snapshot(struct tfs_fs *fs, const struct tfs_fs_cow_request *req)
+{
+	struct tfs_cow_snap_row c = { .chunk_sectors = req->chunk_sectors,
+				      .persistent = req->persistent };
+	struct tfs_cowsnap_params p = {
+		.name = req->name, .origin = req->origin, .cow = req->cow,
+		.chunk_sectors = req->chunk_sectors, .persistent = req->persistent,
+		.probe = true,
+	};
+	struct id_scan s = { .next_id = TFS_DEV_ID_OTHER };
+	struct tfs_vol_row row;
+	int r;
+
+	if (!fs->cow)
+		return -EROFS;
+	pthread_mutex_lock(&fs->lock);
+	r = tfs_catalog_get_by_name(fs->cat, req->name, &row);
+	if (r == 0)
+		r = -EEXIST;
+	if (r != -ENOENT)
+		goto out_unlock;
+	r = tfs_catalog_get_by_name(fs->cat, req->origin, &row);
+	if (r == 0 && (row.dev_id < TFS_DEV_ID_OTHER || !tfs_cow_set_has(fs->cow, row.dev_id, NULL)))
+		r = -ENOENT;
+	if (r < 0) {
+		r = r == -ENOENT ? -ENXIO : r;
+		goto out_unlock;
+	}
+	r = tfs_catalog_list_volumes(fs->cat, true, scan_row, &s);
+	if (r == 0)
+		r = tfs_catalog_list_cow_snapshots(fs->cat, keep_ctl_row, &s);
+	free(s.ctl);
+	if (r < 0)
+		goto out_unlock;
+	p.id = s.next_id;
+	r = tfs_cow_set_add_snapshot(fs->cow, &p);
+	if (r < 0)
+		goto out_unlock;
+	/* Only a persistent store outlives the mount: a transient one is not recorded. */
+	memset(&row, 0, sizeof(row));
+	row.dev_id = p.id;
+	r = tfs_catalog_begin(fs->cat);
+	if (r == 0) {
+		r = settle_row(fs, &row, true, req->name);
+		if (r == 0 && req->persistent) {
+			c.dev_id = p.id;
+			snprintf(c.origin, sizeof(c.origin), "%s", req->origin);
+			snprintf(c.cow, sizeof(c.cow), "%s", req->cow);
+			r = tfs_catalog_add_cow_snapshot(fs->cat, &c);
+		}
+		if (r == 0)
+			r = tfs_catalog_commit(fs->cat);
+		if (r < 0)
+			tfs_catalog_rollback(fs->cat);
+	}
+	if (r < 0) {
+		tfs_cow_set_remove_snapshot(fs->cow, p.id);
+		goto out_unlock;
+	}
+	tfs_fs_event(fs, "snapshot", "classic snapshot %s of %s on %s (%s, %" PRIu64
+		     "-byte chunks)", req->name, req->origin, req->cow,
+		     req->persistent ? "persistent" : "transient",
+		     (uint64_t)req->chunk_sectors * 512);
+out_unlock:
+	pthread_mutex_unlock(&fs->lock);
+	return r;
+}
