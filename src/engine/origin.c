@@ -189,15 +189,13 @@ int tfs_cow_set_add_origin(struct tfs_cow_set *set, const char *name, uint32_t i
 
 	pthread_mutex_lock(&set->lock);
 	grown = realloc(set->origins, (set->nr_origins + 1) * sizeof(*grown));
+	if (grown)
+		set->origins = grown;
 	if (!grown || taken(set, name, id)) {
-		r = grown ? -EEXIST : -ENOMEM;
-		if (grown)
-			set->origins = grown;
 		pthread_mutex_unlock(&set->lock);
 		tfs_origin_put(o);
-		return r;
+		return grown ? -EEXIST : -ENOMEM;
 	}
-	set->origins = grown;
 	set->origins[set->nr_origins++] = o;
 	pthread_mutex_unlock(&set->lock);
 	return 0;
@@ -270,14 +268,13 @@ int tfs_cow_set_add_snapshot(struct tfs_cow_set *set, const struct tfs_cowsnap_p
 	}
 	pthread_mutex_lock(&set->lock);
 	grown = realloc(o->snaps, (o->nr_snaps + 1) * sizeof(*grown));
+	if (grown)
+		o->snaps = grown;
 	if (!grown || taken(set, p->name, p->id)) {
 		r = grown ? -EEXIST : -ENOMEM;
-		if (grown)
-			o->snaps = grown;
 		pthread_mutex_unlock(&set->lock);
 		goto out_unlock;
 	}
-	o->snaps = grown;
 	o->snaps[o->nr_snaps++] = s;
 	if (s->chunk_bytes > o->lock_align)
 		o->lock_align = s->chunk_bytes;

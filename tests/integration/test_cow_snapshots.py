@@ -79,3 +79,127 @@ def test_bring_up_origin_and_snapshot(pool, tmp_path):
     p.unmount()
     assert "snapshot s1 (COW device" in check_cfg(p).stdout
     assert "clean, 1 exception(s)" in check_cfg(p).stdout
+
+
+def ctl_snapshot(p, origin, name, cow, *args, ok=(0,)):
+    return p.ctl("snapshot", origin, name, "--cow", str(cow), *args, ok=ok)
+
+
+@pytest.mark.parametrize("persistent", [True, False])
+def test_snapshot_and_origin_writes_do_not_touch_each_other(pool, tmp_path, persistent):
+    origin = sparse(tmp_path / "origin.img", 8 * MiB)
+    base = pattern(2, 8 * MiB)
+    write_at(origin, 0, base)
+    cow = sparse(tmp_path / "cow.img", 8 * MiB)
+    p = cow_pool(pool, [("db", origin)])
+    ctl_snapshot(p, "db", "s", cow, *(() if persistent else ("--transient",)))
+    assert vol(p, "s")["persistent"] is persistent
+    # The snapshot's writes: partial chunks, whole chunks, across chunk edges.
+    for off, n in ((100, 10), (4096, 4096), (3 * 4096 - 7, 20), (1 * MiB, 256 << 10)):
+        write_at(p.mnt / "s", off, b"S" * n)
+    assert read_at(p.mnt / "db", 0, 8 * MiB) == base
+    assert read_at(origin, 0, 8 * MiB) == base
+    snap = bytearray(base)
+    for off, n in ((100, 10), (4096, 4096), (3 * 4096 - 7, 20), (1 * MiB, 256 << 10)):
+        snap[off:off + n] = b"S" * n
+    # The origin's writes, some to chunks the snapshot wrote, some not.
+    for off, n in ((0, 4096), (5000, 3), (2 * MiB + 1, 70000), (8 * MiB - 10, 10)):
+        write_at(p.mnt / "db", off, b"O" * n)
+    cur = bytearray(base)
+    for off, n in ((0, 4096), (5000, 3), (2 * MiB + 1, 70000), (8 * MiB - 10, 10)):
+        cur[off:off + n] = b"O" * n
+    assert read_at(p.mnt / "db", 0, 8 * MiB) == bytes(cur)
+    assert read_at(p.mnt / "s", 0, 8 * MiB) == bytes(snap)
+    p.unmount()
+    assert read_at(origin, 0, 8 * MiB) == bytes(cur)
+    p.mount()
+    if persistent:
+        assert read_at(p.mnt / "s", 0, 8 * MiB) == bytes(snap)
+    else:
+        # A transient snapshot is gone with the mount.
+        assert not (p.mnt / "s").exists()
+    p.unmount()
+    check_cfg(p)
+
+
+def test_sixteen_snapshots_under_parallel_verifying_io(pool, tmp_path):
+    size = 4 * MiB
+    origin = sparse(tmp_path / "origin.img", size)
+    base = pattern(3, size)
+    write_at(origin, 0, base)
+    p = cow_pool(pool, [("db", origin)])
+    names = [f"s{i:02d}" for i in range(16)]
+    expect = {}
+    cur = bytearray(base)
+    # Each snapshot is taken after a few origin writes: each sees its own moment.
+    for i, name in enumerate(names):
+        off = random.Random(i).randrange(0, size - 8192)
+        data = pattern(100 + i, 8192)
+        write_at(p.mnt / "db", off, data, fsync=False)
+        cur[off:off + 8192] = data
+        ctl_snapshot(p, "db", name, sparse(tmp_path / f"{name}.cow", 6 * MiB),
+                     "--chunk-size", ["4k", "8k", "16k", "64k"][i % 4])
+        expect[name] = bytes(cur)
+    assert vol(p, "db")["snapshots"] == names
+    errors = []
+
+    def origin_writer():
+        rng = random.Random(7)
+        for _ in range(150):
+            off = rng.randrange(0, size - 5000)
+            write_at(p.mnt / "db", off, rng.randbytes(5000), fsync=False)
+
+    def snapshot_checker(name):
+        try:
+            rng = random.Random(name)
+            for _ in range(40):
+                off = rng.randrange(0, size - 20000)
+                got = read_at(p.mnt / name, off, 20000)
+                if got != expect[name][off:off + 20000]:
+                    errors.append(f"{name} at {off}")
+                    return
+        except OSError as e:
+            errors.append(f"{name}: {e}")
+
+    threads = [threading.Thread(target=origin_writer)]
+    threads += [threading.Thread(target=snapshot_checker, args=(n,)) for n in names]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    for name in names:
+        assert read_at(p.mnt / name, 0, size) == expect[name], name
+        assert vol(p, name)["valid"] is True
+    p.unmount()
+    check_cfg(p)
+
+
+@pytest.mark.parametrize("size", ["2k", "12k", "2g", "4g", "1000", "0"])
+def test_bad_chunk_sizes_are_refused_with_the_rule(pool, tmp_path, size):
+    origin = sparse(tmp_path / "origin.img", 4 * MiB)
+    cow = sparse(tmp_path / "cow.img", 4 * MiB)
+    p = cow_pool(pool, [("db", origin)])
+    r = ctl_snapshot(p, "db", "s", cow, "--chunk-size", size, ok=(1,))
+    assert "a power of two from 4 KiB to 1 GiB" in r.stderr
+    assert not (p.mnt / "s").exists()
+    p.unmount()
+    p.cfg.write_text(p.cfg.read_text() +
+                     sections(snapshots=[("s", {"origin": "db", "cow": cow, "chunk_size": size})]))
+    r = p.mount(ok=False)
+    assert r.returncode != 0
+    assert '[snapshot "s"] chunk_size' in r.stdout and "a power of two" in r.stdout
+
+
+def test_largest_chunk_size_works(pool, tmp_path):
+    # 1 GiB chunks on a 2 GiB sparse COW: header, one area, one chunk.
+    origin = sparse(tmp_path / "origin.img", 4 * MiB)
+    write_at(origin, 0, pattern(4, 4 * MiB))
+    cow = sparse(tmp_path / "cow.img", 3 << 30)
+    p = cow_pool(pool, [("db", origin)])
+    ctl_snapshot(p, "db", "s", cow, "--chunk-size", "1g")
+    assert vol(p, "s")["chunk_size"] == 1 << 30
+    write_at(p.mnt / "db", 4096, b"x" * 100)
+    assert read_at(p.mnt / "s", 0, 4 * MiB) == pattern(4, 4 * MiB)
+    p.unmount()
+    check_cfg(p)
