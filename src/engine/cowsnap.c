@@ -34,7 +34,7 @@ static _Alignas(4096) const uint8_t zeros[ZERO_PIECE];
 /* ---- life ---- */
 
 static int check_device(struct tfs_cowsnap *s, const struct tfs_cowsnap_params *p,
-			uint64_t size)
+			uint64_t size, bool *fresh)
 {
 	uint64_t need = (p->persistent ? 3 : 1) * s->chunk_bytes;
 	uint8_t head[16];
@@ -55,7 +55,8 @@ static int check_device(struct tfs_cowsnap *s, const struct tfs_cowsnap_params *
 		return r;
 	}
 	/* "SnAp": a store already (ours or the kernel's); the store checks the rest. */
-	if (head[0] == 'S' && head[1] == 'n' && head[2] == 'A' && head[3] == 'p')
+	*fresh = !(head[0] == 'S' && head[1] == 'n' && head[2] == 'A' && head[3] == 'p');
+	if (!*fresh)
 		return 0;
 	/*
 	 * A transient store's device is scratch between mounts (copies of
@@ -84,6 +85,7 @@ int tfs_cowsnap_create(struct tfs_cow_set *set, struct tfs_origin *o,
 	struct tfs_cowsnap *s;
 	struct tfs_bdev *b, *w;
 	uint64_t size;
+	bool fresh = true;
 	uint32_t cs;
 	int r;
 
@@ -124,7 +126,7 @@ int tfs_cowsnap_create(struct tfs_cow_set *set, struct tfs_origin *o,
 			strerror(-r));
 		goto err_close;
 	}
-	r = check_device(s, p, size);
+	r = check_device(s, p, size, &fresh);
 	if (r < 0)
 		goto err_close;
 	if (p->persistent)
@@ -142,6 +144,14 @@ int tfs_cowsnap_create(struct tfs_cow_set *set, struct tfs_origin *o,
 			 "-byte chunks: using them, not the %" PRIu64 " configured", p->name,
 			 p->cow, (uint64_t)cs * 512, (uint64_t)p->chunk_sectors * 512);
 	s->chunk_bytes = (uint64_t)cs * 512;
+	if (p->fresh)
+		*p->fresh = fresh;
+	if (tfs_snap_store_valid(s->store) && p->known_invalid && !fresh && p->persistent) {
+		/* The header write of the last invalidation failed: try it again. */
+		tfs_snap_store_invalidate(s->store);
+		tfs_warn("snapshot %s: invalidated before this mount (its header did not say so)",
+			 p->name);
+	}
 	if (!tfs_snap_store_valid(s->store)) {
 		/* Invalidated before this mount: listed, its I/O refused, no event again. */
 		atomic_store(&s->invalid, true);

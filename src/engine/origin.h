@@ -55,6 +55,13 @@ struct tfs_cowsnap_params {
 	 * one: thinfs-ctl snapshot, and a pool.cfg section seen for the first time.
 	 */
 	bool probe;
+	/*
+	 * The caller's record says the snapshot was invalidated before (its
+	 * header may not say so: that write failed).  A store with a header
+	 * then opens invalid; a fresh device is a new snapshot.
+	 */
+	bool known_invalid;
+	bool *fresh;              /* if non-NULL: set to whether the device was fresh */
 };
 
 /* Per snapshot, for the caller's event log (tfs_cow_set_events). */

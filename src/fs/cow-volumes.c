@@ -127,13 +127,18 @@ static int open_sections(struct tfs_fs *fs, struct id_scan *s)
 			return r;
 		id = row.dev_id;
 		if (t->is_snapshot) {
+			bool fresh = false;
 			struct tfs_cowsnap_params p = {
 				.name = t->name, .id = id, .origin = t->origin, .cow = t->device,
 				.chunk_sectors = t->chunk_sectors, .persistent = t->persistent,
 				.from_cfg = true, .probe = is_new,
+				.known_invalid = tfs_catalog_cow_invalid(fs->cat, t->name),
+				.fresh = &fresh,
 			};
 
 			r = tfs_cow_set_add_snapshot(fs->cow, &p);
+			if (r == 0 && (fresh || !t->persistent) && p.known_invalid)
+				tfs_catalog_set_cow_invalid(fs->cat, t->name, false);
 		} else {
 			r = tfs_cow_set_add_origin(fs->cow, t->name, id, t->device);
 		}
@@ -164,6 +169,7 @@ static void open_ctl_snapshots(struct tfs_fs *fs, struct id_scan *s)
 
 		if (r == 0 && !row.unlinked) {
 			p.name = row.name;
+			p.known_invalid = tfs_catalog_cow_invalid(fs->cat, row.name);
 			r = tfs_cow_set_add_snapshot(fs->cow, &p);
 			if (r == 0) {
 				settle_row(fs, &row, false, row.name);
@@ -279,6 +285,7 @@ int tfs_fs_cow_delete(struct tfs_fs *fs, uint32_t dev_id, const char *name)
 		tfs_catalog_rollback(fs->cat);
 		tfs_warn("catalog: cannot remove the rows of snapshot %s: %s", name, strerror(-r));
 	}
+	tfs_catalog_set_cow_invalid(fs->cat, name, false);
 	tfs_fs_event(fs, "delete", "snapshot %s (device %" PRIu32 ") removed", name, dev_id);
 	return 0;
 }
@@ -318,6 +325,8 @@ int tfs_fs_cow_snapshot(struct tfs_fs *fs, const struct tfs_fs_cow_request *req)
 	if (r < 0)
 		goto out_unlock;
 	p.id = s.next_id;
+	/* A name used before: its old record of invalidity is not this snapshot's. */
+	tfs_catalog_set_cow_invalid(fs->cat, req->name, false);
 	r = tfs_cow_set_add_snapshot(fs->cow, &p);
 	if (r < 0)
 		goto out_unlock;

@@ -103,6 +103,13 @@ struct tfs_catalog {
 	"  chunk_sectors INTEGER NOT NULL,"                                                \
 	"  persistent INTEGER NOT NULL)"
 
+/*
+ * Classic snapshots found invalid whose store's header may still say
+ * valid (its write failed): the next mount opens them invalid anyway.
+ * Added to version 1 without a version bump.
+ */
+#define COW_INVALID_TABLE "cow_invalid (name TEXT PRIMARY KEY)"
+
 static const char *const schema_sql =
 	"CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);"
 	"CREATE TABLE IF NOT EXISTS " GROUPS_TABLE ";"
@@ -111,6 +118,7 @@ static const char *const schema_sql =
 	"CREATE INDEX IF NOT EXISTS volumes_group ON volumes(group_id);"
 	"CREATE TABLE IF NOT EXISTS " INTENTS_TABLE ";"
 	"CREATE TABLE IF NOT EXISTS " COW_SNAPSHOTS_TABLE ";"
+	"CREATE TABLE IF NOT EXISTS " COW_INVALID_TABLE ";"
 	"CREATE TABLE IF NOT EXISTS events ("
 	"  id INTEGER PRIMARY KEY AUTOINCREMENT,"
 	"  time_ns INTEGER NOT NULL,"
@@ -1585,4 +1593,36 @@ int tfs_catalog_list_cow_snapshots(struct tfs_catalog *cat, tfs_catalog_cow_snap
 		r = fn(ctx, &rows[i]);
 	free(rows);
 	return r;
+}
+
+int tfs_catalog_set_cow_invalid(struct tfs_catalog *cat, const char *name, bool invalid)
+{
+	sqlite3_stmt *st;
+	int r;
+
+	lock(cat);
+	r = prepare(cat, invalid ? "INSERT OR IGNORE INTO cow_invalid (name) VALUES (?)"
+				 : "DELETE FROM cow_invalid WHERE name = ?", &st);
+	if (!r) {
+		bind_text(st, 1, name);
+		r = step_done(cat, st, "record a classic snapshot's validity", NULL);
+		sqlite3_finalize(st);
+	}
+	unlock(cat);
+	return r;
+}
+
+bool tfs_catalog_cow_invalid(struct tfs_catalog *cat, const char *name)
+{
+	sqlite3_stmt *st;
+	bool found = false;
+
+	lock(cat);
+	if (prepare(cat, "SELECT 1 FROM main.cow_invalid WHERE name = ?", &st) == 0) {
+		bind_text(st, 1, name);
+		found = sqlite3_step(st) == SQLITE_ROW;
+		sqlite3_finalize(st);
+	}
+	unlock(cat);
+	return found;
 }

@@ -196,6 +196,15 @@ int tfs_catalog_list_cow_snapshots(struct tfs_catalog *cat, tfs_catalog_cow_snap
 				   void *ctx);
 
 /*
+ * A classic snapshot (by name) found invalid: recorded in case its store's
+ * header could not be rewritten, so that the next mount opens it invalid
+ * all the same.  set: insert (invalid) or drop the record.  cow_invalid:
+ * whether name has one (false on any error).
+ */
+int tfs_catalog_set_cow_invalid(struct tfs_catalog *cat, const char *name, bool invalid);
+bool tfs_catalog_cow_invalid(struct tfs_catalog *cat, const char *name);
+
+/*
  * Mount-time reconciliation with the metadata's device list (ascending):
  * rows whose device is missing are dropped (each logged as a warning);
  * devices without a row get "thin-<id>" rows (size from size_fn, or 0

@@ -2,6 +2,7 @@
 """Classic COW snapshots (dm-snapshot): [origin] and [snapshot] sections,
 thinfs-ctl snapshot --cow, the origin and cow-snapshot targets on real
 mounts.  Origin and COW devices are sparse files next to the pool."""
+import errno
 import json
 import os
 import random
@@ -202,4 +203,180 @@ def test_largest_chunk_size_works(pool, tmp_path):
     write_at(p.mnt / "db", 4096, b"x" * 100)
     assert read_at(p.mnt / "s", 0, 4 * MiB) == pattern(4, 4 * MiB)
     p.unmount()
+    check_cfg(p)
+
+
+def events_of(p, kind):
+    return [e for e in map(json.loads, p.ctl("events", "--json").stdout.splitlines())
+            if e["kind"] == kind]
+
+
+def write_hook(dir):
+    """An on_event program appending "EVENT VOLUME" to DIR/hook.log."""
+    dir.mkdir(parents=True, exist_ok=True)
+    log, hook = dir / "hook.log", dir / "hook.sh"
+    hook.write_text(f'#!/bin/sh\necho "$THINFS_EVENT $THINFS_VOLUME" >> "{log}"\n')
+    hook.chmod(0o755)
+    return hook, log
+
+
+def wait_for_line(log, line, timeout=10):
+    import time
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if log.exists() and line in log.read_text().splitlines():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{line!r} not in {log}: {log.read_text() if log.exists() else ''}")
+
+
+def test_overflow_invalidates_only_that_snapshot(pool, tmp_path):
+    hook, log = write_hook(tmp_path / "hook")
+    origin = sparse(tmp_path / "origin.img", 4 * MiB)
+    base = pattern(5, 4 * MiB)
+    write_at(origin, 0, base)
+    small = sparse(tmp_path / "small.cow", 64 << 10)    # header, area, 14 chunks
+    big = sparse(tmp_path / "big.cow", 8 * MiB)
+    p = cow_pool(pool, [("db", origin)], options={"on_event": hook})
+    p.expect_log(r"snapshot small: invalidated: the COW store is full")
+    ctl_snapshot(p, "db", "small", small)
+    ctl_snapshot(p, "db", "big", big)
+    new = pattern(6, 1 * MiB)
+    write_at(p.mnt / "db", 0, new)                 # 256 chunks: small overflows
+    s = vol(p, "small")
+    assert s["valid"] is False and s["dm_status"] == "Invalid"
+    assert vol(p, "big")["valid"] is True
+    for op in (lambda: read_at(p.mnt / "small", 0, 4096),
+               lambda: write_at(p.mnt / "small", 0, b"x")):
+        with pytest.raises(OSError) as ei:
+            op()
+        assert ei.value.errno == errno.EIO
+    # The origin and the other snapshot lose nothing; the origin goes on.
+    assert read_at(p.mnt / "db", 0, 1 * MiB) == new
+    write_at(p.mnt / "db", 2 * MiB, b"z" * 8192)
+    assert read_at(p.mnt / "big", 0, 4 * MiB) == base
+    ev = events_of(p, "snapshot_invalid")
+    assert len(ev) == 1 and "small" in ev[0]["detail"] and "full" in ev[0]["detail"]
+    wait_for_line(log, "snapshot_invalid small")
+    # The header says invalid: it stays listed, invalid, after a remount.
+    assert kernel_cow.read_cow(small)["valid"] == 0
+    p.unmount()
+    p.mount()
+    assert vol(p, "small")["valid"] is False
+    assert events_of(p, "snapshot_invalid") == ev         # not reported again
+    os.unlink(p.mnt / "small")
+    assert not (p.mnt / "small").exists()
+    p.unmount()
+    check_cfg(p)
+
+
+def test_injected_cow_write_error_invalidates(pool, tmp_path):
+    origin = sparse(tmp_path / "origin.img", 4 * MiB)
+    base = pattern(7, 4 * MiB)
+    write_at(origin, 0, base)
+    cow, other = sparse(tmp_path / "a.cow", 4 * MiB), sparse(tmp_path / "b.cow", 4 * MiB)
+    p = cow_pool(pool, [("db", origin)],
+                 [("a", {"origin": "db", "cow": cow}), ("b", {"origin": "db", "cow": other})],
+                 mount=False)
+    p.cfg.write_text(p.cfg.read_text() + "[fault]\nallow = yes\n")
+    p.mount("--allow-faults")
+    p.expect_log(r"snapshot a: invalidated|a.cow: marking the COW store invalid")
+    p.ctl("fault", "a:cow", "write", "error")
+    write_at(p.mnt / "db", 0, b"w" * 4096)
+    assert vol(p, "a")["valid"] is False
+    assert vol(p, "b")["valid"] is True
+    with pytest.raises(OSError) as ei:
+        read_at(p.mnt / "a", 0, 4096)
+    assert ei.value.errno == errno.EIO
+    assert read_at(p.mnt / "b", 0, 4 * MiB) == base
+    assert read_at(p.mnt / "db", 0, 4096) == b"w" * 4096
+    assert len(events_of(p, "snapshot_invalid")) == 1
+    p.ctl("fault", "a:cow", "write", "ok")
+    r = p.ctl("fault", "nope:cow", "write", "error", ok=(1,))
+    assert "no device 'nope:cow'" in r.stderr
+    assert kernel_cow.read_cow(cow)["valid"] == 1      # the header write failed too
+    p.unmount()
+    # The catalog remembers: it comes back invalid, and its header says so now.
+    p.mount("--allow-faults")
+    assert vol(p, "a")["valid"] is False and vol(p, "b")["valid"] is True
+    assert kernel_cow.read_cow(cow)["valid"] == 0
+    p.unmount()
+    assert "marked invalid" in check_cfg(p).stdout
+
+
+def test_low_water_cow_once_per_crossing_and_resize_cow(pool, tmp_path):
+    hook, log = write_hook(tmp_path / "hook")
+    origin = sparse(tmp_path / "origin.img", 4 * MiB)
+    cow = sparse(tmp_path / "s.cow", 1 * MiB)           # 256 chunks of 4k
+    p = cow_pool(pool, [("db", origin)],
+                 options={"on_event": hook, "snapshot_low_water": "50%"})
+    ctl_snapshot(p, "db", "s", cow)
+    write_at(p.mnt / "db", 0, b"a" * (100 * 4096))      # about 40%: no event
+    assert events_of(p, "low_water_cow") == []
+    write_at(p.mnt / "db", 100 * 4096, b"b" * (40 * 4096))   # past 50%
+    ev = events_of(p, "low_water_cow")
+    assert len(ev) == 1 and "s" in ev[0]["detail"]
+    wait_for_line(log, "low_water_cow s")
+    write_at(p.mnt / "db", 140 * 4096, b"c" * (20 * 4096))   # still above: no new event
+    assert len(events_of(p, "low_water_cow")) == 1
+    # Grow the COW device: below the mark again, then past it once more.
+    before = vol(p, "s")["cow"]["total_sectors"]
+    os.truncate(cow, 4 * MiB)
+    p.ctl("resize", "cow", "s")
+    assert vol(p, "s")["cow"]["total_sectors"] == 4 * before
+    write_at(p.mnt / "db", 200 * 4096, b"d" * (400 * 4096))
+    assert len(events_of(p, "low_water_cow")) == 2
+    assert vol(p, "s")["valid"] is True
+    r = p.ctl("resize", "cow", "nope", ok=(1,))
+    assert "no classic snapshot named 'nope'" in r.stderr
+    p.unmount()
+    check_cfg(p)
+
+
+def test_persistent_snapshot_survives_kill9_after_fsync(pool, tmp_path):
+    origin = sparse(tmp_path / "origin.img", 4 * MiB)
+    base = pattern(8, 4 * MiB)
+    write_at(origin, 0, base)
+    cow = sparse(tmp_path / "s.cow", 4 * MiB)
+    p = cow_pool(pool, [("db", origin)])
+    ctl_snapshot(p, "db", "s", cow, "--chunk-size", "16k")
+    write_at(p.mnt / "db", 5000, pattern(9, 300000))           # fsync'ed
+    write_at(p.mnt / "s", 1 * MiB + 3, pattern(10, 70000))     # fsync'ed
+    snap = bytearray(base)
+    snap[1 * MiB + 3:1 * MiB + 3 + 70000] = pattern(10, 70000)
+    cur = bytearray(base)
+    cur[5000:305000] = pattern(9, 300000)
+    p.kill9()
+    p.mount()
+    assert read_at(p.mnt / "s", 0, 4 * MiB) == bytes(snap)
+    assert read_at(p.mnt / "db", 0, 4 * MiB) == bytes(cur)
+    assert vol(p, "s")["chunk_size"] == 16384
+    p.unmount()
+    check_cfg(p)
+
+
+def test_a_kernel_layout_cow_store_opens_with_its_content(pool, tmp_path):
+    chunk_sectors = 16
+    cb = chunk_sectors * 512
+    origin = sparse(tmp_path / "origin.img", 8 * MiB)
+    base = pattern(11, 8 * MiB)
+    write_at(origin, 0, base)
+    cow = tmp_path / "kernel.cow"
+    olds = random.Random(12).sample(range(8 * MiB // cb), 700)   # more than one area
+    kernel_cow.write_cow(cow, 16 * MiB, chunk_sectors, [(o, None) for o in olds])
+    p = cow_pool(pool, [("db", origin)],
+                 [("k", {"origin": "db", "cow": cow, "chunk_size": "4k"})])
+    assert vol(p, "k")["chunk_size"] == cb                      # the header wins
+    want = bytearray(base)
+    for o in olds:
+        want[o * cb:(o + 1) * cb] = kernel_cow.chunk_pattern(o, cb)
+    assert read_at(p.mnt / "k", 0, 8 * MiB) == bytes(want)
+    # New exceptions go where the kernel's reader finds them.
+    write_at(p.mnt / "db", 0, b"n" * (4 * cb))
+    p.unmount()
+    recs = dict(kernel_cow.read_cow(cow)["records"])
+    fresh = [c for c in range(4) if c not in olds]
+    assert len(recs) == 700 + len(fresh)
+    for c in fresh:
+        assert kernel_cow.read_chunk(cow, chunk_sectors, recs[c]) == base[c * cb:(c + 1) * cb]
     check_cfg(p)
