@@ -380,3 +380,148 @@ def test_a_kernel_layout_cow_store_opens_with_its_content(pool, tmp_path):
     for c in fresh:
         assert kernel_cow.read_chunk(cow, chunk_sectors, recs[c]) == base[c * cb:(c + 1) * cb]
     check_cfg(p)
+
+
+def test_ext4_on_the_origin_and_its_snapshot_fsck_clean(pool, tmp_path):
+    from conftest import run_cmd
+    origin = sparse(tmp_path / "origin.img", 64 * MiB)
+    run_cmd("mkfs.ext4", "-q", "-F", origin, timeout=300)
+    cow = sparse(tmp_path / "s.cow", 64 * MiB)
+    p = cow_pool(pool, [("db", origin)])
+    dev = p.losetup(p.mnt / "db")
+    m = p.mount_fs(dev, tmp_path / "fs")
+    (m / "a").write_bytes(pattern(20, 3 * MiB))
+    os.sync()
+    # A consistent moment: the file system frozen while the snapshot is taken.
+    run_cmd("fsfreeze", "-f", m)
+    try:
+        ctl_snapshot(p, "db", "s", cow, "--chunk-size", "8k")
+    finally:
+        run_cmd("fsfreeze", "-u", m)
+    (m / "a").write_bytes(pattern(21, 3 * MiB))
+    (m / "b").write_bytes(pattern(22, 2 * MiB))
+    os.sync()
+    p.umount_fs(m)
+    p.detach(dev)
+    for name in ("s", "db"):
+        r = run_cmd("e2fsck", "-fn", p.mnt / name, check=False, timeout=300)
+        assert r.returncode == 0, r.stdout + r.stderr
+    sdev = p.losetup(p.mnt / "s", "-r")
+    sm = p.mount_fs(sdev, tmp_path / "sfs", "-o", "ro,noload")
+    assert (sm / "a").read_bytes() == pattern(20, 3 * MiB)
+    assert not (sm / "b").exists()
+    p.umount_fs(sm)
+    p.detach(sdev)
+    assert vol(p, "s")["valid"] is True
+    p.unmount()
+    check_cfg(p)
+
+
+def test_mkpool_leaves_origin_and_cow_devices_alone(pool, tmp_path):
+    origin = sparse(tmp_path / "origin.img", 4 * MiB)
+    write_at(origin, 0, pattern(30, 4 * MiB))
+    cow = sparse(tmp_path / "s.cow", 4 * MiB)
+    p = pool(mount=False, mkpool=False)
+    p.cfg.write_text(p.cfg.read_text() +
+                     sections([("db", origin)], [("s", {"origin": "db", "cow": cow})]))
+    p.mkpool()
+    assert read_at(origin, 0, 4 * MiB) == pattern(30, 4 * MiB)
+    assert read_at(cow, 0, 4 * MiB) == bytes(4 * MiB)
+    p.mount()
+    assert kernel_cow.read_cow(cow)["magic"] == kernel_cow.MAGIC   # the mount made the store
+    p.unmount()
+    check_cfg(p)
+
+
+def one_line(r):
+    err = r.stderr.strip()
+    assert r.returncode != 0 and err and "\n" not in err, r.stderr
+    return err
+
+
+def test_bad_run_time_requests_are_refused_and_change_nothing(pool, tmp_path):
+    from conftest import run_cmd
+    origin = sparse(tmp_path / "origin.img", 4 * MiB)
+    write_at(origin, 0, pattern(31, 4 * MiB))
+    p = cow_pool(pool, [("db", origin)])
+    p.expect_log(r"\[snapshot \"s\"\] cow: .* holds|\[snapshot \"s\"\] cow: .* less than|"
+                 r"is used by")
+    open(p.mnt / "vm1", "wb").close()
+    ext = sparse(tmp_path / "ext.img", 8 * MiB)
+    run_cmd("mkfs.ext4", "-q", "-F", ext, timeout=300)
+    before = read_at(ext, 0, 8 * MiB)
+    err = one_line(ctl_snapshot(p, "db", "s", ext, ok=(1,)))
+    assert '[snapshot "s"] cow' in err and "ext4" in err, err
+    assert read_at(ext, 0, 8 * MiB) == before
+    err = one_line(ctl_snapshot(p, "db", "s", sparse(tmp_path / "tiny", 8192), ok=(1,)))
+    assert '[snapshot "s"] cow' in err and "less than" in err, err
+    good, good2 = sparse(tmp_path / "a.cow", 4 * MiB), sparse(tmp_path / "b.cow", 4 * MiB)
+    ctl_snapshot(p, "db", "s1", good)
+    err = one_line(ctl_snapshot(p, "db", "s2", good, ok=(1,)))
+    assert 'used by [snapshot "s1"] cow' in err, err
+    err = one_line(ctl_snapshot(p, "db", "s2", origin, ok=(1,)))
+    assert 'used by [origin "db"] device' in err, err
+    assert "already exists" in one_line(ctl_snapshot(p, "db", "vm1", good2, ok=(1,)))
+    assert "already exists" in one_line(ctl_snapshot(p, "db", "db", good2, ok=(1,)))
+    assert "no origin named 'nope'" in one_line(ctl_snapshot(p, "nope", "s3", good2, ok=(1,)))
+    assert "no origin named 'vm1'" in one_line(ctl_snapshot(p, "vm1", "s3", good2, ok=(1,)))
+    assert "not a thin volume" in one_line(p.ctl("snapshot", "db", "t", ok=(1,)))
+    assert "usage" in one_line(p.ctl("snapshot", "db", "s3", "--cow", ok=(1,)))
+    assert "usage" in one_line(p.ctl("snapshot", "db", "s3", "--cow", good2, "--x", ok=(1,)))
+    assert read_at(good2, 0, 4 * MiB) == bytes(4 * MiB)
+    # pool.cfg's origin: not removed, renamed or resized from the mount.
+    for op, args in ((os.unlink, (p.mnt / "db",)), (os.rename, (p.mnt / "db", p.mnt / "x")),
+                     (os.rename, (p.mnt / "s1", p.mnt / "x")),
+                     (os.truncate, (p.mnt / "db", 4096)),
+                     (os.truncate, (p.mnt / "s1", 8 * MiB))):
+        with pytest.raises(OSError) as ei:
+            op(*args)
+        assert ei.value.errno == errno.EPERM, (op, args)
+    assert "edit" in one_line(p.ctl("delete", "db", ok=(1,))) or \
+        "pool.cfg" in one_line(p.ctl("delete", "db", ok=(1,)))
+    names = sorted(v["name"] for v in p.status()["volumes"])
+    assert names == ["db", "s1", "vm1"]
+    # A snapshot made at run time goes with rm, and stays gone.
+    os.unlink(p.mnt / "s1")
+    assert vol(p, "db")["snapshots"] == []
+    p.unmount()
+    p.mount()
+    assert sorted(v["name"] for v in p.status()["volumes"]) == ["db", "vm1"]
+    p.unmount()
+    check_cfg(p)
+
+
+def test_bad_sections_refuse_the_mount_and_change_nothing(pool, tmp_path):
+    from conftest import run_cmd
+    origin = sparse(tmp_path / "origin.img", 4 * MiB)
+    p = pool()
+    open(p.mnt / "vm1", "wb").close()
+    p.unmount()
+    base = p.cfg.read_text()
+    ext = sparse(tmp_path / "ext.img", 8 * MiB)
+    run_cmd("mkfs.ext4", "-q", "-F", ext, timeout=300)
+    before = read_at(ext, 0, 8 * MiB)
+    tiny = sparse(tmp_path / "tiny.cow", 8192)
+    cases = [
+        (sections([("db", origin)], [("s", {"origin": "db", "cow": ext})]),
+         '[snapshot "s"] cow', "ext4"),
+        (sections([("db", origin)], [("s", {"origin": "db", "cow": tiny})]),
+         '[snapshot "s"] cow', "less than"),
+        (sections([("vm1", origin)]), '[origin "vm1"]', "taken by thin volume vm1"),
+        (sections([("db", origin)], [("s", {"origin": "nope", "cow": tiny})]),
+         '[snapshot "s"] origin', 'no [origin "nope"] section'),
+        (sections([("db", origin)], [("s", {"origin": "db", "cow": origin})]),
+         '[snapshot "s"] cow', 'already [origin "db"] device'),
+    ]
+    for text, where, why in cases:
+        p.cfg.write_text(base + text)
+        r = p.mount(ok=False)
+        assert r.returncode != 0
+        lines = [l for l in r.stdout.splitlines() if where in l and why in l]
+        assert lines, (text, r.stdout)
+    assert read_at(ext, 0, 8 * MiB) == before
+    assert read_at(tiny, 0, 8192) == bytes(8192)
+    p.cfg.write_text(base)
+    p.mount()
+    assert [v["name"] for v in p.status()["volumes"]] == ["vm1"]
+    p.unmount()
