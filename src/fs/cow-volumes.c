@@ -359,3 +359,52 @@ out_unlock:
 	pthread_mutex_unlock(&fs->lock);
 	return r;
 }
+
+static bool same_target(const struct tfs_cow_target_cfg *a, const struct tfs_cow_target_cfg *b)
+{
+	return a->is_snapshot == b->is_snapshot && !strcmp(a->name, b->name) &&
+	       !strcmp(a->origin, b->origin) && !strcmp(a->device, b->device) &&
+	       a->chunk_sectors == b->chunk_sectors && a->persistent == b->persistent;
+}
+
+int tfs_fs_cow_reload_check(struct tfs_fs *fs, const struct tfs_pool_config *next, char *why,
+			    size_t len)
+{
+	struct tfs_pool_config *run = malloc(sizeof(*run));
+	const struct tfs_cow_target_cfg *t = NULL;
+	bool added = false;
+	int r = 0;
+
+	if (!run)
+		return -ENOMEM;
+	tfs_pool_get_config(fs->pool, run);
+	/* The first section that differs, in the canonical order. */
+	for (unsigned i = 0; !t && i < run->nr_cow_targets && i < next->nr_cow_targets; i++)
+		if (!same_target(&run->cow_targets[i], &next->cow_targets[i]))
+			t = &next->cow_targets[i], added = true;
+	if (!t && run->nr_cow_targets != next->nr_cow_targets) {
+		added = next->nr_cow_targets > run->nr_cow_targets;
+		t = added ? &next->cow_targets[run->nr_cow_targets]
+			  : &run->cow_targets[next->nr_cow_targets];
+	}
+	if (t) {
+		snprintf(why, len, "[%s \"%s\"] %s: origins and classic snapshots are not taken "
+			 "by a reload yet (unmount and mount the pool to change them)",
+			 t->is_snapshot ? "snapshot" : "origin", t->name,
+			 added ? "added or changed" : "removed");
+		r = -EINVAL;
+	}
+	free(run);
+	return r;
+}
+
+void tfs_fs_cow_after_resume(struct tfs_fs *fs)
+{
+	struct tfs_pool_config *cfg;
+
+	if (!fs->cow || !(cfg = malloc(sizeof(*cfg))))
+		return;
+	tfs_pool_get_config(fs->pool, cfg);
+	tfs_cow_set_set_low_water(fs->cow, cfg->snapshot_low_water);
+	free(cfg);
+}

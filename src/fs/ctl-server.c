@@ -1170,8 +1170,10 @@ static void cmd_resume(struct cmd_ctx *c)
 		send_ok(c->fd, "not suspended", NULL, true);
 		return;
 	}
-	if (!nr)
+	if (!nr) {
 		tfs_fs_after_resume(c->fs);
+		tfs_fs_cow_after_resume(c->fs);
+	}
 	/* Before what the resume caused (a low-water crossing again, taking a reload). */
 	tfs_fs_event(c->fs, "resume", "%s%s%s", names, msg[0] ? ": " : "", msg);
 	tfs_fs_events_release(c->fs);
@@ -1206,7 +1208,9 @@ static void cmd_reload(struct cmd_ctx *c)
 				   "loadable (the running configuration stays):", c->argv[1]);
 		goto out;
 	}
-	r = tfs_pool_reload(c->fs->pool, cfg, msg, sizeof(msg));
+	r = tfs_fs_cow_reload_check(c->fs, cfg, msg, sizeof(msg));
+	if (r == 0)
+		r = tfs_pool_reload(c->fs->pool, cfg, msg, sizeof(msg));
 	if (r < 0) {
 		send_error(c->fd, "reload refused (the running configuration stays): %s", msg);
 		goto out;

@@ -232,6 +232,14 @@ int tfs_fs_cow_ids(struct tfs_fs *fs, uint32_t **ids, unsigned *nr);
 int tfs_fs_cow_may_unlink(struct tfs_fs *fs, const struct tfs_vol_row *row);
 int tfs_fs_cow_delete(struct tfs_fs *fs, uint32_t dev_id, const char *name);
 int tfs_fs_cow_snapshot(struct tfs_fs *fs, const struct tfs_fs_cow_request *req);
+/*
+ * reload: -EINVAL with why (one line naming the first section) when next
+ * adds, removes or changes an [origin] or [snapshot] section: not taken
+ * by a reload yet.  after_resume: what a resume took (snapshot_low_water).
+ */
+int tfs_fs_cow_reload_check(struct tfs_fs *fs, const struct tfs_pool_config *next, char *why,
+			    size_t len);
+void tfs_fs_cow_after_resume(struct tfs_fs *fs);
 
 /* ---- events (events.c) ---- */
 /*

@@ -211,6 +211,17 @@ def events_of(p, kind):
             if e["kind"] == kind]
 
 
+def wait_events(p, kind, n, timeout=10):
+    """The event thread logs an event moments after the change: wait (bounded) for n."""
+    import time
+    deadline = time.monotonic() + timeout
+    while len(events_of(p, kind)) < n and time.monotonic() < deadline:
+        time.sleep(0.05)
+    ev = events_of(p, kind)
+    assert len(ev) == n, ev
+    return ev
+
+
 def write_hook(dir):
     """An on_event program appending "EVENT VOLUME" to DIR/hook.log."""
     dir.mkdir(parents=True, exist_ok=True)
@@ -255,8 +266,8 @@ def test_overflow_invalidates_only_that_snapshot(pool, tmp_path):
     assert read_at(p.mnt / "db", 0, 1 * MiB) == new
     write_at(p.mnt / "db", 2 * MiB, b"z" * 8192)
     assert read_at(p.mnt / "big", 0, 4 * MiB) == base
-    ev = events_of(p, "snapshot_invalid")
-    assert len(ev) == 1 and "small" in ev[0]["detail"] and "full" in ev[0]["detail"]
+    ev = wait_events(p, "snapshot_invalid", 1)
+    assert "small" in ev[0]["detail"] and "full" in ev[0]["detail"]
     wait_for_line(log, "snapshot_invalid small")
     # The header says invalid: it stays listed, invalid, after a remount.
     assert kernel_cow.read_cow(small)["valid"] == 0
@@ -290,7 +301,7 @@ def test_injected_cow_write_error_invalidates(pool, tmp_path):
     assert ei.value.errno == errno.EIO
     assert read_at(p.mnt / "b", 0, 4 * MiB) == base
     assert read_at(p.mnt / "db", 0, 4096) == b"w" * 4096
-    assert len(events_of(p, "snapshot_invalid")) == 1
+    wait_events(p, "snapshot_invalid", 1)
     p.ctl("fault", "a:cow", "write", "ok")
     r = p.ctl("fault", "nope:cow", "write", "error", ok=(1,))
     assert "no device 'nope:cow'" in r.stderr
@@ -314,18 +325,17 @@ def test_low_water_cow_once_per_crossing_and_resize_cow(pool, tmp_path):
     write_at(p.mnt / "db", 0, b"a" * (100 * 4096))      # about 40%: no event
     assert events_of(p, "low_water_cow") == []
     write_at(p.mnt / "db", 100 * 4096, b"b" * (40 * 4096))   # past 50%
-    ev = events_of(p, "low_water_cow")
-    assert len(ev) == 1 and "s" in ev[0]["detail"]
+    ev = wait_events(p, "low_water_cow", 1)
+    assert "COW store of s passed 50% full" in ev[0]["detail"]
     wait_for_line(log, "low_water_cow s")
     write_at(p.mnt / "db", 140 * 4096, b"c" * (20 * 4096))   # still above: no new event
-    assert len(events_of(p, "low_water_cow")) == 1
     # Grow the COW device: below the mark again, then past it once more.
     before = vol(p, "s")["cow"]["total_sectors"]
     os.truncate(cow, 4 * MiB)
     p.ctl("resize", "cow", "s")
     assert vol(p, "s")["cow"]["total_sectors"] == 4 * before
     write_at(p.mnt / "db", 200 * 4096, b"d" * (400 * 4096))
-    assert len(events_of(p, "low_water_cow")) == 2
+    wait_events(p, "low_water_cow", 2)
     assert vol(p, "s")["valid"] is True
     r = p.ctl("resize", "cow", "nope", ok=(1,))
     assert "no classic snapshot named 'nope'" in r.stderr
@@ -525,3 +535,27 @@ def test_bad_sections_refuse_the_mount_and_change_nothing(pool, tmp_path):
     p.mount()
     assert [v["name"] for v in p.status()["volumes"]] == ["vm1"]
     p.unmount()
+
+
+def test_reload_refuses_section_changes_and_takes_snapshot_low_water(pool, tmp_path):
+    origin = sparse(tmp_path / "origin.img", 4 * MiB)
+    cow, cow2 = sparse(tmp_path / "s.cow", 1 * MiB), sparse(tmp_path / "t.cow", 1 * MiB)
+    p = cow_pool(pool, [("db", origin)], [("s", {"origin": "db", "cow": cow})],
+                 options={"snapshot_low_water": "90"})
+    text = p.cfg.read_text()
+    p.ctl("suspend")
+    p.cfg.write_text(text + sections(snapshots=[("t", {"origin": "db", "cow": cow2})]))
+    err = one_line(p.ctl("reload", p.cfg, ok=(1,)))
+    assert '[snapshot "t"] added or changed' in err and "not taken by a reload" in err, err
+    p.cfg.write_text(text.replace(f'[snapshot "s"]\norigin = db\ncow = {cow}\n', ""))
+    err = one_line(p.ctl("reload", p.cfg, ok=(1,)))
+    assert '[snapshot "s"] removed' in err, err
+    assert p.status()["pool"]["reload_staged"] is False
+    p.cfg.write_text(text.replace("snapshot_low_water = 90", "snapshot_low_water = 10%"))
+    assert "snapshot_low_water: 90% -> 10%" in p.ctl("reload", p.cfg).stdout
+    p.ctl("resume")
+    write_at(p.mnt / "db", 0, b"x" * (40 * 4096))       # about 17% of the COW device
+    wait_events(p, "low_water_cow", 1)
+    assert read_at(cow2, 0, 1 * MiB) == bytes(1 * MiB)
+    p.unmount()
+    check_cfg(p)
