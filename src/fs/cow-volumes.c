@@ -67,9 +67,16 @@ static bool made_by_ctl(const struct id_scan *s, uint32_t id)
 static int section_row(struct tfs_fs *fs, struct id_scan *s, const char *kind, const char *name,
 		       struct tfs_vol_row *row, bool *is_new)
 {
-	int r = tfs_catalog_get_by_name(fs->cat, name, row);
+	const char *bad = tfs_catalog_name_error(name);
+	int r;
 
 	*is_new = false;
+	if (bad || !strcmp(name, TFS_SNAPSHOTS_NAME)) {
+		tfs_err("[%s \"%s\"]: the name cannot be a file of the mount: %s", kind, name,
+			bad ? bad : "it is the snapshot groups' directory");
+		return -EINVAL;
+	}
+	r = tfs_catalog_get_by_name(fs->cat, name, row);
 	if (r == -ENOENT) {
 		*is_new = true;
 		row->dev_id = s->next_id++;
@@ -305,6 +312,8 @@ int tfs_fs_cow_snapshot(struct tfs_fs *fs, const struct tfs_fs_cow_request *req)
 
 	if (!fs->cow)
 		return -EROFS;
+	if (!strcmp(req->name, TFS_SNAPSHOTS_NAME))
+		return -EEXIST;
 	pthread_mutex_lock(&fs->lock);
 	r = tfs_catalog_get_by_name(fs->cat, req->name, &row);
 	if (r == 0)

@@ -473,6 +473,7 @@ def test_bad_run_time_requests_are_refused_and_change_nothing(pool, tmp_path):
     assert 'used by [origin "db"] device' in err, err
     assert "already exists" in one_line(ctl_snapshot(p, "db", "vm1", good2, ok=(1,)))
     assert "already exists" in one_line(ctl_snapshot(p, "db", "db", good2, ok=(1,)))
+    assert "already exists" in one_line(ctl_snapshot(p, "db", ".snapshots", good2, ok=(1,)))
     assert "no origin named 'nope'" in one_line(ctl_snapshot(p, "nope", "s3", good2, ok=(1,)))
     assert "no origin named 'vm1'" in one_line(ctl_snapshot(p, "vm1", "s3", good2, ok=(1,)))
     assert "not a thin volume" in one_line(p.ctl("snapshot", "db", "t", ok=(1,)))
@@ -522,6 +523,8 @@ def test_bad_sections_refuse_the_mount_and_change_nothing(pool, tmp_path):
          '[snapshot "s"] origin', 'no [origin "nope"] section'),
         (sections([("db", origin)], [("s", {"origin": "db", "cow": origin})]),
          '[snapshot "s"] cow', 'already [origin "db"] device'),
+        (sections([(".snapshots", origin)]), '[origin ".snapshots"]',
+         "the snapshot groups' directory"),
     ]
     for text, where, why in cases:
         p.cfg.write_text(base + text)
