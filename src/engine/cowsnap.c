@@ -296,11 +296,9 @@ static int batch_commit(struct tfs_cowsnap *s, struct batch *b)
 			return -EIO;
 		}
 	}
-	for (unsigned i = 0; i < b->n && !r; i++) {
-		r = tfs_snap_store_commit(s->store, b->chunk[i]);
-		if (r < 0)
-			tfs_cowsnap_invalidate(s, "writing an exception to the COW store failed", r);
-	}
+	r = tfs_snap_store_commit_batch(s->store, b->chunk, b->n);
+	if (r < 0)
+		tfs_cowsnap_invalidate(s, "writing an exception to the COW store failed", r);
 	b->n = 0;
 	return r < 0 ? -EIO : 0;
 }
