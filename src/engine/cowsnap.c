@@ -331,19 +331,73 @@ static int new_exception(struct tfs_cowsnap *s, uint64_t chunk, bool copy, uint6
 	return 0;
 }
 
+/*
+ * Copy origin chunks old .. old + n - 1 (n * chunk size at most COPY_PIECE)
+ * to their new COW chunks to[]: one read of the origin, one write per run
+ * of consecutive COW chunks (usually one: allocation goes in order).
+ */
+static int copy_run(struct tfs_cowsnap *s, uint64_t old, const uint64_t *to, unsigned n)
+{
+	struct tfs_origin *o = s->origin;
+	uint64_t cb = s->chunk_bytes, from = old * cb, len;
+	size_t size = (size_t)(n * cb);
+	uint8_t *buf;
+	int r;
+
+	if (from >= o->size)
+		return 0;
+	len = o->size - from < n * cb ? o->size - from : n * cb;
+	buf = tfs_scratch_get(size);
+	if (!buf)
+		return -ENOMEM;
+	r = tfs_bdev_read(o->bdev, buf, (size_t)len, from);
+	for (unsigned i = 0, j; !r && i < n && i * cb < len; i = j + 1) {
+		uint64_t bytes;
+
+		for (j = i; j + 1 < n && to[j + 1] == to[j] + 1 && (j + 1) * cb < len; j++)
+			;
+		bytes = (j + 1) * cb < len ? (j + 1 - i) * cb : len - i * cb;
+		r = tfs_bdev_write(s->cow, buf + i * cb, (size_t)bytes, to[i] * cb);
+	}
+	tfs_scratch_put(buf, size);
+	return r;
+}
+
 void tfs_cowsnap_copy_out(struct tfs_cowsnap *s, uint64_t off, uint64_t len)
 {
 	uint64_t first = off / s->chunk_bytes, last = (off + len - 1) / s->chunk_bytes, to;
+	unsigned max_run = s->chunk_bytes < COPY_PIECE ? (unsigned)(COPY_PIECE / s->chunk_bytes) : 1;
 	struct batch b = { .n = 0 };
+	uint64_t run_to[BATCH];
+	int r;
 
-	for (uint64_t c = first; c <= last; c++) {
+	if (max_run > BATCH)
+		max_run = BATCH;
+	for (uint64_t c = first; c <= last;) {
+		unsigned n = 0;
+
 		if (atomic_load(&s->invalid))
 			return;
-		if (tfs_snap_store_lookup(s->store, c, &to) == 0)
+		if (tfs_snap_store_lookup(s->store, c, &to) == 0) {
+			c++;
 			continue;
-		if (new_exception(s, c, true, &to) < 0)
+		}
+		/* A run of chunks none of which is copied yet, allocated in order. */
+		while (n < max_run && b.n + n < BATCH && c + n <= last &&
+		       (n == 0 || tfs_snap_store_lookup(s->store, c + n, &to) < 0)) {
+			if (new_exception(s, c + n, false, &run_to[n]) < 0)
+				return;
+			b.chunk[b.n + n] = c + n;
+			n++;
+		}
+		r = s->chunk_bytes <= COPY_PIECE ? copy_run(s, c, run_to, n)
+						  : copy_chunk(s, c, run_to[0]);
+		if (r < 0) {
+			tfs_cowsnap_invalidate(s, "copying a chunk to the COW device failed", r);
 			return;
-		b.chunk[b.n++] = c;
+		}
+		b.n += n;
+		c += n;
 		if (b.n == BATCH && batch_commit(s, &b) < 0)
 			return;
 	}
@@ -388,19 +442,27 @@ static int snap_read(struct tfs_dev *dev, void *buf, size_t len, uint64_t off)
 	if (r < 0)
 		goto out;
 	while (!r && pos < end) {
-		uint64_t c = pos / s->chunk_bytes, in = pos % s->chunk_bytes;
-		size_t n = (size_t)(s->chunk_bytes - in < end - pos ? s->chunk_bytes - in
-								       : end - pos);
+		uint64_t c = pos / s->chunk_bytes, in = pos % s->chunk_bytes, next, t;
+		uint64_t n = s->chunk_bytes - in < end - pos ? s->chunk_bytes - in : end - pos;
 		uint8_t *dst = (uint8_t *)buf + (pos - off);
+		bool copied = tfs_snap_store_lookup(s->store, c, &to) == 0;
 
-		if (tfs_snap_store_lookup(s->store, c, &to) == 0) {
-			r = tfs_bdev_read(s->cow, dst, n, to * s->chunk_bytes + in);
+		/* One read for a run of chunks from the same place, contiguous there. */
+		for (next = c + 1; pos + n < end; next++) {
+			bool more = tfs_snap_store_lookup(s->store, next, &t) == 0;
+
+			if (more != copied || (copied && t != to + (next - c)))
+				break;
+			n += s->chunk_bytes < end - pos - n ? s->chunk_bytes : end - pos - n;
+		}
+		if (copied) {
+			r = tfs_bdev_read(s->cow, dst, (size_t)n, to * s->chunk_bytes + in);
 			if (r < 0) {
 				tfs_cowsnap_invalidate(s, "reading the COW device failed", r);
 				r = -EIO;
 			}
 		} else {
-			r = tfs_bdev_read(o->bdev, dst, n, pos);
+			r = tfs_bdev_read(o->bdev, dst, (size_t)n, pos);
 		}
 		pos += n;
 	}

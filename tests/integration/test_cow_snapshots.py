@@ -562,3 +562,25 @@ def test_reload_refuses_section_changes_and_takes_snapshot_low_water(pool, tmp_p
     assert read_at(cow2, 0, 1 * MiB) == bytes(1 * MiB)
     p.unmount()
     check_cfg(p)
+
+
+@pytest.mark.parametrize("chunk", ["4k", "64k"])
+def test_copies_across_areas_and_a_short_last_chunk(pool, tmp_path, chunk):
+    size = 3 * MiB + 1000                     # the origin's last chunk is short
+    origin = sparse(tmp_path / "origin.img", size)
+    base = pattern(40, size)
+    write_at(origin, 0, base)
+    cow = sparse(tmp_path / "s.cow", 8 * MiB)
+    p = cow_pool(pool, [("db", origin)])
+    ctl_snapshot(p, "db", "s", cow, "--chunk-size", chunk)
+    new = pattern(41, size)
+    # One write over everything: runs of copies that step over metadata areas.
+    write_at(p.mnt / "db", 0, new)
+    assert read_at(p.mnt / "db", 0, size) == new
+    assert read_at(p.mnt / "s", 0, size) == base
+    assert read_at(p.mnt / "s", size - 1500, 1500) == base[-1500:]
+    p.unmount()
+    p.mount()
+    assert read_at(p.mnt / "s", 0, size) == base
+    p.unmount()
+    check_cfg(p)
