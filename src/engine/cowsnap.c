@@ -33,24 +33,26 @@ static _Alignas(4096) const uint8_t zeros[ZERO_PIECE];
 
 /* ---- life ---- */
 
-static int check_device(struct tfs_cowsnap *s, const struct tfs_cowsnap_params *p,
-			uint64_t size, bool *fresh)
+/* What the COW device holds and its size, before a store is opened on it. */
+static int check_device(const struct tfs_cowsnap_params *p, struct tfs_bdev *cow, uint64_t size,
+			bool *fresh)
 {
-	uint64_t need = (p->persistent ? 3 : 1) * s->chunk_bytes;
+	uint64_t chunk_bytes = (uint64_t)p->chunk_sectors * 512;
+	uint64_t need = (p->persistent ? 3 : 1) * chunk_bytes;
 	uint8_t head[16];
 	char what[256];
 	int r;
 
 	if (size < need) {
 		tfs_err("[snapshot \"%s\"] cow: %s is %" PRIu64 " bytes, less than the %" PRIu64
-			" a %s store with %" PRIu64 "-byte chunks needs (%s)", s->name,
-			s->cow_path, size, need, p->persistent ? "persistent" : "transient",
-			s->chunk_bytes, p->persistent ? "header, one area, one chunk" : "one chunk");
+			" a %s store with %" PRIu64 "-byte chunks needs (%s)", p->name,
+			p->cow, size, need, p->persistent ? "persistent" : "transient",
+			chunk_bytes, p->persistent ? "header, one area, one chunk" : "one chunk");
 		return -EINVAL;
 	}
-	r = tfs_bdev_read(s->cow, head, sizeof(head), 0);
+	r = tfs_bdev_read(cow, head, sizeof(head), 0);
 	if (r < 0) {
-		tfs_err("[snapshot \"%s\"] cow: cannot read %s: %s", s->name, s->cow_path,
+		tfs_err("[snapshot \"%s\"] cow: cannot read %s: %s", p->name, p->cow,
 			strerror(-r));
 		return r;
 	}
@@ -65,18 +67,42 @@ static int check_device(struct tfs_cowsnap *s, const struct tfs_cowsnap_params *
 	 */
 	if (!p->persistent && !p->probe)
 		return 0;
-	r = tfs_probe_signature(s->cow_path, what, sizeof(what));
+	r = tfs_probe_signature(p->cow, what, sizeof(what));
 	if (r < 0) {
-		tfs_err("[snapshot \"%s\"] cow: cannot probe %s: %s", s->name, s->cow_path,
+		tfs_err("[snapshot \"%s\"] cow: cannot probe %s: %s", p->name, p->cow,
 			strerror(-r));
 		return r;
 	}
 	if (r > 0) {
 		tfs_err("[snapshot \"%s\"] cow: %s holds %s; refusing to use it as a COW device "
-			"(wipe it first, e.g. wipefs -a)", s->name, s->cow_path, what);
+			"(wipe it first, e.g. wipefs -a)", p->name, p->cow, what);
 		return -EINVAL;
 	}
 	return 0;
+}
+
+int tfs_cowsnap_check(const struct tfs_cowsnap_params *p)
+{
+	struct tfs_bdev *b;
+	uint64_t size;
+	bool fresh;
+	int r;
+
+	if (!tfs_snap_chunk_sectors_ok(p->chunk_sectors)) {
+		tfs_err("[snapshot \"%s\"] chunk_size: %" PRIu64 " bytes is not %s", p->name,
+			(uint64_t)p->chunk_sectors * 512, TFS_SNAP_CHUNK_RULE);
+		return -EINVAL;
+	}
+	r = tfs_bdev_open(p->cow, true, &b);
+	if (r < 0) {
+		tfs_err("[snapshot \"%s\"] cow: cannot open %s: %s", p->name, p->cow, strerror(-r));
+		return r;
+	}
+	r = tfs_bdev_size(b, &size);
+	if (r == 0)
+		r = check_device(p, b, size, &fresh);
+	tfs_bdev_close(b);
+	return r;
 }
 
 int tfs_cowsnap_create(struct tfs_cow_set *set, struct tfs_origin *o,
@@ -126,7 +152,7 @@ int tfs_cowsnap_create(struct tfs_cow_set *set, struct tfs_origin *o,
 			strerror(-r));
 		goto err_close;
 	}
-	r = check_device(s, p, size, &fresh);
+	r = check_device(p, b, size, &fresh);
 	if (r < 0)
 		goto err_close;
 	if (p->persistent)

@@ -70,6 +70,8 @@ struct tfs_cow_set {
 int tfs_cowsnap_create(struct tfs_cow_set *set, struct tfs_origin *o,
 		       const struct tfs_cowsnap_params *p, struct tfs_cowsnap **out);
 void tfs_cowsnap_put(struct tfs_cowsnap *s);
+/* The checks of create that need no store: chunk size, device size, signature (logged). */
+int tfs_cowsnap_check(const struct tfs_cowsnap_params *p);
 int tfs_cowsnap_open_dev(struct tfs_cowsnap *s, unsigned flags, struct tfs_dev **out);
 /* Record that s is invalid (why), once: store header, log, event.  Never fails. */
 void tfs_cowsnap_invalidate(struct tfs_cowsnap *s, const char *why, int err);

@@ -291,7 +291,7 @@ out_put:
 	return r;
 }
 
-int tfs_cow_set_remove_snapshot(struct tfs_cow_set *set, uint32_t id)
+int tfs_cow_set_remove_snapshot(struct tfs_cow_set *set, uint32_t id, bool from_cfg_too)
 {
 	struct tfs_cowsnap *s;
 	struct tfs_origin *o;
@@ -299,7 +299,7 @@ int tfs_cow_set_remove_snapshot(struct tfs_cow_set *set, uint32_t id)
 
 	pthread_mutex_lock(&set->lock);
 	s = find_snap(set, NULL, id);
-	if (!s || s->from_cfg) {
+	if (!s || (s->from_cfg && !from_cfg_too)) {
 		pthread_mutex_unlock(&set->lock);
 		return s ? -EPERM : -ENOENT;
 	}
@@ -325,6 +325,45 @@ int tfs_cow_set_remove_snapshot(struct tfs_cow_set *set, uint32_t id)
 		tfs_cowsnap_put(s);
 	tfs_origin_put(o);
 	return found ? 0 : -ENOENT;
+}
+
+int tfs_cow_set_remove_origin(struct tfs_cow_set *set, uint32_t id)
+{
+	struct tfs_origin *o = NULL;
+	int r = -ENOENT;
+
+	pthread_mutex_lock(&set->lock);
+	for (unsigned i = 0; i < set->nr_origins; i++) {
+		if (set->origins[i]->id != id)
+			continue;
+		r = set->origins[i]->nr_snaps ? -EBUSY : 0;
+		if (!r) {
+			o = set->origins[i];
+			memmove(&set->origins[i], &set->origins[i + 1],
+				(set->nr_origins - i - 1) * sizeof(set->origins[0]));
+			set->nr_origins--;
+		}
+		break;
+	}
+	pthread_mutex_unlock(&set->lock);
+	if (o)
+		tfs_origin_put(o);
+	return r;
+}
+
+int tfs_cow_set_check_snapshot(struct tfs_cow_set *set, const struct tfs_cowsnap_params *p)
+{
+	char user[COW_NAME_MAX + 32];
+	bool used;
+
+	pthread_mutex_lock(&set->lock);
+	used = device_user(set, p->cow, user, sizeof(user)) != NULL;
+	pthread_mutex_unlock(&set->lock);
+	if (used) {
+		tfs_err("[snapshot \"%s\"] cow: %s is used by %s", p->name, p->cow, user);
+		return -EEXIST;
+	}
+	return tfs_cowsnap_check(p);
 }
 
 bool tfs_cow_set_has(struct tfs_cow_set *set, uint32_t id, bool *from_cfg)

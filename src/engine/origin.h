@@ -102,11 +102,23 @@ int tfs_cow_set_add_origin(struct tfs_cow_set *set, const char *name, uint32_t i
 int tfs_cow_set_add_snapshot(struct tfs_cow_set *set, const struct tfs_cowsnap_params *p);
 
 /*
- * Remove a snapshot made at run time (its store is closed; the COW
- * device keeps what it holds).  Call only when no I/O handle of it is
- * open; status handles may be.  -ENOENT, -EPERM one from pool.cfg.
+ * Remove a snapshot (its store is closed; the COW device keeps what it
+ * holds).  Call only when no I/O handle of it is open; status handles may
+ * be.  -ENOENT, -EPERM one from pool.cfg unless from_cfg_too (a reload
+ * that removed its section).
  */
-int tfs_cow_set_remove_snapshot(struct tfs_cow_set *set, uint32_t id);
+int tfs_cow_set_remove_snapshot(struct tfs_cow_set *set, uint32_t id, bool from_cfg_too);
+
+/* Remove an origin (no I/O handle open): -ENOENT, -EBUSY while it has snapshots. */
+int tfs_cow_set_remove_origin(struct tfs_cow_set *set, uint32_t id);
+
+/*
+ * What tfs_cow_set_add_snapshot would refuse without opening a store:
+ * chunk size, the COW device used already, its size, a signature on it
+ * (p->probe).  The origin is not looked up (a reload may add it too).
+ * 0, or the errno add would give (logged, naming the section and key).
+ */
+int tfs_cow_set_check_snapshot(struct tfs_cow_set *set, const struct tfs_cowsnap_params *p);
 
 /* Whether id is a device of the set, and whether it came from pool.cfg. */
 bool tfs_cow_set_has(struct tfs_cow_set *set, uint32_t id, bool *from_cfg);

@@ -119,47 +119,51 @@ static int settle_row(struct tfs_fs *fs, struct tfs_vol_row *row, bool is_new, c
 	return tfs_catalog_add_volume(fs->cat, row);
 }
 
+/* Open one section and give it its row.  probe: a device seen for the first time. */
+static int open_section(struct tfs_fs *fs, struct id_scan *s, const struct tfs_cow_target_cfg *t)
+{
+	const char *kind = t->is_snapshot ? "snapshot" : "origin";
+	struct tfs_vol_row row;
+	bool is_new;
+	uint32_t id;
+	int r;
+
+	r = section_row(fs, s, kind, t->name, &row, &is_new);
+	if (r < 0)
+		return r;
+	id = row.dev_id;
+	if (t->is_snapshot) {
+		bool fresh = false;
+		struct tfs_cowsnap_params p = {
+			.name = t->name, .id = id, .origin = t->origin, .cow = t->device,
+			.chunk_sectors = t->chunk_sectors, .persistent = t->persistent,
+			.from_cfg = true, .probe = is_new,
+			.known_invalid = tfs_catalog_cow_invalid(fs->cat, t->name),
+			.fresh = &fresh,
+		};
+
+		r = tfs_cow_set_add_snapshot(fs->cow, &p);
+		if (r == 0 && (fresh || !t->persistent) && p.known_invalid)
+			tfs_catalog_set_cow_invalid(fs->cat, t->name, false);
+	} else {
+		r = tfs_cow_set_add_origin(fs->cow, t->name, id, t->device);
+	}
+	if (r == -EEXIST)
+		tfs_err("[%s \"%s\"]: cannot be opened: its name or device is taken", kind,
+			t->name);
+	if (r < 0)
+		return r; /* the rest logged by the engine, naming the section */
+	row.dev_id = id;
+	return settle_row(fs, &row, is_new, t->name);
+}
+
 static int open_sections(struct tfs_fs *fs, struct id_scan *s)
 {
-	for (unsigned i = 0; i < fs->cfg.nr_cow_targets; i++) {
-		const struct tfs_cow_target_cfg *t = &fs->cfg.cow_targets[i];
-		const char *kind = t->is_snapshot ? "snapshot" : "origin";
-		struct tfs_vol_row row;
-		bool is_new;
-		uint32_t id;
-		int r;
+	int r = 0;
 
-		r = section_row(fs, s, kind, t->name, &row, &is_new);
-		if (r < 0)
-			return r;
-		id = row.dev_id;
-		if (t->is_snapshot) {
-			bool fresh = false;
-			struct tfs_cowsnap_params p = {
-				.name = t->name, .id = id, .origin = t->origin, .cow = t->device,
-				.chunk_sectors = t->chunk_sectors, .persistent = t->persistent,
-				.from_cfg = true, .probe = is_new,
-				.known_invalid = tfs_catalog_cow_invalid(fs->cat, t->name),
-				.fresh = &fresh,
-			};
-
-			r = tfs_cow_set_add_snapshot(fs->cow, &p);
-			if (r == 0 && (fresh || !t->persistent) && p.known_invalid)
-				tfs_catalog_set_cow_invalid(fs->cat, t->name, false);
-		} else {
-			r = tfs_cow_set_add_origin(fs->cow, t->name, id, t->device);
-		}
-		if (r == -EEXIST)
-			tfs_err("[%s \"%s\"]: cannot be opened: its name or device is taken", kind,
-				t->name);
-		if (r < 0)
-			return r; /* the rest logged by the engine, naming the section */
-		row.dev_id = id;
-		r = settle_row(fs, &row, is_new, t->name);
-		if (r < 0)
-			return r;
-	}
-	return 0;
+	for (unsigned i = 0; !r && i < fs->cfg.nr_cow_targets; i++)
+		r = open_section(fs, s, &fs->cfg.cow_targets[i]);
+	return r;
 }
 
 /* Snapshots made with thinfs-ctl: one that cannot be opened is dropped, with a warning. */
@@ -276,7 +280,7 @@ int tfs_fs_cow_may_unlink(struct tfs_fs *fs, const struct tfs_vol_row *row)
 
 int tfs_fs_cow_delete(struct tfs_fs *fs, uint32_t dev_id, const char *name)
 {
-	int r = fs->cow ? tfs_cow_set_remove_snapshot(fs->cow, dev_id) : -ENODATA;
+	int r = fs->cow ? tfs_cow_set_remove_snapshot(fs->cow, dev_id, false) : -ENODATA;
 
 	if (r < 0 && r != -ENOENT && r != -ENODATA) {
 		tfs_err("cannot remove snapshot %s: %s", name, strerror(-r));
@@ -357,7 +361,7 @@ int tfs_fs_cow_snapshot(struct tfs_fs *fs, const struct tfs_fs_cow_request *req)
 			tfs_catalog_rollback(fs->cat);
 	}
 	if (r < 0) {
-		tfs_cow_set_remove_snapshot(fs->cow, p.id);
+		tfs_cow_set_remove_snapshot(fs->cow, p.id, false);
 		goto out_unlock;
 	}
 	tfs_fs_event(fs, "snapshot", "classic snapshot %s of %s on %s (%s, %" PRIu64
@@ -376,34 +380,214 @@ static bool same_target(const struct tfs_cow_target_cfg *a, const struct tfs_cow
 	       a->chunk_sectors == b->chunk_sectors && a->persistent == b->persistent;
 }
 
+static bool listed(const struct tfs_cow_target_cfg *t, const struct tfs_cow_target_cfg *in,
+		   unsigned nr)
+{
+	for (unsigned i = 0; i < nr; i++)
+		if (same_target(t, &in[i]))
+			return true;
+	return false;
+}
+
+static const char *kind_of(const struct tfs_cow_target_cfg *t)
+{
+	return t->is_snapshot ? "snapshot" : "origin";
+}
+
+struct ctl_user {
+	const char *origin;
+	uint32_t id;
+};
+
+static int find_ctl_user(void *ctx, const struct tfs_cow_snap_row *row)
+{
+	struct ctl_user *u = ctx;
+
+	if (!strcmp(row->origin, u->origin) && !u->id)
+		u->id = row->dev_id;
+	return 0;
+}
+
+/* A section that goes: not open, and no snapshot that stays depends on it.  fs->lock held. */
+static int check_gone(struct tfs_fs *fs, const struct tfs_cow_target_cfg *t,
+		      const struct tfs_pool_config *next, char *why, size_t len)
+{
+	struct ctl_user u = { .origin = t->name };
+	struct tfs_vol_row row;
+	struct tfs_inode *ino;
+
+	if (tfs_catalog_get_by_name(fs->cat, t->name, &row) == 0) {
+		ino = tfs_fs_inode_find(fs, row.dev_id);
+		if (ino && ino->nopen > 0) {
+			snprintf(why, len, "[%s \"%s\"] removed or changed: %s is open: close it "
+				 "first", kind_of(t), t->name, t->name);
+			return -EBUSY;
+		}
+	}
+	if (t->is_snapshot)
+		return 0;
+	for (unsigned i = 0; i < next->nr_cow_targets; i++) {
+		const struct tfs_cow_target_cfg *n = &next->cow_targets[i];
+
+		if (n->is_snapshot && !strcmp(n->origin, t->name) &&
+		    listed(n, fs->cfg.cow_targets, fs->cfg.nr_cow_targets)) {
+			snprintf(why, len, "[origin \"%s\"] removed or changed: its snapshot "
+				 "[snapshot \"%s\"] stays: remove or change it too", t->name,
+				 n->name);
+			return -EBUSY;
+		}
+	}
+	tfs_catalog_list_cow_snapshots(fs->cat, find_ctl_user, &u);
+	if (u.id && tfs_catalog_get_by_id(fs->cat, u.id, &row) == 0) {
+		snprintf(why, len, "[origin \"%s\"] removed or changed: snapshot %s made with "
+			 "thinfs-ctl is of it: rm it first", t->name, row.name);
+		return -EBUSY;
+	}
+	return 0;
+}
+
+/* A section that comes: a free name, and what its devices hold.  fs->lock held. */
+static int check_new(struct tfs_fs *fs, const struct tfs_cow_target_cfg *t, char *why,
+		     size_t len)
+{
+	struct tfs_vol_row row;
+	bool from_cfg = false;
+	int r;
+
+	if (tfs_catalog_get_by_name(fs->cat, t->name, &row) == 0 &&
+	    (row.dev_id < TFS_DEV_ID_OTHER ||
+	     (tfs_cow_set_has(fs->cow, row.dev_id, &from_cfg) && !from_cfg))) {
+		snprintf(why, len, "[%s \"%s\"]: the name is taken by %s %s", kind_of(t), t->name,
+			 row.dev_id < TFS_DEV_ID_OTHER ? "thin volume" :
+			 "the snapshot made with thinfs-ctl", t->name);
+		return -EEXIST;
+	}
+	if (!t->is_snapshot)
+		return 0;
+	struct tfs_cowsnap_params p = {
+		.name = t->name, .origin = t->origin, .cow = t->device,
+		.chunk_sectors = t->chunk_sectors, .persistent = t->persistent, .probe = true,
+	};
+	char errors[512];
+
+	tfs_log_capture(errors, sizeof(errors));
+	r = tfs_cow_set_check_snapshot(fs->cow, &p);
+	tfs_log_capture(NULL, 0);
+	if (r < 0)
+		snprintf(why, len, "%s", errors[0] ? errors : strerror(-r));
+	return r;
+}
+
 int tfs_fs_cow_reload_check(struct tfs_fs *fs, const struct tfs_pool_config *next, char *why,
 			    size_t len)
 {
-	struct tfs_pool_config *run = malloc(sizeof(*run));
-	const struct tfs_cow_target_cfg *t = NULL;
-	bool added = false;
 	int r = 0;
 
-	if (!run)
+	if (!fs->cow)
+		return 0;
+	pthread_mutex_lock(&fs->lock);
+	for (unsigned i = 0; !r && i < fs->cfg.nr_cow_targets; i++)
+		if (!listed(&fs->cfg.cow_targets[i], next->cow_targets, next->nr_cow_targets))
+			r = check_gone(fs, &fs->cfg.cow_targets[i], next, why, len);
+	for (unsigned i = 0; !r && i < next->nr_cow_targets; i++)
+		if (!listed(&next->cow_targets[i], fs->cfg.cow_targets, fs->cfg.nr_cow_targets))
+			r = check_new(fs, &next->cow_targets[i], why, len);
+	pthread_mutex_unlock(&fs->lock);
+	return r;
+}
+
+/* Take a section out: its device from the set, its row from the catalog.  fs->lock held. */
+static void close_section(struct tfs_fs *fs, const struct tfs_cow_target_cfg *t)
+{
+	struct tfs_vol_row row;
+	struct tfs_inode *ino;
+
+	if (tfs_catalog_get_by_name(fs->cat, t->name, &row) < 0 || row.dev_id < TFS_DEV_ID_OTHER)
+		return;
+	if (t->is_snapshot)
+		tfs_cow_set_remove_snapshot(fs->cow, row.dev_id, true);
+	else
+		tfs_cow_set_remove_origin(fs->cow, row.dev_id);
+	tfs_catalog_remove_volume(fs->cat, row.dev_id);
+	tfs_catalog_set_cow_invalid(fs->cat, t->name, false);
+	ino = tfs_fs_inode_find(fs, row.dev_id);
+	if (ino) {
+		/* The kernel may still hold the inode: it is gone, as after an unlink. */
+		ino->gone = true;
+		ino->unlinked = true;
+	}
+}
+
+/* Snapshots first (an origin goes after its snapshots), origins last. */
+static void close_sections(struct tfs_fs *fs, const struct tfs_cow_target_cfg *from,
+			   unsigned nr, const struct tfs_cow_target_cfg *keep, unsigned nr_keep)
+{
+	for (int pass = 0; pass < 2; pass++)
+		for (unsigned i = 0; i < nr; i++)
+			if (from[i].is_snapshot == (pass == 0) && !listed(&from[i], keep, nr_keep))
+				close_section(fs, &from[i]);
+}
+
+int tfs_fs_cow_reload_apply(struct tfs_fs *fs, const struct tfs_pool_config *next, char *why,
+			    size_t len, char ***gone, unsigned *nr_gone)
+{
+	struct tfs_cow_target_cfg *old;
+	struct id_scan s = { .next_id = TFS_DEV_ID_OTHER };
+	unsigned nr_old, n = 0;
+	int r = 0;
+
+	*gone = NULL;
+	*nr_gone = 0;
+	if (!fs->cow)
+		return 0;
+	old = malloc(sizeof(fs->cfg.cow_targets));
+	*gone = calloc(TFS_COW_TARGETS_MAX, sizeof(**gone));
+	if (!old || !*gone) {
+		free(old);
+		free(*gone);
+		*gone = NULL;
+		snprintf(why, len, "out of memory");
 		return -ENOMEM;
-	tfs_pool_get_config(fs->pool, run);
-	/* The first section that differs, in the canonical order. */
-	for (unsigned i = 0; !t && i < run->nr_cow_targets && i < next->nr_cow_targets; i++)
-		if (!same_target(&run->cow_targets[i], &next->cow_targets[i]))
-			t = &next->cow_targets[i], added = true;
-	if (!t && run->nr_cow_targets != next->nr_cow_targets) {
-		added = next->nr_cow_targets > run->nr_cow_targets;
-		t = added ? &next->cow_targets[run->nr_cow_targets]
-			  : &run->cow_targets[next->nr_cow_targets];
 	}
-	if (t) {
-		snprintf(why, len, "[%s \"%s\"] %s: origins and classic snapshots are not taken "
-			 "by a reload yet (unmount and mount the pool to change them)",
-			 t->is_snapshot ? "snapshot" : "origin", t->name,
-			 added ? "added or changed" : "removed");
-		r = -EINVAL;
+	pthread_mutex_lock(&fs->lock);
+	nr_old = fs->cfg.nr_cow_targets;
+	memcpy(old, fs->cfg.cow_targets, sizeof(fs->cfg.cow_targets));
+	for (unsigned i = 0; i < nr_old; i++)
+		if (!listed(&old[i], next->cow_targets, next->nr_cow_targets))
+			(*gone)[n++] = strdup(old[i].name);
+	*nr_gone = n;
+	close_sections(fs, old, nr_old, next->cow_targets, next->nr_cow_targets);
+	r = tfs_catalog_list_volumes(fs->cat, true, scan_row, &s);
+	if (r == 0)
+		r = tfs_catalog_list_cow_snapshots(fs->cat, keep_ctl_row, &s);
+	for (unsigned i = 0; !r && i < next->nr_cow_targets; i++) {
+		const struct tfs_cow_target_cfg *t = &next->cow_targets[i];
+		char errors[512];
+
+		if (listed(t, old, nr_old))
+			continue;
+		tfs_log_capture(errors, sizeof(errors));
+		r = open_section(fs, &s, t);
+		tfs_log_capture(NULL, 0);
+		if (r < 0)
+			snprintf(why, len, "%s", errors[0] ? errors : strerror(-r));
 	}
-	free(run);
+	if (r < 0) {
+		/* Back to what ran: the new sections out, the old ones in again. */
+		close_sections(fs, next->cow_targets, next->nr_cow_targets, old, nr_old);
+		for (unsigned i = 0; i < nr_old; i++)
+			if (!listed(&old[i], next->cow_targets, next->nr_cow_targets) &&
+			    open_section(fs, &s, &old[i]) < 0)
+				tfs_warn("[%s \"%s\"]: could not be opened again after the refused "
+					 "reload: it is back at the next mount", kind_of(&old[i]),
+					 old[i].name);
+	} else {
+		fs->cfg.nr_cow_targets = next->nr_cow_targets;
+		memcpy(fs->cfg.cow_targets, next->cow_targets, sizeof(fs->cfg.cow_targets));
+	}
+	pthread_mutex_unlock(&fs->lock);
+	free(s.ctl);
+	free(old);
 	return r;
 }
 

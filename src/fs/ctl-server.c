@@ -1211,6 +1211,26 @@ static void cmd_reload(struct cmd_ctx *c)
 	r = tfs_fs_cow_reload_check(c->fs, cfg, msg, sizeof(msg));
 	if (r == 0)
 		r = tfs_pool_reload(c->fs->pool, cfg, msg, sizeof(msg));
+	if (r == 0) {
+		char why[512] = "";
+		char **gone;
+		unsigned nr_gone;
+
+		r = tfs_fs_cow_reload_apply(c->fs, cfg, why, sizeof(why), &gone, &nr_gone);
+		for (unsigned i = 0; i < nr_gone; i++) {
+			if (r == 0 && gone[i] && c->fs->se)
+				fuse_lowlevel_notify_inval_entry(c->fs->se, TFS_INO_ROOT, gone[i],
+								 strlen(gone[i]));
+			free(gone[i]);
+		}
+		free(gone);
+		if (r < 0) {
+			/* Unstage: the pool's part of this reload must not be taken at resume. */
+			tfs_pool_get_config(c->fs->pool, cfg);
+			tfs_pool_reload(c->fs->pool, cfg, msg, sizeof(msg));
+			snprintf(msg, sizeof(msg), "%s", why);
+		}
+	}
 	if (r < 0) {
 		send_error(c->fd, "reload refused (the running configuration stays): %s", msg);
 		goto out;

@@ -233,12 +233,21 @@ int tfs_fs_cow_may_unlink(struct tfs_fs *fs, const struct tfs_vol_row *row);
 int tfs_fs_cow_delete(struct tfs_fs *fs, uint32_t dev_id, const char *name);
 int tfs_fs_cow_snapshot(struct tfs_fs *fs, const struct tfs_fs_cow_request *req);
 /*
- * reload: -EINVAL with why (one line naming the first section) when next
- * adds, removes or changes an [origin] or [snapshot] section: not taken
- * by a reload yet.  after_resume: what a resume took (snapshot_low_water).
+ * A reload's [origin]/[snapshot] sections (the pool is suspended; they
+ * take effect when the reload is accepted: origins are not suspended with
+ * the pool).  reload_check changes nothing: 0, or -errno with why (one
+ * line naming the section): a section that goes is open, or an origin
+ * that goes keeps a snapshot; one that comes has a taken name or a bad
+ * device.  reload_apply: sections that went are closed and their rows
+ * removed (*gone: their names, malloc'ed, for the caller to drop from
+ * the kernel's cache and free), new ones opened; on failure (why) what
+ * ran is put back and -errno returned.  after_resume: what a resume took
+ * (snapshot_low_water).
  */
 int tfs_fs_cow_reload_check(struct tfs_fs *fs, const struct tfs_pool_config *next, char *why,
 			    size_t len);
+int tfs_fs_cow_reload_apply(struct tfs_fs *fs, const struct tfs_pool_config *next, char *why,
+			    size_t len, char ***gone, unsigned *nr_gone);
 void tfs_fs_cow_after_resume(struct tfs_fs *fs);
 
 /* ---- events (events.c) ---- */

@@ -590,7 +590,7 @@ static int unlink_row_locked(struct tfs_fs *fs, const struct tfs_vol_row *row)
 	if (r < 0)
 		return r;
 	/* Deleting the device now would change a suspended pool; an open one waits anyway. */
-	if (!open && tfs_pool_is_suspended(fs->pool))
+	if (!open && row->dev_id < TFS_DEV_ID_OTHER && tfs_pool_is_suspended(fs->pool))
 		return -EBUSY;
 	r = tfs_catalog_unlink(fs->cat, row->dev_id);
 	if (r < 0)

@@ -540,26 +540,57 @@ def test_bad_sections_refuse_the_mount_and_change_nothing(pool, tmp_path):
     p.unmount()
 
 
-def test_reload_refuses_section_changes_and_takes_snapshot_low_water(pool, tmp_path):
+def test_reload_adds_and_removes_sections_while_suspended(pool, tmp_path):
+    from conftest import run_cmd
     origin = sparse(tmp_path / "origin.img", 4 * MiB)
+    base = pattern(50, 4 * MiB)
+    write_at(origin, 0, base)
     cow, cow2 = sparse(tmp_path / "s.cow", 1 * MiB), sparse(tmp_path / "t.cow", 1 * MiB)
+    ext = sparse(tmp_path / "ext.img", 8 * MiB)
+    run_cmd("mkfs.ext4", "-q", "-F", ext, timeout=300)
+    before = read_at(ext, 0, 8 * MiB)
     p = cow_pool(pool, [("db", origin)], [("s", {"origin": "db", "cow": cow})],
                  options={"snapshot_low_water": "90"})
     text = p.cfg.read_text()
+    s_section = f'[snapshot "s"]\norigin = db\ncow = {cow}\n'
     p.ctl("suspend")
-    p.cfg.write_text(text + sections(snapshots=[("t", {"origin": "db", "cow": cow2})]))
+    # Refused, and nothing changes: a COW device with a file system ...
+    p.cfg.write_text(text + sections(snapshots=[("t", {"origin": "db", "cow": ext})]))
     err = one_line(p.ctl("reload", p.cfg, ok=(1,)))
-    assert '[snapshot "t"] added or changed' in err and "not taken by a reload" in err, err
-    p.cfg.write_text(text.replace(f'[snapshot "s"]\norigin = db\ncow = {cow}\n', ""))
+    assert '[snapshot "t"] cow' in err and "ext4" in err, err
+    # ... a section that goes while its file is open ...
+    p.cfg.write_text(text.replace(s_section, ""))
+    fd = os.open(p.mnt / "s", os.O_RDONLY)
+    try:
+        err = one_line(p.ctl("reload", p.cfg, ok=(1,)))
+        assert '[snapshot "s"] removed or changed: s is open' in err, err
+    finally:
+        os.close(fd)
+    # ... an origin that goes while a snapshot made with thinfs-ctl is of it.
+    ctl_snapshot(p, "db", "c", cow2)
+    p.cfg.write_text(text.split('[origin "db"]')[0])
     err = one_line(p.ctl("reload", p.cfg, ok=(1,)))
-    assert '[snapshot "s"] removed' in err, err
+    assert '[origin "db"] removed or changed: snapshot c made with thinfs-ctl' in err, err
     assert p.status()["pool"]["reload_staged"] is False
-    p.cfg.write_text(text.replace("snapshot_low_water = 90", "snapshot_low_water = 10%"))
-    assert "snapshot_low_water: 90% -> 10%" in p.ctl("reload", p.cfg).stdout
+    assert sorted(v["name"] for v in p.status()["volumes"]) == ["c", "db", "s"]
+    assert read_at(ext, 0, 8 * MiB) == before
+    os.unlink(p.mnt / "c")          # a snapshot of an origin: the pool's suspend is not its
+    # Accepted: s goes, t comes (with its COW device that c used), the mark changes.
+    p.cfg.write_text(text.replace(s_section, "").replace("snapshot_low_water = 90",
+                                                          "snapshot_low_water = 10%") +
+                     sections(snapshots=[("t", {"origin": "db", "cow": cow2})]))
+    msg = p.ctl("reload", p.cfg).stdout
+    assert "snapshot_low_water: 90% -> 10%" in msg and '[snapshot "t"] added' in msg, msg
+    assert not (p.mnt / "s").exists()
+    assert vol(p, "db")["snapshots"] == ["t"]
     p.ctl("resume")
-    write_at(p.mnt / "db", 0, b"x" * (40 * 4096))       # about 17% of the COW device
+    write_at(p.mnt / "db", 0, b"x" * (40 * 4096))       # about 17% of t's COW device
     wait_events(p, "low_water_cow", 1)
-    assert read_at(cow2, 0, 1 * MiB) == bytes(1 * MiB)
+    assert read_at(p.mnt / "t", 0, 4 * MiB) == base
+    p.unmount()
+    p.mount()
+    assert sorted(v["name"] for v in p.status()["volumes"]) == ["db", "t"]
+    assert read_at(p.mnt / "t", 0, 4 * MiB) == base
     p.unmount()
     check_cfg(p)
 
