@@ -615,3 +615,41 @@ def test_copies_across_areas_and_a_short_last_chunk(pool, tmp_path, chunk):
     assert read_at(p.mnt / "s", 0, size) == base
     p.unmount()
     check_cfg(p)
+
+
+def test_check_names_the_snapshot_whose_store_is_corrupt(pool, tmp_path):
+    import struct
+    origin = sparse(tmp_path / "origin.img", 4 * MiB)
+    cow = sparse(tmp_path / "s.cow", 4 * MiB)
+    p = cow_pool(pool, [("db", origin)], [("s", {"origin": "db", "cow": cow})])
+    write_at(p.mnt / "db", 0, b"x" * (3 * 4096))
+    p.unmount()
+    assert "snapshot s (COW device" in check_cfg(p).stdout
+    # Record 2 of area 0 claims the COW chunk record 1 has.
+    recs = kernel_cow.read_cow(cow)["records"]
+    with open(cow, "r+b") as f:
+        f.seek(4096 + 2 * 16)
+        f.write(struct.pack("<QQ", 77, recs[1][1]))
+    r = p.thinfs_run("check", p.cfg, ok=(1,))
+    line = [l for l in r.stdout.splitlines() if l.startswith("snapshot s (COW device")]
+    assert line and "clean" not in line[0], r.stdout
+    r = p.mount(ok=False)
+    assert '[snapshot "s"] cow' in r.stdout, r.stdout
+
+
+def test_origin_writes_without_fsync_never_reach_the_snapshot_after_kill9(pool, tmp_path):
+    origin = sparse(tmp_path / "origin.img", 4 * MiB)
+    base = pattern(60, 4 * MiB)
+    write_at(origin, 0, base)
+    cow = sparse(tmp_path / "s.cow", 8 * MiB)
+    p = cow_pool(pool, [("db", origin)])
+    ctl_snapshot(p, "db", "s", cow)
+    for i in range(30):
+        write_at(p.mnt / "db", random.Random(i).randrange(0, 4 * MiB - 9000),
+                 pattern(100 + i, 9000), fsync=False)
+    p.kill9()
+    p.mount()
+    # Each exception was durable before the origin write it guarded.
+    assert read_at(p.mnt / "s", 0, 4 * MiB) == base
+    p.unmount()
+    check_cfg(p)
