@@ -653,3 +653,23 @@ def test_origin_writes_without_fsync_never_reach_the_snapshot_after_kill9(pool, 
     assert read_at(p.mnt / "s", 0, 4 * MiB) == base
     p.unmount()
     check_cfg(p)
+
+
+def test_autoextend_hook_grows_a_cow_file_before_it_fills(pool, tmp_path, thinfs_ctl_bin):
+    from daemon_util import wait_for
+    hook = Path(__file__).resolve().parents[2] / "contrib" / "thinfs-autoextend"
+    origin = sparse(tmp_path / "origin.img", 4 * MiB)
+    cow = sparse(tmp_path / "s.cow", 1 * MiB)
+    p = cow_pool(pool, [("db", origin)], [("s", {"origin": "db", "cow": cow})],
+                 options={"on_event": str(hook), "snapshot_low_water": "50"}, mount=False)
+    p.mount(env={"THINFS_CTL": str(thinfs_ctl_bin), "THINFS_AUTOEXTEND_COW_STEP": "1M",
+                 "THINFS_AUTOEXTEND_COW_MAX": "2M"})
+    write_at(p.mnt / "db", 0, b"a" * (150 * 4096))          # past 50% of 1 MiB
+    assert wait_for(lambda: vol(p, "s")["cow"]["total_sectors"] == 4096), "the hook's resize"
+    assert os.path.getsize(cow) == 2 * MiB
+    write_at(p.mnt / "db", 150 * 4096, b"b" * (300 * 4096))  # past 50% of 2 MiB: capped
+    wait_events(p, "low_water_cow", 2)
+    assert vol(p, "s")["valid"] is True
+    assert os.path.getsize(cow) == 2 * MiB
+    p.unmount()
+    check_cfg(p)
