@@ -185,11 +185,15 @@ def test_bad_chunk_sizes_are_refused_with_the_rule(pool, tmp_path, size):
     assert "a power of two from 4 KiB to 1 GiB" in r.stderr
     assert not (p.mnt / "s").exists()
     p.unmount()
-    p.cfg.write_text(p.cfg.read_text() +
+    text = p.cfg.read_text()
+    p.cfg.write_text(text +
                      sections(snapshots=[("s", {"origin": "db", "cow": cow, "chunk_size": size})]))
     r = p.mount(ok=False)
     assert r.returncode != 0
     assert '[snapshot "s"] chunk_size' in r.stdout and "a power of two" in r.stdout
+    assert read_at(cow, 0, 4 * MiB) == bytes(4 * MiB)
+    p.cfg.write_text(text)
+    check_cfg(p)
 
 
 def test_largest_chunk_size_works(pool, tmp_path):
