@@ -524,6 +524,20 @@ static void cmd_status(struct cmd_ctx *c)
 	free(groups);
 }
 
+/* A row's kind: an origin's or classic snapshot's is its target's (a static string). */
+static const char *row_kind(struct tfs_fs *fs, const struct tfs_vol_row *row)
+{
+	const char *kind = kind_name(row->kind);
+	struct tfs_dev *dev;
+
+	if (row->dev_id >= TFS_DEV_ID_OTHER &&
+	    tfs_fs_open_dev(fs, row->dev_id, TFS_DEV_STATUS_ONLY, &dev) == 0) {
+		kind = tfs_dev_kind(dev);
+		tfs_dev_close(dev);
+	}
+	return kind;
+}
+
 static void cmd_list(struct cmd_ctx *c)
 {
 	static const char *const flags[] = { "--json", NULL };
@@ -550,7 +564,8 @@ static void cmd_list(struct cmd_ctx *c)
 
 		json_object_object_add(v, "name", json_object_new_string(rows[i].name));
 		json_object_object_add(v, "id", json_object_new_int64(rows[i].dev_id));
-		json_object_object_add(v, "kind", json_object_new_string(kind_name(rows[i].kind)));
+		json_object_object_add(v, "kind",
+				       json_object_new_string(row_kind(c->fs, &rows[i])));
 		json_object_object_add(v, "size", json_object_new_uint64(rows[i].size));
 		json_object_array_add(arr, v);
 		fprintf(t.f, "%s\n", rows[i].name);

@@ -71,6 +71,8 @@ def test_bring_up_origin_and_snapshot(pool, tmp_path):
     assert s["cow"] == {"total_sectors": 16384, "allocated_sectors": 16 * 2,
                         "metadata_sectors": 2 * 16}
     assert s["dm_status"] == "32/16384 32"
+    kinds = {v["name"]: v["kind"] for v in json.loads(p.ctl("list", "--json").stdout)}
+    assert kinds == {"db": "origin", "s1": "cow-snapshot"}
     assert read_at(p.mnt / "s1", 0, 4 * MiB) == pattern(1, 4 * MiB)
     # An origin write: the snapshot keeps the old chunk.
     write_at(p.mnt / "db", 8192 + 100, b"N" * 4096)
