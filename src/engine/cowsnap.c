@@ -609,11 +609,15 @@ static int snap_discard(struct tfs_dev *dev, uint64_t off, uint64_t len)
 	return r ? r : -EOPNOTSUPP;
 }
 
+/* COW chunks are taken as they are written; nothing lies past the origin's end. */
 static int snap_provision(struct tfs_dev *dev, uint64_t off, uint64_t len)
 {
-	(void)off;
-	(void)len;
-	return may_io(sh_of(dev), true);
+	struct snap_handle *h = sh_of(dev);
+	int r = may_io(h, true);
+
+	if (!r && (off > h->s->origin->size || len > h->s->origin->size - off))
+		r = -ENOSPC;
+	return r;
 }
 
 static int snap_seek(struct tfs_dev *dev, uint64_t off, int whence, uint64_t size,

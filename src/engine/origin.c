@@ -690,11 +690,15 @@ static int origin_discard(struct tfs_dev *dev, uint64_t off, uint64_t len)
 	return r ? r : -EOPNOTSUPP;
 }
 
+/* Every byte of a raw device exists already; none past its end can. */
 static int origin_provision(struct tfs_dev *dev, uint64_t off, uint64_t len)
 {
-	(void)off;
-	(void)len;
-	return may_io(oh_of(dev), true);
+	struct origin_handle *h = oh_of(dev);
+	int r = may_io(h, true);
+
+	if (!r && (off > h->o->size || len > h->o->size - off))
+		r = -ENOSPC;
+	return r;
 }
 
 /* A raw device is data everywhere. */

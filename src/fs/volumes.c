@@ -491,7 +491,8 @@ void tfs_fs_extend(struct tfs_fs *fs, struct tfs_inode *ino, uint64_t end, bool 
 	int64_t now = touch_mtime ? tfs_now_ns() : 0;
 
 	pthread_mutex_lock(&ino->attr_lock);
-	if (end > ino->row.size) {
+	/* An origin and its snapshots keep the origin device's size. */
+	if (end > ino->row.size && ino->dev_id < TFS_DEV_ID_OTHER) {
 		ino->row.size = end;
 		ino->dirty = true;
 	}

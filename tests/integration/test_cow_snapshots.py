@@ -730,3 +730,33 @@ def test_concurrent_origin_and_snapshot_writes_to_shared_chunks(pool, tmp_path):
         assert read_at(p.mnt / w, 0, size) == bytes(want[w]), w
     p.unmount()
     check_cfg(p)
+
+
+def test_fixed_size_files_refuse_growth_and_holes(pool, tmp_path):
+    from daemon_util import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, fallocate
+    FALLOC_FL_ZERO_RANGE = 0x10
+    origin = sparse(tmp_path / "origin.img", 1 * MiB)
+    write_at(origin, 0, pattern(80, 1 * MiB))
+    p = cow_pool(pool, [("db", origin)])
+    ctl_snapshot(p, "db", "s", sparse(tmp_path / "s.cow", 1 * MiB))
+    for name in ("db", "s"):
+        fd = os.open(p.mnt / name, os.O_RDWR)
+        try:
+            for mode, off, n, err in ((0, 1 * MiB - 10, 20, errno.ENOSPC),
+                                      (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 0, 4096,
+                                       errno.EOPNOTSUPP)):
+                with pytest.raises(OSError) as ei:
+                    fallocate(fd, mode, off, n)
+                assert ei.value.errno == err, (name, mode)
+            with pytest.raises(OSError) as ei:
+                os.pwrite(fd, b"x", 1 * MiB)
+            assert ei.value.errno == errno.ENOSPC
+            fallocate(fd, 0, 0, 4096)                      # inside: nothing to do
+            fallocate(fd, FALLOC_FL_ZERO_RANGE, 1 * MiB - 4096, 8192)   # clipped to the end
+        finally:
+            os.close(fd)
+        assert os.path.getsize(p.mnt / name) == 1 * MiB
+        assert read_at(p.mnt / name, 1 * MiB - 4096, 4096) == bytes(4096)
+    assert read_at(p.mnt / "s", 0, 1 * MiB - 4096) == pattern(80, 1 * MiB)[:-4096]
+    p.unmount()
+    check_cfg(p)
