@@ -760,3 +760,26 @@ def test_fixed_size_files_refuse_growth_and_holes(pool, tmp_path):
     assert read_at(p.mnt / "s", 0, 1 * MiB - 4096) == pattern(80, 1 * MiB)[:-4096]
     p.unmount()
     check_cfg(p)
+
+
+def test_block_devices_as_origin_and_cow(pool, tmp_path):
+    origin_file = sparse(tmp_path / "origin.img", 8 * MiB)
+    base = pattern(90, 8 * MiB)
+    write_at(origin_file, 0, base)
+    p = pool(mount=False)
+    origin = p.losetup(origin_file)
+    cow = p.losetup(sparse(tmp_path / "s.cow", 8 * MiB))
+    p.cfg.write_text(p.cfg.read_text() +
+                     sections([("db", origin)], [("s", {"origin": "db", "cow": cow})]))
+    p.mount()
+    assert vol(p, "db")["device"] == origin and vol(p, "s")["device"] == cow
+    write_at(p.mnt / "db", 12345, pattern(91, 300000))
+    write_at(p.mnt / "s", 777, b"s" * 5000)
+    want = bytearray(base)
+    want[777:5777] = b"s" * 5000
+    assert read_at(p.mnt / "s", 0, 8 * MiB) == bytes(want)
+    p.unmount()
+    check_cfg(p)
+    p.mount()
+    assert read_at(p.mnt / "s", 0, 8 * MiB) == bytes(want)
+    p.unmount()
