@@ -292,7 +292,7 @@ static int copy_chunk(struct tfs_cowsnap *s, uint64_t chunk, uint64_t to)
 	while (!r && done < len) {
 		size_t n = len - done < piece ? (size_t)(len - done) : piece;
 
-		r = tfs_bdev_read(o->bdev, buf, n, from + done);
+		r = tfs_dev_read(o->dev, buf, n, from + done);
 		if (r == 0)
 			r = tfs_bdev_write(s->cow, buf, n, to * s->chunk_bytes + done);
 		done += n;
@@ -376,7 +376,7 @@ static int copy_run(struct tfs_cowsnap *s, uint64_t old, const uint64_t *to, uns
 	buf = tfs_scratch_get(size);
 	if (!buf)
 		return -ENOMEM;
-	r = tfs_bdev_read(o->bdev, buf, (size_t)len, from);
+	r = tfs_dev_read(o->dev, buf, (size_t)len, from);
 	for (unsigned i = 0, j; !r && i < n && i * cb < len; i = j + 1) {
 		uint64_t bytes;
 
@@ -488,7 +488,7 @@ static int snap_read(struct tfs_dev *dev, void *buf, size_t len, uint64_t off)
 				r = -EIO;
 			}
 		} else {
-			r = tfs_bdev_read(o->bdev, dst, (size_t)n, pos);
+			r = tfs_dev_read(o->dev, dst, (size_t)n, pos);
 		}
 		pos += n;
 	}

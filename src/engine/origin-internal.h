@@ -20,7 +20,8 @@ struct tfs_origin {
 	struct tfs_cow_set *set;
 	char name[COW_NAME_MAX];
 	uint32_t id;
-	struct tfs_bdev *bdev;     /* the device (fault-wrapped when faults are on) */
+	struct tfs_bdev *bdev;     /* the device (fault-wrapped when faults are on): its name */
+	struct tfs_dev *dev;       /* the same as a device of target.h (linear, owns bdev): I/O */
 	struct tfs_bdev *fault;    /* == bdev when wrapped, else NULL */
 	uint64_t size;             /* bytes, fixed while open */
 	atomic_uint refs;          /* the set's + each open handle's */

@@ -178,9 +178,15 @@ int tfs_cow_set_add_origin(struct tfs_cow_set *set, const char *name, uint32_t i
 			strerror(-r));
 		goto err_close;
 	}
-	r = tfs_prison_create(&o->prison);
+	/* Through target.h, so that the origin could sit on another target one day. */
+	r = tfs_linear_open(o->bdev, true, 0, &o->dev);
 	if (r < 0)
 		goto err_close;
+	r = tfs_prison_create(&o->prison);
+	if (r < 0) {
+		tfs_dev_close(o->dev);
+		goto err_free;
+	}
 	/* A snapshot being added must not wait behind an endless stream of I/O. */
 	pthread_rwlockattr_init(&ra);
 	pthread_rwlockattr_setkind_np(&ra, PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP);
@@ -213,14 +219,14 @@ void tfs_origin_put(struct tfs_origin *o)
 
 	if (atomic_fetch_sub(&o->refs, 1) != 1)
 		return;
-	r = tfs_bdev_flush(o->bdev);
+	r = tfs_dev_flush(o->dev);
 	if (r < 0)
 		tfs_err("origin %s: final flush of %s failed: %s", o->name, tfs_bdev_name(o->bdev),
 			strerror(-r));
 	free(o->snaps);
 	pthread_rwlock_destroy(&o->lock);
 	tfs_prison_destroy(o->prison);
-	tfs_bdev_close(o->bdev);
+	tfs_dev_close(o->dev);
 	free(o);
 }
 
@@ -260,7 +266,7 @@ int tfs_cow_set_add_snapshot(struct tfs_cow_set *set, const struct tfs_cowsnap_p
 	 * flush makes that content durable before the snapshot can be used.
 	 */
 	pthread_rwlock_wrlock(&o->lock);
-	r = tfs_bdev_flush(o->bdev);
+	r = tfs_dev_flush(o->dev);
 	if (r < 0) {
 		tfs_err("origin %s: flush before snapshot %s failed: %s", o->name, p->name,
 			strerror(-r));
@@ -578,7 +584,7 @@ static int origin_read(struct tfs_dev *dev, void *buf, size_t len, uint64_t off)
 		return r;
 	pthread_rwlock_rdlock(&o->lock);
 	if (!o->nr_snaps) {
-		r = tfs_bdev_read(o->bdev, buf, len, off);
+		r = tfs_dev_read(o->dev, buf, len, off);
 		goto out;
 	}
 	/* Not in the middle of a write that is copying these chunks out first. */
@@ -586,7 +592,7 @@ static int origin_read(struct tfs_dev *dev, void *buf, size_t len, uint64_t off)
 	r = tfs_prison_lock_shared(o->prison, 0, b, e);
 	if (r < 0)
 		goto out;
-	r = tfs_bdev_read(o->bdev, buf, len, off);
+	r = tfs_dev_read(o->dev, buf, len, off);
 	tfs_prison_unlock_shared(o->prison, 0, b, e);
 out:
 	pthread_rwlock_unlock(&o->lock);
@@ -600,7 +606,7 @@ static int origin_write_locked(struct tfs_origin *o, const void *buf, size_t len
 	int r;
 
 	if (!o->nr_snaps)
-		return tfs_bdev_write(o->bdev, buf, len, off);
+		return tfs_dev_write(o->dev, buf, len, off);
 	tfs_origin_lock_range(o, off, len, &b, &e);
 	r = tfs_prison_lock(o->prison, 0, b, e);
 	if (r < 0)
@@ -608,7 +614,7 @@ static int origin_write_locked(struct tfs_origin *o, const void *buf, size_t len
 	for (unsigned i = 0; i < o->nr_snaps; i++)
 		if (!atomic_load(&o->snaps[i]->invalid))
 			tfs_cowsnap_copy_out(o->snaps[i], off, len);
-	r = tfs_bdev_write(o->bdev, buf, len, off);
+	r = tfs_dev_write(o->dev, buf, len, off);
 	tfs_prison_unlock(o->prison, 0, b, e);
 	return r;
 }
@@ -649,7 +655,7 @@ static int origin_flush(struct tfs_dev *dev)
 		if (r < 0)
 			tfs_cowsnap_invalidate(s, "COW device flush failed", r);
 	}
-	r = tfs_bdev_flush(o->bdev);
+	r = tfs_dev_flush(o->dev);
 	pthread_rwlock_unlock(&o->lock);
 	return r;
 }

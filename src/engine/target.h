@@ -25,8 +25,10 @@
  * device, a snapshot's COW store, a pool's data device on a cache) should
  * hold that device as a struct tfs_dev too, and do its I/O through the
  * same wrappers; tfs_linear_open makes one of a backing device (bdev.h),
- * so a plain device and a target are interchangeable underneath.  Nothing
- * stacks yet: the thin pool still does its I/O on struct tfs_bdev.
+ * so a plain device and a target are interchangeable underneath.  An
+ * origin does its I/O through a linear target over its device; the thin
+ * pool and a snapshot's COW store (whose format needs a struct tfs_bdev)
+ * still do theirs on struct tfs_bdev.
  *
  * Device numbers: the namespace (src/fs, the catalog, inode numbers) knows
  * a device by a 32-bit id.  Thin devices use their metadata ids, 0 to
