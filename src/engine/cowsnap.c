@@ -362,21 +362,32 @@ static int new_exception(struct tfs_cowsnap *s, uint64_t chunk, bool copy, uint6
  * to their new COW chunks to[]: one read of the origin, one write per run
  * of consecutive COW chunks (usually one: allocation goes in order).
  */
-static int copy_run(struct tfs_cowsnap *s, uint64_t old, const uint64_t *to, unsigned n)
+static int copy_run(struct tfs_cowsnap *s, uint64_t old, const uint64_t *to, unsigned n,
+		    struct tfs_origin_bytes *src)
 {
 	struct tfs_origin *o = s->origin;
 	uint64_t cb = s->chunk_bytes, from = old * cb, len;
 	size_t size = (size_t)(n * cb);
-	uint8_t *buf;
+	uint8_t *buf = NULL;
 	int r;
 
 	if (from >= o->size)
 		return 0;
 	len = o->size - from < n * cb ? o->size - from : n * cb;
-	buf = tfs_scratch_get(size);
-	if (!buf)
-		return -ENOMEM;
-	r = tfs_dev_read(o->dev, buf, (size_t)len, from);
+	if (src && src->len && from >= src->begin && from + len <= src->begin + src->len) {
+		if (!src->buf && !src->err) {
+			src->buf = tfs_scratch_get((size_t)src->len);
+			src->err = !src->buf ? -ENOMEM :
+				   tfs_dev_read(o->dev, src->buf, (size_t)src->len, src->begin);
+		}
+		r = src->err;
+		if (!r)
+			buf = src->buf + (from - src->begin);
+		size = 0;
+	} else {
+		buf = tfs_scratch_get(size);
+		r = buf ? tfs_dev_read(o->dev, buf, (size_t)len, from) : -ENOMEM;
+	}
 	for (unsigned i = 0, j; !r && i < n && i * cb < len; i = j + 1) {
 		uint64_t bytes;
 
@@ -385,11 +396,13 @@ static int copy_run(struct tfs_cowsnap *s, uint64_t old, const uint64_t *to, uns
 		bytes = (j + 1) * cb < len ? (j + 1 - i) * cb : len - i * cb;
 		r = tfs_bdev_write(s->cow, buf + i * cb, (size_t)bytes, to[i] * cb);
 	}
-	tfs_scratch_put(buf, size);
+	if (size)
+		tfs_scratch_put(buf, size);
 	return r;
 }
 
-void tfs_cowsnap_copy_out(struct tfs_cowsnap *s, uint64_t off, uint64_t len)
+void tfs_cowsnap_copy_out(struct tfs_cowsnap *s, uint64_t off, uint64_t len,
+			  struct tfs_origin_bytes *src)
 {
 	uint64_t first = off / s->chunk_bytes, last = (off + len - 1) / s->chunk_bytes, to;
 	unsigned max_run = s->chunk_bytes < COPY_PIECE ? (unsigned)(COPY_PIECE / s->chunk_bytes) : 1;
@@ -416,7 +429,7 @@ void tfs_cowsnap_copy_out(struct tfs_cowsnap *s, uint64_t off, uint64_t len)
 			b.chunk[b.n + n] = c + n;
 			n++;
 		}
-		r = s->chunk_bytes <= COPY_PIECE ? copy_run(s, c, run_to, n)
+		r = s->chunk_bytes <= COPY_PIECE ? copy_run(s, c, run_to, n, src)
 						  : copy_chunk(s, c, run_to[0]);
 		if (r < 0) {
 			tfs_cowsnap_invalidate(s, "copying a chunk to the COW device failed", r);

@@ -79,11 +79,25 @@ void tfs_cowsnap_invalidate(struct tfs_cowsnap *s, const char *why, int err);
 /* After an allocation: count a low-water crossing if the store just passed the mark. */
 void tfs_cowsnap_check_low_water(struct tfs_cowsnap *s);
 /*
+ * The origin's bytes under an origin write's range lock, read once (the
+ * first time a snapshot needs a copy) and shared by every snapshot's
+ * copies, so that N snapshots read the origin once, not N times.  Only
+ * for ranges up to TFS_SCRATCH_MAX (len 0: each copy reads for itself).
+ */
+struct tfs_origin_bytes {
+	uint64_t begin, len;
+	uint8_t *buf;             /* NULL until read (tfs_scratch_get(len)) */
+	int err;                  /* the read's result once buf was tried */
+};
+
+/*
  * Copy what s needs of [off, off + len) of the origin before it is
  * overwritten (origin write path; the caller holds the range lock
- * exclusively).  Failures invalidate s; nothing is returned.
+ * exclusively), from src when it covers a run.  Failures invalidate s;
+ * nothing is returned.
  */
-void tfs_cowsnap_copy_out(struct tfs_cowsnap *s, uint64_t off, uint64_t len);
+void tfs_cowsnap_copy_out(struct tfs_cowsnap *s, uint64_t off, uint64_t len,
+			  struct tfs_origin_bytes *src);
 
 /* origin.c */
 int tfs_origin_open_dev(struct tfs_origin *o, unsigned flags, struct tfs_dev **out);

@@ -17,6 +17,7 @@
 
 #include "config.h"
 #include "log.h"
+#include "scratch.h"
 
 /* Zeros written from here by zero_range, in pieces. */
 #define ZERO_PIECE (64u * 1024)
@@ -602,6 +603,7 @@ out:
 /* o->lock held shared. */
 static int origin_write_locked(struct tfs_origin *o, const void *buf, size_t len, uint64_t off)
 {
+	struct tfs_origin_bytes src = { .buf = NULL, .err = 0 };
 	uint64_t b, e;
 	int r;
 
@@ -611,9 +613,16 @@ static int origin_write_locked(struct tfs_origin *o, const void *buf, size_t len
 	r = tfs_prison_lock(o->prison, 0, b, e);
 	if (r < 0)
 		return r;
+	/* The locked bytes, read at most once for every snapshot's copies. */
+	src.begin = b;
+	src.len = e < o->size ? e - b : o->size - b;
+	if (src.len > TFS_SCRATCH_MAX)
+		src.len = 0;
 	for (unsigned i = 0; i < o->nr_snaps; i++)
 		if (!atomic_load(&o->snaps[i]->invalid))
-			tfs_cowsnap_copy_out(o->snaps[i], off, len);
+			tfs_cowsnap_copy_out(o->snaps[i], off, len, &src);
+	if (src.buf)
+		tfs_scratch_put(src.buf, (size_t)src.len);
 	r = tfs_dev_write(o->dev, buf, len, off);
 	tfs_prison_unlock(o->prison, 0, b, e);
 	return r;
