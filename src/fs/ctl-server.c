@@ -1311,9 +1311,9 @@ static struct tfs_bdev *fault_device(struct cmd_ctx *c, const char *name)
 static void cmd_fault(struct cmd_ctx *c)
 {
 	static const char *const ops[] = { "read", "write", "flush" };
-	const char *usage = "usage: fault metadata|data read|write|flush error|enospc|stall|ok "
-			    "[after N] [once] | fault power-cut [tear] | "
-			    "fault crash-at POINT [power-cut [tear]]";
+	const char *usage = "usage: fault metadata|data|NAME:cow|NAME:device read|write|flush "
+			    "error|enospc|stall|ok [after N] [once] | fault DEVICE OP delay USEC | "
+			    "fault power-cut [tear] | fault crash-at POINT [power-cut [tear]]";
 	enum tfs_fault_mode mode;
 	enum tfs_fault_op op = TFS_FAULT_NR_OPS;
 	struct tfs_bdev *dev;
@@ -1364,6 +1364,21 @@ static void cmd_fault(struct cmd_ctx *c)
 		send_error(c->fd, "fault: no operation '%s' (read, write or flush)", c->argv[2]);
 		return;
 	}
+	if (!strcmp(c->argv[3], "delay")) {
+		uint64_t usec;
+
+		/* A slow disk: at most an hour a request, or the mount would seem hung for good. */
+		if (c->argc != 5 || parse_u64(c->argv[4], &usec) || usec > 3600ull * 1000000) {
+			send_error(c->fd, "usage: fault DEVICE read|write|flush delay USEC "
+				   "(0 to 3600000000 microseconds)");
+			return;
+		}
+		tfs_bdev_fault_set_delay(dev, op, usec);
+		tfs_fs_event(c->fs, "fault", "%s %s delay %" PRIu64 " us", c->argv[1], c->argv[2],
+			     usec);
+		send_ok(c->fd, "", NULL, true);
+		return;
+	}
 	if (!strcmp(c->argv[3], "error"))
 		mode = TFS_FAULT_EIO;
 	else if (!strcmp(c->argv[3], "enospc"))
@@ -1373,7 +1388,8 @@ static void cmd_fault(struct cmd_ctx *c)
 	else if (!strcmp(c->argv[3], "ok"))
 		mode = TFS_FAULT_OK;
 	else {
-		send_error(c->fd, "fault: no mode '%s' (error, enospc, stall or ok)", c->argv[3]);
+		send_error(c->fd, "fault: no mode '%s' (error, enospc, stall, ok or delay USEC)",
+			   c->argv[3]);
 		return;
 	}
 	for (i = 4; i < c->argc; i++) {

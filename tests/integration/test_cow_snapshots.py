@@ -783,3 +783,28 @@ def test_block_devices_as_origin_and_cow(pool, tmp_path):
     p.mount()
     assert read_at(p.mnt / "s", 0, 8 * MiB) == bytes(want)
     p.unmount()
+
+
+def test_fault_delay_on_a_cow_and_an_origin_device(pool, tmp_path):
+    import time
+    origin = sparse(tmp_path / "origin.img", 1 * MiB)
+    base = pattern(95, 1 * MiB)
+    write_at(origin, 0, base)
+    cow = sparse(tmp_path / "s.cow", 1 * MiB)
+    p = cow_pool(pool, [("db", origin)], [("s", {"origin": "db", "cow": cow})], mount=False)
+    p.cfg.write_text(p.cfg.read_text() + "[fault]\nallow = yes\n")
+    p.mount("--allow-faults")
+    p.ctl("fault", "s:cow", "write", "delay", "300000")
+    t = time.monotonic()
+    write_at(p.mnt / "db", 0, b"x" * 4096)          # a copy to s's COW device first
+    assert time.monotonic() - t >= 0.3             # a lower bound: the delay was waited
+    p.ctl("fault", "s:cow", "write", "delay", "0")
+    p.ctl("fault", "db:device", "read", "delay", "1000")
+    assert read_at(p.mnt / "s", 0, 1 * MiB) == base
+    p.ctl("fault", "db:device", "read", "ok")
+    for args in (("delay",), ("delay", "soon"), ("delay", "1", "after", "2"),
+                 ("delay", "3600000001")):
+        assert "delay USEC" in one_line(p.ctl("fault", "s:cow", "write", *args, ok=(1,)))
+    assert vol(p, "s")["valid"] is True
+    p.unmount()
+    check_cfg(p)
