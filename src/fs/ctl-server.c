@@ -1100,6 +1100,13 @@ static int volume_ids(struct cmd_ctx *c, uint32_t **ids, unsigned *nr, char *nam
 				   strcmp(c->argv[0], "resume") ? "suspended" : "resumed");
 			goto fail;
 		}
+		/* The pool's suspend holds thin devices; an origin has no suspend yet. */
+		if (row.dev_id >= TFS_DEV_ID_OTHER) {
+			send_error(c->fd, "%s: %s is an origin or classic snapshot: suspend and resume "
+				   "of those are not supported yet (nothing was %s)", c->argv[0], a,
+				   strcmp(c->argv[0], "resume") ? "suspended" : "resumed");
+			goto fail;
+		}
 		(*ids)[(*nr)++] = row.dev_id;
 		if (used < len)
 			used += (size_t)snprintf(names + used, len - used, "%s%s", used ? ", " : "",
