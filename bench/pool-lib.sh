@@ -4,7 +4,8 @@
 # Sourced by the single-pool bench scripts (run-commit-stall.sh,
 # run-profile.sh): one fresh thinfs pool on sparse files in $WORK/pool,
 # mounted at $MNT by a daemon whose pid is $T_PID, taken down at exit.
-# The caller sets WORK, MNT and OUT (absolute) and thinfs (the binary).
+# The caller sets root (the tree), WORK, MNT and OUT (absolute), and thinfs
+# (the binary) itself or with pool_build.
 # Only that daemon is signalled and only $MNT is unmounted.
 
 T_PID=""
@@ -28,6 +29,29 @@ pool_cleanup() {
 }
 trap pool_cleanup EXIT
 trap 'log "interrupted"; exit 130' INT TERM
+
+# pool_build NAME: a release build of this tree in build-bench-NAME/, or of
+# the commit $BENCH_REV (a clean export) in build-bench-NAME-rev/.  Sets
+# thinfs, ctl (the binaries) and VERSION (what was built, in words).
+# shellcheck disable=SC2034,SC2154 # root comes from the caller, which uses the rest
+pool_build() {
+	local dir=$root/build-bench-$1 src=$root
+	if [[ -n ${BENCH_REV:-} ]]; then
+		dir=$root/build-bench-$1-rev
+		src=$dir-src
+		rm -rf "$src" "$dir" && mkdir -p "$src" || return 1
+		git -C "$root" archive "$BENCH_REV" | tar -x -C "$src" || return 1
+		VERSION="$(git -C "$root" rev-parse --short "$BENCH_REV") (clean export)"
+	else
+		VERSION="$(git -C "$root" rev-parse --short HEAD)$(git -C "$root" diff --quiet HEAD -- src || echo ' + uncommitted changes in src/')"
+	fi
+	if [[ ! -f $dir/meson-private/coredata.dat ]]; then
+		meson setup "$dir" "$src" --buildtype=release -Db_sanitize=none >/dev/null || return 1
+	fi
+	meson compile -C "$dir" thinfs thinfs-ctl >/dev/null || return 1
+	thinfs=$dir/tools/thinfs
+	ctl=$dir/tools/thinfs-ctl
+}
 
 # pool_start DATA_GIB: mkpool (defaults, block_size 64k) and mount at $MNT
 pool_start() {

@@ -41,8 +41,11 @@ static void usage(FILE *f)
 	      "                               none: the whole pool); returns once quiescent\n"
 	      "  resume [NAME...]             re-issue held I/O (no NAME: pool and volumes)\n"
 	      "  reload POOL.CFG              stage a changed pool.cfg for the pool's resume\n"
+	      "  diff FROM TO [--json] [--stats]\n"
+	      "                               the extents of TO that differ from FROM (volumes,\n"
+	      "                               GROUP/NAME, or - for nothing): OFFSET LENGTH data|zero\n"
 	      "  fault metadata|data|NAME:cow|NAME:device read|write|flush\n"
-	      "        error|enospc|stall|ok [after N] [once]\n"
+	      "        error|enospc|stall|ok [after N] [once] | delay USEC\n"
 	      "  fault power-cut [tear]\n"
 	      "  fault crash-at POINT [power-cut [tear]]\n"
 	      "                               fault injection (pool.cfg [fault] allow = yes\n"
@@ -115,6 +118,21 @@ static void print_error(struct json_object *resp)
 	}
 }
 
+/*
+ * A long command's progress line ("progress"): on a terminal only, where
+ * the next one overwrites it; nothing when stderr is piped.
+ */
+static bool progress_shown;
+
+static void show_progress(const char *text)
+{
+	if (!isatty(STDERR_FILENO))
+		return;
+	fprintf(stderr, "\r%s\033[K", text);
+	fflush(stderr);
+	progress_shown = true;
+}
+
 /* Print one response; returns 1 when it was the last, 0 to read on, -1 failed. */
 static int handle_response(const char *line, bool json_wanted)
 {
@@ -128,6 +146,12 @@ static int handle_response(const char *line, bool json_wanted)
 		fail("bad response from the daemon");
 		return -1;
 	}
+	if (progress_shown && !json_object_object_get_ex(resp, "progress", NULL)) {
+		fputs("\r\033[K", stderr);
+		progress_shown = false;
+	}
+	if (json_object_object_get_ex(resp, "progress", &v))
+		show_progress(json_object_get_string(v));
 	if (!json_object_get_boolean(ok)) {
 		print_error(resp);
 		json_object_put(resp);
@@ -144,6 +168,9 @@ static int handle_response(const char *line, bool json_wanted)
 		puts(json_object_to_json_string_ext(v, JSON_C_TO_STRING_PLAIN));
 	}
 	fflush(stdout);
+	/* A remark beside the result (diff --stats), kept off stdout. */
+	if (json_object_object_get_ex(resp, "note", &v))
+		fprintf(stderr, "%s\n", json_object_get_string(v));
 	last = !json_object_object_get_ex(resp, "done", &done) || json_object_get_boolean(done);
 	json_object_put(resp);
 	return last;

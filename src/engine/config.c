@@ -85,6 +85,7 @@ enum pool_key {
 	K_HOST_CACHE,
 	K_MAX_THREADS,
 	K_SNAPSHOT_LOW_WATER,
+	K_DETECT_ZEROES,
 	K_NR
 };
 
@@ -104,6 +105,7 @@ static const char *const pool_key_name[K_NR] = {
 	[K_HOST_CACHE] = "host_cache",
 	[K_MAX_THREADS] = "max_threads",
 	[K_SNAPSHOT_LOW_WATER] = "snapshot_low_water",
+	[K_DETECT_ZEROES] = "detect_zeroes",
 };
 
 /* What the reader decided about the line inih is about to parse. */
@@ -652,7 +654,7 @@ static void pool_key(struct parser *p, const char *name, const char *raw)
 			"unknown key '%s' in [pool] (known: metadata, data, block_size, catalog, "
 			"low_water_mark, error_if_no_space, no_space_timeout, discard_passdown, "
 			"skip_block_zeroing, commit_interval, on_event, metadata_cache, host_cache, "
-			"max_threads, snapshot_low_water)",
+			"max_threads, snapshot_low_water, detect_zeroes)",
 			name);
 		return;
 	}
@@ -721,6 +723,13 @@ static void pool_key(struct parser *p, const char *name, const char *raw)
 		break;
 	case K_SNAPSHOT_LOW_WATER:
 		set_snapshot_low_water(p, value);
+		break;
+	case K_DETECT_ZEROES:
+		if (!strcmp(value, "unmap") || !strcmp(value, "off"))
+			c->detect_zeroes = !strcmp(value, "unmap");
+		else
+			problem(p, p->lineno, -EINVAL, "detect_zeroes: '%s' is not off or unmap",
+				value);
 		break;
 	case K_NR:
 		break;
@@ -1496,6 +1505,9 @@ static void setting_changes(const struct tfs_pool_config *run, const struct tfs_
 	if (run->skip_block_zeroing != next->skip_block_zeroing)
 		change(t, "skip_block_zeroing", yes_no(run->skip_block_zeroing),
 		       yes_no(next->skip_block_zeroing));
+	if (run->detect_zeroes != next->detect_zeroes)
+		change(t, "detect_zeroes", run->detect_zeroes ? "unmap" : "off",
+		       next->detect_zeroes ? "unmap" : "off");
 	if (run->commit_interval_ms != next->commit_interval_ms) {
 		format_ms(run->commit_interval_ms, a, sizeof(a));
 		format_ms(next->commit_interval_ms, b, sizeof(b));

@@ -25,6 +25,8 @@
  *   host_cache                bool: devices through the host page cache (default
  *                             false: O_DIRECT)
  *   max_threads               FUSE worker threads at most, 8 .. 4096 (default 512)
+ *   detect_zeroes             off | unmap: whole blocks of zeros written are
+ *                             unmapped, not stored (default off)
  * [fault] allow = yes|no      fault injection (needs --allow-faults too)
  *   snapshot_low_water        percent of a COW device ("80" or "80%", default 80;
  *                             0 = no low_water_cow events)
@@ -100,6 +102,7 @@ struct tfs_pool_config {
 	uint64_t metadata_cache_bytes;
 	bool host_cache;                  /* false: the devices are opened O_DIRECT */
 	unsigned max_threads;             /* FUSE worker threads at most */
+	bool detect_zeroes;               /* "unmap" */
 	bool allow_faults;
 	char targets[TFS_TARGETS_MAX];    /* [origin/snapshot/cache] sections, see above */
 	unsigned snapshot_low_water;      /* percent of a COW device (default 80; 0 = off) */
@@ -125,8 +128,8 @@ int tfs_config_load(const char *path, struct tfs_pool_config *out);
  * changes lists what differs, "; "-separated, e.g.
  * "error_if_no_space: no -> yes; no_space_timeout: 60s -> 0s; low_water_mark: 10% -> 4096 blocks; [origin \"db\"] added",
  * or "" when nothing does.  Reloadable: low_water_mark, error_if_no_space,
- * no_space_timeout, discard_passdown, skip_block_zeroing, commit_interval,
- * on_event, and the origin/snapshot/cache sections (added, removed,
+ * no_space_timeout, discard_passdown, skip_block_zeroing, detect_zeroes,
+ * commit_interval, on_event, and the origin/snapshot/cache sections (added, removed,
  * changed: '[cache "c"] changed: mode=writethrough -> mode=writeback').
  * The path of the .cfg itself may differ.  Either text is cut to its
  * buffer (ending "..." when cut); a buffer may be NULL with length 0.

@@ -137,6 +137,7 @@ static void take_settings(struct tfs_pool *pool, const struct tfs_pool_config *c
 	if (!c->discard_passdown)
 		tfs_pool_free_not_zero(pool, "discard_passdown is off");
 	run->skip_block_zeroing = c->skip_block_zeroing;
+	run->detect_zeroes = c->detect_zeroes;
 	run->commit_interval_ms = c->commit_interval_ms;
 	pool->reload_staged = false;
 	pthread_mutex_unlock(&pool->lock);

@@ -45,6 +45,7 @@
 #ifndef TFS_ENGINE_TARGET_H
 #define TFS_ENGINE_TARGET_H
 
+#include <errno.h>
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -98,6 +99,18 @@ struct tfs_dev_ops {
 	int (*zero_range)(struct tfs_dev *dev, uint64_t off, uint64_t len);
 	/* fallocate mode 0: later writes to the range need no new space. */
 	int (*provision)(struct tfs_dev *dev, uint64_t off, uint64_t len);
+	/*
+	 * copy_file_range: dst (the device the op is called on) reads at
+	 * [dst_off, dst_off + len) what src reads at [src_off, ...), shared
+	 * rather than copied where the target can (whole blocks of one pool).
+	 * -EXDEV: src is a device this one cannot share with (another kind or
+	 * instance); -EOPNOTSUPP: nothing of the range can be shared.  On
+	 * either the caller copies instead.  -EINVAL: the ranges overlap in
+	 * one device.  NULL: the kind never shares (the wrapper says
+	 * -EOPNOTSUPP).
+	 */
+	int (*clone_range)(struct tfs_dev *dst, struct tfs_dev *src, uint64_t src_off,
+			   uint64_t dst_off, uint64_t len);
 	/* SEEK_DATA / SEEK_HOLE within [off, size) (size: the namespace's); -ENXIO as lseek(2). */
 	int (*seek)(struct tfs_dev *dev, uint64_t off, int whence, uint64_t size, uint64_t *out);
 	/*
@@ -151,6 +164,13 @@ static inline int tfs_dev_zero_range(struct tfs_dev *d, uint64_t off, uint64_t l
 static inline int tfs_dev_provision(struct tfs_dev *d, uint64_t off, uint64_t len)
 {
 	return d->ops->provision(d, off, len);
+}
+static inline int tfs_dev_clone_range(struct tfs_dev *dst, struct tfs_dev *src,
+				      uint64_t src_off, uint64_t dst_off, uint64_t len)
+{
+	if (!dst->ops->clone_range)
+		return -EOPNOTSUPP;
+	return dst->ops->clone_range(dst, src, src_off, dst_off, len);
 }
 static inline int tfs_dev_seek(struct tfs_dev *d, uint64_t off, int whence, uint64_t size,
 			       uint64_t *out)

@@ -17,6 +17,9 @@
  * the last one carrying "done": true:
  *   {"ok": true, "output": "text for the terminal", "json": {...}, "done": true}
  *   {"ok": false, "error": "one clear line", "done": true}
+ * Added: a line may carry "progress" (a long command's state, printed by
+ * thinfs-ctl on stderr when that is a terminal, each over the last) or
+ * "note" (a remark printed on stderr, so stdout keeps only the result).
  * thinfs-ctl prints "output" (or "json" with --json) and exits 0, or prints
  * "thinfs-ctl: <error>" to stderr and exits 1.  An error may come with
  *   "details": ["one line", ...]    (a reload's configuration problems)

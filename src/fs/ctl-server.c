@@ -1174,6 +1174,194 @@ static void cmd_suspend(struct cmd_ctx *c)
 	}
 }
 
+/* ---- diff FROM TO [--json] [--stats] ---- */
+
+struct diff_run {
+	uint64_t vblock, len;
+	bool zero;
+};
+
+struct diff_out {
+	struct diff_run *v;
+	size_t nr, cap;
+	int fd;
+	uint64_t block_size;
+	uint64_t total;          /* blocks of the larger volume, for progress */
+	int64_t start_ns, next_ns;
+};
+
+/* Called under the pool's lock: only records. */
+static int diff_note(void *ctx, uint64_t vblock, uint64_t len, bool zero)
+{
+	struct diff_out *o = ctx;
+
+	if (o->nr == o->cap) {
+		size_t cap = o->cap ? 2 * o->cap : 256;
+		struct diff_run *v = realloc(o->v, cap * sizeof(*v));
+
+		if (!v)
+			return -ENOMEM;
+		o->v = v;
+		o->cap = cap;
+	}
+	o->v[o->nr++] = (struct diff_run){ vblock, len, zero };
+	return 0;
+}
+
+/*
+ * Between steps, no lock held: stop if the client left; past the first
+ * second, a progress line (thinfs-ctl shows it on a terminal) each second.
+ */
+static int diff_progress(void *ctx, uint64_t vblock)
+{
+	struct diff_out *o = ctx;
+	int64_t now = tfs_now_ns();
+	struct json_object *line;
+	double secs, done;
+	char text[160];
+
+	if (!client_alive(o->fd))
+		return 1;
+	if (now < o->next_ns)
+		return 0;
+	o->next_ns = now + 1000000000;
+	secs = (double)(now - o->start_ns) / 1e9;
+	done = (double)(vblock < o->total ? vblock : o->total) * (double)o->block_size;
+	snprintf(text, sizeof(text), "diff: %.1f of %.1f GiB compared (%.0f MiB/s)",
+		 done / 1073741824.0, (double)o->total * (double)o->block_size / 1073741824.0,
+		 done / 1048576.0 / (secs > 0 ? secs : 1));
+	line = json_object_new_object();
+	json_object_object_add(line, "ok", json_object_new_boolean(1));
+	json_object_object_add(line, "progress", json_object_new_string(text));
+	json_object_object_add(line, "done", json_object_new_boolean(0));
+	send_line(o->fd, line);
+	json_object_put(line);
+	return 0;
+}
+
+/* FROM or TO: "-" (nothing) or a volume; -1 when answered. */
+static int diff_side(struct cmd_ctx *c, const char *spec, uint32_t *id, const uint32_t **idp,
+		     uint64_t *size)
+{
+	struct tfs_vol_row row;
+
+	*idp = NULL;
+	if (!strcmp(spec, "-"))
+		return 0;
+	if (tfs_fs_find_volume(c->fs, spec, &row) < 0) {
+		send_error(c->fd, "diff: no volume named '%s' (a volume, GROUP/NAME, or - for "
+			   "nothing)", spec);
+		return -1;
+	}
+	*id = row.dev_id;
+	*idp = id;
+	if (row.size > *size)
+		*size = row.size;
+	return 0;
+}
+
+/* Runs in bytes, "OFFSET LENGTH data|zero" lines or a JSON list, a few thousand a line. */
+static void diff_send(struct cmd_ctx *c, const struct diff_out *o, bool json, const char *stats)
+{
+	struct text t;
+	size_t i = 0;
+
+	do {
+		size_t end = i + 4096 < o->nr ? i + 4096 : o->nr;
+		bool last = end == o->nr;
+
+		if (text_open(&t) < 0) {
+			send_error(c->fd, "diff: out of memory");
+			return;
+		}
+		if (json && i == 0)
+			fputc('[', t.f);
+		for (; i < end; i++) {
+			const struct diff_run *x = &o->v[i];
+			const char *kind = x->zero ? "zero" : "data";
+			uint64_t off = x->vblock * o->block_size, len = x->len * o->block_size;
+
+			if (json)
+				fprintf(t.f, "{\"offset\":%" PRIu64 ",\"length\":%" PRIu64
+					",\"kind\":\"%s\"}%s", off, len, kind, i + 1 < o->nr ? ",\n" : "");
+			else
+				fprintf(t.f, "%" PRIu64 " %" PRIu64 " %s\n", off, len, kind);
+		}
+		if (json && last)
+			fputs("]\n", t.f);
+		if (last && stats) {
+			struct json_object *line = json_object_new_object();
+
+			json_object_object_add(line, "ok", json_object_new_boolean(1));
+			json_object_object_add(line, "output", json_object_new_string(text_close(&t)));
+			json_object_object_add(line, "note", json_object_new_string(stats));
+			json_object_object_add(line, "done", json_object_new_boolean(1));
+			send_line(c->fd, line);
+			json_object_put(line);
+		} else {
+			send_ok(c->fd, text_close(&t), NULL, last);
+		}
+		free(t.buf);
+	} while (i < o->nr);
+}
+
+static void cmd_diff(struct cmd_ctx *c)
+{
+	struct diff_out o = { .fd = c->fd, .block_size = c->fs->block_size };
+	const uint32_t *from, *to;
+	struct tfs_pool_diff_stats st;
+	uint32_t from_id, to_id;
+	uint64_t size = 0;
+	const char *names[2] = { NULL, NULL };
+	char stats[160];
+	unsigned n = 0;
+	int r;
+
+	for (int i = 1; i < c->argc; i++) {
+		if (!strcmp(c->argv[i], "--json") || !strcmp(c->argv[i], "--stats"))
+			continue;
+		if (c->argv[i][0] == '-' && c->argv[i][1]) {
+			send_error(c->fd, "diff: unknown option '%s'", c->argv[i]);
+			return;
+		}
+		if (n == 2) {
+			n++;
+			break;
+		}
+		names[n++] = c->argv[i];
+	}
+	if (n != 2) {
+		send_error(c->fd, "usage: diff FROM TO [--json] [--stats] (FROM and TO: a volume, "
+			   "GROUP/NAME, or - for nothing)");
+		return;
+	}
+	if (diff_side(c, names[0], &from_id, &from, &size) < 0 ||
+	    diff_side(c, names[1], &to_id, &to, &size) < 0)
+		return;
+	o.total = (size + o.block_size - 1) / o.block_size;
+	o.start_ns = tfs_now_ns();
+	o.next_ns = o.start_ns + 1000000000;
+	r = tfs_pool_diff(c->fs->pool, from, to, diff_note, diff_progress, &o, &st);
+	if (r == -EINTR) {
+		free(o.v);
+		return; /* the client left */
+	}
+	if (r < 0) {
+		send_error(c->fd, "diff %s %s: %s", names[0], names[1],
+			   r == -EBUSY ? "a metadata snapshot is held (reserve-metadata-snap) and "
+					 "the diff needs its slot: release it first" :
+			   r == -ENOSPC ? "metadata too full to hold the trees for the diff" :
+			   r == -ENODATA ? "the volume has no thin device (deleted meanwhile?)" :
+			   strerror(-r));
+		free(o.v);
+		return;
+	}
+	snprintf(stats, sizeof(stats), "diff: %zu extents, %" PRIu64 " metadata blocks read, %.3f ms",
+		 o.nr, st.nodes_read, (double)(tfs_now_ns() - o.start_ns) / 1e6);
+	diff_send(c, &o, has_flag(c, "--json"), has_flag(c, "--stats") ? stats : NULL);
+	free(o.v);
+}
+
 /* resume [NAME...] */
 static void cmd_resume(struct cmd_ctx *c)
 {
@@ -1448,10 +1636,12 @@ static void dispatch(struct cmd_ctx *c)
 		cmd_resume(c);
 	else if (!strcmp(cmd, "reload"))
 		cmd_reload(c);
+	else if (!strcmp(cmd, "diff"))
+		cmd_diff(c);
 	else
 		send_error(c->fd, "unknown command '%s' (status, list, snapshot, delete, resize, "
 			   "set-transaction-id, reserve-metadata-snap, release-metadata-snap, "
-			   "events, wait-event, fault, suspend, resume, reload)", cmd);
+			   "events, wait-event, fault, suspend, resume, reload, diff)", cmd);
 }
 
 /* ---- connections ---- */

@@ -2,8 +2,9 @@
 /*
  * Block cache: a hash table of 4 KiB blocks with an LRU list of the
  * unlocked ones.  Locked blocks are pinned; unlocked dirty blocks may be
- * written early when evicted (they are always shadows the committed state
- * does not reference, so writing them early is safe).
+ * written early when evicted (they are always shadows that neither the
+ * committed state, nor one being committed, nor the one before it
+ * references: space-map.h, so writing them early is safe).
  *
  * Blocks come from slabs of SLAB_BLOCKS, their data mapped with mmap, and
  * an evicted block goes back to a free list rather than to malloc.  A

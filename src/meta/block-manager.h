@@ -135,5 +135,7 @@ extern const struct tfs_block_validator tfs_btree_validator;
 extern const struct tfs_block_validator tfs_bitmap_validator;
 extern const struct tfs_block_validator tfs_index_validator;
 extern const struct tfs_block_validator tfs_thin_sb_validator;
+extern const struct tfs_block_validator tfs_array_validator;    /* dm-array blocks (array.h) */
+extern const struct tfs_block_validator tfs_cache_sb_validator; /* cache superblock */
 
 #endif

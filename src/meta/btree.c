@@ -44,6 +44,7 @@
 #include <errno.h>
 #include <limits.h>
 #include <stddef.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "block-manager.h"
@@ -1652,4 +1653,267 @@ int tfs_btree_shape(const struct tfs_btree_info *info, uint64_t root, const uint
 		return r == -ENODATA ? 0 : r;
 	out->leaf_capacity = tfs_btree_max_entries(info->value_type.size);
 	return shape_node(info, sub, 0, out);
+}
+
+/* ---- diff of two trees ----------------------------------------------------------- */
+
+/*
+ * Two cursors go through the trees in key order, merge-join style.  Each
+ * side's next item (its front) is either an entry of a leaf already read
+ * or a whole subtree not read yet, known by its block number, the lowest
+ * key it can hold (its parent's separator) and its height.  A subtree that
+ * is the front of both sides at once is the same block in both trees, so
+ * the same entries: both skip it unread.  Otherwise the front with the
+ * lowest key is opened (read); of two subtrees starting at one key, the
+ * taller one first, so that after a root split on one side the two sides
+ * meet again at equal heights, where their shared children are.
+ *
+ * Nodes are copied out of the block manager when read and no block stays
+ * locked between calls: the caller only has to keep both trees unchanged
+ * (held) between steps, and may drop its locks.
+ */
+struct diff_side {
+	uint8_t *node[MAX_DEPTH]; /* copies of the nodes on the path; [0] the root */
+	uint32_t pos[MAX_DEPTH];
+	unsigned depth;           /* nodes on the path */
+	unsigned height;          /* the tree's: 1 when the root is a leaf */
+	uint64_t root;            /* not opened yet; 0 = opened, or an empty side */
+	bool any_key;             /* an entry was consumed: last_key is valid */
+	uint64_t last_key;
+};
+
+struct tfs_btree_diff {
+	struct tfs_btree_info info;
+	struct diff_side side[2];
+	uint64_t reads;
+	uint64_t position;
+	bool done;
+};
+
+enum front_kind { FRONT_END, FRONT_NODE, FRONT_ENTRY };
+
+struct front {
+	enum front_kind kind;
+	uint64_t key; /* an entry's key, a subtree's lowest possible key */
+	uint64_t block;
+	unsigned height;
+	const uint8_t *value;
+};
+
+static int diff_read(struct tfs_btree_diff *d, uint64_t b, uint8_t *copy)
+{
+	struct tfs_block *blk;
+	int r = read_node(&d->info, last_level(&d->info), b, &blk);
+
+	if (r)
+		return r;
+	memcpy(copy, bdata(blk), TFS_BLOCK_SIZE);
+	tfs_tm_unlock(d->info.tm, blk);
+	d->reads++;
+	return 0;
+}
+
+/* Height of the tree at b: the length of its leftmost path. */
+static int diff_height(struct tfs_btree_diff *d, uint64_t b, uint8_t *scratch, unsigned *height)
+{
+	for (unsigned h = 1; h <= MAX_DEPTH; h++) {
+		int r = diff_read(d, b, scratch);
+
+		if (r)
+			return r;
+		if (is_leaf(scratch)) {
+			*height = h;
+			return 0;
+		}
+		b = value64(scratch, 0);
+	}
+	return corrupt(b, "tree too deep (cycle?)");
+}
+
+int tfs_btree_diff_begin(const struct tfs_btree_info *info, uint64_t a_root, uint64_t b_root,
+			 struct tfs_btree_diff **out)
+{
+	struct tfs_btree_diff *d;
+	uint64_t roots[2] = { a_root, b_root };
+	int r = check_info(info);
+
+	if (r)
+		return r;
+	d = calloc(1, sizeof(*d));
+	if (!d)
+		return -ENOMEM;
+	d->info = *info;
+	/* Equal roots: equal trees, nothing to read at all. */
+	if (a_root == b_root)
+		roots[0] = roots[1] = 0;
+	for (unsigned i = 0; i < 2; i++) {
+		struct diff_side *s = &d->side[i];
+
+		if (!roots[i])
+			continue;
+		s->node[0] = malloc(TFS_BLOCK_SIZE);
+		if (!s->node[0]) {
+			r = -ENOMEM;
+			goto err;
+		}
+		r = diff_height(d, roots[i], s->node[0], &s->height);
+		if (r)
+			goto err;
+		s->root = roots[i];
+	}
+	*out = d;
+	return 0;
+
+err:
+	tfs_btree_diff_end(d);
+	return r;
+}
+
+void tfs_btree_diff_end(struct tfs_btree_diff *d)
+{
+	if (!d)
+		return;
+	for (unsigned i = 0; i < 2; i++)
+		for (unsigned j = 0; j < MAX_DEPTH; j++)
+			free(d->side[i].node[j]);
+	free(d);
+}
+
+uint64_t tfs_btree_diff_nodes_read(const struct tfs_btree_diff *d)
+{
+	return d->reads;
+}
+
+uint64_t tfs_btree_diff_position(const struct tfs_btree_diff *d)
+{
+	return d->position;
+}
+
+static void front_of(struct diff_side *s, struct front *f)
+{
+	const uint8_t *n;
+	uint32_t p;
+
+	/* A node whose entries are all consumed is done: its parent moves on. */
+	while (s->depth && s->pos[s->depth - 1] >= node_nr(s->node[s->depth - 1]))
+		if (--s->depth)
+			s->pos[s->depth - 1]++;
+	if (!s->depth) {
+		*f = (struct front){ .kind = s->root ? FRONT_NODE : FRONT_END, .key = 0,
+				     .block = s->root, .height = s->height };
+		return;
+	}
+	n = s->node[s->depth - 1];
+	p = s->pos[s->depth - 1];
+	if (is_leaf(n))
+		*f = (struct front){ .kind = FRONT_ENTRY, .key = key_at(n, p), .value = value_ptr(n, p) };
+	else
+		*f = (struct front){ .kind = FRONT_NODE, .key = key_at(n, p), .block = value64(n, p),
+				     .height = s->height - s->depth };
+}
+
+static void advance(struct diff_side *s)
+{
+	if (s->depth)
+		s->pos[s->depth - 1]++;
+	else
+		s->root = 0;
+}
+
+/* Read the subtree at the side's front onto its path. */
+static int open_front(struct tfs_btree_diff *d, struct diff_side *s, const struct front *f)
+{
+	uint8_t *n;
+	int r;
+
+	if (s->depth >= MAX_DEPTH || f->height == 0)
+		return corrupt(f->block, "tree too deep (cycle?)");
+	if (!s->node[s->depth]) {
+		s->node[s->depth] = malloc(TFS_BLOCK_SIZE);
+		if (!s->node[s->depth])
+			return -ENOMEM;
+	}
+	n = s->node[s->depth];
+	r = diff_read(d, f->block, n);
+	if (r)
+		return r;
+	/* All leaves of a tree are at one depth: anything else is corruption. */
+	if (is_leaf(n) != (f->height == 1))
+		return corrupt(f->block, is_leaf(n) ? "leaf above the leaf level"
+						   : "internal node at the leaf level");
+	if (!s->depth)
+		s->root = 0;
+	s->pos[s->depth++] = 0;
+	return 0;
+}
+
+/* Take the entry at the side's front, checking that keys only go up. */
+static int take_entry(struct diff_side *s, const struct front *f)
+{
+	if (s->any_key && f->key <= s->last_key) {
+		tfs_err("btree: key %llu comes after key %llu: keys out of order",
+			(unsigned long long)f->key, (unsigned long long)s->last_key);
+		return -EUCLEAN;
+	}
+	s->any_key = true;
+	s->last_key = f->key;
+	advance(s);
+	return 0;
+}
+
+/* -1, 0, 1 as a's key is below, equal to or above b's; the end is above everything. */
+static int cmp_fronts(const struct front *a, const struct front *b)
+{
+	if (a->kind == FRONT_END || b->kind == FRONT_END)
+		return (a->kind == FRONT_END) - (b->kind == FRONT_END);
+	return a->key < b->key ? -1 : a->key > b->key;
+}
+
+int tfs_btree_diff_step(struct tfs_btree_diff *d, unsigned max_reads, tfs_btree_diff_fn fn,
+			void *ctx)
+{
+	struct diff_side *a = &d->side[0], *b = &d->side[1];
+	uint64_t limit = d->reads + (max_reads ? max_reads : 1);
+	uint32_t vs = d->info.value_type.size;
+	int r = 0;
+
+	while (!d->done && !r && d->reads < limit) {
+		struct front fa, fb;
+		int c;
+
+		front_of(a, &fa);
+		front_of(b, &fb);
+		c = cmp_fronts(&fa, &fb);
+		if (fa.kind == FRONT_END && fb.kind == FRONT_END) {
+			d->done = true;
+			break;
+		}
+		d->position = c <= 0 ? fa.key : fb.key;
+		if (fa.kind == FRONT_NODE && fb.kind == FRONT_NODE && fa.block == fb.block) {
+			advance(a);
+			advance(b);
+		} else if (fa.kind == FRONT_NODE &&
+			   (c < 0 || (c == 0 && (fb.kind != FRONT_NODE || fa.height >= fb.height)))) {
+			r = open_front(d, a, &fa);
+		} else if (fb.kind == FRONT_NODE && c >= 0) {
+			r = open_front(d, b, &fb);
+		} else if (c == 0) {
+			bool same = !memcmp(fa.value, fb.value, vs);
+
+			r = take_entry(a, &fa);
+			if (!r)
+				r = take_entry(b, &fb);
+			if (!r && !same)
+				r = fn(ctx, fa.key, fa.value, fb.value);
+		} else if (c < 0) {
+			r = take_entry(a, &fa);
+			if (!r)
+				r = fn(ctx, fa.key, fa.value, NULL);
+		} else {
+			r = take_entry(b, &fb);
+			if (!r)
+				r = fn(ctx, fb.key, NULL, fb.value);
+		}
+	}
+	return r ? r : !d->done;
 }

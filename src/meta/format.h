@@ -3,8 +3,8 @@
  * format.h - every on-disk structure of the dm-thin metadata format.
  *
  * Owns: the byte layouts, magic numbers, checksum salts and size limits of
- * the persistent-data layer and the thin-pool schema (docs/format.md tells
- * the story in prose).  All multi-byte fields are little-endian on disk; use
+ * the persistent-data layer, the thin-pool schema and the dm-cache schema
+ * (docs/format.md and docs/cache-format.md tell the story in prose).  All multi-byte fields are little-endian on disk; use
  * the le helpers below, never host-order access to a struct field.
  *
  * Never: holds behaviour.  Nothing here reads or writes a device.
@@ -190,5 +190,90 @@ static inline uint32_t tfs_btree_max_entries(uint32_t value_size)
 	uint32_t n = (TFS_BLOCK_SIZE - TFS_BTREE_HEADER_SIZE) / (8u + value_size);
 	return n - n % 3u;
 }
+
+/* ---- dm-array blocks (persistent-data arrays; used by the cache schema) ---- */
+
+#define TFS_SALT_ARRAY 595846735u
+
+/* Array block header; value_size-byte values packed after it. */
+struct tfs_disk_array_header {
+	uint32_t csum;
+	uint32_t max_entries;
+	uint32_t nr_entries;
+	uint32_t value_size;
+	uint64_t blocknr;
+} __attribute__((packed));
+_Static_assert(sizeof(struct tfs_disk_array_header) == 24, "array block header");
+#define TFS_ARRAY_HEADER_SIZE 24u
+
+/* Values an array block of value_size-byte values holds (509 for 8, 1018 for 4). */
+static inline uint32_t tfs_array_block_entries(uint32_t value_size)
+{
+	return (TFS_BLOCK_SIZE - TFS_ARRAY_HEADER_SIZE) / value_size;
+}
+
+/* ---- dm-cache schema ---- */
+
+#define TFS_SALT_CACHE_SB 9031977u
+#define TFS_CACHE_MAGIC 1623043ull /* octal 06142003 */
+#define TFS_CACHE_VERSION_MIN 1u
+#define TFS_CACHE_VERSION_MAX 2u
+
+#define TFS_CACHE_FLAG_CLEAN_SHUTDOWN 1u
+#define TFS_CACHE_FLAG_NEEDS_CHECK 2u
+
+/* Mapping value: origin block << 16 | flags. DIRTY is used by version 1 only. */
+#define TFS_CACHE_MAPPING_VALID 1u
+#define TFS_CACHE_MAPPING_DIRTY 2u
+#define TFS_CACHE_MAX_OBLOCK ((1ull << 48) - 1)
+
+/* Cache block size in sectors: 32 KiB .. 1 GiB, multiple of 32 KiB. */
+#define TFS_CACHE_BLOCK_MIN_SECTORS 64u
+#define TFS_CACHE_BLOCK_MAX_SECTORS 2097152u
+
+#define TFS_CACHE_POLICY_NAME_SIZE 16u
+#define TFS_CACHE_MAX_HINT_SIZE 128u
+
+/* Cache superblock, block 0; 292 bytes used (284 in version 1, which has no dirty_root). */
+struct tfs_disk_cache_sb {
+	uint32_t csum;
+	uint32_t flags;
+	uint64_t blocknr;
+	uint8_t uuid[16];
+	uint64_t magic;
+	uint32_t version;
+	uint8_t policy_name[TFS_CACHE_POLICY_NAME_SIZE];
+	uint32_t policy_hint_size;
+	uint8_t metadata_space_map_root[TFS_SM_ROOT_FIELD];
+	uint64_t mapping_root;
+	uint64_t hint_root;
+	uint64_t discard_root;
+	uint64_t discard_block_size; /* sectors */
+	uint64_t discard_nr_blocks;
+	uint32_t data_block_size;     /* sectors */
+	uint32_t metadata_block_size; /* sectors, always 8 */
+	uint32_t cache_blocks;
+	uint32_t compat_flags;
+	uint32_t compat_ro_flags;
+	uint32_t incompat_flags;
+	uint32_t read_hits;
+	uint32_t read_misses;
+	uint32_t write_hits;
+	uint32_t write_misses;
+	uint32_t policy_version[3];
+	uint64_t dirty_root; /* version 2 only */
+} __attribute__((packed));
+_Static_assert(sizeof(struct tfs_disk_cache_sb) == 292, "cache superblock size");
+_Static_assert(offsetof(struct tfs_disk_cache_sb, magic) == 32, "cache sb magic");
+_Static_assert(offsetof(struct tfs_disk_cache_sb, policy_name) == 44, "cache sb policy name");
+_Static_assert(offsetof(struct tfs_disk_cache_sb, policy_hint_size) == 60, "cache sb hint size");
+_Static_assert(offsetof(struct tfs_disk_cache_sb, metadata_space_map_root) == 64, "cache sb sm");
+_Static_assert(offsetof(struct tfs_disk_cache_sb, mapping_root) == 192, "cache sb mapping root");
+_Static_assert(offsetof(struct tfs_disk_cache_sb, discard_block_size) == 216, "cache sb discard");
+_Static_assert(offsetof(struct tfs_disk_cache_sb, data_block_size) == 232, "cache sb block size");
+_Static_assert(offsetof(struct tfs_disk_cache_sb, cache_blocks) == 240, "cache sb cache blocks");
+_Static_assert(offsetof(struct tfs_disk_cache_sb, read_hits) == 256, "cache sb stats");
+_Static_assert(offsetof(struct tfs_disk_cache_sb, policy_version) == 272, "cache sb policy version");
+_Static_assert(offsetof(struct tfs_disk_cache_sb, dirty_root) == 284, "cache sb dirty root");
 
 #endif

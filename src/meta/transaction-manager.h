@@ -70,10 +70,19 @@ int tfs_tm_commit(struct tfs_tm *tm, struct tfs_block *sb,
  * of the committed state as committed (a change shadows it again).
  * write (no lock needed; device I/O): the blocks, flush, superblock,
  * flush.  end (under the lock again): the blocks are clean if write
- * returned 0 (r), sb is unlocked, c freed; returns r.  Between begin and
- * end the owner may read through the cache but must change nothing: a
- * failed write leaves only tfs_tm_abort.  begin failing leaves nothing to
- * end (sb unlocked) and the transaction to abort.
+ * returned 0 (r), sb is unlocked, c freed, and the metadata blocks freed
+ * in the committed transaction become allocatable; returns r.
+ *
+ * Between begin and end the next transaction runs: the owner may change
+ * metadata (under its lock) while write runs without it.  Its changes
+ * shadow the committing blocks (they count as committed), never write
+ * them; the space map hands out no block the committing transaction or
+ * the state on disk before it used; so a dirty block of the next
+ * transaction written early (evicted) lands where neither state looks.
+ * A failed write leaves only tfs_tm_abort, which drops the next
+ * transaction too, and only after end (no block may be locked).  begin
+ * failing leaves nothing to end (sb unlocked) and the transaction to
+ * abort.
  */
 struct tfs_tm_commit;
 int tfs_tm_commit_begin(struct tfs_tm *tm, struct tfs_block *sb,

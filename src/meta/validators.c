@@ -1,6 +1,6 @@
 /* SPDX-License-Identifier: GPL-2.0-or-later */
 /*
- * Validators for every block type of the thin format: what a block must
+ * Validators for every block type of the thin and cache formats: what a block must
  * look like before any code is allowed to trust its fields, and how it is
  * sealed before it is written.
  */
@@ -31,6 +31,42 @@ static int check_location(const void *data, size_t off, uint64_t blocknr, char *
 		return 0;
 	snprintf(why, why_len, "block claims to be block %llu", (unsigned long long)stored);
 	return -EUCLEAN;
+}
+
+/* Checksum, then the block's own location at loc_off. */
+static int check_sealed(const void *data, uint32_t salt, size_t loc_off, uint64_t blocknr,
+			char *why, size_t why_len)
+{
+	int r = check_csum(data, salt, why, why_len);
+
+	return r ? r : check_location(data, loc_off, blocknr, why, why_len);
+}
+
+/* A superblock's u64 magic at off. */
+static int check_magic(const void *data, size_t off, uint64_t want, char *why, size_t why_len)
+{
+	uint64_t got = tfs_le64((const uint8_t *)data + off);
+
+	if (got == want)
+		return 0;
+	snprintf(why, why_len, "bad magic %llu (want %llu)", (unsigned long long)got,
+		 (unsigned long long)want);
+	return -EUCLEAN;
+}
+
+/* A block of max entries (bytes in all when full) holding nr of them. */
+static int check_capacity(uint32_t max, uint32_t nr, uint32_t vsize, uint64_t bytes, char *why,
+			  size_t why_len)
+{
+	if (max == 0 || bytes > TFS_BLOCK_SIZE) {
+		snprintf(why, why_len, "bad max_entries %u for value_size %u", max, vsize);
+		return -EUCLEAN;
+	}
+	if (nr > max) {
+		snprintf(why, why_len, "nr_entries %u > max_entries %u", nr, max);
+		return -EUCLEAN;
+	}
+	return 0;
 }
 
 static void seal(void *data, size_t loc_off, uint64_t blocknr, uint32_t salt)
@@ -71,15 +107,12 @@ static int btree_check(const struct tfs_block_validator *v, const void *data, ui
 		snprintf(why, why_len, "internal node with value_size %u", vsize);
 		return -EUCLEAN;
 	}
-	if (max == 0 || max % 3 || (uint64_t)TFS_BTREE_HEADER_SIZE + (uint64_t)max * (8 + vsize) > TFS_BLOCK_SIZE) {
+	if (max % 3) {
 		snprintf(why, why_len, "bad max_entries %u for value_size %u", max, vsize);
 		return -EUCLEAN;
 	}
-	if (nr > max) {
-		snprintf(why, why_len, "nr_entries %u > max_entries %u", nr, max);
-		return -EUCLEAN;
-	}
-	return 0;
+	return check_capacity(max, nr, vsize,
+			      TFS_BTREE_HEADER_SIZE + (uint64_t)max * (8 + vsize), why, why_len);
 }
 
 static void btree_prepare(const struct tfs_block_validator *v, void *data, uint64_t blocknr)
@@ -153,23 +186,13 @@ const struct tfs_block_validator tfs_index_validator = {
 static int thin_sb_check(const struct tfs_block_validator *v, const void *data, uint64_t blocknr,
 			 char *why, size_t why_len)
 {
-	const uint8_t *b = data;
 	int r;
 
 	(void)v;
-	r = check_csum(data, TFS_SALT_THIN_SB, why, why_len);
-	if (!r)
-		r = check_location(data, offsetof(struct tfs_disk_thin_sb, blocknr), blocknr, why,
-				   why_len);
-	if (r)
-		return r;
-	if (tfs_le64(b + offsetof(struct tfs_disk_thin_sb, magic)) != TFS_THIN_MAGIC) {
-		snprintf(why, why_len, "bad magic %llu (want %llu)",
-			 (unsigned long long)tfs_le64(b + offsetof(struct tfs_disk_thin_sb, magic)),
-			 TFS_THIN_MAGIC);
-		return -EUCLEAN;
-	}
-	return 0;
+	r = check_sealed(data, TFS_SALT_THIN_SB, offsetof(struct tfs_disk_thin_sb, blocknr), blocknr,
+			 why, why_len);
+	return r ? r : check_magic(data, offsetof(struct tfs_disk_thin_sb, magic), TFS_THIN_MAGIC,
+				   why, why_len);
 }
 
 static void thin_sb_prepare(const struct tfs_block_validator *v, void *data, uint64_t blocknr)
@@ -182,4 +205,67 @@ const struct tfs_block_validator tfs_thin_sb_validator = {
 	.name = "superblock",
 	.check = thin_sb_check,
 	.prepare = thin_sb_prepare,
+};
+
+/* ---- dm-array blocks ---- */
+
+static int array_check(const struct tfs_block_validator *v, const void *data, uint64_t blocknr,
+		       char *why, size_t why_len)
+{
+	const uint8_t *b = data;
+	uint32_t max, nr, vsize;
+	int r;
+
+	(void)v;
+	r = check_sealed(data, TFS_SALT_ARRAY, offsetof(struct tfs_disk_array_header, blocknr),
+			 blocknr, why, why_len);
+	if (r)
+		return r;
+	max = tfs_le32(b + offsetof(struct tfs_disk_array_header, max_entries));
+	nr = tfs_le32(b + offsetof(struct tfs_disk_array_header, nr_entries));
+	vsize = tfs_le32(b + offsetof(struct tfs_disk_array_header, value_size));
+	if (vsize == 0 || vsize > TFS_BLOCK_SIZE - TFS_ARRAY_HEADER_SIZE) {
+		snprintf(why, why_len, "bad value_size %u", vsize);
+		return -EUCLEAN;
+	}
+	return check_capacity(max, nr, vsize, TFS_ARRAY_HEADER_SIZE + (uint64_t)max * vsize, why,
+			      why_len);
+}
+
+static void array_prepare(const struct tfs_block_validator *v, void *data, uint64_t blocknr)
+{
+	(void)v;
+	seal(data, offsetof(struct tfs_disk_array_header, blocknr), blocknr, TFS_SALT_ARRAY);
+}
+
+const struct tfs_block_validator tfs_array_validator = {
+	.name = "array block",
+	.check = array_check,
+	.prepare = array_prepare,
+};
+
+/* ---- cache superblock ---- */
+
+static int cache_sb_check(const struct tfs_block_validator *v, const void *data, uint64_t blocknr,
+			  char *why, size_t why_len)
+{
+	int r;
+
+	(void)v;
+	r = check_sealed(data, TFS_SALT_CACHE_SB, offsetof(struct tfs_disk_cache_sb, blocknr),
+			 blocknr, why, why_len);
+	return r ? r : check_magic(data, offsetof(struct tfs_disk_cache_sb, magic), TFS_CACHE_MAGIC,
+				   why, why_len);
+}
+
+static void cache_sb_prepare(const struct tfs_block_validator *v, void *data, uint64_t blocknr)
+{
+	(void)v;
+	seal(data, offsetof(struct tfs_disk_cache_sb, blocknr), blocknr, TFS_SALT_CACHE_SB);
+}
+
+const struct tfs_block_validator tfs_cache_sb_validator = {
+	.name = "cache superblock",
+	.check = cache_sb_check,
+	.prepare = cache_sb_prepare,
 };

@@ -160,6 +160,7 @@ static void test_minimal_cfg_gets_the_documented_defaults(void **state)
 	assert_int_equal(c.no_space_timeout_ms, 60000);
 	assert_true(c.discard_passdown);
 	assert_false(c.skip_block_zeroing);
+	assert_false(c.detect_zeroes);
 	assert_int_equal(c.commit_interval_ms, 1000);
 	assert_int_equal(c.metadata_cache_bytes, 64 << 20);
 	assert_false(c.host_cache);
@@ -194,6 +195,7 @@ static void test_every_pool_key_is_parsed(void **state)
 		  "metadata_cache = 128MiB\n"
 		  "host_cache = on\n"
 		  "max_threads = 64\n"
+		  "detect_zeroes = unmap\n"
 		  "\n"
 		  "[fault]\n"
 		  "allow = on\n",
@@ -215,6 +217,7 @@ static void test_every_pool_key_is_parsed(void **state)
 	assert_int_equal(c.metadata_cache_bytes, 128 << 20);
 	assert_true(c.host_cache);
 	assert_int_equal(c.max_threads, 64);
+	assert_true(c.detect_zeroes);
 	assert_true(c.allow_faults);
 }
 
@@ -501,6 +504,7 @@ static void test_bad_values_name_file_line_and_key(void **state)
 		{ "error_if_no_space = 2", "error_if_no_space", "not a boolean" },
 		{ "discard_passdown = perhaps", "discard_passdown", "not a boolean" },
 		{ "skip_block_zeroing = y", "skip_block_zeroing", "not a boolean" },
+		{ "detect_zeroes = on", "detect_zeroes", "'on' is not off or unmap" },
 		{ "no_space_timeout = -1", "no_space_timeout", "not a time" },
 		{ "no_space_timeout = 5 days", "no_space_timeout", "not a time" },
 		{ "commit_interval = soon", "commit_interval", "not a time" },
@@ -948,6 +952,8 @@ static void test_reload_names_each_reloadable_change(void **state)
 		{ "", "no_space_timeout = 1500ms", "no_space_timeout: 60s -> 1500ms" },
 		{ "", "discard_passdown = no", "discard_passdown: yes -> no" },
 		{ "", "skip_block_zeroing = yes", "skip_block_zeroing: no -> yes" },
+		{ "", "detect_zeroes = unmap", "detect_zeroes: off -> unmap" },
+		{ "detect_zeroes = unmap", "detect_zeroes = off", "detect_zeroes: unmap -> off" },
 		{ "", "commit_interval = 500ms", "commit_interval: 1s -> 500ms" },
 		{ "commit_interval = 2m", "", "commit_interval: 120s -> 1s" },
 		/* The example of config.h, word for word. */
