@@ -1253,6 +1253,12 @@ static int diff_side(struct cmd_ctx *c, const char *spec, uint32_t *id, const ui
 			   "nothing)", spec);
 		return -1;
 	}
+	/* The diff walks thin mappings: an origin or classic snapshot has none. */
+	if (row.dev_id >= TFS_DEV_ID_OTHER) {
+		send_error(c->fd, "diff: '%s' is an origin or classic snapshot, not a thin volume",
+			   spec);
+		return -1;
+	}
 	*id = row.dev_id;
 	*idp = id;
 	if (row.size > *size)

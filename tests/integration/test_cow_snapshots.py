@@ -79,6 +79,19 @@ def test_bring_up_origin_and_snapshot(pool, tmp_path):
     assert read_at(p.mnt / "db", 8192 + 100, 4096) == b"N" * 4096
     assert read_at(p.mnt / "s1", 0, 3 * 8192) == pattern(1, 3 * 8192)
     assert vol(p, "s1")["cow"]["allocated_sectors"] == (16 + 2 * 16)
+    # copy_file_range between an origin and a thin volume: not shared, but copied.
+    src = os.open(p.mnt / "s1", os.O_RDONLY)
+    dst = os.open(p.mnt / "copy", os.O_CREAT | os.O_WRONLY)
+    try:
+        done = 0
+        while done < 1 * MiB:
+            n = os.copy_file_range(src, dst, 1 * MiB - done, done, done)
+            assert n > 0
+            done += n
+    finally:
+        os.close(src)
+        os.close(dst)
+    assert read_at(p.mnt / "copy", 0, 1 * MiB) == pattern(1, 4 * MiB)[:1 * MiB]
     p.unmount()
     assert "snapshot s1 (COW device" in check_cfg(p).stdout
     assert "clean, 1 exception(s)" in check_cfg(p).stdout
@@ -483,6 +496,8 @@ def test_bad_run_time_requests_are_refused_and_change_nothing(pool, tmp_path):
     assert "no origin named 'nope'" in one_line(ctl_snapshot(p, "nope", "s3", good2, ok=(1,)))
     assert "no origin named 'vm1'" in one_line(ctl_snapshot(p, "vm1", "s3", good2, ok=(1,)))
     assert "not a thin volume" in one_line(p.ctl("snapshot", "db", "t", ok=(1,)))
+    assert "not a thin volume" in one_line(p.ctl("diff", "-", "db", ok=(1,)))
+    assert "not a thin volume" in one_line(p.ctl("diff", "vm1", "s1", ok=(1,)))
     for cmd in ("suspend", "resume"):
         assert "not supported yet" in one_line(p.ctl(cmd, "db", ok=(1,)))
         assert "not supported yet" in one_line(p.ctl(cmd, "s1", ok=(1,)))
