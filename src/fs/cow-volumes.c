@@ -533,7 +533,7 @@ int tfs_fs_cow_reload_apply(struct tfs_fs *fs, const struct tfs_pool_config *nex
 {
 	struct tfs_cow_target_cfg *old;
 	struct id_scan s = { .next_id = TFS_DEV_ID_OTHER };
-	unsigned nr_old, n = 0;
+	unsigned nr_old, n = 0, opened = 0;
 	int r = 0;
 
 	*gone = NULL;
@@ -566,6 +566,7 @@ int tfs_fs_cow_reload_apply(struct tfs_fs *fs, const struct tfs_pool_config *nex
 
 		if (listed(t, old, nr_old))
 			continue;
+		opened++;
 		tfs_log_capture(errors, sizeof(errors));
 		r = open_section(fs, &s, t);
 		tfs_log_capture(NULL, 0);
@@ -588,7 +589,7 @@ int tfs_fs_cow_reload_apply(struct tfs_fs *fs, const struct tfs_pool_config *nex
 	pthread_mutex_unlock(&fs->lock);
 	free(s.ctl);
 	free(old);
-	return r;
+	return r < 0 ? r : (int)(n + opened);
 }
 
 void tfs_fs_cow_after_resume(struct tfs_fs *fs)

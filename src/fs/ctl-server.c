@@ -1434,7 +1434,7 @@ static void cmd_reload(struct cmd_ctx *c)
 
 		r = tfs_fs_cow_reload_apply(c->fs, cfg, why, sizeof(why), &gone, &nr_gone);
 		for (unsigned i = 0; i < nr_gone; i++) {
-			if (r == 0 && gone[i] && c->fs->se)
+			if (r >= 0 && gone[i] && c->fs->se)
 				fuse_lowlevel_notify_inval_entry(c->fs->se, TFS_INO_ROOT, gone[i],
 								 strlen(gone[i]));
 			free(gone[i]);
@@ -1445,6 +1445,12 @@ static void cmd_reload(struct cmd_ctx *c)
 			tfs_pool_get_config(c->fs->pool, cfg);
 			tfs_pool_reload(c->fs->pool, cfg, msg, sizeof(msg));
 			snprintf(msg, sizeof(msg), "%s", why);
+		} else if (r > 0) {
+			size_t n = strlen(msg);
+
+			snprintf(msg + n, sizeof(msg) - n, " (origins and classic snapshots: in "
+				 "effect now, not at resume)");
+			r = 0;
 		}
 	}
 	if (r < 0) {

@@ -240,8 +240,9 @@ int tfs_fs_cow_snapshot(struct tfs_fs *fs, const struct tfs_fs_cow_request *req)
  * that goes keeps a snapshot; one that comes has a taken name or a bad
  * device.  reload_apply: sections that went are closed and their rows
  * removed (*gone: their names, malloc'ed, for the caller to drop from
- * the kernel's cache and free), new ones opened; on failure (why) what
- * ran is put back and -errno returned.  after_resume: what a resume took
+ * the kernel's cache and free), new ones opened: returns how many
+ * sections went or came; on failure (why) what ran is put back and
+ * -errno returned.  after_resume: what a resume took
  * (snapshot_low_water).
  */
 int tfs_fs_cow_reload_check(struct tfs_fs *fs, const struct tfs_pool_config *next, char *why,

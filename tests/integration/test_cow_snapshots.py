@@ -605,6 +605,7 @@ def test_reload_adds_and_removes_sections_while_suspended(pool, tmp_path):
                      sections(snapshots=[("t", {"origin": "db", "cow": cow2})]))
     msg = p.ctl("reload", p.cfg).stdout
     assert "snapshot_low_water: 90% -> 10%" in msg and '[snapshot "t"] added' in msg, msg
+    assert "in effect now, not at resume" in msg, msg
     assert not (p.mnt / "s").exists()
     assert vol(p, "db")["snapshots"] == ["t"]
     p.ctl("resume")
