@@ -827,3 +827,20 @@ def test_fault_delay_on_a_cow_and_an_origin_device(pool, tmp_path):
     assert vol(p, "s")["valid"] is True
     p.unmount()
     check_cfg(p)
+
+
+def test_read_only_mount_leaves_origins_and_snapshots_out(pool, tmp_path):
+    origin = sparse(tmp_path / "origin.img", 1 * MiB)
+    cow = sparse(tmp_path / "s.cow", 1 * MiB)
+    p = cow_pool(pool, [("db", origin)], [("s", {"origin": "db", "cow": cow})])
+    open(p.mnt / "vm1", "wb").close()
+    p.unmount()
+    before = read_at(cow, 0, 1 * MiB)
+    p.mount("-o", "ro")
+    assert sorted(os.listdir(p.mnt)) == [".snapshots", "vm1"]
+    p.unmount()
+    assert read_at(cow, 0, 1 * MiB) == before
+    p.mount()
+    assert sorted(v["name"] for v in p.status()["volumes"]) == ["db", "s", "vm1"]
+    p.unmount()
+    check_cfg(p)
