@@ -471,12 +471,13 @@ int tfs_cow_set_resize_cow(struct tfs_cow_set *set, const char *name, uint64_t *
 	return r;
 }
 
-struct tfs_bdev *tfs_cow_set_fault_dev(struct tfs_cow_set *set, const char *name,
-				       const char *which)
+int tfs_cow_set_with_fault_dev(struct tfs_cow_set *set, const char *name, const char *which,
+			       void (*fn)(struct tfs_bdev *dev, void *arg), void *arg)
 {
 	struct tfs_bdev *dev = NULL;
 	struct tfs_cowsnap *s;
 
+	/* Under the set's lock: a snapshot removed meanwhile cannot take the wrapper away. */
 	pthread_mutex_lock(&set->lock);
 	if (!strcmp(which, "cow")) {
 		s = find_snap(set, name, 0);
@@ -486,10 +487,10 @@ struct tfs_bdev *tfs_cow_set_fault_dev(struct tfs_cow_set *set, const char *name
 
 		dev = o ? o->fault : NULL;
 	}
+	if (dev && fn)
+		fn(dev, arg);
 	pthread_mutex_unlock(&set->lock);
-	/* The set keeps the device until the mount ends: no snapshot with faults on is removed
-	 * while a test holds it. */
-	return dev;
+	return dev ? 0 : -ENOENT;
 }
 
 /* One recorded event, copied out so that fn runs with no lock held. */

@@ -143,11 +143,13 @@ int tfs_cow_set_ids(struct tfs_cow_set *set, uint32_t **ids, unsigned *nr);
 int tfs_cow_set_resize_cow(struct tfs_cow_set *set, const char *name, uint64_t *chunks);
 
 /*
- * The fault-injection wrapper of "NAME:cow" (a snapshot) or
- * "NAME:device" (an origin), or NULL (no such device, or faults off).
+ * Call fn(wrapper, arg) (if fn is non-NULL) with the fault-injection
+ * wrapper of NAME:cow (which "cow", a snapshot) or NAME:device ("device",
+ * an origin), under the set's lock: fn must only set the wrapper's rules
+ * (bdev.h), never do I/O.  0, or -ENOENT for no such device or faults off.
  */
-struct tfs_bdev *tfs_cow_set_fault_dev(struct tfs_cow_set *set, const char *name,
-				       const char *which);
+int tfs_cow_set_with_fault_dev(struct tfs_cow_set *set, const char *name, const char *which,
+			       void (*fn)(struct tfs_bdev *dev, void *arg), void *arg);
 
 /*
  * Hand each event recorded since the last call (a snapshot became

@@ -1494,18 +1494,43 @@ static void fault_crash_at(struct cmd_ctx *c)
 	send_ok(c->fd, "", NULL, true);
 }
 
-/* The fault wrapper a fault command names, or NULL. */
-static struct tfs_bdev *fault_device(struct cmd_ctx *c, const char *name)
+/* A fault rule for a device: error/enospc/stall/ok, or a delay. */
+struct fault_req {
+	enum tfs_fault_op op;
+	enum tfs_fault_mode mode;
+	uint64_t after, usec;
+	bool once, delay;
+};
+
+static void apply_fault(struct tfs_bdev *dev, void *arg)
+{
+	const struct fault_req *f = arg;
+
+	if (f->delay)
+		tfs_bdev_fault_set_delay(dev, f->op, f->usec);
+	else
+		tfs_bdev_fault_set(dev, f->op, f->mode, f->after, f->once);
+}
+
+/*
+ * Apply f (NULL: only look) to the device a fault command names: the
+ * pool's metadata or data, NAME:cow or NAME:device.  -ENOENT no such one.
+ */
+static int fault_device(struct cmd_ctx *c, const char *name, struct fault_req *f)
 {
 	const char *colon = strrchr(name, ':');
 	char target[TFS_NAME_MAX + 1];
 
-	if (!strcmp(name, "metadata") || !strcmp(name, "data"))
-		return tfs_pool_bdev(c->fs->pool, !strcmp(name, "data"));
+	if (!strcmp(name, "metadata") || !strcmp(name, "data")) {
+		if (f)
+			apply_fault(tfs_pool_bdev(c->fs->pool, !strcmp(name, "data")), f);
+		return 0;
+	}
 	if (!colon || !c->fs->cow || (size_t)(colon - name) > TFS_NAME_MAX)
-		return NULL;
+		return -ENOENT;
 	snprintf(target, sizeof(target), "%.*s", (int)(colon - name), name);
-	return tfs_cow_set_fault_dev(c->fs->cow, target, colon + 1);
+	return tfs_cow_set_with_fault_dev(c->fs->cow, target, colon + 1, f ? apply_fault : NULL,
+					  f);
 }
 
 /*
@@ -1523,7 +1548,6 @@ static void cmd_fault(struct cmd_ctx *c)
 			    "fault power-cut [tear] | fault crash-at POINT [power-cut [tear]]";
 	enum tfs_fault_mode mode;
 	enum tfs_fault_op op = TFS_FAULT_NR_OPS;
-	struct tfs_bdev *dev;
 	uint64_t after = 0;
 	bool once = false;
 	int i;
@@ -1558,8 +1582,7 @@ static void cmd_fault(struct cmd_ctx *c)
 		send_error(c->fd, "%s", usage);
 		return;
 	}
-	dev = fault_device(c, c->argv[1]);
-	if (!dev) {
+	if (fault_device(c, c->argv[1], NULL) < 0) {
 		send_error(c->fd, "fault: no device '%s' (metadata, data, NAME:cow of a classic "
 			   "snapshot or NAME:device of an origin)", c->argv[1]);
 		return;
@@ -1580,7 +1603,8 @@ static void cmd_fault(struct cmd_ctx *c)
 				   "(0 to 3600000000 microseconds)");
 			return;
 		}
-		tfs_bdev_fault_set_delay(dev, op, usec);
+		fault_device(c, c->argv[1], &(struct fault_req){ .op = op, .usec = usec,
+								  .delay = true });
 		tfs_fs_event(c->fs, "fault", "%s %s delay %" PRIu64 " us", c->argv[1], c->argv[2],
 			     usec);
 		send_ok(c->fd, "", NULL, true);
@@ -1610,7 +1634,8 @@ static void cmd_fault(struct cmd_ctx *c)
 			return;
 		}
 	}
-	tfs_bdev_fault_set(dev, op, mode, after, once);
+	fault_device(c, c->argv[1], &(struct fault_req){ .op = op, .mode = mode, .after = after,
+							  .once = once });
 	tfs_fs_event(c->fs, "fault", "%s %s %s after %" PRIu64 "%s", c->argv[1], c->argv[2],
 		     c->argv[3], after, once ? " once" : "");
 	send_ok(c->fd, "", NULL, true);
