@@ -552,6 +552,15 @@ int tfs_fs_cow_reload_apply(struct tfs_fs *fs, const struct tfs_pool_config *nex
 	pthread_mutex_lock(&fs->lock);
 	nr_old = fs->cfg.nr_cow_targets;
 	memcpy(old, fs->cfg.cow_targets, sizeof(fs->cfg.cow_targets));
+	/* Again under the lock opens take: a file opened since the check stays. */
+	for (unsigned i = 0; !r && i < nr_old; i++)
+		if (!listed(&old[i], next->cow_targets, next->nr_cow_targets))
+			r = check_gone(fs, &old[i], next, why, len);
+	if (r < 0) {
+		pthread_mutex_unlock(&fs->lock);
+		free(old);
+		return r;
+	}
 	for (unsigned i = 0; i < nr_old; i++)
 		if (!listed(&old[i], next->cow_targets, next->nr_cow_targets))
 			(*gone)[n++] = strdup(old[i].name);
