@@ -114,15 +114,8 @@ static const char *origin_device(const struct tfs_pool_config *cfg, const char *
 static int check_ctl_row(void *ctx, const struct tfs_cow_snap_row *row)
 {
 	struct ctl_check *c = ctx;
-	struct tfs_vol_row v;
-	char name[TFS_NAME_MAX + 16];
-	int r;
+	int r = check_store(row->name, row->cow, origin_device(c->cfg, row->origin), c->quiet);
 
-	if (tfs_catalog_get_by_id(c->cat, row->dev_id, &v) == 0)
-		snprintf(name, sizeof(name), "%s", v.name);
-	else
-		snprintf(name, sizeof(name), "#%" PRIu32, row->dev_id);
-	r = check_store(name, row->cow, origin_device(c->cfg, row->origin), c->quiet);
 	if (r > c->worst)
 		c->worst = r;
 	return 0;

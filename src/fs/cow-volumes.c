@@ -166,35 +166,56 @@ static int open_sections(struct tfs_fs *fs, struct id_scan *s)
 	return r;
 }
 
-/* Snapshots made with thinfs-ctl: one that cannot be opened is dropped, with a warning. */
+/*
+ * Snapshots made with thinfs-ctl.  One that cannot be opened (its origin
+ * section is missing, its device is gone) is left out of this mount with
+ * a warning and its name row goes, but the catalog keeps what it is: it
+ * comes back, under its name, at a mount where it can be opened.  One
+ * whose row was unlinked (rm while open, then a crash) is removed.
+ */
 static void open_ctl_snapshots(struct tfs_fs *fs, struct id_scan *s)
 {
 	for (unsigned i = 0; i < s->nr_ctl; i++) {
 		const struct tfs_cow_snap_row *c = &s->ctl[i];
-		struct tfs_vol_row row;
+		struct tfs_vol_row row, other;
+		char why[512];
 		struct tfs_cowsnap_params p = {
-			.id = c->dev_id, .origin = c->origin, .cow = c->cow,
+			.id = c->dev_id, .name = c->name, .origin = c->origin, .cow = c->cow,
 			.chunk_sectors = c->chunk_sectors, .persistent = c->persistent,
 		};
-		int r = tfs_catalog_get_by_id(fs->cat, c->dev_id, &row);
+		bool have_row = tfs_catalog_get_by_id(fs->cat, c->dev_id, &row) == 0;
+		int r;
 
-		if (r == 0 && !row.unlinked) {
-			p.name = row.name;
-			p.known_invalid = tfs_catalog_cow_invalid(fs->cat, row.name);
-			r = tfs_cow_set_add_snapshot(fs->cow, &p);
-			if (r == 0) {
-				settle_row(fs, &row, false, row.name);
-				continue;
-			}
-			tfs_warn("snapshot %s (made with thinfs-ctl of %s on %s) cannot be opened: "
-				 "dropped (the COW device keeps its data)", row.name, c->origin,
-				 c->cow);
+		if (have_row && row.unlinked) {
+			tfs_catalog_begin(fs->cat);
+			tfs_catalog_remove_cow_snapshot(fs->cat, c->dev_id);
+			tfs_catalog_remove_volume(fs->cat, c->dev_id);
+			if (tfs_catalog_commit(fs->cat) < 0)
+				tfs_catalog_rollback(fs->cat);
+			continue;
 		}
-		tfs_catalog_begin(fs->cat);
-		tfs_catalog_remove_cow_snapshot(fs->cat, c->dev_id);
-		tfs_catalog_remove_volume(fs->cat, c->dev_id);
-		if (tfs_catalog_commit(fs->cat) < 0)
-			tfs_catalog_rollback(fs->cat);
+		if (!have_row && tfs_catalog_get_by_name(fs->cat, c->name, &other) == 0) {
+			tfs_warn("snapshot %s (made with thinfs-ctl of %s on %s): the name is taken "
+				 "now: not opened (rename the other volume to get it back)", c->name,
+				 c->origin, c->cow);
+			continue;
+		}
+		p.known_invalid = tfs_catalog_cow_invalid(fs->cat, c->name);
+		/* Not an error of this mount: the reason goes into one warning. */
+		tfs_log_capture(why, sizeof(why));
+		r = tfs_cow_set_add_snapshot(fs->cow, &p);
+		tfs_log_capture(NULL, 0);
+		if (r == 0) {
+			if (!have_row)
+				row.dev_id = c->dev_id;
+			settle_row(fs, &row, !have_row, c->name);
+			continue;
+		}
+		tfs_warn("snapshot %s (made with thinfs-ctl of %s on %s) cannot be opened (%s): left "
+			 "out of this mount; it comes back when it can be (the COW device keeps its "
+			 "data)", c->name, c->origin, c->cow, why[0] ? why : strerror(-r));
+		if (have_row)
+			tfs_catalog_remove_volume(fs->cat, c->dev_id);
 	}
 }
 
@@ -334,6 +355,10 @@ int tfs_fs_cow_snapshot(struct tfs_fs *fs, const struct tfs_fs_cow_request *req)
 	r = tfs_catalog_list_volumes(fs->cat, true, scan_row, &s);
 	if (r == 0)
 		r = tfs_catalog_list_cow_snapshots(fs->cat, keep_ctl_row, &s);
+	/* One left out of this mount keeps its name for when it comes back. */
+	for (unsigned i = 0; r == 0 && i < s.nr_ctl; i++)
+		if (!strcmp(s.ctl[i].name, req->name))
+			r = -EEXIST;
 	free(s.ctl);
 	if (r < 0)
 		goto out_unlock;
@@ -351,6 +376,7 @@ int tfs_fs_cow_snapshot(struct tfs_fs *fs, const struct tfs_fs_cow_request *req)
 		r = settle_row(fs, &row, true, req->name);
 		if (r == 0 && req->persistent) {
 			c.dev_id = p.id;
+			snprintf(c.name, sizeof(c.name), "%s", req->name);
 			snprintf(c.origin, sizeof(c.origin), "%s", req->origin);
 			snprintf(c.cow, sizeof(c.cow), "%s", req->cow);
 			r = tfs_catalog_add_cow_snapshot(fs->cat, &c);

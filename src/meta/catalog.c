@@ -91,13 +91,16 @@ struct tfs_catalog {
 
 /*
  * Classic snapshots made with thinfs-ctl (those of pool.cfg are in the
- * file): what the next mount needs to open them again.  Their names and
+ * file): what the next mount needs to open them again, the name included,
+ * so that one that could not be opened for a while (its origin section
+ * was missing) comes back under it.  While open, their names and
  * attributes are rows of volumes with the same dev_id.  Added to version
  * 1 without a version bump: an older thinfs ignores it.
  */
 #define COW_SNAPSHOTS_TABLE                                                                \
 	"cow_snapshots ("                                                                  \
 	"  dev_id INTEGER PRIMARY KEY,"                                                    \
+	"  name TEXT NOT NULL,"                                                            \
 	"  origin TEXT NOT NULL,"                                                          \
 	"  cow TEXT NOT NULL,"                                                             \
 	"  chunk_sectors INTEGER NOT NULL,"                                                \
@@ -1529,15 +1532,16 @@ int tfs_catalog_add_cow_snapshot(struct tfs_catalog *cat, const struct tfs_cow_s
 
 	lock(cat);
 	r = prepare(cat,
-		    "INSERT INTO cow_snapshots (dev_id, origin, cow, chunk_sectors, persistent) "
-		    "VALUES (?, ?, ?, ?, ?)",
+		    "INSERT INTO cow_snapshots (dev_id, name, origin, cow, chunk_sectors, "
+		    "persistent) VALUES (?, ?, ?, ?, ?, ?)",
 		    &st);
 	if (!r) {
 		sqlite3_bind_int64(st, 1, row->dev_id);
-		bind_text(st, 2, row->origin);
-		bind_text(st, 3, row->cow);
-		sqlite3_bind_int64(st, 4, row->chunk_sectors);
-		sqlite3_bind_int(st, 5, row->persistent);
+		bind_text(st, 2, row->name);
+		bind_text(st, 3, row->origin);
+		bind_text(st, 4, row->cow);
+		sqlite3_bind_int64(st, 5, row->chunk_sectors);
+		sqlite3_bind_int(st, 6, row->persistent);
 		r = step_done(cat, st, "add a classic snapshot", NULL);
 		sqlite3_finalize(st);
 	}
@@ -1561,8 +1565,8 @@ int tfs_catalog_list_cow_snapshots(struct tfs_catalog *cat, tfs_catalog_cow_snap
 
 	lock(cat);
 	r = prepare(cat,
-		    "SELECT dev_id, origin, cow, chunk_sectors, persistent FROM main.cow_snapshots "
-		    "ORDER BY dev_id",
+		    "SELECT dev_id, name, origin, cow, chunk_sectors, persistent "
+		    "FROM main.cow_snapshots ORDER BY dev_id",
 		    &st);
 	if (r) {
 		unlock(cat);
@@ -1579,10 +1583,11 @@ int tfs_catalog_list_cow_snapshots(struct tfs_catalog *cat, tfs_catalog_cow_snap
 			rows = grown;
 		}
 		rows[nr].dev_id = (uint32_t)sqlite3_column_int64(st, 0);
-		copy_text(rows[nr].origin, sizeof(rows[nr].origin), sqlite3_column_text(st, 1));
-		copy_text(rows[nr].cow, sizeof(rows[nr].cow), sqlite3_column_text(st, 2));
-		rows[nr].chunk_sectors = (uint32_t)sqlite3_column_int64(st, 3);
-		rows[nr].persistent = sqlite3_column_int(st, 4) != 0;
+		copy_text(rows[nr].name, sizeof(rows[nr].name), sqlite3_column_text(st, 1));
+		copy_text(rows[nr].origin, sizeof(rows[nr].origin), sqlite3_column_text(st, 2));
+		copy_text(rows[nr].cow, sizeof(rows[nr].cow), sqlite3_column_text(st, 3));
+		rows[nr].chunk_sectors = (uint32_t)sqlite3_column_int64(st, 4);
+		rows[nr].persistent = sqlite3_column_int(st, 5) != 0;
 		nr++;
 	}
 	if (!r && rc != SQLITE_DONE)

@@ -179,11 +179,12 @@ int tfs_catalog_list_events(struct tfs_catalog *cat, int64_t after_id, tfs_catal
 /*
  * ---- classic (dm-snapshot) snapshots made with thinfs-ctl ----
  * Their name and attributes are a volumes row with the same dev_id (added
- * in the same transaction by the caller); this row says what to open
- * again at the next mount.  remove: -ENOENT.  list: in dev_id order.
+ * in the same transaction by the caller) while they are open; this row
+ * says what to open again at the next mount, and under which name.  remove: -ENOENT.  list: in dev_id order.
  */
 struct tfs_cow_snap_row {
 	uint32_t dev_id;
+	char name[TFS_NAME_MAX + 1];
 	char origin[TFS_NAME_MAX + 1];
 	char cow[4096];           /* the COW device's path */
 	uint32_t chunk_sectors;

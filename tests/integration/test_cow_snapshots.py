@@ -844,3 +844,35 @@ def test_read_only_mount_leaves_origins_and_snapshots_out(pool, tmp_path):
     assert sorted(v["name"] for v in p.status()["volumes"]) == ["db", "s", "vm1"]
     p.unmount()
     check_cfg(p)
+
+
+def test_a_run_time_snapshot_whose_origin_is_missing_comes_back_later(pool, tmp_path):
+    origin = sparse(tmp_path / "origin.img", 1 * MiB)
+    base = pattern(96, 1 * MiB)
+    write_at(origin, 0, base)
+    p = cow_pool(pool, [("db", origin)])
+    ctl_snapshot(p, "db", "c", sparse(tmp_path / "c.cow", 1 * MiB))
+    write_at(p.mnt / "db", 0, b"n" * 8192)
+    write_at(p.mnt / "c", 8192, b"c" * 100)
+    os.chmod(p.mnt / "c", 0o640)
+    p.unmount()
+    text = p.cfg.read_text()
+    p.cfg.write_text(text.split('[origin "db"]')[0])
+    p.mount()
+    assert sorted(v["name"] for v in p.status()["volumes"]) == []
+    p.unmount()
+    assert "snapshot c (COW device" in check_cfg(p).stdout
+    p.cfg.write_text(text)
+    p.mount()
+    want = bytearray(base)
+    want[8192:8292] = b"c" * 100
+    assert read_at(p.mnt / "c", 0, 1 * MiB) == bytes(want)
+    assert vol(p, "db")["snapshots"] == ["c"]
+    # Its name is kept meanwhile: a new snapshot may not take it.
+    p.unmount()
+    p.cfg.write_text(text + sections([("o2", sparse(tmp_path / "o2.img", 1 * MiB))]))
+    p.mount()
+    assert "already exists" in one_line(
+        ctl_snapshot(p, "o2", "c", sparse(tmp_path / "x.cow", 1 * MiB), ok=(1,)))
+    p.unmount()
+    check_cfg(p)
