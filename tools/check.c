@@ -1428,7 +1428,7 @@ int tfs_cmd_check(int argc, char **argv)
 	struct tfs_bdev *bdev;
 	char path[4096];
 	bool repair = false;
-	int c, r;
+	int c, r, cow;
 
 	optind = 1;
 	while ((c = getopt_long(argc, argv, "qh", longopts, NULL)) != -1) {
@@ -1494,5 +1494,8 @@ int tfs_cmd_check(int argc, char **argv)
 			       path, res.warnings ? " (with warnings)" : "", res.nr_devices,
 			       res.meta_used, res.meta_total, res.data_used, res.data_total);
 	}
-	return res.errors ? 1 : 0;
+	cow = tfs_pool_cfg_check_cow_stores(argv[optind], o.quiet);
+	if (cow == 2)
+		return 2;
+	return res.errors || cow ? 1 : 0;
 }

@@ -27,6 +27,8 @@ static void usage(FILE *f)
 	      "  status [--json]              pool and volume usage, modes, snapshot groups\n"
 	      "  list [--json]                the volumes\n"
 	      "  snapshot SRC NEW             a writable thin snapshot of SRC named NEW\n"
+	      "  snapshot ORIGIN NAME --cow DEVICE [--chunk-size S] [--transient]\n"
+	      "                               a classic (dm-snapshot) snapshot of an origin\n"
 	      "  delete NAME                  delete volume NAME (as rm MOUNTPOINT/NAME)\n"
 	      "  set-transaction-id OLD NEW   set the metadata transaction id\n"
 	      "  reserve-metadata-snap        hold a metadata snapshot (thinfs dump -m)\n"
@@ -34,6 +36,7 @@ static void usage(FILE *f)
 	      "  events [--json] [--follow]   the event log\n"
 	      "  wait-event N [--timeout S]   wait until event N exists\n"
 	      "  resize data|metadata SIZE|+DELTA  grow the pool's data or metadata device\n"
+	      "  resize cow NAME              take a classic snapshot's grown COW device into use\n"
 	      "  suspend [NAME...] [--noflush] [--timeout S]\n"
 	      "                               hold new I/O to the volumes (NAME or GROUP/NAME;\n"
 	      "                               none: the whole pool); returns once quiescent\n"
@@ -45,7 +48,8 @@ static void usage(FILE *f)
 	      "  send [--from FROM] TO > STREAM  TO (or its change since FROM) as a stream\n"
 	      "  receive NAME [--base BASE] < STREAM\n"
 	      "                               a stream made into the new volume NAME\n"
-	      "  fault metadata|data read|write|flush error|enospc|stall|ok [after N] [once]\n"
+	      "  fault metadata|data|NAME:cow|NAME:device read|write|flush\n"
+	      "        error|enospc|stall|ok [after N] [once] | delay USEC\n"
 	      "  fault power-cut [tear]\n"
 	      "  fault crash-at POINT [power-cut [tear]]\n"
 	      "                               fault injection (pool.cfg [fault] allow = yes\n"
@@ -243,7 +247,10 @@ int main(int argc, char **argv)
 		 * absolutely, even one that is not there (so the daemon's answer
 		 * names the file the user meant).
 		 */
-		if (!strcmp(argv[2], "reload") && i == 3) {
+		if (!strcmp(argv[2], "snapshot") && !strcmp(argv[i - 1], "--cow")) {
+			if (realpath(a, abs)) /* a tag (UUID=...) goes as it is */
+				a = abs;
+		} else if (!strcmp(argv[2], "reload") && i == 3) {
 			if (realpath(a, abs))
 				a = abs;
 			else if (a[0] != '/' && getcwd(cwd, sizeof(cwd)) &&

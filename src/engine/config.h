@@ -28,9 +28,19 @@
  *   detect_zeroes             off | unmap: whole blocks of zeros written are
  *                             unmapped, not stored (default off)
  * [fault] allow = yes|no      fault injection (needs --allow-faults too)
- * Sections [origin "..."], [snapshot "..."], [cache "..."] are recognised
- * and kept for later targets; their keys are validated only by name (each
- * at most once), their values not at all.  They are kept as text, in
+ *   snapshot_low_water        percent of a COW device ("80" or "80%", default 80;
+ *                             0 = no low_water_cow events)
+ * [origin "NAME"] device = PATH|UUID=|LABEL=   (required)
+ * [snapshot "NAME"] origin = an [origin] section (required), cow = device
+ *   (required), persistent = yes|no (default yes), chunk_size = 4k .. 1g,
+ *   a power of two (default 4k).  Checked here: required keys, the origin
+ *   exists, the chunk size, every device resolves and no device is named
+ *   twice (by two sections, or by a section and [pool] metadata/data).
+ *   What a device holds (a signature, its size) is checked by the engine
+ *   when it opens it (origin.h).  Parsed into cow_targets.
+ * [cache "NAME"] sections are recognised and kept for later targets; their
+ * keys are validated only by name (each at most once), their values not at
+ * all.  All three kinds of sections are also kept as text, in
  * `targets`: one line per section, sorted by kind (origin, snapshot,
  * cache) then by name (strcmp), each '\n'-terminated, keys sorted by name
  * and values as given (unquoted), e.g.
@@ -62,6 +72,17 @@
 
 #define TFS_PATH_MAX 4096
 #define TFS_TARGETS_MAX 8192
+#define TFS_COW_TARGETS_MAX 32
+
+/* An [origin "NAME"] or [snapshot "NAME"] section, checked (see above). */
+struct tfs_cow_target_cfg {
+	bool is_snapshot;
+	char name[256];
+	char origin[256];              /* snapshot: its origin section's name */
+	char device[TFS_PATH_MAX];     /* origin: device; snapshot: cow; resolved */
+	uint32_t chunk_sectors;        /* snapshot: 512-byte sectors (default 8: 4 KiB) */
+	bool persistent;               /* snapshot (default yes) */
+};
 
 struct tfs_pool_config {
 	char path[TFS_PATH_MAX];          /* the pool.cfg itself, absolute */
@@ -84,6 +105,9 @@ struct tfs_pool_config {
 	bool detect_zeroes;               /* "unmap" */
 	bool allow_faults;
 	char targets[TFS_TARGETS_MAX];    /* [origin/snapshot/cache] sections, see above */
+	unsigned snapshot_low_water;      /* percent of a COW device (default 80; 0 = off) */
+	unsigned nr_cow_targets;          /* origins (by name), then snapshots (by name) */
+	struct tfs_cow_target_cfg cow_targets[TFS_COW_TARGETS_MAX];
 };
 
 /*
@@ -122,6 +146,12 @@ int tfs_config_reload_diff(const struct tfs_pool_config *run, const struct tfs_p
  * -errno of realpath(3)/stat(2).  Blocks: a tag may make libblkid probe devices.
  */
 int tfs_config_resolve_device(const char *name, const char *base_dir, char *out, size_t out_len);
+
+/*
+ * Whether two paths name the same file or block device (stat: the same
+ * inode or device number; paths that cannot be stat'ed compare as text).
+ */
+bool tfs_config_same_device(const char *a, const char *b);
 
 /*
  * Size parsing shared with thinfs-ctl: "64k", "20G", "+50G" (sets *relative).

@@ -89,8 +89,11 @@ static int linear_seek(struct tfs_dev *dev, uint64_t off, int whence, uint64_t s
 {
 	int r = may_io(linear_of(dev), false);
 
-	if (r)
-		return r;
+	return r ? r : tfs_dev_seek_all_data(off, whence, size, out);
+}
+
+int tfs_dev_seek_all_data(uint64_t off, int whence, uint64_t size, uint64_t *out)
+{
 	if (whence != SEEK_DATA && whence != SEEK_HOLE)
 		return -EINVAL;
 	if (off >= size)
@@ -99,7 +102,7 @@ static int linear_seek(struct tfs_dev *dev, uint64_t off, int whence, uint64_t s
 	return 0;
 }
 
-static int linear_truncate(struct tfs_dev *dev, uint64_t new_size)
+int tfs_dev_truncate_fixed(struct tfs_dev *dev, uint64_t new_size)
 {
 	(void)dev;
 	(void)new_size;
@@ -135,7 +138,7 @@ static const struct tfs_dev_ops linear_ops = {
 	.provision = linear_provision,
 	.seek = linear_seek,
 	.get_size = linear_get_size,
-	.truncate = linear_truncate,
+	.truncate = tfs_dev_truncate_fixed,
 	.allocated = linear_allocated,
 	.status = linear_status,
 	.close = linear_close,

@@ -126,6 +126,8 @@ static void take_settings(struct tfs_pool *pool, const struct tfs_pool_config *c
 	snprintf(run->path, sizeof(run->path), "%s", c->path);
 	snprintf(run->on_event, sizeof(run->on_event), "%s", c->on_event);
 	memcpy(run->targets, c->targets, sizeof(run->targets));
+	/* Origins and snapshots take it from the pool's config at resume (src/fs). */
+	run->snapshot_low_water = c->snapshot_low_water;
 	run->low_water_blocks = c->low_water_blocks;
 	run->low_water_percent = c->low_water_percent;
 	run->low_water_is_percent = c->low_water_is_percent;

@@ -25,8 +25,10 @@
  * device, a snapshot's COW store, a pool's data device on a cache) should
  * hold that device as a struct tfs_dev too, and do its I/O through the
  * same wrappers; tfs_linear_open makes one of a backing device (bdev.h),
- * so a plain device and a target are interchangeable underneath.  Nothing
- * stacks yet: the thin pool still does its I/O on struct tfs_bdev.
+ * so a plain device and a target are interchangeable underneath.  An
+ * origin does its I/O through a linear target over its device; the thin
+ * pool and a snapshot's COW store (whose format needs a struct tfs_bdev)
+ * still do theirs on struct tfs_bdev.
  *
  * Device numbers: the namespace (src/fs, the catalog, inode numbers) knows
  * a device by a 32-bit id.  Thin devices use their metadata ids, 0 to
@@ -76,6 +78,8 @@ struct tfs_status_sink_ops {
 	void (*u64)(struct tfs_status_sink *s, const char *key, uint64_t v);
 	void (*flag)(struct tfs_status_sink *s, const char *key, bool v);
 	void (*text)(struct tfs_status_sink *s, const char *key, const char *v);
+	/* A list of strings (a JSON array; an origin's "snapshots"). */
+	void (*texts)(struct tfs_status_sink *s, const char *key, const char *const *v, size_t n);
 	void (*begin)(struct tfs_status_sink *s, const char *key);
 	void (*end)(struct tfs_status_sink *s);
 };
@@ -209,6 +213,11 @@ static inline void tfs_status_text(struct tfs_status_sink *s, const char *key, c
 {
 	s->ops->text(s, key, v);
 }
+static inline void tfs_status_texts(struct tfs_status_sink *s, const char *key,
+				    const char *const *v, size_t n)
+{
+	s->ops->texts(s, key, v, n);
+}
 static inline void tfs_status_begin(struct tfs_status_sink *s, const char *key)
 {
 	s->ops->begin(s, key);
@@ -230,5 +239,13 @@ static inline void tfs_status_end(struct tfs_status_sink *s)
  * name).  -ENOMEM.
  */
 int tfs_linear_open(struct tfs_bdev *bdev, bool own, unsigned flags, struct tfs_dev **out);
+
+/*
+ * For targets of a fixed size that is data everywhere (linear, origin,
+ * cow-snapshot): seek's answer (one data extent up to size), and a
+ * truncate that is -ENOTSUP.
+ */
+int tfs_dev_seek_all_data(uint64_t off, int whence, uint64_t size, uint64_t *out);
+int tfs_dev_truncate_fixed(struct tfs_dev *dev, uint64_t new_size);
 
 #endif

@@ -26,6 +26,8 @@
 #include "fs.h"
 #include "fuse-ops.h"
 #include "log.h"
+#include "origin.h"
+#include "snap-store.h"
 #include "utf8.h"
 
 #define MAX_CLIENTS 64
@@ -309,6 +311,21 @@ static void status_text(struct tfs_status_sink *s, const char *key, const char *
 	status_field(dev_status_of(s), key, v ? json_object_new_string(v) : NULL, v ? v : "null");
 }
 
+static void status_texts(struct tfs_status_sink *s, const char *key, const char *const *v,
+			 size_t n)
+{
+	struct json_object *a = json_object_new_array();
+	char list[512] = "";
+
+	for (size_t i = 0; i < n; i++) {
+		size_t used = strlen(list);
+
+		json_object_array_add(a, json_object_new_string(v[i]));
+		snprintf(list + used, sizeof(list) - used, "%s%s", i ? "," : "", v[i]);
+	}
+	status_field(dev_status_of(s), key, a, list);
+}
+
 static void status_begin(struct tfs_status_sink *s, const char *key)
 {
 	struct dev_status *ds = dev_status_of(s);
@@ -337,6 +354,7 @@ static const struct tfs_status_sink_ops dev_status_ops = {
 	.u64 = status_u64,
 	.flag = status_flag,
 	.text = status_text,
+	.texts = status_texts,
 	.begin = status_begin,
 	.end = status_end,
 };
@@ -349,13 +367,16 @@ static struct json_object *volume_status(struct tfs_fs *fs, const struct tfs_vol
 	struct dev_status ds = { .sink.ops = &dev_status_ops, .obj = { v }, .mapped = "-",
 				 .exclusive = "-", .state = "-" };
 	struct tfs_dev *dev;
+	const char *kind;
 	int r;
 
 	json_object_object_add(v, "name", json_object_new_string(row->name));
 	json_object_object_add(v, "id", json_object_new_int64(row->dev_id));
-	json_object_object_add(v, "kind", json_object_new_string(kind_name(row->kind)));
 	json_object_object_add(v, "size", json_object_new_uint64(row->size));
 	r = tfs_fs_open_dev(fs, row->dev_id, TFS_DEV_STATUS_ONLY, &dev);
+	/* An origin's or classic snapshot's row is its target's, not a thin kind. */
+	kind = r == 0 && row->dev_id >= TFS_DEV_ID_OTHER ? tfs_dev_kind(dev) : kind_name(row->kind);
+	json_object_object_add(v, "kind", json_object_new_string(kind));
 	if (r == 0) {
 		json_object_object_add(v, "target", json_object_new_string(tfs_dev_kind(dev)));
 		tfs_dev_status(dev, &ds.sink);
@@ -364,7 +385,7 @@ static struct json_object *volume_status(struct tfs_fs *fs, const struct tfs_vol
 		tfs_warn("status: no device for volume %s: %s", row->name, strerror(-r));
 	}
 	fprintf(table, "%-24s %8" PRIu32 " %-8s %20" PRIu64 " %12s %12s %-9s%s\n", row->name,
-		row->dev_id, kind_name(row->kind), row->size, ds.mapped, ds.exclusive, ds.state,
+		row->dev_id, kind, row->size, ds.mapped, ds.exclusive, ds.state,
 		ds.extra);
 	return v;
 }
@@ -504,6 +525,20 @@ static void cmd_status(struct cmd_ctx *c)
 	free(groups);
 }
 
+/* A row's kind: an origin's or classic snapshot's is its target's (a static string). */
+static const char *row_kind(struct tfs_fs *fs, const struct tfs_vol_row *row)
+{
+	const char *kind = kind_name(row->kind);
+	struct tfs_dev *dev;
+
+	if (row->dev_id >= TFS_DEV_ID_OTHER &&
+	    tfs_fs_open_dev(fs, row->dev_id, TFS_DEV_STATUS_ONLY, &dev) == 0) {
+		kind = tfs_dev_kind(dev);
+		tfs_dev_close(dev);
+	}
+	return kind;
+}
+
 static void cmd_list(struct cmd_ctx *c)
 {
 	static const char *const flags[] = { "--json", NULL };
@@ -530,7 +565,8 @@ static void cmd_list(struct cmd_ctx *c)
 
 		json_object_object_add(v, "name", json_object_new_string(rows[i].name));
 		json_object_object_add(v, "id", json_object_new_int64(rows[i].dev_id));
-		json_object_object_add(v, "kind", json_object_new_string(kind_name(rows[i].kind)));
+		json_object_object_add(v, "kind",
+				       json_object_new_string(row_kind(c->fs, &rows[i])));
 		json_object_object_add(v, "size", json_object_new_uint64(rows[i].size));
 		json_object_array_add(arr, v);
 		fprintf(t.f, "%s\n", rows[i].name);
@@ -575,10 +611,74 @@ static const char *errmsg(struct cmd_ctx *c, int r)
 	}
 }
 
+/* snapshot ORIGIN NAME --cow DEVICE [--chunk-size S] [--transient]: a classic snapshot. */
+static void cow_snapshot(struct cmd_ctx *c)
+{
+	static const char usage[] =
+		"usage: snapshot ORIGIN NAME --cow DEVICE [--chunk-size S] [--transient]";
+	struct tfs_fs_cow_request req = { .origin = c->argv[1], .name = c->argv[2],
+					  .chunk_sectors = 8, .persistent = true };
+	char cow[TFS_PATH_MAX], errors[1024];
+	uint64_t bytes;
+	int r;
+
+	for (int i = 3; i < c->argc; i++) {
+		if (!strcmp(c->argv[i], "--cow") && i + 1 < c->argc) {
+			req.cow = c->argv[++i];
+		} else if (!strcmp(c->argv[i], "--chunk-size") && i + 1 < c->argc) {
+			i++;
+			if (tfs_parse_size(c->argv[i], &bytes, NULL) || bytes % 512 ||
+			    bytes / 512 > UINT32_MAX || !tfs_snap_chunk_sectors_ok(bytes / 512)) {
+				send_error(c->fd, "snapshot: --chunk-size %s is not %s", c->argv[i],
+					   TFS_SNAP_CHUNK_RULE);
+				return;
+			}
+			req.chunk_sectors = (uint32_t)(bytes / 512);
+		} else if (!strcmp(c->argv[i], "--transient")) {
+			req.persistent = false;
+		} else {
+			send_error(c->fd, "%s", usage);
+			return;
+		}
+	}
+	if (c->argc < 5 || !req.cow) {
+		send_error(c->fd, "%s", usage);
+		return;
+	}
+	if (tfs_catalog_name_error(req.name)) {
+		send_error(c->fd, "snapshot: bad name: %s", tfs_catalog_name_error(req.name));
+		return;
+	}
+	r = tfs_config_resolve_device(req.cow, NULL, cow, sizeof(cow));
+	if (r < 0 || cow[0] != '/') {
+		send_error(c->fd, "snapshot: --cow %s: %s", req.cow,
+			   r < 0 ? strerror(-r) : "name the device by an absolute path");
+		return;
+	}
+	req.cow = cow;
+	/* The engine says what is wrong with the device: the client gets the same line. */
+	tfs_log_capture(errors, sizeof(errors));
+	r = tfs_fs_cow_snapshot(c->fs, &req);
+	tfs_log_capture(NULL, 0);
+	if (r == -EEXIST && !errors[0])
+		send_error(c->fd, "snapshot: '%s' already exists", req.name);
+	else if (r == -ENXIO)
+		send_error(c->fd, "snapshot: no origin named '%s'", req.origin);
+	else if (r < 0)
+		send_error(c->fd, "snapshot %s %s: %s", req.origin, req.name,
+			   errors[0] ? errors : errmsg(c, r));
+	else
+		send_ok(c->fd, "", NULL, true);
+}
+
 static void cmd_snapshot(struct cmd_ctx *c)
 {
 	int r;
 
+	if (c->argc > 3) {
+		cow_snapshot(c);
+		return;
+	}
 	if (c->argc != 3) {
 		send_error(c->fd, "usage: snapshot SRC NEW");
 		return;
@@ -588,7 +688,10 @@ static void cmd_snapshot(struct cmd_ctx *c)
 		return;
 	}
 	r = tfs_fs_snapshot_volume(c->fs, c->argv[1], c->argv[2]);
-	if (r == -ENOENT)
+	if (r == -EXDEV)
+		send_error(c->fd, "snapshot: '%s' is not a thin volume (a classic snapshot of an "
+			   "origin: snapshot ORIGIN NAME --cow DEVICE)", c->argv[1]);
+	else if (r == -ENOENT)
 		send_error(c->fd, "snapshot: no volume named '%s'", c->argv[1]);
 	else if (r == -EEXIST)
 		send_error(c->fd, "snapshot: '%s' already exists", c->argv[2]);
@@ -620,6 +723,11 @@ static void cmd_delete(struct cmd_ctx *c)
 	if (r == -ENOENT) {
 		send_error(c->fd, "delete: no %s named '%s'",
 			   parent == TFS_INO_ROOT ? "volume" : "snapshot group", name);
+		return;
+	}
+	if (r == -EPERM) {
+		send_error(c->fd, "delete %s: it comes from pool.cfg: remove its section from "
+			   "pool.cfg and reload", c->argv[1]);
 		return;
 	}
 	if (r < 0) {
@@ -668,16 +776,46 @@ static void cmd_set_transaction_id(struct cmd_ctx *c)
 	send_ok(c->fd, "", NULL, true);
 }
 
+/* resize cow NAME: a classic snapshot's COW device grew. */
+static void resize_cow(struct cmd_ctx *c)
+{
+	char errors[1024];
+	uint64_t chunks = 0;
+	int r;
+
+	if (!c->fs->cow) {
+		send_error(c->fd, "resize cow: the pool is read-only");
+		return;
+	}
+	tfs_log_capture(errors, sizeof(errors));
+	r = tfs_cow_set_resize_cow(c->fs->cow, c->argv[2], &chunks);
+	tfs_log_capture(NULL, 0);
+	if (r == -ENOENT) {
+		send_error(c->fd, "resize cow: no classic snapshot named '%s'", c->argv[2]);
+		return;
+	}
+	if (r < 0) {
+		send_error(c->fd, "resize cow %s: %s", c->argv[2], errors[0] ? errors : strerror(-r));
+		return;
+	}
+	tfs_fs_event(c->fs, "resize", "cow %s: %" PRIu64 " chunks", c->argv[2], chunks);
+	send_ok(c->fd, "", NULL, true);
+}
+
 /* resize data|metadata SIZE|+DELTA: sizes in bytes with the config's suffixes. */
 static void cmd_resize(struct cmd_ctx *c)
 {
-	static const char usage[] = "usage: resize data|metadata SIZE|+DELTA";
+	static const char usage[] = "usage: resize data|metadata SIZE|+DELTA | resize cow NAME";
 	struct tfs_pool_status st;
 	uint64_t bytes, unit, before, after;
 	bool data, relative;
 	char why[512];
 	int r;
 
+	if (c->argc == 3 && !strcmp(c->argv[1], "cow")) {
+		resize_cow(c);
+		return;
+	}
 	if (c->argc != 3 || (strcmp(c->argv[1], "data") && strcmp(c->argv[1], "metadata"))) {
 		send_error(c->fd, "%s", usage);
 		return;
@@ -963,6 +1101,13 @@ static int volume_ids(struct cmd_ctx *c, uint32_t **ids, unsigned *nr, char *nam
 				   strcmp(c->argv[0], "resume") ? "suspended" : "resumed");
 			goto fail;
 		}
+		/* The pool's suspend holds thin devices; an origin has no suspend yet. */
+		if (row.dev_id >= TFS_DEV_ID_OTHER) {
+			send_error(c->fd, "%s: %s is an origin or classic snapshot: suspend and resume "
+				   "of those are not supported yet (nothing was %s)", c->argv[0], a,
+				   strcmp(c->argv[0], "resume") ? "suspended" : "resumed");
+			goto fail;
+		}
 		(*ids)[(*nr)++] = row.dev_id;
 		if (used < len)
 			used += (size_t)snprintf(names + used, len - used, "%s%s", used ? ", " : "",
@@ -1109,6 +1254,12 @@ static int diff_side(struct cmd_ctx *c, const char *spec, uint32_t *id, const ui
 			   "nothing)", spec);
 		return -1;
 	}
+	/* The diff walks thin mappings: an origin or classic snapshot has none. */
+	if (row.dev_id >= TFS_DEV_ID_OTHER) {
+		send_error(c->fd, "diff: '%s' is an origin or classic snapshot, not a thin volume",
+			   spec);
+		return -1;
+	}
 	*id = row.dev_id;
 	*idp = id;
 	if (row.size > *size)
@@ -1236,8 +1387,10 @@ static void cmd_resume(struct cmd_ctx *c)
 		send_ok(c->fd, "not suspended", NULL, true);
 		return;
 	}
-	if (!nr)
+	if (!nr) {
 		tfs_fs_after_resume(c->fs);
+		tfs_fs_cow_after_resume(c->fs);
+	}
 	/* Before what the resume caused (a low-water crossing again, taking a reload). */
 	tfs_fs_event(c->fs, "resume", "%s%s%s", names, msg[0] ? ": " : "", msg);
 	tfs_fs_events_release(c->fs);
@@ -1272,7 +1425,35 @@ static void cmd_reload(struct cmd_ctx *c)
 				   "loadable (the running configuration stays):", c->argv[1]);
 		goto out;
 	}
-	r = tfs_pool_reload(c->fs->pool, cfg, msg, sizeof(msg));
+	r = tfs_fs_cow_reload_check(c->fs, cfg, msg, sizeof(msg));
+	if (r == 0)
+		r = tfs_pool_reload(c->fs->pool, cfg, msg, sizeof(msg));
+	if (r == 0) {
+		char why[512] = "";
+		char **gone;
+		unsigned nr_gone;
+
+		r = tfs_fs_cow_reload_apply(c->fs, cfg, why, sizeof(why), &gone, &nr_gone);
+		for (unsigned i = 0; i < nr_gone; i++) {
+			if (r >= 0 && gone[i] && c->fs->se)
+				fuse_lowlevel_notify_inval_entry(c->fs->se, TFS_INO_ROOT, gone[i],
+								 strlen(gone[i]));
+			free(gone[i]);
+		}
+		free(gone);
+		if (r < 0) {
+			/* Unstage: the pool's part of this reload must not be taken at resume. */
+			tfs_pool_get_config(c->fs->pool, cfg);
+			tfs_pool_reload(c->fs->pool, cfg, msg, sizeof(msg));
+			snprintf(msg, sizeof(msg), "%s", why);
+		} else if (r > 0) {
+			size_t n = strlen(msg);
+
+			snprintf(msg + n, sizeof(msg) - n, " (origins and classic snapshots: in "
+				 "effect now, not at resume)");
+			r = 0;
+		}
+	}
 	if (r < 0) {
 		send_error(c->fd, "reload refused (the running configuration stays): %s", msg);
 		goto out;
@@ -1314,8 +1495,47 @@ static void fault_crash_at(struct cmd_ctx *c)
 	send_ok(c->fd, "", NULL, true);
 }
 
+/* A fault rule for a device: error/enospc/stall/ok, or a delay. */
+struct fault_req {
+	enum tfs_fault_op op;
+	enum tfs_fault_mode mode;
+	uint64_t after, usec;
+	bool once, delay;
+};
+
+static void apply_fault(struct tfs_bdev *dev, void *arg)
+{
+	const struct fault_req *f = arg;
+
+	if (f->delay)
+		tfs_bdev_fault_set_delay(dev, f->op, f->usec);
+	else
+		tfs_bdev_fault_set(dev, f->op, f->mode, f->after, f->once);
+}
+
 /*
- * fault metadata|data read|write|flush error|enospc|stall|ok [after N] [once]
+ * Apply f (NULL: only look) to the device a fault command names: the
+ * pool's metadata or data, NAME:cow or NAME:device.  -ENOENT no such one.
+ */
+static int fault_device(struct cmd_ctx *c, const char *name, struct fault_req *f)
+{
+	const char *colon = strrchr(name, ':');
+	char target[TFS_NAME_MAX + 1];
+
+	if (!strcmp(name, "metadata") || !strcmp(name, "data")) {
+		if (f)
+			apply_fault(tfs_pool_bdev(c->fs->pool, !strcmp(name, "data")), f);
+		return 0;
+	}
+	if (!colon || !c->fs->cow || (size_t)(colon - name) > TFS_NAME_MAX)
+		return -ENOENT;
+	snprintf(target, sizeof(target), "%.*s", (int)(colon - name), name);
+	return tfs_cow_set_with_fault_dev(c->fs->cow, target, colon + 1, f ? apply_fault : NULL,
+					  f);
+}
+
+/*
+ * fault metadata|data|NAME:cow|NAME:device read|write|flush error|enospc|stall|ok [after N] [once]
  * fault power-cut [tear]
  * fault crash-at POINT [power-cut [tear]]
  * Only for pools whose pool.cfg allows it and whose daemon was started
@@ -1324,12 +1544,11 @@ static void fault_crash_at(struct cmd_ctx *c)
 static void cmd_fault(struct cmd_ctx *c)
 {
 	static const char *const ops[] = { "read", "write", "flush" };
-	const char *usage = "usage: fault metadata|data read|write|flush error|enospc|stall|ok "
-			    "[after N] [once] | fault power-cut [tear] | "
-			    "fault crash-at POINT [power-cut [tear]]";
+	const char *usage = "usage: fault metadata|data|NAME:cow|NAME:device read|write|flush "
+			    "error|enospc|stall|ok [after N] [once] | fault DEVICE OP delay USEC | "
+			    "fault power-cut [tear] | fault crash-at POINT [power-cut [tear]]";
 	enum tfs_fault_mode mode;
 	enum tfs_fault_op op = TFS_FAULT_NR_OPS;
-	struct tfs_bdev *dev;
 	uint64_t after = 0;
 	bool once = false;
 	int i;
@@ -1364,8 +1583,9 @@ static void cmd_fault(struct cmd_ctx *c)
 		send_error(c->fd, "%s", usage);
 		return;
 	}
-	if (strcmp(c->argv[1], "metadata") && strcmp(c->argv[1], "data")) {
-		send_error(c->fd, "fault: no device '%s' (metadata or data)", c->argv[1]);
+	if (fault_device(c, c->argv[1], NULL) < 0) {
+		send_error(c->fd, "fault: no device '%s' (metadata, data, NAME:cow of a classic "
+			   "snapshot or NAME:device of an origin)", c->argv[1]);
 		return;
 	}
 	for (i = 0; i < 3; i++)
@@ -1373,6 +1593,22 @@ static void cmd_fault(struct cmd_ctx *c)
 			op = (enum tfs_fault_op)i;
 	if (op == TFS_FAULT_NR_OPS) {
 		send_error(c->fd, "fault: no operation '%s' (read, write or flush)", c->argv[2]);
+		return;
+	}
+	if (!strcmp(c->argv[3], "delay")) {
+		uint64_t usec;
+
+		/* A slow disk: at most an hour a request, or the mount would seem hung for good. */
+		if (c->argc != 5 || parse_u64(c->argv[4], &usec) || usec > 3600ull * 1000000) {
+			send_error(c->fd, "usage: fault DEVICE read|write|flush delay USEC "
+				   "(0 to 3600000000 microseconds)");
+			return;
+		}
+		fault_device(c, c->argv[1], &(struct fault_req){ .op = op, .usec = usec,
+								  .delay = true });
+		tfs_fs_event(c->fs, "fault", "%s %s delay %" PRIu64 " us", c->argv[1], c->argv[2],
+			     usec);
+		send_ok(c->fd, "", NULL, true);
 		return;
 	}
 	if (!strcmp(c->argv[3], "error"))
@@ -1384,7 +1620,8 @@ static void cmd_fault(struct cmd_ctx *c)
 	else if (!strcmp(c->argv[3], "ok"))
 		mode = TFS_FAULT_OK;
 	else {
-		send_error(c->fd, "fault: no mode '%s' (error, enospc, stall or ok)", c->argv[3]);
+		send_error(c->fd, "fault: no mode '%s' (error, enospc, stall, ok or delay USEC)",
+			   c->argv[3]);
 		return;
 	}
 	for (i = 4; i < c->argc; i++) {
@@ -1398,8 +1635,8 @@ static void cmd_fault(struct cmd_ctx *c)
 			return;
 		}
 	}
-	dev = tfs_pool_bdev(c->fs->pool, !strcmp(c->argv[1], "data"));
-	tfs_bdev_fault_set(dev, op, mode, after, once);
+	fault_device(c, c->argv[1], &(struct fault_req){ .op = op, .mode = mode, .after = after,
+							  .once = once });
 	tfs_fs_event(c->fs, "fault", "%s %s %s after %" PRIu64 "%s", c->argv[1], c->argv[2],
 		     c->argv[3], after, once ? " once" : "");
 	send_ok(c->fd, "", NULL, true);

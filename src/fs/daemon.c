@@ -307,6 +307,32 @@ static int list_devices(struct tfs_fs *fs, uint32_t **ids, unsigned *nr)
 	return 0;
 }
 
+static int cmp_id(const void *a, const void *b);
+
+/* The thin devices and then the origins and classic snapshots (ids above them), ascending. */
+static int add_cow_ids(struct tfs_fs *fs, uint32_t **ids, unsigned *nr)
+{
+	uint32_t *cow, *grown;
+	unsigned n;
+	int r = tfs_fs_cow_ids(fs, &cow, &n);
+
+	if (r < 0 || !n) {
+		free(cow);
+		return r;
+	}
+	qsort(cow, n, sizeof(*cow), cmp_id);
+	grown = realloc(*ids, (*nr + n) * sizeof(*grown));
+	if (!grown) {
+		free(cow);
+		return -ENOMEM;
+	}
+	memcpy(grown + *nr, cow, n * sizeof(*cow));
+	free(cow);
+	*ids = grown;
+	*nr += n;
+	return 0;
+}
+
 struct settle {
 	struct tfs_fs *fs;
 	const uint32_t *devs;
@@ -398,6 +424,8 @@ static int reconcile(struct tfs_fs *fs)
 		if (r >= 0)
 			r = list_devices(fs, &ids, &nr);
 	}
+	if (r >= 0)
+		r = add_cow_ids(fs, &ids, &nr);
 	if (r >= 0)
 		r = tfs_catalog_reconcile(fs->cat, ids, nr, placeholder_size,
 					  fs->read_only ? NULL : add_id, &o);
@@ -520,6 +548,9 @@ static int run_daemon(struct tfs_fs *fs, const struct mount_args *a, int ready_f
 			"volumes as thin-<id>)" : "");
 		goto err_close_pool;
 	}
+	r = tfs_fs_cow_open(fs);
+	if (r < 0)
+		goto err_close_catalog; /* logged, naming the section */
 	r = reconcile(fs);
 	if (r == 0)
 		r = tfs_fs_settle_temp_names(fs);
@@ -627,6 +658,7 @@ err_free_args:
 	fuse_opt_free_args(&fargs);
 err_close_catalog:
 	tfs_fs_close_all(fs);
+	tfs_fs_cow_close(fs);
 	tfs_catalog_close(fs->cat);
 	fs->cat = NULL;
 err_close_pool:

@@ -23,6 +23,7 @@
 #include <time.h>
 
 #include "log.h"
+#include "origin.h"
 #include "utf8.h"
 
 /* How long the daemon's exit waits for on_event programs still running. */
@@ -156,10 +157,11 @@ static void start_reaper(struct tfs_events *ev, pid_t pid)
  * it.  The environment tells it what happened.
  */
 static void run_hook(struct tfs_events *ev, const char *event, const struct tfs_pool_status *st,
-		     const char *old_mode)
+		     const char *old_mode, const char *volume)
 {
-	enum { NR_VARS = 7 };
+	enum { NR_VARS = 8 };
 	char vars[NR_VARS][TFS_PATH_MAX + 32];
+	int nr_vars = volume ? NR_VARS : NR_VARS - 1;
 	struct tfs_fs *fs = ev->fs;
 	struct tfs_pool_config *cfg;
 	char **envp, *argv[2];
@@ -183,6 +185,7 @@ static void run_hook(struct tfs_events *ev, const char *event, const struct tfs_
 		 percent(st->meta_used, st->meta_total));
 	snprintf(vars[5], sizeof(vars[5]), "THINFS_OLD_MODE=%s", old_mode);
 	snprintf(vars[6], sizeof(vars[6]), "THINFS_NEW_MODE=%s", st->mode ? st->mode : "");
+	snprintf(vars[7], sizeof(vars[7]), "THINFS_VOLUME=%s", volume ? volume : "");
 	/*
 	 * The daemon's own environment goes along (PATH, and settings such as
 	 * contrib/thinfs-autoextend's), minus any stale copies of ours.
@@ -197,12 +200,12 @@ static void run_hook(struct tfs_events *ev, const char *event, const struct tfs_
 	for (size_t i = 0; i < nr_env; i++) {
 		bool ours = false;
 
-		for (int v = 0; v < NR_VARS && !ours; v++)
+		for (int v = 0; v < NR_VARS && !ours; v++) /* a stale THINFS_VOLUME too */
 			ours = !strncmp(environ[i], vars[v], (size_t)(strchr(vars[v], '=') - vars[v] + 1));
 		if (!ours)
 			envp[n++] = environ[i];
 	}
-	for (int v = 0; v < NR_VARS; v++)
+	for (int v = 0; v < nr_vars; v++)
 		envp[n++] = vars[v];
 	argv[0] = cfg->on_event;
 	argv[1] = NULL;
@@ -226,8 +229,26 @@ static void low_water_report(struct tfs_events *ev, const struct tfs_pool_status
 	for (; *seen < lw->crossings; ++*seen) {
 		tfs_fs_event(ev->fs, kind, "%" PRIu64 " of %" PRIu64 " %s blocks free (low water "
 			     "mark %" PRIu64 ")", lw->free_then, total, what, mark);
-		run_hook(ev, kind, st, ev->last_mode);
+		run_hook(ev, kind, st, ev->last_mode, NULL);
 	}
+}
+
+struct cow_report {
+	struct tfs_events *ev;
+	const struct tfs_pool_status *st;
+};
+
+/* A classic snapshot's event: logged, and the hook told which volume (THINFS_VOLUME). */
+static void cow_event(void *ctx, enum tfs_cow_event what, const char *name, const char *detail)
+{
+	struct cow_report *c = ctx;
+	const char *kind = what == TFS_COW_EVENT_INVALID ? "snapshot_invalid" : "low_water_cow";
+
+	/* The header may not say so (its write failed): the next mount reads this. */
+	if (what == TFS_COW_EVENT_INVALID && c->ev->fs->cat && !c->ev->fs->read_only)
+		tfs_catalog_set_cow_invalid(c->ev->fs->cat, name, true);
+	tfs_fs_event(c->ev->fs, kind, "%s", detail);
+	run_hook(c->ev, kind, c->st, c->ev->last_mode, name);
 }
 
 /* Everything the pool recorded since the last report, oldest first. */
@@ -251,7 +272,7 @@ static void report(struct tfs_events *ev)
 		at.mode = tr[i].new_mode;
 		tfs_fs_event(fs, "mode_change", "%s -> %s%s%s", tr[i].old_mode, tr[i].new_mode,
 			     tr[i].reason[0] ? ": " : "", tr[i].reason);
-		run_hook(ev, "mode_change", &at, tr[i].old_mode);
+		run_hook(ev, "mode_change", &at, tr[i].old_mode, NULL);
 		ev->last_transition = tr[i].seq;
 		snprintf(ev->last_mode, sizeof(ev->last_mode), "%s", tr[i].new_mode);
 	}
@@ -259,6 +280,11 @@ static void report(struct tfs_events *ev)
 			 st.low_water_blocks, &ev->low_water_data_seen);
 	low_water_report(ev, &st, "low_water_metadata", "metadata", &st.low_water_meta,
 			 st.meta_total, st.meta_low_water_blocks, &ev->low_water_meta_seen);
+	if (fs->cow) {
+		struct cow_report c = { .ev = ev, .st = &st };
+
+		tfs_cow_set_events(fs->cow, cow_event, &c);
+	}
 	pthread_mutex_unlock(&ev->order);
 }
 
@@ -283,6 +309,16 @@ static void pool_changed(void *arg)
 	ev->pending = true;
 	pthread_cond_signal(&ev->cond);
 	pthread_mutex_unlock(&ev->lock);
+}
+
+void tfs_fs_events_wake(void *arg)
+{
+	struct tfs_fs *fs = arg;
+	struct tfs_events *ev = fs->events;
+
+	/* Before the thread starts, its first report picks the event up. */
+	if (ev)
+		pool_changed(ev);
 }
 
 static void *event_thread(void *arg)

@@ -21,6 +21,7 @@
 #include <unistd.h>
 
 #include "log.h"
+#include "origin.h"
 #include "utf8.h"
 
 int64_t tfs_now_ns(void)
@@ -302,6 +303,8 @@ struct tfs_inode *tfs_fs_inode_get(struct tfs_fs *fs, uint32_t dev_id)
 
 int tfs_fs_open_dev(struct tfs_fs *fs, uint32_t dev_id, unsigned flags, struct tfs_dev **out)
 {
+	if (dev_id >= TFS_DEV_ID_OTHER)
+		return fs->cow ? tfs_cow_set_open_dev(fs->cow, dev_id, flags, out) : -ENODATA;
 	return tfs_thin_open(fs->pool, dev_id, flags, out);
 }
 
@@ -362,6 +365,8 @@ static int delete_unlinked(struct tfs_fs *fs, uint32_t dev_id, const char *name)
 {
 	int r;
 
+	if (dev_id >= TFS_DEV_ID_OTHER)
+		return tfs_fs_cow_delete(fs, dev_id, name);
 	r = tfs_pool_delete(fs->pool, dev_id);
 	if (r == -EBUSY && tfs_pool_is_suspended(fs->pool)) {
 		/* The row stays unlinked: tfs_fs_after_resume finds it. */
@@ -461,7 +466,10 @@ int tfs_fs_set_size(struct tfs_fs *fs, struct tfs_inode *ino, uint64_t size)
 	pthread_mutex_lock(&ino->attr_lock);
 	old = ino->row.size;
 	pthread_mutex_unlock(&ino->attr_lock);
-	if (size < old)
+	/* An origin and its snapshots have the origin device's size. */
+	if (ino->dev_id >= TFS_DEV_ID_OTHER && size != old)
+		r = -EPERM;
+	else if (size < old)
 		r = tfs_dev_truncate(ino->dev, size);
 	if (r == 0) {
 		int64_t now = tfs_now_ns();
@@ -483,7 +491,8 @@ void tfs_fs_extend(struct tfs_fs *fs, struct tfs_inode *ino, uint64_t end, bool 
 	int64_t now = touch_mtime ? tfs_now_ns() : 0;
 
 	pthread_mutex_lock(&ino->attr_lock);
-	if (end > ino->row.size) {
+	/* An origin and its snapshots keep the origin device's size. */
+	if (end > ino->row.size && ino->dev_id < TFS_DEV_ID_OTHER) {
 		ino->row.size = end;
 		ino->dirty = true;
 	}
@@ -577,10 +586,12 @@ static int unlink_row_locked(struct tfs_fs *fs, const struct tfs_vol_row *row)
 {
 	struct tfs_inode *ino = tfs_fs_inode_find(fs, row->dev_id);
 	bool open = ino && ino->nopen > 0;
-	int r;
+	int r = tfs_fs_cow_may_unlink(fs, row);
 
+	if (r < 0)
+		return r;
 	/* Deleting the device now would change a suspended pool; an open one waits anyway. */
-	if (!open && tfs_pool_is_suspended(fs->pool))
+	if (!open && row->dev_id < TFS_DEV_ID_OTHER && tfs_pool_is_suspended(fs->pool))
 		return -EBUSY;
 	r = tfs_catalog_unlink(fs->cat, row->dev_id);
 	if (r < 0)
@@ -648,6 +659,11 @@ int tfs_fs_rename_volume(struct tfs_fs *fs, const char *old_name, const char *ne
 	if (!strcmp(old_name, new_name))
 		goto out_unlock;
 	r = tfs_catalog_get_by_name(fs->cat, new_name, &dst);
+	/* An origin's or classic snapshot's name is its section's or the catalog's. */
+	if (src.dev_id >= TFS_DEV_ID_OTHER || (r == 0 && dst.dev_id >= TFS_DEV_ID_OTHER)) {
+		r = -EPERM;
+		goto out_unlock;
+	}
 	if (r == 0) {
 		if (flags & noreplace) {
 			r = -EEXIST;
@@ -798,7 +814,12 @@ int tfs_fs_create_group(struct tfs_fs *fs, const char *name, struct tfs_group_ro
 	r = list_rows(fs, 0, false, &l);
 	if (r < 0)
 		goto out_unlock;
-
+	/* A group holds thin devices only: origins and classic snapshots stay out. */
+	for (unsigned i = 0, n = l.nr; i < n; i++)
+		if (l.rows[i].dev_id >= TFS_DEV_ID_OTHER)
+			l.nr--;
+		else
+			l.rows[i - (n - l.nr)] = l.rows[i];
 	origins = calloc(l.nr + 1, sizeof(*origins));
 	snaps = calloc(l.nr + 1, sizeof(*snaps));
 	if (!origins || !snaps) {
@@ -1149,6 +1170,8 @@ int tfs_fs_snapshot_volume(struct tfs_fs *fs, const char *src, const char *new_n
 
 	pthread_mutex_lock(&fs->lock);
 	r = find_source_locked(fs, src, &s);
+	if (r == 0 && s.dev_id >= TFS_DEV_ID_OTHER)
+		r = -EXDEV; /* not a thin device: a classic snapshot needs --cow */
 	if (r < 0)
 		goto out_unlock;
 	r = name_free_locked(fs, new_name);

@@ -24,6 +24,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 struct pending_write {
 	uint64_t off;
@@ -33,6 +34,7 @@ struct pending_write {
 
 struct fault_rule {
 	enum tfs_fault_mode mode;
+	uint64_t delay_us; /* TFS_FAULT_DELAY */
 	uint64_t after; /* ops of this kind still to pass before failing */
 	bool once;
 	/*
@@ -93,8 +95,8 @@ static int verdict(struct fault_dev *f, enum tfs_fault_op op)
 
 	if (f->dead || f->closing)
 		return -EIO;
-	if (r->mode == TFS_FAULT_OK)
-		return 0;
+	if (r->mode == TFS_FAULT_OK || r->mode == TFS_FAULT_DELAY)
+		return 0; /* a delay was waited out before (lock_after_delay) */
 	if (r->after) {
 		r->after--;
 		return 0;
@@ -133,6 +135,28 @@ static int consult(struct fault_dev *f, enum tfs_fault_op op)
 	return r;
 }
 
+/*
+ * Take the lock for an op of this kind, first waiting out its delay
+ * without the lock, so that a slow disk's ops overlap as a real one's do.
+ */
+static void lock_after_delay(struct fault_dev *f, enum tfs_fault_op op)
+{
+	uint64_t us;
+
+	pthread_mutex_lock(&f->lock);
+	us = f->rules[op].mode == TFS_FAULT_DELAY ? f->rules[op].delay_us : 0;
+	if (!us)
+		return;
+	pthread_mutex_unlock(&f->lock);
+	while (us) {
+		uint64_t step = us < 1000000 ? us : 1000000;
+
+		usleep((useconds_t)step);
+		us -= step;
+	}
+	pthread_mutex_lock(&f->lock);
+}
+
 static void overlay_pending(struct fault_dev *f, uint8_t *buf, size_t len, uint64_t off)
 {
 	for (size_t i = 0; i < f->nr_pending; i++) {
@@ -152,7 +176,7 @@ static int fault_read(struct tfs_bdev *d, void *buf, size_t len, uint64_t off)
 	count(&f->reads);
 	if (!armed(f))
 		return tfs_bdev_read(f->lower, buf, len, off);
-	pthread_mutex_lock(&f->lock);
+	lock_after_delay(f, TFS_FAULT_READ);
 	r = consult(f, TFS_FAULT_READ);
 	if (!r)
 		r = tfs_bdev_read(f->lower, buf, len, off);
@@ -195,7 +219,7 @@ static int fault_write(struct tfs_bdev *d, const void *buf, size_t len, uint64_t
 	count(&f->writes);
 	if (!armed(f))
 		return tfs_bdev_write(f->lower, buf, len, off);
-	pthread_mutex_lock(&f->lock);
+	lock_after_delay(f, TFS_FAULT_WRITE);
 	r = consult(f, TFS_FAULT_WRITE);
 	if (!r)
 		r = f->volatile_cache ? hold_write(f, buf, len, off)
@@ -231,7 +255,7 @@ static int fault_flush(struct tfs_bdev *d)
 	count(&f->flushes);
 	if (!armed(f))
 		return tfs_bdev_flush(f->lower);
-	pthread_mutex_lock(&f->lock);
+	lock_after_delay(f, TFS_FAULT_FLUSH);
 	r = consult(f, TFS_FAULT_FLUSH);
 	if (!r)
 		r = write_back(f);
@@ -345,6 +369,22 @@ void tfs_bdev_fault_set(struct tfs_bdev *dev, enum tfs_fault_op op, enum tfs_fau
 	};
 	update_armed(f);
 	pthread_cond_broadcast(&f->stall_cv);
+	pthread_mutex_unlock(&f->lock);
+}
+
+void tfs_bdev_fault_set_delay(struct tfs_bdev *dev, enum tfs_fault_op op, uint64_t usec)
+{
+	struct fault_dev *f = to_fault(dev);
+
+	if (dev->ops != &fault_ops || op >= TFS_FAULT_NR_OPS)
+		return;
+	pthread_mutex_lock(&f->lock);
+	f->rules[op] = (struct fault_rule){
+		.mode = usec ? TFS_FAULT_DELAY : TFS_FAULT_OK, .delay_us = usec,
+		.gen = f->rules[op].gen + 1
+	};
+	update_armed(f);
+	pthread_cond_broadcast(&f->stall_cv); /* a stalled op is released, as by any set */
 	pthread_mutex_unlock(&f->lock);
 }
 

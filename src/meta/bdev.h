@@ -130,6 +130,8 @@ enum tfs_fault_mode {
 	 * while I/O is in flight at a moment it chose.
 	 */
 	TFS_FAULT_STALL,
+	/* Pass, after waiting the rule's delay (a slow disk): tfs_bdev_fault_set_delay. */
+	TFS_FAULT_DELAY,
 };
 
 /*
@@ -151,6 +153,12 @@ int tfs_bdev_fault_wrap(struct tfs_bdev *lower, bool volatile_cache, struct tfs_
 void tfs_bdev_fault_set(struct tfs_bdev *dev, enum tfs_fault_op op, enum tfs_fault_mode mode,
 			uint64_t after, bool once);
 
+/*
+ * Every op of this kind waits usec microseconds first, then passes (a
+ * slow disk, for tests and benchmarks), until another mode is set.  The
+ * wait holds nothing other ops need, so ops in parallel wait together.
+ */
+void tfs_bdev_fault_set_delay(struct tfs_bdev *dev, enum tfs_fault_op op, uint64_t usec);
 /*
  * Power loss: writes not yet flushed are dropped; with tear, a prefix of
  * each unflushed write (whole 512-byte sectors, chosen from seed) reaches

@@ -105,6 +105,30 @@ struct tfs_catalog {
  */
 #define TEMP_NAMES_TABLE "temp_names (name TEXT PRIMARY KEY)"
 
+/*
+ * Classic snapshots made with thinfs-ctl (those of pool.cfg are in the
+ * file): what the next mount needs to open them again, the name included,
+ * so that one that could not be opened for a while (its origin section
+ * was missing) comes back under it.  While open, their names and
+ * attributes are rows of volumes with the same dev_id.  Added to version
+ * 1 without a version bump: an older thinfs ignores it.
+ */
+#define COW_SNAPSHOTS_TABLE                                                                \
+	"cow_snapshots ("                                                                  \
+	"  dev_id INTEGER PRIMARY KEY,"                                                    \
+	"  name TEXT NOT NULL,"                                                            \
+	"  origin TEXT NOT NULL,"                                                          \
+	"  cow TEXT NOT NULL,"                                                             \
+	"  chunk_sectors INTEGER NOT NULL,"                                                \
+	"  persistent INTEGER NOT NULL)"
+
+/*
+ * Classic snapshots found invalid whose store's header may still say
+ * valid (its write failed): the next mount opens them invalid anyway.
+ * Added to version 1 without a version bump.
+ */
+#define COW_INVALID_TABLE "cow_invalid (name TEXT PRIMARY KEY)"
+
 static const char *const schema_sql =
 	"CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);"
 	"CREATE TABLE IF NOT EXISTS " UUIDS_TABLE ";"
@@ -114,6 +138,8 @@ static const char *const schema_sql =
 	"CREATE UNIQUE INDEX IF NOT EXISTS " DIR_NAME_INDEX ";"
 	"CREATE INDEX IF NOT EXISTS volumes_group ON volumes(group_id);"
 	"CREATE TABLE IF NOT EXISTS " INTENTS_TABLE ";"
+	"CREATE TABLE IF NOT EXISTS " COW_SNAPSHOTS_TABLE ";"
+	"CREATE TABLE IF NOT EXISTS " COW_INVALID_TABLE ";"
 	"CREATE TABLE IF NOT EXISTS events ("
 	"  id INTEGER PRIMARY KEY AUTOINCREMENT,"
 	"  time_ns INTEGER NOT NULL,"
@@ -1632,4 +1658,113 @@ int tfs_catalog_list_temp_names(struct tfs_catalog *cat, int (*fn)(void *ctx, co
 	}
 	free(names);
 	return r;
+}
+
+/* ---- classic snapshots made at run time ---- */
+
+int tfs_catalog_add_cow_snapshot(struct tfs_catalog *cat, const struct tfs_cow_snap_row *row)
+{
+	sqlite3_stmt *st;
+	int r;
+
+	lock(cat);
+	r = prepare(cat,
+		    "INSERT INTO cow_snapshots (dev_id, name, origin, cow, chunk_sectors, "
+		    "persistent) VALUES (?, ?, ?, ?, ?, ?)",
+		    &st);
+	if (!r) {
+		sqlite3_bind_int64(st, 1, row->dev_id);
+		bind_text(st, 2, row->name);
+		bind_text(st, 3, row->origin);
+		bind_text(st, 4, row->cow);
+		sqlite3_bind_int64(st, 5, row->chunk_sectors);
+		sqlite3_bind_int(st, 6, row->persistent);
+		r = step_done(cat, st, "add a classic snapshot", NULL);
+		sqlite3_finalize(st);
+	}
+	unlock(cat);
+	return r;
+}
+
+int tfs_catalog_remove_cow_snapshot(struct tfs_catalog *cat, uint32_t dev_id)
+{
+	return change_by_id(cat, "DELETE FROM cow_snapshots WHERE dev_id = ?", dev_id,
+			    "remove a classic snapshot");
+}
+
+int tfs_catalog_list_cow_snapshots(struct tfs_catalog *cat, tfs_catalog_cow_snap_fn fn,
+				   void *ctx)
+{
+	struct tfs_cow_snap_row *rows = NULL, *grown;
+	size_t nr = 0, cap = 0;
+	sqlite3_stmt *st;
+	int rc, r;
+
+	lock(cat);
+	r = prepare(cat,
+		    "SELECT dev_id, name, origin, cow, chunk_sectors, persistent "
+		    "FROM main.cow_snapshots ORDER BY dev_id",
+		    &st);
+	if (r) {
+		unlock(cat);
+		return r;
+	}
+	while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
+		if (nr == cap) {
+			cap = cap ? cap * 2 : 16;
+			grown = realloc(rows, cap * sizeof(*rows));
+			if (!grown) {
+				r = -ENOMEM;
+				break;
+			}
+			rows = grown;
+		}
+		rows[nr].dev_id = (uint32_t)sqlite3_column_int64(st, 0);
+		copy_text(rows[nr].name, sizeof(rows[nr].name), sqlite3_column_text(st, 1));
+		copy_text(rows[nr].origin, sizeof(rows[nr].origin), sqlite3_column_text(st, 2));
+		copy_text(rows[nr].cow, sizeof(rows[nr].cow), sqlite3_column_text(st, 3));
+		rows[nr].chunk_sectors = (uint32_t)sqlite3_column_int64(st, 4);
+		rows[nr].persistent = sqlite3_column_int(st, 5) != 0;
+		nr++;
+	}
+	if (!r && rc != SQLITE_DONE)
+		r = sql_error(cat, rc, "list classic snapshots");
+	sqlite3_finalize(st);
+	unlock(cat);
+	for (size_t i = 0; !r && i < nr; i++)
+		r = fn(ctx, &rows[i]);
+	free(rows);
+	return r;
+}
+
+int tfs_catalog_set_cow_invalid(struct tfs_catalog *cat, const char *name, bool invalid)
+{
+	sqlite3_stmt *st;
+	int r;
+
+	lock(cat);
+	r = prepare(cat, invalid ? "INSERT OR IGNORE INTO cow_invalid (name) VALUES (?)"
+				 : "DELETE FROM cow_invalid WHERE name = ?", &st);
+	if (!r) {
+		bind_text(st, 1, name);
+		r = step_done(cat, st, "record a classic snapshot's validity", NULL);
+		sqlite3_finalize(st);
+	}
+	unlock(cat);
+	return r;
+}
+
+bool tfs_catalog_cow_invalid(struct tfs_catalog *cat, const char *name)
+{
+	sqlite3_stmt *st;
+	bool found = false;
+
+	lock(cat);
+	if (prepare(cat, "SELECT 1 FROM main.cow_invalid WHERE name = ?", &st) == 0) {
+		bind_text(st, 1, name);
+		found = sqlite3_step(st) == SQLITE_ROW;
+		sqlite3_finalize(st);
+	}
+	unlock(cat);
+	return found;
 }

@@ -194,6 +194,35 @@ int tfs_catalog_list_events(struct tfs_catalog *cat, int64_t after_id, tfs_catal
 			    void *ctx);
 
 /*
+ * ---- classic (dm-snapshot) snapshots made with thinfs-ctl ----
+ * Their name and attributes are a volumes row with the same dev_id (added
+ * in the same transaction by the caller) while they are open; this row
+ * says what to open again at the next mount, and under which name.  remove: -ENOENT.  list: in dev_id order.
+ */
+struct tfs_cow_snap_row {
+	uint32_t dev_id;
+	char name[TFS_NAME_MAX + 1];
+	char origin[TFS_NAME_MAX + 1];
+	char cow[4096];           /* the COW device's path */
+	uint32_t chunk_sectors;
+	bool persistent;
+};
+int tfs_catalog_add_cow_snapshot(struct tfs_catalog *cat, const struct tfs_cow_snap_row *row);
+int tfs_catalog_remove_cow_snapshot(struct tfs_catalog *cat, uint32_t dev_id);
+typedef int (*tfs_catalog_cow_snap_fn)(void *ctx, const struct tfs_cow_snap_row *row);
+int tfs_catalog_list_cow_snapshots(struct tfs_catalog *cat, tfs_catalog_cow_snap_fn fn,
+				   void *ctx);
+
+/*
+ * A classic snapshot (by name) found invalid: recorded in case its store's
+ * header could not be rewritten, so that the next mount opens it invalid
+ * all the same.  set: insert (invalid) or drop the record.  cow_invalid:
+ * whether name has one (false on any error).
+ */
+int tfs_catalog_set_cow_invalid(struct tfs_catalog *cat, const char *name, bool invalid);
+bool tfs_catalog_cow_invalid(struct tfs_catalog *cat, const char *name);
+
+/*
  * Mount-time reconciliation with the metadata's device list (ascending):
  * rows whose device is missing are dropped (each logged as a warning);
  * devices without a row get "thin-<id>" rows (size from size_fn, or 0

@@ -531,6 +531,35 @@ static void test_fault_stall_holds_a_read_until_set_back_to_ok(void **state)
 	tfs_bdev_close(f);
 }
 
+static void test_fault_delay_waits_then_passes_the_data(void **state)
+{
+	(void)state;
+	struct tfs_bdev *mem, *f;
+	uint8_t a[4096], got[4096];
+	memset(a, 0xAA, sizeof(a));
+	assert_int_equal(tfs_bdev_open_mem(1 << 16, &mem), 0);
+	assert_int_equal(tfs_bdev_fault_wrap(mem, false, &f), 0);
+	tfs_bdev_fault_set_delay(f, TFS_FAULT_WRITE, 200000);
+	double t = now_seconds();
+	assert_int_equal(tfs_bdev_write(f, a, 4096, 0), 0);
+	assert_true(now_seconds() - t >= 0.2); /* at least the delay: a lower bound only */
+	assert_int_equal(tfs_bdev_read(f, got, 4096, 0), 0);
+	assert_memory_equal(got, a, sizeof(a));
+	/* Two writes at once both go through (each waits without the lock) ... */
+	struct bg_op w1, w2;
+	bg_op_start(&w1, f, TFS_FAULT_WRITE, a, sizeof(a), 4096);
+	bg_op_start(&w2, f, TFS_FAULT_WRITE, a, sizeof(a), 8192);
+	assert_int_equal(bg_op_join(&w1), 0);
+	assert_int_equal(bg_op_join(&w2), 0);
+	/* ... and 0 is no delay. */
+	tfs_bdev_fault_set_delay(f, TFS_FAULT_WRITE, 0);
+	assert_int_equal(tfs_bdev_write(f, a, 4096, 0), 0);
+	struct tfs_bdev_io_counts c;
+	tfs_bdev_fault_counts(f, &c);
+	assert_int_equal(c.writes, 4);
+	tfs_bdev_close(f);
+}
+
 static void test_fault_stall_released_with_eio_fails_the_write(void **state)
 {
 	(void)state;
@@ -1013,6 +1042,7 @@ int main(void)
 		cmocka_unit_test(test_power_cut_tear_onto_a_direct_file),
 		cmocka_unit_test(test_direct_open_falls_back_where_o_direct_is_refused),
 		cmocka_unit_test(test_fault_stall_holds_a_read_until_set_back_to_ok),
+		cmocka_unit_test(test_fault_delay_waits_then_passes_the_data),
 		cmocka_unit_test(test_fault_stall_released_with_eio_fails_the_write),
 		cmocka_unit_test(test_power_cut_releases_a_stalled_op),
 		cmocka_unit_test(test_fault_stall_releases_every_stalled_thread),

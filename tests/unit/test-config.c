@@ -60,6 +60,14 @@ static int setup(void **state)
 	snprintf(e->data, sizeof(e->data), "%s/data.img", e->dir);
 	make_file(e->meta, 8 << 20, 0644);
 	make_file(e->data, 64 << 20, 0644);
+	/* Devices for [origin] and [snapshot] sections, named relative to the .cfg. */
+	for (const char *const *n = (const char *const[]){ "sdb", "sdc", "sdd", "sde", "my disk",
+							    NULL }; *n; n++) {
+		char path[PATH_MAX];
+
+		snprintf(path, sizeof(path), "%s/%s", e->dir, *n);
+		make_file(path, 1 << 20, 0644);
+	}
 	tfs_log_set_sink(capture, e);
 	*state = e;
 	return 0;
@@ -291,20 +299,20 @@ static void test_named_sections_accept_their_keys(void **state)
 
 	write_cfg(e,
 		  "[pool]\nmetadata = %s\ndata = %s\n"
-		  "[origin \"db\"]\ndevice = /dev/sdc\n"
-		  "[snapshot \"db-before-upgrade\"]\norigin = db\ncow = /dev/sdd\n"
+		  "[origin \"db\"]\ndevice = sdc\n"
+		  "[snapshot \"db-before-upgrade\"]\norigin = db\ncow = sdd\n"
 		  "persistent = yes\nchunk_size = 8k\n"
-		  "[cache \"fast1\"]\norigin = /dev/sde\ncache = /dev/nvme0n1p2\n"
+		  "[cache \"fast1\"]\norigin = sde\ncache = /dev/nvme0n1p2\n"
 		  "metadata = /dev/nvme0n1p1\nmode = writeback\npolicy = smq\n",
 		  e->meta, e->data);
 	assert_int_equal(tfs_config_load(e->cfg, &c), 0);
 	assert_int_equal(e->nr_msgs, 0);
 	assert_string_equal(c.targets,
-			    "origin \"db\": device=/dev/sdc\n"
-			    "snapshot \"db-before-upgrade\": chunk_size=8k cow=/dev/sdd origin=db "
+			    "origin \"db\": device=sdc\n"
+			    "snapshot \"db-before-upgrade\": chunk_size=8k cow=sdd origin=db "
 			    "persistent=yes\n"
 			    "cache \"fast1\": cache=/dev/nvme0n1p2 metadata=/dev/nvme0n1p1 mode=writeback "
-			    "origin=/dev/sde policy=smq\n");
+			    "origin=sde policy=smq\n");
 }
 
 /* The same sections in another order, keys shuffled, a value quoted: the same text. */
@@ -315,24 +323,24 @@ static void test_named_section_text_ignores_the_order_in_the_file(void **state)
 
 	write_cfg(e,
 		  "[cache \"fast1\"]\npolicy = smq\nmode = writeback\nmetadata = /dev/nvme0n1p1\n"
-		  "cache = /dev/nvme0n1p2\norigin = /dev/sde\n"
+		  "cache = /dev/nvme0n1p2\norigin = sde\n"
 		  "[snapshot \"db-before-upgrade\"]\npersistent = yes\nchunk_size = 8k\n"
-		  "cow = /dev/sdd\norigin = db\n"
+		  "cow = sdd\norigin = db\n"
 		  "[pool]\nmetadata = %s\ndata = %s\n"
-		  "[origin \"b\"]\n"
-		  "[origin \"db\"]\ndevice = \"/dev/sdc\"\n"
-		  "[origin \"a b\"]\ndevice = /dev/my disk\n",
+		  "[origin \"b\"]\ndevice = sdb\n"
+		  "[origin \"db\"]\ndevice = \"sdc\"\n"
+		  "[origin \"a b\"]\ndevice = my disk\n",
 		  e->meta, e->data);
 	assert_int_equal(tfs_config_load(e->cfg, &c), 0);
 	assert_int_equal(e->nr_msgs, 0);
 	assert_string_equal(c.targets,
-			    "origin \"a b\": device=/dev/my disk\n"
-			    "origin \"b\":\n"
-			    "origin \"db\": device=/dev/sdc\n"
-			    "snapshot \"db-before-upgrade\": chunk_size=8k cow=/dev/sdd origin=db "
+			    "origin \"a b\": device=my disk\n"
+			    "origin \"b\": device=sdb\n"
+			    "origin \"db\": device=sdc\n"
+			    "snapshot \"db-before-upgrade\": chunk_size=8k cow=sdd origin=db "
 			    "persistent=yes\n"
 			    "cache \"fast1\": cache=/dev/nvme0n1p2 metadata=/dev/nvme0n1p1 mode=writeback "
-			    "origin=/dev/sde policy=smq\n");
+			    "origin=sde policy=smq\n");
 
 	write_cfg(e, "[pool]\nmetadata = %s\ndata = %s\n", e->meta, e->data);
 	assert_int_equal(tfs_config_load(e->cfg, &c), 0);
@@ -350,7 +358,85 @@ static void test_named_section_keys_are_given_once(void **state)
 	assert_logged(e, 6, "device", "given twice (first on line 5)");
 }
 
-/* Write n [origin "sNNN"] sections (lines 4, 6, ...), the last one's device value last_len bytes. */
+/* [origin] and [snapshot]: parsed into cow_targets, origins first, defaults filled in. */
+static void test_origin_and_snapshot_sections_are_parsed(void **state)
+{
+	struct env *e = *state;
+	struct tfs_pool_config *c = calloc(1, sizeof(*c));
+	char want[PATH_MAX];
+
+	assert_non_null(c);
+	write_cfg(e, "[pool]\nmetadata = %s\ndata = %s\nsnapshot_low_water = 70%%\n"
+		     "[snapshot \"s1\"]\norigin = db\ncow = sdd\nchunk_size = 64k\npersistent = no\n"
+		     "[snapshot \"s0\"]\norigin = db\ncow = sde\n"
+		     "[origin \"db\"]\ndevice = sdc\n",
+		  e->meta, e->data);
+	assert_int_equal(tfs_config_load(e->cfg, c), 0);
+	assert_int_equal(c->snapshot_low_water, 70);
+	assert_int_equal(c->nr_cow_targets, 3);
+	assert_false(c->cow_targets[0].is_snapshot);
+	assert_string_equal(c->cow_targets[0].name, "db");
+	snprintf(want, sizeof(want), "%s/sdc", e->dir);
+	assert_string_equal(c->cow_targets[0].device, want);
+	assert_string_equal(c->cow_targets[1].name, "s0");
+	assert_int_equal(c->cow_targets[1].chunk_sectors, 8);
+	assert_true(c->cow_targets[1].persistent);
+	assert_string_equal(c->cow_targets[2].name, "s1");
+	assert_string_equal(c->cow_targets[2].origin, "db");
+	assert_int_equal(c->cow_targets[2].chunk_sectors, 128);
+	assert_false(c->cow_targets[2].persistent);
+	free(c);
+}
+
+/* Each mistake in an [origin] or [snapshot] section: file:line, the section and key. */
+static void test_origin_and_snapshot_mistakes_are_named(void **state)
+{
+	static const struct {
+		const char *sections;
+		unsigned line;
+		const char *frag1, *frag2;
+	} bad[] = {
+		{ "[snapshot \"s\"]\norigin = nope\ncow = sdd\n", 5,
+		  "[snapshot \"s\"] origin", "no [origin \"nope\"] section" },
+		{ "[origin \"db\"]\ndevice = sdc\n[snapshot \"s\"]\norigin = db\ncow = sdd\n"
+		  "chunk_size = 2g\n", 9, "[snapshot \"s\"] chunk_size", "a power of two from 4 KiB" },
+		{ "[origin \"db\"]\ndevice = sdc\n[snapshot \"s\"]\norigin = db\ncow = sdd\n"
+		  "chunk_size = 12k\n", 9, "chunk_size: 12k", "a power of two from 4 KiB to 1 GiB" },
+		{ "[origin \"db\"]\ndevice = sdc\n[snapshot \"s\"]\norigin = db\ncow = sdd\n"
+		  "chunk_size = 2k\n", 9, "chunk_size: 2k", "power of two" },
+		{ "[origin \"db\"]\ndevice = sdc\n[snapshot \"s\"]\norigin = db\ncow = sdc\n", 8,
+		  "[snapshot \"s\"] cow: sdc", "already [origin \"db\"] device" },
+		{ "[origin \"db\"]\ndevice = sdc\n[snapshot \"a\"]\norigin = db\ncow = sdd\n"
+		  "[snapshot \"b\"]\norigin = db\ncow = sdd\n", 11, "[snapshot \"b\"] cow",
+		  "already [snapshot \"a\"] cow" },
+		{ "[origin \"db\"]\ndevice = data.img\n", 5, "[origin \"db\"] device",
+		  "already [pool] data" },
+		{ "[origin \"db\"]\n", 4, "[origin \"db\"]", "required key 'device'" },
+		{ "[origin \"db\"]\ndevice = sdc\n[snapshot \"s\"]\norigin = db\n", 6,
+		  "[snapshot \"s\"]", "required key 'cow'" },
+		{ "[origin \"db\"]\ndevice = nope\n", 5, "[origin \"db\"] device: nope",
+		  "no such file" },
+		{ "[origin \"db\"]\ndevice = sdc\n[snapshot \"s\"]\norigin = db\ncow = sdd\n"
+		  "persistent = maybe\n", 9, "[snapshot \"s\"] persistent", "yes or no" },
+		{ "snapshot_low_water = 101\n", 4, "snapshot_low_water", "more than 100%" },
+	};
+	struct env *e = *state;
+	struct tfs_pool_config *c = calloc(1, sizeof(*c));
+
+	assert_non_null(c);
+	for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+		write_cfg(e, "[pool]\nmetadata = %s\ndata = %s\n%s", e->meta, e->data,
+			  bad[i].sections);
+		assert_int_not_equal(tfs_config_load(e->cfg, c), 0);
+		assert_logged(e, bad[i].line, bad[i].frag1, bad[i].frag2);
+	}
+	free(c);
+}
+
+/*
+ * Write n [cache "sNNN"] sections (lines 4, 6, ...), the last one's origin
+ * value last_len bytes (cache sections: their values are not checked yet).
+ */
 static void write_origins(struct env *e, unsigned n, size_t len, size_t last_len)
 {
 	char value[256];
@@ -364,7 +450,7 @@ static void write_origins(struct env *e, unsigned n, size_t len, size_t last_len
 		assert_true(l < sizeof(value));
 		memset(value, 'v', l);
 		value[l] = '\0';
-		fprintf(f, "[origin \"s%03u\"]\ndevice = /%s\n", i, value);
+		fprintf(f, "[cache \"s%03u\"]\norigin = /%s\n", i, value);
 	}
 	fclose(f);
 	e->log[0] = '\0';
@@ -372,28 +458,28 @@ static void write_origins(struct env *e, unsigned n, size_t len, size_t last_len
 }
 
 /*
- * `origin "s000": device=/` is 23 bytes, so a value of 149 makes a line of
+ * `cache "s000": origin=/` is 22 bytes, so a value of 150 makes a line of
  * 173 with its newline: 47 lines are 8131 bytes, and one more of 60 bytes
- * (value 36) fills the 8192 with the NUL; a byte more does not fit.
+ * (value 37) fills the 8192 with the NUL; a byte more does not fit.
  */
 static void test_named_section_text_is_at_most_8192_bytes(void **state)
 {
 	struct env *e = *state;
 	struct tfs_pool_config c;
 
-	write_origins(e, 48, 149, 36);
+	write_origins(e, 48, 150, 37);
 	assert_int_equal(tfs_config_load(e->cfg, &c), 0);
 	assert_int_equal(strlen(c.targets), 8191);
 	assert_int_equal(e->nr_msgs, 0);
 
-	write_origins(e, 48, 149, 37);
+	write_origins(e, 48, 150, 38);
 	assert_int_equal(tfs_config_load(e->cfg, &c), -EINVAL);
 	assert_logged(e, 4 + 2 * 47,
 		      "too many or too long [origin/snapshot/cache] sections: at most 8192 bytes",
 		      NULL);
 	assert_int_equal(e->nr_msgs, 1);
 
-	write_origins(e, 100, 149, 149);
+	write_origins(e, 100, 150, 150);
 	assert_int_equal(tfs_config_load(e->cfg, &c), -EINVAL);
 	assert_logged(e, 4 + 2 * 47, "at most 8192 bytes", NULL); /* where it went past */
 }
@@ -705,7 +791,7 @@ static void test_devices_must_be_files_or_block_devices_and_differ(void **state)
 /* The default catalog of a pool on a block device is under /var/lib/thinfs. */
 static void test_block_device_metadata_puts_the_catalog_in_var_lib(void **state)
 {
-	static const char *const candidates[] = { "/dev/loop0", "/dev/loop1", "/dev/sda",
+	static const char *const candidates[] = { "/dev/loop0", "/dev/loop1", "sda",
 						  "/dev/vda", "/dev/nvme0n1", "/dev/xvda" };
 	struct env *e = *state;
 	struct tfs_pool_config c;
@@ -827,7 +913,7 @@ static void expect_refused(struct env *e, struct reload *rl, const char *run_ext
 
 static void test_reload_of_the_same_cfg_changes_nothing(void **state)
 {
-	static const char sections[] = "low_water_mark = 100\n[origin \"db\"]\ndevice = /dev/sdb\n"
+	static const char sections[] = "low_water_mark = 100\n[origin \"db\"]\ndevice = sdb\n"
 				       "[cache \"c\"]\nmode = writeback\norigin = db\n";
 	struct env *e = *state;
 	struct reload *rl = calloc(1, sizeof(*rl));
@@ -873,7 +959,7 @@ static void test_reload_names_each_reloadable_change(void **state)
 		/* The example of config.h, word for word. */
 		{ "",
 		  "error_if_no_space = yes\nno_space_timeout = 0\nlow_water_mark = 4096\n"
-		  "[origin \"db\"]\ndevice = /dev/sdb",
+		  "[origin \"db\"]\ndevice = sdb",
 		  "error_if_no_space: no -> yes; no_space_timeout: 60s -> 0s; "
 		  "low_water_mark: 10% -> 4096 blocks; [origin \"db\"] added" },
 		{ "discard_passdown = no\nskip_block_zeroing = yes\ncommit_interval = 2s",
@@ -973,25 +1059,28 @@ static void test_reload_reports_sections_added_removed_and_changed(void **state)
 	struct reload *rl = calloc(1, sizeof(*rl));
 
 	assert_non_null(rl);
-	expect_reloadable(e, rl, "[origin \"db\"]\ndevice = /dev/sdb\n", "",
+	expect_reloadable(e, rl, "[origin \"db\"]\ndevice = sdb\n", "",
 			  "[origin \"db\"] removed");
-	expect_reloadable(e, rl, "", "[snapshot \"s\"]\norigin = db\n", "[snapshot \"s\"] added");
-	expect_reloadable(e, rl, "[origin \"db\"]\ndevice = /dev/sdb\n",
-			  "[origin \"db\"]\ndevice = /dev/sdc\n",
-			  "[origin \"db\"] changed: device=/dev/sdb -> device=/dev/sdc");
-	expect_reloadable(e, rl, "[origin \"db\"]\n", "[origin \"db\"]\ndevice = /dev/sdc\n",
-			  "[origin \"db\"] changed: (no keys) -> device=/dev/sdc");
+	expect_reloadable(e, rl, "[origin \"db\"]\ndevice = sdb\n",
+			  "[origin \"db\"]\ndevice = sdb\n[snapshot \"s\"]\norigin = db\ncow = sdd\n",
+			  "[snapshot \"s\"] added");
+	expect_reloadable(e, rl, "[origin \"db\"]\ndevice = sdb\n",
+			  "[origin \"db\"]\ndevice = sdc\n",
+			  "[origin \"db\"] changed: device=sdb -> device=sdc");
+	expect_reloadable(e, rl, "[cache \"c\"]\n", "[cache \"c\"]\nmode = writeback\n",
+			  "[cache \"c\"] changed: (no keys) -> mode=writeback");
 	/* A name that moves to another kind is one section gone and another new. */
 	expect_reloadable(e, rl,
-			  "[origin \"a\"]\n[origin \"db\"]\ndevice = /dev/sdb\n"
-			  "[cache \"c1\"]\nmode = writethrough\norigin = /dev/sde\n",
+			  "[origin \"a\"]\ndevice = sdc\n[origin \"db\"]\ndevice = sdb\n"
+			  "[cache \"c1\"]\nmode = writethrough\norigin = sde\n",
 			  "no_space_timeout = 0\n"
-			  "[cache \"c1\"]\norigin = /dev/sde\nmode = writeback\n"
-			  "[cache \"a\"]\n[snapshot \"s1\"]\norigin = db\n",
+			  "[cache \"c1\"]\norigin = sde\nmode = writeback\n"
+			  "[cache \"a\"]\n[origin \"o2\"]\ndevice = sdc\n"
+			  "[snapshot \"s1\"]\norigin = o2\ncow = sdd\n",
 			  "no_space_timeout: 60s -> 0s; [origin \"a\"] removed; [origin \"db\"] removed; "
-			  "[snapshot \"s1\"] added; [cache \"a\"] added; "
-			  "[cache \"c1\"] changed: mode=writethrough origin=/dev/sde -> "
-			  "mode=writeback origin=/dev/sde");
+			  "[origin \"o2\"] added; [snapshot \"s1\"] added; [cache \"a\"] added; "
+			  "[cache \"c1\"] changed: mode=writethrough origin=sde -> "
+			  "mode=writeback origin=sde");
 	free(rl);
 }
 
@@ -1104,6 +1193,8 @@ int main(void)
 		T(test_named_sections_accept_their_keys),
 		T(test_named_section_text_ignores_the_order_in_the_file),
 		T(test_named_section_keys_are_given_once),
+		T(test_origin_and_snapshot_sections_are_parsed),
+		T(test_origin_and_snapshot_mistakes_are_named),
 		T(test_named_section_text_is_at_most_8192_bytes),
 		T(test_bad_values_name_file_line_and_key),
 		T(test_a_failed_load_leaves_the_output_untouched),
