@@ -38,25 +38,7 @@ MNT=$WORK/mnt
 # shellcheck source=bench/pool-lib.sh
 source "$root/bench/pool-lib.sh"
 
-build() {
-	local dir=$root/build-bench-stall src=$root
-	if [[ -n ${BENCH_REV:-} ]]; then
-		dir=$root/build-bench-stall-rev
-		src=$dir-src
-		rm -rf "$src" "$dir" && mkdir -p "$src" || return 1
-		git -C "$root" archive "$BENCH_REV" | tar -x -C "$src" || return 1
-		VERSION="$(git -C "$root" rev-parse --short "$BENCH_REV") (clean export)"
-	else
-		VERSION="$(git -C "$root" rev-parse --short HEAD)$(git -C "$root" diff --quiet HEAD -- src || echo ' + uncommitted changes in src/')"
-	fi
-	if [[ ! -f $dir/meson-private/coredata.dat ]]; then
-		meson setup "$dir" "$src" --buildtype=release -Db_sanitize=none >/dev/null || return 1
-	fi
-	meson compile -C "$dir" thinfs thinfs-ctl >/dev/null || return 1
-	thinfs=$dir/tools/thinfs
-}
-
-build || { log "build failed"; exit 1; }
+pool_build stall || { log "build failed"; exit 1; }
 pool_start $((VOL_GIB + 1)) || exit 1
 
 truncate -s "${VOL_GIB}G" "$MNT/alloc"

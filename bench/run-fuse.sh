@@ -455,18 +455,7 @@ snap_sparse_point() {
 	dd if=/dev/urandom of="$WORK/tmnt/sparsevol" bs=64k count=1 oflag=direct conv=fsync status=none
 	stop_thinfs
 	thin_dump "$WORK/pool/meta.img" >"$xml" || { log "snap: thin_dump failed"; return 1; }
-	/usr/bin/python3 - "$xml" "$blocks" <<'EOF' || return 1
-import re, sys
-path, n = sys.argv[1], int(sys.argv[2])
-x = open(path).read()
-if x.count("<device ") != 1:
-    sys.exit("snap: expected one device in the dump")
-x = re.sub(r'(<device [^>]*mapped_blocks=")\d+(")', r"\g<1>%d\g<2>" % n, x)
-x = re.sub(r"(<device [^>]*>).*?(</device>)",
-           r'\g<1>\n<range_mapping origin_begin="0" data_begin="0" length="%d" time="0"/>\n\g<2>' % n,
-           x, flags=re.S)
-open(path, "w").write(x)
-EOF
+	/usr/bin/python3 "$root/bench/full-mapping.py" "$xml" "$blocks" || return 1
 	thin_restore -q -i "$xml" -o "$WORK/pool/meta.img" || { log "snap: thin_restore failed"; return 1; }
 	mount_thinfs || return 1
 	mapped=$("$ctl" "$WORK/tmnt" status --json 2>/dev/null |

@@ -1429,7 +1429,7 @@ int tfs_cmd_check(int argc, char **argv)
 	struct tfs_bdev *bdev;
 	char path[4096];
 	bool repair = false;
-	int c, r;
+	int c, r, cow;
 
 	optind = 1;
 	while ((c = getopt_long(argc, argv, "qh", longopts, NULL)) != -1) {
@@ -1495,6 +1495,11 @@ int tfs_cmd_check(int argc, char **argv)
 			       path, res.warnings ? " (with warnings)" : "", res.nr_devices,
 			       res.meta_used, res.meta_total, res.data_used, res.data_total);
 	}
+	cow = tfs_pool_cfg_check_cow_stores(argv[optind], o.quiet);
+	if (cow == 2)
+		return 2;
 	r = tfs_check_caches(argv[optind], o.clear_needs_check || repair, o.quiet);
-	return r > (res.errors ? 1 : 0) ? r : (res.errors ? 1 : 0);
+	if (r == 2)
+		return 2;
+	return res.errors || cow || r ? 1 : 0;
 }

@@ -18,6 +18,7 @@
 #include <unistd.h>
 
 #include "ctl-protocol.h"
+#include "send-recv.h"
 
 static void usage(FILE *f)
 {
@@ -26,6 +27,8 @@ static void usage(FILE *f)
 	      "  status [--json]              pool and volume usage, modes, snapshot groups\n"
 	      "  list [--json]                the volumes\n"
 	      "  snapshot SRC NEW             a writable thin snapshot of SRC named NEW\n"
+	      "  snapshot ORIGIN NAME --cow DEVICE [--chunk-size S] [--transient]\n"
+	      "                               a classic (dm-snapshot) snapshot of an origin\n"
 	      "  delete NAME                  delete volume NAME (as rm MOUNTPOINT/NAME)\n"
 	      "  set-transaction-id OLD NEW   set the metadata transaction id\n"
 	      "  reserve-metadata-snap        hold a metadata snapshot (thinfs dump -m)\n"
@@ -33,22 +36,28 @@ static void usage(FILE *f)
 	      "  events [--json] [--follow]   the event log\n"
 	      "  wait-event N [--timeout S]   wait until event N exists\n"
 	      "  resize data|metadata SIZE|+DELTA  grow the pool's data or metadata device\n"
+	      "  resize cow NAME              take a classic snapshot's grown COW device into use\n"
 	      "  suspend [NAME...] [--noflush] [--timeout S]\n"
 	      "                               hold new I/O to the volumes (NAME or GROUP/NAME;\n"
 	      "                               none: the whole pool); returns once quiescent\n"
 	      "  resume [NAME...]             re-issue held I/O (no NAME: pool and volumes)\n"
 	      "  reload POOL.CFG              stage a changed pool.cfg for the pool's resume\n"
-	      "  fault metadata|data read|write|flush error|enospc|stall|ok [after N] [once]\n"
+	      "  diff FROM TO [--json] [--stats]\n"
+	      "                               the extents of TO that differ from FROM (volumes,\n"
+	      "                               GROUP/NAME, or - for nothing): OFFSET LENGTH data|zero\n"
+	      "  send [--from FROM] TO > STREAM  TO (or its change since FROM) as a stream\n"
+	      "  receive NAME [--base BASE] < STREAM\n"
+	      "                               a stream made into the new volume NAME\n"
+	      "  fault metadata|data|NAME:cow|NAME:device read|write|flush\n"
+	      "        error|enospc|stall|ok [after N] [once] | delay USEC\n"
 	      "  fault power-cut [tear]\n"
 	      "  fault crash-at POINT [power-cut [tear]]\n"
 	      "                               fault injection (pool.cfg [fault] allow = yes\n"
 	      "                               and thinfs mount --allow-faults only)\n", f);
 }
 
-/* One line on stderr, as every failure is reported. */
-static int fail(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
-
-static int fail(const char *fmt, ...)
+/* One line on stderr, as every failure is reported (send-recv.c's too). */
+int tfs_ctlc_fail(const char *fmt, ...)
 {
 	va_list ap;
 
@@ -59,6 +68,8 @@ static int fail(const char *fmt, ...)
 	fputc('\n', stderr);
 	return 1;
 }
+
+#define fail(...) tfs_ctlc_fail(__VA_ARGS__)
 
 static int send_all(int fd, const char *s, size_t len)
 {
@@ -111,6 +122,21 @@ static void print_error(struct json_object *resp)
 	}
 }
 
+/*
+ * A long command's progress line ("progress"): on a terminal only, where
+ * the next one overwrites it; nothing when stderr is piped.
+ */
+static bool progress_shown;
+
+static void show_progress(const char *text)
+{
+	if (!isatty(STDERR_FILENO))
+		return;
+	fprintf(stderr, "\r%s\033[K", text);
+	fflush(stderr);
+	progress_shown = true;
+}
+
 /* Print one response; returns 1 when it was the last, 0 to read on, -1 failed. */
 static int handle_response(const char *line, bool json_wanted)
 {
@@ -124,6 +150,12 @@ static int handle_response(const char *line, bool json_wanted)
 		fail("bad response from the daemon");
 		return -1;
 	}
+	if (progress_shown && !json_object_object_get_ex(resp, "progress", NULL)) {
+		fputs("\r\033[K", stderr);
+		progress_shown = false;
+	}
+	if (json_object_object_get_ex(resp, "progress", &v))
+		show_progress(json_object_get_string(v));
 	if (!json_object_get_boolean(ok)) {
 		print_error(resp);
 		json_object_put(resp);
@@ -140,16 +172,44 @@ static int handle_response(const char *line, bool json_wanted)
 		puts(json_object_to_json_string_ext(v, JSON_C_TO_STRING_PLAIN));
 	}
 	fflush(stdout);
+	/* A remark beside the result (diff --stats), kept off stdout. */
+	if (json_object_object_get_ex(resp, "note", &v))
+		fprintf(stderr, "%s\n", json_object_get_string(v));
 	last = !json_object_object_get_ex(resp, "done", &done) || json_object_get_boolean(done);
 	json_object_put(resp);
 	return last;
 }
 
-int main(int argc, char **argv)
+int tfs_ctlc_connect(const char *mountpoint)
 {
 	struct sockaddr_un sa = { .sun_family = AF_UNIX };
-	struct json_object *req, *args;
 	char path[sizeof(sa.sun_path)];
+	int fd, r;
+
+	r = tfs_ctl_socket_path(mountpoint, path, sizeof(path));
+	if (r < 0)
+		return fail("%s: %s", mountpoint, strerror(-r)), -1;
+	fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	if (fd < 0)
+		return fail("socket: %s", strerror(errno)), -1;
+	snprintf(sa.sun_path, sizeof(sa.sun_path), "%s", path);
+	if (connect(fd, (struct sockaddr *)&sa, sizeof(sa)) < 0) {
+		int e = errno;
+
+		close(fd);
+		if (e == ENOENT || e == ECONNREFUSED)
+			fail("%s: no thinfs daemon serves this mountpoint (%s)", mountpoint,
+			     e == ENOENT ? "no control socket" : "stale control socket");
+		else
+			fail("%s: cannot reach the daemon: %s", mountpoint, strerror(e));
+		return -1;
+	}
+	return fd;
+}
+
+int main(int argc, char **argv)
+{
+	struct json_object *req, *args;
 	const char *s;
 	bool json_wanted = false;
 	char *buf = NULL;
@@ -167,23 +227,13 @@ int main(int argc, char **argv)
 	if (argc - 3 > TFS_CTL_MAX_ARGS)
 		return fail("too many arguments: %d (the daemon takes at most %d)", argc - 3,
 			    TFS_CTL_MAX_ARGS);
-	r = tfs_ctl_socket_path(argv[1], path, sizeof(path));
-	if (r < 0)
-		return fail("%s: %s", argv[1], strerror(-r));
-
-	fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	if (!strcmp(argv[2], "send"))
+		return tfs_ctlc_send(argv[1], argc - 2, argv + 2);
+	if (!strcmp(argv[2], "receive"))
+		return tfs_ctlc_receive(argv[1], argc - 2, argv + 2);
+	fd = tfs_ctlc_connect(argv[1]);
 	if (fd < 0)
-		return fail("socket: %s", strerror(errno));
-	snprintf(sa.sun_path, sizeof(sa.sun_path), "%s", path);
-	if (connect(fd, (struct sockaddr *)&sa, sizeof(sa)) < 0) {
-		int e = errno;
-
-		close(fd);
-		if (e == ENOENT || e == ECONNREFUSED)
-			return fail("%s: no thinfs daemon serves this mountpoint (%s)", argv[1],
-				    e == ENOENT ? "no control socket" : "stale control socket");
-		return fail("%s: cannot reach the daemon: %s", argv[1], strerror(e));
-	}
+		return 1;
 
 	req = json_object_new_object();
 	args = json_object_new_array();
@@ -197,7 +247,10 @@ int main(int argc, char **argv)
 		 * absolutely, even one that is not there (so the daemon's answer
 		 * names the file the user meant).
 		 */
-		if (!strcmp(argv[2], "reload") && i == 3) {
+		if (!strcmp(argv[2], "snapshot") && !strcmp(argv[i - 1], "--cow")) {
+			if (realpath(a, abs)) /* a tag (UUID=...) goes as it is */
+				a = abs;
+		} else if (!strcmp(argv[2], "reload") && i == 3) {
 			if (realpath(a, abs))
 				a = abs;
 			else if (a[0] != '/' && getcwd(cwd, sizeof(cwd)) &&

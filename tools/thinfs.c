@@ -8,6 +8,7 @@
 
 #include "check.h"
 #include "daemon.h"
+#include "diff.h"
 #include "dump.h"
 #include "restore.h"
 
@@ -21,6 +22,7 @@ static const struct command commands[] = {
 	{ "check", tfs_cmd_check, "check metadata offline (METADATA or POOL.cfg)" },
 	{ "dump", tfs_cmd_dump, "print metadata as thin_dump XML" },
 	{ "restore", tfs_cmd_restore, "write metadata from thin_dump XML" },
+	{ "diff", tfs_cmd_diff, "changed extents between two thin devices (offline)" },
 	{ "mkpool", tfs_cmd_mkpool, "format a pool's metadata and create its catalog" },
 	{ "mount", tfs_cmd_mount, "start the daemon: mount a pool's volumes as files" },
 };

@@ -29,6 +29,7 @@
 #include <unistd.h>
 
 #include "log.h"
+#include "snap-store.h"
 
 #define KIB 1024ull
 #define MIB (1024ull * KIB)
@@ -85,6 +86,8 @@ enum pool_key {
 	K_METADATA_CACHE,
 	K_HOST_CACHE,
 	K_MAX_THREADS,
+	K_SNAPSHOT_LOW_WATER,
+	K_DETECT_ZEROES,
 	K_NR
 };
 
@@ -103,6 +106,8 @@ static const char *const pool_key_name[K_NR] = {
 	[K_METADATA_CACHE] = "metadata_cache",
 	[K_HOST_CACHE] = "host_cache",
 	[K_MAX_THREADS] = "max_threads",
+	[K_SNAPSHOT_LOW_WATER] = "snapshot_low_water",
+	[K_DETECT_ZEROES] = "detect_zeroes",
 };
 
 /* What the reader decided about the line inih is about to parse. */
@@ -417,7 +422,8 @@ static const char *unquote(const char *value, char *buf, size_t len)
 	return value;
 }
 
-static void set_device(struct parser *p, const char *key, const char *value, char *out)
+static void set_device_at(struct parser *p, unsigned line, const char *key, const char *value,
+			  char *out)
 {
 	int r = tfs_config_resolve_device(value, p->base_dir, out, TFS_PATH_MAX);
 
@@ -425,31 +431,36 @@ static void set_device(struct parser *p, const char *key, const char *value, cha
 		return;
 	if (is_tag(value)) {
 		if (r == -EINVAL)
-			problem(p, p->lineno, -EINVAL, "%s: '%s' has an empty value", key, value);
+			problem(p, line, -EINVAL, "%s: '%s' has an empty value", key, value);
 		else
-			problem(p, p->lineno, -ENOENT,
+			problem(p, line, -ENOENT,
 				"%s: %s: no such device (libblkid found none with this %.*s)", key,
 				value, (int)(strchr(value, '=') - value), value);
 		return;
 	}
 	switch (r) {
 	case -EISDIR:
-		problem(p, p->lineno, -EINVAL, "%s: %s is a directory", key, value);
+		problem(p, line, -EINVAL, "%s: %s is a directory", key, value);
 		break;
 	case -ENOTBLK:
-		problem(p, p->lineno, -EINVAL, "%s: %s is neither a regular file nor a block device",
+		problem(p, line, -EINVAL, "%s: %s is neither a regular file nor a block device",
 			key, value);
 		break;
 	case -ENOENT:
-		problem(p, p->lineno, -ENOENT, "%s: %s: no such file or device%s%s%s", key, value,
+		problem(p, line, -ENOENT, "%s: %s: no such file or device%s%s%s", key, value,
 			value[0] == '/' ? "" : " (relative to ", value[0] == '/' ? "" : p->base_dir,
 			value[0] == '/' ? "" : ")");
 		break;
 	default:
-		problem(p, p->lineno, r == -ENAMETOOLONG ? -EINVAL : r, "%s: %s: %s", key, value,
+		problem(p, line, r == -ENAMETOOLONG ? -EINVAL : r, "%s: %s: %s", key, value,
 			strerror(-r));
 		break;
 	}
+}
+
+static void set_device(struct parser *p, const char *key, const char *value, char *out)
+{
+	set_device_at(p, p->lineno, key, value, out);
 }
 
 static void set_size(struct parser *p, const char *key, const char *value, uint64_t *out)
@@ -606,6 +617,29 @@ static void set_max_threads(struct parser *p, const char *value)
 	p->cfg.max_threads = (unsigned)n;
 }
 
+/* "80" or "80%": a percentage of each COW device; 0 turns the mark off. */
+static void set_snapshot_low_water(struct parser *p, const char *value)
+{
+	unsigned long v;
+	char *end;
+
+	if (!isdigit((unsigned char)value[0]))
+		goto bad;
+	errno = 0;
+	v = strtoul(value, &end, 10);
+	if (errno || (*end && strcmp(end, "%")))
+		goto bad;
+	if (v > 100) {
+		problem(p, p->lineno, -EINVAL, "snapshot_low_water: %s is more than 100%%", value);
+		return;
+	}
+	p->cfg.snapshot_low_water = (unsigned)v;
+	return;
+bad:
+	problem(p, p->lineno, -EINVAL,
+		"snapshot_low_water: '%s' is not a percentage of the COW device (80%%)", value);
+}
+
 static void pool_key(struct parser *p, const char *name, const char *raw)
 {
 	char unq[TFS_PATH_MAX];
@@ -622,7 +656,7 @@ static void pool_key(struct parser *p, const char *name, const char *raw)
 			"unknown key '%s' in [pool] (known: metadata, data, block_size, catalog, "
 			"low_water_mark, error_if_no_space, no_space_timeout, discard_passdown, "
 			"skip_block_zeroing, commit_interval, on_event, metadata_cache, host_cache, "
-			"max_threads)",
+			"max_threads, snapshot_low_water, detect_zeroes)",
 			name);
 		return;
 	}
@@ -688,6 +722,16 @@ static void pool_key(struct parser *p, const char *name, const char *raw)
 		break;
 	case K_MAX_THREADS:
 		set_max_threads(p, value);
+		break;
+	case K_SNAPSHOT_LOW_WATER:
+		set_snapshot_low_water(p, value);
+		break;
+	case K_DETECT_ZEROES:
+		if (!strcmp(value, "unmap") || !strcmp(value, "off"))
+			c->detect_zeroes = !strcmp(value, "unmap");
+		else
+			problem(p, p->lineno, -EINVAL, "detect_zeroes: '%s' is not off or unmap",
+				value);
 		break;
 	case K_NR:
 		break;
@@ -997,7 +1041,7 @@ blank:
 
 /* ---- the whole file ---- */
 
-static bool same_file(const char *a, const char *b)
+bool tfs_config_same_device(const char *a, const char *b)
 {
 	struct stat sa, sb;
 
@@ -1026,7 +1070,7 @@ static void finish(struct parser *p)
 	if (p->nr_errors)
 		return;
 
-	if (same_file(c->metadata, c->data)) {
+	if (tfs_config_same_device(c->metadata, c->data)) {
 		problem(p, p->key_line[K_DATA], -EINVAL,
 			"data: %s is the metadata device too (line %u)", c->data,
 			p->key_line[K_METADATA]);
@@ -1051,7 +1095,7 @@ static void finish(struct parser *p)
 			c->catalog);
 		return;
 	}
-	if (same_file(c->catalog, c->metadata) || same_file(c->catalog, c->data))
+	if (tfs_config_same_device(c->catalog, c->metadata) || tfs_config_same_device(c->catalog, c->data))
 		problem(p, p->key_line[K_CATALOG], -EINVAL,
 			"catalog: %s is the metadata or data device", c->catalog);
 }
@@ -1124,6 +1168,135 @@ static bool targets_fit(struct parser *p)
 	return true;
 }
 
+/* Index of key in the section's key table. */
+static int named_index(enum section_kind kind, const char *key)
+{
+	const char *const *keys = named_keys(kind);
+
+	for (int i = 0; keys[i]; i++)
+		if (!strcmp(keys[i], key))
+			return i;
+	return -1;
+}
+
+static const char *named_value(const struct named_section *ns, const char *key, unsigned *line)
+{
+	int i = named_index(ns->kind, key);
+
+	*line = ns->key_line[i];
+	return ns->key_line[i] ? ns->value[i] : NULL;
+}
+
+/* A device path another key already names, as "[origin \"db\"] device" or "[pool] data". */
+static bool device_clash(struct parser *p, const char *path, size_t upto, char *who, size_t len)
+{
+	if (tfs_config_same_device(path, p->cfg.metadata) || tfs_config_same_device(path, p->cfg.data)) {
+		snprintf(who, len, "[pool] %s", tfs_config_same_device(path, p->cfg.data) ? "data" : "metadata");
+		return true;
+	}
+	for (size_t i = 0; i < upto; i++) {
+		const struct tfs_cow_target_cfg *t = &p->cfg.cow_targets[i];
+
+		if (tfs_config_same_device(path, t->device)) {
+			snprintf(who, len, "[%s \"%s\"] %s", t->is_snapshot ? "snapshot" : "origin",
+				 t->name, t->is_snapshot ? "cow" : "device");
+			return true;
+		}
+	}
+	return false;
+}
+
+/* [snapshot] chunk_size: TFS_SNAP_CHUNK_RULE; default 4k, as LVM's. */
+static bool snapshot_chunk(struct parser *p, const struct named_section *ns,
+			   struct tfs_cow_target_cfg *t)
+{
+	unsigned line;
+	const char *v = named_value(ns, "chunk_size", &line);
+	uint64_t bytes;
+
+	t->chunk_sectors = 8;
+	if (!v)
+		return true;
+	if (tfs_parse_size(v, &bytes, NULL) || bytes % 512 || bytes / 512 > UINT32_MAX ||
+	    !tfs_snap_chunk_sectors_ok(bytes / 512)) {
+		problem(p, line, -EINVAL, "[snapshot \"%s\"] chunk_size: %s is not %s", ns->name,
+			v, TFS_SNAP_CHUNK_RULE);
+		return false;
+	}
+	t->chunk_sectors = (uint32_t)(bytes / 512);
+	return true;
+}
+
+/*
+ * [origin] and [snapshot] sections (sorted: origins first), into
+ * cfg.cow_targets.  Only what can be told without opening a device: the
+ * engine checks what they hold when it opens them.
+ */
+static void check_cow_targets(struct parser *p)
+{
+	struct tfs_pool_config *c = &p->cfg;
+	char who[TFS_PATH_MAX + 32], key[80];
+	unsigned line;
+	const char *v;
+
+	for (size_t i = 0; i < p->nr_named; i++) {
+		const struct named_section *ns = &p->named[i];
+		struct tfs_cow_target_cfg *t;
+		bool snap = ns->kind == SEC_SNAPSHOT;
+		const char *dev_key = snap ? "cow" : "device";
+		unsigned before = p->nr_errors;
+
+		if (ns->kind != SEC_ORIGIN && !snap)
+			continue;
+		if (c->nr_cow_targets == TFS_COW_TARGETS_MAX) {
+			problem(p, ns->line, -EINVAL, "[%s \"%s\"]: more than %d origins and "
+				"snapshots", section_word[ns->kind], ns->name, TFS_COW_TARGETS_MAX);
+			return;
+		}
+		t = &c->cow_targets[c->nr_cow_targets];
+		memset(t, 0, sizeof(*t));
+		t->is_snapshot = snap;
+		snprintf(t->name, sizeof(t->name), "%.255s", ns->name);
+		v = named_value(ns, dev_key, &line);
+		if (!v) {
+			problem(p, ns->line, -EINVAL, "[%s \"%s\"]: required key '%s' is missing",
+				section_word[ns->kind], ns->name, dev_key);
+		} else {
+			snprintf(key, sizeof(key), "[%s \"%.40s\"] %s", section_word[ns->kind],
+				 ns->name, dev_key);
+			set_device_at(p, line, key, v, t->device);
+			if (p->nr_errors == before &&
+			    device_clash(p, t->device, c->nr_cow_targets, who, sizeof(who)))
+				problem(p, line, -EINVAL, "%s: %s is already %s", key, v, who);
+		}
+		if (snap) {
+			v = named_value(ns, "origin", &line);
+			if (!v) {
+				problem(p, ns->line, -EINVAL,
+					"[snapshot \"%s\"]: required key 'origin' is missing", ns->name);
+			} else {
+				bool found = false;
+
+				for (unsigned k = 0; k < c->nr_cow_targets; k++)
+					if (!c->cow_targets[k].is_snapshot &&
+					    !strcmp(c->cow_targets[k].name, v))
+						found = true;
+				if (!found)
+					problem(p, line, -EINVAL, "[snapshot \"%s\"] origin: no "
+						"[origin \"%s\"] section", ns->name, v);
+				snprintf(t->origin, sizeof(t->origin), "%s", v);
+			}
+			snapshot_chunk(p, ns, t);
+			t->persistent = true;
+			v = named_value(ns, "persistent", &line);
+			if (v && parse_bool(v, &t->persistent))
+				problem(p, line, -EINVAL, "[snapshot \"%s\"] persistent: '%s' is not "
+					"yes or no", ns->name, v);
+		}
+		c->nr_cow_targets++;
+	}
+}
+
 static void keep_targets(struct parser *p)
 {
 	struct text t;
@@ -1132,35 +1305,40 @@ static void keep_targets(struct parser *p)
 		return;
 	if (p->nr_named)
 		qsort(p->named, p->nr_named, sizeof(*p->named), cmp_named);
+	if (!p->nr_errors)
+		check_cow_targets(p);
 	text_init(&t, p->cfg.targets, sizeof(p->cfg.targets));
 	for (size_t i = 0; i < p->nr_named; i++)
 		add_target_line(&t, &p->named[i]);
 }
 
-/* A cache's devices are its own: not the pool's, not another cache's.  -EINVAL with why. */
+/*
+ * A cache's devices are its own: not the pool's, an origin's or snapshot's,
+ * or another cache's.  -EINVAL with why.
+ */
 static int cache_devices_free(struct parser *p, const struct tfs_cache_cfg *c, char *why,
 			      size_t len)
 {
 	const char *const keys[] = { "origin", "cache", "metadata" };
 	const char *const mine[] = { c->origin, c->cache, c->metadata };
+	char who[320];
 
 	for (int k = 0; k < 3; k++) {
-		const char *pool = !strcmp(mine[k], p->cfg.metadata) ? "metadata"
-				   : !strcmp(mine[k], p->cfg.data) ? "data" : NULL;
+		bool clash = device_clash(p, mine[k], p->cfg.nr_cow_targets, who, sizeof(who));
 
-		if (pool) {
-			snprintf(why, len, "%s: %s is the pool's %s device", keys[k], mine[k], pool);
-			return -EINVAL;
-		}
-		for (unsigned i = 0; i < p->cfg.nr_caches; i++) {
+		for (unsigned i = 0; !clash && i < p->cfg.nr_caches; i++) {
 			const struct tfs_cache_cfg *o = &p->cfg.caches[i];
+			const char *const theirs[] = { o->origin, o->cache, o->metadata };
 
-			if (!strcmp(mine[k], o->origin) || !strcmp(mine[k], o->cache) ||
-			    !strcmp(mine[k], o->metadata)) {
-				snprintf(why, len, "%s: %s is used by [cache \"%s\"] already", keys[k],
-					 mine[k], o->name);
-				return -EINVAL;
+			for (int j = 0; !clash && j < 3; j++) {
+				clash = tfs_config_same_device(mine[k], theirs[j]);
+				if (clash)
+					snprintf(who, sizeof(who), "[cache \"%s\"] %s", o->name, keys[j]);
 			}
+		}
+		if (clash) {
+			snprintf(why, len, "%s: %s is already %s", keys[k], mine[k], who);
+			return -EINVAL;
 		}
 	}
 	return 0;
@@ -1225,6 +1403,7 @@ static void set_defaults(struct tfs_pool_config *c)
 	c->host_cache = false;
 	c->max_threads = MAX_THREADS_DEFAULT;
 	c->allow_faults = false;
+	c->snapshot_low_water = 80;
 }
 
 int tfs_config_load(const char *path, struct tfs_pool_config *out)
@@ -1278,8 +1457,9 @@ int tfs_config_load(const char *path, struct tfs_pool_config *out)
 	}
 	if (!p->read_errno) {
 		finish(p);
-		parse_caches(p);
 		keep_targets(p);
+		/* After the origins and snapshots: a cache's devices must be none of theirs. */
+		parse_caches(p);
 	}
 
 	if (p->nr_errors) {
@@ -1405,10 +1585,18 @@ static void setting_changes(const struct tfs_pool_config *run, const struct tfs_
 	if (run->skip_block_zeroing != next->skip_block_zeroing)
 		change(t, "skip_block_zeroing", yes_no(run->skip_block_zeroing),
 		       yes_no(next->skip_block_zeroing));
+	if (run->detect_zeroes != next->detect_zeroes)
+		change(t, "detect_zeroes", run->detect_zeroes ? "unmap" : "off",
+		       next->detect_zeroes ? "unmap" : "off");
 	if (run->commit_interval_ms != next->commit_interval_ms) {
 		format_ms(run->commit_interval_ms, a, sizeof(a));
 		format_ms(next->commit_interval_ms, b, sizeof(b));
 		change(t, "commit_interval", a, b);
+	}
+	if (run->snapshot_low_water != next->snapshot_low_water) {
+		snprintf(a, sizeof(a), "%u%%", run->snapshot_low_water);
+		snprintf(b, sizeof(b), "%u%%", next->snapshot_low_water);
+		change(t, "snapshot_low_water", a, b);
 	}
 	if (strcmp(run->on_event, next->on_event))
 		change(t, "on_event", run->on_event[0] ? run->on_event : "none",

@@ -25,17 +25,28 @@
  *   host_cache                bool: devices through the host page cache (default
  *                             false: O_DIRECT)
  *   max_threads               FUSE worker threads at most, 8 .. 4096 (default 512)
+ *   detect_zeroes             off | unmap: whole blocks of zeros written are
+ *                             unmapped, not stored (default off)
  * [fault] allow = yes|no      fault injection (needs --allow-faults too)
+ *   snapshot_low_water        percent of a COW device ("80" or "80%", default 80;
+ *                             0 = no low_water_cow events)
+ * [origin "NAME"] device = PATH|UUID=|LABEL=   (required)
+ * [snapshot "NAME"] origin = an [origin] section (required), cow = device
+ *   (required), persistent = yes|no (default yes), chunk_size = 4k .. 1g,
+ *   a power of two (default 4k).  Checked here: required keys, the origin
+ *   exists, the chunk size, every device resolves and no device is named
+ *   twice (by two sections, or by a section and [pool] metadata/data).
+ *   What a device holds (a signature, its size) is checked by the engine
+ *   when it opens it (origin.h).  Parsed into cow_targets.
  * [cache "NAME"] origin, cache, metadata (devices, required, all different,
- *   none the pool's metadata or data or another cache's),
+ *   none the pool's metadata or data, an origin's, a snapshot's or another
+ *   cache's),
  *   block_size 32k .. 1g in multiples of 32k (default 64k), mode
  *   writethrough|writeback|passthrough, policy smq|mq|cleaner,
  *   migration_threshold (sectors, default 2048), metadata_version 1|2
  *   (default 2), discard_passdown (bool, default no): checked by
  *   cache-config.c, parsed into caches[] (at most TFS_CACHES_MAX).
- * Sections [origin "..."], [snapshot "..."] are recognised
- * and kept for later targets; their keys are validated only by name (each
- * at most once), their values not at all.  They are kept as text, in
+ * All three kinds of sections are also kept as text, in
  * `targets`: one line per section, sorted by kind (origin, snapshot,
  * cache) then by name (strcmp), each '\n'-terminated, keys sorted by name
  * and values as given (unquoted), e.g.
@@ -70,6 +81,17 @@
 #define TFS_PATH_MAX 4096
 #define TFS_TARGETS_MAX 8192
 #define TFS_CACHES_MAX 8
+#define TFS_COW_TARGETS_MAX 32
+
+/* An [origin "NAME"] or [snapshot "NAME"] section, checked (see above). */
+struct tfs_cow_target_cfg {
+	bool is_snapshot;
+	char name[256];
+	char origin[256];              /* snapshot: its origin section's name */
+	char device[TFS_PATH_MAX];     /* origin: device; snapshot: cow; resolved */
+	uint32_t chunk_sectors;        /* snapshot: 512-byte sectors (default 8: 4 KiB) */
+	bool persistent;               /* snapshot (default yes) */
+};
 
 struct tfs_pool_config {
 	char path[TFS_PATH_MAX];          /* the pool.cfg itself, absolute */
@@ -89,10 +111,14 @@ struct tfs_pool_config {
 	uint64_t metadata_cache_bytes;
 	bool host_cache;                  /* false: the devices are opened O_DIRECT */
 	unsigned max_threads;             /* FUSE worker threads at most */
+	bool detect_zeroes;               /* "unmap" */
 	bool allow_faults;
 	char targets[TFS_TARGETS_MAX];    /* [origin/snapshot/cache] sections, see above */
 	unsigned nr_caches;               /* [cache] sections, checked, in name order */
 	struct tfs_cache_cfg caches[TFS_CACHES_MAX];
+	unsigned snapshot_low_water;      /* percent of a COW device (default 80; 0 = off) */
+	unsigned nr_cow_targets;          /* origins (by name), then snapshots (by name) */
+	struct tfs_cow_target_cfg cow_targets[TFS_COW_TARGETS_MAX];
 };
 
 /*
@@ -113,8 +139,8 @@ int tfs_config_load(const char *path, struct tfs_pool_config *out);
  * changes lists what differs, "; "-separated, e.g.
  * "error_if_no_space: no -> yes; no_space_timeout: 60s -> 0s; low_water_mark: 10% -> 4096 blocks; [origin \"db\"] added",
  * or "" when nothing does.  Reloadable: low_water_mark, error_if_no_space,
- * no_space_timeout, discard_passdown, skip_block_zeroing, commit_interval,
- * on_event, and the origin/snapshot/cache sections (added, removed,
+ * no_space_timeout, discard_passdown, skip_block_zeroing, detect_zeroes,
+ * commit_interval, on_event, and the origin/snapshot/cache sections (added, removed,
  * changed: '[cache "c"] changed: mode=writethrough -> mode=writeback').
  * The path of the .cfg itself may differ.  Either text is cut to its
  * buffer (ending "..." when cut); a buffer may be NULL with length 0.
@@ -131,6 +157,12 @@ int tfs_config_reload_diff(const struct tfs_pool_config *run, const struct tfs_p
  * -errno of realpath(3)/stat(2).  Blocks: a tag may make libblkid probe devices.
  */
 int tfs_config_resolve_device(const char *name, const char *base_dir, char *out, size_t out_len);
+
+/*
+ * Whether two paths name the same file or block device (stat: the same
+ * inode or device number; paths that cannot be stat'ed compare as text).
+ */
+bool tfs_config_same_device(const char *a, const char *b);
 
 /*
  * Size parsing shared with thinfs-ctl: "64k", "20G", "+50G" (sets *relative).

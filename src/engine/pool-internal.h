@@ -4,14 +4,16 @@
  * thin-io.c (the thin target's devices) share.  Not for use outside src/engine.
  *
  * Locks, in the order they are taken (never the other way round):
+ *   0. pool->diff_mutex (one diff at a time, holding the held-root slot;
+ *      metadata snapshot reserve and release wait for it)
  *   1. prison cells (one per request; snapshot creation takes one per
  *      origin, in ascending device id order)
  *   2. pool->commit_mutex (one commit at a time)
  *   3. pool->lock, the metadata lock: every tfs_pmd_* / tfs_thin_* / tfs_td_*
  *      call and every field marked [lock] below.  Never held across data
- *      I/O, nor across a commit's metadata writes (commit_io: lookups go on,
- *      changes wait).  Evicting a dirty metadata block writes it under the
- *      lock.
+ *      I/O, nor across a commit's metadata writes (commit_io: lookups and
+ *      changes go on, into the next transaction; an abort waits).
+ *      Evicting a dirty metadata block writes it under the lock.
  */
 #ifndef TFS_ENGINE_POOL_INTERNAL_H
 #define TFS_ENGINE_POOL_INTERNAL_H
@@ -78,8 +80,9 @@ struct tfs_pool {
 	uint64_t abort_gen;           /* [lock] transactions aborted, ever */
 	uint64_t pending_allocs;      /* [lock] data blocks allocated, not yet inserted or freed */
 	bool commit_waiting;          /* [lock] a commit drains pending_allocs: no new allocations */
-	bool commit_io;               /* [lock] a commit writes metadata, lock dropped: no changes */
-	pthread_cond_t commit_io_cv;  /* commit_io went false */
+	bool commit_io;               /* [lock] a commit writes metadata, lock dropped: no abort */
+	bool abort_pending;           /* [lock] a failed change waits for commit_io: no I/O, no changes */
+	pthread_cond_t commit_io_cv;  /* commit_io or abort_pending went false */
 	pthread_cond_t alloc_cv;      /* commit_waiting went false */
 	pthread_cond_t drain_cv;      /* pending_allocs reached 0 */
 	struct tfs_extents passdown;  /* [lock] freed in this transaction: discard after commit */
@@ -115,6 +118,7 @@ struct tfs_pool {
 	bool discard_warned;          /* [commit_mutex] told once that passdown fails */
 
 	pthread_mutex_t resize_mutex; /* one resize at a time; taken before everything else */
+	pthread_mutex_t diff_mutex;   /* one diff at a time (thin-diff.c) */
 
 	/* Suspend, resume and reload, one at a time; taken before resize_mutex. */
 	struct tfs_core *core;
@@ -141,17 +145,22 @@ struct tfs_thin_dev {
 
 /* ---- called with pool->lock held ---- */
 
-/* 0 when I/O may run at all; -EIO in fail mode. */
+/*
+ * 0 when I/O may run at all; -EIO in fail mode.  First waits (dropping
+ * the lock) while a failed change waits to be aborted (abort_pending).
+ */
 int tfs_pool_may_io(struct tfs_pool *pool);
 /*
  * 0 when metadata may change; -EROFS opened read-only; -EIO read_only or
- * fail mode.  First waits (dropping the lock) while a commit writes
- * metadata blocks (commit_io).
+ * fail mode.  Waits as tfs_pool_may_io does; not for a commit's metadata
+ * I/O (changes go into the next transaction).
  */
 int tfs_pool_may_change(struct tfs_pool *pool);
 /*
  * A call that changes metadata failed with err: abort the transaction, set
- * needs_check, go read_only (fail if either of those fails).  Logs the
+ * needs_check, go read_only (fail if either of those fails).  During a
+ * commit's metadata I/O, first waits for it to end (dropping the lock;
+ * -EIO at once if that commit failed and so aborted this change).  Logs the
  * transition with what (e.g. "inserting a mapping").  Returns the errno
  * for the request: -ENOSPC when metadata space ran out, else -EIO.
  */

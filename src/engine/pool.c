@@ -123,12 +123,28 @@ static void set_mode(struct tfs_pool *pool, enum tfs_pool_mode mode, const char 
 		pool->notify(pool->notify_arg);
 }
 
+/*
+ * A change failed while a commit's metadata I/O ran, and waits for it to
+ * end before aborting (tfs_pool_meta_failed): until then nothing may look
+ * at the half-made change.
+ */
+static void wait_abort(struct tfs_pool *pool)
+{
+	while (pool->abort_pending)
+		pthread_cond_wait(&pool->commit_io_cv, &pool->lock);
+}
+
 int tfs_pool_may_io(struct tfs_pool *pool)
 {
+	wait_abort(pool);
 	return pool->mode == TFS_POOL_FAIL ? -EIO : 0;
 }
 
-/* While a commit's metadata I/O runs, the blocks it writes must not change (pool.c, run_commit). */
+/*
+ * While a commit's metadata I/O runs (pool.c, run_commit) the next
+ * transaction goes on, but an abort must wait: it drops the whole cache,
+ * and the commit's blocks are pinned until its end.
+ */
 static void wait_commit_io(struct tfs_pool *pool)
 {
 	while (pool->commit_io)
@@ -137,7 +153,7 @@ static void wait_commit_io(struct tfs_pool *pool)
 
 int tfs_pool_may_change(struct tfs_pool *pool)
 {
-	wait_commit_io(pool);
+	wait_abort(pool);
 	if (pool->opened_read_only)
 		return -EROFS;
 	if (pool->mode == TFS_POOL_READ_ONLY || pool->mode == TFS_POOL_FAIL)
@@ -152,6 +168,17 @@ int tfs_pool_meta_failed(struct tfs_pool *pool, int err, const char *what)
 
 	if (pool->mode == TFS_POOL_FAIL)
 		return -EIO;
+	if (pool->commit_io) {
+		tfs_info("%s: %s failed (%s) during a commit's metadata I/O: aborting when it ends",
+			 pool->cfg.metadata, what, strerror(-err));
+		pool->abort_pending = true;
+		wait_commit_io(pool);
+		pool->abort_pending = false;
+		pthread_cond_broadcast(&pool->commit_io_cv);
+		/* That commit failed: its abort took this change's transaction with it. */
+		if (pool->mode == TFS_POOL_READ_ONLY || pool->mode == TFS_POOL_FAIL)
+			return -EIO;
+	}
 	/* Name the block when a write of one was the cause (before abort/needs_check write again). */
 	tfs_pmd_take_write_error(pool->pmd, io, sizeof(io));
 	snprintf(cause, sizeof(cause), "%s", io[0] ? io : strerror(-err));
@@ -395,14 +422,23 @@ static int flush_data(struct tfs_pool *pool)
 	return r;
 }
 
+/* With the lock held: what was changed and freed so far belongs to the commit. */
+static void start_next_transaction(struct tfs_pool *pool, struct tfs_extents *punch)
+{
+	pool->dirty = false;
+	*punch = pool->passdown;
+	pool->passdown = (struct tfs_extents){ 0 };
+}
+
 /*
  * The metadata commit, entered with the lock held and allocations
  * drained.  Its I/O runs with the lock dropped: only the in-memory part
- * (tfs_pmd_commit_begin) holds it, and while the blocks are written,
- * lookups (reads, overwrites of mapped blocks) go on; metadata changes
- * wait in tfs_pool_may_change (commit_io).  fn (which commits itself)
- * runs wholly under the lock.  Returns with the lock held; on success
- * the passdown queue has moved to *punch.
+ * (tfs_pmd_commit_begin) holds it.  Then the next transaction starts:
+ * while the blocks are written, lookups and changes (allocations,
+ * discards, create/delete) go on into it, and only an abort waits
+ * (commit_io).  fn (which commits itself) runs wholly under the lock.
+ * Returns with the lock held; on success the passdown queue of the
+ * committed transaction is in *punch.
  */
 static int commit_metadata(struct tfs_pool *pool, commit_fn fn, struct tfs_extents *punch)
 {
@@ -415,29 +451,28 @@ static int commit_metadata(struct tfs_pool *pool, commit_fn fn, struct tfs_exten
 		r = fn(pool->pmd);
 		if (r == -EBUSY || r == -EINVAL)
 			return r; /* refused before changing anything (logged by the metadata layer) */
+		if (!r)
+			start_next_transaction(pool, punch);
 	} else {
 		r = tfs_pmd_commit_begin(pool->pmd, &c);
 		if (!r) {
+			start_next_transaction(pool, punch);
 			pool->commit_io = true;
+			pool->commit_waiting = false;
+			pthread_cond_broadcast(&pool->alloc_cv);
 			pthread_mutex_unlock(&pool->lock);
 			r = tfs_pmd_commit_write(c);
 			pthread_mutex_lock(&pool->lock);
 			r = tfs_pmd_commit_end(pool->pmd, c, r);
+			pool->commit_io = false;
+			pthread_cond_broadcast(&pool->commit_io_cv);
 		}
 	}
-	if (r)
-		r = tfs_pool_meta_failed(pool, r, "committing the metadata");
-	if (pool->commit_io) {
-		pool->commit_io = false;
-		pthread_cond_broadcast(&pool->commit_io_cv);
+	if (r) {
+		/* The state on disk still maps what this commit freed: discard none of it. */
+		tfs_extents_free(punch);
+		return tfs_pool_meta_failed(pool, r, "committing the metadata");
 	}
-	if (r)
-		return r;
-	pool->dirty = false;
-	*punch = pool->passdown;
-	pool->passdown = (struct tfs_extents){ 0 };
-	leave_out_of_space(pool);
-	tfs_pool_check_low_water(pool);
 	return 0;
 }
 
@@ -456,10 +491,12 @@ static int commit_metadata(struct tfs_pool *pool, commit_fn fn, struct tfs_exten
  * meanwhile, and only allocating writers wait for it.  (4) Commit the
  * metadata: its in-memory part under the lock, then blocks, flush,
  * superblock, flush with the lock dropped, so reads and overwrites of
- * mapped blocks go on while other changes wait (commit_metadata).  (5)
- * Discard the blocks freed in the committed transaction, before any
- * allocation can hand them out again (and not earlier: until (4) the last
- * committed mappings still point at them).  (6) Let allocations resume.
+ * mapped blocks go on, and so do allocations and other changes, into the
+ * next transaction (commit_metadata).  (5) Discard the data blocks freed
+ * in the committed transaction (not earlier: until (4) the last committed
+ * mappings still point at them).  (6) Only then may an allocation hand
+ * them out again (tfs_pmd_release_freed_data); let allocations resume if
+ * they waited (fn).
  */
 static int run_commit(struct tfs_pool *pool, bool flush_always, commit_fn fn)
 {
@@ -518,6 +555,11 @@ static int run_commit(struct tfs_pool *pool, bool flush_always, commit_fn fn)
 	tfs_extents_free(&punch);
 
 	pthread_mutex_lock(&pool->lock);
+	if (!r && pool->mode != TFS_POOL_FAIL) {
+		tfs_pmd_release_freed_data(pool->pmd);
+		leave_out_of_space(pool);
+		tfs_pool_check_low_water(pool);
+	}
 	pool->commit_waiting = false;
 	pthread_cond_broadcast(&pool->alloc_cv);
 	pthread_mutex_unlock(&pool->lock);
@@ -821,6 +863,21 @@ static int open_metadata(struct tfs_pool *pool)
 		pool->mode = TFS_POOL_READ_ONLY;
 		snprintf(pool->reason, sizeof(pool->reason), "opened read-only");
 	}
+	/* A diff's hold outlives only a crash in its middle: nothing uses it any more. */
+	if (!pool->opened_read_only && !tfs_pmd_needs_check(pool->pmd) &&
+	    tfs_pmd_held_for_diff(pool->pmd)) {
+		tfs_info("%s: dropping the metadata snapshot (block %llu) a diff held when the "
+			 "daemon stopped", pool->cfg.metadata,
+			 (unsigned long long)tfs_pmd_held_root(pool->pmd));
+		r = tfs_pmd_drop_held_roots(pool->pmd);
+		if (!r)
+			r = tfs_pmd_commit(pool->pmd);
+		if (r) {
+			tfs_err("%s: dropping a diff's metadata snapshot failed: %s",
+				pool->cfg.metadata, strerror(-r));
+			return r;
+		}
+	}
 	tfs_pmd_space(pool->pmd, &pool->space);
 	if (!data_blocks_of(pool->data, pool->block_size, &have) && have < pool->space.data_total)
 		tfs_warn("%s: the data device holds %llu blocks but the metadata says %llu",
@@ -843,6 +900,7 @@ static void free_pool(struct tfs_pool *pool)
 	pthread_mutex_destroy(&pool->commit_mutex);
 	pthread_mutex_destroy(&pool->timer_lock);
 	pthread_mutex_destroy(&pool->resize_mutex);
+	pthread_mutex_destroy(&pool->diff_mutex);
 	pthread_cond_destroy(&pool->alloc_cv);
 	pthread_cond_destroy(&pool->drain_cv);
 	pthread_cond_destroy(&pool->commit_io_cv);
@@ -865,6 +923,7 @@ int tfs_pool_open(const struct tfs_pool_config *cfg, bool read_only, struct tfs_
 	pthread_mutex_init(&pool->commit_mutex, NULL);
 	pthread_mutex_init(&pool->timer_lock, NULL);
 	pthread_mutex_init(&pool->resize_mutex, NULL);
+	pthread_mutex_init(&pool->diff_mutex, NULL);
 	pthread_mutex_init(&pool->suspend_mutex, NULL);
 	pthread_cond_init(&pool->alloc_cv, NULL);
 	pthread_cond_init(&pool->drain_cv, NULL);
@@ -1026,8 +1085,8 @@ void tfs_pool_put_thin(struct tfs_pool *pool, struct tfs_thin_ref *ref)
 	/*
 	 * Closing may write the handle's details; in fail mode the metadata
 	 * layer must not be called at all, and tfs_pmd_close frees the handle.
-	 * No wait for a commit's I/O (commit_io): details change only with
-	 * mappings, which wait for it, and the commit saved them first.  A
+	 * No wait for a commit's I/O (commit_io): the commit saved the
+	 * details first, and a change now goes into the next transaction.  A
 	 * close must not wait: the daemon closes under its namespace lock.
 	 */
 	if (pool->mode != TFS_POOL_FAIL)
@@ -1439,21 +1498,33 @@ int tfs_pool_set_transaction_id(struct tfs_pool *pool, uint64_t old_id, uint64_t
 	return r ? r : admin_end(pool, &io, set_transaction_id(pool, old_id, new_id));
 }
 
-/* Both commit inside the metadata layer, so they run as the commit step itself. */
-int tfs_pool_reserve_metadata_snap(struct tfs_pool *pool)
+/*
+ * Both commit inside the metadata layer, so they run as the commit step
+ * itself.  A diff holds the same slot for a moment (thin-diff.c): wait for it.
+ */
+static int metadata_snap(struct tfs_pool *pool, bool reserve)
 {
 	struct tfs_core_io io;
-	int r = admin_begin(pool, &io, "reserving a metadata snapshot");
+	int r = admin_begin(pool, &io, reserve ? "reserving a metadata snapshot"
+					       : "releasing the metadata snapshot");
 
-	return r ? r : admin_end(pool, &io, run_commit(pool, false, tfs_pmd_reserve_metadata_snap));
+	if (r)
+		return r;
+	pthread_mutex_lock(&pool->diff_mutex);
+	r = run_commit(pool, false, reserve ? tfs_pmd_reserve_metadata_snap
+					    : tfs_pmd_release_metadata_snap);
+	pthread_mutex_unlock(&pool->diff_mutex);
+	return admin_end(pool, &io, r);
+}
+
+int tfs_pool_reserve_metadata_snap(struct tfs_pool *pool)
+{
+	return metadata_snap(pool, true);
 }
 
 int tfs_pool_release_metadata_snap(struct tfs_pool *pool)
 {
-	struct tfs_core_io io;
-	int r = admin_begin(pool, &io, "releasing the metadata snapshot");
-
-	return r ? r : admin_end(pool, &io, run_commit(pool, false, tfs_pmd_release_metadata_snap));
+	return metadata_snap(pool, false);
 }
 
 /* ---- resize ------------------------------------------------------------------------- */

@@ -278,6 +278,38 @@ int tfs_pool_dev_usage(struct tfs_pool *pool, uint32_t id, struct tfs_dev_usage 
  */
 int tfs_pool_dev_end(struct tfs_pool *pool, uint32_t id, uint64_t *blocks);
 
+/*
+ * Added: the runs of virtual blocks (in data blocks) of device *to that
+ * differ from device *from (NULL: a device that maps nothing), as
+ * tfs_thin_diff in thin-metadata.h: fn(ctx, vblock, len, zero), zero
+ * meaning mapped in from and unmapped in to, in ascending order.  The
+ * answer is the devices as they were at one instant, the call's start:
+ * the mapping trees of that instant are held (tfs_pmd_hold_roots, the
+ * held-root slot) and walked in steps of TFS_POOL_DIFF_STEP nodes with
+ * the pool's lock dropped in between, so I/O, changes and commits go on.
+ * In read_only or fail mode, or on a pool opened read-only, nothing
+ * changes the metadata and nothing is held.  One diff at a time; a
+ * metadata snapshot reserve or release waits for it.  fn runs under the
+ * pool's lock: it only records (no I/O, no pool calls).  progress (may be
+ * NULL) is called between steps with no lock held, with the first virtual
+ * block not yet compared; non-zero stops the diff (-EINTR).  Costs:
+ * stats->nodes_read mapping-tree nodes, about the changed leaves times
+ * the trees' depth; stats->held says whether the trees were held.
+ * Errors: -EBUSY (nothing done) a metadata snapshot is held
+ * (reserve-metadata-snap) and the diff needs its slot; -ENOSPC metadata
+ * too full to hold the trees; -ENODATA no such device; -EIO fail mode, or
+ * the transaction was aborted during the walk; -EUCLEAN corrupt metadata.
+ */
+#define TFS_POOL_DIFF_STEP 64
+struct tfs_pool_diff_stats {
+	uint64_t nodes_read;
+	bool held;
+};
+int tfs_pool_diff(struct tfs_pool *pool, const uint32_t *from, const uint32_t *to,
+		  int (*fn)(void *ctx, uint64_t vblock, uint64_t len, bool zero),
+		  int (*progress)(void *ctx, uint64_t vblock), void *ctx,
+		  struct tfs_pool_diff_stats *stats);
+
 /* ---- thin devices: the device interface (target.h), kind "thin" ---- */
 /*
  * A handle on thin device id.  flags: TFS_DEV_READ_ONLY (writes fail with

@@ -129,6 +129,8 @@ static void take_settings(struct tfs_pool *pool, const struct tfs_pool_config *c
 	/* The caches take theirs after the resume (tfs_fs_cache_reload). */
 	run->nr_caches = c->nr_caches;
 	memcpy(run->caches, c->caches, sizeof(run->caches));
+	/* Origins and snapshots take it from the pool's config at resume (src/fs). */
+	run->snapshot_low_water = c->snapshot_low_water;
 	run->low_water_blocks = c->low_water_blocks;
 	run->low_water_percent = c->low_water_percent;
 	run->low_water_is_percent = c->low_water_is_percent;
@@ -138,6 +140,7 @@ static void take_settings(struct tfs_pool *pool, const struct tfs_pool_config *c
 	if (!c->discard_passdown)
 		tfs_pool_free_not_zero(pool, "discard_passdown is off");
 	run->skip_block_zeroing = c->skip_block_zeroing;
+	run->detect_zeroes = c->detect_zeroes;
 	run->commit_interval_ms = c->commit_interval_ms;
 	pool->reload_staged = false;
 	pthread_mutex_unlock(&pool->lock);

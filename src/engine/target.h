@@ -25,8 +25,10 @@
  * device, a snapshot's COW store, a pool's data device on a cache) should
  * hold that device as a struct tfs_dev too, and do its I/O through the
  * same wrappers; tfs_linear_open makes one of a backing device (bdev.h),
- * so a plain device and a target are interchangeable underneath.  Nothing
- * stacks yet: the thin pool still does its I/O on struct tfs_bdev.
+ * so a plain device and a target are interchangeable underneath.  An
+ * origin does its I/O through a linear target over its device; the thin
+ * pool and a snapshot's COW store (whose format needs a struct tfs_bdev)
+ * still do theirs on struct tfs_bdev.
  *
  * Device numbers: the namespace (src/fs, the catalog, inode numbers) knows
  * a device by a 32-bit id.  Thin devices use their metadata ids, 0 to
@@ -43,6 +45,7 @@
 #ifndef TFS_ENGINE_TARGET_H
 #define TFS_ENGINE_TARGET_H
 
+#include <errno.h>
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -75,6 +78,8 @@ struct tfs_status_sink_ops {
 	void (*u64)(struct tfs_status_sink *s, const char *key, uint64_t v);
 	void (*flag)(struct tfs_status_sink *s, const char *key, bool v);
 	void (*text)(struct tfs_status_sink *s, const char *key, const char *v);
+	/* A list of strings (a JSON array; an origin's "snapshots"). */
+	void (*texts)(struct tfs_status_sink *s, const char *key, const char *const *v, size_t n);
 	void (*begin)(struct tfs_status_sink *s, const char *key);
 	void (*end)(struct tfs_status_sink *s);
 };
@@ -94,6 +99,18 @@ struct tfs_dev_ops {
 	int (*zero_range)(struct tfs_dev *dev, uint64_t off, uint64_t len);
 	/* fallocate mode 0: later writes to the range need no new space. */
 	int (*provision)(struct tfs_dev *dev, uint64_t off, uint64_t len);
+	/*
+	 * copy_file_range: dst (the device the op is called on) reads at
+	 * [dst_off, dst_off + len) what src reads at [src_off, ...), shared
+	 * rather than copied where the target can (whole blocks of one pool).
+	 * -EXDEV: src is a device this one cannot share with (another kind or
+	 * instance); -EOPNOTSUPP: nothing of the range can be shared.  On
+	 * either the caller copies instead.  -EINVAL: the ranges overlap in
+	 * one device.  NULL: the kind never shares (the wrapper says
+	 * -EOPNOTSUPP).
+	 */
+	int (*clone_range)(struct tfs_dev *dst, struct tfs_dev *src, uint64_t src_off,
+			   uint64_t dst_off, uint64_t len);
 	/* SEEK_DATA / SEEK_HOLE within [off, size) (size: the namespace's); -ENXIO as lseek(2). */
 	int (*seek)(struct tfs_dev *dev, uint64_t off, int whence, uint64_t size, uint64_t *out);
 	/*
@@ -148,6 +165,13 @@ static inline int tfs_dev_provision(struct tfs_dev *d, uint64_t off, uint64_t le
 {
 	return d->ops->provision(d, off, len);
 }
+static inline int tfs_dev_clone_range(struct tfs_dev *dst, struct tfs_dev *src,
+				      uint64_t src_off, uint64_t dst_off, uint64_t len)
+{
+	if (!dst->ops->clone_range)
+		return -EOPNOTSUPP;
+	return dst->ops->clone_range(dst, src, src_off, dst_off, len);
+}
 static inline int tfs_dev_seek(struct tfs_dev *d, uint64_t off, int whence, uint64_t size,
 			       uint64_t *out)
 {
@@ -188,6 +212,11 @@ static inline void tfs_status_flag(struct tfs_status_sink *s, const char *key, b
 static inline void tfs_status_text(struct tfs_status_sink *s, const char *key, const char *v)
 {
 	s->ops->text(s, key, v);
+}
+static inline void tfs_status_texts(struct tfs_status_sink *s, const char *key,
+				    const char *const *v, size_t n)
+{
+	s->ops->texts(s, key, v, n);
 }
 static inline void tfs_status_begin(struct tfs_status_sink *s, const char *key)
 {

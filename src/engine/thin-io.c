@@ -1,11 +1,11 @@
 /* SPDX-License-Identifier: GPL-2.0-or-later */
 /*
  * The thin target's devices (target.h, kind "thin"): read, write,
- * discard, provision, zero range, truncate, seek, flush, allocated space
- * and status, behind the ops table at the end.
+ * discard, provision, zero range, clone range, truncate, seek, flush,
+ * allocated space and status, behind the ops table at the end.
  *
  * Every request takes one prison cell over its whole block range (shared
- * for reads), then works in chunks of up to TFS_POOL_CHUNK blocks: one
+ * for reads; a clone takes one on each device, see clone_lock), then works in chunks of up to TFS_POOL_CHUNK blocks: one
  * lookup_range and any allocations under the metadata lock; the data I/O
  * with no lock held; then the new mappings inserted under the lock again.
  * Neighbouring blocks whose data blocks are neighbours too go to the data
@@ -17,7 +17,8 @@
  * snapshot).  "Shared" is the metadata's time test alone: a data block
  * count of 1 does not prove a mapping exclusive, because a snapshot shares
  * whole leaves, and the blocks of a leaf nobody has written since the
- * snapshot keep count 1 while two devices map them.
+ * snapshot keep count 1 while two devices map them.  With detect_zeroes,
+ * a block the write covers whole with zeros is unmapped instead.
  */
 #include "pool-internal.h"
 
@@ -73,6 +74,8 @@ struct chunk {
 	uint64_t abort_gen; /* when they were allocated */
 	bool free_zero;     /* when they were allocated: new blocks read as zeros already */
 	uint8_t *bounce;    /* lazily taken, the thread's scratch of bounce_len bytes */
+	bool any_zero;      /* detect_zeroes found a block below */
+	bool zero[TFS_POOL_CHUNK]; /* the request writes block i whole, all zeros */
 	struct plan plan[TFS_POOL_CHUNK];
 };
 
@@ -196,10 +199,72 @@ static enum act classify(enum how how, const struct tfs_thin_mapping *m)
 	return m->shared ? ACT_COPY : ACT_INPLACE;
 }
 
+/*
+ * detect_zeroes = unmap, no lock held: which blocks the chunk writes
+ * whole with zeros.  It costs a read of every whole block written; a
+ * block found nonzero stops at its first nonzero byte.
+ */
+static void find_zero_blocks(struct chunk *c)
+{
+	uint64_t bs = c->pool->block_size;
+
+	for (unsigned i = 0; i < c->nr; i++) {
+		uint64_t start = (c->b0 + i) * bs, done = 0;
+
+		c->zero[i] = false;
+		if (start < c->off || start + bs > c->end)
+			continue;
+		while (done < bs) {
+			uint64_t n = bs - done < BOUNCE_MAX ? bs - done : BOUNCE_MAX;
+
+			if (memcmp(c->buf + (start - c->off) + done, zero_buf, n))
+				break;
+			done += n;
+		}
+		c->zero[i] = done == bs;
+		c->any_zero |= c->zero[i];
+	}
+}
+
+/*
+ * With the lock held: the zero blocks of the plan (find_zero_blocks).  An
+ * unmapped one stays so; a mapped one is unmapped now, as a discard would
+ * (its data block passed down if nobody maps it), unless metadata cannot
+ * change (read_only mode): then the zeros are written as any data.
+ */
+static int plan_zero_blocks(struct chunk *c, const struct tfs_thin_mapping *const *m)
+{
+	struct tfs_pool *pool = c->pool;
+	bool mapped = false;
+	int r;
+
+	for (unsigned i = 0; i < c->nr; i++) {
+		if (!c->zero[i])
+			continue;
+		mapped |= m[i] != NULL;
+		if (!m[i])
+			c->plan[i].act = ACT_SKIP;
+	}
+	if (!mapped || tfs_pool_may_change(pool))
+		return 0;
+	for (unsigned i = 0; i < c->nr; i++) {
+		if (!c->zero[i] || !m[i])
+			continue;
+		r = tfs_thin_remove(c->vol->ref->td, c->b0 + i);
+		if (r)
+			return tfs_pool_meta_failed(pool, r, "unmapping a block written with zeros");
+		tfs_pool_passdown_if_free(pool, m[i]->data_block);
+		c->plan[i].act = ACT_SKIP;
+		pool->dirty = true;
+	}
+	return 0;
+}
+
 /* With the lock held: look the chunk up in one call, plan each block, allocate what is new. */
 static int plan_chunk(struct chunk *c)
 {
 	struct tfs_thin_mapping maps[TFS_POOL_CHUNK];
+	const struct tfs_thin_mapping *m[TFS_POOL_CHUNK];
 	uint64_t blocks[TFS_POOL_CHUNK];
 	struct tfs_pool *pool = c->pool;
 	unsigned j = 0, k = 0;
@@ -211,18 +276,23 @@ static int plan_chunk(struct chunk *c)
 	n = tfs_thin_lookup_range(c->vol->ref->td, c->b0, c->b0 + c->nr, c->nr, maps);
 	if (n < 0)
 		return lookup_failed(c->vol, c->b0, c->b0 + c->nr, n);
-	c->nr_alloc = 0;
 	for (unsigned i = 0; i < c->nr; i++) {
-		const struct tfs_thin_mapping *m =
-			j < (unsigned)n && maps[j].vblock == c->b0 + i ? &maps[j++] : NULL;
 		struct plan *p = &c->plan[i];
 
-		p->act = classify(c->how, m);
-		p->old = m ? m->data_block : 0;
+		m[i] = j < (unsigned)n && maps[j].vblock == c->b0 + i ? &maps[j++] : NULL;
+		p->act = classify(c->how, m[i]);
+		p->old = m[i] ? m[i]->data_block : 0;
 		p->target = p->old;
-		if (p->act == ACT_NEW || p->act == ACT_COPY)
-			c->nr_alloc++;
 	}
+	if (c->any_zero) {
+		r = plan_zero_blocks(c, m);
+		if (r)
+			return r;
+	}
+	c->nr_alloc = 0;
+	for (unsigned i = 0; i < c->nr; i++)
+		if (c->plan[i].act == ACT_NEW || c->plan[i].act == ACT_COPY)
+			c->nr_alloc++;
 	if (!c->nr_alloc)
 		return 0;
 	r = tfs_pool_alloc(pool, blocks, c->nr_alloc);
@@ -431,6 +501,8 @@ static int write_chunk(struct tfs_thin_dev *vol, const struct cell *cell, const 
 	int r;
 
 	c.nr = (unsigned)((end - 1) / pool->block_size + 1 - c.b0);
+	if (how == HOW_DATA && buf && pool->cfg.detect_zeroes)
+		find_zero_blocks(&c);
 	for (unsigned attempt = 0;; attempt++) {
 		pthread_mutex_lock(&pool->lock);
 		r = plan_chunk(&c);
@@ -640,14 +712,161 @@ static int punch(struct tfs_thin_dev *vol, struct tfs_core_io *io, uint64_t off,
 	return r;
 }
 
+/* ---- clones ---------------------------------------------------------------------------- */
+
+/* Whole blocks [s0, s0 + nr) of src shared into [d0, d0 + nr) of dst, a chunk at a time. */
+struct clone {
+	struct tfs_thin_dev *src, *dst;
+	uint64_t s0, d0, nr;
+};
+
+/*
+ * With the lock held: blocks [i, i + n) of the clone, whole in one hold,
+ * so a commit sees all of a chunk or none of it.  A mapped source block
+ * gets one more reference and is mapped in dst too (the block dst mapped
+ * there is released, and passed down if nobody maps it now); an unmapped
+ * one unmaps dst's block.
+ *
+ * The time test (not the count) is what makes a later write to either
+ * side copy the block first, here as in the kernel, which knows only that
+ * test.  A cloned mapping keeps its source mapping's time, which must be
+ * older than both devices' snapshotted_time; when one is not (written
+ * since the devices were last marked), both are marked shared now, which
+ * moves the pool time on.  So a run of clones between two devices, as cp
+ * makes one per extent, moves it once, not once per call: it is 24 bits,
+ * shared with snapshots, and wraps.
+ */
+static int clone_chunk(struct clone *c, uint64_t i, unsigned n)
+{
+	struct tfs_thin_mapping sm[TFS_POOL_CHUNK], dm[TFS_POOL_CHUNK];
+	struct tfs_pool *pool = c->dst->pool;
+	struct tfs_td *std = c->src->ref->td, *dtd = c->dst->ref->td;
+	uint64_t s = c->s0 + i, d = c->d0 + i;
+	struct tfs_thin_details dd;
+	unsigned js = 0, jd = 0;
+	bool mark = false;
+	int ns, nd, r;
+
+	r = tfs_pool_may_change(pool);
+	if (r)
+		return r;
+	ns = tfs_thin_lookup_range(std, s, s + n, n, sm);
+	if (ns < 0)
+		return lookup_failed(c->src, s, s + n, ns);
+	nd = tfs_thin_lookup_range(dtd, d, d + n, n, dm);
+	if (nd < 0)
+		return lookup_failed(c->dst, d, d + n, nd);
+	r = tfs_pmd_device_details(pool->pmd, c->dst->id, &dd);
+	if (r)
+		return lookup_failed(c->dst, d, d + n, r);
+	for (int k = 0; k < ns; k++)
+		mark |= !sm[k].shared || sm[k].time >= dd.snapshotted_time;
+	r = mark ? tfs_thin_mark_shared(std, dtd) : 0;
+	if (r)
+		return tfs_pool_meta_failed(pool, r, "marking cloned blocks shared");
+	for (unsigned k = 0; k < n; k++) {
+		const struct tfs_thin_mapping *from =
+			js < (unsigned)ns && sm[js].vblock == s + k ? &sm[js++] : NULL;
+		const struct tfs_thin_mapping *old =
+			jd < (unsigned)nd && dm[jd].vblock == d + k ? &dm[jd++] : NULL;
+
+		if (from) {
+			r = tfs_pmd_data_block_inc(pool->pmd, from->data_block);
+			if (!r)
+				r = tfs_thin_insert_timed(dtd, d + k, from->data_block, from->time);
+		} else if (old) {
+			r = tfs_thin_remove(dtd, d + k);
+		} else {
+			continue;
+		}
+		if (r)
+			return tfs_pool_meta_failed(pool, r, from ? "mapping a cloned block" :
+							      "unmapping a block for a clone");
+		if (old)
+			tfs_pool_passdown_if_free(pool, old->data_block);
+	}
+	/* The mappings point at data a commit must flush first, as for a new block's. */
+	pool->insert_gen++;
+	pool->dirty = true;
+	return 0;
+}
+
+/*
+ * Cells over both ranges, taken in (device, block) order as snapshot
+ * creation takes its own, so two multi-cell requests never wait for each
+ * other in a circle.  In one device one cell spans both ranges: a request
+ * that overlaps both and arrived between two cells would otherwise wait
+ * for the first while holding back the second.  src's cell is shared when
+ * it has one of its own: reads of it go on.
+ */
+static int clone_lock(const struct clone *c, bool lock)
+{
+	struct tfs_prison *pr = c->dst->pool->prison;
+	uint64_t s1 = c->s0 + c->nr, d1 = c->d0 + c->nr;
+	bool src_first = c->src->id < c->dst->id;
+	int r;
+
+	if (c->src->id == c->dst->id) {
+		uint64_t b0 = c->s0 < c->d0 ? c->s0 : c->d0, b1 = s1 > d1 ? s1 : d1;
+
+		if (!lock) {
+			tfs_prison_unlock(pr, c->dst->id, b0, b1);
+			return 0;
+		}
+		return tfs_prison_lock(pr, c->dst->id, b0, b1);
+	}
+	if (!lock) {
+		tfs_prison_unlock_shared(pr, c->src->id, c->s0, s1);
+		tfs_prison_unlock(pr, c->dst->id, c->d0, d1);
+		return 0;
+	}
+	r = src_first ? tfs_prison_lock_shared(pr, c->src->id, c->s0, s1) :
+			tfs_prison_lock(pr, c->dst->id, c->d0, d1);
+	if (r)
+		return r;
+	r = src_first ? tfs_prison_lock(pr, c->dst->id, c->d0, d1) :
+			tfs_prison_lock_shared(pr, c->src->id, c->s0, s1);
+	if (r && src_first)
+		tfs_prison_unlock_shared(pr, c->src->id, c->s0, s1);
+	else if (r)
+		tfs_prison_unlock(pr, c->dst->id, c->d0, d1);
+	return r;
+}
+
+static int clone_blocks(struct tfs_thin_dev *dst, struct tfs_thin_dev *src, uint64_t s0,
+			uint64_t d0, uint64_t nr)
+{
+	struct clone c = { .src = src, .dst = dst, .s0 = s0, .d0 = d0, .nr = nr };
+	struct tfs_pool *pool = dst->pool;
+	int r;
+
+	r = check_write(dst);
+	if (!r)
+		r = clone_lock(&c, true);
+	if (r)
+		return r;
+	for (uint64_t i = 0; i < nr && !r;) {
+		unsigned n = nr - i < TFS_POOL_CHUNK ? (unsigned)(nr - i) : TFS_POOL_CHUNK;
+
+		pthread_mutex_lock(&pool->lock);
+		r = clone_chunk(&c, i, n);
+		pthread_mutex_unlock(&pool->lock);
+		i += n;
+	}
+	clone_lock(&c, false);
+	return r;
+}
+
 /* ---- requests through the core ------------------------------------------------------- */
 
-enum req_op { REQ_READ, REQ_WRITE, REQ_PROVISION, REQ_PUNCH, REQ_TRUNCATE, REQ_FLUSH };
+enum req_op { REQ_READ, REQ_WRITE, REQ_PROVISION, REQ_PUNCH, REQ_TRUNCATE, REQ_FLUSH, REQ_CLONE };
 
 struct req {
 	enum req_op op;
 	void *buf;          /* REQ_READ: filled; REQ_WRITE: the data */
-	uint64_t off, len;
+	uint64_t off, len;  /* REQ_CLONE: whole blocks of the device, from block src_off of src */
+	struct tfs_thin_dev *src;
+	uint64_t src_off;
 };
 
 static int run_req(struct tfs_thin_dev *vol, struct tfs_core_io *io, const struct req *q)
@@ -665,6 +884,8 @@ static int run_req(struct tfs_thin_dev *vol, struct tfs_core_io *io, const struc
 		return punch(vol, io, q->off, 0, true);
 	case REQ_FLUSH:
 		return tfs_pool_commit_now(vol->pool, true);
+	case REQ_CLONE:
+		return clone_blocks(vol, q->src, q->src_off, q->off, q->len);
 	}
 	return -EINVAL;
 }
@@ -697,33 +918,113 @@ static struct tfs_thin_dev *thin_of(struct tfs_dev *dev)
 
 static int thin_read(struct tfs_dev *dev, void *buf, size_t len, uint64_t off)
 {
-	return submit(thin_of(dev), &(struct req){ REQ_READ, buf, off, len });
+	return submit(thin_of(dev), &(struct req){ .op = REQ_READ, .buf = buf, .off = off,
+						   .len = len });
 }
 
 static int thin_write(struct tfs_dev *dev, const void *buf, size_t len, uint64_t off)
 {
-	return submit(thin_of(dev), &(struct req){ REQ_WRITE, (void *)buf, off, len });
+	return submit(thin_of(dev), &(struct req){ .op = REQ_WRITE, .buf = (void *)buf, .off = off,
+						   .len = len });
 }
 
 static int thin_provision(struct tfs_dev *dev, uint64_t off, uint64_t len)
 {
-	return submit(thin_of(dev), &(struct req){ REQ_PROVISION, NULL, off, len });
+	return submit(thin_of(dev), &(struct req){ .op = REQ_PROVISION, .off = off, .len = len });
 }
 
 /* Discard and zero range are one punch: unmapped blocks read as zeros. */
 static int thin_punch(struct tfs_dev *dev, uint64_t off, uint64_t len)
 {
-	return submit(thin_of(dev), &(struct req){ REQ_PUNCH, NULL, off, len });
+	return submit(thin_of(dev), &(struct req){ .op = REQ_PUNCH, .off = off, .len = len });
 }
 
 static int thin_truncate(struct tfs_dev *dev, uint64_t new_size)
 {
-	return submit(thin_of(dev), &(struct req){ REQ_TRUNCATE, NULL, new_size, 0 });
+	return submit(thin_of(dev), &(struct req){ .op = REQ_TRUNCATE, .off = new_size });
 }
 
 static int thin_flush(struct tfs_dev *dev)
 {
-	return submit(thin_of(dev), &(struct req){ REQ_FLUSH, NULL, 0, 0 });
+	return submit(thin_of(dev), &(struct req){ .op = REQ_FLUSH });
+}
+
+/* Bytes [src_off, src_off + len) of src written to dst at dst_off, through both devices' I/O. */
+static int copy_bytes(struct tfs_dev *dst, struct tfs_dev *src, uint64_t src_off,
+		      uint64_t dst_off, uint64_t len)
+{
+	size_t piece = len < BOUNCE_MAX ? (size_t)len : BOUNCE_MAX;
+	uint8_t *buf;
+	int r = 0;
+
+	if (!len)
+		return 0;
+	buf = tfs_scratch_get(piece);
+	if (!buf)
+		return -ENOMEM;
+	for (uint64_t done = 0; done < len && !r;) {
+		size_t n = len - done < piece ? (size_t)(len - done) : piece;
+
+		r = tfs_dev_read(src, buf, n, src_off + done);
+		if (!r)
+			r = tfs_dev_write(dst, buf, n, dst_off + done);
+		done += n;
+	}
+	tfs_scratch_put(buf, piece);
+	return r;
+}
+
+/*
+ * The whole blocks of the range are shared, the head and tail before and
+ * after them copied.  The device is entered in the core for the sharing
+ * (a write to it); src only for the copies, through its own reads: the
+ * sharing reads nothing of src but its mappings, under a cell, and
+ * entering a second device while holding the first could hold up a
+ * suspend of both for as long as its drain waits.
+ */
+static int thin_clone_range(struct tfs_dev *dev, struct tfs_dev *src_dev, uint64_t src_off,
+			    uint64_t dst_off, uint64_t len)
+{
+	struct tfs_thin_dev *dst = thin_of(dev), *src;
+	uint64_t bs = dst->pool->block_size, head, whole, b;
+	int r;
+
+	/* Only a thin device of this pool shares blocks with this one. */
+	if (src_dev->ops != dev->ops || thin_of(src_dev)->pool != dst->pool)
+		return -EXDEV;
+	src = thin_of(src_dev);
+	if (!dst->ref || !src->ref)
+		return -EBADF;
+	if (!len)
+		return 0;
+	r = check_write(dst);
+	if (!r)
+		r = block_range(src, src_off, len, &b, &b);
+	if (!r)
+		r = block_range(dst, dst_off, len, &b, &b);
+	if (r)
+		return r;
+	if (src->id == dst->id && src_off < dst_off + len && dst_off < src_off + len) {
+		tfs_err("thin device %u: clone of %llu bytes from %llu to %llu: the ranges overlap",
+			dst->id, (unsigned long long)len, (unsigned long long)src_off,
+			(unsigned long long)dst_off);
+		return -EINVAL;
+	}
+	if (src_off % bs != dst_off % bs)
+		return -EOPNOTSUPP; /* no block of one lines up with a block of the other */
+	head = (bs - src_off % bs) % bs;
+	if (head > len)
+		head = len;
+	whole = (len - head) / bs;
+	r = copy_bytes(dev, src_dev, src_off, dst_off, head);
+	if (!r && whole)
+		r = submit(dst, &(struct req){ .op = REQ_CLONE, .off = (dst_off + head) / bs,
+					       .len = whole, .src = src,
+					       .src_off = (src_off + head) / bs });
+	if (!r)
+		r = copy_bytes(dev, src_dev, src_off + head + whole * bs,
+			       dst_off + head + whole * bs, len - head - whole * bs);
+	return r;
 }
 
 /* ---- the rest ---------------------------------------------------------------------------- */
@@ -861,6 +1162,7 @@ static const struct tfs_dev_ops thin_ops = {
 	.discard = thin_punch,
 	.zero_range = thin_punch,
 	.provision = thin_provision,
+	.clone_range = thin_clone_range,
 	.seek = thin_seek,
 	.get_size = thin_get_size,
 	.truncate = thin_truncate,

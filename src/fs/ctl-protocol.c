@@ -7,6 +7,7 @@
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 
 static uint64_t fnv1a64(const char *s)
 {
@@ -86,4 +87,26 @@ void tfs_ctl_request_free(struct tfs_ctl_request *req)
 	free(req->argv);
 	json_object_put(req->json);
 	*req = (struct tfs_ctl_request){ 0 };
+}
+
+int tfs_ctl_id_parse(const char *s, uint8_t id[16])
+{
+	if (!s || strlen(s) != 32)
+		return -EINVAL;
+	for (int i = 0; i < 32; i++) {
+		char c = s[i];
+		int v = c >= '0' && c <= '9' ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10 :
+			c >= 'A' && c <= 'F' ? c - 'A' + 10 : -1;
+
+		if (v < 0)
+			return -EINVAL;
+		id[i / 2] = (uint8_t)(i % 2 ? (id[i / 2] << 4) | v : v);
+	}
+	return 0;
+}
+
+void tfs_ctl_id_format(const uint8_t id[16], char out[TFS_CTL_ID_HEX])
+{
+	for (int i = 0; i < 16; i++)
+		snprintf(out + 2 * i, 3, "%02x", id[i]);
 }

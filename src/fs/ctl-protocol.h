@@ -17,6 +17,9 @@
  * the last one carrying "done": true:
  *   {"ok": true, "output": "text for the terminal", "json": {...}, "done": true}
  *   {"ok": false, "error": "one clear line", "done": true}
+ * Added: a line may carry "progress" (a long command's state, printed by
+ * thinfs-ctl on stderr when that is a terminal, each over the last) or
+ * "note" (a remark printed on stderr, so stdout keeps only the result).
  * thinfs-ctl prints "output" (or "json" with --json) and exits 0, or prints
  * "thinfs-ctl: <error>" to stderr and exits 1.  An error may come with
  *   "details": ["one line", ...]    (a reload's configuration problems)
@@ -29,6 +32,7 @@
 #define TFS_FS_CTL_PROTOCOL_H
 
 #include <stddef.h>
+#include <stdint.h>
 
 #define TFS_CTL_DIR "/run/thinfs"
 /* Limits of one request: its line in bytes (newline included), and its args. */
@@ -62,5 +66,14 @@ int tfs_ctl_parse_request(const char *line, struct tfs_ctl_request *req, char *w
 
 /* Free what a successful parse holds; an empty request is fine. */
 void tfs_ctl_request_free(struct tfs_ctl_request *req);
+
+/*
+ * A volume's identity (send/receive, docs/send-receive.md) travels in
+ * requests and responses as 32 lower-case hex digits.  parse: -EINVAL
+ * unless s is exactly that (either case).
+ */
+#define TFS_CTL_ID_HEX 33 /* the digits and the NUL */
+int tfs_ctl_id_parse(const char *s, uint8_t id[16]);
+void tfs_ctl_id_format(const uint8_t id[16], char out[TFS_CTL_ID_HEX]);
 
 #endif

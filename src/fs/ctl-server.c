@@ -22,10 +22,13 @@
 
 #include "bdev.h"
 #include "cache.h"
+#include "ctl-internal.h"
 #include "ctl-protocol.h"
 #include "fs.h"
 #include "fuse-ops.h"
 #include "log.h"
+#include "origin.h"
+#include "snap-store.h"
 #include "utf8.h"
 
 #define MAX_CLIENTS 64
@@ -309,6 +312,21 @@ static void status_text(struct tfs_status_sink *s, const char *key, const char *
 	status_field(dev_status_of(s), key, v ? json_object_new_string(v) : NULL, v ? v : "null");
 }
 
+static void status_texts(struct tfs_status_sink *s, const char *key, const char *const *v,
+			 size_t n)
+{
+	struct json_object *a = json_object_new_array();
+	char list[512] = "";
+
+	for (size_t i = 0; i < n; i++) {
+		size_t used = strlen(list);
+
+		json_object_array_add(a, json_object_new_string(v[i]));
+		snprintf(list + used, sizeof(list) - used, "%s%s", i ? "," : "", v[i]);
+	}
+	status_field(dev_status_of(s), key, a, list);
+}
+
 static void status_begin(struct tfs_status_sink *s, const char *key)
 {
 	struct dev_status *ds = dev_status_of(s);
@@ -337,6 +355,7 @@ static const struct tfs_status_sink_ops dev_status_ops = {
 	.u64 = status_u64,
 	.flag = status_flag,
 	.text = status_text,
+	.texts = status_texts,
 	.begin = status_begin,
 	.end = status_end,
 };
@@ -349,14 +368,16 @@ static struct json_object *volume_status(struct tfs_fs *fs, const struct tfs_vol
 	struct dev_status ds = { .sink.ops = &dev_status_ops, .obj = { v }, .mapped = "-",
 				 .exclusive = "-", .state = "-" };
 	struct tfs_dev *dev;
-	const char *kind = tfs_fs_is_cache_id(row->dev_id) ? "cache" : kind_name(row->kind);
+	const char *kind;
 	int r;
 
 	json_object_object_add(v, "name", json_object_new_string(row->name));
 	json_object_object_add(v, "id", json_object_new_int64(row->dev_id));
-	json_object_object_add(v, "kind", json_object_new_string(kind));
 	json_object_object_add(v, "size", json_object_new_uint64(row->size));
 	r = tfs_fs_open_dev(fs, row->dev_id, TFS_DEV_STATUS_ONLY, &dev);
+	/* An origin's or classic snapshot's row is its target's, not a thin kind. */
+	kind = r == 0 && row->dev_id >= TFS_DEV_ID_OTHER ? tfs_dev_kind(dev) : kind_name(row->kind);
+	json_object_object_add(v, "kind", json_object_new_string(kind));
 	if (r == 0) {
 		json_object_object_add(v, "target", json_object_new_string(tfs_dev_kind(dev)));
 		tfs_dev_status(dev, &ds.sink);
@@ -511,6 +532,20 @@ static void cmd_status(struct cmd_ctx *c)
 	free(groups);
 }
 
+/* A row's kind: an origin's or classic snapshot's is its target's (a static string). */
+static const char *row_kind(struct tfs_fs *fs, const struct tfs_vol_row *row)
+{
+	const char *kind = kind_name(row->kind);
+	struct tfs_dev *dev;
+
+	if (row->dev_id >= TFS_DEV_ID_OTHER &&
+	    tfs_fs_open_dev(fs, row->dev_id, TFS_DEV_STATUS_ONLY, &dev) == 0) {
+		kind = tfs_dev_kind(dev);
+		tfs_dev_close(dev);
+	}
+	return kind;
+}
+
 static void cmd_list(struct cmd_ctx *c)
 {
 	static const char *const flags[] = { "--json", NULL };
@@ -537,7 +572,8 @@ static void cmd_list(struct cmd_ctx *c)
 
 		json_object_object_add(v, "name", json_object_new_string(rows[i].name));
 		json_object_object_add(v, "id", json_object_new_int64(rows[i].dev_id));
-		json_object_object_add(v, "kind", json_object_new_string(kind_name(rows[i].kind)));
+		json_object_object_add(v, "kind",
+				       json_object_new_string(row_kind(c->fs, &rows[i])));
 		json_object_object_add(v, "size", json_object_new_uint64(rows[i].size));
 		json_object_array_add(arr, v);
 		fprintf(t.f, "%s\n", rows[i].name);
@@ -582,10 +618,74 @@ static const char *errmsg(struct cmd_ctx *c, int r)
 	}
 }
 
+/* snapshot ORIGIN NAME --cow DEVICE [--chunk-size S] [--transient]: a classic snapshot. */
+static void cow_snapshot(struct cmd_ctx *c)
+{
+	static const char usage[] =
+		"usage: snapshot ORIGIN NAME --cow DEVICE [--chunk-size S] [--transient]";
+	struct tfs_fs_cow_request req = { .origin = c->argv[1], .name = c->argv[2],
+					  .chunk_sectors = 8, .persistent = true };
+	char cow[TFS_PATH_MAX], errors[1024];
+	uint64_t bytes;
+	int r;
+
+	for (int i = 3; i < c->argc; i++) {
+		if (!strcmp(c->argv[i], "--cow") && i + 1 < c->argc) {
+			req.cow = c->argv[++i];
+		} else if (!strcmp(c->argv[i], "--chunk-size") && i + 1 < c->argc) {
+			i++;
+			if (tfs_parse_size(c->argv[i], &bytes, NULL) || bytes % 512 ||
+			    bytes / 512 > UINT32_MAX || !tfs_snap_chunk_sectors_ok(bytes / 512)) {
+				send_error(c->fd, "snapshot: --chunk-size %s is not %s", c->argv[i],
+					   TFS_SNAP_CHUNK_RULE);
+				return;
+			}
+			req.chunk_sectors = (uint32_t)(bytes / 512);
+		} else if (!strcmp(c->argv[i], "--transient")) {
+			req.persistent = false;
+		} else {
+			send_error(c->fd, "%s", usage);
+			return;
+		}
+	}
+	if (c->argc < 5 || !req.cow) {
+		send_error(c->fd, "%s", usage);
+		return;
+	}
+	if (tfs_catalog_name_error(req.name)) {
+		send_error(c->fd, "snapshot: bad name: %s", tfs_catalog_name_error(req.name));
+		return;
+	}
+	r = tfs_config_resolve_device(req.cow, NULL, cow, sizeof(cow));
+	if (r < 0 || cow[0] != '/') {
+		send_error(c->fd, "snapshot: --cow %s: %s", req.cow,
+			   r < 0 ? strerror(-r) : "name the device by an absolute path");
+		return;
+	}
+	req.cow = cow;
+	/* The engine says what is wrong with the device: the client gets the same line. */
+	tfs_log_capture(errors, sizeof(errors));
+	r = tfs_fs_cow_snapshot(c->fs, &req);
+	tfs_log_capture(NULL, 0);
+	if (r == -EEXIST && !errors[0])
+		send_error(c->fd, "snapshot: '%s' already exists", req.name);
+	else if (r == -ENXIO)
+		send_error(c->fd, "snapshot: no origin named '%s'", req.origin);
+	else if (r < 0)
+		send_error(c->fd, "snapshot %s %s: %s", req.origin, req.name,
+			   errors[0] ? errors : errmsg(c, r));
+	else
+		send_ok(c->fd, "", NULL, true);
+}
+
 static void cmd_snapshot(struct cmd_ctx *c)
 {
 	int r;
 
+	if (c->argc > 3) {
+		cow_snapshot(c);
+		return;
+	}
 	if (c->argc != 3) {
 		send_error(c->fd, "usage: snapshot SRC NEW");
 		return;
@@ -595,7 +695,10 @@ static void cmd_snapshot(struct cmd_ctx *c)
 		return;
 	}
 	r = tfs_fs_snapshot_volume(c->fs, c->argv[1], c->argv[2]);
-	if (r == -ENOENT)
+	if (r == -EXDEV)
+		send_error(c->fd, "snapshot: '%s' is not a thin volume (a classic snapshot of an "
+			   "origin: snapshot ORIGIN NAME --cow DEVICE)", c->argv[1]);
+	else if (r == -ENOENT)
 		send_error(c->fd, "snapshot: no volume named '%s'", c->argv[1]);
 	else if (r == -EEXIST)
 		send_error(c->fd, "snapshot: '%s' already exists", c->argv[2]);
@@ -627,6 +730,11 @@ static void cmd_delete(struct cmd_ctx *c)
 	if (r == -ENOENT) {
 		send_error(c->fd, "delete: no %s named '%s'",
 			   parent == TFS_INO_ROOT ? "volume" : "snapshot group", name);
+		return;
+	}
+	if (r == -EPERM) {
+		send_error(c->fd, "delete %s: it comes from pool.cfg: remove its section from "
+			   "pool.cfg and reload", c->argv[1]);
 		return;
 	}
 	if (r < 0) {
@@ -675,6 +783,32 @@ static void cmd_set_transaction_id(struct cmd_ctx *c)
 	send_ok(c->fd, "", NULL, true);
 }
 
+/* resize cow NAME: a classic snapshot's COW device grew. */
+static void resize_cow(struct cmd_ctx *c)
+{
+	char errors[1024];
+	uint64_t chunks = 0;
+	int r;
+
+	if (!c->fs->cow) {
+		send_error(c->fd, "resize cow: the pool is read-only");
+		return;
+	}
+	tfs_log_capture(errors, sizeof(errors));
+	r = tfs_cow_set_resize_cow(c->fs->cow, c->argv[2], &chunks);
+	tfs_log_capture(NULL, 0);
+	if (r == -ENOENT) {
+		send_error(c->fd, "resize cow: no classic snapshot named '%s'", c->argv[2]);
+		return;
+	}
+	if (r < 0) {
+		send_error(c->fd, "resize cow %s: %s", c->argv[2], errors[0] ? errors : strerror(-r));
+		return;
+	}
+	tfs_fs_event(c->fs, "resize", "cow %s: %" PRIu64 " chunks", c->argv[2], chunks);
+	send_ok(c->fd, "", NULL, true);
+}
+
 /* resize data|metadata SIZE|+DELTA: sizes in bytes with the config's suffixes. */
 /* resize NAME: a cache takes its devices' sizes now into use. */
 static void cmd_resize_cache(struct cmd_ctx *c, struct tfs_cache *cache)
@@ -696,7 +830,8 @@ static void cmd_resize_cache(struct cmd_ctx *c, struct tfs_cache *cache)
 
 static void cmd_resize(struct cmd_ctx *c)
 {
-	static const char usage[] = "usage: resize data|metadata SIZE|+DELTA | resize CACHE";
+	static const char usage[] = "usage: resize data|metadata SIZE|+DELTA | resize cow NAME | "
+				    "resize CACHE";
 	struct tfs_cache *cache = c->argc == 2 ? tfs_fs_cache_by_name(c->fs, c->argv[1]) : NULL;
 	struct tfs_pool_status st;
 	uint64_t bytes, unit, before, after;
@@ -706,6 +841,10 @@ static void cmd_resize(struct cmd_ctx *c)
 
 	if (cache) {
 		cmd_resize_cache(c, cache);
+		return;
+	}
+	if (c->argc == 3 && !strcmp(c->argv[1], "cow")) {
+		resize_cow(c);
 		return;
 	}
 	if (c->argc != 3 || (strcmp(c->argv[1], "data") && strcmp(c->argv[1], "metadata"))) {
@@ -993,6 +1132,13 @@ static int volume_ids(struct cmd_ctx *c, uint32_t **ids, unsigned *nr, char *nam
 				   strcmp(c->argv[0], "resume") ? "suspended" : "resumed");
 			goto fail;
 		}
+		/* The pool's suspend holds thin devices; an origin has no suspend yet. */
+		if (row.dev_id >= TFS_DEV_ID_OTHER) {
+			send_error(c->fd, "%s: %s is an origin or classic snapshot: suspend and resume "
+				   "of those are not supported yet (nothing was %s)", c->argv[0], a,
+				   strcmp(c->argv[0], "resume") ? "suspended" : "resumed");
+			goto fail;
+		}
 		(*ids)[(*nr)++] = row.dev_id;
 		if (used < len)
 			used += (size_t)snprintf(names + used, len - used, "%s%s", used ? ", " : "",
@@ -1125,6 +1271,200 @@ static void cmd_suspend(struct cmd_ctx *c)
 	}
 }
 
+/* ---- diff FROM TO [--json] [--stats] ---- */
+
+struct diff_run {
+	uint64_t vblock, len;
+	bool zero;
+};
+
+struct diff_out {
+	struct diff_run *v;
+	size_t nr, cap;
+	int fd;
+	uint64_t block_size;
+	uint64_t total;          /* blocks of the larger volume, for progress */
+	int64_t start_ns, next_ns;
+};
+
+/* Called under the pool's lock: only records. */
+static int diff_note(void *ctx, uint64_t vblock, uint64_t len, bool zero)
+{
+	struct diff_out *o = ctx;
+
+	if (o->nr == o->cap) {
+		size_t cap = o->cap ? 2 * o->cap : 256;
+		struct diff_run *v = realloc(o->v, cap * sizeof(*v));
+
+		if (!v)
+			return -ENOMEM;
+		o->v = v;
+		o->cap = cap;
+	}
+	o->v[o->nr++] = (struct diff_run){ vblock, len, zero };
+	return 0;
+}
+
+/*
+ * Between steps, no lock held: stop if the client left; past the first
+ * second, a progress line (thinfs-ctl shows it on a terminal) each second.
+ */
+static int diff_progress(void *ctx, uint64_t vblock)
+{
+	struct diff_out *o = ctx;
+	int64_t now = tfs_now_ns();
+	struct json_object *line;
+	double secs, done;
+	char text[160];
+
+	if (!client_alive(o->fd))
+		return 1;
+	if (now < o->next_ns)
+		return 0;
+	o->next_ns = now + 1000000000;
+	secs = (double)(now - o->start_ns) / 1e9;
+	done = (double)(vblock < o->total ? vblock : o->total) * (double)o->block_size;
+	snprintf(text, sizeof(text), "diff: %.1f of %.1f GiB compared (%.0f MiB/s)",
+		 done / 1073741824.0, (double)o->total * (double)o->block_size / 1073741824.0,
+		 done / 1048576.0 / (secs > 0 ? secs : 1));
+	line = json_object_new_object();
+	json_object_object_add(line, "ok", json_object_new_boolean(1));
+	json_object_object_add(line, "progress", json_object_new_string(text));
+	json_object_object_add(line, "done", json_object_new_boolean(0));
+	send_line(o->fd, line);
+	json_object_put(line);
+	return 0;
+}
+
+/* FROM or TO: "-" (nothing) or a volume; -1 when answered. */
+static int diff_side(struct cmd_ctx *c, const char *spec, uint32_t *id, const uint32_t **idp,
+		     uint64_t *size)
+{
+	struct tfs_vol_row row;
+
+	*idp = NULL;
+	if (!strcmp(spec, "-"))
+		return 0;
+	if (tfs_fs_find_volume(c->fs, spec, &row) < 0) {
+		send_error(c->fd, "diff: no volume named '%s' (a volume, GROUP/NAME, or - for "
+			   "nothing)", spec);
+		return -1;
+	}
+	/* The diff walks thin mappings: an origin or classic snapshot has none. */
+	if (row.dev_id >= TFS_DEV_ID_OTHER) {
+		send_error(c->fd, "diff: '%s' is an origin or classic snapshot, not a thin volume",
+			   spec);
+		return -1;
+	}
+	*id = row.dev_id;
+	*idp = id;
+	if (row.size > *size)
+		*size = row.size;
+	return 0;
+}
+
+/* Runs in bytes, "OFFSET LENGTH data|zero" lines or a JSON list, a few thousand a line. */
+static void diff_send(struct cmd_ctx *c, const struct diff_out *o, bool json, const char *stats)
+{
+	struct text t;
+	size_t i = 0;
+
+	do {
+		size_t end = i + 4096 < o->nr ? i + 4096 : o->nr;
+		bool last = end == o->nr;
+
+		if (text_open(&t) < 0) {
+			send_error(c->fd, "diff: out of memory");
+			return;
+		}
+		if (json && i == 0)
+			fputc('[', t.f);
+		for (; i < end; i++) {
+			const struct diff_run *x = &o->v[i];
+			const char *kind = x->zero ? "zero" : "data";
+			uint64_t off = x->vblock * o->block_size, len = x->len * o->block_size;
+
+			if (json)
+				fprintf(t.f, "{\"offset\":%" PRIu64 ",\"length\":%" PRIu64
+					",\"kind\":\"%s\"}%s", off, len, kind, i + 1 < o->nr ? ",\n" : "");
+			else
+				fprintf(t.f, "%" PRIu64 " %" PRIu64 " %s\n", off, len, kind);
+		}
+		if (json && last)
+			fputs("]\n", t.f);
+		if (last && stats) {
+			struct json_object *line = json_object_new_object();
+
+			json_object_object_add(line, "ok", json_object_new_boolean(1));
+			json_object_object_add(line, "output", json_object_new_string(text_close(&t)));
+			json_object_object_add(line, "note", json_object_new_string(stats));
+			json_object_object_add(line, "done", json_object_new_boolean(1));
+			send_line(c->fd, line);
+			json_object_put(line);
+		} else {
+			send_ok(c->fd, text_close(&t), NULL, last);
+		}
+		free(t.buf);
+	} while (i < o->nr);
+}
+
+static void cmd_diff(struct cmd_ctx *c)
+{
+	struct diff_out o = { .fd = c->fd, .block_size = c->fs->block_size };
+	const uint32_t *from, *to;
+	struct tfs_pool_diff_stats st;
+	uint32_t from_id, to_id;
+	uint64_t size = 0;
+	const char *names[2] = { NULL, NULL };
+	char stats[160];
+	unsigned n = 0;
+	int r;
+
+	for (int i = 1; i < c->argc; i++) {
+		if (!strcmp(c->argv[i], "--json") || !strcmp(c->argv[i], "--stats"))
+			continue;
+		if (c->argv[i][0] == '-' && c->argv[i][1]) {
+			send_error(c->fd, "diff: unknown option '%s'", c->argv[i]);
+			return;
+		}
+		if (n == 2) {
+			n++;
+			break;
+		}
+		names[n++] = c->argv[i];
+	}
+	if (n != 2) {
+		send_error(c->fd, "usage: diff FROM TO [--json] [--stats] (FROM and TO: a volume, "
+			   "GROUP/NAME, or - for nothing)");
+		return;
+	}
+	if (diff_side(c, names[0], &from_id, &from, &size) < 0 ||
+	    diff_side(c, names[1], &to_id, &to, &size) < 0)
+		return;
+	o.total = (size + o.block_size - 1) / o.block_size;
+	o.start_ns = tfs_now_ns();
+	o.next_ns = o.start_ns + 1000000000;
+	r = tfs_pool_diff(c->fs->pool, from, to, diff_note, diff_progress, &o, &st);
+	if (r == -EINTR) {
+		free(o.v);
+		return; /* the client left */
+	}
+	if (r < 0) {
+		send_error(c->fd, "diff %s %s: %s", names[0], names[1],
+			   r == -EBUSY ? "a metadata snapshot is held (reserve-metadata-snap) and "
+					 "the diff needs its slot: release it first" :
+			   r == -ENOSPC ? "metadata too full to hold the trees for the diff" :
+			   r == -ENODATA ? "the volume has no thin device (deleted meanwhile?)" :
+			   strerror(-r));
+		free(o.v);
+		return;
+	}
+	snprintf(stats, sizeof(stats), "diff: %zu extents, %" PRIu64 " metadata blocks read, %.3f ms",
+		 o.nr, st.nodes_read, (double)(tfs_now_ns() - o.start_ns) / 1e6);
+	diff_send(c, &o, has_flag(c, "--json"), has_flag(c, "--stats") ? stats : NULL);
+	free(o.v);
+}
+
 /* resume [NAME...] */
 static void cmd_resume(struct cmd_ctx *c)
 {
@@ -1156,6 +1496,7 @@ static void cmd_resume(struct cmd_ctx *c)
 	}
 	if (!nr) {
 		tfs_fs_after_resume(c->fs);
+		tfs_fs_cow_after_resume(c->fs);
 		tfs_fs_cache_reload(c->fs, caches, sizeof(caches));
 	}
 	/* Before what the resume caused (a low-water crossing again, taking a reload). */
@@ -1194,7 +1535,35 @@ static void cmd_reload(struct cmd_ctx *c)
 				   "loadable (the running configuration stays):", c->argv[1]);
 		goto out;
 	}
-	r = tfs_pool_reload(c->fs->pool, cfg, msg, sizeof(msg));
+	r = tfs_fs_cow_reload_check(c->fs, cfg, msg, sizeof(msg));
+	if (r == 0)
+		r = tfs_pool_reload(c->fs->pool, cfg, msg, sizeof(msg));
+	if (r == 0) {
+		char why[512] = "";
+		char **gone;
+		unsigned nr_gone;
+
+		r = tfs_fs_cow_reload_apply(c->fs, cfg, why, sizeof(why), &gone, &nr_gone);
+		for (unsigned i = 0; i < nr_gone; i++) {
+			if (r >= 0 && gone[i] && c->fs->se)
+				fuse_lowlevel_notify_inval_entry(c->fs->se, TFS_INO_ROOT, gone[i],
+								 strlen(gone[i]));
+			free(gone[i]);
+		}
+		free(gone);
+		if (r < 0) {
+			/* Unstage: the pool's part of this reload must not be taken at resume. */
+			tfs_pool_get_config(c->fs->pool, cfg);
+			tfs_pool_reload(c->fs->pool, cfg, msg, sizeof(msg));
+			snprintf(msg, sizeof(msg), "%s", why);
+		} else if (r > 0) {
+			size_t n = strlen(msg);
+
+			snprintf(msg + n, sizeof(msg) - n, " (origins and classic snapshots: in "
+				 "effect now, not at resume)");
+			r = 0;
+		}
+	}
 	if (r < 0) {
 		send_error(c->fd, "reload refused (the running configuration stays): %s", msg);
 		goto out;
@@ -1203,22 +1572,6 @@ static void cmd_reload(struct cmd_ctx *c)
 	send_ok(c->fd, msg, NULL, true);
 out:
 	free(cfg);
-}
-
-/* The pool's metadata or data device, or NAME:origin|cache|metadata of a cache; NULL: none. */
-static struct tfs_bdev *fault_device(struct tfs_fs *fs, const char *arg)
-{
-	const char *colon = strrchr(arg, ':');
-	char name[256];
-	struct tfs_cache *cache;
-
-	if (!strcmp(arg, "metadata") || !strcmp(arg, "data"))
-		return tfs_pool_bdev(fs->pool, !strcmp(arg, "data"));
-	if (!colon || (size_t)(colon - arg) >= sizeof(name))
-		return NULL;
-	snprintf(name, sizeof(name), "%.*s", (int)(colon - arg), arg);
-	cache = tfs_fs_cache_by_name(fs, name);
-	return cache ? tfs_cache_bdev(cache, colon + 1) : NULL;
 }
 
 /* The caches' devices lose their unflushed writes with the pool's. */
@@ -1230,20 +1583,6 @@ static void power_cut_caches(struct tfs_fs *fs, bool tear)
 		for (int d = 0; d < 3; d++)
 			tfs_bdev_fault_power_cut(tfs_cache_bdev(fs->caches[i], which[d]), tear,
 						 (uint32_t)time(NULL));
-}
-
-/* fault DEVICE OP delay USEC: a slow disk (every such op waits USEC first; 0 or ok ends it). */
-static void fault_delay(struct cmd_ctx *c, struct tfs_bdev *dev, enum tfs_fault_op op)
-{
-	uint64_t us;
-
-	if (c->argc != 5 || parse_u64(c->argv[4], &us) < 0 || us > 60000000) {
-		send_error(c->fd, "usage: fault DEVICE read|write|flush delay USEC (0 .. 60000000)");
-		return;
-	}
-	tfs_bdev_fault_delay(dev, op, us);
-	tfs_fs_event(c->fs, "fault", "%s %s delay %" PRIu64 " us", c->argv[1], c->argv[2], us);
-	send_ok(c->fd, "", NULL, true);
 }
 
 /* fault crash-at POINT [power-cut [tear]]: arm a crash point (fs.h). */
@@ -1277,8 +1616,60 @@ static void fault_crash_at(struct cmd_ctx *c)
 	send_ok(c->fd, "", NULL, true);
 }
 
+/* A fault rule for a device: error/enospc/stall/ok, or a delay. */
+struct fault_req {
+	enum tfs_fault_op op;
+	enum tfs_fault_mode mode;
+	uint64_t after, usec;
+	bool once, delay;
+};
+
+static void apply_fault(struct tfs_bdev *dev, void *arg)
+{
+	const struct fault_req *f = arg;
+
+	if (f->delay)
+		tfs_bdev_fault_set_delay(dev, f->op, f->usec);
+	else
+		tfs_bdev_fault_set(dev, f->op, f->mode, f->after, f->once);
+}
+
 /*
- * fault metadata|data read|write|flush error|enospc|stall|ok [after N] [once]
+ * Apply f (NULL: only look) to the device a fault command names: the
+ * pool's metadata or data, NAME:cow or NAME:device, or NAME:origin,
+ * NAME:cache or NAME:metadata of a cache.  -ENOENT no such one.
+ */
+static int fault_device(struct cmd_ctx *c, const char *name, struct fault_req *f)
+{
+	const char *colon = strrchr(name, ':');
+	char target[TFS_NAME_MAX + 1];
+
+	if (!strcmp(name, "metadata") || !strcmp(name, "data")) {
+		if (f)
+			apply_fault(tfs_pool_bdev(c->fs->pool, !strcmp(name, "data")), f);
+		return 0;
+	}
+	if (!colon || (size_t)(colon - name) > TFS_NAME_MAX)
+		return -ENOENT;
+	snprintf(target, sizeof(target), "%.*s", (int)(colon - name), name);
+	/* NAME:origin, NAME:cache, NAME:metadata of a cache. */
+	if (tfs_fs_cache_by_name(c->fs, target)) {
+		struct tfs_bdev *dev = tfs_cache_bdev(tfs_fs_cache_by_name(c->fs, target), colon + 1);
+
+		if (!dev)
+			return -ENOENT;
+		if (f)
+			apply_fault(dev, f);
+		return 0;
+	}
+	if (!c->fs->cow)
+		return -ENOENT;
+	return tfs_cow_set_with_fault_dev(c->fs->cow, target, colon + 1, f ? apply_fault : NULL,
+					  f);
+}
+
+/*
+ * fault metadata|data|NAME:cow|NAME:device read|write|flush error|enospc|stall|ok [after N] [once]
  * fault power-cut [tear]
  * fault crash-at POINT [power-cut [tear]]
  * Only for pools whose pool.cfg allows it and whose daemon was started
@@ -1287,13 +1678,12 @@ static void fault_crash_at(struct cmd_ctx *c)
 static void cmd_fault(struct cmd_ctx *c)
 {
 	static const char *const ops[] = { "read", "write", "flush" };
-	const char *usage = "usage: fault metadata|data|NAME:origin|NAME:cache|NAME:metadata "
-			    "read|write|flush error|enospc|stall|ok [after N] [once] | "
-			    "... delay USEC | fault power-cut [tear] | "
-			    "fault crash-at POINT [power-cut [tear]]";
+	const char *usage = "usage: fault metadata|data|NAME:cow|NAME:device|NAME:origin|"
+			    "NAME:cache|NAME:metadata read|write|flush error|enospc|stall|ok "
+			    "[after N] [once] | fault DEVICE OP delay USEC | "
+			    "fault power-cut [tear] | fault crash-at POINT [power-cut [tear]]";
 	enum tfs_fault_mode mode;
 	enum tfs_fault_op op = TFS_FAULT_NR_OPS;
-	struct tfs_bdev *dev;
 	uint64_t after = 0;
 	bool once = false;
 	int i;
@@ -1329,10 +1719,10 @@ static void cmd_fault(struct cmd_ctx *c)
 		send_error(c->fd, "%s", usage);
 		return;
 	}
-	dev = fault_device(c->fs, c->argv[1]);
-	if (!dev) {
-		send_error(c->fd, "fault: no device '%s' (metadata, data, or NAME:origin, "
-			   "NAME:cache, NAME:metadata of a cache)", c->argv[1]);
+	if (fault_device(c, c->argv[1], NULL) < 0) {
+		send_error(c->fd, "fault: no device '%s' (metadata, data, NAME:cow of a classic "
+			   "snapshot, NAME:device of an origin, or NAME:origin, NAME:cache, "
+			   "NAME:metadata of a cache)", c->argv[1]);
 		return;
 	}
 	for (i = 0; i < 3; i++)
@@ -1343,7 +1733,19 @@ static void cmd_fault(struct cmd_ctx *c)
 		return;
 	}
 	if (!strcmp(c->argv[3], "delay")) {
-		fault_delay(c, dev, op);
+		uint64_t usec;
+
+		/* A slow disk: at most an hour a request, or the mount would seem hung for good. */
+		if (c->argc != 5 || parse_u64(c->argv[4], &usec) || usec > 3600ull * 1000000) {
+			send_error(c->fd, "usage: fault DEVICE read|write|flush delay USEC "
+				   "(0 to 3600000000 microseconds)");
+			return;
+		}
+		fault_device(c, c->argv[1], &(struct fault_req){ .op = op, .usec = usec,
+								  .delay = true });
+		tfs_fs_event(c->fs, "fault", "%s %s delay %" PRIu64 " us", c->argv[1], c->argv[2],
+			     usec);
+		send_ok(c->fd, "", NULL, true);
 		return;
 	}
 	if (!strcmp(c->argv[3], "error"))
@@ -1370,9 +1772,8 @@ static void cmd_fault(struct cmd_ctx *c)
 			return;
 		}
 	}
-	tfs_bdev_fault_set(dev, op, mode, after, once);
-	if (mode == TFS_FAULT_OK)
-		tfs_bdev_fault_delay(dev, op, 0);
+	fault_device(c, c->argv[1], &(struct fault_req){ .op = op, .mode = mode, .after = after,
+							  .once = once });
 	tfs_fs_event(c->fs, "fault", "%s %s %s after %" PRIu64 "%s", c->argv[1], c->argv[2],
 		     c->argv[3], after, once ? " once" : "");
 	send_ok(c->fd, "", NULL, true);
@@ -1509,12 +1910,19 @@ static void dispatch(struct cmd_ctx *c)
 		cmd_resume(c);
 	else if (!strcmp(cmd, "reload"))
 		cmd_reload(c);
+	else if (!strcmp(cmd, "diff"))
+		cmd_diff(c);
+	else if (!strcmp(cmd, "send"))
+		tfs_ctl_cmd_send(c->fs, c->fd, c->argc, c->argv);
+	else if (!strcmp(cmd, "receive"))
+		tfs_ctl_cmd_receive(c->fs, c->fd, c->argc, c->argv);
 	else if (!strcmp(cmd, "cache"))
 		cmd_cache(c);
 	else
 		send_error(c->fd, "unknown command '%s' (status, list, snapshot, delete, resize, "
 			   "set-transaction-id, reserve-metadata-snap, release-metadata-snap, "
-			   "events, wait-event, fault, suspend, resume, reload, cache)", cmd);
+			   "events, wait-event, fault, suspend, resume, reload, diff, send, "
+			   "receive, cache)", cmd);
 }
 
 /* ---- connections ---- */
@@ -1882,4 +2290,37 @@ void tfs_ctl_server_stop(struct tfs_ctl_server *srv)
 	pthread_cond_destroy(&srv->idle);
 	pthread_mutex_destroy(&srv->lock);
 	free(srv);
+}
+
+/* ---- for the commands of other files (ctl-internal.h) ---- */
+
+int tfs_ctl_send_line(int fd, struct json_object *o)
+{
+	return send_line(fd, o);
+}
+
+int tfs_ctl_send_ok(int fd, const char *text, struct json_object *json, bool done)
+{
+	return send_ok(fd, text, json, done);
+}
+
+int tfs_ctl_send_error(int fd, const char *fmt, ...)
+{
+	char msg[1024];
+	va_list ap;
+
+	va_start(ap, fmt);
+	vsnprintf(msg, sizeof(msg), fmt, ap);
+	va_end(ap);
+	return send_error(fd, "%s", msg);
+}
+
+bool tfs_ctl_client_alive(int fd)
+{
+	return client_alive(fd);
+}
+
+ssize_t tfs_ctl_read_line(int fd, char *buf, size_t max)
+{
+	return read_line(fd, buf, max);
 }

@@ -6,7 +6,8 @@
  * daemon's 1-second housekeeping (tfs_fs_tick), one short-lived thread per
  * client, and the commands: status, list, snapshot, delete,
  * set-transaction-id, reserve-metadata-snap, release-metadata-snap,
- * events, wait-event.  Only root and the mount's owner are served
+ * events, wait-event (send and receive: send-recv.c, through
+ * ctl-internal.h).  Only root and the mount's owner are served
  * (SO_PEERCRED).
  *
  * Never: replies to FUSE; changes the namespace except through fs.h.

@@ -338,6 +338,32 @@ static int list_devices(struct tfs_fs *fs, uint32_t **ids, unsigned *nr)
 	return 0;
 }
 
+static int cmp_id(const void *a, const void *b);
+
+/* The thin devices and then the origins and classic snapshots (ids above them), ascending. */
+static int add_cow_ids(struct tfs_fs *fs, uint32_t **ids, unsigned *nr)
+{
+	uint32_t *cow, *grown;
+	unsigned n;
+	int r = tfs_fs_cow_ids(fs, &cow, &n);
+
+	if (r < 0 || !n) {
+		free(cow);
+		return r;
+	}
+	qsort(cow, n, sizeof(*cow), cmp_id);
+	grown = realloc(*ids, (*nr + n) * sizeof(*grown));
+	if (!grown) {
+		free(cow);
+		return -ENOMEM;
+	}
+	memcpy(grown + *nr, cow, n * sizeof(*cow));
+	free(cow);
+	*ids = grown;
+	*nr += n;
+	return 0;
+}
+
 struct settle {
 	struct tfs_fs *fs;
 	const uint32_t *devs;
@@ -429,6 +455,9 @@ static int reconcile(struct tfs_fs *fs)
 		if (r >= 0)
 			r = list_devices(fs, &ids, &nr);
 	}
+	/* Ascending: thin ids, then origins' and snapshots', then the caches' range. */
+	if (r >= 0)
+		r = add_cow_ids(fs, &ids, &nr);
 	if (r >= 0)
 		r = tfs_fs_cache_add_ids(fs, &ids, &nr);
 	if (r >= 0)
@@ -556,7 +585,12 @@ static int run_daemon(struct tfs_fs *fs, const struct mount_args *a, int ready_f
 	r = tfs_fs_cache_open(fs);
 	if (r < 0)
 		goto err_close_catalog; /* logged */
+	r = tfs_fs_cow_open(fs);
+	if (r < 0)
+		goto err_close_catalog; /* logged, naming the section */
 	r = reconcile(fs);
+	if (r == 0)
+		r = tfs_fs_settle_temp_names(fs);
 	if (r < 0) {
 		tfs_err("cannot reconcile the catalog with the metadata: %s", strerror(-r));
 		goto err_close_catalog;
@@ -665,6 +699,7 @@ err_free_args:
 err_close_catalog:
 	tfs_fs_close_all(fs);
 	tfs_fs_cache_close(fs);
+	tfs_fs_cow_close(fs);
 	tfs_catalog_close(fs->cat);
 	fs->cat = NULL;
 err_close_pool:

@@ -23,6 +23,7 @@
 #include <time.h>
 
 #include "log.h"
+#include "origin.h"
 #include "utf8.h"
 
 /* How long the daemon's exit waits for on_event programs still running. */
@@ -232,6 +233,24 @@ static void low_water_report(struct tfs_events *ev, const struct tfs_pool_status
 	}
 }
 
+struct cow_report {
+	struct tfs_events *ev;
+	const struct tfs_pool_status *st;
+};
+
+/* A classic snapshot's event: logged, and the hook told which volume (THINFS_VOLUME). */
+static void cow_event(void *ctx, enum tfs_cow_event what, const char *name, const char *detail)
+{
+	struct cow_report *c = ctx;
+	const char *kind = what == TFS_COW_EVENT_INVALID ? "snapshot_invalid" : "low_water_cow";
+
+	/* The header may not say so (its write failed): the next mount reads this. */
+	if (what == TFS_COW_EVENT_INVALID && c->ev->fs->cat && !c->ev->fs->read_only)
+		tfs_catalog_set_cow_invalid(c->ev->fs->cat, name, true);
+	tfs_fs_event(c->ev->fs, kind, "%s", detail);
+	run_hook(c->ev, kind, c->st, c->ev->last_mode, name);
+}
+
 /* Everything the pool recorded since the last report, oldest first. */
 static void report(struct tfs_events *ev)
 {
@@ -261,6 +280,11 @@ static void report(struct tfs_events *ev)
 			 st.low_water_blocks, &ev->low_water_data_seen);
 	low_water_report(ev, &st, "low_water_metadata", "metadata", &st.low_water_meta,
 			 st.meta_total, st.meta_low_water_blocks, &ev->low_water_meta_seen);
+	if (fs->cow) {
+		struct cow_report c = { .ev = ev, .st = &st };
+
+		tfs_cow_set_events(fs->cow, cow_event, &c);
+	}
 	pthread_mutex_unlock(&ev->order);
 }
 
@@ -297,6 +321,16 @@ void tfs_fs_events_run_hook(struct tfs_fs *fs, const char *event, const char *vo
 	tfs_pool_status(fs->pool, &st);
 	st.mode = new_mode;
 	run_hook(fs->events, event, &st, old_mode, volume);
+}
+
+void tfs_fs_events_wake(void *arg)
+{
+	struct tfs_fs *fs = arg;
+	struct tfs_events *ev = fs->events;
+
+	/* Before the thread starts, its first report picks the event up. */
+	if (ev)
+		pool_changed(ev);
 }
 
 static void *event_thread(void *arg)

@@ -41,6 +41,7 @@ struct fuse_session;
 struct tfs_ctl_server;
 struct tfs_events;
 struct tfs_cache;
+struct tfs_cow_set;
 
 /* Inode numbers (stable across mounts: derived from ids on disk). */
 #define TFS_INO_ROOT 1u
@@ -98,6 +99,7 @@ struct tfs_fs {
 	struct tfs_cache *caches[TFS_CACHES_MAX]; /* [cache] sections (cache-volumes.c), set at mount */
 	uint32_t cache_ids[TFS_CACHES_MAX];
 	unsigned nr_caches;
+	struct tfs_cow_set *cow;   /* origins and classic snapshots (cow-volumes.c); NULL read-only */
 	struct tfs_catalog *cat;
 	struct fuse_session *se;
 	bool parallel_dio;         /* the kernel takes FOPEN_PARALLEL_DIRECT_WRITES: set at
@@ -190,6 +192,13 @@ int tfs_fs_remove_group(struct tfs_fs *fs, const char *name);
 /* thinfs-ctl snapshot SRC NEW: a writable thin snapshot, a top-level volume. */
 int tfs_fs_snapshot_volume(struct tfs_fs *fs, const char *src, const char *new_name);
 
+/*
+ * Delete the volumes a send or receive cut short by a crash left under
+ * their temporary names (send-recv.c), after the mount's reconcile;
+ * read-write mounts only.  -errno from the catalog.
+ */
+int tfs_fs_settle_temp_names(struct tfs_fs *fs);
+
 /* ---- listings (catalog reads; sizes from memory where newer) ---- */
 /* Group lookups. */
 int tfs_fs_group_by_id(struct tfs_fs *fs, int64_t id, struct tfs_group_row *out);
@@ -242,7 +251,56 @@ int tfs_fs_cache_resize(struct tfs_fs *fs, struct tfs_cache *c, uint32_t *dev_id
 /* Shutting down: every cache's held requests go in, none is suspended again. */
 void tfs_fs_cache_stop_holding(struct tfs_fs *fs);
 
+/*
+ * ---- origins and classic snapshots (cow-volumes.c) ----
+ * Their files are top-level rows with ids from TFS_DEV_ID_OTHER up.
+ * cow_open (mount, read-write only, before the catalog is reconciled):
+ * open every [origin] and [snapshot] of pool.cfg and every snapshot made
+ * with thinfs-ctl, give new ones rows, drop rows of sections gone; -errno
+ * (logged, naming the section).  cow_close: after the last volume closed.
+ * cow_ids: the ids the reconcile must keep (*ids malloc'ed, may be NULL).
+ * cow_may_unlink: 0, or -EPERM (logged) for an origin or a pool.cfg
+ * snapshot.  cow_delete: remove a run-time snapshot and its rows (its
+ * name was unlinked and its last handle closed).  cow_snapshot: thinfs-ctl
+ * snapshot ORIGIN NAME --cow DEV (takes fs->lock): -EEXIST name taken,
+ * -ENXIO no origin of that name, -EROFS read-only, engine errors (logged).
+ */
+struct tfs_fs_cow_request {
+	const char *origin, *name, *cow;   /* cow: a resolved path */
+	uint32_t chunk_sectors;
+	bool persistent;
+};
+int tfs_fs_cow_open(struct tfs_fs *fs);
+void tfs_fs_cow_close(struct tfs_fs *fs);
+int tfs_fs_cow_ids(struct tfs_fs *fs, uint32_t **ids, unsigned *nr);
+int tfs_fs_cow_may_unlink(struct tfs_fs *fs, const struct tfs_vol_row *row);
+int tfs_fs_cow_delete(struct tfs_fs *fs, uint32_t dev_id, const char *name);
+int tfs_fs_cow_snapshot(struct tfs_fs *fs, const struct tfs_fs_cow_request *req);
+/*
+ * A reload's [origin]/[snapshot] sections (the pool is suspended; they
+ * take effect when the reload is accepted: origins are not suspended with
+ * the pool).  reload_check changes nothing: 0, or -errno with why (one
+ * line naming the section): a section that goes is open, or an origin
+ * that goes keeps a snapshot; one that comes has a taken name or a bad
+ * device.  reload_apply: sections that went are closed and their rows
+ * removed (*gone: their names, malloc'ed, for the caller to drop from
+ * the kernel's cache and free), new ones opened: returns how many
+ * sections went or came; on failure (why) what ran is put back and
+ * -errno returned.  after_resume: what a resume took
+ * (snapshot_low_water).
+ */
+int tfs_fs_cow_reload_check(struct tfs_fs *fs, const struct tfs_pool_config *next, char *why,
+			    size_t len);
+int tfs_fs_cow_reload_apply(struct tfs_fs *fs, const struct tfs_pool_config *next, char *why,
+			    size_t len, char ***gone, unsigned *nr_gone);
+void tfs_fs_cow_after_resume(struct tfs_fs *fs);
+
 /* ---- events (events.c) ---- */
+/*
+ * Wake the event thread (arg: the struct tfs_fs): the engine recorded a
+ * classic snapshot's event (snapshot_invalid, low_water_cow).  Takes a leaf lock only.
+ */
+void tfs_fs_events_wake(void *arg);
 /*
  * Run on_event for an event of another target (a cache's mode_change or
  * cache_clean): THINFS_VOLUME names it, THINFS_OLD_MODE and THINFS_NEW_MODE

@@ -791,6 +791,55 @@ static void op_fallocate(fuse_req_t req, fuse_ino_t ino, int mode, off_t offset,
 	fuse_reply_err(req, -r);
 }
 
+/*
+ * copy_file_range between volumes of the pool (the kernel sends only pairs
+ * of files of this mount, and refuses overlapping ranges of one file):
+ * whole blocks are shared by the engine, the rest copied.  EXDEV and
+ * EOPNOTSUPP make the kernel copy through read and write itself.  One
+ * reply carries at most 4 GiB - 1 (struct fuse_write_out), so a longer
+ * range is done in part and the caller asks again for the rest.
+ */
+static void op_copy_file_range(fuse_req_t req, fuse_ino_t ino_in, off_t off_in,
+			       struct fuse_file_info *fi_in, fuse_ino_t ino_out, off_t off_out,
+			       struct fuse_file_info *fi_out, size_t len, int flags)
+{
+	struct tfs_fs *fs = fs_of(req);
+	struct tfs_inode *src = handle_of(fi_in), *dst = handle_of(fi_out);
+	/* io_locks in device order, as truncate's write lock may wait between them. */
+	struct tfs_inode *first = src->dev_id <= dst->dev_id ? src : dst;
+	struct tfs_inode *second = first == src ? dst : src;
+	uint64_t n = len, size, most = UINT32_MAX / fs->block_size * fs->block_size;
+	int r;
+
+	if (flags || off_in < 0) {
+		fuse_reply_err(req, EINVAL);
+		return;
+	}
+	pthread_rwlock_rdlock(&first->io_lock);
+	if (second != first)
+		pthread_rwlock_rdlock(&second->io_lock);
+	/* What the source holds, first: "to the end" may be asked as a huge length. */
+	size = cur_size(src);
+	if ((uint64_t)off_in >= size)
+		n = 0;
+	else if (n > size - (uint64_t)off_in)
+		n = size - (uint64_t)off_in;
+	if (n > most)
+		n = most;
+	r = check_range(fs, off_out, n);
+	if (r == 0 && n)
+		r = tfs_dev_clone_range(dst->dev, src->dev, (uint64_t)off_in, (uint64_t)off_out, n);
+	if (r == 0 && n)
+		tfs_fs_extend(fs, dst, (uint64_t)off_out + n, true);
+	if (second != first)
+		pthread_rwlock_unlock(&second->io_lock);
+	pthread_rwlock_unlock(&first->io_lock);
+	if (r < 0)
+		fuse_reply_err(req, -r);
+	else
+		fuse_reply_write(req, (size_t)n);
+}
+
 static void op_lseek(fuse_req_t req, fuse_ino_t ino, off_t off, int whence,
 		     struct fuse_file_info *fi)
 {
@@ -1078,5 +1127,6 @@ const struct fuse_lowlevel_ops tfs_fuse_ops = {
 	.removexattr = op_removexattr,
 	.create = op_create,
 	.fallocate = op_fallocate,
+	.copy_file_range = op_copy_file_range,
 	.lseek = op_lseek,
 };

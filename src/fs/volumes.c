@@ -21,6 +21,7 @@
 #include <unistd.h>
 
 #include "log.h"
+#include "origin.h"
 #include "utf8.h"
 
 int64_t tfs_now_ns(void)
@@ -304,6 +305,8 @@ int tfs_fs_open_dev(struct tfs_fs *fs, uint32_t dev_id, unsigned flags, struct t
 {
 	if (tfs_fs_is_cache_id(dev_id))
 		return tfs_fs_cache_open_dev(fs, dev_id, flags, out);
+	if (dev_id >= TFS_DEV_ID_OTHER)
+		return fs->cow ? tfs_cow_set_open_dev(fs->cow, dev_id, flags, out) : -ENODATA;
 	return tfs_thin_open(fs->pool, dev_id, flags, out);
 }
 
@@ -364,6 +367,8 @@ static int delete_unlinked(struct tfs_fs *fs, uint32_t dev_id, const char *name)
 {
 	int r;
 
+	if (dev_id >= TFS_DEV_ID_OTHER)
+		return tfs_fs_cow_delete(fs, dev_id, name);
 	r = tfs_pool_delete(fs->pool, dev_id);
 	if (r == -EBUSY && tfs_pool_is_suspended(fs->pool)) {
 		/* The row stays unlinked: tfs_fs_after_resume finds it. */
@@ -463,8 +468,9 @@ int tfs_fs_set_size(struct tfs_fs *fs, struct tfs_inode *ino, uint64_t size)
 	pthread_mutex_lock(&ino->attr_lock);
 	old = ino->row.size;
 	pthread_mutex_unlock(&ino->attr_lock);
-	if (tfs_fs_is_cache_id(ino->dev_id) && size != old)
-		r = -EPERM; /* a cache has its origin's size */
+	/* An origin, its snapshots and a cache have the origin device's size. */
+	if (ino->dev_id >= TFS_DEV_ID_OTHER && size != old)
+		r = -EPERM;
 	else if (size < old)
 		r = tfs_dev_truncate(ino->dev, size);
 	if (r == 0) {
@@ -487,7 +493,8 @@ void tfs_fs_extend(struct tfs_fs *fs, struct tfs_inode *ino, uint64_t end, bool 
 	int64_t now = touch_mtime ? tfs_now_ns() : 0;
 
 	pthread_mutex_lock(&ino->attr_lock);
-	if (end > ino->row.size) {
+	/* An origin and its snapshots keep the origin device's size. */
+	if (end > ino->row.size && ino->dev_id < TFS_DEV_ID_OTHER) {
 		ino->row.size = end;
 		ino->dirty = true;
 	}
@@ -588,8 +595,11 @@ static int unlink_row_locked(struct tfs_fs *fs, const struct tfs_vol_row *row)
 			 row->name);
 		return -EPERM;
 	}
+	r = tfs_fs_cow_may_unlink(fs, row);
+	if (r < 0)
+		return r;
 	/* Deleting the device now would change a suspended pool; an open one waits anyway. */
-	if (!open && tfs_pool_is_suspended(fs->pool))
+	if (!open && row->dev_id < TFS_DEV_ID_OTHER && tfs_pool_is_suspended(fs->pool))
 		return -EBUSY;
 	r = tfs_catalog_unlink(fs->cat, row->dev_id);
 	if (r < 0)
@@ -657,8 +667,8 @@ int tfs_fs_rename_volume(struct tfs_fs *fs, const char *old_name, const char *ne
 	if (!strcmp(old_name, new_name))
 		goto out_unlock;
 	r = tfs_catalog_get_by_name(fs->cat, new_name, &dst);
-	/* A cache's name is its section's. */
-	if (tfs_fs_is_cache_id(src.dev_id) || (r == 0 && tfs_fs_is_cache_id(dst.dev_id))) {
+	/* An origin's, classic snapshot's or cache's name is its section's or the catalog's. */
+	if (src.dev_id >= TFS_DEV_ID_OTHER || (r == 0 && dst.dev_id >= TFS_DEV_ID_OTHER)) {
 		r = -EPERM;
 		goto out_unlock;
 	}
@@ -812,13 +822,12 @@ int tfs_fs_create_group(struct tfs_fs *fs, const char *name, struct tfs_group_ro
 	r = list_rows(fs, 0, false, &l);
 	if (r < 0)
 		goto out_unlock;
-	/* A group holds thin devices only: caches stay out. */
+	/* A group holds thin devices only: origins, classic snapshots and caches stay out. */
 	for (unsigned i = 0, n = l.nr; i < n; i++)
-		if (tfs_fs_is_cache_id(l.rows[i].dev_id))
+		if (l.rows[i].dev_id >= TFS_DEV_ID_OTHER)
 			l.nr--;
 		else
 			l.rows[i - (n - l.nr)] = l.rows[i];
-
 	origins = calloc(l.nr + 1, sizeof(*origins));
 	snaps = calloc(l.nr + 1, sizeof(*snaps));
 	if (!origins || !snaps) {
@@ -1169,8 +1178,8 @@ int tfs_fs_snapshot_volume(struct tfs_fs *fs, const char *src, const char *new_n
 
 	pthread_mutex_lock(&fs->lock);
 	r = find_source_locked(fs, src, &s);
-	if (r == 0 && tfs_fs_is_cache_id(s.dev_id))
-		r = -EXDEV; /* not a thin device */
+	if (r == 0 && s.dev_id >= TFS_DEV_ID_OTHER)
+		r = -EXDEV; /* not a thin device: a classic snapshot needs --cow */
 	if (r < 0)
 		goto out_unlock;
 	r = name_free_locked(fs, new_name);

@@ -24,7 +24,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
+#include <unistd.h>
 
 struct pending_write {
 	uint64_t off;
@@ -34,6 +34,7 @@ struct pending_write {
 
 struct fault_rule {
 	enum tfs_fault_mode mode;
+	uint64_t delay_us; /* TFS_FAULT_DELAY */
 	uint64_t after; /* ops of this kind still to pass before failing */
 	bool once;
 	/*
@@ -55,7 +56,6 @@ struct fault_dev {
 	struct fault_rule rules[TFS_FAULT_NR_OPS];
 	atomic_bool armed; /* volatile_cache || dead || a rule not OK; written under lock */
 	atomic_uint_fast64_t reads, writes, flushes, discards;
-	atomic_uint_fast64_t delay_us[TFS_FAULT_NR_OPS]; /* a slow disk: each op waits first */
 	struct pending_write *pending;
 	size_t nr_pending, cap_pending;
 };
@@ -80,24 +80,9 @@ static void update_armed(struct fault_dev *f)
 	atomic_store_explicit(&f->armed, a, memory_order_release);
 }
 
-/* Count the op, and make it wait as a slow disk would: without the lock, so ops overlap. */
-static void count(struct fault_dev *f, atomic_uint_fast64_t *c, enum tfs_fault_op op)
+static void count(atomic_uint_fast64_t *c)
 {
-	uint64_t us = atomic_load_explicit(&f->delay_us[op], memory_order_relaxed);
-
 	atomic_fetch_add_explicit(c, 1, memory_order_relaxed);
-	if (us) {
-		struct timespec ts = { .tv_sec = (time_t)(us / 1000000),
-				       .tv_nsec = (long)(us % 1000000) * 1000 };
-
-		while (nanosleep(&ts, &ts) && errno == EINTR)
-			;
-	}
-}
-
-void tfs_bdev_fault_delay(struct tfs_bdev *dev, enum tfs_fault_op op, uint64_t usec)
-{
-	atomic_store_explicit(&to_fault(dev)->delay_us[op], usec, memory_order_relaxed);
 }
 
 /* Positive, so that it can never be mistaken for a -errno verdict. */
@@ -110,8 +95,8 @@ static int verdict(struct fault_dev *f, enum tfs_fault_op op)
 
 	if (f->dead || f->closing)
 		return -EIO;
-	if (r->mode == TFS_FAULT_OK)
-		return 0;
+	if (r->mode == TFS_FAULT_OK || r->mode == TFS_FAULT_DELAY)
+		return 0; /* a delay was waited out before (lock_after_delay) */
 	if (r->after) {
 		r->after--;
 		return 0;
@@ -150,6 +135,28 @@ static int consult(struct fault_dev *f, enum tfs_fault_op op)
 	return r;
 }
 
+/*
+ * Take the lock for an op of this kind, first waiting out its delay
+ * without the lock, so that a slow disk's ops overlap as a real one's do.
+ */
+static void lock_after_delay(struct fault_dev *f, enum tfs_fault_op op)
+{
+	uint64_t us;
+
+	pthread_mutex_lock(&f->lock);
+	us = f->rules[op].mode == TFS_FAULT_DELAY ? f->rules[op].delay_us : 0;
+	if (!us)
+		return;
+	pthread_mutex_unlock(&f->lock);
+	while (us) {
+		uint64_t step = us < 1000000 ? us : 1000000;
+
+		usleep((useconds_t)step);
+		us -= step;
+	}
+	pthread_mutex_lock(&f->lock);
+}
+
 static void overlay_pending(struct fault_dev *f, uint8_t *buf, size_t len, uint64_t off)
 {
 	for (size_t i = 0; i < f->nr_pending; i++) {
@@ -166,10 +173,10 @@ static int fault_read(struct tfs_bdev *d, void *buf, size_t len, uint64_t off)
 	struct fault_dev *f = to_fault(d);
 	int r;
 
-	count(f, &f->reads, TFS_FAULT_READ);
+	count(&f->reads);
 	if (!armed(f))
 		return tfs_bdev_read(f->lower, buf, len, off);
-	pthread_mutex_lock(&f->lock);
+	lock_after_delay(f, TFS_FAULT_READ);
 	r = consult(f, TFS_FAULT_READ);
 	if (!r)
 		r = tfs_bdev_read(f->lower, buf, len, off);
@@ -209,10 +216,10 @@ static int fault_write(struct tfs_bdev *d, const void *buf, size_t len, uint64_t
 	struct fault_dev *f = to_fault(d);
 	int r;
 
-	count(f, &f->writes, TFS_FAULT_WRITE);
+	count(&f->writes);
 	if (!armed(f))
 		return tfs_bdev_write(f->lower, buf, len, off);
-	pthread_mutex_lock(&f->lock);
+	lock_after_delay(f, TFS_FAULT_WRITE);
 	r = consult(f, TFS_FAULT_WRITE);
 	if (!r)
 		r = f->volatile_cache ? hold_write(f, buf, len, off)
@@ -245,10 +252,10 @@ static int fault_flush(struct tfs_bdev *d)
 	struct fault_dev *f = to_fault(d);
 	int r;
 
-	count(f, &f->flushes, TFS_FAULT_FLUSH);
+	count(&f->flushes);
 	if (!armed(f))
 		return tfs_bdev_flush(f->lower);
-	pthread_mutex_lock(&f->lock);
+	lock_after_delay(f, TFS_FAULT_FLUSH);
 	r = consult(f, TFS_FAULT_FLUSH);
 	if (!r)
 		r = write_back(f);
@@ -263,7 +270,7 @@ static int fault_discard(struct tfs_bdev *d, uint64_t off, uint64_t len)
 	struct fault_dev *f = to_fault(d);
 	int r;
 
-	count(f, &f->discards, TFS_FAULT_WRITE);
+	count(&f->discards);
 	if (!armed(f))
 		return tfs_bdev_discard(f->lower, off, len);
 	pthread_mutex_lock(&f->lock);
@@ -362,6 +369,22 @@ void tfs_bdev_fault_set(struct tfs_bdev *dev, enum tfs_fault_op op, enum tfs_fau
 	};
 	update_armed(f);
 	pthread_cond_broadcast(&f->stall_cv);
+	pthread_mutex_unlock(&f->lock);
+}
+
+void tfs_bdev_fault_set_delay(struct tfs_bdev *dev, enum tfs_fault_op op, uint64_t usec)
+{
+	struct fault_dev *f = to_fault(dev);
+
+	if (dev->ops != &fault_ops || op >= TFS_FAULT_NR_OPS)
+		return;
+	pthread_mutex_lock(&f->lock);
+	f->rules[op] = (struct fault_rule){
+		.mode = usec ? TFS_FAULT_DELAY : TFS_FAULT_OK, .delay_us = usec,
+		.gen = f->rules[op].gen + 1
+	};
+	update_armed(f);
+	pthread_cond_broadcast(&f->stall_cv); /* a stalled op is released, as by any set */
 	pthread_mutex_unlock(&f->lock);
 }
 

@@ -130,6 +130,8 @@ enum tfs_fault_mode {
 	 * while I/O is in flight at a moment it chose.
 	 */
 	TFS_FAULT_STALL,
+	/* Pass, after waiting the rule's delay (a slow disk): tfs_bdev_fault_set_delay. */
+	TFS_FAULT_DELAY,
 };
 
 /*
@@ -152,12 +154,11 @@ void tfs_bdev_fault_set(struct tfs_bdev *dev, enum tfs_fault_op op, enum tfs_fau
 			uint64_t after, bool once);
 
 /*
- * From now on every op of this kind (a discard counts as a write) first
- * waits usec microseconds, holding nothing, so that ops still overlap as
- * on a slow disk with a queue; 0 ends it.  Independent of the mode above.
+ * Every op of this kind waits usec microseconds first, then passes (a
+ * slow disk, for tests and benchmarks), until another mode is set.  The
+ * wait holds nothing other ops need, so ops in parallel wait together.
  */
-void tfs_bdev_fault_delay(struct tfs_bdev *dev, enum tfs_fault_op op, uint64_t usec);
-
+void tfs_bdev_fault_set_delay(struct tfs_bdev *dev, enum tfs_fault_op op, uint64_t usec);
 /*
  * Power loss: writes not yet flushed are dropped; with tear, a prefix of
  * each unflushed write (whole 512-byte sectors, chosen from seed) reaches

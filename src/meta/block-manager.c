@@ -2,8 +2,9 @@
 /*
  * Block cache: a hash table of 4 KiB blocks with an LRU list of the
  * unlocked ones.  Locked blocks are pinned; unlocked dirty blocks may be
- * written early when evicted (they are always shadows the committed state
- * does not reference, so writing them early is safe).
+ * written early when evicted (they are always shadows that neither the
+ * committed state, nor one being committed, nor the one before it
+ * references: space-map.h, so writing them early is safe).
  *
  * Blocks come from slabs of SLAB_BLOCKS, their data mapped with mmap, and
  * an evicted block goes back to a free list rather than to malloc.  A
@@ -18,6 +19,8 @@
 
 #include <assert.h>
 #include <errno.h>
+#include <pthread.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -34,6 +37,7 @@ struct tfs_block {
 	unsigned lock_count;
 	bool dirty;
 	bool in_lru;
+	bool unchecked; /* read ahead, v still NULL: the first lock with a validator checks it */
 	struct tfs_block *hash_next;
 	struct tfs_block *lru_prev, *lru_next;     /* unlocked blocks only */
 	struct tfs_block *dirty_prev, *dirty_next; /* dirty blocks only */
@@ -81,6 +85,8 @@ struct tfs_bm {
 	struct slab *slabs;
 	size_t nr_slabs;
 	struct tfs_block *free_blocks; /* unused, chained through hash_next */
+	struct prefetch_pool *prefetch_pool; /* read-ahead threads, once a read-ahead needed them */
+	uint8_t *prefetch_staging;           /* the owner's thread's, for the same */
 	struct tfs_bm_stats stats;
 	char write_error[160]; /* the last failed write, until taken */
 };
@@ -264,15 +270,13 @@ static int evict(struct tfs_bm *bm)
 	return 0;
 }
 
-static int alloc_block(struct tfs_bm *bm, uint64_t blocknr, struct tfs_block **out)
+/* A free slot holding blocknr, in the hash table but on no list. */
+static int new_slot(struct tfs_bm *bm, uint64_t blocknr, struct tfs_block **out)
 {
 	struct tfs_block *b;
 	size_t h;
 	int r;
 
-	r = evict(bm);
-	if (r)
-		return r;
 	if (!bm->free_blocks) {
 		r = add_slab(bm);
 		if (r)
@@ -289,6 +293,13 @@ static int alloc_block(struct tfs_bm *bm, uint64_t blocknr, struct tfs_block **o
 	bm->nr_cached++;
 	*out = b;
 	return 0;
+}
+
+static int alloc_block(struct tfs_bm *bm, uint64_t blocknr, struct tfs_block **out)
+{
+	int r = evict(bm);
+
+	return r ? r : new_slot(bm, blocknr, out);
 }
 
 static int validate(struct tfs_bm *bm, struct tfs_block *b, const struct tfs_block_validator *v)
@@ -334,10 +345,18 @@ static int get_block(struct tfs_bm *bm, uint64_t blocknr, const struct tfs_block
 		if (zero) {
 			memset(b->data, 0, TFS_BLOCK_SIZE);
 			b->v = v;
+			b->unchecked = false;
 		} else if (b->v != v) {
+			/* A block read ahead has no validator yet: it is checked here, once. */
 			r = validate(bm, b, v);
+			/* Read ahead and corrupt: gone, as if read now, so the next lock rereads it. */
+			if (r && b->unchecked && !b->lock_count) {
+				lru_unlink(bm, b);
+				free_block(bm, b);
+			}
 			if (r)
 				return r;
+			b->unchecked = false;
 		}
 		pin(bm, b);
 		*out = b;
@@ -410,6 +429,8 @@ static void drop_all(struct tfs_bm *bm)
 	}
 }
 
+static void prefetch_pool_stop(struct prefetch_pool *pool); /* with the read-ahead, below */
+
 void tfs_bm_destroy(struct tfs_bm *bm)
 {
 	if (!bm)
@@ -417,6 +438,8 @@ void tfs_bm_destroy(struct tfs_bm *bm)
 	if (bm->nr_locked)
 		tfs_warn("%s: block manager destroyed with %zu blocks locked", bm->dev->name,
 			 bm->nr_locked);
+	prefetch_pool_stop(bm->prefetch_pool);
+	free(bm->prefetch_staging);
 	drop_all(bm);
 	free_slabs(bm);
 	free(bm->hash);
@@ -674,4 +697,287 @@ void tfs_bm_stats(struct tfs_bm *bm, struct tfs_bm_stats *out)
 	out->dirty = bm->nr_dirty;
 	out->locked = bm->nr_locked;
 	out->allocated = bm->nr_slabs * SLAB_BLOCKS;
+}
+
+/*
+ * Read-ahead.  Runs of neighbouring blocks go in one read each (a metadata
+ * device is opened O_DIRECT, so the host reads ahead nothing, and one
+ * 4 KiB round trip per btree node is what made a cold walk slow), and up
+ * to PREFETCH_THREADS runs are in flight at once: the blocks a walk is
+ * about to visit are mostly scattered, and a device (or the host below a
+ * virtual disk) serves many requests at once far faster than one after
+ * another.  Plain threads calling tfs_bdev_read rather than io_uring, so
+ * that every backing device, the fault-injecting one included, serves the
+ * reads.  The threads are started at the first read-ahead that has
+ * PREFETCH_POOL_RUNS runs or more and kept (idle, waiting for work) until
+ * tfs_bm_destroy: starting them for each call cost more than the reads
+ * from a fast device.
+ */
+#define PREFETCH_RUN 32u    /* blocks in one read: 128 KiB */
+#define PREFETCH_THREADS 8u /* the caller's thread included */
+#define PREFETCH_MAX 1024u  /* blocks in one call, whatever the cache size */
+#define PREFETCH_STACK (256u * 1024)
+/* Fewer runs are read by the caller alone: a lookup of a few leaves starts no thread. */
+#define PREFETCH_POOL_RUNS 4u
+
+struct prefetch_run {
+	struct tfs_block **v; /* PREFETCH_RUN at most, neighbours on the device */
+	unsigned n;
+	int r;
+};
+
+struct prefetch_job {
+	struct tfs_bdev *dev;
+	struct prefetch_run *runs;
+	size_t nr_runs;
+	atomic_size_t next; /* the first run no thread has taken */
+};
+
+/* The workers of one block manager; every field under lock. */
+struct prefetch_pool {
+	pthread_mutex_t lock;
+	pthread_cond_t work, idle;
+	struct prefetch_job *job; /* the call in progress, NULL between calls */
+	uint64_t gen;             /* calls so far: a worker joins each call once */
+	unsigned busy;            /* workers inside job */
+	unsigned nr_threads;
+	bool stop;
+	pthread_t threads[PREFETCH_THREADS - 1];
+};
+
+static int read_run(struct tfs_bdev *dev, struct prefetch_run *run, uint8_t *staging)
+{
+	int r;
+
+	if (run->n == 1 || !staging)
+		for (unsigned k = 0; k < run->n; k++) {
+			r = tfs_bdev_read(dev, run->v[k]->data, TFS_BLOCK_SIZE,
+					  run->v[k]->blocknr * TFS_BLOCK_SIZE);
+			if (r)
+				return r;
+		}
+	else {
+		r = tfs_bdev_read(dev, staging, (size_t)run->n * TFS_BLOCK_SIZE,
+				  run->v[0]->blocknr * TFS_BLOCK_SIZE);
+		if (r)
+			return r;
+		for (unsigned k = 0; k < run->n; k++)
+			memcpy(run->v[k]->data, staging + (size_t)k * TFS_BLOCK_SIZE, TFS_BLOCK_SIZE);
+	}
+	return 0;
+}
+
+static void run_job(struct prefetch_job *job, uint8_t *staging)
+{
+	size_t i;
+
+	while ((i = atomic_fetch_add(&job->next, 1)) < job->nr_runs)
+		job->runs[i].r = read_run(job->dev, &job->runs[i], staging);
+}
+
+/* Without staging memory a run goes block by block: slower, same result. */
+static uint8_t *alloc_staging(void)
+{
+	void *p;
+
+	return posix_memalign(&p, TFS_BLOCK_SIZE, PREFETCH_RUN * TFS_BLOCK_SIZE) ? NULL : p;
+}
+
+static void *prefetch_worker(void *arg)
+{
+	struct prefetch_pool *pool = arg;
+	uint8_t *staging = alloc_staging();
+	uint64_t seen = 0;
+
+	pthread_mutex_lock(&pool->lock);
+	for (;;) {
+		struct prefetch_job *job;
+
+		while (!pool->stop && (!pool->job || seen == pool->gen))
+			pthread_cond_wait(&pool->work, &pool->lock);
+		if (pool->stop)
+			break;
+		seen = pool->gen;
+		job = pool->job;
+		pool->busy++;
+		pthread_mutex_unlock(&pool->lock);
+		run_job(job, staging);
+		pthread_mutex_lock(&pool->lock);
+		if (--pool->busy == 0)
+			pthread_cond_signal(&pool->idle);
+	}
+	pthread_mutex_unlock(&pool->lock);
+	free(staging);
+	return NULL;
+}
+
+/* The pool with its threads, or NULL (then the caller reads alone). */
+static struct prefetch_pool *prefetch_pool_start(void)
+{
+	struct prefetch_pool *pool = calloc(1, sizeof(*pool));
+	pthread_attr_t attr;
+
+	if (!pool)
+		return NULL;
+	pthread_mutex_init(&pool->lock, NULL);
+	pthread_cond_init(&pool->work, NULL);
+	pthread_cond_init(&pool->idle, NULL);
+	if (pthread_attr_init(&attr))
+		goto err_free;
+	pthread_attr_setstacksize(&attr, PREFETCH_STACK);
+	while (pool->nr_threads < PREFETCH_THREADS - 1 &&
+	       !pthread_create(&pool->threads[pool->nr_threads], &attr, prefetch_worker, pool))
+		pool->nr_threads++;
+	pthread_attr_destroy(&attr);
+	if (pool->nr_threads)
+		return pool;
+err_free:
+	pthread_cond_destroy(&pool->idle);
+	pthread_cond_destroy(&pool->work);
+	pthread_mutex_destroy(&pool->lock);
+	free(pool);
+	return NULL;
+}
+
+static void prefetch_pool_stop(struct prefetch_pool *pool)
+{
+	if (!pool)
+		return;
+	pthread_mutex_lock(&pool->lock);
+	pool->stop = true;
+	pthread_cond_broadcast(&pool->work);
+	pthread_mutex_unlock(&pool->lock);
+	for (unsigned t = 0; t < pool->nr_threads; t++)
+		pthread_join(pool->threads[t], NULL);
+	pthread_cond_destroy(&pool->idle);
+	pthread_cond_destroy(&pool->work);
+	pthread_mutex_destroy(&pool->lock);
+	free(pool);
+}
+
+/* Every run read when this returns: the caller's thread reads too. */
+static void prefetch_read(struct tfs_bm *bm, struct prefetch_job *job)
+{
+	struct prefetch_pool *pool;
+
+	if (job->nr_runs >= PREFETCH_POOL_RUNS && !bm->prefetch_pool)
+		bm->prefetch_pool = prefetch_pool_start();
+	if (!bm->prefetch_staging)
+		bm->prefetch_staging = alloc_staging();
+	pool = job->nr_runs >= PREFETCH_POOL_RUNS ? bm->prefetch_pool : NULL;
+	if (pool) {
+		pthread_mutex_lock(&pool->lock);
+		pool->job = job;
+		pool->gen++;
+		for (size_t t = 1; t < job->nr_runs && t <= pool->nr_threads; t++)
+			pthread_cond_signal(&pool->work);
+		pthread_mutex_unlock(&pool->lock);
+	}
+	run_job(job, bm->prefetch_staging);
+	if (pool) {
+		pthread_mutex_lock(&pool->lock);
+		pool->job = NULL;
+		while (pool->busy)
+			pthread_cond_wait(&pool->idle, &pool->lock);
+		pthread_mutex_unlock(&pool->lock);
+	}
+}
+
+static int cmp_u64(const void *a, const void *b)
+{
+	uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+	return x < y ? -1 : x > y;
+}
+
+size_t tfs_bm_prefetch_window(const struct tfs_bm *bm)
+{
+	size_t w = bm->cache_blocks / 4;
+
+	return w < PREFETCH_MAX ? w : PREFETCH_MAX;
+}
+
+/*
+ * Room for one more unlocked block, made only by dropping clean unlocked
+ * ones: a read-ahead never writes a dirty block early, nor unpins one.
+ */
+static bool clean_room(struct tfs_bm *bm)
+{
+	while (bm->nr_cached - bm->nr_locked >= bm->cache_blocks) {
+		struct tfs_block *b = bm->lru_tail;
+
+		if (!b || b->dirty)
+			return false;
+		lru_unlink(bm, b);
+		free_block(bm, b);
+		bm->stats.evictions++;
+	}
+	return true;
+}
+
+int tfs_bm_prefetch(struct tfs_bm *bm, const uint64_t *blocknrs, size_t n)
+{
+	size_t window = tfs_bm_prefetch_window(bm), want = 0, got = 0;
+	struct prefetch_job job = { .dev = bm->dev };
+	struct tfs_block **blocks = NULL;
+	uint64_t *todo = NULL;
+	int r = 0;
+
+	/* The first window of blocks the cache lacks, in the caller's order (its priority). */
+	for (size_t i = 0; i < n && want < window; i++) {
+		if (blocknrs[i] >= bm->nr_blocks || find(bm, blocknrs[i]))
+			continue;
+		if (!todo) {
+			todo = malloc(window * sizeof(*todo));
+			if (!todo)
+				return -ENOMEM;
+		}
+		todo[want++] = blocknrs[i];
+	}
+	if (!want)
+		return 0;
+	qsort(todo, want, sizeof(*todo), cmp_u64);
+	blocks = malloc(want * sizeof(*blocks));
+	job.runs = malloc(want * sizeof(*job.runs));
+	if (!blocks || !job.runs) {
+		r = -ENOMEM;
+		goto out;
+	}
+	for (size_t i = 0; i < want; i++) {
+		if (i && todo[i] == todo[i - 1])
+			continue;
+		if (!clean_room(bm) || new_slot(bm, todo[i], &blocks[got]))
+			break;
+		if (job.nr_runs && job.runs[job.nr_runs - 1].n < PREFETCH_RUN &&
+		    blocks[got - 1]->blocknr + 1 == todo[i])
+			job.runs[job.nr_runs - 1].n++;
+		else
+			job.runs[job.nr_runs++] = (struct prefetch_run){ .v = &blocks[got], .n = 1 };
+		got++;
+	}
+	prefetch_read(bm, &job);
+
+	/* A failed read leaves its blocks out; the lock that needs one reads it and reports. */
+	for (size_t i = 0; i < job.nr_runs; i++) {
+		struct prefetch_run *run = &job.runs[i];
+
+		for (unsigned k = 0; k < run->n; k++) {
+			struct tfs_block *b = run->v[k];
+
+			if (run->r) {
+				free_block(bm, b);
+				continue;
+			}
+			b->v = NULL;
+			b->unchecked = true;
+			lru_push(bm, b);
+			bm->stats.reads++;
+			bm->stats.prefetched++;
+			r++;
+		}
+	}
+out:
+	free(job.runs);
+	free(blocks);
+	free(todo);
+	return r;
 }

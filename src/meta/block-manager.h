@@ -14,7 +14,9 @@
  * except tfs_bm_batch_write, which is meant to run outside it.
  * Memory: at most cache_blocks blocks, plus those locked at once (a btree
  * operation locks a handful), rounded up to a slab of 64 blocks; memory
- * once taken is kept until tfs_bm_destroy.
+ * once taken is kept until tfs_bm_destroy.  Threads: none, until the
+ * first read-ahead of more than a few scattered blocks (tfs_bm_prefetch)
+ * starts 7 readers, idle between read-aheads, kept until tfs_bm_destroy.
  */
 #ifndef TFS_META_BLOCK_MANAGER_H
 #define TFS_META_BLOCK_MANAGER_H
@@ -70,6 +72,25 @@ void *tfs_block_data(struct tfs_block *b);
 uint64_t tfs_block_location(const struct tfs_block *b);
 
 /*
+ * Read ahead the blocks of blocknrs[0..n) that are not cached: sorted,
+ * neighbours in one read (up to 128 KiB), up to 8 reads in flight at once
+ * (the block manager's reader threads), then cached unlocked and not yet
+ * validated: the first lock of each validates it with its own validator,
+ * as if it were read then (a corrupt one fails that lock with -EUCLEAN
+ * and leaves the cache).  Bounded: only the first tfs_bm_prefetch_window
+ * blocks that are missing (in the order given: put the soonest needed
+ * first), and only as far as there is free room or clean unlocked blocks
+ * to drop; nothing locked or dirty is evicted (nor written).  Blocks past
+ * the end of the device are skipped.  Best effort: a failed read is not
+ * reported here; its blocks stay out of the cache and the lock that wants
+ * one reads it and reports.  Returns how many blocks were read, or
+ * -ENOMEM.  Blocks (device I/O), under the owner's lock like every call.
+ */
+int tfs_bm_prefetch(struct tfs_bm *bm, const uint64_t *blocknrs, size_t n);
+/* Blocks one tfs_bm_prefetch reads at most: a quarter of the cache, up to 1,024. */
+size_t tfs_bm_prefetch_window(const struct tfs_bm *bm);
+
+/*
  * Write every dirty block that is not locked (sealed), then flush the device.
  * Locked dirty blocks are left to their holder: during a commit that is the
  * superblock, which must reach the disk only after this flush.
@@ -118,6 +139,7 @@ void tfs_bm_drop_clean(struct tfs_bm *bm, uint64_t blocknr);
 
 struct tfs_bm_stats {
 	uint64_t hits, misses, reads, writes, evictions;
+	uint64_t prefetched; /* blocks read by tfs_bm_prefetch (counted in reads too) */
 	size_t cached, dirty, locked;
 	size_t allocated; /* blocks the cache holds memory for: cached ones and free slab slots */
 };

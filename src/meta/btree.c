@@ -44,6 +44,7 @@
 #include <errno.h>
 #include <limits.h>
 #include <stddef.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "block-manager.h"
@@ -386,6 +387,24 @@ static int free_node(const struct tfs_btree_info *info, struct tfs_block *blk)
 	return tfs_tm_dec(info->tm, b);
 }
 
+/*
+ * Read ahead what a walk is about to visit: the nodes that entries
+ * [from, from + max) of n point at (children, or the subtree roots an
+ * upper level's leaf holds).  One node alone is left to the read that
+ * needs it.  Best effort: the walk reads and checks each node itself.
+ */
+static void prefetch_children(const struct tfs_btree_info *info, const uint8_t *n, uint32_t from,
+			      uint32_t max)
+{
+	uint64_t blocks[TFS_BLOCK_SIZE / 16];
+	uint32_t nr = node_nr(n), count = 0;
+
+	for (uint32_t i = from; i < nr && count < max && count < sizeof(blocks) / sizeof(blocks[0]); i++)
+		blocks[count++] = value64(n, i);
+	if (count > 1)
+		(void)tfs_tm_prefetch(info->tm, blocks, count);
+}
+
 /* ---- counting and releasing ------------------------------------------------- */
 
 /* Add the number of last-level entries under node n to *count. */
@@ -401,6 +420,7 @@ static int count_node(const struct tfs_btree_info *info, unsigned level, const u
 	}
 	if (depth >= MAX_TOTAL_DEPTH)
 		return corrupt(tfs_le64(n + OFF_BLOCKNR), "tree too deep (cycle?)");
+	prefetch_children(info, n, 0, nr);
 	for (uint32_t i = 0; i < nr && !r; i++) {
 		unsigned child_level = is_leaf(n) ? level + 1 : level;
 		struct tfs_block *cb;
@@ -540,6 +560,16 @@ int tfs_btree_lookup(const struct tfs_btree_info *info, uint64_t root, const uin
 	return i >= 0 ? 0 : -ENODATA;
 }
 
+/* Children of internal node n from i on that hold keys below end, up to span of them. */
+static uint32_t range_children(const uint8_t *n, uint32_t i, uint64_t end, uint32_t span)
+{
+	uint32_t count = 0;
+
+	while (i + count < node_nr(n) && count < span && key_at(n, i + count) < end)
+		count++;
+	return count;
+}
+
 /*
  * One descent to the leaf holding begin, then leaf to leaf: the path of
  * internal nodes stays read-locked, so the next leaf is one step up and
@@ -550,7 +580,7 @@ int tfs_btree_lookup_range(const struct tfs_btree_info *info, uint64_t root, con
 			   void *values_out)
 {
 	struct tfs_block *path[MAX_DEPTH], *leaf = NULL;
-	uint32_t pos[MAX_DEPTH], idx, vs;
+	uint32_t pos[MAX_DEPTH], idx, vs, min, span;
 	unsigned depth = 0, count = 0;
 	uint8_t *vout = values_out;
 	uint64_t b;
@@ -564,6 +594,14 @@ int tfs_btree_lookup_range(const struct tfs_btree_info *info, uint64_t root, con
 	if (max > INT_MAX)
 		max = INT_MAX;
 	vs = info->value_type.size;
+	/*
+	 * Leaves that max entries fill, each holding a third of its capacity
+	 * or more: what the walk reads ahead at most (one more, when begin
+	 * lies past the first leaf's last key, is read when needed), so a
+	 * lookup of one entry reads nothing ahead.
+	 */
+	min = tfs_btree_max_entries(vs) / 3;
+	span = (max + min - 1) / min;
 	r = find_subtree(info, root, keys, &b);
 	if (r)
 		return r == -ENODATA ? 0 : r;
@@ -590,6 +628,7 @@ int tfs_btree_lookup_range(const struct tfs_btree_info *info, uint64_t root, con
 		i = lower_bound(n, begin);
 		if (i < 0)
 			i = 0;
+		prefetch_children(info, n, (uint32_t)i, range_children(n, (uint32_t)i, end, span));
 		path[depth] = blk;
 		pos[depth++] = (uint32_t)i;
 		b = value64(n, (uint32_t)i);
@@ -1569,6 +1608,8 @@ static int walk_node(const struct tfs_btree_info *info, unsigned level, uint64_t
 		return r;
 	n = bdata(blk);
 	nr = node_nr(n);
+	if (!is_leaf(n) || level != last_level(info))
+		prefetch_children(info, n, 0, nr);
 	for (uint32_t i = 0; i < nr && !r; i++) {
 		if (!is_leaf(n)) {
 			r = walk_node(info, level, value64(n, i), depth + 1, keys, fn, ctx);
@@ -1630,6 +1671,7 @@ static int shape_node(const struct tfs_btree_info *info, uint64_t b, unsigned de
 			out->depth = depth + 1;
 	} else {
 		out->internal_nodes++;
+		prefetch_children(info, n, 0, node_nr(n));
 		for (uint32_t i = 0; i < node_nr(n) && !r; i++)
 			r = shape_node(info, value64(n, i), depth + 1, out);
 	}
@@ -1652,4 +1694,343 @@ int tfs_btree_shape(const struct tfs_btree_info *info, uint64_t root, const uint
 		return r == -ENODATA ? 0 : r;
 	out->leaf_capacity = tfs_btree_max_entries(info->value_type.size);
 	return shape_node(info, sub, 0, out);
+}
+
+/* ---- diff of two trees ----------------------------------------------------------- */
+
+/*
+ * Two cursors go through the trees in key order, merge-join style.  Each
+ * side's next item (its front) is either an entry of a leaf already read
+ * or a whole subtree not read yet, known by its block number, the lowest
+ * key it can hold (its parent's separator) and its height.  A subtree that
+ * is the front of both sides at once is the same block in both trees, so
+ * the same entries: both skip it unread.  Otherwise the front with the
+ * lowest key is opened (read); of two subtrees starting at one key, the
+ * taller one first, so that after a root split on one side the two sides
+ * meet again at equal heights, where their shared children are.
+ *
+ * Nodes are copied out of the block manager when read and no block stays
+ * locked between calls: the caller only has to keep both trees unchanged
+ * (held) between steps, and may drop its locks.
+ */
+struct diff_side {
+	uint8_t *node[MAX_DEPTH]; /* copies of the nodes on the path; [0] the root */
+	uint32_t pos[MAX_DEPTH];
+	unsigned depth;           /* nodes on the path */
+	unsigned height;          /* the tree's: 1 when the root is a leaf */
+	uint64_t root;            /* not opened yet; 0 = opened, or an empty side */
+	bool any_key;             /* an entry was consumed: last_key is valid */
+	uint64_t last_key;
+};
+
+/* Children of two nodes: what one read-ahead of the diff names at most. */
+#define DIFF_PREFETCH_MAX (2 * TFS_BLOCK_SIZE / 16)
+
+struct tfs_btree_diff {
+	struct tfs_btree_info info;
+	struct diff_side side[2];
+	uint64_t prefetch[DIFF_PREFETCH_MAX];
+	uint64_t reads;
+	uint64_t position;
+	bool done;
+};
+
+enum front_kind { FRONT_END, FRONT_NODE, FRONT_ENTRY };
+
+struct front {
+	enum front_kind kind;
+	uint64_t key; /* an entry's key, a subtree's lowest possible key */
+	uint64_t block;
+	unsigned height;
+	const uint8_t *value;
+};
+
+static int diff_read(struct tfs_btree_diff *d, uint64_t b, uint8_t *copy)
+{
+	struct tfs_block *blk;
+	int r = read_node(&d->info, last_level(&d->info), b, &blk);
+
+	if (r)
+		return r;
+	memcpy(copy, bdata(blk), TFS_BLOCK_SIZE);
+	tfs_tm_unlock(d->info.tm, blk);
+	d->reads++;
+	return 0;
+}
+
+/* Height of the tree at b: the length of its leftmost path. */
+static int diff_height(struct tfs_btree_diff *d, uint64_t b, uint8_t *scratch, unsigned *height)
+{
+	for (unsigned h = 1; h <= MAX_DEPTH; h++) {
+		int r = diff_read(d, b, scratch);
+
+		if (r)
+			return r;
+		if (is_leaf(scratch)) {
+			*height = h;
+			return 0;
+		}
+		b = value64(scratch, 0);
+	}
+	return corrupt(b, "tree too deep (cycle?)");
+}
+
+int tfs_btree_diff_begin(const struct tfs_btree_info *info, uint64_t a_root, uint64_t b_root,
+			 struct tfs_btree_diff **out)
+{
+	struct tfs_btree_diff *d;
+	uint64_t roots[2] = { a_root, b_root };
+	int r = check_info(info);
+
+	if (r)
+		return r;
+	d = calloc(1, sizeof(*d));
+	if (!d)
+		return -ENOMEM;
+	d->info = *info;
+	/* Equal roots: equal trees, nothing to read at all. */
+	if (a_root == b_root)
+		roots[0] = roots[1] = 0;
+	for (unsigned i = 0; i < 2; i++) {
+		struct diff_side *s = &d->side[i];
+
+		if (!roots[i])
+			continue;
+		s->node[0] = malloc(TFS_BLOCK_SIZE);
+		if (!s->node[0]) {
+			r = -ENOMEM;
+			goto err;
+		}
+		r = diff_height(d, roots[i], s->node[0], &s->height);
+		if (r)
+			goto err;
+		s->root = roots[i];
+	}
+	*out = d;
+	return 0;
+
+err:
+	tfs_btree_diff_end(d);
+	return r;
+}
+
+void tfs_btree_diff_end(struct tfs_btree_diff *d)
+{
+	if (!d)
+		return;
+	for (unsigned i = 0; i < 2; i++)
+		for (unsigned j = 0; j < MAX_DEPTH; j++)
+			free(d->side[i].node[j]);
+	free(d);
+}
+
+uint64_t tfs_btree_diff_nodes_read(const struct tfs_btree_diff *d)
+{
+	return d->reads;
+}
+
+uint64_t tfs_btree_diff_position(const struct tfs_btree_diff *d)
+{
+	return d->position;
+}
+
+static void front_of(struct diff_side *s, struct front *f)
+{
+	const uint8_t *n;
+	uint32_t p;
+
+	/* A node whose entries are all consumed is done: its parent moves on. */
+	while (s->depth && s->pos[s->depth - 1] >= node_nr(s->node[s->depth - 1]))
+		if (--s->depth)
+			s->pos[s->depth - 1]++;
+	if (!s->depth) {
+		*f = (struct front){ .kind = s->root ? FRONT_NODE : FRONT_END, .key = 0,
+				     .block = s->root, .height = s->height };
+		return;
+	}
+	n = s->node[s->depth - 1];
+	p = s->pos[s->depth - 1];
+	if (is_leaf(n))
+		*f = (struct front){ .kind = FRONT_ENTRY, .key = key_at(n, p), .value = value_ptr(n, p) };
+	else
+		*f = (struct front){ .kind = FRONT_NODE, .key = key_at(n, p), .block = value64(n, p),
+				     .height = s->height - s->depth };
+}
+
+static void advance(struct diff_side *s)
+{
+	if (s->depth)
+		s->pos[s->depth - 1]++;
+	else
+		s->root = 0;
+}
+
+/*
+ * The first key past the subtree open at path index j of side s: the next
+ * separator of the nearest ancestor that has one (an ancestor's pos is
+ * the child open below it), UINT64_MAX when none has.
+ */
+static uint64_t path_end(const struct diff_side *s, unsigned j)
+{
+	while (j-- > 0)
+		if (s->pos[j] + 1 < node_nr(s->node[j]))
+			return key_at(s->node[j], s->pos[j] + 1);
+	return UINT64_MAX;
+}
+
+/*
+ * Read ahead the children of the internal node just opened on side s that
+ * the walk is going to open: those the other side does not share.  The
+ * other side's node at the same height, if it has come down that far,
+ * is merged with this one on the keys: a child at one key in both is one
+ * subtree, skipped unread; every other child of either node, as far as
+ * the other node reaches, will be read.  If the other side has not come
+ * down to this height yet, only the children before its front are
+ * certain; the rest waits until it opens its node, which plans again with
+ * both known.  A wrong guess costs a wasted or a synchronous read, never
+ * a wrong answer: the walk still reads (and validates) every node itself.
+ */
+static void diff_prefetch(struct tfs_btree_diff *d, struct diff_side *s)
+{
+	struct diff_side *o = s == &d->side[0] ? &d->side[1] : &d->side[0];
+	unsigned j = s->depth - 1, h = s->height - j;
+	const uint8_t *n = s->node[j], *m = NULL;
+	uint32_t i = s->pos[j], k = 0, nn = node_nr(n), nm = 0;
+	uint64_t n_end = path_end(s, j), m_end = UINT64_MAX;
+	struct front fo;
+	size_t count = 0;
+
+	if (h < 2)
+		return;
+	front_of(o, &fo);
+	if (o->height >= h && o->depth > o->height - h) {
+		unsigned jo = o->height - h;
+
+		m = o->node[jo];
+		k = o->pos[jo];
+		nm = node_nr(m);
+		m_end = path_end(o, jo);
+	} else if (fo.kind == FRONT_NODE && fo.height >= h) {
+		m_end = fo.key;
+	}
+	while ((i < nn || k < nm) && count < DIFF_PREFETCH_MAX) {
+		uint64_t kn = i < nn ? key_at(n, i) : UINT64_MAX;
+		uint64_t km = k < nm ? key_at(m, k) : UINT64_MAX;
+
+		if (i < nn && k < nm && kn == km && value64(n, i) == value64(m, k)) {
+			i++;
+			k++;
+		} else if (k >= nm || (i < nn && kn <= km)) {
+			if (kn >= m_end)
+				i = nn;
+			else
+				d->prefetch[count++] = value64(n, i++);
+		} else {
+			if (km >= n_end)
+				k = nm;
+			else
+				d->prefetch[count++] = value64(m, k++);
+		}
+	}
+	if (count)
+		(void)tfs_tm_prefetch(d->info.tm, d->prefetch, count);
+}
+
+/* Read the subtree at the side's front onto its path. */
+static int open_front(struct tfs_btree_diff *d, struct diff_side *s, const struct front *f)
+{
+	uint8_t *n;
+	int r;
+
+	if (s->depth >= MAX_DEPTH || f->height == 0)
+		return corrupt(f->block, "tree too deep (cycle?)");
+	if (!s->node[s->depth]) {
+		s->node[s->depth] = malloc(TFS_BLOCK_SIZE);
+		if (!s->node[s->depth])
+			return -ENOMEM;
+	}
+	n = s->node[s->depth];
+	r = diff_read(d, f->block, n);
+	if (r)
+		return r;
+	/* All leaves of a tree are at one depth: anything else is corruption. */
+	if (is_leaf(n) != (f->height == 1))
+		return corrupt(f->block, is_leaf(n) ? "leaf above the leaf level"
+						   : "internal node at the leaf level");
+	if (!s->depth)
+		s->root = 0;
+	s->pos[s->depth++] = 0;
+	diff_prefetch(d, s);
+	return 0;
+}
+
+/* Take the entry at the side's front, checking that keys only go up. */
+static int take_entry(struct diff_side *s, const struct front *f)
+{
+	if (s->any_key && f->key <= s->last_key) {
+		tfs_err("btree: key %llu comes after key %llu: keys out of order",
+			(unsigned long long)f->key, (unsigned long long)s->last_key);
+		return -EUCLEAN;
+	}
+	s->any_key = true;
+	s->last_key = f->key;
+	advance(s);
+	return 0;
+}
+
+/* -1, 0, 1 as a's key is below, equal to or above b's; the end is above everything. */
+static int cmp_fronts(const struct front *a, const struct front *b)
+{
+	if (a->kind == FRONT_END || b->kind == FRONT_END)
+		return (a->kind == FRONT_END) - (b->kind == FRONT_END);
+	return a->key < b->key ? -1 : a->key > b->key;
+}
+
+int tfs_btree_diff_step(struct tfs_btree_diff *d, unsigned max_reads, tfs_btree_diff_fn fn,
+			void *ctx)
+{
+	struct diff_side *a = &d->side[0], *b = &d->side[1];
+	uint64_t limit = d->reads + (max_reads ? max_reads : 1);
+	uint32_t vs = d->info.value_type.size;
+	int r = 0;
+
+	while (!d->done && !r && d->reads < limit) {
+		struct front fa, fb;
+		int c;
+
+		front_of(a, &fa);
+		front_of(b, &fb);
+		c = cmp_fronts(&fa, &fb);
+		if (fa.kind == FRONT_END && fb.kind == FRONT_END) {
+			d->done = true;
+			break;
+		}
+		d->position = c <= 0 ? fa.key : fb.key;
+		if (fa.kind == FRONT_NODE && fb.kind == FRONT_NODE && fa.block == fb.block) {
+			advance(a);
+			advance(b);
+		} else if (fa.kind == FRONT_NODE &&
+			   (c < 0 || (c == 0 && (fb.kind != FRONT_NODE || fa.height >= fb.height)))) {
+			r = open_front(d, a, &fa);
+		} else if (fb.kind == FRONT_NODE && c >= 0) {
+			r = open_front(d, b, &fb);
+		} else if (c == 0) {
+			bool same = !memcmp(fa.value, fb.value, vs);
+
+			r = take_entry(a, &fa);
+			if (!r)
+				r = take_entry(b, &fb);
+			if (!r && !same)
+				r = fn(ctx, fa.key, fa.value, fb.value);
+		} else if (c < 0) {
+			r = take_entry(a, &fa);
+			if (!r)
+				r = fn(ctx, fa.key, fa.value, NULL);
+		} else {
+			r = take_entry(b, &fb);
+			if (!r)
+				r = fn(ctx, fb.key, NULL, fb.value);
+		}
+	}
+	return r ? r : !d->done;
 }

@@ -156,4 +156,37 @@ struct tfs_btree_shape {
 int tfs_btree_shape(const struct tfs_btree_info *info, uint64_t root, const uint64_t *keys,
 		    struct tfs_btree_shape *out);
 
+/*
+ * The differences between two last-level trees of info (roots a_root and
+ * b_root; 0 for an empty side), in key order, walked together: every key
+ * present in only one of them or with different value bytes is given to
+ * fn(ctx, key, a_value, b_value), a missing side as NULL (values valid
+ * during the call only).  A subtree that is one block in both trees is
+ * skipped without being read, so the cost is the nodes on the paths to
+ * what differs plus the two trees' heights (read once at begin), not
+ * their size; equal roots read nothing.
+ *
+ * Incremental: begin (reads each tree's leftmost path), then step until it
+ * returns 0 (done) instead of 1 (more to do); each step reads about
+ * max_reads nodes.  No block stays locked between calls: the caller
+ * serialises each call with the transaction manager's other users and
+ * keeps both trees unchanged from begin to end (held: tfs_tm_inc on a
+ * root makes every later change shadow instead of writing in place).
+ * Errors: -ENOMEM; -EUCLEAN (logged) a corrupt node, leaves at different
+ * depths, keys out of order; -EIO; fn's non-zero return stops the step
+ * and is returned (the walk may not go on after that).
+ */
+struct tfs_btree_diff;
+typedef int (*tfs_btree_diff_fn)(void *ctx, uint64_t key, const void *a_value,
+				 const void *b_value);
+int tfs_btree_diff_begin(const struct tfs_btree_info *info, uint64_t a_root, uint64_t b_root,
+			 struct tfs_btree_diff **out);
+int tfs_btree_diff_step(struct tfs_btree_diff *d, unsigned max_reads, tfs_btree_diff_fn fn,
+			void *ctx);
+/* Nodes read so far (begin's included): the walk's cost, whatever the cache held. */
+uint64_t tfs_btree_diff_nodes_read(const struct tfs_btree_diff *d);
+/* Every key below this has been compared (for progress). */
+uint64_t tfs_btree_diff_position(const struct tfs_btree_diff *d);
+void tfs_btree_diff_end(struct tfs_btree_diff *d);
+
 #endif

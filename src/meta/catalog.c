@@ -89,13 +89,57 @@ struct tfs_catalog {
 	"  group_id INTEGER PRIMARY KEY REFERENCES groups(id) ON DELETE CASCADE,"          \
 	"  action TEXT NOT NULL CHECK (action IN ('create', 'remove')))"
 
+/*
+ * A volume's identity for send/receive streams: 16 random bytes given at
+ * its first send, or the stream's when receive made it.  Added to
+ * version 1 without a version bump, as group_intents.
+ */
+#define UUIDS_TABLE                                                                        \
+	"volume_uuids ("                                                                   \
+	"  dev_id INTEGER PRIMARY KEY REFERENCES volumes(dev_id) ON DELETE CASCADE,"       \
+	"  uuid BLOB NOT NULL CHECK (length(uuid) = 16))"
+/*
+ * Names of volumes that exist only for a send or a receive in progress:
+ * written before the volume is made, dropped after it is renamed or
+ * deleted, so the next mount deletes what a crash left (by name).
+ */
+#define TEMP_NAMES_TABLE "temp_names (name TEXT PRIMARY KEY)"
+
+/*
+ * Classic snapshots made with thinfs-ctl (those of pool.cfg are in the
+ * file): what the next mount needs to open them again, the name included,
+ * so that one that could not be opened for a while (its origin section
+ * was missing) comes back under it.  While open, their names and
+ * attributes are rows of volumes with the same dev_id.  Added to version
+ * 1 without a version bump: an older thinfs ignores it.
+ */
+#define COW_SNAPSHOTS_TABLE                                                                \
+	"cow_snapshots ("                                                                  \
+	"  dev_id INTEGER PRIMARY KEY,"                                                    \
+	"  name TEXT NOT NULL,"                                                            \
+	"  origin TEXT NOT NULL,"                                                          \
+	"  cow TEXT NOT NULL,"                                                             \
+	"  chunk_sectors INTEGER NOT NULL,"                                                \
+	"  persistent INTEGER NOT NULL)"
+
+/*
+ * Classic snapshots found invalid whose store's header may still say
+ * valid (its write failed): the next mount opens them invalid anyway.
+ * Added to version 1 without a version bump.
+ */
+#define COW_INVALID_TABLE "cow_invalid (name TEXT PRIMARY KEY)"
+
 static const char *const schema_sql =
 	"CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);"
+	"CREATE TABLE IF NOT EXISTS " UUIDS_TABLE ";"
+	"CREATE TABLE IF NOT EXISTS " TEMP_NAMES_TABLE ";"
 	"CREATE TABLE IF NOT EXISTS " GROUPS_TABLE ";"
 	"CREATE TABLE IF NOT EXISTS " VOLUMES_TABLE ";"
 	"CREATE UNIQUE INDEX IF NOT EXISTS " DIR_NAME_INDEX ";"
 	"CREATE INDEX IF NOT EXISTS volumes_group ON volumes(group_id);"
 	"CREATE TABLE IF NOT EXISTS " INTENTS_TABLE ";"
+	"CREATE TABLE IF NOT EXISTS " COW_SNAPSHOTS_TABLE ";"
+	"CREATE TABLE IF NOT EXISTS " COW_INVALID_TABLE ";"
 	"CREATE TABLE IF NOT EXISTS events ("
 	"  id INTEGER PRIMARY KEY AUTOINCREMENT,"
 	"  time_ns INTEGER NOT NULL,"
@@ -1495,4 +1539,232 @@ out_unlock:
 	free(rows);
 	free(ids);
 	return r;
+}
+
+/* ---- identities and temporary names (send/receive) ---- */
+
+int tfs_catalog_get_uuid(struct tfs_catalog *cat, uint32_t dev_id, uint8_t uuid[16])
+{
+	sqlite3_stmt *st;
+	int rc, r = -ENOENT;
+
+	lock(cat);
+	/* A catalog opened read-only may predate the table: no identity then. */
+	if (sqlite3_prepare_v2(cat->db, "SELECT uuid FROM volume_uuids WHERE dev_id = ?", -1, &st,
+			       NULL) != SQLITE_OK)
+		goto out_unlock;
+	sqlite3_bind_int64(st, 1, dev_id);
+	rc = sqlite3_step(st);
+	if (rc == SQLITE_ROW && sqlite3_column_bytes(st, 0) == 16) {
+		memcpy(uuid, sqlite3_column_blob(st, 0), 16);
+		r = 0;
+	} else if (rc != SQLITE_ROW && rc != SQLITE_DONE) {
+		r = sql_error(cat, rc, "read a volume's identity");
+	}
+	sqlite3_finalize(st);
+out_unlock:
+	unlock(cat);
+	return r;
+}
+
+int tfs_catalog_set_uuid(struct tfs_catalog *cat, uint32_t dev_id, const uint8_t uuid[16])
+{
+	sqlite3_stmt *st;
+	int r;
+
+	lock(cat);
+	r = prepare(cat, "INSERT OR REPLACE INTO volume_uuids (dev_id, uuid) VALUES (?, ?)", &st);
+	if (!r) {
+		sqlite3_bind_int64(st, 1, dev_id);
+		sqlite3_bind_blob(st, 2, uuid, 16, SQLITE_TRANSIENT);
+		r = step_done(cat, st, "store a volume's identity", NULL);
+		sqlite3_finalize(st);
+	}
+	unlock(cat);
+	return r;
+}
+
+/* Insert (add) or delete a temporary name. */
+static int temp_name(struct tfs_catalog *cat, const char *name, bool add)
+{
+	sqlite3_stmt *st;
+	int r;
+
+	lock(cat);
+	r = prepare(cat, add ? "INSERT INTO temp_names (name) VALUES (?)"
+			     : "DELETE FROM temp_names WHERE name = ?", &st);
+	if (!r) {
+		bind_text(st, 1, name);
+		r = step_done(cat, st, "record a temporary name", NULL);
+		sqlite3_finalize(st);
+	}
+	unlock(cat);
+	return r;
+}
+
+int tfs_catalog_add_temp_name(struct tfs_catalog *cat, const char *name)
+{
+	return temp_name(cat, name, true);
+}
+
+int tfs_catalog_remove_temp_name(struct tfs_catalog *cat, const char *name)
+{
+	return temp_name(cat, name, false);
+}
+
+int tfs_catalog_list_temp_names(struct tfs_catalog *cat, int (*fn)(void *ctx, const char *name),
+				void *ctx)
+{
+	char **names = NULL;
+	size_t nr = 0, cap = 0;
+	sqlite3_stmt *st;
+	int rc, r;
+
+	lock(cat);
+	r = prepare(cat, "SELECT name FROM temp_names ORDER BY name", &st);
+	if (r) {
+		unlock(cat);
+		return r;
+	}
+	while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
+		const char *n = (const char *)sqlite3_column_text(st, 0);
+
+		if (nr == cap) {
+			size_t c = cap ? 2 * cap : 8;
+			char **v = realloc(names, c * sizeof(*v));
+
+			if (!v) {
+				r = -ENOMEM;
+				break;
+			}
+			names = v;
+			cap = c;
+		}
+		names[nr] = strdup(n ? n : "");
+		if (!names[nr]) {
+			r = -ENOMEM;
+			break;
+		}
+		nr++;
+	}
+	if (!r && rc != SQLITE_DONE)
+		r = sql_error(cat, rc, "list temporary names");
+	sqlite3_finalize(st);
+	unlock(cat);
+	for (size_t i = 0; i < nr; i++) {
+		if (!r)
+			r = fn(ctx, names[i]);
+		free(names[i]);
+	}
+	free(names);
+	return r;
+}
+
+/* ---- classic snapshots made at run time ---- */
+
+int tfs_catalog_add_cow_snapshot(struct tfs_catalog *cat, const struct tfs_cow_snap_row *row)
+{
+	sqlite3_stmt *st;
+	int r;
+
+	lock(cat);
+	r = prepare(cat,
+		    "INSERT INTO cow_snapshots (dev_id, name, origin, cow, chunk_sectors, "
+		    "persistent) VALUES (?, ?, ?, ?, ?, ?)",
+		    &st);
+	if (!r) {
+		sqlite3_bind_int64(st, 1, row->dev_id);
+		bind_text(st, 2, row->name);
+		bind_text(st, 3, row->origin);
+		bind_text(st, 4, row->cow);
+		sqlite3_bind_int64(st, 5, row->chunk_sectors);
+		sqlite3_bind_int(st, 6, row->persistent);
+		r = step_done(cat, st, "add a classic snapshot", NULL);
+		sqlite3_finalize(st);
+	}
+	unlock(cat);
+	return r;
+}
+
+int tfs_catalog_remove_cow_snapshot(struct tfs_catalog *cat, uint32_t dev_id)
+{
+	return change_by_id(cat, "DELETE FROM cow_snapshots WHERE dev_id = ?", dev_id,
+			    "remove a classic snapshot");
+}
+
+int tfs_catalog_list_cow_snapshots(struct tfs_catalog *cat, tfs_catalog_cow_snap_fn fn,
+				   void *ctx)
+{
+	struct tfs_cow_snap_row *rows = NULL, *grown;
+	size_t nr = 0, cap = 0;
+	sqlite3_stmt *st;
+	int rc, r;
+
+	lock(cat);
+	r = prepare(cat,
+		    "SELECT dev_id, name, origin, cow, chunk_sectors, persistent "
+		    "FROM main.cow_snapshots ORDER BY dev_id",
+		    &st);
+	if (r) {
+		unlock(cat);
+		return r;
+	}
+	while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
+		if (nr == cap) {
+			cap = cap ? cap * 2 : 16;
+			grown = realloc(rows, cap * sizeof(*rows));
+			if (!grown) {
+				r = -ENOMEM;
+				break;
+			}
+			rows = grown;
+		}
+		rows[nr].dev_id = (uint32_t)sqlite3_column_int64(st, 0);
+		copy_text(rows[nr].name, sizeof(rows[nr].name), sqlite3_column_text(st, 1));
+		copy_text(rows[nr].origin, sizeof(rows[nr].origin), sqlite3_column_text(st, 2));
+		copy_text(rows[nr].cow, sizeof(rows[nr].cow), sqlite3_column_text(st, 3));
+		rows[nr].chunk_sectors = (uint32_t)sqlite3_column_int64(st, 4);
+		rows[nr].persistent = sqlite3_column_int(st, 5) != 0;
+		nr++;
+	}
+	if (!r && rc != SQLITE_DONE)
+		r = sql_error(cat, rc, "list classic snapshots");
+	sqlite3_finalize(st);
+	unlock(cat);
+	for (size_t i = 0; !r && i < nr; i++)
+		r = fn(ctx, &rows[i]);
+	free(rows);
+	return r;
+}
+
+int tfs_catalog_set_cow_invalid(struct tfs_catalog *cat, const char *name, bool invalid)
+{
+	sqlite3_stmt *st;
+	int r;
+
+	lock(cat);
+	r = prepare(cat, invalid ? "INSERT OR IGNORE INTO cow_invalid (name) VALUES (?)"
+				 : "DELETE FROM cow_invalid WHERE name = ?", &st);
+	if (!r) {
+		bind_text(st, 1, name);
+		r = step_done(cat, st, "record a classic snapshot's validity", NULL);
+		sqlite3_finalize(st);
+	}
+	unlock(cat);
+	return r;
+}
+
+bool tfs_catalog_cow_invalid(struct tfs_catalog *cat, const char *name)
+{
+	sqlite3_stmt *st;
+	bool found = false;
+
+	lock(cat);
+	if (prepare(cat, "SELECT 1 FROM main.cow_invalid WHERE name = ?", &st) == 0) {
+		bind_text(st, 1, name);
+		found = sqlite3_step(st) == SQLITE_ROW;
+		sqlite3_finalize(st);
+	}
+	unlock(cat);
+	return found;
 }

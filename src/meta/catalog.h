@@ -163,6 +163,23 @@ int tfs_catalog_list_unfinished_groups(struct tfs_catalog *cat, tfs_catalog_grou
 				       void *ctx);
 
 /*
+ * ---- send/receive ----
+ * A volume's identity (16 bytes) names what a stream was made from, so a
+ * receive can check its base.  get: -ENOENT none stored yet.  set
+ * replaces; -ENOENT no such volume.  The row goes with its volume.
+ * Temporary names: volumes made only for a send or receive in progress
+ * (the name is recorded before the volume exists and dropped after it is
+ * renamed or deleted); the next mount deletes those still there.  add:
+ * -EEXIST recorded already.  Listing calls fn without the lock.
+ */
+int tfs_catalog_get_uuid(struct tfs_catalog *cat, uint32_t dev_id, uint8_t uuid[16]);
+int tfs_catalog_set_uuid(struct tfs_catalog *cat, uint32_t dev_id, const uint8_t uuid[16]);
+int tfs_catalog_add_temp_name(struct tfs_catalog *cat, const char *name);
+int tfs_catalog_remove_temp_name(struct tfs_catalog *cat, const char *name);
+int tfs_catalog_list_temp_names(struct tfs_catalog *cat, int (*fn)(void *ctx, const char *name),
+				void *ctx);
+
+/*
  * ---- events ----
  * time_ns is the time of the add (CLOCK_REALTIME).  kind: 1..63 bytes
  * (-EINVAL); detail is cut to 511 bytes (at a UTF-8 character boundary).
@@ -175,6 +192,35 @@ int tfs_catalog_add_event(struct tfs_catalog *cat, const char *kind, const char 
 typedef int (*tfs_catalog_event_fn)(void *ctx, const struct tfs_event_row *row);
 int tfs_catalog_list_events(struct tfs_catalog *cat, int64_t after_id, tfs_catalog_event_fn fn,
 			    void *ctx);
+
+/*
+ * ---- classic (dm-snapshot) snapshots made with thinfs-ctl ----
+ * Their name and attributes are a volumes row with the same dev_id (added
+ * in the same transaction by the caller) while they are open; this row
+ * says what to open again at the next mount, and under which name.  remove: -ENOENT.  list: in dev_id order.
+ */
+struct tfs_cow_snap_row {
+	uint32_t dev_id;
+	char name[TFS_NAME_MAX + 1];
+	char origin[TFS_NAME_MAX + 1];
+	char cow[4096];           /* the COW device's path */
+	uint32_t chunk_sectors;
+	bool persistent;
+};
+int tfs_catalog_add_cow_snapshot(struct tfs_catalog *cat, const struct tfs_cow_snap_row *row);
+int tfs_catalog_remove_cow_snapshot(struct tfs_catalog *cat, uint32_t dev_id);
+typedef int (*tfs_catalog_cow_snap_fn)(void *ctx, const struct tfs_cow_snap_row *row);
+int tfs_catalog_list_cow_snapshots(struct tfs_catalog *cat, tfs_catalog_cow_snap_fn fn,
+				   void *ctx);
+
+/*
+ * A classic snapshot (by name) found invalid: recorded in case its store's
+ * header could not be rewritten, so that the next mount opens it invalid
+ * all the same.  set: insert (invalid) or drop the record.  cow_invalid:
+ * whether name has one (false on any error).
+ */
+int tfs_catalog_set_cow_invalid(struct tfs_catalog *cat, const char *name, bool invalid);
+bool tfs_catalog_cow_invalid(struct tfs_catalog *cat, const char *name);
 
 /*
  * Mount-time reconciliation with the metadata's device list (ascending):

@@ -731,19 +731,29 @@ static int write_batch(struct tfs_snap_store *s, uint64_t lo, uint64_t hi, uint6
 
 int tfs_snap_store_commit(struct tfs_snap_store *s, uint64_t old_chunk)
 {
+	return tfs_snap_store_commit_batch(s, &old_chunk, 1);
+}
+
+int tfs_snap_store_commit_batch(struct tfs_snap_store *s, const uint64_t *old_chunks, size_t nr)
+{
 	uint64_t new_chunk;
 	pthread_mutex_lock(&s->mu);
 	int r = -EIO;
 	if (!atomic_load(&s->valid))
 		goto out;
 	r = -ENOENT;
-	if (!xt_find(&s->pending, old_chunk, &new_chunk))
-		goto out;
-	xt_del(&s->pending, old_chunk);
+	for (size_t i = 0; i < nr; i++)
+		if (!xt_find(&s->pending, old_chunks[i], &new_chunk))
+			goto out;
 	r = 0;
-	if (!s->persistent)
+	for (size_t i = 0; i < nr; i++) {
+		xt_find(&s->pending, old_chunks[i], &new_chunk);
+		xt_del(&s->pending, old_chunks[i]);
+		if (s->persistent)
+			s->recs[s->n_recs++] = (struct rec){ old_chunks[i], new_chunk };
+	}
+	if (!s->persistent || !nr)
 		goto out;
-	s->recs[s->n_recs++] = (struct rec){ old_chunk, new_chunk };
 	uint64_t mine = s->n_recs;
 	/* Group commit: whoever finds no write in flight writes everything pending. */
 	while (s->n_durable < mine) {

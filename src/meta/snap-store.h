@@ -125,6 +125,13 @@ int tfs_snap_store_allocate(struct tfs_snap_store *s, uint64_t old_chunk, uint64
  * Blocks on I/O, or on the write in flight.
  */
 int tfs_snap_store_commit(struct tfs_snap_store *s, uint64_t old_chunk);
+/*
+ * The same for nr exceptions at once (all or none: -ENOENT, nothing
+ * committed, when one has no allocation awaiting commit): one area write
+ * and flush carries them all (more than one when they span areas), so a
+ * request that copied many chunks waits for one write, not nr.
+ */
+int tfs_snap_store_commit_batch(struct tfs_snap_store *s, const uint64_t *old_chunks, size_t nr);
 
 /*
  * Mark the store invalid.  Needs no memory and no I/O to take effect: from

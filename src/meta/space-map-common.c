@@ -84,6 +84,12 @@ static inline uint64_t slot_range(uint32_t lo, uint32_t hi)
 uint32_t tfs_sm_bitmap_find_free(const void *words, const uint64_t *barrier, uint32_t begin,
 				 uint32_t end)
 {
+	return tfs_sm_bitmap_find_allocatable(words, barrier, NULL, begin, end);
+}
+
+uint32_t tfs_sm_bitmap_find_allocatable(const void *words, const uint64_t *barrier,
+					const uint64_t *held, uint32_t begin, uint32_t end)
+{
 	uint32_t w, last;
 
 	if (end > TFS_ENTRIES_PER_BITMAP)
@@ -99,6 +105,8 @@ uint32_t tfs_sm_bitmap_find_free(const void *words, const uint64_t *barrier, uin
 
 		if (barrier)
 			used |= barrier[w];
+		if (held)
+			used |= held[w];
 		free_slots = ~used & slot_range(lo, hi);
 		if (free_slots)
 			return w * TFS_ENTRIES_PER_WORD + (uint32_t)__builtin_ctzll(free_slots) / 2u;

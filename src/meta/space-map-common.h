@@ -116,6 +116,12 @@ void tfs_sm_bitmap_set(void *words, uint32_t i, unsigned v);
  */
 uint32_t tfs_sm_bitmap_find_free(const void *words, const uint64_t *barrier, uint32_t begin,
 				 uint32_t end);
+/*
+ * The same with a second mask: held, when not NULL, marks entries freed in
+ * a commit whose superblock is not on disk yet (space-map.h).
+ */
+uint32_t tfs_sm_bitmap_find_allocatable(const void *words, const uint64_t *barrier,
+					const uint64_t *held, uint32_t begin, uint32_t end);
 
 /*
  * One past the last non-zero entry in [0, end): entries [result, end) are

@@ -18,6 +18,11 @@
  *
  * A bitmap with a barrier is also exactly a bitmap whose index entry must
  * be rewritten at commit (it moved, or its counts changed).
+ *
+ * At commit the barrier becomes the bitmap's "held" mask until the owner
+ * says the commit is durable: the next transaction starts while the
+ * commit's blocks are still being written, and until its superblock is on
+ * disk the state before it still maps the blocks freed in it.
  */
 #include "space-map-disk.h"
 
@@ -45,6 +50,7 @@ struct bitmap_state {
 	uint32_t nr_free;          /* zero entries, all 16320 (exact) */
 	uint32_t none_free_before; /* no free entry below this (lower bound, exact after commit) */
 	uint64_t *barrier;         /* non-NULL iff changed in this transaction */
+	uint64_t *held;            /* the barrier at a commit not yet durable, or NULL */
 };
 
 struct smd {
@@ -64,7 +70,7 @@ struct smd {
 	struct tfs_sm_root root; /* as of the last commit */
 	uint64_t alloc_hint;
 	/*
-	 * A full scan found nothing.  Until the next commit or extend nothing
+	 * A full scan found nothing.  Until the next commit, commit_durable or extend nothing
 	 * can become allocatable (a dec sets the barrier bit), so -ENOSPC is
 	 * answered without rescanning: a pool out of data space is asked
 	 * again and again.
@@ -291,7 +297,7 @@ static int alloc_in_bitmap(struct smd *d, uint64_t k, uint32_t begin, uint32_t e
 	if (r)
 		return r;
 	/* Unchanged bitmaps equal their committed version: no barrier needed. */
-	i = tfs_sm_bitmap_find_free(block_words(blk), s->barrier, begin, end);
+	i = tfs_sm_bitmap_find_allocatable(block_words(blk), s->barrier, s->held, begin, end);
 	if (i >= end) {
 		tfs_tm_unlock(d->tm, blk);
 		return 0;
@@ -466,8 +472,18 @@ static int smd_commit(struct tfs_sm *sm)
 			goto err;
 	}
 	for (k = 0; k < d->nr_bitmaps; k++) {
-		free(d->bms[k].barrier);
-		d->bms[k].barrier = NULL;
+		struct bitmap_state *s = &d->bms[k];
+
+		if (!s->barrier)
+			continue;
+		/* A commit not declared durable before this one: its blocks stay held too. */
+		if (s->held) {
+			for (size_t w = 0; w < WORDS; w++)
+				s->barrier[w] |= s->held[w];
+			free(s->held);
+		}
+		s->held = s->barrier;
+		s->barrier = NULL;
 	}
 	d->root.nr_blocks = d->nr_blocks;
 	d->root.nr_allocated = d->nr_allocated;
@@ -479,6 +495,17 @@ static int smd_commit(struct tfs_sm *sm)
 err:
 	tfs_err("%s: data space map commit failed: %s", dev_name(d), strerror(-r));
 	return r;
+}
+
+static void smd_commit_durable(struct tfs_sm *sm)
+{
+	struct smd *d = to_smd(sm);
+
+	for (uint64_t k = 0; k < d->nr_bitmaps; k++) {
+		free(d->bms[k].held);
+		d->bms[k].held = NULL;
+	}
+	d->full = false;
 }
 
 static void smd_copy_root(struct tfs_sm *sm, void *root32)
@@ -493,8 +520,10 @@ static void smd_destroy(struct tfs_sm *sm)
 
 	if (!d)
 		return;
-	for (k = 0; k < d->cap_bitmaps; k++)
+	for (k = 0; k < d->cap_bitmaps; k++) {
 		free(d->bms[k].barrier);
+		free(d->bms[k].held);
+	}
 	free(d->bms);
 	free(d);
 }
@@ -651,6 +680,7 @@ int tfs_smd_shrink(struct tfs_sm *sm, uint64_t nr_blocks, uint64_t *highest_used
 		if (r)
 			goto err;
 		free(s->barrier);
+		free(s->held);
 		memset(s, 0, sizeof(*s));
 	}
 	d->nr_bitmaps = nr_bitmaps;
@@ -702,6 +732,7 @@ static const struct tfs_sm_ops smd_ops = {
 	.new_block = smd_new_block,
 	.extend = smd_extend,
 	.commit = smd_commit,
+	.commit_durable = smd_commit_durable,
 	.copy_root = smd_copy_root,
 	.is_new = NULL,
 	.rollback = NULL,

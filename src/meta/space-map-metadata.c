@@ -10,7 +10,10 @@
  *               since the last commit (committed state included), so that a
  *               block freed in this transaction is never handed out again
  *               before the next commit, whether it was committed or born in
- *               this transaction.
+ *               this transaction;
+ *   held      - the barrier as it was at the last commit, while that
+ *               commit is not durable yet (holding): the state on disk
+ *               before it may still use those blocks.
  * Counts >= 3 live in an open-addressing hash (block -> count, plus the
  * committed count and the value in the ref-count btree being built).
  *
@@ -92,6 +95,8 @@ struct smm {
 	uint64_t *cur;
 	uint64_t *committed;
 	uint64_t *barrier;
+	uint64_t *held;
+	bool holding; /* held applies: the last commit is not durable yet */
 	struct bitmap_state *bms;
 	uint64_t nr_allocated;
 
@@ -273,6 +278,11 @@ static uint64_t *barrier_words(struct smm *m, uint32_t k)
 	return m->barrier + (size_t)k * WORDS;
 }
 
+static const uint64_t *held_words(struct smm *m, uint32_t k)
+{
+	return m->holding ? m->held + (size_t)k * WORDS : NULL;
+}
+
 static int get_count(struct smm *m, uint64_t b, uint32_t *count)
 {
 	uint32_t k = (uint32_t)(b / ENTRIES);
@@ -408,7 +418,8 @@ static int find_free_block(struct smm *m, uint64_t *out)
 		}
 		if (m->bms[k].nr_free == 0)
 			continue;
-		i = tfs_sm_bitmap_find_free(cur_words(m, k), barrier_words(m, k), begin, end);
+		i = tfs_sm_bitmap_find_allocatable(cur_words(m, k), barrier_words(m, k),
+						   held_words(m, k), begin, end);
 		if (i < end) {
 			*out = (uint64_t)k * ENTRIES + i;
 			return 0;
@@ -462,7 +473,7 @@ static bool smm_is_new(struct tfs_sm *sm, uint64_t b)
 static int reserve_bitmaps(struct smm *m, uint32_t nr)
 {
 	size_t old = m->cap_bitmaps, words = (size_t)nr * WORDS;
-	uint64_t **arrays[] = { &m->cur, &m->committed, &m->barrier };
+	uint64_t **arrays[] = { &m->cur, &m->committed, &m->barrier, &m->held };
 	struct bitmap_state *s;
 	size_t a;
 
@@ -687,6 +698,19 @@ static int smm_commit(struct tfs_sm *sm)
 	m->root.bitmap_root = m->index_loc;
 	m->root.ref_count_root = m->rc_root;
 
+	/*
+	 * Held back until this commit is durable: every block used since the
+	 * last commit.  Had that one not been declared durable yet, its held
+	 * blocks stay held too (only an abort follows a failed commit, and it
+	 * reloads the map).
+	 */
+	if (m->holding) {
+		for (size_t w = 0; w < (size_t)m->nr_bitmaps * WORDS; w++)
+			m->held[w] |= m->barrier[w];
+	} else {
+		memcpy(m->held, m->barrier, (size_t)m->nr_bitmaps * WORDS * sizeof(uint64_t));
+	}
+	m->holding = true;
 	for (k = 0; k < m->nr_bitmaps; k++) {
 		struct bitmap_state *s = &m->bms[k];
 
@@ -713,6 +737,14 @@ static int smm_commit(struct tfs_sm *sm)
 err:
 	tfs_err("%s: metadata space map commit failed: %s", dev_name(m), strerror(-r));
 	return r;
+}
+
+static void smm_commit_durable(struct tfs_sm *sm)
+{
+	struct smm *m = to_smm(sm);
+
+	m->holding = false;
+	m->full = false;
 }
 
 static void smm_rollback(struct tfs_sm *sm)
@@ -782,6 +814,7 @@ static void smm_destroy(struct tfs_sm *sm)
 	free(m->cur);
 	free(m->committed);
 	free(m->barrier);
+	free(m->held);
 	free(m->bms);
 	free(m->ovf.slots);
 	free(m->ovf_dirty);
@@ -798,6 +831,7 @@ static const struct tfs_sm_ops smm_ops = {
 	.new_block = smm_new_block,
 	.extend = smm_extend,
 	.commit = smm_commit,
+	.commit_durable = smm_commit_durable,
 	.copy_root = smm_copy_root,
 	.is_new = smm_is_new,
 	.rollback = smm_rollback,

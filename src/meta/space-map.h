@@ -10,7 +10,11 @@
  *
  * Rule both keep: a block freed in the current transaction is not handed out
  * again before commit (it must be free in the committed state too), so the
- * last committed metadata and data stay intact.
+ * last committed metadata and data stay intact.  And since the next
+ * transaction may begin while a commit's blocks and superblock are still
+ * being written: a block in use at any moment of the committing transaction
+ * (so also in the state on disk before it) stays unallocatable until the
+ * owner says that commit is durable (commit_durable).
  *
  * Never: flushes or commits the transaction itself; commit() only writes the
  * space map's own blocks into the transaction.
@@ -34,8 +38,16 @@ struct tfs_sm_ops {
 	int (*new_block)(struct tfs_sm *sm, uint64_t *b);
 	/* Grow the domain by extra blocks. */
 	int (*extend)(struct tfs_sm *sm, uint64_t extra);
-	/* Write the map's own dirty state into the transaction. */
+	/*
+	 * Write the map's own dirty state into the transaction, which becomes
+	 * the committing one; the map goes on as the next transaction.
+	 */
 	int (*commit)(struct tfs_sm *sm);
+	/*
+	 * The last commit()'s transaction is on disk (its superblock flushed):
+	 * blocks freed in it may be handed out again.  O(bitmaps).
+	 */
+	void (*commit_durable)(struct tfs_sm *sm);
 	/* The 32-byte root (struct tfs_disk_sm_root) as of the last commit(). */
 	void (*copy_root)(struct tfs_sm *sm, void *root32);
 	/*
@@ -64,6 +76,7 @@ static inline int tfs_sm_dec(struct tfs_sm *sm, uint64_t b) { return sm->ops->de
 static inline int tfs_sm_new_block(struct tfs_sm *sm, uint64_t *b) { return sm->ops->new_block(sm, b); }
 static inline int tfs_sm_extend(struct tfs_sm *sm, uint64_t extra) { return sm->ops->extend(sm, extra); }
 static inline int tfs_sm_commit(struct tfs_sm *sm) { return sm->ops->commit(sm); }
+static inline void tfs_sm_commit_durable(struct tfs_sm *sm) { sm->ops->commit_durable(sm); }
 static inline void tfs_sm_copy_root(struct tfs_sm *sm, void *root) { sm->ops->copy_root(sm, root); }
 
 #endif

@@ -56,6 +56,8 @@ struct tfs_pmd {
 
 	bool read_only;
 	struct tfs_td *tds; /* open device handles */
+	uint64_t commits;   /* commits done since open, and aborts: a diff's hold needs them */
+	uint64_t aborts;
 };
 
 /* ---- value types ------------------------------------------------------- */
@@ -290,7 +292,15 @@ int tfs_pmd_commit_end(struct tfs_pmd *pmd, struct tfs_pmd_commit *c, int r)
 {
 	r = tfs_tm_commit_end(pmd->tm, c->tm, r);
 	free(c);
+	if (!r)
+		pmd->commits++;
 	return r;
+}
+
+void tfs_pmd_release_freed_data(struct tfs_pmd *pmd)
+{
+	if (pmd->dsm)
+		tfs_sm_commit_durable(pmd->dsm);
 }
 
 static int commit(struct tfs_pmd *pmd, bool first)
@@ -298,7 +308,11 @@ static int commit(struct tfs_pmd *pmd, bool first)
 	struct tfs_pmd_commit *c;
 	int r = commit_begin(pmd, first, &c);
 
-	return r ? r : tfs_pmd_commit_end(pmd, c, tfs_pmd_commit_write(c));
+	if (!r)
+		r = tfs_pmd_commit_end(pmd, c, tfs_pmd_commit_write(c));
+	if (!r)
+		tfs_pmd_release_freed_data(pmd);
+	return r;
 }
 
 int tfs_pmd_commit(struct tfs_pmd *pmd)
@@ -541,6 +555,7 @@ int tfs_pmd_abort(struct tfs_pmd *pmd)
 
 	if (!sb)
 		return -ENOMEM;
+	pmd->aborts++;
 	tfs_tm_abort(pmd->tm);
 	/*
 	 * Reload the metadata space map from disk rather than trusting its
@@ -725,23 +740,24 @@ int tfs_pmd_resize_metadata(struct tfs_pmd *pmd, uint64_t nr_blocks)
 
 /* ---- metadata snapshot ------------------------------------------------- */
 
-int tfs_pmd_reserve_metadata_snap(struct tfs_pmd *pmd)
+/*
+ * What a diff's held copy carries in its (otherwise unused, zero) uuid
+ * field, so that a mount after a crash can tell it from a user's metadata
+ * snapshot and drop it.
+ */
+static const char diff_hold_tag[16] = "thinfs:diffhold";
+
+/*
+ * The held copy of the superblock (docs 2.7): a new block C describing the
+ * current roots, which gain a parent each, so that from now on every change
+ * shadows them and their trees stay as they are until the copy is dropped.
+ */
+static int hold_roots(struct tfs_pmd *pmd, bool for_diff)
 {
 	struct tfs_block *copy;
 	uint8_t *d;
 	int r;
 
-	if (pmd->read_only)
-		return -EROFS;
-	if (pmd->held_root) {
-		tfs_err("a metadata snapshot is already held (block %llu)",
-			(unsigned long long)pmd->held_root);
-		return -EBUSY;
-	}
-	/* The copy must describe committed roots, so commit first. */
-	r = tfs_pmd_commit(pmd);
-	if (r)
-		return r;
 	r = tfs_tm_new_block(pmd->tm, &tfs_thin_sb_validator, &copy);
 	if (r)
 		return r;
@@ -749,28 +765,23 @@ int tfs_pmd_reserve_metadata_snap(struct tfs_pmd *pmd)
 	fill_superblock(pmd, d);
 	memset(d + offsetof(struct tfs_disk_thin_sb, data_space_map_root), 0, 2 * TFS_SM_ROOT_FIELD);
 	tfs_put_le64(d + offsetof(struct tfs_disk_thin_sb, held_root), 0);
+	if (for_diff)
+		memcpy(d + offsetof(struct tfs_disk_thin_sb, uuid), diff_hold_tag, sizeof(diff_hold_tag));
 	pmd->held_root = tfs_block_location(copy);
 	tfs_tm_unlock(pmd->tm, copy);
 	r = tfs_tm_inc(pmd->tm, pmd->mapping_root);
 	if (!r)
 		r = tfs_tm_inc(pmd->tm, pmd->details_root);
-	if (!r)
-		r = tfs_pmd_commit(pmd);
 	return r;
 }
 
-int tfs_pmd_release_metadata_snap(struct tfs_pmd *pmd)
+/* Release the held copy's trees and the copy itself. */
+static int drop_held_roots(struct tfs_pmd *pmd)
 {
 	struct tfs_block *copy;
 	uint64_t held = pmd->held_root, mroot, droot;
 	int r;
 
-	if (pmd->read_only)
-		return -EROFS;
-	if (!held) {
-		tfs_err("no metadata snapshot is held");
-		return -EINVAL;
-	}
 	r = tfs_tm_read_lock(pmd->tm, held, &tfs_thin_sb_validator, &copy);
 	if (r)
 		return r;
@@ -782,15 +793,208 @@ int tfs_pmd_release_metadata_snap(struct tfs_pmd *pmd)
 		r = tfs_btree_del(&pmd->details_info, droot);
 	if (!r)
 		r = tfs_tm_dec(pmd->tm, held);
-	if (r)
-		return r;
-	pmd->held_root = 0;
-	return tfs_pmd_commit(pmd);
+	if (!r)
+		pmd->held_root = 0;
+	return r;
+}
+
+int tfs_pmd_reserve_metadata_snap(struct tfs_pmd *pmd)
+{
+	int r;
+
+	if (pmd->read_only)
+		return -EROFS;
+	if (pmd->held_root) {
+		tfs_err("a metadata snapshot is already held (block %llu)",
+			(unsigned long long)pmd->held_root);
+		return -EBUSY;
+	}
+	/* The copy must describe committed roots, so commit first. */
+	r = tfs_pmd_commit(pmd);
+	if (!r)
+		r = hold_roots(pmd, false);
+	if (!r)
+		r = tfs_pmd_commit(pmd);
+	return r;
+}
+
+int tfs_pmd_release_metadata_snap(struct tfs_pmd *pmd)
+{
+	int r;
+
+	if (pmd->read_only)
+		return -EROFS;
+	if (!pmd->held_root) {
+		tfs_err("no metadata snapshot is held");
+		return -EINVAL;
+	}
+	r = drop_held_roots(pmd);
+	return r ? r : tfs_pmd_commit(pmd);
 }
 
 uint64_t tfs_pmd_held_root(struct tfs_pmd *pmd)
 {
 	return pmd->held_root;
+}
+
+/* ---- changed blocks between two devices ---------------------------------- */
+
+static int need_metadata_space(struct tfs_pmd *pmd);
+
+struct tfs_thin_diff {
+	struct tfs_pmd *pmd;
+	struct tfs_btree_diff *walk;
+	uint64_t aborts;         /* the pmd's count at begin */
+	tfs_thin_diff_fn fn;     /* of the current step */
+	void *ctx;
+	bool open, zero;         /* the extent being built, not given to fn yet */
+	uint64_t begin, len;
+};
+
+static int device_root(struct tfs_pmd *pmd, tfs_dev_id id, uint64_t *root)
+{
+	uint64_t key = id;
+	uint8_t v[8];
+	int r = tfs_btree_lookup(&pmd->tl_info, pmd->mapping_root, &key, v);
+
+	if (r == -ENODATA)
+		tfs_err("diff: no thin device %u", id);
+	if (!r)
+		*root = tfs_le64(v);
+	return r;
+}
+
+int tfs_pmd_hold_roots(struct tfs_pmd *pmd)
+{
+	int r;
+
+	if (pmd->read_only)
+		return -EROFS;
+	if (pmd->held_root)
+		return -EBUSY;
+	r = need_metadata_space(pmd);
+	if (r)
+		return r;
+	/* If a commit writes the hold, the held details must match the held mappings. */
+	r = flush_details(pmd);
+	return r ? r : hold_roots(pmd, true);
+}
+
+bool tfs_pmd_held_for_diff(struct tfs_pmd *pmd)
+{
+	struct tfs_block *copy;
+	bool tagged;
+
+	if (!pmd->held_root ||
+	    tfs_tm_read_lock(pmd->tm, pmd->held_root, &tfs_thin_sb_validator, &copy))
+		return false;
+	tagged = !memcmp((uint8_t *)tfs_block_data(copy) + offsetof(struct tfs_disk_thin_sb, uuid),
+			 diff_hold_tag, sizeof(diff_hold_tag));
+	tfs_tm_unlock(pmd->tm, copy);
+	return tagged;
+}
+
+int tfs_pmd_drop_held_roots(struct tfs_pmd *pmd)
+{
+	if (pmd->read_only)
+		return -EROFS;
+	return pmd->held_root ? drop_held_roots(pmd) : -EINVAL;
+}
+
+uint64_t tfs_pmd_commit_count(struct tfs_pmd *pmd)
+{
+	return pmd->commits;
+}
+
+int tfs_thin_diff_begin(struct tfs_pmd *pmd, const tfs_dev_id *from, const tfs_dev_id *to,
+			struct tfs_thin_diff **out)
+{
+	struct tfs_thin_diff *d;
+	uint64_t from_root = 0, to_root = 0;
+	int r = 0;
+
+	if (to)
+		r = device_root(pmd, *to, &to_root);
+	if (!r && from)
+		r = device_root(pmd, *from, &from_root);
+	if (r)
+		return r;
+	d = calloc(1, sizeof(*d));
+	if (!d)
+		return -ENOMEM;
+	d->pmd = pmd;
+	d->aborts = pmd->aborts;
+	r = tfs_btree_diff_begin(&pmd->bl_info, from_root, to_root, &d->walk);
+	if (r) {
+		free(d);
+		return r;
+	}
+	*out = d;
+	return 0;
+}
+
+/* One differing virtual block: extend the open extent or start another. */
+static int diff_one(void *ctx, uint64_t vblock, const void *from, const void *to)
+{
+	struct tfs_thin_diff *d = ctx;
+	bool zero = !to;
+	int r;
+
+	/* The same data block mapped at another time is the same data. */
+	if (from && to && tfs_le64(from) >> 24 == tfs_le64(to) >> 24)
+		return 0;
+	if (d->open && d->zero == zero && d->begin + d->len == vblock) {
+		d->len++;
+		return 0;
+	}
+	if (d->open) {
+		r = d->fn(d->ctx, d->begin, d->len, d->zero);
+		if (r)
+			return r;
+	}
+	d->open = true;
+	d->zero = zero;
+	d->begin = vblock;
+	d->len = 1;
+	return 0;
+}
+
+int tfs_thin_diff_step(struct tfs_thin_diff *d, unsigned max_reads, tfs_thin_diff_fn fn,
+		       void *ctx)
+{
+	int r;
+
+	/* An abort replaced the transaction manager and may have freed what we walk. */
+	if (d->pmd->aborts != d->aborts) {
+		tfs_err("diff: the metadata transaction was aborted during the walk");
+		return -EIO;
+	}
+	d->fn = fn;
+	d->ctx = ctx;
+	r = tfs_btree_diff_step(d->walk, max_reads, diff_one, d);
+	if (r == 0 && d->open) {
+		d->open = false;
+		r = fn(ctx, d->begin, d->len, d->zero);
+	}
+	return r;
+}
+
+uint64_t tfs_thin_diff_nodes_read(const struct tfs_thin_diff *d)
+{
+	return d->walk ? tfs_btree_diff_nodes_read(d->walk) : 0;
+}
+
+uint64_t tfs_thin_diff_position(const struct tfs_thin_diff *d)
+{
+	return d->walk ? tfs_btree_diff_position(d->walk) : 0;
+}
+
+void tfs_thin_diff_end(struct tfs_thin_diff *d)
+{
+	if (!d)
+		return;
+	tfs_btree_diff_end(d->walk);
+	free(d);
 }
 
 /* ---- devices ----------------------------------------------------------- */
@@ -1100,6 +1304,22 @@ int tfs_thin_insert(struct tfs_td *td, uint64_t vblock, uint64_t data_block)
 int tfs_thin_insert_timed(struct tfs_td *td, uint64_t vblock, uint64_t data_block, uint32_t time)
 {
 	return insert(td, vblock, data_block, time & TFS_TIME_MASK);
+}
+
+int tfs_thin_mark_shared(struct tfs_td *a, struct tfs_td *b)
+{
+	struct tfs_pmd *pmd = a->pmd;
+
+	if (a->deleted || b->deleted)
+		return -ENODEV;
+	if (pmd->read_only)
+		return -EROFS;
+	pmd->time = (pmd->time + 1) & TFS_TIME_MASK;
+	a->details.snapshotted_time = pmd->time;
+	a->changed = true;
+	b->details.snapshotted_time = pmd->time;
+	b->changed = true;
+	return 0;
 }
 
 int tfs_thin_remove(struct tfs_td *td, uint64_t vblock)

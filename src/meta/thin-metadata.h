@@ -57,13 +57,19 @@ int tfs_pmd_commit(struct tfs_pmd *pmd);
  * (details, both space maps, the superblock's contents), under the lock;
  * write: the blocks, flush, superblock, flush, with no lock (blocks);
  * end: under the lock, returns r (write's result).  Between begin and end
- * lookups may run; nothing may change the metadata.  A failed begin or
- * write leaves the transaction to abort (tfs_pmd_abort).
+ * the next transaction runs: lookups and changes (under the lock) go on,
+ * into it.  Blocks freed in the committing transaction are not handed out
+ * again before end succeeds (metadata) or tfs_pmd_release_freed_data
+ * (data, so that the caller can discard them first).  A failed begin or
+ * write leaves the transaction, and the next one with it, to abort
+ * (tfs_pmd_abort, after end).
  */
 struct tfs_pmd_commit;
 int tfs_pmd_commit_begin(struct tfs_pmd *pmd, struct tfs_pmd_commit **out);
 int tfs_pmd_commit_write(struct tfs_pmd_commit *c);
 int tfs_pmd_commit_end(struct tfs_pmd *pmd, struct tfs_pmd_commit *c, int r);
+/* After a successful end: data blocks freed in that commit may be allocated again. */
+void tfs_pmd_release_freed_data(struct tfs_pmd *pmd);
 /* Back to the last committed state; open device handles stay valid. */
 int tfs_pmd_abort(struct tfs_pmd *pmd);
 
@@ -111,6 +117,62 @@ int tfs_pmd_release_metadata_snap(struct tfs_pmd *pmd);
 /* 0 when none. */
 uint64_t tfs_pmd_held_root(struct tfs_pmd *pmd);
 
+/*
+ * The held-root slot without reserve's and release's commits, for a reader
+ * that walks the trees of the transaction in memory while the pool goes
+ * on changing them (thinfs-ctl diff): hold makes a held copy of the
+ * current roots (details of open devices saved first), so that from then
+ * on every change shadows them and they stay as they are; drop releases
+ * them.  A commit in between writes the hold, which is valid on disk
+ * (thin_check accepts it) and makes the drop a change to commit; with no
+ * commit in between, hold and drop change nothing on net
+ * (tfs_pmd_commit_count tells the two apart).  hold: -EBUSY a metadata
+ * snapshot is held, -ENOSPC metadata too full (nothing changed either
+ * way), -EROFS; drop: -EINVAL nothing held.  Other errors: abort.
+ */
+int tfs_pmd_hold_roots(struct tfs_pmd *pmd);
+int tfs_pmd_drop_held_roots(struct tfs_pmd *pmd);
+/*
+ * The held copy was made by tfs_pmd_hold_roots (it carries a tag), not by
+ * reserve_metadata_snap: after a crash during a diff whose hold a commit
+ * wrote, the next read-write open drops it.  False when nothing is held
+ * or the copy cannot be read.
+ */
+bool tfs_pmd_held_for_diff(struct tfs_pmd *pmd);
+/* Commits since open. */
+uint64_t tfs_pmd_commit_count(struct tfs_pmd *pmd);
+
+/*
+ * ---- changed blocks between two devices (thinfs-ctl diff) ----
+ * The runs of virtual blocks of device *to that differ from device *from
+ * (a NULL device is one that maps nothing): zero = false where to maps a block that
+ * from leaves unmapped or maps to another data block, zero = true where
+ * from maps a block that to leaves unmapped.  Neighbouring blocks of one
+ * kind are one run; runs come in ascending order, each once.  The two
+ * mapping trees are walked together and subtrees they share skipped
+ * unread (tfs_btree_diff_begin): cost O(changed leaves x depth).
+ *
+ * The trees walked are those of begin's instant: the caller keeps them
+ * unchanged until end, by holding its lock throughout, by a read-only
+ * pool, or by tfs_pmd_hold_roots before begin (then it may drop its lock
+ * between steps).  begin: -ENODATA (logged) no such device, -EUCLEAN,
+ * -EIO, -ENOMEM; nothing is changed.  step: call until it returns 0
+ * (done; 1 = more to do); reads about max_reads nodes, calling fn for
+ * each finished run; fn's non-zero return is returned; -EIO (logged) when
+ * the transaction was aborted since begin (what was held may be gone).
+ * Every call under the caller's lock.
+ */
+struct tfs_thin_diff;
+typedef int (*tfs_thin_diff_fn)(void *ctx, uint64_t vblock, uint64_t len, bool zero);
+int tfs_thin_diff_begin(struct tfs_pmd *pmd, const tfs_dev_id *from, const tfs_dev_id *to,
+			struct tfs_thin_diff **out);
+int tfs_thin_diff_step(struct tfs_thin_diff *d, unsigned max_reads, tfs_thin_diff_fn fn,
+		       void *ctx);
+/* Mapping-tree nodes the walk read, and the first virtual block not yet compared. */
+uint64_t tfs_thin_diff_nodes_read(const struct tfs_thin_diff *d);
+uint64_t tfs_thin_diff_position(const struct tfs_thin_diff *d);
+void tfs_thin_diff_end(struct tfs_thin_diff *d);
+
 /* ---- devices ---- */
 int tfs_pmd_create_thin(struct tfs_pmd *pmd, tfs_dev_id id);
 /* New device id sharing everything origin maps; bumps the pool time. */
@@ -151,6 +213,17 @@ int tfs_thin_lookup_range(struct tfs_td *td, uint64_t begin, uint64_t end, unsig
  * a previous mapping's data block is released.
  */
 int tfs_thin_insert(struct tfs_td *td, uint64_t vblock, uint64_t data_block);
+/*
+ * Every mapping a and b (may be the same device) hold now becomes shared
+ * (m.shared), as an origin's do at a snapshot: the pool time moves on one
+ * and both devices' snapshotted_time becomes it.  For mappings shared by
+ * reference (a clone: the data block's count raised and mapped in a
+ * second place), which the time test alone decides, here as in the
+ * kernel; insert them with tfs_thin_insert_timed at a time from before
+ * this call (the source mapping's own).  O(1); rolled back by an abort.
+ * -ENODEV a deleted device, -EROFS.
+ */
+int tfs_thin_mark_shared(struct tfs_td *a, struct tfs_td *b);
 /* Unmap one block (-ENODATA if unmapped) / every block in [begin, end). */
 int tfs_thin_remove(struct tfs_td *td, uint64_t vblock);
 int tfs_thin_remove_range(struct tfs_td *td, uint64_t begin, uint64_t end, uint64_t *nr_removed);

@@ -25,7 +25,7 @@ int tfs_tm_create(struct tfs_bm *bm, struct tfs_sm *sm, struct tfs_tm **out)
 {
 	struct tfs_tm *tm;
 
-	if (!sm->ops->is_new || !sm->ops->rollback)
+	if (!sm->ops->is_new || !sm->ops->rollback || !sm->ops->commit_durable)
 		return -EINVAL;
 	tm = calloc(1, sizeof(*tm));
 	if (!tm)
@@ -137,6 +137,11 @@ int tfs_tm_read_lock(struct tfs_tm *tm, uint64_t b, const struct tfs_block_valid
 	return tfs_bm_read_lock(tm->bm, b, v, out);
 }
 
+int tfs_tm_prefetch(struct tfs_tm *tm, const uint64_t *blocks, size_t n)
+{
+	return tfs_bm_prefetch(tm->bm, blocks, n);
+}
+
 void tfs_tm_unlock(struct tfs_tm *tm, struct tfs_block *b)
 {
 	(void)tm;
@@ -233,6 +238,9 @@ int tfs_tm_commit_end(struct tfs_tm *tm, struct tfs_tm_commit *c, int r)
 	tfs_bm_batch_end(tm->bm, c->super, !r);
 	tfs_bm_unlock(c->sb);
 	free(c);
+	/* The superblock is on disk: what the state before it used is free to reuse. */
+	if (!r)
+		tfs_sm_commit_durable(tm->sm);
 	return r;
 }
 

@@ -17,6 +17,7 @@
 #define TFS_META_TRANSACTION_MANAGER_H
 
 #include <stdbool.h>
+#include <stddef.h>
 #include <stdint.h>
 
 struct tfs_bm;
@@ -46,6 +47,8 @@ int tfs_tm_shadow(struct tfs_tm *tm, uint64_t orig, const struct tfs_block_valid
 int tfs_tm_read_lock(struct tfs_tm *tm, uint64_t b, const struct tfs_block_validator *v,
 		     struct tfs_block **out);
 void tfs_tm_unlock(struct tfs_tm *tm, struct tfs_block *b);
+/* Read ahead blocks about to be read-locked (tfs_bm_prefetch): how many were read, or -ENOMEM. */
+int tfs_tm_prefetch(struct tfs_tm *tm, const uint64_t *blocks, size_t n);
 
 /* Reference counts in the metadata space map.  dec to 0 frees the block. */
 int tfs_tm_inc(struct tfs_tm *tm, uint64_t b);
@@ -70,10 +73,19 @@ int tfs_tm_commit(struct tfs_tm *tm, struct tfs_block *sb,
  * of the committed state as committed (a change shadows it again).
  * write (no lock needed; device I/O): the blocks, flush, superblock,
  * flush.  end (under the lock again): the blocks are clean if write
- * returned 0 (r), sb is unlocked, c freed; returns r.  Between begin and
- * end the owner may read through the cache but must change nothing: a
- * failed write leaves only tfs_tm_abort.  begin failing leaves nothing to
- * end (sb unlocked) and the transaction to abort.
+ * returned 0 (r), sb is unlocked, c freed, and the metadata blocks freed
+ * in the committed transaction become allocatable; returns r.
+ *
+ * Between begin and end the next transaction runs: the owner may change
+ * metadata (under its lock) while write runs without it.  Its changes
+ * shadow the committing blocks (they count as committed), never write
+ * them; the space map hands out no block the committing transaction or
+ * the state on disk before it used; so a dirty block of the next
+ * transaction written early (evicted) lands where neither state looks.
+ * A failed write leaves only tfs_tm_abort, which drops the next
+ * transaction too, and only after end (no block may be locked).  begin
+ * failing leaves nothing to end (sb unlocked) and the transaction to
+ * abort.
  */
 struct tfs_tm_commit;
 int tfs_tm_commit_begin(struct tfs_tm *tm, struct tfs_block *sb,

@@ -736,13 +736,13 @@ def test_metadata_write_error_during_fsync_commit(pool, after):
     repair_and_remount(p, vol, committed)
 
 
-@pytest.mark.parametrize("dev,op", [("metadata", "write"), ("data", "flush")])
-def test_mapped_io_completes_while_a_commit_is_stalled(pool, dev, op):
-    """A commit stalled in its metadata writes or its data flush holds no
-    lock that reads and overwrites of mapped blocks need: they complete, and
-    so does status, while the fsync that started the commit waits.  The
-    fsync is of another volume: the kernel holds a file's inode lock across
-    its fsync, which would hold this file's writes by itself."""
+def stall_a_commit(pool, dev, op):
+    """A pool with vm1 (4 blocks mapped and committed) and vm2 (a new
+    mapping), and a thread whose fsync of vm2 runs a commit that the fault
+    `dev op stall` holds.  The fsync is of another volume than the one the
+    test does I/O to: the kernel holds a file's inode lock across its
+    fsync, which would hold that file's writes by itself.  Returns the
+    pool, both volumes, the thread and its result list (the errno or 0)."""
     p = pool(data_size=DATA, meta_size=8 * MiB,
              options={"low_water_mark": "0", "commit_interval": "1h"}, mount=False)
     p.cfg.write_text(p.cfg.read_text() + "[fault]\nallow = yes\n")
@@ -768,9 +768,20 @@ def test_mapped_io_completes_while_a_commit_is_stalled(pool, dev, op):
             res.append(e.errno)
     t = threading.Thread(target=do_fsync, daemon=True)
     t.start()
+    time.sleep(0.5)
+    if not t.is_alive():
+        p.ctl("fault", dev, op, "ok")
+        pytest.fail("the fsync should wait for the stalled commit")
+    return p, vol, other, t, res
+
+
+@pytest.mark.parametrize("dev,op", [("metadata", "write"), ("data", "flush")])
+def test_mapped_io_completes_while_a_commit_is_stalled(pool, dev, op):
+    """A commit stalled in its metadata writes or its data flush holds no
+    lock that reads and overwrites of mapped blocks need: they complete, and
+    so does status, while the fsync that started the commit waits."""
+    p, vol, other, t, res = stall_a_commit(pool, dev, op)
     try:
-        time.sleep(0.5)
-        assert t.is_alive(), "the fsync should wait for the stalled commit"
         assert bounded(read_direct, vol, 0, BS) == pattern(1, 4 * BS)[:BS]
         bounded(write_direct, vol, BS, pattern(3, BS), what="overwrite of a mapped block")
         assert bounded(read_direct, vol, BS, BS) == pattern(3, BS)
@@ -784,6 +795,60 @@ def test_mapped_io_completes_while_a_commit_is_stalled(pool, dev, op):
     p.mount("--allow-faults")
     assert read_direct(vol, 0, 2 * BS) == pattern(1, 4 * BS)[:BS] + pattern(3, BS)
     assert read_direct(other, 10 * BS, BS) == pattern(2, BS)
+    p.unmount()
+
+
+def test_allocating_write_and_discard_complete_while_a_commit_is_stalled(pool):
+    """While a commit's metadata writes are held, the next transaction goes
+    on: an allocating write to a new block and a discard of a committed
+    block complete, and are durable after the release and an fsync (the
+    remount reads them back; thin_check and thinfs check run at the end).
+    Before, both waited for the commit to finish."""
+    p, vol, other, t, res = stall_a_commit(pool, "metadata", "write")
+    try:
+        bounded(write_direct, vol, 20 * BS, pattern(3, BS), what="allocating write")
+        bounded(direct_punch, vol, 2 * BS, BS, what="discard of a committed block")
+        assert bounded(read_direct, vol, 20 * BS, BS) == pattern(3, BS)
+        assert bounded(read_direct, vol, 2 * BS, BS) == bytes(BS)
+        assert t.is_alive(), "the commit should still be stalled"
+    finally:
+        p.ctl("fault", "metadata", "write", "ok")
+    t.join(timeout=30)
+    assert not t.is_alive() and res == [0], res
+    fd = os.open(vol, os.O_WRONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    p.unmount()
+    p.mount("--allow-faults")
+    expect = bytearray(pattern(1, 4 * BS))
+    expect[2 * BS:3 * BS] = bytes(BS)
+    assert read_direct(vol, 0, 4 * BS) == bytes(expect)
+    assert read_direct(vol, 20 * BS, BS) == pattern(3, BS)
+    assert read_direct(other, 10 * BS, BS) == pattern(2, BS)
+    p.unmount()
+
+
+def test_a_failed_commit_aborts_the_transaction_that_ran_during_its_io(pool):
+    """The commit's held metadata write then fails: the pool goes read_only
+    as before, the fsync that ran the commit fails, and the allocating write
+    made meanwhile (acknowledged, never fsynced) goes with the aborted next
+    transaction.  What was committed before stays, and repair works."""
+    p, vol, other, t, res = stall_a_commit(pool, "metadata", "write")
+    p.expect_log(r"writing metadata block \d+ .* failed|committing the metadata failed")
+    try:
+        bounded(write_direct, vol, 20 * BS, pattern(3, BS), what="allocating write")
+    finally:
+        p.ctl("fault", "metadata", "write", "error", "once")
+    t.join(timeout=30)
+    assert not t.is_alive() and res == [errno.EIO], res
+    assert_failed_mode(p)
+    assert read_direct(vol, 20 * BS, BS) == bytes(BS)
+    repair_and_remount(p, vol, pattern(1, 4 * BS))
+    p.mount("--allow-faults")
+    assert read_direct(vol, 20 * BS, BS) == bytes(BS)
+    assert read_direct(other, 10 * BS, BS) == bytes(BS)
     p.unmount()
 
 

@@ -475,8 +475,9 @@ def test_pool_cfg_names_the_metadata(restored_image, run_thinfs, tmp_path):
     img = small_pool(restored_image)
     (img.parent / "data.bin").write_bytes(b"")
     cfg = tmp_path / "pool.cfg"
+    (tmp_path / "origin.img").write_bytes(b"")
     cfg.write_text(f"[pool]\nmetadata = {img.name}   ; next to the cfg\ndata = data.bin\n"
-                   '\n[origin "db"]\ndevice = /dev/null\n')
+                   f'\n[origin "db"]\ndevice = {tmp_path / "origin.img"}\n')
     run_thinfs("check", cfg)
     assert run_thinfs("dump", cfg).stdout == thin_dump(img)
     (tmp_path / "nometa.cfg").write_text("[pool]\ndata = data.bin\n")

@@ -130,6 +130,11 @@ static int mem_commit(struct tfs_sm *sm)
 	return 0;
 }
 
+static void mem_commit_durable(struct tfs_sm *sm)
+{
+	(void)sm;
+}
+
 static void mem_copy_root(struct tfs_sm *sm, void *root32)
 {
 	(void)sm;
@@ -160,6 +165,7 @@ static const struct tfs_sm_ops mem_sm_ops = {
 	.new_block = mem_new_block,
 	.extend = mem_extend,
 	.commit = mem_commit,
+	.commit_durable = mem_commit_durable,
 	.copy_root = mem_copy_root,
 	.is_new = mem_is_new,
 	.rollback = mem_rollback,

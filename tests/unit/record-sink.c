@@ -36,6 +36,18 @@ static void rec_text(struct tfs_status_sink *s, const char *key, const char *v)
 	add(s, key, v ? v : "null");
 }
 
+static void rec_texts(struct tfs_status_sink *s, const char *key, const char *const *v, size_t n)
+{
+	char list[256] = "";
+
+	for (size_t i = 0; i < n; i++) {
+		size_t used = strlen(list);
+
+		snprintf(list + used, sizeof(list) - used, "%s%s", i ? "," : "", v[i]);
+	}
+	add(s, key, list);
+}
+
 static void rec_begin(struct tfs_status_sink *s, const char *key)
 {
 	struct record_sink *r = rec_of(s);
@@ -63,6 +75,7 @@ static const struct tfs_status_sink_ops record_ops = {
 	.u64 = rec_u64,
 	.flag = rec_flag,
 	.text = rec_text,
+	.texts = rec_texts,
 	.begin = rec_begin,
 	.end = rec_end,
 };

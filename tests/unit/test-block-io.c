@@ -531,6 +531,35 @@ static void test_fault_stall_holds_a_read_until_set_back_to_ok(void **state)
 	tfs_bdev_close(f);
 }
 
+static void test_fault_delay_waits_then_passes_the_data(void **state)
+{
+	(void)state;
+	struct tfs_bdev *mem, *f;
+	uint8_t a[4096], got[4096];
+	memset(a, 0xAA, sizeof(a));
+	assert_int_equal(tfs_bdev_open_mem(1 << 16, &mem), 0);
+	assert_int_equal(tfs_bdev_fault_wrap(mem, false, &f), 0);
+	tfs_bdev_fault_set_delay(f, TFS_FAULT_WRITE, 200000);
+	double t = now_seconds();
+	assert_int_equal(tfs_bdev_write(f, a, 4096, 0), 0);
+	assert_true(now_seconds() - t >= 0.2); /* at least the delay: a lower bound only */
+	assert_int_equal(tfs_bdev_read(f, got, 4096, 0), 0);
+	assert_memory_equal(got, a, sizeof(a));
+	/* Two writes at once both go through (each waits without the lock) ... */
+	struct bg_op w1, w2;
+	bg_op_start(&w1, f, TFS_FAULT_WRITE, a, sizeof(a), 4096);
+	bg_op_start(&w2, f, TFS_FAULT_WRITE, a, sizeof(a), 8192);
+	assert_int_equal(bg_op_join(&w1), 0);
+	assert_int_equal(bg_op_join(&w2), 0);
+	/* ... and 0 is no delay. */
+	tfs_bdev_fault_set_delay(f, TFS_FAULT_WRITE, 0);
+	assert_int_equal(tfs_bdev_write(f, a, 4096, 0), 0);
+	struct tfs_bdev_io_counts c;
+	tfs_bdev_fault_counts(f, &c);
+	assert_int_equal(c.writes, 4);
+	tfs_bdev_close(f);
+}
+
 static void test_fault_stall_released_with_eio_fails_the_write(void **state)
 {
 	(void)state;
@@ -834,6 +863,169 @@ static void test_bm_flush_leaves_locked_blocks_to_their_holder(void **state)
 	tfs_bdev_close(dev);
 }
 
+/* Blocks a test wrote and flushed to the device, then dropped from the cache. */
+static void write_leaves_to_disk(struct tfs_bm *bm, const uint64_t *blocks, size_t n)
+{
+	for (size_t i = 0; i < n; i++)
+		write_leaf(bm, blocks[i], (uint32_t)blocks[i]);
+	assert_int_equal(tfs_bm_flush(bm), 0);
+	tfs_bm_invalidate(bm);
+}
+
+static void assert_leaf_cached(struct tfs_bm *bm, uint64_t b)
+{
+	struct tfs_bm_stats before, after;
+	struct tfs_block *blk;
+
+	tfs_bm_stats(bm, &before);
+	assert_int_equal(tfs_bm_read_lock(bm, b, &tfs_btree_validator, &blk), 0);
+	assert_int_equal(tfs_le32((uint8_t *)tfs_block_data(blk) + 16), b);
+	tfs_bm_unlock(blk);
+	tfs_bm_stats(bm, &after);
+	assert_int_equal(after.reads, before.reads);
+	assert_int_equal(after.hits, before.hits + 1);
+}
+
+static void test_bm_prefetch_reads_missing_blocks_with_neighbours_in_one_read(void **state)
+{
+	(void)state;
+	struct tfs_bdev *mem, *dev;
+	struct tfs_bm *bm;
+	struct tfs_bdev_io_counts c0, c1;
+	struct tfs_bm_stats st;
+	const uint64_t on_disk[] = { 3, 4, 5, 9, 12, 40 };
+	/* out of order, one twice, one cached already, one past the end (64 blocks) */
+	const uint64_t wanted[] = { 12, 40, 5, 3, 9, 4, 5, 70, 20 };
+	struct tfs_block *blk;
+
+	assert_int_equal(tfs_bdev_open_mem(64 * TFS_BLOCK_SIZE, &mem), 0);
+	assert_int_equal(tfs_bdev_fault_wrap(mem, false, &dev), 0);
+	assert_int_equal(tfs_bm_create(dev, 64, &bm), 0);
+	write_leaves_to_disk(bm, on_disk, sizeof(on_disk) / sizeof(on_disk[0]));
+	write_leaf(bm, 20, 20);
+	tfs_bdev_fault_counts(dev, &c0);
+	assert_int_equal(tfs_bm_prefetch(bm, wanted, sizeof(wanted) / sizeof(wanted[0])), 6);
+	tfs_bdev_fault_counts(dev, &c1);
+	assert_int_equal(c1.reads - c0.reads, 4); /* 3-5, 9, 12, 40 */
+	assert_int_equal(c1.read_bytes - c0.read_bytes, 6 * TFS_BLOCK_SIZE);
+	tfs_bm_stats(bm, &st);
+	assert_int_equal(st.prefetched, 6);
+	assert_int_equal(st.locked, 0);
+	/* Everything is there for the locks, and read again by nobody. */
+	for (size_t i = 0; i < sizeof(on_disk) / sizeof(on_disk[0]); i++)
+		assert_leaf_cached(bm, on_disk[i]);
+	assert_leaf_cached(bm, 20);
+	tfs_bdev_fault_counts(dev, &c0);
+	assert_int_equal(c0.reads, c1.reads);
+	/* Cached blocks are not read again. */
+	assert_int_equal(tfs_bm_prefetch(bm, wanted, sizeof(wanted) / sizeof(wanted[0])), 0);
+	/* Past the end is skipped here and refused by the lock, as ever. */
+	assert_int_equal(tfs_bm_read_lock(bm, 70, &tfs_btree_validator, &blk), -EINVAL);
+	tfs_bm_destroy(bm);
+	tfs_bdev_close(dev);
+}
+
+/* Read ahead is not validated ahead: the lock validates, as if it had read the block itself. */
+static void test_bm_prefetched_block_is_validated_when_locked(void **state)
+{
+	(void)state;
+	struct tfs_bdev *dev;
+	struct tfs_bm *bm = new_bm(&dev, 64, 16);
+	struct tfs_bm_stats st;
+	struct tfs_block *blk;
+	uint8_t raw[TFS_BLOCK_SIZE];
+	const uint64_t blocks[] = { 7, 8 };
+
+	write_leaves_to_disk(bm, blocks, 2);
+	assert_int_equal(tfs_bdev_read(dev, raw, sizeof(raw), 7 * 4096), 0);
+	raw[100] ^= 1;
+	assert_int_equal(tfs_bdev_write(dev, raw, sizeof(raw), 7 * 4096), 0);
+	tfs_log_set_sink(quiet_sink, NULL);
+	assert_int_equal(tfs_bm_prefetch(bm, blocks, 2), 2);
+	/* The corrupt one fails its first lock and leaves the cache... */
+	assert_int_equal(tfs_bm_read_lock(bm, 7, &tfs_btree_validator, &blk), -EUCLEAN);
+	tfs_bm_stats(bm, &st);
+	assert_int_equal(st.cached, 1);
+	/* ...so that, mended, it is read again rather than served as it was. */
+	raw[100] ^= 1;
+	assert_int_equal(tfs_bdev_write(dev, raw, sizeof(raw), 7 * 4096), 0);
+	assert_int_equal(tfs_bm_read_lock(bm, 7, &tfs_btree_validator, &blk), 0);
+	tfs_bm_unlock(blk);
+	/* A good block read ahead is checked against the type the lock asks for. */
+	assert_int_equal(tfs_bm_read_lock(bm, 8, &tfs_bitmap_validator, &blk), -EUCLEAN);
+	assert_int_equal(tfs_bm_read_lock(bm, 8, &tfs_btree_validator, &blk), 0);
+	tfs_bm_unlock(blk);
+	tfs_log_set_sink(NULL, NULL);
+	tfs_bm_destroy(bm);
+	tfs_bdev_close(dev);
+}
+
+/*
+ * A read-ahead takes at most its window (a quarter of the cache), only
+ * free room or clean unlocked blocks: it never writes a dirty block early
+ * nor drops a locked one.  A failed read caches nothing; the lock reads.
+ */
+static void test_bm_prefetch_is_bounded_and_evicts_nothing_dirty_or_locked(void **state)
+{
+	(void)state;
+	struct tfs_bdev *mem, *dev;
+	struct tfs_bm *bm;
+	struct tfs_bm_stats st;
+	struct tfs_block *held;
+	uint64_t blocks[32];
+
+	assert_int_equal(tfs_bdev_open_mem(256 * TFS_BLOCK_SIZE, &mem), 0);
+	assert_int_equal(tfs_bdev_fault_wrap(mem, false, &dev), 0);
+	assert_int_equal(tfs_bm_create(dev, 16, &bm), 0);
+	assert_int_equal(tfs_bm_prefetch_window(bm), 4);
+	for (uint64_t i = 0; i < 32; i++)
+		blocks[i] = 100 + i;
+	write_leaves_to_disk(bm, blocks, 32);
+
+	assert_int_equal(tfs_bm_prefetch(bm, blocks, 32), 4);
+	tfs_bm_stats(bm, &st);
+	assert_int_equal(st.cached, 4);
+	assert_leaf_cached(bm, 100);
+	assert_leaf_cached(bm, 103);
+
+	/* A cache full of dirty blocks and one locked block: nothing to take. */
+	tfs_bm_invalidate(bm);
+	assert_int_equal(tfs_bm_read_lock(bm, 100, &tfs_btree_validator, &held), 0);
+	for (uint64_t b = 1; b <= 16; b++)
+		write_leaf(bm, b, (uint32_t)b);
+	tfs_bm_stats(bm, &st);
+	assert_int_equal(st.dirty, 16);
+	assert_int_equal(st.writes, 32);
+	assert_int_equal(tfs_bm_prefetch(bm, blocks + 8, 4), 0);
+	tfs_bm_stats(bm, &st);
+	assert_int_equal(st.dirty, 16);
+	assert_int_equal(st.writes, 32);
+	assert_int_equal(st.cached, 17);
+	/* Clean, the same blocks make room; the locked one stays. */
+	assert_int_equal(tfs_bm_flush(bm), 0);
+	assert_int_equal(tfs_bm_prefetch(bm, blocks + 8, 4), 4);
+	tfs_bm_stats(bm, &st);
+	assert_int_equal(st.cached, 17);
+	assert_int_equal(st.locked, 1);
+	assert_int_equal(tfs_le32((uint8_t *)tfs_block_data(held) + 16), 100);
+	tfs_bm_unlock(held);
+
+	/* A failed read leaves its blocks out, and the lock that wants one reads it. */
+	tfs_bm_invalidate(bm);
+	tfs_log_set_sink(quiet_sink, NULL);
+	tfs_bdev_fault_set(dev, TFS_FAULT_READ, TFS_FAULT_EIO, 0, true);
+	assert_int_equal(tfs_bm_prefetch(bm, blocks + 20, 1), 0);
+	tfs_log_set_sink(NULL, NULL);
+	tfs_bm_stats(bm, &st);
+	assert_int_equal(st.cached, 0);
+	assert_int_equal(st.prefetched, 8);
+	assert_int_equal(tfs_bm_read_lock(bm, 120, &tfs_btree_validator, &held), 0);
+	assert_int_equal(tfs_le32((uint8_t *)tfs_block_data(held) + 16), 120);
+	tfs_bm_unlock(held);
+	tfs_bm_destroy(bm);
+	tfs_bdev_close(dev);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -850,6 +1042,7 @@ int main(void)
 		cmocka_unit_test(test_power_cut_tear_onto_a_direct_file),
 		cmocka_unit_test(test_direct_open_falls_back_where_o_direct_is_refused),
 		cmocka_unit_test(test_fault_stall_holds_a_read_until_set_back_to_ok),
+		cmocka_unit_test(test_fault_delay_waits_then_passes_the_data),
 		cmocka_unit_test(test_fault_stall_released_with_eio_fails_the_write),
 		cmocka_unit_test(test_power_cut_releases_a_stalled_op),
 		cmocka_unit_test(test_fault_stall_releases_every_stalled_thread),
@@ -861,6 +1054,9 @@ int main(void)
 		cmocka_unit_test(test_bm_memory_stays_within_the_budget_under_churn),
 		cmocka_unit_test(test_bm_invalidate_drops_unwritten_changes),
 		cmocka_unit_test(test_bm_flush_leaves_locked_blocks_to_their_holder),
+		cmocka_unit_test(test_bm_prefetch_reads_missing_blocks_with_neighbours_in_one_read),
+		cmocka_unit_test(test_bm_prefetched_block_is_validated_when_locked),
+		cmocka_unit_test(test_bm_prefetch_is_bounded_and_evicts_nothing_dirty_or_locked),
 	};
 	tfs_log_set_sink(quiet_sink, NULL);
 	return cmocka_run_group_tests(tests, NULL, NULL);

@@ -2229,6 +2229,62 @@ static void test_random_ops_many_subtrees_match_the_model(void **state)
 	random_ops(&three, seed_from_env(6));
 }
 
+/*
+ * Cold, an ordered walk reads a node's children ahead of visiting them
+ * and a range lookup the leaves its range reaches; a lookup of one entry
+ * reads nothing ahead, so nothing it would not have read anyway.
+ */
+static void test_cold_walks_read_the_children_ahead(void **state)
+{
+	enum { N = 30000 };
+	struct env *e = env_open(4096, 1024, N);
+	struct tfs_btree_info info = make_info(e, 1, 8);
+	struct tfs_btree_shape sh;
+	struct tfs_bm_stats st0, st1;
+	uint64_t root, k[1] = { 0 }, count = 0, key;
+
+	(void)state;
+	assert_int_equal(tfs_btree_empty(&info, &root), 0);
+	for (uint64_t i = 0; i < N; i++) {
+		k[0] = i;
+		insert_id(e, &info, &root, k, new_value(e));
+	}
+	commit(e);
+	assert_int_equal(tfs_btree_shape(&info, root, k, &sh), 0);
+	assert_true(sh.depth >= 2 && sh.leaves > 100);
+
+	/* The walk: every node but the root was read ahead. */
+	tfs_bm_invalidate(e->bm);
+	tfs_bm_stats(e->bm, &st0);
+	assert_int_equal(tfs_btree_walk(&info, root, count_fn, &count), 0);
+	assert_int_equal(count, N);
+	tfs_bm_stats(e->bm, &st1);
+	assert_int_equal(st1.reads - st0.reads, sh.leaves + sh.internal_nodes);
+	assert_int_equal(st1.prefetched - st0.prefetched, sh.leaves + sh.internal_nodes - 1);
+
+	/* One entry: the path down, nothing more. */
+	tfs_bm_invalidate(e->bm);
+	tfs_bm_stats(e->bm, &st0);
+	assert_int_equal(tfs_btree_lookup_range(&info, root, k, 1000, 9000, 1, &key, NULL), 1);
+	assert_int_equal(key, 1000);
+	tfs_bm_stats(e->bm, &st1);
+	assert_int_equal(st1.reads - st0.reads, sh.depth);
+	assert_int_equal(st1.prefetched - st0.prefetched, 0);
+
+	/* 8,000 entries: the leaves holding them were read ahead, all but a few read on the way down. */
+	tfs_bm_invalidate(e->bm);
+	tfs_bm_stats(e->bm, &st0);
+	assert_int_equal(tfs_btree_lookup_range(&info, root, k, 1000, 9000, 8000, NULL, NULL), 8000);
+	tfs_bm_stats(e->bm, &st1);
+	assert_true(st1.reads - st0.reads > 8000 / tfs_btree_max_entries(8));
+	assert_true(st1.prefetched - st0.prefetched + sh.depth + 1 >= st1.reads - st0.reads);
+	assert_true(st1.prefetched - st0.prefetched > 0);
+
+	assert_int_equal(tfs_btree_del(&info, root), 0);
+	assert_all_released(e);
+	env_close(e);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -2245,6 +2301,7 @@ int main(void)
 		cmocka_unit_test(test_cache_holds_live_blocks_not_freed_ones),
 		cmocka_unit_test(test_remove_to_empty_keeps_min_fill),
 		cmocka_unit_test(test_lookup_range_crosses_leaves),
+		cmocka_unit_test(test_cold_walks_read_the_children_ahead),
 		cmocka_unit_test(test_remove_range_of_big_ranges),
 		cmocka_unit_test(test_remove_range_at_the_top_of_the_key_space),
 		cmocka_unit_test(test_two_level_tree),

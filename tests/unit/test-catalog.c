@@ -1039,6 +1039,57 @@ static void test_unfinished_groups_are_hidden_until_whole(void **state)
 	assert_int_equal(tfs_catalog_set_group_intent(e->cat, gid, TFS_GROUP_REMOVING), -ENOENT);
 }
 
+static int note_temp(void *ctx, const char *name)
+{
+	struct names *l = ctx;
+	size_t used = strlen(l->s);
+
+	snprintf(l->s + used, sizeof(l->s) - used, "%s%s", used ? " " : "", name);
+	return 0;
+}
+
+static void test_identities_belong_to_their_volume(void **state)
+{
+	struct env *e = *state;
+	struct tfs_vol_row a = vol("a", 1);
+	uint8_t id[16], got[16];
+
+	memset(id, 0xa5, sizeof(id));
+	assert_int_equal(tfs_catalog_add_volume(e->cat, &a), 0);
+	assert_int_equal(tfs_catalog_get_uuid(e->cat, 1, got), -ENOENT);
+	assert_int_equal(tfs_catalog_set_uuid(e->cat, 2, id), -ENOENT); /* no such volume */
+	assert_int_equal(tfs_catalog_set_uuid(e->cat, 1, id), 0);
+	reopen(e);
+	assert_int_equal(tfs_catalog_get_uuid(e->cat, 1, got), 0);
+	assert_memory_equal(got, id, sizeof(id));
+	id[0] = 1;
+	assert_int_equal(tfs_catalog_set_uuid(e->cat, 1, id), 0); /* replaced */
+	assert_int_equal(tfs_catalog_get_uuid(e->cat, 1, got), 0);
+	assert_memory_equal(got, id, sizeof(id));
+	/* The identity goes with its row: a reused device id starts without one. */
+	assert_int_equal(tfs_catalog_remove_volume(e->cat, 1), 0);
+	assert_int_equal(tfs_catalog_add_volume(e->cat, &a), 0);
+	assert_int_equal(tfs_catalog_get_uuid(e->cat, 1, got), -ENOENT);
+}
+
+static void test_temporary_names_are_kept_until_removed(void **state)
+{
+	struct env *e = *state;
+	struct names l = { 0 };
+
+	assert_int_equal(tfs_catalog_add_temp_name(e->cat, ".receive.b"), 0);
+	assert_int_equal(tfs_catalog_add_temp_name(e->cat, ".send.a"), 0);
+	assert_int_equal(tfs_catalog_add_temp_name(e->cat, ".send.a"), -EEXIST);
+	reopen(e);
+	assert_int_equal(tfs_catalog_list_temp_names(e->cat, note_temp, &l), 0);
+	assert_string_equal(l.s, ".receive.b .send.a");
+	assert_int_equal(tfs_catalog_remove_temp_name(e->cat, ".receive.b"), 0);
+	assert_int_equal(tfs_catalog_remove_temp_name(e->cat, ".receive.b"), 0);
+	memset(&l, 0, sizeof(l));
+	assert_int_equal(tfs_catalog_list_temp_names(e->cat, note_temp, &l), 0);
+	assert_string_equal(l.s, ".send.a");
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -1072,6 +1123,8 @@ int main(void)
 		T(test_reconcile_of_an_empty_pool_empties_the_catalog),
 		T(test_read_only_reconcile_changes_memory_only),
 		T(test_unfinished_groups_are_hidden_until_whole),
+		T(test_identities_belong_to_their_volume),
+		T(test_temporary_names_are_kept_until_removed),
 #undef T
 	};
 

@@ -60,6 +60,14 @@ static int setup(void **state)
 	snprintf(e->data, sizeof(e->data), "%s/data.img", e->dir);
 	make_file(e->meta, 8 << 20, 0644);
 	make_file(e->data, 64 << 20, 0644);
+	/* Devices for [origin] and [snapshot] sections, named relative to the .cfg. */
+	for (const char *const *n = (const char *const[]){ "sdb", "sdc", "sdd", "sde", "my disk",
+							    NULL }; *n; n++) {
+		char path[PATH_MAX];
+
+		snprintf(path, sizeof(path), "%s/%s", e->dir, *n);
+		make_file(path, 1 << 20, 0644);
+	}
 	/* Devices of [cache] sections, named relative to the .cfg: o1 c1 m1 o2 c2 m2. */
 	for (int i = 0; i < 6; i++) {
 		char dev[160];
@@ -159,6 +167,7 @@ static void test_minimal_cfg_gets_the_documented_defaults(void **state)
 	assert_int_equal(c.no_space_timeout_ms, 60000);
 	assert_true(c.discard_passdown);
 	assert_false(c.skip_block_zeroing);
+	assert_false(c.detect_zeroes);
 	assert_int_equal(c.commit_interval_ms, 1000);
 	assert_int_equal(c.metadata_cache_bytes, 64 << 20);
 	assert_false(c.host_cache);
@@ -193,6 +202,7 @@ static void test_every_pool_key_is_parsed(void **state)
 		  "metadata_cache = 128MiB\n"
 		  "host_cache = on\n"
 		  "max_threads = 64\n"
+		  "detect_zeroes = unmap\n"
 		  "\n"
 		  "[fault]\n"
 		  "allow = on\n",
@@ -214,6 +224,7 @@ static void test_every_pool_key_is_parsed(void **state)
 	assert_int_equal(c.metadata_cache_bytes, 128 << 20);
 	assert_true(c.host_cache);
 	assert_int_equal(c.max_threads, 64);
+	assert_true(c.detect_zeroes);
 	assert_true(c.allow_faults);
 }
 
@@ -295,8 +306,8 @@ static void test_named_sections_accept_their_keys(void **state)
 
 	write_cfg(e,
 		  "[pool]\nmetadata = %s\ndata = %s\n"
-		  "[origin \"db\"]\ndevice = /dev/sdc\n"
-		  "[snapshot \"db-before-upgrade\"]\norigin = db\ncow = /dev/sdd\n"
+		  "[origin \"db\"]\ndevice = sdc\n"
+		  "[snapshot \"db-before-upgrade\"]\norigin = db\ncow = sdd\n"
 		  "persistent = yes\nchunk_size = 8k\n"
 		  "[cache \"fast1\"]\norigin = o1\ncache = c1\n"
 		  "metadata = m1\nmode = writeback\npolicy = smq\n",
@@ -304,8 +315,8 @@ static void test_named_sections_accept_their_keys(void **state)
 	assert_int_equal(tfs_config_load(e->cfg, &c), 0);
 	assert_int_equal(e->nr_msgs, 0);
 	assert_string_equal(c.targets,
-			    "origin \"db\": device=/dev/sdc\n"
-			    "snapshot \"db-before-upgrade\": chunk_size=8k cow=/dev/sdd origin=db "
+			    "origin \"db\": device=sdc\n"
+			    "snapshot \"db-before-upgrade\": chunk_size=8k cow=sdd origin=db "
 			    "persistent=yes\n"
 			    "cache \"fast1\": cache=c1 metadata=m1 mode=writeback "
 			    "origin=o1 policy=smq\n");
@@ -321,19 +332,19 @@ static void test_named_section_text_ignores_the_order_in_the_file(void **state)
 		  "[cache \"fast1\"]\npolicy = smq\nmode = writeback\nmetadata = m1\n"
 		  "cache = c1\norigin = o1\n"
 		  "[snapshot \"db-before-upgrade\"]\npersistent = yes\nchunk_size = 8k\n"
-		  "cow = /dev/sdd\norigin = db\n"
+		  "cow = sdd\norigin = db\n"
 		  "[pool]\nmetadata = %s\ndata = %s\n"
-		  "[origin \"b\"]\n"
-		  "[origin \"db\"]\ndevice = \"/dev/sdc\"\n"
-		  "[origin \"a b\"]\ndevice = /dev/my disk\n",
+		  "[origin \"b\"]\ndevice = sdb\n"
+		  "[origin \"db\"]\ndevice = \"sdc\"\n"
+		  "[origin \"a b\"]\ndevice = my disk\n",
 		  e->meta, e->data);
 	assert_int_equal(tfs_config_load(e->cfg, &c), 0);
 	assert_int_equal(e->nr_msgs, 0);
 	assert_string_equal(c.targets,
-			    "origin \"a b\": device=/dev/my disk\n"
-			    "origin \"b\":\n"
-			    "origin \"db\": device=/dev/sdc\n"
-			    "snapshot \"db-before-upgrade\": chunk_size=8k cow=/dev/sdd origin=db "
+			    "origin \"a b\": device=my disk\n"
+			    "origin \"b\": device=sdb\n"
+			    "origin \"db\": device=sdc\n"
+			    "snapshot \"db-before-upgrade\": chunk_size=8k cow=sdd origin=db "
 			    "persistent=yes\n"
 			    "cache \"fast1\": cache=c1 metadata=m1 mode=writeback "
 			    "origin=o1 policy=smq\n");
@@ -354,21 +365,122 @@ static void test_named_section_keys_are_given_once(void **state)
 	assert_logged(e, 6, "device", "given twice (first on line 5)");
 }
 
-/* Write n [origin "sNNN"] sections (lines 4, 6, ...), the last one's device value last_len bytes. */
-static void write_origins(struct env *e, unsigned n, size_t len, size_t last_len)
+/* [origin] and [snapshot]: parsed into cow_targets, origins first, defaults filled in. */
+static void test_origin_and_snapshot_sections_are_parsed(void **state)
 {
-	char value[256];
+	struct env *e = *state;
+	struct tfs_pool_config *c = calloc(1, sizeof(*c));
+	char want[PATH_MAX];
+
+	assert_non_null(c);
+	write_cfg(e, "[pool]\nmetadata = %s\ndata = %s\nsnapshot_low_water = 70%%\n"
+		     "[snapshot \"s1\"]\norigin = db\ncow = sdd\nchunk_size = 64k\npersistent = no\n"
+		     "[snapshot \"s0\"]\norigin = db\ncow = sde\n"
+		     "[origin \"db\"]\ndevice = sdc\n",
+		  e->meta, e->data);
+	assert_int_equal(tfs_config_load(e->cfg, c), 0);
+	assert_int_equal(c->snapshot_low_water, 70);
+	assert_int_equal(c->nr_cow_targets, 3);
+	assert_false(c->cow_targets[0].is_snapshot);
+	assert_string_equal(c->cow_targets[0].name, "db");
+	snprintf(want, sizeof(want), "%s/sdc", e->dir);
+	assert_string_equal(c->cow_targets[0].device, want);
+	assert_string_equal(c->cow_targets[1].name, "s0");
+	assert_int_equal(c->cow_targets[1].chunk_sectors, 8);
+	assert_true(c->cow_targets[1].persistent);
+	assert_string_equal(c->cow_targets[2].name, "s1");
+	assert_string_equal(c->cow_targets[2].origin, "db");
+	assert_int_equal(c->cow_targets[2].chunk_sectors, 128);
+	assert_false(c->cow_targets[2].persistent);
+	free(c);
+}
+
+/* Each mistake in an [origin] or [snapshot] section: file:line, the section and key. */
+static void test_origin_and_snapshot_mistakes_are_named(void **state)
+{
+	static const struct {
+		const char *sections;
+		unsigned line;
+		const char *frag1, *frag2;
+	} bad[] = {
+		{ "[snapshot \"s\"]\norigin = nope\ncow = sdd\n", 5,
+		  "[snapshot \"s\"] origin", "no [origin \"nope\"] section" },
+		{ "[origin \"db\"]\ndevice = sdc\n[snapshot \"s\"]\norigin = db\ncow = sdd\n"
+		  "chunk_size = 2g\n", 9, "[snapshot \"s\"] chunk_size", "a power of two from 4 KiB" },
+		{ "[origin \"db\"]\ndevice = sdc\n[snapshot \"s\"]\norigin = db\ncow = sdd\n"
+		  "chunk_size = 12k\n", 9, "chunk_size: 12k", "a power of two from 4 KiB to 1 GiB" },
+		{ "[origin \"db\"]\ndevice = sdc\n[snapshot \"s\"]\norigin = db\ncow = sdd\n"
+		  "chunk_size = 2k\n", 9, "chunk_size: 2k", "power of two" },
+		{ "[origin \"db\"]\ndevice = sdc\n[snapshot \"s\"]\norigin = db\ncow = sdc\n", 8,
+		  "[snapshot \"s\"] cow: sdc", "already [origin \"db\"] device" },
+		{ "[origin \"db\"]\ndevice = sdc\n[snapshot \"a\"]\norigin = db\ncow = sdd\n"
+		  "[snapshot \"b\"]\norigin = db\ncow = sdd\n", 11, "[snapshot \"b\"] cow",
+		  "already [snapshot \"a\"] cow" },
+		{ "[origin \"db\"]\ndevice = data.img\n", 5, "[origin \"db\"] device",
+		  "already [pool] data" },
+		{ "[origin \"db\"]\n", 4, "[origin \"db\"]", "required key 'device'" },
+		{ "[origin \"db\"]\ndevice = sdc\n[snapshot \"s\"]\norigin = db\n", 6,
+		  "[snapshot \"s\"]", "required key 'cow'" },
+		{ "[origin \"db\"]\ndevice = nope\n", 5, "[origin \"db\"] device: nope",
+		  "no such file" },
+		{ "[origin \"db\"]\ndevice = sdc\n[snapshot \"s\"]\norigin = db\ncow = sdd\n"
+		  "persistent = maybe\n", 9, "[snapshot \"s\"] persistent", "yes or no" },
+		{ "snapshot_low_water = 101\n", 4, "snapshot_low_water", "more than 100%" },
+	};
+	struct env *e = *state;
+	struct tfs_pool_config *c = calloc(1, sizeof(*c));
+
+	assert_non_null(c);
+	for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+		write_cfg(e, "[pool]\nmetadata = %s\ndata = %s\n%s", e->meta, e->data,
+			  bad[i].sections);
+		assert_int_not_equal(tfs_config_load(e->cfg, c), 0);
+		assert_logged(e, bad[i].line, bad[i].frag1, bad[i].frag2);
+	}
+	free(c);
+}
+
+/* A file in the test's directory named prefix followed by n 'v's; its name in out. */
+static void long_named_file(struct env *e, const char *prefix, size_t n, char *out, size_t len)
+{
+	char path[512];
+	size_t p = strlen(prefix);
+
+	assert_true(p + n < len);
+	memcpy(out, prefix, p);
+	memset(out + p, 'v', n);
+	out[p + n] = '\0';
+	snprintf(path, sizeof(path), "%s/%s", e->dir, out);
+	make_file(path, 4096, 0644);
+}
+
+/*
+ * Write 32 [origin "aNN"] sections (lines 4, 6, ..., 66; device aNN + 185
+ * 'v's), then nc [cache "sN"] sections (lines 68, 72, ...; origin oN + k
+ * 'v's, the last one's last_k, cache cN, metadata mN), every device made.
+ */
+static void write_origins(struct env *e, unsigned nc, size_t k, size_t last_k)
+{
+	char value[256], prefix[8];
 	FILE *f = fopen(e->cfg, "w");
 
 	assert_non_null(f);
 	fprintf(f, "[pool]\nmetadata = %s\ndata = %s\n", e->meta, e->data);
-	for (unsigned i = 0; i < n; i++) {
-		size_t l = i + 1 == n ? last_len : len;
+	for (unsigned i = 0; i < 32; i++) {
+		snprintf(prefix, sizeof(prefix), "a%02u", i);
+		long_named_file(e, prefix, 185, value, sizeof(value));
+		fprintf(f, "[origin \"a%02u\"]\ndevice = %s\n", i, value);
+	}
+	for (unsigned i = 0; i < nc; i++) {
+		char c[8], m[8];
 
-		assert_true(l < sizeof(value));
-		memset(value, 'v', l);
-		value[l] = '\0';
-		fprintf(f, "[origin \"s%03u\"]\ndevice = /%s\n", i, value);
+		snprintf(prefix, sizeof(prefix), "o%u", i);
+		long_named_file(e, prefix, i + 1 == nc ? last_k : k, value, sizeof(value));
+		snprintf(prefix, sizeof(prefix), "c%u", i);
+		long_named_file(e, prefix, 0, c, sizeof(c));
+		snprintf(prefix, sizeof(prefix), "m%u", i);
+		long_named_file(e, prefix, 0, m, sizeof(m));
+		fprintf(f, "[cache \"s%u\"]\norigin = %s\ncache = %s\nmetadata = %s\n", i, value, c, m);
 	}
 	fclose(f);
 	e->log[0] = '\0';
@@ -376,30 +488,33 @@ static void write_origins(struct env *e, unsigned n, size_t len, size_t last_len
 }
 
 /*
- * `origin "s000": device=/` is 23 bytes, so a value of 149 makes a line of
- * 173 with its newline: 47 lines are 8131 bytes, and one more of 60 bytes
- * (value 36) fills the 8192 with the NUL; a byte more does not fit.
+ * `origin "a00": device=a00` + 185 'v's is 210 bytes with its newline, 32
+ * of them 6720; `cache "s0": cache=c0 metadata=m0 origin=o0` + 180 'v's is
+ * 223: six of them make 8058 with the NUL, and a seventh of 133 bytes (90
+ * 'v's) fills the 8192; a byte more does not fit.
  */
 static void test_named_section_text_is_at_most_8192_bytes(void **state)
 {
 	struct env *e = *state;
 	struct tfs_pool_config c;
 
-	write_origins(e, 48, 149, 36);
-	assert_int_equal(tfs_config_load(e->cfg, &c), 0);
+	write_origins(e, 7, 180, 90);
+	if (tfs_config_load(e->cfg, &c))
+		fail_msg("does not load:\n%s", e->log);
 	assert_int_equal(strlen(c.targets), 8191);
 	assert_int_equal(e->nr_msgs, 0);
 
-	write_origins(e, 48, 149, 37);
+	write_origins(e, 7, 180, 91);
 	assert_int_equal(tfs_config_load(e->cfg, &c), -EINVAL);
-	assert_logged(e, 4 + 2 * 47,
+	assert_logged(e, 68 + 4 * 6,
 		      "too many or too long [origin/snapshot/cache] sections: at most 8192 bytes",
 		      NULL);
 	assert_int_equal(e->nr_msgs, 1);
 
-	write_origins(e, 100, 149, 149);
+	/* Eight long caches: the seventh goes past. */
+	write_origins(e, 8, 180, 180);
 	assert_int_equal(tfs_config_load(e->cfg, &c), -EINVAL);
-	assert_logged(e, 4 + 2 * 47, "at most 8192 bytes", NULL); /* where it went past */
+	assert_logged(e, 68 + 4 * 6, "at most 8192 bytes", NULL); /* where it went past */
 }
 
 /* ---- values that are wrong ---- */
@@ -422,6 +537,7 @@ static void test_bad_values_name_file_line_and_key(void **state)
 		{ "error_if_no_space = 2", "error_if_no_space", "not a boolean" },
 		{ "discard_passdown = perhaps", "discard_passdown", "not a boolean" },
 		{ "skip_block_zeroing = y", "skip_block_zeroing", "not a boolean" },
+		{ "detect_zeroes = on", "detect_zeroes", "'on' is not off or unmap" },
 		{ "no_space_timeout = -1", "no_space_timeout", "not a time" },
 		{ "no_space_timeout = 5 days", "no_space_timeout", "not a time" },
 		{ "commit_interval = soon", "commit_interval", "not a time" },
@@ -479,21 +595,21 @@ static void test_cache_sections_are_parsed_and_checked(void **state)
 		  "migration_threshold = 0\nmetadata_version = 1\ndiscard_passdown = yes\n",
 		  e->meta, e->data);
 	assert_int_equal(tfs_config_load(e->cfg, &c), 0);
-	assert_int_equal(c.nr_caches, 2);
-	assert_string_equal(c.caches[0].name, "c");
-	assert_int_equal(c.caches[0].block_sectors, 128);
-	assert_int_equal(c.caches[0].mode, TFS_CACHE_WRITETHROUGH);
-	assert_int_equal(c.caches[0].policy, TFS_CACHE_SMQ);
-	assert_int_equal(c.caches[0].migration_threshold, 2048);
-	assert_int_equal(c.caches[0].metadata_version, 2);
-	assert_false(c.caches[0].discard_passdown);
-	assert_non_null(strstr(c.caches[0].origin, "/o1"));
-	assert_int_equal(c.caches[1].block_sectors, 192);
-	assert_int_equal(c.caches[1].mode, TFS_CACHE_WRITEBACK);
+	assert_int_equal(c.nr_caches, 2); /* in name order */
+	assert_string_equal(c.caches[1].name, "c");
+	assert_int_equal(c.caches[1].block_sectors, 128);
+	assert_int_equal(c.caches[1].mode, TFS_CACHE_WRITETHROUGH);
 	assert_int_equal(c.caches[1].policy, TFS_CACHE_SMQ);
-	assert_int_equal(c.caches[1].migration_threshold, 0);
-	assert_int_equal(c.caches[1].metadata_version, 1);
-	assert_true(c.caches[1].discard_passdown);
+	assert_int_equal(c.caches[1].migration_threshold, 2048);
+	assert_int_equal(c.caches[1].metadata_version, 2);
+	assert_false(c.caches[1].discard_passdown);
+	assert_non_null(strstr(c.caches[1].origin, "/o1"));
+	assert_int_equal(c.caches[0].block_sectors, 192);
+	assert_int_equal(c.caches[0].mode, TFS_CACHE_WRITEBACK);
+	assert_int_equal(c.caches[0].policy, TFS_CACHE_SMQ);
+	assert_int_equal(c.caches[0].migration_threshold, 0);
+	assert_int_equal(c.caches[0].metadata_version, 1);
+	assert_true(c.caches[0].discard_passdown);
 
 	for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
 		char where[32];
@@ -534,14 +650,14 @@ static void test_cache_sections_are_parsed_and_checked(void **state)
 		  "cache = c1\nmetadata = m1\n", e->meta, e->data);
 	assert_int_equal(tfs_config_load(e->cfg, &c), -EINVAL);
 	assert_non_null(strstr(e->log, "[cache \"c\"] origin: "));
-	assert_non_null(strstr(e->log, "data.img is the pool's data device"));
+	assert_non_null(strstr(e->log, "data.img is already [pool] data"));
 	e->log[0] = '\0';
 	write_cfg(e, "[pool]\nmetadata = %s\ndata = %s\n[cache \"a\"]\norigin = o1\n"
 		  "cache = c1\nmetadata = m1\n[cache \"b\"]\norigin = o2\ncache = c2\n"
 		  "metadata = c1\n", e->meta, e->data);
 	assert_int_equal(tfs_config_load(e->cfg, &c), -EINVAL);
 	assert_non_null(strstr(e->log, "[cache \"b\"] metadata: "));
-	assert_non_null(strstr(e->log, "c1 is used by [cache \"a\"] already"));
+	assert_non_null(strstr(e->log, "c1 is already [cache \"a\"] cache"));
 }
 
 static void test_a_failed_load_leaves_the_output_untouched(void **state)
@@ -799,7 +915,7 @@ static void test_devices_must_be_files_or_block_devices_and_differ(void **state)
 /* The default catalog of a pool on a block device is under /var/lib/thinfs. */
 static void test_block_device_metadata_puts_the_catalog_in_var_lib(void **state)
 {
-	static const char *const candidates[] = { "/dev/loop0", "/dev/loop1", "/dev/sda",
+	static const char *const candidates[] = { "/dev/loop0", "/dev/loop1", "sda",
 						  "/dev/vda", "/dev/nvme0n1", "/dev/xvda" };
 	struct env *e = *state;
 	struct tfs_pool_config c;
@@ -921,7 +1037,7 @@ static void expect_refused(struct env *e, struct reload *rl, const char *run_ext
 
 static void test_reload_of_the_same_cfg_changes_nothing(void **state)
 {
-	static const char sections[] = "low_water_mark = 100\n[origin \"db\"]\ndevice = /dev/sdb\n"
+	static const char sections[] = "low_water_mark = 100\n[origin \"db\"]\ndevice = sdb\n"
 				       "[cache \"c\"]\nmode = writeback\norigin = o1\ncache = c1\n"
 				       "metadata = m1\n";
 	struct env *e = *state;
@@ -961,12 +1077,14 @@ static void test_reload_names_each_reloadable_change(void **state)
 		{ "", "no_space_timeout = 1500ms", "no_space_timeout: 60s -> 1500ms" },
 		{ "", "discard_passdown = no", "discard_passdown: yes -> no" },
 		{ "", "skip_block_zeroing = yes", "skip_block_zeroing: no -> yes" },
+		{ "", "detect_zeroes = unmap", "detect_zeroes: off -> unmap" },
+		{ "detect_zeroes = unmap", "detect_zeroes = off", "detect_zeroes: unmap -> off" },
 		{ "", "commit_interval = 500ms", "commit_interval: 1s -> 500ms" },
 		{ "commit_interval = 2m", "", "commit_interval: 120s -> 1s" },
 		/* The example of config.h, word for word. */
 		{ "",
 		  "error_if_no_space = yes\nno_space_timeout = 0\nlow_water_mark = 4096\n"
-		  "[origin \"db\"]\ndevice = /dev/sdb",
+		  "[origin \"db\"]\ndevice = sdb",
 		  "error_if_no_space: no -> yes; no_space_timeout: 60s -> 0s; "
 		  "low_water_mark: 10% -> 4096 blocks; [origin \"db\"] added" },
 		{ "discard_passdown = no\nskip_block_zeroing = yes\ncommit_interval = 2s",
@@ -1066,24 +1184,29 @@ static void test_reload_reports_sections_added_removed_and_changed(void **state)
 	struct reload *rl = calloc(1, sizeof(*rl));
 
 	assert_non_null(rl);
-	expect_reloadable(e, rl, "[origin \"db\"]\ndevice = /dev/sdb\n", "",
+	expect_reloadable(e, rl, "[origin \"db\"]\ndevice = sdb\n", "",
 			  "[origin \"db\"] removed");
-	expect_reloadable(e, rl, "", "[snapshot \"s\"]\norigin = db\n", "[snapshot \"s\"] added");
-	expect_reloadable(e, rl, "[origin \"db\"]\ndevice = /dev/sdb\n",
-			  "[origin \"db\"]\ndevice = /dev/sdc\n",
-			  "[origin \"db\"] changed: device=/dev/sdb -> device=/dev/sdc");
-	expect_reloadable(e, rl, "[origin \"db\"]\n", "[origin \"db\"]\ndevice = /dev/sdc\n",
-			  "[origin \"db\"] changed: (no keys) -> device=/dev/sdc");
+	expect_reloadable(e, rl, "[origin \"db\"]\ndevice = sdb\n",
+			  "[origin \"db\"]\ndevice = sdb\n[snapshot \"s\"]\norigin = db\ncow = sdd\n",
+			  "[snapshot \"s\"] added");
+	expect_reloadable(e, rl, "[origin \"db\"]\ndevice = sdb\n",
+			  "[origin \"db\"]\ndevice = sdc\n",
+			  "[origin \"db\"] changed: device=sdb -> device=sdc");
+	expect_reloadable(e, rl, "[cache \"c\"]\norigin = o1\ncache = c1\nmetadata = m1\n",
+			  "[cache \"c\"]\norigin = o1\ncache = c1\nmetadata = m1\nmode = writeback\n",
+			  "[cache \"c\"] changed: cache=c1 metadata=m1 origin=o1 -> "
+			  "cache=c1 metadata=m1 mode=writeback origin=o1");
 	/* A name that moves to another kind is one section gone and another new. */
 	expect_reloadable(e, rl,
-			  "[origin \"a\"]\n[origin \"db\"]\ndevice = /dev/sdb\n"
+			  "[origin \"a\"]\ndevice = sdc\n[origin \"db\"]\ndevice = sdb\n"
 			  "[cache \"c1\"]\nmode = writethrough\norigin = o1\ncache = c1\nmetadata = m1\n",
 			  "no_space_timeout = 0\n"
 			  "[cache \"c1\"]\norigin = o1\nmode = writeback\ncache = c1\nmetadata = m1\n"
 			  "[cache \"a\"]\norigin = o2\ncache = c2\nmetadata = m2\n"
-			  "[snapshot \"s1\"]\norigin = db\n",
+			  "[origin \"o2\"]\ndevice = sdc\n"
+			  "[snapshot \"s1\"]\norigin = o2\ncow = sdd\n",
 			  "no_space_timeout: 60s -> 0s; [origin \"a\"] removed; [origin \"db\"] removed; "
-			  "[snapshot \"s1\"] added; [cache \"a\"] added; "
+			  "[origin \"o2\"] added; [snapshot \"s1\"] added; [cache \"a\"] added; "
 			  "[cache \"c1\"] changed: cache=c1 metadata=m1 mode=writethrough origin=o1 -> "
 			  "cache=c1 metadata=m1 mode=writeback origin=o1");
 	free(rl);
@@ -1198,6 +1321,8 @@ int main(void)
 		T(test_named_sections_accept_their_keys),
 		T(test_named_section_text_ignores_the_order_in_the_file),
 		T(test_named_section_keys_are_given_once),
+		T(test_origin_and_snapshot_sections_are_parsed),
+		T(test_origin_and_snapshot_mistakes_are_named),
 		T(test_named_section_text_is_at_most_8192_bytes),
 		T(test_bad_values_name_file_line_and_key),
 		T(test_cache_sections_are_parsed_and_checked),

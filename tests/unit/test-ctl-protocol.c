@@ -95,6 +95,28 @@ static void test_too_many_arguments_are_refused_naming_the_limit(void **state)
 	free(line);
 }
 
+static void test_identities_round_trip_as_32_hex_digits(void **state)
+{
+	uint8_t id[16], back[16];
+	char hex[TFS_CTL_ID_HEX];
+
+	(void)state;
+	for (int i = 0; i < 16; i++)
+		id[i] = (uint8_t)(i * 17 + 3);
+	tfs_ctl_id_format(id, hex);
+	assert_string_equal(hex, "031425364758697a8b9cadbecfe0f102");
+	assert_int_equal(tfs_ctl_id_parse(hex, back), 0);
+	assert_memory_equal(id, back, sizeof(id));
+	assert_int_equal(tfs_ctl_id_parse("031425364758697A8B9CADBECFE0F102", back), 0);
+	assert_memory_equal(id, back, sizeof(id));
+	assert_int_equal(tfs_ctl_id_parse("0314", back), -EINVAL);
+	assert_int_equal(tfs_ctl_id_parse("031425364758697a8b9cadbecfe0f1023", back), -EINVAL);
+	assert_int_equal(tfs_ctl_id_parse("zz142536475869798a9bacbdcedfe001", back), -EINVAL);
+	assert_int_equal(tfs_ctl_id_parse(" 3142536475869798a9bacbdcedfe001", back), -EINVAL);
+	assert_int_equal(tfs_ctl_id_parse("-3142536475869798a9bacbdcedfe001", back), -EINVAL);
+	assert_int_equal(tfs_ctl_id_parse(NULL, back), -EINVAL);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -102,6 +124,7 @@ int main(void)
 		cmocka_unit_test(test_request_without_args_is_the_command_alone),
 		cmocka_unit_test(test_malformed_requests_are_refused_with_one_line),
 		cmocka_unit_test(test_too_many_arguments_are_refused_naming_the_limit),
+		cmocka_unit_test(test_identities_round_trip_as_32_hex_digits),
 	};
 
 	return cmocka_run_group_tests(tests, NULL, NULL);

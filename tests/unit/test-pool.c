@@ -34,6 +34,7 @@
 #include "log.h"
 #include "pool.h"
 #include "record-sink.h"
+#include "thin-metadata.h"
 
 #define BS (64u * 1024)
 #define KiB 1024u
@@ -686,6 +687,115 @@ static void test_provision_maps_zeroed_blocks_and_zero_range_unmaps(void **state
 	done(f, false);
 }
 
+static void test_clone_range_shares_whole_blocks_and_writes_break_it(void **state)
+{
+	struct fixture *f = new_fixture(64, false);
+	uint8_t a[8 * BS], b[8 * BS], got[8 * BS];
+	struct tfs_dev *src, *dst;
+	uint64_t used;
+
+	(void)state;
+	open_pool(f);
+	src = new_volume(f, NULL);
+	dst = new_volume(f, NULL);
+	fill_random(a, sizeof(a));
+	fill_random(b, sizeof(b));
+	assert_int_equal(tfs_dev_write(src, a, sizeof(a), 0), 0);
+	assert_int_equal(tfs_dev_write(dst, b, sizeof(b), 0), 0);
+	used = data_used(f);
+	/* Head [100, BS), blocks 1-5 shared, tail [6 BS, 6 BS + 100). */
+	assert_int_equal(tfs_dev_clone_range(dst, src, 100, 100, 6 * BS), 0);
+	memcpy(b + 100, a + 100, 6 * BS);
+	expect_contents(dst, b, sizeof(b));
+	assert_int_equal(data_used(f), used - 5); /* dst's own blocks 1-5 are free */
+	assert_int_equal(mapped_blocks(dst), 8);
+
+	/* Writes to either side copy the block first; the other side keeps its bytes. */
+	memset(got, 0x5a, BS);
+	assert_int_equal(tfs_dev_write(src, got, 10, 2 * BS), 0);
+	memcpy(a + 2 * BS, got, 10);
+	assert_int_equal(tfs_dev_write(dst, got, 10, 3 * BS + 7), 0);
+	memcpy(b + 3 * BS + 7, got, 10);
+	expect_contents(src, a, sizeof(a));
+	expect_contents(dst, b, sizeof(b));
+	assert_int_equal(data_used(f), used - 3);
+
+	/* Within one device, then the refusals. */
+	assert_int_equal(tfs_dev_clone_range(dst, dst, 0, 4 * BS, 2 * BS), 0);
+	memcpy(b + 4 * BS, b, 2 * BS);
+	expect_contents(dst, b, sizeof(b));
+	assert_int_equal(tfs_dev_clone_range(dst, dst, 0, BS, 2 * BS), -EINVAL);
+	assert_int_equal(tfs_dev_clone_range(dst, src, 0, 4096, BS), -EOPNOTSUPP);
+	tfs_dev_close(src);
+	assert_int_equal(tfs_thin_open(f->pool, 0, TFS_DEV_READ_ONLY, &src), 0);
+	assert_int_equal(tfs_dev_clone_range(src, dst, 0, 0, BS), -EROFS);
+	tfs_dev_close(src);
+	assert_int_equal(tfs_thin_open(f->pool, 0, TFS_DEV_STATUS_ONLY, &src), 0);
+	assert_int_equal(tfs_dev_clone_range(dst, src, 0, 0, BS), -EBADF);
+	tfs_dev_close(src);
+	{
+		struct tfs_bdev *mem;
+		struct tfs_dev *lin;
+
+		assert_int_equal(tfs_bdev_open_mem(BS, &mem), 0);
+		assert_int_equal(tfs_linear_open(mem, true, 0, &lin), 0);
+		assert_int_equal(tfs_dev_clone_range(dst, lin, 0, 0, BS), -EXDEV);
+		assert_int_equal(tfs_dev_clone_range(lin, dst, 0, 0, BS), -EOPNOTSUPP);
+		tfs_dev_close(lin);
+	}
+	{
+		struct fixture *g = new_fixture(16, false);
+		struct tfs_dev *other;
+
+		open_pool(g);
+		other = new_volume(g, NULL);
+		assert_int_equal(tfs_dev_clone_range(other, dst, 0, 0, BS), -EXDEV);
+		assert_int_equal(tfs_dev_clone_range(dst, other, 0, 0, BS), -EXDEV);
+		tfs_dev_close(other);
+		done(g, false);
+	}
+	expect_contents(dst, b, sizeof(b));
+	tfs_dev_close(dst);
+	done(f, false);
+}
+
+static void test_detect_zeroes_unmaps_whole_blocks_of_zeros(void **state)
+{
+	struct fixture *f = new_fixture(64, false);
+	uint8_t buf[4 * BS], model[4 * BS];
+	struct tfs_dev *vol;
+	uint64_t used;
+
+	(void)state;
+	f->cfg.detect_zeroes = true;
+	open_pool(f);
+	vol = new_volume(f, NULL);
+	/* Zeros to unmapped blocks map nothing. */
+	memset(buf, 0, sizeof(buf));
+	assert_int_equal(tfs_dev_write(vol, buf, sizeof(buf), 0), 0);
+	assert_int_equal(mapped_blocks(vol), 0);
+	assert_int_equal(data_used(f), 0);
+	/* Over mapped blocks they unmap the whole ones; partial ones are written. */
+	fill_random(model, sizeof(model));
+	assert_int_equal(tfs_dev_write(vol, model, sizeof(model), 0), 0);
+	used = data_used(f);
+	assert_int_equal(used, 4);
+	assert_int_equal(tfs_dev_write(vol, buf, 2 * BS + 10, BS), 0);
+	memset(model + BS, 0, 2 * BS + 10);
+	expect_contents(vol, model, sizeof(model));
+	assert_int_equal(mapped_blocks(vol), 2);
+	assert_int_equal(tfs_dev_flush(vol), 0);
+	assert_int_equal(data_used(f), 2);
+	/* A block of data mixed with zeros is data. */
+	buf[BS - 1] = 1;
+	assert_int_equal(tfs_dev_write(vol, buf, BS, BS), 0);
+	memcpy(model + BS, buf, BS);
+	expect_contents(vol, model, sizeof(model));
+	assert_int_equal(mapped_blocks(vol), 3);
+	tfs_dev_close(vol);
+	done(f, false);
+}
+
 static void test_truncate_unmaps_past_the_end_and_zeroes_the_tail(void **state)
 {
 	struct fixture *f = new_fixture(64, false);
@@ -956,6 +1066,115 @@ static void test_metadata_space_exhaustion_gives_enospc_then_read_only(void **st
 	memset(buf, 0, MiB);
 	assert_int_equal(tfs_dev_read(vol, buf, MiB, 0), 0);
 	assert_true(all_bytes(buf, MiB, 0x4d));
+	tfs_dev_close(vol);
+	free(buf);
+	done(f, true);
+}
+
+struct held_commit {
+	struct tfs_dev *vol;
+	uint64_t off;
+	int r;
+};
+
+static void *flush_vol(void *arg)
+{
+	struct held_commit *h = arg;
+
+	h->r = tfs_dev_flush(h->vol);
+	return NULL;
+}
+
+/* Allocating writes of 1 MiB from h->off on, until one fails. */
+static void *fill_vol(void *arg)
+{
+	struct held_commit *h = arg;
+	uint8_t *buf = zalloc(MiB);
+
+	memset(buf, 0x4f, MiB);
+	do {
+		h->r = tfs_dev_write(h->vol, buf, MiB, h->off);
+		h->off += MiB;
+	} while (!h->r);
+	free(buf);
+	return NULL;
+}
+
+static atomic_bool abort_waits;
+
+static void see_abort_wait(void *ctx, enum tfs_log_level level, const char *msg)
+{
+	(void)ctx;
+	(void)level;
+	if (strstr(msg, "during a commit's metadata I/O: aborting when it ends"))
+		atomic_store(&abort_waits, true);
+}
+
+/*
+ * The next transaction runs out of metadata space while a commit's
+ * metadata writes are held.  Its abort needs the commit's pinned blocks,
+ * so it waits for the commit to end (an abort meanwhile would find them
+ * locked); then the pool goes read_only with the commit durable: what it
+ * committed reopens, the failed transaction is gone.
+ */
+static void test_a_change_failing_during_a_commit_io_is_aborted_after_it(void **state)
+{
+	struct fixture *f = new_fixture(30000, false);
+	struct held_commit flusher = { 0 }, filler = { 0 };
+	struct tfs_pool_status st;
+	uint8_t *buf = zalloc(2 * MiB);
+	pthread_t th_flush, th_fill;
+	struct tfs_bdev *meta;
+	struct tfs_dev *vol;
+
+	(void)state;
+	make_file(f->cfg.metadata, 64 * 4096); /* about ten thousand mappings at most */
+	assert_int_equal(tfs_pool_format(&f->cfg), 0);
+	f->cfg.commit_interval_ms = 3600 * 1000; /* only the flush below commits */
+	open_pool(f);
+	vol = new_volume(f, NULL);
+	memset(buf, 0x4d, MiB);
+	memset(buf + MiB, 0x4e, MiB);
+	assert_int_equal(tfs_dev_write(vol, buf, MiB, 0), 0);
+	assert_int_equal(tfs_dev_flush(vol), 0);
+	assert_int_equal(tfs_dev_write(vol, buf + MiB, MiB, MiB), 0); /* for the held commit */
+
+	meta = tfs_pool_bdev(f->pool, false);
+	tfs_bdev_fault_set(meta, TFS_FAULT_WRITE, TFS_FAULT_STALL, 0, false);
+	flusher.vol = vol;
+	assert_int_equal(pthread_create(&th_flush, NULL, flush_vol, &flusher), 0);
+	while (tfs_bdev_fault_stalled(meta) == 0)
+		sleep_ms(1);
+	atomic_store(&abort_waits, false);
+	tfs_log_set_sink(see_abort_wait, NULL);
+	filler = (struct held_commit){ .vol = vol, .off = 2 * MiB };
+	assert_int_equal(pthread_create(&th_fill, NULL, fill_vol, &filler), 0);
+	/* Said before the abort waits; 60 s is only a bound for a loaded machine. */
+	for (int ms = 0; ms < 60000 && !atomic_load(&abort_waits); ms++)
+		sleep_ms(1);
+	assert_true(atomic_load(&abort_waits));
+	assert_int_equal(tfs_bdev_fault_stalled(meta), 1); /* the commit is still held */
+	tfs_bdev_fault_set(meta, TFS_FAULT_WRITE, TFS_FAULT_OK, 0, false);
+	assert_int_equal(pthread_join(th_flush, NULL), 0);
+	assert_int_equal(pthread_join(th_fill, NULL), 0);
+	tfs_log_set_sink(NULL, NULL);
+	assert_int_equal(flusher.r, 0);
+	assert_int_equal(filler.r, -ENOSPC);
+	tfs_pool_status(f->pool, &st);
+	assert_string_equal(st.mode, "read_only");
+	assert_true(st.needs_check);
+	tfs_dev_close(vol);
+	close_pool(f);
+
+	/* The held commit is durable; the failed transaction after it never happened. */
+	f->cfg.allow_faults = false;
+	assert_int_equal(tfs_pool_open(&f->cfg, true, &f->pool), 0);
+	assert_int_equal(tfs_thin_open(f->pool, 0, TFS_DEV_READ_ONLY, &vol), 0);
+	assert_int_equal(mapped_blocks(vol), 2 * MiB / BS);
+	memset(buf, 0, 2 * MiB);
+	assert_int_equal(tfs_dev_read(vol, buf, 2 * MiB, 0), 0);
+	assert_true(all_bytes(buf, MiB, 0x4d));
+	assert_true(all_bytes(buf + MiB, MiB, 0x4e));
 	tfs_dev_close(vol);
 	free(buf);
 	done(f, true);
@@ -1277,6 +1496,100 @@ static void test_idle_pool_does_no_io(void **state)
 	done(f, false);
 }
 
+/* ---- changed-block diffs --------------------------------------------------------- */
+
+struct runs {
+	uint64_t v[16][3]; /* vblock, len, zero */
+	unsigned nr;
+};
+
+static int note_run(void *ctx, uint64_t vblock, uint64_t len, bool zero)
+{
+	struct runs *r = ctx;
+
+	if (r->nr == 16)
+		return -E2BIG;
+	r->v[r->nr][0] = vblock;
+	r->v[r->nr][1] = len;
+	r->v[r->nr++][2] = zero;
+	return 0;
+}
+
+static void test_diff_of_a_snapshot_and_an_idle_pool_stays_idle(void **state)
+{
+	struct fixture *f = new_fixture(64, false);
+	struct tfs_pool_diff_stats st;
+	struct tfs_pool_status before, after;
+	uint8_t buf[BS] = { 7 };
+	struct runs r = { 0 };
+	uint32_t id, snap;
+	struct tfs_dev *vol;
+
+	(void)state;
+	open_pool(f);
+	vol = new_volume(f, &id);
+	for (unsigned b = 0; b < 6; b++)
+		assert_int_equal(tfs_dev_write(vol, buf, BS, b * BS), 0);
+	assert_int_equal(tfs_pool_create_snaps(f->pool, &id, 1, &snap), 0);
+	assert_int_equal(tfs_dev_write(vol, buf, BS, 2 * BS), 0);
+	assert_int_equal(tfs_dev_discard(vol, 4 * BS, BS), 0);
+	assert_int_equal(tfs_dev_flush(vol), 0);
+	sleep_ms(300);
+	tfs_pool_status(f->pool, &before);
+	assert_int_equal(tfs_pool_diff(f->pool, &snap, &id, note_run, NULL, &r, &st), 0);
+	assert_true(st.held);
+	assert_int_equal(r.nr, 2);
+	assert_int_equal(r.v[0][0], 2);
+	assert_int_equal(r.v[0][2], false);
+	assert_int_equal(r.v[1][0], 4);
+	assert_int_equal(r.v[1][2], true);
+	/* Hold and drop with no commit between change nothing: nothing to write. */
+	sleep_ms(500);
+	tfs_pool_status(f->pool, &after);
+	assert_int_equal(after.io_meta.writes, before.io_meta.writes);
+	assert_int_equal(after.held_root, 0);
+	/* A user's metadata snapshot takes the slot the diff needs. */
+	assert_int_equal(tfs_pool_reserve_metadata_snap(f->pool), 0);
+	assert_int_equal(tfs_pool_diff(f->pool, NULL, &id, note_run, NULL, &r, &st), -EBUSY);
+	assert_int_equal(tfs_pool_release_metadata_snap(f->pool), 0);
+	assert_int_equal(tfs_pool_diff(f->pool, NULL, &(uint32_t){ 99 }, note_run, NULL, &r, &st),
+			 -ENODATA);
+	tfs_dev_close(vol);
+	done(f, false);
+}
+
+/* A crash during a diff whose hold a commit wrote: the next open drops it, a user's stays. */
+static void test_open_drops_a_hold_a_diff_left_behind(void **state)
+{
+	struct tfs_pmd_options opt = { .data_block_sectors = BS >> 9 };
+	struct fixture *f = new_fixture(64, false);
+	struct tfs_pool_status st;
+	struct tfs_bdev *meta;
+	struct tfs_pmd *pmd;
+
+	(void)state;
+	assert_int_equal(tfs_bdev_open(f->cfg.metadata, false, &meta), 0);
+	assert_int_equal(tfs_pmd_open(meta, &opt, &pmd), 0);
+	assert_int_equal(tfs_pmd_create_thin(pmd, 0), 0);
+	assert_int_equal(tfs_pmd_hold_roots(pmd), 0);
+	assert_true(tfs_pmd_held_for_diff(pmd));
+	assert_int_equal(tfs_pmd_commit(pmd), 0);
+	tfs_pmd_close(pmd);
+	tfs_bdev_close(meta);
+	check_metadata(f->cfg.metadata, false);
+
+	open_pool(f);
+	tfs_pool_status(f->pool, &st);
+	assert_int_equal(st.held_root, 0);
+	assert_int_equal(tfs_pool_reserve_metadata_snap(f->pool), 0);
+	close_pool(f);
+	open_pool(f);
+	tfs_pool_status(f->pool, &st);
+	assert_true(st.held_root != 0);
+	assert_int_equal(tfs_pool_release_metadata_snap(f->pool), 0);
+	done(f, false);
+}
+
 static void test_status_reports_space_and_counters(void **state)
 {
 	struct fixture *f = new_fixture(100, false);
@@ -1506,6 +1819,8 @@ int main(void)
 		cmocka_unit_test(test_discard_frees_whole_blocks_and_zeroes_partial_ones),
 		cmocka_unit_test(test_discard_of_shared_blocks_keeps_the_snapshot),
 		cmocka_unit_test(test_provision_maps_zeroed_blocks_and_zero_range_unmaps),
+		cmocka_unit_test(test_clone_range_shares_whole_blocks_and_writes_break_it),
+		cmocka_unit_test(test_detect_zeroes_unmaps_whole_blocks_of_zeros),
 		cmocka_unit_test(test_truncate_unmaps_past_the_end_and_zeroes_the_tail),
 		cmocka_unit_test(test_seek_data_and_hole_follow_the_mapping),
 		cmocka_unit_test(test_full_data_device_gives_enospc_and_freed_blocks_come_back),
@@ -1513,8 +1828,11 @@ int main(void)
 		cmocka_unit_test(test_data_shrinks_down_to_the_highest_used_block),
 		cmocka_unit_test(test_metadata_write_error_makes_the_pool_read_only),
 		cmocka_unit_test(test_metadata_space_exhaustion_gives_enospc_then_read_only),
+		cmocka_unit_test(test_a_change_failing_during_a_commit_io_is_aborted_after_it),
 		cmocka_unit_test(test_needs_check_write_failure_means_fail_mode),
 		cmocka_unit_test(test_abort_failure_means_fail_mode),
+		cmocka_unit_test(test_diff_of_a_snapshot_and_an_idle_pool_stays_idle),
+		cmocka_unit_test(test_open_drops_a_hold_a_diff_left_behind),
 		cmocka_unit_test(test_flush_then_reopen_keeps_data),
 		cmocka_unit_test(test_crash_keeps_flushed_data_and_a_consistent_commit),
 		cmocka_unit_test(test_power_cut_drops_only_unflushed_writes),

@@ -561,6 +561,39 @@ static void test_commits_waiting_on_a_write_share_the_next_one(void **state)
 	unlink(f.path);
 }
 
+/* One batch commit of 300 copies spanning two areas: few writes, all found again. */
+static void test_batch_commit_writes_once_for_many_and_is_all_or_none(void **state)
+{
+	(void)state;
+	struct cow_file f;
+	cow_create(&f, 1000 * 4096);
+	struct tfs_bdev *fault;
+	assert_int_equal(tfs_bdev_fault_wrap(f.dev, false, &fault), 0);
+	struct tfs_snap_store *s;
+	assert_int_equal(tfs_snap_store_open(fault, 8, &s), 0);
+	uint64_t olds[300], nc;
+	for (uint64_t i = 0; i < 300; i++) {
+		olds[i] = i * 5 + 1;
+		assert_int_equal(tfs_snap_store_allocate(s, olds[i], &nc), 0);
+	}
+	/* One of them has no allocation: nothing is committed. */
+	uint64_t bad[2] = { olds[0], 99999 };
+	assert_int_equal(tfs_snap_store_commit_batch(s, bad, 2), -ENOENT);
+	assert_int_equal(tfs_snap_store_uncommitted(s), 300);
+	struct tfs_bdev_io_counts before, after;
+	tfs_bdev_fault_counts(fault, &before);
+	assert_int_equal(tfs_snap_store_commit_batch(s, olds, 300), 0);
+	tfs_bdev_fault_counts(fault, &after);
+	assert_int_equal(tfs_snap_store_uncommitted(s), 0);
+	/* Area 1's first block, area 0's blocks: a handful of writes, not 300. */
+	assert_true(after.writes - before.writes <= 4);
+	assert_true(after.flushes - before.flushes <= 4);
+	tfs_snap_store_close(s);
+	assert_int_equal(reopened_count(fault, 8), 300);
+	tfs_bdev_close(fault);
+	unlink(f.path);
+}
+
 static void test_failed_area_write_invalidates_and_later_calls_fail(void **state)
 {
 	(void)state;
@@ -741,6 +774,7 @@ int main(void)
 		cmocka_unit_test(test_transient_store_keeps_exceptions_in_memory_only),
 		cmocka_unit_test(test_commit_needs_an_allocation_and_allocation_is_once),
 		cmocka_unit_test(test_commits_waiting_on_a_write_share_the_next_one),
+		cmocka_unit_test(test_batch_commit_writes_once_for_many_and_is_all_or_none),
 		cmocka_unit_test(test_failed_area_write_invalidates_and_later_calls_fail),
 		cmocka_unit_test(test_merge_takes_runs_from_the_end_and_persists),
 		cmocka_unit_test(test_parallel_committers_across_areas_all_persist),

@@ -221,7 +221,8 @@ static void fill_meta_root(void *ctx, void *sb)
 	tfs_sm_copy_root(r->smm, (uint8_t *)sb + offsetof(struct tfs_disk_thin_sb, metadata_space_map_root));
 }
 
-static int rig_commit(struct rig *r)
+/* Up to the commit's I/O: the caller writes and ends it (transaction-manager.h). */
+static int rig_commit_begin(struct rig *r, struct tfs_tm_commit **c)
 {
 	struct tfs_block *sb;
 	uint8_t *d;
@@ -246,7 +247,19 @@ static int rig_commit(struct rig *r)
 	tfs_put_le32(d + offsetof(struct tfs_disk_thin_sb, metadata_block_size), 8);
 	tfs_put_le64(d + offsetof(struct tfs_disk_thin_sb, metadata_nr_blocks),
 		     tfs_sm_nr_blocks(r->smm));
-	return tfs_tm_commit(r->tm, sb, fill_meta_root, r);
+	return tfs_tm_commit_begin(r->tm, sb, fill_meta_root, r, c);
+}
+
+static int rig_commit(struct rig *r)
+{
+	struct tfs_tm_commit *c;
+	int ret = rig_commit_begin(r, &c);
+
+	if (!ret)
+		ret = tfs_tm_commit_end(r->tm, c, tfs_tm_commit_write(c));
+	if (!ret && r->smd)
+		tfs_sm_commit_durable(r->smd);
+	return ret;
 }
 
 static void rig_close(struct rig *r)
@@ -974,6 +987,68 @@ static void test_data_map_never_reuses_a_block_freed_in_the_transaction(void **s
 	free(freed);
 }
 
+/*
+ * The next transaction runs while a commit's blocks are written: nothing
+ * freed in the committing transaction (which the state on disk may still
+ * use) is handed out before that commit is durable; metadata blocks come
+ * back at its end, data blocks when the owner says (after discarding them).
+ */
+static void test_blocks_freed_in_a_commit_stay_held_until_it_is_durable(void **state)
+{
+	const uint64_t nr = 40000, nr_meta = 4000;
+	uint64_t meta_freed[64], b, i, j;
+	struct tfs_tm_commit *c;
+	struct tfs_bdev *dev;
+	bool *freed = calloc(nr, sizeof(bool));
+	struct rig r;
+	int ret;
+
+	(void)state;
+	assert_non_null(freed);
+	assert_int_equal(tfs_bdev_open_mem(nr_meta * TFS_BLOCK_SIZE, &dev), 0);
+	rig_format(&r, dev, nr_meta, (int64_t)nr);
+	for (i = 0; i < nr; i++)
+		assert_int_equal(tfs_sm_new_block(r.smd, &b), 0);
+	for (i = 0; i < 64; i++)
+		assert_int_equal(tfs_sm_new_block(r.smm, &meta_freed[i]), 0);
+	assert_int_equal(rig_commit(&r), 0);
+
+	/* Data blocks: held past the commit's end, until the owner has discarded them. */
+	for (i = 0; i < nr; i += 3) {
+		assert_int_equal(tfs_sm_dec(r.smd, i), 0);
+		freed[i] = true;
+	}
+	assert_int_equal(rig_commit_begin(&r, &c), 0);
+	assert_int_equal(tfs_sm_new_block(r.smd, &b), -ENOSPC);
+	assert_int_equal(tfs_tm_commit_end(r.tm, c, tfs_tm_commit_write(c)), 0);
+	assert_int_equal(tfs_sm_new_block(r.smd, &b), -ENOSPC);
+	tfs_sm_commit_durable(r.smd);
+	for (i = 0; i < (nr + 2) / 3; i++) {
+		assert_int_equal(tfs_sm_new_block(r.smd, &b), 0);
+		assert_true(freed[b]);
+		freed[b] = false;
+	}
+	assert_int_equal(tfs_sm_new_block(r.smd, &b), -ENOSPC);
+
+	/* Metadata blocks: held until the commit's end. */
+	for (i = 0; i < 64; i++)
+		assert_int_equal(tfs_sm_dec(r.smm, meta_freed[i]), 0);
+	assert_int_equal(rig_commit_begin(&r, &c), 0);
+	while ((ret = tfs_sm_new_block(r.smm, &b)) == 0)
+		for (j = 0; j < 64; j++)
+			assert_true(b != meta_freed[j]);
+	assert_int_equal(ret, -ENOSPC);
+	assert_int_equal(tfs_tm_commit_end(r.tm, c, tfs_tm_commit_write(c)), 0);
+	for (i = 0; (ret = tfs_sm_new_block(r.smm, &b)) == 0;)
+		for (j = 0; j < 64; j++)
+			i += b == meta_freed[j];
+	assert_int_equal(ret, -ENOSPC);
+	assert_true(i == 64);
+	rig_close(&r);
+	tfs_bdev_close(dev);
+	free(freed);
+}
+
 static void test_data_map_overflow_counts_survive_reopen(void **state)
 {
 	struct tfs_bdev *dev;
@@ -1144,6 +1219,7 @@ int main(void)
 		cmocka_unit_test(test_open_refuses_corrupt_maps),
 		cmocka_unit_test(test_data_map_follows_model_and_passes_thin_check),
 		cmocka_unit_test(test_data_map_never_reuses_a_block_freed_in_the_transaction),
+		cmocka_unit_test(test_blocks_freed_in_a_commit_stay_held_until_it_is_durable),
 		cmocka_unit_test(test_data_map_overflow_counts_survive_reopen),
 		cmocka_unit_test(test_metadata_overflow_passes_thin_check),
 		cmocka_unit_test(test_data_map_warm_alloc_inc_dec_rate),

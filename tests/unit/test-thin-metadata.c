@@ -416,6 +416,61 @@ static void test_snapshot_shares_blocks_and_writes_break_sharing(void **state)
 	tfs_bdev_close(dev);
 }
 
+static void test_mark_shared_makes_cloned_mappings_shared_on_both_sides(void **state)
+{
+	(void)state;
+	struct tfs_bdev *dev;
+	struct tfs_pmd *pmd = format_mem(&dev, 1024);
+	struct tfs_td *a, *b;
+	struct tfs_thin_mapping mp;
+	struct tfs_thin_details d;
+	uint64_t blk, other;
+	uint32_t c, t0;
+
+	assert_int_equal(tfs_pmd_create_thin(pmd, 1), 0);
+	assert_int_equal(tfs_pmd_create_thin(pmd, 2), 0);
+	assert_int_equal(tfs_pmd_open_thin(pmd, 1, &a), 0);
+	assert_int_equal(tfs_pmd_open_thin(pmd, 2, &b), 0);
+	assert_int_equal(tfs_pmd_alloc_data_block(pmd, &blk), 0);
+	assert_int_equal(tfs_thin_insert(a, 0, blk), 0);
+
+	/* A clone of block 0 of a to block 7 of b: mark, then map at the time before it. */
+	t0 = tfs_pmd_time(pmd);
+	assert_int_equal(tfs_thin_mark_shared(a, b), 0);
+	assert_int_equal(tfs_pmd_time(pmd), t0 + 1);
+	assert_int_equal(tfs_pmd_data_block_inc(pmd, blk), 0);
+	assert_int_equal(tfs_thin_insert_timed(b, 7, blk, t0), 0);
+	assert_int_equal(tfs_pmd_data_block_count(pmd, blk, &c), 0);
+	assert_int_equal(c, 2);
+	assert_int_equal(tfs_thin_lookup(a, 0, &mp), 0);
+	assert_true(mp.shared);
+	assert_int_equal(tfs_thin_lookup(b, 7, &mp), 0);
+	assert_true(mp.shared);
+	assert_int_equal(mp.data_block, blk);
+
+	/* What either maps from now on is its own; a rewrite releases one reference. */
+	assert_int_equal(tfs_pmd_alloc_data_block(pmd, &other), 0);
+	assert_int_equal(tfs_thin_insert(b, 7, other), 0);
+	assert_int_equal(tfs_thin_lookup(b, 7, &mp), 0);
+	assert_false(mp.shared);
+	assert_int_equal(tfs_pmd_data_block_count(pmd, blk, &c), 0);
+	assert_int_equal(c, 1);
+
+	/* Saved with the details at commit, undone by an abort. */
+	tfs_pmd_close_thin(b);
+	assert_int_equal(tfs_pmd_commit(pmd), 0);
+	assert_int_equal(tfs_pmd_device_details(pmd, 2, &d), 0);
+	assert_int_equal(d.snapshotted_time, t0 + 1);
+	assert_int_equal(tfs_thin_mark_shared(a, a), 0);
+	assert_int_equal(tfs_pmd_abort(pmd), 0);
+	assert_int_equal(tfs_pmd_time(pmd), t0 + 1);
+	assert_int_equal(tfs_pmd_device_details(pmd, 1, &d), 0);
+	assert_int_equal(d.snapshotted_time, t0 + 1);
+	tfs_pmd_close_thin(a);
+	tfs_pmd_close(pmd);
+	tfs_bdev_close(dev);
+}
+
 static void test_freed_data_blocks_are_not_reused_before_commit(void **state)
 {
 	(void)state;
@@ -873,16 +928,67 @@ static void fill_base(struct tfs_pmd *pmd, struct model *m)
 		op_create(pmd, m), op_write(pmd, m), op_write(pmd, m);
 }
 
+static void random_ops(struct tfs_pmd *pmd, struct model *m, int n)
+{
+	for (int i = 0; i < n; i++) {
+		uint32_t op = rnd(10);
+		if (op < 5)
+			op_write(pmd, m);
+		else if (op < 7)
+			op_unmap(pmd, m);
+		else if (op < 9)
+			op_create(pmd, m);
+		else
+			op_delete(pmd, m);
+	}
+}
+
+/*
+ * The commit in three steps as the pool runs it, with the next transaction
+ * (next_m, transaction id 3) made between begin and write: its changes,
+ * and its dirty blocks that the small cache evicts to the device
+ * meanwhile, must leave both the old and the committing state intact.
+ * The fault is armed only after them: N counts the commit's own writes.
+ * (That the allocator hands out no block the committing transaction used,
+ * even once it wraps, is test-space-map's held-blocks test.)
+ */
+static int commit_with_next_transaction(struct tfs_pmd *pmd, struct tfs_bdev *f, uint64_t n,
+					struct model *next_m)
+{
+	struct tfs_bdev_io_counts before, after;
+	struct tfs_pmd_commit *c;
+	int r;
+
+	assert_int_equal(tfs_pmd_commit_begin(pmd, &c), 0);
+	tfs_bdev_fault_counts(f, &before);
+	random_ops(pmd, next_m, 30);
+	tfs_bdev_fault_counts(f, &after);
+	assert_true(after.writes > before.writes); /* the case this is about: blocks evicted */
+	next_m->trans_id = 3;
+	assert_int_equal(tfs_pmd_set_transaction_id(pmd, 2, 3), 0);
+	tfs_bdev_fault_set(f, TFS_FAULT_WRITE, TFS_FAULT_EIO, n, false);
+	r = tfs_pmd_commit_end(pmd, c, tfs_pmd_commit_write(c));
+	if (!r)
+		tfs_pmd_release_freed_data(pmd);
+	return r;
+}
+
 /*
  * For N = 0, 1, 2, ...: prepare a transaction on top of a committed one,
  * fail the (N+1)th metadata write of its commit (write error, or a power
  * cut that drops or tears what was not flushed), reopen: the pool must be
  * exactly the old or the new transaction.  Ends when a commit completes.
+ * With overlap, the next transaction runs during the commit's I/O; once
+ * the commit completes it is committed too and must be what reopens.
  */
-static void sweep(bool power_cut)
+static void sweep(bool power_cut, bool overlap)
 {
-	static struct model old_m, new_m;
+	static struct model old_m, new_m, next_m;
+	struct tfs_pmd_options opt = default_opt;
 	bool done = false;
+
+	if (overlap)
+		opt.cache_blocks = 16; /* the smallest: the next transaction's blocks get evicted */
 
 	for (uint64_t n = 0; !done; n++) {
 		struct tfs_bdev *file = new_file_dev(512ull * 4096), *f;
@@ -890,28 +996,28 @@ static void sweep(bool power_cut)
 		memset(&old_m, 0, sizeof(old_m));
 		rng_state = 777;
 		assert_int_equal(tfs_bdev_fault_wrap(file, power_cut, &f), 0);
-		assert_int_equal(tfs_pmd_format(f, &default_opt, &pmd), 0);
+		assert_int_equal(tfs_pmd_format(f, &opt, &pmd), 0);
 		fill_base(pmd, &old_m);
 		old_m.trans_id = 1;
 		assert_int_equal(tfs_pmd_set_transaction_id(pmd, 0, 1), 0);
 		assert_int_equal(tfs_pmd_commit(pmd), 0);
 
 		new_m = old_m;
-		for (int i = 0; i < 30; i++) {
-			uint32_t op = rnd(10);
-			if (op < 5)
-				op_write(pmd, &new_m);
-			else if (op < 7)
-				op_unmap(pmd, &new_m);
-			else if (op < 9)
-				op_create(pmd, &new_m);
-			else
-				op_delete(pmd, &new_m);
-		}
+		random_ops(pmd, &new_m, 30);
 		new_m.trans_id = 2;
 		assert_int_equal(tfs_pmd_set_transaction_id(pmd, 1, 2), 0);
-		tfs_bdev_fault_set(f, TFS_FAULT_WRITE, TFS_FAULT_EIO, n, false);
-		int r = tfs_pmd_commit(pmd);
+		next_m = new_m;
+		int r;
+		if (overlap) {
+			r = commit_with_next_transaction(pmd, f, n, &next_m);
+		} else {
+			tfs_bdev_fault_set(f, TFS_FAULT_WRITE, TFS_FAULT_EIO, n, false);
+			r = tfs_pmd_commit(pmd);
+		}
+		if (!r && overlap && !power_cut) {
+			tfs_bdev_fault_set(f, TFS_FAULT_WRITE, TFS_FAULT_OK, 0, false);
+			assert_int_equal(tfs_pmd_commit(pmd), 0);
+		}
 		if (r && !power_cut) {
 			/* Abort in place must land exactly on the old transaction and go on working. */
 			tfs_bdev_fault_set(f, TFS_FAULT_WRITE, TFS_FAULT_OK, 0, false);
@@ -933,11 +1039,14 @@ static void sweep(bool power_cut)
 		assert_int_equal(tfs_pmd_open(again, &default_opt, &pmd), 0);
 		uint64_t tid = tfs_pmd_transaction_id(pmd);
 		if (done && !power_cut)
-			assert_int_equal(tid, 2);
-		assert_true(tid == 1 || tid == 2);
-		verify(pmd, tid == 1 ? &old_m : &new_m);
+			assert_int_equal(tid, overlap ? 3 : 2);
+		else
+			assert_true(tid == 1 || tid == 2);
+		verify(pmd, tid == 1 ? &old_m : tid == 2 ? &new_m : &next_m);
 		tfs_pmd_close(pmd);
 		tfs_bdev_close(again);
+		if (overlap)
+			assert_metadata_clean();
 		unlink(tmp_path);
 		assert_true(n < 100000);
 	}
@@ -946,13 +1055,402 @@ static void sweep(bool power_cut)
 static void test_failed_commit_leaves_old_or_new_transaction(void **state)
 {
 	(void)state;
-	sweep(false);
+	sweep(false, false);
 }
 
 static void test_power_cut_during_commit_leaves_old_or_new_transaction(void **state)
 {
 	(void)state;
-	sweep(true);
+	sweep(true, false);
+}
+
+static void test_failed_commit_with_the_next_transaction_running_leaves_old_or_new(void **state)
+{
+	(void)state;
+	sweep(false, true);
+}
+
+static void test_power_cut_with_the_next_transaction_running_leaves_old_or_new(void **state)
+{
+	(void)state;
+	sweep(true, true);
+}
+
+
+/* ---- diff ------------------------------------------------------------------ */
+
+struct diff_run {
+	uint64_t begin, len;
+	bool zero;
+};
+
+struct diff_runs {
+	struct diff_run *v;
+	unsigned nr, cap;
+};
+
+static int note_diff_run(void *ctx, uint64_t vblock, uint64_t len, bool zero)
+{
+	struct diff_runs *r = ctx;
+
+	if (r->nr == r->cap) {
+		r->cap = r->cap ? 2 * r->cap : 64;
+		r->v = realloc(r->v, r->cap * sizeof(*r->v));
+		assert_non_null(r->v);
+	}
+	r->v[r->nr++] = (struct diff_run){ vblock, len, zero };
+	return 0;
+}
+
+/* The whole diff in steps of step_reads nodes; returns the nodes read. */
+static uint64_t run_diff(struct tfs_pmd *pmd, bool has_from, tfs_dev_id from, tfs_dev_id to,
+			 unsigned step_reads, struct diff_runs *out)
+{
+	struct tfs_thin_diff *d;
+	uint64_t reads;
+	int r;
+
+	out->nr = 0;
+	assert_int_equal(tfs_thin_diff_begin(pmd, has_from ? &from : NULL, &to, &d), 0);
+	while ((r = tfs_thin_diff_step(d, step_reads, note_diff_run, out)) == 1)
+		;
+	assert_int_equal(r, 0);
+	reads = tfs_thin_diff_nodes_read(d);
+	tfs_thin_diff_end(d);
+	return reads;
+}
+
+/* What the diff must say, from lookups of every block below nv. */
+static void model_diff(struct tfs_pmd *pmd, bool has_from, tfs_dev_id from, tfs_dev_id to,
+		       uint64_t nv, struct diff_runs *out)
+{
+	struct tfs_td *tf = NULL, *tt;
+	struct diff_run cur = { 0 };
+	bool open = false;
+
+	out->nr = 0;
+	assert_int_equal(tfs_pmd_open_thin(pmd, to, &tt), 0);
+	if (has_from && from != to)
+		assert_int_equal(tfs_pmd_open_thin(pmd, from, &tf), 0);
+	else if (has_from)
+		tf = tt;
+	for (uint64_t v = 0; v < nv; v++) {
+		struct tfs_thin_mapping a, b;
+		bool in_a = tf && tfs_thin_lookup(tf, v, &a) == 0;
+		bool in_b = tfs_thin_lookup(tt, v, &b) == 0;
+		bool differs = in_b ? !in_a || a.data_block != b.data_block : in_a;
+
+		if (open && (!differs || cur.zero != !in_b || cur.begin + cur.len != v)) {
+			note_diff_run(out, cur.begin, cur.len, cur.zero);
+			open = false;
+		}
+		if (!differs)
+			continue;
+		if (open) {
+			cur.len++;
+		} else {
+			cur = (struct diff_run){ v, 1, !in_b };
+			open = true;
+		}
+	}
+	if (open)
+		note_diff_run(out, cur.begin, cur.len, cur.zero);
+	if (tf && tf != tt)
+		tfs_pmd_close_thin(tf);
+	tfs_pmd_close_thin(tt);
+}
+
+static void assert_runs_equal(const struct diff_runs *a, const struct diff_runs *b)
+{
+	assert_int_equal(a->nr, b->nr);
+	for (unsigned i = 0; i < a->nr; i++) {
+		assert_int_equal(a->v[i].begin, b->v[i].begin);
+		assert_int_equal(a->v[i].len, b->v[i].len);
+		assert_int_equal(a->v[i].zero, b->v[i].zero);
+	}
+}
+
+static void map_new(struct tfs_pmd *pmd, struct tfs_td *td, uint64_t v)
+{
+	uint64_t b;
+
+	assert_int_equal(tfs_pmd_alloc_data_block(pmd, &b), 0);
+	assert_int_equal(tfs_thin_insert(td, v, b), 0);
+}
+
+static void test_diff_of_a_snapshot_reads_only_the_changed_paths(void **state)
+{
+	(void)state;
+	struct tfs_bdev *dev;
+	struct tfs_pmd *pmd = format_mem(&dev, 4096);
+	struct tfs_thin_tree_shape shape;
+	struct diff_runs got = { 0 };
+	struct tfs_td *td;
+	uint64_t reads;
+
+	assert_int_equal(tfs_pmd_create_thin(pmd, 1), 0);
+	assert_int_equal(tfs_pmd_open_thin(pmd, 1, &td), 0);
+	for (uint64_t v = 0; v < 30000; v++)
+		map_new(pmd, td, v);
+	assert_int_equal(tfs_pmd_create_snap(pmd, 2, 1), 0);
+	assert_int_equal(tfs_pmd_commit(pmd), 0);
+	map_new(pmd, td, 100);
+	map_new(pmd, td, 101);
+	map_new(pmd, td, 20000);
+	assert_int_equal(tfs_thin_remove(td, 25000), 0);
+	assert_int_equal(tfs_thin_tree_shape(td, &shape), 0);
+	assert_true(shape.depth >= 2 && shape.leaves > 100);
+
+	/* The snapshot to the origin: the two rewrites and the discard. */
+	reads = run_diff(pmd, true, 2, 1, 64, &got);
+	assert_int_equal(got.nr, 3);
+	assert_int_equal(got.v[0].begin, 100);
+	assert_int_equal(got.v[0].len, 2);
+	assert_false(got.v[0].zero);
+	assert_int_equal(got.v[1].begin, 20000);
+	assert_int_equal(got.v[1].len, 1);
+	assert_false(got.v[1].zero);
+	assert_int_equal(got.v[2].begin, 25000);
+	assert_true(got.v[2].zero);
+	/* The leftmost paths (begin), then one path per change on each side, at most. */
+	assert_true(reads <= 2 * shape.depth + 3 * 2 * shape.depth);
+
+	/* The other way round the discarded block is data again. */
+	run_diff(pmd, true, 1, 2, 1, &got);
+	assert_int_equal(got.nr, 3);
+	assert_int_equal(got.v[2].begin, 25000);
+	assert_false(got.v[2].zero);
+
+	/* A tree against itself reads nothing; from nothing, every mapping. */
+	assert_int_equal(run_diff(pmd, true, 2, 2, 64, &got), 0);
+	assert_int_equal(got.nr, 0);
+	reads = run_diff(pmd, false, 0, 1, 16, &got);
+	assert_int_equal(got.nr, 2);
+	assert_int_equal(got.v[0].begin, 0);
+	assert_int_equal(got.v[0].len, 25000);
+	assert_int_equal(got.v[1].begin, 25001);
+	assert_int_equal(got.v[1].len, 4999);
+	assert_true(reads >= shape.leaves);
+
+	assert_int_equal(tfs_thin_diff_begin(pmd, &(tfs_dev_id){ 7 }, &(tfs_dev_id){ 1 },
+					     &(struct tfs_thin_diff *){ 0 }),
+			 -ENODATA);
+	free(got.v);
+	tfs_pmd_close_thin(td);
+	tfs_pmd_close(pmd);
+	tfs_bdev_close(dev);
+}
+
+/*
+ * The origin grows a level after the snapshot (its root splits): the walk
+ * opens the taller side first, meets the snapshot's nodes again one level
+ * down and still skips every leaf the two share.
+ */
+static void test_diff_skips_shared_leaves_after_the_origin_grows_a_level(void **state)
+{
+	(void)state;
+	struct tfs_bdev *dev;
+	struct tfs_pmd *pmd = format_mem(&dev, 8192);
+	struct tfs_thin_tree_shape before, after;
+	struct diff_runs got = { 0 };
+	struct tfs_td *td;
+	uint64_t v = 0, reads, grown;
+
+	assert_int_equal(tfs_pmd_create_thin(pmd, 1), 0);
+	assert_int_equal(tfs_pmd_open_thin(pmd, 1, &td), 0);
+	do {
+		for (unsigned i = 0; i < 1000; i++, v++)
+			map_block(td, pmd, v, v % 1000); /* more mappings than data blocks */
+		assert_int_equal(tfs_thin_tree_shape(td, &before), 0);
+	} while (before.depth < 2 || before.leaves < 40);
+	assert_int_equal(tfs_pmd_create_snap(pmd, 2, 1), 0);
+	grown = v;
+	do {
+		for (unsigned i = 0; i < 1000; i++, v++)
+			map_block(td, pmd, v, v % 1000); /* more mappings than data blocks */
+		assert_int_equal(tfs_thin_tree_shape(td, &after), 0);
+	} while (after.depth == before.depth);
+
+	reads = run_diff(pmd, true, 2, 1, 8, &got);
+	assert_int_equal(got.nr, 1);
+	assert_int_equal(got.v[0].begin, grown);
+	assert_int_equal(got.v[0].len, v - grown);
+	/* The new leaves and the path to them; none of the old leaves but the last. */
+	assert_true(reads <= (after.leaves - before.leaves) + after.internal_nodes + 2 * after.depth + 4);
+	assert_true(reads < after.leaves);
+	free(got.v);
+	tfs_pmd_close_thin(td);
+	tfs_pmd_close(pmd);
+	tfs_bdev_close(dev);
+}
+
+/*
+ * Cold (the pool just opened), the diff reads ahead the nodes it is about
+ * to open, in few device reads, and reads ahead nothing the two trees
+ * share: the blocks the device gives are the nodes the walk reads plus
+ * the few lookups that find the two trees.
+ */
+static void test_cold_diff_reads_ahead_only_the_nodes_it_opens(void **state)
+{
+	(void)state;
+	struct tfs_pmd_options o = default_opt;
+	struct tfs_bdev *mem, *dev;
+	struct tfs_bdev_io_counts c0, c1;
+	struct tfs_thin_tree_shape shape;
+	struct diff_runs got = { 0 };
+	struct tfs_pmd *pmd;
+	struct tfs_td *td;
+	uint64_t reads, blocks_read;
+
+	o.cache_blocks = 4096;
+	assert_int_equal(tfs_bdev_open_mem(8192 * TFS_BLOCK_SIZE, &mem), 0);
+	assert_int_equal(tfs_bdev_fault_wrap(mem, false, &dev), 0);
+	assert_int_equal(tfs_pmd_format(dev, &o, &pmd), 0);
+	assert_int_equal(tfs_pmd_create_thin(pmd, 1), 0);
+	assert_int_equal(tfs_pmd_open_thin(pmd, 1, &td), 0);
+	for (uint64_t v = 0; v < 80000; v++)
+		map_block(td, pmd, v, v % 1000); /* more mappings than data blocks */
+	assert_int_equal(tfs_pmd_create_snap(pmd, 2, 1), 0);
+	assert_int_equal(tfs_pmd_commit(pmd), 0);
+	/* Changes in the first half only: the second half's leaves stay shared. */
+	for (uint64_t v = 0; v < 40000; v += 400)
+		map_block(td, pmd, v, 1000 + v / 400);
+	assert_int_equal(tfs_thin_tree_shape(td, &shape), 0);
+	assert_true(shape.depth >= 3);
+	tfs_pmd_close_thin(td);
+	assert_int_equal(tfs_pmd_commit(pmd), 0);
+	tfs_pmd_close(pmd);
+
+	o.nr_data_blocks = 0;
+	assert_int_equal(tfs_pmd_open(dev, &o, &pmd), 0);
+	tfs_bdev_fault_counts(dev, &c0);
+	reads = run_diff(pmd, true, 2, 1, 64, &got);
+	tfs_bdev_fault_counts(dev, &c1);
+	assert_int_equal(got.nr, 100);
+	blocks_read = (c1.read_bytes - c0.read_bytes) / TFS_BLOCK_SIZE;
+	assert_true(reads > shape.leaves / 2 && reads < shape.leaves);
+	printf("# cold diff: %llu nodes, %llu blocks from the device in %llu reads\n",
+	       (unsigned long long)reads, (unsigned long long)blocks_read,
+	       (unsigned long long)(c1.reads - c0.reads));
+	assert_true(blocks_read <= reads + 8);
+	assert_true(c1.reads - c0.reads < reads / 2);
+	free(got.v);
+	tfs_pmd_close(pmd);
+	tfs_bdev_close(dev);
+}
+
+static void test_diff_matches_a_model_over_random_changes(void **state)
+{
+	(void)state;
+	enum { NV = 2500, DEVS = 4 };
+	struct tfs_bdev *dev;
+	struct tfs_pmd *pmd = format_mem(&dev, 4096);
+	struct diff_runs got = { 0 }, want = { 0 };
+	unsigned runs = 0;
+
+	rng_state = 777;
+	assert_int_equal(tfs_pmd_create_thin(pmd, 0), 0);
+	for (tfs_dev_id id = 0; id < DEVS; id++) {
+		struct tfs_td *td;
+
+		if (id)
+			assert_int_equal(tfs_pmd_create_snap(pmd, id, rnd(id)), 0);
+		for (unsigned round = 0; round < 3; round++) {
+			assert_int_equal(tfs_pmd_open_thin(pmd, id, &td), 0);
+			for (unsigned i = 0; i < 400; i++) {
+				uint64_t v = rnd(NV), len = 1 + rnd(i % 7 ? 3 : 200);
+
+				if (rnd(4))
+					for (uint64_t k = v; k < v + len && k < NV; k++)
+						map_new(pmd, td, k);
+				else
+					assert_int_equal(tfs_thin_remove_range(td, v, v + len, NULL), 0);
+			}
+			tfs_pmd_close_thin(td);
+			if (round == 1)
+				assert_int_equal(tfs_pmd_commit(pmd), 0);
+		}
+	}
+	for (tfs_dev_id to = 0; to < DEVS; to++) {
+		for (int from = -1; from < DEVS; from++) {
+			run_diff(pmd, from >= 0, (tfs_dev_id)(from < 0 ? 0 : from), to, 1 + rnd(8), &got);
+			model_diff(pmd, from >= 0, (tfs_dev_id)(from < 0 ? 0 : from), to, NV, &want);
+			assert_runs_equal(&got, &want);
+			runs += got.nr;
+		}
+	}
+	assert_true(runs > 100);
+	free(got.v);
+	free(want.v);
+	tfs_pmd_close(pmd);
+	tfs_bdev_close(dev);
+}
+
+/*
+ * A held diff sees the devices as they were at begin, whatever changes and
+ * commits come between its steps, and leaves metadata both checkers pass.
+ */
+static void test_diff_hold_keeps_the_view_of_begin(void **state)
+{
+	(void)state;
+	struct tfs_bdev *dev = new_file_dev(2048 * TFS_BLOCK_SIZE);
+	struct tfs_pmd *pmd;
+	struct diff_runs got = { 0 };
+	struct tfs_thin_diff *d;
+	struct tfs_td *td;
+	uint64_t commits;
+	int r;
+
+	assert_int_equal(tfs_pmd_format(dev, &default_opt, &pmd), 0);
+	assert_int_equal(tfs_pmd_create_thin(pmd, 1), 0);
+	assert_int_equal(tfs_pmd_open_thin(pmd, 1, &td), 0);
+	for (uint64_t v = 0; v < 3000; v++)
+		map_new(pmd, td, v);
+
+	/* No commit since the mappings: the hold covers the transaction in memory. */
+	assert_int_equal(tfs_pmd_hold_roots(pmd), 0);
+	commits = tfs_pmd_commit_count(pmd);
+	assert_int_equal(tfs_thin_diff_begin(pmd, NULL, &(tfs_dev_id){ 1 }, &d), 0);
+	assert_true(tfs_pmd_held_root(pmd) != 0);
+	assert_int_equal(tfs_pmd_reserve_metadata_snap(pmd), -EBUSY);
+	assert_int_equal(tfs_thin_diff_step(d, 1, note_diff_run, &got), 1);
+	assert_int_equal(tfs_thin_remove_range(td, 1000, 3000, NULL), 0);
+	map_new(pmd, td, 5000);
+	assert_int_equal(tfs_pmd_commit(pmd), 0);
+	map_new(pmd, td, 10);
+	while ((r = tfs_thin_diff_step(d, 1, note_diff_run, &got)) == 1)
+		;
+	assert_int_equal(r, 0);
+	assert_int_equal(got.nr, 1);
+	assert_int_equal(got.v[0].begin, 0);
+	assert_int_equal(got.v[0].len, 3000);
+	tfs_thin_diff_end(d);
+	/* The commit wrote the hold, so its release has to be committed too. */
+	assert_int_equal(tfs_pmd_drop_held_roots(pmd), 0);
+	assert_true(tfs_pmd_commit_count(pmd) != commits);
+	assert_int_equal(tfs_pmd_held_root(pmd), 0);
+	assert_int_equal(tfs_pmd_drop_held_roots(pmd), -EINVAL);
+
+	/* The slot taken by a metadata snapshot: refused, nothing changed. */
+	assert_int_equal(tfs_pmd_reserve_metadata_snap(pmd), 0);
+	assert_int_equal(tfs_pmd_hold_roots(pmd), -EBUSY);
+	assert_int_equal(tfs_pmd_release_metadata_snap(pmd), 0);
+
+	/* An abort during the walk ends it: what it walked may be gone. */
+	assert_int_equal(tfs_pmd_hold_roots(pmd), 0);
+	assert_int_equal(tfs_thin_diff_begin(pmd, NULL, &(tfs_dev_id){ 1 }, &d), 0);
+	assert_int_equal(tfs_pmd_abort(pmd), 0);
+	assert_int_equal(tfs_thin_diff_step(d, 1, note_diff_run, &got), -EIO);
+	tfs_thin_diff_end(d);
+	assert_int_equal(tfs_pmd_held_root(pmd), 0);
+
+	tfs_pmd_close_thin(td);
+	assert_int_equal(tfs_pmd_commit(pmd), 0);
+	tfs_pmd_close(pmd);
+	tfs_bdev_close(dev);
+	assert_metadata_clean();
+	unlink(tmp_path);
+	free(got.v);
 }
 
 int main(void)
@@ -962,6 +1460,7 @@ int main(void)
 		cmocka_unit_test(test_open_refuses_foreign_or_mismatched_metadata),
 		cmocka_unit_test(test_device_ids_are_24_bit_and_unique),
 		cmocka_unit_test(test_snapshot_shares_blocks_and_writes_break_sharing),
+		cmocka_unit_test(test_mark_shared_makes_cloned_mappings_shared_on_both_sides),
 		cmocka_unit_test(test_freed_data_blocks_are_not_reused_before_commit),
 		cmocka_unit_test(test_abort_returns_to_the_last_commit),
 		cmocka_unit_test(test_transaction_id_is_compare_and_swap),
@@ -973,8 +1472,15 @@ int main(void)
 		cmocka_unit_test(test_shrink_data_across_bitmaps),
 		cmocka_unit_test(test_metadata_exhaustion_is_enospc),
 		cmocka_unit_test(test_random_operations_match_the_model),
+		cmocka_unit_test(test_diff_of_a_snapshot_reads_only_the_changed_paths),
+		cmocka_unit_test(test_diff_skips_shared_leaves_after_the_origin_grows_a_level),
+		cmocka_unit_test(test_cold_diff_reads_ahead_only_the_nodes_it_opens),
+		cmocka_unit_test(test_diff_matches_a_model_over_random_changes),
+		cmocka_unit_test(test_diff_hold_keeps_the_view_of_begin),
 		cmocka_unit_test(test_failed_commit_leaves_old_or_new_transaction),
 		cmocka_unit_test(test_power_cut_during_commit_leaves_old_or_new_transaction),
+		cmocka_unit_test(test_failed_commit_with_the_next_transaction_running_leaves_old_or_new),
+		cmocka_unit_test(test_power_cut_with_the_next_transaction_running_leaves_old_or_new),
 	};
 	tfs_log_set_sink(quiet_sink, NULL);
 	return cmocka_run_group_tests(tests, NULL, NULL);

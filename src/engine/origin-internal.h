@@ -1,0 +1,109 @@
+/* SPDX-License-Identifier: GPL-2.0-or-later */
+/*
+ * origin-internal.h - what origin.c and cowsnap.c share (see origin.h).
+ */
+#ifndef TFS_ENGINE_ORIGIN_INTERNAL_H
+#define TFS_ENGINE_ORIGIN_INTERNAL_H
+
+#include <pthread.h>
+#include <stdatomic.h>
+
+#include "origin.h"
+#include "prison.h"
+#include "snap-store.h"
+
+#define COW_NAME_MAX 256
+
+struct tfs_cowsnap;
+
+struct tfs_origin {
+	struct tfs_cow_set *set;
+	char name[COW_NAME_MAX];
+	uint32_t id;
+	struct tfs_bdev *bdev;     /* the device (fault-wrapped when faults are on): its name */
+	struct tfs_dev *dev;       /* the same as a device of target.h (linear, owns bdev): I/O */
+	struct tfs_bdev *fault;    /* == bdev when wrapped, else NULL */
+	uint64_t size;             /* bytes, fixed while open */
+	atomic_uint refs;          /* the set's + each open handle's */
+
+	/* Shared: any I/O to the origin or its snapshots; exclusive: the snapshot list changes. */
+	pthread_rwlock_t lock;
+	struct tfs_prison *prison; /* range locks in bytes of the origin, device 0 */
+	uint64_t lock_align;       /* lock: the largest chunk in bytes (at least 4 KiB) */
+	struct tfs_cowsnap **snaps;/* lock */
+	unsigned nr_snaps;         /* lock */
+};
+
+struct tfs_cowsnap {
+	struct tfs_origin *origin;
+	char name[COW_NAME_MAX];
+	uint32_t id;
+	bool from_cfg;
+	char cow_path[4096];
+	struct tfs_bdev *cow;      /* fault-wrapped when faults are on */
+	struct tfs_bdev *fault;
+	struct tfs_snap_store *store;
+	uint64_t chunk_bytes;
+	bool persistent;
+	atomic_uint refs;          /* the set's + each open handle's */
+
+	atomic_bool invalid;       /* set once, never cleared */
+	char invalid_why[160];     /* written by the thread that set invalid, before notify */
+
+	/* Low water (set->events_lock): crossings counted, and how many were reported. */
+	bool lw_above;
+	uint64_t lw_crossings, lw_reported;
+	bool invalid_reported;
+};
+
+struct tfs_cow_set {
+	pthread_mutex_t lock;      /* the origins list and each origin's snapshot membership */
+	struct tfs_origin **origins;
+	unsigned nr_origins;
+	bool direct, faults;
+	atomic_uint low_water_percent;
+	void (*notify)(void *arg);
+	void *notify_arg;
+	pthread_mutex_t events_lock; /* leaf: the event fields of every snapshot */
+};
+
+/* cowsnap.c */
+int tfs_cowsnap_create(struct tfs_cow_set *set, struct tfs_origin *o,
+		       const struct tfs_cowsnap_params *p, struct tfs_cowsnap **out);
+void tfs_cowsnap_put(struct tfs_cowsnap *s);
+/* The checks of create that need no store: chunk size, device size, signature (logged). */
+int tfs_cowsnap_check(const struct tfs_cowsnap_params *p);
+int tfs_cowsnap_open_dev(struct tfs_cowsnap *s, unsigned flags, struct tfs_dev **out);
+/* Record that s is invalid (why), once: store header, log, event.  Never fails. */
+void tfs_cowsnap_invalidate(struct tfs_cowsnap *s, const char *why, int err);
+/* After an allocation: count a low-water crossing if the store just passed the mark. */
+void tfs_cowsnap_check_low_water(struct tfs_cowsnap *s);
+/*
+ * The origin's bytes under an origin write's range lock, read once (the
+ * first time a snapshot needs a copy) and shared by every snapshot's
+ * copies, so that N snapshots read the origin once, not N times.  Only
+ * for ranges up to TFS_SCRATCH_MAX (len 0: each copy reads for itself).
+ */
+struct tfs_origin_bytes {
+	uint64_t begin, len;
+	uint8_t *buf;             /* NULL until read (tfs_scratch_get(len)) */
+	int err;                  /* the read's result once buf was tried */
+};
+
+/*
+ * Copy what s needs of [off, off + len) of the origin before it is
+ * overwritten (origin write path; the caller holds the range lock
+ * exclusively), from src when it covers a run.  Failures invalidate s;
+ * nothing is returned.
+ */
+void tfs_cowsnap_copy_out(struct tfs_cowsnap *s, uint64_t off, uint64_t len,
+			  struct tfs_origin_bytes *src);
+
+/* origin.c */
+int tfs_origin_open_dev(struct tfs_origin *o, unsigned flags, struct tfs_dev **out);
+void tfs_origin_put(struct tfs_origin *o);
+/* The range lock of [off, off + len) rounded out to the origin's lock_align. */
+void tfs_origin_lock_range(struct tfs_origin *o, uint64_t off, uint64_t len, uint64_t *begin,
+			   uint64_t *end);
+
+#endif

@@ -1,0 +1,304 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+"""send/receive (issue 13): `thinfs-ctl MNT send [--from FROM] TO` piped
+into `thinfs-ctl MNT receive NAME [--base BASE]` makes a volume identical
+to TO, byte for byte, for full streams, chains of incrementals and pools of
+other block sizes; a cut, corrupted or mismatched stream, and a receive
+killed or crashed half way, leave nothing behind."""
+import os
+import pty
+import random
+import subprocess
+
+from daemon_util import (BS, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, KiB, MiB, create,
+                         fallocate, pattern, wait_for, write_at)
+
+HEADER = 96
+
+
+def send_to_file(p, path, *args, ok=(0,)):
+    with open(path, "wb") as f:
+        r = subprocess.run([str(p.ctl_bin), str(p.mnt), "send", *map(str, args)], stdout=f,
+                           stderr=subprocess.PIPE, timeout=120)
+    assert r.returncode in ok, r.stderr.decode()
+    return r
+
+
+def receive_file(p, path, name, *args, ok=(0,)):
+    with open(path, "rb") as f:
+        r = subprocess.run([str(p.ctl_bin), str(p.mnt), "receive", name, *args], stdin=f,
+                           stderr=subprocess.PIPE, timeout=120)
+    assert r.returncode in ok, r.stderr.decode()
+    return r.stderr.decode()
+
+
+def pipe(src, send_args, dst, recv_args):
+    """send | receive through a pipe, as over ssh; both must succeed, quietly."""
+    s = subprocess.Popen([str(src.ctl_bin), str(src.mnt), "send", *send_args],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    r = subprocess.run([str(dst.ctl_bin), str(dst.mnt), "receive", *recv_args], stdin=s.stdout,
+                       stderr=subprocess.PIPE, timeout=120)
+    s.stdout.close()
+    serr = s.stderr.read()
+    assert s.wait(timeout=120) == 0, serr.decode()
+    assert r.returncode == 0, r.stderr.decode()
+    # Piped stderr: no progress lines.
+    assert serr == b"" and r.stderr == b""
+
+
+def entries(p):
+    """Every name at the root, the hidden ones included, and every volume the daemon has."""
+    return sorted(os.listdir(p.mnt)), sorted(v["name"] for v in p.volumes())
+
+
+def scribble(path, size, seed, n=12):
+    """Random writes of odd sizes and offsets, and a few hole punches."""
+    rnd = random.Random(seed)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        for i in range(n):
+            off = rnd.randrange(size)
+            length = min(rnd.choice([1, 4 * KiB, BS, 3 * BS + 17, 300 * KiB]), size - off)
+            if i % 4 == 3:
+                fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, off, length)
+            else:
+                os.pwrite(fd, pattern(seed * 100 + i, length), off)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def same(a, b):
+    assert os.path.getsize(a) == os.path.getsize(b)
+    assert a.read_bytes() == b.read_bytes(), f"{a} and {b} differ"
+
+
+def test_full_send_and_three_incrementals_give_identical_volumes(pool):
+    p = pool()
+    size = 6 * MiB
+    create(p.mnt / "vm1", size)
+    scribble(p.mnt / "vm1", size, 1, n=20)
+    os.mkdir(p.mnt / ".snapshots" / "n0")
+    pipe(p, ["n0/vm1"], p, ["r0"])
+    same(p.mnt / ".snapshots" / "n0" / "vm1", p.mnt / "r0")
+    for k in (1, 2, 3):
+        if k == 2:
+            os.truncate(p.mnt / "vm1", size - 2 * BS - 1)     # shrinks: the size travels
+        if k == 3:
+            os.truncate(p.mnt / "vm1", size + 3 * BS + 5)     # and grows past a cut block
+        cur = os.path.getsize(p.mnt / "vm1")
+        scribble(p.mnt / "vm1", cur, 10 + k)
+        os.mkdir(p.mnt / ".snapshots" / f"n{k}")
+        pipe(p, ["--from", f"n{k - 1}/vm1", f"n{k}/vm1"], p, [f"r{k}", "--base", f"r{k - 1}"])
+        same(p.mnt / ".snapshots" / f"n{k}" / "vm1", p.mnt / f"r{k}")
+    # An incremental writes only the change: r3 shares the rest with r2.
+    assert p.volume("r3")["exclusive_blocks"] < p.volume("r3")["mapped_blocks"]
+    # The earlier ones are untouched by the later receives.
+    for k in (0, 1, 2):
+        same(p.mnt / ".snapshots" / f"n{k}" / "vm1", p.mnt / f"r{k}")
+    assert [n for n in os.listdir(p.mnt) if n.startswith(".")] == [".snapshots"]
+
+
+def test_send_of_a_live_volume_reads_a_snapshot_and_leaves_none(pool, tmp_path):
+    p = pool()
+    create(p.mnt / "vm1", 2 * MiB)
+    write_at(p.mnt / "vm1", 123, pattern(5, 200 * KiB))
+    before = entries(p)
+    pipe(p, ["vm1"], p, ["copy"])
+    same(p.mnt / "vm1", p.mnt / "copy")
+    names, vols = entries(p)
+    assert names == sorted(before[0] + ["copy"]) and vols == sorted(before[1] + ["copy"])
+    # Its identity is the vanished snapshot's: nothing can be based on it by mistake.
+    os.mkdir(p.mnt / ".snapshots" / "g")
+    send_to_file(p, tmp_path / "inc", "--from", "vm1", "g/vm1")
+    err = receive_file(p, tmp_path / "inc", "x", "--base", "copy", ok=(1,))
+    assert "'copy' is not the stream's base" in err
+
+
+def test_send_receive_across_block_sizes(pool):
+    a = pool("a", block_size=64 * KiB)
+    b = pool("b", block_size=256 * KiB)
+    size = 4 * MiB + 7 * KiB
+    create(a.mnt / "vm", size)
+    write_at(a.mnt / "vm", 0, pattern(1, size))
+    os.mkdir(a.mnt / ".snapshots" / "s1")
+    pipe(a, ["s1/vm"], b, ["vm"])
+    same(a.mnt / ".snapshots" / "s1" / "vm", b.mnt / "vm")
+    # One 64 KiB block unmapped inside a 256 KiB one, and a write across two of them.
+    fd = os.open(a.mnt / "vm", os.O_RDWR)
+    try:
+        fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 5 * BS, BS)
+        os.pwrite(fd, pattern(2, 100 * KiB), 3 * 256 * KiB - 50 * KiB)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.mkdir(a.mnt / ".snapshots" / "s2")
+    pipe(a, ["--from", "s1/vm", "s2/vm"], b, ["vm2", "--base", "vm"])
+    same(a.mnt / ".snapshots" / "s2" / "vm", b.mnt / "vm2")
+    same(a.mnt / ".snapshots" / "s1" / "vm", b.mnt / "vm")
+    # And back into the pool of smaller blocks.
+    os.mkdir(b.mnt / ".snapshots" / "t")
+    pipe(b, ["t/vm2"], a, ["back"])
+    same(b.mnt / "vm2", a.mnt / "back")
+
+
+def streams(p, tmp_path):
+    """A full stream of n1/vm1 received as base, and an incremental one to n2/vm1."""
+    create(p.mnt / "vm1", 3 * MiB)
+    write_at(p.mnt / "vm1", 0, pattern(1, 3 * MiB))
+    os.mkdir(p.mnt / ".snapshots" / "n1")
+    write_at(p.mnt / "vm1", MiB + 5, pattern(2, 2 * BS))
+    fd = os.open(p.mnt / "vm1", os.O_RDWR)
+    fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 2 * MiB, BS)
+    os.close(fd)
+    os.mkdir(p.mnt / ".snapshots" / "n2")
+    full, inc = tmp_path / "full", tmp_path / "inc"
+    send_to_file(p, full, "n1/vm1")
+    send_to_file(p, inc, "--from", "n1/vm1", "n2/vm1")
+    receive_file(p, full, "base")
+    return full, inc
+
+
+def test_truncated_stream_is_refused_and_nothing_is_made(pool, tmp_path):
+    p = pool()
+    full, inc = streams(p, tmp_path)
+    before = entries(p)
+    for src, args in ((full, []), (inc, ["--base", "base"])):
+        data = src.read_bytes()
+        for cut in (0, 10, HEADER, HEADER + 30, len(data) // 2, len(data) - 4, len(data) - 1):
+            cut_file = tmp_path / "cut"
+            cut_file.write_bytes(data[:cut])
+            err = receive_file(p, cut_file, "new", *args, ok=(1,))
+            assert "nothing was made" in err, err
+            assert "ends early" in err, err
+            assert entries(p) == before, f"cut at {cut}"
+    # Trailing bytes after the end are refused too.
+    (tmp_path / "long").write_bytes(full.read_bytes() + b"x")
+    err = receive_file(p, tmp_path / "long", "new", ok=(1,))
+    assert "after the stream's end" in err and entries(p) == before
+    receive_file(p, inc, "new", "--base", "base")
+    same(p.mnt / ".snapshots" / "n2" / "vm1", p.mnt / "new")
+
+
+def test_corrupted_stream_is_refused_and_nothing_is_made(pool, tmp_path):
+    p = pool()
+    full, inc = streams(p, tmp_path)
+    before = entries(p)
+    for src, args in ((full, []), (inc, ["--base", "base"])):
+        data = src.read_bytes()
+        for at in (3, 20, 70, HEADER + 2, HEADER + 12, HEADER + 24 + 1000, len(data) // 2,
+                   len(data) - 30, len(data) - 2):
+            bad = bytearray(data)
+            bad[at] ^= 0x40
+            (tmp_path / "bad").write_bytes(bytes(bad))
+            err = receive_file(p, tmp_path / "bad", "new", *args, ok=(1,))
+            assert "nothing was made" in err, err
+            assert any(w in err for w in ("corrupt", "bad magic", "version", "header length",
+                                          "is not the stream's base", "incremental",
+                                          "ends early")), err
+            assert entries(p) == before, f"byte {at} flipped"
+
+
+def test_receive_refuses_a_mismatched_or_missing_base(pool, tmp_path):
+    p = pool()
+    full, inc = streams(p, tmp_path)
+    create(p.mnt / "other", MiB)
+    before = entries(p)
+    err = receive_file(p, inc, "new", "--base", "other", ok=(1,))
+    assert "'other' is not the stream's base" in err and "not a volume any stream" in err
+    receive_file(p, full, "base2")
+    before = entries(p)
+    # base2 came from the same stream as base: the same identity, so it is a base too;
+    # n1/vm1 itself is the volume the stream was made from.
+    receive_file(p, inc, "new1", "--base", "base2")
+    receive_file(p, inc, "new2", "--base", "n1/vm1")
+    same(p.mnt / "new1", p.mnt / "new2")
+    err = receive_file(p, inc, "new3", "--base", "new1", ok=(1,))
+    assert "'new1' is not the stream's base: the stream was made from" in err
+    err = receive_file(p, inc, "new3", ok=(1,))
+    assert "the stream is incremental" in err
+    err = receive_file(p, full, "new3", "--base", "base", ok=(1,))
+    assert "the stream is a full one" in err
+    err = receive_file(p, inc, "new3", "--base", "nosuch", ok=(1,))
+    assert "no volume named 'nosuch'" in err
+    assert entries(p)[1] == sorted(before[1] + ["new1", "new2"])
+
+
+def test_receive_into_an_existing_name_is_refused(pool, tmp_path):
+    p = pool()
+    full, _ = streams(p, tmp_path)
+    before = (p.mnt / "base").read_bytes()
+    names = entries(p)
+    for name in ("base", "vm1", ".snapshots"):
+        err = receive_file(p, full, name, ok=(1,))
+        assert "exists already" in err, err
+    err = receive_file(p, full, "a/b", ok=(1,))
+    assert "bad name" in err
+    assert entries(p) == names and (p.mnt / "base").read_bytes() == before
+
+
+def test_receive_killed_half_way_leaves_nothing(pool, tmp_path):
+    p = pool()
+    full, _ = streams(p, tmp_path)
+    before = entries(p)
+    data = full.read_bytes()
+    r = subprocess.Popen([str(p.ctl_bin), str(p.mnt), "receive", "new"], stdin=subprocess.PIPE,
+                         stderr=subprocess.PIPE)
+    r.stdin.write(data[:len(data) // 2])
+    r.stdin.flush()
+    wait_for(lambda: any(n.startswith(".receive.") for n in os.listdir(p.mnt)))
+    r.kill()
+    r.wait()
+    r.stdin.close()
+    r.stderr.close()
+    wait_for(lambda: entries(p) == before)
+    assert entries(p) == before
+
+
+def test_crash_during_receive_is_cleaned_at_the_next_mount(pool, tmp_path):
+    p = pool()
+    full, inc = streams(p, tmp_path)
+    before = entries(p)
+    data = inc.read_bytes()
+    r = subprocess.Popen([str(p.ctl_bin), str(p.mnt), "receive", "new", "--base", "base"],
+                         stdin=subprocess.PIPE, stderr=subprocess.PIPE)
+    r.stdin.write(data[:len(data) // 2])
+    r.stdin.flush()
+    wait_for(lambda: any(n.startswith(".receive.") for n in os.listdir(p.mnt)))
+    p.kill9()
+    r.kill()
+    r.wait()
+    r.stdin.close()
+    r.stderr.close()
+    p.mount()
+    assert entries(p) == before
+    events = p.ctl("events").stdout
+    assert "left by a send or receive cut short before this mount: deleted" in events
+    receive_file(p, inc, "new", "--base", "base")
+    same(p.mnt / ".snapshots" / "n2" / "vm1", p.mnt / "new")
+
+
+def test_progress_shows_on_a_terminal(pool, tmp_path):
+    p = pool()
+    create(p.mnt / "vm1", 2 * MiB)
+    write_at(p.mnt / "vm1", 0, pattern(3, 2 * MiB))
+    os.mkdir(p.mnt / ".snapshots" / "n")
+    out = tmp_path / "s"
+    for cmd, stdin, stdout in ((["send", "n/vm1"], None, out), (["receive", "c"], out, None)):
+        master, slave = pty.openpty()
+        with open(stdout or os.devnull, "wb") as so, open(stdin or os.devnull, "rb") as si:
+            r = subprocess.run([str(p.ctl_bin), str(p.mnt), *cmd], stdin=si, stdout=so,
+                               stderr=slave, timeout=60)
+        os.close(slave)
+        text = b""
+        while True:
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:
+                break
+            if not chunk:
+                break
+            text += chunk
+        os.close(master)
+        assert r.returncode == 0, text
+        assert f"{cmd[0]}: 2.0 of 2.0 MiB (".encode() in text and b"MiB/s)" in text, text
+    same(p.mnt / "vm1", p.mnt / "c")
