@@ -31,7 +31,7 @@ def cache_tools():
 
 
 def make_cache(pool, *, mode="writeback", keys=None, faults=False, mount=True,
-               origin_size=ORIGIN, cache_size=CACHE, options=None):
+               origin_size=ORIGIN, cache_size=CACHE, options=None, extra=""):
     p = pool(mount=False, mkpool=False, options=options)
     d = p.dir
     p.origin, p.cdev, p.cmeta = d / "origin.img", d / "cache.img", d / "cmeta.img"
@@ -43,7 +43,7 @@ def make_cache(pool, *, mode="writeback", keys=None, faults=False, mount=True,
     lines += [f"{k} = {v}" for k, v in (keys or {}).items()]
     if faults:
         lines += ["[fault]", "allow = yes"]
-    p.cfg.write_text(p.cfg.read_text() + "\n".join(lines) + "\n")
+    p.cfg.write_text(p.cfg.read_text() + "\n".join(lines) + "\n" + extra)
     p.cache_metas.append(p.cmeta)
     p.mkpool()
     p.faults = faults
@@ -789,3 +789,22 @@ def test_read_only_mount_serves_the_cache_and_writes_nothing(pool):
     assert [x.read_bytes() for x in (p.cmeta, p.cdev, p.origin)] == images
     mount_cache(p)
     clean_and_check_origin(p, data)
+
+
+def test_a_cache_and_an_origin_in_one_pool_keep_their_files(pool, tmp_path):
+    dev = tmp_path / "raw.img"
+    with open(dev, "wb") as f:
+        f.truncate(4 << 20)
+    p = make_cache(pool, mode="writeback", extra=f'[origin "db"]\ndevice = {dev}\n')
+    (p.mnt / "thin").write_bytes(b"t")
+    dio_write(p.mnt / "c", 0, b"c" * BS)
+    dio_write(p.mnt / "db", 0, b"d" * BS)
+    kinds = {v["name"]: (v["kind"], v["id"]) for v in p.status()["volumes"]}
+    assert kinds["c"][0] == "cache" and kinds["db"][0] == "origin", kinds
+    p.unmount()
+    mount_cache(p)
+    again = {v["name"]: (v["kind"], v["id"]) for v in p.status()["volumes"]}
+    assert again == kinds
+    assert dio_read(p.mnt / "c", 0, BS) == b"c" * BS
+    assert dio_read(p.mnt / "db", 0, BS) == b"d" * BS
+    assert (p.mnt / "thin").read_bytes() == b"t"
