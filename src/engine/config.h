@@ -25,6 +25,8 @@
  *   host_cache                bool: devices through the host page cache (default
  *                             false: O_DIRECT)
  *   max_threads               FUSE worker threads at most, 8 .. 4096 (default 512)
+ *   writeback_cache           bool: the kernel caches buffered writes to volumes and
+ *                             sends them at writeback/fsync/close (default false)
  * [fault] allow = yes|no      fault injection (needs --allow-faults too)
  * Sections [origin "..."], [snapshot "..."], [cache "..."] are recognised
  * and kept for later targets; their keys are validated only by name (each
@@ -79,6 +81,7 @@ struct tfs_pool_config {
 	uint64_t metadata_cache_bytes;
 	bool host_cache;                  /* false: the devices are opened O_DIRECT */
 	unsigned max_threads;             /* FUSE worker threads at most */
+	bool writeback_cache;             /* FUSE_CAP_WRITEBACK_CACHE asked for at init */
 	bool allow_faults;
 	char targets[TFS_TARGETS_MAX];    /* [origin/snapshot/cache] sections, see above */
 };
@@ -95,7 +98,7 @@ int tfs_config_load(const char *path, struct tfs_pool_config *out);
  * A reload: may `next` replace `run` on a mounted pool?  -EINVAL when it
  * changes what the pool is, or what is fixed while it is mounted: metadata
  * or data device path, block_size, catalog, metadata_cache, host_cache,
- * max_threads, [fault] allow; why then names the first of them (in that
+ * max_threads, writeback_cache, [fault] allow; why then names the first of them (in that
  * order) and both values, e.g. "block_size: 64k -> 128k cannot change
  * while mounted", and changes is "".  Otherwise 0, why is "", and
  * changes lists what differs, "; "-separated, e.g.
