@@ -2,9 +2,9 @@
 """Buffered writes through the kernel's writeback cache (pool.cfg
 writeback_cache, issue 10): what write(2) left in a volume's page cache
 reaches the pool at fsync, close, a snapshot group's mkdir and a suspend;
-errors of the later writeback reach the writer; O_DIRECT opens bypass the
-cache and stay coherent with buffered ones; sizes and times are the
-kernel's and survive a remount.
+errors of the later writeback (ENOSPC, EIO) reach the writer; O_DIRECT
+opens bypass the cache and stay coherent with buffered ones; sizes and
+times are the kernel's and survive a remount.
 
 While the pool holds a writeback (a suspend, a pool out of data space),
 every close(2) of the file waits for it, and so does the close of each
@@ -55,6 +55,17 @@ def open_dirty(path, off, data):
     fd = os.open(path, os.O_WRONLY)
     assert os.pwrite(fd, data, off) == len(data)
     return fd
+
+
+def assert_writeback_fails(path, off, data, err):
+    """pwrite(2) of data succeeds (into the cache); fsync(2) reports err."""
+    fd = open_dirty(path, off, data)
+    try:
+        with pytest.raises(OSError) as ei:
+            os.fsync(fd)
+        assert ei.value.errno == err, ei.value
+    finally:
+        os.close(fd)
 
 
 def test_writeback_cache_is_off_by_default_and_on_when_asked(pool):
@@ -120,13 +131,7 @@ def test_enospc_of_cached_writes_surfaces_at_fsync_and_close(pool):
     keep = pattern(1, 32 * BS)
     write_at(vol, 0, keep)
     # write(2) returns: the pages are cached; the pool answers at writeback.
-    fd = open_dirty(vol, 32 * BS, pattern(2, 64 * BS))
-    try:
-        with pytest.raises(OSError) as ei:
-            os.fsync(fd)
-        assert ei.value.errno == errno.ENOSPC, ei.value
-    finally:
-        os.close(fd)
+    assert_writeback_fails(vol, 32 * BS, pattern(2, 64 * BS), errno.ENOSPC)
     # A writer that only closes learns it there.
     fd = open_dirty(vol, 128 * BS, pattern(3, 64 * BS))
     with pytest.raises(OSError) as ei:
@@ -192,3 +197,19 @@ def test_suspend_writes_back_cached_writes_first_and_noflush_after_resume(pool):
         os.close(fd)
     p.remount()
     assert read_at(vol, 0, 4 * BS) == pattern(7, 4 * BS)
+
+
+def test_a_failed_writeback_is_reported_at_fsync_and_the_old_data_stays(pool):
+    p = pool(options=WB, mount=False)
+    p.cfg.write_text(p.cfg.read_text() + "[fault]\nallow = yes\n")
+    p.mount("--allow-faults")
+    p.expect_log(r".")          # the injected write error is logged
+    vol = create(p.mnt / "vm1", 4 * MiB)
+    old = pattern(1, 4 * BS)
+    write_at(vol, 0, old)
+    p.ctl("fault", "data", "write", "error")
+    assert_writeback_fails(vol, BS, pattern(2, BS), errno.EIO)
+    p.ctl("fault", "data", "write", "ok")
+    assert read_direct(vol, 0, 4 * BS) == old
+    p.remount("--allow-faults")
+    assert read_at(vol, 0, 4 * BS) == old
