@@ -205,7 +205,8 @@ struct tfs_inode *tfs_fs_inode_get(struct tfs_fs *fs, uint32_t dev_id);
  * mode, whose writes would wait (for a resume, for data space) and this
  * with them.  Blocks for the writeback; call with no lock held, never
  * from the control thread's accept loop.  why names the caller in the
- * log.  Returns 0 or the first fsync's -errno (logged).
+ * log.  A volume the daemon cannot open is skipped with a warning.
+ * Returns 0 or the first fsync's -errno (logged).
  */
 int tfs_fs_flush_cached_writes(struct tfs_fs *fs, const uint32_t *ids, unsigned nr,
 			       const char *why);

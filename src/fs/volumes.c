@@ -487,15 +487,24 @@ out:
 	return 0;
 }
 
-/* fsync(2) of one volume through the mount; 0 if it is not (or no longer) there. */
-static int fsync_through_mount(int root, const struct cached_writer *w)
+/*
+ * fsync(2) of one volume through the mount: 0, or the writeback's -errno.
+ * A volume gone meanwhile, or one the daemon may not open (an
+ * unprivileged daemon, a volume of mode 0200), is skipped: that is no
+ * reason to refuse the caller.
+ */
+static int fsync_through_mount(int root, const struct cached_writer *w, const char *why)
 {
 	struct stat st;
 	int fd, r = 0;
 
 	fd = openat(root, w->name, O_RDONLY | O_NONBLOCK | O_NOFOLLOW | O_CLOEXEC);
-	if (fd < 0)
-		return errno == ENOENT ? 0 : -errno;
+	if (fd < 0) {
+		if (errno != ENOENT)
+			tfs_warn("%s: cannot open %s through the mount to write back its cached "
+				 "writes: %s", why, w->name, strerror(errno));
+		return 0;
+	}
 	/* Renamed meanwhile: that name is another volume now, whose writer is not ours. */
 	if (fstat(fd, &st) == 0 && st.st_ino == tfs_ino_of_dev(w->dev_id) && fsync(fd) < 0)
 		r = -errno;
@@ -539,7 +548,7 @@ int tfs_fs_flush_cached_writes(struct tfs_fs *fs, const uint32_t *ids, unsigned 
 		/* A suspended volume's writes would wait for its resume, and so would we. */
 		if (tfs_pool_dev_suspended(fs->pool, w[i].dev_id))
 			continue;
-		r = fsync_through_mount(root, &w[i]);
+		r = fsync_through_mount(root, &w[i], why);
 		if (r < 0)
 			tfs_err("%s: writing back the cached writes of %s: %s", why, w[i].name,
 				strerror(-r));
