@@ -82,8 +82,19 @@ def test_writeback_cache_is_off_by_default_and_on_when_asked(pool):
         os.close(fd)
 
 
-def test_buffered_writes_fsynced_survive_a_remount(pool):
+def test_buffered_writes_of_any_size_fsynced_survive_a_remount(pool):
     p, vol = wb_volume(pool, 8 * MiB)
+    # Part of a page that is on the device, not in the cache, through a
+    # write-only open: the kernel reads the page first on that handle.
+    under = pattern(7, BS)
+    write_direct(vol, 6 * MiB, under)
+    wo = os.open(vol, os.O_WRONLY)
+    try:
+        os.pwrite(wo, b"z" * 100, 6 * MiB + 77)
+        os.fsync(wo)
+    finally:
+        os.close(wo)
+    assert read_direct(vol, 6 * MiB, BS) == under[:77] + b"z" * 100 + under[177:]
     fd = os.open(vol, os.O_RDWR)
     try:
         # Partial pages at odd offsets: the kernel reads the rest of each page first.
