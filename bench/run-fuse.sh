@@ -44,6 +44,8 @@
 #   SNAP_SIZES_GIB="0 1 4"  SNAP_REPS=3  (a size is skipped unless df shows room)
 #   SNAP_SPARSE_GIB=64  (0: skip) the mapped size of the sparse snapshot point
 #   LONG_GIB=24  LONG_RUNTIME=40  the long allocating job
+#   POOL_CFG_EXTRA="writeback_cache = on"  lines added to T's pool.cfg [pool]
+#                       (default none: thinfs on its default settings)
 #   BENCH_REV=<commit>  build that revision (git archive into
 #                       build-bench-fuse-rev-src/, built in build-bench-fuse-rev/)
 #                       instead of the working tree in build-bench-fuse/
@@ -82,6 +84,7 @@ fi
 : "${SNAP_SPARSE_GIB:=64}"
 : "${LONG_GIB:=24}"
 : "${LONG_RUNTIME:=40}"
+: "${POOL_CFG_EXTRA:=}"
 export RUNTIME R_W_MIB R_SEQ_MIB R_RAND_MIB R_D_MIB R_ST_MIB MODES_WANTED QUIET_MAX_WAIT
 
 mkdir -p "$WORK" "$OUT"
@@ -226,6 +229,7 @@ metadata = meta.img
 data = data.img
 catalog = catalog.db
 block_size = 64k
+$POOL_CFG_EXTRA
 EOF
 	"$thinfs" mkpool "$WORK/pool/pool.cfg" >/dev/null || return 1
 	mount_thinfs
