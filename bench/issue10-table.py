@@ -79,30 +79,27 @@ for mode in ("aio", "psync"):
     row("seqwrite-over 1 MiB", "seqwrite-over", mode, True, 0.9)
     row("seqread 1 MiB", "seqread", mode, True, 0.9)
 
-# The long allocating job: T against C only (Tlong / Clong).
-t = result("Tlong", "randwrite-alloc-long", "aio")
-c = result("Clong", "randwrite-alloc-long", "aio")
-tv, cv = value(t, False), value(c, False)
-ratio = tv / cv if tv and cv else None
-print("| randwrite-alloc 4 KiB, 24 GiB, 40 s | aio | %s | | %s | %s (vs C) | >= 1.5x | %s | %s |" % (
-    fmt(tv, False), fmt(cv, False), "-" if ratio is None else "%.2fx" % ratio,
-    "-" if ratio is None else ("yes" if ratio >= 1.5 else "**no**"),
-    dev_bytes("Tlong", "randwrite-alloc-long", "aio")))
+def row_vs_c(label, t_name, c_name, workload, need):
+    """A job run only against qemu (C): T's own target name and C's."""
+    t, c = result(t_name, workload, "aio"), result(c_name, workload, "aio")
+    tv, cv = value(t, False), value(c, False)
+    ratio = tv / cv if tv and cv else None
+    print("| %s | aio | %s | | %s | %s (vs C) | >= %sx | %s | %s |" % (
+        label, fmt(tv, False), fmt(cv, False), "-" if ratio is None else "%.2fx" % ratio, need,
+        "-" if ratio is None else ("yes" if ratio >= need else "**no**"),
+        dev_bytes(t_name, workload, "aio")))
+    return t, c
+
+
+# The long allocating job, and its latency spread.
+t, c = row_vs_c("randwrite-alloc 4 KiB, 24 GiB, 40 s", "Tlong", "Clong", "randwrite-alloc-long", 1.5)
 if t:
     p50, p999 = float(t["lat_p50_us"]), float(t["lat_p999_us"])
     c_lat = "%.0f / %.0f us" % (float(c["lat_p999_us"]), float(c["lat_p50_us"])) if c else "-"
     print("| the same, p99.9 / p50 | | %.0f / %.0f us | | %s | %.1fx (T) | <= 3x | %s | |" % (
         p999, p50, c_lat, p999 / p50, "yes" if p999 <= 3 * p50 else "**no**"))
-
-# First writes to blocks shared with a snapshot: T against C only.
-t = result("Tcow", "randwrite-cow-nj1", "aio")
-c = result("Ccow", "randwrite-cow-nj1", "aio")
-tv, cv = value(t, False), value(c, False)
-ratio = tv / cv if tv and cv else None
-print("| first write to a snapshot-shared block 4 KiB | aio | %s | | %s | %s (vs C) | >= 3x | %s | %s |" % (
-    fmt(tv, False), fmt(cv, False), "-" if ratio is None else "%.2fx" % ratio,
-    "-" if ratio is None else ("yes" if ratio >= 3 else "**no**"),
-    dev_bytes("Tcow", "randwrite-cow-nj1", "aio")))
+# First writes to blocks shared with a snapshot.
+row_vs_c("first write to a snapshot-shared block 4 KiB", "Tcow", "Ccow", "randwrite-cow-nj1", 3)
 
 # Snapshot creation: the largest mapped size taken.
 snap = os.path.join(out, "snaptime.csv")
