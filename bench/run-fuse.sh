@@ -44,6 +44,8 @@
 #   SNAP_SIZES_GIB="0 1 4"  SNAP_REPS=3  (a size is skipped unless df shows room)
 #   SNAP_SPARSE_GIB=64  (0: skip) the mapped size of the sparse snapshot point
 #   LONG_GIB=24  LONG_RUNTIME=40  the long allocating job
+#   POOL_CFG_EXTRA="writeback_cache = on"  lines added to T's pool.cfg [pool]
+#                       (default none: thinfs on its default settings)
 #   BENCH_REV=<commit>  build that revision (git archive into
 #                       build-bench-fuse-rev-src/, built in build-bench-fuse-rev/)
 #                       instead of the working tree in build-bench-fuse/
@@ -82,6 +84,7 @@ fi
 : "${SNAP_SPARSE_GIB:=64}"
 : "${LONG_GIB:=24}"
 : "${LONG_RUNTIME:=40}"
+: "${POOL_CFG_EXTRA:=}"
 export RUNTIME R_W_MIB R_SEQ_MIB R_RAND_MIB R_D_MIB R_ST_MIB MODES_WANTED QUIET_MAX_WAIT
 
 mkdir -p "$WORK" "$OUT"
@@ -92,6 +95,25 @@ source "$SHARED_BENCH/lib.sh"
 # the long job's region (not in the shared layout): a volume of its own
 REG_OFF[LONG]=0
 REG_MIB[LONG]=$((LONG_GIB * 1024))
+
+# thinfs's own data-device counters (status --json io.data) around every job
+# of a thinfs target, into thinfs-io.csv: what the device moved per job,
+# whatever else the host disk served meanwhile.
+eval "lib_$(declare -f run_job)"
+t_data_io() {
+	[[ $TARGET == T* ]] || return 0
+	"$ctl" "$WORK/tmnt" status --json 2>/dev/null | jq -r '.pool.io.data | "\(.read_bytes),\(.write_bytes)"' 2>/dev/null
+}
+run_job() {
+	local before after rc
+	before=$(t_data_io)
+	lib_run_job "$@"
+	rc=$?
+	after=$(t_data_io)
+	[[ -f $OUT/thinfs-io.csv ]] || echo "target,workload,mode,rep,read0,write0,read1,write1" >"$OUT/thinfs-io.csv"
+	[[ -n $before && -n $after ]] && echo "$TARGET,$1,$3,$5,$before,$after" >>"$OUT/thinfs-io.csv"
+	return $rc
+}
 
 STARTED_PIDS=""
 OUR_MOUNTS=""
@@ -226,6 +248,7 @@ metadata = meta.img
 data = data.img
 catalog = catalog.db
 block_size = 64k
+$POOL_CFG_EXTRA
 EOF
 	"$thinfs" mkpool "$WORK/pool/pool.cfg" >/dev/null || return 1
 	mount_thinfs
@@ -534,4 +557,7 @@ EOF
 log "table: $OUT/table.md"
 cat "$OUT/table.md"
 [[ -f $OUT/snaptime.csv ]] && cat "$OUT/snaptime.csv"
+# issue 10's targets, met or not, from what this run took
+/usr/bin/python3 "$root/bench/issue10-table.py" "$OUT" >"$OUT/issue10-table.md" &&
+	log "issue 10 targets: $OUT/issue10-table.md"
 exit 0

@@ -88,6 +88,7 @@ enum pool_key {
 	K_MAX_THREADS,
 	K_SNAPSHOT_LOW_WATER,
 	K_DETECT_ZEROES,
+	K_WRITEBACK_CACHE,
 	K_NR
 };
 
@@ -108,6 +109,7 @@ static const char *const pool_key_name[K_NR] = {
 	[K_MAX_THREADS] = "max_threads",
 	[K_SNAPSHOT_LOW_WATER] = "snapshot_low_water",
 	[K_DETECT_ZEROES] = "detect_zeroes",
+	[K_WRITEBACK_CACHE] = "writeback_cache",
 };
 
 /* What the reader decided about the line inih is about to parse. */
@@ -656,7 +658,7 @@ static void pool_key(struct parser *p, const char *name, const char *raw)
 			"unknown key '%s' in [pool] (known: metadata, data, block_size, catalog, "
 			"low_water_mark, error_if_no_space, no_space_timeout, discard_passdown, "
 			"skip_block_zeroing, commit_interval, on_event, metadata_cache, host_cache, "
-			"max_threads, snapshot_low_water, detect_zeroes)",
+			"max_threads, snapshot_low_water, detect_zeroes, writeback_cache)",
 			name);
 		return;
 	}
@@ -732,6 +734,9 @@ static void pool_key(struct parser *p, const char *name, const char *raw)
 		else
 			problem(p, p->lineno, -EINVAL, "detect_zeroes: '%s' is not off or unmap",
 				value);
+		break;
+	case K_WRITEBACK_CACHE:
+		set_bool(p, name, value, &c->writeback_cache);
 		break;
 	case K_NR:
 		break;
@@ -1401,6 +1406,7 @@ static void set_defaults(struct tfs_pool_config *c)
 	c->commit_interval_ms = 1000;
 	c->metadata_cache_bytes = 64 * MIB;
 	c->host_cache = false;
+	c->writeback_cache = false;
 	c->max_threads = MAX_THREADS_DEFAULT;
 	c->allow_faults = false;
 	c->snapshot_low_water = 80;
@@ -1548,6 +1554,10 @@ static int identity_change(const struct tfs_pool_config *run, const struct tfs_p
 		snprintf(b, sizeof(b), "%u", next->max_threads);
 		return refuse(why, "max_threads", a, b);
 	}
+	/* The kernel is told at FUSE init, once per mount. */
+	if (run->writeback_cache != next->writeback_cache)
+		return refuse(why, "writeback_cache", yes_no(run->writeback_cache),
+			      yes_no(next->writeback_cache));
 	/* Faults are allowed at open only: a reload must not arm them on a live pool. */
 	if (run->allow_faults != next->allow_faults)
 		return refuse(why, "[fault] allow", yes_no(run->allow_faults),

@@ -27,6 +27,8 @@
  *   max_threads               FUSE worker threads at most, 8 .. 4096 (default 512)
  *   detect_zeroes             off | unmap: whole blocks of zeros written are
  *                             unmapped, not stored (default off)
+ *   writeback_cache           bool: the kernel caches buffered writes to volumes and
+ *                             sends them at writeback/fsync/close (default false)
  * [fault] allow = yes|no      fault injection (needs --allow-faults too)
  *   snapshot_low_water        percent of a COW device ("80" or "80%", default 80;
  *                             0 = no low_water_cow events)
@@ -112,6 +114,7 @@ struct tfs_pool_config {
 	bool host_cache;                  /* false: the devices are opened O_DIRECT */
 	unsigned max_threads;             /* FUSE worker threads at most */
 	bool detect_zeroes;               /* "unmap" */
+	bool writeback_cache;             /* FUSE_CAP_WRITEBACK_CACHE asked for at init */
 	bool allow_faults;
 	char targets[TFS_TARGETS_MAX];    /* [origin/snapshot/cache] sections, see above */
 	unsigned nr_caches;               /* [cache] sections, checked, in name order */
@@ -133,7 +136,7 @@ int tfs_config_load(const char *path, struct tfs_pool_config *out);
  * A reload: may `next` replace `run` on a mounted pool?  -EINVAL when it
  * changes what the pool is, or what is fixed while it is mounted: metadata
  * or data device path, block_size, catalog, metadata_cache, host_cache,
- * max_threads, [fault] allow; why then names the first of them (in that
+ * max_threads, writeback_cache, [fault] allow; why then names the first of them (in that
  * order) and both values, e.g. "block_size: 64k -> 128k cannot change
  * while mounted", and changes is "".  Otherwise 0, why is "", and
  * changes lists what differs, "; "-separated, e.g.

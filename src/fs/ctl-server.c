@@ -440,6 +440,7 @@ static void cmd_status(struct cmd_ctx *c)
 	json_object_object_add(pool, "direct_io",
 			       json_object_new_boolean(st.io_data.direct && st.io_meta.direct));
 	json_object_object_add(pool, "max_threads", json_object_new_uint64(fs->cfg.max_threads));
+	json_object_object_add(pool, "writeback_cache", json_object_new_boolean(fs->writeback));
 	data = json_object_new_object();
 	json_object_object_add(data, "block_size", json_object_new_uint64(st.data_block_size));
 	json_object_object_add(data, "used_blocks", json_object_new_uint64(st.data_used));
@@ -1246,6 +1247,18 @@ static void cmd_suspend(struct cmd_ctx *c)
 		return;
 	if (volume_ids(c, &ids, &nr, names, sizeof(names)) < 0)
 		return;
+	/*
+	 * As dm's suspend syncs the page cache unless noflush: what writers
+	 * left in the kernel's cache goes in first, so it is not held
+	 * while suspended (noflush leaves it there, to be written after resume).
+	 */
+	r = o.noflush ? 0 : tfs_fs_flush_cached_writes(c->fs, ids, nr, "suspend");
+	if (r < 0) {
+		free(ids);
+		send_error(c->fd, "suspend %s: writing back cached writes: %s (nothing was "
+			   "suspended)", names, strerror(-r));
+		return;
+	}
 	r = tfs_pool_suspend(c->fs->pool, ids, nr, &o, why, sizeof(why));
 	free(ids);
 	if (r < 0) {

@@ -104,6 +104,8 @@ struct tfs_fs {
 	struct fuse_session *se;
 	bool parallel_dio;         /* the kernel takes FOPEN_PARALLEL_DIRECT_WRITES: set at
 				      FUSE init, before any open, then only read */
+	bool writeback;            /* the kernel caches buffered writes (writeback_cache):
+				      set at FUSE init, then only read */
 	struct tfs_ctl_server *ctl;
 
 	pthread_mutex_t lock;
@@ -211,6 +213,24 @@ int tfs_fs_list(struct tfs_fs *fs, int64_t group_id, struct tfs_vol_row **rows, 
 int tfs_fs_list_groups(struct tfs_fs *fs, struct tfs_group_row **rows, unsigned *nr);
 /* The entry of a volume the kernel holds a reference to, or NULL (takes fs->lock). */
 struct tfs_inode *tfs_fs_inode_get(struct tfs_fs *fs, uint32_t dev_id);
+
+/*
+ * With writeback_cache, make the kernel write back what writers left in
+ * the page cache of the open top-level volumes among ids[0..nr) (every
+ * one when nr == 0), and wait for it: a snapshot or a suspend then holds
+ * what was written before it, as dm's suspend syncs a block device's
+ * page cache first.  The daemon cannot write the kernel's cache itself,
+ * so it does what a writer would: open and fsync(2) each through the
+ * mount, which sends the dirty pages to the other workers as WRITEs.
+ * Skipped (0) for suspended volumes and while the pool is not in write
+ * mode, whose writes would wait (for a resume, for data space) and this
+ * with them.  Blocks for the writeback; call with no lock held, never
+ * from the control thread's accept loop.  why names the caller in the
+ * log.  A volume the daemon cannot open is skipped with a warning.
+ * Returns 0 or the first fsync's -errno (logged).
+ */
+int tfs_fs_flush_cached_writes(struct tfs_fs *fs, const uint32_t *ids, unsigned nr,
+			       const char *why);
 
 /* ---- size changes and limits ---- */
 /* Set the virtual size (truncate): shrinking unmaps; takes io_lock for writing. */

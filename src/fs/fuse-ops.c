@@ -494,7 +494,14 @@ static void op_mkdir(fuse_req_t req, fuse_ino_t parent, const char *name, mode_t
 		fuse_reply_err(req, EPERM);
 		return;
 	}
-	r = tfs_fs_create_group(fs, name, &g);
+	/*
+	 * The group must hold what was written before the mkdir, also what
+	 * writers left in the kernel's cache (dm's suspend of an origin
+	 * syncs its page cache before lvcreate -s snapshots it).
+	 */
+	r = tfs_fs_flush_cached_writes(fs, NULL, 0, "mkdir .snapshots");
+	if (r == 0)
+		r = tfs_fs_create_group(fs, name, &g);
 	if (r < 0) {
 		fuse_reply_err(req, -r);
 		return;
@@ -703,8 +710,14 @@ static void op_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t siz
 	}
 	pthread_rwlock_rdlock(&vi->io_lock);
 	r = tfs_dev_write(vi->dev, buf, size, (uint64_t)off);
+	/*
+	 * Writes past EOF extend.  A writeback of cached pages leaves the
+	 * times alone: the kernel keeps mtime and ctime as of the write(2)
+	 * and sends them in a setattr of their own (at writeback, fsync and
+	 * close), which a later writeback must not overwrite with its own time.
+	 */
 	if (r == 0)
-		tfs_fs_extend(fs, vi, (uint64_t)off + size, true); /* writes past EOF extend */
+		tfs_fs_extend(fs, vi, (uint64_t)off + size, !fi->writepage);
 	pthread_rwlock_unlock(&vi->io_lock);
 	if (r < 0)
 		fuse_reply_err(req, -r);
@@ -1080,13 +1093,26 @@ static void op_init(void *userdata, struct fuse_conn_info *conn)
 	fs->parallel_dio = conn->proto_major == FUSE_KERNEL_VERSION &&
 			   conn->proto_minor >= PARALLEL_DIO_MINOR;
 	/*
-	 * Every write must reach the engine when it is made (no writeback
-	 * cache), O_TRUNC comes as a setattr so truncation has one path, and
-	 * nobody but us changes the data, so the kernel need not re-check
-	 * attributes to keep its cache (no auto_inval_data).
+	 * O_TRUNC comes as a setattr so truncation has one path, and nobody
+	 * but us changes the data, so the kernel need not re-check attributes
+	 * to keep its cache (no auto_inval_data).
 	 */
 	conn->want &= ~(FUSE_CAP_WRITEBACK_CACHE | FUSE_CAP_ATOMIC_O_TRUNC |
 			FUSE_CAP_AUTO_INVAL_DATA);
+	/*
+	 * writeback_cache: buffered writes stay in the volume file's page
+	 * cache until writeback, fsync or close, as they do on a block
+	 * device; their errors reach the writer at fsync and close.  The
+	 * kernel then trusts its own size and times of a regular file over
+	 * ours, which holds because both change only through it: a write
+	 * past EOF, a truncate, a fallocate.  O_DIRECT opens keep
+	 * FOPEN_DIRECT_IO and bypass the cache.  Off, every write(2) waits
+	 * for the engine.
+	 */
+	fs->writeback = fs->cfg.writeback_cache && !fs->read_only &&
+			(conn->capable & FUSE_CAP_WRITEBACK_CACHE);
+	if (fs->writeback)
+		conn->want |= FUSE_CAP_WRITEBACK_CACHE;
 	if (conn->capable & FUSE_CAP_ASYNC_DIO)
 		conn->want |= FUSE_CAP_ASYNC_DIO;
 	/* libfuse asks the kernel for enough pages (max_pages) to carry this. */

@@ -13,10 +13,12 @@
 #include "fs.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <inttypes.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -451,6 +453,129 @@ void tfs_fs_close_all(struct tfs_fs *fs)
 		}
 	}
 	pthread_mutex_unlock(&fs->lock);
+}
+
+/* ---- the kernel's cached writes ---- */
+
+struct cached_writer {
+	uint32_t dev_id;
+	char name[TFS_NAME_MAX + 1];
+};
+
+/* Open top-level volumes (of ids[0..nr), or all when nr == 0), under fs->lock. */
+static int list_open_volumes(struct tfs_fs *fs, const uint32_t *ids, unsigned nr,
+			     struct cached_writer **out, unsigned *nr_out)
+{
+	struct cached_writer *w = NULL, *n;
+	unsigned cnt = 0, cap = 0;
+	int r = 0;
+
+	pthread_mutex_lock(&fs->lock);
+	for (unsigned b = 0; b < TFS_INODE_BUCKETS; b++) {
+		for (struct tfs_inode *ino = fs->buckets[b]; ino; ino = ino->next) {
+			bool wanted = nr == 0;
+
+			for (unsigned i = 0; i < nr && !wanted; i++)
+				wanted = ids[i] == ino->dev_id;
+			if (!wanted || ino->nopen == 0 || ino->unlinked || ino->gone ||
+			    ino->row.kind == TFS_VOL_GROUP_MEMBER)
+				continue;
+			if (cnt == cap) {
+				cap = cap ? cap * 2 : 16;
+				n = realloc(w, cap * sizeof(*w));
+				if (!n) {
+					r = -ENOMEM;
+					goto out;
+				}
+				w = n;
+			}
+			w[cnt].dev_id = ino->dev_id;
+			snprintf(w[cnt].name, sizeof(w[cnt].name), "%s", ino->row.name);
+			cnt++;
+		}
+	}
+out:
+	pthread_mutex_unlock(&fs->lock);
+	if (r < 0) {
+		free(w);
+		return r;
+	}
+	*out = w;
+	*nr_out = cnt;
+	return 0;
+}
+
+/*
+ * fsync(2) of one volume through the mount: 0, or the writeback's -errno.
+ * A volume gone meanwhile, or one the daemon may not open (an
+ * unprivileged daemon, a volume of mode 0200), is skipped: that is no
+ * reason to refuse the caller.
+ */
+static int fsync_through_mount(int root, const struct cached_writer *w, const char *why)
+{
+	struct stat st;
+	int fd, r = 0;
+
+	fd = openat(root, w->name, O_RDONLY | O_NONBLOCK | O_NOFOLLOW | O_CLOEXEC);
+	if (fd < 0) {
+		if (errno != ENOENT)
+			tfs_warn("%s: cannot open %s through the mount to write back its cached "
+				 "writes: %s", why, w->name, strerror(errno));
+		return 0;
+	}
+	/* Renamed meanwhile: that name is another volume now, whose writer is not ours. */
+	if (fstat(fd, &st) == 0 && st.st_ino == tfs_ino_of_dev(w->dev_id) && fsync(fd) < 0)
+		r = -errno;
+	close(fd);
+	return r;
+}
+
+int tfs_fs_flush_cached_writes(struct tfs_fs *fs, const uint32_t *ids, unsigned nr,
+			       const char *why)
+{
+	struct tfs_pool_status st;
+	struct cached_writer *w;
+	struct stat rst;
+	unsigned cnt;
+	int root, r;
+
+	if (!fs->writeback || fs->read_only)
+		return 0;
+	/*
+	 * Writes held for data space would hold this fsync (forever with
+	 * no_space_timeout = 0) and with it the caller: what is held is not
+	 * flushed, as with a pool that cannot take it.
+	 */
+	tfs_pool_status(fs->pool, &st);
+	if (st.mode && strcmp(st.mode, "write")) {
+		tfs_info("%s: the pool is in %s mode: writes still in the kernel's cache are "
+			 "not flushed first", why, st.mode);
+		return 0;
+	}
+	r = list_open_volumes(fs, ids, nr, &w, &cnt);
+	if (r < 0 || cnt == 0)
+		return r;
+	root = open(fs->mountpoint, O_PATH | O_DIRECTORY | O_CLOEXEC);
+	if (root < 0 || fstat(root, &rst) < 0 || rst.st_ino != TFS_INO_ROOT) {
+		/* Overmounted or gone: nothing of ours to flush there. */
+		tfs_warn("%s: cannot reach the mount %s to flush cached writes", why,
+			 fs->mountpoint);
+		goto out;
+	}
+	for (unsigned i = 0; i < cnt && r == 0; i++) {
+		/* A suspended volume's writes would wait for its resume, and so would we. */
+		if (tfs_pool_dev_suspended(fs->pool, w[i].dev_id))
+			continue;
+		r = fsync_through_mount(root, &w[i], why);
+		if (r < 0)
+			tfs_err("%s: writing back the cached writes of %s: %s", why, w[i].name,
+				strerror(-r));
+	}
+out:
+	if (root >= 0)
+		close(root);
+	free(w);
+	return r;
 }
 
 /* ---- sizes ---- */

@@ -26,10 +26,12 @@ from daemon_util import BS, GiB, MiB, create, pattern, read_at, wait_for, write_
 # design.md's keys, plus those added since (the contract allows additions, no renames):
 # held_writes (issue 4); held_in_core, reload_staged and the volumes' held_in_core (issue 5);
 # direct_io and the io read_bytes/write_bytes (issue 10); max_threads (issue 9); the volumes'
-# target, the engine's kind of device behind the file (issue 11).
+# target, the engine's kind of device behind the file (issue 11); free_blocks_read_zero and
+# writeback_cache (issue 10).
 POOL_KEYS = {"mode", "needs_check", "reason", "transaction_id", "held_root", "suspended",
              "error_if_no_space", "discard_passdown", "data", "metadata", "io", "held_writes",
-             "held_in_core", "reload_staged", "direct_io", "max_threads", "free_blocks_read_zero"}
+             "held_in_core", "reload_staged", "direct_io", "max_threads", "free_blocks_read_zero",
+             "writeback_cache"}
 SPACE_KEYS = {"block_size", "used_blocks", "total_blocks", "low_water_blocks"}
 IO_KEYS = {"reads", "writes", "flushes", "discards", "read_bytes", "write_bytes"}
 VOLUME_KEYS = {"name", "id", "kind", "size", "mapped_blocks", "exclusive_blocks", "suspended",

@@ -172,6 +172,7 @@ static void test_minimal_cfg_gets_the_documented_defaults(void **state)
 	assert_int_equal(c.metadata_cache_bytes, 64 << 20);
 	assert_false(c.host_cache);
 	assert_int_equal(c.max_threads, 512);
+	assert_false(c.writeback_cache);
 	assert_false(c.allow_faults);
 }
 
@@ -203,6 +204,7 @@ static void test_every_pool_key_is_parsed(void **state)
 		  "host_cache = on\n"
 		  "max_threads = 64\n"
 		  "detect_zeroes = unmap\n"
+		  "writeback_cache = on\n"
 		  "\n"
 		  "[fault]\n"
 		  "allow = on\n",
@@ -225,6 +227,7 @@ static void test_every_pool_key_is_parsed(void **state)
 	assert_true(c.host_cache);
 	assert_int_equal(c.max_threads, 64);
 	assert_true(c.detect_zeroes);
+	assert_true(c.writeback_cache);
 	assert_true(c.allow_faults);
 }
 
@@ -546,6 +549,7 @@ static void test_bad_values_name_file_line_and_key(void **state)
 		{ "metadata_cache = lots", "metadata_cache", "not a size" },
 		{ "metadata_cache = 4k", "metadata_cache", "minimum 64k" },
 		{ "host_cache = sometimes", "host_cache", "not a boolean" },
+		{ "writeback_cache = 2", "writeback_cache", "not a boolean" },
 		{ "max_threads = 7", "max_threads", "less than 8 (each write held for data space" },
 		{ "max_threads = 0", "max_threads", "less than 8" },
 		{ "max_threads = 4097", "max_threads", "4097 is more than 4096" },
@@ -1125,6 +1129,8 @@ static void test_reload_refuses_to_change_what_the_pool_is(void **state)
 		{ "", "metadata_cache = 128m\n",
 		  "metadata_cache: 64m -> 128m cannot change while mounted" },
 		{ "", "host_cache = on\n", "host_cache: no -> yes cannot change while mounted" },
+		{ "", "writeback_cache = on\n",
+		  "writeback_cache: no -> yes cannot change while mounted" },
 		{ "", "max_threads = 16\n", "max_threads: 512 -> 16 cannot change while mounted" },
 		{ "max_threads = 4096\n", "", "max_threads: 4096 -> 512 cannot change while mounted" },
 		{ "", "[fault]\nallow = yes\n", "[fault] allow: no -> yes cannot change while mounted" },

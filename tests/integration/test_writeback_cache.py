@@ -1,0 +1,226 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+"""Buffered writes through the kernel's writeback cache (pool.cfg
+writeback_cache, issue 10): what write(2) left in a volume's page cache
+reaches the pool at fsync, close, a snapshot group's mkdir and a suspend;
+errors of the later writeback (ENOSPC, EIO) reach the writer; O_DIRECT
+opens bypass the cache and stay coherent with buffered ones; sizes and
+times are the kernel's and survive a remount.
+
+While the pool holds a writeback (a suspend, a pool out of data space),
+every close(2) of the file waits for it, and so does the close of each
+inherited descriptor in a child about to exec (subprocess's close_fds):
+a test that holds a dirty volume open then talks to the daemon over the
+socket itself, as thinfs-ctl in a subprocess would hang before its exec."""
+import errno
+import json
+import os
+import socket
+import threading
+
+import pytest
+
+from ctl_socket import ctl_socket_path
+from daemon_util import BS, MiB, bounded, create, pattern, read_at, read_direct, wait_for, \
+    write_at, write_direct
+
+
+WB = {"writeback_cache": "on"}
+
+
+def ctl_in_process(p, *args):
+    """A control command without a child process; the response's json or output."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(60)
+        s.connect(ctl_socket_path(p.mnt))
+        s.sendall(json.dumps({"cmd": args[0], "args": list(args[1:])}).encode() + b"\n")
+        reply = s.makefile("rb").readline()
+    r = json.loads(reply)
+    assert r["ok"], r
+    return r.get("json", r.get("output"))
+
+
+def wb_volume(pool, size, **options):
+    """A mounted pool with the writeback cache on, and its volume vm1 of size bytes."""
+    p = pool(options={**WB, **options})
+    return p, create(p.mnt / "vm1", size)
+
+
+def data_written(p):
+    return p.status()["pool"]["io"]["data"]["write_bytes"]
+
+
+def open_dirty(path, off, data):
+    """A descriptor whose pwrite of data at off was not fsynced (closing it
+    would write it back)."""
+    fd = os.open(path, os.O_WRONLY)
+    assert os.pwrite(fd, data, off) == len(data)
+    return fd
+
+
+def assert_writeback_fails(path, off, data, err):
+    """pwrite(2) of data succeeds (into the cache); fsync(2) reports err."""
+    fd = open_dirty(path, off, data)
+    try:
+        with pytest.raises(OSError) as ei:
+            os.fsync(fd)
+        assert ei.value.errno == err, ei.value
+    finally:
+        os.close(fd)
+
+
+def test_writeback_cache_is_off_by_default_and_on_when_asked(pool):
+    assert pool("on", options=WB).status()["pool"]["writeback_cache"] is True
+    off = pool("off")
+    assert off.status()["pool"]["writeback_cache"] is False
+    # Off, each write(2) reaches the pool before it returns.
+    create(off.mnt / "vm1", 4 * MiB)
+    before = data_written(off)
+    fd = open_dirty(off.mnt / "vm1", 0, pattern(1, BS))
+    try:
+        assert data_written(off) >= before + BS
+    finally:
+        os.close(fd)
+
+
+def test_buffered_writes_of_any_size_fsynced_survive_a_remount(pool):
+    p, vol = wb_volume(pool, 8 * MiB)
+    # Part of a page that is on the device, not in the cache, through a
+    # write-only open: the kernel reads the page first on that handle.
+    under = pattern(7, BS)
+    write_direct(vol, 6 * MiB, under)
+    wo = os.open(vol, os.O_WRONLY)
+    try:
+        os.pwrite(wo, b"z" * 100, 6 * MiB + 77)
+        os.fsync(wo)
+    finally:
+        os.close(wo)
+    assert read_direct(vol, 6 * MiB, BS) == under[:77] + b"z" * 100 + under[177:]
+    fd = os.open(vol, os.O_RDWR)
+    try:
+        # Partial pages at odd offsets: the kernel reads the rest of each page first.
+        for i in range(64):
+            assert os.pwrite(fd, pattern(i, 1000), i * 123457 % (8 * MiB - 1000)) == 1000
+        os.pwrite(fd, pattern(99, 3 * BS), 2 * MiB)
+        os.fsync(fd)
+        want = os.pread(fd, 8 * MiB, 0)
+    finally:
+        os.close(fd)
+    st = os.stat(vol)
+    p.remount()
+    assert read_direct(vol, 0, 8 * MiB) == want
+    after = os.stat(vol)
+    # Size and times are the kernel's while cached; they reached the catalog.
+    assert after.st_size == 8 * MiB
+    assert after.st_mtime_ns == st.st_mtime_ns and after.st_ctime_ns == st.st_ctime_ns
+
+
+def test_truncate_and_a_partial_last_page_keep_the_size(pool):
+    p, vol = wb_volume(pool, 5000)
+    fd = os.open(vol, os.O_RDWR)
+    try:
+        # The page past 5000 is cached whole; only 5000 bytes are the file's.
+        os.pwrite(fd, b"x" * 904, 4096)
+        os.fsync(fd)
+        assert os.fstat(fd).st_size == 5000 and p.volume("vm1")["size"] == 5000
+        os.pwrite(fd, pattern(2, 2 * BS), 0)
+        os.ftruncate(fd, 3000)
+        assert os.fstat(fd).st_size == 3000
+        os.ftruncate(fd, 2 * BS)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    p.remount()
+    assert os.path.getsize(vol) == 2 * BS
+    assert read_at(vol, 0, 2 * BS) == pattern(2, 2 * BS)[:3000] + bytes(2 * BS - 3000)
+
+
+def test_enospc_of_cached_writes_surfaces_at_fsync_and_close(pool):
+    p = pool(data_size=4 * MiB, options={"error_if_no_space": "true", **WB})   # 64 blocks
+    p.expect_log(r"(?i)space|ENOSPC")
+    vol = p.mnt / "vm1"
+    create(vol, 16 * MiB)
+    keep = pattern(1, 32 * BS)
+    write_at(vol, 0, keep)
+    # write(2) returns: the pages are cached; the pool answers at writeback.
+    assert_writeback_fails(vol, 32 * BS, pattern(2, 64 * BS), errno.ENOSPC)
+    # A writer that only closes learns it there.
+    fd = open_dirty(vol, 128 * BS, pattern(3, 64 * BS))
+    with pytest.raises(OSError) as ei:
+        os.close(fd)
+    assert ei.value.errno == errno.ENOSPC, ei.value
+    assert read_at(vol, 0, 32 * BS) == keep
+
+
+def test_direct_and_buffered_opens_of_a_file_stay_coherent(pool):
+    p, vol = wb_volume(pool, 4 * MiB)
+    one, two = pattern(1, 4 * BS), pattern(2, BS)
+    buffered = os.open(vol, os.O_RDWR)
+    try:
+        os.pwrite(buffered, one, 0)
+        os.fsync(buffered)
+        assert read_direct(vol, 0, 4 * BS) == one
+        # A direct write over cached pages: the buffered open reads it, not the old cache.
+        assert os.pread(buffered, 4 * BS, 0) == one
+        write_direct(vol, BS, two)
+        assert os.pread(buffered, 4 * BS, 0) == one[:BS] + two + one[2 * BS:]
+        # And buffered over direct, part of a page, read back directly after fsync.
+        os.pwrite(buffered, b"y" * 100, BS + 10)
+        os.fsync(buffered)
+        assert read_direct(vol, BS, BS) == two[:10] + b"y" * 100 + two[110:]
+    finally:
+        os.close(buffered)
+
+
+def test_snapshot_group_holds_buffered_writes_not_yet_written_back(pool):
+    p, vol = wb_volume(pool, 4 * MiB)
+    fd = open_dirty(vol, BS, pattern(5, 3 * BS))
+    try:
+        os.mkdir(p.mnt / ".snapshots" / "g")
+        assert read_at(p.mnt / ".snapshots" / "g" / "vm1", BS, 3 * BS) == pattern(5, 3 * BS)
+    finally:
+        os.close(fd)
+
+
+def test_suspend_writes_back_cached_writes_first_and_noflush_after_resume(pool):
+    """The kernel may write back by itself any time: what is checked is that
+    nothing is left after the suspend, and that a noflush suspend holds a
+    writeback until the resume instead of failing or losing it."""
+    p, vol = wb_volume(pool, 4 * MiB)
+    fd = open_dirty(vol, 0, pattern(6, 4 * BS))
+    try:
+        p.ctl("suspend", "vm1")
+        flushed = data_written(p)
+        p.ctl("resume", "vm1")
+        os.fsync(fd)
+        assert data_written(p) == flushed     # nothing was left in the cache
+        # Under a noflush suspend, cached writes wait for the resume, then go in.
+        p.ctl("suspend", "vm1", "--noflush")
+        assert os.pwrite(fd, pattern(7, 4 * BS), 0) == 4 * BS     # whole cached pages
+        done = threading.Event()
+        syncer = threading.Thread(target=lambda: (os.fsync(fd), done.set()), daemon=True)
+        syncer.start()
+        held = wait_for(lambda: ctl_in_process(p, "status", "--json")["pool"]["held_in_core"])
+        assert held and not done.is_set()
+        ctl_in_process(p, "resume", "vm1")
+        bounded(syncer.join, what="fsync after resume")
+        assert done.is_set()
+    finally:
+        os.close(fd)
+    p.remount()
+    assert read_at(vol, 0, 4 * BS) == pattern(7, 4 * BS)
+
+
+def test_a_failed_writeback_is_reported_at_fsync_and_the_old_data_stays(pool):
+    p = pool(options=WB, mount=False)
+    p.cfg.write_text(p.cfg.read_text() + "[fault]\nallow = yes\n")
+    p.mount("--allow-faults")
+    p.expect_log(r".")          # the injected write error is logged
+    vol = create(p.mnt / "vm1", 4 * MiB)
+    old = pattern(1, 4 * BS)
+    write_at(vol, 0, old)
+    p.ctl("fault", "data", "write", "error")
+    assert_writeback_fails(vol, BS, pattern(2, BS), errno.EIO)
+    p.ctl("fault", "data", "write", "ok")
+    assert read_direct(vol, 0, 4 * BS) == old
+    p.remount("--allow-faults")
+    assert read_at(vol, 0, 4 * BS) == old
