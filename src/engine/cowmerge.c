@@ -294,7 +294,8 @@ int tfs_cow_set_merge_check(struct tfs_cow_set *set, uint32_t id)
 	return r;
 }
 
-int tfs_cow_set_merge(struct tfs_cow_set *set, uint32_t id, uint64_t *chunks)
+int tfs_cow_set_merge(struct tfs_cow_set *set, uint32_t id, uint64_t *chunks,
+		      uint32_t *origin_id)
 {
 	struct tfs_cow_merge *m = calloc(1, sizeof(*m));
 	struct tfs_cowsnap *s;
@@ -347,6 +348,8 @@ int tfs_cow_set_merge(struct tfs_cow_set *set, uint32_t id, uint64_t *chunks)
 		}
 		o->merge = m;
 		*chunks = tfs_snap_store_count(s->store);
+		if (origin_id)
+			*origin_id = o->id;
 	}
 	pthread_mutex_unlock(&set->lock);
 	pthread_rwlock_unlock(&o->lock);

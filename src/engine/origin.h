@@ -168,14 +168,16 @@ int tfs_cow_set_with_fault_dev(struct tfs_cow_set *set, const char *name, const 
  * it into the origin (last exception first, as the kernel does; the
  * other snapshots get their copy of the origin's chunk first, under the
  * chunk's range lock, so origin I/O to chunks being merged waits) and
- * drops the exception.  *chunks: exceptions left.  When none is left, a
+ * drops the exception.  *chunks: exceptions left; *origin_id (may be
+ * NULL): the origin's id.  When none is left, a
  * TFS_COW_EVENT_MERGE_DONE event is recorded; tfs_cow_set_events reports
  * it and closes the snapshot.  A merge stopped by unmount resumes when the
  * snapshot is opened and merge is called again.  New snapshots of a
  * merging origin are refused (-EBUSY).
  */
 int tfs_cow_set_merge_check(struct tfs_cow_set *set, uint32_t id);
-int tfs_cow_set_merge(struct tfs_cow_set *set, uint32_t id, uint64_t *chunks);
+int tfs_cow_set_merge(struct tfs_cow_set *set, uint32_t id, uint64_t *chunks,
+		      uint32_t *origin_id);
 
 /* A snapshot being merged: status lists it by these (tfs_cow_set_open_dev, status only). */
 struct tfs_cow_merging {

@@ -185,7 +185,7 @@ static void open_merging(struct tfs_fs *fs, const struct tfs_cow_snap_row *c)
 	tfs_log_capture(why, sizeof(why));
 	r = tfs_cow_set_add_snapshot(fs->cow, &p);
 	if (r == 0)
-		r = tfs_cow_set_merge(fs->cow, c->dev_id, &chunks);
+		r = tfs_cow_set_merge(fs->cow, c->dev_id, &chunks, NULL);
 	tfs_log_capture(NULL, 0);
 	if (r < 0) {
 		tfs_cow_set_remove_snapshot(fs->cow, c->dev_id, false);
@@ -679,7 +679,7 @@ void tfs_fs_cow_after_resume(struct tfs_fs *fs)
 	free(cfg);
 }
 
-int tfs_fs_cow_merge(struct tfs_fs *fs, const char *name, uint64_t *chunks)
+int tfs_fs_cow_merge(struct tfs_fs *fs, const char *name, uint64_t *chunks, uint32_t *origin_id)
 {
 	struct tfs_vol_row row;
 	struct tfs_inode *ino;
@@ -716,7 +716,7 @@ int tfs_fs_cow_merge(struct tfs_fs *fs, const char *name, uint64_t *chunks)
 		tfs_err("catalog: cannot record the merge of %s: %s", name, strerror(-r));
 		goto out;
 	}
-	r = tfs_cow_set_merge(fs->cow, row.dev_id, chunks);
+	r = tfs_cow_set_merge(fs->cow, row.dev_id, chunks, origin_id);
 	if (r < 0) {
 		/* Not started: the snapshot is back as it was. */
 		tfs_catalog_begin(fs->cat);

@@ -817,6 +817,7 @@ static void cmd_merge(struct cmd_ctx *c)
 {
 	char errors[1024];
 	uint64_t chunks = 0;
+	uint32_t origin = 0;
 	int r;
 
 	if (c->argc != 2) {
@@ -824,7 +825,7 @@ static void cmd_merge(struct cmd_ctx *c)
 		return;
 	}
 	tfs_log_capture(errors, sizeof(errors));
-	r = tfs_fs_cow_merge(c->fs, c->argv[1], &chunks);
+	r = tfs_fs_cow_merge(c->fs, c->argv[1], &chunks, &origin);
 	tfs_log_capture(NULL, 0);
 	if (r == -EROFS)
 		send_error(c->fd, "merge: the pool is read-only");
@@ -841,9 +842,12 @@ static void cmd_merge(struct cmd_ctx *c)
 		send_error(c->fd, "merge %s: %s", c->argv[1], errors[0] ? errors : strerror(-r));
 	if (r < 0)
 		return;
-	if (c->fs->se)
+	if (c->fs->se) {
 		fuse_lowlevel_notify_inval_entry(c->fs->se, TFS_INO_ROOT, c->argv[1],
 						 strlen(c->argv[1]));
+		/* Pages of the origin a handle still caches are the old content's. */
+		fuse_lowlevel_notify_inval_inode(c->fs->se, tfs_ino_of_dev(origin), 0, 0);
+	}
 	send_ok(c->fd, "", NULL, true);
 }
 

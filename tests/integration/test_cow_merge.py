@@ -97,7 +97,7 @@ def test_merge_reads_the_snapshot_at_once_and_keeps_concurrent_origin_writes(poo
     check_cfg(p)
 
 
-def test_merge_done_runs_the_hook_with_the_snapshot(pool, tmp_path):
+def test_merge_done_runs_the_hook_and_cached_origin_pages_go(pool, tmp_path):
     hook, log = write_hook(tmp_path / "hook")
     origin = sparse(tmp_path / "origin.img", 2 * MiB)
     write_at(origin, 0, pattern(7, 2 * MiB))
@@ -105,7 +105,14 @@ def test_merge_done_runs_the_hook_with_the_snapshot(pool, tmp_path):
     p = cow_pool(pool, [("db", origin)], options={"on_event": hook})
     ctl_snapshot(p, "db", "s", cow)
     write_at(p.mnt / "db", 0, b"n" * (1 * MiB))
-    p.ctl("merge", "s")
+    # A handle open across the merge: the kernel's cached pages of the origin go too.
+    fd = os.open(p.mnt / "db", os.O_RDONLY)
+    try:
+        assert os.pread(fd, 1 * MiB, 0) == b"n" * (1 * MiB)
+        p.ctl("merge", "s")
+        assert os.pread(fd, 1 * MiB, 0) == pattern(7, 1 * MiB)
+    finally:
+        os.close(fd)
     merged(p, "s")
     wait_for_line(log, "merge_done s")
     assert read_at(p.mnt / "db", 0, 2 * MiB) == pattern(7, 2 * MiB)
