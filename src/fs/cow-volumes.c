@@ -457,16 +457,25 @@ static const char *kind_of(const struct tfs_cow_target_cfg *t)
 }
 
 struct ctl_user {
+	struct tfs_catalog *cat;
 	const char *origin;
 	uint32_t id;
+	bool merging;           /* id is being merged into the origin */
 };
 
+/* A snapshot of the origin made with thinfs-ctl; one being merged wins. */
 static int find_ctl_user(void *ctx, const struct tfs_cow_snap_row *row)
 {
 	struct ctl_user *u = ctx;
 
-	if (!strcmp(row->origin, u->origin) && !u->id)
+	if (strcmp(row->origin, u->origin) || u->merging)
+		return 0;
+	if (tfs_catalog_cow_merging(u->cat, row->dev_id)) {
 		u->id = row->dev_id;
+		u->merging = true;
+	} else if (!u->id) {
+		u->id = row->dev_id;
+	}
 	return 0;
 }
 
@@ -474,7 +483,7 @@ static int find_ctl_user(void *ctx, const struct tfs_cow_snap_row *row)
 static int check_gone(struct tfs_fs *fs, const struct tfs_cow_target_cfg *t,
 		      const struct tfs_pool_config *next, char *why, size_t len)
 {
-	struct ctl_user u = { .origin = t->name };
+	struct ctl_user u = { .cat = fs->cat, .origin = t->name };
 	struct tfs_vol_row row;
 	struct tfs_inode *ino;
 
@@ -500,7 +509,7 @@ static int check_gone(struct tfs_fs *fs, const struct tfs_cow_target_cfg *t,
 		}
 	}
 	tfs_catalog_list_cow_snapshots(fs->cat, find_ctl_user, &u);
-	if (u.id && tfs_catalog_cow_merging(fs->cat, u.id)) {
+	if (u.merging) {
 		snprintf(why, len, "[origin \"%s\"] removed or changed: a snapshot is being "
 			 "merged into it: wait for merge_done", t->name);
 		return -EBUSY;

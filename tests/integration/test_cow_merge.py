@@ -285,13 +285,20 @@ def test_bad_merges_are_refused_and_change_nothing(pool, tmp_path):
     assert {v["name"]: v["merging"] for v in p.status()["volumes"]
             if v["kind"] == "cow-snapshot"} == {"c": False, "tr": False, "small": False,
                                                 "s": False}
-    # While s merges (held by a stalled COW read): a second merge and a new snapshot of
-    # db are refused.
+    # While s merges (held by a stalled COW read): a second merge, a new snapshot of db
+    # and a reload without db are refused.
     p.ctl("fault", "s:cow", "read", "stall")
     p.ctl("merge", "s")
     refused("s", "already being merged")
     err = one_line(ctl_snapshot(p, "db", "u", sparse(tmp_path / "u.cow", 4 * MiB), ok=(1,)))
     assert "merge" in err, err
+    text = p.cfg.read_text()
+    p.ctl("suspend")
+    p.cfg.write_text(text.split('[origin "db"]')[0])      # db and c go
+    err = one_line(p.ctl("reload", p.cfg, ok=(1,)))
+    assert '[origin "db"] removed or changed: a snapshot is being merged' in err, err
+    p.cfg.write_text(text)
+    p.ctl("resume")
     p.ctl("fault", "s:cow", "read", "ok")
     merged(p, "s")
     assert read_at(p.mnt / "db", 0, 4 * MiB) == before["s"]
