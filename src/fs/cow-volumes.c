@@ -218,10 +218,8 @@ static void open_ctl_snapshots(struct tfs_fs *fs, struct id_scan *s)
 		bool have_row = tfs_catalog_get_by_id(fs->cat, c->dev_id, &row) == 0;
 		int r;
 
-		if (tfs_catalog_cow_merging(fs->cat, c->dev_id)) {
-			open_merging(fs, c);
-			continue;
-		}
+		if (tfs_catalog_cow_merging(fs->cat, c->dev_id))
+			continue; /* after the others: a merging origin takes no new snapshot */
 		if (have_row && row.unlinked) {
 			tfs_catalog_begin(fs->cat);
 			tfs_catalog_remove_cow_snapshot(fs->cat, c->dev_id);
@@ -253,6 +251,9 @@ static void open_ctl_snapshots(struct tfs_fs *fs, struct id_scan *s)
 		if (have_row)
 			tfs_catalog_remove_volume(fs->cat, c->dev_id);
 	}
+	for (unsigned i = 0; i < s->nr_ctl; i++)
+		if (tfs_catalog_cow_merging(fs->cat, s->ctl[i].dev_id))
+			open_merging(fs, &s->ctl[i]);
 }
 
 /* Rows of origins and snapshots that are gone from pool.cfg. */

@@ -151,13 +151,17 @@ def test_merge_leaves_other_snapshots_exactly_as_they_were(pool, tmp_path):
     check_cfg(p)
 
 
-def stalled_merge(p, tmp_path, after):
+def stalled_merge(p, tmp_path, after, other=None):
     """A snapshot s with many one-chunk runs, merged until the COW device's
-    reads stall after `after` of them: the merge is then in progress."""
+    reads stall after `after` of them: the merge is then in progress.
+    other: the name of a snapshot of db taken after s (made before the merge)."""
     cow = sparse(tmp_path / "s.cow", 8 * MiB)
     ctl_snapshot(p, "db", "s", cow, "--chunk-size", "4k")
     scattered_writes(p.mnt / "db", 20, 0, 150)
     write_at(p.mnt / "s", 2 * MiB + 7, pattern(21, 30000))
+    if other:
+        ctl_snapshot(p, "db", other, sparse(tmp_path / f"{other}.cow", 8 * MiB))
+        write_at(p.mnt / "db", 6 * MiB, pattern(22, 100000))
     snap = read_at(p.mnt / "s", 0, 8 * MiB)
     p.ctl("fault", "s:cow", "read", "stall", "after", str(after))
     p.ctl("merge", "s")
@@ -191,18 +195,21 @@ def test_merge_interrupted_by_unmount_resumes_at_the_next_mount(pool, tmp_path):
 
 def test_merge_interrupted_by_kill9_resumes_at_the_next_mount(pool, tmp_path):
     p, origin = faulty_pool(pool, tmp_path)
-    snap = stalled_merge(p, tmp_path, after=8)
+    snap = stalled_merge(p, tmp_path, after=8, other="t")
+    t = read_at(p.mnt / "t", 0, 8 * MiB)
     p.kill9()
     p.mount("--allow-faults")
     ev = events_of(p, "merge")
     assert "resumed" in ev[-1]["detail"], ev
     assert read_at(p.mnt / "db", 0, 8 * MiB) == snap
+    assert read_at(p.mnt / "t", 0, 8 * MiB) == t       # opened too, its content kept
     # An origin write during the resumed merge survives it.
     write_at(p.mnt / "db", 3 * CHUNK + 5, b"W" * 9000)
     want = bytearray(snap)
     want[3 * CHUNK + 5:3 * CHUNK + 5 + 9000] = b"W" * 9000
     merged(p, "s")
     assert read_at(p.mnt / "db", 0, 8 * MiB) == bytes(want)
+    assert read_at(p.mnt / "t", 0, 8 * MiB) == t
     p.unmount()
     assert read_at(origin, 0, 8 * MiB) == bytes(want)
     check_cfg(p)
