@@ -745,8 +745,10 @@ int tfs_fs_cow_merge(struct tfs_fs *fs, const char *name, uint64_t *chunks, uint
 		ino->gone = true;
 		ino->unlinked = true;
 	}
-	tfs_fs_event(fs, "merge", "snapshot %s into its origin: %" PRIu64 " chunk(s) to merge",
-		     name, *chunks);
+	if (tfs_catalog_get_by_id(fs->cat, *origin_id, &row) < 0)
+		snprintf(row.name, sizeof(row.name), "its origin");
+	tfs_fs_event(fs, "merge", "snapshot %s into %s: %" PRIu64 " chunk(s) to merge", name,
+		     row.name, *chunks);
 out:
 	pthread_mutex_unlock(&fs->lock);
 	return r;

@@ -166,6 +166,8 @@ def stalled_merge(p, tmp_path, after, other=None):
     p.ctl("fault", "s:cow", "read", "stall", "after", str(after))
     p.ctl("merge", "s")
     assert not (p.mnt / "s").exists()
+    detail = events_of(p, "merge")[-1]["detail"]
+    assert re.fullmatch(r"snapshot s into db: \d+ chunk\(s\) to merge", detail), detail
     # Listed while merging: no file, its progress in status.
     s = vol(p, "s")
     assert s["kind"] == "cow-snapshot" and s["merging"] is True
