@@ -37,6 +37,7 @@ static void usage(FILE *f)
 	      "  wait-event N [--timeout S]   wait until event N exists\n"
 	      "  resize data|metadata SIZE|+DELTA  grow the pool's data or metadata device\n"
 	      "  resize cow NAME              take a classic snapshot's grown COW device into use\n"
+	      "  merge NAME                   roll a classic snapshot's origin back to it\n"
 	      "  suspend [NAME...] [--noflush] [--timeout S]\n"
 	      "                               hold new I/O to the volumes (NAME or GROUP/NAME;\n"
 	      "                               none: the whole pool); returns once quiescent\n"

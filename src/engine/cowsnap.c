@@ -462,24 +462,16 @@ static int may_io(const struct snap_handle *h, bool write)
 		return -EBADF;
 	if (write && h->read_only)
 		return -EROFS;
-	return atomic_load(&h->s->invalid) ? -EIO : 0;
+	/* A merging snapshot's file is gone; a handle opened before cannot reach its chunks. */
+	return atomic_load(&h->s->invalid) || atomic_load(&h->s->merging) ? -EIO : 0;
 }
 
-static int snap_read(struct tfs_dev *dev, void *buf, size_t len, uint64_t off)
+int tfs_cowsnap_read_locked(struct tfs_cowsnap *s, void *buf, size_t len, uint64_t off)
 {
-	struct snap_handle *h = sh_of(dev);
-	struct tfs_cowsnap *s = h->s;
 	struct tfs_origin *o = s->origin;
-	uint64_t b, e, pos = off, end = off + len, to;
-	int r = may_io(h, false);
+	uint64_t pos = off, end = off + len, to;
+	int r = 0;
 
-	if (r || !len)
-		return r;
-	pthread_rwlock_rdlock(&o->lock);
-	tfs_origin_lock_range(o, off, len, &b, &e);
-	r = tfs_prison_lock_shared(o->prison, 0, b, e);
-	if (r < 0)
-		goto out;
 	while (!r && pos < end) {
 		uint64_t c = pos / s->chunk_bytes, in = pos % s->chunk_bytes, next, t;
 		uint64_t n = s->chunk_bytes - in < end - pos ? s->chunk_bytes - in : end - pos;
@@ -505,6 +497,25 @@ static int snap_read(struct tfs_dev *dev, void *buf, size_t len, uint64_t off)
 		}
 		pos += n;
 	}
+	return r;
+}
+
+static int snap_read(struct tfs_dev *dev, void *buf, size_t len, uint64_t off)
+{
+	struct snap_handle *h = sh_of(dev);
+	struct tfs_cowsnap *s = h->s;
+	struct tfs_origin *o = s->origin;
+	uint64_t b, e;
+	int r = may_io(h, false);
+
+	if (r || !len)
+		return r;
+	pthread_rwlock_rdlock(&o->lock);
+	tfs_origin_lock_range(o, off, len, &b, &e);
+	r = tfs_prison_lock_shared(o->prison, 0, b, e);
+	if (r < 0)
+		goto out;
+	r = tfs_cowsnap_read_locked(s, buf, len, off);
 	tfs_prison_unlock_shared(o->prison, 0, b, e);
 	/* Invalidated meanwhile (a full store): what was read may be half of it. */
 	if (!r && atomic_load(&s->invalid))
@@ -659,7 +670,7 @@ static int snap_allocated(struct tfs_dev *dev, uint64_t *bytes)
 static void snap_status(struct tfs_dev *dev, struct tfs_status_sink *sink)
 {
 	struct tfs_cowsnap *s = sh_of(dev)->s;
-	bool valid = !atomic_load(&s->invalid);
+	bool valid = !atomic_load(&s->invalid), merging = atomic_load(&s->merging);
 	struct tfs_snap_usage u;
 	char line[80];
 
@@ -668,15 +679,19 @@ static void snap_status(struct tfs_dev *dev, struct tfs_status_sink *sink)
 	tfs_status_flag(sink, "persistent", s->persistent);
 	tfs_status_u64(sink, "chunk_size", s->chunk_bytes);
 	tfs_status_flag(sink, "valid", valid);
-	tfs_status_flag(sink, "merging", false);
+	tfs_status_flag(sink, "merging", merging);
+	if (merging)
+		tfs_status_u64(sink, "merge_remaining_chunks", tfs_snap_store_count(s->store));
 	tfs_status_text(sink, "device", s->cow_path);
 	tfs_status_begin(sink, "cow");
 	tfs_status_u64(sink, "total_sectors", u.total_sectors);
 	tfs_status_u64(sink, "allocated_sectors", u.allocated_sectors);
 	tfs_status_u64(sink, "metadata_sectors", u.metadata_sectors);
 	tfs_status_end(sink);
-	/* dm's snapshot status line. */
-	if (valid)
+	/* dm's snapshot status line (snapshot-merge's while merging: the same numbers). */
+	if (atomic_load(&s->merge_failed))
+		snprintf(line, sizeof(line), "Merge failed");
+	else if (valid)
 		snprintf(line, sizeof(line), "%" PRIu64 "/%" PRIu64 " %" PRIu64,
 			 u.allocated_sectors, u.total_sectors, u.metadata_sectors);
 	else

@@ -15,6 +15,7 @@
 #define COW_NAME_MAX 256
 
 struct tfs_cowsnap;
+struct tfs_cow_merge;
 
 struct tfs_origin {
 	struct tfs_cow_set *set;
@@ -32,6 +33,12 @@ struct tfs_origin {
 	uint64_t lock_align;       /* lock: the largest chunk in bytes (at least 4 KiB) */
 	struct tfs_cowsnap **snaps;/* lock */
 	unsigned nr_snaps;         /* lock */
+	/*
+	 * The snapshot being merged into the origin (cowmerge.c), out of
+	 * snaps: while set, the origin's I/O goes through it.  Changed with
+	 * lock held exclusively and set->lock.
+	 */
+	struct tfs_cow_merge *merge;
 };
 
 struct tfs_cowsnap {
@@ -47,6 +54,8 @@ struct tfs_cowsnap {
 	bool persistent;
 	atomic_uint refs;          /* the set's + each open handle's */
 
+	atomic_bool merging;       /* being merged into its origin: no file, no I/O of its own */
+	atomic_bool merge_failed;  /* the merge stopped on an error (dm's "Merge failed") */
 	atomic_bool invalid;       /* set once, never cleared */
 	char invalid_why[160];     /* written by the thread that set invalid, before notify */
 
@@ -99,7 +108,28 @@ struct tfs_origin_bytes {
 void tfs_cowsnap_copy_out(struct tfs_cowsnap *s, uint64_t off, uint64_t len,
 			  struct tfs_origin_bytes *src);
 
+/*
+ * Read [off, off + len) as s sees it: chunks with an exception from its
+ * COW device, the rest from the origin.  The caller holds the origin's
+ * lock shared and a shared range lock over the bytes.  A COW read error
+ * invalidates s and gives -EIO.
+ */
+int tfs_cowsnap_read_locked(struct tfs_cowsnap *s, void *buf, size_t len, uint64_t off);
+
+/* cowmerge.c: the origin's I/O while a snapshot merges into it (o->lock held shared). */
+int tfs_cow_merge_write(struct tfs_origin *o, const void *buf, size_t len, uint64_t off);
+int tfs_cow_merge_flush(struct tfs_origin *o);
+struct tfs_cowsnap *tfs_cow_merge_snap(struct tfs_origin *o);
+/* set->lock held: the merging snapshot called name (non-NULL) or with id, or NULL. */
+struct tfs_cowsnap *tfs_cow_merge_find(struct tfs_cow_set *set, const char *name, uint32_t id);
+/* Unmount: stop o's merge where it is (the next mount resumes it) and drop it. */
+void tfs_cow_merge_stop(struct tfs_origin *o);
+/* Report and drop every merge that finished (tfs_cow_set_events; no lock held). */
+void tfs_cow_merge_reap(struct tfs_cow_set *set, tfs_cow_event_fn fn, void *ctx);
+
 /* origin.c */
+/* set->lock held: the snapshot in an origin's list called name (non-NULL) or with id. */
+struct tfs_cowsnap *tfs_cow_set_find_snap(struct tfs_cow_set *set, const char *name, uint32_t id);
 int tfs_origin_open_dev(struct tfs_origin *o, unsigned flags, struct tfs_dev **out);
 void tfs_origin_put(struct tfs_origin *o);
 /* The range lock of [off, off + len) rounded out to the origin's lock_align. */

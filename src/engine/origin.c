@@ -57,6 +57,7 @@ void tfs_cow_set_destroy(struct tfs_cow_set *set)
 	for (unsigned i = 0; i < set->nr_origins; i++) {
 		struct tfs_origin *o = set->origins[i];
 
+		tfs_cow_merge_stop(o);
 		for (unsigned j = 0; j < o->nr_snaps; j++)
 			tfs_cowsnap_put(o->snaps[j]);
 		o->nr_snaps = 0;
@@ -254,6 +255,13 @@ int tfs_cow_set_add_snapshot(struct tfs_cow_set *set, const struct tfs_cowsnap_p
 		tfs_err("[snapshot \"%s\"] cow: %s is used by %s", p->name, p->cow, user);
 		return -EEXIST;
 	}
+	if (o->merge) {
+		/* Its copies would be of the origin's device, not of what the origin reads as. */
+		pthread_mutex_unlock(&set->lock);
+		tfs_err("[snapshot \"%s\"] origin: %s is being rolled back by a merge: take the "
+			"snapshot after merge_done", p->name, p->origin);
+		return -EBUSY;
+	}
 	atomic_fetch_add(&o->refs, 1);
 	pthread_mutex_unlock(&set->lock);
 
@@ -277,8 +285,8 @@ int tfs_cow_set_add_snapshot(struct tfs_cow_set *set, const struct tfs_cowsnap_p
 	grown = realloc(o->snaps, (o->nr_snaps + 1) * sizeof(*grown));
 	if (grown)
 		o->snaps = grown;
-	if (!grown || taken(set, p->name, p->id)) {
-		r = grown ? -EEXIST : -ENOMEM;
+	if (!grown || taken(set, p->name, p->id) || o->merge) {
+		r = !grown ? -ENOMEM : o->merge ? -EBUSY : -EEXIST;
 		pthread_mutex_unlock(&set->lock);
 		goto out_unlock;
 	}
@@ -343,7 +351,7 @@ int tfs_cow_set_remove_origin(struct tfs_cow_set *set, uint32_t id)
 	for (unsigned i = 0; i < set->nr_origins; i++) {
 		if (set->origins[i]->id != id)
 			continue;
-		r = set->origins[i]->nr_snaps ? -EBUSY : 0;
+		r = set->origins[i]->nr_snaps || set->origins[i]->merge ? -EBUSY : 0;
 		if (!r) {
 			o = set->origins[i];
 			memmove(&set->origins[i], &set->origins[i + 1],
@@ -400,6 +408,8 @@ int tfs_cow_set_open_dev(struct tfs_cow_set *set, uint32_t id, unsigned flags,
 		if (set->origins[i]->id == id)
 			r = tfs_origin_open_dev(set->origins[i], flags, out);
 	s = r == -ENODATA ? find_snap(set, NULL, id) : NULL;
+	if (!s && r == -ENODATA && (flags & TFS_DEV_STATUS_ONLY))
+		s = tfs_cow_merge_find(set, NULL, id);
 	if (s)
 		r = tfs_cowsnap_open_dev(s, flags, out);
 	pthread_mutex_unlock(&set->lock);
@@ -419,6 +429,8 @@ int tfs_cow_set_size(struct tfs_cow_set *set, uint32_t id, uint64_t *bytes)
 		}
 	}
 	s = r ? find_snap(set, NULL, id) : NULL;
+	if (!s && r)
+		s = tfs_cow_merge_find(set, NULL, id);
 	if (s) {
 		*bytes = s->origin->size;
 		r = 0;
@@ -481,6 +493,8 @@ int tfs_cow_set_with_fault_dev(struct tfs_cow_set *set, const char *name, const 
 	pthread_mutex_lock(&set->lock);
 	if (!strcmp(which, "cow")) {
 		s = find_snap(set, name, 0);
+		if (!s)
+			s = tfs_cow_merge_find(set, name, 0);
 		dev = s ? s->fault : NULL;
 	} else if (!strcmp(which, "device")) {
 		struct tfs_origin *o = find_origin(set, name);
@@ -544,6 +558,7 @@ out:
 	for (unsigned i = 0; i < n; i++)
 		fn(ctx, ev[i].what, ev[i].name, ev[i].detail);
 	free(ev);
+	tfs_cow_merge_reap(set, fn, ctx);
 }
 
 /* ---- the origin target ---- */
@@ -585,7 +600,7 @@ static int origin_read(struct tfs_dev *dev, void *buf, size_t len, uint64_t off)
 	if (r || !len)
 		return r;
 	pthread_rwlock_rdlock(&o->lock);
-	if (!o->nr_snaps) {
+	if (!o->nr_snaps && !o->merge) {
 		r = tfs_dev_read(o->dev, buf, len, off);
 		goto out;
 	}
@@ -594,7 +609,9 @@ static int origin_read(struct tfs_dev *dev, void *buf, size_t len, uint64_t off)
 	r = tfs_prison_lock_shared(o->prison, 0, b, e);
 	if (r < 0)
 		goto out;
-	r = tfs_dev_read(o->dev, buf, len, off);
+	/* While a merge runs, the origin reads as the snapshot being merged. */
+	r = o->merge ? tfs_cowsnap_read_locked(tfs_cow_merge_snap(o), buf, len, off)
+		     : tfs_dev_read(o->dev, buf, len, off);
 	tfs_prison_unlock_shared(o->prison, 0, b, e);
 out:
 	pthread_rwlock_unlock(&o->lock);
@@ -608,6 +625,8 @@ static int origin_write_locked(struct tfs_origin *o, const void *buf, size_t len
 	uint64_t b, e;
 	int r;
 
+	if (o->merge)
+		return tfs_cow_merge_write(o, buf, len, off);
 	if (!o->nr_snaps)
 		return tfs_dev_write(o->dev, buf, len, off);
 	tfs_origin_lock_range(o, off, len, &b, &e);
@@ -665,7 +684,9 @@ static int origin_flush(struct tfs_dev *dev)
 		if (r < 0)
 			tfs_cowsnap_invalidate(s, "COW device flush failed", r);
 	}
-	r = tfs_dev_flush(o->dev);
+	r = o->merge ? tfs_cow_merge_flush(o) : 0;
+	if (r == 0)
+		r = tfs_dev_flush(o->dev);
 	pthread_rwlock_unlock(&o->lock);
 	return r;
 }
@@ -792,4 +813,9 @@ int tfs_origin_open_dev(struct tfs_origin *o, unsigned flags, struct tfs_dev **o
 	atomic_fetch_add(&o->refs, 1);
 	*out = &h->dev;
 	return 0;
+}
+
+struct tfs_cowsnap *tfs_cow_set_find_snap(struct tfs_cow_set *set, const char *name, uint32_t id)
+{
+	return find_snap(set, name, id);
 }

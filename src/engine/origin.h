@@ -65,7 +65,7 @@ struct tfs_cowsnap_params {
 };
 
 /* Per snapshot, for the caller's event log (tfs_cow_set_events). */
-enum tfs_cow_event { TFS_COW_EVENT_INVALID, TFS_COW_EVENT_LOW_WATER };
+enum tfs_cow_event { TFS_COW_EVENT_INVALID, TFS_COW_EVENT_LOW_WATER, TFS_COW_EVENT_MERGE_DONE };
 typedef void (*tfs_cow_event_fn)(void *ctx, enum tfs_cow_event what, const char *name,
 				 const char *detail);
 
@@ -123,7 +123,10 @@ int tfs_cow_set_check_snapshot(struct tfs_cow_set *set, const struct tfs_cowsnap
 /* Whether id is a device of the set, and whether it came from pool.cfg. */
 bool tfs_cow_set_has(struct tfs_cow_set *set, uint32_t id, bool *from_cfg);
 
-/* The device behind id (target.h), flags as tfs_linear_open.  -ENODATA no such id. */
+/*
+ * The device behind id (target.h), flags as tfs_linear_open.  -ENODATA no
+ * such id (a merging snapshot has a status handle only).
+ */
 int tfs_cow_set_open_dev(struct tfs_cow_set *set, uint32_t id, unsigned flags,
 			 struct tfs_dev **out);
 
@@ -150,6 +153,39 @@ int tfs_cow_set_resize_cow(struct tfs_cow_set *set, const char *name, uint64_t *
  */
 int tfs_cow_set_with_fault_dev(struct tfs_cow_set *set, const char *name, const char *which,
 			       void (*fn)(struct tfs_bdev *dev, void *arg), void *arg);
+
+/*
+ * thinfs-ctl merge NAME (dm's snapshot-merge, cowmerge.c): roll the
+ * origin back to snapshot id.  merge_check changes nothing: 0, or -ENOENT
+ * no such snapshot, -EPERM one from pool.cfg, -EOPNOTSUPP a transient
+ * one, -EIO an invalid one, -EBUSY its origin merges another already
+ * (each logged in one line naming the snapshot).  merge: the same checks,
+ * then, with the origin's I/O held for the instant, the snapshot leaves
+ * the origin's list (no file, no I/O of its own; its status handles stay
+ * valid) and from its return the origin reads as the snapshot: a chunk
+ * the store has an exception for is read from the COW device, and a
+ * write to such a chunk goes into that COW chunk, until a thread copies
+ * it into the origin (last exception first, as the kernel does; the
+ * other snapshots get their copy of the origin's chunk first, under the
+ * chunk's range lock, so origin I/O to chunks being merged waits) and
+ * drops the exception.  *chunks: exceptions left; *origin_id (may be
+ * NULL): the origin's id.  When none is left, a
+ * TFS_COW_EVENT_MERGE_DONE event is recorded; tfs_cow_set_events reports
+ * it and closes the snapshot.  A merge stopped by unmount resumes when the
+ * snapshot is opened and merge is called again.  New snapshots of a
+ * merging origin are refused (-EBUSY).
+ */
+int tfs_cow_set_merge_check(struct tfs_cow_set *set, uint32_t id);
+int tfs_cow_set_merge(struct tfs_cow_set *set, uint32_t id, uint64_t *chunks,
+		      uint32_t *origin_id);
+
+/* A snapshot being merged: status lists it by these (tfs_cow_set_open_dev, status only). */
+struct tfs_cow_merging {
+	uint32_t id;
+	char name[256];
+};
+/* Every merging snapshot; *out malloc'ed (free it), may be NULL when *nr is 0.  -ENOMEM. */
+int tfs_cow_set_merging(struct tfs_cow_set *set, struct tfs_cow_merging **out, unsigned *nr);
 
 /*
  * Hand each event recorded since the last call (a snapshot became

@@ -169,6 +169,38 @@ static int open_sections(struct tfs_fs *fs, struct id_scan *s)
 }
 
 /*
+ * A snapshot whose merge was under way at the last unmount or crash: it
+ * has no file; the merge goes on from the exceptions its store still has.
+ * One that cannot be opened leaves its origin reading what was merged so
+ * far, which is neither the snapshot nor the old origin: said loudly.
+ */
+static void open_merging(struct tfs_fs *fs, const struct tfs_cow_snap_row *c)
+{
+	struct tfs_cowsnap_params p = {
+		.id = c->dev_id, .name = c->name, .origin = c->origin, .cow = c->cow,
+		.chunk_sectors = c->chunk_sectors, .persistent = c->persistent,
+	};
+	uint64_t chunks = 0;
+	char why[512];
+	int r;
+
+	tfs_log_capture(why, sizeof(why));
+	r = tfs_cow_set_add_snapshot(fs->cow, &p);
+	if (r == 0)
+		r = tfs_cow_set_merge(fs->cow, c->dev_id, &chunks, NULL);
+	tfs_log_capture(NULL, 0);
+	if (r < 0) {
+		tfs_cow_set_remove_snapshot(fs->cow, c->dev_id, false);
+		tfs_err("snapshot %s: its merge into %s cannot go on (%s): %s reads as partly "
+			"merged until it does (the COW device %s keeps the rest)", c->name, c->origin,
+			why[0] ? why : strerror(-r), c->origin, c->cow);
+		return;
+	}
+	tfs_fs_event(fs, "merge", "snapshot %s into %s: resumed, %" PRIu64 " chunk(s) left",
+		     c->name, c->origin, chunks);
+}
+
+/*
  * Snapshots made with thinfs-ctl.  One that cannot be opened (its origin
  * section is missing, its device is gone) is left out of this mount with
  * a warning and its name row goes, but the catalog keeps what it is: it
@@ -188,6 +220,8 @@ static void open_ctl_snapshots(struct tfs_fs *fs, struct id_scan *s)
 		bool have_row = tfs_catalog_get_by_id(fs->cat, c->dev_id, &row) == 0;
 		int r;
 
+		if (tfs_catalog_cow_merging(fs->cat, c->dev_id))
+			continue; /* after the others: a merging origin takes no new snapshot */
 		if (have_row && row.unlinked) {
 			tfs_catalog_begin(fs->cat);
 			tfs_catalog_remove_cow_snapshot(fs->cat, c->dev_id);
@@ -219,6 +253,9 @@ static void open_ctl_snapshots(struct tfs_fs *fs, struct id_scan *s)
 		if (have_row)
 			tfs_catalog_remove_volume(fs->cat, c->dev_id);
 	}
+	for (unsigned i = 0; i < s->nr_ctl; i++)
+		if (tfs_catalog_cow_merging(fs->cat, s->ctl[i].dev_id))
+			open_merging(fs, &s->ctl[i]);
 }
 
 /* Rows of origins and snapshots that are gone from pool.cfg. */
@@ -424,16 +461,25 @@ static const char *kind_of(const struct tfs_cow_target_cfg *t)
 }
 
 struct ctl_user {
+	struct tfs_catalog *cat;
 	const char *origin;
 	uint32_t id;
+	bool merging;           /* id is being merged into the origin */
 };
 
+/* A snapshot of the origin made with thinfs-ctl; one being merged wins. */
 static int find_ctl_user(void *ctx, const struct tfs_cow_snap_row *row)
 {
 	struct ctl_user *u = ctx;
 
-	if (!strcmp(row->origin, u->origin) && !u->id)
+	if (strcmp(row->origin, u->origin) || u->merging)
+		return 0;
+	if (tfs_catalog_cow_merging(u->cat, row->dev_id)) {
 		u->id = row->dev_id;
+		u->merging = true;
+	} else if (!u->id) {
+		u->id = row->dev_id;
+	}
 	return 0;
 }
 
@@ -441,7 +487,7 @@ static int find_ctl_user(void *ctx, const struct tfs_cow_snap_row *row)
 static int check_gone(struct tfs_fs *fs, const struct tfs_cow_target_cfg *t,
 		      const struct tfs_pool_config *next, char *why, size_t len)
 {
-	struct ctl_user u = { .origin = t->name };
+	struct ctl_user u = { .cat = fs->cat, .origin = t->name };
 	struct tfs_vol_row row;
 	struct tfs_inode *ino;
 
@@ -467,6 +513,11 @@ static int check_gone(struct tfs_fs *fs, const struct tfs_cow_target_cfg *t,
 		}
 	}
 	tfs_catalog_list_cow_snapshots(fs->cat, find_ctl_user, &u);
+	if (u.merging) {
+		snprintf(why, len, "[origin \"%s\"] removed or changed: a snapshot is being "
+			 "merged into it: wait for merge_done", t->name);
+		return -EBUSY;
+	}
 	if (u.id && tfs_catalog_get_by_id(fs->cat, u.id, &row) == 0) {
 		snprintf(why, len, "[origin \"%s\"] removed or changed: snapshot %s made with "
 			 "thinfs-ctl is of it: rm it first", t->name, row.name);
@@ -639,4 +690,108 @@ void tfs_fs_cow_after_resume(struct tfs_fs *fs)
 	tfs_pool_get_config(fs->pool, cfg);
 	tfs_cow_set_set_low_water(fs->cow, cfg->snapshot_low_water);
 	free(cfg);
+}
+
+int tfs_fs_cow_merge(struct tfs_fs *fs, const char *name, uint64_t *chunks, uint32_t *origin_id)
+{
+	struct tfs_vol_row row;
+	struct tfs_inode *ino;
+	int r;
+
+	if (!fs->cow)
+		return -EROFS;
+	pthread_mutex_lock(&fs->lock);
+	r = tfs_catalog_get_by_name(fs->cat, name, &row);
+	if (r == 0 && (row.dev_id < TFS_DEV_ID_OTHER || row.unlinked))
+		r = -EINVAL;
+	if (r == 0) {
+		ino = tfs_fs_inode_find(fs, row.dev_id);
+		r = ino && ino->nopen > 0 ? -EBUSY : tfs_cow_set_merge_check(fs->cow, row.dev_id);
+		if (r == -ENOENT)
+			r = -EINVAL; /* an origin */
+	}
+	if (r < 0)
+		goto out;
+	/* Recorded first: from the moment the merge starts, a crash must resume it. */
+	r = tfs_catalog_begin(fs->cat);
+	if (r == 0) {
+		r = tfs_catalog_set_cow_merging(fs->cat, row.dev_id, true);
+		if (r == -ENOENT)
+			r = 0; /* recorded already (nothing changed) */
+		if (r == 0)
+			r = tfs_catalog_remove_volume(fs->cat, row.dev_id);
+		if (r == 0)
+			r = tfs_catalog_commit(fs->cat);
+		if (r < 0)
+			tfs_catalog_rollback(fs->cat);
+	}
+	if (r < 0) {
+		tfs_err("catalog: cannot record the merge of %s: %s", name, strerror(-r));
+		goto out;
+	}
+	r = tfs_cow_set_merge(fs->cow, row.dev_id, chunks, origin_id);
+	if (r < 0) {
+		/* Not started: the snapshot is back as it was. */
+		tfs_catalog_begin(fs->cat);
+		if (tfs_catalog_add_volume(fs->cat, &row) < 0 ||
+		    tfs_catalog_set_cow_merging(fs->cat, row.dev_id, false) < 0 ||
+		    tfs_catalog_commit(fs->cat) < 0) {
+			tfs_catalog_rollback(fs->cat);
+			tfs_err("catalog: snapshot %s: its merge did not start, and its row could "
+				"not be put back: it is merged at the next mount", name);
+		}
+		goto out;
+	}
+	ino = tfs_fs_inode_find(fs, row.dev_id);
+	if (ino) {
+		/* The kernel may still hold the inode: it is gone, as after an unlink. */
+		ino->gone = true;
+		ino->unlinked = true;
+	}
+	if (tfs_catalog_get_by_id(fs->cat, *origin_id, &row) < 0)
+		snprintf(row.name, sizeof(row.name), "its origin");
+	tfs_fs_event(fs, "merge", "snapshot %s into %s: %" PRIu64 " chunk(s) to merge", name,
+		     row.name, *chunks);
+out:
+	pthread_mutex_unlock(&fs->lock);
+	return r;
+}
+
+struct merged_row {
+	struct tfs_catalog *cat;
+	const char *name;
+	uint32_t id;
+};
+
+static int find_merged(void *ctx, const struct tfs_cow_snap_row *row)
+{
+	struct merged_row *m = ctx;
+
+	if (!strcmp(row->name, m->name) && tfs_catalog_cow_merging(m->cat, row->dev_id))
+		m->id = row->dev_id;
+	return 0;
+}
+
+void tfs_fs_cow_merged(struct tfs_fs *fs, const char *name)
+{
+	struct merged_row m = { .cat = fs->cat, .name = name };
+	int r;
+
+	pthread_mutex_lock(&fs->lock);
+	r = tfs_catalog_list_cow_snapshots(fs->cat, find_merged, &m);
+	if (r == 0 && m.id) {
+		r = tfs_catalog_begin(fs->cat);
+		if (r == 0) {
+			tfs_catalog_remove_cow_snapshot(fs->cat, m.id);
+			tfs_catalog_set_cow_merging(fs->cat, m.id, false);
+			r = tfs_catalog_commit(fs->cat);
+			if (r < 0)
+				tfs_catalog_rollback(fs->cat);
+		}
+	}
+	if (r < 0)
+		tfs_warn("catalog: cannot drop the merged snapshot %s: %s (the next mount finds "
+			 "nothing left to merge and drops it)", name, strerror(-r));
+	tfs_catalog_set_cow_invalid(fs->cat, name, false);
+	pthread_mutex_unlock(&fs->lock);
 }

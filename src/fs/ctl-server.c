@@ -391,6 +391,27 @@ static struct json_object *volume_status(struct tfs_fs *fs, const struct tfs_vol
 	return v;
 }
 
+/*
+ * Snapshots being merged have no file and no row, but are listed with
+ * their progress (merging, merge_remaining_chunks) until merge_done.
+ */
+static void merging_status(struct tfs_fs *fs, struct json_object *vols, FILE *table)
+{
+	struct tfs_cow_merging *m = NULL;
+	unsigned n = 0;
+
+	if (!fs->cow || tfs_cow_set_merging(fs->cow, &m, &n) < 0)
+		return;
+	for (unsigned i = 0; i < n; i++) {
+		struct tfs_vol_row row = { .dev_id = m[i].id, .kind = TFS_VOL_THIN };
+
+		snprintf(row.name, sizeof(row.name), "%s", m[i].name);
+		tfs_cow_set_size(fs->cow, m[i].id, &row.size);
+		json_object_array_add(vols, volume_status(fs, &row, table));
+	}
+	free(m);
+}
+
 static void cmd_status(struct cmd_ctx *c)
 {
 	static const char *const flags[] = { "--json", NULL };
@@ -491,6 +512,7 @@ static void cmd_status(struct cmd_ctx *c)
 	vols = json_object_new_array();
 	for (unsigned i = 0; i < nr; i++)
 		json_object_array_add(vols, volume_status(fs, &rows[i], t.f));
+	merging_status(fs, vols, t.f);
 	json_object_object_add(root, "volumes", vols);
 
 	jgroups = json_object_new_array();
@@ -781,6 +803,58 @@ static void cmd_set_transaction_id(struct cmd_ctx *c)
 		return;
 	}
 	tfs_fs_event(c->fs, "set_transaction_id", "%" PRIu64 " -> %" PRIu64, old_id, new_id);
+	send_ok(c->fd, "", NULL, true);
+}
+
+static bool merging(struct tfs_fs *fs, const char *name)
+{
+	struct tfs_cow_merging *m = NULL;
+	unsigned n = 0;
+	bool found = false;
+
+	if (fs->cow && tfs_cow_set_merging(fs->cow, &m, &n) == 0)
+		for (unsigned i = 0; i < n; i++)
+			found |= !strcmp(m[i].name, name);
+	free(m);
+	return found;
+}
+
+/* merge NAME: roll a classic snapshot's origin back to it (dm snapshot-merge). */
+static void cmd_merge(struct cmd_ctx *c)
+{
+	char errors[1024];
+	uint64_t chunks = 0;
+	uint32_t origin = 0;
+	int r;
+
+	if (c->argc != 2) {
+		send_error(c->fd, "usage: merge NAME");
+		return;
+	}
+	tfs_log_capture(errors, sizeof(errors));
+	r = tfs_fs_cow_merge(c->fs, c->argv[1], &chunks, &origin);
+	tfs_log_capture(NULL, 0);
+	if (r == -EROFS)
+		send_error(c->fd, "merge: the pool is read-only");
+	else if (r == -ENOENT && merging(c->fs, c->argv[1]))
+		send_error(c->fd, "merge: %s is already being merged into its origin", c->argv[1]);
+	else if (r == -ENOENT)
+		send_error(c->fd, "merge: no classic snapshot named '%s'", c->argv[1]);
+	else if (r == -EINVAL)
+		send_error(c->fd, "merge: '%s' is not a classic snapshot (only a snapshot made with "
+			   "thinfs-ctl snapshot ORIGIN NAME --cow DEVICE can be merged)", c->argv[1]);
+	else if (r == -EBUSY && !errors[0])
+		send_error(c->fd, "merge: %s is open: close it first", c->argv[1]);
+	else if (r < 0)
+		send_error(c->fd, "merge %s: %s", c->argv[1], errors[0] ? errors : strerror(-r));
+	if (r < 0)
+		return;
+	if (c->fs->se) {
+		fuse_lowlevel_notify_inval_entry(c->fs->se, TFS_INO_ROOT, c->argv[1],
+						 strlen(c->argv[1]));
+		/* Pages of the origin a handle still caches are the old content's. */
+		fuse_lowlevel_notify_inval_inode(c->fs->se, tfs_ino_of_dev(origin), 0, 0);
+	}
 	send_ok(c->fd, "", NULL, true);
 }
 
@@ -1917,6 +1991,8 @@ static void dispatch(struct cmd_ctx *c)
 		cmd_fault(c);
 	else if (!strcmp(cmd, "resize"))
 		cmd_resize(c);
+	else if (!strcmp(cmd, "merge"))
+		cmd_merge(c);
 	else if (!strcmp(cmd, "suspend"))
 		cmd_suspend(c);
 	else if (!strcmp(cmd, "resume"))
@@ -1933,7 +2009,7 @@ static void dispatch(struct cmd_ctx *c)
 		cmd_cache(c);
 	else
 		send_error(c->fd, "unknown command '%s' (status, list, snapshot, delete, resize, "
-			   "set-transaction-id, reserve-metadata-snap, release-metadata-snap, "
+			   "merge, set-transaction-id, reserve-metadata-snap, release-metadata-snap, "
 			   "events, wait-event, fault, suspend, resume, reload, diff, send, "
 			   "receive, cache)", cmd);
 }

@@ -242,11 +242,14 @@ struct cow_report {
 static void cow_event(void *ctx, enum tfs_cow_event what, const char *name, const char *detail)
 {
 	struct cow_report *c = ctx;
-	const char *kind = what == TFS_COW_EVENT_INVALID ? "snapshot_invalid" : "low_water_cow";
+	const char *kind = what == TFS_COW_EVENT_INVALID ? "snapshot_invalid" :
+			   what == TFS_COW_EVENT_MERGE_DONE ? "merge_done" : "low_water_cow";
 
 	/* The header may not say so (its write failed): the next mount reads this. */
 	if (what == TFS_COW_EVENT_INVALID && c->ev->fs->cat && !c->ev->fs->read_only)
 		tfs_catalog_set_cow_invalid(c->ev->fs->cat, name, true);
+	if (what == TFS_COW_EVENT_MERGE_DONE)
+		tfs_fs_cow_merged(c->ev->fs, name);
 	tfs_fs_event(c->ev->fs, kind, "%s", detail);
 	run_hook(c->ev, kind, c->st, c->ev->last_mode, name);
 }

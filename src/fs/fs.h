@@ -314,11 +314,23 @@ int tfs_fs_cow_reload_check(struct tfs_fs *fs, const struct tfs_pool_config *nex
 int tfs_fs_cow_reload_apply(struct tfs_fs *fs, const struct tfs_pool_config *next, char *why,
 			    size_t len, char ***gone, unsigned *nr_gone);
 void tfs_fs_cow_after_resume(struct tfs_fs *fs);
+/*
+ * thinfs-ctl merge NAME (takes fs->lock): the snapshot's row goes and the
+ * catalog records the merge (resumed at the next mount), then the engine
+ * starts it (origin.h, tfs_cow_set_merge); *chunks: exceptions to merge,
+ * *origin_id: the origin's id.
+ * -ENOENT no such name, -EINVAL not a classic snapshot, -EBUSY its file
+ * is open, -EROFS read-only, the engine's refusals (logged).  merged: the
+ * merge_done event of NAME: its catalog records go.
+ */
+int tfs_fs_cow_merge(struct tfs_fs *fs, const char *name, uint64_t *chunks, uint32_t *origin_id);
+void tfs_fs_cow_merged(struct tfs_fs *fs, const char *name);
 
 /* ---- events (events.c) ---- */
 /*
  * Wake the event thread (arg: the struct tfs_fs): the engine recorded a
- * classic snapshot's event (snapshot_invalid, low_water_cow).  Takes a leaf lock only.
+ * classic snapshot's event (snapshot_invalid, low_water_cow, merge_done).  Takes a leaf
+ * lock only.
  */
 void tfs_fs_events_wake(void *arg);
 /*

@@ -129,6 +129,13 @@ struct tfs_catalog {
  */
 #define COW_INVALID_TABLE "cow_invalid (name TEXT PRIMARY KEY)"
 
+/*
+ * Classic snapshots made with thinfs-ctl that are being merged into their
+ * origin (by dev_id): the next mount resumes the merge.  Added to version
+ * 1 without a version bump.
+ */
+#define COW_MERGING_TABLE "cow_merging (dev_id INTEGER PRIMARY KEY)"
+
 static const char *const schema_sql =
 	"CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);"
 	"CREATE TABLE IF NOT EXISTS " UUIDS_TABLE ";"
@@ -140,6 +147,7 @@ static const char *const schema_sql =
 	"CREATE TABLE IF NOT EXISTS " INTENTS_TABLE ";"
 	"CREATE TABLE IF NOT EXISTS " COW_SNAPSHOTS_TABLE ";"
 	"CREATE TABLE IF NOT EXISTS " COW_INVALID_TABLE ";"
+	"CREATE TABLE IF NOT EXISTS " COW_MERGING_TABLE ";"
 	"CREATE TABLE IF NOT EXISTS events ("
 	"  id INTEGER PRIMARY KEY AUTOINCREMENT,"
 	"  time_ns INTEGER NOT NULL,"
@@ -1762,6 +1770,28 @@ bool tfs_catalog_cow_invalid(struct tfs_catalog *cat, const char *name)
 	lock(cat);
 	if (prepare(cat, "SELECT 1 FROM main.cow_invalid WHERE name = ?", &st) == 0) {
 		bind_text(st, 1, name);
+		found = sqlite3_step(st) == SQLITE_ROW;
+		sqlite3_finalize(st);
+	}
+	unlock(cat);
+	return found;
+}
+
+int tfs_catalog_set_cow_merging(struct tfs_catalog *cat, uint32_t dev_id, bool merging)
+{
+	return change_by_id(cat, merging ? "INSERT OR IGNORE INTO cow_merging (dev_id) VALUES (?)"
+					 : "DELETE FROM cow_merging WHERE dev_id = ?",
+			    dev_id, "record a classic snapshot's merge");
+}
+
+bool tfs_catalog_cow_merging(struct tfs_catalog *cat, uint32_t dev_id)
+{
+	sqlite3_stmt *st;
+	bool found = false;
+
+	lock(cat);
+	if (prepare(cat, "SELECT 1 FROM main.cow_merging WHERE dev_id = ?", &st) == 0) {
+		sqlite3_bind_int64(st, 1, dev_id);
 		found = sqlite3_step(st) == SQLITE_ROW;
 		sqlite3_finalize(st);
 	}

@@ -223,6 +223,17 @@ int tfs_catalog_set_cow_invalid(struct tfs_catalog *cat, const char *name, bool 
 bool tfs_catalog_cow_invalid(struct tfs_catalog *cat, const char *name);
 
 /*
+ * A classic snapshot made with thinfs-ctl (its cow_snapshots row's
+ * dev_id) is being merged into its origin: its volumes row is gone, this
+ * record and its cow_snapshots row stay until the merge is done, so the
+ * next mount resumes it.  set: insert or drop (-ENOENT: nothing changed,
+ * the record was there already or was not).  cow_merging: whether
+ * dev_id has one (false on any error).
+ */
+int tfs_catalog_set_cow_merging(struct tfs_catalog *cat, uint32_t dev_id, bool merging);
+bool tfs_catalog_cow_merging(struct tfs_catalog *cat, uint32_t dev_id);
+
+/*
  * Mount-time reconciliation with the metadata's device list (ascending):
  * rows whose device is missing are dropped (each logged as a warning);
  * devices without a row get "thin-<id>" rows (size from size_fn, or 0

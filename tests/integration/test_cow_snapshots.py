@@ -411,7 +411,10 @@ def test_a_kernel_layout_cow_store_opens_with_its_content(pool, tmp_path):
     check_cfg(p)
 
 
-def test_ext4_on_the_origin_and_its_snapshot_fsck_clean(pool, tmp_path):
+def ext4_origin_and_snapshot(pool, tmp_path, seed):
+    """Origin db holding ext4 with file a (pattern seed), snapshot s taken with
+    the file system frozen, then a rewritten and b added; the file system
+    unmounted again."""
     from conftest import run_cmd
     origin = sparse(tmp_path / "origin.img", 64 * MiB)
     run_cmd("mkfs.ext4", "-q", "-F", origin, timeout=300)
@@ -419,7 +422,7 @@ def test_ext4_on_the_origin_and_its_snapshot_fsck_clean(pool, tmp_path):
     p = cow_pool(pool, [("db", origin)])
     dev = p.losetup(p.mnt / "db")
     m = p.mount_fs(dev, tmp_path / "fs")
-    (m / "a").write_bytes(pattern(20, 3 * MiB))
+    (m / "a").write_bytes(pattern(seed, 3 * MiB))
     os.sync()
     # A consistent moment: the file system frozen while the snapshot is taken.
     run_cmd("fsfreeze", "-f", m)
@@ -427,11 +430,17 @@ def test_ext4_on_the_origin_and_its_snapshot_fsck_clean(pool, tmp_path):
         ctl_snapshot(p, "db", "s", cow, "--chunk-size", "8k")
     finally:
         run_cmd("fsfreeze", "-u", m)
-    (m / "a").write_bytes(pattern(21, 3 * MiB))
-    (m / "b").write_bytes(pattern(22, 2 * MiB))
+    (m / "a").write_bytes(pattern(seed + 1, 3 * MiB))
+    (m / "b").write_bytes(pattern(seed + 2, 2 * MiB))
     os.sync()
     p.umount_fs(m)
     p.detach(dev)
+    return p
+
+
+def test_ext4_on_the_origin_and_its_snapshot_fsck_clean(pool, tmp_path):
+    from conftest import run_cmd
+    p = ext4_origin_and_snapshot(pool, tmp_path, 20)
     for name in ("s", "db"):
         r = run_cmd("e2fsck", "-fn", p.mnt / name, check=False, timeout=300)
         assert r.returncode == 0, r.stdout + r.stderr

@@ -268,6 +268,102 @@ static void test_bad_snapshots_are_refused_and_change_nothing(void **state)
 	assert_int_equal(tfs_cow_set_open_dev(e->set, ID, 0, NULL), -ENODATA);
 }
 
+static void count_merge_done(void *ctx, enum tfs_cow_event what, const char *name,
+			     const char *detail)
+{
+	(void)detail;
+	if (what == TFS_COW_EVENT_MERGE_DONE && !strcmp(name, "s"))
+		++*(unsigned *)ctx;
+}
+
+/* Reports events until s's merge_done came (bounded: a failing test does not hang). */
+static void wait_merge_done(struct env *e)
+{
+	unsigned done = 0;
+
+	for (int i = 0; i < 10000 && !done; i++) {
+		tfs_cow_set_events(e->set, count_merge_done, &done);
+		if (!done)
+			usleep(1000);
+	}
+	assert_int_equal(done, 1);
+}
+
+static void test_merge_rolls_the_origin_back_and_keeps_later_writes(void **state)
+{
+	struct env *e = *state;
+	struct tfs_cowsnap_params p = {
+		.name = "t", .id = ID + 2, .origin = "db", .cow = e->cow2,
+		.chunk_sectors = 8, .persistent = true,
+	};
+	struct tfs_dev *o, *s, *st;
+	static uint8_t buf[1 * MIB];
+	uint64_t chunks = 0;
+	uint32_t origin_id = 0;
+
+	add_snap(e, "s", ID + 1, e->cow, 8);
+	assert_int_equal(tfs_cow_set_open_dev(e->set, ID, 0, &o), 0);
+	assert_int_equal(tfs_cow_set_open_dev(e->set, ID + 1, 0, &s), 0);
+	/* Every other chunk of the first 256 KiB changes in the origin: 32 runs of one. */
+	fill(buf, 4096, 0x22);
+	for (unsigned c = 0; c < 64; c += 2)
+		assert_int_equal(tfs_dev_write(o, buf, 4096, c * 4096), 0);
+	fill(buf, 5000, 0x33);
+	assert_int_equal(tfs_dev_write(s, buf, 5000, 512 * KIB), 0);
+	tfs_dev_close(s);
+	assert_int_equal(tfs_cow_set_merge_check(e->set, ID + 1), 0);
+	assert_int_equal(tfs_cow_set_merge(e->set, ID + 1, &chunks, &origin_id), 0);
+	assert_int_equal(chunks, 32 + 2);
+	assert_int_equal(origin_id, ID);
+	/* Merging: no I/O handle of it any more, a status one; no new snapshot, no removal. */
+	assert_int_equal(tfs_cow_set_open_dev(e->set, ID + 1, 0, &s), -ENODATA);
+	assert_int_equal(tfs_cow_set_open_dev(e->set, ID + 1, TFS_DEV_STATUS_ONLY, &st), 0);
+	assert_int_equal(tfs_cow_set_add_snapshot(e->set, &p), -EBUSY);
+	assert_non_null(strstr(logged, "being rolled back by a merge"));
+	assert_int_equal(tfs_cow_set_remove_origin(e->set, ID), -EBUSY);
+	assert_int_equal(tfs_cow_set_merge(e->set, ID + 1, &chunks, NULL), -ENOENT);
+	/* A write during the merge, to a chunk with an exception and one without. */
+	fill(buf, 8192, 0x44);
+	assert_int_equal(tfs_dev_write(o, buf, 8192, 4096 * 10 - 100), 0);
+	wait_merge_done(e);
+	assert_int_equal(tfs_dev_read(o, buf, sizeof(buf), 0), 0);
+	assert_true(all(buf, 4096 * 10 - 100, 0x11));
+	assert_true(all(buf + 4096 * 10 - 100, 8192, 0x44));
+	assert_true(all(buf + 4096 * 10 - 100 + 8192, 512 * KIB - (4096 * 10 - 100 + 8192), 0x11));
+	assert_true(all(buf + 512 * KIB, 5000, 0x33));
+	assert_true(all(buf + 512 * KIB + 5000, 512 * KIB - 5000, 0x11));
+	tfs_dev_close(st);
+	tfs_dev_close(o);
+	/* Gone from the set: the origin has no snapshot left. */
+	assert_false(tfs_cow_set_has(e->set, ID + 1, NULL));
+	assert_int_equal(tfs_cow_set_remove_origin(e->set, ID), 0);
+}
+
+static void test_merge_refuses_pool_cfg_and_transient_snapshots(void **state)
+{
+	struct env *e = *state;
+	struct tfs_cowsnap_params p = {
+		.name = "s", .id = ID + 1, .origin = "db", .cow = e->cow,
+		.chunk_sectors = 8, .persistent = true, .from_cfg = true,
+	};
+	uint64_t chunks;
+
+	assert_int_equal(tfs_cow_set_add_snapshot(e->set, &p), 0);
+	assert_int_equal(tfs_cow_set_merge(e->set, ID + 1, &chunks, NULL), -EPERM);
+	assert_non_null(strstr(logged, "comes from pool.cfg"));
+	p.name = "t";
+	p.id = ID + 2;
+	p.cow = e->cow2;
+	p.from_cfg = false;
+	p.persistent = false;
+	assert_int_equal(tfs_cow_set_add_snapshot(e->set, &p), 0);
+	assert_int_equal(tfs_cow_set_merge_check(e->set, ID + 2), -EOPNOTSUPP);
+	assert_non_null(strstr(logged, "is transient"));
+	assert_int_equal(tfs_cow_set_merge_check(e->set, ID), -ENOENT);   /* an origin */
+	assert_true(tfs_cow_set_has(e->set, ID + 1, NULL));
+	assert_true(tfs_cow_set_has(e->set, ID + 2, NULL));
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -276,6 +372,8 @@ int main(void)
 		T(test_full_store_invalidates_only_its_snapshot),
 		T(test_events_are_handed_out_once),
 		T(test_bad_snapshots_are_refused_and_change_nothing),
+		T(test_merge_rolls_the_origin_back_and_keeps_later_writes),
+		T(test_merge_refuses_pool_cfg_and_transient_snapshots),
 	};
 
 	return cmocka_run_group_tests(tests, NULL, NULL);
