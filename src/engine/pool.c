@@ -456,9 +456,13 @@ static int count_pending(struct tfs_pool *pool, bool in)
 			if (r)
 				return r;
 		}
-		if (in)
-			pool->dirty = true;
 	}
+	/*
+	 * Not dirty for this alone: the request's insert makes it so, and a
+	 * block it frees instead is as free as the committed state says (its
+	 * passdown waits for the next commit, and it stays unallocatable till
+	 * then).  So a write held in flight does not make every tick commit.
+	 */
 	return 0;
 }
 
