@@ -429,6 +429,48 @@ static int flush_data(struct tfs_pool *pool)
 	return r;
 }
 
+/* A commit's data flush, run beside its metadata block writes. */
+struct data_flush {
+	struct tfs_pool *pool;
+	int r;
+};
+
+static void *data_flush_run(void *arg)
+{
+	struct data_flush *d = arg;
+
+	d->r = flush_data(d->pool);
+	return NULL;
+}
+
+/*
+ * A commit's I/O, with no lock held: the data flush and the metadata
+ * blocks side by side (the blocks land where no committed state looks,
+ * so their order does not matter), then the superblock, only once both
+ * are on stable storage.  Without a thread for the flush they go one
+ * after the other.  *what names a failed data flush.
+ */
+static int write_commit(struct tfs_pool *pool, struct tfs_pmd_commit *c, const char **what)
+{
+	struct data_flush d = { .pool = pool };
+	bool beside;
+	pthread_t th;
+	int r = 0;
+
+	beside = !pthread_create(&th, NULL, data_flush_run, &d);
+	if (!beside)
+		data_flush_run(&d);
+	if (beside || !d.r)
+		r = tfs_pmd_commit_write_blocks(c);
+	if (beside)
+		pthread_join(th, NULL);
+	if (d.r) {
+		*what = "flushing the data device for a commit";
+		return d.r;
+	}
+	return r ? r : tfs_pmd_commit_write_super(c);
+}
+
 /* With the lock held: what was changed and freed so far belongs to the commit. */
 static void start_next_transaction(struct tfs_pool *pool, struct tfs_extents *punch)
 {
@@ -470,11 +512,11 @@ static int count_pending(struct tfs_pool *pool, bool in)
  * The metadata commit, entered with the lock held.  Only its in-memory
  * part holds the lock: the blocks in flight counted out, the rest sealed
  * and pinned (tfs_pmd_commit_begin), the blocks in flight counted into the
- * next transaction.  Then, with the lock dropped: the data flush, and
- * only after it the metadata writes (blocks, flush, superblock, flush).
- * Every mapping in the committed state was inserted after its data write
- * had completed, so that one flush makes all the data it maps durable
- * before its superblock is written.  Meanwhile lookups and changes, and
+ * next transaction.  Then, with the lock dropped: the data flush beside
+ * the metadata blocks and their flush, then the superblock and a flush
+ * (write_commit).  Every mapping in the committed state was inserted
+ * after its data write had completed, so that one data flush makes all
+ * the data it maps durable before its superblock is written.  Meanwhile lookups and changes, and
  * allocations too, go on into the next transaction; only an abort waits
  * (commit_io).  A failed data flush fails the commit as a failed metadata
  * write does.  fn (which commits itself) runs wholly under the lock, after
@@ -524,11 +566,7 @@ static int commit_metadata(struct tfs_pool *pool, commit_fn fn, struct tfs_exten
 	}
 	pool->commit_io = true;
 	pthread_mutex_unlock(&pool->lock);
-	r = flush_data(pool);
-	if (r)
-		what = "flushing the data device for a commit";
-	else
-		r = tfs_pmd_commit_write(c);
+	r = write_commit(pool, c, &what);
 	pthread_mutex_lock(&pool->lock);
 	r = tfs_pmd_commit_end(pool->pmd, c, r);
 	pool->commit_io = false;
@@ -552,8 +590,8 @@ out:
  * The commit order: (1) under the lock, the in-memory part of the
  * metadata commit: from here on every change goes into the next
  * transaction.  (2) With the lock dropped, flush the data device (every
- * mapping committed points at data on stable storage), then write the
- * metadata, superblock last (commit_metadata).  Reads, writes, allocations
+ * mapping committed points at data on stable storage) while the metadata
+ * blocks are written, then the superblock (commit_metadata).  Reads, writes, allocations
  * and other changes go on meanwhile.  (3) Discard the data blocks freed in
  * the committed transaction (not earlier: until (2) the last committed
  * mappings still point at them).  (4) Only then may an allocation hand
