@@ -1526,6 +1526,73 @@ static void test_a_commit_neither_waits_for_nor_counts_an_allocation_in_flight(v
 	done(f, false);
 }
 
+/* mapped_blocks of device id in the state on disk (the last superblock written). */
+static uint64_t mapped_on_disk(const char *meta, tfs_dev_id id)
+{
+	struct tfs_pmd_options opt = { .read_only = true };
+	struct tfs_thin_details dd;
+	struct tfs_bdev *dev;
+	struct tfs_pmd *pmd;
+
+	assert_int_equal(tfs_bdev_open(meta, true, &dev), 0);
+	assert_int_equal(tfs_pmd_open(dev, &opt, &pmd), 0);
+	assert_int_equal(tfs_pmd_device_details(pmd, id, &dd), 0);
+	tfs_pmd_close(pmd);
+	tfs_bdev_close(dev);
+	return dd.mapped_blocks;
+}
+
+/*
+ * The data flush runs beside the commit's metadata block writes, but the
+ * superblock waits for it: with the flush held, the blocks are written
+ * and flushed, and the state on disk is still the one before the commit.
+ */
+static void test_the_superblock_waits_for_the_data_flush(void **state)
+{
+	struct fixture *f = new_fixture(64, false);
+	struct tfs_pool_status st;
+	struct bg_io fl = { 0 };
+	struct tfs_bdev *data;
+	struct tfs_dev *vol;
+	uint64_t meta_flushes;
+	uint8_t buf[BS];
+	pthread_t th;
+	uint32_t id;
+
+	(void)state;
+	f->cfg.commit_interval_ms = 3600 * 1000;
+	open_pool(f);
+	vol = new_volume(f, &id);
+	memset(buf, 0x51, BS);
+	assert_int_equal(tfs_dev_write(vol, buf, BS, 0), 0);
+	assert_int_equal(tfs_dev_flush(vol), 0);
+	assert_int_equal(tfs_dev_write(vol, buf, BS, BS), 0); /* for the held commit */
+	tfs_pool_status(f->pool, &st);
+	meta_flushes = st.io_meta.flushes;
+
+	data = tfs_pool_bdev(f->pool, true);
+	tfs_bdev_fault_set(data, TFS_FAULT_FLUSH, TFS_FAULT_STALL, 0, false);
+	fl.vol = vol;
+	assert_int_equal(pthread_create(&th, NULL, bg_flush, &fl), 0);
+	while (tfs_bdev_fault_stalled(data) == 0)
+		sleep_ms(1);
+	/* The metadata blocks and their flush; 60 s is only a bound for a loaded machine. */
+	for (int ms = 0; ms < 60000 && st.io_meta.flushes == meta_flushes; ms++) {
+		sleep_ms(1);
+		tfs_pool_status(f->pool, &st);
+	}
+	assert_int_equal(st.io_meta.flushes, meta_flushes + 1);
+	assert_int_equal(tfs_bdev_fault_stalled(data), 1);
+	assert_int_equal(mapped_on_disk(f->cfg.metadata, id), 1);
+
+	tfs_bdev_fault_set(data, TFS_FAULT_FLUSH, TFS_FAULT_OK, 0, false);
+	assert_int_equal(pthread_join(th, NULL), 0);
+	assert_int_equal(fl.r, 0);
+	assert_int_equal(mapped_on_disk(f->cfg.metadata, id), 2);
+	tfs_dev_close(vol);
+	done(f, false);
+}
+
 /*
  * A commit's data flush runs after its in-memory part: when it fails, the
  * commit fails as a failed metadata write does (read_only, needs_check,
@@ -2019,6 +2086,7 @@ int main(void)
 		cmocka_unit_test(test_crash_keeps_flushed_data_and_a_consistent_commit),
 		cmocka_unit_test(test_power_cut_drops_only_unflushed_writes),
 		cmocka_unit_test(test_a_commit_neither_waits_for_nor_counts_an_allocation_in_flight),
+		cmocka_unit_test(test_the_superblock_waits_for_the_data_flush),
 		cmocka_unit_test(test_a_failed_data_flush_fails_the_commit),
 		cmocka_unit_test(test_data_flush_failure_sweep_leaves_a_consistent_commit),
 		cmocka_unit_test(test_timer_flushes_overwrites_in_place),
