@@ -448,7 +448,8 @@ static void *data_flush_run(void *arg)
  * blocks side by side (the blocks land where no committed state looks,
  * so their order does not matter), then the superblock, only once both
  * are on stable storage.  Without a thread for the flush they go one
- * after the other.  *what names a failed data flush.
+ * after the other.  *what names a failed data flush, unless a metadata
+ * write failed too (a power cut fails both; the block is more to say).
  */
 static int write_commit(struct tfs_pool *pool, struct tfs_pmd_commit *c, const char **what)
 {
@@ -464,11 +465,13 @@ static int write_commit(struct tfs_pool *pool, struct tfs_pmd_commit *c, const c
 		r = tfs_pmd_commit_write_blocks(c);
 	if (beside)
 		pthread_join(th, NULL);
+	if (r)
+		return r; /* the metadata layer names the block (meta_failed's reason) */
 	if (d.r) {
 		*what = "flushing the data device for a commit";
 		return d.r;
 	}
-	return r ? r : tfs_pmd_commit_write_super(c);
+	return tfs_pmd_commit_write_super(c);
 }
 
 /* With the lock held: what was changed and freed so far belongs to the commit. */
