@@ -519,12 +519,13 @@ static int count_pending(struct tfs_pool *pool, bool in)
  * the metadata blocks and their flush, then the superblock and a flush
  * (write_commit).  Every mapping in the committed state was inserted
  * after its data write had completed, so that one data flush makes all
- * the data it maps durable before its superblock is written.  Meanwhile lookups and changes, and
- * allocations too, go on into the next transaction; only an abort waits
- * (commit_io).  A failed data flush fails the commit as a failed metadata
- * write does.  fn (which commits itself) runs wholly under the lock, after
- * a data flush under the lock.  Returns with the lock held; on success the
- * passdown queue of the committed transaction is in *punch.
+ * the data it maps durable before its superblock is written.  Meanwhile
+ * lookups and changes, and allocations too, go on into the next
+ * transaction; only an abort waits (commit_io).  A failed data flush
+ * fails the commit as a failed metadata write does.  fn (which commits
+ * itself) runs wholly under the lock, after a data flush under the lock.
+ * Returns with the lock held; on success the passdown queue of the
+ * committed transaction is in *punch.
  */
 static int commit_metadata(struct tfs_pool *pool, commit_fn fn, struct tfs_extents *punch)
 {
@@ -594,12 +595,12 @@ out:
  * metadata commit: from here on every change goes into the next
  * transaction.  (2) With the lock dropped, flush the data device (every
  * mapping committed points at data on stable storage) while the metadata
- * blocks are written, then the superblock (commit_metadata).  Reads, writes, allocations
- * and other changes go on meanwhile.  (3) Discard the data blocks freed in
- * the committed transaction (not earlier: until (2) the last committed
- * mappings still point at them).  (4) Only then may an allocation hand
- * them out again (tfs_pmd_release_freed_data).  With nothing to commit, a
- * FLUSH is only the data flush.
+ * blocks are written, then the superblock (commit_metadata).  Reads,
+ * writes, allocations and other changes go on meanwhile.  (3) Discard the
+ * data blocks freed in the committed transaction (not earlier: until (2)
+ * the last committed mappings still point at them).  (4) Only then may an
+ * allocation hand them out again (tfs_pmd_release_freed_data).  With
+ * nothing to commit, a FLUSH is only the data flush.
  */
 static int run_commit(struct tfs_pool *pool, bool flush_always, commit_fn fn)
 {
