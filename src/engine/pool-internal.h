@@ -11,8 +11,9 @@
  *   2. pool->commit_mutex (one commit at a time)
  *   3. pool->lock, the metadata lock: every tfs_pmd_* / tfs_thin_* / tfs_td_*
  *      call and every field marked [lock] below.  Never held across data
- *      I/O, nor across a commit's metadata writes (commit_io: lookups and
- *      changes go on, into the next transaction; an abort waits).
+ *      I/O, nor across a commit's data flush and metadata writes
+ *      (commit_io: lookups and changes go on, into the next transaction;
+ *      an abort waits), except in the metadata snapshot commands' commits.
  *      Evicting a dirty metadata block writes it under the lock.
  */
 #ifndef TFS_ENGINE_POOL_INTERNAL_H
@@ -51,6 +52,19 @@ struct tfs_extents {
 	size_t nr, cap;
 };
 
+/*
+ * Data blocks one request step (a chunk, thin-io.c) allocated and has
+ * neither mapped nor freed yet: linked into the pool (pending) from
+ * tfs_pool_alloc to tfs_pool_alloc_done, while their data is written with
+ * the lock dropped.  A commit leaves them out of the state it writes
+ * (pool.c, commit_metadata).
+ */
+struct tfs_pool_allocs {
+	struct tfs_pool_allocs *prev, *next; /* [lock] both point to itself: not linked */
+	unsigned n;
+	uint64_t blocks[TFS_POOL_CHUNK];
+};
+
 /* One metadata handle per open device, shared by every tfs_thin_dev on it. */
 struct tfs_thin_ref {
 	struct tfs_thin_ref *next;
@@ -76,15 +90,11 @@ struct tfs_pool {
 	enum tfs_pool_mode mode;      /* [lock] */
 	char reason[256];             /* [lock] why the last mode change happened */
 	bool dirty;                   /* [lock] metadata changed since the last commit */
-	uint64_t insert_gen;          /* [lock] mappings to new data inserted, ever */
 	uint64_t abort_gen;           /* [lock] transactions aborted, ever */
-	uint64_t pending_allocs;      /* [lock] data blocks allocated, not yet inserted or freed */
-	bool commit_waiting;          /* [lock] a commit drains pending_allocs: no new allocations */
-	bool commit_io;               /* [lock] a commit writes metadata, lock dropped: no abort */
+	struct tfs_pool_allocs pending; /* [lock] list head: allocated, not yet inserted or freed */
+	bool commit_io;               /* [lock] a commit flushes and writes, lock dropped: no abort */
 	bool abort_pending;           /* [lock] a failed change waits for commit_io: no I/O, no changes */
 	pthread_cond_t commit_io_cv;  /* commit_io or abort_pending went false */
-	pthread_cond_t alloc_cv;      /* commit_waiting went false */
-	pthread_cond_t drain_cv;      /* pending_allocs reached 0 */
 	struct tfs_extents passdown;  /* [lock] freed in this transaction: discard after commit */
 	/*
 	 * Every free data block reads as zeros, so a new block needs no
@@ -166,13 +176,15 @@ int tfs_pool_may_change(struct tfs_pool *pool);
  */
 int tfs_pool_meta_failed(struct tfs_pool *pool, int err, const char *what);
 /*
- * n new data blocks into blocks[] (waits while a commit drains).  On
- * success the caller owes tfs_pool_alloc_done(n) after inserting or
- * freeing them.  -ENOSPC: no data block (nothing allocated, no mode
- * change); other errors come from tfs_pool_may_change/meta_failed.
+ * n (1..TFS_POOL_CHUNK) new data blocks into a->blocks, a linked into
+ * pool->pending.  Never waits for a commit.  On success the caller owes
+ * tfs_pool_alloc_done(a) once it has inserted or freed them (or an abort
+ * rolled them back: then a is already unlinked, and done is a no-op).
+ * -ENOSPC: no data block (nothing allocated, no mode change); other
+ * errors come from tfs_pool_may_change/meta_failed.
  */
-int tfs_pool_alloc(struct tfs_pool *pool, uint64_t *blocks, unsigned n);
-void tfs_pool_alloc_done(struct tfs_pool *pool, unsigned n);
+int tfs_pool_alloc(struct tfs_pool *pool, struct tfs_pool_allocs *a, unsigned n);
+void tfs_pool_alloc_done(struct tfs_pool *pool, struct tfs_pool_allocs *a);
 /* Count low-water crossings (pool.h, struct tfs_pool_low_water) for the space now. */
 void tfs_pool_check_low_water(struct tfs_pool *pool);
 /* A resume: both marks armed again, and a crossing counted now if space is still low. */

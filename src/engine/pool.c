@@ -5,10 +5,10 @@
  * status.  The volume I/O paths are in thin-io.c.
  *
  * A commit must never record an allocated data block that no mapping
- * references yet (the checker rightly calls that a leak), so it first
- * stops new allocations and waits for those in flight to be inserted
- * (pending_allocs).  Requests insert or free their blocks before they
- * allocate again, so that wait always ends.
+ * references yet (the checker rightly calls that a leak).  It does not
+ * wait for requests to map the blocks they allocated: it leaves those
+ * blocks (pool->pending) out of the state it writes and counts them in the
+ * next transaction instead (commit_metadata).
  */
 #include "pool-internal.h"
 
@@ -184,6 +184,8 @@ int tfs_pool_meta_failed(struct tfs_pool *pool, int err, const char *what)
 	snprintf(cause, sizeof(cause), "%s", io[0] ? io : strerror(-err));
 	/* In-flight requests must neither map nor free what they allocated before this. */
 	pool->abort_gen++;
+	while (pool->pending.next != &pool->pending)
+		tfs_pool_alloc_done(pool, pool->pending.next);
 	/* What they wrote stays in blocks that are free again, unpunched, until the next open. */
 	tfs_pool_free_not_zero(pool, "a transaction was aborted");
 	r = tfs_pmd_abort(pool->pmd);
@@ -271,31 +273,35 @@ void tfs_pool_rearm_low_water(struct tfs_pool *pool)
 
 /* ---- allocation and passdown ------------------------------------------------ */
 
-int tfs_pool_alloc(struct tfs_pool *pool, uint64_t *blocks, unsigned n)
+int tfs_pool_alloc(struct tfs_pool *pool, struct tfs_pool_allocs *a, unsigned n)
 {
 	unsigned i;
 	int r = 0;
 
-	while (pool->commit_waiting)
-		pthread_cond_wait(&pool->alloc_cv, &pool->lock);
+	a->prev = a->next = a;
+	a->n = 0;
 	r = tfs_pool_may_change(pool);
 	if (r)
 		return r;
 	for (i = 0; i < n; i++) {
-		r = tfs_pmd_alloc_data_block(pool->pmd, &blocks[i]);
+		r = tfs_pmd_alloc_data_block(pool->pmd, &a->blocks[i]);
 		if (r)
 			break;
 	}
 	if (i)
 		pool->dirty = true;
 	if (!r) {
-		pool->pending_allocs += n;
+		a->n = n;
+		a->prev = pool->pending.prev;
+		a->next = &pool->pending;
+		a->prev->next = a;
+		pool->pending.prev = a;
 		tfs_pool_check_low_water(pool);
 		return 0;
 	}
 	/* All or nothing: a request never writes part of a chunk for want of space. */
 	while (i--) {
-		int r2 = tfs_pmd_free_data_block(pool->pmd, blocks[i]);
+		int r2 = tfs_pmd_free_data_block(pool->pmd, a->blocks[i]);
 
 		if (r2)
 			return tfs_pool_meta_failed(pool, r2, "releasing an unused data block");
@@ -305,11 +311,12 @@ int tfs_pool_alloc(struct tfs_pool *pool, uint64_t *blocks, unsigned n)
 	return -ENOSPC;
 }
 
-void tfs_pool_alloc_done(struct tfs_pool *pool, unsigned n)
+void tfs_pool_alloc_done(struct tfs_pool *pool, struct tfs_pool_allocs *a)
 {
-	pool->pending_allocs -= n;
-	if (!pool->pending_allocs && pool->commit_waiting)
-		pthread_cond_signal(&pool->drain_cv);
+	(void)pool;
+	a->prev->next = a->next;
+	a->next->prev = a->prev;
+	a->prev = a->next = a;
 }
 
 void tfs_pool_passdown_if_free(struct tfs_pool *pool, uint64_t block)
@@ -422,6 +429,51 @@ static int flush_data(struct tfs_pool *pool)
 	return r;
 }
 
+/* A commit's data flush, run beside its metadata block writes. */
+struct data_flush {
+	struct tfs_pool *pool;
+	int r;
+};
+
+static void *data_flush_run(void *arg)
+{
+	struct data_flush *d = arg;
+
+	d->r = flush_data(d->pool);
+	return NULL;
+}
+
+/*
+ * A commit's I/O, with no lock held: the data flush and the metadata
+ * blocks side by side (the blocks land where no committed state looks,
+ * so their order does not matter), then the superblock, only once both
+ * are on stable storage.  Without a thread for the flush they go one
+ * after the other.  *what names a failed data flush, unless a metadata
+ * write failed too (a power cut fails both; the block is more to say).
+ */
+static int write_commit(struct tfs_pool *pool, struct tfs_pmd_commit *c, const char **what)
+{
+	struct data_flush d = { .pool = pool };
+	bool beside;
+	pthread_t th;
+	int r = 0;
+
+	beside = !pthread_create(&th, NULL, data_flush_run, &d);
+	if (!beside)
+		data_flush_run(&d);
+	if (beside || !d.r)
+		r = tfs_pmd_commit_write_blocks(c);
+	if (beside)
+		pthread_join(th, NULL);
+	if (r)
+		return r; /* the metadata layer names the block (meta_failed's reason) */
+	if (d.r) {
+		*what = "flushing the data device for a commit";
+		return d.r;
+	}
+	return tfs_pmd_commit_write_super(c);
+}
+
 /* With the lock held: what was changed and freed so far belongs to the commit. */
 static void start_next_transaction(struct tfs_pool *pool, struct tfs_extents *punch)
 {
@@ -431,47 +483,103 @@ static void start_next_transaction(struct tfs_pool *pool, struct tfs_extents *pu
 }
 
 /*
- * The metadata commit, entered with the lock held and allocations
- * drained.  Its I/O runs with the lock dropped: only the in-memory part
- * (tfs_pmd_commit_begin) holds it.  Then the next transaction starts:
- * while the blocks are written, lookups and changes (allocations,
- * discards, create/delete) go on into it, and only an abort waits
- * (commit_io).  fn (which commits itself) runs wholly under the lock.
+ * Around a commit's in-memory part, under the lock: the blocks requests
+ * have allocated but not mapped or freed yet (pending) are counted out of
+ * the committing transaction (count 0, so the state written leaks none of
+ * them) and back into the next one, where their requests map or free
+ * them.  Nobody else can take them meanwhile: a block in use at any moment
+ * of the committing transaction stays unallocatable until that commit is
+ * durable (the data space map's held blocks), and then it is counted again.
+ */
+static int count_pending(struct tfs_pool *pool, bool in)
+{
+	for (struct tfs_pool_allocs *a = pool->pending.next; a != &pool->pending; a = a->next) {
+		for (unsigned i = 0; i < a->n; i++) {
+			int r = in ? tfs_pmd_data_block_inc(pool->pmd, a->blocks[i])
+				   : tfs_pmd_free_data_block(pool->pmd, a->blocks[i]);
+
+			if (r)
+				return r;
+		}
+	}
+	/*
+	 * Not dirty for this alone: the request's insert makes it so, and a
+	 * block it frees instead is as free as the committed state says (its
+	 * passdown waits for the next commit, and it stays unallocatable till
+	 * then).  So a write held in flight does not make every tick commit.
+	 */
+	return 0;
+}
+
+/*
+ * The metadata commit, entered with the lock held.  Only its in-memory
+ * part holds the lock: the blocks in flight counted out, the rest sealed
+ * and pinned (tfs_pmd_commit_begin), the blocks in flight counted into the
+ * next transaction.  Then, with the lock dropped: the data flush beside
+ * the metadata blocks and their flush, then the superblock and a flush
+ * (write_commit).  Every mapping in the committed state was inserted
+ * after its data write had completed, so that one data flush makes all
+ * the data it maps durable before its superblock is written.  Meanwhile
+ * lookups and changes, and allocations too, go on into the next
+ * transaction; only an abort waits (commit_io).  A failed data flush
+ * fails the commit as a failed metadata write does.  fn (which commits
+ * itself) runs wholly under the lock, after a data flush under the lock.
  * Returns with the lock held; on success the passdown queue of the
  * committed transaction is in *punch.
  */
 static int commit_metadata(struct tfs_pool *pool, commit_fn fn, struct tfs_extents *punch)
 {
+	const char *what = "committing the metadata";
 	struct tfs_pmd_commit *c;
-	int r = tfs_pool_may_change(pool);
+	int refused, r = tfs_pool_may_change(pool);
 
 	if (r)
 		return r;
 	if (fn) {
+		r = flush_data(pool);
+		if (r)
+			return r; /* nothing changed yet: the pool stays writable */
+		r = count_pending(pool, false);
+		if (r)
+			goto out;
 		r = fn(pool->pmd);
-		if (r == -EBUSY || r == -EINVAL)
-			return r; /* refused before changing anything (logged by the metadata layer) */
+		/* -EBUSY, -EINVAL: refused before changing anything (logged by the metadata layer). */
+		if (r && r != -EBUSY && r != -EINVAL)
+			goto out;
 		if (!r)
 			start_next_transaction(pool, punch);
-	} else {
-		r = tfs_pmd_commit_begin(pool->pmd, &c);
-		if (!r) {
-			start_next_transaction(pool, punch);
-			pool->commit_io = true;
-			pool->commit_waiting = false;
-			pthread_cond_broadcast(&pool->alloc_cv);
-			pthread_mutex_unlock(&pool->lock);
-			r = tfs_pmd_commit_write(c);
-			pthread_mutex_lock(&pool->lock);
-			r = tfs_pmd_commit_end(pool->pmd, c, r);
-			pool->commit_io = false;
-			pthread_cond_broadcast(&pool->commit_io_cv);
+		refused = r;
+		r = count_pending(pool, true);
+		if (r) {
+			what = "counting the blocks in flight into the next transaction";
+			goto out;
 		}
+		return refused;
 	}
+	r = count_pending(pool, false);
+	if (!r)
+		r = tfs_pmd_commit_begin(pool->pmd, &c);
+	if (r)
+		goto out;
+	start_next_transaction(pool, punch);
+	r = count_pending(pool, true);
+	if (r) {
+		what = "counting the blocks in flight into the next transaction";
+		r = tfs_pmd_commit_end(pool->pmd, c, r);
+		goto out;
+	}
+	pool->commit_io = true;
+	pthread_mutex_unlock(&pool->lock);
+	r = write_commit(pool, c, &what);
+	pthread_mutex_lock(&pool->lock);
+	r = tfs_pmd_commit_end(pool->pmd, c, r);
+	pool->commit_io = false;
+	pthread_cond_broadcast(&pool->commit_io_cv);
+out:
 	if (r) {
 		/* The state on disk still maps what this commit freed: discard none of it. */
 		tfs_extents_free(punch);
-		return tfs_pool_meta_failed(pool, r, "committing the metadata");
+		return tfs_pool_meta_failed(pool, r, what);
 	}
 	return 0;
 }
@@ -483,25 +591,21 @@ static int commit_metadata(struct tfs_pool *pool, commit_fn fn, struct tfs_exten
  * when it succeeds every request up to covers is done, and those waiting
  * behind it return at once instead of flushing again.
  *
- * The commit order: (1) flush the data device, so every mapping about to
- * be committed points at data that is on stable storage; done with no
- * lock held, while I/O goes on.  (2) Stop allocations and wait for those
- * in flight to be inserted (no leaked blocks in the commit).  (3) If a
- * mapping was inserted since (1) began, flush again: only what was written
- * meanwhile, and only allocating writers wait for it.  (4) Commit the
- * metadata: its in-memory part under the lock, then blocks, flush,
- * superblock, flush with the lock dropped, so reads and overwrites of
- * mapped blocks go on, and so do allocations and other changes, into the
- * next transaction (commit_metadata).  (5) Discard the data blocks freed
- * in the committed transaction (not earlier: until (4) the last committed
- * mappings still point at them).  (6) Only then may an allocation hand
- * them out again (tfs_pmd_release_freed_data); let allocations resume if
- * they waited (fn).
+ * The commit order: (1) under the lock, the in-memory part of the
+ * metadata commit: from here on every change goes into the next
+ * transaction.  (2) With the lock dropped, flush the data device (every
+ * mapping committed points at data on stable storage) while the metadata
+ * blocks are written, then the superblock (commit_metadata).  Reads,
+ * writes, allocations and other changes go on meanwhile.  (3) Discard the
+ * data blocks freed in the committed transaction (not earlier: until (2)
+ * the last committed mappings still point at them).  (4) Only then may an
+ * allocation hand them out again (tfs_pmd_release_freed_data).  With
+ * nothing to commit, a FLUSH is only the data flush.
  */
 static int run_commit(struct tfs_pool *pool, bool flush_always, commit_fn fn)
 {
 	struct tfs_extents punch = { 0 };
-	uint64_t gen, ticket = 0, covers;
+	uint64_t ticket = 0, covers;
 	bool want;
 	int r;
 
@@ -519,7 +623,6 @@ static int run_commit(struct tfs_pool *pool, bool flush_always, commit_fn fn)
 	pthread_mutex_lock(&pool->lock);
 	r = fn ? tfs_pool_may_change(pool) : tfs_pool_may_io(pool);
 	want = fn || (pool->dirty && !tfs_pool_may_change(pool));
-	gen = pool->insert_gen;
 	covers = pool->flush_ticket;
 	pthread_mutex_unlock(&pool->lock);
 	/* Overwrites in place change no metadata but are flushed on the same timer. */
@@ -528,30 +631,27 @@ static int run_commit(struct tfs_pool *pool, bool flush_always, commit_fn fn)
 	if (r || (!want && !flush_always) || pool->opened_read_only)
 		goto out;
 
-	r = flush_data(pool);
-	if (r)
-		atomic_store(&pool->data_unflushed, true); /* try again next time */
-	else if (!want)
-		pool->flush_done = covers;
-	if (r || !want)
-		goto out;
-
-	pthread_mutex_lock(&pool->lock);
-	pool->commit_waiting = true;
-	while (pool->pending_allocs)
-		pthread_cond_wait(&pool->drain_cv, &pool->lock);
-	if (pool->insert_gen != gen) {
-		pthread_mutex_unlock(&pool->lock);
+	if (!want) {
 		r = flush_data(pool);
-		pthread_mutex_lock(&pool->lock);
+		if (r)
+			atomic_store(&pool->data_unflushed, true); /* try again next time */
+		else
+			pool->flush_done = covers;
+		goto out;
 	}
-	if (!r)
-		r = commit_metadata(pool, fn, &punch);
-	if (!r)
+	pthread_mutex_lock(&pool->lock);
+	r = commit_metadata(pool, fn, &punch);
+	if (r)
+		atomic_store(&pool->data_unflushed, true);
+	else
 		pool->flush_done = covers;
+	/* fn has made the freed blocks allocatable already: discard them before anyone may. */
+	if (fn)
+		discard_extents(pool, &punch);
 	pthread_mutex_unlock(&pool->lock);
 
-	discard_extents(pool, &punch);
+	if (!fn)
+		discard_extents(pool, &punch);
 	tfs_extents_free(&punch);
 
 	pthread_mutex_lock(&pool->lock);
@@ -560,8 +660,6 @@ static int run_commit(struct tfs_pool *pool, bool flush_always, commit_fn fn)
 		leave_out_of_space(pool);
 		tfs_pool_check_low_water(pool);
 	}
-	pool->commit_waiting = false;
-	pthread_cond_broadcast(&pool->alloc_cv);
 	pthread_mutex_unlock(&pool->lock);
 out:
 	pthread_mutex_unlock(&pool->commit_mutex);
@@ -901,8 +999,6 @@ static void free_pool(struct tfs_pool *pool)
 	pthread_mutex_destroy(&pool->timer_lock);
 	pthread_mutex_destroy(&pool->resize_mutex);
 	pthread_mutex_destroy(&pool->diff_mutex);
-	pthread_cond_destroy(&pool->alloc_cv);
-	pthread_cond_destroy(&pool->drain_cv);
 	pthread_cond_destroy(&pool->commit_io_cv);
 	pthread_cond_destroy(&pool->timer_cv);
 	pthread_cond_destroy(&pool->space_cv);
@@ -925,8 +1021,7 @@ int tfs_pool_open(const struct tfs_pool_config *cfg, bool read_only, struct tfs_
 	pthread_mutex_init(&pool->resize_mutex, NULL);
 	pthread_mutex_init(&pool->diff_mutex, NULL);
 	pthread_mutex_init(&pool->suspend_mutex, NULL);
-	pthread_cond_init(&pool->alloc_cv, NULL);
-	pthread_cond_init(&pool->drain_cv, NULL);
+	pool->pending.prev = pool->pending.next = &pool->pending;
 	pthread_cond_init(&pool->commit_io_cv, NULL);
 	init_timer_cv(pool);
 
@@ -1000,6 +1095,7 @@ void tfs_pool_set_event_notify(struct tfs_pool *pool, void (*fn)(void *arg), voi
 
 int tfs_pool_shutdown(struct tfs_pool *pool)
 {
+	bool failed;
 	int r;
 
 	if (pool->shut_down)
@@ -1007,10 +1103,13 @@ int tfs_pool_shutdown(struct tfs_pool *pool)
 	pool->shut_down = true;
 	tfs_pool_stop_holding(pool);
 	stop_commit_thread(pool);
+	pthread_mutex_lock(&pool->lock);
+	failed = pool->mode == TFS_POOL_READ_ONLY || pool->mode == TFS_POOL_FAIL;
+	pthread_mutex_unlock(&pool->lock);
 	/* FLUSH semantics: overwrites in place reach stable storage too. */
 	r = run_commit(pool, true, NULL);
-	if (r == -EIO && pool->mode != TFS_POOL_WRITE)
-		r = 0; /* read_only or fail: nothing to commit, already reported */
+	if (r == -EIO && failed)
+		r = 0; /* nothing to commit, already reported; a failure of this commit is news */
 	return r;
 }
 

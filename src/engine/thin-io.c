@@ -71,6 +71,7 @@ struct chunk {
 	unsigned nr;
 	enum how how;
 	unsigned nr_alloc;  /* blocks allocated for ACT_NEW / ACT_COPY */
+	struct tfs_pool_allocs allocs; /* them, known to the pool until inserted or freed */
 	uint64_t abort_gen; /* when they were allocated */
 	bool free_zero;     /* when they were allocated: new blocks read as zeros already */
 	uint8_t *bounce;    /* lazily taken, the thread's scratch of bounce_len bytes */
@@ -265,7 +266,6 @@ static int plan_chunk(struct chunk *c)
 {
 	struct tfs_thin_mapping maps[TFS_POOL_CHUNK];
 	const struct tfs_thin_mapping *m[TFS_POOL_CHUNK];
-	uint64_t blocks[TFS_POOL_CHUNK];
 	struct tfs_pool *pool = c->pool;
 	unsigned j = 0, k = 0;
 	int n, r;
@@ -295,7 +295,7 @@ static int plan_chunk(struct chunk *c)
 			c->nr_alloc++;
 	if (!c->nr_alloc)
 		return 0;
-	r = tfs_pool_alloc(pool, blocks, c->nr_alloc);
+	r = tfs_pool_alloc(pool, &c->allocs, c->nr_alloc);
 	if (r) {
 		c->nr_alloc = 0;
 		return r;
@@ -304,7 +304,7 @@ static int plan_chunk(struct chunk *c)
 	c->free_zero = atomic_load(&pool->free_zero);
 	for (unsigned i = 0; i < c->nr; i++)
 		if (c->plan[i].act == ACT_NEW || c->plan[i].act == ACT_COPY)
-			c->plan[i].target = blocks[k++];
+			c->plan[i].target = c->allocs.blocks[k++];
 	return 0;
 }
 
@@ -415,7 +415,6 @@ static int insert_blocks(struct chunk *c)
 		if (p->act == ACT_COPY)
 			tfs_pool_passdown_if_free(pool, p->old);
 	}
-	pool->insert_gen++;
 	pool->dirty = true;
 	return 0;
 }
@@ -449,7 +448,7 @@ static int finish_chunk(struct chunk *c, int io_err)
 		r = release_blocks(c) ? -EIO : io_err;
 	else
 		r = insert_blocks(c);
-	tfs_pool_alloc_done(pool, c->nr_alloc);
+	tfs_pool_alloc_done(pool, &c->allocs);
 	pthread_mutex_unlock(&pool->lock);
 	return r;
 }
@@ -785,8 +784,7 @@ static int clone_chunk(struct clone *c, uint64_t i, unsigned n)
 		if (old)
 			tfs_pool_passdown_if_free(pool, old->data_block);
 	}
-	/* The mappings point at data a commit must flush first, as for a new block's. */
-	pool->insert_gen++;
+	/* The mappings point at data a commit flushes first, as for a new block's. */
 	pool->dirty = true;
 	return 0;
 }

@@ -288,6 +288,16 @@ int tfs_pmd_commit_write(struct tfs_pmd_commit *c)
 	return tfs_tm_commit_write(c->tm);
 }
 
+int tfs_pmd_commit_write_blocks(struct tfs_pmd_commit *c)
+{
+	return tfs_tm_commit_write_blocks(c->tm);
+}
+
+int tfs_pmd_commit_write_super(struct tfs_pmd_commit *c)
+{
+	return tfs_tm_commit_write_super(c->tm);
+}
+
 int tfs_pmd_commit_end(struct tfs_pmd *pmd, struct tfs_pmd_commit *c, int r)
 {
 	r = tfs_tm_commit_end(pmd->tm, c->tm, r);

@@ -67,6 +67,9 @@ int tfs_pmd_commit(struct tfs_pmd *pmd);
 struct tfs_pmd_commit;
 int tfs_pmd_commit_begin(struct tfs_pmd *pmd, struct tfs_pmd_commit **out);
 int tfs_pmd_commit_write(struct tfs_pmd_commit *c);
+/* write in two halves (transaction-manager.h): the blocks, then the superblock. */
+int tfs_pmd_commit_write_blocks(struct tfs_pmd_commit *c);
+int tfs_pmd_commit_write_super(struct tfs_pmd_commit *c);
 int tfs_pmd_commit_end(struct tfs_pmd *pmd, struct tfs_pmd_commit *c, int r);
 /* After a successful end: data blocks freed in that commit may be allocated again. */
 void tfs_pmd_release_freed_data(struct tfs_pmd *pmd);

@@ -186,7 +186,8 @@ int tfs_tm_ref(struct tfs_tm *tm, uint64_t b, uint32_t *count)
  *   5. the superblock is written (one sector holds all its live fields);
  *   6. flush, so the new transaction is durable when we return.
  * A crash before 5 leaves the old superblock and the old blocks it reaches.
- * Steps 1-2 are tfs_tm_commit_begin, 3-6 tfs_tm_commit_write.
+ * Steps 1-2 are tfs_tm_commit_begin, 3-6 tfs_tm_commit_write (3-4 and 5-6
+ * apart: tfs_tm_commit_write_blocks and _super).
  */
 struct tfs_tm_commit {
 	struct tfs_block *sb;
@@ -225,11 +226,21 @@ err_unlock:
 	return r;
 }
 
+int tfs_tm_commit_write_blocks(struct tfs_tm_commit *c)
+{
+	return tfs_bm_batch_write(c->blocks);
+}
+
+int tfs_tm_commit_write_super(struct tfs_tm_commit *c)
+{
+	return tfs_bm_batch_write(c->super);
+}
+
 int tfs_tm_commit_write(struct tfs_tm_commit *c)
 {
-	int r = tfs_bm_batch_write(c->blocks);
+	int r = tfs_tm_commit_write_blocks(c);
 
-	return r ? r : tfs_bm_batch_write(c->super);
+	return r ? r : tfs_tm_commit_write_super(c);
 }
 
 int tfs_tm_commit_end(struct tfs_tm *tm, struct tfs_tm_commit *c, int r)

@@ -92,6 +92,13 @@ int tfs_tm_commit_begin(struct tfs_tm *tm, struct tfs_block *sb,
 			void (*fill_sm_root)(void *ctx, void *sb_data), void *ctx,
 			struct tfs_tm_commit **out);
 int tfs_tm_commit_write(struct tfs_tm_commit *c);
+/*
+ * write in two halves, for an owner that must do something between them
+ * (a data flush the superblock must follow): the blocks and a flush, then
+ * the superblock and a flush.  _super only after _blocks returned 0.
+ */
+int tfs_tm_commit_write_blocks(struct tfs_tm_commit *c);
+int tfs_tm_commit_write_super(struct tfs_tm_commit *c);
 int tfs_tm_commit_end(struct tfs_tm *tm, struct tfs_tm_commit *c, int r);
 
 /* Drop all uncommitted changes (metadata space map rolled back, cache invalidated). */

@@ -798,13 +798,16 @@ def test_mapped_io_completes_while_a_commit_is_stalled(pool, dev, op):
     p.unmount()
 
 
-def test_allocating_write_and_discard_complete_while_a_commit_is_stalled(pool):
-    """While a commit's metadata writes are held, the next transaction goes
-    on: an allocating write to a new block and a discard of a committed
-    block complete, and are durable after the release and an fsync (the
-    remount reads them back; thin_check and thinfs check run at the end).
-    Before, both waited for the commit to finish."""
-    p, vol, other, t, res = stall_a_commit(pool, "metadata", "write")
+@pytest.mark.parametrize("dev,op", [("metadata", "write"), ("data", "flush")])
+def test_allocating_write_and_discard_complete_while_a_commit_is_stalled(pool, dev, op):
+    """While a commit's metadata writes, or its data flush (which comes
+    after its in-memory part), are held, the next transaction goes on: an
+    allocating write to a new block and a discard of a committed block
+    complete, and are durable after the release and an fsync (the remount
+    reads them back; thin_check and thinfs check run at the end).  Before,
+    both waited for the metadata writes to finish, and an allocating write
+    for the drain of allocations in flight and a second data flush."""
+    p, vol, other, t, res = stall_a_commit(pool, dev, op)
     try:
         bounded(write_direct, vol, 20 * BS, pattern(3, BS), what="allocating write")
         bounded(direct_punch, vol, 2 * BS, BS, what="discard of a committed block")
@@ -812,7 +815,7 @@ def test_allocating_write_and_discard_complete_while_a_commit_is_stalled(pool):
         assert bounded(read_direct, vol, 2 * BS, BS) == bytes(BS)
         assert t.is_alive(), "the commit should still be stalled"
     finally:
-        p.ctl("fault", "metadata", "write", "ok")
+        p.ctl("fault", dev, op, "ok")
     t.join(timeout=30)
     assert not t.is_alive() and res == [0], res
     fd = os.open(vol, os.O_WRONLY)
@@ -827,6 +830,57 @@ def test_allocating_write_and_discard_complete_while_a_commit_is_stalled(pool):
     assert read_direct(vol, 0, 4 * BS) == bytes(expect)
     assert read_direct(vol, 20 * BS, BS) == pattern(3, BS)
     assert read_direct(other, 10 * BS, BS) == pattern(2, BS)
+    p.unmount()
+
+
+def test_a_commit_runs_past_an_allocating_write_in_flight(pool):
+    """An allocating write is held in its data write (after its block was
+    allocated); an fsync of another volume still commits, leaving that
+    block out of the committed state.  A power cut then: the remount finds
+    what the fsyncs made durable, the held write's block unmapped, and
+    thin_check and thinfs check clean (no leaked block).  Before, the
+    commit waited for the held write to map its block."""
+    p = pool(data_size=DATA, meta_size=8 * MiB,
+             options={"low_water_mark": "0", "commit_interval": "1h"}, mount=False)
+    p.cfg.write_text(p.cfg.read_text() + "[fault]\nallow = yes\n")
+    p.mount("--allow-faults")
+    p.expect_log(r".")          # the cut fails the held write
+    vol, other = p.mnt / "vm1", p.mnt / "vm2"
+    create(vol, DATA)
+    create(other, DATA)
+    write_at(vol, 0, pattern(1, 4 * BS))                   # mapped and committed
+    write_at(other, 0, pattern(2, BS))
+    p.ctl("fault", "data", "write", "stall")
+    res = []
+
+    def held_write():
+        try:
+            write_direct(vol, 20 * BS, pattern(3, BS))
+            res.append(0)
+        except OSError as e:    # the cut ends the daemon under it
+            res.append(e.errno)
+    held = threading.Thread(target=held_write, daemon=True)
+    held.start()
+    time.sleep(0.5)
+    assert held.is_alive(), "the allocating write should be held"
+
+    def fsync_other():
+        fd = os.open(other, os.O_WRONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    bounded(fsync_other, what="fsync with an allocating write in flight")
+    assert held.is_alive(), "the allocating write should still be held"
+    p.ctl("fault", "power-cut", ok=None)
+    p.crashed()
+    held.join(timeout=30)
+    assert res and res[0] != 0, res
+    p.check_metadata()
+    p.mount("--allow-faults")
+    assert read_direct(vol, 0, 4 * BS) == pattern(1, 4 * BS)
+    assert read_direct(other, 0, BS) == pattern(2, BS)
+    assert read_direct(vol, 20 * BS, BS) == bytes(BS)
     p.unmount()
 
 

@@ -1426,6 +1426,259 @@ static void test_power_cut_drops_only_unflushed_writes(void **state)
 	done(f, false);
 }
 
+/* ---- commits with requests in flight ---------------------------------------------- */
+
+struct bg_io {
+	struct tfs_dev *vol;
+	uint64_t off;
+	int value;
+	int r;
+	atomic_bool done;
+};
+
+static void *bg_write_block(void *arg)
+{
+	struct bg_io *b = arg;
+	uint8_t *buf = zalloc(BS);
+
+	memset(buf, b->value, BS);
+	b->r = tfs_dev_write(b->vol, buf, BS, b->off);
+	free(buf);
+	atomic_store(&b->done, true);
+	return NULL;
+}
+
+static void *bg_flush(void *arg)
+{
+	struct bg_io *b = arg;
+
+	b->r = tfs_dev_flush(b->vol);
+	atomic_store(&b->done, true);
+	return NULL;
+}
+
+/* Until *flag or 60 s (only a bound for a loaded machine, never expected). */
+static void wait_flag(atomic_bool *flag)
+{
+	for (int ms = 0; ms < 60000 && !atomic_load(flag); ms++)
+		sleep_ms(1);
+}
+
+/*
+ * A commit does not wait for an allocating write in flight (held here in
+ * its data write, after its allocation), and the state it commits does
+ * not count that write's block: the checkers find no leaked block on
+ * disk while the write is still held.  Once released, the write is mapped
+ * in the next transaction like any other.
+ */
+static void test_a_commit_neither_waits_for_nor_counts_an_allocation_in_flight(void **state)
+{
+	struct fixture *f = new_fixture(64, false);
+	struct bg_io w = { 0 }, fl = { 0 };
+	pthread_t th_w, th_fl;
+	struct tfs_bdev *data;
+	struct tfs_dev *vol;
+	uint8_t buf[BS];
+
+	(void)state;
+	f->cfg.commit_interval_ms = 3600 * 1000; /* only the flushes below commit */
+	open_pool(f);
+	vol = new_volume(f, NULL);
+	memset(buf, 0x31, BS);
+	assert_int_equal(tfs_dev_write(vol, buf, BS, 0), 0);
+	assert_int_equal(tfs_dev_flush(vol), 0);
+
+	data = tfs_pool_bdev(f->pool, true);
+	tfs_bdev_fault_set(data, TFS_FAULT_WRITE, TFS_FAULT_STALL, 0, false);
+	w = (struct bg_io){ .vol = vol, .off = 3 * BS, .value = 0x32 };
+	assert_int_equal(pthread_create(&th_w, NULL, bg_write_block, &w), 0);
+	while (tfs_bdev_fault_stalled(data) == 0)
+		sleep_ms(1);
+	assert_int_equal(data_used(f), 2); /* the held write's block is allocated */
+
+	/* Its allocation made the pool dirty: this flush commits, with the block in flight. */
+	fl.vol = vol;
+	assert_int_equal(pthread_create(&th_fl, NULL, bg_flush, &fl), 0);
+	wait_flag(&fl.done);
+	assert_true(atomic_load(&fl.done));
+	assert_int_equal(pthread_join(th_fl, NULL), 0);
+	assert_int_equal(fl.r, 0);
+	assert_int_equal(tfs_bdev_fault_stalled(data), 1);
+	assert_false(atomic_load(&w.done));
+	check_metadata(f->cfg.metadata, false); /* what is on disk: block 0 alone, no leak */
+	assert_int_equal(data_used(f), 2);
+
+	tfs_bdev_fault_set(data, TFS_FAULT_WRITE, TFS_FAULT_OK, 0, false);
+	assert_int_equal(pthread_join(th_w, NULL), 0);
+	assert_int_equal(w.r, 0);
+	assert_int_equal(tfs_dev_flush(vol), 0);
+	tfs_dev_close(vol);
+	close_pool(f);
+
+	open_pool(f);
+	assert_int_equal(tfs_thin_open(f->pool, 0, TFS_DEV_READ_ONLY, &vol), 0);
+	assert_int_equal(mapped_blocks(vol), 2);
+	assert_int_equal(tfs_dev_read(vol, buf, BS, 0), 0);
+	assert_true(all_bytes(buf, BS, 0x31));
+	assert_int_equal(tfs_dev_read(vol, buf, BS, 3 * BS), 0);
+	assert_true(all_bytes(buf, BS, 0x32));
+	tfs_dev_close(vol);
+	done(f, false);
+}
+
+/* mapped_blocks of device id in the state on disk (the last superblock written). */
+static uint64_t mapped_on_disk(const char *meta, tfs_dev_id id)
+{
+	struct tfs_pmd_options opt = { .read_only = true };
+	struct tfs_thin_details dd;
+	struct tfs_bdev *dev;
+	struct tfs_pmd *pmd;
+
+	assert_int_equal(tfs_bdev_open(meta, true, &dev), 0);
+	assert_int_equal(tfs_pmd_open(dev, &opt, &pmd), 0);
+	assert_int_equal(tfs_pmd_device_details(pmd, id, &dd), 0);
+	tfs_pmd_close(pmd);
+	tfs_bdev_close(dev);
+	return dd.mapped_blocks;
+}
+
+/*
+ * The data flush runs beside the commit's metadata block writes, but the
+ * superblock waits for it: with the flush held, the blocks are written
+ * and flushed, and the state on disk is still the one before the commit.
+ */
+static void test_the_superblock_waits_for_the_data_flush(void **state)
+{
+	struct fixture *f = new_fixture(64, false);
+	struct tfs_pool_status st;
+	struct bg_io fl = { 0 };
+	struct tfs_bdev *data;
+	struct tfs_dev *vol;
+	uint64_t meta_flushes;
+	uint8_t buf[BS];
+	pthread_t th;
+	uint32_t id;
+
+	(void)state;
+	f->cfg.commit_interval_ms = 3600 * 1000;
+	open_pool(f);
+	vol = new_volume(f, &id);
+	memset(buf, 0x51, BS);
+	assert_int_equal(tfs_dev_write(vol, buf, BS, 0), 0);
+	assert_int_equal(tfs_dev_flush(vol), 0);
+	assert_int_equal(tfs_dev_write(vol, buf, BS, BS), 0); /* for the held commit */
+	tfs_pool_status(f->pool, &st);
+	meta_flushes = st.io_meta.flushes;
+
+	data = tfs_pool_bdev(f->pool, true);
+	tfs_bdev_fault_set(data, TFS_FAULT_FLUSH, TFS_FAULT_STALL, 0, false);
+	fl.vol = vol;
+	assert_int_equal(pthread_create(&th, NULL, bg_flush, &fl), 0);
+	while (tfs_bdev_fault_stalled(data) == 0)
+		sleep_ms(1);
+	/* The metadata blocks and their flush; 60 s is only a bound for a loaded machine. */
+	for (int ms = 0; ms < 60000 && st.io_meta.flushes == meta_flushes; ms++) {
+		sleep_ms(1);
+		tfs_pool_status(f->pool, &st);
+	}
+	assert_int_equal(st.io_meta.flushes, meta_flushes + 1);
+	assert_int_equal(tfs_bdev_fault_stalled(data), 1);
+	assert_int_equal(mapped_on_disk(f->cfg.metadata, id), 1);
+
+	tfs_bdev_fault_set(data, TFS_FAULT_FLUSH, TFS_FAULT_OK, 0, false);
+	assert_int_equal(pthread_join(th, NULL), 0);
+	assert_int_equal(fl.r, 0);
+	assert_int_equal(mapped_on_disk(f->cfg.metadata, id), 2);
+	tfs_dev_close(vol);
+	done(f, false);
+}
+
+/*
+ * A commit's data flush runs after its in-memory part: when it fails, the
+ * commit fails as a failed metadata write does (read_only, needs_check,
+ * the transaction aborted), and the state on disk is the one before it.
+ */
+static void test_a_failed_data_flush_fails_the_commit(void **state)
+{
+	struct fixture *f = new_fixture(64, false);
+	struct tfs_pool_status st;
+	uint8_t buf[2 * BS];
+	struct tfs_dev *vol;
+
+	(void)state;
+	f->cfg.commit_interval_ms = 3600 * 1000;
+	open_pool(f);
+	vol = new_volume(f, NULL);
+	memset(buf, 0x41, sizeof(buf));
+	assert_int_equal(tfs_dev_write(vol, buf, BS, 0), 0);
+	assert_int_equal(tfs_dev_flush(vol), 0);
+	assert_int_equal(tfs_dev_write(vol, buf, BS, BS), 0); /* not committed */
+
+	tfs_log_set_sink(quiet_sink, NULL);
+	tfs_bdev_fault_set(tfs_pool_bdev(f->pool, true), TFS_FAULT_FLUSH, TFS_FAULT_EIO, 0, true);
+	assert_int_equal(tfs_dev_flush(vol), -EIO);
+	tfs_pool_status(f->pool, &st);
+	assert_string_equal(st.mode, "read_only");
+	assert_true(st.needs_check);
+	assert_non_null(strstr(st.reason, "flushing the data device for a commit"));
+	assert_int_equal(tfs_dev_read(vol, buf, 2 * BS, 0), 0);
+	assert_true(all_bytes(buf, BS, 0x41));
+	assert_true(all_bytes(buf + BS, BS, 0));
+	tfs_dev_close(vol);
+	close_pool(f);
+	tfs_log_set_sink(NULL, NULL);
+
+	assert_int_equal(tfs_pool_open(&f->cfg, true, &f->pool), 0);
+	assert_int_equal(tfs_thin_open(f->pool, 0, TFS_DEV_READ_ONLY, &vol), 0);
+	assert_int_equal(mapped_blocks(vol), 1);
+	tfs_dev_close(vol);
+	done(f, true);
+}
+
+/*
+ * Data flushes fail from the k-th on, k = 0, 1, ..., so the first commit
+ * after those fails in its data flush, while writers allocate, write and
+ * discard all the time (commits every 20 ms, so with
+ * blocks in flight at most of them): the pool goes read_only, and the
+ * committed state on disk is consistent (no leaked block, exact counts).
+ */
+static void test_data_flush_failure_sweep_leaves_a_consistent_commit(void **state)
+{
+	(void)state;
+	for (unsigned k = 0; k < 6; k++) {
+		struct fixture *f = new_fixture((CRASH_WRITERS + 1) * 32 + 64, false);
+		struct crash_writer w[CRASH_WRITERS];
+		struct crash_shared sh = { 0 };
+		pthread_t th[CRASH_WRITERS];
+		struct tfs_dev *vol;
+
+		f->cfg.commit_interval_ms = 20;
+		open_pool(f);
+		vol = new_volume(f, NULL);
+		tfs_log_set_sink(quiet_sink, NULL);
+		atomic_store(&sh.go, 1);
+		for (int i = 0; i < CRASH_WRITERS; i++) {
+			w[i] = (struct crash_writer){ .vol = vol, .idx = i + 1, .sh = &sh };
+			assert_int_equal(pthread_create(&th[i], NULL, crash_write, &w[i]), 0);
+		}
+		/* Not once: a timer flush of overwrites alone may fail first (mode unchanged). */
+		tfs_bdev_fault_set(tfs_pool_bdev(f->pool, true), TFS_FAULT_FLUSH, TFS_FAULT_EIO, k,
+				   false);
+		for (int ms = 0; ms < 60000 && !strcmp(mode_of(f), "write"); ms++)
+			sleep_ms(1);
+		assert_string_equal(mode_of(f), "read_only");
+		tfs_bdev_fault_set(tfs_pool_bdev(f->pool, true), TFS_FAULT_FLUSH, TFS_FAULT_OK, 0,
+				   false);
+		atomic_store(&sh.go, 0);
+		for (int i = 0; i < CRASH_WRITERS; i++)
+			assert_int_equal(pthread_join(th[i], NULL), 0);
+		tfs_dev_close(vol);
+		close_pool(f);
+		tfs_log_set_sink(NULL, NULL);
+		done(f, true);
+	}
+}
+
 /* Overwrites in place change no metadata, yet the timer flushes them too. */
 static void test_timer_flushes_overwrites_in_place(void **state)
 {
@@ -1836,6 +2089,10 @@ int main(void)
 		cmocka_unit_test(test_flush_then_reopen_keeps_data),
 		cmocka_unit_test(test_crash_keeps_flushed_data_and_a_consistent_commit),
 		cmocka_unit_test(test_power_cut_drops_only_unflushed_writes),
+		cmocka_unit_test(test_a_commit_neither_waits_for_nor_counts_an_allocation_in_flight),
+		cmocka_unit_test(test_the_superblock_waits_for_the_data_flush),
+		cmocka_unit_test(test_a_failed_data_flush_fails_the_commit),
+		cmocka_unit_test(test_data_flush_failure_sweep_leaves_a_consistent_commit),
 		cmocka_unit_test(test_timer_flushes_overwrites_in_place),
 		cmocka_unit_test(test_idle_pool_does_no_io),
 		cmocka_unit_test(test_status_reports_space_and_counters),
