@@ -364,6 +364,7 @@ out:
  */
 #define WB_MAX_BLOCKS 64u
 #define WB_BUF_BYTES (4u * 1024 * 1024)
+#define WB_PARTS 4u
 
 struct wb_batch {
 	uint64_t first;                   /* the window's first origin block */
@@ -398,23 +399,21 @@ static void wb_gather(struct tfs_cache *c, struct wb_batch *b, uint32_t max, uin
 	}
 }
 
-/* Copy the batch to the origin, merged where adjacent on both devices; then flush. */
-static int wb_copy(struct tfs_cache *c, const struct wb_batch *b)
+/*
+ * Blocks i..end-1 of the batch to the origin through buf (room for all of
+ * them), merged where adjacent: reads of consecutive cache blocks, writes
+ * of consecutive origin blocks.
+ */
+static int wb_copy_part(struct tfs_cache *c, const struct wb_batch *b, uint32_t i, uint32_t end,
+			uint8_t *buf)
 {
 	uint64_t bs = c->block_size;
 	int r = 0;
 
-	if (bs > WB_BUF_BYTES) {
-		for (uint32_t i = 0; i < b->n && r == 0; i++)
-			r = copy_block(c, c->cdev, cache_off(c, b->cb[i]), c->origin, b->ob[i] * bs);
-		return r;
-	}
-	for (uint32_t i = 0, j; i < b->n && r == 0; i = j) {
-		uint8_t *p = c->copy_buf;
+	for (uint32_t j; i < end && r == 0; i = j) {
+		uint8_t *p = buf;
 
-		/* A run: consecutive on the origin, as many as fit the buffer. */
-		for (j = i + 1; j < b->n && b->ob[j] == b->ob[j - 1] + 1 &&
-		     (j - i + 1) * bs <= WB_BUF_BYTES; j++)
+		for (j = i + 1; j < end && b->ob[j] == b->ob[j - 1] + 1; j++)
 			;
 		for (uint32_t k = i, l; k < j && r == 0; k = l) {
 			for (l = k + 1; l < j && b->cb[l] == b->cb[l - 1] + 1; l++)
@@ -423,8 +422,66 @@ static int wb_copy(struct tfs_cache *c, const struct wb_batch *b)
 			p += (l - k) * bs;
 		}
 		if (r == 0)
-			r = tfs_bdev_write(c->origin, c->copy_buf, (size_t)((j - i) * bs),
-					   b->ob[i] * bs);
+			r = tfs_bdev_write(c->origin, buf, (size_t)((j - i) * bs), b->ob[i] * bs);
+		buf = p;
+	}
+	return r;
+}
+
+/* One part of a batch, copied by a helper thread. */
+struct wb_part {
+	struct tfs_cache *c;
+	const struct wb_batch *b;
+	uint32_t begin, end;
+	int r;
+	bool threaded;
+	pthread_t thread;
+};
+
+static void *wb_part_thread(void *arg)
+{
+	struct wb_part *w = arg;
+
+	w->r = wb_copy_part(w->c, w->b, w->begin, w->end,
+			    w->c->copy_buf + (size_t)w->begin * w->c->block_size);
+	return NULL;
+}
+
+/*
+ * Copy the batch to the origin, then flush.  The batch is split into up to
+ * WB_PARTS parts in origin order, copied at once by as many threads: the
+ * cache device's reads and the origin's writes of one part overlap those
+ * of the others, so several writebacks are in flight, as the threshold
+ * allows.  A part that gets no thread is copied here.
+ */
+static int wb_copy(struct tfs_cache *c, const struct wb_batch *b)
+{
+	struct wb_part parts[WB_PARTS];
+	uint32_t per = (b->n + WB_PARTS - 1) / WB_PARTS, nr = 0;
+	int r = 0;
+
+	if (c->block_size > WB_BUF_BYTES) {
+		for (uint32_t i = 0; i < b->n && r == 0; i++)
+			r = copy_block(c, c->cdev, cache_off(c, b->cb[i]), c->origin,
+				       b->ob[i] * c->block_size);
+		return r;
+	}
+	for (uint32_t i = 0; i < b->n; i += per) {
+		struct wb_part *w = &parts[nr++];
+
+		*w = (struct wb_part){ .c = c, .b = b, .begin = i,
+				       .end = i + per < b->n ? i + per : b->n };
+		/* The first part is this thread's; a part without a thread too. */
+		w->threaded = i && pthread_create(&w->thread, NULL, wb_part_thread, w) == 0;
+	}
+	for (uint32_t k = 0; k < nr; k++)
+		if (!parts[k].threaded)
+			wb_part_thread(&parts[k]);
+	for (uint32_t k = 0; k < nr; k++) {
+		if (parts[k].threaded)
+			pthread_join(parts[k].thread, NULL);
+		if (r == 0)
+			r = parts[k].r;
 	}
 	return r ? r : tfs_bdev_flush(c->origin);
 }
