@@ -19,6 +19,8 @@
 #   MIGRATION_THRESHOLD=2048                sectors of writeback in flight
 #   RUNTIME=20                              seconds for the random-write fio job
 #   THINFS_BUILD=build-bench-cache          release build directory
+#   TRACE=0                                 1: `perf trace -s` the daemon during the
+#                                           clean (time per system call, in OUT/trace.txt)
 #
 # Not a test: nothing times it in scripts/test.sh.
 set -uo pipefail
@@ -114,10 +116,19 @@ cache_mount || exit 1
 dirty=$(cache_field dirty)
 # Nothing moved until now (migration_threshold 0 from the start: writeback mode
 # would begin writing back a cache this dirty at once).
+if [[ ${TRACE:-0} == 1 ]]; then
+	perf trace -s -p "$T_PID" -o "$OUT/trace.txt" &
+	TRACE_PID=$!
+	sleep 1
+fi
 start=$(date +%s.%N)
 "$ctl" "$MNT" cache c migration_threshold "$THRESHOLD" >/dev/null
 "$ctl" "$MNT" cache c clean --wait >/dev/null
 secs=$(python3 -c "print($(date +%s.%N) - $start)")
+if [[ -n ${TRACE_PID:-} ]]; then
+	kill -INT "$TRACE_PID"
+	wait "$TRACE_PID"
+fi
 bw=$(python3 -c "print('%.1f' % ($dirty * 64 / 1024 / $secs))")
 row "clean --wait of $dirty dirty 64 KiB blocks (migration_threshold $THRESHOLD)" \
 	"$(python3 -c "print('%.1f s, %s MiB/s' % ($secs, '$bw'))")" "$(counters)"
