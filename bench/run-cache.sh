@@ -3,8 +3,9 @@
 #
 # Cached-origin benchmark (issue 12, "Performance"): one pool with a
 # [cache "c"] over sparse files, the origin made a slow disk with
-# `fault c:origin read delay DELAY_US` (and write delay for the cleaning
-# run), the cache on the local file.  fio (O_DIRECT, psync) against
+# `fault c:origin read delay DELAY_US`, the cache on the local file.
+# The cache device's own 4 KiB random write rate is measured first, with
+# the same fio job on cache.img (before the pool exists).  fio (O_DIRECT, psync) against
 # $MNT/c.  Prints a markdown table with the cache's counters per row.
 #
 #     bench/run-cache.sh
@@ -12,7 +13,7 @@
 # Environment:
 #   WORK=/var/tmp/thinfs-bench-cache   backing files, mountpoint (removed at exit)
 #   CACHE_MIB=256 ORIGIN_GIB=2         device sizes
-#   DELAY_US=2000                      the origin's delay per read (and write)
+#   DELAY_US=2000                      the origin's delay per read
 #   RUNTIME=10                         seconds per measured fio job
 #   THINFS_BUILD=build-bench-cache     release build directory
 #
@@ -30,14 +31,8 @@ MNT=$WORK/mnt
 OUT=$WORK/out
 mkdir -p "$WORK" "$OUT"
 
-if [[ ! -d $ROOT/$BUILD ]]; then
-	meson setup "$ROOT/$BUILD" "$ROOT" --buildtype=release -Db_sanitize=none >/dev/null
-fi
-meson compile -C "$ROOT/$BUILD" thinfs thinfs-ctl >/dev/null
-thinfs=$ROOT/$BUILD/tools/thinfs
-ctl=$ROOT/$BUILD/tools/thinfs-ctl
-# shellcheck source=bench/pool-lib.sh
-source "$ROOT/bench/pool-lib.sh"
+# shellcheck source=bench/cache-lib.sh
+source "$ROOT/bench/cache-lib.sh"
 
 cache_start() {
 	rm -rf "$WORK/pool"
@@ -47,6 +42,15 @@ cache_start() {
 	truncate -s "${ORIGIN_GIB}G" "$WORK/pool/origin.img"
 	truncate -s "${CACHE_MIB}M" "$WORK/pool/cache.img"
 	truncate -s 16M "$WORK/pool/cmeta.img"
+	# The hot set's cache blocks are written (allocated) by promotions: so here.
+	fio --name=cdev-fill --filename="$WORK/pool/cache.img" --rw=write --bs=1m --size="$HOT" \
+		--direct=1 --ioengine=psync --output-format=json >/dev/null
+	fio --name=cdev-randwrite --filename="$WORK/pool/cache.img" --rw=randwrite --bs=4k \
+		--size="$HOT" --direct=1 --ioengine=psync --runtime="$RUNTIME" --time_based=1 \
+		--randrepeat=1 --output-format=json >"$OUT/cdev-randwrite.json"
+	cdev_iops=$(python3 -c '
+import json, sys
+print("%.0f" % json.load(open(sys.argv[1]))["jobs"][0]["write"]["iops"])' "$OUT/cdev-randwrite.json")
 	cat >"$WORK/pool/pool.cfg" <<CFG
 [pool]
 metadata = meta.img
@@ -61,19 +65,7 @@ mode = writeback
 allow = yes
 CFG
 	"$thinfs" mkpool "$WORK/pool/pool.cfg" >/dev/null
-	"$thinfs" mount "$WORK/pool/pool.cfg" "$MNT" -f --allow-faults >>"$OUT/daemon.log" 2>&1 &
-	T_PID=$!
-	for _ in $(seq 1 200); do is_mounted "$MNT" && stat "$MNT/c" >/dev/null 2>&1 && break; sleep 0.05; done
-	is_mounted "$MNT" || { log "thinfs did not mount"; return 1; }
-}
-
-counters() {
-	"$ctl" "$MNT" status --json | python3 -c '
-import json, sys
-v = [v for v in json.load(sys.stdin)["volumes"] if v["name"] == "c"][0]
-print("promotions %d, demotions %d, read hits %d / misses %d, write hits %d / misses %d, dirty %d"
-      % (v["promotions"], v["demotions"], v["read_hits"], v["read_misses"],
-         v["write_hits"], v["write_misses"], v["dirty"]))'
+	cache_mount --allow-faults
 }
 
 # fio NAME RW BS OFFSET SIZE [extra...]: prints "IOPS MiB/s"
@@ -116,21 +108,8 @@ row "1 MiB sequential reads of cold data, no promotions" "$origin_bw MiB/s" "$(c
 read -r _ bw < <(run_fio seq-cold read 1m 1536M 512M)
 row "1 MiB sequential reads of other cold data, smq on" "$bw MiB/s" "$(counters)"
 
+row "the cache device itself (cache.img): 4 KiB random writes over $HOT" "$cdev_iops IOPS" "-"
 read -r iops _ < <(run_fio wb randwrite 4k 0 "$HOT")
-row "writeback: 4 KiB random writes to the hot set" "$iops IOPS" "$(counters)"
+row "writeback: 4 KiB random writes to the hot set" "$iops IOPS ($(python3 -c "print(round(100 * $iops / max($cdev_iops, 1)))")% of the cache device's)" "$(counters)"
 
-# Fill: written twice the blocks are promoted, the last pass (no writebacks) dirties them.
-"$ctl" "$MNT" fault c:origin read ok >/dev/null
-run_fio fill write 1m 0 "${CACHE_MIB}M" --runtime=600 --time_based=0 --loops=3 >/dev/null
-"$ctl" "$MNT" cache c migration_threshold 0 >/dev/null
-run_fio fill2 write 1m 0 "${CACHE_MIB}M" --runtime=600 --time_based=0 >/dev/null
-"$ctl" "$MNT" fault c:origin write delay "$DELAY_US" >/dev/null
-dirty=$("$ctl" "$MNT" status --json | python3 -c '
-import json, sys
-print([v for v in json.load(sys.stdin)["volumes"] if v["name"] == "c"][0]["dirty"])')
-"$ctl" "$MNT" cache c migration_threshold 2048 >/dev/null
-start=$(date +%s.%N)
-"$ctl" "$MNT" cache c clean --wait >/dev/null
-secs=$(python3 -c "print($(date +%s.%N) - $start)")
-row "clean $dirty dirty 64 KiB blocks (origin writes ${DELAY_US} µs each)" \
-	"$(python3 -c "print('%.1f s, %.1f MiB/s' % ($secs, $dirty * 64 / 1024 / $secs))")" "$(counters)"
+# Cleaning a 100% dirty cache: bench/run-cache-clean.sh (no delay; the origin file's own rates).

@@ -277,7 +277,7 @@ static int unmap_locked(struct tfs_cache *c, uint32_t cb)
 
 static bool migrations_allowed(const struct tfs_cache *c)
 {
-	/* One migration at a time: it fits the threshold if one block does. */
+	/* Promotions go one at a time, writebacks a batch within the threshold. */
 	return c->meta_mode == META_RW && !c->read_only &&
 	       c->migration_threshold >= c->cfg.block_sectors;
 }
@@ -352,50 +352,192 @@ out:
 	cell_unlock(c, ob, false);
 }
 
-/* Write one dirty block back (origin order); false when none is dirty. */
-static bool writeback_one(struct tfs_cache *c)
+/*
+ * Cleaning writes back a batch at a time: up to migration_threshold worth
+ * of dirty blocks (at most WB_MAX_BLOCKS), taken in origin order from the
+ * policy's cursor and lying within a window of 2 x that many origin
+ * blocks, so that one shared range lock covers them all (one cell per
+ * request is what keeps the prison deadlock-free).  Blocks adjacent on the
+ * origin go out as one write, and one flush makes the whole batch durable:
+ * a spinning or thin origin sees sequential writes, not one small write
+ * and one flush per block.
+ */
+#define WB_MAX_BLOCKS 64u
+#define WB_BUF_BYTES (4u * 1024 * 1024)
+#define WB_PARTS 4u
+
+struct wb_batch {
+	uint64_t first;                   /* the window's first origin block */
+	uint32_t n;
+	uint32_t cb[WB_MAX_BLOCKS];
+	uint64_t ob[WB_MAX_BLOCKS];
+};
+
+static uint32_t wb_batch_max(const struct tfs_cache *c)
 {
-	uint32_t cb;
-	uint64_t ob;
+	uint64_t n = c->migration_threshold / c->cfg.block_sectors;
+
+	if (c->block_size <= WB_BUF_BYTES && n > WB_BUF_BYTES / c->block_size)
+		n = WB_BUF_BYTES / c->block_size;
+	if (n > WB_MAX_BLOCKS)
+		n = WB_MAX_BLOCKS;
+	return n ? (uint32_t)n : 1;
+}
+
+/* c->lock held: the dirty blocks of the window starting at b->first. */
+static void wb_gather(struct tfs_cache *c, struct wb_batch *b, uint32_t max, uint64_t span)
+{
+	b->n = 0;
+	for (uint64_t ob = b->first; ob < b->first + span && ob < c->nr_oblocks && b->n < max;
+	     ob++) {
+		uint32_t cb = tfs_cache_policy_lookup(c->policy, ob);
+
+		if (cb == NO_CBLOCK || !tfs_cache_policy_dirty(c->policy, cb))
+			continue;
+		b->cb[b->n] = cb;
+		b->ob[b->n++] = ob;
+	}
+}
+
+/*
+ * Blocks i..end-1 of the batch to the origin through buf (room for all of
+ * them), merged where adjacent: reads of consecutive cache blocks, writes
+ * of consecutive origin blocks.
+ */
+static int wb_copy_part(struct tfs_cache *c, const struct wb_batch *b, uint32_t i, uint32_t end,
+			uint8_t *buf)
+{
+	uint64_t bs = c->block_size;
+	int r = 0;
+
+	for (uint32_t j; i < end && r == 0; i = j) {
+		uint8_t *p = buf;
+
+		for (j = i + 1; j < end && b->ob[j] == b->ob[j - 1] + 1; j++)
+			;
+		for (uint32_t k = i, l; k < j && r == 0; k = l) {
+			for (l = k + 1; l < j && b->cb[l] == b->cb[l - 1] + 1; l++)
+				;
+			r = tfs_bdev_read(c->cdev, p, (size_t)((l - k) * bs), cache_off(c, b->cb[k]));
+			p += (l - k) * bs;
+		}
+		if (r == 0)
+			r = tfs_bdev_write(c->origin, buf, (size_t)((j - i) * bs), b->ob[i] * bs);
+		buf = p;
+	}
+	return r;
+}
+
+/* One part of a batch, copied by a helper thread. */
+struct wb_part {
+	struct tfs_cache *c;
+	const struct wb_batch *b;
+	uint32_t begin, end;
+	int r;
+	bool threaded;
+	pthread_t thread;
+};
+
+static void *wb_part_thread(void *arg)
+{
+	struct wb_part *w = arg;
+
+	w->r = wb_copy_part(w->c, w->b, w->begin, w->end,
+			    w->c->copy_buf + (size_t)w->begin * w->c->block_size);
+	return NULL;
+}
+
+/*
+ * Copy the batch to the origin, then flush.  The batch is split into up to
+ * WB_PARTS parts in origin order, copied at once by as many threads: the
+ * cache device's reads and the origin's writes of one part overlap those
+ * of the others, so several writebacks are in flight, as the threshold
+ * allows.  A part that gets no thread is copied here.
+ */
+static int wb_copy(struct tfs_cache *c, const struct wb_batch *b)
+{
+	struct wb_part parts[WB_PARTS];
+	uint32_t per = (b->n + WB_PARTS - 1) / WB_PARTS, nr = 0;
+	int r = 0;
+
+	if (c->block_size > WB_BUF_BYTES) {
+		for (uint32_t i = 0; i < b->n && r == 0; i++)
+			r = copy_block(c, c->cdev, cache_off(c, b->cb[i]), c->origin,
+				       b->ob[i] * c->block_size);
+		return r;
+	}
+	for (uint32_t i = 0; i < b->n; i += per) {
+		struct wb_part *w = &parts[nr++];
+
+		*w = (struct wb_part){ .c = c, .b = b, .begin = i,
+				       .end = i + per < b->n ? i + per : b->n };
+		/* The first part is this thread's; a part without a thread too. */
+		w->threaded = i && pthread_create(&w->thread, NULL, wb_part_thread, w) == 0;
+	}
+	for (uint32_t k = 0; k < nr; k++)
+		if (!parts[k].threaded)
+			wb_part_thread(&parts[k]);
+	for (uint32_t k = 0; k < nr; k++) {
+		if (parts[k].threaded)
+			pthread_join(parts[k].thread, NULL);
+		if (r == 0)
+			r = parts[k].r;
+	}
+	return r ? r : tfs_bdev_flush(c->origin);
+}
+
+/* Write back one batch of dirty blocks (origin order); false when none is dirty. */
+static bool writeback_batch(struct tfs_cache *c)
+{
+	struct wb_batch b;
+	uint32_t cb, max;
+	uint64_t span;
 	int r;
 
 	pthread_mutex_lock(&c->lock);
 	cb = tfs_cache_policy_next_dirty(c->policy);
-	ob = tfs_cache_policy_oblock(c->policy, cb);
+	b.first = tfs_cache_policy_oblock(c->policy, cb);
+	max = wb_batch_max(c);
+	/* A mapped block lies within the origin: the window is never empty. */
+	span = 2 * (uint64_t)max;
+	if (cb != NO_CBLOCK && b.first + span > c->nr_oblocks)
+		span = c->nr_oblocks - b.first;
 	pthread_mutex_unlock(&c->lock);
 	if (cb == NO_CBLOCK)
 		return false;
-	/* Shared: reads of the block go on; writes to it wait. */
-	cell_lock(c, ob, true);
+	/* Shared: reads of the window go on; writes to it wait until the batch is clean. */
+	tfs_prison_lock_shared(c->prison, 0, b.first, b.first + span);
 	pthread_mutex_lock(&c->lock);
-	r = migrations_allowed(c) && tfs_cache_policy_oblock(c->policy, cb) == ob &&
-	    tfs_cache_policy_dirty(c->policy, cb);
+	b.n = 0;
+	if (migrations_allowed(c) && b.first < c->nr_oblocks)
+		wb_gather(c, &b, max, span);
 	pthread_mutex_unlock(&c->lock);
-	if (r) {
-		r = copy_block(c, c->cdev, cache_off(c, cb), c->origin, ob * c->block_size);
-		pthread_mutex_lock(&c->lock);
-		if (r < 0) {
-			/* Once per run of failures, and a pause: a failing origin is not hammered. */
-			if (!c->wb_error)
-				tfs_warn("cache %s: writeback of block %" PRIu64 " failed: %s",
-					 c->cfg.name, ob, strerror(-r));
-			c->wb_error = r;
-			c->wb_retry_ms = now_ms() + WB_RETRY_MS;
-			pthread_cond_broadcast(&c->cond); /* clean --wait gives up */
-		} else if (c->meta_mode == META_RW) {
-			c->wb_error = 0;
-			r = tfs_cmd_set_dirty(c->cmd, cb, false);
+	r = b.n ? wb_copy(c, &b) : 0;
+	pthread_mutex_lock(&c->lock);
+	if (r < 0) {
+		/* Once per run of failures, and a pause: a failing origin is not hammered. */
+		if (!c->wb_error)
+			tfs_warn("cache %s: writeback of blocks %" PRIu64 "-%" PRIu64 " failed: %s",
+				 c->cfg.name, b.ob[0], b.ob[b.n - 1], strerror(-r));
+		c->wb_error = r;
+		c->wb_retry_ms = now_ms() + WB_RETRY_MS;
+		pthread_cond_broadcast(&c->cond); /* clean --wait gives up */
+	} else if (b.n && c->meta_mode == META_RW) {
+		/* The range lock kept every write out: each block is still what was copied. */
+		c->wb_error = 0;
+		for (uint32_t i = 0; i < b.n && c->meta_mode == META_RW; i++) {
+			r = tfs_cmd_set_dirty(c->cmd, b.cb[i], false);
 			if (r < 0) {
 				meta_failed(c, "set dirty", r);
-			} else {
-				tfs_cache_policy_set_dirty(c->policy, cb, false);
-				c->meta_changed = true;
-				c->writebacks++;
+				break;
 			}
+			tfs_cache_policy_set_dirty(c->policy, b.cb[i], false);
+			c->meta_changed = true;
+			c->writebacks++;
 		}
-		pthread_mutex_unlock(&c->lock);
 	}
-	cell_unlock(c, ob, true);
+	pthread_mutex_unlock(&c->lock);
+	tfs_prison_unlock_shared(c->prison, 0, b.first, b.first + span);
 	return r == 0;
 }
 
@@ -425,7 +567,7 @@ static void *worker(void *arg)
 
 			pthread_mutex_unlock(&c->lock);
 			if (want_wb)
-				busy = writeback_one(c);
+				busy = writeback_batch(c);
 			pthread_mutex_lock(&c->lock);
 			if (!cleaner && c->mode != TFS_CACHE_PASSTHROUGH &&
 			    tfs_cache_policy_pop_candidate(c->policy, &ob)) {
@@ -1354,7 +1496,7 @@ static int alloc_state(struct tfs_cache *c)
 		return -ENOMEM;
 	r = tfs_cache_policy_create(c->nr_cblocks, &c->policy);
 	if (r == 0 && posix_memalign((void **)&c->copy_buf, 4096,
-				     c->block_size < COPY_PIECE ? c->block_size : COPY_PIECE))
+				     c->block_size <= WB_BUF_BYTES ? WB_BUF_BYTES : COPY_PIECE))
 		r = -ENOMEM;
 	return r;
 }

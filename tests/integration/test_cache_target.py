@@ -808,3 +808,66 @@ def test_a_cache_and_an_origin_in_one_pool_keep_their_files(pool, tmp_path):
     assert dio_read(p.mnt / "c", 0, BS) == b"c" * BS
     assert dio_read(p.mnt / "db", 0, BS) == b"d" * BS
     assert (p.mnt / "thin").read_bytes() == b"t"
+
+
+def restore_dirty(p, tmp_path, pairs):
+    """Metadata made by cache_restore: cache block -> origin block, every one dirty."""
+    xml = tmp_path / "dirty.xml"
+    xml.write_text('<superblock uuid="" block_size="128" nr_cache_blocks="16" policy="smq" '
+                   'hint_width="4">\n  <mappings>\n' +
+                   "".join(f'    <mapping cache_block="{cb}" origin_block="{ob}" dirty="true"/>\n'
+                           for cb, ob in pairs) + '  </mappings>\n</superblock>\n')
+    subprocess.run(["cache_restore", "-i", str(xml), "-o", str(p.cmeta)], check=True,
+                   capture_output=True)
+
+
+def test_batched_writeback_writes_each_dirty_block_once_under_a_racing_writer(pool, tmp_path):
+    # 16 dirty blocks in three runs on the origin, in shuffled cache blocks: batches of
+    # 6 (migration_threshold 768) merge runs on the origin and split them at the batch ends.
+    obs = list(range(0, 6)) + list(range(8, 14)) + list(range(20, 24))
+    cbs = [5, 12, 0, 3, 15, 9, 1, 14, 7, 2, 11, 6, 13, 4, 10, 8]
+    holes = [6, 7, 14, 15, 16, 17, 18, 19]    # uncached, inside the batches' lock windows
+    p = make_cache(pool, mode="writeback", faults=True, mount=False,
+                   keys={"migration_threshold": 0})
+    with open(p.cdev, "r+b") as f:
+        for cb, ob in zip(cbs, obs):
+            f.seek(cb * BS)
+            f.write(bytes([ob + 1]) * BS)
+    restore_dirty(p, tmp_path, zip(cbs, obs))
+    mount_cache(p)
+    f = p.mnt / "c"
+    assert cstat(p)["dirty"] == 16
+    want = {ob: bytes([ob + 1]) * BS for ob in obs}
+    # A slow origin keeps the batches in flight while the writer runs.
+    p.ctl("fault", "c:origin", "write", "delay", "20000")
+
+    def race(blocks, tag):
+        for ob in blocks:
+            data = bytes([tag]) * (BS // 2) + os.urandom(BS // 2)
+            dio_write(f, ob * BS, data)
+            want[ob] = data
+
+    # Round 1: the writer only writes the holes: each dirty block goes back exactly once.
+    p.ctl("cache", "c", "migration_threshold", "768")
+    p.ctl("cache", "c", "clean")
+    race(holes, 0xAA)
+    p.ctl("cache", "c", "clean", "--wait")
+    st = cstat(p)
+    assert st["dirty"] == 0 and st["writebacks"] == 16, st
+    # Round 2: the writer rewrites the cached blocks while they are written back.
+    p.ctl("cache", "c", "migration_threshold", "0")
+    race(obs, 0xBB)
+    assert cstat(p)["dirty"] == 16
+    p.ctl("cache", "c", "migration_threshold", "768")
+    p.ctl("cache", "c", "clean")
+    race(reversed(obs), 0xCC)
+    p.ctl("cache", "c", "clean", "--wait")
+    st = cstat(p)
+    # Once per block dirtied, plus once more for each block rewritten after its writeback.
+    assert st["dirty"] == 0 and 32 <= st["writebacks"] <= 48, st
+    for ob, data in want.items():
+        assert dio_read(f, ob * BS, BS) == data, ob
+    p.ctl("fault", "c:origin", "write", "ok")
+    p.unmount()
+    for ob in range(24):
+        assert block_of(p.origin, ob) == want.get(ob, bytes(BS)), ob
