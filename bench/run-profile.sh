@@ -13,7 +13,8 @@
 #      origin-cow4k-aio (issue 11: 4 KiB random writes to an origin with one
 #      classic snapshot of 4 KiB chunks, each a COW break) |
 #      origin-8snap-seq-aio (1 MiB sequential writes to an origin with 8
-#      snapshots of 64 KiB chunks)
+#      snapshots of 64 KiB chunks) | origin-over-aio (4 KiB random overwrites of
+#      an origin whose one snapshot (64 KiB chunks) has every chunk copied)
 # The origin jobs also record the daemon's system calls with `perf trace -s`
 # (counts and time per call, per thread), where the time spent waiting for
 # the devices shows, which a CPU profile does not.
@@ -39,8 +40,9 @@ randwrite-cow-aio) rw=randwrite engine=libaio direct=1 qd=16 prefill=1 snap=1 ;;
 seqwrite-alloc-aio) rw=write engine=libaio direct=1 qd=16 prefill=0 snap=0 ;;
 origin-cow4k-aio) rw=randwrite engine=libaio direct=1 qd=16 prefill=1 snap=0 origin_snaps=1 chunk=4k ;;
 origin-8snap-seq-aio) rw=write engine=libaio direct=1 qd=16 prefill=1 snap=0 origin_snaps=8 chunk=64k ;;
+origin-over-aio) rw=randwrite engine=libaio direct=1 qd=16 prefill=1 snap=0 origin_snaps=1 chunk=64k copied=1 ;;
 *)
-	echo "usage: run-profile.sh randwrite-alloc-psync|randwrite-alloc-aio|randwrite-over-aio|randread-aio|randwrite-cow-aio|seqwrite-alloc-aio|origin-cow4k-aio|origin-8snap-seq-aio" >&2
+	echo "usage: run-profile.sh randwrite-alloc-psync|randwrite-alloc-aio|randwrite-over-aio|randread-aio|randwrite-cow-aio|seqwrite-alloc-aio|origin-cow4k-aio|origin-8snap-seq-aio|origin-over-aio" >&2
 	exit 2
 	;;
 esac
@@ -85,7 +87,13 @@ for i in $(seq 1 "$origin_snaps"); do
 	truncate -s "$((REGION_MIB + 64))M" "$WORK/dev/cow$i.img"
 	"$ctl" "$MNT" snapshot db "s$i" --cow "$WORK/dev/cow$i.img" --chunk-size "$chunk" >/dev/null || exit 1
 done
-if ((origin_snaps)); then
+if [[ -n ${copied:-} ]]; then
+	# every chunk copied once: the job's overwrites copy nothing
+	fio --eta=never --name=copy --filename="$vol" --allow_file_create=0 --ioengine=libaio \
+		--direct=1 --iodepth=16 --rw=write --bs=1M --size="${REGION_MIB}M" --end_fsync=1 >/dev/null || exit 1
+fi
+# a CPU-bound job is profiled without the trace (its overhead would be most of the profile)
+if ((origin_snaps)) && [[ -z ${copied:-} ]]; then
 	perf trace -s -p "$T_PID" -o "$OUT/trace.txt" 2>/dev/null &
 	trace_pid=$!
 fi
@@ -97,7 +105,7 @@ perf record -a -g -o "$OUT/perf.data" -- \
 	fio --eta=never --output-format=json --output="$OUT/fio.json" --name="$JOB" --filename="$vol" \
 	--allow_file_create=0 --fallocate=none --ioengine=$engine --direct=$direct --iodepth=$qd \
 	--rw=$rw --bs="$([[ $JOB == seq* || $JOB == *-seq-* ]] && echo 1M || echo 4k)" --size="${REGION_MIB}M" \
-	--runtime="$RUNTIME" --time_based="$([[ $JOB == *alloc* || $JOB == *cow* || $JOB == origin-* ]] && echo 0 || echo 1)" \
+	--runtime="$RUNTIME" --time_based="$([[ $JOB == *alloc* || $JOB == *cow* || $JOB == origin-*snap* ]] && echo 0 || echo 1)" \
 	--end_fsync=$((1 - direct)) --randrepeat=1 2>"$OUT/perf-record.log" >/dev/null || { log "perf/fio failed"; exit 1; }
 if [[ -n ${trace_pid:-} ]]; then
 	kill -INT "$trace_pid" 2>/dev/null
