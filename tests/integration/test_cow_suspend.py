@@ -242,3 +242,26 @@ def test_interrupted_origin_suspend_is_abandoned(pool, guard, tmp_path, how):
     suspend(p, "db", "--timeout", "30")
     resume(p, "db")
     p.unmount()
+
+
+def test_sigterm_with_held_origin_and_snapshot_io_exits_0(pool, guard, tmp_path):
+    """Suspension does not survive the daemon: held requests are let go at
+    shutdown, and the daemon exits cleanly; after a remount nothing is
+    suspended and what was answered is there."""
+    p = cow_pool(pool, guard, tmp_path)
+    suspend(p, "db")
+    suspend(p, "s1")
+    wd = guard.start(Writer(p.mnt / "db", 0, pattern(11, CHUNK), direct=True, fsync=False))
+    ws = guard.start(Writer(p.mnt / "s1", CHUNK, pattern(12, CHUNK), direct=True, fsync=False))
+    wait_for(lambda: p.status()["pool"]["held_in_core"] >= 2, what="2 requests held")
+    assert p.terminate() == 0
+    joined(wd)
+    joined(ws)
+    p.mount()
+    assert all(v["suspended"] is False for v in p.volumes())
+    got_o = read_direct(p.mnt / "db", 0, CHUNK)
+    got_s = read_direct(p.mnt / "s1", 0, 2 * CHUNK)
+    assert got_o == (pattern(11, CHUNK) if wd.wrote else pattern(1, CHUNK))
+    assert got_s[:CHUNK] == pattern(1, CHUNK)
+    assert got_s[CHUNK:] == (pattern(12, CHUNK) if ws.wrote else pattern(1, 2 * CHUNK)[CHUNK:])
+    p.unmount()
