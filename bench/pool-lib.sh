@@ -53,7 +53,8 @@ pool_build() {
 	ctl=$dir/tools/thinfs-ctl
 }
 
-# pool_start DATA_GIB: mkpool (defaults, block_size 64k) and mount at $MNT
+# pool_start DATA_GIB: mkpool (defaults, block_size 64k, then the lines of
+# POOL_CFG_EXTRA: more sections) and mount at $MNT
 pool_start() {
 	rm -rf "$WORK/pool"
 	mkdir -p "$WORK/pool" "$MNT"
@@ -65,6 +66,7 @@ metadata = meta.img
 data = data.img
 catalog = catalog.db
 block_size = 64k
+${POOL_CFG_EXTRA:-}
 CFG
 	# shellcheck disable=SC2154 # thinfs: set by the caller
 	"$thinfs" mkpool "$WORK/pool/pool.cfg" >/dev/null || return 1

@@ -15,7 +15,8 @@
 #   Tcow Ccow  first 4 KiB writes (libaio QD16) to blocks shared with a
 #      snapshot: thinfs after mkdir .snapshots/N, qemu after an internal
 #      qcow2 snapshot (qemu-img snapshot -c with the export stopped, as the
-#      shared harness does)
+#      shared harness does); with COW_STRIDE=1 also the stride job (one
+#      write per 64 KiB cluster, every one a COW break: bench/run-cow.sh)
 #   Tlong Clong  4 KiB random allocating writes over a LONG_GIB volume for
 #      LONG_RUNTIME seconds (libaio QD16, O_DIRECT, norandommap)
 #
@@ -191,8 +192,13 @@ suite_cow_first() {
 	probe_caps
 	has_mode aio || { log "$TARGET: no aio mode, COW suite skipped"; return 1; }
 	prefill RA1.aio
+	# stridewrite-cow: every 4 KiB write is the first to its 64 KiB cluster
+	# (bench/run-cow.sh compares origins' COW breaks with it)
+	[[ -n ${COW_STRIDE:-} ]] && prefill ST.aio
 	timed_snapshot cow-aio 1 "${REG_MIB[RA1.aio]}" || return 1
 	run_job randwrite-cow-nj1 randwrite-alloc.fio aio RA1.aio 1 1 single
+	[[ -n ${COW_STRIDE:-} ]] && run_job stridewrite-cow stridewrite-alloc.fio aio ST.aio 1 1 single
+	true
 }
 
 # The long allocating job (bench/fio/randwrite-alloc-long.fio) on a volume

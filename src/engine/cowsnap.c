@@ -505,12 +505,13 @@ static int snap_read(struct tfs_dev *dev, void *buf, size_t len, uint64_t off)
 	struct snap_handle *h = sh_of(dev);
 	struct tfs_cowsnap *s = h->s;
 	struct tfs_origin *o = s->origin;
+	struct tfs_core_io io;
 	uint64_t b, e;
 	int r = may_io(h, false);
 
 	if (r || !len)
 		return r;
-	pthread_rwlock_rdlock(&o->lock);
+	tfs_origin_io_begin(o, &io, s->id);
 	tfs_origin_lock_range(o, off, len, &b, &e);
 	r = tfs_prison_lock_shared(o->prison, 0, b, e);
 	if (r < 0)
@@ -521,7 +522,7 @@ static int snap_read(struct tfs_dev *dev, void *buf, size_t len, uint64_t off)
 	if (!r && atomic_load(&s->invalid))
 		r = -EIO;
 out:
-	pthread_rwlock_unlock(&o->lock);
+	tfs_origin_io_end(o, &io);
 	return r;
 }
 
@@ -574,26 +575,30 @@ static int snap_write(struct tfs_dev *dev, const void *buf, size_t len, uint64_t
 {
 	struct snap_handle *h = sh_of(dev);
 	struct tfs_cowsnap *s = h->s;
+	struct tfs_core_io io;
 	int r = may_io(h, true);
 
 	if (r || !len)
 		return r;
 	if (off > s->origin->size || len > s->origin->size - off)
 		return -ENOSPC;
-	pthread_rwlock_rdlock(&s->origin->lock);
+	tfs_origin_io_begin(s->origin, &io, s->id);
 	r = snap_write_locked(s, buf, len, off);
-	pthread_rwlock_unlock(&s->origin->lock);
+	tfs_origin_io_end(s->origin, &io);
 	return r;
 }
 
 static int snap_flush(struct tfs_dev *dev)
 {
 	struct snap_handle *h = sh_of(dev);
+	struct tfs_core_io io;
 	int r = may_io(h, false);
 
 	if (r)
 		return r;
+	tfs_origin_io_begin(h->s->origin, &io, h->s->id);
 	r = tfs_bdev_flush(h->s->cow);
+	tfs_origin_io_end(h->s->origin, &io);
 	if (r < 0) {
 		tfs_cowsnap_invalidate(h->s, "COW device flush failed", r);
 		return -EIO;
@@ -605,13 +610,14 @@ static int snap_zero_range(struct tfs_dev *dev, uint64_t off, uint64_t len)
 {
 	struct snap_handle *h = sh_of(dev);
 	struct tfs_cowsnap *s = h->s;
+	struct tfs_core_io io;
 	int r = may_io(h, true);
 
 	if (r)
 		return r;
 	if (off > s->origin->size || len > s->origin->size - off)
 		return -ENOSPC;
-	pthread_rwlock_rdlock(&s->origin->lock);
+	tfs_origin_io_begin(s->origin, &io, s->id);
 	while (!r && len) {
 		size_t n = len < ZERO_PIECE ? (size_t)len : ZERO_PIECE;
 
@@ -619,7 +625,7 @@ static int snap_zero_range(struct tfs_dev *dev, uint64_t off, uint64_t len)
 		off += n;
 		len -= n;
 	}
-	pthread_rwlock_unlock(&s->origin->lock);
+	tfs_origin_io_end(s->origin, &io);
 	return r;
 }
 
@@ -683,6 +689,9 @@ static void snap_status(struct tfs_dev *dev, struct tfs_status_sink *sink)
 	if (merging)
 		tfs_status_u64(sink, "merge_remaining_chunks", tfs_snap_store_count(s->store));
 	tfs_status_text(sink, "device", s->cow_path);
+	tfs_status_flag(sink, "suspended", tfs_core_suspended(s->origin->core, TFS_CORE_POOL) ||
+			tfs_core_suspended(s->origin->core, s->id));
+	tfs_status_u64(sink, "held_in_core", tfs_core_nr_held(s->origin->core, s->id));
 	tfs_status_begin(sink, "cow");
 	tfs_status_u64(sink, "total_sectors", u.total_sectors);
 	tfs_status_u64(sink, "allocated_sectors", u.allocated_sectors);

@@ -8,6 +8,7 @@
 #include <pthread.h>
 #include <stdatomic.h>
 
+#include "core.h"
 #include "origin.h"
 #include "prison.h"
 #include "snap-store.h"
@@ -26,6 +27,12 @@ struct tfs_origin {
 	struct tfs_bdev *fault;    /* == bdev when wrapped, else NULL */
 	uint64_t size;             /* bytes, fixed while open */
 	atomic_uint refs;          /* the set's + each open handle's */
+	/*
+	 * Suspend and resume of the origin and its snapshots (target.h): the
+	 * origin is TFS_CORE_POOL here, each device is its own id.  Entered
+	 * by every I/O request before o->lock (tfs_origin_io_begin).
+	 */
+	struct tfs_core *core;
 
 	/* Shared: any I/O to the origin or its snapshots; exclusive: the snapshot list changes. */
 	pthread_rwlock_t lock;
@@ -74,6 +81,9 @@ struct tfs_cow_set {
 	void (*notify)(void *arg);
 	void *notify_arg;
 	pthread_mutex_t events_lock; /* leaf: the event fields of every snapshot */
+	/* One suspend or resume of origins at a time (core.h); taken before lock. */
+	pthread_mutex_t suspend_mutex;
+	bool stop_holding;         /* lock: shutting down, new origins' cores are closed too */
 };
 
 /* cowsnap.c */
@@ -132,6 +142,13 @@ void tfs_cow_merge_reap(struct tfs_cow_set *set, tfs_cow_event_fn fn, void *ctx)
 struct tfs_cowsnap *tfs_cow_set_find_snap(struct tfs_cow_set *set, const char *name, uint32_t id);
 int tfs_origin_open_dev(struct tfs_origin *o, unsigned flags, struct tfs_dev **out);
 void tfs_origin_put(struct tfs_origin *o);
+/*
+ * An I/O request to device dev (the origin's id or a snapshot's) of o:
+ * admitted by the core (held while suspended), then o->lock shared.
+ * end undoes both.
+ */
+void tfs_origin_io_begin(struct tfs_origin *o, struct tfs_core_io *io, uint32_t dev);
+void tfs_origin_io_end(struct tfs_origin *o, struct tfs_core_io *io);
 /* The range lock of [off, off + len) rounded out to the origin's lock_align. */
 void tfs_origin_lock_range(struct tfs_origin *o, uint64_t off, uint64_t len, uint64_t *begin,
 			   uint64_t *end);

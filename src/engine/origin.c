@@ -13,10 +13,12 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "config.h"
 #include "log.h"
+#include "pool.h"
 #include "scratch.h"
 
 /* Zeros written from here by zero_range, in pieces. */
@@ -36,6 +38,7 @@ int tfs_cow_set_create(bool direct, bool faults, unsigned low_water_percent,
 		return -ENOMEM;
 	pthread_mutex_init(&set->lock, NULL);
 	pthread_mutex_init(&set->events_lock, NULL);
+	pthread_mutex_init(&set->suspend_mutex, NULL);
 	set->direct = direct;
 	set->faults = faults;
 	atomic_init(&set->low_water_percent, low_water_percent);
@@ -64,6 +67,7 @@ void tfs_cow_set_destroy(struct tfs_cow_set *set)
 		tfs_origin_put(o);
 	}
 	free(set->origins);
+	pthread_mutex_destroy(&set->suspend_mutex);
 	pthread_mutex_destroy(&set->events_lock);
 	pthread_mutex_destroy(&set->lock);
 	free(set);
@@ -189,6 +193,12 @@ int tfs_cow_set_add_origin(struct tfs_cow_set *set, const char *name, uint32_t i
 		tfs_dev_close(o->dev);
 		goto err_free;
 	}
+	r = tfs_core_create(&o->core);
+	if (r < 0) {
+		tfs_prison_destroy(o->prison);
+		tfs_dev_close(o->dev);
+		goto err_free;
+	}
 	/* A snapshot being added must not wait behind an endless stream of I/O. */
 	pthread_rwlockattr_init(&ra);
 	pthread_rwlockattr_setkind_np(&ra, PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP);
@@ -196,6 +206,8 @@ int tfs_cow_set_add_origin(struct tfs_cow_set *set, const char *name, uint32_t i
 	pthread_rwlockattr_destroy(&ra);
 
 	pthread_mutex_lock(&set->lock);
+	if (set->stop_holding)
+		tfs_core_close(o->core);
 	grown = realloc(set->origins, (set->nr_origins + 1) * sizeof(*grown));
 	if (grown)
 		set->origins = grown;
@@ -227,6 +239,7 @@ void tfs_origin_put(struct tfs_origin *o)
 			strerror(-r));
 	free(o->snaps);
 	pthread_rwlock_destroy(&o->lock);
+	tfs_core_destroy(o->core);
 	tfs_prison_destroy(o->prison);
 	tfs_dev_close(o->dev);
 	free(o);
@@ -336,6 +349,9 @@ int tfs_cow_set_remove_snapshot(struct tfs_cow_set *set, uint32_t id, bool from_
 	}
 	pthread_mutex_unlock(&set->lock);
 	pthread_rwlock_unlock(&o->lock);
+	/* A suspend of it ends with it (nothing of it can be held: no handle is open). */
+	if (found)
+		tfs_core_resume(o->core, &id, 1);
 	if (found)
 		tfs_cowsnap_put(s);
 	tfs_origin_put(o);
@@ -561,6 +577,251 @@ out:
 	tfs_cow_merge_reap(set, fn, ctx);
 }
 
+/* ---- suspend and resume ---- */
+
+void tfs_origin_io_begin(struct tfs_origin *o, struct tfs_core_io *io, uint32_t dev)
+{
+	tfs_core_enter(o->core, io, dev);
+	pthread_rwlock_rdlock(&o->lock);
+}
+
+void tfs_origin_io_end(struct tfs_origin *o, struct tfs_core_io *io)
+{
+	pthread_rwlock_unlock(&o->lock);
+	tfs_core_exit(o->core, io);
+}
+
+static int origin_flush_locked(struct tfs_origin *o);
+
+/* What one suspend does to one origin's core: all of it, or some snapshots. */
+struct suspend_part {
+	struct tfs_origin *o;      /* a reference taken for the suspend */
+	bool whole;
+	uint32_t *devs;            /* snapshot ids, unless whole */
+	unsigned nr;
+	int began;                 /* tfs_core_suspend_begin's count */
+};
+
+/* set->lock held.  The part for o, added if new. */
+static struct suspend_part *part_of(struct suspend_part *parts, unsigned *nr_parts,
+				    struct tfs_origin *o)
+{
+	for (unsigned i = 0; i < *nr_parts; i++)
+		if (parts[i].o == o)
+			return &parts[i];
+	atomic_fetch_add(&o->refs, 1);
+	parts[*nr_parts] = (struct suspend_part){ .o = o };
+	return &parts[(*nr_parts)++];
+}
+
+/* The parts of one suspend or resume. */
+struct suspend_plan {
+	struct suspend_part *parts;
+	unsigned nr_parts;
+	uint32_t *devs;
+};
+
+/*
+ * The parts of ids[0..nr) (every origin whole when nr == 0), each with a
+ * reference to its origin.  -ENOENT an id not in the set, -ENOMEM.
+ */
+static int plan_make(struct tfs_cow_set *set, const uint32_t *ids, unsigned nr,
+		     struct suspend_plan *plan)
+{
+	struct suspend_part *parts;
+	int r = 0;
+
+	memset(plan, 0, sizeof(*plan));
+	pthread_mutex_lock(&set->lock);
+	if (!set->nr_origins)
+		goto out;
+	parts = plan->parts = calloc(set->nr_origins, sizeof(*parts));
+	plan->devs = calloc((size_t)set->nr_origins * (nr ? nr : 1), sizeof(*plan->devs));
+	if (!parts || !plan->devs) {
+		r = -ENOMEM;
+		goto out;
+	}
+	for (unsigned i = 0; i < set->nr_origins; i++)
+		parts[i].devs = plan->devs + (size_t)i * nr;
+	for (unsigned i = 0; !nr && i < set->nr_origins; i++)
+		part_of(parts, &plan->nr_parts, set->origins[i])->whole = true;
+	for (unsigned k = 0; k < nr; k++) {
+		struct tfs_cowsnap *s = find_snap(set, NULL, ids[k]);
+		struct tfs_origin *o = s ? s->origin : NULL;
+		struct suspend_part *p;
+		uint32_t *slot;
+
+		for (unsigned i = 0; !o && i < set->nr_origins; i++)
+			if (set->origins[i]->id == ids[k])
+				o = set->origins[i];
+		if (!o) {
+			r = -ENOENT;
+			goto out;
+		}
+		slot = parts[plan->nr_parts].devs; /* a new part takes the next slot */
+		p = part_of(parts, &plan->nr_parts, o);
+		p->devs = p->devs ? p->devs : slot;
+		if (!s)
+			p->whole = true;
+		else
+			p->devs[p->nr++] = s->id;
+	}
+out:
+	pthread_mutex_unlock(&set->lock);
+	return r;
+}
+
+static void plan_free(struct suspend_plan *plan)
+{
+	for (unsigned i = 0; i < plan->nr_parts; i++)
+		tfs_origin_put(plan->parts[i].o);
+	free(plan->parts);
+	free(plan->devs);
+}
+
+/* Quiescent: what the suspended devices acknowledged becomes durable. */
+static void suspend_flush(struct suspend_part *p, char *why, size_t why_len)
+{
+	struct tfs_origin *o = p->o;
+	size_t used = strlen(why);
+	int r = 0;
+
+	pthread_rwlock_rdlock(&o->lock);
+	if (p->whole) {
+		r = origin_flush_locked(o);
+	} else {
+		for (unsigned i = 0; i < o->nr_snaps; i++) {
+			struct tfs_cowsnap *s = o->snaps[i];
+			bool named = false;
+
+			for (unsigned k = 0; k < p->nr; k++)
+				named |= p->devs[k] == s->id;
+			if (!named || atomic_load(&s->invalid) || tfs_bdev_flush(s->cow) >= 0)
+				continue;
+			tfs_cowsnap_invalidate(s, "COW device flush failed", -EIO);
+			r = -EIO;
+		}
+	}
+	pthread_rwlock_unlock(&o->lock);
+	if (r < 0 && used + 1 < why_len)
+		snprintf(why + used, why_len - used, "%sthe flush of origin %s at suspend failed "
+			 "(%s)", used ? "; " : "", o->name, strerror(-r));
+}
+
+int tfs_cow_set_suspend(struct tfs_cow_set *set, const uint32_t *ids, unsigned nr,
+			const struct tfs_suspend_opts *opts, char *why, size_t why_len)
+{
+	struct suspend_plan plan;
+	struct suspend_part *parts;
+	struct timespec deadline;
+	int r, n = 0;
+
+	why[0] = '\0';
+	pthread_mutex_lock(&set->suspend_mutex);
+	r = plan_make(set, ids, nr, &plan);
+	parts = plan.parts;
+	if (r < 0) {
+		snprintf(why, why_len, "%s", r == -ENOENT ? "no such origin or snapshot"
+			 : "out of memory");
+		goto out;
+	}
+	/* Every core first, then the waits: one deadline for all of them. */
+	for (unsigned i = 0; !r && i < plan.nr_parts; i++) {
+		struct suspend_part *p = &parts[i];
+
+		r = p->began = tfs_core_suspend_begin(p->o->core, p->devs, p->whole ? 0 : p->nr,
+						      opts->noflush);
+		if (r > 0) {
+			n += r;
+			r = 0;
+		}
+	}
+	if (opts->timeout_ms)
+		deadline = tfs_deadline_in(opts->timeout_ms);
+	for (unsigned i = 0; !r && i < plan.nr_parts; i++)
+		if (parts[i].began > 0)
+			r = tfs_core_drain(parts[i].o->core, parts[i].devs,
+					   parts[i].whole ? 0 : parts[i].nr,
+					   opts->timeout_ms ? &deadline : NULL, opts->cancelled,
+					   opts->arg);
+	if (r < 0) {
+		for (unsigned i = 0; i < plan.nr_parts; i++)
+			if (parts[i].began > 0)
+				tfs_core_suspend_end(parts[i].o->core, false);
+		tfs_suspend_abandoned_why(r, opts, why, why_len);
+		tfs_warn("origins: %s", why);
+		goto out;
+	}
+	for (unsigned i = 0; i < plan.nr_parts; i++) {
+		if (parts[i].began <= 0)
+			continue;
+		if (!opts->noflush)
+			suspend_flush(&parts[i], why, why_len);
+		tfs_core_suspend_end(parts[i].o->core, true);
+		tfs_info("origin %s: suspended %s%s", parts[i].o->name,
+			 parts[i].whole ? "with its snapshots" : "snapshots of it",
+			 opts->noflush ? " (noflush)" : "");
+	}
+	r = n;
+out:
+	plan_free(&plan);
+	pthread_mutex_unlock(&set->suspend_mutex);
+	return r;
+}
+
+int tfs_cow_set_resume(struct tfs_cow_set *set, const uint32_t *ids, unsigned nr)
+{
+	struct suspend_plan plan;
+	int r, n = 0;
+
+	pthread_mutex_lock(&set->suspend_mutex);
+	r = plan_make(set, ids, nr, &plan);
+	for (unsigned i = 0; !r && i < plan.nr_parts; i++)
+		n += (int)tfs_core_resume(plan.parts[i].o->core, plan.parts[i].devs,
+					  plan.parts[i].whole ? 0 : plan.parts[i].nr);
+	plan_free(&plan);
+	pthread_mutex_unlock(&set->suspend_mutex);
+	return r < 0 ? r : n;
+}
+
+bool tfs_cow_set_suspended(struct tfs_cow_set *set, uint32_t id)
+{
+	struct tfs_cowsnap *s;
+	bool held = false;
+
+	pthread_mutex_lock(&set->lock);
+	s = find_snap(set, NULL, id);
+	for (unsigned i = 0; i < set->nr_origins; i++) {
+		struct tfs_origin *o = set->origins[i];
+
+		if (o->id == id || (s && s->origin == o))
+			held = tfs_core_suspended(o->core, TFS_CORE_POOL) ||
+			       (s && tfs_core_suspended(o->core, id));
+	}
+	pthread_mutex_unlock(&set->lock);
+	return held;
+}
+
+unsigned tfs_cow_set_held(struct tfs_cow_set *set)
+{
+	unsigned n = 0;
+
+	pthread_mutex_lock(&set->lock);
+	for (unsigned i = 0; i < set->nr_origins; i++)
+		n += tfs_core_nr_held(set->origins[i]->core, TFS_CORE_POOL);
+	pthread_mutex_unlock(&set->lock);
+	return n;
+}
+
+void tfs_cow_set_stop_holding(struct tfs_cow_set *set)
+{
+	pthread_mutex_lock(&set->lock);
+	set->stop_holding = true;
+	for (unsigned i = 0; i < set->nr_origins; i++)
+		tfs_core_close(set->origins[i]->core);
+	pthread_mutex_unlock(&set->lock);
+}
+
 /* ---- the origin target ---- */
 
 void tfs_origin_lock_range(struct tfs_origin *o, uint64_t off, uint64_t len, uint64_t *begin,
@@ -594,12 +855,13 @@ static int origin_read(struct tfs_dev *dev, void *buf, size_t len, uint64_t off)
 {
 	struct origin_handle *h = oh_of(dev);
 	struct tfs_origin *o = h->o;
+	struct tfs_core_io io;
 	uint64_t b, e;
 	int r = may_io(h, false);
 
 	if (r || !len)
 		return r;
-	pthread_rwlock_rdlock(&o->lock);
+	tfs_origin_io_begin(o, &io, o->id);
 	if (!o->nr_snaps && !o->merge) {
 		r = tfs_dev_read(o->dev, buf, len, off);
 		goto out;
@@ -614,7 +876,7 @@ static int origin_read(struct tfs_dev *dev, void *buf, size_t len, uint64_t off)
 		     : tfs_dev_read(o->dev, buf, len, off);
 	tfs_prison_unlock_shared(o->prison, 0, b, e);
 out:
-	pthread_rwlock_unlock(&o->lock);
+	tfs_origin_io_end(o, &io);
 	return r;
 }
 
@@ -652,29 +914,25 @@ static int origin_write(struct tfs_dev *dev, const void *buf, size_t len, uint64
 {
 	struct origin_handle *h = oh_of(dev);
 	struct tfs_origin *o = h->o;
+	struct tfs_core_io io;
 	int r = may_io(h, true);
 
 	if (r || !len)
 		return r;
 	if (off > o->size || len > o->size - off)
 		return -ENOSPC; /* past the end of a device of fixed size */
-	pthread_rwlock_rdlock(&o->lock);
+	tfs_origin_io_begin(o, &io, o->id);
 	r = origin_write_locked(o, buf, len, off);
-	pthread_rwlock_unlock(&o->lock);
+	tfs_origin_io_end(o, &io);
 	return r;
 }
 
 /* Every snapshot's copies and exceptions first, so that no acknowledged origin write
- * can become durable while the old data it replaced is not. */
-static int origin_flush(struct tfs_dev *dev)
+ * can become durable while the old data it replaced is not.  o->lock held shared. */
+static int origin_flush_locked(struct tfs_origin *o)
 {
-	struct origin_handle *h = oh_of(dev);
-	struct tfs_origin *o = h->o;
-	int r = may_io(h, false);
+	int r;
 
-	if (r)
-		return r;
-	pthread_rwlock_rdlock(&o->lock);
 	for (unsigned i = 0; i < o->nr_snaps; i++) {
 		struct tfs_cowsnap *s = o->snaps[i];
 
@@ -687,7 +945,21 @@ static int origin_flush(struct tfs_dev *dev)
 	r = o->merge ? tfs_cow_merge_flush(o) : 0;
 	if (r == 0)
 		r = tfs_dev_flush(o->dev);
-	pthread_rwlock_unlock(&o->lock);
+	return r;
+}
+
+static int origin_flush(struct tfs_dev *dev)
+{
+	struct origin_handle *h = oh_of(dev);
+	struct tfs_origin *o = h->o;
+	struct tfs_core_io io;
+	int r = may_io(h, false);
+
+	if (r)
+		return r;
+	tfs_origin_io_begin(o, &io, o->id);
+	r = origin_flush_locked(o);
+	tfs_origin_io_end(o, &io);
 	return r;
 }
 
@@ -695,13 +967,14 @@ static int origin_zero_range(struct tfs_dev *dev, uint64_t off, uint64_t len)
 {
 	struct origin_handle *h = oh_of(dev);
 	struct tfs_origin *o = h->o;
+	struct tfs_core_io io;
 	int r = may_io(h, true);
 
 	if (r)
 		return r;
 	if (off > o->size || len > o->size - off)
 		return -ENOSPC;
-	pthread_rwlock_rdlock(&o->lock);
+	tfs_origin_io_begin(o, &io, o->id);
 	while (!r && len) {
 		size_t n = len < ZERO_PIECE ? (size_t)len : ZERO_PIECE;
 
@@ -709,7 +982,7 @@ static int origin_zero_range(struct tfs_dev *dev, uint64_t off, uint64_t len)
 		off += n;
 		len -= n;
 	}
-	pthread_rwlock_unlock(&o->lock);
+	tfs_origin_io_end(o, &io);
 	return r;
 }
 
@@ -765,6 +1038,8 @@ static void origin_status(struct tfs_dev *dev, struct tfs_status_sink *sink)
 	unsigned n = 0;
 
 	tfs_status_text(sink, "device", tfs_bdev_name(o->bdev));
+	tfs_status_flag(sink, "suspended", tfs_core_suspended(o->core, TFS_CORE_POOL));
+	tfs_status_u64(sink, "held_in_core", tfs_core_nr_held(o->core, o->id));
 	pthread_mutex_lock(&o->set->lock);
 	names = calloc(o->nr_snaps ? o->nr_snaps : 1, sizeof(*names));
 	for (unsigned i = 0; names && i < o->nr_snaps; i++)

@@ -38,6 +38,7 @@
 #include "target.h"
 
 struct tfs_cow_set;
+struct tfs_suspend_opts;
 
 /* What a snapshot is made of (pool.cfg [snapshot] or thinfs-ctl snapshot). */
 struct tfs_cowsnap_params {
@@ -193,5 +194,40 @@ int tfs_cow_set_merging(struct tfs_cow_set *set, struct tfs_cow_merging **out, u
  * per snapshot, without engine locks held.
  */
 void tfs_cow_set_events(struct tfs_cow_set *set, tfs_cow_event_fn fn, void *ctx);
+
+/*
+ * Suspend and resume (README "Suspend, resume, reload"; the semantics of
+ * tfs_pool_suspend).  Each origin with its snapshots is one instance with
+ * its own core (target.h): suspending an origin holds its requests and
+ * its snapshots'; suspending a snapshot holds only its own.  ids[0..nr)
+ * are origin and snapshot ids of the set; nr == 0 means every origin.
+ * Nothing waits inside these targets, so noflush only skips the flush
+ * that otherwise makes what was written durable once they are quiescent
+ * (every valid snapshot's COW device, then the origin; a snapshot: its
+ * COW device); a failed flush is a warning in why, the suspend stands.
+ * Returns how many of the named instances or snapshots were active (0:
+ * all were suspended already), or -ENOENT (an id not in the set),
+ * -ETIMEDOUT / -EINTR / -ESHUTDOWN / -ENOMEM as tfs_pool_suspend (the
+ * suspend is abandoned: everything it began is active again), with why.
+ * Blocks until in-flight requests are done.
+ */
+int tfs_cow_set_suspend(struct tfs_cow_set *set, const uint32_t *ids, unsigned nr,
+			const struct tfs_suspend_opts *opts, char *why, size_t why_len);
+/*
+ * Resume ids[0..nr) (nr == 0: every origin, its snapshots with it).  An
+ * origin's resume resumes its snapshots too; a snapshot resumed while
+ * its origin is suspended stays held until the origin resumes.  Returns
+ * how many were suspended, or -ENOENT.
+ */
+int tfs_cow_set_resume(struct tfs_cow_set *set, const uint32_t *ids, unsigned nr);
+/* Whether id's requests are held now (its own suspend or its origin's). */
+bool tfs_cow_set_suspended(struct tfs_cow_set *set, uint32_t id);
+/* Requests held by suspends of every origin and snapshot now. */
+unsigned tfs_cow_set_held(struct tfs_cow_set *set);
+/*
+ * Shutting down: every held request goes in, and nothing is suspended
+ * again (tfs_core_close); origins added later start closed too.
+ */
+void tfs_cow_set_stop_holding(struct tfs_cow_set *set);
 
 #endif

@@ -230,7 +230,6 @@ int tfs_pool_grow(struct tfs_pool *pool, bool data, uint64_t bytes, char *why, s
 
 /* CLOCK_MONOTONIC times for the pool's condition variables. */
 struct timespec tfs_timespec_add_ms(struct timespec t, uint64_t ms);
-struct timespec tfs_deadline_in(uint64_t ms);
 
 int tfs_extents_add(struct tfs_extents *x, uint64_t begin, uint64_t len);
 void tfs_extents_free(struct tfs_extents *x);

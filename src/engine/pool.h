@@ -41,6 +41,7 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <sys/types.h>
+#include <time.h>
 
 #include "target.h"
 
@@ -204,6 +205,14 @@ struct tfs_suspend_opts {
 	bool (*cancelled)(void *arg); /* polled while waiting: true abandons the suspend */
 	void *arg;
 };
+/* The CLOCK_MONOTONIC time ms from now (a suspend's deadline for tfs_core_drain). */
+struct timespec tfs_deadline_in(uint64_t ms);
+/*
+ * Why a suspend that drain ended with r (-ETIMEDOUT, -ESHUTDOWN, other:
+ * cancelled) was abandoned, in words, into why; for every target's suspend.
+ */
+void tfs_suspend_abandoned_why(int r, const struct tfs_suspend_opts *opts, char *why,
+			       size_t why_len);
 /*
  * Suspend devices ids[0..nr) (nr == 0: the pool, which holds every
  * device): new requests to them are held until resume; writes waiting

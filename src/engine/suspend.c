@@ -48,6 +48,22 @@ static void suspend_commit(struct tfs_pool *pool, char *why, size_t why_len)
 			 strerror(-r));
 }
 
+void tfs_suspend_abandoned_why(int r, const struct tfs_suspend_opts *opts, char *why,
+			       size_t why_len)
+{
+	if (r == -ETIMEDOUT)
+		snprintf(why, why_len, "in-flight I/O did not finish within %llu ms: the "
+			 "suspend was abandoned and everything is active again",
+			 (unsigned long long)opts->timeout_ms);
+	else if (r == -ESHUTDOWN)
+		snprintf(why, why_len, "the daemon is shutting down: the suspend was abandoned");
+	else if (r == -ENOMEM)
+		snprintf(why, why_len, "out of memory");
+	else
+		snprintf(why, why_len, "the suspend was interrupted and abandoned: everything "
+			 "is active again");
+}
+
 int tfs_pool_suspend(struct tfs_pool *pool, const uint32_t *ids, unsigned nr,
 		     const struct tfs_suspend_opts *opts, char *why, size_t why_len)
 {
@@ -73,16 +89,7 @@ int tfs_pool_suspend(struct tfs_pool *pool, const uint32_t *ids, unsigned nr,
 		tfs_core_suspend_end(pool->core, false);
 		/* Requests told to leave that were not pushed back yet fail now. */
 		wake_held(pool);
-		if (r == -ETIMEDOUT)
-			snprintf(why, why_len, "in-flight I/O did not finish within %llu ms: the "
-				 "suspend was abandoned and everything is active again",
-				 (unsigned long long)opts->timeout_ms);
-		else if (r == -ESHUTDOWN)
-			snprintf(why, why_len, "the daemon is shutting down: the suspend was "
-				 "abandoned");
-		else
-			snprintf(why, why_len, "the suspend was interrupted and abandoned: "
-				 "everything is active again");
+		tfs_suspend_abandoned_why(r, opts, why, why_len);
 		tfs_warn("%s: %s", pool->cfg.metadata, why);
 		goto out;
 	}

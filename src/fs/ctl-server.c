@@ -449,6 +449,9 @@ static void cmd_status(struct cmd_ctx *c)
 			       st.held_root ? json_object_new_uint64(st.held_root) : NULL);
 	json_object_object_add(pool, "suspended", json_object_new_boolean(st.suspended));
 	json_object_object_add(pool, "reload_staged", json_object_new_boolean(st.reload_staged));
+	/* Every request held, thin devices' and origins' alike. */
+	if (fs->cow)
+		st.held_in_core += tfs_cow_set_held(fs->cow);
 	json_object_object_add(pool, "held_in_core", json_object_new_uint64(st.held_in_core));
 	/* After no_space_timeout the pool behaves as error_if_no_space until a resize. */
 	json_object_object_add(pool, "error_if_no_space",
@@ -1175,14 +1178,18 @@ static void cmd_wait_event(struct cmd_ctx *c)
 /*
  * The device ids of the volumes named in argv[1..] (flags skipped): root
  * volumes or snapshot group members (GROUP/NAME); names gets them
- * comma-separated, or "pool" when none is named.  0, or -1 when answered.
+ * comma-separated, or "pool" when none is named.  Thin devices come
+ * first, *nr_thin of them; origins and classic snapshots (their own
+ * suspend, origin.h) follow.  0, or -1 when answered.
  */
-static int volume_ids(struct cmd_ctx *c, uint32_t **ids, unsigned *nr, char *names, size_t len)
+static int volume_ids(struct cmd_ctx *c, uint32_t **ids, unsigned *nr, unsigned *nr_thin,
+		      char *names, size_t len)
 {
 	size_t used = 0;
+	unsigned nr_cow = 0;
 
-	*ids = calloc((size_t)c->argc, sizeof(**ids));
-	*nr = 0;
+	*ids = calloc((size_t)c->argc * 2, sizeof(**ids));
+	*nr = *nr_thin = 0;
 	if (!*ids) {
 		send_error(c->fd, "%s: out of memory", c->argv[0]);
 		return -1;
@@ -1207,18 +1214,17 @@ static int volume_ids(struct cmd_ctx *c, uint32_t **ids, unsigned *nr, char *nam
 				   strcmp(c->argv[0], "resume") ? "suspended" : "resumed");
 			goto fail;
 		}
-		/* The pool's suspend holds thin devices; an origin has no suspend yet. */
-		if (row.dev_id >= TFS_DEV_ID_OTHER) {
-			send_error(c->fd, "%s: %s is an origin or classic snapshot: suspend and resume "
-				   "of those are not supported yet (nothing was %s)", c->argv[0], a,
-				   strcmp(c->argv[0], "resume") ? "suspended" : "resumed");
-			goto fail;
-		}
-		(*ids)[(*nr)++] = row.dev_id;
+		/* Origins and classic snapshots go behind, in the second half. */
+		if (row.dev_id >= TFS_DEV_ID_OTHER)
+			(*ids)[c->argc + nr_cow++] = row.dev_id;
+		else
+			(*ids)[(*nr_thin)++] = row.dev_id;
 		if (used < len)
 			used += (size_t)snprintf(names + used, len - used, "%s%s", used ? ", " : "",
 						 a);
 	}
+	memmove(*ids + *nr_thin, *ids + c->argc, nr_cow * sizeof(**ids));
+	*nr = *nr_thin + nr_cow;
 	return 0;
 fail:
 	free(*ids);
@@ -1294,6 +1300,51 @@ static bool cache_suspend_resume(struct cmd_ctx *c, const struct tfs_suspend_opt
 	return true;
 }
 
+/*
+ * The pool's suspend for thin devices (nr == 0: the pool and every
+ * origin), the origins' for the rest; should the origins' fail, the thin
+ * devices this suspended are resumed.  As tfs_pool_suspend.
+ */
+static int suspend_ids(struct tfs_fs *fs, const uint32_t *ids, unsigned nr, unsigned nr_thin,
+		       const struct tfs_suspend_opts *o, char *why, size_t len)
+{
+	uint32_t *undo = calloc(nr_thin ? nr_thin : 1, sizeof(*undo));
+	unsigned nr_undo = 0;
+	bool pool_was = tfs_pool_is_suspended(fs->pool);
+	char msg[256];
+	int n = 0, r;
+
+	why[0] = '\0';
+	if (!undo)
+		return -ENOMEM;
+	for (unsigned i = 0; i < nr_thin; i++)
+		if (!tfs_pool_dev_suspended(fs->pool, ids[i]))
+			undo[nr_undo++] = ids[i];
+	if (!nr || nr_thin) {
+		n = tfs_pool_suspend(fs->pool, ids, nr_thin, o, why, len);
+		if (n < 0 || (!fs->cow) || (nr && nr == nr_thin))
+			goto out;
+	}
+	r = tfs_cow_set_suspend(fs->cow, ids + nr_thin, nr - nr_thin, o, msg, sizeof(msg));
+	if (r >= 0) {
+		/* The pool's warning (a failed commit) and the origins' (a failed flush) both. */
+		if (msg[0] && strlen(why) + 3 < len)
+			snprintf(why + strlen(why), len - strlen(why), "%s%s", why[0] ? "; " : "",
+				 msg);
+		n += r;
+		goto out;
+	}
+	snprintf(why, len, "%s", msg);
+	if (!nr && !pool_was)
+		tfs_pool_resume(fs->pool, NULL, 0, msg, sizeof(msg));
+	else if (nr_undo)
+		tfs_pool_resume(fs->pool, undo, nr_undo, msg, sizeof(msg));
+	n = r;
+out:
+	free(undo);
+	return n;
+}
+
 /* suspend [NAME...] [--noflush] [--timeout S] */
 static void cmd_suspend(struct cmd_ctx *c)
 {
@@ -1301,7 +1352,7 @@ static void cmd_suspend(struct cmd_ctx *c)
 				      .arg = &c->fd };
 	char why[512], names[512];
 	uint32_t *ids;
-	unsigned nr;
+	unsigned nr, nr_thin;
 	int r;
 
 	for (int i = 1; i < c->argc; i++) {
@@ -1319,7 +1370,7 @@ static void cmd_suspend(struct cmd_ctx *c)
 	}
 	if (cache_suspend_resume(c, &o))
 		return;
-	if (volume_ids(c, &ids, &nr, names, sizeof(names)) < 0)
+	if (volume_ids(c, &ids, &nr, &nr_thin, names, sizeof(names)) < 0)
 		return;
 	/*
 	 * As dm's suspend syncs the page cache unless noflush: what writers
@@ -1333,7 +1384,7 @@ static void cmd_suspend(struct cmd_ctx *c)
 			   "suspended)", names, strerror(-r));
 		return;
 	}
-	r = tfs_pool_suspend(c->fs->pool, ids, nr, &o, why, sizeof(why));
+	r = suspend_ids(c->fs, ids, nr, nr_thin, &o, why, sizeof(why));
 	free(ids);
 	if (r < 0) {
 		if (r == -ETIMEDOUT)
@@ -1557,18 +1608,25 @@ static void cmd_resume(struct cmd_ctx *c)
 {
 	char msg[1024], names[512], text[2300], caches[512] = "";
 	uint32_t *ids;
-	unsigned nr, nr_caches = 0;
-	int n;
+	unsigned nr, nr_thin, nr_caches = 0;
+	int n = 0;
 
 	if (cache_suspend_resume(c, NULL))
 		return;
-	if (volume_ids(c, &ids, &nr, names, sizeof(names)) < 0)
+	if (volume_ids(c, &ids, &nr, &nr_thin, names, sizeof(names)) < 0)
 		return;
 	/* No name: the pool, every volume and every cache. */
 	for (unsigned i = 0; !nr && i < c->fs->nr_caches; i++)
 		nr_caches += (unsigned)tfs_cache_resume(c->fs->caches[i]);
 	tfs_fs_events_hold(c->fs);
-	n = tfs_pool_resume(c->fs->pool, ids, nr, msg, sizeof(msg));
+	msg[0] = '\0';
+	if (!nr || nr_thin)
+		n = tfs_pool_resume(c->fs->pool, ids, nr_thin, msg, sizeof(msg));
+	if (c->fs->cow && (!nr || nr > nr_thin)) {
+		int m = tfs_cow_set_resume(c->fs->cow, ids + nr_thin, nr - nr_thin);
+
+		n += m > 0 ? m : 0;
+	}
 	free(ids);
 	if (n == 0 && nr_caches) {
 		tfs_fs_events_release(c->fs);
@@ -2202,8 +2260,11 @@ static void *accept_thread(void *arg)
 			 * workers: writes held for data space must give up or
 			 * the daemon never exits.
 			 */
-			if (srv->fs->se && fuse_session_exited(srv->fs->se))
+			if (srv->fs->se && fuse_session_exited(srv->fs->se)) {
 				tfs_pool_stop_holding(srv->fs->pool);
+				if (srv->fs->cow)
+					tfs_cow_set_stop_holding(srv->fs->cow);
+			}
 			tfs_fs_tick(srv->fs);
 			next_tick = now + 1000;
 		}

@@ -26,6 +26,7 @@
 #include "fs.h"
 #include "fuse-ops.h"
 #include "log.h"
+#include "origin.h"
 #include "probe.h"
 
 #ifndef PR_SET_IO_FLUSHER
@@ -665,6 +666,8 @@ static int run_daemon(struct tfs_fs *fs, const struct mount_args *a, int ready_f
 	/* A suspended pool is resumed: the deletes and the commit of the shutdown must run. */
 	tfs_pool_stop_holding(fs->pool);
 	tfs_fs_cache_stop_holding(fs);
+	if (fs->cow)
+		tfs_cow_set_stop_holding(fs->cow);
 	sd_notify(0, "STOPPING=1");
 	if (r < 0)
 		tfs_warn("FUSE session ended with %s", strerror(-r));

@@ -298,8 +298,8 @@ int tfs_fs_cow_delete(struct tfs_fs *fs, uint32_t dev_id, const char *name);
 int tfs_fs_cow_snapshot(struct tfs_fs *fs, const struct tfs_fs_cow_request *req);
 /*
  * A reload's [origin]/[snapshot] sections (the pool is suspended; they
- * take effect when the reload is accepted: origins are not suspended with
- * the pool).  reload_check changes nothing: 0, or -errno with why (one
+ * take effect when the reload is accepted; a new origin starts active,
+ * not suspended).  reload_check changes nothing: 0, or -errno with why (one
  * line naming the section): a section that goes is open, or an origin
  * that goes keeps a snapshot; one that comes has a taken name or a bad
  * device.  reload_apply: sections that went are closed and their rows

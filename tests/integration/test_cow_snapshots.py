@@ -507,9 +507,6 @@ def test_bad_run_time_requests_are_refused_and_change_nothing(pool, tmp_path):
     assert "not a thin volume" in one_line(p.ctl("snapshot", "db", "t", ok=(1,)))
     assert "not a thin volume" in one_line(p.ctl("diff", "-", "db", ok=(1,)))
     assert "not a thin volume" in one_line(p.ctl("diff", "vm1", "s1", ok=(1,)))
-    for cmd in ("suspend", "resume"):
-        assert "not supported yet" in one_line(p.ctl(cmd, "db", ok=(1,)))
-        assert "not supported yet" in one_line(p.ctl(cmd, "s1", ok=(1,)))
     assert "usage" in one_line(p.ctl("snapshot", "db", "s3", "--cow", ok=(1,)))
     assert "usage" in one_line(p.ctl("snapshot", "db", "s3", "--cow", good2, "--x", ok=(1,)))
     assert read_at(good2, 0, 4 * MiB) == bytes(4 * MiB)
