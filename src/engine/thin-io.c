@@ -379,9 +379,15 @@ static int write_chunk_data(struct chunk *c)
 		in_place |= p->act == ACT_INPLACE;
 		block_span(c, i, &s, &e);
 		src = c->buf ? c->buf + ((c->b0 + i) * bs + s - c->off) : NULL;
+		/*
+		 * A partial write to a new block still writes the block whole even
+		 * when free blocks read as zeros: on a sparse data file every 4 KiB
+		 * written into a hole is an allocation of the host file system,
+		 * which serialises direct I/O to the file (measured: 4 KiB random
+		 * allocating writes 12k IOPS writing 4 KiB, 39k writing the block).
+		 */
 		plain = p->act == ACT_INPLACE || (s == 0 && e == bs) ||
-			(p->act == ACT_NEW && c->how == HOW_DATA &&
-			 (pool->cfg.skip_block_zeroing || c->free_zero));
+			(p->act == ACT_NEW && c->how == HOW_DATA && pool->cfg.skip_block_zeroing);
 		if (plain)
 			r = run_add_write(pool, &run, p->target * bs + s, src, e - s);
 		else
