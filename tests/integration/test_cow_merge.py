@@ -154,7 +154,8 @@ def test_merge_leaves_other_snapshots_exactly_as_they_were(pool, tmp_path):
 def stalled_merge(p, tmp_path, after, other=None):
     """A snapshot s with many one-chunk runs, merged until the COW device's
     reads stall after `after` of them: the merge is then in progress.
-    other: the name of a snapshot of db taken after s (made before the merge)."""
+    other: the name of a snapshot of db taken after s (made before the merge);
+    then (s's content, other's content) is returned."""
     cow = sparse(tmp_path / "s.cow", 8 * MiB)
     ctl_snapshot(p, "db", "s", cow, "--chunk-size", "4k")
     scattered_writes(p.mnt / "db", 20, 0, 150)
@@ -163,6 +164,9 @@ def stalled_merge(p, tmp_path, after, other=None):
         ctl_snapshot(p, "db", other, sparse(tmp_path / f"{other}.cow", 8 * MiB))
         write_at(p.mnt / "db", 6 * MiB, pattern(22, 100000))
     snap = read_at(p.mnt / "s", 0, 8 * MiB)
+    # Read before the stall: a merge step held up on s's COW device keeps its
+    # chunk locked, and other's read of that chunk would wait with it.
+    other_data = read_at(p.mnt / other, 0, 8 * MiB) if other else None
     p.ctl("fault", "s:cow", "read", "stall", "after", str(after))
     p.ctl("merge", "s")
     assert not (p.mnt / "s").exists()
@@ -173,7 +177,7 @@ def stalled_merge(p, tmp_path, after, other=None):
     assert s["kind"] == "cow-snapshot" and s["merging"] is True
     assert s["merge_remaining_chunks"] > 0
     assert re.fullmatch(r"\d+/16384 \d+", s["dm_status"]), s["dm_status"]
-    return snap
+    return (snap, other_data) if other else snap
 
 
 def test_merge_interrupted_by_unmount_resumes_at_the_next_mount(pool, tmp_path):
@@ -197,8 +201,7 @@ def test_merge_interrupted_by_unmount_resumes_at_the_next_mount(pool, tmp_path):
 
 def test_merge_interrupted_by_kill9_resumes_at_the_next_mount(pool, tmp_path):
     p, origin = faulty_pool(pool, tmp_path)
-    snap = stalled_merge(p, tmp_path, after=8, other="t")
-    t = read_at(p.mnt / "t", 0, 8 * MiB)
+    snap, t = stalled_merge(p, tmp_path, after=8, other="t")
     p.kill9()
     p.mount("--allow-faults")
     ev = events_of(p, "merge")
