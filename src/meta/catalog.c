@@ -994,6 +994,24 @@ out_unlock:
 }
 
 /* One statement on the row of dev_id; -ENOENT when there is none. */
+/* One statement with a name as its only parameter; how many rows it changed does not matter. */
+static int change_by_name(struct tfs_catalog *cat, const char *sql, const char *name,
+			  const char *what)
+{
+	sqlite3_stmt *st;
+	int r;
+
+	lock(cat);
+	r = prepare(cat, sql, &st);
+	if (!r) {
+		bind_text(st, 1, name);
+		r = step_done(cat, st, what, NULL);
+		sqlite3_finalize(st);
+	}
+	unlock(cat);
+	return r;
+}
+
 static int change_by_id(struct tfs_catalog *cat, const char *sql, uint32_t dev_id,
 			const char *what)
 {
@@ -1595,19 +1613,9 @@ int tfs_catalog_set_uuid(struct tfs_catalog *cat, uint32_t dev_id, const uint8_t
 /* Insert (add) or delete a temporary name. */
 static int temp_name(struct tfs_catalog *cat, const char *name, bool add)
 {
-	sqlite3_stmt *st;
-	int r;
-
-	lock(cat);
-	r = prepare(cat, add ? "INSERT INTO temp_names (name) VALUES (?)"
-			     : "DELETE FROM temp_names WHERE name = ?", &st);
-	if (!r) {
-		bind_text(st, 1, name);
-		r = step_done(cat, st, "record a temporary name", NULL);
-		sqlite3_finalize(st);
-	}
-	unlock(cat);
-	return r;
+	return change_by_name(cat, add ? "INSERT INTO temp_names (name) VALUES (?)"
+				       : "DELETE FROM temp_names WHERE name = ?",
+			      name, "record a temporary name");
 }
 
 int tfs_catalog_add_temp_name(struct tfs_catalog *cat, const char *name)
@@ -1747,19 +1755,9 @@ int tfs_catalog_list_cow_snapshots(struct tfs_catalog *cat, tfs_catalog_cow_snap
 
 int tfs_catalog_set_cow_invalid(struct tfs_catalog *cat, const char *name, bool invalid)
 {
-	sqlite3_stmt *st;
-	int r;
-
-	lock(cat);
-	r = prepare(cat, invalid ? "INSERT OR IGNORE INTO cow_invalid (name) VALUES (?)"
-				 : "DELETE FROM cow_invalid WHERE name = ?", &st);
-	if (!r) {
-		bind_text(st, 1, name);
-		r = step_done(cat, st, "record a classic snapshot's validity", NULL);
-		sqlite3_finalize(st);
-	}
-	unlock(cat);
-	return r;
+	return change_by_name(cat, invalid ? "INSERT OR IGNORE INTO cow_invalid (name) VALUES (?)"
+					   : "DELETE FROM cow_invalid WHERE name = ?",
+			      name, "record a classic snapshot's validity");
 }
 
 bool tfs_catalog_cow_invalid(struct tfs_catalog *cat, const char *name)
