@@ -362,6 +362,20 @@ int tfs_fs_cow_delete(struct tfs_fs *fs, uint32_t dev_id, const char *name)
 	return 0;
 }
 
+static int find_ctl_name(void *ctx, const struct tfs_cow_snap_row *row)
+{
+	const char *name = ctx;
+
+	return strcmp(row->name, name) ? 0 : -EEXIST;
+}
+
+int tfs_fs_cow_name_kept(struct tfs_fs *fs, const char *name)
+{
+	int r = tfs_catalog_list_cow_snapshots(fs->cat, find_ctl_name, (void *)name);
+
+	return r == -EEXIST ? -EEXIST : r;
+}
+
 int tfs_fs_cow_snapshot(struct tfs_fs *fs, const struct tfs_fs_cow_request *req)
 {
 	struct tfs_cow_snap_row c = { .chunk_sectors = req->chunk_sectors,

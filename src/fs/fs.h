@@ -325,6 +325,13 @@ void tfs_fs_cow_after_resume(struct tfs_fs *fs);
  */
 int tfs_fs_cow_merge(struct tfs_fs *fs, const char *name, uint64_t *chunks, uint32_t *origin_id);
 void tfs_fs_cow_merged(struct tfs_fs *fs, const char *name);
+/*
+ * -EEXIST when a classic snapshot made with thinfs-ctl still owns name in
+ * the catalog: while it is merged into its origin (a restart resumes the
+ * merge by that name) or while it is left out of this mount; 0 when none
+ * does, or a catalog error.  Under fs->lock.
+ */
+int tfs_fs_cow_name_kept(struct tfs_fs *fs, const char *name);
 
 /* ---- events (events.c) ---- */
 /*

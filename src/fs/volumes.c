@@ -651,7 +651,11 @@ static int check_new_name(struct tfs_fs *fs, const char *name)
 	return fs->read_only ? -EROFS : 0;
 }
 
-/* 0 when no visible top-level volume has name; -EEXIST or a catalog error otherwise. Under fs->lock. */
+/*
+ * 0 when no visible top-level volume has name and no classic snapshot keeps
+ * it (one being merged has no volume row); -EEXIST or a catalog error
+ * otherwise. Under fs->lock.
+ */
 static int name_free_locked(struct tfs_fs *fs, const char *name)
 {
 	struct tfs_vol_row row;
@@ -659,7 +663,9 @@ static int name_free_locked(struct tfs_fs *fs, const char *name)
 
 	if (r == 0)
 		return -EEXIST;
-	return r == -ENOENT ? 0 : r;
+	if (r != -ENOENT)
+		return r;
+	return tfs_fs_cow_name_kept(fs, name);
 }
 
 int tfs_fs_create_volume(struct tfs_fs *fs, const char *name, uint32_t mode, uid_t uid,
@@ -807,6 +813,12 @@ int tfs_fs_rename_volume(struct tfs_fs *fs, const char *old_name, const char *ne
 		replace = true;
 	} else if (r != -ENOENT) {
 		goto out_unlock;
+	} else {
+		r = tfs_fs_cow_name_kept(fs, new_name);
+		if (r < 0) {
+			r = r == -EEXIST ? -EPERM : r; /* a classic snapshot's, as above */
+			goto out_unlock;
+		}
 	}
 
 	if (replace) {

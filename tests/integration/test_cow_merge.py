@@ -7,6 +7,8 @@ import random
 import re
 import threading
 
+import pytest
+
 from daemon_util import pattern, read_at, wait_for, write_at
 from test_cow_snapshots import (MiB, check_cfg, cow_pool, ctl_snapshot, events_of,
                                 ext4_origin_and_snapshot, one_line, sparse, vol, wait_events,
@@ -185,6 +187,14 @@ def test_merge_interrupted_by_unmount_resumes_at_the_next_mount(pool, tmp_path):
     snap = stalled_merge(p, tmp_path, after=5)
     # 158 exceptions: a run of 8 (the snapshot's write) merged first, then one by one.
     assert wait_for(lambda: vol(p, "s")["merge_remaining_chunks"] == 158 - 8 - 4)
+    # The merging snapshot keeps its name: a thin volume made or renamed to
+    # it now would meet the resumed merge at the next mount.
+    with pytest.raises(FileExistsError):
+        os.close(os.open(p.mnt / "s", os.O_CREAT | os.O_WRONLY))
+    os.close(os.open(p.mnt / "other", os.O_CREAT | os.O_WRONLY))
+    with pytest.raises(PermissionError):
+        os.rename(p.mnt / "other", p.mnt / "s")
+    os.unlink(p.mnt / "other")
     p.unmount()                          # the stalled step finishes; the rest waits
     p.mount("--allow-faults")
     ev = events_of(p, "merge")
@@ -194,6 +204,8 @@ def test_merge_interrupted_by_unmount_resumes_at_the_next_mount(pool, tmp_path):
     assert read_at(p.mnt / "db", 0, 8 * MiB) == snap   # before and after it is done
     merged(p, "s")
     assert read_at(p.mnt / "db", 0, 8 * MiB) == snap
+    os.close(os.open(p.mnt / "s", os.O_CREAT | os.O_WRONLY))   # merged: the name is free
+    os.unlink(p.mnt / "s")
     p.unmount()
     assert read_at(origin, 0, 8 * MiB) == snap
     check_cfg(p)
