@@ -86,6 +86,22 @@ static int scan_row(void *ctx, const struct tfs_vol_row *row)
 	return 0;
 }
 
+/*
+ * The row of an [origin] or [snapshot] section that pool.cfg no longer has
+ * (the cow open drops such rows, but caches open first): when the section
+ * became a [cache] of the same name, the cache takes the name over.  A
+ * snapshot made with thinfs-ctl has no section and keeps its row.
+ */
+static bool stale_cow_row(struct tfs_fs *fs, const struct tfs_vol_row *row)
+{
+	if (row->dev_id < TFS_DEV_ID_OTHER || tfs_fs_is_cache_id(row->dev_id))
+		return false;
+	for (unsigned i = 0; i < fs->cfg.nr_cow_targets; i++)
+		if (!strcmp(fs->cfg.cow_targets[i].name, row->name))
+			return false;
+	return tfs_fs_cow_name_kept(fs, row->name) == 0;
+}
+
 /* The row of cache i: found by name (its id kept) or made. */
 static int settle_row(struct tfs_fs *fs, struct id_scan *s, unsigned i)
 {
@@ -95,6 +111,14 @@ static int settle_row(struct tfs_fs *fs, struct id_scan *s, unsigned i)
 	uint64_t size = tfs_cache_size(fs->caches[i]);
 	int r = tfs_catalog_get_by_name(fs->cat, name, &row);
 
+	if (r == 0 && stale_cow_row(fs, &row)) {
+		tfs_info("%s: no longer an [origin] or [snapshot] in pool.cfg: the [cache] of that "
+			 "name takes its place", name);
+		r = tfs_catalog_remove_volume(fs->cat, row.dev_id);
+		if (r < 0)
+			return r;
+		r = -ENOENT;
+	}
 	if (r == 0 && !tfs_fs_is_cache_id(row.dev_id)) {
 		tfs_err("[cache \"%s\"]: the name is taken by volume %s in the pool (rename one of "
 			"them)", name, name);

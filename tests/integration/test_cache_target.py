@@ -871,3 +871,19 @@ def test_batched_writeback_writes_each_dirty_block_once_under_a_racing_writer(po
     p.unmount()
     for ob in range(24):
         assert block_of(p.origin, ob) == want.get(ob, bytes(BS)), ob
+
+
+def test_an_origin_section_turned_into_a_cache_of_its_name_takes_it_over(pool):
+    p = make_cache(pool, mount=False)
+    cache_cfg = p.cfg.read_text()
+    head, _, _ = cache_cfg.partition('[cache "c"]')
+    p.cfg.write_text(head + f'[origin "c"]\ndevice = {p.origin}\n')
+    p.mount()
+    assert p.volume("c")["kind"] == "origin"
+    dio_write(p.mnt / "c", BS, b"o" * BS)
+    p.unmount()
+    p.cfg.write_text(cache_cfg)
+    mount_cache(p)
+    assert "mode" in cstat(p)                    # the cache has the name now
+    assert dio_read(p.mnt / "c", BS, BS) == b"o" * BS
+    p.unmount()
