@@ -9,9 +9,10 @@
  * after the other, in the order of the virtual blocks.  Here every range
  * of a batch is looked up first, the pieces are sorted by where they lie
  * on the data device (neighbours on the device and in memory become one
- * read, up to TFS_THIN_BULK_READ bytes), and the reads are spread over
- * reader threads, so the device sees its blocks in order with several
- * reads in flight.
+ * read, up to TFS_THIN_BULK_READ bytes), and the reads go to the data
+ * device as one batch (tfs_bdev_read_batch: native AIO on a direct
+ * device), so the device sees its blocks in order with several reads in
+ * flight, and no thread waits per read.
  *
  * A batch is one request as far as suspend and the range locks go: it
  * enters the core for the device and takes one shared cell over the
@@ -28,74 +29,16 @@
 
 #include "log.h"
 
-/* One device read: len bytes at dev_off into dst. */
-struct bulk_read {
-	uint64_t dev_off;
-	uint8_t *dst;
-	size_t len;
-};
-
 struct tfs_thin_bulk {
 	struct tfs_thin_dev *vol;
-	pthread_t *threads;
-	unsigned nr_threads;
-
-	pthread_mutex_t lock;
-	pthread_cond_t work;     /* a batch was posted, or stop */
-	pthread_cond_t done;     /* the batch's last read finished */
-	struct bulk_read *reads; /* the batch: planned by the caller while nr_reads is 0 */
-	size_t nr_plan, cap;     /* the caller's: reads planned, room */
-	size_t nr_reads;         /* lock: reads of the batch posted */
-	size_t next;             /* lock: the next read to claim */
-	size_t busy;             /* lock: reads claimed and not finished */
-	uint64_t batch;          /* lock: bumped per batch */
-	int err;                 /* lock: the batch's first error */
-	bool stop;               /* lock */
+	struct tfs_bdev_req *reads; /* the batch's device reads */
+	size_t nr_reads, cap;
 };
 
-/* Claim and do reads of the current batch until none is left; lock held on entry and exit. */
-static void read_some(struct tfs_thin_bulk *b)
-{
-	struct tfs_bdev *data = b->vol->pool->data;
-
-	while (b->next < b->nr_reads) {
-		struct bulk_read rd = b->reads[b->next++];
-		int r;
-
-		b->busy++;
-		pthread_mutex_unlock(&b->lock);
-		r = tfs_bdev_read(data, rd.dst, rd.len, rd.dev_off);
-		pthread_mutex_lock(&b->lock);
-		if (r && !b->err)
-			b->err = r;
-		if (--b->busy == 0 && b->next == b->nr_reads)
-			pthread_cond_broadcast(&b->done);
-	}
-}
-
-static void *reader(void *arg)
-{
-	struct tfs_thin_bulk *b = arg;
-	uint64_t seen = 0;
-
-	pthread_mutex_lock(&b->lock);
-	while (!b->stop) {
-		if (b->batch == seen || b->next == b->nr_reads) {
-			seen = b->batch;
-			pthread_cond_wait(&b->work, &b->lock);
-			continue;
-		}
-		read_some(b);
-	}
-	pthread_mutex_unlock(&b->lock);
-	return NULL;
-}
-
-int tfs_thin_bulk_open(struct tfs_dev *dev, unsigned readers, struct tfs_thin_bulk **out)
+int tfs_thin_bulk_open(struct tfs_dev *dev, struct tfs_thin_bulk **out)
 {
 	struct tfs_thin_dev *vol = tfs_thin_dev_of(dev);
 	struct tfs_thin_bulk *b;
-	int r = 0;
 
 	if (!vol)
 		return -EOPNOTSUPP;
@@ -105,24 +48,6 @@ int tfs_thin_bulk_open(struct tfs_dev *dev, unsigned readers, struct tfs_thin_bu
 	if (!b)
 		return -ENOMEM;
 	b->vol = vol;
-	pthread_mutex_init(&b->lock, NULL);
-	pthread_cond_init(&b->work, NULL);
-	pthread_cond_init(&b->done, NULL);
-	b->threads = calloc(readers ? readers : 1, sizeof(*b->threads));
-	if (!b->threads) {
-		tfs_thin_bulk_close(b);
-		return -ENOMEM;
-	}
-	/* The caller reads too: readers - 1 threads of our own. */
-	for (; b->nr_threads + 1 < readers; b->nr_threads++) {
-		r = -pthread_create(&b->threads[b->nr_threads], NULL, reader, b);
-		if (r)
-			break;
-	}
-	if (r && !b->nr_threads) {
-		tfs_thin_bulk_close(b);
-		return r;
-	}
 	*out = b;
 	return 0;
 }
@@ -131,40 +56,30 @@ void tfs_thin_bulk_close(struct tfs_thin_bulk *b)
 {
 	if (!b)
 		return;
-	pthread_mutex_lock(&b->lock);
-	b->stop = true;
-	pthread_cond_broadcast(&b->work);
-	pthread_mutex_unlock(&b->lock);
-	while (b->nr_threads)
-		pthread_join(b->threads[--b->nr_threads], NULL);
-	free(b->threads);
 	free(b->reads);
-	pthread_cond_destroy(&b->done);
-	pthread_cond_destroy(&b->work);
-	pthread_mutex_destroy(&b->lock);
 	free(b);
 }
 
 /* Add a piece, joining it to the last read when both its device and memory bytes follow on. */
 static int add_piece(struct tfs_thin_bulk *b, uint64_t dev_off, uint8_t *dst, size_t len)
 {
-	struct bulk_read *last = b->nr_plan ? &b->reads[b->nr_plan - 1] : NULL;
+	struct tfs_bdev_req *last = b->nr_reads ? &b->reads[b->nr_reads - 1] : NULL;
 
-	if (last && last->dev_off + last->len == dev_off && last->dst + last->len == dst &&
+	if (last && last->off + last->len == dev_off && (uint8_t *)last->buf + last->len == dst &&
 	    last->len + len <= TFS_THIN_BULK_READ) {
 		last->len += len;
 		return 0;
 	}
-	if (b->nr_plan == b->cap) {
+	if (b->nr_reads == b->cap) {
 		size_t cap = b->cap ? 2 * b->cap : 256;
-		struct bulk_read *v = realloc(b->reads, cap * sizeof(*v));
+		struct tfs_bdev_req *v = realloc(b->reads, cap * sizeof(*v));
 
 		if (!v)
 			return -ENOMEM;
 		b->reads = v;
 		b->cap = cap;
 	}
-	b->reads[b->nr_plan++] = (struct bulk_read){ dev_off, dst, len };
+	b->reads[b->nr_reads++] = (struct tfs_bdev_req){ .buf = dst, .len = len, .off = dev_off };
 	return 0;
 }
 
@@ -204,9 +119,9 @@ static int plan_range(struct tfs_thin_bulk *b, const struct tfs_thin_range *x)
 
 static int by_dev_off(const void *a, const void *b)
 {
-	const struct bulk_read *x = a, *y = b;
+	const struct tfs_bdev_req *x = a, *y = b;
 
-	return x->dev_off < y->dev_off ? -1 : x->dev_off > y->dev_off;
+	return x->off < y->off ? -1 : x->off > y->off;
 }
 
 int tfs_thin_bulk_read(struct tfs_thin_bulk *b, const struct tfs_thin_range *ranges, unsigned nr)
@@ -233,26 +148,13 @@ int tfs_thin_bulk_read(struct tfs_thin_bulk *b, const struct tfs_thin_range *ran
 	r = tfs_prison_lock_shared(pool->prison, vol->id, b0, b1);
 	if (r)
 		goto out_exit;
-	b->nr_plan = 0;
+	b->nr_reads = 0;
 	for (unsigned i = 0; i < nr && !r; i++)
 		r = plan_range(b, &ranges[i]);
 	if (r)
 		goto out_unlock;
-	qsort(b->reads, b->nr_plan, sizeof(*b->reads), by_dev_off);
-
-	pthread_mutex_lock(&b->lock);
-	b->nr_reads = b->nr_plan;
-	b->next = 0;
-	b->err = 0;
-	b->batch++;
-	pthread_cond_broadcast(&b->work);
-	read_some(b);
-	while (b->busy)
-		pthread_cond_wait(&b->done, &b->lock);
-	r = b->err;
-	b->nr_reads = 0;
-	b->next = 0;
-	pthread_mutex_unlock(&b->lock);
+	qsort(b->reads, b->nr_reads, sizeof(*b->reads), by_dev_off);
+	r = tfs_bdev_read_batch(pool->data, b->reads, (unsigned)b->nr_reads);
 	if (r)
 		tfs_err("thin device %u: reading data blocks failed: %s", vol->id, strerror(-r));
 out_unlock:

@@ -44,8 +44,6 @@
 #define WINDOW (16u << 20)
 #define WINDOW_CHUNKS (WINDOW / 4096)
 #define WINDOWS 3
-/* Reads in flight on the data device. */
-#define READERS 8
 
 struct window {
 	size_t c0, c1;        /* chunks [c0, c1) of the stream */
@@ -106,12 +104,16 @@ static int failed(struct job *j)
 
 /* ---- the output ---- */
 
-/* Wait until out takes more, or the client hangs up (-ECONNRESET). */
+/*
+ * Wait until out takes more, or the client hangs up or the daemon stops
+ * (it shuts the connection down): -ECONNRESET.  Bytes the client might
+ * send meanwhile do not wake us (POLLRDHUP, not POLLIN).
+ */
 static int wait_writable(struct job *j)
 {
 	struct pollfd p[2] = {
 		{ .fd = j->out, .events = POLLOUT },
-		{ .fd = j->sock, .events = POLLIN },
+		{ .fd = j->sock, .events = POLLRDHUP },
 	};
 
 	for (;;) {
@@ -119,7 +121,7 @@ static int wait_writable(struct job *j)
 
 		if (n < 0 && errno != EINTR)
 			return -errno;
-		if (n > 0 && p[1].revents && !tfs_ctl_client_alive(j->sock))
+		if (n > 0 && p[1].revents)
 			return -ECONNRESET;
 		if (n > 0 && p[0].revents)
 			return 0;
@@ -416,7 +418,7 @@ int tfs_fs_send_data(struct tfs_fs *fs, const struct tfs_fs_send *s, char *why, 
 		}
 		j.win[i].buf = m;
 	}
-	r = tfs_thin_bulk_open(ino->dev, READERS, &bulk);
+	r = tfs_thin_bulk_open(ino->dev, &bulk);
 	if (r) {
 		snprintf(why, why_len, "send %s: %s", s->to->name, strerror(-r));
 		goto out;
