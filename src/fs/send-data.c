@@ -1,15 +1,16 @@
 /* SPDX-License-Identifier: GPL-2.0-or-later */
 /*
- * send-data.c - the daemon writes a send stream itself (send-recv.h,
+ * send-data.c - the daemon writes a send stream itself (ctl-internal.h,
  * docs/send-receive.md "Who moves the bytes").
  *
  * Through the mount every byte is copied twice (data device -> daemon ->
  * reader) and scattered blocks cost a FUSE request each.  Here the daemon
  * reads TO's changed blocks from the data device (tfs_thin_bulk_read:
  * looked up together, read in data-block order, neighbours merged,
- * several reads in flight) into windows of WINDOW bytes, and a writer
- * thread emits each window's records in the stream's order into the
- * descriptor the client passed, while the next window is read.
+ * several reads in flight) into windows of WINDOW bytes, READERS threads
+ * reading alternate windows, and a writer thread emits each window's
+ * records in the stream's order into the descriptor the client passed,
+ * while the next windows are read.
  *
  * The descriptor is the client's own output: a pipe is reopened here
  * non-blocking (a new open file description, so the client's flags do not
@@ -44,11 +45,17 @@
 #define WINDOW (16u << 20)
 #define WINDOW_CHUNKS (WINDOW / 4096)
 #define WINDOWS 3
+/*
+ * Threads reading windows, each every READERS-th: while one waits for its
+ * last reads, the other looks up and submits the next window's, so the
+ * device's queue does not run dry between windows.
+ */
+#define READERS 2
 
 struct window {
-	size_t c0, c1;        /* chunks [c0, c1) of the stream */
-	uint8_t *buf;         /* their data, packed in order */
-	size_t *at;           /* where chunk c0 + i lies in buf */
+	size_t w;             /* job->lock: the stream's window it holds, once full */
+	uint8_t *buf;         /* its chunks' data, packed in order */
+	size_t *at;           /* where its i-th chunk lies in buf */
 	bool full;            /* job->lock: read, waiting to be emitted */
 };
 
@@ -62,10 +69,10 @@ struct job {
 
 	pthread_mutex_t lock;
 	pthread_cond_t cond;
-	struct window win[WINDOWS];
-	size_t nr_windows;    /* lock: windows filled so far (window i in win[i % WINDOWS]) */
+	struct window win[WINDOWS]; /* window w of the stream goes in win[w % WINDOWS] */
+	size_t *starts;       /* window w is chunks [starts[w], starts[w + 1]) */
+	size_t nr_windows;
 	size_t emitted;       /* lock: windows emitted */
-	bool read_done;       /* lock: no more windows come */
 	int err;              /* lock: the first failure; -ECONNRESET the client left */
 	char why[256];        /* lock: what failed, for the client */
 
@@ -216,23 +223,23 @@ static void *writer(void *arg)
 
 	if (r)
 		goto out_fail;
-	for (size_t w = 0;; w++) {
+	for (size_t w = 0; w < j->nr_windows; w++) {
 		struct window *win = &j->win[w % WINDOWS];
+		size_t c0 = j->starts[w];
 
 		pthread_mutex_lock(&j->lock);
-		while (!j->err && !(w < j->nr_windows && win->full) &&
-		       !(j->read_done && w >= j->nr_windows))
+		while (!j->err && !(win->full && win->w == w))
 			pthread_cond_wait(&j->cond, &j->lock);
-		if (j->err || w >= j->nr_windows) {
+		if (j->err) {
 			pthread_mutex_unlock(&j->lock);
 			break;
 		}
 		pthread_mutex_unlock(&j->lock);
-		for (size_t c = win->c0; c < win->c1 && !r; c++) {
+		for (size_t c = c0; c < j->starts[w + 1] && !r; c++) {
 			const struct tfs_stream_chunk *x = &j->chunks.v[c];
 
 			r = tfs_stream_put_chunk(&j->o, x, x->zero ? NULL : win->buf +
-						 win->at[c - win->c0]);
+						 win->at[c - c0]);
 			j->done += x->zero ? 0 : x->len;
 			progress(j, false);
 		}
@@ -261,28 +268,58 @@ out_fail:
 
 /* ---- reading: windows in ---- */
 
-/* The next window from chunk c: as many chunks as fit, their data read. */
-static int fill(struct job *j, struct tfs_thin_bulk *bulk, struct window *win, size_t c,
+/* Cut the chunks into windows: as many chunks as fit in WINDOW bytes each. */
+static int plan_windows(struct job *j)
+{
+	size_t cap = 16, used = 0, c0 = 0;
+
+	j->starts = malloc(cap * sizeof(*j->starts));
+	if (!j->starts)
+		return -ENOMEM;
+	j->starts[0] = 0;
+	for (size_t c = 0; c <= j->chunks.nr; c++) {
+		const struct tfs_stream_chunk *x = c < j->chunks.nr ? &j->chunks.v[c] : NULL;
+		/* Each chunk on a 4 KiB boundary: a direct data device reads into it as it is. */
+		size_t need = !x || x->zero ? 0 : ((size_t)x->len + 4095) & ~(size_t)4095;
+
+		if (x && used + need <= WINDOW && c - c0 < WINDOW_CHUNKS) {
+			used += need;
+			continue;
+		}
+		if (c == c0)
+			break; /* no chunk left */
+		if (j->nr_windows + 2 > cap) {
+			size_t *v = realloc(j->starts, 2 * cap * sizeof(*v));
+
+			if (!v)
+				return -ENOMEM;
+			j->starts = v;
+			cap *= 2;
+		}
+		j->starts[++j->nr_windows] = c;
+		c0 = c;
+		used = need;
+	}
+	return 0;
+}
+
+/* Window w: its chunks' data read into win. */
+static int fill(struct job *j, struct tfs_thin_bulk *bulk, struct window *win, size_t w,
 		struct tfs_thin_range *ranges)
 {
-	size_t used = 0;
+	size_t used = 0, c0 = j->starts[w];
 	unsigned nr = 0;
 	int r;
 
-	win->c0 = c;
-	for (; c < j->chunks.nr; c++) {
+	for (size_t c = c0; c < j->starts[w + 1]; c++) {
 		const struct tfs_stream_chunk *x = &j->chunks.v[c];
-		/* Each chunk on a 4 KiB boundary: a direct data device reads into it as it is. */
 		size_t need = x->zero ? 0 : ((size_t)x->len + 4095) & ~(size_t)4095;
 
-		if (used + need > WINDOW || c - win->c0 == WINDOW_CHUNKS)
-			break;
-		win->at[c - win->c0] = used;
+		win->at[c - c0] = used;
 		if (need)
 			ranges[nr++] = (struct tfs_thin_range){ x->off, (size_t)x->len, win->buf + used };
 		used += need;
 	}
-	win->c1 = c;
 	r = tfs_thin_bulk_read(bulk, ranges, nr);
 	if (r)
 		fail(j, r, "send: reading the volume at byte %" PRIu64 ": %s", ranges[0].off,
@@ -290,11 +327,21 @@ static int fill(struct job *j, struct tfs_thin_bulk *bulk, struct window *win, s
 	return r;
 }
 
-static void read_all(struct job *j, struct tfs_thin_bulk *bulk, struct tfs_thin_range *ranges)
-{
-	size_t c = 0;
+struct reader {
+	struct job *j;
+	unsigned k;                   /* reads windows k, k + READERS, ... */
+	struct tfs_thin_bulk *bulk;
+	struct tfs_thin_range *ranges; /* WINDOW_CHUNKS of them */
+	pthread_t th;
+	bool started;
+};
 
-	for (size_t w = 0; c < j->chunks.nr; w++) {
+static void *reader(void *arg)
+{
+	struct reader *rd = arg;
+	struct job *j = rd->j;
+
+	for (size_t w = rd->k; w < j->nr_windows; w += READERS) {
 		struct window *win = &j->win[w % WINDOWS];
 
 		pthread_mutex_lock(&j->lock);
@@ -307,19 +354,15 @@ static void read_all(struct job *j, struct tfs_thin_bulk *bulk, struct tfs_thin_
 			fail(j, -ECONNRESET, "the client went away");
 			break;
 		}
-		if (fill(j, bulk, win, c, ranges))
+		if (fill(j, rd->bulk, win, w, rd->ranges))
 			break;
-		c = win->c1;
 		pthread_mutex_lock(&j->lock);
+		win->w = w;
 		win->full = true;
-		j->nr_windows = w + 1;
 		pthread_cond_broadcast(&j->cond);
 		pthread_mutex_unlock(&j->lock);
 	}
-	pthread_mutex_lock(&j->lock);
-	j->read_done = true;
-	pthread_cond_broadcast(&j->cond);
-	pthread_mutex_unlock(&j->lock);
+	return NULL;
 }
 
 /* ---- the diff ---- */
@@ -358,6 +401,7 @@ static void job_free(struct job *j)
 		free(j->win[i].at);
 	}
 	tfs_stream_chunks_free(&j->chunks);
+	free(j->starts);
 	pthread_cond_destroy(&j->cond);
 	pthread_mutex_destroy(&j->lock);
 	if (j->out >= 0)
@@ -369,8 +413,7 @@ int tfs_fs_send_data(struct tfs_fs *fs, const struct tfs_fs_send *s, char *why, 
 	struct job j = { .fs = fs, .sock = s->sock, .out = -1, .progress = s->progress,
 			 .size = s->to->size };
 	struct tfs_pool_diff_stats st;
-	struct tfs_thin_range *ranges = NULL;
-	struct tfs_thin_bulk *bulk = NULL;
+	struct reader rd[READERS] = { 0 };
 	struct tfs_inode *ino = NULL;
 	pthread_t th;
 	int r;
@@ -402,10 +445,10 @@ int tfs_fs_send_data(struct tfs_fs *fs, const struct tfs_fs_send *s, char *why, 
 			  s->to_id, j.chunks.data);
 	tfs_stream_out_init(&j.o, out_write, &j);
 
-	r = -ENOMEM;
-	ranges = calloc(WINDOW_CHUNKS, sizeof(*ranges));
-	if (!ranges)
+	r = plan_windows(&j);
+	if (r)
 		goto out_nomem;
+	r = -ENOMEM;
 	for (unsigned i = 0; i < WINDOWS; i++) {
 		void *m = mmap(NULL, WINDOW, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS,
 			       -1, 0);
@@ -418,15 +461,30 @@ int tfs_fs_send_data(struct tfs_fs *fs, const struct tfs_fs_send *s, char *why, 
 		}
 		j.win[i].buf = m;
 	}
-	r = tfs_thin_bulk_open(ino->dev, &bulk);
-	if (r) {
-		snprintf(why, why_len, "send %s: %s", s->to->name, strerror(-r));
-		goto out;
+	for (unsigned k = 0; k < READERS; k++) {
+		rd[k] = (struct reader){ .j = &j, .k = k };
+		rd[k].ranges = calloc(WINDOW_CHUNKS, sizeof(*rd[k].ranges));
+		if (!rd[k].ranges)
+			goto out_nomem;
+		r = tfs_thin_bulk_open(ino->dev, &rd[k].bulk);
+		if (r) {
+			snprintf(why, why_len, "send %s: %s", s->to->name, strerror(-r));
+			goto out;
+		}
 	}
 	r = -pthread_create(&th, NULL, writer, &j);
 	if (r)
 		goto out_nomem;
-	read_all(&j, bulk, ranges);
+	/* This thread is reader 0. */
+	for (unsigned k = 1; k < READERS; k++) {
+		rd[k].started = !pthread_create(&rd[k].th, NULL, reader, &rd[k]);
+		if (!rd[k].started)
+			fail(&j, -EAGAIN, "send: out of threads");
+	}
+	reader(&rd[0]);
+	for (unsigned k = 1; k < READERS; k++)
+		if (rd[k].started)
+			pthread_join(rd[k].th, NULL);
 	pthread_join(th, NULL);
 	r = j.err;
 	if (r && r != -ECONNRESET && r != -ECANCELED)
@@ -439,10 +497,12 @@ int tfs_fs_send_data(struct tfs_fs *fs, const struct tfs_fs_send *s, char *why, 
 out_nomem:
 	snprintf(why, why_len, "send: out of memory");
 out:
-	tfs_thin_bulk_close(bulk);
+	for (unsigned k = 0; k < READERS; k++) {
+		tfs_thin_bulk_close(rd[k].bulk);
+		free(rd[k].ranges);
+	}
 	if (ino)
 		tfs_fs_unpin(fs, ino);
-	free(ranges);
 	job_free(&j);
 	return r;
 }

@@ -26,6 +26,9 @@
 #include "log.h"
 #include "scratch.h"
 
+/* AIO contexts a file device keeps for batch reads at once. */
+#define AIO_CONTEXTS 4
+
 struct file_dev {
 	struct tfs_bdev base;
 	int fd;
@@ -33,13 +36,13 @@ struct file_dev {
 	/* With O_DIRECT: offsets, lengths and buffers are multiples of it (a power of 2). */
 	size_t align;
 	/*
-	 * The AIO context of batch reads, made at the first and kept: making
-	 * and destroying one per batch costs milliseconds (io_destroy waits for
-	 * an RCU grace period).  One batch at a time uses it; another at the
-	 * same moment makes its own.
+	 * AIO contexts of batch reads, each made at its first use and kept:
+	 * making and destroying one per batch costs milliseconds (io_destroy
+	 * waits for an RCU grace period).  A batch takes a free one; when all
+	 * are busy it makes its own.
 	 */
-	pthread_mutex_t aio_lock;
-	aio_context_t aio;      /* aio_lock; 0: none yet */
+	pthread_mutex_t aio_lock[AIO_CONTEXTS];
+	aio_context_t aio[AIO_CONTEXTS]; /* aio_lock[i]; 0: none yet */
 };
 
 /* Largest staging buffer for an unaligned request under O_DIRECT; bigger ones go piecewise. */
@@ -267,9 +270,11 @@ static void file_destroy(struct tfs_bdev *d)
 {
 	struct file_dev *f = to_file(d);
 
-	if (f->aio)
-		syscall(SYS_io_destroy, f->aio);
-	pthread_mutex_destroy(&f->aio_lock);
+	for (int i = 0; i < AIO_CONTEXTS; i++) {
+		if (f->aio[i])
+			syscall(SYS_io_destroy, f->aio[i]);
+		pthread_mutex_destroy(&f->aio_lock[i]);
+	}
 	close(f->fd);
 	free(f);
 }
@@ -391,12 +396,14 @@ static int file_read_batch(struct tfs_bdev *d, const struct tfs_bdev_req *reqs, 
 {
 	struct file_dev *f = to_file(d);
 	aio_context_t own = 0, *ctx = &own;
-	bool shared, broken = false;
-	int err = 0;
+	bool broken = false;
+	int err = 0, shared = -1;
 
-	shared = f->base.direct && nr > 1 && pthread_mutex_trylock(&f->aio_lock) == 0;
-	if (shared)
-		ctx = &f->aio;
+	for (int i = 0; f->base.direct && nr > 1 && i < AIO_CONTEXTS && shared < 0; i++)
+		if (pthread_mutex_trylock(&f->aio_lock[i]) == 0)
+			shared = i;
+	if (shared >= 0)
+		ctx = &f->aio[shared];
 	if (f->base.direct && nr > 1 && !*ctx && syscall(SYS_io_setup, TFS_BDEV_BATCH_DEPTH, ctx) < 0)
 		*ctx = 0;
 	if (!*ctx) {
@@ -405,12 +412,12 @@ static int file_read_batch(struct tfs_bdev *d, const struct tfs_bdev_req *reqs, 
 	} else {
 		err = aio_batch(f, *ctx, reqs, nr, &broken);
 	}
-	if (*ctx && (broken || !shared)) {
+	if (*ctx && (broken || shared < 0)) {
 		syscall(SYS_io_destroy, *ctx);
 		*ctx = 0;
 	}
-	if (shared)
-		pthread_mutex_unlock(&f->aio_lock);
+	if (shared >= 0)
+		pthread_mutex_unlock(&f->aio_lock[shared]);
 	return err;
 }
 
@@ -500,7 +507,8 @@ int tfs_bdev_open_direct(const char *path, bool read_only, bool direct, struct t
 	snprintf(f->base.name, sizeof(f->base.name), "%s", path);
 	f->base.direct = direct;
 	f->fd = fd;
-	pthread_mutex_init(&f->aio_lock, NULL);
+	for (int i = 0; i < AIO_CONTEXTS; i++)
+		pthread_mutex_init(&f->aio_lock[i], NULL);
 	f->blockdev = S_ISBLK(st.st_mode);
 	f->align = align;
 	*out = &f->base;
