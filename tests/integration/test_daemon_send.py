@@ -421,3 +421,23 @@ def test_send_reports_a_data_read_error(pool, tmp_path):
     send_to_file(p, tmp_path / "s", "g/vm1")
     receive_file(p, tmp_path / "s", "copy")
     same(p.mnt / ".snapshots" / "g" / "vm1", p.mnt / "copy")
+
+
+def test_send_on_a_read_only_mount_reads_the_volume_itself(pool, tmp_path):
+    p = pool()
+    create(p.mnt / "vm1", 3 * MiB + 5)
+    write_at(p.mnt / "vm1", 7, pattern(8, 3 * MiB - 7))
+    # Named as FROM once, vm1 has an identity that lasts: both streams carry it.
+    os.mkdir(p.mnt / ".snapshots" / "g")
+    send_to_file(p, tmp_path / "a", "--from", "vm1", "g/vm1")
+    p.unmount()
+    p.mount("-o", "ro")
+    before = entries(p)
+    send_to_file(p, tmp_path / "a", "vm1")
+    send_to_file(p, tmp_path / "b", "--through-mount", "vm1")
+    assert (tmp_path / "a").read_bytes() == (tmp_path / "b").read_bytes()
+    assert entries(p) == before
+    p.unmount()
+    p.mount()
+    receive_file(p, tmp_path / "a", "copy")
+    same(p.mnt / "vm1", p.mnt / "copy")
