@@ -358,7 +358,8 @@ def test_the_daemon_and_the_mount_path_give_the_same_stream(pool, tmp_path):
 
 def test_a_send_in_progress_keeps_its_snapshot_whole(pool, tmp_path):
     p = pool()
-    size = 8 * MiB
+    # More than the daemon's three 16 MiB windows: the last is read after the rewrite below.
+    size = 56 * MiB
     create(p.mnt / "vm1", size)
     write_at(p.mnt / "vm1", 0, pattern(4, size))
     g = p.mnt / ".snapshots" / "g"
@@ -398,6 +399,15 @@ def test_send_killed_half_way_leaves_nothing(pool):
     s.kill()
     s.wait()
     s.stdout.close()
+    s.stderr.close()
+    wait_for(lambda: entries(p) == before)
+    # A reader that stops early: the daemon's write fails, it says so and cleans up.
+    s = subprocess.Popen([str(p.ctl_bin), str(p.mnt), "send", "vm1"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE)
+    s.stdout.read(HEADER)
+    s.stdout.close()
+    assert s.wait(timeout=60) == 1
+    assert b"send: writing the stream: Broken pipe" in s.stderr.read()
     s.stderr.close()
     wait_for(lambda: entries(p) == before)
     # The daemon is none the worse: the next send works.
