@@ -445,10 +445,8 @@ int tfs_fs_send_data(struct tfs_fs *fs, const struct tfs_fs_send *s, char *why, 
 			  s->to_id, j.chunks.data);
 	tfs_stream_out_init(&j.o, out_write, &j);
 
-	r = plan_windows(&j);
-	if (r)
+	if (plan_windows(&j))
 		goto out_nomem;
-	r = -ENOMEM;
 	for (unsigned i = 0; i < WINDOWS; i++) {
 		void *m = mmap(NULL, WINDOW, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS,
 			       -1, 0);
@@ -472,8 +470,7 @@ int tfs_fs_send_data(struct tfs_fs *fs, const struct tfs_fs_send *s, char *why, 
 			goto out;
 		}
 	}
-	r = -pthread_create(&th, NULL, writer, &j);
-	if (r)
+	if (pthread_create(&th, NULL, writer, &j))
 		goto out_nomem;
 	/* This thread is reader 0. */
 	for (unsigned k = 1; k < READERS; k++) {
@@ -495,6 +492,7 @@ int tfs_fs_send_data(struct tfs_fs *fs, const struct tfs_fs_send *s, char *why, 
 	goto out;
 
 out_nomem:
+	r = -ENOMEM;
 	snprintf(why, why_len, "send: out of memory");
 out:
 	for (unsigned k = 0; k < READERS; k++) {
