@@ -369,6 +369,9 @@ def test_a_send_in_progress_keeps_its_snapshot_whole(pool, tmp_path):
     s = subprocess.Popen([str(p.ctl_bin), str(p.mnt), "send", "g/vm1"], stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE)
     head = s.stdout.read(HEADER + 24)
+    # The daemon writes it: thinfs-ctl has no file of the mount open (through the mount it would).
+    fds = os.listdir(f"/proc/{s.pid}/fd")
+    assert not [f for f in fds if os.readlink(f"/proc/{s.pid}/fd/{f}").startswith(str(p.mnt))]
     # The group cannot go while it is sent; rewriting its origin moves the origin's blocks.
     try:
         os.rmdir(g)
