@@ -24,44 +24,6 @@
 
 #define fail(...) tfs_ctlc_fail(__VA_ARGS__)
 
-/* ---- little-endian fields ---- */
-
-static void put32(uint8_t *p, uint32_t v)
-{
-	for (int i = 0; i < 4; i++)
-		p[i] = (uint8_t)(v >> (8 * i));
-}
-
-static void put64(uint8_t *p, uint64_t v)
-{
-	for (int i = 0; i < 8; i++)
-		p[i] = (uint8_t)(v >> (8 * i));
-}
-
-static uint32_t get32(const uint8_t *p)
-{
-	return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
-}
-
-static uint64_t get64(const uint8_t *p)
-{
-	return (uint64_t)get32(p) | (uint64_t)get32(p + 4) << 32;
-}
-
-/* Header field offsets (docs/send-receive.md). */
-enum {
-	H_MAGIC = 0, H_VERSION = 8, H_LENGTH = 12, H_SIZE = 16, H_BLOCK = 24, H_FLAGS = 28,
-	H_FROM = 32, H_TO = 48, H_DATA = 64, H_CRC = 92,
-};
-/* Record header offsets. */
-enum { R_TYPE = 0, R_OFFSET = 8, R_LENGTH = 16 };
-
-/* The stream's CRC-32C runs over every byte before the trailer. */
-static uint32_t crc_update(uint32_t crc, const void *p, size_t n)
-{
-	return tfs_crc32c(crc, p, n);
-}
-
 /* ---- progress on a terminal ---- */
 
 struct progress {
@@ -168,43 +130,62 @@ static int conn_request(struct conn *c, const char *const *args)
 	return r;
 }
 
-/*
- * The next response line: its object (the caller puts it), or NULL after
- * printing the daemon's error (and details) or why none came.
- */
-static struct json_object *conn_response(struct conn *c)
+/* The next line as it came (progress lines too), or NULL after saying why none came. */
+static struct json_object *conn_line(struct conn *c)
 {
-	struct json_object *o, *v;
+	struct json_object *o;
 	char *line = NULL;
 	size_t cap = 0;
 
-	for (;;) {
-		if (getline(&line, &cap, c->in) < 0) {
-			free(line);
-			fail("the daemon closed the connection without an answer");
-			return NULL;
-		}
-		o = json_tokener_parse(line);
-		if (!o || !json_object_object_get_ex(o, "ok", &v)) {
-			json_object_put(o);
-			free(line);
-			fail("bad response from the daemon");
-			return NULL;
-		}
-		/* A progress line of the daemon's (a long diff): ours say more. */
-		if (!json_object_object_get_ex(o, "progress", NULL))
-			break;
-		json_object_put(o);
+	if (getline(&line, &cap, c->in) < 0) {
+		free(line);
+		fail("the daemon closed the connection without an answer");
+		return NULL;
 	}
+	o = json_tokener_parse(line);
 	free(line);
-	if (json_object_get_boolean(v))
-		return o;
+	if (!o || !json_object_object_get_ex(o, "ok", NULL)) {
+		json_object_put(o);
+		fail("bad response from the daemon");
+		return NULL;
+	}
+	return o;
+}
+
+/* Print a failed response's error and details, and put it. */
+static void print_error(struct json_object *o)
+{
+	struct json_object *v;
+
 	if (json_object_object_get_ex(o, "error", &v))
 		fail("%s", json_object_get_string(v));
 	if (json_object_object_get_ex(o, "details", &v) && json_object_is_type(v, json_type_array))
 		for (size_t i = 0; i < json_object_array_length(v); i++)
 			fail("%s", json_object_get_string(json_object_array_get_idx(v, i)));
 	json_object_put(o);
+}
+
+static bool is_ok(struct json_object *o)
+{
+	struct json_object *v;
+
+	return json_object_object_get_ex(o, "ok", &v) && json_object_get_boolean(v);
+}
+
+/*
+ * The next response line: its object (the caller puts it), or NULL after
+ * printing the daemon's error (and details) or why none came.
+ */
+static struct json_object *conn_response(struct conn *c)
+{
+	struct json_object *o;
+
+	/* A progress line of the daemon's (a long diff): ours say more. */
+	while ((o = conn_line(c)) != NULL && json_object_object_get_ex(o, "progress", NULL))
+		json_object_put(o);
+	if (!o || is_ok(o))
+		return o;
+	print_error(o);
 	return NULL;
 }
 
@@ -231,34 +212,9 @@ static bool jbool(struct json_object *o, const char *key)
 
 /* ---- send ---- */
 
-struct extent {
-	uint64_t off, len;
-	bool zero;
-};
-
-struct extents {
-	struct extent *v;
-	size_t nr, cap;
-};
-
-static int extents_add(struct extents *e, uint64_t off, uint64_t len, bool zero)
-{
-	if (e->nr == e->cap) {
-		size_t cap = e->cap ? 2 * e->cap : 256;
-		struct extent *v = realloc(e->v, cap * sizeof(*v));
-
-		if (!v)
-			return -ENOMEM;
-		e->v = v;
-		e->cap = cap;
-	}
-	e->v[e->nr++] = (struct extent){ off, len, zero };
-	return 0;
-}
-
-/* The daemon's diff FROM TO, cut to the volume's size. */
-static int get_extents(const char *mnt, const char *from, const char *to, uint64_t size,
-		       struct extents *e)
+/* The daemon's diff FROM TO as the stream's chunks. */
+static int get_chunks(const char *mnt, const char *from, const char *to, uint64_t size,
+		      struct tfs_stream_chunks *e)
 {
 	const char *args[] = { "diff", from, to, NULL };
 	struct json_object *o;
@@ -286,11 +242,7 @@ static int get_extents(const char *mnt, const char *from, const char *to, uint64
 			p += n;
 			while (*p == '\n')
 				p++;
-			if (off >= size)
-				continue;
-			if (len > size - off)
-				len = size - off;
-			if (extents_add(e, off, len, !strcmp(kind, "zero")) < 0) {
+			if (tfs_stream_add_extent(e, off, len, !strcmp(kind, "zero"), size) < 0) {
 				fail("send: out of memory");
 				json_object_put(o);
 				goto out;
@@ -307,48 +259,22 @@ out:
 	return r;
 }
 
-struct out {
-	uint32_t crc;
-	uint64_t bytes;
-};
-
-static int out_write(struct out *o, const void *buf, size_t len)
+static int stdout_write(void *ctx, const void *buf, size_t len)
 {
 	const uint8_t *p = buf;
 
-	o->crc = crc_update(o->crc, buf, len);
-	o->bytes += len;
+	(void)ctx;
 	while (len) {
 		ssize_t n = write(STDOUT_FILENO, p, len);
 
 		if (n < 0 && errno == EINTR)
 			continue;
 		if (n < 0)
-			return fail("send: writing the stream: %s", strerror(errno)), -1;
+			return -errno;
 		p += n;
 		len -= (size_t)n;
 	}
 	return 0;
-}
-
-static int out_record(struct out *o, uint32_t type, uint64_t off, uint64_t len)
-{
-	uint8_t h[TFS_STREAM_RECORD_SIZE] = { 0 };
-
-	put32(h + R_TYPE, type);
-	put64(h + R_OFFSET, off);
-	put64(h + R_LENGTH, len);
-	return out_write(o, h, sizeof(h));
-}
-
-static bool all_zero(const uint8_t *p, size_t n)
-{
-	static const uint8_t z[4096];
-
-	for (; n >= sizeof(z); p += sizeof(z), n -= sizeof(z))
-		if (memcmp(p, z, sizeof(z)))
-			return false;
-	return !n || !memcmp(p, z, n);
 }
 
 /* Read len bytes at off: the file is read with O_DIRECT when it allows it. */
@@ -385,7 +311,7 @@ struct reader {
 	pthread_mutex_t lock;
 	pthread_cond_t cond;
 	int vol;
-	const struct extent *chunk; /* data chunks of at most TFS_STREAM_CHUNK, zero ranges */
+	const struct tfs_stream_chunk *chunk;
 	size_t nr;
 	size_t next;                /* lock: the next chunk to claim */
 	size_t written;             /* lock: chunks written out */
@@ -424,70 +350,28 @@ static void *reader_thread(void *arg)
 	return NULL;
 }
 
-/* The extents cut into chunks: data in pieces of at most TFS_STREAM_CHUNK. */
-static int chunks_of(const struct extents *e, struct extents *c)
-{
-	for (size_t i = 0; i < e->nr; i++) {
-		const struct extent *x = &e->v[i];
-
-		for (uint64_t off = x->off; off < x->off + x->len;) {
-			uint64_t n = x->zero ? x->len : x->off + x->len - off;
-
-			n = n < TFS_STREAM_CHUNK || x->zero ? n : TFS_STREAM_CHUNK;
-			if (extents_add(c, off, n, x->zero) < 0)
-				return -ENOMEM;
-			off += n;
-		}
-	}
-	return 0;
-}
-
-/* Chunk j: a ZERO record, or DATA (a chunk of zeros travels as ZERO, unmapped on receive). */
-static int emit_chunk(struct out *o, const struct extent *x, const uint8_t *buf, uint64_t *sent)
-{
-	if (x->zero || all_zero(buf, (size_t)x->len))
-		return out_record(o, TFS_REC_ZERO, x->off, x->len);
-	if (out_record(o, TFS_REC_DATA, x->off, x->len) < 0 || out_write(o, buf, x->len) < 0)
-		return -1;
-	*sent += x->len;
-	return 0;
-}
-
-/* Header, the chunks in order, END, trailer. */
-static int write_stream(int vol, const struct extents *e, struct json_object *info,
+/* Through the mount: the header, the chunks in order, END, trailer. */
+static int write_stream(int vol, const struct tfs_stream_chunks *c, struct json_object *info,
 			uint64_t size)
 {
-	uint8_t h[TFS_STREAM_HEADER_SIZE] = { 0 }, tail[4];
-	uint64_t data = 0, done = 0, sent = 0;
-	struct out o = { .crc = 0xFFFFFFFFu };
-	struct reader rd = { .vol = vol };
-	struct extents c = { 0 };
+	uint8_t h[TFS_STREAM_HEADER_SIZE], fu[16], tu[16];
+	uint64_t done = 0;
+	struct tfs_stream_out o;
+	struct reader rd = { .vol = vol, .chunk = c->v, .nr = c->nr };
 	pthread_t th[READERS];
 	unsigned started = 0;
 	struct progress pr;
-	int r = -1;
+	int r = -1, e;
 
-	for (size_t i = 0; i < e->nr; i++)
-		data += e->v[i].zero ? 0 : e->v[i].len;
-	memcpy(h + H_MAGIC, TFS_STREAM_MAGIC, 8);
-	put32(h + H_VERSION, TFS_STREAM_VERSION);
-	put32(h + H_LENGTH, TFS_STREAM_HEADER_SIZE);
-	put64(h + H_SIZE, size);
-	put32(h + H_BLOCK, (uint32_t)ju64(info, "block_size"));
-	if (jstr(info, "from")) {
-		put32(h + H_FLAGS, TFS_STREAM_INCREMENTAL);
-		tfs_ctl_id_parse(jstr(info, "from"), h + H_FROM);
-	}
-	tfs_ctl_id_parse(jstr(info, "to"), h + H_TO);
-	put64(h + H_DATA, data);
-	put32(h + H_CRC, tfs_crc32c(0xFFFFFFFFu, h, H_CRC));
+	if (jstr(info, "from"))
+		tfs_ctl_id_parse(jstr(info, "from"), fu);
+	tfs_ctl_id_parse(jstr(info, "to"), tu);
+	tfs_stream_header(h, size, (uint32_t)ju64(info, "block_size"),
+			  jstr(info, "from") ? fu : NULL, tu, c->data);
+	tfs_stream_out_init(&o, stdout_write, NULL);
 
 	pthread_mutex_init(&rd.lock, NULL);
 	pthread_cond_init(&rd.cond, NULL);
-	if (chunks_of(e, &c) < 0)
-		goto out_nomem;
-	rd.chunk = c.v;
-	rd.nr = c.nr;
 	for (int i = 0; i < SLOTS; i++)
 		if (posix_memalign((void **)&rd.buf[i], 4096, TFS_STREAM_CHUNK))
 			goto out_nomem;
@@ -497,25 +381,22 @@ static int write_stream(int vol, const struct extents *e, struct json_object *in
 	if (!started)
 		goto out_nomem;
 
-	progress_init(&pr, "send", data);
-	if (out_write(&o, h, sizeof(h)) < 0)
-		goto out;
-	for (size_t j = 0; j < c.nr; j++) {
-		const struct extent *x = &c.v[j];
-		int e2;
+	progress_init(&pr, "send", c->data);
+	e = tfs_stream_put(&o, h, sizeof(h));
+	for (size_t j = 0; j < c->nr && !e; j++) {
+		const struct tfs_stream_chunk *x = &c->v[j];
 
 		pthread_mutex_lock(&rd.lock);
 		while (!(rd.ready[j % SLOTS] && rd.slot_chunk[j % SLOTS] == j))
 			pthread_cond_wait(&rd.cond, &rd.lock);
-		e2 = rd.err[j % SLOTS];
+		e = rd.err[j % SLOTS];
 		pthread_mutex_unlock(&rd.lock);
-		if (e2 < 0) {
+		if (e < 0) {
 			fail("send: reading the volume at byte %" PRIu64 ": %s", x->off,
-			     strerror(-e2));
+			     strerror(-e));
 			goto out;
 		}
-		if (emit_chunk(&o, x, rd.buf[j % SLOTS], &sent) < 0)
-			goto out;
+		e = tfs_stream_put_chunk(&o, x, rd.buf[j % SLOTS]);
 		pthread_mutex_lock(&rd.lock);
 		rd.ready[j % SLOTS] = false;
 		rd.written = j + 1;
@@ -524,11 +405,12 @@ static int write_stream(int vol, const struct extents *e, struct json_object *in
 		done += x->zero ? 0 : x->len;
 		progress_show(&pr, done, false);
 	}
-	if (out_record(&o, TFS_REC_END, sent, c.nr) < 0)
+	if (!e)
+		e = tfs_stream_finish(&o);
+	if (e) {
+		fail("send: writing the stream: %s", strerror(-e));
 		goto out;
-	put32(tail, o.crc);
-	if (out_write(&o, tail, sizeof(tail)) < 0)
-		goto out;
+	}
 	progress_show(&pr, done, true);
 	r = 0;
 	goto out;
@@ -544,56 +426,24 @@ out:
 		pthread_join(th[--started], NULL);
 	for (int i = 0; i < SLOTS; i++)
 		free(rd.buf[i]);
-	free(c.v);
 	pthread_cond_destroy(&rd.cond);
 	pthread_mutex_destroy(&rd.lock);
 	return r;
 }
 
-int tfs_ctlc_send(const char *mnt, int argc, char **argv)
+/* The old way: the daemon names the file and the diff, we read and write. */
+static int send_through_mount(const char *mnt, const char *from, struct conn *c,
+			      struct json_object *info)
 {
-	static const char usage[] = "usage: send [--from FROM] TO > STREAM (volumes or GROUP/NAME)";
-	const char *from = NULL, *to = NULL, *req[6] = { "send" };
-	struct extents e = { 0 };
-	struct json_object *info = NULL, *fin;
-	struct conn c;
+	struct tfs_stream_chunks e = { 0 };
 	char path[8192];
-	int vol = -1, status = 1, n = 1;
+	int vol = -1, r = -1;
 
-	for (int i = 1; i < argc; i++) {
-		if (!strcmp(argv[i], "--from") && i + 1 < argc && !from)
-			from = argv[++i];
-		else if (argv[i][0] != '-' && !to)
-			to = argv[i];
-		else
-			return fail("%s", usage), 2;
-	}
-	if (!to)
-		return fail("%s", usage), 2;
-	if (isatty(STDOUT_FILENO))
-		return fail("send: the stream is binary: redirect it to a file or a pipe");
-	if (from) {
-		req[n++] = "--from";
-		req[n++] = from;
-	}
-	req[n++] = to;
-	if (conn_open(&c, mnt) < 0)
-		return 1;
-	if (conn_request(&c, req) < 0 || !(info = conn_response(&c)))
+	if (!jstr(info, "path") || !jstr(info, "to")) {
+		fail("bad response from the daemon");
 		goto out;
-	{
-		struct json_object *j;
-
-		if (!json_object_object_get_ex(info, "json", &j) || !jstr(j, "path") ||
-		    !jstr(j, "to")) {
-			fail("bad response from the daemon");
-			goto out;
-		}
-		json_object_get(j);
-		json_object_put(info);
-		info = j;
 	}
-	if (get_extents(mnt, from ? from : "-", jstr(info, "diff_to"), ju64(info, "size"), &e) < 0)
+	if (get_chunks(mnt, from ? from : "-", jstr(info, "diff_to"), ju64(info, "size"), &e) < 0)
 		goto out;
 	snprintf(path, sizeof(path), "%s/%s", mnt, jstr(info, "path"));
 	vol = open(path, O_RDONLY | O_DIRECT | O_CLOEXEC);
@@ -603,22 +453,152 @@ int tfs_ctlc_send(const char *mnt, int argc, char **argv)
 		fail("send: %s: %s", path, strerror(errno));
 		goto out;
 	}
-	if (write_stream(vol, &e, info, ju64(info, "size")) < 0)
-		goto out;
-	status = 0;
+	r = write_stream(vol, &e, info, ju64(info, "size"));
 out:
 	if (vol >= 0)
 		close(vol);
 	/* Let the daemon drop its snapshot of TO (it does so too if we just leave). */
-	if (info && jbool(info, "hold")) {
+	if (jbool(info, "hold")) {
 		const char *end[] = { "end", NULL };
+		struct json_object *fin;
 
-		if (conn_request(&c, end) == 0 && (fin = conn_response(&c)) != NULL)
+		if (conn_request(c, end) == 0 && (fin = conn_response(c)) != NULL)
 			json_object_put(fin);
 	}
-	json_object_put(info);
+	tfs_stream_chunks_free(&e);
+	return r;
+}
+
+/* Our stdout, passed to the daemon (SCM_RIGHTS), which writes the stream into it. */
+static int pass_stdout(struct conn *c)
+{
+	union {
+		struct cmsghdr h;
+		char b[CMSG_SPACE(sizeof(int))];
+	} u;
+	struct iovec iov = { .iov_base = "F", .iov_len = 1 };
+	struct msghdr m = { .msg_iov = &iov, .msg_iovlen = 1, .msg_control = u.b,
+			    .msg_controllen = sizeof(u.b) };
+	struct cmsghdr *h = CMSG_FIRSTHDR(&m);
+	int fd = STDOUT_FILENO;
+	ssize_t n;
+
+	memset(u.b, 0, sizeof(u.b));
+	h->cmsg_level = SOL_SOCKET;
+	h->cmsg_type = SCM_RIGHTS;
+	h->cmsg_len = CMSG_LEN(sizeof(int));
+	memcpy(CMSG_DATA(h), &fd, sizeof(int));
+	do
+		n = sendmsg(c->fd, &m, MSG_NOSIGNAL);
+	while (n < 0 && errno == EINTR);
+	if (n != 1)
+		return fail("send: passing the stream's descriptor to the daemon: %s",
+			    strerror(errno)), -1;
+	return 0;
+}
+
+/* The daemon writes the stream; we show its progress and wait for its word. */
+static int send_by_daemon(struct conn *c)
+{
+	uint64_t done = 0;
+	struct json_object *o, *j;
+	struct progress pr;
+
+	progress_init(&pr, "send", 0);
+	if (pass_stdout(c) < 0)
+		return -1;
+	while ((o = conn_line(c)) != NULL) {
+		if (!is_ok(o)) {
+			print_error(o);
+			return -1;
+		}
+		if (!json_object_object_get_ex(o, "progress", NULL)) {
+			json_object_put(o);
+			progress_show(&pr, done, true);
+			return 0;
+		}
+		if (json_object_object_get_ex(o, "json", &j)) {
+			done = ju64(j, "done");
+			pr.total = ju64(j, "total");
+		}
+		json_object_put(o);
+		progress_show(&pr, done, false);
+	}
+	return -1;
+}
+
+int tfs_ctlc_send(const char *mnt, int argc, char **argv)
+{
+	static const char usage[] = "usage: send [--from FROM] [--through-mount] TO > STREAM "
+				    "(volumes or GROUP/NAME)";
+	const char *from = NULL, *to = NULL, *req[8] = { "send" };
+	bool mount_path = false;
+	struct json_object *resp = NULL, *info;
+	struct conn c = { .fd = -1 };
+	int status = 1, n = 1;
+
+	for (int i = 1; i < argc; i++) {
+		if (!strcmp(argv[i], "--from") && i + 1 < argc && !from)
+			from = argv[++i];
+		else if (!strcmp(argv[i], "--through-mount"))
+			mount_path = true;
+		else if (argv[i][0] != '-' && !to)
+			to = argv[i];
+		else
+			return fail("%s", usage), 2;
+	}
+	if (!to)
+		return fail("%s", usage), 2;
+	if (isatty(STDOUT_FILENO))
+		return fail("send: the stream is binary: redirect it to a file or a pipe");
+	if (!mount_path) {
+		req[n++] = "--stream";
+		if (isatty(STDERR_FILENO))
+			req[n++] = "--progress";
+	}
+	if (from) {
+		req[n++] = "--from";
+		req[n++] = from;
+	}
+	req[n++] = to;
+	for (;;) {
+		if (conn_open(&c, mnt) < 0)
+			return 1;
+		if (conn_request(&c, req) < 0 || !(resp = conn_line(&c)))
+			goto out;
+		if (is_ok(resp))
+			break;
+		/* A daemon from before --stream: ask it the old way. */
+		if (!mount_path && jstr(resp, "error") &&
+		    !strncmp(jstr(resp, "error"), "usage: send", 11)) {
+			json_object_put(resp);
+			resp = NULL;
+			conn_close(&c);
+			mount_path = true;
+			n = 1;
+			if (from) {
+				req[n++] = "--from";
+				req[n++] = from;
+			}
+			req[n++] = to;
+			req[n] = NULL;
+			continue;
+		}
+		print_error(resp);
+		resp = NULL;
+		goto out;
+	}
+	if (!json_object_object_get_ex(resp, "json", &info)) {
+		fail("bad response from the daemon");
+		goto out;
+	}
+	if (jbool(info, "stream"))
+		status = send_by_daemon(&c) ? 1 : 0;
+	else
+		status = send_through_mount(mnt, from, &c, info) ? 1 : 0;
+out:
+	json_object_put(resp);
 	conn_close(&c);
-	free(e.v);
 	return status;
 }
 
@@ -646,7 +626,7 @@ static int in_read(struct in *s, void *buf, size_t len)
 				    " (cut short?)", s->bytes + got), -1;
 		got += (size_t)n;
 	}
-	s->crc = crc_update(s->crc, buf, len);
+	s->crc = tfs_crc32c(s->crc, buf, len);
 	s->bytes += len;
 	return 0;
 }
@@ -664,23 +644,23 @@ static int read_header(struct in *s, struct header *hd)
 
 	if (in_read(s, h, 16) < 0)
 		return -1;
-	if (memcmp(h + H_MAGIC, TFS_STREAM_MAGIC, 8))
+	if (memcmp(h + TFS_SH_MAGIC, TFS_STREAM_MAGIC, 8))
 		return fail("receive: not a thinfs send stream (bad magic)"), -1;
-	if (get32(h + H_VERSION) != TFS_STREAM_VERSION)
+	if (tfs_stream_get32(h + TFS_SH_VERSION) != TFS_STREAM_VERSION)
 		return fail("receive: stream version %" PRIu32 ": this thinfs-ctl reads version %u",
-			    get32(h + H_VERSION), TFS_STREAM_VERSION), -1;
-	if (get32(h + H_LENGTH) != TFS_STREAM_HEADER_SIZE)
-		return fail("receive: bad header length %" PRIu32, get32(h + H_LENGTH)), -1;
+			    tfs_stream_get32(h + TFS_SH_VERSION), TFS_STREAM_VERSION), -1;
+	if (tfs_stream_get32(h + TFS_SH_LENGTH) != TFS_STREAM_HEADER_SIZE)
+		return fail("receive: bad header length %" PRIu32, tfs_stream_get32(h + TFS_SH_LENGTH)), -1;
 	if (in_read(s, h + 16, sizeof(h) - 16) < 0)
 		return -1;
-	if (get32(h + H_CRC) != tfs_crc32c(0xFFFFFFFFu, h, H_CRC))
+	if (tfs_stream_get32(h + TFS_SH_CRC) != tfs_crc32c(0xFFFFFFFFu, h, TFS_SH_CRC))
 		return fail("receive: the stream's header is corrupt (checksum mismatch)"), -1;
-	hd->size = get64(h + H_SIZE);
-	hd->data = get64(h + H_DATA);
-	hd->block_size = get32(h + H_BLOCK);
-	hd->incremental = get32(h + H_FLAGS) & TFS_STREAM_INCREMENTAL;
-	memcpy(hd->from, h + H_FROM, 16);
-	memcpy(hd->to, h + H_TO, 16);
+	hd->size = tfs_stream_get64(h + TFS_SH_SIZE);
+	hd->data = tfs_stream_get64(h + TFS_SH_DATA);
+	hd->block_size = tfs_stream_get32(h + TFS_SH_BLOCK);
+	hd->incremental = tfs_stream_get32(h + TFS_SH_FLAGS) & TFS_STREAM_INCREMENTAL;
+	memcpy(hd->from, h + TFS_SH_FROM, 16);
+	memcpy(hd->to, h + TFS_SH_TO, 16);
 	return 0;
 }
 
@@ -719,15 +699,15 @@ static int apply_records(struct in *s, const struct header *hd, int vol, bool fr
 
 		if (in_read(s, rh, sizeof(rh)) < 0)
 			goto out;
-		type = get32(rh + R_TYPE);
-		off = get64(rh + R_OFFSET);
-		len = get64(rh + R_LENGTH);
+		type = tfs_stream_get32(rh + TFS_SR_TYPE);
+		off = tfs_stream_get64(rh + TFS_SR_OFFSET);
+		len = tfs_stream_get64(rh + TFS_SR_LENGTH);
 		if (type == TFS_REC_END) {
 			uint32_t crc = s->crc;
 
 			if (in_read(s, tail, sizeof(tail)) < 0)
 				goto out;
-			if (get32(tail) != crc) {
+			if (tfs_stream_get32(tail) != crc) {
 				fail("receive: the stream is corrupt (its checksum does not "
 				     "match)");
 				goto out;
@@ -740,7 +720,7 @@ static int apply_records(struct in *s, const struct header *hd, int vol, bool fr
 			}
 			break;
 		}
-		if ((type != TFS_REC_DATA && type != TFS_REC_ZERO) || get32(rh + 4) ||
+		if ((type != TFS_REC_DATA && type != TFS_REC_ZERO) || tfs_stream_get32(rh + 4) ||
 		    off > hd->size || len > hd->size - off ||
 		    (type == TFS_REC_DATA && len > TFS_STREAM_CHUNK)) {
 			fail("receive: the stream is corrupt (bad record at byte %" PRIu64 ")", at);

@@ -2,13 +2,14 @@
 /*
  * send-recv.h - thinfs-ctl send and receive: a volume (or the change
  * between two) as a stream on stdout, and a stream on stdin made into a
- * new volume.  The stream format is docs/send-receive.md; the layout
- * below is that document's, field for field.
+ * new volume.  The stream format is docs/send-receive.md; its bytes are
+ * src/fs/send-stream.h's, shared with the daemon.
  *
- * Owns: the stream format (writing and checking it) and the data path:
- * thinfs-ctl reads and writes the volume files through the mountpoint,
- * with the extents the daemon's diff gives.  The daemon's half is
- * src/fs/send-recv.c.
+ * Owns: checking a stream (receive) and the data paths of the client:
+ * send asks the daemon to write the stream into its stdout (passed over
+ * the socket) and, when the daemon cannot, reads the volume file through
+ * the mountpoint with the extents of the daemon's diff; receive writes
+ * the volume file.  The daemon's half is src/fs/send-recv.c.
  *
  * Never: talks to the pool except through the control socket and the
  * mount.
@@ -18,17 +19,7 @@
 
 #include <stdint.h>
 
-#define TFS_STREAM_MAGIC "THINSEND"
-#define TFS_STREAM_VERSION 1u
-#define TFS_STREAM_HEADER_SIZE 96u
-#define TFS_STREAM_RECORD_SIZE 24u
-/* A DATA record carries at most this many bytes, so a reader's buffer is bounded. */
-#define TFS_STREAM_CHUNK (1u << 20)
-
-enum tfs_stream_record { TFS_REC_DATA = 1, TFS_REC_ZERO = 2, TFS_REC_END = 3 };
-
-/* Header flags. */
-#define TFS_STREAM_INCREMENTAL 1u
+#include "send-stream.h"
 
 /* "thinfs-ctl: <message>" on one stderr line, as every failure is reported; returns 1. */
 int tfs_ctlc_fail(const char *fmt, ...) __attribute__((format(printf, 1, 2)));

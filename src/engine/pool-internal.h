@@ -153,6 +153,16 @@ struct tfs_thin_dev {
 	bool read_only;
 };
 
+/* The thin device behind a device handle, or NULL for another target's (thin-io.c). */
+struct tfs_thin_dev *tfs_thin_dev_of(struct tfs_dev *dev);
+/*
+ * The mappings of blocks [b0, b0 + nr), nr <= TFS_POOL_CHUNK, under the
+ * pool's lock (taken here): how many, or -EIO (logged) / -ENODEV, or the
+ * pool's refusal of I/O (thin-io.c).
+ */
+int tfs_thin_lookup_chunk(struct tfs_thin_dev *vol, uint64_t b0, unsigned nr,
+			  struct tfs_thin_mapping *maps);
+
 /* ---- called with pool->lock held ---- */
 
 /*

@@ -341,4 +341,31 @@ int tfs_pool_diff(struct tfs_pool *pool, const uint32_t *from, const uint32_t *t
  */
 int tfs_thin_open(struct tfs_pool *pool, uint32_t id, unsigned flags, struct tfs_dev **out);
 
+/*
+ * Added (send, issue 13): bulk reads of a thin device, for a reader that
+ * moves much data at once (thin-bulk.c says why).  open: a reader of the
+ * device behind dev (an I/O handle from tfs_thin_open, which must outlive
+ * it); -EOPNOTSUPP dev is not a thin device (read it with tfs_dev_read),
+ * -EBADF a status handle, -ENOMEM.  read: fill every
+ * range (ascending, not overlapping, each non-empty; bytes of the device,
+ * unmapped ones read as zeros) and return when all are read: blocks until
+ * then, and while the device is suspended, as a read does; holds one
+ * shared range lock over the blocks from the first range to the last.
+ * Buffers aligned to 4 KiB go to a direct data device as they are.  Reads
+ * of up to TFS_THIN_BULK_READ bytes each, in data-block order, as one
+ * batch (tfs_bdev_read_batch: up to TFS_BDEV_BATCH_DEPTH in flight).  0,
+ * or -EIO (a device error, logged), -ENOMEM, -EINVAL ranges out of order
+ * (logged).  One read call at a time per reader.
+ */
+#define TFS_THIN_BULK_READ (1u << 20)
+struct tfs_thin_range {
+	uint64_t off;
+	size_t len;
+	uint8_t *buf;
+};
+struct tfs_thin_bulk;
+int tfs_thin_bulk_open(struct tfs_dev *dev, struct tfs_thin_bulk **out);
+int tfs_thin_bulk_read(struct tfs_thin_bulk *b, const struct tfs_thin_range *ranges, unsigned nr);
+void tfs_thin_bulk_close(struct tfs_thin_bulk *b);
+
 #endif

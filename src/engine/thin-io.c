@@ -569,13 +569,10 @@ static int locked_write(struct tfs_thin_dev *vol, struct tfs_core_io *io, const 
 
 /* ---- reads ---------------------------------------------------------------------------- */
 
-static int read_chunk(struct tfs_thin_dev *vol, uint8_t *buf, uint64_t off, uint64_t end)
+int tfs_thin_lookup_chunk(struct tfs_thin_dev *vol, uint64_t b0, unsigned nr,
+			  struct tfs_thin_mapping *maps)
 {
-	struct tfs_thin_mapping maps[TFS_POOL_CHUNK];
 	struct tfs_pool *pool = vol->pool;
-	uint64_t bs = pool->block_size, b0 = off / bs;
-	unsigned nr = (unsigned)((end - 1) / bs + 1 - b0), j = 0;
-	struct run run = { 0 };
 	int n, r;
 
 	pthread_mutex_lock(&pool->lock);
@@ -584,8 +581,21 @@ static int read_chunk(struct tfs_thin_dev *vol, uint8_t *buf, uint64_t off, uint
 	pthread_mutex_unlock(&pool->lock);
 	if (r)
 		return r;
+	return n < 0 ? lookup_failed(vol, b0, b0 + nr, n) : n;
+}
+
+static int read_chunk(struct tfs_thin_dev *vol, uint8_t *buf, uint64_t off, uint64_t end)
+{
+	struct tfs_thin_mapping maps[TFS_POOL_CHUNK];
+	struct tfs_pool *pool = vol->pool;
+	uint64_t bs = pool->block_size, b0 = off / bs;
+	unsigned nr = (unsigned)((end - 1) / bs + 1 - b0), j = 0;
+	struct run run = { 0 };
+	int n, r = 0;
+
+	n = tfs_thin_lookup_chunk(vol, b0, nr, maps);
 	if (n < 0)
-		return lookup_failed(vol, b0, b0 + nr, n);
+		return n;
 
 	for (unsigned i = 0; i < nr && !r; i++) {
 		uint64_t start = (b0 + i) * bs;
@@ -1174,6 +1184,11 @@ static const struct tfs_dev_ops thin_ops = {
 	.status = thin_status,
 	.close = thin_close,
 };
+
+struct tfs_thin_dev *tfs_thin_dev_of(struct tfs_dev *dev)
+{
+	return dev && dev->ops == &thin_ops ? thin_of(dev) : NULL;
+}
 
 int tfs_thin_open(struct tfs_pool *pool, uint32_t id, unsigned flags, struct tfs_dev **out)
 {

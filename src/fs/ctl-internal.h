@@ -11,10 +11,13 @@
 #define TFS_FS_CTL_INTERNAL_H
 
 #include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
 #include <sys/types.h>
 
 struct json_object;
 struct tfs_fs;
+struct tfs_vol_row;
 
 /* One response object as one line. */
 int tfs_ctl_send_line(int fd, struct json_object *o);
@@ -30,5 +33,29 @@ ssize_t tfs_ctl_read_line(int fd, char *buf, size_t max);
 /* send-recv.c: the daemon's half of thinfs-ctl send and receive. */
 void tfs_ctl_cmd_send(struct tfs_fs *fs, int fd, int argc, const char **argv);
 void tfs_ctl_cmd_receive(struct tfs_fs *fs, int fd, int argc, const char **argv);
+
+/*
+ * send-data.c: the daemon writes the stream of a send into the client's
+ * descriptor out (taken: closed when done), TO read from the data device
+ * (docs/send-receive.md).  TO is pinned for the whole send
+ * (tfs_fs_hold_volume); the diff FROM -> TO is the daemon's own.  With
+ * progress, a progress line ({"progress": "send", "json": {"done",
+ * "total"}}) goes to sock every half second and at the end.  Blocks until
+ * the stream is out.  0 and *stats; -ECONNRESET the client left (nothing
+ * to say); any other -errno with why set to the client's one-line error.
+ */
+struct tfs_fs_send_stats {
+	uint64_t data;       /* bytes of DATA records */
+	uint64_t bytes;      /* of the whole stream */
+	uint64_t nodes_read; /* by the diff */
+};
+struct tfs_fs_send {
+	int sock, out;
+	bool progress;
+	const struct tfs_vol_row *from, *to; /* from NULL: a full stream */
+	const uint8_t *from_id, *to_id;      /* identities, 16 bytes each */
+	struct tfs_fs_send_stats *stats;
+};
+int tfs_fs_send_data(struct tfs_fs *fs, const struct tfs_fs_send *s, char *why, size_t why_len);
 
 #endif

@@ -763,6 +763,11 @@ static void cmd_delete(struct cmd_ctx *c)
 			   "pool.cfg and reload", c->argv[1]);
 		return;
 	}
+	if (r == -EBUSY && parent == TFS_INO_SNAPSHOTS && !tfs_pool_is_suspended(c->fs->pool)) {
+		send_error(c->fd, "delete %s: in use: a member is open, or a send is reading it; "
+			   "delete it when that is done", c->argv[1]);
+		return;
+	}
 	if (r < 0) {
 		send_error(c->fd, "delete %s: %s", c->argv[1], errmsg(c, r));
 		return;

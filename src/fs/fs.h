@@ -155,6 +155,15 @@ int tfs_fs_open_dev(struct tfs_fs *fs, uint32_t dev_id, unsigned flags, struct t
  */
 int tfs_fs_pin(struct tfs_fs *fs, uint32_t dev_id, bool for_write, struct tfs_inode **out);
 /*
+ * Added (send): pin the volume of row want (by id, as tfs_fs_pin, read
+ * only) whether or not the kernel has looked it up, so that it stays for
+ * as long as the pin: a group with a pinned member cannot be removed
+ * (-EBUSY), an unlinked volume is deleted at the last unpin.  -ENOENT when
+ * it is gone or its id now names another volume; what opening returns.
+ * Takes fs->lock.  Drop it with tfs_fs_unpin.
+ */
+int tfs_fs_hold_volume(struct tfs_fs *fs, const struct tfs_vol_row *want, struct tfs_inode **out);
+/*
  * Drop a pin.  The last one persists the attributes, closes the engine
  * device and, if the name was unlinked meanwhile, deletes the device and
  * then the catalog row.  Takes fs->lock.

@@ -3,8 +3,11 @@
  * send-recv.c - the daemon's half of `thinfs-ctl send` and `receive`
  * (docs/send-receive.md).
  *
- * thinfs-ctl moves the bytes itself, through the mountpoint, with the
- * extents of `diff`.  The daemon says what to read or where to write,
+ * For send, the daemon writes the stream itself into the client's
+ * descriptor (send-data.c) when the client asks (--stream) and may read
+ * TO; otherwise, and for receive, thinfs-ctl moves the bytes itself,
+ * through the mountpoint, with the extents of `diff`.  The daemon says
+ * what to read or where to write,
  * keeps each volume's identity (the catalog's volume_uuids), and makes
  * the temporary volumes both commands need whole-or-gone: a temporary
  * name is recorded in the catalog before its volume exists, the volume
@@ -12,7 +15,7 @@
  * client leaves without committing, or at the next mount after a crash
  * (tfs_fs_settle_temp_names).
  *
- * Never: reads or writes volume data (the client does, through FUSE).
+ * Never: writes volume data (receive's client does, through FUSE).
  */
 #include <errno.h>
 #include <inttypes.h>
@@ -22,6 +25,8 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/random.h>
+#include <sys/socket.h>
+#include <unistd.h>
 
 #include "ctl-internal.h"
 #include "ctl-protocol.h"
@@ -131,6 +136,89 @@ static int find(struct tfs_fs *fs, int fd, const char *cmd, const char *spec,
 }
 
 /*
+ * Whether the client may read TO, as the kernel would judge its file
+ * (default_permissions) from the client's uid and primary gid.  Without
+ * its other groups this may say no where the kernel says yes: the client
+ * then reads through the mount, where the kernel decides.
+ */
+static bool may_read(int fd, const struct tfs_vol_row *row)
+{
+	struct ucred cred;
+	socklen_t len = sizeof(cred);
+
+	if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) < 0)
+		return false;
+	if (cred.uid == 0)
+		return true;
+	if (cred.uid == row->uid)
+		return row->mode & 0400;
+	if (cred.gid == row->gid)
+		return row->mode & 0040;
+	return row->mode & 0004;
+}
+
+/* The descriptor the client passes after our answer, or -errno. */
+static int receive_fd(int fd)
+{
+	union {
+		struct cmsghdr h;
+		char b[CMSG_SPACE(sizeof(int))];
+	} u;
+	struct cmsghdr *c;
+	char byte;
+	struct iovec iov = { .iov_base = &byte, .iov_len = 1 };
+	struct msghdr m = { .msg_iov = &iov, .msg_iovlen = 1, .msg_control = u.b,
+			    .msg_controllen = sizeof(u.b) };
+	int out = -1;
+	ssize_t n;
+
+	do
+		n = recvmsg(fd, &m, MSG_CMSG_CLOEXEC);
+	while (n < 0 && errno == EINTR);
+	if (n < 0)
+		return -errno;
+	for (c = CMSG_FIRSTHDR(&m); c; c = CMSG_NXTHDR(&m, c)) {
+		if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS &&
+		    c->cmsg_len == CMSG_LEN(sizeof(int)) && out < 0)
+			memcpy(&out, CMSG_DATA(c), sizeof(int));
+	}
+	if (n != 1 || out < 0 || (m.msg_flags & MSG_CTRUNC)) {
+		if (out >= 0)
+			close(out);
+		return -EPROTO;
+	}
+	return out;
+}
+
+/*
+ * The daemon writes the stream: ask for the descriptor, write.  from may
+ * be NULL.  0 and *stats, or -errno and why (empty: the client left).
+ */
+static int send_stream(struct tfs_fs *fs, int fd, bool progress, const struct tfs_vol_row *from,
+		       const struct tfs_vol_row *to, const uint8_t *fu, const uint8_t *tu,
+		       struct tfs_fs_send_stats *stats, char *why, size_t why_len)
+{
+	struct json_object *o = json_object_new_object();
+	int out, r;
+
+	why[0] = '\0';
+	json_object_object_add(o, "stream", json_object_new_boolean(1));
+	tfs_ctl_send_ok(fd, "", o, false);
+	out = receive_fd(fd);
+	if (out < 0) {
+		snprintf(why, why_len, "send: the client did not pass the stream's descriptor: %s",
+			 strerror(-out));
+		return out;
+	}
+	r = tfs_fs_send_data(fs, &(struct tfs_fs_send){ .sock = fd, .out = out,
+		.progress = progress, .from = from, .to = to, .from_id = fu, .to_id = tu,
+		.stats = stats }, why, why_len);
+	if (r == -ECONNRESET || r == -ECANCELED)
+		why[0] = '\0';
+	return r;
+}
+
+/*
  * send [--from FROM] TO: what to read.  A group member is read as it is;
  * any other volume may be written meanwhile, so it is read from a
  * temporary snapshot (with an identity of its own) that lives until the
@@ -138,8 +226,10 @@ static int find(struct tfs_fs *fs, int fd, const char *cmd, const char *spec,
  */
 void tfs_ctl_cmd_send(struct tfs_fs *fs, int fd, int argc, const char **argv)
 {
-	static const char usage[] = "usage: send [--from FROM] TO (volumes or GROUP/NAME)";
+	static const char usage[] = "usage: send [--from FROM] [--stream [--progress]] TO "
+				    "(volumes or GROUP/NAME)";
 	const char *from = NULL, *to = NULL;
+	bool stream = false, progress = false;
 	struct tfs_vol_row frow, trow;
 	struct tfs_group_row g;
 	struct json_object *o;
@@ -150,6 +240,10 @@ void tfs_ctl_cmd_send(struct tfs_fs *fs, int fd, int argc, const char **argv)
 	for (int i = 1; i < argc; i++) {
 		if (!strcmp(argv[i], "--from") && i + 1 < argc && !from) {
 			from = argv[++i];
+		} else if (!strcmp(argv[i], "--stream")) {
+			stream = true;
+		} else if (!strcmp(argv[i], "--progress")) {
+			progress = true;
 		} else if (argv[i][0] == '-' || to) {
 			tfs_ctl_send_error(fd, usage);
 			return;
@@ -201,6 +295,31 @@ void tfs_ctl_cmd_send(struct tfs_fs *fs, int fd, int argc, const char **argv)
 	}
 	if (r < 0)
 		goto fail;
+
+	/*
+	 * The daemon reads thin devices only; any other send goes the old way
+	 * and fails at the diff, as it always did.
+	 */
+	if (stream && trow.dev_id < TFS_DEV_ID_OTHER && (!from || frow.dev_id < TFS_DEV_ID_OTHER) &&
+	    may_read(fd, &trow)) {
+		struct tfs_fs_send_stats stats = { 0 };
+		char msg[320];
+
+		r = send_stream(fs, fd, progress, from ? &frow : NULL, &trow, from ? fu : NULL, tu,
+				&stats, msg, sizeof(msg));
+		/* Gone before the answer, as after "end" below. */
+		if (temp[0])
+			drop_temp(fs, temp);
+		if (r && msg[0]) {
+			tfs_ctl_send_error(fd, "%s", msg);
+		} else if (!r) {
+			o = json_object_new_object();
+			json_object_object_add(o, "data", json_object_new_uint64(stats.data));
+			json_object_object_add(o, "bytes", json_object_new_uint64(stats.bytes));
+			tfs_ctl_send_ok(fd, "", o, true);
+		}
+		return;
+	}
 
 	o = json_object_new_object();
 	json_object_object_add(o, "path", json_object_new_string(path));

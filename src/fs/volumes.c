@@ -312,26 +312,17 @@ int tfs_fs_open_dev(struct tfs_fs *fs, uint32_t dev_id, unsigned flags, struct t
 	return tfs_thin_open(fs->pool, dev_id, flags, out);
 }
 
-int tfs_fs_pin(struct tfs_fs *fs, uint32_t dev_id, bool for_write, struct tfs_inode **out)
+/* Count a pin on ino, opening its engine device at the first.  fs->lock held. */
+static int pin_locked(struct tfs_fs *fs, struct tfs_inode *ino, bool for_write)
 {
-	struct tfs_inode *ino;
 	struct tfs_dev *dev;
-	bool member;
+	bool member = ino->row.kind == TFS_VOL_GROUP_MEMBER;
 	int r;
 
-	pthread_mutex_lock(&fs->lock);
-	ino = tfs_fs_inode_find(fs, dev_id);
-	if (!ino || ino->gone) {
-		pthread_mutex_unlock(&fs->lock);
-		return -ENOENT;
-	}
-	member = ino->row.kind == TFS_VOL_GROUP_MEMBER;
-	if (for_write && (fs->read_only || member)) {
-		pthread_mutex_unlock(&fs->lock);
+	if (for_write && (fs->read_only || member))
 		return -EROFS;
-	}
 	if (ino->nopen == 0) {
-		r = tfs_fs_open_dev(fs, dev_id,
+		r = tfs_fs_open_dev(fs, ino->dev_id,
 				    fs->read_only || member ? TFS_DEV_READ_ONLY : 0, &dev);
 		if (r < 0) {
 			struct tfs_pool_status st;
@@ -342,7 +333,6 @@ int tfs_fs_pin(struct tfs_fs *fs, uint32_t dev_id, bool for_write, struct tfs_in
 				tfs_warn("cannot open %s%s: the pool is in fail mode (%s); only a "
 					 "restart leaves it", ino->row.name,
 					 for_write ? " for writing" : "", st.reason);
-			pthread_mutex_unlock(&fs->lock);
 			return r;
 		}
 		pthread_mutex_lock(&ino->attr_lock);
@@ -350,9 +340,52 @@ int tfs_fs_pin(struct tfs_fs *fs, uint32_t dev_id, bool for_write, struct tfs_in
 		pthread_mutex_unlock(&ino->attr_lock);
 	}
 	ino->nopen++;
-	pthread_mutex_unlock(&fs->lock);
-	*out = ino;
 	return 0;
+}
+
+int tfs_fs_pin(struct tfs_fs *fs, uint32_t dev_id, bool for_write, struct tfs_inode **out)
+{
+	struct tfs_inode *ino;
+	int r;
+
+	pthread_mutex_lock(&fs->lock);
+	ino = tfs_fs_inode_find(fs, dev_id);
+	r = !ino || ino->gone ? -ENOENT : pin_locked(fs, ino, for_write);
+	pthread_mutex_unlock(&fs->lock);
+	if (r == 0)
+		*out = ino;
+	return r;
+}
+
+int tfs_fs_hold_volume(struct tfs_fs *fs, const struct tfs_vol_row *want, struct tfs_inode **out)
+{
+	struct tfs_vol_row row;
+	struct tfs_inode *ino = NULL;
+	int r;
+
+	pthread_mutex_lock(&fs->lock);
+	r = get_by_id_locked(fs, want->dev_id, &row);
+	/* Deleted, or the id reused, since the caller looked the name up. */
+	if (r == 0 && (row.unlinked || row.group_id != want->group_id || strcmp(row.name, want->name)))
+		r = -ENOENT;
+	if (r == 0) {
+		ino = tfs_fs_inode_find(fs, row.dev_id);
+		if (!ino || ino->gone) {
+			/* An entry the kernel has not looked up: it counts no lookup. */
+			r = tfs_fs_inode_lookup(fs, &row, &ino);
+			if (r == 0)
+				ino->nlookup--;
+		}
+	}
+	if (r == 0) {
+		r = pin_locked(fs, ino, false);
+		if (r < 0 && ino->nopen == 0 && ino->nlookup == 0)
+			inode_remove(fs, ino);
+	}
+	pthread_mutex_unlock(&fs->lock);
+	if (r == 0)
+		*out = ino;
+	return r;
 }
 
 static void event_locked_delete(struct tfs_fs *fs, const char *name, uint32_t dev_id)

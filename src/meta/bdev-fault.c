@@ -186,6 +186,21 @@ static int fault_read(struct tfs_bdev *d, void *buf, size_t len, uint64_t off)
 	return r;
 }
 
+/* Unarmed, the lower device's batch; armed, each read meets the rules as ever. */
+static int fault_read_batch(struct tfs_bdev *d, const struct tfs_bdev_req *reqs, unsigned nr)
+{
+	struct fault_dev *f = to_fault(d);
+	int r = 0;
+
+	if (!armed(f)) {
+		atomic_fetch_add_explicit(&f->reads, nr, memory_order_relaxed);
+		return tfs_bdev_read_batch(f->lower, reqs, nr);
+	}
+	for (unsigned i = 0; i < nr && !r; i++)
+		r = fault_read(d, reqs[i].buf, reqs[i].len, reqs[i].off);
+	return r;
+}
+
 static int hold_write(struct fault_dev *f, const void *buf, size_t len, uint64_t off)
 {
 	struct pending_write *w;
@@ -336,6 +351,7 @@ static const struct tfs_bdev_ops fault_ops = {
 	.grow = fault_grow,
 	.shrink = fault_shrink,
 	.destroy = fault_destroy,
+	.read_batch = fault_read_batch,
 };
 
 int tfs_bdev_fault_wrap(struct tfs_bdev *lower, bool volatile_cache, struct tfs_bdev **out)

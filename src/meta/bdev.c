@@ -10,6 +10,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <linux/aio_abi.h>
 #include <linux/falloc.h>
 #include <linux/fs.h>
 #include <pthread.h>
@@ -19,10 +20,14 @@
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 #include "log.h"
 #include "scratch.h"
+
+/* AIO contexts a file device keeps for batch reads at once. */
+#define AIO_CONTEXTS 4
 
 struct file_dev {
 	struct tfs_bdev base;
@@ -30,6 +35,14 @@ struct file_dev {
 	bool blockdev;
 	/* With O_DIRECT: offsets, lengths and buffers are multiples of it (a power of 2). */
 	size_t align;
+	/*
+	 * AIO contexts of batch reads, each made at its first use and kept:
+	 * making and destroying one per batch costs milliseconds (io_destroy
+	 * waits for an RCU grace period).  A batch takes a free one; when all
+	 * are busy it makes its own.
+	 */
+	pthread_mutex_t aio_lock[AIO_CONTEXTS];
+	aio_context_t aio[AIO_CONTEXTS]; /* aio_lock[i]; 0: none yet */
 };
 
 /* Largest staging buffer for an unaligned request under O_DIRECT; bigger ones go piecewise. */
@@ -256,8 +269,156 @@ static int file_shrink(struct tfs_bdev *d, uint64_t new_bytes)
 static void file_destroy(struct tfs_bdev *d)
 {
 	struct file_dev *f = to_file(d);
+
+	for (int i = 0; i < AIO_CONTEXTS; i++) {
+		if (f->aio[i])
+			syscall(SYS_io_destroy, f->aio[i]);
+		pthread_mutex_destroy(&f->aio_lock[i]);
+	}
 	close(f->fd);
 	free(f);
+}
+
+/*
+ * Native AIO (io_submit), called directly: glibc has no wrappers, and with
+ * O_DIRECT the kernel really does these reads asynchronously, so one
+ * thread keeps a queue of them in flight without a thread per read.
+ */
+static int aio_submit(aio_context_t ctx, long n, struct iocb **cbs)
+{
+	return (int)syscall(SYS_io_submit, ctx, n, cbs);
+}
+
+static int aio_wait(aio_context_t ctx, long min, long max, struct io_event *ev)
+{
+	return (int)syscall(SYS_io_getevents, ctx, min, max, ev, NULL);
+}
+
+/* The reads of a batch from next on, submitted while there is room: how many went. */
+static int batch_submit(struct file_dev *f, aio_context_t ctx, const struct tfs_bdev_req *reqs,
+			unsigned nr, unsigned *next, struct iocb *cbs, unsigned *free_slots,
+			unsigned *nr_free)
+{
+	struct iocb *ptrs[TFS_BDEV_BATCH_DEPTH];
+	unsigned n = 0, first = *next;
+	int r;
+
+	while (*next < nr && *nr_free > 0 &&
+	       aligned(f, reqs[*next].buf, reqs[*next].len, reqs[*next].off)) {
+		const struct tfs_bdev_req *q = &reqs[*next];
+		struct iocb *cb = &cbs[free_slots[--*nr_free]];
+
+		memset(cb, 0, sizeof(*cb));
+		cb->aio_data = *next;
+		cb->aio_lio_opcode = IOCB_CMD_PREAD;
+		cb->aio_fildes = (uint32_t)f->fd;
+		cb->aio_buf = (uint64_t)(uintptr_t)q->buf;
+		cb->aio_nbytes = q->len;
+		cb->aio_offset = (int64_t)q->off;
+		ptrs[n++] = cb;
+		++*next;
+	}
+	if (!n)
+		return 0;
+	do
+		r = aio_submit(ctx, n, ptrs);
+	while (r < 0 && errno == EINTR);
+	if (r < 0)
+		r = errno == EAGAIN ? 0 : -errno;
+	/* Those not taken go back, to be submitted again (or read alone). */
+	for (unsigned i = r > 0 ? (unsigned)r : 0; i < n; i++)
+		free_slots[(*nr_free)++] = (unsigned)(ptrs[i] - cbs);
+	if (r >= 0)
+		*next = first + (unsigned)r;
+	return r;
+}
+
+/* The batch's reads through ctx; -errno of io_getevents leaves ctx unusable (*broken). */
+static int aio_batch(struct file_dev *f, aio_context_t ctx, const struct tfs_bdev_req *reqs,
+		     unsigned nr, bool *broken)
+{
+	struct iocb cbs[TFS_BDEV_BATCH_DEPTH];
+	struct io_event ev[TFS_BDEV_BATCH_DEPTH];
+	unsigned free_slots[TFS_BDEV_BATCH_DEPTH], nr_free = TFS_BDEV_BATCH_DEPTH, next = 0;
+	unsigned inflight = 0;
+	int err = 0;
+
+	for (unsigned i = 0; i < TFS_BDEV_BATCH_DEPTH; i++)
+		free_slots[i] = i;
+	while ((next < nr && !err) || inflight) {
+		int n;
+
+		if (!err && next < nr) {
+			n = batch_submit(f, ctx, reqs, nr, &next, cbs, free_slots, &nr_free);
+			if (n < 0)
+				err = n;
+			else
+				inflight += (unsigned)n;
+			/* Unaligned, or nothing in flight to make room: read it here. */
+			if (!err && next < nr && (!inflight || !aligned(f, reqs[next].buf,
+					reqs[next].len, reqs[next].off))) {
+				err = file_read(&f->base, reqs[next].buf, reqs[next].len,
+						reqs[next].off);
+				next++;
+				continue;
+			}
+		}
+		if (!inflight)
+			continue;
+		n = aio_wait(ctx, 1, TFS_BDEV_BATCH_DEPTH, ev);
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n < 0) {
+			/* Nothing more can be learnt of them: io_destroy waits for them. */
+			*broken = true;
+			return err ? err : -errno;
+		}
+		for (int i = 0; i < n; i++) {
+			const struct tfs_bdev_req *q = &reqs[ev[i].data];
+			struct iocb *cb = (struct iocb *)(uintptr_t)ev[i].obj;
+
+			free_slots[nr_free++] = (unsigned)(cb - cbs);
+			inflight--;
+			if (ev[i].res < 0) {
+				err = err ? err : (int)ev[i].res;
+				continue;
+			}
+			add_bytes(&f->base.read_bytes, (uint64_t)ev[i].res);
+			/* Short: the end of a sparse file, as raw_read. */
+			if ((size_t)ev[i].res < q->len)
+				memset((uint8_t *)q->buf + ev[i].res, 0, q->len - (size_t)ev[i].res);
+		}
+	}
+	return err;
+}
+
+static int file_read_batch(struct tfs_bdev *d, const struct tfs_bdev_req *reqs, unsigned nr)
+{
+	struct file_dev *f = to_file(d);
+	aio_context_t own = 0, *ctx = &own;
+	bool broken = false;
+	int err = 0, shared = -1;
+
+	for (int i = 0; f->base.direct && nr > 1 && i < AIO_CONTEXTS && shared < 0; i++)
+		if (pthread_mutex_trylock(&f->aio_lock[i]) == 0)
+			shared = i;
+	if (shared >= 0)
+		ctx = &f->aio[shared];
+	if (f->base.direct && nr > 1 && !*ctx && syscall(SYS_io_setup, TFS_BDEV_BATCH_DEPTH, ctx) < 0)
+		*ctx = 0;
+	if (!*ctx) {
+		for (unsigned i = 0; i < nr && !err; i++)
+			err = file_read(d, reqs[i].buf, reqs[i].len, reqs[i].off);
+	} else {
+		err = aio_batch(f, *ctx, reqs, nr, &broken);
+	}
+	if (*ctx && (broken || shared < 0)) {
+		syscall(SYS_io_destroy, *ctx);
+		*ctx = 0;
+	}
+	if (shared >= 0)
+		pthread_mutex_unlock(&f->aio_lock[shared]);
+	return err;
 }
 
 static const struct tfs_bdev_ops file_ops = {
@@ -269,6 +430,7 @@ static const struct tfs_bdev_ops file_ops = {
 	.grow = file_grow,
 	.shrink = file_shrink,
 	.destroy = file_destroy,
+	.read_batch = file_read_batch,
 };
 
 /*
@@ -345,6 +507,8 @@ int tfs_bdev_open_direct(const char *path, bool read_only, bool direct, struct t
 	snprintf(f->base.name, sizeof(f->base.name), "%s", path);
 	f->base.direct = direct;
 	f->fd = fd;
+	for (int i = 0; i < AIO_CONTEXTS; i++)
+		pthread_mutex_init(&f->aio_lock[i], NULL);
 	f->blockdev = S_ISBLK(st.st_mode);
 	f->align = align;
 	*out = &f->base;

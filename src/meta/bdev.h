@@ -31,6 +31,13 @@
 
 struct tfs_bdev;
 
+/* One read of a batch (tfs_bdev_read_batch). */
+struct tfs_bdev_req {
+	void *buf;
+	size_t len;
+	uint64_t off;
+};
+
 struct tfs_bdev_ops {
 	int (*read)(struct tfs_bdev *dev, void *buf, size_t len, uint64_t off);
 	int (*write)(struct tfs_bdev *dev, const void *buf, size_t len, uint64_t off);
@@ -46,6 +53,11 @@ struct tfs_bdev_ops {
 	 */
 	int (*shrink)(struct tfs_bdev *dev, uint64_t new_bytes);
 	void (*destroy)(struct tfs_bdev *dev);
+	/*
+	 * Added: every read of reqs[0..nr), several in flight at once where
+	 * the device can (NULL: one after the other through read).
+	 */
+	int (*read_batch)(struct tfs_bdev *dev, const struct tfs_bdev_req *reqs, unsigned nr);
 };
 
 struct tfs_bdev {
@@ -87,6 +99,27 @@ bool tfs_bdev_is_blockdev(const struct tfs_bdev *dev);
 static inline int tfs_bdev_read(struct tfs_bdev *d, void *b, size_t l, uint64_t o)
 {
 	return d->ops->read(d, b, l, o);
+}
+/*
+ * Added (bulk reads, send): the reads of reqs[0..nr), as tfs_bdev_read
+ * each, in any order and overlapping in time: a direct file or block
+ * device keeps up to TFS_BDEV_BATCH_DEPTH of them in flight with the
+ * kernel's native AIO from the calling thread alone (an unaligned one is
+ * read on its own as usual); others, or when AIO is not to be had, read
+ * them one after the other.  Blocks until all are done; 0, or the first
+ * -errno (the others are still waited for, their buffers undefined).
+ */
+#define TFS_BDEV_BATCH_DEPTH 32
+static inline int tfs_bdev_read_batch(struct tfs_bdev *d, const struct tfs_bdev_req *reqs,
+				      unsigned nr)
+{
+	int r = 0;
+
+	if (d->ops->read_batch)
+		return d->ops->read_batch(d, reqs, nr);
+	for (unsigned i = 0; i < nr && !r; i++)
+		r = d->ops->read(d, reqs[i].buf, reqs[i].len, reqs[i].off);
+	return r;
 }
 static inline int tfs_bdev_write(struct tfs_bdev *d, const void *b, size_t l, uint64_t o)
 {

@@ -3,12 +3,18 @@
 into `thinfs-ctl MNT receive NAME [--base BASE]` makes a volume identical
 to TO, byte for byte, for full streams, chains of incrementals and pools of
 other block sizes; a cut, corrupted or mismatched stream, and a receive
-killed or crashed half way, leave nothing behind."""
+killed or crashed half way, leave nothing behind.  The daemon writes the
+stream itself (into the client's stdout, passed over the socket); the old
+path through the mount (--through-mount) gives the same bytes."""
+import errno
+import json
 import os
 import pty
 import random
+import socket
 import subprocess
 
+from ctl_socket import ctl_socket_path
 from daemon_util import (BS, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, KiB, MiB, create,
                          fallocate, pattern, wait_for, write_at)
 
@@ -302,3 +308,149 @@ def test_progress_shows_on_a_terminal(pool, tmp_path):
         assert r.returncode == 0, text
         assert f"{cmd[0]}: 2.0 of 2.0 MiB (".encode() in text and b"MiB/s)" in text, text
     same(p.mnt / "vm1", p.mnt / "c")
+
+
+def daemon_stream(p, path, *args):
+    """The daemon's path spoken by hand: send --stream, then a file's descriptor
+    over the socket (SCM_RIGHTS); the daemon writes the whole stream into it."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s, open(path, "wb") as f:
+        s.settimeout(60)
+        s.connect(ctl_socket_path(p.mnt))
+        s.sendall(json.dumps({"cmd": "send", "args": ["--stream", *args]}).encode() + b"\n")
+        r = s.makefile("rb")
+        first = json.loads(r.readline())
+        assert first["ok"] and first["json"]["stream"] is True, first
+        socket.send_fds(s, [b"F"], [f.fileno()])
+        last = json.loads(r.readline())
+    assert last["ok"] and last["done"], last
+    return last["json"]
+
+
+def test_the_daemon_and_the_mount_path_give_the_same_stream(pool, tmp_path):
+    p = pool()
+    size = 5 * MiB + 3 * BS + 100                     # not a whole number of blocks
+    create(p.mnt / "vm1", size)
+    write_at(p.mnt / "vm1", 0, pattern(1, size))
+    write_at(p.mnt / "vm1", 2 * MiB, bytes(3 * BS))   # mapped zeros: a ZERO record
+    # vm2's blocks written in a shuffled order: its data blocks lie out of order on the device.
+    create(p.mnt / "vm2", 64 * BS)
+    order = list(range(64))
+    random.Random(3).shuffle(order)
+    for b in order:
+        write_at(p.mnt / "vm2", b * BS, pattern(100 + b, BS))
+    os.mkdir(p.mnt / ".snapshots" / "n1")
+    scribble(p.mnt / "vm1", size, 7, n=30)
+    for b in order[:20]:
+        write_at(p.mnt / "vm2", b * BS + 5, pattern(300 + b, 2 * BS))
+    os.mkdir(p.mnt / ".snapshots" / "n2")
+    old, new, raw = tmp_path / "old", tmp_path / "new", tmp_path / "raw"
+    for args in (["n1/vm1"], ["--from", "n1/vm1", "n2/vm1"], ["n2/vm1"], ["n1/vm2"],
+                 ["--from", "n1/vm2", "n2/vm2"]):
+        send_to_file(p, old, "--through-mount", *args)
+        send_to_file(p, new, *args)
+        stats = daemon_stream(p, raw, *args)
+        assert old.read_bytes() == new.read_bytes() == raw.read_bytes(), args
+        assert stats["bytes"] == len(raw.read_bytes())
+    send_to_file(p, new, "n2/vm2")
+    receive_file(p, new, "copy")
+    same(p.mnt / ".snapshots" / "n2" / "vm2", p.mnt / "copy")
+
+
+def test_a_send_in_progress_keeps_its_snapshot_whole(pool, tmp_path):
+    p = pool()
+    # More than the daemon's three 16 MiB windows: the last is read after the rewrite below.
+    size = 56 * MiB
+    create(p.mnt / "vm1", size)
+    write_at(p.mnt / "vm1", 0, pattern(4, size))
+    g = p.mnt / ".snapshots" / "g"
+    os.mkdir(g)
+    expected = (g / "vm1").read_bytes()
+    # A pipe read only a little: the daemon waits, mid-stream, for room in it.
+    s = subprocess.Popen([str(p.ctl_bin), str(p.mnt), "send", "g/vm1"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE)
+    head = s.stdout.read(HEADER + 24)
+    # The daemon writes it: thinfs-ctl has no file of the mount open (through the mount it would).
+    fds = os.listdir(f"/proc/{s.pid}/fd")
+    assert not [f for f in fds if os.readlink(f"/proc/{s.pid}/fd/{f}").startswith(str(p.mnt))]
+    # The group cannot go while it is sent; rewriting its origin moves the origin's blocks.
+    try:
+        os.rmdir(g)
+        raise AssertionError("rmdir of a group being sent succeeded")
+    except OSError as e:
+        assert e.errno == errno.EBUSY
+    r = p.ctl("delete", ".snapshots/g", ok=(1,))
+    assert "a send is reading it" in r.stderr
+    write_at(p.mnt / "vm1", 0, pattern(5, size))
+    stream = head + s.stdout.read()
+    assert s.wait(timeout=60) == 0, s.stderr.read().decode()
+    s.stderr.close()
+    (tmp_path / "s").write_bytes(stream)
+    receive_file(p, tmp_path / "s", "copy")
+    assert (p.mnt / "copy").read_bytes() == expected
+    os.rmdir(g)
+
+
+def test_send_killed_half_way_leaves_nothing(pool):
+    p = pool()
+    create(p.mnt / "vm1", 8 * MiB)
+    write_at(p.mnt / "vm1", 0, pattern(6, 8 * MiB))
+    before = entries(p)
+    s = subprocess.Popen([str(p.ctl_bin), str(p.mnt), "send", "vm1"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE)
+    s.stdout.read(HEADER)
+    assert any(n.startswith(".send.") for n in entries(p)[1])
+    s.kill()
+    s.wait()
+    s.stdout.close()
+    s.stderr.close()
+    wait_for(lambda: entries(p) == before)
+    # A reader that stops early: the daemon's write fails, it says so and cleans up.
+    s = subprocess.Popen([str(p.ctl_bin), str(p.mnt), "send", "vm1"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE)
+    s.stdout.read(HEADER)
+    s.stdout.close()
+    assert s.wait(timeout=60) == 1
+    assert b"send: writing the stream: Broken pipe" in s.stderr.read()
+    s.stderr.close()
+    wait_for(lambda: entries(p) == before)
+    # The daemon is none the worse: the next send works.
+    with open(os.devnull, "wb") as null:
+        assert subprocess.run([str(p.ctl_bin), str(p.mnt), "send", "vm1"], stdout=null,
+                              timeout=60).returncode == 0
+
+
+def test_send_reports_a_data_read_error(pool, tmp_path):
+    p = pool(mount=False)
+    p.cfg.write_text(p.cfg.read_text() + "[fault]\nallow = yes\n")
+    p.mount("--allow-faults")
+    create(p.mnt / "vm1", 2 * MiB)
+    write_at(p.mnt / "vm1", 0, pattern(7, 2 * MiB))
+    os.mkdir(p.mnt / ".snapshots" / "g")
+    p.expect_log(r"thin device \d+: reading data blocks failed: Input/output error")
+    p.ctl("fault", "data", "read", "error")
+    r = send_to_file(p, tmp_path / "s", "g/vm1", ok=(1,))
+    p.ctl("fault", "data", "read", "ok")
+    assert "send: reading the volume at byte 0: Input/output error" in r.stderr.decode()
+    send_to_file(p, tmp_path / "s", "g/vm1")
+    receive_file(p, tmp_path / "s", "copy")
+    same(p.mnt / ".snapshots" / "g" / "vm1", p.mnt / "copy")
+
+
+def test_send_on_a_read_only_mount_reads_the_volume_itself(pool, tmp_path):
+    p = pool()
+    create(p.mnt / "vm1", 3 * MiB + 5)
+    write_at(p.mnt / "vm1", 7, pattern(8, 3 * MiB - 7))
+    # Named as FROM once, vm1 has an identity that lasts: both streams carry it.
+    os.mkdir(p.mnt / ".snapshots" / "g")
+    send_to_file(p, tmp_path / "a", "--from", "vm1", "g/vm1")
+    p.unmount()
+    p.mount("-o", "ro")
+    before = entries(p)
+    send_to_file(p, tmp_path / "a", "vm1")
+    send_to_file(p, tmp_path / "b", "--through-mount", "vm1")
+    assert (tmp_path / "a").read_bytes() == (tmp_path / "b").read_bytes()
+    assert entries(p) == before
+    p.unmount()
+    p.mount()
+    receive_file(p, tmp_path / "a", "copy")
+    same(p.mnt / "vm1", p.mnt / "copy")

@@ -245,6 +245,73 @@ static void test_direct_file_bdev_takes_any_offset_length_and_buffer(void **stat
  * is a buffer of its own), reused at any smaller size, grown to a larger
  * one, and at most TFS_SCRATCH_SLOTS of them kept by a thread.
  */
+/*
+ * A batch of reads (more than the AIO depth, aligned and not, in a
+ * shuffled order, one past the end) reads what single reads read, on a
+ * direct file, through an unarmed and an armed fault wrapper, and on
+ * memory; an armed read rule fails the batch.
+ */
+static void test_read_batch_reads_what_single_reads_read(void **state)
+{
+	(void)state;
+	char path[] = "/tmp/tfs-batch-XXXXXX";
+	struct tfs_bdev *d = open_direct_tmp(path), *mem, *w;
+	const unsigned nr = 3 * TFS_BDEV_BATCH_DEPTH + 5;
+	const size_t piece = 8192, size = (size_t)nr * piece;
+	struct tfs_bdev_req reqs[3 * TFS_BDEV_BATCH_DEPTH + 5];
+	uint8_t *src = malloc(size), *dst, *want;
+	struct tfs_bdev_io_counts c;
+
+	assert_non_null(src);
+	assert_int_equal(posix_memalign((void **)&dst, 4096, size + 8192), 0);
+	want = malloc(size + 8192);
+	assert_non_null(want);
+	for (size_t i = 0; i < size; i++)
+		src[i] = (uint8_t)(i * 31 + i / 4096);
+	assert_int_equal(tfs_bdev_open_mem(size, &mem), 0);
+	assert_int_equal(tfs_bdev_write(d, src, size, 0), 0);
+	assert_int_equal(tfs_bdev_write(mem, src, size, 0), 0);
+	for (unsigned i = 0; i < nr; i++) {
+		/* Request i reads piece p(i) into slot i; every seventh is unaligned. */
+		unsigned p = (i * 37) % nr;
+		size_t skew = i % 7 == 3 ? 1 : 0;
+
+		reqs[i] = (struct tfs_bdev_req){ .buf = dst + (size_t)i * piece + skew,
+						 .len = piece - 2 * skew,
+						 .off = (uint64_t)p * piece + skew };
+	}
+	/* The last one runs past the end: zeros there. */
+	reqs[nr - 1].off = size - piece / 2;
+	for (int round = 0; round < 3; round++) {
+		struct tfs_bdev *dev = round == 0 ? d : mem;
+
+		if (round == 2) {
+			assert_int_equal(tfs_bdev_fault_wrap(d, false, &w), 0);
+			dev = d = w;
+		}
+		memset(dst, 0xee, size + 8192);
+		assert_int_equal(tfs_bdev_read_batch(dev, reqs, nr), 0);
+		for (unsigned i = 0; i < nr; i++) {
+			memset(want, 0, reqs[i].len);
+			if (reqs[i].off < size)
+				memcpy(want, src + reqs[i].off,
+				       reqs[i].off + reqs[i].len <= size ? reqs[i].len :
+				       size - reqs[i].off);
+			assert_memory_equal(reqs[i].buf, want, reqs[i].len);
+		}
+	}
+	tfs_bdev_fault_counts(w, &c);
+	assert_int_equal(c.reads, nr);
+	tfs_bdev_fault_set(w, TFS_FAULT_READ, TFS_FAULT_EIO, 10, false);
+	assert_int_equal(tfs_bdev_read_batch(w, reqs, nr), -EIO);
+	tfs_bdev_close(w);
+	tfs_bdev_close(mem);
+	unlink(path);
+	free(src);
+	free(dst);
+	free(want);
+}
+
 static void test_scratch_nests_reuses_and_stays_bounded(void **state)
 {
 	(void)state;
@@ -1032,6 +1099,7 @@ int main(void)
 		cmocka_unit_test(test_crc32c_matches_known_values),
 		cmocka_unit_test(test_file_bdev_reads_zeros_past_end_and_grows),
 		cmocka_unit_test(test_open_refuses_a_directory),
+		cmocka_unit_test(test_read_batch_reads_what_single_reads_read),
 		cmocka_unit_test(test_fault_fails_nth_write_then_recovers),
 		cmocka_unit_test(test_power_cut_drops_unflushed_writes),
 		cmocka_unit_test(test_power_cut_tear_keeps_whole_sectors),

@@ -255,6 +255,65 @@ static void test_unmapped_ranges_read_as_zeros(void **state)
 	done(f, false);
 }
 
+/*
+ * A bulk read (send) reads what tfs_dev_read reads: blocks written in a
+ * shuffled order (so their data blocks lie out of order), holes, ranges
+ * inside a block and across blocks, more ranges than one lookup chunk;
+ * ranges out of order are refused.
+ */
+static void test_bulk_read_reads_what_reads_read(void **state)
+{
+	enum { VOL = 300 * BS, NR = 160 };
+	struct fixture *f = new_fixture(512, false);
+	uint8_t *buf = zalloc(VOL), *got = zalloc(VOL), *want = zalloc(VOL);
+	struct tfs_thin_range ranges[NR];
+	struct tfs_thin_bulk *b;
+	struct tfs_dev *vol;
+	unsigned order[300];
+	size_t used = 0;
+
+	(void)state;
+	open_pool(f);
+	vol = new_volume(f, NULL);
+	for (unsigned i = 0; i < 300; i++)
+		order[i] = i;
+	for (unsigned i = 299; i > 0; i--) {
+		unsigned j = (unsigned)(rnd() % (i + 1)), t = order[i];
+
+		order[i] = order[j];
+		order[j] = t;
+	}
+	for (unsigned i = 0; i < 300; i++) {
+		if (order[i] % 5 == 4)
+			continue; /* a hole */
+		fill_random(buf, BS);
+		assert_int_equal(tfs_dev_write(vol, buf, BS, (uint64_t)order[i] * BS), 0);
+	}
+	assert_int_equal(tfs_thin_bulk_open(vol, &b), 0);
+	for (unsigned i = 0; i < NR; i++) {
+		/* Every other range a whole block, the others odd pieces, some across blocks. */
+		uint64_t off = (uint64_t)(i * 300 / NR) * BS + (i % 2 ? 4096 * (i % 7) : 0);
+		size_t len = i % 2 ? 4096 * (1 + i % 23) : BS;
+
+		ranges[i] = (struct tfs_thin_range){ off, len, got + used };
+		used += len;
+	}
+	memset(got, 0xa5, VOL);
+	assert_int_equal(tfs_thin_bulk_read(b, ranges, NR), 0);
+	for (unsigned i = 0; i < NR; i++) {
+		assert_int_equal(tfs_dev_read(vol, want, ranges[i].len, ranges[i].off), 0);
+		assert_memory_equal(ranges[i].buf, want, ranges[i].len);
+	}
+	ranges[1] = ranges[0];
+	assert_int_equal(tfs_thin_bulk_read(b, ranges, 2), -EINVAL);
+	tfs_thin_bulk_close(b);
+	tfs_dev_close(vol);
+	free(buf);
+	free(got);
+	free(want);
+	done(f, false);
+}
+
 static void test_writes_at_odd_offsets_read_back_as_the_model(void **state)
 {
 	enum { VOL = 48 * BS };
@@ -2061,6 +2120,7 @@ int main(void)
 {
 	const struct CMUnitTest tests[] = {
 		cmocka_unit_test(test_unmapped_ranges_read_as_zeros),
+		cmocka_unit_test(test_bulk_read_reads_what_reads_read),
 		cmocka_unit_test(test_writes_at_odd_offsets_read_back_as_the_model),
 		cmocka_unit_test(test_partial_write_zeroes_the_rest_of_a_new_block),
 		cmocka_unit_test(test_skip_block_zeroing_leaves_the_rest_unwritten),
