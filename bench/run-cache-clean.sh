@@ -19,6 +19,7 @@
 #   MIGRATION_THRESHOLD=2048                sectors of writeback in flight
 #   RUNTIME=20                              seconds for the random-write fio job
 #   THINFS_BUILD=build-bench-cache          release build directory
+#   BENCH_REV=                              a commit to measure instead (clean export)
 #   TRACE=0                                 1: `perf trace -s` the daemon during the
 #                                           clean (time per system call, in OUT/trace.txt)
 #
@@ -56,7 +57,7 @@ print("%.1f" % (json.load(open(sys.argv[1]))["jobs"][0]["write"]["bw"] / 1024))'
 
 row() { printf '| %s | %s | %s |\n' "$1" "$2" "$3"; }
 
-log "machine: $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg); commit $(git -C "$ROOT" rev-parse --short HEAD)"
+log "machine: $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg); build $VERSION"
 rm -rf "$P"
 mkdir -p "$P" "$MNT"
 truncate -s 64M "$P/meta.img"
