@@ -364,8 +364,8 @@ out:
  * reads and the origin's writes overlap with no more than the threshold in
  * flight.  Blocks adjacent on the origin go out as one write, one writer at
  * a time in origin order (a spinning or thin origin sees sequential
- * writes); the scattered cache-device reads of a batch are spread over the
- * helper threads.  Then one flush of the origin makes the whole group
+ * writes); the scattered cache-device reads of a batch are split between
+ * the worker and two helpers.  Then one flush of the origin makes the whole group
  * durable, and only then are its blocks marked clean and the metadata
  * committed: a crash at any point leaves no block clean on disk whose
  * origin copy is not.
@@ -374,12 +374,14 @@ out:
  * first writeback; the worker hands them jobs and runs queued ones itself
  * while it waits.
  */
-#define WB_THREADS 8u
+/* Two helpers read with the worker, one writes. */
+#define WB_THREADS 3u
+#define WB_READ_PARTS 3u
 #define WB_SLOT_BYTES (4u * 1024 * 1024)
 #define WB_GROUP_BATCHES 32u
 #define WB_GROUP_MAX 1024u
-/* A batch's read jobs (a block each at most) and the other batch's write. */
-#define WB_QUEUE (WB_SLOT_BYTES / (32u * 1024) + 1)
+/* A batch's queued read parts and the other batch's write. */
+#define WB_QUEUE WB_READ_PARTS
 
 struct wb_slot {
 	uint32_t first, n;  /* the batch: group blocks first..first+n-1 */
@@ -440,11 +442,19 @@ static void wb_gather(struct tfs_cache *c, struct wb_pool *w, uint64_t first, ui
 	}
 }
 
-/* Read group blocks begin..end-1 (consecutive cache blocks) into their slot. */
+/* Read group blocks begin..end-1 into their slot, consecutive cache blocks in one read. */
 static int wb_read(struct tfs_cache *c, struct wb_pool *w, const struct wb_job *j)
 {
-	return tfs_bdev_read(c->cdev, j->s->buf + (j->begin - j->s->first) * c->block_size,
-			     (size_t)((j->end - j->begin) * c->block_size), cache_off(c, w->cb[j->begin]));
+	uint64_t bs = c->block_size;
+	int r = 0;
+
+	for (uint32_t k = j->begin, l; k < j->end && r == 0; k = l) {
+		for (l = k + 1; l < j->end && w->cb[l] == w->cb[l - 1] + 1; l++)
+			;
+		r = tfs_bdev_read(c->cdev, j->s->buf + (k - j->s->first) * bs, (size_t)((l - k) * bs),
+				  cache_off(c, w->cb[k]));
+	}
+	return r;
 }
 
 /* Write the slot's batch to the origin, consecutive origin blocks in one write. */
@@ -523,21 +533,22 @@ static int wb_wait(struct tfs_cache *c, struct wb_pool *w, struct wb_slot *s)
 }
 
 /*
- * The slot's batch: a read job per run of consecutive cache blocks, so the
- * scattered reads of a used cache go out at once, one per helper.
+ * The slot's batch: its reads in up to WB_READ_PARTS parts, consecutive
+ * cache blocks in one read.  The first part is returned for this thread
+ * to read; the rest are queued.  Few parts of several blocks rather than
+ * a job per block: on a busy machine each hand-over to a helper waits for
+ * a CPU, which cost more than the parallel reads gained.
  */
-static void wb_start_reads(struct tfs_cache *c, struct wb_pool *w, struct wb_slot *s)
+static void wb_start_reads(struct wb_pool *w, struct wb_slot *s, struct wb_job *mine)
 {
-	uint32_t end = s->first + s->n;
+	uint32_t end = s->first + s->n, per = (s->n + WB_READ_PARTS - 1) / WB_READ_PARTS;
 
+	*mine = (struct wb_job){ .s = s, .begin = s->first,
+				 .end = s->first + per < end ? s->first + per : end };
 	pthread_mutex_lock(&w->lock);
 	s->r = 0;
-	for (uint32_t k = s->first, l; k < end; k = l) {
-		for (l = k + 1; l < end && w->cb[l] == w->cb[l - 1] + 1 &&
-				(l - k + 1) * c->block_size <= COPY_PIECE; l++)
-			;
-		wb_queue(w, s, false, k, l);
-	}
+	for (uint32_t k = mine->end; k < end; k += per)
+		wb_queue(w, s, false, k, k + per < end ? k + per : end);
 	pthread_mutex_unlock(&w->lock);
 }
 
@@ -623,8 +634,9 @@ static int wb_copy_large(struct tfs_cache *c, const struct wb_pool *w)
 static int wb_copy_group(struct tfs_cache *c, struct wb_pool *w, uint32_t per, bool pipelined)
 {
 	struct wb_slot *writing = NULL;
+	struct wb_job mine;
 	unsigned k = 0;
-	int r = 0;
+	int r = 0, wr;
 
 	if (c->block_size > WB_SLOT_BYTES)
 		return wb_copy_large(c, w);
@@ -633,11 +645,12 @@ static int wb_copy_group(struct tfs_cache *c, struct wb_pool *w, uint32_t per, b
 
 		s->first = i;
 		s->n = i + per < w->n ? per : w->n - i;
-		wb_start_reads(c, w, s);
-		r = wb_wait(c, w, s);
+		wb_start_reads(w, s, &mine);
+		r = wb_read(c, w, &mine);
+		wr = wb_wait(c, w, s);
+		r = r ? r : wr;
 		if (writing) {
-			int wr = wb_wait(c, w, writing);
-
+			wr = wb_wait(c, w, writing);
 			r = r ? r : wr;
 		}
 		if (r < 0)
@@ -652,8 +665,7 @@ static int wb_copy_group(struct tfs_cache *c, struct wb_pool *w, uint32_t per, b
 		}
 	}
 	if (writing) {
-		int wr = wb_wait(c, w, writing);
-
+		wr = wb_wait(c, w, writing);
 		r = r ? r : wr;
 	}
 	return r;
