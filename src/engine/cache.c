@@ -365,7 +365,7 @@ out:
  * flight.  Blocks adjacent on the origin go out as one write, one writer at
  * a time in origin order (a spinning or thin origin sees sequential
  * writes); the scattered cache-device reads of a batch are split between
- * the worker and two helpers.  Then one flush of the origin makes the whole group
+ * the worker and the helpers.  Then one flush of the origin makes the whole group
  * durable, and only then are its blocks marked clean and the metadata
  * committed: a crash at any point leaves no block clean on disk whose
  * origin copy is not.
@@ -374,9 +374,15 @@ out:
  * first writeback; the worker hands them jobs and runs queued ones itself
  * while it waits.
  */
-/* Two helpers read with the worker, one writes. */
-#define WB_THREADS 3u
-#define WB_READ_PARTS 3u
+/*
+ * Reads of a batch in up to 8 parts (the worker and 7 helpers), one
+ * helper writing: a cache device that shares its disk with the origin
+ * gives the random reads their share of the disk only at a queue depth
+ * like that (a sequential writer beside 1 reader left the reader 180 MiB/s,
+ * beside 8 readers 900).
+ */
+#define WB_THREADS 8u
+#define WB_READ_PARTS 8u
 #define WB_SLOT_BYTES (4u * 1024 * 1024)
 #define WB_GROUP_BATCHES 32u
 #define WB_GROUP_MAX 1024u
@@ -535,9 +541,8 @@ static int wb_wait(struct tfs_cache *c, struct wb_pool *w, struct wb_slot *s)
 /*
  * The slot's batch: its reads in up to WB_READ_PARTS parts, consecutive
  * cache blocks in one read.  The first part is returned for this thread
- * to read; the rest are queued.  Few parts of several blocks rather than
- * a job per block: on a busy machine each hand-over to a helper waits for
- * a CPU, which cost more than the parallel reads gained.
+ * to read; the rest are queued.  Each hand-over to a helper may wait for
+ * a CPU on a busy machine, so there are no more parts than that.
  */
 static void wb_start_reads(struct wb_pool *w, struct wb_slot *s, struct wb_job *mine)
 {
