@@ -385,6 +385,8 @@ out:
 #define WB_READ_PARTS 8u
 #define WB_SLOT_BYTES (4u * 1024 * 1024)
 #define WB_GROUP_BATCHES 32u
+/* While the cache serves I/O: writes to the window wait for its group. */
+#define WB_GROUP_BATCHES_BUSY 4u
 #define WB_GROUP_MAX 1024u
 /* A batch's queued read parts and the other batch's write. */
 #define WB_QUEUE WB_READ_PARTS
@@ -676,8 +678,11 @@ static int wb_copy_group(struct tfs_cache *c, struct wb_pool *w, uint32_t per, b
 	return r;
 }
 
-/* Write back one group of dirty blocks (origin order); false when none is dirty. */
-static bool writeback_batch(struct tfs_cache *c)
+/*
+ * Write back one group of dirty blocks (origin order); false when none is
+ * dirty.  long_group: cleaning, or the cache is idle.
+ */
+static bool writeback_batch(struct tfs_cache *c, bool long_group)
 {
 	struct wb_pool *w;
 	uint32_t cb, per = 1, max = 0;
@@ -691,7 +696,9 @@ static bool writeback_batch(struct tfs_cache *c)
 	if (cb != NO_CBLOCK) {
 		per = wb_batch_max(c);
 		pipelined = wb_pipelined(c);
-		max = per * WB_GROUP_BATCHES < WB_GROUP_MAX ? per * WB_GROUP_BATCHES : WB_GROUP_MAX;
+		max = per * (long_group ? WB_GROUP_BATCHES : WB_GROUP_BATCHES_BUSY);
+		if (max > WB_GROUP_MAX)
+			max = WB_GROUP_MAX;
 		/* A mapped block lies within the origin: the window is never empty. */
 		span = 2 * (uint64_t)max;
 		if (first + span > c->nr_oblocks)
@@ -775,7 +782,7 @@ static void *worker(void *arg)
 
 			pthread_mutex_unlock(&c->lock);
 			if (want_wb)
-				busy = writeback_batch(c);
+				busy = writeback_batch(c, cleaner || idle);
 			pthread_mutex_lock(&c->lock);
 			if (!cleaner && c->mode != TFS_CACHE_PASSTHROUGH &&
 			    tfs_cache_policy_pop_candidate(c->policy, &ob)) {

@@ -906,6 +906,7 @@ def test_cleaning_coalesces_origin_writes_and_flushes_once_per_group(pool, tmp_p
     # 48 dirty blocks, adjacent on the origin, scattered on the cache device.
     p, data = shuffled_dirty_cache(pool, tmp_path, 48)
     before = origin_io(p)
+    p.ctl("cache", "c", "clean")         # the cleaner from the first writeback on
     p.ctl("cache", "c", "migration_threshold", str(threshold))
     p.ctl("cache", "c", "clean", "--wait")
     after = origin_io(p)
@@ -935,8 +936,8 @@ def test_power_cut_during_cleaning_leaves_no_block_clean_before_its_origin_flush
     p, data = shuffled_dirty_cache(pool, tmp_path, 64, faults=True)
     flushes = origin_io(p)["flushes"]
     p.ctl("fault", "c:origin", "flush", "stall", "after", "1")
+    p.ctl("cache", "c", "clean")         # the cleaner from the first writeback on
     p.ctl("cache", "c", "migration_threshold", "128")
-    p.ctl("cache", "c", "clean")
     wait_for(p, "the second group's flush", lambda st: st["io"]["origin"]["flushes"] >= flushes + 2)
     assert cstat(p)["dirty"] == 32
     p.ctl("fault", "power-cut", ok=None)
