@@ -555,7 +555,9 @@ def test_a_clean_idle_cache_does_no_io(pool):
 
 
 def test_metadata_from_cache_restore_serves_its_blocks_from_the_cache(pool, tmp_path):
-    p = make_cache(pool, mode="writeback", mount=False)
+    # No migrations until the clean: an idle writeback cache (500 ms after the mount on a
+    # slow machine) would write the dirty block back before the first status.
+    p = make_cache(pool, mode="writeback", mount=False, keys={"migration_threshold": 0})
     with open(p.origin, "r+b") as f:
         for b in (5, 7):
             f.seek(b * BS)
@@ -578,6 +580,7 @@ def test_metadata_from_cache_restore_serves_its_blocks_from_the_cache(pool, tmp_
     assert st["cache_blocks"]["used"] == 2 and st["dirty"] == 1, st
     assert dio_read(p.mnt / "c", 5 * BS, BS) == b"D" * BS
     assert cstat(p)["read_hits"] == 1
+    p.ctl("cache", "c", "migration_threshold", "2048")
     p.ctl("cache", "c", "clean", "--wait")
     assert cstat(p)["writebacks"] == 1        # only the dirty block
     p.unmount()
