@@ -8,7 +8,7 @@
 # pool-lib.sh, and gives mounting the pool in $WORK/pool that holds the
 # cache "c", and its counters.
 
-# shellcheck source=bench/pool-lib.sh
+# shellcheck source=bench/pool-lib.sh disable=SC2153 # ROOT comes from the caller
 source "$ROOT/bench/pool-lib.sh"
 if [[ -n ${BENCH_REV:-} ]]; then
 	# A clean export of that commit, built in build-bench-cache-rev/ (pool_build),
@@ -32,6 +32,7 @@ else
 	meson compile -C "$ROOT/$BUILD" thinfs thinfs-ctl >/dev/null
 	thinfs=$ROOT/$BUILD/tools/thinfs
 	ctl=$ROOT/$BUILD/tools/thinfs-ctl
+	# shellcheck disable=SC2034 # the scripts print it
 	VERSION="$(git -C "$ROOT" rev-parse --short HEAD)"
 fi
 
