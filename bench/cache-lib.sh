@@ -3,18 +3,38 @@
 #
 # Sourced by the cache bench scripts (run-cache.sh, run-cache-clean.sh)
 # once ROOT, BUILD, WORK, MNT and OUT are set: builds thinfs in the release
-# build directory BUILD (made if missing), sets thinfs and ctl, sources
+# build directory BUILD (made if missing), or with BENCH_REV=COMMIT a clean
+# export of that commit (pool_build), sets thinfs and ctl, sources
 # pool-lib.sh, and gives mounting the pool in $WORK/pool that holds the
 # cache "c", and its counters.
 
-if [[ ! -d $ROOT/$BUILD ]]; then
-	meson setup "$ROOT/$BUILD" "$ROOT" --buildtype=release -Db_sanitize=none >/dev/null
-fi
-meson compile -C "$ROOT/$BUILD" thinfs thinfs-ctl >/dev/null
-thinfs=$ROOT/$BUILD/tools/thinfs
-ctl=$ROOT/$BUILD/tools/thinfs-ctl
-# shellcheck source=bench/pool-lib.sh
+# shellcheck source=bench/pool-lib.sh disable=SC2153 # ROOT comes from the caller
 source "$ROOT/bench/pool-lib.sh"
+if [[ -n ${BENCH_REV:-} ]]; then
+	# A clean export of that commit, built in build-bench-cache-rev/ (pool_build),
+	# kept for the next run of the same commit (interleaved runs).
+	# shellcheck disable=SC2034 # pool_build reads root
+	root=$ROOT
+	rev=$(git -C "$ROOT" rev-parse "$BENCH_REV") || exit 1
+	revdir=$ROOT/build-bench-cache-rev
+	if [[ -x $revdir/tools/thinfs && $(cat "$revdir/bench-rev" 2>/dev/null) == "$rev" ]]; then
+		thinfs=$revdir/tools/thinfs
+		ctl=$revdir/tools/thinfs-ctl
+		VERSION="${rev:0:7} (clean export)"
+	else
+		pool_build cache || exit 1
+		echo "$rev" >"$revdir/bench-rev"
+	fi
+else
+	if [[ ! -d $ROOT/$BUILD ]]; then
+		meson setup "$ROOT/$BUILD" "$ROOT" --buildtype=release -Db_sanitize=none >/dev/null
+	fi
+	meson compile -C "$ROOT/$BUILD" thinfs thinfs-ctl >/dev/null
+	thinfs=$ROOT/$BUILD/tools/thinfs
+	ctl=$ROOT/$BUILD/tools/thinfs-ctl
+	# shellcheck disable=SC2034 # the scripts print it
+	VERSION="$(git -C "$ROOT" rev-parse --short HEAD)"
+fi
 
 # cache_mount [mount options...]: the daemon's pid in T_PID
 cache_mount() {

@@ -8,7 +8,8 @@
 # `thinfs-ctl MNT cache c clean --wait`, timed.  Measured in the same run,
 # on the same origin file made sparse again before each: fio 1 MiB
 # sequential writes and 64 KiB random writes (O_DIRECT, psync, QD1, like
-# the cache's writeback) over the same CACHE_MIB.  No fault delay: the
+# the cache's writeback) over the same CACHE_MIB, the cache file's random
+# reads, and those reads (8 jobs) beside sequential origin writes at once.  No fault delay: the
 # origin is whatever disk WORK is on.
 #
 #     bench/run-cache-clean.sh
@@ -19,6 +20,7 @@
 #   MIGRATION_THRESHOLD=2048                sectors of writeback in flight
 #   RUNTIME=20                              seconds for the random-write fio job
 #   THINFS_BUILD=build-bench-cache          release build directory
+#   BENCH_REV=                              a commit to measure instead (clean export)
 #   TRACE=0                                 1: `perf trace -s` the daemon during the
 #                                           clean (time per system call, in OUT/trace.txt)
 #
@@ -56,7 +58,7 @@ print("%.1f" % (json.load(open(sys.argv[1]))["jobs"][0]["write"]["bw"] / 1024))'
 
 row() { printf '| %s | %s | %s |\n' "$1" "$2" "$3"; }
 
-log "machine: $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg); commit $(git -C "$ROOT" rev-parse --short HEAD)"
+log "machine: $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg); build $VERSION"
 rm -rf "$P"
 mkdir -p "$P" "$MNT"
 truncate -s 64M "$P/meta.img"
@@ -86,6 +88,20 @@ cread_bw=$(python3 -c '
 import json, sys
 print("%.1f" % (json.load(open(sys.argv[1]))["jobs"][0]["read"]["bw"] / 1024))' "$OUT/cread.json")
 row "cache file: 64 KiB random reads (what cleaning reads, in shuffled cache block order)" "$cread_bw MiB/s" "-"
+# Both at once, as pipelined cleaning does them: when the two files share a
+# disk, what the reads get beside the writes bounds cleaning.
+fresh_origin
+fio --output-format=json --direct=1 --ioengine=psync --runtime="$RUNTIME" --time_based=1 \
+	--name=mixr --filename="$P/cache.img" --rw=randread --bs=64k --size="${CACHE_MIB}M" --numjobs=8 \
+	--name=mixw --filename="$P/origin.img" --rw=write --bs=512k --size="${CACHE_MIB}M" \
+	>"$OUT/mix.json"
+mix=$(python3 -c '
+import json, sys
+j = json.load(open(sys.argv[1]))["jobs"]
+print("reads %.1f, writes %.1f MiB/s" % (sum(x["read"]["bw"] for x in j) / 1024,
+                                        sum(x["write"]["bw"] for x in j) / 1024))' "$OUT/mix.json")
+row "both at once: the cache file's 64 KiB random reads (8 jobs) beside 512 KiB sequential writes to the origin file (${RUNTIME} s)" "$mix" "-"
+fresh_origin
 python3 - "$NR" >"$OUT/dirty.xml" <<'PY'
 import random, sys
 n = int(sys.argv[1])

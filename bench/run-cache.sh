@@ -16,6 +16,7 @@
 #   DELAY_US=2000                      the origin's delay per read
 #   RUNTIME=10                         seconds per measured fio job
 #   THINFS_BUILD=build-bench-cache     release build directory
+#   BENCH_REV=                         a commit to measure instead (clean export)
 #
 # Not a test: nothing times it in scripts/test.sh.
 set -uo pipefail
@@ -85,7 +86,7 @@ print("%.0f %.1f" % (d["iops"], d["bw"] / 1024))' "$OUT/$name.json"
 row() { printf '| %s | %s | %s |\n' "$1" "$2" "$3"; }
 
 HOT=$((CACHE_MIB / 4))M
-log "machine: $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg); commit $(git -C "$ROOT" rev-parse --short HEAD)"
+log "machine: $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg); build $VERSION"
 cache_start
 "$ctl" "$MNT" fault c:origin read delay "$DELAY_US" >/dev/null
 

@@ -9,6 +9,7 @@ import base64
 import ctypes
 import mmap
 import os
+import random
 import re
 import subprocess
 import threading
@@ -554,7 +555,9 @@ def test_a_clean_idle_cache_does_no_io(pool):
 
 
 def test_metadata_from_cache_restore_serves_its_blocks_from_the_cache(pool, tmp_path):
-    p = make_cache(pool, mode="writeback", mount=False)
+    # No migrations until the clean: an idle writeback cache (500 ms after the mount on a
+    # slow machine) would write the dirty block back before the first status.
+    p = make_cache(pool, mode="writeback", mount=False, keys={"migration_threshold": 0})
     with open(p.origin, "r+b") as f:
         for b in (5, 7):
             f.seek(b * BS)
@@ -577,6 +580,7 @@ def test_metadata_from_cache_restore_serves_its_blocks_from_the_cache(pool, tmp_
     assert st["cache_blocks"]["used"] == 2 and st["dirty"] == 1, st
     assert dio_read(p.mnt / "c", 5 * BS, BS) == b"D" * BS
     assert cstat(p)["read_hits"] == 1
+    p.ctl("cache", "c", "migration_threshold", "2048")
     p.ctl("cache", "c", "clean", "--wait")
     assert cstat(p)["writebacks"] == 1        # only the dirty block
     p.unmount()
@@ -810,10 +814,11 @@ def test_a_cache_and_an_origin_in_one_pool_keep_their_files(pool, tmp_path):
     assert (p.mnt / "thin").read_bytes() == b"t"
 
 
-def restore_dirty(p, tmp_path, pairs):
+def restore_dirty(p, tmp_path, pairs, nr_cache_blocks=16):
     """Metadata made by cache_restore: cache block -> origin block, every one dirty."""
     xml = tmp_path / "dirty.xml"
-    xml.write_text('<superblock uuid="" block_size="128" nr_cache_blocks="16" policy="smq" '
+    xml.write_text(f'<superblock uuid="" block_size="128" nr_cache_blocks="{nr_cache_blocks}" '
+                   'policy="smq" '
                    'hint_width="4">\n  <mappings>\n' +
                    "".join(f'    <mapping cache_block="{cb}" origin_block="{ob}" dirty="true"/>\n'
                            for cb, ob in pairs) + '  </mappings>\n</superblock>\n')
@@ -871,6 +876,89 @@ def test_batched_writeback_writes_each_dirty_block_once_under_a_racing_writer(po
     p.unmount()
     for ob in range(24):
         assert block_of(p.origin, ob) == want.get(ob, bytes(BS)), ob
+
+
+def shuffled_dirty_cache(pool, tmp_path, nr, **kw):
+    """A cache of 64 blocks whose cache blocks 0..nr-1 hold origin blocks 0..nr-1 in a
+    shuffled order, every one dirty and holding its own bytes; returns (p, data by ob)."""
+    cbs = list(range(64))
+    random.Random(nr).shuffle(cbs)
+    p = make_cache(pool, mode="writeback", mount=False, cache_size=64 * BS,
+                   keys={"migration_threshold": 0}, **kw)
+    data = {ob: os.urandom(BS) for ob in range(nr)}
+    with open(p.cdev, "r+b") as f:
+        for ob in range(nr):
+            f.seek(cbs[ob] * BS)
+            f.write(data[ob])
+    restore_dirty(p, tmp_path, [(cbs[ob], ob) for ob in range(nr)], nr_cache_blocks=64)
+    mount_cache(p)
+    assert cstat(p)["dirty"] == nr
+    return p, data
+
+
+def origin_io(p):
+    return cstat(p)["io"]["origin"]
+
+
+@pytest.mark.parametrize("threshold, writes, flushes", [
+    (1024, 12, 1),   # batches of 4 blocks (half the threshold), pipelined, one group
+    (128, 48, 2),    # one block at a time, groups of 32 batches
+])
+def test_cleaning_coalesces_origin_writes_and_flushes_once_per_group(pool, tmp_path, threshold,
+                                                                       writes, flushes):
+    # 48 dirty blocks, adjacent on the origin, scattered on the cache device.
+    p, data = shuffled_dirty_cache(pool, tmp_path, 48)
+    before = origin_io(p)
+    p.ctl("cache", "c", "clean")         # the cleaner from the first writeback on
+    p.ctl("cache", "c", "migration_threshold", str(threshold))
+    p.ctl("cache", "c", "clean", "--wait")
+    after = origin_io(p)
+    assert cstat(p)["writebacks"] == 48
+    assert after["writes"] - before["writes"] == writes, (before, after)
+    assert after["write_bytes"] - before["write_bytes"] == 48 * BS
+    assert after["flushes"] - before["flushes"] == flushes, (before, after)
+    for ob, want in data.items():
+        assert dio_read(p.mnt / "c", ob * BS, BS) == want, ob
+    p.unmount()
+    for ob, want in data.items():
+        assert block_of(p.origin, ob) == want, ob
+
+
+def dirty_bits(cmeta):
+    out = subprocess.run(["cache_dump", str(cmeta)], capture_output=True, text=True,
+                         check=True).stdout
+    return {int(m.group(2)): m.group(3) == "true" for m in re.finditer(
+        r'cache_block="(\d+)" origin_block="(\d+)" dirty="(\w+)"', out)}
+
+
+def test_power_cut_during_cleaning_leaves_no_block_clean_before_its_origin_flush(pool,
+                                                                                  tmp_path):
+    # Groups of 32 blocks (one block a batch): the first group's flush passes and it is
+    # marked clean; the second group's flush stalls, its writes held in the origin's
+    # volatile cache, and the power goes.
+    p, data = shuffled_dirty_cache(pool, tmp_path, 64, faults=True)
+    flushes = origin_io(p)["flushes"]
+    p.ctl("fault", "c:origin", "flush", "stall", "after", "1")
+    p.ctl("cache", "c", "clean")         # the cleaner from the first writeback on
+    p.ctl("cache", "c", "migration_threshold", "128")
+    wait_for(p, "the second group's flush", lambda st: st["io"]["origin"]["flushes"] >= flushes + 2)
+    assert cstat(p)["dirty"] == 32
+    p.ctl("fault", "power-cut", ok=None)
+    p.crashed()
+    bits = dirty_bits(p.cmeta)
+    assert len(bits) == 64
+    clean = [ob for ob, dirty in bits.items() if not dirty]
+    # The first group is clean on disk, and its blocks are on the origin; no other is clean.
+    assert sorted(clean) == list(range(32)), clean
+    for ob in range(64):
+        want = data[ob] if ob < 32 else bytes(BS)
+        assert block_of(p.origin, ob) == want, ob
+    mount_cache(p)
+    assert cstat(p)["dirty"] == 64     # an unclean stop: every mapped block counts as dirty
+    for ob, want in data.items():
+        assert dio_read(p.mnt / "c", ob * BS, BS) == want, ob
+    p.ctl("cache", "c", "migration_threshold", "2048")
+    clean_and_check_origin(p, b"".join(data[ob] for ob in range(64)))
 
 
 def test_an_origin_section_turned_into_a_cache_of_its_name_takes_it_over(pool):
