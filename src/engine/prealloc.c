@@ -1,12 +1,16 @@
-/* SPDX-License-Identifier: GPL-2.0-or-later */
 /*
  * Preallocation of a data file's chunks (prealloc.h).
  *
- * One bit per chunk.  A mark is set after a fallocate of the whole chunk
- * succeeded and cleared when a block in it is punched, so a chunk whose
- * freed blocks went back to the host is filled again the next time a
- * block in it is allocated.  Two threads may fill one chunk at once: the
- * second fallocate finds no holes and changes nothing.
+ * One state byte per chunk.  A chunk is READY after a fallocate of the
+ * whole chunk succeeded, and goes back to NONE when a block in it is
+ * punched, so a chunk whose freed blocks went back to the host is filled
+ * again the next time a block in it is allocated.  One thread fills a
+ * chunk at a time (FILLING); the others that need it wait for that fill
+ * rather than issue their own: on ext4 every fallocate waits for the
+ * direct I/O in flight to the file and then holds the inode lock, so
+ * requests crowding into a new chunk would otherwise stall everyone once
+ * each.  A punch during a fill (FILLING_STALE) keeps the chunk from being
+ * marked READY by it.
  */
 #include "prealloc.h"
 
@@ -17,15 +21,18 @@
 
 #include "log.h"
 
+enum chunk_state { NONE, FILLING, FILLING_STALE, READY };
+
 struct tfs_prealloc {
 	struct tfs_bdev *dev;
 	uint64_t block_size;
 	uint64_t chunk_blocks;
 	pthread_mutex_t lock;
+	pthread_cond_t filled; /* a fill ended */
 	uint64_t nr_blocks;   /* [lock] the device's size */
-	uint64_t nr_chunks;   /* [lock] chunks the map has bits for */
-	uint8_t *map;         /* [lock] */
-	uint64_t marked;      /* [lock] bits set */
+	uint64_t nr_chunks;   /* [lock] chunks the map has room for */
+	uint8_t *state;       /* [lock] enum chunk_state per chunk */
+	uint64_t ready;       /* [lock] chunks READY */
 	uint64_t fallocates;  /* [lock] */
 	uint64_t failures;    /* [lock] */
 	bool off;             /* [lock] the device refused: never try again */
@@ -36,23 +43,23 @@ static uint64_t chunks_for(const struct tfs_prealloc *p, uint64_t nr_blocks)
 	return (nr_blocks + p->chunk_blocks - 1) / p->chunk_blocks;
 }
 
-static bool test_bit(const uint8_t *map, uint64_t i)
+/* Chunk i to state st, keeping the count of READY ones. */
+static void set_state(struct tfs_prealloc *p, uint64_t i, enum chunk_state st)
 {
-	return map[i / 8] & (1u << (i % 8));
+	if (p->state[i] == READY)
+		p->ready--;
+	if (st == READY)
+		p->ready++;
+	p->state[i] = (uint8_t)st;
 }
 
-/* Set (on) or clear bit i, keeping the count of marks. */
-static void put_bit(struct tfs_prealloc *p, uint64_t i, bool on)
+/* A punch or a shrink: the chunk may hold holes again. */
+static void forget_chunk(struct tfs_prealloc *p, uint64_t i)
 {
-	uint8_t m = (uint8_t)(1u << (i % 8));
-
-	if (test_bit(p->map, i) == on)
-		return;
-	p->map[i / 8] ^= m;
-	if (on)
-		p->marked++;
-	else
-		p->marked--;
+	if (p->state[i] == READY)
+		set_state(p, i, NONE);
+	else if (p->state[i] == FILLING)
+		set_state(p, i, FILLING_STALE);
 }
 
 int tfs_prealloc_create(struct tfs_bdev *dev, uint64_t block_size, uint64_t chunk_bytes,
@@ -71,12 +78,13 @@ int tfs_prealloc_create(struct tfs_bdev *dev, uint64_t block_size, uint64_t chun
 	p->chunk_blocks = (chunk_bytes + block_size - 1) / block_size;
 	p->nr_blocks = nr_blocks;
 	p->nr_chunks = chunks_for(p, nr_blocks);
-	p->map = calloc(p->nr_chunks / 8 + 1, 1);
-	if (!p->map) {
+	p->state = calloc(p->nr_chunks + 1, 1);
+	if (!p->state) {
 		free(p);
 		return -ENOMEM;
 	}
 	pthread_mutex_init(&p->lock, NULL);
+	pthread_cond_init(&p->filled, NULL);
 	*out = p;
 	return 0;
 }
@@ -85,8 +93,9 @@ void tfs_prealloc_destroy(struct tfs_prealloc *p)
 {
 	if (!p)
 		return;
+	pthread_cond_destroy(&p->filled);
 	pthread_mutex_destroy(&p->lock);
-	free(p->map);
+	free(p->state);
 	free(p);
 }
 
@@ -99,7 +108,7 @@ bool tfs_prealloc_ready(struct tfs_prealloc *p, uint64_t block)
 		return false;
 	i = block / p->chunk_blocks;
 	pthread_mutex_lock(&p->lock);
-	r = i < p->nr_chunks && test_bit(p->map, i);
+	r = i < p->nr_chunks && p->state[i] == READY;
 	pthread_mutex_unlock(&p->lock);
 	return r;
 }
@@ -107,22 +116,34 @@ bool tfs_prealloc_ready(struct tfs_prealloc *p, uint64_t block)
 int tfs_prealloc_fill(struct tfs_prealloc *p, uint64_t block)
 {
 	uint64_t i = block / p->chunk_blocks, begin = i * p->chunk_blocks, end;
+	bool waited = false;
 	int r;
 
 	pthread_mutex_lock(&p->lock);
+	while (i < p->nr_chunks && (p->state[i] == FILLING || p->state[i] == FILLING_STALE)) {
+		pthread_cond_wait(&p->filled, &p->lock);
+		waited = true;
+	}
 	end = begin + p->chunk_blocks < p->nr_blocks ? begin + p->chunk_blocks : p->nr_blocks;
+	if (i < p->nr_chunks && p->state[i] == READY) {
+		pthread_mutex_unlock(&p->lock);
+		return 0;
+	}
+	/* The fill waited for failed (or was forgotten): not retried at once by every waiter. */
+	if (waited) {
+		pthread_mutex_unlock(&p->lock);
+		return -EAGAIN;
+	}
 	if (p->off || i >= p->nr_chunks || begin >= end) {
 		pthread_mutex_unlock(&p->lock);
 		return -EOPNOTSUPP;
 	}
+	set_state(p, i, FILLING);
 	pthread_mutex_unlock(&p->lock);
 	r = tfs_bdev_preallocate(p->dev, begin * p->block_size, (end - begin) * p->block_size);
 	pthread_mutex_lock(&p->lock);
 	if (!r) {
 		p->fallocates++;
-		/* A resize meanwhile may have cut the map, or moved the end into this chunk. */
-		if (i < p->nr_chunks && end <= p->nr_blocks)
-			put_bit(p, i, true);
 	} else {
 		p->failures++;
 		if (r == -EOPNOTSUPP && !p->off) {
@@ -131,6 +152,10 @@ int tfs_prealloc_fill(struct tfs_prealloc *p, uint64_t block)
 				 "blocks write the whole block", tfs_bdev_name(p->dev), strerror(-r));
 		}
 	}
+	/* A resize meanwhile may have cut the map, or moved the end into this chunk. */
+	if (i < p->nr_chunks)
+		set_state(p, i, !r && p->state[i] == FILLING && end <= p->nr_blocks ? READY : NONE);
+	pthread_cond_broadcast(&p->filled);
 	pthread_mutex_unlock(&p->lock);
 	return r;
 }
@@ -142,14 +167,14 @@ void tfs_prealloc_forget(struct tfs_prealloc *p, uint64_t begin, uint64_t len)
 	pthread_mutex_lock(&p->lock);
 	for (uint64_t i = begin / p->chunk_blocks;
 	     i <= (begin + len - 1) / p->chunk_blocks && i < p->nr_chunks; i++)
-		put_bit(p, i, false);
+		forget_chunk(p, i);
 	pthread_mutex_unlock(&p->lock);
 }
 
 int tfs_prealloc_resize(struct tfs_prealloc *p, uint64_t nr_blocks)
 {
 	uint64_t n;
-	uint8_t *map;
+	uint8_t *state;
 	int r = 0;
 
 	if (!p)
@@ -157,17 +182,17 @@ int tfs_prealloc_resize(struct tfs_prealloc *p, uint64_t nr_blocks)
 	pthread_mutex_lock(&p->lock);
 	if (nr_blocks > p->nr_blocks && p->nr_blocks % p->chunk_blocks &&
 	    p->nr_blocks / p->chunk_blocks < p->nr_chunks)
-		put_bit(p, p->nr_blocks / p->chunk_blocks, false);
+		forget_chunk(p, p->nr_blocks / p->chunk_blocks);
 	p->nr_blocks = nr_blocks;
 	n = chunks_for(p, nr_blocks);
 	/* Shrunk: what lay past the end is gone from the file (the map keeps its length). */
 	for (uint64_t i = n; i < p->nr_chunks; i++)
-		put_bit(p, i, false);
+		forget_chunk(p, i);
 	if (n > p->nr_chunks) {
-		map = realloc(p->map, n / 8 + 1);
-		if (map) {
-			memset(map + p->nr_chunks / 8 + 1, 0, n / 8 - p->nr_chunks / 8);
-			p->map = map;
+		state = realloc(p->state, n + 1);
+		if (state) {
+			memset(state + p->nr_chunks + 1, 0, n - p->nr_chunks);
+			p->state = state;
 			p->nr_chunks = n;
 		} else {
 			r = -ENOMEM;
@@ -184,7 +209,7 @@ void tfs_prealloc_counts(struct tfs_prealloc *p, struct tfs_prealloc_counts *out
 		return;
 	pthread_mutex_lock(&p->lock);
 	out->chunk_bytes = p->chunk_blocks * p->block_size;
-	out->chunks = p->marked;
+	out->chunks = p->ready;
 	out->fallocates = p->fallocates;
 	out->failures = p->failures;
 	out->active = !p->off;

@@ -53,9 +53,11 @@ bool tfs_prealloc_ready(struct tfs_prealloc *p, uint64_t block);
 /*
  * Preallocate block's chunk (up to the device's end) and mark it.  One
  * fallocate, which on ext4 waits for direct I/O in flight to the file and
- * reserves host space: call it with no lock held, once per chunk.
- * 0, or -errno (counted in failures; EOPNOTSUPP also turns p off for good,
- * with one line in the log).
+ * reserves host space: call it with no lock held, once per chunk.  While
+ * another thread fills the chunk this waits for that fill instead.
+ * 0: the chunk is preallocated; -EAGAIN: the fill waited for did not
+ * succeed; -errno of the fallocate (counted in failures; EOPNOTSUPP also
+ * turns p off for good, with one line in the log).
  */
 int tfs_prealloc_fill(struct tfs_prealloc *p, uint64_t block);
 /* Blocks [begin, begin + len) were punched: their chunks are holes in part again. */

@@ -6,6 +6,7 @@
  * for a chunk size of 0.
  */
 #include <errno.h>
+#include <pthread.h>
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stdbool.h>
@@ -138,6 +139,31 @@ static void test_a_punch_or_a_resize_forgets_the_chunks_it_touches(void **state)
 	tfs_prealloc_destroy(p);
 }
 
+static void *fill_one(void *arg)
+{
+	assert_int_equal(tfs_prealloc_fill(arg, 7), 0);
+	return NULL;
+}
+
+/* Requests crowding into a new chunk: one fallocate, the others wait for it. */
+static void test_threads_filling_one_chunk_fallocate_it_once(void **state)
+{
+	struct env *e = *state;
+	struct tfs_prealloc *p;
+	struct tfs_prealloc_counts n;
+	pthread_t t[8];
+
+	assert_int_equal(tfs_prealloc_create(e->dev, BS, CHUNK, 72, &p), 0);
+	for (int i = 0; i < 8; i++)
+		assert_int_equal(pthread_create(&t[i], NULL, fill_one, p), 0);
+	for (int i = 0; i < 8; i++)
+		pthread_join(t[i], NULL);
+	tfs_prealloc_counts(p, &n);
+	assert_int_equal(n.fallocates, 1);
+	assert_int_equal(n.chunks, 1);
+	tfs_prealloc_destroy(p);
+}
+
 static void test_nothing_is_made_when_off(void **state)
 {
 	struct env *e = *state;
@@ -161,6 +187,8 @@ int main(void)
 		cmocka_unit_test_setup_teardown(test_a_fill_reserves_the_chunk_and_changes_no_data,
 						setup, teardown),
 		cmocka_unit_test_setup_teardown(test_a_punch_or_a_resize_forgets_the_chunks_it_touches,
+						setup, teardown),
+		cmocka_unit_test_setup_teardown(test_threads_filling_one_chunk_fallocate_it_once,
 						setup, teardown),
 		cmocka_unit_test_setup_teardown(test_nothing_is_made_when_off, setup, teardown),
 	};
