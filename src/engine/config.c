@@ -89,6 +89,7 @@ enum pool_key {
 	K_SNAPSHOT_LOW_WATER,
 	K_DETECT_ZEROES,
 	K_WRITEBACK_CACHE,
+	K_PREALLOCATE,
 	K_NR
 };
 
@@ -110,6 +111,7 @@ static const char *const pool_key_name[K_NR] = {
 	[K_SNAPSHOT_LOW_WATER] = "snapshot_low_water",
 	[K_DETECT_ZEROES] = "detect_zeroes",
 	[K_WRITEBACK_CACHE] = "writeback_cache",
+	[K_PREALLOCATE] = "preallocate",
 };
 
 /* What the reader decided about the line inih is about to parse. */
@@ -592,6 +594,27 @@ static void set_metadata_cache(struct parser *p, const char *value)
 	p->cfg.metadata_cache_bytes = n;
 }
 
+/* off (0), or 1 MiB to 1 GiB: smaller fills too often, larger reserves too much host space ahead. */
+static void set_preallocate(struct parser *p, const char *value)
+{
+	uint64_t n;
+
+	if (!strcmp(value, "off") || !strcmp(value, "0")) {
+		p->cfg.preallocate_bytes = 0;
+		return;
+	}
+	if (tfs_parse_size(value, &n, NULL)) {
+		set_size(p, "preallocate", value, &n);
+		return;
+	}
+	if (n < MIB || n > 1024 * MIB) {
+		problem(p, p->lineno, -EINVAL, "preallocate: %s is not off or a size from 1m to 1g",
+			value);
+		return;
+	}
+	p->cfg.preallocate_bytes = n;
+}
+
 static void set_max_threads(struct parser *p, const char *value)
 {
 	unsigned long n = 0;
@@ -658,7 +681,7 @@ static void pool_key(struct parser *p, const char *name, const char *raw)
 			"unknown key '%s' in [pool] (known: metadata, data, block_size, catalog, "
 			"low_water_mark, error_if_no_space, no_space_timeout, discard_passdown, "
 			"skip_block_zeroing, commit_interval, on_event, metadata_cache, host_cache, "
-			"max_threads, snapshot_low_water, detect_zeroes, writeback_cache)",
+			"max_threads, snapshot_low_water, detect_zeroes, writeback_cache, preallocate)",
 			name);
 		return;
 	}
@@ -737,6 +760,9 @@ static void pool_key(struct parser *p, const char *name, const char *raw)
 		break;
 	case K_WRITEBACK_CACHE:
 		set_bool(p, name, value, &c->writeback_cache);
+		break;
+	case K_PREALLOCATE:
+		set_preallocate(p, value);
 		break;
 	case K_NR:
 		break;
@@ -1403,6 +1429,7 @@ static void set_defaults(struct tfs_pool_config *c)
 	c->no_space_timeout_ms = 60 * 1000;
 	c->discard_passdown = true;
 	c->skip_block_zeroing = false;
+	c->preallocate_bytes = 32 * MIB;
 	c->commit_interval_ms = 1000;
 	c->metadata_cache_bytes = 64 * MIB;
 	c->host_cache = false;
@@ -1548,6 +1575,16 @@ static int identity_change(const struct tfs_pool_config *run, const struct tfs_p
 	/* The devices are open with or without O_DIRECT: that is fixed until they are reopened. */
 	if (run->host_cache != next->host_cache)
 		return refuse(why, "host_cache", yes_no(run->host_cache), yes_no(next->host_cache));
+	/* The map of preallocated chunks is made at open, for one chunk size. */
+	if (run->preallocate_bytes != next->preallocate_bytes) {
+		format_size(run->preallocate_bytes, a, sizeof(a));
+		format_size(next->preallocate_bytes, b, sizeof(b));
+		if (!run->preallocate_bytes)
+			strcpy(a, "off");
+		if (!next->preallocate_bytes)
+			strcpy(b, "off");
+		return refuse(why, "preallocate", a, b);
+	}
 	/* libfuse takes its bound on workers once, when the session loop starts. */
 	if (run->max_threads != next->max_threads) {
 		snprintf(a, sizeof(a), "%u", run->max_threads);

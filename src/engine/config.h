@@ -109,6 +109,7 @@ struct tfs_pool_config {
 	uint64_t no_space_timeout_ms;     /* 0 = forever */
 	bool discard_passdown;
 	bool skip_block_zeroing;
+	uint64_t preallocate_bytes;       /* data file fallocated this much at a time; 0 = off */
 	uint64_t commit_interval_ms;
 	uint64_t metadata_cache_bytes;
 	bool host_cache;                  /* false: the devices are opened O_DIRECT */
@@ -135,7 +136,7 @@ int tfs_config_load(const char *path, struct tfs_pool_config *out);
 /*
  * A reload: may `next` replace `run` on a mounted pool?  -EINVAL when it
  * changes what the pool is, or what is fixed while it is mounted: metadata
- * or data device path, block_size, catalog, metadata_cache, host_cache,
+ * or data device path, block_size, catalog, metadata_cache, host_cache, preallocate,
  * max_threads, writeback_cache, [fault] allow; why then names the first of them (in that
  * order) and both values, e.g. "block_size: 64k -> 128k cannot change
  * while mounted", and changes is "".  Otherwise 0, why is "", and

@@ -29,6 +29,7 @@
 #include "config.h"
 #include "core.h"
 #include "pool.h"
+#include "prealloc.h"
 #include "prison.h"
 #include "thin-metadata.h"
 
@@ -105,6 +106,15 @@ struct tfs_pool {
 	 * that fails, or discard_passdown turned off by a reload.
 	 */
 	atomic_bool free_zero;
+	/*
+	 * Chunks of a data file fallocated ahead of the allocator (NULL: off,
+	 * a block device, or opened read-only).  Set at open; locked inside.
+	 */
+	struct tfs_prealloc *prealloc;
+	/* New blocks written partly, only the request's bytes (free_zero, preallocated). */
+	atomic_uint_fast64_t new_written_partly;
+	/* New blocks written whole, zeros (or the copied block) around the request's bytes. */
+	atomic_uint_fast64_t new_filled_whole;
 	struct tfs_thin_ref *thins;   /* [lock] open devices */
 	struct tfs_pmd_space space;   /* [lock] last known, for status in fail mode */
 	pthread_cond_t space_cv;      /* the mode changed, or the pool is closing: held writes look */

@@ -388,6 +388,8 @@ static void discard_extents(struct tfs_pool *pool, struct tfs_extents *x)
 		int r = tfs_bdev_discard(pool->data, x->v[i].begin * pool->block_size,
 					 x->v[i].len * pool->block_size);
 
+		/* Holes again (or maybe, if it failed): the next allocation there fills them. */
+		tfs_prealloc_forget(pool->prealloc, x->v[i].begin, x->v[i].len);
 		if (r)
 			tfs_pool_free_not_zero(pool, "discarding freed blocks failed");
 		if (r && !pool->discard_warned) {
@@ -987,6 +989,7 @@ static int open_metadata(struct tfs_pool *pool)
 static void free_pool(struct tfs_pool *pool)
 {
 	tfs_pmd_close(pool->pmd);
+	tfs_prealloc_destroy(pool->prealloc);
 	tfs_bdev_close(pool->data);
 	tfs_bdev_close(pool->meta);
 	tfs_prison_destroy(pool->prison);
@@ -1047,6 +1050,11 @@ int tfs_pool_open(const struct tfs_pool_config *cfg, bool read_only, struct tfs_
 		goto err_free;
 	if (!read_only && pool->mode == TFS_POOL_WRITE)
 		punch_free_blocks(pool);
+	if (!read_only)
+		r = tfs_prealloc_create(pool->data, pool->block_size, cfg->preallocate_bytes,
+					pool->space.data_total, &pool->prealloc);
+	if (r)
+		goto err_free;
 	if (!read_only) {
 		r = start_commit_thread(pool);
 		if (r)
@@ -1705,6 +1713,7 @@ static int shrink_data(struct tfs_pool *pool, uint64_t now, uint64_t want, char 
 	}
 	tfs_info("%s: data device shrunk from %llu to %llu blocks", pool->cfg.metadata,
 		 (unsigned long long)now, (unsigned long long)want);
+	tfs_prealloc_resize(pool->prealloc, want); /* only forgets: cannot fail */
 	if (tfs_bdev_size(pool->data, &have) || have <= want * pool->block_size)
 		return 0;
 	r = tfs_bdev_shrink(pool->data, want * pool->block_size);
@@ -1803,6 +1812,10 @@ int tfs_pool_grow(struct tfs_pool *pool, bool data, uint64_t bytes, char *why, s
 	if (!r)
 		tfs_info("%s: %s device grown from %llu to %llu blocks", pool->cfg.metadata, what,
 			 (unsigned long long)now, (unsigned long long)want);
+	/* Without memory for a longer map, the new chunks are only never preallocated. */
+	if (!r && data && tfs_prealloc_resize(pool->prealloc, want))
+		tfs_warn("%s: out of memory: the grown part of the data device is not preallocated",
+			 pool->cfg.data);
 out:
 	pthread_mutex_unlock(&pool->resize_mutex);
 	return r;
@@ -1861,6 +1874,9 @@ void tfs_pool_status(struct tfs_pool *pool, struct tfs_pool_status *out)
 	out->discard_passdown = pool->cfg.discard_passdown;
 	out->free_blocks_read_zero = atomic_load(&pool->free_zero);
 	pthread_mutex_unlock(&pool->lock);
+	tfs_prealloc_counts(pool->prealloc, &out->prealloc);
+	out->new_written_partly = atomic_load(&pool->new_written_partly);
+	out->new_filled_whole = atomic_load(&pool->new_filled_whole);
 	out->suspended = tfs_core_suspended(pool->core, TFS_CORE_POOL);
 	out->held_in_core = tfs_core_nr_held(pool->core, TFS_CORE_POOL);
 	copy_counts(pool->meta, &out->io_meta);

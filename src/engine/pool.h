@@ -43,6 +43,7 @@
 #include <sys/types.h>
 #include <time.h>
 
+#include "prealloc.h"
 #include "target.h"
 
 struct tfs_pool_config;
@@ -145,6 +146,10 @@ struct tfs_pool_status {
 	/* Low water, checked by the engine where space changes (and re-armed by a resume). */
 	uint64_t meta_low_water_blocks;
 	struct tfs_pool_low_water low_water_data, low_water_meta;
+	/* Added with data-file preallocation (issue 10). */
+	struct tfs_prealloc_counts prealloc;
+	uint64_t new_written_partly; /* new blocks that got only the request's bytes */
+	uint64_t new_filled_whole;   /* new blocks written whole (zeros or a copy around them) */
 };
 void tfs_pool_status(struct tfs_pool *pool, struct tfs_pool_status *out);
 

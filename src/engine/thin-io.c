@@ -59,6 +59,7 @@ struct plan {
 	enum act act;
 	uint64_t target; /* data block written */
 	uint64_t old;    /* ACT_COPY: the shared block copied */
+	bool ready;      /* ACT_NEW/ACT_COPY: target lies in a preallocated chunk (prealloc.h) */
 };
 
 /* One chunk of a write-like request: blocks [b0, b0 + nr), bytes [off, end). */
@@ -302,9 +303,14 @@ static int plan_chunk(struct chunk *c)
 	}
 	c->abort_gen = pool->abort_gen;
 	c->free_zero = atomic_load(&pool->free_zero);
-	for (unsigned i = 0; i < c->nr; i++)
-		if (c->plan[i].act == ACT_NEW || c->plan[i].act == ACT_COPY)
-			c->plan[i].target = c->allocs.blocks[k++];
+	for (unsigned i = 0; i < c->nr; i++) {
+		struct plan *p = &c->plan[i];
+
+		if (p->act != ACT_NEW && p->act != ACT_COPY)
+			continue;
+		p->target = c->allocs.blocks[k++];
+		p->ready = tfs_prealloc_ready(pool->prealloc, p->target);
+	}
 	return 0;
 }
 
@@ -356,6 +362,31 @@ static int build_block(struct chunk *c, const struct plan *p, uint64_t s, uint64
 	return r;
 }
 
+/*
+ * No lock held: fallocate the chunks of the data file the new blocks lie
+ * in where that was not done yet, so that writing them is an overwrite for
+ * the host file system, not an allocation.  Once per chunk of the data
+ * file (the mark makes the next block's ready true); a failure leaves the
+ * rest as they are for this request, which then fills its blocks whole.
+ */
+static void prepare_targets(struct chunk *c)
+{
+	struct tfs_prealloc *pa = c->pool->prealloc;
+
+	if (!pa)
+		return;
+	for (unsigned i = 0; i < c->nr; i++) {
+		struct plan *p = &c->plan[i];
+
+		if ((p->act != ACT_NEW && p->act != ACT_COPY) || p->ready)
+			continue;
+		p->ready = tfs_prealloc_ready(pa, p->target);
+		if (!p->ready && tfs_prealloc_fill(pa, p->target))
+			return;
+		p->ready = true;
+	}
+}
+
 /* No lock held: the chunk's data I/O. */
 static int write_chunk_data(struct chunk *c)
 {
@@ -364,6 +395,9 @@ static int write_chunk_data(struct chunk *c)
 	struct run run = { 0 };
 	bool in_place = false;
 	int r = 0;
+
+	if (c->nr_alloc)
+		prepare_targets(c);
 
 	for (unsigned i = 0; i < c->nr && !r; i++) {
 		const struct plan *p = &c->plan[i];
@@ -380,14 +414,18 @@ static int write_chunk_data(struct chunk *c)
 		block_span(c, i, &s, &e);
 		src = c->buf ? c->buf + ((c->b0 + i) * bs + s - c->off) : NULL;
 		/*
-		 * A partial write to a new block still writes the block whole even
-		 * when free blocks read as zeros: on a sparse data file every 4 KiB
-		 * written into a hole is an allocation of the host file system,
-		 * which serialises direct I/O to the file (measured: 4 KiB random
-		 * allocating writes 12k IOPS writing 4 KiB, 39k writing the block).
+		 * A partial write to a new block writes only its bytes when free
+		 * blocks read as zeros and the block is preallocated.  Into a hole
+		 * of a sparse data file every 4 KiB written would be an allocation
+		 * of the host file system, which serialises direct I/O to the file
+		 * (measured: 4 KiB random allocating writes 12k IOPS writing 4 KiB,
+		 * 39k writing the block); the block is then written whole instead.
 		 */
 		plain = p->act == ACT_INPLACE || (s == 0 && e == bs) ||
-			(p->act == ACT_NEW && c->how == HOW_DATA && pool->cfg.skip_block_zeroing);
+			(p->act == ACT_NEW && c->how == HOW_DATA &&
+			 (pool->cfg.skip_block_zeroing || (c->free_zero && p->ready)));
+		if (p->act != ACT_INPLACE && (s || e < bs))
+			atomic_fetch_add(plain ? &pool->new_written_partly : &pool->new_filled_whole, 1);
 		if (plain)
 			r = run_add_write(pool, &run, p->target * bs + s, src, e - s);
 		else

@@ -360,6 +360,22 @@ static const struct tfs_status_sink_ops dev_status_ops = {
 	.end = status_end,
 };
 
+/* What data-file preallocation did, and how partial writes to new blocks were written. */
+static void add_prealloc_status(struct json_object *pool, const struct tfs_pool_status *st)
+{
+	struct json_object *pa = json_object_new_object(), *nb = json_object_new_object();
+
+	json_object_object_add(pa, "active", json_object_new_boolean(st->prealloc.active));
+	json_object_object_add(pa, "chunk_bytes", json_object_new_uint64(st->prealloc.chunk_bytes));
+	json_object_object_add(pa, "chunks", json_object_new_uint64(st->prealloc.chunks));
+	json_object_object_add(pa, "fallocates", json_object_new_uint64(st->prealloc.fallocates));
+	json_object_object_add(pa, "failures", json_object_new_uint64(st->prealloc.failures));
+	json_object_object_add(pool, "preallocate", pa);
+	json_object_object_add(nb, "written_partly", json_object_new_uint64(st->new_written_partly));
+	json_object_object_add(nb, "filled_whole", json_object_new_uint64(st->new_filled_whole));
+	json_object_object_add(pool, "new_block_writes", nb);
+}
+
 /* One volume of status: its row, then what its device reports about itself. */
 static struct json_object *volume_status(struct tfs_fs *fs, const struct tfs_vol_row *row,
 					 FILE *table)
@@ -461,6 +477,7 @@ static void cmd_status(struct cmd_ctx *c)
 			       json_object_new_boolean(st.discard_passdown));
 	json_object_object_add(pool, "free_blocks_read_zero",
 			       json_object_new_boolean(st.free_blocks_read_zero));
+	add_prealloc_status(pool, &st);
 	json_object_object_add(pool, "direct_io",
 			       json_object_new_boolean(st.io_data.direct && st.io_meta.direct));
 	json_object_object_add(pool, "max_threads", json_object_new_uint64(fs->cfg.max_threads));

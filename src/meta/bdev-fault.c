@@ -299,6 +299,15 @@ static int fault_discard(struct tfs_bdev *d, uint64_t off, uint64_t len)
 	return r;
 }
 
+/*
+ * Straight down, never failed nor held: it changes no data, so its order
+ * against held writes does not matter and a power cut has nothing to drop.
+ */
+static int fault_preallocate(struct tfs_bdev *d, uint64_t off, uint64_t len)
+{
+	return tfs_bdev_preallocate(to_fault(d)->lower, off, len);
+}
+
 static int fault_size(struct tfs_bdev *d, uint64_t *bytes)
 {
 	return tfs_bdev_size(to_fault(d)->lower, bytes);
@@ -347,6 +356,7 @@ static const struct tfs_bdev_ops fault_ops = {
 	.write = fault_write,
 	.flush = fault_flush,
 	.discard = fault_discard,
+	.preallocate = fault_preallocate,
 	.get_size = fault_size,
 	.grow = fault_grow,
 	.shrink = fault_shrink,

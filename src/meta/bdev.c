@@ -226,6 +226,17 @@ static int file_discard(struct tfs_bdev *d, uint64_t off, uint64_t len)
 	return 0;
 }
 
+static int file_preallocate(struct tfs_bdev *d, uint64_t off, uint64_t len)
+{
+	struct file_dev *f = to_file(d);
+
+	if (f->blockdev)
+		return -EOPNOTSUPP;
+	if (fallocate(f->fd, FALLOC_FL_KEEP_SIZE, (off_t)off, (off_t)len))
+		return -errno;
+	return 0;
+}
+
 static int file_size(struct tfs_bdev *d, uint64_t *bytes)
 {
 	struct file_dev *f = to_file(d);
@@ -426,6 +437,7 @@ static const struct tfs_bdev_ops file_ops = {
 	.write = file_write,
 	.flush = file_flush,
 	.discard = file_discard,
+	.preallocate = file_preallocate,
 	.get_size = file_size,
 	.grow = file_grow,
 	.shrink = file_shrink,
@@ -589,6 +601,15 @@ static int mem_discard(struct tfs_bdev *d, uint64_t off, uint64_t len)
 	return 0;
 }
 
+/* Memory is all there already, reading zeros where nothing was written. */
+static int mem_preallocate(struct tfs_bdev *d, uint64_t off, uint64_t len)
+{
+	(void)d;
+	(void)off;
+	(void)len;
+	return 0;
+}
+
 static int mem_size(struct tfs_bdev *d, uint64_t *bytes)
 {
 	struct mem_dev *m = to_mem(d);
@@ -656,6 +677,7 @@ static const struct tfs_bdev_ops mem_ops = {
 	.write = mem_write,
 	.flush = mem_flush,
 	.discard = mem_discard,
+	.preallocate = mem_preallocate,
 	.get_size = mem_size,
 	.grow = mem_grow,
 	.shrink = mem_shrink,

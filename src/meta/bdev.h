@@ -44,6 +44,13 @@ struct tfs_bdev_ops {
 	int (*flush)(struct tfs_bdev *dev);
 	/* Give the range back to the host (punch a file, BLKDISCARD a device). */
 	int (*discard)(struct tfs_bdev *dev, uint64_t off, uint64_t len);
+	/*
+	 * Reserve host space for the range without changing what it reads
+	 * (fallocate mode KEEP_SIZE on a file: holes become unwritten extents,
+	 * which read as zeros; written data stays).  -EOPNOTSUPP where that
+	 * means nothing (a block device) or the file system cannot.
+	 */
+	int (*preallocate)(struct tfs_bdev *dev, uint64_t off, uint64_t len);
 	int (*get_size)(struct tfs_bdev *dev, uint64_t *bytes);
 	/* Grow a file-backed device; block devices return -ENOTSUP. */
 	int (*grow)(struct tfs_bdev *dev, uint64_t new_bytes);
@@ -132,6 +139,10 @@ static inline int tfs_bdev_flush(struct tfs_bdev *d)
 static inline int tfs_bdev_discard(struct tfs_bdev *d, uint64_t o, uint64_t l)
 {
 	return d->ops->discard(d, o, l);
+}
+static inline int tfs_bdev_preallocate(struct tfs_bdev *d, uint64_t o, uint64_t l)
+{
+	return d->ops->preallocate(d, o, l);
 }
 static inline int tfs_bdev_size(struct tfs_bdev *d, uint64_t *bytes)
 {

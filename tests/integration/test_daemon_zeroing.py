@@ -2,9 +2,12 @@
 """New data blocks and zeroing.  On a data *file* with discard_passdown
 (the default), the daemon punches every free block at a read-write mount
 and every freed block before it can be handed out again, so free blocks
-read as zeros and fallocate maps blocks without writing them; a partial
-write to a new block still writes the block whole (zeros around the data).
-Whatever the data device held before, the rest of a new block must read as
+read as zeros and fallocate maps blocks without writing them.  The daemon
+also keeps the data file preallocated a chunk (`preallocate`, 32 MiB) at a
+time ahead of the allocator, so a partial write to a new block writes only
+its own bytes as an overwrite of an unwritten extent; without that (or
+without free blocks reading zero) it writes the block whole, zeros around
+the data.  Whatever the data device held before, the rest of a new block must read as
 zeros: these tests fill blocks with data, free them in each way a block can
 become free (rm, an uncommitted transaction lost to a crash), and make the
 allocator hand exactly those blocks out again."""
@@ -39,20 +42,122 @@ def write_partial_blocks(path, nr, seed):
     fsync_path(path)
 
 
-def test_a_4k_write_to_a_new_block_writes_the_block_and_the_rest_reads_zero(pool):
+def prealloc(p):
+    return p.status()["pool"]["preallocate"]
+
+
+def new_writes(p):
+    return p.status()["pool"]["new_block_writes"]
+
+
+def test_a_4k_write_to_a_new_block_writes_4k_into_a_preallocated_chunk(pool):
     p = pool()
     assert p.status()["pool"]["free_blocks_read_zero"] is True
     assert "free data blocks punched" in p.log_text()
+    assert prealloc(p) == {"active": True, "chunk_bytes": 32 << 20, "chunks": 0,
+                           "fallocates": 0, "failures": 0}
     vol = create(p.mnt / "v", 4 * BS)
     w0 = data_io(p)["write_bytes"]
     write_direct(vol, BS + 8192, pattern(1, 4096))
-    # the whole block: one host allocation, later writes to it overwrite
-    assert data_io(p)["write_bytes"] - w0 == BS
+    assert data_io(p)["write_bytes"] - w0 == 4096
+    assert new_writes(p) == {"written_partly": 1, "filled_whole": 0}
+    # the first allocation preallocated its whole chunk of the data file
+    assert prealloc(p) == {"active": True, "chunk_bytes": 32 << 20, "chunks": 1,
+                           "fallocates": 1, "failures": 0}
+    assert os.stat(p.data).st_blocks * 512 >= 32 << 20
+    # the next new block of the chunk needs no fallocate
+    write_direct(vol, 2 * BS, pattern(2, 4096))
+    assert prealloc(p)["fallocates"] == 1
     fsync_path(vol)
     want = bytes(8192) + pattern(1, 4096) + bytes(BS - 12288)
+    want2 = pattern(2, 4096) + bytes(BS - 4096)
+    assert read_direct(vol, BS, 2 * BS) == want + want2
+    p.remount()
+    assert read_at(vol, 0, 3 * BS) == bytes(BS) + want + want2
+    assert read_direct(vol, 0, 4 * BS) == bytes(BS) + want + want2 + bytes(BS)
+
+
+def test_a_512_byte_direct_write_to_a_new_block_reads_back_with_zeros_around(pool):
+    """Less than the data device's 4 KiB alignment: the daemon reads the
+    aligned unit around it (zeros, from the unwritten extent) and writes it."""
+    p = pool()
+    vol = create(p.mnt / "v", 2 * BS)
+    write_direct(vol, BS + 1536, pattern(3, 512))
+    fsync_path(vol)
+    want = bytes(1536) + pattern(3, 512) + bytes(BS - 2048)
     assert read_direct(vol, BS, BS) == want
+    assert new_writes(p)["written_partly"] == 1
     p.remount()
     assert read_at(vol, 0, 2 * BS) == bytes(BS) + want
+
+
+def test_partial_writes_to_new_blocks_survive_a_kill9_once_flushed(pool):
+    # The data flush before the commit also makes the host's conversion of
+    # the unwritten extents durable: committed blocks read back as written.
+    p = pool(options={"commit_interval": "600s"})
+    a = create(p.mnt / "a", 16 * BS)
+    b = create(p.mnt / "b", 16 * BS)
+    fsync_path(b)
+    write_partial_blocks(a, 16, 700)  # fsync: data flush, then the commit
+    for i in range(16):
+        write_direct(b, i * BS + 8192, pattern(800 + i, 4096))  # never flushed
+    p.kill9()
+    p.mount()
+    assert_partial_blocks(a, 16, 700)
+    assert read_direct(b, 0, 16 * BS) == bytes(16 * BS)
+    assert p.used() == 16
+    write_partial_blocks(b, 16, 900)
+    assert_partial_blocks(b, 16, 900)
+
+
+def test_with_preallocate_off_a_4k_write_writes_the_block_whole(pool):
+    p = pool(options={"preallocate": "off"})
+    assert p.status()["pool"]["free_blocks_read_zero"] is True
+    assert prealloc(p) == {"active": False, "chunk_bytes": 0, "chunks": 0,
+                           "fallocates": 0, "failures": 0}
+    vol = create(p.mnt / "v", 4 * BS)
+    w0 = data_io(p)["write_bytes"]
+    write_direct(vol, BS + 8192, pattern(1, 4096))
+    # into a hole of the sparse file: written whole, one host allocation
+    assert data_io(p)["write_bytes"] - w0 == BS
+    assert new_writes(p) == {"written_partly": 0, "filled_whole": 1}
+    fsync_path(vol)
+    assert read_direct(vol, BS, BS) == bytes(8192) + pattern(1, 4096) + bytes(BS - 12288)
+
+
+def test_a_bad_preallocate_is_refused_and_a_change_needs_a_remount(pool):
+    p = pool(mount=False)
+    p.write_cfg({"preallocate": "64k"})
+    r = p.mount(ok=False)
+    assert "preallocate: 64k is not off or a size from 1m to 1g" in r.stdout
+    p.write_cfg({"preallocate": "16m"})
+    p.mount()
+    assert prealloc(p)["chunk_bytes"] == 16 << 20
+    p.write_cfg({"preallocate": "64m"})
+    p.ctl("suspend")
+    r = p.ctl("reload", p.cfg, ok=(1,))
+    assert "preallocate: 16m -> 64m cannot change while mounted" in r.stderr
+    p.ctl("resume")
+    assert prealloc(p)["chunk_bytes"] == 16 << 20
+
+
+def test_the_copy_of_a_shared_block_goes_into_a_preallocated_chunk(pool):
+    p = pool()
+    vol = create(p.mnt / "vm1", 4 * BS)
+    write_direct(vol, 0, pattern(10, 4 * BS))
+    fsync_path(vol)
+    p.ctl("snapshot", "vm1", "s1")
+    fills = prealloc(p)["fallocates"]
+    w0 = data_io(p)["write_bytes"]
+    write_direct(vol, BS + 4096, pattern(11, 4096))  # first write to a shared block
+    assert data_io(p)["write_bytes"] - w0 == BS  # the copy is the whole block
+    assert new_writes(p)["filled_whole"] == 1
+    # the new block came from the chunk preallocated for the first blocks
+    assert prealloc(p)["fallocates"] == fills
+    fsync_path(vol)
+    old = pattern(10, 4 * BS)
+    assert read_direct(vol, 0, 4 * BS) == old[:BS + 4096] + pattern(11, 4096) + old[BS + 8192:]
+    assert read_direct(p.mnt / "s1", 0, 4 * BS) == old
 
 
 def provision_all(path, size):
@@ -86,6 +191,18 @@ def test_blocks_of_a_removed_volume_read_zero_when_handed_out_again(pool):
     provision_all(b, SMALL)  # maps every block without writing: they must read as zeros
     assert p.used() == 32
     assert read_direct(b, 0, SMALL) == bytes(SMALL)
+    # Punched again, which the preallocation map forgets: the next block
+    # allocated there preallocates the chunk anew, and only 4 KiB is written.
+    fills = prealloc(p)["fallocates"]
+    c = create(p.mnt / "c", SMALL)
+    os.unlink(b)
+    fsync_path(c)
+    assert prealloc(p)["chunks"] == 0
+    w0 = data_io(p)["write_bytes"]
+    write_partial_blocks(c, 32, 200)
+    assert data_io(p)["write_bytes"] - w0 == 32 * 4096
+    assert prealloc(p)["fallocates"] == fills + 1
+    assert_partial_blocks(c, 32, 200)
 
 
 def test_blocks_written_in_a_transaction_lost_to_a_crash_read_zero_later(pool):

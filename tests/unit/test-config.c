@@ -174,6 +174,7 @@ static void test_minimal_cfg_gets_the_documented_defaults(void **state)
 	assert_int_equal(c.max_threads, 512);
 	assert_false(c.writeback_cache);
 	assert_false(c.allow_faults);
+	assert_int_equal(c.preallocate_bytes, 32 << 20);
 }
 
 static void test_every_pool_key_is_parsed(void **state)
@@ -205,6 +206,7 @@ static void test_every_pool_key_is_parsed(void **state)
 		  "max_threads = 64\n"
 		  "detect_zeroes = unmap\n"
 		  "writeback_cache = on\n"
+		  "preallocate = 64m\n"
 		  "\n"
 		  "[fault]\n"
 		  "allow = on\n",
@@ -229,6 +231,7 @@ static void test_every_pool_key_is_parsed(void **state)
 	assert_true(c.detect_zeroes);
 	assert_true(c.writeback_cache);
 	assert_true(c.allow_faults);
+	assert_int_equal(c.preallocate_bytes, 64 << 20);
 }
 
 static void test_times_bools_and_percentages_in_every_spelling(void **state)
@@ -550,6 +553,9 @@ static void test_bad_values_name_file_line_and_key(void **state)
 		{ "metadata_cache = 4k", "metadata_cache", "minimum 64k" },
 		{ "host_cache = sometimes", "host_cache", "not a boolean" },
 		{ "writeback_cache = 2", "writeback_cache", "not a boolean" },
+		{ "preallocate = lots", "preallocate", "'lots' is not a size" },
+		{ "preallocate = 64k", "preallocate", "64k is not off or a size from 1m to 1g" },
+		{ "preallocate = 2g", "preallocate", "2g is not off or a size from 1m to 1g" },
 		{ "max_threads = 7", "max_threads", "less than 8 (each write held for data space" },
 		{ "max_threads = 0", "max_threads", "less than 8" },
 		{ "max_threads = 4097", "max_threads", "4097 is more than 4096" },
@@ -1131,6 +1137,8 @@ static void test_reload_refuses_to_change_what_the_pool_is(void **state)
 		{ "", "host_cache = on\n", "host_cache: no -> yes cannot change while mounted" },
 		{ "", "writeback_cache = on\n",
 		  "writeback_cache: no -> yes cannot change while mounted" },
+		{ "", "preallocate = off\n", "preallocate: 32m -> off cannot change while mounted" },
+		{ "preallocate = 1m\n", "", "preallocate: 1m -> 32m cannot change while mounted" },
 		{ "", "max_threads = 16\n", "max_threads: 512 -> 16 cannot change while mounted" },
 		{ "max_threads = 4096\n", "", "max_threads: 4096 -> 512 cannot change while mounted" },
 		{ "", "[fault]\nallow = yes\n", "[fault] allow: no -> yes cannot change while mounted" },
