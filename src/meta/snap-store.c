@@ -53,6 +53,12 @@
 #define SNAP_READ_PIECE ((uint64_t)1 << 20)
 /* Never an origin chunk: the hash table's empty slot. */
 #define NO_CHUNK UINT64_MAX
+/*
+ * In the exception table's value: the exception is allocated but not yet
+ * durable (its copy may be in progress).  COW chunk numbers never get
+ * near it; lookups strip it, tfs_snap_store_durable tests it.
+ */
+#define NOT_DURABLE ((uint64_t)1 << 63)
 
 _Static_assert(SNAP_IO_BLOCK <= TFS_SNAP_MIN_CHUNK_SECTORS << TFS_SECTOR_SHIFT,
 	       "an I/O block must fit in the smallest chunk");
@@ -86,7 +92,7 @@ struct tfs_snap_store {
 	uint8_t *wbuf;
 
 	pthread_rwlock_t table_lock;
-	struct xtable table; /* old -> new, every exception; under table_lock */
+	struct xtable table; /* old -> new (| NOT_DURABLE), every exception; under table_lock */
 
 	pthread_mutex_t mu;
 	pthread_cond_t written; /* an area write ended */
@@ -164,6 +170,20 @@ static int xt_reserve(struct xtable *t, size_t more)
 	while ((t->n + more) * 2 > (size_t)1 << bits)
 		bits++;
 	return bits != t->bits ? xt_rehash(t, bits) : 0;
+}
+
+/* Clear bits of key's value, if key is there. */
+static void xt_clear_bits(struct xtable *t, uint64_t key, uint64_t bits)
+{
+	if (!t->n)
+		return;
+	size_t mask = ((size_t)1 << t->bits) - 1;
+	for (size_t i = xt_home(t, key); t->keys[i] != NO_CHUNK; i = (i + 1) & mask) {
+		if (t->keys[i] == key) {
+			t->vals[i] &= ~bits;
+			return;
+		}
+	}
 }
 
 static void xt_del(struct xtable *t, uint64_t key)
@@ -599,9 +619,23 @@ bool tfs_snap_store_valid(const struct tfs_snap_store *s)
 int tfs_snap_store_lookup(struct tfs_snap_store *s, uint64_t old_chunk, uint64_t *new_chunk)
 {
 	pthread_rwlock_rdlock(&s->table_lock);
-	bool found = xt_find(&s->table, old_chunk, new_chunk);
+	uint64_t v;
+	bool found = xt_find(&s->table, old_chunk, &v);
 	pthread_rwlock_unlock(&s->table_lock);
+	if (found && new_chunk)
+		*new_chunk = v & ~NOT_DURABLE;
 	return found ? 0 : -ENODATA;
+}
+
+bool tfs_snap_store_durable(struct tfs_snap_store *s, uint64_t first, uint64_t last)
+{
+	bool durable = first <= last;
+	uint64_t v;
+	pthread_rwlock_rdlock(&s->table_lock);
+	for (uint64_t c = first; durable && c <= last; c++)
+		durable = xt_find(&s->table, c, &v) && !(v & NOT_DURABLE);
+	pthread_rwlock_unlock(&s->table_lock);
+	return durable;
 }
 
 uint64_t tfs_snap_store_count(struct tfs_snap_store *s)
@@ -663,7 +697,7 @@ int tfs_snap_store_allocate(struct tfs_snap_store *s, uint64_t old_chunk, uint64
 	pthread_rwlock_wrlock(&s->table_lock);
 	r = xt_reserve(&s->table, 1);
 	if (!r)
-		xt_put(&s->table, old_chunk, chunk);
+		xt_put(&s->table, old_chunk, chunk | NOT_DURABLE);
 	pthread_rwlock_unlock(&s->table_lock);
 	if (r)
 		goto out;
@@ -705,21 +739,31 @@ static int write_area_blocks(struct tfs_snap_store *s, uint64_t area, uint64_t b
 }
 
 /*
- * Put records [lo, hi) on disk.  Areas go last first, each flushed before
- * the one before it is written: an area that becomes full must never be
- * on disk while the next one still holds whatever was there before, or a
- * reader would take that for exceptions.
+ * Put records [lo, hi) on disk.  First one flush of the COW device: every
+ * committer wrote its chunks' data before it added its records, so this
+ * one flush makes the data of the whole group durable before any record
+ * pointing at it is written (the kernel's REQ_PREFLUSH on the area
+ * write).  Areas go last first, each flushed before the one before it is
+ * written: an area that becomes full must never be on disk while the next
+ * one still holds whatever was there before, or a reader would take that
+ * for exceptions.
  */
 static int write_batch(struct tfs_snap_store *s, uint64_t lo, uint64_t hi, uint64_t total_chunks)
 {
 	uint64_t e = s->per_area;
+	int r = tfs_bdev_flush(s->cow);
+	if (r) {
+		tfs_err("%s: flushing copied chunks before their exceptions failed: %s; the "
+			"snapshot is invalid now", tfs_bdev_name(s->cow), strerror(-r));
+		return r;
+	}
 	for (uint64_t a = hi / e + 1; a-- > lo / e;) {
 		if (area_chunk(s, a) >= total_chunks)
 			continue; /* see allocate: it holds no records */
 		uint64_t s0 = a == lo / e ? lo - a * e : 0;
 		uint64_t t = hi - a * e; /* the terminator's slot */
 		uint64_t s1 = t < e ? t : e - 1;
-		int r = write_area_blocks(s, a, s0 / SNAP_RECS_PER_BLOCK, s1 / SNAP_RECS_PER_BLOCK, hi);
+		r = write_area_blocks(s, a, s0 / SNAP_RECS_PER_BLOCK, s1 / SNAP_RECS_PER_BLOCK, hi);
 		if (r) {
 			tfs_err("%s: writing COW metadata area %" PRIu64 " failed: %s; the snapshot "
 				"is invalid now", tfs_bdev_name(s->cow), a, strerror(-r));
@@ -752,7 +796,15 @@ int tfs_snap_store_commit_batch(struct tfs_snap_store *s, const uint64_t *old_ch
 		if (s->persistent)
 			s->recs[s->n_recs++] = (struct rec){ old_chunks[i], new_chunk };
 	}
-	if (!s->persistent || !nr)
+	if (!s->persistent) {
+		/* Nothing to write: the copies are done, which is all durable means here. */
+		pthread_rwlock_wrlock(&s->table_lock);
+		for (size_t i = 0; i < nr; i++)
+			xt_clear_bits(&s->table, old_chunks[i], NOT_DURABLE);
+		pthread_rwlock_unlock(&s->table_lock);
+		goto out;
+	}
+	if (!nr)
 		goto out;
 	uint64_t mine = s->n_recs;
 	/* Group commit: whoever finds no write in flight writes everything pending. */
@@ -777,6 +829,10 @@ int tfs_snap_store_commit_batch(struct tfs_snap_store *s, const uint64_t *old_ch
 			r = -EIO;
 			break;
 		}
+		pthread_rwlock_wrlock(&s->table_lock);
+		for (uint64_t i = lo; i < hi; i++)
+			xt_clear_bits(&s->table, s->recs[i].old_chunk, NOT_DURABLE);
+		pthread_rwlock_unlock(&s->table_lock);
 		s->n_durable = hi;
 	}
 out:
