@@ -95,7 +95,7 @@ struct tfs_snap_store {
 	struct xtable table; /* old -> new (| NOT_DURABLE), every exception; under table_lock */
 
 	pthread_mutex_t mu;
-	pthread_cond_t written; /* an area write ended */
+	pthread_cond_t written; /* an area write or a data flush ended */
 	/* Under mu: */
 	uint64_t dev_bytes, total_chunks, next_free;
 	struct xtable pending; /* old -> new, allocated and not yet committed */
@@ -103,6 +103,8 @@ struct tfs_snap_store {
 	uint64_t n_recs, cap_recs;
 	uint64_t n_durable; /* recs[0..n_durable) are on disk and flushed */
 	bool writing;       /* a thread is writing areas (commit or merge) */
+	uint64_t n_flushed; /* recs[0..n_flushed) have their chunks' data flushed */
+	bool flushing;      /* a thread is flushing committed chunks' data */
 };
 
 /* ---- the hash table ------------------------------------------------------ */
@@ -464,7 +466,7 @@ static int load_areas(struct tfs_snap_store *s, uint64_t origin_chunks, char *wh
 	}
 done:
 	r = 0;
-	s->n_durable = s->n_recs;
+	s->n_durable = s->n_flushed = s->n_recs;
 	s->next_free = max_new + 1;
 	if (is_meta_chunk(s, s->next_free))
 		s->next_free++;
@@ -739,24 +741,15 @@ static int write_area_blocks(struct tfs_snap_store *s, uint64_t area, uint64_t b
 }
 
 /*
- * Put records [lo, hi) on disk.  First one flush of the COW device: every
- * committer wrote its chunks' data before it added its records, so this
- * one flush makes the data of the whole group durable before any record
- * pointing at it is written (the kernel's REQ_PREFLUSH on the area
- * write).  Areas go last first, each flushed before the one before it is
- * written: an area that becomes full must never be on disk while the next
- * one still holds whatever was there before, or a reader would take that
- * for exceptions.
+ * Put records [lo, hi) on disk.  Areas go last first, each flushed before
+ * the one before it is written: an area that becomes full must never be
+ * on disk while the next one still holds whatever was there before, or a
+ * reader would take that for exceptions.
  */
 static int write_batch(struct tfs_snap_store *s, uint64_t lo, uint64_t hi, uint64_t total_chunks)
 {
 	uint64_t e = s->per_area;
-	int r = tfs_bdev_flush(s->cow);
-	if (r) {
-		tfs_err("%s: flushing copied chunks before their exceptions failed: %s; the "
-			"snapshot is invalid now", tfs_bdev_name(s->cow), strerror(-r));
-		return r;
-	}
+	int r;
 	for (uint64_t a = hi / e + 1; a-- > lo / e;) {
 		if (area_chunk(s, a) >= total_chunks)
 			continue; /* see allocate: it holds no records */
@@ -807,18 +800,46 @@ int tfs_snap_store_commit_batch(struct tfs_snap_store *s, const uint64_t *old_ch
 	if (!nr)
 		goto out;
 	uint64_t mine = s->n_recs;
-	/* Group commit: whoever finds no write in flight writes everything pending. */
+	/*
+	 * Group commit in two stages that overlap: a flush of the COW device
+	 * for the copied data of every record added before it began (each
+	 * committer wrote its data before it added its records: the kernel's
+	 * REQ_PREFLUSH), and the area write and flush of the records whose
+	 * data is flushed.  Whoever finds a stage idle and work for it runs
+	 * it for everyone, so the next group's data flush runs beside this
+	 * group's area write.
+	 */
 	while (s->n_durable < mine) {
 		if (!atomic_load(&s->valid)) {
 			r = -EIO;
 			break;
 		}
-		if (s->writing) {
+		if (s->n_flushed < mine && !s->flushing) {
+			uint64_t upto = s->n_recs;
+			s->flushing = true;
+			pthread_mutex_unlock(&s->mu);
+			r = tfs_bdev_flush(s->cow);
+			pthread_mutex_lock(&s->mu);
+			s->flushing = false;
+			pthread_cond_broadcast(&s->written);
+			if (r) {
+				tfs_err("%s: flushing copied chunks before their exceptions failed: "
+					"%s; the snapshot is invalid now", tfs_bdev_name(s->cow),
+					strerror(-r));
+				atomic_store(&s->valid, false);
+				r = -EIO;
+				break;
+			}
+			if (upto > s->n_flushed)
+				s->n_flushed = upto;
+			continue;
+		}
+		if (s->writing || s->n_flushed == s->n_durable) {
 			pthread_cond_wait(&s->written, &s->mu);
 			continue;
 		}
 		s->writing = true;
-		uint64_t lo = s->n_durable, hi = s->n_recs, total = s->total_chunks;
+		uint64_t lo = s->n_durable, hi = s->n_flushed, total = s->total_chunks;
 		pthread_mutex_unlock(&s->mu);
 		r = write_batch(s, lo, hi, total);
 		pthread_mutex_lock(&s->mu);
@@ -923,7 +944,7 @@ int tfs_snap_store_merge_commit(struct tfs_snap_store *s, uint32_t nr)
 	for (uint64_t i = keep; i <= last; i++)
 		xt_del(&s->table, s->recs[i].old_chunk);
 	pthread_rwlock_unlock(&s->table_lock);
-	s->n_recs = s->n_durable = keep;
+	s->n_recs = s->n_durable = s->n_flushed = keep;
 	/* As the kernel counts it: the chunks up to the last record still in use. */
 	s->next_free = area_chunk(s, area) + (keep - area * e) + 1;
 out:
