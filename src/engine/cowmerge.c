@@ -320,7 +320,13 @@ int tfs_cow_set_merge(struct tfs_cow_set *set, uint32_t id, uint64_t *chunks,
 	pthread_mutex_unlock(&set->lock);
 	if (r < 0)
 		goto err;
-	/* The origin held: no request is in flight while its reads change meaning. */
+	/*
+	 * The origin held: no request is in flight while its reads change
+	 * meaning.  This hold is also what lets an origin write to chunks
+	 * every snapshot has copied skip the range lock (origin.c,
+	 * nothing_to_copy): no such write is in flight once o->merge is set,
+	 * and none starts while it is, so the merge's steps never meet one.
+	 */
 	pthread_rwlock_wrlock(&o->lock);
 	pthread_mutex_lock(&set->lock);
 	r = may_merge(set, id, &s);

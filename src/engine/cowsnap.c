@@ -9,7 +9,9 @@
  * origin write takes before it copies out: a chunk is never read from
  * the origin while an origin write is replacing it, nor looked up while
  * its copy is half made.  Copies follow the store's ordering contract
- * (snap-store.h): allocate, write the data, flush the COW device, commit.
+ * (snap-store.h): allocate, write the data, commit (whose group commit
+ * flushes the data of every writer in the group once, then writes and
+ * flushes their exceptions).
  */
 #include "origin-internal.h"
 
@@ -26,7 +28,7 @@
 
 /* Chunks are copied through a buffer of at most this many bytes. */
 #define COPY_PIECE ((size_t)1 << 20)
-/* Copies made before one COW flush and their commits. */
+/* Copies made before one commit (one group's flush pair). */
 #define BATCH 64u
 #define ZERO_PIECE (64u * 1024)
 static _Alignas(4096) const uint8_t zeros[ZERO_PIECE];
@@ -301,27 +303,22 @@ static int copy_chunk(struct tfs_cowsnap *s, uint64_t chunk, uint64_t to)
 	return r;
 }
 
-/* Copies waiting for one COW flush and then their commits. */
+/* Copies waiting for their commit. */
 struct batch {
 	uint64_t chunk[BATCH];
 	unsigned n;
 };
 
-/* Steps 2b and 3 of the ordering contract.  0, or -EIO after invalidating s. */
+/*
+ * Step 3 of the ordering contract (the store flushes the data first).
+ * 0, or -EIO after invalidating s.
+ */
 static int batch_commit(struct tfs_cowsnap *s, struct batch *b)
 {
-	int r = 0;
+	int r;
 
 	if (!b->n)
 		return 0;
-	if (s->persistent) {
-		r = tfs_bdev_flush(s->cow);
-		if (r < 0) {
-			tfs_cowsnap_invalidate(s, "COW device flush failed", r);
-			b->n = 0;
-			return -EIO;
-		}
-	}
 	r = tfs_snap_store_commit_batch(s->store, b->chunk, b->n);
 	if (r < 0)
 		tfs_cowsnap_invalidate(s, "writing an exception to the COW store failed", r);
@@ -375,11 +372,7 @@ static int copy_run(struct tfs_cowsnap *s, uint64_t old, const uint64_t *to, uns
 		return 0;
 	len = o->size - from < n * cb ? o->size - from : n * cb;
 	if (src && src->len && from >= src->begin && from + len <= src->begin + src->len) {
-		if (!src->buf && !src->err) {
-			src->buf = tfs_scratch_get((size_t)src->len);
-			src->err = !src->buf ? -ENOMEM :
-				   tfs_dev_read(o->dev, src->buf, (size_t)src->len, src->begin);
-		}
+		tfs_origin_bytes_read(o, src);
 		r = src->err;
 		if (!r)
 			buf = src->buf + (from - src->begin);
@@ -399,6 +392,14 @@ static int copy_run(struct tfs_cowsnap *s, uint64_t old, const uint64_t *to, uns
 	if (size)
 		tfs_scratch_put(buf, size);
 	return r;
+}
+
+void tfs_origin_bytes_read(struct tfs_origin *o, struct tfs_origin_bytes *src)
+{
+	if (!src->len || src->buf || src->err)
+		return;
+	src->buf = tfs_scratch_get((size_t)src->len);
+	src->err = !src->buf ? -ENOMEM : tfs_dev_read(o->dev, src->buf, (size_t)src->len, src->begin);
 }
 
 void tfs_cowsnap_copy_out(struct tfs_cowsnap *s, uint64_t off, uint64_t len,

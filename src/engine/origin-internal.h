@@ -110,6 +110,12 @@ struct tfs_origin_bytes {
 };
 
 /*
+ * Read src's bytes of the origin into a scratch buffer of this thread,
+ * unless done or tried already (or src->len is 0); the result in src->err.
+ */
+void tfs_origin_bytes_read(struct tfs_origin *o, struct tfs_origin_bytes *src);
+
+/*
  * Copy what s needs of [off, off + len) of the origin before it is
  * overwritten (origin write path; the caller holds the range lock
  * exclusively), from src when it covers a run.  Failures invalidate s;

@@ -880,6 +880,110 @@ out:
 	return r;
 }
 
+/* Whether snapshot s has a durable exception for every chunk of [off, off + len). */
+static bool snap_has_all(const struct tfs_cowsnap *s, uint64_t off, uint64_t len)
+{
+	return tfs_snap_store_durable(s->store, off / s->chunk_bytes,
+				      (off + len - 1) / s->chunk_bytes);
+}
+
+/*
+ * Whether an origin write of [off, off + len) can go to the device as on
+ * an origin without snapshots: no range lock (and no cell to allocate),
+ * because every valid snapshot has a durable exception for every chunk it
+ * touches, so there is nothing to copy and nobody to protect.  Why that is
+ * safe with o->lock held shared and no merge running:
+ *  - the snapshot list only changes with o->lock held exclusively, so no
+ *    snapshot appears that lacks these chunks before the write is done;
+ *  - a durable exception stays until a merge drops it, and a merge runs
+ *    only while o->merge is set, which is set (after every request in
+ *    flight ended) and cleared with o->lock held exclusively: this write
+ *    saw it NULL, so no merge step runs until it ends; origin writes
+ *    during a merge go through tfs_cow_merge_write, which always locks,
+ *    and the merge's own steps lock their run;
+ *  - no copy of these chunks can be under way: a copy (origin write,
+ *    snapshot write or merge step, all under the exclusive cell) allocates
+ *    its exception not durable before it reads the origin, and the store
+ *    marks it durable only after the data and the record are flushed;
+ *  - snapshot readers find these chunks' exceptions and read their COW
+ *    devices, never these bytes of the origin.
+ * What the lock no longer gives is an order between this write and
+ * concurrent origin reads or writes of the same bytes, which an origin
+ * without snapshots does not give either.
+ */
+static bool nothing_to_copy(struct tfs_origin *o, uint64_t off, uint64_t len)
+{
+	for (unsigned i = 0; i < o->nr_snaps; i++) {
+		struct tfs_cowsnap *s = o->snaps[i];
+
+		if (!atomic_load(&s->invalid) && !snap_has_all(s, off, len))
+			return false;
+	}
+	return true;
+}
+
+struct copy_job {
+	struct tfs_cowsnap *s;
+	uint64_t off, len;
+	struct tfs_origin_bytes *src;
+	pthread_t thread;
+	bool threaded;
+};
+
+static void *copy_job_run(void *arg)
+{
+	struct copy_job *j = arg;
+
+	tfs_cowsnap_copy_out(j->s, j->off, j->len, j->src);
+	return NULL;
+}
+
+/*
+ * Have every valid snapshot that lacks some of these chunks copy them
+ * out.  Each copy_out ends with its store's group commit (data flush,
+ * area write, flush), so with several snapshots they run side by side,
+ * one thread each (the first on this one): the write waits for about one
+ * store's flushes, not for each store's in turn.  A snapshot without a
+ * thread copies here.  The origin's bytes are read before the threads
+ * start, so that they only share the buffer.  Range lock held exclusively.
+ */
+static void copy_out_all(struct tfs_origin *o, uint64_t off, uint64_t len,
+			 struct tfs_origin_bytes *src)
+{
+	struct copy_job *jobs = NULL;
+	unsigned nr = 0, max;
+
+	for (unsigned i = 0; i < o->nr_snaps; i++)
+		if (!atomic_load(&o->snaps[i]->invalid) && !snap_has_all(o->snaps[i], off, len))
+			nr++;
+	if (nr > 1)
+		jobs = calloc(nr, sizeof(*jobs));
+	if (!jobs) {
+		/* One snapshot to copy for (or no memory for more): here. */
+		for (unsigned i = 0; i < o->nr_snaps; i++)
+			if (!atomic_load(&o->snaps[i]->invalid))
+				tfs_cowsnap_copy_out(o->snaps[i], off, len, src);
+		return;
+	}
+	/* As many or fewer now: a snapshot may have become invalid, never valid again. */
+	max = nr;
+	nr = 0;
+	for (unsigned i = 0; i < o->nr_snaps && nr < max; i++)
+		if (!atomic_load(&o->snaps[i]->invalid) && !snap_has_all(o->snaps[i], off, len))
+			jobs[nr++] = (struct copy_job){ .s = o->snaps[i], .off = off, .len = len,
+							.src = src };
+	tfs_origin_bytes_read(o, src);
+	for (unsigned k = 1; k < nr; k++)
+		jobs[k].threaded = !pthread_create(&jobs[k].thread, NULL, copy_job_run, &jobs[k]);
+	for (unsigned k = 0; k < nr; k++)
+		if (!jobs[k].threaded)
+			copy_job_run(&jobs[k]);
+	for (unsigned k = 1; k < nr; k++)
+		if (jobs[k].threaded)
+			pthread_join(jobs[k].thread, NULL);
+	free(jobs);
+}
+
 /* o->lock held shared. */
 static int origin_write_locked(struct tfs_origin *o, const void *buf, size_t len, uint64_t off)
 {
@@ -889,7 +993,7 @@ static int origin_write_locked(struct tfs_origin *o, const void *buf, size_t len
 
 	if (o->merge)
 		return tfs_cow_merge_write(o, buf, len, off);
-	if (!o->nr_snaps)
+	if (!o->nr_snaps || nothing_to_copy(o, off, len))
 		return tfs_dev_write(o->dev, buf, len, off);
 	tfs_origin_lock_range(o, off, len, &b, &e);
 	r = tfs_prison_lock(o->prison, 0, b, e);
@@ -900,9 +1004,7 @@ static int origin_write_locked(struct tfs_origin *o, const void *buf, size_t len
 	src.len = e < o->size ? e - b : o->size - b;
 	if (src.len > TFS_SCRATCH_MAX)
 		src.len = 0;
-	for (unsigned i = 0; i < o->nr_snaps; i++)
-		if (!atomic_load(&o->snaps[i]->invalid))
-			tfs_cowsnap_copy_out(o->snaps[i], off, len, &src);
+	copy_out_all(o, off, len, &src);
 	if (src.buf)
 		tfs_scratch_put(src.buf, (size_t)src.len);
 	r = tfs_dev_write(o->dev, buf, len, off);

@@ -53,6 +53,12 @@
 #define SNAP_READ_PIECE ((uint64_t)1 << 20)
 /* Never an origin chunk: the hash table's empty slot. */
 #define NO_CHUNK UINT64_MAX
+/*
+ * In the exception table's value: the exception is allocated but not yet
+ * durable (its copy may be in progress).  COW chunk numbers never get
+ * near it; lookups strip it, tfs_snap_store_durable tests it.
+ */
+#define NOT_DURABLE ((uint64_t)1 << 63)
 
 _Static_assert(SNAP_IO_BLOCK <= TFS_SNAP_MIN_CHUNK_SECTORS << TFS_SECTOR_SHIFT,
 	       "an I/O block must fit in the smallest chunk");
@@ -86,10 +92,10 @@ struct tfs_snap_store {
 	uint8_t *wbuf;
 
 	pthread_rwlock_t table_lock;
-	struct xtable table; /* old -> new, every exception; under table_lock */
+	struct xtable table; /* old -> new (| NOT_DURABLE), every exception; under table_lock */
 
 	pthread_mutex_t mu;
-	pthread_cond_t written; /* an area write ended */
+	pthread_cond_t written; /* an area write or a data flush ended */
 	/* Under mu: */
 	uint64_t dev_bytes, total_chunks, next_free;
 	struct xtable pending; /* old -> new, allocated and not yet committed */
@@ -97,6 +103,8 @@ struct tfs_snap_store {
 	uint64_t n_recs, cap_recs;
 	uint64_t n_durable; /* recs[0..n_durable) are on disk and flushed */
 	bool writing;       /* a thread is writing areas (commit or merge) */
+	uint64_t n_flushed; /* recs[0..n_flushed) have their chunks' data flushed */
+	bool flushing;      /* a thread is flushing committed chunks' data */
 };
 
 /* ---- the hash table ------------------------------------------------------ */
@@ -164,6 +172,20 @@ static int xt_reserve(struct xtable *t, size_t more)
 	while ((t->n + more) * 2 > (size_t)1 << bits)
 		bits++;
 	return bits != t->bits ? xt_rehash(t, bits) : 0;
+}
+
+/* Clear bits of key's value, if key is there. */
+static void xt_clear_bits(struct xtable *t, uint64_t key, uint64_t bits)
+{
+	if (!t->n)
+		return;
+	size_t mask = ((size_t)1 << t->bits) - 1;
+	for (size_t i = xt_home(t, key); t->keys[i] != NO_CHUNK; i = (i + 1) & mask) {
+		if (t->keys[i] == key) {
+			t->vals[i] &= ~bits;
+			return;
+		}
+	}
 }
 
 static void xt_del(struct xtable *t, uint64_t key)
@@ -444,7 +466,7 @@ static int load_areas(struct tfs_snap_store *s, uint64_t origin_chunks, char *wh
 	}
 done:
 	r = 0;
-	s->n_durable = s->n_recs;
+	s->n_durable = s->n_flushed = s->n_recs;
 	s->next_free = max_new + 1;
 	if (is_meta_chunk(s, s->next_free))
 		s->next_free++;
@@ -599,9 +621,23 @@ bool tfs_snap_store_valid(const struct tfs_snap_store *s)
 int tfs_snap_store_lookup(struct tfs_snap_store *s, uint64_t old_chunk, uint64_t *new_chunk)
 {
 	pthread_rwlock_rdlock(&s->table_lock);
-	bool found = xt_find(&s->table, old_chunk, new_chunk);
+	uint64_t v;
+	bool found = xt_find(&s->table, old_chunk, &v);
 	pthread_rwlock_unlock(&s->table_lock);
+	if (found && new_chunk)
+		*new_chunk = v & ~NOT_DURABLE;
 	return found ? 0 : -ENODATA;
+}
+
+bool tfs_snap_store_durable(struct tfs_snap_store *s, uint64_t first, uint64_t last)
+{
+	bool durable = first <= last;
+	uint64_t v;
+	pthread_rwlock_rdlock(&s->table_lock);
+	for (uint64_t c = first; durable && c <= last; c++)
+		durable = xt_find(&s->table, c, &v) && !(v & NOT_DURABLE);
+	pthread_rwlock_unlock(&s->table_lock);
+	return durable;
 }
 
 uint64_t tfs_snap_store_count(struct tfs_snap_store *s)
@@ -663,7 +699,7 @@ int tfs_snap_store_allocate(struct tfs_snap_store *s, uint64_t old_chunk, uint64
 	pthread_rwlock_wrlock(&s->table_lock);
 	r = xt_reserve(&s->table, 1);
 	if (!r)
-		xt_put(&s->table, old_chunk, chunk);
+		xt_put(&s->table, old_chunk, chunk | NOT_DURABLE);
 	pthread_rwlock_unlock(&s->table_lock);
 	if (r)
 		goto out;
@@ -713,13 +749,14 @@ static int write_area_blocks(struct tfs_snap_store *s, uint64_t area, uint64_t b
 static int write_batch(struct tfs_snap_store *s, uint64_t lo, uint64_t hi, uint64_t total_chunks)
 {
 	uint64_t e = s->per_area;
+	int r;
 	for (uint64_t a = hi / e + 1; a-- > lo / e;) {
 		if (area_chunk(s, a) >= total_chunks)
 			continue; /* see allocate: it holds no records */
 		uint64_t s0 = a == lo / e ? lo - a * e : 0;
 		uint64_t t = hi - a * e; /* the terminator's slot */
 		uint64_t s1 = t < e ? t : e - 1;
-		int r = write_area_blocks(s, a, s0 / SNAP_RECS_PER_BLOCK, s1 / SNAP_RECS_PER_BLOCK, hi);
+		r = write_area_blocks(s, a, s0 / SNAP_RECS_PER_BLOCK, s1 / SNAP_RECS_PER_BLOCK, hi);
 		if (r) {
 			tfs_err("%s: writing COW metadata area %" PRIu64 " failed: %s; the snapshot "
 				"is invalid now", tfs_bdev_name(s->cow), a, strerror(-r));
@@ -752,21 +789,57 @@ int tfs_snap_store_commit_batch(struct tfs_snap_store *s, const uint64_t *old_ch
 		if (s->persistent)
 			s->recs[s->n_recs++] = (struct rec){ old_chunks[i], new_chunk };
 	}
-	if (!s->persistent || !nr)
+	if (!s->persistent) {
+		/* Nothing to write: the copies are done, which is all durable means here. */
+		pthread_rwlock_wrlock(&s->table_lock);
+		for (size_t i = 0; i < nr; i++)
+			xt_clear_bits(&s->table, old_chunks[i], NOT_DURABLE);
+		pthread_rwlock_unlock(&s->table_lock);
+		goto out;
+	}
+	if (!nr)
 		goto out;
 	uint64_t mine = s->n_recs;
-	/* Group commit: whoever finds no write in flight writes everything pending. */
+	/*
+	 * Group commit in two stages that overlap: a flush of the COW device
+	 * for the copied data of every record added before it began (each
+	 * committer wrote its data before it added its records: the kernel's
+	 * REQ_PREFLUSH), and the area write and flush of the records whose
+	 * data is flushed.  Whoever finds a stage idle and work for it runs
+	 * it for everyone, so the next group's data flush runs beside this
+	 * group's area write.
+	 */
 	while (s->n_durable < mine) {
 		if (!atomic_load(&s->valid)) {
 			r = -EIO;
 			break;
 		}
-		if (s->writing) {
+		if (s->n_flushed < mine && !s->flushing) {
+			uint64_t upto = s->n_recs;
+			s->flushing = true;
+			pthread_mutex_unlock(&s->mu);
+			r = tfs_bdev_flush(s->cow);
+			pthread_mutex_lock(&s->mu);
+			s->flushing = false;
+			pthread_cond_broadcast(&s->written);
+			if (r) {
+				tfs_err("%s: flushing copied chunks before their exceptions failed: "
+					"%s; the snapshot is invalid now", tfs_bdev_name(s->cow),
+					strerror(-r));
+				atomic_store(&s->valid, false);
+				r = -EIO;
+				break;
+			}
+			if (upto > s->n_flushed)
+				s->n_flushed = upto;
+			continue;
+		}
+		if (s->writing || s->n_flushed == s->n_durable) {
 			pthread_cond_wait(&s->written, &s->mu);
 			continue;
 		}
 		s->writing = true;
-		uint64_t lo = s->n_durable, hi = s->n_recs, total = s->total_chunks;
+		uint64_t lo = s->n_durable, hi = s->n_flushed, total = s->total_chunks;
 		pthread_mutex_unlock(&s->mu);
 		r = write_batch(s, lo, hi, total);
 		pthread_mutex_lock(&s->mu);
@@ -777,6 +850,10 @@ int tfs_snap_store_commit_batch(struct tfs_snap_store *s, const uint64_t *old_ch
 			r = -EIO;
 			break;
 		}
+		pthread_rwlock_wrlock(&s->table_lock);
+		for (uint64_t i = lo; i < hi; i++)
+			xt_clear_bits(&s->table, s->recs[i].old_chunk, NOT_DURABLE);
+		pthread_rwlock_unlock(&s->table_lock);
 		s->n_durable = hi;
 	}
 out:
@@ -867,7 +944,7 @@ int tfs_snap_store_merge_commit(struct tfs_snap_store *s, uint32_t nr)
 	for (uint64_t i = keep; i <= last; i++)
 		xt_del(&s->table, s->recs[i].old_chunk);
 	pthread_rwlock_unlock(&s->table_lock);
-	s->n_recs = s->n_durable = keep;
+	s->n_recs = s->n_durable = s->n_flushed = keep;
 	/* As the kernel counts it: the chunks up to the last record still in use. */
 	s->next_free = area_chunk(s, area) + (keep - area * e) + 1;
 out:

@@ -24,14 +24,16 @@
  *      new, so the caller must hold the origin's range lock on old from
  *      allocate until commit returns: nobody else may see the mapping while
  *      the chunk is not yet written.
- *   2. The caller writes the chunk's data to COW chunk new AND FLUSHES the
- *      COW device.  (Several threads' copies may share one flush.)
- *   3. tfs_snap_store_commit(old) records the exception in its area, writes
- *      the area and flushes before it returns 0.  Only then may the write
- *      that caused the copy be acknowledged.
+ *   2. The caller writes the chunk's data to COW chunk new (no flush).
+ *   3. tfs_snap_store_commit(old) records the exception, then flushes the
+ *      COW device (so the data of step 2 is durable first), writes the
+ *      area and flushes again before it returns 0.  Only then may the
+ *      write that caused the copy be acknowledged.
  *   If step 2 fails the caller invalidates the store; there is no undo.
- *   Commits are grouped: one area write carries every exception committed
- *   while the previous write was in flight.
+ *   Commits are grouped: one data flush serves every exception committed
+ *   before it began, and one area write and flush carries every exception
+ *   whose data is flushed, so the copies of many writers share one flush
+ *   pair; the next group's data flush runs beside this group's area write.
  *
  * All functions return 0 or -errno.  Problems with a device's content are
  * logged once here (tfs_err, naming the device) and returned as -EINVAL.
@@ -107,6 +109,14 @@ bool tfs_snap_store_valid(const struct tfs_snap_store *s);
 int tfs_snap_store_lookup(struct tfs_snap_store *s, uint64_t old_chunk, uint64_t *new_chunk);
 
 /*
+ * Whether every chunk of first..last has a durable exception: committed
+ * (persistent: its area written and flushed), not just allocated.  Such an
+ * exception stays until a merge drops it, and no copy of it can be in
+ * progress.  O(last - first + 1), shared lock only; false if first > last.
+ */
+bool tfs_snap_store_durable(struct tfs_snap_store *s, uint64_t first, uint64_t last);
+
+/*
  * Give old_chunk a COW chunk (the next free one, skipping metadata areas
  * as the kernel does).  -EEXIST if it has one, -ENOSPC when the device is
  * full, -EIO if the store is invalid, -ENOMEM.  Memory for the commit is
@@ -116,9 +126,9 @@ int tfs_snap_store_lookup(struct tfs_snap_store *s, uint64_t old_chunk, uint64_t
 int tfs_snap_store_allocate(struct tfs_snap_store *s, uint64_t old_chunk, uint64_t *new_chunk);
 
 /*
- * Make old_chunk's exception (from allocate, data already written and
- * flushed) durable: returns once an area write + flush that holds it has
- * succeeded; a transient store returns at once.  -ENOENT if old_chunk has
+ * Make old_chunk's exception (from allocate, data already written) durable:
+ * returns once a flush of the COW device, then an area write + flush that
+ * holds it, have succeeded; a transient store returns at once.  -ENOENT if old_chunk has
  * no allocation awaiting commit, -EIO if the store is or becomes invalid
  * (a failed area write marks it invalid in memory; the caller then calls
  * tfs_snap_store_invalidate to record it and learn if it came first).
