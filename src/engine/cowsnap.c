@@ -31,6 +31,15 @@
 /* Copies made before one commit (one group's flush pair). */
 #define BATCH 64u
 #define ZERO_PIECE (64u * 1024)
+/*
+ * The COW file is fallocated this much at a time (at least one chunk),
+ * one region ahead of the store's allocator.  ext4 holds the inode lock
+ * exclusively for each fallocate and waits for the direct I/O in flight,
+ * so a region is many copies' worth; past a few MiB the gain is flat
+ * (bench/README.md) and the host space held beyond what the store uses
+ * only grows.
+ */
+#define PREALLOC_BYTES ((uint64_t)4 << 20)
 static _Alignas(4096) const uint8_t zeros[ZERO_PIECE];
 
 /* ---- life ---- */
@@ -172,6 +181,12 @@ int tfs_cowsnap_create(struct tfs_cow_set *set, struct tfs_origin *o,
 			 "-byte chunks: using them, not the %" PRIu64 " configured", p->name,
 			 p->cow, (uint64_t)cs * 512, (uint64_t)p->chunk_sectors * 512);
 	s->chunk_bytes = (uint64_t)cs * 512;
+	/* KEEP_SIZE within the file: never more host space than the COW device's size. */
+	r = tfs_prealloc_create(b, s->chunk_bytes, PREALLOC_BYTES, size / s->chunk_bytes,
+				"copies into its holes are host allocations, one at a time",
+				&s->prealloc);
+	if (r < 0)
+		goto err_store;
 	if (p->fresh)
 		*p->fresh = fresh;
 	if (tfs_snap_store_valid(s->store) && p->known_invalid && !fresh && p->persistent) {
@@ -194,6 +209,8 @@ int tfs_cowsnap_create(struct tfs_cow_set *set, struct tfs_origin *o,
 	*out = s;
 	return 0;
 
+err_store:
+	tfs_snap_store_close(s->store);
 err_close:
 	tfs_bdev_close(b);
 err_free:
@@ -213,9 +230,18 @@ void tfs_cowsnap_put(struct tfs_cowsnap *s)
 			tfs_err("snapshot %s: final flush of %s failed: %s", s->name, s->cow_path,
 				strerror(-r));
 	}
+	tfs_prealloc_destroy(s->prealloc);
 	tfs_snap_store_close(s->store);
 	tfs_bdev_close(s->cow);
 	free(s);
+}
+
+void tfs_cowsnap_resized(struct tfs_cowsnap *s, uint64_t total_chunks)
+{
+	/* Without memory for a longer map the grown part is only never preallocated. */
+	if (tfs_prealloc_resize(s->prealloc, total_chunks))
+		tfs_warn("snapshot %s: out of memory: the grown part of %s is not preallocated",
+			 s->name, s->cow_path);
 }
 
 /* ---- invalidation and low water ---- */
@@ -327,6 +353,26 @@ static int batch_commit(struct tfs_cowsnap *s, struct batch *b)
 }
 
 /*
+ * The store hands out COW chunks in order: make sure the region of `to`
+ * is preallocated (normally it is: the region before it filled it ahead)
+ * and start on the next one unless another writer is at it.  Failures
+ * cost only speed (the copy then allocates on the host as it writes) and
+ * are counted in status.
+ */
+static void prealloc_ahead(struct tfs_cowsnap *s, uint64_t to)
+{
+	struct tfs_prealloc_counts pc;
+
+	if (!s->prealloc)
+		return;
+	if (!tfs_prealloc_ready(s->prealloc, to))
+		tfs_prealloc_fill(s->prealloc, to);
+	tfs_prealloc_counts(s->prealloc, &pc);
+	if (pc.active)
+		tfs_prealloc_fill_ahead(s->prealloc, to + pc.chunk_bytes / s->chunk_bytes);
+}
+
+/*
  * Give chunk a COW chunk (step 1), copying the origin's data into it
  * unless the caller overwrites the whole chunk.  0 and *to, or -EIO
  * after invalidating s.
@@ -344,6 +390,7 @@ static int new_exception(struct tfs_cowsnap *s, uint64_t chunk, bool copy, uint6
 		return -EIO;
 	}
 	tfs_cowsnap_check_low_water(s);
+	prealloc_ahead(s, *to);
 	if (!copy)
 		return 0;
 	r = copy_chunk(s, chunk, *to);
@@ -678,6 +725,7 @@ static void snap_status(struct tfs_dev *dev, struct tfs_status_sink *sink)
 {
 	struct tfs_cowsnap *s = sh_of(dev)->s;
 	bool valid = !atomic_load(&s->invalid), merging = atomic_load(&s->merging);
+	struct tfs_prealloc_counts pc;
 	struct tfs_snap_usage u;
 	char line[80];
 
@@ -697,6 +745,15 @@ static void snap_status(struct tfs_dev *dev, struct tfs_status_sink *sink)
 	tfs_status_u64(sink, "total_sectors", u.total_sectors);
 	tfs_status_u64(sink, "allocated_sectors", u.allocated_sectors);
 	tfs_status_u64(sink, "metadata_sectors", u.metadata_sectors);
+	tfs_status_end(sink);
+	/* The COW file's host space reserved ahead of the store (not part of its usage). */
+	tfs_prealloc_counts(s->prealloc, &pc);
+	tfs_status_begin(sink, "preallocate");
+	tfs_status_flag(sink, "active", pc.active);
+	tfs_status_u64(sink, "chunk_bytes", pc.chunk_bytes);
+	tfs_status_u64(sink, "chunks", pc.chunks);
+	tfs_status_u64(sink, "fallocates", pc.fallocates);
+	tfs_status_u64(sink, "failures", pc.failures);
 	tfs_status_end(sink);
 	/* dm's snapshot status line (snapshot-merge's while merging: the same numbers). */
 	if (atomic_load(&s->merge_failed))

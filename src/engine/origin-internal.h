@@ -10,6 +10,7 @@
 
 #include "core.h"
 #include "origin.h"
+#include "prealloc.h"
 #include "prison.h"
 #include "snap-store.h"
 
@@ -57,6 +58,13 @@ struct tfs_cowsnap {
 	struct tfs_bdev *cow;      /* fault-wrapped when faults are on */
 	struct tfs_bdev *fault;
 	struct tfs_snap_store *store;
+	/*
+	 * The COW file's space reserved ahead of the store's allocator, in
+	 * COW chunks (NULL on a block device): copies land in unwritten
+	 * extents, host overwrites that run in parallel, not host allocations
+	 * that run one at a time.
+	 */
+	struct tfs_prealloc *prealloc;
 	uint64_t chunk_bytes;
 	bool persistent;
 	atomic_uint refs;          /* the set's + each open handle's */
@@ -95,6 +103,8 @@ int tfs_cowsnap_check(const struct tfs_cowsnap_params *p);
 int tfs_cowsnap_open_dev(struct tfs_cowsnap *s, unsigned flags, struct tfs_dev **out);
 /* Record that s is invalid (why), once: store header, log, event.  Never fails. */
 void tfs_cowsnap_invalidate(struct tfs_cowsnap *s, const char *why, int err);
+/* The COW device grew to total_chunks chunks: preallocation may reach them too. */
+void tfs_cowsnap_resized(struct tfs_cowsnap *s, uint64_t total_chunks);
 /* After an allocation: count a low-water crossing if the store just passed the mark. */
 void tfs_cowsnap_check_low_water(struct tfs_cowsnap *s);
 /*

@@ -483,6 +483,7 @@ int tfs_cow_set_ids(struct tfs_cow_set *set, uint32_t **ids, unsigned *nr)
 int tfs_cow_set_resize_cow(struct tfs_cow_set *set, const char *name, uint64_t *chunks)
 {
 	struct tfs_cowsnap *s;
+	uint64_t total = 0;
 	int r;
 
 	pthread_mutex_lock(&set->lock);
@@ -492,9 +493,13 @@ int tfs_cow_set_resize_cow(struct tfs_cow_set *set, const char *name, uint64_t *
 	pthread_mutex_unlock(&set->lock);
 	if (!s)
 		return -ENOENT;
-	r = tfs_snap_store_resize(s->store, chunks);
-	if (r == 0)
+	r = tfs_snap_store_resize(s->store, &total);
+	if (r == 0) {
+		tfs_cowsnap_resized(s, total);
 		tfs_cowsnap_check_low_water(s);
+	}
+	if (chunks)
+		*chunks = total;
 	tfs_cowsnap_put(s);
 	return r;
 }

@@ -1052,7 +1052,9 @@ int tfs_pool_open(const struct tfs_pool_config *cfg, bool read_only, struct tfs_
 		punch_free_blocks(pool);
 	if (!read_only)
 		r = tfs_prealloc_create(pool->data, pool->block_size, cfg->preallocate_bytes,
-					pool->space.data_total, &pool->prealloc);
+					pool->space.data_total,
+					"partial writes to new blocks write the whole block",
+					&pool->prealloc);
 	if (r)
 		goto err_free;
 	if (!read_only) {

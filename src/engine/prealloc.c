@@ -36,6 +36,7 @@ struct tfs_prealloc {
 	uint64_t fallocates;  /* [lock] */
 	uint64_t failures;    /* [lock] */
 	bool off;             /* [lock] the device refused: never try again */
+	const char *off_note; /* logged when the device refuses: what that costs */
 };
 
 static uint64_t chunks_for(const struct tfs_prealloc *p, uint64_t nr_blocks)
@@ -63,7 +64,7 @@ static void forget_chunk(struct tfs_prealloc *p, uint64_t i)
 }
 
 int tfs_prealloc_create(struct tfs_bdev *dev, uint64_t block_size, uint64_t chunk_bytes,
-			uint64_t nr_blocks, struct tfs_prealloc **out)
+			uint64_t nr_blocks, const char *off_note, struct tfs_prealloc **out)
 {
 	struct tfs_prealloc *p;
 
@@ -74,6 +75,7 @@ int tfs_prealloc_create(struct tfs_bdev *dev, uint64_t block_size, uint64_t chun
 	if (!p)
 		return -ENOMEM;
 	p->dev = dev;
+	p->off_note = off_note;
 	p->block_size = block_size;
 	p->chunk_blocks = (chunk_bytes + block_size - 1) / block_size;
 	p->nr_blocks = nr_blocks;
@@ -113,7 +115,7 @@ bool tfs_prealloc_ready(struct tfs_prealloc *p, uint64_t block)
 	return r;
 }
 
-int tfs_prealloc_fill(struct tfs_prealloc *p, uint64_t block)
+static int fill(struct tfs_prealloc *p, uint64_t block, bool wait)
 {
 	uint64_t i = block / p->chunk_blocks, begin = i * p->chunk_blocks, end;
 	bool waited = false;
@@ -121,6 +123,10 @@ int tfs_prealloc_fill(struct tfs_prealloc *p, uint64_t block)
 
 	pthread_mutex_lock(&p->lock);
 	while (i < p->nr_chunks && (p->state[i] == FILLING || p->state[i] == FILLING_STALE)) {
+		if (!wait) {
+			pthread_mutex_unlock(&p->lock);
+			return -EAGAIN;
+		}
 		pthread_cond_wait(&p->filled, &p->lock);
 		waited = true;
 	}
@@ -148,8 +154,8 @@ int tfs_prealloc_fill(struct tfs_prealloc *p, uint64_t block)
 		p->failures++;
 		if (r == -EOPNOTSUPP && !p->off) {
 			p->off = true;
-			tfs_info("%s: cannot preallocate the data file (%s): partial writes to new "
-				 "blocks write the whole block", tfs_bdev_name(p->dev), strerror(-r));
+			tfs_info("%s: cannot preallocate (%s): %s", tfs_bdev_name(p->dev),
+				 strerror(-r), p->off_note);
 		}
 	}
 	/* A resize meanwhile may have cut the map, or moved the end into this chunk. */
@@ -158,6 +164,18 @@ int tfs_prealloc_fill(struct tfs_prealloc *p, uint64_t block)
 	pthread_cond_broadcast(&p->filled);
 	pthread_mutex_unlock(&p->lock);
 	return r;
+}
+
+int tfs_prealloc_fill(struct tfs_prealloc *p, uint64_t block)
+{
+	return fill(p, block, true);
+}
+
+int tfs_prealloc_fill_ahead(struct tfs_prealloc *p, uint64_t block)
+{
+	if (!p || tfs_prealloc_ready(p, block))
+		return 0;
+	return fill(p, block, false);
 }
 
 void tfs_prealloc_forget(struct tfs_prealloc *p, uint64_t begin, uint64_t len)

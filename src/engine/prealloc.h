@@ -1,11 +1,11 @@
 /* SPDX-License-Identifier: GPL-2.0-or-later */
 /*
  * prealloc.h - keeping a data file's blocks allocated ahead of the pool's
- * allocator.
+ * allocator (and a COW file's ahead of its exception store's, cowsnap.c).
  *
  * Owns: which chunks (a run of data blocks, `preallocate` in pool.cfg) of
- * one pool's data file have been fallocated since they were last punched,
- * and counters of what it did.  A write into a hole of a sparse file is an
+ * one pool's data file (or one COW file) have been fallocated since they
+ * were last punched, and counters of what it did.  A write into a hole of a sparse file is an
  * allocation of the host file system, which ext4 serialises against all
  * direct I/O to the file; the same write into a preallocated (unwritten)
  * extent is an overwrite, and unwritten extents read as zeros.  So a
@@ -41,11 +41,12 @@ struct tfs_prealloc_counts {
 /*
  * For data device dev (not owned) of nr_blocks blocks of block_size
  * bytes, preallocating chunk_bytes at a time (rounded up to whole
- * blocks).  *out is NULL, and 0 returned, when there is nothing to do:
+ * blocks).  off_note (static) ends the log line when dev refuses: what
+ * that costs.  *out is NULL, and 0 returned, when there is nothing to do:
  * chunk_bytes 0, or dev is a block device.  -ENOMEM.
  */
 int tfs_prealloc_create(struct tfs_bdev *dev, uint64_t block_size, uint64_t chunk_bytes,
-			uint64_t nr_blocks, struct tfs_prealloc **out);
+			uint64_t nr_blocks, const char *off_note, struct tfs_prealloc **out);
 void tfs_prealloc_destroy(struct tfs_prealloc *p);
 
 /* Whether block's chunk is marked preallocated.  O(1), takes the mutex; p may be NULL (false). */
@@ -60,6 +61,12 @@ bool tfs_prealloc_ready(struct tfs_prealloc *p, uint64_t block);
  * turns p off for good, with one line in the log).
  */
 int tfs_prealloc_fill(struct tfs_prealloc *p, uint64_t block);
+/*
+ * The same for a chunk the caller will need soon, without waiting: 0 at
+ * once when it is marked already (or p is NULL), -EAGAIN while another
+ * thread fills it, else what tfs_prealloc_fill returns.
+ */
+int tfs_prealloc_fill_ahead(struct tfs_prealloc *p, uint64_t block);
 /* Blocks [begin, begin + len) were punched: their chunks are holes in part again. */
 void tfs_prealloc_forget(struct tfs_prealloc *p, uint64_t begin, uint64_t len);
 /*

@@ -2,8 +2,8 @@
 /*
  * Preallocation of a data file's chunks: a fill reserves the whole chunk
  * on the host without changing what any block reads, marks it, a punch
- * forgets it, a resize forgets what it made partial, and nothing is made
- * for a chunk size of 0.
+ * forgets it, a resize forgets what it made partial, a fill ahead fills
+ * only what is not marked, and nothing is made for a chunk size of 0.
  */
 #include <errno.h>
 #include <pthread.h>
@@ -82,7 +82,7 @@ static void test_a_fill_reserves_the_chunk_and_changes_no_data(void **state)
 	struct tfs_prealloc *p;
 	struct tfs_prealloc_counts n;
 
-	assert_int_equal(tfs_prealloc_create(e->dev, BS, CHUNK, 72, &p), 0);
+	assert_int_equal(tfs_prealloc_create(e->dev, BS, CHUNK, 72, "test", &p), 0);
 	assert_non_null(p);
 	assert_false(tfs_prealloc_ready(p, 5));
 	assert_int_equal(tfs_prealloc_fill(p, 5), 0);
@@ -119,7 +119,7 @@ static void test_a_punch_or_a_resize_forgets_the_chunks_it_touches(void **state)
 	struct tfs_prealloc *p;
 	struct tfs_prealloc_counts n;
 
-	assert_int_equal(tfs_prealloc_create(e->dev, BS, CHUNK, 72, &p), 0);
+	assert_int_equal(tfs_prealloc_create(e->dev, BS, CHUNK, 72, "test", &p), 0);
 	assert_int_equal(tfs_prealloc_fill(p, 1), 0);
 	assert_int_equal(tfs_prealloc_fill(p, 65), 0);
 	tfs_prealloc_forget(p, 62, 1);
@@ -153,7 +153,7 @@ static void test_threads_filling_one_chunk_fallocate_it_once(void **state)
 	struct tfs_prealloc_counts n;
 	pthread_t t[8];
 
-	assert_int_equal(tfs_prealloc_create(e->dev, BS, CHUNK, 72, &p), 0);
+	assert_int_equal(tfs_prealloc_create(e->dev, BS, CHUNK, 72, "test", &p), 0);
 	for (int i = 0; i < 8; i++)
 		assert_int_equal(pthread_create(&t[i], NULL, fill_one, p), 0);
 	for (int i = 0; i < 8; i++)
@@ -164,13 +164,36 @@ static void test_threads_filling_one_chunk_fallocate_it_once(void **state)
 	tfs_prealloc_destroy(p);
 }
 
+/* What a COW store does one region ahead of its allocator. */
+static void test_a_fill_ahead_fills_only_unmarked_chunks_inside_the_device(void **state)
+{
+	struct env *e = *state;
+	struct tfs_prealloc *p;
+	struct tfs_prealloc_counts n;
+
+	assert_int_equal(tfs_prealloc_fill_ahead(NULL, 0), 0);
+	assert_int_equal(tfs_prealloc_create(e->dev, BS, CHUNK, 72, "test", &p), 0);
+	assert_int_equal(tfs_prealloc_fill_ahead(p, 64), 0);
+	assert_true(tfs_prealloc_ready(p, 71));
+	assert_false(tfs_prealloc_ready(p, 0));
+	assert_int_equal(tfs_prealloc_fill_ahead(p, 70), 0);
+	/* Past the device's end there is nothing to fill: the file never grows. */
+	assert_int_equal(tfs_prealloc_fill_ahead(p, 128), -EOPNOTSUPP);
+	assert_true(host_bytes(e) < 72 * (uint64_t)BS);
+	tfs_prealloc_counts(p, &n);
+	assert_int_equal(n.fallocates, 1);
+	assert_int_equal(n.chunks, 1);
+	assert_int_equal(n.failures, 0);
+	tfs_prealloc_destroy(p);
+}
+
 static void test_nothing_is_made_when_off(void **state)
 {
 	struct env *e = *state;
 	struct tfs_prealloc *p = (void *)1;
 	struct tfs_prealloc_counts n;
 
-	assert_int_equal(tfs_prealloc_create(e->dev, BS, 0, 72, &p), 0);
+	assert_int_equal(tfs_prealloc_create(e->dev, BS, 0, 72, "test", &p), 0);
 	assert_null(p);
 	assert_false(tfs_prealloc_ready(NULL, 0));
 	tfs_prealloc_forget(NULL, 0, 10);
@@ -190,6 +213,8 @@ int main(void)
 						setup, teardown),
 		cmocka_unit_test_setup_teardown(test_threads_filling_one_chunk_fallocate_it_once,
 						setup, teardown),
+		cmocka_unit_test_setup_teardown(
+			test_a_fill_ahead_fills_only_unmarked_chunks_inside_the_device, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_nothing_is_made_when_off, setup, teardown),
 	};
 

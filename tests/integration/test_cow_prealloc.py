@@ -1,0 +1,118 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+"""A COW file is preallocated (fallocate KEEP_SIZE) a region ahead of its
+store's allocator, so that copies into it are host overwrites: what the
+snapshot reads, what the store reports and what survives a crash are
+unchanged by it, and the file never grows past its size."""
+import os
+import threading
+
+from daemon_util import pattern, read_at, write_at
+from test_cow_snapshots import check_cfg, cow_pool, ctl_snapshot, sections, sparse, vol
+
+MiB = 1 << 20
+CHUNK = 4096
+REGION = 4 * MiB  # cowsnap.c PREALLOC_BYTES
+# The host's extent tree of a file written in many places: not data, may come on top.
+HOST_META = 256 << 10
+
+
+def host_bytes(path):
+    return os.stat(path).st_blocks * 512
+
+
+def store_sectors(n):
+    """allocated_sectors of a fresh persistent store with 4 KiB chunks after
+    n exceptions: header, area 0, the data chunks and an area per 256."""
+    return (2 + n + n // 256) * (CHUNK // 512)
+
+
+def break_chunks(path, chunks, data, writers=8):
+    """First writes of 4 KiB to each of chunks, from parallel writers, fsync'ed."""
+    def run(part):
+        for c in part:
+            write_at(path, c * CHUNK, data[c * CHUNK:(c + 1) * CHUNK])
+    threads = [threading.Thread(target=run, args=(chunks[i::writers],))
+               for i in range(writers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
+def origin_and_snapshot(pool, tmp_path, seed, size, cow_size):
+    """A mounted origin "db" of size bytes of pattern(seed) and a snapshot "s"
+    of it with 4 KiB chunks on a sparse COW file of cow_size bytes."""
+    origin = sparse(tmp_path / "origin.img", size)
+    base = pattern(seed, size)
+    write_at(origin, 0, base)
+    cow = sparse(tmp_path / "s.cow", cow_size)
+    p = cow_pool(pool, [("db", origin)])
+    ctl_snapshot(p, "db", "s", cow, "--chunk-size", "4k")
+    return p, base, cow
+
+
+def test_cow_breaks_into_a_preallocated_cow_file_read_back_right_after_kill9(pool, tmp_path):
+    size = 16 * MiB
+    p, base, cow = origin_and_snapshot(pool, tmp_path, 1, size, 10 * MiB)
+    assert vol(p, "s")["preallocate"]["active"] is True
+    # 1500 chunks (about 6 MiB of the COW file: two regions and the start of a third).
+    chunks = list(range(0, 3000, 2))
+    new = pattern(2, size)
+    break_chunks(p.mnt / "db", chunks, new)
+    cur = bytearray(base)
+    for c in chunks:
+        cur[c * CHUNK:(c + 1) * CHUNK] = new[c * CHUNK:(c + 1) * CHUNK]
+    s = vol(p, "s")
+    # The store's numbers, not the file's: preallocation is not usage.
+    assert s["cow"]["allocated_sectors"] == store_sectors(len(chunks))
+    pa = s["preallocate"]
+    assert pa["chunk_bytes"] == REGION and pa["failures"] == 0
+    # The regions the store reached, and the one ahead of it, the last cut at the file's end.
+    assert pa["fallocates"] == pa["chunks"] == 3
+    assert os.path.getsize(cow) == 10 * MiB
+    assert 8 * MiB <= host_bytes(cow) <= 10 * MiB + HOST_META
+    assert read_at(p.mnt / "s", 0, size) == base
+    assert read_at(p.mnt / "db", 0, size) == bytes(cur)
+    # Every break was fsync'ed: a crash loses none of them, nor reads zeros of a region.
+    p.kill9()
+    p.mount()
+    assert read_at(p.mnt / "s", 0, size) == base
+    assert read_at(p.mnt / "db", 0, size) == bytes(cur)
+    assert vol(p, "s")["cow"]["allocated_sectors"] == store_sectors(len(chunks))
+    p.unmount()
+    assert "clean, 1500 exception(s)" in check_cfg(p).stdout
+
+
+def test_a_grown_cow_file_is_preallocated_up_to_its_new_end_only(pool, tmp_path):
+    size = 16 * MiB
+    p, base, cow = origin_and_snapshot(pool, tmp_path, 3, size, 5 * MiB)
+    break_chunks(p.mnt / "db", list(range(0, 1200)), pattern(4, size))
+    assert vol(p, "s")["preallocate"]["chunks"] == 2
+    assert host_bytes(cow) <= 5 * MiB + HOST_META
+    os.truncate(cow, 9 * MiB)
+    p.ctl("resize", "cow", "s")
+    break_chunks(p.mnt / "db", list(range(1200, 2000)), pattern(4, size))
+    pa = vol(p, "s")["preallocate"]
+    # The region cut at the old end is filled again up to the new end, and the new last one.
+    assert pa["fallocates"] == 4 and pa["chunks"] == 3 and pa["failures"] == 0
+    assert os.path.getsize(cow) == 9 * MiB and host_bytes(cow) <= 9 * MiB + HOST_META
+    assert read_at(p.mnt / "s", 0, size) == base
+    p.unmount()
+    check_cfg(p)
+
+
+def test_a_cow_block_device_is_not_preallocated(pool, tmp_path):
+    origin = sparse(tmp_path / "origin.img", 4 * MiB)
+    base = pattern(5, 4 * MiB)
+    write_at(origin, 0, base)
+    p = pool(mount=False)
+    cow = p.losetup(sparse(tmp_path / "s.cow", 4 * MiB))
+    p.cfg.write_text(p.cfg.read_text() + sections([("db", origin)]))
+    p.mount()
+    ctl_snapshot(p, "db", "s", cow)
+    write_at(p.mnt / "db", 0, b"x" * (256 << 10))
+    assert vol(p, "s")["preallocate"] == {"active": False, "chunk_bytes": 0, "chunks": 0,
+                                          "fallocates": 0, "failures": 0}
+    assert read_at(p.mnt / "s", 0, 4 * MiB) == base
+    p.unmount()
+    check_cfg(p)
