@@ -365,8 +365,7 @@ static void prealloc_ahead(struct tfs_cowsnap *s, uint64_t to)
 
 	if (!s->prealloc)
 		return;
-	if (!tfs_prealloc_ready(s->prealloc, to))
-		tfs_prealloc_fill(s->prealloc, to);
+	tfs_prealloc_fill(s->prealloc, to);
 	tfs_prealloc_counts(s->prealloc, &pc);
 	if (pc.active)
 		tfs_prealloc_fill_ahead(s->prealloc, to + pc.chunk_bytes / s->chunk_bytes);

@@ -173,9 +173,7 @@ int tfs_prealloc_fill(struct tfs_prealloc *p, uint64_t block)
 
 int tfs_prealloc_fill_ahead(struct tfs_prealloc *p, uint64_t block)
 {
-	if (!p || tfs_prealloc_ready(p, block))
-		return 0;
-	return fill(p, block, false);
+	return p ? fill(p, block, false) : 0;
 }
 
 void tfs_prealloc_forget(struct tfs_prealloc *p, uint64_t begin, uint64_t len)

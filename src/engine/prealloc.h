@@ -52,7 +52,8 @@ void tfs_prealloc_destroy(struct tfs_prealloc *p);
 /* Whether block's chunk is marked preallocated.  O(1), takes the mutex; p may be NULL (false). */
 bool tfs_prealloc_ready(struct tfs_prealloc *p, uint64_t block);
 /*
- * Preallocate block's chunk (up to the device's end) and mark it.  One
+ * Preallocate block's chunk (up to the device's end) and mark it; 0 at
+ * once when it is marked already, so callers need not ask first.  One
  * fallocate, which on ext4 waits for direct I/O in flight to the file and
  * reserves host space: call it with no lock held, once per chunk.  While
  * another thread fills the chunk this waits for that fill instead.

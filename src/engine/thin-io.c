@@ -380,8 +380,7 @@ static void prepare_targets(struct chunk *c)
 
 		if ((p->act != ACT_NEW && p->act != ACT_COPY) || p->ready)
 			continue;
-		p->ready = tfs_prealloc_ready(pa, p->target);
-		if (!p->ready && tfs_prealloc_fill(pa, p->target))
+		if (tfs_prealloc_fill(pa, p->target))
 			return;
 		p->ready = true;
 	}
