@@ -305,16 +305,21 @@ static int aio_wait(aio_context_t ctx, long min, long max, struct io_event *ev)
 	return (int)syscall(SYS_io_getevents, ctx, min, max, ev, NULL);
 }
 
-/* The reads of a batch from next on, submitted while there is room: how many went. */
+/*
+ * The reads of a batch from next on, submitted while there is room (a free
+ * slot, and TFS_BDEV_BATCH_BYTES not passed unless nothing is in flight):
+ * how many went.  *bytes: the bytes in flight.
+ */
 static int batch_submit(struct file_dev *f, aio_context_t ctx, const struct tfs_bdev_req *reqs,
 			unsigned nr, unsigned *next, struct iocb *cbs, unsigned *free_slots,
-			unsigned *nr_free)
+			unsigned *nr_free, size_t *bytes)
 {
 	struct iocb *ptrs[TFS_BDEV_BATCH_DEPTH];
 	unsigned n = 0, first = *next;
 	int r;
 
 	while (*next < nr && *nr_free > 0 &&
+	       (!*bytes || *bytes + reqs[*next].len <= TFS_BDEV_BATCH_BYTES) &&
 	       aligned(f, reqs[*next].buf, reqs[*next].len, reqs[*next].off)) {
 		const struct tfs_bdev_req *q = &reqs[*next];
 		struct iocb *cb = &cbs[free_slots[--*nr_free]];
@@ -327,6 +332,7 @@ static int batch_submit(struct file_dev *f, aio_context_t ctx, const struct tfs_
 		cb->aio_nbytes = q->len;
 		cb->aio_offset = (int64_t)q->off;
 		ptrs[n++] = cb;
+		*bytes += q->len;
 		++*next;
 	}
 	if (!n)
@@ -337,8 +343,10 @@ static int batch_submit(struct file_dev *f, aio_context_t ctx, const struct tfs_
 	if (r < 0)
 		r = errno == EAGAIN ? 0 : -errno;
 	/* Those not taken go back, to be submitted again (or read alone). */
-	for (unsigned i = r > 0 ? (unsigned)r : 0; i < n; i++)
+	for (unsigned i = r > 0 ? (unsigned)r : 0; i < n; i++) {
 		free_slots[(*nr_free)++] = (unsigned)(ptrs[i] - cbs);
+		*bytes -= (size_t)ptrs[i]->aio_nbytes;
+	}
 	if (r >= 0)
 		*next = first + (unsigned)r;
 	return r;
@@ -352,6 +360,7 @@ static int aio_batch(struct file_dev *f, aio_context_t ctx, const struct tfs_bde
 	struct io_event ev[TFS_BDEV_BATCH_DEPTH];
 	unsigned free_slots[TFS_BDEV_BATCH_DEPTH], nr_free = TFS_BDEV_BATCH_DEPTH, next = 0;
 	unsigned inflight = 0;
+	size_t bytes = 0;
 	int err = 0;
 
 	for (unsigned i = 0; i < TFS_BDEV_BATCH_DEPTH; i++)
@@ -360,7 +369,8 @@ static int aio_batch(struct file_dev *f, aio_context_t ctx, const struct tfs_bde
 		int n;
 
 		if (!err && next < nr) {
-			n = batch_submit(f, ctx, reqs, nr, &next, cbs, free_slots, &nr_free);
+			n = batch_submit(f, ctx, reqs, nr, &next, cbs, free_slots, &nr_free,
+					 &bytes);
 			if (n < 0)
 				err = n;
 			else
@@ -390,6 +400,7 @@ static int aio_batch(struct file_dev *f, aio_context_t ctx, const struct tfs_bde
 
 			free_slots[nr_free++] = (unsigned)(cb - cbs);
 			inflight--;
+			bytes -= (size_t)cb->aio_nbytes;
 			if (ev[i].res < 0) {
 				err = err ? err : (int)ev[i].res;
 				continue;

@@ -356,6 +356,40 @@ def test_the_daemon_and_the_mount_path_give_the_same_stream(pool, tmp_path):
     same(p.mnt / ".snapshots" / "n2" / "vm2", p.mnt / "copy")
 
 
+def test_a_send_of_many_windows_read_out_of_order_gives_the_same_stream(pool, tmp_path):
+    """A stream of several read windows (16 MiB each, more than the three in
+    memory, two readers), whose blocks lie shuffled on the data device so
+    that each window's reads complete out of order, 64 KiB ones and 1 MiB
+    ones (runs), more of them than the 2 MiB kept in flight: the daemon's
+    stream is the mount path's, byte for byte, and receives as the volume."""
+    p = pool()
+    nblocks = 1100                                     # 68.75 MiB: 5 windows
+    create(p.mnt / "vm", nblocks * BS)
+    order = list(range(nblocks))
+    random.Random(11).shuffle(order)
+    # Half the blocks in shuffled order, the rest in runs of 48 (3 MiB) in order.
+    for b in order[:nblocks // 2]:
+        write_at(p.mnt / "vm", b * BS, pattern(b, BS), fsync=False)
+    rest = sorted(order[nblocks // 2:])
+    for i in range(0, len(rest), 48):
+        for b in rest[i:i + 48]:
+            write_at(p.mnt / "vm", b * BS, pattern(b, BS), fsync=False)
+    os.mkdir(p.mnt / ".snapshots" / "n1")
+    for b in order[::3]:
+        write_at(p.mnt / "vm", b * BS + 7, pattern(5000 + b, BS - 7), fsync=False)
+    os.mkdir(p.mnt / ".snapshots" / "n2")
+    old, new = tmp_path / "old", tmp_path / "new"
+    for args in (["n1/vm"], ["--from", "n1/vm", "n2/vm"]):
+        send_to_file(p, old, "--through-mount", *args)
+        send_to_file(p, new, *args)
+        assert old.read_bytes() == new.read_bytes(), args
+    send_to_file(p, new, "n1/vm")
+    receive_file(p, new, "copy1")
+    send_to_file(p, new, "--from", "n1/vm", "n2/vm")
+    receive_file(p, new, "copy2", "--base", "copy1")
+    same(p.mnt / ".snapshots" / "n2" / "vm", p.mnt / "copy2")
+
+
 def test_a_send_in_progress_keeps_its_snapshot_whole(pool, tmp_path):
     p = pool()
     # More than the daemon's three 16 MiB windows: the last is read after the rewrite below.

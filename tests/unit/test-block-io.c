@@ -312,6 +312,53 @@ static void test_read_batch_reads_what_single_reads_read(void **state)
 	free(want);
 }
 
+/*
+ * Reads larger than the batch's byte bound (TFS_BDEV_BATCH_BYTES) go one
+ * at a time, smaller ones several at once, mixed in one batch on a direct
+ * file: every one reads what a single read reads, and the device counts
+ * every byte once.
+ */
+static void test_read_batch_bounds_bytes_in_flight(void **state)
+{
+	(void)state;
+	enum { NR = 24 };
+	const size_t lens[] = { TFS_BDEV_BATCH_BYTES + 4096, 65536, TFS_BDEV_BATCH_BYTES / 2,
+				TFS_BDEV_BATCH_BYTES / 2 + 8192, 4096, 2 * TFS_BDEV_BATCH_BYTES };
+	char path[] = "/tmp/tfs-batchbytes-XXXXXX";
+	struct tfs_bdev *d = open_direct_tmp(path);
+	struct tfs_bdev_req reqs[NR];
+	size_t size = 0, at = 0;
+	uint8_t *src, *dst;
+	uint64_t before;
+
+	for (unsigned i = 0; i < NR; i++)
+		size += lens[i % 6];
+	src = malloc(size);
+	assert_non_null(src);
+	assert_int_equal(posix_memalign((void **)&dst, 4096, size), 0);
+	for (size_t i = 0; i < size; i++)
+		src[i] = (uint8_t)(i * 13 + i / 65536);
+	assert_int_equal(tfs_bdev_write(d, src, size, 0), 0);
+	/* Request i reads the file's i-th piece from the end into the i-th slot of dst. */
+	for (unsigned i = 0; i < NR; i++) {
+		size_t len = lens[i % 6];
+
+		reqs[i] = (struct tfs_bdev_req){ .buf = dst + at, .len = len,
+						 .off = (uint64_t)(size - at - len) };
+		at += len;
+	}
+	memset(dst, 0xee, size);
+	before = bytes_read(d);
+	assert_int_equal(tfs_bdev_read_batch(d, reqs, NR), 0);
+	for (unsigned i = 0; i < NR; i++)
+		assert_memory_equal(reqs[i].buf, src + reqs[i].off, reqs[i].len);
+	assert_int_equal(bytes_read(d) - before, size);
+	tfs_bdev_close(d);
+	unlink(path);
+	free(src);
+	free(dst);
+}
+
 static void test_scratch_nests_reuses_and_stays_bounded(void **state)
 {
 	(void)state;
@@ -1100,6 +1147,7 @@ int main(void)
 		cmocka_unit_test(test_file_bdev_reads_zeros_past_end_and_grows),
 		cmocka_unit_test(test_open_refuses_a_directory),
 		cmocka_unit_test(test_read_batch_reads_what_single_reads_read),
+		cmocka_unit_test(test_read_batch_bounds_bytes_in_flight),
 		cmocka_unit_test(test_fault_fails_nth_write_then_recovers),
 		cmocka_unit_test(test_power_cut_drops_unflushed_writes),
 		cmocka_unit_test(test_power_cut_tear_keeps_whole_sectors),
