@@ -17,12 +17,18 @@
 # Environment:
 #   WORK=/var/tmp/thinfs-bench-cache-clean  backing files, mountpoint (removed at exit)
 #   CACHE_MIB=1024                          the cache's size (all of it dirty)
+#   CACHE_DIR=                              a directory for cache.img and cmeta.img
+#                                           (default: beside the origin; a
+#                                           subdirectory made and removed at exit)
 #   MIGRATION_THRESHOLD=2048                sectors of writeback in flight
 #   RUNTIME=20                              seconds for the random-write fio job
 #   THINFS_BUILD=build-bench-cache          release build directory
 #   BENCH_REV=                              a commit to measure instead (clean export)
 #   TRACE=0                                 1: `perf trace -s` the daemon during the
 #                                           clean (time per system call, in OUT/trace.txt)
+#   PERF=0                                  1: `perf record -a -g` during the clean
+#                                           (the whole machine: the helpers start late;
+#                                           OUT/perf.data)
 #
 # Not a test: nothing times it in scripts/test.sh.
 set -uo pipefail
@@ -42,6 +48,13 @@ command -v cache_restore >/dev/null || { echo "cache_restore (thin-provisioning-
 source "$ROOT/bench/cache-lib.sh"
 
 P=$WORK/pool
+# The cache device and its metadata: with the origin, or on a device of their own.
+if [[ -n ${CACHE_DIR:-} ]]; then
+	C=$CACHE_DIR/thinfs-bench-cache-clean.$$
+	trap 'pool_cleanup; rm -rf "$C"' EXIT
+else
+	C=$P
+fi
 NR=$((CACHE_MIB * 16)) # 64 KiB blocks
 fresh_origin() { rm -f "$P/origin.img"; truncate -s "$((CACHE_MIB * 2))M" "$P/origin.img"; }
 
@@ -60,10 +73,11 @@ row() { printf '| %s | %s | %s |\n' "$1" "$2" "$3"; }
 
 log "machine: $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg); build $VERSION"
 rm -rf "$P"
-mkdir -p "$P" "$MNT"
+mkdir -p "$P" "$C" "$MNT"
 truncate -s 64M "$P/meta.img"
 truncate -s 1G "$P/data.img"
-truncate -s 64M "$P/cmeta.img"
+truncate -s 64M "$C/cmeta.img"
+log "origin in $P, cache device and its metadata in $C ($(df --output=source "$C" | tail -1))"
 fresh_origin
 
 echo "| measurement | result | cache counters after it |"
@@ -79,9 +93,9 @@ row "origin file: the same sequential writes, fdatasync after each $((THRESHOLD 
 fresh_origin
 
 # Every cache block dirty, mapped to the origin in a shuffled order.
-fio --name=fillcache --filename="$P/cache.img" --rw=write --bs=1m --size="${CACHE_MIB}M" \
+fio --name=fillcache --filename="$C/cache.img" --rw=write --bs=1m --size="${CACHE_MIB}M" \
 	--direct=1 --ioengine=psync --refill_buffers=1 --output-format=json >/dev/null
-fio --name=cread --filename="$P/cache.img" --rw=randread --bs=64k --size="${CACHE_MIB}M" \
+fio --name=cread --filename="$C/cache.img" --rw=randread --bs=64k --size="${CACHE_MIB}M" \
 	--direct=1 --ioengine=psync --runtime="$RUNTIME" --time_based=1 --randrepeat=1 \
 	--output-format=json >"$OUT/cread.json"
 cread_bw=$(python3 -c '
@@ -92,7 +106,7 @@ row "cache file: 64 KiB random reads (what cleaning reads, in shuffled cache blo
 # disk, what the reads get beside the writes bounds cleaning.
 fresh_origin
 fio --output-format=json --direct=1 --ioengine=psync --runtime="$RUNTIME" --time_based=1 \
-	--name=mixr --filename="$P/cache.img" --rw=randread --bs=64k --size="${CACHE_MIB}M" --numjobs=8 \
+	--name=mixr --filename="$C/cache.img" --rw=randread --bs=64k --size="${CACHE_MIB}M" --numjobs=8 \
 	--name=mixw --filename="$P/origin.img" --rw=write --bs=512k --size="${CACHE_MIB}M" \
 	>"$OUT/mix.json"
 mix=$(python3 -c '
@@ -120,13 +134,13 @@ data = data.img
 catalog = catalog.db
 [cache "c"]
 origin = origin.img
-cache = cache.img
-metadata = cmeta.img
+cache = $C/cache.img
+metadata = $C/cmeta.img
 mode = writeback
 migration_threshold = 0
 CFG
 "$thinfs" mkpool "$P/pool.cfg" >/dev/null
-cache_restore -i "$OUT/dirty.xml" -o "$P/cmeta.img" >/dev/null
+cache_restore -i "$OUT/dirty.xml" -o "$C/cmeta.img" >/dev/null
 # shellcheck disable=SC2119 # no mount options here
 cache_mount || exit 1
 dirty=$(cache_field dirty)
@@ -137,14 +151,19 @@ if [[ ${TRACE:-0} == 1 ]]; then
 	TRACE_PID=$!
 	sleep 1
 fi
+if [[ ${PERF:-0} == 1 ]]; then
+	perf record -a -g -o "$OUT/perf.data" >/dev/null 2>&1 &
+	PERF_PID=$!
+	sleep 1
+fi
 start=$(date +%s.%N)
 "$ctl" "$MNT" cache c migration_threshold "$THRESHOLD" >/dev/null
 "$ctl" "$MNT" cache c clean --wait >/dev/null
 secs=$(python3 -c "print($(date +%s.%N) - $start)")
-if [[ -n ${TRACE_PID:-} ]]; then
-	kill -INT "$TRACE_PID"
-	wait "$TRACE_PID"
-fi
+for pid in ${TRACE_PID:-} ${PERF_PID:-}; do
+	kill -INT "$pid"
+	wait "$pid"
+done
 bw=$(python3 -c "print('%.1f' % ($dirty * 64 / 1024 / $secs))")
 row "clean --wait of $dirty dirty 64 KiB blocks (migration_threshold $THRESHOLD)" \
 	"$(python3 -c "print('%.1f s, %s MiB/s' % ($secs, '$bw'))")" "$(counters)"

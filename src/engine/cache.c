@@ -80,7 +80,7 @@ struct tfs_cache {
 	pthread_t worker;
 	bool worker_started;
 	uint8_t *copy_buf;                     /* the worker's: promotions, blocks > WB_SLOT_BYTES */
-	struct wb_pool *wb;                    /* writeback helpers, from the first writeback */
+	struct wb_pool *wb;                    /* the writeback writer, from the first writeback */
 
 	void (*notify)(void *arg);
 	void *notify_arg;
@@ -364,56 +364,50 @@ out:
  * reads and the origin's writes overlap with no more than the threshold in
  * flight.  Blocks adjacent on the origin go out as one write, one writer at
  * a time in origin order (a spinning or thin origin sees sequential
- * writes); the scattered cache-device reads of a batch are split between
- * the worker and the helpers.  Then one flush of the origin makes the whole group
- * durable, and only then are its blocks marked clean and the metadata
- * committed: a crash at any point leaves no block clean on disk whose
- * origin copy is not.
+ * writes).  Then one flush of the origin makes the whole group durable,
+ * and only then are its blocks marked clean and the metadata committed: a
+ * crash at any point leaves no block clean on disk whose origin copy is
+ * not.
  *
- * The helpers (struct wb_pool) live as long as the cache, started at its
- * first writeback; the worker hands them jobs and runs queued ones itself
- * while it waits.
+ * A batch's cache reads go out together from the worker
+ * (tfs_bdev_read_batch: native AIO on a direct device, one read per run of
+ * consecutive cache blocks): a cache device that shares its disk with the
+ * origin gives the random reads their share of the disk only at a queue
+ * depth of several (a sequential writer beside 1 reader left the reader
+ * 180 MiB/s, beside 8 readers 900), and one thread submitting them all
+ * needs no CPU hand-over per read, which a busy machine makes slow.  The
+ * writes go to one helper thread (struct wb_pool), which lives as long as
+ * the cache, started at its first writeback; the worker runs a queued
+ * write itself while it waits.
  */
-/*
- * Reads of a batch in up to 8 parts (the worker and 7 helpers), one
- * helper writing: a cache device that shares its disk with the origin
- * gives the random reads their share of the disk only at a queue depth
- * like that (a sequential writer beside 1 reader left the reader 180 MiB/s,
- * beside 8 readers 900).
- */
-#define WB_THREADS 8u
-#define WB_READ_PARTS 8u
+#define WB_THREADS 1u
 #define WB_SLOT_BYTES (4u * 1024 * 1024)
 #define WB_GROUP_BATCHES 32u
 /* While the cache serves I/O: writes to the window wait for its group. */
 #define WB_GROUP_BATCHES_BUSY 4u
 #define WB_GROUP_MAX 1024u
-/* A batch's queued read parts and the other batch's write. */
-#define WB_QUEUE WB_READ_PARTS
+/* The batch written while the next one is read. */
+#define WB_QUEUE 2u
 
 struct wb_slot {
 	uint32_t first, n;  /* the batch: group blocks first..first+n-1 */
 	uint8_t *buf;       /* WB_SLOT_BYTES, block i of the batch at i * block_size */
 	unsigned pending;   /* jobs queued or running (pool lock) */
 	int r;              /* the first error of its jobs (pool lock) */
-};
-
-struct wb_job {
-	bool write;
-	struct wb_slot *s;
-	uint32_t begin, end; /* group indices */
+	/* Its cache reads, a run of consecutive cache blocks each (the worker's). */
+	struct tfs_bdev_req reqs[WB_SLOT_BYTES / (32u * 1024)];
 };
 
 struct wb_pool {
 	pthread_mutex_t lock;
 	pthread_cond_t work, done;
-	struct wb_job queue[WB_QUEUE];
+	struct wb_slot *queue[WB_QUEUE]; /* batches to write */
 	unsigned head, len;
 	bool stop;
 	pthread_t threads[WB_THREADS];
 	unsigned nr_threads;
 	struct wb_slot slot[2];
-	/* The group being written back (the worker's; read by jobs). */
+	/* The group being written back (the worker's; read by the writes). */
 	uint32_t n;
 	uint32_t cb[WB_GROUP_MAX];
 	uint64_t ob[WB_GROUP_MAX];
@@ -450,50 +444,53 @@ static void wb_gather(struct tfs_cache *c, struct wb_pool *w, uint64_t first, ui
 	}
 }
 
-/* Read group blocks begin..end-1 into their slot, consecutive cache blocks in one read. */
-static int wb_read(struct tfs_cache *c, struct wb_pool *w, const struct wb_job *j)
+/* Read the slot's batch from the cache device, consecutive cache blocks in one read. */
+static int wb_read(struct tfs_cache *c, struct wb_pool *w, struct wb_slot *s)
 {
 	uint64_t bs = c->block_size;
-	int r = 0;
+	uint32_t end = s->first + s->n;
+	unsigned nr = 0;
 
-	for (uint32_t k = j->begin, l; k < j->end && r == 0; k = l) {
-		for (l = k + 1; l < j->end && w->cb[l] == w->cb[l - 1] + 1; l++)
+	for (uint32_t k = s->first, l; k < end; k = l) {
+		for (l = k + 1; l < end && w->cb[l] == w->cb[l - 1] + 1; l++)
 			;
-		r = tfs_bdev_read(c->cdev, j->s->buf + (k - j->s->first) * bs, (size_t)((l - k) * bs),
-				  cache_off(c, w->cb[k]));
+		s->reqs[nr++] = (struct tfs_bdev_req){ .buf = s->buf + (k - s->first) * bs,
+						       .len = (size_t)((l - k) * bs),
+						       .off = cache_off(c, w->cb[k]) };
 	}
-	return r;
+	return tfs_bdev_read_batch(c->cdev, s->reqs, nr);
 }
 
 /* Write the slot's batch to the origin, consecutive origin blocks in one write. */
-static int wb_write(struct tfs_cache *c, struct wb_pool *w, const struct wb_job *j)
+static int wb_write(struct tfs_cache *c, struct wb_pool *w, const struct wb_slot *s)
 {
 	uint64_t bs = c->block_size;
+	uint32_t end = s->first + s->n;
 	int r = 0;
 
-	for (uint32_t k = j->begin, l; k < j->end && r == 0; k = l) {
-		for (l = k + 1; l < j->end && w->ob[l] == w->ob[l - 1] + 1; l++)
+	for (uint32_t k = s->first, l; k < end && r == 0; k = l) {
+		for (l = k + 1; l < end && w->ob[l] == w->ob[l - 1] + 1; l++)
 			;
-		r = tfs_bdev_write(c->origin, j->s->buf + (k - j->s->first) * bs,
+		r = tfs_bdev_write(c->origin, s->buf + (k - s->first) * bs,
 				   (size_t)((l - k) * bs), w->ob[k] * bs);
 	}
 	return r;
 }
 
-/* Pool lock held: run the job at the queue's head (the lock is dropped meanwhile). */
+/* Pool lock held: write the batch at the queue's head (the lock is dropped meanwhile). */
 static void wb_run_one(struct tfs_cache *c, struct wb_pool *w)
 {
-	struct wb_job j = w->queue[w->head];
+	struct wb_slot *s = w->queue[w->head];
 	int r;
 
 	w->head = (w->head + 1) % WB_QUEUE;
 	w->len--;
 	pthread_mutex_unlock(&w->lock);
-	r = j.write ? wb_write(c, w, &j) : wb_read(c, w, &j);
+	r = wb_write(c, w, s);
 	pthread_mutex_lock(&w->lock);
-	if (r < 0 && !j.s->r)
-		j.s->r = r;
-	if (!--j.s->pending)
+	if (r < 0 && !s->r)
+		s->r = r;
+	if (!--s->pending)
 		pthread_cond_broadcast(&w->done);
 }
 
@@ -513,17 +510,18 @@ static void *wb_helper(void *arg)
 	return NULL;
 }
 
-/* Pool lock held: queue a job of slot s (the queue has room: see WB_QUEUE). */
-static void wb_queue(struct wb_pool *w, struct wb_slot *s, bool write, uint32_t begin,
-		     uint32_t end)
+/* Queue slot s's write (the queue has room: see WB_QUEUE). */
+static void wb_start_write(struct wb_pool *w, struct wb_slot *s)
 {
-	w->queue[(w->head + w->len++) % WB_QUEUE] =
-		(struct wb_job){ .write = write, .s = s, .begin = begin, .end = end };
+	pthread_mutex_lock(&w->lock);
+	w->queue[(w->head + w->len++) % WB_QUEUE] = s;
 	s->pending++;
+	s->r = 0;
 	pthread_cond_signal(&w->work);
+	pthread_mutex_unlock(&w->lock);
 }
 
-/* Wait for slot s's jobs, running queued ones meanwhile; their first error. */
+/* Wait for slot s's write, running queued ones meanwhile; its error. */
 static int wb_wait(struct tfs_cache *c, struct wb_pool *w, struct wb_slot *s)
 {
 	int r;
@@ -540,33 +538,7 @@ static int wb_wait(struct tfs_cache *c, struct wb_pool *w, struct wb_slot *s)
 	return r;
 }
 
-/*
- * The slot's batch: its reads in up to WB_READ_PARTS parts, consecutive
- * cache blocks in one read.  The first part is returned for this thread
- * to read; the rest are queued.  Each hand-over to a helper may wait for
- * a CPU on a busy machine, so there are no more parts than that.
- */
-static void wb_start_reads(struct wb_pool *w, struct wb_slot *s, struct wb_job *mine)
-{
-	uint32_t end = s->first + s->n, per = (s->n + WB_READ_PARTS - 1) / WB_READ_PARTS;
-
-	*mine = (struct wb_job){ .s = s, .begin = s->first,
-				 .end = s->first + per < end ? s->first + per : end };
-	pthread_mutex_lock(&w->lock);
-	s->r = 0;
-	for (uint32_t k = mine->end; k < end; k += per)
-		wb_queue(w, s, false, k, k + per < end ? k + per : end);
-	pthread_mutex_unlock(&w->lock);
-}
-
-static void wb_start_write(struct wb_pool *w, struct wb_slot *s)
-{
-	pthread_mutex_lock(&w->lock);
-	wb_queue(w, s, true, s->first, s->first + s->n);
-	pthread_mutex_unlock(&w->lock);
-}
-
-/* The helpers and buffers, at the first writeback; -ENOMEM (fewer threads are fine). */
+/* The helper and buffers, at the first writeback; -ENOMEM (no thread is fine). */
 static int wb_pool_start(struct tfs_cache *c)
 {
 	struct wb_pool *w;
@@ -587,7 +559,7 @@ static int wb_pool_start(struct tfs_cache *c)
 	pthread_cond_init(&w->work, NULL);
 	pthread_cond_init(&w->done, NULL);
 	c->wb = w;
-	/* No helper at all still works: the worker runs every job in wb_wait. */
+	/* No helper at all still works: the worker runs every write in wb_wait. */
 	while (w->nr_threads < WB_THREADS &&
 	       pthread_create(&w->threads[w->nr_threads], NULL, wb_helper, c) == 0)
 		w->nr_threads++;
@@ -641,7 +613,6 @@ static int wb_copy_large(struct tfs_cache *c, const struct wb_pool *w)
 static int wb_copy_group(struct tfs_cache *c, struct wb_pool *w, uint32_t per, bool pipelined)
 {
 	struct wb_slot *writing = NULL;
-	struct wb_job mine;
 	unsigned k = 0;
 	int r = 0, wr;
 
@@ -652,10 +623,7 @@ static int wb_copy_group(struct tfs_cache *c, struct wb_pool *w, uint32_t per, b
 
 		s->first = i;
 		s->n = i + per < w->n ? per : w->n - i;
-		wb_start_reads(w, s, &mine);
-		r = wb_read(c, w, &mine);
-		wr = wb_wait(c, w, s);
-		r = r ? r : wr;
+		r = wb_read(c, w, s);
 		if (writing) {
 			wr = wb_wait(c, w, writing);
 			r = r ? r : wr;

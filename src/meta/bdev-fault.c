@@ -373,6 +373,7 @@ int tfs_bdev_fault_wrap(struct tfs_bdev *lower, bool volatile_cache, struct tfs_
 	f->base.ops = &fault_ops;
 	snprintf(f->base.name, sizeof(f->base.name), "%s", lower->name);
 	f->base.direct = lower->direct;
+	f->base.blockdev = lower->blockdev;
 	f->lower = lower;
 	f->volatile_cache = volatile_cache;
 	pthread_mutex_init(&f->lock, NULL);

@@ -533,6 +533,7 @@ int tfs_bdev_open_direct(const char *path, bool read_only, bool direct, struct t
 	for (int i = 0; i < AIO_CONTEXTS; i++)
 		pthread_mutex_init(&f->aio_lock[i], NULL);
 	f->blockdev = S_ISBLK(st.st_mode);
+	f->base.blockdev = f->blockdev;
 	f->align = align;
 	*out = &f->base;
 	return 0;
@@ -549,7 +550,7 @@ int tfs_bdev_open(const char *path, bool read_only, struct tfs_bdev **out)
 
 bool tfs_bdev_is_blockdev(const struct tfs_bdev *dev)
 {
-	return dev->ops == &file_ops && ((const struct file_dev *)dev)->blockdev;
+	return dev->blockdev;
 }
 
 /* ---- memory device --------------------------------------------------- */

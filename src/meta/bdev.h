@@ -73,6 +73,12 @@ struct tfs_bdev {
 	/* Bypasses the host page cache (O_DIRECT); a wrapper copies its lower's. */
 	bool direct;
 	/*
+	 * A block device, not a regular file: discard promises no zeros and
+	 * fallocate is not there.  A wrapper copies its lower's, so that a
+	 * device under fault injection is treated as the device it is.
+	 */
+	bool blockdev;
+	/*
 	 * Bytes moved to (written) or from (read) the storage below, as
 	 * pread/pwrite saw them: with direct, what the device transferred,
 	 * sectors rewritten around an unaligned write included.  Wrappers
@@ -100,7 +106,7 @@ int tfs_bdev_open(const char *path, bool read_only, struct tfs_bdev **out);
 int tfs_bdev_open_direct(const char *path, bool read_only, bool direct, struct tfs_bdev **out);
 /* A zero-filled in-memory device of size bytes (grows on grow()). */
 int tfs_bdev_open_mem(uint64_t size, struct tfs_bdev **out);
-/* Whether the device is a block device (discard = BLKDISCARD). */
+/* Whether the device (or the one under a wrapper) is a block device (discard = BLKDISCARD). */
 bool tfs_bdev_is_blockdev(const struct tfs_bdev *dev);
 
 static inline int tfs_bdev_read(struct tfs_bdev *d, void *b, size_t l, uint64_t o)

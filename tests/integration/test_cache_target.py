@@ -924,6 +924,31 @@ def test_cleaning_coalesces_origin_writes_and_flushes_once_per_group(pool, tmp_p
         assert block_of(p.origin, ob) == want, ob
 
 
+def test_a_cache_read_error_in_batched_cleaning_leaves_the_group_dirty(pool, tmp_path):
+    # 48 dirty blocks, one group in batches of 4 whose scattered cache reads go out
+    # together; the 7th read fails (the second batch's, while the first is written).
+    p, data = shuffled_dirty_cache(pool, tmp_path, 48, faults=True)
+    before = origin_io(p)
+    p.ctl("fault", "c:cache", "read", "error", "after", "6", "once")
+    p.ctl("cache", "c", "migration_threshold", "1024")
+    r = p.ctl("cache", "c", "clean", "--wait", ok=(1,))
+    assert "clean stopped: a writeback failed (Input/output error); 48 dirty" in \
+        r.stdout + r.stderr, r.stdout + r.stderr
+    st = cstat(p)
+    assert st["dirty"] == 48 and st["writebacks"] == 0, st
+    # No flush of the origin for the failed group: nothing was marked clean.
+    assert origin_io(p)["flushes"] == before["flushes"]
+    for ob, want in data.items():
+        assert dio_read(p.mnt / "c", ob * BS, BS) == want, ob
+    # The fault passed: the retry writes the whole group back, each block once.
+    p.ctl("cache", "c", "clean", "--wait")
+    st = cstat(p)
+    assert st["dirty"] == 0 and st["writebacks"] == 48, st
+    p.unmount()
+    for ob, want in data.items():
+        assert block_of(p.origin, ob) == want, ob
+
+
 def dirty_bits(cmeta):
     out = subprocess.run(["cache_dump", str(cmeta)], capture_output=True, text=True,
                          check=True).stdout

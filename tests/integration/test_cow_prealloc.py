@@ -116,3 +116,23 @@ def test_a_cow_block_device_is_not_preallocated(pool, tmp_path):
     assert read_at(p.mnt / "s", 0, 4 * MiB) == base
     p.unmount()
     check_cfg(p)
+
+
+def test_a_cow_block_device_under_fault_injection_is_not_preallocated(pool, tmp_path):
+    """The fault wrapper around a COW block device is still a block device:
+    no fallocate is tried (it would fail and log), the copies are right."""
+    origin = sparse(tmp_path / "origin.img", 4 * MiB)
+    base = pattern(6, 4 * MiB)
+    write_at(origin, 0, base)
+    p = pool(mount=False)
+    cow = p.losetup(sparse(tmp_path / "s.cow", 4 * MiB))
+    p.cfg.write_text(p.cfg.read_text() + sections([("db", origin)]) + "[fault]\nallow = yes\n")
+    p.mount("--allow-faults")
+    ctl_snapshot(p, "db", "s", cow)
+    write_at(p.mnt / "db", 0, b"x" * (256 << 10))
+    assert vol(p, "s")["preallocate"] == {"active": False, "chunk_bytes": 0, "chunks": 0,
+                                          "fallocates": 0, "failures": 0}
+    assert "cannot preallocate" not in p.log_text()
+    assert read_at(p.mnt / "s", 0, 4 * MiB) == base
+    p.unmount()
+    check_cfg(p)

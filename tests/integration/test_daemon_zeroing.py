@@ -238,3 +238,27 @@ def test_without_discard_passdown_new_blocks_are_zeroed_on_the_device(pool):
     write_partial_blocks(b, 32, 600)
     assert data_io(p)["write_bytes"] - w0 == 32 * BS  # each block written whole
     assert_partial_blocks(b, 32, 600)
+
+
+def test_a_data_block_device_under_fault_injection_is_still_a_block_device(pool):
+    """With faults allowed the data device sits under a fault wrapper; it must
+    still be treated as the block device it is: a discard there promises no
+    zeros, so free blocks are not punched and trusted to read zero, and a
+    block device is not preallocated.  A new block is zeroed around a
+    partial write whatever the device held."""
+    p = pool(data_size=SMALL, mount=False, mkpool=False)
+    with open(p.data, "r+b") as f:      # old contents a new block must not show
+        f.write(pattern(700, SMALL))
+    dev = p.losetup(p.data)
+    p.write_cfg(text=f"[pool]\nmetadata = {p.meta}\ndata = {dev}\ncatalog = {p.catalog}\n"
+                f"block_size = {BS // 1024}k\n[fault]\nallow = yes\n")
+    p.mkpool("--force")
+    p.mount("--allow-faults")
+    assert p.status()["pool"]["free_blocks_read_zero"] is False
+    assert "free data blocks punched" not in p.log_text()
+    assert prealloc(p)["active"] is False
+    b = create(p.mnt / "b", SMALL)
+    write_partial_blocks(b, 32, 800)
+    assert_partial_blocks(b, 32, 800)
+    assert prealloc(p)["failures"] == 0
+    p.unmount()                 # before teardown detaches the data device
