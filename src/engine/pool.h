@@ -358,11 +358,13 @@ int tfs_thin_open(struct tfs_pool *pool, uint32_t id, unsigned flags, struct tfs
  * shared range lock over the blocks from the first range to the last.
  * Buffers aligned to 4 KiB go to a direct data device as they are.  Reads
  * of up to TFS_THIN_BULK_READ bytes each, in data-block order, as one
- * batch (tfs_bdev_read_batch: up to TFS_BDEV_BATCH_DEPTH in flight).  0,
+ * batch (tfs_bdev_read_batch_bounded: up to TFS_BDEV_BATCH_DEPTH reads
+ * and TFS_THIN_BULK_IN_FLIGHT bytes in flight; two readers, twice that).  0,
  * or -EIO (a device error, logged), -ENOMEM, -EINVAL ranges out of order
  * (logged).  One read call at a time per reader.
  */
 #define TFS_THIN_BULK_READ (1u << 20)
+#define TFS_THIN_BULK_IN_FLIGHT (2u << 20)
 struct tfs_thin_range {
 	uint64_t off;
 	size_t len;

@@ -10,9 +10,11 @@
  * of a batch is looked up first, the pieces are sorted by where they lie
  * on the data device (neighbours on the device and in memory become one
  * read, up to TFS_THIN_BULK_READ bytes), and the reads go to the data
- * device as one batch (tfs_bdev_read_batch: native AIO on a direct
- * device), so the device sees its blocks in order with several reads in
- * flight, and no thread waits per read.
+ * device as one batch (tfs_bdev_read_batch_bounded: native AIO on a
+ * direct device), so the device sees its blocks in order with several
+ * reads in flight, and no thread waits per read.  Not too many bytes in
+ * flight (TFS_THIN_BULK_IN_FLIGHT): the disk measured read 1 MiB pieces a
+ * quarter slower with 16 or 32 MiB in flight than with 2 to 4.
  *
  * A batch is one request as far as suspend and the range locks go: it
  * enters the core for the device and takes one shared cell over the
@@ -154,7 +156,8 @@ int tfs_thin_bulk_read(struct tfs_thin_bulk *b, const struct tfs_thin_range *ran
 	if (r)
 		goto out_unlock;
 	qsort(b->reads, b->nr_reads, sizeof(*b->reads), by_dev_off);
-	r = tfs_bdev_read_batch(pool->data, b->reads, (unsigned)b->nr_reads);
+	r = tfs_bdev_read_batch_bounded(pool->data, b->reads, (unsigned)b->nr_reads,
+					TFS_THIN_BULK_IN_FLIGHT);
 	if (r)
 		tfs_err("thin device %u: reading data blocks failed: %s", vol->id, strerror(-r));
 out_unlock:

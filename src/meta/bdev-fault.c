@@ -187,14 +187,15 @@ static int fault_read(struct tfs_bdev *d, void *buf, size_t len, uint64_t off)
 }
 
 /* Unarmed, the lower device's batch; armed, each read meets the rules as ever. */
-static int fault_read_batch(struct tfs_bdev *d, const struct tfs_bdev_req *reqs, unsigned nr)
+static int fault_read_batch(struct tfs_bdev *d, const struct tfs_bdev_req *reqs, unsigned nr,
+			    size_t max_bytes)
 {
 	struct fault_dev *f = to_fault(d);
 	int r = 0;
 
 	if (!armed(f)) {
 		atomic_fetch_add_explicit(&f->reads, nr, memory_order_relaxed);
-		return tfs_bdev_read_batch(f->lower, reqs, nr);
+		return tfs_bdev_read_batch_bounded(f->lower, reqs, nr, max_bytes);
 	}
 	for (unsigned i = 0; i < nr && !r; i++)
 		r = fault_read(d, reqs[i].buf, reqs[i].len, reqs[i].off);

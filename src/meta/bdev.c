@@ -307,19 +307,19 @@ static int aio_wait(aio_context_t ctx, long min, long max, struct io_event *ev)
 
 /*
  * The reads of a batch from next on, submitted while there is room (a free
- * slot, and TFS_BDEV_BATCH_BYTES not passed unless nothing is in flight):
- * how many went.  *bytes: the bytes in flight.
+ * slot, and max_bytes not passed unless nothing is in flight): how many
+ * went.  *bytes: the bytes in flight.
  */
 static int batch_submit(struct file_dev *f, aio_context_t ctx, const struct tfs_bdev_req *reqs,
 			unsigned nr, unsigned *next, struct iocb *cbs, unsigned *free_slots,
-			unsigned *nr_free, size_t *bytes)
+			unsigned *nr_free, size_t *bytes, size_t max_bytes)
 {
 	struct iocb *ptrs[TFS_BDEV_BATCH_DEPTH];
 	unsigned n = 0, first = *next;
 	int r;
 
 	while (*next < nr && *nr_free > 0 &&
-	       (!*bytes || *bytes + reqs[*next].len <= TFS_BDEV_BATCH_BYTES) &&
+	       (!*bytes || reqs[*next].len <= max_bytes - *bytes) &&
 	       aligned(f, reqs[*next].buf, reqs[*next].len, reqs[*next].off)) {
 		const struct tfs_bdev_req *q = &reqs[*next];
 		struct iocb *cb = &cbs[free_slots[--*nr_free]];
@@ -354,7 +354,7 @@ static int batch_submit(struct file_dev *f, aio_context_t ctx, const struct tfs_
 
 /* The batch's reads through ctx; -errno of io_getevents leaves ctx unusable (*broken). */
 static int aio_batch(struct file_dev *f, aio_context_t ctx, const struct tfs_bdev_req *reqs,
-		     unsigned nr, bool *broken)
+		     unsigned nr, size_t max_bytes, bool *broken)
 {
 	struct iocb cbs[TFS_BDEV_BATCH_DEPTH];
 	struct io_event ev[TFS_BDEV_BATCH_DEPTH];
@@ -370,7 +370,7 @@ static int aio_batch(struct file_dev *f, aio_context_t ctx, const struct tfs_bde
 
 		if (!err && next < nr) {
 			n = batch_submit(f, ctx, reqs, nr, &next, cbs, free_slots, &nr_free,
-					 &bytes);
+					 &bytes, max_bytes);
 			if (n < 0)
 				err = n;
 			else
@@ -414,7 +414,8 @@ static int aio_batch(struct file_dev *f, aio_context_t ctx, const struct tfs_bde
 	return err;
 }
 
-static int file_read_batch(struct tfs_bdev *d, const struct tfs_bdev_req *reqs, unsigned nr)
+static int file_read_batch(struct tfs_bdev *d, const struct tfs_bdev_req *reqs, unsigned nr,
+			   size_t max_bytes)
 {
 	struct file_dev *f = to_file(d);
 	aio_context_t own = 0, *ctx = &own;
@@ -432,7 +433,7 @@ static int file_read_batch(struct tfs_bdev *d, const struct tfs_bdev_req *reqs, 
 		for (unsigned i = 0; i < nr && !err; i++)
 			err = file_read(d, reqs[i].buf, reqs[i].len, reqs[i].off);
 	} else {
-		err = aio_batch(f, *ctx, reqs, nr, &broken);
+		err = aio_batch(f, *ctx, reqs, nr, max_bytes, &broken);
 	}
 	if (*ctx && (broken || shared < 0)) {
 		syscall(SYS_io_destroy, *ctx);

@@ -62,9 +62,11 @@ struct tfs_bdev_ops {
 	void (*destroy)(struct tfs_bdev *dev);
 	/*
 	 * Added: every read of reqs[0..nr), several in flight at once where
-	 * the device can (NULL: one after the other through read).
+	 * the device can, up to max_bytes of them (NULL: one after the other
+	 * through read).
 	 */
-	int (*read_batch)(struct tfs_bdev *dev, const struct tfs_bdev_req *reqs, unsigned nr);
+	int (*read_batch)(struct tfs_bdev *dev, const struct tfs_bdev_req *reqs, unsigned nr,
+			  size_t max_bytes);
 };
 
 struct tfs_bdev {
@@ -116,31 +118,34 @@ static inline int tfs_bdev_read(struct tfs_bdev *d, void *b, size_t l, uint64_t 
 /*
  * Added (bulk reads, send): the reads of reqs[0..nr), as tfs_bdev_read
  * each, in any order and overlapping in time: a direct file or block
- * device keeps up to TFS_BDEV_BATCH_DEPTH of them, and up to
- * TFS_BDEV_BATCH_BYTES of their bytes (always at least one read), in
- * flight with the kernel's native AIO from the calling thread alone (an
- * unaligned one is read on its own as usual); others, or when AIO is not
- * to be had, read them one after the other.  Blocks until all are done;
- * 0, or the first -errno (the others are still waited for, their buffers
- * undefined).
+ * device keeps up to TFS_BDEV_BATCH_DEPTH of them in flight with the
+ * kernel's native AIO from the calling thread alone (an unaligned one is
+ * read on its own as usual); others, or when AIO is not to be had, read
+ * them one after the other.  Blocks until all are done; 0, or the first
+ * -errno (the others are still waited for, their buffers undefined).
  *
- * Why a byte bound: the virtio disk measured for send (bench/README.md)
- * read 1 MiB pieces fastest with 2 to 4 MiB in flight, and a quarter
- * slower with 16 or 32 MiB; a bound in bytes still lets many small
- * scattered reads (64 KiB blocks) overlap.
+ * _bounded: also no more than max_bytes of them in flight (always at least
+ * one read).  Why a caller bounds it: the virtio disk measured for send
+ * (bench/README.md) read 1 MiB pieces fastest with 2 to 4 MiB in flight,
+ * and a quarter slower with 16 or 32 MiB; a bound in bytes still lets
+ * many small scattered reads (64 KiB blocks) overlap.
  */
 #define TFS_BDEV_BATCH_DEPTH 32
-#define TFS_BDEV_BATCH_BYTES (2u << 20)
-static inline int tfs_bdev_read_batch(struct tfs_bdev *d, const struct tfs_bdev_req *reqs,
-				      unsigned nr)
+static inline int tfs_bdev_read_batch_bounded(struct tfs_bdev *d, const struct tfs_bdev_req *reqs,
+					      unsigned nr, size_t max_bytes)
 {
 	int r = 0;
 
 	if (d->ops->read_batch)
-		return d->ops->read_batch(d, reqs, nr);
+		return d->ops->read_batch(d, reqs, nr, max_bytes);
 	for (unsigned i = 0; i < nr && !r; i++)
 		r = d->ops->read(d, reqs[i].buf, reqs[i].len, reqs[i].off);
 	return r;
+}
+static inline int tfs_bdev_read_batch(struct tfs_bdev *d, const struct tfs_bdev_req *reqs,
+				      unsigned nr)
+{
+	return tfs_bdev_read_batch_bounded(d, reqs, nr, SIZE_MAX);
 }
 static inline int tfs_bdev_write(struct tfs_bdev *d, const void *b, size_t l, uint64_t o)
 {

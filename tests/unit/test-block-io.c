@@ -313,19 +313,19 @@ static void test_read_batch_reads_what_single_reads_read(void **state)
 }
 
 /*
- * Reads larger than the batch's byte bound (TFS_BDEV_BATCH_BYTES) go one
- * at a time, smaller ones several at once, mixed in one batch on a direct
- * file: every one reads what a single read reads, and the device counts
- * every byte once.
+ * Reads larger than a batch's byte bound (tfs_bdev_read_batch_bounded) go
+ * one at a time, smaller ones several at once, mixed in one batch on a
+ * direct file, bare and through an unarmed fault wrapper: every one reads
+ * what a single read reads, and the device counts every byte once.
  */
 static void test_read_batch_bounds_bytes_in_flight(void **state)
 {
 	(void)state;
 	enum { NR = 24 };
-	const size_t lens[] = { TFS_BDEV_BATCH_BYTES + 4096, 65536, TFS_BDEV_BATCH_BYTES / 2,
-				TFS_BDEV_BATCH_BYTES / 2 + 8192, 4096, 2 * TFS_BDEV_BATCH_BYTES };
+	const size_t bound = 2u << 20;
+	const size_t lens[] = { bound + 4096, 65536, bound / 2, bound / 2 + 8192, 4096, 2 * bound };
 	char path[] = "/tmp/tfs-batchbytes-XXXXXX";
-	struct tfs_bdev *d = open_direct_tmp(path);
+	struct tfs_bdev *d = open_direct_tmp(path), *w = NULL;
 	struct tfs_bdev_req reqs[NR];
 	size_t size = 0, at = 0;
 	uint8_t *src, *dst;
@@ -347,13 +347,17 @@ static void test_read_batch_bounds_bytes_in_flight(void **state)
 						 .off = (uint64_t)(size - at - len) };
 		at += len;
 	}
-	memset(dst, 0xee, size);
-	before = bytes_read(d);
-	assert_int_equal(tfs_bdev_read_batch(d, reqs, NR), 0);
-	for (unsigned i = 0; i < NR; i++)
-		assert_memory_equal(reqs[i].buf, src + reqs[i].off, reqs[i].len);
-	assert_int_equal(bytes_read(d) - before, size);
-	tfs_bdev_close(d);
+	for (int round = 0; round < 2; round++) {
+		if (round == 1)
+			assert_int_equal(tfs_bdev_fault_wrap(d, false, &w), 0);
+		memset(dst, 0xee, size);
+		before = bytes_read(d);
+		assert_int_equal(tfs_bdev_read_batch_bounded(round ? w : d, reqs, NR, bound), 0);
+		for (unsigned i = 0; i < NR; i++)
+			assert_memory_equal(reqs[i].buf, src + reqs[i].off, reqs[i].len);
+		assert_int_equal(bytes_read(d) - before, size);
+	}
+	tfs_bdev_close(w);
 	unlink(path);
 	free(src);
 	free(dst);
