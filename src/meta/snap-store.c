@@ -656,6 +656,19 @@ uint64_t tfs_snap_store_uncommitted(struct tfs_snap_store *s)
 	return n;
 }
 
+uint64_t tfs_snap_store_next_free(struct tfs_snap_store *s)
+{
+	pthread_mutex_lock(&s->mu);
+	uint64_t n = s->next_free;
+	pthread_mutex_unlock(&s->mu);
+	return n;
+}
+
+bool tfs_snap_store_is_meta(const struct tfs_snap_store *s, uint64_t chunk)
+{
+	return s->persistent && is_meta_chunk(s, chunk);
+}
+
 void tfs_snap_store_usage(struct tfs_snap_store *s, struct tfs_snap_usage *u)
 {
 	pthread_mutex_lock(&s->mu);
