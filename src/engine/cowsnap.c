@@ -42,13 +42,23 @@
 #define PREALLOC_BYTES ((uint64_t)4 << 20)
 /* Zeros are written ahead through a buffer of this many bytes. */
 #define ZERO_AHEAD_PIECE ((size_t)1 << 20)
+/*
+ * ... and only for chunks up to this size.  The host's conversion that the
+ * zeros spare costs the same per copy whatever its size, the zeros cost
+ * their bytes: measured (bench/README.md, cowrate branch), 4 KiB chunks
+ * gain 1.16-1.27x, 64 KiB chunks gain nothing with one snapshot and lose
+ * 0.58x with eight (each write then copies and zeros 8 chunks).  Sizes
+ * between are not measured; the line is drawn in between.
+ */
+#define ZERO_AHEAD_MAX_CHUNK ((uint64_t)16 << 10)
 static _Alignas(4096) const uint8_t zeros[ZERO_PIECE];
 
 /* ---- life ---- */
 
 /*
  * After a region of the COW file is fallocated: write zeros over its free
- * data chunks, so that copies go into written extents.  A copy into an
+ * data chunks (small chunks only, see ZERO_AHEAD_MAX_CHUNK), so that
+ * copies go into written extents.  A copy into an
  * unwritten extent leaves the host a conversion to make durable, and on
  * ext4 the store's data flush then writes the extent tree besides flushing
  * the device (bench/README.md: flushes 2.4x slower under COW breaks).
@@ -241,7 +251,8 @@ int tfs_cowsnap_create(struct tfs_cow_set *set, struct tfs_origin *o,
 				&s->prealloc);
 	if (r < 0)
 		goto err_store;
-	tfs_prealloc_set_then(s->prealloc, zero_ahead, s);
+	if (s->chunk_bytes <= ZERO_AHEAD_MAX_CHUNK)
+		tfs_prealloc_set_then(s->prealloc, zero_ahead, s);
 	if (p->fresh)
 		*p->fresh = fresh;
 	if (tfs_snap_store_valid(s->store) && p->known_invalid && !fresh && p->persistent) {

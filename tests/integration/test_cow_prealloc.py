@@ -119,6 +119,23 @@ def test_zeros_ahead_start_at_the_allocation_point_and_spare_copies_made_before_
     assert "clean, 2000 exception(s)" in check_cfg(p).stdout
 
 
+def test_large_chunks_are_reserved_ahead_but_not_zeroed(pool, tmp_path):
+    size = 8 * MiB
+    origin = sparse(tmp_path / "origin.img", size)
+    base = pattern(8, size)
+    write_at(origin, 0, base)
+    cow = sparse(tmp_path / "s.cow", 10 * MiB)
+    p = cow_pool(pool, [("db", origin)])
+    ctl_snapshot(p, "db", "s", cow, "--chunk-size", "64k")
+    break_chunks(p.mnt / "db", list(range(0, 16 * 64, 16)), pattern(9, size))
+    pa = vol(p, "s")["preallocate"]
+    # 64 KiB chunks: the zeros would cost more than the conversions they spare.
+    assert pa["fallocates"] >= 2 and pa["failures"] == 0 and pa["zeroed_bytes"] == 0
+    assert read_at(p.mnt / "s", 0, size) == base
+    p.unmount()
+    check_cfg(p)
+
+
 def test_a_grown_cow_file_is_preallocated_up_to_its_new_end_only(pool, tmp_path):
     size = 16 * MiB
     p, base, cow = origin_and_snapshot(pool, tmp_path, 3, size, 5 * MiB)
