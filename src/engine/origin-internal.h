@@ -60,11 +60,13 @@ struct tfs_cowsnap {
 	struct tfs_snap_store *store;
 	/*
 	 * The COW file's space reserved ahead of the store's allocator, in
-	 * COW chunks (NULL on a block device): copies land in unwritten
-	 * extents, host overwrites that run in parallel, not host allocations
-	 * that run one at a time.
+	 * COW chunks (NULL on a block device), and its free data chunks then
+	 * written with zeros: copies land in written extents, host overwrites
+	 * that run in parallel and leave the host no metadata to make durable
+	 * at the data flush, not host allocations that run one at a time.
 	 */
 	struct tfs_prealloc *prealloc;
+	atomic_uint_fast64_t zeroed_bytes; /* written ahead since the mount */
 	uint64_t chunk_bytes;
 	bool persistent;
 	atomic_uint refs;          /* the set's + each open handle's */

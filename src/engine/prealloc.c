@@ -37,6 +37,8 @@ struct tfs_prealloc {
 	uint64_t failures;    /* [lock] */
 	bool off;             /* [lock] the device refused: never try again */
 	const char *off_note; /* logged when the device refuses: what that costs */
+	tfs_prealloc_then_fn then; /* set before the first fill, then read-only */
+	void *then_arg;
 };
 
 static uint64_t chunks_for(const struct tfs_prealloc *p, uint64_t nr_blocks)
@@ -101,6 +103,14 @@ void tfs_prealloc_destroy(struct tfs_prealloc *p)
 	free(p);
 }
 
+void tfs_prealloc_set_then(struct tfs_prealloc *p, tfs_prealloc_then_fn fn, void *arg)
+{
+	if (!p)
+		return;
+	p->then = fn;
+	p->then_arg = arg;
+}
+
 bool tfs_prealloc_ready(struct tfs_prealloc *p, uint64_t block)
 {
 	uint64_t i;
@@ -147,6 +157,8 @@ static int fill(struct tfs_prealloc *p, uint64_t block, bool wait)
 	set_state(p, i, FILLING);
 	pthread_mutex_unlock(&p->lock);
 	r = tfs_bdev_preallocate(p->dev, begin * p->block_size, (end - begin) * p->block_size);
+	if (!r && p->then)
+		r = p->then(p->then_arg, begin, end - begin);
 	pthread_mutex_lock(&p->lock);
 	if (!r) {
 		p->fallocates++;

@@ -49,6 +49,18 @@ int tfs_prealloc_create(struct tfs_bdev *dev, uint64_t block_size, uint64_t chun
 			uint64_t nr_blocks, const char *off_note, struct tfs_prealloc **out);
 void tfs_prealloc_destroy(struct tfs_prealloc *p);
 
+/*
+ * Have each fill, once its fallocate succeeded, also call fn(arg, block,
+ * nr) for the chunk's blocks [block, block + nr), with no lock held, before
+ * the chunk is marked: for a file whose reserved space is better written
+ * than only reserved (a COW file writes zeros ahead of its store, see
+ * cowsnap.c).  An error from fn fails the fill like the fallocate's (counted
+ * in failures, the chunk not marked).  Call before the first fill; p may be
+ * NULL (nothing to do).
+ */
+typedef int (*tfs_prealloc_then_fn)(void *arg, uint64_t block, uint64_t nr);
+void tfs_prealloc_set_then(struct tfs_prealloc *p, tfs_prealloc_then_fn fn, void *arg);
+
 /* Whether block's chunk is marked preallocated.  O(1), takes the mutex; p may be NULL (false). */
 bool tfs_prealloc_ready(struct tfs_prealloc *p, uint64_t block);
 /*

@@ -160,6 +160,14 @@ void tfs_snap_store_usage(struct tfs_snap_store *s, struct tfs_snap_usage *u);
 uint64_t tfs_snap_store_count(struct tfs_snap_store *s);
 /* Allocations whose commit has not been called yet (copies in progress).  O(1). */
 uint64_t tfs_snap_store_uncommitted(struct tfs_snap_store *s);
+/*
+ * The first chunk allocate has not handed out: no exception points at it
+ * or past it (until a merge moves it back, the chunks it gives up are
+ * free too).  O(1), takes the mutex.
+ */
+uint64_t tfs_snap_store_next_free(struct tfs_snap_store *s);
+/* Whether chunk is the header or a metadata area, never a data chunk (a transient store has none).  O(1). */
+bool tfs_snap_store_is_meta(const struct tfs_snap_store *s, uint64_t chunk);
 
 /*
  * Merge support (persistent stores only; -EOPNOTSUPP otherwise).  The

@@ -1,6 +1,7 @@
 # SPDX-License-Identifier: GPL-2.0-or-later
 """A COW file is preallocated (fallocate KEEP_SIZE) a region ahead of its
-store's allocator, so that copies into it are host overwrites: what the
+store's allocator, and its free data chunks there written with zeros, so
+that copies into it are host overwrites of written extents: what the
 snapshot reads, what the store reports and what survives a crash are
 unchanged by it, and the file never grows past its size."""
 import os
@@ -18,6 +19,12 @@ HOST_META = 256 << 10
 
 def host_bytes(path):
     return os.stat(path).st_blocks * 512
+
+
+def data_chunks(lo, hi):
+    """COW chunks in [lo, hi) that are neither the header nor an area (4 KiB chunks:
+    an area every 257 chunks from chunk 1)."""
+    return sum(1 for c in range(lo, hi) if c != 0 and (c - 1) % 257 != 0)
 
 
 def store_sectors(n):
@@ -83,6 +90,52 @@ def test_cow_breaks_into_a_preallocated_cow_file_read_back_right_after_kill9(poo
     assert "clean, 1500 exception(s)" in check_cfg(p).stdout
 
 
+def test_zeros_ahead_start_at_the_allocation_point_and_spare_copies_made_before_a_crash(
+        pool, tmp_path):
+    size = 16 * MiB
+    p, base, cow = origin_and_snapshot(pool, tmp_path, 6, size, 10 * MiB)
+    first = list(range(0, 3000, 2))
+    new = pattern(7, size)
+    break_chunks(p.mnt / "db", first, new)
+    assert vol(p, "s")["preallocate"]["zeroed_bytes"] > 0
+    p.kill9()
+    p.mount()
+    # 1500 copies in chunks 2..1506 (areas 258..1286 skipped): region 1 (chunks
+    # 1024..2047) holds 478 of them, and its fill starts again after the mount.
+    assert vol(p, "s")["preallocate"]["zeroed_bytes"] == 0
+    write_at(p.mnt / "db", 3001 * CHUNK, new[3001 * CHUNK:3002 * CHUNK])
+    pa = vol(p, "s")["preallocate"]
+    # Chunk 1507 went to that write; zeros went past it only, areas skipped,
+    # in region 1 and in region 2 ahead (to the file's end).
+    assert pa["zeroed_bytes"] == (data_chunks(1508, 2048) + data_chunks(2048, 2560)) * CHUNK
+    more = list(range(3003, 4000, 2))
+    break_chunks(p.mnt / "db", more, new)
+    cur = bytearray(base)
+    for c in first + [3001] + more:
+        cur[c * CHUNK:(c + 1) * CHUNK] = new[c * CHUNK:(c + 1) * CHUNK]
+    assert read_at(p.mnt / "s", 0, size) == base
+    assert read_at(p.mnt / "db", 0, size) == bytes(cur)
+    p.unmount()
+    assert "clean, 2000 exception(s)" in check_cfg(p).stdout
+
+
+def test_large_chunks_are_reserved_ahead_but_not_zeroed(pool, tmp_path):
+    size = 8 * MiB
+    origin = sparse(tmp_path / "origin.img", size)
+    base = pattern(8, size)
+    write_at(origin, 0, base)
+    cow = sparse(tmp_path / "s.cow", 10 * MiB)
+    p = cow_pool(pool, [("db", origin)])
+    ctl_snapshot(p, "db", "s", cow, "--chunk-size", "64k")
+    break_chunks(p.mnt / "db", list(range(0, 16 * 64, 16)), pattern(9, size))
+    pa = vol(p, "s")["preallocate"]
+    # 64 KiB chunks: the zeros would cost more than the conversions they spare.
+    assert pa["fallocates"] >= 2 and pa["failures"] == 0 and pa["zeroed_bytes"] == 0
+    assert read_at(p.mnt / "s", 0, size) == base
+    p.unmount()
+    check_cfg(p)
+
+
 def test_a_grown_cow_file_is_preallocated_up_to_its_new_end_only(pool, tmp_path):
     size = 16 * MiB
     p, base, cow = origin_and_snapshot(pool, tmp_path, 3, size, 5 * MiB)
@@ -112,7 +165,7 @@ def test_a_cow_block_device_is_not_preallocated(pool, tmp_path):
     ctl_snapshot(p, "db", "s", cow)
     write_at(p.mnt / "db", 0, b"x" * (256 << 10))
     assert vol(p, "s")["preallocate"] == {"active": False, "chunk_bytes": 0, "chunks": 0,
-                                          "fallocates": 0, "failures": 0}
+                                          "fallocates": 0, "failures": 0, "zeroed_bytes": 0}
     assert read_at(p.mnt / "s", 0, 4 * MiB) == base
     p.unmount()
     check_cfg(p)

@@ -187,6 +187,52 @@ static void test_a_fill_ahead_fills_only_unmarked_chunks_inside_the_device(void 
 	tfs_prealloc_destroy(p);
 }
 
+struct then_log {
+	uint64_t block, nr;
+	unsigned calls;
+	int ret;
+};
+
+static int then_record(void *arg, uint64_t block, uint64_t nr)
+{
+	struct then_log *l = arg;
+
+	l->block = block;
+	l->nr = nr;
+	l->calls++;
+	return l->ret;
+}
+
+static void test_then_runs_once_per_fill_on_the_chunk_and_its_error_fails_it(void **state)
+{
+	struct env *e = *state;
+	struct then_log l = { .ret = 0 };
+	struct tfs_prealloc *p;
+	struct tfs_prealloc_counts n;
+
+	tfs_prealloc_set_then(NULL, then_record, &l);
+	assert_int_equal(tfs_prealloc_create(e->dev, BS, CHUNK, 72, "test", &p), 0);
+	tfs_prealloc_set_then(p, then_record, &l);
+	assert_int_equal(tfs_prealloc_fill(p, 5), 0);
+	assert_int_equal(l.calls, 1);
+	assert_int_equal(l.block, 0);
+	assert_int_equal(l.nr, 64);
+	/* Marked: not again. */
+	assert_int_equal(tfs_prealloc_fill(p, 6), 0);
+	assert_int_equal(l.calls, 1);
+	/* The last chunk is cut at the device's end; an error leaves it unmarked. */
+	l.ret = -EIO;
+	assert_int_equal(tfs_prealloc_fill(p, 70), -EIO);
+	assert_int_equal(l.block, 64);
+	assert_int_equal(l.nr, 8);
+	assert_false(tfs_prealloc_ready(p, 70));
+	tfs_prealloc_counts(p, &n);
+	assert_int_equal(n.failures, 1);
+	assert_int_equal(n.chunks, 1);
+	assert_true(n.active);
+	tfs_prealloc_destroy(p);
+}
+
 static void test_nothing_is_made_when_off(void **state)
 {
 	struct env *e = *state;
@@ -216,6 +262,9 @@ int main(void)
 		cmocka_unit_test_setup_teardown(
 			test_a_fill_ahead_fills_only_unmarked_chunks_inside_the_device, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_nothing_is_made_when_off, setup, teardown),
+		cmocka_unit_test_setup_teardown(
+			test_then_runs_once_per_fill_on_the_chunk_and_its_error_fails_it, setup,
+			teardown),
 	};
 
 	return cmocka_run_group_tests(tests, NULL, NULL);

@@ -806,6 +806,38 @@ static void test_commit_flushes_the_copied_data_before_the_records(void **state)
 }
 
 /* A transient store's exceptions are durable once committed (nothing to write). */
+/* What the COW file's zeros ahead (cowsnap.c) rely on to spare copies and records. */
+static void test_next_free_and_meta_chunks_mark_what_is_free_ahead(void **state)
+{
+	(void)state;
+	struct cow_file f;
+	struct tfs_snap_store *s = new_store(&f, 1000 * 4096, 8);
+	assert_int_equal(tfs_snap_store_next_free(s), 2);
+	assert_true(tfs_snap_store_is_meta(s, 0) && tfs_snap_store_is_meta(s, 1));
+	assert_true(tfs_snap_store_is_meta(s, 258) && tfs_snap_store_is_meta(s, 515));
+	assert_false(tfs_snap_store_is_meta(s, 2) || tfs_snap_store_is_meta(s, 257) ||
+		     tfs_snap_store_is_meta(s, 259));
+	for (uint64_t i = 0; i < 256; i++)
+		alloc_commit(s, i);
+	/* Past the full area 0 and over area 1's chunk. */
+	assert_int_equal(tfs_snap_store_next_free(s), 259);
+	uint64_t c;
+	assert_int_equal(tfs_snap_store_allocate(s, 999, &c), 0);
+	/* Handed out, not committed yet: no longer free. */
+	assert_int_equal(tfs_snap_store_next_free(s), 260);
+	assert_int_equal(tfs_snap_store_commit(s, 999), 0);
+	tfs_snap_store_close(s);
+	/* After a reopen: one past the highest copy, as loading rebuilds it. */
+	assert_int_equal(tfs_snap_store_open(f.dev, 8, &s), 0);
+	assert_int_equal(tfs_snap_store_next_free(s), 260);
+	tfs_snap_store_close(s);
+	assert_int_equal(tfs_snap_store_open_transient(f.dev, 8, &s), 0);
+	assert_int_equal(tfs_snap_store_next_free(s), 0);
+	assert_false(tfs_snap_store_is_meta(s, 0) || tfs_snap_store_is_meta(s, 1));
+	tfs_snap_store_close(s);
+	cow_destroy(&f);
+}
+
 static void test_transient_exceptions_are_durable_once_committed(void **state)
 {
 	(void)state;
@@ -848,6 +880,7 @@ int main(void)
 		cmocka_unit_test(test_failed_write_then_power_loss_keeps_exactly_the_acknowledged),
 		cmocka_unit_test(test_commit_flushes_the_copied_data_before_the_records),
 		cmocka_unit_test(test_transient_exceptions_are_durable_once_committed),
+		cmocka_unit_test(test_next_free_and_meta_chunks_mark_what_is_free_ahead),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }
