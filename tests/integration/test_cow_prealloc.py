@@ -184,7 +184,7 @@ def test_a_cow_block_device_under_fault_injection_is_not_preallocated(pool, tmp_
     ctl_snapshot(p, "db", "s", cow)
     write_at(p.mnt / "db", 0, b"x" * (256 << 10))
     assert vol(p, "s")["preallocate"] == {"active": False, "chunk_bytes": 0, "chunks": 0,
-                                          "fallocates": 0, "failures": 0}
+                                          "fallocates": 0, "failures": 0, "zeroed_bytes": 0}
     assert "cannot preallocate" not in p.log_text()
     assert read_at(p.mnt / "s", 0, 4 * MiB) == base
     p.unmount()
