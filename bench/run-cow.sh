@@ -151,7 +151,12 @@ target_C() {
 	echo "load before C: $(load)" >>"$OUT/env.txt"
 	COW_STRIDE=1 WORK=$WORK/peer OUT=$OUT/peer "$root/bench/run-fuse.sh" Ccow >/dev/null 2>&1
 	if [[ -f $OUT/peer/results.csv ]]; then
-		tail -n +2 "$OUT/peer/results.csv" >>"$OUT/results.csv"
+		# C alone (or first) finds no results.csv yet: take the header too
+		if [[ -s $OUT/results.csv ]]; then
+			tail -n +2 "$OUT/peer/results.csv" >>"$OUT/results.csv"
+		else
+			cat "$OUT/peer/results.csv" >"$OUT/results.csv"
+		fi
 		cat "$OUT/peer/targets.txt" >>"$OUT/targets.txt" 2>/dev/null
 	else
 		log "C: run-fuse.sh Ccow gave no results (see $OUT/peer)"
