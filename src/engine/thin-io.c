@@ -309,7 +309,7 @@ static int plan_chunk(struct chunk *c)
 		if (p->act != ACT_NEW && p->act != ACT_COPY)
 			continue;
 		p->target = c->allocs.blocks[k++];
-		p->ready = tfs_prealloc_ready(pool->prealloc, p->target);
+		p->ready = false; /* prepare_targets asks, with the lock dropped */
 	}
 	return 0;
 }
@@ -366,8 +366,10 @@ static int build_block(struct chunk *c, const struct plan *p, uint64_t s, uint64
  * No lock held: fallocate the chunks of the data file the new blocks lie
  * in where that was not done yet, so that writing them is an overwrite for
  * the host file system, not an allocation.  Once per chunk of the data
- * file (the mark makes the next block's ready true); a failure leaves the
- * rest as they are for this request, which then fills its blocks whole.
+ * file (a chunk marked already costs one mutex round trip, here rather
+ * than under the pool lock, which every other request needs); a failure
+ * leaves the rest as they are for this request, which then fills its
+ * blocks whole.
  */
 static void prepare_targets(struct chunk *c)
 {

@@ -16,7 +16,7 @@ import time
 import pytest
 
 from daemon_util import (BS, MiB, aligned, create, expect_errno, fsync_path, pattern, read_at,
-                         write_at)
+                         read_direct, write_at, write_direct)
 from conftest import run_cmd
 
 N = 8   # blocks written in the accounting tests
@@ -407,6 +407,101 @@ def test_overwrite_of_an_exclusive_block_allocates_nothing(pool):
     for seed in (2, 3):
         write_at(p.mnt / "vm1", 0, pattern(seed, N * BS))
         assert p.used() == N
+
+
+# ---- first writes to blocks shared with a snapshot ------------------------------------
+
+# (offset, length, O_DIRECT) of each first write below, in a volume of 8
+# blocks shared whole with a snapshot: the start, middle and end of a
+# block, 8 KiB across the boundary of two shared blocks, a whole block,
+# and a buffered write at an odd offset and length.
+FIRST_WRITES = [(0, 4096, True), (BS + 28 * 1024, 4096, True), (3 * BS - 4096, 4096, True),
+                (4 * BS - 4096, 8192, True), (5 * BS, BS, True), (6 * BS + 1000, 3000, False)]
+
+
+def data_io(p):
+    return p.status()["pool"]["io"]["data"]
+
+
+def shared_volume(p, seed):
+    """vm1 of 8 blocks of pattern(seed), fsynced, shared whole with snapshot s1."""
+    vol = create(p.mnt / "vm1", 8 * BS)
+    write_direct(vol, 0, pattern(seed, 8 * BS))
+    fsync_path(vol)
+    p.ctl("snapshot", "vm1", "s1")
+    return vol
+
+
+def overlay(old, writes, seed):
+    """old with each write's pattern(seed + i) laid over it."""
+    want = bytearray(old)
+    for i, (off, n, _) in enumerate(writes):
+        want[off:off + n] = pattern(seed + i, n)
+    return bytes(want)
+
+
+def test_first_writes_to_shared_blocks_read_old_data_around_new(pool):
+    """Each partial first write reads the shared block once and writes the
+    new block once, whole (the old data with the new bytes laid over it in
+    memory); a write covering a block whole reads nothing.  The snapshot
+    keeps the old data."""
+    p = pool()
+    vol = shared_volume(p, 30)
+    old = pattern(30, 8 * BS)
+    io0 = data_io(p)
+    for i, (off, n, direct) in enumerate(FIRST_WRITES):
+        if direct:
+            write_direct(vol, off, pattern(40 + i, n))
+        else:
+            write_at(vol, off, pattern(40 + i, n), fsync=False)
+    io1 = data_io(p)
+    partial = 6  # blocks 0, 1, 2, 3 and 4 (the straddling write), 6
+    assert io1["read_bytes"] - io0["read_bytes"] == partial * BS
+    assert io1["write_bytes"] - io0["write_bytes"] == (partial + 1) * BS
+    assert p.used() == 8 + partial + 1
+    want = overlay(old, FIRST_WRITES, 40)
+    assert read_direct(vol, 0, 8 * BS) == want
+    assert read_direct(p.mnt / "s1", 0, 8 * BS) == old
+    # the second write to a broken block goes in place: nothing copied or allocated
+    io1 = data_io(p)
+    write_direct(vol, BS, pattern(50, 4096))
+    assert data_io(p)["read_bytes"] == io1["read_bytes"]
+    assert data_io(p)["write_bytes"] - io1["write_bytes"] == 4096
+    assert p.used() == 8 + partial + 1
+    want = want[:BS] + pattern(50, 4096) + want[BS + 4096:]
+    fsync_path(vol)
+    p.remount()
+    assert read_direct(vol, 0, 8 * BS) == want
+    assert read_at(p.mnt / "s1", 0, 8 * BS) == old
+
+
+def test_fsynced_first_writes_to_shared_blocks_survive_a_kill9(pool):
+    """A first write to a shared block is committed only after the new
+    block is written: fsynced, it survives a crash; not fsynced, it may be
+    lost whole (the volume then reads the old block, still shared), never
+    half-copied.  The snapshot never sees the new data."""
+    p = pool(options={"commit_interval": "600s"})
+    vol = shared_volume(p, 60)
+    old = pattern(60, 8 * BS)
+    synced = [w for w in FIRST_WRITES if w[0] < 4 * BS - 4096]
+    for i, (off, n, _) in enumerate(synced):
+        write_direct(vol, off, pattern(70 + i, n))
+    fsync_path(vol)
+    write_direct(vol, 7 * BS + 4096, pattern(80, 4096))  # never flushed
+    p.kill9()
+    p.mount()
+    got = read_direct(vol, 0, 8 * BS)
+    want = overlay(old, synced, 70)
+    assert got[:7 * BS] == want[:7 * BS]
+    unsynced = want[7 * BS:7 * BS + 4096] + pattern(80, 4096) + want[7 * BS + 8192:]
+    assert got[7 * BS:] in (want[7 * BS:], unsynced)
+    assert read_direct(p.mnt / "s1", 0, 8 * BS) == old
+    # the pool goes on: the lost break is made again
+    write_direct(vol, 7 * BS + 4096, pattern(81, 4096))
+    fsync_path(vol)
+    assert read_direct(vol, 7 * BS, BS) == old[7 * BS:7 * BS + 4096] + pattern(81, 4096) + \
+        old[7 * BS + 8192:]
+    assert read_direct(p.mnt / "s1", 0, 8 * BS) == old
 
 
 def test_delete_volume_frees_only_unshared_blocks(pool):
