@@ -119,7 +119,7 @@ static void add_event(struct tfs_cache *c, bool mode_change, const char *old_mod
 
 static void set_meta_mode(struct tfs_cache *c, enum meta_mode m, const char *reason)
 {
-	char detail[320];
+	char detail[sizeof(c->events[0].detail)]; /* as the event keeps it */
 
 	if (m == c->meta_mode)
 		return;
