@@ -380,7 +380,7 @@ static void prepare_targets(struct chunk *c)
 	for (unsigned i = 0; i < c->nr; i++) {
 		struct plan *p = &c->plan[i];
 
-		if ((p->act != ACT_NEW && p->act != ACT_COPY) || p->ready)
+		if (p->act != ACT_NEW && p->act != ACT_COPY)
 			continue;
 		if (tfs_prealloc_fill(pa, p->target))
 			return;

@@ -32,7 +32,6 @@
 struct file_dev {
 	struct tfs_bdev base;
 	int fd;
-	bool blockdev;
 	/* With O_DIRECT: offsets, lengths and buffers are multiples of it (a power of 2). */
 	size_t align;
 	/*
@@ -217,7 +216,7 @@ static int file_discard(struct tfs_bdev *d, uint64_t off, uint64_t len)
 {
 	struct file_dev *f = to_file(d);
 
-	if (f->blockdev) {
+	if (f->base.blockdev) {
 		uint64_t range[2] = { off, len };
 		return ioctl(f->fd, BLKDISCARD, range) ? -errno : 0;
 	}
@@ -230,7 +229,7 @@ static int file_preallocate(struct tfs_bdev *d, uint64_t off, uint64_t len)
 {
 	struct file_dev *f = to_file(d);
 
-	if (f->blockdev)
+	if (f->base.blockdev)
 		return -EOPNOTSUPP;
 	if (fallocate(f->fd, FALLOC_FL_KEEP_SIZE, (off_t)off, (off_t)len))
 		return -errno;
@@ -242,7 +241,7 @@ static int file_size(struct tfs_bdev *d, uint64_t *bytes)
 	struct file_dev *f = to_file(d);
 	struct stat st;
 
-	if (f->blockdev)
+	if (f->base.blockdev)
 		return ioctl(f->fd, BLKGETSIZE64, bytes) ? -errno : 0;
 	if (fstat(f->fd, &st))
 		return -errno;
@@ -257,7 +256,7 @@ static int file_set_size(struct tfs_bdev *d, uint64_t new_bytes, bool grow)
 	uint64_t cur;
 	int r;
 
-	if (f->blockdev)
+	if (f->base.blockdev)
 		return -ENOTSUP;
 	r = file_size(d, &cur);
 	if (r)
@@ -533,8 +532,7 @@ int tfs_bdev_open_direct(const char *path, bool read_only, bool direct, struct t
 	f->fd = fd;
 	for (int i = 0; i < AIO_CONTEXTS; i++)
 		pthread_mutex_init(&f->aio_lock[i], NULL);
-	f->blockdev = S_ISBLK(st.st_mode);
-	f->base.blockdev = f->blockdev;
+	f->base.blockdev = S_ISBLK(st.st_mode);
 	f->align = align;
 	*out = &f->base;
 	return 0;
