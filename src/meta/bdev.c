@@ -307,7 +307,8 @@ static int aio_wait(aio_context_t ctx, long min, long max, struct io_event *ev)
 /*
  * The reads of a batch from next on, submitted while there is room (a free
  * slot, and max_bytes not passed unless nothing is in flight): how many
- * went.  *bytes: the bytes in flight.
+ * went.  *bytes: the bytes in flight; above max_bytes after a read larger
+ * than it went alone, and then nothing joins it.
  */
 static int batch_submit(struct file_dev *f, aio_context_t ctx, const struct tfs_bdev_req *reqs,
 			unsigned nr, unsigned *next, struct iocb *cbs, unsigned *free_slots,
@@ -318,7 +319,7 @@ static int batch_submit(struct file_dev *f, aio_context_t ctx, const struct tfs_
 	int r;
 
 	while (*next < nr && *nr_free > 0 &&
-	       (!*bytes || reqs[*next].len <= max_bytes - *bytes) &&
+	       (!*bytes || (*bytes <= max_bytes && reqs[*next].len <= max_bytes - *bytes)) &&
 	       aligned(f, reqs[*next].buf, reqs[*next].len, reqs[*next].off)) {
 		const struct tfs_bdev_req *q = &reqs[*next];
 		struct iocb *cb = &cbs[free_slots[--*nr_free]];
