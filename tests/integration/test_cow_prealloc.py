@@ -7,6 +7,8 @@ unchanged by it, and the file never grows past its size."""
 import os
 import threading
 
+import pytest
+
 from daemon_util import pattern, read_at, write_at
 from test_cow_snapshots import check_cfg, cow_pool, ctl_snapshot, sections, sparse, vol
 
@@ -154,33 +156,18 @@ def test_a_grown_cow_file_is_preallocated_up_to_its_new_end_only(pool, tmp_path)
     check_cfg(p)
 
 
-def test_a_cow_block_device_is_not_preallocated(pool, tmp_path):
+@pytest.mark.parametrize("faults", [False, True], ids=["plain", "under-fault-injection"])
+def test_a_cow_block_device_is_not_preallocated(pool, tmp_path, faults):
+    """Also under the fault wrapper, which is still a block device: no
+    fallocate is tried (it would fail and log), the copies are right."""
     origin = sparse(tmp_path / "origin.img", 4 * MiB)
-    base = pattern(5, 4 * MiB)
+    base = pattern(6 if faults else 5, 4 * MiB)
     write_at(origin, 0, base)
     p = pool(mount=False)
     cow = p.losetup(sparse(tmp_path / "s.cow", 4 * MiB))
-    p.cfg.write_text(p.cfg.read_text() + sections([("db", origin)]))
-    p.mount()
-    ctl_snapshot(p, "db", "s", cow)
-    write_at(p.mnt / "db", 0, b"x" * (256 << 10))
-    assert vol(p, "s")["preallocate"] == {"active": False, "chunk_bytes": 0, "chunks": 0,
-                                          "fallocates": 0, "failures": 0, "zeroed_bytes": 0}
-    assert read_at(p.mnt / "s", 0, 4 * MiB) == base
-    p.unmount()
-    check_cfg(p)
-
-
-def test_a_cow_block_device_under_fault_injection_is_not_preallocated(pool, tmp_path):
-    """The fault wrapper around a COW block device is still a block device:
-    no fallocate is tried (it would fail and log), the copies are right."""
-    origin = sparse(tmp_path / "origin.img", 4 * MiB)
-    base = pattern(6, 4 * MiB)
-    write_at(origin, 0, base)
-    p = pool(mount=False)
-    cow = p.losetup(sparse(tmp_path / "s.cow", 4 * MiB))
-    p.cfg.write_text(p.cfg.read_text() + sections([("db", origin)]) + "[fault]\nallow = yes\n")
-    p.mount("--allow-faults")
+    p.cfg.write_text(p.cfg.read_text() + sections([("db", origin)]) +
+                     ("[fault]\nallow = yes\n" if faults else ""))
+    p.mount(*(["--allow-faults"] if faults else []))
     ctl_snapshot(p, "db", "s", cow)
     write_at(p.mnt / "db", 0, b"x" * (256 << 10))
     assert vol(p, "s")["preallocate"] == {"active": False, "chunk_bytes": 0, "chunks": 0,
