@@ -374,5 +374,20 @@ struct tfs_thin_bulk;
 int tfs_thin_bulk_open(struct tfs_dev *dev, struct tfs_thin_bulk **out);
 int tfs_thin_bulk_read(struct tfs_thin_bulk *b, const struct tfs_thin_range *ranges, unsigned nr);
 void tfs_thin_bulk_close(struct tfs_thin_bulk *b);
+/*
+ * Added (stream v2, issue 13): where the bytes [off, off + len) of the
+ * device lie on the data device, for a reader that wants to read in the
+ * device's order.  fn(ctx, off, len, dev_off) for each run whose bytes
+ * follow on both in the device and on the data device, in the device's
+ * order (dev_off TFS_THIN_UNMAPPED: unmapped, reads as zeros); fn only
+ * records (it runs under the range lock, shared, as a read's).  0, fn's
+ * non-zero, -EIO, -EINVAL the range wraps.  A mapping can change once
+ * this returns: only a reader of a device nobody writes (a snapshot being
+ * sent) may rely on it.
+ */
+#define TFS_THIN_UNMAPPED UINT64_MAX
+int tfs_thin_bulk_locate(struct tfs_thin_bulk *b, uint64_t off, uint64_t len,
+			 int (*fn)(void *ctx, uint64_t off, uint64_t len, uint64_t dev_off),
+			 void *ctx);
 
 #endif

@@ -119,11 +119,91 @@ static int plan_range(struct tfs_thin_bulk *b, const struct tfs_thin_range *x)
 	return 0;
 }
 
+int tfs_thin_bulk_locate(struct tfs_thin_bulk *b, uint64_t off, uint64_t len,
+			 int (*fn)(void *ctx, uint64_t off, uint64_t len, uint64_t dev_off), void *ctx)
+{
+	struct tfs_thin_mapping maps[TFS_POOL_CHUNK];
+	struct tfs_thin_dev *vol = b->vol;
+	struct tfs_pool *pool = vol->pool;
+	uint64_t bs = pool->block_size, end = off + len, b0, b1;
+	uint64_t run_off = off, run_len = 0, run_dev = TFS_THIN_UNMAPPED;
+	struct tfs_core_io io;
+	int r = 0;
+
+	if (!len)
+		return 0;
+	if (end < off)
+		return -EINVAL;
+	b0 = off / bs;
+	b1 = (end - 1) / bs + 1;
+	tfs_core_enter(pool->core, &io, vol->id);
+	r = tfs_prison_lock_shared(pool->prison, vol->id, b0, b1);
+	if (r)
+		goto out_exit;
+	for (uint64_t cur = off; cur < end && !r;) {
+		uint64_t c0 = cur / bs;
+		unsigned nr = b1 - c0 < TFS_POOL_CHUNK ? (unsigned)(b1 - c0) : TFS_POOL_CHUNK, j = 0;
+		int n = tfs_thin_lookup_chunk(vol, c0, nr, maps);
+
+		if (n < 0) {
+			r = n;
+			break;
+		}
+		for (unsigned i = 0; i < nr && cur < end && !r; i++) {
+			uint64_t start = (c0 + i) * bs, s = cur - start;
+			uint64_t e = end - start < bs ? end - start : bs;
+			uint64_t dev = TFS_THIN_UNMAPPED;
+
+			if (j < (unsigned)n && maps[j].vblock == c0 + i)
+				dev = maps[j++].data_block * bs + s;
+			/* A run goes on while both the volume's and the device's bytes follow on. */
+			if (run_len && (run_dev == TFS_THIN_UNMAPPED ? dev == TFS_THIN_UNMAPPED :
+					dev == run_dev + run_len)) {
+				run_len += e - s;
+			} else {
+				if (run_len)
+					r = fn(ctx, run_off, run_len, run_dev);
+				run_off = cur;
+				run_len = e - s;
+				run_dev = dev;
+			}
+			cur = start + e;
+		}
+	}
+	if (!r && run_len)
+		r = fn(ctx, run_off, run_len, run_dev);
+	tfs_prison_unlock_shared(pool->prison, vol->id, b0, b1);
+out_exit:
+	tfs_core_exit(pool->core, &io);
+	return r;
+}
+
 static int by_dev_off(const void *a, const void *b)
 {
 	const struct tfs_bdev_req *x = a, *y = b;
 
 	return x->off < y->off ? -1 : x->off > y->off;
+}
+
+/*
+ * Pieces that became neighbours on the device and in memory only once
+ * sorted (a batch whose buffers were laid out in device order) join too.
+ */
+static void merge_sorted(struct tfs_thin_bulk *b)
+{
+	size_t n = 0;
+
+	for (size_t i = 0; i < b->nr_reads; i++) {
+		struct tfs_bdev_req *last = n ? &b->reads[n - 1] : NULL, *x = &b->reads[i];
+
+		if (last && last->off + last->len == x->off &&
+		    (uint8_t *)last->buf + last->len == (uint8_t *)x->buf &&
+		    last->len + x->len <= TFS_THIN_BULK_READ)
+			last->len += x->len;
+		else
+			b->reads[n++] = *x;
+	}
+	b->nr_reads = n;
 }
 
 int tfs_thin_bulk_read(struct tfs_thin_bulk *b, const struct tfs_thin_range *ranges, unsigned nr)
@@ -156,6 +236,7 @@ int tfs_thin_bulk_read(struct tfs_thin_bulk *b, const struct tfs_thin_range *ran
 	if (r)
 		goto out_unlock;
 	qsort(b->reads, b->nr_reads, sizeof(*b->reads), by_dev_off);
+	merge_sorted(b);
 	r = tfs_bdev_read_batch_bounded(pool->data, b->reads, (unsigned)b->nr_reads,
 					TFS_THIN_BULK_IN_FLIGHT);
 	if (r)
