@@ -212,23 +212,50 @@ static bool jbool(struct json_object *o, const char *key)
 
 /* ---- send ---- */
 
-/* The daemon's diff FROM TO as the stream's chunks. */
-static int get_chunks(const char *mnt, const char *from, const char *to, uint64_t size,
-		      struct tfs_stream_chunks *e)
+/*
+ * The stream's chunks, in its order: for version 2 the daemon's order
+ * (diff --send-order, the records it would write itself); for version 1,
+ * and from a daemon that has no --send-order, its diff FROM TO in volume
+ * order, which either version allows.
+ */
+static int get_chunks(const char *mnt, unsigned version, const char *from, const char *to,
+		      uint64_t size, struct tfs_stream_chunks *e)
 {
-	const char *args[] = { "diff", from, to, NULL };
-	struct json_object *o;
+	const char *plain[] = { "diff", from, to, NULL };
+	const char *order[] = { "diff", "--send-order", "2", from, to, NULL };
+	struct json_object *o, *first = NULL;
 	struct conn c;
 	int r = -1;
 
 	if (conn_open(&c, mnt) < 0)
 		return -1;
-	if (conn_request(&c, args) < 0)
+	if (conn_request(&c, version > 1 ? order : plain) < 0)
 		goto out;
-	while ((o = conn_response(&c)) != NULL) {
+	if (version > 1) {
+		first = conn_line(&c);
+		if (!first)
+			goto out;
+		if (!is_ok(first)) {
+			if (!jstr(first, "error") ||
+			    !strstr(jstr(first, "error"), "unknown option '--send-order'")) {
+				print_error(first);
+				goto out;
+			}
+			/* A daemon from before stream version 2. */
+			json_object_put(first);
+			first = NULL;
+			conn_close(&c);
+			if (conn_open(&c, mnt) < 0)
+				return -1;
+			if (conn_request(&c, plain) < 0)
+				goto out;
+		}
+	}
+	while ((o = first ? first : conn_response(&c)) != NULL) {
 		const char *text = jstr(o, "output"), *p = text ? text : "";
 		bool done = !json_object_object_get_ex(o, "done", NULL) || jbool(o, "done");
 
+		first = NULL;
 		while (*p) {
 			uint64_t off, len;
 			char kind[8];
@@ -352,7 +379,7 @@ static void *reader_thread(void *arg)
 
 /* Through the mount: the header, the chunks in order, END, trailer. */
 static int write_stream(int vol, const struct tfs_stream_chunks *c, struct json_object *info,
-			uint64_t size)
+			uint64_t size, unsigned version)
 {
 	uint8_t h[TFS_STREAM_HEADER_SIZE], fu[16], tu[16];
 	uint64_t done = 0;
@@ -366,7 +393,7 @@ static int write_stream(int vol, const struct tfs_stream_chunks *c, struct json_
 	if (jstr(info, "from"))
 		tfs_ctl_id_parse(jstr(info, "from"), fu);
 	tfs_ctl_id_parse(jstr(info, "to"), tu);
-	tfs_stream_header(h, size, (uint32_t)ju64(info, "block_size"),
+	tfs_stream_header(h, version, size, (uint32_t)ju64(info, "block_size"),
 			  jstr(info, "from") ? fu : NULL, tu, c->data);
 	tfs_stream_out_init(&o, stdout_write, NULL);
 
@@ -432,8 +459,8 @@ out:
 }
 
 /* The old way: the daemon names the file and the diff, we read and write. */
-static int send_through_mount(const char *mnt, const char *from, struct conn *c,
-			      struct json_object *info)
+static int send_through_mount(const char *mnt, const char *from, unsigned version,
+			      struct conn *c, struct json_object *info)
 {
 	struct tfs_stream_chunks e = { 0 };
 	char path[8192];
@@ -443,7 +470,8 @@ static int send_through_mount(const char *mnt, const char *from, struct conn *c,
 		fail("bad response from the daemon");
 		goto out;
 	}
-	if (get_chunks(mnt, from ? from : "-", jstr(info, "diff_to"), ju64(info, "size"), &e) < 0)
+	if (get_chunks(mnt, version, from ? from : "-", jstr(info, "diff_to"), ju64(info, "size"),
+		       &e) < 0)
 		goto out;
 	snprintf(path, sizeof(path), "%s/%s", mnt, jstr(info, "path"));
 	vol = open(path, O_RDONLY | O_DIRECT | O_CLOEXEC);
@@ -453,7 +481,7 @@ static int send_through_mount(const char *mnt, const char *from, struct conn *c,
 		fail("send: %s: %s", path, strerror(errno));
 		goto out;
 	}
-	r = write_stream(vol, &e, info, ju64(info, "size"));
+	r = write_stream(vol, &e, info, ju64(info, "size"), version);
 out:
 	if (vol >= 0)
 		close(vol);
@@ -529,9 +557,11 @@ static int send_by_daemon(struct conn *c)
 
 int tfs_ctlc_send(const char *mnt, int argc, char **argv)
 {
-	static const char usage[] = "usage: send [--from FROM] [--through-mount] TO > STREAM "
-				    "(volumes or GROUP/NAME)";
-	const char *from = NULL, *to = NULL, *req[8] = { "send" };
+	static const char usage[] = "usage: send [--from FROM] [--through-mount] "
+				    "[--stream-version 1|2] TO > STREAM (volumes or GROUP/NAME; "
+				    "version 1 for a receiver older than version 2)";
+	const char *from = NULL, *to = NULL, *ver = NULL, *req[10] = { "send" };
+	unsigned version = TFS_STREAM_VERSION;
 	bool mount_path = false;
 	struct json_object *resp = NULL, *info;
 	struct conn c = { .fd = -1 };
@@ -542,6 +572,9 @@ int tfs_ctlc_send(const char *mnt, int argc, char **argv)
 			from = argv[++i];
 		else if (!strcmp(argv[i], "--through-mount"))
 			mount_path = true;
+		else if (!strcmp(argv[i], "--stream-version") && i + 1 < argc && !ver &&
+			 (!strcmp(argv[i + 1], "1") || !strcmp(argv[i + 1], "2")))
+			ver = argv[++i];
 		else if (argv[i][0] != '-' && !to)
 			to = argv[i];
 		else
@@ -551,10 +584,17 @@ int tfs_ctlc_send(const char *mnt, int argc, char **argv)
 		return fail("%s", usage), 2;
 	if (isatty(STDOUT_FILENO))
 		return fail("send: the stream is binary: redirect it to a file or a pipe");
+	if (ver)
+		version = ver[0] == '1' ? 1 : 2;
 	if (!mount_path) {
 		req[n++] = "--stream";
 		if (isatty(STDERR_FILENO))
 			req[n++] = "--progress";
+		/* Only when asked: a daemon from before version 2 writes version 1 unasked. */
+		if (ver) {
+			req[n++] = "--stream-version";
+			req[n++] = ver;
+		}
 	}
 	if (from) {
 		req[n++] = "--from";
@@ -595,7 +635,7 @@ int tfs_ctlc_send(const char *mnt, int argc, char **argv)
 	if (jbool(info, "stream"))
 		status = send_by_daemon(&c) ? 1 : 0;
 	else
-		status = send_through_mount(mnt, from, &c, info) ? 1 : 0;
+		status = send_through_mount(mnt, from, version, &c, info) ? 1 : 0;
 out:
 	json_object_put(resp);
 	conn_close(&c);
@@ -646,9 +686,11 @@ static int read_header(struct in *s, struct header *hd)
 		return -1;
 	if (memcmp(h + TFS_SH_MAGIC, TFS_STREAM_MAGIC, 8))
 		return fail("receive: not a thinfs send stream (bad magic)"), -1;
-	if (tfs_stream_get32(h + TFS_SH_VERSION) != TFS_STREAM_VERSION)
-		return fail("receive: stream version %" PRIu32 ": this thinfs-ctl reads version %u",
-			    tfs_stream_get32(h + TFS_SH_VERSION), TFS_STREAM_VERSION), -1;
+	if (tfs_stream_get32(h + TFS_SH_VERSION) < TFS_STREAM_VERSION_OLDEST ||
+	    tfs_stream_get32(h + TFS_SH_VERSION) > TFS_STREAM_VERSION)
+		return fail("receive: stream version %" PRIu32 ": this thinfs-ctl reads versions "
+			    "%u to %u", tfs_stream_get32(h + TFS_SH_VERSION),
+			    TFS_STREAM_VERSION_OLDEST, TFS_STREAM_VERSION), -1;
 	if (tfs_stream_get32(h + TFS_SH_LENGTH) != TFS_STREAM_HEADER_SIZE)
 		return fail("receive: bad header length %" PRIu32, tfs_stream_get32(h + TFS_SH_LENGTH)), -1;
 	if (in_read(s, h + 16, sizeof(h) - 16) < 0)
@@ -683,7 +725,8 @@ static int write_full(int fd, const uint8_t *buf, size_t len, uint64_t off)
 /* Every record up to the trailer, applied to vol; 0 when the whole stream checked out. */
 static int apply_records(struct in *s, const struct header *hd, int vol, bool fresh)
 {
-	uint64_t sent = 0, records = 0;
+	uint64_t sent = 0, records = 0, bad_at, bad_off;
+	struct tfs_stream_ranges seen = { 0 };
 	struct progress pr;
 	uint8_t *buf, rh[TFS_STREAM_RECORD_SIZE], tail[4];
 	int r = -1;
@@ -718,6 +761,17 @@ static int apply_records(struct in *s, const struct header *hd, int vol, bool fr
 				     ", %" PRIu64 ")", len, off, records, sent);
 				goto out;
 			}
+			/*
+			 * Records may come in any order (version 2), never twice
+			 * over the same bytes: the one written last would win
+			 * where the sender meant one.
+			 */
+			if (tfs_stream_ranges_check(&seen, &bad_at, &bad_off)) {
+				fail("receive: the stream is corrupt (the record at byte %" PRIu64
+				     ", or one following on from it, overlaps an earlier one at "
+				     "volume byte %" PRIu64 ")", bad_at, bad_off);
+				goto out;
+			}
 			break;
 		}
 		if ((type != TFS_REC_DATA && type != TFS_REC_ZERO) || tfs_stream_get32(rh + 4) ||
@@ -727,6 +781,10 @@ static int apply_records(struct in *s, const struct header *hd, int vol, bool fr
 			goto out;
 		}
 		records++;
+		if (tfs_stream_ranges_add(&seen, off, len, at) < 0) {
+			fail("receive: out of memory");
+			goto out;
+		}
 		if (type == TFS_REC_ZERO) {
 			/* A new volume reads as zeros already. */
 			if (fresh || !len)
@@ -766,6 +824,7 @@ static int apply_records(struct in *s, const struct header *hd, int vol, bool fr
 	progress_show(&pr, sent, true);
 	r = 0;
 out:
+	tfs_stream_ranges_free(&seen);
 	free(buf);
 	return r;
 }

@@ -33,6 +33,13 @@ ssize_t tfs_ctl_read_line(int fd, char *buf, size_t max);
 /* send-recv.c: the daemon's half of thinfs-ctl send and receive. */
 void tfs_ctl_cmd_send(struct tfs_fs *fs, int fd, int argc, const char **argv);
 void tfs_ctl_cmd_receive(struct tfs_fs *fs, int fd, int argc, const char **argv);
+/*
+ * diff --send-order VERSION FROM TO: the records of send's stream of that
+ * version, in its order, as diff lines, for thinfs-ctl's send through the
+ * mount (so that it writes the daemon's bytes).  FROM may be "-".
+ */
+void tfs_ctl_cmd_send_order(struct tfs_fs *fs, int fd, const char *from, const char *to,
+			    const char *version);
 
 /*
  * send-data.c: the daemon writes the stream of a send into the client's
@@ -54,8 +61,23 @@ struct tfs_fs_send {
 	bool progress;
 	const struct tfs_vol_row *from, *to; /* from NULL: a full stream */
 	const uint8_t *from_id, *to_id;      /* identities, 16 bytes each */
+	unsigned version;                    /* of the stream; 0: TFS_STREAM_VERSION */
 	struct tfs_fs_send_stats *stats;
 };
 int tfs_fs_send_data(struct tfs_fs *fs, const struct tfs_fs_send *s, char *why, size_t why_len);
+
+/*
+ * send-data.c: the records of the stream tfs_fs_send_data would write
+ * (FROM -> TO, version 1 or 2), in its order, for thinfs-ctl's path
+ * through the mount ("diff --send-order"): emit(ctx, batch) for each
+ * batch, in order; going(ctx, vblock) non-zero stops the diff (-EINTR).
+ * TO is pinned meanwhile.  0, emit's or going's failure, or -errno with
+ * why set.
+ */
+struct tfs_stream_chunks;
+int tfs_fs_send_plan(struct tfs_fs *fs, const struct tfs_vol_row *from,
+		     const struct tfs_vol_row *to, unsigned version,
+		     int (*emit)(void *ctx, const struct tfs_stream_chunks *batch),
+		     int (*going)(void *ctx, uint64_t vblock), void *ctx, char *why, size_t why_len);
 
 #endif

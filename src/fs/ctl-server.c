@@ -1577,12 +1577,18 @@ static void cmd_diff(struct cmd_ctx *c)
 	uint64_t size = 0;
 	const char *names[2] = { NULL, NULL };
 	char stats[160];
+	const char *order = NULL;
 	unsigned n = 0;
 	int r;
 
 	for (int i = 1; i < c->argc; i++) {
 		if (!strcmp(c->argv[i], "--json") || !strcmp(c->argv[i], "--stats"))
 			continue;
+		/* thinfs-ctl send --through-mount: the stream's records, in its order. */
+		if (!strcmp(c->argv[i], "--send-order") && i + 1 < c->argc) {
+			order = c->argv[++i];
+			continue;
+		}
 		if (c->argv[i][0] == '-' && c->argv[i][1]) {
 			send_error(c->fd, "diff: unknown option '%s'", c->argv[i]);
 			return;
@@ -1596,6 +1602,10 @@ static void cmd_diff(struct cmd_ctx *c)
 	if (n != 2) {
 		send_error(c->fd, "usage: diff FROM TO [--json] [--stats] (FROM and TO: a volume, "
 			   "GROUP/NAME, or - for nothing)");
+		return;
+	}
+	if (order) {
+		tfs_ctl_cmd_send_order(c->fs, c->fd, names[0], names[1], order);
 		return;
 	}
 	if (diff_side(c, names[0], &from_id, &from, &size) < 0 ||

@@ -13,6 +13,14 @@
  * records in the stream's order into the descriptor the client passed,
  * while the next windows are read.
  *
+ * The stream's order (plan_batch): version 1 promises ascending volume
+ * offsets; version 2 allows any order, and the records come in the order
+ * of their data on the data device, so that changed blocks written in a
+ * random order are read sequentially, not at random.  The records of a
+ * batch (at most BATCH) are sorted at once, so memory stays bounded
+ * whatever the diff's size; thinfs-ctl's path through the mount gets the
+ * same records in the same order (tfs_fs_send_plan, "diff --send-order").
+ *
  * The descriptor is the client's own output: a pipe is reopened here
  * non-blocking (a new open file description, so the client's flags do not
  * change) and a socket written with MSG_DONTWAIT, so that a consumer that
@@ -52,6 +60,39 @@
  * device's queue does not run dry between windows.
  */
 #define READERS 2
+/*
+ * Records sorted at once, at most (32 bytes each, 2 MiB): a stream of up
+ * to 4 GiB of scattered 64 KiB blocks, or 64 GiB of 1 MiB runs, is in
+ * device order whole; a larger one batch by batch.
+ */
+#define BATCH 65536u
+/* An extent is located (its mappings looked up) this much at a time, so a batch can end in it. */
+#define LOCATE_SPAN (64ull << 20)
+
+/* An extent of the diff, in bytes, cut to the volume's size. */
+struct extent {
+	uint64_t off, len;
+	bool zero;
+};
+
+/*
+ * The stream's records, batch by batch: the diff's extents (volume order),
+ * and where the next batch starts in them.
+ */
+struct plan {
+	struct tfs_fs *fs;
+	unsigned version;
+	uint64_t size;
+	struct extent *ext;
+	size_t nr_ext, cap_ext;
+	uint64_t data;         /* bytes of data extents: the header's "changed data" */
+	size_t next;           /* the next batch starts in ext[next], */
+	uint64_t next_off;     /* this many bytes into it */
+	struct tfs_thin_bulk *bulk; /* looks TO's blocks up */
+	struct tfs_stream_chunks chunks; /* the batch's records, in the stream's order */
+	int (*going)(void *ctx, uint64_t vblock);
+	void *going_ctx;
+};
 
 struct window {
 	size_t w;             /* job->lock: the stream's window it holds, once full */
@@ -65,8 +106,7 @@ struct job {
 	int sock, out;
 	bool out_is_sock;
 	bool progress;
-	struct tfs_stream_chunks chunks;
-	uint64_t size;
+	struct plan plan;     /* its chunks: the batch being sent */
 
 	pthread_mutex_t lock;
 	pthread_cond_t cond;
@@ -205,7 +245,7 @@ static void progress(struct job *j, bool last)
 	j->next_progress_ns = now + 500000000;
 	o = json_object_new_object();
 	json_object_object_add(o, "done", json_object_new_uint64(j->done));
-	json_object_object_add(o, "total", json_object_new_uint64(j->chunks.data));
+	json_object_object_add(o, "total", json_object_new_uint64(j->plan.data));
 	line = json_object_new_object();
 	json_object_object_add(line, "ok", json_object_new_boolean(1));
 	json_object_object_add(line, "progress", json_object_new_string("send"));
@@ -215,15 +255,21 @@ static void progress(struct job *j, bool last)
 	json_object_put(line);
 }
 
-/* ---- the writer thread: windows out in order ---- */
+/* ---- the writer thread: a batch's windows out in order ---- */
+
+static void fail_write(struct job *j, int r)
+{
+	if (r == -ECONNRESET || r == -ECANCELED)
+		fail(j, r, "the client went away");
+	else
+		fail(j, r, "send: writing the stream: %s", strerror(-r));
+}
 
 static void *writer(void *arg)
 {
 	struct job *j = arg;
-	int r = tfs_stream_put(&j->o, j->header, sizeof(j->header));
+	int r = 0;
 
-	if (r)
-		goto out_fail;
 	for (size_t w = 0; w < j->nr_windows; w++) {
 		struct window *win = &j->win[w % WINDOWS];
 		size_t c0 = j->starts[w];
@@ -237,49 +283,41 @@ static void *writer(void *arg)
 		}
 		pthread_mutex_unlock(&j->lock);
 		for (size_t c = c0; c < j->starts[w + 1] && !r; c++) {
-			const struct tfs_stream_chunk *x = &j->chunks.v[c];
+			const struct tfs_stream_chunk *x = &j->plan.chunks.v[c];
 
 			r = tfs_stream_put_chunk(&j->o, x, x->zero ? NULL : win->buf +
 						 win->at[c - c0]);
 			j->done += x->zero ? 0 : x->len;
 			progress(j, false);
 		}
-		if (r)
-			goto out_fail;
+		if (r) {
+			fail_write(j, r);
+			return NULL;
+		}
 		pthread_mutex_lock(&j->lock);
 		win->full = false;
 		j->emitted = w + 1;
 		pthread_cond_broadcast(&j->cond);
 		pthread_mutex_unlock(&j->lock);
 	}
-	if (failed(j))
-		return NULL;
-	r = tfs_stream_finish(&j->o);
-	if (!r) {
-		progress(j, true);
-		return NULL;
-	}
-out_fail:
-	if (r == -ECONNRESET || r == -ECANCELED)
-		fail(j, r, "the client went away");
-	else
-		fail(j, r, "send: writing the stream: %s", strerror(-r));
 	return NULL;
 }
 
 /* ---- reading: windows in ---- */
 
-/* Cut the chunks into windows: as many chunks as fit in WINDOW bytes each. */
+/* Cut the batch's chunks into windows: as many chunks as fit in WINDOW bytes each. */
 static int plan_windows(struct job *j)
 {
 	size_t cap = 16, used = 0, c0 = 0;
 
+	free(j->starts);
+	j->nr_windows = 0;
 	j->starts = malloc(cap * sizeof(*j->starts));
 	if (!j->starts)
 		return -ENOMEM;
 	j->starts[0] = 0;
-	for (size_t c = 0; c <= j->chunks.nr; c++) {
-		const struct tfs_stream_chunk *x = c < j->chunks.nr ? &j->chunks.v[c] : NULL;
+	for (size_t c = 0; c <= j->plan.chunks.nr; c++) {
+		const struct tfs_stream_chunk *x = c < j->plan.chunks.nr ? &j->plan.chunks.v[c] : NULL;
 		/* Each chunk on a 4 KiB boundary: a direct data device reads into it as it is. */
 		size_t need = !x || x->zero ? 0 : ((size_t)x->len + 4095) & ~(size_t)4095;
 
@@ -304,6 +342,13 @@ static int plan_windows(struct job *j)
 	return 0;
 }
 
+static int range_by_off(const void *a, const void *b)
+{
+	const struct tfs_thin_range *x = a, *y = b;
+
+	return x->off < y->off ? -1 : x->off > y->off;
+}
+
 /* Window w: its chunks' data read into win. */
 static int fill(struct job *j, struct tfs_thin_bulk *bulk, struct window *win, size_t w,
 		struct tfs_thin_range *ranges)
@@ -313,7 +358,7 @@ static int fill(struct job *j, struct tfs_thin_bulk *bulk, struct window *win, s
 	int r;
 
 	for (size_t c = c0; c < j->starts[w + 1]; c++) {
-		const struct tfs_stream_chunk *x = &j->chunks.v[c];
+		const struct tfs_stream_chunk *x = &j->plan.chunks.v[c];
 		size_t need = x->zero ? 0 : ((size_t)x->len + 4095) & ~(size_t)4095;
 
 		win->at[c - c0] = used;
@@ -321,6 +366,13 @@ static int fill(struct job *j, struct tfs_thin_bulk *bulk, struct window *win, s
 			ranges[nr++] = (struct tfs_thin_range){ x->off, (size_t)x->len, win->buf + used };
 		used += need;
 	}
+	/*
+	 * The bulk read takes its ranges in volume order; their buffers stay
+	 * laid out in the stream's order, device order in version 2, so that
+	 * blocks next to each other on the device are read as one.
+	 */
+	if (j->plan.version > 1)
+		qsort(ranges, nr, sizeof(*ranges), range_by_off);
 	r = tfs_thin_bulk_read(bulk, ranges, nr);
 	if (r)
 		fail(j, r, "send: reading the volume at byte %" PRIu64 ": %s", ranges[0].off,
@@ -366,23 +418,37 @@ static void *reader(void *arg)
 	return NULL;
 }
 
-/* ---- the diff ---- */
+/* ---- the plan: the diff, and the stream's records batch by batch ---- */
 
 /* Under the pool's lock: only records. */
 static int note_extent(void *ctx, uint64_t vblock, uint64_t len, bool zero)
 {
-	struct job *j = ctx;
-	uint64_t bs = j->fs->block_size;
+	struct plan *p = ctx;
+	uint64_t bs = p->fs->block_size, off = vblock * bs;
 
-	return tfs_stream_add_extent(&j->chunks, vblock * bs, len * bs, zero, j->size);
+	if (off >= p->size)
+		return 0;
+	len = len * bs < p->size - off ? len * bs : p->size - off;
+	if (p->nr_ext == p->cap_ext) {
+		size_t cap = p->cap_ext ? 2 * p->cap_ext : 256;
+		struct extent *v = realloc(p->ext, cap * sizeof(*v));
+
+		if (!v)
+			return -ENOMEM;
+		p->ext = v;
+		p->cap_ext = cap;
+	}
+	p->ext[p->nr_ext++] = (struct extent){ off, len, zero };
+	if (!zero)
+		p->data += len;
+	return 0;
 }
 
-static int diff_going(void *ctx, uint64_t vblock)
+static int plan_going(void *ctx, uint64_t vblock)
 {
-	struct job *j = ctx;
+	struct plan *p = ctx;
 
-	(void)vblock;
-	return !tfs_ctl_client_alive(j->sock);
+	return p->going(p->going_ctx, vblock);
 }
 
 static const char *diff_why(int r)
@@ -392,6 +458,134 @@ static const char *diff_why(int r)
 	       r == -ENOSPC ? "metadata too full to hold the trees for the diff" :
 	       r == -ENODATA ? "the volume has no thin device (deleted meanwhile?)" :
 	       strerror(-r);
+}
+
+/* A run of TO's bytes that lie together on the data device: its records. */
+static int note_run(void *ctx, uint64_t off, uint64_t len, uint64_t dev)
+{
+	struct plan *p = ctx;
+
+	return tfs_stream_add_data(&p->chunks, off, len, dev);
+}
+
+/* Zero ranges first (in volume order), then data in device order. */
+static int by_stream_order(const void *a, const void *b)
+{
+	const struct tfs_stream_chunk *x = a, *y = b;
+
+	if (x->zero != y->zero)
+		return x->zero ? -1 : 1;
+	if (!x->zero && x->dev != y->dev)
+		return x->dev < y->dev ? -1 : 1;
+	return x->off < y->off ? -1 : x->off > y->off;
+}
+
+/*
+ * The next batch's records into p->chunks, in the stream's order (none:
+ * the stream has had them all).  Version 1: the extents' data cut into
+ * pieces of at most TFS_STREAM_CHUNK from each extent's start, in volume
+ * order.  Version 2: each extent's data cut where it stops lying together
+ * on the data device, and every such run into pieces of at most
+ * TFS_STREAM_CHUNK from its start; the batch sorted by where each piece
+ * lies on the device.  0 or -errno (-EIO the mappings could not be read).
+ */
+static int plan_batch(struct plan *p)
+{
+	int r = 0;
+
+	p->chunks.nr = 0;
+	while (!r && p->next < p->nr_ext && p->chunks.nr < BATCH) {
+		const struct extent *x = &p->ext[p->next];
+		uint64_t at = x->off + p->next_off, n = x->len - p->next_off;
+
+		if (x->zero) {
+			r = tfs_stream_add_extent(&p->chunks, at, n, true, p->size);
+		} else {
+			n = n < LOCATE_SPAN ? n : LOCATE_SPAN;
+			r = p->version > 1 ? tfs_thin_bulk_locate(p->bulk, at, n, note_run, p) :
+					     tfs_stream_add_data(&p->chunks, at, n, 0);
+		}
+		p->next_off += n;
+		if (p->next_off == x->len) {
+			p->next++;
+			p->next_off = 0;
+		}
+	}
+	if (!r && p->version > 1)
+		qsort(p->chunks.v, p->chunks.nr, sizeof(*p->chunks.v), by_stream_order);
+	return r;
+}
+
+/*
+ * The diff FROM -> TO into p->ext, TO held (*ino, for the caller to unpin)
+ * and p->bulk open on it.  0, -EINTR the client left, or -errno and why.
+ */
+static int plan_open(struct plan *p, const struct tfs_vol_row *from, const struct tfs_vol_row *to,
+		     struct tfs_inode **ino, struct tfs_pool_diff_stats *st, char *why,
+		     size_t why_len)
+{
+	struct tfs_fs *fs = p->fs;
+	int r;
+
+	/* TO stays as it is, and its blocks its own, until the stream is out. */
+	r = tfs_fs_hold_volume(fs, to, ino);
+	if (r) {
+		snprintf(why, why_len, "send %s: %s", to->name,
+			 r == -ENOENT ? "deleted meanwhile" : strerror(-r));
+		return r;
+	}
+	r = tfs_pool_diff(fs->pool, from ? &from->dev_id : NULL, &to->dev_id, note_extent,
+			  plan_going, p, st);
+	if (r == -EINTR)
+		return r;
+	if (r) {
+		snprintf(why, why_len, "send %s: %s", to->name, diff_why(r));
+		return r;
+	}
+	r = tfs_thin_bulk_open((*ino)->dev, &p->bulk);
+	if (r)
+		snprintf(why, why_len, "send %s: %s", to->name, strerror(-r));
+	return r;
+}
+
+static void plan_free(struct plan *p)
+{
+	tfs_thin_bulk_close(p->bulk);
+	free(p->ext);
+	tfs_stream_chunks_free(&p->chunks);
+}
+
+int tfs_fs_send_plan(struct tfs_fs *fs, const struct tfs_vol_row *from,
+		     const struct tfs_vol_row *to, unsigned version,
+		     int (*emit)(void *ctx, const struct tfs_stream_chunks *batch),
+		     int (*going)(void *ctx, uint64_t vblock), void *ctx, char *why, size_t why_len)
+{
+	struct plan p = { .fs = fs, .version = version, .size = to->size, .going = going,
+			  .going_ctx = ctx };
+	struct tfs_pool_diff_stats st;
+	struct tfs_inode *ino = NULL;
+	int r;
+
+	why[0] = '\0';
+	r = plan_open(&p, from, to, &ino, &st, why, why_len);
+	while (!r && !(r = plan_batch(&p)) && p.chunks.nr)
+		r = emit(ctx, &p.chunks);
+	if (r && r != -EINTR && !why[0])
+		snprintf(why, why_len, "send %s: %s", to->name, strerror(-r));
+	plan_free(&p);
+	if (ino)
+		tfs_fs_unpin(fs, ino);
+	return r;
+}
+
+/* ---- the send ---- */
+
+static int diff_going(void *ctx, uint64_t vblock)
+{
+	struct job *j = ctx;
+
+	(void)vblock;
+	return !tfs_ctl_client_alive(j->sock);
 }
 
 /*
@@ -427,7 +621,7 @@ static void job_free(struct job *j)
 			munmap(j->win[i].buf, WINDOW);
 		free(j->win[i].at);
 	}
-	tfs_stream_chunks_free(&j->chunks);
+	plan_free(&j->plan);
 	free(j->starts);
 	pthread_cond_destroy(&j->cond);
 	pthread_mutex_destroy(&j->lock);
@@ -435,17 +629,47 @@ static void job_free(struct job *j)
 		close(j->out);
 }
 
+/* One batch's windows read and written out: this thread is reader 0. */
+static int send_batch(struct job *j, struct reader *rd)
+{
+	pthread_t th;
+
+	if (plan_windows(j)) {
+		fail(j, -ENOMEM, "send: out of memory");
+		return -ENOMEM;
+	}
+	j->emitted = 0;
+	for (unsigned i = 0; i < WINDOWS; i++)
+		j->win[i].full = false;
+	if (pthread_create(&th, NULL, writer, j)) {
+		fail(j, -EAGAIN, "send: out of threads");
+		return -EAGAIN;
+	}
+	for (unsigned k = 1; k < READERS; k++) {
+		rd[k].started = !pthread_create(&rd[k].th, NULL, reader, &rd[k]);
+		if (!rd[k].started)
+			fail(j, -EAGAIN, "send: out of threads");
+	}
+	reader(&rd[0]);
+	for (unsigned k = 1; k < READERS; k++)
+		if (rd[k].started)
+			pthread_join(rd[k].th, NULL);
+	pthread_join(th, NULL);
+	return failed(j);
+}
+
 int tfs_fs_send_data(struct tfs_fs *fs, const struct tfs_fs_send *s, char *why, size_t why_len)
 {
 	struct job j = { .fs = fs, .sock = s->sock, .out = -1, .progress = s->progress,
-			 .size = s->to->size };
-	struct tfs_pool_diff_stats st;
+			 .plan = { .fs = fs, .version = s->version ? s->version : TFS_STREAM_VERSION,
+				   .size = s->to->size, .going = diff_going } };
+	struct tfs_pool_diff_stats st = { 0 };
 	struct reader rd[READERS] = { 0 };
 	struct tfs_inode *ino = NULL;
-	pthread_t th;
 	int r;
 
 	why[0] = '\0';
+	j.plan.going_ctx = &j;
 	pthread_mutex_init(&j.lock, NULL);
 	pthread_cond_init(&j.cond, NULL);
 	r = prepare_out(&j, s->out);
@@ -453,27 +677,13 @@ int tfs_fs_send_data(struct tfs_fs *fs, const struct tfs_fs_send *s, char *why, 
 		snprintf(why, why_len, "send: the stream's descriptor: %s", strerror(-r));
 		goto out;
 	}
-	/* TO stays as it is, and its blocks its own, until the stream is out. */
-	r = tfs_fs_hold_volume(fs, s->to, &ino);
-	if (r) {
-		snprintf(why, why_len, "send %s: %s", s->to->name,
-			 r == -ENOENT ? "deleted meanwhile" : strerror(-r));
-		goto out;
-	}
-	r = tfs_pool_diff(fs->pool, s->from ? &s->from->dev_id : NULL, &s->to->dev_id,
-			  note_extent, diff_going, &j, &st);
-	if (r == -EINTR)
-		goto out; /* the client left */
-	if (r) {
-		snprintf(why, why_len, "send %s: %s", s->to->name, diff_why(r));
-		goto out;
-	}
-	tfs_stream_header(j.header, j.size, (uint32_t)fs->block_size, s->from ? s->from_id : NULL,
-			  s->to_id, j.chunks.data);
+	r = plan_open(&j.plan, s->from, s->to, &ino, &st, why, why_len);
+	if (r)
+		goto out; /* -EINTR: the client left */
+	tfs_stream_header(j.header, j.plan.version, j.plan.size, (uint32_t)fs->block_size,
+			  s->from ? s->from_id : NULL, s->to_id, j.plan.data);
 	tfs_stream_out_init(&j.o, out_write, &j);
 
-	if (plan_windows(&j))
-		goto out_nomem;
 	for (unsigned i = 0; i < WINDOWS; i++) {
 		void *m = window_map();
 
@@ -496,20 +706,24 @@ int tfs_fs_send_data(struct tfs_fs *fs, const struct tfs_fs_send *s, char *why, 
 			goto out;
 		}
 	}
-	if (pthread_create(&th, NULL, writer, &j))
-		goto out_nomem;
-	/* This thread is reader 0. */
-	for (unsigned k = 1; k < READERS; k++) {
-		rd[k].started = !pthread_create(&rd[k].th, NULL, reader, &rd[k]);
-		if (!rd[k].started)
-			fail(&j, -EAGAIN, "send: out of threads");
+	r = tfs_stream_put(&j.o, j.header, sizeof(j.header));
+	while (!r) {
+		r = plan_batch(&j.plan);
+		if (r) {
+			fail(&j, r, "send %s: looking up its blocks: %s", s->to->name, strerror(-r));
+			break;
+		}
+		if (!j.plan.chunks.nr) {
+			r = tfs_stream_finish(&j.o);
+			break;
+		}
+		r = send_batch(&j, rd);
 	}
-	reader(&rd[0]);
-	for (unsigned k = 1; k < READERS; k++)
-		if (rd[k].started)
-			pthread_join(rd[k].th, NULL);
-	pthread_join(th, NULL);
+	if (r && !failed(&j))
+		fail_write(&j, r);
 	r = j.err;
+	if (!r)
+		progress(&j, true);
 	if (r && r != -ECONNRESET && r != -ECANCELED)
 		snprintf(why, why_len, "%s", j.why);
 	s->stats->data = j.o.sent;

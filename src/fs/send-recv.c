@@ -33,6 +33,7 @@
 #include "fs.h"
 #include "fuse-ops.h"
 #include "log.h"
+#include "send-stream.h"
 
 static int random_bytes(void *buf, size_t len)
 {
@@ -194,9 +195,10 @@ static int receive_fd(int fd)
  * The daemon writes the stream: ask for the descriptor, write.  from may
  * be NULL.  0 and *stats, or -errno and why (empty: the client left).
  */
-static int send_stream(struct tfs_fs *fs, int fd, bool progress, const struct tfs_vol_row *from,
-		       const struct tfs_vol_row *to, const uint8_t *fu, const uint8_t *tu,
-		       struct tfs_fs_send_stats *stats, char *why, size_t why_len)
+static int send_stream(struct tfs_fs *fs, int fd, bool progress, unsigned version,
+		       const struct tfs_vol_row *from, const struct tfs_vol_row *to,
+		       const uint8_t *fu, const uint8_t *tu, struct tfs_fs_send_stats *stats,
+		       char *why, size_t why_len)
 {
 	struct json_object *o = json_object_new_object();
 	int out, r;
@@ -212,10 +214,65 @@ static int send_stream(struct tfs_fs *fs, int fd, bool progress, const struct tf
 	}
 	r = tfs_fs_send_data(fs, &(struct tfs_fs_send){ .sock = fd, .out = out,
 		.progress = progress, .from = from, .to = to, .from_id = fu, .to_id = tu,
-		.stats = stats }, why, why_len);
+		.version = version, .stats = stats }, why, why_len);
 	if (r == -ECONNRESET || r == -ECANCELED)
 		why[0] = '\0';
 	return r;
+}
+
+/* ---- diff --send-order: the stream's records for the path through the mount ---- */
+
+static int order_going(void *ctx, uint64_t vblock)
+{
+	(void)vblock;
+	return !tfs_ctl_client_alive(*(int *)ctx);
+}
+
+/* A batch of records as diff lines ("OFFSET LENGTH data|zero"), one each. */
+static int order_emit(void *ctx, const struct tfs_stream_chunks *batch)
+{
+	int fd = *(int *)ctx, r;
+	char *buf = NULL;
+	size_t len = 0;
+	FILE *f = open_memstream(&buf, &len);
+
+	if (!f)
+		return -ENOMEM;
+	for (size_t i = 0; i < batch->nr; i++)
+		fprintf(f, "%" PRIu64 " %" PRIu64 " %s\n", batch->v[i].off, batch->v[i].len,
+			batch->v[i].zero ? "zero" : "data");
+	fclose(f);
+	r = buf ? tfs_ctl_send_ok(fd, buf, NULL, false) : -ENOMEM;
+	free(buf);
+	return r < 0 ? r : 0;
+}
+
+void tfs_ctl_cmd_send_order(struct tfs_fs *fs, int fd, const char *from, const char *to,
+			    const char *version)
+{
+	struct tfs_vol_row frow, trow;
+	char why[320];
+	int r;
+
+	if (strcmp(version, "1") && strcmp(version, "2")) {
+		tfs_ctl_send_error(fd, "diff: --send-order takes a stream version, 1 or 2");
+		return;
+	}
+	if (find(fs, fd, "diff", to, &trow) < 0 ||
+	    (strcmp(from, "-") && find(fs, fd, "diff", from, &frow) < 0))
+		return;
+	if (trow.dev_id >= TFS_DEV_ID_OTHER || (strcmp(from, "-") && frow.dev_id >= TFS_DEV_ID_OTHER)) {
+		tfs_ctl_send_error(fd, "diff: --send-order is for thin volumes only");
+		return;
+	}
+	r = tfs_fs_send_plan(fs, strcmp(from, "-") ? &frow : NULL, &trow, version[0] == '1' ? 1 : 2,
+			     order_emit, order_going, &fd, why, sizeof(why));
+	if (r == -EINTR || r == -EPIPE || r == -ECONNRESET)
+		return; /* the client left */
+	if (r)
+		tfs_ctl_send_error(fd, "%s", why);
+	else
+		tfs_ctl_send_ok(fd, "", NULL, true);
 }
 
 /*
@@ -226,10 +283,11 @@ static int send_stream(struct tfs_fs *fs, int fd, bool progress, const struct tf
  */
 void tfs_ctl_cmd_send(struct tfs_fs *fs, int fd, int argc, const char **argv)
 {
-	static const char usage[] = "usage: send [--from FROM] [--stream [--progress]] TO "
-				    "(volumes or GROUP/NAME)";
+	static const char usage[] = "usage: send [--from FROM] [--stream [--progress] "
+				    "[--stream-version 1|2]] TO (volumes or GROUP/NAME)";
 	const char *from = NULL, *to = NULL;
 	bool stream = false, progress = false;
+	unsigned version = TFS_STREAM_VERSION;
 	struct tfs_vol_row frow, trow;
 	struct tfs_group_row g;
 	struct json_object *o;
@@ -244,6 +302,9 @@ void tfs_ctl_cmd_send(struct tfs_fs *fs, int fd, int argc, const char **argv)
 			stream = true;
 		} else if (!strcmp(argv[i], "--progress")) {
 			progress = true;
+		} else if (!strcmp(argv[i], "--stream-version") && i + 1 < argc &&
+			   (!strcmp(argv[i + 1], "1") || !strcmp(argv[i + 1], "2"))) {
+			version = argv[++i][0] == '1' ? 1 : 2;
 		} else if (argv[i][0] == '-' || to) {
 			tfs_ctl_send_error(fd, usage);
 			return;
@@ -305,8 +366,8 @@ void tfs_ctl_cmd_send(struct tfs_fs *fs, int fd, int argc, const char **argv)
 		struct tfs_fs_send_stats stats = { 0 };
 		char msg[320];
 
-		r = send_stream(fs, fd, progress, from ? &frow : NULL, &trow, from ? fu : NULL, tu,
-				&stats, msg, sizeof(msg));
+		r = send_stream(fs, fd, progress, version, from ? &frow : NULL, &trow,
+				from ? fu : NULL, tu, &stats, msg, sizeof(msg));
 		/* Gone before the answer, as after "end" below. */
 		if (temp[0])
 			drop_temp(fs, temp);

@@ -10,7 +10,8 @@
 
 #include "crc32c.h"
 
-static int add_chunk(struct tfs_stream_chunks *c, uint64_t off, uint64_t len, bool zero)
+static int add_chunk(struct tfs_stream_chunks *c, uint64_t off, uint64_t len, uint64_t dev,
+		     bool zero)
 {
 	if (c->nr == c->cap) {
 		size_t cap = c->cap ? 2 * c->cap : 256;
@@ -21,7 +22,8 @@ static int add_chunk(struct tfs_stream_chunks *c, uint64_t off, uint64_t len, bo
 		c->v = v;
 		c->cap = cap;
 	}
-	c->v[c->nr++] = (struct tfs_stream_chunk){ off, len, zero };
+	c->v[c->nr++] = (struct tfs_stream_chunk){ .off = off, .len = len, .dev = dev,
+						   .zero = zero };
 	return 0;
 }
 
@@ -33,15 +35,22 @@ int tfs_stream_add_extent(struct tfs_stream_chunks *c, uint64_t off, uint64_t le
 	if (len > size - off)
 		len = size - off;
 	if (zero)
-		return add_chunk(c, off, len, true);
+		return add_chunk(c, off, len, 0, true);
+	return tfs_stream_add_data(c, off, len, 0);
+}
+
+int tfs_stream_add_data(struct tfs_stream_chunks *c, uint64_t off, uint64_t len, uint64_t dev)
+{
 	c->data += len;
 	for (uint64_t at = off; at < off + len;) {
 		uint64_t n = off + len - at < TFS_STREAM_CHUNK ? off + len - at : TFS_STREAM_CHUNK;
-		int r = add_chunk(c, at, n, false);
+		int r = add_chunk(c, at, n, dev, false);
 
 		if (r)
 			return r;
 		at += n;
+		if (dev != UINT64_MAX)
+			dev += n;
 	}
 	return 0;
 }
@@ -52,12 +61,13 @@ void tfs_stream_chunks_free(struct tfs_stream_chunks *c)
 	*c = (struct tfs_stream_chunks){ 0 };
 }
 
-void tfs_stream_header(uint8_t h[TFS_STREAM_HEADER_SIZE], uint64_t size, uint32_t block_size,
-		       const uint8_t *from, const uint8_t to[16], uint64_t data)
+void tfs_stream_header(uint8_t h[TFS_STREAM_HEADER_SIZE], uint32_t version, uint64_t size,
+		       uint32_t block_size, const uint8_t *from, const uint8_t to[16],
+		       uint64_t data)
 {
 	memset(h, 0, TFS_STREAM_HEADER_SIZE);
 	memcpy(h + TFS_SH_MAGIC, TFS_STREAM_MAGIC, 8);
-	tfs_stream_put32(h + TFS_SH_VERSION, TFS_STREAM_VERSION);
+	tfs_stream_put32(h + TFS_SH_VERSION, version);
 	tfs_stream_put32(h + TFS_SH_LENGTH, TFS_STREAM_HEADER_SIZE);
 	tfs_stream_put64(h + TFS_SH_SIZE, size);
 	tfs_stream_put32(h + TFS_SH_BLOCK, block_size);
@@ -128,4 +138,57 @@ int tfs_stream_finish(struct tfs_stream_out *o)
 		return r;
 	tfs_stream_put32(tail, o->crc);
 	return tfs_stream_put(o, tail, sizeof(tail));
+}
+
+int tfs_stream_ranges_add(struct tfs_stream_ranges *r, uint64_t off, uint64_t len, uint64_t at)
+{
+	struct tfs_stream_range *last = r->nr ? &r->v[r->nr - 1] : NULL;
+
+	if (!len)
+		return 0;
+	if (last && last->end == off) {
+		last->end = off + len;
+		return 0;
+	}
+	if (r->nr == r->cap) {
+		size_t cap = r->cap ? 2 * r->cap : 256;
+		struct tfs_stream_range *v = realloc(r->v, cap * sizeof(*v));
+
+		if (!v)
+			return -ENOMEM;
+		r->v = v;
+		r->cap = cap;
+	}
+	r->v[r->nr++] = (struct tfs_stream_range){ off, off + len, at };
+	return 0;
+}
+
+static int by_off(const void *a, const void *b)
+{
+	const struct tfs_stream_range *x = a, *y = b;
+
+	return x->off < y->off ? -1 : x->off > y->off;
+}
+
+int tfs_stream_ranges_check(struct tfs_stream_ranges *r, uint64_t *at, uint64_t *vol_off)
+{
+	qsort(r->v, r->nr, sizeof(*r->v), by_off);
+	for (size_t i = 1; i < r->nr; i++) {
+		if (r->v[i].off < r->v[i - 1].end) {
+			/*
+			 * An entry is records that came one after the other, so one
+			 * of the two came wholly after the other: the overlap is there.
+			 */
+			*at = r->v[i].at > r->v[i - 1].at ? r->v[i].at : r->v[i - 1].at;
+			*vol_off = r->v[i].off;
+			return -EEXIST;
+		}
+	}
+	return 0;
+}
+
+void tfs_stream_ranges_free(struct tfs_stream_ranges *r)
+{
+	free(r->v);
+	*r = (struct tfs_stream_ranges){ 0 };
 }

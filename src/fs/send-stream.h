@@ -1,7 +1,7 @@
 /* SPDX-License-Identifier: GPL-2.0-or-later */
 /*
  * send-stream.h - the send stream's bytes (docs/send-receive.md, "The
- * stream, version 1"), shared by the two writers of a stream, the daemon
+ * stream, version 1" and "version 2"), shared by the two writers of a stream, the daemon
  * (send-data.c) and thinfs-ctl's path through the mount
  * (tools/send-recv.c), and by receive's reader: one encoder, so that both
  * writers give the same bytes for the same snapshots.
@@ -9,7 +9,9 @@
  * Owns: the layout (field offsets as in the document), how a diff's
  * extents become records (data cut into pieces of at most
  * TFS_STREAM_CHUNK from each extent's start, a piece of zeros sent as
- * ZERO), the running checksum and the END record and trailer.
+ * ZERO), the running checksum and the END record and trailer, and the
+ * reader's check that version 2's records, which come in any order, do
+ * not overlap.
  *
  * Never: reads volume data or talks to the daemon; the writer's callback
  * moves the bytes.  Logs nothing; errors are -errno.
@@ -22,7 +24,9 @@
 #include <stdint.h>
 
 #define TFS_STREAM_MAGIC "THINSEND"
-#define TFS_STREAM_VERSION 1u
+/* What send writes unless asked for the older one; a reader takes both. */
+#define TFS_STREAM_VERSION 2u
+#define TFS_STREAM_VERSION_OLDEST 1u
 #define TFS_STREAM_HEADER_SIZE 96u
 #define TFS_STREAM_RECORD_SIZE 24u
 /* A DATA record carries at most this many bytes, so a reader's buffer is bounded. */
@@ -64,9 +68,14 @@ static inline uint64_t tfs_stream_get64(const uint8_t *p)
 	return (uint64_t)tfs_stream_get32(p) | (uint64_t)tfs_stream_get32(p + 4) << 32;
 }
 
-/* One record to be: a piece of data (at most TFS_STREAM_CHUNK) or a zero range. */
+/*
+ * One record to be: a piece of data (at most TFS_STREAM_CHUNK) or a zero
+ * range; dev is where the daemon found the data on its data device (its
+ * order in a version 2 stream), 0 where nobody looked.
+ */
 struct tfs_stream_chunk {
 	uint64_t off, len;
+	uint64_t dev;
 	bool zero;
 };
 
@@ -83,11 +92,18 @@ struct tfs_stream_chunks {
  */
 int tfs_stream_add_extent(struct tfs_stream_chunks *c, uint64_t off, uint64_t len, bool zero,
 			  uint64_t size);
+/*
+ * Data at [off, off + len) (in the volume's size) lying from dev on the
+ * data device, as pieces of at most TFS_STREAM_CHUNK from off (dev
+ * UINT64_MAX: nowhere, and it stays so).  -ENOMEM.
+ */
+int tfs_stream_add_data(struct tfs_stream_chunks *c, uint64_t off, uint64_t len, uint64_t dev);
 void tfs_stream_chunks_free(struct tfs_stream_chunks *c);
 
-/* The header; from NULL for a full stream. */
-void tfs_stream_header(uint8_t h[TFS_STREAM_HEADER_SIZE], uint64_t size, uint32_t block_size,
-		       const uint8_t *from, const uint8_t to[16], uint64_t data);
+/* The header of a stream of version 1 or 2; from NULL for a full stream. */
+void tfs_stream_header(uint8_t h[TFS_STREAM_HEADER_SIZE], uint32_t version, uint64_t size,
+		       uint32_t block_size, const uint8_t *from, const uint8_t to[16],
+		       uint64_t data);
 
 /*
  * A stream being written: write(ctx, buf, len) moves every byte (0 or
@@ -113,5 +129,26 @@ int tfs_stream_put_chunk(struct tfs_stream_out *o, const struct tfs_stream_chunk
 			 const uint8_t *buf);
 /* END and the trailer: the stream is whole. */
 int tfs_stream_finish(struct tfs_stream_out *o);
+
+/*
+ * The ranges a reader has applied, to find two records that overlap
+ * (version 2 allows any order, never an overlap).  add: a record at byte
+ * at of the stream; one that starts where the last ended extends it, so a
+ * stream in volume order costs one entry in all, one in device order an
+ * entry (24 bytes) per record that does not follow on.  -ENOMEM.  check:
+ * sorts them; 0, or -EEXIST, *vol_off a volume byte written twice and *at
+ * the stream byte of the record from which on (it or one following on
+ * from it) the stream overlaps what came before.
+ */
+struct tfs_stream_range {
+	uint64_t off, end, at;
+};
+struct tfs_stream_ranges {
+	struct tfs_stream_range *v;
+	size_t nr, cap;
+};
+int tfs_stream_ranges_add(struct tfs_stream_ranges *r, uint64_t off, uint64_t len, uint64_t at);
+int tfs_stream_ranges_check(struct tfs_stream_ranges *r, uint64_t *at, uint64_t *vol_off);
+void tfs_stream_ranges_free(struct tfs_stream_ranges *r);
 
 #endif

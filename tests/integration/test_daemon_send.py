@@ -12,11 +12,13 @@ import os
 import pty
 import random
 import socket
+import struct
 import subprocess
 
 from ctl_socket import ctl_socket_path
 from daemon_util import (BS, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, KiB, MiB, create,
                          fallocate, pattern, wait_for, write_at)
+from thin_image import crc32c_raw
 
 HEADER = 96
 
@@ -488,3 +490,166 @@ def test_send_on_a_read_only_mount_reads_the_volume_itself(pool, tmp_path):
     p.mount()
     receive_file(p, tmp_path / "a", "copy")
     same(p.mnt / "vm1", p.mnt / "copy")
+
+
+# ---- stream version 2: records in the data device's order ----
+
+def records(data):
+    """The stream's version and its (type, offset, length) records before END, checked whole."""
+    version, = struct.unpack_from("<I", data, 8)
+    at, out = HEADER, []
+    while True:
+        kind, _, off, length = struct.unpack_from("<IIQQ", data, at)
+        at += 24
+        if kind == 3:
+            assert at + 4 == len(data)
+            return version, out
+        out.append((kind, off, length))
+        at += length if kind == 1 else 0
+
+
+def covered(recs):
+    """The records' ranges, sorted: none overlaps."""
+    spans = sorted((off, off + length) for _, off, length in recs)
+    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:])), "records overlap"
+    return spans
+
+
+def shuffled_volume(p, name, nblocks, seed):
+    """A volume whose blocks were written in a random order: its data lies shuffled on the device."""
+    create(p.mnt / name, nblocks * BS)
+    order = list(range(nblocks))
+    random.Random(seed).shuffle(order)
+    for b in order:
+        write_at(p.mnt / name, b * BS, pattern(seed * 1000 + b, BS), fsync=False)
+    return order
+
+
+def rewrite_scattered(p, name, blocks, seed):
+    """Whole blocks rewritten in the order given (a random one), as the bench's scattered change."""
+    for b in blocks:
+        write_at(p.mnt / name, b * BS, pattern(seed * 1000 + b, BS), fsync=False)
+
+
+def test_v2_streams_of_random_order_writes_come_in_device_order_and_receive_identical(pool,
+                                                                                      tmp_path):
+    a, b = pool("a"), pool("b")
+    nblocks = 96
+    shuffled_volume(a, "vm", nblocks, 1)
+    os.mkdir(a.mnt / ".snapshots" / "n0")
+    rnd = random.Random(2)
+    for k in (1, 2, 3):
+        # A tenth of the blocks rewritten in a random order, and one block unmapped.
+        rewrite_scattered(a, "vm", rnd.sample(range(nblocks), nblocks // 10), 10 + k)
+        fd = os.open(a.mnt / "vm", os.O_RDWR)
+        try:
+            fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, rnd.randrange(nblocks) * BS,
+                      BS)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.mkdir(a.mnt / ".snapshots" / f"n{k}")
+    full = tmp_path / "full"
+    send_to_file(a, full, "n0/vm")
+    version, recs = records(full.read_bytes())
+    assert version == 2
+    # Every block once, as 64 KiB records (no two neighbours in the volume lie together on
+    # the device), not in the volume's order: the order they were written in.
+    assert covered(recs) == [(x * BS, (x + 1) * BS) for x in range(nblocks)]
+    assert [off for _, off, _ in recs] != sorted(off for _, off, _ in recs)
+    receive_file(a, full, "r0")
+    pipe(a, ["n0/vm"], b, ["r0"])
+    same(a.mnt / ".snapshots" / "n0" / "vm", b.mnt / "r0")
+    for k in (1, 2, 3):
+        inc = tmp_path / f"inc{k}"
+        send_to_file(a, inc, "--from", f"n{k - 1}/vm", f"n{k}/vm")
+        version, recs = records(inc.read_bytes())
+        assert version == 2
+        covered(recs)
+        assert [off for kind, off, _ in recs if kind == 1] != \
+            sorted(off for kind, off, _ in recs if kind == 1)
+        receive_file(b, inc, f"r{k}", "--base", f"r{k - 1}")
+        same(a.mnt / ".snapshots" / f"n{k}" / "vm", b.mnt / f"r{k}")
+    # The earlier ones are untouched by the later receives.
+    for k in (0, 1, 2):
+        same(a.mnt / ".snapshots" / f"n{k}" / "vm", b.mnt / f"r{k}")
+
+
+def test_stream_version_1_is_still_made_on_request_and_received(pool, tmp_path):
+    p = pool()
+    nblocks = 48
+    shuffled_volume(p, "vm", nblocks, 3)
+    os.mkdir(p.mnt / ".snapshots" / "n1")
+    rewrite_scattered(p, "vm", random.Random(4).sample(range(nblocks), 9), 5)
+    os.mkdir(p.mnt / ".snapshots" / "n2")
+    old, new = tmp_path / "old", tmp_path / "new"
+    for args in (["n1/vm"], ["--from", "n1/vm", "n2/vm"]):
+        for version in (1, 2):
+            ver = [] if version == 2 else ["--stream-version", "1"]
+            send_to_file(p, old, "--through-mount", *ver, *args)
+            send_to_file(p, new, *ver, *args)
+            # Both paths, the same bytes, in either version.
+            assert old.read_bytes() == new.read_bytes(), (args, version)
+            got, recs = records(new.read_bytes())
+            assert got == version
+            offs = [off for _, off, _ in recs]
+            if version == 1:
+                assert offs == sorted(offs)
+            else:
+                assert offs != sorted(offs)
+    send_to_file(p, new, "--stream-version", "1", "n1/vm")
+    receive_file(p, new, "c1")
+    send_to_file(p, new, "--stream-version", "1", "--from", "n1/vm", "n2/vm")
+    receive_file(p, new, "c2", "--base", "c1")
+    same(p.mnt / ".snapshots" / "n2" / "vm", p.mnt / "c2")
+    # A bad version is refused before anything is asked of the daemon.
+    r = subprocess.run([str(p.ctl_bin), str(p.mnt), "send", "--stream-version", "3", "n1/vm"],
+                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=60)
+    assert r.returncode == 2 and b"--stream-version 1|2" in r.stderr
+
+
+def crafted(version, recs, size=4 * MiB):
+    """A stream made by hand: (type, offset, data or length) records, checksums right."""
+    h = bytearray(HEADER)
+    h[0:8] = b"THINSEND"
+    struct.pack_into("<IIQI", h, 8, version, HEADER, size, BS)
+    h[48:64] = bytes(range(16))
+    struct.pack_into("<Q", h, 64, sum(len(x) for k, _, x in recs if k == 1))
+    struct.pack_into("<I", h, 92, crc32c_raw(bytes(h[:92])))
+    body, sent = bytes(h), 0
+    for kind, off, x in recs:
+        if kind == 1:
+            body += struct.pack("<IIQQ", 1, 0, off, len(x)) + x
+            sent += len(x)
+        else:
+            body += struct.pack("<IIQQ", 2, 0, off, x)
+    body += struct.pack("<IIQQ", 3, 0, sent, len(recs))
+    return body + struct.pack("<I", crc32c_raw(body))
+
+
+def test_overlapping_records_are_refused_and_any_order_is_taken(pool, tmp_path):
+    p = pool()
+    before = entries(p)
+    d = [pattern(40 + i, BS) for i in range(4)]
+    f = tmp_path / "s"
+    # Out of order, not overlapping, a ZERO last: version 2 takes it (and so does 1, as ever).
+    for version in (1, 2):
+        f.write_bytes(crafted(version, [(1, 3 * BS, d[0]), (1, 0, d[1]), (1, 2 * BS, d[2]),
+                                        (2, BS, BS)]))
+        receive_file(p, f, f"ok{version}")
+        got = (p.mnt / f"ok{version}").read_bytes()
+        assert got[:4 * BS] == d[1] + bytes(BS) + d[2] + d[0] and not any(got[4 * BS:])
+    before = entries(p)
+    # Overlapping: the later record named by its byte in the stream, nothing made.
+    second = HEADER + 24 + BS
+    for version in (1, 2):
+        for recs, at in (([(1, 2 * BS, d[0]), (1, 2 * BS + 4096, d[1])], second),
+                         # The ZERO follows on from the record before it, which is named.
+                         ([(1, 2 * BS, d[0]), (1, 0, d[1]), (2, BS, 2 * BS)], second),
+                         ([(1, 5 * BS, d[0]), (1, 0, d[1]), (1, BS, d[2]), (1, 5 * BS, d[3])],
+                          HEADER + 3 * (24 + BS))):
+            f.write_bytes(crafted(version, recs))
+            err = receive_file(p, f, "new", ok=(1,))
+            assert f"the record at byte {at}, or one following on from it, overlaps" in err, err
+            assert "nothing was made" in err
+            assert entries(p) == before
