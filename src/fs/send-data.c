@@ -17,8 +17,9 @@
  * offsets; version 2 allows any order, and the records come in the order
  * of their data on the data device, so that changed blocks written in a
  * random order are read sequentially, not at random.  The records of a
- * batch (at most BATCH) are sorted at once, so memory stays bounded
- * whatever the diff's size; thinfs-ctl's path through the mount gets the
+ * batch (at most BATCH) are made and sorted at once, so the records in
+ * memory are bounded whatever the diff's size (its extents are held
+ * whole, as the diff made them); thinfs-ctl's path through the mount gets the
  * same records in the same order (tfs_fs_send_plan, "diff --send-order").
  *
  * The descriptor is the client's own output: a pipe is reopened here
