@@ -18,6 +18,7 @@ import subprocess
 from ctl_socket import ctl_socket_path
 from daemon_util import (BS, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, KiB, MiB, create,
                          fallocate, pattern, wait_for, write_at)
+from test_clone import mappings
 from thin_image import crc32c_raw
 
 HEADER = 96
@@ -531,12 +532,21 @@ def rewrite_scattered(p, name, blocks, seed):
         write_at(p.mnt / name, b * BS, pattern(seed * 1000 + b, BS), fsync=False)
 
 
+def in_device_order(recs, where):
+    """The DATA records' blocks, by where they lie on the data device (where: vblock -> data
+    block): ascending."""
+    blocks = [where[off // BS] for kind, off, _ in recs if kind == 1]
+    assert blocks == sorted(blocks), blocks
+
+
 def test_v2_streams_of_random_order_writes_come_in_device_order_and_receive_identical(pool,
                                                                                       tmp_path):
     a, b = pool("a"), pool("b")
     nblocks = 96
     shuffled_volume(a, "vm", nblocks, 1)
     os.mkdir(a.mnt / ".snapshots" / "n0")
+    # vm's mappings as committed with each snapshot: the snapshot's.
+    where = [mappings(a, "vm")]
     rnd = random.Random(2)
     for k in (1, 2, 3):
         # A tenth of the blocks rewritten in a random order, and one block unmapped.
@@ -549,6 +559,7 @@ def test_v2_streams_of_random_order_writes_come_in_device_order_and_receive_iden
         finally:
             os.close(fd)
         os.mkdir(a.mnt / ".snapshots" / f"n{k}")
+        where.append(mappings(a, "vm"))
     full = tmp_path / "full"
     send_to_file(a, full, "n0/vm")
     version, recs = records(full.read_bytes())
@@ -557,6 +568,7 @@ def test_v2_streams_of_random_order_writes_come_in_device_order_and_receive_iden
     # the device), not in the volume's order: the order they were written in.
     assert covered(recs) == [(x * BS, (x + 1) * BS) for x in range(nblocks)]
     assert [off for _, off, _ in recs] != sorted(off for _, off, _ in recs)
+    in_device_order(recs, where[0])
     receive_file(a, full, "r0")
     pipe(a, ["n0/vm"], b, ["r0"])
     same(a.mnt / ".snapshots" / "n0" / "vm", b.mnt / "r0")
@@ -568,6 +580,7 @@ def test_v2_streams_of_random_order_writes_come_in_device_order_and_receive_iden
         covered(recs)
         assert [off for kind, off, _ in recs if kind == 1] != \
             sorted(off for kind, off, _ in recs if kind == 1)
+        in_device_order(recs, where[k])
         receive_file(b, inc, f"r{k}", "--base", f"r{k - 1}")
         same(a.mnt / ".snapshots" / f"n{k}" / "vm", b.mnt / f"r{k}")
     # The earlier ones are untouched by the later receives.
