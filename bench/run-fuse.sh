@@ -213,7 +213,7 @@ suite_long() {
 
 # ----------------------------------------------------------------- thinfs ---
 build_thinfs() {
-	local dir=$root/build-bench-fuse src=$root
+	local dir=$root/build-bench-fuse src=$root rev
 	if [[ -n ${BENCH_REV:-} ]]; then
 		# a clean export of one revision, so edits in progress in the
 		# working tree do not end up in the figures
@@ -225,11 +225,17 @@ build_thinfs() {
 			! grep -qs "$src" "$dir/meson-info/intro-projectinfo.json" "$dir/build.ninja"; then
 			rm -rf "$dir"
 		fi
+		# git archive stamps every file with its commit's time, so objects
+		# built after that commit look newer than another revision's
+		# sources: a different revision is built from scratch
+		rev=$(git -C "$root" rev-parse "$BENCH_REV") || return 1
+		[[ $(cat "$dir/bench-rev" 2>/dev/null) == "$rev" ]] || rm -rf "$dir"
 	fi
 	if [[ ! -f $dir/meson-private/coredata.dat ]]; then
 		meson setup "$dir" "$src" --buildtype=release -Db_sanitize=none >/dev/null || return 1
 	fi
 	meson compile -C "$dir" thinfs thinfs-ctl >/dev/null || return 1
+	[[ -n ${BENCH_REV:-} ]] && echo "$rev" >"$dir/bench-rev"
 	thinfs=$dir/tools/thinfs
 	ctl=$dir/tools/thinfs-ctl
 	if [[ -n ${BENCH_REV:-} ]]; then

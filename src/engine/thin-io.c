@@ -36,6 +36,20 @@
 #define BOUNCE_MAX (1u << 20)
 
 /*
+ * New blocks up to this size are written whole (zeros around the data)
+ * even into a preallocated chunk.  Each write into the unwritten rest of a
+ * block would be an extent conversion for the host file system, and the
+ * data file's extents would split two or three per block: on ext4 that
+ * cost the daemon a quarter to a third of its CPU per 4 KiB request and
+ * doubled the long allocating job's p99.9 (bench/README.md, "Issue 10's
+ * 4 KiB rows, thin4k branch").  Written whole, the block is one conversion,
+ * merged with its neighbours, and later writes to it are plain overwrites;
+ * the price is the block's bytes on its first write, 16 times 4 KiB at
+ * 64 KiB, which grows with the block, so larger blocks keep partial writes.
+ */
+#define WHOLE_NEW_MAX (64u << 10)
+
+/*
  * The source of every zero written to the data device; never written
  * itself.  Page-aligned, like every buffer here, so that an O_DIRECT data
  * device takes it as it is.
@@ -416,15 +430,17 @@ static int write_chunk_data(struct chunk *c)
 		src = c->buf ? c->buf + ((c->b0 + i) * bs + s - c->off) : NULL;
 		/*
 		 * A partial write to a new block writes only its bytes when free
-		 * blocks read as zeros and the block is preallocated.  Into a hole
-		 * of a sparse data file every 4 KiB written would be an allocation
-		 * of the host file system, which serialises direct I/O to the file
-		 * (measured: 4 KiB random allocating writes 12k IOPS writing 4 KiB,
-		 * 39k writing the block); the block is then written whole instead.
+		 * blocks read as zeros, the block is preallocated and larger than
+		 * WHOLE_NEW_MAX.  Into a hole of a sparse data file every 4 KiB
+		 * written would be an allocation of the host file system, which
+		 * serialises direct I/O to the file (measured: 4 KiB random
+		 * allocating writes 12k IOPS writing 4 KiB, 39k writing the
+		 * block); the block is then written whole instead.
 		 */
 		plain = p->act == ACT_INPLACE || (s == 0 && e == bs) ||
 			(p->act == ACT_NEW && c->how == HOW_DATA &&
-			 (pool->cfg.skip_block_zeroing || (c->free_zero && p->ready)));
+			 (pool->cfg.skip_block_zeroing ||
+			  (c->free_zero && p->ready && bs > WHOLE_NEW_MAX)));
 		if (p->act != ACT_INPLACE && (s || e < bs))
 			atomic_fetch_add(plain ? &pool->new_written_partly : &pool->new_filled_whole, 1);
 		if (plain)

@@ -4,18 +4,22 @@
 and every freed block before it can be handed out again, so free blocks
 read as zeros and fallocate maps blocks without writing them.  The daemon
 also keeps the data file preallocated a chunk (`preallocate`, 32 MiB) at a
-time ahead of the allocator, so a partial write to a new block writes only
-its own bytes as an overwrite of an unwritten extent; without that (or
-without free blocks reading zero) it writes the block whole, zeros around
+time ahead of the allocator, so writing a new block is an overwrite of an
+unwritten extent; a partial write to a new block larger than 64 KiB writes
+only its own bytes there, one to a 64 KiB block (or without preallocation,
+or without free blocks reading zero) writes the block whole, zeros around
 the data.  Whatever the data device held before, the rest of a new block must read as
 zeros: these tests fill blocks with data, free them in each way a block can
 become free (rm, an uncommitted transaction lost to a crash), and make the
 allocator hand exactly those blocks out again."""
 import os
 
-from daemon_util import BS, create, fsync_path, pattern, read_at, read_direct, write_direct
+import pytest
+
+from daemon_util import BS, KiB, create, fsync_path, pattern, read_at, read_direct, write_direct
 
 SMALL = 32 * BS  # a data device of 32 blocks: reuse is forced
+BIG = 128 * KiB  # the smallest block size whose new blocks take partial writes
 
 
 def data_io(p):
@@ -28,17 +32,17 @@ def fill_blocks(path, nr, seed):
         write_direct(path, i * BS, pattern(seed + i, BS))
 
 
-def assert_partial_blocks(path, nr, seed):
+def assert_partial_blocks(path, nr, seed, bs=BS):
     """Block i holds 4 KiB of pattern(seed + i) at 8 KiB, zeros around it."""
     for i in range(nr):
-        want = bytes(8192) + pattern(seed + i, 4096) + bytes(BS - 12288)
-        assert read_at(path, i * BS, BS) == want, f"block {i} is not zero around the write"
-        assert read_direct(path, i * BS, BS) == want
+        want = bytes(8192) + pattern(seed + i, 4096) + bytes(bs - 12288)
+        assert read_at(path, i * bs, bs) == want, f"block {i} is not zero around the write"
+        assert read_direct(path, i * bs, bs) == want
 
 
-def write_partial_blocks(path, nr, seed):
+def write_partial_blocks(path, nr, seed, bs=BS):
     for i in range(nr):
-        write_direct(path, i * BS + 8192, pattern(seed + i, 4096))
+        write_direct(path, i * bs + 8192, pattern(seed + i, 4096))
     fsync_path(path)
 
 
@@ -50,15 +54,15 @@ def new_writes(p):
     return p.status()["pool"]["new_block_writes"]
 
 
-def test_a_4k_write_to_a_new_block_writes_4k_into_a_preallocated_chunk(pool):
-    p = pool()
+def test_a_4k_write_to_a_new_128k_block_writes_4k_into_a_preallocated_chunk(pool):
+    p = pool(block_size=BIG)
     assert p.status()["pool"]["free_blocks_read_zero"] is True
     assert "free data blocks punched" in p.log_text()
     assert prealloc(p) == {"active": True, "chunk_bytes": 32 << 20, "chunks": 0,
                            "fallocates": 0, "failures": 0}
-    vol = create(p.mnt / "v", 4 * BS)
+    vol = create(p.mnt / "v", 4 * BIG)
     w0 = data_io(p)["write_bytes"]
-    write_direct(vol, BS + 8192, pattern(1, 4096))
+    write_direct(vol, BIG + 8192, pattern(1, 4096))
     assert data_io(p)["write_bytes"] - w0 == 4096
     assert new_writes(p) == {"written_partly": 1, "filled_whole": 0}
     # the first allocation preallocated its whole chunk of the data file
@@ -66,48 +70,73 @@ def test_a_4k_write_to_a_new_block_writes_4k_into_a_preallocated_chunk(pool):
                            "fallocates": 1, "failures": 0}
     assert os.stat(p.data).st_blocks * 512 >= 32 << 20
     # the next new block of the chunk needs no fallocate
-    write_direct(vol, 2 * BS, pattern(2, 4096))
+    write_direct(vol, 2 * BIG, pattern(2, 4096))
     assert prealloc(p)["fallocates"] == 1
     fsync_path(vol)
-    want = bytes(8192) + pattern(1, 4096) + bytes(BS - 12288)
-    want2 = pattern(2, 4096) + bytes(BS - 4096)
-    assert read_direct(vol, BS, 2 * BS) == want + want2
+    want = bytes(8192) + pattern(1, 4096) + bytes(BIG - 12288)
+    want2 = pattern(2, 4096) + bytes(BIG - 4096)
+    assert read_direct(vol, BIG, 2 * BIG) == want + want2
     p.remount()
-    assert read_at(vol, 0, 3 * BS) == bytes(BS) + want + want2
-    assert read_direct(vol, 0, 4 * BS) == bytes(BS) + want + want2 + bytes(BS)
+    assert read_at(vol, 0, 3 * BIG) == bytes(BIG) + want + want2
+    assert read_direct(vol, 0, 4 * BIG) == bytes(BIG) + want + want2 + bytes(BIG)
+
+
+def test_a_4k_write_to_a_new_64k_block_writes_it_whole_into_a_preallocated_chunk(pool):
+    """Written whole, a 64 KiB block is one extent conversion for the host,
+    and the later 4 KiB writes to it are overwrites in place."""
+    p = pool()
+    vol = create(p.mnt / "v", 4 * BS)
+    w0 = data_io(p)["write_bytes"]
+    write_direct(vol, BS + 8192, pattern(1, 4096))
+    assert data_io(p)["write_bytes"] - w0 == BS
+    assert new_writes(p) == {"written_partly": 0, "filled_whole": 1}
+    assert prealloc(p) == {"active": True, "chunk_bytes": 32 << 20, "chunks": 1,
+                           "fallocates": 1, "failures": 0}
+    used = p.used()
+    write_direct(vol, BS + 32768, pattern(2, 4096))
+    assert data_io(p)["write_bytes"] - w0 == BS + 4096
+    assert new_writes(p) == {"written_partly": 0, "filled_whole": 1}
+    assert p.used() == used
+    fsync_path(vol)
+    want = (bytes(8192) + pattern(1, 4096) + bytes(32768 - 12288) + pattern(2, 4096)
+            + bytes(BS - 36864))
+    assert read_direct(vol, 0, 3 * BS) == bytes(BS) + want + bytes(BS)
+    p.remount()
+    assert read_at(vol, 0, 3 * BS) == bytes(BS) + want + bytes(BS)
 
 
 def test_a_512_byte_direct_write_to_a_new_block_reads_back_with_zeros_around(pool):
     """Less than the data device's 4 KiB alignment: the daemon reads the
     aligned unit around it (zeros, from the unwritten extent) and writes it."""
-    p = pool()
-    vol = create(p.mnt / "v", 2 * BS)
-    write_direct(vol, BS + 1536, pattern(3, 512))
+    p = pool(block_size=BIG)
+    vol = create(p.mnt / "v", 2 * BIG)
+    write_direct(vol, BIG + 1536, pattern(3, 512))
     fsync_path(vol)
-    want = bytes(1536) + pattern(3, 512) + bytes(BS - 2048)
-    assert read_direct(vol, BS, BS) == want
+    want = bytes(1536) + pattern(3, 512) + bytes(BIG - 2048)
+    assert read_direct(vol, BIG, BIG) == want
     assert new_writes(p)["written_partly"] == 1
     p.remount()
-    assert read_at(vol, 0, 2 * BS) == bytes(BS) + want
+    assert read_at(vol, 0, 2 * BIG) == bytes(BIG) + want
 
 
-def test_partial_writes_to_new_blocks_survive_a_kill9_once_flushed(pool):
+@pytest.mark.parametrize("bs", [BS, BIG], ids=["whole-64k", "partly-128k"])
+def test_partial_writes_to_new_blocks_survive_a_kill9_once_flushed(pool, bs):
     # The data flush before the commit also makes the host's conversion of
     # the unwritten extents durable: committed blocks read back as written.
-    p = pool(options={"commit_interval": "600s"})
-    a = create(p.mnt / "a", 16 * BS)
-    b = create(p.mnt / "b", 16 * BS)
+    p = pool(block_size=bs, options={"commit_interval": "600s"})
+    a = create(p.mnt / "a", 16 * bs)
+    b = create(p.mnt / "b", 16 * bs)
     fsync_path(b)
-    write_partial_blocks(a, 16, 700)  # fsync: data flush, then the commit
+    write_partial_blocks(a, 16, 700, bs)  # fsync: data flush, then the commit
     for i in range(16):
-        write_direct(b, i * BS + 8192, pattern(800 + i, 4096))  # never flushed
+        write_direct(b, i * bs + 8192, pattern(800 + i, 4096))  # never flushed
     p.kill9()
     p.mount()
-    assert_partial_blocks(a, 16, 700)
-    assert read_direct(b, 0, 16 * BS) == bytes(16 * BS)
+    assert_partial_blocks(a, 16, 700, bs)
+    assert read_direct(b, 0, 16 * bs) == bytes(16 * bs)
     assert p.used() == 16
-    write_partial_blocks(b, 16, 900)
-    assert_partial_blocks(b, 16, 900)
+    write_partial_blocks(b, 16, 900, bs)
+    assert_partial_blocks(b, 16, 900, bs)
 
 
 def test_with_preallocate_off_a_4k_write_writes_the_block_whole(pool):
@@ -192,7 +221,7 @@ def test_blocks_of_a_removed_volume_read_zero_when_handed_out_again(pool):
     assert p.used() == 32
     assert read_direct(b, 0, SMALL) == bytes(SMALL)
     # Punched again, which the preallocation map forgets: the next block
-    # allocated there preallocates the chunk anew, and only 4 KiB is written.
+    # allocated there preallocates the chunk anew (and, 64 KiB, is written whole).
     fills = prealloc(p)["fallocates"]
     c = create(p.mnt / "c", SMALL)
     os.unlink(b)
@@ -200,7 +229,7 @@ def test_blocks_of_a_removed_volume_read_zero_when_handed_out_again(pool):
     assert prealloc(p)["chunks"] == 0
     w0 = data_io(p)["write_bytes"]
     write_partial_blocks(c, 32, 200)
-    assert data_io(p)["write_bytes"] - w0 == 32 * 4096
+    assert data_io(p)["write_bytes"] - w0 == 32 * BS
     assert prealloc(p)["fallocates"] == fills + 1
     assert_partial_blocks(c, 32, 200)
 
