@@ -30,10 +30,11 @@
  *      area and flushes again before it returns 0.  Only then may the
  *      write that caused the copy be acknowledged.
  *   If step 2 fails the caller invalidates the store; there is no undo.
- *   Commits are grouped: one data flush serves every exception committed
- *   before it began, and one area write and flush carries every exception
- *   whose data is flushed, so the copies of many writers share one flush
- *   pair; the next group's data flush runs beside this group's area write.
+ *   Commits are grouped: a flush serves the data of every exception
+ *   committed before it began, and one area write and flush carries every
+ *   exception whose data is flushed; the flush ending one group's area
+ *   write is the next group's data flush, so under parallel writers a
+ *   group costs one area write and one flush.
  *
  * All functions return 0 or -errno.  Problems with a device's content are
  * logged once here (tfs_err, naming the device) and returned as -EINVAL.
