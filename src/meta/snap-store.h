@@ -17,7 +17,8 @@
  * Threads: every call may come from any thread at once, except open/close.
  * The exception table has its own rwlock, so lookups run in parallel with
  * each other and with area writes; allocation and commit share one mutex
- * that is never held across I/O.
+ * that is never held across I/O.  A persistent store runs its commits'
+ * area writes and flushes on a thread of its own, from open to close.
  *
  * Ordering contract (what makes a persistent store crash-safe):
  *   1. tfs_snap_store_allocate(old) -> new.  From here lookups of old find
