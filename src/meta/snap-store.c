@@ -100,11 +100,11 @@ struct tfs_snap_store {
 	 * A persistent store's commit stages run on a thread of its own, one
 	 * after the other with no hand-off between them (a committer woken to
 	 * run the next stage cost about 15% of each stage's time under COW
-	 * breaks: bench/README.md, cowflush branch).  Without it (thread
-	 * creation failed) committers run the stages themselves.
+	 * breaks: bench/README.md, cowflush branch).  Committers only add
+	 * their records and wait.
 	 */
 	pthread_t stager;
-	bool has_stager;
+	bool has_stager; /* persistent stores, from open to close */
 	bool stopping;       /* under mu: close is waiting for the stager to end */
 	pthread_cond_t work; /* records await a stage, or stopping */
 	/* Under mu: */
@@ -590,7 +590,12 @@ int tfs_snap_store_open(struct tfs_bdev *cow, uint32_t chunk_sectors, struct tfs
 		atomic_store(&s->valid, false);
 		atomic_store(&s->invalidated, true);
 	}
-	s->has_stager = pthread_create(&s->stager, NULL, stager_main, s) == 0;
+	r = -pthread_create(&s->stager, NULL, stager_main, s);
+	if (r) {
+		snprintf(why, sizeof(why), "cannot start its commit thread: %s", strerror(-r));
+		goto err_why;
+	}
+	s->has_stager = true;
 	*out = s;
 	return 0;
 err_why:
@@ -907,17 +912,13 @@ int tfs_snap_store_commit_batch(struct tfs_snap_store *s, const uint64_t *old_ch
 	if (!nr)
 		goto out;
 	uint64_t mine = s->n_recs;
-	if (s->has_stager)
-		pthread_cond_signal(&s->work);
+	pthread_cond_signal(&s->work);
 	while (s->n_durable < mine) {
 		if (!atomic_load(&s->valid)) {
 			r = -EIO;
 			break;
 		}
-		if (s->writing || s->has_stager)
-			pthread_cond_wait(&s->written, &s->mu);
-		else
-			r = run_stage(s);
+		pthread_cond_wait(&s->written, &s->mu);
 	}
 out:
 	pthread_mutex_unlock(&s->mu);

@@ -81,7 +81,8 @@ bool tfs_snap_chunk_sectors_ok(uint64_t sectors);
  *     exception pointing outside the device or at the header or an area,
  *     one origin or COW chunk recorded twice): -EINVAL, logged naming the
  *     device and the problem.  A device smaller than three chunks (header,
- *     one area, one data chunk): -EINVAL.  I/O errors: their -errno.
+ *     one area, one data chunk): -EINVAL.  I/O errors, or a commit thread
+ *     that cannot be started: their -errno.
  * Blocks on I/O.
  */
 int tfs_snap_store_open(struct tfs_bdev *cow, uint32_t chunk_sectors,
