@@ -95,24 +95,29 @@ struct tfs_snap_store {
 	struct xtable table; /* old -> new (| NOT_DURABLE), every exception; under table_lock */
 
 	pthread_mutex_t mu;
+	pthread_cond_t written; /* a commit stage (or a merge's area write) ended */
 	/*
-	 * Two, so that an end wakes only the committers waiting for it: those
-	 * whose data is not flushed yet wait for a flush, the others for an
-	 * area write (bench/README.md, cowrate branch: about four wake-ups a
-	 * commit with one for both, on two CPUs shared with the writers).
+	 * A persistent store's commit stages run on a thread of its own, one
+	 * after the other with no hand-off between them (a committer woken to
+	 * run the next stage cost about 15% of each stage's time under COW
+	 * breaks: bench/README.md, cowflush branch).  Committers only add
+	 * their records and wait.
 	 */
-	pthread_cond_t written; /* an area write ended */
-	pthread_cond_t flushed; /* a data flush ended */
+	pthread_t stager;
+	bool has_stager; /* persistent stores, from open to close */
+	bool stopping;       /* under mu: close is waiting for the stager to end */
+	pthread_cond_t work; /* records await a stage, or stopping */
 	/* Under mu: */
 	uint64_t dev_bytes, total_chunks, next_free;
 	struct xtable pending; /* old -> new, allocated and not yet committed */
 	struct rec *recs;      /* committed, in area order (persistent only) */
 	uint64_t n_recs, cap_recs;
 	uint64_t n_durable; /* recs[0..n_durable) are on disk and flushed */
-	bool writing;       /* a thread is writing areas (commit or merge) */
+	bool writing;       /* a thread runs a commit stage or a merge's area write */
 	uint64_t n_flushed; /* recs[0..n_flushed) have their chunks' data flushed */
-	bool flushing;      /* a thread is flushing committed chunks' data */
 };
+
+static void *stager_main(void *arg);
 
 /* ---- the hash table ------------------------------------------------------ */
 
@@ -273,7 +278,7 @@ static int store_new(struct tfs_bdev *cow, bool persistent, struct tfs_snap_stor
 	pthread_rwlock_init(&s->table_lock, NULL);
 	pthread_mutex_init(&s->mu, NULL);
 	pthread_cond_init(&s->written, NULL);
-	pthread_cond_init(&s->flushed, NULL);
+	pthread_cond_init(&s->work, NULL);
 	*out = s;
 	return 0;
 }
@@ -282,6 +287,13 @@ void tfs_snap_store_close(struct tfs_snap_store *s)
 {
 	if (!s)
 		return;
+	if (s->has_stager) {
+		pthread_mutex_lock(&s->mu);
+		s->stopping = true;
+		pthread_cond_signal(&s->work);
+		pthread_mutex_unlock(&s->mu);
+		pthread_join(s->stager, NULL);
+	}
 	xt_free(&s->table);
 	xt_free(&s->pending);
 	free(s->recs);
@@ -290,7 +302,7 @@ void tfs_snap_store_close(struct tfs_snap_store *s)
 	pthread_rwlock_destroy(&s->table_lock);
 	pthread_mutex_destroy(&s->mu);
 	pthread_cond_destroy(&s->written);
-	pthread_cond_destroy(&s->flushed);
+	pthread_cond_destroy(&s->work);
 	free(s);
 }
 
@@ -578,6 +590,12 @@ int tfs_snap_store_open(struct tfs_bdev *cow, uint32_t chunk_sectors, struct tfs
 		atomic_store(&s->valid, false);
 		atomic_store(&s->invalidated, true);
 	}
+	r = -pthread_create(&s->stager, NULL, stager_main, s);
+	if (r) {
+		snprintf(why, sizeof(why), "cannot start its commit thread: %s", strerror(-r));
+		goto err_why;
+	}
+	s->has_stager = true;
 	*out = s;
 	return 0;
 err_why:
@@ -738,10 +756,13 @@ out:
 /*
  * Write blocks b0..b1 of area `area` from s->recs (records at index
  * `limit` and after as zero), then flush.  The caller set s->writing, so
- * s->wbuf is its own; mu is taken only to copy records out.
+ * s->wbuf is its own; mu is taken only to copy records out.  covers, if
+ * not NULL, is set to the records committed before the flush began: their
+ * data was written before they were added, so the flush makes it durable
+ * too.
  */
 static int write_area_blocks(struct tfs_snap_store *s, uint64_t area, uint64_t b0, uint64_t b1,
-			     uint64_t limit)
+			     uint64_t limit, uint64_t *covers)
 {
 	const uint64_t per_buf = SNAP_WBUF_SIZE / SNAP_IO_BLOCK;
 	uint64_t base = area_chunk(s, area) * s->chunk_bytes;
@@ -759,6 +780,11 @@ static int write_area_blocks(struct tfs_snap_store *s, uint64_t area, uint64_t b
 		if (r)
 			return r;
 	}
+	if (covers) {
+		pthread_mutex_lock(&s->mu);
+		*covers = s->n_recs;
+		pthread_mutex_unlock(&s->mu);
+	}
 	return tfs_bdev_flush(s->cow);
 }
 
@@ -768,7 +794,8 @@ static int write_area_blocks(struct tfs_snap_store *s, uint64_t area, uint64_t b
  * on disk while the next one still holds whatever was there before, or a
  * reader would take that for exceptions.
  */
-static int write_batch(struct tfs_snap_store *s, uint64_t lo, uint64_t hi, uint64_t total_chunks)
+static int write_batch(struct tfs_snap_store *s, uint64_t lo, uint64_t hi, uint64_t total_chunks,
+		       uint64_t *covers)
 {
 	uint64_t e = s->per_area;
 	int r;
@@ -778,7 +805,8 @@ static int write_batch(struct tfs_snap_store *s, uint64_t lo, uint64_t hi, uint6
 		uint64_t s0 = a == lo / e ? lo - a * e : 0;
 		uint64_t t = hi - a * e; /* the terminator's slot */
 		uint64_t s1 = t < e ? t : e - 1;
-		r = write_area_blocks(s, a, s0 / SNAP_RECS_PER_BLOCK, s1 / SNAP_RECS_PER_BLOCK, hi);
+		r = write_area_blocks(s, a, s0 / SNAP_RECS_PER_BLOCK, s1 / SNAP_RECS_PER_BLOCK, hi,
+				      covers);
 		if (r) {
 			tfs_err("%s: writing COW metadata area %" PRIu64 " failed: %s; the snapshot "
 				"is invalid now", tfs_bdev_name(s->cow), a, strerror(-r));
@@ -786,6 +814,68 @@ static int write_batch(struct tfs_snap_store *s, uint64_t lo, uint64_t hi, uint6
 		}
 	}
 	return 0;
+}
+
+/*
+ * One stage of the group commit; mu held (dropped for the I/O), s->writing
+ * clear.  A stage is the area write of every record whose data is flushed,
+ * then a flush; with no such record, a flush alone.  Each committer wrote
+ * its data before it added its record, so a flush makes the data of every
+ * record added before it began durable (the kernel's REQ_PREFLUSH): the
+ * flush that ends one group's area write is also the next group's data
+ * flush, and under parallel writers a group costs one area write and one
+ * flush, not two flushes.  0, or -EIO with the store invalid.
+ */
+static int run_stage(struct tfs_snap_store *s)
+{
+	uint64_t lo = s->n_durable, hi = s->n_flushed, total = s->total_chunks;
+	uint64_t covers = s->n_recs;
+	int r;
+
+	s->writing = true;
+	pthread_mutex_unlock(&s->mu);
+	if (hi > lo) {
+		r = write_batch(s, lo, hi, total, &covers);
+	} else {
+		r = tfs_bdev_flush(s->cow);
+		if (r)
+			tfs_err("%s: flushing copied chunks before their exceptions failed: %s; "
+				"the snapshot is invalid now", tfs_bdev_name(s->cow), strerror(-r));
+	}
+	pthread_mutex_lock(&s->mu);
+	s->writing = false;
+	if (r) {
+		atomic_store(&s->valid, false);
+		pthread_cond_broadcast(&s->written);
+		return -EIO;
+	}
+	if (hi > lo) {
+		pthread_rwlock_wrlock(&s->table_lock);
+		for (uint64_t i = lo; i < hi; i++)
+			xt_clear_bits(&s->table, s->recs[i].old_chunk, NOT_DURABLE);
+		pthread_rwlock_unlock(&s->table_lock);
+		s->n_durable = hi;
+	}
+	if (covers > s->n_flushed)
+		s->n_flushed = covers;
+	pthread_cond_broadcast(&s->written);
+	return 0;
+}
+
+/* The stager: stages back to back while records wait for one. */
+static void *stager_main(void *arg)
+{
+	struct tfs_snap_store *s = arg;
+
+	pthread_mutex_lock(&s->mu);
+	while (!s->stopping) {
+		if (s->writing || s->n_durable == s->n_recs || !atomic_load(&s->valid))
+			pthread_cond_wait(&s->work, &s->mu);
+		else
+			run_stage(s);
+	}
+	pthread_mutex_unlock(&s->mu);
+	return NULL;
 }
 
 int tfs_snap_store_commit(struct tfs_snap_store *s, uint64_t old_chunk)
@@ -822,66 +912,13 @@ int tfs_snap_store_commit_batch(struct tfs_snap_store *s, const uint64_t *old_ch
 	if (!nr)
 		goto out;
 	uint64_t mine = s->n_recs;
-	/*
-	 * Group commit in two stages that overlap: a flush of the COW device
-	 * for the copied data of every record added before it began (each
-	 * committer wrote its data before it added its records: the kernel's
-	 * REQ_PREFLUSH), and the area write and flush of the records whose
-	 * data is flushed.  Whoever finds a stage idle and work for it runs
-	 * it for everyone, so the next group's data flush runs beside this
-	 * group's area write.
-	 */
+	pthread_cond_signal(&s->work);
 	while (s->n_durable < mine) {
 		if (!atomic_load(&s->valid)) {
 			r = -EIO;
 			break;
 		}
-		if (s->n_flushed < mine && !s->flushing) {
-			uint64_t upto = s->n_recs;
-			s->flushing = true;
-			pthread_mutex_unlock(&s->mu);
-			r = tfs_bdev_flush(s->cow);
-			pthread_mutex_lock(&s->mu);
-			s->flushing = false;
-			pthread_cond_broadcast(&s->flushed);
-			if (r) {
-				tfs_err("%s: flushing copied chunks before their exceptions failed: "
-					"%s; the snapshot is invalid now", tfs_bdev_name(s->cow),
-					strerror(-r));
-				atomic_store(&s->valid, false);
-				r = -EIO;
-				break;
-			}
-			if (upto > s->n_flushed)
-				s->n_flushed = upto;
-			continue;
-		}
-		if (s->n_flushed < mine) {
-			/* Not flushed yet, and a flush that began too early is running. */
-			pthread_cond_wait(&s->flushed, &s->mu);
-			continue;
-		}
-		if (s->writing) {
-			pthread_cond_wait(&s->written, &s->mu);
-			continue;
-		}
-		s->writing = true;
-		uint64_t lo = s->n_durable, hi = s->n_flushed, total = s->total_chunks;
-		pthread_mutex_unlock(&s->mu);
-		r = write_batch(s, lo, hi, total);
-		pthread_mutex_lock(&s->mu);
-		s->writing = false;
-		pthread_cond_broadcast(&s->written);
-		if (r) {
-			atomic_store(&s->valid, false);
-			r = -EIO;
-			break;
-		}
-		pthread_rwlock_wrlock(&s->table_lock);
-		for (uint64_t i = lo; i < hi; i++)
-			xt_clear_bits(&s->table, s->recs[i].old_chunk, NOT_DURABLE);
-		pthread_rwlock_unlock(&s->table_lock);
-		s->n_durable = hi;
+		pthread_cond_wait(&s->written, &s->mu);
 	}
 out:
 	pthread_mutex_unlock(&s->mu);
@@ -896,7 +933,6 @@ bool tfs_snap_store_invalidate(struct tfs_snap_store *s)
 	/* Committers waiting for a write must not wait for one that will not come. */
 	pthread_mutex_lock(&s->mu);
 	pthread_cond_broadcast(&s->written);
-	pthread_cond_broadcast(&s->flushed);
 	pthread_mutex_unlock(&s->mu);
 	if (s->persistent) {
 		int r = write_flush(s, s->invalid_hdr, SNAP_IO_BLOCK, 0);
@@ -957,10 +993,11 @@ int tfs_snap_store_merge_commit(struct tfs_snap_store *s, uint32_t nr)
 	pthread_mutex_unlock(&s->mu);
 	/* The removed records become zeros, the first of them the terminator. */
 	r = write_area_blocks(s, area, (keep - area * e) / SNAP_RECS_PER_BLOCK,
-			      (last - area * e) / SNAP_RECS_PER_BLOCK, keep);
+			      (last - area * e) / SNAP_RECS_PER_BLOCK, keep, NULL);
 	pthread_mutex_lock(&s->mu);
 	s->writing = false;
 	pthread_cond_broadcast(&s->written);
+	pthread_cond_signal(&s->work); /* commits made meanwhile wait for a stage */
 	if (r) {
 		tfs_err("%s: writing COW metadata area %" PRIu64 " during a merge failed: %s",
 			tfs_bdev_name(s->cow), area, strerror(-r));

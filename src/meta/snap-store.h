@@ -17,7 +17,8 @@
  * Threads: every call may come from any thread at once, except open/close.
  * The exception table has its own rwlock, so lookups run in parallel with
  * each other and with area writes; allocation and commit share one mutex
- * that is never held across I/O.
+ * that is never held across I/O.  A persistent store runs its commits'
+ * area writes and flushes on a thread of its own, from open to close.
  *
  * Ordering contract (what makes a persistent store crash-safe):
  *   1. tfs_snap_store_allocate(old) -> new.  From here lookups of old find
@@ -30,10 +31,11 @@
  *      area and flushes again before it returns 0.  Only then may the
  *      write that caused the copy be acknowledged.
  *   If step 2 fails the caller invalidates the store; there is no undo.
- *   Commits are grouped: one data flush serves every exception committed
- *   before it began, and one area write and flush carries every exception
- *   whose data is flushed, so the copies of many writers share one flush
- *   pair; the next group's data flush runs beside this group's area write.
+ *   Commits are grouped: a flush serves the data of every exception
+ *   committed before it began, and one area write and flush carries every
+ *   exception whose data is flushed; the flush ending one group's area
+ *   write is the next group's data flush, so under parallel writers a
+ *   group costs one area write and one flush.
  *
  * All functions return 0 or -errno.  Problems with a device's content are
  * logged once here (tfs_err, naming the device) and returned as -EINVAL.
@@ -79,7 +81,8 @@ bool tfs_snap_chunk_sectors_ok(uint64_t sectors);
  *     exception pointing outside the device or at the header or an area,
  *     one origin or COW chunk recorded twice): -EINVAL, logged naming the
  *     device and the problem.  A device smaller than three chunks (header,
- *     one area, one data chunk): -EINVAL.  I/O errors: their -errno.
+ *     one area, one data chunk): -EINVAL.  I/O errors, or a commit thread
+ *     that cannot be started: their -errno.
  * Blocks on I/O.
  */
 int tfs_snap_store_open(struct tfs_bdev *cow, uint32_t chunk_sectors,
