@@ -512,7 +512,8 @@ static int plan_batch(struct plan *p)
 			p->next_off = 0;
 		}
 	}
-	if (!r && p->version > 1)
+	/* An empty diff leaves no array at all, which qsort may not be given. */
+	if (!r && p->version > 1 && p->chunks.nr > 1)
 		qsort(p->chunks.v, p->chunks.nr, sizeof(*p->chunks.v), by_stream_order);
 	return r;
 }

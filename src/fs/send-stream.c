@@ -172,7 +172,8 @@ static int by_off(const void *a, const void *b)
 
 int tfs_stream_ranges_check(struct tfs_stream_ranges *r, uint64_t *at, uint64_t *vol_off)
 {
-	qsort(r->v, r->nr, sizeof(*r->v), by_off);
+	if (r->nr > 1) /* a stream of no records has no array to sort */
+		qsort(r->v, r->nr, sizeof(*r->v), by_off);
 	for (size_t i = 1; i < r->nr; i++) {
 		if (r->v[i].off < r->v[i - 1].end) {
 			/*

@@ -666,3 +666,28 @@ def test_overlapping_records_are_refused_and_any_order_is_taken(pool, tmp_path):
             assert f"the record at byte {at}, or one following on from it, overlaps" in err, err
             assert "nothing was made" in err
             assert entries(p) == before
+
+
+def test_streams_with_no_records_are_sent_and_received(pool, tmp_path):
+    """An incremental with nothing changed and a full stream of a volume
+    with nothing mapped have no records: both versions send and receive
+    them (the sender's and receiver's sorts once had no array to work on)."""
+    p = pool()
+    create(p.mnt / "vm1", 2 * MiB)
+    write_at(p.mnt / "vm1", 0, pattern(3, 300 * KiB))
+    create(p.mnt / "empty", 1 * MiB)
+    os.mkdir(p.mnt / ".snapshots" / "a")
+    os.mkdir(p.mnt / ".snapshots" / "b")
+    pipe(p, ["a/vm1"], p, ["base"])
+    for v in ("1", "2"):
+        path = tmp_path / f"nothing-v{v}"
+        send_to_file(p, path, "--stream-version", v, "--from", "a/vm1", "b/vm1")
+        assert records(path.read_bytes()) == (int(v), [])
+        receive_file(p, path, f"inc{v}", "--base", "base")
+        same(p.mnt / ".snapshots" / "b" / "vm1", p.mnt / f"inc{v}")
+        path = tmp_path / f"empty-v{v}"
+        send_to_file(p, path, "--stream-version", v, "b/empty")
+        assert records(path.read_bytes()) == (int(v), [])
+        receive_file(p, path, f"empty{v}")
+        assert os.path.getsize(p.mnt / f"empty{v}") == 1 * MiB
+        same(p.mnt / "empty", p.mnt / f"empty{v}")
