@@ -573,7 +573,7 @@ int tfs_ctlc_send(const char *mnt, int argc, char **argv)
 		else if (!strcmp(argv[i], "--through-mount"))
 			mount_path = true;
 		else if (!strcmp(argv[i], "--stream-version") && i + 1 < argc && !ver &&
-			 (!strcmp(argv[i + 1], "1") || !strcmp(argv[i + 1], "2")))
+			 tfs_stream_version_parse(argv[i + 1]))
 			ver = argv[++i];
 		else if (argv[i][0] != '-' && !to)
 			to = argv[i];
@@ -585,7 +585,7 @@ int tfs_ctlc_send(const char *mnt, int argc, char **argv)
 	if (isatty(STDOUT_FILENO))
 		return fail("send: the stream is binary: redirect it to a file or a pipe");
 	if (ver)
-		version = ver[0] == '1' ? 1 : 2;
+		version = tfs_stream_version_parse(ver);
 	if (!mount_path) {
 		req[n++] = "--stream";
 		if (isatty(STDERR_FILENO))

@@ -62,13 +62,21 @@ void tfs_thin_bulk_close(struct tfs_thin_bulk *b)
 	free(b);
 }
 
-/* Add a piece, joining it to the last read when both its device and memory bytes follow on. */
+/* Whether a piece can join read last: its device and memory bytes follow on, within the size. */
+static bool follows_on(const struct tfs_bdev_req *last, uint64_t dev_off, const void *dst,
+		       size_t len)
+{
+	return last && last->off + last->len == dev_off &&
+	       (const uint8_t *)last->buf + last->len == (const uint8_t *)dst &&
+	       last->len + len <= TFS_THIN_BULK_READ;
+}
+
+/* Add a piece, joining it to the last read when it follows on. */
 static int add_piece(struct tfs_thin_bulk *b, uint64_t dev_off, uint8_t *dst, size_t len)
 {
 	struct tfs_bdev_req *last = b->nr_reads ? &b->reads[b->nr_reads - 1] : NULL;
 
-	if (last && last->off + last->len == dev_off && (uint8_t *)last->buf + last->len == dst &&
-	    last->len + len <= TFS_THIN_BULK_READ) {
+	if (follows_on(last, dev_off, dst, len)) {
 		last->len += len;
 		return 0;
 	}
@@ -196,9 +204,7 @@ static void merge_sorted(struct tfs_thin_bulk *b)
 	for (size_t i = 0; i < b->nr_reads; i++) {
 		struct tfs_bdev_req *last = n ? &b->reads[n - 1] : NULL, *x = &b->reads[i];
 
-		if (last && last->off + last->len == x->off &&
-		    (uint8_t *)last->buf + last->len == (uint8_t *)x->buf &&
-		    last->len + x->len <= TFS_THIN_BULK_READ)
+		if (follows_on(last, x->off, x->buf, x->len))
 			last->len += x->len;
 		else
 			b->reads[n++] = *x;

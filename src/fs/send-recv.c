@@ -250,11 +250,12 @@ static int order_emit(void *ctx, const struct tfs_stream_chunks *batch)
 void tfs_ctl_cmd_send_order(struct tfs_fs *fs, int fd, const char *from, const char *to,
 			    const char *version)
 {
+	unsigned v = tfs_stream_version_parse(version);
 	struct tfs_vol_row frow, trow;
 	char why[320];
 	int r;
 
-	if (strcmp(version, "1") && strcmp(version, "2")) {
+	if (!v) {
 		tfs_ctl_send_error(fd, "diff: --send-order takes a stream version, 1 or 2");
 		return;
 	}
@@ -265,7 +266,7 @@ void tfs_ctl_cmd_send_order(struct tfs_fs *fs, int fd, const char *from, const c
 		tfs_ctl_send_error(fd, "diff: --send-order is for thin volumes only");
 		return;
 	}
-	r = tfs_fs_send_plan(fs, strcmp(from, "-") ? &frow : NULL, &trow, version[0] == '1' ? 1 : 2,
+	r = tfs_fs_send_plan(fs, strcmp(from, "-") ? &frow : NULL, &trow, v,
 			     order_emit, order_going, &fd, why, sizeof(why));
 	if (r == -EINTR || r == -EPIPE || r == -ECONNRESET)
 		return; /* the client left */
@@ -303,8 +304,8 @@ void tfs_ctl_cmd_send(struct tfs_fs *fs, int fd, int argc, const char **argv)
 		} else if (!strcmp(argv[i], "--progress")) {
 			progress = true;
 		} else if (!strcmp(argv[i], "--stream-version") && i + 1 < argc &&
-			   (!strcmp(argv[i + 1], "1") || !strcmp(argv[i + 1], "2"))) {
-			version = argv[++i][0] == '1' ? 1 : 2;
+			   tfs_stream_version_parse(argv[i + 1])) {
+			version = tfs_stream_version_parse(argv[++i]);
 		} else if (argv[i][0] == '-' || to) {
 			tfs_ctl_send_error(fd, usage);
 			return;

@@ -27,6 +27,11 @@
 /* What send writes unless asked for the older one; a reader takes both. */
 #define TFS_STREAM_VERSION 2u
 #define TFS_STREAM_VERSION_OLDEST 1u
+/* "1" or "2" (a --stream-version argument): that version; anything else 0. */
+static inline unsigned tfs_stream_version_parse(const char *s)
+{
+	return (s[0] == '1' || s[0] == '2') && !s[1] ? (unsigned)(s[0] - '0') : 0;
+}
 #define TFS_STREAM_HEADER_SIZE 96u
 #define TFS_STREAM_RECORD_SIZE 24u
 /* A DATA record carries at most this many bytes, so a reader's buffer is bounded. */
