@@ -623,6 +623,9 @@ static int run_daemon(struct tfs_fs *fs, const struct mount_args *a, int ready_f
 		tfs_err("cannot mount on %s", fs->mountpoint);
 		goto err_remove_handlers;
 	}
+	/* Before any write: the first buffered writers already get the room. */
+	if (fs->cfg.writeback_cache && !fs->read_only)
+		tfs_fs_lift_dirty_limits(fs);
 	tfs_fs_event(fs, "mount", "mounted on %s%s", fs->mountpoint,
 		     fs->read_only ? " read-only" : "");
 	/*

@@ -210,6 +210,13 @@ int tfs_fs_snapshot_volume(struct tfs_fs *fs, const char *src, const char *new_n
  */
 int tfs_fs_settle_temp_names(struct tfs_fs *fs);
 
+/*
+ * Give the mount (fs->mountpoint, mounted) a block device's share of the
+ * system's dirty page limits instead of FUSE's 1% (dirty-limits.c), for
+ * writeback_cache.  Logs and goes on when the kernel has no such knobs.
+ */
+void tfs_fs_lift_dirty_limits(struct tfs_fs *fs);
+
 /* ---- listings (catalog reads; sizes from memory where newer) ---- */
 /* Group lookups. */
 int tfs_fs_group_by_id(struct tfs_fs *fs, int64_t id, struct tfs_group_row *out);
