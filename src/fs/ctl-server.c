@@ -921,9 +921,17 @@ static void cmd_resize_cache(struct cmd_ctx *c, struct tfs_cache *cache)
 		send_error(c->fd, "resize %s: %s", c->argv[1], msg[0] ? msg : strerror(-r));
 		return;
 	}
-	/* The kernel may hold the old size for a while: drop its attributes. */
-	if (c->fs->se)
+	/*
+	 * The kernel may hold the old size for a while: drop its attributes.
+	 * With writeback_cache it keeps a regular file's size as its own and
+	 * ignores ours at getattr, so also drop the name: a file nobody holds
+	 * open is then forgotten and looked up afresh, with the new size.
+	 */
+	if (c->fs->se) {
 		fuse_lowlevel_notify_inval_inode(c->fs->se, tfs_ino_of_dev(id), 0, 0);
+		fuse_lowlevel_notify_inval_entry(c->fs->se, TFS_INO_ROOT, c->argv[1],
+						 strlen(c->argv[1]));
+	}
 	snprintf(line, sizeof(line), "%s\n", msg);
 	send_ok(c->fd, line, NULL, true);
 }

@@ -660,6 +660,20 @@ def test_resize_grows_and_shrinks_cache_and_origin(pool):
     assert_cache_copies_equal_origin(p)
 
 
+def test_a_resized_origin_shows_its_size_with_the_writeback_cache(pool):
+    """With writeback_cache the kernel keeps a regular file's size itself and
+    ignores ours at getattr: a resize must make it forget the file."""
+    p = make_cache(pool, options={"writeback_cache": "on"})
+    f = p.mnt / "c"
+    assert f.stat().st_size == ORIGIN
+    os.truncate(p.origin, ORIGIN + (4 << 20))
+    p.ctl("resize", "c")
+    assert f.stat().st_size == ORIGIN + (4 << 20)
+    os.truncate(p.origin, 24 * BS)
+    p.ctl("resize", "c")
+    assert f.stat().st_size == 24 * BS
+
+
 def test_origin_shrunk_while_unmounted(pool):
     p = make_cache(pool, mode="writeback")
     promote(p, [2, 100])
