@@ -3,10 +3,10 @@
  * dirty-limits.c - how much of the volumes' written data the kernel may keep
  * cached before it makes writers wait: our mount's backing-dev limits.
  *
- * Owns: finding the mount's backing-dev info (bdi) and lifting the limits
- * the kernel puts on every FUSE mount, so that with writeback_cache the
- * volume files' dirty pages live under the system's dirty limits
- * (vm.dirty_ratio and friends), as a block device's do.
+ * Owns: finding the mount's backing-dev info (bdi) and raising the share of
+ * the system's dirty limit (vm.dirty_ratio) the kernel gives a FUSE mount,
+ * so that with writeback_cache the volume files' buffered writes are
+ * cached as a block device's are, up to a bounded share.
  *
  * Never: fails the mount (without the knobs the mount still works, with
  * the FUSE defaults); touches any other mount's limits.
@@ -90,10 +90,14 @@ static int write_knob(const char *dev, const char *knob, const char *value)
  * The kernel caps a FUSE mount at 1% of the dirty limit and, with
  * strict_limit, throttles its writers against that share alone: with
  * writeback_cache, a few tens of MiB of buffered writes and every further
- * write(2) waits for writeback of 4 KiB pages one request at a time.  Our
- * daemon is trusted and writes the data file with O_DIRECT (it dirties no
- * pages of its own), so its mount may have the share a block device has.
+ * write(2) waits for writeback of 4 KiB pages one request at a time.  A
+ * fifth keeps strict_limit's guarantee that matters here: only this daemon
+ * can clean these pages, so they must never fill the system's limit, or
+ * every buffered writer on the host (the daemon's own catalog writes
+ * among them) would wait for writebacks the pool may be holding.
  */
+#define MOUNT_DIRTY_PERCENT "20"
+
 void tfs_fs_lift_dirty_limits(struct tfs_fs *fs)
 {
 	char dev[32];
@@ -102,15 +106,13 @@ void tfs_fs_lift_dirty_limits(struct tfs_fs *fs)
 	r = mount_dev(fs->mountpoint, dev, sizeof(dev));
 	if (r < 0) {
 		tfs_warn("writeback_cache: cannot find the mount of %s in /proc/self/mountinfo "
-			 "(%s): the kernel's FUSE dirty limits stay (1%% of the dirty limit)",
+			 "(%s): the kernel's FUSE dirty limit stays (1%% of the system's)",
 			 fs->mountpoint, strerror(-r));
 		return;
 	}
-	r = write_knob(dev, "strict_limit", "0");
-	if (r == 0)
-		r = write_knob(dev, "max_ratio", "100");
+	r = write_knob(dev, "max_ratio", MOUNT_DIRTY_PERCENT);
 	if (r < 0)
-		tfs_warn("writeback_cache: cannot lift the dirty limits in /sys/class/bdi/%s "
-			 "(%s; strict_limit needs Linux 6.2): buffered writers wait for writeback "
-			 "once a few tens of MiB are cached", dev, strerror(-r));
+		tfs_warn("writeback_cache: cannot raise /sys/class/bdi/%s/max_ratio (%s): "
+			 "buffered writers wait for writeback once a few tens of MiB are cached",
+			 dev, strerror(-r));
 }

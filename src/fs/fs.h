@@ -211,9 +211,9 @@ int tfs_fs_snapshot_volume(struct tfs_fs *fs, const char *src, const char *new_n
 int tfs_fs_settle_temp_names(struct tfs_fs *fs);
 
 /*
- * Give the mount (fs->mountpoint, mounted) a block device's share of the
- * system's dirty page limits instead of FUSE's 1% (dirty-limits.c), for
- * writeback_cache.  Logs and goes on when the kernel has no such knobs.
+ * Give the mount (fs->mountpoint, mounted) a fifth of the system's dirty
+ * page limit instead of FUSE's 1% (dirty-limits.c), for writeback_cache.
+ * Logs and goes on when the knob cannot be written.
  */
 void tfs_fs_lift_dirty_limits(struct tfs_fs *fs);
 
