@@ -101,6 +101,14 @@ def test_writeback_cache_is_off_by_default_and_on_when_asked(pool):
         os.close(fd)
 
 
+def test_the_dirty_share_is_raised_on_a_mountpoint_with_odd_characters(pool, tmp_path):
+    # /proc/self/mountinfo escapes a space as \040 and a backslash as \134.
+    mnt = tmp_path / "mount point\\x"
+    mnt.mkdir()
+    p = pool(options=WB, mnt=mnt)
+    assert bdi_max_ratio(p) == 20
+
+
 def test_buffered_writes_of_any_size_fsynced_survive_a_remount(pool):
     p, vol = wb_volume(pool, 8 * MiB)
     # Part of a page that is on the device, not in the cache, through a
