@@ -82,6 +82,7 @@ struct waiter {
 	uint64_t upto; /* durable once n_durable reaches this */
 	int r;	       /* 0, or -EIO: the store became invalid */
 	sem_t done;
+	/* On the list: the next waiter; once woken: the next one to post. */
 	struct waiter *next;
 };
 
@@ -835,22 +836,28 @@ static int write_batch(struct tfs_snap_store *s, uint64_t lo, uint64_t hi, uint6
 
 /*
  * Wake the committers whose records are durable now (all of them, with
- * -EIO, once the store is invalid).  mu held.  A waiter is off the list
- * before its post: from then on its stack may be gone.
+ * -EIO, once the store is invalid).  mu held.  They leave the list as a
+ * chain, and only the first is posted here: each one woken posts the
+ * next (tfs_snap_store_commit_batch), so the stager goes on to its next
+ * stage after one wake-up, not one per committer.  A waiter is never
+ * touched after its post: from then on its stack may be gone.
  */
 static void wake_waiters(struct tfs_snap_store *s)
 {
 	bool valid = atomic_load(&s->valid);
+	struct waiter *first = s->waiters, *last = NULL;
 
 	while (s->waiters && (!valid || s->waiters->upto <= s->n_durable)) {
-		struct waiter *w = s->waiters;
-
-		s->waiters = w->next;
-		w->r = valid ? 0 : -EIO;
-		sem_post(&w->done);
+		last = s->waiters;
+		last->r = valid ? 0 : -EIO;
+		s->waiters = last->next;
 	}
 	if (!s->waiters)
 		s->waiters_tail = &s->waiters;
+	if (last) {
+		last->next = NULL;
+		sem_post(&first->done);
+	}
 }
 
 /*
@@ -956,6 +963,8 @@ int tfs_snap_store_commit_batch(struct tfs_snap_store *s, const uint64_t *old_ch
 	pthread_mutex_unlock(&s->mu);
 	while (sem_wait(&w.done) && errno == EINTR)
 		;
+	if (w.next)
+		sem_post(&w.next->done);
 	sem_destroy(&w.done);
 	return w.r;
 out:
