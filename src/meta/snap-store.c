@@ -30,6 +30,7 @@
 #include <errno.h>
 #include <inttypes.h>
 #include <pthread.h>
+#include <semaphore.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -69,6 +70,23 @@ struct rec {
 };
 
 /*
+ * A committer waiting for its records to become durable, on its own
+ * stack.  Each has its own semaphore, so the stager wakes exactly the
+ * committers a stage finished, and they return without taking mu (which
+ * the stager holds into the next stage): a broadcast woke every waiter
+ * on the 2-core bench, most of them to sleep again, and the few that
+ * could go on queued for mu behind the others (bench/README.md, cowlat
+ * branch).
+ */
+struct waiter {
+	uint64_t upto; /* durable once n_durable reaches this */
+	int r;	       /* 0, or -EIO: the store became invalid */
+	sem_t done;
+	/* On the list: the next waiter; once woken: the next one to post. */
+	struct waiter *next;
+};
+
+/*
  * Open addressing with linear probing; deletion shifts the cluster back,
  * so there are no tombstones and lookups stay O(1) through a merge.
  */
@@ -95,7 +113,6 @@ struct tfs_snap_store {
 	struct xtable table; /* old -> new (| NOT_DURABLE), every exception; under table_lock */
 
 	pthread_mutex_t mu;
-	pthread_cond_t written; /* a commit stage (or a merge's area write) ended */
 	/*
 	 * A persistent store's commit stages run on a thread of its own, one
 	 * after the other with no hand-off between them (a committer woken to
@@ -115,6 +132,8 @@ struct tfs_snap_store {
 	uint64_t n_durable; /* recs[0..n_durable) are on disk and flushed */
 	bool writing;       /* a thread runs a commit stage or a merge's area write */
 	uint64_t n_flushed; /* recs[0..n_flushed) have their chunks' data flushed */
+	/* Committers waiting, in the order of their records (upto ascending). */
+	struct waiter *waiters, **waiters_tail;
 };
 
 static void *stager_main(void *arg);
@@ -277,8 +296,8 @@ static int store_new(struct tfs_bdev *cow, bool persistent, struct tfs_snap_stor
 	}
 	pthread_rwlock_init(&s->table_lock, NULL);
 	pthread_mutex_init(&s->mu, NULL);
-	pthread_cond_init(&s->written, NULL);
 	pthread_cond_init(&s->work, NULL);
+	s->waiters_tail = &s->waiters;
 	*out = s;
 	return 0;
 }
@@ -301,7 +320,6 @@ void tfs_snap_store_close(struct tfs_snap_store *s)
 	free(s->wbuf);
 	pthread_rwlock_destroy(&s->table_lock);
 	pthread_mutex_destroy(&s->mu);
-	pthread_cond_destroy(&s->written);
 	pthread_cond_destroy(&s->work);
 	free(s);
 }
@@ -817,6 +835,32 @@ static int write_batch(struct tfs_snap_store *s, uint64_t lo, uint64_t hi, uint6
 }
 
 /*
+ * Wake the committers whose records are durable now (all of them, with
+ * -EIO, once the store is invalid).  mu held.  They leave the list as a
+ * chain, and only the first is posted here: each one woken posts the
+ * next (tfs_snap_store_commit_batch), so the stager goes on to its next
+ * stage after one wake-up, not one per committer.  A waiter is never
+ * touched after its post: from then on its stack may be gone.
+ */
+static void wake_waiters(struct tfs_snap_store *s)
+{
+	bool valid = atomic_load(&s->valid);
+	struct waiter *first = s->waiters, *last = NULL;
+
+	while (s->waiters && (!valid || s->waiters->upto <= s->n_durable)) {
+		last = s->waiters;
+		last->r = valid ? 0 : -EIO;
+		s->waiters = last->next;
+	}
+	if (!s->waiters)
+		s->waiters_tail = &s->waiters;
+	if (last) {
+		last->next = NULL;
+		sem_post(&first->done);
+	}
+}
+
+/*
  * One stage of the group commit; mu held (dropped for the I/O), s->writing
  * clear.  A stage is the area write of every record whose data is flushed,
  * then a flush; with no such record, a flush alone.  Each committer wrote
@@ -846,7 +890,7 @@ static int run_stage(struct tfs_snap_store *s)
 	s->writing = false;
 	if (r) {
 		atomic_store(&s->valid, false);
-		pthread_cond_broadcast(&s->written);
+		wake_waiters(s);
 		return -EIO;
 	}
 	if (hi > lo) {
@@ -858,7 +902,7 @@ static int run_stage(struct tfs_snap_store *s)
 	}
 	if (covers > s->n_flushed)
 		s->n_flushed = covers;
-	pthread_cond_broadcast(&s->written);
+	wake_waiters(s);
 	return 0;
 }
 
@@ -911,15 +955,18 @@ int tfs_snap_store_commit_batch(struct tfs_snap_store *s, const uint64_t *old_ch
 	}
 	if (!nr)
 		goto out;
-	uint64_t mine = s->n_recs;
+	struct waiter w = { .upto = s->n_recs, .r = 0, .next = NULL };
+	sem_init(&w.done, 0, 0);
+	*s->waiters_tail = &w;
+	s->waiters_tail = &w.next;
 	pthread_cond_signal(&s->work);
-	while (s->n_durable < mine) {
-		if (!atomic_load(&s->valid)) {
-			r = -EIO;
-			break;
-		}
-		pthread_cond_wait(&s->written, &s->mu);
-	}
+	pthread_mutex_unlock(&s->mu);
+	while (sem_wait(&w.done) && errno == EINTR)
+		;
+	if (w.next)
+		sem_post(&w.next->done);
+	sem_destroy(&w.done);
+	return w.r;
 out:
 	pthread_mutex_unlock(&s->mu);
 	return r;
@@ -932,7 +979,7 @@ bool tfs_snap_store_invalidate(struct tfs_snap_store *s)
 		return false;
 	/* Committers waiting for a write must not wait for one that will not come. */
 	pthread_mutex_lock(&s->mu);
-	pthread_cond_broadcast(&s->written);
+	wake_waiters(s);
 	pthread_mutex_unlock(&s->mu);
 	if (s->persistent) {
 		int r = write_flush(s, s->invalid_hdr, SNAP_IO_BLOCK, 0);
@@ -996,12 +1043,12 @@ int tfs_snap_store_merge_commit(struct tfs_snap_store *s, uint32_t nr)
 			      (last - area * e) / SNAP_RECS_PER_BLOCK, keep, NULL);
 	pthread_mutex_lock(&s->mu);
 	s->writing = false;
-	pthread_cond_broadcast(&s->written);
 	pthread_cond_signal(&s->work); /* commits made meanwhile wait for a stage */
 	if (r) {
 		tfs_err("%s: writing COW metadata area %" PRIu64 " during a merge failed: %s",
 			tfs_bdev_name(s->cow), area, strerror(-r));
 		atomic_store(&s->valid, false);
+		wake_waiters(s);
 		r = -EIO;
 		goto out;
 	}

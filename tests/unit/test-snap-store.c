@@ -551,34 +551,50 @@ static void *commit_thread(void *arg)
 	return NULL;
 }
 
-static void test_commits_waiting_on_a_write_share_the_next_one(void **state)
+/*
+ * A store on a fault wrapper of f with six copies allocated and committing
+ * from threads t: the first committer's first op of kind `held` is held,
+ * and the other five have queued their records behind it.  before: the
+ * wrapper's counts before the first commit.
+ */
+static struct tfs_snap_store *six_queued_behind_a_held_op(struct cow_file *f,
+							   struct tfs_bdev **fault,
+							   enum tfs_fault_op held,
+							   struct committer c[6], pthread_t t[6],
+							   struct tfs_bdev_io_counts *before)
 {
-	(void)state;
-	struct cow_file f;
-	cow_create(&f, 64 * 4096);
-	struct tfs_bdev *fault;
-	assert_int_equal(tfs_bdev_fault_wrap(f.dev, false, &fault), 0);
 	struct tfs_snap_store *s;
-	assert_int_equal(tfs_snap_store_open(fault, 8, &s), 0);
-	struct committer c[6];
-	pthread_t t[6];
 	uint64_t nc;
+	cow_create(f, 64 * 4096);
+	assert_int_equal(tfs_bdev_fault_wrap(f->dev, false, fault), 0);
+	assert_int_equal(tfs_snap_store_open(*fault, 8, &s), 0);
 	for (int i = 0; i < 6; i++) {
 		c[i] = (struct committer){ s, (uint64_t)i + 10, -1 };
 		assert_int_equal(tfs_snap_store_allocate(s, c[i].old_chunk, &nc), 0);
 	}
-	struct tfs_bdev_io_counts before, after;
-	tfs_bdev_fault_counts(fault, &before);
-	/* The first commit's data flush is held: the other five pile up behind it. */
-	tfs_bdev_fault_set(fault, TFS_FAULT_FLUSH, TFS_FAULT_STALL, 0, false);
+	tfs_bdev_fault_counts(*fault, before);
+	tfs_bdev_fault_set(*fault, held, TFS_FAULT_STALL, 0, false);
 	assert_int_equal(pthread_create(&t[0], NULL, commit_thread, &c[0]), 0);
-	while (tfs_bdev_fault_stalled(fault) == 0)
+	while (tfs_bdev_fault_stalled(*fault) == 0)
 		usleep(1000);
 	for (int i = 1; i < 6; i++)
 		assert_int_equal(pthread_create(&t[i], NULL, commit_thread, &c[i]), 0);
-	/* Every committer has queued its record behind the held write. */
 	while (tfs_snap_store_uncommitted(s) != 0)
 		usleep(1000);
+	return s;
+}
+
+static void test_commits_waiting_on_a_write_share_the_next_one(void **state)
+{
+	(void)state;
+	struct cow_file f;
+	struct tfs_bdev *fault;
+	struct committer c[6];
+	pthread_t t[6];
+	struct tfs_bdev_io_counts before, after;
+	/* The first commit's data flush is held: the other five pile up behind it. */
+	struct tfs_snap_store *s =
+		six_queued_behind_a_held_op(&f, &fault, TFS_FAULT_FLUSH, c, t, &before);
 	tfs_bdev_fault_set(fault, TFS_FAULT_FLUSH, TFS_FAULT_OK, 0, false);
 	for (int i = 0; i < 6; i++) {
 		pthread_join(t[i], NULL);
@@ -658,6 +674,37 @@ static void test_failed_area_write_invalidates_and_later_calls_fail(void **state
 	assert_int_equal(tfs_snap_store_open(fault, 8, &s), 0);
 	assert_true(tfs_snap_store_valid(s));
 	assert_int_equal(tfs_snap_store_count(s), 1);
+	tfs_snap_store_close(s);
+	tfs_bdev_close(fault);
+	unlink(f.path);
+}
+
+/*
+ * Committers wait each for its own wake-up, and a stage posts only the
+ * first of those it finished (each posts the next).  When the store
+ * fails, every one waiting must be woken with -EIO: the one whose area
+ * write failed and the five queued behind it for the next stage, none
+ * left asleep.
+ */
+static void test_a_failed_stage_wakes_every_waiting_committer_with_eio(void **state)
+{
+	(void)state;
+	struct cow_file f;
+	struct tfs_bdev *fault;
+	struct committer c[6];
+	pthread_t t[6];
+	struct tfs_bdev_io_counts before;
+	/* The first committer's area write is held; the others queue behind it. */
+	struct tfs_snap_store *s =
+		six_queued_behind_a_held_op(&f, &fault, TFS_FAULT_WRITE, c, t, &before);
+	logged[0] = 0;
+	tfs_bdev_fault_set(fault, TFS_FAULT_WRITE, TFS_FAULT_EIO, 0, false);
+	for (int i = 0; i < 6; i++) {
+		pthread_join(t[i], NULL);
+		assert_int_equal(c[i].r, -EIO);
+	}
+	assert_false(tfs_snap_store_valid(s));
+	assert_non_null(strstr(logged, "metadata area 0"));
 	tfs_snap_store_close(s);
 	tfs_bdev_close(fault);
 	unlink(f.path);
@@ -967,6 +1014,7 @@ int main(void)
 		cmocka_unit_test(test_commits_waiting_on_a_write_share_the_next_one),
 		cmocka_unit_test(test_batch_commit_writes_once_for_many_and_is_all_or_none),
 		cmocka_unit_test(test_failed_area_write_invalidates_and_later_calls_fail),
+		cmocka_unit_test(test_a_failed_stage_wakes_every_waiting_committer_with_eio),
 		cmocka_unit_test(test_merge_takes_runs_from_the_end_and_persists),
 		cmocka_unit_test(test_parallel_committers_across_areas_all_persist),
 		cmocka_unit_test(test_failed_write_then_power_loss_keeps_exactly_the_acknowledged),
