@@ -102,7 +102,7 @@ int tfs_bm_write_now(struct tfs_bm *bm, struct tfs_block *b);
  * A commit's blocks written with no lock held, while the owner goes on
  * reading through the cache.  tfs_bm_batch_dirty takes every dirty block
  * that is not locked, tfs_bm_batch_one the one locked dirty block b (the
- * superblock, last): each is sealed and pinned, so it cannot be evicted
+ * superblock, last): each is pinned, so it cannot be evicted
  * (nor reread from a device that does not hold it yet) until the batch
  * ends.  The owner must not write-lock a block of a batch until it ends:
  * the transaction manager never does, as such blocks belong to the state
@@ -113,7 +113,8 @@ int tfs_bm_batch_dirty(struct tfs_bm *bm, struct tfs_bm_batch **out);
 int tfs_bm_batch_one(struct tfs_bm *bm, struct tfs_block *b, struct tfs_bm_batch **out);
 /*
  * Write the batch's blocks (in block order; neighbours on the device go
- * in one write of up to 1 MiB), then flush the device.  Takes
+ * in one write of up to 1 MiB), each sealed in the copy written, not in
+ * the cache, then flush the device.  Takes
  * no lock and touches no cache state, so it may run outside the owner's
  * lock; blocks (device I/O).  -errno of the first failed write or flush.
  */

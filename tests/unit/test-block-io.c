@@ -811,6 +811,47 @@ static void test_bm_seals_and_validates_blocks(void **state)
 	tfs_bdev_close(dev);
 }
 
+/*
+ * A commit's batch seals the copy it writes, outside the owner's lock,
+ * and leaves the cached block as it was (readers of the cache run beside
+ * the write): single blocks and runs alike come back sealed from the
+ * device, while the cache holds the same bytes as before the batch.
+ */
+static void test_bm_batch_seals_the_written_copy_not_the_cached_block(void **state)
+{
+	(void)state;
+	struct tfs_bdev *dev;
+	struct tfs_bm *bm = new_bm(&dev, 64, 16);
+	const uint64_t blocks[] = { 5, 7, 8 }; /* a single block and a run of two */
+	uint8_t before[3][TFS_BLOCK_SIZE];
+	struct tfs_bm_batch *batch;
+	struct tfs_block *blk;
+
+	for (size_t i = 0; i < 3; i++) {
+		write_leaf(bm, blocks[i], (uint32_t)blocks[i]);
+		assert_int_equal(tfs_bm_read_lock(bm, blocks[i], &tfs_btree_validator, &blk), 0);
+		memcpy(before[i], tfs_block_data(blk), TFS_BLOCK_SIZE);
+		tfs_bm_unlock(blk);
+	}
+	assert_int_equal(tfs_bm_batch_dirty(bm, &batch), 0);
+	assert_int_equal(tfs_bm_batch_write(batch), 0);
+	tfs_bm_batch_end(bm, batch, true);
+	for (size_t i = 0; i < 3; i++) {
+		assert_int_equal(tfs_bm_read_lock(bm, blocks[i], &tfs_btree_validator, &blk), 0);
+		assert_memory_equal(tfs_block_data(blk), before[i], TFS_BLOCK_SIZE);
+		tfs_bm_unlock(blk);
+	}
+	tfs_bm_invalidate(bm);
+	for (size_t i = 0; i < 3; i++) {
+		assert_int_equal(tfs_bm_read_lock(bm, blocks[i], &tfs_btree_validator, &blk), 0);
+		assert_int_equal(tfs_le32((uint8_t *)tfs_block_data(blk) + 16), blocks[i]);
+		assert_int_equal(tfs_le64((uint8_t *)tfs_block_data(blk) + 8), blocks[i]);
+		tfs_bm_unlock(blk);
+	}
+	tfs_bm_destroy(bm);
+	tfs_bdev_close(dev);
+}
+
 static void test_bm_flush_writes_neighbouring_blocks_as_one_write(void **state)
 {
 	(void)state;
@@ -1174,6 +1215,7 @@ int main(void)
 		cmocka_unit_test(test_bm_memory_stays_within_the_budget_under_churn),
 		cmocka_unit_test(test_bm_invalidate_drops_unwritten_changes),
 		cmocka_unit_test(test_bm_flush_leaves_locked_blocks_to_their_holder),
+		cmocka_unit_test(test_bm_batch_seals_the_written_copy_not_the_cached_block),
 		cmocka_unit_test(test_bm_prefetch_reads_missing_blocks_with_neighbours_in_one_read),
 		cmocka_unit_test(test_bm_prefetched_block_is_validated_when_locked),
 		cmocka_unit_test(test_bm_prefetch_is_bounded_and_evicts_nothing_dirty_or_locked),
