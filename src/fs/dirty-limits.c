@@ -54,10 +54,10 @@ static int mount_dev(const char *mountpoint, char *dev, size_t dev_len)
 	if (!f)
 		return -errno;
 	while (getline(&line, &cap, f) > 0) {
-		char majmin[32], root[8], mnt[4096];
+		char majmin[32], mnt[4096];
 
 		/* id parent MAJ:MIN root mountpoint ... */
-		if (sscanf(line, "%*s %*s %31s %7s %4095s", majmin, root, mnt) != 3)
+		if (sscanf(line, "%*s %*s %31s %*s %4095s", majmin, mnt) != 2)
 			continue;
 		unescape_mountinfo(mnt);
 		if (strcmp(mnt, mountpoint) != 0 || !strstr(line, " - fuse.thinfs "))
@@ -71,12 +71,12 @@ static int mount_dev(const char *mountpoint, char *dev, size_t dev_len)
 	return r;
 }
 
-static int write_knob(const char *dev, const char *knob, const char *value)
+static int write_max_ratio(const char *dev, const char *value)
 {
 	char path[128];
 	int fd, r = 0;
 
-	snprintf(path, sizeof(path), "/sys/class/bdi/%s/%s", dev, knob);
+	snprintf(path, sizeof(path), "/sys/class/bdi/%s/max_ratio", dev);
 	fd = open(path, O_WRONLY | O_CLOEXEC);
 	if (fd < 0)
 		return -errno;
@@ -110,7 +110,7 @@ void tfs_fs_lift_dirty_limits(struct tfs_fs *fs)
 			 fs->mountpoint, strerror(-r));
 		return;
 	}
-	r = write_knob(dev, "max_ratio", MOUNT_DIRTY_PERCENT);
+	r = write_max_ratio(dev, MOUNT_DIRTY_PERCENT);
 	if (r < 0)
 		tfs_warn("writeback_cache: cannot raise /sys/class/bdi/%s/max_ratio (%s): "
 			 "buffered writers wait for writeback once a few tens of MiB are cached",
