@@ -1433,7 +1433,7 @@ static void set_defaults(struct tfs_pool_config *c)
 	c->commit_interval_ms = 1000;
 	c->metadata_cache_bytes = 64 * MIB;
 	c->host_cache = false;
-	c->writeback_cache = false;
+	c->writeback_cache = true;
 	c->max_threads = MAX_THREADS_DEFAULT;
 	c->allow_faults = false;
 	c->snapshot_low_water = 80;

@@ -227,6 +227,21 @@ void tfs_core_enter(struct tfs_core *core, struct tfs_core_io *io, uint32_t dev)
 	pthread_mutex_unlock(&core->lock);
 }
 
+int tfs_core_try_enter(struct tfs_core *core, struct tfs_core_io *io, uint32_t dev)
+{
+	int r = -EAGAIN;
+
+	pthread_mutex_lock(&core->lock);
+	if (eligible(core, dev) && !earlier_waiting(core, NULL)) {
+		io->ticket = ++core->next_ticket;
+		io->dev = dev;
+		go_in(core, io);
+		r = 0;
+	}
+	pthread_mutex_unlock(&core->lock);
+	return r;
+}
+
 int tfs_core_enter_admin(struct tfs_core *core, struct tfs_core_io *io)
 {
 	int r = 0;

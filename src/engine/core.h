@@ -61,6 +61,8 @@ void tfs_core_destroy(struct tfs_core *core);
 /* Admit a request to dev, waiting while dev or the pool is suspended or earlier ones wait. */
 void tfs_core_enter(struct tfs_core *core, struct tfs_core_io *io, uint32_t dev);
 void tfs_core_exit(struct tfs_core *core, struct tfs_core_io *io);
+/* tfs_core_enter, or -EAGAIN (nothing changed) where it would be held. */
+int tfs_core_try_enter(struct tfs_core *core, struct tfs_core_io *io, uint32_t dev);
 /* A pool-level change: 0 (exit with tfs_core_exit), or -EBUSY while the pool is suspended. */
 int tfs_core_enter_admin(struct tfs_core *core, struct tfs_core_io *io);
 

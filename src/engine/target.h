@@ -131,6 +131,13 @@ struct tfs_dev_ops {
 	/* The kind's own status fields (README, status --json), into sink. */
 	void (*status)(struct tfs_dev *dev, struct tfs_status_sink *sink);
 	void (*close)(struct tfs_dev *dev);
+	/*
+	 * write, but -EAGAIN where it would be held (its device or pool
+	 * suspended, or waiting for data space): for a caller that keeps the
+	 * data and writes it later, whole (a part may have been written
+	 * already).  NULL: the wrapper writes, held or not.
+	 */
+	int (*write_nowait)(struct tfs_dev *dev, const void *buf, size_t len, uint64_t off);
 };
 
 struct tfs_dev {
@@ -194,6 +201,14 @@ static inline void tfs_dev_status(struct tfs_dev *d, struct tfs_status_sink *sin
 	d->ops->status(d, sink);
 }
 /* NULL is allowed. */
+static inline int tfs_dev_write_nowait(struct tfs_dev *d, const void *buf, size_t len,
+				       uint64_t off)
+{
+	if (!d->ops->write_nowait)
+		return d->ops->write(d, buf, len, off);
+	return d->ops->write_nowait(d, buf, len, off);
+}
+
 static inline void tfs_dev_close(struct tfs_dev *d)
 {
 	if (d)

@@ -518,6 +518,7 @@ static int finish_chunk(struct chunk *c, int io_err)
 struct cell {
 	uint64_t b0, b1;
 	struct tfs_core_io *io; /* the request, as the core knows it */
+	bool nowait;            /* -EAGAIN rather than wait for space */
 };
 
 /*
@@ -570,6 +571,8 @@ static int write_chunk(struct tfs_thin_dev *vol, const struct cell *cell, const 
 		if (r != -ENOSPC)
 			break;
 		r = tfs_pool_space_exhausted(pool, attempt);
+		if (r == TFS_POOL_HOLD && cell->nowait)
+			r = -EAGAIN;
 		if (r == TFS_POOL_HOLD) {
 			r = hold_for_space(vol, cell);
 			attempt = UINT_MAX; /* wraps to 0: a fresh start after the wait */
@@ -602,7 +605,7 @@ static int write_range(struct tfs_thin_dev *vol, const struct cell *cell, const 
 
 /* A write-path request (data or provisioning) under one cell over its block range. */
 static int locked_write(struct tfs_thin_dev *vol, struct tfs_core_io *io, const void *buf,
-			uint64_t off, uint64_t len, enum how how)
+			uint64_t off, uint64_t len, enum how how, bool nowait)
 {
 	uint64_t b0, b1;
 	int r;
@@ -616,7 +619,7 @@ static int locked_write(struct tfs_thin_dev *vol, struct tfs_core_io *io, const 
 		r = tfs_prison_lock(vol->pool->prison, vol->id, b0, b1);
 	if (r)
 		return r;
-	r = write_range(vol, &(struct cell){ b0, b1, io }, buf, off, off + len, how);
+	r = write_range(vol, &(struct cell){ b0, b1, io, nowait }, buf, off, off + len, how);
 	if (r != TFS_POOL_PUSHBACK) /* a pushed-back request left its cell already */
 		tfs_prison_unlock(vol->pool->prison, vol->id, b0, b1);
 	return r;
@@ -771,11 +774,11 @@ static int punch(struct tfs_thin_dev *vol, struct tfs_core_io *io, uint64_t off,
 	if (whole0 < whole1)
 		r = unmap_blocks(vol, whole0, whole1);
 	if (!r && head)
-		r = write_range(vol, &(struct cell){ b0, b1, io }, NULL, off,
+		r = write_range(vol, &(struct cell){ b0, b1, io, false }, NULL, off,
 				off + (end - off < bs - head ? end - off : bs - head), HOW_ZERO_MAPPED);
 	/* The tail block, unless it is the head block just done. */
 	if (!r && !to_end && end % bs && !(head && end - end % bs <= off))
-		r = write_range(vol, &(struct cell){ b0, b1, io }, NULL,
+		r = write_range(vol, &(struct cell){ b0, b1, io, false }, NULL,
 				end - end % bs > off ? end - end % bs : off, end, HOW_ZERO_MAPPED);
 	if (r != TFS_POOL_PUSHBACK) /* a pushed-back request left its cell already */
 		tfs_prison_unlock(vol->pool->prison, vol->id, b0, b1);
@@ -936,6 +939,7 @@ struct req {
 	uint64_t off, len;  /* REQ_CLONE: whole blocks of the device, from block src_off of src */
 	struct tfs_thin_dev *src;
 	uint64_t src_off;
+	bool nowait;        /* REQ_WRITE: -EAGAIN where it would be held */
 };
 
 static int run_req(struct tfs_thin_dev *vol, struct tfs_core_io *io, const struct req *q)
@@ -944,9 +948,9 @@ static int run_req(struct tfs_thin_dev *vol, struct tfs_core_io *io, const struc
 	case REQ_READ:
 		return read_range(vol, q->buf, q->len, q->off);
 	case REQ_WRITE:
-		return locked_write(vol, io, q->buf, q->off, q->len, HOW_DATA);
+		return locked_write(vol, io, q->buf, q->off, q->len, HOW_DATA, q->nowait);
 	case REQ_PROVISION:
-		return locked_write(vol, io, NULL, q->off, q->len, HOW_PROVISION);
+		return locked_write(vol, io, NULL, q->off, q->len, HOW_PROVISION, false);
 	case REQ_PUNCH:
 		return punch(vol, io, q->off, q->len, false);
 	case REQ_TRUNCATE:
@@ -973,7 +977,10 @@ static int submit(struct tfs_thin_dev *vol, const struct req *q)
 
 	if (!vol->ref)
 		return -EBADF; /* a status handle */
-	tfs_core_enter(core, &io, vol->id);
+	if (!q->nowait)
+		tfs_core_enter(core, &io, vol->id);
+	else if (tfs_core_try_enter(core, &io, vol->id))
+		return -EAGAIN;
 	while ((r = run_req(vol, &io, q)) == TFS_POOL_PUSHBACK)
 		tfs_core_reissue(core, &io);
 	tfs_core_exit(core, &io);
@@ -995,6 +1002,12 @@ static int thin_write(struct tfs_dev *dev, const void *buf, size_t len, uint64_t
 {
 	return submit(thin_of(dev), &(struct req){ .op = REQ_WRITE, .buf = (void *)buf, .off = off,
 						   .len = len });
+}
+
+static int thin_write_nowait(struct tfs_dev *dev, const void *buf, size_t len, uint64_t off)
+{
+	return submit(thin_of(dev), &(struct req){ .op = REQ_WRITE, .buf = (void *)buf, .off = off,
+						   .len = len, .nowait = true });
 }
 
 static int thin_provision(struct tfs_dev *dev, uint64_t off, uint64_t len)
@@ -1238,6 +1251,7 @@ static const struct tfs_dev_ops thin_ops = {
 	.allocated = thin_allocated,
 	.status = thin_status,
 	.close = thin_close,
+	.write_nowait = thin_write_nowait,
 };
 
 struct tfs_thin_dev *tfs_thin_dev_of(struct tfs_dev *dev)

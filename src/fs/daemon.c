@@ -28,6 +28,7 @@
 #include "log.h"
 #include "origin.h"
 #include "probe.h"
+#include "wb-stash.h"
 
 #ifndef PR_SET_IO_FLUSHER
 #define PR_SET_IO_FLUSHER 57
@@ -671,6 +672,8 @@ static int run_daemon(struct tfs_fs *fs, const struct mount_args *a, int ready_f
 	tfs_fs_cache_stop_holding(fs);
 	if (fs->cow)
 		tfs_cow_set_stop_holding(fs->cow);
+	/* Writebacks taken off the kernel go in (or fail) now that nothing holds them. */
+	tfs_wb_drain_all(fs);
 	sd_notify(0, "STOPPING=1");
 	if (r < 0)
 		tfs_warn("FUSE session ended with %s", strerror(-r));

@@ -42,6 +42,7 @@ struct tfs_ctl_server;
 struct tfs_events;
 struct tfs_cache;
 struct tfs_cow_set;
+struct tfs_wb_rec;
 
 /* Inode numbers (stable across mounts: derived from ids on disk). */
 #define TFS_INO_ROOT 1u
@@ -79,6 +80,13 @@ struct tfs_inode {
 	bool allocated_valid;      /* allocated below may be used (closed volumes) */
 	uint64_t allocated;        /* bytes the device holds (st_blocks) */
 	uint64_t close_seq;        /* bumped when the volume closes: a walk older than that is stale */
+
+	/* Writebacks the engine would hold, taken off the kernel (wb-stash.h). */
+	pthread_mutex_t wb_lock;
+	pthread_cond_t wb_cv;      /* a record was written */
+	struct tfs_wb_rec *wb_head, *wb_tail; /* wb_lock: in arrival order */
+	bool wb_writer;            /* wb_lock: a thread writes them (and pins the volume) */
+	int wb_err;                /* wb_lock: a record failed; the next fsync or close says so */
 };
 
 #define TFS_INODE_BUCKETS 1024u
@@ -123,6 +131,12 @@ struct tfs_fs {
 	struct tfs_events *events;
 
 	atomic_uint crash_at;      /* the armed crash point (crash-points.c), 0 = none */
+
+	/* The stash's share of the mount (wb-stash.h). */
+	pthread_mutex_t wb_lock;
+	pthread_cond_t wb_cv;      /* room freed, or a writer finished */
+	uint64_t wb_bytes;         /* wb_lock: bytes in every volume's records */
+	unsigned wb_writers;       /* wb_lock: writer threads running */
 };
 
 void tfs_fs_init(struct tfs_fs *fs);
@@ -169,6 +183,8 @@ int tfs_fs_hold_volume(struct tfs_fs *fs, const struct tfs_vol_row *want, struct
  * then the catalog row.  Takes fs->lock.
  */
 void tfs_fs_unpin(struct tfs_fs *fs, struct tfs_inode *ino);
+/* One more pin of a volume the caller holds open (takes fs->lock). */
+void tfs_fs_pin_again(struct tfs_fs *fs, struct tfs_inode *ino);
 
 /* Copy of the attributes and the bytes the device holds, for st_blocks (no locks held). */
 int tfs_fs_inode_attr(struct tfs_fs *fs, struct tfs_inode *ino, struct tfs_vol_row *row,

@@ -26,6 +26,7 @@
 #include "fs.h"
 #include "log.h"
 #include "scratch.h"
+#include "wb-stash.h"
 
 /*
  * Attributes and names change only through this daemon: the kernel's own
@@ -334,6 +335,8 @@ static int setattr_vol(struct tfs_fs *fs, fuse_ino_t ino, const struct stat *att
 		r = tfs_fs_pin(fs, vi->dev_id, true, &pinned);
 		if (r < 0)
 			return r;
+		/* A stashed writeback past the new end must not land after the truncate. */
+		tfs_wb_wait(pinned, 0, 0);
 		r = tfs_fs_set_size(fs, pinned, (uint64_t)attr->st_size);
 		tfs_fs_unpin(fs, pinned);
 		if (r < 0)
@@ -604,6 +607,20 @@ static int reply_open_direct(fuse_req_t req, struct fuse_file_info *fi)
 #endif
 }
 
+/*
+ * With the writeback cache the kernel would let a write past the end of a
+ * fixed-size file (an origin, a COW snapshot, a cached origin) succeed
+ * into the page cache and fail only at writeback, and it would keep the
+ * larger size it made up.  So writable opens of those bypass the cache, as
+ * O_DIRECT ones do: such a write fails at once with ENOSPC, as on a block
+ * device.  The cost: no shared writable mmap of them (the kernel refuses
+ * it on such opens), and their reads through that descriptor are not cached.
+ */
+static bool writes_fixed_size(const struct tfs_fs *fs, fuse_ino_t ino, int flags)
+{
+	return fs->writeback && wants_write(flags) && dev_of(ino) >= TFS_DEV_ID_OTHER;
+}
+
 static void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 {
 	struct tfs_fs *fs = fs_of(req);
@@ -626,8 +643,8 @@ static void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 	 * I/O work.
 	 */
 	fi->keep_cache = 0;
-	fi->direct_io = 0;
-	if ((fi->flags & O_DIRECT) && fs->parallel_dio)
+	fi->direct_io = (fi->flags & O_DIRECT) || writes_fixed_size(fs, ino, fi->flags);
+	if (fi->direct_io && fs->parallel_dio)
 		r = reply_open_direct(req, fi);
 	else
 		r = fuse_reply_open(req, fi);
@@ -649,6 +666,7 @@ static void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
 		    struct fuse_file_info *fi)
 {
 	struct tfs_inode *vi = handle_of(fi);
+	struct tfs_wb_overlay *ov = NULL;
 	uint64_t fsize;
 	void *buf;
 	int r;
@@ -677,8 +695,13 @@ static void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
 		fuse_reply_err(req, ENOMEM);
 		return;
 	}
-	r = tfs_dev_read(vi->dev, buf, size, (uint64_t)off);
+	/* Writebacks still stashed are newer than the device: copied before it is read. */
+	r = tfs_wb_overlay_take(vi, (uint64_t)off, size, &ov);
+	if (r == 0)
+		r = tfs_dev_read(vi->dev, buf, size, (uint64_t)off);
 	pthread_rwlock_unlock(&vi->io_lock);
+	if (r == 0 && ov)
+		tfs_wb_overlay_apply(ov, buf, (uint64_t)off);
 	if (r < 0)
 		fuse_reply_err(req, -r);
 	else
@@ -708,6 +731,20 @@ static void op_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t siz
 		fuse_reply_err(req, -r);
 		return;
 	}
+	/*
+	 * A writeback the engine would hold is answered from the stash, so no
+	 * close(2) waits for it; anything else goes behind stashed writebacks
+	 * of the same bytes.
+	 */
+	if (fi->writepage && fs->writeback) {
+		r = tfs_wb_write(fs, vi, buf, size, (uint64_t)off);
+		if (r < 0)
+			fuse_reply_err(req, -r);
+		else
+			fuse_reply_write(req, size);
+		return;
+	}
+	tfs_wb_wait(vi, (uint64_t)off, size);
 	pthread_rwlock_rdlock(&vi->io_lock);
 	r = tfs_dev_write(vi->dev, buf, size, (uint64_t)off);
 	/*
@@ -727,9 +764,15 @@ static void op_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t siz
 
 static void op_flush(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 {
-	/* close(2): the size a writer left becomes visible in the catalog now. */
+	/*
+	 * close(2): the size a writer left becomes visible in the catalog now,
+	 * and a stashed writeback that failed is reported (not waited for:
+	 * what the engine holds must not hold the close).
+	 */
 	int r = tfs_fs_persist(fs_of(req), handle_of(fi));
 
+	if (r == 0)
+		r = tfs_wb_take_error(handle_of(fi));
 	fuse_reply_err(req, -r);
 }
 
@@ -744,10 +787,14 @@ static void op_fsync(fuse_req_t req, fuse_ino_t ino, int datasync, struct fuse_f
 	struct tfs_inode *vi = handle_of(fi);
 	int r;
 
+	/* Stashed writebacks are acknowledged writes: in before the flush. */
+	tfs_wb_wait(vi, 0, 0);
 	/* The size first: after the commit below, data past the old EOF is durable. */
 	r = tfs_fs_persist(fs_of(req), vi);
 	if (r == 0)
 		r = tfs_dev_flush(vi->dev);
+	if (r == 0)
+		r = tfs_wb_take_error(vi);
 	fuse_reply_err(req, -r);
 }
 
@@ -769,6 +816,7 @@ static void op_fallocate(fuse_req_t req, fuse_ino_t ino, int mode, off_t offset,
 		fuse_reply_err(req, -r);
 		return;
 	}
+	tfs_wb_wait(vi, off, len);
 	pthread_rwlock_rdlock(&vi->io_lock);
 	size = cur_size(vi);
 	switch (mode & ~FALLOC_FL_KEEP_SIZE) {
@@ -828,6 +876,10 @@ static void op_copy_file_range(fuse_req_t req, fuse_ino_t ino_in, off_t off_in,
 		fuse_reply_err(req, EINVAL);
 		return;
 	}
+	/* The kernel wrote back both ranges first; what we stashed of them goes in first too. */
+	tfs_wb_wait(src, (uint64_t)off_in, len);
+	if (off_out >= 0)
+		tfs_wb_wait(dst, (uint64_t)off_out, len);
 	pthread_rwlock_rdlock(&first->io_lock);
 	if (second != first)
 		pthread_rwlock_rdlock(&second->io_lock);
@@ -868,6 +920,8 @@ static void op_lseek(fuse_req_t req, fuse_ino_t ino, off_t off, int whence,
 		fuse_reply_err(req, ENXIO);
 		return;
 	}
+	/* Stashed writebacks are data the mapping does not show yet. */
+	tfs_wb_wait(vi, 0, 0);
 	pthread_rwlock_rdlock(&vi->io_lock);
 	r = tfs_dev_seek(vi->dev, (uint64_t)off, whence, cur_size(vi), &out);
 	pthread_rwlock_unlock(&vi->io_lock);

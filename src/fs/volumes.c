@@ -25,6 +25,7 @@
 #include "log.h"
 #include "origin.h"
 #include "utf8.h"
+#include "wb-stash.h"
 
 int64_t tfs_now_ns(void)
 {
@@ -50,12 +51,15 @@ void tfs_fs_init(struct tfs_fs *fs)
 	pthread_mutex_init(&fs->persist_lock, NULL);
 	pthread_mutex_init(&fs->event_lock, NULL);
 	pthread_cond_init(&fs->event_cond, NULL);
+	pthread_mutex_init(&fs->wb_lock, NULL);
+	pthread_cond_init(&fs->wb_cv, NULL);
 }
 
 static void inode_free(struct tfs_inode *ino)
 {
 	pthread_rwlock_destroy(&ino->io_lock);
 	pthread_mutex_destroy(&ino->attr_lock);
+	tfs_wb_inode_destroy(ino);
 	free(ino);
 }
 
@@ -130,6 +134,7 @@ int tfs_fs_inode_lookup(struct tfs_fs *fs, const struct tfs_vol_row *row,
 		ino->dev_id = row->dev_id;
 		pthread_rwlock_init(&ino->io_lock, NULL);
 		pthread_mutex_init(&ino->attr_lock, NULL);
+		tfs_wb_inode_init(ino);
 		inode_reset(fs, ino, row);
 		ino->next = fs->buckets[bucket_of(row->dev_id)];
 		fs->buckets[bucket_of(row->dev_id)] = ino;
@@ -468,6 +473,13 @@ void tfs_fs_unpin(struct tfs_fs *fs, struct tfs_inode *ino)
 		if (ino->nlookup == 0)
 			inode_remove(fs, ino);
 	}
+	pthread_mutex_unlock(&fs->lock);
+}
+
+void tfs_fs_pin_again(struct tfs_fs *fs, struct tfs_inode *ino)
+{
+	pthread_mutex_lock(&fs->lock);
+	ino->nopen++;
 	pthread_mutex_unlock(&fs->lock);
 }
 

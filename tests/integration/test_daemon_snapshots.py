@@ -444,8 +444,10 @@ def test_first_writes_to_shared_blocks_read_old_data_around_new(pool):
     """Each partial first write reads the shared block once and writes the
     new block once, whole (the old data with the new bytes laid over it in
     memory); a write covering a block whole reads nothing.  The snapshot
-    keeps the old data."""
-    p = pool()
+    keeps the old data.  Without the writeback cache, so that each buffered
+    write reaches the pool as written (the cache would read whole pages
+    first and send them back later, merged)."""
+    p = pool(options={"writeback_cache": "off"})
     vol = shared_volume(p, 30)
     old = pattern(30, 8 * BS)
     io0 = data_io(p)

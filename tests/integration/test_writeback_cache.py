@@ -6,11 +6,11 @@ errors of the later writeback (ENOSPC, EIO) reach the writer; O_DIRECT
 opens bypass the cache and stay coherent with buffered ones; sizes and
 times are the kernel's and survive a remount.
 
-While the pool holds a writeback (a suspend, a pool out of data space),
-every close(2) of the file waits for it, and so does the close of each
-inherited descriptor in a child about to exec (subprocess's close_fds):
-a test that holds a dirty volume open then talks to the daemon over the
-socket itself, as thinfs-ctl in a subprocess would hang before its exec."""
+The cache is on by default.  A writeback the pool would hold (a suspend,
+a pool out of data space in queue mode) is stashed in the daemon and
+answered at once, so no close(2) waits for it, the close of each inherited
+descriptor in a child about to exec included; reads see stashed bytes, and
+fsync waits for them and reports their failure."""
 import errno
 import json
 import os
@@ -20,8 +20,8 @@ import threading
 import pytest
 
 from ctl_socket import ctl_socket_path
-from daemon_util import BS, MiB, bounded, create, pattern, read_at, read_direct, wait_for, \
-    write_at, write_direct
+from daemon_util import BS, MiB, bounded, create, fsync_path, pattern, read_at, read_direct, \
+    wait_for, write_at, write_direct
 
 
 WB = {"writeback_cache": "on"}
@@ -75,8 +75,8 @@ def bdi_max_ratio(p):
         return int(f.read())
 
 
-def test_writeback_cache_is_off_by_default_and_on_when_asked(pool):
-    on = pool("on", options=WB)
+def test_writeback_cache_is_on_by_default_and_off_when_asked(pool):
+    on = pool("on")
     assert on.status()["pool"]["writeback_cache"] is True
     # A fifth of the system's dirty limit, not FUSE's 1%: a buffered
     # writer is not throttled after some 45 MiB.
@@ -88,7 +88,7 @@ def test_writeback_cache_is_off_by_default_and_on_when_asked(pool):
     finally:
         os.close(fd)
     assert read_direct(on.mnt / "vm1", 0, 16 * BS) == pattern(1, 16 * BS)
-    off = pool("off")
+    off = pool("off", options={"writeback_cache": "off"})
     assert off.status()["pool"]["writeback_cache"] is False
     assert bdi_max_ratio(off) < 20    # nothing cached: the kernel's FUSE share stays
     # Off, each write(2) reaches the pool before it returns.
@@ -251,3 +251,78 @@ def test_a_failed_writeback_is_reported_at_fsync_and_the_old_data_stays(pool):
     assert read_direct(vol, 0, 4 * BS) == old
     p.remount("--allow-faults")
     assert read_at(vol, 0, 4 * BS) == old
+
+
+def test_close_and_a_childs_exec_do_not_wait_for_a_suspended_volumes_writeback(pool):
+    """Cached writes to a suspended volume: the descriptor's close, and the
+    exec of a child that inherits it (thinfs-ctl run by the writer), return
+    at once; the writes go in at the resume."""
+    p, vol = wb_volume(pool, 4 * MiB)
+    fd = open_dirty(vol, 0, pattern(1, 4 * BS))
+    closed = False
+    try:
+        p.ctl("suspend", "vm1", timeout=20)        # writes the cache back first
+        assert os.pwrite(fd, pattern(2, 4 * BS), 0) == 4 * BS
+        # The child closes its copy of fd at exec: the kernel writes back, the daemon stashes.
+        assert p.ctl("status", "--json", timeout=20).returncode == 0
+        bounded(os.close, fd, what="close of a file with a held writeback")
+        closed = True
+        assert p.volume("vm1")["suspended"] is True
+        p.ctl("resume", "vm1", timeout=20)
+    finally:
+        if not closed:
+            os.close(fd)
+    bounded(fsync_path, vol, what="fsync after the resume")
+    assert read_direct(vol, 0, 4 * BS) == pattern(2, 4 * BS)
+    assert p.volume("vm1")["held_in_core"] == 0
+    p.remount()
+    assert read_direct(vol, 0, 4 * BS) == pattern(2, 4 * BS)
+
+
+def full_queue_pool(pool, timeout_ms):
+    """Writeback cache on; vm1 (16 MiB) maps all 64 data blocks but its last 16."""
+    p = pool(data_size=4 * MiB, options={**WB, "no_space_timeout": str(timeout_ms),
+                                         "low_water_mark": "0"})
+    vol = create(p.mnt / "vm1", 16 * MiB)
+    write_at(vol, 0, pattern(1, 4 * MiB))
+    d = p.status()["pool"]["data"]
+    assert d["used_blocks"] == d["total_blocks"], d
+    return p, vol
+
+
+def test_a_full_pool_stashes_writebacks_that_reads_see_and_a_resize_takes(pool):
+    p, vol = full_queue_pool(pool, 0)
+    new = pattern(3, 2 * BS)
+    fd = open_dirty(vol, 4 * MiB + BS, new)
+    bounded(os.close, fd, what="close of a file whose writeback waits for space")
+    wait_for(lambda: p.status()["pool"]["held_writes"] == 1)
+    assert p.status()["pool"]["mode"] == "out_of_data_space"
+    # An O_DIRECT read reaches the daemon: it serves the stashed bytes over the device's.
+    assert read_direct(vol, 4 * MiB, 4 * BS) == bytes(BS) + new + bytes(BS)
+    assert read_direct(vol, 0, BS) == pattern(1, BS)
+    # An O_DIRECT overwrite of a mapped block goes on meanwhile.
+    write_direct(vol, 0, pattern(4, BS))
+    fsyncer = threading.Thread(target=fsync_path, args=(vol,), daemon=True)
+    fsyncer.start()
+    fsyncer.join(0.5)
+    assert fsyncer.is_alive(), "fsync must wait for the stashed write"
+    p.ctl("resize", "data", "+4M")
+    bounded(fsyncer.join, what="fsync after the resize")
+    assert p.status()["pool"]["held_writes"] == 0
+    p.remount()
+    assert read_direct(vol, 4 * MiB, 4 * BS) == bytes(BS) + new + bytes(BS)
+    assert read_direct(vol, 0, BS) == pattern(4, BS)
+
+
+def test_a_stashed_writeback_that_fails_is_reported_at_the_next_fsync(pool):
+    p, vol = full_queue_pool(pool, "1s")
+    p.expect_log(r"(?i)space|ENOSPC|writeback")
+    fd = open_dirty(vol, 4 * MiB, pattern(5, BS))
+    try:
+        with pytest.raises(OSError) as ei:
+            bounded(os.fsync, fd, what="fsync of a write that fails after no_space_timeout")
+        assert ei.value.errno == errno.ENOSPC, ei.value
+        os.fsync(fd)                  # reported once
+    finally:
+        os.close(fd)
+    assert read_direct(vol, 4 * MiB, BS) == bytes(BS)
