@@ -839,6 +839,14 @@ static void op_fallocate(fuse_req_t req, fuse_ino_t ino, int mode, off_t offset,
 		}
 		break;
 	case FALLOC_FL_ZERO_RANGE:
+		/*
+		 * A fixed-size file does not grow, as mode 0 says too; and with
+		 * the writeback cache the kernel would take a success as its size.
+		 */
+		if (!keep && dev_of(ino) >= TFS_DEV_ID_OTHER && off + len > size) {
+			r = -ENOSPC;
+			break;
+		}
 		if (off < size)
 			r = tfs_dev_zero_range(vi->dev, off, off + len > size ? size - off : len);
 		if (r == 0)

@@ -507,7 +507,12 @@ struct cached_writer {
 	char name[TFS_NAME_MAX + 1];
 };
 
-/* Open top-level volumes (of ids[0..nr), or all when nr == 0), under fs->lock. */
+/*
+ * Open top-level volumes (of ids[0..nr), or all when nr == 0), under
+ * fs->lock.  Not fixed-size files: their writable opens bypass the page
+ * cache (fuse-ops.c), so it never holds their writes, and an fsync of one
+ * would only wait for its device's in-flight I/O.
+ */
 static int list_open_volumes(struct tfs_fs *fs, const uint32_t *ids, unsigned nr,
 			     struct cached_writer **out, unsigned *nr_out)
 {
@@ -523,7 +528,7 @@ static int list_open_volumes(struct tfs_fs *fs, const uint32_t *ids, unsigned nr
 			for (unsigned i = 0; i < nr && !wanted; i++)
 				wanted = ids[i] == ino->dev_id;
 			if (!wanted || ino->nopen == 0 || ino->unlinked || ino->gone ||
-			    ino->row.kind == TFS_VOL_GROUP_MEMBER)
+			    ino->row.kind == TFS_VOL_GROUP_MEMBER || ino->dev_id >= TFS_DEV_ID_OTHER)
 				continue;
 			if (cnt == cap) {
 				cap = cap ? cap * 2 : 16;

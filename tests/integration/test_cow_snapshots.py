@@ -4,6 +4,7 @@ thinfs-ctl snapshot --cow, the origin and cow-snapshot targets on real
 mounts.  Origin and COW devices are sparse files next to the pool."""
 import errno
 import json
+import mmap
 import os
 import random
 import subprocess
@@ -777,7 +778,15 @@ def test_fixed_size_files_refuse_growth_and_holes(pool, tmp_path):
                 os.pwrite(fd, b"x", 1 * MiB)
             assert ei.value.errno == errno.ENOSPC
             fallocate(fd, 0, 0, 4096)                      # inside: nothing to do
-            fallocate(fd, FALLOC_FL_ZERO_RANGE, 1 * MiB - 4096, 8192)   # clipped to the end
+            # Past the end: clipped with KEEP_SIZE, refused without (the file cannot grow).
+            fallocate(fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, 1 * MiB - 4096, 8192)
+            with pytest.raises(OSError) as ei:
+                fallocate(fd, FALLOC_FL_ZERO_RANGE, 1 * MiB - 4096, 8192)
+            assert ei.value.errno == errno.ENOSPC
+            # Writable opens of a fixed-size file bypass the page cache: no shared mapping.
+            with pytest.raises(OSError) as ei:
+                mmap.mmap(fd, 4096, mmap.MAP_SHARED)
+            assert ei.value.errno == errno.ENODEV
         finally:
             os.close(fd)
         assert os.path.getsize(p.mnt / name) == 1 * MiB

@@ -24,7 +24,9 @@ DATA = 8 * MiB               # 128 blocks of 64 KiB
 
 def full_pool(pool, **options):
     """A mounted pool whose volumes vm1 and vm2 (8 blocks) map every data block."""
-    opts = {"low_water_mark": "0"}
+    # Each buffered write one request the pool holds or fails, as these
+    # tests watch; the writeback cache's stash: test_writeback_cache.py.
+    opts = {"low_water_mark": "0", "writeback_cache": "off"}
     opts.update({k: str(v) for k, v in options.items()})
     fault = opts.pop("fault", None)
     p = pool(data_size=DATA, meta_size=16 * MiB, options=opts, mount=False)

@@ -196,7 +196,10 @@ def cfg_options(p, **changes):
 
 
 def make_pool(pool, g, *, data_size=DATA, meta_size=16 * MiB, faults=False, **options):
-    opts = {"low_water_mark": "0"}
+    # Without the writeback cache each buffered write is one request the
+    # pool holds or fails, which is what these tests watch; with it (the
+    # default) a held writeback is stashed: test_writeback_cache.py.
+    opts = {"low_water_mark": "0", "writeback_cache": "off"}
     opts.update({k: str(v) for k, v in options.items()})
     p = pool(data_size=data_size, meta_size=meta_size, options=opts, mount=False)
     p.sus_opts, p.faults, p.guard = opts, faults, g
