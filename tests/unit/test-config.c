@@ -172,7 +172,7 @@ static void test_minimal_cfg_gets_the_documented_defaults(void **state)
 	assert_int_equal(c.metadata_cache_bytes, 64 << 20);
 	assert_false(c.host_cache);
 	assert_int_equal(c.max_threads, 512);
-	assert_false(c.writeback_cache);
+	assert_true(c.writeback_cache);
 	assert_false(c.allow_faults);
 	assert_int_equal(c.preallocate_bytes, 32 << 20);
 }
@@ -205,7 +205,7 @@ static void test_every_pool_key_is_parsed(void **state)
 		  "host_cache = on\n"
 		  "max_threads = 64\n"
 		  "detect_zeroes = unmap\n"
-		  "writeback_cache = on\n"
+		  "writeback_cache = off\n"
 		  "preallocate = 64m\n"
 		  "\n"
 		  "[fault]\n"
@@ -229,7 +229,7 @@ static void test_every_pool_key_is_parsed(void **state)
 	assert_true(c.host_cache);
 	assert_int_equal(c.max_threads, 64);
 	assert_true(c.detect_zeroes);
-	assert_true(c.writeback_cache);
+	assert_false(c.writeback_cache);
 	assert_true(c.allow_faults);
 	assert_int_equal(c.preallocate_bytes, 64 << 20);
 }
@@ -1135,8 +1135,8 @@ static void test_reload_refuses_to_change_what_the_pool_is(void **state)
 		{ "", "metadata_cache = 128m\n",
 		  "metadata_cache: 64m -> 128m cannot change while mounted" },
 		{ "", "host_cache = on\n", "host_cache: no -> yes cannot change while mounted" },
-		{ "", "writeback_cache = on\n",
-		  "writeback_cache: no -> yes cannot change while mounted" },
+		{ "", "writeback_cache = off\n",
+		  "writeback_cache: yes -> no cannot change while mounted" },
 		{ "", "preallocate = off\n", "preallocate: 32m -> off cannot change while mounted" },
 		{ "preallocate = 1m\n", "", "preallocate: 1m -> 32m cannot change while mounted" },
 		{ "", "max_threads = 16\n", "max_threads: 512 -> 16 cannot change while mounted" },
