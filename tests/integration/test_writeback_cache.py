@@ -326,3 +326,69 @@ def test_a_stashed_writeback_that_fails_is_reported_at_the_next_fsync(pool):
     finally:
         os.close(fd)
     assert read_direct(vol, 4 * MiB, BS) == bytes(BS)
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_buffered_writes_across_noflush_suspends_match_a_model(pool, seed):
+    """Random buffered writes, some while vm1 is suspended (closing the
+    descriptor then makes the kernel write back: the daemon stashes those
+    writebacks, in order, behind one another), fsyncs and reads between
+    suspends: the file always reads as the model, and so it does after the
+    last resume, from the device and after a remount.  Writes while
+    suspended cover whole pages: the rest of a page the kernel does not
+    hold would be read first, and that read waits for the resume."""
+    import random
+    rnd = random.Random(seed)
+    size = 2 * MiB
+    p, vol = wb_volume(pool, size)
+    model = bytearray(size)
+    fd = os.open(vol, os.O_RDWR)
+    suspended = dirty = False
+    stashed = 0
+    try:
+        for step in range(60):
+            op = rnd.choice(["write", "write", "write", "reopen", "toggle", "check"])
+            if op == "write" and suspended:
+                # Whole pages: part of an uncached page would be read first, held.
+                off = rnd.randrange(0, size // 4096) * 4096
+                n = min(rnd.choice([4096, 3 * 4096, BS]), size - off)
+            elif op == "write":
+                off = rnd.randrange(0, size - 1)
+                n = min(rnd.choice([1, 100, 4096, 5000, 3 * BS]), size - off)
+            if op == "write":
+                data = pattern(seed * 1000 + step, n)
+                assert os.pwrite(fd, data, off) == n
+                model[off:off + n] = data
+                dirty = dirty or suspended     # surely still cached at the next close
+            elif op == "reopen":
+                # The close writes the file's dirty pages back: stashed while suspended.
+                bounded(os.close, fd, what=f"close at step {step} (suspended={suspended})")
+                fd = os.open(vol, os.O_RDWR)
+                if suspended and dirty:
+                    # The stash's writer (a thread started for it) waits in the core.
+                    assert wait_for(lambda: ctl_in_process(p, "status", "--json")["pool"]
+                                    ["held_in_core"] >= 1)
+                    stashed += 1
+                dirty = False
+            elif op == "toggle":
+                if suspended:
+                    ctl_in_process(p, "resume", "vm1")
+                    dirty = False
+                else:
+                    ctl_in_process(p, "suspend", "vm1", "--noflush")
+                suspended = not suspended
+            elif not suspended:
+                os.fsync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                assert os.pread(fd, size, 0) == bytes(model), f"step {step}"
+        if suspended:
+            bounded(os.close, fd, what="the last close while suspended")
+            fd = os.open(vol, os.O_RDWR)
+            ctl_in_process(p, "resume", "vm1")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    assert stashed > 0
+    assert read_direct(vol, 0, size) == bytes(model)
+    p.remount()
+    assert read_direct(vol, 0, size) == bytes(model)
