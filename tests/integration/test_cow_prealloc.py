@@ -209,8 +209,10 @@ def test_a_snapshot_goes_while_its_fill_thread_writes_zeros_ahead(pool, tmp_path
     new = b"n" * CHUNK
     write_at(p.mnt / "db", 0, new)
     region0 = data_chunks(3, REGION // CHUNK) * CHUNK
-    pa = prealloc_when(p, lambda pa: pa["zeroed_bytes"] > region0)
-    assert region0 < pa["zeroed_bytes"] < region0 + REGION  # the thread is at region 1
+    prealloc_when(p, lambda pa: pa["zeroed_bytes"] > region0)
+    # The thread is at region 1: keep it there (its next pieces take 1.5 s each).
+    p.ctl("fault", "s:cow", "write", "delay", "1500000")
+    assert region0 < vol(p, "s")["preallocate"]["zeroed_bytes"] < region0 + REGION
     if how == "rm":
         os.unlink(p.mnt / "s")
         assert "s" not in [v["name"] for v in p.status()["volumes"]]
