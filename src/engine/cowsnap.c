@@ -20,6 +20,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <unistd.h>
 
 #include "log.h"
@@ -71,18 +72,20 @@ static _Alignas(4096) const uint8_t zeros[ZERO_PIECE];
  * meaning, and the data flush makes them durable with the copies.  Runs on
  * the snapshot's fill thread (fill_main) or on a writer that caught up
  * with it; stops between pieces when the snapshot goes (the region is then
- * not marked, and nothing relies on it any more).
+ * not marked, and nothing relies on it any more).  The zeros come from an
+ * anonymous mapping that is only read, so they are the kernel's zero page:
+ * no memory is filled or kept for them (a scratch buffer would stay
+ * mapped, 1 MiB a snapshot, for as long as its fill thread lives).
  */
 static int zero_ahead(void *arg, uint64_t first, uint64_t nr)
 {
 	struct tfs_cowsnap *s = arg;
 	uint64_t c = tfs_snap_store_next_free(s->store), end = first + nr;
-	uint8_t *buf = tfs_scratch_get(ZERO_AHEAD_PIECE);
+	uint8_t *buf = mmap(NULL, ZERO_AHEAD_PIECE, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
 	int r = 0;
 
-	if (!buf)
+	if (buf == MAP_FAILED)
 		return -ENOMEM;
-	memset(buf, 0, ZERO_AHEAD_PIECE);
 	if (c < first)
 		c = first;
 	while (!r && c < end) {
@@ -111,7 +114,7 @@ static int zero_ahead(void *arg, uint64_t first, uint64_t nr)
 		}
 		c += run;
 	}
-	tfs_scratch_put(buf, ZERO_AHEAD_PIECE);
+	munmap(buf, ZERO_AHEAD_PIECE);
 	return r;
 }
 
