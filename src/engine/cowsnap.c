@@ -20,6 +20,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <unistd.h>
 
 #include "log.h"
@@ -68,18 +69,23 @@ static _Alignas(4096) const uint8_t zeros[ZERO_PIECE];
  * areas hold records.  A chunk handed out from here on waits for this fill
  * before its copy (prealloc_ahead), so the zeros never land on a copy.
  * Zeros are what a reserved chunk reads as anyway: nothing changes
- * meaning, and the data flush makes them durable with the copies.
+ * meaning, and the data flush makes them durable with the copies.  Runs on
+ * the snapshot's fill thread (fill_main) or on a writer that caught up
+ * with it; stops between pieces when the snapshot goes (the region is then
+ * not marked, and nothing relies on it any more).  The zeros come from an
+ * anonymous mapping that is only read, so they are the kernel's zero page:
+ * no memory is filled or kept for them (a scratch buffer would stay
+ * mapped, 1 MiB a snapshot, for as long as its fill thread lives).
  */
 static int zero_ahead(void *arg, uint64_t first, uint64_t nr)
 {
 	struct tfs_cowsnap *s = arg;
 	uint64_t c = tfs_snap_store_next_free(s->store), end = first + nr;
-	uint8_t *buf = tfs_scratch_get(ZERO_AHEAD_PIECE);
+	uint8_t *buf = mmap(NULL, ZERO_AHEAD_PIECE, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
 	int r = 0;
 
-	if (!buf)
+	if (buf == MAP_FAILED)
 		return -ENOMEM;
-	memset(buf, 0, ZERO_AHEAD_PIECE);
 	if (c < first)
 		c = first;
 	while (!r && c < end) {
@@ -96,6 +102,10 @@ static int zero_ahead(void *arg, uint64_t first, uint64_t nr)
 		while (!r && len) {
 			size_t n = len < ZERO_AHEAD_PIECE ? (size_t)len : ZERO_AHEAD_PIECE;
 
+			if (atomic_load(&s->ahead_stop)) {
+				r = -ECANCELED;
+				break;
+			}
 			r = tfs_bdev_write(s->cow, buf, n, off);
 			if (!r)
 				atomic_fetch_add(&s->zeroed_bytes, n);
@@ -104,8 +114,49 @@ static int zero_ahead(void *arg, uint64_t first, uint64_t nr)
 		}
 		c += run;
 	}
-	tfs_scratch_put(buf, ZERO_AHEAD_PIECE);
+	munmap(buf, ZERO_AHEAD_PIECE);
 	return r;
+}
+
+/*
+ * The fill thread: fills the region writers last asked for (prealloc_ahead),
+ * one at a time, until the last put stops it.  A region a writer reaches
+ * before the thread has filled it is filled by that writer (or waited for,
+ * if the thread is at it), as without the thread; failures are the fill's
+ * (counted in status, they cost speed only).
+ */
+static void *fill_main(void *arg)
+{
+	struct tfs_cowsnap *s = arg;
+	uint64_t want;
+
+	pthread_mutex_lock(&s->ahead_lock);
+	for (;;) {
+		while (!atomic_load(&s->ahead_stop) && s->ahead_done == s->ahead_want)
+			pthread_cond_wait(&s->ahead_work, &s->ahead_lock);
+		if (atomic_load(&s->ahead_stop))
+			break;
+		want = s->ahead_done = s->ahead_want;
+		pthread_mutex_unlock(&s->ahead_lock);
+		if (!atomic_load(&s->invalid))
+			tfs_prealloc_fill(s->prealloc, want);
+		pthread_mutex_lock(&s->ahead_lock);
+	}
+	pthread_mutex_unlock(&s->ahead_lock);
+	return NULL;
+}
+
+/* The last put: no writer is left to ask; a fill under way stops at its next zero piece. */
+static void stop_fill_thread(struct tfs_cowsnap *s)
+{
+	if (!s->has_ahead)
+		return;
+	pthread_mutex_lock(&s->ahead_lock);
+	atomic_store(&s->ahead_stop, true);
+	pthread_cond_signal(&s->ahead_work);
+	pthread_mutex_unlock(&s->ahead_lock);
+	pthread_join(s->ahead, NULL);
+	s->has_ahead = false;
 }
 
 /* What the COW device holds and its size, before a store is opened on it. */
@@ -206,6 +257,8 @@ int tfs_cowsnap_create(struct tfs_cow_set *set, struct tfs_origin *o,
 	s->persistent = p->persistent;
 	s->chunk_bytes = (uint64_t)p->chunk_sectors * 512;
 	atomic_init(&s->refs, 1);
+	pthread_mutex_init(&s->ahead_lock, NULL);
+	pthread_cond_init(&s->ahead_work, NULL);
 
 	r = tfs_bdev_open_direct(p->cow, false, set->direct, &b);
 	if (r < 0) {
@@ -253,6 +306,19 @@ int tfs_cowsnap_create(struct tfs_cow_set *set, struct tfs_origin *o,
 		goto err_store;
 	if (s->chunk_bytes <= ZERO_AHEAD_MAX_CHUNK)
 		tfs_prealloc_set_then(s->prealloc, zero_ahead, s);
+	if (s->prealloc) {
+		struct tfs_prealloc_counts pc;
+
+		tfs_prealloc_counts(s->prealloc, &pc);
+		s->region_chunks = pc.chunk_bytes / s->chunk_bytes;
+		r = -pthread_create(&s->ahead, NULL, fill_main, s);
+		if (r) {
+			tfs_err("[snapshot \"%s\"] cow: %s: cannot start the thread that fills it "
+				"ahead of its store: %s", p->name, p->cow, strerror(-r));
+			goto err_prealloc;
+		}
+		s->has_ahead = true;
+	}
 	if (p->fresh)
 		*p->fresh = fresh;
 	if (tfs_snap_store_valid(s->store) && p->known_invalid && !fresh && p->persistent) {
@@ -275,11 +341,15 @@ int tfs_cowsnap_create(struct tfs_cow_set *set, struct tfs_origin *o,
 	*out = s;
 	return 0;
 
+err_prealloc:
+	tfs_prealloc_destroy(s->prealloc);
 err_store:
 	tfs_snap_store_close(s->store);
 err_close:
 	tfs_bdev_close(b);
 err_free:
+	pthread_cond_destroy(&s->ahead_work);
+	pthread_mutex_destroy(&s->ahead_lock);
 	free(s);
 	return r;
 }
@@ -296,9 +366,12 @@ void tfs_cowsnap_put(struct tfs_cowsnap *s)
 			tfs_err("snapshot %s: final flush of %s failed: %s", s->name, s->cow_path,
 				strerror(-r));
 	}
+	stop_fill_thread(s);
 	tfs_prealloc_destroy(s->prealloc);
 	tfs_snap_store_close(s->store);
 	tfs_bdev_close(s->cow);
+	pthread_cond_destroy(&s->ahead_work);
+	pthread_mutex_destroy(&s->ahead_lock);
 	free(s);
 }
 
@@ -308,6 +381,14 @@ void tfs_cowsnap_resized(struct tfs_cowsnap *s, uint64_t total_chunks)
 	if (tfs_prealloc_resize(s->prealloc, total_chunks))
 		tfs_warn("snapshot %s: out of memory: the grown part of %s is not preallocated",
 			 s->name, s->cow_path);
+	/*
+	 * The region ahead may have been past the old end (nothing filled) or
+	 * cut by it (forgotten now): the next break asks the fill thread again.
+	 */
+	pthread_mutex_lock(&s->ahead_lock);
+	s->ahead_want = s->ahead_done = 0;
+	atomic_store(&s->ahead_asked, 0);
+	pthread_mutex_unlock(&s->ahead_lock);
 }
 
 /* ---- invalidation and low water ---- */
@@ -420,21 +501,29 @@ static int batch_commit(struct tfs_cowsnap *s, struct batch *b)
 
 /*
  * The store hands out COW chunks in order: make sure the region of `to`
- * is preallocated (normally it is: the region before it filled it ahead)
- * and start on the next one unless another writer is at it.  Failures
- * cost only speed (the copy then allocates on the host as it writes) and
- * are counted in status.
+ * is preallocated (normally it is: the fill thread did it while the
+ * writers were in the region before) and have the thread start on the
+ * next one, once per region (an atomic load on every other break).
+ * Failures cost only speed (the copy then allocates on the host as it
+ * writes) and are counted in status.
  */
 static void prealloc_ahead(struct tfs_cowsnap *s, uint64_t to)
 {
-	struct tfs_prealloc_counts pc;
+	uint64_t next;
 
 	if (!s->prealloc)
 		return;
 	tfs_prealloc_fill(s->prealloc, to);
-	tfs_prealloc_counts(s->prealloc, &pc);
-	if (pc.active)
-		tfs_prealloc_fill_ahead(s->prealloc, to + pc.chunk_bytes / s->chunk_bytes);
+	next = (to / s->region_chunks + 1) * s->region_chunks;
+	if (atomic_load(&s->ahead_asked) >= next)
+		return;
+	pthread_mutex_lock(&s->ahead_lock);
+	if (s->ahead_want < next) {
+		s->ahead_want = next;
+		pthread_cond_signal(&s->ahead_work);
+	}
+	atomic_store(&s->ahead_asked, s->ahead_want);
+	pthread_mutex_unlock(&s->ahead_lock);
 }
 
 /*

@@ -67,6 +67,22 @@ struct tfs_cowsnap {
 	 */
 	struct tfs_prealloc *prealloc;
 	atomic_uint_fast64_t zeroed_bytes; /* written ahead since the mount */
+	/*
+	 * The thread that fills the next region (fallocate, then the zeros)
+	 * while writers copy into this one (with prealloc only), so that no
+	 * break waits for a fill unless it caught up with the thread.  Writers
+	 * raise ahead_want once per region; the last put stops and joins it
+	 * before prealloc and the store go.
+	 */
+	pthread_t ahead;
+	bool has_ahead;
+	pthread_mutex_t ahead_lock;
+	pthread_cond_t ahead_work;
+	uint64_t ahead_want;       /* ahead_lock: fill the region of this chunk */
+	uint64_t ahead_done;       /* ahead_lock: the last ahead_want taken up */
+	atomic_uint_fast64_t ahead_asked; /* ahead_want as writers last saw it */
+	atomic_bool ahead_stop;    /* the last put: stop, between zero pieces too */
+	uint64_t region_chunks;    /* COW chunks per preallocated region */
 	uint64_t chunk_bytes;
 	bool persistent;
 	atomic_uint refs;          /* the set's + each open handle's */

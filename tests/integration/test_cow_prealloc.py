@@ -9,7 +9,7 @@ import threading
 
 import pytest
 
-from daemon_util import pattern, read_at, write_at
+from daemon_util import pattern, read_at, wait_for, write_at
 from test_cow_snapshots import check_cfg, cow_pool, ctl_snapshot, sections, sparse, vol
 
 MiB = 1 << 20
@@ -48,6 +48,14 @@ def break_chunks(path, chunks, data, writers=8):
         t.join()
 
 
+def prealloc_when(p, pred, name="s"):
+    """The snapshot's preallocate counts once pred holds of them, or as they
+    are after a bounded wait: the region ahead of the writers is filled by a
+    thread of the snapshot's own, after the break that asked for it returned."""
+    wait_for(lambda: pred(vol(p, name)["preallocate"]))
+    return vol(p, name)["preallocate"]
+
+
 def origin_and_snapshot(pool, tmp_path, seed, size, cow_size):
     """A mounted origin "db" of size bytes of pattern(seed) and a snapshot "s"
     of it with 4 KiB chunks on a sparse COW file of cow_size bytes."""
@@ -71,12 +79,11 @@ def test_cow_breaks_into_a_preallocated_cow_file_read_back_right_after_kill9(poo
     cur = bytearray(base)
     for c in chunks:
         cur[c * CHUNK:(c + 1) * CHUNK] = new[c * CHUNK:(c + 1) * CHUNK]
-    s = vol(p, "s")
     # The store's numbers, not the file's: preallocation is not usage.
-    assert s["cow"]["allocated_sectors"] == store_sectors(len(chunks))
-    pa = s["preallocate"]
-    assert pa["chunk_bytes"] == REGION and pa["failures"] == 0
+    assert vol(p, "s")["cow"]["allocated_sectors"] == store_sectors(len(chunks))
     # The regions the store reached, and the one ahead of it, the last cut at the file's end.
+    pa = prealloc_when(p, lambda pa: pa["chunks"] == 3)
+    assert pa["chunk_bytes"] == REGION and pa["failures"] == 0
     assert pa["fallocates"] == pa["chunks"] == 3
     assert os.path.getsize(cow) == 10 * MiB
     assert 8 * MiB <= host_bytes(cow) <= 10 * MiB + HOST_META
@@ -106,10 +113,11 @@ def test_zeros_ahead_start_at_the_allocation_point_and_spare_copies_made_before_
     # 1024..2047) holds 478 of them, and its fill starts again after the mount.
     assert vol(p, "s")["preallocate"]["zeroed_bytes"] == 0
     write_at(p.mnt / "db", 3001 * CHUNK, new[3001 * CHUNK:3002 * CHUNK])
-    pa = vol(p, "s")["preallocate"]
     # Chunk 1507 went to that write; zeros went past it only, areas skipped,
-    # in region 1 and in region 2 ahead (to the file's end).
-    assert pa["zeroed_bytes"] == (data_chunks(1508, 2048) + data_chunks(2048, 2560)) * CHUNK
+    # in region 1 (by that write) and in region 2 ahead (to the file's end).
+    want = (data_chunks(1508, 2048) + data_chunks(2048, 2560)) * CHUNK
+    pa = prealloc_when(p, lambda pa: pa["zeroed_bytes"] >= want)
+    assert pa["zeroed_bytes"] == want
     more = list(range(3003, 4000, 2))
     break_chunks(p.mnt / "db", more, new)
     cur = bytearray(base)
@@ -130,7 +138,7 @@ def test_large_chunks_are_reserved_ahead_but_not_zeroed(pool, tmp_path):
     p = cow_pool(pool, [("db", origin)])
     ctl_snapshot(p, "db", "s", cow, "--chunk-size", "64k")
     break_chunks(p.mnt / "db", list(range(0, 16 * 64, 16)), pattern(9, size))
-    pa = vol(p, "s")["preallocate"]
+    pa = prealloc_when(p, lambda pa: pa["fallocates"] >= 2)
     # 64 KiB chunks: the zeros would cost more than the conversions they spare.
     assert pa["fallocates"] >= 2 and pa["failures"] == 0 and pa["zeroed_bytes"] == 0
     assert read_at(p.mnt / "s", 0, size) == base
@@ -142,12 +150,12 @@ def test_a_grown_cow_file_is_preallocated_up_to_its_new_end_only(pool, tmp_path)
     size = 16 * MiB
     p, base, cow = origin_and_snapshot(pool, tmp_path, 3, size, 5 * MiB)
     break_chunks(p.mnt / "db", list(range(0, 1200)), pattern(4, size))
-    assert vol(p, "s")["preallocate"]["chunks"] == 2
+    assert prealloc_when(p, lambda pa: pa["chunks"] == 2)["chunks"] == 2
     assert host_bytes(cow) <= 5 * MiB + HOST_META
     os.truncate(cow, 9 * MiB)
     p.ctl("resize", "cow", "s")
     break_chunks(p.mnt / "db", list(range(1200, 2000)), pattern(4, size))
-    pa = vol(p, "s")["preallocate"]
+    pa = prealloc_when(p, lambda pa: pa["fallocates"] == 4)
     # The region cut at the old end is filled again up to the new end, and the new last one.
     assert pa["fallocates"] == 4 and pa["chunks"] == 3 and pa["failures"] == 0
     assert os.path.getsize(cow) == 9 * MiB and host_bytes(cow) <= 9 * MiB + HOST_META
@@ -175,4 +183,47 @@ def test_a_cow_block_device_is_not_preallocated(pool, tmp_path, faults):
     assert "cannot preallocate" not in p.log_text()
     assert read_at(p.mnt / "s", 0, 4 * MiB) == base
     p.unmount()
+    check_cfg(p)
+
+
+@pytest.mark.parametrize("how", ["rm", "unmount"])
+def test_a_snapshot_goes_while_its_fill_thread_writes_zeros_ahead(pool, tmp_path, how):
+    """The region ahead of the writers is filled by a thread of the
+    snapshot's own: removing the snapshot (or unmounting) while that thread
+    is between two delayed zero writes stops it and waits for it before the
+    COW device and the store are closed; the origin, the store and (after
+    unmount) the snapshot are as they were."""
+    size = 8 * MiB
+    origin = sparse(tmp_path / "origin.img", size)
+    base = pattern(10, size)
+    write_at(origin, 0, base)
+    cow = sparse(tmp_path / "s.cow", 16 * MiB)
+    p = cow_pool(pool, [("db", origin)], mount=False)
+    p.cfg.write_text(p.cfg.read_text() + "[fault]\nallow = yes\n")
+    p.mount("--allow-faults")
+    ctl_snapshot(p, "db", "s", cow, "--chunk-size", "4k")
+    # Every write to the COW file takes 0.4 s: region 0's zeros (by this
+    # write, 1 MiB at a time), its copy and its record, then region 1's by
+    # the thread, which the snapshot's end finds between two pieces.
+    p.ctl("fault", "s:cow", "write", "delay", "400000")
+    new = b"n" * CHUNK
+    write_at(p.mnt / "db", 0, new)
+    region0 = data_chunks(3, REGION // CHUNK) * CHUNK
+    prealloc_when(p, lambda pa: pa["zeroed_bytes"] > region0)
+    # The thread is at region 1: keep it there (its next pieces take 1.5 s each).
+    p.ctl("fault", "s:cow", "write", "delay", "1500000")
+    assert region0 < vol(p, "s")["preallocate"]["zeroed_bytes"] < region0 + REGION
+    if how == "rm":
+        os.unlink(p.mnt / "s")
+        assert "s" not in [v["name"] for v in p.status()["volumes"]]
+        assert read_at(p.mnt / "db", 0, CHUNK) == new
+        p.unmount()
+    else:
+        p.unmount()
+        out = check_cfg(p).stdout
+        assert "clean, 1 exception(s)" in out
+        p.mount("--allow-faults")
+        assert read_at(p.mnt / "s", 0, size) == base
+        assert read_at(p.mnt / "db", 0, CHUNK) == new
+        p.unmount()
     check_cfg(p)
