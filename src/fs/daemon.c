@@ -624,9 +624,8 @@ static int run_daemon(struct tfs_fs *fs, const struct mount_args *a, int ready_f
 		tfs_err("cannot mount on %s", fs->mountpoint);
 		goto err_remove_handlers;
 	}
-	/* Before any write: the first buffered writers already get the room. */
-	if (fs->cfg.writeback_cache && !fs->read_only)
-		tfs_fs_lift_dirty_limits(fs);
+	/* Before any I/O: the first buffered writers already get the room. */
+	tfs_fs_tune_bdi(fs, fs->cfg.writeback_cache && !fs->read_only);
 	tfs_fs_event(fs, "mount", "mounted on %s%s", fs->mountpoint,
 		     fs->read_only ? " read-only" : "");
 	/*
@@ -684,6 +683,7 @@ err_stop_ctl:
 	fs->ctl = NULL;
 err_unmount:
 	fuse_session_unmount(fs->se);
+	tfs_fs_tune_bdi_end(fs);
 err_remove_handlers:
 	fuse_remove_signal_handlers(fs->se);
 err_destroy_session:

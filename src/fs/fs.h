@@ -132,6 +132,10 @@ struct tfs_fs {
 
 	atomic_uint crash_at;      /* the armed crash point (crash-points.c), 0 = none */
 
+	char bdi_dev[32];          /* the mount's MAJ:MIN (mount-bdi.c) */
+	pthread_t bdi_thread;      /* raises the read-ahead once INIT is done */
+	bool bdi_thread_started;
+
 	/* The stash's share of the mount (wb-stash.h). */
 	pthread_mutex_t wb_lock;
 	pthread_cond_t wb_cv;      /* room freed, or a writer finished */
@@ -227,11 +231,14 @@ int tfs_fs_snapshot_volume(struct tfs_fs *fs, const char *src, const char *new_n
 int tfs_fs_settle_temp_names(struct tfs_fs *fs);
 
 /*
- * Give the mount (fs->mountpoint, mounted) a fifth of the system's dirty
- * page limit instead of FUSE's 1% (dirty-limits.c), for writeback_cache.
- * Logs and goes on when the knob cannot be written.
+ * The mount's (fs->mountpoint, mounted) backing-dev settings (mount-bdi.c):
+ * a 4 MiB read-ahead, and with lift_dirty (writeback_cache) a fifth of the
+ * system's dirty page limit instead of FUSE's 1%.  Logs and goes on when a
+ * knob cannot be written.
  */
-void tfs_fs_lift_dirty_limits(struct tfs_fs *fs);
+void tfs_fs_tune_bdi(struct tfs_fs *fs, bool lift_dirty);
+/* After the unmount: the read-ahead's thread (it waits for INIT through the mount) is done. */
+void tfs_fs_tune_bdi_end(struct tfs_fs *fs);
 
 /* ---- listings (catalog reads; sizes from memory where newer) ---- */
 /* Group lookups. */

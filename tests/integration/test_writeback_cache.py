@@ -68,11 +68,15 @@ def assert_writeback_fails(path, off, data, err):
         os.close(fd)
 
 
+def bdi_knob(p, knob):
+    st_dev = os.stat(p.mnt).st_dev
+    with open(f"/sys/class/bdi/{os.major(st_dev)}:{os.minor(st_dev)}/{knob}") as f:
+        return int(f.read())
+
+
 def bdi_max_ratio(p):
     """The share of the system's dirty limit the kernel gives the mount, in percent."""
-    st_dev = os.stat(p.mnt).st_dev
-    with open(f"/sys/class/bdi/{os.major(st_dev)}:{os.minor(st_dev)}/max_ratio") as f:
-        return int(f.read())
+    return bdi_knob(p, "max_ratio")
 
 
 def test_writeback_cache_is_on_by_default_and_off_when_asked(pool):
@@ -107,6 +111,17 @@ def test_the_dirty_share_is_raised_on_a_mountpoint_with_odd_characters(pool, tmp
     mnt.mkdir()
     p = pool(options=WB, mnt=mnt)
     assert bdi_max_ratio(p) == 20
+    assert bdi_knob(p, "read_ahead_kb") == 4096
+
+
+def test_every_mount_reads_ahead_4_mib(pool):
+    """FUSE's 128 KiB would leave a sequential reader one small READ in
+    flight; the cache off and a read-only mount get the read-ahead too."""
+    off = pool("off", options={"writeback_cache": "off"})
+    assert bdi_knob(off, "read_ahead_kb") == 4096
+    off.unmount()
+    off.mount("-o", "ro")
+    assert bdi_knob(off, "read_ahead_kb") == 4096
 
 
 def test_buffered_writes_of_any_size_fsynced_survive_a_remount(pool):
