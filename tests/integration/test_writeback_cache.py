@@ -407,3 +407,32 @@ def test_buffered_writes_across_noflush_suspends_match_a_model(pool, seed):
     assert read_direct(vol, 0, size) == bytes(model)
     p.remount()
     assert read_direct(vol, 0, size) == bytes(model)
+
+
+def test_past_the_stash_bound_a_close_waits_for_the_resume_and_nothing_is_lost(pool):
+    """96 MiB cached for a suspended volume: the daemon stashes 64 MiB of the
+    writeback and the rest waits for room, so the close waits, as it would
+    for the pool itself; after the resume all of it is there."""
+    import hashlib
+    p, vol = wb_volume(pool, 128 * MiB)
+    data = b"".join(pattern(100 + i, MiB) for i in range(96))
+    fd = os.open(vol, os.O_WRONLY)
+    closed = threading.Event()
+    try:
+        p.ctl("suspend", "vm1", timeout=20)
+        assert os.pwrite(fd, data, 0) == len(data)     # whole pages: nothing is read
+        closer = threading.Thread(target=lambda: (os.close(fd), closed.set()), daemon=True)
+        closer.start()
+        closer.join(1.0)
+        assert not closed.is_set(), "past 64 MiB the writeback must wait for room"
+        assert wait_for(lambda: ctl_in_process(p, "status", "--json")["pool"]["held_in_core"] >= 1)
+        ctl_in_process(p, "resume", "vm1")
+        bounded(closer.join, timeout=60, what="the close after the resume")
+    finally:
+        if not closed.is_set():
+            ctl_in_process(p, "resume", "vm1")
+    fsync_path(vol)
+    want = hashlib.sha256(data).hexdigest()
+    assert hashlib.sha256(read_direct(vol, 0, len(data))).hexdigest() == want
+    p.remount()
+    assert hashlib.sha256(read_direct(vol, 0, len(data))).hexdigest() == want
