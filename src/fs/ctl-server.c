@@ -30,6 +30,7 @@
 #include "origin.h"
 #include "snap-store.h"
 #include "utf8.h"
+#include "wb-stash.h"
 
 #define MAX_CLIENTS 64
 #define MAX_DROPPED (64u << 20) /* of an oversized request, before answering */
@@ -482,6 +483,8 @@ static void cmd_status(struct cmd_ctx *c)
 			       json_object_new_boolean(st.io_data.direct && st.io_meta.direct));
 	json_object_object_add(pool, "max_threads", json_object_new_uint64(fs->cfg.max_threads));
 	json_object_object_add(pool, "writeback_cache", json_object_new_boolean(fs->writeback));
+	json_object_object_add(pool, "stashed_writeback_bytes",
+			       json_object_new_uint64(tfs_wb_stashed_bytes(fs)));
 	data = json_object_new_object();
 	json_object_object_add(data, "block_size", json_object_new_uint64(st.data_block_size));
 	json_object_object_add(data, "used_blocks", json_object_new_uint64(st.data_used));

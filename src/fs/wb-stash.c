@@ -299,6 +299,16 @@ void tfs_wb_overlay_apply(struct tfs_wb_overlay *ov, void *buf, uint64_t off)
 	overlay_free(ov);
 }
 
+uint64_t tfs_wb_stashed_bytes(struct tfs_fs *fs)
+{
+	uint64_t n;
+
+	pthread_mutex_lock(&fs->wb_lock);
+	n = fs->wb_bytes;
+	pthread_mutex_unlock(&fs->wb_lock);
+	return n;
+}
+
 void tfs_wb_drain_all(struct tfs_fs *fs)
 {
 	pthread_mutex_lock(&fs->wb_lock);

@@ -63,6 +63,9 @@ int tfs_wb_overlay_take(struct tfs_inode *ino, uint64_t off, uint64_t len,
 			struct tfs_wb_overlay **out);
 void tfs_wb_overlay_apply(struct tfs_wb_overlay *ov, void *buf, uint64_t off);
 
+/* Bytes of writebacks the mount holds in its stashes now (status). */
+uint64_t tfs_wb_stashed_bytes(struct tfs_fs *fs);
+
 /* Shutdown, after the engine stopped holding: wait for every volume's writer to finish. */
 void tfs_wb_drain_all(struct tfs_fs *fs);
 

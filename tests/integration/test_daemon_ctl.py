@@ -27,11 +27,12 @@ from daemon_util import BS, GiB, MiB, create, pattern, read_at, wait_for, write_
 # held_writes (issue 4); held_in_core, reload_staged and the volumes' held_in_core (issue 5);
 # direct_io and the io read_bytes/write_bytes (issue 10); max_threads (issue 9); the volumes'
 # target, the engine's kind of device behind the file (issue 11); free_blocks_read_zero and
-# writeback_cache (issue 10); preallocate and new_block_writes (issue 10).
+# writeback_cache (issue 10); preallocate and new_block_writes (issue 10);
+# stashed_writeback_bytes (issue 10).
 POOL_KEYS = {"mode", "needs_check", "reason", "transaction_id", "held_root", "suspended",
              "error_if_no_space", "discard_passdown", "data", "metadata", "io", "held_writes",
              "held_in_core", "reload_staged", "direct_io", "max_threads", "free_blocks_read_zero",
-             "writeback_cache", "preallocate", "new_block_writes"}
+             "writeback_cache", "preallocate", "new_block_writes", "stashed_writeback_bytes"}
 PREALLOC_KEYS = {"active", "chunk_bytes", "chunks", "fallocates", "failures"}
 NEW_BLOCK_KEYS = {"written_partly", "filled_whole"}
 SPACE_KEYS = {"block_size", "used_blocks", "total_blocks", "low_water_blocks"}

@@ -312,6 +312,7 @@ def test_a_full_pool_stashes_writebacks_that_reads_see_and_a_resize_takes(pool):
     bounded(os.close, fd, what="close of a file whose writeback waits for space")
     wait_for(lambda: p.status()["pool"]["held_writes"] == 1)
     assert p.status()["pool"]["mode"] == "out_of_data_space"
+    assert p.status()["pool"]["stashed_writeback_bytes"] == len(new)
     # An O_DIRECT read reaches the daemon: it serves the stashed bytes over the device's.
     assert read_direct(vol, 4 * MiB, 4 * BS) == bytes(BS) + new + bytes(BS)
     assert read_direct(vol, 0, BS) == pattern(1, BS)
@@ -324,6 +325,7 @@ def test_a_full_pool_stashes_writebacks_that_reads_see_and_a_resize_takes(pool):
     p.ctl("resize", "data", "+4M")
     bounded(fsyncer.join, what="fsync after the resize")
     assert p.status()["pool"]["held_writes"] == 0
+    assert p.status()["pool"]["stashed_writeback_bytes"] == 0
     p.remount()
     assert read_direct(vol, 4 * MiB, 4 * BS) == bytes(BS) + new + bytes(BS)
     assert read_direct(vol, 0, BS) == pattern(4, BS)
@@ -426,6 +428,8 @@ def test_past_the_stash_bound_a_close_waits_for_the_resume_and_nothing_is_lost(p
         closer.join(1.0)
         assert not closed.is_set(), "past 64 MiB the writeback must wait for room"
         assert wait_for(lambda: ctl_in_process(p, "status", "--json")["pool"]["held_in_core"] >= 1)
+        stashed = ctl_in_process(p, "status", "--json")["pool"]["stashed_writeback_bytes"]
+        assert 0 < stashed <= 64 * MiB, stashed
         ctl_in_process(p, "resume", "vm1")
         bounded(closer.join, timeout=60, what="the close after the resume")
     finally:
