@@ -789,24 +789,6 @@ int tfs_cow_set_resume(struct tfs_cow_set *set, const uint32_t *ids, unsigned nr
 	return r < 0 ? r : n;
 }
 
-bool tfs_cow_set_suspended(struct tfs_cow_set *set, uint32_t id)
-{
-	struct tfs_cowsnap *s;
-	bool held = false;
-
-	pthread_mutex_lock(&set->lock);
-	s = find_snap(set, NULL, id);
-	for (unsigned i = 0; i < set->nr_origins; i++) {
-		struct tfs_origin *o = set->origins[i];
-
-		if (o->id == id || (s && s->origin == o))
-			held = tfs_core_suspended(o->core, TFS_CORE_POOL) ||
-			       (s && tfs_core_suspended(o->core, id));
-	}
-	pthread_mutex_unlock(&set->lock);
-	return held;
-}
-
 unsigned tfs_cow_set_held(struct tfs_cow_set *set)
 {
 	unsigned n = 0;

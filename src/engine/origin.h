@@ -220,8 +220,6 @@ int tfs_cow_set_suspend(struct tfs_cow_set *set, const uint32_t *ids, unsigned n
  * how many were suspended, or -ENOENT.
  */
 int tfs_cow_set_resume(struct tfs_cow_set *set, const uint32_t *ids, unsigned nr);
-/* Whether id's requests are held now (its own suspend or its origin's). */
-bool tfs_cow_set_suspended(struct tfs_cow_set *set, uint32_t id);
 /* Requests held by suspends of every origin and snapshot now. */
 unsigned tfs_cow_set_held(struct tfs_cow_set *set);
 /*

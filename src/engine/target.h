@@ -200,7 +200,6 @@ static inline void tfs_dev_status(struct tfs_dev *d, struct tfs_status_sink *sin
 {
 	d->ops->status(d, sink);
 }
-/* NULL is allowed. */
 static inline int tfs_dev_write_nowait(struct tfs_dev *d, const void *buf, size_t len,
 				       uint64_t off)
 {
@@ -208,7 +207,7 @@ static inline int tfs_dev_write_nowait(struct tfs_dev *d, const void *buf, size_
 		return d->ops->write(d, buf, len, off);
 	return d->ops->write_nowait(d, buf, len, off);
 }
-
+/* NULL is allowed. */
 static inline void tfs_dev_close(struct tfs_dev *d)
 {
 	if (d)

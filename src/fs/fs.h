@@ -85,6 +85,7 @@ struct tfs_inode {
 	pthread_mutex_t wb_lock;
 	pthread_cond_t wb_cv;      /* a record was written */
 	struct tfs_wb_rec *wb_head, *wb_tail; /* wb_lock: in arrival order */
+	atomic_uint wb_nr;         /* records on the list: read without wb_lock (wb-stash.c) */
 	bool wb_writer;            /* wb_lock: a thread writes them (and pins the volume) */
 	int wb_err;                /* wb_lock: a record failed; the next fsync or close says so */
 };

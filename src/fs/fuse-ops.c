@@ -666,7 +666,7 @@ static void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
 		    struct fuse_file_info *fi)
 {
 	struct tfs_inode *vi = handle_of(fi);
-	struct tfs_wb_overlay *ov = NULL;
+	struct tfs_wb_rec *ov = NULL;
 	uint64_t fsize;
 	void *buf;
 	int r;

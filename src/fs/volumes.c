@@ -614,9 +614,7 @@ int tfs_fs_flush_cached_writes(struct tfs_fs *fs, const uint32_t *ids, unsigned 
 	}
 	for (unsigned i = 0; i < cnt && r == 0; i++) {
 		/* A suspended volume's writes would wait for its resume, and so would we. */
-		if (tfs_pool_dev_suspended(fs->pool, w[i].dev_id) ||
-		    (w[i].dev_id >= TFS_DEV_ID_OTHER && fs->cow &&
-		     tfs_cow_set_suspended(fs->cow, w[i].dev_id)))
+		if (tfs_pool_dev_suspended(fs->pool, w[i].dev_id))
 			continue;
 		r = fsync_through_mount(root, &w[i], why);
 		if (r < 0)

@@ -7,6 +7,7 @@
 #include <errno.h>
 #include <inttypes.h>
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -14,6 +15,7 @@
 #include "log.h"
 #include "target.h"
 
+/* A stashed writeback, or (an overlay) a copy of a record's bytes within a read's range. */
 struct tfs_wb_rec {
 	struct tfs_wb_rec *next;
 	uint64_t off;
@@ -21,18 +23,34 @@ struct tfs_wb_rec {
 	unsigned char data[];
 };
 
-/* A copy of a record's bytes within a read's range. */
-struct tfs_wb_overlay {
-	struct tfs_wb_overlay *next;
-	uint64_t off;
-	size_t len;
-	unsigned char data[];
-};
+static struct tfs_wb_rec *rec_new(uint64_t off, const void *data, size_t len)
+{
+	struct tfs_wb_rec *rec = malloc(sizeof(*rec) + len);
+
+	if (rec) {
+		rec->next = NULL;
+		rec->off = off;
+		rec->len = len;
+		memcpy(rec->data, data, len);
+	}
+	return rec;
+}
+
+static void recs_free(struct tfs_wb_rec *rec)
+{
+	while (rec) {
+		struct tfs_wb_rec *next = rec->next;
+
+		free(rec);
+		rec = next;
+	}
+}
 
 void tfs_wb_inode_init(struct tfs_inode *ino)
 {
 	pthread_mutex_init(&ino->wb_lock, NULL);
 	pthread_cond_init(&ino->wb_cv, NULL);
+	atomic_init(&ino->wb_nr, 0);
 }
 
 void tfs_wb_inode_destroy(struct tfs_inode *ino)
@@ -46,14 +64,14 @@ static bool overlaps(const struct tfs_wb_rec *rec, uint64_t off, uint64_t len)
 	return len == 0 || (rec->off < off + len && off < rec->off + rec->len);
 }
 
+/*
+ * Without the lock: every read and write of a volume asks, and almost
+ * always nothing is stashed.  A record answered to the kernel was counted
+ * before the answer, so a request that came after it sees it.
+ */
 static bool has_records(struct tfs_inode *ino)
 {
-	bool r;
-
-	pthread_mutex_lock(&ino->wb_lock);
-	r = ino->wb_head != NULL;
-	pthread_mutex_unlock(&ino->wb_lock);
-	return r;
+	return atomic_load_explicit(&ino->wb_nr, memory_order_acquire) != 0;
 }
 
 /* Room for len more bytes: waits while the mount's stash is full (but takes one record always). */
@@ -127,6 +145,7 @@ static void writer_loop(struct tfs_fs *fs, struct tfs_inode *ino)
 		ino->wb_head = rec->next;
 		if (!ino->wb_head)
 			ino->wb_tail = NULL;
+		atomic_fetch_sub_explicit(&ino->wb_nr, 1, memory_order_release);
 		pthread_cond_broadcast(&ino->wb_cv);
 		pthread_mutex_unlock(&ino->wb_lock);
 		room_give(fs, rec->len);
@@ -179,15 +198,11 @@ static void writer_start(struct tfs_fs *fs, struct tfs_inode *ino)
 static int stash(struct tfs_fs *fs, struct tfs_inode *ino, const void *buf, size_t len,
 		 uint64_t off)
 {
-	struct tfs_wb_rec *rec = malloc(sizeof(*rec) + len);
+	struct tfs_wb_rec *rec = rec_new(off, buf, len);
 	bool start;
 
 	if (!rec)
 		return -ENOMEM;
-	rec->next = NULL;
-	rec->off = off;
-	rec->len = len;
-	memcpy(rec->data, buf, len);
 	room_take(fs, len);
 	pthread_mutex_lock(&ino->wb_lock);
 	if (ino->wb_tail)
@@ -195,6 +210,7 @@ static int stash(struct tfs_fs *fs, struct tfs_inode *ino, const void *buf, size
 	else
 		ino->wb_head = rec;
 	ino->wb_tail = rec;
+	atomic_fetch_add_explicit(&ino->wb_nr, 1, memory_order_release);
 	start = !ino->wb_writer;
 	ino->wb_writer = true;
 	pthread_mutex_unlock(&ino->wb_lock);
@@ -229,6 +245,8 @@ static bool any_overlap(struct tfs_inode *ino, uint64_t off, uint64_t len)
 
 void tfs_wb_wait(struct tfs_inode *ino, uint64_t off, uint64_t len)
 {
+	if (!has_records(ino))
+		return;
 	pthread_mutex_lock(&ino->wb_lock);
 	while (any_overlap(ino, off, len))
 		pthread_cond_wait(&ino->wb_cv, &ino->wb_lock);
@@ -246,23 +264,15 @@ int tfs_wb_take_error(struct tfs_inode *ino)
 	return r;
 }
 
-static void overlay_free(struct tfs_wb_overlay *ov)
-{
-	while (ov) {
-		struct tfs_wb_overlay *next = ov->next;
-
-		free(ov);
-		ov = next;
-	}
-}
-
 int tfs_wb_overlay_take(struct tfs_inode *ino, uint64_t off, uint64_t len,
-			struct tfs_wb_overlay **out)
+			struct tfs_wb_rec **out)
 {
-	struct tfs_wb_overlay *head = NULL, **tail = &head, *ov;
+	struct tfs_wb_rec *head = NULL, **tail = &head, *ov;
 	int r = 0;
 
 	*out = NULL;
+	if (!has_records(ino))
+		return 0;
 	pthread_mutex_lock(&ino->wb_lock);
 	for (struct tfs_wb_rec *rec = ino->wb_head; rec && len; rec = rec->next) {
 		uint64_t from, to;
@@ -271,32 +281,28 @@ int tfs_wb_overlay_take(struct tfs_inode *ino, uint64_t off, uint64_t len,
 			continue;
 		from = rec->off > off ? rec->off : off;
 		to = rec->off + rec->len < off + len ? rec->off + rec->len : off + len;
-		ov = malloc(sizeof(*ov) + (to - from));
+		ov = rec_new(from, rec->data + (from - rec->off), to - from);
 		if (!ov) {
 			r = -ENOMEM;
 			break;
 		}
-		ov->next = NULL;
-		ov->off = from;
-		ov->len = to - from;
-		memcpy(ov->data, rec->data + (from - rec->off), ov->len);
 		*tail = ov;
 		tail = &ov->next;
 	}
 	pthread_mutex_unlock(&ino->wb_lock);
 	if (r < 0)
-		overlay_free(head);
+		recs_free(head);
 	else
 		*out = head;
 	return r;
 }
 
-void tfs_wb_overlay_apply(struct tfs_wb_overlay *ov, void *buf, uint64_t off)
+void tfs_wb_overlay_apply(struct tfs_wb_rec *ov, void *buf, uint64_t off)
 {
 	/* In arrival order: a later record's bytes over an earlier one's. */
-	for (struct tfs_wb_overlay *o = ov; o; o = o->next)
+	for (struct tfs_wb_rec *o = ov; o; o = o->next)
 		memcpy((unsigned char *)buf + (o->off - off), o->data, o->len);
-	overlay_free(ov);
+	recs_free(ov);
 }
 
 uint64_t tfs_wb_stashed_bytes(struct tfs_fs *fs)

@@ -32,7 +32,7 @@
 
 struct tfs_fs;
 struct tfs_inode;
-struct tfs_wb_overlay;
+struct tfs_wb_rec;
 
 /* Bytes of writebacks the mount keeps at most. */
 #define TFS_WB_STASH_MAX (64ull << 20)
@@ -60,8 +60,8 @@ int tfs_wb_take_error(struct tfs_inode *ino);
  * read after (which frees them).
  */
 int tfs_wb_overlay_take(struct tfs_inode *ino, uint64_t off, uint64_t len,
-			struct tfs_wb_overlay **out);
-void tfs_wb_overlay_apply(struct tfs_wb_overlay *ov, void *buf, uint64_t off);
+			struct tfs_wb_rec **out);
+void tfs_wb_overlay_apply(struct tfs_wb_rec *ov, void *buf, uint64_t off);
 
 /* Bytes of writebacks the mount holds in its stashes now (status). */
 uint64_t tfs_wb_stashed_bytes(struct tfs_fs *fs);
