@@ -24,6 +24,7 @@
 
 #include "log.h"
 #include "origin.h"
+#include "self-fsync.h"
 #include "utf8.h"
 #include "wb-stash.h"
 
@@ -556,27 +557,49 @@ out:
 }
 
 /*
- * fsync(2) of one volume through the mount: 0, or the writeback's -errno.
- * A volume gone meanwhile, or one the daemon may not open (an
- * unprivileged daemon, a volume of mode 0200), is skipped: that is no
- * reason to refuse the caller.
+ * fsync(2) of each volume of w[0..cnt) through the mount, by a child
+ * process (self-fsync.h): 0, or the first writeback's -errno.  A volume
+ * gone meanwhile, or one the daemon may not open (an unprivileged daemon,
+ * a volume of mode 0200), is skipped: that is no reason to refuse the
+ * caller.  A suspended volume's writes would wait for its resume, and so
+ * would we: skipped too.
  */
-static int fsync_through_mount(int root, const struct cached_writer *w, const char *why)
+static int fsync_volumes(struct tfs_fs *fs, const struct cached_writer *w, unsigned cnt,
+			 const char *why)
 {
-	struct stat st;
-	int fd, r = 0;
+	struct tfs_self_fsync *f = calloc(cnt, sizeof(*f));
+	unsigned n = 0;
+	int r;
 
-	fd = openat(root, w->name, O_RDONLY | O_NONBLOCK | O_NOFOLLOW | O_CLOEXEC);
-	if (fd < 0) {
-		if (errno != ENOENT)
-			tfs_warn("%s: cannot open %s through the mount to write back its cached "
-				 "writes: %s", why, w->name, strerror(errno));
-		return 0;
+	if (!f)
+		return -ENOMEM;
+	for (unsigned i = 0; i < cnt; i++) {
+		if (tfs_pool_dev_suspended(fs->pool, w[i].dev_id))
+			continue;
+		f[n].name = w[i].name;
+		f[n].ino = tfs_ino_of_dev(w[i].dev_id);
+		n++;
 	}
-	/* Renamed meanwhile: that name is another volume now, whose writer is not ours. */
-	if (fstat(fd, &st) == 0 && st.st_ino == tfs_ino_of_dev(w->dev_id) && fsync(fd) < 0)
-		r = -errno;
-	close(fd);
+	r = n ? tfs_self_fsync(fs->mountpoint, TFS_INO_ROOT, f, n) : 0;
+	if (r == -ENOENT) {
+		/* Overmounted or gone: nothing of ours to flush there. */
+		tfs_warn("%s: cannot reach the mount %s to flush cached writes", why,
+			 fs->mountpoint);
+		r = 0;
+	} else if (r == 0) {
+		for (unsigned i = 0; i < n; i++) {
+			if (f[i].open_err && f[i].open_err != -ENOENT)
+				tfs_warn("%s: cannot open %s through the mount to write back its "
+					 "cached writes: %s", why, f[i].name,
+					 strerror(-f[i].open_err));
+			if (f[i].err)
+				tfs_err("%s: writing back the cached writes of %s: %s", why,
+					f[i].name, strerror(-f[i].err));
+			if (f[i].err && !r)
+				r = f[i].err;
+		}
+	}
+	free(f);
 	return r;
 }
 
@@ -585,9 +608,8 @@ int tfs_fs_flush_cached_writes(struct tfs_fs *fs, const uint32_t *ids, unsigned 
 {
 	struct tfs_pool_status st;
 	struct cached_writer *w;
-	struct stat rst;
 	unsigned cnt;
-	int root, r;
+	int r;
 
 	if (!fs->writeback || fs->read_only)
 		return 0;
@@ -605,25 +627,7 @@ int tfs_fs_flush_cached_writes(struct tfs_fs *fs, const uint32_t *ids, unsigned 
 	r = list_open_volumes(fs, ids, nr, &w, &cnt);
 	if (r < 0 || cnt == 0)
 		return r;
-	root = open(fs->mountpoint, O_PATH | O_DIRECTORY | O_CLOEXEC);
-	if (root < 0 || fstat(root, &rst) < 0 || rst.st_ino != TFS_INO_ROOT) {
-		/* Overmounted or gone: nothing of ours to flush there. */
-		tfs_warn("%s: cannot reach the mount %s to flush cached writes", why,
-			 fs->mountpoint);
-		goto out;
-	}
-	for (unsigned i = 0; i < cnt && r == 0; i++) {
-		/* A suspended volume's writes would wait for its resume, and so would we. */
-		if (tfs_pool_dev_suspended(fs->pool, w[i].dev_id))
-			continue;
-		r = fsync_through_mount(root, &w[i], why);
-		if (r < 0)
-			tfs_err("%s: writing back the cached writes of %s: %s", why, w[i].name,
-				strerror(-r));
-	}
-out:
-	if (root >= 0)
-		close(root);
+	r = fsync_volumes(fs, w, cnt, why);
 	free(w);
 	return r;
 }

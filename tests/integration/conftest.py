@@ -159,12 +159,36 @@ def mount_count(path):
 
 
 def pid_alive(pid):
+    """Whether any thread of pid runs: a zombie's main thread with another
+    thread still in the kernel (a daemon stuck in its own mount) is alive."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             state = f.read().rsplit(")", 1)[1].split()[0]
+        if state not in ("Z", "X"):
+            return True
+        return len(os.listdir(f"/proc/{pid}/task")) > 1
     except FileNotFoundError:
         return False
-    return state not in ("Z", "X")
+
+
+def abort_fuse_connection(mnt):
+    """Abort the FUSE connection of the newest mount at mnt (fusectl), so
+    that a daemon that cannot exit lets everything waiting on it go."""
+    dev = None
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            mp = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4])
+            if mp == _canon(mnt):
+                dev = fields[2]
+    if dev is None:
+        return
+    conns = Path("/sys/fs/fuse/connections")
+    if not any(conns.iterdir()):
+        run_cmd("mount", "-t", "fusectl", "fusectl", str(conns), check=False)
+    abort = conns / dev.split(":")[1] / "abort"
+    if abort.exists():
+        abort.write_text("1")
 
 
 def run_cmd(*args, timeout=120, check=True, **kw):
@@ -383,12 +407,18 @@ class Pool:
         self.unmount()
         return self.mount(*opts, **kw)
 
-    def kill9(self):
+    def kill9(self, timeout=EXIT_TIMEOUT):
         """SIGKILL the daemon (a crash), then lazily unmount the dead mount.
         Its control socket stays behind, as after a real crash: the next
         mount must replace it."""
         os.kill(self.pid, signal.SIGKILL)
-        self._wait_exit()
+        if self._wait_exit(timeout) is None:
+            # Stuck: let it go, so that the run does not hang, and fail.
+            abort_fuse_connection(self.cur_mnt)
+            self._wait_exit(10)
+            run_cmd("fusermount3", "-uz", self.cur_mnt, check=False)
+            self._forget()
+            pytest.fail(f"the daemon did not exit within {timeout}s of SIGKILL")
         run_cmd("fusermount3", "-uz", self.cur_mnt, check=False)
         self._forget()
         self.killed_at = self.cur_mnt

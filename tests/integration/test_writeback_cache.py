@@ -16,6 +16,7 @@ import json
 import os
 import socket
 import threading
+import time
 
 import pytest
 
@@ -440,3 +441,46 @@ def test_past_the_stash_bound_a_close_waits_for_the_resume_and_nothing_is_lost(p
     assert hashlib.sha256(read_direct(vol, 0, len(data))).hexdigest() == want
     p.remount()
     assert hashlib.sha256(read_direct(vol, 0, len(data))).hexdigest() == want
+
+
+def test_a_daemon_killed_while_a_snapshot_writes_back_cached_pages_exits(pool):
+    """mkdir .snapshots/NAME first writes back what the kernel caches of open
+    volumes, by an fsync through the mount.  Killed (SIGKILL) while that
+    waits for a writeback the daemon is slow to finish, the daemon still
+    exits, the kernel ends the mount's connection (the mkdir fails), and the
+    pool mounts again with what was fsynced.  A daemon thread waiting for
+    its own mount's writeback would wait uninterruptibly and keep the
+    daemon from ever exiting; the fsync is a child's."""
+    p = pool(options=WB, mount=False)
+    p.cfg.write_text(p.cfg.read_text() + "[fault]\nallow = yes\n")
+    p.mount("--allow-faults")
+    vol = create(p.mnt / "vm1", 4 * MiB)
+    write_at(vol, 0, pattern(1, 4 * BS))
+    # First: thinfs-ctl's exec would close an inherited copy of fd, which writes back.
+    p.ctl("fault", "data", "write", "delay", "5000000")
+    fd = open_dirty(vol, 0, pattern(2, 4 * BS))
+    errors = []
+
+    def snapshot():
+        try:
+            os.mkdir(p.mnt / ".snapshots" / "g1")
+        except OSError as e:
+            errors.append(e.errno)
+
+    try:
+        t = threading.Thread(target=snapshot)
+        t.start()
+        time.sleep(1)                      # its writeback in the daemon, delayed 5 s
+        assert t.is_alive()
+        p.kill9(timeout=20)
+        bounded(t.join, what="the mkdir after the kill")
+        assert errors and errors[0] in (errno.ENOTCONN, errno.ECONNABORTED), errors
+    finally:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    p.mount("--allow-faults")
+    got, old, new = read_at(vol, 0, 4 * BS), pattern(1, 4 * BS), pattern(2, 4 * BS)
+    for at in range(0, 4 * BS, 4096):      # each page as fsynced, or as written after
+        assert got[at:at + 4096] in (old[at:at + 4096], new[at:at + 4096]), at
