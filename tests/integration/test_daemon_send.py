@@ -17,7 +17,7 @@ import subprocess
 
 from ctl_socket import ctl_socket_path
 from daemon_util import (BS, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, KiB, MiB, create,
-                         fallocate, pattern, wait_for, write_at)
+                         fallocate, pattern, read_at, wait_for, write_at)
 from test_clone import mappings
 from thin_image import crc32c_raw
 
@@ -691,3 +691,54 @@ def test_streams_with_no_records_are_sent_and_received(pool, tmp_path):
         receive_file(p, path, f"empty{v}")
         assert os.path.getsize(p.mnt / f"empty{v}") == 1 * MiB
         same(p.mnt / "empty", p.mnt / f"empty{v}")
+
+
+def test_a_stream_of_more_records_than_one_batch_comes_whole_and_receives(pool, tmp_path):
+    """More records than the daemon makes and sorts at once (65,536 a batch):
+    65,600 single blocks mapped in FROM at every other block and unmapped in
+    TO (a ZERO record each, no data to move), and blocks written in TO
+    among them (DATA records) on both sides of the batches' cut. Versions 2
+    and 1 have every change once, the mount path gives the same bytes, and
+    the incremental receives as TO."""
+    p = pool(data_size=6 << 30)
+    holes = 65_600
+    nblocks = 2 * holes
+    create(p.mnt / "vm", nblocks * BS)
+    fd = os.open(p.mnt / "vm", os.O_RDWR)
+    try:
+        for k in range(holes):
+            fallocate(fd, 0, 2 * k * BS, BS)              # mapped, nothing written
+        os.fsync(fd)
+        os.mkdir(p.mnt / ".snapshots" / "n1")
+        fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 0, nblocks * BS)
+        written = sorted(random.Random(9).sample(range(1, nblocks, 2), 40))
+        for b in written:
+            os.pwrite(fd, pattern(b, 4 * KiB), b * BS + 512)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.mkdir(p.mnt / ".snapshots" / "n2")
+    inc, old, v1 = tmp_path / "inc", tmp_path / "old", tmp_path / "v1"
+    send_to_file(p, inc, "--from", "n1/vm", "n2/vm")
+    send_to_file(p, old, "--through-mount", "--from", "n1/vm", "n2/vm")
+    assert inc.read_bytes() == old.read_bytes()
+    zeros = [(2 * k * BS, (2 * k + 1) * BS) for k in range(holes)]
+    data = [(b * BS, (b + 1) * BS) for b in written]
+    for path, args, version in ((inc, [], 2), (v1, ["--stream-version", "1"], 1)):
+        if args:
+            send_to_file(p, path, *args, "--from", "n1/vm", "n2/vm")
+        got, recs = records(path.read_bytes())
+        assert got == version
+        assert len(recs) == holes + len(written) > 65_536
+        assert covered(recs) == sorted(zeros + data)
+        assert sorted((off, off + n) for kind, off, n in recs if kind == 2) == zeros
+        if version == 1:
+            assert [off for _, off, _ in recs] == sorted(off for _, off, _ in recs)
+    receive_file(p, inc, "r2", "--base", "n1/vm")
+    assert p.volume("r2")["mapped_blocks"] == len(written)
+    want = bytearray(BS)
+    for b in written + [0, 2 * (holes // 2), nblocks - 2]:
+        want[512:512 + 4 * KiB] = pattern(b, 4 * KiB) if b in written else bytes(4 * KiB)
+        assert read_at(p.mnt / "r2", b * BS, BS) == bytes(want), b
+        assert read_at(p.mnt / ".snapshots" / "n2" / "vm", b * BS, BS) == bytes(want), b
+    assert os.path.getsize(p.mnt / "r2") == nblocks * BS
