@@ -19,12 +19,12 @@
 #include <fcntl.h>
 #include <pthread.h>
 #include <stdio.h>
-#include <sys/stat.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 
 #include "log.h"
+#include "own-mount.h"
 
 /* Undo mountinfo's octal escapes (\040 for a space, \011, \012, \134) in place. */
 static void unescape_mountinfo(char *s)
@@ -120,10 +120,10 @@ static int write_bdi(const char *dev, const char *knob, const char *value)
 static void *read_ahead_after_init(void *arg)
 {
 	struct tfs_fs *fs = arg;
-	struct stat st;
 	int r;
 
-	if (stat(fs->mountpoint, &st) < 0)
+	/* By a child (own-mount.h): this thread must never wait on our own mount. */
+	if (tfs_own_mount_stat(fs->mountpoint, TFS_INO_ROOT) < 0)
 		return NULL; /* gone before it served: nothing to tune */
 	r = write_bdi(fs->bdi_dev, "read_ahead_kb", MOUNT_READ_AHEAD_KB);
 	if (r < 0)

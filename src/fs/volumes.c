@@ -24,7 +24,7 @@
 
 #include "log.h"
 #include "origin.h"
-#include "self-fsync.h"
+#include "own-mount.h"
 #include "utf8.h"
 #include "wb-stash.h"
 
@@ -558,7 +558,7 @@ out:
 
 /*
  * fsync(2) of each volume of w[0..cnt) through the mount, by a child
- * process (self-fsync.h): 0, or the first writeback's -errno.  A volume
+ * process (own-mount.h): 0, or the first writeback's -errno.  A volume
  * gone meanwhile, or one the daemon may not open (an unprivileged daemon,
  * a volume of mode 0200), is skipped: that is no reason to refuse the
  * caller.  A suspended volume's writes would wait for its resume, and so
@@ -567,7 +567,7 @@ out:
 static int fsync_volumes(struct tfs_fs *fs, const struct cached_writer *w, unsigned cnt,
 			 const char *why)
 {
-	struct tfs_self_fsync *f = calloc(cnt, sizeof(*f));
+	struct tfs_own_fsync *f = calloc(cnt, sizeof(*f));
 	unsigned n = 0;
 	int r;
 
@@ -580,7 +580,7 @@ static int fsync_volumes(struct tfs_fs *fs, const struct cached_writer *w, unsig
 		f[n].ino = tfs_ino_of_dev(w[i].dev_id);
 		n++;
 	}
-	r = n ? tfs_self_fsync(fs->mountpoint, TFS_INO_ROOT, f, n) : 0;
+	r = n ? tfs_own_mount_fsync(fs->mountpoint, TFS_INO_ROOT, f, n) : 0;
 	if (r == -ENOENT) {
 		/* Overmounted or gone: nothing of ours to flush there. */
 		tfs_warn("%s: cannot reach the mount %s to flush cached writes", why,

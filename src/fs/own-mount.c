@@ -1,0 +1,163 @@
+/* SPDX-License-Identifier: GPL-2.0-or-later */
+/*
+ * own-mount.c - the daemon's I/O through its own mount, from a child
+ * process (see own-mount.h).
+ */
+#include "own-mount.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "log.h"
+
+/* What the child reports, in memory it shares with the parent. */
+struct outcome {
+	int dir_err;
+	struct {
+		int open_err, err;
+	} f[];
+};
+
+/* Every descriptor but keep (-1: none): the child must not hold /dev/fuse, nor anything else. */
+static void close_all_but(int keep)
+{
+	if (keep > 0)
+		close_range(0, (unsigned)keep - 1, 0);
+	close_range((unsigned)(keep + 1), ~0u, 0);
+}
+
+/*
+ * Opens dir in the child and checks it is ours: its descriptor, or -1.
+ * Even this is the child's: a stat of the mount's root asks the daemon.
+ */
+static int open_dir(const char *dir, uint64_t dir_ino)
+{
+	struct stat st;
+	int root = open(dir, O_PATH | O_DIRECTORY | O_CLOEXEC);
+
+	if (root >= 0 && (fstat(root, &st) < 0 || st.st_ino != dir_ino)) {
+		close(root);
+		root = -1;
+	}
+	return root;
+}
+
+/* The child of tfs_own_mount_fsync: system calls only, then _exit (no atexit handlers). */
+static void fsync_child(const char *dir, uint64_t dir_ino, const struct tfs_own_fsync *f,
+			unsigned nr, struct outcome *out)
+{
+	struct stat st;
+	int root = open_dir(dir, dir_ino);
+
+	if (root < 0) {
+		out->dir_err = -ENOENT;
+		_exit(0);
+	}
+	close_all_but(root);
+	for (unsigned i = 0; i < nr; i++) {
+		int fd = openat(root, f[i].name, O_RDONLY | O_NONBLOCK | O_NOFOLLOW | O_CLOEXEC);
+
+		if (fd < 0) {
+			out->f[i].open_err = -errno;
+			continue;
+		}
+		/* Renamed meanwhile: that name is another volume now, whose writer is not ours. */
+		if (fstat(fd, &st) == 0 && st.st_ino == f[i].ino && fsync(fd) < 0)
+			out->f[i].err = -errno;
+		close(fd);
+	}
+	_exit(0);
+}
+
+/* The child of tfs_own_mount_stat. */
+static void stat_child(const char *dir, uint64_t dir_ino, struct outcome *out)
+{
+	close_all_but(-1);
+	if (open_dir(dir, dir_ino) < 0)
+		out->dir_err = -ENOENT;
+	_exit(0);
+}
+
+/*
+ * Forks; the child runs fsync_child (f non-NULL) or stat_child, the caller
+ * waits for it (killably).  0 when it ran to its end, else -errno.
+ */
+static int run_child(const char *dir, uint64_t dir_ino, const struct tfs_own_fsync *f,
+		     unsigned nr, struct outcome *out)
+{
+	int status, r;
+	pid_t pid = fork();
+
+	if (pid == 0) {
+		if (f)
+			fsync_child(dir, dir_ino, f, nr, out);
+		stat_child(dir, dir_ino, out);
+	}
+	if (pid < 0) {
+		r = -errno;
+		tfs_err("%s: fork: %s", dir, strerror(-r));
+		return r;
+	}
+	while (waitpid(pid, &status, 0) < 0) {
+		if (errno != EINTR) {
+			r = -errno;
+			tfs_err("%s: waiting for child %d: %s", dir, (int)pid, strerror(-r));
+			return r;
+		}
+	}
+	if (!WIFEXITED(status) || WEXITSTATUS(status)) {
+		tfs_err("%s: child %d ended %s %d", dir, (int)pid,
+			WIFSIGNALED(status) ? "by signal" : "with status",
+			WIFSIGNALED(status) ? WTERMSIG(status) : WEXITSTATUS(status));
+		return -EIO;
+	}
+	return 0;
+}
+
+static struct outcome *outcome_map(unsigned nr, size_t *len)
+{
+	struct outcome *out;
+
+	*len = sizeof(*out) + nr * sizeof(out->f[0]);
+	out = mmap(NULL, *len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+	return out == MAP_FAILED ? NULL : out;
+}
+
+int tfs_own_mount_fsync(const char *dir, uint64_t dir_ino, struct tfs_own_fsync *f, unsigned nr)
+{
+	size_t len;
+	struct outcome *out = outcome_map(nr, &len);
+	int r;
+
+	if (!out)
+		return -errno;
+	r = run_child(dir, dir_ino, f, nr, out);
+	if (r == 0)
+		r = out->dir_err;
+	for (unsigned i = 0; i < nr && r == 0; i++) {
+		f[i].open_err = out->f[i].open_err;
+		f[i].err = out->f[i].err;
+	}
+	munmap(out, len);
+	return r;
+}
+
+int tfs_own_mount_stat(const char *dir, uint64_t dir_ino)
+{
+	size_t len;
+	struct outcome *out = outcome_map(0, &len);
+	int r;
+
+	if (!out)
+		return -errno;
+	r = run_child(dir, dir_ino, NULL, 0, out);
+	if (r == 0)
+		r = out->dir_err;
+	munmap(out, len);
+	return r;
+}
