@@ -11,9 +11,10 @@
  * the daemon died is waited out).  If the daemon is killed meanwhile,
  * that thread never ends, so the process never closes /dev/fuse, so the
  * kernel never aborts the connection that would end the wait: the daemon
- * can no longer exit and the mount hangs.  A child holds nothing but
- * what it opens there: the daemon dies whole, the connection goes down,
- * and the child's wait ends with it.
+ * can no longer exit and the mount hangs.  A child (vfork: the daemon's
+ * memory, none of its descriptors) holds nothing but what it opens there:
+ * the daemon dies whole, the connection goes down, and the child's wait
+ * ends with it.
  *
  * Never: lets the child take a lock, allocate or log (the daemon's other
  * threads may hold any lock at the fork); only system calls run there.
