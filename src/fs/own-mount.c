@@ -9,20 +9,11 @@
 #include <fcntl.h>
 #include <signal.h>
 #include <string.h>
-#include <sys/mman.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include "log.h"
-
-/* What the child reports, in memory it shares with the parent. */
-struct outcome {
-	int dir_err;
-	struct {
-		int open_err, err;
-	} f[];
-};
 
 /* Every descriptor but keep (-1: none): the child must not hold /dev/fuse, nor anything else. */
 static void close_all_but(int keep)
@@ -61,17 +52,16 @@ static void child_begin(void)
 }
 
 /* The child of tfs_own_mount_fsync: system calls only, then _exit (no atexit handlers). */
-static void fsync_child(const char *dir, uint64_t dir_ino, const struct tfs_own_fsync *f,
-			unsigned nr, struct outcome *out)
+static void fsync_child(const char *dir, uint64_t dir_ino, struct tfs_own_fsync *f,
+			unsigned nr, int *dir_err)
 {
 	struct stat st;
 	int root;
 
 	child_begin();
 	root = open_dir(dir, dir_ino);
-
 	if (root < 0) {
-		out->dir_err = -ENOENT;
+		*dir_err = -ENOENT;
 		_exit(0);
 	}
 	close_all_but(root);
@@ -79,24 +69,24 @@ static void fsync_child(const char *dir, uint64_t dir_ino, const struct tfs_own_
 		int fd = openat(root, f[i].name, O_RDONLY | O_NONBLOCK | O_NOFOLLOW | O_CLOEXEC);
 
 		if (fd < 0) {
-			out->f[i].open_err = -errno;
+			f[i].open_err = -errno;
 			continue;
 		}
 		/* Renamed meanwhile: that name is another volume now, whose writer is not ours. */
 		if (fstat(fd, &st) == 0 && st.st_ino == f[i].ino && fsync(fd) < 0)
-			out->f[i].err = -errno;
+			f[i].err = -errno;
 		close(fd);
 	}
 	_exit(0);
 }
 
 /* The child of tfs_own_mount_stat. */
-static void stat_child(const char *dir, uint64_t dir_ino, struct outcome *out)
+static void stat_child(const char *dir, uint64_t dir_ino, int *dir_err)
 {
 	child_begin();
 	close_all_but(-1);
 	if (open_dir(dir, dir_ino) < 0)
-		out->dir_err = -ENOENT;
+		*dir_err = -ENOENT;
 	_exit(0);
 }
 
@@ -105,18 +95,19 @@ static void stat_child(const char *dir, uint64_t dir_ino, struct outcome *out)
  * thread waits (killably: a kill ends the wait, not the child).  vfork,
  * not fork: the child shares the daemon's memory, so no page tables are
  * copied and torn down again (fork made a snapshot's mkdir 3-5 ms
- * slower), but not its descriptors.  0 when it ran to its end, else -errno.
+ * slower), but not its descriptors; it reports straight into f and
+ * *dir_err.  0 when it ran to its end, else -errno.
  */
-static int run_child(const char *dir, uint64_t dir_ino, const struct tfs_own_fsync *f,
-		     unsigned nr, struct outcome *out)
+static int run_child(const char *dir, uint64_t dir_ino, struct tfs_own_fsync *f, unsigned nr,
+		     int *dir_err)
 {
 	int status, r;
 	pid_t pid = vfork();
 
 	if (pid == 0) {
 		if (f)
-			fsync_child(dir, dir_ino, f, nr, out);
-		stat_child(dir, dir_ino, out);
+			fsync_child(dir, dir_ino, f, nr, dir_err);
+		stat_child(dir, dir_ino, dir_err);
 	}
 	if (pid < 0) {
 		r = -errno;
@@ -139,45 +130,19 @@ static int run_child(const char *dir, uint64_t dir_ino, const struct tfs_own_fsy
 	return 0;
 }
 
-static struct outcome *outcome_map(unsigned nr, size_t *len)
-{
-	struct outcome *out;
-
-	*len = sizeof(*out) + nr * sizeof(out->f[0]);
-	out = mmap(NULL, *len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
-	return out == MAP_FAILED ? NULL : out;
-}
-
 int tfs_own_mount_fsync(const char *dir, uint64_t dir_ino, struct tfs_own_fsync *f, unsigned nr)
 {
-	size_t len;
-	struct outcome *out = outcome_map(nr, &len);
-	int r;
+	int dir_err = 0, r;
 
-	if (!out)
-		return -errno;
-	r = run_child(dir, dir_ino, f, nr, out);
-	if (r == 0)
-		r = out->dir_err;
-	for (unsigned i = 0; i < nr && r == 0; i++) {
-		f[i].open_err = out->f[i].open_err;
-		f[i].err = out->f[i].err;
-	}
-	munmap(out, len);
-	return r;
+	for (unsigned i = 0; i < nr; i++)
+		f[i].open_err = f[i].err = 0;
+	r = run_child(dir, dir_ino, f, nr, &dir_err);
+	return r ? r : dir_err;
 }
 
 int tfs_own_mount_stat(const char *dir, uint64_t dir_ino)
 {
-	size_t len;
-	struct outcome *out = outcome_map(0, &len);
-	int r;
+	int dir_err = 0, r = run_child(dir, dir_ino, NULL, 0, &dir_err);
 
-	if (!out)
-		return -errno;
-	r = run_child(dir, dir_ino, NULL, 0, out);
-	if (r == 0)
-		r = out->dir_err;
-	munmap(out, len);
-	return r;
+	return r ? r : dir_err;
 }

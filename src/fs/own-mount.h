@@ -37,7 +37,7 @@ struct tfs_own_fsync {
  * inode must be dir_ino: a directory overmounted or gone is not ours), in
  * that order, by one child process.  0; -ENOENT dir could not be reached
  * or is not ours (nothing done); or -errno when the child could not run
- * (fork failed) or did not finish (killed): then no f[i] says more.
+ * (vfork failed) or did not finish (killed): then f[] is not to be read.
  */
 int tfs_own_mount_fsync(const char *dir, uint64_t dir_ino, struct tfs_own_fsync *f, unsigned nr);
 
