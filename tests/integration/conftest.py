@@ -133,14 +133,20 @@ def fuse_dev():
             pytest.fail(f"{tool} not installed (scripts/install-deps.sh)")
 
 
-def _mounts():
-    """Mount points (unescaped) in /proc/self/mountinfo."""
+def _mountinfo():
+    """(MAJ:MIN, mount point unescaped) of each line of /proc/self/mountinfo, oldest first."""
     out = []
     with open("/proc/self/mountinfo") as f:
         for line in f:
-            mp = line.split()[4]
-            out.append(re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), mp))
+            fields = line.split()
+            mp = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4])
+            out.append((fields[2], mp))
     return out
+
+
+def _mounts():
+    """Mount points (unescaped) in /proc/self/mountinfo."""
+    return [mp for _, mp in _mountinfo()]
 
 
 def _canon(path):
@@ -174,15 +180,10 @@ def pid_alive(pid):
 def abort_fuse_connection(mnt):
     """Abort the FUSE connection of the newest mount at mnt (fusectl), so
     that a daemon that cannot exit lets everything waiting on it go."""
-    dev = None
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields = line.split()
-            mp = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4])
-            if mp == _canon(mnt):
-                dev = fields[2]
-    if dev is None:
+    devs = [dev for dev, mp in _mountinfo() if mp == _canon(mnt)]
+    if not devs:
         return
+    dev = devs[-1]
     conns = Path("/sys/fs/fuse/connections")
     if not any(conns.iterdir()):
         run_cmd("mount", "-t", "fusectl", "fusectl", str(conns), check=False)
